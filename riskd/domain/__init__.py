@@ -1,0 +1,1 @@
+"""Pure values shared by every layer: money, clock, ids, orders, decisions."""
