@@ -1,0 +1,5 @@
+import sys
+
+from riskd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,37 @@
+"""The ``riskd`` command: one subcommand group per module in this package.
+
+Each module listed in ``COMMANDS`` exposes ``register(subparsers)``, which adds
+its subcommands and sets ``func`` (returning the exit code) on each parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMANDS: tuple[str, ...] = (
+    # "riskd.cli.rules",   # riskd rules check|test|fmt|eval
+    # "riskd.cli.serve",   # riskd serve, riskd score
+    # "riskd.cli.ledger",  # riskd ledger ...
+    # "riskd.cli.pii",     # riskd pii rotate|forget
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="riskd", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
