@@ -23,8 +23,16 @@ def main() -> int:
         shutil.rmtree(OUT)
     OUT.mkdir(parents=True)
     include = pathlib.Path(protoc.__file__).parent / "_proto"
-    args = ["protoc", f"-I{ROOT / 'protos'}", f"-I{include}", f"--python_out={OUT}",
-            f"--grpc_python_out={OUT}", f"--mypy_out={OUT}", f"--mypy_grpc_out={OUT}", *protos]
+    args = [
+        "protoc",
+        f"-I{ROOT / 'protos'}",
+        f"-I{include}",
+        f"--python_out={OUT}",
+        f"--grpc_python_out={OUT}",
+        f"--mypy_out={OUT}",
+        f"--mypy_grpc_out={OUT}",
+        *protos,
+    ]
     rc = protoc.main(args)
     if rc != 0:
         return int(rc)
@@ -32,7 +40,9 @@ def main() -> int:
         (d / "__init__.py").touch()
     for f in list(OUT.rglob("*.py")) + list(OUT.rglob("*.pyi")):
         text = f.read_text()
-        text = re.sub(r"^(from|import) riskd\.v1", r"\1 riskd.service.gen.riskd.v1", text, flags=re.M)
+        text = re.sub(
+            r"^(from|import) riskd\.v1", r"\1 riskd.service.gen.riskd.v1", text, flags=re.M
+        )
         f.write_text(text)
     return 0
 

@@ -13,14 +13,23 @@ from dataclasses import dataclass
 
 
 class Agg(enum.Enum):
-    COUNT = "count"        # orders seen for the key in the window (this one included)
-    SUM = "sum"            # sum of order totals in fen
+    COUNT = "count"  # orders seen for the key in the window (this one included)
+    SUM = "sum"  # sum of order totals in fen
     DISTINCT = "distinct"  # distinct values of `of` seen with the key in the window
 
 
 # The identities an order carries that counters can be keyed by. PII ones
 # (phone, address, device, ip) are counted by their blind index, never plaintext.
-KEYS: tuple[str, ...] = ("buyer", "device", "ip", "address", "phone", "shop", "live_room", "creator")
+KEYS: tuple[str, ...] = (
+    "buyer",
+    "device",
+    "ip",
+    "address",
+    "phone",
+    "shop",
+    "live_room",
+    "creator",
+)
 
 # Window name -> seconds.
 WINDOWS: dict[str, int] = {"1m": 60, "1h": 3600, "24h": 86400}
