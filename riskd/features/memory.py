@@ -1,0 +1,247 @@
+"""The in-process feature store: the embedded, single-node default.
+
+Exact windows: each key value keeps its events sorted by time with prefix sums
+of their amounts, so COUNT and SUM over ``(t - W, t]`` are two bisections.
+Each ``(key, of, value)`` keeps the latest sighting of every ``of`` value,
+sorted, for DISTINCT. Memory is bounded: a series drops events older than the
+longest window behind its newest event, and a periodic sweep (driven by the
+injected clock) drops whole series, distinct sets and remembered order ids
+that have aged out. One lock makes every call atomic, so concurrent retries of
+one order record it once.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left, bisect_right, insort
+from collections.abc import Collection
+from dataclasses import dataclass
+from operator import itemgetter
+
+from riskd.domain.clock import Clock
+from riskd.domain.features import Agg, FeatureQuery
+from riskd.features.store import (
+    RETENTION_MS,
+    SEEN_TTL_S,
+    Observation,
+    distinct_pairs,
+    to_ms,
+)
+
+__all__ = ["InProcessFeatureStore", "StoreSize"]
+
+_COMPACT_AT = 64  # dead entries kept at the front before a list is compacted
+_first = itemgetter(0)
+
+
+class _Series:
+    """Events of one key value: times (ms, sorted) and running totals of amounts.
+
+    ``cum[i]`` is the total of every amount up to and including event ``i``;
+    entries before ``lo`` are dead (trimmed) but kept until compaction so the
+    totals stay valid. ``base`` is the total before index 0.
+    """
+
+    __slots__ = ("base", "cum", "lo", "times")
+
+    def __init__(self) -> None:
+        self.times: list[int] = []
+        self.cum: list[int] = []
+        self.base = 0
+        self.lo = 0
+
+    def __len__(self) -> int:
+        return len(self.times) - self.lo
+
+    def add(self, t: int, amount: int) -> None:
+        times, cum = self.times, self.cum
+        if len(self) and t <= times[-1] - RETENTION_MS:
+            return  # older than anything a window can still reach
+        if not times or t >= times[-1]:
+            times.append(t)
+            cum.append((cum[-1] if cum else self.base) + amount)
+            return
+        i = bisect_right(times, t, self.lo)  # late event: rare, shift the totals after it
+        times.insert(i, t)
+        cum.insert(i, (cum[i - 1] if i else self.base) + amount)
+        for j in range(i + 1, len(cum)):
+            cum[j] += amount
+
+    def count_sum(self, lo_excl: int, hi_incl: int) -> tuple[int, int]:
+        """Number and total amount of the events in ``(lo_excl, hi_incl]``."""
+        a = bisect_right(self.times, lo_excl, self.lo)
+        b = max(a, bisect_right(self.times, hi_incl, self.lo))
+        return b - a, self._total(b) - self._total(a)
+
+    def _total(self, i: int) -> int:
+        return self.cum[i - 1] if i else self.base
+
+    def trim(self, horizon: int) -> None:
+        """Drop the events at or before ``horizon``."""
+        self.lo = bisect_right(self.times, horizon, self.lo)
+        if self.lo >= _COMPACT_AT and 2 * self.lo >= len(self.times):
+            self.base = self.cum[self.lo - 1]
+            del self.times[: self.lo], self.cum[: self.lo]
+            self.lo = 0
+
+
+class _Distinct:
+    """Latest sighting (ms) of each ``of`` value seen with one key value."""
+
+    __slots__ = ("entries", "last", "lo")
+
+    def __init__(self) -> None:
+        self.last: dict[str, int] = {}
+        self.entries: list[tuple[int, str]] = []  # (last, value), sorted; dead before lo
+        self.lo = 0
+
+    def __len__(self) -> int:
+        return len(self.last)
+
+    def see(self, t: int, value: str) -> None:
+        old = self.last.get(value)
+        if old is not None:
+            if old >= t:
+                return
+            del self.entries[bisect_left(self.entries, (old, value), self.lo)]
+        self.last[value] = t
+        insort(self.entries, (t, value), self.lo)
+
+    def count(self, lo_excl: int, hi_incl: int) -> int:
+        hi = bisect_right(self.entries, hi_incl, self.lo, key=_first)
+        return max(0, hi - bisect_right(self.entries, lo_excl, self.lo, key=_first))
+
+    def trim(self, horizon: int) -> None:
+        end = bisect_right(self.entries, horizon, self.lo, key=_first)
+        for _, value in self.entries[self.lo : end]:
+            del self.last[value]
+        self.lo = end
+        if self.lo >= _COMPACT_AT and 2 * self.lo >= len(self.entries):
+            del self.entries[: self.lo]
+            self.lo = 0
+
+    def newest(self) -> int:
+        return self.entries[-1][0] if len(self) else 0
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSize:
+    """What an ``InProcessFeatureStore`` holds (for tests and metrics)."""
+
+    series: int  # key values with events
+    events: int  # events across all series
+    distinct_sets: int  # (key, of, value) sets
+    orders: int  # order ids remembered for idempotency
+
+
+class InProcessFeatureStore:
+    """A ``FeatureStore`` in this process's memory; see the module docstring.
+
+    Args:
+        clock: drives the sweep that forgets aged-out state.
+        sweep_every_s: how often (clock seconds) a record call sweeps.
+    """
+
+    def __init__(self, clock: Clock, *, sweep_every_s: float = 60.0) -> None:
+        self._clock = clock
+        self._sweep_every_s = sweep_every_s
+        self._next_sweep = clock.monotonic() + sweep_every_s
+        self._lock = threading.Lock()
+        self._series: dict[tuple[str, str], _Series] = {}
+        self._distinct: dict[tuple[str, str, str], _Distinct] = {}
+        self._seen: dict[str, int] = {}  # order_id -> clock ms when recorded, in that order
+
+    def record_and_read(
+        self, obs: Observation, queries: Collection[FeatureQuery]
+    ) -> dict[FeatureQuery, int]:
+        with self._lock:
+            if obs.order_id not in self._seen:
+                self._seen[obs.order_id] = to_ms(self._clock.now())
+                self._record(obs, distinct_pairs(obs, queries))
+                self._maybe_sweep()
+            return {q: self._read_one(obs, q) for q in queries}
+
+    def read(self, obs: Observation, queries: Collection[FeatureQuery]) -> dict[FeatureQuery, int]:
+        with self._lock:
+            return {q: self._read_one(obs, q) for q in queries}
+
+    def close(self) -> None:
+        with self._lock:
+            self._series.clear()
+            self._distinct.clear()
+            self._seen.clear()
+
+    def size(self) -> StoreSize:
+        with self._lock:
+            return StoreSize(
+                series=len(self._series),
+                events=sum(len(s) for s in self._series.values()),
+                distinct_sets=len(self._distinct),
+                orders=len(self._seen),
+            )
+
+    def sweep(self) -> None:
+        """Forget everything older than the longest window (or the idempotency TTL)."""
+        with self._lock:
+            self._sweep()
+
+    def _record(self, obs: Observation, pairs: list[tuple[str, str]]) -> None:
+        t = obs.at_ms
+        for name, value in obs.keys.items():
+            series = self._series.get((name, value))
+            if series is None:
+                series = self._series[(name, value)] = _Series()
+            series.add(t, obs.amount)
+            series.trim(series.times[-1] - RETENTION_MS)
+        for key, of in pairs:
+            seen_with = obs.keys.get(of)
+            if seen_with is None:
+                continue
+            dkey = (key, of, obs.keys[key])
+            distinct = self._distinct.get(dkey)
+            if distinct is None:
+                distinct = self._distinct[dkey] = _Distinct()
+            distinct.see(t, seen_with)
+            distinct.trim(distinct.newest() - RETENTION_MS)
+
+    def _read_one(self, obs: Observation, q: FeatureQuery) -> int:
+        value = obs.keys.get(q.key)
+        if value is None:
+            return 0
+        hi = obs.at_ms
+        lo = hi - q.seconds * 1000
+        if q.agg is Agg.DISTINCT:
+            distinct = self._distinct.get((q.key, q.of, value))
+            return distinct.count(lo, hi) if distinct is not None else 0
+        series = self._series.get((q.key, value))
+        if series is None:
+            return 0
+        count, total = series.count_sum(lo, hi)
+        return count if q.agg is Agg.COUNT else total
+
+    def _maybe_sweep(self) -> None:
+        if self._clock.monotonic() >= self._next_sweep:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        now_ms = to_ms(self._clock.now())
+        self._next_sweep = self._clock.monotonic() + self._sweep_every_s
+        horizon = now_ms - RETENTION_MS
+        for skey, series in list(self._series.items()):
+            series.trim(horizon)
+            if not series:
+                del self._series[skey]
+        for dkey, distinct in list(self._distinct.items()):
+            distinct.trim(horizon)
+            if not distinct:
+                del self._distinct[dkey]
+        self._forget_orders(now_ms - SEEN_TTL_S * 1000)
+
+    def _forget_orders(self, horizon: int) -> None:
+        expired = []
+        for order_id, recorded in self._seen.items():
+            if recorded > horizon:
+                break  # recorded in clock order: the rest are younger
+            expired.append(order_id)
+        for order_id in expired:
+            del self._seen[order_id]

@@ -1,0 +1,198 @@
+"""The Redis feature store: velocity state shared by every riskd replica.
+
+One ``record_and_read`` is one round trip: a single Lua script (sent by
+EVALSHA; redis-py loads it again after a Redis restart) that checks the
+order id, records the order under every key it carries and reads every query,
+atomically. Key layout under ``prefix`` (values are blind indexes, never
+plaintext)::
+
+    {prefix}o:{order_id}          STRING  recorded marker (idempotency), TTL 25h
+    {prefix}e:{key}:{value}       ZSET    "{amount}:{order_id}" scored by time (ms)
+    {prefix}s:{key}:{value}       HASH    per window w: cursor c{w} and running sum s{w}
+    {prefix}d:{key}:{of}:{value}  ZSET    of-value scored by its latest sighting (ms)
+
+COUNT and DISTINCT are ``ZCOUNT`` over ``(t - W, t]``: exact. SUM reads a
+running sum ``s{w}`` = the total of the events scored after cursor ``c{w}``
+(moved to ``t - W`` by each record) and corrects it with the few events
+between the cursor and the window's edges, so it is exact too, except for an
+observation read more than 24 hours behind the newest one of its key (those
+events are already trimmed). Every write trims what fell out of the longest
+window and refreshes a 25-hour TTL, so nothing grows without bound.
+
+All keys of one call are passed to the script, but they are not hash-tagged:
+run it against one Redis (or one shard) rather than a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from typing import Any, cast
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from riskd.domain.clock import Clock
+from riskd.domain.features import WINDOWS, Agg, FeatureQuery
+from riskd.errors import UnavailableError
+from riskd.features.store import SEEN_TTL_S, Observation, distinct_pairs
+
+__all__ = ["RedisFeatureStore"]
+
+_WINDOW_INDEX = {name: i + 1 for i, name in enumerate(sorted(WINDOWS, key=WINDOWS.__getitem__))}
+_LUA_WINDOWS = ", ".join(str(s * 1000) for s in sorted(WINDOWS.values()))
+assert len(WINDOWS) == 3, "the script keeps cursors and sums c1..c3, s1..s3"
+_AGG_CODE = {Agg.COUNT: "c", Agg.SUM: "s", Agg.DISTINCT: "d"}
+
+# KEYS: [1] order marker, then (events, sums) per series, then one ZSET per distinct set.
+# ARGV: record?, t, amount, order_id, ttl, #series, #distinct, the of-value per distinct
+#       set ('' when the order lacks it), then (code, index, window index) per query.
+_SCRIPT = (
+    """
+local WINDOWS = {@WINDOWS@}
+local t = tonumber(ARGV[2])
+local amount = tonumber(ARGV[3])
+local ttl = tonumber(ARGV[5])
+local ns, nd = tonumber(ARGV[6]), tonumber(ARGV[7])
+local last = #WINDOWS
+
+local function range_sum(ekey, lo, hi)  -- events scored in (lo, hi]
+  local total = 0
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', ekey, '(' .. lo, hi)) do
+    total = total + tonumber(string.match(m, '^(%d+):'))
+  end
+  return total
+end
+
+local function record_series(ekey, skey)
+  local h = redis.call('HMGET', skey, 'c1', 'c2', 'c3', 's1', 's2', 's3')
+  local update = {}
+  for w = 1, last do
+    local c, s = tonumber(h[w]) or -1, tonumber(h[w + last]) or 0
+    local edge = t - WINDOWS[w]
+    if c < edge then
+      s = s - range_sum(ekey, c, edge)
+      c = edge
+    end
+    if t > c then s = s + amount end
+    update[#update + 1] = 'c' .. w
+    update[#update + 1] = c
+    update[#update + 1] = 's' .. w
+    update[#update + 1] = s
+    if w == last then
+      if t > c then redis.call('ZADD', ekey, t, ARGV[3] .. ':' .. ARGV[4]) end
+      redis.call('ZREMRANGEBYSCORE', ekey, '-inf', c)
+    end
+  end
+  redis.call('HSET', skey, unpack(update))
+  redis.call('EXPIRE', ekey, ttl)
+  redis.call('EXPIRE', skey, ttl)
+end
+
+local function record_distinct(dkey, value)
+  if value == '' then return end
+  redis.call('ZADD', dkey, 'GT', t, value)
+  redis.call('ZREMRANGEBYSCORE', dkey, '-inf', t - WINDOWS[last])
+  redis.call('EXPIRE', dkey, ttl)
+end
+
+local function read_sum(ekey, skey, w)
+  local h = redis.call('HMGET', skey, 'c' .. w, 's' .. w)
+  local c, s = tonumber(h[1]) or -1, tonumber(h[2]) or 0
+  local edge = t - WINDOWS[w]
+  if c < edge then s = s - range_sum(ekey, c, edge)
+  elseif c > edge then s = s + range_sum(ekey, edge, c) end
+  return s - range_sum(ekey, t, '+inf')
+end
+
+if ARGV[1] == '1' and redis.call('SET', KEYS[1], '1', 'NX', 'EX', ttl) then
+  for i = 1, ns do record_series(KEYS[2 * i], KEYS[2 * i + 1]) end
+  for j = 1, nd do record_distinct(KEYS[1 + 2 * ns + j], ARGV[7 + j]) end
+end
+
+local out = {}
+for q = 8 + nd, #ARGV, 3 do
+  local code, i, w = ARGV[q], tonumber(ARGV[q + 1]), tonumber(ARGV[q + 2])
+  local lo = '(' .. (t - WINDOWS[w])
+  if code == 'c' then out[#out + 1] = redis.call('ZCOUNT', KEYS[2 * i], lo, t)
+  elseif code == 'd' then out[#out + 1] = redis.call('ZCOUNT', KEYS[1 + 2 * ns + i], lo, t)
+  else out[#out + 1] = read_sum(KEYS[2 * i], KEYS[2 * i + 1], w) end
+end
+return out
+"""
+).replace("@WINDOWS@", _LUA_WINDOWS)
+
+
+class RedisFeatureStore:
+    """A ``FeatureStore`` in Redis; see the module docstring.
+
+    Args:
+        url: ``redis://host:port/db``.
+        clock: kept for symmetry with the in-process store; windows end at
+            ``Observation.at`` and TTLs run on Redis's own clock.
+        prefix: every key starts with it (one per deployment, one per test).
+        timeout_s: socket connect and read timeout; a dead or stalled Redis
+            raises ``UnavailableError`` after about this long. No retries: the
+            caller falls back, and the next call reconnects.
+    """
+
+    def __init__(
+        self, url: str, clock: Clock, *, prefix: str = "riskd:f:", timeout_s: float = 0.05
+    ) -> None:
+        self._clock = clock
+        self._prefix = prefix
+        self._client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._script = self._client.register_script(_SCRIPT)
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    def record_and_read(
+        self, obs: Observation, queries: Collection[FeatureQuery]
+    ) -> dict[FeatureQuery, int]:
+        return self._call(obs, queries, record=True)
+
+    def read(self, obs: Observation, queries: Collection[FeatureQuery]) -> dict[FeatureQuery, int]:
+        return self._call(obs, queries, record=False)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _call(
+        self, obs: Observation, queries: Collection[FeatureQuery], *, record: bool
+    ) -> dict[FeatureQuery, int]:
+        keys, args, asked = self._plan(obs, queries, record=record)
+        try:
+            values = cast(Sequence[int], self._script(keys=keys, args=args))
+        except redis.RedisError as exc:
+            raise UnavailableError(f"feature store: redis {type(exc).__name__}") from exc
+        result = dict.fromkeys(queries, 0)
+        result.update(zip(asked, values, strict=True))
+        return result
+
+    def _plan(
+        self, obs: Observation, queries: Collection[FeatureQuery], *, record: bool
+    ) -> tuple[list[str], list[Any], list[FeatureQuery]]:
+        """The script's KEYS and ARGV, and the queries it answers, in its order."""
+        p = self._prefix
+        series = {name: i + 1 for i, name in enumerate(obs.keys)}
+        keys = [f"{p}o:{obs.order_id}"]
+        for name, value in obs.keys.items():
+            keys += (f"{p}e:{name}:{value}", f"{p}s:{name}:{value}")
+        pairs = distinct_pairs(obs, queries)
+        keys += (f"{p}d:{k}:{of}:{obs.keys[k]}" for k, of in pairs)
+        args: list[Any] = [int(record), obs.at_ms, obs.amount, obs.order_id, SEEN_TTL_S]
+        args += (len(series), len(pairs))
+        args += (obs.keys.get(of, "") for _, of in pairs)
+        distinct = {pair: j + 1 for j, pair in enumerate(pairs)}
+        asked = [q for q in set(queries) if q.key in obs.keys]
+        for q in asked:
+            index = distinct[(q.key, q.of)] if q.agg is Agg.DISTINCT else series[q.key]
+            args += (_AGG_CODE[q.agg], index, _WINDOW_INDEX[q.window])
+        return keys, args, asked

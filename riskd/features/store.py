@@ -1,0 +1,149 @@
+"""The feature store contract: one order observed, velocity features read back.
+
+Where it sits in the flow: ``engine.Scorer`` builds an ``Observation`` from the
+order (its identities already blind-indexed by ``riskd.pii``), calls
+``record_and_read`` with every ``FeatureQuery`` the rule program needs, and
+hands the answer to the compiled rules. Two backends implement it and pass one
+contract suite: ``InProcessFeatureStore`` (single node) and
+``RedisFeatureStore`` (shared by replicas).
+
+Semantics shared by both backends:
+
+* Time is kept to the millisecond. A window ``W`` read for an observation at
+  ``t`` covers events in ``(t - W, t]``; the order's own time ``at`` is the end
+  of the window, so a replay with the same observations reads the same values.
+* ``COUNT`` and ``SUM`` cover every key the order carries. ``DISTINCT`` for a
+  ``(key, of)`` pair is tracked from the first ``record_and_read`` that asks
+  for it (the engine always passes the whole program's queries, so a distinct
+  feature added by a rule reload warms up over its window).
+* ``DISTINCT`` counts the ``of`` values whose latest sighting with the key lies
+  in the window (exact when observations arrive in time order).
+* Recording is idempotent per ``order_id`` for ``SEEN_TTL_S`` seconds.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Protocol
+
+from riskd.domain.features import KEYS, WINDOWS, Agg, FeatureQuery
+from riskd.errors import InvalidArgumentError
+
+__all__ = [
+    "MAX_ORDER_ID_LEN",
+    "MAX_VALUE_LEN",
+    "RETENTION_MS",
+    "SEEN_TTL_S",
+    "FeatureStore",
+    "Observation",
+    "distinct_pairs",
+    "to_ms",
+]
+
+RETENTION_MS = max(WINDOWS.values()) * 1000  # events older than the longest window are dropped
+SEEN_TTL_S = max(WINDOWS.values()) + 3600  # how long an order_id stays recorded (24h + 1h)
+MAX_ORDER_ID_LEN = 128
+MAX_VALUE_LEN = 256  # blind indexes are far shorter; bounds the size of a store key
+
+
+def to_ms(seconds: float) -> int:
+    """Epoch seconds to the integer milliseconds both backends count in.
+
+    >>> to_ms(1700000000.25)
+    1700000000250
+    """
+    return round(seconds * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """One order as the feature stores see it.
+
+    Args:
+        order_id: the order's id; recording is idempotent on it.
+        at: when riskd saw the order (epoch seconds, from the engine's clock,
+            never the client's claimed time); the end of every window read.
+        amount: the order total in fen (``>= 0``).
+        keys: ``KEYS`` name -> opaque value that is ALREADY a keyed hash (blind
+            index). Missing or empty values are not counted.
+
+    Raises:
+        InvalidArgumentError: naming the field, never echoing a key's value.
+    """
+
+    order_id: str
+    at: float
+    amount: int
+    keys: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.order_id, str) or not self.order_id:
+            raise InvalidArgumentError("order_id", "is required")
+        if len(self.order_id) > MAX_ORDER_ID_LEN:
+            raise InvalidArgumentError("order_id", f"is longer than {MAX_ORDER_ID_LEN}")
+        if isinstance(self.at, bool) or not isinstance(self.at, int | float):
+            raise InvalidArgumentError("at", "must be a number of seconds")
+        if not math.isfinite(self.at) or self.at < 0:
+            raise InvalidArgumentError("at", "must be finite and not negative")
+        if isinstance(self.amount, bool) or not isinstance(self.amount, int):
+            raise InvalidArgumentError("amount", "must be an integer number of fen")
+        if self.amount < 0:
+            raise InvalidArgumentError("amount", "must not be negative")
+        object.__setattr__(self, "keys", MappingProxyType(_checked_keys(self.keys)))
+
+    @property
+    def at_ms(self) -> int:
+        return to_ms(self.at)
+
+
+def _checked_keys(keys: Mapping[str, str]) -> dict[str, str]:
+    present: dict[str, str] = {}
+    for name, value in keys.items():
+        if name not in KEYS:
+            raise InvalidArgumentError("keys", f"unknown feature key {name!r}")
+        if not isinstance(value, str):
+            raise InvalidArgumentError(f"keys.{name}", "must be a string")
+        if len(value) > MAX_VALUE_LEN:
+            raise InvalidArgumentError(f"keys.{name}", f"is longer than {MAX_VALUE_LEN}")
+        if value:
+            present[name] = value
+    return present
+
+
+def distinct_pairs(obs: Observation, queries: Collection[FeatureQuery]) -> list[tuple[str, str]]:
+    """The ``(key, of)`` pairs of the DISTINCT queries whose key this order carries.
+
+    >>> q = FeatureQuery(Agg.DISTINCT, "device", "1h", of="buyer")
+    >>> distinct_pairs(Observation("o1", 1.0, 0, {"device": "d"}), [q, q])
+    [('device', 'buyer')]
+    """
+    pairs = {(q.key, q.of) for q in queries if q.agg is Agg.DISTINCT and q.key in obs.keys}
+    return sorted(pairs)
+
+
+class FeatureStore(Protocol):
+    """Velocity counters and distinct counts over the ``WINDOWS`` (1m, 1h, 24h)."""
+
+    def record_and_read(
+        self, obs: Observation, queries: Collection[FeatureQuery]
+    ) -> dict[FeatureQuery, int]:
+        """Record ``obs`` once per ``order_id``, then read ``queries`` (this order included).
+
+        A second call with an ``order_id`` already recorded records nothing and
+        only reads. A query whose key the order lacks reads 0.
+
+        Raises:
+            UnavailableError: the backend is down or slow (bounded timeouts).
+        """
+        ...
+
+    def read(self, obs: Observation, queries: Collection[FeatureQuery]) -> dict[FeatureQuery, int]:
+        """Read ``queries`` for ``obs``'s keys and time without recording anything."""
+        ...
+
+    def close(self) -> None:
+        """Release connections; the store is unusable afterwards."""
+        ...
