@@ -1,0 +1,279 @@
+"""Versioned master keys: the root of every PII key riskd holds.
+
+Where it sits: the ``Vault`` wraps each subject's data key with the keyring's
+primary master key, and the ``BlindIndexer`` derives its per-field-type HMAC
+keys from the keyring's index secret. Nothing else touches key material.
+
+A keyring is a JSON document, kept in a file (mode 0600) or in an environment
+variable::
+
+    {"format": "riskd-keyring-v1",
+     "primary": 2,
+     "index_secret": "<base64, 32 bytes>",
+     "keys": [{"version": 1, "state": "retired"},
+              {"version": 2, "state": "active", "key": "<base64, 32 bytes>"}]}
+
+Rotation adds a version and makes it primary (new data keys are wrapped under
+it); ``Vault.rotate`` re-wraps old data keys; ``retire`` then destroys an old
+version's material, after which anything still wrapped under it fails with a
+``CryptoError`` that names the version. The index secret is never rotated with
+the master keys: blind indexes must stay equal across rotations, or velocity
+counters and the link graph would stop matching.
+
+A KMS plugs in by implementing ``MasterKeyProvider`` (``wrap``/``unwrap`` run
+remotely; the index keys are derived once at start-up and held in memory).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import secrets
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from riskd.errors import ConfigError, CryptoError
+
+FORMAT = "riskd-keyring-v1"
+KEY_BYTES = 32
+NONCE_BYTES = 12
+ENV_VAR = "RISKD_KEYRING"
+_INDEX_INFO = b"riskd blind index v1\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class WrappedKey:
+    """A data key encrypted under one master key version."""
+
+    version: int
+    blob: bytes
+
+
+class MasterKeyProvider(Protocol):
+    """What the ``Vault`` and the ``BlindIndexer`` need from a keyring (or a KMS)."""
+
+    @property
+    def primary_version(self) -> int:
+        """The version new data keys are wrapped under."""
+        ...
+
+    def wrap(self, key: bytes, aad: bytes) -> WrappedKey:
+        """Encrypt ``key`` under the primary master key, bound to ``aad``."""
+        ...
+
+    def unwrap(self, wrapped: WrappedKey, aad: bytes) -> bytes:
+        """Decrypt a data key; ``CryptoError`` if its version is retired/unknown or it was moved."""
+        ...
+
+    def derive_index_key(self, field_type: str) -> bytes:
+        """The HMAC key of one blind-index field type (stable across rotations)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class MasterKey:
+    """One version of the master key; ``material`` is empty once retired."""
+
+    version: int
+    material: bytes = field(default=b"", repr=False)
+
+    @property
+    def retired(self) -> bool:
+        return not self.material
+
+
+@dataclass(frozen=True, slots=True)
+class Keyring:
+    """Versioned AES-256 master keys plus the blind-index secret (immutable).
+
+    >>> ring = Keyring.generate()
+    >>> ring = ring.add_version()
+    >>> ring.primary_version, ring.versions
+    (2, (1, 2))
+    >>> w = ring.wrap(b"k" * 32, b"aad")
+    >>> ring.unwrap(w, b"aad") == b"k" * 32
+    True
+    """
+
+    keys: Mapping[int, MasterKey] = field(repr=False)
+    primary: int
+    index_secret: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        key = self.keys.get(self.primary)
+        if key is None or key.retired:
+            raise ConfigError(f"keyring: primary version {self.primary} has no active key")
+        if len(self.index_secret) != KEY_BYTES:
+            raise ConfigError("keyring: index_secret must be 32 bytes")
+
+    # -- construction -----------------------------------------------------------------
+
+    @classmethod
+    def generate(cls) -> Keyring:
+        """A fresh keyring with one master key (version 1) and a new index secret."""
+        return cls({1: MasterKey(1, secrets.token_bytes(KEY_BYTES))}, 1, secrets.token_bytes(32))
+
+    def add_version(self) -> Keyring:
+        """A copy with a new master key version, made primary (step one of rotation)."""
+        version = max(self.keys) + 1
+        keys = {**self.keys, version: MasterKey(version, secrets.token_bytes(KEY_BYTES))}
+        return replace(self, keys=keys, primary=version)
+
+    def retire(self, version: int) -> Keyring:
+        """A copy with ``version``'s material destroyed; the primary cannot be retired."""
+        if version not in self.keys:
+            raise ConfigError(f"keyring: no master key version {version}")
+        if version == self.primary:
+            raise ConfigError(f"keyring: version {version} is primary; add a new version first")
+        return replace(self, keys={**self.keys, version: MasterKey(version)})
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        return tuple(sorted(self.keys))
+
+    @property
+    def active_versions(self) -> tuple[int, ...]:
+        return tuple(v for v in self.versions if not self.keys[v].retired)
+
+    # -- MasterKeyProvider --------------------------------------------------------------
+
+    @property
+    def primary_version(self) -> int:
+        return self.primary
+
+    def wrap(self, key: bytes, aad: bytes) -> WrappedKey:
+        nonce = os.urandom(NONCE_BYTES)
+        blob = nonce + AESGCM(self.keys[self.primary].material).encrypt(nonce, key, aad)
+        return WrappedKey(self.primary, blob)
+
+    def unwrap(self, wrapped: WrappedKey, aad: bytes) -> bytes:
+        master = self.keys.get(wrapped.version)
+        if master is None:
+            raise CryptoError(f"master key version {wrapped.version} is not in the keyring")
+        if master.retired:
+            raise CryptoError(
+                f"master key version {wrapped.version} is retired; data keys wrapped under it "
+                "can no longer be unwrapped (run `riskd pii rotate` before retiring a version)"
+            )
+        nonce, body = wrapped.blob[:NONCE_BYTES], wrapped.blob[NONCE_BYTES:]
+        try:
+            return AESGCM(master.material).decrypt(nonce, body, aad)
+        except InvalidTag:
+            raise CryptoError("wrapped data key does not authenticate (moved or altered)") from None
+
+    def derive_index_key(self, field_type: str) -> bytes:
+        hkdf = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=None, info=_INDEX_INFO + field_type.encode()
+        )
+        return hkdf.derive(self.index_secret)
+
+    # -- persistence --------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        """The keyring document (contains secrets: write it only to a 0600 file or a vault)."""
+        keys: list[dict[str, Any]] = []
+        for v in self.versions:
+            k = self.keys[v]
+            entry: dict[str, Any] = {"version": v, "state": "retired" if k.retired else "active"}
+            if not k.retired:
+                entry["key"] = _b64(k.material)
+            keys.append(entry)
+        doc = {
+            "format": FORMAT,
+            "primary": self.primary,
+            "index_secret": _b64(self.index_secret),
+            "keys": keys,
+        }
+        return json.dumps(doc, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Keyring:
+        """Parse a keyring document; ``ConfigError`` names the bad field (never a secret)."""
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            raise ConfigError("keyring: not valid JSON") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ConfigError(f"keyring: format must be {FORMAT!r}")
+        keys = dict(_parse_key(i, e) for i, e in enumerate(_field(doc, "keys", list)))
+        if not keys:
+            raise ConfigError("keyring: keys is empty")
+        secret = _unb64(_field(doc, "index_secret", str), "index_secret")
+        return cls(keys, _field(doc, "primary", int), secret)
+
+    @classmethod
+    def load(cls, path: Path) -> Keyring:
+        """Read a key file."""
+        try:
+            return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(f"keyring: cannot read key file {path}: {e.strerror}") from None
+
+    @classmethod
+    def from_env(cls, var: str = ENV_VAR, environ: Mapping[str, str] | None = None) -> Keyring:
+        """Read the keyring document from an environment variable."""
+        text = (os.environ if environ is None else environ).get(var, "")
+        if not text:
+            raise ConfigError(f"keyring: environment variable {var} is not set")
+        return cls.from_json(text)
+
+    def save(self, path: Path) -> None:
+        """Write atomically to ``path`` with mode 0600."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".keyring-")
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def _parse_key(i: int, entry: object) -> tuple[int, MasterKey]:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"keyring: keys[{i}] must be an object")
+    version = _field(entry, "version", int, f"keys[{i}].")
+    if version < 1:
+        raise ConfigError(f"keyring: keys[{i}].version must be >= 1")
+    state = _field(entry, "state", str, f"keys[{i}].")
+    if state == "retired":
+        return version, MasterKey(version)
+    if state != "active":
+        raise ConfigError(f"keyring: keys[{i}].state must be 'active' or 'retired'")
+    material = _unb64(_field(entry, "key", str, f"keys[{i}]."), f"keys[{i}].key")
+    if len(material) != KEY_BYTES:
+        raise ConfigError(f"keyring: keys[{i}].key must be 32 bytes")
+    return version, MasterKey(version, material)
+
+
+def _field(doc: Mapping[str, Any], name: str, kind: type, prefix: str = "") -> Any:
+    value = doc.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"keyring: {prefix}{name} must be a {kind.__name__}")
+    return value
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str, name: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"keyring: {name} is not valid base64") from None

@@ -1,0 +1,244 @@
+"""Where wrapped data keys, legal holds and blind-index entries live: SQL tables via ``riskd.sql``.
+
+Where it sits: under the ``Vault``. A row holds one subject's data key
+(generation ``n``) encrypted under master key ``master_version``; shredding
+sets ``wrapped`` to NULL and keeps the row as a tombstone, so a later
+ciphertext under that generation fails with "shredded" instead of "unknown".
+Tables are prefixed ``pii_``; the SQL is portable between SQLite and
+PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from riskd.errors import FailedPreconditionError
+from riskd.pii.keyring import WrappedKey
+from riskd.sql import Database, Tx
+
+
+@dataclass(frozen=True, slots=True)
+class DataKeyRow:
+    """One generation of a subject's data key; ``wrapped`` is None once shredded."""
+
+    subject_id: str
+    generation: int
+    wrapped: WrappedKey | None
+
+    @property
+    def shredded(self) -> bool:
+        return self.wrapped is None
+
+
+@dataclass(frozen=True, slots=True)
+class ShredResult:
+    data_keys_destroyed: int
+    index_entries_deleted: int
+
+
+class KeyStore(Protocol):
+    """Storage of wrapped data keys (what the ``Vault`` needs)."""
+
+    def latest(self, subject_id: str) -> DataKeyRow | None: ...
+    def get(self, subject_id: str, generation: int) -> DataKeyRow | None: ...
+    def create(
+        self, subject_id: str, generation: int, wrapped: WrappedKey, at: float
+    ) -> DataKeyRow: ...
+    def shred(self, subject_id: str, at: float) -> ShredResult: ...
+    def stale(self, primary_version: int, limit: int) -> list[DataKeyRow]: ...
+    def rewrap(self, row: DataKeyRow, wrapped: WrappedKey) -> bool: ...
+    def count_under(self, master_version: int) -> int: ...
+    def hold(self, subject_id: str, reason: str, at: float) -> None: ...
+    def release(self, subject_id: str) -> bool: ...
+    def is_held(self, subject_id: str) -> bool: ...
+    def add_index_entries(self, entries: Iterable[tuple[str, str, str]]) -> None: ...
+    def subjects_for(self, field_type: str, digest: str) -> list[str]: ...
+
+
+class SqlKeyStore:
+    """``KeyStore`` over a ``riskd.sql.Database`` (SQLite or PostgreSQL)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.create_schema()
+
+    def create_schema(self) -> None:
+        blob, real = (
+            ("BYTEA", "DOUBLE PRECISION") if self.db.dialect == "postgres" else ("BLOB", "REAL")
+        )
+        self.db.executescript(f"""
+            CREATE TABLE IF NOT EXISTS pii_data_keys (
+                subject_id TEXT NOT NULL, generation INTEGER NOT NULL,
+                master_version INTEGER NOT NULL, wrapped {blob},
+                created_at {real} NOT NULL, shredded_at {real},
+                PRIMARY KEY (subject_id, generation));
+            CREATE INDEX IF NOT EXISTS pii_data_keys_master ON pii_data_keys (master_version);
+            CREATE TABLE IF NOT EXISTS pii_legal_holds (
+                subject_id TEXT PRIMARY KEY, reason TEXT NOT NULL, placed_at {real} NOT NULL);
+            CREATE TABLE IF NOT EXISTS pii_blind_index (
+                field_type TEXT NOT NULL, digest TEXT NOT NULL, subject_id TEXT NOT NULL,
+                PRIMARY KEY (field_type, digest, subject_id));
+            CREATE INDEX IF NOT EXISTS pii_blind_index_subject ON pii_blind_index (subject_id)
+        """)
+
+    # -- data keys ------------------------------------------------------------------------
+
+    _COLS = "subject_id, generation, master_version, wrapped"
+
+    def latest(self, subject_id: str) -> DataKeyRow | None:
+        rows = self.db.query(
+            f"SELECT {self._COLS} FROM pii_data_keys WHERE subject_id = ? "
+            "ORDER BY generation DESC LIMIT 1",
+            (subject_id,),
+        )
+        return _row(rows[0]) if rows else None
+
+    def get(self, subject_id: str, generation: int) -> DataKeyRow | None:
+        rows = self.db.query(
+            f"SELECT {self._COLS} FROM pii_data_keys WHERE subject_id = ? AND generation = ?",
+            (subject_id, generation),
+        )
+        return _row(rows[0]) if rows else None
+
+    def create(
+        self, subject_id: str, generation: int, wrapped: WrappedKey, at: float
+    ) -> DataKeyRow:
+        """Insert a generation unless another writer won the race; returns the stored row."""
+
+        def insert(tx: Tx) -> None:
+            tx.execute(
+                "INSERT INTO pii_data_keys (subject_id, generation, master_version, wrapped, "
+                "created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (subject_id, generation, wrapped.version, wrapped.blob, at),
+            )
+
+        self.db.run(insert)
+        row = self.get(subject_id, generation)
+        assert row is not None  # inserted above or by the writer that won
+        return row
+
+    def shred(self, subject_id: str, at: float) -> ShredResult:
+        """Destroy every wrapped data key of the subject and its blind-index entries.
+
+        Raises:
+            FailedPreconditionError: the subject is under legal hold (nothing changes).
+        """
+
+        def destroy(tx: Tx) -> ShredResult:
+            if tx.execute(
+                "SELECT 1 FROM pii_legal_holds WHERE subject_id = ?", (subject_id,)
+            ).fetchone():
+                raise FailedPreconditionError("subject is under legal hold; forgetting is refused")
+            keys = tx.execute(
+                "UPDATE pii_data_keys SET wrapped = NULL, shredded_at = ? "
+                "WHERE subject_id = ? AND wrapped IS NOT NULL",
+                (at, subject_id),
+            ).rowcount
+            entries = tx.execute(
+                "DELETE FROM pii_blind_index WHERE subject_id = ?", (subject_id,)
+            ).rowcount
+            return ShredResult(keys, entries)
+
+        if self.db.dialect == "sqlite":
+            # Overwrite freed pages so the old wrapped key is not left in the file.
+            self.db.query("PRAGMA secure_delete = ON")
+        result = self.db.run(destroy)
+        if self.db.dialect == "sqlite":
+            with contextlib.suppress(Exception):  # a busy reader only delays the checkpoint
+                self.db.query("PRAGMA wal_checkpoint(TRUNCATE)")
+        return result
+
+    def stale(self, primary_version: int, limit: int) -> list[DataKeyRow]:
+        rows = self.db.query(
+            f"SELECT {self._COLS} FROM pii_data_keys WHERE wrapped IS NOT NULL "
+            "AND master_version <> ? ORDER BY subject_id, generation LIMIT ?",
+            (primary_version, limit),
+        )
+        return [_row(r) for r in rows]
+
+    def rewrap(self, row: DataKeyRow, wrapped: WrappedKey) -> bool:
+        """Replace one wrapped key if it is still the one read (compare-and-set)."""
+        assert row.wrapped is not None
+        old = row.wrapped
+
+        def update(tx: Tx) -> bool:
+            return (
+                tx.execute(
+                    "UPDATE pii_data_keys SET master_version = ?, wrapped = ? "
+                    "WHERE subject_id = ? AND generation = ? AND master_version = ? "
+                    "AND wrapped IS NOT NULL",
+                    (wrapped.version, wrapped.blob, row.subject_id, row.generation, old.version),
+                ).rowcount
+                == 1
+            )
+
+        return self.db.run(update)
+
+    def count_under(self, master_version: int) -> int:
+        rows = self.db.query(
+            "SELECT COUNT(*) FROM pii_data_keys WHERE master_version = ? AND wrapped IS NOT NULL",
+            (master_version,),
+        )
+        return int(rows[0][0])
+
+    # -- legal holds ----------------------------------------------------------------------
+
+    def hold(self, subject_id: str, reason: str, at: float) -> None:
+        def place(tx: Tx) -> None:
+            tx.execute(
+                "INSERT INTO pii_legal_holds (subject_id, reason, placed_at) "
+                "VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                (subject_id, reason, at),
+            )
+
+        self.db.run(place)
+
+    def release(self, subject_id: str) -> bool:
+        def delete(tx: Tx) -> bool:
+            return (
+                tx.execute(
+                    "DELETE FROM pii_legal_holds WHERE subject_id = ?", (subject_id,)
+                ).rowcount
+                > 0
+            )
+
+        return self.db.run(delete)
+
+    def is_held(self, subject_id: str) -> bool:
+        return bool(
+            self.db.query("SELECT 1 FROM pii_legal_holds WHERE subject_id = ?", (subject_id,))
+        )
+
+    # -- blind-index entries --------------------------------------------------------------
+
+    def add_index_entries(self, entries: Iterable[tuple[str, str, str]]) -> None:
+        """Record ``(subject_id, field_type, digest)`` triples (empty digests skipped)."""
+        rows = [(ft, d, s) for s, ft, d in entries if d]
+        if not rows:
+            return
+
+        def insert(tx: Tx) -> None:
+            tx.executemany(
+                "INSERT INTO pii_blind_index (field_type, digest, subject_id) "
+                "VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+                rows,
+            )
+
+        self.db.run(insert)
+
+    def subjects_for(self, field_type: str, digest: str) -> list[str]:
+        rows = self.db.query(
+            "SELECT subject_id FROM pii_blind_index WHERE field_type = ? "
+            "AND digest = ? ORDER BY subject_id",
+            (field_type, digest),
+        )
+        return [str(r[0]) for r in rows]
+
+
+def _row(r: tuple[Any, ...]) -> DataKeyRow:
+    subject_id, generation, version, wrapped = r
+    blob = None if wrapped is None else WrappedKey(int(version), bytes(wrapped))
+    return DataKeyRow(str(subject_id), int(generation), blob)

@@ -1,0 +1,275 @@
+"""Envelope encryption of PII fields under per-subject data keys, with rotation and shredding.
+
+Where it sits: the evidence log (and cases, shop registration data) call
+``encrypt`` before anything reaches SQL and ``decrypt`` only on an analyst's
+audited request. Each subject (buyer or shop) has a random AES-256 data key,
+stored wrapped by the keyring's master key in the ``KeyStore``; field values
+are AES-256-GCM under that data key, with subject, record id and field name
+bound as associated data, so a ciphertext moved to another record or field
+does not decrypt.
+
+Ciphertext layout (bytes)::
+
+    0x01 | data-key generation (4, big-endian) | nonce (12) | ciphertext + tag (16)
+
+The master key version lives with the wrapped data key, so rotation re-wraps
+keys without touching a single field ciphertext. ``forget`` destroys every
+generation of the subject's data key (a tombstone stays) and its blind-index
+entries; a later write starts a new generation.
+
+Unwrapped data keys are cached (bounded size, bounded age), so the hot path is
+one AES-GCM per field. Another replica's ``forget`` reaches this cache within
+``cache_ttl_s``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from riskd.domain.clock import Clock, SystemClock
+from riskd.errors import CryptoError, InvalidArgumentError
+from riskd.pii.keyring import KEY_BYTES, NONCE_BYTES, MasterKeyProvider
+from riskd.pii.keystore import DataKeyRow, KeyStore, ShredResult
+
+FORMAT_V1 = 1
+_HEADER = struct.Struct(">BI")
+_PREFIX = _HEADER.size + NONCE_BYTES
+_TAG_BYTES = 16
+
+ForgetHook = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    generation: int
+    aead: AESGCM
+    expires: float
+    header: bytes
+
+
+def _aad(*parts: str) -> bytes:
+    return "".join(f"{len(p)}:{p}" for p in parts).encode()
+
+
+def _dek_aad(subject_id: str, generation: int) -> bytes:
+    return b"riskd-dek-v1|" + _aad(subject_id, str(generation))
+
+
+def _seal(key: _Cached, aad_prefix: bytes, field: str, text: str) -> bytes:
+    nonce = os.urandom(NONCE_BYTES)
+    body = key.aead.encrypt(nonce, text.encode(), aad_prefix + _aad(field))
+    return key.header + nonce + body
+
+
+def _require(name: str, value: str) -> None:
+    if not value:
+        raise InvalidArgumentError(name, "must not be empty")
+
+
+class Vault:
+    """Encrypt, decrypt, rotate and forget PII fields.
+
+    >>> import tempfile, os
+    >>> from riskd.sql import Database
+    >>> from riskd.pii.keyring import Keyring
+    >>> from riskd.pii.keystore import SqlKeyStore
+    >>> store = SqlKeyStore(Database(os.path.join(tempfile.mkdtemp(), "k.db")))
+    >>> v = Vault(Keyring.generate(), store)
+    >>> ct = v.encrypt("buyer-1", "order-9", "phone", "13812345678")
+    >>> v.decrypt("buyer-1", "order-9", "phone", ct)
+    '13812345678'
+    """
+
+    def __init__(
+        self,
+        keyring: MasterKeyProvider,
+        keystore: KeyStore,
+        *,
+        clock: Clock | None = None,
+        cache_ttl_s: float = 60.0,
+        cache_size: int = 100_000,
+    ) -> None:
+        self.keyring = keyring
+        self.keystore = keystore
+        self._clock = clock or SystemClock()
+        self._ttl = cache_ttl_s
+        self._size = cache_size
+        self._current: OrderedDict[str, _Cached] = OrderedDict()
+        self._by_gen: dict[tuple[str, int], _Cached] = {}
+        self._lock = threading.Lock()
+        self._hooks: list[ForgetHook] = []
+
+    # -- fields ---------------------------------------------------------------------------
+
+    def encrypt(self, subject_id: str, record_id: str, field: str, plaintext: str) -> bytes:
+        """AES-256-GCM of ``plaintext`` under the subject's current data key."""
+        _require("record_id", record_id)
+        _require("field", field)
+        key = self._current_key(subject_id)
+        return _seal(key, _aad(subject_id, record_id), field, plaintext)
+
+    def encrypt_fields(
+        self, subject_id: str, record_id: str, fields: Mapping[str, str]
+    ) -> dict[str, bytes]:
+        """Encrypt several fields of one record with one key lookup (the scoring hot path)."""
+        _require("record_id", record_id)
+        key = self._current_key(subject_id)
+        prefix = _aad(subject_id, record_id)
+        return {name: _seal(key, prefix, name, text) for name, text in fields.items()}
+
+    def decrypt(self, subject_id: str, record_id: str, field: str, ciphertext: bytes) -> str:
+        """The plaintext of one field.
+
+        Raises:
+            CryptoError: malformed ciphertext, shredded or unknown data key, retired master
+                key, or a ciphertext moved to another subject, record or field.
+        """
+        if len(ciphertext) < _PREFIX + _TAG_BYTES:
+            raise CryptoError(f"ciphertext of field {field!r} is too short")
+        fmt, generation = _HEADER.unpack_from(ciphertext)
+        if fmt != FORMAT_V1:
+            raise CryptoError(f"ciphertext of field {field!r} has unknown format {fmt}")
+        key = self._key_for(subject_id, generation)
+        nonce = ciphertext[_HEADER.size : _PREFIX]
+        try:
+            plain = key.aead.decrypt(
+                nonce, ciphertext[_PREFIX:], _aad(subject_id, record_id, field)
+            )
+        except InvalidTag:
+            raise CryptoError(
+                f"ciphertext of field {field!r} does not authenticate for this record "
+                "(moved to another record or field, or altered)"
+            ) from None
+        return plain.decode()
+
+    # -- data keys ------------------------------------------------------------------------
+
+    def _current_key(self, subject_id: str) -> _Cached:
+        now = self._clock.monotonic()
+        with self._lock:
+            hit = self._current.get(subject_id)
+            if hit is not None and hit.expires > now:
+                self._current.move_to_end(subject_id)
+                return hit
+        _require("subject_id", subject_id)
+        row = self.keystore.latest(subject_id)
+        if row is None or row.shredded:
+            row = self._new_generation(subject_id, 1 if row is None else row.generation + 1)
+        return self._remember(row, now, current=True)
+
+    def _key_for(self, subject_id: str, generation: int) -> _Cached:
+        now = self._clock.monotonic()
+        with self._lock:
+            hit = self._by_gen.get((subject_id, generation))
+            if hit is not None and hit.expires > now:
+                return hit
+        row = self.keystore.get(subject_id, generation)
+        if row is None:
+            raise CryptoError("no data key for this ciphertext (unknown subject or generation)")
+        if row.shredded:
+            raise CryptoError("data key destroyed: this subject's personal data was forgotten")
+        return self._remember(row, now, current=False)
+
+    def _new_generation(self, subject_id: str, generation: int) -> DataKeyRow:
+        dek = secrets.token_bytes(KEY_BYTES)
+        wrapped = self.keyring.wrap(dek, _dek_aad(subject_id, generation))
+        return self.keystore.create(subject_id, generation, wrapped, self._clock.now())
+
+    def _remember(self, row: DataKeyRow, now: float, *, current: bool) -> _Cached:
+        assert row.wrapped is not None
+        dek = self.keyring.unwrap(row.wrapped, _dek_aad(row.subject_id, row.generation))
+        header = _HEADER.pack(FORMAT_V1, row.generation)
+        entry = _Cached(row.generation, AESGCM(dek), now + self._ttl, header)
+        with self._lock:
+            self._by_gen[(row.subject_id, row.generation)] = entry
+            if current:
+                self._current[row.subject_id] = entry
+            self._evict()
+        return entry
+
+    def _evict(self) -> None:
+        while len(self._current) > self._size:
+            self._current.popitem(last=False)
+        if len(self._by_gen) > self._size:
+            now = self._clock.monotonic()
+            self._by_gen = {k: v for k, v in self._by_gen.items() if v.expires > now}
+            while len(self._by_gen) > self._size:
+                del self._by_gen[next(iter(self._by_gen))]
+
+    def _drop(self, subject_id: str) -> None:
+        with self._lock:
+            self._current.pop(subject_id, None)
+            for key in [k for k in self._by_gen if k[0] == subject_id]:
+                del self._by_gen[key]
+
+    # -- rotation -------------------------------------------------------------------------
+
+    def rotate(self, *, batch_size: int = 500) -> int:
+        """Re-wrap every data key not under the primary master key; returns how many.
+
+        Field ciphertexts are not read or written. Raises ``CryptoError`` if a data key
+        is wrapped under a retired version (it cannot be recovered).
+        """
+        primary = self.keyring.primary_version
+        done = 0
+        while rows := self.keystore.stale(primary, batch_size):
+            for row in rows:
+                assert row.wrapped is not None
+                aad = _dek_aad(row.subject_id, row.generation)
+                dek = self.keyring.unwrap(row.wrapped, aad)
+                done += self.keystore.rewrap(row, self.keyring.wrap(dek, aad))
+        return done
+
+    # -- crypto-shredding and legal holds -------------------------------------------------
+
+    def add_forget_hook(self, hook: ForgetHook) -> None:
+        """Call ``hook(subject_id)`` after each ``forget`` (e.g. to drop other stores' indexes)."""
+        self._hooks.append(hook)
+
+    def forget(self, subject_id: str) -> ShredResult:
+        """Destroy the subject's data keys and blind-index entries (PIPL right to deletion).
+
+        Decisions and ledger entries stay; only the personal data becomes unreadable.
+
+        Raises:
+            FailedPreconditionError: the subject is under legal hold; nothing changes.
+        """
+        _require("subject_id", subject_id)
+        result = self.keystore.shred(subject_id, self._clock.now())
+        self._drop(subject_id)
+        for hook in self._hooks:
+            hook(subject_id)
+        return result
+
+    def hold(self, subject_id: str, reason: str) -> None:
+        """Place a legal hold: ``forget`` is refused until it is released."""
+        _require("subject_id", subject_id)
+        _require("reason", reason)
+        self.keystore.hold(subject_id, reason, self._clock.now())
+
+    def release_hold(self, subject_id: str) -> bool:
+        """Lift a legal hold; False if there was none."""
+        return self.keystore.release(subject_id)
+
+    # -- blind-index entries --------------------------------------------------------------
+
+    def record_index(self, subject_id: str, digests: Mapping[str, str]) -> None:
+        """Remember which blind-index digests (by field type) belong to a subject.
+
+        ``forget`` deletes them; ``subjects_for`` answers exact-match lookups.
+        """
+        _require("subject_id", subject_id)
+        self.keystore.add_index_entries((subject_id, ft, d) for ft, d in digests.items())
+
+    def subjects_for(self, field_type: str, digest: str) -> list[str]:
+        """Subjects whose recorded ``field_type`` digest equals ``digest``."""
+        return self.keystore.subjects_for(field_type, digest)
