@@ -1,0 +1,303 @@
+"""Daemon configuration: embedded defaults ← a TOML file ← ``RISKD_*`` environment variables.
+
+``riskd serve`` with no configuration listens on loopback, reads rules from
+``rules/`` and models from ``models/``, and keeps its data (SQLite database,
+generated keyring) under ``./var``. A TOML file overrides the defaults, and
+environment variables override the file::
+
+    listen = "0.0.0.0:50051"        # RISKD_LISTEN
+    metrics_port = 9464             # RISKD_METRICS_PORT (0: any free port, -1: off)
+    rules_dir = "rules"             # RISKD_RULES_DIR
+    models_dir = "models"           # RISKD_MODELS_DIR
+    data_dir = "var"                # RISKD_DATA_DIR
+    redis_url = ""                  # RISKD_REDIS_URL ("" = in-process features)
+    database_url = ""               # RISKD_DATABASE_URL ("" = sqlite file under data_dir)
+    deadline_ms = 200               # RISKD_DEADLINE_MS (when the caller sets none)
+    keyring_file = ""               # RISKD_KEYRING_FILE ("" = data_dir/keyring.json)
+    tls_cert = ""                   # RISKD_TLS_CERT / RISKD_TLS_KEY / RISKD_TLS_CLIENT_CA
+    log_level = "info"              # RISKD_LOG_LEVEL
+
+    [fallback]                      # RISKD_FALLBACK_<SCENARIO>="50000:allow,review"
+    default = "50000:allow,review"  # total <= 500 CNY -> allow, else review
+    live_room = "20000:allow,review"
+
+A fallback is an ordered list of tiers ``MAX_TOTAL_FEN:OUTCOME``; a tier with
+no bound matches any amount, and the last tier must have none. Every bad value
+raises ``riskd.errors.ConfigError`` naming its key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from riskd.domain.decision import Outcome
+from riskd.errors import ConfigError
+
+ENV_PREFIX = "RISKD_"
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackTier:
+    """Orders whose total is at most ``max_total`` fen (any total when None) get ``outcome``."""
+
+    max_total: int | None
+    outcome: Outcome
+
+
+def _default_fallback() -> Mapping[str, tuple[FallbackTier, ...]]:
+    return {"default": parse_tiers("50000:allow,review", "fallback.default")}
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything ``riskd serve`` needs; build it with ``load_config``."""
+
+    listen: str = "127.0.0.1:50051"
+    metrics_port: int = 9464
+    rules_dir: Path = Path("rules")
+    models_dir: Path = Path("models")
+    data_dir: Path = Path("var")
+    redis_url: str = ""
+    database_url: str = ""
+    deadline_ms: int = 200
+    keyring_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    log_level: str = "info"
+    reload_interval_s: float = 2.0
+    redis_timeout_ms: int = 50
+    redis_prefix: str = "riskd:"
+    max_batch: int = 500
+    max_message_bytes: int = 4 * 1024 * 1024
+    grace_s: float = 10.0
+    workers: int = 16
+    fallback: Mapping[str, tuple[FallbackTier, ...]] = field(default_factory=_default_fallback)
+
+    @property
+    def database(self) -> str:
+        """The database URL, defaulting to a SQLite file under ``data_dir``."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'riskd.db'}"
+
+    @property
+    def keyring_path(self) -> Path:
+        """Where the keyring lives (generated on first start when it does not exist)."""
+        return self.keyring_file or self.data_dir / "keyring.json"
+
+    @property
+    def deadline_s(self) -> float:
+        return self.deadline_ms / 1000.0
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_OUTCOMES = {o.name.lower(): o for o in Outcome}
+
+
+def load_config(
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Config:
+    """Defaults, then the TOML file at ``path``, then ``RISKD_*`` variables, then ``overrides``.
+
+    Raises:
+        ConfigError: a key is unknown or a value is malformed (the message names the key).
+    """
+    values: dict[str, Any] = {}
+    for layer in (
+        _read_toml(path) if path is not None else {},
+        _from_env(os.environ if env is None else env),
+        overrides,
+    ):
+        _merge(values, layer)
+    return _build(values)
+
+
+def _merge(values: dict[str, Any], layer: Mapping[str, Any]) -> None:
+    """Later layers win key by key; fallback tables merge scenario by scenario."""
+    for key, value in layer.items():
+        old = values.get(key)
+        if key == "fallback" and isinstance(old, Mapping) and isinstance(value, Mapping):
+            values[key] = {**old, **value}
+        else:
+            values[key] = value
+
+
+def parse_tiers(text: str, key: str) -> tuple[FallbackTier, ...]:
+    """``"50000:allow,review"`` → tiers; the last one must be unbounded.
+
+    >>> [(t.max_total, t.outcome.name) for t in parse_tiers("50000:allow,review", "k")]
+    [(50000, 'ALLOW'), (None, 'REVIEW')]
+    """
+    tiers: list[FallbackTier] = []
+    for part in (p.strip() for p in text.split(",")):
+        bound, _, outcome = part.rpartition(":")
+        tiers.append(FallbackTier(_tier_bound(bound, key), _outcome(outcome, key)))
+    if not tiers or tiers[-1].max_total is not None:
+        raise ConfigError(f"{key}: the last fallback tier must have no bound (e.g. 'review')")
+    return tuple(tiers)
+
+
+def _tier_bound(text: str, key: str) -> int | None:
+    if not text:
+        return None
+    try:
+        bound = int(text)
+    except ValueError:
+        raise ConfigError(f"{key}: tier bound must be an integer number of fen") from None
+    if bound < 0:
+        raise ConfigError(f"{key}: tier bound must not be negative")
+    return bound
+
+
+def _outcome(text: str, key: str) -> Outcome:
+    try:
+        return _OUTCOMES[text.strip().lower()]
+    except KeyError:
+        raise ConfigError(f"{key}: outcome must be one of {', '.join(_OUTCOMES)}") from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    fallback: dict[str, str] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key.startswith("fallback_"):
+            fallback[key[len("fallback_") :]] = value
+        else:
+            values[key] = value
+    if fallback:
+        values["fallback"] = fallback
+    return values
+
+
+def _build(values: Mapping[str, Any]) -> Config:
+    known = {f.name: f for f in fields(Config)}
+    changes: dict[str, Any] = {}
+    for key, raw in values.items():
+        if key not in known:
+            raise ConfigError(f"{key}: unknown configuration key")
+        changes[key] = _COERCE.get(key, _coerce_str)(raw, key)
+    config = replace(Config(), **changes)
+    _check(config)
+    return config
+
+
+def _coerce_str(raw: Any, key: str) -> str:
+    if not isinstance(raw, str):
+        raise ConfigError(f"{key}: expected a string")
+    return raw
+
+
+def _coerce_int(raw: Any, key: str) -> int:
+    if isinstance(raw, bool):
+        raise ConfigError(f"{key}: expected an integer")
+    if isinstance(raw, int):
+        return raw
+    try:
+        return int(_coerce_str(raw, key))
+    except ValueError:
+        raise ConfigError(f"{key}: expected an integer") from None
+
+
+def _coerce_float(raw: Any, key: str) -> float:
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        value = float(raw)
+    else:
+        try:
+            value = float(_coerce_str(raw, key))
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number")
+    return value
+
+
+def _coerce_path(raw: Any, key: str) -> Path:
+    text = _coerce_str(raw, key)
+    if not text:
+        raise ConfigError(f"{key}: must not be empty")
+    return Path(text)
+
+
+def _coerce_optional_path(raw: Any, key: str) -> Path | None:
+    text = _coerce_str(raw, key)
+    return Path(text) if text else None
+
+
+def _coerce_fallback(raw: Any, key: str) -> Mapping[str, tuple[FallbackTier, ...]]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f'{key}: expected a table of scenario = "MAX:outcome,..."')
+    tiers = dict(_default_fallback())
+    for scenario, text in raw.items():
+        name = f"{key}.{scenario}"
+        tiers[str(scenario)] = parse_tiers(_coerce_str(text, name), name)
+    return tiers
+
+
+_COERCE: dict[str, Callable[[Any, str], Any]] = {
+    "metrics_port": _coerce_int,
+    "deadline_ms": _coerce_int,
+    "redis_timeout_ms": _coerce_int,
+    "max_batch": _coerce_int,
+    "max_message_bytes": _coerce_int,
+    "workers": _coerce_int,
+    "reload_interval_s": _coerce_float,
+    "grace_s": _coerce_float,
+    "rules_dir": _coerce_path,
+    "models_dir": _coerce_path,
+    "data_dir": _coerce_path,
+    "keyring_file": _coerce_optional_path,
+    "tls_cert": _coerce_optional_path,
+    "tls_key": _coerce_optional_path,
+    "tls_client_ca": _coerce_optional_path,
+    "fallback": _coerce_fallback,
+}
+
+
+def _check(config: Config) -> None:
+    _check_listen(config.listen)
+    _positive(config, "deadline_ms", "redis_timeout_ms", "max_batch", "max_message_bytes")
+    _positive(config, "workers", "reload_interval_s")
+    if not -1 <= config.metrics_port <= 65535:
+        raise ConfigError("metrics_port: must be -1 (off), 0 (any free port) or a port number")
+    if config.grace_s < 0:
+        raise ConfigError("grace_s: must not be negative")
+    if config.log_level not in _LOG_LEVELS:
+        raise ConfigError(f"log_level: must be one of {', '.join(_LOG_LEVELS)}")
+    if config.redis_url and not config.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("redis_url: must start with redis://, rediss:// or unix://")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ConfigError("tls_cert: tls_cert and tls_key must be given together")
+    if config.tls_client_ca is not None and config.tls_cert is None:
+        raise ConfigError("tls_client_ca: needs tls_cert and tls_key")
+
+
+def _positive(config: Config, *keys: str) -> None:
+    for key in keys:
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key}: must be positive")
+
+
+def _check_listen(listen: str) -> None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError("listen: expected HOST:PORT (e.g. 127.0.0.1:50051)")

@@ -1,0 +1,92 @@
+"""Prometheus metrics of one server process, in its own registry, served over HTTP.
+
+Labels never carry PII: outcomes, rule ids, method names, status codes and the
+names of unavailable dependencies only.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import start_http_server
+
+from riskd.domain.decision import Decision
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclass
+class Metrics:
+    """The daemon's counters and histograms, registered in ``registry``."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.decisions = Counter(
+            "riskd_decisions", "Decisions by outcome.", ["outcome"], registry=r
+        )
+        self.rule_hits = Counter(
+            "riskd_rule_hits", "Enforced rule hits by rule id.", ["rule_id"], registry=r
+        )
+        self.degraded = Counter(
+            "riskd_degraded_decisions",
+            "Decisions made by the fallback policy, by unavailable dependency.",
+            ["unavailable"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "riskd_rpc_latency_seconds",
+            "Server-side RPC latency by method.",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rpc_errors = Counter(
+            "riskd_rpc_errors",
+            "RPCs that ended with an error, by method and code.",
+            ["method", "code"],
+            registry=r,
+        )
+        self.reload_failures = Counter(
+            "riskd_rule_reload_failures", "Rule reloads rejected (old rules kept).", registry=r
+        )
+        self.reloads = Counter(
+            "riskd_rule_reloads", "Rule reloads that swapped in new rules.", registry=r
+        )
+
+    def observe_decisions(self, decisions: Iterable[Decision]) -> None:
+        """Count decisions by outcome, their rule hits and degraded answers."""
+        for d in decisions:
+            self.decisions.labels(d.outcome.name.lower()).inc()
+            for reason in d.reasons:
+                self.rule_hits.labels(reason.rule_id).inc()
+            for what in d.degraded:
+                self.degraded.labels(what).inc()
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample's current value (0 when absent), e.g. ``riskd_decisions_total``."""
+        v = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if v is None else float(v)
+
+    def text(self) -> bytes:
+        return bytes(generate_latest(self.registry))
+
+
+class MetricsEndpoint:
+    """The ``/metrics`` HTTP endpoint; ``port=0`` takes any free port (``.port`` tells which)."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+        server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+        self._server: Any = server
+        self._thread: threading.Thread = thread
+        self.port: int = int(server.server_address[1])
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

@@ -1,0 +1,91 @@
+"""``riskd.v1.ScoringService``: a thin servicer over ``riskd.engine.Scorer``.
+
+Per call: convert and validate the request (a bad one raises before anything is
+counted), give the scorer the caller's remaining deadline (less a margin for
+the reply), convert the decision back, count it in the metrics. Errors
+propagate as ``RiskdError``; the interceptor maps them to status codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import grpc
+
+from riskd.domain.clock import Clock
+from riskd.domain.decision import Decision
+from riskd.domain.events import OrderEvent
+from riskd.domain.order import Order
+from riskd.service import convert, validate
+from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
+from riskd.service.metrics import Metrics
+
+# Kept back from the caller's deadline for converting and sending the reply.
+REPLY_MARGIN_S = 0.002
+
+
+class ScorerLike(Protocol):
+    """What the servicer needs of ``riskd.engine.Scorer``."""
+
+    def score(self, order: Order, *, timeout_s: float | None = None) -> Decision: ...
+
+    def score_batch(
+        self, orders: Sequence[Order], *, timeout_s: float | None = None
+    ) -> list[Decision]: ...
+
+    def report_outcome(self, event: OrderEvent) -> None: ...
+
+
+class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
+    """Score, ScoreBatch and ReportOutcome."""
+
+    def __init__(
+        self,
+        scorer: ScorerLike,
+        metrics: Metrics,
+        clock: Clock,
+        *,
+        default_deadline_s: float,
+        max_batch: int,
+    ) -> None:
+        self._scorer = scorer
+        self._metrics = metrics
+        self._clock = clock
+        self._default_deadline_s = default_deadline_s
+        self._max_batch = max_batch
+
+    def Score(
+        self, request: scoring_pb2.ScoreRequest, context: grpc.ServicerContext
+    ) -> scoring_pb2.ScoreResponse:
+        order = convert.order_from_proto(request.order)
+        validate.validate_order(order)
+        decision = self._scorer.score(order, timeout_s=self._timeout(context))
+        self._metrics.observe_decisions((decision,))
+        return scoring_pb2.ScoreResponse(decision=convert.decision_to_proto(decision))
+
+    def ScoreBatch(
+        self, request: scoring_pb2.ScoreBatchRequest, context: grpc.ServicerContext
+    ) -> scoring_pb2.ScoreBatchResponse:
+        orders = convert.orders_from_proto(request.orders)
+        validate.validate_batch(orders, self._max_batch)
+        decisions = self._scorer.score_batch(orders, timeout_s=self._timeout(context))
+        self._metrics.observe_decisions(decisions)
+        return scoring_pb2.ScoreBatchResponse(
+            decisions=[convert.decision_to_proto(d) for d in decisions]
+        )
+
+    def ReportOutcome(
+        self, request: scoring_pb2.ReportOutcomeRequest, context: grpc.ServicerContext
+    ) -> scoring_pb2.ReportOutcomeResponse:
+        event = convert.event_from_proto(request, self._clock.now())
+        validate.validate_event(event)
+        self._scorer.report_outcome(event)
+        return scoring_pb2.ReportOutcomeResponse()
+
+    def _timeout(self, context: grpc.ServicerContext) -> float:
+        """Seconds the scorer may spend: the caller's deadline less a margin, or the default."""
+        remaining = context.time_remaining()
+        if remaining is None or remaining > 1e6:  # no deadline set by the caller
+            return self._default_deadline_s
+        return max(remaining - REPLY_MARGIN_S, 0.0)

@@ -1,0 +1,112 @@
+"""Input checks on domain values, before anything is scored or counted.
+
+Every failure is an ``InvalidArgumentError`` naming the field by its dotted
+path (``order.items[2].quantity``) and never echoing the value, since it may be
+PII. Checks run before the scorer sees the order, so a bad order changes no
+velocity counter, no metric and no log record.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from riskd.domain.events import OrderEvent, OrderEventKind
+from riskd.domain.order import Order
+from riskd.errors import InvalidArgumentError
+
+MAX_ITEMS = 200
+MAX_STRING_CHARS = 256
+MAX_AMOUNT_FEN = 10**12  # 10 billion CNY: far above any order, far below int64
+
+# Every string field of an Order, by its path below the order.
+_STRINGS: tuple[tuple[str, Callable[[Order], str]], ...] = (
+    ("order_id", lambda o: o.order_id),
+    ("buyer.buyer_id", lambda o: o.buyer.buyer_id),
+    ("buyer.phone", lambda o: o.buyer.phone),
+    ("buyer.name", lambda o: o.buyer.name),
+    ("buyer.id_number", lambda o: o.buyer.id_number),
+    ("buyer.address.province", lambda o: o.buyer.address.province),
+    ("buyer.address.city", lambda o: o.buyer.address.city),
+    ("buyer.address.district", lambda o: o.buyer.address.district),
+    ("buyer.address.detail", lambda o: o.buyer.address.detail),
+    ("shop_id", lambda o: o.shop_id),
+    ("merchant_id", lambda o: o.merchant_id),
+    ("live_room_id", lambda o: o.live_room_id),
+    ("video_id", lambda o: o.video_id),
+    ("creator_id", lambda o: o.creator_id),
+    ("coupon_code", lambda o: o.coupon_code),
+    ("device_id", lambda o: o.device_id),
+    ("ip", lambda o: o.ip),
+)
+
+_AMOUNTS = ("items", "discount", "coupon", "shipping", "total")
+
+
+def validate_order(order: Order, field: str = "order") -> None:
+    """Raise ``InvalidArgumentError`` for the first problem found in ``order``."""
+    if not order.order_id:
+        raise InvalidArgumentError(f"{field}.order_id", "is required")
+    for path, get in _STRINGS:
+        if len(get(order)) > MAX_STRING_CHARS:
+            raise InvalidArgumentError(f"{field}.{path}", f"longer than {MAX_STRING_CHARS}")
+    if order.buyer.account_age_days < 0:
+        raise InvalidArgumentError(f"{field}.buyer.account_age_days", "must not be negative")
+    if not math.isfinite(order.client_time) or order.client_time < 0:
+        raise InvalidArgumentError(f"{field}.client_time", "must be a non-negative epoch time")
+    _validate_items(order, field)
+    _validate_amounts(order, field)
+
+
+def _validate_items(order: Order, field: str) -> None:
+    if len(order.items) > MAX_ITEMS:
+        raise InvalidArgumentError(f"{field}.items", f"more than {MAX_ITEMS} items")
+    for i, item in enumerate(order.items):
+        at = f"{field}.items[{i}]"
+        if len(item.sku) > MAX_STRING_CHARS:
+            raise InvalidArgumentError(f"{at}.sku", f"longer than {MAX_STRING_CHARS}")
+        if len(item.category) > MAX_STRING_CHARS:
+            raise InvalidArgumentError(f"{at}.category", f"longer than {MAX_STRING_CHARS}")
+        if not 0 <= item.unit_price <= MAX_AMOUNT_FEN:
+            raise InvalidArgumentError(f"{at}.unit_price", "must be 0..10^12 fen")
+        if not 1 <= item.quantity <= 1_000_000:
+            raise InvalidArgumentError(f"{at}.quantity", "must be 1..1000000")
+
+
+def _validate_amounts(order: Order, field: str) -> None:
+    a = order.amounts
+    for name in _AMOUNTS:
+        if not 0 <= getattr(a, name) <= MAX_AMOUNT_FEN:
+            raise InvalidArgumentError(f"{field}.amounts.{name}", "must be 0..10^12 fen")
+    if a.items != sum(i.unit_price * i.quantity for i in order.items):
+        raise InvalidArgumentError(
+            f"{field}.amounts.items", "must equal the sum of unit_price * quantity"
+        )
+    if a.total != a.items - a.discount - a.coupon + a.shipping:
+        raise InvalidArgumentError(
+            f"{field}.amounts.total", "must equal items - discount - coupon + shipping"
+        )
+
+
+def validate_batch(orders: Sequence[Order], max_batch: int, field: str = "orders") -> None:
+    """Check the batch size, then every order (paths like ``orders[3].amounts.total``)."""
+    if not orders:
+        raise InvalidArgumentError(field, "at least one order is required")
+    if len(orders) > max_batch:
+        raise InvalidArgumentError(field, f"more than {max_batch} orders in one batch")
+    for i, order in enumerate(orders):
+        validate_order(order, f"{field}[{i}]")
+
+
+def validate_event(event: OrderEvent) -> None:
+    """A reported outcome needs an order id, a kind and a sane time."""
+    if not event.order_id:
+        raise InvalidArgumentError("order_id", "is required")
+    if len(event.order_id) > MAX_STRING_CHARS:
+        raise InvalidArgumentError("order_id", f"longer than {MAX_STRING_CHARS}")
+    if event.kind is OrderEventKind.UNSPECIFIED:
+        raise InvalidArgumentError("kind", "is required")
+    if not math.isfinite(event.at) or event.at < 0:
+        raise InvalidArgumentError("at", "must be a non-negative epoch time")
+    if len(event.detail) > 4 * MAX_STRING_CHARS:
+        raise InvalidArgumentError("detail", f"longer than {4 * MAX_STRING_CHARS}")

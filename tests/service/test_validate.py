@@ -1,0 +1,94 @@
+"""Input validation: each bad order names its field; valid orders pass."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from riskd.domain.events import OrderEvent, OrderEventKind
+from riskd.domain.order import Amounts, Item, Order
+from riskd.errors import InvalidArgumentError
+from riskd.service import validate
+from tests.service.sample import full_order
+
+
+def with_amounts(order: Order, **changes: int) -> Order:
+    return dataclasses.replace(order, amounts=dataclasses.replace(order.amounts, **changes))
+
+
+def with_buyer(order: Order, **changes: object) -> Order:
+    return dataclasses.replace(order, buyer=dataclasses.replace(order.buyer, **changes))
+
+
+BAD = {
+    "order.order_id": lambda o: dataclasses.replace(o, order_id=""),
+    "order.amounts.total": lambda o: with_amounts(o, total=o.amounts.total + 1),
+    "order.amounts.items": lambda o: with_amounts(o, items=o.amounts.items + 1),
+    "order.amounts.discount": lambda o: with_amounts(o, discount=-1),
+    "order.items[1].unit_price": lambda o: dataclasses.replace(
+        o, items=(o.items[0], Item("s", "c", -5, 1))
+    ),
+    "order.items[0].quantity": lambda o: dataclasses.replace(
+        o, items=(Item("s", "c", 5, 0),), amounts=Amounts(items=0, total=0)
+    ),
+    "order.items": lambda o: dataclasses.replace(
+        o,
+        items=(Item("s", "c", 1, 1),) * (validate.MAX_ITEMS + 1),
+        amounts=Amounts(items=validate.MAX_ITEMS + 1, total=validate.MAX_ITEMS + 1),
+    ),
+    "order.buyer.address.detail": lambda o: with_buyer(
+        o, address=dataclasses.replace(o.buyer.address, detail="x" * 10_000)
+    ),
+    "order.buyer.phone": lambda o: with_buyer(o, phone="1" * 1000),
+    "order.device_id": lambda o: dataclasses.replace(o, device_id="d" * 257),
+    "order.buyer.account_age_days": lambda o: with_buyer(o, account_age_days=-1),
+    "order.client_time": lambda o: dataclasses.replace(o, client_time=float("nan")),
+}
+
+
+@pytest.mark.parametrize("field", list(BAD))
+def test_bad_order_names_the_field(field: str) -> None:
+    order = BAD[field](full_order())
+    with pytest.raises(InvalidArgumentError) as e:
+        validate.validate_order(order)
+    assert e.value.field == field
+
+
+def test_error_message_never_echoes_pii() -> None:
+    with pytest.raises(InvalidArgumentError) as e:
+        validate.validate_order(with_buyer(full_order(), phone="13812345678" * 30))
+    assert "13812345678" not in str(e.value)
+
+
+def test_valid_order_passes() -> None:
+    validate.validate_order(full_order())
+
+
+def test_batch_too_large_or_empty() -> None:
+    with pytest.raises(InvalidArgumentError, match="more than 3"):
+        validate.validate_batch([full_order()] * 4, 3)
+    with pytest.raises(InvalidArgumentError) as e:
+        validate.validate_batch([], 3)
+    assert e.value.field == "orders"
+
+
+def test_batch_names_the_bad_order() -> None:
+    bad = dataclasses.replace(full_order(), order_id="")
+    with pytest.raises(InvalidArgumentError) as e:
+        validate.validate_batch([full_order(), bad], 10)
+    assert e.value.field == "orders[1].order_id"
+
+
+@pytest.mark.parametrize(
+    ("event", "field"),
+    [
+        (OrderEvent("", OrderEventKind.PAID, 1.0), "order_id"),
+        (OrderEvent("o", OrderEventKind.UNSPECIFIED, 1.0), "kind"),
+        (OrderEvent("o", OrderEventKind.PAID, -1.0), "at"),
+    ],
+)
+def test_bad_event_names_the_field(event: OrderEvent, field: str) -> None:
+    with pytest.raises(InvalidArgumentError) as e:
+        validate.validate_event(event)
+    assert e.value.field == field

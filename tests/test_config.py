@@ -1,0 +1,94 @@
+"""Configuration: defaults ← TOML ← RISKD_* environment; bad values name their key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from riskd.config import Config, FallbackTier, load_config
+from riskd.domain.decision import Outcome
+from riskd.errors import ConfigError
+
+
+def test_defaults_need_no_configuration() -> None:
+    config = load_config(env={})
+    assert config == Config()
+    assert config.listen == "127.0.0.1:50051"
+    assert config.database == "sqlite:///var/riskd.db"
+    assert config.keyring_path == Path("var/keyring.json")
+    assert config.fallback["default"] == (
+        FallbackTier(50000, Outcome.ALLOW),
+        FallbackTier(None, Outcome.REVIEW),
+    )
+
+
+def test_file_then_environment_override(tmp_path: Path) -> None:
+    path = tmp_path / "riskd.toml"
+    path.write_text(
+        'listen = "0.0.0.0:6000"\nmetrics_port = 9100\ndata_dir = "/srv/riskd"\n'
+        'redis_url = "redis://127.0.0.1:6379/0"\n'
+        '[fallback]\nlive_room = "20000:allow,100000:review,block"\n'
+    )
+    config = load_config(
+        path,
+        env={
+            "RISKD_METRICS_PORT": "9200",
+            "RISKD_DEADLINE_MS": "30",
+            "RISKD_FALLBACK_SEARCH": "block",
+            "OTHER": "x",
+        },
+    )
+    assert config.listen == "0.0.0.0:6000"
+    assert config.metrics_port == 9200
+    assert config.deadline_s == 0.03
+    assert config.database == "sqlite:////srv/riskd/riskd.db"
+    assert config.fallback["live_room"][-1] == FallbackTier(None, Outcome.BLOCK)
+    assert config.fallback["search"] == (FallbackTier(None, Outcome.BLOCK),)
+    assert "default" in config.fallback
+
+
+@pytest.mark.parametrize(
+    ("env", "key"),
+    [
+        ({"RISKD_LISTEN": "nowhere"}, "listen"),
+        ({"RISKD_METRICS_PORT": "abc"}, "metrics_port"),
+        ({"RISKD_METRICS_PORT": "70000"}, "metrics_port"),
+        ({"RISKD_DEADLINE_MS": "0"}, "deadline_ms"),
+        ({"RISKD_REDIS_URL": "http://x"}, "redis_url"),
+        ({"RISKD_LOG_LEVEL": "loud"}, "log_level"),
+        ({"RISKD_FALLBACK_DEFAULT": "500:allow"}, "fallback.default"),
+        ({"RISKD_FALLBACK_LIVE_ROOM": "x:allow,review"}, "fallback.live_room"),
+        ({"RISKD_FALLBACK_DEFAULT": "maybe"}, "fallback.default"),
+        ({"RISKD_TLS_CERT": "cert.pem"}, "tls_cert"),
+        ({"RISKD_COLOUR": "blue"}, "colour"),
+        ({"RISKD_RULES_DIR": ""}, "rules_dir"),
+    ],
+)
+def test_bad_value_names_the_key(env: dict[str, str], key: str) -> None:
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        load_config(env=env)
+
+
+def test_bad_toml_types_name_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "riskd.toml"
+    path.write_text("metrics_port = true\n")
+    with pytest.raises(ConfigError, match=r"^metrics_port: "):
+        load_config(path, env={})
+    path.write_text("listen = 5\n")
+    with pytest.raises(ConfigError, match=r"^listen: "):
+        load_config(path, env={})
+
+
+def test_unreadable_or_malformed_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file"):
+        load_config(tmp_path / "missing.toml", env={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("listen = \n")
+    with pytest.raises(ConfigError, match="config file"):
+        load_config(bad, env={})
+
+
+def test_config_is_frozen() -> None:
+    with pytest.raises(AttributeError):
+        Config().listen = "x"  # type: ignore[misc]
