@@ -155,8 +155,9 @@ class InProcessFeatureStore:
         self, obs: Observation, queries: Collection[FeatureQuery]
     ) -> dict[FeatureQuery, int]:
         with self._lock:
-            if obs.order_id not in self._seen:
-                self._seen[obs.order_id] = to_ms(self._clock.now())
+            now = to_ms(self._clock.now())
+            if self._first_time(obs.order_id, now):
+                self._seen[obs.order_id] = now
                 self._record(obs, distinct_pairs(obs, queries))
                 self._maybe_sweep()
             return {q: self._read_one(obs, q) for q in queries}
@@ -184,6 +185,15 @@ class InProcessFeatureStore:
         """Forget everything older than the longest window (or the idempotency TTL)."""
         with self._lock:
             self._sweep()
+
+    def _first_time(self, order_id: str, now: int) -> bool:
+        recorded = self._seen.get(order_id)
+        if recorded is None:
+            return True
+        if recorded > now - SEEN_TTL_S * 1000:
+            return False
+        del self._seen[order_id]  # re-inserted at the end, keeping _seen in clock order
+        return True
 
     def _record(self, obs: Observation, pairs: list[tuple[str, str]]) -> None:
         t = obs.at_ms

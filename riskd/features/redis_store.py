@@ -6,7 +6,7 @@ order id, records the order under every key it carries and reads every query,
 atomically. Key layout under ``prefix`` (values are blind indexes, never
 plaintext)::
 
-    {prefix}o:{order_id}          STRING  recorded marker (idempotency), TTL 25h
+    {prefix}o:{order_id}          STRING  when (clock ms) the order was recorded, TTL 25h
     {prefix}e:{key}:{value}       ZSET    "{amount}:{order_id}" scored by time (ms)
     {prefix}s:{key}:{value}       HASH    per window w: cursor c{w} and running sum s{w}
     {prefix}d:{key}:{of}:{value}  ZSET    of-value scored by its latest sighting (ms)
@@ -35,7 +35,7 @@ from redis.retry import Retry
 from riskd.domain.clock import Clock
 from riskd.domain.features import WINDOWS, Agg, FeatureQuery
 from riskd.errors import UnavailableError
-from riskd.features.store import SEEN_TTL_S, Observation, distinct_pairs
+from riskd.features.store import SEEN_TTL_S, Observation, distinct_pairs, to_ms
 
 __all__ = ["RedisFeatureStore"]
 
@@ -45,15 +45,15 @@ assert len(WINDOWS) == 3, "the script keeps cursors and sums c1..c3, s1..s3"
 _AGG_CODE = {Agg.COUNT: "c", Agg.SUM: "s", Agg.DISTINCT: "d"}
 
 # KEYS: [1] order marker, then (events, sums) per series, then one ZSET per distinct set.
-# ARGV: record?, t, amount, order_id, ttl, #series, #distinct, the of-value per distinct
+# ARGV: record?, t, amount, order_id, ttl, now, #series, #distinct, the of-value per distinct
 #       set ('' when the order lacks it), then (code, index, window index) per query.
 _SCRIPT = (
     """
 local WINDOWS = {@WINDOWS@}
 local t = tonumber(ARGV[2])
 local amount = tonumber(ARGV[3])
-local ttl = tonumber(ARGV[5])
-local ns, nd = tonumber(ARGV[6]), tonumber(ARGV[7])
+local ttl, now = tonumber(ARGV[5]), tonumber(ARGV[6])
+local ns, nd = tonumber(ARGV[7]), tonumber(ARGV[8])
 local last = #WINDOWS
 
 local function range_sum(ekey, lo, hi)  -- events scored in (lo, hi]
@@ -105,13 +105,20 @@ local function read_sum(ekey, skey, w)
   return s - range_sum(ekey, t, '+inf')
 end
 
-if ARGV[1] == '1' and redis.call('SET', KEYS[1], '1', 'NX', 'EX', ttl) then
+local function first_time()  -- the marker holds when (clock ms) the order was recorded
+  local seen = tonumber(redis.call('GET', KEYS[1]))
+  if seen and seen > now - ttl * 1000 then return false end
+  redis.call('SET', KEYS[1], now, 'EX', ttl)
+  return true
+end
+
+if ARGV[1] == '1' and first_time() then
   for i = 1, ns do record_series(KEYS[2 * i], KEYS[2 * i + 1]) end
-  for j = 1, nd do record_distinct(KEYS[1 + 2 * ns + j], ARGV[7 + j]) end
+  for j = 1, nd do record_distinct(KEYS[1 + 2 * ns + j], ARGV[8 + j]) end
 end
 
 local out = {}
-for q = 8 + nd, #ARGV, 3 do
+for q = 9 + nd, #ARGV, 3 do
   local code, i, w = ARGV[q], tonumber(ARGV[q + 1]), tonumber(ARGV[q + 2])
   local lo = '(' .. (t - WINDOWS[w])
   if code == 'c' then out[#out + 1] = redis.call('ZCOUNT', KEYS[2 * i], lo, t)
@@ -128,8 +135,9 @@ class RedisFeatureStore:
 
     Args:
         url: ``redis://host:port/db``.
-        clock: kept for symmetry with the in-process store; windows end at
-            ``Observation.at`` and TTLs run on Redis's own clock.
+        clock: times the idempotency markers (an order id is remembered for
+            ``SEEN_TTL_S`` clock seconds); windows end at ``Observation.at``.
+            Key TTLs, which only reclaim memory, run on Redis's own clock.
         prefix: every key starts with it (one per deployment, one per test).
         timeout_s: socket connect and read timeout; a dead or stalled Redis
             raises ``UnavailableError`` after about this long. No retries: the
@@ -187,7 +195,8 @@ class RedisFeatureStore:
             keys += (f"{p}e:{name}:{value}", f"{p}s:{name}:{value}")
         pairs = distinct_pairs(obs, queries)
         keys += (f"{p}d:{k}:{of}:{obs.keys[k]}" for k, of in pairs)
-        args: list[Any] = [int(record), obs.at_ms, obs.amount, obs.order_id, SEEN_TTL_S]
+        now = to_ms(self._clock.now())
+        args: list[Any] = [int(record), obs.at_ms, obs.amount, obs.order_id, SEEN_TTL_S, now]
         args += (len(series), len(pairs))
         args += (obs.keys.get(of, "") for _, of in pairs)
         distinct = {pair: j + 1 for j, pair in enumerate(pairs)}

@@ -1,0 +1,183 @@
+"""The contract every FeatureStore passes: the in-process and the Redis backend alike."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from riskd.domain.clock import FakeClock
+from riskd.domain.features import Agg, FeatureQuery
+from riskd.features import FeatureStore, Observation
+
+COUNT_DEVICE = {w: FeatureQuery(Agg.COUNT, "device", w) for w in ("1m", "1h", "24h")}
+SUM_DEVICE = {w: FeatureQuery(Agg.SUM, "device", w) for w in ("1m", "1h", "24h")}
+BUYERS_PER_DEVICE = {w: FeatureQuery(Agg.DISTINCT, "device", w, of="buyer") for w in COUNT_DEVICE}
+StoreFactory = Callable[[FakeClock], FeatureStore]
+
+ALL = [*COUNT_DEVICE.values(), *SUM_DEVICE.values(), *BUYERS_PER_DEVICE.values()]
+
+
+def obs(clock: FakeClock, order_id: str, amount: int = 100, **keys: str) -> Observation:
+    return Observation(order_id, clock.now(), amount, keys)
+
+
+def by_name(values: Mapping[FeatureQuery, int]) -> dict[str, int]:
+    return {q.name: v for q, v in values.items()}
+
+
+def test_first_order_counts_itself(store: FeatureStore, clock: FakeClock) -> None:
+    got = store.record_and_read(obs(clock, "o1", 2500, device="d1", buyer="b1"), ALL)
+    assert set(got) == set(ALL)
+    assert {got[q] for q in COUNT_DEVICE.values()} == {1}
+    assert {got[q] for q in SUM_DEVICE.values()} == {2500}
+    assert {got[q] for q in BUYERS_PER_DEVICE.values()} == {1}
+
+
+def test_orders_accumulate_per_key_value(store: FeatureStore, clock: FakeClock) -> None:
+    store.record_and_read(obs(clock, "o1", 100, device="d1", buyer="b1"), ALL)
+    store.record_and_read(obs(clock, "o2", 200, device="d1", buyer="b2"), ALL)
+    store.record_and_read(obs(clock, "o3", 400, device="d2", buyer="b1"), ALL)
+    got = store.record_and_read(obs(clock, "o4", 800, device="d1", buyer="b1"), ALL)
+    assert got[COUNT_DEVICE["1h"]] == 3
+    assert got[SUM_DEVICE["1h"]] == 1100
+    assert got[BUYERS_PER_DEVICE["1h"]] == 2
+
+
+@pytest.mark.parametrize(("window", "seconds"), [("1m", 60), ("1h", 3600), ("24h", 86400)])
+def test_events_leave_each_window_at_its_edge(
+    store: FeatureStore, clock: FakeClock, window: str, seconds: int
+) -> None:
+    store.record_and_read(obs(clock, "old", 300, device="d1", buyer="b1"), ALL)
+    clock.advance(seconds - 0.001)
+    inside = store.read(obs(clock, "probe", device="d1"), ALL)
+    assert (inside[COUNT_DEVICE[window]], inside[SUM_DEVICE[window]]) == (1, 300)
+    assert inside[BUYERS_PER_DEVICE[window]] == 1
+    clock.advance(0.001)  # exactly `seconds` later: windows are (t - W, t]
+    edge = store.read(obs(clock, "probe", device="d1"), ALL)
+    assert (edge[COUNT_DEVICE[window]], edge[SUM_DEVICE[window]]) == (0, 0)
+    assert edge[BUYERS_PER_DEVICE[window]] == 0
+    longer = [w for w, s in (("1h", 3600), ("24h", 86400)) if s > seconds]
+    assert all(edge[COUNT_DEVICE[w]] == 1 and edge[SUM_DEVICE[w]] == 300 for w in longer)
+
+
+def test_sums_follow_events_out_of_windows_as_orders_keep_coming(
+    store: FeatureStore, clock: FakeClock
+) -> None:
+    amounts = [100, 200, 400, 800, 1600]
+    got: dict[FeatureQuery, int] = {}
+    for i, amount in enumerate(amounts):
+        got = store.record_and_read(obs(clock, f"o{i}", amount, device="d1"), ALL)
+        clock.advance(30)
+    clock.advance(-30)  # the last order's time
+    assert got[SUM_DEVICE["1m"]] == 800 + 1600  # 30 s apart: the last two
+    assert got[COUNT_DEVICE["1m"]] == 2
+    assert got[SUM_DEVICE["1h"]] == sum(amounts)
+    clock.advance(3600)
+    after = store.record_and_read(obs(clock, "late", 5, device="d1"), ALL)
+    assert (after[COUNT_DEVICE["1h"]], after[SUM_DEVICE["1h"]]) == (1, 5)
+    assert (after[COUNT_DEVICE["24h"]], after[SUM_DEVICE["24h"]]) == (6, sum(amounts) + 5)
+
+
+def test_same_order_id_is_recorded_once(store: FeatureStore, clock: FakeClock) -> None:
+    first = store.record_and_read(obs(clock, "o1", 700, device="d1", buyer="b1"), ALL)
+    clock.advance(1)
+    retry = store.record_and_read(obs(clock, "o1", 999, device="d1", buyer="b2"), ALL)
+    assert by_name(retry) == by_name(first)
+    other = store.record_and_read(obs(clock, "o2", 1, device="d1", buyer="b1"), ALL)
+    assert (other[COUNT_DEVICE["1m"]], other[SUM_DEVICE["1m"]]) == (2, 701)
+    assert other[BUYERS_PER_DEVICE["1m"]] == 1
+
+
+def test_order_id_is_forgotten_after_the_idempotency_ttl(
+    store: FeatureStore, clock: FakeClock
+) -> None:
+    store.record_and_read(obs(clock, "o1", 10, device="d1"), ALL)
+    clock.advance(25 * 3600)
+    again = store.record_and_read(obs(clock, "o1", 10, device="d1"), ALL)
+    assert again[COUNT_DEVICE["1m"]] == 1  # recorded anew: the old event left every window
+
+
+def test_concurrent_retries_of_one_order_record_it_once(
+    store: FeatureStore, clock: FakeClock
+) -> None:
+    threads = 12
+    barrier = threading.Barrier(threads)
+
+    def retry(_: int) -> dict[FeatureQuery, int]:
+        barrier.wait()
+        return store.record_and_read(obs(clock, "same", 500, device="d1", buyer="b1"), ALL)
+
+    with ThreadPoolExecutor(threads) as pool:
+        answers = list(pool.map(retry, range(threads)))
+    assert all(a[COUNT_DEVICE["24h"]] == 1 and a[SUM_DEVICE["24h"]] == 500 for a in answers)
+    after = store.read(obs(clock, "probe", device="d1"), ALL)
+    assert (after[COUNT_DEVICE["24h"]], after[SUM_DEVICE["24h"]]) == (1, 500)
+
+
+def test_read_records_nothing(store: FeatureStore, clock: FakeClock) -> None:
+    for _ in range(2):
+        got = store.read(obs(clock, "o1", 100, device="d1", buyer="b1"), ALL)
+        assert set(got.values()) == {0}
+    recorded = store.record_and_read(obs(clock, "o1", 100, device="d1", buyer="b1"), ALL)
+    assert recorded[COUNT_DEVICE["1m"]] == 1  # the reads did not mark o1 as seen
+
+
+def test_missing_and_empty_keys_are_not_counted(store: FeatureStore, clock: FakeClock) -> None:
+    store.record_and_read(obs(clock, "o1", 100, buyer="b1"), ALL)
+    store.record_and_read(obs(clock, "o2", 100, device="", buyer="b2"), ALL)
+    got = store.record_and_read(obs(clock, "o3", 100, buyer="b3"), ALL)
+    assert set(got.values()) == {0}
+    with_device = store.record_and_read(obs(clock, "o4", 100, device="d1"), ALL)
+    assert with_device[COUNT_DEVICE["1m"]] == 1
+    assert with_device[BUYERS_PER_DEVICE["1m"]] == 0  # o4 has no buyer to count
+
+
+def test_distinct_reads_without_the_orders_own_value(store: FeatureStore, clock: FakeClock) -> None:
+    for i in range(3):
+        store.record_and_read(obs(clock, f"o{i}", 1, device="d1", buyer=f"b{i}"), ALL)
+    got = store.record_and_read(obs(clock, "nobuyer", 1, device="d1"), ALL)
+    assert got[BUYERS_PER_DEVICE["1h"]] == 3
+
+
+def test_key_names_and_values_do_not_mix(store: FeatureStore, clock: FakeClock) -> None:
+    ip_count = FeatureQuery(Agg.COUNT, "ip", "1h")
+    devices_per_ip = FeatureQuery(Agg.DISTINCT, "ip", "1h", of="device")
+    queries = [*ALL, ip_count, devices_per_ip]
+    store.record_and_read(obs(clock, "o1", 100, device="x", ip="x", buyer="b1"), queries)
+    store.record_and_read(obs(clock, "o2", 100, device="y", ip="x"), queries)
+    got = store.record_and_read(obs(clock, "o3", 100, device="x", buyer="b2"), queries)
+    assert got[COUNT_DEVICE["1h"]] == 2  # device "x", not ip "x"
+    assert got[ip_count] == 0  # o3 has no ip
+    probe = store.read(obs(clock, "p", ip="x"), queries)
+    assert (probe[ip_count], probe[devices_per_ip]) == (2, 2)
+
+
+def test_late_observation_inside_the_window_counts(store: FeatureStore, clock: FakeClock) -> None:
+    store.record_and_read(obs(clock, "now", 100, device="d1"), ALL)
+    late = Observation("late", clock.now() - 10, 50, {"device": "d1"})
+    store.record_and_read(late, ALL)
+    got = store.read(obs(clock, "probe", device="d1"), ALL)
+    assert (got[COUNT_DEVICE["1m"]], got[SUM_DEVICE["1m"]]) == (2, 150)
+    clock.advance(55)  # the late order is 65 s old, the other 55 s
+    got = store.read(obs(clock, "probe", device="d1"), ALL)
+    assert (got[COUNT_DEVICE["1m"]], got[SUM_DEVICE["1m"]]) == (1, 100)
+
+
+def test_every_query_is_answered_even_without_queries(
+    store: FeatureStore, clock: FakeClock
+) -> None:
+    assert store.record_and_read(obs(clock, "o1", device="d1"), []) == {}
+    got = store.record_and_read(obs(clock, "o2", device="d1"), [COUNT_DEVICE["1m"]] * 3)
+    assert got == {COUNT_DEVICE["1m"]: 2}
+
+
+def test_separate_stores_on_separate_namespaces_are_independent(
+    make_store: StoreFactory, clock: FakeClock
+) -> None:
+    a, b = make_store(clock), make_store(clock)
+    a.record_and_read(obs(clock, "o1", device="d1"), ALL)
+    got = b.record_and_read(obs(clock, "o1", device="d1"), ALL)
+    assert got[COUNT_DEVICE["1m"]] == 1
