@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 from typing import IO, Any
 
 _LEVELS = {
@@ -36,8 +37,9 @@ class JsonFormatter(logging.Formatter):
         if isinstance(fields, dict):
             entry.update(fields)
         if record.exc_info and record.exc_info[0] is not None:
-            # The type only: an exception's message may carry request values.
+            # The type and the frames only: an exception's message may carry request values.
             entry["error_type"] = record.exc_info[0].__name__
+            entry["traceback"] = "".join(traceback.format_tb(record.exc_info[2]))
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 

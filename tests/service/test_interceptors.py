@@ -1,0 +1,109 @@
+"""The error interceptor through a real server: RiskdError → status + message, bugs → INTERNAL."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+
+from riskd.errors import InvalidArgumentError, NotFoundError, RiskdError, UnavailableError
+from riskd.service.interceptors import ErrorInterceptor
+from riskd.service.logs import configure_logging
+from riskd.service.metrics import Metrics
+
+Behaviour = Callable[[bytes], bytes]
+
+
+def _raise(error: Exception) -> Behaviour:
+    def handler(request: bytes) -> bytes:
+        raise error
+
+    return handler
+
+
+BEHAVIOURS: dict[str, Behaviour] = {
+    "Echo": lambda request: request,
+    "Invalid": _raise(InvalidArgumentError("order.amounts.total", "must equal items")),
+    "Missing": _raise(NotFoundError("no such order")),
+    "Down": _raise(UnavailableError("features unavailable")),
+    "Root": _raise(RiskdError("plain riskd error")),
+    "Bug": _raise(KeyError("13812345678")),
+}
+
+
+@pytest.fixture(scope="module")
+def channel_and_metrics() -> Iterator[tuple[grpc.Channel, Metrics]]:
+    metrics = Metrics()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4), interceptors=[ErrorInterceptor(metrics)]
+    )
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            lambda req, ctx, b=b: b(req),
+            request_deserializer=None,
+            response_serializer=None,
+        )
+        for name, b in BEHAVIOURS.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield channel, metrics
+    server.stop(None)
+
+
+def call(channel: grpc.Channel, name: str) -> bytes:
+    return channel.unary_unary(f"/t.T/{name}")(b"ping", timeout=5)  # type: ignore[no-any-return]
+
+
+def test_success_passes_through(channel_and_metrics: tuple[grpc.Channel, Metrics]) -> None:
+    channel, metrics = channel_and_metrics
+    assert call(channel, "Echo") == b"ping"
+    assert metrics.value("riskd_rpc_latency_seconds_count", {"method": "/t.T/Echo"}) >= 1
+
+
+@pytest.mark.parametrize(
+    ("name", "code", "message"),
+    [
+        ("Invalid", grpc.StatusCode.INVALID_ARGUMENT, "order.amounts.total: must equal items"),
+        ("Missing", grpc.StatusCode.NOT_FOUND, "no such order"),
+        ("Down", grpc.StatusCode.UNAVAILABLE, "features unavailable"),
+        ("Root", grpc.StatusCode.INTERNAL, "plain riskd error"),
+        ("Bug", grpc.StatusCode.INTERNAL, "internal error"),
+    ],
+)
+def test_errors_map_to_status_codes(
+    channel_and_metrics: tuple[grpc.Channel, Metrics],
+    name: str,
+    code: grpc.StatusCode,
+    message: str,
+) -> None:
+    channel, metrics = channel_and_metrics
+    with pytest.raises(grpc.RpcError) as e:
+        call(channel, name)
+    assert e.value.code() == code
+    assert e.value.details() == message
+    assert metrics.value("riskd_rpc_errors_total", {"method": f"/t.T/{name}", "code": code.name})
+
+
+def test_unexpected_error_log_has_type_not_message(
+    channel_and_metrics: tuple[grpc.Channel, Metrics],
+) -> None:
+    channel, _ = channel_and_metrics
+    stream = io.StringIO()
+    configure_logging("info", stream)
+    try:
+        with pytest.raises(grpc.RpcError):
+            call(channel, "Bug")
+    finally:
+        logging.getLogger("riskd").handlers.clear()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert {"msg": "unhandled error", "error_type": "KeyError"}.items() <= lines[0].items()
+    assert lines[-1]["code"] == "INTERNAL" and lines[-1]["method"] == "/t.T/Bug"
+    assert "13812345678" not in stream.getvalue()
