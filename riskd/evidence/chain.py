@@ -1,0 +1,144 @@
+"""The hash chain over the append-only evidence tables, and its verification.
+
+Each row's ``hash`` is ``sha256(prev_hash + "\\n" + content)`` where ``content``
+is the row's canonical JSON and ``prev_hash`` the previous row's hash (the
+genesis value for ``seq`` 1). Editing, inserting or deleting a row breaks the
+chain at that row; ``verify_table`` walks it and names the first bad row.
+Truncating the tail cannot be seen from inside the table: auditors keep the
+latest ``(seq, hash)`` that ``verify`` reports and check it is still there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from riskd.evidence.schema import GENESIS_HASH
+from riskd.sql import Database, Row, Tx
+
+_PAGE = 1000
+
+
+def chain_hash(prev_hash: str, content: str) -> str:
+    """The hash of one row.
+
+    >>> chain_hash("0" * 64, "{}")[:16]
+    '5649d09ed68c1715'
+    """
+    return hashlib.sha256(f"{prev_hash}\n{content}".encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """An append-only chained table: its name and the content fields copied into columns."""
+
+    name: str
+    columns: tuple[str, ...]  # copied from content, in insert order, after seq
+
+
+DECISIONS = Table("decision_log", ("order_id", "decided_at", "outcome", "rules_version"))
+EVENTS = Table("order_events", ("order_id", "kind", "at"))
+
+
+def chain_head(tx: Tx, table: Table) -> tuple[int, str]:
+    """The last ``(seq, hash)`` of ``table`` (``(0, GENESIS_HASH)`` when empty), read in ``tx``."""
+    row = tx.execute(f"SELECT seq, hash FROM {table.name} ORDER BY seq DESC LIMIT 1").fetchone()
+    return (0, GENESIS_HASH) if row is None else (int(row[0]), str(row[1]))
+
+
+def append_rows(
+    tx: Tx, table: Table, contents: Sequence[Mapping[str, Any]], *, unique: bool = False
+) -> list[bool]:
+    """Chain and insert ``contents`` after the current head; one flag per content, True if stored.
+
+    With ``unique`` a content whose ``order_id`` is already in the table is
+    skipped (the first decision for an order wins, also across replicas).
+    """
+    seq, prev = chain_head(tx, table)
+    cols = ", ".join(("seq", *table.columns, "content", "prev_hash", "hash"))
+    marks = ", ".join("?" * (len(table.columns) + 4))
+    conflict = " ON CONFLICT (order_id) DO NOTHING" if unique else ""
+    sql = f"INSERT INTO {table.name} ({cols}) VALUES ({marks}){conflict}"
+    stored = []
+    for c in contents:
+        text = json.dumps(c, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        digest = chain_hash(prev, text)
+        values = [c[k] for k in table.columns]
+        ok = tx.execute(sql, (seq + 1, *values, text, prev, digest)).rowcount == 1
+        if ok:
+            seq, prev = seq + 1, digest
+        stored.append(ok)
+    return stored
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyResult:
+    """The outcome of walking the chains.
+
+    ``ok`` is True when every row checks out; otherwise ``table``/``seq``/
+    ``order_id`` name the first bad row and ``problem`` says what is wrong.
+    ``head`` maps each table to its last ``(seq, hash)``, for auditors to keep.
+    """
+
+    ok: bool
+    checked: int
+    head: Mapping[str, tuple[int, str]]
+    table: str = ""
+    seq: int = 0
+    order_id: str = ""
+    problem: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Bad:
+    seq: int
+    order_id: str
+    problem: str
+
+
+def _check_row(table: Table, row: Row, seq: int, prev: str) -> _Bad | None:
+    got_seq, *copies, content, prev_hash, digest = row
+    order_id = str(copies[0])
+    if int(got_seq) != seq:
+        return _Bad(int(got_seq), order_id, f"expected seq {seq} (a row is missing)")
+    if prev_hash != prev:
+        return _Bad(seq, order_id, "prev_hash does not match the previous row")
+    if chain_hash(prev, content) != digest:
+        return _Bad(seq, order_id, "content does not match its hash")
+    try:
+        parsed = json.loads(content)
+    except ValueError:
+        return _Bad(seq, order_id, "content is not JSON")
+    for name, value in zip(table.columns, copies, strict=True):
+        if parsed.get(name) != value:
+            return _Bad(seq, order_id, f"column {name} does not match the content")
+    return None
+
+
+def verify_table(db: Database, table: Table) -> tuple[int, tuple[int, str], _Bad | None]:
+    """Walk ``table`` in ``seq`` order; returns (rows checked, head, first bad row or None)."""
+    cols = ", ".join(("seq", *table.columns, "content", "prev_hash", "hash"))
+    seq, prev, checked = 0, GENESIS_HASH, 0
+    sql = f"SELECT {cols} FROM {table.name} WHERE seq > ? ORDER BY seq LIMIT {_PAGE}"
+    while rows := db.query(sql, (seq,)):
+        for row in rows:
+            bad = _check_row(table, row, seq + 1, prev)
+            if bad is not None:
+                return checked, (seq, prev), bad
+            seq, prev, checked = seq + 1, str(row[-1]), checked + 1
+    return checked, (seq, prev), None
+
+
+def verify(db: Database) -> VerifyResult:
+    """Verify the decision chain, then the events chain; report the first bad row."""
+    total, heads = 0, {}
+    for table in (DECISIONS, EVENTS):
+        checked, head, bad = verify_table(db, table)
+        total += checked
+        heads[table.name] = head
+        if bad is not None:
+            return VerifyResult(False, total, heads, table.name, bad.seq, bad.order_id, bad.problem)
+    return VerifyResult(True, total, heads)

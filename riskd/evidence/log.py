@@ -1,0 +1,305 @@
+"""The decision log: every decision and every reported outcome, appended, batched, hash-chained.
+
+Where it sits: ``engine.Scorer`` builds a ``DecisionRecord`` after each
+decision and calls ``append``; a background writer thread takes whatever has
+queued up (up to ``max_batch`` items) and commits it in ONE transaction, so
+the request path never waits on a disk flush or a network round trip.
+
+Durability, precisely: an appended item is durable once the writer's
+transaction holding it has committed (SQLite ``synchronous=FULL``, or
+PostgreSQL's commit). A crash (kill -9, power loss) loses exactly the items
+appended since the last commit: those still queued plus the batch being
+written, never more than ``queue_size`` items, and in practice the last batch
+(the writer commits continuously; ``flush_interval_s`` bounds how long it
+waits to gather a batch). What survives is always a prefix of the appends, in
+order, with a valid chain. ``flush()`` waits for everything appended so far;
+``close()`` flushes and stops the writer (graceful shutdown loses nothing).
+
+Backpressure: when ``queue_size`` items are waiting (the database is slow or
+down), ``append`` waits up to ``put_timeout_s`` and then raises
+``UnavailableError``: the caller answers anyway and marks the decision
+degraded. A failed commit is retried with backoff; its items stay queued and
+visible to ``get``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from riskd.domain.events import OrderEvent
+from riskd.domain.order import Order
+from riskd.errors import InvalidArgumentError, RiskdError, UnavailableError
+from riskd.evidence.chain import DECISIONS, EVENTS, VerifyResult, append_rows, verify
+from riskd.evidence.records import (
+    DecisionRecord,
+    event_content,
+    event_from,
+    from_content,
+    to_content,
+)
+from riskd.evidence.request import Encryptor, Indexer, pii_fields, protect_order
+from riskd.evidence.schema import create_schema
+from riskd.sql import Database, Tx
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """One queued append: a decision (with its plaintext order for the Vault) or an event."""
+
+    record: DecisionRecord | None = None
+    order: Order | None = None
+    event: OrderEvent | None = None
+
+
+class DecisionLog:
+    """Append-only decision and outcome log over a ``riskd.sql.Database``.
+
+    Args:
+        db: the database (created tables if missing); the caller owns and closes it.
+        vault: when given, the PII fields of appended orders are also stored
+            encrypted (``decision_pii``), by the writer thread.
+        indexer: blind indexer for ``protect``; without one, PII is only masked.
+        max_batch: most items committed in one transaction.
+        queue_size: most items waiting for a commit (the crash-loss bound).
+        flush_interval_s: how long the writer waits to gather a batch.
+        put_timeout_s: how long ``append`` waits for room in a full queue.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        vault: Encryptor | None = None,
+        indexer: Indexer | None = None,
+        max_batch: int = 512,
+        queue_size: int = 8192,
+        flush_interval_s: float = 0.005,
+        put_timeout_s: float = 0.05,
+    ) -> None:
+        if max_batch < 1 or queue_size < max_batch:
+            raise InvalidArgumentError("queue_size", "must be at least max_batch >= 1")
+        self.db = db
+        self._vault = vault
+        self._indexer = indexer
+        self._max_batch = max_batch
+        self._queue_size = queue_size
+        self._interval = flush_interval_s
+        self._put_timeout = put_timeout_s
+        create_schema(db)
+        if vault is not None:
+            vault.add_forget_hook(self._forget)
+        self._cond = threading.Condition()
+        self._queue: deque[_Item] = deque()
+        self._pending: dict[str, DecisionRecord] = {}  # queued or being written
+        self._inflight = 0  # items taken by the writer, not yet committed
+        self._written = 0  # items committed since start (flush waits on this)
+        self._appended = 0
+        self._closed = False
+        self._error: str = ""
+        self._thread = threading.Thread(target=self._run, name="evidence-writer", daemon=True)
+        self._thread.start()
+
+    # -- the request path --------------------------------------------------
+
+    def protect(self, order: Order) -> dict[str, Any]:
+        """The order as it may be stored: PII masked and blind-indexed, never plaintext."""
+        return protect_order(order, self._indexer)
+
+    def append(self, record: DecisionRecord, *, order: Order | None = None) -> None:
+        """Queue a decision for the writer; returns at once unless the queue is full.
+
+        ``order`` (plaintext) is used only to encrypt its PII fields with the
+        Vault, in the writer thread; it is never stored in clear. A second
+        append for an order already queued is ignored (the first one wins).
+
+        Raises:
+            UnavailableError: the queue stayed full for ``put_timeout_s``, or the log is closed.
+        """
+        with self._cond:
+            if record.order_id in self._pending:
+                return
+            self._put(_Item(record=record, order=order if self._vault else None))
+            self._pending[record.order_id] = record
+
+    def append_event(self, event: OrderEvent) -> None:
+        """Queue a reported outcome (its own append-only, chained table)."""
+        if not event.order_id:
+            raise InvalidArgumentError("event.order_id", "is required")
+        if event.kind.value == 0:
+            raise InvalidArgumentError("event.kind", "must be set")
+        with self._cond:
+            self._put(_Item(event=event))
+
+    def _put(self, item: _Item) -> None:
+        deadline = time.monotonic() + self._put_timeout
+        while len(self._queue) + self._inflight >= self._queue_size and not self._closed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise UnavailableError("decision log queue is full")
+            self._cond.wait(left)
+        if self._closed:
+            raise UnavailableError("decision log is closed")
+        self._queue.append(item)
+        self._appended += 1
+        self._cond.notify_all()
+
+    def get(self, order_id: str) -> DecisionRecord | None:
+        """The recorded decision for ``order_id`` (queued or committed), or None."""
+        with self._cond:
+            record = self._pending.get(order_id)
+        if record is not None:
+            return record
+        rows = self.db.query("SELECT content FROM decision_log WHERE order_id = ?", (order_id,))
+        if not rows:
+            # committed between the two looks: the row is there now
+            with self._cond:
+                record = self._pending.get(order_id)
+            return record
+        return from_content(json.loads(rows[0][0]))
+
+    def events(self, order_id: str) -> list[OrderEvent]:
+        """Committed outcome reports for ``order_id``, oldest first."""
+        rows = self.db.query(
+            "SELECT content FROM order_events WHERE order_id = ? ORDER BY seq", (order_id,)
+        )
+        return [event_from(json.loads(r[0])) for r in rows]
+
+    def verify(self) -> VerifyResult:
+        """Walk both hash chains (committed rows) and report the first bad record."""
+        return verify(self.db)
+
+    @property
+    def backlog(self) -> int:
+        """Items appended and not yet committed (what a crash now would lose)."""
+        with self._cond:
+            return len(self._queue) + self._inflight
+
+    def _forget(self, subject_id: str) -> None:
+        """Vault forget hook: drop the subject's ciphertexts (the chained, masked rows stay)."""
+        self.db.run(
+            lambda tx: tx.execute("DELETE FROM decision_pii WHERE subject_id = ?", (subject_id,))
+        )
+
+    # -- flush and close ---------------------------------------------------
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until everything appended before this call is committed.
+
+        Raises:
+            UnavailableError: not committed within ``timeout_s`` (the database is down).
+        """
+        with self._cond:
+            target = self._appended
+            ok = self._cond.wait_for(lambda: self._written >= target, timeout_s)
+            if not ok:
+                raise UnavailableError(f"decision log flush timed out ({self._error})")
+
+    def close(self, timeout_s: float | None = 30.0) -> None:
+        """Flush, then stop the writer. Idempotent; the database stays open."""
+        with self._cond:
+            if self._closed:
+                return
+        try:
+            self.flush(timeout_s)
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify_all()
+            self._thread.join(timeout_s)
+
+    # -- the writer thread -------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            self._commit(batch)
+
+    def _take(self) -> list[_Item] | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._queue or self._closed)
+            if not self._queue:
+                return None
+            if len(self._queue) < self._max_batch and not self._closed:
+                # gather a batch; appenders notify, so this returns as soon as it is full
+                self._cond.wait_for(
+                    lambda: len(self._queue) >= self._max_batch or self._closed, self._interval
+                )
+            n = min(len(self._queue), self._max_batch)
+            batch = [self._queue.popleft() for _ in range(n)]
+            self._inflight = n
+            return batch
+
+    def _commit(self, batch: list[_Item]) -> None:
+        delay = 0.01
+        while True:
+            try:
+                self._write(batch)
+                break
+            except Exception as e:  # keep the batch; retry until the database is back
+                with self._cond:
+                    self._error = type(e).__name__
+                    if self._closed:
+                        return
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        with self._cond:
+            for item in batch:
+                if item.record is not None:
+                    self._pending.pop(item.record.order_id, None)
+            self._inflight = 0
+            self._written += len(batch)
+            self._error = ""
+            self._cond.notify_all()
+
+    def _write(self, batch: list[_Item]) -> None:
+        records = [i for i in batch if i.record is not None]
+        events = [i.event for i in batch if i.event is not None]
+        contents = [to_content(i.record) for i in records if i.record is not None]
+        secrets = list(self._encrypt(records))
+
+        def write(tx: Tx) -> None:
+            stored = append_rows(tx, DECISIONS, contents, unique=True) if contents else []
+            if events:
+                append_rows(tx, EVENTS, [event_content(e) for e in events])
+            kept = {
+                i.record.order_id for i, ok in zip(records, stored, strict=True) if ok and i.record
+            }
+            rows = [s for s in secrets if s[0] in kept]
+            if rows:
+                tx.executemany(
+                    "INSERT INTO decision_pii (order_id, field, subject_id, ciphertext)"
+                    " VALUES (?, ?, ?, ?)",
+                    rows,
+                )
+
+        self.db.run(write)
+
+    def _encrypt(self, items: Iterable[_Item]) -> Iterable[tuple[str, str, str, bytes]]:
+        vault = self._vault
+        if vault is None:
+            return
+        for item in items:
+            if item.order is None or item.record is None:
+                continue
+            order_id, subject = item.order.order_id, item.order.buyer.buyer_id
+            try:
+                secrets = vault.encrypt_fields(subject, order_id, pii_fields(item.order))
+            except RiskdError as e:  # the masked form is still logged; never the plaintext
+                self._error = type(e).__name__
+                continue
+            for field, secret in secrets.items():
+                yield (order_id, field, subject, secret)
+
+
+def encrypted_fields(db: Database, order_id: str) -> Mapping[str, bytes]:
+    """The Vault ciphertexts stored for ``order_id``'s PII fields (for the case view)."""
+    rows = db.query("SELECT field, ciphertext FROM decision_pii WHERE order_id = ?", (order_id,))
+    return {str(f): bytes(c) for f, c in rows}

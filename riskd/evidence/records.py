@@ -1,0 +1,172 @@
+"""What the decision log stores for one decision, and its canonical JSON form.
+
+A ``DecisionRecord`` is built by the engine after a decision and appended to
+the ``DecisionLog``. Its ``request`` is the order with every PII field already
+protected (masked + blind index, see ``riskd.evidence.request``): the record
+never holds plaintext PII. ``to_content``/``from_content`` give the canonical
+JSON that the hash chain covers, so the same bytes are hashed on write and on
+verify.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from riskd.domain.decision import Decision, Outcome, Reason
+from riskd.domain.events import OrderEvent, OrderEventKind
+
+
+@dataclass(frozen=True, slots=True)
+class RuleRecord:
+    """One rule's result as evidence (enforced or shadow, hit, miss or error).
+
+    ``status`` is ``HIT``/``NO_HIT``/``ERROR``, ``mode`` ``ACTIVE``/``SHADOW``.
+    """
+
+    rule_id: str
+    status: str
+    mode: str
+    action: Outcome
+    score: float
+    reason_code: str
+    error: str = ""
+    explanation: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """A decision with everything needed to explain and replay it.
+
+    Attributes:
+        decision: the answer given to the caller.
+        request: the order, PII fields masked and blind-indexed (JSON values only).
+        features: velocity feature values used, by ``FeatureQuery.name``.
+        rules: every rule result, shadow ones included.
+    """
+
+    decision: Decision
+    request: Mapping[str, Any] = field(default_factory=dict)
+    features: Mapping[str, int] = field(default_factory=dict)
+    rules: tuple[RuleRecord, ...] = ()
+
+    @property
+    def order_id(self) -> str:
+        return self.decision.order_id
+
+
+def canonical_json(value: object) -> str:
+    """The one serialization the hash chain covers: sorted keys, no spaces, UTF-8.
+
+    >>> canonical_json({"b": 1, "a": [1.5, "x"]})
+    '{"a":[1.5,"x"],"b":1}'
+    """
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _reason_content(r: Reason) -> dict[str, Any]:
+    return {
+        "rule_id": r.rule_id,
+        "reason_code": r.reason_code,
+        "action": r.action.name,
+        "score": r.score,
+        "explanation": list(r.explanation),
+    }
+
+
+def _rule_content(r: RuleRecord) -> dict[str, Any]:
+    return {
+        "rule_id": r.rule_id,
+        "status": r.status,
+        "mode": r.mode,
+        "action": r.action.name,
+        "score": r.score,
+        "reason_code": r.reason_code,
+        "error": r.error,
+        "explanation": list(r.explanation),
+    }
+
+
+def to_content(record: DecisionRecord) -> dict[str, Any]:
+    """The record as plain JSON values (the hashed content of a log row)."""
+    d = record.decision
+    return {
+        "order_id": d.order_id,
+        "outcome": d.outcome.name,
+        "score": d.score,
+        "reasons": [_reason_content(r) for r in d.reasons],
+        "rules_version": d.rules_version,
+        "model_versions": dict(d.model_versions),
+        "degraded": list(d.degraded),
+        "elapsed_us": d.elapsed_us,
+        "decided_at": d.decided_at,
+        "request": record.request,
+        "features": dict(record.features),
+        "rules": [_rule_content(r) for r in record.rules],
+    }
+
+
+def _reason_from(c: Mapping[str, Any]) -> Reason:
+    return Reason(
+        rule_id=c["rule_id"],
+        reason_code=c["reason_code"],
+        action=Outcome[c["action"]],
+        score=float(c["score"]),
+        explanation=tuple(c["explanation"]),
+    )
+
+
+def _rule_from(c: Mapping[str, Any]) -> RuleRecord:
+    return RuleRecord(
+        rule_id=c["rule_id"],
+        status=c["status"],
+        mode=c["mode"],
+        action=Outcome[c["action"]],
+        score=float(c["score"]),
+        reason_code=c["reason_code"],
+        error=c["error"],
+        explanation=tuple(c["explanation"]),
+    )
+
+
+def from_content(c: Mapping[str, Any]) -> DecisionRecord:
+    """Inverse of ``to_content``."""
+    decision = Decision(
+        order_id=c["order_id"],
+        outcome=Outcome[c["outcome"]],
+        score=float(c["score"]),
+        reasons=tuple(_reason_from(r) for r in c["reasons"]),
+        rules_version=c["rules_version"],
+        model_versions=dict(c["model_versions"]),
+        degraded=tuple(c["degraded"]),
+        elapsed_us=int(c["elapsed_us"]),
+        decided_at=float(c["decided_at"]),
+    )
+    return DecisionRecord(
+        decision=decision,
+        request=c["request"],
+        features={k: int(v) for k, v in c["features"].items()},
+        rules=tuple(_rule_from(r) for r in c["rules"]),
+    )
+
+
+def event_content(event: OrderEvent) -> dict[str, Any]:
+    """An outcome report as plain JSON values (the hashed content of an event row)."""
+    return {
+        "order_id": event.order_id,
+        "kind": event.kind.name,
+        "at": event.at,
+        "detail": event.detail,
+    }
+
+
+def event_from(c: Mapping[str, Any]) -> OrderEvent:
+    """Inverse of ``event_content``."""
+    return OrderEvent(
+        order_id=c["order_id"],
+        kind=OrderEventKind[c["kind"]],
+        at=float(c["at"]),
+        detail=c["detail"],
+    )

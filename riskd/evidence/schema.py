@@ -1,0 +1,61 @@
+"""The decision log's tables, one DDL for SQLite and PostgreSQL.
+
+``decision_log`` and ``order_events`` are append-only and hash-chained: ``seq``
+is the position in the chain (1, 2, 3, ... with no gaps, assigned by the
+writer inside its transaction, so a concurrent writer on PostgreSQL conflicts
+and retries instead of forking the chain), ``content`` the canonical JSON the
+hash covers, ``hash = sha256(prev_hash + "\\n" + content)``. The other columns
+are copies of content fields for queries; ``verify`` checks they agree.
+
+``decision_pii`` holds the Vault ciphertexts of an order's PII fields. It is
+outside the chain on purpose: forgetting a buyer (crypto-shredding their data
+key, or deleting these rows) must not break the auditors' verification.
+"""
+
+from __future__ import annotations
+
+from riskd.sql import Database
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS decision_log (
+    seq BIGINT PRIMARY KEY,
+    order_id TEXT NOT NULL UNIQUE,
+    decided_at DOUBLE PRECISION NOT NULL,
+    outcome TEXT NOT NULL,
+    rules_version TEXT NOT NULL,
+    content TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS decision_log_decided_at ON decision_log (decided_at);
+CREATE TABLE IF NOT EXISTS order_events (
+    seq BIGINT PRIMARY KEY,
+    order_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
+    content TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS order_events_order_id ON order_events (order_id);
+CREATE TABLE IF NOT EXISTS decision_pii (
+    order_id TEXT NOT NULL,
+    field TEXT NOT NULL,
+    subject_id TEXT NOT NULL,
+    ciphertext {blob} NOT NULL,
+    PRIMARY KEY (order_id, field)
+);
+CREATE INDEX IF NOT EXISTS decision_pii_subject ON decision_pii (subject_id)
+"""
+
+GENESIS_HASH = "0" * 64
+
+
+def ddl(dialect: str) -> str:
+    """The schema for ``"sqlite"`` or ``"postgres"`` (they differ only in the blob type)."""
+    return _DDL.format(blob="BYTEA" if dialect == "postgres" else "BLOB")
+
+
+def create_schema(db: Database) -> None:
+    """Create the evidence tables if they do not exist (idempotent)."""
+    db.executescript(ddl(db.dialect))

@@ -1,0 +1,91 @@
+"""Fixtures for the evidence tests: real SQLite files and a real PostgreSQL schema per test."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from riskd.domain.decision import Decision, Outcome, Reason
+from riskd.domain.order import Address, Amounts, Buyer, Channel, Order
+from riskd.evidence.records import DecisionRecord, RuleRecord
+from riskd.sql import Database
+
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+# PII values the tests grep for in the stored bytes.
+PHONE = "13912345678"
+NAME = "王小明"
+ID_NUMBER = "11010119900307123X"
+STREET = "文三路477号华星科技大厦"
+DEVICE = "6D92078A-8246-4BA4-AE5B-76104861E7DC"
+IP = "203.0.113.77"
+
+
+def pg_database() -> Database:
+    return Database(f"{PG_URL}?schema=evidence_{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    database = Database(tmp_path / "evidence.db") if request.param == "sqlite" else pg_database()
+    yield database
+    database.drop_schema()
+    database.close()
+
+
+def make_order(order_id: str, *, total: int = 12_900) -> Order:
+    return Order(
+        order_id=order_id,
+        buyer=Buyer(
+            buyer_id="b-1",
+            account_age_days=3,
+            phone=PHONE,
+            name=NAME,
+            id_number=ID_NUMBER,
+            address=Address("浙江省", "杭州市", "西湖区", STREET),
+        ),
+        shop_id="s-1",
+        merchant_id="m-1",
+        amounts=Amounts(items=total, total=total),
+        channel=Channel.LIVE_ROOM,
+        live_room_id="lr-9",
+        device_id=DEVICE,
+        ip=IP,
+    )
+
+
+def make_record(order_id: str, *, request: dict[str, object] | None = None) -> DecisionRecord:
+    reason = Reason("big_order", "AMOUNT_HIGH", Outcome.REVIEW, 20.0, ("total > 50000: true",))
+    decision = Decision(
+        order_id=order_id,
+        outcome=Outcome.REVIEW,
+        score=20.0,
+        reasons=(reason,),
+        rules_version="v-abc",
+        model_versions={},
+        degraded=(),
+        elapsed_us=123,
+        decided_at=1_700_000_000.25,
+    )
+    rules = (
+        RuleRecord("big_order", "HIT", "ACTIVE", Outcome.REVIEW, 20.0, "AMOUNT_HIGH", "", ("x",)),
+        RuleRecord("new_device", "NO_HIT", "SHADOW", Outcome.BLOCK, 50.0, "NEW_DEVICE"),
+        RuleRecord("broken", "ERROR", "ACTIVE", Outcome.BLOCK, 1.0, "B", "division by zero"),
+    )
+    return DecisionRecord(
+        decision=decision,
+        request=request if request is not None else {"order_id": order_id},
+        features={"count_per_buyer_1h": 3, "sum_per_buyer_24h": 90_000},
+        rules=rules,
+    )
+
+
+@pytest.fixture
+def pg() -> Iterator[Database]:
+    database = pg_database()
+    yield database
+    database.drop_schema()
+    database.close()

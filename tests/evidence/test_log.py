@@ -1,0 +1,176 @@
+"""DecisionLog: batched background writes, reads of unflushed records, flush, backpressure."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from riskd.domain.events import OrderEvent, OrderEventKind
+from riskd.errors import InvalidArgumentError, UnavailableError
+from riskd.evidence.log import DecisionLog
+from riskd.sql import Database, Tx
+
+from .conftest import make_record
+
+T = TypeVar("T")
+
+
+class CountingDatabase(Database):
+    """The real database, counting write transactions and optionally holding them back."""
+
+    def __init__(self, url: str | Path) -> None:
+        super().__init__(url)
+        self.commits = 0
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def run(self, fn: Callable[[Tx], T]) -> T:
+        if not self.gate.wait(10):
+            raise UnavailableError("test gate closed")
+        self.commits += 1
+        return super().run(fn)
+
+
+def rows(db: Database, table: str = "decision_log") -> int:
+    return int(db.query(f"SELECT COUNT(*) FROM {table}")[0][0])
+
+
+def test_log_get_sees_appended_record_before_and_after_flush(db: Database) -> None:
+    log = DecisionLog(db)
+    record = make_record("o-1")
+    log.append(record)
+    assert log.get("o-1") == record
+    log.flush(10)
+    assert rows(db) == 1
+    assert log.get("o-1") == record  # read back from SQL, equal field for field
+    assert log.get("o-unknown") is None
+    log.close()
+
+
+def test_log_batches_many_appends_into_few_commits(tmp_path: Path) -> None:
+    db = CountingDatabase(tmp_path / "e.db")
+    log = DecisionLog(db, max_batch=256)
+    db.gate.clear()  # let appends pile up as they would behind a slow disk
+    for i in range(1000):
+        log.append(make_record(f"o-{i}"))
+    db.gate.set()
+    log.close()
+    assert rows(db) == 1000
+    assert db.commits <= 6  # 1000 records in batches of up to 256 (+ the one held back)
+    assert log.verify().ok
+    db.close()
+
+
+def test_log_append_returns_without_waiting_for_the_disk(tmp_path: Path) -> None:
+    db = CountingDatabase(tmp_path / "e.db")
+    log = DecisionLog(db)
+    db.gate.clear()
+    started = time.perf_counter()
+    for i in range(200):
+        log.append(make_record(f"o-{i}"))
+    assert time.perf_counter() - started < 0.5
+    assert log.get("o-199") is not None and log.backlog == 200
+    assert rows(db) == 0
+    db.gate.set()
+    log.flush(10)
+    assert log.backlog == 0 and rows(db) == 200
+    log.close()
+    db.close()
+
+
+def test_log_close_flushes_everything_appended(tmp_path: Path) -> None:
+    path = tmp_path / "e.db"
+    db = Database(path)
+    log = DecisionLog(db, flush_interval_s=1.0)
+    for i in range(300):
+        log.append(make_record(f"o-{i}"))
+    log.append_event(OrderEvent("o-1", OrderEventKind.PAID, 1_700_000_100.0))
+    log.close()
+    db.close()
+    fresh = Database(path)
+    assert rows(fresh) == 300 and rows(fresh, "order_events") == 1
+    reopened = DecisionLog(fresh)
+    assert reopened.verify().ok and reopened.verify().checked == 301
+    reopened.close()
+    fresh.close()
+
+
+def test_log_full_queue_raises_unavailable_instead_of_blocking(tmp_path: Path) -> None:
+    db = CountingDatabase(tmp_path / "e.db")
+    log = DecisionLog(db, max_batch=4, queue_size=8, put_timeout_s=0.05)
+    db.gate.clear()
+    for i in range(8):
+        log.append(make_record(f"o-{i}"))
+    started = time.perf_counter()
+    with pytest.raises(UnavailableError, match="queue is full"):
+        log.append(make_record("o-8"))
+    assert time.perf_counter() - started < 1.0
+    assert log.get("o-8") is None
+    db.gate.set()
+    log.close()
+    assert rows(db) == 8
+    db.close()
+
+
+def test_log_keeps_the_first_decision_for_an_order(db: Database) -> None:
+    log = DecisionLog(db)
+    first = make_record("o-1")
+    log.append(first)
+    log.append(make_record("o-1", request={"other": True}))
+    log.flush(10)
+    # a second writer (another replica) appending the same order is skipped too
+    other = DecisionLog(db)
+    other.append(make_record("o-1", request={"replica": 2}))
+    other.append(make_record("o-2"))
+    other.close()
+    log.close()
+    assert rows(db) == 2
+    assert log.get("o-1") == first
+    result = log.verify()
+    assert result.ok and result.head["decision_log"][0] == 2
+
+
+def test_log_stores_events_in_their_own_chained_table(db: Database) -> None:
+    log = DecisionLog(db)
+    paid = OrderEvent("o-1", OrderEventKind.PAID, 1_700_000_100.0)
+    fake = OrderEvent("o-1", OrderEventKind.CONFIRMED_FAKE, 1_700_000_900.5, "brushing ring")
+    log.append_event(paid)
+    log.append_event(fake)
+    log.close()
+    assert log.events("o-1") == [paid, fake]
+    assert rows(db, "decision_log") == 0
+    assert log.verify().ok
+
+
+@pytest.mark.parametrize(
+    ("event", "field"),
+    [
+        (OrderEvent("", OrderEventKind.PAID, 1.0), "event.order_id"),
+        (OrderEvent("o-1", OrderEventKind.UNSPECIFIED, 1.0), "event.kind"),
+    ],
+)
+def test_log_rejects_bad_events_naming_the_field(
+    tmp_path: Path, event: OrderEvent, field: str
+) -> None:
+    db = Database(tmp_path / "e.db")
+    log = DecisionLog(db)
+    with pytest.raises(InvalidArgumentError) as info:
+        log.append_event(event)
+    assert info.value.field == field
+    log.close()
+    assert rows(db, "order_events") == 0
+    db.close()
+
+
+def test_log_closed_rejects_appends(tmp_path: Path) -> None:
+    db = Database(tmp_path / "e.db")
+    log = DecisionLog(db)
+    log.close()
+    with pytest.raises(UnavailableError, match="closed"):
+        log.append(make_record("o-1"))
+    db.close()
