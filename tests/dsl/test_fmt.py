@@ -1,0 +1,134 @@
+"""The canonical formatter: format then parse is the identity; formatting is idempotent."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from riskd.dsl.fmt import format_file, format_text
+from riskd.dsl.rulefile import (
+    Array,
+    Entry,
+    Field,
+    Item,
+    Name,
+    Object,
+    RuleFile,
+    Scalar,
+    Value,
+    When,
+    parse,
+)
+
+_names = st.from_regex(r"[a-z_][a-z0-9_]{0,12}", fullmatch=True).filter(
+    lambda s: s not in ("true", "false", "null")
+)
+_text = st.text(
+    st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="\u2028\u2029\x85"),
+    max_size=20,
+)
+_comments = st.lists(_text.map(str.strip), max_size=2).map(tuple)
+_scalars = st.one_of(
+    _text.map(lambda s: Scalar(s, "string")),
+    st.integers(-(2**63), 2**63 - 1).map(lambda i: Scalar(i, "int")),
+    st.floats(allow_nan=False, allow_infinity=False).map(lambda f: Scalar(f, "float")),
+    st.booleans().map(lambda b: Scalar(b, "bool")),
+    st.just(Scalar(None, "null")),
+    _names.map(Name),
+)
+_values: st.SearchStrategy[Value] = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4).map(lambda xs: Array(tuple(xs))),
+        st.lists(st.builds(Entry, st.one_of(_names, _text), inner), max_size=4).map(
+            lambda es: Object(tuple(es))
+        ),
+    ),
+    max_leaves=12,
+)
+_exprs = st.sampled_from(
+    [
+        ("order.amounts.total > 50000",),
+        ("order.buyer.account_age_days < 7", "&& order.amounts.total > 50000"),
+        ('{"a": 1}["a"] == 1 // a comment with a } brace',),
+        ('order.items.exists(i, i.category in ["beauty"])', '|| "}" == "{"'),
+    ]
+)
+_fields = st.builds(
+    Field, _names.filter(lambda n: n != "when"), _values, _comments, _text.map(str.strip)
+)
+_when_field = st.builds(Field, st.just("when"), _exprs.map(When), _comments)
+
+
+@st.composite
+def _items(draw: st.DrawFn) -> Item:
+    keyword = draw(st.sampled_from(["scenario", "list", "rule", "test"]))
+    comments = draw(_comments)
+    trailing = draw(_text.map(str.strip))
+    if keyword in ("scenario", "list"):
+        return Item(keyword, Name(draw(_names)), draw(_values), (), comments, trailing)
+    name: Scalar | Name = Name(draw(_names))
+    if keyword == "test" and draw(st.booleans()):
+        name = Scalar(draw(_text), "string")
+    fields = draw(st.lists(_fields, max_size=4))
+    end = draw(_comments)
+    if keyword == "rule" and draw(st.booleans()):
+        fields.append(draw(_when_field))
+        end = ()  # the expression runs to the closing brace: nothing can follow it
+    return Item(keyword, name, None, tuple(fields), comments, trailing, end)
+
+
+_files = st.builds(RuleFile, st.lists(_items(), max_size=5).map(tuple), _comments)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_files)
+def test_format_then_parse_is_identity(tree: RuleFile) -> None:
+    text = format_file(tree)
+    parsed, diags = parse(text, "gen.rules")
+    assert diags.ok, f"{diags}\n---\n{text}"
+    assert parsed == tree, text
+
+
+@settings(max_examples=50, deadline=None)
+@given(_files)
+def test_format_is_idempotent(tree: RuleFile) -> None:
+    once = format_file(tree)
+    twice, diags = format_text(once)
+    assert diags.ok
+    assert twice == once
+
+
+def test_format_canonical_layout() -> None:
+    messy = (
+        '# top\nrule r {description="d"   # note\n score=1\n'
+        "   when = a &&\n        b }\n"
+        'scenario a = "A"\nscenario b = "B"\n'
+        'test "t" { order = {buyer: {account_age_days: 2}}, expect=[r] }\n'
+    )
+    out, diags = format_text(messy.replace("}, expect", "}\n expect"))
+    assert diags.ok, str(diags)
+    assert out == (
+        "# top\n"
+        "rule r {\n"
+        '  description = "d"  # note\n'
+        "  score       = 1\n"
+        "  when        = a &&\n"
+        "      b\n"
+        "}\n"
+        "\n"
+        'scenario a = "A"\n'
+        'scenario b = "B"\n'
+        "\n"
+        'test "t" {\n'
+        "  order  = {buyer: {account_age_days: 2}}\n"
+        "  expect = [r]\n"
+        "}\n"
+    )
+
+
+def test_format_breaks_long_values_one_element_per_line() -> None:
+    tree, _ = parse("list l = [" + ", ".join(f'"element-{i:03d}"' for i in range(12)) + "]")
+    out = format_file(tree)
+    assert out.startswith('list l = [\n  "element-000",\n')
+    assert out.endswith('  "element-011",\n]\n')
