@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 
 from riskd.dsl.diagnostics import Diagnostics
-
 from riskd.dsl.rulefile import (
     Array,
     Field,

@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TypeAlias, TypeVar
 
 from riskd.dsl.diagnostics import SYNTAX_ERROR, Diagnostic, Diagnostics
@@ -443,7 +443,8 @@ class _Parser:
             if tok.kind == "punct" and tok.text == "}":
                 return tuple(fields), self.leading()
             if tok.kind == "eof" or _starts_item(tok):
-                self.s.diag(UNTERMINATED, f"{keyword} block is not closed with '}}'", tok.line, tok.col)
+                msg = f"{keyword} block is not closed with '}}'"
+                self.s.diag(UNTERMINATED, msg, tok.line, tok.col)
                 raise ParseAbort()
             fields.append(self.parse_field())
 
