@@ -1,0 +1,81 @@
+"""``LedgerShopDirectory``: the scorer's cached view of shop enforcement (freezes, claims).
+
+The engine's ``ShopDirectory`` protocol is ``.get(shop_id) -> ShopState``. The
+scorer calls it once per order, so it must never wait on SQL: the directory
+serves a snapshot of every enforced shop, loaded with a few aggregate queries,
+and refreshes it in a background thread when it is older than ``ttl_s``.
+Whether a shop is frozen is decided at ``get`` time from ``frozen_until`` and
+the clock, so a freeze ends on time even between refreshes. A failed refresh
+keeps the last snapshot (the scorer keeps blocking frozen shops).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Protocol
+
+from riskd.domain.clock import Clock
+from riskd.domain.shop import ShopState
+
+log = logging.getLogger("riskd.ledger.directory")
+
+
+class ShopStateSource(Protocol):
+    """Where snapshots come from (``Book.shop_states``)."""
+
+    def shop_states(self) -> Mapping[str, ShopState]: ...
+
+
+class LedgerShopDirectory:
+    """Cached ``ShopState`` per shop, refreshed at most every ``ttl_s`` seconds.
+
+    Args:
+        book: the ledger (anything with ``shop_states()``).
+        clock: decides staleness and whether a freeze has ended.
+        ttl_s: the most a snapshot is served before a refresh starts.
+    """
+
+    def __init__(self, book: ShopStateSource, clock: Clock, *, ttl_s: float = 2.0) -> None:
+        self._book = book
+        self._clock = clock
+        self._ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._refreshing = False
+        self._snapshot: Mapping[str, ShopState] = {}
+        self._loaded_at = float("-inf")
+        self.refresh()
+
+    def get(self, shop_id: str) -> ShopState:
+        """The shop's enforcement state from the snapshot (no SQL on this path)."""
+        self._refresh_if_stale()
+        state = self._snapshot.get(shop_id)
+        if state is None:
+            return ShopState(shop_id=shop_id)
+        frozen = state.frozen_until > self._clock.now()
+        return state if frozen == state.frozen else replace(state, frozen=frozen)
+
+    def refresh(self) -> None:
+        """Load a new snapshot now (blocking); errors keep the old one and are logged."""
+        started = self._clock.monotonic()
+        try:
+            snapshot = dict(self._book.shop_states())
+        except Exception:  # a broken database must not break scoring: keep the last view
+            log.warning("shop directory refresh failed; serving the last snapshot", exc_info=True)
+        else:
+            self._snapshot = snapshot
+            self._loaded_at = started
+        finally:
+            with self._lock:
+                self._refreshing = False
+
+    def _refresh_if_stale(self) -> None:
+        if self._clock.monotonic() - self._loaded_at < self._ttl_s:
+            return
+        with self._lock:
+            if self._refreshing:
+                return
+            self._refreshing = True
+        threading.Thread(target=self.refresh, name="ledger-shop-directory", daemon=True).start()

@@ -1,0 +1,391 @@
+"""The ledger's SQL store: schema and the primitive reads and writes, inside one transaction.
+
+One interface over ``riskd.sql.Database`` for both SQLite and PostgreSQL; only
+the DDL differs. The database enforces what must never break even if the code
+had a bug: transfer ids are unique, amounts positive, balances within their
+account's limit (CHECK constraints), at most one compensation per dispute and
+one coupon per order (partial unique indexes), and transfers, requests,
+disputes, cases and freezes cannot be updated or deleted (triggers). Only the
+``debits``/``credits`` counters of ``ledger_accounts`` change, in the same
+transaction as the transfers that move them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from riskd.errors import (
+    InsufficientFundsError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
+from riskd.ledger.accounts import PLATFORM_ACCOUNTS, Account, Kind, Limit
+from riskd.ledger.codes import Code
+from riskd.ledger.transfers import Transfer
+from riskd.sql import Database, Row, Tx
+
+T = TypeVar("T")
+MAX_FEN = 2**63 - 1
+IMMUTABLE_TABLES = (
+    "ledger_transfers",
+    "ledger_requests",
+    "ledger_shops",
+    "ledger_disputes",
+    "ledger_cases",
+    "ledger_freezes",
+)
+
+_COMMON = [
+    """CREATE TABLE IF NOT EXISTS ledger_accounts (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        shop_id TEXT NOT NULL,
+        limit_kind INTEGER NOT NULL,
+        debits BIGINT NOT NULL DEFAULT 0,
+        credits BIGINT NOT NULL DEFAULT 0,
+        created_at {real} NOT NULL,
+        CHECK (debits >= 0 AND credits >= 0),
+        CHECK (limit_kind <> 1 OR debits <= credits),
+        CHECK (limit_kind <> 2 OR credits <= debits))""",
+    """CREATE TABLE IF NOT EXISTS ledger_transfers (
+        seq {serial},
+        id TEXT NOT NULL UNIQUE,
+        debit_account TEXT NOT NULL REFERENCES ledger_accounts (id),
+        credit_account TEXT NOT NULL REFERENCES ledger_accounts (id),
+        amount BIGINT NOT NULL CHECK (amount > 0),
+        code INTEGER NOT NULL,
+        ref TEXT NOT NULL,
+        request_key TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        evidence TEXT NOT NULL,
+        at {real} NOT NULL,
+        CHECK (debit_account <> credit_account))""",
+    "CREATE INDEX IF NOT EXISTS ledger_transfers_debit ON ledger_transfers (debit_account, seq)",
+    "CREATE INDEX IF NOT EXISTS ledger_transfers_credit ON ledger_transfers (credit_account, seq)",
+    "CREATE INDEX IF NOT EXISTS ledger_transfers_ref ON ledger_transfers (ref, seq)",
+    "CREATE INDEX IF NOT EXISTS ledger_transfers_request ON ledger_transfers (request_key)",
+    f"""CREATE UNIQUE INDEX IF NOT EXISTS ledger_one_compensation
+        ON ledger_transfers (ref) WHERE code = {int(Code.COMPENSATION)}""",
+    f"""CREATE UNIQUE INDEX IF NOT EXISTS ledger_one_coupon
+        ON ledger_transfers (ref) WHERE code = {int(Code.COUPON)}""",
+    """CREATE TABLE IF NOT EXISTS ledger_requests (
+        key TEXT PRIMARY KEY,
+        operation TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        result TEXT NOT NULL,
+        at {real} NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS ledger_shops (
+        shop_id TEXT PRIMARY KEY,
+        merchant_id TEXT NOT NULL,
+        created_at {real} NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS ledger_disputes (
+        dispute_id TEXT PRIMARY KEY,
+        shop_id TEXT NOT NULL REFERENCES ledger_shops (shop_id),
+        order_id TEXT NOT NULL,
+        order_amount BIGINT NOT NULL CHECK (order_amount > 0),
+        request_key TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        opened_at {real} NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS ledger_cases (
+        case_id TEXT PRIMARY KEY,
+        shop_id TEXT NOT NULL REFERENCES ledger_shops (shop_id),
+        violation TEXT NOT NULL,
+        schedule_version TEXT NOT NULL,
+        amount BIGINT NOT NULL CHECK (amount > 0),
+        frozen_until {real} NOT NULL,
+        evidence TEXT NOT NULL,
+        request_key TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        at {real} NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS ledger_freezes (
+        seq {serial},
+        shop_id TEXT NOT NULL REFERENCES ledger_shops (shop_id),
+        action TEXT NOT NULL CHECK (action IN ('freeze', 'unfreeze')),
+        until {real} NOT NULL,
+        ref TEXT NOT NULL,
+        request_key TEXT NOT NULL,
+        actor TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        at {real} NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS ledger_freezes_shop ON ledger_freezes (shop_id, seq)",
+]
+
+_SQLITE_IMMUTABLE = """CREATE TRIGGER IF NOT EXISTS {table}_no_{op} BEFORE {op} ON {table}
+    BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"""
+
+_PG_FUNCTION = """CREATE OR REPLACE FUNCTION ledger_append_only() RETURNS trigger
+    LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION '% is append-only', TG_TABLE_NAME; END $$"""
+_PG_IMMUTABLE = """CREATE OR REPLACE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE
+    ON {table} FOR EACH ROW EXECUTE FUNCTION ledger_append_only()"""
+
+
+def ddl(dialect: str) -> list[str]:
+    """The schema statements for ``dialect`` ("sqlite" or "postgres"), in order."""
+    if dialect == "sqlite":
+        types = {"real": "REAL", "serial": "INTEGER PRIMARY KEY AUTOINCREMENT"}
+        stmts = [s.format(**types) for s in _COMMON]
+        for table in IMMUTABLE_TABLES:
+            stmts += [_SQLITE_IMMUTABLE.format(table=table, op=op) for op in ("UPDATE", "DELETE")]
+        return stmts
+    types = {
+        "real": "DOUBLE PRECISION",
+        "serial": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+    }
+    stmts = [s.format(**types) for s in _COMMON] + [_PG_FUNCTION]
+    return stmts + [_PG_IMMUTABLE.format(table=t) for t in IMMUTABLE_TABLES]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRequest:
+    """The idempotency record of one money request."""
+
+    key: str
+    operation: str
+    fingerprint: str
+    result: dict[str, Any]
+
+
+_TRANSFER_COLUMNS = (
+    "id, debit_account, credit_account, amount, code, ref, request_key, actor, reason, evidence, "
+    "at, seq"
+)
+_ACCOUNT_COLUMNS = "id, kind, debits, credits, shop_id"
+
+
+def _transfer(row: Row) -> Transfer:
+    return Transfer(
+        id=row[0],
+        debit_account=row[1],
+        credit_account=row[2],
+        amount=int(row[3]),
+        code=Code(int(row[4])),
+        ref=row[5],
+        request_key=row[6],
+        actor=row[7],
+        reason=row[8],
+        evidence=row[9],
+        at=float(row[10]),
+        seq=int(row[11]),
+    )
+
+
+def _account(row: Row) -> Account:
+    return Account(row[0], Kind(row[1]), int(row[2]), int(row[3]), row[4])
+
+
+class LedgerStore:
+    """SQL reads and writes of the ledger; writers take a ``Tx`` from ``Database.run``."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def create_schema(self, now: float) -> None:
+        """Create the tables (idempotent) and the platform accounts."""
+        with self.db.transaction() as tx:
+            if tx.dialect == "postgres":
+                # Two processes creating the schema at once would race on the catalog.
+                tx.execute("SELECT pg_advisory_xact_lock(7421001)")
+            for stmt in ddl(tx.dialect):
+                tx.execute(stmt)
+            for account_id, kind in PLATFORM_ACCOUNTS.items():
+                self.create_account(tx, account_id, kind, "", now)
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def create_account(self, tx: Tx, account_id: str, kind: Kind, shop_id: str, now: float) -> None:
+        tx.execute(
+            "INSERT INTO ledger_accounts (id, kind, shop_id, limit_kind, created_at)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            (account_id, kind.value, shop_id, int(kind.limit), now),
+        )
+
+    def post(self, tx: Tx, transfers: Sequence[Transfer]) -> None:
+        """Post transfers in order, checking every limit first; raises before writing if one fails.
+
+        Raises:
+            InsufficientFundsError: a debit would take a limited account below zero.
+            InvalidArgumentError: a counter would overflow 64 bits (field ``amount``).
+        """
+        for t in transfers:
+            self._move(tx, t.debit_account, debit=t.amount)
+            self._move(tx, t.credit_account, credit=t.amount)
+            tx.execute(
+                "INSERT INTO ledger_transfers (id, debit_account, credit_account, amount, code,"
+                " ref, request_key, actor, reason, evidence, at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    t.id,
+                    t.debit_account,
+                    t.credit_account,
+                    t.amount,
+                    int(t.code),
+                    t.ref,
+                    t.request_key,
+                    t.actor,
+                    t.reason,
+                    t.evidence,
+                    t.at,
+                ),
+            )
+
+    def _move(self, tx: Tx, account_id: str, *, debit: int = 0, credit: int = 0) -> None:
+        row = tx.execute(
+            "SELECT debits, credits, limit_kind FROM ledger_accounts WHERE id = ?", (account_id,)
+        ).fetchone()
+        if row is None:
+            raise NotFoundError(f"account not found: {account_id}")
+        debits, credits, limit = int(row[0]) + debit, int(row[1]) + credit, Limit(int(row[2]))
+        if debits > MAX_FEN or credits > MAX_FEN:
+            raise InvalidArgumentError("amount", f"would overflow 64 bits on account {account_id}")
+        if limit is Limit.DEBITS_MUST_NOT_EXCEED_CREDITS and debits > credits:
+            raise InsufficientFundsError(f"{account_id} cannot cover {debit} fen")
+        if limit is Limit.CREDITS_MUST_NOT_EXCEED_DEBITS and credits > debits:
+            raise InsufficientFundsError(f"{account_id} owes less than {credit} fen")
+        tx.execute(
+            "UPDATE ledger_accounts SET debits = ?, credits = ? WHERE id = ?",
+            (debits, credits, account_id),
+        )
+
+    def put_request(self, tx: Tx, req: StoredRequest, now: float) -> None:
+        tx.execute(
+            "INSERT INTO ledger_requests (key, operation, fingerprint, result, at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (req.key, req.operation, req.fingerprint, json.dumps(req.result, sort_keys=True), now),
+        )
+
+    def insert(self, tx: Tx, table: str, values: dict[str, Any]) -> None:
+        """Insert one row into one of the ledger's append-only tables."""
+        if table not in IMMUTABLE_TABLES:
+            raise ValueError(f"not a ledger table: {table}")
+        cols = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        tx.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks})", list(values.values()))
+
+    # -- reads (inside a transaction) ------------------------------------------------------
+
+    def get_request(self, tx: Tx, key: str) -> StoredRequest | None:
+        row = tx.execute(
+            "SELECT key, operation, fingerprint, result FROM ledger_requests WHERE key = ?", (key,)
+        ).fetchone()
+        if row is None:
+            return None
+        return StoredRequest(row[0], row[1], row[2], json.loads(row[3]))
+
+    def account(self, tx: Tx, account_id: str) -> Account | None:
+        row = tx.execute(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM ledger_accounts WHERE id = ?", (account_id,)
+        ).fetchone()
+        return None if row is None else _account(row)
+
+    def one(self, tx: Tx, sql: str, params: Sequence[Any] = ()) -> Row | None:
+        return tx.execute(sql, params).fetchone()
+
+    def transfers_of_request(self, tx: Tx, key: str) -> list[Transfer]:
+        rows = tx.execute(
+            f"SELECT {_TRANSFER_COLUMNS} FROM ledger_transfers WHERE request_key = ? ORDER BY seq",
+            (key,),
+        ).fetchall()
+        return [_transfer(r) for r in rows]
+
+    def open_claims(self, tx: Tx, claim_account_id: str) -> list[tuple[str, int]]:
+        """``(ref, outstanding)`` of a shop's open claims, oldest first."""
+        rows = tx.execute(
+            "SELECT ref, MIN(seq),"
+            " SUM(CASE WHEN debit_account = ? THEN amount ELSE 0 END)"
+            " - SUM(CASE WHEN credit_account = ? THEN amount ELSE 0 END)"
+            " FROM ledger_transfers WHERE debit_account = ? OR credit_account = ?"
+            " GROUP BY ref ORDER BY MIN(seq)",
+            (claim_account_id,) * 4,
+        ).fetchall()
+        return [(r[0], int(r[2])) for r in rows if int(r[2]) > 0]
+
+    def frozen_until(self, tx: Tx, shop_id: str) -> float:
+        """The latest freeze end after the shop's last operator unfreeze (0: never frozen)."""
+        row = tx.execute(
+            "SELECT MAX(until) FROM ledger_freezes"
+            " WHERE shop_id = ? AND action = 'freeze' AND seq >"
+            " (SELECT COALESCE(MAX(seq), 0) FROM ledger_freezes"
+            "  WHERE shop_id = ? AND action = 'unfreeze')",
+            (shop_id, shop_id),
+        ).fetchone()
+        return float(row[0]) if row and row[0] is not None else 0.0
+
+    # -- reads (outside a transaction) ------------------------------------------------------
+
+    def get_account(self, account_id: str) -> Account | None:
+        rows = self.db.query(
+            f"SELECT {_ACCOUNT_COLUMNS} FROM ledger_accounts WHERE id = ?", (account_id,)
+        )
+        return _account(rows[0]) if rows else None
+
+    def accounts(self) -> list[Account]:
+        rows = self.db.query(f"SELECT {_ACCOUNT_COLUMNS} FROM ledger_accounts ORDER BY id")
+        return [_account(r) for r in rows]
+
+    def transfers(
+        self, *, account_id: str = "", ref: str = "", after_seq: int = 0, limit: int = 0
+    ) -> list[Transfer]:
+        """Transfers in journal order, optionally of one account or one ``ref``."""
+        where: list[str] = ["seq > ?"]
+        params: list[Any] = [after_seq]
+        if account_id:
+            where.append("(debit_account = ? OR credit_account = ?)")
+            params += [account_id, account_id]
+        if ref:
+            where.append("ref = ?")
+            params.append(ref)
+        sql = f"SELECT {_TRANSFER_COLUMNS} FROM ledger_transfers WHERE {' AND '.join(where)}"
+        sql += " ORDER BY seq" + (f" LIMIT {int(limit)}" if limit > 0 else "")
+        return [_transfer(r) for r in self.db.query(sql, params)]
+
+    def query(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
+        return self.db.query(sql, list(params))
+
+
+_RETRYABLE_SQLSTATES = frozenset({"23505", "40001", "40P01"})  # unique, serialization, deadlock
+_ATTEMPTS = 6
+
+
+def run_keyed(db: Database, key: str, fn: Callable[[Tx], T]) -> T:
+    """Run ``fn`` in one write transaction, serialized with every other request using ``key``.
+
+    On PostgreSQL a session advisory lock on the key is taken *before* the
+    transaction starts, so a duplicate request waits for the first one and its
+    snapshot then sees the first one's idempotency record (a lock taken inside
+    a SERIALIZABLE transaction would come after its snapshot). SQLite's
+    ``BEGIN IMMEDIATE`` already serializes writers. A unique-key race or a
+    serialization failure that outlasts ``Database.run``'s retries is retried
+    here; the retry reads the winner's committed rows.
+
+    Raises:
+        UnavailableError: the database stayed too contended to commit.
+    """
+    if db.dialect != "postgres":
+        return _retry(db, fn)
+    lock_id = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
+    db.query("SELECT pg_advisory_lock(?)", (lock_id,))
+    try:
+        return _retry(db, fn)
+    finally:
+        db.query("SELECT pg_advisory_unlock(?)", (lock_id,))
+
+
+def _retry(db: Database, fn: Callable[[Tx], T]) -> T:
+    for attempt in range(_ATTEMPTS):
+        try:
+            return db.run(fn)
+        except Exception as e:
+            if getattr(e, "sqlstate", None) not in _RETRYABLE_SQLSTATES:
+                raise
+            if attempt == _ATTEMPTS - 1:
+                raise UnavailableError("ledger database too busy; retry with the same key") from e
+            time.sleep(0.005 * (attempt + 1))
+    raise AssertionError("unreachable")
