@@ -44,13 +44,8 @@ def normalize_phone(value: str) -> str:
     >>> normalize_phone("+1 (415) 555-0100")
     '+14155550100'
     """
-    text = _PHONE_DROP.sub("", _nfkc(value))
-    stripped = _CN_PREFIX.sub("", text)
-    if stripped != text:
-        return stripped
-    if _CN_MOBILE_WITH_CC.match(text):
-        return text[2:]
-    return text
+    text = _CN_PREFIX.sub("", _PHONE_DROP.sub("", _nfkc(value)))
+    return text[2:] if _CN_MOBILE_WITH_CC.match(text) else text
 
 
 def normalize_address(value: str) -> str:

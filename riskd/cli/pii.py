@@ -1,0 +1,166 @@
+"""``riskd pii``: key management and the right to deletion, for operators.
+
+::
+
+    riskd pii keygen              create the keyring, or add a master key version (primary)
+    riskd pii rotate              re-wrap every data key under the primary master key
+    riskd pii retire VERSION      destroy an old master key version (refused while in use)
+    riskd pii forget BUYER_ID     crypto-shred a buyer's personal data (refused under hold)
+    riskd pii hold BUYER_ID       place (or with --release, lift) a legal hold
+
+The keyring is the file ``--keyring`` names, else the ``RISKD_KEYRING``
+environment variable (a keyring document; read-only), else the configuration's
+``keyring_file``. The database is ``--database``, else the configuration's.
+Output names versions and counts, never key material or personal data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from riskd.config import Config, load_config
+from riskd.errors import ConfigError, RiskdError
+from riskd.pii.keyring import ENV_VAR, Keyring
+from riskd.pii.keystore import SqlKeyStore
+from riskd.pii.vault import Vault
+from riskd.sql import Database
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def register(subparsers: Any) -> None:
+    """Add ``riskd pii`` and its subcommands to the ``riskd`` parser."""
+    pii = subparsers.add_parser("pii", help="personal-data keys, rotation and deletion")
+    sub = pii.add_subparsers(dest="pii_command", required=True)
+    _add(sub, "keygen", "create the keyring or add a new primary master key", _keygen)
+    _add(sub, "rotate", "re-wrap data keys under the primary master key", _rotate)
+    retire = _add(sub, "retire", "destroy an old master key version", _retire)
+    retire.add_argument("version", type=int, metavar="VERSION")
+    retire.add_argument(
+        "--force",
+        action="store_true",
+        help="retire even if data keys are still wrapped under it (data loss)",
+    )
+    forget = _add(sub, "forget", "crypto-shred a buyer's personal data", _forget)
+    forget.add_argument("buyer_id", metavar="BUYER_ID")
+    hold = _add(sub, "hold", "place or lift a legal hold on a buyer", _hold)
+    hold.add_argument("buyer_id", metavar="BUYER_ID")
+    hold.add_argument("--reason", default="legal hold", help="why (recorded with the hold)")
+    hold.add_argument("--release", action="store_true", help="lift the hold instead")
+
+
+def _add(sub: Any, name: str, help_text: str, fn: Command) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+    parser.add_argument("--config", type=Path, default=None, help="riskd TOML configuration")
+    parser.add_argument("--keyring", type=Path, default=None, help="key file")
+    parser.add_argument("--database", default=None, help="database URL")
+    parser.set_defaults(func=_guarded(fn))
+    return parser
+
+
+def _guarded(fn: Command) -> Command:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except RiskdError as e:
+            print(f"riskd pii {args.pii_command}: error: {e}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def _config(args: argparse.Namespace) -> Config:
+    config_path = args.config or (
+        Path(os.environ["RISKD_CONFIG"]) if os.environ.get("RISKD_CONFIG") else None
+    )
+    return load_config(config_path)
+
+
+def _key_file(args: argparse.Namespace) -> Path:
+    path: Path = args.keyring or _config(args).keyring_path
+    return path
+
+
+def _load_keyring(args: argparse.Namespace) -> Keyring:
+    if args.keyring is None and os.environ.get(ENV_VAR):
+        return Keyring.from_env()
+    return Keyring.load(_key_file(args))
+
+
+def _writable_key_file(args: argparse.Namespace) -> Path:
+    if args.keyring is None and os.environ.get(ENV_VAR):
+        raise ConfigError(f"keyring: {ENV_VAR} is read-only here; pass --keyring FILE")
+    return _key_file(args)
+
+
+def _vault(args: argparse.Namespace) -> tuple[Vault, Database]:
+    db = Database(args.database or _config(args).database)
+    return Vault(_load_keyring(args), SqlKeyStore(db)), db
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    path = _writable_key_file(args)
+    ring = Keyring.load(path).add_version() if path.exists() else Keyring.generate()
+    ring.save(path)
+    print(f"master key version {ring.primary} is primary in {path}")
+    return 0
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    vault, db = _vault(args)
+    try:
+        count = vault.rotate()
+    finally:
+        db.close()
+    print(f"re-wrapped {count} data keys under master key version {vault.keyring.primary_version}")
+    return 0
+
+
+def _retire(args: argparse.Namespace) -> int:
+    path = _writable_key_file(args)
+    ring = Keyring.load(path)
+    vault, db = _vault(args)
+    try:
+        in_use = vault.keystore.count_under(args.version)
+    finally:
+        db.close()
+    if in_use and not args.force:
+        raise ConfigError(
+            f"master key version {args.version} still wraps {in_use} data keys; "
+            "run `riskd pii rotate` first (or --force to make them unreadable)"
+        )
+    ring.retire(args.version).save(path)
+    print(f"master key version {args.version} retired")
+    return 0
+
+
+def _forget(args: argparse.Namespace) -> int:
+    vault, db = _vault(args)
+    try:
+        result = vault.forget(args.buyer_id)
+    finally:
+        db.close()
+    print(
+        f"forgotten: {result.data_keys_destroyed} data keys destroyed, "
+        f"{result.index_entries_deleted} blind-index entries deleted"
+    )
+    return 0
+
+
+def _hold(args: argparse.Namespace) -> int:
+    vault, db = _vault(args)
+    try:
+        if args.release:
+            released = vault.release_hold(args.buyer_id)
+            print("legal hold released" if released else "no legal hold was placed")
+        else:
+            vault.hold(args.buyer_id, args.reason)
+            print("legal hold placed")
+    finally:
+        db.close()
+    return 0

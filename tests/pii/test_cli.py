@@ -1,0 +1,122 @@
+"""``riskd pii`` commands against a real key file and SQLite database."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from riskd.cli import pii as pii_cli
+from riskd.errors import CryptoError
+from riskd.pii.keyring import Keyring
+from riskd.pii.keystore import SqlKeyStore
+from riskd.pii.vault import Vault
+from riskd.sql import Database
+
+PHONE = "13800138000"
+
+
+def run(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="riskd")
+    pii_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["pii", *argv])
+    rc: int = args.func(args)
+    return rc
+
+
+@pytest.fixture
+def paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], Path, str]:
+    monkeypatch.delenv("RISKD_KEYRING", raising=False)
+    monkeypatch.delenv("RISKD_CONFIG", raising=False)
+    key_file = tmp_path / "keyring.json"
+    url = f"sqlite:///{tmp_path / 'riskd.db'}"
+    return ["--keyring", str(key_file), "--database", url], key_file, url
+
+
+def vault_at(key_file: Path, url: str) -> tuple[Vault, Database]:
+    db = Database(url)
+    return Vault(Keyring.load(key_file), SqlKeyStore(db)), db
+
+
+def test_cli_keygen_rotate_retire_keeps_data_readable(
+    paths: tuple[list[str], Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    opts, key_file, url = paths
+    assert run("keygen", *opts) == 0
+    vault, db = vault_at(key_file, url)
+    ct = vault.encrypt("b1", "o1", "phone", PHONE)
+    db.close()
+    assert run("keygen", *opts) == 0
+    assert Keyring.load(key_file).primary_version == 2
+    assert run("retire", "1", *opts) == 1  # still wraps a data key
+    assert "run `riskd pii rotate` first" in capsys.readouterr().err
+    assert run("rotate", *opts) == 0
+    assert "re-wrapped 1 data keys under master key version 2" in capsys.readouterr().out
+    assert run("retire", "1", *opts) == 0
+    assert Keyring.load(key_file).active_versions == (2,)
+    vault, db = vault_at(key_file, url)
+    assert vault.decrypt("b1", "o1", "phone", ct) == PHONE
+    db.close()
+
+
+def test_cli_retire_force_makes_unrotated_data_unreadable(
+    paths: tuple[list[str], Path, str],
+) -> None:
+    opts, key_file, url = paths
+    run("keygen", *opts)
+    vault, db = vault_at(key_file, url)
+    ct = vault.encrypt("b1", "o1", "phone", PHONE)
+    db.close()
+    run("keygen", *opts)
+    assert run("retire", "1", "--force", *opts) == 0
+    vault, db = vault_at(key_file, url)
+    with pytest.raises(CryptoError, match="version 1 is retired"):
+        vault.decrypt("b1", "o1", "phone", ct)
+    db.close()
+
+
+def test_cli_forget_respects_legal_hold(
+    paths: tuple[list[str], Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    opts, key_file, url = paths
+    run("keygen", *opts)
+    vault, db = vault_at(key_file, url)
+    ct = vault.encrypt("b1", "o1", "phone", PHONE)
+    db.close()
+    assert run("hold", "b1", "--reason", "dispute 42", *opts) == 0
+    assert run("forget", "b1", *opts) == 1
+    assert "legal hold" in capsys.readouterr().err
+    vault, db = vault_at(key_file, url)
+    assert vault.decrypt("b1", "o1", "phone", ct) == PHONE
+    db.close()
+    assert run("hold", "b1", "--release", *opts) == 0
+    assert run("forget", "b1", *opts) == 0
+    assert "1 data keys destroyed" in capsys.readouterr().out
+    vault, db = vault_at(key_file, url)
+    with pytest.raises(CryptoError, match="forgotten"):
+        vault.decrypt("b1", "o1", "phone", ct)
+    db.close()
+
+
+def test_cli_keyring_from_env_is_read_only(
+    paths: tuple[list[str], Path, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _, _, url = paths
+    monkeypatch.setenv("RISKD_KEYRING", Keyring.generate().to_json())
+    assert run("rotate", "--database", url) == 0
+    assert run("keygen") == 1
+    assert "read-only" in capsys.readouterr().err
+
+
+def test_cli_output_never_contains_key_material(
+    paths: tuple[list[str], Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    opts, key_file, _ = paths
+    run("keygen", *opts)
+    out = capsys.readouterr()
+    doc = Keyring.load(key_file).to_json()
+    secrets = [line.split('"')[3] for line in doc.splitlines() if '"key"' in line]
+    assert secrets and not any(s in out.out + out.err for s in secrets)

@@ -1,0 +1,118 @@
+"""Keyring: versions, retirement, persistence and the errors it gives."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from riskd.errors import ConfigError, CryptoError
+from riskd.pii.keyring import Keyring, WrappedKey
+
+
+def test_keyring_generate_has_one_active_primary_version() -> None:
+    ring = Keyring.generate()
+    assert ring.primary_version == 1
+    assert ring.active_versions == (1,)
+
+
+def test_keyring_add_version_makes_new_primary_and_keeps_old_unwrappable() -> None:
+    ring = Keyring.generate()
+    old = ring.wrap(b"d" * 32, b"aad")
+    ring2 = ring.add_version()
+    assert ring2.primary_version == 2
+    assert ring2.wrap(b"d" * 32, b"aad").version == 2
+    assert ring2.unwrap(old, b"aad") == b"d" * 32
+
+
+def test_keyring_unwrap_retired_version_names_the_version() -> None:
+    ring = Keyring.generate()
+    old = ring.wrap(b"d" * 32, b"aad")
+    ring = ring.add_version().retire(1)
+    with pytest.raises(CryptoError, match="master key version 1 is retired"):
+        ring.unwrap(old, b"aad")
+
+
+def test_keyring_unwrap_with_other_aad_fails() -> None:
+    ring = Keyring.generate()
+    wrapped = ring.wrap(b"d" * 32, b"subject-a")
+    with pytest.raises(CryptoError, match="does not authenticate"):
+        ring.unwrap(wrapped, b"subject-b")
+
+
+def test_keyring_unwrap_unknown_version_fails() -> None:
+    with pytest.raises(CryptoError, match="version 7 is not in the keyring"):
+        Keyring.generate().unwrap(WrappedKey(7, b"x" * 40), b"")
+
+
+def test_keyring_retire_primary_is_refused() -> None:
+    with pytest.raises(ConfigError, match="primary"):
+        Keyring.generate().retire(1)
+
+
+def test_keyring_retire_unknown_version_is_refused() -> None:
+    with pytest.raises(ConfigError, match="no master key version 5"):
+        Keyring.generate().retire(5)
+
+
+def test_keyring_json_round_trip_keeps_keys_and_retirement() -> None:
+    ring = Keyring.generate().add_version().add_version().retire(1)
+    back = Keyring.from_json(ring.to_json())
+    assert back == ring
+    doc = json.loads(ring.to_json())
+    assert [k["state"] for k in doc["keys"]] == ["retired", "active", "active"]
+    assert "key" not in doc["keys"][0]  # retired material is destroyed, not kept
+
+
+def test_keyring_save_writes_owner_only_file(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "keyring.json"
+    ring = Keyring.generate()
+    ring.save(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert Keyring.load(path) == ring
+
+
+def test_keyring_from_env_reads_the_document() -> None:
+    ring = Keyring.generate()
+    assert Keyring.from_env(environ={"RISKD_KEYRING": ring.to_json()}) == ring
+    with pytest.raises(ConfigError, match="RISKD_KEYRING is not set"):
+        Keyring.from_env(environ={})
+
+
+def test_keyring_repr_never_shows_key_material() -> None:
+    ring = Keyring.generate()
+    text = repr(ring) + repr(ring.keys[1])
+    assert ring.keys[1].material.hex() not in text
+    assert str(list(ring.keys[1].material)) not in text
+    assert "material" not in text and "index_secret" not in text
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d.update(format="x"), "format"),
+        (lambda d: d.pop("keys"), "keys must be a list"),
+        (lambda d: d.update(keys=[]), "keys is empty"),
+        (lambda d: d.update(primary="1"), "primary must be a int"),
+        (lambda d: d.update(primary=9), "primary version 9"),
+        (lambda d: d.update(index_secret="!!"), "index_secret is not valid base64"),
+        (lambda d: d["keys"][0].update(key="AAAA"), r"keys\[0\].key must be 32 bytes"),
+        (lambda d: d["keys"][0].update(state="on"), r"keys\[0\].state"),
+        (lambda d: d["keys"][0].update(version=0), r"keys\[0\].version must be >= 1"),
+    ],
+)
+def test_keyring_from_json_names_the_bad_field_without_secrets(mutate, message) -> None:  # type: ignore[no-untyped-def]
+    ring = Keyring.generate()
+    doc = json.loads(ring.to_json())
+    secret = doc["keys"][0]["key"]
+    mutate(doc)
+    with pytest.raises(ConfigError, match=message) as info:
+        Keyring.from_json(json.dumps(doc))
+    assert secret not in str(info.value)
+
+
+def test_keyring_load_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read key file"):
+        Keyring.load(tmp_path / "none.json")

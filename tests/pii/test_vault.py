@@ -1,0 +1,230 @@
+"""Vault: envelope encryption, associated-data binding, rotation, retirement, shredding, holds.
+
+Every test runs on a real SQLite file and a real PostgreSQL schema.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from riskd.domain.clock import FakeClock
+from riskd.errors import CryptoError, FailedPreconditionError, InvalidArgumentError
+from riskd.pii.blind import BlindIndexer
+from riskd.pii.keyring import Keyring
+from riskd.pii.keystore import SqlKeyStore
+from riskd.pii.vault import Vault
+from riskd.sql import Database
+
+PHONE = "13800138000"
+
+
+@pytest.fixture
+def vault(keyring: Keyring, store: SqlKeyStore) -> Vault:
+    return Vault(keyring, store)
+
+
+def test_vault_round_trips_unicode_and_empty_values(vault: Vault) -> None:
+    for text in ("13812345678", "张三", "浙江省杭州市西湖区文三路1号", ""):
+        ct = vault.encrypt("b1", "o1", "f", text)
+        assert vault.decrypt("b1", "o1", "f", ct) == text
+
+
+def test_vault_ciphertext_carries_format_and_generation_not_plaintext(vault: Vault) -> None:
+    ct = vault.encrypt("b1", "o1", "phone", PHONE)
+    assert ct[0] == 1 and int.from_bytes(ct[1:5], "big") == 1
+    assert PHONE.encode() not in ct
+    assert vault.encrypt("b1", "o1", "phone", PHONE) != ct  # fresh nonce every time
+
+
+@pytest.mark.parametrize(
+    ("subject", "record", "field"),
+    [("b2", "o1", "phone"), ("b1", "o2", "phone"), ("b1", "o1", "name")],
+)
+def test_vault_ciphertext_moved_to_other_subject_record_or_field_fails(
+    vault: Vault, subject: str, record: str, field: str
+) -> None:
+    vault.encrypt("b2", "x", "phone", "other buyer has a key too")
+    ct = vault.encrypt("b1", "o1", "phone", PHONE)
+    with pytest.raises(CryptoError) as info:
+        vault.decrypt(subject, record, field, ct)
+    assert PHONE not in str(info.value)
+
+
+def test_vault_tampered_or_truncated_ciphertext_fails(vault: Vault) -> None:
+    ct = bytearray(vault.encrypt("b1", "o1", "phone", PHONE))
+    ct[-1] ^= 1
+    with pytest.raises(CryptoError, match="does not authenticate"):
+        vault.decrypt("b1", "o1", "phone", bytes(ct))
+    with pytest.raises(CryptoError, match="too short"):
+        vault.decrypt("b1", "o1", "phone", bytes(ct[:20]))
+    with pytest.raises(CryptoError, match="unknown format"):
+        vault.decrypt("b1", "o1", "phone", b"\x09" + bytes(ct[1:]))
+
+
+def test_vault_encrypt_fields_matches_single_field_decrypt(vault: Vault) -> None:
+    out = vault.encrypt_fields("b1", "o1", {"phone": PHONE, "name": "张三"})
+    assert vault.decrypt("b1", "o1", "name", out["name"]) == "张三"
+    assert vault.decrypt("b1", "o1", "phone", out["phone"]) == PHONE
+
+
+def test_vault_empty_ids_are_rejected_naming_the_field(vault: Vault) -> None:
+    with pytest.raises(InvalidArgumentError, match="subject_id"):
+        vault.encrypt("", "o1", "phone", PHONE)
+    with pytest.raises(InvalidArgumentError, match="record_id"):
+        vault.encrypt("b1", "", "phone", PHONE)
+
+
+def test_vault_other_replica_decrypts_with_same_keyring_and_store(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    ct = Vault(keyring, store).encrypt("b1", "o1", "phone", PHONE)
+    assert Vault(keyring, store).decrypt("b1", "o1", "phone", ct) == PHONE
+    with pytest.raises(CryptoError, match="does not authenticate"):
+        Vault(Keyring.generate(), store).decrypt("b1", "o1", "phone", ct)
+
+
+def test_vault_rotate_rewraps_without_touching_ciphertexts_then_old_version_retires(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    cts = {f"b{i}": Vault(keyring, store).encrypt(f"b{i}", "o", "phone", PHONE) for i in range(7)}
+    ring2 = keyring.add_version()
+    vault2 = Vault(ring2, store)
+    assert store.count_under(1) == 7
+    assert vault2.rotate(batch_size=3) == 7
+    assert store.count_under(1) == 0 and store.count_under(2) == 7
+    assert vault2.rotate() == 0
+    retired = Vault(ring2.retire(1), store)
+    for subject, ct in cts.items():
+        assert retired.decrypt(subject, "o", "phone", ct) == PHONE
+    new = retired.encrypt("b-new", "o", "phone", PHONE)
+    assert store.latest("b-new").wrapped.version == 2  # type: ignore[union-attr]
+    assert retired.decrypt("b-new", "o", "phone", new) == PHONE
+
+
+def test_vault_ciphertext_under_retired_key_fails_clearly(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    ct = Vault(keyring, store).encrypt("b1", "o1", "phone", PHONE)
+    retired = Vault(keyring.add_version().retire(1), store)
+    with pytest.raises(CryptoError, match="master key version 1 is retired"):
+        retired.decrypt("b1", "o1", "phone", ct)
+    with pytest.raises(CryptoError, match="retired"):
+        retired.rotate()
+
+
+def test_vault_forget_shreds_keys_and_index_entries(keyring: Keyring, store: SqlKeyStore) -> None:
+    vault = Vault(keyring, store)
+    ix = BlindIndexer(keyring)
+    digest = ix.index("phone", PHONE)
+    ct = vault.encrypt("b1", "o1", "phone", PHONE)
+    vault.record_index("b1", {"phone": digest, "device": ix.index("device", "d-1")})
+    vault.record_index("b2", {"phone": digest})
+    assert vault.subjects_for("phone", digest) == ["b1", "b2"]
+    hooked: list[str] = []
+    vault.add_forget_hook(hooked.append)
+
+    result = vault.forget("b1")
+
+    assert (result.data_keys_destroyed, result.index_entries_deleted) == (1, 2)
+    assert hooked == ["b1"]
+    assert vault.subjects_for("phone", digest) == ["b2"]
+    for v in (vault, Vault(keyring, store)):  # the cache is dropped too
+        with pytest.raises(CryptoError, match="forgotten"):
+            v.decrypt("b1", "o1", "phone", ct)
+    assert store.latest("b1").shredded  # type: ignore[union-attr]
+    assert vault.forget("b1").data_keys_destroyed == 0  # idempotent
+
+
+def test_vault_writes_after_forget_use_a_new_generation(vault: Vault) -> None:
+    old = vault.encrypt("b1", "o1", "phone", PHONE)
+    vault.forget("b1")
+    new = vault.encrypt("b1", "o2", "phone", "13900000000")
+    assert int.from_bytes(new[1:5], "big") == 2
+    assert vault.decrypt("b1", "o2", "phone", new) == "13900000000"
+    with pytest.raises(CryptoError, match="forgotten"):
+        vault.decrypt("b1", "o1", "phone", old)
+
+
+def test_vault_forget_under_legal_hold_is_refused_and_changes_nothing(vault: Vault) -> None:
+    ct = vault.encrypt("b1", "o1", "phone", PHONE)
+    vault.record_index("b1", {"phone": "abc"})
+    vault.hold("b1", "court order 2026-17")
+    with pytest.raises(FailedPreconditionError, match="legal hold"):
+        vault.forget("b1")
+    assert vault.decrypt("b1", "o1", "phone", ct) == PHONE
+    assert vault.subjects_for("phone", "abc") == ["b1"]
+    assert vault.release_hold("b1") is True
+    assert vault.release_hold("b1") is False
+    vault.forget("b1")
+    with pytest.raises(CryptoError):
+        vault.decrypt("b1", "o1", "phone", ct)
+
+
+def test_vault_other_replica_sees_forget_after_cache_ttl(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    clock = FakeClock()
+    replica = Vault(keyring, store, clock=clock, cache_ttl_s=30)
+    ct = replica.encrypt("b1", "o1", "phone", PHONE)
+    assert replica.decrypt("b1", "o1", "phone", ct) == PHONE
+    Vault(keyring, store).forget("b1")
+    clock.advance(31)
+    with pytest.raises(CryptoError, match="forgotten"):
+        replica.decrypt("b1", "o1", "phone", ct)
+
+
+def test_vault_concurrent_first_writes_agree_on_one_data_key(
+    keyring: Keyring, db: Database
+) -> None:
+    store = SqlKeyStore(db)
+    vaults = [Vault(keyring, store) for _ in range(4)]
+    cts: list[bytes] = []
+    barrier = threading.Barrier(4)
+
+    def write(v: Vault) -> None:
+        barrier.wait()
+        cts.append(v.encrypt("b1", "o1", "phone", PHONE))
+
+    threads = [threading.Thread(target=write, args=(v,)) for v in vaults]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    reader = Vault(keyring, store)
+    assert [reader.decrypt("b1", "o1", "phone", ct) for ct in cts] == [PHONE] * 4
+    assert db.query("SELECT COUNT(*) FROM pii_data_keys")[0][0] == 1
+
+
+def test_vault_cache_is_bounded(keyring: Keyring, store: SqlKeyStore) -> None:
+    vault = Vault(keyring, store, cache_size=3)
+    cts = {f"b{i}": vault.encrypt(f"b{i}", "o", "f", str(i)) for i in range(6)}
+    assert len(vault._current) == 3
+    assert {s: vault.decrypt(s, "o", "f", ct) for s, ct in cts.items()} == {
+        f"b{i}": str(i) for i in range(6)
+    }
+    assert len(vault._by_gen) <= 3
+
+
+def test_vault_forget_leaves_no_wrapped_key_bytes_in_the_sqlite_files(
+    keyring: Keyring, tmp_path: object
+) -> None:
+    from pathlib import Path
+
+    assert isinstance(tmp_path, Path)
+    db = Database(f"sqlite:///{tmp_path / 'shred.db'}")
+    store = SqlKeyStore(db)
+    vault = Vault(keyring, store)
+    vault.encrypt("b1", "o1", "phone", PHONE)
+    row = store.latest("b1")
+    assert row is not None and row.wrapped is not None
+    blob = row.wrapped.blob
+
+    def on_disk() -> bytes:
+        return b"".join(p.read_bytes() for p in tmp_path.glob("shred.db*"))
+
+    assert blob in on_disk()
+    vault.forget("b1")
+    assert blob not in on_disk()
+    db.close()
