@@ -1,0 +1,57 @@
+"""Singleflight per order id: concurrent retries of one order wait for the first one's answer.
+
+Where it sits: ``Scorer.score`` joins the flight for the order id; the leader
+scores and records the decision, followers get the leader's decision (or its
+exception). With the decision log lookup before the flight, a retry in this
+process never scores an order twice.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from riskd.domain.decision import Decision
+
+
+@dataclass(slots=True)
+class Flight:
+    """One order being scored; ``done`` is set when ``decision`` or ``error`` is."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    decision: Decision | None = None
+    error: BaseException | None = None
+
+    def finish(self, decision: Decision | None, error: BaseException | None = None) -> None:
+        self.decision, self.error = decision, error
+        self.done.set()
+
+    def wait(self, timeout_s: float | None) -> Decision | None:
+        """The leader's decision; None if it did not finish in time; re-raises its error."""
+        if not self.done.wait(timeout_s):
+            return None
+        if self.error is not None:
+            raise self.error
+        return self.decision
+
+
+class Flights:
+    """The orders being scored right now in this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._flights: dict[str, Flight] = {}
+
+    def join(self, order_id: str) -> tuple[bool, Flight]:
+        """``(True, flight)`` for the leader (who must ``land``), ``(False, flight)`` otherwise."""
+        with self._lock:
+            flight = self._flights.get(order_id)
+            if flight is not None:
+                return False, flight
+            flight = self._flights[order_id] = Flight()
+            return True, flight
+
+    def land(self, order_id: str) -> None:
+        """The leader is done (its decision is in the log by now)."""
+        with self._lock:
+            self._flights.pop(order_id, None)
