@@ -122,7 +122,7 @@ _SQLITE_IMMUTABLE = """CREATE TRIGGER IF NOT EXISTS {table}_no_{op} BEFORE {op} 
     BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"""
 
 _PG_FUNCTION = """CREATE OR REPLACE FUNCTION ledger_append_only() RETURNS trigger
-    LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION '% is append-only', TG_TABLE_NAME; END $$"""
+    LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION '%% is append-only', TG_TABLE_NAME; END $$"""
 _PG_IMMUTABLE = """CREATE OR REPLACE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE
     ON {table} FOR EACH ROW EXECUTE FUNCTION ledger_append_only()"""
 

@@ -1,0 +1,380 @@
+"""The book's contract, run on both backends (SQLite file, PostgreSQL schema)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from riskd.domain.clock import FakeClock
+from riskd.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InsufficientFundsError,
+    InvalidArgumentError,
+    NotFoundError,
+    RiskdError,
+)
+from riskd.ledger import Book, Code
+from riskd.ledger import accounts as acc
+from tests.ledger.conftest import funded
+
+DAY = 86_400
+
+
+def snapshot(book: Book) -> tuple[object, ...]:
+    """Everything a request could have written."""
+    tables = (
+        "ledger_requests",
+        "ledger_disputes",
+        "ledger_cases",
+        "ledger_freezes",
+        "ledger_shops",
+    )
+    counts = tuple(book.store.query(f"SELECT COUNT(*) FROM {t}")[0][0] for t in tables)
+    return (tuple(book.accounts()), tuple(book.journal()), counts)
+
+
+def refused(book: Book, error: type[RiskdError], call: Callable[[], object], match: str) -> None:
+    """``call`` raises ``error`` with ``match`` in its message and writes nothing."""
+    before = snapshot(book)
+    with pytest.raises(error, match=match):
+        call()
+    assert snapshot(book) == before
+    assert book.verify() == ()
+
+
+def test_deposit_and_withdraw_move_money_between_bank_and_deposit(book: Book) -> None:
+    funded(book, shops={"s1": 0})
+    book.deposit("k1", "s1", 10_000, actor="merchant")
+    r = book.withdraw("k2", "s1", 4_000, actor="merchant")
+    assert r.total(Code.WITHDRAWAL) == 4_000
+    assert book.account(acc.deposit_account("s1")).balance == 6_000
+    assert book.verify() == ()
+
+
+def test_same_key_same_content_returns_the_first_result(book: Book) -> None:
+    funded(book, shops={"s1": 0})
+    first = book.deposit("k1", "s1", 10_000, actor="merchant")
+    again = book.deposit("k1", "s1", 10_000, actor="merchant")
+    assert again.replayed and not first.replayed
+    assert again.transfers == first.transfers
+    assert book.account(acc.deposit_account("s1")).balance == 10_000
+
+
+def test_same_key_other_content_is_refused_and_writes_nothing(book: Book) -> None:
+    funded(book, shops={"s1": 0, "s2": 0})
+    book.deposit("k1", "s1", 10_000, actor="merchant")
+    for call in (
+        lambda: book.deposit("k1", "s1", 10_001, actor="merchant"),
+        lambda: book.deposit("k1", "s2", 10_000, actor="merchant"),
+        lambda: book.withdraw("k1", "s1", 10_000, actor="merchant"),
+        lambda: book.top_up_fund("k1", 10_000, actor="merchant", reason="x"),
+    ):
+        refused(book, AlreadyExistsError, call, "idempotency_key: already used")
+
+
+@pytest.mark.parametrize(
+    ("amount", "error"),
+    [
+        (0, "positive"),
+        (-5, "positive"),
+        (2**63, "overflows 64 bits"),
+        (1.5, "integer"),
+        (True, "integer"),
+    ],
+)
+def test_bad_amounts_are_refused_naming_the_field(book: Book, amount: object, error: str) -> None:
+    funded(book, shops={"s1": 100})
+    refused(
+        book,
+        InvalidArgumentError,
+        lambda: book.deposit("k", "s1", amount, actor="m"),  # type: ignore[arg-type]
+        f"amount: .*{error}",
+    )
+    refused(
+        book,
+        InvalidArgumentError,
+        lambda: book.top_up_fund("k", amount, actor="m", reason="r"),  # type: ignore[arg-type]
+        "amount",
+    )
+
+
+def test_a_balance_that_would_overflow_64_bits_is_refused(book: Book) -> None:
+    book.register_shop("s1")
+    book.deposit("k1", "s1", 2**63 - 1, actor="m")
+    refused(book, InvalidArgumentError, lambda: book.deposit("k2", "s1", 1, actor="m"), "overflow")
+
+
+def test_bad_ids_and_missing_key_are_refused(book: Book) -> None:
+    funded(book, shops={"s1": 0})
+    refused(book, InvalidArgumentError, lambda: book.deposit("", "s1", 1, actor="m"), "idem")
+    refused(book, InvalidArgumentError, lambda: book.deposit("k", "s 1", 1, actor="m"), "shop_id")
+    refused(book, InvalidArgumentError, lambda: book.deposit("k", "s1", 1, actor=""), "actor")
+
+
+def test_unknown_shop_and_dispute_are_not_found(book: Book) -> None:
+    funded(book, shops={"s1": 0})
+    refused(book, NotFoundError, lambda: book.deposit("k", "nope", 5, actor="m"), "shop_id")
+    refused(
+        book, NotFoundError, lambda: book.compensate_buyer("k", "d9", 5, actor="a"), "dispute_id"
+    )
+    with pytest.raises(NotFoundError, match="dispute_id"):
+        book.dispute_statement("d9")
+    with pytest.raises(NotFoundError, match="shop_id"):
+        book.shop_statement("nope")
+
+
+def test_withdrawal_refused_beyond_the_deposit(book: Book) -> None:
+    funded(book, shops={"s1": 1_000})
+    refused(
+        book, InsufficientFundsError, lambda: book.withdraw("k", "s1", 1_001, actor="m"), "deposit"
+    )
+
+
+def test_withdrawal_refused_while_frozen_then_allowed_after_the_freeze(
+    book: Book, clock: FakeClock
+) -> None:
+    funded(book, shops={"s1": 10_000_000})
+    book.penalize_shop(
+        "p1", "s1", "content_violation_serious", "c1", evidence="case://c1", actor="analyst"
+    )
+    refused(book, FailedPreconditionError, lambda: book.withdraw("w", "s1", 1, actor="m"), "frozen")
+    clock.advance(30 * DAY + 1)
+    assert book.withdraw("w", "s1", 1, actor="m").total(Code.WITHDRAWAL) == 1
+
+
+def test_withdrawal_refused_with_open_claims(book: Book) -> None:
+    funded(book, shops={"s1": 100})
+    book.open_dispute("o1", "d1", "s1", "order1", 5_000, actor="analyst")
+    book.compensate_buyer("c1", "d1", 5_000, actor="analyst")
+    book.deposit("k2", "s1", 100, actor="m")
+    refused(book, FailedPreconditionError, lambda: book.withdraw("w", "s1", 1, actor="m"), "claims")
+
+
+def test_penalty_follows_the_schedule_and_freezes(book: Book, clock: FakeClock) -> None:
+    funded(book, shops={"s1": 10_000_000})
+    r = book.penalize_shop(
+        "p1", "s1", "order_brushing", "case-1", evidence="ev://brush/1", actor="analyst"
+    )
+    # order brushing: max(5,000 CNY, 20% of the deposit) = 20,000 CNY, 30-day freeze
+    assert r.total(Code.PENALTY) == 2_000_000
+    assert r.total(Code.PENALTY_CLAIM) == 0
+    assert r.frozen_until == clock.now() + 30 * DAY
+    assert all(t.evidence == "ev://brush/1" for t in r.transfers)
+    s = book.shop_statement("s1")
+    assert (s.deposit, s.frozen, s.penalties) == (8_000_000, True, 1)
+    assert book.store.query("SELECT schedule_version FROM ledger_cases")[0][0] == "2026-11-01"
+
+
+def test_penalty_beyond_the_deposit_becomes_a_claim(book: Book) -> None:
+    funded(book, shops={"s1": 300_000})
+    r = book.penalize_shop("p1", "s1", "counterfeit_goods", "c1", evidence="ev", actor="a")
+    # counterfeit: max(10,000 CNY, the whole deposit) = 10,000 CNY; deposit holds 3,000 CNY
+    assert (r.total(Code.PENALTY), r.total(Code.PENALTY_CLAIM)) == (300_000, 700_000)
+    s = book.shop_statement("s1")
+    assert (s.deposit, s.owed) == (0, 700_000)
+    assert [(c.ref, c.outstanding) for c in s.claims] == [("case/c1", 700_000)]
+
+
+def test_one_penalty_per_violation_case(book: Book) -> None:
+    funded(book, shops={"s1": 1_000_000})
+    book.penalize_shop("p1", "s1", "content_violation_minor", "c1", evidence="ev", actor="a")
+    refused(
+        book,
+        AlreadyExistsError,
+        lambda: book.penalize_shop(
+            "p2", "s1", "content_violation_minor", "c1", evidence="ev", actor="a"
+        ),
+        "case_id",
+    )
+
+
+def test_penalty_needs_known_violation_and_evidence(book: Book) -> None:
+    funded(book, shops={"s1": 1_000})
+    refused(
+        book,
+        InvalidArgumentError,
+        lambda: book.penalize_shop("p", "s1", "jaywalking", "c1", evidence="ev", actor="a"),
+        "violation",
+    )
+    refused(
+        book,
+        InvalidArgumentError,
+        lambda: book.penalize_shop("p", "s1", "order_brushing", "c1", evidence=" ", actor="a"),
+        "evidence",
+    )
+
+
+def test_operator_unfreeze_lifts_the_freeze(book: Book) -> None:
+    funded(book, shops={"s1": 1_000_000})
+    book.penalize_shop("p1", "s1", "counterfeit_goods", "c1", evidence="ev", actor="a")
+    assert book.shop_statement("s1").frozen
+    book.unfreeze("u1", "s1", actor="ops", reason="appeal granted")
+    assert not book.shop_statement("s1").frozen
+    assert book.shop_states()["s1"].frozen is False
+    refused(
+        book,
+        FailedPreconditionError,
+        lambda: book.unfreeze("u2", "s1", actor="ops", reason="again"),
+        "not frozen",
+    )
+    book.penalize_shop("p2", "s1", "order_brushing", "c2", evidence="ev", actor="a")
+    assert book.shop_statement("s1").frozen  # a later penalty freezes again
+
+
+def test_compensation_pays_from_fund_and_recovers_deposit_first(book: Book) -> None:
+    funded(book, fund=1_000_000, shops={"s1": 3_000})
+    book.open_dispute("o1", "d1", "s1", "order-1", 9_000, actor="analyst")
+    r = book.compensate_buyer("c1", "d1", 5_000, actor="analyst", evidence="chat://1")
+    assert (r.total(Code.COMPENSATION), r.total(Code.RECOVERY_FROM_DEPOSIT)) == (5_000, 3_000)
+    assert r.total(Code.RECOVERY_CLAIM) == 2_000
+    assert book.account(acc.FUND).balance == 1_000_000 - 5_000 + 3_000
+    d = book.dispute_statement("d1")
+    assert (d.paid, d.recovered_from_deposit, d.collected, d.written_off, d.outstanding) == (
+        5_000,
+        3_000,
+        0,
+        0,
+        2_000,
+    )
+
+
+def test_collection_then_write_off_complete_the_dispute_story(book: Book) -> None:
+    funded(book, fund=1_000_000, shops={"s1": 0})
+    book.open_dispute("o1", "d1", "s1", "order-1", 9_000, actor="analyst")
+    book.compensate_buyer("c1", "d1", 9_000, actor="analyst")
+    r = book.collect_claim("col1", "s1", 2_500, actor="ops")
+    assert r.total(Code.COLLECTION) == r.total(Code.RECOVERY_COLLECTED) == 2_500
+    book.write_off_claim("wo1", "s1", "dispute/d1", actor="ops", reason="merchant gone")
+    d = book.dispute_statement("d1")
+    assert (d.paid, d.collected, d.written_off, d.outstanding) == (9_000, 2_500, 6_500, 0)
+    assert book.account(acc.FUND).balance == 1_000_000 - 9_000 + 2_500
+    assert book.account(acc.WRITTEN_OFF).balance == 6_500
+    assert book.shop_statement("s1").owed == 0
+    assert book.verify() == ()
+
+
+def test_collections_settle_oldest_claims_first(book: Book) -> None:
+    funded(book, shops={"s1": 0})
+    book.penalize_shop("p1", "s1", "content_violation_minor", "c1", evidence="ev", actor="a")
+    book.open_dispute("o1", "d1", "s1", "order-1", 9_000, actor="analyst")
+    book.compensate_buyer("c1", "d1", 9_000, actor="analyst")
+    book.collect_claim("col1", "s1", 50_500, actor="ops")
+    claims = book.shop_statement("s1").claims
+    assert [(c.ref, c.outstanding) for c in claims] == [("dispute/d1", 8_500)]
+    refused(
+        book,
+        InvalidArgumentError,
+        lambda: book.collect_claim("col2", "s1", 8_501, actor="ops"),
+        "amount: exceeds",
+    )
+    refused(
+        book,
+        NotFoundError,
+        lambda: book.collect_claim("col2", "s1", 1, actor="ops", ref="case/c1"),
+        "ref",
+    )
+
+
+def test_one_payout_per_dispute(book: Book) -> None:
+    funded(book, shops={"s1": 0})
+    book.open_dispute("o1", "d1", "s1", "order-1", 9_000, actor="analyst")
+    book.compensate_buyer("c1", "d1", 100, actor="analyst")
+    refused(
+        book,
+        AlreadyExistsError,
+        lambda: book.compensate_buyer("c2", "d1", 100, actor="analyst"),
+        "already compensated",
+    )
+    refused(
+        book,
+        AlreadyExistsError,
+        lambda: book.open_dispute("o2", "d1", "s1", "order-1", 9_000, actor="analyst"),
+        "dispute_id",
+    )
+
+
+def test_compensation_above_the_order_amount_is_refused(book: Book) -> None:
+    funded(book, shops={"s1": 0})
+    book.open_dispute("o1", "d1", "s1", "order-1", 9_000, actor="analyst")
+    refused(
+        book,
+        InvalidArgumentError,
+        lambda: book.compensate_buyer("c1", "d1", 9_001, actor="analyst"),
+        "amount: exceeds the disputed order",
+    )
+
+
+def test_fund_never_goes_negative(book: Book) -> None:
+    funded(book, fund=5_000, shops={"s1": 100_000})
+    book.open_dispute("o1", "d1", "s1", "order-1", 9_000, actor="analyst")
+    refused(
+        book,
+        InsufficientFundsError,
+        lambda: book.compensate_buyer("c1", "d1", 5_001, actor="analyst"),
+        "fund: cannot cover",
+    )
+    book.top_up_fund("t2", 1, actor="ops", reason="top up")
+    assert book.compensate_buyer("c1", "d1", 5_001, actor="analyst").total(Code.COMPENSATION)
+
+
+def test_late_shipment_coupon_is_5_cny_once_per_order(book: Book) -> None:
+    funded(book, fund=600, shops={"s1": 0})
+    r = book.pay_late_shipment_coupon("cp1", "s1", "order-1", actor="logistics")
+    assert r.total(Code.COUPON) == 500
+    refused(
+        book,
+        AlreadyExistsError,
+        lambda: book.pay_late_shipment_coupon("cp2", "s1", "order-1", actor="logistics"),
+        "order_id",
+    )
+    refused(
+        book,
+        InsufficientFundsError,
+        lambda: book.pay_late_shipment_coupon("cp3", "s1", "order-2", actor="logistics"),
+        "fund",
+    )
+
+
+def test_write_off_needs_an_open_claim_and_a_reason(book: Book) -> None:
+    funded(book, shops={"s1": 0})
+    refused(
+        book,
+        NotFoundError,
+        lambda: book.write_off_claim("w1", "s1", "case/x", actor="ops", reason="r"),
+        "ref",
+    )
+    refused(
+        book,
+        InvalidArgumentError,
+        lambda: book.write_off_claim("w1", "s1", "case/x", actor="ops", reason=""),
+        "reason",
+    )
+
+
+def test_account_statement_pages_through_history(book: Book) -> None:
+    funded(book, shops={"s1": 0})
+    for i in range(5):
+        book.deposit(f"k{i}", "s1", 100 + i, actor="m")
+    first = book.account_statement(acc.deposit_account("s1"), limit=3)
+    rest = book.account_statement(
+        acc.deposit_account("s1"), after_seq=first.transfers[-1].seq, limit=3
+    )
+    assert [t.amount for t in first.transfers + rest.transfers] == [100, 101, 102, 103, 104]
+    assert first.account.balance == sum(range(100, 105))
+
+
+def test_register_shop_is_idempotent_and_keeps_its_merchant(book: Book) -> None:
+    assert book.register_shop("s1", merchant_id="m1")
+    assert not book.register_shop("s1", merchant_id="m1")
+    with pytest.raises(AlreadyExistsError, match="shop_id"):
+        book.register_shop("s1", merchant_id="m2")
+
+
+def test_error_messages_never_echo_free_text(book: Book) -> None:
+    funded(book, shops={"s1": 0})
+    secret = "13812345678 Zhang San"
+    with pytest.raises(InvalidArgumentError) as e:
+        book.penalize_shop("p", "s1", "order_brushing", "c1", evidence=secret * 100, actor="a")
+    assert "1381234" not in str(e.value)

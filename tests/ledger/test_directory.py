@@ -1,0 +1,70 @@
+"""LedgerShopDirectory: the scorer's cached view of freezes and claims."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from riskd.domain.clock import FakeClock
+from riskd.domain.shop import ShopState
+from riskd.ledger import Book, LedgerShopDirectory
+from tests.ledger.conftest import funded
+
+DAY = 86_400
+
+
+def wait_for(predicate: object, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_frozen_shop_is_visible_after_a_refresh_and_ends_on_time(
+    book: Book, clock: FakeClock
+) -> None:
+    funded(book, shops={"s1": 1_000_000, "s2": 1_000_000})
+    directory = LedgerShopDirectory(book, clock, ttl_s=2.0)
+    assert directory.get("s1") == ShopState("s1")
+    book.penalize_shop("p1", "s1", "content_violation_serious", "c1", evidence="ev", actor="a")
+    assert not directory.get("s1").frozen  # cached: no SQL per order
+    clock.advance(3)
+    directory.get("s1")  # stale: starts a background refresh
+    assert wait_for(lambda: directory.get("s1").frozen)
+    state = directory.get("s1")
+    assert state.penalties == 1 and state.frozen_until == clock.now() - 3 + 30 * DAY
+    assert directory.get("s2") == ShopState("s2")
+    clock.advance(30 * DAY)
+    assert not directory.get("s1").frozen  # the freeze ends on time, even between refreshes
+
+
+def test_operator_unfreeze_reaches_the_directory(book: Book, clock: FakeClock) -> None:
+    funded(book, shops={"s1": 1_000_000})
+    book.penalize_shop("p1", "s1", "counterfeit_goods", "c1", evidence="ev", actor="a")
+    directory = LedgerShopDirectory(book, clock, ttl_s=1.0)
+    assert directory.get("s1").frozen
+    book.unfreeze("u1", "s1", actor="ops", reason="appeal")
+    directory.refresh()
+    assert not directory.get("s1").frozen
+
+
+class Broken:
+    def __init__(self) -> None:
+        self.fail = False
+
+    def shop_states(self) -> Mapping[str, ShopState]:
+        if self.fail:
+            raise OSError("database down")
+        return {"s1": ShopState("s1", frozen=True, frozen_until=2e9)}
+
+
+def test_a_failed_refresh_keeps_the_last_snapshot() -> None:
+    clock = FakeClock(1e9)
+    source = Broken()
+    directory = LedgerShopDirectory(source, clock, ttl_s=1.0)
+    source.fail = True
+    clock.advance(5)
+    directory.refresh()
+    assert directory.get("s1").frozen

@@ -1,0 +1,50 @@
+"""The reviewed penalty schedule in rules/penalties.toml and its validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from riskd.errors import ConfigError, InvalidArgumentError
+from riskd.ledger.schedule import DEFAULT_PATH, load_schedule
+
+
+def test_the_shipped_schedule_has_the_platform_plans_violations() -> None:
+    s = load_schedule()
+    assert DEFAULT_PATH.name == "penalties.toml"
+    assert s.violation("content_violation_serious").freeze_days == 30
+    assert s.late_shipment_coupon_fen == 500
+    for name in ("counterfeit_goods", "order_brushing", "not_as_described", "substandard_goods"):
+        assert s.violation(name).penalty(0) > 0
+
+
+def test_penalty_is_the_larger_of_fixed_and_share_in_integer_fen() -> None:
+    v = load_schedule().violation("order_brushing")  # 5,000 CNY or 20%
+    assert v.penalty(1_000_000) == 500_000
+    assert v.penalty(10_000_001) == 2_000_000  # floor, never a float
+
+
+def test_unknown_violation_names_the_field() -> None:
+    with pytest.raises(InvalidArgumentError, match="violation: unknown"):
+        load_schedule().violation("nope")
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("version = 'x'\n", "violations"),
+        ("[violations.a]\nfixed_fen = -1\n", "violations.a.fixed_fen"),
+        ("[violations.a]\nfixed_fen = 1.5\n", "violations.a.fixed_fen"),
+        ("[violations.a]\ndeposit_share_bps = 10001\n", "deposit_share_bps"),
+        ("[violations.a]\nfreeze_days = 1\n", "needs fixed_fen"),
+        ("[violations.a]\nfixed_fen = 1\nfine = 2\n", "unknown keys"),
+        ("[violations.a]\nfixed_fen = 1\n", "coupons.late_shipment.amount_fen"),
+        ("[violations.a\n", "cannot read"),
+    ],
+)
+def test_bad_schedules_name_the_field(tmp_path: Path, text: str, error: str) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=error):
+        load_schedule(path)
