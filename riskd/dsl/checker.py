@@ -1,0 +1,419 @@
+"""Type checker: resolves names and overloads against an ``Env`` and reports type errors.
+
+The checker annotates (it does not rewrite) the AST: ``Checked`` maps each
+node to its type, each identifier to what it names, each call to its
+candidate overloads, each velocity call to its ``FeatureQuery`` and each
+literal ``matches`` pattern to its compiled RE2 predicate. With
+``strict=False`` (the "unchecked" mode CEL's conformance suite uses)
+problems become run-time errors instead of diagnostics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from riskd.domain.features import KEYS, WINDOWS, Agg, FeatureQuery
+from riskd.dsl.diagnostics import (
+    BAD_ARGUMENT,
+    BAD_REGEX,
+    TYPE_ERROR,
+    UNDECLARED,
+    UNKNOWN_FIELD,
+    UNKNOWN_FUNCTION,
+    Diagnostic,
+)
+from riskd.dsl.nodes import Call, Comprehension, Expr, Ident, ListLit, Literal, MapLit, Select
+from riskd.dsl.regex import RegexError, compile_pattern
+from riskd.dsl.registry import DEFAULT_REGISTRY, VELOCITY, Overload, Registry
+from riskd.dsl.types import (
+    BOOL,
+    BYTES,
+    DOUBLE,
+    DYN,
+    INT,
+    NULL,
+    STRING,
+    TYPE,
+    UINT,
+    ListType,
+    MapType,
+    ObjectType,
+    Type,
+    TypeParam,
+    TypeType,
+    is_dyn,
+)
+from riskd.dsl.values import TypeValue, UInt
+
+TYPE_NAMES = (
+    "int",
+    "uint",
+    "double",
+    "string",
+    "bool",
+    "bytes",
+    "list",
+    "map",
+    "null_type",
+    "type",
+)
+_ORDER_OPS = {"_<_": "<", "_<=_": "<=", "_>_": ">", "_>=_": ">="}
+_EQ_OPS = {"_==_": "==", "_!=_": "!="}
+_ARITH_OPS = {"_+_": "+", "_-_": "-", "_*_": "*", "_/_": "/", "_%_": "%"}
+_AGG = {"orders": Agg.COUNT, "amount": Agg.SUM, "distinct": Agg.DISTINCT}
+
+
+@dataclass(frozen=True, slots=True)
+class Env:
+    """What an expression may refer to: typed variables and the function registry."""
+
+    variables: Mapping[str, Type]
+    registry: Registry = DEFAULT_REGISTRY
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """What an identifier (or qualified name) resolves to.
+
+    kind: ``var`` (an Env variable), ``local`` (a macro variable), ``type``
+    (a type denotation such as ``int``) or ``unbound`` (a run-time error).
+    """
+
+    kind: str
+    name: str
+
+
+@dataclass(slots=True)
+class Checked:
+    """The checker's annotations, keyed by ``id(node)`` of nodes in ``root``."""
+
+    root: Expr
+    types: dict[int, Type] = field(default_factory=dict)
+    refs: dict[int, Ref] = field(default_factory=dict)
+    calls: dict[int, tuple[Overload, ...]] = field(default_factory=dict)
+    features: dict[int, FeatureQuery] = field(default_factory=dict)
+    regexes: dict[int, Callable[[str], bool]] = field(default_factory=dict)
+
+    def type_of(self, node: Expr) -> Type:
+        return self.types.get(id(node), DYN)
+
+
+def check(root: Expr, env: Env, *, strict: bool = True) -> tuple[Checked, list[Diagnostic]]:
+    """Check ``root``; returns the annotations and (in strict mode) every type error."""
+    c = _Checker(env, strict, Checked(root))
+    c.visit(root)
+    return c.out, c.diags
+
+
+def type_value(name: str) -> TypeValue:
+    return TypeValue(name)
+
+
+class _Checker:
+    def __init__(self, env: Env, strict: bool, out: Checked) -> None:
+        self.env = env
+        self.strict = strict
+        self.out = out
+        self.diags: list[Diagnostic] = []
+        self.scopes: list[dict[str, Type]] = []
+
+    def error(self, node: Expr, code: str, message: str) -> None:
+        if not self.strict:
+            return
+        src = node.pos.source
+        if src is None:
+            self.diags.append(Diagnostic(code, message, "<expr>", 1, node.pos.offset + 1))
+        else:
+            self.diags.append(src.diagnostic(code, message, node.pos.offset))
+
+    def visit(self, node: Expr) -> Type:
+        t = self._visit(node)
+        self.out.types[id(node)] = t
+        return t
+
+    def _visit(self, node: Expr) -> Type:
+        if isinstance(node, Literal):
+            return _literal_type(node.value)
+        if isinstance(node, Ident):
+            return self.ident(node)
+        if isinstance(node, Select):
+            return self.select(node)
+        if isinstance(node, Call):
+            return self.call(node)
+        if isinstance(node, ListLit):
+            return ListType(self.join([self.visit(e) for e in node.elements]))
+        if isinstance(node, MapLit):
+            return self.map_lit(node)
+        return self.comprehension(node)
+
+    # -- names ---------------------------------------------------------------
+    def local(self, name: str) -> Type | None:
+        for scope in reversed(self.scopes):
+            if name in scope:
+                return scope[name]
+        return None
+
+    def ident(self, node: Ident) -> Type:
+        local = self.local(node.name)
+        if local is not None:
+            self.out.refs[id(node)] = Ref("local", node.name)
+            return local
+        if node.name in self.env.variables:
+            self.out.refs[id(node)] = Ref("var", node.name)
+            return self.env.variables[node.name]
+        if node.name in TYPE_NAMES:
+            self.out.refs[id(node)] = Ref("type", node.name)
+            return TYPE
+        self.out.refs[id(node)] = Ref("unbound", node.name)
+        self.error(node, UNDECLARED, f"undeclared reference to '{node.name}'")
+        return DYN
+
+    def qualified(self, node: Select) -> str | None:
+        parts: list[str] = [node.field]
+        cur: Expr = node.operand
+        while isinstance(cur, Select) and not cur.test_only:
+            parts.append(cur.field)
+            cur = cur.operand
+        if not isinstance(cur, Ident) or self.local(cur.name) is not None:
+            return None
+        return ".".join([cur.name, *reversed(parts)])
+
+    def select(self, node: Select) -> Type:
+        name = self.qualified(node) if not node.test_only else None
+        if name is not None and name in self.env.variables:
+            self.out.refs[id(node)] = Ref("var", name)
+            return self.env.variables[name]
+        operand = self.visit(node.operand)
+        result = self.field_type(node, operand)
+        return BOOL if node.test_only else result
+
+    def field_type(self, node: Select, operand: Type) -> Type:
+        if isinstance(operand, ObjectType):
+            ft = operand.field(node.field)
+            if ft is None or node.field.startswith("_"):
+                known = ", ".join(n for n, _ in operand.fields)
+                self.error(node, UNKNOWN_FIELD,
+                           f"{operand.name} has no field '{node.field}' (it has: {known})")  # fmt: skip
+                return DYN
+            return ft
+        if isinstance(operand, MapType):
+            if not (is_dyn(operand.key) or operand.key == STRING):
+                self.error(node, TYPE_ERROR, f"cannot select a field of {operand}")
+            return operand.value
+        if is_dyn(operand):
+            return DYN
+        self.error(node, TYPE_ERROR, f"type '{operand}' does not support field selection")
+        return DYN
+
+    # -- literals ------------------------------------------------------------
+    def join(self, types: list[Type]) -> Type:
+        if not types:
+            return DYN
+        first = types[0]
+        return first if all(t == first for t in types) else DYN
+
+    def map_lit(self, node: MapLit) -> Type:
+        keys, values = [], []
+        for k, v in node.entries:
+            kt = self.visit(k)
+            if not (is_dyn(kt) or kt in (INT, UINT, STRING, BOOL)):
+                self.error(k, TYPE_ERROR, f"unsupported map key type {kt}")
+            keys.append(kt)
+            values.append(self.visit(v))
+        return MapType(self.join(keys), self.join(values))
+
+    # -- macros --------------------------------------------------------------
+    def comprehension(self, node: Comprehension) -> Type:
+        target = self.visit(node.target)
+        if isinstance(target, ListType):
+            var = target.elem
+        elif isinstance(target, MapType):
+            var = target.key
+        else:
+            if not is_dyn(target):
+                self.error(node, TYPE_ERROR, f"{node.kind}() cannot range over {target}")
+            var = DYN
+        self.scopes.append({node.var: var})
+        try:
+            if node.predicate is not None:
+                self.expect_bool(node.predicate, self.visit(node.predicate), node.kind)
+            out = self.visit(node.transform) if node.transform is not None else var
+        finally:
+            self.scopes.pop()
+        if node.kind in ("map", "filter"):
+            return ListType(out)
+        return BOOL
+
+    def expect_bool(self, node: Expr, t: Type, what: str) -> None:
+        if t != BOOL and not is_dyn(t):
+            self.error(node, TYPE_ERROR, f"{what} needs a bool, got {t}")
+
+    # -- calls ---------------------------------------------------------------
+    def call(self, node: Call) -> Type:
+        fn = node.function
+        if node.target is None and fn in ("_&&_", "_||_"):
+            for a in node.args:
+                self.expect_bool(a, self.visit(a), "'&&'" if fn == "_&&_" else "'||'")
+            return BOOL
+        if node.target is None and fn == "_?_:_":
+            cond, then, other = node.args
+            self.expect_bool(cond, self.visit(cond), "the condition of '?:'")
+            return self.join([self.visit(then), self.visit(other)])
+        if node.target is None and fn in VELOCITY:
+            return self.velocity(node)
+        args = [self.visit(a) for a in node.args]
+        if node.target is not None:
+            args.insert(0, self.visit(node.target))
+        if fn == "matches":
+            self.literal_regex(node)
+        return self.resolve(node, args)
+
+    def resolve(self, node: Call, args: list[Type]) -> Type:
+        function = self.env.registry.functions.get(node.function)
+        if function is None:
+            self.error(node, UNKNOWN_FUNCTION, f"undeclared function '{node.function}'")
+            self.out.calls[id(node)] = ()
+            return DYN
+        receiver = node.target is not None
+        matches: list[tuple[Overload, Type]] = []
+        for o in function.overloads:
+            if o.receiver != receiver or len(o.params) != len(args):
+                continue
+            binds: dict[str, Type] = {}
+            if all(unify(p, a, binds) for p, a in zip(o.params, args, strict=True)):
+                matches.append((o, substitute(o.result, binds)))
+        if not matches:
+            self.error(node, TYPE_ERROR, _overload_message(node, args))
+            self.out.calls[id(node)] = tuple(
+                o for o in function.overloads if o.receiver == receiver
+            )
+            return DYN
+        self.out.calls[id(node)] = tuple(o for o, _ in matches)
+        return self.join([r for _, r in matches])
+
+    def velocity(self, node: Call) -> Type:
+        fn = node.function
+        want = 3 if fn == "distinct" else 2
+        for a in node.args:
+            self.visit(a)
+        if len(node.args) != want:
+            usage = f"{fn}(KEY, OF, WINDOW)" if want == 3 else f"{fn}(KEY, WINDOW)"
+            self.error(node, BAD_ARGUMENT, f"{fn}() takes {want} arguments: {usage}")
+            return INT
+        texts: list[str] = []
+        for i, a in enumerate(node.args):
+            allowed = WINDOWS if i == want - 1 else KEYS
+            what = "window" if i == want - 1 else "key"
+            if not isinstance(a, Literal) or not isinstance(a.value, str):
+                self.error(a, BAD_ARGUMENT, f"the {what} of {fn}() must be a string literal")
+                return INT
+            if a.value not in allowed:
+                choices = ", ".join(f'"{x}"' for x in allowed)
+                self.error(
+                    a, BAD_ARGUMENT, f'unknown {what} "{a.value}"; expected one of {choices}'
+                )
+                return INT
+            texts.append(a.value)
+        of = texts[1] if want == 3 else ""
+        query = FeatureQuery(_AGG[fn], texts[0], texts[-1], of=of)
+        self.out.features[id(node)] = query
+        self.out.calls[id(node)] = self.env.registry.functions[fn].overloads
+        return INT
+
+    def literal_regex(self, node: Call) -> None:
+        pattern = node.args[-1] if node.args else None
+        if not isinstance(pattern, Literal) or not isinstance(pattern.value, str):
+            return
+        try:
+            self.out.regexes[id(node)] = compile_pattern(pattern.value)
+        except RegexError as exc:
+            self.error(pattern, BAD_REGEX, f"invalid regular expression: {exc}")
+
+
+def _overload_message(node: Call, args: list[Type]) -> str:
+    fn = node.function
+    if fn in _EQ_OPS or fn in _ORDER_OPS:
+        return f"cannot compare {args[0]} with {args[1]}"
+    if fn in _ARITH_OPS:
+        return f"cannot apply '{_ARITH_OPS[fn]}' to {args[0]} and {args[1]}"
+    if fn == "@in":
+        return f"cannot test membership of {args[0]} in {args[1]}"
+    if fn == "_[_]":
+        return f"cannot index {args[0]} with {args[1]}"
+    shown = {"!_": "!", "-_": "-"}.get(fn, fn)
+    return f"no matching overload for '{shown}' applied to ({', '.join(map(str, args))})"
+
+
+def _literal_type(value: object) -> Type:
+    if value is None:
+        return NULL
+    if isinstance(value, bool):
+        return BOOL
+    if isinstance(value, UInt):
+        return UINT
+    if isinstance(value, int):
+        return INT
+    if isinstance(value, float):
+        return DOUBLE
+    if isinstance(value, bytes):
+        return BYTES
+    return STRING
+
+
+def unify(param: Type, arg: Type, binds: dict[str, Type]) -> bool:
+    """Can ``arg`` be passed where ``param`` is expected? Binds type parameters."""
+    if isinstance(param, TypeParam):
+        bound = binds.get(param.name)
+        if bound is None:
+            binds[param.name] = arg
+            return True
+        if assignable(bound, arg):
+            if is_dyn(bound) and not is_dyn(arg):
+                return True
+            binds[param.name] = bound if bound == arg else _widen(bound, arg)
+            return True
+        return False
+    if arg == DYN or param == DYN:
+        return True
+    if isinstance(param, ListType):
+        return isinstance(arg, ListType) and unify(param.elem, arg.elem, binds)
+    if isinstance(param, MapType):
+        return (
+            isinstance(arg, MapType)
+            and unify(param.key, arg.key, binds)
+            and unify(param.value, arg.value, binds)
+        )
+    if isinstance(param, TypeType):
+        return isinstance(arg, TypeType)
+    return param == arg
+
+
+def assignable(a: Type, b: Type) -> bool:
+    """Structural compatibility where ``dyn`` matches anything."""
+    if is_dyn(a) or is_dyn(b):
+        return True
+    if isinstance(a, ListType) and isinstance(b, ListType):
+        return assignable(a.elem, b.elem)
+    if isinstance(a, MapType) and isinstance(b, MapType):
+        return assignable(a.key, b.key) and assignable(a.value, b.value)
+    if isinstance(a, TypeType):
+        return isinstance(b, TypeType)
+    return a == b
+
+
+def _widen(a: Type, b: Type) -> Type:
+    return a if a == b else DYN
+
+
+def substitute(t: Type, binds: Mapping[str, Type]) -> Type:
+    if isinstance(t, TypeParam):
+        return binds.get(t.name, DYN)
+    if isinstance(t, ListType):
+        return ListType(substitute(t.elem, binds))
+    if isinstance(t, MapType):
+        return MapType(substitute(t.key, binds), substitute(t.value, binds))
+    return t
+
+
+__all__ = ["DOUBLE", "Checked", "Env", "Ref", "check", "type_value"]

@@ -1,0 +1,287 @@
+"""Implementations of the builtin functions, keyed by overload id.
+
+``registry`` declares the signatures; ``IMPLS`` here holds the code. A test
+checks that the two name the same overloads.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import zoneinfo
+from collections.abc import Callable, Mapping
+
+from riskd.dsl import runtime as rt
+from riskd.dsl.regex import search_dynamic
+from riskd.dsl.values import (
+    INT_MAX,
+    INT_MIN,
+    Duration,
+    EvalError,
+    Timestamp,
+    UInt,
+    parse_duration,
+    parse_timestamp,
+)
+
+_NS = 1_000_000_000
+Impl = Callable[..., object]
+
+
+def _div_int(a: int, b: int) -> int:
+    if b == 0:
+        raise EvalError("division by zero")
+    q = abs(a) // abs(b)
+    return rt.check_int(q if (a < 0) == (b < 0) else -q)
+
+
+def _mod_int(a: int, b: int) -> int:
+    if b == 0:
+        raise EvalError("modulus by zero")
+    r = abs(a) % abs(b)
+    return -r if a < 0 else r
+
+
+def _div_uint(a: int, b: int) -> UInt:
+    if b == 0:
+        raise EvalError("division by zero")
+    return UInt(a // b)
+
+
+def _mod_uint(a: int, b: int) -> UInt:
+    if b == 0:
+        raise EvalError("modulus by zero")
+    return UInt(a % b)
+
+
+def _div_double(a: float, b: float) -> float:
+    try:
+        return a / b
+    except ZeroDivisionError:
+        if a == 0 or math.isnan(a):
+            return math.nan
+        return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
+def _double_to_int(v: float) -> int:
+    if math.isnan(v) or not -(2.0**63) <= v < 2.0**63:
+        raise EvalError("int conversion out of range")
+    return rt.check_int(int(v))
+
+
+def _double_to_uint(v: float) -> UInt:
+    if math.isnan(v) or not -1.0 < v < 2.0**64:
+        raise EvalError("uint conversion out of range")
+    return UInt(int(v))
+
+
+def _string_to_int(s: str) -> int:
+    try:
+        return rt.check_int(int(s, 10)) if "_" not in s else _bad_conversion("int")
+    except ValueError:
+        return _bad_conversion("int")
+
+
+def _string_to_uint(s: str) -> UInt:
+    try:
+        return rt.check_uint(int(s, 10)) if "_" not in s else UInt(_bad_conversion("uint"))
+    except ValueError:
+        return UInt(_bad_conversion("uint"))
+
+
+def _string_to_double(s: str) -> float:
+    try:
+        return float(s) if "_" not in s else float(_bad_conversion("double"))
+    except ValueError:
+        return float(_bad_conversion("double"))
+
+
+def _bad_conversion(kind: str) -> int:
+    raise EvalError(f"type conversion error: cannot convert string to {kind}")
+
+
+_BOOLS = {"1": True, "t": True, "true": True, "TRUE": True, "True": True,
+          "0": False, "f": False, "false": False, "FALSE": False, "False": False}  # fmt: skip
+
+
+def _string_to_bool(s: str) -> bool:
+    if s not in _BOOLS:
+        raise EvalError("type conversion error: cannot convert string to bool")
+    return _BOOLS[s]
+
+
+def _bytes_to_string(b: bytes) -> str:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EvalError("invalid UTF-8 in bytes") from exc
+
+
+def _double_to_string(v: float) -> str:
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    if math.isnan(v):
+        return "NaN"
+    return repr(v)
+
+
+def _ts_to_int(t: Timestamp) -> int:
+    return t.ns // _NS
+
+
+def _int_to_ts(v: int) -> Timestamp:
+    return Timestamp.checked(v * _NS)
+
+
+def _local(t: Timestamp, tz: str = "UTC") -> _dt.datetime:
+    d = t.to_datetime()
+    if tz in ("UTC", "Z", ""):
+        return d
+    try:
+        if tz[:1] in "+-" and len(tz) == 6 and tz[3] == ":":
+            sign = 1 if tz[0] == "+" else -1
+            offset = _dt.timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6]))
+            return d.astimezone(_dt.timezone(sign * offset))
+        return d.astimezone(zoneinfo.ZoneInfo(tz))
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError) as exc:
+        raise EvalError(f"unknown time zone {tz!r}") from exc
+
+
+def _ts_accessor(get: Callable[[_dt.datetime], int]) -> Callable[..., int]:
+    def impl(t: Timestamp, tz: str = "UTC") -> int:
+        return get(_local(t, tz))
+
+    return impl
+
+
+_TS_ACCESSORS: dict[str, Callable[[_dt.datetime], int]] = {
+    "getFullYear": lambda d: d.year,
+    "getMonth": lambda d: d.month - 1,
+    "getDate": lambda d: d.day,
+    "getDayOfMonth": lambda d: d.day - 1,
+    "getDayOfWeek": lambda d: (d.weekday() + 1) % 7,
+    "getDayOfYear": lambda d: d.timetuple().tm_yday - 1,
+    "getHours": lambda d: d.hour,
+    "getMinutes": lambda d: d.minute,
+    "getSeconds": lambda d: d.second,
+    "getMilliseconds": lambda d: d.microsecond // 1000,
+}
+_DUR_ACCESSORS: dict[str, Callable[[Duration], int]] = {
+    "getHours": lambda d: int(d.ns / (3600 * _NS)),
+    "getMinutes": lambda d: int(d.ns / (60 * _NS)),
+    "getSeconds": lambda d: int(d.ns / _NS),
+    "getMilliseconds": lambda d: int(d.ns / 10**6),
+}
+
+
+def _feature(features: Mapping[object, int], query: object) -> int:
+    return features[query]
+
+
+def _matches(s: str, pattern: str) -> bool:
+    return search_dynamic(pattern, s)
+
+
+IMPLS: dict[str, Impl] = {
+    # arithmetic
+    "add_int64": lambda a, b: rt.check_int(a + b),
+    "add_uint64": lambda a, b: rt.check_uint(a + b),
+    "add_double": lambda a, b: a + b,
+    "add_string": lambda a, b: a + b,
+    "add_bytes": lambda a, b: a + b,
+    "add_list": lambda a, b: [*a, *b],
+    "add_timestamp_duration": lambda a, b: Timestamp.checked(a.ns + b.ns),
+    "add_duration_timestamp": lambda a, b: Timestamp.checked(a.ns + b.ns),
+    "add_duration_duration": lambda a, b: Duration.checked(a.ns + b.ns),
+    "subtract_int64": lambda a, b: rt.check_int(a - b),
+    "subtract_uint64": lambda a, b: rt.check_uint(a - b),
+    "subtract_double": lambda a, b: a - b,
+    "subtract_timestamp_timestamp": lambda a, b: Duration.checked(a.ns - b.ns),
+    "subtract_timestamp_duration": lambda a, b: Timestamp.checked(a.ns - b.ns),
+    "subtract_duration_duration": lambda a, b: Duration.checked(a.ns - b.ns),
+    "multiply_int64": lambda a, b: rt.check_int(a * b),
+    "multiply_uint64": lambda a, b: rt.check_uint(a * b),
+    "multiply_double": lambda a, b: a * b,
+    "divide_int64": _div_int,
+    "divide_uint64": _div_uint,
+    "divide_double": _div_double,
+    "modulo_int64": _mod_int,
+    "modulo_uint64": _mod_uint,
+    "negate_int64": lambda a: rt.check_int(-a),
+    "negate_double": lambda a: -a,
+    "logical_not": lambda a: not a,
+    # equality, ordering, membership, indexing
+    "equals": rt.equals,
+    "not_equals": lambda a, b: not rt.equals(a, b),
+    "in_list": lambda a, b: rt.contains(b, a),
+    "in_map": lambda a, b: rt.contains(b, a),
+    "index_list": rt.index,
+    "index_map": rt.index,
+    # sizes and strings
+    "size_string": len,
+    "size_bytes": len,
+    "size_list": len,
+    "size_map": len,
+    "string_size": len,
+    "bytes_size": len,
+    "list_size": len,
+    "map_size": len,
+    "contains_string": lambda a, b: b in a,
+    "starts_with_string": lambda a, b: a.startswith(b),
+    "ends_with_string": lambda a, b: a.endswith(b),
+    "matches_string": _matches,
+    "matches": _matches,
+    # conversions
+    "int64_to_int64": lambda v: v,
+    "uint64_to_int64": lambda v: rt.check_int(int(v)),
+    "double_to_int64": _double_to_int,
+    "string_to_int64": _string_to_int,
+    "timestamp_to_int64": _ts_to_int,
+    "uint64_to_uint64": lambda v: v,
+    "int64_to_uint64": lambda v: rt.check_uint(v),
+    "double_to_uint64": _double_to_uint,
+    "string_to_uint64": _string_to_uint,
+    "double_to_double": lambda v: v,
+    "int64_to_double": float,
+    "uint64_to_double": float,
+    "string_to_double": _string_to_double,
+    "string_to_string": lambda v: v,
+    "int64_to_string": lambda v: str(int(v)),
+    "uint64_to_string": lambda v: str(int(v)),
+    "double_to_string": _double_to_string,
+    "bytes_to_string": _bytes_to_string,
+    "bool_to_string": lambda v: "true" if v else "false",
+    "timestamp_to_string": str,
+    "duration_to_string": str,
+    "bytes_to_bytes": lambda v: v,
+    "string_to_bytes": lambda v: v.encode("utf-8"),
+    "bool_to_bool": lambda v: v,
+    "string_to_bool": _string_to_bool,
+    "type": rt.type_of,
+    "to_dyn": lambda v: v,
+    "string_to_duration": parse_duration,
+    "duration_to_duration": lambda v: v,
+    "string_to_timestamp": parse_timestamp,
+    "int64_to_timestamp": _int_to_ts,
+    "timestamp_to_timestamp": lambda v: v,
+    # riskd velocity features: (features snapshot, FeatureQuery) -> int
+    "orders": _feature,
+    "amount": _feature,
+    "distinct": _feature,
+}
+
+_CMP = {"less": rt.less, "less_equals": rt.less_equals,
+        "greater": rt.greater, "greater_equals": rt.greater_equals}  # fmt: skip
+ORDERED = ("bool", "int64", "uint64", "double", "string", "bytes", "timestamp", "duration")
+CROSS = (("int64", "uint64"), ("int64", "double"), ("uint64", "int64"),
+         ("uint64", "double"), ("double", "int64"), ("double", "uint64"))  # fmt: skip
+for _op, _fn in _CMP.items():
+    for _t in ORDERED:
+        IMPLS[f"{_op}_{_t}"] = _fn
+    for _a, _b in CROSS:
+        IMPLS[f"{_op}_{_a}_{_b}"] = _fn
+for _name, _get in _TS_ACCESSORS.items():
+    IMPLS[f"timestamp_{_name}"] = _ts_accessor(_get)
+    IMPLS[f"timestamp_{_name}_tz"] = _ts_accessor(_get)
+for _name, _dget in _DUR_ACCESSORS.items():
+    IMPLS[f"duration_{_name}"] = _dget

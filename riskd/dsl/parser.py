@@ -1,0 +1,285 @@
+"""Recursive-descent parser for CEL expressions, with macros expanded as it goes.
+
+``parse(src)`` never raises: every problem is a diagnostic with a stable code.
+Nesting and length are bounded (``MAX_LENGTH``, ``MAX_DEPTH``) so that no input
+can exhaust the Python stack, here or in the phases after it.
+"""
+
+from __future__ import annotations
+
+from riskd.dsl.diagnostics import LIMIT_EXCEEDED, SYNTAX_ERROR, Diagnostic, Source
+from riskd.dsl.lexer import RESERVED, Tok, Token, tokenize
+from riskd.dsl.nodes import (
+    MACROS,
+    Call,
+    Comprehension,
+    Expr,
+    Ident,
+    ListLit,
+    Literal,
+    MapLit,
+    Pos,
+    Select,
+    depth,
+)
+from riskd.dsl.values import INT_MAX
+
+MAX_LENGTH = 20_000
+MAX_DEPTH = 100
+MAX_NESTING = 60  # parenthesised / bracketed nesting while parsing
+
+_BINARY: dict[str, tuple[int, str]] = {
+    "||": (1, "_||_"),
+    "&&": (2, "_&&_"),
+    "==": (3, "_==_"), "!=": (3, "_!=_"), "<": (3, "_<_"), "<=": (3, "_<=_"),
+    ">": (3, "_>_"), ">=": (3, "_>=_"), "in": (3, "@in"),
+    "+": (4, "_+_"), "-": (4, "_-_"),
+    "*": (5, "_*_"), "/": (5, "_/_"), "%": (5, "_%_"),
+}  # fmt: skip
+
+
+class _ParseError(Exception):
+    def __init__(self, message: str, offset: int, code: str = SYNTAX_ERROR) -> None:
+        super().__init__(message)
+        self.offset = offset
+        self.code = code
+
+
+def parse(src: Source) -> tuple[Expr | None, list[Diagnostic]]:
+    """Parse one expression; returns the AST (or None) and every diagnostic."""
+    if len(src.text) > MAX_LENGTH:
+        msg = f"expression is {len(src.text)} characters long; the limit is {MAX_LENGTH}"
+        return None, [src.diagnostic(LIMIT_EXCEEDED, msg, 0)]
+    tokens, diags = tokenize(src)
+    if diags:
+        return None, diags
+    parser = _Parser(tokens, src)
+    try:
+        expr = parser.parse_all()
+    except _ParseError as err:
+        return None, [src.diagnostic(err.code, str(err), err.offset)]
+    if depth(expr) > MAX_DEPTH:
+        msg = f"expression is nested more than {MAX_DEPTH} levels deep"
+        return None, [src.diagnostic(LIMIT_EXCEEDED, msg, 0)]
+    return expr, []
+
+
+class _Parser:
+    def __init__(self, tokens: list[Token], src: Source) -> None:
+        self.toks = tokens
+        self.k = 0
+        self.src = src
+        self.nesting = 0
+
+    # -- token helpers -------------------------------------------------------
+    def peek(self, ahead: int = 0) -> Token:
+        return self.toks[min(self.k + ahead, len(self.toks) - 1)]
+
+    def advance(self) -> Token:
+        tok = self.toks[self.k]
+        if tok.kind is not Tok.EOF:
+            self.k += 1
+        return tok
+
+    def at(self, text: str) -> bool:
+        tok = self.peek()
+        return tok.kind is Tok.PUNCT and tok.text == text
+
+    def expect(self, text: str) -> Token:
+        if not self.at(text):
+            tok = self.peek()
+            raise _ParseError(f"expected '{text}', found {_describe(tok)}", tok.offset)
+        return self.advance()
+
+    def pos(self, offset: int) -> Pos:
+        return Pos(offset, self.src)
+
+    # -- grammar -------------------------------------------------------------
+    def parse_all(self) -> Expr:
+        expr = self.expr()
+        tok = self.peek()
+        if tok.kind is not Tok.EOF:
+            raise _ParseError(f"unexpected {_describe(tok)}", tok.offset)
+        return expr
+
+    def expr(self) -> Expr:
+        self.nesting += 1
+        if self.nesting > MAX_NESTING:
+            raise _ParseError(
+                f"expression is nested more than {MAX_NESTING} levels deep",
+                self.peek().offset,
+                LIMIT_EXCEEDED,
+            )
+        cond = self.binary(1)
+        if self.at("?"):
+            q = self.advance()
+            then = self.binary(1)
+            self.expect(":")
+            other = self.expr()
+            cond = Call("_?_:_", (cond, then, other), pos=self.pos(q.offset))
+        self.nesting -= 1
+        return cond
+
+    def binary(self, min_prec: int) -> Expr:
+        left = self.unary()
+        while True:
+            tok = self.peek()
+            op = tok.text if tok.kind in (Tok.PUNCT, Tok.IDENT) else ""
+            if op not in _BINARY or (tok.kind is Tok.IDENT and op != "in"):
+                return left
+            prec, name = _BINARY[op]
+            if prec < min_prec:
+                return left
+            self.advance()
+            right = self.binary(prec + 1)
+            left = Call(name, (left, right), pos=self.pos(tok.offset))
+
+    def unary(self) -> Expr:
+        ops: list[Token] = []
+        while self.at("!") or self.at("-"):
+            ops.append(self.advance())
+        first = self.peek()
+        node = self.member()
+        if ops and ops[-1].text == "-" and first.kind in (Tok.INT, Tok.DOUBLE):
+            if isinstance(node, Literal) and node.pos.offset == first.offset:
+                value = node.value
+                assert isinstance(value, int | float)
+                node = Literal(-value, pos=self.pos(ops[-1].offset))
+                ops.pop()
+        self.check_int_range(node, first)
+        for op in reversed(ops):
+            node = Call("!_" if op.text == "!" else "-_", (node,), pos=self.pos(op.offset))
+        return node
+
+    def check_int_range(self, node: Expr, first: Token) -> None:
+        if first.kind is Tok.INT and isinstance(first.value, int) and first.value > INT_MAX:
+            if not (isinstance(node, Literal) and node.value == -first.value):
+                raise _ParseError("integer literal out of range", first.offset)
+
+    def member(self) -> Expr:
+        node = self.primary()
+        while True:
+            if self.at("."):
+                node = self.select(node)
+            elif self.at("["):
+                tok = self.advance()
+                index = self.expr()
+                self.expect("]")
+                node = Call("_[_]", (node, index), pos=self.pos(tok.offset))
+            else:
+                return node
+
+    def select(self, operand: Expr) -> Expr:
+        dot = self.advance()
+        tok = self.advance()
+        if tok.kind is Tok.QUOTED:
+            assert isinstance(tok.value, str)
+            return Select(operand, tok.value, pos=self.pos(dot.offset))
+        if tok.kind is not Tok.IDENT:
+            raise _ParseError(f"expected a field name, found {_describe(tok)}", tok.offset)
+        if not self.at("("):
+            return Select(operand, tok.text, pos=self.pos(dot.offset))
+        args = self.args()
+        if tok.text in MACROS:
+            return self.macro(tok, operand, args)
+        return Call(tok.text, args, target=operand, pos=self.pos(tok.offset))
+
+    def args(self) -> tuple[Expr, ...]:
+        self.expect("(")
+        args: list[Expr] = []
+        if not self.at(")"):
+            args.append(self.expr())
+            while self.at(","):
+                self.advance()
+                args.append(self.expr())
+        self.expect(")")
+        return tuple(args)
+
+    def macro(self, name: Token, target: Expr, args: tuple[Expr, ...]) -> Expr:
+        kind = name.text
+        arity = (2, 3) if kind == "map" else (2,)
+        if len(args) not in arity:
+            raise _ParseError(
+                f"{kind}() takes {' or '.join(map(str, arity))} arguments", name.offset
+            )
+        var = args[0]
+        if not isinstance(var, Ident):
+            raise _ParseError(f"the first argument of {kind}() must be a simple name", name.offset)
+        pos = self.pos(name.offset)
+        if kind == "map":
+            pred = args[1] if len(args) == 3 else None
+            return Comprehension(kind, target, var.name, pred, args[-1], pos=pos)
+        return Comprehension(kind, target, var.name, args[1], pos=pos)
+
+    def primary(self) -> Expr:
+        tok = self.peek()
+        if tok.kind in (Tok.INT, Tok.UINT, Tok.DOUBLE, Tok.STRING, Tok.BYTES):
+            self.advance()
+            return Literal(tok.value, pos=self.pos(tok.offset))
+        if tok.kind is Tok.IDENT:
+            return self.ident_or_call()
+        if self.at("."):
+            self.advance()
+            if self.peek().kind is not Tok.IDENT:
+                raise _ParseError("expected a name after '.'", self.peek().offset)
+            return self.ident_or_call()
+        if self.at("("):
+            self.advance()
+            inner = self.expr()
+            self.expect(")")
+            return inner
+        if self.at("["):
+            return self.list_lit()
+        if self.at("{"):
+            return self.map_lit()
+        raise _ParseError(f"unexpected {_describe(tok)}", tok.offset)
+
+    def ident_or_call(self) -> Expr:
+        tok = self.advance()
+        word = tok.text
+        pos = self.pos(tok.offset)
+        if word in ("true", "false"):
+            return Literal(word == "true", pos=pos)
+        if word == "null":
+            return Literal(None, pos=pos)
+        if word in RESERVED or word == "in":
+            raise _ParseError(f"'{word}' is a reserved word", tok.offset)
+        if not self.at("("):
+            return Ident(word, pos=pos)
+        args = self.args()
+        if word == "has":
+            if len(args) != 1 or not isinstance(args[0], Select) or args[0].test_only:
+                raise _ParseError("has() takes one field selection, e.g. has(a.b)", tok.offset)
+            sel = args[0]
+            return Select(sel.operand, sel.field, test_only=True, pos=pos)
+        return Call(word, args, pos=pos)
+
+    def list_lit(self) -> Expr:
+        start = self.expect("[")
+        items: list[Expr] = []
+        while not self.at("]"):
+            items.append(self.expr())
+            if not self.at(","):
+                break
+            self.advance()
+        self.expect("]")
+        return ListLit(tuple(items), pos=self.pos(start.offset))
+
+    def map_lit(self) -> Expr:
+        start = self.expect("{")
+        entries: list[tuple[Expr, Expr]] = []
+        while not self.at("}"):
+            key = self.expr()
+            self.expect(":")
+            entries.append((key, self.expr()))
+            if not self.at(","):
+                break
+            self.advance()
+        self.expect("}")
+        return MapLit(tuple(entries), pos=self.pos(start.offset))
+
+
+def _describe(tok: Token) -> str:
+    if tok.kind is Tok.EOF:
+        return "end of input"
+    return f"'{tok.text}'"

@@ -1,0 +1,62 @@
+"""Regular expressions for ``matches``, on RE2 (linear time: no pattern can hang the scorer).
+
+Literal patterns are compiled once, at compile time, so a bad pattern is a
+diagnostic; dynamic patterns are compiled at run time under a size bound and
+cached.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import re2
+
+from riskd.dsl.values import EvalError
+
+MAX_PATTERN_LENGTH = 1_000
+MAX_PROGRAM_SIZE = 5_000
+
+
+class RegexError(Exception):
+    """A pattern RE2 rejects, or one over the size bound."""
+
+
+def compile_pattern(pattern: str) -> Callable[[str], bool]:
+    """Compile ``pattern``; returns a predicate ``text -> bool`` (unanchored search)."""
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise RegexError(f"pattern is longer than {MAX_PATTERN_LENGTH} characters")
+    options = re2.Options()
+    options.max_mem = 8 << 20
+    options.log_errors = False
+    try:
+        compiled = re2.compile(pattern, options)
+    except re2.error as exc:
+        raise RegexError(_message(exc)) from exc
+    if compiled.programsize > MAX_PROGRAM_SIZE:
+        raise RegexError("pattern is too complex")
+    search = compiled.search
+
+    def matches(text: str) -> bool:
+        return search(text) is not None
+
+    return matches
+
+
+@functools.lru_cache(maxsize=256)
+def _cached(pattern: str) -> Callable[[str], bool]:
+    return compile_pattern(pattern)
+
+
+def search_dynamic(pattern: str, text: str) -> bool:
+    """``text.matches(pattern)`` for a pattern known only at run time."""
+    try:
+        return _cached(pattern)(text)
+    except RegexError as exc:
+        raise EvalError(f"invalid regular expression: {exc}") from exc
+
+
+def _message(exc: Exception) -> str:
+    arg = exc.args[0] if exc.args else ""
+    text = arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
+    return text or "invalid regular expression"

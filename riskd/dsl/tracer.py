@@ -1,0 +1,131 @@
+"""Explanations: which sub-conditions of an expression held, with their values.
+
+``explain`` runs the reference interpreter with a recording tracer, so the
+compiled hot path carries no tracing code at all. Each line reads like::
+
+    order.amounts.total > 50000 → true (order.amounts.total = 62000)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator, Mapping
+
+from riskd.dsl.checker import Checked
+from riskd.dsl.interp import Interpreter
+from riskd.dsl.nodes import Call, Comprehension, Expr, Ident, Literal, Select, children
+from riskd.dsl.registry import Registry
+from riskd.dsl.types import Type
+from riskd.dsl.unparse import unparse
+from riskd.dsl.values import Duration, EvalError, Timestamp, TypeValue, UInt
+
+_CONDITIONS = {"_==_", "_!=_", "_<_", "_<=_", "_>_", "_>=_", "@in", "_&&_", "_||_", "!_"}
+_OPERATORS = {"_+_", "_-_", "_*_", "_/_", "_%_", "-_", "_[_]", "_?_:_"}
+_MAX_TEXT = 80
+
+
+@dataclasses.dataclass(slots=True)
+class RecordingTracer:
+    """Keeps the last value (or error) of every evaluated node."""
+
+    values: dict[int, object] = dataclasses.field(default_factory=dict)
+    errors: dict[int, EvalError] = dataclasses.field(default_factory=dict)
+
+    def on_value(self, node: Expr, value: object) -> None:
+        self.values[id(node)] = value
+
+    def on_error(self, node: Expr, error: EvalError) -> None:
+        self.errors[id(node)] = error
+
+
+def explain(
+    checked: Checked,
+    variables: Mapping[str, Type],
+    registry: Registry,
+    activation: Mapping[str, object],
+) -> tuple[str, ...]:
+    """Evaluate with tracing and render one line per sub-condition."""
+    tracer = RecordingTracer()
+    try:
+        Interpreter(checked, variables, registry, tracer).evaluate(activation)
+    except EvalError:
+        pass
+    except (KeyError, TypeError, AttributeError) as exc:
+        return (f"{unparse(checked.root)} → error: {exc!r}",)
+    return tuple(_line(node, tracer) for node in _conditions(checked.root, True))
+
+
+def _conditions(node: Expr, top: bool) -> Iterator[Expr]:
+    is_call = isinstance(node, Call)
+    if top or isinstance(node, Comprehension) or (
+        is_call and node.function not in _OPERATORS and not node.function.startswith("_[")
+    ):
+        yield node
+    elif isinstance(node, Select) and node.test_only:
+        yield node
+    if isinstance(node, Comprehension):
+        return  # the body runs once per element; the macro's own result is what matters
+    for child in children(node):
+        if isinstance(node, Call) and node.function in ("_&&_", "_||_") and not isinstance(
+            child, Call | Comprehension
+        ):
+            yield child
+        yield from _conditions(child, False)
+
+
+def _line(node: Expr, tracer: RecordingTracer) -> str:
+    text = _clip(unparse(node))
+    if id(node) in tracer.errors and id(node) not in tracer.values:
+        return f"{text} → error: {tracer.errors[id(node)]}"
+    if id(node) not in tracer.values:
+        return f"{text} → not evaluated"
+    details = [
+        f"{_clip(unparse(c))} = {format_value(tracer.values[id(c)])}"
+        for c in _operands(node)
+        if id(c) in tracer.values
+    ]
+    suffix = f" ({', '.join(details)})" if details else ""
+    return f"{text} → {format_value(tracer.values[id(node)])}{suffix}"
+
+
+def _operands(node: Expr) -> Iterator[Expr]:
+    if not isinstance(node, Call) or node.function in ("_&&_", "_||_"):
+        return
+    for c in children(node):
+        if isinstance(c, Select | Ident) or (
+            isinstance(c, Call) and c.function not in _CONDITIONS and not isinstance(c, Literal)
+        ):
+            yield c
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 1] + "…"
+
+
+def format_value(value: object) -> str:
+    """A short CEL-like rendering of a run-time value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, UInt):
+        return f"{int(value)}u"
+    if isinstance(value, int | float):
+        return repr(value) if isinstance(value, float) else str(int(value))
+    if isinstance(value, str):
+        return _clip(json.dumps(value, ensure_ascii=False))
+    if isinstance(value, bytes):
+        return _clip(repr(value))
+    if isinstance(value, Duration):
+        return f'duration("{value}")'
+    if isinstance(value, Timestamp):
+        return f'timestamp("{value}")'
+    if isinstance(value, TypeValue):
+        return value.name
+    if isinstance(value, list | tuple | frozenset | set):
+        return _clip("[" + ", ".join(format_value(v) for v in list(value)[:10]) + "]")
+    if isinstance(value, dict):
+        items = list(value.items())[:10]
+        return _clip("{" + ", ".join(f"{format_value(k)}: {format_value(v)}" for k, v in items) + "}")
+    return f"{type(value).__name__}{{…}}"

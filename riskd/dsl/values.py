@@ -1,0 +1,180 @@
+"""Run-time values of the expression language and the one run-time error type.
+
+CEL values map onto Python values: int, ``UInt`` (an int subclass that keeps
+its CEL type), float (double), str, bytes, bool, None (null), list/tuple
+(a frozenset is accepted as an unordered list), dict (map), ``Duration``,
+``Timestamp``, ``TypeValue`` and frozen dataclass instances (objects).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import enum
+import re
+from typing import ClassVar
+
+from riskd.errors import RiskdError
+
+INT_MIN = -(2**63)
+INT_MAX = 2**63 - 1
+UINT_MAX = 2**64 - 1
+_NS = 1_000_000_000
+_DUR_MAX_S = 315_576_000_000
+_TS_MIN_S = -62_135_596_800  # 0001-01-01T00:00:00Z
+_TS_MAX_S = 253_402_300_799  # 9999-12-31T23:59:59Z
+
+
+class EvalError(RiskdError):
+    """An expression failed at run time (overflow, division by zero, no such key...)."""
+
+    status: ClassVar[str] = "INVALID_ARGUMENT"
+
+
+class UInt(int):
+    """A CEL ``uint``: a non-negative int that remembers its type."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"{int(self)}u"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, order=True)
+class Duration:
+    """A signed span of time in nanoseconds."""
+
+    ns: int
+
+    @staticmethod
+    def checked(ns: int) -> Duration:
+        if abs(ns) > _DUR_MAX_S * _NS:
+            raise EvalError("duration out of range")
+        return Duration(ns)
+
+    def __str__(self) -> str:
+        s = self.ns / _NS
+        return f"{int(s)}s" if self.ns % _NS == 0 else f"{s:f}".rstrip("0") + "s"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, order=True)
+class Timestamp:
+    """An instant as nanoseconds since the Unix epoch (UTC)."""
+
+    ns: int
+
+    @staticmethod
+    def checked(ns: int) -> Timestamp:
+        if not _TS_MIN_S * _NS <= ns <= (_TS_MAX_S + 1) * _NS - 1:
+            raise EvalError("timestamp out of range")
+        return Timestamp(ns)
+
+    @staticmethod
+    def from_seconds(seconds: float) -> Timestamp:
+        return Timestamp.checked(round(seconds * _NS))
+
+    def to_datetime(self) -> _dt.datetime:
+        epoch = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
+        return epoch + _dt.timedelta(microseconds=self.ns // 1000)
+
+    def __str__(self) -> str:
+        d = self.to_datetime()
+        frac = self.ns % _NS
+        base = d.strftime("%Y-%m-%dT%H:%M:%S")
+        return base + (f".{frac:09d}".rstrip("0") if frac else "") + "Z"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TypeValue:
+    """A CEL type as a value, e.g. the result of ``type(1)`` (``int``)."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+_DUR_RE = re.compile(r"^(-?)((?:\d+(?:\.\d*)?|\.\d+)(?:h|m|s|ms|us|µs|ns))+$")
+_DUR_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|µs|ns)")
+_UNIT_NS = {"h": 3600 * _NS, "m": 60 * _NS, "s": _NS, "ms": 10**6, "us": 1000, "µs": 1000}
+
+
+def parse_duration(text: str) -> Duration:
+    """Parse a Go-style duration string such as ``"1h30m"`` or ``"-2.5s"``."""
+    if text in ("0", "-0", "+0"):
+        return Duration(0)
+    if not _DUR_RE.match(text):
+        raise EvalError("invalid duration")
+    total = 0
+    for num, unit in _DUR_PART.findall(text):
+        scale = _UNIT_NS.get(unit, 1)
+        whole, _, frac = num.partition(".")
+        total += int(whole or "0") * scale
+        if frac:
+            total += int(frac) * scale // 10 ** len(frac)
+    return Duration.checked(-total if text.startswith("-") else total)
+
+
+def parse_timestamp(text: str) -> Timestamp:
+    """Parse an RFC 3339 timestamp such as ``"2024-01-02T03:04:05Z"``."""
+    m = re.fullmatch(
+        r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})",
+        text,
+    )
+    if m is None:
+        raise EvalError("invalid timestamp")
+    try:
+        base = _dt.datetime(*(int(m.group(i)) for i in range(1, 7)), tzinfo=_dt.UTC)
+    except ValueError as exc:
+        raise EvalError("invalid timestamp") from exc
+    zone = m.group(8)
+    offset = 0
+    if zone not in ("Z", "z"):
+        offset = (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60) * (1 if zone[0] == "+" else -1)
+    secs = int(base.timestamp()) - offset
+    frac = m.group(7)
+    nanos = int(frac[1:].ljust(9, "0")) if frac else 0
+    return Timestamp.checked(secs * _NS + nanos)
+
+
+def type_name(value: object) -> str:
+    """The CEL type name of a run-time value."""
+    if value is None:
+        return "null_type"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, UInt):
+        return "uint"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "double"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bytes):
+        return "bytes"
+    if isinstance(value, list | tuple | frozenset | set):
+        return "list"
+    if isinstance(value, dict):
+        return "map"
+    if isinstance(value, Duration):
+        return "google.protobuf.Duration"
+    if isinstance(value, Timestamp):
+        return "google.protobuf.Timestamp"
+    if isinstance(value, TypeValue):
+        return "type"
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return type(value).__name__
+    raise EvalError(f"unsupported value of Python type {type(value).__name__}")
+
+
+def is_int(value: object) -> bool:
+    """True for a CEL int (IntEnum members count; bool and uint do not)."""
+    return isinstance(value, int) and not isinstance(value, bool | UInt)
+
+
+def normalize(value: object) -> object:
+    """Turn an IntEnum into a plain int; other values are returned unchanged."""
+    if isinstance(value, enum.IntEnum):
+        return int(value)
+    return value
