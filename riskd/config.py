@@ -195,7 +195,8 @@ def _build(values: Mapping[str, Any]) -> Config:
     for key, raw in values.items():
         if key not in known:
             raise ConfigError(f"{key}: unknown configuration key")
-        changes[key] = _COERCE.get(key, _coerce_str)(raw, key)
+        coerce: Callable[[Any, str], Any] = _COERCE.get(key, _coerce_str)
+        changes[key] = coerce(raw, key)
     config = replace(Config(), **changes)
     _check(config)
     return config

@@ -28,7 +28,7 @@ def status_code(error: RiskdError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, error.status, grpc.StatusCode.INTERNAL)
 
 
-class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+class ErrorInterceptor(grpc.ServerInterceptor[Any, Any]):
     """Maps ``RiskdError`` to status codes, hides unexpected errors, logs and times each call."""
 
     def __init__(self, metrics: Metrics) -> None:
@@ -36,9 +36,9 @@ class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler  # streaming (health Watch, reflection) passes through untouched
@@ -62,7 +62,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
                 context.abort(code, str(e))
             except Exception as e:
                 if _is_abort(e, context):
-                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    code = _code(context) or grpc.StatusCode.UNKNOWN
                     raise
                 code = grpc.StatusCode.INTERNAL
                 log.error("unhandled error", exc_info=True, extra={"fields": {"method": method}})
@@ -83,4 +83,10 @@ class ErrorInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
 
 def _is_abort(error: Exception, context: grpc.ServicerContext) -> bool:
     # context.abort() raises a bare Exception after setting the code; let it through.
-    return type(error) is Exception and context.code() not in (None, grpc.StatusCode.OK)
+    return type(error) is Exception and _code(context) not in (None, grpc.StatusCode.OK)
+
+
+def _code(context: Any) -> grpc.StatusCode | None:
+    # ServicerContext.code() exists at run time but not in the type stubs.
+    code: grpc.StatusCode | None = context.code()
+    return code
