@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -22,13 +22,18 @@ log = logging.getLogger("riskd.service.rpc")
 
 Handler = Callable[[Any, grpc.ServicerContext], Any]
 
+if TYPE_CHECKING:  # generic only in the type stubs
+    _Interceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.ServerInterceptor
+
 
 def status_code(error: RiskdError) -> grpc.StatusCode:
     """The gRPC code an error class names (``INTERNAL`` for unknown names)."""
     return getattr(grpc.StatusCode, error.status, grpc.StatusCode.INTERNAL)
 
 
-class ErrorInterceptor(grpc.ServerInterceptor[Any, Any]):
+class ErrorInterceptor(_Interceptor):
     """Maps ``RiskdError`` to status codes, hides unexpected errors, logs and times each call."""
 
     def __init__(self, metrics: Metrics) -> None:
