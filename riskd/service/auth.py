@@ -1,0 +1,521 @@
+"""Who may call what: TLS credentials, caller identity, roles, per-method policy, rate limits.
+
+Where it sits: the outermost server interceptor, before riskd's error
+interceptor. For each call it
+
+1. identifies the caller: the client certificate's subject (CN is the
+   principal, each OU naming a role is a role; ``cert_principals`` may grant
+   more roles by CN) when mutual TLS is on, else a configured bearer token in
+   the ``authorization`` metadata (``Bearer <token>``); no credentials at all
+   is an anonymous caller;
+2. looks the full method name up in ``POLICY`` (deny by default: a method
+   missing from the table is ``PERMISSION_DENIED`` for everyone);
+3. takes a token from the caller's bucket (``RESOURCE_EXHAUSTED`` when empty).
+
+Roles: ``checkout`` (score, report outcomes), ``analyst`` (cases, replay,
+penalties, compensation, decrypting a case's PII), ``auditor`` (reports and
+verification, masked PII only), ``operator`` (fund top-ups, key rotation,
+configuration). ``PUBLIC`` in a policy entry lets anyone call (health checks).
+
+Servicers read the caller with ``current_identity()``. Nothing here logs a
+request body, a token or PII: denials are logged with the method, the
+principal (a certificate CN or token name) and the code.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import ipaddress
+import logging
+import re
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import grpc
+
+from riskd.domain.clock import Clock, SystemClock
+from riskd.errors import ConfigError
+
+log = logging.getLogger("riskd.service.auth")
+
+CHECKOUT: Final = "checkout"
+ANALYST: Final = "analyst"
+AUDITOR: Final = "auditor"
+OPERATOR: Final = "operator"
+ROLES: Final = frozenset({CHECKOUT, ANALYST, AUDITOR, OPERATOR})
+PUBLIC: Final = "public"
+"""Pseudo-role in ``POLICY``: the method needs no credentials."""
+
+_SCORING = "/riskd.v1.ScoringService/"
+_LEDGER = "/riskd.v1.LedgerService/"
+_HEALTH = "/grpc.health.v1.Health/"
+
+POLICY: dict[str, frozenset[str]] = {
+    _SCORING + "Score": frozenset({CHECKOUT}),
+    _SCORING + "ScoreBatch": frozenset({CHECKOUT}),
+    _SCORING + "ReportOutcome": frozenset({CHECKOUT}),
+    _HEALTH + "Check": frozenset({PUBLIC}),
+    _HEALTH + "Watch": frozenset({PUBLIC}),
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": frozenset({OPERATOR}),
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": frozenset({OPERATOR}),
+}
+"""Full gRPC method name → roles allowed to call it. Anything not listed is denied."""
+
+_current: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
+    "riskd_identity", default=None
+)
+
+
+def current_identity() -> Identity | None:
+    """The authenticated caller of the RPC this thread is serving (None outside one)."""
+    return _current.get()
+
+
+# -- identities and configuration ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An authenticated caller: ``principal`` is ``cert:<CN>`` or ``token:<name>``."""
+
+    principal: str
+    roles: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A token bucket: ``rate`` calls per second on average, bursts up to ``burst``."""
+
+    rate: float
+    burst: int
+
+    @classmethod
+    def parse(cls, text: str, key: str) -> RateLimit:
+        """``"200/s:400"`` → ``RateLimit(200.0, 400)``.
+
+        >>> RateLimit.parse("200/s:400", "k")
+        RateLimit(rate=200.0, burst=400)
+        """
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)/s:([0-9]+)\s*", text)
+        if match is None or float(match[1]) <= 0 or int(match[2]) < 1:
+            raise ConfigError(f"{key}: expected RATE/s:BURST with positive numbers")
+        return cls(float(match[1]), int(match[2]))
+
+
+DEFAULT_RATE_LIMITS: Final[Mapping[str, RateLimit]] = {
+    CHECKOUT: RateLimit(20_000.0, 40_000),
+    ANALYST: RateLimit(50.0, 100),
+    AUDITOR: RateLimit(20.0, 50),
+    OPERATOR: RateLimit(10.0, 20),
+    PUBLIC: RateLimit(50.0, 100),
+}
+
+
+def token_digest(token: str) -> str:
+    """What the configuration stores instead of a bearer token: ``sha256:<hex>``."""
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """Who the server trusts, and how fast each role may call.
+
+    Attributes:
+        tokens: ``token_digest(token)`` → identity, for callers without client certificates.
+        cert_principals: certificate CN → roles granted in addition to the OU roles.
+        ou_roles: take roles from the certificate's OU fields (the CA is riskd's own).
+        rate_limits: role → limit; a caller gets its most generous role's limit;
+            ``PUBLIC`` is the limit of anonymous callers, per peer address.
+    """
+
+    tokens: Mapping[str, Identity] = field(default_factory=dict)
+    cert_principals: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    ou_roles: bool = True
+    rate_limits: Mapping[str, RateLimit] = field(default_factory=lambda: DEFAULT_RATE_LIMITS)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> AuthConfig:
+        """Build from the ``[auth]`` table of the TOML configuration::
+
+            [auth]
+            ou_roles = true
+            [auth.tokens]           # sha256:<hex of the token> (or the token) = "name:role,role"
+            "sha256:9f86d0..." = "checkout-gw:checkout"
+            [auth.cert_principals]  # CN = "role,role"
+            "ops-laptop-7" = "operator"
+            [auth.rate_limits]      # role = "RATE/s:BURST"
+            analyst = "20/s:40"
+
+        Raises:
+            ConfigError: naming the bad key (never a token).
+        """
+        known = {"tokens", "cert_principals", "ou_roles", "rate_limits"}
+        for key in raw:
+            if key not in known:
+                raise ConfigError(f"auth.{key}: unknown configuration key")
+        ou = raw.get("ou_roles", True)
+        if not isinstance(ou, bool):
+            raise ConfigError("auth.ou_roles: expected true or false")
+        return cls(
+            tokens=_parse_tokens(_table(raw, "tokens")),
+            cert_principals={
+                cn: _parse_roles(v, f"auth.cert_principals.{cn}")
+                for cn, v in _table(raw, "cert_principals").items()
+            },
+            ou_roles=ou,
+            rate_limits={
+                **DEFAULT_RATE_LIMITS,
+                **{
+                    role: RateLimit.parse(
+                        _str(v, f"auth.rate_limits.{role}"), f"auth.rate_limits.{role}"
+                    )
+                    for role, v in _checked_roles(_table(raw, "rate_limits"), public=True).items()
+                },
+            },
+        )
+
+    @classmethod
+    def with_tokens(cls, tokens: Mapping[str, Identity], **kwargs: Any) -> AuthConfig:
+        """Convenience for tests and embedding: plaintext token → identity (stored hashed)."""
+        return cls(tokens={token_digest(t): i for t, i in tokens.items()}, **kwargs)
+
+    def limit_for(self, roles: frozenset[str]) -> RateLimit:
+        limits = [self.rate_limits[r] for r in roles if r in self.rate_limits]
+        if not limits:
+            return self.rate_limits.get(PUBLIC, DEFAULT_RATE_LIMITS[PUBLIC])
+        return max(limits, key=lambda lim: (lim.rate, lim.burst))
+
+
+def _table(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"auth.{key}: expected a table")
+    return value
+
+
+def _str(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string")
+    return value
+
+
+def _parse_roles(value: Any, key: str) -> frozenset[str]:
+    roles = frozenset(r.strip() for r in _str(value, key).split(",") if r.strip())
+    if not roles or not roles <= ROLES:
+        raise ConfigError(f"{key}: roles must be among {', '.join(sorted(ROLES))}")
+    return roles
+
+
+def _checked_roles(table: Mapping[str, Any], *, public: bool) -> Mapping[str, Any]:
+    allowed = ROLES | {PUBLIC} if public else ROLES
+    for role in table:
+        if role not in allowed:
+            raise ConfigError(f"auth.rate_limits.{role}: unknown role")
+    return table
+
+
+def _parse_tokens(table: Mapping[str, Any]) -> dict[str, Identity]:
+    tokens: dict[str, Identity] = {}
+    for i, (token, value) in enumerate(table.items()):
+        key = f"auth.tokens[{i}]"  # never the token itself
+        name, sep, roles = _str(value, key).partition(":")
+        if not sep or not name.strip():
+            raise ConfigError(f'{key}: expected "name:role,role"')
+        digest = token if token.startswith("sha256:") else token_digest(token)
+        tokens[digest] = Identity(f"token:{name.strip()}", _parse_roles(roles, key))
+    return tokens
+
+
+# -- transport security ----------------------------------------------------------------------
+
+
+def server_credentials(
+    cert_file: Path, key_file: Path, client_ca_file: Path | None = None
+) -> grpc.ServerCredentials:
+    """TLS server credentials; with ``client_ca_file``, mutual TLS (client certificates required).
+
+    Raises:
+        ConfigError: a file cannot be read (names the file, not its content).
+    """
+    cert = _read(cert_file, "tls_cert")
+    key = _read(key_file, "tls_key")
+    ca = _read(client_ca_file, "tls_client_ca") if client_ca_file is not None else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+def _read(path: Path, key: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
+
+
+_LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``127.0.0.0/8``, ``::1`` and ``localhost``."""
+    host = host.strip("[]")
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_insecure_listen(listen: str, *, allowed: bool) -> None:
+    """Refuse a plaintext port unless configured (``allowed``) and bound to loopback only.
+
+    The server calls this before ``add_insecure_port``.
+
+    Raises:
+        ConfigError: naming ``listen`` (a non-loopback host) or ``tls_cert`` (not allowed).
+    """
+    if not allowed:
+        raise ConfigError("tls_cert: TLS is required (plaintext listening is not enabled)")
+    host = listen.rpartition(":")[0]
+    if not is_loopback(host):
+        raise ConfigError(
+            "listen: a plaintext port may only bind to loopback (127.0.0.1, ::1); "
+            "configure tls_cert and tls_key to listen on other addresses"
+        )
+
+
+# -- rate limits -----------------------------------------------------------------------------
+
+
+class TokenBuckets:
+    """One token bucket per caller; thread-safe; bounded number of callers remembered."""
+
+    def __init__(self, clock: Clock, *, max_callers: int = 10_000) -> None:
+        self._clock = clock
+        self._max = max_callers
+        self._buckets: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, caller: str, limit: RateLimit) -> bool:
+        """Spend one token of ``caller``'s bucket; False when it is empty."""
+        now = self._clock.monotonic()
+        with self._lock:
+            bucket = self._buckets.get(caller)
+            if bucket is None:
+                if len(self._buckets) >= self._max:
+                    self._prune()
+                bucket = self._buckets[caller] = [float(limit.burst), now]
+            tokens = min(float(limit.burst), bucket[0] + (now - bucket[1]) * limit.rate)
+            bucket[1] = now
+            if tokens < 1.0:
+                bucket[0] = tokens
+                return False
+            bucket[0] = tokens - 1.0
+            return True
+
+    def _prune(self) -> None:
+        # Forget the least recently seen half; a forgotten caller starts with a full bucket,
+        # which is what an idle caller would have anyway.
+        oldest = sorted(self._buckets, key=lambda c: self._buckets[c][1])
+        for caller in oldest[: len(oldest) // 2 + 1]:
+            del self._buckets[caller]
+
+
+# -- the interceptor -------------------------------------------------------------------------
+
+Reject = Callable[[str, grpc.StatusCode], None]
+
+if TYPE_CHECKING:
+    _Interceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.ServerInterceptor
+
+
+class _Denied(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class AuthInterceptor(_Interceptor):
+    """Authenticate, authorize (deny by default) and rate-limit every call.
+
+    Args:
+        config: tokens, certificate principals and rate limits.
+        policy: full method name → allowed roles (``POLICY`` by default).
+        clock: for the token buckets.
+        on_reject: called with (method, code) for every refused call (metrics).
+    """
+
+    def __init__(
+        self,
+        config: AuthConfig,
+        *,
+        policy: Mapping[str, frozenset[str]] = POLICY,
+        clock: Clock | None = None,
+        on_reject: Reject | None = None,
+    ) -> None:
+        self._config = config
+        self._policy = dict(policy)
+        self._buckets = TokenBuckets(clock or SystemClock())
+        self._on_reject = on_reject
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(details)
+        if handler is None:
+            return None  # unknown method: gRPC answers UNIMPLEMENTED
+        method: str = details.method
+        token = _bearer(details.invocation_metadata)
+
+        def admit(context: grpc.ServicerContext) -> Identity | None:
+            try:
+                return self._admit(method, token, context)
+            except _Denied as denied:
+                self._reject(method, denied, context)
+                raise AssertionError("unreachable: context.abort raises") from None
+
+        return _guard(handler, admit)
+
+    def _admit(
+        self, method: str, token: str | None, context: grpc.ServicerContext
+    ) -> Identity | None:
+        allowed = self._policy.get(method)
+        identity = self._identify(token, context)
+        if allowed is None:
+            raise _Denied(grpc.StatusCode.PERMISSION_DENIED, f"{method} is not allowed")
+        if PUBLIC not in allowed:
+            if identity is None:
+                raise _Denied(grpc.StatusCode.UNAUTHENTICATED, "credentials required")
+            if not identity.roles & allowed:
+                raise _Denied(
+                    grpc.StatusCode.PERMISSION_DENIED, f"{method} is not allowed for this caller"
+                )
+        caller = identity.principal if identity else "peer:" + _peer_host(context.peer())
+        limit = self._config.limit_for(identity.roles if identity else frozenset())
+        if not self._buckets.take(caller, limit):
+            raise _Denied(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeded; retry later")
+        return identity
+
+    def _identify(self, token: str | None, context: grpc.ServicerContext) -> Identity | None:
+        identity = self._from_certificate(context.auth_context())
+        if identity is not None:
+            return identity
+        if token is None:
+            return None
+        found = self._config.tokens.get(token_digest(token))
+        if found is None:
+            raise _Denied(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
+        return found
+
+    def _from_certificate(self, auth: Mapping[str, Any]) -> Identity | None:
+        names = auth.get("x509_common_name")
+        if not names:
+            return None
+        cn = names[0].decode("utf-8", "replace")
+        roles = set(self._config.cert_principals.get(cn, frozenset()))
+        if self._config.ou_roles:
+            for subject in auth.get("x509_subject", ()):
+                roles.update(
+                    ou for ou in subject_ous(subject.decode("utf-8", "replace")) if ou in ROLES
+                )
+        return Identity(f"cert:{cn}", frozenset(roles))
+
+    def _reject(self, method: str, denied: _Denied, context: grpc.ServicerContext) -> None:
+        log.warning(
+            "call refused",
+            extra={"fields": {"method": method, "code": denied.code.name}},
+        )
+        if self._on_reject is not None:
+            self._on_reject(method, denied.code)
+        context.abort(denied.code, denied.message)
+
+
+def subject_ous(subject: str) -> list[str]:
+    r"""The OU values of an RFC 2253 subject string (``\,`` escapes honoured).
+
+    >>> subject_ous("CN=gw-1,OU=checkout,OU=ops\\,team,O=riskd")
+    ['checkout', 'ops,team']
+    """
+    ous: list[str] = []
+    for rdn in re.split(r"(?<!\\)[,+]", subject):
+        attr, _, value = rdn.partition("=")
+        if attr.strip().upper() == "OU":
+            ous.append(re.sub(r"\\(.)", r"\1", value.strip()))
+    return ous
+
+
+def _bearer(metadata: Sequence[Any] | None) -> str | None:
+    for item in metadata or ():
+        if item.key == "authorization":
+            value = item.value if isinstance(item.value, str) else item.value.decode()
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return str(token.strip())
+            return ""  # malformed: treated as an invalid token
+    return None
+
+
+def _peer_host(peer: str) -> str:
+    # "ipv4:127.0.0.1:5555" / "ipv6:[::1]:5555" → the host part (ports change per connection)
+    kind, _, rest = peer.partition(":")
+    return kind + ":" + rest.rpartition(":")[0] if ":" in rest else peer
+
+
+Admit = Callable[[grpc.ServicerContext], Identity | None]
+
+
+def _guard(
+    handler: grpc.RpcMethodHandler[Any, Any], admit: Admit
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same handler with ``admit`` run first and the identity visible to the servicer."""
+    kinds: list[tuple[Any, Callable[..., grpc.RpcMethodHandler[Any, Any]], bool]] = [
+        (handler.unary_unary, grpc.unary_unary_rpc_method_handler, False),
+        (handler.unary_stream, grpc.unary_stream_rpc_method_handler, True),
+        (handler.stream_unary, grpc.stream_unary_rpc_method_handler, False),
+        (handler.stream_stream, grpc.stream_stream_rpc_method_handler, True),
+    ]
+    for inner, make, streaming in kinds:
+        if inner is not None:
+            wrapped = _streaming(inner, admit) if streaming else _unary(inner, admit)
+            return make(
+                wrapped,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    raise AssertionError("a method handler has one behaviour")
+
+
+def _unary(inner: Callable[[Any, Any], Any], admit: Admit) -> Callable[[Any, Any], Any]:
+    def call(request: Any, context: grpc.ServicerContext) -> Any:
+        reset = _current.set(admit(context))
+        try:
+            return inner(request, context)
+        finally:
+            _current.reset(reset)
+
+    return call
+
+
+def _streaming(
+    inner: Callable[[Any, Any], Iterator[Any]], admit: Admit
+) -> Callable[[Any, Any], Iterator[Any]]:
+    def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        _current.set(admit(context))
+        try:
+            yield from inner(request, context)
+        finally:
+            # A generator may be finished from another context; clear rather than reset.
+            _current.set(None)
+
+    return call

@@ -1,0 +1,356 @@
+"""Access control on a real gRPC server: TLS, mutual-TLS identity, tokens, denial, rate limits.
+
+The PKI is made fresh per module with ``cryptography``; the server is a real
+``grpc.server`` on port 0 with a small generic test service plus the standard
+health service, behind ``AuthInterceptor``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from riskd.domain.clock import FakeClock
+from riskd.errors import ConfigError
+from riskd.service import auth
+from riskd.service.auth import (
+    POLICY,
+    AuthConfig,
+    AuthInterceptor,
+    Identity,
+    RateLimit,
+    TokenBuckets,
+    check_insecure_listen,
+    current_identity,
+    server_credentials,
+)
+from tests.service.certs import CertificateAuthority, Pem
+
+SERVICE = "test.v1.Probe"
+TEST_POLICY = {
+    **POLICY,
+    f"/{SERVICE}/Checkout": frozenset({"checkout"}),
+    f"/{SERVICE}/Audit": frozenset({"auditor"}),
+    f"/{SERVICE}/Tail": frozenset({"checkout"}),
+}
+TOKEN = "tok-checkout-1f0c9a"
+AUDIT_TOKEN = "tok-auditor-77aa"
+
+
+def _who(request: bytes, context: grpc.ServicerContext) -> bytes:
+    identity = current_identity()
+    assert identity is not None
+    return f"{identity.principal}|{','.join(sorted(identity.roles))}".encode()
+
+
+def _tail(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+    for _ in range(3):
+        yield _who(request, context)
+
+
+def _probe_handler() -> grpc.GenericRpcHandler:
+    unary = grpc.unary_unary_rpc_method_handler
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Checkout": unary(_who),
+            "Audit": unary(_who),
+            "Unlisted": unary(_who),
+            "Tail": grpc.unary_stream_rpc_method_handler(_tail),
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    ca = CertificateAuthority()
+    rogue = CertificateAuthority("rogue CA")
+    d = tmp_path_factory.mktemp("pki")
+    server = ca.issue("localhost", server=True)
+    (d / "server.crt").write_bytes(server.cert)
+    (d / "server.key").write_bytes(server.key)
+    (d / "ca.crt").write_bytes(ca.pem)
+    return {
+        "dir": d,
+        "ca": ca.pem,
+        "checkout": ca.issue("gw-1", ("checkout",)),
+        "auditor": ca.issue("audit-1", ("auditor",)),
+        "plain": ca.issue("ops-1"),
+        "multi": ca.issue("multi-1", ("analyst", "checkout")),
+        "rogue": rogue.issue("gw-1", ("checkout",)),
+    }
+
+
+Start = Callable[..., tuple[int, FakeClock]]
+
+
+@pytest.fixture
+def start() -> Iterator[Start]:
+    servers: list[grpc.Server] = []
+
+    def run(
+        credentials: grpc.ServerCredentials | None, config: AuthConfig | None = None
+    ) -> tuple[int, FakeClock]:
+        clock = FakeClock()
+        config = config or AuthConfig.with_tokens(
+            {
+                TOKEN: Identity("token:checkout-gw", frozenset({"checkout"})),
+                AUDIT_TOKEN: Identity("token:audit-job", frozenset({"auditor"})),
+            },
+            cert_principals={"ops-1": frozenset({"auditor"})},
+        )
+        interceptor = AuthInterceptor(config, policy=TEST_POLICY, clock=clock)
+        server = grpc.server(futures.ThreadPoolExecutor(4), interceptors=[interceptor])
+        server.add_generic_rpc_handlers((_probe_handler(),))
+        health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+        if credentials is None:
+            port = server.add_insecure_port("127.0.0.1:0")
+        else:
+            port = server.add_secure_port("127.0.0.1:0", credentials)
+        server.start()
+        servers.append(server)
+        return port, clock
+
+    yield run
+    for s in servers:
+        s.stop(None)
+
+
+def mtls_credentials(pki: dict[str, Any]) -> grpc.ServerCredentials:
+    d: Path = pki["dir"]
+    return server_credentials(d / "server.crt", d / "server.key", d / "ca.crt")
+
+
+def tls_channel(port: int, ca: bytes, client: Pem | None = None) -> grpc.Channel:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ca,
+        private_key=client.key if client else None,
+        certificate_chain=client.cert if client else None,
+    )
+    return grpc.secure_channel(f"localhost:{port}", creds)
+
+
+def call(channel: grpc.Channel, method: str, token: str | None = None) -> bytes:
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    fn = channel.unary_unary(f"/{SERVICE}/{method}")
+    out: bytes = fn(b"", metadata=metadata, timeout=5)
+    return out
+
+
+def code_of(channel: grpc.Channel, method: str, token: str | None = None) -> grpc.StatusCode:
+    try:
+        call(channel, method, token)
+    except grpc.RpcError as e:
+        return e.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+def health_ok(channel: grpc.Channel) -> bool:
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+# -- mutual TLS -------------------------------------------------------------------------------
+
+
+def test_auth_mtls_identity_comes_from_certificate_cn_and_ou(
+    pki: dict[str, Any], start: Start
+) -> None:
+    port, _ = start(mtls_credentials(pki))
+    with tls_channel(port, pki["ca"], pki["checkout"]) as ch:
+        assert call(ch, "Checkout") == b"cert:gw-1|checkout"
+        assert code_of(ch, "Audit") is grpc.StatusCode.PERMISSION_DENIED
+        assert code_of(ch, "Unlisted") is grpc.StatusCode.PERMISSION_DENIED
+        assert health_ok(ch)
+    with tls_channel(port, pki["ca"], pki["multi"]) as ch:
+        assert call(ch, "Checkout") == b"cert:multi-1|analyst,checkout"
+
+
+def test_auth_mtls_cert_principals_grant_roles_by_cn(pki: dict[str, Any], start: Start) -> None:
+    port, _ = start(mtls_credentials(pki))
+    with tls_channel(port, pki["ca"], pki["plain"]) as ch:
+        assert call(ch, "Audit") == b"cert:ops-1|auditor"
+        assert code_of(ch, "Checkout") is grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_auth_mtls_certificate_wins_over_a_token(pki: dict[str, Any], start: Start) -> None:
+    port, _ = start(mtls_credentials(pki))
+    with tls_channel(port, pki["ca"], pki["auditor"]) as ch:
+        assert code_of(ch, "Checkout", TOKEN) is grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.mark.parametrize("client", [None, "rogue"])
+def test_auth_mtls_refuses_missing_or_foreign_client_certificates(
+    pki: dict[str, Any], start: Start, client: str | None
+) -> None:
+    port, _ = start(mtls_credentials(pki))
+    with tls_channel(port, pki["ca"], pki[client] if client else None) as ch:
+        assert code_of(ch, "Checkout", TOKEN) is grpc.StatusCode.UNAVAILABLE
+
+
+# -- TLS with bearer tokens ------------------------------------------------------------------
+
+
+def test_auth_tls_token_identity_and_denials(pki: dict[str, Any], start: Start) -> None:
+    d: Path = pki["dir"]
+    port, _ = start(server_credentials(d / "server.crt", d / "server.key"))
+    with tls_channel(port, pki["ca"]) as ch:
+        assert call(ch, "Checkout", TOKEN) == b"token:checkout-gw|checkout"
+        assert call(ch, "Audit", AUDIT_TOKEN) == b"token:audit-job|auditor"
+        assert code_of(ch, "Audit", TOKEN) is grpc.StatusCode.PERMISSION_DENIED
+        assert code_of(ch, "Checkout", "not-a-token") is grpc.StatusCode.UNAUTHENTICATED
+        assert code_of(ch, "Checkout") is grpc.StatusCode.UNAUTHENTICATED
+        assert health_ok(ch)  # public: no credentials needed
+
+
+def test_auth_plaintext_channel_to_tls_port_fails(pki: dict[str, Any], start: Start) -> None:
+    d: Path = pki["dir"]
+    port, _ = start(server_credentials(d / "server.crt", d / "server.key"))
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        assert code_of(ch, "Checkout", TOKEN) is grpc.StatusCode.UNAVAILABLE
+
+
+def test_auth_malformed_authorization_header_is_unauthenticated(start: Start) -> None:
+    port, _ = start(None)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        fn = ch.unary_unary(f"/{SERVICE}/Checkout")
+        with pytest.raises(grpc.RpcError) as info:
+            fn(b"", metadata=(("authorization", TOKEN),), timeout=5)
+        assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_auth_streaming_methods_are_guarded_and_see_identity(start: Start) -> None:
+    port, _ = start(None)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        tail = ch.unary_stream(f"/{SERVICE}/Tail")
+        assert (
+            list(tail(b"", metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=5))
+            == [b"token:checkout-gw|checkout"] * 3
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            list(tail(b"", metadata=(("authorization", f"Bearer {AUDIT_TOKEN}"),), timeout=5))
+        assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_auth_denials_log_method_and_code_but_never_the_token(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    port, _ = start(None)
+    with caplog.at_level(logging.DEBUG), grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        code_of(ch, "Checkout", "secret-wrong-token-123")
+        code_of(ch, "Audit", TOKEN)
+    refused = [r for r in caplog.records if r.name == "riskd.service.auth"]
+    assert len(refused) == 2
+    text = "\n".join(r.getMessage() + repr(getattr(r, "fields", "")) for r in caplog.records)
+    assert "secret-wrong-token-123" not in text and TOKEN not in text
+    assert "UNAUTHENTICATED" in text and "PERMISSION_DENIED" in text
+
+
+# -- rate limits -----------------------------------------------------------------------------
+
+
+def test_auth_rate_limit_per_caller_answers_resource_exhausted(start: Start) -> None:
+    config = AuthConfig.with_tokens(
+        {
+            TOKEN: Identity("token:checkout-gw", frozenset({"checkout"})),
+            "tok-2": Identity("token:other-gw", frozenset({"checkout"})),
+        },
+        rate_limits={"checkout": RateLimit(1.0, 3), "public": RateLimit(1.0, 1)},
+    )
+    port, clock = start(None, config)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        assert [code_of(ch, "Checkout", TOKEN) for _ in range(4)] == [grpc.StatusCode.OK] * 3 + [
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+        ]
+        assert code_of(ch, "Checkout", "tok-2") is grpc.StatusCode.OK  # its own bucket
+        clock.advance(1.0)
+        assert code_of(ch, "Checkout", TOKEN) is grpc.StatusCode.OK
+        assert code_of(ch, "Checkout", TOKEN) is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_token_buckets_refill_and_stay_bounded() -> None:
+    clock = FakeClock()
+    buckets = TokenBuckets(clock, max_callers=4)
+    limit = RateLimit(2.0, 2)
+    assert [buckets.take("a", limit) for _ in range(3)] == [True, True, False]
+    clock.advance(0.5)
+    assert buckets.take("a", limit) and not buckets.take("a", limit)
+    for i in range(10):
+        buckets.take(f"c{i}", limit)
+    assert len(buckets._buckets) <= 4
+
+
+# -- configuration and transport checks ------------------------------------------------------
+
+
+def test_auth_config_from_mapping_parses_tokens_roles_and_limits() -> None:
+    config = AuthConfig.from_mapping(
+        {
+            "tokens": {
+                TOKEN: "checkout-gw:checkout",
+                auth.token_digest("t2"): "job:auditor,analyst",
+            },
+            "cert_principals": {"ops-1": "operator"},
+            "rate_limits": {"analyst": "5/s:7"},
+        }
+    )
+    assert config.tokens[auth.token_digest(TOKEN)] == Identity(
+        "token:checkout-gw", frozenset({"checkout"})
+    )
+    assert config.tokens[auth.token_digest("t2")].roles == {"auditor", "analyst"}
+    assert config.cert_principals["ops-1"] == {"operator"}
+    assert config.rate_limits["analyst"] == RateLimit(5.0, 7)
+    assert config.limit_for(frozenset({"analyst", "checkout"})) == config.rate_limits["checkout"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"tokens": {TOKEN: "no-roles"}}, r"auth.tokens\[0\]"),
+        ({"tokens": {TOKEN: "gw:root"}}, r"auth.tokens\[0\]: roles must be"),
+        ({"cert_principals": {"x": "admin"}}, "auth.cert_principals.x"),
+        ({"rate_limits": {"analyst": "fast"}}, "auth.rate_limits.analyst"),
+        ({"rate_limits": {"root": "1/s:1"}}, "auth.rate_limits.root: unknown role"),
+        ({"ou_roles": "yes"}, "auth.ou_roles"),
+        ({"tokenz": {}}, "auth.tokenz: unknown"),
+    ],
+)
+def test_auth_config_errors_name_the_key_never_the_token(raw: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        AuthConfig.from_mapping(raw)
+    assert TOKEN not in str(info.value)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:0", "[::1]:50051", "localhost:1", "127.9.9.9:5"])
+def test_check_insecure_listen_allows_loopback_when_configured(listen: str) -> None:
+    check_insecure_listen(listen, allowed=True)
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:50051", "[::]:1", "10.0.0.5:1", "riskd.internal:1"])
+def test_check_insecure_listen_refuses_other_hosts(listen: str) -> None:
+    with pytest.raises(ConfigError, match="listen: a plaintext port may only bind to loopback"):
+        check_insecure_listen(listen, allowed=True)
+
+
+def test_check_insecure_listen_refuses_when_not_configured() -> None:
+    with pytest.raises(ConfigError, match="TLS is required"):
+        check_insecure_listen("127.0.0.1:1", allowed=False)
+
+
+def test_server_credentials_missing_file_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="tls_cert: cannot read"):
+        server_credentials(tmp_path / "no.crt", tmp_path / "no.key")
+
+
+def test_policy_names_only_known_roles() -> None:
+    for method, roles in POLICY.items():
+        assert method.startswith("/") and method.count("/") == 2
+        assert roles and roles <= auth.ROLES | {auth.PUBLIC}, method
