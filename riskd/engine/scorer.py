@@ -56,7 +56,7 @@ from riskd.engine.combine import ResultLike, combine, rule_records
 from riskd.engine.fallback import FallbackPolicy
 from riskd.engine.flights import Flights
 from riskd.engine.keys import Indexer, observe
-from riskd.errors import RiskdError, UnavailableError
+from riskd.errors import InvalidArgumentError, RiskdError, UnavailableError
 from riskd.evidence.log import DecisionLog
 from riskd.evidence.records import DecisionRecord
 from riskd.features.store import FeatureStore, Observation
@@ -184,6 +184,7 @@ class Scorer:
         return (None if record is None else record.decision), True
 
     def _score_once(self, order: Order, deadline: float | None, program: ProgramLike) -> Decision:
+        _check(order)
         known, log_ok = self._recorded(order.order_id)
         if known is not None:
             return known
@@ -343,3 +344,11 @@ class Scorer:
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise TimeoutError("feature store timed out") from None
+
+
+def _check(order: Order) -> None:
+    """What the scorer itself relies on (the service validates the rest first)."""
+    if not order.order_id:
+        raise InvalidArgumentError("order.order_id", "is required")
+    if order.amounts.total < 0:
+        raise InvalidArgumentError("order.amounts.total", "must not be negative")

@@ -1,0 +1,65 @@
+"""FallbackPolicy: ordered tiers per scenario, built from config, with clear config errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from riskd.domain.decision import Outcome
+from riskd.domain.order import Amounts, Buyer, Channel, Order
+from riskd.engine.fallback import FallbackPolicy, Tier
+from riskd.errors import ConfigError
+
+
+def order(total: int, channel: Channel = Channel.SHORT_VIDEO) -> Order:
+    return Order("o", Buyer("b"), "s", "m", amounts=Amounts(total=total), channel=channel)
+
+
+POLICY = FallbackPolicy.from_text(
+    {"default": "50000:allow,review", "live_room": "10000:allow,200000:review,block"}
+)
+
+
+@pytest.mark.parametrize(
+    ("total", "channel", "outcome", "scenario"),
+    [
+        (50_000, Channel.SHORT_VIDEO, Outcome.ALLOW, "default"),
+        (50_001, Channel.SHORT_VIDEO, Outcome.REVIEW, "default"),
+        (0, Channel.UNSPECIFIED, Outcome.ALLOW, "default"),
+        (10_000, Channel.LIVE_ROOM, Outcome.ALLOW, "live_room"),
+        (10_001, Channel.LIVE_ROOM, Outcome.REVIEW, "live_room"),
+        (200_001, Channel.LIVE_ROOM, Outcome.BLOCK, "live_room"),
+    ],
+)
+def test_fallback_first_matching_tier_wins(
+    total: int, channel: Channel, outcome: Outcome, scenario: str
+) -> None:
+    answer = POLICY.decide(order(total, channel))
+    assert (answer.outcome, answer.scenario) == (outcome, scenario)
+
+
+def test_fallback_from_config_takes_parsed_tiers() -> None:
+    policy = FallbackPolicy.from_config(
+        {"default": (Tier(100, Outcome.ALLOW), Tier(None, Outcome.BLOCK))}
+    )
+    assert policy.decide(order(101)).outcome is Outcome.BLOCK
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ({"live_room": "review"}, "fallback.default: a default fallback is required"),
+        ({"default": "50000:allow"}, "fallback.default: the last fallback tier must have no bound"),
+        ({"default": "-1:allow,review"}, "fallback.default: a tier bound must not be negative"),
+        ({"default": "5x:allow,review"}, "fallback.default: a tier bound must be an integer"),
+        ({"default": "maybe"}, "fallback.default: unknown outcome"),
+    ],
+)
+def test_fallback_bad_config_names_the_key(table: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        FallbackPolicy.from_text(table)
+
+
+def test_fallback_default_policy_allows_up_to_500_cny() -> None:
+    policy = FallbackPolicy.default()
+    assert policy.decide(order(50_000)).outcome is Outcome.ALLOW
+    assert policy.decide(order(50_001)).outcome is Outcome.REVIEW

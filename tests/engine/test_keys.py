@@ -1,0 +1,67 @@
+"""The feature store only ever sees blind indexes of an order's identities, never plaintext."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+
+from riskd.domain.clock import FakeClock
+from riskd.domain.features import KEYS
+from riskd.domain.order import Address, Buyer
+from riskd.engine.keys import observation_keys, observe
+from riskd.features.redis_store import RedisFeatureStore
+from riskd.pii import BlindIndexer
+
+from .conftest import DEVICE, IP, PHONE, STREET, Rig, make_order
+
+PLAINTEXTS = (PHONE, DEVICE, IP, STREET, "b-1", "s-1", "lr-1", "c-1")
+
+
+def test_keys_are_the_blind_index_of_every_identity(indexer: BlindIndexer) -> None:
+    order = make_order("o-1")
+    keys = observation_keys(order, indexer)
+    assert set(keys) == set(KEYS)  # this order carries every key
+    assert keys["phone"] == indexer.index("phone", PHONE)
+    assert keys["device"] == indexer.index("device", DEVICE.lower())  # normalized first
+    assert not any(p in v for v in keys.values() for p in PLAINTEXTS)
+
+
+def test_keys_leave_out_missing_values_and_a_bare_city(indexer: BlindIndexer) -> None:
+    order = make_order("o-1")
+    bare = Buyer("b-2", address=Address("浙江省", "杭州市", "滨江区", ""))
+    order = type(order)(order_id="o-2", buyer=bare, shop_id="s-1", merchant_id="m-1")
+    assert set(observation_keys(order, indexer)) == {"buyer", "shop"}
+    obs = observe(order, indexer, 1_790_000_000.0)
+    assert (obs.order_id, obs.amount, obs.at) == ("o-2", 0, 1_790_000_000.0)
+
+
+@pytest.fixture
+def shared_redis() -> Iterator[tuple[str, redis.Redis]]:
+    prefix = f"riskd:test-engine-{uuid.uuid4().hex[:8]}:"
+    client = redis.Redis(port=6379)
+    yield prefix, client
+    for key in client.scan_iter(match=prefix + "*"):
+        client.delete(key)
+    client.close()
+
+
+@pytest.mark.redis
+def test_redis_holds_no_plaintext_identity(
+    make_rig: Callable[..., Rig], clock: FakeClock, shared_redis: tuple[str, redis.Redis]
+) -> None:
+    prefix, client = shared_redis
+    store = RedisFeatureStore("redis://127.0.0.1:6379/0", clock, prefix=prefix)
+    rig = make_rig(store)
+    for i in range(3):
+        assert rig.scorer.score(make_order(f"o-{i}")).degraded == ()
+    dumped = b""
+    keys = list(client.scan_iter(match=prefix + "*"))
+    assert keys
+    for key in keys:
+        dumped += key + (client.dump(key) or b"")
+    for value in PLAINTEXTS:
+        assert value.encode() not in dumped
+    store.close()

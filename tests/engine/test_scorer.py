@@ -1,0 +1,194 @@
+"""Scorer on real rule text: combining results, shadow rules, rule errors, idempotency, batches."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from riskd.domain.clock import FakeClock
+from riskd.domain.decision import Decision, Outcome
+from riskd.domain.events import OrderEvent, OrderEventKind
+from riskd.domain.features import Agg, FeatureQuery
+from riskd.engine.keys import observe
+from riskd.errors import InvalidArgumentError
+from riskd.ledger import Book, LedgerShopDirectory
+from riskd.pii import BlindIndexer
+from riskd.sql import Database
+
+from .conftest import ProgramHolder, Rig, make_order
+
+BUYER_1H = FeatureQuery(Agg.COUNT, "buyer", "1h")
+
+
+def count_buyer_orders(rig: Rig, indexer: BlindIndexer, clock: FakeClock, buyer_id: str) -> int:
+    obs = observe(make_order("probe", buyer_id=buyer_id), indexer, clock.now())
+    return rig.features.read(obs, [BUYER_1H])[BUYER_1H]
+
+
+def statuses(rig: Rig, order_id: str) -> dict[str, tuple[str, str]]:
+    record = rig.log.get(order_id)
+    assert record is not None
+    return {r.rule_id: (r.status, r.mode) for r in record.rules}
+
+
+def test_scorer_combines_active_hits_and_records_every_result(
+    make_rig: Callable[..., Rig], holder: ProgramHolder
+) -> None:
+    rig = make_rig()
+    decision = rig.scorer.score(make_order("o-1", total=60_000, age_days=2))
+    assert decision.outcome is Outcome.REVIEW  # big_order; the shadow BLOCK is not enforced
+    assert decision.score == 20.0
+    assert [(r.rule_id, r.reason_code) for r in decision.reasons] == [("big_order", "BIG_ORDER")]
+    assert any("50000" in line for line in decision.reasons[0].explanation)
+    assert decision.rules_version == holder.current.version
+    assert dict(decision.model_versions) == {} and decision.degraded == ()
+    assert statuses(rig, "o-1") == {
+        "big_order": ("HIT", "ACTIVE"),
+        "buyer_burst": ("NO_HIT", "ACTIVE"),
+        "shared_device": ("NO_HIT", "ACTIVE"),
+        "new_account_shadow": ("HIT", "SHADOW"),
+        "frozen_shop": ("NO_HIT", "ACTIVE"),
+        "discount_ratio": ("ERROR", "ACTIVE"),  # the broken rule fails alone
+    }
+    record = rig.log.get("o-1")
+    assert record is not None
+    assert dict(record.features) == {"count_per_buyer_1h": 1, "distinct_buyer_per_device_1h": 1}
+    assert record.request["buyer"]["phone"]["masked"] == "139****4321"
+
+
+def test_scorer_small_order_is_allowed_with_no_reasons(make_rig: Callable[..., Rig]) -> None:
+    decision = make_rig().scorer.score(make_order("o-1"))
+    assert (decision.outcome, decision.score, decision.reasons) == (Outcome.ALLOW, 0.0, ())
+
+
+def test_scorer_velocity_rule_blocks_the_fourth_order_within_the_hour(
+    make_rig: Callable[..., Rig], clock: FakeClock
+) -> None:
+    rig = make_rig()
+    outcomes = []
+    for i in range(5):
+        outcomes.append(rig.scorer.score(make_order(f"o-{i}")).outcome)
+        clock.advance(60)
+    assert outcomes == [Outcome.ALLOW] * 3 + [Outcome.BLOCK] * 2
+    clock.advance(3600)
+    assert rig.scorer.score(make_order("o-late")).outcome is Outcome.ALLOW
+
+
+def test_scorer_retry_returns_the_recorded_decision_and_counts_once(
+    make_rig: Callable[..., Rig], indexer: BlindIndexer, clock: FakeClock
+) -> None:
+    rig = make_rig()
+    first = rig.scorer.score(make_order("o-1"))
+    clock.advance(5)
+    assert rig.scorer.score(make_order("o-1")) == first  # unflushed: from the log's queue
+    rig.log.flush(10)
+    assert rig.scorer.score(make_order("o-1")) == first  # flushed: from SQL
+    assert count_buyer_orders(rig, indexer, clock, "b-1") == 1
+
+
+def test_scorer_32_concurrent_retries_record_one_decision_and_count_once(
+    make_rig: Callable[..., Rig], indexer: BlindIndexer, clock: FakeClock
+) -> None:
+    rig = make_rig()
+    order = make_order("o-race", total=60_000)
+    barrier = threading.Barrier(32)
+    decisions: list[Decision] = []
+    lock = threading.Lock()
+
+    def retry() -> None:
+        barrier.wait()
+        d = rig.scorer.score(order, timeout_s=5.0)
+        with lock:
+            decisions.append(d)
+
+    threads = [threading.Thread(target=retry) for _ in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(decisions) == 32 and all(d == decisions[0] for d in decisions)
+    rig.log.flush(10)
+    assert rig.db.query("SELECT COUNT(*) FROM decision_log")[0][0] == 1
+    assert count_buyer_orders(rig, indexer, clock, "b-1") == 1
+
+
+def test_scorer_after_restart_returns_the_decision_from_the_log(
+    make_rig: Callable[..., Rig], db: Database
+) -> None:
+    first_rig = make_rig()
+    first = first_rig.scorer.score(make_order("o-1", total=70_000))
+    first_rig.scorer.close()
+    # a new process: same database and feature store, fresh scorer and log
+    second = make_rig(first_rig.features).scorer.score(make_order("o-1", total=70_000))
+    assert second == first
+
+
+def test_scorer_batch_scores_in_order_and_answers_duplicates_alike(
+    make_rig: Callable[..., Rig], indexer: BlindIndexer, clock: FakeClock
+) -> None:
+    rig = make_rig()
+    orders = [make_order(f"o-{i}", total=10_000 * (i + 1)) for i in range(6)]
+    decisions = rig.scorer.score_batch([*orders, orders[0]], timeout_s=5.0)
+    assert [d.order_id for d in decisions] == [*(o.order_id for o in orders), "o-0"]
+    assert decisions[-1] == decisions[0]
+    assert [d.outcome for d in decisions[:6]] == [
+        Outcome.ALLOW,
+        Outcome.ALLOW,
+        Outcome.ALLOW,
+        Outcome.BLOCK,  # the 4th order of b-1 this hour
+        Outcome.BLOCK,
+        Outcome.BLOCK,
+    ]
+    assert count_buyer_orders(rig, indexer, clock, "b-1") == 6
+
+
+def test_scorer_blocks_orders_of_a_shop_the_ledger_froze(
+    make_rig: Callable[..., Rig], clock: FakeClock, tmp_path: Path
+) -> None:
+    book = Book(Database(tmp_path / "ledger.db"), clock=clock)
+    book.register_shop("s-bad", merchant_id="m-9")
+    book.penalize_shop(
+        "k-1", "s-bad", "order_brushing", "case-1", evidence="case file", actor="analyst"
+    )
+    rig = make_rig(shops=LedgerShopDirectory(book, clock))
+    decision = rig.scorer.score(make_order("o-1", shop_id="s-bad"))
+    assert decision.outcome is Outcome.BLOCK
+    assert [r.rule_id for r in decision.reasons] == ["frozen_shop"]
+    assert rig.scorer.score(make_order("o-2", shop_id="s-good")).outcome is Outcome.ALLOW
+    book.close()
+
+
+def test_scorer_rejects_a_negative_total_and_counts_nothing(
+    make_rig: Callable[..., Rig], indexer: BlindIndexer, clock: FakeClock
+) -> None:
+    rig = make_rig()
+    with pytest.raises(InvalidArgumentError) as info:
+        rig.scorer.score(make_order("o-bad", total=-1))
+    assert info.value.field == "order.amounts.total"
+    assert rig.log.get("o-bad") is None
+    assert count_buyer_orders(rig, indexer, clock, "b-1") == 0
+
+
+def test_scorer_report_outcome_appends_the_event(make_rig: Callable[..., Rig]) -> None:
+    rig = make_rig()
+    rig.scorer.score(make_order("o-1"))
+    event = OrderEvent("o-1", OrderEventKind.CHARGEBACK, 1_790_000_500.0, "bank notice")
+    rig.scorer.report_outcome(event)
+    rig.scorer.close()
+    assert rig.log.events("o-1") == [event]
+    assert rig.log.verify().ok
+
+
+def test_scorer_follows_a_rule_reload(
+    make_rig: Callable[..., Rig], holder: ProgramHolder, rules_dir: Path
+) -> None:
+    rig = make_rig()
+    before = holder.current.version
+    text = (rules_dir / "checkout.rules").read_text()
+    (rules_dir / "checkout.rules").write_text(text.replace("> 50000", "> 10000"))
+    assert holder.reload().ok
+    decision = rig.scorer.score(make_order("o-1", total=20_000))
+    assert decision.outcome is Outcome.REVIEW and decision.rules_version != before
