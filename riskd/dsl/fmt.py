@@ -15,6 +15,7 @@ import json
 
 from riskd.dsl.diagnostics import Diagnostics
 from riskd.dsl.rulefile import (
+    BLANK,
     Array,
     Field,
     Item,
@@ -62,7 +63,7 @@ def _keeps_together(prev: Item, item: Item) -> bool:
 
 
 def _comment_lines(comments: tuple[str, ...], indent: str) -> list[str]:
-    return [f"{indent}# {c}".rstrip() for c in comments]
+    return ["" if c == BLANK else f"{indent}# {c}".rstrip() for c in comments]
 
 
 def _with_trailing(line: str, trailing: str) -> str:

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeAlias, TypeVar
 
@@ -49,6 +49,7 @@ from riskd.dsl.diagnostics import SYNTAX_ERROR, Diagnostic, Diagnostics
 KEYWORDS: tuple[str, ...] = ("scenario", "list", "rule", "test")
 BLOCK_KEYWORDS: tuple[str, ...] = ("rule", "test")
 WHEN = "when"
+BLANK = "\n"  # in a comment tuple: a blank line between comment lines
 
 BAD_STRING = "riskd_bad_string"
 BAD_NUMBER = "riskd_bad_number"
@@ -374,8 +375,21 @@ class _Parser:
             raise self.fail(tok, f"expected {text!r}, found {_describe(tok)}")
         return tok
 
-    def leading(self) -> tuple[str, ...]:
-        return tuple(c.text for c in self.s.take_comments())
+    def leading(self, before_token: bool = True) -> tuple[str, ...]:
+        """The pending comment lines, with ``BLANK`` where blank lines separate them.
+
+        With ``before_token``, a blank line between the last comment and the
+        next token is kept too (a comment block detached from what follows).
+        """
+        comments = self.s.take_comments()
+        out: list[str] = []
+        for i, c in enumerate(comments):
+            if i and c.line - comments[i - 1].line > 1:
+                out.append(BLANK)
+            out.append(c.text)
+        if comments and before_token and self.s.peek().line - comments[-1].line > 1:
+            out.append(BLANK)
+        return tuple(out)
 
     def trailing(self, line: int) -> str:
         """A comment on ``line`` after the last token: it belongs to what ended there."""
@@ -396,7 +410,7 @@ class _Parser:
                 items.append(self.parse_item())
             except ParseAbort:
                 self.recover()
-        end = self.leading()
+        end = self.leading(before_token=False)
         return RuleFile(tuple(items), end, self.path, self.s.text)
 
     def recover(self) -> None:
@@ -441,7 +455,7 @@ class _Parser:
         while True:
             tok = self.s.peek()
             if tok.kind == "punct" and tok.text == "}":
-                return tuple(fields), self.leading()
+                return tuple(fields), self.leading(before_token=False)
             if tok.kind == "eof" or _starts_item(tok):
                 msg = f"{keyword} block is not closed with '}}'"
                 self.s.diag(UNTERMINATED, msg, tok.line, tok.col)
@@ -586,3 +600,30 @@ def parse(text: str, path: str = "<rules>") -> tuple[RuleFile, Diagnostics]:
 def is_identifier(text: str) -> bool:
     """True when ``text`` can be written bare (a name, not a keyword value)."""
     return _IDENT_RE.fullmatch(text) is not None and text not in ("true", "false", "null")
+
+
+class Reporter:
+    """Collects diagnostics at syntax-tree positions, with the file's source line for the caret."""
+
+    def __init__(self, sources: Mapping[str, str]) -> None:
+        self._sources = dict(sources)
+        self._lines = {path: text.split("\n") for path, text in sources.items()}
+        self.items: list[Diagnostic] = []
+
+    def source(self, path: str) -> str | None:
+        """The whole text of a file, for carets under expression errors."""
+        return self._sources.get(path)
+
+    def report(self, code: str, message: str, pos: Pos) -> None:
+        lines = self._lines.get(pos.file, [])
+        src = lines[pos.line - 1] if 0 < pos.line <= len(lines) else ""
+        self.items.append(Diagnostic(code, message, pos.file, pos.line, pos.col, src))
+
+    def extend(self, diags: Iterable[Diagnostic]) -> None:
+        self.items.extend(diags)
+
+    def diagnostics(self, order: Sequence[str] = ()) -> Diagnostics:
+        """Every diagnostic, sorted by file (in ``order``), line and column."""
+        rank = {path: i for i, path in enumerate(order)}
+        key = lambda d: (rank.get(d.file, len(rank)), d.file, d.line, d.col)  # noqa: E731
+        return Diagnostics(tuple(sorted(self.items, key=key)))

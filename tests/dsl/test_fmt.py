@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from riskd.dsl.fmt import format_file, format_text
 from riskd.dsl.rulefile import (
+    BLANK,
     Array,
     Entry,
     Field,
@@ -27,7 +28,19 @@ _text = st.text(
     st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="\u2028\u2029\x85"),
     max_size=20,
 )
-_comments = st.lists(_text.map(str.strip), max_size=2).map(tuple)
+_comment_lines = st.lists(st.one_of(_text.map(str.strip), st.just(BLANK)), max_size=4)
+
+
+def _valid_comments(lines: list[str], *, blank_last: bool) -> bool:
+    """BLANK separates comment lines: never first, never twice in a row."""
+    for i, c in enumerate(lines):
+        if c == BLANK and (i == 0 or lines[i - 1] == BLANK):
+            return False
+    return blank_last or not lines or lines[-1] != BLANK
+
+
+_comments = _comment_lines.filter(lambda c: _valid_comments(c, blank_last=True)).map(tuple)
+_end_comments = _comment_lines.filter(lambda c: _valid_comments(c, blank_last=False)).map(tuple)
 _scalars = st.one_of(
     _text.map(lambda s: Scalar(s, "string")),
     st.integers(-(2**63), 2**63 - 1).map(lambda i: Scalar(i, "int")),
@@ -71,14 +84,14 @@ def _items(draw: st.DrawFn) -> Item:
     if keyword == "test" and draw(st.booleans()):
         name = Scalar(draw(_text), "string")
     fields = draw(st.lists(_fields, max_size=4))
-    end = draw(_comments)
+    end = draw(_end_comments)
     if keyword == "rule" and draw(st.booleans()):
         fields.append(draw(_when_field))
         end = ()  # the expression runs to the closing brace: nothing can follow it
     return Item(keyword, name, None, tuple(fields), comments, trailing, end)
 
 
-_files = st.builds(RuleFile, st.lists(_items(), max_size=5).map(tuple), _comments)
+_files = st.builds(RuleFile, st.lists(_items(), max_size=5).map(tuple), _end_comments)
 
 
 @settings(max_examples=150, deadline=None)

@@ -1,0 +1,304 @@
+"""Rule programs: a checked, compiled, immutable rule set and its evaluation.
+
+Where it sits in the flow: rule files → ``rulefile.parse`` → ``compile_rules``
+(declarations, field checks, each ``when`` through ``riskd.dsl.expr``) →
+``Program``; the engine calls ``Program.evaluate`` once per order with the
+feature snapshot it fetched for ``Program.feature_queries``.
+
+``compile_rules`` reports every problem of every file at once by raising
+``riskd.errors.RuleCompileError``; ``Program.evaluate`` never raises for a
+rule's run-time error: that rule's result is ``RuleStatus.ERROR``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from riskd.dsl.expr import CompiledExpr
+
+from riskd.domain.decision import Outcome
+from riskd.domain.features import FeatureQuery
+from riskd.domain.order import Order
+from riskd.domain.shop import ShopState
+from riskd.dsl.diagnostics import Diagnostic, Diagnostics
+from riskd.dsl.values import EvalError, Timestamp
+from riskd.errors import RuleCompileError
+
+FEATURES_VAR = "@features"
+RULE_FILE_SUFFIX = ".rules"
+UNREADABLE = "riskd_unreadable_file"
+
+
+class Mode(enum.Enum):
+    """Whether a rule's hits count: ACTIVE enforce, SHADOW only record, DISABLED skip."""
+
+    ACTIVE = "active"
+    SHADOW = "shadow"
+    DISABLED = "disabled"
+
+
+class RuleStatus(enum.Enum):
+    HIT = "hit"
+    NO_HIT = "no_hit"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One compiled rule; ``file``/``line`` say where it is defined."""
+
+    id: str
+    description: str
+    owner: str
+    scenarios: tuple[str, ...]
+    mode: Mode
+    action: Outcome
+    score: float
+    reason_code: str
+    when: str = ""
+    file: str = ""
+    line: int = 0
+    expr: CompiledExpr | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RuleResult:
+    """What one rule said about one order (data, never an exception)."""
+
+    rule_id: str
+    status: RuleStatus
+    mode: Mode
+    action: Outcome
+    score: float
+    reason_code: str
+    error: str = ""
+    explanation: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """A transaction scenario tag rules can claim to cover (from ``scenario`` lines)."""
+
+    tag: str
+    description: str
+    file: str = ""
+    line: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RuleTest:
+    """One ``test`` block: an input and the rules expected to fire.
+
+    ``scope`` is the rule ids of the test's own file plus the expected ones:
+    rules of other files that also fire do not fail it.
+    """
+
+    name: str
+    file: str
+    line: int
+    order: Order
+    shop: ShopState
+    features: Mapping[FeatureQuery, int]
+    now: float
+    expect: frozenset[str]
+    scope: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """A rule ready to run: its evaluate function and its two precomputed results."""
+
+    rule: Rule
+    run: Callable[[Mapping[str, object]], object]
+    hit: RuleResult
+    no_hit: RuleResult
+
+
+@dataclass(frozen=True, slots=True)
+class Program:
+    """An immutable, compiled rule set; ``version`` is a content hash of its files."""
+
+    version: str
+    rules: tuple[Rule, ...]
+    lists: Mapping[str, frozenset[object]]
+    scenarios: tuple[str, ...]
+    scenario_info: tuple[Scenario, ...] = ()
+    feature_queries: frozenset[FeatureQuery] = frozenset()
+    tests: tuple[RuleTest, ...] = field(default=(), compare=False, repr=False)
+    constants: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
+    _steps: tuple[_Step, ...] = field(default=(), compare=False, repr=False)
+    _base: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
+
+    @staticmethod
+    def build(
+        version: str,
+        rules: tuple[Rule, ...],
+        lists: Mapping[str, frozenset[object]],
+        scenarios: tuple[Scenario, ...],
+        tests: tuple[RuleTest, ...] = (),
+        constants: Mapping[str, object] | None = None,
+    ) -> Program:
+        """Assemble a program from compiled rules (``compile_rules`` is the usual way)."""
+        steps = tuple(_step(r) for r in rules if r.mode is not Mode.DISABLED)
+        queries = frozenset(q for r in rules for q in _queries(r))
+        base = MappingProxyType({**(constants or {}), **lists})
+        return Program(
+            version=version,
+            rules=rules,
+            lists=MappingProxyType(dict(lists)),
+            scenarios=tuple(s.tag for s in scenarios),
+            scenario_info=scenarios,
+            feature_queries=queries,
+            tests=tests,
+            constants=MappingProxyType(dict(constants or {})),
+            _steps=steps,
+            _base=base,
+        )
+
+    def rule(self, rule_id: str) -> Rule | None:
+        for r in self.rules:
+            if r.id == rule_id:
+                return r
+        return None
+
+    def activation(
+        self, order: Order, shop: ShopState, features: Mapping[FeatureQuery, int], now: float
+    ) -> dict[str, object]:
+        """The variables every ``when`` sees for one order (built once per evaluation)."""
+        act = dict(self._base)
+        act["order"] = order
+        act["shop"] = shop
+        act["now"] = Timestamp.from_seconds(now)
+        act[FEATURES_VAR] = features
+        return act
+
+    def evaluate(
+        self,
+        order: Order,
+        shop: ShopState,
+        features: Mapping[FeatureQuery, int],
+        now: float,
+        *,
+        explain: bool = False,
+    ) -> tuple[RuleResult, ...]:
+        """Run every non-disabled rule on one order; one result per rule, in file order.
+
+        ``features`` must hold every query in ``feature_queries`` (a missing one
+        is an ERROR for the rules that read it). With ``explain``, hits carry
+        their sub-conditions and values.
+        """
+        act = self.activation(order, shop, features, now)
+        out: list[RuleResult] = []
+        append = out.append
+        for step in self._steps:
+            try:
+                value = step.run(act)
+            except EvalError as exc:
+                append(_error(step, _scrub(str(exc), order)))
+                continue
+            if value is True:
+                append(_explained(step, act) if explain else step.hit)
+            elif value is False:
+                append(step.no_hit)
+            else:
+                append(_error(step, "'when' did not produce a bool"))
+        return tuple(out)
+
+
+def _step(rule: Rule) -> _Step:
+    assert rule.expr is not None, f"rule {rule.id} is not compiled"
+    hit = RuleResult(rule.id, RuleStatus.HIT, rule.mode, rule.action, rule.score, rule.reason_code)
+    no_hit = dataclasses.replace(hit, status=RuleStatus.NO_HIT)
+    return _Step(rule, rule.expr.evaluate, hit, no_hit)
+
+
+def _queries(rule: Rule) -> frozenset[FeatureQuery]:
+    if rule.expr is None or rule.mode is Mode.DISABLED:
+        return frozenset()
+    return rule.expr.feature_queries
+
+
+def _error(step: _Step, message: str) -> RuleResult:
+    return dataclasses.replace(step.no_hit, status=RuleStatus.ERROR, error=message)
+
+
+def _explained(step: _Step, act: Mapping[str, object]) -> RuleResult:
+    assert step.rule.expr is not None
+    try:
+        lines = step.rule.expr.explain(act)
+    except EvalError as exc:  # explain re-runs the expression; report, do not fail
+        lines = (f"explanation failed: {exc}",)
+    return dataclasses.replace(step.hit, explanation=lines)
+
+
+def _scrub(message: str, order: Order) -> str:
+    """Mask any PII value of the order that an error message might quote."""
+    buyer = order.buyer
+    secrets = (
+        buyer.phone,
+        buyer.name,
+        buyer.id_number,
+        buyer.address.detail,
+        buyer.address.district,
+        order.ip,
+        order.device_id,
+    )
+    for s in secrets:
+        if len(s) >= 2 and s in message:
+            message = message.replace(s, "***")
+    return message
+
+
+# ------------------------------------------------------------------ compile facade
+
+
+def rule_files(directory: Path) -> tuple[Path, ...]:
+    """The rule files of a directory (``*.rules``, recursively), in a stable order."""
+    return tuple(sorted(p for p in directory.rglob(f"*{RULE_FILE_SUFFIX}") if p.is_file()))
+
+
+def content_version(sources: Mapping[str, str]) -> str:
+    """A content hash of the rule files: names (as given) and texts, order-independent."""
+    h = hashlib.sha256()
+    for name in sorted(sources):
+        text = sources[name].encode()
+        h.update(f"{Path(name).name}\0{len(text)}\0".encode())
+        h.update(text)
+    return h.hexdigest()[:16]
+
+
+def compile_rules(*paths: Path) -> Program:
+    """Compile rule files into one program, or raise ``RuleCompileError`` with every problem."""
+    program, diags = check_rules(*paths)
+    if program is None or not diags.ok:
+        raise RuleCompileError(diags)
+    return program
+
+
+def check_rules(*paths: Path) -> tuple[Program | None, Diagnostics]:
+    """Like ``compile_rules`` but returns ``(program or None, diagnostics)``."""
+    # ruleset builds Programs out of the types above, so it is imported here, not at the top.
+    from riskd.dsl.ruleset import compile_sources
+
+    sources: dict[str, str] = {}
+    unreadable: list[Diagnostic] = []
+    for p in paths:
+        try:
+            sources[str(p)] = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "cannot be read"
+            unreadable.append(Diagnostic(UNREADABLE, f"rule file {reason}", str(p), 1, 1))
+    if unreadable:
+        return None, Diagnostics(tuple(unreadable))
+    return compile_sources(sources)
+
+
+def load_rules(directory: Path) -> Program:
+    """Compile every rule file under ``directory``."""
+    return compile_rules(*rule_files(directory))
