@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 COMMANDS: tuple[str, ...] = (
-    # "riskd.cli.rules",   # riskd rules check|test|fmt|eval
+    "riskd.cli.rules",  # riskd rules check|test|fmt|eval
     # "riskd.cli.serve",   # riskd serve, riskd score
     # "riskd.cli.ledger",  # riskd ledger ...
     # "riskd.cli.pii",     # riskd pii rotate|forget
