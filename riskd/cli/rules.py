@@ -126,7 +126,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             return 2
         try:
             variables[name] = json.loads(raw)
-        except ValueError as exc:
+        except json.JSONDecodeError as exc:
             print(f"--var {name}: not valid JSON ({exc.msg})", file=_err())
             return 2
     try:

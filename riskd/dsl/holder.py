@@ -29,7 +29,7 @@ Fingerprint = tuple[tuple[str, int, int], ...]
 
 
 def fingerprint(directory: Path) -> Fingerprint:
-    """Name, mtime and size of every rule file: changes when any file is edited, added or removed."""
+    """Name, mtime and size of every rule file: changes on any edit, addition or removal."""
     out: list[tuple[str, int, int]] = []
     for p in rule_files(directory):
         try:
