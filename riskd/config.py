@@ -15,11 +15,20 @@ environment variables override the file::
     deadline_ms = 200               # RISKD_DEADLINE_MS (when the caller sets none)
     keyring_file = ""               # RISKD_KEYRING_FILE ("" = data_dir/keyring.json)
     tls_cert = ""                   # RISKD_TLS_CERT / RISKD_TLS_KEY / RISKD_TLS_CLIENT_CA
+    plaintext = true                # RISKD_PLAINTEXT: allow a plaintext port (loopback only)
     log_level = "info"              # RISKD_LOG_LEVEL
 
     [fallback]                      # RISKD_FALLBACK_<SCENARIO>="50000:allow,review"
     default = "50000:allow,review"  # total <= 500 CNY -> allow, else review
     live_room = "20000:allow,review"
+
+    [auth]                          # callers, roles, rate limits (riskd.service.auth)
+    [auth.tokens]
+    "sha256:9f86d0..." = "checkout-gw:checkout"
+
+Without TLS and without an ``[auth]`` table the daemon serves plaintext on
+loopback to anyone on the machine (the embedded default); with either, every
+call is authenticated and authorized.
 
 A fallback is an ordered list of tiers ``MAX_TOTAL_FEN:OUTCOME``; a tier with
 no bound matches any amount, and the last tier must have none. Every bad value
@@ -70,6 +79,8 @@ class Config:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    plaintext: bool = True
+    auth: Mapping[str, Any] = field(default_factory=dict)
     log_level: str = "info"
     reload_interval_s: float = 2.0
     redis_timeout_ms: int = 50
@@ -232,6 +243,23 @@ def _coerce_float(raw: Any, key: str) -> float:
     return value
 
 
+def _coerce_bool(raw: Any, key: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = _coerce_str(raw, key).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key}: expected true or false")
+
+
+def _coerce_table(raw: Any, key: str) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{key}: expected a table")
+    return dict(raw)
+
+
 def _coerce_path(raw: Any, key: str) -> Path:
     text = _coerce_str(raw, key)
     if not text:
@@ -271,6 +299,8 @@ _COERCE: dict[str, Callable[[Any, str], Any]] = {
     "tls_key": _coerce_optional_path,
     "tls_client_ca": _coerce_optional_path,
     "fallback": _coerce_fallback,
+    "plaintext": _coerce_bool,
+    "auth": _coerce_table,
 }
 
 

@@ -1,0 +1,253 @@
+"""The gRPC server: ``create_server(config)`` builds, binds and starts one riskd process.
+
+Lifecycle::
+
+    create_server ── health NOT_SERVING ── bind ── start ── SERVING
+         ... SIGHUP / rule file change → ProgramHolder.reload (old rules kept on error)
+    stop(grace) ── NOT_SERVING ── (notice) ── refuse new calls, drain in-flight
+                 ── scorer.close() (flushes the evidence log) ── close stores
+
+The listening socket has ``SO_REUSEPORT``, so several processes can share one
+port; the kernel balances connections (not calls) between them.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from riskd.config import Config
+from riskd.domain.clock import Clock, SystemClock
+from riskd.errors import ConfigError
+from riskd.service.auth import (
+    AuthConfig,
+    AuthInterceptor,
+    check_insecure_listen,
+    server_credentials,
+)
+from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
+from riskd.service.interceptors import ErrorInterceptor
+from riskd.service.metrics import Metrics, MetricsEndpoint
+from riskd.service.scoring import ScorerLike, ScoringServicer
+from riskd.service.wiring import Components, build_components
+
+log = logging.getLogger("riskd.service.server")
+
+SCORING_SERVICE = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name
+
+if TYPE_CHECKING:  # generic only in the type stubs
+    Interceptor = grpc.ServerInterceptor[Any, Any]
+else:
+    Interceptor = grpc.ServerInterceptor
+
+# A hook that registers one more servicer and returns the full names of what it added.
+ExtraServicer = Callable[[grpc.Server], Iterable[str]]
+
+
+@dataclass
+class RunningServer:
+    """A started riskd server: its port, health, metrics and components."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    services: tuple[str, ...]
+    metrics: Metrics
+    components: Components
+    endpoint: MetricsEndpoint | None = None
+    _stopped: threading.Event = field(default_factory=threading.Event)
+    _stop_lock: threading.Lock = field(default_factory=threading.Lock)
+    _stopping: bool = False
+
+    @property
+    def metrics_port(self) -> int | None:
+        return None if self.endpoint is None else self.endpoint.port
+
+    @property
+    def scorer(self) -> ScorerLike:
+        return self.components.scorer
+
+    def set_serving(self, serving: bool) -> None:
+        """Announce SERVING or NOT_SERVING for the server and every service."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.services):
+            self.health.set(name, status)
+
+    def reload_rules(self) -> bool:
+        """Recompile the rules now (SIGHUP); False (old rules kept) when they do not compile."""
+        return self.components.reload_rules(self.metrics)
+
+    def stop(self, grace: float | None = None, *, notice_s: float = 0.0) -> None:
+        """Drain and shut down; safe to call twice and from a signal handler's thread.
+
+        Health turns NOT_SERVING, then after ``notice_s`` (time for load balancers
+        to notice) new calls are refused while in-flight ones get up to ``grace``
+        seconds to finish; then the evidence log is flushed and stores closed.
+        """
+        with self._stop_lock:
+            if self._stopping:
+                self._stopped.wait()
+                return
+            self._stopping = True
+        log.info("draining", extra={"fields": {"grace_s": grace}})
+        self.set_serving(False)
+        if notice_s > 0:
+            threading.Event().wait(notice_s)
+        self.server.stop(grace).wait()
+        self.components.close()
+        if self.endpoint is not None:
+            self.endpoint.close()
+        log.info("stopped")
+        self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until ``stop`` has finished; False on timeout."""
+        return self._stopped.wait(timeout)
+
+    def install_signal_handlers(self, grace: float) -> None:
+        """SIGTERM/SIGINT drain and stop (in a thread); SIGHUP reloads the rules.
+
+        Call from the main thread (Python delivers signals there).
+        """
+
+        def on_term(signum: int, frame: FrameType | None) -> None:
+            threading.Thread(target=self.stop, args=(grace,), name="riskd-drain").start()
+
+        def on_hup(signum: int, frame: FrameType | None) -> None:
+            threading.Thread(target=self.reload_rules, name="riskd-reload").start()
+
+        signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)
+        signal.signal(signal.SIGHUP, on_hup)
+
+
+def create_server(
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    extra_servicers: Sequence[ExtraServicer] = (),
+    interceptors: Sequence[Interceptor] = (),
+    ready: bool = True,
+) -> RunningServer:
+    """Build the components from ``config``, bind ``config.listen`` and start serving.
+
+    Args:
+        config: the daemon's configuration (``listen`` may use port 0 in tests).
+        clock: where time comes from (``SystemClock`` by default).
+        extra_servicers: hooks that register more services (each returns their names).
+        interceptors: more server interceptors, run after authentication and before
+            riskd's error interceptor.
+        ready: announce SERVING once started; with False the caller calls
+            ``set_serving(True)`` (health stays NOT_SERVING meanwhile).
+
+    Raises:
+        ConfigError: the address cannot be bound or a file cannot be read.
+        RuleCompileError: the rules do not compile.
+    """
+    metrics = Metrics()
+    components = build_components(config, clock or SystemClock())
+    try:
+        return _start(config, metrics, components, extra_servicers, interceptors, ready)
+    except BaseException:
+        components.close()
+        raise
+
+
+def _start(
+    config: Config,
+    metrics: Metrics,
+    components: Components,
+    extra_servicers: Sequence[ExtraServicer],
+    interceptors: Sequence[Interceptor],
+    ready: bool,
+) -> RunningServer:
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="riskd-rpc"),
+        interceptors=[*_auth(config, metrics), *interceptors, ErrorInterceptor(metrics)],
+        options=_options(config),
+    )
+    servicer = ScoringServicer(
+        components.scorer,
+        metrics,
+        components.clock,
+        default_deadline_s=config.deadline_s,
+        max_batch=config.max_batch,
+    )
+    scoring_pb2_grpc.add_ScoringServiceServicer_to_server(servicer, server)
+    services = [SCORING_SERVICE, *components.register_extra(server)]
+    for hook in extra_servicers:
+        services.extend(hook(server))
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    running = RunningServer(server, 0, health_servicer, tuple(services), metrics, components)
+    running.set_serving(False)
+    running.port = _bind(server, config)
+    if config.metrics_port >= 0:
+        running.endpoint = MetricsEndpoint(metrics, _host(config.listen), config.metrics_port)
+    server.start()
+    components.start_watching(metrics, config.reload_interval_s)
+    if ready:
+        running.set_serving(True)
+    log.info("serving", extra={"fields": {"port": running.port, "services": services}})
+    return running
+
+
+def _options(config: Config) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
+
+
+def _host(listen: str) -> str:
+    host = listen.rpartition(":")[0]
+    return host.strip("[]")
+
+
+def _auth(config: Config, metrics: Metrics) -> list[Interceptor]:
+    """Authentication and rate limits, whenever TLS or an ``[auth]`` table is configured."""
+    if config.tls_cert is None and not config.auth:
+        return []  # the embedded default: plaintext, loopback only (checked at bind)
+
+    def on_reject(method: str, code: grpc.StatusCode) -> None:
+        metrics.rpc_errors.labels(method, code.name).inc()
+
+    return [AuthInterceptor(AuthConfig.from_mapping(config.auth), on_reject=on_reject)]
+
+
+def _bind(server: grpc.Server, config: Config) -> int:
+    """Bind ``listen`` with TLS when configured, else plaintext on loopback only."""
+    if config.tls_cert is not None and config.tls_key is not None:
+        credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        port = _add_port(lambda: server.add_secure_port(config.listen, credentials))
+    else:
+        check_insecure_listen(config.listen, allowed=config.plaintext)
+        port = _add_port(lambda: server.add_insecure_port(config.listen))
+    if port == 0:
+        raise ConfigError(f"listen: cannot bind {config.listen}")
+    return port
+
+
+def _add_port(add: Callable[[], int]) -> int:
+    try:
+        return int(add())
+    except RuntimeError:  # grpcio raises when the address is malformed or taken
+        return 0

@@ -1,0 +1,186 @@
+"""Builds the daemon's components from ``Config``: the one place that knows them all.
+
+``Config`` → keyring (generated under the data dir on first start) →
+``BlindIndexer`` → SQL ``Database`` → ``DecisionLog``; feature store
+(in-process, or Redis when ``redis_url`` is set); ``ProgramHolder`` over the
+rules directory; ``FallbackPolicy``; then the ``Scorer`` over all of them.
+Rule hot reload lives here too: a watcher compares the rule files'
+fingerprint and reloads through the holder when it changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+
+from riskd.config import Config
+from riskd.domain.clock import Clock
+from riskd.dsl.holder import ProgramHolder
+from riskd.engine.fallback import FallbackPolicy
+from riskd.engine.scorer import Scorer
+from riskd.errors import ConfigError
+from riskd.evidence.log import DecisionLog
+from riskd.features import FeatureStore, InProcessFeatureStore, RedisFeatureStore
+from riskd.ledger import Book, LedgerShopDirectory, load_schedule
+from riskd.pii.blind import BlindIndexer
+from riskd.pii.keyring import Keyring
+from riskd.service.metrics import Metrics
+from riskd.sql import Database
+
+log = logging.getLogger("riskd.service.wiring")
+
+
+@dataclass
+class Components:
+    """Everything one server process runs on, and how to close it in order."""
+
+    clock: Clock
+    scorer: Scorer
+    rules: ProgramHolder
+    closers: list[Callable[[], None]] = field(default_factory=list)
+    extra: list[Callable[[grpc.Server], list[str]]] = field(default_factory=list)
+    _watch_stop: threading.Event = field(default_factory=threading.Event)
+    _watcher: threading.Thread | None = None
+
+    def register_extra(self, server: grpc.Server) -> list[str]:
+        """Register the optional services (the ledger) and return their names."""
+        names: list[str] = []
+        for hook in self.extra:
+            names.extend(hook(server))
+        return names
+
+    def reload_rules(self, metrics: Metrics) -> bool:
+        """Recompile through the holder; count the outcome; the old rules stay on error."""
+        diagnostics = self.rules.reload()
+        if diagnostics.ok:
+            metrics.reloads.inc()
+            log.info("rules reloaded", extra={"fields": {"version": self.rules.current.version}})
+            return True
+        metrics.reload_failures.inc()
+        log.error(
+            "rules reload failed; keeping the old rules",
+            extra={"fields": {"diagnostics": str(diagnostics)}},
+        )
+        return False
+
+    def start_watching(self, metrics: Metrics, interval_s: float) -> None:
+        """Reload whenever the rule files change (checked every ``interval_s``).
+
+        Our own poll loop rather than the holder's watcher, so that every
+        reload outcome reaches the metrics.
+        """
+
+        def loop() -> None:
+            while not self._watch_stop.wait(interval_s):
+                if self.rules.changed():
+                    try:
+                        self.reload_rules(metrics)
+                    except Exception:  # a dead watcher would freeze the rules silently
+                        log.error("rules reload crashed", exc_info=True)
+
+        self._watcher = threading.Thread(target=loop, name="riskd-rules-watch", daemon=True)
+        self._watcher.start()
+
+    def close(self) -> None:
+        """Stop watching, close the scorer (flushes the evidence log), then the stores."""
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+        for closer in reversed(self.closers):
+            try:
+                closer()
+            except Exception:
+                log.error("close failed", exc_info=True)
+        self.closers.clear()
+
+
+def build_components(config: Config, clock: Clock) -> Components:
+    """Open every store and build the scorer; on failure, close what was opened."""
+    closers: list[Callable[[], None]] = []
+    try:
+        return _build(config, clock, closers)
+    except BaseException:
+        for closer in reversed(closers):
+            closer()
+        raise
+
+
+def _build(config: Config, clock: Clock, closers: list[Callable[[], None]]) -> Components:
+    if not config.rules_dir.is_dir():
+        raise ConfigError(f"rules_dir: {config.rules_dir} is not a directory")
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    indexer = BlindIndexer(load_keyring(config))
+    rules = ProgramHolder(config.rules_dir)  # raises RuleCompileError: no start without rules
+    db = Database(config.database)
+    closers.append(db.close)
+    decision_log = DecisionLog(db, indexer=indexer)
+    closers.append(decision_log.close)
+    features = open_feature_store(config, clock)
+    closers.append(features.close)
+    book = open_book(config, clock)
+    closers.append(book.close)
+    scorer = Scorer(
+        rules,
+        features,
+        decision_log,
+        indexer,
+        shops=LedgerShopDirectory(book, clock),
+        clock=clock,
+        fallback=FallbackPolicy.from_config(config.fallback),
+    )
+    closers.append(scorer.close)
+    components = Components(clock, scorer, rules, closers)
+    components.extra.append(ledger_service(book))
+    return components
+
+
+def open_book(config: Config, clock: Clock) -> Book:
+    """The merchant-money ledger in the daemon's database (its schedule beside the rules)."""
+    schedule_path = config.rules_dir / "penalties.toml"
+    schedule = load_schedule(schedule_path) if schedule_path.exists() else None
+    return Book.open(config.database, schedule=schedule, clock=clock)
+
+
+def ledger_service(book: Book) -> Callable[[grpc.Server], list[str]]:
+    """A hook that registers ``LedgerService`` when its servicer module exists."""
+
+    def register(server: grpc.Server) -> list[str]:
+        if importlib.util.find_spec("riskd.service.ledger") is None:
+            return []  # the ledger's gRPC API is not built yet
+        module = importlib.import_module("riskd.service.ledger")
+        gen = importlib.import_module("riskd.service.gen.riskd.v1.ledger_pb2")
+        module.add_ledger_service(server, book)
+        return [s.full_name for s in gen.DESCRIPTOR.services_by_name.values()]
+
+    return register
+
+
+def load_keyring(config: Config) -> Keyring:
+    """The configured keyring; on first start with none configured, generate one (mode 0600)."""
+    path = config.keyring_path
+    if path.exists():
+        return Keyring.load(path)
+    if config.keyring_file is not None:
+        raise ConfigError(f"keyring_file: {path} does not exist")
+    keyring = Keyring.generate()
+    keyring.save(path)
+    log.info("generated a new keyring", extra={"fields": {"path": str(path)}})
+    return keyring
+
+
+def open_feature_store(config: Config, clock: Clock) -> FeatureStore:
+    """Redis when ``redis_url`` is set (shared by replicas), else in-process."""
+    if not config.redis_url:
+        return InProcessFeatureStore(clock)
+    return RedisFeatureStore(
+        config.redis_url,
+        clock,
+        prefix=config.redis_prefix,
+        timeout_s=config.redis_timeout_ms / 1000.0,
+    )

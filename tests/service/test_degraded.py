@@ -1,0 +1,141 @@
+"""Deadlines and fallback: Redis (our own, on a free port) dies mid-test and comes back."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from riskd.service import convert
+from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
+from riskd.service.server import create_server
+from tests.service.conftest import make_config
+from tests.service.test_scoring import fresh
+
+pytestmark = pytest.mark.redis
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisProcess:
+    """A private redis-server (no persistence) we can kill and restart."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(5)
+            self.proc = None
+
+
+@pytest.fixture
+def redis_process() -> Iterator[RedisProcess]:
+    redis = RedisProcess(free_port())
+    redis.start()
+    yield redis
+    redis.kill()
+
+
+def test_redis_down_gives_degraded_answers_inside_the_deadline_then_recovers(
+    tmp_path: Path, redis_process: RedisProcess
+) -> None:
+    config = make_config(
+        tmp_path, redis_url=f"redis://127.0.0.1:{redis_process.port}/0", redis_timeout_ms=50
+    )
+    running = create_server(config)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+
+            def decide(**changes: object) -> tuple[scoring_pb2.Decision, float]:
+                order = convert.order_to_proto(fresh(**changes))
+                start = time.monotonic()
+                reply = stub.Score(scoring_pb2.ScoreRequest(order=order), timeout=0.3)
+                return reply.decision, time.monotonic() - start
+
+            healthy, _ = decide()
+            assert not healthy.degraded
+
+            redis_process.kill()
+            small = dataclasses.replace(fresh().amounts)  # 46.98 CNY: under the 500 CNY tier
+            for _ in range(3):
+                decision, took = decide(amounts=small)
+                assert took < 0.3
+                assert decision.degraded and decision.unavailable
+                assert decision.outcome == scoring_pb2.OUTCOME_ALLOW
+            assert (
+                running.metrics.value(
+                    "riskd_degraded_decisions_total", {"unavailable": decision.unavailable[0]}
+                )
+                >= 3
+            )
+
+            redis_process.start()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                decision, took = decide()
+                if not decision.degraded:
+                    break
+                time.sleep(0.1)
+            assert not decision.degraded
+            assert took < 0.3
+    finally:
+        running.stop(1)
+
+
+def test_default_fallback_reviews_large_orders_when_redis_is_down(
+    tmp_path: Path, redis_process: RedisProcess
+) -> None:
+    config = make_config(tmp_path, redis_url=f"redis://127.0.0.1:{redis_process.port}/0")
+    running = create_server(config)
+    redis_process.kill()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+            order = convert.order_to_proto(fresh())
+            order.items[0].unit_price = 100_000  # 1000 CNY each: above the 500 CNY tier
+            order.amounts.items = 2 * 100_000 + 500
+            order.amounts.total = order.amounts.items - 100 - 500 + 800
+            reply = stub.Score(scoring_pb2.ScoreRequest(order=order), timeout=1)
+        assert reply.decision.degraded
+        assert reply.decision.outcome == scoring_pb2.OUTCOME_REVIEW
+    finally:
+        running.stop(1)

@@ -1,0 +1,138 @@
+"""Server lifecycle: health transitions, reflection, graceful drain, rule hot reload."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from riskd.service import convert
+from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
+from riskd.service.server import RunningServer, create_server
+from tests.service.conftest import copy_rules, make_config
+from tests.service.test_scoring import fresh
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def health_of(channel: grpc.Channel, service: str = "") -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def slow_service(started: threading.Event, seconds: float) -> object:
+    """A test service whose one method sleeps: an in-flight call to drain."""
+
+    def sleep(request: bytes, context: grpc.ServicerContext) -> bytes:
+        started.set()
+        time.sleep(seconds)
+        return b"done"
+
+    def hook(server: grpc.Server) -> Iterable[str]:
+        handler = grpc.unary_unary_rpc_method_handler(sleep)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("test.Slow", {"Sleep": handler}),)
+        )
+        return ()
+
+    return hook
+
+
+def test_health_not_serving_until_ready_then_serving_then_draining(tmp_path: Path) -> None:
+    running = create_server(make_config(tmp_path), ready=False)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            assert health_of(ch) == NOT_SERVING
+            assert health_of(ch, "riskd.v1.ScoringService") == NOT_SERVING
+            running.set_serving(True)
+            assert health_of(ch) == SERVING
+            assert health_of(ch, "riskd.v1.ScoringService") == SERVING
+            stopper = threading.Thread(target=running.stop, args=(1,), kwargs={"notice_s": 0.5})
+            stopper.start()
+            time.sleep(0.2)
+            assert health_of(ch) == NOT_SERVING  # announced before calls are refused
+            stopper.join()
+    finally:
+        running.stop(0)
+
+
+def test_reflection_lists_the_services(tmp_path: Path) -> None:
+    running = create_server(make_config(tmp_path))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+            db = ProtoReflectionDescriptorDatabase(ch)
+            method = db.FindFileContainingSymbol("riskd.v1.ScoringService")
+    finally:
+        running.stop(0)
+    assert {"riskd.v1.ScoringService", "grpc.health.v1.Health"} <= services
+    assert method.package == "riskd.v1"
+
+
+def test_drain_finishes_in_flight_calls_and_refuses_new_ones(tmp_path: Path) -> None:
+    started = threading.Event()
+    running = create_server(
+        make_config(tmp_path),
+        extra_servicers=[slow_service(started, 1.0)],  # type: ignore[list-item]
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+        slow = ch.unary_unary("/test.Slow/Sleep").future(b"", timeout=10)
+        assert started.wait(5)
+        stopper = threading.Thread(target=running.stop, args=(5,))
+        stopper.start()
+        time.sleep(0.2)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Score(scoring_pb2.ScoreRequest(order=convert.order_to_proto(fresh())), timeout=2)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert slow.result() == b"done"
+        stopper.join(10)
+    assert running.wait(0)
+
+
+def test_rules_hot_reload_on_change_and_keep_old_rules_on_error(tmp_path: Path) -> None:
+    rules = copy_rules(tmp_path / "rules")
+    running = create_server(make_config(tmp_path / "data", rules_dir=str(rules)))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+
+            def decide() -> scoring_pb2.Decision:
+                request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(fresh()))
+                return stub.Score(request, timeout=5).decision
+
+            v1 = decide().rules_version
+            path = rules / "checkout.rules"
+            path.write_text(path.read_text().replace("> 10000000", "> 1000"))
+            assert _eventually(lambda: decide().rules_version != v1)
+            tightened = decide()
+            assert tightened.outcome == scoring_pb2.OUTCOME_BLOCK
+            assert running.metrics.value("riskd_rule_reloads_total") == 1
+
+            path.write_text(path.read_text() + "\nrule broken {\n  when = order.nope > 1\n}\n")
+            assert _eventually(
+                lambda: running.metrics.value("riskd_rule_reload_failures_total") == 1
+            )
+            assert decide().rules_version == tightened.rules_version
+            # SIGHUP's path: an explicit reload of still-broken rules fails the same way.
+            assert running.reload_rules() is False
+    finally:
+        running.stop(1)
+
+
+def _eventually(check: object, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False

@@ -1,0 +1,217 @@
+"""Score, ScoreBatch and ReportOutcome through a real channel to a real server."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from riskd.config import Config
+from riskd.domain.order import Order
+from riskd.service import convert, validate
+from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2, scoring_pb2_grpc
+from riskd.service.server import RunningServer
+from tests.service.sample import full_order
+
+Stub = scoring_pb2_grpc.ScoringServiceStub
+
+
+def fresh(**changes: object) -> Order:
+    """A valid order with its own order id and device (so velocity starts at zero)."""
+    order = full_order(f"o-{uuid.uuid4().hex}", f"dev-{uuid.uuid4().hex}")
+    return dataclasses.replace(order, **changes)  # type: ignore[arg-type]
+
+
+def score(stub: Stub, order: Order | order_pb2.Order) -> scoring_pb2.Decision:
+    msg = order if isinstance(order, order_pb2.Order) else convert.order_to_proto(order)
+    return stub.Score(scoring_pb2.ScoreRequest(order=msg), timeout=5).decision
+
+
+def test_score_allows_a_first_order(stub: Stub) -> None:
+    order = fresh()
+    decision = score(stub, order)
+    assert decision.order_id == order.order_id
+    assert decision.outcome == scoring_pb2.OUTCOME_ALLOW
+    assert decision.rules_version and not decision.degraded
+    assert decision.elapsed_us > 0
+
+
+def test_velocity_rules_hit_on_later_orders_from_one_device(stub: Stub) -> None:
+    first = fresh()
+    second = dataclasses.replace(fresh(), device_id=first.device_id)
+    third = dataclasses.replace(fresh(), device_id=first.device_id)
+    outcomes = [score(stub, o).outcome for o in (first, second, third)]
+    assert outcomes == [
+        scoring_pb2.OUTCOME_ALLOW,
+        scoring_pb2.OUTCOME_REVIEW,
+        scoring_pb2.OUTCOME_BLOCK,
+    ]
+    reasons = score(stub, third).reasons
+    assert {r.reason_code for r in reasons} == {"DEVICE_VELOCITY", "DEVICE_BURST"}
+
+
+def test_concurrent_retries_return_one_decision_and_count_once(stub: Stub) -> None:
+    order = fresh()
+    with ThreadPoolExecutor(8) as pool:
+        decisions = list(pool.map(lambda _: score(stub, order), range(16)))
+    assert all(d == decisions[0] for d in decisions)
+    # Had any retry been counted, this second order from the device would be a third: BLOCK.
+    second = dataclasses.replace(fresh(), device_id=order.device_id)
+    assert score(stub, second).outcome == scoring_pb2.OUTCOME_REVIEW
+
+
+def test_score_batch_answers_in_request_order(stub: Stub) -> None:
+    orders = [fresh() for _ in range(64)]
+    reply = stub.ScoreBatch(
+        scoring_pb2.ScoreBatchRequest(orders=[convert.order_to_proto(o) for o in orders]),
+        timeout=10,
+    )
+    assert [d.order_id for d in reply.decisions] == [o.order_id for o in orders]
+    assert {d.outcome for d in reply.decisions} == {scoring_pb2.OUTCOME_ALLOW}
+    # A batch member is recorded: scoring it alone returns the same decision.
+    assert score(stub, orders[5]) == reply.decisions[5]
+
+
+def test_report_outcome(stub: Stub) -> None:
+    order = fresh()
+    score(stub, order)
+    stub.ReportOutcome(
+        scoring_pb2.ReportOutcomeRequest(
+            order_id=order.order_id, kind=scoring_pb2.ORDER_EVENT_KIND_CHARGEBACK, detail="bank"
+        ),
+        timeout=5,
+    )
+
+
+def _set(path: str, value: object) -> Callable[[order_pb2.Order], None]:
+    def change(msg: order_pb2.Order) -> None:
+        *parents, leaf = path.split(".")
+        target = msg
+        for p in parents:
+            target = getattr(target, p)
+        setattr(target, leaf, value)
+
+    return change
+
+
+def _add_items(n: int) -> Callable[[order_pb2.Order], None]:
+    def change(msg: order_pb2.Order) -> None:
+        del msg.items[:]
+        for _ in range(n):
+            msg.items.add(sku="s", category="c", unit_price=1, quantity=1)
+        msg.amounts.items = msg.amounts.total = n
+        msg.amounts.discount = msg.amounts.coupon = msg.amounts.shipping = 0
+
+    return change
+
+
+BAD_ORDERS: dict[str, Callable[[order_pb2.Order], None]] = {
+    "order.order_id": _set("order_id", ""),
+    "order.amounts.total": _set("amounts.total", 1),
+    "order.amounts.items": _set("amounts.items", 7),
+    "order.amounts.coupon": _set("amounts.coupon", -500),
+    "order.items[0].unit_price": lambda m: setattr(m.items[0], "unit_price", -1),
+    "order.items[1].quantity": lambda m: setattr(m.items[1], "quantity", -3),
+    "order.channel": _set("channel", 42),
+    "order.payment_method": _set("payment_method", 9),
+    "order.items": _add_items(validate.MAX_ITEMS + 1),
+    "order.buyer.address.detail": _set("buyer.address.detail", "x" * 5000),
+    "order.shop_id": _set("shop_id", "s" * 300),
+}
+
+
+def counters(server: RunningServer) -> float:
+    return sum(
+        server.metrics.value("riskd_decisions_total", {"outcome": o})
+        for o in ("allow", "review", "block")
+    )
+
+
+@pytest.mark.parametrize("field", list(BAD_ORDERS))
+def test_bad_order_is_invalid_argument_and_changes_nothing(
+    stub: Stub, server: RunningServer, field: str
+) -> None:
+    order = fresh()
+    msg = convert.order_to_proto(order)
+    BAD_ORDERS[field](msg)
+    before = counters(server)
+    with pytest.raises(grpc.RpcError) as e:
+        score(stub, msg)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith(f"{field}: ")
+    assert "13812345678" not in e.value.details()
+    assert counters(server) == before
+    # Nothing was counted: the same device's next (valid) order is its first.
+    retry = dataclasses.replace(fresh(), device_id=order.device_id)
+    assert score(stub, retry).outcome == scoring_pb2.OUTCOME_ALLOW
+
+
+def test_bad_batch_member_rejects_the_whole_batch(stub: Stub, server: RunningServer) -> None:
+    good, bad = convert.order_to_proto(fresh()), convert.order_to_proto(fresh())
+    bad.amounts.total += 1
+    before = counters(server)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ScoreBatch(scoring_pb2.ScoreBatchRequest(orders=[good, bad]), timeout=5)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("orders[1].amounts.total: ")
+    assert counters(server) == before
+
+
+def test_too_many_orders_in_a_batch(stub: Stub, server: RunningServer) -> None:
+    msg = convert.order_to_proto(fresh())
+    request = scoring_pb2.ScoreBatchRequest(orders=[msg] * (Config().max_batch + 1))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ScoreBatch(request, timeout=5)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("orders: ")
+
+
+def test_oversized_message_is_refused_before_parsing(stub: Stub) -> None:
+    msg = convert.order_to_proto(fresh())
+    msg.buyer.address.detail = "x" * (5 * 1024 * 1024)
+    with pytest.raises(grpc.RpcError) as e:
+        score(stub, msg)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (scoring_pb2.ReportOutcomeRequest(kind=scoring_pb2.ORDER_EVENT_KIND_PAID), "order_id"),
+        (scoring_pb2.ReportOutcomeRequest(order_id="o"), "kind"),
+        (scoring_pb2.ReportOutcomeRequest(order_id="o", kind=99), "kind"),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_report_outcome(
+    stub: Stub, request_: scoring_pb2.ReportOutcomeRequest, field: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ReportOutcome(request_, timeout=5)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith(f"{field}: ")
+
+
+def test_metrics_count_decisions_and_rule_hits(stub: Stub, server: RunningServer) -> None:
+    import urllib.request
+
+    first = fresh()
+    score(stub, first)
+    score(stub, dataclasses.replace(fresh(), device_id=first.device_id))
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    assert 'riskd_decisions_total{outcome="review"}' in text
+    assert 'riskd_rule_hits_total{rule_id="device_velocity"}' in text
+    assert "riskd_rpc_latency_seconds_bucket" in text
+    assert "13812345678" not in text
+
+
+def test_threads_are_not_leaked_per_call(stub: Stub) -> None:
+    before = threading.active_count()
+    for _ in range(20):
+        score(stub, fresh())
+    assert threading.active_count() <= before + 2
