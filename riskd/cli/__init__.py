@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 COMMANDS: tuple[str, ...] = (
     "riskd.cli.rules",  # riskd rules check|test|fmt|eval
-    # "riskd.cli.serve",   # riskd serve, riskd score
+    "riskd.cli.serve",  # riskd serve, riskd score
     # "riskd.cli.ledger",  # riskd ledger ...
     # "riskd.cli.pii",     # riskd pii rotate|forget
 )

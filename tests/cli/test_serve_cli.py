@@ -1,0 +1,138 @@
+"""``riskd serve`` as a subprocess: starts on defaults, scores via ``riskd score``, drains on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from riskd.cli import build_parser
+from riskd.evidence.log import DecisionLog
+from riskd.sql import Database
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "tests" / "service" / "testdata" / "rules"
+EXAMPLE = ROOT / "examples" / "order.json"
+
+
+class Daemon:
+    """``python -m riskd serve`` with its stderr collected by a thread."""
+
+    def __init__(self, data_dir: Path) -> None:
+        env = {
+            **os.environ,
+            "RISKD_RULES_DIR": str(RULES),
+            "RISKD_DATA_DIR": str(data_dir),
+            "RISKD_METRICS_PORT": "-1",
+        }
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "riskd", "serve", "--listen", "127.0.0.1:0"],
+            cwd=ROOT,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.port = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            m = re.match(r"riskd serving on .*:(\d+)$", line.strip())
+            if m:
+                self.port = int(m.group(1))
+                self.ready.set()
+
+    def score(self, path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "riskd",
+                "score",
+                str(path),
+                "--target",
+                f"127.0.0.1:{self.port}",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = Daemon(tmp_path)
+    assert d.ready.wait(30), "".join(d.lines)
+    yield d
+    if d.proc.poll() is None:
+        d.proc.kill()
+        d.proc.wait()
+
+
+def test_serve_scores_then_drains_on_sigterm_and_flushes(daemon: Daemon, tmp_path: Path) -> None:
+    result = daemon.score(EXAMPLE)
+    assert result.returncode == 0, result.stderr
+    decision = json.loads(result.stdout)
+    assert decision["order_id"] == "example-0001"
+    assert decision["outcome"] == "OUTCOME_ALLOW"
+
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(30) == 0
+    logs = [json.loads(line) for line in daemon.lines if line.startswith("{")]
+    assert any(entry["msg"] == "stopped" for entry in logs)
+    text = "".join(daemon.lines)
+    for pii in ("13800000000", "Li Lei", "110101199001010000", "Wensan"):
+        assert pii not in text
+
+    db = Database(f"sqlite:///{tmp_path / 'riskd.db'}")
+    log = DecisionLog(db)
+    try:
+        record = log.get("example-0001")
+    finally:
+        log.close()
+        db.close()
+    assert record is not None
+
+
+def test_score_reports_invalid_argument(daemon: Daemon, tmp_path: Path) -> None:
+    order = json.loads(EXAMPLE.read_text())
+    order["amounts"]["total"] = "1"
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(order))
+    result = daemon.score(path)
+    assert result.returncode == 1
+    assert "INVALID_ARGUMENT: order.amounts.total" in result.stderr
+
+
+def test_score_rejects_malformed_json(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('{"order_id": ')
+    args = build_parser().parse_args(["score", str(path), "--target", "127.0.0.1:1"])
+    assert args.func(args) == 2
+
+
+def test_serve_fails_cleanly_on_bad_config(tmp_path: Path) -> None:
+    env = {**os.environ, "RISKD_LISTEN": "nowhere", "RISKD_DATA_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-m", "riskd", "serve"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "listen:" in result.stderr
