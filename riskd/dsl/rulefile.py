@@ -417,7 +417,9 @@ class _Parser:
         """Skip to the next keyword at the start of a line, so later items are still checked."""
         while True:
             tok = self.s.peek()
-            if tok.kind == "eof" or _starts_item(tok):
+            # Items start at column 1: resume at the next name there (a keyword or
+            # a misspelt one, which then gets its own diagnostic).
+            if tok.kind == "eof" or (tok.kind == "ident" and tok.col == 1):
                 self.s.comments.clear()
                 return
             self.s.next()
@@ -540,6 +542,8 @@ class _Parser:
         self.s.comments.clear()
 
     def decode_string(self, tok: Token) -> str:
+        if len(tok.text) < 2 or not tok.text.endswith('"'):
+            raise ParseAbort()  # unterminated: the scanner has reported it
         try:
             value = json.loads(tok.text)
         except ValueError:

@@ -1,0 +1,213 @@
+"""Rule programs: compile facade, evaluation (hit, no hit, error isolation, modes, explain)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from riskd.domain.decision import Outcome
+from riskd.domain.features import Agg, FeatureQuery
+from riskd.domain.order import Address, Amounts, Buyer, Channel, Item, Order
+from riskd.domain.shop import ShopState
+from riskd.dsl.diagnostics import Diagnostics
+from riskd.dsl.program import (
+    Mode,
+    Program,
+    RuleStatus,
+    compile_rules,
+    load_rules,
+)
+from riskd.errors import RuleCompileError
+
+HEADER = 'scenario s = "a scenario"\nlist vip = ["b-vip"]\n'
+NOW = 1_767_225_600.0
+DEVICE_1H = FeatureQuery(Agg.COUNT, "device", "1h")
+
+
+def rule(rid: str, when: str, *, mode: str = "active", action: str = "review") -> str:
+    return (
+        f'rule {rid} {{\n  description = "d"\n  owner = "o"\n  scenarios = [s]\n'
+        f"  mode = {mode}\n  action = {action}\n  score = 10\n  reason = R_{rid.upper()}\n"
+        f"  when = {when}\n}}\n"
+    )
+
+
+def program_of(tmp_path: Path, *rules: str) -> Program:
+    path = tmp_path / "p.rules"
+    path.write_text(HEADER + "\n".join(rules), encoding="utf-8")
+    return compile_rules(path)
+
+
+def an_order(**kw: object) -> Order:
+    base: dict[str, object] = {
+        "order_id": "o-1",
+        "buyer": Buyer(
+            "b-1",
+            account_age_days=3,
+            phone="13812345678",
+            address=Address("浙江省", "杭州市", "西湖区", "文三路 1 号"),
+        ),
+        "shop_id": "shop-1",
+        "merchant_id": "m-1",
+        "items": (Item("sku-1", "beauty", 30000, 2),),
+        "amounts": Amounts(items=60000, total=60000),
+        "device_id": "dev-1",
+    }
+    base.update(kw)
+    return Order(**base)  # type: ignore[arg-type]
+
+
+def by_id(results: tuple) -> dict:  # type: ignore[type-arg]
+    return {r.rule_id: r for r in results}
+
+
+def test_program_hit_and_no_hit(tmp_path: Path) -> None:
+    p = program_of(
+        tmp_path,
+        rule("big", "order.amounts.total > 50000"),
+        rule("small", "order.amounts.total < 100"),
+    )
+    res = by_id(p.evaluate(an_order(), ShopState("shop-1"), {}, NOW))
+    assert res["big"].status is RuleStatus.HIT
+    assert res["big"].action is Outcome.REVIEW and res["big"].reason_code == "R_BIG"
+    assert res["small"].status is RuleStatus.NO_HIT
+
+
+def test_program_one_rule_error_does_not_fail_the_others(tmp_path: Path) -> None:
+    p = program_of(
+        tmp_path,
+        rule("divides", "order.amounts.total / order.amounts.coupon > 1"),
+        rule("velocity", 'orders("device", "1h") > 3'),
+        rule("fine", "order.amounts.total > 0"),
+    )
+    res = by_id(p.evaluate(an_order(), ShopState("shop-1"), {}, NOW))
+    assert res["divides"].status is RuleStatus.ERROR and "division by zero" in res["divides"].error
+    assert res["velocity"].status is RuleStatus.ERROR
+    assert "count_per_device_1h" in res["velocity"].error
+    assert res["fine"].status is RuleStatus.HIT
+
+
+def test_program_error_messages_never_carry_pii(tmp_path: Path) -> None:
+    p = program_of(
+        tmp_path,
+        rule("phone_int", "int(order.buyer.phone) > 0"),
+        rule("phone_key", '{"x": 1}[order.buyer.phone] > 0'),
+    )
+    order = an_order(buyer=Buyer("b-1", phone="1381234567x"))
+    for r in p.evaluate(order, ShopState("shop-1"), {}, NOW):
+        assert r.status is RuleStatus.ERROR
+        assert "1381234567x" not in r.error
+
+
+def test_program_shadow_is_evaluated_and_disabled_is_skipped(tmp_path: Path) -> None:
+    p = program_of(
+        tmp_path,
+        rule("shadowed", "true", mode="shadow"),
+        rule("off", "true", mode="disabled"),
+        rule("off_velocity", 'orders("ip", "24h") > 1', mode="disabled"),
+    )
+    res = by_id(p.evaluate(an_order(), ShopState("shop-1"), {}, NOW))
+    assert set(res) == {"shadowed"}
+    assert res["shadowed"].status is RuleStatus.HIT and res["shadowed"].mode is Mode.SHADOW
+    assert [r.id for r in p.rules] == ["shadowed", "off", "off_velocity"]
+    assert p.feature_queries == frozenset()  # disabled rules ask the store for nothing
+
+
+def test_program_feature_queries_and_snapshot(tmp_path: Path) -> None:
+    p = program_of(tmp_path, rule("burst", 'order.device_id != "" && orders("device", "1h") > 3'))
+    assert p.feature_queries == {DEVICE_1H}
+    hot = p.evaluate(an_order(), ShopState("shop-1"), {DEVICE_1H: 4}, NOW)
+    cold = p.evaluate(an_order(), ShopState("shop-1"), {DEVICE_1H: 3}, NOW)
+    assert hot[0].status is RuleStatus.HIT and cold[0].status is RuleStatus.NO_HIT
+
+
+def test_program_sees_lists_shop_now_and_enum_names(tmp_path: Path) -> None:
+    p = program_of(
+        tmp_path,
+        rule("vip", "order.buyer.buyer_id in vip"),
+        rule("frozen", "shop.frozen"),
+        rule("live", "order.channel == Channel.LIVE_ROOM"),
+        rule("year", "now.getFullYear() == 2026"),
+    )
+    order = an_order(buyer=Buyer("b-vip"), channel=Channel.LIVE_ROOM)
+    res = by_id(p.evaluate(order, ShopState("shop-1", frozen=True), {}, NOW))
+    assert {k for k, r in res.items() if r.status is RuleStatus.HIT} == {
+        "vip",
+        "frozen",
+        "live",
+        "year",
+    }
+    assert p.lists["vip"] == frozenset({"b-vip"})
+
+
+def test_program_explain_fills_hits_only(tmp_path: Path) -> None:
+    p = program_of(
+        tmp_path,
+        rule("new_big", "order.buyer.account_age_days < 7 && order.amounts.total > 50000"),
+        rule("never", "order.amounts.total < 0"),
+    )
+    res = by_id(p.evaluate(an_order(), ShopState("shop-1"), {}, NOW, explain=True))
+    text = "\n".join(res["new_big"].explanation)
+    assert "order.amounts.total > 50000" in text and "60000" in text
+    assert res["never"].explanation == ()
+    plain = by_id(p.evaluate(an_order(), ShopState("shop-1"), {}, NOW))
+    assert plain["new_big"].explanation == ()
+
+
+def test_program_version_is_a_content_hash(tmp_path: Path) -> None:
+    a = program_of(tmp_path, rule("r", "true"))
+    b = program_of(tmp_path, rule("r", "true"))
+    c = program_of(tmp_path, rule("r", "false"))
+    assert a.version == b.version != c.version
+    assert len(a.version) == 16
+
+
+def test_compile_rules_raises_with_every_diagnostic(tmp_path: Path) -> None:
+    (tmp_path / "a.rules").write_text(HEADER + rule("a", "order.nope > 1"), encoding="utf-8")
+    (tmp_path / "b.rules").write_text(rule("b", "true", mode="loud"), encoding="utf-8")
+    with pytest.raises(RuleCompileError) as info:
+        load_rules(tmp_path)
+    diags = info.value.diagnostics
+    assert isinstance(diags, Diagnostics)
+    assert {d.code for d in diags} == {"riskd_unknown_field", "riskd_unknown_mode"}
+    assert "a.rules:" in str(info.value) and "b.rules:" in str(info.value)
+
+
+def test_compile_rules_reports_unreadable_files(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.rules"
+    bad.write_bytes(b"\xff\xfe rule")
+    with pytest.raises(RuleCompileError, match="riskd_unreadable_file"):
+        compile_rules(bad)
+
+
+def test_program_is_immutable_and_shared_by_threads(tmp_path: Path) -> None:
+    p = program_of(tmp_path, rule("big", "order.amounts.total > 50000"))
+    with pytest.raises(AttributeError):
+        p.version = "x"  # type: ignore[misc]
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            for _ in range(200):
+                assert p.evaluate(an_order(), ShopState("s"), {}, NOW)[0].status is RuleStatus.HIT
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_starter_rules_compile_and_cover_every_scenario() -> None:
+    program = load_rules(Path(__file__).resolve().parents[2] / "rules")
+    covered = {s for r in program.rules if r.mode is Mode.ACTIVE for s in r.scenarios}
+    assert covered == set(program.scenarios)
+    assert len(program.rules) >= 25
+    for r in program.rules:
+        ids = [t for t in program.tests if r.id in t.expect]
+        assert ids, f"rule {r.id} has no test case that expects it to fire"

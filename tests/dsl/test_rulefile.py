@@ -1,0 +1,117 @@
+"""Rule file parsing and checking: positions, and golden diagnostics for broken files.
+
+Each folder under ``testdata/rulefiles/`` is one rule set; ``expected.txt``
+holds every diagnostic its files produce, exactly as ``riskd rules check``
+prints them. ``RISKD_UPDATE_GOLDEN=1`` rewrites the expected files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from riskd.dsl.program import check_rules, rule_files
+from riskd.dsl.rulefile import Array, Name, Object, Scalar, When, parse
+from riskd.dsl.ruleset import compile_sources
+
+DATA = Path(__file__).parent / "testdata" / "rulefiles"
+CASES = sorted(p.name for p in DATA.iterdir() if p.is_dir() and p.name != "ok")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rulefile_diagnostics_golden(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(DATA)  # file names in diagnostics are relative: case/x.rules
+    program, diags = check_rules(*rule_files(Path(case)))
+    assert program is None
+    got = str(diags) + "\n"
+    expected = DATA / case / "expected.txt"
+    if os.environ.get("RISKD_UPDATE_GOLDEN"):
+        expected.write_text(got, encoding="utf-8")
+    assert got == expected.read_text(encoding="utf-8")
+
+
+def test_rulefile_reports_every_error_of_every_file_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(DATA)
+    _, diags = check_rules(*rule_files(Path("syntax")), *rule_files(Path("fields")))
+    files = {d.file for d in diags}
+    assert files == {"syntax/bad.rules", "fields/f.rules"}
+    assert len(diags) >= 8
+
+
+def test_rulefile_parse_keeps_positions() -> None:
+    text = 'list l = ["a", 2]\n\nrule r {\n  when = a &&\n      b.c\n}\n'
+    tree, diags = parse(text, "p.rules")
+    assert diags.ok
+    lst, rule = tree.items
+    assert isinstance(lst.value, Array)
+    assert (lst.value.pos.line, lst.value.pos.col) == (1, 10)
+    first = lst.value.items[1]
+    assert isinstance(first, Scalar) and first.value == 2 and first.pos.col == 16
+    when = rule.fields[0].value
+    assert isinstance(when, When)
+    assert (when.pos.line, when.pos.col) == (4, 10)
+    assert when.raw == "a &&\n      b.c"
+    assert when.lines == ("a &&", "b.c")
+
+
+def test_rulefile_when_braces_inside_strings_and_maps_do_not_end_the_block() -> None:
+    text = 'rule r {\n  when = {"}": 1}["}"] == 1 && "{" != "}" // }\n}\ntest "t" {expect = []}\n'
+    tree, diags = parse(text)
+    assert diags.ok, str(diags)
+    when = tree.items[0].fields[0].value
+    assert isinstance(when, When) and when.lines == ('{"}": 1}["}"] == 1 && "{" != "}" // }',)
+    assert tree.items[1].keyword == "test"
+
+
+def test_rulefile_values_are_json_like() -> None:
+    tree, diags = parse('test "x" { order = {a: [1, 2.5, -3, true, null, "s"], "b c": {}} }')
+    assert diags.ok, str(diags)
+    obj = tree.items[0].fields[0].value
+    assert isinstance(obj, Object)
+    assert [e.key for e in obj.entries] == ["a", "b c"]
+    arr = obj.entries[0].value
+    assert isinstance(arr, Array)
+    assert [(s.value, s.kind) for s in arr.items if isinstance(s, Scalar)] == [
+        (1, "int"), (2.5, "float"), (-3, "int"), (True, "bool"), (None, "null"), ("s", "string"),
+    ]  # fmt: skip
+
+
+def test_rulefile_bare_names_are_names() -> None:
+    tree, _ = parse("rule r { mode = shadow }")
+    assert tree.items[0].fields[0].value == Name("shadow")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "rule", "rule r {", 'test "', "list l = [", "rule r { when = (((", "}}}", "#"],
+)
+def test_rulefile_parse_never_raises_on_truncated_input(text: str) -> None:
+    tree, diags = parse(text)
+    assert tree is not None
+    assert diags.ok == (text.strip() in ("", "#"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.text(
+        alphabet=st.sampled_from(list('rule test list scenario when = {}[]"#:,\n-1.5abc_')),
+        max_size=120,
+    )
+)
+def test_rulefile_parse_and_check_never_raise_on_arbitrary_text(text: str) -> None:
+    tree, _ = parse(text, "fuzz.rules")
+    assert tree is not None
+    program, diags = compile_sources({"fuzz.rules": text})
+    assert program is not None or not diags.ok
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=80))
+def test_rulefile_parse_never_raises_on_any_unicode(text: str) -> None:
+    parse(text)
