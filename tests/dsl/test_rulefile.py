@@ -97,6 +97,9 @@ def test_rulefile_parse_never_raises_on_truncated_input(text: str) -> None:
     assert diags.ok == (text.strip() in ("", "#"))
 
 
+_FUZZ_ALPHABET = 'rule test list scenario when = {}[]"#:,\n-1.5abc_'
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.text(
