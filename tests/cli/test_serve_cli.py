@@ -1,4 +1,4 @@
-"""``riskd serve`` as a subprocess: starts on defaults, scores via ``riskd score``, drains on SIGTERM."""
+"""``riskd serve`` as a subprocess: starts on defaults, scores, reloads on SIGHUP, drains on SIGTERM."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -107,14 +108,25 @@ def test_serve_scores_then_drains_on_sigterm_and_flushes(daemon: Daemon, tmp_pat
     assert record is not None
 
 
-def test_score_reports_invalid_argument(daemon: Daemon, tmp_path: Path) -> None:
+def test_sighup_reloads_the_rules(daemon: Daemon) -> None:
+    daemon.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not any("rules reloaded" in x for x in daemon.lines):
+        time.sleep(0.05)
+    assert any("rules reloaded" in line for line in daemon.lines)
+    assert daemon.proc.poll() is None
+
+
+def test_score_reports_invalid_argument(
+    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     order = json.loads(EXAMPLE.read_text())
     order["amounts"]["total"] = "1"
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(order))
-    result = daemon.score(path)
-    assert result.returncode == 1
-    assert "INVALID_ARGUMENT: order.amounts.total" in result.stderr
+    args = build_parser().parse_args(["score", str(path), "--target", f"127.0.0.1:{daemon.port}"])
+    assert args.func(args) == 1
+    assert "INVALID_ARGUMENT: order.amounts.total" in capsys.readouterr().err
 
 
 def test_score_rejects_malformed_json(tmp_path: Path) -> None:
@@ -124,15 +136,11 @@ def test_score_rejects_malformed_json(tmp_path: Path) -> None:
     assert args.func(args) == 2
 
 
-def test_serve_fails_cleanly_on_bad_config(tmp_path: Path) -> None:
-    env = {**os.environ, "RISKD_LISTEN": "nowhere", "RISKD_DATA_DIR": str(tmp_path)}
-    result = subprocess.run(
-        [sys.executable, "-m", "riskd", "serve"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 2
-    assert "listen:" in result.stderr
+def test_serve_fails_cleanly_on_bad_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RISKD_LISTEN", "nowhere")
+    monkeypatch.setenv("RISKD_DATA_DIR", str(tmp_path))
+    args = build_parser().parse_args(["serve"])
+    assert args.func(args) == 2
+    assert "listen:" in capsys.readouterr().err
