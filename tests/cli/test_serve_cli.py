@@ -1,4 +1,4 @@
-"""``riskd serve`` as a subprocess: starts on defaults, scores, reloads on SIGHUP, drains on SIGTERM."""
+"""``riskd serve`` as a subprocess: scores, reloads on SIGHUP, drains on SIGTERM."""
 
 from __future__ import annotations
 
