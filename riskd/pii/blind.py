@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import re
 import unicodedata
 from collections.abc import Callable, Mapping
 
@@ -22,18 +21,21 @@ from riskd.pii.keyring import MasterKeyProvider
 
 DIGEST_BYTES = 16  # 128-bit digests: collisions are negligible, keys stay short
 
-_PHONE_DROP = re.compile(r"[\s\-().\u00a0]")
-_CN_PREFIX = re.compile(r"^(?:\+86|0086)")
-_CN_MOBILE_WITH_CC = re.compile(r"^861\d{10}$")
-_ADDRESS_DROP = re.compile(r"[\s,，、.。·\-_/#]")
-_ID_DROP = re.compile(r"[\s\-]")
-_DEVICE_DROP = re.compile(r"[\s\-:]")
-_SPACES = re.compile(r"\s+")
+_WHITESPACE = "".join(chr(c) for c in range(0x3001) if chr(c).isspace())
+_PHONE_DROP = str.maketrans("", "", _WHITESPACE + "-().")
+_ADDRESS_DROP = str.maketrans("", "", _WHITESPACE + ",，、.。·-_/#")
+_ID_DROP = str.maketrans("", "", _WHITESPACE + "-")
+_DEVICE_DROP = str.maketrans("", "", _WHITESPACE + "-:")
 
 
 def _nfkc(value: str) -> str:
     """Unicode NFKC: full-width letters, digits and spaces become their ASCII forms."""
     return unicodedata.normalize("NFKC", value).strip()
+
+
+def _recompose(text: str) -> str:
+    """NFKC again after deletions: dropping a space can leave a combining mark to compose."""
+    return text if text.isascii() else unicodedata.normalize("NFKC", text)
 
 
 def normalize_phone(value: str) -> str:
@@ -44,8 +46,14 @@ def normalize_phone(value: str) -> str:
     >>> normalize_phone("+1 (415) 555-0100")
     '+14155550100'
     """
-    text = _CN_PREFIX.sub("", _PHONE_DROP.sub("", _nfkc(value)))
-    return text[2:] if _CN_MOBILE_WITH_CC.match(text) else text
+    text = _recompose(_nfkc(value).translate(_PHONE_DROP))
+    if text.startswith("+86"):
+        text = text[3:]
+    elif text.startswith("0086"):
+        text = text[4:]
+    if len(text) == 13 and text.startswith("861") and text.isascii() and text.isdigit():
+        return text[2:]
+    return text
 
 
 def normalize_address(value: str) -> str:
@@ -57,7 +65,7 @@ def normalize_address(value: str) -> str:
     >>> normalize_address("Ｒｏｏｍ  12A, Main St.")
     'room12amainst'
     """
-    return _ADDRESS_DROP.sub("", _nfkc(value).casefold())
+    return _recompose(_nfkc(value).casefold().translate(_ADDRESS_DROP))
 
 
 def normalize_id_number(value: str) -> str:
@@ -66,7 +74,7 @@ def normalize_id_number(value: str) -> str:
     >>> normalize_id_number("11010119900307 123x")
     '11010119900307123X'
     """
-    return _ID_DROP.sub("", _nfkc(value)).upper()
+    return _recompose(_nfkc(value).translate(_ID_DROP).upper())
 
 
 def normalize_device(value: str) -> str:
@@ -75,12 +83,12 @@ def normalize_device(value: str) -> str:
     >>> normalize_device("6D92078A-8246-4BA4") == normalize_device("6d92078a82464ba4")
     True
     """
-    return _DEVICE_DROP.sub("", _nfkc(value)).lower()
+    return _recompose(_nfkc(value).translate(_DEVICE_DROP).lower())
 
 
 def normalize_name(value: str) -> str:
     """Case-folded, inner whitespace collapsed to one space."""
-    return _SPACES.sub(" ", _nfkc(value)).casefold()
+    return " ".join(_nfkc(value).split()).casefold()
 
 
 def normalize_ip(value: str) -> str:

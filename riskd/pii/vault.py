@@ -64,8 +64,7 @@ def _dek_aad(subject_id: str, generation: int) -> bytes:
     return b"riskd-dek-v1|" + _aad(subject_id, str(generation))
 
 
-def _seal(key: _Cached, aad_prefix: bytes, field: str, text: str) -> bytes:
-    nonce = os.urandom(NONCE_BYTES)
+def _seal(key: _Cached, nonce: bytes, aad_prefix: bytes, field: str, text: str) -> bytes:
     body = key.aead.encrypt(nonce, text.encode(), aad_prefix + _aad(field))
     return key.header + nonce + body
 
@@ -115,7 +114,8 @@ class Vault:
         _require("record_id", record_id)
         _require("field", field)
         key = self._current_key(subject_id)
-        return _seal(key, _aad(subject_id, record_id), field, plaintext)
+        nonce = os.urandom(NONCE_BYTES)
+        return _seal(key, nonce, _aad(subject_id, record_id), field, plaintext)
 
     def encrypt_fields(
         self, subject_id: str, record_id: str, fields: Mapping[str, str]
@@ -124,7 +124,12 @@ class Vault:
         _require("record_id", record_id)
         key = self._current_key(subject_id)
         prefix = _aad(subject_id, record_id)
-        return {name: _seal(key, prefix, name, text) for name, text in fields.items()}
+        # One random read for every nonce of the record (96 random bits each).
+        nonces = os.urandom(NONCE_BYTES * len(fields))
+        return {
+            name: _seal(key, nonces[i * NONCE_BYTES : (i + 1) * NONCE_BYTES], prefix, name, text)
+            for i, (name, text) in enumerate(fields.items())
+        }
 
     def decrypt(self, subject_id: str, record_id: str, field: str, ciphertext: bytes) -> str:
         """The plaintext of one field.
