@@ -1,0 +1,120 @@
+"""``riskd rules check|test|fmt|eval``: in-process through ``riskd.cli.main``, once as a process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from riskd.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "rules"
+BROKEN = ROOT / "tests" / "dsl" / "testdata" / "rulefiles" / "expressions"
+
+
+def test_rules_check_starter_set_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["rules", "check", str(RULES)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("ok: ") and "version " in out
+
+
+def test_rules_test_starter_set_passes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["rules", "test", str(RULES)]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out
+    assert out.count("PASS ") >= 50
+    assert " 0 failed, " in out.splitlines()[-1]
+
+
+def test_rules_check_prints_every_diagnostic_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["rules", "check", str(BROKEN)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("riskd_") == 6
+    assert "e.rules:12:30: riskd_type_error: cannot compare int with string" in err
+    assert '  |       && order.amounts.total > "500"\n  |                              ^' in err
+    assert err.rstrip().endswith("6 error(s) in " + str(BROKEN))
+
+
+def test_rules_check_empty_directory_fails(tmp_path: Path) -> None:
+    assert main(["rules", "check", str(tmp_path)]) == 1
+
+
+def test_rules_test_reports_failures(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shutil.copy(RULES / "scenarios.rules", tmp_path)
+    text = (RULES / "merchant.rules").read_text(encoding="utf-8")
+    broken = text.replace(
+        "  shop   = {frozen: true}\n  expect = [frozen_shop]", "  expect = [frozen_shop]"
+    )
+    assert broken != text
+    (tmp_path / "merchant.rules").write_text(broken, encoding="utf-8")
+    assert main(["rules", "test", str(tmp_path), "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL " in out and "an order from a frozen shop" in out
+    assert "expected to fire but did not: frozen_shop" in out
+    assert "PASS" not in out  # --quiet prints failures only
+    assert " 1 failed, " in out
+
+
+def test_rules_fmt_check_and_rewrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    messy = tmp_path / "m.rules"
+    messy.write_text('scenario s="S"\nlist   l = [ "a" ,"b", ]\n', encoding="utf-8")
+    assert main(["rules", "fmt", "--check", str(tmp_path)]) == 1
+    assert "would reformat" in capsys.readouterr().out
+    assert messy.read_text(encoding="utf-8") == 'scenario s="S"\nlist   l = [ "a" ,"b", ]\n'
+    assert main(["rules", "fmt", str(messy)]) == 0
+    assert messy.read_text(encoding="utf-8") == 'scenario s = "S"\n\nlist l = ["a", "b"]\n'
+    assert main(["rules", "fmt", "--check", str(messy)]) == 0
+
+
+def test_rules_fmt_starter_set_is_canonical() -> None:
+    assert main(["rules", "fmt", "--check", str(RULES)]) == 0
+
+
+def test_rules_fmt_refuses_unparseable_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.rules"
+    bad.write_text("rule r {\n", encoding="utf-8")
+    assert main(["rules", "fmt", str(bad)]) == 1
+    assert "riskd_unterminated" in capsys.readouterr().err
+    assert bad.read_text(encoding="utf-8") == "rule r {\n"
+
+
+def test_rules_eval_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main([
+        "rules", "eval", "order.items.map(i, i.price * i.qty)",
+        "--var", 'order={"items": [{"price": 5, "qty": 2}, {"price": 7, "qty": 1}]}',
+    ])  # fmt: skip
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out) == [10, 7]
+    assert main(["rules", "eval", 'timestamp("2026-01-01T00:00:00Z") + duration("1h")']) == 0
+    assert json.loads(capsys.readouterr().out) == "2026-01-01T01:00:00Z"
+
+
+def test_rules_eval_errors_are_diagnostics(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["rules", "eval", 'order.amount > "5"', "--var", 'order={"amount": 5}']) == 1
+    err = capsys.readouterr().err
+    assert "<expr>:1:14: riskd_type_error" in err and "^" in err
+    assert main(["rules", "eval", "x / 0", "--var", "x=1"]) == 1
+    assert "riskd_eval_error: division by zero" in capsys.readouterr().err
+    assert main(["rules", "eval", "1", "--var", "x={"]) == 2
+    assert "--var x: not valid JSON" in capsys.readouterr().err
+
+
+def test_rules_commands_run_as_a_process() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "riskd", "rules", "check", str(BROKEN)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "riskd_unknown_field" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "riskd", "rules", "eval", "size(x) > 1", "--var", "x=[1,2]"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stdout.strip()) == (0, "true")

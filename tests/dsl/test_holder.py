@@ -1,0 +1,154 @@
+"""Hot reload: broken files keep the running program; good ones swap in atomically."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from riskd.domain.order import Amounts, Buyer, Order
+from riskd.domain.shop import ShopState
+from riskd.dsl.holder import ProgramHolder
+from riskd.dsl.program import RuleStatus
+from riskd.errors import RuleCompileError
+
+NOW = 1_767_225_600.0
+ORDER = Order("o-1", Buyer("b-1"), "s-1", "m-1", amounts=Amounts(items=700, total=700))
+
+
+def rules_text(prefix: str, threshold: int, n: int = 3, *, scenario: bool = True) -> str:
+    out = ['scenario s = "S"\n'] if scenario else []
+    for i in range(n):
+        out.append(
+            f'rule {prefix}{i} {{\n  description = "d"\n  owner = "o"\n  scenarios = [s]\n'
+            f"  mode = active\n  action = review\n  score = 1\n  reason = R\n"
+            f"  when = order.amounts.total > {threshold + i}\n}}\n"
+        )
+    return "\n".join(out)
+
+
+def wait_for(cond: object, timeout: float = 5.0) -> bool:
+    assert callable(cond)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.fixture
+def rules_dir(tmp_path: Path) -> Path:
+    (tmp_path / "main.rules").write_text(rules_text("a", 100), encoding="utf-8")
+    return tmp_path
+
+
+def test_holder_loads_at_start(rules_dir: Path) -> None:
+    holder = ProgramHolder(rules_dir)
+    assert [r.id for r in holder.current.rules] == ["a0", "a1", "a2"]
+    assert holder.last_diagnostics.ok
+
+
+def test_holder_refuses_to_start_on_broken_rules(tmp_path: Path) -> None:
+    (tmp_path / "x.rules").write_text("rule broken {", encoding="utf-8")
+    with pytest.raises(RuleCompileError, match="riskd_unterminated"):
+        ProgramHolder(tmp_path)
+
+
+def test_holder_broken_change_keeps_running_program(rules_dir: Path) -> None:
+    holder = ProgramHolder(rules_dir)
+    before = holder.current
+    (rules_dir / "main.rules").write_text(rules_text("a", 100) + "\nrule bad { when = 1 +", "utf-8")
+    (rules_dir / "other.rules").write_text("rule b {\n  mode = loud\n}\n", "utf-8")
+    diags = holder.reload()
+    assert not diags.ok
+    assert {d.file for d in diags} == {
+        str(rules_dir / "main.rules"),
+        str(rules_dir / "other.rules"),
+    }
+    assert holder.current is before
+    assert holder.last_diagnostics == diags
+
+
+def test_holder_good_change_swaps(rules_dir: Path) -> None:
+    holder = ProgramHolder(rules_dir)
+    old = holder.current
+    (rules_dir / "main.rules").write_text(rules_text("b", 1000), encoding="utf-8")
+    assert holder.reload().ok
+    new = holder.current
+    assert new.version != old.version
+    assert [r.id for r in new.rules] == ["b0", "b1", "b2"]
+    # the old program is untouched: a request still holding it finishes with the old rules
+    assert [r.status for r in old.evaluate(ORDER, ShopState("s-1"), {}, NOW)] == [
+        RuleStatus.HIT
+    ] * 3
+
+
+def test_holder_unchanged_reload_keeps_the_same_object(rules_dir: Path) -> None:
+    holder = ProgramHolder(rules_dir)
+    before = holder.current
+    assert holder.reload().ok
+    assert holder.current is before
+
+
+def test_holder_concurrent_readers_never_see_a_mixed_program(rules_dir: Path) -> None:
+    holder = ProgramHolder(rules_dir)
+    sets = {"a": ({"a0", "a1", "a2"}, RuleStatus.HIT), "b": ({"b0", "b1", "b2"}, RuleStatus.NO_HIT)}
+    stop = threading.Event()
+    problems: list[str] = []
+    seen: set[str] = set()
+
+    def reader() -> None:
+        while not stop.is_set():
+            program = holder.current
+            results = program.evaluate(ORDER, ShopState("s-1"), {}, NOW)
+            ids = {r.rule_id for r in results}
+            prefix = next(iter(ids))[0]
+            want_ids, want_status = sets[prefix]
+            seen.add(prefix)
+            if ids != want_ids or any(r.status is not want_status for r in results):
+                problems.append(f"mixed program: {sorted(ids)}")
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(20):
+            prefix, threshold = ("b", 1000) if i % 2 == 0 else ("a", 100)
+            (rules_dir / "main.rules").write_text(rules_text(prefix, threshold), encoding="utf-8")
+            assert holder.reload().ok
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not problems
+    assert seen == {"a", "b"}
+
+
+def test_holder_watcher_picks_up_edits(rules_dir: Path) -> None:
+    holder = ProgramHolder(rules_dir)
+    holder.start_watching(0.02)
+    try:
+        (rules_dir / "extra.rules").write_text(
+            rules_text("c", 5, n=1, scenario=False), encoding="utf-8"
+        )
+        assert wait_for(lambda: holder.current.rule("c0") is not None)
+        (rules_dir / "extra.rules").write_text("rule c0 { mode = ", encoding="utf-8")
+        assert wait_for(lambda: not holder.last_diagnostics.ok)
+        assert holder.current.rule("c0") is not None  # the broken edit left the program alone
+    finally:
+        holder.stop()
+
+
+def test_holder_request_reload_wakes_the_watcher(rules_dir: Path) -> None:
+    holder = ProgramHolder(rules_dir)
+    holder.start_watching(3600.0)  # polling alone would never notice in time
+    try:
+        (rules_dir / "main.rules").write_text(rules_text("d", 1), encoding="utf-8")
+        holder.request_reload()
+        assert wait_for(lambda: holder.current.rule("d0") is not None)
+    finally:
+        holder.stop()
+    holder.stop()  # idempotent

@@ -1,0 +1,99 @@
+"""Rule-file test cases: building inputs, defaults, scope, pass/fail reporting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from riskd.domain.order import Channel, PaymentMethod
+from riskd.dsl.program import Program, compile_rules, load_rules
+from riskd.dsl.ruletest import DEFAULT_NOW, run_tests, summary
+
+ROOT = Path(__file__).resolve().parents[2]
+RULE = (
+    'rule {rid} {{\n  description = "d"\n  owner = "o"\n  scenarios = [s]\n  mode = active\n'
+    "  action = review\n  score = 1\n  reason = R\n  when = {when}\n}}\n"
+)
+
+
+def compile_texts(tmp_path: Path, **files: str) -> Program:
+    paths = []
+    for name, text in files.items():
+        p = tmp_path / f"{name}.rules"
+        p.write_text(text, encoding="utf-8")
+        paths.append(p)
+    return compile_rules(*paths)
+
+
+def test_ruletest_starter_rules_all_pass() -> None:
+    results = run_tests(load_rules(ROOT / "rules"))
+    failed = [r.describe() for r in results if not r.passed]
+    assert not failed, "\n".join(failed)
+    assert len(results) >= 50
+
+
+def test_ruletest_builds_orders_with_defaults_and_derived_amounts(tmp_path: Path) -> None:
+    p = compile_texts(
+        tmp_path,
+        main='scenario s = "S"\n'
+        + RULE.format(rid="r", when="true")
+        + 'test "t" {\n  order = {channel: live_room, payment_method: "COD", '
+        'items: [{sku: "a", category: "beauty", unit_price: 250, quantity: 4}], '
+        "amounts: {coupon: 100, shipping: 50}}\n"
+        '  now = "2026-02-01T00:00:00Z"\n  expect = [r]\n}\n',
+    )
+    (test,) = p.tests
+    assert test.order.channel is Channel.LIVE_ROOM
+    assert test.order.payment_method is PaymentMethod.COD
+    assert test.order.amounts.items == 1000 and test.order.amounts.total == 950
+    assert test.order.order_id and test.order.buyer.buyer_id and test.shop.shop_id == "test-shop"
+    assert test.now == 1_769_904_000.0
+    assert DEFAULT_NOW == 1_767_225_600.0
+
+
+def test_ruletest_missing_features_default_to_this_order_alone(tmp_path: Path) -> None:
+    rules = (
+        RULE.format(rid="once", when='orders("device", "1h") == 1')
+        + RULE.format(rid="spent", when='amount("buyer", "24h") == order.amounts.total')
+        + RULE.format(rid="lonely", when='distinct("device", "buyer", "24h") == 1')
+        + RULE.format(rid="given", when='orders("ip", "1m") == 7')
+    )
+    p = compile_texts(
+        tmp_path,
+        main='scenario s = "S"\n' + rules + 'test "t" {\n  order = {amounts: {total: 123}}\n'
+        "  features = {count_per_ip_1m: 7}\n  expect = [once, spent, lonely, given]\n}\n",
+    )
+    (result,) = run_tests(p)
+    assert result.passed, result.describe()
+
+
+def test_ruletest_reports_missing_unexpected_and_errors(tmp_path: Path) -> None:
+    rules = (
+        RULE.format(rid="fires", when="true")
+        + RULE.format(rid="quiet", when="false")
+        + RULE.format(rid="broken", when="order.amounts.total / order.amounts.coupon > 0")
+    )
+    p = compile_texts(
+        tmp_path,
+        main='scenario s = "S"\n' + rules + 'test "wrong" {\n  expect = [quiet]\n}\n',
+    )
+    (result,) = run_tests(p)
+    assert not result.passed
+    assert result.missing == ("quiet",) and result.unexpected == ("fires",)
+    assert result.errors == (("broken", "division by zero"),)
+    text = result.describe()
+    assert text.startswith("FAIL ") and "main.rules:" in text and "wrong" in text
+    assert "expected to fire but did not: quiet" in text
+    assert "fired but not expected: fires" in text
+    assert summary((result,)) == "0 passed, 1 failed, 1 test cases"
+
+
+def test_ruletest_rules_of_other_files_are_out_of_scope(tmp_path: Path) -> None:
+    p = compile_texts(
+        tmp_path,
+        a='scenario s = "S"\n' + RULE.format(rid="everything", when="true"),
+        b=RULE.format(rid="big", when="order.amounts.total > 10")
+        + 'test "small order" {\n  order = {amounts: {total: 5}}\n  expect = []\n}\n'
+        + 'test "names a rule of a.rules" {\n  expect = [everything]\n}\n',
+    )
+    results = run_tests(p)
+    assert [r.passed for r in results] == [True, True], [r.describe() for r in results]
