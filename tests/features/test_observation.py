@@ -1,0 +1,48 @@
+"""Observation checks its fields and names the bad one, never echoing a key's value."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from riskd.errors import InvalidArgumentError
+from riskd.features import Observation
+from riskd.features.store import MAX_VALUE_LEN
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"order_id": ""}, "order_id"),
+        ({"order_id": "x" * 129}, "order_id"),
+        ({"at": math.nan}, "at"),
+        ({"at": -1.0}, "at"),
+        ({"at": True}, "at"),
+        ({"amount": -1}, "amount"),
+        ({"amount": 1.5}, "amount"),
+        ({"amount": False}, "amount"),
+        ({"keys": {"email": "secret-value"}}, "keys"),
+        ({"keys": {"phone": 13812345678}}, "keys.phone"),
+        ({"keys": {"phone": "s" * (MAX_VALUE_LEN + 1)}}, "keys.phone"),
+    ],
+)
+def test_bad_field_is_named(kwargs: dict[str, object], field: str) -> None:
+    fields: dict[str, object] = {"order_id": "o1", "at": 1.0, "amount": 100, "keys": {}}
+    fields.update(kwargs)
+    with pytest.raises(InvalidArgumentError) as info:
+        Observation(**fields)  # type: ignore[arg-type]
+    assert info.value.field == field
+    assert "secret-value" not in str(info.value)
+    assert "13812345678" not in str(info.value)
+
+
+def test_empty_values_are_dropped_and_keys_frozen() -> None:
+    obs = Observation("o1", 1.0, 0, {"buyer": "b", "device": ""})
+    assert dict(obs.keys) == {"buyer": "b"}
+    with pytest.raises(TypeError):
+        obs.keys["ip"] = "x"  # type: ignore[index]
+
+
+def test_time_is_kept_to_the_millisecond() -> None:
+    assert Observation("o1", 1700000000.1234, 0).at_ms == 1700000000123
