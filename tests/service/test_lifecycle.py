@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from riskd.service import convert
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
-from riskd.service.server import RunningServer, create_server
+from riskd.service.server import create_server
 from tests.service.conftest import copy_rules, make_config
 from tests.service.test_scoring import fresh
 

@@ -45,7 +45,7 @@ def test_auth_table_turns_on_authentication(tmp_path: Path) -> None:
 
 
 def test_plaintext_is_refused_off_loopback(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="^listen: "):
+    with pytest.raises(ConfigError, match=r"^listen: "):
         create_server(make_config(tmp_path, listen="0.0.0.0:0"))
 
 
@@ -59,7 +59,7 @@ def test_port_owned_by_another_program_names_listen(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        with pytest.raises(ConfigError, match="^listen: cannot bind"):
+        with pytest.raises(ConfigError, match=r"^listen: cannot bind"):
             create_server(make_config(tmp_path, listen=f"127.0.0.1:{port}"))
 
 
