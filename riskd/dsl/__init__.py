@@ -46,7 +46,25 @@ _EXPORTS: dict[str, str] = {
     # rule programs (riskd.dsl.program) are added here by their owner
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CompiledExpr",
+    "Diagnostic",
+    "Diagnostics",
+    "Duration",
+    "Env",
+    "EvalError",
+    "ObjectType",
+    "Timestamp",
+    "Type",
+    "UInt",
+    "check_expr",
+    "compile_expr",
+    "evaluate",
+    "infer_type",
+    "parse_expr",
+    "schema_of",
+    "unparse",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -193,8 +193,8 @@ class _Checker:
             ft = operand.field(node.field)
             if ft is None or node.field.startswith("_"):
                 known = ", ".join(n for n, _ in operand.fields)
-                self.error(node, UNKNOWN_FIELD,
-                           f"{operand.name} has no field '{node.field}' (it has: {known})")  # fmt: skip
+                message = f"{operand.name} has no field '{node.field}' (it has: {known})"
+                self.error(node, UNKNOWN_FIELD, message)
                 return DYN
             return ft
         if isinstance(operand, MapType):
@@ -285,9 +285,7 @@ class _Checker:
                 matches.append((o, substitute(o.result, binds)))
         if not matches:
             self.error(node, TYPE_ERROR, _overload_message(node, args))
-            self.out.calls[id(node)] = tuple(
-                o for o in function.overloads if o.receiver == receiver
-            )
+            self.out.calls[id(node)] = ()  # resolved at run time, if at all
             return DYN
         self.out.calls[id(node)] = tuple(o for o, _ in matches)
         return self.join([r for _, r in matches])

@@ -74,7 +74,6 @@ def compile_checked(
         body=stmts,
         decorator_list=[],
         returns=None,
-        type_params=[],
     )
     module = py.fix_missing_locations(py.Module(body=[fn], type_ignores=[]))
     code = compile(module, filename, "exec")
@@ -82,10 +81,10 @@ def compile_checked(
     namespace.update(HELPERS)
     namespace["_call"] = make_dispatch(registry)
     namespace.update(em.constants)
-    exec(code, namespace)  # noqa: S102 - our own generated, checked code
+    exec(code, namespace)
     result = namespace["_expr"]
     assert callable(result)
-    return result  # type: ignore[no-any-return]
+    return result
 
 
 def _name(n: str) -> py.Name:
@@ -166,6 +165,7 @@ class _Emitter:
     def literal(self, value: object) -> py.expr:
         if isinstance(value, UInt) or (isinstance(value, float) and not math.isfinite(value)):
             return self.const("k", value)
+        assert value is None or isinstance(value, str | bytes | bool | int | float)
         return py.Constant(value)
 
     def ref(self, ref: Ref) -> Emitted:
@@ -202,7 +202,7 @@ class _Emitter:
         simple = len(keys) == len(node.entries) and all(type(k) is str for k in keys)
         if simple and len(set(keys)) == len(keys):
             return py.Dict(keys=[k for (k, _), _ in parts], values=[v for _, (v, _) in parts]), err
-        pairs = [py.Tuple(elts=[k, v], ctx=py.Load()) for (k, _), (v, _) in parts]
+        pairs: list[py.expr] = [py.Tuple(elts=[k, v], ctx=py.Load()) for (k, _), (v, _) in parts]
         return _call("_mkmap", py.Tuple(elts=pairs, ctx=py.Load())), True
 
     # -- calls ---------------------------------------------------------------
@@ -259,6 +259,8 @@ class _Emitter:
             return _call("_ci", py.UnaryOp(op=py.USub(), operand=args[0])), True
         if fn == "@in" and len(args) == 2:
             return self.membership(types, args)
+        if fn == "_[_]" and node.target is None:
+            return _call("_index", *args), True
         if fn == "size" and len(types) == 1 and _sized(types[0]):
             return _call("_len", args[0]), False
         if types and all(t == STRING for t in types) and len(args) == 2 and node.target is not None:
@@ -268,7 +270,9 @@ class _Emitter:
     def comparison(self, fn: str, types: list[Type], args: list[py.expr]) -> Emitted:
         a, b = types
         same = a == b and (a in _EQ_TYPES if fn in ("_==_", "_!=_") else a in _ORD_TYPES + _NUMERIC)
-        both_numeric = a in _NUMERIC and b in _NUMERIC and fn not in ("_==_", "_!=_")
+        both_numeric = (
+            a in _NUMERIC and b in _NUMERIC and fn not in ("_==_", "_!=_") and DOUBLE not in types
+        )
         if same or both_numeric:
             return py.Compare(left=args[0], ops=[_CMP_OPS[fn]], comparators=[args[1]]), False
         if fn == "_==_":
@@ -342,13 +346,13 @@ class _Emitter:
         if node.transform is not None:
             out, terr = self.emit(node.transform)
             err = err or terr
-        gen = py.comprehension(
+        loop = py.comprehension(
             target=py.Name(id=var, ctx=py.Store()),
             iter=target,
             ifs=[pred] if pred is not None else [],
             is_async=0,
         )
-        return py.ListComp(elt=out, generators=[gen]), err
+        return py.ListComp(elt=out, generators=[loop]), err
 
 
 def _genexp(elt: py.expr, var: str, target: py.expr, cond: py.expr | None = None) -> py.expr:

@@ -180,7 +180,9 @@ def infer_type(value: object) -> Type:
     if isinstance(value, list | tuple | frozenset):
         return ListType(_join(infer_type(v) for v in value))
     if isinstance(value, dict):
-        return MapType(_join(infer_type(k) for k in value), _join(infer_type(v) for v in value.values()))
+        return MapType(
+            _join(infer_type(k) for k in value), _join(infer_type(v) for v in value.values())
+        )
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return schema_of(type(value))
     raise ValueError(f"no CEL type for a value of Python type {type(value).__name__}")

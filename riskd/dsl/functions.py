@@ -14,8 +14,6 @@ from collections.abc import Callable, Mapping
 from riskd.dsl import runtime as rt
 from riskd.dsl.regex import search_dynamic
 from riskd.dsl.values import (
-    INT_MAX,
-    INT_MIN,
     Duration,
     EvalError,
     Timestamp,
@@ -64,7 +62,7 @@ def _div_double(a: float, b: float) -> float:
 
 
 def _double_to_int(v: float) -> int:
-    if math.isnan(v) or not -(2.0**63) <= v < 2.0**63:
+    if math.isnan(v) or not -(2.0**63) < v < 2.0**63:
         raise EvalError("int conversion out of range")
     return rt.check_int(int(v))
 

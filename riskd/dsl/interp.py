@@ -116,6 +116,8 @@ class Interpreter:
         args = [self.eval(a, act, local) for a in node.args]
         if node.target is not None:
             args.insert(0, self.eval(node.target, act, local))
+        if fn == "_[_]" and node.target is None:
+            return rt.index(args[0], args[1])
         regex = self.checked.regexes.get(id(node))
         if regex is not None and isinstance(args[0], str):
             return regex(args[0])

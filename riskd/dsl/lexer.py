@@ -34,8 +34,25 @@ class Token:
 
 
 RESERVED = frozenset(
-    "as break const continue else for function if import let loop package namespace "
-    "return var void while".split()
+    [
+        "as",
+        "break",
+        "const",
+        "continue",
+        "else",
+        "for",
+        "function",
+        "if",
+        "import",
+        "let",
+        "loop",
+        "package",
+        "namespace",
+        "return",
+        "var",
+        "void",
+        "while",
+    ]
 )
 _PUNCT2 = ("==", "!=", "<=", ">=", "&&", "||")
 _PUNCT1 = "()[]{}.,:?!-+*/%<>"

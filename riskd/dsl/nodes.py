@@ -10,7 +10,8 @@ CEL's internal names (``_+_``, ``_&&_``, ``!_``, ``_[_]``, ``_?_:_``, ``@in``);
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as _field
 
 from riskd.dsl.diagnostics import Source
 
@@ -37,13 +38,13 @@ class Literal:
     """A constant: int, uint (``UInt``), double, string, bytes, bool or null."""
 
     value: object
-    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+    pos: Pos = _field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class Ident:
     name: str
-    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+    pos: Pos = _field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +54,7 @@ class Select:
     operand: Expr
     field: str
     test_only: bool = False
-    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+    pos: Pos = _field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,19 +64,19 @@ class Call:
     function: str
     args: tuple[Expr, ...]
     target: Expr | None = None
-    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+    pos: Pos = _field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class ListLit:
     elements: tuple[Expr, ...]
-    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+    pos: Pos = _field(default=NOWHERE, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
 class MapLit:
     entries: tuple[tuple[Expr, Expr], ...]
-    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+    pos: Pos = _field(default=NOWHERE, compare=False, repr=False)
 
 
 MACROS = ("all", "exists", "exists_one", "map", "filter")
@@ -94,7 +95,7 @@ class Comprehension:
     var: str
     predicate: Expr | None
     transform: Expr | None = None
-    pos: Pos = field(default=NOWHERE, compare=False, repr=False)
+    pos: Pos = _field(default=NOWHERE, compare=False, repr=False)
 
 
 Expr = Literal | Ident | Select | Call | ListLit | MapLit | Comprehension

@@ -140,21 +140,22 @@ class _Parser:
             ops.append(self.advance())
         first = self.peek()
         node = self.member()
-        if ops and ops[-1].text == "-" and first.kind in (Tok.INT, Tok.DOUBLE):
-            if isinstance(node, Literal) and node.pos.offset == first.offset:
-                value = node.value
-                assert isinstance(value, int | float)
-                node = Literal(-value, pos=self.pos(ops[-1].offset))
-                ops.pop()
+        folds = ops and ops[-1].text == "-" and first.kind in (Tok.INT, Tok.DOUBLE)
+        if folds and isinstance(node, Literal) and node.pos.offset == first.offset:
+            value = node.value
+            assert isinstance(value, int | float)
+            node = Literal(-value, pos=self.pos(ops[-1].offset))
+            ops.pop()
         self.check_int_range(node, first)
         for op in reversed(ops):
             node = Call("!_" if op.text == "!" else "-_", (node,), pos=self.pos(op.offset))
         return node
 
     def check_int_range(self, node: Expr, first: Token) -> None:
-        if first.kind is Tok.INT and isinstance(first.value, int) and first.value > INT_MAX:
-            if not (isinstance(node, Literal) and node.value == -first.value):
-                raise _ParseError("integer literal out of range", first.offset)
+        value = first.value
+        big = first.kind is Tok.INT and isinstance(value, int) and value > INT_MAX
+        if big and not (isinstance(node, Literal) and node.value == -INT_MAX - 1):
+            raise _ParseError("integer literal out of range", first.offset)
 
     def member(self) -> Expr:
         node = self.primary()

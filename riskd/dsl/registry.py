@@ -20,7 +20,6 @@ from riskd.dsl.types import (
     DURATION,
     DYN,
     INT,
-    NULL,
     STRING,
     TIMESTAMP,
     TYPE,
@@ -75,11 +74,16 @@ class Registry:
         fn = self.functions.get(name)
         if fn is not None:
             for o in fn.overloads:
-                if o.receiver == receiver and len(o.params) == len(args):
-                    if all(value_matches(t, v) for t, v in zip(o.params, args, strict=True)):
-                        return self.impls[o.id](*args)
+                if o.receiver == receiver and _fits(o.params, args):
+                    return self.impls[o.id](*args)
         kinds = ", ".join(type_name(a) for a in args)
         raise EvalError(f"no such overload: {name}({kinds})")
+
+
+def _fits(params: Sequence[Type], args: Sequence[object]) -> bool:
+    if len(params) != len(args):
+        return False
+    return all(value_matches(t, v) for t, v in zip(params, args, strict=True))
 
 
 def value_matches(t: Type, v: object) -> bool:
@@ -137,8 +141,17 @@ def _conversion(name: str, target: str, sources: Sequence[str]) -> Function:
     return _fn(name, *(_o(f"{s}_to_{target}", (_T[s],), _T[target]) for s in sources))
 
 
+def _string_fn(name: str, oid: str) -> Function:
+    return _fn(name, _o(oid, (STRING, STRING), BOOL, receiver=True))
+
+
 def _size() -> Function:
-    plain = [("string", STRING), ("bytes", BYTES), ("list", LIST_A), ("map", MAP_AB)]
+    plain: list[tuple[str, Type]] = [
+        ("string", STRING),
+        ("bytes", BYTES),
+        ("list", LIST_A),
+        ("map", MAP_AB),
+    ]
     return _fn(
         "size",
         *(_o(f"size_{k}", (t,), INT) for k, t in plain),
@@ -160,7 +173,6 @@ def _accessors() -> list[Function]:
 
 
 def _builtins() -> list[Function]:
-    string_fn = lambda n, oid: _fn(n, _o(oid, (STRING, STRING), BOOL, receiver=True))  # noqa: E731
     return [
         _fn("_+_", *_arith("", "add", ["int64", "uint64", "double", "string", "bytes"]).overloads,
             _o("add_list", (LIST_A, LIST_A), LIST_A),
@@ -185,9 +197,9 @@ def _builtins() -> list[Function]:
         _fn("@in", _o("in_list", (A, LIST_A), BOOL), _o("in_map", (A, MAP_AB), BOOL)),
         _fn("_[_]", _o("index_list", (LIST_A, INT), A), _o("index_map", (MAP_AB, A), B)),
         _size(),
-        string_fn("contains", "contains_string"),
-        string_fn("startsWith", "starts_with_string"),
-        string_fn("endsWith", "ends_with_string"),
+        _string_fn("contains", "contains_string"),
+        _string_fn("startsWith", "starts_with_string"),
+        _string_fn("endsWith", "ends_with_string"),
         _fn("matches", _o("matches_string", (STRING, STRING), BOOL, True),
             _o("matches", (STRING, STRING), BOOL)),
         _conversion("int", "int64", ["int64", "uint64", "double", "string", "timestamp"]),

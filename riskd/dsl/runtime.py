@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from riskd.dsl.values import (
     INT_MAX,
@@ -99,15 +100,17 @@ def lookup(m: Mapping[object, object], key: object) -> tuple[bool, object]:
 
 def compare(a: object, b: object) -> int:
     """-1, 0 or 1 for an ordered pair of the same kind (numbers mix freely)."""
+    x: Any = a
+    y: Any = b
     if is_number(a) and is_number(b):
-        x, y = a, b
-    elif type(a) is type(b) and isinstance(a, str | bytes | bool | Duration | Timestamp):
-        x, y = a, b
-    else:
+        # CEL orders an int against a double by converting the int to double.
+        if isinstance(a, float) or isinstance(b, float):
+            x, y = float(x), float(y)
+    elif not (type(a) is type(b) and isinstance(a, str | bytes | bool | Duration | Timestamp)):
         raise EvalError(f"no such overload: cannot order {type_name(a)} and {type_name(b)}")
-    if x < y:  # type: ignore[operator]
+    if x < y:
         return -1
-    if x > y:  # type: ignore[operator]
+    if x > y:
         return 1
     return 0 if x == y else 2  # 2: unordered (NaN)
 
@@ -207,7 +210,7 @@ def make_map(pairs: Iterable[tuple[object, object]]) -> dict[object, object]:
 
 def iterate(target: object) -> Iterable[object]:
     """The elements a macro ranges over: list elements or map keys."""
-    if isinstance(target, _LISTS | dict):
+    if isinstance(target, (*_LISTS, dict)):
         return [normalize_value(x) for x in target]
     raise EvalError(f"no such overload: cannot range over {type_name(target)}")
 

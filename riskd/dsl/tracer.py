@@ -57,18 +57,17 @@ def explain(
 
 
 def _conditions(node: Expr, top: bool) -> Iterator[Expr]:
-    is_call = isinstance(node, Call)
-    if top or isinstance(node, Comprehension) or (
-        is_call and node.function not in _OPERATORS and not node.function.startswith("_[")
-    ):
-        yield node
-    elif isinstance(node, Select) and node.test_only:
+    is_function = isinstance(node, Call) and node.function not in _OPERATORS
+    is_has = isinstance(node, Select) and node.test_only
+    if top or is_function or is_has or isinstance(node, Comprehension):
         yield node
     if isinstance(node, Comprehension):
         return  # the body runs once per element; the macro's own result is what matters
     for child in children(node):
-        if isinstance(node, Call) and node.function in ("_&&_", "_||_") and not isinstance(
-            child, Call | Comprehension
+        if (
+            isinstance(node, Call)
+            and node.function in ("_&&_", "_||_")
+            and not isinstance(child, Call | Comprehension)
         ):
             yield child
         yield from _conditions(child, False)
@@ -127,5 +126,7 @@ def format_value(value: object) -> str:
         return _clip("[" + ", ".join(format_value(v) for v in list(value)[:10]) + "]")
     if isinstance(value, dict):
         items = list(value.items())[:10]
-        return _clip("{" + ", ".join(f"{format_value(k)}: {format_value(v)}" for k, v in items) + "}")
+        return _clip(
+            "{" + ", ".join(f"{format_value(k)}: {format_value(v)}" for k, v in items) + "}"
+        )
     return f"{type(value).__name__}{{…}}"

@@ -124,7 +124,8 @@ def parse_timestamp(text: str) -> Timestamp:
     if m is None:
         raise EvalError("invalid timestamp")
     try:
-        base = _dt.datetime(*(int(m.group(i)) for i in range(1, 7)), tzinfo=_dt.UTC)
+        y, mo, d, h, mi, s = (int(m.group(i)) for i in range(1, 7))
+        base = _dt.datetime(y, mo, d, h, mi, s, tzinfo=_dt.UTC)
     except ValueError as exc:
         raise EvalError("invalid timestamp") from exc
     zone = m.group(8)
