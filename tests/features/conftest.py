@@ -7,20 +7,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import redis
+from features_support import REDIS_URL, delete_prefix
 
 from riskd.domain.clock import FakeClock
 from riskd.features import FeatureStore, InProcessFeatureStore, RedisFeatureStore
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
 StoreFactory = Callable[[FakeClock], FeatureStore]
-
-
-def delete_prefix(client: redis.Redis, prefix: str) -> None:
-    """Delete every key under ``prefix`` (a test's own namespace)."""
-    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-    if keys:
-        client.delete(*keys)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,168 @@
+"""What only the Redis store promises: one round trip, bounded keys, fast failure, recovery."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from features_support import REDIS_URL, OwnRedis, delete_prefix
+
+from riskd.domain.clock import FakeClock
+from riskd.domain.features import Agg, FeatureQuery
+from riskd.errors import UnavailableError
+from riskd.features import Observation, RedisFeatureStore
+from riskd.features.store import SEEN_TTL_S
+
+QUERIES = [
+    FeatureQuery(Agg.COUNT, "device", "1m"),
+    FeatureQuery(Agg.SUM, "device", "1h"),
+    FeatureQuery(Agg.COUNT, "buyer", "24h"),
+    FeatureQuery(Agg.DISTINCT, "device", "1h", of="buyer"),
+    FeatureQuery(Agg.DISTINCT, "shop", "24h", of="buyer"),
+]
+COUNT_DEVICE_1M, SUM_DEVICE_1H = QUERIES[0], QUERIES[1]
+
+
+def order(clock: FakeClock, order_id: str, amount: int = 100, **keys: str) -> Observation:
+    return Observation(order_id, clock.now(), amount, keys)
+
+
+@pytest.fixture
+def prefix(redis_client: redis.Redis) -> Iterator[str]:
+    prefix = f"riskd-test:features:{uuid.uuid4().hex}:"
+    yield prefix
+    delete_prefix(redis_client, prefix)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(1_700_000_000.0)
+
+
+def test_one_call_is_one_round_trip(
+    prefix: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
+    store.record_and_read(order(clock, "warm", device="d", buyer="b", shop="s"), QUERIES)
+    commands: list[Any] = []
+    client = store._client  # the store's own client: count what it sends
+    original = client.execute_command
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        commands.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(client, "execute_command", counting)
+    store.record_and_read(order(clock, "o1", device="d", buyer="b", shop="s"), QUERIES)
+    store.read(order(clock, "o2", device="d"), QUERIES)
+    assert commands == ["EVALSHA", "EVALSHA"]
+    store.close()
+
+
+def test_every_key_is_under_the_prefix_with_a_bounded_ttl(
+    prefix: str, clock: FakeClock, redis_client: redis.Redis
+) -> None:
+    store = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
+    store.record_and_read(order(clock, "o1", device="dev-hash", buyer="buyer-hash"), QUERIES)
+    keys = sorted(k.decode() for k in redis_client.scan_iter(match=f"{prefix}*"))
+    assert [k.removeprefix(prefix) for k in keys] == [
+        "d:device:buyer:dev-hash",
+        "e:buyer:buyer-hash",
+        "e:device:dev-hash",
+        "o:o1",
+        "s:buyer:buyer-hash",
+        "s:device:dev-hash",
+    ]
+    ttls = [redis_client.ttl(k) for k in keys]
+    assert all(0 < ttl <= SEEN_TTL_S for ttl in ttls), ttls
+    store.close()
+
+
+def test_old_members_are_trimmed_as_time_moves_on(
+    prefix: str, clock: FakeClock, redis_client: redis.Redis
+) -> None:
+    store = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
+    for i in range(50):
+        store.record_and_read(order(clock, f"o{i}", device="d", buyer=f"b{i}"), QUERIES)
+        clock.advance(600)
+    assert redis_client.zcard(f"{prefix}e:device:d") == 50
+    assert redis_client.zcard(f"{prefix}d:device:buyer:d") == 50
+    clock.advance(86400)
+    got = store.record_and_read(order(clock, "last", device="d", buyer="b"), QUERIES)
+    assert (got[COUNT_DEVICE_1M], got[SUM_DEVICE_1H]) == (1, 100)
+    assert redis_client.zcard(f"{prefix}e:device:d") == 1
+    assert redis_client.zcard(f"{prefix}d:device:buyer:d") == 1
+    store.close()
+
+
+def test_concurrent_retries_from_several_clients_record_once(prefix: str, clock: FakeClock) -> None:
+    stores = [RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0) for _ in range(6)]
+    barrier = threading.Barrier(12)
+    answers: list[dict[FeatureQuery, int]] = []
+
+    def retry(store: RedisFeatureStore) -> None:
+        barrier.wait()
+        answers.append(store.record_and_read(order(clock, "same", 500, device="d"), QUERIES))
+
+    threads = [threading.Thread(target=retry, args=(s,)) for s in stores * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(answers) == 12
+    assert all(a[COUNT_DEVICE_1M] == 1 and a[SUM_DEVICE_1H] == 500 for a in answers)
+    for store in stores:
+        store.close()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    server = OwnRedis()
+    server.start()
+    yield server
+    server.stop()
+
+
+def _fails_fast(store: RedisFeatureStore, obs: Observation) -> float:
+    started = time.monotonic()
+    with pytest.raises(UnavailableError) as info:
+        store.record_and_read(obs, QUERIES)
+    assert "dev-secret" not in str(info.value)  # key values never reach messages
+    return time.monotonic() - started
+
+
+def test_dead_redis_fails_fast_and_the_store_recovers(
+    own_redis: OwnRedis, clock: FakeClock
+) -> None:
+    store = RedisFeatureStore(own_redis.url, clock, prefix="t:")
+    assert (
+        store.record_and_read(order(clock, "o1", device="dev-secret"), QUERIES)[COUNT_DEVICE_1M]
+        == 1
+    )
+    own_redis.stop()
+    assert _fails_fast(store, order(clock, "o2", device="dev-secret")) < 0.5
+    own_redis.start()  # empty, and without the script: EVALSHA must load it again
+    got = store.record_and_read(order(clock, "o3", device="dev-secret"), QUERIES)
+    assert got[COUNT_DEVICE_1M] == 1
+    store.close()
+
+
+def test_stalled_redis_times_out_at_the_socket_timeout_and_recovers(
+    own_redis: OwnRedis, clock: FakeClock
+) -> None:
+    store = RedisFeatureStore(own_redis.url, clock, prefix="t:")  # default timeout: 50 ms
+    store.record_and_read(order(clock, "o1", device="dev-secret"), QUERIES)
+    own_redis.stall(True)
+    try:
+        elapsed = [_fails_fast(store, order(clock, f"s{i}", device="dev-secret")) for i in range(3)]
+    finally:
+        own_redis.stall(False)
+    assert max(elapsed) < 0.5, elapsed
+    got = store.record_and_read(order(clock, "o2", device="dev-secret"), QUERIES)
+    assert got[COUNT_DEVICE_1M] >= 2  # o1 and o2 (a stalled call may have landed too)
+    store.close()
