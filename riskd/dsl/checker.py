@@ -10,6 +10,7 @@ problems become run-time errors instead of diagnostics.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -192,8 +193,10 @@ class _Checker:
         if isinstance(operand, ObjectType):
             ft = operand.field(node.field)
             if ft is None or node.field.startswith("_"):
-                known = ", ".join(n for n, _ in operand.fields)
-                message = f"{operand.name} has no field '{node.field}' (it has: {known})"
+                names = [n for n, _ in operand.fields]
+                close = difflib.get_close_matches(node.field, names, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                message = f"{operand.name} has no field '{node.field}'{hint}"
                 self.error(node, UNKNOWN_FIELD, message)
                 return DYN
             return ft

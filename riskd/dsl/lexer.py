@@ -206,18 +206,24 @@ class _Lexer:
         delim = q * 3 if triple else q
         self.i += len(delim)
         out: list[str] = []
+        bad: LexError | None = None
         while True:
             if self.i >= len(t):
                 raise LexError("unterminated string literal", start)
             if t.startswith(delim, self.i):
                 self.i += len(delim)
+                if bad is not None:
+                    raise bad
                 break
             ch = t[self.i]
             if ch == "\n" and not triple:
                 self.i += 1
                 raise LexError("newline in string literal", start)
             if ch == "\\" and not raw:
-                out.append(self._escape(is_bytes))
+                try:
+                    out.append(self._escape(is_bytes))
+                except LexError as err:  # keep lexing to the closing quote
+                    bad = bad or err
             elif ch == "\\" and raw and self.i + 1 < len(t) and t[self.i + 1] == q:
                 out.append(t[self.i : self.i + 2])
                 self.i += 2
@@ -252,9 +258,13 @@ class _Lexer:
         raise LexError("invalid escape sequence", at)
 
     def _hex_escape(self, at: int, n: int, is_bytes: bool) -> str:
-        digits = self.text[at + 2 : at + 2 + n]
+        digits = ""
+        while len(digits) < n and self.text[at + 2 + len(digits) : at + 3 + len(digits)] in _HEX:
+            if at + 2 + len(digits) >= len(self.text):
+                break
+            digits += self.text[at + 2 + len(digits)]
         self.i = at + 2 + len(digits)
-        if len(digits) != n or any(d not in _HEX for d in digits):
+        if len(digits) != n:
             raise LexError("invalid escape sequence", at)
         code = int(digits, 16)
         if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:

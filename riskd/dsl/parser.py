@@ -171,15 +171,15 @@ class _Parser:
                 return node
 
     def select(self, operand: Expr) -> Expr:
-        dot = self.advance()
+        self.advance()  # the dot
         tok = self.advance()
         if tok.kind is Tok.QUOTED:
             assert isinstance(tok.value, str)
-            return Select(operand, tok.value, pos=self.pos(dot.offset))
+            return Select(operand, tok.value, pos=self.pos(tok.offset))
         if tok.kind is not Tok.IDENT:
             raise _ParseError(f"expected a field name, found {_describe(tok)}", tok.offset)
         if not self.at("("):
-            return Select(operand, tok.text, pos=self.pos(dot.offset))
+            return Select(operand, tok.text, pos=self.pos(tok.offset))
         args = self.args()
         if tok.text in MACROS:
             return self.macro(tok, operand, args)

@@ -63,13 +63,16 @@ def _conditions(node: Expr, top: bool) -> Iterator[Expr]:
         yield node
     if isinstance(node, Comprehension):
         return  # the body runs once per element; the macro's own result is what matters
+    logic = isinstance(node, Call) and node.function in ("_&&_", "_||_")
+    compares = isinstance(node, Call) and node.function in _CONDITIONS and not logic
     for child in children(node):
-        if (
-            isinstance(node, Call)
-            and node.function in ("_&&_", "_||_")
-            and not isinstance(child, Call | Comprehension)
-        ):
+        if logic and not isinstance(child, Call | Comprehension):
             yield child
+        if compares and isinstance(child, Call) and child.function not in _CONDITIONS:
+            # shown as an operand value on this comparison's line; look inside it only
+            for grandchild in children(child):
+                yield from _conditions(grandchild, False)
+            continue
         yield from _conditions(child, False)
 
 
