@@ -58,8 +58,27 @@ POLICY: dict[str, frozenset[str]] = {
     _SCORING + "Score": frozenset({CHECKOUT}),
     _SCORING + "ScoreBatch": frozenset({CHECKOUT}),
     _SCORING + "ReportOutcome": frozenset({CHECKOUT}),
+    # Money moves: merchants' deposits and the fund are the platform operator's business;
+    # penalties and compensation follow an analyst's case; statements are read-only.
+    _LEDGER + "RegisterShop": frozenset({OPERATOR}),
+    _LEDGER + "Deposit": frozenset({OPERATOR}),
+    _LEDGER + "Withdraw": frozenset({OPERATOR}),
+    _LEDGER + "TopUpFund": frozenset({OPERATOR}),
+    _LEDGER + "CollectClaim": frozenset({OPERATOR}),
+    _LEDGER + "WriteOffClaim": frozenset({OPERATOR}),
+    _LEDGER + "UnfreezeShop": frozenset({OPERATOR}),
+    _LEDGER + "PenalizeShop": frozenset({ANALYST}),
+    _LEDGER + "OpenDispute": frozenset({ANALYST}),
+    _LEDGER + "CompensateBuyer": frozenset({ANALYST}),
+    _LEDGER + "PayLateShipmentCoupon": frozenset({ANALYST, OPERATOR}),
+    _LEDGER + "GetAccountStatement": frozenset({ANALYST, AUDITOR, OPERATOR}),
+    _LEDGER + "GetShopStatement": frozenset({ANALYST, AUDITOR, OPERATOR}),
+    _LEDGER + "GetDisputeStatement": frozenset({ANALYST, AUDITOR, OPERATOR}),
+    _LEDGER + "ListAccounts": frozenset({ANALYST, AUDITOR, OPERATOR}),
+    _LEDGER + "VerifyLedger": frozenset({AUDITOR, OPERATOR}),
     _HEALTH + "Check": frozenset({PUBLIC}),
     _HEALTH + "Watch": frozenset({PUBLIC}),
+    _HEALTH + "List": frozenset({OPERATOR}),  # names every service: not for anonymous callers
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": frozenset({OPERATOR}),
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": frozenset({OPERATOR}),
 }
