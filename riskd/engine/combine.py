@@ -1,4 +1,4 @@
-"""Rule results → outcome, score and reasons; rule results → evidence records.
+"""Rule results → outcome, score and reasons.
 
 Where it sits: after ``Program.evaluate`` in ``Scorer``. Only ACTIVE rules
 that HIT are enforced: the outcome is the ``max()`` of their actions (ALLOW
@@ -10,38 +10,11 @@ sum, so a replay or an analyst can add it up from the reasons.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
 
 from riskd.domain.decision import Outcome, Reason
-from riskd.evidence.records import RuleRecord
-
-
-class _Named(Protocol):
-    @property
-    def name(self) -> str: ...
-
-
-class ResultLike(Protocol):
-    """``riskd.dsl.RuleResult``: one rule's verdict on one order."""
-
-    @property
-    def rule_id(self) -> str: ...
-    @property
-    def status(self) -> _Named: ...
-    @property
-    def mode(self) -> _Named: ...
-    @property
-    def action(self) -> Outcome: ...
-    @property
-    def score(self) -> float: ...
-    @property
-    def reason_code(self) -> str: ...
-    @property
-    def error(self) -> str: ...
-    @property
-    def explanation(self) -> tuple[str, ...]: ...
+from riskd.dsl.program import Mode, RuleResult, RuleStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,44 +26,25 @@ class Verdict:
     reasons: tuple[Reason, ...]
 
 
-def enforced(result: ResultLike) -> bool:
+def enforced(result: RuleResult) -> bool:
     """An ACTIVE rule that HIT (shadow hits and errors are evidence only)."""
-    return result.status.name == "HIT" and result.mode.name == "ACTIVE"
+    return result.status is RuleStatus.HIT and result.mode is Mode.ACTIVE
 
 
-def combine(results: Iterable[ResultLike]) -> Verdict:
+def combine(results: Iterable[RuleResult]) -> Verdict:
     """Outcome = max of enforced actions (ALLOW if none), score = their sum, one reason each.
 
-    >>> from types import SimpleNamespace as R
-    >>> hit, active = R(name="HIT"), R(name="ACTIVE")
-    >>> v = combine([R(rule_id="a", status=hit, mode=active, action=Outcome.REVIEW, score=10.0,
-    ...                reason_code="A", explanation=()),
-    ...              R(rule_id="b", status=hit, mode=R(name="SHADOW"), action=Outcome.BLOCK,
-    ...                score=90.0, reason_code="B", explanation=())])
+    >>> hit = RuleStatus.HIT
+    >>> v = combine([RuleResult("a", hit, Mode.ACTIVE, Outcome.REVIEW, 10.0, "A"),
+    ...              RuleResult("b", hit, Mode.SHADOW, Outcome.BLOCK, 90.0, "B")])
     >>> v.outcome.name, v.score, [r.rule_id for r in v.reasons]
     ('REVIEW', 10.0, ['a'])
     """
+    hit, active = RuleStatus.HIT, Mode.ACTIVE  # inlined `enforced`: 200 results per order
     reasons = tuple(
-        Reason(r.rule_id, r.reason_code, Outcome(r.action), float(r.score), tuple(r.explanation))
+        Reason(r.rule_id, r.reason_code, r.action, r.score, r.explanation)
         for r in results
-        if enforced(r)
+        if r.status is hit and r.mode is active
     )
     outcome = max((r.action for r in reasons), default=Outcome.ALLOW)
     return Verdict(outcome, sum(r.score for r in reasons), reasons)
-
-
-def rule_records(results: Sequence[ResultLike]) -> tuple[RuleRecord, ...]:
-    """Every result, shadow and errors included, as evidence."""
-    return tuple(
-        RuleRecord(
-            rule_id=r.rule_id,
-            status=r.status.name,
-            mode=r.mode.name,
-            action=Outcome(r.action),
-            score=float(r.score),
-            reason_code=r.reason_code,
-            error=r.error,
-            explanation=tuple(r.explanation),
-        )
-        for r in results
-    )

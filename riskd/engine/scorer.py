@@ -1,93 +1,84 @@
-"""The Scorer: one order in, one ``Decision`` out, recorded as evidence.
+"""The Scorer: orders in, ``Decision``s out, each recorded as evidence.
 
 Where it sits: ``service`` converts a request to an ``Order`` and calls
-``score``; the scorer
+``score`` (or ``score_batch``); for each order the scorer
 
-1. returns the recorded decision if this order was scored before (the
-   decision log, which also sees decisions not yet flushed) or is being scored
-   right now (singleflight: concurrent retries wait for the first);
+1. joins the order id's flight (singleflight: concurrent retries in this
+   process wait for the first caller's answer) and, as its leader, looks the
+   order up in the decision log (which also sees decisions not yet flushed):
+   a known order gets its recorded decision back;
 2. blind-indexes the order's identities into an ``Observation`` (``keys``);
-3. records it and reads every velocity feature the program needs, in one
-   call to the feature store, bounded by the caller's deadline and guarded by
-   a circuit breaker;
+3. records it and reads every velocity feature the program needs from the
+   feature store, bounded by the caller's deadline and guarded by a circuit
+   breaker;
 4. runs the current compiled ``Program`` on the order, its features and its
    shop's enforcement state, and combines the results (``combine``);
 5. when a dependency was unavailable, marks the decision ``degraded`` with
    what was missing and takes the ``max()`` of the rules that could still run
    and the ``FallbackPolicy``;
-6. appends the decision with the feature values and every rule result (shadow
-   ones included) to the ``DecisionLog``, whose background writer commits it.
+6. appends the decision, the feature values and every rule result (shadow
+   ones included) to the ``DecisionLog``, whose writer thread commits it,
+   and only then lands the flight, so a retry always finds it.
 
-Idempotency: in this process through (1); across replicas the decision log
-(shared PostgreSQL) and the feature store's own per-order idempotency (an
-order is counted once per order id, whoever records it) keep velocity windows
-exact. Two replicas scoring the same new order at the same instant may each
-answer; the log keeps the first.
+Idempotency across replicas: the decision log (shared PostgreSQL) answers
+retries that reach another replica, and the feature store's own per-order
+idempotency counts an order once whoever records it. Two replicas scoring the
+same new order at the same instant may both answer; the log keeps the first.
 
-Deadlines: with ``timeout_s`` the feature call runs on a small thread pool and
-the scorer waits at most the budget less ``eval_reserve_s`` (kept for the
-rules and the log), so a hung Redis cannot hold the answer past the deadline.
-Without ``timeout_s`` the call runs inline and the store's own socket timeouts
-bound it. After ``breaker_failures`` failures in a row the breaker skips the
-feature store for ``breaker_cooldown_s``, then probes it again: recovery needs
-no restart and no operator.
+Deadlines: with ``timeout_s`` the feature calls of a call run on a worker
+thread and the scorer waits at most the budget less ``eval_reserve_s`` (kept
+for the rules and the log), so a hung Redis cannot hold the answer past the
+deadline. The in-process store never blocks on I/O and is called inline.
+After ``breaker_failures`` failures in a row the breaker skips the feature
+store for ``breaker_cooldown_s``, then lets one call probe it: recovery needs
+no restart and no operator, and a dead Redis does not cost every request its
+full timeout meanwhile.
 
-``score_batch`` shares one deadline and one program snapshot across the batch
-and makes one feature round trip per order (a pipelined multi-order call
-would save round trips on Redis, but each order must see the ones before it in
-its windows, which one Lua call per order gives for free).
+``score_batch`` amortizes the per-call work over the batch: one program
+snapshot, one deadline, one decision-log lookup (``IN`` query) and one hand-off
+to the worker thread for all feature calls. The feature store still takes one
+round trip per order (each order must see the ones before it in its windows;
+one Lua call per order gives that for free). If the deadline ends mid-batch,
+the orders whose features did not arrive get the degraded fallback answer.
+``elapsed_us`` of a batched decision counts from the start of the call.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Collection, Mapping, Sequence
+import threading
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 from typing import Protocol
 
 from riskd.domain.clock import Clock
-from riskd.domain.decision import Decision, Outcome, Reason
+from riskd.domain.decision import Decision, Reason
 from riskd.domain.events import OrderEvent
 from riskd.domain.features import FeatureQuery
 from riskd.domain.order import Order
 from riskd.domain.shop import ShopState
+from riskd.dsl.program import Program, RuleResult
 from riskd.engine.breaker import CircuitBreaker
-from riskd.engine.combine import ResultLike, combine, rule_records
+from riskd.engine.combine import combine
 from riskd.engine.fallback import FallbackPolicy
-from riskd.engine.flights import Flights
+from riskd.engine.flights import Flight, Flights
 from riskd.engine.keys import Indexer, observe
 from riskd.errors import InvalidArgumentError, RiskdError, UnavailableError
 from riskd.evidence.log import DecisionLog
 from riskd.evidence.records import DecisionRecord
-from riskd.features.store import FeatureStore, Observation
+from riskd.features.memory import InProcessFeatureStore
+from riskd.features.store import MAX_ORDER_ID_LEN, FeatureStore, Observation
 
 FALLBACK_RULE_ID = "@fallback"
 
-
-class ProgramLike(Protocol):
-    """``riskd.dsl.Program``: the compiled rules."""
-
-    @property
-    def version(self) -> str: ...
-    @property
-    def feature_queries(self) -> frozenset[FeatureQuery]: ...
-
-    def evaluate(
-        self,
-        order: Order,
-        shop: ShopState,
-        features: Mapping[FeatureQuery, int],
-        now: float,
-        *,
-        explain: bool = False,
-    ) -> Sequence[ResultLike]: ...
+Features = dict[FeatureQuery, int]
 
 
 class RulesLike(Protocol):
-    """``riskd.dsl.ProgramHolder``: the program in force now (hot-reloaded)."""
+    """``riskd.dsl.holder.ProgramHolder``: the program in force now (hot-reloaded)."""
 
     @property
-    def current(self) -> ProgramLike: ...
+    def current(self) -> Program: ...
 
 
 class ShopDirectory(Protocol):
@@ -102,7 +93,7 @@ class Scorer:
     Args:
         rules: holder of the current compiled program.
         features: the velocity feature store (in-process or Redis).
-        log: the decision log (evidence).
+        log: the decision log (evidence); it encrypts PII if it has a Vault.
         indexer: blind indexer for the order's identities.
         shops: enforcement state per shop; without one every shop is in good standing.
         clock: time for ``decided_at``, windows and deadlines.
@@ -129,6 +120,7 @@ class Scorer:
     ) -> None:
         self._rules = rules
         self._features = features
+        self._inline = isinstance(features, InProcessFeatureStore)
         self._log = log
         self._indexer = indexer
         self._shops = shops
@@ -147,16 +139,25 @@ class Scorer:
         """The decision for ``order`` (the recorded one if it was scored before).
 
         Raises:
-            InvalidArgumentError: the order cannot be observed (e.g. a negative total).
+            InvalidArgumentError: no order id, or a negative total (nothing is counted).
         """
-        return self._score_once(order, self._deadline(timeout_s), self._rules.current)
+        return self.score_batch((order,), timeout_s=timeout_s)[0]
 
     def score_batch(
         self, orders: Sequence[Order], *, timeout_s: float | None = None
     ) -> list[Decision]:
-        """Decisions for ``orders``, in order, under one deadline and one program version."""
-        deadline, program = self._deadline(timeout_s), self._rules.current
-        return [self._score_once(o, deadline, program) for o in orders]
+        """Decisions for ``orders``, in order, under one deadline and one program version.
+
+        An order id that appears twice gets the same decision twice.
+
+        Raises:
+            InvalidArgumentError: for the first bad order, before any order is counted.
+        """
+        for i, order in enumerate(orders):
+            _check(order, f"orders[{i}]" if len(orders) > 1 else "order")
+        started = self._clock.monotonic()
+        deadline = None if timeout_s is None else started + max(0.0, timeout_s)
+        return _Batch(self, orders, deadline, started).run()
 
     def report_outcome(self, event: OrderEvent) -> None:
         """Append what happened to an order later (a label) to the evidence log."""
@@ -167,85 +168,53 @@ class Scorer:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._log.flush(timeout_s)
 
-    # -- idempotency ---------------------------------------------------------
-
-    def _deadline(self, timeout_s: float | None) -> float | None:
-        return None if timeout_s is None else self._clock.monotonic() + max(0.0, timeout_s)
+    # -- pieces the batch uses -------------------------------------------------
 
     def _left(self, deadline: float | None) -> float | None:
         return None if deadline is None else max(0.0, deadline - self._clock.monotonic())
 
-    def _recorded(self, order_id: str) -> tuple[Decision | None, bool]:
-        """The logged decision for ``order_id``; the flag is False when the log could not say."""
+    def _recorded(self, order_ids: Sequence[str]) -> tuple[dict[str, Decision], bool]:
+        """Logged decisions by order id; the flag is False when the log could not say."""
+        if not order_ids:
+            return {}, True
         try:
-            record = self._log.get(order_id)
+            records = self._log.get_many(order_ids)
         except Exception:  # the log's database is down: score anyway, store idempotency holds
-            return None, False
-        return (None if record is None else record.decision), True
+            return {}, False
+        return {oid: r.decision for oid, r in records.items()}, True
 
-    def _score_once(self, order: Order, deadline: float | None, program: ProgramLike) -> Decision:
-        _check(order)
-        known, log_ok = self._recorded(order.order_id)
-        if known is not None:
-            return known
-        leader, flight = self._flights.join(order.order_id)
-        if not leader:
-            decision = flight.wait(self._left(deadline))
-            return decision if decision is not None else self._unrecorded(order, program)
+    def _read_features(
+        self,
+        observations: Sequence[Observation],
+        queries: Collection[FeatureQuery],
+        budget: float | None,
+    ) -> list[Features | None]:
+        """Record each order and read its features; None for those the store did not answer."""
+        if budget is not None:
+            budget -= min(self._reserve, budget / 2)
+        if not observations or (budget is not None and budget <= 0) or not self.breaker.allow():
+            return [None] * len(observations)
+        got: list[Features] = []
+        stop = threading.Event()
         try:
-            known, log_ok = self._recorded(order.order_id)  # finished just before we joined
-            decision = known or self._decide_and_log(order, deadline, program, log_ok)
-            flight.finish(decision)
-            return decision
-        except BaseException as e:
-            flight.finish(None, e)
+            if budget is None or self._inline:
+                _record_all(self._features, observations, queries, got, stop)
+            else:
+                job = self._pool.submit(
+                    _record_all, self._features, observations, queries, got, stop
+                )
+                job.result(timeout=budget)
+        except (UnavailableError, TimeoutError):
+            stop.set()
+            self.breaker.failure()
+        except BaseException:
+            stop.set()
+            self.breaker.failure()
             raise
-        finally:
-            self._flights.land(order.order_id)
-
-    def _unrecorded(self, order: Order, program: ProgramLike) -> Decision:
-        """A follower whose leader overran the deadline: the fallback answer, not recorded."""
-        answer = self._fallback.decide(order)
-        reason = self._fallback_reason(answer.outcome, answer.scenario, answer.tier)
-        return Decision(
-            order.order_id,
-            answer.outcome,
-            0.0,
-            (reason,),
-            program.version,
-            {},
-            ("inflight",),
-            0,
-            self._clock.now(),
-        )
-
-    # -- one decision --------------------------------------------------------
-
-    def _decide_and_log(
-        self, order: Order, deadline: float | None, program: ProgramLike, log_ok: bool
-    ) -> Decision:
-        started, now = self._clock.monotonic(), self._clock.now()
-        missing: list[str] = [] if log_ok else ["evidence"]
-        shop = self._shop(order.shop_id, missing)
-        obs = observe(order, self._indexer, now)
-        features = self._read_features(obs, program.feature_queries, deadline)
-        if features is None:
-            missing.append("features")
-        results = self._evaluate(program, order, shop, features or {}, now, missing)
-        decision = self._decision(order, program, results, missing, now)
-        record = DecisionRecord(
-            decision=decision,
-            request=self._log.protect(order),
-            features={q.name: v for q, v in (features or {}).items()},
-            rules=rule_records(results),
-        )
-        elapsed = int((self._clock.monotonic() - started) * 1e6)
-        record = replace(record, decision=replace(decision, elapsed_us=elapsed))
-        try:
-            self._log.append(record, order=order)
-        except UnavailableError:  # answered anyway; a retry re-scores but never re-counts
-            return replace(record.decision, degraded=(*record.decision.degraded, "evidence"))
-        return record.decision
+        else:
+            self.breaker.success()
+        answered: list[Features | None] = list(got[: len(observations)])
+        return answered + [None] * (len(observations) - len(answered))
 
     def _shop(self, shop_id: str, missing: list[str]) -> ShopState:
         if self._shops is None:
@@ -256,99 +225,169 @@ class Scorer:
             missing.append("shops")
             return ShopState(shop_id)
 
-    def _evaluate(
-        self,
-        program: ProgramLike,
-        order: Order,
-        shop: ShopState,
-        features: Mapping[FeatureQuery, int],
-        now: float,
-        missing: list[str],
-    ) -> Sequence[ResultLike]:
+    def _decide(
+        self, order: Order, obs: Observation, features: Features | None, ctx: _Context
+    ) -> Decision:
+        """Evaluate, combine, fall back if degraded, and append the record to the log."""
+        missing: list[str] = list(ctx.missing)
+        shop = self._shop(order.shop_id, missing)
+        if features is None:
+            missing.append("features")
         try:
-            return program.evaluate(order, shop, features, now, explain=True)
-        except Exception:  # a bug in the program, not one rule: still answer, by the fallback
+            results = ctx.program.evaluate(order, shop, features or {}, ctx.now, explain=True)
+        except Exception:  # a bug in the program, not one rule: answer by the fallback
             missing.append("rules")
-            return ()
+            results = ()
+        decision = self._decision(order, ctx, results, missing)
+        record = DecisionRecord(
+            decision=decision,
+            request=self._log.protect(order, obs.keys),
+            features={q.name: v for q, v in (features or {}).items()},
+            rules=results,
+        )
+        try:
+            self._log.append(record, order=order)
+        except UnavailableError:  # answered anyway; a retry re-scores but never re-counts
+            return replace(decision, degraded=(*decision.degraded, "evidence"))
+        return decision
 
     def _decision(
-        self,
-        order: Order,
-        program: ProgramLike,
-        results: Sequence[ResultLike],
-        missing: list[str],
-        now: float,
+        self, order: Order, ctx: _Context, results: Sequence[RuleResult], missing: list[str]
     ) -> Decision:
         verdict = combine(results)
         outcome, reasons = verdict.outcome, verdict.reasons
         if missing:
-            answer = self._fallback.decide(order)
-            outcome = max(outcome, answer.outcome)
-            reasons = (
-                *reasons,
-                self._fallback_reason(answer.outcome, answer.scenario, answer.tier),
-            )
+            fallback = self._fallback_reason(order)
+            outcome = max(outcome, fallback.action)
+            reasons = (*reasons, fallback)
         return Decision(
             order_id=order.order_id,
             outcome=outcome,
             score=verdict.score,
             reasons=reasons,
-            rules_version=program.version,
+            rules_version=ctx.program.version,
             model_versions={},
             degraded=tuple(missing),
-            decided_at=now,
+            elapsed_us=int((self._clock.monotonic() - ctx.started) * 1e6),
+            decided_at=ctx.now,
         )
 
-    @staticmethod
-    def _fallback_reason(outcome: Outcome, scenario: str, tier: int) -> Reason:
-        return Reason(
-            FALLBACK_RULE_ID,
-            "DEGRADED_FALLBACK",
-            outcome,
+    def _fallback_reason(self, order: Order) -> Reason:
+        answer = self._fallback.decide(order)
+        line = f"fallback scenario {answer.scenario} tier {answer.tier}: {answer.outcome.name}"
+        return Reason(FALLBACK_RULE_ID, "DEGRADED_FALLBACK", answer.outcome, 0.0, (line,))
+
+    def _unrecorded(self, order: Order, ctx: _Context) -> Decision:
+        """For a follower whose leader overran the deadline: the fallback answer, not logged."""
+        reason = self._fallback_reason(order)
+        return Decision(
+            order.order_id,
+            reason.action,
             0.0,
-            (f"fallback scenario {scenario} tier {tier}: {outcome.name}",),
+            (reason,),
+            ctx.program.version,
+            {},
+            ("inflight",),
+            int((self._clock.monotonic() - ctx.started) * 1e6),
+            ctx.now,
         )
 
-    # -- features, bounded ---------------------------------------------------
 
-    def _read_features(
-        self, obs: Observation, queries: Collection[FeatureQuery], deadline: float | None
-    ) -> dict[FeatureQuery, int] | None:
-        """Record the order and read its features; None when the store is unavailable."""
-        budget = self._left(deadline)
-        if budget is not None:
-            budget -= min(self._reserve, budget / 2)
-            if budget <= 0:
-                return None
-        if not self.breaker.allow():
-            return None
+class _Context:
+    """What every order of one call shares."""
+
+    __slots__ = ("deadline", "missing", "now", "program", "started")
+
+    def __init__(self, program: Program, deadline: float | None, started: float, now: float):
+        self.program = program
+        self.deadline = deadline
+        self.started = started
+        self.now = now
+        self.missing: tuple[str, ...] = ()
+
+
+class _Batch:
+    """One ``score_batch`` call: lead or follow each order's flight, decide the led ones."""
+
+    def __init__(
+        self, scorer: Scorer, orders: Sequence[Order], deadline: float | None, started: float
+    ) -> None:
+        self.s = scorer
+        self.orders = orders
+        self.ctx = _Context(scorer._rules.current, deadline, started, scorer._clock.now())
+        self.out: list[Decision | None] = [None] * len(orders)
+        self.first: dict[str, int] = {}  # order id -> index of its first occurrence
+        self.led: list[tuple[int, Flight]] = []
+        self.followed: list[tuple[int, Flight]] = []
+
+    def run(self) -> list[Decision]:
+        for i, order in enumerate(self.orders):
+            if order.order_id in self.first:
+                continue
+            self.first[order.order_id] = i
+            leader, flight = self.s._flights.join(order.order_id)
+            (self.led if leader else self.followed).append((i, flight))
         try:
-            values = self._call_store(obs, queries, budget)
-        except (UnavailableError, TimeoutError):
-            self.breaker.failure()
-            return None
-        except BaseException:
-            self.breaker.failure()
+            self._lead()
+        except BaseException as e:  # followers of the orders not decided get the same error
+            for _, flight in self.led:
+                if not flight.done.is_set():
+                    flight.finish(None, e)
             raise
-        self.breaker.success()
-        return values
+        finally:
+            for i, _ in self.led:
+                self.s._flights.land(self.orders[i].order_id)
+        for i, flight in self.followed:
+            decision = flight.wait(self.s._left(self.ctx.deadline))
+            self.out[i] = decision or self.s._unrecorded(self.orders[i], self.ctx)
+        return [self._answer(i, o) for i, o in enumerate(self.orders)]
 
-    def _call_store(
-        self, obs: Observation, queries: Collection[FeatureQuery], budget: float | None
-    ) -> dict[FeatureQuery, int]:
-        if budget is None:
-            return self._features.record_and_read(obs, queries)
-        future = self._pool.submit(self._features.record_and_read, obs, queries)
-        try:
-            return future.result(timeout=budget)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise TimeoutError("feature store timed out") from None
+    def _answer(self, i: int, order: Order) -> Decision:
+        decision = self.out[i] or self.out[self.first[order.order_id]]
+        assert decision is not None
+        return decision
+
+    def _lead(self) -> None:
+        ids = [self.orders[i].order_id for i, _ in self.led]
+        known, log_ok = self.s._recorded(ids)
+        self.ctx.missing = () if log_ok else ("evidence",)
+        todo: list[tuple[int, Flight]] = []
+        for i, flight in self.led:
+            decision = known.get(self.orders[i].order_id)
+            if decision is None:
+                todo.append((i, flight))
+            else:
+                self.out[i] = decision
+                flight.finish(decision)
+        observations = [observe(self.orders[i], self.s._indexer, self.ctx.now) for i, _ in todo]
+        features = self.s._read_features(
+            observations, self.ctx.program.feature_queries, self.s._left(self.ctx.deadline)
+        )
+        for (i, flight), obs, values in zip(todo, observations, features, strict=True):
+            decision = self.s._decide(self.orders[i], obs, values, self.ctx)
+            self.out[i] = decision
+            flight.finish(decision)
 
 
-def _check(order: Order) -> None:
+def _record_all(
+    store: FeatureStore,
+    observations: Sequence[Observation],
+    queries: Collection[FeatureQuery],
+    out: list[Features],
+    stop: threading.Event,
+) -> None:
+    """Record and read each observation in turn, until done or told to stop (deadline)."""
+    for obs in observations:
+        if stop.is_set():
+            return
+        out.append(store.record_and_read(obs, queries))
+
+
+def _check(order: Order, where: str) -> None:
     """What the scorer itself relies on (the service validates the rest first)."""
     if not order.order_id:
-        raise InvalidArgumentError("order.order_id", "is required")
+        raise InvalidArgumentError(f"{where}.order_id", "is required")
+    if len(order.order_id) > MAX_ORDER_ID_LEN:
+        raise InvalidArgumentError(f"{where}.order_id", f"is longer than {MAX_ORDER_ID_LEN}")
     if order.amounts.total < 0:
-        raise InvalidArgumentError("order.amounts.total", "must not be negative")
+        raise InvalidArgumentError(f"{where}.amounts.total", "must not be negative")

@@ -7,6 +7,6 @@ holds the stored values; ``chain`` the hash chain and its verification;
 
 from riskd.evidence.chain import VerifyResult
 from riskd.evidence.log import DecisionLog
-from riskd.evidence.records import DecisionRecord, RuleRecord
+from riskd.evidence.records import DecisionRecord
 
-__all__ = ["DecisionLog", "DecisionRecord", "RuleRecord", "VerifyResult"]
+__all__ = ["DecisionLog", "DecisionRecord", "VerifyResult"]

@@ -28,7 +28,7 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +55,9 @@ class _Item:
     record: DecisionRecord | None = None
     order: Order | None = None
     event: OrderEvent | None = None
+
+
+_IN_CHUNK = 500
 
 
 class DecisionLog:
@@ -107,9 +110,12 @@ class DecisionLog:
 
     # -- the request path --------------------------------------------------
 
-    def protect(self, order: Order) -> dict[str, Any]:
-        """The order as it may be stored: PII masked and blind-indexed, never plaintext."""
-        return protect_order(order, self._indexer)
+    def protect(self, order: Order, digests: Mapping[str, str] | None = None) -> dict[str, Any]:
+        """The order as it may be stored: PII masked and blind-indexed, never plaintext.
+
+        ``digests`` are blind indexes already computed (field type -> digest), reused.
+        """
+        return protect_order(order, self._indexer, digests)
 
     def append(self, record: DecisionRecord, *, order: Order | None = None) -> None:
         """Queue a decision for the writer; returns at once unless the queue is full.
@@ -162,6 +168,27 @@ class DecisionLog:
                 record = self._pending.get(order_id)
             return record
         return from_content(json.loads(rows[0][0]))
+
+    def get_many(self, order_ids: Sequence[str]) -> dict[str, DecisionRecord]:
+        """The recorded decisions among ``order_ids`` (one query per 500 ids), by order id."""
+        found: dict[str, DecisionRecord] = {}
+        with self._cond:
+            for oid in order_ids:
+                if (record := self._pending.get(oid)) is not None:
+                    found[oid] = record
+        rest = [oid for oid in dict.fromkeys(order_ids) if oid not in found]
+        for start in range(0, len(rest), _IN_CHUNK):
+            chunk = rest[start : start + _IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            sql = f"SELECT content FROM decision_log WHERE order_id IN ({marks})"
+            for (content,) in self.db.query(sql, chunk):
+                record = from_content(json.loads(content))
+                found[record.order_id] = record
+        with self._cond:  # committed between the two looks: the row is there now
+            for oid in rest:
+                if oid not in found and (record := self._pending.get(oid)) is not None:
+                    found[oid] = record
+        return found
 
     def events(self, order_id: str) -> list[OrderEvent]:
         """Committed outcome reports for ``order_id``, oldest first."""

@@ -11,29 +11,13 @@ verify.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from riskd.domain.decision import Decision, Outcome, Reason
 from riskd.domain.events import OrderEvent, OrderEventKind
-
-
-@dataclass(frozen=True, slots=True)
-class RuleRecord:
-    """One rule's result as evidence (enforced or shadow, hit, miss or error).
-
-    ``status`` is ``HIT``/``NO_HIT``/``ERROR``, ``mode`` ``ACTIVE``/``SHADOW``.
-    """
-
-    rule_id: str
-    status: str
-    mode: str
-    action: Outcome
-    score: float
-    reason_code: str
-    error: str = ""
-    explanation: tuple[str, ...] = ()
+from riskd.dsl.program import Mode, RuleResult, RuleStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,13 +28,14 @@ class DecisionRecord:
         decision: the answer given to the caller.
         request: the order, PII fields masked and blind-indexed (JSON values only).
         features: velocity feature values used, by ``FeatureQuery.name``.
-        rules: every rule result, shadow ones included.
+        rules: every rule result, shadow ones included (``Program.evaluate``'s
+            tuple as it is: the request path converts nothing).
     """
 
     decision: Decision
     request: Mapping[str, Any] = field(default_factory=dict)
     features: Mapping[str, int] = field(default_factory=dict)
-    rules: tuple[RuleRecord, ...] = ()
+    rules: tuple[RuleResult, ...] = ()
 
     @property
     def order_id(self) -> str:
@@ -76,17 +61,33 @@ def _reason_content(r: Reason) -> dict[str, Any]:
     }
 
 
-def _rule_content(r: RuleRecord) -> dict[str, Any]:
+def _result_content(r: RuleResult) -> dict[str, Any]:
     return {
         "rule_id": r.rule_id,
-        "status": r.status,
-        "mode": r.mode,
+        "mode": r.mode.name,
         "action": r.action.name,
         "score": r.score,
         "reason_code": r.reason_code,
         "error": r.error,
         "explanation": list(r.explanation),
     }
+
+
+def rules_content(results: Sequence[RuleResult]) -> dict[str, Any]:
+    """Every rule's result, compactly: full results for hits and errors, ids for the rest.
+
+    A rule that did not hit is logged by id and mode only (``no_hit`` /
+    ``no_hit_shadow``): its action, score and reason code are not part of the
+    decision, and the rule files of ``rules_version`` hold them. With 200 rules
+    this keeps a record near 2 KB instead of 30.
+    """
+    out: dict[str, Any] = {"hit": [], "error": [], "no_hit": [], "no_hit_shadow": []}
+    for r in results:
+        if r.status is RuleStatus.NO_HIT:
+            out["no_hit_shadow" if r.mode is Mode.SHADOW else "no_hit"].append(r.rule_id)
+        else:
+            out["hit" if r.status is RuleStatus.HIT else "error"].append(_result_content(r))
+    return out
 
 
 def to_content(record: DecisionRecord) -> dict[str, Any]:
@@ -104,7 +105,7 @@ def to_content(record: DecisionRecord) -> dict[str, Any]:
         "decided_at": d.decided_at,
         "request": record.request,
         "features": dict(record.features),
-        "rules": [_rule_content(r) for r in record.rules],
+        "rules": rules_content(record.rules),
     }
 
 
@@ -118,16 +119,31 @@ def _reason_from(c: Mapping[str, Any]) -> Reason:
     )
 
 
-def _rule_from(c: Mapping[str, Any]) -> RuleRecord:
-    return RuleRecord(
+def _result_from(c: Mapping[str, Any], status: RuleStatus) -> RuleResult:
+    return RuleResult(
         rule_id=c["rule_id"],
-        status=c["status"],
-        mode=c["mode"],
+        status=status,
+        mode=Mode[c["mode"]],
         action=Outcome[c["action"]],
         score=float(c["score"]),
         reason_code=c["reason_code"],
         error=c["error"],
         explanation=tuple(c["explanation"]),
+    )
+
+
+def _no_hit(rule_id: str, mode: Mode) -> RuleResult:
+    # action/score/reason of a rule that did not hit live in its rule file (rules_version)
+    return RuleResult(rule_id, RuleStatus.NO_HIT, mode, Outcome.ALLOW, 0.0, "")
+
+
+def rules_from(c: Mapping[str, Any]) -> tuple[RuleResult, ...]:
+    """Inverse of ``rules_content``: hits, errors, then the rules that did not hit."""
+    return (
+        *(_result_from(r, RuleStatus.HIT) for r in c["hit"]),
+        *(_result_from(r, RuleStatus.ERROR) for r in c["error"]),
+        *(_no_hit(i, Mode.ACTIVE) for i in c["no_hit"]),
+        *(_no_hit(i, Mode.SHADOW) for i in c["no_hit_shadow"]),
     )
 
 
@@ -148,7 +164,7 @@ def from_content(c: Mapping[str, Any]) -> DecisionRecord:
         decision=decision,
         request=c["request"],
         features={k: int(v) for k, v in c["features"].items()},
-        rules=tuple(_rule_from(r) for r in c["rules"]),
+        rules=rules_from(c["rules"]),
     )
 
 

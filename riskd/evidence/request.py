@@ -48,11 +48,27 @@ def pii_fields(order: Order) -> dict[str, str]:
     return {k: v for k, v in fields.items() if v}
 
 
-def _index(indexer: Indexer | None, field_type: str, value: str) -> str:
-    return indexer.index(field_type, value) if indexer is not None and value else ""
+class _Digests:
+    """Blind indexes, reusing those the engine already computed for the feature keys."""
+
+    __slots__ = ("_indexer", "_known")
+
+    def __init__(self, indexer: Indexer | None, known: Mapping[str, str] | None) -> None:
+        self._indexer = indexer
+        self._known = known or {}
+
+    def index(self, field_type: str, value: str) -> str:
+        if self._indexer is None or not value.strip():
+            return ""
+        known = self._known.get(field_type)
+        return known if known is not None else self._indexer.index(field_type, value)
 
 
-def _buyer(order: Order, ix: Indexer | None) -> dict[str, Any]:
+def _index(ix: _Digests, field_type: str, value: str) -> str:
+    return ix.index(field_type, value)
+
+
+def _buyer(order: Order, ix: _Digests) -> dict[str, Any]:
     b, a = order.buyer, order.buyer.address
     return {
         "buyer_id": b.buyer_id,
@@ -72,14 +88,18 @@ def _buyer(order: Order, ix: Indexer | None) -> dict[str, Any]:
     }
 
 
-def protect_order(order: Order, indexer: Indexer | None) -> dict[str, Any]:
+def protect_order(
+    order: Order, indexer: Indexer | None, digests: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """The order as JSON values with every PII field masked and blind-indexed.
 
     Without an indexer the PII fields are only masked (their ``index`` is empty).
+    ``digests`` (field type -> blind index of this order's value) are reused.
     """
+    ix = _Digests(indexer, digests)
     return {
         "order_id": order.order_id,
-        "buyer": _buyer(order, indexer),
+        "buyer": _buyer(order, ix),
         "shop_id": order.shop_id,
         "merchant_id": order.merchant_id,
         "items": [
@@ -105,9 +125,9 @@ def protect_order(order: Order, indexer: Indexer | None) -> dict[str, Any]:
         "coupon_code": order.coupon_code,
         "device": {
             "masked": mask_device(order.device_id),
-            "index": _index(indexer, "device", order.device_id),
+            "index": _index(ix, "device", order.device_id),
         },
-        "ip": {"index": _index(indexer, "ip", order.ip)},
+        "ip": {"index": _index(ix, "ip", order.ip)},
         "payment_method": order.payment_method.name,
         "client_time": order.client_time,
     }

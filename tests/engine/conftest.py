@@ -11,7 +11,7 @@ import pytest
 
 from riskd.domain.clock import FakeClock
 from riskd.domain.order import Address, Amounts, Buyer, Channel, Item, Order
-from riskd.dsl.program import Program, load_rules
+from riskd.dsl.holder import ProgramHolder
 from riskd.engine.fallback import FallbackPolicy
 from riskd.engine.scorer import Scorer, ShopDirectory
 from riskd.evidence.log import DecisionLog
@@ -66,25 +66,9 @@ def rules_dir(tmp_path: Path) -> Path:
     return target
 
 
-class ProgramHolder:  # TEMPORARY until riskd.dsl's ProgramHolder lands
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.current: Program = load_rules(directory)
-
-    def reload(self) -> Diags:
-        self.current = load_rules(self.directory)
-        return Diags()
-
-
-class Diags:
-    ok = True
-
-
 @pytest.fixture
 def holder(rules_dir: Path) -> ProgramHolder:
-    h = ProgramHolder(rules_dir)
-    assert h.reload().ok
-    return h
+    return ProgramHolder(rules_dir)
 
 
 @pytest.fixture

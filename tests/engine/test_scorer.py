@@ -12,13 +12,14 @@ from riskd.domain.clock import FakeClock
 from riskd.domain.decision import Decision, Outcome
 from riskd.domain.events import OrderEvent, OrderEventKind
 from riskd.domain.features import Agg, FeatureQuery
+from riskd.dsl.holder import ProgramHolder
 from riskd.engine.keys import observe
 from riskd.errors import InvalidArgumentError
 from riskd.ledger import Book, LedgerShopDirectory
 from riskd.pii import BlindIndexer
 from riskd.sql import Database
 
-from .conftest import ProgramHolder, Rig, make_order
+from .conftest import Rig, make_order
 
 BUYER_1H = FeatureQuery(Agg.COUNT, "buyer", "1h")
 
@@ -31,7 +32,7 @@ def count_buyer_orders(rig: Rig, indexer: BlindIndexer, clock: FakeClock, buyer_
 def statuses(rig: Rig, order_id: str) -> dict[str, tuple[str, str]]:
     record = rig.log.get(order_id)
     assert record is not None
-    return {r.rule_id: (r.status, r.mode) for r in record.rules}
+    return {r.rule_id: (r.status.name, r.mode.name) for r in record.rules}
 
 
 def test_scorer_combines_active_hits_and_records_every_result(

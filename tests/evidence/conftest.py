@@ -10,7 +10,8 @@ import pytest
 
 from riskd.domain.decision import Decision, Outcome, Reason
 from riskd.domain.order import Address, Amounts, Buyer, Channel, Order
-from riskd.evidence.records import DecisionRecord, RuleRecord
+from riskd.dsl.program import Mode, RuleResult, RuleStatus
+from riskd.evidence.records import DecisionRecord
 from riskd.sql import Database
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -70,10 +71,15 @@ def make_record(order_id: str, *, request: dict[str, object] | None = None) -> D
         elapsed_us=123,
         decided_at=1_700_000_000.25,
     )
+    hit, miss, error = RuleStatus.HIT, RuleStatus.NO_HIT, RuleStatus.ERROR
     rules = (
-        RuleRecord("big_order", "HIT", "ACTIVE", Outcome.REVIEW, 20.0, "AMOUNT_HIGH", "", ("x",)),
-        RuleRecord("new_device", "NO_HIT", "SHADOW", Outcome.BLOCK, 50.0, "NEW_DEVICE"),
-        RuleRecord("broken", "ERROR", "ACTIVE", Outcome.BLOCK, 1.0, "B", "division by zero"),
+        # in the log's canonical order (hits, errors, misses, shadow misses), so a record
+        # read back from SQL equals the one appended
+        RuleResult("big_order", hit, Mode.ACTIVE, Outcome.REVIEW, 20.0, "AMOUNT_HIGH", "", ("x",)),
+        RuleResult("candidate", hit, Mode.SHADOW, Outcome.BLOCK, 90.0, "CAND", "", ("y",)),
+        RuleResult("broken", error, Mode.ACTIVE, Outcome.BLOCK, 1.0, "B", "division by zero"),
+        RuleResult("quiet", miss, Mode.ACTIVE, Outcome.ALLOW, 0.0, ""),
+        RuleResult("new_device", miss, Mode.SHADOW, Outcome.ALLOW, 0.0, ""),
     )
     return DecisionRecord(
         decision=decision,
