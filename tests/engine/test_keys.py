@@ -43,7 +43,7 @@ def shared_redis() -> Iterator[tuple[str, redis.Redis]]:
     prefix = f"riskd:test-engine-{uuid.uuid4().hex[:8]}:"
     client = redis.Redis(port=6379)
     yield prefix, client
-    for key in client.scan_iter(match=prefix + "*"):
+    for key in client.scan_iter(match=prefix + "*", count=10_000):
         client.delete(key)
     client.close()
 
@@ -58,7 +58,7 @@ def test_redis_holds_no_plaintext_identity(
     for i in range(3):
         assert rig.scorer.score(make_order(f"o-{i}")).degraded == ()
     dumped = b""
-    keys = list(client.scan_iter(match=prefix + "*"))
+    keys = list(client.scan_iter(match=prefix + "*", count=10_000))
     assert keys
     for key in keys:
         dumped += key + (client.dump(key) or b"")
