@@ -1,0 +1,220 @@
+"""Compiler: results, CEL error semantics, safety of the generated code, fast paths."""
+
+from __future__ import annotations
+
+import ast
+import dis
+import math
+
+import pytest
+
+from riskd.domain.features import Agg, FeatureQuery
+from riskd.domain.order import Amounts, Buyer, Channel, Item, Order
+from riskd.dsl.checker import Env
+from riskd.dsl.expr import CompiledExpr, compile_expr, evaluate
+from riskd.dsl.types import DYN, INT, STRING, TIMESTAMP, ListType, MapType, schema_of
+from riskd.dsl.values import Duration, EvalError, Timestamp, UInt
+
+ENV = Env(
+    {
+        "order": schema_of(Order),
+        "now": TIMESTAMP,
+        "cats": ListType(STRING),
+        "blocked": ListType(STRING),
+        "m": MapType(STRING, INT),
+        "x": DYN,
+        "n": INT,
+    }
+)
+ORDER = Order(
+    "o1",
+    Buyer("b1", account_age_days=3),
+    "s1",
+    "m1",
+    items=(Item("a", "cosmetics", 30000, 2), Item("b", "books", 500, 1)),
+    amounts=Amounts(items=60500, total=62000),
+    channel=Channel.LIVE_ROOM,
+    device_id="dev-1",
+)
+DEVICE_1H = FeatureQuery(Agg.COUNT, "device", "1h")
+ACT: dict[str, object] = {
+    "order": ORDER,
+    "now": 1_700_000_000.0,
+    "cats": ("cosmetics", "small_appliances"),
+    "blocked": frozenset({"dev-9"}),
+    "m": {"a": 1},
+    "x": {"k": [1, 2]},
+    "n": 5,
+    "@features": {DEVICE_1H: 7},
+}
+
+
+def _compile(text: str) -> CompiledExpr:
+    compiled, diags = compile_expr(text, ENV)
+    assert compiled is not None, str(diags)
+    return compiled
+
+
+def _run(text: str) -> object:
+    compiled = _compile(text)
+    fast = compiled.evaluate(ACT)
+    assert fast == compiled.interpret(ACT)
+    return fast
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("order.amounts.total > 50000 && order.buyer.account_age_days < 7", True),
+        ('orders("device", "1h") > 5', True),
+        ("order.items.exists(i, i.category in cats)", True),
+        ("order.device_id in blocked", False),
+        ("order.items.all(i, i.quantity > 0)", True),
+        ("order.items.exists_one(i, i.unit_price > 1000)", True),
+        ("order.items.map(i, i.unit_price * i.quantity)", [60000, 500]),
+        ("order.items.filter(i, i.category == 'books').map(i, i.sku)", ["b"]),
+        ("order.items.map(i, i.quantity > 1, i.sku)", ["a"]),
+        ("order.channel == 2", True),
+        ("has(order.coupon_code)", False),
+        ("has(order.device_id)", True),
+        ("size(order.items) == 2", True),
+        ("order.device_id.startsWith('dev') && order.device_id.endsWith('-1')", True),
+        ("order.device_id.contains('v-')", True),
+        ("order.device_id.matches('^dev-[0-9]+$')", True),
+        ("m.a + m['a']", 2),
+        ("x.k[1]", 2),
+        ("n / 2 + n % 2", 3),
+        ("-n", -5),
+        ("double(n) / 2.0", 2.5),
+        ("string(n) + 'x'", "5x"),
+        ("uint(n)", UInt(5)),
+        ("n > 2 ? 'big' : 'small'", "big"),
+        ("now - duration('1h') < now", True),
+        ("now.getFullYear()", 2023),
+        ("timestamp('2024-01-02T03:04:05Z') + duration('1h30m')",
+         Timestamp((1704164645 + 5400) * 10**9)),
+        ("duration('90s').getMinutes()", 1),
+        ("int(timestamp(100))", 100),
+        ("type(order)", None),
+    ],
+)  # fmt: skip
+def test_compiled_expression_evaluates(text: str, expected: object) -> None:
+    result = _run(text)
+    if expected is not None:
+        assert result == expected
+        assert type(result) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "n + 9223372036854775807 > 0",
+        "n * 9223372036854775807 > 0",
+        "-(n - n - 9223372036854775807 - 1) > 0",
+        "n / 0 > 1",
+        "n % 0 > 1",
+        "m.b > 0",
+        "x.k[5] == 1",
+        "x.nope == 1",
+        "uint(-n) > 0u",
+        "duration('1x') < duration('1s')",
+        "string(b'\\xff') == ''",
+        "x.k.matches('a')",
+    ],
+)
+def test_runtime_errors_are_eval_errors(text: str) -> None:
+    compiled = _compile(text)
+    with pytest.raises(EvalError):
+        compiled.evaluate(ACT)
+    with pytest.raises(EvalError):
+        compiled.interpret(ACT)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("m.nope > 1 || true", True),
+        ("true || m.nope > 1", True),
+        ("m.nope > 1 && false", False),
+        ("[1, 0].exists(i, 1 / i == 1)", True),
+        ("[0, 1].all(i, 1 / i == 5)", False),
+    ],
+)
+def test_and_or_and_macros_absorb_errors(text: str, expected: bool) -> None:
+    assert _run(text) is expected
+
+
+def test_missing_feature_is_an_error_of_the_whole_expression() -> None:
+    compiled = _compile('orders("device", "24h") > 5 || true')
+    with pytest.raises(EvalError, match="missing feature count_per_device_24h"):
+        compiled.evaluate(ACT)
+
+
+def test_missing_variable_is_an_eval_error() -> None:
+    with pytest.raises(EvalError, match="missing input n"):
+        _compile("n > 1").evaluate({})
+
+
+def test_wrongly_typed_activation_never_leaks_a_python_error() -> None:
+    compiled = _compile("order.amounts.total > 1")
+    with pytest.raises(EvalError):
+        compiled.evaluate({**ACT, "order": "not an order"})
+
+
+def _generated_tree(compiled: CompiledExpr) -> list[str]:
+    return [i.opname for i in dis.get_instructions(compiled.fn)]
+
+
+def test_generated_code_has_no_builtins_imports_or_dunders() -> None:
+    compiled = _compile("order.items.exists(i, i.category in cats) && order.buyer.buyer_id != ''")
+    fn = compiled.fn
+    assert fn.__globals__["__builtins__"] == {}
+    names = set(fn.__code__.co_names) | {
+        n for c in fn.__code__.co_consts if hasattr(c, "co_names") for n in c.co_names
+    }
+    assert not any(n.startswith("__") for n in names)
+    assert {"category", "items", "buyer", "buyer_id"} <= names
+    assert "IMPORT_NAME" not in _generated_tree(compiled)
+
+
+def test_dynamic_field_access_cannot_reach_dunders() -> None:
+    env = Env({"x": DYN})
+    compiled, _ = compile_expr("x.__class__", env)
+    assert compiled is not None
+    with pytest.raises(EvalError):
+        compiled.evaluate({"x": ORDER})
+    compiled, _ = compile_expr("x._private", env)
+    assert compiled is not None
+    with pytest.raises(EvalError):
+        compiled.evaluate({"x": ORDER})
+
+
+def test_typed_rules_compile_to_plain_python_operations() -> None:
+    compiled = _compile("order.amounts.total > 50000 && order.device_id in blocked")
+    ops = _generated_tree(compiled)
+    assert "CALL" not in ops  # no helper call on the typed hot path
+    assert "CONTAINS_OP" in ops and "COMPARE_OP" in ops
+
+
+def test_literal_regex_is_compiled_once_and_dynamic_regex_is_bounded() -> None:
+    assert evaluate("s.matches(p)", {"s": "abc", "p": "b+"}) is True
+    with pytest.raises(EvalError, match="invalid regular expression"):
+        evaluate("s.matches(p)", {"s": "abc", "p": "("})
+    with pytest.raises(EvalError, match="longer than"):
+        evaluate("s.matches(p)", {"s": "abc", "p": "a" * 5000})
+    # RE2 runs in linear time: the classic catastrophic pattern is instant.
+    assert evaluate("s.matches('^(a+)+$')", {"s": "a" * 5000 + "!"}) is False
+
+
+def test_evaluate_infers_variable_types() -> None:
+    assert evaluate("a + size(b) + c.k", {"a": 1, "b": ["x"], "c": {"k": 2}}) == 4
+    assert evaluate("u + 1u", {"u": UInt(2)}) == UInt(3)
+    assert evaluate("d > duration('1s')", {"d": Duration(2 * 10**9)}) is True
+    assert math.isnan(evaluate("0.0 / 0.0", {}))  # type: ignore[arg-type]
+    assert evaluate("o.amounts.total", {"o": ORDER}) == 62000
+
+
+def test_python_ast_is_valid() -> None:
+    compiled = _compile("n > 1")
+    assert isinstance(compiled.checked.root, object)
+    assert ast.parse("x")  # the stdlib ast is not shadowed by riskd.dsl modules

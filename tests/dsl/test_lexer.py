@@ -1,0 +1,71 @@
+"""Lexer: literal forms, escapes, positions, and errors that never raise."""
+
+from __future__ import annotations
+
+import pytest
+
+from riskd.dsl.diagnostics import Source
+from riskd.dsl.lexer import Tok, tokenize
+from riskd.dsl.values import UInt
+
+
+def _values(text: str) -> list[object]:
+    tokens, diags = tokenize(Source(text))
+    assert not diags, diags
+    return [t.value if t.value is not None else t.text for t in tokens[:-1]]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("42", 42),
+        ("0x1F", 31),
+        ("7u", UInt(7)),
+        ("0x10U", UInt(16)),
+        ("2.5", 2.5),
+        ("1e3", 1000.0),
+        (".5", 0.5),
+        ("'a\\tb'", "a\tb"),
+        ('"\\u00e9\\U0001F431"', "é🐱"),
+        ("'\\101\\x42'", "AB"),
+        ("r'\\n'", "\\n"),
+        ("'''a\nb'''", "a\nb"),
+        ("b'\\xff\\000'", b"\xff\x00"),
+        ("b'é'", "é".encode()),
+        ("`content-type`", "content-type"),
+    ],
+)
+def test_lexer_reads_literal(text: str, value: object) -> None:
+    assert _values(text) == [value]
+    assert type(_values(text)[0]) is type(value)
+
+
+def test_lexer_skips_comments_and_whitespace() -> None:
+    assert _values("a // note\n && b") == ["a", "&&", "b"]
+
+
+def test_lexer_tokens_carry_offsets() -> None:
+    tokens, _ = tokenize(Source("ab >= 1"))
+    assert [(t.kind, t.offset) for t in tokens] == [
+        (Tok.IDENT, 0), (Tok.PUNCT, 3), (Tok.INT, 6), (Tok.EOF, 7),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("'abc", "unterminated string literal"),
+        ("'a\nb'", "newline in string literal"),
+        ("'\\q'", "invalid escape sequence"),
+        ("'\\ud800'", "invalid unicode code point in escape"),
+        ("b'\\u0041'", "invalid escape sequence"),
+        ("18446744073709551616u", "unsigned integer literal out of range"),
+        ("99999999999999999999", "integer literal out of range"),
+        ("0x", "malformed hexadecimal literal"),
+        ("a # b", "unexpected character '#'"),
+        ("`a b`", "malformed quoted identifier"),
+    ],
+)
+def test_lexer_reports_malformed_input(text: str, message: str) -> None:
+    _, diags = tokenize(Source(text))
+    assert diags and diags[0].message == message

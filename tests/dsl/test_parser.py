@@ -1,0 +1,85 @@
+"""Parser: precedence, macros, has(), positions and syntax diagnostics."""
+
+from __future__ import annotations
+
+import pytest
+
+from riskd.dsl.expr import parse_expr, unparse
+from riskd.dsl.nodes import Call, Comprehension, Expr, Ident, ListLit, Literal, MapLit, Select
+
+
+def _parse(text: str) -> Expr:
+    expr, diags = parse_expr(text)
+    assert diags.ok, str(diags)
+    assert expr is not None
+    return expr
+
+
+def test_parser_binds_by_cel_precedence() -> None:
+    e = _parse("a || b && c == d + e * f")
+    assert unparse(e) == "a || b && c == d + e * f"
+    assert isinstance(e, Call) and e.function == "_||_"
+    assert unparse(_parse("(a || b) && c")) == "(a || b) && c"
+    assert unparse(_parse("a - (b - c)")) == "a - (b - c)"
+    assert unparse(_parse("(a - b) - c")) == "a - b - c"
+
+
+def test_parser_ternary_is_right_associative() -> None:
+    e = _parse("a ? b : c ? d : e")
+    assert isinstance(e, Call) and e.function == "_?_:_"
+    assert isinstance(e.args[2], Call) and e.args[2].function == "_?_:_"
+
+
+def test_parser_folds_negative_literals() -> None:
+    assert _parse("-9223372036854775808") == Literal(-(2**63))
+    assert _parse("-(5)") == Call("-_", (Literal(5),))
+    assert _parse("--5") == Call("-_", (Literal(-5),))
+
+
+def test_parser_expands_macros() -> None:
+    e = _parse("order.items.exists(i, i.category in cats)")
+    assert isinstance(e, Comprehension) and e.kind == "exists" and e.var == "i"
+    m = _parse("xs.map(x, x > 1, x * 2)")
+    assert isinstance(m, Comprehension) and m.predicate is not None and m.transform is not None
+    assert _parse("has(a.b)") == Select(Ident("a"), "b", test_only=True)
+
+
+def test_parser_builds_literals_and_calls() -> None:
+    assert _parse("[1, 'a',]") == ListLit((Literal(1), Literal("a")))
+    assert _parse("{'k': 1}") == MapLit(((Literal("k"), Literal(1)),))
+    assert _parse("s.startsWith('a')") == Call("startsWith", (Literal("a"),), Ident("s"))
+    assert _parse("m[1]") == Call("_[_]", (Ident("m"), Literal(1)))
+    assert _parse("{'a': 1}.`a`") == Select(MapLit(((Literal("a"), Literal(1)),)), "a")
+
+
+def test_parser_positions_point_into_the_file() -> None:
+    e = _parse("a +\n  b")
+    assert isinstance(e, Call)
+    assert e.pos.file_position() == ("<expr>", 1, 3)
+    assert e.args[1].pos.file_position() == ("<expr>", 2, 3)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a +", "unexpected end of input"),
+        ("(a", "expected ')', found end of input"),
+        ("a b", "unexpected 'b'"),
+        ("if", "'if' is a reserved word"),
+        ("has(a)", "has() takes one field selection, e.g. has(a.b)"),
+        ("l.all(1, true)", "the first argument of all() must be a simple name"),
+        ("l.exists(x)", "exists() takes 2 arguments"),
+        ("a.1", "unexpected '.1'"),
+        ("{1: 2", "expected '}', found end of input"),
+    ],
+)
+def test_parser_reports_syntax_errors(text: str, message: str) -> None:
+    expr, diags = parse_expr(text)
+    assert expr is None
+    assert diags[0].code == "riskd_syntax_error"
+    assert diags[0].message == message
+
+
+def test_parser_limits_length() -> None:
+    expr, diags = parse_expr("1 + " * 6000 + "1")
+    assert expr is None and diags[0].code == "riskd_limit_exceeded"
