@@ -517,11 +517,21 @@ class Book(Statements):
         check_text("reason", req.reason)
         check_text("evidence", req.evidence)
         fingerprint = req.fingerprint
+        # Retries are the common duplicate: answer them with plain reads, no write lock.
+        # A request record and its transfers commit together and never change after.
+        prior = self.store.read_request(req.key)
+        if prior is not None:
+            return self._replay(prior, req.operation, fingerprint, self.store.transfers_of)
 
         def write(tx: Tx) -> Receipt:
             prior = self.store.get_request(tx, req.key)
             if prior is not None:
-                return self._replay(tx, prior, req.operation, fingerprint)
+                return self._replay(
+                    prior,
+                    req.operation,
+                    fingerprint,
+                    lambda k: self.store.transfers_of_request(tx, k),
+                )
             now = self.clock.now()
             draft = build(tx, now)
             self.store.post(tx, self._transfers(req, draft, now))
@@ -535,13 +545,19 @@ class Book(Statements):
 
         return run_keyed(self.db, req.key, write)
 
-    def _replay(self, tx: Tx, prior: StoredRequest, operation: str, fingerprint: str) -> Receipt:
+    def _replay(
+        self,
+        prior: StoredRequest,
+        operation: str,
+        fingerprint: str,
+        transfers_of: Callable[[str], list[Transfer]],
+    ) -> Receipt:
         if prior.operation != operation or prior.fingerprint != fingerprint:
             raise AlreadyExistsError(
                 f"idempotency_key: already used for a different request ({prior.operation});"
                 " nothing was written, use a new key"
             )
-        transfers = tuple(self.store.transfers_of_request(tx, prior.key))
+        transfers = tuple(transfers_of(prior.key))
         frozen_until = float(prior.result.get("frozen_until", 0.0))
         return Receipt(prior.key, operation, transfers, True, frozen_until)
 

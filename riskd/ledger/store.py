@@ -320,6 +320,25 @@ class LedgerStore:
 
     # -- reads (outside a transaction) ------------------------------------------------------
 
+    def read_request(self, key: str) -> StoredRequest | None:
+        """The idempotency record of ``key``, read outside any transaction."""
+        rows = self.db.query(
+            "SELECT key, operation, fingerprint, result FROM ledger_requests WHERE key = ?", (key,)
+        )
+        return (
+            StoredRequest(rows[0][0], rows[0][1], rows[0][2], json.loads(rows[0][3]))
+            if rows
+            else None
+        )
+
+    def transfers_of(self, key: str) -> list[Transfer]:
+        """The transfers one request posted, read outside any transaction."""
+        rows = self.db.query(
+            f"SELECT {_TRANSFER_COLUMNS} FROM ledger_transfers WHERE request_key = ? ORDER BY seq",
+            (key,),
+        )
+        return [_transfer(r) for r in rows]
+
     def get_account(self, account_id: str) -> Account | None:
         rows = self.db.query(
             f"SELECT {_ACCOUNT_COLUMNS} FROM ledger_accounts WHERE id = ?", (account_id,)

@@ -1,0 +1,277 @@
+"""``LedgerService``: the gRPC face of ``riskd.ledger.Book`` (thin: convert, call, convert).
+
+The actor recorded on every transfer is the authenticated caller
+(``riskd.service.auth.current_identity()``: ``cert:<CN>`` or ``token:<name>``),
+never a request field, so the journal says who moved the money. ``RiskdError``s
+propagate to the error interceptor, which maps ``.status`` to the gRPC code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from riskd.ledger import Account, Book, Receipt, Transfer
+from riskd.service.auth import current_identity
+from riskd.service.gen.riskd.v1 import ledger_pb2 as pb
+from riskd.service.gen.riskd.v1 import ledger_pb2_grpc as pb_grpc
+
+ANONYMOUS = "anonymous"
+
+ActorOf = Callable[[grpc.ServicerContext], str]
+
+
+def caller(context: grpc.ServicerContext) -> str:
+    """The authenticated principal of this call, or ``anonymous``."""
+    identity = current_identity()
+    return identity.principal if identity is not None else ANONYMOUS
+
+
+def add_ledger_service(server: grpc.Server, book: Book, *, actor_of: ActorOf = caller) -> None:
+    """Register ``riskd.v1.LedgerService`` on ``server``, backed by ``book``."""
+    pb_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(book, actor_of), server)
+
+
+def timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(round(seconds * 1e9))
+    return ts
+
+
+def transfer_to_proto(t: Transfer) -> pb.Transfer:
+    return pb.Transfer(
+        id=t.id,
+        debit_account=t.debit_account,
+        credit_account=t.credit_account,
+        amount_fen=t.amount,
+        code=int(t.code),  # type: ignore[arg-type]
+        ref=t.ref,
+        idempotency_key=t.request_key,
+        actor=t.actor,
+        reason=t.reason,
+        evidence=t.evidence,
+        posted_at=timestamp(t.at),
+        seq=t.seq,
+    )
+
+
+def receipt_to_proto(r: Receipt) -> pb.Receipt:
+    msg = pb.Receipt(
+        idempotency_key=r.key,
+        operation=r.operation,
+        transfers=[transfer_to_proto(t) for t in r.transfers],
+        replayed=r.replayed,
+    )
+    if r.frozen_until:
+        msg.frozen_until.CopyFrom(timestamp(r.frozen_until))
+    return msg
+
+
+def account_to_proto(a: Account) -> pb.Account:
+    return pb.Account(
+        id=a.id,
+        kind=a.kind.value,
+        debits_fen=a.debits,
+        credits_fen=a.credits,
+        balance_fen=a.balance,
+        shop_id=a.shop_id,
+    )
+
+
+class LedgerServicer(pb_grpc.LedgerServiceServicer):
+    """One method per RPC; each is a conversion around one ``Book`` call."""
+
+    def __init__(self, book: Book, actor_of: ActorOf = caller) -> None:
+        self._book = book
+        self._actor_of = actor_of
+
+    def RegisterShop(
+        self, request: pb.RegisterShopRequest, context: grpc.ServicerContext
+    ) -> pb.RegisterShopResponse:
+        created = self._book.register_shop(request.shop_id, merchant_id=request.merchant_id)
+        return pb.RegisterShopResponse(created=created)
+
+    def Deposit(
+        self, request: pb.DepositRequest, context: grpc.ServicerContext
+    ) -> pb.DepositResponse:
+        r = self._book.deposit(
+            request.idempotency_key,
+            request.shop_id,
+            request.amount_fen,
+            actor=self._actor_of(context),
+            reason=request.reason,
+        )
+        return pb.DepositResponse(receipt=receipt_to_proto(r))
+
+    def Withdraw(
+        self, request: pb.WithdrawRequest, context: grpc.ServicerContext
+    ) -> pb.WithdrawResponse:
+        r = self._book.withdraw(
+            request.idempotency_key,
+            request.shop_id,
+            request.amount_fen,
+            actor=self._actor_of(context),
+            reason=request.reason,
+        )
+        return pb.WithdrawResponse(receipt=receipt_to_proto(r))
+
+    def TopUpFund(
+        self, request: pb.TopUpFundRequest, context: grpc.ServicerContext
+    ) -> pb.TopUpFundResponse:
+        r = self._book.top_up_fund(
+            request.idempotency_key,
+            request.amount_fen,
+            actor=self._actor_of(context),
+            reason=request.reason,
+            evidence=request.evidence,
+        )
+        return pb.TopUpFundResponse(receipt=receipt_to_proto(r))
+
+    def PenalizeShop(
+        self, request: pb.PenalizeShopRequest, context: grpc.ServicerContext
+    ) -> pb.PenalizeShopResponse:
+        r = self._book.penalize_shop(
+            request.idempotency_key,
+            request.shop_id,
+            request.violation,
+            request.case_id,
+            evidence=request.evidence,
+            actor=self._actor_of(context),
+            reason=request.reason,
+        )
+        return pb.PenalizeShopResponse(receipt=receipt_to_proto(r))
+
+    def UnfreezeShop(
+        self, request: pb.UnfreezeShopRequest, context: grpc.ServicerContext
+    ) -> pb.UnfreezeShopResponse:
+        r = self._book.unfreeze(
+            request.idempotency_key,
+            request.shop_id,
+            actor=self._actor_of(context),
+            reason=request.reason,
+        )
+        return pb.UnfreezeShopResponse(receipt=receipt_to_proto(r))
+
+    def OpenDispute(
+        self, request: pb.OpenDisputeRequest, context: grpc.ServicerContext
+    ) -> pb.OpenDisputeResponse:
+        r = self._book.open_dispute(
+            request.idempotency_key,
+            request.dispute_id,
+            request.shop_id,
+            request.order_id,
+            request.order_amount_fen,
+            actor=self._actor_of(context),
+            reason=request.reason,
+        )
+        return pb.OpenDisputeResponse(receipt=receipt_to_proto(r))
+
+    def CompensateBuyer(
+        self, request: pb.CompensateBuyerRequest, context: grpc.ServicerContext
+    ) -> pb.CompensateBuyerResponse:
+        r = self._book.compensate_buyer(
+            request.idempotency_key,
+            request.dispute_id,
+            request.amount_fen,
+            actor=self._actor_of(context),
+            reason=request.reason,
+            evidence=request.evidence,
+        )
+        return pb.CompensateBuyerResponse(receipt=receipt_to_proto(r))
+
+    def PayLateShipmentCoupon(
+        self, request: pb.PayLateShipmentCouponRequest, context: grpc.ServicerContext
+    ) -> pb.PayLateShipmentCouponResponse:
+        r = self._book.pay_late_shipment_coupon(
+            request.idempotency_key,
+            request.shop_id,
+            request.order_id,
+            actor=self._actor_of(context),
+            evidence=request.evidence,
+        )
+        return pb.PayLateShipmentCouponResponse(receipt=receipt_to_proto(r))
+
+    def CollectClaim(
+        self, request: pb.CollectClaimRequest, context: grpc.ServicerContext
+    ) -> pb.CollectClaimResponse:
+        r = self._book.collect_claim(
+            request.idempotency_key,
+            request.shop_id,
+            request.amount_fen,
+            actor=self._actor_of(context),
+            ref=request.ref,
+            reason=request.reason,
+        )
+        return pb.CollectClaimResponse(receipt=receipt_to_proto(r))
+
+    def WriteOffClaim(
+        self, request: pb.WriteOffClaimRequest, context: grpc.ServicerContext
+    ) -> pb.WriteOffClaimResponse:
+        r = self._book.write_off_claim(
+            request.idempotency_key,
+            request.shop_id,
+            request.ref,
+            actor=self._actor_of(context),
+            reason=request.reason,
+            amount=request.amount_fen,
+        )
+        return pb.WriteOffClaimResponse(receipt=receipt_to_proto(r))
+
+    def GetAccountStatement(
+        self, request: pb.GetAccountStatementRequest, context: grpc.ServicerContext
+    ) -> pb.GetAccountStatementResponse:
+        s = self._book.account_statement(
+            request.account_id, after_seq=request.after_seq, limit=request.limit or 100
+        )
+        return pb.GetAccountStatementResponse(
+            account=account_to_proto(s.account),
+            transfers=[transfer_to_proto(t) for t in s.transfers],
+        )
+
+    def GetShopStatement(
+        self, request: pb.GetShopStatementRequest, context: grpc.ServicerContext
+    ) -> pb.GetShopStatementResponse:
+        s = self._book.shop_statement(request.shop_id)
+        msg = pb.GetShopStatementResponse(
+            shop_id=s.shop_id,
+            merchant_id=s.merchant_id,
+            deposit_fen=s.deposit,
+            owed_fen=s.owed,
+            claims=[pb.Claim(ref=c.ref, outstanding_fen=c.outstanding) for c in s.claims],
+            frozen=s.frozen,
+            penalties=s.penalties,
+        )
+        if s.frozen_until:
+            msg.frozen_until.CopyFrom(timestamp(s.frozen_until))
+        return msg
+
+    def GetDisputeStatement(
+        self, request: pb.GetDisputeStatementRequest, context: grpc.ServicerContext
+    ) -> pb.GetDisputeStatementResponse:
+        d = self._book.dispute_statement(request.dispute_id)
+        return pb.GetDisputeStatementResponse(
+            dispute_id=d.dispute_id,
+            shop_id=d.shop_id,
+            order_id=d.order_id,
+            order_amount_fen=d.order_amount,
+            paid_fen=d.paid,
+            recovered_from_deposit_fen=d.recovered_from_deposit,
+            collected_fen=d.collected,
+            written_off_fen=d.written_off,
+            outstanding_fen=d.outstanding,
+            transfers=[transfer_to_proto(t) for t in d.transfers],
+        )
+
+    def ListAccounts(
+        self, request: pb.ListAccountsRequest, context: grpc.ServicerContext
+    ) -> pb.ListAccountsResponse:
+        return pb.ListAccountsResponse(
+            accounts=[account_to_proto(a) for a in self._book.accounts()]
+        )
+
+    def VerifyLedger(
+        self, request: pb.VerifyLedgerRequest, context: grpc.ServicerContext
+    ) -> pb.VerifyLedgerResponse:
+        return pb.VerifyLedgerResponse(problems=list(self._book.verify()))
