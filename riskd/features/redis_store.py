@@ -26,7 +26,7 @@ run it against one Redis (or one shard) rather than a Redis Cluster.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Any, cast
+from typing import cast
 
 import redis
 from redis.backoff import NoBackoff
@@ -44,16 +44,18 @@ _LUA_WINDOWS = ", ".join(str(s * 1000) for s in sorted(WINDOWS.values()))
 assert len(WINDOWS) == 3, "the script keeps cursors and sums c1..c3, s1..s3"
 _AGG_CODE = {Agg.COUNT: "c", Agg.SUM: "s", Agg.DISTINCT: "d"}
 
-# KEYS: [1] order marker, then (events, sums) per series, then one ZSET per distinct set.
-# ARGV: record?, t, amount, order_id, ttl, now, #series, #distinct, the of-value per distinct
-#       set ('' when the order lacks it), then (code, index, window index) per query.
-_SCRIPT = (
-    """
+# ARGV: [1] prefix, [2] order_id, [3] the rest as newline-terminated fields (one argument
+# is far cheaper to send from Python than dozens): record?, t, amount, now, ttl, #series,
+# #distinct, a "name:value" per series, a "key:of:value" per distinct set, "=" and the
+# of-value per distinct set ("=" alone when the order lacks it), "code:index:window" per query.
+# Keys are built here from the prefix: this script is for one Redis, not a Redis Cluster.
+_SCRIPT = r"""
 local WINDOWS = {@WINDOWS@}
-local t = tonumber(ARGV[2])
-local amount = tonumber(ARGV[3])
-local ttl, now = tonumber(ARGV[5]), tonumber(ARGV[6])
-local ns, nd = tonumber(ARGV[7]), tonumber(ARGV[8])
+local P = ARGV[1]
+local f = {}
+for field in string.gmatch(ARGV[3], '([^\n]*)\n') do f[#f + 1] = field end
+local t, amount, now, ttl = tonumber(f[2]), tonumber(f[3]), tonumber(f[4]), tonumber(f[5])
+local ns, nd = tonumber(f[6]), tonumber(f[7])
 local last = #WINDOWS
 
 local function range_sum(ekey, lo, hi)  -- events scored in (lo, hi]
@@ -80,7 +82,7 @@ local function record_series(ekey, skey)
     update[#update + 1] = 's' .. w
     update[#update + 1] = s
     if w == last then
-      if t > c then redis.call('ZADD', ekey, t, ARGV[3] .. ':' .. ARGV[4]) end
+      if t > c then redis.call('ZADD', ekey, t, f[3] .. ':' .. ARGV[2]) end
       redis.call('ZREMRANGEBYSCORE', ekey, '-inf', c)
     end
   end
@@ -106,28 +108,32 @@ local function read_sum(ekey, skey, w)
 end
 
 local function first_time()  -- the marker holds when (clock ms) the order was recorded
-  local seen = tonumber(redis.call('GET', KEYS[1]))
+  local marker = P .. 'o:' .. ARGV[2]
+  local seen = tonumber(redis.call('GET', marker))
   if seen and seen > now - ttl * 1000 then return false end
-  redis.call('SET', KEYS[1], now, 'EX', ttl)
+  redis.call('SET', marker, now, 'EX', ttl)
   return true
 end
 
-if ARGV[1] == '1' and first_time() then
-  for i = 1, ns do record_series(KEYS[2 * i], KEYS[2 * i + 1]) end
-  for j = 1, nd do record_distinct(KEYS[1 + 2 * ns + j], ARGV[8 + j]) end
+local function series(i, kind) return P .. kind .. f[7 + i] end
+local function distinct(j) return P .. 'd:' .. f[7 + ns + j] end
+
+if f[1] == '1' and first_time() then
+  for i = 1, ns do record_series(series(i, 'e:'), series(i, 's:')) end
+  for j = 1, nd do record_distinct(distinct(j), string.sub(f[7 + ns + nd + j], 2)) end
 end
 
 local out = {}
-for q = 9 + nd, #ARGV, 3 do
-  local code, i, w = ARGV[q], tonumber(ARGV[q + 1]), tonumber(ARGV[q + 2])
+for q = 8 + ns + 2 * nd, #f do
+  local code, i, w = string.match(f[q], '^(%a):(%d+):(%d+)$')
+  i, w = tonumber(i), tonumber(w)
   local lo = '(' .. (t - WINDOWS[w])
-  if code == 'c' then out[#out + 1] = redis.call('ZCOUNT', KEYS[2 * i], lo, t)
-  elseif code == 'd' then out[#out + 1] = redis.call('ZCOUNT', KEYS[1 + 2 * ns + i], lo, t)
-  else out[#out + 1] = read_sum(KEYS[2 * i], KEYS[2 * i + 1], w) end
+  if code == 'c' then out[#out + 1] = redis.call('ZCOUNT', series(i, 'e:'), lo, t)
+  elseif code == 'd' then out[#out + 1] = redis.call('ZCOUNT', distinct(i), lo, t)
+  else out[#out + 1] = read_sum(series(i, 'e:'), series(i, 's:'), w) end
 end
 return out
-"""
-).replace("@WINDOWS@", _LUA_WINDOWS)
+""".replace("@WINDOWS@", _LUA_WINDOWS)
 
 
 class RedisFeatureStore:
@@ -175,9 +181,9 @@ class RedisFeatureStore:
     def _call(
         self, obs: Observation, queries: Collection[FeatureQuery], *, record: bool
     ) -> dict[FeatureQuery, int]:
-        keys, args, asked = self._plan(obs, queries, record=record)
+        body, asked = self._plan(obs, queries, record=record)
         try:
-            values = cast(Sequence[int], self._script(keys=keys, args=args))
+            values = cast(Sequence[int], self._script(args=(self._prefix, obs.order_id, body)))
         except redis.RedisError as exc:
             raise UnavailableError(f"feature store: redis {type(exc).__name__}") from exc
         result = dict.fromkeys(queries, 0)
@@ -186,22 +192,21 @@ class RedisFeatureStore:
 
     def _plan(
         self, obs: Observation, queries: Collection[FeatureQuery], *, record: bool
-    ) -> tuple[list[str], list[Any], list[FeatureQuery]]:
-        """The script's KEYS and ARGV, and the queries it answers, in its order."""
-        p = self._prefix
-        series = {name: i + 1 for i, name in enumerate(obs.keys)}
-        keys = [f"{p}o:{obs.order_id}"]
-        for name, value in obs.keys.items():
-            keys += (f"{p}e:{name}:{value}", f"{p}s:{name}:{value}")
+    ) -> tuple[str, list[FeatureQuery]]:
+        """The script's field list (see ``_SCRIPT``) and the queries it answers, in order."""
+        keys = obs.keys
         pairs = distinct_pairs(obs, queries)
-        keys += (f"{p}d:{k}:{of}:{obs.keys[k]}" for k, of in pairs)
         now = to_ms(self._clock.now())
-        args: list[Any] = [int(record), obs.at_ms, obs.amount, obs.order_id, SEEN_TTL_S, now]
-        args += (len(series), len(pairs))
-        args += (obs.keys.get(of, "") for _, of in pairs)
+        fields = [str(int(record)), str(obs.at_ms), str(obs.amount), str(now), str(SEEN_TTL_S)]
+        fields += (str(len(keys)), str(len(pairs)))
+        fields += (f"{name}:{value}" for name, value in keys.items())
+        fields += (f"{k}:{of}:{keys[k]}" for k, of in pairs)
+        fields += ("=" + keys.get(of, "") for _, of in pairs)
+        series = {name: i + 1 for i, name in enumerate(keys)}
         distinct = {pair: j + 1 for j, pair in enumerate(pairs)}
-        asked = [q for q in set(queries) if q.key in obs.keys]
+        asked = [q for q in set(queries) if q.key in keys]
         for q in asked:
             index = distinct[(q.key, q.of)] if q.agg is Agg.DISTINCT else series[q.key]
-            args += (_AGG_CODE[q.agg], index, _WINDOW_INDEX[q.window])
-        return keys, args, asked
+            fields.append(f"{_AGG_CODE[q.agg]}:{index}:{_WINDOW_INDEX[q.window]}")
+        fields.append("")
+        return "\n".join(fields), asked

@@ -84,6 +84,8 @@ class Observation:
             raise InvalidArgumentError("order_id", "is required")
         if len(self.order_id) > MAX_ORDER_ID_LEN:
             raise InvalidArgumentError("order_id", f"is longer than {MAX_ORDER_ID_LEN}")
+        if not self.order_id.isprintable():
+            raise InvalidArgumentError("order_id", "must not contain control characters")
         if isinstance(self.at, bool) or not isinstance(self.at, int | float):
             raise InvalidArgumentError("at", "must be a number of seconds")
         if not math.isfinite(self.at) or self.at < 0:
@@ -108,6 +110,8 @@ def _checked_keys(keys: Mapping[str, str]) -> dict[str, str]:
             raise InvalidArgumentError(f"keys.{name}", "must be a string")
         if len(value) > MAX_VALUE_LEN:
             raise InvalidArgumentError(f"keys.{name}", f"is longer than {MAX_VALUE_LEN}")
+        if not value.isprintable():
+            raise InvalidArgumentError(f"keys.{name}", "must not contain control characters")
         if value:
             present[name] = value
     return present

@@ -24,20 +24,21 @@ def redis_client() -> Iterator[redis.Redis]:
 
 
 @pytest.fixture(params=["memory", "redis"])
-def make_store(
-    request: pytest.FixtureRequest,
-) -> Iterator[StoreFactory]:
-    """A factory of fresh, empty stores of one backend; Redis ones get a unique prefix."""
+def make_store(request: pytest.FixtureRequest) -> Iterator[StoreFactory]:
+    """A factory of fresh, empty stores of one backend.
+
+    Redis stores each get their own prefix under one namespace for this test,
+    which is deleted afterwards.
+    """
     made: list[FeatureStore] = []
-    prefixes: list[str] = []
+    namespace = f"riskd-test:features:{uuid.uuid4().hex}:"
 
     def make(clock: FakeClock) -> FeatureStore:
         store: FeatureStore
         if request.param == "memory":
             store = InProcessFeatureStore(clock)
         else:
-            prefix = f"riskd-test:features:{uuid.uuid4().hex}:"
-            prefixes.append(prefix)
+            prefix = f"{namespace}{len(made)}:"
             store = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
         made.append(store)
         return store
@@ -45,10 +46,9 @@ def make_store(
     yield make
     for store in made:
         store.close()
-    if prefixes:
+    if request.param == "redis":
         client = redis.Redis.from_url(REDIS_URL)
-        for prefix in prefixes:
-            delete_prefix(client, prefix)
+        delete_prefix(client, namespace)
         client.close()
 
 

@@ -15,9 +15,9 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 
 def delete_prefix(client: redis.Redis, prefix: str) -> None:
     """Delete every key under ``prefix`` (a test's own namespace)."""
-    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-    if keys:
-        client.delete(*keys)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=10_000))
+    for start in range(0, len(keys), 1000):
+        client.delete(*keys[start : start + 1000])
 
 
 def _free_port() -> int:

@@ -16,6 +16,7 @@ from riskd.features.store import MAX_VALUE_LEN
     [
         ({"order_id": ""}, "order_id"),
         ({"order_id": "x" * 129}, "order_id"),
+        ({"order_id": "o1\n2"}, "order_id"),
         ({"at": math.nan}, "at"),
         ({"at": -1.0}, "at"),
         ({"at": True}, "at"),
@@ -25,6 +26,7 @@ from riskd.features.store import MAX_VALUE_LEN
         ({"keys": {"email": "secret-value"}}, "keys"),
         ({"keys": {"phone": 13812345678}}, "keys.phone"),
         ({"keys": {"phone": "s" * (MAX_VALUE_LEN + 1)}}, "keys.phone"),
+        ({"keys": {"device": "secret-value\n"}}, "keys.device"),
     ],
 )
 def test_bad_field_is_named(kwargs: dict[str, object], field: str) -> None:

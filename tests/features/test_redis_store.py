@@ -69,7 +69,7 @@ def test_every_key_is_under_the_prefix_with_a_bounded_ttl(
 ) -> None:
     store = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
     store.record_and_read(order(clock, "o1", device="dev-hash", buyer="buyer-hash"), QUERIES)
-    keys = sorted(k.decode() for k in redis_client.scan_iter(match=f"{prefix}*"))
+    keys = sorted(k.decode() for k in redis_client.scan_iter(match=f"{prefix}*", count=10_000))
     assert [k.removeprefix(prefix) for k in keys] == [
         "d:device:buyer:dev-hash",
         "e:buyer:buyer-hash",
