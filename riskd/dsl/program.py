@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +27,11 @@ from riskd.domain.order import Order
 from riskd.domain.shop import ShopState
 from riskd.dsl.diagnostics import Diagnostic, Diagnostics
 from riskd.dsl.expr import CompiledExpr
+from riskd.dsl.fusion import Fused, fuse
 from riskd.dsl.values import EvalError, Timestamp
 from riskd.errors import RuleCompileError
+
+_log = logging.getLogger("riskd.dsl.rules")
 
 FEATURES_VAR = "@features"
 RULE_FILE_SUFFIX = ".rules"
@@ -133,6 +137,7 @@ class Program:
     constants: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
     _steps: tuple[_Step, ...] = field(default=(), compare=False, repr=False)
     _base: Mapping[str, object] = field(default_factory=dict, compare=False, repr=False)
+    _fused: Fused | None = field(default=None, compare=False, repr=False)
 
     @staticmethod
     def build(
@@ -147,6 +152,7 @@ class Program:
         steps = tuple(_step(r) for r in rules if r.mode is not Mode.DISABLED)
         queries = frozenset(q for r in rules for q in _queries(r))
         base = MappingProxyType({**(constants or {}), **lists})
+        fused = _fuse(steps, base)
         return Program(
             version=version,
             rules=rules,
@@ -158,6 +164,7 @@ class Program:
             constants=MappingProxyType(dict(constants or {})),
             _steps=steps,
             _base=base,
+            _fused=fused,
         )
 
     def rule(self, rule_id: str) -> Rule | None:
@@ -192,7 +199,27 @@ class Program:
         is an ERROR for the rules that read it). With ``explain``, hits carry
         their sub-conditions and values.
         """
-        act = self.activation(order, shop, features, now)
+        results: tuple[RuleResult, ...] | None = None
+        if self._fused is not None:
+            # lists and constants are bound inside the fused code: only the request travels
+            fast = {"order": order, "shop": shop, "now": Timestamp.from_seconds(now)}
+            fast[FEATURES_VAR] = features
+            try:
+                results = self._fused(fast)  # type: ignore[assignment]
+            except Exception:  # a variable the shared prologue could not read
+                results = None
+        act = self.activation(order, shop, features, now) if results is None or explain else {}
+        if results is None:
+            results = self._evaluate_each(act, order)
+        if explain:
+            results = tuple(
+                _explained(s, act) if r.status is RuleStatus.HIT else r
+                for s, r in zip(self._steps, results, strict=True)
+            )
+        return results
+
+    def _evaluate_each(self, act: Mapping[str, object], order: Order) -> tuple[RuleResult, ...]:
+        """One call per rule: the path when the program could not be fused."""
         out: list[RuleResult] = []
         append = out.append
         for step in self._steps:
@@ -202,12 +229,38 @@ class Program:
                 append(_error(step, _scrub(_failure(step, act), order)))
                 continue
             if value is True:
-                append(_explained(step, act) if explain else step.hit)
+                append(step.hit)
             elif value is False:
                 append(step.no_hit)
             else:
                 append(_error(step, "'when' did not produce a bool"))
         return tuple(out)
+
+
+def _fuse(steps: tuple[_Step, ...], static: Mapping[str, object]) -> Fused | None:
+    """All rules as one function (see ``riskd.dsl.fusion``), or None to call them one by one."""
+    exprs = [s.rule.expr for s in steps]
+    if not steps or any(e is None for e in exprs):
+        return None
+
+    def on_error(i: int, request: Mapping[str, object]) -> RuleResult:
+        step = steps[i]
+        act = {**static, **request}
+        order = act.get("order")
+        message = _failure(step, act)
+        return _error(step, _scrub(message, order) if isinstance(order, Order) else message)
+
+    try:
+        return fuse(
+            [e for e in exprs if e is not None],
+            [s.hit for s in steps],
+            [s.no_hit for s in steps],
+            on_error,
+            static,
+        )
+    except Exception:  # the compiler could not re-emit a rule: fall back, never fail a load
+        _log.warning("rule program could not be fused; evaluating rule by rule", exc_info=True)
+        return None
 
 
 def _step(rule: Rule) -> _Step:
@@ -226,7 +279,7 @@ def _failure(step: _Step, act: Mapping[str, object]) -> str:
         step.rule.expr.evaluate(act)
     except EvalError as exc:
         return str(exc)
-    return "evaluation failed"
+    return "'when' did not produce a bool"
 
 
 def _queries(rule: Rule) -> frozenset[FeatureQuery]:

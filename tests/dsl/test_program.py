@@ -211,3 +211,22 @@ def test_starter_rules_compile_and_cover_every_scenario() -> None:
     for r in program.rules:
         ids = [t for t in program.tests if r.id in t.expect]
         assert ids, f"rule {r.id} has no test case that expects it to fire"
+
+
+def test_program_fused_and_rule_by_rule_paths_agree_on_every_starter_case() -> None:
+    from riskd.dsl.ruletest import features_for
+
+    program = load_rules(Path(__file__).resolve().parents[2] / "rules")
+    assert program._fused is not None, "the starter rules should evaluate as one fused function"
+    for t in program.tests:
+        feats = features_for(program, t)
+        fused = program.evaluate(t.order, t.shop, feats, t.now)
+        act = program.activation(t.order, t.shop, feats, t.now)
+        assert fused == program._evaluate_each(act, t.order), t.name
+    # and with a feature missing, both report the same per-rule errors
+    t = program.tests[0]
+    fused = program.evaluate(t.order, t.shop, {}, t.now)
+    each = program._evaluate_each(program.activation(t.order, t.shop, {}, t.now), t.order)
+    assert fused == each
+    assert any(r.status is RuleStatus.ERROR for r in fused)
+    assert any(r.status is not RuleStatus.ERROR for r in fused)
