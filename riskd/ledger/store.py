@@ -12,7 +12,6 @@ transaction as the transfers that move them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -373,28 +372,34 @@ _RETRYABLE_SQLSTATES = frozenset({"23505", "40001", "40P01"})  # unique, seriali
 _ATTEMPTS = 6
 
 
-def run_keyed(db: Database, key: str, fn: Callable[[Tx], T]) -> T:
-    """Run ``fn`` in one write transaction, serialized with every other request using ``key``.
+LEDGER_WRITER_LOCK = 0x7269736B_6C656467  # "riskledg": the ledger's one-writer advisory lock
 
-    On PostgreSQL a session advisory lock on the key is taken *before* the
-    transaction starts, so a duplicate request waits for the first one and its
-    snapshot then sees the first one's idempotency record (a lock taken inside
-    a SERIALIZABLE transaction would come after its snapshot). SQLite's
-    ``BEGIN IMMEDIATE`` already serializes writers. A unique-key race or a
-    serialization failure that outlasts ``Database.run``'s retries is retried
-    here; the retry reads the winner's committed rows.
+
+def run_keyed(db: Database, key: str, fn: Callable[[Tx], T]) -> T:
+    """Run ``fn`` as the ledger's one writer, in one transaction (``key`` names the request).
+
+    SQLite's ``BEGIN IMMEDIATE`` already admits one writer at a time. On
+    PostgreSQL every ledger write first takes a session advisory lock, shared by
+    all replicas on the database, *before* its transaction starts: writers queue
+    instead of failing serialization on the fund's row, and a duplicate request's
+    snapshot then sees the first one's idempotency record (a lock taken inside a
+    SERIALIZABLE transaction would come after its snapshot). Ledger traffic is
+    analyst and operator work, so one writer at a time is plenty and makes every
+    check-then-post race-free; the transaction stays SERIALIZABLE as a second
+    line. A unique-key race or serialization failure that still happens is
+    retried here; the retry reads the winner's committed rows.
 
     Raises:
         UnavailableError: the database stayed too contended to commit.
     """
+    del key  # one lock for all requests; kept so a finer lock can come without API change
     if db.dialect != "postgres":
         return _retry(db, fn)
-    lock_id = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big", signed=True)
-    db.query("SELECT pg_advisory_lock(?)", (lock_id,))
+    db.query("SELECT pg_advisory_lock(?)", (LEDGER_WRITER_LOCK,))
     try:
         return _retry(db, fn)
     finally:
-        db.query("SELECT pg_advisory_unlock(?)", (lock_id,))
+        db.query("SELECT pg_advisory_unlock(?)", (LEDGER_WRITER_LOCK,))
 
 
 def _retry(db: Database, fn: Callable[[Tx], T]) -> T:

@@ -1,0 +1,103 @@
+"""Concurrent requests on one book (16 threads, each with its own connection), both backends."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from riskd.errors import AlreadyExistsError, InsufficientFundsError, RiskdError
+from riskd.ledger import Book, Code
+from riskd.ledger import accounts as acc
+from tests.ledger.conftest import funded
+
+THREADS = 16
+
+
+def outcomes(calls: list[Callable[[], object]]) -> list[str]:
+    """Run the calls on 16 threads; each result is "ok" or the error's class name."""
+
+    def one(call: Callable[[], object]) -> str:
+        try:
+            call()
+        except RiskdError as e:
+            return type(e).__name__
+        return "ok"
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        return list(pool.map(one, calls))
+
+
+def test_concurrent_payouts_never_take_the_fund_below_zero(book: Book) -> None:
+    funded(book, fund=10 * 1_000, shops={"s1": 0})
+    for i in range(32):
+        book.open_dispute(f"o{i}", f"d{i}", "s1", f"order{i}", 1_000, actor="a")
+    results = outcomes(
+        [
+            (lambda i=i: book.compensate_buyer(f"c{i}", f"d{i}", 1_000, actor="a"))
+            for i in range(32)
+        ]
+    )
+    assert results.count("ok") == 10
+    assert results.count(InsufficientFundsError.__name__) == 22
+    assert book.account(acc.FUND).balance == 0
+    assert book.verify() == ()
+
+
+def test_concurrent_withdrawals_never_overdraw_the_deposit(book: Book) -> None:
+    funded(book, shops={"s1": 10_000})
+    results = outcomes(
+        [(lambda i=i: book.withdraw(f"w{i}", "s1", 1_000, actor="m")) for i in range(32)]
+    )
+    assert results.count("ok") == 10
+    assert book.account(acc.deposit_account("s1")).balance == 0
+    assert book.verify() == ()
+
+
+def test_one_penalty_per_case_under_concurrent_duplicates(book: Book) -> None:
+    funded(book, shops={"s1": 10_000_000})
+    results = outcomes(
+        [
+            (
+                lambda i=i: book.penalize_shop(
+                    f"p{i}", "s1", "order_brushing", "case-1", evidence="ev", actor="a"
+                )
+            )
+            for i in range(32)
+        ]
+    )
+    assert results.count("ok") == 1
+    assert results.count(AlreadyExistsError.__name__) == 31
+    assert len([t for t in book.journal() if t.code is Code.PENALTY]) == 1
+
+
+def test_concurrent_identical_requests_post_once(book: Book) -> None:
+    funded(book, shops={"s1": 0})
+    book.open_dispute("o1", "d1", "s1", "order1", 1_000, actor="a")
+    results = outcomes(
+        [(lambda: book.compensate_buyer("same", "d1", 700, actor="a")) for _ in range(32)]
+    )
+    assert results == ["ok"] * 32
+    assert book.dispute_statement("d1").paid == 700
+    assert len([t for t in book.journal() if t.code is Code.COMPENSATION]) == 1
+
+
+def test_mixed_concurrent_traffic_keeps_every_invariant(book: Book) -> None:
+    shops = {f"s{i}": 50_000 for i in range(4)}
+    funded(book, fund=200_000, shops=shops)
+    for i in range(40):
+        book.open_dispute(f"o{i}", f"d{i}", f"s{i % 4}", f"order{i}", 30_000, actor="a")
+    calls: list[Callable[[], object]] = []
+    for i in range(40):
+        s = f"s{i % 4}"
+        calls += [
+            lambda i=i: book.compensate_buyer(f"c{i}", f"d{i}", 20_000, actor="a"),
+            lambda i=i, s=s: book.deposit(f"dep{i}", s, 5_000, actor="m"),
+            lambda i=i, s=s: book.collect_claim(f"col{i}", s, 3_000, actor="ops"),
+            lambda i=i, s=s: book.pay_late_shipment_coupon(f"cp{i}", s, f"order{i}", actor="a"),
+        ]
+    results = outcomes(calls)
+    assert "UnavailableError" not in results
+    assert book.verify() == ()
+    for i in range(40):
+        d = book.dispute_statement(f"d{i}")
+        assert d.paid in (0, 20_000)
