@@ -32,10 +32,7 @@ def test_concurrent_payouts_never_take_the_fund_below_zero(book: Book) -> None:
     for i in range(32):
         book.open_dispute(f"o{i}", f"d{i}", "s1", f"order{i}", 1_000, actor="a")
     results = outcomes(
-        [
-            (lambda i=i: book.compensate_buyer(f"c{i}", f"d{i}", 1_000, actor="a"))
-            for i in range(32)
-        ]
+        [(lambda i=i: book.compensate_buyer(f"c{i}", f"d{i}", 1_000, actor="a")) for i in range(32)]
     )
     assert results.count("ok") == 10
     assert results.count(InsufficientFundsError.__name__) == 22
