@@ -129,7 +129,7 @@ class Program:
 
     version: str
     rules: tuple[Rule, ...]
-    lists: Mapping[str, frozenset[object]]
+    lists: Mapping[str, tuple[object, ...]]
     scenarios: tuple[str, ...]
     scenario_info: tuple[Scenario, ...] = ()
     feature_queries: frozenset[FeatureQuery] = frozenset()
@@ -143,7 +143,7 @@ class Program:
     def build(
         version: str,
         rules: tuple[Rule, ...],
-        lists: Mapping[str, frozenset[object]],
+        lists: Mapping[str, tuple[object, ...]],
         scenarios: tuple[Scenario, ...],
         tests: tuple[RuleTest, ...] = (),
         constants: Mapping[str, object] | None = None,

@@ -13,15 +13,14 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from riskd.dsl.expr import CompiledExpr, Env, compile_expr
-
 from riskd.domain.decision import Outcome
 from riskd.dsl.diagnostics import TYPE_ERROR, Diagnostics
+from riskd.dsl.expr import CompiledExpr, Env, compile_expr
 from riskd.dsl.program import Mode, Program, Rule, RuleTest, Scenario, content_version
 from riskd.dsl.rulefile import Array, Field, Item, Name, Pos, Reporter, RuleFile, Scalar, When
 from riskd.dsl.rulefile import parse as parse_file
 from riskd.dsl.ruletest import build_test
-from riskd.dsl.schema import CONSTANTS, RESERVED, list_type, rule_env
+from riskd.dsl.schema import CONSTANTS, RESERVED, ListValue, list_type, rule_env
 from riskd.dsl.types import BOOL, Type, is_dyn
 
 DUPLICATE_RULE = "riskd_duplicate_rule"
@@ -56,7 +55,7 @@ class _Decls:
     """What the files declare, gathered before any rule is compiled."""
 
     scenarios: dict[str, Scenario] = field(default_factory=dict)
-    lists: dict[str, frozenset[object]] = field(default_factory=dict)
+    lists: dict[str, ListValue] = field(default_factory=dict)
     list_types: dict[str, Type] = field(default_factory=dict)
     rules: dict[str, Pos] = field(default_factory=dict)
     rules_by_file: dict[str, set[str]] = field(default_factory=dict)
@@ -144,7 +143,7 @@ def _declare_list(item: Item, decls: _Decls, rep: Reporter) -> None:
     if str(ltype) == "list(double)":
         values = tuple(float(typing.cast(float, v)) for v in values)
     decls.list_types[name] = ltype
-    decls.lists[name] = frozenset(values)
+    decls.lists[name] = ListValue(values)
 
 
 def _declare_rule(item: Item, decls: _Decls, rep: Reporter) -> None:

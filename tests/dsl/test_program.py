@@ -139,7 +139,19 @@ def test_program_sees_lists_shop_now_and_enum_names(tmp_path: Path) -> None:
         "live",
         "year",
     }
-    assert p.lists["vip"] == frozenset({"b-vip"})
+    assert p.lists["vip"] == ("b-vip",)
+
+
+def test_program_lists_behave_as_cel_lists(tmp_path: Path) -> None:
+    (tmp_path / "l.rules").write_text(
+        'scenario s = "S"\nlist nums = [3, 1, 2]\n'
+        + rule("indexed", "nums[0] == 3 && size(nums) == 3 && 2 in nums && !(7 in nums)")
+        + rule("macro", "nums.all(n, n > 0) && nums.map(n, n * 2)[2] == 4"),
+        encoding="utf-8",
+    )
+    p = compile_rules(tmp_path / "l.rules")
+    res = p.evaluate(an_order(), ShopState("shop-1"), {}, NOW)
+    assert [r.status for r in res] == [RuleStatus.HIT, RuleStatus.HIT], res
 
 
 def test_program_explain_fills_hits_only(tmp_path: Path) -> None:
