@@ -1,0 +1,71 @@
+"""``riskd ledger``: statements and operator actions against a real SQLite ledger."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from riskd.cli import ledger as ledger_cli
+from riskd.ledger import Book
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="riskd")
+    ledger_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["ledger", *argv])
+    rc: int = args.func(args)
+    return rc
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    book = Book.open(url)
+    book.register_shop("s1")
+    book.deposit("d1", "s1", 1_000, actor="m")
+    book.open_dispute("o1", "d1", "s1", "order-1", 5_000, actor="a")
+    book.close()
+    return url
+
+
+def test_top_up_then_statements(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    top_up = ["fund-top-up", "500000", "--key", "t1", "--reason", "initial", "--database", url]
+    assert run(top_up) == 0
+    assert run(top_up) == 0  # a retry with the same key changes nothing
+    assert run(["statement", "platform:fund", "--json", "--database", url]) == 0
+    out = capsys.readouterr().out
+    statement = json.loads(out[out.index('{\n  "account"') :])
+    assert statement["account"]["balance"] == 500_000
+    assert [t["actor"] for t in statement["transfers"]] == [f"cli:{ledger_cli.getpass.getuser()}"]
+    assert run(["shop", "s1", "--database", url]) == 0
+    assert "deposit: 1000 fen (CNY 10.00)" in capsys.readouterr().out
+
+
+def test_write_off_and_dispute_story(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    run(["fund-top-up", "500000", "--key", "t1", "--reason", "r", "--database", url])
+    book = Book.open(url)
+    book.compensate_buyer("c1", "d1", 5_000, actor="a")
+    book.close()
+    wo = ["write-off", "s1", "dispute/d1", "--key", "w1", "--reason", "gone", "--database", url]
+    assert run(wo) == 0
+    capsys.readouterr()
+    assert run(["dispute", "d1", "--json", "--database", url]) == 0
+    story = json.loads(capsys.readouterr().out)
+    assert (story["paid"], story["recovered_from_deposit"], story["written_off"]) == (
+        5_000,
+        1_000,
+        4_000,
+    )
+    assert run(["verify", "--database", url]) == 0
+    assert "every ledger invariant holds" in capsys.readouterr().out
+
+
+def test_errors_exit_2_and_name_the_problem(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["unfreeze", "s1", "--key", "u1", "--reason", "r", "--database", url]) == 2
+    assert "not frozen" in capsys.readouterr().err
+    assert run(["fund-top-up", "0", "--key", "t", "--reason", "r", "--database", url]) == 2
+    assert "amount" in capsys.readouterr().err
+    assert run(["shop", "nope", "--database", url]) == 2
