@@ -19,7 +19,7 @@ import logging
 import threading
 from pathlib import Path
 
-from riskd.dsl.diagnostics import Diagnostics
+from riskd.dsl.diagnostics import Diagnostic, Diagnostics
 from riskd.dsl.program import Program, check_rules, rule_files
 from riskd.errors import RuleCompileError
 
@@ -40,6 +40,21 @@ def fingerprint(directory: Path) -> Fingerprint:
     return tuple(out)
 
 
+NO_RULES = "riskd_no_rules"
+
+
+def _compile(directory: Path) -> tuple[Program | None, Diagnostics]:
+    """Compile a rules directory; an empty one is an error, never an empty rule set.
+
+    (A deleted or unmounted folder must not silently turn every rule off.)
+    """
+    files = rule_files(directory)
+    if not files:
+        msg = "no *.rules files in the rules directory"
+        return None, Diagnostics((Diagnostic(NO_RULES, msg, str(directory), 1, 1),))
+    return check_rules(*files)
+
+
 class ProgramHolder:
     """Holds the current ``Program`` of a rules directory and reloads it.
 
@@ -54,7 +69,7 @@ class ProgramHolder:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._fingerprint = fingerprint(directory)
-        program, diags = check_rules(*rule_files(directory))
+        program, diags = _compile(directory)
         if program is None:
             raise RuleCompileError(diags)
         self._program: Program = program
@@ -78,7 +93,7 @@ class ProgramHolder:
         """
         with self._reload_lock:
             self._fingerprint = fingerprint(self.directory)  # before reading: never miss an edit
-            program, diags = check_rules(*rule_files(self.directory))
+            program, diags = _compile(self.directory)
             self._last = diags
             if program is None:
                 _log.warning(

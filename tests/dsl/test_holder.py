@@ -152,3 +152,14 @@ def test_holder_request_reload_wakes_the_watcher(rules_dir: Path) -> None:
     finally:
         holder.stop()
     holder.stop()  # idempotent
+
+
+def test_holder_emptied_directory_keeps_the_rules(rules_dir: Path) -> None:
+    holder = ProgramHolder(rules_dir)
+    before = holder.current
+    (rules_dir / "main.rules").unlink()
+    diags = holder.reload()
+    assert [d.code for d in diags] == ["riskd_no_rules"]
+    assert holder.current is before
+    with pytest.raises(RuleCompileError, match="riskd_no_rules"):
+        ProgramHolder(rules_dir)
