@@ -75,7 +75,7 @@ def compile_checked(
         decorator_list=[],
         returns=None,
     )
-    module = py.fix_missing_locations(py.Module(body=[fn], type_ignores=[]))
+    module = _locate(py.Module(body=[fn], type_ignores=[]))
     code = compile(module, filename, "exec")
     namespace: dict[str, object] = {"__builtins__": {}}
     namespace.update(HELPERS)
@@ -85,6 +85,23 @@ def compile_checked(
     result = namespace["_expr"]
     assert callable(result)
     return result
+
+
+def _locate(root: py.Module) -> py.Module:
+    """Give every node position 1:0 (a leaner ``ast.fix_missing_locations``)."""
+    stack: list[py.AST] = [root]
+    while stack:
+        node = stack.pop()
+        if node._attributes:
+            node.lineno = node.end_lineno = 1  # type: ignore[attr-defined]
+            node.col_offset = node.end_col_offset = 0  # type: ignore[attr-defined]
+        for name in node._fields:
+            value = getattr(node, name, None)
+            if isinstance(value, list):
+                stack.extend(v for v in value if isinstance(v, py.AST))
+            elif isinstance(value, py.AST):
+                stack.append(value)
+    return root
 
 
 def _name(n: str) -> py.Name:
@@ -232,9 +249,12 @@ class _Emitter:
     def logic(self, node: Call) -> Emitted:
         (a, ae), (b, be) = (self.emit(x) for x in node.args)
         typed = all(self.type_of(x) == BOOL for x in node.args)
-        if typed and not ae and not be:
+        if typed and not (ae and be):
+            # With at most one fallible operand, evaluating the infallible one first and
+            # short-circuiting is exactly CEL's commutative, error-absorbing && and ||.
             op: py.boolop = py.And() if node.function == "_&&_" else py.Or()
-            return py.BoolOp(op=op, values=[a, b]), False
+            values = [b, a] if ae else [a, b]
+            return py.BoolOp(op=op, values=values), ae or be
         helper = "_and" if node.function == "_&&_" else "_or"
         return _call(helper, _lambda(a), _lambda(b)), True
 

@@ -7,6 +7,7 @@ diagnostics, and lexing continues so that every error is reported.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 from riskd.dsl.diagnostics import SYNTAX_ERROR, Diagnostic, Source
@@ -54,7 +55,9 @@ RESERVED = frozenset(
         "while",
     ]
 )
-_PUNCT2 = ("==", "!=", "<=", ">=", "&&", "||")
+_PUNCT2 = frozenset(("==", "!=", "<=", ">=", "&&", "||"))
+_SPACE = re.compile(r"(?:[ \t\n\r\f]+|//[^\n]*)+")
+_WORD = re.compile(r"[A-Za-z0-9_]+")
 _PUNCT1 = "()[]{}.,:?!-+*/%<>"
 _SIMPLE_ESC = {
     "a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
@@ -93,15 +96,9 @@ class _Lexer:
         self.i = 0
 
     def _skip_space(self) -> None:
-        t = self.text
-        while self.i < len(t):
-            if t[self.i] in " \t\n\r\f":
-                self.i += 1
-            elif t.startswith("//", self.i):
-                end = t.find("\n", self.i)
-                self.i = len(t) if end < 0 else end
-            else:
-                return
+        m = _SPACE.match(self.text, self.i)
+        if m is not None:
+            self.i = m.end()
 
     def next(self) -> Token:
         self._skip_space()
@@ -117,10 +114,10 @@ class _Lexer:
             return self._quoted_ident()
         if ch.isascii() and (ch.isalpha() or ch == "_"):
             return self._ident_or_prefixed()
-        for p in _PUNCT2:
-            if t.startswith(p, start):
-                self.i += 2
-                return Token(Tok.PUNCT, p, start)
+        pair = t[start : start + 2]
+        if pair in _PUNCT2:
+            self.i += 2
+            return Token(Tok.PUNCT, pair, start)
         if ch in _PUNCT1:
             self.i += 1
             return Token(Tok.PUNCT, ch, start)
@@ -129,9 +126,9 @@ class _Lexer:
 
     def _ident_or_prefixed(self) -> Token:
         t, start = self.text, self.i
-        j = start
-        while j < len(t) and t[j].isascii() and (t[j].isalnum() or t[j] == "_"):
-            j += 1
+        m = _WORD.match(t, start)
+        assert m is not None
+        j = m.end()
         word = t[start:j]
         if j < len(t) and t[j] in "\"'" and word.lower() in ("r", "b", "br", "rb"):
             low = word.lower()

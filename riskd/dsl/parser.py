@@ -72,8 +72,8 @@ class _Parser:
         self.nesting = 0
 
     # -- token helpers -------------------------------------------------------
-    def peek(self, ahead: int = 0) -> Token:
-        return self.toks[min(self.k + ahead, len(self.toks) - 1)]
+    def peek(self) -> Token:
+        return self.toks[self.k]  # the last token is EOF, which advance() never passes
 
     def advance(self) -> Token:
         tok = self.toks[self.k]
