@@ -257,9 +257,8 @@ class Book(Statements):
             current = self.store.frozen_until(tx, shop_id)
             if spec.freeze_days:
                 draft.frozen_until = max(current, now + spec.freeze_days * DAY_S)
-                draft.rows.append(
-                    ("ledger_freezes", self._freeze_row(shop_id, "freeze", draft, ref, key, now))
-                )
+                row = _freeze_row(shop_id, "freeze", draft.frozen_until, ref, key, actor, reason)
+                draft.rows.append(("ledger_freezes", row | {"at": now}))
             draft.rows.append(
                 (
                     "ledger_cases",
@@ -292,28 +291,13 @@ class Book(Statements):
             if self.store.frozen_until(tx, shop_id) <= now:
                 raise FailedPreconditionError("shop_id: shop is not frozen")
             draft = _Draft()
-            draft.rows.append(
-                ("ledger_freezes", self._freeze_row(shop_id, "unfreeze", draft, "", key, now))
-            )
+            row = _freeze_row(shop_id, "unfreeze", 0.0, "", key, actor, reason)
+            draft.rows.append(("ledger_freezes", row | {"at": now}))
             return draft
 
         return self._execute(
             _Request(key, "unfreeze", actor, reason, "", {"shop_id": shop_id}), build
         )
-
-    def _freeze_row(
-        self, shop_id: str, action: str, draft: _Draft, ref: str, key: str, now: float
-    ) -> dict[str, Any]:
-        return {
-            "shop_id": shop_id,
-            "action": action,
-            "until": draft.frozen_until,
-            "ref": ref,
-            "request_key": key,
-            "actor": "",
-            "reason": "",
-            "at": now,
-        }
 
     # -- advance compensation ----------------------------------------------------------------
 
@@ -536,7 +520,7 @@ class Book(Statements):
             draft = build(tx, now)
             self.store.post(tx, self._transfers(req, draft, now))
             for table, values in draft.rows:
-                self.store.insert(tx, table, values | _who(table, req))
+                self.store.insert(tx, table, values)
             result = {"frozen_until": draft.frozen_until}
             stored = StoredRequest(req.key, req.operation, fingerprint, result)
             self.store.put_request(tx, stored, now)
@@ -611,8 +595,16 @@ class Book(Statements):
         return claims
 
 
-def _who(table: str, req: _Request) -> dict[str, Any]:
-    """Actor and reason columns for the record tables that carry them."""
-    if table == "ledger_freezes":
-        return {"actor": req.actor, "reason": req.reason}
-    return {}
+def _freeze_row(
+    shop_id: str, action: str, until: float, ref: str, key: str, actor: str, reason: str
+) -> dict[str, Any]:
+    """A row of ``ledger_freezes`` (without its timestamp)."""
+    return {
+        "shop_id": shop_id,
+        "action": action,
+        "until": until,
+        "ref": ref,
+        "request_key": key,
+        "actor": actor,
+        "reason": reason,
+    }
