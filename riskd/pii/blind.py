@@ -21,16 +21,24 @@ from riskd.pii.keyring import MasterKeyProvider
 
 DIGEST_BYTES = 16  # 128-bit digests: collisions are negligible, keys stay short
 
-_WHITESPACE = "".join(chr(c) for c in range(0x3001) if chr(c).isspace())
-_PHONE_DROP = str.maketrans("", "", _WHITESPACE + "-().")
-_ADDRESS_DROP = str.maketrans("", "", _WHITESPACE + ",，、.。·-_/#")
-_ID_DROP = str.maketrans("", "", _WHITESPACE + "-")
-_DEVICE_DROP = str.maketrans("", "", _WHITESPACE + "-:")
+_PHONE_DROP = "-()."
+_ADDRESS_DROP = ",，、.。·-_/#"
+_ID_DROP = "-"
+_DEVICE_DROP = "-:"
 
 
 def _nfkc(value: str) -> str:
     """Unicode NFKC: full-width letters, digits and spaces become their ASCII forms."""
-    return unicodedata.normalize("NFKC", value).strip()
+    return value.strip() if value.isascii() else unicodedata.normalize("NFKC", value).strip()
+
+
+def _drop(text: str, chars: str) -> str:
+    """``text`` without any whitespace and without ``chars`` (faster than a regex or translate)."""
+    text = "".join(text.split())
+    for c in chars:
+        if c in text:
+            text = text.replace(c, "")
+    return text
 
 
 def _recompose(text: str) -> str:
@@ -46,7 +54,7 @@ def normalize_phone(value: str) -> str:
     >>> normalize_phone("+1 (415) 555-0100")
     '+14155550100'
     """
-    text = _recompose(_nfkc(value).translate(_PHONE_DROP))
+    text = _recompose(_drop(_nfkc(value), _PHONE_DROP))
     if text.startswith("+86"):
         text = text[3:]
     elif text.startswith("0086"):
@@ -65,7 +73,7 @@ def normalize_address(value: str) -> str:
     >>> normalize_address("Ｒｏｏｍ  12A, Main St.")
     'room12amainst'
     """
-    return _recompose(_nfkc(value).casefold().translate(_ADDRESS_DROP))
+    return _recompose(_drop(_nfkc(value).casefold(), _ADDRESS_DROP))
 
 
 def normalize_id_number(value: str) -> str:
@@ -74,7 +82,7 @@ def normalize_id_number(value: str) -> str:
     >>> normalize_id_number("11010119900307 123x")
     '11010119900307123X'
     """
-    return _recompose(_nfkc(value).translate(_ID_DROP).upper())
+    return _recompose(_drop(_nfkc(value), _ID_DROP).upper())
 
 
 def normalize_device(value: str) -> str:
@@ -83,7 +91,7 @@ def normalize_device(value: str) -> str:
     >>> normalize_device("6D92078A-8246-4BA4") == normalize_device("6d92078a82464ba4")
     True
     """
-    return _recompose(_nfkc(value).translate(_DEVICE_DROP).lower())
+    return _recompose(_drop(_nfkc(value), _DEVICE_DROP).lower())
 
 
 def normalize_name(value: str) -> str:

@@ -57,7 +57,21 @@ class _Cached:
 
 
 def _aad(*parts: str) -> bytes:
-    return "".join(f"{len(p)}:{p}" for p in parts).encode()
+    """Length-prefixed parts: unambiguous for any ids."""
+    return "".join([f"{len(p)}:{p}" for p in parts]).encode()
+
+
+_FIELD_AAD: dict[str, bytes] = {}
+
+
+def _field_aad(field: str) -> bytes:
+    # Field names are a handful of constants: encode each once.
+    aad = _FIELD_AAD.get(field)
+    if aad is None:
+        aad = _aad(field)
+        if len(_FIELD_AAD) < 1024:  # bounded: a caller could pass arbitrary names
+            _FIELD_AAD[field] = aad
+    return aad
 
 
 def _dek_aad(subject_id: str, generation: int) -> bytes:
@@ -65,7 +79,7 @@ def _dek_aad(subject_id: str, generation: int) -> bytes:
 
 
 def _seal(key: _Cached, nonce: bytes, aad_prefix: bytes, field: str, text: str) -> bytes:
-    body = key.aead.encrypt(nonce, text.encode(), aad_prefix + _aad(field))
+    body = key.aead.encrypt(nonce, text.encode(), aad_prefix + _field_aad(field))
     return key.header + nonce + body
 
 
