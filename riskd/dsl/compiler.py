@@ -269,8 +269,10 @@ class _Emitter:
                 return _call("_ci", expr), True
             if t == UINT:
                 return _call("_cu", expr), True
-            if t == DOUBLE or (fn == "_+_" and t in (STRING, BYTES)):
+            if t == DOUBLE:
                 return expr, False
+            if fn == "_+_" and t in (STRING, BYTES):
+                return _call("_concat", args[0], args[1]), True
         if fn == "!_" and types == [BOOL]:
             return py.UnaryOp(op=py.Not(), operand=args[0]), False
         if fn == "-_" and types == [DOUBLE]:

@@ -95,6 +95,7 @@ HELPERS: dict[str, object] = {
     "_pysum": sum,
     "_len": len,
     "_ci": rt.check_int,
+    "_concat": rt.concat,
     "_cu": rt.check_uint,
     "_eq": rt.equals,
     "_lt": rt.less,

@@ -39,6 +39,18 @@ def check_uint(r: int) -> UInt:
     raise EvalError("unsigned integer overflow")
 
 
+MAX_CONCAT = 1 << 20  # elements or characters a concatenation may produce
+
+
+def concat(a: Any, b: Any) -> Any:
+    """``a + b`` for strings, bytes and lists, bounded so no rule can exhaust memory."""
+    if len(a) + len(b) > MAX_CONCAT:
+        raise EvalError(f"concatenation longer than {MAX_CONCAT}")
+    if isinstance(a, str | bytes):
+        return a + b
+    return [*a, *b]
+
+
 def is_number(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 

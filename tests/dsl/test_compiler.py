@@ -218,3 +218,11 @@ def test_python_ast_is_valid() -> None:
     compiled = _compile("n > 1")
     assert isinstance(compiled.checked.root, object)
     assert ast.parse("x")  # the stdlib ast is not shadowed by riskd.dsl modules
+
+
+def test_concatenation_is_bounded() -> None:
+    expr = "((s + s) + (s + s)) + ((s + s) + (s + s))"
+    with pytest.raises(EvalError, match="concatenation longer than"):
+        evaluate(expr, {"s": "x" * (1 << 18)})
+    with pytest.raises(EvalError, match="concatenation longer than"):
+        evaluate("(l + l) + (l + l) + (l + l)", {"l": list(range(1 << 18))})
