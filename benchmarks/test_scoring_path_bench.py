@@ -48,14 +48,19 @@ _DISTINCT = (("device", "buyer"), ("address", "device"), ("shop", "buyer"), ("ip
 
 
 def _when(i: int) -> str:
-    """A spread of rule shapes: amounts, account age, lists, and velocity features."""
+    """A spread of rule shapes: amounts, account age, lists, and velocity features.
+
+    Thresholds are set so that an order hits about one rule on average, as in
+    production (a rule that fires on most orders is a broken rule); every
+    rule is still evaluated in full on every order.
+    """
     key, window = _KEYS[i % len(_KEYS)], _WINDOWS[i % len(_WINDOWS)]
     shapes = (
-        f"order.amounts.total > {20_000 + 1_000 * i}",
-        f'orders("{key}", "{window}") > {5 + i % 7}',
-        f'amount("{key}", "{window}") > {100_000 + 10_000 * i}',
-        'distinct("{}", "{}", "{}") > {}'.format(*_DISTINCT[i % len(_DISTINCT)], window, 3 + i % 4),
-        f"order.buyer.account_age_days < {i % 30} && order.amounts.total > {i * 500}",
+        f"order.amounts.total > {55_000 + 100 * i}",
+        f'orders("{key}", "{window}") > {500 + i}',
+        f'amount("{key}", "{window}") > {50_000_000 + 10_000 * i}',
+        'distinct("{}", "{}", "{}") > {}'.format(*_DISTINCT[i % len(_DISTINCT)], window, 40 + i),
+        f"order.buyer.account_age_days < {i % 3} && order.amounts.total > {40_000 + i * 50}",
         f"order.items.exists(it, it.category in watched_{i % 4})"
         f" && order.amounts.total > {i * 100}",
     )
@@ -64,7 +69,8 @@ def _when(i: int) -> str:
 
 def write_rules(directory: Path) -> Path:
     lists = "\n".join(
-        f'list watched_{n} = ["small_appliances", "beauty_{n}", "luxury_{n}"]' for n in range(4)
+        f'list watched_{n} = ["{("small_appliances", "toys")[n > 0]}", "luxury_{n}"]'
+        for n in range(4)
     )
     blocks = [
         f"""rule r{i:03d} {{
@@ -93,6 +99,7 @@ def make_orders(n: int) -> list[Order]:
     out = []
     for _ in range(n):
         k = next(_ids)
+        total = 9_900 + (k * 7_919) % 50_000
         out.append(
             Order(
                 order_id=f"bench-{uuid.uuid4().hex[:8]}-{k}",
@@ -106,8 +113,8 @@ def make_orders(n: int) -> list[Order]:
                 ),
                 shop_id=f"s{k % 300}",
                 merchant_id=f"m{k % 300}",
-                items=(Item("sku", "beauty", 9_900 + k % 50_000, 1),),
-                amounts=Amounts(items=9_900 + k % 50_000, total=9_900 + k % 50_000),
+                items=(Item("sku", ("beauty", "small_appliances")[k % 7 == 0], total, 1),),
+                amounts=Amounts(items=total, total=total),
                 channel=Channel.LIVE_ROOM,
                 live_room_id=f"lr{k % 100}",
                 creator_id=f"c{k % 100}",

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from riskd.evidence.records import canonical_json
 from riskd.evidence.schema import GENESIS_HASH
 from riskd.sql import Database, Row, Tx
 
@@ -64,7 +65,7 @@ def append_rows(
     sql = f"INSERT INTO {table.name} ({cols}) VALUES ({marks}){conflict}"
     stored = []
     for c in contents:
-        text = json.dumps(c, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        text = canonical_json(c)
         digest = chain_hash(prev, text)
         values = [c[k] for k in table.columns]
         ok = tx.execute(sql, (seq + 1, *values, text, prev, digest)).rowcount == 1

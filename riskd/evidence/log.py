@@ -103,6 +103,7 @@ class DecisionLog:
         self._inflight = 0  # items taken by the writer, not yet committed
         self._written = 0  # items committed since start (flush waits on this)
         self._appended = 0
+        self._urgent = 0  # flush() waits for everything appended up to here
         self._closed = False
         self._error: str = ""
         self._thread = threading.Thread(target=self._run, name="evidence-writer", daemon=True)
@@ -223,6 +224,8 @@ class DecisionLog:
         """
         with self._cond:
             target = self._appended
+            self._urgent = target  # the writer commits what it has instead of gathering more
+            self._cond.notify_all()
             ok = self._cond.wait_for(lambda: self._written >= target, timeout_s)
             if not ok:
                 raise UnavailableError(f"decision log flush timed out ({self._error})")
@@ -254,15 +257,18 @@ class DecisionLog:
             self._cond.wait_for(lambda: self._queue or self._closed)
             if not self._queue:
                 return None
-            if len(self._queue) < self._max_batch and not self._closed:
-                # gather a batch; appenders notify, so this returns as soon as it is full
-                self._cond.wait_for(
-                    lambda: len(self._queue) >= self._max_batch or self._closed, self._interval
-                )
+            if not self._gathered():
+                # gather a batch; appenders and flush() notify, so this returns as soon as
+                # the batch is full or someone waits for it
+                self._cond.wait_for(self._gathered, self._interval)
             n = min(len(self._queue), self._max_batch)
             batch = [self._queue.popleft() for _ in range(n)]
             self._inflight = n
             return batch
+
+    def _gathered(self) -> bool:
+        full = len(self._queue) >= self._max_batch
+        return full or self._closed or self._written < self._urgent
 
     def _commit(self, batch: list[_Item]) -> None:
         delay = 0.01

@@ -43,12 +43,15 @@ class DecisionRecord:
 
 
 def canonical_json(value: object) -> str:
-    """The one serialization the hash chain covers: sorted keys, no spaces, UTF-8.
+    """The one serialization written and hashed: compact, UTF-8, keys in the order built.
+
+    The hash covers the stored text itself (``verify`` never re-serializes),
+    so key order need not be sorted, only fixed by ``to_content``.
 
     >>> canonical_json({"b": 1, "a": [1.5, "x"]})
-    '{"a":[1.5,"x"],"b":1}'
+    '{"b":1,"a":[1.5,"x"]}'
     """
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def _reason_content(r: Reason) -> dict[str, Any]:
@@ -81,13 +84,14 @@ def rules_content(results: Sequence[RuleResult]) -> dict[str, Any]:
     decision, and the rule files of ``rules_version`` hold them. With 200 rules
     this keeps a record near 2 KB instead of 30.
     """
-    out: dict[str, Any] = {"hit": [], "error": [], "no_hit": [], "no_hit_shadow": []}
-    for r in results:
-        if r.status is RuleStatus.NO_HIT:
-            out["no_hit_shadow" if r.mode is Mode.SHADOW else "no_hit"].append(r.rule_id)
-        else:
-            out["hit" if r.status is RuleStatus.HIT else "error"].append(_result_content(r))
-    return out
+    miss, shadow, hit = RuleStatus.NO_HIT, Mode.SHADOW, RuleStatus.HIT
+    misses = [r for r in results if r.status is miss]
+    return {
+        "hit": [_result_content(r) for r in results if r.status is hit],
+        "error": [_result_content(r) for r in results if r.status is RuleStatus.ERROR],
+        "no_hit": [r.rule_id for r in misses if r.mode is not shadow],
+        "no_hit_shadow": [r.rule_id for r in misses if r.mode is shadow],
+    }
 
 
 def to_content(record: DecisionRecord) -> dict[str, Any]:
