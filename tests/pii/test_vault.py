@@ -228,3 +228,25 @@ def test_vault_forget_leaves_no_wrapped_key_bytes_in_the_sqlite_files(
     vault.forget("b1")
     assert blob not in on_disk()
     db.close()
+
+
+def test_vault_round_trip_property(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    db = Database(tmp_path_factory.mktemp("prop") / "p.db")
+    vault = Vault(Keyring.generate(), SqlKeyStore(db))
+    ids = st.text(min_size=1, max_size=12)
+
+    subjects = st.sampled_from(["b-1", "买家-2", "b:3|x"])  # few subjects: few key writes
+
+    @settings(max_examples=80, deadline=None)
+    @given(subjects, ids, ids, st.text(max_size=60))
+    def round_trip(subject: str, record: str, field: str, text: str) -> None:
+        ct = vault.encrypt(subject, record, field, text)
+        assert vault.decrypt(subject, record, field, ct) == text
+        with pytest.raises(CryptoError):
+            vault.decrypt(subject, record + "x", field, ct)
+
+    round_trip()
+    db.close()
