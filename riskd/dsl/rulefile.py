@@ -59,6 +59,7 @@ MISPLACED_COMMENT = "riskd_misplaced_comment"
 _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NUMBER_RE = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _NUMBER_START = re.compile(r"-?[0-9]")
+_BLANKS_RE = re.compile(r"[ \t\r\n]+")
 _PUNCT = "{}[]=,:"
 _T = TypeVar("_T")
 
@@ -219,20 +220,23 @@ class _Scanner:
         self.diags.append(Diagnostic(code, message, self.path, line, col, src))
 
     def _advance(self, n: int) -> None:
-        for ch in self.text[self.pos : self.pos + n]:
-            if ch == "\n":
-                self.line += 1
-                self.col = 1
-            else:
-                self.col += 1
-        self.pos += n
+        end = self.pos + n
+        newlines = self.text.count("\n", self.pos, end)
+        if newlines:
+            self.line += newlines
+            self.col = end - self.text.rfind("\n", self.pos, end)
+        else:
+            self.col += n
+        self.pos = end
 
     def _skip_blanks(self) -> None:
         text = self.text
         while self.pos < len(text):
             ch = text[self.pos]
             if ch in " \t\r\n":
-                self._advance(1)
+                m = _BLANKS_RE.match(text, self.pos)
+                assert m is not None
+                self._advance(m.end() - self.pos)
             elif ch == "#":
                 end = text.find("\n", self.pos)
                 end = len(text) if end < 0 else end
@@ -544,6 +548,9 @@ class _Parser:
     def decode_string(self, tok: Token) -> str:
         if len(tok.text) < 2 or not tok.text.endswith('"'):
             raise ParseAbort()  # unterminated: the scanner has reported it
+        body = tok.text[1:-1]
+        if "\\" not in body and body.isprintable():
+            return body  # the common case: no escapes to decode
         try:
             value = json.loads(tok.text)
         except ValueError:

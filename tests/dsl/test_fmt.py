@@ -94,7 +94,7 @@ def _items(draw: st.DrawFn) -> Item:
 _files = st.builds(RuleFile, st.lists(_items(), max_size=5).map(tuple), _end_comments)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(_files)
 def test_format_then_parse_is_identity(tree: RuleFile) -> None:
     text = format_file(tree)
@@ -103,7 +103,7 @@ def test_format_then_parse_is_identity(tree: RuleFile) -> None:
     assert parsed == tree, text
 
 
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(_files)
 def test_format_is_idempotent(tree: RuleFile) -> None:
     once = format_file(tree)
