@@ -14,8 +14,9 @@ Where it sits: ``service`` converts a request to an ``Order`` and calls
 4. runs the current compiled ``Program`` on the order, its features and its
    shop's enforcement state, and combines the results (``combine``);
 5. when a dependency was unavailable, marks the decision ``degraded`` with
-   what was missing and takes the ``max()`` of the rules that could still run
-   and the ``FallbackPolicy``;
+   what was missing (``features``, ``shops``, ``rules``, ``evidence``) and,
+   when an input of the decision was missing (all but ``evidence``), takes the
+   ``max()`` of the rules that could still run and the ``FallbackPolicy``;
 6. appends the decision, the feature values and every rule result (shadow
    ones included) to the ``DecisionLog``, whose writer thread commits it,
    and only then lands the flight, so a retry always finds it.
@@ -70,6 +71,7 @@ from riskd.features.memory import InProcessFeatureStore
 from riskd.features.store import MAX_ORDER_ID_LEN, FeatureStore, Observation
 
 FALLBACK_RULE_ID = "@fallback"
+_INPUTS = frozenset({"features", "shops", "rules"})  # what the decision is made from
 
 Features = dict[FeatureQuery, int]
 
@@ -256,7 +258,7 @@ class Scorer:
     ) -> Decision:
         verdict = combine(results)
         outcome, reasons = verdict.outcome, verdict.reasons
-        if missing:
+        if any(m in _INPUTS for m in missing):  # the log alone missing leaves the answer whole
             fallback = self._fallback_reason(order)
             outcome = max(outcome, fallback.action)
             reasons = (*reasons, fallback)

@@ -151,3 +151,20 @@ def test_hung_redis_cannot_hold_the_answer_past_the_deadline(
     else:
         pytest.fail("the scorer did not recover after Redis came back")
     store.close()
+
+
+def test_hung_redis_bounds_a_whole_batch_by_its_deadline(
+    make_rig: Callable[..., Rig], own_redis: RedisProcess
+) -> None:
+    clock = SystemClock()
+    store = RedisFeatureStore(own_redis.url, clock, prefix="riskd:test:", timeout_s=5.0)
+    rig = make_rig(store, scorer_clock=clock)
+    own_redis.freeze()
+    orders = [make_order(f"o-{i}", total=20_000 * (i + 1)) for i in range(5)]
+    started = time.perf_counter()
+    decisions = rig.scorer.score_batch(orders, timeout_s=0.1)
+    assert time.perf_counter() - started < 0.1 + 0.03
+    assert all(d.degraded == ("features",) for d in decisions)
+    assert [d.outcome for d in decisions] == [Outcome.ALLOW, Outcome.ALLOW] + [Outcome.REVIEW] * 3
+    own_redis.thaw()
+    store.close()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,7 +15,7 @@ from riskd.domain.events import OrderEvent, OrderEventKind
 from riskd.domain.features import Agg, FeatureQuery
 from riskd.dsl.holder import ProgramHolder
 from riskd.engine.keys import observe
-from riskd.errors import InvalidArgumentError
+from riskd.errors import InvalidArgumentError, UnavailableError
 from riskd.ledger import Book, LedgerShopDirectory
 from riskd.pii import BlindIndexer
 from riskd.sql import Database
@@ -193,3 +194,34 @@ def test_scorer_follows_a_rule_reload(
     assert holder.reload().ok
     decision = rig.scorer.score(make_order("o-1", total=20_000))
     assert decision.outcome is Outcome.REVIEW and decision.rules_version != before
+
+
+class FlakyDatabase(Database):
+    """The real SQLite database, whose reads can be made to fail (the log's DB is down)."""
+
+    fail_reads = False
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        if self.fail_reads:
+            raise UnavailableError("database unavailable")
+        return super().query(sql, params)
+
+
+def test_scorer_answers_when_the_log_cannot_be_read(
+    make_rig: Callable[..., Rig], tmp_path: Path, indexer: BlindIndexer, clock: FakeClock
+) -> None:
+    db = FlakyDatabase(tmp_path / "flaky.db")
+    rig = make_rig(database=db)
+    db.fail_reads = True
+    decision = rig.scorer.score(make_order("o-1", total=60_000))
+    # the rules and features were all there: the answer is theirs, flagged for the lookup
+    assert decision.degraded == ("evidence",)
+    assert decision.outcome is Outcome.REVIEW
+    assert [r.rule_id for r in decision.reasons] == ["big_order"]
+    rig.log.flush(10)
+    db.fail_reads = False
+    assert rig.scorer.score(make_order("o-1", total=60_000)) == decision
+    assert count_buyer_orders(rig, indexer, clock, "b-1") == 1
+    rig.scorer.close()
+    rig.log.close()
+    db.close()
