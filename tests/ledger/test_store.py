@@ -76,3 +76,12 @@ def test_sqlite_runs_wal_with_full_sync(tmp_path: object) -> None:
     assert book.store.query("PRAGMA journal_mode") == [("wal",)]
     assert book.store.query("PRAGMA synchronous") == [(2,)]  # FULL
     book.close()
+
+
+def test_verify_detects_a_balance_that_differs_from_the_journal(book: Book) -> None:
+    funded(book, shops={"s1": 100})
+    raw(book, "UPDATE ledger_accounts SET credits = credits + 1 WHERE id = ?", (acc.FUND,))
+    problems = book.verify()
+    assert "platform:fund: balance differs from the replayed journal" in problems
+    assert "accounts do not sum to zero" in problems
+    assert "fund: balance differs from top-ups - payouts + recoveries" in problems
