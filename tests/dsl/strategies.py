@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from riskd.dsl.nodes import Call, Comprehension, Expr, Ident, ListLit, Literal, MapLit, Select
-from riskd.dsl.types import BOOL, DOUBLE, INT, STRING, ListType, MapType, Type
+from riskd.domain.order import Item
+from riskd.dsl.types import BOOL, DOUBLE, INT, STRING, ListType, MapType, Type, schema_of
 from riskd.dsl.values import UInt
 
 VARIABLES: dict[str, Type] = {
@@ -16,8 +17,10 @@ VARIABLES: dict[str, Type] = {
     "b": BOOL,
     "l": ListType(INT),
     "m": MapType(STRING, INT),
+    "it": schema_of(Item),
+    "its": ListType(schema_of(Item)),
 }
-NAMES = st.sampled_from(["a", "b", "x", "y", "foo", "_z", "e1"])
+NAMES = st.sampled_from(["a", "b", "x", "y", "foo", "_z", "e1", "sku", "quantity", "unit_price"])
 BINARY = ["_+_", "_-_", "_*_", "_/_", "_%_", "_==_", "_!=_", "_<_", "_<=_", "_>_", "_>=_",
           "_&&_", "_||_", "@in"]  # fmt: skip
 
@@ -100,5 +103,17 @@ def activations() -> st.SearchStrategy[dict[str, object]]:
             "b": st.booleans(),
             "l": st.lists(st.integers(-3, 3), max_size=4),
             "m": st.dictionaries(st.sampled_from(["a", "b", "x"]), st.integers(-3, 3), max_size=3),
+            "it": items(),
+            "its": st.lists(items(), max_size=3),
         }
+    )
+
+
+def items() -> st.SearchStrategy[Item]:
+    return st.builds(
+        Item,
+        st.sampled_from(["a", "sku-1"]),
+        st.sampled_from(["cosmetics", "books"]),
+        st.integers(0, 5),
+        st.integers(-1, 3),
     )
