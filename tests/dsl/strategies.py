@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from riskd.dsl.nodes import Call, Comprehension, Expr, Ident, ListLit, Literal, MapLit, Select
 from riskd.domain.order import Item
+from riskd.dsl.nodes import Call, Comprehension, Expr, Ident, ListLit, Literal, MapLit, Select
 from riskd.dsl.types import BOOL, DOUBLE, INT, STRING, ListType, MapType, Type, schema_of
 from riskd.dsl.values import UInt
 
