@@ -30,10 +30,13 @@ Deadlines: with ``timeout_s`` the feature calls of a call run on a worker
 thread and the scorer waits at most the budget less ``eval_reserve_s`` (kept
 for the rules and the log), so a hung Redis cannot hold the answer past the
 deadline. The in-process store never blocks on I/O and is called inline.
-After ``breaker_failures`` failures in a row the breaker skips the feature
-store for ``breaker_cooldown_s``, then lets one call probe it: recovery needs
-no restart and no operator, and a dead Redis does not cost every request its
-full timeout meanwhile.
+The decision-log lookup of a PostgreSQL log is bounded the same way (by half
+the budget; a SQLite file is read inline); appends never wait on the database.
+After ``breaker_failures`` failures in a row a breaker (one for the feature
+store, one for the log lookup) skips that dependency for
+``breaker_cooldown_s``, then lets one call probe it: recovery needs no restart
+and no operator, and a dead Redis does not cost every request its full
+timeout meanwhile.
 
 ``score_batch`` amortizes the per-call work over the batch: one program
 snapshot, one deadline, one decision-log lookup (``IN`` query) and one hand-off
@@ -132,6 +135,10 @@ class Scorer:
         self.breaker = CircuitBreaker(
             clock, failures=breaker_failures, cooldown_s=breaker_cooldown_s
         )
+        self._remote_log = log.db.dialect != "sqlite"  # a local file is never slow to read
+        self.log_breaker = CircuitBreaker(
+            clock, failures=breaker_failures, cooldown_s=breaker_cooldown_s
+        )
         self._flights = Flights()
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, "riskd-features")
 
@@ -175,15 +182,32 @@ class Scorer:
     def _left(self, deadline: float | None) -> float | None:
         return None if deadline is None else max(0.0, deadline - self._clock.monotonic())
 
-    def _recorded(self, order_ids: Sequence[str]) -> tuple[dict[str, Decision], bool]:
-        """Logged decisions by order id; the flag is False when the log could not say."""
-        if not order_ids:
-            return {}, True
+    def _recorded(
+        self, order_ids: Sequence[str], budget: float | None
+    ) -> tuple[dict[str, Decision], bool]:
+        """Logged decisions by order id; the flag is False when the log could not say.
+
+        Decisions still queued in this process are always found; the SQL lookup
+        of the rest is bounded by half the budget when the log is remote, and
+        skipped while its breaker is open (store idempotency still holds).
+        """
+        found = {oid: r.decision for oid, r in self._log.queued(order_ids).items()}
+        rest = [oid for oid in order_ids if oid not in found]
+        if not rest:
+            return found, True
+        if not self.log_breaker.allow():
+            return found, False
         try:
-            records = self._log.get_many(order_ids)
-        except Exception:  # the log's database is down: score anyway, store idempotency holds
-            return {}, False
-        return {oid: r.decision for oid, r in records.items()}, True
+            if budget is None or not self._remote_log:
+                records = self._log.get_many(rest)
+            else:
+                records = self._pool.submit(self._log.get_many, rest).result(timeout=budget / 2)
+        except Exception:  # down or slow: score anyway, the store counts each order once
+            self.log_breaker.failure()
+            return found, False
+        self.log_breaker.success()
+        found.update((oid, r.decision) for oid, r in records.items())
+        return found, True
 
     def _read_features(
         self,
@@ -351,7 +375,7 @@ class _Batch:
 
     def _lead(self) -> None:
         ids = [self.orders[i].order_id for i, _ in self.led]
-        known, log_ok = self.s._recorded(ids)
+        known, log_ok = self.s._recorded(ids, self.s._left(self.ctx.deadline))
         self.ctx.missing = () if log_ok else ("evidence",)
         todo: list[tuple[int, Flight]] = []
         for i, flight in self.led:

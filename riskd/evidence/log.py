@@ -170,6 +170,11 @@ class DecisionLog:
             return record
         return from_content(json.loads(rows[0][0]))
 
+    def queued(self, order_ids: Sequence[str]) -> dict[str, DecisionRecord]:
+        """The decisions among ``order_ids`` appended but not yet committed (memory only)."""
+        with self._cond:
+            return {oid: r for oid in order_ids if (r := self._pending.get(oid)) is not None}
+
     def get_many(self, order_ids: Sequence[str]) -> dict[str, DecisionRecord]:
         """The recorded decisions among ``order_ids`` (one query per 500 ids), by order id."""
         found: dict[str, DecisionRecord] = {}

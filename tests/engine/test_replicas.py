@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from riskd.domain.clock import FakeClock
-from riskd.domain.decision import Decision
+from riskd.domain.decision import Decision, Outcome
 from riskd.domain.features import Agg, FeatureQuery
 from riskd.dsl.holder import ProgramHolder
 from riskd.engine.fallback import FallbackPolicy
@@ -114,3 +116,47 @@ def test_scored_orders_leave_no_plaintext_pii_on_disk(
     assert b"139****4321" in raw and b"BIG_ORDER" in raw
     for value in (PHONE, DEVICE, IP, STREET, "赵六", "330106199001011234"):
         assert value.encode() not in raw
+
+
+class SlowDatabase(Database):
+    """The real PostgreSQL, with reads that can be made to hang (a slow or stuck database)."""
+
+    delay_s = 0.0
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return super().query(sql, params)
+
+
+@pytest.mark.postgres
+def test_slow_postgres_log_cannot_hold_the_answer_past_the_deadline(
+    pg_url: str, holder: ProgramHolder, clock: FakeClock, indexer: BlindIndexer
+) -> None:
+    db = SlowDatabase(pg_url)
+    log = DecisionLog(db, indexer=indexer)
+    scorer = Scorer(
+        holder,
+        InProcessFeatureStore(clock),
+        log,
+        indexer,
+        clock=clock,
+        fallback=FallbackPolicy.default(),
+        breaker_failures=1,
+    )
+    db.delay_s = 1.0
+    started = time.perf_counter()
+    decision = scorer.score(make_order("o-1", total=60_000), timeout_s=0.2)
+    assert time.perf_counter() - started < 0.2
+    assert decision.degraded == ("evidence",) and decision.outcome is Outcome.REVIEW
+    assert scorer.log_breaker.is_open
+    started = time.perf_counter()  # open breaker: no wait at all
+    assert scorer.score(make_order("o-2"), timeout_s=0.2).degraded == ("evidence",)
+    assert time.perf_counter() - started < 0.05
+    db.delay_s = 0.0
+    clock.advance(1.0)  # the cooldown passes: the next lookup probes and succeeds
+    assert scorer.score(make_order("o-3"), timeout_s=0.2).degraded == ()
+    assert scorer.score(make_order("o-1", total=60_000), timeout_s=0.2) == decision
+    scorer.close()
+    log.close()
+    db.close()
