@@ -98,7 +98,7 @@ _COMMON = [
         shop_id TEXT NOT NULL REFERENCES ledger_shops (shop_id),
         violation TEXT NOT NULL,
         schedule_version TEXT NOT NULL,
-        amount BIGINT NOT NULL CHECK (amount > 0),
+        amount BIGINT NOT NULL CHECK (amount >= 0),
         frozen_until {real} NOT NULL,
         evidence TEXT NOT NULL,
         request_key TEXT NOT NULL,

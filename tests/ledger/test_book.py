@@ -17,6 +17,7 @@ from riskd.errors import (
 )
 from riskd.ledger import Book, Code
 from riskd.ledger import accounts as acc
+from riskd.ledger.schedule import parse_schedule
 from tests.ledger.conftest import funded
 
 DAY = 86_400
@@ -378,3 +379,26 @@ def test_error_messages_never_echo_free_text(book: Book) -> None:
     with pytest.raises(InvalidArgumentError) as e:
         book.penalize_shop("p", "s1", "order_brushing", "c1", evidence=secret * 100, actor="a")
     assert "1381234" not in str(e.value)
+
+
+def test_a_share_only_penalty_on_an_empty_deposit_records_the_case_and_freezes(
+    db_url: str, clock: FakeClock
+) -> None:
+    schedule = parse_schedule(
+        {
+            "version": "t1",
+            "violations": {"brush": {"deposit_share_bps": 5000, "freeze_days": 3}},
+            "coupons": {"late_shipment": {"amount_fen": 500}},
+        }
+    )
+    book = Book.open(db_url, clock=clock, schedule=schedule)
+    try:
+        book.register_shop("s1")
+        r = book.penalize_shop("p1", "s1", "brush", "c1", evidence="ev", actor="a")
+        assert r.transfers == () and r.frozen_until == clock.now() + 3 * DAY
+        assert book.shop_statement("s1").penalties == 1
+        book.deposit("d1", "s1", 1_001, actor="m")
+        r = book.penalize_shop("p2", "s1", "brush", "c2", evidence="ev", actor="a")
+        assert r.total(Code.PENALTY) == 500  # half of 1,001 fen, rounded down
+    finally:
+        book.close()
