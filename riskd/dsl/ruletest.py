@@ -294,6 +294,7 @@ class CaseResult:
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
     errors: tuple[tuple[str, str], ...]
+    why: tuple[tuple[str, tuple[str, ...]], ...] = ()  # rule id -> explanation, on failure
 
     @property
     def passed(self) -> bool:
@@ -308,6 +309,9 @@ class CaseResult:
         if self.unexpected:
             lines.append(f"     fired but not expected: {', '.join(self.unexpected)}")
         lines.extend(f"     {rid}: error: {msg}" for rid, msg in self.errors)
+        for rid, explanation in self.why:
+            lines.append(f"     why {rid}:")
+            lines.extend(f"       {e}" for e in explanation)
         return "\n".join(lines)
 
 
@@ -321,17 +325,25 @@ def features_for(program: Program, test: RuleTest) -> dict[FeatureQuery, int]:
 
 
 def run_test(program: Program, test: RuleTest) -> CaseResult:
-    results = program.evaluate(test.order, test.shop, features_for(program, test), test.now)
+    """Evaluate one case; a failure carries the explanation of each rule that surprised."""
+    features = features_for(program, test)
+    results = program.evaluate(test.order, test.shop, features, test.now)
     in_scope = [r for r in results if r.rule_id in test.scope]
     fired = frozenset(r.rule_id for r in in_scope if r.status is RuleStatus.HIT)
     errors = tuple((r.rule_id, r.error) for r in in_scope if r.status is RuleStatus.ERROR)
-    return CaseResult(
-        test,
-        fired,
-        missing=tuple(sorted(test.expect - fired)),
-        unexpected=tuple(sorted(fired - test.expect)),
-        errors=errors,
-    )
+    missing = tuple(sorted(test.expect - fired))
+    unexpected = tuple(sorted(fired - test.expect))
+    why: list[tuple[str, tuple[str, ...]]] = []
+    if missing or unexpected:
+        act = program.activation(test.order, test.shop, features, test.now)
+        for rid in (*missing, *unexpected):
+            rule = program.rule(rid)
+            if rule is not None and rule.expr is not None:
+                try:
+                    why.append((rid, rule.expr.explain(act)))
+                except EvalError:
+                    pass  # its error is already in ``errors``
+    return CaseResult(test, fired, missing, unexpected, errors, tuple(why))
 
 
 def run_tests(program: Program) -> tuple[CaseResult, ...]:

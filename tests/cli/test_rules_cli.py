@@ -56,6 +56,7 @@ def test_rules_test_reports_failures(tmp_path: Path, capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     assert "FAIL " in out and "an order from a frozen shop" in out
     assert "expected to fire but did not: frozen_shop" in out
+    assert "why frozen_shop:" in out and "shop.frozen" in out
     assert "PASS" not in out  # --quiet prints failures only
     assert " 1 failed, " in out
 

@@ -84,6 +84,7 @@ def test_ruletest_reports_missing_unexpected_and_errors(tmp_path: Path) -> None:
     assert text.startswith("FAIL ") and "main.rules:" in text and "wrong" in text
     assert "expected to fire but did not: quiet" in text
     assert "fired but not expected: fires" in text
+    assert "     why quiet:\n       " in text  # then the explanation lines
     assert summary((result,)) == "0 passed, 1 failed, 1 test cases"
 
 
