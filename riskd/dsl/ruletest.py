@@ -20,6 +20,7 @@ expected ones) that hit are exactly ``expect``; a rule ERROR fails it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import typing
@@ -339,10 +340,8 @@ def run_test(program: Program, test: RuleTest) -> CaseResult:
         for rid in (*missing, *unexpected):
             rule = program.rule(rid)
             if rule is not None and rule.expr is not None:
-                try:
+                with contextlib.suppress(EvalError):  # its error is already in ``errors``
                     why.append((rid, rule.expr.explain(act)))
-                except EvalError:
-                    pass  # its error is already in ``errors``
     return CaseResult(test, fired, missing, unexpected, errors, tuple(why))
 
 
