@@ -142,7 +142,7 @@ def _local(t: Timestamp, tz: str = "UTC") -> _dt.datetime:
             return d.astimezone(_dt.timezone(sign * offset))
         return d.astimezone(zoneinfo.ZoneInfo(tz))
     except (ValueError, zoneinfo.ZoneInfoNotFoundError) as exc:
-        raise EvalError(f"unknown time zone {tz!r}") from exc
+        raise EvalError("unknown time zone") from exc
 
 
 def _ts_accessor(get: Callable[[_dt.datetime], int]) -> Callable[..., int]:

@@ -52,8 +52,9 @@ def search_dynamic(pattern: str, text: str) -> bool:
     """``text.matches(pattern)`` for a pattern known only at run time."""
     try:
         return _cached(pattern)(text)
-    except RegexError as exc:
-        raise EvalError(f"invalid regular expression: {exc}") from exc
+    except RegexError:
+        # RE2's message quotes the pattern, which here is data (maybe PII): never echo it.
+        raise EvalError("invalid regular expression (computed at run time)") from None
 
 
 def _message(exc: Exception) -> str:
