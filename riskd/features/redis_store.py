@@ -12,15 +12,18 @@ plaintext)::
     {prefix}d:{key}:{of}:{value}  ZSET    of-value scored by its latest sighting (ms)
 
 COUNT and DISTINCT are ``ZCOUNT`` over ``(t - W, t]``: exact. SUM reads a
-running sum ``s{w}`` = the total of the events scored after cursor ``c{w}``
-(moved to ``t - W`` by each record) and corrects it with the few events
-between the cursor and the window's edges, so it is exact too, except for an
+running sum ``s{w}`` (the total of the events scored after cursor ``c{w}``),
+catches its cursor up to ``t - W`` by subtracting the few events in between,
+and leaves out events scored after ``t``; so it is exact too, except for an
 observation read more than 24 hours behind the newest one of its key (those
-events are already trimmed). Every write trims what fell out of the longest
-window and refreshes a 25-hour TTL, so nothing grows without bound.
+events are already trimmed). Each record trims the events that left the
+longest window (taking them out of every running sum), adds the new one and
+refreshes a 25-hour TTL on every key it touches, so nothing grows without
+bound. A record costs about seven Redis calls per key inside the script.
 
-All keys of one call are passed to the script, but they are not hash-tagged:
-run it against one Redis (or one shard) rather than a Redis Cluster.
+The script builds its key names from the prefix (it takes its fields as one
+argument, which is far cheaper for the Python client to send than a list of
+keys), so it runs against one Redis (or one shard), not a Redis Cluster.
 """
 
 from __future__ import annotations
@@ -68,24 +71,27 @@ end
 
 local function record_series(ekey, skey)
   local h = redis.call('HMGET', skey, 'c1', 'c2', 'c3', 's1', 's2', 's3')
+  local c, s = {}, {}
+  for w = 1, last do c[w], s[w] = tonumber(h[w]) or -1, tonumber(h[w + last]) or 0 end
+  local edge = t - WINDOWS[last]
+  if c[last] < edge then  -- events leaving the longest window leave every running sum
+    local gone = redis.call('ZRANGEBYSCORE', ekey, '(' .. c[last], edge, 'WITHSCORES')
+    for k = 1, #gone, 2 do
+      local score, amt = tonumber(gone[k + 1]), tonumber(string.match(gone[k], '^(%d+):'))
+      for w = 1, last do if score > c[w] then s[w] = s[w] - amt end end
+    end
+    for w = 1, last do c[w] = math.max(c[w], edge) end
+  end
   local update = {}
   for w = 1, last do
-    local c, s = tonumber(h[w]) or -1, tonumber(h[w + last]) or 0
-    local edge = t - WINDOWS[w]
-    if c < edge then
-      s = s - range_sum(ekey, c, edge)
-      c = edge
-    end
-    if t > c then s = s + amount end
+    if t > c[w] then s[w] = s[w] + amount end
     update[#update + 1] = 'c' .. w
-    update[#update + 1] = c
+    update[#update + 1] = c[w]
     update[#update + 1] = 's' .. w
-    update[#update + 1] = s
-    if w == last then
-      if t > c then redis.call('ZADD', ekey, t, f[3] .. ':' .. ARGV[2]) end
-      redis.call('ZREMRANGEBYSCORE', ekey, '-inf', c)
-    end
+    update[#update + 1] = s[w]
   end
+  if t > c[last] then redis.call('ZADD', ekey, t, f[3] .. ':' .. ARGV[2]) end
+  redis.call('ZREMRANGEBYSCORE', ekey, '-inf', c[last])
   redis.call('HSET', skey, unpack(update))
   redis.call('EXPIRE', ekey, ttl)
   redis.call('EXPIRE', skey, ttl)
@@ -102,8 +108,12 @@ local function read_sum(ekey, skey, w)
   local h = redis.call('HMGET', skey, 'c' .. w, 's' .. w)
   local c, s = tonumber(h[1]) or -1, tonumber(h[2]) or 0
   local edge = t - WINDOWS[w]
-  if c < edge then s = s - range_sum(ekey, c, edge)
-  elseif c > edge then s = s + range_sum(ekey, edge, c) end
+  if c < edge then
+    s = s - range_sum(ekey, c, edge)
+    if h[1] then redis.call('HSET', skey, 'c' .. w, edge, 's' .. w, s) end  -- catch up once
+  elseif c > edge then
+    s = s + range_sum(ekey, edge, c)
+  end
   return s - range_sum(ekey, t, '+inf')
 end
 
