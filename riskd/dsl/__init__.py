@@ -20,6 +20,7 @@ if TYPE_CHECKING:
         evaluate,
         infer_type,
         parse_expr,
+        to_json,
         unparse,
     )
     from riskd.dsl.types import ObjectType, Type, schema_of
@@ -32,6 +33,7 @@ _EXPORTS: dict[str, str] = {
     "evaluate": "riskd.dsl.expr",
     "infer_type": "riskd.dsl.expr",
     "parse_expr": "riskd.dsl.expr",
+    "to_json": "riskd.dsl.expr",
     "unparse": "riskd.dsl.expr",
     "Env": "riskd.dsl.checker",
     "Diagnostic": "riskd.dsl.diagnostics",
@@ -63,6 +65,7 @@ __all__ = [
     "infer_type",
     "parse_expr",
     "schema_of",
+    "to_json",
     "unparse",
 ]
 

@@ -10,14 +10,16 @@ True
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from riskd.domain.features import FeatureQuery
 from riskd.dsl.checker import Checked, Env, check
 from riskd.dsl.compiler import Fn, compile_checked
-from riskd.dsl.diagnostics import LIMIT_EXCEEDED, Diagnostic, Diagnostics, Source
+from riskd.dsl.diagnostics import LIMIT_EXCEEDED, Diagnostics, Source
 from riskd.dsl.interp import Interpreter
 from riskd.dsl.nodes import Expr
 from riskd.dsl.parser import parse
@@ -52,6 +54,7 @@ __all__ = [
     "evaluate",
     "infer_type",
     "parse_expr",
+    "to_json",
     "unparse",
 ]
 
@@ -210,4 +213,31 @@ def evaluate(text: str, variables: Mapping[str, object]) -> object:
     return compiled.evaluate(variables)
 
 
-_ = Diagnostic
+def to_json(value: object) -> object:
+    """A run-time value as plain JSON data (for ``riskd rules eval``).
+
+    >>> to_json({"a": [UInt(1), b"hi", duration_of(90)]})
+    {'a': [1, 'aGk=', '90s']}
+    """
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, Duration | Timestamp | TypeValue):
+        return str(value)
+    if isinstance(value, list | tuple | frozenset | set):
+        return [to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(to_json(k)): to_json(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return repr(value)
+
+
+def duration_of(seconds: float) -> Duration:
+    """A ``Duration`` of ``seconds``."""
+    return Duration.checked(round(seconds * 1_000_000_000))

@@ -11,7 +11,7 @@ import pytest
 from riskd.domain.features import Agg, FeatureQuery
 from riskd.domain.order import Amounts, Buyer, Channel, Item, Order
 from riskd.dsl.checker import Env
-from riskd.dsl.expr import CompiledExpr, compile_expr, evaluate
+from riskd.dsl.expr import CompiledExpr, compile_expr, evaluate, to_json
 from riskd.dsl.types import DYN, INT, STRING, TIMESTAMP, ListType, MapType, schema_of
 from riskd.dsl.values import Duration, EvalError, Timestamp, UInt
 
@@ -229,3 +229,13 @@ def test_concatenation_is_bounded() -> None:
         evaluate(expr, {"s": "x" * (1 << 18)})
     with pytest.raises(EvalError, match="concatenation longer than"):
         evaluate("(l + l) + (l + l) + (l + l)", {"l": list(range(1 << 18))})
+
+
+def test_to_json_turns_values_into_plain_data() -> None:
+    value = evaluate(
+        "[1u, b'hi', duration('90s'), timestamp(0), int, 0.0 / 0.0, {'k': [true, null]}]", {}
+    )
+    assert to_json(value) == [1, "aGk=", "90s", "1970-01-01T00:00:00Z", "int", "nan",
+                              {"k": [True, None]}]  # fmt: skip
+    assert to_json(Amounts(total=5)) == {"items": 0, "discount": 0, "coupon": 0, "shipping": 0,
+                                         "total": 5}  # fmt: skip
