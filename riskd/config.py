@@ -17,6 +17,7 @@ environment variables override the file::
     tls_cert = ""                   # RISKD_TLS_CERT / RISKD_TLS_KEY / RISKD_TLS_CLIENT_CA
     plaintext = true                # RISKD_PLAINTEXT: allow a plaintext port (loopback only)
     log_level = "info"              # RISKD_LOG_LEVEL
+    workers = 4                     # RISKD_WORKERS: RPC threads per process (scale by processes)
 
     [fallback]                      # RISKD_FALLBACK_<SCENARIO>="50000:allow,review"
     default = "50000:allow,review"  # total <= 500 CNY -> allow, else review
@@ -88,7 +89,7 @@ class Config:
     max_batch: int = 500
     max_message_bytes: int = 4 * 1024 * 1024
     grace_s: float = 10.0
-    workers: int = 16
+    workers: int = 4  # RPC threads: CPU-bound Python scales by processes, not threads
     fallback: Mapping[str, tuple[FallbackTier, ...]] = field(default_factory=_default_fallback)
 
     @property

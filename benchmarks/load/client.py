@@ -128,7 +128,9 @@ async def _worker(stubs, payloads, deadline, per_call, start_at, interval, lat, 
 
 
 async def _run(target, method, payloads, seconds, channels, concurrency, rate):  # type: ignore[no-untyped-def]
-    chans = [grpc.aio.insecure_channel(target) for _ in range(channels)]
+    # A local subchannel pool per channel: each channel is its own TCP connection.
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    chans = [grpc.aio.insecure_channel(target, options=options) for _ in range(channels)]
     stubs = [c.unary_unary(method) for c in chans]
     for s in stubs:  # connect and warm up
         await s(payloads[0], timeout=10)
