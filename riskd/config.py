@@ -14,6 +14,7 @@ environment variables override the file::
     database_url = ""               # RISKD_DATABASE_URL ("" = sqlite file under data_dir)
     deadline_ms = 200               # RISKD_DEADLINE_MS (when the caller sets none)
     keyring_file = ""               # RISKD_KEYRING_FILE ("" = data_dir/keyring.json)
+                                    # RISKD_KEYRING: the keyring document itself (wins)
     tls_cert = ""                   # RISKD_TLS_CERT / RISKD_TLS_KEY / RISKD_TLS_CLIENT_CA
     plaintext = true                # RISKD_PLAINTEXT: allow a plaintext port (loopback only)
     log_level = "info"              # RISKD_LOG_LEVEL
@@ -77,6 +78,7 @@ class Config:
     database_url: str = ""
     deadline_ms: int = 200
     keyring_file: Path | None = None
+    keyring: str = field(default="", repr=False)  # a secret: never in repr or logs
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None

@@ -92,3 +92,9 @@ def test_unreadable_or_malformed_file(tmp_path: Path) -> None:
 def test_config_is_frozen() -> None:
     with pytest.raises(AttributeError):
         Config().listen = "x"  # type: ignore[misc]
+
+
+def test_keyring_document_from_environment_is_never_printed() -> None:
+    config = load_config(env={"RISKD_KEYRING": '{"secret": "k"}'})
+    assert config.keyring == '{"secret": "k"}'
+    assert "secret" not in repr(config)

@@ -162,7 +162,12 @@ def ledger_service(book: Book) -> Callable[[grpc.Server], list[str]]:
 
 
 def load_keyring(config: Config) -> Keyring:
-    """The configured keyring; on first start with none configured, generate one (mode 0600)."""
+    """The configured keyring; on first start with none configured, generate one (mode 0600).
+
+    ``RISKD_KEYRING`` (the document) wins over a key file.
+    """
+    if config.keyring:
+        return Keyring.from_json(config.keyring)
     path = config.keyring_path
     if path.exists():
         return Keyring.load(path)

@@ -72,3 +72,35 @@ def test_two_servers_share_one_port(tmp_path: Path) -> None:
         second.stop(0)
     finally:
         first.stop(0)
+
+
+def test_ledger_service_is_registered_and_reflected(tmp_path: Path) -> None:
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    running = create_server(make_config(tmp_path))
+    try:
+        assert "riskd.v1.LedgerService" in running.services
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+            health = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service="riskd.v1.LedgerService"), timeout=5
+            )
+        assert "riskd.v1.LedgerService" in services
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        running.stop(0)
+
+
+def test_keyring_is_generated_once_and_reused(tmp_path: Path) -> None:
+    create_server(make_config(tmp_path)).stop(0)
+    first = (tmp_path / "keyring.json").read_text()
+    assert (tmp_path / "keyring.json").stat().st_mode & 0o077 == 0
+    create_server(make_config(tmp_path)).stop(0)
+    assert (tmp_path / "keyring.json").read_text() == first
+
+
+def test_missing_configured_keyring_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^keyring_file: "):
+        create_server(make_config(tmp_path, keyring_file=str(tmp_path / "nope.json")))
