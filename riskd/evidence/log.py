@@ -34,7 +34,7 @@ from typing import Any
 
 from riskd.domain.events import OrderEvent
 from riskd.domain.order import Order
-from riskd.errors import InvalidArgumentError, RiskdError, UnavailableError
+from riskd.errors import ConfigError, InvalidArgumentError, RiskdError, UnavailableError
 from riskd.evidence.chain import DECISIONS, EVENTS, VerifyResult, append_rows, verify
 from riskd.evidence.records import (
     DecisionRecord,
@@ -86,7 +86,7 @@ class DecisionLog:
         put_timeout_s: float = 0.05,
     ) -> None:
         if max_batch < 1 or queue_size < max_batch:
-            raise InvalidArgumentError("queue_size", "must be at least max_batch >= 1")
+            raise ConfigError("evidence.queue_size: must be at least max_batch (>= 1)")
         self.db = db
         self._vault = vault
         self._indexer = indexer

@@ -11,7 +11,7 @@ from typing import TypeVar
 import pytest
 
 from riskd.domain.events import OrderEvent, OrderEventKind
-from riskd.errors import InvalidArgumentError, UnavailableError
+from riskd.errors import ConfigError, InvalidArgumentError, UnavailableError
 from riskd.evidence.log import DecisionLog
 from riskd.sql import Database, Tx
 
@@ -173,4 +173,37 @@ def test_log_closed_rejects_appends(tmp_path: Path) -> None:
     log.close()
     with pytest.raises(UnavailableError, match="closed"):
         log.append(make_record("o-1"))
+    db.close()
+
+
+class FailingDatabase(Database):
+    """The real database, whose first ``failures`` write transactions fail (a blip)."""
+
+    def __init__(self, url: str | Path, failures: int) -> None:
+        super().__init__(url)
+        self.failures = failures
+
+    def run(self, fn: Callable[[Tx], T]) -> T:
+        if self.failures > 0:
+            self.failures -= 1
+            raise UnavailableError("database unavailable")
+        return super().run(fn)
+
+
+def test_log_retries_a_failed_commit_and_keeps_the_batch_visible(tmp_path: Path) -> None:
+    db = FailingDatabase(tmp_path / "e.db", failures=3)
+    log = DecisionLog(db)
+    record = make_record("o-1")
+    log.append(record)
+    assert log.get("o-1") == record  # still queued while the writer retries
+    log.flush(10)
+    assert db.failures == 0 and rows(db) == 1 and log.get("o-1") == record
+    log.close()
+    db.close()
+
+
+def test_log_rejects_a_queue_smaller_than_a_batch(tmp_path: Path) -> None:
+    db = Database(tmp_path / "e.db")
+    with pytest.raises(ConfigError, match="queue_size"):
+        DecisionLog(db, max_batch=10, queue_size=5)
     db.close()
