@@ -207,3 +207,25 @@ def test_log_rejects_a_queue_smaller_than_a_batch(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="queue_size"):
         DecisionLog(db, max_batch=10, queue_size=5)
     db.close()
+
+
+@pytest.mark.postgres
+def test_two_writers_on_postgres_keep_one_unbroken_chain(pg: Database) -> None:
+    other = Database(pg.url)
+    logs = [DecisionLog(pg, max_batch=16), DecisionLog(other, max_batch=16)]
+
+    def write(n: int) -> None:
+        for i in range(150):
+            logs[n].append(make_record(f"w{n}-{i}"))
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for log in logs:
+        log.close()
+    assert rows(pg) == 300
+    result = logs[0].verify()
+    assert result.ok and result.head["decision_log"][0] == 300
+    other.close()
