@@ -205,7 +205,8 @@ def _start(
     components.start_watching(metrics, config.reload_interval_s)
     if ready:
         running.set_serving(True)
-    log.info("serving", extra={"fields": {"port": running.port, "services": services}})
+    fields = {"port": running.port, "metrics_port": running.metrics_port, "services": services}
+    log.info("serving", extra={"fields": fields})
     return running
 
 
