@@ -15,7 +15,7 @@ COMMANDS: tuple[str, ...] = (
     "riskd.cli.rules",  # riskd rules check|test|fmt|eval
     "riskd.cli.serve",  # riskd serve, riskd score
     # "riskd.cli.ledger",  # riskd ledger ...
-    # "riskd.cli.pii",     # riskd pii rotate|forget
+    "riskd.cli.pii",  # riskd pii keygen|rotate|retire|forget|hold
 )
 
 
