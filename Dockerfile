@@ -1,0 +1,32 @@
+# riskd: the scoring daemon on its embedded defaults (rules/ and models/ baked in,
+# SQLite + keyring under /var/lib/riskd, in-process features unless RISKD_REDIS_URL is set).
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+
+RUN groupadd --system --gid 10001 riskd \
+ && useradd --system --uid 10001 --gid riskd --home-dir /var/lib/riskd --create-home riskd
+
+WORKDIR /opt/riskd
+COPY pyproject.toml README.md ./
+COPY riskd ./riskd
+COPY protos ./protos
+COPY rules ./rules
+COPY models ./models
+RUN pip install . \
+ && riskd rules check rules \
+ && riskd rules test rules
+
+USER riskd
+ENV RISKD_RULES_DIR=/opt/riskd/rules \
+    RISKD_MODELS_DIR=/opt/riskd/models \
+    RISKD_DATA_DIR=/var/lib/riskd
+VOLUME ["/var/lib/riskd"]
+EXPOSE 50051 9464
+
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+  CMD ["riskd", "health", "--target", "127.0.0.1:50051"]
+
+# Outside loopback the daemon needs TLS (RISKD_TLS_CERT/KEY[/CLIENT_CA]) or an [auth] table;
+# mount a config file and pass --config, or set the RISKD_* variables.
+CMD ["riskd", "serve", "--listen", "0.0.0.0:50051"]
