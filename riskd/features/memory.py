@@ -4,8 +4,9 @@ Exact windows: each key value keeps its events sorted by time with prefix sums
 of their amounts, so COUNT and SUM over ``(t - W, t]`` are two bisections.
 Each ``(key, of, value)`` keeps the latest sighting of every ``of`` value,
 sorted, for DISTINCT. Memory is bounded: a series drops events older than the
-longest window behind its newest event, and a periodic sweep (driven by the
-injected clock) drops whole series, distinct sets and remembered order ids
+longest window behind its newest event, a distinct set drops sightings older
+than the longest window behind each new one, and a periodic sweep (driven by
+the injected clock) drops whole series, distinct sets and remembered order ids
 that have aged out. One lock makes every call atomic, so concurrent retries of
 one order record it once.
 """
@@ -31,6 +32,9 @@ from riskd.features.store import (
 __all__ = ["InProcessFeatureStore", "StoreSize"]
 
 _COMPACT_AT = 64  # dead entries kept at the front before a list is compacted
+# The sweep keeps an hour beyond the longest window for observations that arrive late
+# (replicas' clocks, threads): until then a key's own records decide what it trims.
+_SWEEP_MARGIN_MS = 3_600_000
 _first = itemgetter(0)
 
 
@@ -119,9 +123,6 @@ class _Distinct:
         if self.lo >= _COMPACT_AT and 2 * self.lo >= len(self.entries):
             del self.entries[: self.lo]
             self.lo = 0
-
-    def newest(self) -> int:
-        return self.entries[-1][0] if len(self) else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +213,7 @@ class InProcessFeatureStore:
             if distinct is None:
                 distinct = self._distinct[dkey] = _Distinct()
             distinct.see(t, seen_with)
-            distinct.trim(distinct.newest() - RETENTION_MS)
+            distinct.trim(t - RETENTION_MS)
 
     def _read_one(self, obs: Observation, q: FeatureQuery) -> int:
         value = obs.keys.get(q.key)
@@ -236,7 +237,7 @@ class InProcessFeatureStore:
     def _sweep(self) -> None:
         now_ms = to_ms(self._clock.now())
         self._next_sweep = self._clock.monotonic() + self._sweep_every_s
-        horizon = now_ms - RETENTION_MS
+        horizon = now_ms - RETENTION_MS - _SWEEP_MARGIN_MS
         for skey, series in list(self._series.items()):
             series.trim(horizon)
             if not series:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
+import redis
+from features_support import REDIS_URL, delete_prefix
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from riskd.domain.clock import FakeClock
 from riskd.domain.features import WINDOWS, Agg, FeatureQuery
-from riskd.features import FeatureStore, Observation
+from riskd.features import FeatureStore, InProcessFeatureStore, Observation, RedisFeatureStore
 from riskd.features.store import SEEN_TTL_S, to_ms
 
 StoreFactory = Callable[[FakeClock], FeatureStore]
@@ -103,3 +106,42 @@ def test_store_matches_brute_force_reference(
         else:
             got, want = store.read(obs, QUERIES), reference.read(obs, QUERIES)
         assert {q.name: v for q, v in got.items()} == want
+
+
+late_operations = st.tuples(
+    st.booleans(),
+    steps,
+    st.integers(0, 300_000),  # how late the observation is: up to 5 minutes behind the clock
+    st.integers(0, 12),
+    st.integers(0, 100_000),
+    st.dictionaries(st.sampled_from(KEY_NAMES), st.sampled_from(["a", "a", "b", ""]), min_size=1),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=st.lists(late_operations, max_size=40))
+def test_backends_agree_on_late_observations(
+    ops: list[tuple[bool, int, int, int, int, dict[str, str]]],
+) -> None:
+    """Replicas and threads deliver observations slightly out of order: same answers."""
+    clock = FakeClock(1_700_000_000.0)
+    prefix = f"riskd-test:features:{uuid.uuid4().hex}:"
+    memory = InProcessFeatureStore(clock)
+    shared = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
+    try:
+        for record, step_ms, late_ms, order, amount, keys in ops:
+            clock.advance(step_ms / 1000)
+            obs = Observation(f"o{order}", clock.now() - late_ms / 1000, amount, keys)
+            if record:
+                got, want = (
+                    shared.record_and_read(obs, QUERIES),
+                    memory.record_and_read(obs, QUERIES),
+                )
+            else:
+                got, want = shared.read(obs, QUERIES), memory.read(obs, QUERIES)
+            assert {q.name: v for q, v in got.items()} == {q.name: v for q, v in want.items()}
+    finally:
+        shared.close()
+        client = redis.Redis.from_url(REDIS_URL)
+        delete_prefix(client, prefix)
+        client.close()
