@@ -7,6 +7,8 @@ can exhaust the Python stack, here or in the phases after it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from riskd.dsl.diagnostics import LIMIT_EXCEEDED, SYNTAX_ERROR, Diagnostic, Source
 from riskd.dsl.lexer import RESERVED, Tok, Token, tokenize
 from riskd.dsl.nodes import (
@@ -26,7 +28,14 @@ from riskd.dsl.values import INT_MAX
 
 MAX_LENGTH = 20_000
 MAX_DEPTH = 100
-MAX_NESTING = 60  # parenthesised / bracketed nesting while parsing
+# Parsing recurses; this bounds the Python frames it may use (about 5 per level of
+# brackets, 3 per nested operator) so that no text can exhaust the stack.
+MAX_FRAMES = 400
+_EXPR_FRAMES = 5
+_OPERAND_FRAMES = 3
+MAX_ERRORS = 20
+_LOGIC_STOPS = frozenset(("&&", "||", "?", ":", ","))
+_ITEM_STOPS = frozenset((",", ":"))
 
 _BINARY: dict[str, tuple[int, str]] = {
     "||": (1, "_||_"),
@@ -57,7 +66,13 @@ def parse(src: Source) -> tuple[Expr | None, list[Diagnostic]]:
     try:
         expr = parser.parse_all()
     except _ParseError as err:
-        return None, [src.diagnostic(err.code, str(err), err.offset)]
+        parser.errors.append(err)
+    except RecursionError:  # a safety net: the frame budget should make this unreachable
+        parser.errors.append(_ParseError("expression is nested too deeply", 0, LIMIT_EXCEEDED))
+    if parser.errors:
+        first_per_offset = {e.offset: e for e in reversed(parser.errors)}
+        errors = sorted(first_per_offset.values(), key=lambda e: e.offset)
+        return None, [src.diagnostic(e.code, str(e), e.offset) for e in errors]
     if depth(expr) > MAX_DEPTH:
         msg = f"expression is nested more than {MAX_DEPTH} levels deep"
         return None, [src.diagnostic(LIMIT_EXCEEDED, msg, 0)]
@@ -69,7 +84,35 @@ class _Parser:
         self.toks = tokens
         self.k = 0
         self.src = src
-        self.nesting = 0
+        self.frames = 0
+        self.errors: list[_ParseError] = []
+
+    # -- error recovery: report a syntax error, skip to a safe token, go on -------
+    def recovering(self, parse: Callable[[], Expr], stops: frozenset[str]) -> Expr:
+        frames = self.frames
+        try:
+            return parse()
+        except _ParseError as err:
+            if err.code != SYNTAX_ERROR or len(self.errors) >= MAX_ERRORS:
+                raise
+            self.errors.append(err)
+            self.frames = frames
+            self.skip_to(stops)
+            return Literal(None, pos=self.pos(err.offset))
+
+    def skip_to(self, stops: frozenset[str]) -> None:
+        level = 0
+        while (tok := self.peek()).kind is not Tok.EOF:
+            text = tok.text if tok.kind is Tok.PUNCT else ""
+            if level == 0 and text in stops:
+                return
+            if text in "([{" and text:
+                level += 1
+            elif text in ")]}" and text:
+                if level == 0:
+                    return
+                level -= 1
+            self.advance()
 
     # -- token helpers -------------------------------------------------------
     def peek(self) -> Token:
@@ -102,14 +145,13 @@ class _Parser:
             raise _ParseError(f"unexpected {_describe(tok)}", tok.offset)
         return expr
 
+    def spend(self, frames: int) -> None:
+        self.frames += frames
+        if self.frames > MAX_FRAMES:
+            raise _ParseError("expression is nested too deeply", self.peek().offset, LIMIT_EXCEEDED)
+
     def expr(self) -> Expr:
-        self.nesting += 1
-        if self.nesting > MAX_NESTING:
-            raise _ParseError(
-                f"expression is nested more than {MAX_NESTING} levels deep",
-                self.peek().offset,
-                LIMIT_EXCEEDED,
-            )
+        self.spend(_EXPR_FRAMES)
         cond = self.binary(1)
         if self.at("?"):
             q = self.advance()
@@ -117,7 +159,7 @@ class _Parser:
             self.expect(":")
             other = self.expr()
             cond = Call("_?_:_", (cond, then, other), pos=self.pos(q.offset))
-        self.nesting -= 1
+        self.frames -= _EXPR_FRAMES
         return cond
 
     def binary(self, min_prec: int) -> Expr:
@@ -131,7 +173,10 @@ class _Parser:
             if prec < min_prec:
                 return left
             self.advance()
-            right = self.binary(prec + 1)
+            # a bad operand is reported and skipped so that later errors show too
+            self.spend(_OPERAND_FRAMES)
+            right = self.recovering(lambda p=prec: self.binary(p + 1), _LOGIC_STOPS)
+            self.frames -= _OPERAND_FRAMES
             left = Call(name, (left, right), pos=self.pos(tok.offset))
 
     def unary(self) -> Expr:
@@ -189,10 +234,10 @@ class _Parser:
         self.expect("(")
         args: list[Expr] = []
         if not self.at(")"):
-            args.append(self.expr())
+            args.append(self.recovering(self.expr, _ITEM_STOPS))
             while self.at(","):
                 self.advance()
-                args.append(self.expr())
+                args.append(self.recovering(self.expr, _ITEM_STOPS))
         self.expect(")")
         return tuple(args)
 
@@ -259,7 +304,7 @@ class _Parser:
         start = self.expect("[")
         items: list[Expr] = []
         while not self.at("]"):
-            items.append(self.expr())
+            items.append(self.recovering(self.expr, _ITEM_STOPS))
             if not self.at(","):
                 break
             self.advance()
@@ -272,7 +317,7 @@ class _Parser:
         while not self.at("}"):
             key = self.expr()
             self.expect(":")
-            entries.append((key, self.expr()))
+            entries.append((key, self.recovering(self.expr, _ITEM_STOPS)))
             if not self.at(","):
                 break
             self.advance()

@@ -83,3 +83,19 @@ def test_parser_reports_syntax_errors(text: str, message: str) -> None:
 def test_parser_limits_length() -> None:
     expr, diags = parse_expr("1 + " * 6000 + "1")
     assert expr is None and diags[0].code == "riskd_limit_exceeded"
+
+
+def test_parser_reports_several_syntax_errors() -> None:
+    _, diags = parse_expr("a > && b == ")
+    assert [(d.col, d.message) for d in diags] == [
+        (5, "unexpected '&&'"),
+        (13, "unexpected end of input"),
+    ]
+    _, diags = parse_expr("f(1 +, 2 *, 3)")
+    assert [d.col for d in diags] == [6, 11]
+
+
+def test_parser_frame_budget_holds_for_nested_operator_chains() -> None:
+    text = "a || b && c == d + e * (" * 60 + "1" + ")" * 60
+    expr, diags = parse_expr(text)
+    assert expr is None and diags[0].code == "riskd_limit_exceeded"
