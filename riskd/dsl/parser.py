@@ -7,6 +7,7 @@ can exhaust the Python stack, here or in the phases after it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from riskd.dsl.diagnostics import LIMIT_EXCEEDED, SYNTAX_ERROR, Diagnostic, Source
@@ -175,7 +176,7 @@ class _Parser:
             self.advance()
             # a bad operand is reported and skipped so that later errors show too
             self.spend(_OPERAND_FRAMES)
-            right = self.recovering(lambda p=prec: self.binary(p + 1), _LOGIC_STOPS)
+            right = self.recovering(functools.partial(self.binary, prec + 1), _LOGIC_STOPS)
             self.frames -= _OPERAND_FRAMES
             left = Call(name, (left, right), pos=self.pos(tok.offset))
 
