@@ -39,6 +39,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     score.add_argument("order", help="order JSON in the riskd.v1.Order protobuf JSON form")
     score.add_argument("--target", default="127.0.0.1:50051", help="daemon HOST:PORT")
     score.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
+    score.add_argument("--ca", type=Path, help="CA certificate: connect with TLS")
+    score.add_argument(
+        "--token",
+        default=os.environ.get("RISKD_TOKEN", ""),
+        help="bearer token (default $RISKD_TOKEN)",
+    )
     score.set_defaults(func=run_score)
 
 
@@ -67,10 +73,17 @@ def run_score(args: argparse.Namespace) -> int:
     except (OSError, json_format.ParseError) as e:
         print(f"riskd score: cannot read order: {e}", file=sys.stderr)
         return 2
-    with grpc.insecure_channel(args.target) as channel:
+    metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
+    try:
+        channel = _channel(args.target, args.ca)
+    except OSError as e:
+        print(f"riskd score: cannot read --ca: {e.strerror}", file=sys.stderr)
+        return 2
+    with channel:
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
         try:
-            reply = stub.Score(scoring_pb2.ScoreRequest(order=order), timeout=args.timeout)
+            request = scoring_pb2.ScoreRequest(order=order)
+            reply = stub.Score(request, timeout=args.timeout, metadata=metadata)
         except grpc.RpcError as e:
             print(f"riskd score: {e.code().name}: {e.details()}", file=sys.stderr)
             return 1
@@ -79,3 +92,9 @@ def run_score(args: argparse.Namespace) -> int:
     )
     print(json.dumps(decision, indent=2, ensure_ascii=False))
     return 0
+
+
+def _channel(target: str, ca: Path | None) -> grpc.Channel:
+    if ca is None:
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(ca.read_bytes()))

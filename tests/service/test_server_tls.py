@@ -1,0 +1,84 @@
+"""create_server with TLS: a self-signed certificate, bearer tokens, any listen address."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from riskd.cli import build_parser
+from riskd.service.server import create_server
+from tests.service.conftest import make_config
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "order.json"
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A certificate for localhost / 127.0.0.1 and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "riskd-test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_tls_server_on_any_address_needs_a_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cert, key = self_signed(tmp_path)
+    config = make_config(
+        tmp_path / "data",
+        listen="0.0.0.0:0",
+        tls_cert=str(cert),
+        tls_key=str(key),
+        auth={"tokens": {"t0ken": "checkout-gw:checkout"}},
+    )
+    running = create_server(config)
+    try:
+        credentials = grpc.ssl_channel_credentials(cert.read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{running.port}", credentials) as ch:
+            health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        base = ["score", str(EXAMPLE), "--target", f"127.0.0.1:{running.port}", "--ca", str(cert)]
+        args = build_parser().parse_args(base)
+        assert args.func(args) == 1
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        args = build_parser().parse_args([*base, "--token", "t0ken"])
+        assert args.func(args) == 0
+        assert json.loads(capsys.readouterr().out)["order_id"] == "example-0001"
+    finally:
+        running.stop(1)
