@@ -256,3 +256,15 @@ def test_64_concurrent_compensations_with_different_keys_pay_once(served: Served
         assert codes.count(grpc.StatusCode.ALREADY_EXISTS) == 63
         dispute = s.stub.GetDisputeStatement(pb.GetDisputeStatementRequest(dispute_id=d))
         assert dispute.paid_fen == 900
+
+
+def test_the_actor_is_the_authenticated_caller_or_anonymous() -> None:
+    import contextvars
+
+    from riskd.service import auth
+    from riskd.service.ledger import caller
+
+    assert caller(None) == "anonymous"  # type: ignore[arg-type]
+    ctx = contextvars.copy_context()
+    ctx.run(auth._current.set, auth.Identity("cert:alice", frozenset({auth.ANALYST})))
+    assert ctx.run(caller, None) == "cert:alice"
