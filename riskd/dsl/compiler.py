@@ -2,9 +2,10 @@
 
 Where the checker proved the operand types, operators become plain Python
 operations (``a > b``, ``a in b``, ``x.field``); helpers are called only where
-CEL semantics need them (overflow, error absorption, dynamic dispatch). An
-expression whose sub-expressions cannot fail compiles ``&&``/``||`` and the
-macros to Python's own short-circuiting ``and``/``or``/``any``/``all``.
+CEL semantics need them (overflow, error absorption, dynamic dispatch).
+``&&``/``||`` with at most one operand that can fail, and macros whose
+predicate cannot fail, compile to Python's own ``and``/``or``/``any``/``all``
+(the infallible operand first, which is exactly CEL's error absorption).
 
 The generated code runs with empty builtins, uses attribute access only for
 object fields the checker verified (never a dunder), and never imports.
