@@ -8,6 +8,7 @@ Exclusions are listed below with their reasons (also in docs/dsl.md).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 from tests.dsl.conformance import conformance_dir, load_cases, run
 
@@ -36,7 +37,9 @@ def _excluded(case_file: str, section: str) -> bool:
     return case_file in EXCLUDED or f"{case_file}/{section}" in EXCLUDED
 
 
-def test_conformance_supported_subset_passes() -> None:
+def test_conformance_supported_subset_passes(
+    record_property: Callable[[str, object], None],
+) -> None:
     folder = conformance_dir()
     assert folder.is_dir(), f"CEL conformance cases not found at {folder}"
     cases = list(load_cases(folder))
@@ -65,6 +68,9 @@ def test_conformance_supported_subset_passes() -> None:
         print(f"conformance {f}: {passed[f]}/{total[f]}")
     n_pass, n_total = sum(passed.values()), sum(total.values())
     print(f"conformance total: {n_pass}/{n_total} passed, {skipped} excluded")
+    record_property("cel_conformance_passed", n_pass)
+    record_property("cel_conformance_run", n_total)
+    record_property("cel_conformance_excluded", skipped)
     print("\n".join(failures))
     assert n_pass / n_total >= PASS_RATE, "\n".join(failures)
     for f in REQUIRED:
