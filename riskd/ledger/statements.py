@@ -204,8 +204,8 @@ class Statements:
         transfer flows the way its code says; the fund equals top-ups - payouts +
         recoveries; every dispute's story adds up.
         """
-        accounts = {a.id: a for a in self.store.accounts()}
-        journal = self.store.transfers()
+        listed, journal = self.store.snapshot()
+        accounts = {a.id: a for a in listed}
         problems = _check_replay(accounts, journal) + _check_flows(accounts, journal)
         problems += _check_fund(accounts, journal)
         for a in accounts.values():
@@ -213,13 +213,7 @@ class Statements:
                 problems.append(f"{a.id}: balance {a.balance} below zero")
         if sum(a.net for a in accounts.values()) != 0:
             problems.append("accounts do not sum to zero")
-        rows = self.store.query("SELECT dispute_id FROM ledger_disputes")
-        for (dispute_id,) in rows:
-            d = self.dispute_statement(dispute_id)
-            if d.paid != d.recovered_from_deposit + d.collected + d.written_off + d.outstanding:
-                problems.append(f"dispute {dispute_id}: paid does not add up")
-            if d.outstanding < 0:
-                problems.append(f"dispute {dispute_id}: negative outstanding")
+        problems += _check_disputes(journal)
         return tuple(problems)
 
 
@@ -261,3 +255,20 @@ def _check_fund(accounts: dict[str, Account], journal: list[Transfer]) -> list[s
     if accounts[acc.FUND].balance != expected:
         return ["fund: balance differs from top-ups - payouts + recoveries"]
     return []
+
+
+def _check_disputes(journal: list[Transfer]) -> list[str]:
+    """Every dispute's story adds up: paid = recovered + collected + written off + outstanding."""
+    by: dict[str, dict[Code, int]] = defaultdict(lambda: defaultdict(int))
+    for t in journal:
+        if t.ref.startswith("dispute/"):
+            by[t.ref][t.code] += t.amount
+    problems = []
+    for ref, sums in by.items():
+        outstanding = sums[Code.RECOVERY_CLAIM] - sums[Code.COLLECTION] - sums[Code.WRITE_OFF]
+        recovered = sums[Code.RECOVERY_FROM_DEPOSIT] + sums[Code.COLLECTION] + sums[Code.WRITE_OFF]
+        if sums[Code.COMPENSATION] != recovered + outstanding:
+            problems.append(f"{ref}: paid does not add up")
+        if outstanding < 0:
+            problems.append(f"{ref}: negative outstanding")
+    return problems

@@ -348,6 +348,18 @@ class LedgerStore:
         rows = self.db.query(f"SELECT {_ACCOUNT_COLUMNS} FROM ledger_accounts ORDER BY id")
         return [_account(r) for r in rows]
 
+    def snapshot(self) -> tuple[list[Account], list[Transfer]]:
+        """Every account and the whole journal, read in one transaction (a consistent view)."""
+
+        def read(tx: Tx) -> tuple[list[Account], list[Transfer]]:
+            accounts = tx.execute(f"SELECT {_ACCOUNT_COLUMNS} FROM ledger_accounts").fetchall()
+            journal = tx.execute(
+                f"SELECT {_TRANSFER_COLUMNS} FROM ledger_transfers ORDER BY seq"
+            ).fetchall()
+            return [_account(r) for r in accounts], [_transfer(r) for r in journal]
+
+        return self.db.run(read)
+
     def transfers(
         self, *, account_id: str = "", ref: str = "", after_seq: int = 0, limit: int = 0
     ) -> list[Transfer]:
