@@ -9,7 +9,7 @@ compiled rule reads the answer from the snapshot.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class Agg(enum.Enum):
@@ -47,8 +47,18 @@ class FeatureQuery:
     key: str
     window: str
     of: str = ""
+    # Queries are dict keys on every velocity lookup: hash once, not through Enum.__hash__.
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[FeatureQuery], tuple[Agg, str, str, str]]:
+        # str hashes differ between processes: rebuild (and rehash) on unpickling.
+        return (FeatureQuery, (self.agg, self.key, self.window, self.of))
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.agg.value, self.key, self.window, self.of)))
         if self.key not in KEYS:
             raise ValueError(f"unknown feature key {self.key!r}")
         if self.window not in WINDOWS:

@@ -23,6 +23,16 @@ if TYPE_CHECKING:
         to_json,
         unparse,
     )
+    from riskd.dsl.holder import ProgramHolder
+    from riskd.dsl.program import (
+        Mode,
+        Program,
+        Rule,
+        RuleResult,
+        RuleStatus,
+        compile_rules,
+        load_rules,
+    )
     from riskd.dsl.types import ObjectType, Type, schema_of
     from riskd.dsl.values import Duration, EvalError, Timestamp, UInt
 
@@ -45,7 +55,14 @@ _EXPORTS: dict[str, str] = {
     "EvalError": "riskd.dsl.values",
     "Timestamp": "riskd.dsl.values",
     "UInt": "riskd.dsl.values",
-    # rule programs (riskd.dsl.program) are added here by their owner
+    "Mode": "riskd.dsl.program",
+    "Program": "riskd.dsl.program",
+    "Rule": "riskd.dsl.program",
+    "RuleResult": "riskd.dsl.program",
+    "RuleStatus": "riskd.dsl.program",
+    "compile_rules": "riskd.dsl.program",
+    "load_rules": "riskd.dsl.program",
+    "ProgramHolder": "riskd.dsl.holder",
 }
 
 __all__ = [
@@ -55,14 +72,22 @@ __all__ = [
     "Duration",
     "Env",
     "EvalError",
+    "Mode",
     "ObjectType",
+    "Program",
+    "ProgramHolder",
+    "Rule",
+    "RuleResult",
+    "RuleStatus",
     "Timestamp",
     "Type",
     "UInt",
     "check_expr",
     "compile_expr",
+    "compile_rules",
     "evaluate",
     "infer_type",
+    "load_rules",
     "parse_expr",
     "schema_of",
     "to_json",
