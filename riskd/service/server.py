@@ -199,8 +199,7 @@ def _start(
     running = RunningServer(server, 0, health_servicer, tuple(services), metrics, components)
     running.set_serving(False)
     running.port = _bind(server, config)
-    if config.metrics_port >= 0:
-        running.endpoint = MetricsEndpoint(metrics, _host(config.listen), config.metrics_port)
+    running.endpoint = _metrics_endpoint(config, metrics)
     server.start()
     components.start_watching(metrics, config.reload_interval_s)
     if ready:
@@ -208,6 +207,18 @@ def _start(
     fields = {"port": running.port, "metrics_port": running.metrics_port, "services": services}
     log.info("serving", extra={"fields": fields})
     return running
+
+
+def _metrics_endpoint(config: Config, metrics: Metrics) -> MetricsEndpoint | None:
+    """The /metrics HTTP endpoint (each process sharing a gRPC port needs its own port)."""
+    if config.metrics_port < 0:
+        return None
+    try:
+        return MetricsEndpoint(metrics, _host(config.listen), config.metrics_port)
+    except OSError as e:
+        raise ConfigError(
+            f"metrics_port: cannot bind {config.metrics_port}: {e.strerror}"
+        ) from None
 
 
 def _options(config: Config) -> list[tuple[str, Any]]:

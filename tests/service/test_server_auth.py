@@ -104,3 +104,12 @@ def test_keyring_is_generated_once_and_reused(tmp_path: Path) -> None:
 def test_missing_configured_keyring_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^keyring_file: "):
         create_server(make_config(tmp_path, keyring_file=str(tmp_path / "nope.json")))
+
+
+def test_metrics_port_in_use_names_the_key(tmp_path: Path) -> None:
+    first = create_server(make_config(tmp_path / "a"))
+    try:
+        with pytest.raises(ConfigError, match=r"^metrics_port: cannot bind"):
+            create_server(make_config(tmp_path / "b", metrics_port=first.metrics_port))
+    finally:
+        first.stop(0)
