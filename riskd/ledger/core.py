@@ -27,7 +27,7 @@ from riskd.errors import (
 from riskd.ledger import accounts as acc
 from riskd.ledger.codes import Code
 from riskd.ledger.schedule import PenaltySchedule
-from riskd.ledger.store import LedgerStore, StoredRequest, run_keyed
+from riskd.ledger.store import LedgerStore, StoredRequest
 from riskd.ledger.transfers import Transfer
 from riskd.ledger.validate import check_key, check_text
 from riskd.sql import Database, Tx
@@ -130,7 +130,7 @@ class BookCore:
             transfers = tuple(self.store.transfers_of_request(tx, req.key))
             return Receipt(req.key, req.operation, transfers, False, draft.frozen_until)
 
-        return run_keyed(self.db, req.key, write)
+        return self.store.write(write)
 
     def _replay(
         self,

@@ -11,7 +11,6 @@ from riskd.ledger import accounts as acc
 from riskd.ledger.accounts import Kind
 from riskd.ledger.codes import Code
 from riskd.ledger.core import BookCore, Draft, Receipt, Request
-from riskd.ledger.store import run_keyed
 from riskd.ledger.validate import check_amount, check_id, check_text
 from riskd.sql import Tx
 
@@ -49,7 +48,7 @@ class MerchantOperations(BookCore):
             self.store.create_account(tx, acc.claim_account(shop_id), Kind.CLAIM, shop_id, now)
             return True
 
-        return run_keyed(self.db, f"shop/{shop_id}", write)
+        return self.store.write(write)
 
     # -- money in and out ------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ transaction as the transfers that move them.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from riskd.ledger.transfers import Transfer
 from riskd.sql import Database, Row, Tx
 
 T = TypeVar("T")
+LEDGER_WRITER_LOCK = 0x7269736B_6C656467  # "riskledg": the ledger's one-writer advisory lock
 MAX_FEN = 2**63 - 1
 IMMUTABLE_TABLES = (
     "ledger_transfers",
@@ -180,11 +182,64 @@ def _account(row: Row) -> Account:
     return Account(row[0], Kind(row[1]), int(row[2]), int(row[3]), row[4])
 
 
+@dataclass(slots=True)
+class _Counters:
+    """An account's counters while a request is being posted."""
+
+    debits: int
+    credits: int
+    limit: Limit
+
+
+def _apply(
+    counters: dict[str, _Counters], account_id: str, *, debit: int = 0, credit: int = 0
+) -> None:
+    c = counters[account_id]
+    c.debits += debit
+    c.credits += credit
+    if c.debits > MAX_FEN or c.credits > MAX_FEN:
+        raise InvalidArgumentError("amount", f"would overflow 64 bits on account {account_id}")
+    if c.limit is Limit.DEBITS_MUST_NOT_EXCEED_CREDITS and c.debits > c.credits:
+        raise InsufficientFundsError(f"{account_id} cannot cover {debit} fen")
+    if c.limit is Limit.CREDITS_MUST_NOT_EXCEED_DEBITS and c.credits > c.debits:
+        raise InsufficientFundsError(f"{account_id} owes less than {credit} fen")
+
+
 class LedgerStore:
     """SQL reads and writes of the ledger; writers take a ``Tx`` from ``Database.run``."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._writer = threading.Lock()
+
+    def write(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn`` as the ledger's one writer, in one transaction.
+
+        Writers queue instead of racing: in this process on a lock (SQLite's
+        busy handler would otherwise sleep in growing steps and stretch the
+        tail latency), across processes on the database itself. SQLite's
+        ``BEGIN IMMEDIATE`` admits one writer at a time. On PostgreSQL every
+        ledger write first takes a session advisory lock, shared by all
+        replicas on the database, *before* its transaction starts, so writers
+        never fail serialization on the fund's row and a duplicate request's
+        snapshot sees the first one's idempotency record (a lock taken inside a
+        SERIALIZABLE transaction would come after its snapshot). Ledger traffic
+        is analyst and operator work: one writer at a time is plenty and makes
+        every check-then-post race-free; the transaction stays SERIALIZABLE as
+        a second line. A unique-key race or serialization failure that still
+        happens is retried; the retry reads the winner's committed rows.
+
+        Raises:
+            UnavailableError: the database stayed too contended to commit.
+        """
+        with self._writer:
+            if self.db.dialect != "postgres":
+                return _retry(self.db, fn)
+            self.db.query("SELECT pg_advisory_lock(?)", (LEDGER_WRITER_LOCK,))
+            try:
+                return _retry(self.db, fn)
+            finally:
+                self.db.query("SELECT pg_advisory_unlock(?)", (LEDGER_WRITER_LOCK,))
 
     def create_schema(self, now: float) -> None:
         """Create the tables (idempotent) and the platform accounts."""
@@ -207,19 +262,34 @@ class LedgerStore:
         )
 
     def post(self, tx: Tx, transfers: Sequence[Transfer]) -> None:
-        """Post transfers in order, checking every limit first; raises before writing if one fails.
+        """Post transfers in order, checking every limit after each; raises before writing.
+
+        The accounts involved are read once, the new counters computed and checked
+        here (clear errors; the CHECK constraints stay as the last line), then
+        written with one UPDATE per account and one batch of INSERTs.
 
         Raises:
             InsufficientFundsError: a debit would take a limited account below zero.
             InvalidArgumentError: a counter would overflow 64 bits (field ``amount``).
+            NotFoundError: a transfer names an account that does not exist.
         """
+        if not transfers:
+            return
+        counters = self._counters(
+            tx, {a for t in transfers for a in (t.debit_account, t.credit_account)}
+        )
         for t in transfers:
-            self._move(tx, t.debit_account, debit=t.amount)
-            self._move(tx, t.credit_account, credit=t.amount)
-            tx.execute(
-                "INSERT INTO ledger_transfers (id, debit_account, credit_account, amount, code,"
-                " ref, request_key, actor, reason, evidence, at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            _apply(counters, t.debit_account, debit=t.amount)
+            _apply(counters, t.credit_account, credit=t.amount)
+        tx.executemany(
+            "UPDATE ledger_accounts SET debits = ?, credits = ? WHERE id = ?",
+            [(c.debits, c.credits, a) for a, c in sorted(counters.items())],
+        )
+        tx.executemany(
+            "INSERT INTO ledger_transfers (id, debit_account, credit_account, amount, code,"
+            " ref, request_key, actor, reason, evidence, at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
                 (
                     t.id,
                     t.debit_account,
@@ -232,26 +302,22 @@ class LedgerStore:
                     t.reason,
                     t.evidence,
                     t.at,
-                ),
-            )
-
-    def _move(self, tx: Tx, account_id: str, *, debit: int = 0, credit: int = 0) -> None:
-        row = tx.execute(
-            "SELECT debits, credits, limit_kind FROM ledger_accounts WHERE id = ?", (account_id,)
-        ).fetchone()
-        if row is None:
-            raise NotFoundError(f"account not found: {account_id}")
-        debits, credits, limit = int(row[0]) + debit, int(row[1]) + credit, Limit(int(row[2]))
-        if debits > MAX_FEN or credits > MAX_FEN:
-            raise InvalidArgumentError("amount", f"would overflow 64 bits on account {account_id}")
-        if limit is Limit.DEBITS_MUST_NOT_EXCEED_CREDITS and debits > credits:
-            raise InsufficientFundsError(f"{account_id} cannot cover {debit} fen")
-        if limit is Limit.CREDITS_MUST_NOT_EXCEED_DEBITS and credits > debits:
-            raise InsufficientFundsError(f"{account_id} owes less than {credit} fen")
-        tx.execute(
-            "UPDATE ledger_accounts SET debits = ?, credits = ? WHERE id = ?",
-            (debits, credits, account_id),
+                )
+                for t in transfers
+            ],
         )
+
+    def _counters(self, tx: Tx, account_ids: set[str]) -> dict[str, _Counters]:
+        ids = sorted(account_ids)
+        marks = ", ".join("?" for _ in ids)
+        rows = tx.execute(
+            f"SELECT id, debits, credits, limit_kind FROM ledger_accounts WHERE id IN ({marks})",
+            ids,
+        ).fetchall()
+        counters = {r[0]: _Counters(int(r[1]), int(r[2]), Limit(int(r[3]))) for r in rows}
+        for missing in sorted(account_ids - set(counters)):
+            raise NotFoundError(f"account not found: {missing}")
+        return counters
 
     def put_request(self, tx: Tx, req: StoredRequest, now: float) -> None:
         tx.execute(
@@ -382,36 +448,6 @@ class LedgerStore:
 
 _RETRYABLE_SQLSTATES = frozenset({"23505", "40001", "40P01"})  # unique, serialization, deadlock
 _ATTEMPTS = 6
-
-
-LEDGER_WRITER_LOCK = 0x7269736B_6C656467  # "riskledg": the ledger's one-writer advisory lock
-
-
-def run_keyed(db: Database, key: str, fn: Callable[[Tx], T]) -> T:
-    """Run ``fn`` as the ledger's one writer, in one transaction (``key`` names the request).
-
-    SQLite's ``BEGIN IMMEDIATE`` already admits one writer at a time. On
-    PostgreSQL every ledger write first takes a session advisory lock, shared by
-    all replicas on the database, *before* its transaction starts: writers queue
-    instead of failing serialization on the fund's row, and a duplicate request's
-    snapshot then sees the first one's idempotency record (a lock taken inside a
-    SERIALIZABLE transaction would come after its snapshot). Ledger traffic is
-    analyst and operator work, so one writer at a time is plenty and makes every
-    check-then-post race-free; the transaction stays SERIALIZABLE as a second
-    line. A unique-key race or serialization failure that still happens is
-    retried here; the retry reads the winner's committed rows.
-
-    Raises:
-        UnavailableError: the database stayed too contended to commit.
-    """
-    del key  # one lock for all requests; kept so a finer lock can come without API change
-    if db.dialect != "postgres":
-        return _retry(db, fn)
-    db.query("SELECT pg_advisory_lock(?)", (LEDGER_WRITER_LOCK,))
-    try:
-        return _retry(db, fn)
-    finally:
-        db.query("SELECT pg_advisory_unlock(?)", (LEDGER_WRITER_LOCK,))
 
 
 def _retry(db: Database, fn: Callable[[Tx], T]) -> T:
