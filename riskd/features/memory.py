@@ -5,10 +5,11 @@ of their amounts, so COUNT and SUM over ``(t - W, t]`` are two bisections.
 Each ``(key, of, value)`` keeps the latest sighting of every ``of`` value,
 sorted, for DISTINCT. Memory is bounded: a series drops events older than the
 longest window behind its newest event, a distinct set drops sightings older
-than the longest window behind each new one, and a periodic sweep (driven by
-the injected clock) drops whole series, distinct sets and remembered order ids
-that have aged out. One lock makes every call atomic, so concurrent retries of
-one order record it once.
+than the longest window behind each new one, remembered order ids leave after
+``SEEN_TTL_S``, and a sweep started every ``sweep_every_s`` (injected clock)
+walks every key, a batch per recorded order so no call pays for all of it, and
+drops the series and distinct sets that have aged out. One lock makes every
+call atomic, so concurrent retries of one order record it once.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from __future__ import annotations
 import struct
 import threading
 from bisect import bisect_left, bisect_right, insort
+from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
 from operator import itemgetter
+from typing import TypeVar
 
 from riskd.domain.clock import Clock
 from riskd.domain.features import Agg, FeatureQuery
@@ -32,10 +35,12 @@ from riskd.features.store import (
 
 __all__ = ["InProcessFeatureStore", "StoreSize"]
 
-_COMPACT_AT = 64  # dead entries kept at the front before a list is compacted
+_COMPACT_AT = 64  # dead entries kept at the front before a column is compacted
 # The sweep keeps an hour beyond the longest window for observations that arrive late
 # (replicas' clocks, threads): until then a key's own records decide what it trims.
 _SWEEP_MARGIN_MS = 3_600_000
+_SWEEP_BATCH = 64  # keys swept per recorded order
+_K = TypeVar("_K")
 _first = itemgetter(0)
 _I64 = struct.Struct("=q")  # native int64, as memoryview.cast("q") reads it
 
@@ -43,6 +48,13 @@ _I64 = struct.Struct("=q")  # native int64, as memoryview.cast("q") reads it
 def _column(buf: bytearray) -> memoryview:
     """``buf`` as int64s; use it in ``with`` so ``buf`` may be resized afterwards."""
     return memoryview(buf).cast("q")
+
+
+def _take(pending: list[_K]) -> list[_K]:
+    """Remove and return up to a sweep batch from the end of ``pending``."""
+    batch = pending[-_SWEEP_BATCH:]
+    del pending[-_SWEEP_BATCH:]
+    return batch
 
 
 class _Series:
@@ -160,18 +172,21 @@ class InProcessFeatureStore:
     """A ``FeatureStore`` in this process's memory; see the module docstring.
 
     Args:
-        clock: drives the sweep that forgets aged-out state.
-        sweep_every_s: how often (clock seconds) a record call sweeps.
+        clock: times idempotency and drives the sweep that forgets aged-out state.
+        sweep_every_s: how often (clock seconds) a sweep of every key starts.
     """
 
     def __init__(self, clock: Clock, *, sweep_every_s: float = 60.0) -> None:
         self._clock = clock
         self._sweep_every_s = sweep_every_s
         self._next_sweep = clock.monotonic() + sweep_every_s
+        self._pending_series: list[tuple[str, str]] = []  # keys the current sweep has left
+        self._pending_distinct: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
         self._series: dict[tuple[str, str], _Series] = {}
         self._distinct: dict[tuple[str, str, str], _Distinct] = {}
-        self._seen: dict[str, int] = {}  # order_id -> clock ms when recorded, in that order
+        self._seen: dict[str, int] = {}  # order_id -> clock ms when recorded
+        self._seen_queue: deque[tuple[int, str]] = deque()  # the same, oldest first
 
     def record_and_read(
         self, obs: Observation, queries: Collection[FeatureQuery]
@@ -180,6 +195,7 @@ class InProcessFeatureStore:
             now = to_ms(self._clock.now())
             if self._first_time(obs.order_id, now):
                 self._seen[obs.order_id] = now
+                self._seen_queue.append((now, obs.order_id))
                 self._record(obs, distinct_pairs(obs, queries))
                 self._maybe_sweep()
             return {q: self._read_one(obs, q) for q in queries}
@@ -193,6 +209,7 @@ class InProcessFeatureStore:
             self._series.clear()
             self._distinct.clear()
             self._seen.clear()
+            self._seen_queue.clear()
 
     def size(self) -> StoreSize:
         with self._lock:
@@ -212,10 +229,7 @@ class InProcessFeatureStore:
         recorded = self._seen.get(order_id)
         if recorded is None:
             return True
-        if recorded > now - SEEN_TTL_S * 1000:
-            return False
-        del self._seen[order_id]  # re-inserted at the end, keeping _seen in clock order
-        return True
+        return recorded <= now - SEEN_TTL_S * 1000
 
     def _record(self, obs: Observation, pairs: list[tuple[str, str]]) -> None:
         t = obs.at_ms
@@ -252,28 +266,42 @@ class InProcessFeatureStore:
         return count if q.agg is Agg.COUNT else total
 
     def _maybe_sweep(self) -> None:
-        if self._clock.monotonic() >= self._next_sweep:
-            self._sweep()
+        """Sweep a few keys per recorded order, so no call pays for a whole sweep."""
+        self._forget_orders(to_ms(self._clock.now()) - SEEN_TTL_S * 1000)  # oldest first: cheap
+        if not self._pending_series and not self._pending_distinct:
+            if self._clock.monotonic() < self._next_sweep:
+                return
+            self._next_sweep = self._clock.monotonic() + self._sweep_every_s
+            self._pending_series, self._pending_distinct = list(self._series), list(self._distinct)
+        series, distinct = _take(self._pending_series), _take(self._pending_distinct)
+        self._sweep_keys(series, distinct)
 
     def _sweep(self) -> None:
-        now_ms = to_ms(self._clock.now())
+        self._pending_series, self._pending_distinct = [], []
         self._next_sweep = self._clock.monotonic() + self._sweep_every_s
-        horizon = now_ms - RETENTION_MS - _SWEEP_MARGIN_MS
-        for skey, series in list(self._series.items()):
-            series.trim(horizon)
-            if not series:
-                del self._series[skey]
-        for dkey, distinct in list(self._distinct.items()):
-            distinct.trim(horizon)
-            if not distinct:
-                del self._distinct[dkey]
-        self._forget_orders(now_ms - SEEN_TTL_S * 1000)
+        self._sweep_keys(list(self._series), list(self._distinct))
+        self._forget_orders(to_ms(self._clock.now()) - SEEN_TTL_S * 1000)
+
+    def _sweep_keys(
+        self, series_keys: list[tuple[str, str]], distinct_keys: list[tuple[str, str, str]]
+    ) -> None:
+        horizon = to_ms(self._clock.now()) - RETENTION_MS - _SWEEP_MARGIN_MS
+        for skey in series_keys:
+            series = self._series.get(skey)
+            if series is not None:
+                series.trim(horizon)
+                if not series:
+                    del self._series[skey]
+        for dkey in distinct_keys:
+            distinct = self._distinct.get(dkey)
+            if distinct is not None:
+                distinct.trim(horizon)
+                if not distinct:
+                    del self._distinct[dkey]
 
     def _forget_orders(self, horizon: int) -> None:
-        expired = []
-        for order_id, recorded in self._seen.items():
-            if recorded > horizon:
-                break  # recorded in clock order: the rest are younger
-            expired.append(order_id)
-        for order_id in expired:
-            del self._seen[order_id]
+        queue = self._seen_queue
+        while queue and queue[0][0] <= horizon:
+            recorded, order_id = queue.popleft()
+            if self._seen.get(order_id) == recorded:  # not recorded again since
+                del self._seen[order_id]

@@ -26,8 +26,21 @@ def test_state_is_forgotten_once_every_window_has_passed() -> None:
         store.record_and_read(order(clock, i, device=f"d{i}", buyer=f"b{i}", shop="s"), QUERIES)
     assert store.size() == StoreSize(series=601, events=900, distinct_sets=1, orders=300)
     clock.advance(25 * 3600)
-    store.record_and_read(order(clock, 999, device="d", shop="s"), QUERIES)
-    assert store.size() == StoreSize(series=2, events=2, distinct_sets=0, orders=1)
+    for i in range(10):  # each recorded order sweeps a batch of keys
+        store.record_and_read(order(clock, 1000 + i, device="d", shop="s"), QUERIES)
+    assert store.size() == StoreSize(series=2, events=20, distinct_sets=0, orders=10)
+
+
+def test_a_call_sweeps_only_a_batch_and_sweep_does_the_rest() -> None:
+    clock = FakeClock()
+    store = InProcessFeatureStore(clock)
+    for i in range(1000):
+        store.record_and_read(order(clock, i, buyer=f"b{i}"), QUERIES)
+    clock.advance(26 * 3600)
+    store.record_and_read(order(clock, 5000, buyer="new"), QUERIES)
+    assert 1001 - 64 <= store.size().series < 1001
+    store.sweep()
+    assert store.size() == StoreSize(series=1, events=1, distinct_sets=0, orders=1)
 
 
 def test_memory_stays_bounded_under_steady_traffic() -> None:
@@ -38,10 +51,11 @@ def test_memory_stays_bounded_under_steady_traffic() -> None:
         store.record_and_read(order(clock, i, buyer=f"b{i}", shop="s"), QUERIES)
         clock.advance(300)
         sizes.append(store.size())
-    per_day = 24 * 12
-    assert max(s.orders for s in sizes) <= per_day + 12 + 1  # 25 hours of order ids
-    assert max(s.events for s in sizes) <= 2 * (per_day + 12 + 1)  # buyer + shop events
-    assert sizes[-1].series <= per_day + 12 + 2  # the shop and a day of buyers
+    day = 24 * 12  # orders a day
+    lag = 12  # orders a sweep takes to walk every key, in batches
+    assert max(s.orders for s in sizes) <= day + 12 + 1  # 25 hours of order ids
+    assert max(s.series for s in sizes) <= day + 12 + lag + 2  # the shop, 25 h of buyers
+    assert max(s.events for s in sizes) <= 2 * day + 12 + lag + 2  # the shop's keep 24 h
 
 
 def test_sums_stay_exact_across_compaction() -> None:
