@@ -13,9 +13,9 @@ import redis
 from features_support import REDIS_URL, OwnRedis, delete_prefix
 
 from riskd.domain.clock import FakeClock
-from riskd.domain.features import Agg, FeatureQuery
+from riskd.domain.features import KEYS, WINDOWS, Agg, FeatureQuery
 from riskd.errors import UnavailableError
-from riskd.features import Observation, RedisFeatureStore
+from riskd.features import InProcessFeatureStore, Observation, RedisFeatureStore
 from riskd.features.store import SEEN_TTL_S
 
 QUERIES = [
@@ -166,3 +166,24 @@ def test_stalled_redis_times_out_at_the_socket_timeout_and_recovers(
     got = store.record_and_read(order(clock, "o2", device="dev-secret"), QUERIES)
     assert got[COUNT_DEVICE_1M] >= 2  # o1 and o2 (a stalled call may have landed too)
     store.close()
+
+
+def test_unreachable_redis_fails_within_the_connect_timeout(clock: FakeClock) -> None:
+    store = RedisFeatureStore("redis://10.255.255.1:6379/0", clock, prefix="t:")
+    assert _fails_fast(store, order(clock, "o1", device="dev-secret")) < 0.5
+    store.close()
+
+
+def test_every_possible_query_matches_the_in_process_store(prefix: str, clock: FakeClock) -> None:
+    every = [FeatureQuery(a, k, w) for a in (Agg.COUNT, Agg.SUM) for k in KEYS for w in WINDOWS]
+    pairs = [(k, of) for k in KEYS for of in KEYS if of != k]
+    every += [FeatureQuery(Agg.DISTINCT, k, w, of=of) for k, of in pairs for w in WINDOWS]
+    shared = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
+    memory = InProcessFeatureStore(clock)
+    for i in range(40):
+        keys = {k: f"{k}{(i * (j + 2)) % 3}" for j, k in enumerate(KEYS) if (i + j) % 4}
+        obs = order(clock, f"o{i % 30}", 100 + i, **keys)
+        assert shared.record_and_read(obs, every) == memory.record_and_read(obs, every)
+        clock.advance(17)
+    assert len(every) == 216
+    shared.close()
