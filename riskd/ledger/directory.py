@@ -42,15 +42,19 @@ class LedgerShopDirectory:
         self._book = book
         self._clock = clock
         self._ttl_s = ttl_s
-        self._lock = threading.Lock()
-        self._refreshing = False
         self._snapshot: Mapping[str, ShopState] = {}
         self._loaded_at = float("-inf")
+        self._wanted = threading.Event()
+        self._closed = False
         self.refresh()
+        # One long-lived refresher: each thread holds its own database connection.
+        self._worker = threading.Thread(target=self._run, name="ledger-shop-directory", daemon=True)
+        self._worker.start()
 
     def get(self, shop_id: str) -> ShopState:
         """The shop's enforcement state from the snapshot (no SQL on this path)."""
-        self._refresh_if_stale()
+        if self._clock.monotonic() - self._loaded_at >= self._ttl_s:
+            self._wanted.set()  # stale: the refresher loads a new one; serve this one meanwhile
         state = self._snapshot.get(shop_id)
         if state is None:
             return ShopState(shop_id=shop_id)
@@ -67,15 +71,17 @@ class LedgerShopDirectory:
         else:
             self._snapshot = snapshot
             self._loaded_at = started
-        finally:
-            with self._lock:
-                self._refreshing = False
 
-    def _refresh_if_stale(self) -> None:
-        if self._clock.monotonic() - self._loaded_at < self._ttl_s:
-            return
-        with self._lock:
-            if self._refreshing:
+    def close(self) -> None:
+        """Stop the refresher thread."""
+        self._closed = True
+        self._wanted.set()
+        self._worker.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            self._wanted.wait()
+            if self._closed:
                 return
-            self._refreshing = True
-        threading.Thread(target=self.refresh, name="ledger-shop-directory", daemon=True).start()
+            self._wanted.clear()
+            self.refresh()

@@ -68,3 +68,19 @@ def test_a_failed_refresh_keeps_the_last_snapshot() -> None:
     clock.advance(5)
     directory.refresh()
     assert directory.get("s1").frozen
+
+
+def test_refreshes_reuse_one_thread_and_one_connection(book: Book, clock: FakeClock) -> None:
+    funded(book, shops={"s1": 1_000_000})
+    directory = LedgerShopDirectory(book, clock, ttl_s=1.0)
+    book.penalize_shop("p1", "s1", "order_brushing", "c1", evidence="ev", actor="a")
+    clock.advance(2)
+    assert wait_for(lambda: directory.get("s1").frozen)
+    connections = len(book.db._all)
+    for _ in range(5):
+        clock.advance(2)
+        directory.get("s1")
+        time.sleep(0.05)
+    assert len(book.db._all) == connections
+    directory.close()
+    assert not directory._worker.is_alive()
