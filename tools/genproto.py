@@ -23,10 +23,15 @@ def main() -> int:
         shutil.rmtree(OUT)
     OUT.mkdir(parents=True)
     include = pathlib.Path(protoc.__file__).parent / "_proto"
+    bindir = pathlib.Path(sys.executable).parent  # mypy-protobuf's plugins sit beside python
+    plugins = [
+        f"--plugin=protoc-gen-{n}={bindir / ('protoc-gen-' + n)}" for n in ("mypy", "mypy_grpc")
+    ]
     args = [
         "protoc",
         f"-I{ROOT / 'protos'}",
         f"-I{include}",
+        *plugins,
         f"--python_out={OUT}",
         f"--grpc_python_out={OUT}",
         f"--mypy_out={OUT}",

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 COMMANDS: tuple[str, ...] = (
     "riskd.cli.rules",  # riskd rules check|test|fmt|eval
     "riskd.cli.serve",  # riskd serve, riskd score
-    # "riskd.cli.ledger",  # riskd ledger ...
+    "riskd.cli.ledger",  # riskd ledger statements|verify|top-up|unfreeze|write-off
     "riskd.cli.pii",  # riskd pii keygen|rotate|retire|forget|hold
 )
 
