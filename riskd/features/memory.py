@@ -14,7 +14,6 @@ call atomic, so concurrent retries of one order record it once.
 
 from __future__ import annotations
 
-import struct
 import threading
 from bisect import bisect_left, bisect_right, insort
 from collections import deque
@@ -42,12 +41,6 @@ _SWEEP_MARGIN_MS = 3_600_000
 _SWEEP_BATCH = 64  # keys swept per recorded order
 _K = TypeVar("_K")
 _first = itemgetter(0)
-_I64 = struct.Struct("=q")  # native int64, as memoryview.cast("q") reads it
-
-
-def _column(buf: bytearray) -> memoryview:
-    """``buf`` as int64s; use it in ``with`` so ``buf`` may be resized afterwards."""
-    return memoryview(buf).cast("q")
 
 
 def _take(pending: list[_K]) -> list[_K]:
@@ -62,64 +55,55 @@ class _Series:
 
     ``cum[i]`` is the total of every amount up to and including event ``i``;
     entries before ``lo`` are dead (trimmed) but kept until compaction so the
-    totals stay valid. ``base`` is the total before index 0. Both columns are
-    packed int64 in ``bytearray``s: compact, and invisible to the garbage
-    collector, whose full collections would otherwise walk every series.
+    totals stay valid. ``base`` is the total before index 0.
     """
 
     __slots__ = ("base", "cum", "lo", "times")
 
     def __init__(self) -> None:
-        self.times = bytearray()
-        self.cum = bytearray()
+        self.times: list[int] = []
+        self.cum: list[int] = []
         self.base = 0
         self.lo = 0
 
     def __len__(self) -> int:
-        return len(self.times) // _I64.size - self.lo
+        return len(self.times) - self.lo
 
     def newest(self) -> int:
-        return int(_I64.unpack_from(self.times, len(self.times) - _I64.size)[0])
+        return self.times[-1]
 
     def add(self, t: int, amount: int) -> None:
-        if len(self) and t <= self.newest() - RETENTION_MS:
-            return  # older than anything a window can still reach
-        if not self.times or t >= self.newest():
-            total = self._total(len(self.times) // _I64.size)
-            self.times += _I64.pack(t)
-            self.cum += _I64.pack(total + amount)
+        times, cum = self.times, self.cum
+        if not times or t >= times[-1]:
+            times.append(t)
+            cum.append((cum[-1] if cum else self.base) + amount)
             return
-        i = self._bisect(t)  # a late event: rare; shift the totals after it
-        at = i * _I64.size
-        total = self._total(i) + amount
-        self.times[at:at] = _I64.pack(t)
-        self.cum[at:at] = _I64.pack(total)
-        with _column(self.cum) as cum:
-            for j in range(i + 1, len(cum)):
-                cum[j] += amount
+        if len(self) and t <= times[-1] - RETENTION_MS:
+            return  # older than anything a window can still reach
+        i = bisect_right(times, t, self.lo)  # a late event: rare; shift the totals after it
+        times.insert(i, t)
+        cum.insert(i, self._total(i) + amount)
+        for j in range(i + 1, len(cum)):
+            cum[j] += amount
 
     def count_sum(self, lo_excl: int, hi_incl: int) -> tuple[int, int]:
         """Number and total amount of the events in ``(lo_excl, hi_incl]``."""
-        a = self._bisect(lo_excl)
-        b = max(a, self._bisect(hi_incl))
+        a = bisect_right(self.times, lo_excl, self.lo)
+        b = max(a, bisect_right(self.times, hi_incl, self.lo))
         return b - a, self._total(b) - self._total(a)
 
     def trim(self, horizon: int) -> None:
         """Drop the events at or before ``horizon``."""
-        self.lo = self._bisect(horizon)
-        if self.lo >= _COMPACT_AT and 2 * self.lo * _I64.size >= len(self.times):
-            self.base = self._total(self.lo)
-            del self.times[: self.lo * _I64.size], self.cum[: self.lo * _I64.size]
+        if not len(self) or self.times[self.lo] > horizon:
+            return  # the usual case: nothing to drop
+        self.lo = bisect_right(self.times, horizon, self.lo)
+        if self.lo >= _COMPACT_AT and 2 * self.lo >= len(self.times):
+            self.base = self.cum[self.lo - 1]
+            del self.times[: self.lo], self.cum[: self.lo]
             self.lo = 0
 
-    def _bisect(self, t: int) -> int:
-        with _column(self.times) as times:
-            return bisect_right(times, t, self.lo)
-
     def _total(self, i: int) -> int:
-        if not i:
-            return self.base
-        return int(_I64.unpack_from(self.cum, (i - 1) * _I64.size)[0])
+        return self.cum[i - 1] if i else self.base
 
 
 class _Distinct:
