@@ -10,8 +10,6 @@ fingerprint and reloads through the holder when it changes.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import threading
 from collections.abc import Callable
@@ -30,6 +28,10 @@ from riskd.features import FeatureStore, InProcessFeatureStore, RedisFeatureStor
 from riskd.ledger import Book, LedgerShopDirectory, load_schedule
 from riskd.pii.blind import BlindIndexer
 from riskd.pii.keyring import Keyring
+from riskd.pii.keystore import SqlKeyStore
+from riskd.pii.vault import Vault
+from riskd.service.gen.riskd.v1 import ledger_pb2
+from riskd.service.ledger import add_ledger_service
 from riskd.service.metrics import Metrics
 from riskd.sql import Database
 
@@ -115,22 +117,28 @@ def _build(config: Config, clock: Clock, closers: list[Callable[[], None]]) -> C
     if not config.rules_dir.is_dir():
         raise ConfigError(f"rules_dir: {config.rules_dir} is not a directory")
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    indexer = BlindIndexer(load_keyring(config))
+    keyring = load_keyring(config)
+    indexer = BlindIndexer(keyring)
     rules = ProgramHolder(config.rules_dir)  # raises RuleCompileError: no start without rules
     db = Database(config.database)
     closers.append(db.close)
-    decision_log = DecisionLog(db, indexer=indexer)
+    # PII in the decision log: masked + blind index in the record, and encrypted under
+    # the buyer's data key (so `riskd pii forget` shreds it) beside the record.
+    vault = Vault(keyring, SqlKeyStore(db), clock=clock)
+    decision_log = DecisionLog(db, vault=vault, indexer=indexer)
     closers.append(decision_log.close)
     features = open_feature_store(config, clock)
     closers.append(features.close)
     book = open_book(config, clock)
     closers.append(book.close)
+    shops = LedgerShopDirectory(book, clock)
+    closers.append(shops.close)
     scorer = Scorer(
         rules,
         features,
         decision_log,
         indexer,
-        shops=LedgerShopDirectory(book, clock),
+        shops=shops,
         clock=clock,
         fallback=FallbackPolicy.from_config(config.fallback),
     )
@@ -148,15 +156,11 @@ def open_book(config: Config, clock: Clock) -> Book:
 
 
 def ledger_service(book: Book) -> Callable[[grpc.Server], list[str]]:
-    """A hook that registers ``LedgerService`` when its servicer module exists."""
+    """A hook that registers ``LedgerService`` on the server."""
 
     def register(server: grpc.Server) -> list[str]:
-        if importlib.util.find_spec("riskd.service.ledger") is None:
-            return []  # the ledger's gRPC API is not built yet
-        module = importlib.import_module("riskd.service.ledger")
-        gen = importlib.import_module("riskd.service.gen.riskd.v1.ledger_pb2")
-        module.add_ledger_service(server, book)
-        return [s.full_name for s in gen.DESCRIPTOR.services_by_name.values()]
+        add_ledger_service(server, book)
+        return [s.full_name for s in ledger_pb2.DESCRIPTOR.services_by_name.values()]
 
     return register
 
