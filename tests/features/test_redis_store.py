@@ -187,3 +187,19 @@ def test_every_possible_query_matches_the_in_process_store(prefix: str, clock: F
         clock.advance(17)
     assert len(every) == 216
     shared.close()
+
+
+def test_cached_plans_follow_the_query_set_and_the_keys_present(
+    prefix: str, clock: FakeClock
+) -> None:
+    shared = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
+    memory = InProcessFeatureStore(clock)
+    first, second = tuple(QUERIES), frozenset(QUERIES[1:4])
+    for i in range(12):
+        keys = {"device": "d", "buyer": f"b{i % 3}", "shop": "s"}
+        keys = {k: v for j, (k, v) in enumerate(keys.items()) if (i + j) % 3}
+        queries = first if i % 2 else second
+        obs = order(clock, f"o{i}", 10 * i, **keys)
+        assert shared.record_and_read(obs, queries) == memory.record_and_read(obs, queries)
+        clock.advance(5)
+    shared.close()

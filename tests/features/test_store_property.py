@@ -18,18 +18,19 @@ from riskd.features.store import SEEN_TTL_S, to_ms
 
 StoreFactory = Callable[[FakeClock], FeatureStore]
 KEY_NAMES = ("buyer", "device", "shop")
-QUERIES = [
+# A tuple: the Redis store caches its plan for immutable query sets.
+QUERIES = tuple(
     FeatureQuery(agg, key, window)
     for agg in (Agg.COUNT, Agg.SUM)
     for key in KEY_NAMES
     for window in WINDOWS
-] + [
+) + tuple(
     FeatureQuery(Agg.DISTINCT, key, window, of=of)
     for key in KEY_NAMES
     for of in KEY_NAMES
     if of != key
     for window in WINDOWS
-]
+)
 
 
 @dataclass
