@@ -7,7 +7,9 @@ interceptor. For each call it
    principal, each OU naming a role is a role; ``cert_principals`` may grant
    more roles by CN) when mutual TLS is on, else a configured bearer token in
    the ``authorization`` metadata (``Bearer <token>``); no credentials at all
-   is an anonymous caller;
+   is an anonymous caller, who holds ``anonymous_roles`` (none, unless
+   configured; the embedded plaintext-loopback default grants ``checkout``
+   only, so scoring works out of the box while money and admin need tokens);
 2. looks the full method name up in ``POLICY`` (deny by default: a method
    missing from the table is ``PERMISSION_DENIED`` for everyone);
 3. takes a token from the caller's bucket (``RESOURCE_EXHAUSTED`` when empty).
@@ -78,9 +80,11 @@ POLICY: dict[str, frozenset[str]] = {
     _LEDGER + "VerifyLedger": frozenset({AUDITOR, OPERATOR}),
     _HEALTH + "Check": frozenset({PUBLIC}),
     _HEALTH + "Watch": frozenset({PUBLIC}),
-    _HEALTH + "List": frozenset({OPERATOR}),  # names every service: not for anonymous callers
-    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": frozenset({OPERATOR}),
-    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": frozenset({OPERATOR}),
+    # These name every service and message: any known caller (grpcurl and friends), never
+    # an unauthenticated one.
+    _HEALTH + "List": ROLES,
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": ROLES,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": ROLES,
 }
 """Full gRPC method name → roles allowed to call it. Anything not listed is denied."""
 
@@ -99,7 +103,8 @@ def current_identity() -> Identity | None:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """An authenticated caller: ``principal`` is ``cert:<CN>`` or ``token:<name>``."""
+    """A caller: ``principal`` is ``cert:<CN>``, ``token:<name>`` or, for an anonymous
+    caller granted ``anonymous_roles``, ``peer:<address>``."""
 
     principal: str
     roles: frozenset[str]
@@ -149,12 +154,14 @@ class AuthConfig:
         ou_roles: take roles from the certificate's OU fields (the CA is riskd's own).
         rate_limits: role → limit; a caller gets its most generous role's limit;
             ``PUBLIC`` is the limit of anonymous callers, per peer address.
+        anonymous_roles: roles of a caller with no credentials (per peer address).
     """
 
     tokens: Mapping[str, Identity] = field(default_factory=dict)
     cert_principals: Mapping[str, frozenset[str]] = field(default_factory=dict)
     ou_roles: bool = True
     rate_limits: Mapping[str, RateLimit] = field(default_factory=lambda: DEFAULT_RATE_LIMITS)
+    anonymous_roles: frozenset[str] = frozenset()
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> AuthConfig:
@@ -162,6 +169,7 @@ class AuthConfig:
 
             [auth]
             ou_roles = true
+            anonymous_roles = ["checkout"]   # default: none
             [auth.tokens]           # sha256:<hex of the token> (or the token) = "name:role,role"
             "sha256:9f86d0..." = "checkout-gw:checkout"
             [auth.cert_principals]  # CN = "role,role"
@@ -172,7 +180,7 @@ class AuthConfig:
         Raises:
             ConfigError: naming the bad key (never a token).
         """
-        known = {"tokens", "cert_principals", "ou_roles", "rate_limits"}
+        known = {"tokens", "cert_principals", "ou_roles", "rate_limits", "anonymous_roles"}
         for key in raw:
             if key not in known:
                 raise ConfigError(f"auth.{key}: unknown configuration key")
@@ -186,6 +194,7 @@ class AuthConfig:
                 for cn, v in _table(raw, "cert_principals").items()
             },
             ou_roles=ou,
+            anonymous_roles=_anonymous_roles(raw.get("anonymous_roles", [])),
             rate_limits={
                 **DEFAULT_RATE_LIMITS,
                 **{
@@ -227,6 +236,15 @@ def _parse_roles(value: Any, key: str) -> frozenset[str]:
     if not roles or not roles <= ROLES:
         raise ConfigError(f"{key}: roles must be among {', '.join(sorted(ROLES))}")
     return roles
+
+
+def _anonymous_roles(value: Any) -> frozenset[str]:
+    key = "auth.anonymous_roles"
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)
+    if value in ("", None):
+        return frozenset()
+    return _parse_roles(value, key)
 
 
 def _checked_roles(table: Mapping[str, Any], *, public: bool) -> Mapping[str, Any]:
@@ -431,6 +449,9 @@ class AuthInterceptor(_Interceptor):
         if identity is not None:
             return identity
         if token is None:
+            if self._config.anonymous_roles:
+                peer = "peer:" + _peer_host(context.peer())
+                return Identity(peer, self._config.anonymous_roles)
             return None
         found = self._config.tokens.get(token_digest(token))
         if found is None:

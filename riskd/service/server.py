@@ -30,6 +30,7 @@ from riskd.config import Config
 from riskd.domain.clock import Clock, SystemClock
 from riskd.errors import ConfigError
 from riskd.service.auth import (
+    CHECKOUT,
     AuthConfig,
     AuthInterceptor,
     check_insecure_listen,
@@ -235,14 +236,22 @@ def _host(listen: str) -> str:
 
 
 def _auth(config: Config, metrics: Metrics) -> list[Interceptor]:
-    """Authentication and rate limits, whenever TLS or an ``[auth]`` table is configured."""
-    if config.tls_cert is None and not config.auth:
-        return []  # the embedded default: plaintext, loopback only (checked at bind)
+    """Authentication, deny-by-default authorization and rate limits, on every server.
+
+    With neither TLS nor an ``[auth]`` table (the embedded default, plaintext on
+    loopback only: checked at bind) callers without credentials hold the
+    ``checkout`` role: scoring works out of the box; the ledger and admin
+    methods stay closed until tokens or certificates are configured.
+    """
 
     def on_reject(method: str, code: grpc.StatusCode) -> None:
         metrics.rpc_errors.labels(method, code.name).inc()
 
-    return [AuthInterceptor(AuthConfig.from_mapping(config.auth), on_reject=on_reject)]
+    if config.tls_cert is None and not config.auth:
+        auth = AuthConfig(anonymous_roles=frozenset({CHECKOUT}))
+    else:
+        auth = AuthConfig.from_mapping(config.auth)
+    return [AuthInterceptor(auth, on_reject=on_reject)]
 
 
 def _bind(server: grpc.Server, config: Config) -> int:

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from riskd.service import convert
+from riskd.service import auth, convert
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
 from riskd.service.server import create_server
 from tests.service.conftest import copy_rules, make_config
@@ -78,8 +78,12 @@ def test_reflection_lists_the_services(tmp_path: Path) -> None:
     assert method.package == "riskd.v1"
 
 
-def test_drain_finishes_in_flight_calls_and_refuses_new_ones(tmp_path: Path) -> None:
+def test_drain_finishes_in_flight_calls_and_refuses_new_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     started = threading.Event()
+    # The slow test method is not riskd's: let checkout callers reach it (deny by default).
+    monkeypatch.setitem(auth.POLICY, "/test.Slow/Sleep", frozenset({auth.CHECKOUT}))
     running = create_server(
         make_config(tmp_path),
         extra_servicers=[slow_service(started, 1.0)],  # type: ignore[list-item]

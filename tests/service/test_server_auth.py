@@ -11,7 +11,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from riskd.errors import ConfigError
 from riskd.service import convert
-from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
+from riskd.service.gen.riskd.v1 import (
+    ledger_pb2,
+    ledger_pb2_grpc,
+    scoring_pb2,
+    scoring_pb2_grpc,
+)
 from riskd.service.server import create_server
 from tests.service.conftest import make_config
 from tests.service.test_scoring import fresh
@@ -40,6 +45,30 @@ def test_auth_table_turns_on_authentication(tmp_path: Path) -> None:
             )
             == 1
         )
+    finally:
+        running.stop(1)
+
+
+def test_embedded_default_lets_anonymous_loopback_callers_score_and_nothing_else(
+    tmp_path: Path,
+) -> None:
+    running = create_server(make_config(tmp_path))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(fresh()))
+            reply = scoring_pb2_grpc.ScoringServiceStub(ch).Score(request, timeout=5)
+            assert reply.decision.order_id == request.order.order_id
+            ledger = ledger_pb2_grpc.LedgerServiceStub(ch)
+            top_up = ledger_pb2.TopUpFundRequest(
+                idempotency_key="k-1", amount_fen=100, reason="test"
+            )
+            with pytest.raises(grpc.RpcError) as e:
+                ledger.TopUpFund(top_up, timeout=5)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            statement = ledger_pb2.ListAccountsRequest()
+            with pytest.raises(grpc.RpcError) as e:
+                ledger.ListAccounts(statement, timeout=5)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     finally:
         running.stop(1)
 
