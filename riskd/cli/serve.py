@@ -1,4 +1,4 @@
-"""``riskd serve`` runs the daemon; ``riskd score order.json`` asks a running one by hand.
+"""``riskd serve`` runs the daemon; ``riskd score order.json`` and ``riskd health`` ask one.
 
 ``serve`` reads defaults ← ``--config FILE`` (or ``$RISKD_CONFIG``) ← ``RISKD_*``
 variables ← ``--listen``, logs JSON lines to stderr, drains on SIGTERM/SIGINT
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from riskd.config import load_config
 from riskd.errors import RiskdError
@@ -47,6 +48,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="bearer token (default $RISKD_TOKEN)",
     )
     score.set_defaults(func=run_score)
+    health = subparsers.add_parser("health", help="ask a daemon's gRPC health service")
+    health.add_argument("--target", default="127.0.0.1:50051", help="daemon HOST:PORT")
+    health.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
+    health.add_argument(
+        "--ca",
+        type=Path,
+        default=os.environ.get("RISKD_HEALTH_CA") or None,
+        help="CA certificate: connect with TLS (default $RISKD_HEALTH_CA)",
+    )
+    health.add_argument(
+        "--server-name",
+        default=os.environ.get("RISKD_HEALTH_SERVER_NAME", ""),
+        help="name the server certificate must carry, when it is not the target host",
+    )
+    health.set_defaults(func=run_health)
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -99,7 +115,28 @@ def run_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _channel(target: str, ca: Path | None) -> grpc.Channel:
+def run_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the daemon answers SERVING, 1 otherwise (for container health checks)."""
+    try:
+        channel = _channel(args.target, args.ca, args.server_name)
+    except OSError as e:
+        print(f"riskd health: cannot read --ca: {e.strerror}", file=sys.stderr)
+        return 2
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=args.timeout
+            )
+        except grpc.RpcError as e:
+            print(f"riskd health: {e.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _channel(target: str, ca: Path | None, server_name: str = "") -> grpc.Channel:
     if ca is None:
         return grpc.insecure_channel(target)
-    return grpc.secure_channel(target, grpc.ssl_channel_credentials(ca.read_bytes()))
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.secure_channel(target, grpc.ssl_channel_credentials(ca.read_bytes()), options)

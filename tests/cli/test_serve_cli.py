@@ -129,6 +129,19 @@ def test_score_reports_invalid_argument(
     assert "INVALID_ARGUMENT: order.amounts.total" in capsys.readouterr().err
 
 
+def test_health_reports_serving_then_fails_when_the_daemon_is_gone(
+    daemon: Daemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["health", "--target", f"127.0.0.1:{daemon.port}", "--timeout", "2"]
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.strip() == "SERVING"
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(30) == 0
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == 1
+
+
 def test_score_rejects_malformed_json(tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
     path.write_text('{"order_id": ')
