@@ -27,6 +27,8 @@ EXPOSE 50051 9464
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
   CMD ["riskd", "health", "--target", "127.0.0.1:50051"]
 
-# Outside loopback the daemon needs TLS (RISKD_TLS_CERT/KEY[/CLIENT_CA]) or an [auth] table;
-# mount a config file and pass --config, or set the RISKD_* variables.
+# Off loopback the daemon refuses plaintext: mount certificates and set RISKD_TLS_CERT,
+# RISKD_TLS_KEY (and RISKD_TLS_CLIENT_CA for mutual TLS), plus RISKD_HEALTH_CA (and
+# RISKD_HEALTH_SERVER_NAME) so the health check above can connect; callers and roles
+# come from an [auth] table in a config file passed as RISKD_CONFIG.
 CMD ["riskd", "serve", "--listen", "0.0.0.0:50051"]

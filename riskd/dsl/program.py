@@ -298,6 +298,9 @@ def _explained(step: _Step, act: Mapping[str, object]) -> RuleResult:
         lines = step.rule.expr.explain(act)
     except EvalError as exc:  # explain re-runs the expression; report, do not fail
         lines = (f"explanation failed: {exc}",)
+    order = act.get("order")
+    if isinstance(order, Order):  # explanations quote values: never a PII one
+        lines = tuple(_scrub(line, order) for line in lines)
     return dataclasses.replace(step.hit, explanation=lines)
 
 

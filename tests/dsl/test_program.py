@@ -242,3 +242,20 @@ def test_program_fused_and_rule_by_rule_paths_agree_on_every_starter_case() -> N
     assert fused == each
     assert any(r.status is RuleStatus.ERROR for r in fused)
     assert any(r.status is not RuleStatus.ERROR for r in fused)
+
+
+def test_program_explanations_never_quote_pii(tmp_path: Path) -> None:
+    p = program_of(
+        tmp_path,
+        rule(
+            "pii",
+            'order.buyer.phone.startsWith("138") && order.buyer.address.detail != ""'
+            ' && order.device_id == "dev-1" && size(order.buyer.phone) == 11',
+        ),
+    )
+    res = by_id(p.evaluate(an_order(), ShopState("shop-1"), {}, NOW, explain=True))
+    text = "\n".join(res["pii"].explanation)
+    assert res["pii"].status is RuleStatus.HIT
+    assert "order.buyer.phone" in text
+    for secret in ("13812345678", "1381234", "文三路", "dev-1"):
+        assert secret not in text
