@@ -26,10 +26,16 @@ retries that reach another replica, and the feature store's own per-order
 idempotency counts an order once whoever records it. Two replicas scoring the
 same new order at the same instant may both answer; the log keeps the first.
 
-Deadlines: with ``timeout_s`` the feature calls of a call run on a worker
-thread and the scorer waits at most the budget less ``eval_reserve_s`` (kept
-for the rules and the log), so a hung Redis cannot hold the answer past the
-deadline. The in-process store never blocks on I/O and is called inline.
+Deadlines: the feature calls get the budget less ``eval_reserve_s`` (kept
+for the rules and the log). When the store bounds each call itself
+(``feature_timeout_s``: the Redis socket timeout) and that bound fits in what
+is left of the budget, the call runs inline on the request thread: no thread
+hop, no GIL hand-off, and a hung Redis still costs at most one socket timeout
+before the order is answered degraded (orders of a batch are not started once
+the budget left is under that bound). Otherwise (a deadline shorter than the
+socket timeout, or a store with no bound) the calls run on a worker thread and
+the scorer waits at most the budget, so a hung Redis cannot hold the answer
+past the deadline. The in-process store never blocks on I/O and is called inline.
 The decision-log lookup of a PostgreSQL log is bounded the same way (by half
 the budget; a SQLite file is read inline); appends never wait on the database.
 After ``breaker_failures`` failures in a row a breaker (one for the feature
@@ -106,6 +112,8 @@ class Scorer:
         eval_reserve_s: part of a deadline kept back for the rules and the log.
         breaker_failures, breaker_cooldown_s: the feature store's circuit breaker.
         workers: threads that run deadline-bounded feature calls.
+        feature_timeout_s: the longest one feature store call can take (its socket
+            timeout); calls run inline while the budget left covers it.
     """
 
     def __init__(
@@ -122,10 +130,12 @@ class Scorer:
         breaker_failures: int = 3,
         breaker_cooldown_s: float = 1.0,
         workers: int = 16,
+        feature_timeout_s: float | None = None,
     ) -> None:
         self._rules = rules
         self._features = features
         self._inline = isinstance(features, InProcessFeatureStore)
+        self._call_bound = feature_timeout_s
         self._log = log
         self._indexer = indexer
         self._shops = shops
@@ -222,9 +232,12 @@ class Scorer:
             return [None] * len(observations)
         got: list[Features] = []
         stop = threading.Event()
+        bound = self._call_bound
         try:
             if budget is None or self._inline:
                 _record_all(self._features, observations, queries, got, stop)
+            elif bound is not None and budget >= bound:
+                self._record_inline(observations, queries, got, budget - bound)
             else:
                 job = self._pool.submit(
                     _record_all, self._features, observations, queries, got, stop
@@ -241,6 +254,25 @@ class Scorer:
             self.breaker.success()
         answered: list[Features | None] = list(got[: len(observations)])
         return answered + [None] * (len(observations) - len(answered))
+
+    def _record_inline(
+        self,
+        observations: Sequence[Observation],
+        queries: Collection[FeatureQuery],
+        out: list[Features],
+        slack: float,
+    ) -> None:
+        """Record and read on this thread; start a call only while it fits the budget.
+
+        ``slack`` is the budget less one call's bound: a call may start until
+        that much time has passed, as it returns (or times out) within its bound.
+        """
+        last_start = self._clock.monotonic() + slack
+        record = self._features.record_and_read
+        for obs in observations:
+            if out and self._clock.monotonic() > last_start:
+                return
+            out.append(record(obs, queries))
 
     def _shop(self, shop_id: str, missing: list[str]) -> ShopState:
         if self._shops is None:

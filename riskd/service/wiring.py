@@ -141,6 +141,8 @@ def _build(config: Config, clock: Clock, closers: list[Callable[[], None]]) -> C
         shops=shops,
         clock=clock,
         fallback=FallbackPolicy.from_config(config.fallback),
+        # each Redis call is bounded by its socket timeout: run it inline when that fits
+        feature_timeout_s=config.redis_timeout_ms / 1000.0 if config.redis_url else None,
     )
     closers.append(scorer.close)
     components = Components(clock, scorer, rules, closers)

@@ -168,3 +168,27 @@ def test_hung_redis_bounds_a_whole_batch_by_its_deadline(
     assert [d.outcome for d in decisions] == [Outcome.ALLOW, Outcome.ALLOW] + [Outcome.REVIEW] * 3
     own_redis.thaw()
     store.close()
+
+
+def test_inline_feature_calls_are_bounded_by_the_socket_timeout(
+    make_rig: Callable[..., Rig], own_redis: RedisProcess
+) -> None:
+    """With ``feature_timeout_s`` the calls run on the caller's thread, yet a hung Redis
+    still costs at most one socket timeout: the batch answers degraded inside its deadline."""
+    clock = SystemClock()
+    store = RedisFeatureStore(own_redis.url, clock, prefix="riskd:test:", timeout_s=0.03)
+    rig = make_rig(
+        store, scorer_clock=clock, feature_timeout_s=0.03, breaker_failures=1, breaker_cooldown_s=5
+    )
+    assert rig.scorer.score(make_order("o-0"), timeout_s=0.2).degraded == ()
+    own_redis.freeze()
+    orders = [make_order(f"b-{i}", total=20_000 * (i + 1)) for i in range(5)]
+    started = time.perf_counter()
+    decisions = rig.scorer.score_batch(orders, timeout_s=0.1)
+    assert time.perf_counter() - started < 0.1 + 0.03
+    assert all(d.degraded == ("features",) for d in decisions)
+    assert [d.outcome for d in decisions] == [Outcome.ALLOW, Outcome.ALLOW] + [Outcome.REVIEW] * 3
+    assert rig.scorer.breaker.is_open
+    assert not rig.scorer._pool._threads  # no worker thread was started
+    own_redis.thaw()
+    store.close()
