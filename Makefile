@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve test lint bench protos
+.PHONY: install serve test lint soak bench protos
 
 $(BIN)/riskd: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -17,7 +17,13 @@ install: $(BIN)/riskd
 serve: install
 	$(BIN)/riskd serve
 
-lint: install
+# buf (the protobuf linter) comes from the npm registry's @bufbuild/buf package.
+BUF := .tools/buf/node_modules/.bin/buf
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix .tools/buf @bufbuild/buf
+
+lint: install $(BUF)
+	$(BUF) lint protos
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -30,6 +36,10 @@ test: install
 	bash scripts/services.sh
 	$(MAKE) lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The full-size crash test of the ledger (issue 4, invariant 7): 16 clients, 10,000 requests.
+soak: install
+	RISKD_LEDGER_CRASH_REQUESTS=10000 $(BIN)/python -m pytest -q -p no:cacheprovider tests/ledger/test_crash.py
 
 bench: install
 	$(BIN)/pip install -q -e '.[dev,bench]'
