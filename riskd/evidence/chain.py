@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from riskd.errors import UnavailableError
 from riskd.evidence.records import canonical_json
 from riskd.evidence.schema import GENESIS_HASH
 from riskd.sql import Database, Row, Tx
@@ -58,21 +59,61 @@ def append_rows(
     With ``unique`` a content whose ``order_id`` is already in the table is
     skipped (the first decision for an order wins, also across replicas).
     """
+    rows = [(tuple(c[k] for k in table.columns), canonical_json(c)) for c in contents]
+    return append_texts(tx, table, rows, unique=unique)
+
+
+# A row to chain: the values of ``Table.columns`` and the content's canonical JSON text.
+TextRow = tuple[Sequence[Any], str]
+
+
+def append_texts(
+    tx: Tx, table: Table, rows: Sequence[TextRow], *, unique: bool = False
+) -> list[bool]:
+    """``append_rows`` for contents already serialized: one ``executemany`` for the batch.
+
+    With ``unique`` the order ids already in the table (or earlier in ``rows``)
+    are looked up first and skipped. Should another writer insert one of them
+    meanwhile (PostgreSQL), the insert count comes up short and the transaction
+    is rolled back (``UnavailableError``): the caller's retry skips it.
+
+    Raises:
+        UnavailableError: a concurrent writer stored one of the order ids first.
+    """
+    if not rows:
+        return []
     seq, prev = chain_head(tx, table)
+    keep = _new_ids(tx, table, rows) if unique else [True] * len(rows)
+    values = []
+    for (copies, text), ok in zip(rows, keep, strict=True):
+        if ok:
+            digest = chain_hash(prev, text)
+            seq += 1
+            values.append((seq, *copies, text, prev, digest))
+            prev = digest
     cols = ", ".join(("seq", *table.columns, "content", "prev_hash", "hash"))
     marks = ", ".join("?" * (len(table.columns) + 4))
     conflict = " ON CONFLICT (order_id) DO NOTHING" if unique else ""
-    sql = f"INSERT INTO {table.name} ({cols}) VALUES ({marks}){conflict}"
-    stored = []
-    for c in contents:
-        text = canonical_json(c)
-        digest = chain_hash(prev, text)
-        values = [c[k] for k in table.columns]
-        ok = tx.execute(sql, (seq + 1, *values, text, prev, digest)).rowcount == 1
-        if ok:
-            seq, prev = seq + 1, digest
-        stored.append(ok)
-    return stored
+    tx.executemany(f"INSERT INTO {table.name} ({cols}) VALUES ({marks}){conflict}", values)
+    if unique and tx.rowcount != len(values):
+        raise UnavailableError(f"{table.name}: a concurrent writer stored an order first")
+    return keep
+
+
+def _new_ids(tx: Tx, table: Table, rows: Sequence[TextRow]) -> list[bool]:
+    """Per row: is its order id (the first column) new to the table and to ``rows``?"""
+    ids = [str(copies[0]) for copies, _ in rows]
+    stored: set[str] = set()
+    for start in range(0, len(ids), _PAGE):
+        chunk = ids[start : start + _PAGE]
+        marks = ", ".join("?" * len(chunk))
+        sql = f"SELECT order_id FROM {table.name} WHERE order_id IN ({marks})"
+        stored.update(str(r[0]) for r in tx.execute(sql, chunk).fetchall())
+    keep = []
+    for oid in ids:
+        keep.append(oid not in stored)
+        stored.add(oid)
+    return keep
 
 
 @dataclass(frozen=True, slots=True)

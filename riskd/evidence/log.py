@@ -35,13 +35,21 @@ from typing import Any
 from riskd.domain.events import OrderEvent
 from riskd.domain.order import Order
 from riskd.errors import ConfigError, InvalidArgumentError, RiskdError, UnavailableError
-from riskd.evidence.chain import DECISIONS, EVENTS, VerifyResult, append_rows, verify
+from riskd.evidence.chain import (
+    DECISIONS,
+    EVENTS,
+    TextRow,
+    VerifyResult,
+    append_rows,
+    append_texts,
+    verify,
+)
 from riskd.evidence.records import (
     DecisionRecord,
+    content_text,
     event_content,
     event_from,
     from_content,
-    to_content,
 )
 from riskd.evidence.request import Encryptor, Indexer, pii_fields, protect_order
 from riskd.evidence.schema import create_schema
@@ -300,22 +308,22 @@ class DecisionLog:
     def _write(self, batch: list[_Item]) -> None:
         records = [i for i in batch if i.record is not None]
         events = [i.event for i in batch if i.event is not None]
-        contents = [to_content(i.record) for i in records if i.record is not None]
+        rows = [_row(i.record) for i in records if i.record is not None]
         secrets = list(self._encrypt(records))
 
         def write(tx: Tx) -> None:
-            stored = append_rows(tx, DECISIONS, contents, unique=True) if contents else []
+            stored = append_texts(tx, DECISIONS, rows, unique=True)
             if events:
                 append_rows(tx, EVENTS, [event_content(e) for e in events])
             kept = {
                 i.record.order_id for i, ok in zip(records, stored, strict=True) if ok and i.record
             }
-            rows = [s for s in secrets if s[0] in kept]
-            if rows:
+            pii = [s for s in secrets if s[0] in kept]
+            if pii:
                 tx.executemany(
                     "INSERT INTO decision_pii (order_id, field, subject_id, ciphertext)"
                     " VALUES (?, ?, ?, ?)",
-                    rows,
+                    pii,
                 )
 
         self.db.run(write)
@@ -335,6 +343,12 @@ class DecisionLog:
                 continue
             for field, secret in secrets.items():
                 yield (order_id, field, subject, secret)
+
+
+def _row(record: DecisionRecord) -> TextRow:
+    """A decision's chained row: the copied columns and its canonical content text."""
+    d = record.decision
+    return (d.order_id, d.decided_at, d.outcome.name, d.rules_version), content_text(record)
 
 
 def encrypted_fields(db: Database, order_id: str) -> Mapping[str, bytes]:

@@ -51,7 +51,11 @@ def canonical_json(value: object) -> str:
     >>> canonical_json({"b": 1, "a": [1.5, "x"]})
     '{"b":1,"a":[1.5,"x"]}'
     """
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _encode(value)
+
+
+# One encoder for every record (json.dumps would build one per call), same settings.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def _reason_content(r: Reason) -> dict[str, Any]:
@@ -92,6 +96,81 @@ def rules_content(results: Sequence[RuleResult]) -> dict[str, Any]:
         "no_hit": [r.rule_id for r in misses if r.mode is not shadow],
         "no_hit_shadow": [r.rule_id for r in misses if r.mode is shadow],
     }
+
+
+def _split(results: Sequence[RuleResult]) -> tuple[list[Any], list[Any], list[str], list[str]]:
+    """One pass: full hits, full errors, ids of active misses, ids of shadow misses."""
+    miss, hit, shadow = RuleStatus.NO_HIT, RuleStatus.HIT, Mode.SHADOW
+    hits: list[Any] = []
+    errors: list[Any] = []
+    no_hit: list[str] = []
+    no_hit_shadow: list[str] = []
+    for r in results:
+        if r.status is miss:
+            (no_hit_shadow if r.mode is shadow else no_hit).append(r.rule_id)
+        elif r.status is hit:
+            hits.append(_result_content(r))
+        else:
+            errors.append(_result_content(r))
+    return hits, errors, no_hit, no_hit_shadow
+
+
+_ID_LISTS: dict[tuple[str, ...], str] = {}
+_ID_LISTS_MAX = 512
+
+
+def _ids_text(ids: list[str]) -> str:
+    """The JSON text of a list of rule ids, cached: with one program the misses of most
+    decisions are the same few lists (only the rare hits and errors differ)."""
+    key = tuple(ids)
+    text = _ID_LISTS.get(key)
+    if text is None:
+        text = _encode(ids)
+        if len(_ID_LISTS) >= _ID_LISTS_MAX:
+            _ID_LISTS.clear()  # a new program version: the old lists are done with
+        _ID_LISTS[key] = text
+    return text
+
+
+def content_text(record: DecisionRecord) -> str:
+    """``canonical_json(to_content(record))``, the same text, built from parts.
+
+    The rule-id lists of the misses (most of a record) come from a cache and the
+    rest is encoded without building the whole content dict first.
+    """
+    d = record.decision
+    head = _encode(
+        {
+            "order_id": d.order_id,
+            "outcome": d.outcome.name,
+            "score": d.score,
+            "reasons": [_reason_content(r) for r in d.reasons],
+            "rules_version": d.rules_version,
+            "model_versions": dict(d.model_versions),
+            "degraded": list(d.degraded),
+            "elapsed_us": d.elapsed_us,
+            "decided_at": d.decided_at,
+            "request": record.request,
+        }
+    )
+    features = record.features
+    hits, errors, no_hit, no_hit_shadow = _split(record.rules)
+    return "".join(
+        (
+            head[:-1],
+            ',"features":',
+            _encode(features if type(features) is dict else dict(features)),
+            ',"rules":{"hit":',
+            _encode(hits),
+            ',"error":',
+            _encode(errors),
+            ',"no_hit":',
+            _ids_text(no_hit),
+            ',"no_hit_shadow":',
+            _ids_text(no_hit_shadow),
+            "}}",
+        )
+    )
 
 
 def to_content(record: DecisionRecord) -> dict[str, Any]:

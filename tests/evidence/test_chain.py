@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from riskd.domain.events import OrderEvent, OrderEventKind
-from riskd.evidence.chain import chain_hash
+from riskd.evidence.chain import DECISIONS, append_texts, chain_hash
 from riskd.evidence.log import DecisionLog
+from riskd.evidence.records import content_text
 from riskd.evidence.schema import GENESIS_HASH
 from riskd.sql import Database
 
@@ -100,3 +101,24 @@ def test_verify_on_postgres_detects_an_edit(pg: Database) -> None:
     pg.query("UPDATE decision_log SET content = content || ' ' WHERE seq = 2 RETURNING seq")
     result = log.verify()
     assert (result.ok, result.seq, result.order_id) == (False, 2, "o-2")
+
+
+def test_append_texts_skips_known_and_repeated_order_ids_and_keeps_the_chain(
+    db: Database,
+) -> None:
+    log = DecisionLog(db)
+    log.append(make_record("o-1"))
+    log.close()
+
+    def row(order_id: str) -> tuple[tuple[object, ...], str]:
+        record = make_record(order_id)
+        d = record.decision
+        copies = (order_id, d.decided_at, d.outcome.name, d.rules_version)
+        return copies, content_text(record)
+
+    rows = [row("o-2"), row("o-1"), row("o-3"), row("o-2")]
+    stored = db.run(lambda tx: append_texts(tx, DECISIONS, rows, unique=True))
+    assert stored == [True, False, True, False]
+    got = db.query("SELECT seq, order_id FROM decision_log ORDER BY seq")
+    assert got == [(1, "o-1"), (2, "o-2"), (3, "o-3")]
+    assert log.verify().ok

@@ -9,7 +9,13 @@ from hypothesis import strategies as st
 
 from riskd.domain.decision import Decision, Outcome, Reason
 from riskd.dsl.program import Mode, RuleResult, RuleStatus
-from riskd.evidence.records import DecisionRecord, canonical_json, from_content, to_content
+from riskd.evidence.records import (
+    DecisionRecord,
+    canonical_json,
+    content_text,
+    from_content,
+    to_content,
+)
 
 texts = st.text(max_size=12)
 floats = st.floats(allow_nan=False, allow_infinity=False, width=64)
@@ -67,3 +73,8 @@ def records(draw: st.DrawFn) -> DecisionRecord:
 def test_record_round_trips_through_its_stored_text(record: DecisionRecord) -> None:
     text = canonical_json(to_content(record))
     assert from_content(json.loads(text)) == record
+
+
+@given(records())
+def test_content_text_is_the_canonical_json_of_the_content(record: DecisionRecord) -> None:
+    assert content_text(record) == canonical_json(to_content(record))
