@@ -300,7 +300,7 @@ class Scorer:
         record = DecisionRecord(
             decision=decision,
             request=self._log.protect(order, obs.keys),
-            features={q.name: v for q, v in (features or {}).items()},
+            features=_named(features) if features else {},
             rules=results,
         )
         try:
@@ -439,6 +439,20 @@ def _record_all(
         if stop.is_set():
             return
         out.append(store.record_and_read(obs, queries))
+
+
+_NAMES: dict[FeatureQuery, str] = {}  # every query is one of a few hundred: never pruned
+
+
+def _named(features: Features) -> dict[str, int]:
+    """Feature values by ``FeatureQuery.name`` (each name built once per query, not per order)."""
+    names = _NAMES
+    try:
+        return {names[q]: v for q, v in features.items()}
+    except KeyError:
+        for q in features:
+            names.setdefault(q, q.name)
+        return {names[q]: v for q, v in features.items()}
 
 
 def _check(order: Order, where: str) -> None:
