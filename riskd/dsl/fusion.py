@@ -30,6 +30,7 @@ import ast as py
 from collections.abc import Callable, Mapping, Sequence
 
 from riskd.dsl import compiler as _compiler
+from riskd.dsl.compiler import _args, _assign, _name, _subscript  # one set of AST builders
 from riskd.dsl.expr import CompiledExpr
 from riskd.dsl.helpers import HELPERS, make_dispatch
 
@@ -155,22 +156,3 @@ def _pick(i: int) -> py.expr:
             orelse=error,
         ),
     )
-
-
-def _name(n: str) -> py.Name:
-    return py.Name(id=n, ctx=py.Load())
-
-
-def _assign(target: str, value: py.expr) -> py.Assign:
-    return py.Assign(targets=[py.Name(id=target, ctx=py.Store())], value=value)
-
-
-def _subscript(value: py.expr, key: py.expr) -> py.Subscript:
-    return py.Subscript(value=value, slice=key, ctx=py.Load())
-
-
-def _args(*names: str) -> py.arguments:
-    return py.arguments(
-        posonlyargs=[], args=[py.arg(arg=n) for n in names], kwonlyargs=[], kw_defaults=[],
-        defaults=[],
-    )  # fmt: skip
