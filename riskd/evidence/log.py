@@ -105,7 +105,7 @@ class DecisionLog:
         create_schema(db)
         if vault is not None:
             vault.add_forget_hook(self._forget)
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._queue: deque[_Item] = deque()
         self._pending: dict[str, DecisionRecord] = {}  # queued or being written
         self._inflight = 0  # items taken by the writer, not yet committed
@@ -162,7 +162,12 @@ class DecisionLog:
             raise UnavailableError("decision log is closed")
         self._queue.append(item)
         self._appended += 1
-        self._cond.notify_all()
+        if len(self._queue) == 1 or len(self._queue) == self._max_batch:
+            # wake the writer only when it has something new to do: the first item
+            # (it sleeps on an empty queue) or a full batch (it stops gathering); in
+            # between it gathers for flush_interval_s, and a wake-up per append would
+            # cost every request a context switch and a GIL hand-off
+            self._cond.notify_all()
 
     def get(self, order_id: str) -> DecisionRecord | None:
         """The recorded decision for ``order_id`` (queued or committed), or None."""
