@@ -67,7 +67,7 @@ from riskd.domain.events import OrderEvent
 from riskd.domain.features import FeatureQuery
 from riskd.domain.order import Order
 from riskd.domain.shop import ShopState
-from riskd.dsl.program import Program, RuleResult
+from riskd.dsl.program import Program, RuleResult, RuleStatus
 from riskd.engine.breaker import CircuitBreaker
 from riskd.engine.combine import combine
 from riskd.engine.fallback import FallbackPolicy
@@ -292,7 +292,7 @@ class Scorer:
         if features is None:
             missing.append("features")
         try:
-            results = ctx.program.evaluate(order, shop, features or {}, ctx.now, explain=True)
+            results = _evaluate(ctx.program, order, shop, features or {}, ctx.now)
         except Exception:  # a bug in the program, not one rule: answer by the fallback
             missing.append("rules")
             results = ()
@@ -439,6 +439,22 @@ def _record_all(
         if stop.is_set():
             return
         out.append(store.record_and_read(obs, queries))
+
+
+def _evaluate(
+    program: Program, order: Order, shop: ShopState, features: Features, now: float
+) -> tuple[RuleResult, ...]:
+    """Every rule's result, hits explained.
+
+    Most orders hit no rule, and explaining walks every result: run untraced
+    first and again with ``explain`` only when something hit (the program is
+    deterministic, so the second run gives the same results, explained).
+    """
+    results = program.evaluate(order, shop, features, now)
+    hit = RuleStatus.HIT
+    if [r for r in results if r.status is hit]:
+        return program.evaluate(order, shop, features, now, explain=True)
+    return results
 
 
 _NAMES: dict[FeatureQuery, str] = {}  # every query is one of a few hundred: never pruned
