@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import start_http_server
 
-from riskd.domain.decision import Decision
+from riskd.domain.decision import Decision, Outcome
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -59,14 +59,22 @@ class Metrics:
             "riskd_rule_reloads", "Rule reloads that swapped in new rules.", registry=r
         )
 
+        # labelled children, looked up once per label value instead of once per decision
+        self._by_outcome: dict[Outcome, Any] = {}
+        self._by_rule: dict[str, Any] = {}
+        self._by_missing: dict[str, Any] = {}
+
     def observe_decisions(self, decisions: Iterable[Decision]) -> None:
         """Count decisions by outcome, their rule hits and degraded answers."""
         for d in decisions:
-            self.decisions.labels(d.outcome.name.lower()).inc()
+            child = self._by_outcome.get(d.outcome)
+            if child is None:
+                child = self._by_outcome[d.outcome] = self.decisions.labels(d.outcome.name.lower())
+            child.inc()
             for reason in d.reasons:
-                self.rule_hits.labels(reason.rule_id).inc()
+                _child(self._by_rule, self.rule_hits, reason.rule_id).inc()
             for what in d.degraded:
-                self.degraded.labels(what).inc()
+                _child(self._by_missing, self.degraded, what).inc()
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value (0 when absent), e.g. ``riskd_decisions_total``."""
@@ -75,6 +83,18 @@ class Metrics:
 
     def text(self) -> bytes:
         return bytes(generate_latest(self.registry))
+
+
+_MAX_CHILDREN = 10_000  # rule ids come from the rule files: bounded, but never trust that
+
+
+def _child(cache: dict[str, Any], metric: Counter, label: str) -> Any:
+    child = cache.get(label)
+    if child is None:
+        child = metric.labels(label)
+        if len(cache) < _MAX_CHILDREN:
+            cache[label] = child
+    return child
 
 
 class MetricsEndpoint:
