@@ -139,7 +139,16 @@ def scorer(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Scorer]:
     log = DecisionLog(db, indexer=indexer)
     holder = ProgramHolder(write_rules(tmp_path / "rules"))
     assert len(holder.current.rules) == RULES
-    s = Scorer(holder, store, log, indexer, clock=clock, fallback=FallbackPolicy.default())
+    s = Scorer(
+        holder,
+        store,
+        log,
+        indexer,
+        clock=clock,
+        fallback=FallbackPolicy.default(),
+        # as riskd serve wires it: Redis calls inline, bounded by the socket timeout
+        feature_timeout_s=0.05 if request.param == "redis" else None,
+    )
     s.score_batch(make_orders(BATCH))  # warm up connections and caches
     yield s
     s.close()
