@@ -3,7 +3,9 @@
 One run puts unique markers in the buyer's phone, name, ID number, street
 address, the device id and the IP, then drives every path that takes an order:
 ``Score``, ``ScoreBatch`` and ``ReportOutcome`` (accepted, refused by access
-control, rejected by validation, duplicated), ``riskd score`` and
+control, rejected by validation, duplicated), an analyst's ``RevealOrderPii``
+(whose reply alone carries plaintext, by design; refusals are searched) and
+``ListPiiAccess``, ``riskd score`` and
 ``riskd pii hold/forget``. Then it searches everything riskd wrote for the
 markers (and their normalized forms): the JSON logs at debug level, every
 other log record, RPC error details, command output, the metrics endpoint,
@@ -35,13 +37,19 @@ from riskd.domain.order import Address, Amounts, Buyer, Channel, Item, Order, Pa
 from riskd.pii.blind import NORMALIZERS
 from riskd.pii.mask import mask_phone
 from riskd.service.convert import order_to_proto
-from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
+from riskd.service.gen.riskd.v1 import (
+    evidence_pb2,
+    evidence_pb2_grpc,
+    scoring_pb2,
+    scoring_pb2_grpc,
+)
 from riskd.service.logs import configure_logging
 from riskd.service.server import RunningServer, create_server
 
 RULES = Path(__file__).parent / "service" / "testdata" / "rules"
 CHECKOUT_TOKEN = "canary-checkout-token"
 AUDITOR_TOKEN = "canary-auditor-token"
+ANALYST_TOKEN = "canary-analyst-token"
 
 
 @dataclass(frozen=True)
@@ -171,7 +179,11 @@ def drive_authenticated_server(m: Markers, data_dir: Path, evidence: Evidence) -
     running = start(
         data_dir,
         auth={
-            "tokens": {CHECKOUT_TOKEN: "canary-gw:checkout", AUDITOR_TOKEN: "canary-audit:auditor"}
+            "tokens": {
+                CHECKOUT_TOKEN: "canary-gw:checkout",
+                AUDITOR_TOKEN: "canary-audit:auditor",
+                ANALYST_TOKEN: "canary-analyst:analyst",
+            }
         },
     )
     try:
@@ -201,9 +213,31 @@ def drive_authenticated_server(m: Markers, data_dir: Path, evidence: Evidence) -
                     rpc_code(stub.ReportOutcome, report, CHECKOUT_TOKEN, evidence, "ReportOutcome")
                     == "OK"
                 )
+            _drive_reveal(ch, m, evidence)
         _scrape_metrics(running, evidence)
     finally:
         running.stop(5)
+
+
+def _drive_reveal(ch: grpc.Channel, m: Markers, evidence: Evidence) -> None:
+    """An analyst's audited reveal (its reply is the one place plaintext may go), refusals."""
+    stub = evidence_pb2_grpc.EvidenceServiceStub(ch)
+    reveal = evidence_pb2.RevealOrderPiiRequest(order_id="o-canary-1", reason="canary case")
+    reply = stub.RevealOrderPii(
+        reveal, metadata=(("authorization", f"Bearer {ANALYST_TOKEN}"),), timeout=5
+    )
+    assert reply.pii.phone == m.phone  # by design; kept out of the evidence searched
+    for token, where in ((AUDITOR_TOKEN, "as auditor"), (CHECKOUT_TOKEN, "as checkout")):
+        code = rpc_code(stub.RevealOrderPii, reveal, token, evidence, f"RevealOrderPii {where}")
+        assert code == "PERMISSION_DENIED"
+    for request, code in (
+        (evidence_pb2.RevealOrderPiiRequest(order_id="o-canary-1"), "INVALID_ARGUMENT"),
+        (evidence_pb2.RevealOrderPiiRequest(order_id="o-none", reason="r"), "NOT_FOUND"),
+    ):
+        got = rpc_code(stub.RevealOrderPii, request, ANALYST_TOKEN, evidence, "RevealOrderPii")
+        assert got == code
+    listing = evidence_pb2.ListPiiAccessRequest(order_id="o-canary-1")
+    assert rpc_code(stub.ListPiiAccess, listing, AUDITOR_TOKEN, evidence, "ListPiiAccess") == "OK"
 
 
 def _drive_invalid(stub: Any, m: Markers, evidence: Evidence) -> None:

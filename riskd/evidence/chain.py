@@ -43,6 +43,7 @@ class Table:
 
 DECISIONS = Table("decision_log", ("order_id", "decided_at", "outcome", "rules_version"))
 EVENTS = Table("order_events", ("order_id", "kind", "at"))
+ACCESS = Table("pii_access_log", ("order_id", "at", "principal", "outcome"))
 
 
 def chain_head(tx: Tx, table: Table) -> tuple[int, str]:
@@ -175,9 +176,9 @@ def verify_table(db: Database, table: Table) -> tuple[int, tuple[int, str], _Bad
 
 
 def verify(db: Database) -> VerifyResult:
-    """Verify the decision chain, then the events chain; report the first bad row."""
+    """Verify the decision, events and PII-access chains; report the first bad row."""
     total, heads = 0, {}
-    for table in (DECISIONS, EVENTS):
+    for table in (DECISIONS, EVENTS, ACCESS):
         checked, head, bad = verify_table(db, table)
         total += checked
         heads[table.name] = head

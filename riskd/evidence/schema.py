@@ -10,6 +10,10 @@ are copies of content fields for queries; ``verify`` checks they agree.
 ``decision_pii`` holds the Vault ciphertexts of an order's PII fields. It is
 outside the chain on purpose: forgetting a buyer (crypto-shredding their data
 key, or deleting these rows) must not break the auditors' verification.
+
+``pii_access_log`` is the audit trail of analysts' reveals of an order's PII
+(who, when, which order, which fields, why, and whether it was refused):
+append-only and hash-chained like ``decision_log``. It never holds PII.
 """
 
 from __future__ import annotations
@@ -45,7 +49,18 @@ CREATE TABLE IF NOT EXISTS decision_pii (
     ciphertext {blob} NOT NULL,
     PRIMARY KEY (order_id, field)
 );
-CREATE INDEX IF NOT EXISTS decision_pii_subject ON decision_pii (subject_id)
+CREATE INDEX IF NOT EXISTS decision_pii_subject ON decision_pii (subject_id);
+CREATE TABLE IF NOT EXISTS pii_access_log (
+    seq BIGINT PRIMARY KEY,
+    order_id TEXT NOT NULL,
+    at DOUBLE PRECISION NOT NULL,
+    principal TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    content TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS pii_access_log_order_id ON pii_access_log (order_id)
 """
 
 GENESIS_HASH = "0" * 64

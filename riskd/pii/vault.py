@@ -269,6 +269,23 @@ class Vault:
             hook(subject_id)
         return result
 
+    def forgotten(self, subject_id: str, ciphertext: bytes | None = None) -> bool:
+        """True when ``forget`` destroyed the subject's data keys, read from the key store.
+
+        With ``ciphertext``: when the data key generation that sealed it was destroyed
+        (also by another process whose ``forget`` this replica's cache has not seen
+        yet; the cached key is dropped then). Without: when any generation was (the
+        first stays as a tombstone, while a later write may have started a new one).
+        """
+        generation = 1
+        if ciphertext is not None and len(ciphertext) >= _HEADER.size:
+            generation = _HEADER.unpack_from(ciphertext)[1]
+        row = self.keystore.get(subject_id, generation)
+        shredded = row is not None and row.shredded
+        if shredded:
+            self._drop(subject_id)
+        return shredded
+
     def hold(self, subject_id: str, reason: str) -> None:
         """Place a legal hold: ``forget`` is refused until it is released."""
         _require("subject_id", subject_id)

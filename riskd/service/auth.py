@@ -54,6 +54,7 @@ PUBLIC: Final = "public"
 
 _SCORING = "/riskd.v1.ScoringService/"
 _LEDGER = "/riskd.v1.LedgerService/"
+_EVIDENCE = "/riskd.v1.EvidenceService/"
 _HEALTH = "/grpc.health.v1.Health/"
 
 POLICY: dict[str, frozenset[str]] = {
@@ -78,6 +79,10 @@ POLICY: dict[str, frozenset[str]] = {
     _LEDGER + "GetDisputeStatement": frozenset({ANALYST, AUDITOR, OPERATOR}),
     _LEDGER + "ListAccounts": frozenset({ANALYST, AUDITOR, OPERATOR}),
     _LEDGER + "VerifyLedger": frozenset({AUDITOR, OPERATOR}),
+    # Decrypting a decision's PII is an analyst's audited act; auditors read the audit
+    # trail (which holds no PII), never the plaintext.
+    _EVIDENCE + "RevealOrderPii": frozenset({ANALYST}),
+    _EVIDENCE + "ListPiiAccess": frozenset({ANALYST, AUDITOR}),
     _HEALTH + "Check": frozenset({PUBLIC}),
     _HEALTH + "Watch": frozenset({PUBLIC}),
     # These name every service and message: any known caller (grpcurl and friends), never

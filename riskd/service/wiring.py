@@ -3,7 +3,8 @@
 ``Config`` → keyring (generated under the data dir on first start) →
 ``BlindIndexer`` → SQL ``Database`` → ``DecisionLog``; feature store
 (in-process, or Redis when ``redis_url`` is set); ``ProgramHolder`` over the
-rules directory; ``FallbackPolicy``; then the ``Scorer`` over all of them.
+rules directory; ``FallbackPolicy``; then the ``Scorer`` over all of them;
+the ledger's and the evidence (audited PII reveal) services beside it.
 Rule hot reload lives here too: a watcher compares the rule files'
 fingerprint and reloads through the holder when it changes.
 """
@@ -23,6 +24,7 @@ from riskd.dsl.holder import ProgramHolder
 from riskd.engine.fallback import FallbackPolicy
 from riskd.engine.scorer import Scorer
 from riskd.errors import ConfigError
+from riskd.evidence.access import PiiAccess
 from riskd.evidence.log import DecisionLog
 from riskd.features import FeatureStore, InProcessFeatureStore, RedisFeatureStore
 from riskd.ledger import Book, LedgerShopDirectory, load_schedule
@@ -30,7 +32,8 @@ from riskd.pii.blind import BlindIndexer
 from riskd.pii.keyring import Keyring
 from riskd.pii.keystore import SqlKeyStore
 from riskd.pii.vault import Vault
-from riskd.service.gen.riskd.v1 import ledger_pb2
+from riskd.service.evidence import add_evidence_service
+from riskd.service.gen.riskd.v1 import evidence_pb2, ledger_pb2
 from riskd.service.ledger import add_ledger_service
 from riskd.service.metrics import Metrics
 from riskd.sql import Database
@@ -147,6 +150,7 @@ def _build(config: Config, clock: Clock, closers: list[Callable[[], None]]) -> C
     closers.append(scorer.close)
     components = Components(clock, scorer, rules, closers)
     components.extra.append(ledger_service(book))
+    components.extra.append(evidence_service(PiiAccess(decision_log, vault, clock=clock)))
     return components
 
 
@@ -163,6 +167,16 @@ def ledger_service(book: Book) -> Callable[[grpc.Server], list[str]]:
     def register(server: grpc.Server) -> list[str]:
         add_ledger_service(server, book)
         return [s.full_name for s in ledger_pb2.DESCRIPTOR.services_by_name.values()]
+
+    return register
+
+
+def evidence_service(access: PiiAccess) -> Callable[[grpc.Server], list[str]]:
+    """A hook that registers ``EvidenceService`` (analysts' audited PII reveals) on the server."""
+
+    def register(server: grpc.Server) -> list[str]:
+        add_evidence_service(server, access)
+        return [s.full_name for s in evidence_pb2.DESCRIPTOR.services_by_name.values()]
 
     return register
 

@@ -1,0 +1,149 @@
+"""Analysts' PII reveals: decrypted from the Vault, every access (granted or refused) chained."""
+
+from __future__ import annotations
+
+import pytest
+
+from riskd.domain.clock import FakeClock
+from riskd.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from riskd.evidence.access import AccessOutcome, PiiAccess
+from riskd.evidence.log import DecisionLog
+from riskd.pii import BlindIndexer, Keyring, SqlKeyStore, Vault
+from riskd.sql import Database
+
+from .conftest import DEVICE, ID_NUMBER, IP, NAME, PHONE, STREET
+from .test_pii import log_order
+
+
+def setup(db: Database) -> tuple[DecisionLog, Vault, PiiAccess]:
+    keyring = Keyring.generate()
+    vault = Vault(keyring, SqlKeyStore(db))
+    log = DecisionLog(db, vault=vault, indexer=BlindIndexer(keyring))
+    return log, vault, PiiAccess(log, vault, clock=FakeClock(1_700_000_000.0))
+
+
+def count(db: Database) -> int:
+    return int(db.query("SELECT COUNT(*) FROM pii_access_log")[0][0])
+
+
+def test_reveal_decrypts_every_field_and_records_the_access(db: Database) -> None:
+    log, _, access = setup(db)
+    log_order(log, "o-1")  # not flushed yet: the reveal waits for its commit
+    got = access.reveal("o-1", "chargeback case 42", "token:ts-1")
+    assert got.fields == {
+        "phone": PHONE,
+        "name": NAME,
+        "id_number": ID_NUMBER,
+        "address": f"浙江省 杭州市 西湖区 {STREET}",
+        "device": DEVICE,
+        "ip": IP,
+    }
+    [entry] = access.entries("o-1")
+    assert entry == got.entry
+    assert (entry.principal, entry.reason, entry.outcome) == (
+        "token:ts-1",
+        "chargeback case 42",
+        AccessOutcome.REVEALED,
+    )
+    assert entry.fields == ("phone", "name", "id_number", "address", "device", "ip")
+    assert entry.at == 1_700_000_000.0
+    only = access.reveal("o-1", "call the buyer", "token:ts-1", ["phone", "phone"])
+    assert only.fields == {"phone": PHONE} and only.entry.fields == ("phone",)
+    assert [e.seq for e in access.entries()] == [1, 2]
+    assert [e.seq for e in access.entries(after_seq=1)] == [2]
+    result = log.verify()
+    assert result.ok and result.head["pii_access_log"][0] == 2
+    log.close()
+
+
+def test_the_audit_trail_holds_no_plaintext(db: Database) -> None:
+    log, _, access = setup(db)
+    log_order(log, "o-1")
+    access.reveal("o-1", "case 7", "token:ts-1")
+    dumped = repr(db.query("SELECT * FROM pii_access_log"))
+    for value in (PHONE, NAME, ID_NUMBER, STREET, DEVICE, IP):
+        assert value not in dumped
+    log.close()
+
+
+@pytest.mark.parametrize(
+    ("order_id", "reason", "fields", "field"),
+    [
+        ("", "why", (), "order_id"),
+        ("o-1", "  ", (), "reason"),
+        ("o-1", "x" * 501, (), "reason"),
+        ("o-1", "why", ("phone", "email"), "fields"),
+    ],
+)
+def test_bad_requests_name_the_field_and_record_nothing(
+    db: Database, order_id: str, reason: str, fields: tuple[str, ...], field: str
+) -> None:
+    log, _, access = setup(db)
+    log_order(log, "o-1")
+    with pytest.raises(InvalidArgumentError) as e:
+        access.reveal(order_id, reason, "token:ts-1", fields)
+    assert e.value.field == field
+    assert count(db) == 0
+    log.close()
+
+
+def test_unknown_order_is_refused_and_recorded(db: Database) -> None:
+    log, _, access = setup(db)
+    with pytest.raises(NotFoundError, match="o-404"):
+        access.reveal("o-404", "probe", "token:ts-1")
+    [entry] = access.entries("o-404")
+    assert entry.outcome is AccessOutcome.NOT_FOUND
+    log.close()
+
+
+def test_forgotten_buyer_is_refused_recorded_and_the_chain_still_verifies(db: Database) -> None:
+    log, vault, access = setup(db)
+    log_order(log, "o-1")
+    access.reveal("o-1", "before", "token:ts-1")
+    vault.forget("b-1")
+    with pytest.raises(FailedPreconditionError, match="forgotten") as e:
+        access.reveal("o-1", "after", "token:ts-1")
+    assert PHONE not in str(e.value)
+    assert [x.outcome for x in access.entries("o-1")] == [
+        AccessOutcome.REVEALED,
+        AccessOutcome.FORGOTTEN,
+    ]
+    assert log.verify().ok
+    log.close()
+
+
+def test_shredded_key_with_ciphertexts_left_is_refused_as_forgotten(db: Database) -> None:
+    # another process forgot the buyer without this log's hook: the key is gone anyway
+    log, _, access = setup(db)
+    log_order(log, "o-1")
+    log.flush(10)
+    other = Vault(Keyring.generate(), SqlKeyStore(db))
+    other.forget("b-1")
+    with pytest.raises(FailedPreconditionError, match="forgotten"):
+        access.reveal("o-1", "after", "token:ts-1")
+    assert access.entries("o-1")[-1].outcome is AccessOutcome.FORGOTTEN
+    log.close()
+
+
+def test_a_tampered_audit_entry_fails_verify(db: Database) -> None:
+    log, _, access = setup(db)
+    log_order(log, "o-1")
+    access.reveal("o-1", "first", "token:ts-1")
+    access.reveal("o-1", "second", "token:ts-1")
+    db.run(
+        lambda tx: tx.execute(
+            "UPDATE pii_access_log SET content = REPLACE(content, 'second', 'benign')"
+        )
+    )
+    result = log.verify()
+    assert not result.ok
+    assert (result.table, result.seq) == ("pii_access_log", 2)
+    log.close()
+
+
+def test_entries_page_size_is_checked(db: Database) -> None:
+    log, _, access = setup(db)
+    with pytest.raises(InvalidArgumentError) as e:
+        access.entries(limit=1001)
+    assert e.value.field == "page_size"
+    log.close()

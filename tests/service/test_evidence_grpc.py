@@ -1,0 +1,169 @@
+"""EvidenceService through a real server: analysts reveal PII (audited); others are denied.
+
+Real server on port 0 (SQLite evidence, the Vault), one bearer token per role; the
+checkout gateway scores an order, the analyst reveals its PII, the auditor reads the
+audit trail; then ``riskd pii forget`` (its own Vault, like its own process) shreds the
+buyer and the next reveal is refused and recorded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from riskd.cli import pii as pii_cli
+from riskd.evidence.chain import verify
+from riskd.service import convert
+from riskd.service.gen.riskd.v1 import (
+    evidence_pb2,
+    evidence_pb2_grpc,
+    scoring_pb2,
+    scoring_pb2_grpc,
+)
+from riskd.service.server import RunningServer, create_server
+from riskd.sql import Database
+from tests.service.conftest import make_config
+from tests.service.test_scoring import fresh
+from tests.test_pii_canary import _parser
+
+TOKENS = {"tok-analyst": "ts-1:analyst", "tok-audit": "au-1:auditor", "tok-gw": "gw:checkout"}
+
+
+def as_(token: str) -> tuple[tuple[str, str]]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[RunningServer]:
+    server = create_server(make_config(tmp_path, auth={"tokens": TOKENS}))
+    yield server
+    server.stop(1)
+
+
+def code_of(call: object, request: object, token: str) -> grpc.StatusCode:
+    try:
+        call(request, timeout=5, metadata=as_(token))  # type: ignore[operator]
+    except grpc.RpcError as e:
+        return e.code()
+    return grpc.StatusCode.OK
+
+
+def reveal(order_id: str, reason: str = "chargeback case 42") -> evidence_pb2.RevealOrderPiiRequest:
+    return evidence_pb2.RevealOrderPiiRequest(order_id=order_id, reason=reason)
+
+
+def test_analyst_reveals_and_every_access_is_audited(running: RunningServer) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        evidence = evidence_pb2_grpc.EvidenceServiceStub(ch)
+        order = fresh()
+        scoring_pb2_grpc.ScoringServiceStub(ch).Score(
+            scoring_pb2.ScoreRequest(order=convert.order_to_proto(order)),
+            timeout=5,
+            metadata=as_("tok-gw"),
+        )
+        got = evidence.RevealOrderPii(
+            reveal(order.order_id), timeout=5, metadata=as_("tok-analyst")
+        )
+        assert got.pii.phone == order.buyer.phone
+        assert got.pii.name == order.buyer.name
+        assert got.pii.id_number == order.buyer.id_number
+        assert got.pii.address.endswith(order.buyer.address.detail)
+        assert (got.pii.device, got.pii.ip) == (order.device_id, order.ip)
+        assert got.access.principal == "token:ts-1"
+        assert got.access.outcome == evidence_pb2.PII_ACCESS_OUTCOME_REVEALED
+
+        # denied before the servicer: nothing decrypted, nothing recorded
+        assert code_of(evidence.RevealOrderPii, reveal(order.order_id), "tok-audit") == (
+            grpc.StatusCode.PERMISSION_DENIED
+        )
+        assert code_of(evidence.RevealOrderPii, reveal(order.order_id), "tok-gw") == (
+            grpc.StatusCode.PERMISSION_DENIED
+        )
+        listing = evidence_pb2.ListPiiAccessRequest(order_id=order.order_id)
+        assert code_of(evidence.ListPiiAccess, listing, "tok-gw") == (
+            grpc.StatusCode.PERMISSION_DENIED
+        )
+        trail = evidence.ListPiiAccess(listing, timeout=5, metadata=as_("tok-audit")).entries
+        assert [(e.principal, e.reason, list(e.fields)) for e in trail] == [
+            (
+                "token:ts-1",
+                "chargeback case 42",
+                ["phone", "name", "id_number", "address", "device", "ip"],
+            )
+        ]
+        assert trail[0].hash == got.access.hash and trail[0].at.seconds > 0
+        assert order.buyer.phone not in str(trail)  # auditors never see plaintext
+
+        with pytest.raises(grpc.RpcError) as e:
+            evidence.RevealOrderPii(
+                reveal(order.order_id, ""), timeout=5, metadata=as_("tok-analyst")
+            )
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "reason" in (e.value.details() or "")
+        with pytest.raises(grpc.RpcError) as e:
+            evidence.RevealOrderPii(reveal("o-nope"), timeout=5, metadata=as_("tok-analyst"))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        outcomes = [
+            x.outcome
+            for x in evidence.ListPiiAccess(
+                evidence_pb2.ListPiiAccessRequest(), timeout=5, metadata=as_("tok-analyst")
+            ).entries
+        ]
+        assert outcomes == [
+            evidence_pb2.PII_ACCESS_OUTCOME_REVEALED,
+            evidence_pb2.PII_ACCESS_OUTCOME_NOT_FOUND,
+        ]
+
+
+def test_forgotten_buyer_is_refused_and_nothing_is_decrypted(
+    running: RunningServer, tmp_path: Path
+) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        evidence = evidence_pb2_grpc.EvidenceServiceStub(ch)
+        order = fresh()
+        scoring_pb2_grpc.ScoringServiceStub(ch).Score(
+            scoring_pb2.ScoreRequest(order=convert.order_to_proto(order)),
+            timeout=5,
+            metadata=as_("tok-gw"),
+        )
+        # the first reveal waits for the decision's commit and warms the server's key cache
+        evidence.RevealOrderPii(reveal(order.order_id), timeout=5, metadata=as_("tok-analyst"))
+        parser = _parser(pii_cli)
+        args = parser.parse_args(
+            [
+                "pii",
+                "forget",
+                order.buyer.buyer_id,
+                "--keyring",
+                str(tmp_path / "keyring.json"),
+                "--database",
+                f"sqlite:///{tmp_path / 'riskd.db'}",
+            ]
+        )
+        assert args.func(args) == 0
+        with pytest.raises(grpc.RpcError) as e:
+            evidence.RevealOrderPii(reveal(order.order_id), timeout=5, metadata=as_("tok-analyst"))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "forgotten" in (e.value.details() or "")
+        assert order.buyer.phone not in (e.value.details() or "")
+        trail = evidence.ListPiiAccess(
+            evidence_pb2.ListPiiAccessRequest(order_id=order.order_id),
+            timeout=5,
+            metadata=as_("tok-audit"),
+        ).entries
+        assert [x.outcome for x in trail] == [
+            evidence_pb2.PII_ACCESS_OUTCOME_REVEALED,
+            evidence_pb2.PII_ACCESS_OUTCOME_FORGOTTEN,
+        ]
+    db = Database(f"sqlite:///{tmp_path / 'riskd.db'}")
+    try:
+        deadline = time.monotonic() + 5
+        while not (result := verify(db)).ok and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert result.ok and result.head["pii_access_log"][0] == 2
+    finally:
+        db.close()
