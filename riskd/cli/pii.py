@@ -25,6 +25,7 @@ from typing import Any
 
 from riskd.config import Config, load_config
 from riskd.errors import ConfigError, RiskdError
+from riskd.evidence.log import forget_subject
 from riskd.pii.keyring import ENV_VAR, Keyring
 from riskd.pii.keystore import SqlKeyStore
 from riskd.pii.vault import Vault
@@ -141,13 +142,19 @@ def _retire(args: argparse.Namespace) -> int:
 
 def _forget(args: argparse.Namespace) -> int:
     vault, db = _vault(args)
+    deleted: list[int] = []
+    # The decision log's rows beside its chain (ciphertexts, blind indexes): the daemon's
+    # DecisionLog registers this hook in its process; this process registers it here.
+    # It runs after the legal-hold check and the key shredding.
+    vault.add_forget_hook(lambda subject: deleted.append(forget_subject(db, subject)))
     try:
         result = vault.forget(args.buyer_id)
     finally:
         db.close()
     print(
         f"forgotten: {result.data_keys_destroyed} data keys destroyed, "
-        f"{result.index_entries_deleted} blind-index entries deleted"
+        f"{result.index_entries_deleted} blind-index entries deleted, "
+        f"{sum(deleted)} evidence rows deleted"
     )
     return 0
 

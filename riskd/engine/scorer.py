@@ -299,12 +299,12 @@ class Scorer:
         decision = self._decision(order, ctx, results, missing)
         record = DecisionRecord(
             decision=decision,
-            request=self._log.protect(order, obs.keys),
+            request=self._log.protect(order),
             features=_named(features) if features else {},
             rules=results,
         )
         try:
-            self._log.append(record, order=order)
+            self._log.append(record, order=order, digests=obs.keys)
         except UnavailableError:  # answered anyway; a retry re-scores but never re-counts
             return replace(decision, degraded=(*decision.degraded, "evidence"))
         return decision

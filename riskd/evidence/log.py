@@ -51,18 +51,26 @@ from riskd.evidence.records import (
     event_from,
     from_content,
 )
-from riskd.evidence.request import Encryptor, Indexer, pii_fields, protect_order
+from riskd.evidence.request import (
+    Encryptor,
+    Indexer,
+    blind_indexes,
+    pii_fields,
+    protect_order,
+)
 from riskd.evidence.schema import create_schema
 from riskd.sql import Database, Tx
 
 
 @dataclass(frozen=True, slots=True)
 class _Item:
-    """One queued append: a decision (with its plaintext order for the Vault) or an event."""
+    """One queued append: a decision (with its plaintext order for the Vault and the
+    blind indexes, and digests already computed) or an event."""
 
     record: DecisionRecord | None = None
     order: Order | None = None
     event: OrderEvent | None = None
+    digests: Mapping[str, str] | None = None
 
 
 _IN_CHUNK = 500
@@ -75,7 +83,8 @@ class DecisionLog:
         db: the database (created tables if missing); the caller owns and closes it.
         vault: when given, the PII fields of appended orders are also stored
             encrypted (``decision_pii``), by the writer thread.
-        indexer: blind indexer for ``protect``; without one, PII is only masked.
+        indexer: when given, the blind indexes of those fields are stored
+            (``decision_blind_index``), by the writer thread.
         max_batch: most items committed in one transaction.
         queue_size: most items waiting for a commit (the crash-loss bound).
         flush_interval_s: how long the writer waits to gather a batch.
@@ -119,19 +128,24 @@ class DecisionLog:
 
     # -- the request path --------------------------------------------------
 
-    def protect(self, order: Order, digests: Mapping[str, str] | None = None) -> dict[str, Any]:
-        """The order as it may be stored: PII masked and blind-indexed, never plaintext.
+    def protect(self, order: Order) -> dict[str, Any]:
+        """The order as the chained record stores it: PII masked, never plaintext."""
+        return protect_order(order)
 
-        ``digests`` are blind indexes already computed (field type -> digest), reused.
-        """
-        return protect_order(order, self._indexer, digests)
-
-    def append(self, record: DecisionRecord, *, order: Order | None = None) -> None:
+    def append(
+        self,
+        record: DecisionRecord,
+        *,
+        order: Order | None = None,
+        digests: Mapping[str, str] | None = None,
+    ) -> None:
         """Queue a decision for the writer; returns at once unless the queue is full.
 
         ``order`` (plaintext) is used only to encrypt its PII fields with the
-        Vault, in the writer thread; it is never stored in clear. A second
-        append for an order already queued is ignored (the first one wins).
+        Vault and to blind-index them, in the writer thread; it is never stored
+        in clear. ``digests`` (field type -> blind index of this order's value,
+        e.g. the engine's feature keys) are reused. A second append for an
+        order already queued is ignored (the first one wins).
 
         Raises:
             UnavailableError: the queue stayed full for ``put_timeout_s``, or the log is closed.
@@ -139,7 +153,8 @@ class DecisionLog:
         with self._cond:
             if record.order_id in self._pending:
                 return
-            self._put(_Item(record=record, order=order if self._vault else None))
+            keep = self._vault is not None or self._indexer is not None
+            self._put(_Item(record=record, order=order if keep else None, digests=digests))
             self._pending[record.order_id] = record
 
     def append_event(self, event: OrderEvent) -> None:
@@ -227,10 +242,8 @@ class DecisionLog:
             return len(self._queue) + self._inflight
 
     def _forget(self, subject_id: str) -> None:
-        """Vault forget hook: drop the subject's ciphertexts (the chained, masked rows stay)."""
-        self.db.run(
-            lambda tx: tx.execute("DELETE FROM decision_pii WHERE subject_id = ?", (subject_id,))
-        )
+        """Vault forget hook: ``forget_subject`` (the chained, masked rows stay)."""
+        forget_subject(self.db, subject_id)
 
     # -- flush and close ---------------------------------------------------
 
@@ -315,6 +328,7 @@ class DecisionLog:
         events = [i.event for i in batch if i.event is not None]
         rows = [_row(i.record) for i in records if i.record is not None]
         secrets = list(self._encrypt(records))
+        digests = list(self._digests(records))
 
         def write(tx: Tx) -> None:
             stored = append_texts(tx, DECISIONS, rows, unique=True)
@@ -329,6 +343,13 @@ class DecisionLog:
                     "INSERT INTO decision_pii (order_id, field, subject_id, ciphertext)"
                     " VALUES (?, ?, ?, ?)",
                     pii,
+                )
+            indexes = [d for d in digests if d[0] in kept]
+            if indexes:
+                tx.executemany(
+                    "INSERT INTO decision_blind_index (order_id, field, subject_id, digest)"
+                    " VALUES (?, ?, ?, ?)",
+                    indexes,
                 )
 
         self.db.run(write)
@@ -349,6 +370,16 @@ class DecisionLog:
             for field, secret in secrets.items():
                 yield (order_id, field, subject, secret)
 
+    def _digests(self, items: Iterable[_Item]) -> Iterable[tuple[str, str, str, str]]:
+        if self._indexer is None:
+            return
+        for item in items:
+            if item.order is None:
+                continue
+            order_id, subject = item.order.order_id, item.order.buyer.buyer_id
+            for field, digest in blind_indexes(item.order, self._indexer, item.digests).items():
+                yield (order_id, field, subject, digest)
+
 
 def _row(record: DecisionRecord) -> TextRow:
     """A decision's chained row: the copied columns and its canonical content text."""
@@ -360,3 +391,48 @@ def encrypted_fields(db: Database, order_id: str) -> Mapping[str, bytes]:
     """The Vault ciphertexts stored for ``order_id``'s PII fields (for the case view)."""
     rows = db.query("SELECT field, ciphertext FROM decision_pii WHERE order_id = ?", (order_id,))
     return {str(f): bytes(c) for f, c in rows}
+
+
+def blind_index_entries(db: Database, order_id: str) -> Mapping[str, str]:
+    """The blind indexes stored for ``order_id``'s PII fields, by field."""
+    rows = db.query(
+        "SELECT field, digest FROM decision_blind_index WHERE order_id = ?", (order_id,)
+    )
+    return {str(f): str(d) for f, d in rows}
+
+
+def orders_with(db: Database, field: str, digest: str) -> list[str]:
+    """The orders whose ``field`` has blind index ``digest`` (e.g. every order of one phone)."""
+    rows = db.query(
+        "SELECT order_id FROM decision_blind_index WHERE field = ? AND digest = ?"
+        " ORDER BY order_id",
+        (field, digest),
+    )
+    return [str(r[0]) for r in rows]
+
+
+def forget_subject(db: Database, subject_id: str) -> int:
+    """Delete a forgotten buyer's evidence beside the chain: the Vault ciphertexts and the
+    blind indexes of their orders' PII. The chained records (masks only) stay, and verify.
+
+    ``riskd pii forget`` calls it from its own process (as the ``Vault`` forget hook,
+    after the legal-hold check and the key shredding); ``DecisionLog`` registers it too.
+    Creates the evidence tables if missing. Returns the number of rows deleted.
+    """
+    _require_subject(subject_id)
+    create_schema(db)
+    if db.dialect == "sqlite":
+        db.query("PRAGMA secure_delete = ON")  # overwrite the freed pages too
+
+    def delete(tx: Tx) -> int:
+        n = 0
+        for table in ("decision_pii", "decision_blind_index"):
+            n += tx.execute(f"DELETE FROM {table} WHERE subject_id = ?", (subject_id,)).rowcount
+        return n
+
+    return db.run(delete)
+
+
+def _require_subject(subject_id: str) -> None:
+    if not subject_id:
+        raise InvalidArgumentError("subject_id", "must not be empty")

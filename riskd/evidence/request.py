@@ -1,11 +1,13 @@
-"""The order as evidence may store it: PII masked and blind-indexed, never plaintext.
+"""The order as evidence may store it: PII masked in the chain, never plaintext.
 
 Where it sits: ``DecisionLog.protect`` turns the engine's ``Order`` into the
-``request`` of a ``DecisionRecord``. The buyer's phone, name, ID number and
-street address appear only as masks (for people) and blind indexes (for exact
-matching, e.g. "every decision for this phone"); the device id and IP only as
-blind index (plus a short device mask). The plaintext of those fields is kept
-only as Vault ciphertext, outside the hash chain (see ``schema``).
+``request`` of a ``DecisionRecord``. Inside the hash-chained record the buyer's
+phone, name, ID number and address appear only as masks (for people), the
+device id as a short mask, the IP not at all. Their blind indexes (for exact
+matching, e.g. "every decision for this phone") and Vault ciphertexts live
+beside the chain (``decision_blind_index``, ``decision_pii``; see ``schema``),
+keyed by order and field with the buyer as subject, so that forgetting the
+buyer deletes them without breaking the chain.
 """
 
 from __future__ import annotations
@@ -48,58 +50,45 @@ def pii_fields(order: Order) -> dict[str, str]:
     return {k: v for k, v in fields.items() if v}
 
 
-class _Digests:
-    """Blind indexes, reusing those the engine already computed for the feature keys."""
+def blind_indexes(
+    order: Order, indexer: Indexer | None, digests: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The blind index of each non-empty PII field (by ``pii_fields`` name), for the
+    ``decision_blind_index`` table beside the chain.
 
-    __slots__ = ("_indexer", "_known")
+    ``digests`` (field type -> blind index of this order's value, e.g. the engine's
+    feature keys) are reused. Without an indexer there are none.
+    """
+    if indexer is None:
+        return {}
+    known = digests or {}
+    out: dict[str, str] = {}
+    for field, value in pii_fields(order).items():
+        if not value.strip():
+            continue
+        digest = known.get(field) or indexer.index(field, value)
+        if digest:
+            out[field] = digest
+    return out
 
-    def __init__(self, indexer: Indexer | None, known: Mapping[str, str] | None) -> None:
-        self._indexer = indexer
-        self._known = known or {}
 
-    def index(self, field_type: str, value: str) -> str:
-        if self._indexer is None or not value.strip():
-            return ""
-        known = self._known.get(field_type)
-        return known if known is not None else self._indexer.index(field_type, value)
-
-
-def _index(ix: _Digests, field_type: str, value: str) -> str:
-    return ix.index(field_type, value)
-
-
-def _buyer(order: Order, ix: _Digests) -> dict[str, Any]:
+def _buyer(order: Order) -> dict[str, Any]:
     b, a = order.buyer, order.buyer.address
     return {
         "buyer_id": b.buyer_id,
         "account_age_days": b.account_age_days,
-        "phone": {"masked": mask_phone(b.phone), "index": _index(ix, "phone", b.phone)},
-        "name": {"masked": mask_name(b.name), "index": _index(ix, "name", b.name)},
-        "id_number": {
-            "masked": mask_id_number(b.id_number),
-            "index": _index(ix, "id_number", b.id_number),
-        },
-        "address": {
-            "masked": mask_address(a.province, a.city, a.district),
-            "index": _index(
-                ix, "address", join_address(a.province, a.city, a.district, a.detail).strip()
-            ),
-        },
+        "phone": {"masked": mask_phone(b.phone)},
+        "name": {"masked": mask_name(b.name)},
+        "id_number": {"masked": mask_id_number(b.id_number)},
+        "address": {"masked": mask_address(a.province, a.city, a.district)},
     }
 
 
-def protect_order(
-    order: Order, indexer: Indexer | None, digests: Mapping[str, str] | None = None
-) -> dict[str, Any]:
-    """The order as JSON values with every PII field masked and blind-indexed.
-
-    Without an indexer the PII fields are only masked (their ``index`` is empty).
-    ``digests`` (field type -> blind index of this order's value) are reused.
-    """
-    ix = _Digests(indexer, digests)
+def protect_order(order: Order) -> dict[str, Any]:
+    """The order as JSON values with every PII field masked (the IP left out)."""
     return {
         "order_id": order.order_id,
-        "buyer": _buyer(order, ix),
+        "buyer": _buyer(order),
         "shop_id": order.shop_id,
         "merchant_id": order.merchant_id,
         "items": [
@@ -123,11 +112,7 @@ def protect_order(
         "video_id": order.video_id,
         "creator_id": order.creator_id,
         "coupon_code": order.coupon_code,
-        "device": {
-            "masked": mask_device(order.device_id),
-            "index": _index(ix, "device", order.device_id),
-        },
-        "ip": {"index": _index(ix, "ip", order.ip)},
+        "device": {"masked": mask_device(order.device_id)},
         "payment_method": order.payment_method.name,
         "client_time": order.client_time,
     }

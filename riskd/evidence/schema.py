@@ -10,6 +10,9 @@ are copies of content fields for queries; ``verify`` checks they agree.
 ``decision_pii`` holds the Vault ciphertexts of an order's PII fields. It is
 outside the chain on purpose: forgetting a buyer (crypto-shredding their data
 key, or deleting these rows) must not break the auditors' verification.
+``decision_blind_index`` holds the blind indexes of those fields, for the same
+reason: ``riskd pii forget`` deletes a buyer's rows of both tables
+(``log.forget_subject``), and the chained records keep only masks.
 
 ``pii_access_log`` is the audit trail of analysts' reveals of an order's PII
 (who, when, which order, which fields, why, and whether it was refused):
@@ -50,6 +53,15 @@ CREATE TABLE IF NOT EXISTS decision_pii (
     PRIMARY KEY (order_id, field)
 );
 CREATE INDEX IF NOT EXISTS decision_pii_subject ON decision_pii (subject_id);
+CREATE TABLE IF NOT EXISTS decision_blind_index (
+    order_id TEXT NOT NULL,
+    field TEXT NOT NULL,
+    subject_id TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    PRIMARY KEY (order_id, field)
+);
+CREATE INDEX IF NOT EXISTS decision_blind_index_subject ON decision_blind_index (subject_id);
+CREATE INDEX IF NOT EXISTS decision_blind_index_digest ON decision_blind_index (field, digest);
 CREATE TABLE IF NOT EXISTS pii_access_log (
     seq BIGINT PRIMARY KEY,
     order_id TEXT NOT NULL,

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from riskd.domain.decision import Decision, Outcome
-from riskd.evidence.log import DecisionLog, encrypted_fields
+from riskd.errors import InvalidArgumentError
+from riskd.evidence.log import (
+    DecisionLog,
+    blind_index_entries,
+    encrypted_fields,
+    forget_subject,
+    orders_with,
+)
 from riskd.evidence.records import DecisionRecord
 from riskd.pii import BlindIndexer, Keyring, SqlKeyStore, Vault
 from riskd.sql import Database
@@ -39,12 +47,13 @@ def test_sqlite_file_holds_no_plaintext_pii(tmp_path: Path, with_vault: bool) ->
     request = log.get("o-3")
     assert request is not None
     buyer = request.request["buyer"]
-    assert buyer["phone"] == {
-        "masked": "139****5678",
-        "index": BlindIndexer(keyring).index("phone", PHONE),
-    }
+    assert buyer["phone"] == {"masked": "139****5678"}  # the chain holds masks only
     assert buyer["address"]["masked"] == "浙江省杭州市西湖区"
-    assert len(request.request["ip"]["index"]) == 32
+    assert "ip" not in request.request
+    digests = blind_index_entries(db, "o-3")
+    assert digests["phone"] == BlindIndexer(keyring).index("phone", PHONE)
+    assert set(digests) == {"phone", "name", "id_number", "address", "device", "ip"}
+    assert len(digests["ip"]) == 32
     db.close()  # the WAL and the main file are both on disk now
     raw = stored_bytes(tmp_path)
     for value in PLAINTEXTS:
@@ -66,6 +75,58 @@ def test_vault_ciphertexts_decrypt_and_are_dropped_on_forget(tmp_path: Path) -> 
     assert encrypted_fields(db, "o-1") == {}
     assert log.verify().ok  # shredding PII does not break the auditors' chain
     log.close()
+    db.close()
+
+
+def test_forget_deletes_the_blind_indexes_and_the_chain_keeps_none(db: Database) -> None:
+    keyring = Keyring.generate()
+    indexer = BlindIndexer(keyring)
+    vault = Vault(keyring, SqlKeyStore(db))
+    log = DecisionLog(db, vault=vault, indexer=indexer)
+    log_order(log, "o-1")
+    log_order(log, "o-2")
+    log.flush(10)
+    phone = indexer.index("phone", PHONE)
+    assert orders_with(db, "phone", phone) == ["o-1", "o-2"]
+    chained = repr(db.query("SELECT content FROM decision_log"))
+    for digest in blind_index_entries(db, "o-1").values():
+        assert digest not in chained  # the digests live beside the chain only
+    vault.forget("b-1")
+    assert blind_index_entries(db, "o-1") == {} and orders_with(db, "phone", phone) == []
+    assert encrypted_fields(db, "o-2") == {}
+    result = log.verify()
+    assert result.ok and result.head["decision_log"][0] == 2
+    record = log.get("o-1")
+    assert record is not None and record.request["buyer"]["phone"]["masked"] == "139****5678"
+    log.close()
+
+
+def test_forget_subject_from_another_process_deletes_only_that_buyer(db: Database) -> None:
+    keyring = Keyring.generate()
+    log = DecisionLog(db, vault=Vault(keyring, SqlKeyStore(db)), indexer=BlindIndexer(keyring))
+    log_order(log, "o-1")
+    other = make_order("o-2")
+    other = replace(other, buyer=replace(other.buyer, buyer_id="b-2"))
+    decision = Decision("o-2", Outcome.ALLOW, 0.0, (), "v1", decided_at=1.0)
+    log.append(DecisionRecord(decision, log.protect(other)), order=other)
+    log.close()
+    assert forget_subject(db, "b-1") == 12  # 6 ciphertexts + 6 blind indexes
+    assert blind_index_entries(db, "o-1") == {} and encrypted_fields(db, "o-1") == {}
+    assert len(blind_index_entries(db, "o-2")) == 6 and len(encrypted_fields(db, "o-2")) == 6
+    assert forget_subject(db, "b-1") == 0
+    assert log.verify().ok
+    with pytest.raises(InvalidArgumentError):
+        forget_subject(db, "")
+
+
+def test_engine_digests_are_reused(tmp_path: Path) -> None:
+    db = Database(tmp_path / "evidence.db")
+    log = DecisionLog(db, indexer=BlindIndexer(Keyring.generate()))
+    order = make_order("o-1")
+    decision = Decision("o-1", Outcome.ALLOW, 0.0, (), "v1", decided_at=1.0)
+    log.append(DecisionRecord(decision, log.protect(order)), order=order, digests={"ip": "f" * 32})
+    log.close()
+    assert blind_index_entries(db, "o-1")["ip"] == "f" * 32
     db.close()
 
 

@@ -8,11 +8,17 @@ from pathlib import Path
 import pytest
 
 from riskd.cli import pii as pii_cli
+from riskd.domain.decision import Decision, Outcome
 from riskd.errors import CryptoError
+from riskd.evidence.chain import verify
+from riskd.evidence.log import DecisionLog, blind_index_entries, encrypted_fields
+from riskd.evidence.records import DecisionRecord
+from riskd.pii.blind import BlindIndexer
 from riskd.pii.keyring import Keyring
 from riskd.pii.keystore import SqlKeyStore
 from riskd.pii.vault import Vault
 from riskd.sql import Database
+from tests.service.sample import full_order
 
 PHONE = "13800138000"
 
@@ -120,3 +126,32 @@ def test_cli_output_never_contains_key_material(
     doc = Keyring.load(key_file).to_json()
     secrets = [line.split('"')[3] for line in doc.splitlines() if '"key"' in line]
     assert secrets and not any(s in out.out + out.err for s in secrets)
+
+
+def test_cli_forget_deletes_the_decision_logs_ciphertexts_and_blind_indexes(
+    paths: tuple[list[str], Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    opts, key_file, url = paths
+    run("keygen", *opts)
+    db = Database(url)
+    keyring = Keyring.load(key_file)
+    log = DecisionLog(db, vault=Vault(keyring, SqlKeyStore(db)), indexer=BlindIndexer(keyring))
+    order = full_order("o-1")
+    decision = Decision("o-1", Outcome.ALLOW, 0.0, (), "v1", decided_at=1.0)
+    log.append(DecisionRecord(decision, log.protect(order)), order=order)
+    log.close()
+    assert len(blind_index_entries(db, "o-1")) == 6 and len(encrypted_fields(db, "o-1")) == 6
+    db.close()
+    capsys.readouterr()
+    assert run("hold", "b-1", *opts) == 0
+    assert run("forget", "b-1", *opts) == 1  # refused under hold: nothing deleted
+    db = Database(url)
+    assert len(blind_index_entries(db, "o-1")) == 6
+    db.close()
+    assert run("hold", "b-1", "--release", *opts) == 0
+    assert run("forget", "b-1", *opts) == 0
+    assert "12 evidence rows deleted" in capsys.readouterr().out
+    db = Database(url)
+    assert blind_index_entries(db, "o-1") == {} and encrypted_fields(db, "o-1") == {}
+    assert verify(db).ok and verify(db).head["decision_log"][0] == 1
+    db.close()
