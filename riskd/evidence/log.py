@@ -358,6 +358,11 @@ class DecisionLog:
         vault = self._vault
         if vault is None:
             return
+        items = [i for i in items if i.order is not None and i.record is not None]
+        try:  # every data key of the batch in one read and one transaction
+            vault.prepare(i.order.buyer.buyer_id for i in items if i.order is not None)
+        except RiskdError as e:  # each record's own key lookup below decides
+            self._error = type(e).__name__
         for item in items:
             if item.order is None or item.record is None:
                 continue

@@ -12,7 +12,7 @@ buyer deletes them without breaking the chain.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from riskd.domain.order import Order
@@ -32,6 +32,8 @@ class Encryptor(Protocol):
     def encrypt_fields(
         self, subject_id: str, record_id: str, fields: Mapping[str, str]
     ) -> dict[str, bytes]: ...
+
+    def prepare(self, subject_ids: Iterable[str]) -> None: ...
 
     def add_forget_hook(self, hook: Callable[[str], None]) -> None: ...
 

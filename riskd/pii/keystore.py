@@ -11,7 +11,7 @@ PostgreSQL.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -47,6 +47,10 @@ class KeyStore(Protocol):
     def create(
         self, subject_id: str, generation: int, wrapped: WrappedKey, at: float
     ) -> DataKeyRow: ...
+    def latest_many(self, subject_ids: Collection[str]) -> dict[str, DataKeyRow]: ...
+    def create_many(
+        self, keys: Sequence[tuple[str, int, WrappedKey]], at: float
+    ) -> dict[tuple[str, int], DataKeyRow]: ...
     def shred(self, subject_id: str, at: float) -> ShredResult: ...
     def stale(self, primary_version: int, limit: int) -> list[DataKeyRow]: ...
     def rewrap(self, row: DataKeyRow, wrapped: WrappedKey) -> bool: ...
@@ -56,6 +60,9 @@ class KeyStore(Protocol):
     def is_held(self, subject_id: str) -> bool: ...
     def add_index_entries(self, entries: Iterable[tuple[str, str, str]]) -> None: ...
     def subjects_for(self, field_type: str, digest: str) -> list[str]: ...
+
+
+_IN_CHUNK = 500  # subjects per ``IN (...)`` list (well under SQLite's variable limit)
 
 
 class SqlKeyStore:
@@ -119,6 +126,62 @@ class SqlKeyStore:
         row = self.get(subject_id, generation)
         assert row is not None  # inserted above or by the writer that won
         return row
+
+    def latest_many(self, subject_ids: Collection[str]) -> dict[str, DataKeyRow]:
+        """The latest generation of each subject that has one (one query per 500 subjects)."""
+        ids = list(dict.fromkeys(subject_ids))
+        out: dict[str, DataKeyRow] = {}
+        for i in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[i : i + _IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            rows = self.db.query(
+                "SELECT k.subject_id, k.generation, k.master_version, k.wrapped "
+                "FROM pii_data_keys k JOIN (SELECT subject_id, MAX(generation) AS generation "
+                f"FROM pii_data_keys WHERE subject_id IN ({marks}) GROUP BY subject_id) m "
+                "ON k.subject_id = m.subject_id AND k.generation = m.generation",
+                chunk,
+            )
+            for r in rows:
+                row = _row(r)
+                out[row.subject_id] = row
+        return out
+
+    def create_many(
+        self, keys: Sequence[tuple[str, int, WrappedKey]], at: float
+    ) -> dict[tuple[str, int], DataKeyRow]:
+        """Insert several generations in ONE transaction; returns the stored rows.
+
+        A generation another writer created first is kept as it is (its row is
+        returned, not ours), exactly as with ``create``.
+        """
+        if not keys:
+            return {}
+        params = [(s, g, w.version, w.blob, at) for s, g, w in keys]
+
+        def insert(tx: Tx) -> None:
+            tx.executemany(
+                "INSERT INTO pii_data_keys (subject_id, generation, master_version, wrapped, "
+                "created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                params,
+            )
+
+        self.db.run(insert)
+        return self._get_many({(s, g) for s, g, _ in keys})
+
+    def _get_many(self, wanted: set[tuple[str, int]]) -> dict[tuple[str, int], DataKeyRow]:
+        ids = sorted({s for s, _ in wanted})
+        out: dict[tuple[str, int], DataKeyRow] = {}
+        for i in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[i : i + _IN_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            rows = self.db.query(
+                f"SELECT {self._COLS} FROM pii_data_keys WHERE subject_id IN ({marks})", chunk
+            )
+            for r in rows:
+                row = _row(r)
+                if (row.subject_id, row.generation) in wanted:
+                    out[row.subject_id, row.generation] = row
+        return out
 
     def shred(self, subject_id: str, at: float) -> ShredResult:
         """Destroy every wrapped data key of the subject and its blind-index entries.

@@ -29,7 +29,7 @@ import secrets
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -184,6 +184,46 @@ class Vault:
         if row is None or row.shredded:
             row = self._new_generation(subject_id, 1 if row is None else row.generation + 1)
         return self._remember(row, now, current=True)
+
+    def prepare(self, subject_ids: Iterable[str]) -> None:
+        """Load or create the current data keys of many subjects at once (a batch's writer).
+
+        Same outcome as ``_current_key`` for each subject without a fresh cached key,
+        with one read of their latest generations and ONE transaction creating every
+        missing (or shredded -> next) generation; the stored rows are what gets cached,
+        so a race with another writer converges on its key. Subjects whose key cannot
+        be prepared here (empty id, an unrecoverable wrapped key) are left to
+        ``encrypt``/``encrypt_fields``, which raise as they always do.
+        """
+        now = self._clock.monotonic()
+        with self._lock:
+            missing = [
+                s
+                for s in dict.fromkeys(subject_ids)
+                if s and not ((hit := self._current.get(s)) is not None and hit.expires > now)
+            ]
+        if not missing:
+            return
+        latest = self.keystore.latest_many(missing)
+        ready = [r for r in latest.values() if not r.shredded]
+        new = [
+            (s, 1 if row is None else row.generation + 1)
+            for s in missing
+            if (row := latest.get(s)) is None or row.shredded
+        ]
+        if new:
+            keys = [
+                (s, g, self.keyring.wrap(secrets.token_bytes(KEY_BYTES), _dek_aad(s, g)))
+                for s, g in new
+            ]
+            ready.extend(self.keystore.create_many(keys, self._clock.now()).values())
+        for row in ready:
+            if row.shredded:  # forgotten again since it was read: the slow path decides
+                continue
+            try:
+                self._remember(row, now, current=True)
+            except CryptoError:  # e.g. wrapped under a retired master key: encrypt raises it
+                continue
 
     def _key_for(self, subject_id: str, generation: int) -> _Cached:
         now = self._clock.monotonic()

@@ -148,3 +148,32 @@ def test_postgres_rows_hold_no_plaintext_pii(pg: Database) -> None:
 def vault_roundtrip(db: Database, keyring: Keyring) -> bool:
     secret = encrypted_fields(db, "o-1")["name"]
     return Vault(keyring, SqlKeyStore(db)).decrypt("b-1", "o-1", "name", secret) == NAME
+
+
+def test_writer_creates_a_batchs_new_data_keys_in_one_transaction(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keyring = Keyring.generate()
+    keys_db = Database(tmp_path / "keys.db")
+    store = SqlKeyStore(keys_db)
+    vault = Vault(keyring, store)
+    old = vault.encrypt("buyer-0", "earlier", "phone", PHONE)  # a known buyer
+    vault.forget("buyer-1")  # nothing to destroy yet; a later write starts generation 1
+    writes: list[int] = []
+    transaction = keys_db.transaction
+    monkeypatch.setattr(keys_db, "transaction", lambda: writes.append(1) or transaction())
+    log = DecisionLog(db, vault=vault, indexer=BlindIndexer(keyring), flush_interval_s=10.0)
+    for i in range(40):
+        order = make_order(f"o-{i}")
+        order = replace(order, buyer=replace(order.buyer, buyer_id=f"buyer-{i % 20}"))
+        decision = Decision(order.order_id, Outcome.ALLOW, 0.0, (), "v1", decided_at=1.0)
+        log.append(DecisionRecord(decision, log.protect(order)), order=order)
+    log.flush(10)
+    assert len(writes) == 1  # 19 new buyers' keys, one transaction
+    fresh = Vault(keyring, SqlKeyStore(keys_db))  # no cache: the stored keys
+    for i in range(40):
+        secret = encrypted_fields(db, f"o-{i}")["phone"]
+        assert fresh.decrypt(f"buyer-{i % 20}", f"o-{i}", "phone", secret) == PHONE
+    assert fresh.decrypt("buyer-0", "earlier", "phone", old) == PHONE
+    log.close()
+    keys_db.close()

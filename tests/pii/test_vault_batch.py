@@ -1,0 +1,181 @@
+"""Vault.prepare: a batch's data keys in one read and one write transaction.
+
+Every test runs on a real SQLite file and a real PostgreSQL schema.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager
+from typing import Any
+
+import pytest
+
+from riskd.errors import CryptoError, InvalidArgumentError
+from riskd.pii.keyring import Keyring
+from riskd.pii.keystore import DataKeyRow, SqlKeyStore
+from riskd.pii.vault import Vault
+from riskd.sql import Tx
+
+PHONE = "13800138000"
+
+
+class Counts:
+    """How many write transactions and reads a key store's database ran."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.reads = 0
+
+
+@pytest.fixture
+def counts(store: SqlKeyStore, monkeypatch: pytest.MonkeyPatch) -> Counts:
+    seen = Counts()
+    transaction: Callable[[], AbstractContextManager[Tx]] = store.db.transaction
+    query = store.db.query
+
+    def counted_transaction() -> AbstractContextManager[Tx]:
+        seen.writes += 1
+        return transaction()
+
+    def counted_query(sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        seen.reads += 1
+        return query(sql, params)
+
+    monkeypatch.setattr(store.db, "transaction", counted_transaction)
+    monkeypatch.setattr(store.db, "query", counted_query)
+    return seen
+
+
+def generation(ciphertext: bytes) -> int:
+    return int.from_bytes(ciphertext[1:5], "big")
+
+
+def test_prepare_creates_new_subjects_keys_in_one_transaction(
+    keyring: Keyring, store: SqlKeyStore, counts: Counts
+) -> None:
+    vault = Vault(keyring, store)
+    subjects = [f"b{i}" for i in range(1200)]  # more than one IN (...) chunk
+    vault.prepare(subjects + subjects[:10])  # duplicates are harmless
+    assert counts.writes == 1
+    assert counts.reads == 3 + 3  # latest (3 chunks) + read back (3 chunks)
+    latest = store.latest_many(subjects)
+    assert sorted(latest) == sorted(subjects)
+    assert {r.generation for r in latest.values()} == {1}
+    counts.writes = counts.reads = 0
+    sealed = {s: vault.encrypt_fields(s, "o1", {"phone": PHONE}) for s in subjects}
+    assert (counts.writes, counts.reads) == (0, 0)  # every key came from the cache
+    fresh = Vault(keyring, store)  # no cache: reads the stored keys
+    for s in subjects[:50] + subjects[-50:]:
+        assert fresh.decrypt(s, "o1", "phone", sealed[s]["phone"]) == PHONE
+
+
+def test_prepare_reuses_cached_and_existing_keys(
+    keyring: Keyring, store: SqlKeyStore, counts: Counts
+) -> None:
+    other = Vault(keyring, store)
+    old = other.encrypt("b1", "o1", "phone", PHONE)  # b1's key exists in the store
+    vault = Vault(keyring, store)
+    counts.writes = 0
+    vault.prepare(["b1", "b2"])
+    assert counts.writes == 1  # b2 only
+    assert {s: r.generation for s, r in store.latest_many(["b1", "b2"]).items()} == {
+        "b1": 1,
+        "b2": 1,
+    }
+    assert vault.decrypt("b1", "o1", "phone", old) == PHONE
+    new = vault.encrypt("b1", "o2", "phone", PHONE)
+    assert other.decrypt("b1", "o2", "phone", new) == PHONE  # the same stored key
+    counts.writes = counts.reads = 0
+    vault.prepare(["b1", "b2"])
+    assert (counts.writes, counts.reads) == (0, 0)  # both cached: nothing to do
+    vault.prepare([])
+    assert (counts.writes, counts.reads) == (0, 0)
+
+
+def test_prepare_gives_a_forgotten_subject_a_new_generation(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    vault = Vault(keyring, store)
+    before = vault.encrypt("b1", "o1", "phone", PHONE)
+    vault.forget("b1")
+    for v in (vault, Vault(keyring, store)):  # the forgetting replica and a fresh one
+        v.prepare(["b1", "b2"])
+        after = v.encrypt("b1", "o2", "phone", PHONE)
+        assert generation(after) == 2
+        assert v.decrypt("b1", "o2", "phone", after) == PHONE
+        with pytest.raises(CryptoError, match="destroyed"):
+            v.decrypt("b1", "o1", "phone", before)
+    latest = store.latest("b1")
+    assert latest is not None and latest.generation == 2 and not latest.shredded
+    assert store.get("b1", 1).shredded  # type: ignore[union-attr]  # the tombstone stays
+
+
+def test_prepare_uses_the_stored_row_when_another_writer_won(
+    keyring: Keyring, store: SqlKeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rival = Vault(keyring, SqlKeyStore(store.db))
+    read = store.latest_many
+
+    def read_then_lose_the_race(subject_ids: Collection[str]) -> dict[str, DataKeyRow]:
+        rows = read(subject_ids)
+        for s in subject_ids:  # another process creates the keys after our read
+            rival.encrypt(s, "r", "phone", PHONE)
+        return rows
+
+    monkeypatch.setattr(store, "latest_many", read_then_lose_the_race)
+    vault = Vault(keyring, store)
+    vault.prepare(["b1", "b2"])
+    mine = {s: vault.encrypt(s, "o1", "phone", PHONE) for s in ("b1", "b2")}
+    fresh = Vault(keyring, SqlKeyStore(store.db))
+    for s, ct in mine.items():
+        assert generation(ct) == 1
+        assert rival.decrypt(s, "o1", "phone", ct) == PHONE
+        assert fresh.decrypt(s, "o1", "phone", ct) == PHONE
+
+
+def test_concurrent_prepares_converge_on_one_key_per_subject(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    vaults = [Vault(keyring, SqlKeyStore(store.db)) for _ in range(4)]
+    subjects = [f"b{i}" for i in range(40)]
+    sealed: list[dict[str, bytes]] = [{} for _ in vaults]
+    barrier = threading.Barrier(len(vaults))
+
+    def write(i: int) -> None:
+        barrier.wait()
+        vaults[i].prepare(subjects)
+        sealed[i].update({s: vaults[i].encrypt(s, f"o{i}", "phone", PHONE) for s in subjects})
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(len(vaults))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    fresh = Vault(keyring, store)
+    for i, out in enumerate(sealed):
+        assert len(out) == len(subjects)
+        for s, ct in out.items():
+            assert generation(ct) == 1
+            assert fresh.decrypt(s, f"o{i}", "phone", ct) == PHONE
+
+
+def test_prepare_skips_empty_ids_and_encrypt_still_rejects_them(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    vault = Vault(keyring, store)
+    vault.prepare(["", "b1"])
+    with pytest.raises(InvalidArgumentError, match="subject_id"):
+        vault.encrypt_fields("", "o1", {"phone": PHONE})
+    assert vault.encrypt_fields("b1", "o1", {"phone": PHONE})
+
+
+def test_prepare_leaves_unrecoverable_keys_to_encrypt(store: SqlKeyStore) -> None:
+    old = Keyring.generate()
+    Vault(old, store).encrypt("b1", "o1", "phone", PHONE)
+    vault = Vault(Keyring.generate(), store)  # does not hold the key b1's was wrapped under
+    vault.prepare(["b1", "b2"])  # b2 still gets its key
+    assert vault.encrypt("b2", "o1", "phone", PHONE)
+    with pytest.raises(CryptoError):
+        vault.encrypt("b1", "o2", "phone", PHONE)
