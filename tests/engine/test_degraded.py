@@ -7,78 +7,25 @@ then kills or freezes it mid-test.
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from riskd.domain.clock import FakeClock, SystemClock
 from riskd.domain.decision import Outcome
 from riskd.features.redis_store import RedisFeatureStore
+from tests.own_redis import OwnRedis
 
 from .conftest import Rig, make_order
 
 pytestmark = pytest.mark.redis
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisProcess:
-    """A throwaway redis-server: start, kill -9, freeze (SIGSTOP), thaw, restart."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.dir = directory
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        assert exe, "redis-server is required for this test"
-        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
-        args += ["--appendonly", "no", "--dir", str(self.dir)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_timeout=0.2)
-        for _ in range(200):
-            try:
-                if client.ping():
-                    break
-            except redis.RedisError:
-                time.sleep(0.02)
-        client.close()
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-        self.proc = None
-
-    def freeze(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
-    server = RedisProcess(tmp_path)
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    server = OwnRedis(tmp_path)
     server.start()
     yield server
     if server.proc is not None:
@@ -93,7 +40,7 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def test_dead_redis_answers_inside_the_deadline_with_the_fallback_then_recovers(
-    make_rig: Callable[..., Rig], own_redis: RedisProcess, clock: FakeClock
+    make_rig: Callable[..., Rig], own_redis: OwnRedis, clock: FakeClock
 ) -> None:
     store = RedisFeatureStore(own_redis.url, clock, prefix="riskd:test:", timeout_s=0.05)
     rig = make_rig(store, breaker_failures=2, breaker_cooldown_s=1.0)
@@ -124,7 +71,7 @@ def test_dead_redis_answers_inside_the_deadline_with_the_fallback_then_recovers(
 
 
 def test_hung_redis_cannot_hold_the_answer_past_the_deadline(
-    make_rig: Callable[..., Rig], own_redis: RedisProcess
+    make_rig: Callable[..., Rig], own_redis: OwnRedis
 ) -> None:
     clock = SystemClock()
     # a generous socket timeout: only the scorer's own deadline bounds the wait
@@ -154,7 +101,7 @@ def test_hung_redis_cannot_hold_the_answer_past_the_deadline(
 
 
 def test_hung_redis_bounds_a_whole_batch_by_its_deadline(
-    make_rig: Callable[..., Rig], own_redis: RedisProcess
+    make_rig: Callable[..., Rig], own_redis: OwnRedis
 ) -> None:
     clock = SystemClock()
     store = RedisFeatureStore(own_redis.url, clock, prefix="riskd:test:", timeout_s=5.0)
@@ -171,7 +118,7 @@ def test_hung_redis_bounds_a_whole_batch_by_its_deadline(
 
 
 def test_inline_feature_calls_are_bounded_by_the_socket_timeout(
-    make_rig: Callable[..., Rig], own_redis: RedisProcess
+    make_rig: Callable[..., Rig], own_redis: OwnRedis
 ) -> None:
     """With ``feature_timeout_s`` the calls run on the caller's thread, yet a hung Redis
     still costs at most one socket timeout: the batch answers degraded inside its deadline."""

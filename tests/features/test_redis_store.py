@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 import redis
-from features_support import REDIS_URL, OwnRedis, delete_prefix
+from features_support import REDIS_URL, delete_prefix
 
 from riskd.domain.clock import FakeClock
 from riskd.domain.features import KEYS, WINDOWS, Agg, FeatureQuery
 from riskd.errors import UnavailableError
 from riskd.features import InProcessFeatureStore, Observation, RedisFeatureStore
 from riskd.features.store import SEEN_TTL_S
+from tests.own_redis import OwnRedis
 
 QUERIES = [
     FeatureQuery(Agg.COUNT, "device", "1m"),

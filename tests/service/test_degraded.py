@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,67 +13,23 @@ import pytest
 from riskd.service import convert
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
 from riskd.service.server import create_server
+from tests.own_redis import OwnRedis
 from tests.service.conftest import make_config
 from tests.service.test_scoring import fresh
 
 pytestmark = pytest.mark.redis
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RedisProcess:
-    """A private redis-server (no persistence) we can kill and restart."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait(5)
-            self.proc = None
-
-
 @pytest.fixture
-def redis_process() -> Iterator[RedisProcess]:
-    redis = RedisProcess(free_port())
+def redis_process() -> Iterator[OwnRedis]:
+    redis = OwnRedis()
     redis.start()
     yield redis
     redis.kill()
 
 
 def test_redis_down_gives_degraded_answers_inside_the_deadline_then_recovers(
-    tmp_path: Path, redis_process: RedisProcess
+    tmp_path: Path, redis_process: OwnRedis
 ) -> None:
     config = make_config(
         tmp_path, redis_url=f"redis://127.0.0.1:{redis_process.port}/0", redis_timeout_ms=50
@@ -122,7 +76,7 @@ def test_redis_down_gives_degraded_answers_inside_the_deadline_then_recovers(
 
 
 def test_default_fallback_reviews_large_orders_when_redis_is_down(
-    tmp_path: Path, redis_process: RedisProcess
+    tmp_path: Path, redis_process: OwnRedis
 ) -> None:
     config = make_config(tmp_path, redis_url=f"redis://127.0.0.1:{redis_process.port}/0")
     running = create_server(config)
