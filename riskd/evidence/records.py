@@ -138,21 +138,7 @@ def content_text(record: DecisionRecord) -> str:
     The rule-id lists of the misses (most of a record) come from a cache and the
     rest is encoded without building the whole content dict first.
     """
-    d = record.decision
-    head = _encode(
-        {
-            "order_id": d.order_id,
-            "outcome": d.outcome.name,
-            "score": d.score,
-            "reasons": [_reason_content(r) for r in d.reasons],
-            "rules_version": d.rules_version,
-            "model_versions": dict(d.model_versions),
-            "degraded": list(d.degraded),
-            "elapsed_us": d.elapsed_us,
-            "decided_at": d.decided_at,
-            "request": record.request,
-        }
-    )
+    head = _encode(_head_content(record))
     features = record.features
     hits, errors, no_hit, no_hit_shadow = _split(record.rules)
     return "".join(
@@ -175,6 +161,15 @@ def content_text(record: DecisionRecord) -> str:
 
 def to_content(record: DecisionRecord) -> dict[str, Any]:
     """The record as plain JSON values (the hashed content of a log row)."""
+    return {
+        **_head_content(record),
+        "features": dict(record.features),
+        "rules": rules_content(record.rules),
+    }
+
+
+def _head_content(record: DecisionRecord) -> dict[str, Any]:
+    """The decision and the protected request: the part of the content before features."""
     d = record.decision
     return {
         "order_id": d.order_id,
@@ -187,8 +182,6 @@ def to_content(record: DecisionRecord) -> dict[str, Any]:
         "elapsed_us": d.elapsed_us,
         "decided_at": d.decided_at,
         "request": record.request,
-        "features": dict(record.features),
-        "rules": rules_content(record.rules),
     }
 
 
