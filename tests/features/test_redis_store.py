@@ -73,14 +73,35 @@ def test_every_key_is_under_the_prefix_with_a_bounded_ttl(
     keys = sorted(k.decode() for k in redis_client.scan_iter(match=f"{prefix}*", count=10_000))
     assert [k.removeprefix(prefix) for k in keys] == [
         "d:device:buyer:dev-hash",
-        "e:buyer:buyer-hash",
-        "e:device:dev-hash",
+        "ev:buyer:buyer-hash",
+        "ev:device:dev-hash",
         "o:o1",
-        "s:buyer:buyer-hash",
-        "s:device:dev-hash",
+        "tot:buyer:buyer-hash",
+        "tot:device:dev-hash",
     ]
     ttls = [redis_client.ttl(k) for k in keys]
     assert all(0 < ttl <= SEEN_TTL_S for ttl in ttls), ttls
+    store.close()
+
+
+def test_no_key_is_ever_left_without_a_ttl(
+    prefix: str, clock: FakeClock, redis_client: redis.Redis
+) -> None:
+    """Sets created late (a distinct value first seen on an old key, an emptied event set)
+    get their TTL at once, not at the key's next 30-minute tidy-up."""
+    store = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
+    store.record_and_read(order(clock, "o1", device="d"), QUERIES)  # no buyer: no distinct set
+    clock.advance(1)
+    store.record_and_read(order(clock, "o2", device="d", buyer="b"), QUERIES)
+    clock.advance(86_400 + 60)
+    store.record_and_read(order(clock, "o3", device="d", buyer="b"), QUERIES)  # all else left
+    clock.advance(1)
+    store.record_and_read(order(clock, "o4", device="d", shop="s", buyer="b2"), QUERIES)
+    keys = list(redis_client.scan_iter(match=f"{prefix}*", count=10_000))
+    assert len(keys) == 14  # 4 order markers, 4 keys x (events, totals), 2 distinct sets
+    ttls = {k.decode().removeprefix(prefix): redis_client.ttl(k) for k in keys}
+    assert all(0 < ttl <= SEEN_TTL_S for ttl in ttls.values()), ttls
+    assert redis_client.zcard(f"{prefix}ev:device:d") == 2
     store.close()
 
 
@@ -91,12 +112,12 @@ def test_old_members_are_trimmed_as_time_moves_on(
     for i in range(50):
         store.record_and_read(order(clock, f"o{i}", device="d", buyer=f"b{i}"), QUERIES)
         clock.advance(600)
-    assert redis_client.zcard(f"{prefix}e:device:d") == 50
+    assert redis_client.zcard(f"{prefix}ev:device:d") == 50
     assert redis_client.zcard(f"{prefix}d:device:buyer:d") == 50
     clock.advance(86400)
     got = store.record_and_read(order(clock, "last", device="d", buyer="b"), QUERIES)
     assert (got[COUNT_DEVICE_1M], got[SUM_DEVICE_1H]) == (1, 100)
-    assert redis_client.zcard(f"{prefix}e:device:d") == 1
+    assert redis_client.zcard(f"{prefix}ev:device:d") == 1
     assert redis_client.zcard(f"{prefix}d:device:buyer:d") == 1
     store.close()
 

@@ -1,0 +1,119 @@
+"""Redis's own CPU per order for the feature store, this tree against an older revision.
+
+The load set's queries (``rules.py``: 200 rules, 63 feature queries, 7 keys) on key pools
+like the load generator's, 1,000 orders per simulated second: ``--warm`` orders build up
+the windows' state, then ``--orders`` are measured. Redis's ``commandstats`` gives the
+server's microseconds per EVALSHA; the client's CPU per order is this process's. Each
+round runs every store against a fresh own redis-server (nothing on disk), alternating.
+
+    .venv/bin/python benchmarks/load/redis_cost.py --against 96efb13 --rounds 2
+
+``--against REV`` loads ``riskd/features/redis_store.py`` as it was at REV (``git show``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+import redis
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+
+from riskd.domain.clock import FakeClock  # noqa: E402
+from riskd.dsl.program import load_rules  # noqa: E402
+from riskd.features import Observation, redis_store  # noqa: E402
+from rules import write_rules  # noqa: E402
+from tests.own_redis import OwnRedis  # noqa: E402
+
+POOLS = {
+    "buyer": 20_000,
+    "device": 20_000,
+    "ip": 65_536,
+    "address": 5_000,
+    "shop": 500,
+    "live_room": 300,
+    "creator": 300,
+}
+
+
+def store_at(rev: str) -> ModuleType:
+    source = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{rev}:riskd/features/redis_store.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    name = f"redis_store_{rev}"
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    exec(compile(source, f"{rev}:redis_store.py", "exec"), module.__dict__)
+    return module
+
+
+def measure(module: ModuleType, url: str, queries: frozenset, warm: int, n: int) -> dict:  # type: ignore[type-arg]
+    client = redis.Redis.from_url(url)
+    client.flushall()
+    rng = random.Random(1)
+    clock = FakeClock(1_700_000_000.0)
+    store = module.RedisFeatureStore(url, clock, prefix="bench:", timeout_s=5.0)
+    cpu = 0.0
+    for i in range(warm + n):
+        if i == warm:
+            client.config_resetstat()
+            cpu = time.process_time()
+        clock.advance(0.001)
+        keys = {k: f"{k}{rng.randrange(pool)}" for k, pool in POOLS.items()}
+        obs = Observation(f"o{i}", clock.now(), rng.randrange(1000, 90000), keys)
+        store.record_and_read(obs, queries)
+    cpu = time.process_time() - cpu
+    stats = client.info("commandstats")["cmdstat_evalsha"]
+    memory = client.info("memory")["used_memory"]
+    store.close()
+    client.close()
+    return {
+        "redis_us": stats["usec_per_call"],
+        "client_us": cpu / n * 1e6,
+        "memory_mb": memory / 2**20,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--against", action="append", default=[], help="older revision(s)")
+    parser.add_argument("--warm", type=int, default=30_000)
+    parser.add_argument("--orders", type=int, default=4_000)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        queries = load_rules(write_rules(200, Path(tmp))).feature_queries
+    stores = {rev: store_at(rev) for rev in args.against}
+    stores["this tree"] = redis_store
+    own = OwnRedis()
+    own.start()
+    try:
+        for rnd in range(args.rounds):
+            for name, module in stores.items():
+                got = measure(module, own.url, queries, args.warm, args.orders)
+                print(
+                    f"round {rnd} {name:>10}: Redis {got['redis_us']:6.0f} us/order, "
+                    f"client {got['client_us']:4.0f} us/order, "
+                    f"Redis memory {got['memory_mb']:.0f} MiB",
+                    flush=True,
+                )
+    finally:
+        own.stop()
+
+
+if __name__ == "__main__":
+    main()
