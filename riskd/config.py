@@ -19,6 +19,8 @@ environment variables override the file::
     plaintext = true                # RISKD_PLAINTEXT: allow a plaintext port (loopback only)
     log_level = "info"              # RISKD_LOG_LEVEL
     workers = 4                     # RISKD_WORKERS: RPC threads per process (scale by processes)
+    score_workers = 0               # RISKD_SCORE_WORKERS: scoring processes behind the gRPC one
+                                    # (0: score in the gRPC process; > 0 needs redis_url)
 
     [fallback]                      # RISKD_FALLBACK_<SCENARIO>="50000:allow,review"
     default = "50000:allow,review"  # total <= 500 CNY -> allow, else review
@@ -92,6 +94,7 @@ class Config:
     max_message_bytes: int = 4 * 1024 * 1024
     grace_s: float = 10.0
     workers: int = 4  # RPC threads: CPU-bound Python scales by processes, not threads
+    score_workers: int = 0  # scoring worker processes (riskd.service.workers); 0: none
     fallback: Mapping[str, tuple[FallbackTier, ...]] = field(default_factory=_default_fallback)
 
     @property
@@ -109,6 +112,7 @@ class Config:
         return self.deadline_ms / 1000.0
 
 
+MAX_SCORE_WORKERS = 64
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _OUTCOMES = {o.name.lower(): o for o in Outcome}
 
@@ -292,6 +296,7 @@ _COERCE: dict[str, Callable[[Any, str], Any]] = {
     "max_batch": _coerce_int,
     "max_message_bytes": _coerce_int,
     "workers": _coerce_int,
+    "score_workers": _coerce_int,
     "reload_interval_s": _coerce_float,
     "grace_s": _coerce_float,
     "rules_dir": _coerce_path,
@@ -319,6 +324,12 @@ def _check(config: Config) -> None:
         raise ConfigError(f"log_level: must be one of {', '.join(_LOG_LEVELS)}")
     if config.redis_url and not config.redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("redis_url: must start with redis://, rediss:// or unix://")
+    if not 0 <= config.score_workers <= MAX_SCORE_WORKERS:
+        raise ConfigError(f"score_workers: must be between 0 and {MAX_SCORE_WORKERS}")
+    if config.score_workers and not config.redis_url:
+        raise ConfigError(
+            "score_workers: needs redis_url (worker processes must share velocity counters)"
+        )
     if (config.tls_cert is None) != (config.tls_key is None):
         raise ConfigError("tls_cert: tls_cert and tls_key must be given together")
     if config.tls_client_ca is not None and config.tls_cert is None:

@@ -9,12 +9,29 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import start_http_server
 
-from riskd.domain.decision import Decision, Outcome
+from riskd.domain.decision import Outcome
+
+
+class _Hit(Protocol):
+    @property
+    def rule_id(self) -> str: ...
+
+
+class DecisionLike(Protocol):
+    """What the counters read of a decision (a domain ``Decision`` or a worker's summary)."""
+
+    @property
+    def outcome(self) -> Outcome: ...
+    @property
+    def reasons(self) -> Iterable[_Hit]: ...
+    @property
+    def degraded(self) -> Iterable[str]: ...
+
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -64,7 +81,7 @@ class Metrics:
         self._by_rule: dict[str, Any] = {}
         self._by_missing: dict[str, Any] = {}
 
-    def observe_decisions(self, decisions: Iterable[Decision]) -> None:
+    def observe_decisions(self, decisions: Iterable[DecisionLike]) -> None:
         """Count decisions by outcome, their rule hits and degraded answers."""
         for d in decisions:
             child = self._by_outcome.get(d.outcome)

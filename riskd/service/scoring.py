@@ -58,18 +58,30 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
     def Score(
         self, request: scoring_pb2.ScoreRequest, context: grpc.ServicerContext
     ) -> scoring_pb2.ScoreResponse:
-        order = convert.order_from_proto(request.order)
-        validate.validate_order(order)
-        decision = self._scorer.score(order, timeout_s=self._timeout(context))
-        self._metrics.observe_decisions((decision,))
-        return scoring_pb2.ScoreResponse(decision=convert.decision_to_proto(decision))
+        return self.score_request(request, self._timeout(context))
 
     def ScoreBatch(
         self, request: scoring_pb2.ScoreBatchRequest, context: grpc.ServicerContext
     ) -> scoring_pb2.ScoreBatchResponse:
+        return self.score_batch_request(request, self._timeout(context))
+
+    def score_request(
+        self, request: scoring_pb2.ScoreRequest, timeout_s: float
+    ) -> scoring_pb2.ScoreResponse:
+        """``Score`` without the gRPC context (a scoring worker process calls it too)."""
+        order = convert.order_from_proto(request.order)
+        validate.validate_order(order)
+        decision = self._scorer.score(order, timeout_s=timeout_s)
+        self._metrics.observe_decisions((decision,))
+        return scoring_pb2.ScoreResponse(decision=convert.decision_to_proto(decision))
+
+    def score_batch_request(
+        self, request: scoring_pb2.ScoreBatchRequest, timeout_s: float
+    ) -> scoring_pb2.ScoreBatchResponse:
+        """``ScoreBatch`` without the gRPC context."""
         orders = convert.orders_from_proto(request.orders)
         validate.validate_batch(orders, self._max_batch)
-        decisions = self._scorer.score_batch(orders, timeout_s=self._timeout(context))
+        decisions = self._scorer.score_batch(orders, timeout_s=timeout_s)
         self._metrics.observe_decisions(decisions)
         return scoring_pb2.ScoreBatchResponse(
             decisions=[convert.decision_to_proto(d) for d in decisions]

@@ -41,6 +41,7 @@ from riskd.service.interceptors import ErrorInterceptor
 from riskd.service.metrics import Metrics, MetricsEndpoint
 from riskd.service.scoring import ScorerLike, ScoringServicer
 from riskd.service.wiring import Components, build_components
+from riskd.service.workers import PooledScoringServicer, WorkerPool
 
 log = logging.getLogger("riskd.service.server")
 
@@ -66,6 +67,7 @@ class RunningServer:
     metrics: Metrics
     components: Components
     endpoint: MetricsEndpoint | None = None
+    workers: WorkerPool | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
     _stop_lock: threading.Lock = field(default_factory=threading.Lock)
     _stopping: bool = False
@@ -89,7 +91,12 @@ class RunningServer:
             self.health.set(name, status)
 
     def reload_rules(self) -> bool:
-        """Recompile the rules now (SIGHUP); False (old rules kept) when they do not compile."""
+        """Recompile the rules now (SIGHUP); False (old rules kept) when they do not compile.
+
+        Scoring workers get the SIGHUP too and reload on their own.
+        """
+        if self.workers is not None:
+            self.workers.reload()
         return self.components.reload_rules(self.metrics)
 
     def stop(self, grace: float | None = None, *, notice_s: float = 0.0) -> None:
@@ -162,7 +169,14 @@ def create_server(
     metrics = Metrics()
     components = build_components(config, clock or SystemClock())
     try:
-        return _start(config, metrics, components, extra_servicers, interceptors, ready)
+        pool = None
+        if config.score_workers:
+            pool = WorkerPool(config, config.score_workers)
+            pool.start()
+            components.closers.append(pool.close)  # closed first: workers flush their logs
+        running = _start(config, metrics, components, extra_servicers, interceptors, ready, pool)
+        running.workers = pool
+        return running
     except BaseException:
         components.close()
         raise
@@ -175,18 +189,30 @@ def _start(
     extra_servicers: Sequence[ExtraServicer],
     interceptors: Sequence[Interceptor],
     ready: bool,
+    pool: WorkerPool | None,
 ) -> RunningServer:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="riskd-rpc"),
         interceptors=[*_auth(config, metrics), *interceptors, ErrorInterceptor(metrics)],
         options=_options(config),
     )
-    servicer = ScoringServicer(
-        components.scorer,
-        metrics,
-        components.clock,
-        default_deadline_s=config.deadline_s,
-        max_batch=config.max_batch,
+    servicer = (
+        ScoringServicer(
+            components.scorer,
+            metrics,
+            components.clock,
+            default_deadline_s=config.deadline_s,
+            max_batch=config.max_batch,
+        )
+        if pool is None
+        else PooledScoringServicer(
+            pool,
+            components.scorer,
+            metrics,
+            components.clock,
+            default_deadline_s=config.deadline_s,
+            max_batch=config.max_batch,
+        )
     )
     scoring_pb2_grpc.add_ScoringServiceServicer_to_server(servicer, server)
     services = [SCORING_SERVICE, *components.register_extra(server)]

@@ -1,0 +1,502 @@
+"""Scoring worker processes: gRPC in one process, the scoring work in ``score_workers`` others.
+
+With ``score_workers = N`` (> 0) ``riskd serve`` starts N worker processes beside the
+gRPC server. The server process then does gRPC's own work, authentication and routing:
+each order goes, as protobuf bytes over a private socket pair, to the worker chosen by a
+hash of its order id (so retries of one order meet in one process and its in-flight
+de-duplication), which converts, validates, scores and logs it exactly as the server
+process does without workers, and answers with the serialized response. Scoring then
+runs on as many cores as there are workers instead of sharing one GIL with gRPC::
+
+    caller ── gRPC ── server process ── socket pair ── worker i = crc32(order_id) % N
+                      (auth, routing,                    (convert, validate, features,
+                       metrics, fallback)                 rules, decision log)
+
+A ``ScoreBatch`` is validated whole in the server process (errors name ``orders[i]`` of
+the caller's batch), split by worker, sent to all of them at once and put back in order.
+
+Failures:
+
+* A worker that has exited (or is being replaced) gets no calls: its orders are scored
+  by the server process itself, with the same rules, stores and log, while a monitor
+  thread starts a new worker.
+* A worker that has not answered by the caller's deadline: the server process answers
+  with the fallback policy (a degraded decision, ``features`` unavailable) and discards
+  the late answer; the decision log keeps the first decision committed for the order.
+
+Workers need the Redis feature store: velocity counters are shared state, and in-process
+counters would be split between the processes (``Config`` refuses that combination).
+Each worker watches the rule files itself and reloads on ``SIGHUP``, which the server
+process forwards. Workers ignore ``SIGINT``/``SIGTERM``: the server process drains its
+calls first, then asks each worker to stop, and a worker flushes its decision log before
+it exits (also when the server process is gone: the socket pair reports end of file).
+The server process's metrics count every decision it returns; the workers' own reload
+counters are not exported (the server process reloads the same files and counts).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+from riskd import errors
+from riskd.config import Config
+from riskd.domain.clock import Clock, SystemClock
+from riskd.domain.decision import Outcome
+from riskd.errors import InvalidArgumentError, RiskdError, UnavailableError
+from riskd.service import convert, validate
+from riskd.service.gen.riskd.v1 import scoring_pb2
+from riskd.service.logs import configure_logging
+from riskd.service.metrics import Metrics
+from riskd.service.scoring import ScorerLike, ScoringServicer
+from riskd.service.wiring import build_components
+
+__all__ = ["PooledScoringServicer", "WorkerPool"]
+
+log = logging.getLogger("riskd.service.workers")
+
+START_TIMEOUT_S = 120.0  # a worker imports riskd, compiles the rules and opens the stores
+STOP_TIMEOUT_S = 30.0  # a stopping worker flushes its decision log
+IPC_MARGIN_S = 0.001  # kept back from a worker's budget for the answer's trip back
+RESPAWN_EVERY_S = 1.0  # how often the monitor looks for workers that exited
+_HEADER = struct.Struct("!I")
+_CHUNK = 1 << 16
+
+
+class WorkerGone(Exception):
+    """The worker has exited or its socket broke: score the order in this process."""
+
+
+class _Channel:
+    """Length-prefixed pickles over a socket; partial frames wait in a buffer."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray()
+
+    def send(self, message: object) -> None:
+        body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self.sock.sendall(_HEADER.pack(len(body)) + body)
+
+    def recv(self, deadline: float | None = None) -> Any:
+        """The next message; ``TimeoutError`` at ``deadline`` (monotonic), ``EOFError`` at end."""
+        while True:
+            buf = self._buf
+            if len(buf) >= _HEADER.size:
+                (size,) = _HEADER.unpack_from(buf)
+                end = _HEADER.size + size
+                if len(buf) >= end:
+                    message = pickle.loads(memoryview(buf)[_HEADER.size : end])
+                    del buf[:end]
+                    return message
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.sock.settimeout(left)
+            chunk = self.sock.recv(_CHUNK)  # socket.timeout is a TimeoutError
+            if not chunk:
+                raise EOFError
+            buf += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _Worker:
+    """One worker process and its channel; one call at a time (the worker is one thread)."""
+
+    def __init__(self, index: int, proc: subprocess.Popen[bytes], channel: _Channel) -> None:
+        self.index = index
+        self.proc = proc
+        self.channel = channel
+        self.lock = threading.Lock()
+        self.seq = 0
+        self.broken = False
+
+    @property
+    def alive(self) -> bool:
+        return not self.broken and self.proc.poll() is None
+
+    def begin(self, method: str, payload: bytes, deadline: float) -> int | None:
+        """Take the worker and send it a call; the sequence number, or None when the
+        deadline passed first (the worker is then not taken)."""
+        left = deadline - time.monotonic() - IPC_MARGIN_S
+        if left <= 0 or not self.lock.acquire(timeout=left):
+            return None
+        left = deadline - time.monotonic() - IPC_MARGIN_S
+        if left <= 0:
+            self.lock.release()
+            return None
+        if self.broken:
+            self.lock.release()
+            raise WorkerGone
+        self.seq += 1
+        try:
+            self.channel.send((self.seq, method, payload, left))
+        except OSError as e:
+            self._break()
+            raise WorkerGone from e
+        return self.seq
+
+    def finish(self, seq: int, deadline: float) -> bytes | None:
+        """The answer to call ``seq`` (sent by ``begin``), None when it is not there by
+        ``deadline``; releases the worker. Raises the worker's ``RiskdError``."""
+        try:
+            while True:
+                reply = self.channel.recv(deadline)
+                if reply[0] == seq:
+                    break  # earlier sequence numbers: answers that came too late
+        except TimeoutError:
+            return None
+        except (OSError, EOFError) as e:
+            self._break()
+            raise WorkerGone from e
+        finally:
+            self.lock.release()
+        if reply[1] == "ok":
+            return bytes(reply[2])
+        raise _rebuild(reply[2], reply[3], reply[4])
+
+    def _break(self) -> None:
+        self.broken = True
+        log.warning("scoring worker lost", extra={"fields": {"worker": self.index}})
+
+    def stop(self, timeout_s: float) -> None:
+        """Ask the worker to flush and exit; kill it if it does not within ``timeout_s``."""
+        if not self.broken and self.lock.acquire(timeout=timeout_s):
+            try:
+                self.channel.send(("stop",))
+            except OSError:
+                pass
+            finally:
+                self.lock.release()
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            fields = {"worker": self.index}
+            log.error("scoring worker did not stop; killing it", extra={"fields": fields})
+            self.proc.kill()
+            self.proc.wait()
+        self.channel.close()
+
+
+def _rebuild(name: str, message: str, field: str | None) -> RiskdError:
+    """A worker's ``RiskdError`` as the same class here (the status code follows it)."""
+    if name == InvalidArgumentError.__name__ and field is not None:
+        return InvalidArgumentError(field, message.removeprefix(f"{field}: "))
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, RiskdError) and cls is not InvalidArgumentError:
+        try:
+            return cls(message)
+        except TypeError:
+            pass
+    return RiskdError(message)
+
+
+class WorkerPool:
+    """``count`` scoring worker processes, started, watched and stopped by the server process."""
+
+    def __init__(self, config: Config, count: int) -> None:
+        self._config = config
+        self._workers: list[_Worker | None] = [None] * count
+        self._stop = threading.Event()
+        self._monitor: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start every worker and wait until each has its rules and stores open.
+
+        Raises:
+            UnavailableError: a worker failed to start (its reason is in the message).
+        """
+        started: list[_Worker] = []
+        try:
+            started.extend(self._spawn(i) for i in range(len(self._workers)))
+            for worker in started:
+                self._await_ready(worker)
+                self._workers[worker.index] = worker
+        except BaseException:
+            for worker in started:
+                if worker.proc.poll() is None:
+                    worker.proc.kill()
+                worker.proc.wait()
+                worker.channel.close()
+            self._workers = [None] * len(self._workers)
+            raise
+        self._monitor = threading.Thread(target=self._watch, name="riskd-workers", daemon=True)
+        self._monitor.start()
+        log.info("scoring workers started", extra={"fields": {"pids": self.pids()}})
+
+    def worker_for(self, order_id: str) -> int:
+        return zlib.crc32(order_id.encode()) % len(self._workers)
+
+    def get(self, index: int) -> _Worker:
+        """The worker at ``index``; ``WorkerGone`` while it is down or being replaced."""
+        worker = self._workers[index]
+        if worker is None or not worker.alive:
+            raise WorkerGone
+        return worker
+
+    def pids(self) -> list[int | None]:
+        return [None if w is None else w.proc.pid for w in self._workers]
+
+    def reload(self) -> None:
+        """Forward ``SIGHUP`` (reload the rules now) to every running worker."""
+        for w in self._workers:
+            if w is not None and w.proc.poll() is None:
+                w.proc.send_signal(signal.SIGHUP)
+
+    def close(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Stop the monitor, then every worker (each flushes its decision log)."""
+        self._stop.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=START_TIMEOUT_S)
+        for i, w in enumerate(self._workers):
+            if w is not None:
+                w.stop(timeout_s)
+                self._workers[i] = None
+
+    def _spawn(self, index: int) -> _Worker:
+        ours, theirs = socket.socketpair()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "riskd.service.workers", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        worker = _Worker(index, proc, _Channel(ours))
+        worker.channel.send(self._config)  # the keyring travels over the private pair only
+        return worker
+
+    def _await_ready(self, worker: _Worker) -> None:
+        try:
+            reply = worker.channel.recv(time.monotonic() + START_TIMEOUT_S)
+        except (TimeoutError, EOFError, OSError) as e:
+            worker.proc.kill()
+            raise UnavailableError(f"scoring worker {worker.index} did not start") from e
+        if reply[0] != "ready":
+            worker.proc.wait()
+            raise UnavailableError(f"scoring worker {worker.index} failed to start: {reply[1]}")
+
+    def _watch(self) -> None:
+        """Replace workers that exited; their orders are scored here meanwhile."""
+        while not self._stop.wait(RESPAWN_EVERY_S):
+            for i, w in enumerate(self._workers):
+                if self._stop.is_set() or w is None or w.alive:
+                    continue
+                code = w.proc.poll()
+                log.warning(
+                    "scoring worker exited; starting a new one",
+                    extra={"fields": {"worker": i, "exit_code": code}},
+                )
+                if code is None:
+                    w.proc.kill()
+                w.proc.wait()
+                w.channel.close()
+                try:
+                    fresh = self._spawn(i)
+                    self._await_ready(fresh)
+                except Exception:
+                    log.error("scoring worker restart failed", exc_info=True)
+                    continue
+                self._workers[i] = fresh
+
+
+class _Missing(enum.Enum):
+    DOWN = "down"
+    LATE = "late"
+
+
+_DOWN, _LATE = _Missing.DOWN, _Missing.LATE
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    """What the metrics count of a decision a worker answered."""
+
+    outcome: Outcome
+    reasons: Sequence[scoring_pb2.Reason]
+    degraded: Sequence[str]
+
+
+def _seen(d: scoring_pb2.Decision) -> _Seen:
+    return _Seen(Outcome(d.outcome), d.reasons, d.unavailable)
+
+
+class PooledScoringServicer(ScoringServicer):
+    """``ScoringService`` that hands scoring to the workers (see the module docstring).
+
+    ``scorer`` is the server process's own: it scores the orders of a worker that is
+    down, answers with the fallback when a worker is late, and takes ``ReportOutcome``.
+    """
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        scorer: ScorerLike,
+        metrics: Metrics,
+        clock: Clock,
+        *,
+        default_deadline_s: float,
+        max_batch: int,
+    ) -> None:
+        super().__init__(
+            scorer, metrics, clock, default_deadline_s=default_deadline_s, max_batch=max_batch
+        )
+        self._pool = pool
+
+    def score_request(
+        self, request: scoring_pb2.ScoreRequest, timeout_s: float
+    ) -> scoring_pb2.ScoreResponse:
+        deadline = time.monotonic() + timeout_s
+        try:
+            worker = self._pool.get(self._pool.worker_for(request.order.order_id))
+            seq = worker.begin("Score", request.SerializeToString(), deadline)
+            reply = None if seq is None else worker.finish(seq, deadline)
+        except WorkerGone:
+            return super().score_request(request, timeout_s)
+        if reply is None:  # late: the fallback, now
+            return super().score_request(request, 0.0)
+        response = scoring_pb2.ScoreResponse.FromString(reply)
+        self._metrics.observe_decisions((_seen(response.decision),))
+        return response
+
+    def score_batch_request(
+        self, request: scoring_pb2.ScoreBatchRequest, timeout_s: float
+    ) -> scoring_pb2.ScoreBatchResponse:
+        validate.validate_batch(convert.orders_from_proto(request.orders), self._max_batch)
+        deadline = time.monotonic() + timeout_s
+        groups: dict[int, list[int]] = {}
+        for i, order in enumerate(request.orders):
+            groups.setdefault(self._pool.worker_for(order.order_id), []).append(i)
+        parts = {
+            w: scoring_pb2.ScoreBatchRequest(orders=[request.orders[i] for i in idx])
+            for w, idx in groups.items()
+        }
+        answers = self._ask_all(parts, deadline)
+        decisions: list[scoring_pb2.Decision | None] = [None] * len(request.orders)
+        seen: list[_Seen] = []
+        for w, idx in groups.items():
+            got = answers[w]
+            if isinstance(got, bytes):
+                part = scoring_pb2.ScoreBatchResponse.FromString(got).decisions
+                seen.extend(_seen(d) for d in part)
+            else:  # DOWN: scored here; LATE: the fallback, now
+                left = 0.0 if got is _LATE else max(deadline - time.monotonic(), 0.0)
+                part = super().score_batch_request(parts[w], left).decisions
+            for i, decision in zip(idx, part, strict=True):
+                decisions[i] = decision
+        self._metrics.observe_decisions(seen)
+        assert all(d is not None for d in decisions), "every order has its worker's answer"
+        return scoring_pb2.ScoreBatchResponse(decisions=cast(list[scoring_pb2.Decision], decisions))
+
+    def _ask_all(
+        self, parts: dict[int, scoring_pb2.ScoreBatchRequest], deadline: float
+    ) -> dict[int, bytes | _Missing]:
+        """Send every part (workers taken in index order: no lock cycles), then collect.
+
+        Per worker: the answer, ``_DOWN`` (score it here) or ``_LATE`` (the fallback).
+        """
+        sent: dict[int, tuple[_Worker, int | None]] = {}
+        out: dict[int, bytes | _Missing] = {}
+        for w in sorted(parts):
+            try:
+                worker = self._pool.get(w)
+                payload = parts[w].SerializeToString()
+                sent[w] = (worker, worker.begin("ScoreBatch", payload, deadline))
+            except WorkerGone:
+                out[w] = _DOWN
+        first_error: RiskdError | None = None
+        for w, (worker, seq) in sent.items():
+            try:
+                reply = None if seq is None else worker.finish(seq, deadline)
+            except WorkerGone:
+                out[w] = _DOWN
+                continue
+            except RiskdError as e:  # the other workers' calls are still collected
+                first_error = first_error or e
+                continue
+            out[w] = _LATE if reply is None else reply
+        if first_error is not None:
+            raise first_error
+        return out
+
+
+def main(argv: Sequence[str]) -> int:
+    """A worker process: ``python -m riskd.service.workers FD`` (started by ``WorkerPool``)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process drains, then stops us
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    channel = _Channel(socket.socket(fileno=int(argv[0])))
+    config: Config = channel.recv()
+    configure_logging(config.log_level)
+    try:
+        components = build_components(config, SystemClock())
+    except Exception as e:
+        channel.send(("failed", f"{type(e).__name__}: {e}"))
+        return 1
+    metrics = Metrics()  # not exported: the server process counts what it returns
+    servicer = ScoringServicer(
+        components.scorer,
+        metrics,
+        components.clock,
+        default_deadline_s=config.deadline_s,
+        max_batch=config.max_batch,
+    )
+    components.start_watching(metrics, config.reload_interval_s)
+    signal.signal(
+        signal.SIGHUP,
+        lambda *_: threading.Thread(target=components.reload_rules, args=(metrics,)).start(),
+    )
+    channel.send(("ready", os.getpid()))
+    try:
+        _serve(channel, servicer)
+    except (EOFError, OSError):
+        log.warning("server process gone; flushing the decision log and exiting")
+    finally:
+        components.close()
+    return 0
+
+
+def _serve(channel: _Channel, servicer: ScoringServicer) -> None:
+    while True:
+        message = channel.recv()
+        if message[0] == "stop":
+            return
+        seq, method, payload, timeout_s = message
+        try:
+            if method == "Score":
+                request = scoring_pb2.ScoreRequest.FromString(payload)
+                response: Any = servicer.score_request(request, timeout_s)
+            else:
+                batch = scoring_pb2.ScoreBatchRequest.FromString(payload)
+                response = servicer.score_batch_request(batch, timeout_s)
+        except RiskdError as e:
+            channel.send((seq, "error", type(e).__name__, str(e), getattr(e, "field", None)))
+            continue
+        except Exception:
+            log.error("scoring worker call failed", exc_info=True)
+            channel.send((seq, "error", RiskdError.__name__, "internal error", None))
+            continue
+        channel.send((seq, "ok", response.SerializeToString()))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
