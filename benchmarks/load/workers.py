@@ -1,0 +1,124 @@
+"""The gRPC process's CPU per call with and without scoring workers, at one offered rate.
+
+Alternating rounds, one run: the bare grpcio server, riskd scoring in its gRPC process
+(``score_workers = 0``) and riskd with ``--score-workers`` worker processes, each driven
+open-loop at ``--rate`` calls/s (so every server does the same work per second), then
+riskd with workers closed-loop. The gRPC process runs on ``--server-cpus``; its worker
+processes are moved to ``--worker-cpus`` once started; the load generator and Redis run
+on ``--client-cpus``. 200 rules, Redis features, SQLite evidence log, as ``run.py``.
+
+    .venv/bin/python benchmarks/load/workers.py --rate 500 --rounds 2
+
+Per row: calls/s, CPU µs per call of the gRPC process and of the workers together,
+Redis CPU µs per call, p50/p99 ms. On a machine with spare cores give the workers their
+own (``--server-cpus 0 --worker-cpus 2-9 --client-cpus 10-15``): then the closed-loop row
+is the unary ``Score`` throughput of one gRPC process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run as R
+from client import run_load
+
+from rules import write_rules
+
+
+def pin(pid: int, server: set[int], workers: set[int]) -> list[int]:
+    """Every thread of ``pid`` onto ``server``, its children onto ``workers``."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    children = [int(p) for p in out.split()]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), server)
+    for child in children:
+        os.sched_setaffinity(child, workers)
+    return children
+
+
+def row(name: str, r: Any, cpu: float, extra: dict[str, float]) -> dict[str, Any]:
+    out = R.report(name, r, cpu)
+    for key, seconds in extra.items():
+        out[key] = round(1e6 * seconds / max(r.calls, 1), 1)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=500.0)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--score-workers", type=int, default=2)
+    parser.add_argument("--server-cpus", default="0")
+    parser.add_argument("--worker-cpus", default="1")
+    parser.add_argument("--client-cpus", default="1")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    server, workers, client = (
+        R.cpu_set(args.server_cpus),
+        R.cpu_set(args.worker_cpus),
+        R.cpu_set(args.client_cpus),
+    )
+    os.sched_setaffinity(0, client)
+    work = Path(tempfile.mkdtemp(prefix="riskd-workers-"))
+    rules = write_rules(200, work / "rules")
+    load: dict[str, Any] = dict(seconds=args.seconds, processes=1, channels=4, concurrency=8)
+    rows: list[dict[str, Any]] = []
+    redis_port = R.free_port()
+    redis_cmd = ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"]
+    try:
+        with R.process(redis_cmd, client, port=redis_port) as redis_pids:
+
+            def emit(name: str, port: int, pids: list[int], kids: list[int], rate: float) -> None:
+                target = f"127.0.0.1:{port}"
+                run_load(target, tag="warm", **{**load, "seconds": 2, "rate": rate})
+                k0 = sum(R.cpu_seconds(k) for k in kids)
+                r0 = R.cpu_seconds(redis_pids[0])
+                r, cpu = R.measured(pids, lambda: run_load(target, tag="m", rate=rate, **load))
+                extra = {
+                    "workers_cpu_us_per_call": sum(R.cpu_seconds(k) for k in kids) - k0,
+                    "redis_cpu_us_per_call": R.cpu_seconds(redis_pids[0]) - r0,
+                }
+                rows.append(row(name, r, cpu, extra))
+                print(json.dumps(rows[-1]), flush=True)
+
+            for rnd in range(args.rounds):
+                port = R.free_port()
+                bare = [sys.executable, "benchmarks/load/bare_server.py"]
+                with R.process([*bare, "--listen", f"127.0.0.1:{port}"], server, port=port) as p:
+                    emit(f"round {rnd}: bare grpcio at {args.rate:.0f}/s", port, p, [], args.rate)
+                for n in (0, args.score_workers):
+                    port = R.free_port()
+                    env = {
+                        **R.riskd_env(work, rules, redis_port, f"r{rnd}w{n}"),
+                        "RISKD_SCORE_WORKERS": str(n),
+                        "RISKD_WORKERS": str(max(4, 2 * n)),
+                    }
+                    cmd = R.riskd_cmd(port)
+                    with R.process(cmd, server | workers, env, port=port) as p:
+                        time.sleep(1)
+                        kids = pin(p[0], server, workers)
+                        name = f"round {rnd}: riskd score_workers={n} at {args.rate:.0f}/s"
+                        emit(name, port, p, kids, args.rate)
+                        if n and rnd == args.rounds - 1:
+                            emit(f"riskd score_workers={n}, closed loop", port, p, kids, 0.0)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
