@@ -20,9 +20,10 @@ Failures:
 * A worker that has exited (or is being replaced) gets no calls: its orders are scored
   by the server process itself, with the same rules, stores and log, while a monitor
   thread starts a new worker.
-* A worker that has not answered by the caller's deadline: the server process answers
-  with the fallback policy (a degraded decision, ``features`` unavailable) and discards
-  the late answer; the decision log keeps the first decision committed for the order.
+* A worker that has not answered by the caller's deadline, less a reserve of a quarter
+  of the budget (at most 20 ms): the server process answers with the fallback policy (a
+  degraded decision, ``features`` unavailable) inside the deadline and discards the late
+  answer; the decision log keeps the first decision committed for the order.
 
 Workers need the Redis feature store: velocity counters are shared state, and in-process
 counters would be split between the processes (``Config`` refuses that combination).
@@ -71,6 +72,9 @@ log = logging.getLogger("riskd.service.workers")
 START_TIMEOUT_S = 120.0  # a worker imports riskd, compiles the rules and opens the stores
 STOP_TIMEOUT_S = 30.0  # a stopping worker flushes its decision log
 IPC_MARGIN_S = 0.001  # kept back from a worker's budget for the answer's trip back
+FALLBACK_RESERVE_S = (
+    0.02  # at most this (a quarter of the budget) kept for a late worker's fallback
+)
 RESPAWN_EVERY_S = 1.0  # how often the monitor looks for workers that exited
 _HEADER = struct.Struct("!I")
 _CHUNK = 1 << 16
@@ -341,6 +345,11 @@ def _seen(d: scoring_pb2.Decision) -> _Seen:
     return _Seen(Outcome(d.outcome), d.reasons, d.unavailable)
 
 
+def _wait_until(timeout_s: float) -> float:
+    """How long (monotonic) to wait for workers: the budget less time for the fallback."""
+    return time.monotonic() + timeout_s - min(FALLBACK_RESERVE_S, timeout_s / 4)
+
+
 class PooledScoringServicer(ScoringServicer):
     """``ScoringService`` that hands scoring to the workers (see the module docstring).
 
@@ -366,7 +375,7 @@ class PooledScoringServicer(ScoringServicer):
     def score_request(
         self, request: scoring_pb2.ScoreRequest, timeout_s: float
     ) -> scoring_pb2.ScoreResponse:
-        deadline = time.monotonic() + timeout_s
+        deadline = _wait_until(timeout_s)
         try:
             worker = self._pool.get(self._pool.worker_for(request.order.order_id))
             seq = worker.begin("Score", request.SerializeToString(), deadline)
@@ -383,7 +392,7 @@ class PooledScoringServicer(ScoringServicer):
         self, request: scoring_pb2.ScoreBatchRequest, timeout_s: float
     ) -> scoring_pb2.ScoreBatchResponse:
         validate.validate_batch(convert.orders_from_proto(request.orders), self._max_batch)
-        deadline = time.monotonic() + timeout_s
+        deadline = _wait_until(timeout_s)
         groups: dict[int, list[int]] = {}
         for i, order in enumerate(request.orders):
             groups.setdefault(self._pool.worker_for(order.order_id), []).append(i)

@@ -178,6 +178,30 @@ def test_a_killed_worker_is_replaced_and_its_orders_are_answered_meanwhile(
     assert _score(stub, _worker_for(pool, 0)).outcome == scoring_pb2.OUTCOME_ALLOW
 
 
+def test_a_stalled_worker_gets_the_fallback_inside_the_deadline_then_recovers(
+    pooled: RunningServer, stub: Stub
+) -> None:
+    pool = pooled.workers
+    assert pool is not None
+    pid = pool.pids()[1]
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        order = _worker_for(pool, 1)
+        request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(order))
+        started = time.monotonic()
+        late = stub.Score(request, timeout=0.5).decision
+        assert time.monotonic() - started < 0.5
+        assert late.degraded and "features" in late.unavailable
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    # the stalled call's late answer is discarded; the next call gets its own answer
+    fresh_order = _worker_for(pool, 1)
+    decision = _score(stub, fresh_order)
+    assert decision.order_id == fresh_order.order_id and not decision.degraded
+    assert pool.pids()[1] == pid
+
+
 def _alive(pool: WorkerPool, index: int) -> bool:
     try:
         pool.get(index)
