@@ -16,16 +16,18 @@ scored after a per-window cursor. Each call moves a cursor up to ``t - W``,
 taking the few events in between out of the totals (one range read, skipped
 when none of them can be in between), adds the window's missed events when a
 later observation already moved it further, and leaves out events scored after
-``t``; so both are exact, except for an observation read more than 24 hours
-behind the newest one of its key (those events may be trimmed). DISTINCT is a
-``ZCOUNT`` over ``(t - W, t]``: exact. The totals of every key of an order are
-one ``MGET`` and one ``SET`` each (with the TTL); a recorded order is one
-``ZADD`` per event set and per distinct set. Trimming what left the longest
-window and refreshing the TTLs of the sets happens when a set is created and
-then every 30 minutes of observation time, so a key lives at least 24.5 hours
-after its last order and nothing grows without bound. With the 200-rule load
-set (63 queries, 7 keys) Redis spends about 0.6x the CPU per order of the
-sorted-set layout it replaced (``benchmarks/load/redis_cost.py``).
+``t``. DISTINCT is a ``ZCOUNT`` over ``(t - W, t]``. As in the in-process store,
+events more than the longest window older than the key's newest recorded event
+(sightings: than the set's newest) no longer count, whether or not a tidy-up has
+removed them yet; so both backends give the same exact answers, late
+observations included. The totals of every key of an order are one ``MGET`` and
+one ``SET`` each (with the TTL); a recorded order is one ``ZADD`` per event set
+and per distinct set. Removing what no longer counts and refreshing the TTLs of
+the sets happens when a set is created and then every 30 minutes of observation
+time, so a key lives at least 24.5 hours after its last order and nothing grows
+without bound. With the 200-rule load set (63 queries, 7 keys) Redis spends about
+0.6x the CPU per order of the sorted-set layout it replaced
+(``benchmarks/load/redis_cost.py``).
 
 The script builds its key names from the prefix (it takes its fields as one
 argument, which is far cheaper for the Python client to send than a list of
@@ -36,10 +38,11 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import redis
 from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from riskd.domain.clock import Clock
@@ -62,7 +65,7 @@ _AGG_CODE = {Agg.COUNT: "c", Agg.SUM: "s", Agg.DISTINCT: "d"}
 # Keys are built here from the prefix: this script is for one Redis, not a Redis Cluster.
 _SCRIPT = r"""
 local WINDOWS = {@WINDOWS@}
-local TIDY = @TIDY@  -- ms of observation time between two trims and TTL refreshes of a set
+local TIDY = @TIDY@  -- ms of observation time between two tidy-ups of a set (trim, TTL)
 local P, ID = ARGV[1], ARGV[2]
 local f = {}
 for field in string.gmatch(ARGV[3], '([^\n]*)\n') do f[#f + 1] = field end
@@ -70,8 +73,8 @@ local T, AMOUNT = f[2], f[3]  -- as sent: strings go to redis.call as they are
 local t, amount, now, ttl = tonumber(T), tonumber(AMOUNT), tonumber(f[4]), tonumber(f[5])
 local ns, nd = tonumber(f[6]), tonumber(f[7])
 local L = #WINDOWS
-local EDGE, OPEN = {}, {}  -- per window: t - W, and '(' .. (t - W) for exclusive bounds
-for w = 1, L do EDGE[w] = t - WINDOWS[w]; OPEN[w] = '(' .. EDGE[w] end
+local EDGE = {}  -- per window: t - W
+for w = 1, L do EDGE[w] = t - WINDOWS[w] end
 
 local function range(ekey, lo, hi)  -- count and sum of the events scored in (lo, hi]
   local n, total = 0, 0
@@ -85,13 +88,15 @@ end
 -- A series: its events (ZSET "ev:") and its state (STRING "tot:", space-separated):
 -- per window w the cursor c, and the count n and sum s of the events scored after it;
 -- m, the latest event; x, when the event set was last tidied (observation ms); then
--- "of=x" per distinct set of the key. Cursors move up to their window's edge here (the
--- events in between leave the totals).
+-- "of=x,n" per distinct set of the key: when it was last tidied and its latest recorded
+-- sighting. Cursors move up to their window's edge here (the events in between leave the
+-- totals). As in the in-process store, events more than the longest window older than m
+-- (sightings, than n) no longer count, whether or not a tidy-up has removed them yet.
 local S, index = {}, {}
 local states = {}
 for i = 1, ns do
   local name = f[7 + i]
-  S[i] = {e = P .. 'ev:' .. name, h = P .. 'tot:' .. name, dx = {}, cache = {}}
+  S[i] = {e = P .. 'ev:' .. name, h = P .. 'tot:' .. name, dx = {}, dn = {}, cache = {}}
   states[i] = S[i].h
   index[string.match(name, '^([^:]*):')] = i
 end
@@ -104,8 +109,10 @@ for i = 1, ns do
       k = k + 1
       if k <= 3 * L + 2 then v[k] = tonumber(word)
       else
-        local of, x = string.match(word, '^(.*)=(%d+)$')
-        st.dx[of] = tonumber(x)
+        local of, x, newest = string.match(word, '^(.*)=(%-?%d+),(%-?%d+)$')
+        x, newest = tonumber(x), tonumber(newest)
+        if x >= 0 then st.dx[of] = x end
+        if newest >= 0 then st.dn[of] = newest end
       end
     end
   end
@@ -130,7 +137,7 @@ end
 local function tidy_due(x) return x == nil or math.abs(t - x) >= TIDY end
 
 local function add(st)
-  if t <= st.c[L] then return end  -- older than the longest window of a later observation
+  if t <= st.m - WINDOWS[L] then return end  -- older than anything a window can still reach
   local empty = st.n[L] == 0  -- the event set may not exist: it needs its TTL now
   redis.call('ZADD', st.e, T, AMOUNT .. ':' .. ID)
   for w = 1, L do
@@ -139,26 +146,36 @@ local function add(st)
   if t > st.m then st.m = t end
   st.dirty, st.exists = true, true
   if empty or tidy_due(st.x) then
-    redis.call('ZREMRANGEBYSCORE', st.e, '-inf', st.c[L])
+    redis.call('ZREMRANGEBYSCORE', st.e, '-inf', st.m - WINDOWS[L])
     redis.call('EXPIRE', st.e, ttl)
     st.x = t
   end
 end
 
-local DKEY = {}
-for j = 1, nd do DKEY[j] = P .. 'd:' .. f[7 + ns + j] end
+local DKEY, DST, DOF = {}, {}, {}  -- per distinct set: key, its key's series, its "of"
+for j = 1, nd do
+  DKEY[j] = P .. 'd:' .. f[7 + ns + j]
+  local key, of = string.match(f[7 + ns + j], '^([^:]*):([^:]*):')
+  DST[j], DOF[j] = S[index[key]], of
+end
 
 local function add_distinct(j)
   local value = string.sub(f[7 + ns + nd + j], 2)
   if value == '' then return end
-  local key, of = string.match(f[7 + ns + j], '^([^:]*):([^:]*):')
-  local st = S[index[key]]
+  local st, of = DST[j], DOF[j]
   redis.call('ZADD', DKEY[j], 'GT', T, value)
+  if not st.dn[of] or t > st.dn[of] then st.dn[of], st.dirty = t, true end
   if tidy_due(st.dx[of]) then
-    redis.call('ZREMRANGEBYSCORE', DKEY[j], '-inf', EDGE[L])
+    redis.call('ZREMRANGEBYSCORE', DKEY[j], '-inf', st.dn[of] - WINDOWS[L])
     redis.call('EXPIRE', DKEY[j], ttl)
     st.dx[of], st.dirty = t, true
   end
+end
+
+local function distinct_count(j, w)  -- of-values last seen in (t - W, t] and still kept
+  local lo, newest = EDGE[w], DST[j].dn[DOF[j]]
+  if newest and newest - WINDOWS[L] > lo then lo = newest - WINDOWS[L] end
+  return redis.call('ZCOUNT', DKEY[j], '(' .. lo, T)
 end
 
 local function save(st)  -- SET with EX: the state's TTL is refreshed on every write
@@ -166,7 +183,7 @@ local function save(st)  -- SET with EX: the state's TTL is refreshed on every w
   local u = {}
   for w = 1, L do u[w], u[L + w], u[2 * L + w] = st.c[w], st.n[w], st.s[w] end
   u[3 * L + 1], u[3 * L + 2] = st.m, st.x or -1
-  for of, x in pairs(st.dx) do u[#u + 1] = of .. '=' .. x end
+  for of, newest in pairs(st.dn) do u[#u + 1] = of .. '=' .. (st.dx[of] or -1) .. ',' .. newest end
   redis.call('SET', st.h, table.concat(u, ' '), 'EX', ttl)
 end
 
@@ -174,8 +191,9 @@ local function window(st, w)  -- count and sum of the series' events in (t - W, 
   local got = st.cache[w]
   if got then return got end
   local n, s = st.n[w], st.s[w]
-  if st.c[w] > EDGE[w] then  -- a later observation moved the cursor past this window's edge
-    local dn, ds = range(st.e, EDGE[w], st.c[w])
+  local lo = math.max(EDGE[w], st.m - WINDOWS[L])
+  if st.c[w] > lo then  -- a later observation moved the cursor past this window's edge
+    local dn, ds = range(st.e, lo, st.c[w])
     n, s = n + dn, s + ds
   end
   if st.m > t then  -- events of later observations are not in this window
@@ -205,7 +223,7 @@ local out = {}
 for q = 8 + ns + 2 * nd, #f do
   local code, i, w = string.match(f[q], '^(%a):(%d+):(%d+)$')
   i, w = tonumber(i), tonumber(w)
-  if code == 'd' then out[#out + 1] = redis.call('ZCOUNT', DKEY[i], OPEN[w], T)
+  if code == 'd' then out[#out + 1] = distinct_count(i, w)
   elseif code == 'c' then out[#out + 1] = window(S[i], w)[1]
   else out[#out + 1] = window(S[i], w)[2] end
 end
@@ -238,7 +256,7 @@ class RedisFeatureStore:
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
         )
-        self._script = self._client.register_script(_SCRIPT)
+        self._sha = self._client.register_script(_SCRIPT).sha
         self._plans: tuple[object, dict[tuple[str, ...], _Plan]] = (None, {})
 
     @property
@@ -262,12 +280,35 @@ class RedisFeatureStore:
         plan = self._plan_for(queries, tuple(obs.keys))
         body = self._body(obs, plan, record=record)
         try:
-            reply = cast(bytes, self._script(args=(self._prefix, obs.order_id, body)))
+            reply = self._eval(self._prefix, obs.order_id, body)
         except redis.RedisError as exc:
             raise UnavailableError(f"feature store: redis {type(exc).__name__}") from exc
         result = dict.fromkeys(queries, 0)
         result.update(zip(plan.asked, map(int, reply.split()), strict=True))
         return result
+
+    def _eval(self, *args: str) -> bytes:
+        """EVALSHA on a pooled connection, loading the script first after a Redis restart.
+
+        Straight on the connection, not through ``Redis.execute_command``: about half
+        the client CPU per call (no retry wrapper, no reply callbacks).
+        """
+        pool = self._client.connection_pool
+        conn: Any = pool.get_connection()  # redis-py types its connections loosely
+        try:
+            try:
+                conn.send_command("EVALSHA", self._sha, 0, *args)
+                return cast(bytes, conn.read_response())
+            except NoScriptError:
+                conn.send_command("SCRIPT", "LOAD", _SCRIPT)
+                conn.read_response()
+                conn.send_command("EVALSHA", self._sha, 0, *args)
+                return cast(bytes, conn.read_response())
+        except BaseException:
+            conn.disconnect()  # a late reply may still arrive: never reuse this socket
+            raise
+        finally:
+            pool.release(conn)
 
     def _body(self, obs: Observation, plan: _Plan, *, record: bool) -> str:
         """The script's newline-terminated fields (see ``_SCRIPT``)."""

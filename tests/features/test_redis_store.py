@@ -6,7 +6,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import redis
@@ -45,24 +44,39 @@ def clock() -> FakeClock:
     return FakeClock(1_700_000_000.0)
 
 
-def test_one_call_is_one_round_trip(
-    prefix: str, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
-    store.record_and_read(order(clock, "warm", device="d", buyer="b", shop="s"), QUERIES)
-    commands: list[Any] = []
-    client = store._client  # the store's own client: count what it sends
-    original = client.execute_command
+def test_one_call_is_one_round_trip_and_survives_a_script_flush(clock: FakeClock) -> None:
+    """Redis's own count: one EVALSHA per call; after a restart (scripts gone) one
+    SCRIPT LOAD more, and the call still answers."""
+    own = OwnRedis()
+    own.start()
+    try:
+        store = RedisFeatureStore(own.url, clock, timeout_s=2.0)
+        admin = redis.Redis.from_url(own.url)
+        store.record_and_read(order(clock, "warm", device="d", buyer="b", shop="s"), QUERIES)
+        admin.config_resetstat()
+        store.record_and_read(order(clock, "o1", device="d", buyer="b", shop="s"), QUERIES)
+        store.read(order(clock, "o2", device="d"), QUERIES)
+        assert _data_commands(admin) == {"evalsha": 2}
+        admin.script_flush()
+        admin.config_resetstat()
+        got = store.record_and_read(order(clock, "o3", device="d"), QUERIES)
+        assert got[COUNT_DEVICE_1M] == 3
+        assert _data_commands(admin) == {"evalsha": 2, "script|load": 1}  # NOSCRIPT, load, again
+        admin.close()
+        store.close()
+    finally:
+        own.stop()
 
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        commands.append(args[0])
-        return original(*args, **kwargs)
 
-    monkeypatch.setattr(client, "execute_command", counting)
-    store.record_and_read(order(clock, "o1", device="d", buyer="b", shop="s"), QUERIES)
-    store.read(order(clock, "o2", device="d"), QUERIES)
-    assert commands == ["EVALSHA", "EVALSHA"]
-    store.close()
+def _data_commands(admin: redis.Redis) -> dict[str, int]:
+    """Calls the client sent (Redis also counts the commands its scripts run)."""
+    stats = admin.info("commandstats")
+    sent = {"evalsha", "eval", "script|load"}
+    return {
+        name.removeprefix("cmdstat_"): int(s["calls"])
+        for name, s in stats.items()
+        if name.removeprefix("cmdstat_") in sent
+    }
 
 
 def test_every_key_is_under_the_prefix_with_a_bounded_ttl(
@@ -93,7 +107,7 @@ def test_no_key_is_ever_left_without_a_ttl(
     store.record_and_read(order(clock, "o1", device="d"), QUERIES)  # no buyer: no distinct set
     clock.advance(1)
     store.record_and_read(order(clock, "o2", device="d", buyer="b"), QUERIES)
-    clock.advance(86_400 + 60)
+    clock.advance(86_400 + 1_800 + 60)
     store.record_and_read(order(clock, "o3", device="d", buyer="b"), QUERIES)  # all else left
     clock.advance(1)
     store.record_and_read(order(clock, "o4", device="d", shop="s", buyer="b2"), QUERIES)
@@ -114,7 +128,7 @@ def test_old_members_are_trimmed_as_time_moves_on(
         clock.advance(600)
     assert redis_client.zcard(f"{prefix}ev:device:d") == 50
     assert redis_client.zcard(f"{prefix}d:device:buyer:d") == 50
-    clock.advance(86400)
+    clock.advance(86_400 + 1_800)  # trimmed once out of the longest window for 30 min
     got = store.record_and_read(order(clock, "last", device="d", buyer="b"), QUERIES)
     assert (got[COUNT_DEVICE_1M], got[SUM_DEVICE_1H]) == (1, 100)
     assert redis_client.zcard(f"{prefix}ev:device:d") == 1
