@@ -3,16 +3,18 @@
 Alternating rounds, one run: the bare grpcio server, riskd scoring in its gRPC process
 (``score_workers = 0``) and riskd with ``--score-workers`` worker processes, each driven
 open-loop at ``--rate`` calls/s (so every server does the same work per second), then
-riskd with workers closed-loop. The gRPC process runs on ``--server-cpus``; its worker
-processes are moved to ``--worker-cpus`` once started; the load generator and Redis run
-on ``--client-cpus``. 200 rules, Redis features, SQLite evidence log, as ``run.py``.
+riskd with workers closed-loop (its ratio to the bare server's closed-loop rate, the
+issue's unary target) and open-loop at half that rate (the p99 target). The gRPC process
+runs on ``--server-cpus``; its worker processes are moved to ``--worker-cpus`` once
+started; the load generator and Redis run on ``--client-cpus``. 200 rules, Redis
+features, SQLite evidence log, as ``run.py``.
 
     .venv/bin/python benchmarks/load/workers.py --rate 500 --rounds 2
 
 Per row: calls/s, CPU µs per call of the gRPC process and of the workers together,
 Redis CPU µs per call, p50/p99 ms. On a machine with spare cores give the workers their
-own (``--server-cpus 0 --worker-cpus 2-9 --client-cpus 10-15``): then the closed-loop row
-is the unary ``Score`` throughput of one gRPC process.
+own (``--server-cpus 0 --worker-cpus 2-9 --client-cpus 10-15 --processes 4``): then the
+closed-loop row is the unary ``Score`` throughput of one gRPC process.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def main() -> int:
     parser.add_argument("--server-cpus", default="0")
     parser.add_argument("--worker-cpus", default="1")
     parser.add_argument("--client-cpus", default="1")
+    parser.add_argument("--processes", type=int, default=1, help="load generator processes")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     server, workers, client = (
@@ -73,14 +76,17 @@ def main() -> int:
     os.sched_setaffinity(0, client)
     work = Path(tempfile.mkdtemp(prefix="riskd-workers-"))
     rules = write_rules(200, work / "rules")
-    load: dict[str, Any] = dict(seconds=args.seconds, processes=1, channels=4, concurrency=8)
+    load: dict[str, Any] = dict(
+        seconds=args.seconds, processes=args.processes, channels=4, concurrency=8
+    )
+    bare_rate = 0.0
     rows: list[dict[str, Any]] = []
     redis_port = R.free_port()
     redis_cmd = ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"]
     try:
         with R.process(redis_cmd, client, port=redis_port) as redis_pids:
 
-            def emit(name: str, port: int, pids: list[int], kids: list[int], rate: float) -> None:
+            def emit(name: str, port: int, pids: list[int], kids: list[int], rate: float) -> float:
                 target = f"127.0.0.1:{port}"
                 run_load(target, tag="warm", **{**load, "seconds": 2, "rate": rate})
                 k0 = sum(R.cpu_seconds(k) for k in kids)
@@ -92,12 +98,15 @@ def main() -> int:
                 }
                 rows.append(row(name, r, cpu, extra))
                 print(json.dumps(rows[-1]), flush=True)
+                return float(r.calls_per_s)
 
             for rnd in range(args.rounds):
                 port = R.free_port()
                 bare = [sys.executable, "benchmarks/load/bare_server.py"]
                 with R.process([*bare, "--listen", f"127.0.0.1:{port}"], server, port=port) as p:
                     emit(f"round {rnd}: bare grpcio at {args.rate:.0f}/s", port, p, [], args.rate)
+                    if rnd == args.rounds - 1:
+                        bare_rate = emit("bare grpcio, closed loop", port, p, [], 0.0)
                 for n in (0, args.score_workers):
                     port = R.free_port()
                     env = {
@@ -112,7 +121,11 @@ def main() -> int:
                         name = f"round {rnd}: riskd score_workers={n} at {args.rate:.0f}/s"
                         emit(name, port, p, kids, args.rate)
                         if n and rnd == args.rounds - 1:
-                            emit(f"riskd score_workers={n}, closed loop", port, p, kids, 0.0)
+                            name = f"riskd score_workers={n}, closed loop"
+                            rate = emit(name, port, p, kids, 0.0)
+                            rows[-1]["ratio_to_bare"] = round(rate / bare_rate, 3)
+                            name = f"riskd score_workers={n}, open loop at {rate / 2:.0f}/s"
+                            emit(name, port, p, kids, rate / 2)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.out:
