@@ -153,6 +153,7 @@ class _Worker:
             self.channel.send((self.seq, method, payload, left))
         except OSError as e:
             self._break()
+            self.lock.release()
             raise WorkerGone from e
         return self.seq
 
