@@ -191,8 +191,9 @@ def _start(
     ready: bool,
     pool: WorkerPool | None,
 ) -> RunningServer:
+    threads = futures.ThreadPoolExecutor(_rpc_threads(config), thread_name_prefix="riskd-rpc")
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="riskd-rpc"),
+        threads,
         interceptors=[*_auth(config, metrics), *interceptors, ErrorInterceptor(metrics)],
         options=_options(config),
     )
@@ -298,3 +299,9 @@ def _add_port(add: Callable[[], int]) -> int:
         return int(add())
     except RuntimeError:  # grpcio raises when the address is malformed or taken
         return 0
+
+
+def _rpc_threads(config: Config) -> int:
+    """``workers`` RPC threads, and at least two per scoring worker (each call to a worker
+    holds its thread while the worker scores)."""
+    return max(config.workers, 2 * config.score_workers)
