@@ -59,6 +59,7 @@ def row(name: str, r: Any, cpu: float, extra: dict[str, float]) -> dict[str, Any
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=500.0)
+    parser.add_argument("--rules", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--score-workers", type=int, default=2)
@@ -75,7 +76,7 @@ def main() -> int:
     )
     os.sched_setaffinity(0, client)
     work = Path(tempfile.mkdtemp(prefix="riskd-workers-"))
-    rules = write_rules(200, work / "rules")
+    rules = write_rules(args.rules, work / "rules")
     load: dict[str, Any] = dict(
         seconds=args.seconds, processes=args.processes, channels=4, concurrency=8
     )
