@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import grpc
@@ -117,13 +117,13 @@ def test_rules_hot_reload_on_change_and_keep_old_rules_on_error(tmp_path: Path) 
             v1 = decide().rules_version
             path = rules / "checkout.rules"
             path.write_text(path.read_text().replace("> 10000000", "> 1000"))
-            assert _eventually(lambda: decide().rules_version != v1)
+            assert eventually(lambda: decide().rules_version != v1)
             tightened = decide()
             assert tightened.outcome == scoring_pb2.OUTCOME_BLOCK
             assert running.metrics.value("riskd_rule_reloads_total") == 1
 
             path.write_text(path.read_text() + "\nrule broken {\n  when = order.nope > 1\n}\n")
-            assert _eventually(
+            assert eventually(
                 lambda: running.metrics.value("riskd_rule_reload_failures_total") == 1
             )
             assert decide().rules_version == tightened.rules_version
@@ -133,10 +133,11 @@ def test_rules_hot_reload_on_change_and_keep_old_rules_on_error(tmp_path: Path) 
         running.stop(1)
 
 
-def _eventually(check: object, timeout: float = 5.0) -> bool:
+def eventually(check: Callable[[], object], timeout: float = 5.0) -> bool:
+    """Poll ``check`` until it is truthy or ``timeout`` seconds have passed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if check():  # type: ignore[operator]
+        if check():
             return True
         time.sleep(0.05)
     return False

@@ -11,7 +11,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from riskd.service.server import RunningServer, create_server
 from riskd.service.workers import WorkerPool
 from riskd.sql import Database
 from tests.service.conftest import SHARED_REDIS, copy_rules, make_config
+from tests.service.test_lifecycle import eventually
 from tests.service.test_scoring import fresh
 
 Stub = scoring_pb2_grpc.ScoringServiceStub
@@ -85,15 +86,6 @@ def not_here(pooled: RunningServer, monkeypatch: pytest.MonkeyPatch) -> None:
 def _score(stub: Stub, order: Order) -> scoring_pb2.Decision:
     request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(order))
     return stub.Score(request, timeout=10).decision
-
-
-def _eventually(check: Callable[[], bool], timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _worker_for(pool: WorkerPool, index: int) -> Order:
@@ -174,7 +166,7 @@ def test_a_killed_worker_is_replaced_and_its_orders_are_answered_meanwhile(
     time.sleep(0.2)
     # scored by the gRPC process itself while the worker is gone
     assert _score(stub, _worker_for(pool, 0)).outcome == scoring_pb2.OUTCOME_ALLOW
-    assert _eventually(lambda: pool.pids()[0] not in (None, victim) and _alive(pool, 0))
+    assert eventually(lambda: pool.pids()[0] not in (None, victim) and _alive(pool, 0), 30)
     assert _score(stub, _worker_for(pool, 0)).outcome == scoring_pb2.OUTCOME_ALLOW
 
 
@@ -222,7 +214,7 @@ def test_rule_reloads_reach_the_workers(tmp_path: Path) -> None:
             path.write_text(path.read_text().replace("> 10000000", "> 1000"))
             running.reload_rules()  # SIGHUP: the server process and every worker
             orders = [fresh() for _ in range(6)]
-            assert _eventually(
+            assert eventually(
                 lambda: all(_score(stub, fresh()).rules_version != v1 for _ in range(6)), 15
             )
             for order in orders:
