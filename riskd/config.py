@@ -21,6 +21,9 @@ environment variables override the file::
     workers = 4                     # RISKD_WORKERS: RPC threads per process (scale by processes)
     score_workers = 0               # RISKD_SCORE_WORKERS: scoring processes behind the gRPC one
                                     # (0: score in the gRPC process; > 0 needs redis_url)
+    evidence_flush_ms = 5           # RISKD_EVIDENCE_FLUSH_MS: how long the decision log's
+                                    # writer gathers a batch (1..1000; longer: fewer commits,
+                                    # more decisions lost in a crash)
 
     [fallback]                      # RISKD_FALLBACK_<SCENARIO>="50000:allow,review"
     default = "50000:allow,review"  # total <= 500 CNY -> allow, else review
@@ -95,6 +98,7 @@ class Config:
     grace_s: float = 10.0
     workers: int = 4  # RPC threads: CPU-bound Python scales by processes, not threads
     score_workers: int = 0  # scoring worker processes (riskd.service.workers); 0: none
+    evidence_flush_ms: int = 5  # the decision log writer's batch gathering time
     fallback: Mapping[str, tuple[FallbackTier, ...]] = field(default_factory=_default_fallback)
 
     @property
@@ -113,6 +117,7 @@ class Config:
 
 
 MAX_SCORE_WORKERS = 64
+MAX_EVIDENCE_FLUSH_MS = 1000
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _OUTCOMES = {o.name.lower(): o for o in Outcome}
 
@@ -297,6 +302,7 @@ _COERCE: dict[str, Callable[[Any, str], Any]] = {
     "max_message_bytes": _coerce_int,
     "workers": _coerce_int,
     "score_workers": _coerce_int,
+    "evidence_flush_ms": _coerce_int,
     "reload_interval_s": _coerce_float,
     "grace_s": _coerce_float,
     "rules_dir": _coerce_path,
@@ -330,6 +336,8 @@ def _check(config: Config) -> None:
         raise ConfigError(
             "score_workers: needs redis_url (worker processes must share velocity counters)"
         )
+    if not 1 <= config.evidence_flush_ms <= MAX_EVIDENCE_FLUSH_MS:
+        raise ConfigError(f"evidence_flush_ms: must be between 1 and {MAX_EVIDENCE_FLUSH_MS}")
     if (config.tls_cert is None) != (config.tls_key is None):
         raise ConfigError("tls_cert: tls_cert and tls_key must be given together")
     if config.tls_client_ca is not None and config.tls_cert is None:

@@ -35,6 +35,7 @@ def test_file_then_environment_override(tmp_path: Path) -> None:
         env={
             "RISKD_METRICS_PORT": "9200",
             "RISKD_DEADLINE_MS": "30",
+            "RISKD_EVIDENCE_FLUSH_MS": "20",
             "RISKD_FALLBACK_SEARCH": "block",
             "OTHER": "x",
         },
@@ -42,6 +43,7 @@ def test_file_then_environment_override(tmp_path: Path) -> None:
     assert config.listen == "0.0.0.0:6000"
     assert config.metrics_port == 9200
     assert config.deadline_s == 0.03
+    assert config.evidence_flush_ms == 20
     assert config.database == "sqlite:////srv/riskd/riskd.db"
     assert config.fallback["live_room"][-1] == FallbackTier(None, Outcome.BLOCK)
     assert config.fallback["search"] == (FallbackTier(None, Outcome.BLOCK),)
@@ -63,6 +65,8 @@ def test_file_then_environment_override(tmp_path: Path) -> None:
         ({"RISKD_TLS_CERT": "cert.pem"}, "tls_cert"),
         ({"RISKD_COLOUR": "blue"}, "colour"),
         ({"RISKD_RULES_DIR": ""}, "rules_dir"),
+        ({"RISKD_EVIDENCE_FLUSH_MS": "0"}, "evidence_flush_ms"),
+        ({"RISKD_EVIDENCE_FLUSH_MS": "5000"}, "evidence_flush_ms"),
     ],
 )
 def test_bad_value_names_the_key(env: dict[str, str], key: str) -> None:

@@ -1,7 +1,8 @@
 """The gRPC process's CPU per call with and without scoring workers, at one offered rate.
 
 Alternating rounds, one run: the bare grpcio server, riskd scoring in its gRPC process
-(``score_workers = 0``) and riskd with ``--score-workers`` worker processes, each driven
+(``score_workers = 0``) and riskd with ``--score-workers`` worker processes (a
+comma-separated list runs each count), each driven
 open-loop at ``--rate`` calls/s (so every server does the same work per second), then
 riskd with workers closed-loop (its ratio to the bare server's closed-loop rate, the
 issue's unary target) and open-loop at half that rate (the p99 target). The gRPC process
@@ -50,9 +51,10 @@ def pin(pid: int, server: set[int], workers: set[int]) -> list[int]:
 
 
 def row(name: str, r: Any, cpu: float, extra: dict[str, float]) -> dict[str, Any]:
-    out = R.report(name, r, cpu)
-    for key, seconds in extra.items():
-        out[key] = round(1e6 * seconds / max(r.calls, 1), 1)
+    out = R.report(name, r, cpu)  # prints the row; then the other processes' CPU
+    added = {key: round(1e6 * seconds / max(r.calls, 1), 1) for key, seconds in extra.items()}
+    print(json.dumps(added), flush=True)
+    out.update(added)
     return out
 
 
@@ -62,7 +64,7 @@ def main() -> int:
     parser.add_argument("--rules", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--score-workers", type=int, default=2)
+    parser.add_argument("--score-workers", default="2", help="counts, e.g. 4,8")
     parser.add_argument("--server-cpus", default="0")
     parser.add_argument("--worker-cpus", default="1")
     parser.add_argument("--client-cpus", default="1")
@@ -98,7 +100,6 @@ def main() -> int:
                     "redis_cpu_us_per_call": R.cpu_seconds(redis_pids[0]) - r0,
                 }
                 rows.append(row(name, r, cpu, extra))
-                print(json.dumps(rows[-1]), flush=True)
                 return float(r.calls_per_s)
 
             for rnd in range(args.rounds):
@@ -108,7 +109,7 @@ def main() -> int:
                     emit(f"round {rnd}: bare grpcio at {args.rate:.0f}/s", port, p, [], args.rate)
                     if rnd == args.rounds - 1:
                         bare_rate = emit("bare grpcio, closed loop", port, p, [], 0.0)
-                for n in (0, args.score_workers):
+                for n in (0, *(int(c) for c in args.score_workers.split(","))):
                     port = R.free_port()
                     env = {
                         **R.riskd_env(work, rules, redis_port, f"r{rnd}w{n}"),

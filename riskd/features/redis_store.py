@@ -14,7 +14,8 @@ plaintext)::
 COUNT and SUM of a key read running totals: the count and sum of the events
 scored after a per-window cursor. Each call moves a cursor up to ``t - W``,
 taking the few events in between out of the totals (one range read, skipped
-when none of them can be in between), adds the window's missed events when a
+when the state's lower bound on the events after the cursor shows that none of
+them can be in between), adds the window's missed events when a
 later observation already moved it further, and leaves out events scored after
 ``t``. DISTINCT is a ``ZCOUNT`` over ``(t - W, t]``. As in the in-process store,
 events more than the longest window older than the key's newest recorded event
@@ -25,9 +26,11 @@ one ``SET`` each (with the TTL); a recorded order is one ``ZADD`` per event set
 and per distinct set. Removing what no longer counts and refreshing the TTLs of
 the sets happens when a set is created and then every 30 minutes of observation
 time, so a key lives at least 24.5 hours after its last order and nothing grows
-without bound. With the 200-rule load set (63 queries, 7 keys) Redis spends about
-0.6x the CPU per order of the sorted-set layout it replaced
-(``benchmarks/load/redis_cost.py``).
+without bound; a key whose state is not there has no sets either, so its first order
+trims nothing and its distinct counts need no ``ZCOUNT``. With the 200-rule load
+set (63 queries, 7 keys) Redis spends about 0.6x the CPU per order of the
+sorted-set layout it replaced and runs about 43 commands per order
+(``benchmarks/load/redis_cost.py``); most of its time is the script's own Lua.
 
 The script builds its key names from the prefix (it takes its fields as one
 argument, which is far cheaper for the Python client to send than a list of
@@ -85,13 +88,36 @@ local function range(ekey, lo, hi)  -- count and sum of the events scored in (lo
   return n, total
 end
 
+-- Like range(ekey, lo, hi), and the score of the first event after hi (-1: none).
+local function leave(ekey, lo, hi)
+  local n, total, offset = 0, 0, 0
+  while true do
+    local got = redis.call('ZRANGEBYSCORE', ekey, '(' .. lo, '+inf', 'WITHSCORES', 'LIMIT',
+      offset, 16)
+    for k = 1, #got, 2 do
+      local score = tonumber(got[k + 1])
+      if score > hi then return n, total, score end
+      n = n + 1
+      total = total + tonumber(string.match(got[k], '^(%d+):'))
+    end
+    if #got < 32 then return n, total, -1 end
+    offset = offset + 16
+  end
+end
+
 -- A series: its events (ZSET "ev:") and its state (STRING "tot:", space-separated):
 -- per window w the cursor c, and the count n and sum s of the events scored after it;
 -- m, the latest event; x, when the event set was last tidied (observation ms); then
 -- "of=x,n" per distinct set of the key: when it was last tidied and its latest recorded
--- sighting. Cursors move up to their window's edge here (the events in between leave the
--- totals). As in the in-process store, events more than the longest window older than m
--- (sightings, than n) no longer count, whether or not a tidy-up has removed them yet.
+-- sighting; and "@w=o,-1" per window whose o is known: no event after the cursor is
+-- scored before o, so a cursor that stays below o moves without a range read (shaped as
+-- a distinct set's entry that has no sighting, which a script without @-entries ignores
+-- and drops). Cursors move up to their window's edge here (the events in between leave
+-- the totals). As in the in-process store, events more than the longest window older
+-- than m (sightings, than n) no longer count, whether or not a tidy-up has removed them
+-- yet. A series whose state is not there is fresh: its sets are not there either (their
+-- TTLs are set no later than the state's last write, and are as long), so nothing needs
+-- trimming and its distinct sets hold only what this call adds.
 local S, index = {}, {}
 local states = {}
 for i = 1, ns do
@@ -103,6 +129,7 @@ end
 local packed = ns > 0 and redis.call('MGET', unpack(states)) or {}
 for i = 1, ns do
   local st, v, k = S[i], {}, 0
+  st.o = {}
   if packed[i] then
     st.exists = true
     for word in string.gmatch(packed[i], '%S+') do
@@ -111,22 +138,30 @@ for i = 1, ns do
       else
         local of, x, newest = string.match(word, '^(.*)=(%-?%d+),(%-?%d+)$')
         x, newest = tonumber(x), tonumber(newest)
-        if x >= 0 then st.dx[of] = x end
-        if newest >= 0 then st.dn[of] = newest end
+        if string.byte(of) == 64 then st.o[tonumber(string.sub(of, 2))] = x  -- "@w"
+        else
+          if x >= 0 then st.dx[of] = x end
+          if newest >= 0 then st.dn[of] = newest end
+        end
       end
     end
+  else
+    st.fresh = true
   end
   st.c, st.n, st.s = {}, {}, {}
-  for w = 1, L do st.c[w], st.n[w], st.s[w] = v[w] or -1, v[L + w] or 0, v[2 * L + w] or 0 end
+  for w = 1, L do
+    st.c[w], st.n[w], st.s[w] = v[w] or -1, v[L + w] or 0, v[2 * L + w] or 0
+    st.o[w] = st.o[w] or -1  -- -1: not known
+  end
   st.m, st.x = v[3 * L + 1] or -1, v[3 * L + 2]
   for w = 1, L do
     local edge = EDGE[w]
     if st.c[w] < edge then
       if st.n[w] > 0 then
         if st.m <= edge then st.n[w], st.s[w] = 0, 0
-        else
-          local n, s = range(st.e, st.c[w], edge)
-          st.n[w], st.s[w] = st.n[w] - n, st.s[w] - s
+        elseif st.o[w] < 0 or st.o[w] <= edge then
+          local n, s, o = leave(st.e, st.c[w], edge)
+          st.n[w], st.s[w], st.o[w] = st.n[w] - n, st.s[w] - s, o
         end
       end
       st.c[w], st.dirty = edge, true
@@ -141,18 +176,25 @@ local function add(st)
   local empty = st.n[L] == 0  -- the event set may not exist: it needs its TTL now
   redis.call('ZADD', st.e, T, AMOUNT .. ':' .. ID)
   for w = 1, L do
-    if t > st.c[w] then st.n[w], st.s[w] = st.n[w] + 1, st.s[w] + amount end
+    if t > st.c[w] then
+      if st.n[w] == 0 or (st.o[w] >= 0 and t < st.o[w]) then st.o[w] = t end
+      st.n[w], st.s[w] = st.n[w] + 1, st.s[w] + amount
+    end
   end
   if t > st.m then st.m = t end
   st.dirty, st.exists = true, true
-  if empty or tidy_due(st.x) then
+  if st.fresh then
+    redis.call('EXPIRE', st.e, ttl)
+    st.x = t
+  elseif empty or tidy_due(st.x) then
     redis.call('ZREMRANGEBYSCORE', st.e, '-inf', st.m - WINDOWS[L])
     redis.call('EXPIRE', st.e, ttl)
     st.x = t
   end
 end
 
-local DKEY, DST, DOF = {}, {}, {}  -- per distinct set: key, its key's series, its "of"
+local DKEY, DST, DOF, DADD = {}, {}, {}, {}  -- per distinct set: key, its key's series,
+-- its "of", whether this call added a sighting
 for j = 1, nd do
   DKEY[j] = P .. 'd:' .. f[7 + ns + j]
   local key, of = string.match(f[7 + ns + j], '^([^:]*):([^:]*):')
@@ -164,8 +206,12 @@ local function add_distinct(j)
   if value == '' then return end
   local st, of = DST[j], DOF[j]
   redis.call('ZADD', DKEY[j], 'GT', T, value)
+  DADD[j] = true
   if not st.dn[of] or t > st.dn[of] then st.dn[of], st.dirty = t, true end
-  if tidy_due(st.dx[of]) then
+  if st.fresh then
+    redis.call('EXPIRE', DKEY[j], ttl)
+    st.dx[of], st.dirty = t, true
+  elseif tidy_due(st.dx[of]) then
     redis.call('ZREMRANGEBYSCORE', DKEY[j], '-inf', st.dn[of] - WINDOWS[L])
     redis.call('EXPIRE', DKEY[j], ttl)
     st.dx[of], st.dirty = t, true
@@ -173,6 +219,7 @@ local function add_distinct(j)
 end
 
 local function distinct_count(j, w)  -- of-values last seen in (t - W, t] and still kept
+  if DST[j].fresh then return DADD[j] and 1 or 0 end  -- the one sighting is at t
   local lo, newest = EDGE[w], DST[j].dn[DOF[j]]
   if newest and newest - WINDOWS[L] > lo then lo = newest - WINDOWS[L] end
   return redis.call('ZCOUNT', DKEY[j], '(' .. lo, T)
@@ -184,6 +231,9 @@ local function save(st)  -- SET with EX: the state's TTL is refreshed on every w
   for w = 1, L do u[w], u[L + w], u[2 * L + w] = st.c[w], st.n[w], st.s[w] end
   u[3 * L + 1], u[3 * L + 2] = st.m, st.x or -1
   for of, newest in pairs(st.dn) do u[#u + 1] = of .. '=' .. (st.dx[of] or -1) .. ',' .. newest end
+  for w = 1, L do
+    if st.o[w] >= 0 and st.n[w] > 0 then u[#u + 1] = '@' .. w .. '=' .. st.o[w] .. ',-1' end
+  end
   redis.call('SET', st.h, table.concat(u, ' '), 'EX', ttl)
 end
 

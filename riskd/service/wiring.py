@@ -128,7 +128,9 @@ def _build(config: Config, clock: Clock, closers: list[Callable[[], None]]) -> C
     # PII in the decision log: masked + blind index in the record, and encrypted under
     # the buyer's data key (so `riskd pii forget` shreds it) beside the record.
     vault = Vault(keyring, SqlKeyStore(db), clock=clock)
-    decision_log = DecisionLog(db, vault=vault, indexer=indexer)
+    decision_log = DecisionLog(
+        db, vault=vault, indexer=indexer, flush_interval_s=config.evidence_flush_ms / 1000.0
+    )
     closers.append(decision_log.close)
     features = open_feature_store(config, clock)
     closers.append(features.close)

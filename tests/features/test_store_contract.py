@@ -81,6 +81,28 @@ def test_sums_follow_events_out_of_windows_as_orders_keep_coming(
     assert (after[COUNT_DEVICE["24h"]], after[SUM_DEVICE["24h"]]) == (6, sum(amounts) + 5)
 
 
+def test_a_burst_leaves_a_window_in_one_step_and_later_orders_stay(
+    store: FeatureStore, clock: FakeClock
+) -> None:
+    """40 orders in one second, one more 50 s later; a minute after the burst only the
+    last one is in the 1-minute window (the burst leaves in one step), all are in 1 h."""
+    for i in range(40):
+        store.record_and_read(obs(clock, f"burst{i}", 10 + i, device="d1", buyer=f"b{i}"), ALL)
+        clock.advance(0.025)
+    clock.advance(50 - 40 * 0.025)
+    store.record_and_read(obs(clock, "later", 7, device="d1", buyer="b0"), ALL)
+    clock.advance(11)
+    got = store.record_and_read(obs(clock, "next", 3, device="d1", buyer="b1"), ALL)
+    burst = sum(10 + i for i in range(40))
+    assert (got[COUNT_DEVICE["1m"]], got[SUM_DEVICE["1m"]]) == (2, 10)
+    assert (got[COUNT_DEVICE["1h"]], got[SUM_DEVICE["1h"]]) == (42, burst + 10)
+    assert got[BUYERS_PER_DEVICE["1m"]] == 2
+    assert got[BUYERS_PER_DEVICE["1h"]] == 40
+    clock.advance(50)  # "later" leaves too; "next" stays
+    got = store.read(obs(clock, "probe", device="d1"), ALL)
+    assert (got[COUNT_DEVICE["1m"]], got[SUM_DEVICE["1m"]]) == (1, 3)
+
+
 def test_same_order_id_is_recorded_once(store: FeatureStore, clock: FakeClock) -> None:
     first = store.record_and_read(obs(clock, "o1", 700, device="d1", buyer="b1"), ALL)
     clock.advance(1)
