@@ -14,8 +14,7 @@ plaintext)::
 COUNT and SUM of a key read running totals: the count and sum of the events
 scored after a per-window cursor. Each call moves a cursor up to ``t - W``,
 taking the few events in between out of the totals (one range read, skipped
-when the state's lower bound on the events after the cursor shows that none of
-them can be in between), adds the window's missed events when a
+when none of them can be in between), adds the window's missed events when a
 later observation already moved it further, and leaves out events scored after
 ``t``. DISTINCT is a ``ZCOUNT`` over ``(t - W, t]``. As in the in-process store,
 events more than the longest window older than the key's newest recorded event
@@ -29,8 +28,9 @@ time, so a key lives at least 24.5 hours after its last order and nothing grows
 without bound; a key whose state is not there has no sets either, so its first order
 trims nothing and its distinct counts need no ``ZCOUNT``. With the 200-rule load
 set (63 queries, 7 keys) Redis spends about 0.6x the CPU per order of the
-sorted-set layout it replaced and runs about 43 commands per order
-(``benchmarks/load/redis_cost.py``); most of its time is the script's own Lua.
+sorted-set layout it replaced and runs about 58 commands per order
+(``benchmarks/load/redis_cost.py``); most of its time is the script's own Lua, so
+the queries travel as three bytes each rather than as text to match.
 
 The script builds its key names from the prefix (it takes its fields as one
 argument, which is far cheaper for the Python client to send than a list of
@@ -64,7 +64,8 @@ _AGG_CODE = {Agg.COUNT: "c", Agg.SUM: "s", Agg.DISTINCT: "d"}
 # ARGV: [1] prefix, [2] order_id, [3] the rest as newline-terminated fields (one argument
 # is far cheaper to send from Python than dozens): record?, t, amount, now, ttl, #series,
 # #distinct, a "name:value" per series, a "key:of:value" per distinct set, "=" and the
-# of-value per distinct set ("=" alone when the order lacks it), "code:index:window" per query.
+# of-value per distinct set ("=" alone when the order lacks it), then one field of three
+# bytes per query: its code (c, s or d), index and window (each as the byte 48 + n).
 # Keys are built here from the prefix: this script is for one Redis, not a Redis Cluster.
 _SCRIPT = r"""
 local WINDOWS = {@WINDOWS@}
@@ -88,31 +89,11 @@ local function range(ekey, lo, hi)  -- count and sum of the events scored in (lo
   return n, total
 end
 
--- Like range(ekey, lo, hi), and the score of the first event after hi (-1: none).
-local function leave(ekey, lo, hi)
-  local n, total, offset = 0, 0, 0
-  while true do
-    local got = redis.call('ZRANGEBYSCORE', ekey, '(' .. lo, '+inf', 'WITHSCORES', 'LIMIT',
-      offset, 16)
-    for k = 1, #got, 2 do
-      local score = tonumber(got[k + 1])
-      if score > hi then return n, total, score end
-      n = n + 1
-      total = total + tonumber(string.match(got[k], '^(%d+):'))
-    end
-    if #got < 32 then return n, total, -1 end
-    offset = offset + 16
-  end
-end
-
 -- A series: its events (ZSET "ev:") and its state (STRING "tot:", space-separated):
 -- per window w the cursor c, and the count n and sum s of the events scored after it;
 -- m, the latest event; x, when the event set was last tidied (observation ms); then
 -- "of=x,n" per distinct set of the key: when it was last tidied and its latest recorded
--- sighting; and "@w=o,-1" per window whose o is known: no event after the cursor is
--- scored before o, so a cursor that stays below o moves without a range read (shaped as
--- a distinct set's entry that has no sighting, which a script without @-entries ignores
--- and drops). Cursors move up to their window's edge here (the events in between leave
+-- sighting. Cursors move up to their window's edge here (the events in between leave
 -- the totals). As in the in-process store, events more than the longest window older
 -- than m (sightings, than n) no longer count, whether or not a tidy-up has removed them
 -- yet. A series whose state is not there is fresh: its sets are not there either (their
@@ -129,39 +110,32 @@ end
 local packed = ns > 0 and redis.call('MGET', unpack(states)) or {}
 for i = 1, ns do
   local st, v, k = S[i], {}, 0
-  st.o = {}
   if packed[i] then
     st.exists = true
     for word in string.gmatch(packed[i], '%S+') do
       k = k + 1
       if k <= 3 * L + 2 then v[k] = tonumber(word)
       else
-        local of, x, newest = string.match(word, '^(.*)=(%-?%d+),(%-?%d+)$')
+        local of, x, newest = string.match(word, '^([^=]*)=(%-?%d+),(%-?%d+)$')
         x, newest = tonumber(x), tonumber(newest)
-        if string.byte(of) == 64 then st.o[tonumber(string.sub(of, 2))] = x  -- "@w"
-        else
-          if x >= 0 then st.dx[of] = x end
-          if newest >= 0 then st.dn[of] = newest end
-        end
+        if x >= 0 then st.dx[of] = x end
+        if newest >= 0 then st.dn[of] = newest end
       end
     end
   else
     st.fresh = true
   end
   st.c, st.n, st.s = {}, {}, {}
-  for w = 1, L do
-    st.c[w], st.n[w], st.s[w] = v[w] or -1, v[L + w] or 0, v[2 * L + w] or 0
-    st.o[w] = st.o[w] or -1  -- -1: not known
-  end
+  for w = 1, L do st.c[w], st.n[w], st.s[w] = v[w] or -1, v[L + w] or 0, v[2 * L + w] or 0 end
   st.m, st.x = v[3 * L + 1] or -1, v[3 * L + 2]
   for w = 1, L do
     local edge = EDGE[w]
     if st.c[w] < edge then
       if st.n[w] > 0 then
         if st.m <= edge then st.n[w], st.s[w] = 0, 0
-        elseif st.o[w] < 0 or st.o[w] <= edge then
-          local n, s, o = leave(st.e, st.c[w], edge)
-          st.n[w], st.s[w], st.o[w] = st.n[w] - n, st.s[w] - s, o
+        else
+          local n, s = range(st.e, st.c[w], edge)
+          st.n[w], st.s[w] = st.n[w] - n, st.s[w] - s
         end
       end
       st.c[w], st.dirty = edge, true
@@ -176,10 +150,7 @@ local function add(st)
   local empty = st.n[L] == 0  -- the event set may not exist: it needs its TTL now
   redis.call('ZADD', st.e, T, AMOUNT .. ':' .. ID)
   for w = 1, L do
-    if t > st.c[w] then
-      if st.n[w] == 0 or (st.o[w] >= 0 and t < st.o[w]) then st.o[w] = t end
-      st.n[w], st.s[w] = st.n[w] + 1, st.s[w] + amount
-    end
+    if t > st.c[w] then st.n[w], st.s[w] = st.n[w] + 1, st.s[w] + amount end
   end
   if t > st.m then st.m = t end
   st.dirty, st.exists = true, true
@@ -231,9 +202,6 @@ local function save(st)  -- SET with EX: the state's TTL is refreshed on every w
   for w = 1, L do u[w], u[L + w], u[2 * L + w] = st.c[w], st.n[w], st.s[w] end
   u[3 * L + 1], u[3 * L + 2] = st.m, st.x or -1
   for of, newest in pairs(st.dn) do u[#u + 1] = of .. '=' .. (st.dx[of] or -1) .. ',' .. newest end
-  for w = 1, L do
-    if st.o[w] >= 0 and st.n[w] > 0 then u[#u + 1] = '@' .. w .. '=' .. st.o[w] .. ',-1' end
-  end
   redis.call('SET', st.h, table.concat(u, ' '), 'EX', ttl)
 end
 
@@ -270,12 +238,13 @@ end
 for i = 1, ns do save(S[i]) end
 
 local out = {}
-for q = 8 + ns + 2 * nd, #f do
-  local code, i, w = string.match(f[q], '^(%a):(%d+):(%d+)$')
-  i, w = tonumber(i), tonumber(w)
-  if code == 'd' then out[#out + 1] = distinct_count(i, w)
-  elseif code == 'c' then out[#out + 1] = window(S[i], w)[1]
-  else out[#out + 1] = window(S[i], w)[2] end
+local Q = f[8 + ns + 2 * nd]
+for q = 1, #Q, 3 do
+  local code, i, w = string.byte(Q, q, q + 2)
+  i, w = i - 48, w - 48
+  if code == 100 then out[#out + 1] = distinct_count(i, w)  -- d
+  elseif code == 99 then out[#out + 1] = window(S[i], w)[1]  -- c
+  else out[#out + 1] = window(S[i], w)[2] end  -- s
 end
 return table.concat(out, ' ')  -- one bulk reply parses faster than an array
 """.replace("@WINDOWS@", _LUA_WINDOWS).replace("@TIDY@", str(_TIDY_MS))
@@ -397,7 +366,7 @@ class _Plan:
     pairs: tuple[tuple[str, str], ...]  # distinct sets to read (and record)
     asked: tuple[FeatureQuery, ...]  # the queries the script answers, in its order
     head: str  # the "ttl, #series, #distinct" fields
-    tail: str  # the query fields, newline-terminated
+    tail: str  # the queries' field (three bytes each), newline-terminated
 
     @staticmethod
     def make(queries: Collection[FeatureQuery], names: tuple[str, ...]) -> _Plan:
@@ -408,11 +377,13 @@ class _Plan:
         series = {name: i + 1 for i, name in enumerate(names)}
         distinct = {pair: j + 1 for j, pair in enumerate(pairs)}
         asked = tuple(q for q in set(queries) if q.key in present)
+        # indexes count keys (a handful) and their distinct pairs: one ASCII byte each
+        assert max(len(series), len(distinct)) < 80, "too many keys for one-byte indexes"
         codes = [
-            f"{_AGG_CODE[q.agg]}:"
-            f"{distinct[(q.key, q.of)] if q.agg is Agg.DISTINCT else series[q.key]}:"
-            f"{_WINDOW_INDEX[q.window]}"
+            _AGG_CODE[q.agg]
+            + chr(48 + (distinct[(q.key, q.of)] if q.agg is Agg.DISTINCT else series[q.key]))
+            + chr(48 + _WINDOW_INDEX[q.window])
             for q in asked
         ]
         head = f"{SEEN_TTL_S}\n{len(names)}\n{len(pairs)}"
-        return _Plan(tuple(pairs), asked, head, "".join(c + "\n" for c in codes))
+        return _Plan(tuple(pairs), asked, head, "".join(codes) + "\n")

@@ -136,31 +136,6 @@ def test_old_members_are_trimmed_as_time_moves_on(
     store.close()
 
 
-def test_totals_written_without_window_bounds_still_count_right(
-    prefix: str, clock: FakeClock, redis_client: redis.Redis
-) -> None:
-    """A key's totals as an older script wrote them (no "@w" entries: no known lower
-    bound on the events after each cursor) give the same answers: the script reads the
-    events instead."""
-    store = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
-    reference = InProcessFeatureStore(clock)
-    for i in range(30):
-        o = order(clock, f"o{i}", 100 + i, device="d", buyer=f"b{i % 4}", shop="s")
-        store.record_and_read(o, QUERIES)
-        reference.record_and_read(o, QUERIES)
-        if i % 3 == 0:
-            for key in redis_client.scan_iter(match=f"{prefix}tot:*"):
-                state = redis_client.get(key).decode()
-                words = [w for w in state.split() if not w.startswith("@")]
-                redis_client.set(key, " ".join(words), keepttl=True)
-        clock.advance(7 + 11 * (i % 5))
-    probe = order(clock, "probe", device="d", buyer="b1", shop="s")
-    assert store.read(probe, QUERIES) == reference.read(probe, QUERIES)
-    state = redis_client.get(f"{prefix}tot:device:d").decode()
-    assert any(w.startswith("@") for w in state.split()), state  # written again
-    store.close()
-
-
 def test_concurrent_retries_from_several_clients_record_once(prefix: str, clock: FakeClock) -> None:
     stores = [RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0) for _ in range(6)]
     barrier = threading.Barrier(12)
