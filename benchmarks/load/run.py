@@ -111,10 +111,26 @@ def process(
 
 
 def measured(pids: Sequence[int], fn: Any) -> tuple[LoadResult, float]:
-    """Run ``fn`` and return its result and the servers' CPU seconds meanwhile."""
+    """Run ``fn`` and return its result and the servers' CPU seconds meanwhile, counted
+    until they are idle again (``settle``)."""
     before = sum(cpu_seconds(p) for p in pids)
     result = fn()
+    settle(pids)
     return result, sum(cpu_seconds(p) for p in pids) - before
+
+
+def settle(pids: Sequence[int], timeout: float = 15.0) -> None:
+    """Wait until the servers use under 5 % of a core: the decision log's writer may
+    still be committing a backlog from the load, which belongs to that load's cost and
+    would otherwise run (and add latency) during the next measurement."""
+    deadline = time.monotonic() + timeout
+    last = sum(cpu_seconds(p) for p in pids)
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = sum(cpu_seconds(p) for p in pids)
+        if now - last < 0.25 * 0.05:
+            return
+        last = now
 
 
 def riskd_env(work: Path, rules: Path, redis_port: int, name: str) -> dict[str, str]:
