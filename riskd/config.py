@@ -10,7 +10,8 @@ environment variables override the file::
     rules_dir = "rules"             # RISKD_RULES_DIR
     models_dir = "models"           # RISKD_MODELS_DIR
     data_dir = "var"                # RISKD_DATA_DIR
-    redis_url = ""                  # RISKD_REDIS_URL ("" = in-process features)
+    redis_url = ""                  # RISKD_REDIS_URL ("" = in-process features; several
+                                    # comma-separated URLs: shards, see riskd.features)
     database_url = ""               # RISKD_DATABASE_URL ("" = sqlite file under data_dir)
     deadline_ms = 200               # RISKD_DEADLINE_MS (when the caller sets none)
     keyring_file = ""               # RISKD_KEYRING_FILE ("" = data_dir/keyring.json)
@@ -105,6 +106,11 @@ class Config:
     def database(self) -> str:
         """The database URL, defaulting to a SQLite file under ``data_dir``."""
         return self.database_url or f"sqlite:///{self.data_dir / 'riskd.db'}"
+
+    @property
+    def redis_urls(self) -> tuple[str, ...]:
+        """The Redis shards ``redis_url`` lists (comma-separated); empty when unset."""
+        return tuple(u.strip() for u in self.redis_url.split(",")) if self.redis_url else ()
 
     @property
     def keyring_path(self) -> Path:
@@ -328,8 +334,13 @@ def _check(config: Config) -> None:
         raise ConfigError("grace_s: must not be negative")
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: must be one of {', '.join(_LOG_LEVELS)}")
-    if config.redis_url and not config.redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError("redis_url: must start with redis://, rediss:// or unix://")
+    urls = config.redis_urls
+    if config.redis_url and not all(
+        u.startswith(("redis://", "rediss://", "unix://")) for u in urls
+    ):
+        raise ConfigError("redis_url: each URL must start with redis://, rediss:// or unix://")
+    if len(set(urls)) != len(urls):
+        raise ConfigError("redis_url: a shard is listed twice")
     if not 0 <= config.score_workers <= MAX_SCORE_WORKERS:
         raise ConfigError(f"score_workers: must be between 0 and {MAX_SCORE_WORKERS}")
     if config.score_workers and not config.redis_url:

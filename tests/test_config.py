@@ -58,6 +58,9 @@ def test_file_then_environment_override(tmp_path: Path) -> None:
         ({"RISKD_METRICS_PORT": "70000"}, "metrics_port"),
         ({"RISKD_DEADLINE_MS": "0"}, "deadline_ms"),
         ({"RISKD_REDIS_URL": "http://x"}, "redis_url"),
+        ({"RISKD_REDIS_URL": "redis://a:1/0,http://x"}, "redis_url"),
+        ({"RISKD_REDIS_URL": "redis://a:1/0,"}, "redis_url"),
+        ({"RISKD_REDIS_URL": "redis://a:1/0, redis://a:1/0"}, "redis_url"),
         ({"RISKD_LOG_LEVEL": "loud"}, "log_level"),
         ({"RISKD_FALLBACK_DEFAULT": "500:allow"}, "fallback.default"),
         ({"RISKD_FALLBACK_LIVE_ROOM": "x:allow,review"}, "fallback.live_room"),
@@ -91,6 +94,12 @@ def test_unreadable_or_malformed_file(tmp_path: Path) -> None:
     bad.write_text("listen = \n")
     with pytest.raises(ConfigError, match="config file"):
         load_config(bad, env={})
+
+
+def test_several_redis_urls_are_shards() -> None:
+    config = load_config(env={"RISKD_REDIS_URL": "redis://a:6379/0, redis://b:6379/0"})
+    assert config.redis_urls == ("redis://a:6379/0", "redis://b:6379/0")
+    assert load_config().redis_urls == ()
 
 
 def test_config_is_frozen() -> None:

@@ -5,11 +5,12 @@ of their amounts, so COUNT and SUM over ``(t - W, t]`` are two bisections.
 Each ``(key, of, value)`` keeps the latest sighting of every ``of`` value,
 sorted, for DISTINCT. Memory is bounded: a series drops events older than the
 longest window behind its newest event, a distinct set drops sightings older
-than the longest window behind each new one, remembered order ids leave after
-``SEEN_TTL_S``, and a sweep started every ``sweep_every_s`` (injected clock)
-walks every key, a batch per recorded order so no call pays for all of it, and
-drops the series and distinct sets that have aged out. One lock makes every
-call atomic, so concurrent retries of one order record it once.
+than the longest window behind each new one, remembered order ids (with the
+keys recorded for each) leave after ``SEEN_TTL_S``, and a sweep started every
+``sweep_every_s`` (injected clock) walks every key, a batch per recorded order
+so no call pays for all of it, and drops the series and distinct sets that have
+aged out. One lock makes every call atomic, so concurrent retries of one order
+record each of its keys once.
 """
 
 from __future__ import annotations
@@ -169,18 +170,22 @@ class InProcessFeatureStore:
         self._lock = threading.Lock()
         self._series: dict[tuple[str, str], _Series] = {}
         self._distinct: dict[tuple[str, str, str], _Distinct] = {}
-        self._seen: dict[str, int] = {}  # order_id -> clock ms when recorded
-        self._seen_queue: deque[tuple[int, str]] = deque()  # the same, oldest first
+        # order_id -> its recorded (name, value) keys -> clock ms when each was recorded
+        self._seen: dict[str, dict[tuple[str, str], int]] = {}
+        self._seen_queue: deque[tuple[int, str]] = deque()  # (ms, order_id), oldest first
 
     def record_and_read(
         self, obs: Observation, queries: Collection[FeatureQuery]
     ) -> dict[FeatureQuery, int]:
         with self._lock:
             now = to_ms(self._clock.now())
-            if self._first_time(obs.order_id, now):
-                self._seen[obs.order_id] = now
+            seen = self._seen.setdefault(obs.order_id, {})
+            forgotten = now - SEEN_TTL_S * 1000
+            new = {n for n, v in obs.keys.items() if seen.get((n, v), forgotten) <= forgotten}
+            if new:
+                seen.update(((name, obs.keys[name]), now) for name in new)
                 self._seen_queue.append((now, obs.order_id))
-                self._record(obs, distinct_pairs(obs, queries))
+                self._record(obs, new, distinct_pairs(obs, queries))
                 self._maybe_sweep()
             return {q: self._read_one(obs, q) for q in queries}
 
@@ -209,15 +214,12 @@ class InProcessFeatureStore:
         with self._lock:
             self._sweep()
 
-    def _first_time(self, order_id: str, now: int) -> bool:
-        recorded = self._seen.get(order_id)
-        if recorded is None:
-            return True
-        return recorded <= now - SEEN_TTL_S * 1000
-
-    def _record(self, obs: Observation, pairs: list[tuple[str, str]]) -> None:
+    def _record(self, obs: Observation, names: set[str], pairs: list[tuple[str, str]]) -> None:
+        """Record ``obs`` under the keys ``names`` (and their distinct sets)."""
         t = obs.at_ms
         for name, value in obs.keys.items():
+            if name not in names:
+                continue
             series = self._series.get((name, value))
             if series is None:
                 series = self._series[(name, value)] = _Series()
@@ -225,7 +227,7 @@ class InProcessFeatureStore:
             series.trim(series.newest() - RETENTION_MS)
         for key, of in pairs:
             seen_with = obs.keys.get(of)
-            if seen_with is None:
+            if seen_with is None or key not in names:
                 continue
             dkey = (key, of, obs.keys[key])
             distinct = self._distinct.get(dkey)
@@ -286,6 +288,11 @@ class InProcessFeatureStore:
     def _forget_orders(self, horizon: int) -> None:
         queue = self._seen_queue
         while queue and queue[0][0] <= horizon:
-            recorded, order_id = queue.popleft()
-            if self._seen.get(order_id) == recorded:  # not recorded again since
+            _, order_id = queue.popleft()
+            seen = self._seen.get(order_id)
+            if seen is None:
+                continue
+            for key in [k for k, at in seen.items() if at <= horizon]:
+                del seen[key]
+            if not seen:
                 del self._seen[order_id]

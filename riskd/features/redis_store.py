@@ -6,7 +6,7 @@ order id, records the order under every key it carries and reads every query,
 atomically. Key layout under ``prefix`` (values are blind indexes, never
 plaintext)::
 
-    {prefix}o:{order_id}          STRING  when (clock ms) the order was recorded, TTL 25h
+    {prefix}o:{order_id}          STRING  when (clock ms) each of its keys was recorded, TTL 25h
     {prefix}ev:{key}:{value}      ZSET    "{amount}:{order_id}" scored by time (ms)
     {prefix}tot:{key}:{value}     STRING  per window w: cursor, count and sum after it
     {prefix}d:{key}:{of}:{value}  ZSET    of-value scored by its latest sighting (ms)
@@ -34,12 +34,21 @@ the queries travel as three bytes each rather than as text to match.
 
 The script builds its key names from the prefix (it takes its fields as one
 argument, which is far cheaper for the Python client to send than a list of
-keys), so it runs against one Redis (or one shard), not a Redis Cluster.
+keys), so it runs against one Redis, not a Redis Cluster. One Redis runs the
+script for a few thousand orders per second; for more, give several URLs: each
+key (name and value) lives on the shard its CRC-32 picks, an order's keys go to
+their shards in one script call per shard (all sent, then all read), and each
+shard keeps its own marker of the order id with the keys it recorded, so a retry
+after a partial failure records the order on the shards that missed it and
+nowhere twice (recording is idempotent per order and key: ``riskd.features.store``).
+The list is part of the layout: reordering it or adding a shard moves keys,
+whose windows then start empty on their new shard (the old entries expire).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import zlib
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -64,7 +73,8 @@ _AGG_CODE = {Agg.COUNT: "c", Agg.SUM: "s", Agg.DISTINCT: "d"}
 # ARGV: [1] prefix, [2] order_id, [3] the rest as newline-terminated fields (one argument
 # is far cheaper to send from Python than dozens): record?, t, amount, now, ttl, #series,
 # #distinct, a "name:value" per series, a "key:of:value" per distinct set, "=" and the
-# of-value per distinct set ("=" alone when the order lacks it), then one field of three
+# of-value per distinct set ("=" alone when the order lacks it), one field with each
+# series' tag (8 hex digits of the CRC-32 of "name:value"), then one field of three
 # bytes per query: its code (c, s or d), index and window (each as the byte 48 + n).
 # Keys are built here from the prefix: this script is for one Redis, not a Redis Cluster.
 _SCRIPT = r"""
@@ -223,22 +233,47 @@ local function window(st, w)  -- count and sum of the series' events in (t - W, 
   return got
 end
 
-local function first_time()  -- the marker holds when (clock ms) the order was recorded
-  local marker = P .. 'o:' .. ID
-  local seen = tonumber(redis.call('GET', marker))
-  if seen and seen > now - ttl * 1000 then return false end
-  redis.call('SET', marker, f[4], 'EX', ttl)
-  return true
+-- The order's marker: groups of "@" and a time (clock ms) followed by the tags of the
+-- keys recorded then (8 hex digits of the key's CRC-32, sent per series). A key is not
+-- recorded again while its group is younger than ttl; older groups are dropped. A bare
+-- time is an older script's marker: the whole order was recorded then.
+local function record()
+  local marker, TAGS = P .. 'o:' .. ID, f[8 + ns + 2 * nd]
+  local done, keep, fresh, all = {}, {}, false, false
+  for word in string.gmatch(redis.call('GET', marker) or '', '%S+') do
+    if string.byte(word) == 64 then fresh = tonumber(string.sub(word, 2)) > now - ttl * 1000
+    elseif #word ~= 8 then
+      fresh = tonumber(word) > now - ttl * 1000
+      all = all or fresh
+    end
+    if fresh then
+      keep[#keep + 1] = word
+      done[word] = true
+    end
+  end
+  local new = {}
+  for i = 1, ns do
+    local tag = string.sub(TAGS, 8 * i - 7, 8 * i)
+    if not (all or done[tag]) then
+      add(S[i])
+      S[i].now, new[#new + 1] = true, tag
+    end
+  end
+  for j = 1, nd do
+    if DST[j].now then add_distinct(j) end
+  end
+  if #new > 0 then
+    keep[#keep + 1] = '@' .. f[4]
+    for _, tag in ipairs(new) do keep[#keep + 1] = tag end
+    redis.call('SET', marker, table.concat(keep, ' '), 'EX', ttl)
+  end
 end
 
-if f[1] == '1' and first_time() then
-  for i = 1, ns do add(S[i]) end
-  for j = 1, nd do add_distinct(j) end
-end
+if f[1] == '1' then record() end
 for i = 1, ns do save(S[i]) end
 
 local out = {}
-local Q = f[8 + ns + 2 * nd]
+local Q = f[9 + ns + 2 * nd]
 for q = 1, #Q, 3 do
   local code, i, w = string.byte(Q, q, q + 2)
   i, w = i - 48, w - 48
@@ -254,7 +289,7 @@ class RedisFeatureStore:
     """A ``FeatureStore`` in Redis; see the module docstring.
 
     Args:
-        url: ``redis://host:port/db``.
+        url: ``redis://host:port/db``, or several: the shards (see the module docstring).
         clock: times the idempotency markers (an order id is remembered for
             ``SEEN_TTL_S`` clock seconds); windows end at ``Observation.at``.
             Key TTLs, which only reclaim memory, run on Redis's own clock.
@@ -265,17 +300,28 @@ class RedisFeatureStore:
     """
 
     def __init__(
-        self, url: str, clock: Clock, *, prefix: str = "riskd:f:", timeout_s: float = 0.05
+        self,
+        url: str | Sequence[str],
+        clock: Clock,
+        *,
+        prefix: str = "riskd:f:",
+        timeout_s: float = 0.05,
     ) -> None:
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls:
+            raise ValueError("RedisFeatureStore needs at least one URL")
         self._clock = clock
         self._prefix = prefix
-        self._client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
-        self._sha = self._client.register_script(_SCRIPT).sha
+        self._clients = [
+            redis.Redis.from_url(
+                u,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                retry=Retry(NoBackoff(), 0),
+            )
+            for u in urls
+        ]
+        self._sha = self._clients[0].register_script(_SCRIPT).sha
         self._plans: tuple[object, dict[tuple[str, ...], _Plan]] = (None, {})
 
     @property
@@ -290,53 +336,84 @@ class RedisFeatureStore:
     def read(self, obs: Observation, queries: Collection[FeatureQuery]) -> dict[FeatureQuery, int]:
         return self._call(obs, queries, record=False)
 
+    @property
+    def shards(self) -> int:
+        return len(self._clients)
+
     def close(self) -> None:
-        self._client.close()
+        for client in self._clients:
+            client.close()
 
     def _call(
         self, obs: Observation, queries: Collection[FeatureQuery], *, record: bool
     ) -> dict[FeatureQuery, int]:
-        plan = self._plan_for(queries, tuple(obs.keys))
-        body = self._body(obs, plan, record=record)
+        parts = [
+            (shard, self._plan_for(queries, names))
+            for shard, names in self._split(obs.order_id, obs.keys)
+        ]
+        calls = [(shard, self._body(obs, plan, record=record)) for shard, plan in parts]
         try:
-            reply = self._eval(self._prefix, obs.order_id, body)
+            replies = self._eval(obs.order_id, calls)
         except redis.RedisError as exc:
             raise UnavailableError(f"feature store: redis {type(exc).__name__}") from exc
         result = dict.fromkeys(queries, 0)
-        result.update(zip(plan.asked, map(int, reply.split()), strict=True))
+        for (_, plan), reply in zip(parts, replies, strict=True):
+            result.update(zip(plan.asked, map(int, reply.split()), strict=True))
         return result
 
-    def _eval(self, *args: str) -> bytes:
-        """EVALSHA on a pooled connection, loading the script first after a Redis restart.
+    def _split(self, order_id: str, keys: Mapping[str, str]) -> list[tuple[int, tuple[str, ...]]]:
+        """The order's key names by shard (one shard: all of them, in one call)."""
+        n = len(self._clients)
+        if n == 1:
+            return [(0, tuple(keys))]
+        names: dict[int, list[str]] = {}
+        for name, value in keys.items():
+            names.setdefault(zlib.crc32(f"{name}:{value}".encode()) % n, []).append(name)
+        if not names:  # no keys: only the order's marker, on the order id's shard
+            return [(zlib.crc32(order_id.encode()) % n, ())]
+        return [(shard, tuple(group)) for shard, group in sorted(names.items())]
 
-        Straight on the connection, not through ``Redis.execute_command``: about half
+    def _eval(self, order_id: str, calls: Sequence[tuple[int, str]]) -> list[bytes]:
+        """EVALSHA per shard on pooled connections, all sent before any is read; the
+        script is loaded again on a shard that lost it (a Redis restart).
+
+        Straight on the connections, not through ``Redis.execute_command``: about half
         the client CPU per call (no retry wrapper, no reply callbacks).
         """
-        pool = self._client.connection_pool
-        conn: Any = pool.get_connection()  # redis-py types its connections loosely
+        taken: list[tuple[Any, Any]] = []  # redis-py types its connections loosely
         try:
-            try:
-                conn.send_command("EVALSHA", self._sha, 0, *args)
-                return cast(bytes, conn.read_response())
-            except NoScriptError:
-                conn.send_command("SCRIPT", "LOAD", _SCRIPT)
-                conn.read_response()
-                conn.send_command("EVALSHA", self._sha, 0, *args)
-                return cast(bytes, conn.read_response())
+            for shard, body in calls:
+                pool = self._clients[shard].connection_pool
+                conn: Any = pool.get_connection()
+                taken.append((pool, conn))
+                conn.send_command("EVALSHA", self._sha, 0, self._prefix, order_id, body)
+            replies: list[bytes] = []
+            for (_, conn), (_, body) in zip(taken, calls, strict=True):
+                try:
+                    replies.append(cast(bytes, conn.read_response()))
+                except NoScriptError:
+                    conn.send_command("SCRIPT", "LOAD", _SCRIPT)
+                    conn.read_response()
+                    conn.send_command("EVALSHA", self._sha, 0, self._prefix, order_id, body)
+                    replies.append(cast(bytes, conn.read_response()))
+            return replies
         except BaseException:
-            conn.disconnect()  # a late reply may still arrive: never reuse this socket
+            for _, conn in taken:
+                conn.disconnect()  # a late reply may still arrive: never reuse this socket
             raise
         finally:
-            pool.release(conn)
+            for pool, conn in taken:
+                pool.release(conn)
 
     def _body(self, obs: Observation, plan: _Plan, *, record: bool) -> str:
         """The script's newline-terminated fields (see ``_SCRIPT``)."""
         keys = obs.keys
         now = to_ms(self._clock.now())
         fields = [str(int(record)), str(obs.at_ms), str(obs.amount), str(now), plan.head]
-        fields += (f"{name}:{value}" for name, value in keys.items())
+        fields += (f"{name}:{keys[name]}" for name in plan.names)
         fields += (f"{k}:{of}:{keys[k]}" for k, of in plan.pairs)
         fields += ("=" + keys.get(of, "") for _, of in plan.pairs)
+        fields.append("".join(_tag(name, keys[name]) for name in plan.names))
         fields.append(plan.tail)
         return "\n".join(fields)
 
@@ -359,10 +436,16 @@ class RedisFeatureStore:
 _MAX_PLANS = 1024  # key-name combinations cached per query set
 
 
+def _tag(name: str, value: str) -> str:
+    """A key's tag in its order's marker: 8 hex digits of the CRC-32 of "name:value"."""
+    return f"{zlib.crc32(f'{name}:{value}'.encode()):08x}"
+
+
 @dataclass(frozen=True, slots=True)
 class _Plan:
     """What a query set asks of an order carrying these key names, in script order."""
 
+    names: tuple[str, ...]  # the key names it records and reads, in script order
     pairs: tuple[tuple[str, str], ...]  # distinct sets to read (and record)
     asked: tuple[FeatureQuery, ...]  # the queries the script answers, in its order
     head: str  # the "ttl, #series, #distinct" fields
@@ -386,4 +469,4 @@ class _Plan:
             for q in asked
         ]
         head = f"{SEEN_TTL_S}\n{len(names)}\n{len(pairs)}"
-        return _Plan(tuple(pairs), asked, head, "".join(codes) + "\n")
+        return _Plan(names, tuple(pairs), asked, head, "".join(codes) + "\n")

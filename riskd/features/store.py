@@ -18,7 +18,11 @@ Semantics shared by both backends:
   feature added by a rule reload warms up over its window).
 * ``DISTINCT`` counts the ``of`` values whose latest sighting with the key lies
   in the window (exact when observations arrive in time order).
-* Recording is idempotent per ``order_id`` for ``SEEN_TTL_S`` seconds.
+* Recording is idempotent per ``order_id`` and key: a key value recorded for an
+  order is not recorded again for it within ``SEEN_TTL_S`` seconds. A true retry
+  records nothing; a key value the order did not carry before (a client that changed
+  it on retry) is recorded once too. Per key rather than per order, so that a store
+  split across shards by key gives the same answers.
 """
 
 from __future__ import annotations
@@ -134,10 +138,12 @@ class FeatureStore(Protocol):
     def record_and_read(
         self, obs: Observation, queries: Collection[FeatureQuery]
     ) -> dict[FeatureQuery, int]:
-        """Record ``obs`` once per ``order_id``, then read ``queries`` (this order included).
+        """Record ``obs`` once per ``order_id`` and key, then read ``queries`` (this order
+        included).
 
-        A second call with an ``order_id`` already recorded records nothing and
-        only reads. A query whose key the order lacks reads 0.
+        A second call with an ``order_id`` already recorded records only the key
+        values it did not record before (none, for a true retry) and reads. A query
+        whose key the order lacks reads 0.
 
         Raises:
             UnavailableError: the backend is down or slow (bounded timeouts).

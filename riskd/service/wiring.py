@@ -146,8 +146,11 @@ def _build(config: Config, clock: Clock, closers: list[Callable[[], None]]) -> C
         shops=shops,
         clock=clock,
         fallback=FallbackPolicy.from_config(config.fallback),
-        # each Redis call is bounded by its socket timeout: run it inline when that fits
-        feature_timeout_s=config.redis_timeout_ms / 1000.0 if config.redis_url else None,
+        # each Redis call is bounded by its socket timeout (one per shard: their replies
+        # are read one after another); the scorer runs it inline when that fits
+        feature_timeout_s=(
+            len(config.redis_urls) * config.redis_timeout_ms / 1000.0 if config.redis_url else None
+        ),
     )
     closers.append(scorer.close)
     components = Components(clock, scorer, rules, closers)
@@ -206,7 +209,7 @@ def open_feature_store(config: Config, clock: Clock) -> FeatureStore:
     if not config.redis_url:
         return InProcessFeatureStore(clock)
     return RedisFeatureStore(
-        config.redis_url,
+        config.redis_urls,
         clock,
         prefix=config.redis_prefix,
         timeout_s=config.redis_timeout_ms / 1000.0,

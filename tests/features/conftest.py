@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import redis
-from features_support import REDIS_URL, delete_prefix
+from features_support import REDIS_URL, SHARD_URLS, delete_prefix
 
 from riskd.domain.clock import FakeClock
 from riskd.features import FeatureStore, InProcessFeatureStore, RedisFeatureStore
@@ -23,7 +23,7 @@ def redis_client() -> Iterator[redis.Redis]:
     client.close()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-sharded"])
 def make_store(request: pytest.FixtureRequest) -> Iterator[StoreFactory]:
     """A factory of fresh, empty stores of one backend.
 
@@ -39,17 +39,19 @@ def make_store(request: pytest.FixtureRequest) -> Iterator[StoreFactory]:
             store = InProcessFeatureStore(clock)
         else:
             prefix = f"{namespace}{len(made)}:"
-            store = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
+            urls = SHARD_URLS if request.param == "redis-sharded" else (REDIS_URL,)
+            store = RedisFeatureStore(urls, clock, prefix=prefix, timeout_s=2.0)
         made.append(store)
         return store
 
     yield make
     for store in made:
         store.close()
-    if request.param == "redis":
-        client = redis.Redis.from_url(REDIS_URL)
-        delete_prefix(client, namespace)
-        client.close()
+    if request.param != "memory":
+        for url in SHARD_URLS:
+            client = redis.Redis.from_url(url)
+            delete_prefix(client, namespace)
+            client.close()
 
 
 @pytest.fixture

@@ -5,6 +5,8 @@ from __future__ import annotations
 import redis
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+# two shards: two databases of the same Redis (the sharding does not care where they live)
+SHARD_URLS = (REDIS_URL, "redis://127.0.0.1:6379/1")
 
 
 def delete_prefix(client: redis.Redis, prefix: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 
 import pytest
@@ -201,6 +202,54 @@ def test_stalled_redis_times_out_at_the_socket_timeout_and_recovers(
     assert max(elapsed) < 0.5, elapsed
     got = store.record_and_read(order(clock, "o2", device="dev-secret"), QUERIES)
     assert got[COUNT_DEVICE_1M] >= 2  # o1 and o2 (a stalled call may have landed too)
+    store.close()
+
+
+def test_an_order_marked_by_the_previous_script_is_not_recorded_again(
+    prefix: str, clock: FakeClock, redis_client: redis.Redis
+) -> None:
+    """Markers written before keys were tagged (a bare time: the whole order was recorded)
+    keep a retry from counting the order again after an upgrade."""
+    store = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
+    store.record_and_read(order(clock, "o1", device="d"), QUERIES)
+    marker = f"{prefix}o:o1"
+    assert redis_client.get(marker).decode().startswith("@")
+    redis_client.set(marker, str(int(clock.now() * 1000)), ex=SEEN_TTL_S)  # the old form
+    clock.advance(1)
+    got = store.record_and_read(order(clock, "o1", device="d", buyer="b"), QUERIES)
+    assert got[COUNT_DEVICE_1M] == 1
+    assert got[QUERIES[2]] == 0  # the buyer key is not recorded for o1 either
+    store.close()
+
+
+def _on_shard(name: str, shard: int, shards: int = 2) -> str:
+    """A value of key ``name`` that lives on ``shard`` (the store's CRC-32 rule)."""
+    return next(
+        v for i in range(100) if zlib.crc32(f"{name}:{(v := f'v{i}')}".encode()) % shards == shard
+    )
+
+
+def test_shards_split_the_keys_and_a_retry_repairs_a_partial_failure(
+    prefix: str, clock: FakeClock, own_redis: OwnRedis, redis_client: redis.Redis
+) -> None:
+    store = RedisFeatureStore([REDIS_URL, own_redis.url], clock, prefix=prefix, timeout_s=0.5)
+    device, buyer = _on_shard("device", 0), _on_shard("buyer", 1)
+    queries = [FeatureQuery(Agg.COUNT, "device", "1h"), FeatureQuery(Agg.COUNT, "buyer", "24h")]
+    got = store.record_and_read(order(clock, "o1", device=device, buyer=buyer), queries)
+    assert list(got.values()) == [1, 1]
+    second = redis.Redis.from_url(own_redis.url)
+    assert redis_client.exists(f"{prefix}tot:device:{device}")
+    assert not redis_client.exists(f"{prefix}tot:buyer:{buyer}")
+    assert second.exists(f"{prefix}tot:buyer:{buyer}")
+    second.close()
+    own_redis.stop()
+    o2 = order(clock, "o2", device=device, buyer=buyer)
+    with pytest.raises(UnavailableError):
+        store.record_and_read(o2, queries)  # the first shard recorded o2 all the same
+    own_redis.start()  # empty: a Redis without persistence lost its keys
+    retry = store.record_and_read(o2, queries)
+    assert list(retry.values()) == [2, 1]  # o2 counted once on each shard
+    assert store.record_and_read(o2, queries) == retry
     store.close()
 
 

@@ -113,6 +113,24 @@ def test_same_order_id_is_recorded_once(store: FeatureStore, clock: FakeClock) -
     assert other[BUYERS_PER_DEVICE["1m"]] == 1
 
 
+def test_a_retry_with_a_changed_key_records_only_that_key(
+    store: FeatureStore, clock: FakeClock
+) -> None:
+    """A client that changes a key on retry (a recomputed device fingerprint): the new
+    value is counted once, the keys already recorded are not counted again."""
+    store.record_and_read(obs(clock, "o1", 700, device="d1", buyer="b1"), ALL)
+    clock.advance(1)
+    retry = store.record_and_read(obs(clock, "o1", 700, device="d2", buyer="b1"), ALL)
+    assert (retry[COUNT_DEVICE["1m"]], retry[SUM_DEVICE["1m"]]) == (1, 700)
+    assert retry[BUYERS_PER_DEVICE["1m"]] == 1
+    again = store.record_and_read(obs(clock, "o1", 700, device="d2", buyer="b1"), ALL)
+    assert by_name(again) == by_name(retry)
+    first = store.read(obs(clock, "probe", device="d1"), ALL)
+    assert (first[COUNT_DEVICE["1m"]], first[SUM_DEVICE["1m"]]) == (1, 700)
+    buyer = FeatureQuery(Agg.COUNT, "buyer", "1h")
+    assert store.read(obs(clock, "probe", buyer="b1"), [buyer])[buyer] == 1
+
+
 def test_order_id_is_forgotten_after_the_idempotency_ttl(
     store: FeatureStore, clock: FakeClock
 ) -> None:

@@ -37,16 +37,20 @@ QUERIES = tuple(
 class Reference:
     """The definition: a list of events, counted by brute force."""
 
-    events: list[tuple[int, int, dict[str, str]]] = field(default_factory=list)
-    seen: dict[str, int] = field(default_factory=dict)  # order_id -> clock ms recorded
+    # per recorded event: time, amount, the keys it was recorded under, all the order's keys
+    events: list[tuple[int, int, dict[str, str], dict[str, str]]] = field(default_factory=list)
+    # order_id -> its recorded (name, value) keys -> clock ms when each was recorded
+    seen: dict[str, dict[tuple[str, str], int]] = field(default_factory=dict)
 
     def record_and_read(
         self, obs: Observation, now_ms: int, queries: Collection[FeatureQuery]
     ) -> dict[str, int]:
-        recorded = self.seen.get(obs.order_id)
-        if recorded is None or recorded <= now_ms - SEEN_TTL_S * 1000:
-            self.seen[obs.order_id] = now_ms
-            self.events.append((obs.at_ms, obs.amount, dict(obs.keys)))
+        seen = self.seen.setdefault(obs.order_id, {})
+        forgotten = now_ms - SEEN_TTL_S * 1000
+        new = {k: v for k, v in obs.keys.items() if seen.get((k, v), forgotten) <= forgotten}
+        if new:
+            seen.update((kv, now_ms) for kv in new.items())
+            self.events.append((obs.at_ms, obs.amount, new, dict(obs.keys)))
         return self.read(obs, queries)
 
     def read(self, obs: Observation, queries: Collection[FeatureQuery]) -> dict[str, int]:
@@ -59,8 +63,8 @@ class Reference:
         t = obs.at_ms
         inside = [
             (amount, keys)
-            for at, amount, keys in self.events
-            if keys.get(q.key) == value and t - q.seconds * 1000 < at <= t
+            for at, amount, recorded, keys in self.events
+            if recorded.get(q.key) == value and t - q.seconds * 1000 < at <= t
         ]
         if q.agg is Agg.COUNT:
             return len(inside)
