@@ -9,6 +9,8 @@ round runs every store against a fresh own redis-server (nothing on disk), alter
     .venv/bin/python benchmarks/load/redis_cost.py --against 96efb13 --rounds 2
 
 ``--against REV`` loads ``riskd/features/redis_store.py`` as it was at REV (``git show``).
+``--shards N`` also runs this tree's store over N own redis-servers and gives each
+shard's Redis CPU per order (what one Redis no longer has to carry alone).
 """
 
 from __future__ import annotations
@@ -95,12 +97,37 @@ def measure(module: ModuleType, url: str, queries: frozenset, warm: int, n: int)
     }
 
 
+def measure_sharded(urls: list[str], queries: frozenset, warm: int, n: int) -> dict:  # type: ignore[type-arg]
+    clients = [redis.Redis.from_url(u) for u in urls]
+    for c in clients:
+        c.flushall()
+    rng = random.Random(1)
+    clock = FakeClock(1_700_000_000.0)
+    store = redis_store.RedisFeatureStore(urls, clock, prefix="bench:", timeout_s=5.0)
+    cpu = 0.0
+    for i in range(warm + n):
+        if i == warm:
+            for c in clients:
+                c.config_resetstat()
+            cpu = time.process_time()
+        clock.advance(0.001)
+        keys = {k: f"{k}{rng.randrange(pool)}" for k, pool in POOLS.items()}
+        store.record_and_read(Observation(f"o{i}", clock.now(), 1000, keys), queries)
+    cpu = time.process_time() - cpu
+    per_shard = [c.info("commandstats")["cmdstat_evalsha"]["usec"] / n for c in clients]
+    store.close()
+    for c in clients:
+        c.close()
+    return {"per_shard_us": per_shard, "client_us": cpu / n * 1e6}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--against", action="append", default=[], help="older revision(s)")
     parser.add_argument("--warm", type=int, default=30_000)
     parser.add_argument("--orders", type=int, default=4_000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--shards", type=int, default=0, help="also this tree on N shards")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         queries = load_rules(write_rules(200, Path(tmp))).feature_queries
@@ -108,6 +135,9 @@ def main() -> None:
     stores["this tree"] = redis_store
     own = OwnRedis()
     own.start()
+    more = [OwnRedis() for _ in range(max(args.shards - 1, 0))]
+    for server in more:
+        server.start()
     try:
         for rnd in range(args.rounds):
             for name, module in stores.items():
@@ -121,8 +151,20 @@ def main() -> None:
                 inner = sorted(got["inner"].items(), key=lambda kv: -kv[1])
                 calls = " ".join(f"{k} {v:.1f}" for k, v in inner)
                 print(f"  commands per order ({sum(got['inner'].values()):.1f}): {calls}")
+            if args.shards > 1:
+                urls = [own.url, *(server.url for server in more)]
+                got = measure_sharded(urls, queries, args.warm, args.orders)
+                shares = " / ".join(f"{us:.0f}" for us in got["per_shard_us"])
+                print(
+                    f"round {rnd} this tree on {args.shards} shards: Redis {shares} us/order "
+                    f"(together {sum(got['per_shard_us']):.0f}), "
+                    f"client {got['client_us']:4.0f} us/order",
+                    flush=True,
+                )
     finally:
         own.stop()
+        for server in more:
+            server.stop()
 
 
 if __name__ == "__main__":
