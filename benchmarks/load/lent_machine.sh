@@ -13,7 +13,8 @@
 #     cp /lib/x86_64-linux-gnu/{liblzf.so.1,libjemalloc.so.2} .rbin/lib/
 #   # and .rbin/redis-server: a wrapper that runs redis-server.bin with LD_LIBRARY_PATH=lib
 # Then run it there with carry [".whl", ".rbin"]:  bash benchmarks/load/lent_machine.sh
-# Results land in $OUT. SKIP_WORKERS=1 stops after run.py; S, RATE, NW, NP tune the runs.
+# Results land in $OUT. SKIP_WORKERS=1 stops after run.py; S, RATE, NW, NP, SHARDS (Redis
+# shards for workers.py) tune the runs.
 set -u
 OUT=${OUT:-/tmp/lent}; mkdir -p "$OUT"
 PY=${PY:-python3}
@@ -35,4 +36,4 @@ timeout 170 $PY benchmarks/load/run.py --seconds "$S" --server-cpus 0 --second-s
 echo "== workers.py"
 timeout 170 $PY benchmarks/load/workers.py --rounds 1 --seconds "$S" --server-cpus 0 \
   --worker-cpus 2-9 --client-cpus 10-15 --processes "$NP" --score-workers "$NW" \
-  --rate "$RATE" --out "$OUT/workers.json" 2>&1 | tee "$OUT/workers.log"
+  --rate "$RATE" --redis-shards "${SHARDS:-1}" --out "$OUT/workers.json" 2>&1 | tee "$OUT/workers.log"

@@ -133,12 +133,15 @@ def settle(pids: Sequence[int], timeout: float = 15.0) -> None:
         last = now
 
 
-def riskd_env(work: Path, rules: Path, redis_port: int, name: str) -> dict[str, str]:
+def riskd_env(
+    work: Path, rules: Path, redis_port: int | Sequence[int], name: str
+) -> dict[str, str]:
+    ports = [redis_port] if isinstance(redis_port, int) else list(redis_port)
     return {
         **os.environ,
         "RISKD_RULES_DIR": str(rules),
         "RISKD_DATA_DIR": str(work / name),
-        "RISKD_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "RISKD_REDIS_URL": ",".join(f"redis://127.0.0.1:{p}/0" for p in ports),
         "RISKD_REDIS_PREFIX": f"bench-{name}:",
         "RISKD_METRICS_PORT": "-1",
         "RISKD_LOG_LEVEL": "warning",

@@ -8,7 +8,8 @@ riskd with workers closed-loop (its ratio to the bare server's closed-loop rate,
 issue's unary target) and open-loop at half that rate (the p99 target). The gRPC process
 runs on ``--server-cpus``; its worker processes are moved to ``--worker-cpus`` once
 started; the load generator and Redis run on ``--client-cpus``. 200 rules, Redis
-features, SQLite evidence log, as ``run.py``.
+features, SQLite evidence log, as ``run.py``; ``--redis-shards N`` runs N redis-servers as
+the feature store's shards (their CPU added up).
 
     .venv/bin/python benchmarks/load/workers.py --rate 500 --rounds 2
 
@@ -21,6 +22,7 @@ closed-loop row is the unary ``Score`` throughput of one gRPC process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -69,6 +71,7 @@ def main() -> int:
     parser.add_argument("--worker-cpus", default="1")
     parser.add_argument("--client-cpus", default="1")
     parser.add_argument("--processes", type=int, default=1, help="load generator processes")
+    parser.add_argument("--redis-shards", type=int, default=1, help="redis-servers (shards)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     server, workers, client = (
@@ -84,20 +87,30 @@ def main() -> int:
     )
     bare_rate = 0.0
     rows: list[dict[str, Any]] = []
-    redis_port = R.free_port()
-    redis_cmd = ["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"]
+    redis_ports = [R.free_port() for _ in range(args.redis_shards)]
     try:
-        with R.process(redis_cmd, client, port=redis_port) as redis_pids:
+        with contextlib.ExitStack() as stack:
+            redis_pids = [
+                pid
+                for port in redis_ports
+                for pid in stack.enter_context(
+                    R.process(
+                        ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+                        client,
+                        port=port,
+                    )
+                )
+            ]
 
             def emit(name: str, port: int, pids: list[int], kids: list[int], rate: float) -> float:
                 target = f"127.0.0.1:{port}"
                 run_load(target, tag="warm", **{**load, "seconds": 2, "rate": rate})
                 k0 = sum(R.cpu_seconds(k) for k in kids)
-                r0 = R.cpu_seconds(redis_pids[0])
+                r0 = sum(R.cpu_seconds(p) for p in redis_pids)
                 r, cpu = R.measured(pids, lambda: run_load(target, tag="m", rate=rate, **load))
                 extra = {
                     "workers_cpu_us_per_call": sum(R.cpu_seconds(k) for k in kids) - k0,
-                    "redis_cpu_us_per_call": R.cpu_seconds(redis_pids[0]) - r0,
+                    "redis_cpu_us_per_call": sum(R.cpu_seconds(p) for p in redis_pids) - r0,
                 }
                 rows.append(row(name, r, cpu, extra))
                 return float(r.calls_per_s)
@@ -112,7 +125,7 @@ def main() -> int:
                 for n in (0, *(int(c) for c in args.score_workers.split(","))):
                     port = R.free_port()
                     env = {
-                        **R.riskd_env(work, rules, redis_port, f"r{rnd}w{n}"),
+                        **R.riskd_env(work, rules, redis_ports, f"r{rnd}w{n}"),
                         "RISKD_SCORE_WORKERS": str(n),
                         "RISKD_WORKERS": str(max(4, 2 * n)),
                     }
