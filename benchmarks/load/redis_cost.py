@@ -63,47 +63,15 @@ def store_at(rev: str) -> ModuleType:
     return module
 
 
-def measure(module: ModuleType, url: str, queries: frozenset, warm: int, n: int) -> dict:  # type: ignore[type-arg]
-    client = redis.Redis.from_url(url)
-    client.flushall()
-    rng = random.Random(1)
-    clock = FakeClock(1_700_000_000.0)
-    store = module.RedisFeatureStore(url, clock, prefix="bench:", timeout_s=5.0)
-    cpu = 0.0
-    for i in range(warm + n):
-        if i == warm:
-            client.config_resetstat()
-            cpu = time.process_time()
-        clock.advance(0.001)
-        keys = {k: f"{k}{rng.randrange(pool)}" for k, pool in POOLS.items()}
-        obs = Observation(f"o{i}", clock.now(), rng.randrange(1000, 90000), keys)
-        store.record_and_read(obs, queries)
-    cpu = time.process_time() - cpu
-    every = client.info("commandstats")
-    stats = every["cmdstat_evalsha"]
-    inner = {  # the commands the script ran (Redis 7 counts them too), per order
-        k.removeprefix("cmdstat_"): v["calls"] / n
-        for k, v in every.items()
-        if k not in ("cmdstat_evalsha", "cmdstat_info", "cmdstat_config|resetstat")
-    }
-    memory = client.info("memory")["used_memory"]
-    store.close()
-    client.close()
-    return {
-        "redis_us": stats["usec_per_call"],
-        "client_us": cpu / n * 1e6,
-        "memory_mb": memory / 2**20,
-        "inner": inner,
-    }
-
-
-def measure_sharded(urls: list[str], queries: frozenset, warm: int, n: int) -> dict:  # type: ignore[type-arg]
+def measure(module: ModuleType, urls: list[str], queries: frozenset, warm: int, n: int) -> dict:  # type: ignore[type-arg]
+    """Run the load set through ``module``'s store on ``urls`` (older revisions: one)."""
     clients = [redis.Redis.from_url(u) for u in urls]
     for c in clients:
         c.flushall()
     rng = random.Random(1)
     clock = FakeClock(1_700_000_000.0)
-    store = redis_store.RedisFeatureStore(urls, clock, prefix="bench:", timeout_s=5.0)
+    target = urls[0] if len(urls) == 1 else urls
+    store = module.RedisFeatureStore(target, clock, prefix="bench:", timeout_s=5.0)
     cpu = 0.0
     for i in range(warm + n):
         if i == warm:
@@ -112,13 +80,28 @@ def measure_sharded(urls: list[str], queries: frozenset, warm: int, n: int) -> d
             cpu = time.process_time()
         clock.advance(0.001)
         keys = {k: f"{k}{rng.randrange(pool)}" for k, pool in POOLS.items()}
-        store.record_and_read(Observation(f"o{i}", clock.now(), 1000, keys), queries)
+        obs = Observation(f"o{i}", clock.now(), rng.randrange(1000, 90000), keys)
+        store.record_and_read(obs, queries)
     cpu = time.process_time() - cpu
-    per_shard = [c.info("commandstats")["cmdstat_evalsha"]["usec"] / n for c in clients]
-    store.close()
+    inner: dict[str, float] = {}  # the commands the script ran (Redis 7 counts them), per order
+    per_shard, memory = [], 0
     for c in clients:
+        every = c.info("commandstats")
+        per_shard.append(every["cmdstat_evalsha"]["usec"] / n)
+        for k, v in every.items():
+            if k not in ("cmdstat_evalsha", "cmdstat_info", "cmdstat_config|resetstat"):
+                name = k.removeprefix("cmdstat_")
+                inner[name] = inner.get(name, 0.0) + v["calls"] / n
+        memory += c.info("memory")["used_memory"]
         c.close()
-    return {"per_shard_us": per_shard, "client_us": cpu / n * 1e6}
+    store.close()
+    return {
+        "redis_us": sum(per_shard),
+        "per_shard_us": per_shard,
+        "client_us": cpu / n * 1e6,
+        "memory_mb": memory / 2**20,
+        "inner": inner,
+    }
 
 
 def main() -> None:
@@ -141,7 +124,7 @@ def main() -> None:
     try:
         for rnd in range(args.rounds):
             for name, module in stores.items():
-                got = measure(module, own.url, queries, args.warm, args.orders)
+                got = measure(module, [own.url], queries, args.warm, args.orders)
                 print(
                     f"round {rnd} {name:>10}: Redis {got['redis_us']:6.0f} us/order, "
                     f"client {got['client_us']:4.0f} us/order, "
@@ -153,7 +136,7 @@ def main() -> None:
                 print(f"  commands per order ({sum(got['inner'].values()):.1f}): {calls}")
             if args.shards > 1:
                 urls = [own.url, *(server.url for server in more)]
-                got = measure_sharded(urls, queries, args.warm, args.orders)
+                got = measure(redis_store, urls, queries, args.warm, args.orders)
                 shares = " / ".join(f"{us:.0f}" for us in got["per_shard_us"])
                 print(
                     f"round {rnd} this tree on {args.shards} shards: Redis {shares} us/order "
