@@ -13,8 +13,8 @@
 #     cp /lib/x86_64-linux-gnu/{liblzf.so.1,libjemalloc.so.2} .rbin/lib/
 #   # and .rbin/redis-server: a wrapper that runs redis-server.bin with LD_LIBRARY_PATH=lib
 # Then run it there with carry [".whl", ".rbin"]:  bash benchmarks/load/lent_machine.sh
-# Results land in $OUT. SKIP_WORKERS=1 stops after run.py; S, RATE, NW, NP, SHARDS (Redis
-# shards for workers.py) tune the runs.
+# Results land in $OUT. SKIP_COST=1 leaves out redis_cost.py, SKIP_WORKERS=1 stops after
+# run.py; S, RATE, NW, NP, SHARDS (Redis shards for workers.py) tune the runs.
 set -u
 OUT=${OUT:-/tmp/lent}; mkdir -p "$OUT"
 PY=${PY:-python3}
@@ -26,8 +26,7 @@ fi
 export PATH=$PWD/.rbin:$PATH PYTHONUNBUFFERED=1
 S=${S:-8}; RATE=${RATE:-2000}; NW=${NW:-4,8}; NP=${NP:-4}; AGAINST=${AGAINST:-f46fc5b}
 nproc; $PY -V; redis-server --version
-echo "== redis_cost"
-timeout 100 $PY benchmarks/load/redis_cost.py --against "$AGAINST" --rounds 3 --warm 10000 \
+[ -z "${SKIP_COST:-}" ] && echo "== redis_cost" && timeout 100 $PY benchmarks/load/redis_cost.py --against "$AGAINST" --rounds 3 --warm 10000 \
   --orders 4000 2>&1 | tee "$OUT/redis_cost.log"
 echo "== run.py"
 timeout 170 $PY benchmarks/load/run.py --seconds "$S" --server-cpus 0 --second-server-cpus 1 \

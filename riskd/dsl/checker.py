@@ -318,7 +318,7 @@ class _Checker:
             texts.append(a.value)
         of = texts[1] if want == 3 else ""
         query = FeatureQuery(_AGG[fn], texts[0], texts[-1], of=of)
-        self.out.features[id(node)] = query
+        self.out.features[id(node)] = _QUERIES.setdefault(query, query)
         self.out.calls[id(node)] = self.env.registry.functions[fn].overloads
         return INT
 
@@ -330,6 +330,12 @@ class _Checker:
             self.out.regexes[id(node)] = compile_pattern(pattern.value)
         except RegexError as exc:
             self.error(pattern, BAD_REGEX, f"invalid regular expression: {exc}")
+
+
+# One object per distinct query for every rule ever compiled (a few hundred at most): the
+# feature snapshot is keyed by the program's queries, and a rule's lookup that finds the
+# very same object never calls ``FeatureQuery.__eq__``.
+_QUERIES: dict[FeatureQuery, FeatureQuery] = {}
 
 
 def _overload_message(node: Call, args: list[Type]) -> str:

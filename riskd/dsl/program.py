@@ -16,7 +16,7 @@ import dataclasses
 import enum
 import hashlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -208,15 +208,31 @@ class Program:
                 results = self._fused(fast)  # type: ignore[assignment]
             except Exception:  # a variable the shared prologue could not read
                 results = None
-        act = self.activation(order, shop, features, now) if results is None or explain else {}
         if results is None:
-            results = self._evaluate_each(act, order)
+            results = self._evaluate_each(self.activation(order, shop, features, now), order)
         if explain:
-            results = tuple(
-                _explained(s, act) if r.status is RuleStatus.HIT else r
-                for s, r in zip(self._steps, results, strict=True)
-            )
+            results = self.explain(order, shop, features, now, results)
         return results
+
+    def explain(
+        self,
+        order: Order,
+        shop: ShopState,
+        features: Mapping[FeatureQuery, int],
+        now: float,
+        results: Sequence[RuleResult],
+    ) -> tuple[RuleResult, ...]:
+        """``results`` (this program's ``evaluate`` of the same inputs) with hits explained.
+
+        Only the rules that hit run again, traced: the caller that evaluated untraced
+        first (most orders hit nothing) does not pay for a second run of every rule.
+        """
+        hit = RuleStatus.HIT
+        act = self.activation(order, shop, features, now)
+        return tuple(
+            _explained(s, act) if r.status is hit else r
+            for s, r in zip(self._steps, results, strict=True)
+        )
 
     def _evaluate_each(self, act: Mapping[str, object], order: Order) -> tuple[RuleResult, ...]:
         """One call per rule: the path when the program could not be fused."""

@@ -446,14 +446,13 @@ def _evaluate(
 ) -> tuple[RuleResult, ...]:
     """Every rule's result, hits explained.
 
-    Most orders hit no rule, and explaining walks every result: run untraced
-    first and again with ``explain`` only when something hit (the program is
-    deterministic, so the second run gives the same results, explained).
+    Most orders hit no rule: run untraced, then trace only the rules that hit
+    (the program is deterministic, so the traced run agrees with the first).
     """
     results = program.evaluate(order, shop, features, now)
     hit = RuleStatus.HIT
     if [r for r in results if r.status is hit]:
-        return program.evaluate(order, shop, features, now, explain=True)
+        return program.explain(order, shop, features, now, results)
     return results
 
 
