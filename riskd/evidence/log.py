@@ -59,6 +59,7 @@ from riskd.evidence.request import (
     protect_order,
 )
 from riskd.evidence.schema import create_schema
+from riskd.pii.vault import PreparedKeys
 from riskd.sql import Database, Tx
 
 
@@ -327,17 +328,27 @@ class DecisionLog:
         records = [i for i in batch if i.record is not None]
         events = [i.event for i in batch if i.event is not None]
         rows = [_row(i.record) for i in records if i.record is not None]
-        secrets = list(self._encrypt(records))
+        vault = self._vault
+        # New buyers' data keys go in the batch's own transaction when the keystore shares
+        # this database (as `riskd serve` wires it): one commit per batch, not two.
+        shared = vault is not None and vault.keeps_keys_in(self.db)
+        secrets = [] if shared else list(self._encrypt(records))
         digests = list(self._digests(records))
+        prepared: list[PreparedKeys] = []
 
         def write(tx: Tx) -> None:
+            pii_rows = secrets
+            if vault is not None and shared:
+                keys = self._prepare_in(vault, tx, records)
+                prepared[:] = [] if keys is None else [keys]
+                pii_rows = [] if keys is None else list(self._encrypt(records, keys))
             stored = append_texts(tx, DECISIONS, rows, unique=True)
             if events:
                 append_rows(tx, EVENTS, [event_content(e) for e in events])
             kept = {
                 i.record.order_id for i, ok in zip(records, stored, strict=True) if ok and i.record
             }
-            pii = [s for s in secrets if s[0] in kept]
+            pii = [s for s in pii_rows if s[0] in kept]
             if pii:
                 tx.executemany(
                     "INSERT INTO decision_pii (order_id, field, subject_id, ciphertext)"
@@ -353,22 +364,35 @@ class DecisionLog:
                 )
 
         self.db.run(write)
+        if vault is not None and prepared:  # committed: their keys may be cached now
+            vault.adopt(prepared[0])
 
-    def _encrypt(self, items: Iterable[_Item]) -> Iterable[tuple[str, str, str, bytes]]:
+    def _prepare_in(self, vault: Encryptor, tx: Tx, items: Iterable[_Item]) -> PreparedKeys | None:
+        """The batch's data keys, read and created in the batch's transaction (None: none)."""
+        try:
+            return vault.prepare_in(tx, (i.order.buyer.buyer_id for i in items if i.order))
+        except RiskdError as e:  # no keys: the masked forms are logged, never the plaintext
+            self._error = type(e).__name__
+            return None
+
+    def _encrypt(
+        self, items: Iterable[_Item], keys: PreparedKeys | None = None
+    ) -> Iterable[tuple[str, str, str, bytes]]:
         vault = self._vault
         if vault is None:
             return
         items = [i for i in items if i.order is not None and i.record is not None]
-        try:  # every data key of the batch in one read and one transaction
-            vault.prepare(i.order.buyer.buyer_id for i in items if i.order is not None)
-        except RiskdError as e:  # each record's own key lookup below decides
-            self._error = type(e).__name__
+        if keys is None:
+            try:  # every data key of the batch in one read and one transaction
+                vault.prepare(i.order.buyer.buyer_id for i in items if i.order is not None)
+            except RiskdError as e:  # each record's own key lookup below decides
+                self._error = type(e).__name__
         for item in items:
             if item.order is None or item.record is None:
                 continue
             order_id, subject = item.order.order_id, item.order.buyer.buyer_id
             try:
-                secrets = vault.encrypt_fields(subject, order_id, pii_fields(item.order))
+                secrets = vault.encrypt_fields(subject, order_id, pii_fields(item.order), keys)
             except RiskdError as e:  # the masked form is still logged; never the plaintext
                 self._error = type(e).__name__
                 continue

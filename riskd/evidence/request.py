@@ -18,6 +18,8 @@ from typing import Any, Protocol
 from riskd.domain.order import Order
 from riskd.pii.blind import join_address
 from riskd.pii.mask import mask_address, mask_device, mask_id_number, mask_name, mask_phone
+from riskd.pii.vault import PreparedKeys
+from riskd.sql import Database, Tx
 
 
 class Indexer(Protocol):
@@ -30,10 +32,20 @@ class Encryptor(Protocol):
     """``riskd.pii.Vault``: envelope encryption under the subject's data key."""
 
     def encrypt_fields(
-        self, subject_id: str, record_id: str, fields: Mapping[str, str]
+        self,
+        subject_id: str,
+        record_id: str,
+        fields: Mapping[str, str],
+        keys: PreparedKeys | None = None,
     ) -> dict[str, bytes]: ...
 
     def prepare(self, subject_ids: Iterable[str]) -> None: ...
+
+    def prepare_in(self, tx: Tx, subject_ids: Iterable[str]) -> PreparedKeys: ...
+
+    def adopt(self, keys: PreparedKeys) -> None: ...
+
+    def keeps_keys_in(self, db: Database) -> bool: ...
 
     def add_forget_hook(self, hook: Callable[[str], None]) -> None: ...
 

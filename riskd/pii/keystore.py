@@ -47,9 +47,11 @@ class KeyStore(Protocol):
     def create(
         self, subject_id: str, generation: int, wrapped: WrappedKey, at: float
     ) -> DataKeyRow: ...
-    def latest_many(self, subject_ids: Collection[str]) -> dict[str, DataKeyRow]: ...
+    def latest_many(
+        self, subject_ids: Collection[str], tx: Tx | None = None
+    ) -> dict[str, DataKeyRow]: ...
     def create_many(
-        self, keys: Sequence[tuple[str, int, WrappedKey]], at: float
+        self, keys: Sequence[tuple[str, int, WrappedKey]], at: float, tx: Tx | None = None
     ) -> dict[tuple[str, int], DataKeyRow]: ...
     def shred(self, subject_id: str, at: float) -> ShredResult: ...
     def stale(self, primary_version: int, limit: int) -> list[DataKeyRow]: ...
@@ -127,19 +129,25 @@ class SqlKeyStore:
         assert row is not None  # inserted above or by the writer that won
         return row
 
-    def latest_many(self, subject_ids: Collection[str]) -> dict[str, DataKeyRow]:
-        """The latest generation of each subject that has one (one query per 500 subjects)."""
+    def latest_many(
+        self, subject_ids: Collection[str], tx: Tx | None = None
+    ) -> dict[str, DataKeyRow]:
+        """The latest generation of each subject that has one (one query per 500 subjects).
+
+        Inside ``tx`` when given (a transaction of this store's database).
+        """
         ids = list(dict.fromkeys(subject_ids))
         out: dict[str, DataKeyRow] = {}
         for i in range(0, len(ids), _IN_CHUNK):
             chunk = ids[i : i + _IN_CHUNK]
             marks = ", ".join("?" * len(chunk))
-            rows = self.db.query(
+            rows = self._read(
                 "SELECT k.subject_id, k.generation, k.master_version, k.wrapped "
                 "FROM pii_data_keys k JOIN (SELECT subject_id, MAX(generation) AS generation "
                 f"FROM pii_data_keys WHERE subject_id IN ({marks}) GROUP BY subject_id) m "
                 "ON k.subject_id = m.subject_id AND k.generation = m.generation",
                 chunk,
+                tx,
             )
             for r in rows:
                 row = _row(r)
@@ -147,9 +155,10 @@ class SqlKeyStore:
         return out
 
     def create_many(
-        self, keys: Sequence[tuple[str, int, WrappedKey]], at: float
+        self, keys: Sequence[tuple[str, int, WrappedKey]], at: float, tx: Tx | None = None
     ) -> dict[tuple[str, int], DataKeyRow]:
-        """Insert several generations in ONE transaction; returns the stored rows.
+        """Insert several generations in ONE transaction (``tx`` when given, which then
+        commits them with whatever else it writes); returns the stored rows.
 
         A generation another writer created first is kept as it is (its row is
         returned, not ours), exactly as with ``create``.
@@ -165,17 +174,25 @@ class SqlKeyStore:
                 params,
             )
 
-        self.db.run(insert)
-        return self._get_many({(s, g) for s, g, _ in keys})
+        if tx is None:
+            self.db.run(insert)
+        else:
+            insert(tx)
+        return self._get_many({(s, g) for s, g, _ in keys}, tx)
 
-    def _get_many(self, wanted: set[tuple[str, int]]) -> dict[tuple[str, int], DataKeyRow]:
+    def _read(self, sql: str, params: Sequence[Any], tx: Tx | None) -> list[tuple[Any, ...]]:
+        return self.db.query(sql, params) if tx is None else tx.execute(sql, params).fetchall()
+
+    def _get_many(
+        self, wanted: set[tuple[str, int]], tx: Tx | None = None
+    ) -> dict[tuple[str, int], DataKeyRow]:
         ids = sorted({s for s, _ in wanted})
         out: dict[tuple[str, int], DataKeyRow] = {}
         for i in range(0, len(ids), _IN_CHUNK):
             chunk = ids[i : i + _IN_CHUNK]
             marks = ", ".join("?" * len(chunk))
-            rows = self.db.query(
-                f"SELECT {self._COLS} FROM pii_data_keys WHERE subject_id IN ({marks})", chunk
+            rows = self._read(
+                f"SELECT {self._COLS} FROM pii_data_keys WHERE subject_id IN ({marks})", chunk, tx
             )
             for r in rows:
                 row = _row(r)

@@ -39,6 +39,7 @@ from riskd.domain.clock import Clock, SystemClock
 from riskd.errors import CryptoError, InvalidArgumentError
 from riskd.pii.keyring import KEY_BYTES, NONCE_BYTES, MasterKeyProvider
 from riskd.pii.keystore import DataKeyRow, KeyStore, ShredResult
+from riskd.sql import Database, Tx
 
 FORMAT_V1 = 1
 _HEADER = struct.Struct(">BI")
@@ -54,6 +55,26 @@ class _Cached:
     aead: AESGCM
     expires: float
     header: bytes
+
+
+class PreparedKeys:
+    """Current data keys read or created inside a caller's transaction (``prepare_in``).
+
+    Not cached until that transaction has committed (``Vault.adopt``): a key whose row
+    was rolled back must never encrypt anything.
+    """
+
+    __slots__ = ("_fresh", "_keys")
+
+    def __init__(self) -> None:
+        self._keys: dict[str, _Cached] = {}
+        self._fresh: list[tuple[DataKeyRow, _Cached]] = []
+
+    def key(self, subject_id: str) -> _Cached:
+        key = self._keys.get(subject_id)
+        if key is None:
+            raise CryptoError("no data key could be prepared for this subject")
+        return key
 
 
 def _aad(*parts: str) -> bytes:
@@ -132,11 +153,22 @@ class Vault:
         return _seal(key, nonce, _aad(subject_id, record_id), field, plaintext)
 
     def encrypt_fields(
-        self, subject_id: str, record_id: str, fields: Mapping[str, str]
+        self,
+        subject_id: str,
+        record_id: str,
+        fields: Mapping[str, str],
+        keys: PreparedKeys | None = None,
     ) -> dict[str, bytes]:
-        """Encrypt several fields of one record with one key lookup (the scoring hot path)."""
+        """Encrypt several fields of one record with one key lookup (the scoring hot path).
+
+        With ``keys`` (from ``prepare_in``) the subject's key comes from there only.
+        """
         _require("record_id", record_id)
-        key = self._current_key(subject_id)
+        if keys is None:
+            key = self._current_key(subject_id)
+        else:
+            _require("subject_id", subject_id)
+            key = keys.key(subject_id)
         prefix = _aad(subject_id, record_id)
         # One random read for every nonce of the record (96 random bits each).
         nonces = os.urandom(NONCE_BYTES * len(fields))
@@ -204,7 +236,17 @@ class Vault:
             ]
         if not missing:
             return
-        latest = self.keystore.latest_many(missing)
+        for row in self._stored_keys(missing, None):
+            try:
+                self._remember(row, now, current=True)
+            except CryptoError:  # e.g. wrapped under a retired master key: encrypt raises it
+                continue
+
+    def _stored_keys(self, missing: list[str], tx: Tx | None) -> list[DataKeyRow]:
+        """The current key rows of ``missing``, creating (in one transaction, or in ``tx``)
+        the generations they lack; rows forgotten again since they were read are left out
+        (the slow path decides for them)."""
+        latest = self.keystore.latest_many(missing, tx)
         ready = [r for r in latest.values() if not r.shredded]
         new = [
             (s, 1 if row is None else row.generation + 1)
@@ -216,14 +258,47 @@ class Vault:
                 (s, g, self.keyring.wrap(secrets.token_bytes(KEY_BYTES), _dek_aad(s, g)))
                 for s, g in new
             ]
-            ready.extend(self.keystore.create_many(keys, self._clock.now()).values())
-        for row in ready:
-            if row.shredded:  # forgotten again since it was read: the slow path decides
-                continue
+            ready.extend(self.keystore.create_many(keys, self._clock.now(), tx).values())
+        return [row for row in ready if not row.shredded]
+
+    def prepare_in(self, tx: Tx, subject_ids: Iterable[str]) -> PreparedKeys:
+        """``prepare`` inside the caller's transaction ``tx`` on the keystore's database.
+
+        The keys it creates are written by ``tx`` and commit with the caller's own rows
+        (a decision-log batch and the new buyers' keys: one transaction, not two). Keys
+        it read or created are cached only when the caller passes the result to
+        ``adopt`` after the commit. Subjects whose key cannot be had (an empty id, a key
+        wrapped under a retired master key) are left out: ``encrypt_fields`` with the
+        result raises ``CryptoError`` for them.
+        """
+        now = self._clock.monotonic()
+        out = PreparedKeys()
+        wanted = [s for s in dict.fromkeys(subject_ids) if s]
+        with self._lock:
+            for s in wanted:
+                hit = self._current.get(s)
+                if hit is not None and hit.expires > now:
+                    out._keys[s] = hit
+        missing = [s for s in wanted if s not in out._keys]
+        if not missing:
+            return out
+        for row in self._stored_keys(missing, tx):
             try:
-                self._remember(row, now, current=True)
-            except CryptoError:  # e.g. wrapped under a retired master key: encrypt raises it
+                entry = self._unwrapped(row, now)
+            except CryptoError:
                 continue
+            out._keys[row.subject_id] = entry
+            out._fresh.append((row, entry))
+        return out
+
+    def keeps_keys_in(self, db: Database) -> bool:
+        """Whether the data keys live in ``db`` (so ``prepare_in`` can use its transactions)."""
+        return getattr(self.keystore, "db", None) is db
+
+    def adopt(self, keys: PreparedKeys) -> None:
+        """Cache the keys of a ``prepare_in`` whose transaction has committed."""
+        for row, entry in keys._fresh:
+            self._cache(row, entry, current=True)
 
     def _key_for(self, subject_id: str, generation: int) -> _Cached:
         now = self._clock.monotonic()
@@ -244,10 +319,15 @@ class Vault:
         return self.keystore.create(subject_id, generation, wrapped, self._clock.now())
 
     def _remember(self, row: DataKeyRow, now: float, *, current: bool) -> _Cached:
+        return self._cache(row, self._unwrapped(row, now), current=current)
+
+    def _unwrapped(self, row: DataKeyRow, now: float) -> _Cached:
         assert row.wrapped is not None
         dek = self.keyring.unwrap(row.wrapped, _dek_aad(row.subject_id, row.generation))
         header = _HEADER.pack(FORMAT_V1, row.generation)
-        entry = _Cached(row.generation, AESGCM(dek), now + self._ttl, header)
+        return _Cached(row.generation, AESGCM(dek), now + self._ttl, header)
+
+    def _cache(self, row: DataKeyRow, entry: _Cached, *, current: bool) -> _Cached:
         with self._lock:
             self._by_gen[(row.subject_id, row.generation)] = entry
             if current:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import riskd.evidence.log as log_module
 from riskd.domain.decision import Decision, Outcome
 from riskd.errors import InvalidArgumentError
 from riskd.evidence.log import (
@@ -177,3 +179,41 @@ def test_writer_creates_a_batchs_new_data_keys_in_one_transaction(
     assert fresh.decrypt("buyer-0", "earlier", "phone", old) == PHONE
     log.close()
     keys_db.close()
+
+
+def test_new_buyers_keys_commit_in_the_batchs_own_transaction(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One transaction per batch, and a batch retried after a failed write stores
+    ciphertexts that decrypt: no key of the rolled-back attempt is used or cached."""
+    keyring = Keyring.generate()
+    vault = Vault(keyring, SqlKeyStore(db))
+    log = DecisionLog(db, vault=vault, indexer=BlindIndexer(keyring), flush_interval_s=0.05)
+    transactions = 0
+    failures = [RuntimeError("disk I/O error")]
+    real_transaction, real_append = db.transaction, log_module.append_texts
+
+    def counted() -> Any:
+        nonlocal transactions
+        transactions += 1
+        return real_transaction()
+
+    def append_once_failing(*args: Any, **kwargs: Any) -> Any:
+        if failures:  # after the batch's keys were written in this transaction
+            raise failures.pop()
+        return real_append(*args, **kwargs)
+
+    monkeypatch.setattr(db, "transaction", counted)
+    monkeypatch.setattr(log_module, "append_texts", append_once_failing)
+    for i, buyer in enumerate(("b-1", "b-2", "b-3")):
+        order = replace(make_order(f"o-{i}"), buyer=replace(make_order("x").buyer, buyer_id=buyer))
+        decision = Decision(order.order_id, Outcome.ALLOW, 0.0, (), "v1", decided_at=1.0)
+        log.append(DecisionRecord(decision, log.protect(order)), order=order)
+    log.flush(10)
+    assert transactions == 2  # the failed attempt and its retry: keys and records together
+    fresh = Vault(keyring, SqlKeyStore(db))  # reads the keys that were committed
+    for i, buyer in enumerate(("b-1", "b-2", "b-3")):
+        secrets = encrypted_fields(db, f"o-{i}")
+        assert fresh.decrypt(buyer, f"o-{i}", "phone", secrets["phone"]) == PHONE
+        assert vault.decrypt(buyer, f"o-{i}", "phone", secrets["phone"]) == PHONE
+    log.close()

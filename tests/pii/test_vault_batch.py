@@ -118,8 +118,10 @@ def test_prepare_uses_the_stored_row_when_another_writer_won(
     rival = Vault(keyring, SqlKeyStore(store.db))
     read = store.latest_many
 
-    def read_then_lose_the_race(subject_ids: Collection[str]) -> dict[str, DataKeyRow]:
-        rows = read(subject_ids)
+    def read_then_lose_the_race(
+        subject_ids: Collection[str], tx: Tx | None = None
+    ) -> dict[str, DataKeyRow]:
+        rows = read(subject_ids, tx)
         for s in subject_ids:  # another process creates the keys after our read
             rival.encrypt(s, "r", "phone", PHONE)
         return rows
@@ -179,3 +181,41 @@ def test_prepare_leaves_unrecoverable_keys_to_encrypt(store: SqlKeyStore) -> Non
     assert vault.encrypt("b2", "o1", "phone", PHONE)
     with pytest.raises(CryptoError):
         vault.encrypt("b1", "o2", "phone", PHONE)
+
+
+def test_prepare_in_writes_keys_in_the_callers_transaction(
+    keyring: Keyring, store: SqlKeyStore, counts: Counts
+) -> None:
+    vault = Vault(keyring, store)
+    vault.encrypt("b1", "o0", "phone", PHONE)  # b1's key is cached already
+    counts.writes = 0
+    with store.db.transaction() as tx:
+        keys = vault.prepare_in(tx, ["b1", "b2", "", "b2"])
+        sealed = {s: vault.encrypt_fields(s, "o1", {"phone": PHONE}, keys) for s in ("b1", "b2")}
+        with pytest.raises(CryptoError, match="no data key"):
+            vault.encrypt_fields("b3", "o1", {"phone": PHONE}, keys)  # not prepared
+    assert counts.writes == 1  # the caller's transaction only
+    vault.adopt(keys)
+    counts.writes = counts.reads = 0
+    assert vault.encrypt("b2", "o2", "phone", PHONE)
+    assert (counts.writes, counts.reads) == (0, 0)  # adopted: b2's key is cached now
+    fresh = Vault(keyring, store)  # reads the committed keys
+    for s, ct in sealed.items():
+        assert generation(ct["phone"]) == 1
+        assert fresh.decrypt(s, "o1", "phone", ct["phone"]) == PHONE
+
+
+def test_prepare_in_rolled_back_leaves_no_key_stored_or_cached(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    vault = Vault(keyring, store)
+    with pytest.raises(RuntimeError), store.db.transaction() as tx:
+        keys = vault.prepare_in(tx, ["b1"])
+        lost = vault.encrypt_fields("b1", "o1", {"phone": PHONE}, keys)["phone"]
+        raise RuntimeError("the caller's write failed")
+    assert store.latest("b1") is None
+    again = vault.encrypt("b1", "o1", "phone", PHONE)  # a new key, stored this time
+    fresh = Vault(keyring, store)
+    assert fresh.decrypt("b1", "o1", "phone", again) == PHONE
+    with pytest.raises(CryptoError):  # the rolled-back key is gone with its transaction
+        fresh.decrypt("b1", "o1", "phone", lost)
