@@ -66,6 +66,11 @@ _SIMPLE_ESC = {
 _HEX = "0123456789abcdefABCDEF"
 
 
+def _ascii_digit(ch: str) -> bool:
+    """0-9 only: ``str.isdigit`` also accepts e.g. "²", which ``float()`` rejects."""
+    return ch.isascii() and ch.isdigit()
+
+
 class LexError(Exception):
     """Internal: a malformed token at ``offset``."""
 
@@ -106,7 +111,7 @@ class _Lexer:
         if start >= len(t):
             return Token(Tok.EOF, "", start)
         ch = t[start]
-        if ch.isascii() and (ch.isdigit() or (ch == "." and t[start + 1 : start + 2].isdigit())):
+        if _ascii_digit(ch) or (ch == "." and _ascii_digit(t[start + 1 : start + 2])):
             return self._number()
         if ch in "\"'":
             return self._string(start, raw=False, is_bytes=False)
@@ -165,7 +170,7 @@ class _Lexer:
         while j < len(t) and t[j].isascii() and t[j].isdigit():
             j += 1
         is_float = False
-        if j < len(t) and t[j] == "." and t[j + 1 : j + 2].isdigit():
+        if j < len(t) and t[j] == "." and _ascii_digit(t[j + 1 : j + 2]):
             is_float = True
             j += 1
             while j < len(t) and t[j].isascii() and t[j].isdigit():

@@ -64,6 +64,9 @@ def test_lexer_tokens_carry_offsets() -> None:
         ("0x", "malformed hexadecimal literal"),
         ("a # b", "unexpected character '#'"),
         ("`a b`", "malformed quoted identifier"),
+        (".²", "unexpected character '²'"),  # a Unicode digit is no digit of a number
+        ("1.²", "unexpected character '²'"),
+        ("1e٣", "unexpected character '٣'"),
     ],
 )
 def test_lexer_reports_malformed_input(text: str, message: str) -> None:
