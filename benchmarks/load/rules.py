@@ -1,7 +1,11 @@
 """Generate a rule set of N rules for load tests: velocity, amounts, distinct counts, lists.
 
-Thresholds are set so that few rules hit, as in production; every rule still
-runs on every order.
+Thresholds are set so that few rules hit, as in production (about one rule per
+order on average); every rule still runs on every order. The load generator draws
+shops, live rooms and creators from a few hundred values each, so after a run's
+first tens of thousands of orders every one of them carries hundreds of orders a
+day: thresholds on those keys are scaled (``SCALE``) as a real shop's would be,
+or every order would hit dozens of rules and the run would measure explanations.
 
     python benchmarks/load/rules.py 200 /tmp/rules200
 """
@@ -33,20 +37,27 @@ rule bench_{i} {{
 """
 
 
+# Threshold factor per key: the load generator's pools are 20,000 buyers and devices,
+# 65,536 IPs, 5,000 addresses, 500 shops and 300 live rooms and creators.
+SCALE = {"buyer": 1, "device": 1, "ip": 1, "address": 4, "shop": 400, "live_room": 400,
+         "creator": 400}  # fmt: skip
+
+
 def condition(i: int) -> str:
     key, window = KEYS[i % len(KEYS)], WINDOWS[(i // len(KEYS)) % len(WINDOWS)]
     of = KEYS[(i + 3) % len(KEYS)]
+    scale = SCALE[key]
     kind = i % 5
     if kind == 0:
-        return f'orders("{key}", "{window}") > {50 + i}'
+        return f'orders("{key}", "{window}") > {(50 + i) * scale}'
     if kind == 1:
-        return f'amount("{key}", "{window}") > {5_000_000 + i * 1000}'
+        return f'amount("{key}", "{window}") > {(5_000_000 + i * 1000) * scale}'
     if kind == 2:
-        return f'distinct("{key}", "{of}", "{window}") > {20 + i % 30}'
+        return f'distinct("{key}", "{of}", "{window}") > {(20 + i % 30) * scale}'
     if kind == 3:
-        return (
-            f"order.amounts.total > {2_000_000 + i * 100} "
-            f"&& order.buyer.account_age_days < {1 + i % 7}"
+        return (  # the rules that do hit: big orders from young accounts
+            f"order.amounts.total > {150_000 + i * 500} "
+            f"&& order.buyer.account_age_days < {200 + i % 7 * 100}"
         )
     return (
         f"order.items.exists(it, it.category in watched_categories) "
