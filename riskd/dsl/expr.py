@@ -24,7 +24,7 @@ from riskd.dsl.interp import Interpreter
 from riskd.dsl.nodes import Expr
 from riskd.dsl.parser import parse
 from riskd.dsl.registry import Registry
-from riskd.dsl.tracer import explain
+from riskd.dsl.tracer import Plan, explain, plan
 from riskd.dsl.types import (
     BOOL,
     BYTES,
@@ -75,6 +75,8 @@ class CompiledExpr:
     variables: Mapping[str, Type] = dataclasses.field(repr=False)
     registry: Registry = dataclasses.field(repr=False)
     fn: Fn = dataclasses.field(repr=False)
+    # the explanation's plan, built on the first explain (a hit) and kept: most never need it
+    _plan: list[Plan] = dataclasses.field(default_factory=list, repr=False)
 
     def evaluate(self, activation: Mapping[str, object]) -> object:
         """Evaluate against ``activation`` (variable name → value, plus ``"@features"``)."""
@@ -100,7 +102,9 @@ class CompiledExpr:
 
     def explain(self, activation: Mapping[str, object]) -> tuple[str, ...]:
         """The value of each sub-condition, e.g. ``a > 5 → true (a = 7)``."""
-        return explain(self.checked, self.variables, self.registry, activation)
+        if not self._plan:
+            self._plan.append(plan(self.checked.root))
+        return explain(self.checked, self.variables, self.registry, activation, self._plan[0])
 
 
 def _missing(exc: KeyError) -> str:

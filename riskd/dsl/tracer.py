@@ -39,13 +39,35 @@ class RecordingTracer:
         self.errors[id(node)] = error
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Step:
+    """One line of an explanation: a sub-condition, its text and its operands' texts."""
+
+    node: Expr
+    text: str
+    operands: tuple[tuple[Expr, str], ...]
+
+
+Plan = tuple[_Step, ...]
+
+
+def plan(root: Expr) -> Plan:
+    """What ``explain`` shows for an expression: fixed per expression, so built once."""
+    return tuple(
+        _Step(node, _clip(unparse(node)), tuple((c, _clip(unparse(c))) for c in _operands(node)))
+        for node in _conditions(root, True)
+    )
+
+
 def explain(
     checked: Checked,
     variables: Mapping[str, Type],
     registry: Registry,
     activation: Mapping[str, object],
+    steps: Plan | None = None,
 ) -> tuple[str, ...]:
-    """Evaluate with tracing and render one line per sub-condition."""
+    """Evaluate with tracing and render one line per sub-condition (``steps``: the
+    expression's ``plan``, when the caller keeps it)."""
     tracer = RecordingTracer()
     try:
         Interpreter(checked, variables, registry, tracer).evaluate(activation)
@@ -53,7 +75,7 @@ def explain(
         pass
     except (KeyError, TypeError, AttributeError) as exc:
         return (f"{unparse(checked.root)} → error: {exc!r}",)
-    return tuple(_line(node, tracer) for node in _conditions(checked.root, True))
+    return tuple(_line(step, tracer) for step in steps or plan(checked.root))
 
 
 def _conditions(node: Expr, top: bool) -> Iterator[Expr]:
@@ -76,19 +98,15 @@ def _conditions(node: Expr, top: bool) -> Iterator[Expr]:
         yield from _conditions(child, False)
 
 
-def _line(node: Expr, tracer: RecordingTracer) -> str:
-    text = _clip(unparse(node))
-    if id(node) in tracer.errors and id(node) not in tracer.values:
+def _line(step: _Step, tracer: RecordingTracer) -> str:
+    node, text, values = step.node, step.text, tracer.values
+    if id(node) in tracer.errors and id(node) not in values:
         return f"{text} → error: {tracer.errors[id(node)]}"
-    if id(node) not in tracer.values:
+    if id(node) not in values:
         return f"{text} → not evaluated"
-    details = [
-        f"{_clip(unparse(c))} = {format_value(tracer.values[id(c)])}"
-        for c in _operands(node)
-        if id(c) in tracer.values
-    ]
+    details = [f"{t} = {format_value(values[id(c)])}" for c, t in step.operands if id(c) in values]
     suffix = f" ({', '.join(details)})" if details else ""
-    return f"{text} → {format_value(tracer.values[id(node)])}{suffix}"
+    return f"{text} → {format_value(values[id(node)])}{suffix}"
 
 
 def _operands(node: Expr) -> Iterator[Expr]:
