@@ -3,7 +3,9 @@
 Where it sits: ``engine.Scorer`` builds a ``DecisionRecord`` after each
 decision and calls ``append``; a background writer thread takes whatever has
 queued up (up to ``max_batch`` items) and commits it in ONE transaction, so
-the request path never waits on a disk flush or a network round trip.
+the request path never waits on a disk flush or a network round trip. With a
+Vault whose keys live in the same database, that transaction also creates the
+data keys of the batch's new buyers: keys and ciphertexts commit together.
 
 Durability, precisely: an appended item is durable once the writer's
 transaction holding it has committed (SQLite ``synchronous=FULL``, or
