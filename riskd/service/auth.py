@@ -408,6 +408,9 @@ class AuthInterceptor(_Interceptor):
         self._policy = dict(policy)
         self._buckets = TokenBuckets(clock or SystemClock())
         self._on_reject = on_reject
+        # method → (the handler it guards, the guarded handler): built once per method
+        # rather than on every call; only methods a handler exists for get an entry
+        self._guarded: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     def intercept_service(
         self,
@@ -418,16 +421,20 @@ class AuthInterceptor(_Interceptor):
         if handler is None:
             return None  # unknown method: gRPC answers UNIMPLEMENTED
         method: str = details.method
-        token = _bearer(details.invocation_metadata)
+        cached = self._guarded.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
 
         def admit(context: grpc.ServicerContext) -> Identity | None:
             try:
-                return self._admit(method, token, context)
+                return self._admit(method, _bearer(context.invocation_metadata()), context)
             except _Denied as denied:
                 self._reject(method, denied, context)
                 raise AssertionError("unreachable: context.abort raises") from None
 
-        return _guard(handler, admit)
+        guarded = _guard(handler, admit)
+        self._guarded[method] = (handler, guarded)
+        return guarded
 
     def _admit(
         self, method: str, token: str | None, context: grpc.ServicerContext

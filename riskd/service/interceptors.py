@@ -38,6 +38,8 @@ class ErrorInterceptor(_Interceptor):
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
+        # method → (its handler, the wrapped one): wrapped once per method, not per call
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     def intercept_service(
         self,
@@ -48,11 +50,16 @@ class ErrorInterceptor(_Interceptor):
         if handler is None or handler.unary_unary is None:
             return handler  # streaming (health Watch, reflection) passes through untouched
         method = handler_call_details.method
-        return grpc.unary_unary_rpc_method_handler(
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = grpc.unary_unary_rpc_method_handler(
             self._wrap(method, handler.unary_unary),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     def _wrap(self, method: str, inner: Handler) -> Handler:
         latency = self._metrics.latency.labels(method)

@@ -69,6 +69,34 @@ def test_one_call_is_one_round_trip_and_survives_a_script_flush(clock: FakeClock
         own.stop()
 
 
+def test_connections_the_server_closed_are_reopened_and_reused_not_leaked(
+    clock: FakeClock, own_redis: OwnRedis
+) -> None:
+    """Idle connections killed by Redis (a restart, ``timeout``, an operator's CLIENT KILL)
+    cost no failed call; threads share connections, one per call in flight at most."""
+    store = RedisFeatureStore(own_redis.url, clock, prefix="t:", timeout_s=2.0)
+    admin = redis.Redis.from_url(own_redis.url)
+    store.record_and_read(order(clock, "o1", device="d"), QUERIES)
+    assert admin.client_kill_filter(_type="normal", skipme=True) == 1  # the store's idle one
+    got = store.record_and_read(order(clock, "o2", device="d"), QUERIES)
+    assert got[COUNT_DEVICE_1M] == 2
+
+    def calls(t: int) -> None:
+        for i in range(40):
+            store.record_and_read(order(clock, f"t{t}-{i}", device="d"), QUERIES)
+
+    threads = [threading.Thread(target=calls, args=(t,)) for t in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert store.read(order(clock, "q", device="d"), QUERIES)[COUNT_DEVICE_1M] == 2 + 6 * 40
+    assert int(admin.info("clients")["connected_clients"]) <= 6 + 1  # the store's, admin
+    store.close()
+    assert int(admin.info("clients")["connected_clients"]) == 1
+    admin.close()
+
+
 def _data_commands(admin: redis.Redis) -> dict[str, int]:
     """Calls the client sent (Redis also counts the commands its scripts run)."""
     stats = admin.info("commandstats")
