@@ -25,6 +25,10 @@ environment variables override the file::
     evidence_flush_ms = 5           # RISKD_EVIDENCE_FLUSH_MS: how long the decision log's
                                     # writer gathers a batch (1..1000; longer: fewer commits,
                                     # more decisions lost in a crash)
+    max_batch = 500                 # RISKD_MAX_BATCH: orders per ScoreBatch
+    max_message_bytes = 4194304     # RISKD_MAX_MESSAGE_BYTES: a larger request is refused
+                                    # with INVALID_ARGUMENT naming its largest field (gRPC's
+                                    # own limit, RESOURCE_EXHAUSTED, is 4x this)
 
     [fallback]                      # RISKD_FALLBACK_<SCENARIO>="50000:allow,review"
     default = "50000:allow,review"  # total <= 500 CNY -> allow, else review

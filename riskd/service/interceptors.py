@@ -4,23 +4,33 @@
 messages never contain PII). Any other exception is a bug: the caller gets
 ``INTERNAL`` with no details, and the log gets the exception type and method.
 Every call is logged (method, code, milliseconds) and timed in the metrics.
+
+It also refuses a unary request larger than ``max_message_bytes`` with
+``INVALID_ARGUMENT`` naming the field that holds most of it (``order.buyer.address.detail``,
+``orders``), before any servicer sees it. gRPC's own receive limit is set a few times
+higher (``RECEIVE_LIMIT_FACTOR``) so that such requests arrive to be named; beyond that
+limit gRPC itself answers ``RESOURCE_EXHAUSTED`` without reading the message.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import Message
 
-from riskd.errors import RiskdError
+from riskd.errors import InvalidArgumentError, RiskdError
 from riskd.service.metrics import Metrics
 
 log = logging.getLogger("riskd.service.rpc")
 
 Handler = Callable[[Any, grpc.ServicerContext], Any]
+
+RECEIVE_LIMIT_FACTOR = 4
+"""gRPC's receive limit is this many times ``max_message_bytes`` (see the module docstring)."""
 
 if TYPE_CHECKING:  # generic only in the type stubs
     _Interceptor = grpc.ServerInterceptor[Any, Any]
@@ -36,8 +46,9 @@ def status_code(error: RiskdError) -> grpc.StatusCode:
 class ErrorInterceptor(_Interceptor):
     """Maps ``RiskdError`` to status codes, hides unexpected errors, logs and times each call."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, *, max_message_bytes: int | None = None) -> None:
         self._metrics = metrics
+        self._max_bytes = max_message_bytes
         # method → (its handler, the wrapped one): wrapped once per method, not per call
         self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
@@ -63,11 +74,14 @@ class ErrorInterceptor(_Interceptor):
 
     def _wrap(self, method: str, inner: Handler) -> Handler:
         latency = self._metrics.latency.labels(method)
+        limit = self._max_bytes
 
         def call(request: Any, context: grpc.ServicerContext) -> Any:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
+                if limit is not None and isinstance(request, Message):
+                    _check_size(request, limit)
                 return inner(request, context)
             except RiskdError as e:
                 code = status_code(e)
@@ -102,3 +116,59 @@ def _code(context: Any) -> grpc.StatusCode | None:
     # ServicerContext.code() exists at run time but not in the type stubs.
     code: grpc.StatusCode | None = context.code()
     return code
+
+
+def _check_size(request: Message, limit: int) -> None:
+    size = request.ByteSize()
+    if size > limit:
+        message = f"the request is {size} bytes, more than the limit of {limit}"
+        raise InvalidArgumentError(_largest_field(request) or "request", message)
+
+
+def _largest_field(msg: Message) -> str:
+    """The path to what holds most of ``msg``'s bytes: descend while one field (or one
+    element of a repeated field) holds more than half of its message, e.g.
+    ``order.buyer.address.detail``; ``orders`` when no single order does."""
+    path = ""
+    while True:
+        total, best, best_size = msg.ByteSize(), None, -1
+        for fd, value in msg.ListFields():
+            size = _size(value)
+            if size > best_size:
+                best, best_size = (fd.name, value), size
+        if best is None:
+            return path
+        name, value = best
+        path = f"{path}.{name}" if path else name
+        if 2 * best_size <= total:
+            return path
+        if _is_repeated(value):
+            if not value or not isinstance(value[0], Message):
+                return path
+            i, element = max(enumerate(value), key=lambda e: int(e[1].ByteSize()))
+            if 2 * element.ByteSize() <= best_size:
+                return path
+            path, value = f"{path}[{i}]", element
+        if not isinstance(value, Message):
+            return path
+        msg = value
+
+
+def _is_repeated(value: Any) -> bool:
+    # protobuf registers its repeated containers as Sequences
+    return isinstance(value, Sequence) and not isinstance(value, str | bytes)
+
+
+def _size(value: Any) -> int:
+    """About how many bytes a set field's value takes (exact enough to find the largest)."""
+    if isinstance(value, Message):
+        return int(value.ByteSize())
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, bytes):
+        return len(value)
+    if _is_repeated(value):
+        return sum(_size(v) for v in value)
+    if isinstance(value, Mapping):  # a map field
+        return sum(_size(k) + _size(v) for k, v in value.items())
+    return 8  # a number, a bool or an enum: a few bytes

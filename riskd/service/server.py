@@ -37,7 +37,7 @@ from riskd.service.auth import (
     server_credentials,
 )
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
-from riskd.service.interceptors import ErrorInterceptor
+from riskd.service.interceptors import RECEIVE_LIMIT_FACTOR, ErrorInterceptor
 from riskd.service.metrics import Metrics, MetricsEndpoint
 from riskd.service.scoring import ScorerLike, ScoringServicer
 from riskd.service.wiring import Components, build_components
@@ -194,7 +194,11 @@ def _start(
     threads = futures.ThreadPoolExecutor(_rpc_threads(config), thread_name_prefix="riskd-rpc")
     server = grpc.server(
         threads,
-        interceptors=[*_auth(config, metrics), *interceptors, ErrorInterceptor(metrics)],
+        interceptors=[
+            *_auth(config, metrics),
+            *interceptors,
+            ErrorInterceptor(metrics, max_message_bytes=config.max_message_bytes),
+        ],
         options=_options(config),
     )
     servicer = (
@@ -252,7 +256,8 @@ def _metrics_endpoint(config: Config, metrics: Metrics) -> MetricsEndpoint | Non
 def _options(config: Config) -> list[tuple[str, Any]]:
     return [
         ("grpc.so_reuseport", 1),
-        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # larger requests arrive to be refused by name (see riskd.service.interceptors)
+        ("grpc.max_receive_message_length", RECEIVE_LIMIT_FACTOR * config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
     ]
 

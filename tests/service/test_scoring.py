@@ -7,6 +7,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -15,7 +16,8 @@ from riskd.config import Config
 from riskd.domain.order import Order
 from riskd.service import convert, validate
 from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2, scoring_pb2_grpc
-from riskd.service.server import RunningServer
+from riskd.service.server import RunningServer, create_server
+from tests.service.conftest import make_config
 from tests.service.sample import full_order
 
 Stub = scoring_pb2_grpc.ScoringServiceStub
@@ -171,12 +173,18 @@ def test_too_many_orders_in_a_batch(stub: Stub, server: RunningServer) -> None:
     assert e.value.details().startswith("orders: ")
 
 
-def test_oversized_message_is_refused_before_parsing(stub: Stub) -> None:
+def test_oversized_message_is_invalid_argument_naming_the_field(
+    stub: Stub, server: RunningServer
+) -> None:
     msg = convert.order_to_proto(fresh())
-    msg.buyer.address.detail = "x" * (5 * 1024 * 1024)
+    msg.buyer.address.detail = "x" * (5 * 1024 * 1024)  # over max_message_bytes (4 MiB)
+    before = counters(server)
     with pytest.raises(grpc.RpcError) as e:
         score(stub, msg)
-    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("order.buyer.address.detail: the request is 52")
+    assert e.value.details().endswith(f"more than the limit of {Config().max_message_bytes}")
+    assert counters(server) == before
 
 
 @pytest.mark.parametrize(
@@ -215,3 +223,32 @@ def test_threads_are_not_leaked_per_call(stub: Stub) -> None:
     for _ in range(20):
         score(stub, fresh())
     assert threading.active_count() <= before + 2
+
+
+def test_message_size_limit_names_the_field_then_grpc_refuses_far_larger(
+    tmp_path: Path,
+) -> None:
+    limit = 64 * 1024
+    running = create_server(make_config(tmp_path, max_message_bytes=limit))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+            batch = [convert.order_to_proto(fresh()) for _ in range(400)]  # ~80 KB in all
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ScoreBatch(scoring_pb2.ScoreBatchRequest(orders=batch), timeout=5)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert e.value.details().startswith("orders: the request is ")
+            one = convert.order_to_proto(fresh())
+            one.items[0].sku = "s" * 100_000
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ScoreBatch(scoring_pb2.ScoreBatchRequest(orders=[one]), timeout=5)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert e.value.details().startswith("orders[0].items[0].sku: the request is 100")
+            one.items[0].sku = "s" * (4 * limit)  # past gRPC's own receive limit
+            with pytest.raises(grpc.RpcError) as e:
+                score(stub, one)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert score(stub, fresh()).outcome == scoring_pb2.OUTCOME_ALLOW
+        assert running.metrics.value("riskd_decisions_total", {"outcome": "allow"}) == 1
+    finally:
+        running.stop(1)
