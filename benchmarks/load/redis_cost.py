@@ -16,9 +16,7 @@ shard's Redis CPU per order (what one Redis no longer has to carry alone).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +27,8 @@ import redis
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(Path(__file__).resolve().parent)]
+
+from revision import module_at  # noqa: E402
 
 from riskd.domain.clock import FakeClock  # noqa: E402
 from riskd.dsl.program import load_rules  # noqa: E402
@@ -45,22 +45,6 @@ POOLS = {
     "live_room": 300,
     "creator": 300,
 }
-
-
-def store_at(rev: str) -> ModuleType:
-    source = subprocess.run(
-        ["git", "-C", str(ROOT), "show", f"{rev}:riskd/features/redis_store.py"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    name = f"redis_store_{rev}"
-    spec = importlib.util.spec_from_loader(name, loader=None)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    exec(compile(source, f"{rev}:redis_store.py", "exec"), module.__dict__)
-    return module
 
 
 def measure(module: ModuleType, urls: list[str], queries: frozenset, warm: int, n: int) -> dict:  # type: ignore[type-arg]
@@ -114,7 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         queries = load_rules(write_rules(200, Path(tmp))).feature_queries
-    stores = {rev: store_at(rev) for rev in args.against}
+    stores = {rev: module_at(rev, "riskd/features/redis_store.py") for rev in args.against}
     stores["this tree"] = redis_store
     own = OwnRedis()
     own.start()

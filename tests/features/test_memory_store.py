@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from concurrent.futures import ThreadPoolExecutor
 
 from riskd.domain.clock import FakeClock
@@ -69,6 +70,46 @@ def test_sums_stay_exact_across_compaction() -> None:
         )
         assert (got[COUNT_1H], got[SUM_1H]) == (min(i + 1, 60), sum(amounts[-60:]))
         clock.advance(60)
+
+
+def test_windows_stay_exact_as_old_events_and_sightings_are_compacted_away() -> None:
+    """Four days, an order every 20 minutes: each day's oldest events and sightings leave
+    the 24 h window one by one and are compacted away; counts, sums and distinct counts
+    match a brute-force count throughout (buyers new for two days, then repeating)."""
+    clock = FakeClock()
+    store = InProcessFeatureStore(clock)
+    sum_24h = FeatureQuery(Agg.SUM, "shop", "24h")
+    queries = [COUNT_24H, sum_24h, BUYERS_24H]
+    seen: list[tuple[float, int, str]] = []
+    for i in range(4 * 72):
+        buyer = f"b{i}" if i < 144 else f"r{i % 50}"
+        amount = i * 7919 % 100_000
+        seen.append((clock.now(), amount, buyer))
+        got = store.record_and_read(
+            Observation(f"o{i}", clock.now(), amount, {"shop": "s", "buyer": buyer}), queries
+        )
+        inside = [e for e in seen if clock.now() - 86_400 < e[0]]
+        assert got[COUNT_24H] == len(inside), i
+        assert got[sum_24h] == sum(amount for _, amount, _ in inside), i
+        assert got[BUYERS_24H] == len({b for _, _, b in inside}), i
+        clock.advance(1200)
+
+
+def test_recorded_state_leaves_nothing_for_the_garbage_collector() -> None:
+    """A day of keys must not become millions of objects that every full collection walks
+    while holding the GIL (pauses of hundreds of ms on the request path)."""
+    clock = FakeClock()
+    store = InProcessFeatureStore(clock)
+    keys = [f"k{i}" for i in range(3000)]
+    gc.collect()
+    before = len(gc.get_objects())
+    for i, key in enumerate(keys):
+        store.record_and_read(order(clock, i, device=key, buyer=key, shop=key), QUERIES)
+        clock.advance(1)
+    gc.collect()
+    gc.collect()
+    assert store.size().series == 3 * len(keys)
+    assert len(gc.get_objects()) - before < 0.05 * len(keys)
 
 
 def test_concurrent_orders_are_all_counted() -> None:
