@@ -10,7 +10,8 @@ keys recorded for each) leave after ``SEEN_TTL_S``, and a sweep started every
 ``sweep_every_s`` (injected clock) walks every key, a batch per recorded order
 so no call pays for all of it, and drops the series and distinct sets that have
 aged out. One lock makes every call atomic, so concurrent retries of one order
-record each of its keys once.
+record each of its keys once. The state is laid out so that the garbage collector
+does not walk it (see below): its full collections stop every thread.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TypeVar
 
 from riskd.domain.clock import Clock
 from riskd.domain.features import WINDOWS, Agg, FeatureQuery
@@ -40,26 +40,19 @@ _COMPACT_AT = 64  # dead entries kept at the front before a column is compacted
 # (replicas' clocks, threads): until then a key's own records decide what it trims.
 _SWEEP_MARGIN_MS = 3_600_000
 _SWEEP_BATCH = 64  # keys swept per recorded order
-_K = TypeVar("_K")
 
 
-def _take(pending: list[_K]) -> list[_K]:
-    """Remove and return up to a sweep batch from the end of ``pending``."""
-    batch = pending[-_SWEEP_BATCH:]
-    del pending[-_SWEEP_BATCH:]
-    return batch
-
-
-# Every key's state is kept in bytearrays, tuples of them and dicts of str and int: objects
-# the garbage collector does not track (bytearrays hold no objects; the collector's own
-# passes untrack such tuples and dicts, but never a tuple that holds a dict). A day of keys
-# held as lists and instances would be millions of tracked objects, walked by every full
-# collection while it holds the GIL: ~0.26 s at 40,000 orders of new keys on a 2-core VM,
-# growing all day. Numbers are native int64 cells, read through ``memoryview.cast("q")``
-# (released before a bytearray is resized) or ``_I64``.
+# Every key's state is kept in bytearrays in flat dicts keyed by str, holding str, int or
+# bytearrays: objects the garbage collector never tracks (a dict is tracked only once it
+# holds a tracked object: a tuple until the collector looks at it, or any dict). Held as
+# lists and instances, a day of keys was millions of tracked objects that every full
+# collection walked while holding the GIL (``benchmarks/load/store_gc.py``: 61-74 ms at
+# 10,000 orders of new keys on a 2-core VM, growing with the day; under 1 ms now). What
+# the collector still walks is the map of remembered order ids, one entry per order of
+# the last ``SEEN_TTL_S``. Numbers are native int64 cells, read through
+# ``memoryview.cast("q")`` (released before a bytearray is resized) or ``_I64``.
 _I64 = struct.Struct("=q")
 _W = _I64.size
-_SeriesState = tuple[bytearray, bytearray]
 
 
 def _cells(buf: bytearray) -> memoryview:
@@ -75,17 +68,13 @@ class _Series:
     then one cell per event; ``cum[i]`` is the total of every amount up to and including
     event ``i``. Compaction restarts the totals from 0, so they stay within the amounts of
     about two days (int64: 9.2 million orders at the largest amount riskd accepts).
-    Wraps a state tuple for the length of one call (see above).
+    Wraps the store's two bytearrays for the length of one call (see above).
     """
 
     __slots__ = ("cum", "times")
 
-    def __init__(self, state: _SeriesState | None = None) -> None:
-        self.times, self.cum = state or (bytearray(2 * _W), bytearray())
-
-    @property
-    def state(self) -> _SeriesState:
-        return (self.times, self.cum)
+    def __init__(self, times: bytearray, cum: bytearray) -> None:
+        self.times, self.cum = times, cum
 
     def __len__(self) -> int:
         return len(self.cum) // _W - int(_I64.unpack_from(self.times, _W)[0])
@@ -137,29 +126,29 @@ class _Series:
 class _Distinct:
     """Latest sighting (ms) of each ``of`` value seen with one key value.
 
-    ``last`` maps a value to its latest sighting; ``times`` holds those sightings sorted
-    after one header cell, ``lo`` (sightings before it are dead); ``at`` maps a time to
-    the values last seen then (a str, or a tuple when several share a millisecond).
-    Wraps the three for the length of one call (see above; the store keeps them apart).
+    ``times`` holds the latest sightings sorted after one header cell, ``lo`` (sightings
+    before it are dead). In the store's flat maps, under this set's ``prefix``: ``last``
+    maps a value to its latest sighting, ``at`` a time (decimal) to the values last seen
+    then (a str, or a tuple when several share a millisecond). Wraps them for one call.
     """
 
-    __slots__ = ("at", "last", "times")
+    __slots__ = ("at", "last", "prefix", "times")
 
     def __init__(
         self,
-        times: bytearray | None = None,
-        last: dict[str, int] | None = None,
-        at: dict[int, str | tuple[str, ...]] | None = None,
+        times: bytearray,
+        prefix: str,
+        last: dict[str, int],
+        at: dict[str, str | tuple[str, ...]],
     ) -> None:
-        self.times = bytearray(_W) if times is None else times
-        self.last = {} if last is None else last
-        self.at = {} if at is None else at
+        self.times, self.prefix, self.last, self.at = times, prefix, last, at
 
     def __len__(self) -> int:
-        return len(self.last)
+        return len(self.times) // _W - 1 - int(_I64.unpack_from(self.times, 0)[0])
 
     def see(self, t: int, value: str) -> None:
-        old = self.last.get(value)
+        key = self.prefix + value
+        old = self.last.get(key)
         times = self.times
         if old is not None:
             if old >= t:
@@ -168,43 +157,66 @@ class _Distinct:
                 i = bisect_left(cells, old, 1 + cells[0])
             del times[_W * i : _W * (i + 1)]
             self._unplace(old, value)
-        self.last[value] = t
+        self.last[key] = t
         with _cells(times) as cells:
             i = bisect_right(cells, t, 1 + cells[0])
         times[_W * i : _W * i] = _I64.pack(t)
-        there = self.at.get(t)
-        self.at[t] = value if there is None else (*_values(there), value)
+        at = self.prefix + str(t)
+        there = self.at.get(at)
+        self.at[at] = value if there is None else (*_values(there), value)
 
     def trim(self, horizon: int) -> None:
-        at, last = self.at, self.last
+        at, last, prefix = self.at, self.last, self.prefix
         if not _due(self.times, 1, horizon):
             return
         with _cells(self.times) as cells:
             first = 1 + cells[0]
             end = bisect_right(cells, horizon, first)
             for i in range(first, end):
-                there = at.pop(cells[i], None)  # a time seen twice: its values went already
+                there = at.pop(prefix + str(cells[i]), None)  # a time seen twice: gone already
                 for value in _values(there) if there is not None else ():
-                    del last[value]
+                    del last[prefix + value]
             lo = cells[0] = end - 1
         if lo >= _COMPACT_AT and 2 * lo >= len(self.times) // _W - 1:
             del self.times[_W : _W * (1 + lo)]
             _I64.pack_into(self.times, 0, 0)
 
     def _unplace(self, t: int, value: str) -> None:
-        there = _values(self.at[t])
+        at = self.prefix + str(t)
+        there = _values(self.at[at])
         if len(there) == 1:
-            del self.at[t]
+            del self.at[at]
         else:
             rest = tuple(v for v in there if v != value)
-            self.at[t] = rest[0] if len(rest) == 1 else rest
+            self.at[at] = rest[0] if len(rest) == 1 else rest
+
+
+def _series_key(name: str, value: str) -> str:
+    return f"{name}\x00{value}"  # names hold no NUL: the first one ends the name
+
+
+def _set_key(key: str, of: str, value: str) -> str:
+    # the value's length makes the key end where the value does: a prefix for flat maps
+    return f"{key}\x00{of}\x00{len(value)}\x00{value}"
+
+
+def _oldest(times: bytearray, header: int) -> int | None:
+    """The oldest live time (``times``' cell ``header - 1`` is ``lo``), None when there is
+    none; read without a view, as most calls find nothing to trim."""
+    at = _W * (header + _I64.unpack_from(times, _W * (header - 1))[0])
+    return int(_I64.unpack_from(times, at)[0]) if at < len(times) else None
 
 
 def _due(times: bytearray, header: int, horizon: int) -> bool:
-    """Whether the oldest live time is at or before ``horizon`` (``times``' cell ``header - 1``
-    is ``lo``); read without a view, as most calls find nothing to trim."""
-    at = _W * (header + _I64.unpack_from(times, _W * (header - 1))[0])
-    return at < len(times) and bool(_I64.unpack_from(times, at)[0] <= horizon)
+    """Whether ``times`` holds live times at or before ``horizon``."""
+    oldest = _oldest(times, header)
+    return oldest is not None and oldest <= horizon
+
+
+def _keeps(times: bytearray, header: int, horizon: int) -> bool:
+    """For the sweep: nothing to do (live times, none at or before ``horizon``)."""
+    oldest = _oldest(times, header)
+    return oldest is not None and oldest > horizon
 
 
 def _values(there: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -226,6 +238,17 @@ def _count(times: memoryview, lo_excl: int, hi_incl: int) -> int:
     first = 1 + times[0]
     hi = bisect_right(times, hi_incl, first)
     return max(0, hi - bisect_right(times, lo_excl, first))
+
+
+def _batch(keys: tuple[str, ...], done: int) -> tuple[str, ...]:
+    """The next sweep batch of ``keys`` when ``done`` are swept (from the newest keys back)."""
+    end = max(len(keys) - done, 0)
+    return keys[max(end - _SWEEP_BATCH, 0) : end]
+
+
+_COUNT, _SUM, _DISTINCT = 0, 1, 2  # a series query reads (count, sum)[kind]
+_KIND = {Agg.COUNT: _COUNT, Agg.SUM: _SUM, Agg.DISTINCT: _DISTINCT}
+_Query = tuple[FeatureQuery, str, str, int, int]  # the query, key, of, window (ms), kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,19 +273,23 @@ class InProcessFeatureStore:
         self._clock = clock
         self._sweep_every_s = sweep_every_s
         self._next_sweep = clock.monotonic() + sweep_every_s
-        self._pending_series: list[tuple[str, str]] = []  # keys the current sweep has left
-        self._pending_distinct: list[tuple[str, str, str]] = []
+        # the keys the current sweep has still to visit (tuples of str: never tracked) and
+        # how far it has come through them
+        self._pending: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+        self._swept = 0
         self._lock = threading.Lock()
-        # (name, value) -> _Series state; (key, of, value) -> _Distinct state
-        self._series: dict[tuple[str, str], _SeriesState] = {}
-        # (key, of, value) -> a _Distinct's parts, kept in three maps (a tuple holding its
-        # dicts would stay tracked): sorted sightings, latest sighting by value, values by time
-        self._distinct: dict[tuple[str, str, str], bytearray] = {}
-        self._sightings: dict[tuple[str, str, str], dict[str, int]] = {}
-        self._seen_at: dict[tuple[str, str, str], dict[int, str | tuple[str, ...]]] = {}
+        # flat maps, str keys (see above): a series' times and totals by _series_key, a
+        # distinct set's sightings by _set_key; under a set's key, its values' latest
+        # sightings (key + value) and the values last seen at a time (key + decimal time)
+        self._times: dict[str, bytearray] = {}
+        self._cums: dict[str, bytearray] = {}
+        self._distinct: dict[str, bytearray] = {}
+        self._last: dict[str, int] = {}
+        self._at: dict[str, str | tuple[str, ...]] = {}
         # order_id -> its recorded (name, value) keys -> clock ms when each was recorded
         self._seen: dict[str, dict[tuple[str, str], int]] = {}
         self._seen_queue: deque[tuple[int, str]] = deque()  # (ms, order_id), oldest first
+        self._plans: tuple[object, tuple[_Query, ...]] = (None, ())
 
     def record_and_read(
         self, obs: Observation, queries: Collection[FeatureQuery]
@@ -285,18 +312,16 @@ class InProcessFeatureStore:
 
     def close(self) -> None:
         with self._lock:
-            self._series.clear()
-            self._distinct.clear()
-            self._sightings.clear()
-            self._seen_at.clear()
+            for state in (self._times, self._cums, self._distinct, self._last, self._at):
+                state.clear()
             self._seen.clear()
             self._seen_queue.clear()
 
     def size(self) -> StoreSize:
         with self._lock:
             return StoreSize(
-                series=len(self._series),
-                events=sum(len(_Series(s)) for s in self._series.values()),
+                series=len(self._times),
+                events=sum(len(_Series(t, self._cums[k])) for k, t in self._times.items()),
                 distinct_sets=len(self._distinct),
                 orders=len(self._seen),
             )
@@ -312,19 +337,23 @@ class InProcessFeatureStore:
         for name, value in obs.keys.items():
             if name not in names:
                 continue
-            state = self._series.get((name, value))
-            series = _Series(state)
-            if state is None:
-                self._series[(name, value)] = series.state
+            skey = _series_key(name, value)
+            times = self._times.get(skey)
+            if times is None:
+                times = self._times[skey] = bytearray(2 * _W)
+                self._cums[skey] = bytearray()
+            series = _Series(times, self._cums[skey])
             series.add(t, obs.amount)
             series.trim(series.newest() - RETENTION_MS)
         for key, of in pairs:
             seen_with = obs.keys.get(of)
             if seen_with is None or key not in names:
                 continue
-            dkey = (key, of, obs.keys[key])
-            distinct = self._distinct_set(dkey, create=True)
-            assert distinct is not None
+            dkey = _set_key(key, of, obs.keys[key])
+            times = self._distinct.get(dkey)
+            if times is None:
+                times = self._distinct[dkey] = bytearray(_W)
+            distinct = _Distinct(times, dkey, self._last, self._at)
             distinct.see(t, seen_with)
             distinct.trim(t - RETENTION_MS)
 
@@ -336,88 +365,87 @@ class InProcessFeatureStore:
         distinct: dict[tuple[str, str], memoryview | None] = {}
         opened: list[memoryview] = []
         try:
-            for q in queries:
-                value = keys.get(q.key)
+            for q, key, of, span, kind in self._plan(queries):
+                value = keys.get(key)
                 if value is None:
                     out[q] = 0
                     continue
-                lo = hi - WINDOWS[q.window] * 1000
-                if q.agg is Agg.DISTINCT:
-                    pair = (q.key, q.of)
+                if kind == _DISTINCT:
+                    pair = (key, of)
                     if pair in distinct:
                         cells = distinct[pair]
                     else:
-                        found = self._distinct.get((q.key, q.of, value))
+                        found = self._distinct.get(_set_key(key, of, value))
                         cells = distinct[pair] = None if found is None else _cells(found)
                         if cells is not None:
                             opened.append(cells)
-                    out[q] = 0 if cells is None else _count(cells, lo, hi)
+                    out[q] = 0 if cells is None else _count(cells, hi - span, hi)
                     continue
-                if q.key in series:
-                    views = series[q.key]
+                if key in series:
+                    views = series[key]
                 else:
-                    state = self._series.get((q.key, value))
-                    views = series[q.key] = (
-                        None if state is None else (_cells(state[0]), _cells(state[1]))
+                    skey = _series_key(key, value)
+                    times = self._times.get(skey)
+                    views = series[key] = (
+                        None if times is None else (_cells(times), _cells(self._cums[skey]))
                     )
                     opened.extend(views or ())
                 if views is None:
                     out[q] = 0
                 else:
-                    count, total = _count_sum(views[0], views[1], lo, hi)
-                    out[q] = count if q.agg is Agg.COUNT else total
+                    out[q] = _count_sum(views[0], views[1], hi - span, hi)[kind]
         finally:
             for view in opened:
                 view.release()
         return out
 
-    def _distinct_set(self, dkey: tuple[str, str, str], *, create: bool) -> _Distinct | None:
-        times = self._distinct.get(dkey)
-        if times is not None:
-            return _Distinct(times, self._sightings[dkey], self._seen_at[dkey])
-        if not create:
-            return None
-        distinct = _Distinct()
-        self._distinct[dkey], self._sightings[dkey] = distinct.times, distinct.last
-        self._seen_at[dkey] = distinct.at
-        return distinct
+    def _plan(self, queries: Collection[FeatureQuery]) -> tuple[_Query, ...]:
+        """The queries as the reads use them; kept for an immutable query set."""
+        cached_for, plan = self._plans  # one read: another thread may swap in a new pair
+        if cached_for is queries:
+            return plan
+        plan = tuple((q, q.key, q.of, WINDOWS[q.window] * 1000, _KIND[q.agg]) for q in queries)
+        if isinstance(queries, frozenset | tuple):
+            self._plans = (queries, plan)
+        return plan
 
     def _maybe_sweep(self) -> None:
         """Sweep a few keys per recorded order, so no call pays for a whole sweep."""
         self._forget_orders(to_ms(self._clock.now()) - SEEN_TTL_S * 1000)  # oldest first: cheap
-        if not self._pending_series and not self._pending_distinct:
+        series, distinct = self._pending
+        if self._swept >= max(len(series), len(distinct)):
             if self._clock.monotonic() < self._next_sweep:
                 return
             self._next_sweep = self._clock.monotonic() + self._sweep_every_s
-            self._pending_series, self._pending_distinct = list(self._series), list(self._distinct)
-        series, distinct = _take(self._pending_series), _take(self._pending_distinct)
-        self._sweep_keys(series, distinct)
+            series, distinct = self._pending = (tuple(self._times), tuple(self._distinct))
+            self._swept = 0
+        done, self._swept = self._swept, self._swept + _SWEEP_BATCH
+        self._sweep_keys(_batch(series, done), _batch(distinct, done))
 
     def _sweep(self) -> None:
-        self._pending_series, self._pending_distinct = [], []
+        self._pending, self._swept = ((), ()), 0
         self._next_sweep = self._clock.monotonic() + self._sweep_every_s
-        self._sweep_keys(list(self._series), list(self._distinct))
+        self._sweep_keys(tuple(self._times), tuple(self._distinct))
         self._forget_orders(to_ms(self._clock.now()) - SEEN_TTL_S * 1000)
 
-    def _sweep_keys(
-        self, series_keys: list[tuple[str, str]], distinct_keys: list[tuple[str, str, str]]
-    ) -> None:
+    def _sweep_keys(self, series_keys: tuple[str, ...], distinct_keys: tuple[str, ...]) -> None:
         horizon = to_ms(self._clock.now()) - RETENTION_MS - _SWEEP_MARGIN_MS
         for skey in series_keys:
-            state = self._series.get(skey)
-            if state is not None:
-                series = _Series(state)
-                series.trim(horizon)
-                if not series:
-                    del self._series[skey]
+            times = self._times.get(skey)
+            if times is None or _keeps(times, 2, horizon):
+                continue  # the usual case
+            series = _Series(times, self._cums[skey])
+            series.trim(horizon)
+            if not series:
+                del self._times[skey], self._cums[skey]
         for dkey in distinct_keys:
             times = self._distinct.get(dkey)
-            if times is None:
+            if times is None or _keeps(times, 1, horizon):
                 continue
-            if _due(times, 1, horizon):
-                _Distinct(times, self._sightings[dkey], self._seen_at[dkey]).trim(horizon)
-            if not self._sightings[dkey]:
-                del self._distinct[dkey], self._sightings[dkey], self._seen_at[dkey]
+            distinct = _Distinct(times, dkey, self._last, self._at)
+            distinct.trim(horizon)
+            if not distinct:
+                del self._distinct[dkey]
 
     def _forget_orders(self, horizon: int) -> None:
         queue = self._seen_queue
