@@ -19,7 +19,6 @@ from __future__ import annotations
 import struct
 import threading
 from bisect import bisect_left, bisect_right
-from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -47,10 +46,10 @@ _SWEEP_BATCH = 64  # keys swept per recorded order
 # holds a tracked object: a tuple until the collector looks at it, or any dict). Held as
 # lists and instances, a day of keys was millions of tracked objects that every full
 # collection walked while holding the GIL (``benchmarks/load/store_gc.py``: 61-74 ms at
-# 10,000 orders of new keys on a 2-core VM, growing with the day; under 1 ms now). What
-# the collector still walks is the map of remembered order ids, one entry per order of
-# the last ``SEEN_TTL_S``. Numbers are native int64 cells, read through
-# ``memoryview.cast("q")`` (released before a bytearray is resized) or ``_I64``.
+# 10,000 orders of new keys on a 2-core VM, growing with the day; under 1 ms now). The
+# order ids remembered for idempotency are kept the same way. Numbers are native int64
+# cells, read through ``memoryview.cast("q")`` (released before a bytearray is resized)
+# or ``_I64``.
 _I64 = struct.Struct("=q")
 _W = _I64.size
 
@@ -286,9 +285,14 @@ class InProcessFeatureStore:
         self._distinct: dict[str, bytearray] = {}
         self._last: dict[str, int] = {}
         self._at: dict[str, str | tuple[str, ...]] = {}
-        # order_id -> its recorded (name, value) keys -> clock ms when each was recorded
-        self._seen: dict[str, dict[tuple[str, str], int]] = {}
-        self._seen_queue: deque[tuple[int, str]] = deque()  # (ms, order_id), oldest first
+        # order ids remembered for idempotency, flat as well: the clock ms each (order id,
+        # name, value) was recorded, by _recorded_key; per order id, how many it has; and
+        # a queue in recording order, sequence number -> (its ms, _pack(order id, keys))
+        self._recorded: dict[str, int] = {}
+        self._orders: dict[str, int] = {}
+        self._queue_ms: dict[int, int] = {}
+        self._queue: dict[int, str] = {}
+        self._head = self._tail = 0  # the queue's oldest sequence number and the next one
         self._plans: tuple[object, tuple[_Query, ...]] = (None, ())
 
     def record_and_read(
@@ -296,12 +300,18 @@ class InProcessFeatureStore:
     ) -> dict[FeatureQuery, int]:
         with self._lock:
             now = to_ms(self._clock.now())
-            seen = self._seen.setdefault(obs.order_id, {})
             forgotten = now - SEEN_TTL_S * 1000
-            new = {n for n, v in obs.keys.items() if seen.get((n, v), forgotten) <= forgotten}
+            order_id, recorded = obs.order_id, self._recorded
+            flat = {n: _recorded_key(order_id, n, v) for n, v in obs.keys.items()}
+            new = {n for n, k in flat.items() if recorded.get(k, forgotten) <= forgotten}
             if new:
-                seen.update(((name, obs.keys[name]), now) for name in new)
-                self._seen_queue.append((now, obs.order_id))
+                added = [flat[n] for n in new]
+                fresh = sum(1 for k in added if k not in recorded)
+                if fresh:
+                    self._orders[order_id] = self._orders.get(order_id, 0) + fresh
+                recorded.update((k, now) for k in added)
+                self._queue_ms[self._tail], self._queue[self._tail] = now, _pack(order_id, *added)
+                self._tail += 1
                 self._record(obs, new, distinct_pairs(obs, queries))
                 self._maybe_sweep()
             return self._read(obs, queries)
@@ -314,8 +324,9 @@ class InProcessFeatureStore:
         with self._lock:
             for state in (self._times, self._cums, self._distinct, self._last, self._at):
                 state.clear()
-            self._seen.clear()
-            self._seen_queue.clear()
+            for orders in (self._recorded, self._orders, self._queue_ms, self._queue):
+                orders.clear()
+            self._head = self._tail = 0
 
     def size(self) -> StoreSize:
         with self._lock:
@@ -323,7 +334,7 @@ class InProcessFeatureStore:
                 series=len(self._times),
                 events=sum(len(_Series(t, self._cums[k])) for k, t in self._times.items()),
                 distinct_sets=len(self._distinct),
-                orders=len(self._seen),
+                orders=len(self._orders),
             )
 
     def sweep(self) -> None:
@@ -448,13 +459,39 @@ class InProcessFeatureStore:
                 del self._distinct[dkey]
 
     def _forget_orders(self, horizon: int) -> None:
-        queue = self._seen_queue
-        while queue and queue[0][0] <= horizon:
-            _, order_id = queue.popleft()
-            seen = self._seen.get(order_id)
-            if seen is None:
-                continue
-            for key in [k for k, at in seen.items() if at <= horizon]:
-                del seen[key]
-            if not seen:
-                del self._seen[order_id]
+        """Forget the keys recorded at or before ``horizon``, oldest first."""
+        recorded, orders = self._recorded, self._orders
+        while self._head < self._tail and self._queue_ms[self._head] <= horizon:
+            del self._queue_ms[self._head]
+            order_id, *keys = _unpack(self._queue.pop(self._head))
+            self._head += 1
+            for key in keys:
+                at = recorded.get(key)
+                if at is None or at > horizon:
+                    continue  # recorded again since
+                del recorded[key]
+                if orders[order_id] > 1:
+                    orders[order_id] -= 1
+                else:
+                    del orders[order_id]
+
+
+def _recorded_key(order_id: str, name: str, value: str) -> str:
+    # the order id's length ends it; names hold no NUL: the first one after it ends the name
+    return f"{len(order_id)}\x00{order_id}{name}\x00{value}"
+
+
+def _pack(*texts: str) -> str:
+    """Strings in one (each length-prefixed): ``_unpack`` gives them back."""
+    return "".join(f"{len(t)}\x00{t}" for t in texts)
+
+
+def _unpack(packed: str) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(packed):
+        j = packed.index("\x00", i)
+        end = j + 1 + int(packed[i:j])
+        out.append(packed[j + 1 : end])
+        i = end
+    return out
