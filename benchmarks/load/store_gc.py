@@ -3,7 +3,8 @@
 Each round records ``--orders`` orders with fresh buyers, devices, IPs and addresses (shops,
 live rooms and creators from small pools) and reads the 200-rule load set's queries (as
 ``riskd serve`` does with its default store), then times one full ``gc.collect()``: the
-pause every full collection would put on every request thread while it holds the GIL.
+pause every full collection would put on every request thread while it holds the GIL,
+and the memory the store grew by per order.
 Alternating rounds, this tree against ``--against REV`` (``riskd/features/memory.py`` as it
 was there), one process each, so both start from the same heap.
 
@@ -16,6 +17,7 @@ import argparse
 import gc
 import json
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -53,11 +55,13 @@ def measure(module: ModuleType, n: int) -> dict[str, float]:
     gc.freeze()  # the orders and the program: not the store's
     clock = FakeClock(1_700_000_000.0)
     store = module.InProcessFeatureStore(clock)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     cpu = time.process_time()
     for order_id, amount, keys in orders:
         clock.advance(0.05)  # 20 orders a second of clock time
         store.record_and_read(Observation(order_id, clock.now(), amount, keys), queries)
     cpu = time.process_time() - cpu
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss
     gc.collect()
     start = time.perf_counter()
     gc.collect()
@@ -66,6 +70,7 @@ def measure(module: ModuleType, n: int) -> dict[str, float]:
         "cpu_us_per_order": round(1e6 * cpu / n, 1),
         "full_gc_ms": round(1000 * pause, 1),
         "tracked_objects": len(gc.get_objects()),
+        "rss_kib_per_order": round(rss / n, 2),
     }
 
 

@@ -285,11 +285,10 @@ class InProcessFeatureStore:
         self._distinct: dict[str, bytearray] = {}
         self._last: dict[str, int] = {}
         self._at: dict[str, str | tuple[str, ...]] = {}
-        # order ids remembered for idempotency, flat as well: the clock ms each (order id,
-        # name, value) was recorded, by _recorded_key; per order id, how many it has; and
-        # a queue in recording order, sequence number -> (its ms, _pack(order id, keys))
-        self._recorded: dict[str, int] = {}
-        self._orders: dict[str, int] = {}
+        # order ids remembered for idempotency, flat as well: per order id, the keys it
+        # recorded and when (_pack'ed: name, value, clock ms, ...); and a queue in
+        # recording order, sequence number -> its clock ms and its order id
+        self._orders: dict[str, str] = {}
         self._queue_ms: dict[int, int] = {}
         self._queue: dict[int, str] = {}
         self._head = self._tail = 0  # the queue's oldest sequence number and the next one
@@ -301,16 +300,13 @@ class InProcessFeatureStore:
         with self._lock:
             now = to_ms(self._clock.now())
             forgotten = now - SEEN_TTL_S * 1000
-            order_id, recorded = obs.order_id, self._recorded
-            flat = {n: _recorded_key(order_id, n, v) for n, v in obs.keys.items()}
-            new = {n for n, k in flat.items() if recorded.get(k, forgotten) <= forgotten}
+            order_id = obs.order_id
+            seen = _recorded(self._orders.get(order_id))
+            new = {n for n, v in obs.keys.items() if seen.get((n, v), forgotten) <= forgotten}
             if new:
-                added = [flat[n] for n in new]
-                fresh = sum(1 for k in added if k not in recorded)
-                if fresh:
-                    self._orders[order_id] = self._orders.get(order_id, 0) + fresh
-                recorded.update((k, now) for k in added)
-                self._queue_ms[self._tail], self._queue[self._tail] = now, _pack(order_id, *added)
+                seen.update(((name, obs.keys[name]), now) for name in new)
+                self._orders[order_id] = _pack_recorded(seen)
+                self._queue_ms[self._tail], self._queue[self._tail] = now, order_id
                 self._tail += 1
                 self._record(obs, new, distinct_pairs(obs, queries))
                 self._maybe_sweep()
@@ -324,7 +320,7 @@ class InProcessFeatureStore:
         with self._lock:
             for state in (self._times, self._cums, self._distinct, self._last, self._at):
                 state.clear()
-            for orders in (self._recorded, self._orders, self._queue_ms, self._queue):
+            for orders in (self._orders, self._queue_ms, self._queue):
                 orders.clear()
             self._head = self._tail = 0
 
@@ -460,25 +456,32 @@ class InProcessFeatureStore:
 
     def _forget_orders(self, horizon: int) -> None:
         """Forget the keys recorded at or before ``horizon``, oldest first."""
-        recorded, orders = self._recorded, self._orders
         while self._head < self._tail and self._queue_ms[self._head] <= horizon:
             del self._queue_ms[self._head]
-            order_id, *keys = _unpack(self._queue.pop(self._head))
+            order_id = self._queue.pop(self._head)
             self._head += 1
-            for key in keys:
-                at = recorded.get(key)
-                if at is None or at > horizon:
-                    continue  # recorded again since
-                del recorded[key]
-                if orders[order_id] > 1:
-                    orders[order_id] -= 1
-                else:
-                    del orders[order_id]
+            packed = self._orders.get(order_id)
+            if packed is None:
+                continue
+            kept = {key: at for key, at in _recorded(packed).items() if at > horizon}
+            if kept:
+                self._orders[order_id] = _pack_recorded(kept)
+            else:
+                del self._orders[order_id]
 
 
-def _recorded_key(order_id: str, name: str, value: str) -> str:
-    # the order id's length ends it; names hold no NUL: the first one after it ends the name
-    return f"{len(order_id)}\x00{order_id}{name}\x00{value}"
+def _recorded(packed: str | None) -> dict[tuple[str, str], int]:
+    """An order's recorded keys, (name, value) -> clock ms, from ``_pack_recorded``."""
+    if packed is None:
+        return {}
+    parts = _unpack(packed)
+    return {(parts[i], parts[i + 1]): int(parts[i + 2]) for i in range(0, len(parts), 3)}
+
+
+def _pack_recorded(recorded: dict[tuple[str, str], int]) -> str:
+    return _pack(
+        *(text for (name, value), at in recorded.items() for text in (name, value, str(at)))
+    )
 
 
 def _pack(*texts: str) -> str:
