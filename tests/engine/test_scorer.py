@@ -155,11 +155,13 @@ def test_scorer_blocks_orders_of_a_shop_the_ledger_froze(
     book.penalize_shop(
         "k-1", "s-bad", "order_brushing", "case-1", evidence="case file", actor="analyst"
     )
-    rig = make_rig(shops=LedgerShopDirectory(book, clock))
+    shops = LedgerShopDirectory(book, clock)
+    rig = make_rig(shops=shops)
     decision = rig.scorer.score(make_order("o-1", shop_id="s-bad"))
     assert decision.outcome is Outcome.BLOCK
     assert [r.rule_id for r in decision.reasons] == ["frozen_shop"]
     assert rig.scorer.score(make_order("o-2", shop_id="s-good")).outcome is Outcome.ALLOW
+    shops.close()  # before the book: its refresher queries the book's database
     book.close()
 
 

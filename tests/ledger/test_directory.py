@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+
+import pytest
 
 from riskd.domain.clock import FakeClock
 from riskd.domain.shop import ShopState
@@ -11,6 +13,22 @@ from riskd.ledger import Book, LedgerShopDirectory
 from tests.ledger.conftest import funded
 
 DAY = 86_400
+Open = Callable[..., LedgerShopDirectory]
+
+
+@pytest.fixture
+def open_directory(book: Book) -> Iterator[Open]:
+    """Directories for a test, closed before its book: a refresh running while the
+    book's database closes under it would crash the process (sqlite3)."""
+    made: list[LedgerShopDirectory] = []
+
+    def make(*args: object, **kwargs: object) -> LedgerShopDirectory:
+        made.append(LedgerShopDirectory(*args, **kwargs))  # type: ignore[arg-type]
+        return made[-1]
+
+    yield make
+    for directory in made:
+        directory.close()
 
 
 def wait_for(predicate: object, timeout: float = 5.0) -> bool:
@@ -23,10 +41,10 @@ def wait_for(predicate: object, timeout: float = 5.0) -> bool:
 
 
 def test_frozen_shop_is_visible_after_a_refresh_and_ends_on_time(
-    book: Book, clock: FakeClock
+    book: Book, clock: FakeClock, open_directory: Open
 ) -> None:
     funded(book, shops={"s1": 1_000_000, "s2": 1_000_000})
-    directory = LedgerShopDirectory(book, clock, ttl_s=2.0)
+    directory = open_directory(book, clock, ttl_s=2.0)
     assert directory.get("s1") == ShopState("s1")
     book.penalize_shop("p1", "s1", "content_violation_serious", "c1", evidence="ev", actor="a")
     assert not directory.get("s1").frozen  # cached: no SQL per order
@@ -40,10 +58,12 @@ def test_frozen_shop_is_visible_after_a_refresh_and_ends_on_time(
     assert not directory.get("s1").frozen  # the freeze ends on time, even between refreshes
 
 
-def test_operator_unfreeze_reaches_the_directory(book: Book, clock: FakeClock) -> None:
+def test_operator_unfreeze_reaches_the_directory(
+    book: Book, clock: FakeClock, open_directory: Open
+) -> None:
     funded(book, shops={"s1": 1_000_000})
     book.penalize_shop("p1", "s1", "counterfeit_goods", "c1", evidence="ev", actor="a")
-    directory = LedgerShopDirectory(book, clock, ttl_s=1.0)
+    directory = open_directory(book, clock, ttl_s=1.0)
     assert directory.get("s1").frozen
     book.unfreeze("u1", "s1", actor="ops", reason="appeal")
     directory.refresh()
@@ -68,11 +88,14 @@ def test_a_failed_refresh_keeps_the_last_snapshot() -> None:
     clock.advance(5)
     directory.refresh()
     assert directory.get("s1").frozen
+    directory.close()
 
 
-def test_refreshes_reuse_one_thread_and_one_connection(book: Book, clock: FakeClock) -> None:
+def test_refreshes_reuse_one_thread_and_one_connection(
+    book: Book, clock: FakeClock, open_directory: Open
+) -> None:
     funded(book, shops={"s1": 1_000_000})
-    directory = LedgerShopDirectory(book, clock, ttl_s=1.0)
+    directory = open_directory(book, clock, ttl_s=1.0)
     book.penalize_shop("p1", "s1", "order_brushing", "c1", evidence="ev", actor="a")
     clock.advance(2)
     assert wait_for(lambda: directory.get("s1").frozen)
