@@ -128,7 +128,7 @@ class _Distinct:
     ``times`` holds the latest sightings sorted after one header cell, ``lo`` (sightings
     before it are dead). In the store's flat maps, under this set's ``prefix``: ``last``
     maps a value to its latest sighting, ``at`` a time (decimal) to the values last seen
-    then (a str, or a tuple when several share a millisecond). Wraps them for one call.
+    then (``_pack``ed: several may share a millisecond). Wraps them for one call.
     """
 
     __slots__ = ("at", "last", "prefix", "times")
@@ -138,7 +138,7 @@ class _Distinct:
         times: bytearray,
         prefix: str,
         last: dict[str, int],
-        at: dict[str, str | tuple[str, ...]],
+        at: dict[str, str],
     ) -> None:
         self.times, self.prefix, self.last, self.at = times, prefix, last, at
 
@@ -161,8 +161,7 @@ class _Distinct:
             i = bisect_right(cells, t, 1 + cells[0])
         times[_W * i : _W * i] = _I64.pack(t)
         at = self.prefix + str(t)
-        there = self.at.get(at)
-        self.at[at] = value if there is None else (*_values(there), value)
+        self.at[at] = self.at.get(at, "") + _pack(value)
 
     def trim(self, horizon: int) -> None:
         at, last, prefix = self.at, self.last, self.prefix
@@ -172,8 +171,8 @@ class _Distinct:
             first = 1 + cells[0]
             end = bisect_right(cells, horizon, first)
             for i in range(first, end):
-                there = at.pop(prefix + str(cells[i]), None)  # a time seen twice: gone already
-                for value in _values(there) if there is not None else ():
+                there = at.pop(prefix + str(cells[i]), "")  # a time seen twice: gone already
+                for value in _unpack(there):
                     del last[prefix + value]
             lo = cells[0] = end - 1
         if lo >= _COMPACT_AT and 2 * lo >= len(self.times) // _W - 1:
@@ -182,12 +181,11 @@ class _Distinct:
 
     def _unplace(self, t: int, value: str) -> None:
         at = self.prefix + str(t)
-        there = _values(self.at[at])
-        if len(there) == 1:
-            del self.at[at]
+        rest = [v for v in _unpack(self.at[at]) if v != value]
+        if rest:
+            self.at[at] = _pack(*rest)
         else:
-            rest = tuple(v for v in there if v != value)
-            self.at[at] = rest[0] if len(rest) == 1 else rest
+            del self.at[at]
 
 
 def _series_key(name: str, value: str) -> str:
@@ -216,10 +214,6 @@ def _keeps(times: bytearray, header: int, horizon: int) -> bool:
     """For the sweep: nothing to do (live times, none at or before ``horizon``)."""
     oldest = _oldest(times, header)
     return oldest is not None and oldest > horizon
-
-
-def _values(there: str | tuple[str, ...]) -> tuple[str, ...]:
-    return (there,) if isinstance(there, str) else there
 
 
 def _count_sum(times: memoryview, cum: memoryview, lo_excl: int, hi_incl: int) -> tuple[int, int]:
@@ -284,7 +278,7 @@ class InProcessFeatureStore:
         self._cums: dict[str, bytearray] = {}
         self._distinct: dict[str, bytearray] = {}
         self._last: dict[str, int] = {}
-        self._at: dict[str, str | tuple[str, ...]] = {}
+        self._at: dict[str, str] = {}
         # order ids remembered for idempotency, flat as well: per order id, the keys it
         # recorded and when (_pack'ed: name, value, clock ms, ...); and a queue in
         # recording order, sequence number -> its clock ms and its order id

@@ -106,9 +106,13 @@ def test_recorded_state_leaves_nothing_for_the_garbage_collector() -> None:
     for i, key in enumerate(keys):
         store.record_and_read(order(clock, i, device=key, buyer=key, shop=key), QUERIES)
         clock.advance(1)
+    for i in range(100):  # one shop, many buyers in the same millisecond
+        store.record_and_read(order(clock, 10_000 + i, buyer=f"b{i}", shop="hot"), QUERIES)
     gc.collect()
     gc.collect()
-    assert store.size().series == 3 * len(keys)
+    assert store.size().series == 3 * len(keys) + 100 + 1
+    hot = store.read(order(clock, 0, shop="hot"), QUERIES)
+    assert hot[BUYERS_24H] == 100 and hot[COUNT_24H] == 100
     assert len(gc.get_objects()) - before < 0.05 * len(keys)
 
 
