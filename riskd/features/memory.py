@@ -127,11 +127,12 @@ class _Distinct:
 
     ``times`` holds the latest sightings sorted after one header cell, ``lo`` (sightings
     before it are dead). In the store's flat maps, under this set's ``prefix``: ``last``
-    maps a value to its latest sighting, ``at`` a time (decimal) to the values last seen
-    then (``_pack``ed: several may share a millisecond). Wraps them for one call.
+    maps a value to its latest sighting, ``at`` a time (decimal) to the first value last
+    seen then and ``more`` to the others (``_pack``ed; rare: several in one millisecond).
+    Wraps them for one call.
     """
 
-    __slots__ = ("at", "last", "prefix", "times")
+    __slots__ = ("at", "last", "more", "prefix", "times")
 
     def __init__(
         self,
@@ -139,8 +140,9 @@ class _Distinct:
         prefix: str,
         last: dict[str, int],
         at: dict[str, str],
+        more: dict[str, str],
     ) -> None:
-        self.times, self.prefix, self.last, self.at = times, prefix, last, at
+        self.times, self.prefix, self.last, self.at, self.more = times, prefix, last, at, more
 
     def __len__(self) -> int:
         return len(self.times) // _W - 1 - int(_I64.unpack_from(self.times, 0)[0])
@@ -161,7 +163,10 @@ class _Distinct:
             i = bisect_right(cells, t, 1 + cells[0])
         times[_W * i : _W * i] = _I64.pack(t)
         at = self.prefix + str(t)
-        self.at[at] = self.at.get(at, "") + _pack(value)
+        if at in self.at:
+            self.more[at] = self.more.get(at, "") + _pack(value)
+        else:
+            self.at[at] = value
 
     def trim(self, horizon: int) -> None:
         at, last, prefix = self.at, self.last, self.prefix
@@ -171,9 +176,13 @@ class _Distinct:
             first = 1 + cells[0]
             end = bisect_right(cells, horizon, first)
             for i in range(first, end):
-                there = at.pop(prefix + str(cells[i]), "")  # a time seen twice: gone already
-                for value in _unpack(there):
-                    del last[prefix + value]
+                when = prefix + str(cells[i])
+                value = at.pop(when, None)
+                if value is None:
+                    continue  # a time seen twice: its values went the first time
+                del last[prefix + value]
+                for other in _unpack(self.more.pop(when, "")):
+                    del last[prefix + other]
             lo = cells[0] = end - 1
         if lo >= _COMPACT_AT and 2 * lo >= len(self.times) // _W - 1:
             del self.times[_W : _W * (1 + lo)]
@@ -181,11 +190,16 @@ class _Distinct:
 
     def _unplace(self, t: int, value: str) -> None:
         at = self.prefix + str(t)
-        rest = [v for v in _unpack(self.at[at]) if v != value]
-        if rest:
-            self.at[at] = _pack(*rest)
+        others = _unpack(self.more.pop(at, ""))
+        if self.at[at] == value:
+            if not others:
+                del self.at[at]
+                return
+            self.at[at] = others.pop(0)
         else:
-            del self.at[at]
+            others.remove(value)
+        if others:
+            self.more[at] = _pack(*others)
 
 
 def _series_key(name: str, value: str) -> str:
@@ -273,12 +287,14 @@ class InProcessFeatureStore:
         self._lock = threading.Lock()
         # flat maps, str keys (see above): a series' times and totals by _series_key, a
         # distinct set's sightings by _set_key; under a set's key, its values' latest
-        # sightings (key + value) and the values last seen at a time (key + decimal time)
+        # sightings (key + value) and the values last seen at a time (key + decimal time:
+        # the first in _at, any others packed in _more)
         self._times: dict[str, bytearray] = {}
         self._cums: dict[str, bytearray] = {}
         self._distinct: dict[str, bytearray] = {}
         self._last: dict[str, int] = {}
         self._at: dict[str, str] = {}
+        self._more: dict[str, str] = {}
         # order ids remembered for idempotency, flat as well: per order id, the keys it
         # recorded and when (_pack'ed: name, value, clock ms, ...); and a queue in
         # recording order, sequence number -> its clock ms and its order id
@@ -314,6 +330,7 @@ class InProcessFeatureStore:
         with self._lock:
             for state in (self._times, self._cums, self._distinct, self._last, self._at):
                 state.clear()
+            self._more.clear()
             for orders in (self._orders, self._queue_ms, self._queue):
                 orders.clear()
             self._head = self._tail = 0
@@ -354,7 +371,7 @@ class InProcessFeatureStore:
             times = self._distinct.get(dkey)
             if times is None:
                 times = self._distinct[dkey] = bytearray(_W)
-            distinct = _Distinct(times, dkey, self._last, self._at)
+            distinct = _Distinct(times, dkey, self._last, self._at, self._more)
             distinct.see(t, seen_with)
             distinct.trim(t - RETENTION_MS)
 
@@ -443,7 +460,7 @@ class InProcessFeatureStore:
             times = self._distinct.get(dkey)
             if times is None or _keeps(times, 1, horizon):
                 continue
-            distinct = _Distinct(times, dkey, self._last, self._at)
+            distinct = _Distinct(times, dkey, self._last, self._at, self._more)
             distinct.trim(horizon)
             if not distinct:
                 del self._distinct[dkey]
