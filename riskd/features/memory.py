@@ -328,11 +328,11 @@ class InProcessFeatureStore:
 
     def close(self) -> None:
         with self._lock:
-            for state in (self._times, self._cums, self._distinct, self._last, self._at):
+            for state in (
+                *(self._times, self._cums, self._distinct, self._last, self._at, self._more),
+                *(self._orders, self._queue_ms, self._queue),
+            ):
                 state.clear()
-            self._more.clear()
-            for orders in (self._orders, self._queue_ms, self._queue):
-                orders.clear()
             self._head = self._tail = 0
 
     def size(self) -> StoreSize:

@@ -456,15 +456,17 @@ class _Connections:
     idle timeout) is reconnected instead of failing the call.
     """
 
-    def __init__(self, pool: redis.ConnectionPool) -> None:
-        self._pool = pool
+    def __init__(self, url_pool: redis.ConnectionPool) -> None:
+        # redis-py's pool parses the URL (host, TLS, auth, db); its connections are not used
+        self._new = url_pool.connection_class
+        self._kwargs = url_pool.connection_kwargs
         self._idle: deque[Any] = deque()
 
     def take(self) -> Any:
         try:
             conn = self._idle.pop()
         except IndexError:  # not connected yet: connects on its first command
-            return self._pool.connection_class(**self._pool.connection_kwargs)
+            return self._new(**self._kwargs)
         try:
             if conn.can_read():  # readable while idle: end of file (closed by the server)
                 conn.disconnect()
@@ -478,7 +480,6 @@ class _Connections:
     def close(self) -> None:
         while self._idle:
             self._idle.pop().disconnect()
-        self._pool.disconnect()
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ import grpc
 
 from riskd.domain.clock import Clock, SystemClock
 from riskd.errors import ConfigError
+from riskd.service.interceptors import WrappedHandlers
 
 log = logging.getLogger("riskd.service.auth")
 
@@ -408,9 +409,7 @@ class AuthInterceptor(_Interceptor):
         self._policy = dict(policy)
         self._buckets = TokenBuckets(clock or SystemClock())
         self._on_reject = on_reject
-        # method → (the handler it guards, the guarded handler): built once per method
-        # rather than on every call; only methods a handler exists for get an entry
-        self._guarded: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
+        self._guarded = WrappedHandlers()
 
     def intercept_service(
         self,
@@ -421,9 +420,13 @@ class AuthInterceptor(_Interceptor):
         if handler is None:
             return None  # unknown method: gRPC answers UNIMPLEMENTED
         method: str = details.method
-        cached = self._guarded.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
+        guarded = self._guarded.get(method, handler)
+        if guarded is None:
+            guarded = self._guarded.keep(method, handler, _guard(handler, self._admitter(method)))
+        return guarded
+
+    def _admitter(self, method: str) -> Admit:
+        """``method``'s admission check: identify, authorize, rate-limit (refuses by abort)."""
 
         def admit(context: grpc.ServicerContext) -> Identity | None:
             try:
@@ -432,9 +435,7 @@ class AuthInterceptor(_Interceptor):
                 self._reject(method, denied, context)
                 raise AssertionError("unreachable: context.abort raises") from None
 
-        guarded = _guard(handler, admit)
-        self._guarded[method] = (handler, guarded)
-        return guarded
+        return admit
 
     def _admit(
         self, method: str, token: str | None, context: grpc.ServicerContext

@@ -38,6 +38,31 @@ else:
     _Interceptor = grpc.ServerInterceptor
 
 
+class WrappedHandlers:
+    """An interceptor's wrapped handler per method, built once rather than on every call
+    (and again only if the handler it wraps is another object)."""
+
+    def __init__(self) -> None:
+        # method → (the handler wrapped, the wrapped one); only methods with a handler
+        self._by_method: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
+
+    def get(
+        self, method: str, handler: grpc.RpcMethodHandler[Any, Any]
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """The wrapped handler kept for ``method``, if it wraps ``handler``."""
+        cached = self._by_method.get(method)
+        return cached[1] if cached is not None and cached[0] is handler else None
+
+    def keep(
+        self,
+        method: str,
+        handler: grpc.RpcMethodHandler[Any, Any],
+        wrapped: grpc.RpcMethodHandler[Any, Any],
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        self._by_method[method] = (handler, wrapped)
+        return wrapped
+
+
 def status_code(error: RiskdError) -> grpc.StatusCode:
     """The gRPC code an error class names (``INTERNAL`` for unknown names)."""
     return getattr(grpc.StatusCode, error.status, grpc.StatusCode.INTERNAL)
@@ -49,8 +74,7 @@ class ErrorInterceptor(_Interceptor):
     def __init__(self, metrics: Metrics, *, max_message_bytes: int | None = None) -> None:
         self._metrics = metrics
         self._max_bytes = max_message_bytes
-        # method → (its handler, the wrapped one): wrapped once per method, not per call
-        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
+        self._wrapped = WrappedHandlers()
 
     def intercept_service(
         self,
@@ -58,18 +82,17 @@ class ErrorInterceptor(_Interceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None or (inner := handler.unary_unary) is None:
             return handler  # streaming (health Watch, reflection) passes through untouched
         method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            self._wrap(method, handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-        self._wrapped[method] = (handler, wrapped)
+        wrapped = self._wrapped.get(method, handler)
+        if wrapped is None:
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self._wrap(method, inner),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+            self._wrapped.keep(method, handler, wrapped)
         return wrapped
 
     def _wrap(self, method: str, inner: Handler) -> Handler:
