@@ -12,6 +12,7 @@ The tree::
     ├── UnauthenticatedError        UNAUTHENTICATED
     ├── ResourceExhaustedError      RESOURCE_EXHAUSTED
     ├── UnavailableError            UNAVAILABLE        (a dependency is down)
+    ├── DeadlineExceededError       DEADLINE_EXCEEDED  (no time left: nothing was done)
     ├── RuleCompileError            INVALID_ARGUMENT   (carries every diagnostic)
     ├── ConfigError                 FAILED_PRECONDITION
     └── CryptoError                 FAILED_PRECONDITION (wrong key, retired key, shredded data)
@@ -76,6 +77,12 @@ class ResourceExhaustedError(RiskdError):
 
 class UnavailableError(RiskdError):
     status: ClassVar[str] = "UNAVAILABLE"
+
+
+class DeadlineExceededError(RiskdError):
+    """The call's deadline left no time to do the work: nothing was done."""
+
+    status: ClassVar[str] = "DEADLINE_EXCEEDED"
 
 
 class ConfigError(RiskdError):

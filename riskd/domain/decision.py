@@ -37,3 +37,5 @@ class Decision:
     degraded: tuple[str, ...] = ()
     elapsed_us: int = 0
     decided_at: float = 0.0
+    # the decision recorded for an earlier call with this order id (never stored)
+    replayed: bool = False

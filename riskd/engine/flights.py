@@ -9,21 +9,33 @@ process never scores an order twice.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from riskd.domain.decision import Decision
 
 
 @dataclass(slots=True)
 class Flight:
-    """One order being scored; ``done`` is set when ``decision`` or ``error`` is."""
+    """One order being scored; ``done`` is set when ``decision`` or ``error`` is.
+
+    ``request`` is the protected order the decision was made for (the decision
+    log's form), so a follower can tell whether it asked about the same order.
+    """
 
     done: threading.Event = field(default_factory=threading.Event)
     decision: Decision | None = None
     error: BaseException | None = None
+    request: Mapping[str, Any] | None = None
 
-    def finish(self, decision: Decision | None, error: BaseException | None = None) -> None:
-        self.decision, self.error = decision, error
+    def finish(
+        self,
+        decision: Decision | None,
+        error: BaseException | None = None,
+        request: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.decision, self.error, self.request = decision, error, request
         self.done.set()
 
     def wait(self, timeout_s: float | None) -> Decision | None:

@@ -6,7 +6,9 @@ Where it sits: ``service`` converts a request to an ``Order`` and calls
 1. joins the order id's flight (singleflight: concurrent retries in this
    process wait for the first caller's answer) and, as its leader, looks the
    order up in the decision log (which also sees decisions not yet flushed):
-   a known order gets its recorded decision back;
+   a known order gets its recorded decision back, marked ``replayed``, and
+   an order id recorded for other content (its protected form, PII masked,
+   differs) is refused with ``AlreadyExistsError`` before anything is counted;
 2. blind-indexes the order's identities into an ``Observation`` (``keys``);
 3. records it and reads every velocity feature the program needs from the
    feature store, bounded by the caller's deadline and guarded by a circuit
@@ -57,9 +59,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from riskd.domain.clock import Clock
 from riskd.domain.decision import Decision, Reason
@@ -73,7 +75,7 @@ from riskd.engine.combine import combine
 from riskd.engine.fallback import FallbackPolicy
 from riskd.engine.flights import Flight, Flights
 from riskd.engine.keys import Indexer, observe
-from riskd.errors import InvalidArgumentError, RiskdError, UnavailableError
+from riskd.errors import AlreadyExistsError, InvalidArgumentError, RiskdError, UnavailableError
 from riskd.evidence.log import DecisionLog
 from riskd.evidence.records import DecisionRecord
 from riskd.features.memory import InProcessFeatureStore
@@ -167,10 +169,15 @@ class Scorer:
     ) -> list[Decision]:
         """Decisions for ``orders``, in order, under one deadline and one program version.
 
-        An order id that appears twice gets the same decision twice.
+        An order id that appears twice gets the same decision twice (the second one
+        marked ``replayed``); so does an order scored before.
 
         Raises:
             InvalidArgumentError: for the first bad order, before any order is counted.
+            AlreadyExistsError: an order id was scored (before, or earlier in this
+                batch) for other order content; before any order is counted, except
+                when that other content is being scored right now by another call
+                (then the orders of this batch before it are recorded).
         """
         for i, order in enumerate(orders):
             _check(order, f"orders[{i}]" if len(orders) > 1 else "order")
@@ -194,14 +201,14 @@ class Scorer:
 
     def _recorded(
         self, order_ids: Sequence[str], budget: float | None
-    ) -> tuple[dict[str, Decision], bool]:
+    ) -> tuple[dict[str, DecisionRecord], bool]:
         """Logged decisions by order id; the flag is False when the log could not say.
 
         Decisions still queued in this process are always found; the SQL lookup
         of the rest is bounded by half the budget when the log is remote, and
         skipped while its breaker is open (store idempotency still holds).
         """
-        found = {oid: r.decision for oid, r in self._log.queued(order_ids).items()}
+        found = self._log.queued(order_ids)
         rest = [oid for oid in order_ids if oid not in found]
         if not rest:
             return found, True
@@ -216,7 +223,7 @@ class Scorer:
             self.log_breaker.failure()
             return found, False
         self.log_breaker.success()
-        found.update((oid, r.decision) for oid, r in records.items())
+        found.update(records)
         return found, True
 
     def _read_features(
@@ -285,8 +292,10 @@ class Scorer:
 
     def _decide(
         self, order: Order, obs: Observation, features: Features | None, ctx: _Context
-    ) -> Decision:
-        """Evaluate, combine, fall back if degraded, and append the record to the log."""
+    ) -> tuple[Decision, Mapping[str, Any]]:
+        """Evaluate, combine, fall back if degraded, and append the record to the log.
+
+        Returns the decision and the protected order it was made for."""
         missing: list[str] = list(ctx.missing)
         shop = self._shop(order.shop_id, missing)
         if features is None:
@@ -306,8 +315,8 @@ class Scorer:
         try:
             self._log.append(record, order=order, digests=obs.keys)
         except UnavailableError:  # answered anyway; a retry re-scores but never re-counts
-            return replace(decision, degraded=(*decision.degraded, "evidence"))
-        return decision
+            return replace(decision, degraded=(*decision.degraded, "evidence")), record.request
+        return decision, record.request
 
     def _decision(
         self, order: Order, ctx: _Context, results: Sequence[RuleResult], missing: list[str]
@@ -380,7 +389,10 @@ class _Batch:
 
     def run(self) -> list[Decision]:
         for i, order in enumerate(self.orders):
-            if order.order_id in self.first:
+            first = self.first.get(order.order_id)
+            if first is not None:
+                if order != self.orders[first]:
+                    self._same(i, self.s._log.protect(self.orders[first]))
                 continue
             self.first[order.order_id] = i
             leader, flight = self.s._flights.join(order.order_id)
@@ -397,34 +409,55 @@ class _Batch:
                 self.s._flights.land(self.orders[i].order_id)
         for i, flight in self.followed:
             decision = flight.wait(self.s._left(self.ctx.deadline))
-            self.out[i] = decision or self.s._unrecorded(self.orders[i], self.ctx)
+            if decision is None:
+                self.out[i] = self.s._unrecorded(self.orders[i], self.ctx)
+                continue
+            if flight.request is not None:
+                self._same(i, flight.request)
+            self.out[i] = decision if decision.replayed else replace(decision, replayed=True)
         return [self._answer(i, o) for i, o in enumerate(self.orders)]
 
     def _answer(self, i: int, order: Order) -> Decision:
-        decision = self.out[i] or self.out[self.first[order.order_id]]
-        assert decision is not None
+        decision = self.out[i]
+        if decision is None:  # a later entry of an order id: its first entry's answer
+            first = self.out[self.first[order.order_id]]
+            assert first is not None
+            return first if first.replayed else replace(first, replayed=True)
         return decision
+
+    def _same(self, i: int, request: Mapping[str, Any]) -> None:
+        """Refuse order ``i`` if ``request`` (what its id was scored for) is other content."""
+        if self.s._log.protect(self.orders[i]) != request:
+            where = f"orders[{i}]" if len(self.orders) > 1 else "order"
+            raise AlreadyExistsError(
+                f"{where}.order_id: this order id was scored for other order content;"
+                " a retry must send the same order"
+            )
 
     def _lead(self) -> None:
         ids = [self.orders[i].order_id for i, _ in self.led]
         known, log_ok = self.s._recorded(ids, self.s._left(self.ctx.deadline))
         self.ctx.missing = () if log_ok else ("evidence",)
         todo: list[tuple[int, Flight]] = []
+        replays: list[tuple[int, Flight, DecisionRecord]] = []
         for i, flight in self.led:
-            decision = known.get(self.orders[i].order_id)
-            if decision is None:
+            record = known.get(self.orders[i].order_id)
+            if record is None:
                 todo.append((i, flight))
             else:
-                self.out[i] = decision
-                flight.finish(decision)
+                self._same(i, record.request)  # every one checked before any is answered
+                replays.append((i, flight, record))
+        for i, flight, record in replays:
+            self.out[i] = replace(record.decision, replayed=True)
+            flight.finish(self.out[i], request=record.request)
         observations = [observe(self.orders[i], self.s._indexer, self.ctx.now) for i, _ in todo]
         features = self.s._read_features(
             observations, self.ctx.program.feature_queries, self.s._left(self.ctx.deadline)
         )
         for (i, flight), obs, values in zip(todo, observations, features, strict=True):
-            decision = self.s._decide(self.orders[i], obs, values, self.ctx)
+            decision, request = self.s._decide(self.orders[i], obs, values, self.ctx)
             self.out[i] = decision
-            flight.finish(decision)
+            flight.finish(decision, request=request)
 
 
 def _record_all(
@@ -476,5 +509,7 @@ def _check(order: Order, where: str) -> None:
         raise InvalidArgumentError(f"{where}.order_id", "is required")
     if len(order.order_id) > MAX_ORDER_ID_LEN:
         raise InvalidArgumentError(f"{where}.order_id", f"is longer than {MAX_ORDER_ID_LEN}")
+    if not order.order_id.isprintable():
+        raise InvalidArgumentError(f"{where}.order_id", "must not contain control characters")
     if order.amounts.total < 0:
         raise InvalidArgumentError(f"{where}.amounts.total", "must not be negative")

@@ -120,6 +120,7 @@ def decision_to_proto(decision: Decision) -> scoring_pb2.Decision:
         unavailable=list(decision.degraded),
         elapsed_us=decision.elapsed_us,
         decided_at=decision.decided_at,
+        replayed=decision.replayed,
     )
 
 

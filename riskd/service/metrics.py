@@ -31,6 +31,8 @@ class DecisionLike(Protocol):
     def reasons(self) -> Iterable[_Hit]: ...
     @property
     def degraded(self) -> Iterable[str]: ...
+    @property
+    def replayed(self) -> bool: ...
 
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -82,8 +84,13 @@ class Metrics:
         self._by_missing: dict[str, Any] = {}
 
     def observe_decisions(self, decisions: Iterable[DecisionLike]) -> None:
-        """Count decisions by outcome, their rule hits and degraded answers."""
+        """Count decisions by outcome, their rule hits and degraded answers.
+
+        A replayed decision (a retry's recorded answer) was counted when it was made.
+        """
         for d in decisions:
+            if d.replayed:
+                continue
             child = self._by_outcome.get(d.outcome)
             if child is None:
                 child = self._by_outcome[d.outcome] = self.decisions.labels(d.outcome.name.lower())

@@ -17,6 +17,7 @@ from riskd.domain.clock import Clock
 from riskd.domain.decision import Decision
 from riskd.domain.events import OrderEvent
 from riskd.domain.order import Order
+from riskd.errors import DeadlineExceededError
 from riskd.service import convert, validate
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
 from riskd.service.metrics import Metrics
@@ -90,14 +91,23 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
     def ReportOutcome(
         self, request: scoring_pb2.ReportOutcomeRequest, context: grpc.ServicerContext
     ) -> scoring_pb2.ReportOutcomeResponse:
-        event = convert.event_from_proto(request, self._clock.now())
-        validate.validate_event(event)
+        now = self._clock.now()
+        event = convert.event_from_proto(request, now)
+        validate.validate_event(event, now)
         self._scorer.report_outcome(event)
         return scoring_pb2.ReportOutcomeResponse()
 
     def _timeout(self, context: grpc.ServicerContext) -> float:
-        """Seconds the scorer may spend: the caller's deadline less a margin, or the default."""
+        """Seconds the scorer may spend: the caller's deadline less a margin, or the default.
+
+        Raises:
+            DeadlineExceededError: no time is left, so nothing is scored, counted or
+                recorded (a decision made with no time could only be the fallback, and
+                a retry would get that recorded fallback back).
+        """
         remaining = context.time_remaining()
         if remaining is None or remaining > 1e6:  # no deadline set by the caller
             return self._default_deadline_s
-        return max(remaining - REPLY_MARGIN_S, 0.0)
+        if remaining <= REPLY_MARGIN_S:
+            raise DeadlineExceededError("the call's deadline has passed; nothing was scored")
+        return remaining - REPLY_MARGIN_S

@@ -14,10 +14,13 @@ from collections.abc import Callable, Sequence
 from riskd.domain.events import OrderEvent, OrderEventKind
 from riskd.domain.order import Order
 from riskd.errors import InvalidArgumentError
+from riskd.features.store import MAX_ORDER_ID_LEN
 
 MAX_ITEMS = 200
 MAX_STRING_CHARS = 256
 MAX_AMOUNT_FEN = 10**12  # 10 billion CNY: far above any order, far below int64
+# How far past the server's clock a reported outcome's time may be (clock skew).
+MAX_EVENT_SKEW_S = 3600.0
 
 # Every string field of an Order, by its path below the order.
 _STRINGS: tuple[tuple[str, Callable[[Order], str]], ...] = (
@@ -45,8 +48,10 @@ _AMOUNTS = ("items", "discount", "coupon", "shipping", "total")
 
 def validate_order(order: Order, field: str = "order") -> None:
     """Raise ``InvalidArgumentError`` for the first problem found in ``order``."""
-    if not order.order_id:
-        raise InvalidArgumentError(f"{field}.order_id", "is required")
+    _validate_order_id(order.order_id, f"{field}.order_id")
+    if not order.buyer.buyer_id.strip():
+        # without a buyer the PII has no data key (nothing to encrypt it under or forget)
+        raise InvalidArgumentError(f"{field}.buyer.buyer_id", "is required")
     for path, get in _STRINGS:
         if len(get(order)) > MAX_STRING_CHARS:
             raise InvalidArgumentError(f"{field}.{path}", f"longer than {MAX_STRING_CHARS}")
@@ -56,6 +61,18 @@ def validate_order(order: Order, field: str = "order") -> None:
         raise InvalidArgumentError(f"{field}.client_time", "must be a non-negative epoch time")
     _validate_items(order, field)
     _validate_amounts(order, field)
+
+
+def _validate_order_id(order_id: str, field: str) -> None:
+    """The id every velocity window and the decision log key on: the checks the feature
+    store and the scorer would make later, made here so a batch fails before any order
+    of it is scored (also when its orders go to different scoring workers)."""
+    if not order_id.strip():
+        raise InvalidArgumentError(field, "is required")
+    if len(order_id) > MAX_ORDER_ID_LEN:
+        raise InvalidArgumentError(field, f"is longer than {MAX_ORDER_ID_LEN}")
+    if not order_id.isprintable():
+        raise InvalidArgumentError(field, "must not contain control characters")
 
 
 def _validate_items(order: Order, field: str) -> None:
@@ -98,15 +115,15 @@ def validate_batch(orders: Sequence[Order], max_batch: int, field: str = "orders
         validate_order(order, f"{field}[{i}]")
 
 
-def validate_event(event: OrderEvent) -> None:
-    """A reported outcome needs an order id, a kind and a sane time."""
-    if not event.order_id:
-        raise InvalidArgumentError("order_id", "is required")
-    if len(event.order_id) > MAX_STRING_CHARS:
-        raise InvalidArgumentError("order_id", f"longer than {MAX_STRING_CHARS}")
+def validate_event(event: OrderEvent, now: float) -> None:
+    """A reported outcome needs an order id ``Score`` would take, a kind and a time not
+    later than ``now`` (plus ``MAX_EVENT_SKEW_S`` of clock skew)."""
+    _validate_order_id(event.order_id, "order_id")
     if event.kind is OrderEventKind.UNSPECIFIED:
         raise InvalidArgumentError("kind", "is required")
     if not math.isfinite(event.at) or event.at < 0:
         raise InvalidArgumentError("at", "must be a non-negative epoch time")
+    if event.at > now + MAX_EVENT_SKEW_S:
+        raise InvalidArgumentError("at", "is in the future")
     if len(event.detail) > 4 * MAX_STRING_CHARS:
         raise InvalidArgumentError("detail", f"longer than {4 * MAX_STRING_CHARS}")

@@ -340,10 +340,11 @@ class _Seen:
     outcome: Outcome
     reasons: Sequence[scoring_pb2.Reason]
     degraded: Sequence[str]
+    replayed: bool
 
 
 def _seen(d: scoring_pb2.Decision) -> _Seen:
-    return _Seen(Outcome(d.outcome), d.reasons, d.unavailable)
+    return _Seen(Outcome(d.outcome), d.reasons, d.unavailable, d.replayed)
 
 
 def _wait_until(timeout_s: float) -> float:

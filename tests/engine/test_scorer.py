@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from riskd.domain.events import OrderEvent, OrderEventKind
 from riskd.domain.features import Agg, FeatureQuery
 from riskd.dsl.holder import ProgramHolder
 from riskd.engine.keys import observe
-from riskd.errors import InvalidArgumentError, UnavailableError
+from riskd.errors import AlreadyExistsError, InvalidArgumentError, UnavailableError
 from riskd.ledger import Book, LedgerShopDirectory
 from riskd.pii import BlindIndexer
 from riskd.sql import Database
@@ -84,11 +85,43 @@ def test_scorer_retry_returns_the_recorded_decision_and_counts_once(
 ) -> None:
     rig = make_rig()
     first = rig.scorer.score(make_order("o-1"))
+    assert not first.replayed
     clock.advance(5)
-    assert rig.scorer.score(make_order("o-1")) == first  # unflushed: from the log's queue
+    replay = replace(first, replayed=True)
+    assert rig.scorer.score(make_order("o-1")) == replay  # unflushed: from the log's queue
     rig.log.flush(10)
-    assert rig.scorer.score(make_order("o-1")) == first  # flushed: from SQL
+    assert rig.scorer.score(make_order("o-1")) == replay  # flushed: from SQL
     assert count_buyer_orders(rig, indexer, clock, "b-1") == 1
+
+
+def test_scorer_refuses_an_order_id_recorded_for_other_content(
+    make_rig: Callable[..., Rig], indexer: BlindIndexer, clock: FakeClock
+) -> None:
+    rig = make_rig()
+    first = rig.scorer.score(make_order("o-1", total=2_500))
+    # a cart that changed under the same id must not get the small order's answer
+    with pytest.raises(AlreadyExistsError, match=r"order\.order_id: .*other order content"):
+        rig.scorer.score(make_order("o-1", total=20_000_000))
+    rig.log.flush(10)
+    with pytest.raises(AlreadyExistsError):  # from SQL too
+        rig.scorer.score(make_order("o-1", total=20_000_000, age_days=1))
+    # a batch holding such an order is refused before any of its orders is counted
+    with pytest.raises(AlreadyExistsError, match=r"orders\[1\]\.order_id"):
+        rig.scorer.score_batch([make_order("o-2"), make_order("o-1", total=9_999)])
+    assert rig.log.get("o-2") is None
+    assert count_buyer_orders(rig, indexer, clock, "b-1") == 1
+    assert rig.scorer.score(make_order("o-1", total=2_500)) == replace(first, replayed=True)
+
+
+def test_scorer_refuses_one_order_id_twice_in_a_batch_with_other_content(
+    make_rig: Callable[..., Rig], indexer: BlindIndexer, clock: FakeClock
+) -> None:
+    rig = make_rig()
+    batch = [make_order("o-1"), make_order("o-2"), make_order("o-1", shop_id="s-9")]
+    with pytest.raises(AlreadyExistsError, match=r"orders\[2\]\.order_id"):
+        rig.scorer.score_batch(batch)
+    assert rig.log.get("o-1") is None and rig.log.get("o-2") is None
+    assert count_buyer_orders(rig, indexer, clock, "b-1") == 0
 
 
 def test_scorer_32_concurrent_retries_record_one_decision_and_count_once(
@@ -111,7 +144,11 @@ def test_scorer_32_concurrent_retries_record_one_decision_and_count_once(
         t.start()
     for t in threads:
         t.join()
-    assert len(decisions) == 32 and all(d == decisions[0] for d in decisions)
+    assert len(decisions) == 32
+    assert all(
+        replace(d, replayed=False) == replace(decisions[0], replayed=False) for d in decisions
+    )
+    assert sum(not d.replayed for d in decisions) == 1  # the leader's; the rest replay it
     rig.log.flush(10)
     assert rig.db.query("SELECT COUNT(*) FROM decision_log")[0][0] == 1
     assert count_buyer_orders(rig, indexer, clock, "b-1") == 1
@@ -125,7 +162,7 @@ def test_scorer_after_restart_returns_the_decision_from_the_log(
     first_rig.scorer.close()
     # a new process: same database and feature store, fresh scorer and log
     second = make_rig(first_rig.features).scorer.score(make_order("o-1", total=70_000))
-    assert second == first
+    assert second == replace(first, replayed=True)
 
 
 def test_scorer_batch_scores_in_order_and_answers_duplicates_alike(
@@ -135,7 +172,7 @@ def test_scorer_batch_scores_in_order_and_answers_duplicates_alike(
     orders = [make_order(f"o-{i}", total=10_000 * (i + 1)) for i in range(6)]
     decisions = rig.scorer.score_batch([*orders, orders[0]], timeout_s=5.0)
     assert [d.order_id for d in decisions] == [*(o.order_id for o in orders), "o-0"]
-    assert decisions[-1] == decisions[0]
+    assert decisions[-1] == replace(decisions[0], replayed=True)
     assert [d.outcome for d in decisions[:6]] == [
         Outcome.ALLOW,
         Outcome.ALLOW,
@@ -222,7 +259,7 @@ def test_scorer_answers_when_the_log_cannot_be_read(
     assert [r.rule_id for r in decision.reasons] == ["big_order"]
     rig.log.flush(10)
     db.fail_reads = False
-    assert rig.scorer.score(make_order("o-1", total=60_000)) == decision
+    assert rig.scorer.score(make_order("o-1", total=60_000)) == replace(decision, replayed=True)
     assert count_buyer_orders(rig, indexer, clock, "b-1") == 1
     rig.scorer.close()
     rig.log.close()

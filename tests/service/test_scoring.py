@@ -14,8 +14,10 @@ import pytest
 
 from riskd.config import Config
 from riskd.domain.order import Order
-from riskd.service import convert, validate
+from riskd.errors import DeadlineExceededError
+from riskd.service import convert, interceptors, validate
 from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2, scoring_pb2_grpc
+from riskd.service.scoring import ScoringServicer
 from riskd.service.server import RunningServer, create_server
 from tests.service.conftest import make_config
 from tests.service.sample import full_order
@@ -61,6 +63,10 @@ def test_concurrent_retries_return_one_decision_and_count_once(stub: Stub) -> No
     order = fresh()
     with ThreadPoolExecutor(8) as pool:
         decisions = list(pool.map(lambda _: score(stub, order), range(16)))
+    firsts = [d for d in decisions if not d.replayed]
+    assert len(firsts) == 1  # one call decided; the other 15 got its recorded decision
+    for d in decisions:
+        d.replayed = False
     assert all(d == decisions[0] for d in decisions)
     # Had any retry been counted, this second order from the device would be a third: BLOCK.
     second = dataclasses.replace(fresh(), device_id=order.device_id)
@@ -75,8 +81,12 @@ def test_score_batch_answers_in_request_order(stub: Stub) -> None:
     )
     assert [d.order_id for d in reply.decisions] == [o.order_id for o in orders]
     assert {d.outcome for d in reply.decisions} == {scoring_pb2.OUTCOME_ALLOW}
-    # A batch member is recorded: scoring it alone returns the same decision.
-    assert score(stub, orders[5]) == reply.decisions[5]
+    # A batch member is recorded: scoring it alone returns the same decision, replayed.
+    assert not reply.decisions[5].replayed
+    again = score(stub, orders[5])
+    assert again.replayed
+    again.replayed = False
+    assert again == reply.decisions[5]
 
 
 def test_report_outcome(stub: Stub) -> None:
@@ -114,6 +124,7 @@ def _add_items(n: int) -> Callable[[order_pb2.Order], None]:
 
 BAD_ORDERS: dict[str, Callable[[order_pb2.Order], None]] = {
     "order.order_id": _set("order_id", ""),
+    "order.buyer.buyer_id": _set("buyer.buyer_id", ""),
     "order.amounts.total": _set("amounts.total", 1),
     "order.amounts.items": _set("amounts.items", 7),
     "order.amounts.coupon": _set("amounts.coupon", -500),
@@ -151,6 +162,66 @@ def test_bad_order_is_invalid_argument_and_changes_nothing(
     # Nothing was counted: the same device's next (valid) order is its first.
     retry = dataclasses.replace(fresh(), device_id=order.device_id)
     assert score(stub, retry).outcome == scoring_pb2.OUTCOME_ALLOW
+
+
+def test_retry_is_replayed_and_counted_once_in_the_metrics(
+    stub: Stub, server: RunningServer
+) -> None:
+    order = fresh()
+    before = counters(server)
+    first = score(stub, order)
+    again = score(stub, order)
+    both = stub.ScoreBatch(
+        scoring_pb2.ScoreBatchRequest(orders=[convert.order_to_proto(order)] * 2), timeout=5
+    ).decisions
+    assert not first.replayed
+    assert again.replayed and all(d.replayed for d in both)
+    assert counters(server) == before + 1
+
+
+def test_same_order_id_with_other_content_is_already_exists(
+    stub: Stub, server: RunningServer
+) -> None:
+    order = fresh()
+    first = score(stub, order)
+    changed = convert.order_to_proto(order)
+    _add_items(3)(changed)  # same id, another cart
+    before = counters(server)
+    with pytest.raises(grpc.RpcError) as e:
+        score(stub, changed)
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert e.value.details().startswith("order.order_id: ")
+    assert counters(server) == before
+    again = score(stub, order)  # the order itself is still answered as recorded
+    assert again.replayed and again.decided_at == first.decided_at
+
+
+class _Context:
+    def __init__(self, remaining: float) -> None:
+        self.remaining = remaining
+
+    def time_remaining(self) -> float:
+        return self.remaining
+
+
+def test_a_call_with_no_time_left_is_deadline_exceeded_and_records_nothing(
+    server: RunningServer,
+) -> None:
+    class Scorer:
+        def score(self, order: Order, *, timeout_s: float | None = None) -> object:
+            raise AssertionError("nothing may be scored without time to answer")
+
+    servicer = ScoringServicer(
+        Scorer(),  # type: ignore[arg-type]
+        server.metrics,
+        server.components.clock,
+        default_deadline_s=0.2,
+        max_batch=10,
+    )
+    request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(fresh()))
+    with pytest.raises(DeadlineExceededError):
+        servicer.Score(request, _Context(0.001))  # type: ignore[arg-type]
+    assert interceptors.status_code(DeadlineExceededError("x")) is grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def test_bad_batch_member_rejects_the_whole_batch(stub: Stub, server: RunningServer) -> None:

@@ -12,6 +12,8 @@ from riskd.errors import InvalidArgumentError
 from riskd.service import validate
 from tests.service.sample import full_order
 
+NOW = 1_790_000_000.0
+
 
 def with_amounts(order: Order, **changes: int) -> Order:
     return dataclasses.replace(order, amounts=dataclasses.replace(order.amounts, **changes))
@@ -23,6 +25,7 @@ def with_buyer(order: Order, **changes: object) -> Order:
 
 BAD = {
     "order.order_id": lambda o: dataclasses.replace(o, order_id=""),
+    "order.buyer.buyer_id": lambda o: with_buyer(o, buyer_id=" "),
     "order.amounts.total": lambda o: with_amounts(o, total=o.amounts.total + 1),
     "order.amounts.items": lambda o: with_amounts(o, items=o.amounts.items + 1),
     "order.amounts.discount": lambda o: with_amounts(o, discount=-1),
@@ -73,6 +76,23 @@ def test_batch_too_large_or_empty() -> None:
     assert e.value.field == "orders"
 
 
+@pytest.mark.parametrize(
+    ("order_id", "message"),
+    [
+        ("   ", "is required"),
+        ("o" * 129, "longer than 128"),
+        ("o-1\n", "control characters"),
+        ("o\x00", "control characters"),
+    ],
+)
+def test_order_ids_the_store_would_refuse_are_refused_here(order_id: str, message: str) -> None:
+    # checked before scoring, so no order of a batch is scored when one of them is bad
+    orders = [full_order(), dataclasses.replace(full_order(), order_id=order_id)]
+    with pytest.raises(InvalidArgumentError, match=message) as e:
+        validate.validate_batch(orders, 10)
+    assert e.value.field == "orders[1].order_id"
+
+
 def test_batch_names_the_bad_order() -> None:
     bad = dataclasses.replace(full_order(), order_id="")
     with pytest.raises(InvalidArgumentError) as e:
@@ -84,11 +104,20 @@ def test_batch_names_the_bad_order() -> None:
     ("event", "field"),
     [
         (OrderEvent("", OrderEventKind.PAID, 1.0), "order_id"),
+        (OrderEvent("  ", OrderEventKind.PAID, 1.0), "order_id"),
+        (OrderEvent("o" * 129, OrderEventKind.PAID, 1.0), "order_id"),
+        (OrderEvent("o\n", OrderEventKind.PAID, 1.0), "order_id"),
         (OrderEvent("o", OrderEventKind.UNSPECIFIED, 1.0), "kind"),
         (OrderEvent("o", OrderEventKind.PAID, -1.0), "at"),
+        (OrderEvent("o", OrderEventKind.PAID, 1e300), "at"),
+        (OrderEvent("o", OrderEventKind.PAID, NOW + 2 * 3600), "at"),
     ],
 )
 def test_bad_event_names_the_field(event: OrderEvent, field: str) -> None:
     with pytest.raises(InvalidArgumentError) as e:
-        validate.validate_event(event)
+        validate.validate_event(event, NOW)
     assert e.value.field == field
+
+
+def test_event_within_clock_skew_passes() -> None:
+    validate.validate_event(OrderEvent("o", OrderEventKind.PAID, NOW + 60), NOW)

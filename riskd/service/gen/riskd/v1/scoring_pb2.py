@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from riskd.service.gen.riskd.v1 import order_pb2 as riskd_dot_v1_dot_order__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16riskd/v1/scoring.proto\x12\x08riskd.v1\x1a\x14riskd/v1/order.proto\"u\n\x06Reason\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x13\n\x0breason_code\x18\x02 \x01(\t\x12!\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x11.riskd.v1.Outcome\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x13\n\x0b\x65xplanation\x18\x05 \x03(\t\"\xcd\x02\n\x08\x44\x65\x63ision\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\"\n\x07outcome\x18\x02 \x01(\x0e\x32\x11.riskd.v1.Outcome\x12\r\n\x05score\x18\x03 \x01(\x01\x12!\n\x07reasons\x18\x04 \x03(\x0b\x32\x10.riskd.v1.Reason\x12\x15\n\rrules_version\x18\x05 \x01(\t\x12=\n\x0emodel_versions\x18\x06 \x03(\x0b\x32%.riskd.v1.Decision.ModelVersionsEntry\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x12\x13\n\x0bunavailable\x18\x08 \x03(\t\x12\x12\n\nelapsed_us\x18\t \x01(\x03\x12\x12\n\ndecided_at\x18\n \x01(\x01\x1a\x34\n\x12ModelVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\".\n\x0cScoreRequest\x12\x1e\n\x05order\x18\x01 \x01(\x0b\x32\x0f.riskd.v1.Order\"5\n\rScoreResponse\x12$\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x12.riskd.v1.Decision\"4\n\x11ScoreBatchRequest\x12\x1f\n\x06orders\x18\x01 \x03(\x0b\x32\x0f.riskd.v1.Order\";\n\x12ScoreBatchResponse\x12%\n\tdecisions\x18\x01 \x03(\x0b\x32\x12.riskd.v1.Decision\"l\n\x14ReportOutcomeRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.riskd.v1.OrderEventKind\x12\n\n\x02\x61t\x18\x03 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\x17\n\x15ReportOutcomeResponse*\\\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x11\n\rOUTCOME_ALLOW\x10\x01\x12\x12\n\x0eOUTCOME_REVIEW\x10\x02\x12\x11\n\rOUTCOME_BLOCK\x10\x03*\x8f\x02\n\x0eOrderEventKind\x12 \n\x1cORDER_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15ORDER_EVENT_KIND_PAID\x10\x01\x12\x1c\n\x18ORDER_EVENT_KIND_SHIPPED\x10\x02\x12\x1e\n\x1aORDER_EVENT_KIND_DELIVERED\x10\x03\x12\x1d\n\x19ORDER_EVENT_KIND_REFUNDED\x10\x04\x12\x1d\n\x19ORDER_EVENT_KIND_DISPUTED\x10\x05\x12\x1f\n\x1bORDER_EVENT_KIND_CHARGEBACK\x10\x06\x12#\n\x1fORDER_EVENT_KIND_CONFIRMED_FAKE\x10\x07\x32\xe5\x01\n\x0eScoringService\x12\x38\n\x05Score\x12\x16.riskd.v1.ScoreRequest\x1a\x17.riskd.v1.ScoreResponse\x12G\n\nScoreBatch\x12\x1b.riskd.v1.ScoreBatchRequest\x1a\x1c.riskd.v1.ScoreBatchResponse\x12P\n\rReportOutcome\x12\x1e.riskd.v1.ReportOutcomeRequest\x1a\x1f.riskd.v1.ReportOutcomeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16riskd/v1/scoring.proto\x12\x08riskd.v1\x1a\x14riskd/v1/order.proto\"u\n\x06Reason\x12\x0f\n\x07rule_id\x18\x01 \x01(\t\x12\x13\n\x0breason_code\x18\x02 \x01(\t\x12!\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32\x11.riskd.v1.Outcome\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x13\n\x0b\x65xplanation\x18\x05 \x03(\t\"\xdf\x02\n\x08\x44\x65\x63ision\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12\"\n\x07outcome\x18\x02 \x01(\x0e\x32\x11.riskd.v1.Outcome\x12\r\n\x05score\x18\x03 \x01(\x01\x12!\n\x07reasons\x18\x04 \x03(\x0b\x32\x10.riskd.v1.Reason\x12\x15\n\rrules_version\x18\x05 \x01(\t\x12=\n\x0emodel_versions\x18\x06 \x03(\x0b\x32%.riskd.v1.Decision.ModelVersionsEntry\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x12\x13\n\x0bunavailable\x18\x08 \x03(\t\x12\x12\n\nelapsed_us\x18\t \x01(\x03\x12\x12\n\ndecided_at\x18\n \x01(\x01\x12\x10\n\x08replayed\x18\x0b \x01(\x08\x1a\x34\n\x12ModelVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\".\n\x0cScoreRequest\x12\x1e\n\x05order\x18\x01 \x01(\x0b\x32\x0f.riskd.v1.Order\"5\n\rScoreResponse\x12$\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\x12.riskd.v1.Decision\"4\n\x11ScoreBatchRequest\x12\x1f\n\x06orders\x18\x01 \x03(\x0b\x32\x0f.riskd.v1.Order\";\n\x12ScoreBatchResponse\x12%\n\tdecisions\x18\x01 \x03(\x0b\x32\x12.riskd.v1.Decision\"l\n\x14ReportOutcomeRequest\x12\x10\n\x08order_id\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.riskd.v1.OrderEventKind\x12\n\n\x02\x61t\x18\x03 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\x17\n\x15ReportOutcomeResponse*\\\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x11\n\rOUTCOME_ALLOW\x10\x01\x12\x12\n\x0eOUTCOME_REVIEW\x10\x02\x12\x11\n\rOUTCOME_BLOCK\x10\x03*\x8f\x02\n\x0eOrderEventKind\x12 \n\x1cORDER_EVENT_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15ORDER_EVENT_KIND_PAID\x10\x01\x12\x1c\n\x18ORDER_EVENT_KIND_SHIPPED\x10\x02\x12\x1e\n\x1aORDER_EVENT_KIND_DELIVERED\x10\x03\x12\x1d\n\x19ORDER_EVENT_KIND_REFUNDED\x10\x04\x12\x1d\n\x19ORDER_EVENT_KIND_DISPUTED\x10\x05\x12\x1f\n\x1bORDER_EVENT_KIND_CHARGEBACK\x10\x06\x12#\n\x1fORDER_EVENT_KIND_CONFIRMED_FAKE\x10\x07\x32\xe5\x01\n\x0eScoringService\x12\x38\n\x05Score\x12\x16.riskd.v1.ScoreRequest\x1a\x17.riskd.v1.ScoreResponse\x12G\n\nScoreBatch\x12\x1b.riskd.v1.ScoreBatchRequest\x1a\x1c.riskd.v1.ScoreBatchResponse\x12P\n\rReportOutcome\x12\x1e.riskd.v1.ReportOutcomeRequest\x1a\x1f.riskd.v1.ReportOutcomeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,28 +34,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DECISION_MODELVERSIONSENTRY']._loaded_options = None
   _globals['_DECISION_MODELVERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_OUTCOME']._serialized_start=866
-  _globals['_OUTCOME']._serialized_end=958
-  _globals['_ORDEREVENTKIND']._serialized_start=961
-  _globals['_ORDEREVENTKIND']._serialized_end=1232
+  _globals['_OUTCOME']._serialized_start=884
+  _globals['_OUTCOME']._serialized_end=976
+  _globals['_ORDEREVENTKIND']._serialized_start=979
+  _globals['_ORDEREVENTKIND']._serialized_end=1250
   _globals['_REASON']._serialized_start=58
   _globals['_REASON']._serialized_end=175
   _globals['_DECISION']._serialized_start=178
-  _globals['_DECISION']._serialized_end=511
-  _globals['_DECISION_MODELVERSIONSENTRY']._serialized_start=459
-  _globals['_DECISION_MODELVERSIONSENTRY']._serialized_end=511
-  _globals['_SCOREREQUEST']._serialized_start=513
-  _globals['_SCOREREQUEST']._serialized_end=559
-  _globals['_SCORERESPONSE']._serialized_start=561
-  _globals['_SCORERESPONSE']._serialized_end=614
-  _globals['_SCOREBATCHREQUEST']._serialized_start=616
-  _globals['_SCOREBATCHREQUEST']._serialized_end=668
-  _globals['_SCOREBATCHRESPONSE']._serialized_start=670
-  _globals['_SCOREBATCHRESPONSE']._serialized_end=729
-  _globals['_REPORTOUTCOMEREQUEST']._serialized_start=731
-  _globals['_REPORTOUTCOMEREQUEST']._serialized_end=839
-  _globals['_REPORTOUTCOMERESPONSE']._serialized_start=841
-  _globals['_REPORTOUTCOMERESPONSE']._serialized_end=864
-  _globals['_SCORINGSERVICE']._serialized_start=1235
-  _globals['_SCORINGSERVICE']._serialized_end=1464
+  _globals['_DECISION']._serialized_end=529
+  _globals['_DECISION_MODELVERSIONSENTRY']._serialized_start=477
+  _globals['_DECISION_MODELVERSIONSENTRY']._serialized_end=529
+  _globals['_SCOREREQUEST']._serialized_start=531
+  _globals['_SCOREREQUEST']._serialized_end=577
+  _globals['_SCORERESPONSE']._serialized_start=579
+  _globals['_SCORERESPONSE']._serialized_end=632
+  _globals['_SCOREBATCHREQUEST']._serialized_start=634
+  _globals['_SCOREBATCHREQUEST']._serialized_end=686
+  _globals['_SCOREBATCHRESPONSE']._serialized_start=688
+  _globals['_SCOREBATCHRESPONSE']._serialized_end=747
+  _globals['_REPORTOUTCOMEREQUEST']._serialized_start=749
+  _globals['_REPORTOUTCOMEREQUEST']._serialized_end=857
+  _globals['_REPORTOUTCOMERESPONSE']._serialized_start=859
+  _globals['_REPORTOUTCOMERESPONSE']._serialized_end=882
+  _globals['_SCORINGSERVICE']._serialized_start=1253
+  _globals['_SCORINGSERVICE']._serialized_end=1482
 # @@protoc_insertion_point(module_scope)

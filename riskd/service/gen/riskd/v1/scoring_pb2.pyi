@@ -140,6 +140,7 @@ class Decision(_message.Message):
     UNAVAILABLE_FIELD_NUMBER: _builtins.int
     ELAPSED_US_FIELD_NUMBER: _builtins.int
     DECIDED_AT_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
     order_id: _builtins.str
     outcome: Global___Outcome.ValueType
     score: _builtins.float
@@ -151,6 +152,10 @@ class Decision(_message.Message):
     """Time spent deciding, in microseconds."""
     decided_at: _builtins.float
     """Seconds since the epoch when the decision was made."""
+    replayed: _builtins.bool
+    """True when this is the decision recorded for an earlier call with the same order_id
+    (a retry, or the order's second entry in one batch): it was counted then, not now.
+    """
     @_builtins.property
     def reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___Reason]: ...
     @_builtins.property
@@ -174,10 +179,11 @@ class Decision(_message.Message):
         unavailable: _abc.Iterable[_builtins.str] | None = ...,
         elapsed_us: _builtins.int = ...,
         decided_at: _builtins.float = ...,
+        replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at", "degraded", b"degraded", "elapsed_us", b"elapsed_us", "model_versions", b"model_versions", "order_id", b"order_id", "outcome", b"outcome", "reasons", b"reasons", "rules_version", b"rules_version", "score", b"score", "unavailable", b"unavailable"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at", "degraded", b"degraded", "elapsed_us", b"elapsed_us", "model_versions", b"model_versions", "order_id", b"order_id", "outcome", b"outcome", "reasons", b"reasons", "replayed", b"replayed", "rules_version", b"rules_version", "score", b"score", "unavailable", b"unavailable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

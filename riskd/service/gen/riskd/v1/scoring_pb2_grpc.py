@@ -58,7 +58,9 @@ class ScoringServiceServicer:
 
     def Score(self, request, context):
         """Scores one order. Idempotent per order_id: a retry returns the recorded decision
-        and is never counted twice. Honours the caller's deadline; when a dependency is
+        (marked replayed) and is never counted twice; the same order_id with other order
+        content is refused with ALREADY_EXISTS (PII fields compare by their masked form).
+        Honours the caller's deadline; when a dependency is
         slow or down the decision comes from the fallback policy and is marked degraded.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

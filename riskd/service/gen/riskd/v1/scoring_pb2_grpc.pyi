@@ -35,7 +35,9 @@ class ScoringServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ScoringServiceAsyncStub: ...
     Score: _grpc.UnaryUnaryMultiCallable[_scoring_pb2.ScoreRequest, _scoring_pb2.ScoreResponse]
     """Scores one order. Idempotent per order_id: a retry returns the recorded decision
-    and is never counted twice. Honours the caller's deadline; when a dependency is
+    (marked replayed) and is never counted twice; the same order_id with other order
+    content is refused with ALREADY_EXISTS (PII fields compare by their masked form).
+    Honours the caller's deadline; when a dependency is
     slow or down the decision comes from the fallback policy and is marked degraded.
     """
     ScoreBatch: _grpc.UnaryUnaryMultiCallable[_scoring_pb2.ScoreBatchRequest, _scoring_pb2.ScoreBatchResponse]
@@ -50,7 +52,9 @@ class ScoringServiceAsyncStub(ScoringServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Score: _aio.UnaryUnaryMultiCallable[_scoring_pb2.ScoreRequest, _scoring_pb2.ScoreResponse]  # type: ignore[assignment]
     """Scores one order. Idempotent per order_id: a retry returns the recorded decision
-    and is never counted twice. Honours the caller's deadline; when a dependency is
+    (marked replayed) and is never counted twice; the same order_id with other order
+    content is refused with ALREADY_EXISTS (PII fields compare by their masked form).
+    Honours the caller's deadline; when a dependency is
     slow or down the decision comes from the fallback policy and is marked degraded.
     """
     ScoreBatch: _aio.UnaryUnaryMultiCallable[_scoring_pb2.ScoreBatchRequest, _scoring_pb2.ScoreBatchResponse]  # type: ignore[assignment]
@@ -68,7 +72,9 @@ class ScoringServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scoring_pb2.ScoreResponse, _abc.Awaitable[_scoring_pb2.ScoreResponse]]:
         """Scores one order. Idempotent per order_id: a retry returns the recorded decision
-        and is never counted twice. Honours the caller's deadline; when a dependency is
+        (marked replayed) and is never counted twice; the same order_id with other order
+        content is refused with ALREADY_EXISTS (PII fields compare by their masked form).
+        Honours the caller's deadline; when a dependency is
         slow or down the decision comes from the fallback policy and is marked degraded.
         """
 
