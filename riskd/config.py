@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from riskd.domain.decision import Outcome
+from riskd.domain.order import Channel
 from riskd.errors import ConfigError
 
 ENV_PREFIX = "RISKD_"
@@ -300,8 +301,15 @@ def _coerce_fallback(raw: Any, key: str) -> Mapping[str, tuple[FallbackTier, ...
     tiers = dict(_default_fallback())
     for scenario, text in raw.items():
         name = f"{key}.{scenario}"
+        if scenario not in _SCENARIOS:  # a misspelt one would silently never apply
+            known = ", ".join(sorted(_SCENARIOS))
+            raise ConfigError(f"{name}: unknown scenario (one of {known})")
         tiers[str(scenario)] = parse_tiers(_coerce_str(text, name), name)
     return tiers
+
+
+# A fallback scenario is an order's channel in lower case, or "default" (riskd.engine.fallback).
+_SCENARIOS = frozenset({"default", *(c.name.lower() for c in Channel)})
 
 
 _COERCE: dict[str, Callable[[Any, str], Any]] = {

@@ -65,6 +65,8 @@ def test_file_then_environment_override(tmp_path: Path) -> None:
         ({"RISKD_FALLBACK_DEFAULT": "500:allow"}, "fallback.default"),
         ({"RISKD_FALLBACK_LIVE_ROOM": "x:allow,review"}, "fallback.live_room"),
         ({"RISKD_FALLBACK_DEFAULT": "maybe"}, "fallback.default"),
+        ({"RISKD_FALLBACK_LIVEROOM": "100:allow,block"}, "fallback.liveroom"),
+        ({"RISKD_FALLBACK_LIVE-ROOM": "100:allow,block"}, "fallback.live-room"),
         ({"RISKD_TLS_CERT": "cert.pem"}, "tls_cert"),
         ({"RISKD_COLOUR": "blue"}, "colour"),
         ({"RISKD_RULES_DIR": ""}, "rules_dir"),

@@ -22,7 +22,8 @@ MAX_AMOUNT_FEN = 10**12  # 10 billion CNY: far above any order, far below int64
 # How far past the server's clock a reported outcome's time may be (clock skew).
 MAX_EVENT_SKEW_S = 3600.0
 
-# Every string field of an Order, by its path below the order.
+# Every string field of an Order, by its path below the order. None may hold NUL
+# (PostgreSQL's text refuses it); the identifiers (not free text) no control character.
 _STRINGS: tuple[tuple[str, Callable[[Order], str]], ...] = (
     ("order_id", lambda o: o.order_id),
     ("buyer.buyer_id", lambda o: o.buyer.buyer_id),
@@ -42,6 +43,15 @@ _STRINGS: tuple[tuple[str, Callable[[Order], str]], ...] = (
     ("device_id", lambda o: o.device_id),
     ("ip", lambda o: o.ip),
 )
+_FREE_TEXT = frozenset(
+    {
+        "buyer.name",
+        "buyer.address.province",
+        "buyer.address.city",
+        "buyer.address.district",
+        "buyer.address.detail",
+    }
+)
 
 _AMOUNTS = ("items", "discount", "coupon", "shipping", "total")
 
@@ -53,14 +63,23 @@ def validate_order(order: Order, field: str = "order") -> None:
         # without a buyer the PII has no data key (nothing to encrypt it under or forget)
         raise InvalidArgumentError(f"{field}.buyer.buyer_id", "is required")
     for path, get in _STRINGS:
-        if len(get(order)) > MAX_STRING_CHARS:
-            raise InvalidArgumentError(f"{field}.{path}", f"longer than {MAX_STRING_CHARS}")
+        _validate_string(get(order), f"{field}.{path}", free_text=path in _FREE_TEXT)
     if order.buyer.account_age_days < 0:
         raise InvalidArgumentError(f"{field}.buyer.account_age_days", "must not be negative")
     if not math.isfinite(order.client_time) or order.client_time < 0:
         raise InvalidArgumentError(f"{field}.client_time", "must be a non-negative epoch time")
     _validate_items(order, field)
     _validate_amounts(order, field)
+
+
+def _validate_string(value: str, field: str, *, free_text: bool = False) -> None:
+    if len(value) > MAX_STRING_CHARS:
+        raise InvalidArgumentError(field, f"longer than {MAX_STRING_CHARS}")
+    if free_text:
+        if "\x00" in value:
+            raise InvalidArgumentError(field, "must not contain NUL characters")
+    elif not value.isprintable():
+        raise InvalidArgumentError(field, "must not contain control characters")
 
 
 def _validate_order_id(order_id: str, field: str) -> None:
@@ -80,10 +99,8 @@ def _validate_items(order: Order, field: str) -> None:
         raise InvalidArgumentError(f"{field}.items", f"more than {MAX_ITEMS} items")
     for i, item in enumerate(order.items):
         at = f"{field}.items[{i}]"
-        if len(item.sku) > MAX_STRING_CHARS:
-            raise InvalidArgumentError(f"{at}.sku", f"longer than {MAX_STRING_CHARS}")
-        if len(item.category) > MAX_STRING_CHARS:
-            raise InvalidArgumentError(f"{at}.category", f"longer than {MAX_STRING_CHARS}")
+        _validate_string(item.sku, f"{at}.sku")
+        _validate_string(item.category, f"{at}.category")
         if not 0 <= item.unit_price <= MAX_AMOUNT_FEN:
             raise InvalidArgumentError(f"{at}.unit_price", "must be 0..10^12 fen")
         if not 1 <= item.quantity <= 1_000_000:
@@ -127,3 +144,5 @@ def validate_event(event: OrderEvent, now: float) -> None:
         raise InvalidArgumentError("at", "is in the future")
     if len(event.detail) > 4 * MAX_STRING_CHARS:
         raise InvalidArgumentError("detail", f"longer than {4 * MAX_STRING_CHARS}")
+    if "\x00" in event.detail:
+        raise InvalidArgumentError("detail", "must not contain NUL characters")

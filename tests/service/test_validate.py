@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 
@@ -93,6 +94,35 @@ def test_order_ids_the_store_would_refuse_are_refused_here(order_id: str, messag
     assert e.value.field == "orders[1].order_id"
 
 
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda o: with_buyer(o, buyer_id="b-\x00x"), "order.buyer.buyer_id"),
+        (lambda o: with_buyer(o, name="张\x00三"), "order.buyer.name"),
+        (lambda o: dataclasses.replace(o, shop_id="s-1\n"), "order.shop_id"),
+        (lambda o: dataclasses.replace(o, device_id="d\x1b[0m"), "order.device_id"),
+        (
+            lambda o: dataclasses.replace(
+                o, items=(Item("sku\x00", "c", 5, 1),), amounts=Amounts(items=5, total=5)
+            ),
+            "order.items[0].sku",
+        ),
+    ],
+)
+def test_nul_anywhere_and_control_characters_in_identifiers_are_refused(
+    change: Callable[[Order], Order], field: str
+) -> None:
+    # PostgreSQL's text refuses NUL: such an order would stop the decision log's writer
+    with pytest.raises(InvalidArgumentError) as e:
+        validate.validate_order(change(full_order()))
+    assert e.value.field == field
+
+
+def test_free_text_may_span_lines() -> None:
+    address = dataclasses.replace(full_order().buyer.address, detail="3588号\n2单元 1201")
+    validate.validate_order(with_buyer(full_order(), address=address))
+
+
 def test_batch_names_the_bad_order() -> None:
     bad = dataclasses.replace(full_order(), order_id="")
     with pytest.raises(InvalidArgumentError) as e:
@@ -111,6 +141,7 @@ def test_batch_names_the_bad_order() -> None:
         (OrderEvent("o", OrderEventKind.PAID, -1.0), "at"),
         (OrderEvent("o", OrderEventKind.PAID, 1e300), "at"),
         (OrderEvent("o", OrderEventKind.PAID, NOW + 2 * 3600), "at"),
+        (OrderEvent("o", OrderEventKind.PAID, 1.0, "bank\x00"), "detail"),
     ],
 )
 def test_bad_event_names_the_field(event: OrderEvent, field: str) -> None:
