@@ -16,6 +16,7 @@ COMMANDS: tuple[str, ...] = (
     "riskd.cli.serve",  # riskd serve, riskd score
     "riskd.cli.ledger",  # riskd ledger statements|verify|top-up|unfreeze|write-off
     "riskd.cli.pii",  # riskd pii keygen|rotate|retire|forget|hold
+    "riskd.cli.evidence",  # riskd evidence verify
 )
 
 

@@ -4,8 +4,10 @@ Each row's ``hash`` is ``sha256(prev_hash + "\\n" + content)`` where ``content``
 is the row's canonical JSON and ``prev_hash`` the previous row's hash (the
 genesis value for ``seq`` 1). Editing, inserting or deleting a row breaks the
 chain at that row; ``verify_table`` walks it and names the first bad row.
-Truncating the tail cannot be seen from inside the table: auditors keep the
-latest ``(seq, hash)`` that ``verify`` reports and check it is still there.
+Truncating the tail (or replacing it, chain and all) cannot be seen from
+inside the table: auditors keep the latest ``(seq, hash)`` that ``verify``
+reports and check it is still there next time (``check_anchor``; the CLI is
+``riskd evidence verify --expect TABLE:SEQ:HASH``).
 """
 
 from __future__ import annotations
@@ -173,6 +175,25 @@ def verify_table(db: Database, table: Table) -> tuple[int, tuple[int, str], _Bad
                 return checked, (seq, prev), bad
             seq, prev, checked = seq + 1, str(row[-1]), checked + 1
     return checked, (seq, prev), None
+
+
+TABLES: Mapping[str, Table] = {t.name: t for t in (DECISIONS, EVENTS, ACCESS)}
+
+
+def check_anchor(db: Database, table: Table, seq: int, digest: str) -> str | None:
+    """What is wrong with a ``(seq, hash)`` an auditor kept from an earlier verify, or None.
+
+    A row that is gone (the tail was cut) or hashes differently (the chain was
+    rebuilt from there) means the table is not the one that was verified.
+    """
+    if seq == 0:
+        return None if digest == GENESIS_HASH else "seq 0 has only the genesis hash"
+    rows = db.query(f"SELECT hash FROM {table.name} WHERE seq = ?", (seq,))
+    if not rows:
+        return f"row {seq} is gone (rows were deleted from the end)"
+    if str(rows[0][0]) != digest:
+        return f"row {seq} has another hash (the chain was rewritten)"
+    return None
 
 
 def verify(db: Database) -> VerifyResult:

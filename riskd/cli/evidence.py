@@ -1,0 +1,95 @@
+"""``riskd evidence``: the auditor's check of the hash-chained evidence tables.
+
+::
+
+    riskd evidence verify [--expect TABLE:SEQ:HASH ...] [--json]
+
+Walks the decision log, the outcome reports and the PII access log
+(``riskd.evidence.chain``) on the daemon's database (``--database URL``, else
+the configuration's) and prints the rows checked and each table's head
+``(seq, hash)``. An edited, inserted, reordered or deleted row fails the walk.
+Rows cut from the end (or a tail rebuilt with a fresh chain) cannot be seen
+from inside a table: keep the heads printed today and pass them back next time
+with ``--expect``; a head that is gone or hashes differently fails. Exit 0 when
+everything checks out, 1 when something does not, 2 when it could not run.
+Output holds order ids, sequence numbers and hashes, never personal data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from riskd.config import load_config
+from riskd.errors import RiskdError
+from riskd.evidence.chain import TABLES, check_anchor, verify
+from riskd.sql import Database
+
+
+def register(subparsers: Any) -> None:
+    """Add ``riskd evidence`` and its subcommands to the ``riskd`` parser."""
+    evidence = subparsers.add_parser("evidence", help="verify the hash-chained evidence")
+    sub = evidence.add_subparsers(dest="evidence_command", required=True)
+    p = sub.add_parser("verify", help="walk every evidence chain; check kept heads")
+    p.add_argument("--config", type=Path, default=None, help="riskd TOML configuration")
+    p.add_argument("--database", default="", help="database URL (default: configuration's)")
+    p.add_argument(
+        "--expect",
+        action="append",
+        default=[],
+        metavar="TABLE:SEQ:HASH",
+        help="a head kept from an earlier verify; must still be there (repeatable)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_verify)
+
+
+def _anchors(texts: list[str]) -> list[tuple[str, int, str]]:
+    out = []
+    for text in texts:
+        table, _, rest = text.partition(":")
+        seq, _, digest = rest.partition(":")
+        if table not in TABLES or not seq.isdigit() or len(digest) != 64:
+            known = ", ".join(TABLES)
+            raise ValueError(f"--expect {text!r}: want TABLE:SEQ:HASH, TABLE one of {known}")
+        out.append((table, int(seq), digest))
+    return out
+
+
+def _verify(args: argparse.Namespace) -> int:
+    try:
+        anchors = _anchors(args.expect)
+        db = Database(args.database or load_config(args.config).database)
+    except (RiskdError, ValueError) as e:
+        print(f"riskd evidence verify: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = verify(db)
+        problems = [
+            f"{table} {problem}"
+            for table, seq, digest in anchors
+            if (problem := check_anchor(db, TABLES[table], seq, digest)) is not None
+        ]
+    except RiskdError as e:
+        print(f"riskd evidence verify: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        db.close()
+    if not result.ok:
+        where = f"{result.table} seq {result.seq} (order {result.order_id})"
+        problems.insert(0, f"{where}: {result.problem}")
+    heads = {t: f"{t}:{seq}:{digest}" for t, (seq, digest) in result.head.items()}
+    if args.json:
+        doc = {"ok": not problems, "checked": result.checked, "heads": heads, "problems": problems}
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"{'ok' if not problems else 'FAILED'}: {result.checked} rows checked")
+        for problem in problems:
+            print(f"  problem: {problem}")
+        print("heads (keep them; pass them back with --expect next time):")
+        for head in heads.values():
+            print(f"  {head}")
+    return 1 if problems else 0

@@ -1,0 +1,95 @@
+"""``riskd evidence verify``: an auditor walks the chains and checks the heads they kept."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from riskd.cli import main
+from riskd.domain.events import OrderEvent, OrderEventKind
+from riskd.evidence.log import DecisionLog
+from riskd.sql import Database
+from tests.evidence.conftest import PHONE, STREET, make_record
+
+
+@pytest.fixture
+def url(tmp_path: Path) -> str:
+    db = Database(tmp_path / "riskd.db")
+    log = DecisionLog(db)
+    for i in range(1, 11):
+        log.append(make_record(f"o-{i}"))
+    log.append_event(OrderEvent("o-2", OrderEventKind.DISPUTED, 1_700_000_500.0))
+    log.close()
+    db.close()
+    return f"sqlite:///{tmp_path / 'riskd.db'}"
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, object]]:
+    rc = main(["evidence", "verify", "--json", *args])
+    return rc, json.loads(capsys.readouterr().out)
+
+
+def tamper(url: str, sql: str) -> None:
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+        conn.execute(sql)
+
+
+def test_an_honest_log_verifies_and_prints_heads_to_keep(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, doc = run(capsys, "--database", url)
+    assert rc == 0 and doc["ok"] is True and doc["checked"] == 11
+    heads = doc["heads"]
+    assert isinstance(heads, dict)
+    assert heads["decision_log"].startswith("decision_log:10:")
+    # the kept heads check out against the same log
+    rc, doc = run(capsys, "--database", url, *(f"--expect={h}" for h in heads.values()))
+    assert rc == 0 and doc["problems"] == []
+
+
+def test_cutting_the_tail_is_caught_by_a_kept_head(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, doc = run(capsys, "--database", url)
+    kept = doc["heads"]["decision_log"]  # type: ignore[index]
+    tamper(url, "DELETE FROM decision_log WHERE seq >= 9")
+    rc, doc = run(capsys, "--database", url)
+    assert rc == 0  # a shorter chain is still a valid chain on its own...
+    rc, doc = run(capsys, "--database", url, "--expect", kept)
+    assert rc == 1 and doc["ok"] is False  # ...but not the one the auditor saw
+    assert doc["problems"] == ["decision_log row 10 is gone (rows were deleted from the end)"]
+
+
+def test_an_edited_row_fails_and_is_named(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    tamper(url, "UPDATE decision_log SET outcome = 'ALLOW' WHERE seq = 6")
+    rc = main(["evidence", "verify", "--database", url])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "FAILED" in out and "decision_log seq 6 (order o-6): column outcome" in out
+    assert PHONE not in out and STREET not in out
+
+
+def test_bad_expect_is_refused_with_exit_2(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evidence", "verify", "--database", url, "--expect", "decisions:1:x"]) == 2
+    assert "TABLE:SEQ:HASH" in capsys.readouterr().err
+
+
+def test_a_rebuilt_tail_is_caught_by_a_kept_head(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, doc = run(capsys, "--database", url)
+    kept = doc["heads"]["decision_log"]  # type: ignore[index]
+    tamper(url, "DELETE FROM decision_log WHERE seq >= 9")
+    db = Database(url.removeprefix("sqlite:///"))
+    log = DecisionLog(db)  # the tail written again, with a valid chain
+    for order_id in ("o-9", "o-10-forged"):
+        log.append(make_record(order_id))
+    log.close()
+    db.close()
+    assert run(capsys, "--database", url)[0] == 0
+    rc, doc = run(capsys, "--database", url, "--expect", kept)
+    assert rc == 1
+    assert doc["problems"] == ["decision_log row 10 has another hash (the chain was rewritten)"]
