@@ -177,7 +177,7 @@ class PiiAccess:
                     raise CryptoError("data key destroyed")
                 plain[field] = self._vault.decrypt(subject_id, order_id, field, ciphertext)
             except CryptoError:
-                outcome = self._why_unreadable(subject_id)
+                outcome = self._why_unreadable(subject_id, ciphertext)
                 refuse(outcome)
                 raise FailedPreconditionError(_refusal(order_id, outcome)) from None
         entry = self._append(order_id, principal, tuple(plain), reason, AccessOutcome.REVEALED)
@@ -212,8 +212,15 @@ class PiiAccess:
         )
         return {str(f): (str(s), bytes(c)) for f, s, c in rows}
 
-    def _why_unreadable(self, subject_id: str) -> AccessOutcome:
-        forgotten = bool(subject_id) and self._vault.forgotten(subject_id)
+    def _why_unreadable(self, subject_id: str, ciphertext: bytes | None = None) -> AccessOutcome:
+        """Why an order's PII cannot be revealed: ``FORGOTTEN`` only when the data key
+        generation that sealed ``ciphertext`` was shredded. A buyer forgotten once who
+        ordered again has a live later generation: a ciphertext of that one that fails to
+        decrypt (altered, its key unwrappable) is ``UNREADABLE``, not a false "forgotten"
+        in the audit trail. Without a ciphertext (none stored for the order) any
+        shredded generation of the buyer's means the forget deleted them.
+        """
+        forgotten = bool(subject_id) and self._vault.forgotten(subject_id, ciphertext)
         return AccessOutcome.FORGOTTEN if forgotten else AccessOutcome.UNREADABLE
 
     def _append(

@@ -7,9 +7,9 @@ import pytest
 from riskd.domain.clock import FakeClock
 from riskd.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from riskd.evidence.access import AccessOutcome, PiiAccess
-from riskd.evidence.log import DecisionLog
+from riskd.evidence.log import DecisionLog, forget_subject
 from riskd.pii import BlindIndexer, Keyring, SqlKeyStore, Vault
-from riskd.sql import Database
+from riskd.sql import Database, Tx
 
 from .conftest import DEVICE, ID_NUMBER, IP, NAME, PHONE, STREET
 from .test_pii import log_order
@@ -122,6 +122,68 @@ def test_shredded_key_with_ciphertexts_left_is_refused_as_forgotten(db: Database
     with pytest.raises(FailedPreconditionError, match="forgotten"):
         access.reveal("o-1", "after", "token:ts-1")
     assert access.entries("o-1")[-1].outcome is AccessOutcome.FORGOTTEN
+    log.close()
+
+
+def forget_from_the_cli(db: Database, subject_id: str) -> None:
+    """What ``riskd pii forget`` does in its own process: its own Vault, the same database."""
+    cli = Vault(Keyring.generate(), SqlKeyStore(db))
+    cli.add_forget_hook(lambda s: forget_subject(db, s))
+    cli.forget(subject_id)
+
+
+def generation(db: Database, order_id: str) -> set[int]:
+    rows = db.query("SELECT ciphertext FROM decision_pii WHERE order_id = ?", (order_id,))
+    return {int.from_bytes(bytes(r[0])[1:5], "big") for r in rows}
+
+
+def test_orders_after_a_forget_in_another_process_stay_revealable(db: Database) -> None:
+    log, _, access = setup(db)
+    log_order(log, "o-1")
+    access.reveal("o-1", "before", "token:ts-1")  # the daemon has b-1's key cached now
+    forget_from_the_cli(db, "b-1")
+    log_order(log, "o-2")  # the buyer orders again, well within the cache TTL
+    got = access.reveal("o-2", "new order", "token:ts-1")
+    assert got.fields["phone"] == PHONE
+    assert generation(db, "o-2") == {2}  # sealed under a new key, not the destroyed one
+    with pytest.raises(FailedPreconditionError, match="forgotten"):
+        access.reveal("o-1", "old order", "token:ts-1")
+    assert [e.outcome for e in access.entries()] == [
+        AccessOutcome.REVEALED,
+        AccessOutcome.REVEALED,
+        AccessOutcome.FORGOTTEN,
+    ]
+    log.close()
+
+
+def test_altered_ciphertext_of_a_buyer_forgotten_before_is_unreadable_not_forgotten(
+    db: Database,
+) -> None:
+    log, vault, access = setup(db)
+    log_order(log, "o-1")
+    log.flush(10)
+    vault.forget("b-1")
+    log_order(log, "o-2")  # generation 2
+    assert access.reveal("o-2", "new order", "token:ts-1").fields["phone"] == PHONE
+    assert generation(db, "o-2") == {2}
+
+    def flip_last_byte(tx: Tx) -> None:  # in the tag: the generation header stays
+        [(ct,)] = tx.execute(
+            "SELECT ciphertext FROM decision_pii WHERE order_id = 'o-2' AND field = 'phone'"
+        ).fetchall()
+        altered = bytes(ct[:-1]) + bytes([ct[-1] ^ 0x01])
+        tx.execute(
+            "UPDATE decision_pii SET ciphertext = ? WHERE order_id = 'o-2' AND field = 'phone'",
+            (altered,),
+        )
+
+    db.run(flip_last_byte)
+    with pytest.raises(FailedPreconditionError, match="no readable") as e:
+        access.reveal("o-2", "after the damage", "token:ts-1", ["phone"])
+    assert "forgotten" not in str(e.value) and PHONE not in str(e.value)
+    assert access.entries("o-2")[-1].outcome is AccessOutcome.UNREADABLE
+    assert access.reveal("o-2", "other fields", "token:ts-1", ["name"]).fields == {"name": NAME}
+    assert log.verify().ok
     log.close()
 
 
