@@ -18,8 +18,12 @@ generation of the subject's data key (a tombstone stays) and its blind-index
 entries; a later write starts a new generation.
 
 Unwrapped data keys are cached (bounded size, bounded age), so the hot path is
-one AES-GCM per field. Another replica's ``forget`` reaches this cache within
-``cache_ttl_s``.
+one AES-GCM per field. Another process's ``forget`` (``riskd pii forget``, a
+replica) reaches this cache within ``cache_ttl_s``, except for the batches of
+the decision log: ``prepare``/``prepare_in`` check the batch's cached keys
+against the key store with one read per batch, so a buyer's orders placed after
+the forget start a new generation at once instead of being sealed under the
+destroyed key (and lost).
 """
 
 from __future__ import annotations
@@ -220,34 +224,65 @@ class Vault:
     def prepare(self, subject_ids: Iterable[str]) -> None:
         """Load or create the current data keys of many subjects at once (a batch's writer).
 
-        Same outcome as ``_current_key`` for each subject without a fresh cached key,
-        with one read of their latest generations and ONE transaction creating every
-        missing (or shredded -> next) generation; the stored rows are what gets cached,
-        so a race with another writer converges on its key. Subjects whose key cannot
-        be prepared here (empty id, an unrecoverable wrapped key) are left to
+        Same outcome as ``_current_key`` for each subject, with one read of their latest
+        generations and ONE transaction creating every missing (or shredded -> next)
+        generation; the stored rows are what gets cached, so a race with another writer
+        converges on its key. The read covers the subjects whose key is cached too: a
+        cached key that another process has shredded since (``riskd pii forget``) is
+        dropped and replaced, so ``encrypt``/``encrypt_fields`` right after this never
+        seal a forgotten buyer's new order under the destroyed key. Subjects whose key
+        cannot be prepared here (empty id, an unrecoverable wrapped key) are left to
         ``encrypt``/``encrypt_fields``, which raise as they always do.
         """
         now = self._clock.monotonic()
-        with self._lock:
-            missing = [
-                s
-                for s in dict.fromkeys(subject_ids)
-                if s and not ((hit := self._current.get(s)) is not None and hit.expires > now)
-            ]
+        wanted = [s for s in dict.fromkeys(subject_ids) if s]
+        if not wanted:
+            return
+        latest = self.keystore.latest_many(wanted, None)
+        valid = self._still_current(wanted, latest, now)
+        missing = [s for s in wanted if s not in valid]
         if not missing:
             return
-        for row in self._stored_keys(missing, None):
+        for row in self._stored_keys(missing, None, latest):
             try:
                 self._remember(row, now, current=True)
             except CryptoError:  # e.g. wrapped under a retired master key: encrypt raises it
                 continue
 
-    def _stored_keys(self, missing: list[str], tx: Tx | None) -> list[DataKeyRow]:
-        """The current key rows of ``missing``, creating (in one transaction, or in ``tx``)
-        the generations they lack; rows forgotten again since they were read are left out
-        (the slow path decides for them)."""
-        latest = self.keystore.latest_many(missing, tx)
-        ready = [r for r in latest.values() if not r.shredded]
+    def _still_current(
+        self, wanted: list[str], latest: Mapping[str, DataKeyRow], now: float
+    ) -> dict[str, _Cached]:
+        """The cached current keys of ``wanted`` that are still their stored latest generation.
+
+        A cached key whose generation was shredded by another process (or is no longer
+        the latest) is dropped from the cache here, with the subject's other cached
+        generations; the caller prepares it again from ``latest``.
+        """
+        valid: dict[str, _Cached] = {}
+        gone: list[str] = []
+        with self._lock:
+            for s in wanted:
+                hit = self._current.get(s)
+                if hit is None or hit.expires <= now:
+                    continue
+                row = latest.get(s)
+                if row is None or row.shredded or row.generation != hit.generation:
+                    gone.append(s)
+                else:
+                    valid[s] = hit
+                    self._current.move_to_end(s)
+        for s in gone:
+            self._drop(s)
+        return valid
+
+    def _stored_keys(
+        self, missing: list[str], tx: Tx | None, latest: Mapping[str, DataKeyRow]
+    ) -> list[DataKeyRow]:
+        """The current key rows of ``missing`` (``latest``: their latest rows, as read by the
+        caller), creating (in one transaction, or in ``tx``) the generations they lack;
+        rows forgotten again since they were read are left out (the slow path decides
+        for them)."""
+        ready = [r for s in missing if (r := latest.get(s)) is not None and not r.shredded]
         new = [
             (s, 1 if row is None else row.generation + 1)
             for s in missing
@@ -264,25 +299,28 @@ class Vault:
     def prepare_in(self, tx: Tx, subject_ids: Iterable[str]) -> PreparedKeys:
         """``prepare`` inside the caller's transaction ``tx`` on the keystore's database.
 
-        The keys it creates are written by ``tx`` and commit with the caller's own rows
-        (a decision-log batch and the new buyers' keys: one transaction, not two). Keys
-        it read or created are cached only when the caller passes the result to
-        ``adopt`` after the commit. Subjects whose key cannot be had (an empty id, a key
-        wrapped under a retired master key) are left out: ``encrypt_fields`` with the
-        result raises ``CryptoError`` for them.
+        One read in ``tx`` of the subjects' latest generations, cached or not, checks that
+        each cached key is still current: one shredded by another process's ``forget``
+        (which the cache would otherwise notice only after ``cache_ttl_s``) is dropped
+        and the subject starts its next generation like a new buyer, so the batch's new
+        orders stay revealable. The keys it creates are written by ``tx`` and commit
+        with the caller's own rows (a decision-log batch and the new buyers' keys: one
+        transaction, not two). Keys it read or created are cached only when the caller
+        passes the result to ``adopt`` after the commit. Subjects whose key cannot be
+        had (an empty id, a key wrapped under a retired master key) are left out:
+        ``encrypt_fields`` with the result raises ``CryptoError`` for them.
         """
         now = self._clock.monotonic()
         out = PreparedKeys()
         wanted = [s for s in dict.fromkeys(subject_ids) if s]
-        with self._lock:
-            for s in wanted:
-                hit = self._current.get(s)
-                if hit is not None and hit.expires > now:
-                    out._keys[s] = hit
+        if not wanted:
+            return out
+        latest = self.keystore.latest_many(wanted, tx)
+        out._keys.update(self._still_current(wanted, latest, now))
         missing = [s for s in wanted if s not in out._keys]
         if not missing:
             return out
-        for row in self._stored_keys(missing, tx):
+        for row in self._stored_keys(missing, tx, latest):
             try:
                 entry = self._unwrapped(row, now)
             except CryptoError:

@@ -89,7 +89,9 @@ def test_prepare_reuses_cached_and_existing_keys(
     assert other.decrypt("b1", "o2", "phone", new) == PHONE  # the same stored key
     counts.writes = counts.reads = 0
     vault.prepare(["b1", "b2"])
-    assert (counts.writes, counts.reads) == (0, 0)  # both cached: nothing to do
+    # both cached: nothing written, one read checks that neither was forgotten since
+    assert (counts.writes, counts.reads) == (0, 1)
+    counts.reads = 0
     vault.prepare([])
     assert (counts.writes, counts.reads) == (0, 0)
 
@@ -219,3 +221,76 @@ def test_prepare_in_rolled_back_leaves_no_key_stored_or_cached(
     assert fresh.decrypt("b1", "o1", "phone", again) == PHONE
     with pytest.raises(CryptoError):  # the rolled-back key is gone with its transaction
         fresh.decrypt("b1", "o1", "phone", lost)
+
+
+class LatestReads:
+    """How many times the key store read the latest generations (one per batch, any size)."""
+
+    def __init__(self, store: SqlKeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        read = store.latest_many
+
+        def counted(subject_ids: Collection[str], tx: Tx | None = None) -> dict[str, DataKeyRow]:
+            self.calls += 1
+            return read(subject_ids, tx)
+
+        monkeypatch.setattr(store, "latest_many", counted)
+
+
+def test_prepare_in_replaces_a_cached_key_another_process_forgot(
+    keyring: Keyring, store: SqlKeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the daemon's vault has b1's key cached; `riskd pii forget b1` runs in another process
+    daemon = Vault(keyring, store)
+    before = daemon.encrypt("b1", "o1", "phone", PHONE)
+    daemon.encrypt("b2", "o1", "phone", PHONE)
+    Vault(keyring, SqlKeyStore(store.db)).forget("b1")
+    reads = LatestReads(store, monkeypatch)
+    with store.db.transaction() as tx:  # the decision log's next batch, well within the TTL
+        keys = daemon.prepare_in(tx, ["b1", "b2"])
+        sealed = {s: daemon.encrypt_fields(s, "o2", {"phone": PHONE}, keys) for s in ("b1", "b2")}
+    daemon.adopt(keys)
+    assert reads.calls == 1  # one read for the batch, cached subjects included
+    assert generation(sealed["b1"]["phone"]) == 2  # a new key, not the destroyed one
+    assert generation(sealed["b2"]["phone"]) == 1  # b2's cached key is still current
+    cli = Vault(keyring, SqlKeyStore(store.db))
+    assert cli.decrypt("b1", "o2", "phone", sealed["b1"]["phone"]) == PHONE
+    assert cli.decrypt("b2", "o2", "phone", sealed["b2"]["phone"]) == PHONE
+    for v in (daemon, cli):  # what was sealed before the forget stays unreadable
+        with pytest.raises(CryptoError, match="destroyed"):
+            v.decrypt("b1", "o1", "phone", before)
+    assert generation(daemon.encrypt("b1", "o3", "phone", PHONE)) == 2  # adopted
+    latest = store.latest("b1")
+    assert latest is not None and latest.generation == 2 and not latest.shredded
+
+
+def test_prepare_in_adopts_the_generation_another_replica_started(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    daemon = Vault(keyring, store)
+    daemon.encrypt("b1", "o1", "phone", PHONE)  # generation 1 cached
+    replica = Vault(keyring, SqlKeyStore(store.db))
+    replica.forget("b1")
+    theirs = replica.encrypt("b1", "o2", "phone", PHONE)  # the replica starts generation 2
+    with store.db.transaction() as tx:
+        keys = daemon.prepare_in(tx, ["b1"])
+        mine = daemon.encrypt_fields("b1", "o3", {"phone": PHONE}, keys)["phone"]
+    daemon.adopt(keys)
+    assert generation(mine) == generation(theirs) == 2  # one live key per subject
+    assert replica.decrypt("b1", "o3", "phone", mine) == PHONE
+    assert daemon.decrypt("b1", "o2", "phone", theirs) == PHONE
+
+
+def test_prepare_replaces_a_cached_key_another_process_forgot(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    # the same without a shared transaction (key store in another database than the log)
+    daemon = Vault(keyring, store)
+    before = daemon.encrypt("b1", "o1", "phone", PHONE)
+    Vault(keyring, SqlKeyStore(store.db)).forget("b1")
+    daemon.prepare(["b1"])
+    after = daemon.encrypt_fields("b1", "o2", {"phone": PHONE})["phone"]
+    assert generation(after) == 2
+    assert Vault(keyring, store).decrypt("b1", "o2", "phone", after) == PHONE
+    with pytest.raises(CryptoError, match="destroyed"):
+        daemon.decrypt("b1", "o1", "phone", before)
