@@ -15,8 +15,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -28,6 +29,7 @@ from riskd.domain.shop import ShopState
 from riskd.dsl.diagnostics import Diagnostic, Diagnostics
 from riskd.dsl.expr import CompiledExpr
 from riskd.dsl.fusion import Fused, fuse
+from riskd.dsl.tracer import PII_FIELDS
 from riskd.dsl.values import EvalError, Timestamp
 from riskd.errors import RuleCompileError
 
@@ -321,20 +323,61 @@ def _explained(step: _Step, act: Mapping[str, object]) -> RuleResult:
 
 
 def _scrub(message: str, order: Order) -> str:
-    """Mask any PII value of the order that an error message might quote."""
-    buyer = order.buyer
-    secrets = (
-        buyer.phone,
-        buyer.name,
-        buyer.id_number,
-        buyer.address.detail,
-        buyer.address.district,
-        order.ip,
-        order.device_id,
-    )
-    for s in secrets:
-        if len(s) >= 2 and s in message:
-            message = message.replace(s, "***")
+    """Mask any PII value of the order that a message might quote.
+
+    The tracer already writes ``"***"`` for PII values; this catches what it does not
+    render (an error message quoting a value). A value is found verbatim, escaped the
+    way ``format_value`` (JSON) or ``repr`` writes it, or cut short by a clip (``…``).
+    """
+    for secret in _pii_values(order):
+        if len(secret) < 2:
+            continue
+        for form in _quoted_forms(secret):
+            if form in message:
+                message = message.replace(form, "***")
+            if _CLIP in message:
+                message = _scrub_clipped(message, form)
+    return message
+
+
+_CLIP = "…"
+_MIN_CLIPPED = 4  # a shorter prefix before a clip is too likely to be something else
+
+
+def _pii_values(order: Order) -> Iterator[str]:
+    """The order's values of the fields ``riskd.dsl.tracer.PII_FIELDS`` names."""
+    for holder in (order, order.buyer, order.buyer.address):
+        for name in sorted(PII_FIELDS.get(type(holder), ())):
+            value = getattr(holder, name)
+            if isinstance(value, str):
+                yield value
+
+
+def _quoted_forms(secret: str) -> list[str]:
+    """``secret`` as text may hold it: verbatim, JSON-escaped (both ways), repr-escaped;
+    the longest first, so that no shorter form breaks a longer one apart."""
+    forms = {
+        secret,
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        json.dumps(secret)[1:-1],
+        repr(secret)[1:-1],
+    }
+    return sorted(forms, key=len, reverse=True)
+
+
+def _scrub_clipped(message: str, form: str) -> str:
+    """Mask each run of text that starts like ``form`` and is cut off by a clip (``…``)."""
+    head = form[:_MIN_CLIPPED]
+    if len(form) <= _MIN_CLIPPED:
+        return message
+    start = message.find(head)
+    while start >= 0:
+        end = message.find(_CLIP, start)
+        if end < 0:
+            break
+        if form.startswith(message[start:end]):
+            message = message[:start] + "***" + message[end:]
+        start = message.find(head, start + 1)
     return message
 
 

@@ -4,6 +4,14 @@
 compiled hot path carries no tracing code at all. Each line reads like::
 
     order.amounts.total > 50000 → true (order.amounts.total = 62000)
+
+Explanations travel to the caller and into the hash-chained decision log, so
+they never quote personal data: a value read from a field in ``PII_FIELDS``,
+and every value computed from one (a concatenation, a conversion, a size, a
+list or map holding it), is written ``"***"`` whatever it contains; only a
+bool (the condition's own answer) and an empty string show as they are.
+``riskd.dsl.program`` scrubs the rendered lines once more for the order's PII
+values, as a second line of defence.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import dataclasses
 import json
 from collections.abc import Iterator, Mapping
 
+from riskd.domain.order import Address, Buyer, Order
 from riskd.dsl.checker import Checked
 from riskd.dsl.interp import Interpreter
 from riskd.dsl.nodes import Call, Comprehension, Expr, Ident, Literal, Select, children
@@ -23,17 +32,37 @@ from riskd.dsl.values import Duration, EvalError, Timestamp, TypeValue, UInt
 _CONDITIONS = {"_==_", "_!=_", "_<_", "_<=_", "_>_", "_>=_", "@in", "_&&_", "_||_", "!_"}
 _OPERATORS = {"_+_", "_-_", "_*_", "_/_", "_%_", "-_", "_[_]", "_?_:_"}
 _MAX_TEXT = 80
+_HIDDEN = '"***"'
+
+# The request's personal data, by the domain type that holds it and the field name: what
+# the decision log keeps only masked or encrypted (``riskd.evidence.request.pii_fields``;
+# of an address, the street detail and the district). ``riskd.dsl.program`` scrubs the
+# same fields' values.
+PII_FIELDS: Mapping[type, frozenset[str]] = {
+    Buyer: frozenset({"phone", "name", "id_number"}),
+    Address: frozenset({"detail", "district"}),
+    Order: frozenset({"device_id", "ip"}),
+}
 
 
 @dataclasses.dataclass(slots=True)
 class RecordingTracer:
-    """Keeps the last value (or error) of every evaluated node."""
+    """Keeps the last value (or error) of every evaluated node.
+
+    ``secret`` holds the nodes whose value is, or was computed from, a PII field:
+    a ``Select`` of a ``PII_FIELDS`` field, or any node with such a child. The
+    interpreter reports a node after its children, so one pass marks them all (a
+    node marked in one run of a macro body stays marked: it only hides more).
+    """
 
     values: dict[int, object] = dataclasses.field(default_factory=dict)
     errors: dict[int, EvalError] = dataclasses.field(default_factory=dict)
+    secret: set[int] = dataclasses.field(default_factory=set)
 
     def on_value(self, node: Expr, value: object) -> None:
         self.values[id(node)] = value
+        if _reads_pii(node, self.values) or any(id(c) in self.secret for c in children(node)):
+            self.secret.add(id(node))
 
     def on_error(self, node: Expr, error: EvalError) -> None:
         self.errors[id(node)] = error
@@ -104,9 +133,25 @@ def _line(step: _Step, tracer: RecordingTracer) -> str:
         return f"{text} → error: {tracer.errors[id(node)]}"
     if id(node) not in values:
         return f"{text} → not evaluated"
-    details = [f"{t} = {format_value(values[id(c)])}" for c, t in step.operands if id(c) in values]
+    details = [f"{t} = {_shown(c, tracer)}" for c, t in step.operands if id(c) in values]
     suffix = f" ({', '.join(details)})" if details else ""
-    return f"{text} → {format_value(values[id(node)])}{suffix}"
+    return f"{text} → {_shown(node, tracer)}{suffix}"
+
+
+def _reads_pii(node: Expr, values: Mapping[int, object]) -> bool:
+    """Whether ``node`` selects a PII field (known by its operand's run-time type)."""
+    if not isinstance(node, Select) or node.test_only:
+        return False
+    fields = PII_FIELDS.get(type(values.get(id(node.operand))))
+    return fields is not None and node.field in fields
+
+
+def _shown(node: Expr, tracer: RecordingTracer) -> str:
+    """A node's value as an explanation writes it: ``"***"`` for one made from PII."""
+    value = tracer.values[id(node)]
+    if id(node) in tracer.secret and not isinstance(value, bool) and value != "":
+        return _HIDDEN
+    return format_value(value)
 
 
 def _operands(node: Expr) -> Iterator[Expr]:
