@@ -385,8 +385,20 @@ def _scrub_clipped(message: str, form: str) -> str:
 
 
 def rule_files(directory: Path) -> tuple[Path, ...]:
-    """The rule files of a directory (``*.rules``, recursively), in a stable order."""
-    return tuple(sorted(p for p in directory.rglob(f"*{RULE_FILE_SUFFIX}") if p.is_file()))
+    """The rule files of a directory (``*.rules``, recursively), in a stable order.
+
+    Hidden files and folders (a name starting with ``.``) are skipped: an editor's or
+    an atomic writer's temporary file, and the ``..data``/``..2026_…`` folders behind
+    the symlinks of a Kubernetes ConfigMap mount, which would define every rule twice.
+    """
+    return tuple(
+        sorted(
+            p
+            for p in directory.rglob(f"*{RULE_FILE_SUFFIX}")
+            if p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+        )
+    )
 
 
 def content_version(sources: Mapping[str, str]) -> str:

@@ -18,6 +18,7 @@ from riskd.dsl.program import (
     RuleStatus,
     compile_rules,
     load_rules,
+    rule_files,
 )
 from riskd.errors import RuleCompileError
 
@@ -259,3 +260,18 @@ def test_program_explanations_never_quote_pii(tmp_path: Path) -> None:
     assert "order.buyer.phone" in text
     for secret in ("13812345678", "1381234", "文三路", "dev-1"):
         assert secret not in text
+
+
+def test_rule_files_of_a_configmap_mount_and_hidden_temp_files(tmp_path: Path) -> None:
+    """Kubernetes mounts a ConfigMap as ``..<timestamp>/`` files behind ``..data`` and
+    top-level symlinks; an atomic writer leaves ``.tmp…`` files. Each rule counts once."""
+    root = tmp_path / "rules"
+    real = root / "..2026_11_26_10_00_00.123"
+    real.mkdir(parents=True)
+    (real / "p.rules").write_text(HEADER + rule("big", "order.amounts.total > 50000"))
+    (root / "..data").symlink_to(real.name)
+    (root / "p.rules").symlink_to("..data/p.rules")
+    (root / ".p.rules.tmp1234.rules").write_text("rule half-written {")
+    files = rule_files(root)
+    assert files == (root / "p.rules",)
+    assert [r.id for r in compile_rules(*files).rules] == ["big"]
