@@ -12,6 +12,7 @@ The tree::
     ├── UnauthenticatedError        UNAUTHENTICATED
     ├── ResourceExhaustedError      RESOURCE_EXHAUSTED
     ├── UnavailableError            UNAVAILABLE        (a dependency is down)
+    │   └── CommitUnknownError      UNAVAILABLE        (lost during COMMIT: may have committed)
     ├── DeadlineExceededError       DEADLINE_EXCEEDED  (no time left: nothing was done)
     ├── RuleCompileError            INVALID_ARGUMENT   (carries every diagnostic)
     ├── ConfigError                 FAILED_PRECONDITION
@@ -77,6 +78,11 @@ class ResourceExhaustedError(RiskdError):
 
 class UnavailableError(RiskdError):
     status: ClassVar[str] = "UNAVAILABLE"
+
+
+class CommitUnknownError(UnavailableError):
+    """The database connection was lost during COMMIT: the transaction may or may not have
+    committed. Never replayed blindly; the caller checks (or retries idempotently)."""
 
 
 class DeadlineExceededError(RiskdError):

@@ -4,8 +4,21 @@ Stores (ledger, evidence, PII keys) write portable SQL with ``?`` placeholders;
 ``Database`` rewrites them for PostgreSQL. Each thread gets its own connection.
 SQLite runs in WAL mode with ``synchronous=FULL`` and takes the write lock at
 ``BEGIN IMMEDIATE``, so there is one writer at a time; PostgreSQL runs its
-transactions at SERIALIZABLE and ``transaction()`` retries serialization
+transactions at SERIALIZABLE and ``run()`` retries serialization
 failures. This module imports nothing from riskd but ``errors``.
+
+Lost connections (a PostgreSQL restart or failover, an idle timeout,
+``pg_terminate_backend``): a thread's cached connection that psycopg has seen
+closed or broken is dropped and a new one opened on its next use (psycopg only
+learns of a loss when it uses the connection: a ``BEGIN`` or read that finds it
+gone is sent again once on a new one). ``run()`` retries a transaction whose
+connection was lost before its COMMIT was sent (the server rolled it back). A
+connection lost *during* COMMIT leaves the outcome unknown: that raises
+``CommitUnknownError`` and is never replayed here, since a replay could apply
+it twice; the caller checks what landed (the decision log) or retries under
+its idempotency key (the ledger answers with the first receipt). Session state
+does not survive a new connection: the ledger's advisory lock is gone with the
+old one (its SERIALIZABLE transactions and unique keys still hold).
 
 URLs: ``sqlite:///path/to/file.db`` (or a bare path), ``postgresql://host/db``;
 ``?schema=NAME`` on a PostgreSQL URL sets the search_path (tests use it to
@@ -25,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from riskd.errors import UnavailableError
+from riskd.errors import CommitUnknownError, UnavailableError
 
 T = TypeVar("T")
 Dialect = Literal["sqlite", "postgres"]
@@ -33,6 +46,12 @@ Row = tuple[Any, ...]
 
 _PLACEHOLDER = re.compile(r"\?")
 _RETRIES = 8
+# SQLSTATE classes of PostgreSQL failures that come from the server's state, not the data:
+# connection exception, transaction rollback (serialization, deadlock), insufficient
+# resources, object not in prerequisite state (lock not available), operator intervention
+# (shutdown, cancel), system error.
+_TRANSIENT_CLASSES = frozenset({"08", "40", "53", "55", "57", "58"})
+_READ_ONLY_TRANSACTION = "25006"  # a standby after a failover
 
 
 class Tx:
@@ -95,8 +114,10 @@ class Database:
 
     def _connect(self) -> Any:
         conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        if conn is not None and not self._lost(conn):
             return conn
+        if conn is not None:  # the server or the network ended it: never reuse it
+            self._discard(conn)
         if self.dialect == "sqlite":
             conn = sqlite3.connect(
                 self._path, isolation_level=None, timeout=30.0, check_same_thread=False
@@ -119,30 +140,85 @@ class Database:
             self._all.append(conn)
         return conn
 
+    def _lost(self, conn: Any) -> bool:
+        """Whether ``conn`` is a PostgreSQL connection psycopg has seen closed or broken."""
+        return self.dialect == "postgres" and bool(conn.closed or conn.broken)
+
+    def _lost_here(self, e: BaseException) -> bool:
+        """Whether ``e`` is a connection error that left this thread's connection lost."""
+        if self.dialect != "postgres":
+            return False
+        import psycopg
+
+        conn = getattr(self._local, "conn", None)
+        return isinstance(e, psycopg.OperationalError) and conn is not None and self._lost(conn)
+
+    def _discard(self, conn: Any) -> None:
+        """Forget this thread's ``conn`` and close it (nothing to release if it is broken)."""
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+        with self._lock:
+            self._all = [c for c in self._all if c is not conn]
+        with contextlib.suppress(Exception):
+            conn.close()
+
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
-        """One write transaction: commits on success, rolls back on any exception."""
+        """One write transaction: commits on success, rolls back on any exception.
+
+        Raises:
+            CommitUnknownError: the connection was lost during COMMIT (it may have committed).
+        """
+        begin = (
+            "BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN ISOLATION LEVEL SERIALIZABLE"
+        )
         conn = self._connect()
         cur = conn.cursor()
-        if self.dialect == "sqlite":
-            cur.execute("BEGIN IMMEDIATE")
-        else:
-            cur.execute("BEGIN ISOLATION LEVEL SERIALIZABLE")
+        try:
+            cur.execute(begin)
+        except Exception as e:  # an idle connection the server ended: nothing began yet
+            if not self._lost_here(e):
+                raise
+            conn = self._connect()
+            cur = conn.cursor()
+            cur.execute(begin)
         try:
             yield Tx(cur, self.dialect)
         except BaseException:
-            cur.execute("ROLLBACK")
+            if not self._lost(conn):  # a lost session was rolled back by the server
+                try:
+                    cur.execute("ROLLBACK")
+                except Exception:  # lost meanwhile, or in an unknown state: never reuse it
+                    self._discard(conn)
             raise
-        cur.execute("COMMIT")
+        try:
+            cur.execute("COMMIT")
+        except Exception as e:
+            if self._lost(conn):
+                raise CommitUnknownError(
+                    "database connection lost during COMMIT: the outcome is unknown"
+                ) from e
+            raise
 
     def run(self, fn: Callable[[Tx], T]) -> T:
-        """Run ``fn`` in a transaction, retrying it on serialization failures and deadlocks."""
+        """Run ``fn`` in a transaction, retrying it on serialization failures, deadlocks and
+        connections lost before COMMIT (on a new connection).
+
+        Raises:
+            CommitUnknownError: the connection was lost during COMMIT; not retried here.
+            UnavailableError: the database is down, or the connection kept getting lost.
+        """
         for attempt in range(_RETRIES):
             try:
                 with self.transaction() as tx:
                     return fn(tx)
+            except CommitUnknownError:
+                raise
             except Exception as e:  # retry only the transient kinds
-                if not self._is_transient(e) or attempt == _RETRIES - 1:
+                lost = self._lost_here(e)
+                if lost and attempt == _RETRIES - 1:
+                    raise UnavailableError("database connection lost") from e
+                if not (lost or self._is_transient(e)) or attempt == _RETRIES - 1:
                     raise
                 time.sleep(0.002 * (2**attempt))
         raise AssertionError("unreachable")
@@ -154,12 +230,47 @@ class Database:
 
         return isinstance(e, psycopg.errors.SerializationFailure | psycopg.errors.DeadlockDetected)
 
+    def is_transient(self, e: BaseException) -> bool:
+        """Whether a failure is the database's state, not the statement's data: the same work
+        may succeed later (down or unreachable, connection lost, commit outcome unknown,
+        serialization, deadlock, locks, resources, a read-only standby after a failover).
+
+        A writer that retries in the background (the decision log) retries these; any
+        other failure (a constraint, a value the database refuses) will recur.
+        """
+        if isinstance(e, UnavailableError):
+            return True
+        if self.dialect == "sqlite":
+            # locked, busy, disk I/O, disk full, read-only, missing table; row contents
+            # fail as IntegrityError, DataError or InterfaceError instead
+            return isinstance(e, sqlite3.OperationalError)
+        import psycopg
+
+        if not isinstance(e, psycopg.Error):
+            return False
+        state = e.sqlstate or ""
+        if not state:  # raised by the client: connection lost or closed, or a bad value
+            return isinstance(e, psycopg.OperationalError)
+        return state[:2] in _TRANSIENT_CLASSES or state == _READ_ONLY_TRANSACTION
+
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
-        """A read outside any explicit transaction."""
-        conn = self._connect()
-        cur = conn.cursor()
-        Tx(cur, self.dialect).execute(sql, params)
-        return [tuple(r) for r in cur.fetchall()]
+        """A read outside any explicit transaction; retried once if the connection was lost.
+
+        Raises:
+            UnavailableError: the database is down, or the connection was lost again.
+        """
+        for attempt in range(2):
+            conn = self._connect()
+            cur = conn.cursor()
+            try:
+                Tx(cur, self.dialect).execute(sql, params)
+                return [tuple(r) for r in cur.fetchall()]
+            except Exception as e:
+                if not self._lost_here(e):
+                    raise
+                if attempt == 1:
+                    raise UnavailableError("database connection lost") from e
+        raise AssertionError("unreachable")
 
     def executescript(self, ddl: str) -> None:
         """Run several ``;``-separated statements (schema creation)."""

@@ -1,0 +1,138 @@
+"""riskd.sql: lost PostgreSQL connections are replaced, and what is (and is not) retried.
+
+The connections are really ended by the server (``pg_terminate_backend``), only those of
+the test's own ``Database``: each one carries its own ``application_name``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.errors import AdminShutdown, SerializationFailure
+
+from riskd.errors import CommitUnknownError
+from riskd.sql import Database, Tx
+
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def terminate(app: str) -> int:
+    """End every backend of ``application_name`` ``app``; return once they are gone."""
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        n = admin.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND application_name = %s",
+            (app,),
+        ).fetchone()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            left = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app,)
+            ).fetchone()
+            if left is not None and left[0] == 0:
+                break
+            time.sleep(0.01)
+    return int(n[0]) if n else 0
+
+
+@pytest.fixture
+def pg_app() -> Iterator[tuple[Database, str]]:
+    """A PostgreSQL ``Database`` in its own schema, and the application name of its sessions."""
+    tag = uuid.uuid4().hex[:12]
+    app = f"riskd-test-sql-{tag}"
+    db = Database(f"{PG_URL}?schema=sql_{tag}&application_name={app}")
+    db.executescript("CREATE TABLE t (v INTEGER NOT NULL)")
+    yield db, app
+    db.drop_schema()
+    db.close()
+
+
+def count(db: Database) -> int:
+    return int(db.query("SELECT COUNT(*) FROM t")[0][0])
+
+
+@pytest.mark.postgres
+def test_reads_and_writes_go_on_after_the_server_ends_the_connection(
+    pg_app: tuple[Database, str],
+) -> None:
+    db, app = pg_app
+    assert count(db) == 0
+    assert terminate(app) == 1
+    assert count(db) == 0  # the read retried on a new connection
+    assert terminate(app) == 1
+    db.run(lambda tx: tx.execute("INSERT INTO t VALUES (?)", (1,)))  # BEGIN failed: retried
+    assert count(db) == 1
+    assert terminate(app) == 1
+    with db.transaction() as tx:  # a plain transaction gets a new connection too
+        tx.execute("INSERT INTO t VALUES (?)", (2,))
+    assert count(db) == 2
+
+
+@pytest.mark.postgres
+def test_a_transaction_lost_before_commit_is_run_again_once(pg_app: tuple[Database, str]) -> None:
+    db, app = pg_app
+    calls = 0
+
+    def insert(tx: Tx) -> None:
+        nonlocal calls
+        calls += 1
+        tx.execute("INSERT INTO t VALUES (?)", (calls,))
+        if calls == 1:  # the server ends the session in the middle of the transaction
+            terminate(app)
+            tx.execute("SELECT 1")
+
+    db.run(insert)
+    assert calls == 2
+    assert db.query("SELECT v FROM t") == [(2,)]  # the first attempt was rolled back
+
+
+@pytest.mark.postgres
+def test_a_connection_lost_at_commit_is_not_replayed(pg_app: tuple[Database, str]) -> None:
+    db, app = pg_app
+    calls = 0
+
+    def insert(tx: Tx) -> None:
+        nonlocal calls
+        calls += 1
+        tx.execute("INSERT INTO t VALUES (?)", (calls,))
+        terminate(app)  # gone before the COMMIT goes out: its outcome is unknown to the client
+
+    with pytest.raises(CommitUnknownError, match="outcome is unknown"):
+        db.run(insert)
+    assert calls == 1  # never replayed: a replay could apply it twice
+    assert count(db) == 0  # (here the server had ended it first) and the next call works
+
+
+@pytest.mark.postgres
+def test_is_transient_tells_the_database_state_from_the_data(
+    pg_app: tuple[Database, str],
+) -> None:
+    db, _ = pg_app
+    with pytest.raises(psycopg.DataError) as nul:
+        db.query("SELECT ?::text", ("a\x00b",))  # PostgreSQL refuses NUL in text
+    with pytest.raises(psycopg.IntegrityError) as null:
+        db.run(lambda tx: tx.execute("INSERT INTO t VALUES (NULL)"))
+    assert not db.is_transient(nul.value) and not db.is_transient(null.value)
+    assert db.is_transient(AdminShutdown("terminating connection"))
+    assert db.is_transient(SerializationFailure("could not serialize"))
+    assert db.is_transient(CommitUnknownError("lost"))
+    assert not db.is_transient(ValueError("a bug"))
+
+
+def test_is_transient_on_sqlite(tmp_path: Path) -> None:
+    db = Database(tmp_path / "x.db")
+    db.executescript("CREATE TABLE t (v INTEGER CHECK (v > 0))")
+    with pytest.raises(sqlite3.IntegrityError) as refused:
+        db.run(lambda tx: tx.execute("INSERT INTO t VALUES (?)", (0,)))
+    assert not db.is_transient(refused.value)
+    assert db.is_transient(sqlite3.OperationalError("database is locked"))
+    assert db.is_transient(sqlite3.OperationalError("disk I/O error"))
+    assert db.query("SELECT COUNT(*) FROM t") == [(0,)]  # the refused insert left nothing
+    db.close()
