@@ -13,20 +13,30 @@ PostgreSQL's commit). A crash (kill -9, power loss) loses exactly the items
 appended since the last commit: those still queued plus the batch being
 written, never more than ``queue_size`` items, and in practice the last batch
 (the writer commits continuously; ``flush_interval_s`` bounds how long it
-waits to gather a batch). What survives is always a prefix of the appends, in
-order, with a valid chain. ``flush()`` waits for everything appended so far;
-``close()`` flushes and stops the writer (graceful shutdown loses nothing).
+waits to gather a batch). What survives is always a prefix of the appends (less
+any item set aside, see below), in order, with a valid chain. ``flush()`` waits
+for everything appended so far to be committed or set aside; ``close()``
+flushes and stops the writer (graceful shutdown loses nothing).
 
 Backpressure: when ``queue_size`` items are waiting (the database is slow or
 down), ``append`` waits up to ``put_timeout_s`` and then raises
 ``UnavailableError``: the caller answers anyway and marks the decision
-degraded. A failed commit is retried with backoff; its items stay queued and
-visible to ``get``.
+degraded. A failed commit is logged (the error's type only: rows hold PII)
+and retried with backoff while the failure is the database's (down, connection
+lost, locks: ``Database.is_transient``); its items stay queued and visible to
+``get``. A connection lost during COMMIT leaves the outcome unknown: before
+writing the batch again the writer looks for the chain heads it wrote, so a
+batch that did commit is never appended twice. A batch that fails on its data
+(a value the database refuses, a constraint) is written again one item at a
+time, in order: the good items commit and the chain stays valid, and an item
+that can never be written is set aside, logged by order id and error type and
+counted in ``rejected``, so it cannot stop the writer.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import deque
@@ -36,14 +46,22 @@ from typing import Any
 
 from riskd.domain.events import OrderEvent
 from riskd.domain.order import Order
-from riskd.errors import ConfigError, InvalidArgumentError, RiskdError, UnavailableError
+from riskd.errors import (
+    CommitUnknownError,
+    ConfigError,
+    InvalidArgumentError,
+    RiskdError,
+    UnavailableError,
+)
 from riskd.evidence.chain import (
     DECISIONS,
     EVENTS,
+    Table,
     TextRow,
     VerifyResult,
     append_rows,
     append_texts,
+    chain_head,
     verify,
 )
 from riskd.evidence.records import (
@@ -77,6 +95,10 @@ class _Item:
 
 
 _IN_CHUNK = 500
+# What a write put at the end of each chain it appended to: (table, seq, hash).
+_Heads = tuple[tuple[Table, int, str], ...]
+
+_log = logging.getLogger("riskd.evidence.log")
 
 
 class DecisionLog:
@@ -126,6 +148,7 @@ class DecisionLog:
         self._urgent = 0  # flush() waits for everything appended up to here
         self._closed = False
         self._error: str = ""
+        self._rejected = 0  # items set aside: the database refused them
         self._thread = threading.Thread(target=self._run, name="evidence-writer", daemon=True)
         self._thread.start()
 
@@ -244,6 +267,12 @@ class DecisionLog:
         with self._cond:
             return len(self._queue) + self._inflight
 
+    @property
+    def rejected(self) -> int:
+        """Items set aside since start because the database refused them (each one logged)."""
+        with self._cond:
+            return self._rejected
+
     def _forget(self, subject_id: str) -> None:
         """Vault forget hook: ``forget_subject`` (the chained, masked rows stay)."""
         forget_subject(self.db, subject_id)
@@ -251,7 +280,7 @@ class DecisionLog:
     # -- flush and close ---------------------------------------------------
 
     def flush(self, timeout_s: float | None = None) -> None:
-        """Wait until everything appended before this call is committed.
+        """Wait until everything appended before this call is committed (or set aside).
 
         Raises:
             UnavailableError: not committed within ``timeout_s`` (the database is down).
@@ -305,28 +334,98 @@ class DecisionLog:
         return full or self._closed or self._written < self._urgent
 
     def _commit(self, batch: list[_Item]) -> None:
+        """Commit ``batch`` in order; returns when every item is committed or set aside
+        (or the log was closed while the database stayed down)."""
         delay = 0.01
-        while True:
+        todo = batch
+        alone = False  # the batch failed on its data: one item per transaction
+        unsure: _Heads | None = None  # what a commit of unknown outcome would have written
+        failures = 0
+        while todo:
+            chunk = todo[:1] if alone else todo
+            heads: list[tuple[Table, int, str]] = []
             try:
-                self._write(batch)
-                break
-            except Exception as e:  # keep the batch; retry until the database is back
+                if unsure is None or not self._landed(unsure):
+                    unsure = None
+                    self._write(chunk, heads)
+            except Exception as e:
+                failures += 1
+                if isinstance(e, CommitUnknownError):
+                    unsure = tuple(heads)
+                transient = self.db.is_transient(e)
+                _log.warning(
+                    "decision log commit failed",
+                    extra={
+                        "fields": {
+                            "error": type(e).__name__,
+                            "items": len(chunk),
+                            "transient": transient,
+                            "retry_in_s": delay if transient else 0.0,
+                        }
+                    },
+                )
+                if not transient and len(chunk) > 1:
+                    alone = True  # find the item the database refuses; keep the others' order
+                    continue
+                if not transient:
+                    self._reject(chunk[0], e)
+                    todo = todo[1:]
+                    continue
                 with self._cond:
                     self._error = type(e).__name__
                     if self._closed:
                         return
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
+                continue
+            unsure = None
+            delay = 0.01
+            todo = todo[len(chunk) :]
+            self._done(chunk)
+        if failures:
+            _log.info(
+                "decision log writer going again after failed commits",
+                extra={"fields": {"failures": failures}},
+            )
+
+    def _done(self, items: list[_Item]) -> None:
+        """``items`` are committed (or set aside): they leave the queue's accounting."""
         with self._cond:
-            for item in batch:
+            for item in items:
                 if item.record is not None:
                     self._pending.pop(item.record.order_id, None)
-            self._inflight = 0
-            self._written += len(batch)
+            self._inflight -= len(items)
+            self._written += len(items)
             self._error = ""
             self._cond.notify_all()
 
-    def _write(self, batch: list[_Item]) -> None:
+    def _reject(self, item: _Item, e: Exception) -> None:
+        """Set aside an item the database refuses on its own: log it (order id and error
+        type, never its content: it may hold PII), count it, and let the rest go on."""
+        if item.record is not None:
+            kind, order_id = "decision", item.record.order_id
+        else:
+            kind, order_id = "event", item.event.order_id if item.event is not None else ""
+        _log.error(
+            "decision log item refused by the database; set aside",
+            extra={"fields": {"kind": kind, "order_id": order_id, "error": type(e).__name__}},
+        )
+        with self._cond:
+            self._rejected += 1
+        self._done([item])
+
+    def _landed(self, heads: _Heads) -> bool:
+        """Whether a write whose commit outcome is unknown did commit: its chain heads are there."""
+        for table, seq, digest in heads:
+            rows = self.db.query(
+                f"SELECT 1 FROM {table.name} WHERE seq = ? AND hash = ?", (seq, digest)
+            )
+            if not rows:
+                return False
+        return True
+
+    def _write(self, batch: list[_Item], heads: list[tuple[Table, int, str]]) -> None:
+        """Write ``batch`` in one transaction; ``heads`` gets the chain heads it wrote."""
         records = [i for i in batch if i.record is not None]
         events = [i.event for i in batch if i.event is not None]
         rows = [_row(i.record) for i in records if i.record is not None]
@@ -364,6 +463,10 @@ class DecisionLog:
                     " VALUES (?, ?, ?, ?)",
                     indexes,
                 )
+            # where the chains end now: should the COMMIT's outcome be unknown (connection
+            # lost), finding these rows tells that it did commit
+            written = [t for t, n in ((DECISIONS, len(kept)), (EVENTS, len(events))) if n]
+            heads[:] = [(t, *chain_head(tx, t)) for t in written]
 
         self.db.run(write)
         if vault is not None and prepared:  # committed: their keys may be cached now

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg.errors import DiskFull
 
 import riskd.evidence.log as log_module
 from riskd.domain.decision import Decision, Outcome
@@ -190,7 +192,9 @@ def test_new_buyers_keys_commit_in_the_batchs_own_transaction(
     vault = Vault(keyring, SqlKeyStore(db))
     log = DecisionLog(db, vault=vault, indexer=BlindIndexer(keyring), flush_interval_s=0.05)
     transactions = 0
-    failures = [RuntimeError("disk I/O error")]
+    # a failure of the database's state (retried as a whole), as each dialect raises it
+    transient = sqlite3.OperationalError("disk I/O error")
+    failures = [transient if db.dialect == "sqlite" else DiskFull("could not extend file")]
     real_transaction, real_append = db.transaction, log_module.append_texts
 
     def counted() -> Any:

@@ -1,0 +1,158 @@
+"""DecisionLog's writer under failures: an item the database refuses, a lost connection,
+a COMMIT whose outcome is unknown. The writer never stops, never appends twice, never
+breaks the chain, and logs what failed without the PII it was writing."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from riskd.domain.events import OrderEvent, OrderEventKind
+from riskd.errors import CommitUnknownError
+from riskd.evidence.log import DecisionLog
+from riskd.pii import BlindIndexer, Keyring
+from riskd.sql import Database, Tx
+
+from .conftest import DEVICE, ID_NUMBER, IP, NAME, PG_URL, PHONE, STREET, make_order, make_record
+
+PII = (PHONE, NAME, ID_NUMBER, STREET, DEVICE, IP)
+
+
+def stored_ids(db: Database) -> list[str]:
+    return [str(r[0]) for r in db.query("SELECT order_id FROM decision_log ORDER BY seq")]
+
+
+def append_order(log: DecisionLog, order_id: str, buyer_id: str = "b-1") -> None:
+    order = make_order(order_id)
+    order = replace(order, buyer=replace(order.buyer, buyer_id=buyer_id))
+    log.append(make_record(order_id, request=log.protect(order)), order=order)
+
+
+def refused_and_rest_committed(
+    db: Database, bad: str, buyer_id: str, error: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One batch of three (the middle one refused) and a later batch of two."""
+    # max_batch=3 and a long gathering time: the first three appends make one batch
+    log = DecisionLog(
+        db, indexer=BlindIndexer(Keyring.generate()), max_batch=3, flush_interval_s=10
+    )
+    caplog.set_level(logging.INFO, logger="riskd.evidence.log")
+    append_order(log, "o-1")
+    append_order(log, bad, buyer_id)
+    append_order(log, "o-3")  # a full batch: the writer takes the three together
+    log.flush(10)
+    append_order(log, "o-4")
+    log.append_event(OrderEvent("o-4", OrderEventKind.REFUNDED, at=2.0))
+    log.flush(10)
+    started = time.monotonic()
+    log.close(10)
+    assert time.monotonic() - started < 5
+    assert stored_ids(db) == ["o-1", "o-3", "o-4"]  # the good ones, in order
+    assert len(log.events("o-4")) == 1
+    assert log.get(bad) is None and log.rejected == 1
+    result = log.verify()
+    assert result.ok and result.head["decision_log"][0] == 3
+    failed = [r.fields for r in caplog.records if r.getMessage().endswith("commit failed")]  # type: ignore[attr-defined]
+    assert failed[0] == {"error": error, "items": 3, "transient": False, "retry_in_s": 0.0}
+    refused = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(refused) == 1
+    assert refused[0].fields == {"kind": "decision", "order_id": bad, "error": error}  # type: ignore[attr-defined]
+    logged = " ".join(f"{r.getMessage()} {vars(r)}" for r in caplog.records)
+    for value in (*PII, buyer_id):
+        assert value not in logged
+
+
+def test_an_item_sqlite_refuses_is_set_aside_and_the_others_commit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = Database(tmp_path / "evidence.db")
+    DecisionLog(db).close()  # the tables, then a rule the database enforces on one order
+    trigger = (
+        "CREATE TRIGGER refuse_o2 BEFORE INSERT ON decision_log WHEN NEW.order_id = 'o-2'"
+        " BEGIN SELECT RAISE(ABORT, 'order refused'); END"
+    )
+    db.run(lambda tx: tx.execute(trigger))
+    refused_and_rest_committed(db, "o-2", "b-2", "IntegrityError", caplog)
+    db.close()
+
+
+@pytest.mark.postgres
+def test_a_nul_byte_postgres_refuses_is_set_aside_and_the_others_commit(
+    pg: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    # PostgreSQL refuses NUL in TEXT; the writer stores the buyer id beside the blind indexes
+    refused_and_rest_committed(pg, "o-2", "b-\x00-2", "DataError", caplog)
+
+
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "rolled-back"])
+def test_a_commit_of_unknown_outcome_is_neither_lost_nor_doubled(
+    db: Database, monkeypatch: pytest.MonkeyPatch, committed: bool
+) -> None:
+    """The connection drops while the COMMIT's answer is on its way (only that is simulated:
+    the transaction itself is real). Events have no unique key: a blind replay of a
+    batch that did commit would append them twice."""
+    log = DecisionLog(db, flush_interval_s=0.05)
+    real = db.transaction
+    lose = [True]
+
+    @contextmanager
+    def lost_ack() -> Iterator[Tx]:
+        with real() as tx:
+            yield tx
+            if lose and not committed:
+                lose.clear()
+                raise CommitUnknownError("lost during COMMIT")  # rolled back
+        if lose and committed:
+            lose.clear()
+            raise CommitUnknownError("lost during COMMIT")  # after the commit
+
+    monkeypatch.setattr(db, "transaction", lost_ack)
+    log.append(make_record("o-1"))
+    log.append_event(OrderEvent("o-1", OrderEventKind.CHARGEBACK, at=1.0))
+    log.flush(10)
+    assert not lose  # the loss happened
+    monkeypatch.undo()
+    assert stored_ids(db) == ["o-1"]
+    assert len(log.events("o-1")) == 1
+    assert log.verify().ok
+    log.close()
+
+
+@pytest.mark.postgres
+def test_the_log_writes_and_reads_again_after_postgres_ends_its_connections() -> None:
+    tag = uuid.uuid4().hex[:12]
+    app = f"riskd-test-evidence-{tag}"
+    db = Database(f"{PG_URL}?schema=evidence_{tag}&application_name={app}")
+    try:
+        log = DecisionLog(db)
+        log.append(make_record("o-1"))
+        log.flush(10)
+        assert log.get("o-1") is not None  # the writer's and this thread's connections exist
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            ended = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                " AND application_name = %s",
+                (app,),
+            ).fetchone()
+            assert ended is not None and ended[0] == 2
+            while admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", (app,)
+            ).fetchone() != (0,):
+                time.sleep(0.01)
+        log.append(make_record("o-2"))
+        log.flush(5)  # the writer reconnected
+        assert log.get("o-1") is not None  # and so did the reader
+        assert stored_ids(db) == ["o-1", "o-2"] and log.verify().ok
+        log.close()
+    finally:
+        db.drop_schema()
+        db.close()
