@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import start_http_server
 
 from riskd.domain.decision import Outcome
@@ -20,6 +20,15 @@ from riskd.domain.decision import Outcome
 class _Hit(Protocol):
     @property
     def rule_id(self) -> str: ...
+
+
+class EvidenceLike(Protocol):
+    """What the gauges read of ``riskd.evidence.log.DecisionLog``."""
+
+    @property
+    def backlog(self) -> int: ...
+    @property
+    def rejected(self) -> int: ...
 
 
 class DecisionLike(Protocol):
@@ -99,6 +108,25 @@ class Metrics:
                 _child(self._by_rule, self.rule_hits, reason.rule_id).inc()
             for what in d.degraded:
                 _child(self._by_missing, self.degraded, what).inc()
+
+    def watch_evidence(self, log: EvidenceLike) -> None:
+        """Export the decision log's writer state, read at each scrape.
+
+        ``riskd_evidence_backlog``: appended, not yet committed (what a crash now would
+        lose; it grows while the database is down). ``riskd_evidence_rejected``: items
+        the database refused and the writer set aside (never stored; alert on > 0).
+        """
+        r = self.registry
+        Gauge(
+            "riskd_evidence_backlog",
+            "Decisions and outcome reports appended to the decision log, not yet committed.",
+            registry=r,
+        ).set_function(lambda: log.backlog)
+        Gauge(
+            "riskd_evidence_rejected",
+            "Decision-log items the database refused, set aside by the writer (not stored).",
+            registry=r,
+        ).set_function(lambda: log.rejected)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value (0 when absent), e.g. ``riskd_decisions_total``."""

@@ -234,6 +234,8 @@ def _start(
     running.endpoint = _metrics_endpoint(config, metrics)
     server.start()
     components.start_watching(metrics, config.reload_interval_s)
+    if components.decision_log is not None:
+        metrics.watch_evidence(components.decision_log)
     if ready:
         running.set_serving(True)
     fields = {"port": running.port, "metrics_port": running.metrics_port, "services": services}

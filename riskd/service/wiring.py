@@ -49,6 +49,7 @@ class Components:
     scorer: Scorer
     rules: ProgramHolder
     closers: list[Callable[[], None]] = field(default_factory=list)
+    decision_log: DecisionLog | None = None  # for the metrics (backlog, set-aside items)
     extra: list[Callable[[grpc.Server], list[str]]] = field(default_factory=list)
     _watch_stop: threading.Event = field(default_factory=threading.Event)
     _watcher: threading.Thread | None = None
@@ -153,7 +154,7 @@ def _build(config: Config, clock: Clock, closers: list[Callable[[], None]]) -> C
         ),
     )
     closers.append(scorer.close)
-    components = Components(clock, scorer, rules, closers)
+    components = Components(clock, scorer, rules, closers, decision_log)
     components.extra.append(ledger_service(book))
     components.extra.append(evidence_service(PiiAccess(decision_log, vault, clock=clock)))
     return components

@@ -286,6 +286,8 @@ def test_metrics_count_decisions_and_rule_hits(stub: Stub, server: RunningServer
     assert 'riskd_decisions_total{outcome="review"}' in text
     assert 'riskd_rule_hits_total{rule_id="device_velocity"}' in text
     assert "riskd_rpc_latency_seconds_bucket" in text
+    assert "\nriskd_evidence_backlog " in text  # the decision log writer's state
+    assert "\nriskd_evidence_rejected 0.0\n" in text
     assert "13812345678" not in text
 
 
