@@ -149,6 +149,7 @@ class DecisionLog:
         self._closed = False
         self._error: str = ""
         self._rejected = 0  # items set aside: the database refused them
+        self._unsealed = 0  # decisions stored without PII ciphertexts (no usable data key)
         self._thread = threading.Thread(target=self._run, name="evidence-writer", daemon=True)
         self._thread.start()
 
@@ -272,6 +273,14 @@ class DecisionLog:
         """Items set aside since start because the database refused them (each one logged)."""
         with self._cond:
             return self._rejected
+
+    @property
+    def unsealed(self) -> int:
+        """Decisions stored since start with masked PII only: the Vault had no usable data
+        key for them (e.g. wrapped under a retired master key), so no analyst can reveal
+        their PII. Each batch with any is logged (order ids and error type, no PII)."""
+        with self._cond:
+            return self._unsealed
 
     def _forget(self, subject_id: str) -> None:
         """Vault forget hook: ``forget_subject`` (the chained, masked rows stay)."""
@@ -436,6 +445,10 @@ class DecisionLog:
         secrets = [] if shared else list(self._encrypt(records))
         digests = list(self._digests(records))
         prepared: list[PreparedKeys] = []
+        with_pii = {
+            i.order.order_id for i in records if i.order is not None and pii_fields(i.order)
+        }
+        unsealed: list[str] = []  # stored without their PII ciphertexts (no usable key)
 
         def write(tx: Tx) -> None:
             pii_rows = secrets
@@ -450,6 +463,8 @@ class DecisionLog:
                 i.record.order_id for i, ok in zip(records, stored, strict=True) if ok and i.record
             }
             pii = [s for s in pii_rows if s[0] in kept]
+            sealed = {s[0] for s in pii}
+            unsealed[:] = [oid for oid in kept if oid in with_pii and oid not in sealed]
             if pii:
                 tx.executemany(
                     "INSERT INTO decision_pii (order_id, field, subject_id, ciphertext)"
@@ -471,6 +486,15 @@ class DecisionLog:
         self.db.run(write)
         if vault is not None and prepared:  # committed: their keys may be cached now
             vault.adopt(prepared[0])
+        if vault is not None and unsealed:
+            with self._cond:
+                self._unsealed += len(unsealed)
+            _log.warning(
+                "decisions logged without their encrypted PII (masked forms only)",
+                extra={
+                    "fields": {"orders": len(unsealed), "first": unsealed[0], "error": self._error}
+                },
+            )
 
     def _prepare_in(self, vault: Encryptor, tx: Tx, items: Iterable[_Item]) -> PreparedKeys | None:
         """The batch's data keys, read and created in the batch's transaction (None: none)."""

@@ -29,6 +29,8 @@ class EvidenceLike(Protocol):
     def backlog(self) -> int: ...
     @property
     def rejected(self) -> int: ...
+    @property
+    def unsealed(self) -> int: ...
 
 
 class DecisionLike(Protocol):
@@ -115,6 +117,8 @@ class Metrics:
         ``riskd_evidence_backlog``: appended, not yet committed (what a crash now would
         lose; it grows while the database is down). ``riskd_evidence_rejected``: items
         the database refused and the writer set aside (never stored; alert on > 0).
+        ``riskd_evidence_unsealed``: decisions stored with masked PII only, no ciphertexts
+        (no usable data key, e.g. one wrapped under a retired master key; alert on > 0).
         """
         r = self.registry
         Gauge(
@@ -127,6 +131,11 @@ class Metrics:
             "Decision-log items the database refused, set aside by the writer (not stored).",
             registry=r,
         ).set_function(lambda: log.rejected)
+        Gauge(
+            "riskd_evidence_unsealed",
+            "Decisions logged with masked PII only: no usable data key to encrypt it.",
+            registry=r,
+        ).set_function(lambda: log.unsealed)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value (0 when absent), e.g. ``riskd_decisions_total``."""

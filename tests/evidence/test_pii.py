@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -221,3 +222,27 @@ def test_new_buyers_keys_commit_in_the_batchs_own_transaction(
         assert fresh.decrypt(buyer, f"o-{i}", "phone", secrets["phone"]) == PHONE
         assert vault.decrypt(buyer, f"o-{i}", "phone", secrets["phone"]) == PHONE
     log.close()
+
+
+def test_decisions_logged_without_their_ciphertexts_are_counted_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A buyer whose data key is wrapped under a master key version this daemon cannot
+    use (retired with --force): the decision is still logged, masked, and it shows."""
+    keyring = Keyring.generate()
+    db = Database(tmp_path / "evidence.db")
+    first = DecisionLog(db, vault=Vault(keyring, SqlKeyStore(db)), indexer=BlindIndexer(keyring))
+    log_order(first, "o-1")
+    first.close()
+    retired = keyring.add_version().retire(1)
+    log = DecisionLog(db, vault=Vault(retired, SqlKeyStore(db)), indexer=BlindIndexer(retired))
+    with caplog.at_level(logging.WARNING, logger="riskd.evidence.log"):
+        log_order(log, "o-2")
+        log.flush(10)
+    assert log.get("o-2") is not None and encrypted_fields(db, "o-2") == {}
+    assert log.unsealed == 1
+    warning = next(r for r in caplog.records if "without their encrypted PII" in r.getMessage())
+    assert warning.fields["first"] == "o-2"  # type: ignore[attr-defined]
+    assert all(v not in caplog.text for v in PLAINTEXTS)
+    log.close()
+    db.close()

@@ -288,6 +288,7 @@ def test_metrics_count_decisions_and_rule_hits(stub: Stub, server: RunningServer
     assert "riskd_rpc_latency_seconds_bucket" in text
     assert "\nriskd_evidence_backlog " in text  # the decision log writer's state
     assert "\nriskd_evidence_rejected 0.0\n" in text
+    assert "\nriskd_evidence_unsealed 0.0\n" in text
     assert "13812345678" not in text
 
 
