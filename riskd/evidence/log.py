@@ -457,8 +457,9 @@ class DecisionLog:
                 prepared[:] = [] if keys is None else [keys]
                 pii_rows = [] if keys is None else list(self._encrypt(records, keys))
             stored = append_texts(tx, DECISIONS, rows, unique=True)
-            if events:
-                append_rows(tx, EVENTS, [event_content(e) for e in events])
+            fresh = _new_events(tx, events) if events else []
+            if fresh:
+                append_rows(tx, EVENTS, [event_content(e) for e in fresh])
             kept = {
                 i.record.order_id for i, ok in zip(records, stored, strict=True) if ok and i.record
             }
@@ -480,7 +481,7 @@ class DecisionLog:
                 )
             # where the chains end now: should the COMMIT's outcome be unknown (connection
             # lost), finding these rows tells that it did commit
-            written = [t for t, n in ((DECISIONS, len(kept)), (EVENTS, len(events))) if n]
+            written = [t for t, n in ((DECISIONS, len(kept)), (EVENTS, len(fresh))) if n]
             heads[:] = [(t, *chain_head(tx, t)) for t in written]
 
         self.db.run(write)
@@ -537,6 +538,25 @@ class DecisionLog:
             order_id, subject = item.order.order_id, item.order.buyer.buyer_id
             for field, digest in blind_indexes(item.order, self._indexer, item.digests).items():
                 yield (order_id, field, subject, digest)
+
+
+def _new_events(tx: Tx, events: Sequence[OrderEvent]) -> list[OrderEvent]:
+    """``events`` less those already stored or earlier in the list: the same order, kind
+    and time is a retried report, acknowledged again and stored once."""
+    ids = sorted({e.order_id for e in events})
+    seen: set[tuple[str, str, float]] = set()
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start : start + _IN_CHUNK]
+        marks = ", ".join("?" * len(chunk))
+        sql = f"SELECT order_id, kind, at FROM order_events WHERE order_id IN ({marks})"
+        seen.update((str(o), str(k), float(a)) for o, k, a in tx.execute(sql, chunk).fetchall())
+    fresh = []
+    for event in events:
+        key = (event.order_id, event.kind.name, float(event.at))
+        if key not in seen:
+            seen.add(key)
+            fresh.append(event)
+    return fresh
 
 
 def _row(record: DecisionRecord) -> TextRow:

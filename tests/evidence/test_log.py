@@ -147,6 +147,22 @@ def test_log_stores_events_in_their_own_chained_table(db: Database) -> None:
     assert log.verify().ok
 
 
+def test_a_retried_outcome_report_is_stored_once(db: Database) -> None:
+    log = DecisionLog(db)
+    refund = OrderEvent("o-1", OrderEventKind.REFUNDED, 1_700_000_100.0, "partial")
+    again = OrderEvent("o-1", OrderEventKind.REFUNDED, 1_700_000_100.0, "partial (retry)")
+    later = OrderEvent("o-1", OrderEventKind.REFUNDED, 1_700_000_700.0, "second refund")
+    log.append_event(refund)
+    log.append_event(again)  # same batch
+    log.flush(10)
+    log.append_event(refund)  # a later batch
+    log.append_event(later)  # another refund of the same order: its own report
+    log.close()
+    assert log.events("o-1") == [refund, later]
+    assert rows(db, "order_events") == 2
+    assert log.verify().ok
+
+
 @pytest.mark.parametrize(
     ("event", "field"),
     [

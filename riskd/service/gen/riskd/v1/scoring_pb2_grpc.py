@@ -75,7 +75,9 @@ class ScoringServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportOutcome(self, request, context):
-        """Records what later happened to a scored order.
+        """Records what later happened to a scored order. A report with the same order_id,
+        kind and at as one already recorded is a retry: acknowledged again, stored once
+        (set at, so that retries are recognised).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

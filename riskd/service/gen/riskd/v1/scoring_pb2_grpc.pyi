@@ -43,7 +43,10 @@ class ScoringServiceStub:
     ScoreBatch: _grpc.UnaryUnaryMultiCallable[_scoring_pb2.ScoreBatchRequest, _scoring_pb2.ScoreBatchResponse]
     """Scores up to a few hundred orders in one call; decisions come back in request order."""
     ReportOutcome: _grpc.UnaryUnaryMultiCallable[_scoring_pb2.ReportOutcomeRequest, _scoring_pb2.ReportOutcomeResponse]
-    """Records what later happened to a scored order."""
+    """Records what later happened to a scored order. A report with the same order_id,
+    kind and at as one already recorded is a retry: acknowledged again, stored once
+    (set at, so that retries are recognised).
+    """
 
 @_typing.type_check_only
 class ScoringServiceAsyncStub(ScoringServiceStub):
@@ -60,7 +63,10 @@ class ScoringServiceAsyncStub(ScoringServiceStub):
     ScoreBatch: _aio.UnaryUnaryMultiCallable[_scoring_pb2.ScoreBatchRequest, _scoring_pb2.ScoreBatchResponse]  # type: ignore[assignment]
     """Scores up to a few hundred orders in one call; decisions come back in request order."""
     ReportOutcome: _aio.UnaryUnaryMultiCallable[_scoring_pb2.ReportOutcomeRequest, _scoring_pb2.ReportOutcomeResponse]  # type: ignore[assignment]
-    """Records what later happened to a scored order."""
+    """Records what later happened to a scored order. A report with the same order_id,
+    kind and at as one already recorded is a retry: acknowledged again, stored once
+    (set at, so that retries are recognised).
+    """
 
 class ScoringServiceServicer(metaclass=_abc_1.ABCMeta):
     """Scores orders and collects their outcomes (the labels models and replay learn from)."""
@@ -92,6 +98,9 @@ class ScoringServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _scoring_pb2.ReportOutcomeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scoring_pb2.ReportOutcomeResponse, _abc.Awaitable[_scoring_pb2.ReportOutcomeResponse]]:
-        """Records what later happened to a scored order."""
+        """Records what later happened to a scored order. A report with the same order_id,
+        kind and at as one already recorded is a retry: acknowledged again, stored once
+        (set at, so that retries are recognised).
+        """
 
 def add_ScoringServiceServicer_to_server(servicer: ScoringServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
