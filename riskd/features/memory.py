@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from riskd.domain.clock import Clock
 from riskd.domain.features import WINDOWS, Agg, FeatureQuery
 from riskd.features.store import (
+    MAX_SUM,
     RETENTION_MS,
     SEEN_TTL_S,
     Observation,
@@ -410,8 +411,8 @@ class InProcessFeatureStore:
                     opened.extend(views or ())
                 if views is None:
                     out[q] = 0
-                else:
-                    out[q] = _count_sum(views[0], views[1], hi - span, hi)[kind]
+                else:  # sums saturate at MAX_SUM, as in the Redis store (counts never do)
+                    out[q] = min(_count_sum(views[0], views[1], hi - span, hi)[kind], MAX_SUM)
         finally:
             for view in opened:
                 view.release()

@@ -1,10 +1,10 @@
 """The Redis feature store: velocity state shared by every riskd replica.
 
 One ``record_and_read`` is one round trip: a single Lua script (sent by
-EVALSHA; redis-py loads it again after a Redis restart) that checks the
-order id, records the order under every key it carries and reads every query,
-atomically. Key layout under ``prefix`` (values are blind indexes, never
-plaintext)::
+EVALSHA; loaded again after a Redis restart) that checks the order id, records
+the order under every key it carries and reads every query, atomically; the call
+is bounded in all by ``timeout_s`` per shard (see ``RedisFeatureStore``). Key layout
+under ``prefix`` (values are blind indexes, never plaintext)::
 
     {prefix}o:{order_id}          STRING  when (clock ms) each of its keys was recorded, TTL 25h
     {prefix}ev:{key}:{value}      ZSET    "{amount}:{order_id}" scored by time (ms)
@@ -25,10 +25,15 @@ one ``SET`` each (with the TTL); a recorded order is one ``ZADD`` per event set
 and per distinct set. Removing what no longer counts and refreshing the TTLs of
 the sets happens when a set is created and then every 30 minutes of observation
 time, so a key lives at least 24.5 hours after its last order and nothing grows
-without bound; a key whose state is not there has no sets either, so its first order
-trims nothing and its distinct counts need no ``ZCOUNT``. With the 200-rule load
+without bound; a key whose state is not there has no sets either (one ``EXISTS``
+checks), so its first order trims nothing and its distinct counts need no ``ZCOUNT``.
+Where Redis evicted the state alone (a ``volatile-*`` maxmemory policy may: every key
+has a TTL), the state is rebuilt from the key's event set, so counts stay exact. Sums
+saturate at ``MAX_SUM`` (2^53 - 1 fen, the largest the script's doubles hold exactly, as
+in the in-process store); every number the script writes or returns is formatted as a
+plain integer. With the 200-rule load
 set (63 queries, 7 keys) Redis spends about 0.6x the CPU per order of the
-sorted-set layout it replaced and runs about 58 commands per order
+sorted-set layout it replaced and runs about 59 commands per order
 (``benchmarks/load/redis_cost.py``); most of its time is the script's own Lua, so
 the queries travel as three bytes each rather than as text to match.
 
@@ -49,6 +54,8 @@ whose windows then start empty on their new shard (the old entries expire).
 from __future__ import annotations
 
 import hashlib
+import inspect
+import time
 import zlib
 from collections import deque
 from collections.abc import Collection, Mapping, Sequence
@@ -63,7 +70,7 @@ from redis.retry import Retry
 from riskd.domain.clock import Clock
 from riskd.domain.features import WINDOWS, Agg, FeatureQuery
 from riskd.errors import UnavailableError
-from riskd.features.store import SEEN_TTL_S, Observation, to_ms
+from riskd.features.store import MAX_SUM, SEEN_TTL_S, Observation, to_ms
 
 __all__ = ["RedisFeatureStore"]
 
@@ -80,9 +87,18 @@ _AGG_CODE = {Agg.COUNT: "c", Agg.SUM: "s", Agg.DISTINCT: "d"}
 # series' tag (8 hex digits of the CRC-32 of "name:value"), then one field of three
 # bytes per query: its code (c, s or d), index and window (each as the byte 48 + n).
 # Keys are built here from the prefix: this script is for one Redis, not a Redis Cluster.
-_SCRIPT = r"""
+_SCRIPT = (
+    r"""
 local WINDOWS = {@WINDOWS@}
 local TIDY = @TIDY@  -- ms of observation time between two tidy-ups of a set (trim, TTL)
+local CAP = @CAP@  -- MAX_SUM: sums saturate here, below 2^53 (Lua numbers are doubles)
+-- Every number the script writes or returns goes through int: Lua's own conversion
+-- (%.14g) writes 1e+14 for 10^14, which neither this script nor Python reads back exactly.
+-- Below 10^14 (every count and time) it is exact and far cheaper than string.format.
+local function int(x)
+  if x < 1e14 and x > -1e14 then return x end
+  return string.format('%.0f', x)
+end
 local P, ID = ARGV[1], ARGV[2]
 local f = {}
 for field in string.gmatch(ARGV[3], '([^\n]*)\n') do f[#f + 1] = field end
@@ -93,11 +109,14 @@ local L = #WINDOWS
 local EDGE = {}  -- per window: t - W
 for w = 1, L do EDGE[w] = t - WINDOWS[w] end
 
-local function range(ekey, lo, hi)  -- count and sum of the events scored in (lo, hi]
+local function range(ekey, lo, hi)  -- count and sum (at most CAP) of the events in (lo, hi]
   local n, total = 0, 0
+  if type(lo) == 'number' then lo = int(lo) end  -- else as sent (T), or '+inf'
+  if type(hi) == 'number' then hi = int(hi) end
   for _, m in ipairs(redis.call('ZRANGEBYSCORE', ekey, '(' .. lo, hi)) do
     n = n + 1
     total = total + tonumber(string.match(m, '^(%d+):'))
+    if total > CAP then total = CAP end
   end
   return n, total
 end
@@ -109,23 +128,40 @@ end
 -- sighting. Cursors move up to their window's edge here (the events in between leave
 -- the totals). As in the in-process store, events more than the longest window older
 -- than m (sightings, than n) no longer count, whether or not a tidy-up has removed them
--- yet. A series whose state is not there is fresh: its sets are not there either (their
--- TTLs are set no later than the state's last write, and are as long), so nothing needs
--- trimming and its distinct sets hold only what this call adds.
+-- yet. A sum at CAP is saturated: the window sums it feeds are counted from the events.
+-- A series whose state is not there is fresh when its sets are not there either (the
+-- usual case: their TTLs are set no later than the state's last write, and are as long),
+-- so nothing needs trimming and its distinct sets hold only what this call adds. Where
+-- they are (Redis evicted the state alone: any volatile-* maxmemory policy may), the
+-- state is rebuilt from the event set, so totals and sets agree.
 local S, index = {}, {}
 local states = {}
 for i = 1, ns do
   local name = f[7 + i]
   S[i] = {e = P .. 'ev:' .. name, h = P .. 'tot:' .. name, dx = {}, dn = {}, cache = {}}
+  S[i].sets = {S[i].e}  -- its event set and the distinct sets this call reads
   states[i] = S[i].h
   index[string.match(name, '^([^:]*):')] = i
 end
+
+local DKEY, DST, DOF, DADD = {}, {}, {}, {}  -- per distinct set: key, its key's series,
+-- its "of", whether this call added a sighting
+for j = 1, nd do
+  DKEY[j] = P .. 'd:' .. f[7 + ns + j]
+  local key, of = string.match(f[7 + ns + j], '^([^:]*):([^:]*):')
+  DST[j], DOF[j] = S[index[key]], of
+  DST[j].sets[#DST[j].sets + 1] = DKEY[j]
+end
+
 local packed = ns > 0 and redis.call('MGET', unpack(states)) or {}
 for i = 1, ns do
-  local st, v, k = S[i], {}, 0
-  if packed[i] then
+  local st, v, k, state = S[i], {}, 0, packed[i]
+  -- a state an older script wrote with Lua's %.14g (1e+14: a sum's low digits lost) is
+  -- rebuilt as an evicted one is
+  if state and string.find(state, '%de[+-]') then state = false end
+  if state then
     st.exists = true
-    for word in string.gmatch(packed[i], '%S+') do
+    for word in string.gmatch(state, '%S+') do
       k = k + 1
       if k <= 3 * L + 2 then v[k] = tonumber(word)
       else
@@ -135,8 +171,16 @@ for i = 1, ns do
         if newest >= 0 then st.dn[of] = newest end
       end
     end
-  else
+  elseif redis.call('EXISTS', unpack(st.sets)) == 0 then
     st.fresh = true
+  else  -- its state was evicted: rebuilt from its events (cursors at the edges)
+    st.exists, st.dirty = true, true
+    local top = redis.call('ZRANGE', st.e, -1, -1, 'WITHSCORES')
+    v[3 * L + 1] = top[2] and tonumber(top[2]) or -1
+    for w = 1, L do
+      v[w] = EDGE[w]
+      v[L + w], v[2 * L + w] = range(st.e, EDGE[w], '+inf')
+    end
   end
   st.c, st.n, st.s = {}, {}, {}
   for w = 1, L do st.c[w], st.n[w], st.s[w] = v[w] or -1, v[L + w] or 0, v[2 * L + w] or 0 end
@@ -148,7 +192,9 @@ for i = 1, ns do
         if st.m <= edge then st.n[w], st.s[w] = 0, 0
         else
           local n, s = range(st.e, st.c[w], edge)
-          st.n[w], st.s[w] = st.n[w] - n, st.s[w] - s
+          st.n[w] = st.n[w] - n
+          if st.s[w] < CAP then st.s[w] = st.s[w] - s
+          else st.s[w] = select(2, range(st.e, edge, '+inf')) end  -- saturated: recount
         end
       end
       st.c[w], st.dirty = edge, true
@@ -163,7 +209,7 @@ local function add(st)
   local empty = st.n[L] == 0  -- the event set may not exist: it needs its TTL now
   redis.call('ZADD', st.e, T, AMOUNT .. ':' .. ID)
   for w = 1, L do
-    if t > st.c[w] then st.n[w], st.s[w] = st.n[w] + 1, st.s[w] + amount end
+    if t > st.c[w] then st.n[w], st.s[w] = st.n[w] + 1, math.min(st.s[w] + amount, CAP) end
   end
   if t > st.m then st.m = t end
   st.dirty, st.exists = true, true
@@ -171,18 +217,10 @@ local function add(st)
     redis.call('EXPIRE', st.e, ttl)
     st.x = t
   elseif empty or tidy_due(st.x) then
-    redis.call('ZREMRANGEBYSCORE', st.e, '-inf', st.m - WINDOWS[L])
+    redis.call('ZREMRANGEBYSCORE', st.e, '-inf', int(st.m - WINDOWS[L]))
     redis.call('EXPIRE', st.e, ttl)
     st.x = t
   end
-end
-
-local DKEY, DST, DOF, DADD = {}, {}, {}, {}  -- per distinct set: key, its key's series,
--- its "of", whether this call added a sighting
-for j = 1, nd do
-  DKEY[j] = P .. 'd:' .. f[7 + ns + j]
-  local key, of = string.match(f[7 + ns + j], '^([^:]*):([^:]*):')
-  DST[j], DOF[j] = S[index[key]], of
 end
 
 local function add_distinct(j)
@@ -196,7 +234,7 @@ local function add_distinct(j)
     redis.call('EXPIRE', DKEY[j], ttl)
     st.dx[of], st.dirty = t, true
   elseif tidy_due(st.dx[of]) then
-    redis.call('ZREMRANGEBYSCORE', DKEY[j], '-inf', st.dn[of] - WINDOWS[L])
+    redis.call('ZREMRANGEBYSCORE', DKEY[j], '-inf', int(st.dn[of] - WINDOWS[L]))
     redis.call('EXPIRE', DKEY[j], ttl)
     st.dx[of], st.dirty = t, true
   end
@@ -206,15 +244,17 @@ local function distinct_count(j, w)  -- of-values last seen in (t - W, t] and st
   if DST[j].fresh then return DADD[j] and 1 or 0 end  -- the one sighting is at t
   local lo, newest = EDGE[w], DST[j].dn[DOF[j]]
   if newest and newest - WINDOWS[L] > lo then lo = newest - WINDOWS[L] end
-  return redis.call('ZCOUNT', DKEY[j], '(' .. lo, T)
+  return redis.call('ZCOUNT', DKEY[j], '(' .. int(lo), T)
 end
 
 local function save(st)  -- SET with EX: the state's TTL is refreshed on every write
   if not (st.dirty and st.exists) then return end
   local u = {}
-  for w = 1, L do u[w], u[L + w], u[2 * L + w] = st.c[w], st.n[w], st.s[w] end
-  u[3 * L + 1], u[3 * L + 2] = st.m, st.x or -1
-  for of, newest in pairs(st.dn) do u[#u + 1] = of .. '=' .. (st.dx[of] or -1) .. ',' .. newest end
+  for w = 1, L do u[w], u[L + w], u[2 * L + w] = int(st.c[w]), int(st.n[w]), int(st.s[w]) end
+  u[3 * L + 1], u[3 * L + 2] = int(st.m), int(st.x or -1)
+  for of, newest in pairs(st.dn) do
+    u[#u + 1] = of .. '=' .. int(st.dx[of] or -1) .. ',' .. int(newest)
+  end
   redis.call('SET', st.h, table.concat(u, ' '), 'EX', ttl)
 end
 
@@ -222,15 +262,18 @@ local function window(st, w)  -- count and sum of the series' events in (t - W, 
   local got = st.cache[w]
   if got then return got end
   local n, s = st.n[w], st.s[w]
+  local full = s >= CAP  -- saturated: the sum is counted from the window's own events
   local lo = math.max(EDGE[w], st.m - WINDOWS[L])
   if st.c[w] > lo then  -- a later observation moved the cursor past this window's edge
     local dn, ds = range(st.e, lo, st.c[w])
     n, s = n + dn, s + ds
+    full = full or s >= CAP
   end
   if st.m > t then  -- events of later observations are not in this window
     if not st.after then st.after = {range(st.e, T, '+inf')} end
     n, s = n - st.after[1], s - st.after[2]
   end
+  if full then s = select(2, range(st.e, math.min(lo, st.c[w]), T)) end
   got = {n, s}
   st.cache[w] = got
   return got
@@ -280,12 +323,15 @@ local Q = f[9 + ns + 2 * nd]
 for q = 1, #Q, 3 do
   local code, i, w = string.byte(Q, q, q + 2)
   i, w = i - 48, w - 48
-  if code == 100 then out[#out + 1] = distinct_count(i, w)  -- d
-  elseif code == 99 then out[#out + 1] = window(S[i], w)[1]  -- c
-  else out[#out + 1] = window(S[i], w)[2] end  -- s
+  if code == 100 then out[#out + 1] = int(distinct_count(i, w))  -- d
+  elseif code == 99 then out[#out + 1] = int(window(S[i], w)[1])  -- c
+  else out[#out + 1] = int(window(S[i], w)[2]) end  -- s
 end
 return table.concat(out, ' ')  -- one bulk reply parses faster than an array
-""".replace("@WINDOWS@", _LUA_WINDOWS).replace("@TIDY@", str(_TIDY_MS))
+""".replace("@WINDOWS@", _LUA_WINDOWS)
+    .replace("@TIDY@", str(_TIDY_MS))
+    .replace("@CAP@", str(MAX_SUM))
+)
 
 
 class RedisFeatureStore:
@@ -297,9 +343,12 @@ class RedisFeatureStore:
             ``SEEN_TTL_S`` clock seconds); windows end at ``Observation.at``.
             Key TTLs, which only reclaim memory, run on Redis's own clock.
         prefix: every key starts with it (one per deployment, one per test).
-        timeout_s: socket connect and read timeout; a dead or stalled Redis
-            raises ``UnavailableError`` after about this long. No retries: the
-            caller falls back, and the next call reconnects.
+        timeout_s: the bound of one call, per shard it reaches: everything the call
+            does (connecting, the handshake, EVALSHA, reloading the script after a
+            Redis restart) shares it, each read waiting only for what is left, so a
+            dead, stalled or slow Redis raises ``UnavailableError`` within
+            ``timeout_s`` per shard (``shards * timeout_s`` at most; the scorer counts
+            on it). No retries: the caller falls back, and the next call reconnects.
     """
 
     def __init__(
@@ -315,6 +364,7 @@ class RedisFeatureStore:
             raise ValueError("RedisFeatureStore needs at least one URL")
         self._clock = clock
         self._prefix = prefix
+        self._timeout_s = timeout_s
         self._shards = [
             _Connections(
                 redis.ConnectionPool.from_url(
@@ -322,6 +372,7 @@ class RedisFeatureStore:
                     socket_timeout=timeout_s,
                     socket_connect_timeout=timeout_s,
                     retry=Retry(NoBackoff(), 0),
+                    **_LEAN_HANDSHAKE,
                 )
             )
             for u in urls
@@ -364,8 +415,11 @@ class RedisFeatureStore:
         except redis.RedisError as exc:
             raise UnavailableError(f"feature store: redis {type(exc).__name__}") from exc
         result = dict.fromkeys(queries, 0)
-        for (_, plan), reply in zip(parts, replies, strict=True):
-            result.update(zip(plan.asked, map(int, reply.split()), strict=True))
+        try:
+            for (_, plan), reply in zip(parts, replies, strict=True):
+                result.update(zip(plan.asked, map(int, reply.split()), strict=True))
+        except (ValueError, AttributeError) as exc:  # not the script's reply: never INTERNAL
+            raise UnavailableError("feature store: unreadable redis reply") from exc
         return result
 
     def _split(self, order_id: str, crcs: Mapping[str, int]) -> list[tuple[int, tuple[str, ...]]]:
@@ -386,24 +440,28 @@ class RedisFeatureStore:
 
         Straight on the connections (``_Connections``), not through ``Redis.execute_command``
         and its connection pool: about half the client CPU per call (no retry wrapper,
-        no reply callbacks, no pool bookkeeping).
+        no reply callbacks, no pool bookkeeping). The call has one deadline, ``timeout_s``
+        per shard: a connect, the handshake's reads (``_handshake``) and every read here
+        wait only for what is left of it, so the round trips of one call (connect,
+        SELECT, EVALSHA, NOSCRIPT, SCRIPT LOAD, EVALSHA) cannot add up past it.
         """
+        deadline = time.monotonic() + self._timeout_s * len(calls)
         taken: list[tuple[_Connections, Any]] = []  # redis-py types its connections loosely
         try:
             for shard, body in calls:
                 conns = self._shards[shard]
-                conn = conns.take()
+                conn = conns.take(deadline)
                 taken.append((conns, conn))
                 conn.send_command("EVALSHA", self._sha, 0, self._prefix, order_id, body)
             replies: list[bytes] = []
             for (_, conn), (_, body) in zip(taken, calls, strict=True):
                 try:
-                    replies.append(cast(bytes, conn.read_response()))
+                    replies.append(cast(bytes, conn.read_response(timeout=_left(deadline))))
                 except NoScriptError:
                     conn.send_command("SCRIPT", "LOAD", _SCRIPT)
-                    conn.read_response()
+                    conn.read_response(timeout=_left(deadline))
                     conn.send_command("EVALSHA", self._sha, 0, self._prefix, order_id, body)
-                    replies.append(cast(bytes, conn.read_response()))
+                    replies.append(cast(bytes, conn.read_response(timeout=_left(deadline))))
         except BaseException:
             for _, conn in taken:
                 conn.disconnect()  # a late reply may still arrive: never reuse this socket
@@ -444,6 +502,39 @@ class RedisFeatureStore:
 _MAX_PLANS = 1024  # key-name combinations cached per query set
 
 
+def _lean_handshake() -> dict[str, Any]:
+    """Connection options for a handshake of no round trips of its own (AUTH and SELECT
+    where the URL asks for them): RESP2 (no HELLO; redis-py's maintenance notifications
+    need RESP3, so none are set up) and no CLIENT SETINFO. A new connection after a
+    restart then costs the call its connect and nothing else before EVALSHA."""
+    base = getattr(redis.connection, "AbstractConnection", redis.Connection)
+    params = inspect.signature(base.__init__).parameters
+    if "driver_info" in params:  # redis-py 8: lib_name and lib_version are deprecated
+        return {"protocol": 2, "driver_info": None}
+    return {"protocol": 2, "lib_name": None, "lib_version": None}
+
+
+_LEAN_HANDSHAKE = _lean_handshake()
+
+
+def _left(deadline: float) -> float:
+    """Seconds left before ``deadline`` (monotonic); redis's TimeoutError once none are."""
+    left = deadline - time.monotonic()
+    if left <= 0.0005:  # 0 would make redis-py's read a non-blocking poll
+        raise redis.TimeoutError("feature store call bound spent")
+    return left
+
+
+def _handshake(conn: Any) -> None:
+    """redis-py's ``redis_connect_func``: its own handshake, whose reads (AUTH, SELECT:
+    see ``_lean_handshake``) share what is left of the call's bound."""
+    reads = bool(conn.username or conn.password or conn.credential_provider) + bool(conn.db)
+    if reads:
+        conn._sock.settimeout(_left(conn.riskd_deadline) / reads)
+    conn.on_connect()
+    conn._sock.settimeout(conn.socket_timeout)  # sends: bounded as before
+
+
 class _Connections:
     """One shard's idle connections, for one call at a time each.
 
@@ -453,25 +544,33 @@ class _Connections:
     call that fails disconnects its connections and does not give them back, so an
     idle connection never holds part of a reply. One taken from the deque is checked
     first as the pool does (a poll): one the server has closed meanwhile (a restart, an
-    idle timeout) is reconnected instead of failing the call.
+    idle timeout) is reconnected instead of failing the call, within what is left of the
+    call's bound (``take``'s deadline: the connect and ``_handshake``).
     """
 
     def __init__(self, url_pool: redis.ConnectionPool) -> None:
         # redis-py's pool parses the URL (host, TLS, auth, db); its connections are not used
         self._new = url_pool.connection_class
-        self._kwargs = url_pool.connection_kwargs
+        self._kwargs = {**url_pool.connection_kwargs, "redis_connect_func": _handshake}
+        self._timeout_s = self._kwargs["socket_connect_timeout"]
         self._idle: deque[Any] = deque()
 
-    def take(self) -> Any:
+    def take(self, deadline: float) -> Any:
+        """A connection for one call; one that must connect (on its first command) does
+        so within what is left before ``deadline``."""
         try:
             conn = self._idle.pop()
         except IndexError:  # not connected yet: connects on its first command
-            return self._new(**self._kwargs)
-        try:
-            if conn.can_read():  # readable while idle: end of file (closed by the server)
+            conn = self._new(**self._kwargs)
+        else:
+            try:
+                if conn.can_read():  # readable while idle: end of file (closed by the server)
+                    conn.disconnect()
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
                 conn.disconnect()
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
-            conn.disconnect()
+        if not conn.is_connected:
+            conn.socket_connect_timeout = min(self._timeout_s, _left(deadline))
+            conn.riskd_deadline = deadline  # for _handshake
         return conn
 
     def give_back(self, conn: Any) -> None:

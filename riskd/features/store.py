@@ -18,6 +18,9 @@ Semantics shared by both backends:
   feature added by a rule reload warms up over its window).
 * ``DISTINCT`` counts the ``of`` values whose latest sighting with the key lies
   in the window (exact when observations arrive in time order).
+* A ``SUM`` saturates at ``MAX_SUM`` fen (2^53 - 1, about 90 billion yuan): a window
+  whose amounts add up to more reads ``MAX_SUM``. Below it every sum is exact; the Redis
+  script counts in doubles, which hold every integer up to 2^53 and no further.
 * Recording is idempotent per ``order_id`` and key: a key value recorded for an
   order is not recorded again for it within ``SEEN_TTL_S`` seconds. A true retry
   records nothing; a key value the order did not carry before (a client that changed
@@ -38,6 +41,7 @@ from riskd.errors import InvalidArgumentError
 
 __all__ = [
     "MAX_ORDER_ID_LEN",
+    "MAX_SUM",
     "MAX_VALUE_LEN",
     "RETENTION_MS",
     "SEEN_TTL_S",
@@ -50,6 +54,7 @@ __all__ = [
 RETENTION_MS = max(WINDOWS.values()) * 1000  # events older than the longest window are dropped
 SEEN_TTL_S = max(WINDOWS.values()) + 3600  # how long an order_id stays recorded (24h + 1h)
 MAX_ORDER_ID_LEN = 128
+MAX_SUM = 2**53 - 1  # a SUM saturates here (fen): the largest exact sum in the Redis script
 MAX_VALUE_LEN = 256  # blind indexes are far shorter; bounds the size of a store key
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import uuid
@@ -320,3 +321,132 @@ def test_cached_plans_follow_the_query_set_and_the_keys_present(
         assert shared.record_and_read(obs, queries) == memory.record_and_read(obs, queries)
         clock.advance(5)
     shared.close()
+
+
+def test_an_evicted_state_is_rebuilt_from_the_events_still_there(
+    prefix: str, clock: FakeClock, redis_client: redis.Redis
+) -> None:
+    """A volatile-* maxmemory policy may evict a key's totals (``tot:``) and keep its sets:
+    the counts stay exact (as the in-process store's), never negative."""
+    shared = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
+    memory = InProcessFeatureStore(clock)
+    distinct_1m = FeatureQuery(Agg.DISTINCT, "device", "1m", of="buyer")
+    queries = [*QUERIES, distinct_1m, FeatureQuery(Agg.SUM, "device", "1m")]
+
+    def both(order_id: str, **keys: str) -> dict[FeatureQuery, int]:
+        obs = order(clock, order_id, **keys)
+        got = shared.record_and_read(obs, queries)
+        assert got == memory.record_and_read(obs, queries)
+        assert min(got.values()) >= 0
+        return got
+
+    for i in range(5):
+        both(f"o{i}", device="d1", buyer=f"b{i}")
+        clock.advance(10)
+    assert redis_client.delete(f"{prefix}tot:device:d1") == 1
+    got = both("o5", device="d1", buyer="b5")
+    assert (got[COUNT_DEVICE_1M], got[distinct_1m]) == (6, 6)
+    clock.advance(30)
+    got = both("o6", device="d1", buyer="b6")
+    assert (got[COUNT_DEVICE_1M], got[distinct_1m]) == (4, 4)  # o3..o6: 60 s back
+    assert redis_client.delete(f"{prefix}tot:device:d1") == 1
+    clock.advance(3600)  # a read alone, the events out of the shorter windows
+    obs = order(clock, "probe", device="d1")
+    assert shared.read(obs, queries) == memory.read(obs, queries)
+    shared.close()
+
+
+def test_an_unreadable_reply_is_unavailable_not_an_internal_error(
+    own_redis: OwnRedis, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scorer degrades on ``UnavailableError`` and fails the request on anything else:
+    a reply the store cannot parse must not be anything else."""
+    store = RedisFeatureStore(own_redis.url, clock, timeout_s=2.0)
+    admin = redis.Redis.from_url(own_redis.url)
+    odd = admin.script_load("return '1e+14 3'")  # the form Lua's tostring gives 10^14
+    admin.close()
+    monkeypatch.setattr(store, "_sha", odd)
+    with pytest.raises(UnavailableError, match="unreadable") as info:
+        store.record_and_read(order(clock, "o1", device="dev-secret"), QUERIES)
+    assert "dev-secret" not in str(info.value)
+    store.close()
+
+
+class _SlowProxy:
+    """A TCP proxy in front of a Redis that holds every reply for ``delay`` seconds (a
+    Redis answering just within the socket timeout)."""
+
+    def __init__(self, port: int, delay: float) -> None:
+        self.delay = delay
+        self._target = ("127.0.0.1", port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._sockets: list[socket.socket] = []
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(self._target)
+            self._sockets += [client, server]
+            threading.Thread(target=self._pipe, args=(client, server, 0.0), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, None), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, delay: float | None) -> None:
+        try:
+            while data := src.recv(65536):
+                time.sleep(self.delay if delay is None else delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            sock.close()
+
+    def close(self) -> None:
+        self._listener.close()
+        for sock in self._sockets:
+            sock.close()
+
+
+@pytest.mark.parametrize("db", [0, 1])
+def test_a_slow_redis_cannot_stretch_one_call_past_its_bound(
+    own_redis: OwnRedis, clock: FakeClock, db: int
+) -> None:
+    """A call that must connect (db 1: and SELECT) and load the script again (a restarted
+    Redis: NOSCRIPT, SCRIPT LOAD, EVALSHA) against a Redis answering each round trip
+    just within the socket timeout: one bound in all, then ``UnavailableError``."""
+    bound = 0.25
+    proxy = _SlowProxy(own_redis.port, delay=0.2)
+    store = RedisFeatureStore(f"redis://127.0.0.1:{proxy.port}/{db}", clock, timeout_s=bound)
+    try:
+        elapsed = _fails_fast(store, order(clock, "o1", device="dev-secret"))
+        assert elapsed < 1.2 * bound, elapsed
+        proxy.delay = 0.0
+        got = store.record_and_read(order(clock, "o2", device="dev-secret"), QUERIES)
+        assert got[COUNT_DEVICE_1M] >= 1  # reconnected and answered (o1 may have landed)
+    finally:
+        store.close()
+        proxy.close()
+
+
+def test_a_state_the_previous_script_rounded_is_rebuilt_exactly(
+    prefix: str, clock: FakeClock, redis_client: redis.Redis
+) -> None:
+    """States written before sums were formatted as integers hold ``1.0000000000495e+14``:
+    read again, they are rebuilt from the events, not carried on with their lost digits."""
+    store = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
+    for i in range(101):
+        store.record_and_read(order(clock, f"o{i}", 10**12 + 1234 + i, device="d"), QUERIES)
+    state = f"{prefix}tot:device:d"
+    words = redis_client.get(state).decode().split()
+    total = 101 * (10**12 + 1234) + 5050
+    assert words[6] == str(total)  # the 24h window's sum, an exact integer
+    rounded = " ".join(f"{int(w):.14g}" if w.isdigit() else w for w in words)  # Lua's tostring
+    assert "1.0100000012968e+14" in rounded  # 101000000129684: the 4 is lost
+    redis_client.set(state, rounded, ex=SEEN_TTL_S)
+    got = store.record_and_read(order(clock, "last", 5, device="d"), QUERIES)
+    assert got[SUM_DEVICE_1H] == total + 5
+    store.close()

@@ -11,6 +11,7 @@ import pytest
 from riskd.domain.clock import FakeClock
 from riskd.domain.features import Agg, FeatureQuery
 from riskd.features import FeatureStore, Observation
+from riskd.features.store import MAX_SUM
 
 COUNT_DEVICE = {w: FeatureQuery(Agg.COUNT, "device", w) for w in ("1m", "1h", "24h")}
 SUM_DEVICE = {w: FeatureQuery(Agg.SUM, "device", w) for w in ("1m", "1h", "24h")}
@@ -101,6 +102,46 @@ def test_a_burst_leaves_a_window_in_one_step_and_later_orders_stay(
     clock.advance(50)  # "later" leaves too; "next" stays
     got = store.read(obs(clock, "probe", device="d1"), ALL)
     assert (got[COUNT_DEVICE["1m"]], got[SUM_DEVICE["1m"]]) == (1, 3)
+
+
+def test_sums_past_10_to_the_14_fen_are_exact(store: FeatureStore, clock: FakeClock) -> None:
+    """100 orders at the largest amount the API takes (10^12 fen) on one device: the sum
+    reads exactly, digit for digit, also as events leave the window."""
+    for i in range(101):
+        got = store.record_and_read(obs(clock, f"big{i}", 10**12 + i, device="d1"), ALL)
+        clock.advance(1)
+    assert got[SUM_DEVICE["1h"]] == 101 * 10**12 + 5050
+    assert got[SUM_DEVICE["1m"]] == 60 * 10**12 + sum(range(41, 101))
+    clock.advance(3600 - 101 + 0.5)  # order 0 has left the hour, orders 1..100 have not
+    later = store.read(obs(clock, "probe", device="d1"), ALL)
+    assert later[SUM_DEVICE["1h"]] == 100 * 10**12 + 5050
+    assert later[COUNT_DEVICE["1h"]] == 100
+    assert later[SUM_DEVICE["24h"]] == 101 * 10**12 + 5050
+
+
+def test_sums_saturate_at_max_sum_and_come_back_exactly(
+    store: FeatureStore, clock: FakeClock
+) -> None:
+    """A window adding up past ``MAX_SUM`` reads ``MAX_SUM``, in both backends; once the
+    big amounts leave it, its sum is exact again."""
+    half = 2**52
+    for order_id, amount, advance in (("a", half, 30), ("b", half + 1, 20), ("c", half + 3, 0)):
+        got = store.record_and_read(obs(clock, order_id, amount, device="d1"), ALL)
+        clock.advance(advance)
+    assert got[SUM_DEVICE["1m"]] == got[SUM_DEVICE["24h"]] == MAX_SUM
+    assert got[COUNT_DEVICE["1m"]] == 3
+    clock.advance(20)  # 70 s after a: b and c, still past the cap
+    assert store.read(obs(clock, "probe", device="d1"), ALL)[SUM_DEVICE["1m"]] == MAX_SUM
+    clock.advance(15)
+    got = store.record_and_read(obs(clock, "d", 5, device="d1"), ALL)
+    assert got[SUM_DEVICE["1m"]] == MAX_SUM  # b + c + 5
+    clock.advance(15)  # 100 s after a: c and d
+    after = store.read(obs(clock, "probe", device="d1"), ALL)
+    assert after[SUM_DEVICE["1m"]] == half + 3 + 5
+    assert after[SUM_DEVICE["1h"]] == MAX_SUM
+    clock.advance(60)
+    got = store.record_and_read(obs(clock, "e", 7, device="d1"), ALL)
+    assert (got[SUM_DEVICE["1m"]], got[COUNT_DEVICE["1m"]]) == (7, 1)
 
 
 def test_same_order_id_is_recorded_once(store: FeatureStore, clock: FakeClock) -> None:
