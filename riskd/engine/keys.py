@@ -3,7 +3,9 @@
 Where it sits: first step of ``Scorer.score``. Every ``riskd.domain.features.KEYS``
 value the order carries is replaced by its keyed hash (``BlindIndexer``), so
 velocity counters, in process or in Redis, never hold a phone, an address, a
-device id or an IP in clear (nor a platform id: one rule, no exceptions).
+device id or an IP in clear (nor a platform id: one rule, no exceptions). The
+order id the stores remember (idempotency) is a keyed hash too: in clear, the
+orders listed under one hashed identity would show which orders share a buyer.
 """
 
 from __future__ import annotations
@@ -54,4 +56,5 @@ def observation_keys(order: Order, indexer: Indexer) -> dict[str, str]:
 
 def observe(order: Order, indexer: Indexer, at: float) -> Observation:
     """The order as the feature store sees it, seen at ``at`` (riskd's clock, not the client's)."""
-    return Observation(order.order_id, at, order.amounts.total, observation_keys(order, indexer))
+    order_id = indexer.index("order", order.order_id)
+    return Observation(order_id, at, order.amounts.total, observation_keys(order, indexer))

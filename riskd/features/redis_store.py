@@ -4,7 +4,8 @@ One ``record_and_read`` is one round trip: a single Lua script (sent by
 EVALSHA; loaded again after a Redis restart) that checks the order id, records
 the order under every key it carries and reads every query, atomically; the call
 is bounded in all by ``timeout_s`` per shard (see ``RedisFeatureStore``). Key layout
-under ``prefix`` (values are blind indexes, never plaintext)::
+under ``prefix`` (values, and the order ids the engine passes, are blind indexes,
+never plaintext)::
 
     {prefix}o:{order_id}          STRING  when (clock ms) each of its keys was recorded, TTL 25h
     {prefix}ev:{key}:{value}      ZSET    "{amount}:{order_id}" scored by time (ms)

@@ -116,6 +116,11 @@ def normalize_opaque(value: str) -> str:
     return _nfkc(value)
 
 
+def normalize_exact(value: str) -> str:
+    """Order ids: as given (two ids that differ in any way are two orders)."""
+    return value
+
+
 NORMALIZERS: Mapping[str, Callable[[str], str]] = {
     "phone": normalize_phone,
     "address": normalize_address,
@@ -128,6 +133,7 @@ NORMALIZERS: Mapping[str, Callable[[str], str]] = {
     "shop": normalize_opaque,
     "live_room": normalize_opaque,
     "creator": normalize_opaque,
+    "order": normalize_exact,
 }
 """Every field type that may be indexed, with its normalizer."""
 

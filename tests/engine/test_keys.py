@@ -17,7 +17,7 @@ from riskd.pii import BlindIndexer
 
 from .conftest import DEVICE, IP, PHONE, STREET, Rig, make_order
 
-PLAINTEXTS = (PHONE, DEVICE, IP, STREET, "b-1", "s-1", "lr-1", "c-1")
+PLAINTEXTS = (PHONE, DEVICE, IP, STREET, "b-1", "s-1", "lr-1", "c-1", "order-7f3a")
 
 
 def test_keys_are_the_blind_index_of_every_identity(indexer: BlindIndexer) -> None:
@@ -35,7 +35,10 @@ def test_keys_leave_out_missing_values_and_a_bare_city(indexer: BlindIndexer) ->
     order = type(order)(order_id="o-2", buyer=bare, shop_id="s-1", merchant_id="m-1")
     assert set(observation_keys(order, indexer)) == {"buyer", "shop"}
     obs = observe(order, indexer, 1_790_000_000.0)
-    assert (obs.order_id, obs.amount, obs.at) == ("o-2", 0, 1_790_000_000.0)
+    assert (obs.amount, obs.at) == (0, 1_790_000_000.0)
+    # the stores remember orders by a keyed hash of their id, exact (not normalized)
+    assert obs.order_id == indexer.index("order", "o-2") != indexer.index("order", "O-2")
+    assert "o-2" not in obs.order_id
 
 
 @pytest.fixture
@@ -56,7 +59,7 @@ def test_redis_holds_no_plaintext_identity(
     store = RedisFeatureStore("redis://127.0.0.1:6379/0", clock, prefix=prefix)
     rig = make_rig(store)
     for i in range(3):
-        assert rig.scorer.score(make_order(f"o-{i}")).degraded == ()
+        assert rig.scorer.score(make_order(f"order-7f3a{i}")).degraded == ()
     dumped = b""
     keys = list(client.scan_iter(match=prefix + "*", count=10_000))
     assert keys
