@@ -2,7 +2,9 @@
 
 Callers pass context as ``extra={"fields": {...}}``; only what they pass is
 written, so PII stays out as long as callers never pass it (the interceptor
-logs method, status code and latency; never request fields).
+logs method, status code and latency; never request fields). With ``exc_info``
+the exception's type and frames are written, and its message only for a
+``RiskdError`` (whose messages never carry values).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import sys
 import time
 import traceback
 from typing import IO, Any
+
+from riskd.errors import RiskdError
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -37,8 +41,13 @@ class JsonFormatter(logging.Formatter):
         if isinstance(fields, dict):
             entry.update(fields)
         if record.exc_info and record.exc_info[0] is not None:
-            # The type and the frames only: an exception's message may carry request values.
             entry["error_type"] = record.exc_info[0].__name__
+            # A RiskdError's message names fields, never their values (the rule in
+            # riskd.errors), and says why (a rule file's diagnostics, a worker that did not
+            # start): it is written. Any other exception's message may carry request values
+            # (a KeyError names its key): the type and the frames only.
+            if isinstance(record.exc_info[1], RiskdError):
+                entry["error"] = str(record.exc_info[1])
             entry["traceback"] = "".join(traceback.format_tb(record.exc_info[2]))
         return json.dumps(entry, ensure_ascii=False, default=str)
 
