@@ -18,12 +18,22 @@ the caller's batch), split by worker, sent to all of them at once and put back i
 Failures:
 
 * A worker that has exited (or is being replaced) gets no calls: its orders are scored
-  by the server process itself, with the same rules, stores and log, while a monitor
-  thread starts a new worker.
+  by the server process itself, with the same rules, stores and log, in what is left of
+  each caller's budget, while a monitor thread starts a new worker.
 * A worker that has not answered by the caller's deadline, less a reserve of a quarter
   of the budget (at most 20 ms): the server process answers with the fallback policy (a
   degraded decision, ``features`` unavailable) inside the deadline and discards the late
   answer; the decision log keeps the first decision committed for the order.
+* A worker that is busy (another call holds it for longer than ``BUSY_WAIT_S``) or still
+  owes a late answer gets no more calls meanwhile: its orders are scored by the server
+  process in the time left. So a worker that stalls holds one RPC thread, for one
+  deadline, not every thread its orders arrive on (there are only about two RPC threads
+  per worker), and the other worker's calls and health checks keep their threads.
+* A worker whose answer is ``HUNG_AFTER_S`` past its call's deadline is stopped, not
+  slow (stopped by a signal, swapping, deadlocked in a library): the monitor kills it
+  (``SIGKILL``) and starts a new one, logging why. A worker that answers late but
+  answers is left alone: restarting it costs a start (imports, rule compilation) on a
+  machine that is most likely overloaded already.
 
 Workers need the Redis feature store: velocity counters are shared state, and in-process
 counters would be split between the processes (``Config`` refuses that combination).
@@ -41,6 +51,7 @@ import enum
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -75,13 +86,20 @@ IPC_MARGIN_S = 0.001  # kept back from a worker's budget for the answer's trip b
 FALLBACK_RESERVE_S = (
     0.02  # at most this (a quarter of the budget) kept for a late worker's fallback
 )
-RESPAWN_EVERY_S = 1.0  # how often the monitor looks for workers that exited
+BUSY_WAIT_S = 0.02  # the longest a call waits for a worker another call holds
+HUNG_AFTER_S = 2.0  # an answer owed this long past its deadline: the worker is killed
+RESPAWN_EVERY_S = 1.0  # how often the monitor looks for workers that exited or hang
 _HEADER = struct.Struct("!I")
+_NOTHING = object()  # no whole message buffered yet
 _CHUNK = 1 << 16
 
 
 class WorkerGone(Exception):
-    """The worker has exited or its socket broke: score the order in this process."""
+    """The worker has exited, broke or hangs: score the order in this process."""
+
+
+class WorkerBusy(WorkerGone):
+    """The worker is held by another call or owes a late answer: score the order here."""
 
 
 class _Channel:
@@ -95,17 +113,25 @@ class _Channel:
         body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         self.sock.sendall(_HEADER.pack(len(body)) + body)
 
+    def poll(self) -> Any:
+        """The next message if it has arrived, else None; never waits."""
+        while (message := self._take()) is _NOTHING:
+            ready = select.poll()  # not select.select: the descriptor may be above 1023
+            ready.register(self.sock, select.POLLIN)
+            if not ready.poll(0):
+                return None
+            chunk = self.sock.recv(_CHUNK)
+            if not chunk:
+                raise EOFError
+            self._buf += chunk
+        return message
+
     def recv(self, deadline: float | None = None) -> Any:
         """The next message; ``TimeoutError`` at ``deadline`` (monotonic), ``EOFError`` at end."""
         while True:
-            buf = self._buf
-            if len(buf) >= _HEADER.size:
-                (size,) = _HEADER.unpack_from(buf)
-                end = _HEADER.size + size
-                if len(buf) >= end:
-                    message = pickle.loads(memoryview(buf)[_HEADER.size : end])
-                    del buf[:end]
-                    return message
+            message = self._take()
+            if message is not _NOTHING:
+                return message
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -114,14 +140,34 @@ class _Channel:
             chunk = self.sock.recv(_CHUNK)  # socket.timeout is a TimeoutError
             if not chunk:
                 raise EOFError
-            buf += chunk
+            self._buf += chunk
+
+    def _take(self) -> Any:
+        """The first whole message in the buffer, else ``_NOTHING``."""
+        buf = self._buf
+        if len(buf) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buf)
+            end = _HEADER.size + size
+            if len(buf) >= end:
+                message = pickle.loads(memoryview(buf)[_HEADER.size : end])
+                del buf[:end]
+                return message
+        return _NOTHING
 
     def close(self) -> None:
         self.sock.close()
 
 
 class _Worker:
-    """One worker process and its channel; one call at a time (the worker is one thread)."""
+    """One worker process and its channel; one call at a time (the worker is one thread).
+
+    ``owed`` is the deadline (monotonic) of the last call sent while its answer has not
+    come back: set by ``begin``, cleared when the answer arrives. A call that takes the
+    worker while an answer is still owed (the last call gave up waiting for it) looks,
+    without waiting, whether it has come back since, and sends nothing if not
+    (``WorkerBusy``); the monitor kills a worker whose answer is owed ``HUNG_AFTER_S``
+    past that deadline. The normal path, where nothing is owed, pays no system call more.
+    """
 
     def __init__(self, index: int, proc: subprocess.Popen[bytes], channel: _Channel) -> None:
         self.index = index
@@ -129,7 +175,9 @@ class _Worker:
         self.channel = channel
         self.lock = threading.Lock()
         self.seq = 0
+        self.owed: float | None = None
         self.broken = False
+        self.why = ""  # why it was taken out of service, for the monitor's log
 
     @property
     def alive(self) -> bool:
@@ -137,38 +185,73 @@ class _Worker:
 
     def begin(self, method: str, payload: bytes, deadline: float) -> int | None:
         """Take the worker and send it a call; the sequence number, or None when the
-        deadline passed first (the worker is then not taken)."""
-        left = deadline - time.monotonic() - IPC_MARGIN_S
-        if left <= 0 or not self.lock.acquire(timeout=left):
-            return None
+        deadline passed first (the worker is then not taken).
+
+        Raises:
+            WorkerBusy: another call held the worker for ``BUSY_WAIT_S``, or the worker
+                still owes a late answer: score the order in this process.
+            WorkerGone: the worker broke.
+        """
         left = deadline - time.monotonic() - IPC_MARGIN_S
         if left <= 0:
-            self.lock.release()
             return None
-        if self.broken:
+        if not self.lock.acquire(timeout=min(left, BUSY_WAIT_S)):
+            if left > BUSY_WAIT_S:
+                raise WorkerBusy
+            return None
+        try:
+            seq = self._send(method, payload, deadline)
+        except BaseException:
             self.lock.release()
+            raise
+        if seq is None:
+            self.lock.release()
+        return seq
+
+    def _send(self, method: str, payload: bytes, deadline: float) -> int | None:
+        """``begin`` with the worker taken."""
+        if self.broken:
             raise WorkerGone
+        if self.owed is not None and not self._settle():
+            raise WorkerBusy
+        now = time.monotonic()
+        left = deadline - now - IPC_MARGIN_S
+        if left <= 0:
+            return None
         self.seq += 1
+        self.owed = now + left
         try:
             self.channel.send((self.seq, method, payload, left))
         except OSError as e:
-            self._break()
-            self.lock.release()
+            self.take_out("its socket broke")
             raise WorkerGone from e
         return self.seq
 
+    def _settle(self) -> bool:
+        """Read the late answers that have come back; whether the worker owes none now."""
+        try:
+            while (reply := self.channel.poll()) is not None:
+                if reply[0] == self.seq:
+                    self.owed = None
+        except (OSError, EOFError) as e:
+            self.take_out("its socket broke")
+            raise WorkerGone from e
+        return self.owed is None
+
     def finish(self, seq: int, deadline: float) -> bytes | None:
         """The answer to call ``seq`` (sent by ``begin``), None when it is not there by
-        ``deadline``; releases the worker. Raises the worker's ``RiskdError``."""
+        ``deadline`` (it is then owed); releases the worker. Raises the worker's
+        ``RiskdError``."""
         try:
             while True:
                 reply = self.channel.recv(deadline)
                 if reply[0] == seq:
                     break  # earlier sequence numbers: answers that came too late
+            self.owed = None
         except TimeoutError:
             return None
         except (OSError, EOFError) as e:
-            self._break()
+            self.take_out("its socket broke")
             raise WorkerGone from e
         finally:
             self.lock.release()
@@ -176,9 +259,19 @@ class _Worker:
             return bytes(reply[2])
         raise _rebuild(reply[2], reply[3], reply[4])
 
-    def _break(self) -> None:
+    def hung(self, now: float) -> bool:
+        """Whether an answer is owed ``HUNG_AFTER_S`` past its deadline (read unlocked)."""
+        owed = self.owed
+        return owed is not None and now - owed > HUNG_AFTER_S
+
+    def take_out(self, why: str) -> None:
+        """No more calls; the monitor replaces the worker."""
+        if self.broken:
+            return
         self.broken = True
-        log.warning("scoring worker lost", extra={"fields": {"worker": self.index}})
+        self.why = why
+        fields = {"worker": self.index, "reason": why}
+        log.warning("scoring worker taken out of service", extra={"fields": fields})
 
     def stop(self, timeout_s: float) -> None:
         """Ask the worker to flush and exit; kill it if it does not within ``timeout_s``."""
@@ -296,33 +389,47 @@ class WorkerPool:
             reply = worker.channel.recv(time.monotonic() + START_TIMEOUT_S)
         except (TimeoutError, EOFError, OSError) as e:
             worker.proc.kill()
+            worker.proc.wait()
+            worker.channel.close()
             raise UnavailableError(f"scoring worker {worker.index} did not start") from e
         if reply[0] != "ready":
             worker.proc.wait()
+            worker.channel.close()
             raise UnavailableError(f"scoring worker {worker.index} failed to start: {reply[1]}")
 
     def _watch(self) -> None:
-        """Replace workers that exited; their orders are scored here meanwhile."""
+        """Replace workers that exited, broke or hang; their orders are scored here meanwhile."""
         while not self._stop.wait(RESPAWN_EVERY_S):
             for i, w in enumerate(self._workers):
-                if self._stop.is_set() or w is None or w.alive:
+                if self._stop.is_set() or w is None:
                     continue
-                code = w.proc.poll()
-                log.warning(
-                    "scoring worker exited; starting a new one",
-                    extra={"fields": {"worker": i, "exit_code": code}},
-                )
-                if code is None:
-                    w.proc.kill()
-                w.proc.wait()
-                w.channel.close()
-                try:
-                    fresh = self._spawn(i)
-                    self._await_ready(fresh)
-                except Exception:
-                    log.error("scoring worker restart failed", exc_info=True)
-                    continue
-                self._workers[i] = fresh
+                if w.alive and w.hung(time.monotonic()):
+                    w.take_out(f"no answer {HUNG_AFTER_S:g} s past a call's deadline")
+                if not w.alive:
+                    self._replace(i, w)
+
+    def _replace(self, i: int, w: _Worker) -> None:
+        code = w.proc.poll()
+        fields = {"worker": i, "exit_code": code, "reason": w.why or "exited"}
+        log.warning("scoring worker down; starting a new one", extra={"fields": fields})
+        if code is None:
+            w.proc.kill()  # SIGKILL: ends a stopped or hung process too
+        w.proc.wait()
+        # A call still on the old socket sees its end of file and lets go of the worker;
+        # closing under the lock keeps its descriptor from being reused under that call.
+        taken = w.lock.acquire(timeout=1.0)
+        w.channel.close()
+        if taken:
+            w.lock.release()
+        try:
+            fresh = self._spawn(i)
+            self._await_ready(fresh)
+        except Exception:
+            log.error(
+                "scoring worker restart failed", exc_info=True, extra={"fields": {"worker": i}}
+            )
+            return
+        self._workers[i] = fresh
 
 
 class _Missing(enum.Enum):
@@ -347,9 +454,9 @@ def _seen(d: scoring_pb2.Decision) -> _Seen:
     return _Seen(Outcome(d.outcome), d.reasons, d.unavailable, d.replayed)
 
 
-def _wait_until(timeout_s: float) -> float:
+def _wait_until(started: float, timeout_s: float) -> float:
     """How long (monotonic) to wait for workers: the budget less time for the fallback."""
-    return time.monotonic() + timeout_s - min(FALLBACK_RESERVE_S, timeout_s / 4)
+    return started + timeout_s - min(FALLBACK_RESERVE_S, timeout_s / 4)
 
 
 class PooledScoringServicer(ScoringServicer):
@@ -377,13 +484,15 @@ class PooledScoringServicer(ScoringServicer):
     def score_request(
         self, request: scoring_pb2.ScoreRequest, timeout_s: float
     ) -> scoring_pb2.ScoreResponse:
-        deadline = _wait_until(timeout_s)
+        started = time.monotonic()
+        deadline = _wait_until(started, timeout_s)
         try:
             worker = self._pool.get(self._pool.worker_for(request.order.order_id))
             seq = worker.begin("Score", request.SerializeToString(), deadline)
             reply = None if seq is None else worker.finish(seq, deadline)
-        except WorkerGone:
-            return super().score_request(request, timeout_s)
+        except WorkerGone:  # down, broken or busy: scored here, in the time that is left
+            left = max(started + timeout_s - time.monotonic(), 0.0)
+            return super().score_request(request, left)
         if reply is None:  # late: the fallback, now
             return super().score_request(request, 0.0)
         response = scoring_pb2.ScoreResponse.FromString(reply)
@@ -394,7 +503,7 @@ class PooledScoringServicer(ScoringServicer):
         self, request: scoring_pb2.ScoreBatchRequest, timeout_s: float
     ) -> scoring_pb2.ScoreBatchResponse:
         validate.validate_batch(convert.orders_from_proto(request.orders), self._max_batch)
-        deadline = _wait_until(timeout_s)
+        deadline = _wait_until(time.monotonic(), timeout_s)
         groups: dict[int, list[int]] = {}
         for i, order in enumerate(request.orders):
             groups.setdefault(self._pool.worker_for(order.order_id), []).append(i)
@@ -410,7 +519,7 @@ class PooledScoringServicer(ScoringServicer):
             if isinstance(got, bytes):
                 part = scoring_pb2.ScoreBatchResponse.FromString(got).decisions
                 seen.extend(_seen(d) for d in part)
-            else:  # DOWN: scored here; LATE: the fallback, now
+            else:  # DOWN: scored here in the time left; LATE: the fallback, now
                 left = 0.0 if got is _LATE else max(deadline - time.monotonic(), 0.0)
                 part = super().score_batch_request(parts[w], left).decisions
             for i, decision in zip(idx, part, strict=True):
@@ -424,7 +533,8 @@ class PooledScoringServicer(ScoringServicer):
     ) -> dict[int, bytes | _Missing]:
         """Send every part (workers taken in index order: no lock cycles), then collect.
 
-        Per worker: the answer, ``_DOWN`` (score it here) or ``_LATE`` (the fallback).
+        Per worker: the answer, ``_DOWN`` (gone, broken or busy: score it here) or
+        ``_LATE`` (the fallback).
         """
         sent: dict[int, tuple[_Worker, int | None]] = {}
         out: dict[int, bytes | _Missing] = {}

@@ -6,9 +6,14 @@ SQLite file; calls go through a real gRPC channel.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import json
+import logging
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,13 +23,15 @@ from typing import Any
 import grpc
 import pytest
 import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from riskd.config import load_config
 from riskd.domain.order import Amounts, Order
 from riskd.errors import ConfigError
 from riskd.evidence.chain import verify
-from riskd.service import convert
+from riskd.service import convert, workers
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
+from riskd.service.logs import JsonFormatter
 from riskd.service.server import RunningServer, create_server
 from riskd.service.workers import WorkerPool
 from riskd.sql import Database
@@ -174,7 +181,7 @@ def test_a_killed_worker_is_replaced_and_its_orders_are_answered_meanwhile(
 
 
 def test_a_stalled_worker_gets_the_fallback_inside_the_deadline_then_recovers(
-    pooled: RunningServer, stub: Stub
+    pooled: RunningServer, stub: Stub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pool = pooled.workers
     assert pool is not None
@@ -194,7 +201,162 @@ def test_a_stalled_worker_gets_the_fallback_inside_the_deadline_then_recovers(
     fresh_order = _worker_for(pool, 1)
     decision = _score(stub, fresh_order)
     assert decision.order_id == fresh_order.order_id and not decision.degraded
+    # once the late answer is back the worker gets calls again (meanwhile the server
+    # process scores its orders), and it was not replaced: it answers, late or not
+    scorer = pooled.components.scorer
+    monkeypatch.setattr(scorer, "score", None)  # a call scored here fails
+    assert eventually(lambda: _by_a_worker(stub, _worker_for(pool, 1)), 5)
     assert pool.pids()[1] == pid
+
+
+def _by_a_worker(stub: Stub, order: Order) -> bool:
+    try:
+        return _score(stub, order).order_id == order.order_id
+    except grpc.RpcError:
+        return False
+
+
+@contextlib.contextmanager
+def _worker_log() -> Iterator[io.StringIO]:
+    """The pool's log records, as the JSON lines ``riskd serve`` writes."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("riskd.service.workers")
+    logger.addHandler(handler)
+    try:
+        yield stream
+    finally:
+        logger.removeHandler(handler)
+
+
+def _entries(stream: io.StringIO, msg: str) -> list[dict[str, Any]]:
+    lines = (json.loads(line) for line in stream.getvalue().splitlines())
+    return [entry for entry in lines if entry["msg"] == msg]
+
+
+def test_a_stopped_worker_holds_no_rpc_threads_and_is_killed_and_replaced(
+    pooled: RunningServer, stub: Stub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More callers than RPC threads, short deadlines, worker 0 stopped (``SIGSTOP``):
+    every call is answered inside its deadline (worker 1's orders by worker 1), health
+    checks stay fast, and the monitor kills the stopped worker and starts a new one."""
+    pool = pooled.workers
+    assert pool is not None
+    assert _alive(pool, 0) and _alive(pool, 1)
+    monkeypatch.setattr(workers, "HUNG_AFTER_S", 0.5)  # 2 s in service
+    monkeypatch.setattr(workers, "RESPAWN_EVERY_S", 0.1)
+    victim = pool.pids()[0]
+    assert victim is not None
+    deadline = 0.3
+    answered: list[tuple[int, float, scoring_pb2.Decision]] = []
+    failed: list[str] = []
+    health_s: list[float] = []
+
+    def call(index: int, until: float) -> None:
+        while time.monotonic() < until:
+            request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(orders[index].pop()))
+            started = time.monotonic()
+            try:
+                decision = stub.Score(request, timeout=deadline).decision
+            except grpc.RpcError as e:
+                failed.append(str(e.code()))
+                continue
+            answered.append((index, time.monotonic() - started, decision))
+
+    orders = {i: [_worker_for(pool, i) for _ in range(1000)] for i in (0, 1)}
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{pooled.port}") as channel,
+        _worker_log() as logged,
+    ):
+        health = health_pb2_grpc.HealthStub(channel)
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            until = time.monotonic() + 1.0
+            callers = [  # four RPC threads in this server; eight callers
+                threading.Thread(target=call, args=(n % 2, until)) for n in range(8)
+            ]
+            for t in callers:
+                t.start()
+            while time.monotonic() < until:
+                started = time.monotonic()
+                health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                health_s.append(time.monotonic() - started)
+                time.sleep(0.05)
+            for t in callers:
+                t.join()
+            assert not failed, (len(failed), len(answered), failed[:3])
+            assert all(elapsed < deadline for _, elapsed, _ in answered)
+            assert max(health_s) < 0.2, health_s
+            assert eventually(lambda: pool.pids()[0] not in (None, victim) and _alive(pool, 0), 30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(victim, signal.SIGCONT)
+    theirs = [d for i, _, d in answered if i == 0]
+    ours = [d for i, _, d in answered if i == 1]
+    assert len(theirs) > 50 and len(ours) > 50, (len(theirs), len(ours))
+    assert not any(d.degraded for d in ours)  # worker 1 kept scoring its orders
+    # at most the first calls to the stopped worker get the fallback; then they are scored
+    assert sum(d.degraded for d in theirs) <= 8
+    taken = _entries(logged, "scoring worker down; starting a new one")
+    assert taken and taken[0]["worker"] == 0 and "deadline" in taken[0]["reason"]
+    # the new worker scores worker 0's orders again
+    decision = _score(stub, _worker_for(pool, 0))
+    assert decision.outcome == scoring_pb2.OUTCOME_ALLOW and not decision.degraded
+
+
+def test_orders_of_a_worker_that_dies_mid_call_are_scored_in_the_time_left(
+    pooled: RunningServer, stub: Stub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = pooled.workers
+    assert pool is not None
+    assert eventually(lambda: _alive(pool, 1), 30)
+    victim = pool.pids()[1]
+    assert victim is not None
+    scorer = pooled.components.scorer
+    score, budgets = scorer.score, []
+
+    def spy(order: Order, *, timeout_s: float | None = None) -> Any:
+        budgets.append(timeout_s)
+        return score(order, timeout_s=timeout_s)
+
+    monkeypatch.setattr(scorer, "score", spy)
+    order = _worker_for(pool, 1)
+    request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(order))
+    os.kill(victim, signal.SIGSTOP)
+    killer = threading.Timer(0.5, os.kill, (victim, signal.SIGKILL))
+    try:
+        killer.start()
+        decision = stub.Score(request, timeout=1.0).decision
+    finally:
+        killer.join()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)
+    assert decision.order_id == order.order_id and not decision.degraded
+    assert len(budgets) == 1 and budgets[0] is not None
+    assert budgets[0] < 0.6  # what is left of the caller's second, not all of it
+    assert eventually(lambda: pool.pids()[1] not in (None, victim) and _alive(pool, 1), 30)
+
+
+def test_a_failed_restart_logs_why(tmp_path: Path) -> None:
+    prefix = f"riskd-test-workers-{uuid.uuid4().hex}:"
+    rules = copy_rules(tmp_path / "rules")
+    running = create_server(_config(tmp_path / "data", prefix, rules_dir=str(rules)))
+    try:
+        assert running.workers is not None
+        path = rules / "checkout.rules"
+        path.write_text(path.read_text().replace('orders("device", "1h") >= 2', "nosuch >= 2"))
+        victim = running.workers.pids()[0]
+        assert victim is not None
+        with _worker_log() as logged:
+            os.kill(victim, signal.SIGKILL)
+            assert eventually(lambda: _entries(logged, "scoring worker restart failed"), 30)
+        entry = _entries(logged, "scoring worker restart failed")[0]
+        assert entry["worker"] == 0 and entry["error_type"] == "UnavailableError"
+        assert "checkout.rules:" in entry["error"] and "nosuch" in entry["error"], entry
+    finally:
+        running.stop(5)
+        _forget(prefix)
 
 
 def _alive(pool: WorkerPool, index: int) -> bool:
