@@ -7,11 +7,15 @@ rules directory; ``FallbackPolicy``; then the ``Scorer`` over all of them;
 the ledger's and the evidence (audited PII reveal) services beside it.
 Rule hot reload lives here too: a watcher compares the rule files'
 fingerprint and reloads through the holder when it changes.
+
+A data directory or database that cannot be used stops the start with a
+``ConfigError`` naming ``data_dir`` (or ``database_url``), not a traceback.
 """
 
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,6 +57,7 @@ class Components:
     extra: list[Callable[[grpc.Server], list[str]]] = field(default_factory=list)
     _watch_stop: threading.Event = field(default_factory=threading.Event)
     _watcher: threading.Thread | None = None
+    _reload_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def register_extra(self, server: grpc.Server) -> list[str]:
         """Register the optional services (the ledger) and return their names."""
@@ -62,11 +67,21 @@ class Components:
         return names
 
     def reload_rules(self, metrics: Metrics) -> bool:
-        """Recompile through the holder; count the outcome; the old rules stay on error."""
-        diagnostics = self.rules.reload()
+        """Recompile through the holder; count the outcome; the old rules stay on error.
+
+        ``riskd_rule_reloads_total`` counts swaps only: the holder keeps its program
+        when the recompiled one has the same version (nothing changed).
+        """
+        with self._reload_lock:  # the watcher and SIGHUP: each swap seen (and counted) once
+            before = self.rules.current
+            diagnostics = self.rules.reload()
+            after = self.rules.current
         if diagnostics.ok:
-            metrics.reloads.inc()
-            log.info("rules reloaded", extra={"fields": {"version": self.rules.current.version}})
+            swapped = after is not before
+            if swapped:
+                metrics.reloads.inc()
+            fields = {"version": after.version, "changed": swapped}
+            log.info("rules reloaded", extra={"fields": fields})
             return True
         metrics.reload_failures.inc()
         log.error(
@@ -120,18 +135,30 @@ def build_components(config: Config, clock: Clock) -> Components:
 def _build(config: Config, clock: Clock, closers: list[Callable[[], None]]) -> Components:
     if not config.rules_dir.is_dir():
         raise ConfigError(f"rules_dir: {config.rules_dir} is not a directory")
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    if config.data_dir.exists() and not config.data_dir.is_dir():
+        raise ConfigError(f"data_dir: {config.data_dir} is not a directory")
+    try:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"data_dir: cannot create {config.data_dir}: {e.strerror}") from None
+    try:  # before a keyring is generated: a database that cannot open changes nothing
+        db = Database(config.database)
+        closers.append(db.close)
+        db.query("SELECT 1")
+    except (OSError, sqlite3.Error) as e:
+        raise _database_error(config, e) from None
     keyring = load_keyring(config)
     indexer = BlindIndexer(keyring)
     rules = ProgramHolder(config.rules_dir)  # raises RuleCompileError: no start without rules
-    db = Database(config.database)
-    closers.append(db.close)
-    # PII in the decision log: masked + blind index in the record, and encrypted under
-    # the buyer's data key (so `riskd pii forget` shreds it) beside the record.
-    vault = Vault(keyring, SqlKeyStore(db), clock=clock)
-    decision_log = DecisionLog(
-        db, vault=vault, indexer=indexer, flush_interval_s=config.evidence_flush_ms / 1000.0
-    )
+    try:
+        # PII in the decision log: masked + blind index in the record, and encrypted under
+        # the buyer's data key (so `riskd pii forget` shreds it) beside the record.
+        vault = Vault(keyring, SqlKeyStore(db), clock=clock)
+        decision_log = DecisionLog(
+            db, vault=vault, indexer=indexer, flush_interval_s=config.evidence_flush_ms / 1000.0
+        )
+    except (OSError, sqlite3.Error) as e:  # the first statements create the schema
+        raise _database_error(config, e) from None
     closers.append(decision_log.close)
     features = open_feature_store(config, clock)
     closers.append(features.close)
@@ -158,6 +185,14 @@ def _build(config: Config, clock: Clock, closers: list[Callable[[], None]]) -> C
     components.extra.append(ledger_service(book))
     components.extra.append(evidence_service(PiiAccess(decision_log, vault, clock=clock)))
     return components
+
+
+def _database_error(config: Config, e: OSError | sqlite3.Error) -> ConfigError:
+    """What names the database that cannot be opened: never the URL (it may hold a password)."""
+    reason = e.strerror if isinstance(e, OSError) else str(e)  # sqlite3's text carries no data
+    if config.database_url:
+        return ConfigError(f"database_url: cannot open the database: {reason}")
+    return ConfigError(f"data_dir: cannot open {config.data_dir / 'riskd.db'}: {reason}")
 
 
 def open_book(config: Config, clock: Clock) -> Book:
@@ -200,7 +235,10 @@ def load_keyring(config: Config) -> Keyring:
     if config.keyring_file is not None:
         raise ConfigError(f"keyring_file: {path} does not exist")
     keyring = Keyring.generate()
-    keyring.save(path)
+    try:
+        keyring.save(path)
+    except OSError as e:  # the message names the file, never the keys
+        raise ConfigError(f"data_dir: cannot write the keyring {path}: {e.strerror}") from None
     log.info("generated a new keyring", extra={"fields": {"path": str(path)}})
     return keyring
 

@@ -133,6 +133,22 @@ def test_rules_hot_reload_on_change_and_keep_old_rules_on_error(tmp_path: Path) 
         running.stop(1)
 
 
+def test_rule_reloads_count_only_swaps(tmp_path: Path) -> None:
+    rules = copy_rules(tmp_path / "rules")
+    config = make_config(tmp_path / "data", rules_dir=str(rules), reload_interval_s=60)
+    running = create_server(config)
+    try:
+        assert running.reload_rules() is True  # SIGHUP with the same files: nothing swapped
+        assert running.metrics.value("riskd_rule_reloads_total") == 0
+        path = rules / "checkout.rules"
+        path.write_text(path.read_text().replace("> 10000000", "> 1000"))
+        assert running.reload_rules() is True
+        assert running.reload_rules() is True
+        assert running.metrics.value("riskd_rule_reloads_total") == 1
+    finally:
+        running.stop(0)
+
+
 def eventually(check: Callable[[], object], timeout: float = 5.0) -> bool:
     """Poll ``check`` until it is truthy or ``timeout`` seconds have passed."""
     deadline = time.monotonic() + timeout

@@ -1,0 +1,55 @@
+"""build_components: a data directory or database that cannot be used stops the start by name."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from riskd.errors import ConfigError
+from riskd.service.server import create_server
+from tests.service.conftest import make_config
+
+
+def test_data_dir_that_is_a_file_or_under_one_is_refused_by_name(tmp_path: Path) -> None:
+    file = tmp_path / "file"
+    file.write_text("")
+    for data_dir in (file, file / "var"):
+        with pytest.raises(ConfigError, match=r"^data_dir: .*(not a directory|Not a directory)"):
+            create_server(make_config(data_dir))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only directories")
+def test_read_only_data_dir_is_refused_by_name(tmp_path: Path) -> None:
+    data_dir = tmp_path / "ro"
+    data_dir.mkdir()
+    data_dir.chmod(0o500)
+    try:
+        with pytest.raises(ConfigError, match=r"^data_dir: "):
+            create_server(make_config(data_dir))
+    finally:
+        data_dir.chmod(0o700)
+
+
+@pytest.mark.parametrize("kind", ["directory", "not a database"])
+def test_database_that_cannot_open_is_refused_and_no_keyring_is_made(
+    tmp_path: Path, kind: str
+) -> None:
+    db = tmp_path / "riskd.db"
+    if kind == "directory":
+        db.mkdir()
+    else:
+        db.write_bytes(b"not sqlite, 13800000000" * 100)
+    with pytest.raises(ConfigError, match=r"^data_dir: cannot open .*riskd\.db: ") as e:
+        create_server(make_config(tmp_path))
+    assert "13800000000" not in str(e.value)
+    assert not (tmp_path / "keyring.json").exists()  # nothing changed
+
+
+def test_database_url_error_never_shows_the_url(tmp_path: Path) -> None:
+    (tmp_path / "db").mkdir()
+    url = f"sqlite:///{tmp_path / 'db'}"  # a directory: SQLite cannot open it
+    with pytest.raises(ConfigError, match=r"^database_url: cannot open the database: ") as e:
+        create_server(make_config(tmp_path / "data", database_url=url))
+    assert str(tmp_path) not in str(e.value)
