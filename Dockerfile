@@ -29,6 +29,11 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
 
 # Off loopback the daemon refuses plaintext: mount certificates and set RISKD_TLS_CERT,
 # RISKD_TLS_KEY (and RISKD_TLS_CLIENT_CA for mutual TLS), plus RISKD_HEALTH_CA (and
-# RISKD_HEALTH_SERVER_NAME) so the health check above can connect; callers and roles
-# come from an [auth] table in a config file passed as RISKD_CONFIG.
+# RISKD_HEALTH_SERVER_NAME when the server certificate does not name 127.0.0.1) so the
+# health check above can connect; with mutual TLS also RISKD_HEALTH_CERT and
+# RISKD_HEALTH_KEY, a client certificate the client CA signed (no role needed: the
+# health service is open to anyone). `riskd serve` ignores these client variables.
+# Callers and roles come from an [auth] table in a config file passed as RISKD_CONFIG.
+# On SIGTERM health turns NOT_SERVING for RISKD_DRAIN_NOTICE_MS (1 s) before the port
+# stops, then in-flight calls get RISKD_GRACE_S (10 s): stop with a longer timeout.
 CMD ["riskd", "serve", "--listen", "0.0.0.0:50051"]

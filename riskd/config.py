@@ -8,11 +8,12 @@ environment variables override the file::
     listen = "0.0.0.0:50051"        # RISKD_LISTEN
     metrics_port = 9464             # RISKD_METRICS_PORT (0: any free port, -1: off)
     rules_dir = "rules"             # RISKD_RULES_DIR
-    models_dir = "models"           # RISKD_MODELS_DIR
+    models_dir = "models"           # RISKD_MODELS_DIR (reserved for the models; not read yet)
     data_dir = "var"                # RISKD_DATA_DIR
     redis_url = ""                  # RISKD_REDIS_URL ("" = in-process features; several
                                     # comma-separated URLs: shards, see riskd.features)
-    database_url = ""               # RISKD_DATABASE_URL ("" = sqlite file under data_dir)
+    database_url = ""               # RISKD_DATABASE_URL ("" = sqlite file under data_dir;
+                                    # else sqlite:///PATH or postgresql://...)
     deadline_ms = 200               # RISKD_DEADLINE_MS (when the caller sets none)
     keyring_file = ""               # RISKD_KEYRING_FILE ("" = data_dir/keyring.json)
                                     # RISKD_KEYRING: the keyring document itself (wins)
@@ -28,7 +29,18 @@ environment variables override the file::
     max_batch = 500                 # RISKD_MAX_BATCH: orders per ScoreBatch
     max_message_bytes = 4194304     # RISKD_MAX_MESSAGE_BYTES: a larger request is refused
                                     # with INVALID_ARGUMENT naming its largest field (gRPC's
-                                    # own limit, RESOURCE_EXHAUSTED, is 4x this)
+                                    # own limit, RESOURCE_EXHAUSTED, is 4x this; at most
+                                    # 536870911, so that 4x fits gRPC's 32-bit limit)
+    grace_s = 10.0                  # RISKD_GRACE_S: on SIGTERM, how long in-flight calls
+                                    # get to finish before they are cancelled
+    drain_notice_ms = 1000          # RISKD_DRAIN_NOTICE_MS: on SIGTERM, health answers
+                                    # NOT_SERVING this long while calls are still served, so
+                                    # load balancers stop sending before the port closes
+                                    # (0..60000; above the balancer's health check period)
+    reload_interval_s = 2.0         # RISKD_RELOAD_INTERVAL_S: how often the rule files are
+                                    # checked for changes
+    redis_timeout_ms = 50           # RISKD_REDIS_TIMEOUT_MS: each Redis call's socket timeout
+    redis_prefix = "riskd:"         # RISKD_REDIS_PREFIX: prefix of every Redis key
 
     [fallback]                      # RISKD_FALLBACK_<SCENARIO>="50000:allow,review"
     default = "50000:allow,review"  # total <= 500 CNY -> allow, else review
@@ -38,12 +50,19 @@ environment variables override the file::
     [auth.tokens]
     "sha256:9f86d0..." = "checkout-gw:checkout"
 
+The client commands' variables (``CLIENT_ENV``: ``RISKD_TOKEN`` for ``riskd
+score``; ``RISKD_HEALTH_CA``, ``RISKD_HEALTH_SERVER_NAME``, ``RISKD_HEALTH_CERT``
+and ``RISKD_HEALTH_KEY`` for ``riskd health``) and ``RISKD_CONFIG`` (the file)
+may sit in the daemon's environment too (a container's health check reads
+them there); every other unknown ``RISKD_*`` variable is refused.
+
 Without TLS and without an ``[auth]`` table the daemon serves plaintext on
 loopback to anyone on the machine (the embedded default); with either, every
 call is authenticated and authorized.
 
 A fallback is an ordered list of tiers ``MAX_TOTAL_FEN:OUTCOME``; a tier with
-no bound matches any amount, and the last tier must have none. Every bad value
+no bound matches any amount: only the last tier has none, and the bounds
+before it increase (otherwise a later tier could never apply). Every bad value
 raises ``riskd.errors.ConfigError`` naming its key.
 """
 
@@ -54,14 +73,28 @@ import os
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from riskd.domain.decision import Outcome
 from riskd.domain.order import Channel
 from riskd.errors import ConfigError
 
 ENV_PREFIX = "RISKD_"
+# Read by the client commands (riskd score / riskd health) or by the CLI itself, not
+# configuration keys: the config loader skips them (riskd.cli.serve reads them).
+CLIENT_ENV = frozenset(
+    {
+        "RISKD_CONFIG",
+        "RISKD_TOKEN",
+        "RISKD_HEALTH_CA",
+        "RISKD_HEALTH_SERVER_NAME",
+        "RISKD_HEALTH_CERT",
+        "RISKD_HEALTH_KEY",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +135,7 @@ class Config:
     max_batch: int = 500
     max_message_bytes: int = 4 * 1024 * 1024
     grace_s: float = 10.0
+    drain_notice_ms: int = 1000  # NOT_SERVING this long before the port stops on SIGTERM
     workers: int = 4  # RPC threads: CPU-bound Python scales by processes, not threads
     score_workers: int = 0  # scoring worker processes (riskd.service.workers); 0: none
     evidence_flush_ms: int = 5  # the decision log writer's batch gathering time
@@ -126,9 +160,17 @@ class Config:
     def deadline_s(self) -> float:
         return self.deadline_ms / 1000.0
 
+    @property
+    def drain_notice_s(self) -> float:
+        return self.drain_notice_ms / 1000.0
+
 
 MAX_SCORE_WORKERS = 64
 MAX_EVIDENCE_FLUSH_MS = 1000
+MAX_DRAIN_NOTICE_MS = 60_000
+# gRPC takes message limits as a signed 32-bit int, and the server accepts 4x
+# max_message_bytes (riskd.service.interceptors.RECEIVE_LIMIT_FACTOR) to name the field.
+MAX_MESSAGE_BYTES = (2**31 - 1) // 4
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _OUTCOMES = {o.name.lower(): o for o in Outcome}
 
@@ -175,6 +217,11 @@ def parse_tiers(text: str, key: str) -> tuple[FallbackTier, ...]:
         tiers.append(FallbackTier(_tier_bound(bound, key), _outcome(outcome, key)))
     if not tiers or tiers[-1].max_total is not None:
         raise ConfigError(f"{key}: the last fallback tier must have no bound (e.g. 'review')")
+    bounds = [t.max_total for t in tiers[:-1] if t.max_total is not None]
+    if len(bounds) != len(tiers) - 1:  # the tiers after an unbounded one never apply
+        raise ConfigError(f"{key}: only the last fallback tier may have no bound")
+    if any(a >= b for a, b in pairwise(bounds)):  # a tier under an equal bound never applies
+        raise ConfigError(f"{key}: fallback tier bounds must increase")
     return tuple(tiers)
 
 
@@ -211,7 +258,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     fallback: dict[str, str] = {}
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in CLIENT_ENV:
             continue
         key = name[len(ENV_PREFIX) :].lower()
         if key.startswith("fallback_"):
@@ -321,6 +368,7 @@ _COERCE: dict[str, Callable[[Any, str], Any]] = {
     "workers": _coerce_int,
     "score_workers": _coerce_int,
     "evidence_flush_ms": _coerce_int,
+    "drain_notice_ms": _coerce_int,
     "reload_interval_s": _coerce_float,
     "grace_s": _coerce_float,
     "rules_dir": _coerce_path,
@@ -344,6 +392,10 @@ def _check(config: Config) -> None:
         raise ConfigError("metrics_port: must be -1 (off), 0 (any free port) or a port number")
     if config.grace_s < 0:
         raise ConfigError("grace_s: must not be negative")
+    if not 0 <= config.drain_notice_ms <= MAX_DRAIN_NOTICE_MS:
+        raise ConfigError(f"drain_notice_ms: must be between 0 and {MAX_DRAIN_NOTICE_MS}")
+    if config.max_message_bytes > MAX_MESSAGE_BYTES:
+        raise ConfigError(f"max_message_bytes: must be at most {MAX_MESSAGE_BYTES}")
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(f"log_level: must be one of {', '.join(_LOG_LEVELS)}")
     urls = config.redis_urls
@@ -353,6 +405,9 @@ def _check(config: Config) -> None:
         raise ConfigError("redis_url: each URL must start with redis://, rediss:// or unix://")
     if len(set(urls)) != len(urls):
         raise ConfigError("redis_url: a shard is listed twice")
+    for i, url in enumerate(urls):
+        _check_redis_url(url, f"redis_url: shard {i + 1}")
+    _check_database_url(config.database_url)
     if not 0 <= config.score_workers <= MAX_SCORE_WORKERS:
         raise ConfigError(f"score_workers: must be between 0 and {MAX_SCORE_WORKERS}")
     if config.score_workers and not config.redis_url:
@@ -377,3 +432,40 @@ def _check_listen(listen: str) -> None:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError("listen: expected HOST:PORT (e.g. 127.0.0.1:50051)")
+
+
+def _check_redis_url(url: str, where: str) -> None:
+    """Host, port and db as redis-py will parse them (messages never echo the URL: a password)."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"{where}: unix:// needs a socket path")
+    else:
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if port == 0:
+            raise ConfigError(f"{where}: the port must be a number from 1 to 65535")
+    db = parse_qs(parts.query).get("db", [""])[-1]
+    if parts.scheme != "unix" and not db:
+        db = unquote(parts.path).replace("/", "")
+    if db and not db.isdigit():
+        raise ConfigError(f"{where}: the database must be a number (e.g. redis://host:6379/0)")
+
+
+def _check_database_url(url: str) -> None:
+    """ "" (SQLite under data_dir), ``sqlite:///PATH`` or a PostgreSQL URL; nothing else.
+
+    riskd.sql takes any other text for a SQLite file name: a misspelt scheme would
+    quietly become a file.
+    """
+    if not url:
+        return
+    if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        return
+    if url.startswith(("postgresql://", "postgres://")):
+        return
+    raise ConfigError(
+        "database_url: expected sqlite:///PATH or postgresql://... ('' = SQLite under data_dir)"
+    )

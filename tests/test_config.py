@@ -72,6 +72,23 @@ def test_file_then_environment_override(tmp_path: Path) -> None:
         ({"RISKD_RULES_DIR": ""}, "rules_dir"),
         ({"RISKD_EVIDENCE_FLUSH_MS": "0"}, "evidence_flush_ms"),
         ({"RISKD_EVIDENCE_FLUSH_MS": "5000"}, "evidence_flush_ms"),
+        ({"RISKD_HEALTH_CAA": "ca.pem"}, "health_caa"),  # near a client variable: still refused
+        ({"RISKD_DATABASE_URL": "mysql://x"}, "database_url"),
+        ({"RISKD_DATABASE_URL": "riskd.db"}, "database_url"),
+        ({"RISKD_DATABASE_URL": "sqlite:///"}, "database_url"),
+        ({"RISKD_DATABASE_URL": "sqlite://relative.db"}, "database_url"),
+        ({"RISKD_REDIS_URL": "redis://127.0.0.1:notaport"}, "redis_url"),
+        ({"RISKD_REDIS_URL": "redis://127.0.0.1:99999"}, "redis_url"),
+        ({"RISKD_REDIS_URL": "redis://127.0.0.1:0"}, "redis_url"),
+        ({"RISKD_REDIS_URL": "redis://a:1/0,redis://b:1/zero"}, "redis_url"),
+        ({"RISKD_REDIS_URL": "redis://a:1?db=x"}, "redis_url"),
+        ({"RISKD_REDIS_URL": "unix://"}, "redis_url"),
+        ({"RISKD_MAX_MESSAGE_BYTES": "536870912"}, "max_message_bytes"),
+        ({"RISKD_DRAIN_NOTICE_MS": "-1"}, "drain_notice_ms"),
+        ({"RISKD_DRAIN_NOTICE_MS": "60001"}, "drain_notice_ms"),
+        ({"RISKD_FALLBACK_DEFAULT": "allow,100:block,review"}, "fallback.default"),
+        ({"RISKD_FALLBACK_DEFAULT": "500:allow,500:review,block"}, "fallback.default"),
+        ({"RISKD_FALLBACK_SEARCH": "900:allow,500:review,block"}, "fallback.search"),
     ],
 )
 def test_bad_value_names_the_key(env: dict[str, str], key: str) -> None:
@@ -113,3 +130,40 @@ def test_keyring_document_from_environment_is_never_printed() -> None:
     config = load_config(env={"RISKD_KEYRING": '{"secret": "k"}'})
     assert config.keyring == '{"secret": "k"}'
     assert "secret" not in repr(config)
+
+
+def test_client_variables_may_share_the_daemons_environment() -> None:
+    # A container's health check reads RISKD_HEALTH_* from the daemon's environment.
+    env = {
+        "RISKD_CONFIG": "riskd.toml",
+        "RISKD_TOKEN": "t0ken",
+        "RISKD_HEALTH_CA": "ca.pem",
+        "RISKD_HEALTH_SERVER_NAME": "riskd.internal",
+        "RISKD_HEALTH_CERT": "health.crt",
+        "RISKD_HEALTH_KEY": "health.key",
+    }
+    assert load_config(env=env) == Config()
+
+
+def test_redis_errors_never_echo_the_url() -> None:
+    with pytest.raises(ConfigError, match=r"^redis_url: shard 2: ") as e:
+        load_config(env={"RISKD_REDIS_URL": "redis://a:1/0,redis://:s3cret@b:port/0"})
+    assert "s3cret" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("redis_url", "redis://[::1]:6379/0"),
+        ("redis_url", "rediss://user:pw@cache.internal/2"),
+        ("redis_url", "unix:///run/redis.sock?db=1"),
+        ("database_url", "sqlite:////srv/riskd/riskd.db"),
+        ("database_url", "postgresql://riskd@db.internal/riskd?schema=s1"),
+        ("database_url", "postgres://riskd@db.internal/riskd"),
+        ("max_message_bytes", "536870911"),
+        ("drain_notice_ms", "0"),
+        ("fallback_live_room", "100:allow,20000:review,block"),
+    ],
+)
+def test_good_values_are_accepted(key: str, value: str) -> None:
+    load_config(env={f"RISKD_{key.upper()}": value})

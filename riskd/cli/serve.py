@@ -2,8 +2,15 @@
 
 ``serve`` reads defaults ← ``--config FILE`` (or ``$RISKD_CONFIG``) ← ``RISKD_*``
 variables ← ``--listen``, logs JSON lines to stderr, drains on SIGTERM/SIGINT
-and reloads the rules on SIGHUP. ``score`` sends an order written in the
-protobuf JSON form (see ``examples/order.json``) and prints the decision as JSON.
+(health NOT_SERVING for ``drain_notice_ms`` first) and reloads the rules on
+SIGHUP (one that comes during start-up is held until the server is up).
+``score`` sends an order written in the protobuf JSON form (see
+``examples/order.json``) and prints the decision as JSON.
+
+Both clients connect with TLS given ``--ca``, and present a client certificate
+(mutual TLS) given ``--cert`` and ``--key``. Their ``RISKD_TOKEN`` and
+``RISKD_HEALTH_*`` variables are the ones ``riskd.config.CLIENT_ENV`` lets the
+daemon's environment hold.
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ import argparse
 import gc
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import grpc
@@ -42,6 +51,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     score.add_argument("--target", default="127.0.0.1:50051", help="daemon HOST:PORT")
     score.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
     score.add_argument("--ca", type=Path, help="CA certificate: connect with TLS")
+    score.add_argument("--cert", type=Path, help="client certificate (mutual TLS; with --key)")
+    score.add_argument("--key", type=Path, help="client certificate's private key")
     score.add_argument(
         "--token",
         default=os.environ.get("RISKD_TOKEN", ""),
@@ -62,20 +73,40 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=os.environ.get("RISKD_HEALTH_SERVER_NAME", ""),
         help="name the server certificate must carry, when it is not the target host",
     )
+    health.add_argument(
+        "--cert",
+        type=Path,
+        default=os.environ.get("RISKD_HEALTH_CERT") or None,
+        help="client certificate for mutual TLS, with --key (default $RISKD_HEALTH_CERT)",
+    )
+    health.add_argument(
+        "--key",
+        type=Path,
+        default=os.environ.get("RISKD_HEALTH_KEY") or None,
+        help="client certificate's private key (default $RISKD_HEALTH_KEY)",
+    )
     health.set_defaults(func=run_health)
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """Start the daemon and block until it has drained after SIGTERM/SIGINT."""
+    # SIGHUP's default action ends the process: until the server's handlers are in,
+    # remember it and reload once the server is up (start-up takes a while: rules
+    # compile, stores open).
+    hup_early = threading.Event()
+    previous = signal.signal(signal.SIGHUP, lambda signum, frame: hup_early.set())
     try:
         overrides = {"listen": args.listen} if args.listen else {}
         config = load_config(args.config, **overrides)
         configure_logging(config.log_level)
         running = create_server(config)
     except RiskdError as e:
+        signal.signal(signal.SIGHUP, previous)
         print(f"riskd serve: {e}", file=sys.stderr)
         return 2
-    running.install_signal_handlers(config.grace_s)
+    running.install_signal_handlers(config.grace_s, notice_s=config.drain_notice_s)
+    if hup_early.is_set():
+        threading.Thread(target=running.reload_rules, name="riskd-reload").start()
     # Start-up objects (compiled rules, modules) live for the whole process: move them out
     # of the collector's generations so full collections on the request path skip them.
     gc.collect()
@@ -96,9 +127,9 @@ def run_score(args: argparse.Namespace) -> int:
         return 2
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
     try:
-        channel = _channel(args.target, args.ca)
-    except OSError as e:
-        print(f"riskd score: cannot read --ca: {e.strerror}", file=sys.stderr)
+        channel = _channel(args.target, args.ca, cert=args.cert, key=args.key)
+    except _ChannelError as e:
+        print(f"riskd score: {e}", file=sys.stderr)
         return 2
     with channel:
         stub = scoring_pb2_grpc.ScoringServiceStub(channel)
@@ -118,9 +149,9 @@ def run_score(args: argparse.Namespace) -> int:
 def run_health(args: argparse.Namespace) -> int:
     """Exit 0 when the daemon answers SERVING, 1 otherwise (for container health checks)."""
     try:
-        channel = _channel(args.target, args.ca, args.server_name)
-    except OSError as e:
-        print(f"riskd health: cannot read --ca: {e.strerror}", file=sys.stderr)
+        channel = _channel(args.target, args.ca, args.server_name, cert=args.cert, key=args.key)
+    except _ChannelError as e:
+        print(f"riskd health: {e}", file=sys.stderr)
         return 2
     with channel:
         try:
@@ -135,8 +166,36 @@ def run_health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-def _channel(target: str, ca: Path | None, server_name: str = "") -> grpc.Channel:
+class _ChannelError(Exception):
+    """A client option that cannot be used (the message names the option)."""
+
+
+def _channel(
+    target: str,
+    ca: Path | None,
+    server_name: str = "",
+    *,
+    cert: Path | None = None,
+    key: Path | None = None,
+) -> grpc.Channel:
+    """Plaintext without ``ca``; TLS with it; mutual TLS with ``cert`` and ``key`` too."""
+    if (cert is None) != (key is None):
+        raise _ChannelError("--cert and --key must be given together")
     if ca is None:
+        if cert is not None:
+            raise _ChannelError("--cert needs --ca (a client certificate needs TLS)")
         return grpc.insecure_channel(target)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(ca, "--ca"),
+        private_key=None if key is None else _read(key, "--key"),
+        certificate_chain=None if cert is None else _read(cert, "--cert"),
+    )
     options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-    return grpc.secure_channel(target, grpc.ssl_channel_credentials(ca.read_bytes()), options)
+    return grpc.secure_channel(target, credentials, options)
+
+
+def _read(path: Path, option: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise _ChannelError(f"cannot read {option}: {e.strerror}") from None

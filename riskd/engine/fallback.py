@@ -5,11 +5,12 @@ degraded (features, shop state or the log unavailable) and combines it with
 ``max()`` with whatever the rules that could still run decided.
 
 A policy maps a scenario to ordered tiers ``(max_total, outcome)``: the first
-tier whose bound the order's total (fen) does not exceed wins; the last tier
-has no bound. The scenario of an order is its channel's name in lower case
-(``short_video``, ``live_room``, ``shop_page``, ``search``); a channel with no
-tiers of its own uses ``default``. Config text is ``"50000:allow,review"``
-(``riskd.config`` parses it; ``from_config`` takes the parsed tiers).
+tier whose bound the order's total (fen) does not exceed wins; the last tier,
+and only it, has no bound, and the bounds before it increase. The scenario of
+an order is its channel's name in lower case (``short_video``, ``live_room``,
+``shop_page``, ``search``); a channel with no tiers of its own uses ``default``.
+Config text is ``"50000:allow,review"`` (``riskd.config`` parses it;
+``from_config`` takes the parsed tiers).
 
 >>> policy = FallbackPolicy.from_text(
 ...     {"default": "50000:allow,review", "live_room": "20000:allow,review"})
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Protocol
 
 from riskd.domain.decision import Outcome
@@ -71,8 +73,9 @@ class FallbackPolicy:
     """Ordered tiers per scenario; ``default`` is required.
 
     Raises:
-        ConfigError: a scenario with no tiers, a bounded last tier, a negative bound,
-            or no ``default`` scenario (the message names the key).
+        ConfigError: a scenario with no tiers, a bounded last tier, an unbounded tier
+            before it, bounds that do not increase, a negative bound, or no ``default``
+            scenario (the message names the key).
     """
 
     def __init__(self, tiers: Mapping[str, Sequence[TierLike]]) -> None:
@@ -116,6 +119,13 @@ def _checked(name: str, tiers: Sequence[TierLike]) -> tuple[Tier, ...]:
         raise ConfigError(f"{key}: the last fallback tier must have no bound")
     if any(t.max_total is not None and t.max_total < 0 for t in out):
         raise ConfigError(f"{key}: a tier bound must not be negative")
+    # As riskd.config.parse_tiers: a tier after an unbounded one, or under a bound no
+    # larger than the one before, would never apply.
+    bounds = [t.max_total for t in out[:-1] if t.max_total is not None]
+    if len(bounds) != len(out) - 1:
+        raise ConfigError(f"{key}: only the last fallback tier may have no bound")
+    if any(a >= b for a, b in pairwise(bounds)):
+        raise ConfigError(f"{key}: fallback tier bounds must increase")
     return out
 
 

@@ -4,7 +4,8 @@ Lifecycle::
 
     create_server ── health NOT_SERVING ── bind ── start ── SERVING
          ... SIGHUP / rule file change → ProgramHolder.reload (old rules kept on error)
-    stop(grace) ── NOT_SERVING ── (notice) ── refuse new calls, drain in-flight
+    stop(grace) ── NOT_SERVING ── (notice: drain_notice_ms on SIGTERM; calls still served)
+                 ── refuse new calls, drain in-flight
                  ── scorer.close() (flushes the evidence log) ── close stores
 
 The listening socket has ``SO_REUSEPORT``, so several processes can share one
@@ -126,14 +127,17 @@ class RunningServer:
         """Block until ``stop`` has finished; False on timeout."""
         return self._stopped.wait(timeout)
 
-    def install_signal_handlers(self, grace: float) -> None:
+    def install_signal_handlers(self, grace: float, *, notice_s: float = 0.0) -> None:
         """SIGTERM/SIGINT drain and stop (in a thread); SIGHUP reloads the rules.
 
-        Call from the main thread (Python delivers signals there).
+        The drain announces NOT_SERVING ``notice_s`` before it refuses new calls
+        (``drain_notice_ms``). Call from the main thread (Python delivers signals there).
         """
 
         def on_term(signum: int, frame: FrameType | None) -> None:
-            threading.Thread(target=self.stop, args=(grace,), name="riskd-drain").start()
+            threading.Thread(
+                target=self.stop, args=(grace,), kwargs={"notice_s": notice_s}, name="riskd-drain"
+            ).start()
 
         def on_hup(signum: int, frame: FrameType | None) -> None:
             threading.Thread(target=self.reload_rules, name="riskd-reload").start()

@@ -13,7 +13,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from riskd.cli import build_parser
 from riskd.evidence.log import DecisionLog
@@ -27,12 +29,14 @@ EXAMPLE = ROOT / "examples" / "order.json"
 class Daemon:
     """``python -m riskd serve`` with its stderr collected by a thread."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, **env_vars: str) -> None:
         env = {
             **os.environ,
             "RISKD_RULES_DIR": str(RULES),
             "RISKD_DATA_DIR": str(data_dir),
             "RISKD_METRICS_PORT": "-1",
+            "RISKD_DRAIN_NOTICE_MS": "0",
+            **env_vars,
         }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "riskd", "serve", "--listen", "127.0.0.1:0"],
@@ -72,15 +76,18 @@ class Daemon:
             timeout=30,
         )
 
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
     d = Daemon(tmp_path)
     assert d.ready.wait(30), "".join(d.lines)
     yield d
-    if d.proc.poll() is None:
-        d.proc.kill()
-        d.proc.wait()
+    d.stop()
 
 
 def test_serve_scores_then_drains_on_sigterm_and_flushes(daemon: Daemon, tmp_path: Path) -> None:
@@ -115,6 +122,51 @@ def test_sighup_reloads_the_rules(daemon: Daemon) -> None:
         time.sleep(0.05)
     assert any("rules reloaded" in line for line in daemon.lines)
     assert daemon.proc.poll() is None
+
+
+def test_sighup_during_start_up_is_held_until_serving(tmp_path: Path) -> None:
+    # The config file is a FIFO: start-up blocks reading it until the test writes it,
+    # so the SIGHUP surely comes while the daemon is starting.
+    fifo = tmp_path / "riskd.toml"
+    os.mkfifo(fifo)
+    d = Daemon(tmp_path / "data", RISKD_CONFIG=str(fifo))
+    try:
+        with fifo.open("w") as config:  # returns once `riskd serve` has opened it
+            d.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.1)
+            config.write('log_level = "info"\n')
+        assert d.ready.wait(30), "".join(d.lines)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any("rules reloaded" in x for x in d.lines):
+            time.sleep(0.05)
+        assert any("rules reloaded" in line for line in d.lines)  # held, then done once up
+        assert d.proc.poll() is None
+        args = build_parser().parse_args(["health", "--target", f"127.0.0.1:{d.port}"])
+        assert args.func(args) == 0
+    finally:
+        d.stop()
+
+
+def test_sigterm_announces_not_serving_while_calls_are_still_served(tmp_path: Path) -> None:
+    d = Daemon(tmp_path, RISKD_DRAIN_NOTICE_MS="1000")
+    try:
+        assert d.ready.wait(30), "".join(d.lines)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        target = f"127.0.0.1:{d.port}"
+        with grpc.insecure_channel(target) as ch:
+            watch = health_pb2_grpc.HealthStub(ch).Watch(
+                health_pb2.HealthCheckRequest(), timeout=20
+            )
+            assert next(watch).status == serving
+            d.proc.send_signal(signal.SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            # a load balancer's last calls still get answers
+            args = build_parser().parse_args(["score", str(EXAMPLE), "--target", target])
+            assert args.func(args) == 0
+            assert d.proc.poll() is None
+        assert d.proc.wait(30) == 0
+    finally:
+        d.stop()
 
 
 def test_score_reports_invalid_argument(

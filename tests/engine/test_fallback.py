@@ -52,6 +52,9 @@ def test_fallback_from_config_takes_parsed_tiers() -> None:
         ({"default": "-1:allow,review"}, "fallback.default: a tier bound must not be negative"),
         ({"default": "5x:allow,review"}, "fallback.default: a tier bound must be an integer"),
         ({"default": "maybe"}, "fallback.default: unknown outcome"),
+        ({"default": "allow,100:block,review"}, "fallback.default: only the last fallback tier"),
+        ({"default": "500:allow,500:block,review"}, "fallback.default: .* bounds must increase"),
+        ({"default": "900:allow,500:block,review"}, "fallback.default: .* bounds must increase"),
     ],
 )
 def test_fallback_bad_config_names_the_key(table: dict[str, str], message: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -16,7 +17,8 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from riskd.cli import build_parser
-from riskd.service.server import create_server
+from riskd.service.server import RunningServer, create_server
+from tests.service.certs import CertificateAuthority
 from tests.service.conftest import make_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "order.json"
@@ -82,3 +84,91 @@ def test_tls_server_on_any_address_needs_a_token(
         assert json.loads(capsys.readouterr().out)["order_id"] == "example-0001"
     finally:
         running.stop(1)
+
+
+@pytest.fixture
+def mtls_server(tmp_path: Path) -> Iterator[tuple[RunningServer, dict[str, Path]]]:
+    """A riskd server that requires client certificates, and the files a client needs."""
+    ca = CertificateAuthority()
+    files: dict[str, Path] = {"ca": tmp_path / "ca.crt"}
+    files["ca"].write_bytes(ca.pem)
+    issued = {
+        "server": ca.issue("localhost", server=True),
+        "health": ca.issue("healthcheck"),  # no role: the health service is open to anyone
+        "gateway": ca.issue("gw-1", ("checkout",)),
+    }
+    for name, pem in issued.items():
+        files[f"{name}.crt"] = tmp_path / f"{name}.crt"
+        files[f"{name}.key"] = tmp_path / f"{name}.key"
+        files[f"{name}.crt"].write_bytes(pem.cert)
+        files[f"{name}.key"].write_bytes(pem.key)
+    config = make_config(
+        tmp_path / "data",
+        tls_cert=str(files["server.crt"]),
+        tls_key=str(files["server.key"]),
+        tls_client_ca=str(files["ca"]),
+    )
+    running = create_server(config)
+    yield running, files
+    running.stop(1)
+
+
+def test_health_presents_a_client_certificate_for_mutual_tls(
+    mtls_server: tuple[RunningServer, dict[str, Path]],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    running, files = mtls_server
+    base = ["health", "--target", f"127.0.0.1:{running.port}", "--ca", str(files["ca"])]
+    args = build_parser().parse_args(base)
+    assert args.func(args) == 1  # no client certificate: the handshake fails
+    assert "UNAVAILABLE" in capsys.readouterr().err
+    cert = ["--cert", str(files["health.crt"]), "--key", str(files["health.key"])]
+    args = build_parser().parse_args([*base, *cert])
+    assert args.func(args) == 0
+    assert capsys.readouterr().out.strip() == "SERVING"
+    # A container's HEALTHCHECK passes them in the environment.
+    monkeypatch.setenv("RISKD_HEALTH_CA", str(files["ca"]))
+    monkeypatch.setenv("RISKD_HEALTH_CERT", str(files["health.crt"]))
+    monkeypatch.setenv("RISKD_HEALTH_KEY", str(files["health.key"]))
+    monkeypatch.setenv("RISKD_HEALTH_SERVER_NAME", "localhost")
+    args = build_parser().parse_args(["health", "--target", f"127.0.0.1:{running.port}"])
+    assert args.func(args) == 0
+
+
+def test_score_presents_a_client_certificate_for_mutual_tls(
+    mtls_server: tuple[RunningServer, dict[str, Path]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    running, files = mtls_server
+    args = build_parser().parse_args(
+        [
+            "score",
+            str(EXAMPLE),
+            "--target",
+            f"127.0.0.1:{running.port}",
+            "--ca",
+            str(files["ca"]),
+            "--cert",
+            str(files["gateway.crt"]),  # the checkout role, from its OU
+            "--key",
+            str(files["gateway.key"]),
+        ]
+    )
+    assert args.func(args) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["order_id"] == "example-0001"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--cert", "c.crt"], "--cert and --key must be given together"),
+        (["--cert", "c.crt", "--key", "c.key"], "--cert needs --ca"),
+        (["--ca", "missing.crt"], "cannot read --ca"),
+    ],
+)
+def test_client_certificate_options_are_checked(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = build_parser().parse_args(["health", "--target", "127.0.0.1:1", *argv])
+    assert args.func(args) == 2
+    assert message in capsys.readouterr().err
