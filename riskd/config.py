@@ -143,8 +143,11 @@ class Config:
 
     @property
     def database(self) -> str:
-        """The database URL, defaulting to a SQLite file under ``data_dir``."""
-        return self.database_url or f"sqlite:///{self.data_dir / 'riskd.db'}"
+        """The database URL, defaulting to a SQLite file under ``data_dir``.
+
+        The path is made absolute: ``sqlite:///var/riskd.db`` would name ``/var/riskd.db``.
+        """
+        return self.database_url or f"sqlite:///{(self.data_dir / 'riskd.db').absolute()}"
 
     @property
     def redis_urls(self) -> tuple[str, ...]:

@@ -15,7 +15,8 @@ def test_defaults_need_no_configuration() -> None:
     config = load_config(env={})
     assert config == Config()
     assert config.listen == "127.0.0.1:50051"
-    assert config.database == "sqlite:///var/riskd.db"
+    # "sqlite:///var/riskd.db" would be /var/riskd.db: the default path is made absolute
+    assert config.database == f"sqlite:///{Path.cwd() / 'var' / 'riskd.db'}"
     assert config.keyring_path == Path("var/keyring.json")
     assert config.fallback["default"] == (
         FallbackTier(50000, Outcome.ALLOW),
