@@ -46,12 +46,10 @@ Row = tuple[Any, ...]
 
 _PLACEHOLDER = re.compile(r"\?")
 _RETRIES = 8
-# SQLSTATE classes of PostgreSQL failures that come from the server's state, not the data:
-# connection exception, transaction rollback (serialization, deadlock), insufficient
-# resources, object not in prerequisite state (lock not available), operator intervention
-# (shutdown, cancel), system error.
-_TRANSIENT_CLASSES = frozenset({"08", "40", "53", "55", "57", "58"})
-_READ_ONLY_TRANSACTION = "25006"  # a standby after a failover
+# SQLSTATE classes of PostgreSQL failures that come from a statement's data, not the
+# server's state (connection, serialization, resources, privileges, a missing table, a
+# read-only standby: all of those may pass): data exception, integrity constraint.
+_DATA_CLASSES = frozenset({"22", "23"})
 
 
 class Tx:
@@ -233,10 +231,13 @@ class Database:
     def is_transient(self, e: BaseException) -> bool:
         """Whether a failure is the database's state, not the statement's data: the same work
         may succeed later (down or unreachable, connection lost, commit outcome unknown,
-        serialization, deadlock, locks, resources, a read-only standby after a failover).
+        serialization, deadlock, locks, resources, a read-only standby after a failover,
+        and also a missing privilege or table, which an operator can restore).
 
-        A writer that retries in the background (the decision log) retries these; any
-        other failure (a constraint, a value the database refuses) will recur.
+        A writer that retries in the background (the decision log) retries these; only a
+        failure of the data (PostgreSQL classes 22 data exception and 23 integrity
+        constraint, a value the client refuses to send) recurs whatever is fixed, so that
+        item alone is set aside: never lose decisions to a revoked GRANT.
         """
         if isinstance(e, UnavailableError):
             return True
@@ -251,7 +252,7 @@ class Database:
         state = e.sqlstate or ""
         if not state:  # raised by the client: connection lost or closed, or a bad value
             return isinstance(e, psycopg.OperationalError)
-        return state[:2] in _TRANSIENT_CLASSES or state == _READ_ONLY_TRANSACTION
+        return state[:2] not in _DATA_CLASSES
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         """A read outside any explicit transaction; retried once if the connection was lost.

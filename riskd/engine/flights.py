@@ -16,6 +16,11 @@ from typing import Any
 from riskd.domain.decision import Decision
 
 
+class Abandoned(Exception):
+    """A follower's answer when its leader gave up without deciding (the leader's call was
+    refused for another order's content): the follower scores the order itself."""
+
+
 @dataclass(slots=True)
 class Flight:
     """One order being scored; ``done`` is set when ``decision`` or ``error`` is.

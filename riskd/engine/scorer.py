@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -73,7 +73,7 @@ from riskd.dsl.program import Program, RuleResult, RuleStatus
 from riskd.engine.breaker import CircuitBreaker
 from riskd.engine.combine import combine
 from riskd.engine.fallback import FallbackPolicy
-from riskd.engine.flights import Flight, Flights
+from riskd.engine.flights import Abandoned, Flight, Flights
 from riskd.engine.keys import Indexer, observe
 from riskd.errors import AlreadyExistsError, InvalidArgumentError, RiskdError, UnavailableError
 from riskd.evidence.log import DecisionLog
@@ -313,8 +313,11 @@ class Scorer:
             rules=results,
         )
         try:
+            if ctx.log_full:  # one wait for a full queue per call, not one per order
+                raise UnavailableError("decision log queue is full")
             self._log.append(record, order=order, digests=obs.keys)
         except UnavailableError:  # answered anyway; a retry re-scores but never re-counts
+            ctx.log_full = True
             return replace(decision, degraded=(*decision.degraded, "evidence")), record.request
         return decision, record.request
 
@@ -363,7 +366,7 @@ class Scorer:
 class _Context:
     """What every order of one call shares."""
 
-    __slots__ = ("deadline", "missing", "now", "program", "started")
+    __slots__ = ("deadline", "log_full", "missing", "now", "program", "started")
 
     def __init__(self, program: Program, deadline: float | None, started: float, now: float):
         self.program = program
@@ -371,6 +374,7 @@ class _Context:
         self.started = started
         self.now = now
         self.missing: tuple[str, ...] = ()
+        self.log_full = False  # the decision log refused an append in this call
 
 
 class _Batch:
@@ -388,27 +392,33 @@ class _Batch:
         self.followed: list[tuple[int, Flight]] = []
 
     def run(self) -> list[Decision]:
+        refuse_changed_duplicates(self.orders, self.s._log.protect)  # before any flight
         for i, order in enumerate(self.orders):
-            first = self.first.get(order.order_id)
-            if first is not None:
-                if order != self.orders[first]:
-                    self._same(i, self.s._log.protect(self.orders[first]))
+            if order.order_id in self.first:
                 continue
             self.first[order.order_id] = i
             leader, flight = self.s._flights.join(order.order_id)
             (self.led if leader else self.followed).append((i, flight))
         try:
             self._lead()
-        except BaseException as e:  # followers of the orders not decided get the same error
+        except BaseException as e:
+            # followers of the orders not decided get the same error, but not a refusal
+            # of another order's content: theirs may be fine, so they score it themselves
+            passed_on = Abandoned() if isinstance(e, AlreadyExistsError) else e
             for _, flight in self.led:
                 if not flight.done.is_set():
-                    flight.finish(None, e)
+                    flight.finish(None, passed_on)
             raise
         finally:
             for i, _ in self.led:
                 self.s._flights.land(self.orders[i].order_id)
         for i, flight in self.followed:
-            decision = flight.wait(self.s._left(self.ctx.deadline))
+            try:
+                decision = flight.wait(self.s._left(self.ctx.deadline))
+            except Abandoned:  # its leader was refused for another order: lead it here
+                again = _Batch(self.s, (self.orders[i],), self.ctx.deadline, self.ctx.started)
+                self.out[i] = again.run()[0]
+                continue
             if decision is None:
                 self.out[i] = self.s._unrecorded(self.orders[i], self.ctx)
                 continue
@@ -458,6 +468,21 @@ class _Batch:
             decision, request = self.s._decide(self.orders[i], obs, values, self.ctx)
             self.out[i] = decision
             flight.finish(decision, request=request)
+
+
+def refuse_changed_duplicates(orders: Sequence[Order], protect: Callable[[Order], Any]) -> None:
+    """Raise ``AlreadyExistsError`` if an order id appears twice in ``orders`` with other
+    content (``protect``: the decision log's form of an order, PII masked, compared when
+    the two orders are not equal outright). The scoring workers' server process calls it
+    before it splits a batch."""
+    first: dict[str, int] = {}
+    for i, order in enumerate(orders):
+        j = first.setdefault(order.order_id, i)
+        if j != i and order != orders[j] and protect(order) != protect(orders[j]):
+            raise AlreadyExistsError(
+                f"orders[{i}].order_id: this order id is earlier in the batch with other"
+                " order content; a retry must send the same order"
+            )
 
 
 def _record_all(

@@ -68,7 +68,9 @@ from riskd import errors
 from riskd.config import Config
 from riskd.domain.clock import Clock, SystemClock
 from riskd.domain.decision import Outcome
+from riskd.engine.scorer import refuse_changed_duplicates
 from riskd.errors import InvalidArgumentError, RiskdError, UnavailableError
+from riskd.evidence.request import protect_order
 from riskd.service import convert, validate
 from riskd.service.gen.riskd.v1 import scoring_pb2
 from riskd.service.logs import configure_logging
@@ -260,9 +262,20 @@ class _Worker:
         raise _rebuild(reply[2], reply[3], reply[4])
 
     def hung(self, now: float) -> bool:
-        """Whether an answer is owed ``HUNG_AFTER_S`` past its deadline (read unlocked)."""
+        """Whether an answer is owed ``HUNG_AFTER_S`` past its deadline and has not come
+        back. A late answer waits in the socket until a call reads it, so with no calls
+        the monitor reads it here (when no call holds the worker; else next round)."""
         owed = self.owed
-        return owed is not None and now - owed > HUNG_AFTER_S
+        if owed is None or now - owed <= HUNG_AFTER_S:
+            return False
+        if not self.lock.acquire(blocking=False):
+            return False
+        try:
+            return not self._settle()
+        except WorkerGone:  # taken out already: replaced as a broken worker
+            return False
+        finally:
+            self.lock.release()
 
     def take_out(self, why: str) -> None:
         """No more calls; the monitor replaces the worker."""
@@ -502,7 +515,9 @@ class PooledScoringServicer(ScoringServicer):
     def score_batch_request(
         self, request: scoring_pb2.ScoreBatchRequest, timeout_s: float
     ) -> scoring_pb2.ScoreBatchResponse:
-        validate.validate_batch(convert.orders_from_proto(request.orders), self._max_batch)
+        orders = convert.orders_from_proto(request.orders)
+        validate.validate_batch(orders, self._max_batch)
+        refuse_changed_duplicates(orders, protect_order)  # before any worker scores its part
         deadline = _wait_until(time.monotonic(), timeout_s)
         groups: dict[int, list[int]] = {}
         for i, order in enumerate(request.orders):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -122,6 +123,61 @@ def test_scorer_refuses_one_order_id_twice_in_a_batch_with_other_content(
         rig.scorer.score_batch(batch)
     assert rig.log.get("o-1") is None and rig.log.get("o-2") is None
     assert count_buyer_orders(rig, indexer, clock, "b-1") == 0
+    # the refused batch left nothing in flight: its orders are scored normally after it
+    assert not rig.scorer.score(make_order("o-2"), timeout_s=1.0).degraded
+    assert rig.log.get("o-2") is not None
+
+
+def test_a_refusal_for_one_order_is_not_passed_to_callers_of_another(
+    make_rig: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Call A leads o-2 and o-1 (o-1 recorded for other content: A is refused); call B,
+    following A's flight of o-2 meanwhile, gets o-2 scored, not A's refusal."""
+    rig = make_rig()
+    rig.scorer.score(make_order("o-1", total=2_500))
+    queued = rig.log.queued
+    a_looks_up = threading.Event()
+
+    def slow_queued(order_ids: Sequence[str]) -> Any:
+        if "o-1" in order_ids:  # A's lookup: let B join o-2's flight first
+            a_looks_up.set()
+            time.sleep(0.3)
+        return queued(order_ids)
+
+    monkeypatch.setattr(rig.log, "queued", slow_queued)
+    errors: list[BaseException] = []
+
+    def call_a() -> None:
+        try:
+            rig.scorer.score_batch([make_order("o-2"), make_order("o-1", total=9_999)])
+        except AlreadyExistsError as e:
+            errors.append(e)
+
+    a = threading.Thread(target=call_a)
+    a.start()
+    assert a_looks_up.wait(5)
+    decision = rig.scorer.score(make_order("o-2"), timeout_s=5.0)
+    a.join()
+    assert len(errors) == 1 and "orders[1]" in str(errors[0])
+    assert decision.order_id == "o-2" and not decision.degraded and not decision.replayed
+    assert rig.log.get("o-2") is not None
+
+
+def test_a_full_decision_log_costs_a_batch_one_wait_not_one_per_order(
+    make_rig: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = make_rig()
+    calls: list[str] = []
+
+    def full(record: Any, **_: Any) -> None:
+        calls.append(record.order_id)
+        time.sleep(0.05)  # the log's put timeout, then it gives up
+        raise UnavailableError("decision log queue is full")
+
+    monkeypatch.setattr(rig.log, "append", full)
+    decisions = rig.scorer.score_batch([make_order(f"o-{i}") for i in range(20)], timeout_s=0.5)
+    assert all(d.degraded == ("evidence",) for d in decisions)
+    assert calls == ["o-0"]
 
 
 def test_scorer_32_concurrent_retries_record_one_decision_and_count_once(

@@ -156,3 +156,22 @@ def test_the_log_writes_and_reads_again_after_postgres_ends_its_connections() ->
     finally:
         db.drop_schema()
         db.close()
+
+
+@pytest.mark.postgres
+def test_a_missing_table_or_privilege_is_waited_out_not_set_aside(pg: Database) -> None:
+    """An operator's mistake (a table renamed, a GRANT revoked) is the database's state:
+    the writer retries until it is put right, and loses no decision meanwhile."""
+    log = DecisionLog(pg)
+    log.append(make_record("o-1"))
+    log.flush(10)
+    pg.run(lambda tx: tx.execute("ALTER TABLE decision_log RENAME TO decision_log_away"))
+    log.append(make_record("o-2"))
+    time.sleep(0.3)  # the writer has failed on the missing table a few times by now
+    assert log.backlog == 1 and log.rejected == 0
+    pg.run(lambda tx: tx.execute("ALTER TABLE decision_log_away RENAME TO decision_log"))
+    log.flush(10)
+    assert stored_ids(pg) == ["o-1", "o-2"] and log.rejected == 0 and log.verify().ok
+    log.close()
+    insufficient = psycopg.errors.InsufficientPrivilege("permission denied for table x")
+    assert pg.is_transient(insufficient)

@@ -128,7 +128,9 @@ def test_velocity_counters_are_shared_by_the_workers(
     """Orders of one device land on both workers; the rule on the device count sees all."""
     assert pooled.workers is not None
     device = f"dev-{uuid.uuid4().hex}"
-    orders = [dataclasses.replace(fresh(), device_id=device) for _ in range(12)]
+    orders = [
+        dataclasses.replace(_worker_for(pooled.workers, i % 2), device_id=device) for i in range(12)
+    ]
     assert {pooled.workers.worker_for(o.order_id) for o in orders} == {0, 1}
     request = scoring_pb2.ScoreBatchRequest(orders=[convert.order_to_proto(o) for o in orders])
     decisions = stub.ScoreBatch(request, timeout=10).decisions
@@ -145,13 +147,36 @@ def test_bad_order_in_a_batch_is_named_by_its_index_and_nothing_is_counted(
     orders = [fresh() for _ in range(8)]
     orders[5] = dataclasses.replace(orders[5], amounts=Amounts(items=100, total=-1))
     request = scoring_pb2.ScoreBatchRequest(orders=[convert.order_to_proto(o) for o in orders])
+    before = _remembered_orders(prefix)
     with pytest.raises(grpc.RpcError) as e:
         stub.ScoreBatch(request, timeout=10)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "orders[5].amounts" in (e.value.details() or "")
+    assert _remembered_orders(prefix) == before
+
+
+def test_a_changed_duplicate_in_a_batch_is_refused_before_any_worker_counts(
+    prefix: str, stub: Stub, pooled: RunningServer
+) -> None:
+    assert pooled.workers is not None
+    orders = [_worker_for(pooled.workers, w) for w in (0, 1, 0, 1, 0, 1, 0, 1)]  # both workers
+    changed = dataclasses.replace(orders[2], shop_id="another-shop")
+    request = scoring_pb2.ScoreBatchRequest(
+        orders=[convert.order_to_proto(o) for o in (*orders, changed)]
+    )
+    before = _remembered_orders(prefix)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ScoreBatch(request, timeout=10)
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert (e.value.details() or "").startswith("orders[8].order_id: ")
+    assert _remembered_orders(prefix) == before
+
+
+def _remembered_orders(prefix: str) -> int:
+    """Orders the shared feature store has counted (its per-order idempotency keys)."""
     client = redis.Redis.from_url(SHARED_REDIS)
     try:
-        assert not any(client.exists(f"{prefix}o:{o.order_id}") for o in orders)
+        return sum(1 for _ in client.scan_iter(match=f"{prefix}o:*", count=10_000))
     finally:
         client.close()
 
@@ -207,6 +232,27 @@ def test_a_stalled_worker_gets_the_fallback_inside_the_deadline_then_recovers(
     monkeypatch.setattr(scorer, "score", None)  # a call scored here fails
     assert eventually(lambda: _by_a_worker(stub, _worker_for(pool, 1)), 5)
     assert pool.pids()[1] == pid
+
+
+def test_a_worker_that_answered_late_is_kept_when_no_call_follows(
+    pooled: RunningServer, stub: Stub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its late answer waits in the socket; with no call to read it, the monitor must,
+    rather than take the worker for hung and kill it."""
+    monkeypatch.setattr(workers, "HUNG_AFTER_S", 0.3)
+    pool = pooled.workers
+    assert pool is not None
+    pid = pool.pids()[0]
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(_worker_for(pool, 0)))
+        assert stub.Score(request, timeout=0.3).decision.degraded
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    time.sleep(0.3 + 2.5 * workers.RESPAWN_EVERY_S)  # no calls to worker 0 meanwhile
+    assert pool.pids()[0] == pid
+    assert _by_a_worker(stub, _worker_for(pool, 0))
 
 
 def _by_a_worker(stub: Stub, order: Order) -> bool:
