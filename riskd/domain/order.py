@@ -12,6 +12,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+MAX_ORDER_ID_LEN = 128
+"""The longest ``order_id``: the feature store, the scorer, the service and the PII access
+trail all key on it (here, below them all, so that siblings share one bound)."""
+
 
 class Channel(enum.IntEnum):
     """Where the buyer found the item."""

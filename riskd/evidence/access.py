@@ -11,8 +11,9 @@ forgotten buyer, unreadable ciphertext), first appends one entry to
 outcome. The table is append-only and hash-chained like the decision log
 (``chain.ACCESS``; ``chain.verify`` walks it). A granted reveal returns the
 plaintext only after its entry is committed: no audit entry, no plaintext.
-Malformed requests (no order id, no reason, an unknown field name) are
-refused before anything is read and change nothing.
+Malformed requests (no order id, or one Score would refuse: longer than
+``MAX_ORDER_ID_LEN`` or with control characters; no reason; an unknown field
+name) are refused before anything is read and change nothing.
 
 Nothing here logs, or puts in an exception message, a plaintext value: errors
 name the order, the field names and the outcome only.
@@ -27,6 +28,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from riskd.domain.clock import Clock, SystemClock
+from riskd.domain.order import MAX_ORDER_ID_LEN
 from riskd.errors import (
     CryptoError,
     FailedPreconditionError,
@@ -101,8 +103,14 @@ def check_fields(fields: Iterable[str]) -> tuple[str, ...]:
 
 
 def _check_request(order_id: str, reason: str, principal: str) -> None:
-    if not order_id:
+    # the id Score accepted (riskd.service.validate): an audit entry, and the NOT_FOUND
+    # message, hold only an id that could name a decision
+    if not order_id.strip():
         raise InvalidArgumentError("order_id", "is required")
+    if len(order_id) > MAX_ORDER_ID_LEN:
+        raise InvalidArgumentError("order_id", f"is longer than {MAX_ORDER_ID_LEN}")
+    if not order_id.isprintable():
+        raise InvalidArgumentError("order_id", "must not contain control characters")
     if not reason.strip():
         raise InvalidArgumentError("reason", "is required: say why the plaintext is needed")
     if len(reason) > MAX_REASON_CHARS:
@@ -142,7 +150,8 @@ class PiiAccess:
         """Decrypt the PII fields of ``order_id``'s decision for ``principal``, audited.
 
         Raises:
-            InvalidArgumentError: no order id or reason, or an unknown field (nothing recorded).
+            InvalidArgumentError: no order id (or a malformed one) or reason, or an unknown
+                field (nothing recorded).
             NotFoundError: no decision for the order (the refusal is recorded).
             FailedPreconditionError: the buyer was forgotten, or the ciphertexts are
                 missing or do not decrypt (the refusal is recorded).

@@ -37,6 +37,7 @@ from types import MappingProxyType
 from typing import Protocol
 
 from riskd.domain.features import KEYS, WINDOWS, Agg, FeatureQuery
+from riskd.domain.order import MAX_ORDER_ID_LEN
 from riskd.errors import InvalidArgumentError
 
 __all__ = [
@@ -53,7 +54,6 @@ __all__ = [
 
 RETENTION_MS = max(WINDOWS.values()) * 1000  # events older than the longest window are dropped
 SEEN_TTL_S = max(WINDOWS.values()) + 3600  # how long an order_id stays recorded (24h + 1h)
-MAX_ORDER_ID_LEN = 128
 MAX_SUM = 2**53 - 1  # a SUM saturates here (fen): the largest exact sum in the Redis script
 MAX_VALUE_LEN = 256  # blind indexes are far shorter; bounds the size of a store key
 

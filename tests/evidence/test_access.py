@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from riskd.domain.clock import FakeClock
+from riskd.domain.order import MAX_ORDER_ID_LEN
 from riskd.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from riskd.evidence.access import AccessOutcome, PiiAccess
 from riskd.evidence.log import DecisionLog, forget_subject
@@ -70,6 +71,10 @@ def test_the_audit_trail_holds_no_plaintext(db: Database) -> None:
     ("order_id", "reason", "fields", "field"),
     [
         ("", "why", (), "order_id"),
+        ("   ", "why", (), "order_id"),
+        ("o" * 129, "why", (), "order_id"),  # longer than Score accepts
+        ("o" * 2_000_000, "why", (), "order_id"),
+        ("o-1\n\x1b[31m", "why", (), "order_id"),
         ("o-1", "  ", (), "reason"),
         ("o-1", "x" * 501, (), "reason"),
         ("o-1", "why", ("phone", "email"), "fields"),
@@ -83,7 +88,17 @@ def test_bad_requests_name_the_field_and_record_nothing(
     with pytest.raises(InvalidArgumentError) as e:
         access.reveal(order_id, reason, "token:ts-1", fields)
     assert e.value.field == field
+    assert len(str(e.value)) < 200  # never echoes a long id
     assert count(db) == 0
+    log.close()
+
+
+def test_the_longest_order_id_score_accepts_is_checked_and_recorded(db: Database) -> None:
+    log, _, access = setup(db)
+    longest = "o" * MAX_ORDER_ID_LEN
+    with pytest.raises(NotFoundError):
+        access.reveal(longest, "probe", "token:ts-1")
+    assert [e.order_id for e in access.entries()] == [longest]
     log.close()
 
 
