@@ -8,7 +8,8 @@ SIGHUP (one that comes during start-up is held until the server is up).
 ``examples/order.json``) and prints the decision as JSON.
 
 Both clients connect with TLS given ``--ca``, and present a client certificate
-(mutual TLS) given ``--cert`` and ``--key``. Their ``RISKD_TOKEN`` and
+(mutual TLS) given ``--cert`` and ``--key``. ``score`` sends ``--token`` over
+plaintext only to a loopback target. Their ``RISKD_TOKEN`` and
 ``RISKD_HEALTH_*`` variables are the ones ``riskd.config.CLIENT_ENV`` lets the
 daemon's environment hold.
 """
@@ -30,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from riskd.config import load_config
 from riskd.errors import RiskdError
+from riskd.service.auth import is_loopback
 from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2, scoring_pb2_grpc
 from riskd.service.logs import configure_logging
 from riskd.service.server import create_server
@@ -127,6 +129,8 @@ def run_score(args: argparse.Namespace) -> int:
         return 2
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
     try:
+        if args.token and args.ca is None:
+            _check_plaintext_token(args.target)
         channel = _channel(args.target, args.ca, cert=args.cert, key=args.key)
     except _ChannelError as e:
         print(f"riskd score: {e}", file=sys.stderr)
@@ -192,6 +196,16 @@ def _channel(
     )
     options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
     return grpc.secure_channel(target, credentials, options)
+
+
+def _check_plaintext_token(target: str) -> None:
+    """A bearer token goes over plaintext only to loopback (as the daemon listens in
+    plaintext only there: ``riskd.service.auth.check_insecure_listen``)."""
+    if not is_loopback(target.rpartition(":")[0]):
+        raise _ChannelError(
+            "--token: a bearer token is sent over plaintext only to a loopback --target "
+            "(127.0.0.1, ::1, localhost); give --ca to connect with TLS"
+        )
 
 
 def _read(path: Path, option: str) -> bytes:

@@ -201,6 +201,31 @@ def test_score_rejects_malformed_json(tmp_path: Path) -> None:
     assert args.func(args) == 2
 
 
+@pytest.mark.parametrize("source", ["--token", "RISKD_TOKEN"])
+def test_score_refuses_a_token_over_plaintext_off_loopback(
+    source: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["score", str(EXAMPLE), "--target", "192.0.2.10:50051", "--timeout", "0.5"]
+    if source == "RISKD_TOKEN":
+        monkeypatch.setenv("RISKD_TOKEN", "s3cret-gw-token")
+    else:
+        argv += ["--token", "s3cret-gw-token"]
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "--token" in err and "loopback" in err and "s3cret-gw-token" not in err
+
+
+def test_score_sends_a_token_over_plaintext_to_loopback(
+    daemon: Daemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the token reaches the daemon (which, on the embedded default, knows no tokens)
+    argv = ["score", str(EXAMPLE), "--target", f"localhost:{daemon.port}", "--token", "nope"]
+    args = build_parser().parse_args(argv)
+    assert args.func(args) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
 def test_serve_fails_cleanly_on_bad_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
