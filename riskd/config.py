@@ -57,8 +57,8 @@ may sit in the daemon's environment too (a container's health check reads
 them there); every other unknown ``RISKD_*`` variable is refused.
 
 Without TLS and without an ``[auth]`` table the daemon serves plaintext on
-loopback to anyone on the machine (the embedded default); with either, every
-call is authenticated and authorized.
+loopback to anyone on the machine (the embedded default); with either (an empty
+``[auth]`` table too), every call is authenticated and authorized.
 
 A fallback is an ordered list of tiers ``MAX_TOTAL_FEN:OUTCOME``; a tier with
 no bound matches any amount: only the last tier has none, and the bounds
@@ -127,7 +127,7 @@ class Config:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     plaintext: bool = True
-    auth: Mapping[str, Any] = field(default_factory=dict)
+    auth: Mapping[str, Any] | None = None  # the [auth] table; None: there is none
     log_level: str = "info"
     reload_interval_s: float = 2.0
     redis_timeout_ms: int = 50

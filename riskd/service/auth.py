@@ -9,10 +9,20 @@ interceptor. For each call it
    the ``authorization`` metadata (``Bearer <token>``); no credentials at all
    is an anonymous caller, who holds ``anonymous_roles`` (none, unless
    configured; the embedded plaintext-loopback default grants ``checkout``
-   only, so scoring works out of the box while money and admin need tokens);
+   only, so scoring works out of the box while money and admin need tokens).
+   A malformed ``authorization`` header is ``UNAUTHENTICATED``; a certificate
+   without a CN gives no identity;
 2. looks the full method name up in ``POLICY`` (deny by default: a method
    missing from the table is ``PERMISSION_DENIED`` for everyone);
-3. takes a token from the caller's bucket (``RESOURCE_EXHAUSTED`` when empty).
+3. takes tokens from the caller's bucket (``RESOURCE_EXHAUSTED`` when empty):
+   one per call, one per order for ``ScoreBatch`` (``COSTS``, capped at the
+   burst); ``PUBLIC`` methods spend a separate bucket per caller under the
+   ``PUBLIC`` limit; refused calls spend their peer host's bucket of refusals
+   (``AuthInterceptor``), so token guessing is throttled;
+4. for a streaming call, takes a stream slot (``StreamSlots``): a peer host
+   keeps at most ``MAX_STREAMS_PER_PEER`` streams open, and streams that hold
+   an RPC thread (all but the non-blocking health ``Watch``) at most half the
+   server's RPC threads, so open streams never stall scoring.
 
 Roles: ``checkout`` (score, report outcomes), ``analyst`` (cases, replay,
 penalties, compensation, decrypting a case's PII), ``auditor`` (reports and
@@ -20,8 +30,9 @@ verification, masked PII only), ``operator`` (fund top-ups, key rotation,
 configuration). ``PUBLIC`` in a policy entry lets anyone call (health checks).
 
 Servicers read the caller with ``current_identity()``. Nothing here logs a
-request body, a token or PII: denials are logged with the method, the
-principal (a certificate CN or token name) and the code.
+request body, a token or PII: denials are logged with the method, the code and
+the principal (``cert:<CN>``, ``token:<name>``) or, for a caller not identified,
+its peer host (``peer:ipv4:10.0.0.7``).
 """
 
 from __future__ import annotations
@@ -41,7 +52,7 @@ import grpc
 
 from riskd.domain.clock import Clock, SystemClock
 from riskd.errors import ConfigError
-from riskd.service.interceptors import WrappedHandlers
+from riskd.service.interceptors import WrappedHandlers, keep_flags
 
 log = logging.getLogger("riskd.service.auth")
 
@@ -159,7 +170,8 @@ class AuthConfig:
         cert_principals: certificate CN → roles granted in addition to the OU roles.
         ou_roles: take roles from the certificate's OU fields (the CA is riskd's own).
         rate_limits: role → limit; a caller gets its most generous role's limit;
-            ``PUBLIC`` is the limit of anonymous callers, per peer address.
+            ``PUBLIC`` is the limit of anonymous callers, per peer address, of each
+            caller's calls to ``PUBLIC`` methods, and of each peer's refused calls.
         anonymous_roles: roles of a caller with no credentials (per peer address).
     """
 
@@ -176,12 +188,15 @@ class AuthConfig:
             [auth]
             ou_roles = true
             anonymous_roles = ["checkout"]   # default: none
-            [auth.tokens]           # sha256:<hex of the token> (or the token) = "name:role,role"
+            [auth.tokens]           # sha256:<64 hex of the token> (or the token) = "name:role,role"
             "sha256:9f86d0..." = "checkout-gw:checkout"
             [auth.cert_principals]  # CN = "role,role"
             "ops-laptop-7" = "operator"
             [auth.rate_limits]      # role = "RATE/s:BURST"
             analyst = "20/s:40"
+
+        A blank token, or the digest of the empty one, is refused: no well-formed
+        ``Bearer`` header carries it.
 
         Raises:
             ConfigError: naming the bad key (never a token).
@@ -268,9 +283,31 @@ def _parse_tokens(table: Mapping[str, Any]) -> dict[str, Identity]:
         name, sep, roles = _str(value, key).partition(":")
         if not sep or not name.strip():
             raise ConfigError(f'{key}: expected "name:role,role"')
-        digest = token if token.startswith("sha256:") else token_digest(token)
-        tokens[digest] = Identity(f"token:{name.strip()}", _parse_roles(roles, key))
+        tokens[_digest_of(token, key)] = Identity(f"token:{name.strip()}", _parse_roles(roles, key))
     return tokens
+
+
+_EMPTY_DIGEST: Final = token_digest("")
+
+
+def _digest_of(token: str, key: str) -> str:
+    """A configured token's ``sha256:<hex>``: exactly 64 hex digits (lowercased, as
+    ``token_digest`` writes them), never the digest of an empty token; a plaintext token
+    must be non-blank and without surrounding whitespace (``Bearer`` values are stripped,
+    so it could never match)."""
+    if token[:7].lower() == "sha256:":
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", token[7:]):
+            raise ConfigError(f"{key}: a sha256: digest must be 64 hexadecimal digits")
+        digest = "sha256:" + token[7:].lower()
+    elif not token.strip():
+        raise ConfigError(f"{key}: a token must not be empty")
+    elif token != token.strip():
+        raise ConfigError(f"{key}: a token must not start or end with whitespace")
+    else:
+        digest = token_digest(token)
+    if digest == _EMPTY_DIGEST:
+        raise ConfigError(f"{key}: a token must not be empty (that is the empty token's digest)")
+    return digest
 
 
 # -- transport security ----------------------------------------------------------------------
@@ -345,22 +382,31 @@ class TokenBuckets:
         self._buckets: dict[str, list[float]] = {}
         self._lock = threading.Lock()
 
-    def take(self, caller: str, limit: RateLimit) -> bool:
-        """Spend one token of ``caller``'s bucket; False when it is empty."""
-        now = self._clock.monotonic()
+    def take(self, caller: str, limit: RateLimit, cost: int = 1) -> bool:
+        """Spend ``cost`` tokens of ``caller``'s bucket; False (nothing spent) when it holds
+        fewer. A cost above ``limit.burst`` could never be paid: callers cap it."""
         with self._lock:
-            bucket = self._buckets.get(caller)
-            if bucket is None:
-                if len(self._buckets) >= self._max:
-                    self._prune()
-                bucket = self._buckets[caller] = [float(limit.burst), now]
-            tokens = min(float(limit.burst), bucket[0] + (now - bucket[1]) * limit.rate)
-            bucket[1] = now
-            if tokens < 1.0:
-                bucket[0] = tokens
+            bucket = self._refill(caller, limit)
+            if bucket[0] < cost:
                 return False
-            bucket[0] = tokens - 1.0
+            bucket[0] -= cost
             return True
+
+    def available(self, caller: str, limit: RateLimit) -> bool:
+        """Whether ``caller``'s bucket holds a token, without spending it."""
+        with self._lock:
+            return self._refill(caller, limit)[0] >= 1.0
+
+    def _refill(self, caller: str, limit: RateLimit) -> list[float]:
+        now = self._clock.monotonic()
+        bucket = self._buckets.get(caller)
+        if bucket is None:
+            if len(self._buckets) >= self._max:
+                self._prune()
+            bucket = self._buckets[caller] = [float(limit.burst), now]
+        bucket[0] = min(float(limit.burst), bucket[0] + (now - bucket[1]) * limit.rate)
+        bucket[1] = now
+        return bucket
 
     def _prune(self) -> None:
         # Forget the least recently seen half; a forgotten caller starts with a full bucket,
@@ -368,6 +414,55 @@ class TokenBuckets:
         oldest = sorted(self._buckets, key=lambda c: self._buckets[c][1])
         for caller in oldest[: len(oldest) // 2 + 1]:
             del self._buckets[caller]
+
+
+class StreamSlots:
+    """Streaming calls open at once: at most ``per_peer`` from one peer host, and at most
+    ``holding`` in total of those that hold an RPC thread while open (reflection; a health
+    ``Watch`` does not), so streams never take every RPC thread from unary calls."""
+
+    def __init__(self, *, holding: int, per_peer: int) -> None:
+        self._max_holding = holding
+        self._per_peer = per_peer
+        self._holding = 0
+        self._peers: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def open(self, peer: str, *, holds_thread: bool) -> Callable[[], None] | None:
+        """A slot for one stream (call the result once it ends), or None when full."""
+        with self._lock:
+            if self._peers.get(peer, 0) >= self._per_peer:
+                return None
+            if holds_thread and self._holding >= self._max_holding:
+                return None
+            self._peers[peer] = self._peers.get(peer, 0) + 1
+            self._holding += holds_thread
+        closed = threading.Event()
+
+        def close() -> None:
+            with self._lock:
+                if closed.is_set():
+                    return
+                closed.set()
+                self._holding -= holds_thread
+                self._peers[peer] -= 1
+                if not self._peers[peer]:
+                    del self._peers[peer]
+
+        return close
+
+
+MAX_STREAMS_PER_PEER: Final = 32
+"""Streaming calls (health ``Watch``, reflection) one peer host may keep open at once."""
+
+
+def _orders(request: Any) -> int:
+    return len(getattr(request, "orders", ()))
+
+
+COSTS: Final[Mapping[str, Callable[[Any], int]]] = {_SCORING + "ScoreBatch": _orders}
+"""Methods whose call spends more than one rate-limit token: ``ScoreBatch`` one per order,
+capped at the caller's burst (so a batch is never refused for its size alone)."""
 
 
 # -- the interceptor -------------------------------------------------------------------------
@@ -381,20 +476,38 @@ else:
 
 
 class _Denied(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, caller: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.caller = caller  # the principal when known, else the peer host (for the log)
+
+
+_REFUSED = "refused:"
+"""Key prefix of a peer's bucket of refused calls (``TokenBuckets``)."""
+_PUBLIC_KEY = "public:"
+"""Key prefix of a caller's bucket for ``PUBLIC`` methods, apart from its own."""
 
 
 class AuthInterceptor(_Interceptor):
     """Authenticate, authorize (deny by default) and rate-limit every call.
+
+    Rate limits: a call spends its caller's bucket (``COSTS``: a batch per order);
+    ``PUBLIC`` methods spend a bucket of their own per caller under the ``PUBLIC`` limit,
+    so health checks never eat a caller's quota. Every refused call (``UNAUTHENTICATED``,
+    ``PERMISSION_DENIED``) spends a token of its peer host's refusal bucket, also under the
+    ``PUBLIC`` limit; while that bucket is empty the peer's bearer tokens are not looked up
+    and its calls that would be refused answer ``RESOURCE_EXHAUSTED`` (token guessing is
+    throttled; a good caller behind the same address waits with it).
 
     Args:
         config: tokens, certificate principals and rate limits.
         policy: full method name → allowed roles (``POLICY`` by default).
         clock: for the token buckets.
         on_reject: called with (method, code) for every refused call (metrics).
+        max_holding_streams: streaming calls that hold an RPC thread, open at once (the
+            server allows half its RPC threads); more answer ``RESOURCE_EXHAUSTED``.
+        max_streams_per_peer: streaming calls one peer host may keep open at once.
     """
 
     def __init__(
@@ -404,10 +517,14 @@ class AuthInterceptor(_Interceptor):
         policy: Mapping[str, frozenset[str]] = POLICY,
         clock: Clock | None = None,
         on_reject: Reject | None = None,
+        max_holding_streams: int = 2,
+        max_streams_per_peer: int = MAX_STREAMS_PER_PEER,
     ) -> None:
         self._config = config
         self._policy = dict(policy)
         self._buckets = TokenBuckets(clock or SystemClock())
+        self._public = config.rate_limits.get(PUBLIC, DEFAULT_RATE_LIMITS[PUBLIC])
+        self._streams = StreamSlots(holding=max_holding_streams, per_peer=max_streams_per_peer)
         self._on_reject = on_reject
         self._guarded = WrappedHandlers()
 
@@ -422,15 +539,21 @@ class AuthInterceptor(_Interceptor):
         method: str = details.method
         guarded = self._guarded.get(method, handler)
         if guarded is None:
-            guarded = self._guarded.keep(method, handler, _guard(handler, self._admitter(method)))
+            admit = self._admitter(method, _stream_kind(handler))
+            guarded = self._guarded.keep(method, handler, _guard(handler, admit))
         return guarded
 
-    def _admitter(self, method: str) -> Admit:
-        """``method``'s admission check: identify, authorize, rate-limit (refuses by abort)."""
+    def _admitter(self, method: str, stream: _Stream | None) -> Admit:
+        """``method``'s admission check: identify, authorize, rate-limit (refuses by abort).
+        ``stream``: None for a unary response, else whether the stream holds an RPC thread."""
 
-        def admit(context: grpc.ServicerContext) -> Identity | None:
+        def admit(context: grpc.ServicerContext, request: Any) -> Identity | None:
+            peer = "peer:" + _peer_host(context.peer())
             try:
-                return self._admit(method, _bearer(context.invocation_metadata()), context)
+                identity = self._admit(method, request, context, peer)
+                if stream is not None:
+                    self._open_stream(context, peer, stream)
+                return identity
             except _Denied as denied:
                 self._reject(method, denied, context)
                 raise AssertionError("unreachable: context.abort raises") from None
@@ -438,34 +561,57 @@ class AuthInterceptor(_Interceptor):
         return admit
 
     def _admit(
-        self, method: str, token: str | None, context: grpc.ServicerContext
+        self, method: str, request: Any, context: grpc.ServicerContext, peer: str
     ) -> Identity | None:
         allowed = self._policy.get(method)
-        identity = self._identify(token, context)
-        if allowed is None:
-            raise _Denied(grpc.StatusCode.PERMISSION_DENIED, f"{method} is not allowed")
-        if PUBLIC not in allowed:
-            if identity is None:
-                raise _Denied(grpc.StatusCode.UNAUTHENTICATED, "credentials required")
-            if not identity.roles & allowed:
-                raise _Denied(
-                    grpc.StatusCode.PERMISSION_DENIED, f"{method} is not allowed for this caller"
-                )
-        caller = identity.principal if identity else "peer:" + _peer_host(context.peer())
-        limit = self._config.limit_for(identity.roles if identity else frozenset())
-        if not self._buckets.take(caller, limit):
-            raise _Denied(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeded; retry later")
+        identity = None
+        try:
+            identity = self._identify(context, peer)
+            if allowed is None:
+                raise _Denied(grpc.StatusCode.PERMISSION_DENIED, f"{method} is not allowed")
+            if PUBLIC not in allowed:
+                if identity is None:
+                    raise _Denied(grpc.StatusCode.UNAUTHENTICATED, "credentials required")
+                if not identity.roles & allowed:
+                    raise _Denied(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"{method} is not allowed for this caller",
+                    )
+        except _Denied as denied:
+            denied.caller = identity.principal if identity else peer
+            if denied.code is not grpc.StatusCode.RESOURCE_EXHAUSTED and not self._buckets.take(
+                _REFUSED + peer, self._public
+            ):
+                denied.code, denied.message = grpc.StatusCode.RESOURCE_EXHAUSTED, _TOO_MANY_REFUSED
+            raise
+        self._charge(method, request, identity, peer, public=PUBLIC in allowed)
         return identity
 
-    def _identify(self, token: str | None, context: grpc.ServicerContext) -> Identity | None:
+    def _charge(
+        self, method: str, request: Any, identity: Identity | None, peer: str, *, public: bool
+    ) -> None:
+        caller = identity.principal if identity else peer
+        if public:
+            caller, limit = _PUBLIC_KEY + caller, self._public
+        else:
+            limit = self._config.limit_for(identity.roles if identity else frozenset())
+        cost = COSTS[method](request) if method in COSTS else 1
+        if not self._buckets.take(caller, limit, max(1, min(cost, limit.burst))):
+            raise _Denied(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeded; retry later", caller
+            )
+
+    def _identify(self, context: grpc.ServicerContext, peer: str) -> Identity | None:
         identity = self._from_certificate(context.auth_context())
         if identity is not None:
             return identity
+        token = _bearer(context.invocation_metadata())
         if token is None:
             if self._config.anonymous_roles:
-                peer = "peer:" + _peer_host(context.peer())
                 return Identity(peer, self._config.anonymous_roles)
             return None
+        if not self._buckets.available(_REFUSED + peer, self._public):
+            raise _Denied(grpc.StatusCode.RESOURCE_EXHAUSTED, _TOO_MANY_REFUSED)
         found = self._config.tokens.get(token_digest(token))
         if found is None:
             raise _Denied(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
@@ -473,9 +619,9 @@ class AuthInterceptor(_Interceptor):
 
     def _from_certificate(self, auth: Mapping[str, Any]) -> Identity | None:
         names = auth.get("x509_common_name")
-        if not names:
-            return None
-        cn = names[0].decode("utf-8", "replace")
+        cn = names[0].decode("utf-8", "replace").strip() if names else ""
+        if not cn:
+            return None  # no certificate, or one without a CN: no identity from it
         roles = set(self._config.cert_principals.get(cn, frozenset()))
         if self._config.ou_roles:
             for subject in auth.get("x509_subject", ()):
@@ -484,14 +630,38 @@ class AuthInterceptor(_Interceptor):
                 )
         return Identity(f"cert:{cn}", frozenset(roles))
 
+    def _open_stream(self, context: grpc.ServicerContext, peer: str, stream: _Stream) -> None:
+        close = self._streams.open(peer, holds_thread=stream.holds_thread)
+        if close is None:
+            raise _Denied(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "too many open streams; retry later", peer
+            )
+        if not context.add_callback(close):  # the call already ended
+            close()
+
     def _reject(self, method: str, denied: _Denied, context: grpc.ServicerContext) -> None:
-        log.warning(
-            "call refused",
-            extra={"fields": {"method": method, "code": denied.code.name}},
-        )
+        fields = {"method": method, "code": denied.code.name, "principal": denied.caller}
+        log.warning("call refused", extra={"fields": fields})
         if self._on_reject is not None:
             self._on_reject(method, denied.code)
         context.abort(denied.code, denied.message)
+
+
+_TOO_MANY_REFUSED: Final = "too many refused calls from this address; retry later"
+
+
+@dataclass(frozen=True, slots=True)
+class _Stream:
+    holds_thread: bool
+
+
+def _stream_kind(handler: grpc.RpcMethodHandler[Any, Any]) -> _Stream | None:
+    """None for a unary response; else whether grpcio runs the stream on an RPC thread for
+    as long as it is open (it does unless the behaviour is ``experimental_non_blocking``)."""
+    behaviour = handler.unary_stream or handler.stream_stream
+    if behaviour is None:
+        return None
+    return _Stream(holds_thread=not getattr(behaviour, "experimental_non_blocking", False))
 
 
 def subject_ous(subject: str) -> list[str]:
@@ -509,13 +679,22 @@ def subject_ous(subject: str) -> list[str]:
 
 
 def _bearer(metadata: Sequence[Any] | None) -> str | None:
+    """The token of the first ``authorization`` header, None without one.
+
+    Raises:
+        _Denied: ``UNAUTHENTICATED`` for a header that is not ``Bearer <token>`` (never
+            looked up: it is not an empty token).
+    """
     for item in metadata or ():
         if item.key == "authorization":
             value = item.value if isinstance(item.value, str) else item.value.decode()
             scheme, _, token = value.partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 return str(token.strip())
-            return ""  # malformed: treated as an invalid token
+            raise _Denied(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "malformed authorization header: expected Bearer <token>",
+            )
     return None
 
 
@@ -525,48 +704,63 @@ def _peer_host(peer: str) -> str:
     return kind + ":" + rest.rpartition(":")[0] if ":" in rest else peer
 
 
-Admit = Callable[[grpc.ServicerContext], Identity | None]
+Admit = Callable[[grpc.ServicerContext, Any], Identity | None]
+"""Admits a call (context, request; None for a request stream) or aborts it."""
 
 
 def _guard(
     handler: grpc.RpcMethodHandler[Any, Any], admit: Admit
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """The same handler with ``admit`` run first and the identity visible to the servicer."""
-    kinds: list[tuple[Any, Callable[..., grpc.RpcMethodHandler[Any, Any]], bool]] = [
-        (handler.unary_unary, grpc.unary_unary_rpc_method_handler, False),
-        (handler.unary_stream, grpc.unary_stream_rpc_method_handler, True),
-        (handler.stream_unary, grpc.stream_unary_rpc_method_handler, False),
-        (handler.stream_stream, grpc.stream_stream_rpc_method_handler, True),
+    kinds: list[tuple[Any, Callable[..., grpc.RpcMethodHandler[Any, Any]], Wrap]] = [
+        (handler.unary_unary, grpc.unary_unary_rpc_method_handler, _unary),
+        (handler.unary_stream, grpc.unary_stream_rpc_method_handler, _streaming),
+        (handler.stream_unary, grpc.stream_unary_rpc_method_handler, _unary),
+        (handler.stream_stream, grpc.stream_stream_rpc_method_handler, _streaming),
     ]
-    for inner, make, streaming in kinds:
+    for inner, make, wrap in kinds:
         if inner is not None:
-            wrapped = _streaming(inner, admit) if streaming else _unary(inner, admit)
             return make(
-                wrapped,
+                keep_flags(inner, wrap(inner, admit, request=make in _UNARY_REQUEST)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
     raise AssertionError("a method handler has one behaviour")
 
 
-def _unary(inner: Callable[[Any, Any], Any], admit: Admit) -> Callable[[Any, Any], Any]:
-    def call(request: Any, context: grpc.ServicerContext) -> Any:
-        reset = _current.set(admit(context))
+_UNARY_REQUEST = (grpc.unary_unary_rpc_method_handler, grpc.unary_stream_rpc_method_handler)
+Wrap = Callable[..., Callable[..., Any]]
+
+
+def _unary(
+    inner: Callable[[Any, Any], Any], admit: Admit, *, request: bool
+) -> Callable[[Any, Any], Any]:
+    def call(req: Any, context: grpc.ServicerContext) -> Any:
+        reset = _current.set(admit(context, req if request else None))
         try:
-            return inner(request, context)
+            return inner(req, context)
         finally:
             _current.reset(reset)
 
     return call
 
 
-def _streaming(
-    inner: Callable[[Any, Any], Iterator[Any]], admit: Admit
-) -> Callable[[Any, Any], Iterator[Any]]:
-    def call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        _current.set(admit(context))
+def _streaming(inner: Callable[..., Any], admit: Admit, *, request: bool) -> Callable[..., Any]:
+    if getattr(inner, "experimental_non_blocking", False):
+        # grpcio passes a callback and frees the RPC thread when this returns (health Watch)
+        def start(req: Any, context: grpc.ServicerContext, send_response_callback: Any) -> Any:
+            reset = _current.set(admit(context, req if request else None))
+            try:
+                return inner(req, context, send_response_callback)
+            finally:
+                _current.reset(reset)
+
+        return start
+
+    def call(req: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        _current.set(admit(context, req if request else None))
         try:
-            yield from inner(request, context)
+            yield from inner(req, context)
         finally:
             # A generator may be finished from another context; clear rather than reset.
             _current.set(None)

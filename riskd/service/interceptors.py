@@ -10,6 +10,14 @@ It also refuses a unary request larger than ``max_message_bytes`` with
 ``orders``), before any servicer sees it. gRPC's own receive limit is set a few times
 higher (``RECEIVE_LIMIT_FACTOR``) so that such requests arrive to be named; beyond that
 limit gRPC itself answers ``RESOURCE_EXHAUSTED`` without reading the message.
+
+A handler that set its own status and then raised (grpc's generated base servicers do
+this for a method they do not implement, e.g. ``Health.List``: ``UNIMPLEMENTED``) keeps
+that status; it is not a bug, so no traceback is logged.
+
+Interceptors that wrap a handler keep the attributes grpcio reads off its behaviour
+(``keep_flags``): without ``experimental_non_blocking`` a health ``Watch`` stream would
+hold an RPC thread for as long as the client keeps it open.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -36,6 +44,22 @@ if TYPE_CHECKING:  # generic only in the type stubs
     _Interceptor = grpc.ServerInterceptor[Any, Any]
 else:
     _Interceptor = grpc.ServerInterceptor
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+GRPC_FLAGS = ("experimental_non_blocking", "experimental_thread_pool")
+"""Attributes grpcio reads off a method's behaviour (``grpc._server``): a non-blocking
+streaming behaviour gets a ``send_response_callback`` and returns at once; a thread pool
+runs the call instead of the server's."""
+
+
+def keep_flags(inner: Callable[..., Any], wrapper: _F) -> _F:
+    """``wrapper`` carrying ``inner``'s ``GRPC_FLAGS`` (a wrapper that drops them turns a
+    non-blocking stream into one that holds an RPC thread while it is open)."""
+    for name in GRPC_FLAGS:
+        if hasattr(inner, name):
+            setattr(wrapper, name, getattr(inner, name))
+    return wrapper
 
 
 class WrappedHandlers:
@@ -88,7 +112,7 @@ class ErrorInterceptor(_Interceptor):
         wrapped = self._wrapped.get(method, handler)
         if wrapped is None:
             wrapped = grpc.unary_unary_rpc_method_handler(
-                self._wrap(method, inner),
+                keep_flags(inner, self._wrap(method, inner)),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -113,6 +137,9 @@ class ErrorInterceptor(_Interceptor):
                 if _is_abort(e, context):
                     code = _code(context) or grpc.StatusCode.UNKNOWN
                     raise
+                code = _code(context) or grpc.StatusCode.OK
+                if code is not grpc.StatusCode.OK:  # the handler set its status, then raised
+                    context.abort(code, _details(context))
                 code = grpc.StatusCode.INTERNAL
                 log.error("unhandled error", exc_info=True, extra={"fields": {"method": method}})
                 context.abort(code, "internal error")
@@ -139,6 +166,14 @@ def _code(context: Any) -> grpc.StatusCode | None:
     # ServicerContext.code() exists at run time but not in the type stubs.
     code: grpc.StatusCode | None = context.code()
     return code
+
+
+def _details(context: Any) -> str:
+    # ServicerContext.details() (bytes or None) exists at run time but not in the type stubs.
+    details: bytes | str | None = context.details()
+    if isinstance(details, bytes):
+        return details.decode("utf-8", "replace")
+    return details or ""
 
 
 def _check_size(request: Message, limit: int) -> None:

@@ -279,17 +279,20 @@ def _auth(config: Config, metrics: Metrics) -> list[Interceptor]:
     With neither TLS nor an ``[auth]`` table (the embedded default, plaintext on
     loopback only: checked at bind) callers without credentials hold the
     ``checkout`` role: scoring works out of the box; the ledger and admin
-    methods stay closed until tokens or certificates are configured.
+    methods stay closed until tokens or certificates are configured. An
+    ``[auth]`` table, even an empty one, gives them ``anonymous_roles`` only
+    (none by default). Streams that hold an RPC thread get at most half of them.
     """
 
     def on_reject(method: str, code: grpc.StatusCode) -> None:
         metrics.rpc_errors.labels(method, code.name).inc()
 
-    if config.tls_cert is None and not config.auth:
+    if config.tls_cert is None and config.auth is None:
         auth = AuthConfig(anonymous_roles=frozenset({CHECKOUT}))
     else:
-        auth = AuthConfig.from_mapping(config.auth)
-    return [AuthInterceptor(auth, on_reject=on_reject)]
+        auth = AuthConfig.from_mapping(config.auth or {})
+    holding = max(1, _rpc_threads(config) // 2)
+    return [AuthInterceptor(auth, on_reject=on_reject, max_holding_streams=holding)]
 
 
 def _bind(server: grpc.Server, config: Config) -> int:

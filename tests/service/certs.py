@@ -21,7 +21,8 @@ class Pem:
 def _name(cn: str, ous: tuple[str, ...] = ()) -> x509.Name:
     attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, "riskd-test")]
     attrs += [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou) for ou in ous]
-    attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+    if cn:  # "": a subject without a CN
+        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
     return x509.Name(attrs)
 
 

@@ -8,6 +8,8 @@ health service, behind ``AuthInterceptor``.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -22,6 +24,7 @@ from riskd.errors import ConfigError
 from riskd.service import auth
 from riskd.service.auth import (
     POLICY,
+    ROLES,
     AuthConfig,
     AuthInterceptor,
     Identity,
@@ -39,6 +42,7 @@ TEST_POLICY = {
     f"/{SERVICE}/Checkout": frozenset({"checkout"}),
     f"/{SERVICE}/Audit": frozenset({"auditor"}),
     f"/{SERVICE}/Tail": frozenset({"checkout"}),
+    f"/{SERVICE}/Follow": frozenset({"checkout"}),
 }
 TOKEN = "tok-checkout-1f0c9a"
 AUDIT_TOKEN = "tok-auditor-77aa"
@@ -55,6 +59,16 @@ def _tail(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         yield _who(request, context)
 
 
+FOLLOW_DONE = threading.Event()
+
+
+def _follow(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+    # a stream that holds its RPC thread until the client goes away (or the test ends)
+    yield b"first"
+    while context.is_active() and not FOLLOW_DONE.wait(0.05):
+        pass
+
+
 def _probe_handler() -> grpc.GenericRpcHandler:
     unary = grpc.unary_unary_rpc_method_handler
     return grpc.method_handlers_generic_handler(
@@ -64,6 +78,7 @@ def _probe_handler() -> grpc.GenericRpcHandler:
             "Audit": unary(_who),
             "Unlisted": unary(_who),
             "Tail": grpc.unary_stream_rpc_method_handler(_tail),
+            "Follow": grpc.unary_stream_rpc_method_handler(_follow),
         },
     )
 
@@ -85,6 +100,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "plain": ca.issue("ops-1"),
         "multi": ca.issue("multi-1", ("analyst", "checkout")),
         "rogue": rogue.issue("gw-1", ("checkout",)),
+        "no_cn": ca.issue("", ("checkout",)),
     }
 
 
@@ -96,7 +112,9 @@ def start() -> Iterator[Start]:
     servers: list[grpc.Server] = []
 
     def run(
-        credentials: grpc.ServerCredentials | None, config: AuthConfig | None = None
+        credentials: grpc.ServerCredentials | None,
+        config: AuthConfig | None = None,
+        **options: Any,
     ) -> tuple[int, FakeClock]:
         clock = FakeClock()
         config = config or AuthConfig.with_tokens(
@@ -106,7 +124,7 @@ def start() -> Iterator[Start]:
             },
             cert_principals={"ops-1": frozenset({"auditor"})},
         )
-        interceptor = AuthInterceptor(config, policy=TEST_POLICY, clock=clock)
+        interceptor = AuthInterceptor(config, policy=TEST_POLICY, clock=clock, **options)
         server = grpc.server(futures.ThreadPoolExecutor(4), interceptors=[interceptor])
         server.add_generic_rpc_handlers((_probe_handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
@@ -118,7 +136,9 @@ def start() -> Iterator[Start]:
         servers.append(server)
         return port, clock
 
+    FOLLOW_DONE.clear()
     yield run
+    FOLLOW_DONE.set()
     for s in servers:
         s.stop(None)
 
@@ -187,6 +207,17 @@ def test_auth_mtls_certificate_wins_over_a_token(pki: dict[str, Any], start: Sta
         assert code_of(ch, "Checkout", TOKEN) is grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_auth_mtls_certificate_without_cn_identifies_no_one(
+    pki: dict[str, Any], start: Start
+) -> None:
+    # gRPC reports x509_common_name=[b""]: that is no principal (it was "cert:" with the
+    # OU's roles), so the caller is anonymous: refused here, or identified by a token
+    port, _ = start(mtls_credentials(pki))
+    with tls_channel(port, pki["ca"], pki["no_cn"]) as ch:
+        assert code_of(ch, "Checkout") is grpc.StatusCode.UNAUTHENTICATED
+        assert call(ch, "Checkout", TOKEN) == b"token:checkout-gw|checkout"
+
+
 @pytest.mark.parametrize("client", [None, "rogue"])
 def test_auth_mtls_refuses_missing_or_foreign_client_certificates(
     pki: dict[str, Any], start: Start, client: str | None
@@ -227,6 +258,22 @@ def test_auth_malformed_authorization_header_is_unauthenticated(start: Start) ->
         assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
 
 
+@pytest.mark.parametrize("header", ["Basic Zm9vOmJhcg==", "garbage", "Bearer ", "Bearer    "])
+def test_auth_malformed_header_is_refused_even_with_an_empty_token_configured(
+    start: Start, header: str
+) -> None:
+    # an embedding that configures the empty token (from_mapping refuses it) must not
+    # turn every malformed header into that caller
+    config = AuthConfig(tokens={auth.token_digest(""): Identity("token:blank", ROLES)})
+    port, _ = start(None, config)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        fn = ch.unary_unary(f"/{SERVICE}/Checkout")
+        with pytest.raises(grpc.RpcError) as info:
+            fn(b"", metadata=(("authorization", header),), timeout=5)
+        assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert "malformed authorization header" in info.value.details()
+
+
 def test_auth_streaming_methods_are_guarded_and_see_identity(start: Start) -> None:
     port, _ = start(None)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -238,6 +285,65 @@ def test_auth_streaming_methods_are_guarded_and_see_identity(start: Start) -> No
         with pytest.raises(grpc.RpcError) as info:
             list(tail(b"", metadata=(("authorization", f"Bearer {AUDIT_TOKEN}"),), timeout=5))
         assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+def watch(channel: grpc.Channel) -> Any:
+    return health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+
+
+def test_auth_health_watch_streams_do_not_hold_rpc_threads(start: Start) -> None:
+    # Watch is PUBLIC and non-blocking in grpcio-health; a wrapper that hid the flag made
+    # each open stream hold one of the 4 RPC threads until its client went away
+    port, _ = start(None)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        streams = [watch(ch) for _ in range(6)]
+        for stream in streams[:4]:
+            assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+        started = time.monotonic()
+        assert call(ch, "Checkout", TOKEN) == b"token:checkout-gw|checkout"
+        assert time.monotonic() - started < 1.0
+        for stream in streams[4:]:
+            assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+        for stream in streams:
+            stream.cancel()
+
+
+def follow(channel: grpc.Channel) -> Any:
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    return channel.unary_stream(f"/{SERVICE}/Follow")(b"", metadata=metadata, timeout=10)
+
+
+def test_auth_streams_that_hold_rpc_threads_are_capped(start: Start) -> None:
+    port, _ = start(None, max_holding_streams=2)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        held = [follow(ch) for _ in range(2)]
+        assert [next(s) for s in held] == [b"first", b"first"]
+        with pytest.raises(grpc.RpcError) as info:
+            next(follow(ch))
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert call(ch, "Checkout", TOKEN) == b"token:checkout-gw|checkout"  # threads left
+        held[0].cancel()
+        deadline = time.monotonic() + 5
+        while True:  # the slot comes back once the server sees the cancellation
+            try:
+                assert next(follow(ch)) == b"first"
+                break
+            except grpc.RpcError as e:
+                assert e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+
+
+def test_auth_open_streams_per_peer_are_capped(start: Start) -> None:
+    port, _ = start(None, max_streams_per_peer=3)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        streams = [watch(ch) for _ in range(3)]
+        assert all(next(s).status == health_pb2.HealthCheckResponse.SERVING for s in streams)
+        with pytest.raises(grpc.RpcError) as info:
+            next(watch(ch))
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        for stream in streams:
+            stream.cancel()
 
 
 def test_auth_denials_log_method_and_code_but_never_the_token(
@@ -252,6 +358,8 @@ def test_auth_denials_log_method_and_code_but_never_the_token(
     text = "\n".join(r.getMessage() + repr(getattr(r, "fields", "")) for r in caplog.records)
     assert "secret-wrong-token-123" not in text and TOKEN not in text
     assert "UNAUTHENTICATED" in text and "PERMISSION_DENIED" in text
+    principals = [getattr(r, "fields", {}).get("principal") for r in refused]
+    assert principals == ["peer:ipv4:127.0.0.1", "token:checkout-gw"]
 
 
 # -- rate limits -----------------------------------------------------------------------------
@@ -274,6 +382,54 @@ def test_auth_rate_limit_per_caller_answers_resource_exhausted(start: Start) -> 
         clock.advance(1.0)
         assert code_of(ch, "Checkout", TOKEN) is grpc.StatusCode.OK
         assert code_of(ch, "Checkout", TOKEN) is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_auth_refused_calls_spend_the_peers_bucket(start: Start) -> None:
+    config = AuthConfig.with_tokens(
+        {
+            TOKEN: Identity("token:checkout-gw", frozenset({"checkout"})),
+            AUDIT_TOKEN: Identity("token:audit-job", frozenset({"auditor"})),
+        },
+        rate_limits={**auth.DEFAULT_RATE_LIMITS, "public": RateLimit(1.0, 2)},
+    )
+    port, clock = start(None, config)
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        guesses = [code_of(ch, "Checkout", f"guess-{i}") for i in range(3)]
+        assert guesses == [grpc.StatusCode.UNAUTHENTICATED] * 2 + [exhausted]
+        # while the address has no refusals left its tokens are not even looked up, so a
+        # right guess cannot be told from a wrong one
+        assert code_of(ch, "Checkout", TOKEN) is exhausted
+        clock.advance(1.0)
+        assert call(ch, "Checkout", TOKEN) == b"token:checkout-gw|checkout"
+        clock.advance(2.0)
+        wrong_role = [code_of(ch, "Checkout", AUDIT_TOKEN) for _ in range(3)]
+        assert wrong_role == [grpc.StatusCode.PERMISSION_DENIED] * 2 + [exhausted]
+
+
+def test_auth_health_checks_spend_a_bucket_of_their_own(start: Start) -> None:
+    config = AuthConfig.with_tokens(
+        {TOKEN: Identity("token:checkout-gw", frozenset({"checkout"}))},
+        rate_limits={"checkout": RateLimit(1.0, 2), "public": RateLimit(1.0, 3)},
+    )
+    port, _ = start(None, config)
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        for _ in range(3):
+            stub.Check(health_pb2.HealthCheckRequest(), metadata=metadata, timeout=5)
+        with pytest.raises(grpc.RpcError) as info:  # the public limit, per caller
+            stub.Check(health_pb2.HealthCheckRequest(), metadata=metadata, timeout=5)
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert [code_of(ch, "Checkout", TOKEN) for _ in range(2)] == [grpc.StatusCode.OK] * 2
+
+
+def test_token_buckets_take_a_cost() -> None:
+    buckets = TokenBuckets(FakeClock())
+    limit = RateLimit(1.0, 5)
+    assert buckets.take("a", limit, 4) and not buckets.take("a", limit, 2)
+    assert buckets.available("a", limit) and buckets.take("a", limit)
+    assert not buckets.available("a", limit)
 
 
 def test_token_buckets_refill_and_stay_bounded() -> None:
@@ -311,6 +467,12 @@ def test_auth_config_from_mapping_parses_tokens_roles_and_limits() -> None:
     assert config.limit_for(frozenset({"analyst", "checkout"})) == config.rate_limits["checkout"]
 
 
+def test_auth_config_digest_in_upper_case_matches() -> None:
+    upper = "sha256:" + auth.token_digest(TOKEN)[7:].upper()
+    config = AuthConfig.from_mapping({"tokens": {upper: "gw:checkout"}})
+    assert set(config.tokens) == {auth.token_digest(TOKEN)}
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
@@ -321,6 +483,12 @@ def test_auth_config_from_mapping_parses_tokens_roles_and_limits() -> None:
         ({"rate_limits": {"root": "1/s:1"}}, "auth.rate_limits.root: unknown role"),
         ({"ou_roles": "yes"}, "auth.ou_roles"),
         ({"tokenz": {}}, "auth.tokenz: unknown"),
+        ({"tokens": {"": "blank:operator"}}, r"auth.tokens\[0\]: a token must not be empty"),
+        ({"tokens": {"  ": "blank:operator"}}, r"auth.tokens\[0\]: a token must not be empty"),
+        ({"tokens": {auth.token_digest(""): "blank:operator"}}, r"auth.tokens\[0\]: a token must"),
+        ({"tokens": {f" {TOKEN}": "gw:checkout"}}, r"auth.tokens\[0\]: .*whitespace"),
+        ({"tokens": {"sha256:9f86d0": "gw:checkout"}}, r"auth.tokens\[0\]: .*64 hex"),
+        ({"tokens": {"sha256:" + "g" * 64: "gw:checkout"}}, r"auth.tokens\[0\]: .*64 hex"),
     ],
 )
 def test_auth_config_errors_name_the_key_never_the_token(raw: dict[str, Any], message: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
 
@@ -50,12 +51,32 @@ def channel_and_metrics() -> Iterator[tuple[grpc.Channel, Metrics]]:
         )
         for name, b in BEHAVIOURS.items()
     }
+    handlers["Unimplemented"] = grpc.unary_unary_rpc_method_handler(_unimplemented)
+    handlers["Pooled"] = grpc.unary_unary_rpc_method_handler(_thread_name)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield channel, metrics
     server.stop(None)
+    OWN_POOL.shutdown(wait=False)
+
+
+def _unimplemented(request: bytes, context: grpc.ServicerContext) -> bytes:
+    # what grpc's generated base servicers do (grpcio-health's Health.List)
+    context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+    context.set_details("Method not implemented!")
+    raise NotImplementedError("Method not implemented!")
+
+
+OWN_POOL = futures.ThreadPoolExecutor(1, thread_name_prefix="own-pool")
+
+
+def _thread_name(request: bytes, context: grpc.ServicerContext) -> bytes:
+    return threading.current_thread().name.encode()
+
+
+_thread_name.experimental_thread_pool = OWN_POOL  # type: ignore[attr-defined]
 
 
 def call(channel: grpc.Channel, name: str) -> bytes:
@@ -107,3 +128,30 @@ def test_unexpected_error_log_has_type_not_message(
     assert {"msg": "unhandled error", "error_type": "KeyError"}.items() <= lines[0].items()
     assert lines[-1]["code"] == "INTERNAL" and lines[-1]["method"] == "/t.T/Bug"
     assert "13812345678" not in stream.getvalue()
+
+
+def test_a_status_the_handler_set_is_kept_without_a_traceback(
+    channel_and_metrics: tuple[grpc.Channel, Metrics],
+) -> None:
+    channel, _ = channel_and_metrics
+    stream = io.StringIO()
+    configure_logging("info", stream)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            call(channel, "Unimplemented")
+    finally:
+        logging.getLogger("riskd").handlers.clear()
+    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert e.value.details() == "Method not implemented!"
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["msg"] for line in lines] == ["rpc"]
+    assert lines[0]["code"] == "UNIMPLEMENTED"
+
+
+def test_wrapped_handlers_keep_grpcs_flags(
+    channel_and_metrics: tuple[grpc.Channel, Metrics],
+) -> None:
+    # grpcio runs a behaviour with experimental_thread_pool in that pool: the wrapper
+    # must carry the flag (as the auth interceptor's must carry experimental_non_blocking)
+    channel, _ = channel_and_metrics
+    assert call(channel, "Pooled").startswith(b"own-pool")

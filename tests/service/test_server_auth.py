@@ -9,6 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from riskd.config import load_config
 from riskd.errors import ConfigError
 from riskd.service import convert
 from riskd.service.gen.riskd.v1 import (
@@ -18,7 +19,7 @@ from riskd.service.gen.riskd.v1 import (
     scoring_pb2_grpc,
 )
 from riskd.service.server import create_server
-from tests.service.conftest import make_config
+from tests.service.conftest import RULES, make_config
 from tests.service.test_scoring import fresh
 
 
@@ -142,3 +143,101 @@ def test_metrics_port_in_use_names_the_key(tmp_path: Path) -> None:
             create_server(make_config(tmp_path / "b", metrics_port=first.metrics_port))
     finally:
         first.stop(0)
+
+
+def test_open_health_watches_do_not_stall_scoring(tmp_path: Path) -> None:
+    # Watch is public: more anonymous Watch streams than RPC threads (workers = 4) must
+    # leave scoring answering at once
+    config = make_config(tmp_path, workers=4, auth={"tokens": {"gw-token": "gw:checkout"}})
+    running = create_server(config)
+    channels = [grpc.insecure_channel(f"127.0.0.1:{running.port}") for _ in range(6)]
+    try:
+        streams = [
+            health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+            for ch in channels
+        ]
+        for stream in streams[:4]:
+            assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(fresh()))
+            reply = scoring_pb2_grpc.ScoringServiceStub(ch).Score(
+                request, timeout=2, metadata=(("authorization", "Bearer gw-token"),)
+            )
+            assert reply.decision.order_id == request.order.order_id
+        for stream in streams:
+            stream.cancel()
+    finally:
+        for ch in channels:
+            ch.close()
+        running.stop(0)
+
+
+def test_score_batch_spends_one_token_per_order_up_to_the_burst(tmp_path: Path) -> None:
+    auth = {
+        "tokens": {"tok-a": "a:checkout", "tok-b": "b:checkout"},
+        "rate_limits": {"checkout": "0.001/s:10"},
+    }
+    running = create_server(make_config(tmp_path, auth=auth))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+
+            def batch(token: str, n: int) -> grpc.StatusCode:
+                orders = [convert.order_to_proto(fresh()) for _ in range(n)]
+                try:
+                    stub.ScoreBatch(
+                        scoring_pb2.ScoreBatchRequest(orders=orders),
+                        timeout=10,
+                        metadata=(("authorization", f"Bearer {token}"),),
+                    )
+                except grpc.RpcError as e:
+                    return e.code()  # type: ignore[no-any-return]
+                return grpc.StatusCode.OK
+
+            ok, exhausted = grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert [batch("tok-a", 4) for _ in range(3)] == [ok, ok, exhausted]
+            # a batch larger than the burst costs the whole burst, never more
+            assert batch("tok-b", 25) is ok
+            assert batch("tok-b", 1) is exhausted
+    finally:
+        running.stop(0)
+
+
+def test_an_empty_auth_table_closes_the_open_default(tmp_path: Path) -> None:
+    path = tmp_path / "riskd.toml"
+    path.write_text("[auth]\n")
+    config = load_config(
+        path,
+        env={},
+        listen="127.0.0.1:0",
+        metrics_port=-1,
+        rules_dir=str(RULES),
+        data_dir=str(tmp_path / "data"),
+    )
+    assert config.auth == {}
+    running = create_server(config)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(fresh()))
+            with pytest.raises(grpc.RpcError) as e:
+                scoring_pb2_grpc.ScoringServiceStub(ch).Score(request, timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        running.stop(0)
+    assert load_config(env={}).auth is None  # no table: the open loopback default
+
+
+def test_health_list_answers_unimplemented_not_internal(tmp_path: Path) -> None:
+    config = make_config(tmp_path, auth={"tokens": {"ops-token": "ops:operator"}})
+    running = create_server(config)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                health_pb2_grpc.HealthStub(ch).List(
+                    health_pb2.HealthListRequest(),
+                    timeout=5,
+                    metadata=(("authorization", "Bearer ops-token"),),
+                )
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        running.stop(0)
