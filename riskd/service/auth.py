@@ -392,11 +392,6 @@ class TokenBuckets:
             bucket[0] -= cost
             return True
 
-    def available(self, caller: str, limit: RateLimit) -> bool:
-        """Whether ``caller``'s bucket holds a token, without spending it."""
-        with self._lock:
-            return self._refill(caller, limit)[0] >= 1.0
-
     def _refill(self, caller: str, limit: RateLimit) -> list[float]:
         now = self._clock.monotonic()
         bucket = self._buckets.get(caller)
@@ -496,9 +491,10 @@ class AuthInterceptor(_Interceptor):
     ``PUBLIC`` methods spend a bucket of their own per caller under the ``PUBLIC`` limit,
     so health checks never eat a caller's quota. Every refused call (``UNAUTHENTICATED``,
     ``PERMISSION_DENIED``) spends a token of its peer host's refusal bucket, also under the
-    ``PUBLIC`` limit; while that bucket is empty the peer's bearer tokens are not looked up
-    and its calls that would be refused answer ``RESOURCE_EXHAUSTED`` (token guessing is
-    throttled; a good caller behind the same address waits with it).
+    ``PUBLIC`` limit; while that bucket is empty the peer's calls that would be refused
+    answer ``RESOURCE_EXHAUSTED``: failures cost little and log at its rate. A valid
+    credential is always served (a checkout gateway is never held up by a misconfigured
+    neighbour behind the same address); guessing a 256-bit token is hopeless anyway.
 
     Args:
         config: tokens, certificate principals and rate limits.
@@ -610,8 +606,6 @@ class AuthInterceptor(_Interceptor):
             if self._config.anonymous_roles:
                 return Identity(peer, self._config.anonymous_roles)
             return None
-        if not self._buckets.available(_REFUSED + peer, self._public):
-            raise _Denied(grpc.StatusCode.RESOURCE_EXHAUSTED, _TOO_MANY_REFUSED)
         found = self._config.tokens.get(token_digest(token))
         if found is None:
             raise _Denied(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
