@@ -227,7 +227,12 @@ def _start(
     services = [SCORING_SERVICE, *components.register_extra(server)]
     for hook in extra_servicers:
         services.extend(hook(server))
-    health_servicer = health.HealthServicer()
+    # Blocking Watch: each open Watch holds an RPC thread (capped at half of them by the
+    # auth interceptor), but a status change only queues a message. In grpcio-health's
+    # non-blocking mode set() sends to every watcher while holding its lock, and a watcher
+    # cancelled meanwhile needs that lock on grpc's poller thread: set_serving() at start
+    # or at SIGTERM could then hang for good (seen under load in the tests).
+    health_servicer = health.HealthServicer(experimental_non_blocking=False)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import grpc
@@ -146,8 +147,8 @@ def test_metrics_port_in_use_names_the_key(tmp_path: Path) -> None:
 
 
 def test_open_health_watches_do_not_stall_scoring(tmp_path: Path) -> None:
-    # Watch is public: more anonymous Watch streams than RPC threads (workers = 4) must
-    # leave scoring answering at once
+    # Watch is public and holds an RPC thread while open: more anonymous Watch streams than
+    # RPC threads (workers = 4) get at most half of them, and scoring answers at once
     config = make_config(tmp_path, workers=4, auth={"tokens": {"gw-token": "gw:checkout"}})
     running = create_server(config)
     channels = [grpc.insecure_channel(f"127.0.0.1:{running.port}") for _ in range(6)]
@@ -156,16 +157,28 @@ def test_open_health_watches_do_not_stall_scoring(tmp_path: Path) -> None:
             health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=10)
             for ch in channels
         ]
-        for stream in streams[:4]:
-            assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+        answers = []
+        for stream in streams:
+            try:
+                answers.append(
+                    health_pb2.HealthCheckResponse.ServingStatus.Name(next(stream).status)
+                )
+            except grpc.RpcError as e:
+                answers.append(e.code().name)
+        assert sorted(answers) == ["RESOURCE_EXHAUSTED"] * 4 + ["SERVING"] * 2
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
             request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(fresh()))
+            started = time.monotonic()
             reply = scoring_pb2_grpc.ScoringServiceStub(ch).Score(
                 request, timeout=2, metadata=(("authorization", "Bearer gw-token"),)
             )
             assert reply.decision.order_id == request.order.order_id
+            assert time.monotonic() - started < 1.0
+        # a status change with watchers open, then their cancellation: nothing hangs
+        running.set_serving(False)
         for stream in streams:
             stream.cancel()
+        running.set_serving(True)
     finally:
         for ch in channels:
             ch.close()
