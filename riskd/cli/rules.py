@@ -82,7 +82,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
-    program, diags = check_rules(*rule_files(args.dir))
+    files = rule_files(args.dir)
+    if not files:  # "0 passed" would read as success
+        print(f"{args.dir}: no {RULE_FILE_SUFFIX} files", file=_err())
+        return 1
+    program, diags = check_rules(*files)
     if program is None:
         print(diags, file=_err())
         return 1
@@ -100,12 +104,13 @@ def cmd_fmt(args: argparse.Namespace) -> int:
         paths.extend(rule_files(p) if p.is_dir() else [p])
     changed, failed = 0, 0
     for path in paths:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_text(encoding="utf-8")
+        text = raw.removeprefix("\ufeff")  # a BOM is dropped (check reads past it)
         formatted, diags = format_text(text, str(path))
         if formatted is None:
             print(diags, file=_err())
             failed += 1
-        elif formatted != text:
+        elif formatted != raw:
             changed += 1
             if args.check:
                 print(f"would reformat {path}", file=_out())

@@ -24,7 +24,17 @@ from riskd.dsl.diagnostics import (
     UNKNOWN_FUNCTION,
     Diagnostic,
 )
-from riskd.dsl.nodes import Call, Comprehension, Expr, Ident, ListLit, Literal, MapLit, Select
+from riskd.dsl.nodes import (
+    Call,
+    Comprehension,
+    Expr,
+    Ident,
+    ListLit,
+    Literal,
+    MapLit,
+    Select,
+    children,
+)
 from riskd.dsl.regex import RegexError, compile_pattern
 from riskd.dsl.registry import DEFAULT_REGISTRY, VELOCITY, Overload, Registry
 from riskd.dsl.types import (
@@ -424,3 +434,87 @@ def substitute(t: Type, binds: Mapping[str, Type]) -> Type:
 
 
 __all__ = ["DOUBLE", "Checked", "Env", "Ref", "check", "type_value"]
+
+
+# ------------------------------------------------------------------ worst-case cost
+
+# A comprehension runs its body once per element, and nested ones multiply: two macros
+# over a 3,000-entry list cost 9 million steps (over a second). ``iteration_cost`` bounds
+# what a ``when`` can cost before it ever runs, so that rule files with a rule too slow
+# for the scoring deadline are refused (``riskd.dsl.ruleset``), shadow rules included.
+MAX_ITERATIONS = 50_000  # worst-case steps per rule (~7 ms); two macros over an order's items fit
+ORDER_LIST_BOUND = 200  # items in an order (``riskd.service.validate.MAX_ITEMS``)
+
+
+def iteration_cost(checked: Checked, sizes: Mapping[str, int]) -> tuple[int, Expr | None]:
+    """The worst-case number of steps of ``checked``'s expression, and where most are spent.
+
+    A step is one run of a comprehension's body, or one element a list concatenation
+    copies or a membership test on a list literal scans. A named list counts its size
+    (``sizes``), a list of the order ``ORDER_LIST_BOUND``, a literal its elements, and a
+    list of unknown size (an index into a map of lists, say) ``ORDER_LIST_BOUND``. The
+    node returned is the outermost costliest comprehension (None when there is none).
+    """
+    est = _Cost(checked, sizes)
+    return est.cost(checked.root, {}), est.worst
+
+
+class _Cost:
+    def __init__(self, checked: Checked, sizes: Mapping[str, int]) -> None:
+        self.c = checked
+        self.sizes = sizes
+        self.worst: Expr | None = None
+        self.worst_cost = -1
+
+    def cost(self, node: Expr, local: Mapping[str, int]) -> int:
+        if isinstance(node, Comprehension):
+            inner = {**local, node.var: self.elem_size(node.target, local)}
+            body = sum(self.cost(e, inner) for e in (node.predicate, node.transform) if e)
+            total = self.cost(node.target, local) + self.size(node.target, local) * (1 + body)
+            if total > self.worst_cost:
+                self.worst, self.worst_cost = node, total
+            return total
+        own = 0
+        if isinstance(node, Call) and isinstance(self.c.type_of(node), ListType):
+            own = self.size(node, local) if node.function == "_+_" else 0
+        if isinstance(node, Call) and node.function == "@in" and len(node.args) == 2:
+            container = node.args[1]
+            if isinstance(container, ListLit):
+                own = len(container.elements)
+        return own + sum(self.cost(c, local) for c in children(node))
+
+    def size(self, node: Expr, local: Mapping[str, int]) -> int:
+        """At most how many elements a list (or keys a map) ``node`` evaluates to has."""
+        if isinstance(node, Literal):
+            return 0
+        if isinstance(node, ListLit):
+            return len(node.elements)
+        if isinstance(node, MapLit):
+            return len(node.entries)
+        ref = self.c.refs.get(id(node))
+        if ref is not None and ref.kind == "var" and ref.name in self.sizes:
+            return self.sizes[ref.name]
+        if ref is not None and ref.kind == "local":
+            return local.get(ref.name, ORDER_LIST_BOUND)
+        if isinstance(node, Comprehension) and node.kind in ("map", "filter"):
+            return self.size(node.target, local)
+        if isinstance(node, Call) and node.target is None:
+            args = node.args
+            if node.function == "_+_" and len(args) == 2:
+                return self.size(args[0], local) + self.size(args[1], local)
+            if node.function == "_?_:_":
+                return max(self.size(args[1], local), self.size(args[2], local))
+            if node.function == "dyn" and len(args) == 1:
+                return self.size(args[0], local)
+            if node.function == "_[_]" and len(args) == 2:
+                return self.elem_size(args[0], local)
+        return ORDER_LIST_BOUND
+
+    def elem_size(self, node: Expr, local: Mapping[str, int]) -> int:
+        """At most how many elements each element of list ``node`` has (0: not lists)."""
+        if isinstance(node, ListLit):
+            return max((self.size(e, local) for e in node.elements), default=0)
+        elem = self.c.type_of(node)
+        if isinstance(elem, ListType) and not isinstance(elem.elem, ListType | MapType):
+            return 0 if not is_dyn(elem.elem) else ORDER_LIST_BOUND
+        return ORDER_LIST_BOUND

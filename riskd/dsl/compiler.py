@@ -365,6 +365,7 @@ class _Emitter:
             ones = _genexp(py.Constant(1), var, target, pred)
             total = _call("_pysum", ones)
             return py.Compare(left=total, ops=[py.Eq()], comparators=[py.Constant(1)]), err
+        target, err = _call("_bounded", target), True  # map()/filter() build a list
         out: py.expr = _name(var)
         if node.transform is not None:
             out, terr = self.emit(node.transform)

@@ -24,6 +24,7 @@ from riskd.dsl.interp import Interpreter
 from riskd.dsl.nodes import Expr
 from riskd.dsl.parser import parse
 from riskd.dsl.registry import Registry
+from riskd.dsl.runtime import as_eval_error
 from riskd.dsl.tracer import Plan, explain, plan
 from riskd.dsl.types import (
     BOOL,
@@ -84,10 +85,8 @@ class CompiledExpr:
             return self.fn(activation)
         except EvalError:
             raise
-        except KeyError as exc:
-            raise EvalError(_missing(exc)) from None
         except Exception as exc:  # the generated code must never leak a Python error
-            raise EvalError(f"evaluation failed ({type(exc).__name__})") from None
+            raise as_eval_error(exc) from None
 
     def interpret(self, activation: Mapping[str, object]) -> object:
         """Evaluate with the reference interpreter (same semantics, slower)."""
@@ -95,23 +94,14 @@ class CompiledExpr:
             return Interpreter(self.checked, self.variables, self.registry).evaluate(activation)
         except EvalError:
             raise
-        except KeyError as exc:
-            raise EvalError(_missing(exc)) from None
         except Exception as exc:
-            raise EvalError(f"evaluation failed ({type(exc).__name__})") from None
+            raise as_eval_error(exc) from None
 
     def explain(self, activation: Mapping[str, object]) -> tuple[str, ...]:
         """The value of each sub-condition, e.g. ``a > 5 → true (a = 7)``."""
         if not self._plan:
             self._plan.append(plan(self.checked.root))
         return explain(self.checked, self.variables, self.registry, activation, self._plan[0])
-
-
-def _missing(exc: KeyError) -> str:
-    key = exc.args[0] if exc.args else ""
-    if isinstance(key, FeatureQuery):
-        return f"missing feature {key.name}"
-    return f"missing input {key!s}"
 
 
 def parse_expr(

@@ -4,7 +4,9 @@ The layout is fixed so that diffs show only what changed: two-space indents,
 field names padded to the longest one in their block, one blank line between
 items (consecutive scenario lines stay together), values inline when they fit
 in ``WIDTH`` columns and one element per line with a trailing comma when they
-do not, and ``when`` continuation lines indented four spaces past the field.
+do not, and ``when`` continuation lines indented four spaces past the field
+(except a line that starts inside a multi-line string: that is the string's text,
+kept byte for byte, so formatting never changes what a rule does).
 Comments are kept where they were attached (above an item or field, at the end
 of a line, before a closing brace).
 """
@@ -13,7 +15,8 @@ from __future__ import annotations
 
 import json
 
-from riskd.dsl.diagnostics import Diagnostics
+from riskd.dsl.diagnostics import Diagnostics, Source
+from riskd.dsl.lexer import Tok, tokenize
 from riskd.dsl.rulefile import (
     BLANK,
     Array,
@@ -32,6 +35,7 @@ from riskd.dsl.rulefile import (
 WIDTH = 100
 INDENT = "  "
 WHEN_INDENT = "    "
+_STRINGS = (Tok.STRING, Tok.BYTES)
 
 
 def format_file(tree: RuleFile) -> str:
@@ -95,14 +99,46 @@ def _format_field(f: Field, width: int) -> list[str]:
     lines = _comment_lines(f.comments, INDENT)
     head = f"{INDENT}{f.name.ljust(width)} = "
     if isinstance(f.value, When):
-        first, *rest = f.value.lines
+        (first, _), *rest = _when_lines(f.value)
         lines.append(head + first)
-        lines.extend(INDENT + WHEN_INDENT + ln for ln in rest)
+        lines.extend(INDENT + WHEN_INDENT + ln if reindent else ln for ln, reindent in rest)
         return lines
     body = _format_value(f.value, INDENT, len(head))
     body[0] = head + body[0]
     body[-1] = _with_trailing(body[-1], f.trailing)
     return lines + body
+
+
+def _when_lines(when: When) -> list[tuple[str, bool]]:
+    """The lines of a ``when`` and whether each may be re-indented.
+
+    A line that starts inside a string literal (a triple-quoted one spans lines) is
+    part of the string's value: it is written as it is, and so are blanks before a
+    line break inside a string. Only the other lines are stripped and re-indented (and
+    dropped when blank). An expression that does not lex (it cannot compile either)
+    has every line re-indented.
+    """
+    raw = when.raw or "\n".join(when.lines)
+    tokens, diags = tokenize(Source(raw))
+    if diags:
+        return [(ln, True) for ln in when.lines]
+    spans = [(t.offset, t.offset + len(t.text)) for t in tokens if t.kind in _STRINGS]
+
+    def in_string(offset: int) -> bool:
+        return any(start < offset < end for start, end in spans)
+
+    out: list[tuple[str, bool]] = []
+    start = 0
+    for line in raw.split("\n"):
+        end = start + len(line)
+        inside = in_string(start)
+        text = line if inside else line.lstrip()
+        if not in_string(end):
+            text = text.rstrip()
+        if text or inside:
+            out.append((text, not inside))
+        start = end + 1
+    return out
 
 
 def _format_value(value: Value, indent: str, used: int) -> list[str]:

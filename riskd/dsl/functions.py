@@ -115,6 +115,13 @@ def _bytes_to_string(b: bytes) -> str:
         raise EvalError("invalid UTF-8 in bytes") from exc
 
 
+def _string_to_bytes(s: str) -> bytes:
+    try:
+        return s.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (from a test's JSON string)
+        raise EvalError("string is not valid Unicode") from None
+
+
 def _double_to_string(v: float) -> str:
     if math.isinf(v):
         return "+Inf" if v > 0 else "-Inf"
@@ -139,10 +146,15 @@ def _local(t: Timestamp, tz: str = "UTC") -> _dt.datetime:
         if tz[:1] in "+-" and len(tz) == 6 and tz[3] == ":":
             sign = 1 if tz[0] == "+" else -1
             offset = _dt.timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6]))
-            return d.astimezone(_dt.timezone(sign * offset))
-        return d.astimezone(zoneinfo.ZoneInfo(tz))
-    except (ValueError, zoneinfo.ZoneInfoNotFoundError) as exc:
-        raise EvalError("unknown time zone") from exc
+            zone: _dt.tzinfo = _dt.timezone(sign * offset)
+        else:
+            zone = zoneinfo.ZoneInfo(tz)
+    except (ValueError, OSError, zoneinfo.ZoneInfoNotFoundError):
+        raise EvalError("unknown time zone") from None
+    try:
+        return d.astimezone(zone)
+    except (OverflowError, ValueError):  # the local time would fall before year 1 or after 9999
+        raise EvalError("timestamp out of range in that time zone") from None
 
 
 def _ts_accessor(get: Callable[[_dt.datetime], int]) -> Callable[..., int]:
@@ -252,7 +264,7 @@ IMPLS: dict[str, Impl] = {
     "timestamp_to_string": str,
     "duration_to_string": str,
     "bytes_to_bytes": lambda v: v,
-    "string_to_bytes": lambda v: v.encode("utf-8"),
+    "string_to_bytes": _string_to_bytes,
     "bool_to_bool": lambda v: v,
     "string_to_bool": _string_to_bool,
     "type": rt.type_of,

@@ -3,7 +3,9 @@
 Compiled code runs with ``{"__builtins__": {}}``; everything it calls is
 listed in ``HELPERS``. Helpers implement the CEL semantics that plain Python
 operators do not: error absorption in ``&&``/``||`` and the macros, overflow
-checks, heterogeneous equality, dynamic dispatch.
+checks, heterogeneous equality, dynamic dispatch. Error absorption treats any
+exception as an evaluation error (``runtime.as_eval_error``), as the reference
+interpreter does.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ def logic_or(a: Thunk, b: Thunk) -> bool:
 
 
 def _logic(a: Thunk, b: Thunk, *, absorbing: bool) -> bool:
+    # Any exception counts as the operand's error, exactly as in the reference
+    # interpreter: whichever order the two evaluate operands in, they agree.
     first: EvalError | None = None
     for thunk in (a, b):
         try:
             value = rt.as_bool(thunk())
-        except EvalError as err:
-            first = first or err
+        except Exception as exc:
+            first = first or rt.as_eval_error(exc)
             continue
         if value is absorbing:
             return absorbing
@@ -56,8 +60,8 @@ def _quantify(items: Iterable[object], pred: Pred, *, want: bool) -> bool:
         try:
             if rt.as_bool(pred(item)) is want:
                 return want
-        except EvalError as err:
-            first = first or err
+        except Exception as exc:  # absorbed like an EvalError, as in the interpreter
+            first = first or rt.as_eval_error(exc)
     if first is not None:
         raise first
     return not want
@@ -109,6 +113,7 @@ HELPERS: dict[str, object] = {
     "_isset": rt.is_set,
     "_mkmap": rt.make_map,
     "_iter": rt.iterate,
+    "_bounded": rt.bounded,
     "_bool": rt.as_bool,
     "_norm": rt.normalize_value,
     "_coerce": coerce,

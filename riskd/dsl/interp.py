@@ -58,10 +58,15 @@ class Interpreter:
     def eval(self, node: Expr, act: Mapping[str, object], local: dict[str, object]) -> object:
         try:
             value = self._eval(node, act, local)
-        except EvalError as err:
+        except Exception as exc:
+            # Any Python error is this node's EvalError (as in the compiled code's
+            # helpers), so ``||``, ``&&`` and the macros absorb it the same way.
+            err = rt.as_eval_error(exc)
             if self.tracer is not None:
                 self.tracer.on_error(node, err)
-            raise
+            if err is exc:
+                raise
+            raise err from None
         if self.tracer is not None:
             self.tracer.on_value(node, value)
         return value
@@ -144,6 +149,8 @@ class Interpreter:
         self, node: Comprehension, act: Mapping[str, object], local: dict[str, object]
     ) -> object:
         items = rt.iterate(self.eval(node.target, act, local))
+        if node.kind in ("map", "filter"):
+            rt.bounded(items)
         scope = dict(local)
 
         def pred(item: object) -> bool:

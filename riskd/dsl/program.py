@@ -228,6 +228,8 @@ class Program:
 
         Only the rules that hit run again, traced: the caller that evaluated untraced
         first (most orders hit nothing) does not pay for a second run of every rule.
+        Never raises for one rule: a rule whose explanation fails keeps its result,
+        explained as ``explanation failed ...``.
         """
         hit = RuleStatus.HIT
         act = self.activation(order, shop, features, now)
@@ -316,6 +318,12 @@ def _explained(step: _Step, act: Mapping[str, object]) -> RuleResult:
         lines = step.rule.expr.explain(act)
     except EvalError as exc:  # explain re-runs the expression; report, do not fail
         lines = (f"explanation failed: {exc}",)
+    except Exception as exc:  # never lose the results for one rule's explanation
+        _log.warning(
+            "rule explanation failed",
+            extra={"fields": {"rule_id": step.rule.id, "error_type": type(exc).__name__}},
+        )
+        lines = (f"explanation failed ({type(exc).__name__})",)
     order = act.get("order")
     if isinstance(order, Order):  # explanations quote values: never a PII one
         lines = tuple(_scrub(line, order) for line in lines)
@@ -428,7 +436,7 @@ def check_rules(*paths: Path) -> tuple[Program | None, Diagnostics]:
     unreadable: list[Diagnostic] = []
     for p in paths:
         try:
-            sources[str(p)] = p.read_text(encoding="utf-8")
+            sources[str(p)] = p.read_text(encoding="utf-8-sig")  # an editor's BOM is no item
         except (OSError, UnicodeDecodeError) as exc:
             reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "cannot be read"
             unreadable.append(Diagnostic(UNREADABLE, f"rule file {reason}", str(p), 1, 1))

@@ -38,7 +38,10 @@ def compile_pattern(pattern: str) -> Callable[[str], bool]:
     search = compiled.search
 
     def matches(text: str) -> bool:
-        return search(text) is not None
+        try:
+            return search(text) is not None
+        except UnicodeEncodeError:  # a lone surrogate (a test's JSON string): not text RE2 reads
+            raise EvalError("string is not valid Unicode") from None
 
     return matches
 
@@ -52,7 +55,7 @@ def search_dynamic(pattern: str, text: str) -> bool:
     """``text.matches(pattern)`` for a pattern known only at run time."""
     try:
         return _cached(pattern)(text)
-    except RegexError:
+    except (RegexError, UnicodeEncodeError):  # a lone surrogate: no pattern RE2 can read
         # RE2's message quotes the pattern, which here is data (maybe PII): never echo it.
         raise EvalError("invalid regular expression (computed at run time)") from None
 

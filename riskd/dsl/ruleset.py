@@ -14,14 +14,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from riskd.domain.decision import Outcome
-from riskd.dsl.diagnostics import TYPE_ERROR, Diagnostics
+from riskd.dsl.checker import MAX_ITERATIONS, TYPE_NAMES, iteration_cost
+from riskd.dsl.diagnostics import LIMIT_EXCEEDED, TYPE_ERROR, Diagnostics
 from riskd.dsl.expr import CompiledExpr, Env, compile_expr
+from riskd.dsl.lexer import RESERVED as LEXER_RESERVED
 from riskd.dsl.program import Mode, Program, Rule, RuleTest, Scenario, content_version
 from riskd.dsl.rulefile import Array, Field, Item, Name, Pos, Reporter, RuleFile, Scalar, When
 from riskd.dsl.rulefile import parse as parse_file
 from riskd.dsl.ruletest import build_test
 from riskd.dsl.schema import CONSTANTS, RESERVED, ListValue, list_type, rule_env
 from riskd.dsl.types import BOOL, Type, is_dyn
+from riskd.dsl.values import INT_MAX, INT_MIN
 
 DUPLICATE_RULE = "riskd_duplicate_rule"
 DUPLICATE_LIST = "riskd_duplicate_list"
@@ -36,6 +39,10 @@ UNKNOWN_MODE = "riskd_unknown_mode"
 UNKNOWN_ACTION = "riskd_unknown_action"
 LIST_MIXED_TYPES = "riskd_list_mixed_types"
 RESERVED_NAME = "riskd_reserved_name"
+
+# Names a list cannot take: a type (``int`` would shadow ``type(x) == int``), a
+# literal or a reserved word of the expression language.
+_UNUSABLE_NAMES = frozenset({*TYPE_NAMES, "dyn", "true", "false", "null", "in", *LEXER_RESERVED})
 
 RULE_FIELDS: tuple[str, ...] = (
     "description",
@@ -125,6 +132,10 @@ def _declare_list(item: Item, decls: _Decls, rep: Reporter) -> None:
             RESERVED_NAME, f"{name!r} is a built-in variable; pick another list name", item.name.pos
         )
         return
+    if name in _UNUSABLE_NAMES:
+        what = "a type name" if name in TYPE_NAMES else "a word of the expression language"
+        rep.report(RESERVED_NAME, f"{name!r} is {what}; pick another list name", item.name.pos)
+        return
     if name in decls.list_types:
         rep.report(DUPLICATE_LIST, f"list {name!r} is already declared", item.name.pos)
         return
@@ -135,6 +146,13 @@ def _declare_list(item: Item, decls: _Decls, rep: Reporter) -> None:
         msg = 'a list holds strings or numbers: list name = ["a", "b"]'
         rep.report(BAD_VALUE, msg, _pos(value, item.pos))
         return
+    out_of_range = [
+        v for v in value.items if isinstance(v, Scalar) and v.kind == "int" and not _is_int64(v)
+    ]
+    for v in out_of_range:  # the same literal in a 'when' is an error too
+        rep.report(BAD_VALUE, "integer out of range (beyond a 64-bit int)", v.pos)
+    if out_of_range:
+        return
     values = tuple(typing.cast(Scalar, v).value for v in value.items)
     ltype = list_type(values)
     if ltype is None:
@@ -144,6 +162,10 @@ def _declare_list(item: Item, decls: _Decls, rep: Reporter) -> None:
         values = tuple(float(typing.cast(float, v)) for v in values)
     decls.list_types[name] = ltype
     decls.lists[name] = ListValue(values)
+
+
+def _is_int64(v: Scalar) -> bool:
+    return isinstance(v.value, int) and INT_MIN <= v.value <= INT_MAX
 
 
 def _declare_rule(item: Item, decls: _Decls, rep: Reporter) -> None:
@@ -178,7 +200,7 @@ def _rule(item: Item, decls: _Decls, env: Env, rep: Reporter) -> tuple[Rule, ...
     score = _score(fields.get("score"), rep)
     reason = _reason(fields.get("reason"), rep)
     when = fields.get("when")
-    expr = _compile_when(when, env, rep) if when is not None else None
+    expr = _compile_when(when, env, decls, rep) if when is not None else None
     if len(rep.items) > before or expr is None or mode is None or action is None:
         return ()
     assert isinstance(when, Field) and isinstance(when.value, When)
@@ -286,7 +308,7 @@ def _reason(f: Field | None, rep: Reporter) -> str:
     return ""
 
 
-def _compile_when(f: Field, env: Env, rep: Reporter) -> CompiledExpr | None:
+def _compile_when(f: Field, env: Env, decls: _Decls, rep: Reporter) -> CompiledExpr | None:
     if not isinstance(f.value, When):
         rep.report(BAD_VALUE, "'when' must be an expression", f.pos)
         return None
@@ -301,6 +323,20 @@ def _compile_when(f: Field, env: Env, rep: Reporter) -> CompiledExpr | None:
         return None
     if compiled.type != BOOL and not is_dyn(compiled.type):
         rep.report(TYPE_ERROR, f"'when' must be a bool expression, not {compiled.type}", pos)
+        return None
+    sizes = {name: len(values) for name, values in decls.lists.items()}
+    cost, where = iteration_cost(compiled.checked, sizes)
+    if cost > MAX_ITERATIONS:
+        message = (
+            f"this rule may take about {cost:,} steps for one order, over the limit of"
+            f" {MAX_ITERATIONS:,} (a comprehension runs once per element, nested ones"
+            " multiply; an order's items count as 200): iterate over fewer elements"
+        )
+        src = where.pos.source if where is not None else None
+        if where is not None and src is not None:
+            rep.extend([src.diagnostic(LIMIT_EXCEEDED, message, where.pos.offset)])
+        else:
+            rep.report(LIMIT_EXCEEDED, message, pos)
         return None
     return compiled
 

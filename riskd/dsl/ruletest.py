@@ -20,11 +20,10 @@ expected ones) that hit are exactly ``expect``; a rule ERROR fails it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from riskd.domain.features import KEYS, WINDOWS, Agg, FeatureQuery
@@ -33,7 +32,7 @@ from riskd.domain.shop import ShopState
 from riskd.dsl.program import Program, RuleStatus, RuleTest
 from riskd.dsl.rulefile import Array, Entry, Name, Object, Pos, Reporter, Scalar, Value, When
 from riskd.dsl.rulefile import Item as SyntaxItem
-from riskd.dsl.values import EvalError, parse_timestamp
+from riskd.dsl.values import EvalError, Timestamp, parse_timestamp
 
 DEFAULT_NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z: tests never read the wall clock
 TEST_FIELDS: tuple[str, ...] = ("order", "shop", "features", "now", "expect")
@@ -186,7 +185,13 @@ def _now(value: Value | None, rep: Reporter) -> float:
     if value is None:
         return DEFAULT_NOW
     if isinstance(value, Scalar) and value.kind in ("int", "float"):
-        return float(typing.cast(float, value.value))
+        seconds = float(typing.cast(float, value.value))
+        try:
+            Timestamp.from_seconds(seconds)  # what evaluation turns it into
+        except (EvalError, OverflowError, ValueError):
+            rep.report(BAD_TEST_INPUT, "now is out of range (years 1 to 9999)", value.pos)
+            return DEFAULT_NOW
+        return seconds
     if isinstance(value, Scalar) and value.kind == "string":
         try:
             return parse_timestamp(str(value.value)).ns / 1e9
@@ -340,9 +345,20 @@ def run_test(program: Program, test: RuleTest) -> CaseResult:
         for rid in (*missing, *unexpected):
             rule = program.rule(rid)
             if rule is not None and rule.expr is not None:
-                with contextlib.suppress(EvalError):  # its error is already in ``errors``
-                    why.append((rid, rule.expr.explain(act)))
+                why.append((rid, _why(rule.expr.explain, act)))
     return CaseResult(test, fired, missing, unexpected, errors, tuple(why))
+
+
+def _why(
+    explain: Callable[[Mapping[str, object]], tuple[str, ...]], act: Mapping[str, object]
+) -> tuple[str, ...]:
+    """A rule's explanation for a failing case; a failure to explain is one line, not a crash."""
+    try:
+        return explain(act)
+    except EvalError as exc:
+        return (f"explanation failed: {exc}",)
+    except Exception as exc:
+        return (f"explanation failed ({type(exc).__name__})",)
 
 
 def run_tests(program: Program) -> tuple[CaseResult, ...]:

@@ -3,6 +3,10 @@
 Equality, ordering, membership, indexing, map construction and the integer
 range checks live here once; the builtin implementations in ``functions``
 and the compiler's helpers both call them.
+
+An ``EvalError``'s message never quotes a run-time value (an index, a key, a
+string): it reaches the decision log and explanations, and the value may be
+personal data. Types, and names written in the rule itself, are fine.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from riskd.domain.features import FeatureQuery
 from riskd.dsl.values import (
     INT_MAX,
     INT_MIN,
@@ -40,6 +45,7 @@ def check_uint(r: int) -> UInt:
 
 
 MAX_CONCAT = 1 << 20  # elements or characters a concatenation may produce
+MAX_COMPREHENSION = MAX_CONCAT  # elements a map() or filter() may range over (and produce)
 
 
 def concat(a: Any, b: Any) -> Any:
@@ -49,6 +55,29 @@ def concat(a: Any, b: Any) -> Any:
     if isinstance(a, str | bytes):
         return a + b
     return [*a, *b]
+
+
+def bounded(target: Any) -> Any:
+    """A ``map()``/``filter()`` target, refused when its output could exhaust memory."""
+    if len(target) > MAX_COMPREHENSION:
+        raise EvalError(f"{MAX_COMPREHENSION} elements is the most a comprehension may produce")
+    return target
+
+
+def as_eval_error(exc: Exception) -> EvalError:
+    """``exc`` as the ``EvalError`` a rule reports: a Python error never escapes a rule.
+
+    The message names the error's type, never its text (which may quote a value).
+    """
+    if isinstance(exc, EvalError):
+        return exc
+    if isinstance(exc, KeyError):
+        key = exc.args[0] if exc.args else ""
+        if isinstance(key, FeatureQuery):
+            return EvalError(f"missing feature {key.name}")
+        if isinstance(key, str) and (key.isidentifier() or key == "@features"):
+            return EvalError(f"missing input {key}")
+    return EvalError(f"evaluation failed ({type(exc).__name__})")
 
 
 def is_number(v: object) -> bool:
@@ -162,7 +191,7 @@ def index(container: object, key: object) -> object:
         if not isinstance(key, int) or isinstance(key, bool):
             raise EvalError(f"invalid argument: list index of type {type_name(key)}")
         if not 0 <= key < len(container):
-            raise EvalError(f"invalid argument: index {key} out of range")
+            raise EvalError("invalid argument: index out of range")  # never the value: PII
         return normalize_value(container[key])
     if isinstance(container, dict):
         found, value = lookup(container, key)

@@ -9,7 +9,8 @@ Explanations travel to the caller and into the hash-chained decision log, so
 they never quote personal data: a value read from a field in ``PII_FIELDS``,
 and every value computed from one (a concatenation, a conversion, a size, a
 list or map holding it), is written ``"***"`` whatever it contains; only a
-bool (the condition's own answer) and an empty string show as they are.
+bool (the condition's own answer) and an empty string show as they are. The
+error of a node computed from one is written ``"***"`` too.
 ``riskd.dsl.program`` scrubs the rendered lines once more for the order's PII
 values, as a second line of defence.
 """
@@ -49,10 +50,11 @@ PII_FIELDS: Mapping[type, frozenset[str]] = {
 class RecordingTracer:
     """Keeps the last value (or error) of every evaluated node.
 
-    ``secret`` holds the nodes whose value is, or was computed from, a PII field:
-    a ``Select`` of a ``PII_FIELDS`` field, or any node with such a child. The
-    interpreter reports a node after its children, so one pass marks them all (a
-    node marked in one run of a macro body stays marked: it only hides more).
+    ``secret`` holds the nodes whose value (or error) is, or was computed from, a
+    PII field: a ``Select`` of a ``PII_FIELDS`` field, or any node with such a
+    child. The interpreter reports a node after its children, so one pass marks
+    them all (a node marked in one run of a macro body stays marked: it only
+    hides more).
     """
 
     values: dict[int, object] = dataclasses.field(default_factory=dict)
@@ -66,6 +68,8 @@ class RecordingTracer:
 
     def on_error(self, node: Expr, error: EvalError) -> None:
         self.errors[id(node)] = error
+        if _reads_pii(node, self.values) or any(id(c) in self.secret for c in children(node)):
+            self.secret.add(id(node))  # its error may be about a PII value: shown as "***"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -101,9 +105,10 @@ def explain(
     try:
         Interpreter(checked, variables, registry, tracer).evaluate(activation)
     except EvalError:
-        pass
-    except (KeyError, TypeError, AttributeError) as exc:
-        return (f"{unparse(checked.root)} → error: {exc!r}",)
+        pass  # the failing nodes are in the tracer; their lines say so
+    except Exception as exc:  # the interpreter maps every error to EvalError: a bug
+        # never the exception's text: it may quote a value
+        return (f"{_clip(unparse(checked.root))} → explanation failed ({type(exc).__name__})",)
     return tuple(_line(step, tracer) for step in steps or plan(checked.root))
 
 
@@ -130,7 +135,8 @@ def _conditions(node: Expr, top: bool) -> Iterator[Expr]:
 def _line(step: _Step, tracer: RecordingTracer) -> str:
     node, text, values = step.node, step.text, tracer.values
     if id(node) in tracer.errors and id(node) not in values:
-        return f"{text} → error: {tracer.errors[id(node)]}"
+        error = _HIDDEN if id(node) in tracer.secret else str(tracer.errors[id(node)])
+        return f"{text} → error: {error}"
     if id(node) not in values:
         return f"{text} → not evaluated"
     details = [f"{t} = {_shown(c, tracer)}" for c, t in step.operands if id(c) in values]

@@ -23,6 +23,7 @@ _NS = 1_000_000_000
 _DUR_MAX_S = 315_576_000_000
 _TS_MIN_S = -62_135_596_800  # 0001-01-01T00:00:00Z
 _TS_MAX_S = 253_402_300_799  # 9999-12-31T23:59:59Z
+_DUR_MAX_DIGITS = 30  # more digits than any duration in range has, in any unit
 
 
 class EvalError(RiskdError):
@@ -109,8 +110,11 @@ def parse_duration(text: str) -> Duration:
     for num, unit in _DUR_PART.findall(text):
         scale = _UNIT_NS.get(unit, 1)
         whole, _, frac = num.partition(".")
+        if len(whole) > _DUR_MAX_DIGITS:  # int() refuses over 4300 digits; far out of range
+            raise EvalError("duration out of range")
         total += int(whole or "0") * scale
         if frac:
+            frac = frac[:_DUR_MAX_DIGITS]  # further digits are far below a nanosecond
             total += int(frac) * scale // 10 ** len(frac)
     return Duration.checked(-total if text.startswith("-") else total)
 

@@ -119,3 +119,50 @@ def test_rules_commands_run_as_a_process() -> None:
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
     assert (proc.returncode, proc.stdout.strip()) == (0, "true")
+
+
+@pytest.mark.parametrize("where", ["missing", "empty"])
+def test_rules_test_without_rule_files_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    folder = tmp_path / where
+    if where == "empty":
+        folder.mkdir()
+    assert main(["rules", "test", str(folder)]) == 1
+    captured = capsys.readouterr()
+    assert f"{folder}: no .rules files" in captured.err and "passed" not in captured.out
+
+
+def _one_rule(when: str) -> str:
+    return (
+        'scenario s = "a scenario"\n\nrule x {\n  description = "d"\n  owner = "o"\n'
+        "  scenarios = [s]\n  mode = active\n  action = review\n  score = 10\n  reason = X\n"
+        f"  when = {when}\n}}\n"
+    )
+
+
+@pytest.mark.parametrize("now", ["1e20", "-99999999999999"])
+def test_rules_test_out_of_range_now_is_a_diagnostic(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], now: str
+) -> None:
+    text = (
+        _one_rule("order.amounts.total > 100")
+        + f'\ntest "t" {{\n  now = {now}\n  expect = []\n}}\n'
+    )
+    (tmp_path / "a.rules").write_text(text, encoding="utf-8")
+    assert main(["rules", "test", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "a.rules:15:9: riskd_bad_test_input: now is out of range" in err
+    assert "Traceback" not in err
+
+
+def test_rules_test_explains_a_failing_case_whose_rule_fails_only_when_explained(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    when = 'duration("' + "1" * 4400 + 'h") > duration("1s") || order.amounts.total > 50'
+    text = _one_rule(when) + '\ntest "t" {\n  order = {amounts: {total: 100}}\n  expect = []\n}\n'
+    (tmp_path / "a.rules").write_text(text, encoding="utf-8")
+    assert main(["rules", "test", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "fired but not expected: x" in out and "why x:" in out
+    assert "→ error: duration out of range" in out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -145,3 +147,36 @@ def test_format_breaks_long_values_one_element_per_line() -> None:
     out = format_file(tree)
     assert out.startswith('list l = [\n  "element-000",\n')
     assert out.endswith('  "element-011",\n]\n')
+
+
+def test_format_keeps_the_text_of_a_multi_line_string(tmp_path: Path) -> None:
+    """Re-indenting a line inside a triple-quoted string would change what the rule matches."""
+    from riskd.domain.order import Buyer, Order
+    from riskd.domain.shop import ShopState
+    from riskd.dsl.program import compile_rules
+
+    scenario = tmp_path / "s.rules"
+    scenario.write_text('scenario s = "a scenario"\n', encoding="utf-8")
+    rule = (
+        'rule x {\n  description = "d"\n  owner = "o"\n  scenarios = [s]\n  mode = active\n'
+        "  action = review\n  score = 10\n  reason = X\n"
+        '  when = order.coupon_code == """a\n  b\n\nc  """ ||\n order.coupon_code == "x"\n}\n'
+    )
+    path = tmp_path / "a.rules"
+    order = Order("o-1", Buyer("b-1"), "s-1", "m-1", coupon_code="a\n  b\n\nc  ")
+
+    def status() -> str:
+        program = compile_rules(scenario, path)
+        return program.evaluate(order, ShopState("s-1"), {}, 0.0)[0].status.name
+
+    path.write_text(rule, encoding="utf-8")
+    assert status() == "HIT"
+    formatted, diags = format_text(rule)
+    assert diags.ok and formatted is not None
+    assert '"""a\n  b\n\nc  """ ||\n      order.coupon_code == "x"\n' in formatted
+    path.write_text(formatted, encoding="utf-8")
+    assert status() == "HIT"
+    canonical = compile_rules(scenario, path).version
+    assert format_text(formatted)[0] == formatted  # canonical text is left alone: same version
+    path.write_text(format_text(formatted)[0] or "", encoding="utf-8")
+    assert compile_rules(scenario, path).version == canonical

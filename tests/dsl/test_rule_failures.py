@@ -1,0 +1,228 @@
+"""A rule that fails fails alone: built-ins, explanations, error texts, cost bounds, lists.
+
+Each case here is what a rule author or a client can trigger: a client-chosen
+``client_time`` near year 9999, a duration literal of thousands of digits, a
+phone number used as a list index, two nested macros over a long named list.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+
+from riskd.domain.order import Address, Amounts, Buyer, Item, Order
+from riskd.domain.shop import ShopState
+from riskd.dsl import runtime as rt
+from riskd.dsl.checker import MAX_ITERATIONS
+from riskd.dsl.expr import Env, compile_expr
+from riskd.dsl.helpers import logic_and, logic_or
+from riskd.dsl.program import RuleStatus, check_rules, compile_rules
+from riskd.dsl.registry import DEFAULT_REGISTRY, VELOCITY
+from riskd.dsl.types import INT, ListType
+from riskd.dsl.values import INT_MAX, INT_MIN, UINT_MAX, Duration, EvalError, Timestamp, UInt
+from riskd.errors import RuleCompileError
+
+NOW = 1_767_225_600.0
+PHONE = "+8613800138000"
+SCENARIO = 'scenario s = "a scenario"\n'
+
+
+def _rule(rid: str, when: str, action: str = "review") -> str:
+    return (
+        f'rule {rid} {{\n  description = "d"\n  owner = "o"\n  scenarios = [s]\n'
+        f"  mode = active\n  action = {action}\n  score = 10\n  reason = R_{rid.upper()}\n"
+        f"  when = {when}\n}}\n"
+    )
+
+
+def _write(tmp_path: Path, text: str, name: str = "a.rules") -> Path:
+    (tmp_path / "s.rules").write_text(SCENARIO, encoding="utf-8")
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _order(client_time: float = 0.0) -> Order:
+    buyer = Buyer("b-1", phone=PHONE, name="Li", address=Address("p", "c", "d", "Room 5"))
+    return Order(
+        "o-1", buyer, "s-1", "m-1", items=(Item("sku", "cat", 100, 1),),
+        amounts=Amounts(100, 0, 0, 0, 100), client_time=client_time,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------- explanations never crash
+
+
+@pytest.mark.parametrize(
+    ("when", "client_time"),
+    [
+        # the left side raised OverflowError, in the explanation only (the compiled
+        # code evaluates the infallible right side first and never runs it)
+        ('timestamp(int(order.client_time)).getHours("Asia/Shanghai") < 6'
+         " || order.amounts.total > 50", 253_402_300_000.0),
+        ('timestamp("0001-01-01T00:00:00Z").getHours("-05:00") > 3'
+         " || order.amounts.total > 50", 0.0),
+        # ValueError: int() of more than 4300 digits
+        ('duration("' + "1" * 4400 + 'h") > duration("1s") || order.amounts.total > 50', 0.0),
+    ],
+)  # fmt: skip
+def test_a_rule_that_fails_only_while_explained_keeps_every_result(
+    tmp_path: Path, when: str, client_time: float
+) -> None:
+    path = _write(tmp_path, _rule("odd", when) + _rule("big", "order.amounts.total > 50"))
+    program = compile_rules(tmp_path / "s.rules", path)
+    results = program.evaluate(_order(client_time), ShopState("s-1"), {}, NOW, explain=True)
+    assert [(r.rule_id, r.status) for r in results] == [
+        ("odd", RuleStatus.HIT),
+        ("big", RuleStatus.HIT),
+    ]
+    odd = results[0].explanation
+    assert odd[0].endswith("→ true")
+    assert any("→ error: " in line for line in odd)  # the failing side, as an error
+    assert results[1].explanation == (
+        "order.amounts.total > 50 → true (order.amounts.total = 100)",
+    )
+
+
+def test_or_and_absorb_a_python_error_like_the_interpreter() -> None:
+    """The compiled helpers and the reference interpreter treat any error alike."""
+
+    def boom() -> object:
+        raise OverflowError("date value out of range")
+
+    assert logic_or(boom, lambda: True) is True
+    assert logic_and(boom, lambda: False) is False
+    with pytest.raises(EvalError, match=r"evaluation failed \(OverflowError\)"):
+        logic_or(boom, lambda: False)
+
+
+# Values at the edges of each parameter type, for every built-in overload.
+_EDGES: dict[str, list[object]] = {
+    "int": [0, -1, 7, INT_MAX, INT_MIN],
+    "uint": [UInt(0), UInt(UINT_MAX)],
+    "double": [0.0, -1.5, math.nan, math.inf, -math.inf, 1e308],
+    "string": ["", "1" * 5000, "1" * 5000 + "h", "+05:00", "-23:59", "Asia/Shanghai",
+               "America", "../etc", "\ud800", "(", "9999-12-31T23:59:59Z", "1e400"],
+    "bytes": [b"", b"\xff"],
+    "bool": [True, False],
+    "google.protobuf.Timestamp": [Timestamp.checked(-62_135_596_800 * 10**9),
+                                  Timestamp.checked(253_402_300_799 * 10**9), Timestamp(0)],
+    "google.protobuf.Duration": [Duration(0), Duration.checked(315_576_000_000 * 10**9),
+                                 Duration.checked(-315_576_000_000 * 10**9)],
+}  # fmt: skip
+_ANY = [0, "", [], {}, 1.5, None]
+
+
+def _edges(param: object) -> list[object]:
+    name = getattr(param, "name", None)
+    if isinstance(param, ListType):
+        return [[], [1, "a"], list(range(3))]
+    if isinstance(name, str) and name in _EDGES:
+        return _EDGES[name]
+    if type(param).__name__ == "MapType":
+        return [{}, {"a": 1}]
+    return _ANY
+
+
+def test_every_builtin_raises_only_eval_error_at_its_edges() -> None:
+    """A Python error from a built-in is what made the explanation re-run crash."""
+    leaked = []
+    for function in DEFAULT_REGISTRY.functions.values():
+        if function.name in VELOCITY:  # bound to the feature snapshot by the compiler
+            continue
+        for overload in function.overloads:
+            impl = DEFAULT_REGISTRY.impls[overload.id]
+            for args in itertools.product(*(_edges(p) for p in overload.params)):
+                try:
+                    impl(*args)
+                except EvalError:
+                    pass
+                except Exception as exc:
+                    leaked.append((overload.id, type(exc).__name__))
+    assert sorted(set(leaked)) == []
+
+
+# ------------------------------------------------------------------ no values in errors
+
+
+def test_rule_errors_and_explanations_never_quote_an_index_value(tmp_path: Path) -> None:
+    digits = PHONE.lstrip("+")
+    text = _rule("idx", "[0, 1][int(order.buyer.phone)] == 1") + _rule(
+        "either", "[1, 2][int(order.buyer.phone)] > 0 || order.amounts.total > 50"
+    )
+    program = compile_rules(tmp_path / "s.rules", _write(tmp_path, text))
+    idx, either = program.evaluate(_order(), ShopState("s-1"), {}, NOW, explain=True)
+    assert idx.status is RuleStatus.ERROR
+    assert idx.error == "invalid argument: index out of range"
+    assert either.status is RuleStatus.HIT
+    assert '[1, 2][int(order.buyer.phone)] > 0 → error: "***"' in either.explanation
+    for text_out in (idx.error, *either.explanation):
+        assert digits not in text_out and digits[-11:] not in text_out
+
+
+# ------------------------------------------------------------------------ cost bounds
+
+
+def test_a_rule_too_slow_for_the_deadline_is_refused_where_it_loops(tmp_path: Path) -> None:
+    big = "list big = [" + ", ".join(str(i) for i in range(3000)) + "]\n"
+    (tmp_path / "lists.rules").write_text(big, encoding="utf-8")
+    path = _write(tmp_path, _rule("slow", "big.exists(a, big.exists(b, a + b < 0))"))
+    program, diags = check_rules(tmp_path / "lists.rules", tmp_path / "s.rules", path)
+    assert program is None
+    assert [(d.code, d.file, d.line, d.col) for d in diags] == [
+        ("riskd_limit_exceeded", str(path), 9, 14)
+    ]
+    assert "9,003,000 steps" in diags[0].message and f"{MAX_ITERATIONS:,}" in diags[0].message
+
+
+def test_rules_within_the_cost_bound_compile(tmp_path: Path) -> None:
+    big = "list big = [" + ", ".join(str(i) for i in range(3000)) + "]\n"
+    (tmp_path / "lists.rules").write_text(big, encoding="utf-8")
+    text = _rule("one_pass", "big.exists(a, a == order.amounts.total)") + _rule(
+        "pairs", "order.items.exists(a, order.items.exists(b, a.sku == b.sku && a != b))"
+    )
+    program = compile_rules(tmp_path / "lists.rules", tmp_path / "s.rules", _write(tmp_path, text))
+    assert [r.id for r in program.rules] == ["one_pass", "pairs"]
+
+
+def test_map_and_filter_refuse_to_build_an_oversized_list() -> None:
+    compiled, _ = compile_expr("xs.map(x, x + 1).size() > 0", Env({"xs": ListType(INT)}))
+    assert compiled is not None
+    xs = list(range(rt.MAX_COMPREHENSION + 1))
+    for run in (compiled.evaluate, compiled.interpret):
+        with pytest.raises(EvalError, match="the most a comprehension may produce"):
+            run({"xs": xs})
+    assert compiled.evaluate({"xs": xs[:10]}) is True
+
+
+# ---------------------------------------------------------------------- declarations
+
+
+def test_a_list_value_beyond_int64_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "lists.rules").write_text(
+        "list ids = [1, 99999999999999999999999]\n", encoding="utf-8"
+    )
+    path = _write(tmp_path, _rule("x", "order.amounts.total in ids"))
+    with pytest.raises(RuleCompileError) as err:
+        compile_rules(tmp_path / "lists.rules", tmp_path / "s.rules", path)
+    assert "lists.rules:1:16: riskd_bad_value: integer out of range" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["int", "string", "type", "null"])
+def test_a_list_named_like_a_type_or_literal_is_refused(tmp_path: Path, name: str) -> None:
+    (tmp_path / "lists.rules").write_text(f"list {name} = [1, 2]\n", encoding="utf-8")
+    _write(tmp_path, _rule("x", "true"))
+    program, diags = check_rules(
+        tmp_path / "lists.rules", tmp_path / "s.rules", tmp_path / "a.rules"
+    )
+    assert program is None
+    assert [(d.code, d.line, d.col) for d in diags] == [("riskd_reserved_name", 1, 6)]
+
+
+def test_a_rule_file_starting_with_a_bom_compiles(tmp_path: Path) -> None:
+    path = _write(tmp_path, "\ufeff" + _rule("x", "order.amounts.total > 50"))
+    program = compile_rules(tmp_path / "s.rules", path)
+    assert [r.id for r in program.rules] == ["x"]
