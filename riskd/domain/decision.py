@@ -39,3 +39,5 @@ class Decision:
     decided_at: float = 0.0
     # the decision recorded for an earlier call with this order id (never stored)
     replayed: bool = False
+    # ids of the rules whose result was an ERROR, for the metrics (never stored or sent)
+    rule_errors: tuple[str, ...] = field(default=(), compare=False)

@@ -58,6 +58,7 @@ the orders whose features did not arrive get the degraded fallback answer.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import replace
@@ -82,6 +83,9 @@ from riskd.features.memory import InProcessFeatureStore
 from riskd.features.store import MAX_ORDER_ID_LEN, FeatureStore, Observation
 
 FALLBACK_RULE_ID = "@fallback"
+RULE_ERROR_LOG_EVERY_S = 60.0  # a rule that errors is logged at most this often (per rule id)
+
+_log = logging.getLogger("riskd.engine.scorer")
 _INPUTS = frozenset({"features", "shops", "rules"})  # what the decision is made from
 
 Features = dict[FeatureQuery, int]
@@ -152,6 +156,7 @@ class Scorer:
             clock, failures=breaker_failures, cooldown_s=breaker_cooldown_s
         )
         self._flights = Flights()
+        self._rule_error_logged: dict[str, float] = {}  # rule id -> when last logged
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, "riskd-features")
 
     # -- public API ----------------------------------------------------------
@@ -302,7 +307,10 @@ class Scorer:
             missing.append("features")
         try:
             results = _evaluate(ctx.program, order, shop, features or {}, ctx.now)
-        except Exception:  # a bug in the program, not one rule: answer by the fallback
+        except Exception as exc:  # a bug in the program, not one rule: answer by the fallback
+            # the type only: an exception's text may quote the order's data
+            fields = {"error_type": type(exc).__name__, "rules_version": ctx.program.version}
+            _log.error("rule program failed; answered by the fallback", extra={"fields": fields})
             missing.append("rules")
             results = ()
         decision = self._decision(order, ctx, results, missing)
@@ -326,6 +334,9 @@ class Scorer:
     ) -> Decision:
         verdict = combine(results)
         outcome, reasons = verdict.outcome, verdict.reasons
+        errors = tuple(r.rule_id for r in results if r.status is RuleStatus.ERROR)
+        if errors:
+            self._log_rule_errors(results, ctx.program.version)
         if any(m in _INPUTS for m in missing):  # the log alone missing leaves the answer whole
             fallback = self._fallback_reason(order)
             outcome = max(outcome, fallback.action)
@@ -340,7 +351,26 @@ class Scorer:
             degraded=tuple(missing),
             elapsed_us=int((self._clock.monotonic() - ctx.started) * 1e6),
             decided_at=ctx.now,
+            rule_errors=errors,
         )
+
+    def _log_rule_errors(self, results: Sequence[RuleResult], version: str) -> None:
+        """Log each rule that errored, at most once per ``RULE_ERROR_LOG_EVERY_S`` per rule.
+
+        A rule that errors on every order never enforces; the decision log has each
+        error, this says it where operators look (``riskd_rule_errors_total`` counts).
+        The message is the rule's error, which never quotes a value (see ``riskd.dsl``).
+        """
+        now = self._clock.monotonic()
+        for r in results:
+            if r.status is not RuleStatus.ERROR:
+                continue
+            last = self._rule_error_logged.get(r.rule_id)
+            if last is not None and now - last < RULE_ERROR_LOG_EVERY_S:
+                continue
+            self._rule_error_logged[r.rule_id] = now
+            fields = {"rule_id": r.rule_id, "rules_version": version, "error": r.error}
+            _log.warning("rule failed on an order", extra={"fields": fields})
 
     def _fallback_reason(self, order: Order) -> Reason:
         answer = self._fallback.decide(order)

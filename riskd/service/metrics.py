@@ -63,6 +63,12 @@ class Metrics:
         self.rule_hits = Counter(
             "riskd_rule_hits", "Enforced rule hits by rule id.", ["rule_id"], registry=r
         )
+        self.rule_errors = Counter(
+            "riskd_rule_errors",
+            "Rule results that were an error (the rule neither hit nor missed), by rule id.",
+            ["rule_id"],
+            registry=r,
+        )
         self.degraded = Counter(
             "riskd_degraded_decisions",
             "Decisions made by the fallback policy, by unavailable dependency.",
@@ -92,12 +98,16 @@ class Metrics:
         # labelled children, looked up once per label value instead of once per decision
         self._by_outcome: dict[Outcome, Any] = {}
         self._by_rule: dict[str, Any] = {}
+        self._by_error: dict[str, Any] = {}
         self._by_missing: dict[str, Any] = {}
 
     def observe_decisions(self, decisions: Iterable[DecisionLike]) -> None:
-        """Count decisions by outcome, their rule hits and degraded answers.
+        """Count decisions by outcome, their rule hits, rule errors and degraded answers.
 
         A replayed decision (a retry's recorded answer) was counted when it was made.
+        Rule errors come from a domain ``Decision``'s ``rule_errors``; a worker's answer
+        (protobuf) does not carry them, so with scoring workers they go uncounted here
+        (the worker's scorer still logs them).
         """
         for d in decisions:
             if d.replayed:
@@ -110,6 +120,8 @@ class Metrics:
                 _child(self._by_rule, self.rule_hits, reason.rule_id).inc()
             for what in d.degraded:
                 _child(self._by_missing, self.degraded, what).inc()
+            for rule_id in getattr(d, "rule_errors", ()):
+                _child(self._by_error, self.rule_errors, rule_id).inc()
 
     def watch_evidence(self, log: EvidenceLike) -> None:
         """Export the decision log's writer state, read at each scrape.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from riskd.engine.keys import observe
 from riskd.errors import AlreadyExistsError, InvalidArgumentError, UnavailableError
 from riskd.ledger import Book, LedgerShopDirectory
 from riskd.pii import BlindIndexer
+from riskd.service.metrics import Metrics
 from riskd.sql import Database
 
 from .conftest import Rig, make_order
@@ -320,3 +322,65 @@ def test_scorer_answers_when_the_log_cannot_be_read(
     rig.scorer.close()
     rig.log.close()
     db.close()
+
+
+NIGHT_RULE = """
+rule night_order {
+  description = "Placed at night, client time (fails near year 9999 in that time zone)"
+  owner       = "risk-ops"
+  scenarios   = [live_room_checkout]
+  mode        = shadow
+  action      = review
+  score       = 1
+  reason      = NIGHT_ORDER
+  when        = timestamp(int(order.client_time)).getHours("Asia/Shanghai") < 6
+      || order.amounts.total > 50
+}
+"""
+
+
+def test_scorer_keeps_every_result_when_a_hit_fails_only_while_explained(
+    make_rig: Callable[..., Rig], holder: ProgramHolder, rules_dir: Path
+) -> None:
+    """A client_time near year 9999 must not turn every rule's result into the fallback."""
+    path = rules_dir / "checkout.rules"
+    path.write_text(path.read_text(encoding="utf-8") + NIGHT_RULE, encoding="utf-8")
+    assert holder.reload().ok
+    rig = make_rig()
+    order = replace(make_order("o-1", total=60_000), client_time=253_402_300_000.0)
+    decision = rig.scorer.score(order)
+    assert decision.degraded == ()
+    assert [r.rule_id for r in decision.reasons] == ["big_order"]
+    assert statuses(rig, "o-1")["night_order"] == ("HIT", "SHADOW")
+
+
+def test_scorer_logs_a_program_failure_without_personal_data(
+    make_rig: Callable[..., Rig], holder: ProgramHolder, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a scoring time beyond year 9999: the program cannot even build its variables
+    rig = make_rig(scorer_clock=FakeClock(1e13))
+    with caplog.at_level(logging.ERROR, logger="riskd.engine.scorer"):
+        decision = rig.scorer.score(make_order("o-1", total=60_000))
+    assert "rules" in decision.degraded
+    [record] = [r for r in caplog.records if r.name == "riskd.engine.scorer"]
+    assert record.getMessage() == "rule program failed; answered by the fallback"
+    fields = record.fields  # type: ignore[attr-defined]
+    assert fields == {"error_type": "EvalError", "rules_version": holder.current.version}
+
+
+def test_scorer_counts_and_logs_rule_errors_once_per_decision(
+    make_rig: Callable[..., Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = make_rig()
+    metrics = Metrics()
+    with caplog.at_level(logging.WARNING, logger="riskd.engine.scorer"):
+        first = rig.scorer.score(make_order("o-1"))
+        second = rig.scorer.score(make_order("o-2"))
+        retry = rig.scorer.score(make_order("o-1"))
+    assert first.rule_errors == ("discount_ratio",) and retry.replayed
+    metrics.observe_decisions([first, second, retry])  # the replayed one was counted before
+    assert metrics.value("riskd_rule_errors_total", {"rule_id": "discount_ratio"}) == 2
+    assert metrics.value("riskd_rule_errors_total", {"rule_id": "big_order"}) == 0
+    logged = [r for r in caplog.records if r.getMessage() == "rule failed on an order"]
+    assert len(logged) == 1  # once a minute per rule, not once per order
+    assert logged[0].fields["rule_id"] == "discount_ratio"  # type: ignore[attr-defined]
