@@ -12,7 +12,7 @@ from riskd.ledger import accounts as acc
 from riskd.ledger.codes import Code
 from riskd.ledger.core import BookCore, Draft, Receipt, Request
 from riskd.ledger.transfers import dispute_ref, order_ref
-from riskd.ledger.validate import check_amount, check_id, check_text
+from riskd.ledger.validate import check_amount, check_claim_ref, check_id, check_text
 from riskd.sql import Tx
 
 
@@ -32,7 +32,15 @@ class CompensationOperations(BookCore):
         actor: str,
         reason: str = "",
     ) -> Receipt:
-        """Record a buyer's dispute against a shop's order (no money moves yet)."""
+        """Record a buyer's dispute against a shop's order (no money moves yet).
+
+        One dispute per order, so an order is compensated at most once (a unique
+        index on ``ledger_disputes.order_id`` is the second line). The ledger knows
+        no orders, so it cannot check that the order is the shop's: the caller's.
+
+        Raises:
+            AlreadyExistsError: the dispute id, or a dispute for this order, exists.
+        """
         check_id("dispute_id", dispute_id)
         check_id("shop_id", shop_id)
         check_id("order_id", order_id)
@@ -42,6 +50,8 @@ class CompensationOperations(BookCore):
             self._require_shop(tx, shop_id)
             if self._dispute(tx, dispute_id) is not None:
                 raise AlreadyExistsError("dispute_id: dispute already open")
+            if self.store.one(tx, "SELECT 1 FROM ledger_disputes WHERE order_id = ?", (order_id,)):
+                raise AlreadyExistsError("order_id: a dispute for this order already exists")
             draft = Draft()
             row = {
                 "dispute_id": dispute_id,
@@ -78,7 +88,8 @@ class CompensationOperations(BookCore):
 
         Raises:
             InsufficientFundsError: the fund cannot cover the payout (nothing is written).
-            AlreadyExistsError: the dispute was already compensated (one payout per dispute).
+            AlreadyExistsError: the dispute, or its order under another dispute (possible
+                only in a database from before one dispute per order), was compensated.
         """
         check_id("dispute_id", dispute_id)
         check_amount("amount", amount)
@@ -97,6 +108,14 @@ class CompensationOperations(BookCore):
                 (ref, int(Code.COMPENSATION)),
             ):
                 raise AlreadyExistsError("dispute_id: already compensated (one payout per dispute)")
+            if self.store.one(
+                tx,
+                "SELECT 1 FROM ledger_disputes d JOIN ledger_transfers t"
+                " ON t.ref = 'dispute/' || d.dispute_id AND t.code = ?"
+                " WHERE d.order_id = (SELECT order_id FROM ledger_disputes WHERE dispute_id = ?)",
+                (int(Code.COMPENSATION), dispute_id),
+            ):
+                raise AlreadyExistsError("order_id: order already compensated (one per order)")
             if self._balance(tx, acc.FUND) < amount:
                 raise InsufficientFundsError("fund: cannot cover this payout; top the fund up")
             deposit = self._balance(tx, acc.deposit_account(shop_id))
@@ -123,7 +142,11 @@ class CompensationOperations(BookCore):
     def pay_late_shipment_coupon(
         self, key: str, shop_id: str, order_id: str, *, actor: str, evidence: str = ""
     ) -> Receipt:
-        """Pay the buyer of a late-shipped order the schedule's coupon from the fund, once."""
+        """Pay the buyer of a late-shipped order the schedule's coupon from the fund, once.
+
+        The coupon's amount comes from the schedule, not the caller: a retry after a
+        schedule change replays the first receipt (with the amount then paid).
+        """
         check_id("shop_id", shop_id)
         check_id("order_id", order_id)
         coupon = self.schedule.late_shipment_coupon_fen
@@ -143,10 +166,9 @@ class CompensationOperations(BookCore):
             draft.move(acc.FUND, acc.BUYERS, coupon, Code.COUPON, ref)
             return draft
 
-        params = {"shop_id": shop_id, "order_id": order_id, "coupon": coupon}
-        return self._execute(
-            Request(key, "late_shipment_coupon", actor, "", evidence, params), build
-        )
+        params = {"shop_id": shop_id, "order_id": order_id}
+        req = Request(key, "late_shipment_coupon", actor, "", evidence, params, {"coupon": coupon})
+        return self._execute(req, build)
 
     # -- claims ------------------------------------------------------------------------------
 
@@ -166,6 +188,8 @@ class CompensationOperations(BookCore):
         """
         check_id("shop_id", shop_id)
         check_amount("amount", amount)
+        if ref:
+            check_claim_ref(ref)
 
         def build(tx: Tx, now: float) -> Draft:
             self._require_shop(tx, shop_id)
@@ -189,8 +213,13 @@ class CompensationOperations(BookCore):
     def write_off_claim(
         self, key: str, shop_id: str, ref: str, *, actor: str, reason: str, amount: int = 0
     ) -> Receipt:
-        """An operator gives up (part of) one claim; ``amount`` 0 writes off all that is open."""
+        """An operator gives up (part of) one claim; ``amount`` 0 writes off all that is open.
+
+        ``ref`` must name the claim (``dispute/<id>`` or ``case/<id>``): a write-off
+        is posted against that claim's line, never against the shop's claims at large.
+        """
         check_id("shop_id", shop_id)
+        check_claim_ref(ref)
         check_text("reason", reason, required=True)
         if amount:
             check_amount("amount", amount)

@@ -3,7 +3,11 @@
 Every money request carries an idempotency key. In one database transaction
 the book looks the key up: the same key with the same content returns the
 first receipt (``replayed=True``); the same key with other content is refused
-with ``AlreadyExistsError`` and nothing is written. Otherwise the operation
+with ``AlreadyExistsError`` and nothing is written. "Content" is what the caller
+sent (operation, fields, reason, evidence), not who sent it nor what the book
+derived from its configuration: a retry under rotated credentials, or after a
+penalty-schedule change, is still the same request and gets the first receipt
+(which records the first actor and amounts). Otherwise the operation
 builds a ``Draft`` from the current state (refusing with a clear error if the
 request cannot be done), and the draft's transfers, records (dispute, case,
 freeze) and the key's record are written and committed together. Any error
@@ -66,23 +70,39 @@ class Draft:
 
 @dataclass(frozen=True, slots=True)
 class Request:
+    """One money request. ``params`` are the caller's fields; ``derived`` what the book
+    took from its configuration (kept only for fingerprints written before v2)."""
+
     key: str
     operation: str
     actor: str
     reason: str
     evidence: str
     params: dict[str, Any]
+    derived: dict[str, Any] = field(default_factory=dict)
 
     @property
     def fingerprint(self) -> str:
+        """``v2:`` and the SHA-256 of what the caller sent (no actor, nothing derived)."""
+        body = {"op": self.operation, "reason": self.reason, "evidence": self.evidence}
+        return "v2:" + _digest(body | self.params)
+
+    def matches(self, stored: str) -> bool:
+        """Whether ``stored`` (a request record's fingerprint) is this request's."""
+        if stored.startswith("v2:"):
+            return stored == self.fingerprint
+        # Written before v2: the body also held the actor and the derived values.
         body = {
             "op": self.operation,
             "actor": self.actor,
             "reason": self.reason,
             "evidence": self.evidence,
-            **self.params,
         }
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        return stored == _digest(body | self.params | self.derived)
+
+
+def _digest(body: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 Build = Callable[[Tx, float], Draft]
@@ -100,32 +120,26 @@ class BookCore:
 
     def _execute(self, req: Request, build: Build) -> Receipt:
         check_key(req.key)
-        check_text("actor", req.actor, required=True, max_len=128)
+        check_text("actor", req.actor, required=True, max_len=128, single_line=True)
         check_text("reason", req.reason)
         check_text("evidence", req.evidence)
-        fingerprint = req.fingerprint
         # Retries are the common duplicate: answer them with plain reads, no write lock.
         # A request record and its transfers commit together and never change after.
         prior = self.store.read_request(req.key)
         if prior is not None:
-            return self._replay(prior, req.operation, fingerprint, self.store.transfers_of)
+            return self._replay(prior, req, self.store.transfers_of)
 
         def write(tx: Tx) -> Receipt:
             prior = self.store.get_request(tx, req.key)
             if prior is not None:
-                return self._replay(
-                    prior,
-                    req.operation,
-                    fingerprint,
-                    lambda k: self.store.transfers_of_request(tx, k),
-                )
+                return self._replay(prior, req, lambda k: self.store.transfers_of_request(tx, k))
             now = self.clock.now()
             draft = build(tx, now)
             self.store.post(tx, self._transfers(req, draft, now))
             for table, values in draft.rows:
                 self.store.insert(tx, table, values)
             result = {"frozen_until": draft.frozen_until}
-            stored = StoredRequest(req.key, req.operation, fingerprint, result)
+            stored = StoredRequest(req.key, req.operation, req.fingerprint, result)
             self.store.put_request(tx, stored, now)
             transfers = tuple(self.store.transfers_of_request(tx, req.key))
             return Receipt(req.key, req.operation, transfers, False, draft.frozen_until)
@@ -135,18 +149,17 @@ class BookCore:
     def _replay(
         self,
         prior: StoredRequest,
-        operation: str,
-        fingerprint: str,
+        req: Request,
         transfers_of: Callable[[str], list[Transfer]],
     ) -> Receipt:
-        if prior.operation != operation or prior.fingerprint != fingerprint:
+        if prior.operation != req.operation or not req.matches(prior.fingerprint):
             raise AlreadyExistsError(
                 f"idempotency_key: already used for a different request ({prior.operation});"
                 " nothing was written, use a new key"
             )
         transfers = tuple(transfers_of(prior.key))
         frozen_until = float(prior.result.get("frozen_until", 0.0))
-        return Receipt(prior.key, operation, transfers, True, frozen_until)
+        return Receipt(prior.key, req.operation, transfers, True, frozen_until)
 
     @staticmethod
     def _transfers(req: Request, draft: Draft, now: float) -> list[Transfer]:
@@ -188,6 +201,8 @@ class BookCore:
         return None if row is None else (row[0], int(row[1]))
 
     def _claims(self, tx: Tx, shop_id: str, ref: str) -> list[tuple[str, int]]:
+        """The shop's open claims: the one of ``ref``, or all of them (oldest first) for
+        "" (callers that must name one claim check ``ref`` first)."""
         claims = self.store.open_claims(tx, acc.claim_account(shop_id))
         if ref:
             claims = [c for c in claims if c[0] == ref]

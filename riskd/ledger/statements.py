@@ -17,7 +17,8 @@ from riskd.ledger.accounts import Account
 from riskd.ledger.codes import FLOWS, Code
 from riskd.ledger.store import LedgerStore
 from riskd.ledger.transfers import Transfer, dispute_ref, replay
-from riskd.ledger.validate import check_id
+from riskd.ledger.validate import MAX_SEQ, check_id, check_seq, check_text
+from riskd.sql import Row
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +74,7 @@ class Statements:
 
     def account(self, account_id: str) -> Account:
         """One account and its totals."""
+        check_text("account_id", account_id, required=True, max_len=300, single_line=True)
         account = self.store.get_account(account_id)
         if account is None:
             raise NotFoundError("account_id: no such account")
@@ -86,6 +88,7 @@ class Statements:
         self, account_id: str, *, after_seq: int = 0, limit: int = 100
     ) -> AccountStatement:
         """An account's balance and up to ``limit`` of its transfers after ``after_seq``."""
+        check_seq("after_seq", after_seq)
         if not 0 < limit <= 10_000:
             raise InvalidArgumentError("limit", "must be between 1 and 10000")
         account = self.account(account_id)
@@ -94,6 +97,9 @@ class Statements:
 
     def journal(self, *, after_seq: int = 0, limit: int = 0) -> list[Transfer]:
         """Every transfer in the order it was posted (``limit`` 0: all)."""
+        check_seq("after_seq", after_seq)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_SEQ:
+            raise InvalidArgumentError("limit", f"must be between 0 (all) and {MAX_SEQ}")
         return self.store.transfers(after_seq=after_seq, limit=limit)
 
     def shop_statement(self, shop_id: str) -> ShopStatement:
@@ -202,7 +208,9 @@ class Statements:
 
         Balances equal the replayed journal; all nets sum to zero; limits hold; every
         transfer flows the way its code says; the fund equals top-ups - payouts +
-        recoveries; every dispute's story adds up.
+        recoveries; every dispute's story adds up; every shop's claim account is the
+        sum of its open claims, each named ``dispute/<id>`` or ``case/<id>`` and none
+        negative; no order was compensated more than its amount.
         """
         listed, journal = self.store.snapshot()
         accounts = {a.id: a for a in listed}
@@ -213,7 +221,13 @@ class Statements:
                 problems.append(f"{a.id}: balance {a.balance} below zero")
         if sum(a.net for a in accounts.values()) != 0:
             problems.append("accounts do not sum to zero")
-        problems += _check_disputes(journal)
+        problems += _check_disputes(journal) + _check_claims(accounts, journal)
+        # Disputes are append-only and each is written before its payouts: read after
+        # the snapshot, these rows cover every dispute its journal names.
+        disputes = self.store.query(
+            "SELECT dispute_id, order_id, order_amount FROM ledger_disputes"
+        )
+        problems += _check_orders(disputes, journal)
         return tuple(problems)
 
 
@@ -272,3 +286,45 @@ def _check_disputes(journal: list[Transfer]) -> list[str]:
         if outstanding < 0:
             problems.append(f"{ref}: negative outstanding")
     return problems
+
+
+def _check_claims(accounts: dict[str, Account], journal: list[Transfer]) -> list[str]:
+    """Each claim account is the sum of its claim lines (by ``ref``); every line names a
+    dispute or a case and none is negative (a payment or write-off beyond its claim)."""
+    lines: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for t in journal:
+        if accounts[t.debit_account].kind is acc.Kind.CLAIM:
+            lines[t.debit_account][t.ref] += t.amount
+        if accounts[t.credit_account].kind is acc.Kind.CLAIM:
+            lines[t.credit_account][t.ref] -= t.amount
+    problems = []
+    for account_id, by_ref in sorted(lines.items()):
+        for ref, outstanding in sorted(by_ref.items()):
+            if not ref.startswith(("dispute/", "case/")):
+                problems.append(f"{account_id}: a claim line without a claim reference")
+            elif outstanding < 0:
+                problems.append(f"{account_id}: claim {ref} is negative")
+        open_lines = sum(
+            o for r, o in by_ref.items() if r.startswith(("dispute/", "case/")) and o > 0
+        )
+        if accounts[account_id].balance != open_lines:
+            problems.append(f"{account_id}: balance differs from the sum of its open claims")
+    return problems
+
+
+def _check_orders(disputes: list[Row], journal: list[Transfer]) -> list[str]:
+    """No order was paid more than its amount, whatever the number of its disputes."""
+    paid: dict[str, int] = defaultdict(int)
+    for t in journal:
+        if t.code is Code.COMPENSATION:
+            paid[t.ref] += t.amount
+    by_order: dict[str, int] = defaultdict(int)
+    amount: dict[str, int] = {}
+    for dispute_id, order_id, order_amount in disputes:
+        by_order[str(order_id)] += paid.get(dispute_ref(str(dispute_id)), 0)
+        amount[str(order_id)] = min(int(order_amount), amount.get(str(order_id), int(order_amount)))
+    return [
+        f"order {order}: compensated {total} fen, more than its amount"
+        for order, total in sorted(by_order.items())
+        if total > amount[order]
+    ]

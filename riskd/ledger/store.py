@@ -4,7 +4,8 @@ One interface over ``riskd.sql.Database`` for both SQLite and PostgreSQL; only
 the DDL differs. The database enforces what must never break even if the code
 had a bug: transfer ids are unique, amounts positive, balances within their
 account's limit (CHECK constraints), at most one compensation per dispute and
-one coupon per order (partial unique indexes), and transfers, requests,
+one coupon per order (partial unique indexes), one dispute per order (a unique
+index, where an older database's rows allow it), and transfers, requests,
 disputes, cases and freezes cannot be updated or deleted (triggers). Only the
 ``debits``/``credits`` counters of ``ledger_accounts`` change, in the same
 transaction as the transfers that move them.
@@ -32,6 +33,9 @@ from riskd.sql import Database, Row, Tx
 
 T = TypeVar("T")
 LEDGER_WRITER_LOCK = 0x7269736B_6C656467  # "riskledg": the ledger's one-writer advisory lock
+SCHEMA_LOCK = 7421001  # the advisory lock that serializes schema creation across processes
+WRITE_WAIT_S = 5.0  # how long a ledger write waits for its turn before it is UNAVAILABLE
+SCHEMA_WAIT_S = 60.0  # how long a starting process waits for another one's schema creation
 MAX_FEN = 2**63 - 1
 IMMUTABLE_TABLES = (
     "ledger_transfers",
@@ -118,6 +122,13 @@ _COMMON = [
         at {real} NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS ledger_freezes_shop ON ledger_freezes (shop_id, seq)",
 ]
+
+# One dispute per order, so an order is compensated at most once. Created by
+# ``create_schema`` only where no order already has two disputes (a database from
+# before this rule): there the book refuses a second payout per order instead.
+ONE_DISPUTE_PER_ORDER = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS ledger_one_dispute_per_order ON ledger_disputes (order_id)"
+)
 
 _SQLITE_IMMUTABLE = """CREATE TRIGGER IF NOT EXISTS {table}_no_{op} BEFORE {op} ON {table}
     BEGIN SELECT RAISE(ABORT, '{table} is append-only'); END"""
@@ -208,8 +219,9 @@ def _apply(
 class LedgerStore:
     """SQL reads and writes of the ledger; writers take a ``Tx`` from ``Database.run``."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, *, write_wait_s: float | None = None) -> None:
         self.db = db
+        self.write_wait_s = WRITE_WAIT_S if write_wait_s is None else write_wait_s
         self._writer = threading.Lock()
 
     def write(self, fn: Callable[[Tx], T]) -> T:
@@ -229,28 +241,65 @@ class LedgerStore:
         a second line. A unique-key race or serialization failure that still
         happens is retried; the retry reads the winner's committed rows.
 
+        The wait for the turn is bounded by ``write_wait_s`` (both locks together):
+        a writer stuck elsewhere (a stalled replica or CLI holding the advisory
+        lock) makes later writes answer UNAVAILABLE instead of holding their
+        threads forever. Nothing was written then; retry with the same key.
+
         Raises:
-            UnavailableError: the database stayed too contended to commit.
+            UnavailableError: no turn within ``write_wait_s``, or the database
+                stayed too contended to commit.
         """
-        with self._writer:
+        deadline = time.monotonic() + self.write_wait_s
+        if not self._writer.acquire(timeout=self.write_wait_s):
+            raise UnavailableError("ledger busy: no write turn in time; retry with the same key")
+        try:
             if self.db.dialect != "postgres":
                 return _retry(self.db, fn)
-            self.db.query("SELECT pg_advisory_lock(?)", (LEDGER_WRITER_LOCK,))
+            if not _advisory_lock(self.db, LEDGER_WRITER_LOCK, deadline):
+                raise UnavailableError(
+                    "ledger busy: another writer holds the ledger lock; retry with the same key"
+                )
             try:
                 return _retry(self.db, fn)
             finally:
                 self.db.query("SELECT pg_advisory_unlock(?)", (LEDGER_WRITER_LOCK,))
+        finally:
+            self._writer.release()
 
     def create_schema(self, now: float) -> None:
-        """Create the tables (idempotent) and the platform accounts."""
-        with self.db.transaction() as tx:
-            if tx.dialect == "postgres":
-                # Two processes creating the schema at once would race on the catalog.
-                tx.execute("SELECT pg_advisory_xact_lock(7421001)")
+        """Create the tables (idempotent) and the platform accounts.
+
+        On PostgreSQL, processes starting together take turns on a session advisory
+        lock taken *before* the transaction begins (taken inside, it would come after
+        the SERIALIZABLE snapshot, and the second process would fail serialization on
+        the first one's rows); ``Database.run`` retries what still conflicts with a
+        running writer.
+
+        Raises:
+            UnavailableError: another process held the schema lock for ``SCHEMA_WAIT_S``.
+        """
+
+        def create(tx: Tx) -> None:
             for stmt in ddl(tx.dialect):
                 tx.execute(stmt)
+            duplicate = tx.execute(
+                "SELECT 1 FROM ledger_disputes GROUP BY order_id HAVING COUNT(*) > 1 LIMIT 1"
+            ).fetchone()
+            if duplicate is None:
+                tx.execute(ONE_DISPUTE_PER_ORDER)
             for account_id, kind in PLATFORM_ACCOUNTS.items():
                 self.create_account(tx, account_id, kind, "", now)
+
+        if self.db.dialect != "postgres":
+            self.db.run(create)
+            return
+        if not _advisory_lock(self.db, SCHEMA_LOCK, time.monotonic() + SCHEMA_WAIT_S):
+            raise UnavailableError("ledger schema: another process is still creating it")
+        try:
+            self.db.run(create)
+        finally:
+            self.db.query("SELECT pg_advisory_unlock(?)", (SCHEMA_LOCK,))
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -444,6 +493,20 @@ class LedgerStore:
 
     def query(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
         return self.db.query(sql, list(params))
+
+
+def _advisory_lock(db: Database, lock: int, deadline: float) -> bool:
+    """Take PostgreSQL session advisory ``lock`` on this thread's connection by
+    ``deadline`` (``time.monotonic()``); False if another session kept it."""
+    pause = 0.002
+    while True:
+        if db.query("SELECT pg_try_advisory_lock(?)", (lock,))[0][0]:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, 0.05)
 
 
 _RETRYABLE_SQLSTATES = frozenset({"23505", "40001", "40P01"})  # unique, serialization, deadlock

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from riskd.errors import InvalidArgumentError
 
-MAX_FEN = 2**63 - 1
+# The most one request may move: 10^12 fen (10 billion CNY), the scoring API's order
+# maximum too. Far above any real deposit, payout or order, and far below 2^63, so the
+# ever-growing counters (``external:bank``'s debits) cannot approach 64 bits in any
+# realistic lifetime: that takes over nine million maximal transfers.
+MAX_FEN = 10**12
+MAX_SEQ = 2**63 - 1  # journal positions are signed 64-bit in both databases
+_REF = re.compile(r"(dispute|case)/[A-Za-z0-9][A-Za-z0-9._\-]{0,127}")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,127}")
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+=\-]{0,127}")
 
 
 def check_amount(field: str, value: object) -> int:
-    """A positive amount of fen that fits in a signed 64-bit integer.
+    """A positive amount of fen, at most ``MAX_FEN`` (10^12) per request.
 
     >>> check_amount("amount", 500)
     500
@@ -25,7 +32,31 @@ def check_amount(field: str, value: object) -> int:
     if value <= 0:
         raise InvalidArgumentError(field, "must be a positive number of fen")
     if value > MAX_FEN:
-        raise InvalidArgumentError(field, "overflows 64 bits")
+        raise InvalidArgumentError(field, f"exceeds the maximum of {MAX_FEN} fen per request")
+    return value
+
+
+def check_seq(field: str, value: object) -> int:
+    """A journal position to read after: 0 (from the start) up to 2^63 - 1.
+
+    >>> check_seq("after_seq", 2**63)
+    Traceback (most recent call last):
+    riskd.errors.InvalidArgumentError: after_seq: must be between 0 and 9223372036854775807
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
+        raise InvalidArgumentError(field, f"must be between 0 and {MAX_SEQ}")
+    return value
+
+
+def check_claim_ref(value: object) -> str:
+    """A claim's reference: ``dispute/<id>`` or ``case/<id>`` (never empty).
+
+    >>> check_claim_ref("")
+    Traceback (most recent call last):
+    riskd.errors.InvalidArgumentError: ref: must be dispute/<id> or case/<id>
+    """
+    if not isinstance(value, str) or not _REF.fullmatch(value):
+        raise InvalidArgumentError("ref", "must be dispute/<id> or case/<id>")
     return value
 
 
@@ -49,10 +80,34 @@ def check_key(value: object) -> str:
     return value
 
 
-def check_text(field: str, value: object, *, required: bool = False, max_len: int = 1000) -> str:
-    """Free text (reason, evidence reference, actor); its value never appears in errors."""
+def check_text(
+    field: str,
+    value: object,
+    *,
+    required: bool = False,
+    max_len: int = 1000,
+    single_line: bool = False,
+) -> str:
+    """Free text (reason, evidence reference, actor); its value never appears in errors.
+
+    NUL, other control characters and lone surrogates are refused: PostgreSQL
+    cannot store NUL or unpaired surrogates, and control characters in an audit
+    trail only hide what it says. Free text may hold newlines and tabs unless
+    ``single_line``.
+
+    >>> check_text("reason", "a\\x00b")
+    Traceback (most recent call last):
+    riskd.errors.InvalidArgumentError: reason: must not contain NUL or control characters
+    """
     if not isinstance(value, str):
         raise InvalidArgumentError(field, "must be a string")
+    allowed = "" if single_line else "\n\t"
+    if any(
+        unicodedata.category(ch) in ("Cc", "Cs") and ch not in allowed
+        for ch in value
+        if not ch.isprintable()
+    ):
+        raise InvalidArgumentError(field, "must not contain NUL or control characters")
     if required and not value.strip():
         raise InvalidArgumentError(field, "is required")
     if len(value) > max_len:

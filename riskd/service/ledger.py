@@ -4,21 +4,33 @@ The actor recorded on every transfer is the authenticated caller
 (``riskd.service.auth.current_identity()``: ``cert:<CN>`` or ``token:<name>``),
 never a request field, so the journal says who moved the money. ``RiskdError``s
 propagate to the error interceptor, which maps ``.status`` to the gRPC code.
+
+Ledger calls share the server's RPC threads with scoring. At most
+``max_in_flight`` (default ``MAX_IN_FLIGHT``) run at once; one more is answered
+UNAVAILABLE at once (retry with the same idempotency key) rather than queued on
+a thread, so a stalled ledger (another replica holding the ledger lock, a slow
+database) never takes the threads scoring needs. Keep it below the server's
+RPC threads (``workers``, default 4).
 """
 
 from __future__ import annotations
 
+import functools
+import threading
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from riskd.errors import UnavailableError
 from riskd.ledger import Account, Book, Receipt, Transfer
 from riskd.service.auth import current_identity
 from riskd.service.gen.riskd.v1 import ledger_pb2 as pb
 from riskd.service.gen.riskd.v1 import ledger_pb2_grpc as pb_grpc
 
 ANONYMOUS = "anonymous"
+MAX_IN_FLIGHT = 2  # ledger calls running at once; with the default 4 RPC threads, 2 stay free
 
 ActorOf = Callable[[grpc.ServicerContext], str]
 
@@ -29,9 +41,34 @@ def caller(context: grpc.ServicerContext) -> str:
     return identity.principal if identity is not None else ANONYMOUS
 
 
-def add_ledger_service(server: grpc.Server, book: Book, *, actor_of: ActorOf = caller) -> None:
+def add_ledger_service(
+    server: grpc.Server,
+    book: Book,
+    *,
+    actor_of: ActorOf = caller,
+    max_in_flight: int = MAX_IN_FLIGHT,
+) -> None:
     """Register ``riskd.v1.LedgerService`` on ``server``, backed by ``book``."""
-    pb_grpc.add_LedgerServiceServicer_to_server(LedgerServicer(book, actor_of), server)
+    servicer = LedgerServicer(book, actor_of, max_in_flight=max_in_flight)
+    pb_grpc.add_LedgerServiceServicer_to_server(servicer, server)
+
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+
+
+def _bounded(method: Method) -> Method:
+    """Run ``method`` only in one of the servicer's slots; none free: UNAVAILABLE at once."""
+
+    @functools.wraps(method)
+    def call(self: LedgerServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        if not self._slots.acquire(blocking=False):
+            raise UnavailableError("ledger busy: too many ledger calls at once; retry shortly")
+        try:
+            return method(self, request, context)
+        finally:
+            self._slots.release()
+
+    return call  # type: ignore[return-value]
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -83,16 +120,23 @@ def account_to_proto(a: Account) -> pb.Account:
 class LedgerServicer(pb_grpc.LedgerServiceServicer):
     """One method per RPC; each is a conversion around one ``Book`` call."""
 
-    def __init__(self, book: Book, actor_of: ActorOf = caller) -> None:
+    def __init__(
+        self, book: Book, actor_of: ActorOf = caller, *, max_in_flight: int = MAX_IN_FLIGHT
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
         self._book = book
         self._actor_of = actor_of
+        self._slots = threading.BoundedSemaphore(max_in_flight)
 
+    @_bounded
     def RegisterShop(
         self, request: pb.RegisterShopRequest, context: grpc.ServicerContext
     ) -> pb.RegisterShopResponse:
         created = self._book.register_shop(request.shop_id, merchant_id=request.merchant_id)
         return pb.RegisterShopResponse(created=created)
 
+    @_bounded
     def Deposit(
         self, request: pb.DepositRequest, context: grpc.ServicerContext
     ) -> pb.DepositResponse:
@@ -105,6 +149,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         )
         return pb.DepositResponse(receipt=receipt_to_proto(r))
 
+    @_bounded
     def Withdraw(
         self, request: pb.WithdrawRequest, context: grpc.ServicerContext
     ) -> pb.WithdrawResponse:
@@ -117,6 +162,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         )
         return pb.WithdrawResponse(receipt=receipt_to_proto(r))
 
+    @_bounded
     def TopUpFund(
         self, request: pb.TopUpFundRequest, context: grpc.ServicerContext
     ) -> pb.TopUpFundResponse:
@@ -129,6 +175,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         )
         return pb.TopUpFundResponse(receipt=receipt_to_proto(r))
 
+    @_bounded
     def PenalizeShop(
         self, request: pb.PenalizeShopRequest, context: grpc.ServicerContext
     ) -> pb.PenalizeShopResponse:
@@ -143,6 +190,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         )
         return pb.PenalizeShopResponse(receipt=receipt_to_proto(r))
 
+    @_bounded
     def UnfreezeShop(
         self, request: pb.UnfreezeShopRequest, context: grpc.ServicerContext
     ) -> pb.UnfreezeShopResponse:
@@ -154,6 +202,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         )
         return pb.UnfreezeShopResponse(receipt=receipt_to_proto(r))
 
+    @_bounded
     def OpenDispute(
         self, request: pb.OpenDisputeRequest, context: grpc.ServicerContext
     ) -> pb.OpenDisputeResponse:
@@ -168,6 +217,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         )
         return pb.OpenDisputeResponse(receipt=receipt_to_proto(r))
 
+    @_bounded
     def CompensateBuyer(
         self, request: pb.CompensateBuyerRequest, context: grpc.ServicerContext
     ) -> pb.CompensateBuyerResponse:
@@ -181,6 +231,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         )
         return pb.CompensateBuyerResponse(receipt=receipt_to_proto(r))
 
+    @_bounded
     def PayLateShipmentCoupon(
         self, request: pb.PayLateShipmentCouponRequest, context: grpc.ServicerContext
     ) -> pb.PayLateShipmentCouponResponse:
@@ -193,6 +244,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         )
         return pb.PayLateShipmentCouponResponse(receipt=receipt_to_proto(r))
 
+    @_bounded
     def CollectClaim(
         self, request: pb.CollectClaimRequest, context: grpc.ServicerContext
     ) -> pb.CollectClaimResponse:
@@ -206,6 +258,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         )
         return pb.CollectClaimResponse(receipt=receipt_to_proto(r))
 
+    @_bounded
     def WriteOffClaim(
         self, request: pb.WriteOffClaimRequest, context: grpc.ServicerContext
     ) -> pb.WriteOffClaimResponse:
@@ -219,6 +272,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         )
         return pb.WriteOffClaimResponse(receipt=receipt_to_proto(r))
 
+    @_bounded
     def GetAccountStatement(
         self, request: pb.GetAccountStatementRequest, context: grpc.ServicerContext
     ) -> pb.GetAccountStatementResponse:
@@ -230,6 +284,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
             transfers=[transfer_to_proto(t) for t in s.transfers],
         )
 
+    @_bounded
     def GetShopStatement(
         self, request: pb.GetShopStatementRequest, context: grpc.ServicerContext
     ) -> pb.GetShopStatementResponse:
@@ -247,6 +302,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
             msg.frozen_until.CopyFrom(timestamp(s.frozen_until))
         return msg
 
+    @_bounded
     def GetDisputeStatement(
         self, request: pb.GetDisputeStatementRequest, context: grpc.ServicerContext
     ) -> pb.GetDisputeStatementResponse:
@@ -264,6 +320,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
             transfers=[transfer_to_proto(t) for t in d.transfers],
         )
 
+    @_bounded
     def ListAccounts(
         self, request: pb.ListAccountsRequest, context: grpc.ServicerContext
     ) -> pb.ListAccountsResponse:
@@ -271,6 +328,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
             accounts=[account_to_proto(a) for a in self._book.accounts()]
         )
 
+    @_bounded
     def VerifyLedger(
         self, request: pb.VerifyLedgerRequest, context: grpc.ServicerContext
     ) -> pb.VerifyLedgerResponse:

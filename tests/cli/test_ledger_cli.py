@@ -69,3 +69,10 @@ def test_errors_exit_2_and_name_the_problem(url: str, capsys: pytest.CaptureFixt
     assert run(["fund-top-up", "0", "--key", "t", "--reason", "r", "--database", url]) == 2
     assert "amount" in capsys.readouterr().err
     assert run(["shop", "nope", "--database", url]) == 2
+
+
+def test_a_journal_position_beyond_64_bits_is_an_error(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(["statement", "platform:fund", "--after", str(2**64), "--database", url]) == 2
+    assert "error: after_seq: must be between 0 and" in capsys.readouterr().err

@@ -28,7 +28,8 @@ def serve(url: str) -> None:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16), interceptors=[ErrorInterceptor(Metrics())]
     )
-    add_ledger_service(server, book, actor_of=lambda ctx: "crash-test")
+    # Every RPC thread may run a ledger call: this server serves nothing else.
+    add_ledger_service(server, book, actor_of=lambda ctx: "crash-test", max_in_flight=16)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(port, flush=True)

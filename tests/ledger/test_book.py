@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -17,7 +18,7 @@ from riskd.errors import (
 )
 from riskd.ledger import Book, Code
 from riskd.ledger import accounts as acc
-from riskd.ledger.schedule import parse_schedule
+from riskd.ledger.schedule import load_schedule, parse_schedule
 from tests.ledger.conftest import funded
 
 DAY = 86_400
@@ -80,7 +81,8 @@ def test_same_key_other_content_is_refused_and_writes_nothing(book: Book) -> Non
     [
         (0, "positive"),
         (-5, "positive"),
-        (2**63, "overflows 64 bits"),
+        (10**12 + 1, "exceeds the maximum of 1000000000000 fen"),
+        (2**63, "exceeds the maximum"),
         (1.5, "integer"),
         (True, "integer"),
     ],
@@ -101,10 +103,27 @@ def test_bad_amounts_are_refused_naming_the_field(book: Book, amount: object, er
     )
 
 
-def test_a_balance_that_would_overflow_64_bits_is_refused(book: Book) -> None:
+def test_the_largest_transfer_never_blocks_later_money_in(book: Book) -> None:
+    """One transfer moves at most 10^12 fen, so the bank's debits (which only grow)
+    stay far from 2^63: after the largest deposit and withdrawal, money still comes in."""
     book.register_shop("s1")
-    book.deposit("k1", "s1", 2**63 - 1, actor="m")
-    refused(book, InvalidArgumentError, lambda: book.deposit("k2", "s1", 1, actor="m"), "overflow")
+    book.register_shop("s2")
+    book.deposit("big", "s1", 10**12, actor="m")
+    book.withdraw("back", "s1", 10**12, actor="m")
+    book.deposit("d2", "s2", 100, actor="m")
+    book.top_up_fund("f1", 100, actor="ops", reason="r")
+    assert book.account(acc.BANK).debits == 10**12 + 200
+    assert book.verify() == ()
+
+
+def test_a_counter_that_would_overflow_64_bits_is_refused(book: Book) -> None:
+    """The store's last line: a counter near 2^63 (set by hand here) refuses more."""
+    book.register_shop("s1")
+    with book.db.transaction() as tx:
+        tx.execute("UPDATE ledger_accounts SET debits = ? WHERE id = ?", (2**63 - 10, acc.BANK))
+    with pytest.raises(InvalidArgumentError, match="amount: would overflow 64 bits"):
+        book.deposit("k2", "s1", 100, actor="m")
+    assert book.journal() == []
 
 
 def test_bad_ids_and_missing_key_are_refused(book: Book) -> None:
@@ -402,3 +421,115 @@ def test_a_share_only_penalty_on_an_empty_deposit_records_the_case_and_freezes(
         assert r.total(Code.PENALTY) == 500  # half of 1,001 fen, rounded down
     finally:
         book.close()
+
+
+def test_a_write_off_or_collection_must_name_a_claim(book: Book) -> None:
+    """An empty or malformed ``ref`` once wrote off against every claim at once and left
+    the per-claim lines open for ever; it is refused naming ``ref``, nothing written."""
+    funded(book, shops={"s1": 1_000})
+    book.open_dispute("o1", "d1", "s1", "order-1", 5_000, actor="analyst")
+    book.compensate_buyer("c1", "d1", 5_000, actor="analyst")
+    for ref in ("", "dispute/", "order/order-1", "dispute/d1 ", "d1"):
+        refused(
+            book,
+            InvalidArgumentError,
+            lambda ref=ref: book.write_off_claim("w1", "s1", ref, actor="ops", reason="gone"),
+            "ref: must be dispute/<id> or case/<id>",
+        )
+    refused(
+        book,
+        InvalidArgumentError,
+        lambda: book.collect_claim("cc1", "s1", 100, actor="m", ref="order/x"),
+        "ref: must be",
+    )
+    book.collect_claim("cc1", "s1", 100, actor="m")  # no ref: the oldest claims first
+    book.write_off_claim("w1", "s1", "dispute/d1", actor="ops", reason="gone")
+    assert book.shop_statement("s1").claims == ()
+    assert book.dispute_statement("d1").outstanding == 0
+    book.deposit("d2", "s1", 10, actor="m")
+    assert book.withdraw("wd1", "s1", 10, actor="m").total(Code.WITHDRAWAL) == 10
+    assert book.verify() == ()
+
+
+def test_an_order_has_one_dispute_and_is_paid_once(book: Book) -> None:
+    funded(book, shops={"s1": 0, "s2": 0})
+    first = book.open_dispute("o1", "d1", "s1", "order-1", 10_000, actor="analyst")
+    for call in (
+        lambda: book.open_dispute("o2", "d2", "s1", "order-1", 10_000, actor="analyst"),
+        lambda: book.open_dispute("o3", "d3", "s2", "order-1", 10_000, actor="analyst"),
+    ):
+        refused(book, AlreadyExistsError, call, "order_id: a dispute for this order")
+    again = book.open_dispute("o1", "d1", "s1", "order-1", 10_000, actor="analyst")
+    assert again.replayed and not first.replayed
+    book.compensate_buyer("c1", "d1", 10_000, actor="analyst")
+    assert book.account(acc.BUYERS).balance == 10_000
+
+
+def test_retries_replay_under_rotated_credentials_and_a_new_schedule(
+    book: Book, db_url: str, clock: FakeClock
+) -> None:
+    """The fingerprint is what the caller sent: not the actor, not the schedule's coupon."""
+    funded(book, shops={"s1": 0})
+    first = book.pay_late_shipment_coupon("cp1", "s1", "order-1", actor="token:gw-2024")
+    dep = book.deposit("d1", "s1", 100, actor="token:gw-2024")
+    schedule = replace(load_schedule(), late_shipment_coupon_fen=600, version="next")
+    after = Book.open(db_url, clock=clock, schedule=schedule)
+    try:
+        again = after.pay_late_shipment_coupon("cp1", "s1", "order-1", actor="token:gw-2025")
+        assert again.replayed and again.transfers == first.transfers
+        assert again.total(Code.COUPON) == 500 and again.transfers[0].actor == "token:gw-2024"
+        assert after.deposit("d1", "s1", 100, actor="token:gw-2025").transfers == dep.transfers
+        with pytest.raises(AlreadyExistsError, match="idempotency_key"):
+            after.pay_late_shipment_coupon("cp1", "s1", "order-2", actor="token:gw-2025")
+    finally:
+        after.close()
+
+
+def test_a_fingerprint_written_before_v2_still_replays() -> None:
+    """Records written before v2 hashed the actor and the schedule's coupon too."""
+    import hashlib
+    import json
+
+    from riskd.ledger.core import Request
+
+    req = Request("k", "late_shipment_coupon", "gw", "", "", {"order_id": "o"}, {"coupon": 500})
+    body = {"op": req.operation, "actor": "gw", "reason": "", "evidence": "", "order_id": "o"}
+    old = hashlib.sha256(json.dumps(body | {"coupon": 500}, sort_keys=True).encode()).hexdigest()
+    assert req.matches(old) and req.matches(req.fingerprint)
+    assert not req.matches(old.replace(old[0], "x", 1))
+
+
+@pytest.mark.parametrize(
+    ("field", "text"),
+    [("reason", "a\x00b"), ("reason", "\x1b[31mred"), ("reason", "\udcff"), ("actor", "op\nx")],
+)
+def test_nul_and_control_characters_are_refused_naming_the_field(
+    book: Book, field: str, text: str
+) -> None:
+    """PostgreSQL cannot store NUL (it failed as INTERNAL); SQLite stored it. Both refuse."""
+    funded(book, shops={"s1": 0})
+    kwargs = {"actor": "ops", "reason": "r", field: text}
+    refused(
+        book,
+        InvalidArgumentError,
+        lambda: book.top_up_fund("t1", 100, **kwargs),  # type: ignore[arg-type]
+        f"{field}: must not contain NUL or control characters",
+    )
+    refused(
+        book,
+        InvalidArgumentError,
+        lambda: book.penalize_shop("p1", "s1", "order_brushing", "c1", evidence="e\x00", actor="a"),
+        "evidence",
+    )
+    r = book.top_up_fund("t2", 100, actor="ops", reason="line one\n\tline two")
+    assert r.transfers[0].reason == "line one\n\tline two"
+
+
+@pytest.mark.parametrize("after", [-1, 2**63, 2**70])
+def test_a_journal_position_beyond_64_bits_is_refused(book: Book, after: int) -> None:
+    funded(book)
+    with pytest.raises(InvalidArgumentError, match="after_seq: must be between 0 and"):
+        book.account_statement(acc.FUND, after_seq=after)
+    with pytest.raises(InvalidArgumentError, match="after_seq"):
+        book.journal(after_seq=after)
+    assert book.account_statement(acc.FUND, after_seq=2**63 - 1).transfers == ()

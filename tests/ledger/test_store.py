@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
 import pytest
 
+from riskd.domain.clock import FakeClock
+from riskd.errors import AlreadyExistsError, UnavailableError
 from riskd.ledger import Book, Code
 from riskd.ledger import accounts as acc
+from riskd.ledger.store import LEDGER_WRITER_LOCK
 from riskd.ledger.transfers import Transfer
-from tests.ledger.conftest import funded
+from riskd.sql import Database
+from tests.ledger.conftest import PG_BASE, funded, new_url
 
 
 def raw(book: Book, sql: str, params: tuple[object, ...] = ()) -> None:
@@ -85,3 +95,140 @@ def test_verify_detects_a_balance_that_differs_from_the_journal(book: Book) -> N
     assert "platform:fund: balance differs from the replayed journal" in problems
     assert "accounts do not sum to zero" in problems
     assert "fund: balance differs from top-ups - payouts + recoveries" in problems
+
+
+def test_verify_detects_claims_that_do_not_add_up(book: Book) -> None:
+    """Corrupted claims made by direct SQL (counters moved with the transfers, so the
+    replay, zero-sum and fund checks all pass): a write-off without a claim reference,
+    and one beyond its claim that hides in another claim's balance."""
+    funded(book, shops={"s1": 1_000, "s2": 0})
+    book.open_dispute("o1", "d1", "s1", "order-1", 5_000, actor="a")
+    book.compensate_buyer("c1", "d1", 5_000, actor="a")  # s1 owes 4,000 on dispute/d1
+    book.penalize_shop("p2", "s2", "not_as_described", "case2", evidence="e", actor="a")
+    book.open_dispute("o2", "d2", "s2", "order-2", 500, actor="a")
+    book.compensate_buyer("c2", "d2", 500, actor="a")  # s2 owes 100,000 + 500
+    assert book.verify() == ()
+    with book.db.transaction() as tx:
+        book.store.post(
+            tx,
+            [
+                Transfer(
+                    "x#0", acc.WRITTEN_OFF, "shop:s1:claim", 4_000, Code.WRITE_OFF, "", "x", "a"
+                ),
+                Transfer(
+                    "x#1",
+                    acc.WRITTEN_OFF,
+                    "shop:s2:claim",
+                    900,
+                    Code.WRITE_OFF,
+                    "dispute/d2",
+                    "x",
+                    "a",
+                ),
+            ],
+        )
+    problems = book.verify()
+    assert "shop:s1:claim: a claim line without a claim reference" in problems
+    assert "shop:s1:claim: balance differs from the sum of its open claims" in problems
+    assert "shop:s2:claim: claim dispute/d2 is negative" in problems
+    assert "shop:s2:claim: balance differs from the sum of its open claims" in problems
+
+
+def test_the_database_refuses_a_second_dispute_for_an_order(book: Book) -> None:
+    funded(book, shops={"s1": 0})
+    book.open_dispute("o1", "d1", "s1", "order-1", 900, actor="a")
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+        raw(
+            book,
+            "INSERT INTO ledger_disputes (dispute_id, shop_id, order_id, order_amount,"
+            " request_key, actor, reason, opened_at) VALUES ('d2', 's1', 'order-1', 900,"
+            " 'o2', 'a', '', 0)",
+        )
+
+
+def test_an_older_database_with_two_disputes_for_an_order_opens_and_pays_once(
+    book: Book, db_url: str
+) -> None:
+    """Before one dispute per order, an order could have two. The unique index cannot be
+    built there, so the book opens without it and refuses a second payout per order."""
+    funded(book, shops={"s1": 0})
+    book.open_dispute("o1", "d1", "s1", "order-1", 900, actor="a")
+    raw(book, "DROP INDEX ledger_one_dispute_per_order")
+    raw(
+        book,
+        "INSERT INTO ledger_disputes (dispute_id, shop_id, order_id, order_amount,"
+        " request_key, actor, reason, opened_at) VALUES ('d2', 's1', 'order-1', 900,"
+        " 'o2', 'a', '', 0)",
+    )
+    old = Book.open(db_url, clock=book.clock)
+    try:
+        old.compensate_buyer("c1", "d1", 900, actor="a")
+        with pytest.raises(AlreadyExistsError, match="order_id: order already compensated"):
+            old.compensate_buyer("c2", "d2", 900, actor="a")
+        assert old.account(acc.BUYERS).balance == 900
+        assert old.verify() == ()
+        with old.db.transaction() as tx:  # a double payment made behind the book's back
+            old.store.post(
+                tx,
+                [
+                    Transfer(
+                        "y#0", acc.FUND, acc.BUYERS, 900, Code.COMPENSATION, "dispute/d2", "y", "a"
+                    )
+                ],
+            )
+        assert "order order-1: compensated 1800 fen, more than its amount" in old.verify()
+    finally:
+        old.close()
+
+
+@pytest.mark.postgres
+def test_processes_creating_the_schema_at_once_all_start(tmp_path: object) -> None:
+    """Each thread has its own PostgreSQL session, as each process would."""
+    url = new_url("postgres", Path(str(tmp_path)))
+    first = Database(url)
+    first.query("SELECT 1")  # creates the (empty) schema
+    start = threading.Barrier(6)
+    errors: list[BaseException] = []
+
+    def open_book() -> None:
+        start.wait()
+        try:
+            Book.open(url).close()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_book) for _ in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == []
+        assert len(first.query("SELECT id FROM ledger_accounts")) == len(acc.PLATFORM_ACCOUNTS)
+    finally:
+        first.drop_schema()
+        first.close()
+
+
+@pytest.fixture
+def pg_book(tmp_path: Path, clock: FakeClock) -> Iterator[Book]:
+    book = Book.open(new_url("postgres", tmp_path), clock=clock)
+    yield book
+    book.db.drop_schema()
+    book.close()
+
+
+@pytest.mark.postgres
+def test_a_write_waits_a_bounded_time_for_a_held_ledger_lock(pg_book: Book) -> None:
+    """A stalled replica holding the writer lock makes writes UNAVAILABLE, not stuck."""
+    book = funded(pg_book, shops={"s1": 0})
+    book.store.write_wait_s = 0.3
+    with psycopg.connect(PG_BASE, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (LEDGER_WRITER_LOCK,))
+        started = time.monotonic()
+        with pytest.raises(UnavailableError, match="retry with the same key"):
+            book.deposit("k1", "s1", 100, actor="m")
+        assert 0.3 <= time.monotonic() - started < 2
+        assert book.store.read_request("k1") is None
+        holder.execute("SELECT pg_advisory_unlock(%s)", (LEDGER_WRITER_LOCK,))
+    assert book.deposit("k1", "s1", 100, actor="m").total(Code.DEPOSIT) == 100

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 
 from riskd.domain.clock import FakeClock
 from riskd.ledger import Book
+from riskd.service import convert
 from riskd.service.gen.riskd.v1 import ledger_pb2 as pb
 from riskd.service.gen.riskd.v1 import ledger_pb2_grpc as pb_grpc
 from riskd.service.interceptors import ErrorInterceptor
@@ -49,7 +53,8 @@ def served(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16), interceptors=[ErrorInterceptor(Metrics())]
     )
-    add_ledger_service(server, book, actor_of=lambda ctx: "cert:analyst-1")
+    # Every RPC thread may run a ledger call (no scoring here); the cap has its own test.
+    add_ledger_service(server, book, actor_of=lambda ctx: "cert:analyst-1", max_in_flight=16)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
@@ -109,7 +114,7 @@ def test_dispute_story_through_grpc(served: Served) -> None:
             idempotency_key=s.key(),
             dispute_id=d,
             shop_id=sid,
-            order_id="o1",
+            order_id=f"o1-{sid}",
             order_amount_fen=5_000,
         )
     )
@@ -129,9 +134,16 @@ def test_dispute_story_through_grpc(served: Served) -> None:
     assert story == (5_000, 1_000, 1_500, 2_500) and st.outstanding_fen == 0
 
 
-def _deposit(s: Served, sid: str, amount: int, key: bool = True) -> object:
-    req = pb.DepositRequest(idempotency_key=s.key() if key else "", shop_id=sid, amount_fen=amount)
+def _deposit(s: Served, sid: str, amount: int, key: bool = True, reason: str = "") -> object:
+    req = pb.DepositRequest(
+        idempotency_key=s.key() if key else "", shop_id=sid, amount_fen=amount, reason=reason
+    )
     return s.stub.Deposit(req)
+
+
+def _write_off_everything(s: Served, sid: str) -> object:
+    req = pb.WriteOffClaimRequest(idempotency_key=s.key(), shop_id=sid, ref="", reason="r")
+    return s.stub.WriteOffClaim(req)
 
 
 def _compensate_unknown(s: Served, sid: str) -> object:
@@ -162,8 +174,10 @@ INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
         (lambda s, sid: _deposit(s, "nope", 1), NOT_FOUND, "shop_id"),
         (_compensate_unknown, NOT_FOUND, "dispute_id"),
         (_withdraw, grpc.StatusCode.FAILED_PRECONDITION, "deposit"),
-        (lambda s, sid: _deposit(s, sid, 2**63 - 1), INVALID, "overflow"),
+        (lambda s, sid: _deposit(s, sid, 10**12 + 1), INVALID, "amount: exceeds the maximum"),
         (_penalize_unknown, INVALID, "violation"),
+        (lambda s, sid: _deposit(s, sid, 1, reason="a\x00b"), INVALID, "reason: must not"),
+        (_write_off_everything, INVALID, "ref: must be dispute/<id> or case/<id>"),
     ],
 )
 def test_bad_requests_get_clear_codes_and_write_nothing(
@@ -186,7 +200,7 @@ def test_payout_the_fund_cannot_cover_is_refused(served: Served) -> None:
     big = fund.account.balance_fen + 1
     s.stub.OpenDispute(
         pb.OpenDisputeRequest(
-            idempotency_key=s.key(), dispute_id=d, shop_id=sid, order_id="o", order_amount_fen=big
+            idempotency_key=s.key(), dispute_id=d, shop_id=sid, order_id=d, order_amount_fen=big
         )
     )
     before = len(s.book.journal())
@@ -268,3 +282,113 @@ def test_the_actor_is_the_authenticated_caller_or_anonymous() -> None:
     ctx = contextvars.copy_context()
     ctx.run(auth._current.set, auth.Identity("cert:alice", frozenset({auth.ANALYST})))
     assert ctx.run(caller, None) == "cert:alice"
+
+
+def test_ledger_calls_beyond_the_cap_are_unavailable_at_once_and_replay_after() -> None:
+    """Ledger calls may hold at most ``max_in_flight`` RPC threads; one more is refused
+    at once (UNAVAILABLE), and its retry with the same key does the work once."""
+    release = threading.Event()
+    entered = threading.Barrier(3)
+
+    class SlowBook:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def register_shop(self, shop_id: str, *, merchant_id: str = "") -> bool:
+            self.calls += 1
+            if shop_id.startswith("slow"):
+                entered.wait(5)
+                release.wait(5)
+            return True
+
+    book = SlowBook()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=8), interceptors=[ErrorInterceptor(Metrics())]
+    )
+    add_ledger_service(server, book, max_in_flight=2)  # type: ignore[arg-type]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.LedgerServiceStub(ch)
+            slow = [
+                stub.RegisterShop.future(pb.RegisterShopRequest(shop_id=f"slow{i}"), timeout=10)
+                for i in range(2)
+            ]
+            entered.wait(5)  # both slots taken
+            started = time.monotonic()
+            got, details = code_of(
+                lambda: stub.RegisterShop(pb.RegisterShopRequest(shop_id="s3"), timeout=5)
+            )
+            assert got == grpc.StatusCode.UNAVAILABLE and "ledger busy" in details
+            assert time.monotonic() - started < 1
+            release.set()
+            assert all(f.result().created for f in slow)
+            assert stub.RegisterShop(pb.RegisterShopRequest(shop_id="s3"), timeout=5).created
+            assert book.calls == 3
+    finally:
+        release.set()
+        server.stop(None).wait()
+
+
+@pytest.mark.postgres
+def test_a_held_ledger_lock_never_starves_scoring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another session (a stalled replica) holds the ledger's writer lock: ledger writes
+    answer UNAVAILABLE within their bound, and Score on the same server (4 RPC threads)
+    still answers promptly while they wait."""
+    from riskd.ledger import store
+    from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
+    from riskd.service.server import create_server
+    from tests.service.conftest import make_config
+    from tests.service.test_scoring import fresh
+
+    monkeypatch.setattr(store, "WRITE_WAIT_S", 1.0)
+    url = f"{PG_BASE}?schema=ledger_starve_{uuid.uuid4().hex[:12]}"
+    tokens = {"tok-op": "ops:operator,checkout"}
+    running = create_server(make_config(tmp_path, database_url=url, auth={"tokens": tokens}))
+    md = (("authorization", "Bearer tok-op"),)
+    try:
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch,
+            psycopg.connect(PG_BASE, autocommit=True) as holder,
+        ):
+            ledger = pb_grpc.LedgerServiceStub(ch)
+            scoring = scoring_pb2_grpc.ScoringServiceStub(ch)
+            ledger.RegisterShop(pb.RegisterShopRequest(shop_id="s1"), metadata=md, timeout=5)
+
+            def score() -> float:
+                started = time.monotonic()
+                msg = scoring_pb2.ScoreRequest(order=convert.order_to_proto(fresh()))
+                scoring.Score(msg, metadata=md, timeout=2)
+                return time.monotonic() - started
+
+            score()  # warm
+            holder.execute("SELECT pg_advisory_lock(%s)", (store.LEDGER_WRITER_LOCK,))
+            started = time.monotonic()
+            deposits = [
+                ledger.Deposit.future(
+                    pb.DepositRequest(idempotency_key=f"d{i}", shop_id="s1", amount_fen=100),
+                    metadata=md,
+                    timeout=10,
+                )
+                for i in range(6)
+            ]
+            time.sleep(0.2)  # the first ones are waiting for the lock
+            assert score() < 0.5
+            codes = [f.code() for f in deposits]
+            assert codes == [grpc.StatusCode.UNAVAILABLE] * 6
+            assert time.monotonic() - started < 3
+            holder.execute("SELECT pg_advisory_unlock(%s)", (store.LEDGER_WRITER_LOCK,))
+            receipt = ledger.Deposit(
+                pb.DepositRequest(idempotency_key="d0", shop_id="s1", amount_fen=100),
+                metadata=md,
+                timeout=5,
+            ).receipt
+            assert not receipt.replayed and receipt.transfers[0].amount_fen == 100
+    finally:
+        running.stop(1)
+        cleanup = Database(url)
+        cleanup.drop_schema()
+        cleanup.close()
