@@ -150,6 +150,13 @@ class Config:
         return self.database_url or f"sqlite:///{(self.data_dir / 'riskd.db').absolute()}"
 
     @property
+    def rpc_threads(self) -> int:
+        """The server's RPC threads: ``workers``, and at least two per scoring worker (each
+        call to a worker holds its thread while the worker scores). Streams that hold a
+        thread and ledger calls each get at most half of them, so scoring keeps the rest."""
+        return max(self.workers, 2 * self.score_workers)
+
+    @property
     def redis_urls(self) -> tuple[str, ...]:
         """The Redis shards ``redis_url`` lists (comma-separated); empty when unset."""
         return tuple(u.strip() for u in self.redis_url.split(",")) if self.redis_url else ()

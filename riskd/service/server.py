@@ -195,7 +195,7 @@ def _start(
     ready: bool,
     pool: WorkerPool | None,
 ) -> RunningServer:
-    threads = futures.ThreadPoolExecutor(_rpc_threads(config), thread_name_prefix="riskd-rpc")
+    threads = futures.ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="riskd-rpc")
     server = grpc.server(
         threads,
         interceptors=[
@@ -296,7 +296,7 @@ def _auth(config: Config, metrics: Metrics) -> list[Interceptor]:
         auth = AuthConfig(anonymous_roles=frozenset({CHECKOUT}))
     else:
         auth = AuthConfig.from_mapping(config.auth or {})
-    holding = max(1, _rpc_threads(config) // 2)
+    holding = max(1, config.rpc_threads // 2)
     return [AuthInterceptor(auth, on_reject=on_reject, max_holding_streams=holding)]
 
 
@@ -318,9 +318,3 @@ def _add_port(add: Callable[[], int]) -> int:
         return int(add())
     except RuntimeError:  # grpcio raises when the address is malformed or taken
         return 0
-
-
-def _rpc_threads(config: Config) -> int:
-    """``workers`` RPC threads, and at least two per scoring worker (each call to a worker
-    holds its thread while the worker scores)."""
-    return max(config.workers, 2 * config.score_workers)

@@ -182,7 +182,8 @@ def _build(config: Config, clock: Clock, closers: list[Callable[[], None]]) -> C
     )
     closers.append(scorer.close)
     components = Components(clock, scorer, rules, closers, decision_log)
-    components.extra.append(ledger_service(book))
+    # ledger calls wait on the database's writer lock: at most half the RPC threads
+    components.extra.append(ledger_service(book, max_in_flight=max(1, config.rpc_threads // 2)))
     components.extra.append(evidence_service(PiiAccess(decision_log, vault, clock=clock)))
     return components
 
@@ -202,11 +203,11 @@ def open_book(config: Config, clock: Clock) -> Book:
     return Book.open(config.database, schedule=schedule, clock=clock)
 
 
-def ledger_service(book: Book) -> Callable[[grpc.Server], list[str]]:
-    """A hook that registers ``LedgerService`` on the server."""
+def ledger_service(book: Book, *, max_in_flight: int) -> Callable[[grpc.Server], list[str]]:
+    """A hook that registers ``LedgerService`` on the server (``max_in_flight`` calls)."""
 
     def register(server: grpc.Server) -> list[str]:
-        add_ledger_service(server, book)
+        add_ledger_service(server, book, max_in_flight=max_in_flight)
         return [s.full_name for s in ledger_pb2.DESCRIPTOR.services_by_name.values()]
 
     return register
