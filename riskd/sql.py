@@ -28,6 +28,7 @@ keep each run in its own schema).
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sqlite3
 import threading
@@ -82,6 +83,14 @@ class Tx:
         return int(self._cur.rowcount)
 
 
+def _create_private(path: Path) -> None:
+    """A new SQLite file is created owner-only (0600) whatever the umask: it holds masked
+    PII, blind indexes and money. SQLite gives its -wal and -shm files the same mode.
+    An existing file keeps the mode its operator gave it."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 class Database:
     """A SQLite file or a PostgreSQL database, one connection per thread.
 
@@ -105,7 +114,9 @@ class Database:
             self._dsn = urlunsplit(parts._replace(query=query))
         else:
             self._path = parts.path if parts.scheme == "sqlite" else self.url
-            Path(self._path).parent.mkdir(parents=True, exist_ok=True)
+            Path(self._path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if self._path != ":memory:":
+                _create_private(Path(self._path))
         self._local = threading.local()
         self._all: list[Any] = []
         self._lock = threading.Lock()

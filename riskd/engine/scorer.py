@@ -435,7 +435,9 @@ class _Batch:
             # followers of the orders not decided get the same error, but not a refusal
             # of another order's content: theirs may be fine, so they score it themselves
             passed_on = Abandoned() if isinstance(e, AlreadyExistsError) else e
-            for _, flight in self.led:
+            for i, flight in self.led:
+                # landed first: an abandoned follower that leads again must find no flight
+                self.s._flights.land(self.orders[i].order_id)
                 if not flight.done.is_set():
                     flight.finish(None, passed_on)
             raise

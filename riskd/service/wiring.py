@@ -138,7 +138,7 @@ def _build(config: Config, clock: Clock, closers: list[Callable[[], None]]) -> C
     if config.data_dir.exists() and not config.data_dir.is_dir():
         raise ConfigError(f"data_dir: {config.data_dir} is not a directory")
     try:
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # owner only
     except OSError as e:
         raise ConfigError(f"data_dir: cannot create {config.data_dir}: {e.strerror}") from None
     try:  # before a keyring is generated: a database that cannot open changes nothing
@@ -147,7 +147,7 @@ def _build(config: Config, clock: Clock, closers: list[Callable[[], None]]) -> C
         db.query("SELECT 1")
     except (OSError, sqlite3.Error) as e:
         raise _database_error(config, e) from None
-    keyring = load_keyring(config)
+    keyring = load_keyring(config, db)
     indexer = BlindIndexer(keyring)
     rules = ProgramHolder(config.rules_dir)  # raises RuleCompileError: no start without rules
     try:
@@ -223,10 +223,13 @@ def evidence_service(access: PiiAccess) -> Callable[[grpc.Server], list[str]]:
     return register
 
 
-def load_keyring(config: Config) -> Keyring:
+def load_keyring(config: Config, db: Database | None = None) -> Keyring:
     """The configured keyring; on first start with none configured, generate one (mode 0600).
 
-    ``RISKD_KEYRING`` (the document) wins over a key file.
+    ``RISKD_KEYRING`` (the document) wins over a key file. A keyring is generated only
+    for a database that holds no data keys or blind indexes yet: one made under another
+    keyring (a lost file, another working directory, a replica with its own data_dir)
+    would seal nothing readable and count every identity under other digests.
     """
     if config.keyring:
         return Keyring.from_json(config.keyring)
@@ -235,6 +238,12 @@ def load_keyring(config: Config) -> Keyring:
         return Keyring.load(path)
     if config.keyring_file is not None:
         raise ConfigError(f"keyring_file: {path} does not exist")
+    if db is not None and _holds_keyed_data(db):
+        raise ConfigError(
+            f"keyring_file: {path} does not exist, but the database holds data keys and blind"
+            " indexes made with a keyring: restore that file, or point keyring_file or"
+            " RISKD_KEYRING at the keyring the other processes use"
+        )
     keyring = Keyring.generate()
     try:
         keyring.save(path)
@@ -242,6 +251,17 @@ def load_keyring(config: Config) -> Keyring:
         raise ConfigError(f"data_dir: cannot write the keyring {path}: {e.strerror}") from None
     log.info("generated a new keyring", extra={"fields": {"path": str(path)}})
     return keyring
+
+
+def _holds_keyed_data(db: Database) -> bool:
+    """Whether ``db`` has data keys or blind indexes (tables not created yet: no)."""
+    for table in ("pii_data_keys", "decision_blind_index"):
+        try:
+            if db.query(f"SELECT 1 FROM {table} LIMIT 1"):
+                return True
+        except Exception:  # no such table: a database riskd has not written yet
+            continue
+    return False
 
 
 def open_feature_store(config: Config, clock: Clock) -> FeatureStore:

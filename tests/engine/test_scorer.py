@@ -17,6 +17,7 @@ from riskd.domain.decision import Decision, Outcome
 from riskd.domain.events import OrderEvent, OrderEventKind
 from riskd.domain.features import Agg, FeatureQuery
 from riskd.dsl.holder import ProgramHolder
+from riskd.engine.flights import Flights
 from riskd.engine.keys import observe
 from riskd.errors import AlreadyExistsError, InvalidArgumentError, UnavailableError
 from riskd.ledger import Book, LedgerShopDirectory
@@ -130,11 +131,21 @@ def test_scorer_refuses_one_order_id_twice_in_a_batch_with_other_content(
     assert rig.log.get("o-2") is not None
 
 
+@pytest.mark.parametrize("land_delay", [0.0, 0.05])
 def test_a_refusal_for_one_order_is_not_passed_to_callers_of_another(
-    make_rig: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+    make_rig: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch, land_delay: float
 ) -> None:
     """Call A leads o-2 and o-1 (o-1 recorded for other content: A is refused); call B,
-    following A's flight of o-2 meanwhile, gets o-2 scored, not A's refusal."""
+    following A's flight of o-2 meanwhile, gets o-2 scored, not A's refusal (also when A
+    is descheduled while it gives its flights up: B must not spin on a finished one)."""
+    land = Flights.land
+
+    def late_land(flights: Flights, order_id: str) -> None:
+        if threading.current_thread().name == "A":
+            time.sleep(land_delay)
+        land(flights, order_id)
+
+    monkeypatch.setattr(Flights, "land", late_land)
     rig = make_rig()
     rig.scorer.score(make_order("o-1", total=2_500))
     queued = rig.log.queued
@@ -155,7 +166,7 @@ def test_a_refusal_for_one_order_is_not_passed_to_callers_of_another(
         except AlreadyExistsError as e:
             errors.append(e)
 
-    a = threading.Thread(target=call_a)
+    a = threading.Thread(target=call_a, name="A")
     a.start()
     assert a_looks_up.wait(5)
     decision = rig.scorer.score(make_order("o-2"), timeout_s=5.0)

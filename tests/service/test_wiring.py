@@ -10,6 +10,7 @@ import pytest
 from riskd.errors import ConfigError
 from riskd.service.server import create_server
 from tests.service.conftest import make_config
+from tests.service.sample import full_order
 
 
 def test_data_dir_that_is_a_file_or_under_one_is_refused_by_name(tmp_path: Path) -> None:
@@ -53,3 +54,27 @@ def test_database_url_error_never_shows_the_url(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^database_url: cannot open the database: ") as e:
         create_server(make_config(tmp_path / "data", database_url=url))
     assert str(tmp_path) not in str(e.value)
+
+
+def test_the_data_dir_and_database_are_private_whatever_the_umask(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        running = create_server(make_config(tmp_path / "var"))
+        running.stop(0)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "var").stat().st_mode & 0o777 == 0o700
+    for name in ("riskd.db", "keyring.json"):
+        assert (tmp_path / "var" / name).stat().st_mode & 0o777 == 0o600, name
+
+
+def test_a_lost_keyring_is_not_replaced_over_data_sealed_with_it(tmp_path: Path) -> None:
+    """A new keyring would seal nothing readable and count every identity under other
+    digests: riskd refuses to generate one over a database that used another."""
+    running = create_server(make_config(tmp_path))
+    running.components.scorer.score(full_order("o-1"), timeout_s=5.0)
+    running.stop(0)
+    (tmp_path / "keyring.json").unlink()
+    with pytest.raises(ConfigError, match=r"^keyring_file: .* does not exist, but the database"):
+        create_server(make_config(tmp_path))
+    assert not (tmp_path / "keyring.json").exists()
