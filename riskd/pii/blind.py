@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import unicodedata
 from collections.abc import Callable, Mapping
 
@@ -21,8 +22,12 @@ from riskd.pii.keyring import MasterKeyProvider
 
 DIGEST_BYTES = 16  # 128-bit digests: collisions are negligible, keys stay short
 
-_PHONE_DROP = "-()."
+_PHONE_DROP = "-().\u2010\u2012\u2013\u2014\u2015\u2212\u200b\u200c\u200d\u2060\ufeff"
+"""Phone punctuation: ASCII, the Unicode dashes and minus, and zero-width characters."""
 _ADDRESS_DROP = ",，、.。·-_/#"
+_ADDRESS_NUMBER_GAP = re.compile(rf"(?<=[0-9])[\s{re.escape(_ADDRESS_DROP)}]+(?=[0-9])")
+"""A run of whitespace or separators between two digits: ``1-23``, ``2 / 1``, ``5, 12``."""
+_ADDRESS_NUMBER_SEP = "-"
 _ID_DROP = "-"
 _DEVICE_DROP = "-:"
 
@@ -51,10 +56,12 @@ def normalize_phone(value: str) -> str:
 
     >>> normalize_phone("+86 138-1234-5678"), normalize_phone("（138）1234 5678")
     ('13812345678', '13812345678')
-    >>> normalize_phone("+1 (415) 555-0100")
-    '+14155550100'
+    >>> normalize_phone("+1 (415) 555-0100"), normalize_phone("tel:138–1234–5678")
+    ('+14155550100', '13812345678')
     """
     text = _recompose(_drop(_nfkc(value), _PHONE_DROP))
+    if text[:4].lower() == "tel:":  # an RFC 3966 URI, as copied from a link
+        text = text[4:]
     if text.startswith("+86"):
         text = text[3:]
     elif text.startswith("0086"):
@@ -67,13 +74,20 @@ def normalize_phone(value: str) -> str:
 def normalize_address(value: str) -> str:
     """Case-folded, without whitespace or separator punctuation (full-width included).
 
+    Between two digits a run of them is kept as one ``-`` instead: ``1-23`` and
+    ``12-3`` (building-unit-room ``2-1-1201`` and ``21-1201``) are different
+    households, and merging the digits would count them as one address.
+
     >>> a = normalize_address("浙江省 杭州市，西湖区  文三路 1 号")
     >>> a == normalize_address("浙江省杭州市西湖区文三路1号")
     True
     >>> normalize_address("Ｒｏｏｍ  12A, Main St.")
     'room12amainst'
+    >>> normalize_address("文三路 1 - 23 号"), normalize_address("2 / 1．1201")
+    ('文三路1-23号', '2-1-1201')
     """
-    return _recompose(_drop(_nfkc(value).casefold(), _ADDRESS_DROP))
+    parts = _ADDRESS_NUMBER_GAP.split(_nfkc(value).casefold())
+    return _recompose(_ADDRESS_NUMBER_SEP.join(_drop(part, _ADDRESS_DROP) for part in parts))
 
 
 def normalize_id_number(value: str) -> str:
@@ -100,10 +114,13 @@ def normalize_name(value: str) -> str:
 
 
 def normalize_ip(value: str) -> str:
-    """The canonical text of an IP address (``::ffff:1.2.3.4`` becomes ``1.2.3.4``)."""
+    """The canonical text of an IP address (``::ffff:1.2.3.4`` becomes ``1.2.3.4``).
+
+    A bracketed address, as written in URLs (``[2001:db8::1]``), loses its brackets.
+    """
     text = _nfkc(value)
     try:
-        ip = ipaddress.ip_address(text)
+        ip = ipaddress.ip_address(text[1:-1] if text[:1] == "[" and text[-1:] == "]" else text)
     except ValueError:
         return text.lower()
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:

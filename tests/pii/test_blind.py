@@ -22,17 +22,30 @@ IX = BlindIndexer(RING)
         ("phone", "13812345678", "86 13812345678"),
         ("phone", "13812345678", "１３８１２３４５６７８"),  # full-width digits
         ("phone", "13812345678", "(138) 1234.5678"),
+        ("phone", "13812345678", "138–1234—5678"),  # en and em dash
+        ("phone", "13812345678", "138\u200b1234\u200b5678"),  # zero-width space
+        ("phone", "13812345678", "tel:+86-138-1234-5678"),
+        ("phone", "+14155550100", "TEL:+1 (415) 555-0100"),
         (
             "address",
             "浙江省杭州市西湖区文三路1号",
             "浙江省 杭州市 西湖区　文三路 1 号",
         ),  # ideographic space
         ("address", "Room 12A, Main St.", "ＲＯＯＭ １２Ａ  main st"),
+        ("address", "文三路1-23号", "文三路 1 - 23 号"),
+        ("address", "文三路1-23号", "文三路１－２３号"),  # full-width digits and dash
+        ("address", "文三路1-23号", "文三路1／23号"),
+        ("address", "2-1-1201", "2 - 1 - 1201"),
+        ("address", "2-1-1201", "2/1/1201"),
+        ("address", "2-1-1201", "2．1　1201"),  # full-width stop, ideographic space
+        ("address", "Room 1/23", "room 1 - 23"),
         ("id_number", "11010119900307123X", "110101 19900307 123x"),
         ("device", "6D92078A-8246-4BA4-AE5B-76104861E7DC", "6d92078a82464ba4ae5b76104861e7dc"),
         ("device", "AA:BB:CC:DD:EE:FF", "aa-bb-cc-dd-ee-ff"),
         ("name", "Zhang  San", " zhang san "),
         ("ip", "::ffff:10.0.0.1", "10.0.0.1"),
+        ("ip", "[2001:db8::1]", "2001:db8::1"),
+        ("ip", "[2001:DB8:0::1]", "2001:db8::1"),
     ],
 )
 def test_blind_index_matches_equal_values_in_other_formats(field_type: str, a: str, b: str) -> None:
@@ -45,11 +58,25 @@ def test_blind_index_matches_equal_values_in_other_formats(field_type: str, a: s
         ("phone", "13812345678", "13812345679"),
         ("phone", "13812345678", "+1 3812345678"),
         ("address", "文三路1号", "文三路2号"),
+        ("address", "文三路1-23号", "文三路12-3号"),
+        ("address", "文三路1-23号", "文三路123号"),
+        ("address", "Room 1/23", "Room 12/3"),
+        ("address", "2-1-1201", "21-1201"),
+        ("address", "2-1-1201", "211201"),
+        ("address", "Room 5, 12 Main St", "Room 51, 2 Main St"),
         ("id_number", "11010119900307123X", "110101199003071230"),
     ],
 )
 def test_blind_index_separates_different_values(field_type: str, a: str, b: str) -> None:
     assert IX.index(field_type, a) != IX.index(field_type, b)
+
+
+def test_blind_index_address_keeps_digest_of_addresses_without_digit_separators() -> None:
+    # What an upgrade must not disturb: no separator between two digits, same normal form.
+    assert NORMALIZERS["address"]("浙江省 杭州市，西湖区 文三路 1 号 B座-3单元") == (
+        "浙江省杭州市西湖区文三路1号b座3单元"
+    )
+    assert NORMALIZERS["address"]("Room 12A, Main St.") == "room12amainst"
 
 
 def test_blind_index_keys_differ_per_field_type() -> None:
@@ -99,6 +126,23 @@ def test_join_address_matches_one_free_text_address() -> None:
 def test_blind_index_phone_formats_property(digits: str, prefix: str, sep: str) -> None:
     formatted = prefix + sep + sep.join((digits[:3], digits[3:7], digits[7:]))
     assert IX.index("phone", formatted) == IX.index("phone", digits)
+
+
+_SEPARATORS = ["-", "/", ".", " ", "－", "／", "．", "\u3000", " - ", "#", "、"]
+
+
+@given(
+    st.lists(st.tuples(st.integers(0, 9999), st.sampled_from(_SEPARATORS)), min_size=2, max_size=4)
+)
+def test_blind_index_address_number_separators_property(groups: list[tuple[int, str]]) -> None:
+    # Any separator run between digit groups is one separator; the groups stay apart.
+    spaced = "文三路 " + "".join(f"{n}{sep}" for n, sep in groups[:-1]) + f"{groups[-1][0]} 号"
+    plain = "文三路" + "-".join(str(n) for n, _ in groups) + "号"
+    merged = "文三路" + "".join(str(n) for n, _ in groups) + "号"
+    assert IX.index("address", spaced) == IX.index("address", plain)
+    assert IX.index("address", spaced) != IX.index("address", merged)
+    once = NORMALIZERS["address"](spaced)
+    assert NORMALIZERS["address"](once) == once
 
 
 @given(st.text(st.characters(exclude_categories=("M", "Cs")), max_size=40))
