@@ -20,7 +20,8 @@ environment variables override the file::
     tls_cert = ""                   # RISKD_TLS_CERT / RISKD_TLS_KEY / RISKD_TLS_CLIENT_CA
     plaintext = true                # RISKD_PLAINTEXT: allow a plaintext port (loopback only)
     log_level = "info"              # RISKD_LOG_LEVEL
-    workers = 4                     # RISKD_WORKERS: RPC threads per process (scale by processes)
+    workers = 4                     # RISKD_WORKERS: RPC threads for scoring (scale by
+                                    # processes); the server adds 2 for streams, 2 for ledger
     score_workers = 0               # RISKD_SCORE_WORKERS: scoring processes behind the gRPC one
                                     # (0: score in the gRPC process; > 0 needs redis_url)
     evidence_flush_ms = 5           # RISKD_EVIDENCE_FLUSH_MS: how long the decision log's
@@ -83,6 +84,8 @@ from riskd.domain.order import Channel
 from riskd.errors import ConfigError
 
 ENV_PREFIX = "RISKD_"
+STREAM_THREADS = 2  # RPC threads beyond `workers` for streams that hold one (reflection)
+LEDGER_THREADS = 2  # RPC threads beyond `workers` for ledger calls
 # Read by the client commands (riskd score / riskd health) or by the CLI itself, not
 # configuration keys: the config loader skips them (riskd.cli.serve reads them).
 CLIENT_ENV = frozenset(
@@ -151,10 +154,12 @@ class Config:
 
     @property
     def rpc_threads(self) -> int:
-        """The server's RPC threads: ``workers``, and at least two per scoring worker (each
-        call to a worker holds its thread while the worker scores). Streams that hold a
-        thread and ledger calls each get at most half of them, so scoring keeps the rest."""
-        return max(self.workers, 2 * self.score_workers)
+        """The server's RPC threads: ``workers`` for scoring (at least two per scoring
+        worker: each call to a worker holds its thread while the worker scores), plus
+        ``STREAM_THREADS`` that streams holding a thread (reflection) may take and
+        ``LEDGER_THREADS`` that ledger calls (which wait on the writer lock) may take:
+        neither can ever take scoring's."""
+        return max(self.workers, 2 * self.score_workers) + STREAM_THREADS + LEDGER_THREADS
 
     @property
     def redis_urls(self) -> tuple[str, ...]:

@@ -21,8 +21,9 @@ interceptor. For each call it
    (``AuthInterceptor``), so token guessing is throttled;
 4. for a streaming call, takes a stream slot (``StreamSlots``): a peer host
    keeps at most ``MAX_STREAMS_PER_PEER`` streams open, and streams that hold
-   an RPC thread (all but the non-blocking health ``Watch``) at most half the
-   server's RPC threads, so open streams never stall scoring.
+   an RPC thread (all but the non-blocking health ``Watch``) at most
+   ``STREAM_THREADS`` of the server's RPC threads, which it adds beyond ``workers``,
+   so open streams never stall scoring.
 
 Roles: ``checkout`` (score, report outcomes), ``analyst`` (cases, replay,
 penalties, compensation, decrypting a case's PII), ``auditor`` (reports and
@@ -502,7 +503,8 @@ class AuthInterceptor(_Interceptor):
         clock: for the token buckets.
         on_reject: called with (method, code) for every refused call (metrics).
         max_holding_streams: streaming calls that hold an RPC thread, open at once (the
-            server allows half its RPC threads); more answer ``RESOURCE_EXHAUSTED``.
+            server allows ``STREAM_THREADS``, threads it adds beyond ``workers`` for
+            them); more answer ``RESOURCE_EXHAUSTED``.
         max_streams_per_peer: streaming calls one peer host may keep open at once.
     """
 

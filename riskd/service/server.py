@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from riskd.config import Config
+from riskd.config import STREAM_THREADS, Config
 from riskd.domain.clock import Clock, SystemClock
 from riskd.errors import ConfigError
 from riskd.service.auth import (
@@ -38,6 +38,7 @@ from riskd.service.auth import (
     server_credentials,
 )
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
+from riskd.service.healthcheck import HealthServicer
 from riskd.service.interceptors import RECEIVE_LIMIT_FACTOR, ErrorInterceptor
 from riskd.service.metrics import Metrics, MetricsEndpoint
 from riskd.service.scoring import ScorerLike, ScoringServicer
@@ -117,6 +118,8 @@ class RunningServer:
         if notice_s > 0:
             threading.Event().wait(notice_s)
         self.server.stop(grace).wait()
+        if isinstance(self.health, HealthServicer):
+            self.health.close()
         self.components.close()
         if self.endpoint is not None:
             self.endpoint.close()
@@ -227,12 +230,7 @@ def _start(
     services = [SCORING_SERVICE, *components.register_extra(server)]
     for hook in extra_servicers:
         services.extend(hook(server))
-    # Blocking Watch: each open Watch holds an RPC thread (capped at half of them by the
-    # auth interceptor), but a status change only queues a message. In grpcio-health's
-    # non-blocking mode set() sends to every watcher while holding its lock, and a watcher
-    # cancelled meanwhile needs that lock on grpc's poller thread: set_serving() at start
-    # or at SIGTERM could then hang for good (seen under load in the tests).
-    health_servicer = health.HealthServicer(experimental_non_blocking=False)
+    health_servicer = HealthServicer()  # non-blocking Watch; sends from its own thread
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -286,7 +284,8 @@ def _auth(config: Config, metrics: Metrics) -> list[Interceptor]:
     ``checkout`` role: scoring works out of the box; the ledger and admin
     methods stay closed until tokens or certificates are configured. An
     ``[auth]`` table, even an empty one, gives them ``anonymous_roles`` only
-    (none by default). Streams that hold an RPC thread get at most half of them.
+    (none by default). Streams that hold an RPC thread get at most ``STREAM_THREADS``,
+    threads the server has beyond ``workers``.
     """
 
     def on_reject(method: str, code: grpc.StatusCode) -> None:
@@ -296,8 +295,7 @@ def _auth(config: Config, metrics: Metrics) -> list[Interceptor]:
         auth = AuthConfig(anonymous_roles=frozenset({CHECKOUT}))
     else:
         auth = AuthConfig.from_mapping(config.auth or {})
-    holding = max(1, config.rpc_threads // 2)
-    return [AuthInterceptor(auth, on_reject=on_reject, max_holding_streams=holding)]
+    return [AuthInterceptor(auth, on_reject=on_reject, max_holding_streams=STREAM_THREADS)]
 
 
 def _bind(server: grpc.Server, config: Config) -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from riskd.config import Config
+from riskd.config import LEDGER_THREADS, Config
 from riskd.domain.clock import Clock
 from riskd.dsl.holder import ProgramHolder
 from riskd.engine.fallback import FallbackPolicy
@@ -182,8 +182,8 @@ def _build(config: Config, clock: Clock, closers: list[Callable[[], None]]) -> C
     )
     closers.append(scorer.close)
     components = Components(clock, scorer, rules, closers, decision_log)
-    # ledger calls wait on the database's writer lock: at most half the RPC threads
-    components.extra.append(ledger_service(book, max_in_flight=max(1, config.rpc_threads // 2)))
+    # ledger calls wait on the database's writer lock: threads of their own (Config.rpc_threads)
+    components.extra.append(ledger_service(book, max_in_flight=LEDGER_THREADS))
     components.extra.append(evidence_service(PiiAccess(decision_log, vault, clock=clock)))
     return components
 
