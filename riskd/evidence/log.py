@@ -92,6 +92,7 @@ class _Item:
     order: Order | None = None
     event: OrderEvent | None = None
     digests: Mapping[str, str] | None = None
+    appended_at: float = 0.0  # wall clock at ``append``: before or after a buyer's forget
 
 
 _IN_CHUNK = 500
@@ -181,7 +182,13 @@ class DecisionLog:
             if record.order_id in self._pending:
                 return
             keep = self._vault is not None or self._indexer is not None
-            self._put(_Item(record=record, order=order if keep else None, digests=digests))
+            item = _Item(
+                record=record,
+                order=order if keep else None,
+                digests=digests,
+                appended_at=time.time(),
+            )
+            self._put(item)
             self._pending[record.order_id] = record
 
     def append_event(self, event: OrderEvent) -> None:
@@ -452,10 +459,14 @@ class DecisionLog:
 
         def write(tx: Tx) -> None:
             pii_rows = secrets
+            forgotten: set[str] = set()  # appended before their buyer's forget: masks only
             if vault is not None and shared:
                 keys = self._prepare_in(vault, tx, records)
                 prepared[:] = [] if keys is None else [keys]
-                pii_rows = [] if keys is None else list(self._encrypt(records, keys))
+                if keys is not None:
+                    forgotten = _forgotten_before(records, keys)
+                sealable = [i for i in records if i.record and i.record.order_id not in forgotten]
+                pii_rows = [] if keys is None else list(self._encrypt(sealable, keys))
             stored = append_texts(tx, DECISIONS, rows, unique=True)
             fresh = _new_events(tx, events) if events else []
             if fresh:
@@ -465,14 +476,14 @@ class DecisionLog:
             }
             pii = [s for s in pii_rows if s[0] in kept]
             sealed = {s[0] for s in pii}
-            unsealed[:] = [oid for oid in kept if oid in with_pii and oid not in sealed]
+            unsealed[:] = [oid for oid in kept if oid in with_pii and oid not in sealed | forgotten]
             if pii:
                 tx.executemany(
                     "INSERT INTO decision_pii (order_id, field, subject_id, ciphertext)"
                     " VALUES (?, ?, ?, ?)",
                     pii,
                 )
-            indexes = [d for d in digests if d[0] in kept]
+            indexes = [d for d in digests if d[0] in kept and d[0] not in forgotten]
             if indexes:
                 tx.executemany(
                     "INSERT INTO decision_blind_index (order_id, field, subject_id, digest)"
@@ -538,6 +549,21 @@ class DecisionLog:
             order_id, subject = item.order.order_id, item.order.buyer.buyer_id
             for field, digest in blind_indexes(item.order, self._indexer, item.digests).items():
                 yield (order_id, field, subject, digest)
+
+
+def _forgotten_before(items: Iterable[_Item], keys: PreparedKeys) -> set[str]:
+    """The orders appended before their buyer's latest ``forget`` (read in the batch's
+    transaction by ``prepare_in``): a forget that ran while they waited in the queue
+    covers them, so neither their ciphertexts nor their blind indexes are stored (the
+    chained, masked record is). Wall clocks: the append's and the forget's."""
+    out: set[str] = set()
+    for item in items:
+        if item.order is None or item.record is None:
+            continue
+        at = keys.forgotten_at(item.order.buyer.buyer_id)
+        if at is not None and item.appended_at <= at:
+            out.add(item.record.order_id)
+    return out
 
 
 def _new_events(tx: Tx, events: Sequence[OrderEvent]) -> list[OrderEvent]:

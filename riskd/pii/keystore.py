@@ -22,11 +22,16 @@ from riskd.sql import Database, Tx
 
 @dataclass(frozen=True, slots=True)
 class DataKeyRow:
-    """One generation of a subject's data key; ``wrapped`` is None once shredded."""
+    """One generation of a subject's data key; ``wrapped`` is None once shredded.
+
+    ``forgotten_at`` (filled by ``latest_many`` only): when the subject's latest ``forget``
+    shredded its keys (any generation), None if never.
+    """
 
     subject_id: str
     generation: int
     wrapped: WrappedKey | None
+    forgotten_at: float | None = None
 
     @property
     def shredded(self) -> bool:
@@ -132,7 +137,8 @@ class SqlKeyStore:
     def latest_many(
         self, subject_ids: Collection[str], tx: Tx | None = None
     ) -> dict[str, DataKeyRow]:
-        """The latest generation of each subject that has one (one query per 500 subjects).
+        """The latest generation of each subject that has one (one query per 500 subjects),
+        with ``forgotten_at``: when the subject was last shredded.
 
         Inside ``tx`` when given (a transaction of this store's database).
         """
@@ -142,8 +148,9 @@ class SqlKeyStore:
             chunk = ids[i : i + _IN_CHUNK]
             marks = ", ".join("?" * len(chunk))
             rows = self._read(
-                "SELECT k.subject_id, k.generation, k.master_version, k.wrapped "
-                "FROM pii_data_keys k JOIN (SELECT subject_id, MAX(generation) AS generation "
+                "SELECT k.subject_id, k.generation, k.master_version, k.wrapped, m.forgotten_at "
+                "FROM pii_data_keys k JOIN (SELECT subject_id, MAX(generation) AS generation, "
+                "MAX(shredded_at) AS forgotten_at "
                 f"FROM pii_data_keys WHERE subject_id IN ({marks}) GROUP BY subject_id) m "
                 "ON k.subject_id = m.subject_id AND k.generation = m.generation",
                 chunk,
@@ -319,6 +326,7 @@ class SqlKeyStore:
 
 
 def _row(r: tuple[Any, ...]) -> DataKeyRow:
-    subject_id, generation, version, wrapped = r
+    subject_id, generation, version, wrapped = r[:4]
     blob = None if wrapped is None else WrappedKey(int(version), bytes(wrapped))
-    return DataKeyRow(str(subject_id), int(generation), blob)
+    forgotten = None if len(r) < 5 or r[4] is None else float(r[4])
+    return DataKeyRow(str(subject_id), int(generation), blob, forgotten)

@@ -68,11 +68,18 @@ class PreparedKeys:
     was rolled back must never encrypt anything.
     """
 
-    __slots__ = ("_fresh", "_keys")
+    __slots__ = ("_forgotten", "_fresh", "_keys")
 
     def __init__(self) -> None:
         self._keys: dict[str, _Cached] = {}
         self._fresh: list[tuple[DataKeyRow, _Cached]] = []
+        self._forgotten: dict[str, float] = {}
+
+    def forgotten_at(self, subject_id: str) -> float | None:
+        """When the subject's keys were last shredded (``forget``, as read in the
+        transaction), None if never: a record of the subject made before then belongs
+        to the forgotten data and must not be sealed under the new generation."""
+        return self._forgotten.get(subject_id)
 
     def key(self, subject_id: str) -> _Cached:
         key = self._keys.get(subject_id)
@@ -306,9 +313,11 @@ class Vault:
         orders stay revealable. The keys it creates are written by ``tx`` and commit
         with the caller's own rows (a decision-log batch and the new buyers' keys: one
         transaction, not two). Keys it read or created are cached only when the caller
-        passes the result to ``adopt`` after the commit. Subjects whose key cannot be
-        had (an empty id, a key wrapped under a retired master key) are left out:
-        ``encrypt_fields`` with the result raises ``CryptoError`` for them.
+        passes the result to ``adopt`` after the commit. The same read tells when each
+        subject was last forgotten (``PreparedKeys.forgotten_at``): the decision log
+        stores no ciphertext or blind index for a record appended before that. Subjects
+        whose key cannot be had (an empty id, a key wrapped under a retired master key)
+        are left out: ``encrypt_fields`` with the result raises ``CryptoError`` for them.
         """
         now = self._clock.monotonic()
         out = PreparedKeys()
@@ -316,6 +325,7 @@ class Vault:
         if not wanted:
             return out
         latest = self.keystore.latest_many(wanted, tx)
+        out._forgotten = {s: r.forgotten_at for s, r in latest.items() if r.forgotten_at}
         out._keys.update(self._still_current(wanted, latest, now))
         missing = [s for s in wanted if s not in out._keys]
         if not missing:

@@ -246,3 +246,34 @@ def test_decisions_logged_without_their_ciphertexts_are_counted_and_logged(
     assert all(v not in caplog.text for v in PLAINTEXTS)
     log.close()
     db.close()
+
+
+def test_an_order_queued_before_a_forget_in_another_process_is_not_sealed(
+    tmp_path: Path,
+) -> None:
+    """`riskd pii forget` runs while the buyer's order waits in the writer's batch: the
+    forget covers it (masked record only), and the buyer's next order is sealed anew."""
+    db = Database(tmp_path / "evidence.db")
+    keyring = Keyring.generate()
+    vault = Vault(keyring, SqlKeyStore(db))
+    log = DecisionLog(db, vault=vault, indexer=BlindIndexer(keyring), flush_interval_s=30.0)
+    log_order(log, "o-0")
+    log.flush(10)  # b-1's generation 1 is cached by the daemon's vault
+    log_order(log, "o-1")  # queued: the writer gathers for 30 s
+    cli_db = Database(tmp_path / "evidence.db")  # `riskd pii forget b-1`, its own process
+    cli = Vault(keyring, SqlKeyStore(cli_db))
+    cli.add_forget_hook(lambda s: forget_subject(cli_db, s))
+    cli.forget("b-1")
+    cli_db.close()
+    log_order(log, "o-2")  # the buyer orders again after the forget
+    log.flush(10)
+    assert log.get("o-1") is not None  # the masked, chained record stays
+    assert encrypted_fields(db, "o-1") == {} and blind_index_entries(db, "o-1") == {}
+    assert encrypted_fields(db, "o-0") == {}
+    fields = encrypted_fields(db, "o-2")
+    assert {bytes(c)[1:5] for c in fields.values()} == {(2).to_bytes(4, "big")}
+    assert Vault(keyring, SqlKeyStore(db)).decrypt("b-1", "o-2", "phone", fields["phone"]) == PHONE
+    assert blind_index_entries(db, "o-2")
+    assert log.unsealed == 0 and log.verify().ok
+    log.close()
+    db.close()
