@@ -4,6 +4,7 @@
 
     riskd pii keygen              create the keyring, or add a master key version (primary)
     riskd pii rotate              re-wrap every data key under the primary master key
+                                  (exit 3: some keys could not be unwrapped, left as is)
     riskd pii retire VERSION      destroy an old master key version (refused while in use)
     riskd pii forget BUYER_ID     crypto-shred a buyer's personal data (refused under hold)
     riskd pii hold BUYER_ID       place (or with --release, lift) a legal hold
@@ -30,6 +31,8 @@ from riskd.pii.keyring import ENV_VAR, Keyring
 from riskd.pii.keystore import SqlKeyStore
 from riskd.pii.vault import Vault
 from riskd.sql import Database
+
+ROTATE_INCOMPLETE = 3  # exit status: rotate re-wrapped what it could; some keys are lost
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -115,10 +118,18 @@ def _keygen(args: argparse.Namespace) -> int:
 def _rotate(args: argparse.Namespace) -> int:
     vault, db = _vault(args)
     try:
-        count = vault.rotate()
+        result = vault.rotate()
     finally:
         db.close()
-    print(f"re-wrapped {count} data keys under master key version {vault.keyring.primary_version}")
+    version = vault.keyring.primary_version
+    print(f"re-wrapped {result.rewrapped} data keys under master key version {version}")
+    if result.unrecoverable:
+        print(
+            f"riskd pii rotate: {result.unrecoverable} data keys could not be unwrapped "
+            "(master version retired or missing) and were left as they are",
+            file=sys.stderr,
+        )
+        return ROTATE_INCOMPLETE
     return 0
 
 

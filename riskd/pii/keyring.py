@@ -79,6 +79,11 @@ class MasterKeyProvider(Protocol):
         """The HMAC key of one blind-index field type (stable across rotations)."""
         ...
 
+    def is_retired(self, version: int) -> bool:
+        """Whether ``version``'s material was destroyed (False for a version not known here:
+        it may be one a newer keyring added, not yet loaded by this process)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class MasterKey:
@@ -170,6 +175,10 @@ class Keyring:
             return AESGCM(master.material).decrypt(nonce, body, aad)
         except InvalidTag:
             raise CryptoError("wrapped data key does not authenticate (moved or altered)") from None
+
+    def is_retired(self, version: int) -> bool:
+        key = self.keys.get(version)
+        return key is not None and key.retired
 
     def derive_index_key(self, field_type: str) -> bytes:
         hkdf = HKDF(

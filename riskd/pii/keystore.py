@@ -59,7 +59,9 @@ class KeyStore(Protocol):
         self, keys: Sequence[tuple[str, int, WrappedKey]], at: float, tx: Tx | None = None
     ) -> dict[tuple[str, int], DataKeyRow]: ...
     def shred(self, subject_id: str, at: float) -> ShredResult: ...
-    def stale(self, primary_version: int, limit: int) -> list[DataKeyRow]: ...
+    def stale(
+        self, primary_version: int, limit: int, after: tuple[str, int] | None = None
+    ) -> list[DataKeyRow]: ...
     def rewrap(self, row: DataKeyRow, wrapped: WrappedKey) -> bool: ...
     def count_under(self, master_version: int) -> int: ...
     def hold(self, subject_id: str, reason: str, at: float) -> None: ...
@@ -238,11 +240,17 @@ class SqlKeyStore:
                 self.db.query("PRAGMA wal_checkpoint(TRUNCATE)")
         return result
 
-    def stale(self, primary_version: int, limit: int) -> list[DataKeyRow]:
+    def stale(
+        self, primary_version: int, limit: int, after: tuple[str, int] | None = None
+    ) -> list[DataKeyRow]:
+        """Live keys not wrapped under ``primary_version``, by (subject, generation), from
+        just past ``after`` (keyset paging: a key that cannot be re-wrapped is passed by)."""
+        subject, generation = after if after is not None else ("", -1)
         rows = self.db.query(
             f"SELECT {self._COLS} FROM pii_data_keys WHERE wrapped IS NOT NULL "
-            "AND master_version <> ? ORDER BY subject_id, generation LIMIT ?",
-            (primary_version, limit),
+            "AND master_version <> ? AND (subject_id > ? OR (subject_id = ? AND generation > ?)) "
+            "ORDER BY subject_id, generation LIMIT ?",
+            (primary_version, subject, subject, generation, limit),
         )
         return [_row(r) for r in rows]
 

@@ -61,6 +61,14 @@ class _Cached:
     header: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class RotateResult:
+    """What ``Vault.rotate`` did: keys re-wrapped, and keys it could not unwrap."""
+
+    rewrapped: int
+    unrecoverable: int
+
+
 class PreparedKeys:
     """Current data keys read or created inside a caller's transaction (``prepare_in``).
 
@@ -224,7 +232,7 @@ class Vault:
                 return hit
         _require("subject_id", subject_id)
         row = self.keystore.latest(subject_id)
-        if row is None or row.shredded:
+        if row is None or self._spent(row):
             row = self._new_generation(subject_id, 1 if row is None else row.generation + 1)
         return self._remember(row, now, current=True)
 
@@ -289,11 +297,11 @@ class Vault:
         caller), creating (in one transaction, or in ``tx``) the generations they lack;
         rows forgotten again since they were read are left out (the slow path decides
         for them)."""
-        ready = [r for s in missing if (r := latest.get(s)) is not None and not r.shredded]
+        ready = [r for s in missing if (r := latest.get(s)) is not None and not self._spent(r)]
         new = [
             (s, 1 if row is None else row.generation + 1)
             for s in missing
-            if (row := latest.get(s)) is None or row.shredded
+            if self._spent(row := latest.get(s))
         ]
         if new:
             keys = [
@@ -348,6 +356,16 @@ class Vault:
         for row, entry in keys._fresh:
             self._cache(row, entry, current=True)
 
+    def _spent(self, row: DataKeyRow | None) -> bool:
+        """Whether a subject's latest key row cannot seal anything new, so its next write
+        starts the next generation: none yet, shredded (``forget``), or wrapped under a
+        master key version the keyring says is retired (its data key is lost; what it
+        sealed stays unreadable). A version merely unknown here is not spent: a newer
+        keyring may hold it (``CryptoError`` when unwrapping, as before)."""
+        if row is None or row.wrapped is None:
+            return True
+        return self.keyring.is_retired(row.wrapped.version)
+
     def _key_for(self, subject_id: str, generation: int) -> _Cached:
         now = self._clock.monotonic()
         with self._lock:
@@ -400,21 +418,28 @@ class Vault:
 
     # -- rotation -------------------------------------------------------------------------
 
-    def rotate(self, *, batch_size: int = 500) -> int:
-        """Re-wrap every data key not under the primary master key; returns how many.
+    def rotate(self, *, batch_size: int = 500) -> RotateResult:
+        """Re-wrap every data key not under the primary master key.
 
-        Field ciphertexts are not read or written. Raises ``CryptoError`` if a data key
-        is wrapped under a retired version (it cannot be recovered).
+        Field ciphertexts are not read or written. A data key that cannot be unwrapped
+        (its master version retired or not in the keyring, or altered) is passed by and
+        counted in ``unrecoverable``: it cannot block the rotation of the others.
         """
         primary = self.keyring.primary_version
-        done = 0
-        while rows := self.keystore.stale(primary, batch_size):
+        done = lost = 0
+        after: tuple[str, int] | None = None
+        while rows := self.keystore.stale(primary, batch_size, after):
             for row in rows:
                 assert row.wrapped is not None
                 aad = _dek_aad(row.subject_id, row.generation)
-                dek = self.keyring.unwrap(row.wrapped, aad)
+                try:
+                    dek = self.keyring.unwrap(row.wrapped, aad)
+                except CryptoError:
+                    lost += 1
+                    continue
                 done += self.keystore.rewrap(row, self.keyring.wrap(dek, aad))
-        return done
+            after = (rows[-1].subject_id, rows[-1].generation)
+        return RotateResult(done, lost)
 
     # -- crypto-shredding and legal holds -------------------------------------------------
 

@@ -228,14 +228,15 @@ def test_decisions_logged_without_their_ciphertexts_are_counted_and_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A buyer whose data key is wrapped under a master key version this daemon cannot
-    use (retired with --force): the decision is still logged, masked, and it shows."""
+    use (not in its keyring: a keygen it has not loaded): the decision is still logged,
+    masked, and it shows. (A retired version starts the buyer's next generation.)"""
     keyring = Keyring.generate()
+    newer = keyring.add_version()
     db = Database(tmp_path / "evidence.db")
-    first = DecisionLog(db, vault=Vault(keyring, SqlKeyStore(db)), indexer=BlindIndexer(keyring))
+    first = DecisionLog(db, vault=Vault(newer, SqlKeyStore(db)), indexer=BlindIndexer(newer))
     log_order(first, "o-1")
     first.close()
-    retired = keyring.add_version().retire(1)
-    log = DecisionLog(db, vault=Vault(retired, SqlKeyStore(db)), indexer=BlindIndexer(retired))
+    log = DecisionLog(db, vault=Vault(keyring, SqlKeyStore(db)), indexer=BlindIndexer(keyring))
     with caplog.at_level(logging.WARNING, logger="riskd.evidence.log"):
         log_order(log, "o-2")
         log.flush(10)
@@ -244,6 +245,14 @@ def test_decisions_logged_without_their_ciphertexts_are_counted_and_logged(
     warning = next(r for r in caplog.records if "without their encrypted PII" in r.getMessage())
     assert warning.fields["first"] == "o-2"  # type: ignore[attr-defined]
     assert all(v not in caplog.text for v in PLAINTEXTS)
+    log.close()
+    retired = newer.add_version().retire(2)  # v2 destroyed: b-1's next order gets a new key
+    log = DecisionLog(db, vault=Vault(retired, SqlKeyStore(db)), indexer=BlindIndexer(retired))
+    log_order(log, "o-3")
+    log.flush(10)
+    phone = encrypted_fields(db, "o-3")["phone"]
+    assert Vault(retired, SqlKeyStore(db)).decrypt("b-1", "o-3", "phone", phone) == PHONE
+    assert log.unsealed == 0
     log.close()
     db.close()
 

@@ -155,3 +155,31 @@ def test_cli_forget_deletes_the_decision_logs_ciphertexts_and_blind_indexes(
     assert blind_index_entries(db, "o-1") == {} and encrypted_fields(db, "o-1") == {}
     assert verify(db).ok and verify(db).head["decision_log"][0] == 1
     db.close()
+
+
+def test_cli_rotate_skips_a_lost_key_and_says_so(
+    paths: tuple[list[str], Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Reviewer's repro: a key lost to `retire --force` blocked every later rotate."""
+    opts, key_file, url = paths
+    run("keygen", *opts)
+    vault, db = vault_at(key_file, url)
+    vault.encrypt("a-buyer", "o1", "phone", PHONE)
+    db.close()
+    run("keygen", *opts)
+    vault, db = vault_at(key_file, url)
+    ct = vault.encrypt("z-buyer", "o2", "phone", PHONE)
+    db.close()
+    run("retire", "1", "--force", *opts)
+    run("keygen", *opts)
+    capsys.readouterr()
+    assert run("rotate", *opts) == pii_cli.ROTATE_INCOMPLETE == 3
+    out = capsys.readouterr()
+    assert "re-wrapped 1 data keys under master key version 3" in out.out
+    assert "1 data keys could not be unwrapped" in out.err
+    assert run("retire", "2", *opts) == 0  # nothing left under 2
+    vault, db = vault_at(key_file, url)
+    assert vault.decrypt("z-buyer", "o2", "phone", ct) == PHONE
+    new = vault.encrypt("a-buyer", "o3", "phone", PHONE)  # a new generation, under v3
+    assert vault.decrypt("a-buyer", "o3", "phone", new) == PHONE
+    db.close()

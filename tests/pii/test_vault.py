@@ -14,7 +14,7 @@ from riskd.errors import CryptoError, FailedPreconditionError, InvalidArgumentEr
 from riskd.pii.blind import BlindIndexer
 from riskd.pii.keyring import Keyring
 from riskd.pii.keystore import SqlKeyStore
-from riskd.pii.vault import Vault
+from riskd.pii.vault import RotateResult, Vault
 from riskd.sql import Database
 
 PHONE = "13800138000"
@@ -92,9 +92,9 @@ def test_vault_rotate_rewraps_without_touching_ciphertexts_then_old_version_reti
     ring2 = keyring.add_version()
     vault2 = Vault(ring2, store)
     assert store.count_under(1) == 7
-    assert vault2.rotate(batch_size=3) == 7
+    assert vault2.rotate(batch_size=3) == RotateResult(7, 0)
     assert store.count_under(1) == 0 and store.count_under(2) == 7
-    assert vault2.rotate() == 0
+    assert vault2.rotate() == RotateResult(0, 0)
     retired = Vault(ring2.retire(1), store)
     for subject, ct in cts.items():
         assert retired.decrypt(subject, "o", "phone", ct) == PHONE
@@ -110,8 +110,54 @@ def test_vault_ciphertext_under_retired_key_fails_clearly(
     retired = Vault(keyring.add_version().retire(1), store)
     with pytest.raises(CryptoError, match="master key version 1 is retired"):
         retired.decrypt("b1", "o1", "phone", ct)
-    with pytest.raises(CryptoError, match="retired"):
-        retired.rotate()
+    assert retired.rotate() == RotateResult(0, 1)
+
+
+def test_vault_rotate_passes_by_lost_keys_and_rotates_the_others(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    """One data key under a retired version must not block rotation forever."""
+    Vault(keyring, store).encrypt("a-buyer", "o1", "phone", PHONE)  # sorts first
+    ring2 = keyring.add_version()
+    cts = {s: Vault(ring2, store).encrypt(s, "o", "phone", PHONE) for s in ("b", "c", "d")}
+    ring3 = ring2.retire(1).add_version()
+    vault = Vault(ring3, store)
+    assert vault.rotate(batch_size=1) == RotateResult(3, 1)
+    assert vault.rotate(batch_size=1) == RotateResult(0, 1)  # the same lost key, skipped
+    assert store.count_under(2) == 0 and store.count_under(3) == 3
+    for subject, ct in cts.items():
+        assert Vault(ring3.retire(2), store).decrypt(subject, "o", "phone", ct) == PHONE
+
+
+def test_vault_key_under_a_retired_version_starts_the_next_generation(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    old = Vault(keyring, store).encrypt("b1", "o1", "phone", PHONE)
+    ring = keyring.add_version().retire(1)
+    vault = Vault(ring, store)
+    new = vault.encrypt("b1", "o2", "phone", PHONE)
+    assert store.latest("b1").generation == 2  # type: ignore[union-attr]
+    assert store.latest("b1").wrapped.version == 2  # type: ignore[union-attr]
+    assert Vault(ring, store).decrypt("b1", "o2", "phone", new) == PHONE
+    with pytest.raises(CryptoError, match="version 1 is retired"):
+        vault.decrypt("b1", "o1", "phone", old)
+    other = Vault(ring, store)  # another replica: finds generation 2, makes no third
+    other.prepare(["b1"])
+    assert other.decrypt("b1", "o2", "phone", new) == PHONE
+    assert store.latest("b1").generation == 2  # type: ignore[union-attr]
+
+
+def test_vault_key_under_an_unknown_version_starts_no_new_generation(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    """A version this process does not know (a keygen it has not loaded) is not lost."""
+    newer = keyring.add_version()
+    Vault(newer, store).encrypt("b1", "o1", "phone", PHONE)  # wrapped under v2
+    stale = Vault(keyring, store)  # still on the keyring with v1 only
+    with pytest.raises(CryptoError, match="version 2 is not in the keyring"):
+        stale.encrypt("b1", "o2", "phone", PHONE)
+    stale.prepare(["b1"])
+    assert store.latest("b1").generation == 1  # type: ignore[union-attr]
 
 
 def test_vault_forget_shreds_keys_and_index_entries(keyring: Keyring, store: SqlKeyStore) -> None:
