@@ -48,6 +48,7 @@ FORMAT = "riskd-keyring-v1"
 KEY_BYTES = 32
 NONCE_BYTES = 12
 ENV_VAR = "RISKD_KEYRING"
+MAX_VERSION = 2**31 - 1  # master_version is an SQL INTEGER column
 _INDEX_INFO = b"riskd blind index v1\x00"
 
 
@@ -131,6 +132,8 @@ class Keyring:
     def add_version(self) -> Keyring:
         """A copy with a new master key version, made primary (step one of rotation)."""
         version = max(self.keys) + 1
+        if version > MAX_VERSION:
+            raise ConfigError(f"keyring: no master key version left after {MAX_VERSION}")
         keys = {**self.keys, version: MasterKey(version, secrets.token_bytes(KEY_BYTES))}
         return replace(self, keys=keys, primary=version)
 
@@ -214,7 +217,12 @@ class Keyring:
             raise ConfigError("keyring: not valid JSON") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise ConfigError(f"keyring: format must be {FORMAT!r}")
-        keys = dict(_parse_key(i, e) for i, e in enumerate(_field(doc, "keys", list)))
+        keys: dict[int, MasterKey] = {}
+        for i, entry in enumerate(_field(doc, "keys", list)):
+            version, key = _parse_key(i, entry)
+            if version in keys:
+                raise ConfigError(f"keyring: keys[{i}].version {version} appears twice")
+            keys[version] = key
         if not keys:
             raise ConfigError("keyring: keys is empty")
         secret = _unb64(_field(doc, "index_secret", str), "index_secret")
@@ -225,6 +233,8 @@ class Keyring:
         """Read a key file."""
         try:
             return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ConfigError("keyring: not UTF-8 text") from None
         except OSError as e:
             raise ConfigError(f"keyring: cannot read key file {path}: {e.strerror}") from None
 
@@ -257,8 +267,8 @@ def _parse_key(i: int, entry: object) -> tuple[int, MasterKey]:
     if not isinstance(entry, dict):
         raise ConfigError(f"keyring: keys[{i}] must be an object")
     version = _field(entry, "version", int, f"keys[{i}].")
-    if version < 1:
-        raise ConfigError(f"keyring: keys[{i}].version must be >= 1")
+    if not 1 <= version <= MAX_VERSION:
+        raise ConfigError(f"keyring: keys[{i}].version must be between 1 and {MAX_VERSION}")
     state = _field(entry, "state", str, f"keys[{i}].")
     if state == "retired":
         return version, MasterKey(version)

@@ -100,7 +100,7 @@ def test_keyring_repr_never_shows_key_material() -> None:
         (lambda d: d.update(index_secret="!!"), "index_secret is not valid base64"),
         (lambda d: d["keys"][0].update(key="AAAA"), r"keys\[0\].key must be 32 bytes"),
         (lambda d: d["keys"][0].update(state="on"), r"keys\[0\].state"),
-        (lambda d: d["keys"][0].update(version=0), r"keys\[0\].version must be >= 1"),
+        (lambda d: d["keys"][0].update(version=0), r"keys\[0\].version must be between 1 and"),
     ],
 )
 def test_keyring_from_json_names_the_bad_field_without_secrets(mutate, message) -> None:  # type: ignore[no-untyped-def]
@@ -116,3 +116,27 @@ def test_keyring_from_json_names_the_bad_field_without_secrets(mutate, message) 
 def test_keyring_load_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read key file"):
         Keyring.load(tmp_path / "none.json")
+
+
+@pytest.mark.parametrize("version", [0, 2**31, 2**63, -1])
+def test_keyring_refuses_versions_the_database_cannot_hold(version: int) -> None:
+    doc = json.loads(Keyring.generate().to_json())
+    doc["keys"][0]["version"] = doc["primary"] = version
+    with pytest.raises(ConfigError, match=r"keys\[0\]\.version must be between 1 and") as e:
+        Keyring.from_json(json.dumps(doc))
+    assert doc["keys"][0]["key"] not in str(e.value)
+
+
+def test_keyring_refuses_a_duplicate_version_naming_the_field() -> None:
+    doc = json.loads(Keyring.generate().add_version().to_json())
+    doc["keys"][1]["version"] = 1
+    with pytest.raises(ConfigError, match=r"keys\[1\]\.version 1 appears twice") as e:
+        Keyring.from_json(json.dumps(doc))
+    assert all(k["key"] not in str(e.value) for k in doc["keys"])
+
+
+def test_keyring_load_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "k.json"
+    path.write_bytes(b'{"format": "\xff\xfe"}')
+    with pytest.raises(ConfigError, match="keyring: not UTF-8 text"):
+        Keyring.load(path)
