@@ -278,11 +278,16 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         key = name[len(ENV_PREFIX) :].lower()
         if key.startswith("fallback_"):
             fallback[key[len("fallback_") :]] = value
+        elif key not in _FIELDS:
+            raise ConfigError(f"{key}: unknown configuration key (environment variable {name})")
         else:
             values[key] = value
     if fallback:
         values["fallback"] = fallback
     return values
+
+
+_FIELDS = frozenset(f.name for f in fields(Config))
 
 
 def _build(values: Mapping[str, Any]) -> Config:

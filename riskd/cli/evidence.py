@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from riskd.config import load_config
 from riskd.errors import RiskdError
@@ -34,7 +36,12 @@ def register(subparsers: Any) -> None:
     evidence = subparsers.add_parser("evidence", help="verify the hash-chained evidence")
     sub = evidence.add_subparsers(dest="evidence_command", required=True)
     p = sub.add_parser("verify", help="walk every evidence chain; check kept heads")
-    p.add_argument("--config", type=Path, default=None, help="riskd TOML configuration")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("RISKD_CONFIG") or None,
+        help="riskd TOML configuration (default $RISKD_CONFIG)",
+    )
     p.add_argument("--database", default="", help="database URL (default: configuration's)")
     p.add_argument(
         "--expect",
@@ -45,6 +52,16 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_verify)
+
+
+def _must_exist(url: str) -> None:
+    """An auditor's check never creates the database it was pointed at."""
+    parts = urlsplit(url)
+    if parts.scheme.startswith("postgres"):
+        return
+    path = Path(parts.path if parts.scheme == "sqlite" else url)
+    if not path.is_file():
+        raise ValueError(f"no database at {path}")
 
 
 def _anchors(texts: list[str]) -> list[tuple[str, int, str]]:
@@ -62,7 +79,9 @@ def _anchors(texts: list[str]) -> list[tuple[str, int, str]]:
 def _verify(args: argparse.Namespace) -> int:
     try:
         anchors = _anchors(args.expect)
-        db = Database(args.database or load_config(args.config).database)
+        url = args.database or load_config(args.config).database
+        _must_exist(url)
+        db = Database(url)
     except (RiskdError, ValueError) as e:
         print(f"riskd evidence verify: error: {e}", file=sys.stderr)
         return 2
@@ -73,8 +92,11 @@ def _verify(args: argparse.Namespace) -> int:
             for table, seq, digest in anchors
             if (problem := check_anchor(db, TABLES[table], seq, digest)) is not None
         ]
-    except RiskdError as e:
-        print(f"riskd evidence verify: error: {e}", file=sys.stderr)
+    except Exception as e:  # no evidence tables, or the database is unreachable
+        print(
+            f"riskd evidence verify: error: cannot read the evidence ({type(e).__name__})",
+            file=sys.stderr,
+        )
         return 2
     finally:
         db.close()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import fields, is_dataclass
@@ -73,7 +74,12 @@ def register(subparsers: Any) -> None:
 
 def _add(sub: Any, name: str, help_text: str, fn: Command) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
-    parser.add_argument("--config", type=Path, default=None, help="riskd TOML configuration")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("RISKD_CONFIG") or None,
+        help="riskd TOML configuration (default $RISKD_CONFIG)",
+    )
     parser.add_argument("--database", default="", help="database URL (default: configuration's)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=lambda args: _run(fn, args))

@@ -93,3 +93,26 @@ def test_a_rebuilt_tail_is_caught_by_a_kept_head(
     rc, doc = run(capsys, "--database", url, "--expect", kept)
     assert rc == 1
     assert doc["problems"] == ["decision_log row 10 has another hash (the chain was rewritten)"]
+
+
+def test_a_missing_database_or_one_without_evidence_is_exit_2_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "none.db"
+    assert main(["evidence", "verify", "--database", f"sqlite:///{missing}"]) == 2
+    assert "no database at" in capsys.readouterr().err and not missing.exists()
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()
+    assert main(["evidence", "verify", "--database", f"sqlite:///{empty}"]) == 2
+    assert "cannot read the evidence" in capsys.readouterr().err
+
+
+def test_the_configuration_comes_from_riskd_config_as_for_serve(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "riskd.toml"
+    config.write_text(f'database_url = "{url}"\n')
+    monkeypatch.setenv("RISKD_CONFIG", str(config))
+    monkeypatch.chdir(tmp_path)  # the embedded default (./var) would be empty here
+    rc, doc = run(capsys)
+    assert rc == 0 and doc["checked"] == 11

@@ -76,3 +76,15 @@ def test_a_journal_position_beyond_64_bits_is_an_error(
 ) -> None:
     assert run(["statement", "platform:fund", "--after", str(2**64), "--database", url]) == 2
     assert "error: after_seq: must be between 0 and" in capsys.readouterr().err
+
+
+def test_the_configuration_comes_from_riskd_config_as_for_serve(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "riskd.toml"
+    config.write_text(f'database_url = "{url}"\n')
+    monkeypatch.setenv("RISKD_CONFIG", str(config))
+    monkeypatch.chdir(tmp_path)  # the embedded default (./var) would be an empty ledger
+    assert run(["shop", "s1"]) == 0
+    assert "deposit: 1000 fen (CNY 10.00)" in capsys.readouterr().out
+    assert not (tmp_path / "var").exists()
