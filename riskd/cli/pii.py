@@ -13,6 +13,8 @@ The keyring is the file ``--keyring`` names, else the ``RISKD_KEYRING``
 environment variable (a keyring document; read-only), else the configuration's
 ``keyring_file``. The database is ``--database``, else the configuration's.
 Output names versions and counts, never key material or personal data.
+``keygen`` and ``retire`` read, change and rewrite the key file under an
+exclusive lock (``<key file>.lock``), so commands run at once never lose a version.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 from riskd.config import Config, load_config
 from riskd.errors import ConfigError, RiskdError
 from riskd.evidence.log import forget_subject
-from riskd.pii.keyring import ENV_VAR, Keyring
+from riskd.pii.keyring import ENV_VAR, Keyring, locked
 from riskd.pii.keystore import SqlKeyStore
 from riskd.pii.vault import Vault
 from riskd.sql import Database
@@ -109,8 +111,9 @@ def _vault(args: argparse.Namespace) -> tuple[Vault, Database]:
 
 def _keygen(args: argparse.Namespace) -> int:
     path = _writable_key_file(args)
-    ring = Keyring.load(path).add_version() if path.exists() else Keyring.generate()
-    ring.save(path)
+    with locked(path):  # another keygen/retire would otherwise lose this version or its own
+        ring = Keyring.load(path).add_version() if path.exists() else Keyring.generate()
+        ring.save(path)
     print(f"master key version {ring.primary} is primary in {path}")
     return 0
 
@@ -135,18 +138,19 @@ def _rotate(args: argparse.Namespace) -> int:
 
 def _retire(args: argparse.Namespace) -> int:
     path = _writable_key_file(args)
-    ring = Keyring.load(path)
-    vault, db = _vault(args)
-    try:
-        in_use = vault.keystore.count_under(args.version)
-    finally:
-        db.close()
-    if in_use and not args.force:
-        raise ConfigError(
-            f"master key version {args.version} still wraps {in_use} data keys; "
-            "run `riskd pii rotate` first (or --force to make them unreadable)"
-        )
-    ring.retire(args.version).save(path)
+    with locked(path):  # load-modify-save, serialised with keygen and other retires
+        ring = Keyring.load(path)
+        vault, db = _vault(args)
+        try:
+            in_use = vault.keystore.count_under(args.version)
+        finally:
+            db.close()
+        if in_use and not args.force:
+            raise ConfigError(
+                f"master key version {args.version} still wraps {in_use} data keys; "
+                "run `riskd pii rotate` first (or --force to make them unreadable)"
+            )
+        ring.retire(args.version).save(path)
     print(f"master key version {args.version} retired")
     return 0
 

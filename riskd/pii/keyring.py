@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fcntl
 import json
 import os
 import secrets
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -247,13 +249,20 @@ class Keyring:
         return cls.from_json(text)
 
     def save(self, path: Path) -> None:
-        """Write atomically to ``path`` with mode 0600."""
+        """Write atomically to ``path`` with mode 0600, durable once this returns.
+
+        The document goes to a temporary file beside ``path`` (removed if anything
+        fails), is fsynced, renamed over ``path``, and the directory is fsynced so the
+        rename survives a crash. Concurrent writers must serialise load-modify-save
+        themselves (``riskd pii`` holds ``locked(path)``): the rename is atomic, the
+        read-modify-write around it is not.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".keyring-")
         try:
-            os.fchmod(fd, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
+                os.fchmod(f.fileno(), 0o600)
                 f.write(self.to_json())
                 f.flush()
                 os.fsync(f.fileno())
@@ -261,6 +270,30 @@ class Keyring:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the key file ``path`` (a sibling ``<name>.lock`` file).
+
+    Wrap every load-modify-save of a key file in it: two ``riskd pii keygen`` run at
+    once would otherwise both read version n and both write their own n+1, one key
+    lost (and data keys wrapped under it unreadable). ``flock`` locks are released
+    when the process dies, so a killed command leaves no stale lock.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _parse_key(i: int, entry: object) -> tuple[int, MasterKey]:

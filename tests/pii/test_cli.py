@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import threading
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,32 @@ def test_cli_rotate_skips_a_lost_key_and_says_so(
     new = vault.encrypt("a-buyer", "o3", "phone", PHONE)  # a new generation, under v3
     assert vault.decrypt("a-buyer", "o3", "phone", new) == PHONE
     db.close()
+
+
+def test_cli_parallel_keygens_lose_no_version(
+    paths: tuple[list[str], Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Keygens run at once each add their own version: none overwrites another's."""
+    opts, key_file, _ = paths
+    assert run("keygen", *opts) == 0
+    n = 8
+    start = threading.Barrier(n)
+    codes: list[int] = []
+
+    def keygen() -> None:
+        start.wait()
+        codes.append(run("keygen", *opts))
+
+    threads = [threading.Thread(target=keygen) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert codes == [0] * n
+    ring = Keyring.load(key_file)
+    assert ring.versions == tuple(range(1, n + 2))
+    assert ring.active_versions == ring.versions
+    assert ring.primary == n + 1
+    reported = [line.split()[3] for line in capsys.readouterr().out.splitlines()]
+    assert sorted(map(int, reported)) == list(range(1, n + 2))  # each printed its own
+    assert not list(key_file.parent.glob(".keyring-*"))  # no temporary file left behind

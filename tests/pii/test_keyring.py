@@ -140,3 +140,16 @@ def test_keyring_load_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     path.write_bytes(b'{"format": "\xff\xfe"}')
     with pytest.raises(ConfigError, match="keyring: not UTF-8 text"):
         Keyring.load(path)
+
+
+def test_keyring_failed_save_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    path = tmp_path / "keyring.json"
+    ring = Keyring.generate()
+    ring.save(path)
+    before = path.read_bytes()
+    (tmp_path / "blocked").mkdir()
+    (tmp_path / "blocked" / "x").write_text("")  # a non-empty directory: replace fails
+    with pytest.raises(OSError):
+        ring.add_version().save(tmp_path / "blocked")
+    assert path.read_bytes() == before
+    assert not list(tmp_path.glob(".keyring-*"))
