@@ -24,6 +24,11 @@ the decision log: ``prepare``/``prepare_in`` check the batch's cached keys
 against the key store with one read per batch, so a buyer's orders placed after
 the forget start a new generation at once instead of being sealed under the
 destroyed key (and lost).
+
+After ``riskd pii keygen`` a process started later wraps new data keys under the
+new master version; a vault given ``reload`` (the daemon's, with a key file)
+re-reads the keyring when it meets a version it does not know, so it reads and
+writes those buyers' data without a restart.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from riskd.domain.clock import Clock, SystemClock
-from riskd.errors import CryptoError, InvalidArgumentError
+from riskd.errors import CryptoError, InvalidArgumentError, RiskdError
 from riskd.pii.keyring import KEY_BYTES, NONCE_BYTES, MasterKeyProvider
 from riskd.pii.keystore import DataKeyRow, KeyStore, ShredResult
 from riskd.sql import Database, Tx
@@ -150,8 +155,20 @@ class Vault:
         clock: Clock | None = None,
         cache_ttl_s: float = 60.0,
         cache_size: int = 100_000,
+        reload: Callable[[], MasterKeyProvider] | None = None,
+        reload_interval_s: float = 5.0,
     ) -> None:
+        """``reload``: how to read the keyring again (the daemon passes ``Keyring.load`` of
+        its key file). A data key wrapped under a master version this keyring does not
+        know (another process ran ``riskd pii keygen`` and started after it, so wraps new
+        buyers' keys under the new version) then makes the vault re-read the keyring, at
+        most once per ``reload_interval_s``, and unwrap again. Without it (a keyring from
+        ``RISKD_KEYRING``) such keys stay unreadable here until this process restarts."""
         self.keyring = keyring
+        self._reload = reload
+        self._reload_interval = reload_interval_s
+        self._next_reload = float("-inf")
+        self._reload_lock = threading.Lock()
         self.keystore = keystore
         self._clock = clock or SystemClock()
         self._ttl = cache_ttl_s
@@ -361,7 +378,7 @@ class Vault:
         starts the next generation: none yet, shredded (``forget``), or wrapped under a
         master key version the keyring says is retired (its data key is lost; what it
         sealed stays unreadable). A version merely unknown here is not spent: a newer
-        keyring may hold it (``CryptoError`` when unwrapping, as before)."""
+        keyring holds it (re-read with ``reload``; else ``CryptoError`` when unwrapping)."""
         if row is None or row.wrapped is None:
             return True
         return self.keyring.is_retired(row.wrapped.version)
@@ -389,9 +406,37 @@ class Vault:
 
     def _unwrapped(self, row: DataKeyRow, now: float) -> _Cached:
         assert row.wrapped is not None
-        dek = self.keyring.unwrap(row.wrapped, _dek_aad(row.subject_id, row.generation))
+        aad = _dek_aad(row.subject_id, row.generation)
+        keyring = self.keyring
+        try:
+            dek = keyring.unwrap(row.wrapped, aad)
+        except CryptoError:
+            if keyring.is_retired(row.wrapped.version) or not self._reloaded(keyring):
+                raise
+            dek = self.keyring.unwrap(row.wrapped, aad)
         header = _HEADER.pack(FORMAT_V1, row.generation)
         return _Cached(row.generation, AESGCM(dek), now + self._ttl, header)
+
+    def _reloaded(self, seen: MasterKeyProvider) -> bool:
+        """Re-read the keyring (``reload``) after an unwrap under ``seen`` failed for a
+        version it does not hold: True when a newer keyring is in place (read now, or by
+        another thread since ``seen``). At most once per ``reload_interval_s``; a keyring
+        that cannot be read now keeps the one in use (the caller raises its error)."""
+        if self._reload is None:
+            return False
+        with self._reload_lock:
+            if self.keyring is not seen:
+                return True
+            now = self._clock.monotonic()
+            if now < self._next_reload:
+                return False
+            self._next_reload = now + self._reload_interval
+            try:
+                fresh = self._reload()
+            except RiskdError:
+                return False
+            self.keyring = fresh
+            return True
 
     def _cache(self, row: DataKeyRow, entry: _Cached, *, current: bool) -> _Cached:
         with self._lock:

@@ -153,7 +153,11 @@ def _build(config: Config, clock: Clock, closers: list[Callable[[], None]]) -> C
     try:
         # PII in the decision log: masked + blind index in the record, and encrypted under
         # the buyer's data key (so `riskd pii forget` shreds it) beside the record.
-        vault = Vault(keyring, SqlKeyStore(db), clock=clock)
+        # a key file is re-read when a data key is wrapped under a version added since
+        # (`riskd pii keygen`, then a replica or worker started); RISKD_KEYRING cannot be
+        path = config.keyring_path
+        reload = None if config.keyring else lambda: Keyring.load(path)
+        vault = Vault(keyring, SqlKeyStore(db), clock=clock, reload=reload)
         decision_log = DecisionLog(
             db, vault=vault, indexer=indexer, flush_interval_s=config.evidence_flush_ms / 1000.0
         )

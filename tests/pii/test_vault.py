@@ -6,6 +6,7 @@ Every test runs on a real SQLite file and a real PostgreSQL schema.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -296,3 +297,62 @@ def test_vault_round_trip_property(tmp_path_factory: pytest.TempPathFactory) -> 
 
     round_trip()
     db.close()
+
+
+def test_vault_rereads_its_key_file_for_a_master_version_added_since(
+    store: SqlKeyStore, tmp_path: Path
+) -> None:
+    """`riskd pii keygen`, then a replica starts: it wraps new buyers' keys under v2.
+    A process started before reads and writes those buyers' data without a restart."""
+    key_file = tmp_path / "keyring.json"
+    Keyring.generate().save(key_file)
+    reloads: list[int] = []
+
+    def reload() -> Keyring:
+        reloads.append(1)
+        return Keyring.load(key_file)
+
+    old = Vault(Keyring.load(key_file), store, reload=reload)
+    old_ct = old.encrypt("b-old", "o1", "phone", PHONE)
+    Keyring.load(key_file).add_version().save(key_file)  # riskd pii keygen
+    new = Vault(Keyring.load(key_file), store, reload=reload)
+    ct = new.encrypt("b-new", "o1", "phone", PHONE)
+    new.prepare(["b-new-2"])  # the decision log's path: a batch of new buyers
+    ct2 = new.encrypt_fields("b-new-2", "o2", {"phone": PHONE})["phone"]
+    reloads.clear()
+
+    assert old.decrypt("b-new", "o1", "phone", ct) == PHONE
+    assert old.keyring.primary_version == 2 and len(reloads) == 1
+    old.prepare(["b-new-2"])
+    sealed = old.encrypt_fields("b-new-2", "o3", {"phone": PHONE})["phone"]
+    assert new.decrypt("b-new-2", "o3", "phone", sealed) == PHONE
+    assert old.decrypt("b-new-2", "o2", "phone", ct2) == PHONE
+    assert new.decrypt("b-new", "o4", "phone", old.encrypt("b-new", "o4", "phone", PHONE)) == PHONE
+    assert new.decrypt("b-old", "o1", "phone", old_ct) == PHONE
+    assert len(reloads) == 1
+
+
+def test_vault_reload_is_rate_limited_and_a_keyring_in_the_environment_is_not_reread(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    newer = keyring.add_version()
+    Vault(newer, store).encrypt("b1", "o1", "phone", PHONE)  # wrapped under v2
+    fixed = Vault(keyring, store)  # RISKD_KEYRING: nothing to re-read
+    with pytest.raises(CryptoError, match="master key version 2 is not in the keyring"):
+        fixed.encrypt("b1", "o2", "phone", PHONE)
+    clock = FakeClock()
+    reloads: list[int] = []
+
+    def stale() -> Keyring:  # the key file has not been updated yet
+        reloads.append(1)
+        return keyring
+
+    vault = Vault(keyring, store, clock=clock, reload=stale, reload_interval_s=5.0)
+    for _ in range(3):
+        with pytest.raises(CryptoError, match="version 2 is not in the keyring"):
+            vault.encrypt("b1", "o2", "phone", PHONE)
+    assert len(reloads) == 1
+    clock.advance(5)
+    with pytest.raises(CryptoError, match="version 2 is not in the keyring"):
+        vault.encrypt("b1", "o2", "phone", PHONE)
+    assert len(reloads) == 2

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from riskd.errors import ConfigError
+from riskd.evidence.log import encrypted_fields
+from riskd.pii.keyring import Keyring
 from riskd.service.server import create_server
+from riskd.sql import Database
 from tests.service.conftest import make_config
 from tests.service.sample import full_order
 
@@ -78,3 +81,31 @@ def test_a_lost_keyring_is_not_replaced_over_data_sealed_with_it(tmp_path: Path)
     with pytest.raises(ConfigError, match=r"^keyring_file: .* does not exist, but the database"):
         create_server(make_config(tmp_path))
     assert not (tmp_path / "keyring.json").exists()
+
+
+def test_a_daemon_started_before_keygen_seals_for_buyers_keyed_after_it(tmp_path: Path) -> None:
+    """`riskd pii keygen`, then a replica starts and keys a buyer under the new version:
+    the daemon started before re-reads its key file and still seals that buyer's orders
+    (not masked-only, counted as unsealed)."""
+    first = create_server(make_config(tmp_path))
+    key_file = tmp_path / "keyring.json"
+    Keyring.load(key_file).add_version().save(key_file)
+    second = create_server(make_config(tmp_path))
+    try:
+        second.components.scorer.score(full_order("o-1"), timeout_s=5.0)
+        log_2 = second.components.decision_log
+        assert log_2 is not None
+        log_2.flush(5.0)
+        first.components.scorer.score(full_order("o-2"), timeout_s=5.0)
+        log_1 = first.components.decision_log
+        assert log_1 is not None
+        log_1.flush(5.0)
+        assert log_1.unsealed == 0
+        db = Database(f"sqlite:///{tmp_path / 'riskd.db'}")
+        try:
+            assert len(encrypted_fields(db, "o-1")) == len(encrypted_fields(db, "o-2")) > 0
+        finally:
+            db.close()
+    finally:
+        second.stop(0)
+        first.stop(0)
