@@ -7,7 +7,8 @@
                                   (exit 3: some keys could not be unwrapped, left as is)
     riskd pii retire VERSION      destroy an old master key version (refused while in use)
     riskd pii forget BUYER_ID     crypto-shred a buyer's personal data (refused under hold)
-    riskd pii hold BUYER_ID       place (or with --release, lift) a legal hold
+    riskd pii hold BUYER_ID       place (or with --release, lift) a legal hold; one per
+                                  --reason, forget is refused while any remains
 
 The keyring is the file ``--keyring`` names, else the ``RISKD_KEYRING``
 environment variable (a keyring document; read-only), else the configuration's
@@ -34,6 +35,7 @@ from riskd.pii.keystore import SqlKeyStore
 from riskd.pii.vault import Vault
 from riskd.sql import Database
 
+DEFAULT_REASON = "legal hold"  # the reason of a hold placed without --reason
 ROTATE_INCOMPLETE = 3  # exit status: rotate re-wrapped what it could; some keys are lost
 
 Command = Callable[[argparse.Namespace], int]
@@ -56,8 +58,17 @@ def register(subparsers: Any) -> None:
     forget.add_argument("buyer_id", metavar="BUYER_ID")
     hold = _add(sub, "hold", "place or lift a legal hold on a buyer", _hold)
     hold.add_argument("buyer_id", metavar="BUYER_ID")
-    hold.add_argument("--reason", default="legal hold", help="why (recorded with the hold)")
-    hold.add_argument("--release", action="store_true", help="lift the hold instead")
+    hold.add_argument(
+        "--reason",
+        default=None,
+        help="why (recorded with the hold; default 'legal hold'); each reason is its own "
+        "hold, and with --release names the one to lift",
+    )
+    hold.add_argument(
+        "--release",
+        action="store_true",
+        help="lift the hold instead (without --reason: the buyer's only hold)",
+    )
 
 
 def _add(sub: Any, name: str, help_text: str, fn: Command) -> argparse.ArgumentParser:
@@ -178,11 +189,19 @@ def _hold(args: argparse.Namespace) -> int:
     vault, db = _vault(args)
     try:
         if args.release:
-            released = vault.release_hold(args.buyer_id)
-            print("legal hold released" if released else "no legal hold was placed")
+            released = vault.release_hold(args.buyer_id, args.reason)
+            left = len(vault.holds(args.buyer_id))
+            if released:
+                print(
+                    f"legal hold released ({left} still placed)" if left else "legal hold released"
+                )
+            elif args.reason is not None:
+                print(f"no legal hold with that reason ({left} placed)")
+            else:
+                print("no legal hold was placed")
         else:
-            vault.hold(args.buyer_id, args.reason)
-            print("legal hold placed")
+            vault.hold(args.buyer_id, DEFAULT_REASON if args.reason is None else args.reason)
+            print(f"legal hold placed ({len(vault.holds(args.buyer_id))} in all)")
     finally:
         db.close()
     return 0

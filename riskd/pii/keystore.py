@@ -6,6 +6,12 @@ sets ``wrapped`` to NULL and keeps the row as a tombstone, so a later
 ciphertext under that generation fails with "shredded" instead of "unknown".
 Tables are prefixed ``pii_``; the SQL is portable between SQLite and
 PostgreSQL.
+
+Legal holds: one row per (subject, reason) in ``pii_legal_hold_reasons``. The
+older ``pii_legal_holds`` (one row per subject, so a second reason was dropped)
+is still read and released from, so holds placed before keep their reasons; new
+holds are written to the new table only (a schema change by addition: old
+databases work unchanged).
 """
 
 from __future__ import annotations
@@ -65,7 +71,8 @@ class KeyStore(Protocol):
     def rewrap(self, row: DataKeyRow, wrapped: WrappedKey) -> bool: ...
     def count_under(self, master_version: int) -> int: ...
     def hold(self, subject_id: str, reason: str, at: float) -> None: ...
-    def release(self, subject_id: str) -> bool: ...
+    def release(self, subject_id: str, reason: str | None = None) -> bool: ...
+    def holds(self, subject_id: str) -> list[str]: ...
     def is_held(self, subject_id: str) -> bool: ...
     def add_index_entries(self, entries: Iterable[tuple[str, str, str]]) -> None: ...
     def subjects_for(self, field_type: str, digest: str) -> list[str]: ...
@@ -94,6 +101,9 @@ class SqlKeyStore:
             CREATE INDEX IF NOT EXISTS pii_data_keys_master ON pii_data_keys (master_version);
             CREATE TABLE IF NOT EXISTS pii_legal_holds (
                 subject_id TEXT PRIMARY KEY, reason TEXT NOT NULL, placed_at {real} NOT NULL);
+            CREATE TABLE IF NOT EXISTS pii_legal_hold_reasons (
+                subject_id TEXT NOT NULL, reason TEXT NOT NULL, placed_at {real} NOT NULL,
+                PRIMARY KEY (subject_id, reason));
             CREATE TABLE IF NOT EXISTS pii_blind_index (
                 field_type TEXT NOT NULL, digest TEXT NOT NULL, subject_id TEXT NOT NULL,
                 PRIMARY KEY (field_type, digest, subject_id));
@@ -217,9 +227,7 @@ class SqlKeyStore:
         """
 
         def destroy(tx: Tx) -> ShredResult:
-            if tx.execute(
-                "SELECT 1 FROM pii_legal_holds WHERE subject_id = ?", (subject_id,)
-            ).fetchone():
+            if _hold_reasons(tx, subject_id):
                 raise FailedPreconditionError("subject is under legal hold; forgetting is refused")
             keys = tx.execute(
                 "UPDATE pii_data_keys SET wrapped = NULL, shredded_at = ? "
@@ -282,30 +290,55 @@ class SqlKeyStore:
     # -- legal holds ----------------------------------------------------------------------
 
     def hold(self, subject_id: str, reason: str, at: float) -> None:
+        """Place a hold for ``reason`` (another reason is another hold; the same one again
+        changes nothing)."""
+
         def place(tx: Tx) -> None:
             tx.execute(
-                "INSERT INTO pii_legal_holds (subject_id, reason, placed_at) "
+                "INSERT INTO pii_legal_hold_reasons (subject_id, reason, placed_at) "
                 "VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                 (subject_id, reason, at),
             )
 
         self.db.run(place)
 
-    def release(self, subject_id: str) -> bool:
+    def release(self, subject_id: str, reason: str | None = None) -> bool:
+        """Lift the subject's hold for ``reason``; False if there was none.
+
+        Without ``reason``: the subject's only hold.
+
+        Raises:
+            FailedPreconditionError: no ``reason`` and the subject has several holds (the
+                message lists their reasons: operator text, never personal data);
+                nothing changes.
+        """
+
         def delete(tx: Tx) -> bool:
-            return (
+            reasons = _hold_reasons(tx, subject_id)
+            if reason is None and len(reasons) > 1:
+                listed = ", ".join(repr(r) for r in reasons)
+                raise FailedPreconditionError(
+                    f"subject is under {len(reasons)} legal holds ({listed}); "
+                    "name the reason of the one to release"
+                )
+            target = reason if reason is not None else (reasons[0] if reasons else None)
+            if target is None or target not in reasons:
+                return False
+            for table in ("pii_legal_holds", "pii_legal_hold_reasons"):
                 tx.execute(
-                    "DELETE FROM pii_legal_holds WHERE subject_id = ?", (subject_id,)
-                ).rowcount
-                > 0
-            )
+                    f"DELETE FROM {table} WHERE subject_id = ? AND reason = ?",
+                    (subject_id, target),
+                )
+            return True
 
         return self.db.run(delete)
 
+    def holds(self, subject_id: str) -> list[str]:
+        """The reasons of the subject's legal holds, sorted (empty: not held)."""
+        return [str(r[0]) for r in self.db.query(_HOLDS, (subject_id, subject_id))]
+
     def is_held(self, subject_id: str) -> bool:
-        return bool(
-            self.db.query("SELECT 1 FROM pii_legal_holds WHERE subject_id = ?", (subject_id,))
-        )
+        return bool(self.holds(subject_id))
 
     # -- blind-index entries --------------------------------------------------------------
 
@@ -331,6 +364,18 @@ class SqlKeyStore:
             (field_type, digest),
         )
         return [str(r[0]) for r in rows]
+
+
+_HOLDS = (
+    "SELECT reason FROM pii_legal_holds WHERE subject_id = ? "
+    "UNION SELECT reason FROM pii_legal_hold_reasons WHERE subject_id = ? ORDER BY 1"
+)
+
+
+def _hold_reasons(tx: Tx, subject_id: str) -> list[str]:
+    """The subject's hold reasons, from both hold tables (see the module docstring)."""
+    rows = tx.execute(_HOLDS, (subject_id, subject_id)).fetchall()
+    return [str(r[0]) for r in rows]
 
 
 def _row(r: tuple[Any, ...]) -> DataKeyRow:

@@ -525,14 +525,28 @@ class Vault:
         return shredded
 
     def hold(self, subject_id: str, reason: str) -> None:
-        """Place a legal hold: ``forget`` is refused until it is released."""
+        """Place a legal hold for ``reason``: ``forget`` is refused until every hold of the
+        subject is released (each reason is its own hold)."""
         _require("subject_id", subject_id)
         _require("reason", reason)
         self.keystore.hold(subject_id, reason, self._clock.now())
 
-    def release_hold(self, subject_id: str) -> bool:
-        """Lift a legal hold; False if there was none."""
-        return self.keystore.release(subject_id)
+    def release_hold(self, subject_id: str, reason: str | None = None) -> bool:
+        """Lift the legal hold placed for ``reason``; False if there was none.
+
+        Without ``reason``: the subject's only hold. ``forget`` stays refused while any
+        other hold remains.
+
+        Raises:
+            FailedPreconditionError: no ``reason`` and several holds (their reasons are
+                listed); nothing changes.
+        """
+        _require("subject_id", subject_id)
+        return self.keystore.release(subject_id, reason)
+
+    def holds(self, subject_id: str) -> list[str]:
+        """The reasons of the subject's legal holds, sorted (empty: ``forget`` may run)."""
+        return self.keystore.holds(subject_id)
 
     # -- blind-index entries --------------------------------------------------------------
 

@@ -213,3 +213,22 @@ def test_cli_parallel_keygens_lose_no_version(
     reported = [line.split()[3] for line in capsys.readouterr().out.splitlines()]
     assert sorted(map(int, reported)) == list(range(1, n + 2))  # each printed its own
     assert not list(key_file.parent.glob(".keyring-*"))  # no temporary file left behind
+
+
+def test_cli_release_lifts_one_hold_by_reason(
+    paths: tuple[list[str], Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    opts, _, _ = paths
+    run("keygen", *opts)
+    assert run("hold", "b1", "--reason", "court order 7", *opts) == 0
+    assert run("hold", "b1", "--reason", "dispute 42", *opts) == 0
+    assert "2 in all" in capsys.readouterr().out
+    assert run("hold", "b1", "--release", *opts) == 1  # which one? refused
+    err = capsys.readouterr().err
+    assert "'court order 7', 'dispute 42'" in err and "b1" not in err
+    assert run("hold", "b1", "--release", "--reason", "dispute 42", *opts) == 0
+    assert "1 still placed" in capsys.readouterr().out
+    assert run("forget", "b1", *opts) == 1
+    assert "legal hold" in capsys.readouterr().err
+    assert run("hold", "b1", "--release", *opts) == 0
+    assert run("forget", "b1", *opts) == 0

@@ -356,3 +356,44 @@ def test_vault_reload_is_rate_limited_and_a_keyring_in_the_environment_is_not_re
     with pytest.raises(CryptoError, match="version 2 is not in the keyring"):
         vault.encrypt("b1", "o2", "phone", PHONE)
     assert len(reloads) == 2
+
+
+def test_vault_each_hold_reason_is_its_own_hold(vault: Vault) -> None:
+    ct = vault.encrypt("b1", "o1", "phone", PHONE)
+    vault.hold("b1", "court order 2026-17")
+    vault.hold("b1", "dispute 42")
+    vault.hold("b1", "dispute 42")  # the same hold again: nothing new
+    assert vault.holds("b1") == ["court order 2026-17", "dispute 42"]
+    with pytest.raises(FailedPreconditionError, match=r"2 legal holds \('court order 2026-17', "):
+        vault.release_hold("b1")  # which one? refused, nothing lifted
+    assert vault.holds("b1") == ["court order 2026-17", "dispute 42"]
+    assert vault.release_hold("b1", "dispute 42") is True
+    assert vault.release_hold("b1", "dispute 42") is False
+    with pytest.raises(FailedPreconditionError, match="legal hold"):
+        vault.forget("b1")  # the court order still holds
+    assert vault.decrypt("b1", "o1", "phone", ct) == PHONE
+    assert vault.release_hold("b1") is True  # the only one left
+    assert vault.holds("b1") == []
+    assert vault.forget("b1").data_keys_destroyed == 1
+
+
+def test_vault_holds_placed_by_an_older_riskd_keep_their_reason(
+    db: Database, keyring: Keyring
+) -> None:
+    """Before, a hold was one row per subject in pii_legal_holds: such rows still hold."""
+    vault = Vault(keyring, SqlKeyStore(db))
+    db.run(
+        lambda tx: tx.execute(
+            "INSERT INTO pii_legal_holds (subject_id, reason, placed_at) VALUES (?, ?, ?)",
+            ("b1", "old court order", 1.0),
+        )
+    )
+    vault.encrypt("b1", "o1", "phone", PHONE)
+    vault.hold("b1", "dispute 42")
+    assert Vault(keyring, SqlKeyStore(db)).holds("b1") == ["dispute 42", "old court order"]
+    assert vault.release_hold("b1", "dispute 42") is True
+    with pytest.raises(FailedPreconditionError, match="legal hold"):
+        vault.forget("b1")
+    assert vault.release_hold("b1") is True
+    assert vault.holds("b1") == []
+    vault.forget("b1")
