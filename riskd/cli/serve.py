@@ -56,6 +56,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     score.add_argument("--cert", type=Path, help="client certificate (mutual TLS; with --key)")
     score.add_argument("--key", type=Path, help="client certificate's private key")
     score.add_argument(
+        "--server-name",
+        default="",
+        help="name the server certificate must carry, when it is not the target host",
+    )
+    score.add_argument(
         "--token",
         default=os.environ.get("RISKD_TOKEN", ""),
         help="bearer token (default $RISKD_TOKEN)",
@@ -73,7 +78,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     health.add_argument(
         "--server-name",
         default=os.environ.get("RISKD_HEALTH_SERVER_NAME", ""),
-        help="name the server certificate must carry, when it is not the target host",
+        help="name the server certificate must carry, when it is not the target host"
+        " (default $RISKD_HEALTH_SERVER_NAME)",
     )
     health.add_argument(
         "--cert",
@@ -131,7 +137,7 @@ def run_score(args: argparse.Namespace) -> int:
     try:
         if args.token and args.ca is None:
             _check_plaintext_token(args.target)
-        channel = _channel(args.target, args.ca, cert=args.cert, key=args.key)
+        channel = _channel(args.target, args.ca, args.server_name, cert=args.cert, key=args.key)
     except _ChannelError as e:
         print(f"riskd score: {e}", file=sys.stderr)
         return 2

@@ -158,6 +158,21 @@ def test_score_presents_a_client_certificate_for_mutual_tls(
     assert json.loads(capsys.readouterr().out)["order_id"] == "example-0001"
 
 
+def test_score_checks_the_server_certificate_against_server_name(
+    mtls_server: tuple[RunningServer, dict[str, Path]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    running, files = mtls_server
+    base = ["score", str(EXAMPLE), "--target", f"127.0.0.1:{running.port}", "--ca"]
+    base += [str(files["ca"]), "--cert", str(files["gateway.crt"])]
+    base += ["--key", str(files["gateway.key"]), "--timeout", "5"]
+    wrong = build_parser().parse_args([*base, "--server-name", "riskd.example.org"])
+    assert wrong.func(wrong) != 0  # the certificate does not name it
+    capsys.readouterr()
+    right = build_parser().parse_args([*base, "--server-name", "localhost"])
+    assert right.func(right) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["order_id"] == "example-0001"
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
