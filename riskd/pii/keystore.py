@@ -222,6 +222,11 @@ class SqlKeyStore:
     def shred(self, subject_id: str, at: float) -> ShredResult:
         """Destroy every wrapped data key of the subject and its blind-index entries.
 
+        A subject with no live key (none yet: its first order may still be queued for the
+        decision log's writer; or forgotten before) gets a tombstone generation instead,
+        so the forget's time is on record either way: the writer seals nothing appended
+        before it, and the subject's next key is a new generation.
+
         Raises:
             FailedPreconditionError: the subject is under legal hold (nothing changes).
         """
@@ -234,6 +239,13 @@ class SqlKeyStore:
                 "WHERE subject_id = ? AND wrapped IS NOT NULL",
                 (at, subject_id),
             ).rowcount
+            if keys == 0:
+                tx.execute(
+                    "INSERT INTO pii_data_keys (subject_id, generation, master_version, wrapped,"
+                    " created_at, shredded_at) SELECT ?, COALESCE(MAX(generation), 0) + 1, 0,"
+                    " NULL, ?, ? FROM pii_data_keys WHERE subject_id = ?",
+                    (subject_id, at, at, subject_id),
+                )
             entries = tx.execute(
                 "DELETE FROM pii_blind_index WHERE subject_id = ?", (subject_id,)
             ).rowcount
