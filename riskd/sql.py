@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from riskd.errors import CommitUnknownError, UnavailableError
+from riskd.errors import CommitUnknownError, ConfigError, UnavailableError
 
 T = TypeVar("T")
 Dialect = Literal["sqlite", "postgres"]
@@ -81,6 +81,35 @@ class Tx:
     @property
     def rowcount(self) -> int:
         return int(self._cur.rowcount)
+
+
+def require_existing(url: str) -> None:
+    """Refuse a database that is not there yet: operator and auditor commands work on the
+    daemon's database and must never create an empty one (a SQLite file, or the schema of
+    a ``?schema=`` PostgreSQL URL) and then report on it.
+
+    Raises:
+        ConfigError: naming the missing file or schema (never the URL: it may hold a password).
+    """
+    parts = urlsplit(url)
+    if not parts.scheme.startswith("postgres"):
+        path = Path(parts.path if parts.scheme == "sqlite" else url)
+        if not path.is_file():
+            raise ConfigError(f"database: no database at {path} (start riskd serve once first)")
+        return
+    schema = (parse_qs(parts.query).get("schema") or [""])[0]
+    if not schema:
+        return  # the database itself: connecting fails if it is not there
+    import psycopg
+
+    query = "&".join(p for p in parts.query.split("&") if p and not p.startswith("schema="))
+    try:
+        with psycopg.connect(urlunsplit(parts._replace(query=query)), connect_timeout=5) as conn:
+            row = conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (schema,)).fetchone()
+    except psycopg.OperationalError as e:
+        raise UnavailableError("database unavailable") from e
+    if not row or not row[0]:
+        raise ConfigError(f"database: no schema {schema!r} in the database")
 
 
 def _create_private(path: Path) -> None:

@@ -23,12 +23,11 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from riskd.config import load_config
 from riskd.errors import RiskdError
 from riskd.evidence.chain import TABLES, check_anchor, verify
-from riskd.sql import Database
+from riskd.sql import Database, require_existing
 
 
 def register(subparsers: Any) -> None:
@@ -54,16 +53,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_verify)
 
 
-def _must_exist(url: str) -> None:
-    """An auditor's check never creates the database it was pointed at."""
-    parts = urlsplit(url)
-    if parts.scheme.startswith("postgres"):
-        return
-    path = Path(parts.path if parts.scheme == "sqlite" else url)
-    if not path.is_file():
-        raise ValueError(f"no database at {path}")
-
-
 def _anchors(texts: list[str]) -> list[tuple[str, int, str]]:
     out = []
     for text in texts:
@@ -80,7 +69,7 @@ def _verify(args: argparse.Namespace) -> int:
     try:
         anchors = _anchors(args.expect)
         url = args.database or load_config(args.config).database
-        _must_exist(url)
+        require_existing(url)
         db = Database(url)
     except (RiskdError, ValueError) as e:
         print(f"riskd evidence verify: error: {e}", file=sys.stderr)

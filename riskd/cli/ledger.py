@@ -16,7 +16,9 @@ It opens the ledger's database directly: ``--database URL``, else the daemon
 configuration's (``--config`` file, ``RISKD_DATABASE_URL``, else the SQLite file
 under ``data_dir``), so it runs on the daemon's host, with the daemon up or
 down (SQLite admits one writer at a time; PostgreSQL writers queue on the
-ledger's advisory lock). Money actions need ``--key`` (a retry with the same
+ledger's advisory lock). A database that does not exist yet is refused (exit 2):
+statements and ``verify`` of an empty one made by mistake would say all is well.
+Money actions need ``--key`` (a retry with the same
 key does nothing twice) and record ``--actor`` (default ``cli:$USER``).
 Amounts are integer fen. ``--json`` prints machine-readable output.
 """
@@ -38,6 +40,7 @@ from riskd.config import load_config
 from riskd.domain.money import format_fen
 from riskd.errors import RiskdError
 from riskd.ledger import Book, Receipt, load_schedule
+from riskd.sql import require_existing
 
 Command = Callable[[Book, argparse.Namespace], Any]
 
@@ -99,7 +102,9 @@ def _run(fn: Command, args: argparse.Namespace) -> int:
         config = load_config(args.config)
         schedule_path = config.rules_dir / "penalties.toml"
         schedule = load_schedule(schedule_path) if schedule_path.exists() else None
-        book = Book.open(args.database or config.database, schedule=schedule)
+        url = args.database or config.database
+        require_existing(url)  # statements and verify of an empty database made here lie
+        book = Book.open(url, schedule=schedule)
     except RiskdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

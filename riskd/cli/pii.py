@@ -12,7 +12,9 @@
 
 The keyring is the file ``--keyring`` names, else the ``RISKD_KEYRING``
 environment variable (a keyring document; read-only), else the configuration's
-``keyring_file``. The database is ``--database``, else the configuration's.
+``keyring_file``. The database is ``--database``, else the configuration's; one that
+does not exist yet is refused (exit 1): a key count or a forget in an empty database
+made by mistake would report nothing to do, and ``retire`` would destroy keys in use.
 Output names versions and counts, never key material or personal data.
 ``keygen`` and ``retire`` read, change and rewrite the key file under an
 exclusive lock (``<key file>.lock``), so commands run at once never lose a version.
@@ -33,7 +35,7 @@ from riskd.evidence.log import forget_subject
 from riskd.pii.keyring import ENV_VAR, Keyring, locked
 from riskd.pii.keystore import SqlKeyStore
 from riskd.pii.vault import Vault
-from riskd.sql import Database
+from riskd.sql import Database, require_existing
 
 DEFAULT_REASON = "legal hold"  # the reason of a hold placed without --reason
 ROTATE_INCOMPLETE = 3  # exit status: rotate re-wrapped what it could; some keys are lost
@@ -116,7 +118,9 @@ def _writable_key_file(args: argparse.Namespace) -> Path:
 
 
 def _vault(args: argparse.Namespace) -> tuple[Vault, Database]:
-    db = Database(args.database or _config(args).database)
+    url = args.database or _config(args).database
+    require_existing(url)  # never count, rotate or forget in an empty database made here
+    db = Database(url)
     return Vault(_load_keyring(args), SqlKeyStore(db)), db
 
 

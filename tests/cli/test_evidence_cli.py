@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import uuid
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,18 @@ def test_the_configuration_comes_from_riskd_config_as_for_serve(
     monkeypatch.chdir(tmp_path)  # the embedded default (./var) would be empty here
     rc, doc = run(capsys)
     assert rc == 0 and doc["checked"] == 11
+
+
+@pytest.mark.postgres
+def test_a_postgres_schema_that_is_not_there_is_exit_2_and_not_created(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import psycopg
+
+    schema = f"evidence_missing_{uuid.uuid4().hex[:8]}"
+    url = f"postgresql://postgres@127.0.0.1:5432/test?schema={schema}"
+    assert main(["evidence", "verify", "--database", url]) == 2
+    assert f"no schema '{schema}'" in capsys.readouterr().err
+    with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test") as conn:
+        row = conn.execute("SELECT to_regnamespace(%s) IS NULL", (schema,)).fetchone()
+    assert row == (True,)

@@ -88,3 +88,11 @@ def test_the_configuration_comes_from_riskd_config_as_for_serve(
     assert run(["shop", "s1"]) == 0
     assert "deposit: 1000 fen (CNY 10.00)" in capsys.readouterr().out
     assert not (tmp_path / "var").exists()
+
+
+def test_verify_of_a_database_that_is_not_there_is_exit_2_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "typo.db"
+    assert run(["verify", "--database", f"sqlite:///{missing}"]) == 2
+    assert "no database at" in capsys.readouterr().err and not missing.exists()

@@ -38,7 +38,24 @@ def paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], P
     monkeypatch.delenv("RISKD_CONFIG", raising=False)
     key_file = tmp_path / "keyring.json"
     url = f"sqlite:///{tmp_path / 'riskd.db'}"
+    Database(url).close()  # the daemon's database exists (the commands never create it)
     return ["--keyring", str(key_file), "--database", url], key_file, url
+
+
+def test_cli_refuses_a_database_that_is_not_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`retire` counting keys in an empty database it made would destroy a version in use."""
+    key_file = tmp_path / "keyring.json"
+    missing = tmp_path / "typo" / "riskd.db"
+    opts = ["--keyring", str(key_file), "--database", f"sqlite:///{missing}"]
+    assert run("keygen", "--keyring", str(key_file)) == 0
+    assert run("keygen", "--keyring", str(key_file)) == 0
+    for command in (("retire", "1"), ("rotate",), ("forget", "b1"), ("hold", "b1")):
+        assert run(*command, *opts) == 1
+        assert "no database at" in capsys.readouterr().err
+    assert not missing.exists()
+    assert not Keyring.load(key_file).keys[1].retired  # nothing was retired
 
 
 def vault_at(key_file: Path, url: str) -> tuple[Vault, Database]:
