@@ -237,8 +237,12 @@ def _start(
     )
     running = RunningServer(server, 0, health_servicer, tuple(services), metrics, components)
     running.set_serving(False)
-    running.port = _bind(server, config)
-    running.endpoint = _metrics_endpoint(config, metrics)
+    try:
+        running.port = _bind(server, config)
+        running.endpoint = _metrics_endpoint(config, metrics)
+    except BaseException:  # nothing started: let the health sender thread go too
+        health_servicer.close()
+        raise
     server.start()
     components.start_watching(metrics, config.reload_interval_s)
     if components.decision_log is not None:

@@ -91,8 +91,14 @@ def test_port_owned_by_another_program_names_listen(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
+        senders = _health_senders()
         with pytest.raises(ConfigError, match=r"^listen: cannot bind"):
             create_server(make_config(tmp_path, listen=f"127.0.0.1:{port}"))
+        assert _health_senders() == senders  # a failed start leaves no thread behind
+
+
+def _health_senders() -> int:
+    return sum(t.name == "riskd-health" for t in threading.enumerate())
 
 
 def test_two_servers_share_one_port(tmp_path: Path) -> None:
