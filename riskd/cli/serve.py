@@ -119,7 +119,10 @@ def run_serve(args: argparse.Namespace) -> int:
     # of the collector's generations so full collections on the request path skip them.
     gc.collect()
     gc.freeze()
-    print(f"riskd serving on {config.listen.rpartition(':')[0]}:{running.port}", file=sys.stderr)
+    # one write of the whole line: the log handlers of other threads (a held SIGHUP's
+    # reload) write to stderr too, and print() writes the text and its newline apart
+    sys.stderr.write(f"riskd serving on {config.listen.rpartition(':')[0]}:{running.port}\n")
+    sys.stderr.flush()
     while not running.wait(0.5):
         pass
     return 0
