@@ -91,25 +91,32 @@ def require_existing(url: str) -> None:
     Raises:
         ConfigError: naming the missing file or schema (never the URL: it may hold a password).
     """
-    parts = urlsplit(url)
-    if not parts.scheme.startswith("postgres"):
-        path = Path(parts.path if parts.scheme == "sqlite" else url)
-        if not path.is_file():
-            raise ConfigError(f"database: no database at {path} (start riskd serve once first)")
+    dialect, target, schema = _parse_url(url)
+    if dialect == "sqlite":
+        if not Path(target).is_file():
+            raise ConfigError(f"database: no database at {target} (start riskd serve once first)")
         return
-    schema = (parse_qs(parts.query).get("schema") or [""])[0]
     if not schema:
         return  # the database itself: connecting fails if it is not there
     import psycopg
 
-    query = "&".join(p for p in parts.query.split("&") if p and not p.startswith("schema="))
     try:
-        with psycopg.connect(urlunsplit(parts._replace(query=query)), connect_timeout=5) as conn:
+        with psycopg.connect(target, connect_timeout=5) as conn:
             row = conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (schema,)).fetchone()
     except psycopg.OperationalError as e:
         raise UnavailableError("database unavailable") from e
     if not row or not row[0]:
         raise ConfigError(f"database: no schema {schema!r} in the database")
+
+
+def _parse_url(url: str) -> tuple[Dialect, str, str]:
+    """(dialect, SQLite path or PostgreSQL DSN without ``schema=``, schema or "")."""
+    parts = urlsplit(url)
+    if not parts.scheme.startswith("postgres"):
+        return "sqlite", parts.path if parts.scheme == "sqlite" else url, ""
+    schema = parse_qs(parts.query).get("schema", [""])[0]
+    query = "&".join(p for p in parts.query.split("&") if p and not p.startswith("schema="))
+    return "postgres", urlunsplit(parts._replace(query=query)), schema
 
 
 def _create_private(path: Path) -> None:
@@ -134,15 +141,11 @@ class Database:
 
     def __init__(self, url: str | Path) -> None:
         self.url = str(url)
-        parts = urlsplit(self.url)
-        self.dialect: Dialect = "postgres" if parts.scheme.startswith("postgres") else "sqlite"
-        self._schema = ""
+        self.dialect, target, self._schema = _parse_url(self.url)
         if self.dialect == "postgres":
-            self._schema = parse_qs(parts.query).get("schema", [""])[0]
-            query = "&".join(p for p in parts.query.split("&") if p and not p.startswith("schema="))
-            self._dsn = urlunsplit(parts._replace(query=query))
+            self._dsn = target
         else:
-            self._path = parts.path if parts.scheme == "sqlite" else self.url
+            self._path = target
             Path(self._path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             if self._path != ":memory:":
                 _create_private(Path(self._path))

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 COMMANDS: tuple[str, ...] = (
     "riskd.cli.rules",  # riskd rules check|test|fmt|eval
@@ -18,6 +20,17 @@ COMMANDS: tuple[str, ...] = (
     "riskd.cli.pii",  # riskd pii keygen|rotate|retire|forget|hold
     "riskd.cli.evidence",  # riskd evidence verify
 )
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    """``--config FILE``, defaulting to ``$RISKD_CONFIG`` (as for ``riskd serve``), so every
+    command finds the daemon's configuration, and with it its database."""
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("RISKD_CONFIG") or None,
+        help="riskd TOML configuration (default $RISKD_CONFIG)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

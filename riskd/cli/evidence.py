@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
+from riskd.cli import add_config_argument
 from riskd.config import load_config
 from riskd.errors import RiskdError
 from riskd.evidence.chain import TABLES, check_anchor, verify
@@ -35,12 +34,7 @@ def register(subparsers: Any) -> None:
     evidence = subparsers.add_parser("evidence", help="verify the hash-chained evidence")
     sub = evidence.add_subparsers(dest="evidence_command", required=True)
     p = sub.add_parser("verify", help="walk every evidence chain; check kept heads")
-    p.add_argument(
-        "--config",
-        type=Path,
-        default=os.environ.get("RISKD_CONFIG") or None,
-        help="riskd TOML configuration (default $RISKD_CONFIG)",
-    )
+    add_config_argument(p)
     p.add_argument("--database", default="", help="database URL (default: configuration's)")
     p.add_argument(
         "--expect",

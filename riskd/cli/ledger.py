@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
+from riskd.cli import add_config_argument
 from riskd.config import load_config
 from riskd.domain.money import format_fen
 from riskd.errors import RiskdError
@@ -77,12 +76,7 @@ def register(subparsers: Any) -> None:
 
 def _add(sub: Any, name: str, help_text: str, fn: Command) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=os.environ.get("RISKD_CONFIG") or None,
-        help="riskd TOML configuration (default $RISKD_CONFIG)",
-    )
+    add_config_argument(parser)
     parser.add_argument("--database", default="", help="database URL (default: configuration's)")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(func=lambda args: _run(fn, args))

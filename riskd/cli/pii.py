@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from riskd.cli import add_config_argument
 from riskd.config import Config, load_config
 from riskd.errors import ConfigError, RiskdError
 from riskd.evidence.log import forget_subject
@@ -75,7 +76,7 @@ def register(subparsers: Any) -> None:
 
 def _add(sub: Any, name: str, help_text: str, fn: Command) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
-    parser.add_argument("--config", type=Path, default=None, help="riskd TOML configuration")
+    add_config_argument(parser)
     parser.add_argument("--keyring", type=Path, default=None, help="key file")
     parser.add_argument("--database", default=None, help="database URL")
     parser.set_defaults(func=_guarded(fn))
@@ -94,10 +95,7 @@ def _guarded(fn: Command) -> Command:
 
 
 def _config(args: argparse.Namespace) -> Config:
-    config_path = args.config or (
-        Path(os.environ["RISKD_CONFIG"]) if os.environ.get("RISKD_CONFIG") else None
-    )
-    return load_config(config_path)
+    return load_config(args.config)
 
 
 def _key_file(args: argparse.Namespace) -> Path:

@@ -29,6 +29,7 @@ import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from riskd.cli import add_config_argument
 from riskd.config import load_config
 from riskd.errors import RiskdError
 from riskd.service.auth import is_loopback
@@ -41,12 +42,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add ``serve`` and ``score`` to the ``riskd`` command."""
     serve = subparsers.add_parser("serve", help="run the scoring daemon")
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:50051)")
-    serve.add_argument(
-        "--config",
-        type=Path,
-        default=os.environ.get("RISKD_CONFIG") or None,
-        help="TOML configuration file (default $RISKD_CONFIG)",
-    )
+    add_config_argument(serve)
     serve.set_defaults(func=run_serve)
     score = subparsers.add_parser("score", help="score one order (JSON file, - for stdin)")
     score.add_argument("order", help="order JSON in the riskd.v1.Order protobuf JSON form")

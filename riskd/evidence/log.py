@@ -452,9 +452,6 @@ class DecisionLog:
         secrets = [] if shared else list(self._encrypt(records))
         digests = list(self._digests(records))
         prepared: list[PreparedKeys] = []
-        with_pii = {
-            i.order.order_id for i in records if i.order is not None and pii_fields(i.order)
-        }
         unsealed: list[str] = []  # stored without their PII ciphertexts (no usable key)
 
         def write(tx: Tx) -> None:
@@ -475,8 +472,8 @@ class DecisionLog:
                 i.record.order_id for i, ok in zip(records, stored, strict=True) if ok and i.record
             }
             pii = [s for s in pii_rows if s[0] in kept]
-            sealed = {s[0] for s in pii}
-            unsealed[:] = [oid for oid in kept if oid in with_pii and oid not in sealed | forgotten]
+            done = {s[0] for s in pii} | forgotten
+            unsealed[:] = [oid for oid in kept if oid not in done]
             if pii:
                 tx.executemany(
                     "INSERT INTO decision_pii (order_id, field, subject_id, ciphertext)"
@@ -498,6 +495,9 @@ class DecisionLog:
         self.db.run(write)
         if vault is not None and prepared:  # committed: their keys may be cached now
             vault.adopt(prepared[0])
+        if vault is not None and unsealed:  # rare: only then see which carried PII at all
+            orders = {i.order.order_id: i.order for i in records if i.order is not None}
+            unsealed = [oid for oid in unsealed if oid in orders and pii_fields(orders[oid])]
         if vault is not None and unsealed:
             with self._cond:
                 self._unsealed += len(unsealed)
