@@ -14,9 +14,11 @@ the feature store's shards (their CPU added up).
     .venv/bin/python benchmarks/load/workers.py --rate 500 --rounds 2
 
 Per row: calls/s, CPU µs per call of the gRPC process and of the workers together,
-Redis CPU µs per call, p50/p99 ms. On a machine with spare cores give the workers their
-own (``--server-cpus 0 --worker-cpus 2-9 --client-cpus 10-15 --processes 4``): then the
-closed-loop row is the unary ``Score`` throughput of one gRPC process.
+Redis CPU µs per call, p50/p99 ms, and the share of calls the gRPC process answered
+itself (``riskd_score_worker_fallbacks_total`` by reason, read from its /metrics).
+On a machine with spare cores give the workers their own (``--server-cpus 0
+--worker-cpus 2-9 --client-cpus 10-15 --processes 4``): then the closed-loop row
+is the unary ``Score`` throughput of one gRPC process.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,21 @@ def row(name: str, r: Any, cpu: float, extra: dict[str, float]) -> dict[str, Any
     print(json.dumps(added), flush=True)
     out.update(added)
     return out
+
+
+def fallbacks(metrics_port: int | None) -> dict[str, float]:
+    """``riskd_score_worker_fallbacks_total`` by reason, from the riskd process's /metrics."""
+    if metrics_port is None:
+        return {}
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        text = reply.read().decode()
+    prefix = 'riskd_score_worker_fallbacks_total{reason="'
+    return {
+        line[len(prefix) :].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    }
 
 
 def main() -> int:
@@ -102,17 +120,33 @@ def main() -> int:
                 )
             ]
 
-            def emit(name: str, port: int, pids: list[int], kids: list[int], rate: float) -> float:
+            def emit(
+                name: str,
+                port: int,
+                pids: list[int],
+                kids: list[int],
+                rate: float,
+                metrics_port: int | None = None,
+            ) -> float:
                 target = f"127.0.0.1:{port}"
                 run_load(target, tag="warm", **{**load, "seconds": 2, "rate": rate})
                 k0 = sum(R.cpu_seconds(k) for k in kids)
                 r0 = sum(R.cpu_seconds(p) for p in redis_pids)
+                f0 = fallbacks(metrics_port)
                 r, cpu = R.measured(pids, lambda: run_load(target, tag="m", rate=rate, **load))
                 extra = {
                     "workers_cpu_us_per_call": sum(R.cpu_seconds(k) for k in kids) - k0,
                     "redis_cpu_us_per_call": sum(R.cpu_seconds(p) for p in redis_pids) - r0,
                 }
-                rows.append(row(name, r, cpu, extra))
+                out = row(name, r, cpu, extra)
+                f1 = fallbacks(metrics_port)
+                if f1:
+                    share = {
+                        k: round((v - f0.get(k, 0.0)) / max(r.calls, 1), 4) for k, v in f1.items()
+                    }
+                    print(json.dumps({"fallback_share": share}), flush=True)
+                    out["fallback_share"] = share
+                rows.append(out)
                 return float(r.calls_per_s)
 
             for rnd in range(args.rounds):
@@ -123,24 +157,25 @@ def main() -> int:
                     if rnd == args.rounds - 1:
                         bare_rate = emit("bare grpcio, closed loop", port, p, [], 0.0)
                 for n in (0, *(int(c) for c in args.score_workers.split(","))):
-                    port = R.free_port()
+                    port, mport = R.free_port(), R.free_port()
                     env = {
                         **R.riskd_env(work, rules, redis_ports, f"r{rnd}w{n}"),
                         "RISKD_SCORE_WORKERS": str(n),
                         "RISKD_WORKERS": str(max(4, 2 * n)),
+                        "RISKD_METRICS_PORT": str(mport),
                     }
                     cmd = R.riskd_cmd(port)
                     with R.process(cmd, server | workers, env, port=port) as p:
                         time.sleep(1)
                         kids = pin(p[0], server, workers)
                         name = f"round {rnd}: riskd score_workers={n} at {args.rate:.0f}/s"
-                        emit(name, port, p, kids, args.rate)
+                        emit(name, port, p, kids, args.rate, mport)
                         if n and rnd == args.rounds - 1:
                             name = f"riskd score_workers={n}, closed loop"
-                            rate = emit(name, port, p, kids, 0.0)
+                            rate = emit(name, port, p, kids, 0.0, mport)
                             rows[-1]["ratio_to_bare"] = round(rate / bare_rate, 3)
                             name = f"riskd score_workers={n}, open loop at {rate / 2:.0f}/s"
-                            emit(name, port, p, kids, rate / 2)
+                            emit(name, port, p, kids, rate / 2, mport)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.out:

@@ -94,6 +94,14 @@ class Metrics:
         self.reloads = Counter(
             "riskd_rule_reloads", "Rule reloads that swapped in new rules.", registry=r
         )
+        self.worker_fallbacks = Counter(
+            "riskd_score_worker_fallbacks",
+            "Orders the gRPC process answered itself instead of its scoring worker, by "
+            "reason: down (exited or broken), busy (held by other calls or owing a late "
+            "answer), late (no answer by the deadline: the fallback policy).",
+            ["reason"],
+            registry=r,
+        )
 
         # labelled children, looked up once per label value instead of once per decision
         self._by_outcome: dict[Outcome, Any] = {}
@@ -106,8 +114,8 @@ class Metrics:
 
         A replayed decision (a retry's recorded answer) was counted when it was made.
         Rule errors come from a domain ``Decision``'s ``rule_errors``; a worker's answer
-        (protobuf) does not carry them, so with scoring workers they go uncounted here
-        (the worker's scorer still logs them).
+        (protobuf) does not carry them: the worker counts them in its own ``Metrics``
+        and the server process adds them up with ``absorb_worker``.
         """
         for d in decisions:
             if d.replayed:
@@ -123,8 +131,9 @@ class Metrics:
             for rule_id in getattr(d, "rule_errors", ()):
                 _child(self._by_error, self.rule_errors, rule_id).inc()
 
-    def watch_evidence(self, log: EvidenceLike) -> None:
-        """Export the decision log's writer state, read at each scrape.
+    def watch_evidence(self, log: EvidenceLike, *more: EvidenceLike) -> None:
+        """Export the decision log's writer state, read at each scrape (the sum over
+        ``log`` and ``more``: the scoring workers' logs, as they last reported them).
 
         ``riskd_evidence_backlog``: appended, not yet committed (what a crash now would
         lose; it grows while the database is down). ``riskd_evidence_rejected``: items
@@ -133,21 +142,47 @@ class Metrics:
         (no usable data key, e.g. one wrapped under a retired master key; alert on > 0).
         """
         r = self.registry
+        logs = (log, *more)
         Gauge(
             "riskd_evidence_backlog",
             "Decisions and outcome reports appended to the decision log, not yet committed.",
             registry=r,
-        ).set_function(lambda: log.backlog)
+        ).set_function(lambda: sum(x.backlog for x in logs))
         Gauge(
             "riskd_evidence_rejected",
             "Decision-log items the database refused, set aside by the writer (not stored).",
             registry=r,
-        ).set_function(lambda: log.rejected)
+        ).set_function(lambda: sum(x.rejected for x in logs))
         Gauge(
             "riskd_evidence_unsealed",
             "Decisions logged with masked PII only: no usable data key to encrypt it.",
             registry=r,
-        ).set_function(lambda: log.unsealed)
+        ).set_function(lambda: sum(x.unsealed for x in logs))
+
+    def snapshot(self, log: EvidenceLike | None) -> dict[str, Any]:
+        """What a scoring worker reports of its own metrics to the server process
+        (plain data: it crosses the process boundary as JSON)."""
+        return {
+            "rule_errors": _by_label(self.rule_errors, "rule_id"),
+            "reload_failures": self.value("riskd_rule_reload_failures_total"),
+            "backlog": 0 if log is None else log.backlog,
+            "rejected": 0 if log is None else log.rejected,
+            "unsealed": 0 if log is None else log.unsealed,
+        }
+
+    def absorb_worker(self, before: dict[str, Any] | None, now: dict[str, Any]) -> None:
+        """Add what a worker counted since its last ``snapshot`` (``before``; None for a
+        new worker) to this process's counters. A worker that was replaced starts from
+        zero again; what it counted after its last report is not counted."""
+        old_errors = {} if before is None else before["rule_errors"]
+        for rule_id, count in now["rule_errors"].items():
+            grown = _grown(old_errors.get(rule_id, 0.0), count)
+            if grown:
+                _child(self._by_error, self.rule_errors, rule_id).inc(grown)
+        old = 0.0 if before is None else before["reload_failures"]
+        grown = _grown(old, now["reload_failures"])
+        if grown:
+            self.reload_failures.inc(grown)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value (0 when absent), e.g. ``riskd_decisions_total``."""
@@ -168,6 +203,21 @@ def _child(cache: dict[str, Any], metric: Counter, label: str) -> Any:
         if len(cache) < _MAX_CHILDREN:
             cache[label] = child
     return child
+
+
+def _by_label(metric: Counter, label: str) -> dict[str, float]:
+    """A labelled counter's totals by label value."""
+    return {
+        sample.labels[label]: sample.value
+        for family in metric.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+
+
+def _grown(before: float, now: float) -> float:
+    """How much a counter grew; a counter below its last value was reset (a new process)."""
+    return now - before if now >= before else now
 
 
 class MetricsEndpoint:

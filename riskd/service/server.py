@@ -178,7 +178,7 @@ def create_server(
     try:
         pool = None
         if config.score_workers:
-            pool = WorkerPool(config, config.score_workers)
+            pool = WorkerPool(config, config.score_workers, metrics)
             pool.start()
             components.closers.append(pool.close)  # closed first: workers flush their logs
         running = _start(config, metrics, components, extra_servicers, interceptors, ready, pool)
@@ -246,7 +246,8 @@ def _start(
     server.start()
     components.start_watching(metrics, config.reload_interval_s)
     if components.decision_log is not None:
-        metrics.watch_evidence(components.decision_log)
+        more = () if pool is None else (pool.evidence,)
+        metrics.watch_evidence(components.decision_log, *more)
     if ready:
         running.set_serving(True)
     fields = {"port": running.port, "metrics_port": running.metrics_port, "services": services}

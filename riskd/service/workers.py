@@ -41,13 +41,19 @@ Each worker watches the rule files itself and reloads on ``SIGHUP``, which the s
 process forwards. Workers ignore ``SIGINT``/``SIGTERM``: the server process drains its
 calls first, then asks each worker to stop, and a worker flushes its decision log before
 it exits (also when the server process is gone: the socket pair reports end of file).
-The server process's metrics count every decision it returns; the workers' own reload
-counters are not exported (the server process reloads the same files and counts).
+The server process's metrics count every decision it returns, and every order it answered
+itself (``riskd_score_worker_fallbacks_total`` by reason: down, busy, late). What only a
+worker sees, it counts in its own ``Metrics``: the monitor asks each worker for a snapshot
+once a second (``STATS_EVERY_S``; a worker held by calls is asked next round) and adds it
+to the server process's ``riskd_rule_errors_total`` and ``riskd_rule_reload_failures_total``,
+and to the ``riskd_evidence_*`` gauges (each worker's decision-log writer as last reported).
+A worker that dies takes what it counted since its last report with it.
 """
 
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import os
 import pickle
@@ -60,7 +66,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -91,6 +97,7 @@ FALLBACK_RESERVE_S = (
 BUSY_WAIT_S = 0.02  # the longest a call waits for a worker another call holds
 HUNG_AFTER_S = 2.0  # an answer owed this long past its deadline: the worker is killed
 RESPAWN_EVERY_S = 1.0  # how often the monitor looks for workers that exited or hang
+STATS_WAIT_S = 0.5  # the longest the monitor waits for a worker's metrics snapshot
 _HEADER = struct.Struct("!I")
 _NOTHING = object()  # no whole message buffered yet
 _CHUNK = 1 << 16
@@ -180,6 +187,7 @@ class _Worker:
         self.owed: float | None = None
         self.broken = False
         self.why = ""  # why it was taken out of service, for the monitor's log
+        self.stats: dict[str, Any] | None = None  # its last metrics snapshot (monitor's)
 
     @property
     def alive(self) -> bool:
@@ -319,13 +327,19 @@ def _rebuild(name: str, message: str, field: str | None) -> RiskdError:
 
 
 class WorkerPool:
-    """``count`` scoring worker processes, started, watched and stopped by the server process."""
+    """``count`` scoring worker processes, started, watched and stopped by the server process.
 
-    def __init__(self, config: Config, count: int) -> None:
+    With ``metrics`` the monitor adds the workers' own counts to them (module docstring);
+    ``evidence`` is the workers' decision-log writers as they last reported them.
+    """
+
+    def __init__(self, config: Config, count: int, metrics: Metrics | None = None) -> None:
         self._config = config
         self._workers: list[_Worker | None] = [None] * count
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
+        self._metrics = metrics
+        self.evidence = _PoolEvidence(self)
 
     def start(self) -> None:
         """Start every worker and wait until each has its rules and stores open.
@@ -355,11 +369,19 @@ class WorkerPool:
         return zlib.crc32(order_id.encode()) % len(self._workers)
 
     def get(self, index: int) -> _Worker:
-        """The worker at ``index``; ``WorkerGone`` while it is down or being replaced."""
+        """The worker at ``index``; ``WorkerGone`` while it is down or being replaced.
+
+        A worker that exited since the monitor last looked is found by the call itself
+        (its socket breaks: ``WorkerGone``), so a call pays no ``waitpid`` here.
+        """
         worker = self._workers[index]
-        if worker is None or not worker.alive:
+        if worker is None or worker.broken:
             raise WorkerGone
         return worker
+
+    def workers(self) -> list[_Worker]:
+        """The workers in service now (for their last metrics snapshots)."""
+        return [w for w in self._workers if w is not None and not w.broken]
 
     def pids(self) -> list[int | None]:
         return [None if w is None else w.proc.pid for w in self._workers]
@@ -420,6 +442,27 @@ class WorkerPool:
                     w.take_out(f"no answer {HUNG_AFTER_S:g} s past a call's deadline")
                 if not w.alive:
                     self._replace(i, w)
+                elif self._metrics is not None:
+                    self._collect(w, self._metrics)
+
+    def _collect(self, w: _Worker, metrics: Metrics) -> None:
+        """Ask ``w`` for its metrics snapshot and add what it counted since the last one.
+
+        A worker held by calls for ``BUSY_WAIT_S`` is asked next round; one that does not
+        answer within ``STATS_WAIT_S`` owes the answer like a late call (read and dropped
+        by the next call or round).
+        """
+        deadline = time.monotonic() + STATS_WAIT_S
+        try:
+            seq = w.begin("Stats", b"", deadline)
+            reply = None if seq is None else w.finish(seq, deadline)
+        except (WorkerGone, RiskdError):
+            return
+        if reply is None:
+            return
+        now = json.loads(reply)
+        metrics.absorb_worker(w.stats, now)
+        w.stats = now
 
     def _replace(self, i: int, w: _Worker) -> None:
         code = w.proc.poll()
@@ -445,12 +488,37 @@ class WorkerPool:
         self._workers[i] = fresh
 
 
+class _PoolEvidence:
+    """The workers' decision-log writers, summed as last reported (``EvidenceLike``)."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self._pool = pool
+
+    def _sum(self, key: str) -> int:
+        return sum(int(w.stats[key]) for w in self._pool.workers() if w.stats is not None)
+
+    @property
+    def backlog(self) -> int:
+        return self._sum("backlog")
+
+    @property
+    def rejected(self) -> int:
+        return self._sum("rejected")
+
+    @property
+    def unsealed(self) -> int:
+        return self._sum("unsealed")
+
+
 class _Missing(enum.Enum):
+    """Why the gRPC process answers a worker's orders itself (the fallbacks metric's label)."""
+
     DOWN = "down"
+    BUSY = "busy"
     LATE = "late"
 
 
-_DOWN, _LATE = _Missing.DOWN, _Missing.LATE
+_DOWN, _BUSY, _LATE = _Missing.DOWN, _Missing.BUSY, _Missing.LATE
 
 
 @dataclass(frozen=True, slots=True)
@@ -493,6 +561,10 @@ class PooledScoringServicer(ScoringServicer):
             scorer, metrics, clock, default_deadline_s=default_deadline_s, max_batch=max_batch
         )
         self._pool = pool
+        self._fallbacks = {m: metrics.worker_fallbacks.labels(m.value) for m in _Missing}
+
+    def _fell_back(self, why: _Missing, orders: int) -> None:
+        self._fallbacks[why].inc(orders)
 
     def score_request(
         self, request: scoring_pb2.ScoreRequest, timeout_s: float
@@ -503,10 +575,12 @@ class PooledScoringServicer(ScoringServicer):
             worker = self._pool.get(self._pool.worker_for(request.order.order_id))
             seq = worker.begin("Score", request.SerializeToString(), deadline)
             reply = None if seq is None else worker.finish(seq, deadline)
-        except WorkerGone:  # down, broken or busy: scored here, in the time that is left
+        except WorkerGone as e:  # down, broken or busy: scored here, in the time that is left
+            self._fell_back(_BUSY if isinstance(e, WorkerBusy) else _DOWN, 1)
             left = max(started + timeout_s - time.monotonic(), 0.0)
             return super().score_request(request, left)
         if reply is None:  # late: the fallback, now
+            self._fell_back(_LATE, 1)
             return super().score_request(request, 0.0)
         response = scoring_pb2.ScoreResponse.FromString(reply)
         self._metrics.observe_decisions((_seen(response.decision),))
@@ -534,7 +608,8 @@ class PooledScoringServicer(ScoringServicer):
             if isinstance(got, bytes):
                 part = scoring_pb2.ScoreBatchResponse.FromString(got).decisions
                 seen.extend(_seen(d) for d in part)
-            else:  # DOWN: scored here in the time left; LATE: the fallback, now
+            else:  # DOWN/BUSY: scored here in the time left; LATE: the fallback, now
+                self._fell_back(got, len(idx))
                 left = 0.0 if got is _LATE else max(deadline - time.monotonic(), 0.0)
                 part = super().score_batch_request(parts[w], left).decisions
             for i, decision in zip(idx, part, strict=True):
@@ -548,8 +623,8 @@ class PooledScoringServicer(ScoringServicer):
     ) -> dict[int, bytes | _Missing]:
         """Send every part (workers taken in index order: no lock cycles), then collect.
 
-        Per worker: the answer, ``_DOWN`` (gone, broken or busy: score it here) or
-        ``_LATE`` (the fallback).
+        Per worker: the answer, ``_DOWN`` (gone or broken) or ``_BUSY`` (score it here),
+        or ``_LATE`` (the fallback).
         """
         sent: dict[int, tuple[_Worker, int | None]] = {}
         out: dict[int, bytes | _Missing] = {}
@@ -558,14 +633,14 @@ class PooledScoringServicer(ScoringServicer):
                 worker = self._pool.get(w)
                 payload = parts[w].SerializeToString()
                 sent[w] = (worker, worker.begin("ScoreBatch", payload, deadline))
-            except WorkerGone:
-                out[w] = _DOWN
+            except WorkerGone as e:
+                out[w] = _BUSY if isinstance(e, WorkerBusy) else _DOWN
         first_error: RiskdError | None = None
         for w, (worker, seq) in sent.items():
             try:
                 reply = None if seq is None else worker.finish(seq, deadline)
-            except WorkerGone:
-                out[w] = _DOWN
+            except WorkerGone as e:
+                out[w] = _BUSY if isinstance(e, WorkerBusy) else _DOWN
                 continue
             except RiskdError as e:  # the other workers' calls are still collected
                 first_error = first_error or e
@@ -588,7 +663,7 @@ def main(argv: Sequence[str]) -> int:
     except Exception as e:
         channel.send(("failed", f"{type(e).__name__}: {e}"))
         return 1
-    metrics = Metrics()  # not exported: the server process counts what it returns
+    metrics = Metrics()  # not exported: the server process asks for snapshots (``Stats``)
     servicer = ScoringServicer(
         components.scorer,
         metrics,
@@ -602,8 +677,12 @@ def main(argv: Sequence[str]) -> int:
         lambda *_: threading.Thread(target=components.reload_rules, args=(metrics,)).start(),
     )
     channel.send(("ready", os.getpid()))
+
+    def report() -> bytes:
+        return json.dumps(metrics.snapshot(components.decision_log)).encode()
+
     try:
-        _serve(channel, servicer)
+        _serve(channel, servicer, report)
     except (EOFError, OSError):
         log.warning("server process gone; flushing the decision log and exiting")
     finally:
@@ -611,13 +690,16 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _serve(channel: _Channel, servicer: ScoringServicer) -> None:
+def _serve(channel: _Channel, servicer: ScoringServicer, report: Callable[[], bytes]) -> None:
     while True:
         message = channel.recv()
         if message[0] == "stop":
             return
         seq, method, payload, timeout_s = message
         try:
+            if method == "Stats":
+                channel.send((seq, "ok", report()))
+                continue
             if method == "Score":
                 request = scoring_pb2.ScoreRequest.FromString(payload)
                 response: Any = servicer.score_request(request, timeout_s)

@@ -32,6 +32,7 @@ from riskd.evidence.chain import verify
 from riskd.service import convert, workers
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
 from riskd.service.logs import JsonFormatter
+from riskd.service.metrics import Metrics
 from riskd.service.server import RunningServer, create_server
 from riskd.service.workers import WorkerPool
 from riskd.sql import Database
@@ -197,10 +198,12 @@ def test_a_killed_worker_is_replaced_and_its_orders_are_answered_meanwhile(
     assert pool is not None
     victim = pool.pids()[0]
     assert victim is not None
+    down = _fallbacks(pooled, "down")
     os.kill(victim, signal.SIGKILL)
     time.sleep(0.2)
-    # scored by the gRPC process itself while the worker is gone
+    # scored by the gRPC process itself while the worker is gone, and counted as such
     assert _score(stub, _worker_for(pool, 0)).outcome == scoring_pb2.OUTCOME_ALLOW
+    assert _fallbacks(pooled, "down") == down + 1
     assert eventually(lambda: pool.pids()[0] not in (None, victim) and _alive(pool, 0), 30)
     assert _score(stub, _worker_for(pool, 0)).outcome == scoring_pb2.OUTCOME_ALLOW
 
@@ -212,6 +215,7 @@ def test_a_stalled_worker_gets_the_fallback_inside_the_deadline_then_recovers(
     assert pool is not None
     pid = pool.pids()[1]
     assert pid is not None
+    late_before = _fallbacks(pooled, "late")
     os.kill(pid, signal.SIGSTOP)
     try:
         order = _worker_for(pool, 1)
@@ -220,6 +224,7 @@ def test_a_stalled_worker_gets_the_fallback_inside_the_deadline_then_recovers(
         late = stub.Score(request, timeout=0.5).decision
         assert time.monotonic() - started < 0.5
         assert late.degraded and "features" in late.unavailable
+        assert _fallbacks(pooled, "late") == late_before + 1
     finally:
         os.kill(pid, signal.SIGCONT)
     # the stalled call's late answer is discarded; the next call gets its own answer
@@ -253,6 +258,93 @@ def test_a_worker_that_answered_late_is_kept_when_no_call_follows(
     time.sleep(0.3 + 2.5 * workers.RESPAWN_EVERY_S)  # no calls to worker 0 meanwhile
     assert pool.pids()[0] == pid
     assert _by_a_worker(stub, _worker_for(pool, 0))
+
+
+def _fallbacks(running: RunningServer, reason: str) -> float:
+    return running.metrics.value("riskd_score_worker_fallbacks_total", {"reason": reason})
+
+
+BROKEN_RULE = """
+rule broken_ratio {
+  description = "Broken on purpose: divides by zero on every order"
+  owner       = "risk-ops"
+  scenarios   = [checkout]
+  mode        = active
+  action      = review
+  score       = 5
+  reason      = BROKEN_RATIO
+  when        = order.amounts.total / (order.amounts.discount - order.amounts.discount) > 1
+}
+"""
+
+
+def test_the_workers_rule_errors_and_decision_logs_reach_the_servers_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rule errors happen in the workers; the server process's /metrics must show them,
+    and the evidence gauges must add up the workers' decision-log writers."""
+    prefix = f"riskd-test-workers-{uuid.uuid4().hex}:"
+    rules = copy_rules(tmp_path / "rules")
+    (rules / "broken.rules").write_text(BROKEN_RULE)
+    running = create_server(_config(tmp_path / "data", prefix, rules_dir=str(rules)))
+    assert running.workers is not None
+    monkeypatch.setattr(running.components.scorer, "score", None)  # the workers score
+    errors = {"rule_id": "broken_ratio"}
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+            orders = [_worker_for(running.workers, i % 2) for i in range(6)]
+            for order in orders:
+                assert _score(stub, order).outcome == scoring_pb2.OUTCOME_ALLOW
+            _score(stub, orders[0])  # a retry: its decision was counted when it was made
+            assert eventually(
+                lambda: running.metrics.value("riskd_rule_errors_total", errors) == 6, 10
+            )
+            assert all(w.stats is not None for w in running.workers.workers())
+            # a worker that is replaced starts counting from zero: nothing is counted twice
+            victim = running.workers.pids()[1]
+            assert victim is not None
+            os.kill(victim, signal.SIGKILL)
+            assert eventually(lambda: running.workers.pids()[1] not in (None, victim), 30)
+            assert eventually(lambda: _alive(running.workers, 1), 30)
+            assert _score(stub, _worker_for(running.workers, 1)).outcome == (
+                scoring_pb2.OUTCOME_ALLOW
+            )
+            assert eventually(
+                lambda: running.metrics.value("riskd_rule_errors_total", errors) == 7, 10
+            )
+            text = running.metrics.text().decode()
+            assert "\nriskd_evidence_rejected 0.0\n" in text
+            assert _fallbacks(running, "down") == _fallbacks(running, "busy") == 0
+    finally:
+        running.stop(5)
+        _forget(prefix)
+
+
+def test_the_evidence_gauges_add_up_the_workers_last_reports(tmp_path: Path) -> None:
+    """Unit level: the gauges sum the server's own log and each worker's last report."""
+    metrics = Metrics()
+    own = _Log(backlog=1, rejected=0, unsealed=2)
+    theirs = _Log(backlog=3, rejected=4, unsealed=0)
+    metrics.watch_evidence(own, theirs)
+    assert metrics.value("riskd_evidence_backlog") == 4
+    assert metrics.value("riskd_evidence_rejected") == 4
+    assert metrics.value("riskd_evidence_unsealed") == 2
+    first = {"rule_errors": {"a": 2.0}, "reload_failures": 1.0}
+    metrics.absorb_worker(None, first)
+    metrics.absorb_worker(first, {"rule_errors": {"a": 5.0, "b": 1.0}, "reload_failures": 1.0})
+    # a restarted worker reports from zero again: its new counts are added, not subtracted
+    metrics.absorb_worker(None, {"rule_errors": {"a": 1.0}, "reload_failures": 0.0})
+    assert metrics.value("riskd_rule_errors_total", {"rule_id": "a"}) == 6
+    assert metrics.value("riskd_rule_errors_total", {"rule_id": "b"}) == 1
+    assert metrics.value("riskd_rule_reload_failures_total") == 1
+
+
+@dataclasses.dataclass
+class _Log:
+    backlog: int
+    rejected: int
+    unsealed: int
 
 
 def _by_a_worker(stub: Stub, order: Order) -> bool:
