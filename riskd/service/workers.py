@@ -53,6 +53,7 @@ A worker that dies takes what it counted since its last report with it.
 from __future__ import annotations
 
 import enum
+import gc
 import json
 import logging
 import os
@@ -676,6 +677,10 @@ def main(argv: Sequence[str]) -> int:
         signal.SIGHUP,
         lambda *_: threading.Thread(target=components.reload_rules, args=(metrics,)).start(),
     )
+    # as ``riskd serve`` does: start-up objects (compiled rules, modules) out of the
+    # collector's generations, so full collections on the scoring path skip them
+    gc.collect()
+    gc.freeze()
     channel.send(("ready", os.getpid()))
 
     def report() -> bytes:
