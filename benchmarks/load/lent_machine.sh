@@ -14,7 +14,9 @@
 #   # and .rbin/redis-server: a wrapper that runs redis-server.bin with LD_LIBRARY_PATH=lib
 # Then run it there with carry [".whl", ".rbin"]:  bash benchmarks/load/lent_machine.sh
 # Results land in $OUT. SKIP_COST=1 leaves out redis_cost.py, SKIP_WORKERS=1 stops after
-# run.py; S, RATE, NW, NP, SHARDS (Redis shards for workers.py) tune the runs.
+# run.py; S, RATE, NW, NP, SHARDS (Redis shards for workers.py) tune the runs. RATE=half
+# drives workers.py's open-loop rows at half the one-process unary rate run.py just measured
+# (the p99 row: "at half of that rate", several processes if that is what it takes).
 set -u
 OUT=${OUT:-/tmp/lent}; mkdir -p "$OUT"
 PY=${PY:-python3}
@@ -32,7 +34,10 @@ echo "== run.py"
 timeout 170 $PY benchmarks/load/run.py --seconds "$S" --server-cpus 0 --second-server-cpus 1 \
   --client-cpus 4-13 --processes "$NP" --out "$OUT/run.json" 2>&1 | tee "$OUT/run.log"
 [ -n "${SKIP_WORKERS:-}" ] && exit 0
-echo "== workers.py"
+if [ "$RATE" = half ]; then
+  RATE=$($PY -c 'import json,sys; r={x["name"]:x for x in json.load(open(sys.argv[1]))}; print(round(r["riskd, one process, Score"]["calls_per_s"]/2))' "$OUT/run.json") || exit 4
+fi
+echo "== workers.py (open loop at $RATE/s)"
 timeout 170 $PY benchmarks/load/workers.py --rounds 1 --seconds "$S" --server-cpus 0 \
   --worker-cpus 2-9 --client-cpus 10-15 --processes "$NP" --score-workers "$NW" \
   --rate "$RATE" --redis-shards "${SHARDS:-1}" --out "$OUT/workers.json" 2>&1 | tee "$OUT/workers.log"
