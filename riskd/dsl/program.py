@@ -233,8 +233,9 @@ class Program:
         """
         hit = RuleStatus.HIT
         act = self.activation(order, shop, features, now)
+        forms = _secret_forms(order)  # once per order, not once per line of each hit
         return tuple(
-            _explained(s, act) if r.status is hit else r
+            _explained(s, act, forms) if r.status is hit else r
             for s, r in zip(self._steps, results, strict=True)
         )
 
@@ -312,7 +313,8 @@ def _error(step: _Step, message: str) -> RuleResult:
     return dataclasses.replace(step.no_hit, status=RuleStatus.ERROR, error=message)
 
 
-def _explained(step: _Step, act: Mapping[str, object]) -> RuleResult:
+def _explained(step: _Step, act: Mapping[str, object], forms: Sequence[str]) -> RuleResult:
+    """``step``'s hit, explained; ``forms``: ``_secret_forms`` of the order in ``act``."""
     assert step.rule.expr is not None
     try:
         lines = step.rule.expr.explain(act)
@@ -324,9 +326,8 @@ def _explained(step: _Step, act: Mapping[str, object]) -> RuleResult:
             extra={"fields": {"rule_id": step.rule.id, "error_type": type(exc).__name__}},
         )
         lines = (f"explanation failed ({type(exc).__name__})",)
-    order = act.get("order")
-    if isinstance(order, Order):  # explanations quote values: never a PII one
-        lines = tuple(_scrub(line, order) for line in lines)
+    # explanations quote values: never a PII one
+    lines = tuple(_scrub_forms(line, forms) for line in lines)
     return dataclasses.replace(step.hit, explanation=lines)
 
 
@@ -337,14 +338,26 @@ def _scrub(message: str, order: Order) -> str:
     render (an error message quoting a value). A value is found verbatim, escaped the
     way ``format_value`` (JSON) or ``repr`` writes it, or cut short by a clip (``…``).
     """
-    for secret in _pii_values(order):
-        if len(secret) < 2:
-            continue
-        for form in _quoted_forms(secret):
-            if form in message:
-                message = message.replace(form, "***")
-            if _CLIP in message:
-                message = _scrub_clipped(message, form)
+    return _scrub_forms(message, _secret_forms(order))
+
+
+def _secret_forms(order: object) -> tuple[str, ...]:
+    """What ``_scrub`` looks for: each PII value of ``order`` (none when it is not an
+    ``Order``) in each form text may quote it, a value's longest form first."""
+    if not isinstance(order, Order):
+        return ()
+    return tuple(
+        form for secret in _pii_values(order) if len(secret) >= 2 for form in _quoted_forms(secret)
+    )
+
+
+def _scrub_forms(message: str, forms: Sequence[str]) -> str:
+    """``_scrub`` with the forms computed once for many messages of one order."""
+    for form in forms:
+        if form in message:
+            message = message.replace(form, "***")
+        if _CLIP in message:
+            message = _scrub_clipped(message, form)
     return message
 
 
