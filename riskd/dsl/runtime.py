@@ -12,6 +12,7 @@ personal data. Types, and names written in the rule itself, are fine.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -232,7 +233,12 @@ def is_set(value: object) -> bool:
 def _has_field(operand: object, name: str) -> bool:
     if name.startswith("_") or not dataclasses.is_dataclass(operand) or isinstance(operand, type):
         return False
-    return name in {f.name for f in dataclasses.fields(operand)}
+    return name in _field_names(type(operand))
+
+
+@functools.cache  # the request's dataclass types: a handful, fixed by the code
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls))
 
 
 def make_map(pairs: Iterable[tuple[object, object]]) -> dict[object, object]:
