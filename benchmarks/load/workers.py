@@ -91,6 +91,11 @@ def main() -> int:
     parser.add_argument("--processes", type=int, default=1, help="load generator processes")
     parser.add_argument("--redis-shards", type=int, default=1, help="redis-servers (shards)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--aio-front",
+        action="store_true",
+        help="also measure aio_front.py (an asyncio gRPC front, a prototype) with the workers",
+    )
     args = parser.parse_args()
     server, workers, client = (
         R.cpu_set(args.server_cpus),
@@ -176,6 +181,23 @@ def main() -> int:
                             rows[-1]["ratio_to_bare"] = round(rate / bare_rate, 3)
                             name = f"riskd score_workers={n}, open loop at {rate / 2:.0f}/s"
                             emit(name, port, p, kids, rate / 2, mport)
+                    if n and args.aio_front and rnd == args.rounds - 1:
+                        port = R.free_port()
+                        cmd = [sys.executable, "benchmarks/load/aio_front.py", "--listen"]
+                        cmd += [f"127.0.0.1:{port}", "--score-workers", str(n)]
+                        with R.process(cmd, server | workers, env, port=port) as p:
+                            time.sleep(1)
+                            kids = pin(p[0], server, workers)
+                            name = f"aio front, score_workers={n}, closed loop"
+                            rate = emit(name, port, p, kids, 0.0)
+                            rows[-1]["ratio_to_bare"] = round(rate / bare_rate, 3)
+                            emit(
+                                f"aio front, score_workers={n}, at {args.rate:.0f}/s",
+                                port,
+                                p,
+                                kids,
+                                args.rate,
+                            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.out:
