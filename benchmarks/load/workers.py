@@ -15,7 +15,8 @@ the feature store's shards (their CPU added up).
 
 Per row: calls/s, CPU µs per call of the gRPC process and of the workers together,
 Redis CPU µs per call, p50/p99 ms, and the share of calls the gRPC process answered
-itself (``riskd_score_worker_fallbacks_total`` by reason, read from its /metrics).
+itself (``riskd_score_worker_fallbacks_total`` by reason, read from its /metrics) or
+sent to another worker than theirs (``rerouted``).
 On a machine with spare cores give the workers their own (``--server-cpus 0
 --worker-cpus 2-9 --client-cpus 10-15 --processes 4``): then the closed-loop row
 is the unary ``Score`` throughput of one gRPC process.
@@ -64,18 +65,22 @@ def row(name: str, r: Any, cpu: float, extra: dict[str, float]) -> dict[str, Any
 
 
 def fallbacks(metrics_port: int | None) -> dict[str, float]:
-    """``riskd_score_worker_fallbacks_total`` by reason, from the riskd process's /metrics."""
+    """``riskd_score_worker_fallbacks_total`` by reason and the reroutes, from /metrics."""
     if metrics_port is None:
         return {}
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as reply:
         text = reply.read().decode()
     prefix = 'riskd_score_worker_fallbacks_total{reason="'
-    return {
+    out = {
         line[len(prefix) :].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
         if line.startswith(prefix)
     }
+    for line in text.splitlines():  # sent to another worker: not answered by the gRPC process
+        if line.startswith("riskd_score_worker_reroutes_total "):
+            out["rerouted"] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def main() -> int:

@@ -102,6 +102,11 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.worker_reroutes = Counter(
+            "riskd_score_worker_reroutes",
+            "Orders sent to another scoring worker because theirs was down or busy.",
+            registry=r,
+        )
 
         # labelled children, looked up once per label value instead of once per decision
         self._by_outcome: dict[Outcome, Any] = {}

@@ -194,20 +194,22 @@ class _Worker:
     def alive(self) -> bool:
         return not self.broken and self.proc.poll() is None
 
-    def begin(self, method: str, payload: bytes, deadline: float) -> int | None:
+    def begin(
+        self, method: str, payload: bytes, deadline: float, wait_s: float = BUSY_WAIT_S
+    ) -> int | None:
         """Take the worker and send it a call; the sequence number, or None when the
         deadline passed first (the worker is then not taken).
 
         Raises:
-            WorkerBusy: another call held the worker for ``BUSY_WAIT_S``, or the worker
-                still owes a late answer: score the order in this process.
+            WorkerBusy: another call held the worker for ``wait_s``, or the worker
+                still owes a late answer: score the order elsewhere.
             WorkerGone: the worker broke.
         """
         left = deadline - time.monotonic() - IPC_MARGIN_S
         if left <= 0:
             return None
-        if not self.lock.acquire(timeout=min(left, BUSY_WAIT_S)):
-            if left > BUSY_WAIT_S:
+        if not self.lock.acquire(timeout=min(left, wait_s)):
+            if left > wait_s:
                 raise WorkerBusy
             return None
         try:
@@ -383,6 +385,12 @@ class WorkerPool:
     def workers(self) -> list[_Worker]:
         """The workers in service now (for their last metrics snapshots)."""
         return [w for w in self._workers if w is not None and not w.broken]
+
+    def others(self, index: int) -> list[_Worker]:
+        """The workers in service other than ``index``, from the one after it on."""
+        n = len(self._workers)
+        around = (self._workers[(index + k) % n] for k in range(1, n))
+        return [w for w in around if w is not None and not w.broken]
 
     def pids(self) -> list[int | None]:
         return [None if w is None else w.proc.pid for w in self._workers]
@@ -563,9 +571,39 @@ class PooledScoringServicer(ScoringServicer):
         )
         self._pool = pool
         self._fallbacks = {m: metrics.worker_fallbacks.labels(m.value) for m in _Missing}
+        self._reroutes = metrics.worker_reroutes
 
     def _fell_back(self, why: _Missing, orders: int) -> None:
         self._fallbacks[why].inc(orders)
+
+    def _send(
+        self, method: str, request: scoring_pb2.ScoreRequest, deadline: float
+    ) -> tuple[_Worker, int | None] | _Missing:
+        """Send the order to its worker; when that one is down or busy, to the first
+        other worker free right now (``riskd_score_worker_reroutes_total``); else why not.
+
+        A rerouted order is scored as the gRPC process would score it, by another process
+        with the same rules, stores and log (its in-flight de-duplication is that
+        process's), at a worker's cost instead of the gRPC process's: the gRPC process is
+        the one that limits worker mode.
+        """
+        payload = request.SerializeToString()
+        index = self._pool.worker_for(request.order.order_id)
+        try:
+            worker = self._pool.get(index)
+            return worker, worker.begin(method, payload, deadline)
+        except WorkerBusy:
+            why = _BUSY
+        except WorkerGone:
+            why = _DOWN
+        for other in self._pool.others(index):
+            try:
+                seq = other.begin(method, payload, deadline, wait_s=0.0)
+            except WorkerGone:  # busy or broken too: the next one
+                continue
+            self._reroutes.inc()
+            return other, seq
+        return why
 
     def score_request(
         self, request: scoring_pb2.ScoreRequest, timeout_s: float
@@ -573,11 +611,15 @@ class PooledScoringServicer(ScoringServicer):
         started = time.monotonic()
         deadline = _wait_until(started, timeout_s)
         try:
-            worker = self._pool.get(self._pool.worker_for(request.order.order_id))
-            seq = worker.begin("Score", request.SerializeToString(), deadline)
+            sent = self._send("Score", request, deadline)
+            if isinstance(sent, _Missing):  # every worker down or busy: scored here
+                self._fell_back(sent, 1)
+                left = max(started + timeout_s - time.monotonic(), 0.0)
+                return super().score_request(request, left)
+            worker, seq = sent
             reply = None if seq is None else worker.finish(seq, deadline)
-        except WorkerGone as e:  # down, broken or busy: scored here, in the time that is left
-            self._fell_back(_BUSY if isinstance(e, WorkerBusy) else _DOWN, 1)
+        except WorkerGone:  # broke mid-call: scored here, in the time that is left
+            self._fell_back(_DOWN, 1)
             left = max(started + timeout_s - time.monotonic(), 0.0)
             return super().score_request(request, left)
         if reply is None:  # late: the fallback, now

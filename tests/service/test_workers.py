@@ -192,18 +192,18 @@ def test_a_workers_invalid_argument_reaches_the_caller_naming_the_field(stub: St
 
 
 def test_a_killed_worker_is_replaced_and_its_orders_are_answered_meanwhile(
-    pooled: RunningServer, stub: Stub
+    pooled: RunningServer, stub: Stub, not_here: None
 ) -> None:
     pool = pooled.workers
     assert pool is not None
     victim = pool.pids()[0]
     assert victim is not None
-    down = _fallbacks(pooled, "down")
+    down, moved = _fallbacks(pooled, "down"), _reroutes(pooled)
     os.kill(victim, signal.SIGKILL)
     time.sleep(0.2)
-    # scored by the gRPC process itself while the worker is gone, and counted as such
+    # scored by the other worker while this one is gone (not by the gRPC process)
     assert _score(stub, _worker_for(pool, 0)).outcome == scoring_pb2.OUTCOME_ALLOW
-    assert _fallbacks(pooled, "down") == down + 1
+    assert (_fallbacks(pooled, "down"), _reroutes(pooled)) == (down, moved + 1)
     assert eventually(lambda: pool.pids()[0] not in (None, victim) and _alive(pool, 0), 30)
     assert _score(stub, _worker_for(pool, 0)).outcome == scoring_pb2.OUTCOME_ALLOW
 
@@ -225,17 +225,32 @@ def test_a_stalled_worker_gets_the_fallback_inside_the_deadline_then_recovers(
         assert time.monotonic() - started < 0.5
         assert late.degraded and "features" in late.unavailable
         assert _fallbacks(pooled, "late") == late_before + 1
+        # while it owes that answer its orders go to the other worker, not to the gRPC
+        # process (the one that limits worker mode)
+        moved = _reroutes(pooled)
+        with monkeypatch.context() as m:
+            m.setattr(pooled.components.scorer, "score", None)  # a call scored here fails
+            other = _worker_for(pool, 1)
+            decision = _score(stub, other)
+        assert decision.order_id == other.order_id and not decision.degraded
+        assert _reroutes(pooled) == moved + 1
     finally:
         os.kill(pid, signal.SIGCONT)
     # the stalled call's late answer is discarded; the next call gets its own answer
+    # (from the other worker while this one still owes the late one)
     fresh_order = _worker_for(pool, 1)
     decision = _score(stub, fresh_order)
     assert decision.order_id == fresh_order.order_id and not decision.degraded
-    # once the late answer is back the worker gets calls again (meanwhile the server
-    # process scores its orders), and it was not replaced: it answers, late or not
+    # once the late answer is back the worker gets its own orders again, and it was
+    # not replaced: it answers, late or not
     scorer = pooled.components.scorer
     monkeypatch.setattr(scorer, "score", None)  # a call scored here fails
-    assert eventually(lambda: _by_a_worker(stub, _worker_for(pool, 1)), 5)
+
+    def by_its_own_worker() -> bool:
+        moved = _reroutes(pooled)
+        return _by_a_worker(stub, _worker_for(pool, 1)) and _reroutes(pooled) == moved
+
+    assert eventually(by_its_own_worker, 5)
     assert pool.pids()[1] == pid
 
 
@@ -262,6 +277,30 @@ def test_a_worker_that_answered_late_is_kept_when_no_call_follows(
 
 def _fallbacks(running: RunningServer, reason: str) -> float:
     return running.metrics.value("riskd_score_worker_fallbacks_total", {"reason": reason})
+
+
+def _reroutes(running: RunningServer) -> float:
+    return running.metrics.value("riskd_score_worker_reroutes_total")
+
+
+def test_orders_are_scored_by_the_grpc_process_when_every_worker_is_down(
+    tmp_path: Path,
+) -> None:
+    prefix = f"riskd-test-workers-{uuid.uuid4().hex}:"
+    running = create_server(_config(tmp_path / "data", prefix))
+    assert running.workers is not None
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+            for pid in running.workers.pids():
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)  # a new worker takes seconds to start (imports, rules)
+            assert _score(stub, fresh()).outcome == scoring_pb2.OUTCOME_ALLOW
+            assert (_fallbacks(running, "down"), _reroutes(running)) == (1, 0)
+    finally:
+        running.stop(5)
+        _forget(prefix)
 
 
 BROKEN_RULE = """
