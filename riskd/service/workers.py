@@ -17,16 +17,18 @@ the caller's batch), split by worker, sent to all of them at once and put back i
 
 Failures:
 
-* A worker that has exited (or is being replaced) gets no calls: its orders are scored
-  by the server process itself, with the same rules, stores and log, in what is left of
-  each caller's budget, while a monitor thread starts a new worker.
+* A worker that has exited (or is being replaced) gets no calls: its orders go to the
+  first other worker free at that moment (for a ``ScoreBatch``, one with no part of the
+  batch; counted in ``riskd_score_worker_reroutes_total``), else the server process
+  scores them itself; either way with the same rules, stores and log, in what is left
+  of each caller's budget, while a monitor thread starts a new worker.
 * A worker that has not answered by the caller's deadline, less a reserve of a quarter
   of the budget (at most 20 ms): the server process answers with the fallback policy (a
   degraded decision, ``features`` unavailable) inside the deadline and discards the late
   answer; the decision log keeps the first decision committed for the order.
 * A worker that is busy (another call holds it for longer than ``BUSY_WAIT_S``) or still
-  owes a late answer gets no more calls meanwhile: its orders are scored by the server
-  process in the time left. So a worker that stalls holds one RPC thread, for one
+  owes a late answer gets no more calls meanwhile: its orders go elsewhere as a down
+  worker's do, in the time left. So a worker that stalls holds one RPC thread, for one
   deadline, not every thread its orders arrive on (there are only about two RPC threads
   per worker), and the other worker's calls and health checks keep their threads.
 * A worker whose answer is ``HUNG_AFTER_S`` past its call's deadline is stopped, not
@@ -67,7 +69,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -577,18 +579,23 @@ class PooledScoringServicer(ScoringServicer):
         self._fallbacks[why].inc(orders)
 
     def _send(
-        self, method: str, request: scoring_pb2.ScoreRequest, deadline: float
+        self,
+        method: str,
+        payload: bytes,
+        orders: int,
+        index: int,
+        deadline: float,
+        avoid: Collection[int] = (),
     ) -> tuple[_Worker, int | None] | _Missing:
-        """Send the order to its worker; when that one is down or busy, to the first
-        other worker free right now (``riskd_score_worker_reroutes_total``); else why not.
+        """Send ``orders`` orders to worker ``index``; when it is down or busy, to the
+        first other worker free right now and not in ``avoid``
+        (``riskd_score_worker_reroutes_total``); else why not.
 
         A rerouted order is scored as the gRPC process would score it, by another process
         with the same rules, stores and log (its in-flight de-duplication is that
         process's), at a worker's cost instead of the gRPC process's: the gRPC process is
         the one that limits worker mode.
         """
-        payload = request.SerializeToString()
-        index = self._pool.worker_for(request.order.order_id)
         try:
             worker = self._pool.get(index)
             return worker, worker.begin(method, payload, deadline)
@@ -597,11 +604,13 @@ class PooledScoringServicer(ScoringServicer):
         except WorkerGone:
             why = _DOWN
         for other in self._pool.others(index):
+            if other.index in avoid:
+                continue
             try:
                 seq = other.begin(method, payload, deadline, wait_s=0.0)
             except WorkerGone:  # busy or broken too: the next one
                 continue
-            self._reroutes.inc()
+            self._reroutes.inc(orders)
             return other, seq
         return why
 
@@ -611,7 +620,8 @@ class PooledScoringServicer(ScoringServicer):
         started = time.monotonic()
         deadline = _wait_until(started, timeout_s)
         try:
-            sent = self._send("Score", request, deadline)
+            index = self._pool.worker_for(request.order.order_id)
+            sent = self._send("Score", request.SerializeToString(), 1, index, deadline)
             if isinstance(sent, _Missing):  # every worker down or busy: scored here
                 self._fell_back(sent, 1)
                 left = max(started + timeout_s - time.monotonic(), 0.0)
@@ -666,18 +676,22 @@ class PooledScoringServicer(ScoringServicer):
     ) -> dict[int, bytes | _Missing]:
         """Send every part (workers taken in index order: no lock cycles), then collect.
 
+        A part whose worker is down or busy goes to a worker free right now that has no
+        part of this batch (taken without waiting), as a unary ``Score`` would.
         Per worker: the answer, ``_DOWN`` (gone or broken) or ``_BUSY`` (score it here),
         or ``_LATE`` (the fallback).
         """
         sent: dict[int, tuple[_Worker, int | None]] = {}
         out: dict[int, bytes | _Missing] = {}
+        taken = set(parts)  # workers with a part of their own, or one rerouted to them
         for w in sorted(parts):
-            try:
-                worker = self._pool.get(w)
-                payload = parts[w].SerializeToString()
-                sent[w] = (worker, worker.begin("ScoreBatch", payload, deadline))
-            except WorkerGone as e:
-                out[w] = _BUSY if isinstance(e, WorkerBusy) else _DOWN
+            payload = parts[w].SerializeToString()
+            got = self._send("ScoreBatch", payload, len(parts[w].orders), w, deadline, taken)
+            if isinstance(got, _Missing):
+                out[w] = got
+                continue
+            sent[w] = got
+            taken.add(got[0].index)
         first_error: RiskdError | None = None
         for w, (worker, seq) in sent.items():
             try:

@@ -230,10 +230,19 @@ def test_a_stalled_worker_gets_the_fallback_inside_the_deadline_then_recovers(
         moved = _reroutes(pooled)
         with monkeypatch.context() as m:
             m.setattr(pooled.components.scorer, "score", None)  # a call scored here fails
+            m.setattr(pooled.components.scorer, "score_batch", None)
             other = _worker_for(pool, 1)
             decision = _score(stub, other)
+            # a batch's part for it goes to a worker with no part of its own
+            batch = [_worker_for(pool, 1) for _ in range(3)]
+            request = scoring_pb2.ScoreBatchRequest(
+                orders=[convert.order_to_proto(o) for o in batch]
+            )
+            answered = stub.ScoreBatch(request, timeout=10).decisions
         assert decision.order_id == other.order_id and not decision.degraded
-        assert _reroutes(pooled) == moved + 1
+        assert [d.order_id for d in answered] == [o.order_id for o in batch]
+        assert not any(d.degraded for d in answered)
+        assert _reroutes(pooled) == moved + 1 + 3
     finally:
         os.kill(pid, signal.SIGCONT)
     # the stalled call's late answer is discarded; the next call gets its own answer
