@@ -65,19 +65,34 @@ class Registry:
         if missing:
             raise ValueError(f"overloads without an implementation: {sorted(missing)}")
         self.impls: dict[str, Callable[..., object]] = {k: impls[k] for k in declared}
+        # the overload each (name, receiver, argument types) chose: the choice depends on
+        # the values' types only (``value_matches``), so it is made once per combination
+        self._chosen: dict[tuple[object, ...], Callable[..., object]] = {}
 
     def declared_overloads(self) -> set[str]:
         return {o.id for f in self.functions.values() for o in f.overloads}
 
     def dispatch(self, name: str, args: Sequence[object], receiver: bool) -> object:
         """Call ``name`` on run-time values, choosing the overload by their types."""
+        key = (name, receiver, *[type(a) for a in args])
+        impl = self._chosen.get(key)
+        if impl is None:
+            impl = self._choose(name, args, receiver)
+            if len(self._chosen) < _MAX_CHOSEN:
+                self._chosen[key] = impl
+        return impl(*args)
+
+    def _choose(self, name: str, args: Sequence[object], receiver: bool) -> Callable[..., object]:
         fn = self.functions.get(name)
         if fn is not None:
             for o in fn.overloads:
                 if o.receiver == receiver and _fits(o.params, args):
-                    return self.impls[o.id](*args)
+                    return self.impls[o.id]
         kinds = ", ".join(type_name(a) for a in args)
         raise EvalError(f"no such overload: {name}({kinds})")
+
+
+_MAX_CHOSEN = 4096  # names x type combinations: bounded by the code, but never trust that
 
 
 def _fits(params: Sequence[Type], args: Sequence[object]) -> bool:

@@ -32,6 +32,22 @@ def test_dynamic_dispatch_picks_by_runtime_type() -> None:
         DEFAULT_REGISTRY.dispatch("_+_", [1, "b"], False)
 
 
+def test_a_remembered_overload_choice_never_serves_other_types() -> None:
+    """The choice is kept per argument types: an int's never serves a bool (CEL keeps
+    them apart although Python's bool is an int), a refusal is never remembered."""
+    registry = Registry(list(DEFAULT_REGISTRY.functions.values()), IMPLS)
+    for _ in range(2):  # the second round runs on remembered choices
+        assert registry.dispatch("_+_", [1, 2], False) == 3
+        with pytest.raises(EvalError, match=r"no such overload: _\+_\(bool, int\)"):
+            registry.dispatch("_+_", [True, 2], False)
+        assert registry.dispatch("size", ["abc"], True) == 3
+        assert registry.dispatch("size", [[1, 2]], True) == 2
+        with pytest.raises(EvalError, match="no such overload"):
+            registry.dispatch("size", [7], True)
+        with pytest.raises(EvalError, match="no such overload"):
+            registry.dispatch("_+_", [1, 2], True)  # receiver style is part of the choice
+
+
 def test_velocity_functions_are_declared() -> None:
     for name in ("orders", "amount", "distinct"):
         assert name in DEFAULT_REGISTRY.functions
