@@ -63,13 +63,18 @@ class RecordingTracer:
 
     def on_value(self, node: Expr, value: object) -> None:
         self.values[id(node)] = value
-        if _reads_pii(node, self.values) or any(id(c) in self.secret for c in children(node)):
+        if _reads_pii(node, self.values) or self._from_secret(node):
             self.secret.add(id(node))
 
     def on_error(self, node: Expr, error: EvalError) -> None:
         self.errors[id(node)] = error
-        if _reads_pii(node, self.values) or any(id(c) in self.secret for c in children(node)):
+        if _reads_pii(node, self.values) or self._from_secret(node):
             self.secret.add(id(node))  # its error may be about a PII value: shown as "***"
+
+    def _from_secret(self, node: Expr) -> bool:
+        # most rules read no PII field: then nothing is secret and no child is looked at
+        secret = self.secret
+        return bool(secret) and any(id(c) in secret for c in children(node))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
