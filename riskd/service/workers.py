@@ -46,7 +46,7 @@ it exits (also when the server process is gone: the socket pair reports end of f
 The server process's metrics count every decision it returns, and every order it answered
 itself (``riskd_score_worker_fallbacks_total`` by reason: down, busy, late). What only a
 worker sees, it counts in its own ``Metrics``: the monitor asks each worker for a snapshot
-once a second (``STATS_EVERY_S``; a worker held by calls is asked next round) and adds it
+once a second (``RESPAWN_EVERY_S``; a worker held by calls is asked next round) and adds it
 to the server process's ``riskd_rule_errors_total`` and ``riskd_rule_reload_failures_total``,
 and to the ``riskd_evidence_*`` gauges (each worker's decision-log writer as last reported).
 A worker that dies takes what it counted since its last report with it.
