@@ -292,6 +292,24 @@ def test_metrics_count_decisions_and_rule_hits(stub: Stub, server: RunningServer
     assert "13812345678" not in text
 
 
+def test_every_exported_metric_is_in_the_readme(server: RunningServer) -> None:
+    """Operators read the README's Metrics table: it names every family /metrics exports."""
+    import urllib.request
+
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    families = [line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE riskd_")]
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme[readme.index("## Metrics") :].split("\n## ", 1)[0]
+    names = [
+        f"{name}_total" if kind == "counter" and not name.endswith("_total") else name
+        for name, kind in families
+        if not name.endswith("_created")  # the client library's creation timestamps
+    ]
+    assert len(names) >= 13
+    assert [n for n in names if f"`{n}`" not in table] == []
+
+
 def test_threads_are_not_leaked_per_call(stub: Stub) -> None:
     before = threading.active_count()
     for _ in range(20):
