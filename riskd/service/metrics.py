@@ -169,25 +169,21 @@ class Metrics:
         (plain data: it crosses the process boundary as JSON)."""
         return {
             "rule_errors": _by_label(self.rule_errors, "rule_id"),
-            "reload_failures": self.value("riskd_rule_reload_failures_total"),
             "backlog": 0 if log is None else log.backlog,
             "rejected": 0 if log is None else log.rejected,
             "unsealed": 0 if log is None else log.unsealed,
         }
 
     def absorb_worker(self, before: dict[str, Any] | None, now: dict[str, Any]) -> None:
-        """Add what a worker counted since its last ``snapshot`` (``before``; None for a
-        new worker) to this process's counters. A worker that was replaced starts from
-        zero again; what it counted after its last report is not counted."""
+        """Add the rule errors a worker counted since its last ``snapshot`` (``before``;
+        None for a new worker) to this process's counter. A worker that was replaced
+        starts from zero again; what it counted after its last report is not counted.
+        (Reloads are not added: the server process reloads the same files and counts.)"""
         old_errors = {} if before is None else before["rule_errors"]
         for rule_id, count in now["rule_errors"].items():
             grown = _grown(old_errors.get(rule_id, 0.0), count)
             if grown:
                 _child(self._by_error, self.rule_errors, rule_id).inc(grown)
-        old = 0.0 if before is None else before["reload_failures"]
-        grown = _grown(old, now["reload_failures"])
-        if grown:
-            self.reload_failures.inc(grown)
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value (0 when absent), e.g. ``riskd_decisions_total``."""

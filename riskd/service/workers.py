@@ -47,9 +47,12 @@ The server process's metrics count every decision it returns, and every order it
 itself (``riskd_score_worker_fallbacks_total`` by reason: down, busy, late). What only a
 worker sees, it counts in its own ``Metrics``: the monitor asks each worker for a snapshot
 once a second (``RESPAWN_EVERY_S``; a worker held by calls is asked next round) and adds it
-to the server process's ``riskd_rule_errors_total`` and ``riskd_rule_reload_failures_total``,
-and to the ``riskd_evidence_*`` gauges (each worker's decision-log writer as last reported).
-A worker that dies takes what it counted since its last report with it.
+to the server process's ``riskd_rule_errors_total`` and to the ``riskd_evidence_*`` gauges
+(each worker's decision-log writer as last reported). A worker that dies takes what it
+counted since its last report with it. Rule errors count evaluations: an order answered by
+the fallback because its worker was late is evaluated twice (here and, later, in the worker)
+and its erring rules count twice. Reloads are counted by the server process alone: it
+watches and reloads the same files (each worker reloading them too is not counted again).
 """
 
 from __future__ import annotations
@@ -121,8 +124,15 @@ class _Channel:
         self.sock = sock
         self._buf = bytearray()
 
-    def send(self, message: object) -> None:
+    def send(self, message: object, deadline: float | None = None) -> None:
+        """Send one message; by ``deadline`` (monotonic) if given, else however long it
+        takes. Never under the timeout a last ``recv`` left on the socket: a big batch
+        waits for the peer to read, and that leftover could be a millisecond or
+        seconds. ``OSError`` (a timeout too) leaves a partial frame: the channel is broken.
+        """
         body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+        self.sock.settimeout(left)
         self.sock.sendall(_HEADER.pack(len(body)) + body)
 
     def poll(self) -> Any:
@@ -236,7 +246,7 @@ class _Worker:
         self.seq += 1
         self.owed = now + left
         try:
-            self.channel.send((self.seq, method, payload, left))
+            self.channel.send((self.seq, method, payload, left), deadline)
         except OSError as e:
             self.take_out("its socket broke")
             raise WorkerGone from e
@@ -610,7 +620,8 @@ class PooledScoringServicer(ScoringServicer):
                 seq = other.begin(method, payload, deadline, wait_s=0.0)
             except WorkerGone:  # busy or broken too: the next one
                 continue
-            self._reroutes.inc(orders)
+            if seq is not None:  # else the deadline passed: the fallback, not a reroute
+                self._reroutes.inc(orders)
             return other, seq
         return why
 
@@ -674,7 +685,8 @@ class PooledScoringServicer(ScoringServicer):
     def _ask_all(
         self, parts: dict[int, scoring_pb2.ScoreBatchRequest], deadline: float
     ) -> dict[int, bytes | _Missing]:
-        """Send every part (workers taken in index order: no lock cycles), then collect.
+        """Send every part (own workers taken in index order, each wait timed: a batch
+        holding a rerouted worker waits at most ``BUSY_WAIT_S`` for another), then collect.
 
         A part whose worker is down or busy goes to a worker free right now that has no
         part of this batch (taken without waiting), as a unary ``Score`` would.

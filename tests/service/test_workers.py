@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -378,14 +379,52 @@ def test_the_evidence_gauges_add_up_the_workers_last_reports(tmp_path: Path) -> 
     assert metrics.value("riskd_evidence_backlog") == 4
     assert metrics.value("riskd_evidence_rejected") == 4
     assert metrics.value("riskd_evidence_unsealed") == 2
-    first = {"rule_errors": {"a": 2.0}, "reload_failures": 1.0}
+    first = {"rule_errors": {"a": 2.0}}
     metrics.absorb_worker(None, first)
-    metrics.absorb_worker(first, {"rule_errors": {"a": 5.0, "b": 1.0}, "reload_failures": 1.0})
+    metrics.absorb_worker(first, {"rule_errors": {"a": 5.0, "b": 1.0}})
     # a restarted worker reports from zero again: its new counts are added, not subtracted
-    metrics.absorb_worker(None, {"rule_errors": {"a": 1.0}, "reload_failures": 0.0})
+    metrics.absorb_worker(None, {"rule_errors": {"a": 1.0}})
     assert metrics.value("riskd_rule_errors_total", {"rule_id": "a"}) == 6
     assert metrics.value("riskd_rule_errors_total", {"rule_id": "b"}) == 1
-    assert metrics.value("riskd_rule_reload_failures_total") == 1
+
+
+def test_a_rejected_reload_is_counted_once_whatever_the_number_of_workers(
+    tmp_path: Path,
+) -> None:
+    """Every process reloads the same files; the server process alone counts."""
+    prefix = f"riskd-test-workers-{uuid.uuid4().hex}:"
+    rules = copy_rules(tmp_path / "rules")
+    running = create_server(_config(tmp_path / "data", prefix, rules_dir=str(rules)))
+    failures = "riskd_rule_reload_failures_total"
+    try:
+        (rules / "broken.rules").write_text("rule broken {\n  when = (\n}\n")
+        assert eventually(lambda: running.metrics.value(failures) >= 1, 10)
+        time.sleep(2.5 * workers.RESPAWN_EVERY_S)  # the monitor's snapshots came in
+        assert all(w.stats is not None for w in running.workers.workers())  # type: ignore[union-attr]
+        assert running.metrics.value(failures) == 1
+    finally:
+        running.stop(5)
+        _forget(prefix)
+
+
+def test_a_big_call_waits_for_the_worker_to_read_whatever_timeout_the_last_read_left() -> None:
+    """A batch bigger than the socket buffer is sent by its own deadline, not under the
+    timeout a previous call's read left on the socket (a millisecond here)."""
+    ours, theirs = socket.socketpair()
+    channel, peer = workers._Channel(ours), workers._Channel(theirs)
+    try:
+        with pytest.raises(TimeoutError):
+            channel.recv(time.monotonic() + 0.001)  # leaves a ~1 ms timeout behind
+        got: list[object] = []
+        reader = threading.Thread(target=lambda: (time.sleep(0.2), got.append(peer.recv())))
+        reader.start()
+        big = b"x" * (8 << 20)  # far beyond the socket buffer: sendall waits for the reader
+        channel.send((1, "ScoreBatch", big, 5.0), time.monotonic() + 5.0)
+        reader.join(5)
+        assert got == [(1, "ScoreBatch", big, 5.0)]
+    finally:
+        ours.close()
+        theirs.close()
 
 
 @dataclasses.dataclass
