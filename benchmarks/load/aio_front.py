@@ -67,7 +67,9 @@ class _Link:
                 future.set_result(reply)
 
 
-async def serve(listen: str, links_socks: list[socket.socket], deadline_s: float) -> None:
+async def serve(
+    listen: str, pool: WorkerPool, links_socks: list[socket.socket], deadline_s: float
+) -> None:
     links: list[_Link] = []
     for sock in links_socks:
         reader, writer = await asyncio.open_unix_connection(sock=sock)
@@ -76,7 +78,7 @@ async def serve(listen: str, links_socks: list[socket.socket], deadline_s: float
 
     async def score(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         order_id = scoring_pb2.ScoreRequest.FromString(request).order.order_id
-        link = links[_crc(order_id) % len(links)]
+        link = links[pool.worker_for(order_id)]  # riskd's own routing
         return await link.call(request, deadline_s)
 
     handler = grpc.method_handlers_generic_handler(
@@ -98,12 +100,6 @@ async def serve(listen: str, links_socks: list[socket.socket], deadline_s: float
         task.cancel()
 
 
-def _crc(text: str) -> int:
-    import zlib
-
-    return zlib.crc32(text.encode())
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listen", default="127.0.0.1:50070")
@@ -115,7 +111,7 @@ def main() -> int:
     try:
         # the pool's own monitor reads a socket only for a call it sent: it sends none here
         socks = [pool.get(i).channel.sock.dup() for i in range(args.score_workers)]
-        asyncio.run(serve(args.listen, socks, config.deadline_s))
+        asyncio.run(serve(args.listen, pool, socks, config.deadline_s))
     finally:
         pool.close(5)
     return 0

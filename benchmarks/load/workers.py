@@ -37,6 +37,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run as R
@@ -71,15 +73,13 @@ def fallbacks(metrics_port: int | None) -> dict[str, float]:
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as reply:
         text = reply.read().decode()
-    prefix = 'riskd_score_worker_fallbacks_total{reason="'
-    out = {
-        line[len(prefix) :].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(prefix)
-    }
-    for line in text.splitlines():  # sent to another worker: not answered by the gRPC process
-        if line.startswith("riskd_score_worker_reroutes_total "):
-            out["rerouted"] = float(line.rsplit(" ", 1)[1])
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "riskd_score_worker_fallbacks_total":
+                out[sample.labels["reason"]] = sample.value
+            elif sample.name == "riskd_score_worker_reroutes_total":  # sent to another worker
+                out["rerouted"] = sample.value
     return out
 
 
