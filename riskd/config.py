@@ -21,7 +21,8 @@ environment variables override the file::
     plaintext = true                # RISKD_PLAINTEXT: allow a plaintext port (loopback only)
     log_level = "info"              # RISKD_LOG_LEVEL
     workers = 4                     # RISKD_WORKERS: RPC threads for scoring (scale by
-                                    # processes); the server adds 2 for streams, 2 for ledger
+                                    # processes); the server adds 2 each for streams,
+                                    # ledger and evidence calls
     score_workers = 0               # RISKD_SCORE_WORKERS: scoring processes behind the gRPC one
                                     # (0: score in the gRPC process; > 0 needs redis_url)
     evidence_flush_ms = 5           # RISKD_EVIDENCE_FLUSH_MS: how long the decision log's
@@ -86,6 +87,7 @@ from riskd.errors import ConfigError
 ENV_PREFIX = "RISKD_"
 STREAM_THREADS = 2  # RPC threads beyond `workers` for streams that hold one (reflection)
 LEDGER_THREADS = 2  # RPC threads beyond `workers` for ledger calls
+EVIDENCE_THREADS = 2  # RPC threads beyond `workers` for evidence calls (PII reveals)
 # Read by the client commands (riskd score / riskd health) or by the CLI itself, not
 # configuration keys: the config loader skips them (riskd.cli.serve reads them).
 CLIENT_ENV = frozenset(
@@ -156,10 +158,12 @@ class Config:
     def rpc_threads(self) -> int:
         """The server's RPC threads: ``workers`` for scoring (at least two per scoring
         worker: each call to a worker holds its thread while the worker scores), plus
-        ``STREAM_THREADS`` that streams holding a thread (reflection) may take and
-        ``LEDGER_THREADS`` that ledger calls (which wait on the writer lock) may take:
-        neither can ever take scoring's."""
-        return max(self.workers, 2 * self.score_workers) + STREAM_THREADS + LEDGER_THREADS
+        ``STREAM_THREADS`` that streams holding a thread (reflection) may take,
+        ``LEDGER_THREADS`` that ledger calls (which wait on the writer lock) may take and
+        ``EVIDENCE_THREADS`` that evidence calls (a reveal writes its audit entry) may
+        take: none of them can ever take scoring's."""
+        extra = STREAM_THREADS + LEDGER_THREADS + EVIDENCE_THREADS
+        return max(self.workers, 2 * self.score_workers) + extra
 
     @property
     def redis_urls(self) -> tuple[str, ...]:

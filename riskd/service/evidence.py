@@ -6,6 +6,12 @@ without one is refused. Nothing here logs a request or a response: the
 plaintext leaves the process only in the ``RevealOrderPii`` response, to a
 caller the policy allows (analysts). ``RiskdError``s propagate to the error
 interceptor, which maps ``.status`` to the gRPC code.
+
+A reveal waits on the database's writer lock for its audit entry (another process
+running ``riskd pii rotate``, a stalled replica): at most ``max_in_flight`` evidence
+calls run at once, on RPC threads the server adds for them (``EVIDENCE_THREADS``); one
+more is answered UNAVAILABLE at once (``riskd.service.slots``), so analysts never take
+the threads the checkout's ``Score`` needs.
 """
 
 from __future__ import annotations
@@ -20,10 +26,12 @@ from riskd.service.auth import current_identity
 from riskd.service.gen.riskd.v1 import evidence_pb2 as pb
 from riskd.service.gen.riskd.v1 import evidence_pb2_grpc as pb_grpc
 from riskd.service.ledger import timestamp
+from riskd.service.slots import Slots, bounded
 
 log = logging.getLogger("riskd.service.evidence")
 
 DEFAULT_PAGE = 100
+MAX_IN_FLIGHT = 2  # evidence calls running at once (the server adds EVIDENCE_THREADS for them)
 
 _OUTCOMES = {
     AccessOutcome.REVEALED: pb.PII_ACCESS_OUTCOME_REVEALED,
@@ -33,9 +41,12 @@ _OUTCOMES = {
 }
 
 
-def add_evidence_service(server: grpc.Server, access: PiiAccess) -> None:
+def add_evidence_service(
+    server: grpc.Server, access: PiiAccess, *, max_in_flight: int = MAX_IN_FLIGHT
+) -> None:
     """Register ``riskd.v1.EvidenceService`` on ``server``, backed by ``access``."""
-    pb_grpc.add_EvidenceServiceServicer_to_server(EvidenceServicer(access), server)
+    servicer = EvidenceServicer(access, max_in_flight=max_in_flight)
+    pb_grpc.add_EvidenceServiceServicer_to_server(servicer, server)
 
 
 def entry_to_proto(e: AccessEntry) -> pb.PiiAccessEntry:
@@ -54,9 +65,11 @@ def entry_to_proto(e: AccessEntry) -> pb.PiiAccessEntry:
 class EvidenceServicer(pb_grpc.EvidenceServiceServicer):
     """Reveal an order's PII (audited) and read the audit trail."""
 
-    def __init__(self, access: PiiAccess) -> None:
+    def __init__(self, access: PiiAccess, *, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        self.slots = Slots(max_in_flight, "evidence")
         self._access = access
 
+    @bounded
     def RevealOrderPii(
         self, request: pb.RevealOrderPiiRequest, context: grpc.ServicerContext
     ) -> pb.RevealOrderPiiResponse:
@@ -84,6 +97,7 @@ class EvidenceServicer(pb_grpc.EvidenceServiceServicer):
             access=entry_to_proto(revealed.entry),
         )
 
+    @bounded
     def ListPiiAccess(
         self, request: pb.ListPiiAccessRequest, context: grpc.ServicerContext
     ) -> pb.ListPiiAccessResponse:

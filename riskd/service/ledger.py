@@ -8,29 +8,25 @@ propagate to the error interceptor, which maps ``.status`` to the gRPC code.
 Ledger calls share the server's RPC threads with scoring. At most
 ``max_in_flight`` (default ``MAX_IN_FLIGHT``) run at once; one more is answered
 UNAVAILABLE at once (retry with the same idempotency key) rather than queued on
-a thread, so a stalled ledger (another replica holding the ledger lock, a slow
-database) never takes the threads scoring needs. Keep it below the server's
-RPC threads (``workers``, default 4).
+a thread (``riskd.service.slots``), so a stalled ledger (another replica holding
+the ledger lock, a slow database) never takes the threads scoring needs.
 """
 
 from __future__ import annotations
 
-import functools
-import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from riskd.errors import UnavailableError
 from riskd.ledger import Account, Book, Receipt, Transfer
 from riskd.service.auth import current_identity
 from riskd.service.gen.riskd.v1 import ledger_pb2 as pb
 from riskd.service.gen.riskd.v1 import ledger_pb2_grpc as pb_grpc
+from riskd.service.slots import Slots, bounded
 
 ANONYMOUS = "anonymous"
-MAX_IN_FLIGHT = 2  # ledger calls running at once; with the default 4 RPC threads, 2 stay free
+MAX_IN_FLIGHT = 2  # ledger calls running at once (the server adds LEDGER_THREADS for them)
 
 ActorOf = Callable[[grpc.ServicerContext], str]
 
@@ -51,24 +47,6 @@ def add_ledger_service(
     """Register ``riskd.v1.LedgerService`` on ``server``, backed by ``book``."""
     servicer = LedgerServicer(book, actor_of, max_in_flight=max_in_flight)
     pb_grpc.add_LedgerServiceServicer_to_server(servicer, server)
-
-
-Method = TypeVar("Method", bound=Callable[..., Any])
-
-
-def _bounded(method: Method) -> Method:
-    """Run ``method`` only in one of the servicer's slots; none free: UNAVAILABLE at once."""
-
-    @functools.wraps(method)
-    def call(self: LedgerServicer, request: Any, context: grpc.ServicerContext) -> Any:
-        if not self._slots.acquire(blocking=False):
-            raise UnavailableError("ledger busy: too many ledger calls at once; retry shortly")
-        try:
-            return method(self, request, context)
-        finally:
-            self._slots.release()
-
-    return call  # type: ignore[return-value]
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -123,20 +101,18 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
     def __init__(
         self, book: Book, actor_of: ActorOf = caller, *, max_in_flight: int = MAX_IN_FLIGHT
     ) -> None:
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
+        self.slots = Slots(max_in_flight, "ledger")
         self._book = book
         self._actor_of = actor_of
-        self._slots = threading.BoundedSemaphore(max_in_flight)
 
-    @_bounded
+    @bounded
     def RegisterShop(
         self, request: pb.RegisterShopRequest, context: grpc.ServicerContext
     ) -> pb.RegisterShopResponse:
         created = self._book.register_shop(request.shop_id, merchant_id=request.merchant_id)
         return pb.RegisterShopResponse(created=created)
 
-    @_bounded
+    @bounded
     def Deposit(
         self, request: pb.DepositRequest, context: grpc.ServicerContext
     ) -> pb.DepositResponse:
@@ -149,7 +125,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         )
         return pb.DepositResponse(receipt=receipt_to_proto(r))
 
-    @_bounded
+    @bounded
     def Withdraw(
         self, request: pb.WithdrawRequest, context: grpc.ServicerContext
     ) -> pb.WithdrawResponse:
@@ -162,7 +138,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         )
         return pb.WithdrawResponse(receipt=receipt_to_proto(r))
 
-    @_bounded
+    @bounded
     def TopUpFund(
         self, request: pb.TopUpFundRequest, context: grpc.ServicerContext
     ) -> pb.TopUpFundResponse:
@@ -175,7 +151,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         )
         return pb.TopUpFundResponse(receipt=receipt_to_proto(r))
 
-    @_bounded
+    @bounded
     def PenalizeShop(
         self, request: pb.PenalizeShopRequest, context: grpc.ServicerContext
     ) -> pb.PenalizeShopResponse:
@@ -190,7 +166,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         )
         return pb.PenalizeShopResponse(receipt=receipt_to_proto(r))
 
-    @_bounded
+    @bounded
     def UnfreezeShop(
         self, request: pb.UnfreezeShopRequest, context: grpc.ServicerContext
     ) -> pb.UnfreezeShopResponse:
@@ -202,7 +178,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         )
         return pb.UnfreezeShopResponse(receipt=receipt_to_proto(r))
 
-    @_bounded
+    @bounded
     def OpenDispute(
         self, request: pb.OpenDisputeRequest, context: grpc.ServicerContext
     ) -> pb.OpenDisputeResponse:
@@ -217,7 +193,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         )
         return pb.OpenDisputeResponse(receipt=receipt_to_proto(r))
 
-    @_bounded
+    @bounded
     def CompensateBuyer(
         self, request: pb.CompensateBuyerRequest, context: grpc.ServicerContext
     ) -> pb.CompensateBuyerResponse:
@@ -231,7 +207,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         )
         return pb.CompensateBuyerResponse(receipt=receipt_to_proto(r))
 
-    @_bounded
+    @bounded
     def PayLateShipmentCoupon(
         self, request: pb.PayLateShipmentCouponRequest, context: grpc.ServicerContext
     ) -> pb.PayLateShipmentCouponResponse:
@@ -244,7 +220,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         )
         return pb.PayLateShipmentCouponResponse(receipt=receipt_to_proto(r))
 
-    @_bounded
+    @bounded
     def CollectClaim(
         self, request: pb.CollectClaimRequest, context: grpc.ServicerContext
     ) -> pb.CollectClaimResponse:
@@ -258,7 +234,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         )
         return pb.CollectClaimResponse(receipt=receipt_to_proto(r))
 
-    @_bounded
+    @bounded
     def WriteOffClaim(
         self, request: pb.WriteOffClaimRequest, context: grpc.ServicerContext
     ) -> pb.WriteOffClaimResponse:
@@ -272,7 +248,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         )
         return pb.WriteOffClaimResponse(receipt=receipt_to_proto(r))
 
-    @_bounded
+    @bounded
     def GetAccountStatement(
         self, request: pb.GetAccountStatementRequest, context: grpc.ServicerContext
     ) -> pb.GetAccountStatementResponse:
@@ -284,7 +260,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
             transfers=[transfer_to_proto(t) for t in s.transfers],
         )
 
-    @_bounded
+    @bounded
     def GetShopStatement(
         self, request: pb.GetShopStatementRequest, context: grpc.ServicerContext
     ) -> pb.GetShopStatementResponse:
@@ -302,7 +278,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
             msg.frozen_until.CopyFrom(timestamp(s.frozen_until))
         return msg
 
-    @_bounded
+    @bounded
     def GetDisputeStatement(
         self, request: pb.GetDisputeStatementRequest, context: grpc.ServicerContext
     ) -> pb.GetDisputeStatementResponse:
@@ -320,7 +296,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
             transfers=[transfer_to_proto(t) for t in d.transfers],
         )
 
-    @_bounded
+    @bounded
     def ListAccounts(
         self, request: pb.ListAccountsRequest, context: grpc.ServicerContext
     ) -> pb.ListAccountsResponse:
@@ -328,7 +304,7 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
             accounts=[account_to_proto(a) for a in self._book.accounts()]
         )
 
-    @_bounded
+    @bounded
     def VerifyLedger(
         self, request: pb.VerifyLedgerRequest, context: grpc.ServicerContext
     ) -> pb.VerifyLedgerResponse:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from riskd.config import LEDGER_THREADS, Config
+from riskd.config import EVIDENCE_THREADS, LEDGER_THREADS, Config
 from riskd.domain.clock import Clock
 from riskd.dsl.holder import ProgramHolder
 from riskd.engine.fallback import FallbackPolicy
@@ -188,7 +188,8 @@ def _build(config: Config, clock: Clock, closers: list[Callable[[], None]]) -> C
     components = Components(clock, scorer, rules, closers, decision_log)
     # ledger calls wait on the database's writer lock: threads of their own (Config.rpc_threads)
     components.extra.append(ledger_service(book, max_in_flight=LEDGER_THREADS))
-    components.extra.append(evidence_service(PiiAccess(decision_log, vault, clock=clock)))
+    access = PiiAccess(decision_log, vault, clock=clock)
+    components.extra.append(evidence_service(access, max_in_flight=EVIDENCE_THREADS))
     return components
 
 
@@ -217,11 +218,14 @@ def ledger_service(book: Book, *, max_in_flight: int) -> Callable[[grpc.Server],
     return register
 
 
-def evidence_service(access: PiiAccess) -> Callable[[grpc.Server], list[str]]:
-    """A hook that registers ``EvidenceService`` (analysts' audited PII reveals) on the server."""
+def evidence_service(
+    access: PiiAccess, *, max_in_flight: int
+) -> Callable[[grpc.Server], list[str]]:
+    """A hook that registers ``EvidenceService`` (analysts' audited PII reveals) on the
+    server (``max_in_flight`` calls)."""
 
     def register(server: grpc.Server) -> list[str]:
-        add_evidence_service(server, access)
+        add_evidence_service(server, access, max_in_flight=max_in_flight)
         return [s.full_name for s in evidence_pb2.DESCRIPTOR.services_by_name.values()]
 
     return register

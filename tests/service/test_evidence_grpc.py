@@ -167,3 +167,56 @@ def test_forgotten_buyer_is_refused_and_nothing_is_decrypted(
         assert result.ok and result.head["pii_access_log"][0] == 2
     finally:
         db.close()
+
+
+def test_a_held_database_lock_never_starves_scoring(tmp_path: Path) -> None:
+    """Another process (``riskd pii rotate``, a stalled replica) holds the SQLite file's
+    writer lock: analysts' reveals wait on it for their audit entry, but at most
+    ``EVIDENCE_THREADS`` of them at once; the rest are refused at once (UNAVAILABLE), and
+    the checkout's Score on the same server still answers promptly meanwhile."""
+    import sqlite3
+
+    from riskd.config import EVIDENCE_THREADS
+
+    running = create_server(make_config(tmp_path, auth={"tokens": TOKENS}))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            evidence = evidence_pb2_grpc.EvidenceServiceStub(ch)
+            scoring = scoring_pb2_grpc.ScoringServiceStub(ch)
+
+            def score() -> float:
+                started = time.monotonic()
+                request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(fresh()))
+                scoring.Score(request, timeout=2, metadata=as_("tok-gw"))
+                return time.monotonic() - started
+
+            order = fresh()
+            scoring.Score(
+                scoring_pb2.ScoreRequest(order=convert.order_to_proto(order)),
+                timeout=5,
+                metadata=as_("tok-gw"),
+            )
+            running.components.decision_log.flush(5)
+            holder = sqlite3.connect(tmp_path / "riskd.db", isolation_level=None)
+            holder.execute("BEGIN IMMEDIATE")  # the writer lock, held
+            reveals = [
+                evidence.RevealOrderPii.future(
+                    reveal(order.order_id), timeout=8, metadata=as_("tok-analyst")
+                )
+                for _ in range(12)
+            ]
+            time.sleep(0.3)  # the admitted ones are waiting for the lock
+            assert score() < 0.5
+            refused = [f for f in reveals if f.done() and f.code() == grpc.StatusCode.UNAVAILABLE]
+            holder.execute("ROLLBACK")
+            holder.close()
+            answered = [f for f in reveals if f.code() == grpc.StatusCode.OK]
+            assert len(refused) == 12 - EVIDENCE_THREADS
+            assert all("evidence busy" in f.details() for f in refused)
+            assert len(answered) == EVIDENCE_THREADS
+            again = evidence.RevealOrderPii(
+                reveal(order.order_id), timeout=5, metadata=as_("tok-analyst")
+            )
+            assert again.pii.phone == order.buyer.phone
+    finally:
+        running.stop(1)
