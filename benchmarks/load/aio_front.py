@@ -24,6 +24,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from typing import Any
 
 import grpc
@@ -50,11 +51,12 @@ class _Link:
         seq = self._seq
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting[seq] = future
-        body = pickle.dumps((seq, "Score", payload, timeout_s), protocol=pickle.HIGHEST_PROTOCOL)
+        call = (seq, "Score", payload, time.monotonic() + timeout_s)  # the deadline itself
+        body = pickle.dumps(call, protocol=pickle.HIGHEST_PROTOCOL)
         self._writer.write(_HEADER.pack(len(body)) + body)
         reply = await future
         if reply[1] != "ok":
-            raise RuntimeError(f"worker error: {reply[2]}: {reply[3]}")
+            raise RuntimeError(f"worker answered {reply[1:]!r}")  # an error, or "late"
         return bytes(reply[2])
 
     async def read_forever(self) -> None:

@@ -3,7 +3,9 @@
 Where it sits: ``Scorer.score`` joins the flight for the order id; the leader
 scores and records the decision, followers get the leader's decision (or its
 exception). With the decision log lookup before the flight, a retry in this
-process never scores an order twice.
+process never scores an order twice. In worker mode the gRPC process keeps
+flights of its own (of serialized answers) in front of the workers
+(``riskd.service.workers``), so a retry never meets its order in another worker.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from riskd.domain.decision import Decision
+T = TypeVar("T")
 
 
 class Abandoned(Exception):
@@ -22,7 +24,7 @@ class Abandoned(Exception):
 
 
 @dataclass(slots=True)
-class Flight:
+class Flight(Generic[T]):
     """One order being scored; ``done`` is set when ``decision`` or ``error`` is.
 
     ``request`` is the protected order the decision was made for (the decision
@@ -30,20 +32,20 @@ class Flight:
     """
 
     done: threading.Event = field(default_factory=threading.Event)
-    decision: Decision | None = None
+    decision: T | None = None
     error: BaseException | None = None
     request: Mapping[str, Any] | None = None
 
     def finish(
         self,
-        decision: Decision | None,
+        decision: T | None,
         error: BaseException | None = None,
         request: Mapping[str, Any] | None = None,
     ) -> None:
         self.decision, self.error, self.request = decision, error, request
         self.done.set()
 
-    def wait(self, timeout_s: float | None) -> Decision | None:
+    def wait(self, timeout_s: float | None) -> T | None:
         """The leader's decision; None if it did not finish in time; re-raises its error."""
         if not self.done.wait(timeout_s):
             return None
@@ -52,14 +54,14 @@ class Flight:
         return self.decision
 
 
-class Flights:
-    """The orders being scored right now in this process."""
+class Flights(Generic[T]):
+    """The orders being scored right now in this process (``T``: what a flight answers)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._flights: dict[str, Flight] = {}
+        self._flights: dict[str, Flight[T]] = {}
 
-    def join(self, order_id: str) -> tuple[bool, Flight]:
+    def join(self, order_id: str) -> tuple[bool, Flight[T]]:
         """``(True, flight)`` for the leader (who must ``land``), ``(False, flight)`` otherwise."""
         with self._lock:
             flight = self._flights.get(order_id)

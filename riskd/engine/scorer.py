@@ -155,7 +155,7 @@ class Scorer:
         self.log_breaker = CircuitBreaker(
             clock, failures=breaker_failures, cooldown_s=breaker_cooldown_s
         )
-        self._flights = Flights()
+        self._flights = Flights[Decision]()
         self._rule_error_logged: dict[str, float] = {}  # rule id -> when last logged
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, "riskd-features")
 
@@ -418,8 +418,8 @@ class _Batch:
         self.ctx = _Context(scorer._rules.current, deadline, started, scorer._clock.now())
         self.out: list[Decision | None] = [None] * len(orders)
         self.first: dict[str, int] = {}  # order id -> index of its first occurrence
-        self.led: list[tuple[int, Flight]] = []
-        self.followed: list[tuple[int, Flight]] = []
+        self.led: list[tuple[int, Flight[Decision]]] = []
+        self.followed: list[tuple[int, Flight[Decision]]] = []
 
     def run(self) -> list[Decision]:
         refuse_changed_duplicates(self.orders, self.s._log.protect)  # before any flight
@@ -480,8 +480,8 @@ class _Batch:
         ids = [self.orders[i].order_id for i, _ in self.led]
         known, log_ok = self.s._recorded(ids, self.s._left(self.ctx.deadline))
         self.ctx.missing = () if log_ok else ("evidence",)
-        todo: list[tuple[int, Flight]] = []
-        replays: list[tuple[int, Flight, DecisionRecord]] = []
+        todo: list[tuple[int, Flight[Decision]]] = []
+        replays: list[tuple[int, Flight[Decision], DecisionRecord]] = []
         for i, flight in self.led:
             record = known.get(self.orders[i].order_id)
             if record is None:

@@ -220,6 +220,7 @@ def _start(
         else PooledScoringServicer(
             pool,
             components.scorer,
+            components.decision_log,
             metrics,
             components.clock,
             default_deadline_s=config.deadline_s,

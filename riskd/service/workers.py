@@ -24,8 +24,20 @@ Failures:
   of each caller's budget, while a monitor thread starts a new worker.
 * A worker that has not answered by the caller's deadline, less a reserve of a quarter
   of the budget (at most 20 ms): the server process answers with the fallback policy (a
-  degraded decision, ``features`` unavailable) inside the deadline and discards the late
-  answer; the decision log keeps the first decision committed for the order.
+  degraded decision, ``features`` unavailable) inside the deadline, records it, and
+  discards the late answer. A call carries that deadline itself (``CLOCK_MONOTONIC`` is
+  the machine's), and a worker that reads a call after it (stalled meanwhile) answers
+  ``late`` without scoring it, so it cannot decide the order a second time once it
+  resumes; one stalled mid-scoring may still record its own decision, and the decision
+  log keeps the first committed for the order.
+
+Retries: the server process keeps a flight per order id for unary ``Score`` calls
+(``riskd.engine.flights``): a retry that arrives while its order is being routed waits
+for that answer and gets it back, marked ``replayed``, instead of being rerouted or
+answered by the fallback and decided again. An order this process decided itself (a
+fallback) sits in its decision log's queue for a few milliseconds before it is
+committed, where no worker can see it: a ``Score`` or a batch's entry for it is
+replayed from that queue here. ``ScoreBatch`` calls join no unary flight.
 * A worker that is busy (another call holds it for longer than ``BUSY_WAIT_S``) or still
   owes a late answer gets no more calls meanwhile: its orders go elsewhere as a down
   worker's do, in the time left. So a worker that stalls holds one RPC thread, for one
@@ -72,14 +84,15 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from riskd import errors
 from riskd.config import Config
 from riskd.domain.clock import Clock, SystemClock
 from riskd.domain.decision import Outcome
+from riskd.engine.flights import Flights
 from riskd.engine.scorer import refuse_changed_duplicates
 from riskd.errors import InvalidArgumentError, RiskdError, UnavailableError
 from riskd.evidence.request import protect_order
@@ -246,7 +259,9 @@ class _Worker:
         self.seq += 1
         self.owed = now + left
         try:
-            self.channel.send((self.seq, method, payload, left), deadline)
+            # the deadline itself (CLOCK_MONOTONIC is the machine's, not the process's):
+            # a worker that reads the call after it (stalled meanwhile) does not score it
+            self.channel.send((self.seq, method, payload, self.owed), deadline)
         except OSError as e:
             self.take_out("its socket broke")
             raise WorkerGone from e
@@ -282,6 +297,8 @@ class _Worker:
             self.lock.release()
         if reply[1] == "ok":
             return bytes(reply[2])
+        if reply[1] == "late":  # read after its deadline: not scored, nothing recorded
+            return None
         raise _rebuild(reply[2], reply[3], reply[4])
 
     def hung(self, now: float) -> bool:
@@ -561,17 +578,27 @@ def _wait_until(started: float, timeout_s: float) -> float:
     return started + timeout_s - min(FALLBACK_RESERVE_S, timeout_s / 4)
 
 
+class QueuedLog(Protocol):
+    """What the pooled servicer needs of the server process's ``DecisionLog``."""
+
+    def queued(self, order_ids: Sequence[str]) -> Mapping[str, object]: ...
+
+
 class PooledScoringServicer(ScoringServicer):
     """``ScoringService`` that hands scoring to the workers (see the module docstring).
 
     ``scorer`` is the server process's own: it scores the orders of a worker that is
-    down, answers with the fallback when a worker is late, and takes ``ReportOutcome``.
+    down, answers with the fallback when a worker is late, and takes ``ReportOutcome``;
+    ``log`` is its decision log (if any). An order whose decision this process made and has not
+    committed yet (its writer gathers a batch for a few milliseconds) is answered here,
+    from that log, not by a worker that could not see it yet and would decide again.
     """
 
     def __init__(
         self,
         pool: WorkerPool,
         scorer: ScorerLike,
+        log: QueuedLog | None,
         metrics: Metrics,
         clock: Clock,
         *,
@@ -582,8 +609,11 @@ class PooledScoringServicer(ScoringServicer):
             scorer, metrics, clock, default_deadline_s=default_deadline_s, max_batch=max_batch
         )
         self._pool = pool
+        self._log = log
         self._fallbacks = {m: metrics.worker_fallbacks.labels(m.value) for m in _Missing}
         self._reroutes = metrics.worker_reroutes
+        # unary calls being routed now, by order id: (request bytes, answer)
+        self._flights = Flights[tuple[bytes, scoring_pb2.ScoreResponse]]()
 
     def _fell_back(self, why: _Missing, orders: int) -> None:
         self._fallbacks[why].inc(orders)
@@ -628,11 +658,54 @@ class PooledScoringServicer(ScoringServicer):
     def score_request(
         self, request: scoring_pb2.ScoreRequest, timeout_s: float
     ) -> scoring_pb2.ScoreResponse:
+        """One order, through this process's flight for its order id.
+
+        The first call for an order id (the leader) routes it; a concurrent retry waits
+        for the leader's answer (no longer than its own budget less the fallback's
+        reserve) and, for the same request, gets that answer marked ``replayed``: a
+        retry never goes to another worker (a reroute, the fallback) while its order is
+        still being scored, where it would be decided again and the log might keep the
+        decision nobody got. For other content, or when the leader failed or is not done
+        in time, the retry is routed itself (its worker's log then has the leader's
+        decision: a replay, or ``ALREADY_EXISTS``; with no time left, the fallback).
+        """
         started = time.monotonic()
-        deadline = _wait_until(started, timeout_s)
+        payload = request.SerializeToString()
+        order_id = request.order.order_id
+        leader, flight = self._flights.join(order_id)
+        if not leader:
+            led = flight.wait(max(_wait_until(started, timeout_s) - time.monotonic(), 0.0))
+            if led is not None and led[0] == payload:
+                response = scoring_pb2.ScoreResponse()
+                response.CopyFrom(led[1])
+                response.decision.replayed = True  # counted once, as the leader's
+                return response
+            return self._route(request, payload, started, timeout_s)
+        answer: tuple[bytes, scoring_pb2.ScoreResponse] | None = None
         try:
-            index = self._pool.worker_for(request.order.order_id)
-            sent = self._send("Score", request.SerializeToString(), 1, index, deadline)
+            response = self._route(request, payload, started, timeout_s)
+            answer = (payload, response)
+            return response
+        finally:
+            self._flights.land(order_id)
+            flight.finish(answer)  # None (the leader failed): each follower routes itself
+
+    def _route(
+        self,
+        request: scoring_pb2.ScoreRequest,
+        payload: bytes,
+        started: float,
+        timeout_s: float,
+    ) -> scoring_pb2.ScoreResponse:
+        """Score one order by its worker, another free one, or this process (the docstring
+        of the module), within ``timeout_s`` from ``started``."""
+        deadline = _wait_until(started, timeout_s)
+        order_id = request.order.order_id
+        if self._log is not None and self._log.queued((order_id,)):  # decided here: replay
+            return super().score_request(request, max(started + timeout_s - time.monotonic(), 0))
+        try:
+            index = self._pool.worker_for(order_id)
+            sent = self._send("Score", payload, 1, index, deadline)
             if isinstance(sent, _Missing):  # every worker down or busy: scored here
                 self._fell_back(sent, 1)
                 left = max(started + timeout_s - time.monotonic(), 0.0)
@@ -657,15 +730,24 @@ class PooledScoringServicer(ScoringServicer):
         validate.validate_batch(orders, self._max_batch)
         refuse_changed_duplicates(orders, protect_order)  # before any worker scores its part
         deadline = _wait_until(time.monotonic(), timeout_s)
+        decisions: list[scoring_pb2.Decision | None] = [None] * len(request.orders)
+        queued = {} if self._log is None else self._log.queued([o.order_id for o in orders])
+        here = [i for i, order in enumerate(orders) if order.order_id in queued]
+        if here:  # decided by this process, not committed yet: replayed from its log first
+            replays = scoring_pb2.ScoreBatchRequest(orders=[request.orders[i] for i in here])
+            left = max(deadline - time.monotonic(), 0.0)
+            part = super().score_batch_request(replays, left).decisions
+            for i, decision in zip(here, part, strict=True):
+                decisions[i] = decision
         groups: dict[int, list[int]] = {}
         for i, order in enumerate(request.orders):
-            groups.setdefault(self._pool.worker_for(order.order_id), []).append(i)
+            if order.order_id not in queued:
+                groups.setdefault(self._pool.worker_for(order.order_id), []).append(i)
         parts = {
             w: scoring_pb2.ScoreBatchRequest(orders=[request.orders[i] for i in idx])
             for w, idx in groups.items()
         }
         answers = self._ask_all(parts, deadline)
-        decisions: list[scoring_pb2.Decision | None] = [None] * len(request.orders)
         seen: list[_Seen] = []
         for w, idx in groups.items():
             got = answers[w]
@@ -768,10 +850,14 @@ def _serve(channel: _Channel, servicer: ScoringServicer, report: Callable[[], by
         message = channel.recv()
         if message[0] == "stop":
             return
-        seq, method, payload, timeout_s = message
+        seq, method, payload, deadline = message
         try:
             if method == "Stats":
                 channel.send((seq, "ok", report()))
+                continue
+            timeout_s = deadline - time.monotonic()
+            if timeout_s <= 0:  # the server process answered it already (the fallback)
+                channel.send((seq, "late"))
                 continue
             if method == "Score":
                 request = scoring_pb2.ScoreRequest.FromString(payload)

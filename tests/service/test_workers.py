@@ -264,6 +264,87 @@ def test_a_stalled_worker_gets_the_fallback_inside_the_deadline_then_recovers(
     assert pool.pids()[1] == pid
 
 
+def test_a_concurrent_retry_gets_the_answer_its_first_call_got(
+    pooled: RunningServer, stub: Stub
+) -> None:
+    """A retry arriving while its order's worker is stalled waits for the first call's
+    answer (the fallback, at that call's deadline) and gets it back, marked replayed,
+    rather than being rerouted to the other worker and decided again; the decision log
+    then holds that one decision for the order."""
+    pool = pooled.workers
+    assert pool is not None
+    pid = pool.pids()[1]
+    assert pid is not None
+    order = _worker_for(pool, 1)
+    request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(order))
+    moved = _reroutes(pooled)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        first = stub.Score.future(request, timeout=1.0)
+        time.sleep(0.2)  # the first call holds the stalled worker
+        retry = stub.Score.future(request, timeout=3.0)
+        got, again = first.result().decision, retry.result().decision
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert got.degraded and not got.replayed
+    assert again.replayed
+    assert (again.decided_at, again.outcome, again.score, list(again.unavailable)) == (
+        got.decided_at,
+        got.outcome,
+        got.score,
+        list(got.unavailable),
+    )
+    assert _reroutes(pooled) == moved  # nothing went to the other worker
+
+
+def test_a_decision_the_grpc_process_made_is_replayed_before_it_is_committed(
+    tmp_path: Path,
+) -> None:
+    """The gRPC process answered an order itself (its worker was stalled: the fallback);
+    its writer gathers a batch before committing (a second here), so no worker can see
+    that decision yet: a retry, unary or in a batch, still gets it back, and the stalled
+    worker, resuming, does not decide the order again."""
+    prefix = f"riskd-test-workers-{uuid.uuid4().hex}:"
+    running = create_server(_config(tmp_path / "data", prefix, evidence_flush_ms=1000))
+    try:
+        pool = running.workers
+        assert pool is not None
+        pid = pool.pids()[1]
+        assert pid is not None
+        order = _worker_for(pool, 1)
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+            request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(order))
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                got = stub.Score(request, timeout=0.5).decision
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert got.degraded and _fallbacks(running, "late") == 1
+            again = _score(stub, order)
+            other = _worker_for(pool, 1)
+            batch = scoring_pb2.ScoreBatchRequest(
+                orders=[convert.order_to_proto(o) for o in (other, order)]
+            )
+            answered = stub.ScoreBatch(batch, timeout=10).decisions
+            log = running.components.decision_log
+            assert log is not None and log.queued([order.order_id])  # not committed yet
+        for retry in (again, answered[1]):
+            assert retry.replayed and retry.decided_at == got.decided_at
+        assert answered[0].order_id == other.order_id and not answered[0].replayed
+    finally:
+        running.stop(5)
+        _forget(prefix)
+    records = Database(f"sqlite:///{tmp_path / 'data' / 'riskd.db'}")
+    try:
+        rows = records.query(
+            "SELECT content FROM decision_log WHERE order_id = ?", (order.order_id,)
+        )
+        assert len(rows) == 1 and json.loads(rows[0][0])["decided_at"] == got.decided_at
+    finally:
+        records.close()
+
+
 def test_a_worker_that_answered_late_is_kept_when_no_call_follows(
     pooled: RunningServer, stub: Stub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -422,6 +503,38 @@ def test_a_big_call_waits_for_the_worker_to_read_whatever_timeout_the_last_read_
         channel.send((1, "ScoreBatch", big, 5.0), time.monotonic() + 5.0)
         reader.join(5)
         assert got == [(1, "ScoreBatch", big, 5.0)]
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_worker_that_reads_a_call_after_its_deadline_does_not_score_it() -> None:
+    """A worker stalled before it read a call (stopped, swapped out) must not decide the
+    order once it resumes: the server process has answered it with the fallback and
+    recorded that, so a second decision could be the one the log keeps."""
+    ours, theirs = socket.socketpair()
+    channel, peer = workers._Channel(ours), workers._Channel(theirs)
+    budgets: list[float] = []
+
+    class Servicer:
+        def score_request(self, request: object, timeout_s: float) -> object:
+            budgets.append(timeout_s)
+            return scoring_pb2.ScoreResponse()
+
+    worker = threading.Thread(
+        target=workers._serve, args=(peer, Servicer(), lambda: b"{}"), daemon=True
+    )
+    worker.start()
+    payload = scoring_pb2.ScoreRequest().SerializeToString()
+    try:
+        channel.send((1, "Score", payload, time.monotonic() - 0.01))
+        assert channel.recv(time.monotonic() + 5) == (1, "late")
+        channel.send((2, "Score", payload, time.monotonic() + 5.0))
+        assert channel.recv(time.monotonic() + 5)[:2] == (2, "ok")
+        assert len(budgets) == 1 and 4.5 < budgets[0] <= 5.0  # the time left, not more
+        channel.send(("stop",))
+        worker.join(5)
+        assert not worker.is_alive()
     finally:
         ours.close()
         theirs.close()
