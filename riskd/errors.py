@@ -80,6 +80,11 @@ class UnavailableError(RiskdError):
     status: ClassVar[str] = "UNAVAILABLE"
 
 
+class DatabaseBusyError(UnavailableError):
+    """Another writer held the database's lock for as long as the caller could wait;
+    nothing was written."""
+
+
 class CommitUnknownError(UnavailableError):
     """The database connection was lost during COMMIT: the transaction may or may not have
     committed. Never replayed blindly; the caller checks (or retries idempotently)."""

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from riskd.errors import CommitUnknownError, ConfigError, UnavailableError
+from riskd.errors import CommitUnknownError, ConfigError, DatabaseBusyError, UnavailableError
 
 T = TypeVar("T")
 Dialect = Literal["sqlite", "postgres"]
@@ -47,6 +47,7 @@ Row = tuple[Any, ...]
 
 _PLACEHOLDER = re.compile(r"\?")
 _RETRIES = 8
+BUSY_TIMEOUT_S = 30.0  # SQLite: how long a statement waits for another connection's lock
 # SQLSTATE classes of PostgreSQL failures that come from a statement's data, not the
 # server's state (connection, serialization, resources, privileges, a missing table, a
 # read-only standby: all of those may pass): data exception, integrity constraint.
@@ -161,7 +162,7 @@ class Database:
             self._discard(conn)
         if self.dialect == "sqlite":
             conn = sqlite3.connect(
-                self._path, isolation_level=None, timeout=30.0, check_same_thread=False
+                self._path, isolation_level=None, timeout=BUSY_TIMEOUT_S, check_same_thread=False
             )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
@@ -204,6 +205,21 @@ class Database:
             conn.close()
 
     @contextmanager
+    def _busy_until(self, wait_until: float | None) -> Iterator[None]:
+        """On SQLite, this thread's statements wait for another connection's lock until
+        ``wait_until`` (monotonic) instead of ``BUSY_TIMEOUT_S``, for the duration."""
+        if wait_until is None or self.dialect != "sqlite":
+            yield
+            return
+        conn = self._connect()
+        left_ms = max(int((wait_until - time.monotonic()) * 1000), 1)
+        conn.execute(f"PRAGMA busy_timeout = {left_ms}")
+        try:
+            yield
+        finally:
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+
+    @contextmanager
     def transaction(self) -> Iterator[Tx]:
         """One write transaction: commits on success, rolls back on any exception.
 
@@ -241,21 +257,34 @@ class Database:
                 ) from e
             raise
 
-    def run(self, fn: Callable[[Tx], T]) -> T:
+    def run(self, fn: Callable[[Tx], T], *, wait_s: float | None = None) -> T:
         """Run ``fn`` in a transaction, retrying it on serialization failures, deadlocks and
         connections lost before COMMIT (on a new connection).
 
+        ``wait_s`` bounds, on SQLite, the whole call's wait for the file's writer lock
+        (another process's transaction: a CLI, a stalled replica); without it each
+        attempt waits up to ``BUSY_TIMEOUT_S``, which suits background writers, not a
+        caller with a deadline.
+
         Raises:
             CommitUnknownError: the connection was lost during COMMIT; not retried here.
-            UnavailableError: the database is down, or the connection kept getting lost.
+            UnavailableError: the database is down, the connection kept getting lost, or
+                (``wait_s``) the SQLite file stayed locked by another writer that long;
+                nothing was written.
         """
+        wait_until = None if wait_s is None else time.monotonic() + wait_s
         for attempt in range(_RETRIES):
             try:
-                with self.transaction() as tx:
+                with self._busy_until(wait_until), self.transaction() as tx:
                     return fn(tx)
             except CommitUnknownError:
                 raise
             except Exception as e:  # retry only the transient kinds
+                waited = wait_until is not None and time.monotonic() >= wait_until
+                if waited and self._is_transient(e):
+                    raise DatabaseBusyError(
+                        "database busy: another writer holds the database's lock"
+                    ) from e
                 lost = self._lost_here(e)
                 if lost and attempt == _RETRIES - 1:
                     raise UnavailableError("database connection lost") from e

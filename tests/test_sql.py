@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg.errors import AdminShutdown, SerializationFailure
 
-from riskd.errors import CommitUnknownError
+from riskd.errors import CommitUnknownError, DatabaseBusyError, UnavailableError
 from riskd.sql import Database, Tx
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -136,3 +136,29 @@ def test_is_transient_on_sqlite(tmp_path: Path) -> None:
     assert db.is_transient(sqlite3.OperationalError("disk I/O error"))
     assert db.query("SELECT COUNT(*) FROM t") == [(0,)]  # the refused insert left nothing
     db.close()
+
+
+def test_a_bounded_write_gives_up_on_a_held_sqlite_file_and_keeps_the_busy_timeout(
+    tmp_path: Path,
+) -> None:
+    """``run(wait_s=...)`` waits for another process's writer that long in all (not the
+    busy timeout once per retry), raises DatabaseBusyError with nothing written, and
+    leaves the connection's own busy timeout as it was for later, unbounded writes."""
+    db = Database(f"sqlite:///{tmp_path / 'busy.db'}")
+    try:
+        db.run(lambda tx: tx.execute("CREATE TABLE t (v INTEGER)"))
+        holder = sqlite3.connect(tmp_path / "busy.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        with pytest.raises(DatabaseBusyError) as busy:
+            db.run(lambda tx: tx.execute("INSERT INTO t VALUES (1)"), wait_s=0.2)
+        assert 0.2 <= time.monotonic() - started < 1.5
+        assert isinstance(busy.value, UnavailableError)
+        holder.execute("ROLLBACK")
+        holder.close()
+        assert db.query("PRAGMA busy_timeout") == [(30000,)]
+        assert db.query("SELECT COUNT(*) FROM t") == [(0,)]
+        db.run(lambda tx: tx.execute("INSERT INTO t VALUES (2)"))
+        assert db.query("SELECT v FROM t") == [(2,)]
+    finally:
+        db.close()

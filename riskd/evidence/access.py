@@ -31,9 +31,11 @@ from riskd.domain.clock import Clock, SystemClock
 from riskd.domain.order import MAX_ORDER_ID_LEN
 from riskd.errors import (
     CryptoError,
+    DatabaseBusyError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    UnavailableError,
 )
 from riskd.evidence.chain import ACCESS, append_rows
 from riskd.evidence.log import DecisionLog
@@ -45,6 +47,7 @@ PII_FIELDS: tuple[str, ...] = ("phone", "name", "id_number", "address", "device"
 
 MAX_REASON_CHARS = 500
 MAX_PAGE = 1000
+AUDIT_WAIT_S = 5.0  # longest a reveal waits for the database's writer lock for its audit entry
 
 
 class Decryptor(Protocol):
@@ -257,7 +260,13 @@ class PiiAccess:
             assert row is not None
             return int(row[0]), str(row[1])
 
-        seq, digest = self._db.run(write)
+        try:
+            seq, digest = self._db.run(write, wait_s=AUDIT_WAIT_S)
+        except DatabaseBusyError as e:
+            raise UnavailableError(
+                "evidence busy: another process holds the database's writer lock;"
+                " nothing was revealed; retry shortly"
+            ) from e
         return _entry(seq, content, digest)
 
 

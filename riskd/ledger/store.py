@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from riskd.errors import (
+    DatabaseBusyError,
     InsufficientFundsError,
     InvalidArgumentError,
     NotFoundError,
@@ -241,9 +242,10 @@ class LedgerStore:
         a second line. A unique-key race or serialization failure that still
         happens is retried; the retry reads the winner's committed rows.
 
-        The wait for the turn is bounded by ``write_wait_s`` (both locks together):
-        a writer stuck elsewhere (a stalled replica or CLI holding the advisory
-        lock) makes later writes answer UNAVAILABLE instead of holding their
+        The wait for the turn is bounded by ``write_wait_s`` (both locks together;
+        on SQLite, this process's lock and the file's writer lock): a writer stuck
+        elsewhere (a stalled replica or CLI holding the advisory lock or the SQLite
+        file) makes later writes answer UNAVAILABLE instead of holding their
         threads forever. Nothing was written then; retry with the same key.
 
         Raises:
@@ -255,7 +257,13 @@ class LedgerStore:
             raise UnavailableError("ledger busy: no write turn in time; retry with the same key")
         try:
             if self.db.dialect != "postgres":
-                return _retry(self.db, fn)
+                try:  # BEGIN IMMEDIATE waits for another process's writer until the deadline
+                    return _retry(self.db, fn, deadline)
+                except DatabaseBusyError as e:
+                    raise UnavailableError(
+                        "ledger busy: another process holds the database's writer lock;"
+                        " retry with the same key"
+                    ) from e
             if not _advisory_lock(self.db, LEDGER_WRITER_LOCK, deadline):
                 raise UnavailableError(
                     "ledger busy: another writer holds the ledger lock; retry with the same key"
@@ -513,10 +521,11 @@ _RETRYABLE_SQLSTATES = frozenset({"23505", "40001", "40P01"})  # unique, seriali
 _ATTEMPTS = 6
 
 
-def _retry(db: Database, fn: Callable[[Tx], T]) -> T:
+def _retry(db: Database, fn: Callable[[Tx], T], wait_until: float | None = None) -> T:
     for attempt in range(_ATTEMPTS):
         try:
-            return db.run(fn)
+            wait_s = None if wait_until is None else wait_until - time.monotonic()
+            return db.run(fn, wait_s=wait_s)
         except Exception as e:
             if getattr(e, "sqlstate", None) not in _RETRYABLE_SQLSTATES:
                 raise

@@ -232,3 +232,29 @@ def test_a_write_waits_a_bounded_time_for_a_held_ledger_lock(pg_book: Book) -> N
         assert book.store.read_request("k1") is None
         holder.execute("SELECT pg_advisory_unlock(%s)", (LEDGER_WRITER_LOCK,))
     assert book.deposit("k1", "s1", 100, actor="m").total(Code.DEPOSIT) == 100
+
+
+def test_a_write_waits_a_bounded_time_for_a_held_sqlite_file(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Another process holding the SQLite file's writer lock (a stalled CLI) makes writes
+    UNAVAILABLE within ``write_wait_s``, nothing written, not stuck for the busy timeout
+    of every retry and then an internal error."""
+    import sqlite3
+
+    url = new_url("sqlite", tmp_path)
+    book = funded(Book.open(url, clock=clock), shops={"s1": 0})
+    try:
+        book.store.write_wait_s = 0.3
+        holder = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        with pytest.raises(UnavailableError, match="retry with the same key"):
+            book.deposit("k1", "s1", 100, actor="m")
+        assert 0.3 <= time.monotonic() - started < 2
+        holder.execute("ROLLBACK")
+        holder.close()
+        assert book.store.read_request("k1") is None
+        assert book.deposit("k1", "s1", 100, actor="m").total(Code.DEPOSIT) == 100
+    finally:
+        book.close()

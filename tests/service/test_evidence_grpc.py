@@ -8,6 +8,7 @@ buyer and the next reveal is refused and recorded.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,9 @@ import grpc
 import pytest
 
 from riskd.cli import pii as pii_cli
+from riskd.config import EVIDENCE_THREADS
+from riskd.domain.order import Order
+from riskd.evidence import access
 from riskd.evidence.chain import verify
 from riskd.service import convert
 from riskd.service.gen.riskd.v1 import (
@@ -54,6 +58,26 @@ def code_of(call: object, request: object, token: str) -> grpc.StatusCode:
 
 def reveal(order_id: str, reason: str = "chargeback case 42") -> evidence_pb2.RevealOrderPiiRequest:
     return evidence_pb2.RevealOrderPiiRequest(order_id=order_id, reason=reason)
+
+
+def scored(ch: grpc.Channel, running: RunningServer) -> Order:
+    """A fresh order scored by the checkout gateway, its decision committed."""
+    order = fresh()
+    scoring_pb2_grpc.ScoringServiceStub(ch).Score(
+        scoring_pb2.ScoreRequest(order=convert.order_to_proto(order)),
+        timeout=5,
+        metadata=as_("tok-gw"),
+    )
+    assert running.components.decision_log is not None
+    running.components.decision_log.flush(5)
+    return order
+
+
+def hold_writer_lock(data_dir: Path) -> sqlite3.Connection:
+    """Another process's transaction on the daemon's SQLite file (ROLLBACK and close it)."""
+    holder = sqlite3.connect(data_dir / "riskd.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    return holder
 
 
 def test_analyst_reveals_and_every_access_is_audited(running: RunningServer) -> None:
@@ -174,9 +198,6 @@ def test_a_held_database_lock_never_starves_scoring(tmp_path: Path) -> None:
     writer lock: analysts' reveals wait on it for their audit entry, but at most
     ``EVIDENCE_THREADS`` of them at once; the rest are refused at once (UNAVAILABLE), and
     the checkout's Score on the same server still answers promptly meanwhile."""
-    import sqlite3
-
-    from riskd.config import EVIDENCE_THREADS
 
     running = create_server(make_config(tmp_path, auth={"tokens": TOKENS}))
     try:
@@ -190,15 +211,8 @@ def test_a_held_database_lock_never_starves_scoring(tmp_path: Path) -> None:
                 scoring.Score(request, timeout=2, metadata=as_("tok-gw"))
                 return time.monotonic() - started
 
-            order = fresh()
-            scoring.Score(
-                scoring_pb2.ScoreRequest(order=convert.order_to_proto(order)),
-                timeout=5,
-                metadata=as_("tok-gw"),
-            )
-            running.components.decision_log.flush(5)
-            holder = sqlite3.connect(tmp_path / "riskd.db", isolation_level=None)
-            holder.execute("BEGIN IMMEDIATE")  # the writer lock, held
+            order = scored(ch, running)
+            holder = hold_writer_lock(tmp_path)
             reveals = [
                 evidence.RevealOrderPii.future(
                     reveal(order.order_id), timeout=8, metadata=as_("tok-analyst")
@@ -218,5 +232,43 @@ def test_a_held_database_lock_never_starves_scoring(tmp_path: Path) -> None:
                 reveal(order.order_id), timeout=5, metadata=as_("tok-analyst")
             )
             assert again.pii.phone == order.buyer.phone
+    finally:
+        running.stop(1)
+
+
+def test_a_reveal_against_a_held_database_is_unavailable_within_its_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit entry comes first: while another process holds the SQLite file's writer
+    lock a reveal waits at most ``AUDIT_WAIT_S`` and is then UNAVAILABLE, nothing revealed
+    and nothing recorded (not held for every retry's 30 s busy timeout, then INTERNAL)."""
+
+    monkeypatch.setattr(access, "AUDIT_WAIT_S", 0.3)
+    running = create_server(make_config(tmp_path, auth={"tokens": TOKENS}))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            evidence = evidence_pb2_grpc.EvidenceServiceStub(ch)
+            order = scored(ch, running)
+            holder = hold_writer_lock(tmp_path)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as refused:
+                evidence.RevealOrderPii(
+                    reveal(order.order_id), timeout=10, metadata=as_("tok-analyst")
+                )
+            assert time.monotonic() - started < 2
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "nothing was revealed" in (refused.value.details() or "")
+            holder.execute("ROLLBACK")
+            holder.close()
+            got = evidence.RevealOrderPii(
+                reveal(order.order_id), timeout=5, metadata=as_("tok-analyst")
+            )
+            assert got.pii.phone == order.buyer.phone
+            trail = evidence.ListPiiAccess(
+                evidence_pb2.ListPiiAccessRequest(order_id=order.order_id),
+                timeout=5,
+                metadata=as_("tok-audit"),
+            ).entries
+            assert [e.seq for e in trail] == [got.access.seq]
     finally:
         running.stop(1)
