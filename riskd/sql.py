@@ -217,18 +217,28 @@ class Database:
         try:
             yield
         finally:
-            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            # a connection the failed transaction discarded is closed: nothing to restore
+            with contextlib.suppress(sqlite3.ProgrammingError):
+                conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
 
     @contextmanager
-    def transaction(self) -> Iterator[Tx]:
+    def transaction(self, *, read_only: bool = False) -> Iterator[Tx]:
         """One write transaction: commits on success, rolls back on any exception.
+
+        ``read_only``: a consistent view that takes no writer lock instead (SQLite: a
+        deferred ``BEGIN``, whose snapshot under WAL is taken at its first read;
+        PostgreSQL: ``REPEATABLE READ READ ONLY``), so a long read neither waits for
+        another process's writer nor holds up the writers.
 
         Raises:
             CommitUnknownError: the connection was lost during COMMIT (it may have committed).
         """
-        begin = (
-            "BEGIN IMMEDIATE" if self.dialect == "sqlite" else "BEGIN ISOLATION LEVEL SERIALIZABLE"
-        )
+        if self.dialect == "sqlite":
+            begin = "BEGIN" if read_only else "BEGIN IMMEDIATE"
+        elif read_only:
+            begin = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+        else:
+            begin = "BEGIN ISOLATION LEVEL SERIALIZABLE"
         conn = self._connect()
         cur = conn.cursor()
         try:
@@ -257,9 +267,12 @@ class Database:
                 ) from e
             raise
 
-    def run(self, fn: Callable[[Tx], T], *, wait_s: float | None = None) -> T:
+    def run(
+        self, fn: Callable[[Tx], T], *, wait_s: float | None = None, read_only: bool = False
+    ) -> T:
         """Run ``fn`` in a transaction, retrying it on serialization failures, deadlocks and
-        connections lost before COMMIT (on a new connection).
+        connections lost before COMMIT (on a new connection). ``read_only``: in a read-only
+        transaction (``transaction``), for a consistent view of several tables.
 
         ``wait_s`` bounds, on SQLite, the whole call's wait for the file's writer lock
         (another process's transaction: a CLI, a stalled replica); without it each
@@ -275,13 +288,16 @@ class Database:
         wait_until = None if wait_s is None else time.monotonic() + wait_s
         for attempt in range(_RETRIES):
             try:
-                with self._busy_until(wait_until), self.transaction() as tx:
+                with (
+                    self._busy_until(wait_until),
+                    self.transaction(read_only=True) if read_only else self.transaction() as tx,
+                ):
                     return fn(tx)
             except CommitUnknownError:
                 raise
             except Exception as e:  # retry only the transient kinds
                 waited = wait_until is not None and time.monotonic() >= wait_until
-                if waited and self._is_transient(e):
+                if waited and self.dialect == "sqlite" and self._is_transient(e):
                     raise DatabaseBusyError(
                         "database busy: another writer holds the database's lock"
                     ) from e

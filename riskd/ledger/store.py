@@ -472,7 +472,8 @@ class LedgerStore:
         return [_account(r) for r in rows]
 
     def snapshot(self) -> tuple[list[Account], list[Transfer]]:
-        """Every account and the whole journal, read in one transaction (a consistent view)."""
+        """Every account and the whole journal, read in one read-only transaction (a
+        consistent view that neither waits for a writer nor holds the writers up)."""
 
         def read(tx: Tx) -> tuple[list[Account], list[Transfer]]:
             accounts = tx.execute(f"SELECT {_ACCOUNT_COLUMNS} FROM ledger_accounts").fetchall()
@@ -481,7 +482,7 @@ class LedgerStore:
             ).fetchall()
             return [_account(r) for r in accounts], [_transfer(r) for r in journal]
 
-        return self.db.run(read)
+        return self.db.run(read, read_only=True)
 
     def transfers(
         self, *, account_id: str = "", ref: str = "", after_seq: int = 0, limit: int = 0

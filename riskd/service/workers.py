@@ -63,8 +63,9 @@ to the server process's ``riskd_rule_errors_total`` and to the ``riskd_evidence_
 (each worker's decision-log writer as last reported). A worker that dies takes what it
 counted since its last report with it. Rule errors count evaluations: an order answered by
 the fallback because its worker was stalled while scoring it is evaluated twice (here and,
-later, in the worker) and its erring rules count twice. Reloads are counted by the server process alone: it
-watches and reloads the same files (each worker reloading them too is not counted again).
+later, in the worker) and its erring rules count twice. Reloads are counted by the server
+process alone: it watches and reloads the same files (each worker reloading them too is not
+counted again).
 """
 
 from __future__ import annotations

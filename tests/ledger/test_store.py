@@ -258,3 +258,27 @@ def test_a_write_waits_a_bounded_time_for_a_held_sqlite_file(
         assert book.deposit("k1", "s1", 100, actor="m").total(Code.DEPOSIT) == 100
     finally:
         book.close()
+
+
+def test_verify_reads_a_consistent_view_while_another_process_holds_the_sqlite_file(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """VerifyLedger reads in a read-only transaction: it neither waits for another
+    process's writer (it used to take the writer lock: 8 x the 30 s busy timeout, then
+    an internal error) nor holds up the writers."""
+    import sqlite3
+
+    url = new_url("sqlite", tmp_path)
+    book = funded(Book.open(url, clock=clock), shops={"s1": 0})
+    try:
+        book.deposit("k1", "s1", 100, actor="m")
+        expected = book.verify()
+        holder = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        assert book.verify() == expected
+        assert time.monotonic() - started < 1
+        holder.execute("ROLLBACK")
+        holder.close()
+    finally:
+        book.close()
