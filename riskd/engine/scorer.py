@@ -470,11 +470,7 @@ class _Batch:
     def _same(self, i: int, request: Mapping[str, Any]) -> None:
         """Refuse order ``i`` if ``request`` (what its id was scored for) is other content."""
         if self.s._log.protect(self.orders[i]) != request:
-            where = f"orders[{i}]" if len(self.orders) > 1 else "order"
-            raise AlreadyExistsError(
-                f"{where}.order_id: this order id was scored for other order content;"
-                " a retry must send the same order"
-            )
+            raise scored_for_other_content(f"orders[{i}]" if len(self.orders) > 1 else "order")
 
     def _lead(self) -> None:
         ids = [self.orders[i].order_id for i, _ in self.led]
@@ -500,6 +496,15 @@ class _Batch:
             decision, request = self.s._decide(self.orders[i], obs, values, self.ctx)
             self.out[i] = decision
             flight.finish(decision, request=request)
+
+
+def scored_for_other_content(where: str) -> AlreadyExistsError:
+    """The refusal of a retry whose order (``where``: ``order``, ``orders[i]``) has the id of
+    one scored for other content (its protected form differs)."""
+    return AlreadyExistsError(
+        f"{where}.order_id: this order id was scored for other order content;"
+        " a retry must send the same order"
+    )
 
 
 def refuse_changed_duplicates(orders: Sequence[Order], protect: Callable[[Order], Any]) -> None:

@@ -30,14 +30,6 @@ Failures:
   ``late`` without scoring it, so it cannot decide the order a second time once it
   resumes; one stalled mid-scoring may still record its own decision, and the decision
   log keeps the first committed for the order.
-
-Retries: the server process keeps a flight per order id for unary ``Score`` calls
-(``riskd.engine.flights``): a retry that arrives while its order is being routed waits
-for that answer and gets it back, marked ``replayed``, instead of being rerouted or
-answered by the fallback and decided again. An order this process decided itself (a
-fallback) sits in its decision log's queue for a few milliseconds before it is
-committed, where no worker can see it: a ``Score`` or a batch's entry for it is
-replayed from that queue here. ``ScoreBatch`` calls join no unary flight.
 * A worker that is busy (another call holds it for longer than ``BUSY_WAIT_S``) or still
   owes a late answer gets no more calls meanwhile: its orders go elsewhere as a down
   worker's do, in the time left. So a worker that stalls holds one RPC thread, for one
@@ -48,6 +40,19 @@ replayed from that queue here. ``ScoreBatch`` calls join no unary flight.
   (``SIGKILL``) and starts a new one, logging why. A worker that answers late but
   answers is left alone: restarting it costs a start (imports, rule compilation) on a
   machine that is most likely overloaded already.
+
+Retries: a decision is recorded by the process that made it, and a worker's log commits
+it a batch later (``evidence_flush_ms``; longer while another process holds the
+database), so for a while only that process can find it. Meanwhile a retry that goes
+elsewhere (its worker busy, stalled or down) would be decided a second time, and the log
+might keep the decision nobody acted on. So for unary ``Score`` the server process keeps
+a flight per order id (``riskd.engine.flights``): a retry arriving while its order is
+being routed waits for that answer; it keeps each worker's answer for
+``RECENT_KEEP_S`` (``_Recent``); and a fallback it decided itself is replayed from its
+own log's queue. A retry gets the answer marked ``replayed`` (other content:
+``ALREADY_EXISTS``). Left: a retry more than ``RECENT_KEEP_S`` later while its decision
+is still uncommitted in a worker that cannot take it; a ``ScoreBatch`` entry (batches
+join no flight and keep nothing here; only the server process's own queue is checked).
 
 Workers need the Redis feature store: velocity counters are shared state, and in-process
 counters would be split between the processes (``Config`` refuses that combination).
@@ -85,6 +90,7 @@ import sys
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -94,7 +100,7 @@ from riskd.config import Config
 from riskd.domain.clock import Clock, SystemClock
 from riskd.domain.decision import Outcome
 from riskd.engine.flights import Flights
-from riskd.engine.scorer import refuse_changed_duplicates
+from riskd.engine.scorer import refuse_changed_duplicates, scored_for_other_content
 from riskd.errors import InvalidArgumentError, RiskdError, UnavailableError
 from riskd.evidence.request import protect_order
 from riskd.service import convert, validate
@@ -118,6 +124,8 @@ BUSY_WAIT_S = 0.02  # the longest a call waits for a worker another call holds
 HUNG_AFTER_S = 2.0  # an answer owed this long past its deadline: the worker is killed
 RESPAWN_EVERY_S = 1.0  # how often the monitor looks for workers that exited or hang
 STATS_WAIT_S = 0.5  # the longest the monitor waits for a worker's metrics snapshot
+RECENT_KEEP_S = 2.0  # how long the gRPC process keeps a worker's unary answer for retries
+RECENT_MAX = 20_000  # answers kept at most (the oldest go first)
 _HEADER = struct.Struct("!I")
 _NOTHING = object()  # no whole message buffered yet
 _CHUNK = 1 << 16
@@ -574,6 +582,56 @@ def _seen(d: scoring_pb2.Decision) -> _Seen:
     return _Seen(Outcome(d.outcome), d.reasons, d.unavailable, d.replayed)
 
 
+class _Recent:
+    """The workers' recent unary answers by order id: (request bytes, answer bytes), each
+    for ``RECENT_KEEP_S`` (at most ``RECENT_MAX``).
+
+    A worker answers before its decision-log writer commits the decision (it gathers a
+    batch, and waits while another process holds the database): meanwhile only that
+    worker can find it, and a retry that cannot have that worker (busy, stalled, down)
+    would be decided again elsewhere. So the gRPC process answers such a retry itself.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._answers: OrderedDict[str, tuple[float, bytes, bytes]] = OrderedDict()
+
+    def put(self, order_id: str, payload: bytes, answer: bytes) -> None:
+        now = time.monotonic()
+        answers = self._answers
+        with self._lock:
+            answers[order_id] = (now + RECENT_KEEP_S, payload, answer)
+            answers.move_to_end(order_id)
+            while answers:
+                oldest = next(iter(answers.values()))
+                if oldest[0] > now and len(answers) <= RECENT_MAX:
+                    break
+                answers.popitem(last=False)
+
+    def replay(
+        self, request: scoring_pb2.ScoreRequest, payload: bytes
+    ) -> scoring_pb2.ScoreResponse | None:
+        """The answer kept for this order id, marked ``replayed``; else None.
+
+        Raises:
+            InvalidArgumentError: the request is bad (as a worker would say).
+            AlreadyExistsError: the id was answered for other order content.
+        """
+        with self._lock:
+            kept = self._answers.get(request.order.order_id)
+        if kept is None or kept[0] <= time.monotonic():
+            return None
+        if kept[1] != payload:  # other bytes: the same order only if its protected form is
+            order = convert.order_from_proto(request.order)
+            validate.validate_order(order)
+            first = convert.order_from_proto(scoring_pb2.ScoreRequest.FromString(kept[1]).order)
+            if protect_order(order) != protect_order(first):
+                raise scored_for_other_content("order")
+        response = scoring_pb2.ScoreResponse.FromString(kept[2])
+        response.decision.replayed = True  # counted once, when it was made
+        return response
+
+
 def _wait_until(started: float, timeout_s: float) -> float:
     """How long (monotonic) to wait for workers: the budget less time for the fallback."""
     return started + timeout_s - min(FALLBACK_RESERVE_S, timeout_s / 4)
@@ -615,6 +673,7 @@ class PooledScoringServicer(ScoringServicer):
         self._reroutes = metrics.worker_reroutes
         # unary calls being routed now, by order id: (request bytes, answer)
         self._flights = Flights[tuple[bytes, scoring_pb2.ScoreResponse]]()
+        self._recent = _Recent()  # workers' unary answers, for retries (``_Recent``)
 
     def _fell_back(self, why: _Missing, orders: int) -> None:
         self._fallbacks[why].inc(orders)
@@ -659,20 +718,22 @@ class PooledScoringServicer(ScoringServicer):
     def score_request(
         self, request: scoring_pb2.ScoreRequest, timeout_s: float
     ) -> scoring_pb2.ScoreResponse:
-        """One order, through this process's flight for its order id.
+        """One order: a worker's recent answer for it, else through this process's flight
+        for its order id (the module docstring's "Retries").
 
         The first call for an order id (the leader) routes it; a concurrent retry waits
         for the leader's answer (no longer than its own budget less the fallback's
-        reserve) and, for the same request, gets that answer marked ``replayed``: a
-        retry never goes to another worker (a reroute, the fallback) while its order is
-        still being scored, where it would be decided again and the log might keep the
-        decision nobody got. For other content, or when the leader failed or is not done
-        in time, the retry is routed itself (its worker's log then has the leader's
-        decision: a replay, or ``ALREADY_EXISTS``; with no time left, the fallback).
+        reserve) and, for the same request, gets that answer marked ``replayed``. For
+        other content, or when the leader failed or is not done in time, the retry is
+        routed itself (its worker's log then has the leader's decision: a replay, or
+        ``ALREADY_EXISTS``; with no time left, the fallback, which may then be a second
+        decision for the order).
         """
         started = time.monotonic()
         payload = request.SerializeToString()
         order_id = request.order.order_id
+        if (replay := self._recent.replay(request, payload)) is not None:
+            return replay
         leader, flight = self._flights.join(order_id)
         if not leader:
             led = flight.wait(max(_wait_until(started, timeout_s) - time.monotonic(), 0.0))
@@ -722,6 +783,7 @@ class PooledScoringServicer(ScoringServicer):
             return super().score_request(request, 0.0)
         response = scoring_pb2.ScoreResponse.FromString(reply)
         self._metrics.observe_decisions((_seen(response.decision),))
+        self._recent.put(order_id, payload, reply)
         return response
 
     def score_batch_request(

@@ -297,6 +297,33 @@ def test_a_concurrent_retry_gets_the_answer_its_first_call_got(
     assert _reroutes(pooled) == moved  # nothing went to the other worker
 
 
+@contextlib.contextmanager
+def _slow_writer(data: Path) -> Iterator[tuple[RunningServer, int, Order]]:
+    """Two workers whose decision-log writers gather for a second before committing:
+    the server, worker 1's pid, and an order for worker 1."""
+    prefix = f"riskd-test-workers-{uuid.uuid4().hex}:"
+    running = create_server(_config(data, prefix, evidence_flush_ms=1000))
+    try:
+        pool = running.workers
+        assert pool is not None
+        pid = pool.pids()[1]
+        assert pid is not None
+        yield running, pid, _worker_for(pool, 1)
+    finally:
+        running.stop(5)
+        _forget(prefix)
+
+
+def _logged(data: Path, order_id: str) -> list[float]:
+    """``decided_at`` of every decision the log holds for ``order_id``."""
+    records = Database(f"sqlite:///{data / 'riskd.db'}")
+    try:
+        rows = records.query("SELECT content FROM decision_log WHERE order_id = ?", (order_id,))
+        return [json.loads(r[0])["decided_at"] for r in rows]
+    finally:
+        records.close()
+
+
 def test_a_decision_the_grpc_process_made_is_replayed_before_it_is_committed(
     tmp_path: Path,
 ) -> None:
@@ -304,14 +331,9 @@ def test_a_decision_the_grpc_process_made_is_replayed_before_it_is_committed(
     its writer gathers a batch before committing (a second here), so no worker can see
     that decision yet: a retry, unary or in a batch, still gets it back, and the stalled
     worker, resuming, does not decide the order again."""
-    prefix = f"riskd-test-workers-{uuid.uuid4().hex}:"
-    running = create_server(_config(tmp_path / "data", prefix, evidence_flush_ms=1000))
-    try:
+    with _slow_writer(tmp_path / "data") as (running, pid, order):
         pool = running.workers
         assert pool is not None
-        pid = pool.pids()[1]
-        assert pid is not None
-        order = _worker_for(pool, 1)
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
             stub = scoring_pb2_grpc.ScoringServiceStub(ch)
             request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(order))
@@ -332,17 +354,42 @@ def test_a_decision_the_grpc_process_made_is_replayed_before_it_is_committed(
         for retry in (again, answered[1]):
             assert retry.replayed and retry.decided_at == got.decided_at
         assert answered[0].order_id == other.order_id and not answered[0].replayed
-    finally:
-        running.stop(5)
-        _forget(prefix)
-    records = Database(f"sqlite:///{tmp_path / 'data' / 'riskd.db'}")
-    try:
-        rows = records.query(
-            "SELECT content FROM decision_log WHERE order_id = ?", (order.order_id,)
-        )
-        assert len(rows) == 1 and json.loads(rows[0][0])["decided_at"] == got.decided_at
-    finally:
-        records.close()
+    assert _logged(tmp_path / "data", order.order_id) == [got.decided_at]
+
+
+def test_a_retry_gets_the_answer_while_its_worker_stalls_before_committing_it(
+    tmp_path: Path,
+) -> None:
+    """Worker 1 answered; its writer gathers a batch (a second here) before committing, so
+    only worker 1 could find that decision, and worker 1 stalls: a retry gets the answer
+    from the gRPC process (replayed), not a second decision elsewhere; the log keeps the
+    one decision. A retry with other content is refused (ALREADY_EXISTS) there."""
+    with (
+        _slow_writer(tmp_path / "data") as (running, pid, order),
+        grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch,
+    ):
+        stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+        first = _score(stub, order)
+        assert not first.degraded
+        request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(order))
+        changed = dataclasses.replace(order, client_time=order.client_time + 1)
+        other = scoring_pb2.ScoreRequest(order=convert.order_to_proto(changed))
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            retry = stub.Score(request, timeout=0.5).decision
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Score(other, timeout=0.5)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "order.order_id" in (refused.value.details() or "")
+    assert retry.replayed and retry.decided_at == first.decided_at
+    assert (retry.outcome, retry.score, retry.degraded) == (
+        first.outcome,
+        first.score,
+        first.degraded,
+    )
+    assert _logged(tmp_path / "data", order.order_id) == [first.decided_at]
 
 
 def test_a_worker_that_answered_late_is_kept_when_no_call_follows(
