@@ -379,17 +379,27 @@ class Scorer:
 
     def _unrecorded(self, order: Order, ctx: _Context) -> Decision:
         """For a follower whose leader overran the deadline: the fallback answer, not logged."""
+        return self._inflight(order, ctx.program.version, ctx.started, ctx.now)
+
+    def inflight(self, order: Order, started: float) -> Decision:
+        """The answer for a retry of ``order`` whose first call (another process's, in
+        worker mode) is still deciding it when the retry's time is up: the fallback,
+        degraded ``inflight`` and not logged (that first call's decision is the one
+        recorded). ``started``: when the retry's call began (monotonic)."""
+        return self._inflight(order, self._rules.current.version, started, self._clock.now())
+
+    def _inflight(self, order: Order, version: str, started: float, now: float) -> Decision:
         reason = self._fallback_reason(order)
         return Decision(
             order.order_id,
             reason.action,
             0.0,
             (reason,),
-            ctx.program.version,
+            version,
             {},
             ("inflight",),
-            int((self._clock.monotonic() - ctx.started) * 1e6),
-            ctx.now,
+            int((self._clock.monotonic() - started) * 1e6),
+            now,
         )
 
 

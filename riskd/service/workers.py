@@ -47,7 +47,8 @@ database), so for a while only that process can find it. Meanwhile a retry that 
 elsewhere (its worker busy, stalled or down) would be decided a second time, and the log
 might keep the decision nobody acted on. So for unary ``Score`` the server process keeps
 a flight per order id (``riskd.engine.flights``): a retry arriving while its order is
-being routed waits for that answer; it keeps each worker's answer for
+being routed waits for that answer (its time up first: the fallback, degraded
+``inflight``, not recorded, as in one process); it keeps each worker's answer for
 ``RECENT_KEEP_S`` (``_Recent``); and a fallback it decided itself is replayed from its
 own log's queue. A retry gets the answer marked ``replayed`` (other content:
 ``ALREADY_EXISTS``). Left: a retry more than ``RECENT_KEEP_S`` later while its decision
@@ -98,7 +99,8 @@ from typing import Any, Protocol, cast
 from riskd import errors
 from riskd.config import Config
 from riskd.domain.clock import Clock, SystemClock
-from riskd.domain.decision import Outcome
+from riskd.domain.decision import Decision, Outcome
+from riskd.domain.order import Order
 from riskd.engine.flights import Flights
 from riskd.engine.scorer import refuse_changed_duplicates, scored_for_other_content
 from riskd.errors import InvalidArgumentError, RiskdError, UnavailableError
@@ -637,6 +639,12 @@ def _wait_until(started: float, timeout_s: float) -> float:
     return started + timeout_s - min(FALLBACK_RESERVE_S, timeout_s / 4)
 
 
+class PooledScorer(ScorerLike, Protocol):
+    """What the pooled servicer needs of the server process's ``Scorer``."""
+
+    def inflight(self, order: Order, started: float) -> Decision: ...
+
+
 class QueuedLog(Protocol):
     """What the pooled servicer needs of the server process's ``DecisionLog``."""
 
@@ -656,7 +664,7 @@ class PooledScoringServicer(ScoringServicer):
     def __init__(
         self,
         pool: WorkerPool,
-        scorer: ScorerLike,
+        scorer: PooledScorer,
         log: QueuedLog | None,
         metrics: Metrics,
         clock: Clock,
@@ -668,6 +676,7 @@ class PooledScoringServicer(ScoringServicer):
             scorer, metrics, clock, default_deadline_s=default_deadline_s, max_batch=max_batch
         )
         self._pool = pool
+        self._pooled_scorer = scorer
         self._log = log
         self._fallbacks = {m: metrics.worker_fallbacks.labels(m.value) for m in _Missing}
         self._reroutes = metrics.worker_reroutes
@@ -724,10 +733,10 @@ class PooledScoringServicer(ScoringServicer):
         The first call for an order id (the leader) routes it; a concurrent retry waits
         for the leader's answer (no longer than its own budget less the fallback's
         reserve) and, for the same request, gets that answer marked ``replayed``. For
-        other content, or when the leader failed or is not done in time, the retry is
-        routed itself (its worker's log then has the leader's decision: a replay, or
-        ``ALREADY_EXISTS``; with no time left, the fallback, which may then be a second
-        decision for the order).
+        other content, or when the leader failed, the retry is routed itself (its
+        worker's log then has the leader's decision: a replay, or ``ALREADY_EXISTS``);
+        when the leader is not done in the retry's time, the retry gets the fallback,
+        degraded ``inflight`` and not recorded (``_inflight``).
         """
         started = time.monotonic()
         payload = request.SerializeToString()
@@ -742,6 +751,8 @@ class PooledScoringServicer(ScoringServicer):
                 response.CopyFrom(led[1])
                 response.decision.replayed = True  # counted once, as the leader's
                 return response
+            if not flight.done.is_set():  # the leader is still at it and our time is up
+                return self._inflight(request, started)
             return self._route(request, payload, started, timeout_s)
         answer: tuple[bytes, scoring_pb2.ScoreResponse] | None = None
         try:
@@ -751,6 +762,18 @@ class PooledScoringServicer(ScoringServicer):
         finally:
             self._flights.land(order_id)
             flight.finish(answer)  # None (the leader failed): each follower routes itself
+
+    def _inflight(
+        self, request: scoring_pb2.ScoreRequest, started: float
+    ) -> scoring_pb2.ScoreResponse:
+        """The fallback for a retry whose leader did not finish in the retry's time, not
+        recorded (the leader's decision is): as the scorer answers such a retry in one
+        process, so that it does not become a second decision for the order."""
+        order = convert.order_from_proto(request.order)
+        validate.validate_order(order)
+        decision = self._pooled_scorer.inflight(order, started)
+        self._metrics.observe_decisions((decision,))
+        return scoring_pb2.ScoreResponse(decision=convert.decision_to_proto(decision))
 
     def _route(
         self,

@@ -264,28 +264,35 @@ def test_a_stalled_worker_gets_the_fallback_inside_the_deadline_then_recovers(
     assert pool.pids()[1] == pid
 
 
-def test_a_concurrent_retry_gets_the_answer_its_first_call_got(
-    pooled: RunningServer, stub: Stub
-) -> None:
-    """A retry arriving while its order's worker is stalled waits for the first call's
-    answer (the fallback, at that call's deadline) and gets it back, marked replayed,
-    rather than being rerouted to the other worker and decided again; the decision log
-    then holds that one decision for the order."""
+def _retry_behind_a_stalled_worker(
+    pooled: RunningServer, stub: Stub, first_s: float, retry_s: float
+) -> tuple[Order, scoring_pb2.Decision, scoring_pb2.Decision]:
+    """Worker 1 stopped; a first call for its order (deadline ``first_s``) and, 0.2 s
+    later, a retry of it (``retry_s``): the order and both answers."""
     pool = pooled.workers
     assert pool is not None
     pid = pool.pids()[1]
     assert pid is not None
     order = _worker_for(pool, 1)
     request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(order))
-    moved = _reroutes(pooled)
     os.kill(pid, signal.SIGSTOP)
     try:
-        first = stub.Score.future(request, timeout=1.0)
+        first = stub.Score.future(request, timeout=first_s)
         time.sleep(0.2)  # the first call holds the stalled worker
-        retry = stub.Score.future(request, timeout=3.0)
-        got, again = first.result().decision, retry.result().decision
+        retry = stub.Score.future(request, timeout=retry_s)
+        return order, first.result().decision, retry.result().decision
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+def test_a_concurrent_retry_gets_the_answer_its_first_call_got(
+    pooled: RunningServer, stub: Stub
+) -> None:
+    """A retry arriving while its order's worker is stalled waits for the first call's
+    answer (the fallback, at that call's deadline) and gets it back, marked replayed,
+    rather than being rerouted to the other worker and decided again."""
+    moved = _reroutes(pooled)
+    _, got, again = _retry_behind_a_stalled_worker(pooled, stub, 1.0, 3.0)
     assert got.degraded and not got.replayed
     assert again.replayed
     assert (again.decided_at, again.outcome, again.score, list(again.unavailable)) == (
@@ -295,6 +302,19 @@ def test_a_concurrent_retry_gets_the_answer_its_first_call_got(
         list(got.unavailable),
     )
     assert _reroutes(pooled) == moved  # nothing went to the other worker
+
+
+def test_a_retry_with_less_time_than_its_first_call_gets_an_unrecorded_fallback(
+    pooled: RunningServer, stub: Stub
+) -> None:
+    """The first call still waits for its stalled worker when the retry's time is up: the
+    retry gets the fallback marked ``inflight`` and nothing is recorded for it, so the
+    first call's answer stays the order's one decision (as one process answers)."""
+    order, got, retry = _retry_behind_a_stalled_worker(pooled, stub, 1.5, 0.3)
+    assert list(retry.unavailable) == ["inflight"] and not retry.replayed
+    assert got.degraded and list(got.unavailable) == ["features"] and not got.replayed
+    later = _score(stub, order)
+    assert later.replayed and later.decided_at == got.decided_at
 
 
 @contextlib.contextmanager
