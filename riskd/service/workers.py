@@ -45,15 +45,17 @@ Retries: a decision is recorded by the process that made it, and a worker's log 
 it a batch later (``evidence_flush_ms``; longer while another process holds the
 database), so for a while only that process can find it. Meanwhile a retry that goes
 elsewhere (its worker busy, stalled or down) would be decided a second time, and the log
-might keep the decision nobody acted on. So for unary ``Score`` the server process keeps
-a flight per order id (``riskd.engine.flights``): a retry arriving while its order is
-being routed waits for that answer (its time up first: the fallback, degraded
-``inflight``, not recorded, as in one process); it keeps each worker's answer for
-``RECENT_KEEP_S`` (``_Recent``); and a fallback it decided itself is replayed from its
-own log's queue. A retry gets the answer marked ``replayed`` (other content:
-``ALREADY_EXISTS``). Left: a retry more than ``RECENT_KEEP_S`` later while its decision
-is still uncommitted in a worker that cannot take it; a ``ScoreBatch`` entry (batches
-join no flight and keep nothing here; only the server process's own queue is checked).
+might keep the decision nobody acted on. So the server process keeps each worker's
+answer, unary or a batch's, for ``RECENT_KEEP_S`` (``_Recent``; not one the worker's log
+did not record, degraded ``evidence``: its retry is scored again) and replays a fallback it
+decided itself from its own log's queue, for ``Score`` and ``ScoreBatch`` alike; and for
+unary ``Score`` it keeps a flight per order id (``riskd.engine.flights``): a retry
+arriving while its order is being routed waits for that answer (its time up first: the
+fallback, degraded ``inflight``, not recorded, as in one process). A retry gets the
+answer marked ``replayed`` (other content: ``ALREADY_EXISTS``). Left: a retry more than
+``RECENT_KEEP_S`` later while its decision is still uncommitted in a worker that cannot
+take it; a batch entry while another call is routing the same order (batches join no
+flight).
 
 Workers need the Redis feature store: velocity counters are shared state, and in-process
 counters would be split between the processes (``Config`` refuses that combination).
@@ -77,6 +79,7 @@ counted again).
 from __future__ import annotations
 
 import enum
+import functools
 import gc
 import json
 import logging
@@ -92,7 +95,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -106,7 +109,7 @@ from riskd.engine.scorer import refuse_changed_duplicates, scored_for_other_cont
 from riskd.errors import InvalidArgumentError, RiskdError, UnavailableError
 from riskd.evidence.request import protect_order
 from riskd.service import convert, validate
-from riskd.service.gen.riskd.v1 import scoring_pb2
+from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2
 from riskd.service.logs import configure_logging
 from riskd.service.metrics import Metrics
 from riskd.service.scoring import ScorerLike, ScoringServicer
@@ -128,6 +131,7 @@ RESPAWN_EVERY_S = 1.0  # how often the monitor looks for workers that exited or 
 STATS_WAIT_S = 0.5  # the longest the monitor waits for a worker's metrics snapshot
 RECENT_KEEP_S = 2.0  # how long the gRPC process keeps a worker's unary answer for retries
 RECENT_MAX = 20_000  # answers kept at most (the oldest go first)
+RECENT_MAX_BYTES = 64 << 20  # and at most this many bytes of orders
 _HEADER = struct.Struct("!I")
 _NOTHING = object()  # no whole message buffered yet
 _CHUNK = 1 << 16
@@ -585,53 +589,70 @@ def _seen(d: scoring_pb2.Decision) -> _Seen:
 
 
 class _Recent:
-    """The workers' recent unary answers by order id: (request bytes, answer bytes), each
-    for ``RECENT_KEEP_S`` (at most ``RECENT_MAX``).
+    """The workers' recent answers, unary or a batch's, by order id: the order's bytes and
+    the decision, each for ``RECENT_KEEP_S`` (at most ``RECENT_MAX`` answers and
+    ``RECENT_MAX_BYTES`` of orders).
 
     A worker answers before its decision-log writer commits the decision (it gathers a
     batch, and waits while another process holds the database): meanwhile only that
     worker can find it, and a retry that cannot have that worker (busy, stalled, down)
     would be decided again elsewhere. So the gRPC process answers such a retry itself.
+    The decisions kept are never changed (a replay is a copy).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._answers: OrderedDict[str, tuple[float, bytes, bytes]] = OrderedDict()
+        self._kept: OrderedDict[str, tuple[float, bytes, scoring_pb2.Decision]] = OrderedDict()
+        self._bytes = 0  # of the orders kept
 
-    def put(self, order_id: str, payload: bytes, answer: bytes) -> None:
+    def put(self, answers: Iterable[tuple[bytes, scoring_pb2.Decision]]) -> None:
+        """Keep ``(order bytes, decision)`` answers, except those the worker's log did not
+        record (degraded ``evidence``): a retry of such an order is scored again, as in
+        one process, so that a process records it."""
         now = time.monotonic()
-        answers = self._answers
+        kept = self._kept
         with self._lock:
-            answers[order_id] = (now + RECENT_KEEP_S, payload, answer)
-            answers.move_to_end(order_id)
-            while answers:
-                oldest = next(iter(answers.values()))
-                if oldest[0] > now and len(answers) <= RECENT_MAX:
+            for order, decision in answers:
+                if "evidence" in decision.unavailable:
+                    continue
+                old = kept.pop(decision.order_id, None)
+                if old is not None:
+                    self._bytes -= len(old[1])
+                kept[decision.order_id] = (now + RECENT_KEEP_S, order, decision)
+                self._bytes += len(order)
+            while kept:
+                oldest = next(iter(kept.values()))
+                full = len(kept) > RECENT_MAX or self._bytes > RECENT_MAX_BYTES
+                if oldest[0] > now and not full:
                     break
-                answers.popitem(last=False)
+                self._bytes -= len(kept.popitem(last=False)[1][1])
 
     def replay(
-        self, request: scoring_pb2.ScoreRequest, payload: bytes
-    ) -> scoring_pb2.ScoreResponse | None:
-        """The answer kept for this order id, marked ``replayed``; else None.
+        self, order: order_pb2.Order, order_bytes: bytes, where: Callable[[], str]
+    ) -> scoring_pb2.Decision | None:
+        """A copy of the decision kept for ``order`` (``order_bytes``: its bytes), marked
+        ``replayed``; else None.
 
         Raises:
-            InvalidArgumentError: the request is bad (as a worker would say).
-            AlreadyExistsError: the id was answered for other order content.
+            InvalidArgumentError: the order is bad (as a worker would say).
+            AlreadyExistsError: the id was answered for other order content (``where()``:
+                ``order`` or ``orders[i]``).
         """
         with self._lock:
-            kept = self._answers.get(request.order.order_id)
+            kept = self._kept.get(order.order_id)
         if kept is None or kept[0] <= time.monotonic():
             return None
-        if kept[1] != payload:  # other bytes: the same order only if its protected form is
-            order = convert.order_from_proto(request.order)
-            validate.validate_order(order)
-            first = convert.order_from_proto(scoring_pb2.ScoreRequest.FromString(kept[1]).order)
-            if protect_order(order) != protect_order(first):
-                raise scored_for_other_content("order")
-        response = scoring_pb2.ScoreResponse.FromString(kept[2])
-        response.decision.replayed = True  # counted once, when it was made
-        return response
+        if kept[1] != order_bytes:  # other bytes: the same order if its protected form is
+            field = where()
+            mine = convert.order_from_proto(order, field)
+            validate.validate_order(mine, field)
+            first = convert.order_from_proto(order_pb2.Order.FromString(kept[1]))
+            if protect_order(mine) != protect_order(first):
+                raise scored_for_other_content(field)
+        decision = scoring_pb2.Decision()
+        decision.CopyFrom(kept[2])
+        decision.replayed = True  # counted once, when it was made
+        return decision
 
 
 def _wait_until(started: float, timeout_s: float) -> float:
@@ -727,22 +748,21 @@ class PooledScoringServicer(ScoringServicer):
     def score_request(
         self, request: scoring_pb2.ScoreRequest, timeout_s: float
     ) -> scoring_pb2.ScoreResponse:
-        """One order: a worker's recent answer for it, else through this process's flight
-        for its order id (the module docstring's "Retries").
+        """One order, through this process's flight for its order id (the module
+        docstring's "Retries").
 
-        The first call for an order id (the leader) routes it; a concurrent retry waits
-        for the leader's answer (no longer than its own budget less the fallback's
-        reserve) and, for the same request, gets that answer marked ``replayed``. For
-        other content, or when the leader failed, the retry is routed itself (its
-        worker's log then has the leader's decision: a replay, or ``ALREADY_EXISTS``);
-        when the leader is not done in the retry's time, the retry gets the fallback,
-        degraded ``inflight`` and not recorded (``_inflight``).
+        The first call for an order id (the leader) answers it (``_route``); a
+        concurrent retry waits for the leader's answer (no longer than its own budget
+        less the fallback's reserve) and, for the same request, gets that answer marked
+        ``replayed``. For other bytes, or when the leader failed, the retry is answered
+        itself, once the leader is done; when the leader is not done in the retry's
+        time, the retry gets the fallback, degraded ``inflight`` and not recorded
+        (``_inflight``).
         """
         started = time.monotonic()
         payload = request.SerializeToString()
+        order_bytes = request.order.SerializeToString()
         order_id = request.order.order_id
-        if (replay := self._recent.replay(request, payload)) is not None:
-            return replay
         leader, flight = self._flights.join(order_id)
         if not leader:
             led = flight.wait(max(_wait_until(started, timeout_s) - time.monotonic(), 0.0))
@@ -753,15 +773,15 @@ class PooledScoringServicer(ScoringServicer):
                 return response
             if not flight.done.is_set():  # the leader is still at it and our time is up
                 return self._inflight(request, started)
-            return self._route(request, payload, started, timeout_s)
+            return self._route(request, payload, order_bytes, started, timeout_s)
         answer: tuple[bytes, scoring_pb2.ScoreResponse] | None = None
         try:
-            response = self._route(request, payload, started, timeout_s)
+            response = self._route(request, payload, order_bytes, started, timeout_s)
             answer = (payload, response)
             return response
         finally:
             self._flights.land(order_id)
-            flight.finish(answer)  # None (the leader failed): each follower routes itself
+            flight.finish(answer)  # None (the leader failed): each follower answers itself
 
     def _inflight(
         self, request: scoring_pb2.ScoreRequest, started: float
@@ -779,11 +799,18 @@ class PooledScoringServicer(ScoringServicer):
         self,
         request: scoring_pb2.ScoreRequest,
         payload: bytes,
+        order_bytes: bytes,
         started: float,
         timeout_s: float,
     ) -> scoring_pb2.ScoreResponse:
-        """Score one order by its worker, another free one, or this process (the docstring
-        of the module), within ``timeout_s`` from ``started``."""
+        """A worker's recent answer for this order (``_Recent``: replayed, or
+        ``ALREADY_EXISTS`` for other content; looked up once no other call is routing the
+        order, and a leader keeps its answer before it lands), else the order scored by
+        its worker, another free one, or this process (the docstring of the module),
+        within ``timeout_s`` from ``started``."""
+        kept = self._recent.replay(request.order, order_bytes, lambda: "order")
+        if kept is not None:
+            return scoring_pb2.ScoreResponse(decision=kept)
         deadline = _wait_until(started, timeout_s)
         order_id = request.order.order_id
         if self._log is not None and self._log.queued((order_id,)):  # decided here: replay
@@ -806,7 +833,7 @@ class PooledScoringServicer(ScoringServicer):
             return super().score_request(request, 0.0)
         response = scoring_pb2.ScoreResponse.FromString(reply)
         self._metrics.observe_decisions((_seen(response.decision),))
-        self._recent.put(order_id, payload, reply)
+        self._recent.put(((order_bytes, response.decision),))
         return response
 
     def score_batch_request(
@@ -817,8 +844,14 @@ class PooledScoringServicer(ScoringServicer):
         refuse_changed_duplicates(orders, protect_order)  # before any worker scores its part
         deadline = _wait_until(time.monotonic(), timeout_s)
         decisions: list[scoring_pb2.Decision | None] = [None] * len(request.orders)
+        # the workers' recent answers, before anything is counted
+        order_bytes = [o.SerializeToString() for o in request.orders]
+        for i, (o, b) in enumerate(zip(request.orders, order_bytes, strict=True)):
+            decisions[i] = self._recent.replay(o, b, functools.partial("orders[{}]".format, i))
         queued = {} if self._log is None else self._log.queued([o.order_id for o in orders])
-        here = [i for i, order in enumerate(orders) if order.order_id in queued]
+        here = [
+            i for i, order in enumerate(orders) if order.order_id in queued and decisions[i] is None
+        ]
         if here:  # decided by this process, not committed yet: replayed from its log first
             replays = scoring_pb2.ScoreBatchRequest(orders=[request.orders[i] for i in here])
             left = max(deadline - time.monotonic(), 0.0)
@@ -827,7 +860,7 @@ class PooledScoringServicer(ScoringServicer):
                 decisions[i] = decision
         groups: dict[int, list[int]] = {}
         for i, order in enumerate(request.orders):
-            if order.order_id not in queued:
+            if decisions[i] is None and order.order_id not in queued:
                 groups.setdefault(self._pool.worker_for(order.order_id), []).append(i)
         parts = {
             w: scoring_pb2.ScoreBatchRequest(orders=[request.orders[i] for i in idx])
@@ -840,6 +873,7 @@ class PooledScoringServicer(ScoringServicer):
             if isinstance(got, bytes):
                 part = scoring_pb2.ScoreBatchResponse.FromString(got).decisions
                 seen.extend(_seen(d) for d in part)
+                self._recent.put((order_bytes[i], d) for i, d in zip(idx, part, strict=True))
             else:  # DOWN/BUSY: scored here in the time left; LATE: the fallback, now
                 self._fell_back(got, len(idx))
                 left = 0.0 if got is _LATE else max(deadline - time.monotonic(), 0.0)

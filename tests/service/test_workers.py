@@ -256,12 +256,21 @@ def test_a_stalled_worker_gets_the_fallback_inside_the_deadline_then_recovers(
     scorer = pooled.components.scorer
     monkeypatch.setattr(scorer, "score", None)  # a call scored here fails
 
-    def by_its_own_worker() -> bool:
-        moved = _reroutes(pooled)
-        return _by_a_worker(stub, _worker_for(pool, 1)) and _reroutes(pooled) == moved
-
-    assert eventually(by_its_own_worker, 5)
+    assert eventually(lambda: _by_its_own_worker(pooled, stub, 1), 5)
     assert pool.pids()[1] == pid
+
+
+def _by_its_own_worker(pooled: RunningServer, stub: Stub, index: int) -> bool:
+    """Whether worker ``index`` answers an order of its own now (not rerouted: it is up
+    and owes no late answer)."""
+    assert pooled.workers is not None
+
+    def elsewhere() -> list[float]:
+        return [_reroutes(pooled), *(_fallbacks(pooled, r) for r in ("down", "busy", "late"))]
+
+    before = elsewhere()
+    order = _worker_for(pooled.workers, index)
+    return _by_a_worker(stub, order) and elsewhere() == before
 
 
 def _retry_behind_a_stalled_worker(
@@ -271,6 +280,8 @@ def _retry_behind_a_stalled_worker(
     later, a retry of it (``retry_s``): the order and both answers."""
     pool = pooled.workers
     assert pool is not None
+    # an earlier test's late answer read back first: else worker 1 counts as busy
+    assert eventually(lambda: _by_its_own_worker(pooled, stub, 1), 5)
     pid = pool.pids()[1]
     assert pid is not None
     order = _worker_for(pool, 1)
@@ -410,6 +421,45 @@ def test_a_retry_gets_the_answer_while_its_worker_stalls_before_committing_it(
         first.degraded,
     )
     assert _logged(tmp_path / "data", order.order_id) == [first.decided_at]
+
+
+def test_a_batch_retry_gets_the_answers_while_their_worker_stalls_before_committing(
+    tmp_path: Path,
+) -> None:
+    """As for a unary retry: a batch answered by a worker that then stalls before its
+    writer commits gets its answers back (replayed) on a retry, in a batch or alone; a
+    batch with a changed order under a kept id is refused naming that entry."""
+    with (
+        _slow_writer(tmp_path / "data") as (running, pid, order),
+        grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch,
+    ):
+        stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+        pool = running.workers
+        assert pool is not None
+        orders = (order, _worker_for(pool, 1))
+
+        def batch(*orders: Order) -> scoring_pb2.ScoreBatchRequest:
+            return scoring_pb2.ScoreBatchRequest(orders=[convert.order_to_proto(o) for o in orders])
+
+        first = stub.ScoreBatch(batch(*orders), timeout=5).decisions
+        changed = dataclasses.replace(orders[1], client_time=orders[1].client_time + 1)
+        unseen = fresh()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            again = stub.ScoreBatch(batch(*orders), timeout=0.5).decisions
+            alone = _score(stub, orders[1])
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ScoreBatch(batch(unseen, changed), timeout=0.5)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert [d.replayed for d in first] == [False, False]
+    assert [(d.replayed, d.decided_at) for d in again] == [(True, d.decided_at) for d in first]
+    assert alone.replayed and alone.decided_at == first[1].decided_at
+    assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "orders[1].order_id" in (refused.value.details() or "")
+    for o, d in zip(orders, first, strict=True):
+        assert _logged(tmp_path / "data", o.order_id) == [d.decided_at]
+    assert _logged(tmp_path / "data", unseen.order_id) == []  # refused before any counted
 
 
 def test_a_worker_that_answered_late_is_kept_when_no_call_follows(

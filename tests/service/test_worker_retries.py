@@ -1,0 +1,173 @@
+"""Worker mode's retries, unit level: ``PooledScoringServicer`` over a fake worker pool.
+
+The worker can hold its answer back and then turn busy (as one that stalls right after
+answering, its decision not committed yet); the gRPC process's scorer records what it
+would decide itself. Real workers are exercised in ``test_workers.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from typing import Any
+
+import grpc
+import pytest
+
+from riskd.domain.clock import SystemClock
+from riskd.domain.decision import Decision, Outcome
+from riskd.domain.order import Order
+from riskd.errors import AlreadyExistsError
+from riskd.service import convert, workers
+from riskd.service.gen.riskd.v1 import scoring_pb2
+from riskd.service.metrics import Metrics
+from tests.service.test_scoring import fresh
+
+
+class FakeWorker:
+    """Answers ``answer``; ``gate`` holds the answer back; ``busy`` refuses later calls."""
+
+    def __init__(self) -> None:
+        self.index = 0
+        self.answer = b""
+        self.gate = threading.Event()
+        self.gate.set()
+        self.sent = threading.Event()
+        self.busy = False
+        self.calls: list[bytes] = []
+
+    def begin(self, method: str, payload: bytes, deadline: float, wait_s: float = 0.0) -> int:
+        if self.busy:
+            raise workers.WorkerBusy
+        self.calls.append(payload)
+        self.sent.set()
+        return len(self.calls)
+
+    def finish(self, seq: int, deadline: float) -> bytes | None:
+        self.gate.wait(5)
+        return self.answer
+
+
+class FakePool:
+    def __init__(self) -> None:
+        self.w = FakeWorker()
+
+    def worker_for(self, order_id: str) -> int:
+        return 0
+
+    def get(self, index: int) -> FakeWorker:
+        return self.w
+
+    def others(self, index: int) -> list[FakeWorker]:
+        return []
+
+
+class HereScorer:
+    """The gRPC process's own scorer: what it decides, a second decision of the order."""
+
+    def __init__(self) -> None:
+        self.scored: list[str] = []
+
+    def score(self, order: Order, *, timeout_s: float | None = None) -> Decision:
+        self.scored.append(order.order_id)
+        return Decision(order.order_id, Outcome.REVIEW, 0.0, (), "v1", degraded=("features",))
+
+    def score_batch(self, orders: Any, *, timeout_s: float | None = None) -> list[Decision]:
+        return [self.score(o) for o in orders]
+
+    def report_outcome(self, event: object) -> None:
+        raise AssertionError("not here")
+
+    def inflight(self, order: Order, started: float) -> Decision:
+        return Decision(order.order_id, Outcome.REVIEW, 0.0, (), "v1", degraded=("inflight",))
+
+
+def _servicer() -> tuple[workers.PooledScoringServicer, FakePool, HereScorer]:
+    pool, here = FakePool(), HereScorer()
+    servicer = workers.PooledScoringServicer(
+        pool,  # type: ignore[arg-type]
+        here,
+        None,
+        Metrics(),
+        SystemClock(),
+        default_deadline_s=5.0,
+        max_batch=100,
+    )
+    return servicer, pool, here
+
+
+def _answer(order_id: str, degraded: tuple[str, ...] = ()) -> bytes:
+    d = Decision(order_id, Outcome.ALLOW, 0.0, (), "v1", degraded=degraded, decided_at=1.0)
+    return scoring_pb2.ScoreResponse(decision=convert.decision_to_proto(d)).SerializeToString()
+
+
+def _request(order: Order) -> scoring_pb2.ScoreRequest:
+    return scoring_pb2.ScoreRequest(order=convert.order_to_proto(order))
+
+
+def test_an_answer_the_workers_log_did_not_record_is_not_replayed() -> None:
+    """Degraded ``evidence``: nothing was recorded, so a retry goes to a worker again
+    (to be recorded there), as one process scores such a retry again."""
+    servicer, pool, _ = _servicer()
+    order = fresh()
+    pool.w.answer = _answer(order.order_id, degraded=("evidence",))
+    first = servicer.score_request(_request(order), 1.0).decision
+    retry = servicer.score_request(_request(order), 1.0).decision
+    assert not first.replayed and not retry.replayed
+    assert len(pool.w.calls) == 2
+
+
+def _behind_a_leader(order: Order, retry: Order) -> tuple[Any, HereScorer]:
+    """The first call for ``order`` waits for the worker; ``retry`` joins it; the worker
+    answers and stalls right after (busy). The retry's outcome, the gRPC process's scorer."""
+    servicer, pool, here = _servicer()
+    pool.w.answer = _answer(order.order_id)
+    pool.w.gate.clear()
+    out: dict[str, Any] = {}
+
+    def follow() -> None:
+        try:
+            out["retry"] = servicer.score_request(_request(retry), 2.0)
+        except Exception as e:
+            out["retry"] = e
+
+    leader = threading.Thread(target=servicer.score_request, args=(_request(order), 2.0))
+    leader.start()
+    assert pool.w.sent.wait(2)
+    follower = threading.Thread(target=follow)
+    follower.start()
+    time.sleep(0.1)  # the retry waits on the first call's flight
+    pool.w.busy = True
+    pool.w.gate.set()
+    leader.join(5)
+    follower.join(5)
+    return out["retry"], here
+
+
+def test_a_concurrent_retry_with_other_bytes_for_the_same_order_is_replayed() -> None:
+    """Another IP in the same masked form: the same order, so the first call's answer,
+    not a second decision while the worker is busy."""
+    order = fresh(ip="10.0.0.1")
+    retry, here = _behind_a_leader(order, dataclasses.replace(order, ip="10.0.0.2"))
+    assert retry.decision.replayed and retry.decision.decided_at == 1.0
+    assert here.scored == []
+
+
+def test_a_concurrent_retry_with_other_content_is_refused() -> None:
+    order = fresh()
+    changed = dataclasses.replace(order, client_time=order.client_time + 1)
+    retry, here = _behind_a_leader(order, changed)
+    assert isinstance(retry, AlreadyExistsError)
+    assert retry.status == grpc.StatusCode.ALREADY_EXISTS.name
+    assert here.scored == []
+
+
+def test_kept_answers_are_bounded_by_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Orders are kept by their bytes, so a few huge ones cannot hold gigabytes."""
+    monkeypatch.setattr(workers, "RECENT_MAX_BYTES", 10_000)
+    kept = workers._Recent()
+    decisions = [scoring_pb2.Decision(order_id=f"o-{i}") for i in range(5)]
+    kept.put((b"x" * 4_000, d) for d in decisions)
+    assert [oid for oid in kept._kept] == ["o-3", "o-4"]
+    assert kept._bytes == 8_000
