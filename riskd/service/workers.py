@@ -597,7 +597,8 @@ class _Recent:
     batch, and waits while another process holds the database): meanwhile only that
     worker can find it, and a retry that cannot have that worker (busy, stalled, down)
     would be decided again elsewhere. So the gRPC process answers such a retry itself.
-    The decisions kept are never changed (a replay is a copy).
+    The decisions kept are the answers' own messages, not copies (a replay is a copy):
+    nothing may change an answer once it is built.
     """
 
     def __init__(self) -> None:
@@ -707,6 +708,16 @@ class PooledScoringServicer(ScoringServicer):
 
     def _fell_back(self, why: _Missing, orders: int) -> None:
         self._fallbacks[why].inc(orders)
+
+    def _here(
+        self, why: _Missing, request: scoring_pb2.ScoreRequest, timeout_s: float
+    ) -> scoring_pb2.ScoreResponse:
+        """``request`` scored by this process because its worker was ``why`` (counted
+        unless the answer is a replay of a recorded decision)."""
+        response = super().score_request(request, timeout_s)
+        if not response.decision.replayed:
+            self._fell_back(why, 1)
+        return response
 
     def _send(
         self,
@@ -819,18 +830,14 @@ class PooledScoringServicer(ScoringServicer):
             index = self._pool.worker_for(order_id)
             sent = self._send("Score", payload, 1, index, deadline)
             if isinstance(sent, _Missing):  # every worker down or busy: scored here
-                self._fell_back(sent, 1)
                 left = max(started + timeout_s - time.monotonic(), 0.0)
-                return super().score_request(request, left)
+                return self._here(sent, request, left)
             worker, seq = sent
             reply = None if seq is None else worker.finish(seq, deadline)
         except WorkerGone:  # broke mid-call: scored here, in the time that is left
-            self._fell_back(_DOWN, 1)
-            left = max(started + timeout_s - time.monotonic(), 0.0)
-            return super().score_request(request, left)
+            return self._here(_DOWN, request, max(started + timeout_s - time.monotonic(), 0.0))
         if reply is None:  # late: the fallback, now
-            self._fell_back(_LATE, 1)
-            return super().score_request(request, 0.0)
+            return self._here(_LATE, request, 0.0)
         response = scoring_pb2.ScoreResponse.FromString(reply)
         self._metrics.observe_decisions((_seen(response.decision),))
         self._recent.put(((order_bytes, response.decision),))
@@ -866,34 +873,41 @@ class PooledScoringServicer(ScoringServicer):
             w: scoring_pb2.ScoreBatchRequest(orders=[request.orders[i] for i in idx])
             for w, idx in groups.items()
         }
-        answers = self._ask_all(parts, deadline)
-        seen: list[_Seen] = []
+        answers, refused = self._ask_all(parts, deadline)
+        # the workers' answers first, counted and kept whatever happens to the other parts:
+        # those orders are decided and recorded, and a retry must get them back
         for w, idx in groups.items():
-            got = answers[w]
+            got = answers.get(w)
             if isinstance(got, bytes):
                 part = scoring_pb2.ScoreBatchResponse.FromString(got).decisions
-                seen.extend(_seen(d) for d in part)
+                self._metrics.observe_decisions([_seen(d) for d in part])
                 self._recent.put((order_bytes[i], d) for i, d in zip(idx, part, strict=True))
-            else:  # DOWN/BUSY: scored here in the time left; LATE: the fallback, now
-                self._fell_back(got, len(idx))
+                for i, decision in zip(idx, part, strict=True):
+                    decisions[i] = decision
+        if refused is not None:  # a worker refused its part: the batch is refused
+            raise refused
+        for w, idx in groups.items():
+            got = answers[w]
+            if isinstance(got, _Missing):  # DOWN/BUSY: here in the time left; LATE: fallback
                 left = 0.0 if got is _LATE else max(deadline - time.monotonic(), 0.0)
                 part = super().score_batch_request(parts[w], left).decisions
-            for i, decision in zip(idx, part, strict=True):
-                decisions[i] = decision
-        self._metrics.observe_decisions(seen)
+                self._fell_back(got, sum(not d.replayed for d in part))
+                for i, decision in zip(idx, part, strict=True):
+                    decisions[i] = decision
         assert all(d is not None for d in decisions), "every order has its worker's answer"
         return scoring_pb2.ScoreBatchResponse(decisions=cast(list[scoring_pb2.Decision], decisions))
 
     def _ask_all(
         self, parts: dict[int, scoring_pb2.ScoreBatchRequest], deadline: float
-    ) -> dict[int, bytes | _Missing]:
+    ) -> tuple[dict[int, bytes | _Missing], RiskdError | None]:
         """Send every part (own workers taken in index order, each wait timed: a batch
         holding a rerouted worker waits at most ``BUSY_WAIT_S`` for another), then collect.
 
         A part whose worker is down or busy goes to a worker free right now that has no
         part of this batch (taken without waiting), as a unary ``Score`` would.
         Per worker: the answer, ``_DOWN`` (gone or broken) or ``_BUSY`` (score it here),
-        or ``_LATE`` (the fallback).
+        or ``_LATE`` (the fallback); none for a worker that refused its part, and the
+        first such refusal (the other parts' answers are still collected).
         """
         sent: dict[int, tuple[_Worker, int | None]] = {}
         out: dict[int, bytes | _Missing] = {}
@@ -917,9 +931,7 @@ class PooledScoringServicer(ScoringServicer):
                 first_error = first_error or e
                 continue
             out[w] = _LATE if reply is None else reply
-        if first_error is not None:
-            raise first_error
-        return out
+        return out, first_error
 
 
 def main(argv: Sequence[str]) -> int:

@@ -64,23 +64,41 @@ class FakePool:
 
 
 class HereScorer:
-    """The gRPC process's own scorer: what it decides, a second decision of the order."""
+    """The gRPC process's own scorer: what it decides, a second decision of the order; it
+    refuses the ids in ``refuse`` (ALREADY_EXISTS) and answers a batch's repeated id as a
+    replay, as the real one does."""
 
     def __init__(self) -> None:
         self.scored: list[str] = []
+        self.refuse: set[str] = set()
 
     def score(self, order: Order, *, timeout_s: float | None = None) -> Decision:
-        self.scored.append(order.order_id)
-        return Decision(order.order_id, Outcome.REVIEW, 0.0, (), "v1", degraded=("features",))
+        return self.score_batch((order,))[0]
 
     def score_batch(self, orders: Any, *, timeout_s: float | None = None) -> list[Decision]:
-        return [self.score(o) for o in orders]
+        if any(o.order_id in self.refuse for o in orders):
+            raise AlreadyExistsError("order.order_id: scored for other content")
+        out: dict[str, Decision] = {}
+        for o in orders:
+            if o.order_id not in out:
+                self.scored.append(o.order_id)
+                d = Decision(o.order_id, Outcome.REVIEW, 0.0, (), "v1", degraded=("features",))
+                out[o.order_id] = d
+        firsts = {o.order_id: i for i, o in reversed(list(enumerate(orders)))}
+        return [
+            out[o.order_id] if firsts[o.order_id] == i else _replayed(out[o.order_id])
+            for i, o in enumerate(orders)
+        ]
 
     def report_outcome(self, event: object) -> None:
         raise AssertionError("not here")
 
     def inflight(self, order: Order, started: float) -> Decision:
         return Decision(order.order_id, Outcome.REVIEW, 0.0, (), "v1", degraded=("inflight",))
+
+
+def _replayed(d: Decision) -> Decision:
+    return dataclasses.replace(d, replayed=True)
 
 
 def _servicer() -> tuple[workers.PooledScoringServicer, FakePool, HereScorer]:
@@ -171,3 +189,102 @@ def test_kept_answers_are_bounded_by_bytes(monkeypatch: pytest.MonkeyPatch) -> N
     kept.put((b"x" * 4_000, d) for d in decisions)
     assert [oid for oid in kept._kept] == ["o-3", "o-4"]
     assert kept._bytes == 8_000
+
+
+class BatchWorker:
+    """Answers each batch part ALLOW (a repeated id: replayed); ``busy``; ``error``."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.busy = False
+        self.error: Exception | None = None
+        self.calls: list[bytes] = []
+
+    def begin(self, method: str, payload: bytes, deadline: float, wait_s: float = 0.0) -> int:
+        if self.busy:
+            raise workers.WorkerBusy
+        self.calls.append(payload)
+        return len(self.calls)
+
+    def finish(self, seq: int, deadline: float) -> bytes | None:
+        if self.error is not None:
+            raise self.error
+        seen: set[str] = set()
+        out = []
+        for o in scoring_pb2.ScoreBatchRequest.FromString(self.calls[seq - 1]).orders:
+            d = Decision(o.order_id, Outcome.ALLOW, 0.0, (), "v1", decided_at=1.0)
+            out.append(convert.decision_to_proto(d))
+            out[-1].replayed = o.order_id in seen
+            seen.add(o.order_id)
+        return scoring_pb2.ScoreBatchResponse(decisions=out).SerializeToString()
+
+
+class TwoWorkers:
+    """Worker 0, and worker 1 for the ids in ``to_1``."""
+
+    def __init__(self) -> None:
+        self.ws = [BatchWorker(0), BatchWorker(1)]
+        self.to_1: set[str] = set()
+
+    def worker_for(self, order_id: str) -> int:
+        return 1 if order_id in self.to_1 else 0
+
+    def get(self, index: int) -> BatchWorker:
+        return self.ws[index]
+
+    def others(self, index: int) -> list[BatchWorker]:
+        return []
+
+
+def _batch_servicer() -> tuple[workers.PooledScoringServicer, TwoWorkers, HereScorer, Metrics]:
+    pool, here, metrics = TwoWorkers(), HereScorer(), Metrics()
+    servicer = workers.PooledScoringServicer(
+        pool,  # type: ignore[arg-type]
+        here,
+        None,
+        metrics,
+        SystemClock(),
+        default_deadline_s=5.0,
+        max_batch=100,
+    )
+    return servicer, pool, here, metrics
+
+
+def _batch(*orders: Order) -> scoring_pb2.ScoreBatchRequest:
+    return scoring_pb2.ScoreBatchRequest(orders=[convert.order_to_proto(o) for o in orders])
+
+
+def _decided(metrics: Metrics) -> float:
+    return sum(metrics.value("riskd_decisions_total", {"outcome": o}) for o in ("allow", "review"))
+
+
+@pytest.mark.parametrize("refused_by", ["worker", "here"])
+def test_a_refused_batch_counts_and_keeps_what_a_worker_decided(refused_by: str) -> None:
+    """Worker 0 decided and recorded ``a``; ``b``'s part is refused (by worker 1, or by
+    this process scoring it for a busy worker 1): the call is refused, yet ``a`` is
+    counted once and kept, so a retry while worker 0 is busy gets it back."""
+    servicer, pool, here, metrics = _batch_servicer()
+    a, b = fresh(), fresh()
+    pool.to_1.add(b.order_id)
+    if refused_by == "worker":
+        pool.ws[1].error = AlreadyExistsError("orders[0].order_id: scored for other content")
+    else:
+        pool.ws[1].busy = True
+        here.refuse.add(b.order_id)
+    with pytest.raises(AlreadyExistsError):
+        servicer.score_batch_request(_batch(a, b), 1.0)
+    assert _decided(metrics) == 1
+    pool.ws[0].busy = True
+    retry = servicer.score_batch_request(_batch(a), 1.0).decisions
+    assert retry[0].replayed and here.scored == []
+    assert _decided(metrics) == 1
+
+
+def test_the_worker_fallbacks_metric_counts_no_replay() -> None:
+    """A busy worker's part ``[a, a]`` scored here: one order decided, one replay."""
+    servicer, pool, _, metrics = _batch_servicer()
+    a = fresh()
+    pool.ws[0].busy = True
+    got = servicer.score_batch_request(_batch(a, a), 1.0).decisions
+    assert [d.replayed for d in got] == [False, True]
+    assert metrics.value("riskd_score_worker_fallbacks_total", {"reason": "busy"}) == 1
