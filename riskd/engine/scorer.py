@@ -217,6 +217,8 @@ class Scorer:
         rest = [oid for oid in order_ids if oid not in found]
         if not rest:
             return found, True
+        if self._remote_log and budget is not None and budget <= 0:
+            return found, False  # no time to ask: not a failure of the log (no breaker)
         if not self.log_breaker.allow():
             return found, False
         try:

@@ -47,7 +47,8 @@ database), so for a while only that process can find it. Meanwhile a retry that 
 elsewhere (its worker busy, stalled or down) would be decided a second time, and the log
 might keep the decision nobody acted on. So the server process keeps each worker's
 answer, unary or a batch's, for ``RECENT_KEEP_S`` (``_Recent``; not one the worker's log
-did not record, degraded ``evidence``: its retry is scored again) and replays a fallback it
+did not take, its queue full, which the worker's answer names: its retry is scored again)
+and replays a fallback it
 decided itself from its own log's queue, for ``Score`` and ``ScoreBatch`` alike; and for
 unary ``Score`` it keeps a flight per order id (``riskd.engine.flights``): a retry
 arriving while its order is being routed waits for that answer (its time up first: the
@@ -135,6 +136,10 @@ RECENT_MAX_BYTES = 64 << 20  # and at most this many bytes of orders
 _HEADER = struct.Struct("!I")
 _NOTHING = object()  # no whole message buffered yet
 _CHUNK = 1 << 16
+
+
+# a worker's answer: its bytes, and the order ids whose decisions its log did not take
+_Answer = tuple[bytes, frozenset[str]]
 
 
 class WorkerGone(Exception):
@@ -293,9 +298,10 @@ class _Worker:
             raise WorkerGone from e
         return self.owed is None
 
-    def finish(self, seq: int, deadline: float) -> bytes | None:
-        """The answer to call ``seq`` (sent by ``begin``), None when it is not there by
-        ``deadline`` (it is then owed); releases the worker. Raises the worker's
+    def finish(self, seq: int, deadline: float) -> _Answer | None:
+        """The answer to call ``seq`` (sent by ``begin``): its bytes and the order ids
+        whose decisions the worker's log did not take; None when it is not there by
+        ``deadline`` (it is then owed). Releases the worker. Raises the worker's
         ``RiskdError``."""
         try:
             while True:
@@ -311,7 +317,7 @@ class _Worker:
         finally:
             self.lock.release()
         if reply[1] == "ok":
-            return bytes(reply[2])
+            return bytes(reply[2]), frozenset(reply[3] if len(reply) > 3 else ())
         if reply[1] == "late":  # read after its deadline: not scored, nothing recorded
             return None
         raise _rebuild(reply[2], reply[3], reply[4])
@@ -513,7 +519,7 @@ class WorkerPool:
             return
         if reply is None:
             return
-        now = json.loads(reply)
+        now = json.loads(reply[0])
         metrics.absorb_worker(w.stats, now)
         w.stats = now
 
@@ -607,15 +613,13 @@ class _Recent:
         self._bytes = 0  # of the orders kept
 
     def put(self, answers: Iterable[tuple[bytes, scoring_pb2.Decision]]) -> None:
-        """Keep ``(order bytes, decision)`` answers, except those the worker's log did not
-        record (degraded ``evidence``): a retry of such an order is scored again, as in
-        one process, so that a process records it."""
+        """Keep ``(order bytes, decision)`` answers. Callers leave out those the worker's
+        log did not take (its queue full): a retry of such an order is scored again, as
+        in one process, so that a process records it."""
         now = time.monotonic()
         kept = self._kept
         with self._lock:
             for order, decision in answers:
-                if "evidence" in decision.unavailable:
-                    continue
                 old = kept.pop(decision.order_id, None)
                 if old is not None:
                     self._bytes -= len(old[1])
@@ -765,8 +769,9 @@ class PooledScoringServicer(ScoringServicer):
         The first call for an order id (the leader) answers it (``_route``); a
         concurrent retry waits for the leader's answer (no longer than its own budget
         less the fallback's reserve) and, for the same request, gets that answer marked
-        ``replayed``. For other bytes, or when the leader failed, the retry is answered
-        itself, once the leader is done; when the leader is not done in the retry's
+        ``replayed``. For other bytes, or when the leader failed, the waiting calls join
+        the flight again (one leads: its kept answer, a replay or ``ALREADY_EXISTS`` for
+        other content, or the order routed); when the leader is not done in the retry's
         time, the retry gets the fallback, degraded ``inflight`` and not recorded
         (``_inflight``).
         """
@@ -774,8 +779,10 @@ class PooledScoringServicer(ScoringServicer):
         payload = request.SerializeToString()
         order_bytes = request.order.SerializeToString()
         order_id = request.order.order_id
-        leader, flight = self._flights.join(order_id)
-        if not leader:
+        while True:  # until this call leads the order's flight or has its answer
+            leader, flight = self._flights.join(order_id)
+            if leader:
+                break
             led = flight.wait(max(_wait_until(started, timeout_s) - time.monotonic(), 0.0))
             if led is not None and led[0] == payload:
                 response = scoring_pb2.ScoreResponse()
@@ -784,7 +791,8 @@ class PooledScoringServicer(ScoringServicer):
                 return response
             if not flight.done.is_set():  # the leader is still at it and our time is up
                 return self._inflight(request, started)
-            return self._route(request, payload, order_bytes, started, timeout_s)
+            # the leader failed or sent other bytes: join again, so that of the calls
+            # that waited one leads and the others wait for it, not all route at once
         answer: tuple[bytes, scoring_pb2.ScoreResponse] | None = None
         try:
             response = self._route(request, payload, order_bytes, started, timeout_s)
@@ -838,9 +846,11 @@ class PooledScoringServicer(ScoringServicer):
             return self._here(_DOWN, request, max(started + timeout_s - time.monotonic(), 0.0))
         if reply is None:  # late: the fallback, now
             return self._here(_LATE, request, 0.0)
-        response = scoring_pb2.ScoreResponse.FromString(reply)
+        body, unrecorded = reply
+        response = scoring_pb2.ScoreResponse.FromString(body)
         self._metrics.observe_decisions((_seen(response.decision),))
-        self._recent.put(((order_bytes, response.decision),))
+        if order_id not in unrecorded:
+            self._recent.put(((order_bytes, response.decision),))
         return response
 
     def score_batch_request(
@@ -878,10 +888,15 @@ class PooledScoringServicer(ScoringServicer):
         # those orders are decided and recorded, and a retry must get them back
         for w, idx in groups.items():
             got = answers.get(w)
-            if isinstance(got, bytes):
-                part = scoring_pb2.ScoreBatchResponse.FromString(got).decisions
+            if isinstance(got, tuple):
+                body, unrecorded = got
+                part = scoring_pb2.ScoreBatchResponse.FromString(body).decisions
                 self._metrics.observe_decisions([_seen(d) for d in part])
-                self._recent.put((order_bytes[i], d) for i, d in zip(idx, part, strict=True))
+                self._recent.put(
+                    (order_bytes[i], d)
+                    for i, d in zip(idx, part, strict=True)
+                    if d.order_id not in unrecorded
+                )
                 for i, decision in zip(idx, part, strict=True):
                     decisions[i] = decision
         if refused is not None:  # a worker refused its part: the batch is refused
@@ -899,7 +914,7 @@ class PooledScoringServicer(ScoringServicer):
 
     def _ask_all(
         self, parts: dict[int, scoring_pb2.ScoreBatchRequest], deadline: float
-    ) -> tuple[dict[int, bytes | _Missing], RiskdError | None]:
+    ) -> tuple[dict[int, _Answer | _Missing], RiskdError | None]:
         """Send every part (own workers taken in index order, each wait timed: a batch
         holding a rerouted worker waits at most ``BUSY_WAIT_S`` for another), then collect.
 
@@ -910,7 +925,7 @@ class PooledScoringServicer(ScoringServicer):
         first such refusal (the other parts' answers are still collected).
         """
         sent: dict[int, tuple[_Worker, int | None]] = {}
-        out: dict[int, bytes | _Missing] = {}
+        out: dict[int, _Answer | _Missing] = {}
         taken = set(parts)  # workers with a part of their own, or one rerouted to them
         for w in sorted(parts):
             payload = parts[w].SerializeToString()
@@ -968,8 +983,10 @@ def main(argv: Sequence[str]) -> int:
     def report() -> bytes:
         return json.dumps(metrics.snapshot(components.decision_log)).encode()
 
+    log_ = components.decision_log
+    assert log_ is not None, "build_components opens the decision log"
     try:
-        _serve(channel, servicer, report)
+        _serve(channel, servicer, report, log_.queued)
     except (EOFError, OSError):
         log.warning("server process gone; flushing the decision log and exiting")
     finally:
@@ -977,7 +994,16 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _serve(channel: _Channel, servicer: ScoringServicer, report: Callable[[], bytes]) -> None:
+def _serve(
+    channel: _Channel,
+    servicer: ScoringServicer,
+    report: Callable[[], bytes],
+    queued: Callable[[Sequence[str]], Collection[str]],
+) -> None:
+    """Answer the server process's calls until it says stop. ``queued``: which of some
+    order ids the decision log holds, not yet committed; an answer names the orders
+    marked ``evidence`` that it does not hold (not recorded: the queue was full), since
+    ``evidence`` also marks a recorded decision whose log look-up failed."""
     while True:
         message = channel.recv()
         if message[0] == "stop":
@@ -1004,7 +1030,11 @@ def _serve(channel: _Channel, servicer: ScoringServicer, report: Callable[[], by
             log.error("scoring worker call failed", exc_info=True)
             channel.send((seq, "error", RiskdError.__name__, "internal error", None))
             continue
-        channel.send((seq, "ok", response.SerializeToString()))
+        decisions = [response.decision] if method == "Score" else response.decisions
+        marked = [d.order_id for d in decisions if "evidence" in d.unavailable]
+        held = queued(marked) if marked else ()
+        unrecorded = tuple(oid for oid in marked if oid not in held)
+        channel.send((seq, "ok", response.SerializeToString(), unrecorded))
 
 
 if __name__ == "__main__":

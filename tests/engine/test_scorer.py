@@ -335,6 +335,23 @@ def test_scorer_answers_when_the_log_cannot_be_read(
     db.close()
 
 
+def test_a_zero_budget_skips_a_remote_log_without_opening_its_breaker(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """A call with no time left (worker mode's late fallback) cannot ask a remote log:
+    that is no failure of the log, so such calls never open its breaker and a later
+    retry of a committed order is still replayed from it."""
+    rig = make_rig()
+    rig.scorer._remote_log = True  # as with PostgreSQL
+    first = rig.scorer.score(make_order("o-1"), timeout_s=1.0)
+    rig.log.flush(10)
+    for i in range(5):
+        late = rig.scorer.score(make_order(f"o-late-{i}"), timeout_s=0.0)
+        assert "evidence" in late.degraded
+    assert not rig.scorer.log_breaker.is_open
+    assert rig.scorer.score(make_order("o-1"), timeout_s=1.0) == replace(first, replayed=True)
+
+
 NIGHT_RULE = """
 rule night_order {
   description = "Placed at night, client time (fails near year 9999 in that time zone)"

@@ -18,7 +18,7 @@ import pytest
 from riskd.domain.clock import SystemClock
 from riskd.domain.decision import Decision, Outcome
 from riskd.domain.order import Order
-from riskd.errors import AlreadyExistsError
+from riskd.errors import AlreadyExistsError, UnavailableError
 from riskd.service import convert, workers
 from riskd.service.gen.riskd.v1 import scoring_pb2
 from riskd.service.metrics import Metrics
@@ -31,6 +31,10 @@ class FakeWorker:
     def __init__(self) -> None:
         self.index = 0
         self.answer = b""
+        self.unrecorded: tuple[str, ...] = ()  # order ids its log did not take
+        self.holding = False
+        self.takes_s = 0.0
+        self.fail: Exception | None = None  # raised once, by the next answer
         self.gate = threading.Event()
         self.gate.set()
         self.sent = threading.Event()
@@ -38,15 +42,23 @@ class FakeWorker:
         self.calls: list[bytes] = []
 
     def begin(self, method: str, payload: bytes, deadline: float, wait_s: float = 0.0) -> int:
-        if self.busy:
+        if self.busy or self.holding:  # one call at a time, as a real worker
             raise workers.WorkerBusy
+        self.holding = True
         self.calls.append(payload)
         self.sent.set()
         return len(self.calls)
 
-    def finish(self, seq: int, deadline: float) -> bytes | None:
-        self.gate.wait(5)
-        return self.answer
+    def finish(self, seq: int, deadline: float) -> tuple[bytes, frozenset[str]] | None:
+        try:
+            self.gate.wait(5)
+            time.sleep(self.takes_s)
+            if self.fail is not None:
+                fail, self.fail = self.fail, None
+                raise fail
+            return self.answer, frozenset(self.unrecorded)
+        finally:
+            self.holding = False
 
 
 class FakePool:
@@ -124,16 +136,21 @@ def _request(order: Order) -> scoring_pb2.ScoreRequest:
     return scoring_pb2.ScoreRequest(order=convert.order_to_proto(order))
 
 
-def test_an_answer_the_workers_log_did_not_record_is_not_replayed() -> None:
-    """Degraded ``evidence``: nothing was recorded, so a retry goes to a worker again
-    (to be recorded there), as one process scores such a retry again."""
-    servicer, pool, _ = _servicer()
+@pytest.mark.parametrize("recorded", [True, False])
+def test_an_answer_is_kept_when_the_workers_log_took_it(recorded: bool) -> None:
+    """Degraded ``evidence`` marks both a decision the log did not take (its queue full:
+    a retry is scored again, by a worker that may record it, as one process does) and a
+    recorded one whose log look-up failed (kept: replayed while the worker is busy)."""
+    servicer, pool, here = _servicer()
     order = fresh()
     pool.w.answer = _answer(order.order_id, degraded=("evidence",))
+    pool.w.unrecorded = () if recorded else (order.order_id,)
     first = servicer.score_request(_request(order), 1.0).decision
+    pool.w.busy = True
     retry = servicer.score_request(_request(order), 1.0).decision
-    assert not first.replayed and not retry.replayed
-    assert len(pool.w.calls) == 2
+    assert not first.replayed
+    assert retry.replayed is recorded
+    assert here.scored == ([] if recorded else [order.order_id])
 
 
 def _behind_a_leader(order: Order, retry: Order) -> tuple[Any, HereScorer]:
@@ -181,6 +198,38 @@ def test_a_concurrent_retry_with_other_content_is_refused() -> None:
     assert here.scored == []
 
 
+def test_calls_waiting_for_a_leader_that_failed_do_not_all_route_at_once() -> None:
+    """The first call fails (the worker's error); the two retries that waited for it join
+    the flight again: one routes, the other gets its answer, nothing is decided twice."""
+    servicer, pool, here = _servicer()
+    order = fresh()
+    pool.w.answer = _answer(order.order_id)
+    pool.w.gate.clear()
+    pool.w.fail = UnavailableError("the worker's store is down")
+    pool.w.takes_s = 0.1  # the next call holds the worker a while
+    out: list[Any] = [None, None, None]
+
+    def call(i: int) -> None:
+        try:
+            out[i] = servicer.score_request(_request(order), 2.0).decision
+        except Exception as e:
+            out[i] = e
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    threads[0].start()
+    assert pool.w.sent.wait(2)
+    threads[1].start()
+    threads[2].start()
+    time.sleep(0.1)  # both wait on the first call's flight
+    pool.w.gate.set()
+    for t in threads:
+        t.join(5)
+    assert isinstance(out[0], UnavailableError)
+    assert here.scored == [] and len(pool.w.calls) == 2
+    assert sorted(d.replayed for d in out[1:]) == [False, True]
+    assert out[1].decided_at == out[2].decided_at
+
+
 def test_kept_answers_are_bounded_by_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Orders are kept by their bytes, so a few huge ones cannot hold gigabytes."""
     monkeypatch.setattr(workers, "RECENT_MAX_BYTES", 10_000)
@@ -206,7 +255,7 @@ class BatchWorker:
         self.calls.append(payload)
         return len(self.calls)
 
-    def finish(self, seq: int, deadline: float) -> bytes | None:
+    def finish(self, seq: int, deadline: float) -> tuple[bytes, frozenset[str]] | None:
         if self.error is not None:
             raise self.error
         seen: set[str] = set()
@@ -216,7 +265,7 @@ class BatchWorker:
             out.append(convert.decision_to_proto(d))
             out[-1].replayed = o.order_id in seen
             seen.add(o.order_id)
-        return scoring_pb2.ScoreBatchResponse(decisions=out).SerializeToString()
+        return scoring_pb2.ScoreBatchResponse(decisions=out).SerializeToString(), frozenset()
 
 
 class TwoWorkers:

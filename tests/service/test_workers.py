@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -639,7 +639,7 @@ def test_a_worker_that_reads_a_call_after_its_deadline_does_not_score_it() -> No
             return scoring_pb2.ScoreResponse()
 
     worker = threading.Thread(
-        target=workers._serve, args=(peer, Servicer(), lambda: b"{}"), daemon=True
+        target=workers._serve, args=(peer, Servicer(), lambda: b"{}", set), daemon=True
     )
     worker.start()
     payload = scoring_pb2.ScoreRequest().SerializeToString()
@@ -652,6 +652,38 @@ def test_a_worker_that_reads_a_call_after_its_deadline_does_not_score_it() -> No
         channel.send(("stop",))
         worker.join(5)
         assert not worker.is_alive()
+    finally:
+        ours.close()
+        theirs.close()
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_a_workers_answer_names_the_decisions_its_log_did_not_take(held: bool) -> None:
+    """``evidence`` marks a decision the log refused and one whose look-up failed alike:
+    the answer names the first kind (not in the log's queue), which the server process
+    must not keep for retries."""
+    ours, theirs = socket.socketpair()
+    channel, peer = workers._Channel(ours), workers._Channel(theirs)
+
+    class Servicer:
+        def score_request(self, request: object, timeout_s: float) -> object:
+            decision = scoring_pb2.Decision(order_id="o-1", degraded=True, unavailable=["evidence"])
+            return scoring_pb2.ScoreResponse(decision=decision)
+
+    def queued(order_ids: Sequence[str]) -> set[str]:
+        return set(order_ids) if held else set()
+
+    worker = threading.Thread(
+        target=workers._serve, args=(peer, Servicer(), lambda: b"{}", queued), daemon=True
+    )
+    worker.start()
+    try:
+        payload = scoring_pb2.ScoreRequest().SerializeToString()
+        channel.send((1, "Score", payload, time.monotonic() + 5.0))
+        reply = channel.recv(time.monotonic() + 5)
+        assert reply[:2] == (1, "ok") and reply[3] == (() if held else ("o-1",))
+        channel.send(("stop",))
+        worker.join(5)
     finally:
         ours.close()
         theirs.close()
