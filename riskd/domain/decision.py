@@ -41,3 +41,6 @@ class Decision:
     replayed: bool = False
     # ids of the rules whose result was an ERROR, for the metrics (never stored or sent)
     rule_errors: tuple[str, ...] = field(default=(), compare=False)
+    # an answer the decision log neither holds nor will hold (its queue was full, or a
+    # retry's fallback while another call decides the order): never stored or sent
+    unlogged: bool = field(default=False, compare=False)

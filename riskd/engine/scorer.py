@@ -328,7 +328,8 @@ class Scorer:
             self._log.append(record, order=order, digests=obs.keys)
         except UnavailableError:  # answered anyway; a retry re-scores but never re-counts
             ctx.log_full = True
-            return replace(decision, degraded=(*decision.degraded, "evidence")), record.request
+            degraded = (*decision.degraded, "evidence")
+            return replace(decision, degraded=degraded, unlogged=True), record.request
         return decision, record.request
 
     def _decision(
@@ -402,6 +403,7 @@ class Scorer:
             ("inflight",),
             int((self._clock.monotonic() - started) * 1e6),
             now,
+            unlogged=True,
         )
 
 

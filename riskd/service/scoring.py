@@ -8,7 +8,7 @@ propagate as ``RiskdError``; the interceptor maps them to status codes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import grpc
@@ -49,12 +49,14 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         *,
         default_deadline_s: float,
         max_batch: int,
+        on_decided: Callable[[Sequence[Decision]], None] | None = None,
     ) -> None:
         self._scorer = scorer
         self._metrics = metrics
         self._clock = clock
         self._default_deadline_s = default_deadline_s
         self._max_batch = max_batch
+        self._on_decided = on_decided  # sees each call's decisions (a scoring worker's)
 
     def Score(
         self, request: scoring_pb2.ScoreRequest, context: grpc.ServicerContext
@@ -74,6 +76,8 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         validate.validate_order(order)
         decision = self._scorer.score(order, timeout_s=timeout_s)
         self._metrics.observe_decisions((decision,))
+        if self._on_decided is not None:
+            self._on_decided((decision,))
         return scoring_pb2.ScoreResponse(decision=convert.decision_to_proto(decision))
 
     def score_batch_request(
@@ -84,6 +88,8 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         validate.validate_batch(orders, self._max_batch)
         decisions = self._scorer.score_batch(orders, timeout_s=timeout_s)
         self._metrics.observe_decisions(decisions)
+        if self._on_decided is not None:
+            self._on_decided(decisions)
         return scoring_pb2.ScoreBatchResponse(
             decisions=[convert.decision_to_proto(d) for d in decisions]
         )

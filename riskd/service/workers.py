@@ -47,7 +47,7 @@ database), so for a while only that process can find it. Meanwhile a retry that 
 elsewhere (its worker busy, stalled or down) would be decided a second time, and the log
 might keep the decision nobody acted on. So the server process keeps each worker's
 answer, unary or a batch's, for ``RECENT_KEEP_S`` (``_Recent``; not one the worker's log
-did not take, its queue full, which the worker's answer names: its retry is scored again)
+will not hold, its queue full, which the worker's answer names: its retry is scored again)
 and replays a fallback it
 decided itself from its own log's queue, for ``Score`` and ``ScoreBatch`` alike; and for
 unary ``Score`` it keeps a flight per order id (``riskd.engine.flights``): a retry
@@ -962,12 +962,14 @@ def main(argv: Sequence[str]) -> int:
         channel.send(("failed", f"{type(e).__name__}: {e}"))
         return 1
     metrics = Metrics()  # not exported: the server process asks for snapshots (``Stats``)
+    unlogged: list[str] = []  # each call's answers the log will not hold (``_serve``)
     servicer = ScoringServicer(
         components.scorer,
         metrics,
         components.clock,
         default_deadline_s=config.deadline_s,
         max_batch=config.max_batch,
+        on_decided=lambda ds: unlogged.extend(d.order_id for d in ds if d.unlogged),
     )
     components.start_watching(metrics, config.reload_interval_s)
     signal.signal(
@@ -983,10 +985,8 @@ def main(argv: Sequence[str]) -> int:
     def report() -> bytes:
         return json.dumps(metrics.snapshot(components.decision_log)).encode()
 
-    log_ = components.decision_log
-    assert log_ is not None, "build_components opens the decision log"
     try:
-        _serve(channel, servicer, report, log_.queued)
+        _serve(channel, servicer, report, unlogged)
     except (EOFError, OSError):
         log.warning("server process gone; flushing the decision log and exiting")
     finally:
@@ -998,17 +998,19 @@ def _serve(
     channel: _Channel,
     servicer: ScoringServicer,
     report: Callable[[], bytes],
-    queued: Callable[[Sequence[str]], Collection[str]],
+    unlogged: list[str],
 ) -> None:
-    """Answer the server process's calls until it says stop. ``queued``: which of some
-    order ids the decision log holds, not yet committed; an answer names the orders
-    marked ``evidence`` that it does not hold (not recorded: the queue was full), since
-    ``evidence`` also marks a recorded decision whose log look-up failed."""
+    """Answer the server process's calls until it says stop. ``unlogged``: filled by the
+    servicer (``on_decided``) with the order ids of each call's answers that the decision
+    log neither holds nor will hold (``Decision.unlogged``: its queue was full, or an
+    in-flight retry's fallback); an answer names them, so that the server process keeps
+    no such answer for retries."""
     while True:
         message = channel.recv()
         if message[0] == "stop":
             return
         seq, method, payload, deadline = message
+        unlogged.clear()
         try:
             if method == "Stats":
                 channel.send((seq, "ok", report()))
@@ -1030,11 +1032,7 @@ def _serve(
             log.error("scoring worker call failed", exc_info=True)
             channel.send((seq, "error", RiskdError.__name__, "internal error", None))
             continue
-        decisions = [response.decision] if method == "Score" else response.decisions
-        marked = [d.order_id for d in decisions if "evidence" in d.unavailable]
-        held = queued(marked) if marked else ()
-        unrecorded = tuple(oid for oid in marked if oid not in held)
-        channel.send((seq, "ok", response.SerializeToString(), unrecorded))
+        channel.send((seq, "ok", response.SerializeToString(), tuple(unlogged)))
 
 
 if __name__ == "__main__":

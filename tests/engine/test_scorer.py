@@ -190,7 +190,24 @@ def test_a_full_decision_log_costs_a_batch_one_wait_not_one_per_order(
     monkeypatch.setattr(rig.log, "append", full)
     decisions = rig.scorer.score_batch([make_order(f"o-{i}") for i in range(20)], timeout_s=0.5)
     assert all(d.degraded == ("evidence",) for d in decisions)
+    assert all(d.unlogged for d in decisions)  # not in the log, and never will be
     assert calls == ["o-0"]
+
+
+def test_a_decision_appended_after_a_failed_look_up_is_logged(
+    make_rig: Callable[..., Rig], tmp_path: Path
+) -> None:
+    """``evidence`` marks it as for a refused one, but ``unlogged`` tells them apart
+    (scoring workers report the unlogged ones: a retry must be scored again)."""
+    db = FlakyDatabase(tmp_path / "flaky.db")
+    rig = make_rig(database=db)
+    db.fail_reads = True
+    decision = rig.scorer.score(make_order("o-1"))
+    assert decision.degraded == ("evidence",) and not decision.unlogged
+    assert rig.log.queued(["o-1"])
+    rig.scorer.close()
+    rig.log.close()
+    db.close()
 
 
 def test_scorer_32_concurrent_retries_record_one_decision_and_count_once(

@@ -17,7 +17,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -639,7 +639,7 @@ def test_a_worker_that_reads_a_call_after_its_deadline_does_not_score_it() -> No
             return scoring_pb2.ScoreResponse()
 
     worker = threading.Thread(
-        target=workers._serve, args=(peer, Servicer(), lambda: b"{}", set), daemon=True
+        target=workers._serve, args=(peer, Servicer(), lambda: b"{}", []), daemon=True
     )
     worker.start()
     payload = scoring_pb2.ScoreRequest().SerializeToString()
@@ -657,31 +657,30 @@ def test_a_worker_that_reads_a_call_after_its_deadline_does_not_score_it() -> No
         theirs.close()
 
 
-@pytest.mark.parametrize("held", [True, False])
-def test_a_workers_answer_names_the_decisions_its_log_did_not_take(held: bool) -> None:
-    """``evidence`` marks a decision the log refused and one whose look-up failed alike:
-    the answer names the first kind (not in the log's queue), which the server process
-    must not keep for retries."""
+def test_a_workers_answer_names_the_decisions_its_log_will_not_hold() -> None:
+    """The servicer reports each call's unlogged answers (``on_decided``); the answer
+    names them, and the next call starts from none."""
     ours, theirs = socket.socketpair()
     channel, peer = workers._Channel(ours), workers._Channel(theirs)
+    unlogged: list[str] = []
 
     class Servicer:
-        def score_request(self, request: object, timeout_s: float) -> object:
-            decision = scoring_pb2.Decision(order_id="o-1", degraded=True, unavailable=["evidence"])
-            return scoring_pb2.ScoreResponse(decision=decision)
-
-    def queued(order_ids: Sequence[str]) -> set[str]:
-        return set(order_ids) if held else set()
+        def score_request(self, request: scoring_pb2.ScoreRequest, timeout_s: float) -> object:
+            if request.order.order_id == "o-refused":
+                unlogged.append("o-refused")
+            return scoring_pb2.ScoreResponse()
 
     worker = threading.Thread(
-        target=workers._serve, args=(peer, Servicer(), lambda: b"{}", queued), daemon=True
+        target=workers._serve, args=(peer, Servicer(), lambda: b"{}", unlogged), daemon=True
     )
     worker.start()
     try:
-        payload = scoring_pb2.ScoreRequest().SerializeToString()
-        channel.send((1, "Score", payload, time.monotonic() + 5.0))
-        reply = channel.recv(time.monotonic() + 5)
-        assert reply[:2] == (1, "ok") and reply[3] == (() if held else ("o-1",))
+        for order_id, named in (("o-refused", ("o-refused",)), ("o-2", ())):
+            request = scoring_pb2.ScoreRequest()
+            request.order.order_id = order_id
+            channel.send((1, "Score", request.SerializeToString(), time.monotonic() + 5.0))
+            reply = channel.recv(time.monotonic() + 5)
+            assert reply[:2] == (1, "ok") and reply[3] == named
         channel.send(("stop",))
         worker.join(5)
     finally:
