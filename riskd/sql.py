@@ -288,10 +288,7 @@ class Database:
         wait_until = None if wait_s is None else time.monotonic() + wait_s
         for attempt in range(_RETRIES):
             try:
-                with (
-                    self._busy_until(wait_until),
-                    self.transaction(read_only=True) if read_only else self.transaction() as tx,
-                ):
+                with self._busy_until(wait_until), self.transaction(read_only=read_only) as tx:
                     return fn(tx)
             except CommitUnknownError:
                 raise

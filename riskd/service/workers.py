@@ -48,15 +48,14 @@ elsewhere (its worker busy, stalled or down) would be decided a second time, and
 might keep the decision nobody acted on. So the server process keeps each worker's
 answer, unary or a batch's, for ``RECENT_KEEP_S`` (``_Recent``; not one the worker's log
 will not hold, its queue full, which the worker's answer names: its retry is scored again)
-and replays a fallback it
-decided itself from its own log's queue, for ``Score`` and ``ScoreBatch`` alike; and for
-unary ``Score`` it keeps a flight per order id (``riskd.engine.flights``): a retry
-arriving while its order is being routed waits for that answer (its time up first: the
-fallback, degraded ``inflight``, not recorded, as in one process). A retry gets the
-answer marked ``replayed`` (other content: ``ALREADY_EXISTS``). Left: a retry more than
-``RECENT_KEEP_S`` later while its decision is still uncommitted in a worker that cannot
-take it; a batch entry while another call is routing the same order (batches join no
-flight).
+and replays a fallback it decided itself from its own log's queue, for ``Score`` and
+``ScoreBatch`` alike; and for unary ``Score`` it keeps a flight per order id
+(``riskd.engine.flights``): a retry arriving while its order is being routed waits for
+that answer (its time up first: the fallback, degraded ``inflight``, not recorded, as in
+one process). A retry gets the answer marked ``replayed`` (other content:
+``ALREADY_EXISTS``). Left: a retry more than ``RECENT_KEEP_S`` later while its decision
+is still uncommitted in a worker that cannot take it; a batch entry while another call
+is routing the same order (batches join no flight).
 
 Workers need the Redis feature store: velocity counters are shared state, and in-process
 counters would be split between the processes (``Config`` refuses that combination).
@@ -130,7 +129,7 @@ BUSY_WAIT_S = 0.02  # the longest a call waits for a worker another call holds
 HUNG_AFTER_S = 2.0  # an answer owed this long past its deadline: the worker is killed
 RESPAWN_EVERY_S = 1.0  # how often the monitor looks for workers that exited or hang
 STATS_WAIT_S = 0.5  # the longest the monitor waits for a worker's metrics snapshot
-RECENT_KEEP_S = 2.0  # how long the gRPC process keeps a worker's unary answer for retries
+RECENT_KEEP_S = 2.0  # how long the gRPC process keeps a worker's answer for retries
 RECENT_MAX = 20_000  # answers kept at most (the oldest go first)
 RECENT_MAX_BYTES = 64 << 20  # and at most this many bytes of orders
 _HEADER = struct.Struct("!I")
@@ -682,9 +681,9 @@ class PooledScoringServicer(ScoringServicer):
 
     ``scorer`` is the server process's own: it scores the orders of a worker that is
     down, answers with the fallback when a worker is late, and takes ``ReportOutcome``;
-    ``log`` is its decision log (if any). An order whose decision this process made and has not
-    committed yet (its writer gathers a batch for a few milliseconds) is answered here,
-    from that log, not by a worker that could not see it yet and would decide again.
+    ``log`` is its decision log (if any). An order whose decision this process made and
+    has not committed yet (its writer gathers a batch for a few milliseconds) is answered
+    here, from that log, not by a worker that could not see it yet and would decide again.
     """
 
     def __init__(
@@ -708,7 +707,7 @@ class PooledScoringServicer(ScoringServicer):
         self._reroutes = metrics.worker_reroutes
         # unary calls being routed now, by order id: (request bytes, answer)
         self._flights = Flights[tuple[bytes, scoring_pb2.ScoreResponse]]()
-        self._recent = _Recent()  # workers' unary answers, for retries (``_Recent``)
+        self._recent = _Recent()  # workers' answers, for retries
 
     def _fell_back(self, why: _Missing, orders: int) -> None:
         self._fallbacks[why].inc(orders)

@@ -166,7 +166,7 @@ def test_writer_creates_a_batchs_new_data_keys_in_one_transaction(
     vault.forget("buyer-1")  # nothing to destroy yet; a later write starts generation 1
     writes: list[int] = []
     transaction = keys_db.transaction
-    monkeypatch.setattr(keys_db, "transaction", lambda: writes.append(1) or transaction())
+    monkeypatch.setattr(keys_db, "transaction", lambda **kw: writes.append(1) or transaction(**kw))
     log = DecisionLog(db, vault=vault, indexer=BlindIndexer(keyring), flush_interval_s=10.0)
     for i in range(40):
         order = make_order(f"o-{i}")
@@ -198,10 +198,10 @@ def test_new_buyers_keys_commit_in_the_batchs_own_transaction(
     failures = [transient if db.dialect == "sqlite" else DiskFull("could not extend file")]
     real_transaction, real_append = db.transaction, log_module.append_texts
 
-    def counted() -> Any:
+    def counted(**kwargs: Any) -> Any:
         nonlocal transactions
         transactions += 1
-        return real_transaction()
+        return real_transaction(**kwargs)
 
     def append_once_failing(*args: Any, **kwargs: Any) -> Any:
         if failures:  # after the batch's keys were written in this transaction

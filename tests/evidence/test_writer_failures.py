@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -104,8 +105,8 @@ def test_a_commit_of_unknown_outcome_is_neither_lost_nor_doubled(
     lose = [True]
 
     @contextmanager
-    def lost_ack() -> Iterator[Tx]:
-        with real() as tx:
+    def lost_ack(**kwargs: Any) -> Iterator[Tx]:
+        with real(**kwargs) as tx:
             yield tx
             if lose and not committed:
                 lose.clear()

@@ -32,12 +32,12 @@ class Counts:
 @pytest.fixture
 def counts(store: SqlKeyStore, monkeypatch: pytest.MonkeyPatch) -> Counts:
     seen = Counts()
-    transaction: Callable[[], AbstractContextManager[Tx]] = store.db.transaction
+    transaction: Callable[..., AbstractContextManager[Tx]] = store.db.transaction
     query = store.db.query
 
-    def counted_transaction() -> AbstractContextManager[Tx]:
+    def counted_transaction(**kwargs: Any) -> AbstractContextManager[Tx]:
         seen.writes += 1
-        return transaction()
+        return transaction(**kwargs)
 
     def counted_query(sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
         seen.reads += 1
