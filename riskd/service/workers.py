@@ -47,7 +47,8 @@ database), so for a while only that process can find it. Meanwhile a retry that 
 elsewhere (its worker busy, stalled or down) would be decided a second time, and the log
 might keep the decision nobody acted on. So the server process keeps each worker's
 answer, unary or a batch's, for ``RECENT_KEEP_S`` (``_Recent``; not one the worker's log
-will not hold, its queue full, which the worker's answer names: its retry is scored again)
+will not hold, its queue full, which the worker's answer names: its retry is scored again;
+and only while that worker lives: a dead one lost what its log had not committed)
 and replays a fallback it decided itself from its own log's queue, for ``Score`` and
 ``ScoreBatch`` alike; and for unary ``Score`` it keeps a flight per order id
 (``riskd.engine.flights``): a retry arriving while its order is being routed waits for
@@ -593,6 +594,13 @@ def _seen(d: scoring_pb2.Decision) -> _Seen:
     return _Seen(Outcome(d.outcome), d.reasons, d.unavailable, d.replayed)
 
 
+class _Source(Protocol):
+    """The worker an answer came from (``_Worker``): its kept answers last while it lives."""
+
+    @property
+    def alive(self) -> bool: ...
+
+
 class _Recent:
     """The workers' recent answers, unary or a batch's, by order id: the order's bytes and
     the decision, each for ``RECENT_KEEP_S`` (at most ``RECENT_MAX`` answers and
@@ -602,19 +610,25 @@ class _Recent:
     batch, and waits while another process holds the database): meanwhile only that
     worker can find it, and a retry that cannot have that worker (busy, stalled, down)
     would be decided again elsewhere. So the gRPC process answers such a retry itself.
+    An answer is replayed only while the worker that gave it is alive: one that died or
+    was taken out (and is killed) lost what its log had not committed, so a retry goes
+    to the log (a committed decision is replayed from there) or is decided again and
+    recorded, never answered with a decision nobody records.
     The decisions kept are the answers' own messages, not copies (a replay is a copy):
     nothing may change an answer once it is built.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._kept: OrderedDict[str, tuple[float, bytes, scoring_pb2.Decision]] = OrderedDict()
+        self._kept: OrderedDict[str, tuple[float, bytes, scoring_pb2.Decision, _Source]] = (
+            OrderedDict()
+        )
         self._bytes = 0  # of the orders kept
 
-    def put(self, answers: Iterable[tuple[bytes, scoring_pb2.Decision]]) -> None:
-        """Keep ``(order bytes, decision)`` answers. Callers leave out those the worker's
-        log did not take (its queue full): a retry of such an order is scored again, as
-        in one process, so that a process records it."""
+    def put(self, answers: Iterable[tuple[bytes, scoring_pb2.Decision]], source: _Source) -> None:
+        """Keep ``(order bytes, decision)`` answers of worker ``source``. Callers leave out
+        those the worker's log did not take (its queue full): a retry of such an order is
+        scored again, as in one process, so that a process records it."""
         now = time.monotonic()
         kept = self._kept
         with self._lock:
@@ -622,7 +636,7 @@ class _Recent:
                 old = kept.pop(decision.order_id, None)
                 if old is not None:
                     self._bytes -= len(old[1])
-                kept[decision.order_id] = (now + RECENT_KEEP_S, order, decision)
+                kept[decision.order_id] = (now + RECENT_KEEP_S, order, decision, source)
                 self._bytes += len(order)
             while kept:
                 oldest = next(iter(kept.values()))
@@ -635,7 +649,7 @@ class _Recent:
         self, order: order_pb2.Order, order_bytes: bytes, where: Callable[[], str]
     ) -> scoring_pb2.Decision | None:
         """A copy of the decision kept for ``order`` (``order_bytes``: its bytes), marked
-        ``replayed``; else None.
+        ``replayed``; else None (none kept, or its worker is gone).
 
         Raises:
             InvalidArgumentError: the order is bad (as a worker would say).
@@ -644,7 +658,7 @@ class _Recent:
         """
         with self._lock:
             kept = self._kept.get(order.order_id)
-        if kept is None or kept[0] <= time.monotonic():
+        if kept is None or kept[0] <= time.monotonic() or not kept[3].alive:
             return None
         if kept[1] != order_bytes:  # other bytes: the same order if its protected form is
             field = where()
@@ -849,7 +863,7 @@ class PooledScoringServicer(ScoringServicer):
         response = scoring_pb2.ScoreResponse.FromString(body)
         self._metrics.observe_decisions((_seen(response.decision),))
         if order_id not in unrecorded:
-            self._recent.put(((order_bytes, response.decision),))
+            self._recent.put(((order_bytes, response.decision),), worker)
         return response
 
     def score_batch_request(
@@ -882,7 +896,7 @@ class PooledScoringServicer(ScoringServicer):
             w: scoring_pb2.ScoreBatchRequest(orders=[request.orders[i] for i in idx])
             for w, idx in groups.items()
         }
-        answers, refused = self._ask_all(parts, deadline)
+        answers, answered_by, refused = self._ask_all(parts, deadline)
         # the workers' answers first, counted and kept whatever happens to the other parts:
         # those orders are decided and recorded, and a retry must get them back
         for w, idx in groups.items():
@@ -892,9 +906,12 @@ class PooledScoringServicer(ScoringServicer):
                 part = scoring_pb2.ScoreBatchResponse.FromString(body).decisions
                 self._metrics.observe_decisions([_seen(d) for d in part])
                 self._recent.put(
-                    (order_bytes[i], d)
-                    for i, d in zip(idx, part, strict=True)
-                    if d.order_id not in unrecorded
+                    (
+                        (order_bytes[i], d)
+                        for i, d in zip(idx, part, strict=True)
+                        if d.order_id not in unrecorded
+                    ),
+                    answered_by[w],
                 )
                 for i, decision in zip(idx, part, strict=True):
                     decisions[i] = decision
@@ -913,15 +930,16 @@ class PooledScoringServicer(ScoringServicer):
 
     def _ask_all(
         self, parts: dict[int, scoring_pb2.ScoreBatchRequest], deadline: float
-    ) -> tuple[dict[int, _Answer | _Missing], RiskdError | None]:
+    ) -> tuple[dict[int, _Answer | _Missing], dict[int, _Worker], RiskdError | None]:
         """Send every part (own workers taken in index order, each wait timed: a batch
         holding a rerouted worker waits at most ``BUSY_WAIT_S`` for another), then collect.
 
         A part whose worker is down or busy goes to a worker free right now that has no
         part of this batch (taken without waiting), as a unary ``Score`` would.
         Per worker: the answer, ``_DOWN`` (gone or broken) or ``_BUSY`` (score it here),
-        or ``_LATE`` (the fallback); none for a worker that refused its part, and the
-        first such refusal (the other parts' answers are still collected).
+        or ``_LATE`` (the fallback); none for a worker that refused its part; the worker
+        that answered each part; and the first refusal (the other parts' answers are
+        still collected).
         """
         sent: dict[int, tuple[_Worker, int | None]] = {}
         out: dict[int, _Answer | _Missing] = {}
@@ -945,7 +963,7 @@ class PooledScoringServicer(ScoringServicer):
                 first_error = first_error or e
                 continue
             out[w] = _LATE if reply is None else reply
-        return out, first_error
+        return out, {w: worker for w, (worker, _) in sent.items()}, first_error
 
 
 def main(argv: Sequence[str]) -> int:

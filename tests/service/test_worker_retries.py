@@ -39,9 +39,12 @@ class FakeWorker:
         self.gate.set()
         self.sent = threading.Event()
         self.busy = False
+        self.alive = True
         self.calls: list[bytes] = []
 
     def begin(self, method: str, payload: bytes, deadline: float, wait_s: float = 0.0) -> int:
+        if not self.alive:
+            raise workers.WorkerGone
         if self.busy or self.holding:  # one call at a time, as a real worker
             raise workers.WorkerBusy
         self.holding = True
@@ -153,6 +156,20 @@ def test_an_answer_is_kept_when_the_workers_log_took_it(recorded: bool) -> None:
     assert here.scored == ([] if recorded else [order.order_id])
 
 
+def test_a_dead_workers_answer_is_not_replayed() -> None:
+    """The worker answered, then died before its log committed the decision (killed as
+    hung, or crashed): a retry is not answered from memory with a decision nobody
+    records; it is decided again here (in production after a look-up of the log)."""
+    servicer, pool, here = _servicer()
+    order = fresh()
+    pool.w.answer = _answer(order.order_id)
+    first = servicer.score_request(_request(order), 1.0).decision
+    pool.w.alive = False
+    retry = servicer.score_request(_request(order), 1.0).decision
+    assert not first.replayed and not retry.replayed
+    assert here.scored == [order.order_id]
+
+
 def _behind_a_leader(order: Order, retry: Order) -> tuple[Any, HereScorer]:
     """The first call for ``order`` waits for the worker; ``retry`` joins it; the worker
     answers and stalls right after (busy). The retry's outcome, the gRPC process's scorer."""
@@ -235,7 +252,7 @@ def test_kept_answers_are_bounded_by_bytes(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(workers, "RECENT_MAX_BYTES", 10_000)
     kept = workers._Recent()
     decisions = [scoring_pb2.Decision(order_id=f"o-{i}") for i in range(5)]
-    kept.put((b"x" * 4_000, d) for d in decisions)
+    kept.put(((b"x" * 4_000, d) for d in decisions), FakeWorker())
     assert [oid for oid in kept._kept] == ["o-3", "o-4"]
     assert kept._bytes == 8_000
 
@@ -246,10 +263,13 @@ class BatchWorker:
     def __init__(self, index: int) -> None:
         self.index = index
         self.busy = False
+        self.alive = True
         self.error: Exception | None = None
         self.calls: list[bytes] = []
 
     def begin(self, method: str, payload: bytes, deadline: float, wait_s: float = 0.0) -> int:
+        if not self.alive:
+            raise workers.WorkerGone
         if self.busy:
             raise workers.WorkerBusy
         self.calls.append(payload)
@@ -327,6 +347,22 @@ def test_a_refused_batch_counts_and_keeps_what_a_worker_decided(refused_by: str)
     retry = servicer.score_batch_request(_batch(a), 1.0).decisions
     assert retry[0].replayed and here.scored == []
     assert _decided(metrics) == 1
+
+
+def test_a_batch_answer_is_kept_while_the_worker_that_gave_it_lives() -> None:
+    """Worker 0 was down, so worker 1 (free) took its part; a retry while worker 1 lives
+    is replayed, once it died the retry is decided again (worker 0 back, here busy)."""
+    servicer, pool, here, _ = _batch_servicer()
+    pool.others = lambda index: [pool.ws[1 - index]]  # type: ignore[method-assign]
+    a = fresh()
+    pool.ws[0].alive = False
+    first = servicer.score_batch_request(_batch(a), 1.0).decisions
+    assert len(pool.ws[1].calls) == 1 and not first[0].replayed
+    pool.ws[0].alive, pool.ws[0].busy = True, True
+    assert servicer.score_batch_request(_batch(a), 1.0).decisions[0].replayed
+    pool.ws[1].alive = False
+    again = servicer.score_batch_request(_batch(a), 1.0).decisions
+    assert not again[0].replayed and here.scored == [a.order_id]
 
 
 def test_the_worker_fallbacks_metric_counts_no_replay() -> None:
