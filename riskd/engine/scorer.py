@@ -337,7 +337,8 @@ class Scorer:
     ) -> Decision:
         verdict = combine(results)
         outcome, reasons = verdict.outcome, verdict.reasons
-        errors = tuple(r.rule_id for r in results if r.status is RuleStatus.ERROR)
+        error = RuleStatus.ERROR  # bound once: an Enum member lookup per result is ~60 ns
+        errors = tuple([r.rule_id for r in results if r.status is error])
         if errors:
             self._log_rule_errors(results, ctx.program.version)
         if any(m in _INPUTS for m in missing):  # the log alone missing leaves the answer whole
