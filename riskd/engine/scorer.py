@@ -76,7 +76,13 @@ from riskd.engine.combine import combine
 from riskd.engine.fallback import FallbackPolicy
 from riskd.engine.flights import Abandoned, Flight, Flights
 from riskd.engine.keys import Indexer, observe
-from riskd.errors import AlreadyExistsError, InvalidArgumentError, RiskdError, UnavailableError
+from riskd.errors import (
+    AlreadyExistsError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    RiskdError,
+    UnavailableError,
+)
 from riskd.evidence.log import DecisionLog
 from riskd.evidence.records import DecisionRecord
 from riskd.features.memory import InProcessFeatureStore
@@ -120,6 +126,9 @@ class Scorer:
         workers: threads that run deadline-bounded feature calls.
         feature_timeout_s: the longest one feature store call can take (its socket
             timeout); calls run inline while the budget left covers it.
+        record_late: False in a scoring worker: a call whose orders are decided after its
+            deadline records none of them and raises ``DeadlineExceededError`` (the
+            gRPC process has answered that call with the fallback, and records that).
     """
 
     def __init__(
@@ -137,8 +146,10 @@ class Scorer:
         breaker_cooldown_s: float = 1.0,
         workers: int = 16,
         feature_timeout_s: float | None = None,
+        record_late: bool = True,
     ) -> None:
         self._rules = rules
+        self._record_late = record_late
         self._features = features
         self._inline = isinstance(features, InProcessFeatureStore)
         self._call_bound = feature_timeout_s
@@ -297,12 +308,8 @@ class Scorer:
             missing.append("shops")
             return ShopState(shop_id)
 
-    def _decide(
-        self, order: Order, obs: Observation, features: Features | None, ctx: _Context
-    ) -> tuple[Decision, Mapping[str, Any]]:
-        """Evaluate, combine, fall back if degraded, and append the record to the log.
-
-        Returns the decision and the protected order it was made for."""
+    def _decide(self, order: Order, features: Features | None, ctx: _Context) -> DecisionRecord:
+        """Evaluate, combine and fall back if degraded: the decision, as its log record."""
         missing: list[str] = list(ctx.missing)
         shop = self._shop(order.shop_id, missing)
         if features is None:
@@ -316,21 +323,35 @@ class Scorer:
             missing.append("rules")
             results = ()
         decision = self._decision(order, ctx, results, missing)
-        record = DecisionRecord(
+        return DecisionRecord(
             decision=decision,
             request=self._log.protect(order),
             features=_named(features) if features else {},
             rules=results,
         )
+
+    def _append(
+        self, order: Order, obs: Observation, record: DecisionRecord, ctx: _Context
+    ) -> Decision:
+        """Append ``record`` to the log; the decision as answered (``unlogged`` if the
+        log's queue is full: answered anyway, a retry re-scores but never re-counts)."""
         try:
             if ctx.log_full:  # one wait for a full queue per call, not one per order
                 raise UnavailableError("decision log queue is full")
             self._log.append(record, order=order, digests=obs.keys)
-        except UnavailableError:  # answered anyway; a retry re-scores but never re-counts
+        except UnavailableError:
             ctx.log_full = True
-            degraded = (*decision.degraded, "evidence")
-            return replace(decision, degraded=degraded, unlogged=True), record.request
-        return decision, record.request
+            degraded = (*record.decision.degraded, "evidence")
+            return replace(record.decision, degraded=degraded, unlogged=True)
+        return record.decision
+
+    def _too_late(self, ctx: _Context) -> bool:
+        """Whether a worker's decisions came after their call's deadline (``record_late``)."""
+        return (
+            not self._record_late
+            and ctx.deadline is not None
+            and self._clock.monotonic() > ctx.deadline
+        )
 
     def _decision(
         self, order: Order, ctx: _Context, results: Sequence[RuleResult], missing: list[str]
@@ -507,10 +528,15 @@ class _Batch:
         features = self.s._read_features(
             observations, self.ctx.program.feature_queries, self.s._left(self.ctx.deadline)
         )
-        for (i, flight), obs, values in zip(todo, observations, features, strict=True):
-            decision, request = self.s._decide(self.orders[i], obs, values, self.ctx)
-            self.out[i] = decision
-            flight.finish(decision, request=request)
+        decided = [
+            self.s._decide(self.orders[i], values, self.ctx)
+            for (i, _), values in zip(todo, features, strict=True)
+        ]
+        if decided and self.s._too_late(self.ctx):  # all recorded, or none (and said so)
+            raise DeadlineExceededError("decided after the call's deadline; nothing recorded")
+        for (i, flight), obs, record in zip(todo, observations, decided, strict=True):
+            self.out[i] = self.s._append(self.orders[i], obs, record, self.ctx)
+            flight.finish(self.out[i], request=record.request)
 
 
 def scored_for_other_content(where: str) -> AlreadyExistsError:

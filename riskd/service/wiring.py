@@ -121,18 +121,23 @@ class Components:
         self.closers.clear()
 
 
-def build_components(config: Config, clock: Clock) -> Components:
-    """Open every store and build the scorer; on failure, close what was opened."""
+def build_components(config: Config, clock: Clock, *, record_late: bool = True) -> Components:
+    """Open every store and build the scorer; on failure, close what was opened.
+
+    ``record_late``: ``Scorer``'s (False in a scoring worker).
+    """
     closers: list[Callable[[], None]] = []
     try:
-        return _build(config, clock, closers)
+        return _build(config, clock, closers, record_late)
     except BaseException:
         for closer in reversed(closers):
             closer()
         raise
 
 
-def _build(config: Config, clock: Clock, closers: list[Callable[[], None]]) -> Components:
+def _build(
+    config: Config, clock: Clock, closers: list[Callable[[], None]], record_late: bool
+) -> Components:
     if not config.rules_dir.is_dir():
         raise ConfigError(f"rules_dir: {config.rules_dir} is not a directory")
     if config.data_dir.exists() and not config.data_dir.is_dir():
@@ -183,6 +188,7 @@ def _build(config: Config, clock: Clock, closers: list[Callable[[], None]]) -> C
         feature_timeout_s=(
             len(config.redis_urls) * config.redis_timeout_ms / 1000.0 if config.redis_url else None
         ),
+        record_late=record_late,
     )
     closers.append(scorer.close)
     components = Components(clock, scorer, rules, closers, decision_log)

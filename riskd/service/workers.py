@@ -28,8 +28,10 @@ Failures:
   discards the late answer. A call carries that deadline itself (``CLOCK_MONOTONIC`` is
   the machine's), and a worker that reads a call after it (stalled meanwhile) answers
   ``late`` without scoring it, so it cannot decide the order a second time once it
-  resumes; one stalled mid-scoring may still record its own decision, and the decision
-  log keeps the first committed for the order.
+  resumes; one stalled mid-scoring records none of the call's decisions made after that
+  deadline and answers ``late`` too (``Scorer``'s ``record_late``). Left: a worker that
+  stalls between recording its decisions and sending them (a few statements) answers
+  late with decisions recorded, and the decision log keeps the first committed.
 * A worker that is busy (another call holds it for longer than ``BUSY_WAIT_S``) or still
   owes a late answer gets no more calls meanwhile: its orders go elsewhere as a down
   worker's do, in the time left. So a worker that stalls holds one RPC thread, for one
@@ -107,7 +109,7 @@ from riskd.domain.decision import Decision, Outcome
 from riskd.domain.order import Order
 from riskd.engine.flights import Flights
 from riskd.engine.scorer import refuse_changed_duplicates, scored_for_other_content
-from riskd.errors import InvalidArgumentError, RiskdError, UnavailableError
+from riskd.errors import DeadlineExceededError, InvalidArgumentError, RiskdError, UnavailableError
 from riskd.evidence.request import protect_order
 from riskd.service import convert, validate
 from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2
@@ -974,7 +976,9 @@ def main(argv: Sequence[str]) -> int:
     config: Config = channel.recv()
     configure_logging(config.log_level)
     try:
-        components = build_components(config, SystemClock())
+        # decisions made after their call's deadline are not recorded: the server process
+        # has answered that call with the fallback, and records that (module docstring)
+        components = build_components(config, SystemClock(), record_late=False)
     except Exception as e:
         channel.send(("failed", f"{type(e).__name__}: {e}"))
         return 1
@@ -1042,6 +1046,9 @@ def _serve(
             else:
                 batch = scoring_pb2.ScoreBatchRequest.FromString(payload)
                 response = servicer.score_batch_request(batch, timeout_s)
+        except DeadlineExceededError:  # decided too late: nothing recorded (record_late)
+            channel.send((seq, "late"))
+            continue
         except RiskdError as e:
             channel.send((seq, "error", type(e).__name__, str(e), getattr(e, "field", None)))
             continue

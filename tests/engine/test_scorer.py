@@ -19,7 +19,13 @@ from riskd.domain.features import Agg, FeatureQuery
 from riskd.dsl.holder import ProgramHolder
 from riskd.engine.flights import Flights
 from riskd.engine.keys import observe
-from riskd.errors import AlreadyExistsError, InvalidArgumentError, UnavailableError
+from riskd.errors import (
+    AlreadyExistsError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    UnavailableError,
+)
+from riskd.features.memory import InProcessFeatureStore
 from riskd.ledger import Book, LedgerShopDirectory
 from riskd.pii import BlindIndexer
 from riskd.service.metrics import Metrics
@@ -367,6 +373,50 @@ def test_a_zero_budget_skips_a_remote_log_without_opening_its_breaker(
         assert "evidence" in late.degraded
     assert not rig.scorer.log_breaker.is_open
     assert rig.scorer.score(make_order("o-1"), timeout_s=1.0) == replace(first, replayed=True)
+
+
+class StallingStore(InProcessFeatureStore):
+    """Counts the order, then stalls ``stall_s`` on the scorer's clock (a worker stopped
+    mid-scoring: swapped out, a long collection)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.fake_clock = clock
+        self.stall_s = 0.0
+
+    def record_and_read(self, obs: Any, queries: Any) -> Any:
+        out = super().record_and_read(obs, queries)
+        self.fake_clock.advance(self.stall_s)
+        return out
+
+
+@pytest.mark.parametrize("record_late", [True, False])
+def test_a_worker_records_no_decision_made_after_its_deadline(
+    make_rig: Callable[..., Rig], indexer: BlindIndexer, clock: FakeClock, record_late: bool
+) -> None:
+    """In a scoring worker (``record_late=False``) a call decided after its deadline
+    records none of its orders and says so: the gRPC process has answered it with the
+    fallback and records that, so the log must not get a second decision nobody acted
+    on. Each order is still counted once. In one process the late decision is the only
+    one, and is recorded."""
+    store = StallingStore(clock)
+    rig = make_rig(store, record_late=record_late)
+    store.stall_s = 0.2  # each order's feature read; the call's deadline is 0.3 s
+    orders = [make_order(f"o-{i}", buyer_id="b-stall") for i in range(3)]
+    if record_late:
+        assert len(rig.scorer.score_batch(orders, timeout_s=0.3)) == 3
+    else:
+        with pytest.raises(DeadlineExceededError):
+            rig.scorer.score_batch(orders, timeout_s=0.3)  # the second read ends past it
+    rig.log.flush(10)
+    assert all((rig.log.get(o.order_id) is not None) is record_late for o in orders)
+    assert count_buyer_orders(rig, indexer, clock, "b-stall") == 3
+    store.stall_s = 0.0
+    retry = rig.scorer.score_batch(orders, timeout_s=0.3)  # decided (or replayed) and kept
+    assert all(d.replayed is record_late for d in retry)
+    rig.log.flush(10)
+    assert all(rig.log.get(o.order_id) is not None for o in orders)
+    assert count_buyer_orders(rig, indexer, clock, "b-stall") == 3
 
 
 NIGHT_RULE = """

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from riskd.config import load_config
 from riskd.domain.order import Amounts, Order
-from riskd.errors import ConfigError
+from riskd.errors import ConfigError, DeadlineExceededError
 from riskd.evidence.chain import verify
 from riskd.service import convert, workers
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
@@ -649,6 +649,33 @@ def test_a_worker_that_reads_a_call_after_its_deadline_does_not_score_it() -> No
         channel.send((2, "Score", payload, time.monotonic() + 5.0))
         assert channel.recv(time.monotonic() + 5)[:2] == (2, "ok")
         assert len(budgets) == 1 and 4.5 < budgets[0] <= 5.0  # the time left, not more
+        channel.send(("stop",))
+        worker.join(5)
+        assert not worker.is_alive()
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_worker_that_decided_after_the_deadline_answers_late() -> None:
+    """A worker stalled mid-scoring: its scorer records none of the call's decisions
+    (``record_late=False``) and raises; the server process hears ``late`` (its fallback
+    stands, recorded), not an error for the caller."""
+    ours, theirs = socket.socketpair()
+    channel, peer = workers._Channel(ours), workers._Channel(theirs)
+
+    class Servicer:
+        def score_request(self, request: object, timeout_s: float) -> object:
+            raise DeadlineExceededError("decided after the call's deadline; nothing recorded")
+
+    worker = threading.Thread(
+        target=workers._serve, args=(peer, Servicer(), lambda: b"{}", []), daemon=True
+    )
+    worker.start()
+    payload = scoring_pb2.ScoreRequest().SerializeToString()
+    try:
+        channel.send((1, "Score", payload, time.monotonic() + 5.0))
+        assert channel.recv(time.monotonic() + 5) == (1, "late")
         channel.send(("stop",))
         worker.join(5)
         assert not worker.is_alive()
