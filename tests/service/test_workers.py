@@ -625,12 +625,29 @@ def test_a_big_call_waits_for_the_worker_to_read_whatever_timeout_the_last_read_
         theirs.close()
 
 
+@contextlib.contextmanager
+def _serving(servicer: object, unlogged: list[str] | None = None) -> Iterator[workers._Channel]:
+    """``workers._serve`` on a thread over a socket pair: the server process's end of it.
+    Asks the worker to stop when done and checks that it did."""
+    ours, theirs = socket.socketpair()
+    channel, peer = workers._Channel(ours), workers._Channel(theirs)
+    args = (peer, servicer, lambda: b"{}", [] if unlogged is None else unlogged)
+    worker = threading.Thread(target=workers._serve, args=args, daemon=True)
+    worker.start()
+    try:
+        yield channel
+        channel.send(("stop",))
+        worker.join(5)
+        assert not worker.is_alive()
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def test_a_worker_that_reads_a_call_after_its_deadline_does_not_score_it() -> None:
     """A worker stalled before it read a call (stopped, swapped out) must not decide the
     order once it resumes: the server process has answered it with the fallback and
     recorded that, so a second decision could be the one the log keeps."""
-    ours, theirs = socket.socketpair()
-    channel, peer = workers._Channel(ours), workers._Channel(theirs)
     budgets: list[float] = []
 
     class Servicer:
@@ -638,57 +655,33 @@ def test_a_worker_that_reads_a_call_after_its_deadline_does_not_score_it() -> No
             budgets.append(timeout_s)
             return scoring_pb2.ScoreResponse()
 
-    worker = threading.Thread(
-        target=workers._serve, args=(peer, Servicer(), lambda: b"{}", []), daemon=True
-    )
-    worker.start()
     payload = scoring_pb2.ScoreRequest().SerializeToString()
-    try:
+    with _serving(Servicer()) as channel:
         channel.send((1, "Score", payload, time.monotonic() - 0.01))
         assert channel.recv(time.monotonic() + 5) == (1, "late")
         channel.send((2, "Score", payload, time.monotonic() + 5.0))
         assert channel.recv(time.monotonic() + 5)[:2] == (2, "ok")
         assert len(budgets) == 1 and 4.5 < budgets[0] <= 5.0  # the time left, not more
-        channel.send(("stop",))
-        worker.join(5)
-        assert not worker.is_alive()
-    finally:
-        ours.close()
-        theirs.close()
 
 
 def test_a_worker_that_decided_after_the_deadline_answers_late() -> None:
     """A worker stalled mid-scoring: its scorer records none of the call's decisions
     (``record_late=False``) and raises; the server process hears ``late`` (its fallback
     stands, recorded), not an error for the caller."""
-    ours, theirs = socket.socketpair()
-    channel, peer = workers._Channel(ours), workers._Channel(theirs)
 
     class Servicer:
         def score_request(self, request: object, timeout_s: float) -> object:
             raise DeadlineExceededError("decided after the call's deadline; nothing recorded")
 
-    worker = threading.Thread(
-        target=workers._serve, args=(peer, Servicer(), lambda: b"{}", []), daemon=True
-    )
-    worker.start()
     payload = scoring_pb2.ScoreRequest().SerializeToString()
-    try:
+    with _serving(Servicer()) as channel:
         channel.send((1, "Score", payload, time.monotonic() + 5.0))
         assert channel.recv(time.monotonic() + 5) == (1, "late")
-        channel.send(("stop",))
-        worker.join(5)
-        assert not worker.is_alive()
-    finally:
-        ours.close()
-        theirs.close()
 
 
 def test_a_workers_answer_names_the_decisions_its_log_will_not_hold() -> None:
     """The servicer reports each call's unlogged answers (``on_decided``); the answer
     names them, and the next call starts from none."""
-    ours, theirs = socket.socketpair()
-    channel, peer = workers._Channel(ours), workers._Channel(theirs)
     unlogged: list[str] = []
 
     class Servicer:
@@ -697,22 +690,13 @@ def test_a_workers_answer_names_the_decisions_its_log_will_not_hold() -> None:
                 unlogged.append("o-refused")
             return scoring_pb2.ScoreResponse()
 
-    worker = threading.Thread(
-        target=workers._serve, args=(peer, Servicer(), lambda: b"{}", unlogged), daemon=True
-    )
-    worker.start()
-    try:
+    with _serving(Servicer(), unlogged) as channel:
         for order_id, named in (("o-refused", ("o-refused",)), ("o-2", ())):
             request = scoring_pb2.ScoreRequest()
             request.order.order_id = order_id
             channel.send((1, "Score", request.SerializeToString(), time.monotonic() + 5.0))
             reply = channel.recv(time.monotonic() + 5)
             assert reply[:2] == (1, "ok") and reply[3] == named
-        channel.send(("stop",))
-        worker.join(5)
-    finally:
-        ours.close()
-        theirs.close()
 
 
 @dataclasses.dataclass
