@@ -151,6 +151,7 @@ class DecisionLog:
         self._error: str = ""
         self._rejected = 0  # items set aside: the database refused them
         self._unsealed = 0  # decisions stored without PII ciphertexts (no usable data key)
+        self._superseded = 0  # decisions not stored: their order had one recorded already
         self._thread = threading.Thread(target=self._run, name="evidence-writer", daemon=True)
         self._thread.start()
 
@@ -173,13 +174,14 @@ class DecisionLog:
         Vault and to blind-index them, in the writer thread; it is never stored
         in clear. ``digests`` (field type -> blind index of this order's value,
         e.g. the engine's feature keys) are reused. A second append for an
-        order already queued is ignored (the first one wins).
+        order already queued is ignored (the first one wins; counted in ``superseded``).
 
         Raises:
             UnavailableError: the queue stayed full for ``put_timeout_s``, or the log is closed.
         """
         with self._cond:
             if record.order_id in self._pending:
+                self._superseded += 1
                 return
             keep = self._vault is not None or self._indexer is not None
             item = _Item(
@@ -288,6 +290,17 @@ class DecisionLog:
         their PII. Each batch with any is logged (order ids and error type, no PII)."""
         with self._cond:
             return self._unsealed
+
+    @property
+    def superseded(self) -> int:
+        """Decisions not stored since start because their order already had a recorded
+        decision (the log keeps the first): another process decided it too (a replica, a
+        scoring worker, the gRPC process's fallback for a stalled worker), or this one
+        could not read the log and scored a retry again. The caller that got such a
+        decision acted on one the log does not keep; each batch with any is logged
+        (order ids only)."""
+        with self._cond:
+            return self._superseded
 
     def _forget(self, subject_id: str) -> None:
         """Vault forget hook: ``forget_subject`` (the chained, masked rows stay)."""
@@ -453,6 +466,7 @@ class DecisionLog:
         digests = list(self._digests(records))
         prepared: list[PreparedKeys] = []
         unsealed: list[str] = []  # stored without their PII ciphertexts (no usable key)
+        superseded: list[str] = []  # not stored: the order had a recorded decision already
 
         def write(tx: Tx) -> None:
             pii_rows = secrets
@@ -471,6 +485,11 @@ class DecisionLog:
             kept = {
                 i.record.order_id for i, ok in zip(records, stored, strict=True) if ok and i.record
             }
+            superseded[:] = [
+                i.record.order_id
+                for i, ok in zip(records, stored, strict=True)
+                if not ok and i.record
+            ]
             pii = [s for s in pii_rows if s[0] in kept]
             done = {s[0] for s in pii} | forgotten
             unsealed[:] = [oid for oid in kept if oid not in done]
@@ -493,6 +512,13 @@ class DecisionLog:
             heads[:] = [(t, *chain_head(tx, t)) for t in written]
 
         self.db.run(write)
+        if superseded:
+            with self._cond:
+                self._superseded += len(superseded)
+            _log.warning(
+                "decisions not logged: their orders had a recorded decision already",
+                extra={"fields": {"orders": len(superseded), "first": superseded[0]}},
+            )
         if vault is not None and prepared:  # committed: their keys may be cached now
             vault.adopt(prepared[0])
         if vault is not None and unsealed:  # rare: only then see which carried PII at all

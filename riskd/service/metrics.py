@@ -31,6 +31,8 @@ class EvidenceLike(Protocol):
     def rejected(self) -> int: ...
     @property
     def unsealed(self) -> int: ...
+    @property
+    def superseded(self) -> int: ...
 
 
 class DecisionLike(Protocol):
@@ -145,6 +147,9 @@ class Metrics:
         the database refused and the writer set aside (never stored; alert on > 0).
         ``riskd_evidence_unsealed``: decisions stored with masked PII only, no ciphertexts
         (no usable data key, e.g. one wrapped under a retired master key; alert on > 0).
+        ``riskd_evidence_superseded``: decisions not stored because their order had a
+        recorded decision already (another process decided it too): each is an answer
+        the log does not keep (watch its rate).
         """
         r = self.registry
         logs = (log, *more)
@@ -163,6 +168,11 @@ class Metrics:
             "Decisions logged with masked PII only: no usable data key to encrypt it.",
             registry=r,
         ).set_function(lambda: sum(x.unsealed for x in logs))
+        Gauge(
+            "riskd_evidence_superseded",
+            "Decisions not logged because their order had a recorded decision already.",
+            registry=r,
+        ).set_function(lambda: sum(x.superseded for x in logs))
 
     def snapshot(self, log: EvidenceLike | None) -> dict[str, Any]:
         """What a scoring worker reports of its own metrics to the server process
@@ -172,6 +182,7 @@ class Metrics:
             "backlog": 0 if log is None else log.backlog,
             "rejected": 0 if log is None else log.rejected,
             "unsealed": 0 if log is None else log.unsealed,
+            "superseded": 0 if log is None else log.superseded,
         }
 
     def absorb_worker(self, before: dict[str, Any] | None, now: dict[str, Any]) -> None:

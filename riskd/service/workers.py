@@ -31,7 +31,8 @@ Failures:
   resumes; one stalled mid-scoring records none of the call's decisions made after that
   deadline and answers ``late`` too (``Scorer``'s ``record_late``). Left: a worker that
   stalls between recording its decisions and sending them (a few statements) answers
-  late with decisions recorded, and the decision log keeps the first committed.
+  late with decisions recorded, and the decision log keeps the first committed (the
+  other is counted in ``riskd_evidence_superseded``).
 * A worker that is busy (another call holds it for longer than ``BUSY_WAIT_S``) or still
   owes a late answer gets no more calls meanwhile: its orders go elsewhere as a down
   worker's do, in the time left. So a worker that stalls holds one RPC thread, for one
@@ -569,6 +570,10 @@ class _PoolEvidence:
     @property
     def unsealed(self) -> int:
         return self._sum("unsealed")
+
+    @property
+    def superseded(self) -> int:
+        return self._sum("superseded")
 
 
 class _Missing(enum.Enum):

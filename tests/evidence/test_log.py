@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -117,20 +118,29 @@ def test_log_full_queue_raises_unavailable_instead_of_blocking(tmp_path: Path) -
     db.close()
 
 
-def test_log_keeps_the_first_decision_for_an_order(db: Database) -> None:
+def test_log_keeps_the_first_decision_for_an_order(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each decision skipped is counted (``superseded``) and logged by order id: its
+    caller acted on a decision the log does not keep."""
     log = DecisionLog(db)
     first = make_record("o-1")
     log.append(first)
     log.append(make_record("o-1", request={"other": True}))
     log.flush(10)
+    assert log.superseded == 1
     # a second writer (another replica) appending the same order is skipped too
     other = DecisionLog(db)
-    other.append(make_record("o-1", request={"replica": 2}))
-    other.append(make_record("o-2"))
-    other.close()
+    with caplog.at_level(logging.WARNING, logger="riskd.evidence.log"):
+        other.append(make_record("o-1", request={"replica": 2}))
+        other.append(make_record("o-2"))
+        other.close()
     log.close()
     assert rows(db) == 2
     assert log.get("o-1") == first
+    assert (log.superseded, other.superseded) == (1, 1)
+    [entry] = [r for r in caplog.records if "recorded decision already" in r.getMessage()]
+    assert entry.fields == {"orders": 1, "first": "o-1"}  # type: ignore[attr-defined]
     result = log.verify()
     assert result.ok and result.head["decision_log"][0] == 2
 

@@ -571,12 +571,13 @@ def test_the_workers_rule_errors_and_decision_logs_reach_the_servers_metrics(
 def test_the_evidence_gauges_add_up_the_workers_last_reports(tmp_path: Path) -> None:
     """Unit level: the gauges sum the server's own log and each worker's last report."""
     metrics = Metrics()
-    own = _Log(backlog=1, rejected=0, unsealed=2)
-    theirs = _Log(backlog=3, rejected=4, unsealed=0)
+    own = _Log(backlog=1, rejected=0, unsealed=2, superseded=1)
+    theirs = _Log(backlog=3, rejected=4, unsealed=0, superseded=5)
     metrics.watch_evidence(own, theirs)
     assert metrics.value("riskd_evidence_backlog") == 4
     assert metrics.value("riskd_evidence_rejected") == 4
     assert metrics.value("riskd_evidence_unsealed") == 2
+    assert metrics.value("riskd_evidence_superseded") == 6
     first = {"rule_errors": {"a": 2.0}}
     metrics.absorb_worker(None, first)
     metrics.absorb_worker(first, {"rule_errors": {"a": 5.0, "b": 1.0}})
@@ -704,6 +705,7 @@ class _Log:
     backlog: int
     rejected: int
     unsealed: int
+    superseded: int
 
 
 def _by_a_worker(stub: Stub, order: Order) -> bool:
