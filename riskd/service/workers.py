@@ -53,13 +53,13 @@ answer, unary or a batch's, for ``RECENT_KEEP_S`` (``_Recent``; not one the work
 will not hold, its queue full, which the worker's answer names: its retry is scored again;
 and only while that worker lives: a dead one lost what its log had not committed)
 and replays a fallback it decided itself from its own log's queue, for ``Score`` and
-``ScoreBatch`` alike; and for unary ``Score`` it keeps a flight per order id
-(``riskd.engine.flights``): a retry arriving while its order is being routed waits for
-that answer (its time up first: the fallback, degraded ``inflight``, not recorded, as in
-one process). A retry gets the answer marked ``replayed`` (other content:
-``ALREADY_EXISTS``). Left: a retry more than ``RECENT_KEEP_S`` later while its decision
-is still uncommitted in a worker that cannot take it; a batch entry while another call
-is routing the same order (batches join no flight).
+``ScoreBatch`` alike; and it keeps a flight per order id (``riskd.engine.flights``), led
+by the unary call or the batch routing that order: a retry, unary or a batch's entry,
+arriving meanwhile waits for that answer (its time up first: the fallback, degraded
+``inflight``, not recorded, as in one process; a batch takes its ids in sorted order, so
+two batches never wait on each other). A retry gets the answer marked ``replayed``
+(other content: ``ALREADY_EXISTS``). Left: a retry more than ``RECENT_KEEP_S`` later
+while its decision is still uncommitted in a worker that cannot take it.
 
 Workers need the Redis feature store: velocity counters are shared state, and in-process
 counters would be split between the processes (``Config`` refuses that combination).
@@ -108,7 +108,7 @@ from riskd.config import Config
 from riskd.domain.clock import Clock, SystemClock
 from riskd.domain.decision import Decision, Outcome
 from riskd.domain.order import Order
-from riskd.engine.flights import Flights
+from riskd.engine.flights import Flight, Flights
 from riskd.engine.scorer import refuse_changed_duplicates, scored_for_other_content
 from riskd.errors import DeadlineExceededError, InvalidArgumentError, RiskdError, UnavailableError
 from riskd.evidence.request import protect_order
@@ -876,15 +876,87 @@ class PooledScoringServicer(ScoringServicer):
     def score_batch_request(
         self, request: scoring_pb2.ScoreBatchRequest, timeout_s: float
     ) -> scoring_pb2.ScoreBatchResponse:
+        """The orders' flights first (``_board``), then each order answered as a unary
+        call's would be: a worker's kept answer, this process's queued decision, or the
+        order routed with the others of its worker (``_route_batch``)."""
+        started = time.monotonic()
         orders = convert.orders_from_proto(request.orders)
         validate.validate_batch(orders, self._max_batch)
         refuse_changed_duplicates(orders, protect_order)  # before any worker scores its part
-        deadline = _wait_until(time.monotonic(), timeout_s)
+        deadline = _wait_until(started, timeout_s)
         decisions: list[scoring_pb2.Decision | None] = [None] * len(request.orders)
+        led = self._board(orders, deadline, started, decisions)
+        try:
+            return self._route_batch(request, orders, deadline, decisions)
+        finally:
+            for order_id, flight in led.items():
+                self._flights.land(order_id)  # landed first, as a unary leader does
+                flight.finish(None)  # its followers look again: the kept answer, or the log
+
+    def _board(
+        self,
+        orders: Sequence[Order],
+        deadline: float,
+        started: float,
+        decisions: list[scoring_pb2.Decision | None],
+    ) -> dict[str, Flight[tuple[bytes, scoring_pb2.ScoreResponse]]]:
+        """Lead the flight of each order id of a batch, after the call (unary or a batch)
+        routing it now is done; the flights led. An order whose flight is still out at
+        ``deadline`` gets the fallback, degraded ``inflight`` and not recorded, as a unary
+        retry does (in ``decisions``). Ids are taken in sorted order, so two batches never
+        wait for each other's flights."""
+        led: dict[str, Flight[tuple[bytes, scoring_pb2.ScoreResponse]]] = {}
+        try:
+            for order_id in sorted({o.order_id for o in orders}):
+                while True:
+                    leader, flight = self._flights.join(order_id)
+                    if leader:
+                        led[order_id] = flight
+                        break
+                    flight.wait(max(deadline - time.monotonic(), 0.0))
+                    if not flight.done.is_set():  # still routed: answered as a retry
+                        self._answer_inflight(orders, order_id, started, decisions)
+                        break
+                    # landed: join again (its answer is kept, or in a log by now)
+        except BaseException:
+            for order_id, flight in led.items():
+                self._flights.land(order_id)
+                flight.finish(None)
+            raise
+        return led
+
+    def _answer_inflight(
+        self,
+        orders: Sequence[Order],
+        order_id: str,
+        started: float,
+        decisions: list[scoring_pb2.Decision | None],
+    ) -> None:
+        """The unrecorded ``inflight`` fallback for every entry of ``order_id``."""
+        first = next(o for o in orders if o.order_id == order_id)
+        decision = self._pooled_scorer.inflight(first, started)
+        self._metrics.observe_decisions((decision,))
+        for i, order in enumerate(orders):
+            if order.order_id == order_id:
+                answer = convert.decision_to_proto(decision)
+                answer.replayed = order is not first  # a repeated entry, as the scorer says
+                decisions[i] = answer
+
+    def _route_batch(
+        self,
+        request: scoring_pb2.ScoreBatchRequest,
+        orders: Sequence[Order],
+        deadline: float,
+        decisions: list[scoring_pb2.Decision | None],
+    ) -> scoring_pb2.ScoreBatchResponse:
+        """``score_batch_request`` with the orders' flights led (``decisions``: those
+        answered already)."""
         # the workers' recent answers, before anything is counted
         order_bytes = [o.SerializeToString() for o in request.orders]
         for i, (o, b) in enumerate(zip(request.orders, order_bytes, strict=True)):
-            decisions[i] = self._recent.replay(o, b, functools.partial("orders[{}]".format, i))
+            if decisions[i] is None:
+                where = functools.partial("orders[{}]".format, i)
+                decisions[i] = self._recent.replay(o, b, where)
         queued = {} if self._log is None else self._log.queued([o.order_id for o in orders])
         here = [
             i for i, order in enumerate(orders) if order.order_id in queued and decisions[i] is None

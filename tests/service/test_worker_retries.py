@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -258,7 +259,8 @@ def test_kept_answers_are_bounded_by_bytes(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 class BatchWorker:
-    """Answers each batch part ALLOW (a repeated id: replayed); ``busy``; ``error``."""
+    """Answers each batch part ALLOW (a repeated id: replayed), and a unary call ALLOW;
+    ``busy``; ``error``; ``gate`` holds answers back (``sent``: a call came)."""
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -266,6 +268,10 @@ class BatchWorker:
         self.alive = True
         self.error: Exception | None = None
         self.calls: list[bytes] = []
+        self.methods: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.sent = threading.Event()
 
     def begin(self, method: str, payload: bytes, deadline: float, wait_s: float = 0.0) -> int:
         if not self.alive:
@@ -273,11 +279,17 @@ class BatchWorker:
         if self.busy:
             raise workers.WorkerBusy
         self.calls.append(payload)
+        self.methods.append(method)
+        self.sent.set()
         return len(self.calls)
 
     def finish(self, seq: int, deadline: float) -> tuple[bytes, frozenset[str]] | None:
+        self.gate.wait(5)
         if self.error is not None:
             raise self.error
+        if self.methods[seq - 1] == "Score":
+            order_id = scoring_pb2.ScoreRequest.FromString(self.calls[seq - 1]).order.order_id
+            return _answer(order_id), frozenset()
         seen: set[str] = set()
         out = []
         for o in scoring_pb2.ScoreBatchRequest.FromString(self.calls[seq - 1]).orders:
@@ -373,3 +385,88 @@ def test_the_worker_fallbacks_metric_counts_no_replay() -> None:
     got = servicer.score_batch_request(_batch(a, a), 1.0).decisions
     assert [d.replayed for d in got] == [False, True]
     assert metrics.value("riskd_score_worker_fallbacks_total", {"reason": "busy"}) == 1
+
+
+def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """``fn()`` on a thread; its result (or exception) in ``out["got"]`` once joined."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["got"] = fn()
+        except Exception as e:
+            out["got"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, out
+
+
+def test_a_batch_waits_for_the_unary_call_routing_its_order() -> None:
+    """A batch entry for an order a unary call is routing (its worker holds the answer):
+    the batch waits for that call and replays its answer, not a second decision here."""
+    servicer, pool, here = _servicer()
+    order = fresh()
+    pool.w.answer = _answer(order.order_id)
+    pool.w.gate.clear()
+    unary, first = _in_thread(lambda: servicer.score_request(_request(order), 2.0))
+    assert pool.w.sent.wait(2)
+    batch, retry = _in_thread(lambda: servicer.score_batch_request(_batch(order), 2.0))
+    time.sleep(0.1)  # the batch waits on the unary call's flight
+    pool.w.gate.set()
+    unary.join(5)
+    batch.join(5)
+    [decision] = retry["got"].decisions
+    assert decision.replayed and decision.decided_at == first["got"].decision.decided_at
+    assert len(pool.w.calls) == 1 and here.scored == []
+
+
+def test_a_unary_retry_waits_for_the_batch_routing_its_order() -> None:
+    """The other way round: a unary retry while a batch's part for its order is out."""
+    servicer, pool, here, _ = _batch_servicer()
+    a, b = fresh(), fresh()
+    pool.ws[0].gate.clear()
+    batch, first = _in_thread(lambda: servicer.score_batch_request(_batch(a, b), 2.0))
+    assert pool.ws[0].sent.wait(2)
+    unary, retry = _in_thread(lambda: servicer.score_request(_request(b), 2.0))
+    time.sleep(0.1)  # the retry waits on the batch's flight for b
+    pool.ws[0].gate.set()
+    batch.join(5)
+    unary.join(5)
+    assert retry["got"].decision.replayed
+    assert retry["got"].decision.decided_at == first["got"].decisions[1].decided_at
+    assert pool.ws[0].methods == ["ScoreBatch"] and here.scored == []
+
+
+def test_a_batch_entry_still_routed_at_its_deadline_gets_the_unrecorded_fallback() -> None:
+    """The unary call routing ``a`` outlasts the batch's time: ``a`` is answered
+    ``inflight`` (not recorded; the first call's decision is), ``b`` is scored as usual."""
+    servicer, pool, here = _servicer()
+    a, b = fresh(), fresh()
+    pool.w.answer = _answer(a.order_id)
+    pool.w.gate.clear()
+    unary, _ = _in_thread(lambda: servicer.score_request(_request(a), 5.0))
+    assert pool.w.sent.wait(2)
+    got = servicer.score_batch_request(_batch(a, b, a), 0.3).decisions
+    pool.w.gate.set()
+    unary.join(5)
+    assert [tuple(d.unavailable) for d in got] == [("inflight",), ("features",), ("inflight",)]
+    assert [d.replayed for d in got] == [False, False, True]
+    assert here.scored == [b.order_id]  # the worker was busy with a's first call
+
+
+def test_two_batches_sharing_orders_decide_each_once() -> None:
+    """``[a, b]`` and ``[b, a]`` at once: one leads both flights (ids boarded in sorted
+    order, so neither holds one while it waits for the other's), the other replays."""
+    servicer, pool, here, _ = _batch_servicer()
+    a, b = fresh(), fresh()
+    pool.ws[0].gate.clear()
+    one, _ = _in_thread(lambda: servicer.score_batch_request(_batch(a, b), 2.0))
+    assert pool.ws[0].sent.wait(2)
+    two, second = _in_thread(lambda: servicer.score_batch_request(_batch(b, a), 2.0))
+    time.sleep(0.1)
+    pool.ws[0].gate.set()
+    one.join(5)
+    two.join(5)
+    assert [d.replayed for d in second["got"].decisions] == [True, True]
+    assert len(pool.ws[0].calls) == 1 and here.scored == []
