@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import start_http_server
+from prometheus_client.metrics_core import CounterMetricFamily
 
 from riskd.domain.decision import Outcome
 
@@ -31,6 +32,11 @@ class EvidenceLike(Protocol):
     def rejected(self) -> int: ...
     @property
     def unsealed(self) -> int: ...
+
+
+class LogLike(EvidenceLike, Protocol):
+    """The process's own decision log (``riskd.evidence.log.DecisionLog``)."""
+
     @property
     def superseded(self) -> int: ...
 
@@ -110,6 +116,7 @@ class Metrics:
             registry=r,
         )
 
+        self._workers_superseded = 0.0  # what the scoring workers reported (absorb_worker)
         # labelled children, looked up once per label value instead of once per decision
         self._by_outcome: dict[Outcome, Any] = {}
         self._by_rule: dict[str, Any] = {}
@@ -138,7 +145,7 @@ class Metrics:
             for rule_id in getattr(d, "rule_errors", ()):
                 _child(self._by_error, self.rule_errors, rule_id).inc()
 
-    def watch_evidence(self, log: EvidenceLike, *more: EvidenceLike) -> None:
+    def watch_evidence(self, log: LogLike, *more: EvidenceLike) -> None:
         """Export the decision log's writer state, read at each scrape (the sum over
         ``log`` and ``more``: the scoring workers' logs, as they last reported them).
 
@@ -147,9 +154,10 @@ class Metrics:
         the database refused and the writer set aside (never stored; alert on > 0).
         ``riskd_evidence_unsealed``: decisions stored with masked PII only, no ciphertexts
         (no usable data key, e.g. one wrapped under a retired master key; alert on > 0).
-        ``riskd_evidence_superseded``: decisions not stored because their order had a
-        recorded decision already (another process decided it too): each is an answer
-        the log does not keep (watch its rate).
+        ``riskd_evidence_superseded_total``, a counter: decisions not stored because their
+        order had a recorded decision already (another process decided it too), each an
+        answer the log does not keep: ``log``'s and, added up by ``absorb_worker``, the
+        scoring workers' (so it never goes down when a worker is replaced).
         """
         r = self.registry
         logs = (log, *more)
@@ -168,13 +176,9 @@ class Metrics:
             "Decisions logged with masked PII only: no usable data key to encrypt it.",
             registry=r,
         ).set_function(lambda: sum(x.unsealed for x in logs))
-        Gauge(
-            "riskd_evidence_superseded",
-            "Decisions not logged because their order had a recorded decision already.",
-            registry=r,
-        ).set_function(lambda: sum(x.superseded for x in logs))
+        r.register(_Superseded(log, self))
 
-    def snapshot(self, log: EvidenceLike | None) -> dict[str, Any]:
+    def snapshot(self, log: LogLike | None) -> dict[str, Any]:
         """What a scoring worker reports of its own metrics to the server process
         (plain data: it crosses the process boundary as JSON)."""
         return {
@@ -195,6 +199,8 @@ class Metrics:
             grown = _grown(old_errors.get(rule_id, 0.0), count)
             if grown:
                 _child(self._by_error, self.rule_errors, rule_id).inc(grown)
+        old = 0.0 if before is None else float(before["superseded"])
+        self._workers_superseded += _grown(old, float(now["superseded"]))
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value (0 when absent), e.g. ``riskd_decisions_total``."""
@@ -225,6 +231,24 @@ def _by_label(metric: Counter, label: str) -> dict[str, float]:
         for sample in family.samples
         if sample.name.endswith("_total")
     }
+
+
+class _Superseded:
+    """``riskd_evidence_superseded_total``, read at each scrape (``watch_evidence``)."""
+
+    _NAME = "riskd_evidence_superseded"
+    _HELP = "Decisions not logged because their order had a recorded decision already."
+
+    def __init__(self, log: LogLike, metrics: Metrics) -> None:
+        self._log = log
+        self._metrics = metrics
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self._NAME, self._HELP)]
+
+    def collect(self) -> list[CounterMetricFamily]:
+        value = self._log.superseded + self._metrics._workers_superseded
+        return [CounterMetricFamily(self._NAME, self._HELP, value=value)]
 
 
 def _grown(before: float, now: float) -> float:

@@ -571,10 +571,6 @@ class _PoolEvidence:
     def unsealed(self) -> int:
         return self._sum("unsealed")
 
-    @property
-    def superseded(self) -> int:
-        return self._sum("superseded")
-
 
 class _Missing(enum.Enum):
     """Why the gRPC process answers a worker's orders itself (the fallbacks metric's label)."""

@@ -289,7 +289,7 @@ def test_metrics_count_decisions_and_rule_hits(stub: Stub, server: RunningServer
     assert "\nriskd_evidence_backlog " in text  # the decision log writer's state
     assert "\nriskd_evidence_rejected 0.0\n" in text
     assert "\nriskd_evidence_unsealed 0.0\n" in text
-    assert "\nriskd_evidence_superseded 0.0\n" in text
+    assert "\nriskd_evidence_superseded_total 0.0\n" in text
     assert "13812345678" not in text
 
 
