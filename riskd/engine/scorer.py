@@ -126,9 +126,10 @@ class Scorer:
         workers: threads that run deadline-bounded feature calls.
         feature_timeout_s: the longest one feature store call can take (its socket
             timeout); calls run inline while the budget left covers it.
-        record_late: False in a scoring worker: a call whose orders are decided after its
-            deadline records none of them and raises ``DeadlineExceededError`` (the
-            gRPC process has answered that call with the fallback, and records that).
+        record_late: False in a scoring worker: a call whose decisions are not appended
+            to the log by its deadline (decided late, or the log's queue full until then)
+            records none of them and raises ``DeadlineExceededError`` (the gRPC process
+            has answered that call with the fallback, and records that).
     """
 
     def __init__(
@@ -331,27 +332,37 @@ class Scorer:
         )
 
     def _append(
-        self, order: Order, obs: Observation, record: DecisionRecord, ctx: _Context
-    ) -> Decision:
-        """Append ``record`` to the log; the decision as answered (``unlogged`` if the
-        log's queue is full: answered anyway, a retry re-scores but never re-counts)."""
+        self, decided: Sequence[tuple[Order, Observation, DecisionRecord]], ctx: _Context
+    ) -> list[Decision]:
+        """Append the records to the log, all or none; the decisions as answered
+        (``unlogged`` if the log's queue stayed full: answered anyway, a retry re-scores
+        but never re-counts).
+
+        Raises:
+            DeadlineExceededError: ``record_late`` is off and the deadline came before
+                the records were appended (none are).
+        """
+        wait_s = until = None
+        if not self._record_late and ctx.deadline is not None:
+            until = ctx.deadline
+            wait_s = until - self._clock.monotonic()
+            if wait_s <= 0:
+                raise DeadlineExceededError("decided after the call's deadline; nothing recorded")
         try:
             if ctx.log_full:  # one wait for a full queue per call, not one per order
                 raise UnavailableError("decision log queue is full")
-            self._log.append(record, order=order, digests=obs.keys)
+            self._log.append_all(((r, o, obs.keys) for o, obs, r in decided), wait_s=wait_s)
         except UnavailableError:
+            if until is not None and self._clock.monotonic() >= until:
+                raise DeadlineExceededError(
+                    "the decision log had no room before the call's deadline; nothing recorded"
+                ) from None
             ctx.log_full = True
-            degraded = (*record.decision.degraded, "evidence")
-            return replace(record.decision, degraded=degraded, unlogged=True)
-        return record.decision
-
-    def _too_late(self, ctx: _Context) -> bool:
-        """Whether a worker's decisions came after their call's deadline (``record_late``)."""
-        return (
-            not self._record_late
-            and ctx.deadline is not None
-            and self._clock.monotonic() > ctx.deadline
-        )
+            return [
+                replace(r.decision, degraded=(*r.decision.degraded, "evidence"), unlogged=True)
+                for _, _, r in decided
+            ]
+        return [r.decision for _, _, r in decided]
 
     def _decision(
         self, order: Order, ctx: _Context, results: Sequence[RuleResult], missing: list[str]
@@ -528,15 +539,26 @@ class _Batch:
         features = self.s._read_features(
             observations, self.ctx.program.feature_queries, self.s._left(self.ctx.deadline)
         )
-        decided = [
-            self.s._decide(self.orders[i], values, self.ctx)
-            for (i, _), values in zip(todo, features, strict=True)
-        ]
-        if decided and self.s._too_late(self.ctx):  # all recorded, or none (and said so)
-            raise DeadlineExceededError("decided after the call's deadline; nothing recorded")
-        for (i, flight), obs, record in zip(todo, observations, decided, strict=True):
-            self.out[i] = self.s._append(self.orders[i], obs, record, self.ctx)
-            flight.finish(self.out[i], request=record.request)
+        decided: list[tuple[int, Flight[Decision], Observation, DecisionRecord]] = []
+        try:
+            for (i, flight), obs, values in zip(todo, observations, features, strict=True):
+                decided.append((i, flight, obs, self.s._decide(self.orders[i], values, self.ctx)))
+        except BaseException:
+            self._record(decided)  # what was decided before the failure is kept
+            raise
+        self._record(decided)
+
+    def _record(
+        self, decided: Sequence[tuple[int, Flight[Decision], Observation, DecisionRecord]]
+    ) -> None:
+        """Append the decisions together (all or none, ``Scorer._append``) and answer
+        their flights."""
+        if not decided:
+            return
+        answers = self.s._append([(self.orders[i], obs, r) for i, _, obs, r in decided], self.ctx)
+        for (i, flight, _, record), decision in zip(decided, answers, strict=True):
+            self.out[i] = decision
+            flight.finish(decision, request=record.request)
 
 
 def scored_for_other_content(where: str) -> AlreadyExistsError:

@@ -1,9 +1,10 @@
 """The decision log: every decision and every reported outcome, appended, batched, hash-chained.
 
-Where it sits: ``engine.Scorer`` builds a ``DecisionRecord`` after each
-decision and calls ``append``; a background writer thread takes whatever has
-queued up (up to ``max_batch`` items) and commits it in ONE transaction, so
-the request path never waits on a disk flush or a network round trip. With a
+Where it sits: ``engine.Scorer`` builds a ``DecisionRecord`` for each decision
+and appends a call's records together (``append_all``); a background writer thread
+takes whatever has queued up (up to ``max_batch`` items) and commits it in ONE
+transaction, so the request path never waits on a disk flush or a network round
+trip. With a
 Vault whose keys live in the same database, that transaction also creates the
 data keys of the batch's new buyers: keys and ciphertexts commit together.
 
@@ -19,12 +20,12 @@ for everything appended so far to be committed or set aside; ``close()``
 flushes and stops the writer (graceful shutdown loses nothing).
 
 Backpressure: when ``queue_size`` items are waiting (the database is slow or
-down), ``append`` waits up to ``put_timeout_s`` and then raises
-``UnavailableError``: the caller answers anyway and marks the decision
-degraded. A failed commit is logged (the error's type only: rows hold PII)
-and retried with backoff while the failure is the database's (down, connection
-lost, locks: ``Database.is_transient``); its items stay queued and visible to
-``get``. A connection lost during COMMIT leaves the outcome unknown: before
+down), ``append`` (``append_all``: room for all of its items, or none is queued) waits
+up to ``put_timeout_s`` and then raises ``UnavailableError``: the caller answers
+anyway and marks the decision degraded. A failed commit is logged (the error's type
+only: rows hold PII) and retried with backoff while the failure is the database's
+(down, connection lost, locks: ``Database.is_transient``); its items stay queued and
+visible to ``get``. A connection lost during COMMIT leaves the outcome unknown: before
 writing the batch again the writer looks for the chain heads it wrote, so a
 batch that did commit is never appended twice. A batch that fails on its data
 (a value the database refuses, a constraint) is written again one item at a
@@ -94,6 +95,9 @@ class _Item:
     digests: Mapping[str, str] | None = None
     appended_at: float = 0.0  # wall clock at ``append``: before or after a buyer's forget
 
+
+# One decision to append: its record, the plaintext order (Vault, blind indexes), digests.
+Entry = tuple[DecisionRecord, Order | None, Mapping[str, str] | None]
 
 _IN_CHUNK = 500
 # What a write put at the end of each chain it appended to: (table, seq, hash).
@@ -179,19 +183,35 @@ class DecisionLog:
         Raises:
             UnavailableError: the queue stayed full for ``put_timeout_s``, or the log is closed.
         """
+        self.append_all(((record, order, digests),))
+
+    def append_all(self, entries: Iterable[Entry], *, wait_s: float | None = None) -> None:
+        """``append`` for several decisions at once (``(record, order, digests)``), all or
+        none: it waits until the queue has room for every one of them, at most
+        ``put_timeout_s`` and, when given, ``wait_s`` (a caller's deadline), so either
+        all are queued or, raising, none.
+
+        Raises:
+            UnavailableError: the queue had no room for them in time, or the log is closed.
+        """
+        keep = self._vault is not None or self._indexer is not None
         with self._cond:
-            if record.order_id in self._pending:
-                self._superseded += 1
+            fresh: dict[str, Entry] = {}
+            for entry in entries:
+                order_id = entry[0].order_id
+                if order_id in self._pending or order_id in fresh:
+                    self._superseded += 1
+                    continue
+                fresh[order_id] = entry
+            if not fresh:
                 return
-            keep = self._vault is not None or self._indexer is not None
-            item = _Item(
-                record=record,
-                order=order if keep else None,
-                digests=digests,
-                appended_at=time.time(),
+            self._room(len(fresh), wait_s)
+            now = time.time()  # before or after a buyer's forget (see _forgotten_before)
+            self._pending.update((oid, record) for oid, (record, _, _) in fresh.items())
+            self._enqueue(
+                _Item(record=r, order=o if keep else None, digests=d, appended_at=now)
+                for r, o, d in fresh.values()
             )
-            self._put(item)
-            self._pending[record.order_id] = record
 
     def append_event(self, event: OrderEvent) -> None:
         """Queue a reported outcome (its own append-only, chained table)."""
@@ -200,21 +220,31 @@ class DecisionLog:
         if event.kind.value == 0:
             raise InvalidArgumentError("event.kind", "must be set")
         with self._cond:
-            self._put(_Item(event=event))
+            self._room(1, None)
+            self._enqueue((_Item(event=event),))
 
-    def _put(self, item: _Item) -> None:
-        deadline = time.monotonic() + self._put_timeout
-        while len(self._queue) + self._inflight >= self._queue_size and not self._closed:
+    def _room(self, n: int, wait_s: float | None) -> None:
+        """Wait (holding the lock) until ``n`` more items fit the queue (any number fits an
+        empty one), at most ``put_timeout_s`` and ``wait_s``."""
+        wait = self._put_timeout if wait_s is None else min(self._put_timeout, wait_s)
+        deadline = time.monotonic() + wait
+        need = min(n, self._queue_size)
+        while len(self._queue) + self._inflight + need > self._queue_size and not self._closed:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise UnavailableError("decision log queue is full")
             self._cond.wait(left)
         if self._closed:
             raise UnavailableError("decision log is closed")
-        self._queue.append(item)
-        self._appended += 1
-        if len(self._queue) == 1 or len(self._queue) == self._max_batch:
-            # wake the writer only when it has something new to do: the first item
+
+    def _enqueue(self, items: Iterable[_Item]) -> None:
+        """Queue ``items`` (the lock held, room made by ``_room``)."""
+        before = len(self._queue)
+        self._queue.extend(items)
+        after = len(self._queue)
+        self._appended += after - before
+        if before == 0 or before < self._max_batch <= after:
+            # wake the writer only when it has something new to do: the first items
             # (it sleeps on an empty queue) or a full batch (it stops gathering); in
             # between it gathers for flush_interval_s, and a wake-up per append would
             # cost every request a context switch and a GIL hand-off

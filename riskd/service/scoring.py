@@ -69,24 +69,35 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         return self.score_batch_request(request, self._timeout(context))
 
     def score_request(
-        self, request: scoring_pb2.ScoreRequest, timeout_s: float
+        self,
+        request: scoring_pb2.ScoreRequest,
+        timeout_s: float,
+        *,
+        deadline: float | None = None,
     ) -> scoring_pb2.ScoreResponse:
-        """``Score`` without the gRPC context (a scoring worker process calls it too)."""
+        """``Score`` without the gRPC context (a scoring worker process calls it too).
+
+        ``deadline``, when given, replaces ``timeout_s``: an absolute one (the clock's
+        monotonic), so the scorer gets what is left of it once the request is read."""
         order = convert.order_from_proto(request.order)
         validate.validate_order(order)
-        decision = self._scorer.score(order, timeout_s=timeout_s)
+        decision = self._scorer.score(order, timeout_s=self._left(timeout_s, deadline))
         self._metrics.observe_decisions((decision,))
         if self._on_decided is not None:
             self._on_decided((decision,))
         return scoring_pb2.ScoreResponse(decision=convert.decision_to_proto(decision))
 
     def score_batch_request(
-        self, request: scoring_pb2.ScoreBatchRequest, timeout_s: float
+        self,
+        request: scoring_pb2.ScoreBatchRequest,
+        timeout_s: float,
+        *,
+        deadline: float | None = None,
     ) -> scoring_pb2.ScoreBatchResponse:
-        """``ScoreBatch`` without the gRPC context."""
+        """``ScoreBatch`` without the gRPC context (``deadline``: as ``score_request``)."""
         orders = convert.orders_from_proto(request.orders)
         validate.validate_batch(orders, self._max_batch)
-        decisions = self._scorer.score_batch(orders, timeout_s=timeout_s)
+        decisions = self._scorer.score_batch(orders, timeout_s=self._left(timeout_s, deadline))
         self._metrics.observe_decisions(decisions)
         if self._on_decided is not None:
             self._on_decided(decisions)
@@ -102,6 +113,9 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         validate.validate_event(event, now)
         self._scorer.report_outcome(event)
         return scoring_pb2.ReportOutcomeResponse()
+
+    def _left(self, timeout_s: float, deadline: float | None) -> float:
+        return timeout_s if deadline is None else deadline - self._clock.monotonic()
 
     def _timeout(self, context: grpc.ServicerContext) -> float:
         """Seconds the scorer may spend: the caller's deadline less a margin, or the default.

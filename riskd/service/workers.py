@@ -28,11 +28,14 @@ Failures:
   discards the late answer. A call carries that deadline itself (``CLOCK_MONOTONIC`` is
   the machine's), and a worker that reads a call after it (stalled meanwhile) answers
   ``late`` without scoring it, so it cannot decide the order a second time once it
-  resumes; one stalled mid-scoring records none of the call's decisions made after that
-  deadline and answers ``late`` too (``Scorer``'s ``record_late``). Left: a worker that
-  stalls between recording its decisions and sending them (a few statements) answers
-  late with decisions recorded, and the decision log keeps the first committed (the
-  other is counted in ``riskd_evidence_superseded``).
+  resumes. A worker records a call's decisions all together, and only by that deadline
+  less ``ANSWER_RESERVE_PER_ORDER_S`` per order (the time to answer once they are
+  recorded); one that could not (stalled mid-scoring, its log's queue full until then)
+  records none of them and answers ``late`` too (``Scorer``'s ``record_late``). Left: a
+  worker that stalls between recording its decisions and sending them, or whose answer
+  takes longer than that reserve, answers late with decisions recorded, and the decision
+  log keeps the first committed (the other is counted in
+  ``riskd_evidence_superseded_total``).
 * A worker that is busy (another call holds it for longer than ``BUSY_WAIT_S``) or still
   owes a late answer gets no more calls meanwhile: its orders go elsewhere as a down
   worker's do, in the time left. So a worker that stalls holds one RPC thread, for one
@@ -56,8 +59,9 @@ and replays a fallback it decided itself from its own log's queue, for ``Score``
 ``ScoreBatch`` alike; and it keeps a flight per order id (``riskd.engine.flights``), led
 by the unary call or the batch routing that order: a retry, unary or a batch's entry,
 arriving meanwhile waits for that answer (its time up first: the fallback, degraded
-``inflight``, not recorded, as in one process; a batch takes its ids in sorted order, so
-two batches never wait on each other). A retry gets the answer marked ``replayed``
+``inflight``, not recorded, as in one process; a batch first routes the orders it leads,
+and leads none while it waits, so two calls never wait on each other). A retry gets the
+answer marked ``replayed``
 (other content: ``ALREADY_EXISTS``). Left: a retry more than ``RECENT_KEEP_S`` later
 while its decision is still uncommitted in a worker that cannot take it.
 
@@ -126,6 +130,10 @@ log = logging.getLogger("riskd.service.workers")
 START_TIMEOUT_S = 120.0  # a worker imports riskd, compiles the rules and opens the stores
 STOP_TIMEOUT_S = 30.0  # a stopping worker flushes its decision log
 IPC_MARGIN_S = 0.001  # kept back from a worker's budget for the answer's trip back
+# kept back per order by the worker itself for what follows its decisions: appending them to
+# its log, converting, serializing and sending the answer (~40 us per order on the 2-core
+# VM): a call's decisions are recorded by the deadline less this, or none are
+ANSWER_RESERVE_PER_ORDER_S = 50e-6
 FALLBACK_RESERVE_S = (
     0.02  # at most this (a quarter of the budget) kept for a late worker's fallback
 )
@@ -777,7 +785,11 @@ class PooledScoringServicer(ScoringServicer):
         return why
 
     def score_request(
-        self, request: scoring_pb2.ScoreRequest, timeout_s: float
+        self,
+        request: scoring_pb2.ScoreRequest,
+        timeout_s: float,
+        *,
+        deadline: float | None = None,
     ) -> scoring_pb2.ScoreResponse:
         """One order, through this process's flight for its order id (the module
         docstring's "Retries").
@@ -792,6 +804,8 @@ class PooledScoringServicer(ScoringServicer):
         (``_inflight``).
         """
         started = time.monotonic()
+        if deadline is not None:
+            timeout_s = deadline - started
         payload = request.SerializeToString()
         order_bytes = request.order.SerializeToString()
         order_id = request.order.order_id
@@ -870,56 +884,49 @@ class PooledScoringServicer(ScoringServicer):
         return response
 
     def score_batch_request(
-        self, request: scoring_pb2.ScoreBatchRequest, timeout_s: float
+        self,
+        request: scoring_pb2.ScoreBatchRequest,
+        timeout_s: float,
+        *,
+        deadline: float | None = None,
     ) -> scoring_pb2.ScoreBatchResponse:
-        """The orders' flights first (``_board``), then each order answered as a unary
-        call's would be: a worker's kept answer, this process's queued decision, or the
-        order routed with the others of its worker (``_route_batch``)."""
+        """Each order answered as a unary call's would be, under its order id's flight (the
+        module docstring's "Retries"): the orders whose flights this call leads at once
+        first (``_route_batch``); then, in the time left, those another call (unary or a
+        batch) is routing, each looked up again once that call is done, or, still out at
+        the deadline, the fallback, degraded ``inflight`` and not recorded
+        (``_answer_inflight``). A call never waits while it leads a flight, so two calls
+        never wait on each other."""
         started = time.monotonic()
+        if deadline is not None:
+            timeout_s = deadline - started
         orders = convert.orders_from_proto(request.orders)
         validate.validate_batch(orders, self._max_batch)
         refuse_changed_duplicates(orders, protect_order)  # before any worker scores its part
-        deadline = _wait_until(started, timeout_s)
+        until = _wait_until(started, timeout_s)
         decisions: list[scoring_pb2.Decision | None] = [None] * len(request.orders)
-        led = self._board(orders, deadline, started, decisions)
-        try:
-            return self._route_batch(request, orders, deadline, decisions)
-        finally:
-            for order_id, flight in led.items():
-                self._flights.land(order_id)  # landed first, as a unary leader does
-                flight.finish(None)  # its followers look again: the kept answer, or the log
-
-    def _board(
-        self,
-        orders: Sequence[Order],
-        deadline: float,
-        started: float,
-        decisions: list[scoring_pb2.Decision | None],
-    ) -> dict[str, Flight[tuple[bytes, scoring_pb2.ScoreResponse]]]:
-        """Lead the flight of each order id of a batch, after the call (unary or a batch)
-        routing it now is done; the flights led. An order whose flight is still out at
-        ``deadline`` gets the fallback, degraded ``inflight`` and not recorded, as a unary
-        retry does (in ``decisions``). Ids are taken in sorted order, so two batches never
-        wait for each other's flights."""
-        led: dict[str, Flight[tuple[bytes, scoring_pb2.ScoreResponse]]] = {}
-        try:
-            for order_id in sorted({o.order_id for o in orders}):
-                while True:
-                    leader, flight = self._flights.join(order_id)
-                    if leader:
-                        led[order_id] = flight
-                        break
-                    flight.wait(max(deadline - time.monotonic(), 0.0))
-                    if not flight.done.is_set():  # still routed: answered as a retry
-                        self._answer_inflight(orders, order_id, started, decisions)
-                        break
-                    # landed: join again (its answer is kept, or in a log by now)
-        except BaseException:
-            for order_id, flight in led.items():
-                self._flights.land(order_id)
-                flight.finish(None)
-            raise
-        return led
+        ids = list(dict.fromkeys(o.order_id for o in orders))
+        while ids:
+            led: dict[str, Flight[tuple[bytes, scoring_pb2.ScoreResponse]]] = {}
+            out: dict[str, Flight[tuple[bytes, scoring_pb2.ScoreResponse]]] = {}
+            for order_id in ids:
+                leader, flight = self._flights.join(order_id)
+                (led if leader else out)[order_id] = flight
+            try:
+                if led:
+                    self._route_batch(request, orders, until, decisions, led.keys())
+            finally:
+                for order_id, flight in led.items():
+                    self._flights.land(order_id)  # landed first, as a unary leader does
+                    flight.finish(None)  # its followers look again: the kept answer, or a log
+            for flight in out.values():
+                flight.wait(max(until - time.monotonic(), 0.0))
+            ids = [order_id for order_id, flight in out.items() if flight.done.is_set()]
+            for order_id, flight in out.items():
+                if not flight.done.is_set():
+                    self._answer_inflight(orders, order_id, started, decisions)
+        assert all(d is not None for d in decisions), "every order has its answer"
+        return scoring_pb2.ScoreBatchResponse(decisions=cast(list[scoring_pb2.Decision], decisions))
 
     def _answer_inflight(
         self,
@@ -944,19 +951,20 @@ class PooledScoringServicer(ScoringServicer):
         orders: Sequence[Order],
         deadline: float,
         decisions: list[scoring_pb2.Decision | None],
-    ) -> scoring_pb2.ScoreBatchResponse:
-        """``score_batch_request`` with the orders' flights led (``decisions``: those
-        answered already)."""
+        ids: Collection[str],
+    ) -> None:
+        """Answer, in ``decisions``, the entries of the order ids ``ids`` (whose flights
+        this call leads): a worker's kept answer, this process's queued decision, else
+        each worker's part routed to it (or rerouted, or scored here)."""
+        todo = [i for i, o in enumerate(orders) if o.order_id in ids and decisions[i] is None]
         # the workers' recent answers, before anything is counted
-        order_bytes = [o.SerializeToString() for o in request.orders]
-        for i, (o, b) in enumerate(zip(request.orders, order_bytes, strict=True)):
-            if decisions[i] is None:
-                where = functools.partial("orders[{}]".format, i)
-                decisions[i] = self._recent.replay(o, b, where)
-        queued = {} if self._log is None else self._log.queued([o.order_id for o in orders])
-        here = [
-            i for i, order in enumerate(orders) if order.order_id in queued and decisions[i] is None
-        ]
+        order_bytes = {i: request.orders[i].SerializeToString() for i in todo}
+        for i in todo:
+            where = functools.partial("orders[{}]".format, i)
+            decisions[i] = self._recent.replay(request.orders[i], order_bytes[i], where)
+        todo = [i for i in todo if decisions[i] is None]
+        queued = {} if self._log is None else self._log.queued([orders[i].order_id for i in todo])
+        here = [i for i in todo if orders[i].order_id in queued]
         if here:  # decided by this process, not committed yet: replayed from its log first
             replays = scoring_pb2.ScoreBatchRequest(orders=[request.orders[i] for i in here])
             left = max(deadline - time.monotonic(), 0.0)
@@ -964,9 +972,9 @@ class PooledScoringServicer(ScoringServicer):
             for i, decision in zip(here, part, strict=True):
                 decisions[i] = decision
         groups: dict[int, list[int]] = {}
-        for i, order in enumerate(request.orders):
-            if decisions[i] is None and order.order_id not in queued:
-                groups.setdefault(self._pool.worker_for(order.order_id), []).append(i)
+        for i in todo:
+            if orders[i].order_id not in queued:
+                groups.setdefault(self._pool.worker_for(orders[i].order_id), []).append(i)
         parts = {
             w: scoring_pb2.ScoreBatchRequest(orders=[request.orders[i] for i in idx])
             for w, idx in groups.items()
@@ -1000,8 +1008,6 @@ class PooledScoringServicer(ScoringServicer):
                 self._fell_back(got, sum(not d.replayed for d in part))
                 for i, decision in zip(idx, part, strict=True):
                     decisions[i] = decision
-        assert all(d is not None for d in decisions), "every order has its worker's answer"
-        return scoring_pb2.ScoreBatchResponse(decisions=cast(list[scoring_pb2.Decision], decisions))
 
     def _ask_all(
         self, parts: dict[int, scoring_pb2.ScoreBatchRequest], deadline: float
@@ -1109,16 +1115,17 @@ def _serve(
             if method == "Stats":
                 channel.send((seq, "ok", report()))
                 continue
-            timeout_s = deadline - time.monotonic()
-            if timeout_s <= 0:  # the server process answered it already (the fallback)
+            if deadline <= time.monotonic():  # the server process answered it already
                 channel.send((seq, "late"))
                 continue
             if method == "Score":
                 request = scoring_pb2.ScoreRequest.FromString(payload)
-                response: Any = servicer.score_request(request, timeout_s)
+                by = deadline - ANSWER_RESERVE_PER_ORDER_S
+                response: Any = servicer.score_request(request, by - time.monotonic(), deadline=by)
             else:
                 batch = scoring_pb2.ScoreBatchRequest.FromString(payload)
-                response = servicer.score_batch_request(batch, timeout_s)
+                by = deadline - ANSWER_RESERVE_PER_ORDER_S * len(batch.orders)
+                response = servicer.score_batch_request(batch, by - time.monotonic(), deadline=by)
         except DeadlineExceededError:  # decided too late: nothing recorded (record_late)
             channel.send((seq, "late"))
             continue

@@ -6,6 +6,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,11 +112,12 @@ def make_rig(
         database: Database | None = None,
         shops: ShopDirectory | None = None,
         fallback: FallbackPolicy | None = None,
+        log_options: dict[str, Any] | None = None,
         **kwargs: object,
     ) -> Rig:
         database = database or db
         store = features or InProcessFeatureStore(clock)
-        log = DecisionLog(database, indexer=indexer)
+        log = DecisionLog(database, indexer=indexer, **(log_options or {}))
         scorer = Scorer(
             holder,
             store,

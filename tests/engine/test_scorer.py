@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from riskd.domain.clock import FakeClock
+from riskd.domain.clock import FakeClock, SystemClock
 from riskd.domain.decision import Decision, Outcome
 from riskd.domain.events import OrderEvent, OrderEventKind
 from riskd.domain.features import Agg, FeatureQuery
@@ -186,18 +187,18 @@ def test_a_full_decision_log_costs_a_batch_one_wait_not_one_per_order(
     make_rig: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rig = make_rig()
-    calls: list[str] = []
+    calls: list[list[str]] = []
 
-    def full(record: Any, **_: Any) -> None:
-        calls.append(record.order_id)
+    def full(entries: Any, **_: Any) -> None:
+        calls.append([record.order_id for record, _, _ in entries])
         time.sleep(0.05)  # the log's put timeout, then it gives up
         raise UnavailableError("decision log queue is full")
 
-    monkeypatch.setattr(rig.log, "append", full)
+    monkeypatch.setattr(rig.log, "append_all", full)
     decisions = rig.scorer.score_batch([make_order(f"o-{i}") for i in range(20)], timeout_s=0.5)
     assert all(d.degraded == ("evidence",) for d in decisions)
     assert all(d.unlogged for d in decisions)  # not in the log, and never will be
-    assert calls == ["o-0"]
+    assert calls == [[f"o-{i}" for i in range(20)]]  # all or none, in one wait
 
 
 def test_a_decision_appended_after_a_failed_look_up_is_logged(
@@ -417,6 +418,65 @@ def test_a_worker_records_no_decision_made_after_its_deadline(
     rig.log.flush(10)
     assert all(rig.log.get(o.order_id) is not None for o in orders)
     assert count_buyer_orders(rig, indexer, clock, "b-stall") == 3
+
+
+def test_a_worker_records_nothing_when_the_log_has_no_room_before_its_deadline(
+    make_rig: Callable[..., Rig], indexer: BlindIndexer, db: Database
+) -> None:
+    """Decided in time, but the log's queue stays full (its writer held by another
+    process's lock): the worker's scorer waits for room no longer than the deadline and
+    appends nothing after it (``DeadlineExceededError``), not one put timeout more."""
+    rig = make_rig(
+        scorer_clock=SystemClock(),
+        record_late=False,
+        log_options={"queue_size": 2, "max_batch": 1, "put_timeout_s": 2.0},
+    )
+    holder = sqlite3.connect(db.url, timeout=0)
+    holder.execute("BEGIN IMMEDIATE")  # the writer's next commit waits on this lock
+    try:
+        rig.scorer.score(make_order("o-fill-1"), timeout_s=1.0)  # the writer's, held
+        rig.scorer.score(make_order("o-fill-2"), timeout_s=1.0)  # queued: the queue is full
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceededError):
+            rig.scorer.score(make_order("o-late", buyer_id="b-late"), timeout_s=0.2)
+        assert time.monotonic() - started < 1.0  # the deadline, not the 2 s put timeout
+    finally:
+        holder.rollback()
+        holder.close()
+    rig.log.flush(10)
+    assert rig.log.get("o-late") is None and rig.log.get("o-fill-2") is not None
+    now = FakeClock(time.time())  # the scorer counted on the system clock
+    assert count_buyer_orders(rig, indexer, now, "b-late") == 1
+    retry = rig.scorer.score(make_order("o-late", buyer_id="b-late"), timeout_s=1.0)
+    assert not retry.replayed and not retry.unlogged
+    rig.log.flush(10)
+    assert rig.log.get("o-late") is not None
+    assert count_buyer_orders(rig, indexer, now, "b-late") == 1
+
+
+def test_orders_decided_before_a_failure_in_the_batch_are_recorded(
+    make_rig: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug deciding the third order (here: the shop directory raising something that
+    is no RiskdError) fails the call, yet the two decided before it are recorded, as when
+    each order was appended on its own: a retry gets them back."""
+    rig = make_rig()
+    decide = rig.scorer._decide
+    calls: list[str] = []
+
+    def flaky(order: Any, features: Any, ctx: Any) -> Any:
+        calls.append(order.order_id)
+        if len(calls) == 3:
+            raise RuntimeError("shop directory bug")
+        return decide(order, features, ctx)
+
+    monkeypatch.setattr(rig.scorer, "_decide", flaky)
+    orders = [make_order(f"o-{i}") for i in range(4)]
+    with pytest.raises(RuntimeError):
+        rig.scorer.score_batch(orders, timeout_s=1.0)
+    monkeypatch.setattr(rig.scorer, "_decide", decide)
+    retry = rig.scorer.score_batch(orders, timeout_s=1.0)
+    assert [d.replayed for d in retry] == [True, True, False, False]
 
 
 NIGHT_RULE = """

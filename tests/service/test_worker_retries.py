@@ -273,11 +273,15 @@ class BatchWorker:
         self.gate.set()
         self.sent = threading.Event()
 
-    def begin(self, method: str, payload: bytes, deadline: float, wait_s: float = 0.0) -> int:
+    def begin(
+        self, method: str, payload: bytes, deadline: float, wait_s: float = 0.0
+    ) -> int | None:
         if not self.alive:
             raise workers.WorkerGone
         if self.busy:
             raise workers.WorkerBusy
+        if deadline <= time.monotonic():  # as a real worker: not taken, nothing sent
+            return None
         self.calls.append(payload)
         self.methods.append(method)
         self.sent.set()
@@ -456,8 +460,8 @@ def test_a_batch_entry_still_routed_at_its_deadline_gets_the_unrecorded_fallback
 
 
 def test_two_batches_sharing_orders_decide_each_once() -> None:
-    """``[a, b]`` and ``[b, a]`` at once: one leads both flights (ids boarded in sorted
-    order, so neither holds one while it waits for the other's), the other replays."""
+    """``[a, b]`` and ``[b, a]`` at once: one leads both flights, the other waits for
+    them (leading none meanwhile) and replays."""
     servicer, pool, here, _ = _batch_servicer()
     a, b = fresh(), fresh()
     pool.ws[0].gate.clear()
@@ -470,3 +474,21 @@ def test_two_batches_sharing_orders_decide_each_once() -> None:
     two.join(5)
     assert [d.replayed for d in second["got"].decisions] == [True, True]
     assert len(pool.ws[0].calls) == 1 and here.scored == []
+
+
+def test_a_batch_routes_the_orders_it_leads_before_it_waits_for_another_calls() -> None:
+    """A unary call routes ``a`` on a stalled worker 0; a batch ``[a, b, c]`` (b and c
+    are worker 1's) has them decided by worker 1 at once, then waits for ``a`` in the
+    time left: ``a`` gets the unrecorded ``inflight`` fallback, nothing is scored here."""
+    servicer, pool, here, _ = _batch_servicer()
+    a, b, c = fresh(), fresh(), fresh()
+    pool.to_1 |= {b.order_id, c.order_id}
+    pool.ws[0].gate.clear()
+    unary, _ = _in_thread(lambda: servicer.score_request(_request(a), 5.0))
+    assert pool.ws[0].sent.wait(2)
+    got = servicer.score_batch_request(_batch(a, b, c), 0.3).decisions
+    pool.ws[0].gate.set()
+    unary.join(5)
+    assert [tuple(d.unavailable) for d in got] == [("inflight",), (), ()]
+    assert [d.decided_at for d in got[1:]] == [1.0, 1.0]  # worker 1's answers
+    assert pool.ws[1].methods == ["ScoreBatch"] and here.scored == []

@@ -31,7 +31,7 @@ from riskd.domain.order import Amounts, Order
 from riskd.errors import ConfigError, DeadlineExceededError
 from riskd.evidence.chain import verify
 from riskd.service import convert, workers
-from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
+from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2, scoring_pb2_grpc
 from riskd.service.logs import JsonFormatter
 from riskd.service.metrics import Metrics
 from riskd.service.server import RunningServer, create_server
@@ -650,20 +650,33 @@ def test_a_worker_that_reads_a_call_after_its_deadline_does_not_score_it() -> No
     """A worker stalled before it read a call (stopped, swapped out) must not decide the
     order once it resumes: the server process has answered it with the fallback and
     recorded that, so a second decision could be the one the log keeps."""
-    budgets: list[float] = []
+    budgets: list[tuple[float, float]] = []
 
     class Servicer:
-        def score_request(self, request: object, timeout_s: float) -> object:
-            budgets.append(timeout_s)
+        def score_request(self, request: object, timeout_s: float, *, deadline: float) -> object:
+            budgets.append((timeout_s, deadline))
             return scoring_pb2.ScoreResponse()
+
+        def score_batch_request(
+            self, request: object, timeout_s: float, *, deadline: float
+        ) -> object:
+            budgets.append((timeout_s, deadline))
+            return scoring_pb2.ScoreBatchResponse()
 
     payload = scoring_pb2.ScoreRequest().SerializeToString()
     with _serving(Servicer()) as channel:
         channel.send((1, "Score", payload, time.monotonic() - 0.01))
         assert channel.recv(time.monotonic() + 5) == (1, "late")
-        channel.send((2, "Score", payload, time.monotonic() + 5.0))
+        sent = time.monotonic() + 5.0
+        channel.send((2, "Score", payload, sent))
         assert channel.recv(time.monotonic() + 5)[:2] == (2, "ok")
-        assert len(budgets) == 1 and 4.5 < budgets[0] <= 5.0  # the time left, not more
+        assert len(budgets) == 1 and 4.5 < budgets[0][0] <= 5.0  # the time left, not more
+        # the scorer's deadline is the call's own, less the time to answer after deciding
+        assert budgets[0][1] == sent - workers.ANSWER_RESERVE_PER_ORDER_S
+        batch = scoring_pb2.ScoreBatchRequest(orders=[order_pb2.Order()] * 100)
+        channel.send((3, "ScoreBatch", batch.SerializeToString(), sent))
+        assert channel.recv(time.monotonic() + 5)[:2] == (3, "ok")
+        assert budgets[1][1] == sent - 100 * workers.ANSWER_RESERVE_PER_ORDER_S
 
 
 def test_a_worker_that_decided_after_the_deadline_answers_late() -> None:
@@ -672,7 +685,7 @@ def test_a_worker_that_decided_after_the_deadline_answers_late() -> None:
     stands, recorded), not an error for the caller."""
 
     class Servicer:
-        def score_request(self, request: object, timeout_s: float) -> object:
+        def score_request(self, request: object, timeout_s: float, **_: object) -> object:
             raise DeadlineExceededError("decided after the call's deadline; nothing recorded")
 
     payload = scoring_pb2.ScoreRequest().SerializeToString()
@@ -687,7 +700,9 @@ def test_a_workers_answer_names_the_decisions_its_log_will_not_hold() -> None:
     unlogged: list[str] = []
 
     class Servicer:
-        def score_request(self, request: scoring_pb2.ScoreRequest, timeout_s: float) -> object:
+        def score_request(
+            self, request: scoring_pb2.ScoreRequest, timeout_s: float, **_: object
+        ) -> object:
             if request.order.order_id == "o-refused":
                 unlogged.append("o-refused")
             return scoring_pb2.ScoreResponse()
