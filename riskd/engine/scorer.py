@@ -334,22 +334,36 @@ class Scorer:
     def _append(
         self, decided: Sequence[tuple[Order, Observation, DecisionRecord]], ctx: _Context
     ) -> list[Decision]:
-        """Append the records to the log, all or none; the decisions as answered
-        (``unlogged`` if the log's queue stayed full: answered anyway, a retry re-scores
-        but never re-counts).
+        """Append the records to the log; the decisions as answered (``unlogged`` when
+        the log's queue stayed full: answered anyway, a retry re-scores but never
+        re-counts; one wait per call, not one per order).
+
+        In one process each record is appended in turn (the queue takes what fits). In a
+        scoring worker (``record_late`` off) they are appended all or none, by the deadline.
 
         Raises:
             DeadlineExceededError: ``record_late`` is off and the deadline came before
                 the records were appended (none are).
         """
-        wait_s = until = None
-        if not self._record_late and ctx.deadline is not None:
-            until = ctx.deadline
-            wait_s = until - self._clock.monotonic()
-            if wait_s <= 0:
-                raise DeadlineExceededError("decided after the call's deadline; nothing recorded")
+        if self._record_late:
+            out: list[Decision] = []
+            for order, obs, record in decided:
+                try:
+                    if ctx.log_full:
+                        raise UnavailableError("decision log queue is full")
+                    self._log.append(record, order=order, digests=obs.keys)
+                except UnavailableError:
+                    ctx.log_full = True
+                    out.append(_unlogged(record.decision))
+                    continue
+                out.append(record.decision)
+            return out
+        until = ctx.deadline
+        wait_s = None if until is None else until - self._clock.monotonic()
+        if wait_s is not None and wait_s <= 0:
+            raise DeadlineExceededError("decided after the call's deadline; nothing recorded")
         try:
-            if ctx.log_full:  # one wait for a full queue per call, not one per order
+            if ctx.log_full:
                 raise UnavailableError("decision log queue is full")
             self._log.append_all(((r, o, obs.keys) for o, obs, r in decided), wait_s=wait_s)
         except UnavailableError:
@@ -358,10 +372,7 @@ class Scorer:
                     "the decision log had no room before the call's deadline; nothing recorded"
                 ) from None
             ctx.log_full = True
-            return [
-                replace(r.decision, degraded=(*r.decision.degraded, "evidence"), unlogged=True)
-                for _, _, r in decided
-            ]
+            return [_unlogged(r.decision) for _, _, r in decided]
         return [r.decision for _, _, r in decided]
 
     def _decision(
@@ -559,6 +570,11 @@ class _Batch:
         for (i, flight, _, record), decision in zip(decided, answers, strict=True):
             self.out[i] = decision
             flight.finish(decision, request=record.request)
+
+
+def _unlogged(decision: Decision) -> Decision:
+    """``decision`` as answered when the log did not take it."""
+    return replace(decision, degraded=(*decision.degraded, "evidence"), unlogged=True)
 
 
 def scored_for_other_content(where: str) -> AlreadyExistsError:

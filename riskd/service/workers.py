@@ -29,13 +29,13 @@ Failures:
   the machine's), and a worker that reads a call after it (stalled meanwhile) answers
   ``late`` without scoring it, so it cannot decide the order a second time once it
   resumes. A worker records a call's decisions all together, and only by that deadline
-  less ``ANSWER_RESERVE_PER_ORDER_S`` per order (the time to answer once they are
-  recorded); one that could not (stalled mid-scoring, its log's queue full until then)
-  records none of them and answers ``late`` too (``Scorer``'s ``record_late``). Left: a
-  worker that stalls between recording its decisions and sending them, or whose answer
-  takes longer than that reserve, answers late with decisions recorded, and the decision
-  log keeps the first committed (the other is counted in
-  ``riskd_evidence_superseded_total``).
+  less the time to answer once they are recorded (``ANSWER_RESERVE_S``, and
+  ``ANSWER_RESERVE_PER_ORDER_S`` per order); one that could not (stalled mid-scoring,
+  its log's queue full until then) records none of them and answers ``late`` too
+  (``Scorer``'s ``record_late``). Left: a worker that stalls between recording its
+  decisions and sending them, or whose answer takes longer than that reserve, answers
+  late with decisions recorded, and the decision log keeps the first committed (the
+  other is counted in ``riskd_evidence_superseded_total``).
 * A worker that is busy (another call holds it for longer than ``BUSY_WAIT_S``) or still
   owes a late answer gets no more calls meanwhile: its orders go elsewhere as a down
   worker's do, in the time left. So a worker that stalls holds one RPC thread, for one
@@ -75,7 +75,8 @@ The server process's metrics count every decision it returns, and every order it
 itself (``riskd_score_worker_fallbacks_total`` by reason: down, busy, late). What only a
 worker sees, it counts in its own ``Metrics``: the monitor asks each worker for a snapshot
 once a second (``RESPAWN_EVERY_S``; a worker held by calls is asked next round) and adds it
-to the server process's ``riskd_rule_errors_total`` and to the ``riskd_evidence_*`` gauges
+to the server process's ``riskd_rule_errors_total`` and ``riskd_evidence_superseded_total``
+(what it counted since its last report) and to the other ``riskd_evidence_*`` gauges
 (each worker's decision-log writer as last reported). A worker that dies takes what it
 counted since its last report with it. Rule errors count evaluations: an order answered by
 the fallback because its worker was stalled while scoring it is evaluated twice (here and,
@@ -130,14 +131,18 @@ log = logging.getLogger("riskd.service.workers")
 START_TIMEOUT_S = 120.0  # a worker imports riskd, compiles the rules and opens the stores
 STOP_TIMEOUT_S = 30.0  # a stopping worker flushes its decision log
 IPC_MARGIN_S = 0.001  # kept back from a worker's budget for the answer's trip back
-# kept back per order by the worker itself for what follows its decisions: appending them to
-# its log, converting, serializing and sending the answer (~40 us per order on the 2-core
-# VM): a call's decisions are recorded by the deadline less this, or none are
+# Kept back by the worker itself for what follows its decisions: appending them to its log,
+# converting, serializing and sending the answer while its own log writer competes for the
+# GIL (unary: p99 2.1-2.5 ms, max 5-11 ms; ~40 us more per order of a batch, 2-core VM). A
+# call's decisions are recorded by its deadline less this (the base at most a quarter of
+# the time left), or none are; an answer slower than that arrives late with them recorded.
+ANSWER_RESERVE_S = 0.004
 ANSWER_RESERVE_PER_ORDER_S = 50e-6
 FALLBACK_RESERVE_S = (
     0.02  # at most this (a quarter of the budget) kept for a late worker's fallback
 )
 BUSY_WAIT_S = 0.02  # the longest a call waits for a worker another call holds
+RELOOK_EVERY_S = 0.002  # a batch waiting for other calls' orders looks at them this often
 HUNG_AFTER_S = 2.0  # an answer owed this long past its deadline: the worker is killed
 RESPAWN_EVERY_S = 1.0  # how often the monitor looks for workers that exited or hang
 STATS_WAIT_S = 0.5  # the longest the monitor waits for a worker's metrics snapshot
@@ -893,10 +898,10 @@ class PooledScoringServicer(ScoringServicer):
         """Each order answered as a unary call's would be, under its order id's flight (the
         module docstring's "Retries"): the orders whose flights this call leads at once
         first (``_route_batch``); then, in the time left, those another call (unary or a
-        batch) is routing, each looked up again once that call is done, or, still out at
-        the deadline, the fallback, degraded ``inflight`` and not recorded
-        (``_answer_inflight``). A call never waits while it leads a flight, so two calls
-        never wait on each other."""
+        batch) is routing, each looked up again soon after that call is done (within
+        ``RELOOK_EVERY_S``), or, still out at the deadline, the fallback, degraded
+        ``inflight`` and not recorded (``_answer_inflight``). A call never waits while it
+        leads a flight, so two calls never wait on each other."""
         started = time.monotonic()
         if deadline is not None:
             timeout_s = deadline - started
@@ -905,13 +910,16 @@ class PooledScoringServicer(ScoringServicer):
         refuse_changed_duplicates(orders, protect_order)  # before any worker scores its part
         until = _wait_until(started, timeout_s)
         decisions: list[scoring_pb2.Decision | None] = [None] * len(request.orders)
-        ids = list(dict.fromkeys(o.order_id for o in orders))
-        while ids:
+        entries: dict[str, list[int]] = {}  # order id -> its entries, in order
+        for i, order in enumerate(orders):
+            entries.setdefault(order.order_id, []).append(i)
+        ids = list(entries)
+        awaited: dict[str, Flight[tuple[bytes, scoring_pb2.ScoreResponse]]] = {}
+        while ids or awaited:
             led: dict[str, Flight[tuple[bytes, scoring_pb2.ScoreResponse]]] = {}
-            out: dict[str, Flight[tuple[bytes, scoring_pb2.ScoreResponse]]] = {}
             for order_id in ids:
                 leader, flight = self._flights.join(order_id)
-                (led if leader else out)[order_id] = flight
+                (led if leader else awaited)[order_id] = flight
             try:
                 if led:
                     self._route_batch(request, orders, until, decisions, led.keys())
@@ -919,31 +927,36 @@ class PooledScoringServicer(ScoringServicer):
                 for order_id, flight in led.items():
                     self._flights.land(order_id)  # landed first, as a unary leader does
                     flight.finish(None)  # its followers look again: the kept answer, or a log
-            for flight in out.values():
-                flight.wait(max(until - time.monotonic(), 0.0))
-            ids = [order_id for order_id, flight in out.items() if flight.done.is_set()]
-            for order_id, flight in out.items():
-                if not flight.done.is_set():
-                    self._answer_inflight(orders, order_id, started, decisions)
+            if not awaited:
+                break
+            left = until - time.monotonic()
+            next(iter(awaited.values())).wait(min(max(left, 0.0), RELOOK_EVERY_S))
+            landed = {oid: flight.done.is_set() for oid, flight in awaited.items()}  # read once
+            ids = [oid for oid, done in landed.items() if done]
+            for order_id in ids:
+                del awaited[order_id]
+            if time.monotonic() >= until:  # the rest are still out: answered as retries
+                for order_id in awaited:
+                    self._answer_inflight(orders, entries[order_id], started, decisions)
+                awaited.clear()
         assert all(d is not None for d in decisions), "every order has its answer"
         return scoring_pb2.ScoreBatchResponse(decisions=cast(list[scoring_pb2.Decision], decisions))
 
     def _answer_inflight(
         self,
         orders: Sequence[Order],
-        order_id: str,
+        indexes: Sequence[int],
         started: float,
         decisions: list[scoring_pb2.Decision | None],
     ) -> None:
-        """The unrecorded ``inflight`` fallback for every entry of ``order_id``."""
-        first = next(o for o in orders if o.order_id == order_id)
-        decision = self._pooled_scorer.inflight(first, started)
+        """The unrecorded ``inflight`` fallback for the entries ``indexes`` of one order id
+        (the first not replayed, repeats replayed, as the scorer answers them)."""
+        decision = self._pooled_scorer.inflight(orders[indexes[0]], started)
         self._metrics.observe_decisions((decision,))
-        for i, order in enumerate(orders):
-            if order.order_id == order_id:
-                answer = convert.decision_to_proto(decision)
-                answer.replayed = order is not first  # a repeated entry, as the scorer says
-                decisions[i] = answer
+        for n, i in enumerate(indexes):
+            answer = convert.decision_to_proto(decision)
+            answer.replayed = n > 0
+            decisions[i] = answer
 
     def _route_batch(
         self,
@@ -1118,13 +1131,14 @@ def _serve(
             if deadline <= time.monotonic():  # the server process answered it already
                 channel.send((seq, "late"))
                 continue
+            base = min(ANSWER_RESERVE_S, (deadline - time.monotonic()) / 4)
             if method == "Score":
                 request = scoring_pb2.ScoreRequest.FromString(payload)
-                by = deadline - ANSWER_RESERVE_PER_ORDER_S
+                by = deadline - base - ANSWER_RESERVE_PER_ORDER_S
                 response: Any = servicer.score_request(request, by - time.monotonic(), deadline=by)
             else:
                 batch = scoring_pb2.ScoreBatchRequest.FromString(payload)
-                by = deadline - ANSWER_RESERVE_PER_ORDER_S * len(batch.orders)
+                by = deadline - base - ANSWER_RESERVE_PER_ORDER_S * len(batch.orders)
                 response = servicer.score_batch_request(batch, by - time.monotonic(), deadline=by)
         except DeadlineExceededError:  # decided too late: nothing recorded (record_late)
             channel.send((seq, "late"))

@@ -187,18 +187,37 @@ def test_a_full_decision_log_costs_a_batch_one_wait_not_one_per_order(
     make_rig: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rig = make_rig()
-    calls: list[list[str]] = []
+    calls: list[str] = []
 
-    def full(entries: Any, **_: Any) -> None:
-        calls.append([record.order_id for record, _, _ in entries])
+    def full(record: Any, **_: Any) -> None:
+        calls.append(record.order_id)
         time.sleep(0.05)  # the log's put timeout, then it gives up
         raise UnavailableError("decision log queue is full")
 
-    monkeypatch.setattr(rig.log, "append_all", full)
+    monkeypatch.setattr(rig.log, "append", full)
     decisions = rig.scorer.score_batch([make_order(f"o-{i}") for i in range(20)], timeout_s=0.5)
     assert all(d.degraded == ("evidence",) for d in decisions)
     assert all(d.unlogged for d in decisions)  # not in the log, and never will be
-    assert calls == [[f"o-{i}" for i in range(20)]]  # all or none, in one wait
+    assert calls == ["o-0"]
+
+
+def test_one_process_logs_what_fits_a_nearly_full_queue(
+    make_rig: Callable[..., Rig], db: Database
+) -> None:
+    """Room for 3 of a batch's 5 decisions: in one process those 3 are logged (nobody else
+    records these orders), the other 2 answered unlogged."""
+    rig = make_rig(log_options={"queue_size": 4, "max_batch": 1, "put_timeout_s": 0.05})
+    holder = sqlite3.connect(db.url, timeout=0)
+    holder.execute("BEGIN IMMEDIATE")  # the writer holds its first item, commits nothing
+    try:
+        rig.scorer.score(make_order("o-held"), timeout_s=1.0)
+        decisions = rig.scorer.score_batch([make_order(f"o-{i}") for i in range(5)], timeout_s=1.0)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert [d.unlogged for d in decisions] == [False, False, False, True, True]
+    rig.log.flush(10)
+    assert [rig.log.get(f"o-{i}") is not None for i in range(5)] == [True] * 3 + [False] * 2
 
 
 def test_a_decision_appended_after_a_failed_look_up_is_logged(

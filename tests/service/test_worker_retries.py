@@ -267,6 +267,7 @@ class BatchWorker:
         self.busy = False
         self.alive = True
         self.error: Exception | None = None
+        self.fail_next: Exception | None = None  # raised by the next answer only
         self.calls: list[bytes] = []
         self.methods: list[str] = []
         self.gate = threading.Event()
@@ -291,6 +292,9 @@ class BatchWorker:
         self.gate.wait(5)
         if self.error is not None:
             raise self.error
+        if self.fail_next is not None:
+            fail, self.fail_next = self.fail_next, None
+            raise fail
         if self.methods[seq - 1] == "Score":
             order_id = scoring_pb2.ScoreRequest.FromString(self.calls[seq - 1]).order.order_id
             return _answer(order_id), frozenset()
@@ -406,15 +410,24 @@ def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]
     return thread, out
 
 
+def _held_unary(
+    order: Order, timeout_s: float
+) -> tuple[workers.PooledScoringServicer, FakePool, HereScorer, threading.Thread, dict[str, Any]]:
+    """A unary call for ``order`` on a thread, its worker holding the answer back
+    (``pool.w.gate``): the servicer, pool, this process's scorer, the thread, its result."""
+    servicer, pool, here = _servicer()
+    pool.w.answer = _answer(order.order_id)
+    pool.w.gate.clear()
+    thread, out = _in_thread(lambda: servicer.score_request(_request(order), timeout_s))
+    assert pool.w.sent.wait(2)
+    return servicer, pool, here, thread, out
+
+
 def test_a_batch_waits_for_the_unary_call_routing_its_order() -> None:
     """A batch entry for an order a unary call is routing (its worker holds the answer):
     the batch waits for that call and replays its answer, not a second decision here."""
-    servicer, pool, here = _servicer()
     order = fresh()
-    pool.w.answer = _answer(order.order_id)
-    pool.w.gate.clear()
-    unary, first = _in_thread(lambda: servicer.score_request(_request(order), 2.0))
-    assert pool.w.sent.wait(2)
+    servicer, pool, here, unary, first = _held_unary(order, 2.0)
     batch, retry = _in_thread(lambda: servicer.score_batch_request(_batch(order), 2.0))
     time.sleep(0.1)  # the batch waits on the unary call's flight
     pool.w.gate.set()
@@ -445,12 +458,8 @@ def test_a_unary_retry_waits_for_the_batch_routing_its_order() -> None:
 def test_a_batch_entry_still_routed_at_its_deadline_gets_the_unrecorded_fallback() -> None:
     """The unary call routing ``a`` outlasts the batch's time: ``a`` is answered
     ``inflight`` (not recorded; the first call's decision is), ``b`` is scored as usual."""
-    servicer, pool, here = _servicer()
     a, b = fresh(), fresh()
-    pool.w.answer = _answer(a.order_id)
-    pool.w.gate.clear()
-    unary, _ = _in_thread(lambda: servicer.score_request(_request(a), 5.0))
-    assert pool.w.sent.wait(2)
+    servicer, pool, here, unary, _ = _held_unary(a, 5.0)
     got = servicer.score_batch_request(_batch(a, b, a), 0.3).decisions
     pool.w.gate.set()
     unary.join(5)
@@ -492,3 +501,74 @@ def test_a_batch_routes_the_orders_it_leads_before_it_waits_for_another_calls() 
     assert [tuple(d.unavailable) for d in got] == [("inflight",), (), ()]
     assert [d.decided_at for d in got[1:]] == [1.0, 1.0]  # worker 1's answers
     assert pool.ws[1].methods == ["ScoreBatch"] and here.scored == []
+
+
+def test_a_batch_routes_an_order_soon_after_the_call_routing_it_failed() -> None:
+    """``x``'s and ``y``'s first calls are out (y's worker stalls); x's fails after 30 ms,
+    keeping nothing. The batch ``[x, y]`` routes x as soon as its flight lands (worker
+    0 answers it), not only once y's is done too, at the deadline (the late fallback)."""
+    servicer, pool, here, _ = _batch_servicer()
+    x, y = fresh(), fresh()
+    pool.to_1.add(y.order_id)
+    pool.ws[0].gate.clear()
+    pool.ws[1].gate.clear()
+    pool.ws[0].fail_next = UnavailableError("worker 0 could not score it")
+    first_y, _ = _in_thread(lambda: servicer.score_request(_request(y), 5.0))
+    first_x, failed = _in_thread(lambda: servicer.score_request(_request(x), 5.0))
+    assert pool.ws[0].sent.wait(2) and pool.ws[1].sent.wait(2)
+    batch, out = _in_thread(lambda: servicer.score_batch_request(_batch(x, y), 0.3))
+    time.sleep(0.03)
+    pool.ws[0].gate.set()  # x's first call fails now
+    batch.join(5)
+    pool.ws[1].gate.set()
+    first_x.join(5)
+    first_y.join(5)
+    assert isinstance(failed["got"], UnavailableError)
+    got = out["got"].decisions
+    assert tuple(got[0].unavailable) == () and got[0].decided_at == 1.0  # worker 0's
+    assert tuple(got[1].unavailable) == ("inflight",)
+    assert pool.ws[0].methods == ["Score", "ScoreBatch"] and here.scored == []
+
+
+class _LandsBetweenReads(threading.Event):
+    """A flight's ``done`` whose first read after a timed-out wait lets its leader land
+    (``release``) but reports what it read before: the landing falls between a batch's
+    looking at the flight and acting on it."""
+
+    def __init__(self, release: Callable[[], object]) -> None:
+        super().__init__()
+        self.release, self.armed, self.timed_out = release, True, False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        ok = super().wait(timeout)
+        self.timed_out = not ok
+        return ok
+
+    def is_set(self) -> bool:
+        value = super().is_set()
+        if self.armed and self.timed_out and not value:
+            self.armed = False
+            self.release()
+            super().wait(5)  # landed now
+        return value
+
+
+def test_a_flight_landing_while_a_batch_looks_still_gets_its_entry_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """review: a landing between two reads of ``done`` left the entry unanswered (the
+    batch failed with INTERNAL); each flight is read once per look now."""
+    a = fresh()
+    servicer, pool, here, first, _ = _held_unary(a, 3.0)
+    join = servicer._flights.join
+
+    def racy(order_id: str) -> Any:
+        leader, flight = join(order_id)
+        if not leader and not isinstance(flight.done, _LandsBetweenReads):
+            flight.done = _LandsBetweenReads(pool.w.gate.set)
+        return leader, flight
+
+    monkeypatch.setattr(servicer._flights, "join", racy)
+    got = servicer.score_batch_request(_batch(a), 0.5).decisions
+    first.join(5)
+    assert got[0].replayed and here.scored == []
