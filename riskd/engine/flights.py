@@ -70,7 +70,10 @@ class Flights(Generic[T]):
             flight = self._flights[order_id] = Flight()
             return True, flight
 
-    def land(self, order_id: str) -> None:
-        """The leader is done (its decision is in the log by now)."""
+    def land(self, order_id: str, flight: Flight[T]) -> None:
+        """The leader of ``flight`` is done (its decision is in the log by now). Only that
+        flight is removed: landing twice never removes the flight of a call that has led
+        the order again since."""
         with self._lock:
-            self._flights.pop(order_id, None)
+            if self._flights.get(order_id) is flight:
+                del self._flights[order_id]

@@ -58,6 +58,7 @@ the orders whose features did not arrive get the degraded fallback answer.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -495,13 +496,13 @@ class _Batch:
             passed_on = Abandoned() if isinstance(e, AlreadyExistsError) else e
             for i, flight in self.led:
                 # landed first: an abandoned follower that leads again must find no flight
-                self.s._flights.land(self.orders[i].order_id)
+                self.s._flights.land(self.orders[i].order_id, flight)
                 if not flight.done.is_set():
                     flight.finish(None, passed_on)
             raise
         finally:
-            for i, _ in self.led:
-                self.s._flights.land(self.orders[i].order_id)
+            for i, flight in self.led:
+                self.s._flights.land(self.orders[i].order_id, flight)
         for i, flight in self.followed:
             try:
                 decision = flight.wait(self.s._left(self.ctx.deadline))
@@ -555,15 +556,18 @@ class _Batch:
             for (i, flight), obs, values in zip(todo, observations, features, strict=True):
                 decided.append((i, flight, obs, self.s._decide(self.orders[i], values, self.ctx)))
         except BaseException:
-            self._record(decided)  # what was decided before the failure is kept
+            # what was decided before the failure is kept (in a worker past its deadline
+            # nothing is, and the failure itself is what the caller and the log see)
+            with contextlib.suppress(DeadlineExceededError):
+                self._record(decided)
             raise
         self._record(decided)
 
     def _record(
         self, decided: Sequence[tuple[int, Flight[Decision], Observation, DecisionRecord]]
     ) -> None:
-        """Append the decisions together (all or none, ``Scorer._append``) and answer
-        their flights."""
+        """Append the decisions (``Scorer._append``: in a scoring worker all or none) and
+        answer their flights."""
         if not decided:
             return
         answers = self.s._append([(self.orders[i], obs, r) for i, _, obs, r in decided], self.ctx)

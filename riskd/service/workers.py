@@ -834,7 +834,7 @@ class PooledScoringServicer(ScoringServicer):
             answer = (payload, response)
             return response
         finally:
-            self._flights.land(order_id)
+            self._flights.land(order_id, flight)
             flight.finish(answer)  # None (the leader failed): each follower answers itself
 
     def _inflight(
@@ -925,7 +925,7 @@ class PooledScoringServicer(ScoringServicer):
                     self._route_batch(request, orders, until, decisions, led.keys())
             finally:
                 for order_id, flight in led.items():
-                    self._flights.land(order_id)  # landed first, as a unary leader does
+                    self._flights.land(order_id, flight)  # first, as a unary leader does
                     flight.finish(None)  # its followers look again: the kept answer, or a log
             if not awaited:
                 break

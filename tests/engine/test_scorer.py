@@ -147,10 +147,10 @@ def test_a_refusal_for_one_order_is_not_passed_to_callers_of_another(
     is descheduled while it gives its flights up: B must not spin on a finished one)."""
     land = Flights.land
 
-    def late_land(flights: Flights, order_id: str) -> None:
+    def late_land(flights: Flights, order_id: str, flight: Any) -> None:
         if threading.current_thread().name == "A":
             time.sleep(land_delay)
-        land(flights, order_id)
+        land(flights, order_id, flight)
 
     monkeypatch.setattr(Flights, "land", late_land)
     rig = make_rig()
