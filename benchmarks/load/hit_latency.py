@@ -14,12 +14,9 @@ orders that hit a rule and of those that did not.
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,49 +25,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as R
 from client import make_orders
 
-from rules import write_rules
-
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--orders", type=int, default=3000)
-    parser.add_argument("--rules", type=int, default=200)
-    parser.add_argument("--cpus", default="0", help="this process and its redis-server")
-    args = parser.parse_args()
-    from riskd.config import load_config
-    from riskd.domain.clock import SystemClock
-    from riskd.service.wiring import build_components
-
-    cpus = R.cpu_set(args.cpus)
-    work = Path(tempfile.mkdtemp(prefix="riskd-hits-"))
-    port = R.free_port()
-    cmd = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"]
-    try:
-        with R.process(cmd, cpus, port=port):
-            config = load_config(
-                env={},
-                rules_dir=str(write_rules(args.rules, work / "rules")),
-                data_dir=str(work / "data"),
-                redis_url=f"redis://127.0.0.1:{port}/0",
-                metrics_port=-1,
-                log_level="warning",
-            )
-            components = build_components(config, SystemClock())
-            try:
-                orders = make_orders("hits", args.orders, 2)
-                took: list[float] = []
-                hit: list[bool] = []
-                started = time.perf_counter()
-                for order in orders:
-                    t = time.perf_counter()
-                    decision = components.scorer.score(order, timeout_s=1.0)
-                    took.append(time.perf_counter() - t)
-                    hit.append(bool(decision.reasons))
-                elapsed = time.perf_counter() - started
-            finally:
-                components.close()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    args = R.in_process_args(__doc__ or "")
+    with R.own_components(args.rules, R.cpu_set(args.cpus), "riskd-hits-") as components:
+        orders = make_orders("hits", args.orders, 2)
+        took: list[float] = []
+        hit: list[bool] = []
+        started = time.perf_counter()
+        for order in orders:
+            t = time.perf_counter()
+            decision = components.scorer.score(order, timeout_s=1.0)
+            took.append(time.perf_counter() - t)
+            hit.append(bool(decision.reasons))
+        elapsed = time.perf_counter() - started
     q = statistics.quantiles(took, n=100)
     hits = [t for t, h in zip(took, hit, strict=True) if h]
     misses = [t for t, h in zip(took, hit, strict=True) if not h]

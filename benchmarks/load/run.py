@@ -169,6 +169,46 @@ def report(name: str, r: LoadResult, server_cpu: float) -> dict[str, Any]:
     return row
 
 
+def in_process_args(doc: str) -> argparse.Namespace:
+    """The options of the in-process benchmarks: ``--orders``, ``--rules``, ``--cpus``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--orders", type=int, default=3000)
+    parser.add_argument("--rules", type=int, default=200)
+    parser.add_argument("--cpus", default="0", help="this process and its redis-server")
+    return parser.parse_args()
+
+
+@contextmanager
+def own_components(rules: int, cpus: set[int], prefix: str) -> Iterator[Any]:
+    """``build_components`` as ``riskd serve`` wires them (evidence log with its Vault), on
+    the load set of ``rules`` rules and our own redis-server (pinned to ``cpus``), in a
+    temporary data folder; closed (the log flushed) and removed after."""
+    from riskd.config import load_config
+    from riskd.domain.clock import SystemClock
+    from riskd.service.wiring import build_components
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    port = free_port()
+    cmd = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"]
+    try:
+        with process(cmd, cpus, port=port):
+            config = load_config(
+                env={},
+                rules_dir=str(write_rules(rules, work / "rules")),
+                data_dir=str(work / "data"),
+                redis_url=f"redis://127.0.0.1:{port}/0",
+                metrics_port=-1,
+                log_level="warning",
+            )
+            components = build_components(config, SystemClock())
+            try:
+                yield components
+            finally:
+                components.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def in_process(work: Path, rules: Path, redis_port: int, n: int, cpus: set[int]) -> dict[str, Any]:
     """``Scorer.score`` in a loop, no gRPC: the scoring path's own ceiling."""
     from riskd.config import load_config
