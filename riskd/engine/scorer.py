@@ -19,14 +19,18 @@ Where it sits: ``service`` converts a request to an ``Order`` and calls
    what was missing (``features``, ``shops``, ``rules``, ``evidence``) and,
    when an input of the decision was missing (all but ``evidence``), takes the
    ``max()`` of the rules that could still run and the ``FallbackPolicy``;
-6. appends the decision, the feature values and every rule result (shadow
-   ones included) to the ``DecisionLog``, whose writer thread commits it,
-   and only then lands the flight, so a retry always finds it.
+6. once the call's orders are decided, appends each decision, the feature
+   values and every rule result (shadow ones included) to the ``DecisionLog``,
+   whose writer thread commits it, and only then lands the flights, so a retry
+   always finds it. A scoring worker (``record_late`` off) appends a call's
+   decisions all or none, by the call's deadline (the gRPC process answers a
+   call it had no answer for by then itself, and records that).
 
 Idempotency across replicas: the decision log (shared PostgreSQL) answers
 retries that reach another replica, and the feature store's own per-order
 idempotency counts an order once whoever records it. Two replicas scoring the
-same new order at the same instant may both answer; the log keeps the first.
+same new order at the same instant may both answer; the log keeps the first
+(the other counted in ``DecisionLog.superseded``).
 
 Deadlines: the feature calls get the budget less ``eval_reserve_s`` (kept
 for the rules and the log). When the store bounds each call itself

@@ -61,9 +61,9 @@ by the unary call or the batch routing that order: a retry, unary or a batch's e
 arriving meanwhile waits for that answer (its time up first: the fallback, degraded
 ``inflight``, not recorded, as in one process; a batch first routes the orders it leads,
 and leads none while it waits, so two calls never wait on each other). A retry gets the
-answer marked ``replayed``
-(other content: ``ALREADY_EXISTS``). Left: a retry more than ``RECENT_KEEP_S`` later
-while its decision is still uncommitted in a worker that cannot take it.
+answer marked ``replayed`` (other content: ``ALREADY_EXISTS``). Left: a retry more than
+``RECENT_KEEP_S`` later while its decision is still uncommitted in a worker that cannot
+take it.
 
 Workers need the Redis feature store: velocity counters are shared state, and in-process
 counters would be split between the processes (``Config`` refuses that combination).
