@@ -512,14 +512,15 @@ class DecisionLog:
             fresh = _new_events(tx, events) if events else []
             if fresh:
                 append_rows(tx, EVENTS, [event_content(e) for e in fresh])
-            kept = {
-                i.record.order_id for i, ok in zip(records, stored, strict=True) if ok and i.record
-            }
-            superseded[:] = [
-                i.record.order_id
-                for i, ok in zip(records, stored, strict=True)
-                if not ok and i.record
-            ]
+            kept: set[str] = set()
+            superseded.clear()  # a retried transaction starts over
+            for i, ok in zip(records, stored, strict=True):
+                if i.record is None:
+                    continue
+                if ok:
+                    kept.add(i.record.order_id)
+                else:
+                    superseded.append(i.record.order_id)
             pii = [s for s in pii_rows if s[0] in kept]
             done = {s[0] for s in pii} | forgotten
             unsealed[:] = [oid for oid in kept if oid not in done]
