@@ -22,14 +22,18 @@ events more than the longest window older than the key's newest recorded event
 (sightings: than the set's newest) no longer count, whether or not a tidy-up has
 removed them yet; so both backends give the same exact answers, late
 observations included. The totals of every key of an order are one ``MGET`` and
-one ``SET`` each (with the TTL); a recorded order is one ``ZADD`` per event set
-and per distinct set. Removing what no longer counts and refreshing the TTLs of
-the sets happens when a set is created and then every 30 minutes of observation
-time, so a key lives at least 24.5 hours after its last order and nothing grows
-without bound; a key whose state is not there has no sets either (one ``EXISTS``
-checks), so its first order trims nothing and its distinct counts need no ``ZCOUNT``.
-Where Redis evicted the state alone (a ``volatile-*`` maxmemory policy may: every key
-has a TTL), the state is rebuilt from the key's event set, so counts stay exact. Sums
+one ``SET`` each (with the TTL); a recorded order is one ``ZADD`` and one ``EXPIRE``
+per event set and per distinct set, so every set's TTL is as fresh as its state's (a
+``volatile-ttl`` policy does not evict the sets first). Removing what no longer counts
+happens when a set is created and then every 30 minutes of observation time, so a key
+lives 25 hours after its last order and nothing grows without bound; a key whose state
+is not there has no sets either (one ``EXISTS`` checks), so its first order trims
+nothing and its distinct counts need no ``ZCOUNT``. Where Redis evicted the state alone
+(a ``volatile-*`` maxmemory policy may: every key has a TTL), the state is rebuilt from
+the key's event set, so counts stay exact; where it evicted an event set and kept the
+state, the next order drops the totals of the events gone (they count no more) and
+recreates the set with its TTL. An order whose marker was evicted, retried, finds its
+event in the set and is counted once. Sums
 saturate at ``MAX_SUM`` (2^53 - 1 fen, the largest the script's doubles hold exactly, as
 in the in-process store); every number the script writes or returns is formatted as a
 plain integer. With the 200-rule load
@@ -207,19 +211,32 @@ local function tidy_due(x) return x == nil or math.abs(t - x) >= TIDY end
 
 local function add(st)
   if t <= st.m - WINDOWS[L] then return end  -- older than anything a window can still reach
-  local empty = st.n[L] == 0  -- the event set may not exist: it needs its TTL now
-  redis.call('ZADD', st.e, T, AMOUNT .. ':' .. ID)
+  local empty = st.n[L] == 0
+  -- the set's TTL follows the state's (refreshed on every write, so volatile-ttl does not
+  -- evict the sets first); 0 where the set is not there
+  local had = not st.fresh and redis.call('EXPIRE', st.e, ttl) == 1
+  if not had and not empty then  -- Redis evicted the events under their totals: drop them
+    for w = 1, L do st.n[w], st.s[w] = 0, 0 end
+    st.m, empty = -1, true
+  end
+  local member = AMOUNT .. ':' .. ID
+  if redis.call('ZADD', st.e, 'NX', T, member) == 0 then
+    -- already there: the order's marker was lost (evicted, or older than its TTL) and its
+    -- event was not. Still in a window of t: counted once. Out of every window of t (not
+    -- in the totals any more): recorded anew, as a new event.
+    if tonumber(redis.call('ZSCORE', st.e, member)) > t - WINDOWS[L] then return end
+    redis.call('ZADD', st.e, T, member)
+  end
   for w = 1, L do
     if t > st.c[w] then st.n[w], st.s[w] = st.n[w] + 1, math.min(st.s[w] + amount, CAP) end
   end
   if t > st.m then st.m = t end
   st.dirty, st.exists = true, true
-  if st.fresh then
+  if not had then
     redis.call('EXPIRE', st.e, ttl)
     st.x = t
   elseif empty or tidy_due(st.x) then
     redis.call('ZREMRANGEBYSCORE', st.e, '-inf', int(st.m - WINDOWS[L]))
-    redis.call('EXPIRE', st.e, ttl)
     st.x = t
   end
 end
@@ -228,15 +245,15 @@ local function add_distinct(j)
   local value = string.sub(f[7 + ns + nd + j], 2)
   if value == '' then return end
   local st, of = DST[j], DOF[j]
+  local had = not st.fresh and redis.call('EXPIRE', DKEY[j], ttl) == 1  -- as add's
   redis.call('ZADD', DKEY[j], 'GT', T, value)
   DADD[j] = true
   if not st.dn[of] or t > st.dn[of] then st.dn[of], st.dirty = t, true end
-  if st.fresh then
+  if not had then
     redis.call('EXPIRE', DKEY[j], ttl)
     st.dx[of], st.dirty = t, true
   elseif tidy_due(st.dx[of]) then
     redis.call('ZREMRANGEBYSCORE', DKEY[j], '-inf', int(st.dn[of] - WINDOWS[L]))
-    redis.call('EXPIRE', DKEY[j], ttl)
     st.dx[of], st.dirty = t, true
   end
 end

@@ -356,6 +356,56 @@ def test_an_evicted_state_is_rebuilt_from_the_events_still_there(
     shared.close()
 
 
+def test_evicted_sets_under_a_kept_state_drop_their_totals_and_get_a_ttl_again(
+    prefix: str, clock: FakeClock, redis_client: redis.Redis
+) -> None:
+    """``volatile-ttl`` evicts the sets before their state (their TTLs are older): the
+    totals of events no longer there must go with them, and the sets the next order
+    creates must expire (review: counts stayed inflated for good, the sets had no TTL)."""
+    shared = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
+    distinct_1h = QUERIES[3]
+    for i in range(5):
+        shared.record_and_read(order(clock, f"o{i}", device="d1", buyer=f"b{i}"), QUERIES)
+        clock.advance(5)
+    assert redis_client.delete(f"{prefix}ev:device:d1", f"{prefix}d:device:buyer:d1") == 2
+    got = shared.record_and_read(order(clock, "o5", device="d1", buyer="b5"), QUERIES)
+    # what is still there: the one order just recorded
+    assert (got[COUNT_DEVICE_1M], got[SUM_DEVICE_1H], got[distinct_1h]) == (1, 100, 1)
+    for key in ("ev:device:d1", "d:device:buyer:d1"):
+        assert 0 < redis_client.ttl(f"{prefix}{key}") <= SEEN_TTL_S
+    clock.advance(30)
+    got = shared.record_and_read(order(clock, "o6", device="d1", buyer="b6"), QUERIES)
+    assert (got[COUNT_DEVICE_1M], got[SUM_DEVICE_1H], got[distinct_1h]) == (2, 200, 2)
+    clock.advance(61)
+    got = shared.read(order(clock, "probe", device="d1"), QUERIES)
+    assert (got[COUNT_DEVICE_1M], got[SUM_DEVICE_1H]) == (0, 200)
+    shared.close()
+
+
+def test_an_order_whose_marker_was_evicted_is_counted_once(
+    prefix: str, clock: FakeClock, redis_client: redis.Redis
+) -> None:
+    """A retry after Redis evicted the order's marker (``o:``) finds its event still in the
+    set: counted once, as the in-process store counts it (review: the retry moved the
+    event and counted it again, for good)."""
+    shared = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
+    memory = InProcessFeatureStore(clock)
+    obs = order(clock, "o1", 500, device="d", buyer="b")
+    assert shared.record_and_read(obs, QUERIES) == memory.record_and_read(obs, QUERIES)
+    markers = [k for k in redis_client.scan_iter(f"{prefix}o:*")]
+    assert len(markers) == 1 and redis_client.delete(*markers) == 1
+    clock.advance(5)
+    retry = order(clock, "o1", 500, device="d", buyer="b")
+    got = shared.record_and_read(retry, QUERIES)
+    assert got == memory.record_and_read(retry, QUERIES)
+    assert (got[COUNT_DEVICE_1M], got[SUM_DEVICE_1H]) == (1, 500)
+    for i in range(3):
+        clock.advance(30)
+        obs = order(clock, f"n{i}", 1, device="d", buyer="b")
+        assert shared.record_and_read(obs, QUERIES) == memory.record_and_read(obs, QUERIES)
+    shared.close()
+
+
 def test_an_unreadable_reply_is_unavailable_not_an_internal_error(
     own_redis: OwnRedis, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
