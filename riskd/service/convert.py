@@ -16,6 +16,7 @@ from riskd.domain.events import OrderEvent, OrderEventKind
 from riskd.domain.order import Address, Amounts, Buyer, Channel, Item, Order, PaymentMethod
 from riskd.errors import InvalidArgumentError
 from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2
+from riskd.service.validate import validate_item_count
 
 E = TypeVar("E", bound=enum.IntEnum)
 
@@ -33,7 +34,11 @@ def enum_value(kind: type[E], value: int, field: str) -> E:
 
 
 def order_from_proto(msg: order_pb2.Order, field: str = "order") -> Order:
-    """A ``riskd.v1.Order`` as a domain ``Order`` (``field`` prefixes error paths)."""
+    """A ``riskd.v1.Order`` as a domain ``Order`` (``field`` prefixes error paths).
+
+    The item count is checked first: a request of millions of empty items is refused
+    before they are built."""
+    validate_item_count(len(msg.items), f"{field}.items")
     return Order(
         order_id=msg.order_id,
         buyer=_buyer(msg.buyer),

@@ -11,6 +11,13 @@ It also refuses a unary request larger than ``max_message_bytes`` with
 higher (``RECEIVE_LIMIT_FACTOR``) so that such requests arrive to be named; beyond that
 limit gRPC itself answers ``RESOURCE_EXHAUSTED`` without reading the message.
 
+A request grpcio cannot parse (a string that is not UTF-8, cut-off bytes: what a
+non-Python or hostile client can send) would be answered ``INTERNAL`` by grpcio itself,
+before any interceptor sees the call; the request deserializer here hands such bytes on
+as ``Undecodable`` instead, and the call gets ``INVALID_ARGUMENT`` naming the field
+(``order.buyer.name``; ``request`` when the bytes are not a message at all), after the
+authentication of the interceptors outside this one, logged and counted as any refusal.
+
 A handler that set its own status and then raised (grpc's generated base servicers do
 this for a method they do not implement, e.g. ``Health.List``: ``UNIMPLEMENTED``) keeps
 that status; it is not a bug, so no traceback is logged.
@@ -28,7 +35,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 
 from riskd.errors import InvalidArgumentError, RiskdError
 from riskd.service.metrics import Metrics
@@ -113,7 +121,7 @@ class ErrorInterceptor(_Interceptor):
         if wrapped is None:
             wrapped = grpc.unary_unary_rpc_method_handler(
                 keep_flags(inner, self._wrap(method, inner)),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_lenient(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
             self._wrapped.keep(method, handler, wrapped)
@@ -127,6 +135,8 @@ class ErrorInterceptor(_Interceptor):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
+                if isinstance(request, Undecodable):
+                    raise InvalidArgumentError(request.field, request.problem)
                 if limit is not None and isinstance(request, Message):
                     _check_size(request, limit)
                 return inner(request, context)
@@ -230,3 +240,96 @@ def _size(value: Any) -> int:
     if isinstance(value, Mapping):  # a map field
         return sum(_size(k) + _size(v) for k, v in value.items())
     return 8  # a number, a bool or an enum: a few bytes
+
+
+class Undecodable:
+    """Request bytes the method's message type cannot parse: the field that spoils them."""
+
+    __slots__ = ("field", "problem")
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field, self.problem = field, problem
+
+
+def _lenient(
+    deserializer: Callable[[bytes], Any] | None,
+) -> Callable[[bytes], Any] | None:
+    """``deserializer``, giving ``Undecodable`` for bytes it refuses instead of raising."""
+    if deserializer is None:
+        return None
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            try:
+                field = _bad_string(descriptor, data) if descriptor is not None else None
+            except IndexError:  # bytes that end inside a varint
+                field = None
+            if field is not None:
+                return Undecodable(field, "is not valid UTF-8")
+            return Undecodable("request", "is not a valid protobuf message")
+
+    return parse
+
+
+_LENGTH_DELIMITED, _SKIP = 2, {0: -1, 1: 8, 5: 4}  # wire types: -1 a varint, else bytes
+
+
+def _bad_string(descriptor: Descriptor, data: bytes, path: str = "") -> str | None:
+    """The path of the first string field in ``data`` that is not UTF-8 (``orders[2].order_id``),
+    or None (the bytes are broken some other way)."""
+    seen: dict[int, int] = {}  # field number → elements of it read so far
+    at, end = 0, len(data)
+    while at < end:
+        tag, at = _varint(data, at)
+        number, wire = tag >> 3, tag & 7
+        if wire in _SKIP:
+            at = _varint(data, at)[1] if _SKIP[wire] < 0 else at + _SKIP[wire]
+            continue
+        if wire != _LENGTH_DELIMITED:
+            return None  # groups: not in riskd's messages
+        size, at = _varint(data, at)
+        payload, at = data[at : at + size], at + size
+        if at > end:
+            return None
+        fd = descriptor.fields_by_number.get(number)
+        if fd is None:
+            continue
+        name = f"{path}.{fd.name}" if path else fd.name
+        if _repeated(fd):
+            seen[number] = seen.get(number, -1) + 1
+            name = f"{name}[{seen[number]}]"
+        if fd.type == FieldDescriptor.TYPE_STRING:
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                return name
+        elif fd.type == FieldDescriptor.TYPE_MESSAGE and fd.message_type is not None:
+            found = _bad_string(fd.message_type, payload, name)
+            if found is not None:
+                return found
+    return None
+
+
+def _repeated(fd: FieldDescriptor) -> bool:
+    # newer protobufs have is_repeated (and no label); older ones only the label
+    repeated = getattr(fd, "is_repeated", None)
+    if repeated is None:
+        repeated = getattr(fd, "label", None) == FieldDescriptor.LABEL_REPEATED
+    return bool(repeated)
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    """The varint at ``at`` and the offset after it (IndexError past the end)."""
+    value, shift = 0, 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
+        if shift > 63:
+            raise IndexError("varint too long")

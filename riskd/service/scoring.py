@@ -95,6 +95,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         deadline: float | None = None,
     ) -> scoring_pb2.ScoreBatchResponse:
         """``ScoreBatch`` without the gRPC context (``deadline``: as ``score_request``)."""
+        validate.validate_batch_size(len(request.orders), self._max_batch)
         orders = convert.orders_from_proto(request.orders)
         validate.validate_batch(orders, self._max_batch)
         decisions = self._scorer.score_batch(orders, timeout_s=self._left(timeout_s, deadline))

@@ -95,8 +95,7 @@ def _validate_order_id(order_id: str, field: str) -> None:
 
 
 def _validate_items(order: Order, field: str) -> None:
-    if len(order.items) > MAX_ITEMS:
-        raise InvalidArgumentError(f"{field}.items", f"more than {MAX_ITEMS} items")
+    validate_item_count(len(order.items), f"{field}.items")
     for i, item in enumerate(order.items):
         at = f"{field}.items[{i}]"
         _validate_string(item.sku, f"{at}.sku")
@@ -124,12 +123,24 @@ def _validate_amounts(order: Order, field: str) -> None:
 
 def validate_batch(orders: Sequence[Order], max_batch: int, field: str = "orders") -> None:
     """Check the batch size, then every order (paths like ``orders[3].amounts.total``)."""
-    if not orders:
-        raise InvalidArgumentError(field, "at least one order is required")
-    if len(orders) > max_batch:
-        raise InvalidArgumentError(field, f"more than {max_batch} orders in one batch")
+    validate_batch_size(len(orders), max_batch, field)
     for i, order in enumerate(orders):
         validate_order(order, f"{field}[{i}]")
+
+
+def validate_batch_size(count: int, max_batch: int, field: str = "orders") -> None:
+    """A batch of ``count`` orders: at least one, at most ``max_batch`` (checked on the
+    request before its orders are converted, so an oversized one costs nothing)."""
+    if not count:
+        raise InvalidArgumentError(field, "at least one order is required")
+    if count > max_batch:
+        raise InvalidArgumentError(field, f"more than {max_batch} orders in one batch")
+
+
+def validate_item_count(count: int, field: str) -> None:
+    """At most ``MAX_ITEMS`` items (``field``: the order's ``items``)."""
+    if count > MAX_ITEMS:
+        raise InvalidArgumentError(field, f"more than {MAX_ITEMS} items")
 
 
 def validate_event(event: OrderEvent, now: float) -> None:

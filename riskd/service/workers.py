@@ -905,6 +905,7 @@ class PooledScoringServicer(ScoringServicer):
         started = time.monotonic()
         if deadline is not None:
             timeout_s = deadline - started
+        validate.validate_batch_size(len(request.orders), self._max_batch)
         orders = convert.orders_from_proto(request.orders)
         validate.validate_batch(orders, self._max_batch)
         refuse_changed_duplicates(orders, protect_order)  # before any worker scores its part
