@@ -1,7 +1,8 @@
 """The gRPC health service: grpcio-health's servicer, with watchers served from one thread.
 
 Where it sits: ``server.create_server`` registers it; ``RunningServer.set_serving``
-turns it SERVING / NOT_SERVING (start, drain).
+turns it SERVING / NOT_SERVING (start, drain), and the drain ends the open watches
+(``end_watches``) once new calls are refused.
 
 grpcio-health's ``Watch`` is non-blocking (an open stream holds no RPC thread), but
 its ``set()`` and ``Watch()`` send to watchers while holding the servicer's lock, and
@@ -60,6 +61,17 @@ class HealthServicer(health.HealthServicer):
             self._server_status[service] = status
             for send in self._send_response_callbacks.get(service, ()):
                 self._outbox.put((send, health_pb2.HealthCheckResponse(status=status)))
+
+    def end_watches(self) -> None:
+        """End every open ``Watch`` stream (status OK) once what is queued for it is sent.
+
+        A watch never ends by itself: left open, it is an in-flight call that a drain
+        waits on for its whole grace. Watches opened after this are still served."""
+        with self._lock:
+            for watchers in self._send_response_callbacks.values():
+                for send in watchers:
+                    self._outbox.put((send, None))  # grpcio ends the stream on None
+            self._send_response_callbacks.clear()
 
     def close(self) -> None:
         """Stop the sender thread once what is queued has been sent (or failed)."""

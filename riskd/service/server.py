@@ -117,7 +117,10 @@ class RunningServer:
         self.set_serving(False)
         if notice_s > 0:
             threading.Event().wait(notice_s)
-        self.server.stop(grace).wait()
+        stopped = self.server.stop(grace)  # refuses new calls from here on
+        if isinstance(self.health, HealthServicer):
+            self.health.end_watches()  # they saw NOT_SERVING; left open, the grace waits on them
+        stopped.wait()
         if isinstance(self.health, HealthServicer):
             self.health.close()
         self.components.close()

@@ -103,6 +103,26 @@ def test_drain_finishes_in_flight_calls_and_refuses_new_ones(
     assert running.wait(0)
 
 
+def test_an_open_health_watch_does_not_hold_the_drain(tmp_path: Path) -> None:
+    """Envoy and gRPC clients follow health with a ``Watch`` that never ends by itself:
+    the drain ends it once NOT_SERVING is sent, rather than waiting out the grace
+    (review: every SIGTERM took the whole grace with one watcher open)."""
+    running = create_server(make_config(tmp_path))
+    seen: list[int] = []
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+        seen.append(next(watch).status)
+        started = time.monotonic()
+        stopper = threading.Thread(target=running.stop, args=(20,))
+        stopper.start()
+        seen.extend(r.status for r in watch)  # ends without an error
+        stopper.join(30)
+        took = time.monotonic() - started
+    assert running.wait(0)
+    assert seen == [SERVING, NOT_SERVING]
+    assert took < 10  # not the 20 s of grace
+
+
 def test_rules_hot_reload_on_change_and_keep_old_rules_on_error(tmp_path: Path) -> None:
     rules = copy_rules(tmp_path / "rules")
     running = create_server(make_config(tmp_path / "data", rules_dir=str(rules)))
