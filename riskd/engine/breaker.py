@@ -4,7 +4,9 @@ Closed: calls go through; ``failures`` failures in a row open it. Open: calls
 are refused (the scorer answers degraded at once) for ``cooldown_s``. Then
 one probe call is let through (half-open): success closes it, failure opens it
 for another cooldown. Nothing is sticky: the first successful probe after the
-dependency returns restores normal service.
+dependency returns restores normal service. A named breaker logs when it opens (a
+warning with the error: riskd's own message, else the exception's type, never
+its text, which may quote data) and when it closes again, once each per outage.
 
 >>> from riskd.domain.clock import FakeClock
 >>> clock = FakeClock(0.0)
@@ -19,16 +21,23 @@ True
 
 from __future__ import annotations
 
+import logging
 import threading
 
 from riskd.domain.clock import Clock
+from riskd.errors import RiskdError
+
+log = logging.getLogger("riskd.engine.breaker")
 
 
 class CircuitBreaker:
     """Thread-safe; time from ``clock.monotonic()``."""
 
-    def __init__(self, clock: Clock, *, failures: int = 3, cooldown_s: float = 1.0) -> None:
+    def __init__(
+        self, clock: Clock, *, failures: int = 3, cooldown_s: float = 1.0, name: str = ""
+    ) -> None:
         self._clock = clock
+        self._name = name  # the dependency, for the log; unnamed: silent
         self._threshold = max(1, failures)
         self._cooldown = cooldown_s
         self._lock = threading.Lock()
@@ -53,13 +62,30 @@ class CircuitBreaker:
 
     def success(self) -> None:
         with self._lock:
+            was_open = self._open_until is not None
             self._failures = 0
             self._open_until = None
             self._probing = False
+        if was_open and self._name:
+            log.info("dependency answers again", extra={"fields": {"dependency": self._name}})
 
-    def failure(self) -> None:
+    def failure(self, error: BaseException | None = None) -> None:
         with self._lock:
+            was_open = self._open_until is not None
             self._failures += 1
             if self._probing or self._failures >= self._threshold:
                 self._open_until = self._clock.monotonic() + self._cooldown
             self._probing = False
+            opened = not was_open and self._open_until is not None
+        if opened and self._name:
+            fields = {"dependency": self._name, "error": _said(error)}
+            log.warning(
+                "dependency unavailable: answering degraded until it answers again",
+                extra={"fields": fields},
+            )
+
+
+def _said(error: BaseException | None) -> str:
+    if error is None:
+        return ""
+    return str(error) if isinstance(error, RiskdError) else type(error).__name__

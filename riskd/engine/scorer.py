@@ -166,11 +166,11 @@ class Scorer:
         self._fallback = fallback
         self._reserve = eval_reserve_s
         self.breaker = CircuitBreaker(
-            clock, failures=breaker_failures, cooldown_s=breaker_cooldown_s
+            clock, failures=breaker_failures, cooldown_s=breaker_cooldown_s, name="features"
         )
         self._remote_log = log.db.dialect != "sqlite"  # a local file is never slow to read
         self.log_breaker = CircuitBreaker(
-            clock, failures=breaker_failures, cooldown_s=breaker_cooldown_s
+            clock, failures=breaker_failures, cooldown_s=breaker_cooldown_s, name="evidence"
         )
         self._flights = Flights[Decision]()
         self._rule_error_logged: dict[str, float] = {}  # rule id -> when last logged
@@ -243,8 +243,8 @@ class Scorer:
                 records = self._log.get_many(rest)
             else:
                 records = self._pool.submit(self._log.get_many, rest).result(timeout=budget / 2)
-        except Exception:  # down or slow: score anyway, the store counts each order once
-            self.log_breaker.failure()
+        except Exception as e:  # down or slow: score anyway, the store counts each order once
+            self.log_breaker.failure(e)
             return found, False
         self.log_breaker.success()
         found.update(records)
@@ -274,12 +274,12 @@ class Scorer:
                     _record_all, self._features, observations, queries, got, stop
                 )
                 job.result(timeout=budget)
-        except (UnavailableError, TimeoutError):
+        except (UnavailableError, TimeoutError) as e:
             stop.set()
-            self.breaker.failure()
-        except BaseException:
+            self.breaker.failure(e)
+        except BaseException as e:
             stop.set()
-            self.breaker.failure()
+            self.breaker.failure(e)
             raise
         else:
             self.breaker.success()

@@ -414,6 +414,22 @@ class RedisFeatureStore:
     def shards(self) -> int:
         return len(self._shards)
 
+    def unreachable(self) -> list[tuple[int, str]]:
+        """The shards (index in the URL list) that do not answer a ``PING``, each with the
+        kind of error (``ConnectionError``, ``AuthenticationError``: never a URL)."""
+        down = []
+        for i, shard in enumerate(self._shards):
+            conn = shard.take(time.monotonic() + self._timeout_s)
+            try:
+                conn.send_command("PING")
+                conn.read_response()
+            except redis.RedisError as e:
+                conn.disconnect()
+                down.append((i, type(e).__name__))
+            else:
+                shard.give_back(conn)
+        return down
+
     def close(self) -> None:
         for shard in self._shards:
             shard.close()

@@ -27,7 +27,7 @@ from riskd.domain.clock import Clock
 from riskd.dsl.holder import ProgramHolder
 from riskd.engine.fallback import FallbackPolicy
 from riskd.engine.scorer import Scorer
-from riskd.errors import ConfigError
+from riskd.errors import ConfigError, UnavailableError
 from riskd.evidence.access import PiiAccess
 from riskd.evidence.log import DecisionLog
 from riskd.features import FeatureStore, InProcessFeatureStore, RedisFeatureStore
@@ -150,7 +150,7 @@ def _build(
         db = Database(config.database)
         closers.append(db.close)
         db.query("SELECT 1")
-    except (OSError, sqlite3.Error) as e:
+    except (OSError, sqlite3.Error, UnavailableError) as e:
         raise _database_error(config, e) from None
     keyring = load_keyring(config, db)
     indexer = BlindIndexer(keyring)
@@ -166,7 +166,11 @@ def _build(
         decision_log = DecisionLog(
             db, vault=vault, indexer=indexer, flush_interval_s=config.evidence_flush_ms / 1000.0
         )
-    except (OSError, sqlite3.Error) as e:  # the first statements create the schema
+    except (
+        OSError,
+        sqlite3.Error,
+        UnavailableError,
+    ) as e:  # the first statements create the schema
         raise _database_error(config, e) from None
     closers.append(decision_log.close)
     features = open_feature_store(config, clock)
@@ -199,9 +203,13 @@ def _build(
     return components
 
 
-def _database_error(config: Config, e: OSError | sqlite3.Error) -> ConfigError:
+def _database_error(config: Config, e: OSError | sqlite3.Error | UnavailableError) -> ConfigError:
     """What names the database that cannot be opened: never the URL (it may hold a password)."""
-    reason = e.strerror if isinstance(e, OSError) else str(e)  # sqlite3's text carries no data
+    if isinstance(e, UnavailableError):  # PostgreSQL not there: its driver's error by kind
+        cause = e.__cause__
+        reason = f"{e} ({type(cause).__name__})" if cause is not None else str(e)
+    else:
+        reason = (e.strerror or type(e).__name__) if isinstance(e, OSError) else str(e)
     if config.database_url:
         return ConfigError(f"database_url: cannot open the database: {reason}")
     return ConfigError(f"data_dir: cannot open {config.data_dir / 'riskd.db'}: {reason}")
@@ -282,9 +290,15 @@ def open_feature_store(config: Config, clock: Clock) -> FeatureStore:
     """Redis when ``redis_url`` is set (shared by replicas), else in-process."""
     if not config.redis_url:
         return InProcessFeatureStore(clock)
-    return RedisFeatureStore(
+    store = RedisFeatureStore(
         config.redis_urls,
         clock,
         prefix=config.redis_prefix,
         timeout_s=config.redis_timeout_ms / 1000.0,
     )
+    for shard, error in store.unreachable():
+        # not a refusal to start: riskd serves degraded and recovers once Redis answers
+        # (the breaker logs that); but a wrong URL or password must not look like an outage
+        fields = {"setting": "redis_url", "shard": shard, "error": error}
+        log.warning("redis does not answer at start: features degraded", extra={"fields": fields})
+    return store

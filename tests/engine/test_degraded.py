@@ -7,6 +7,7 @@ then kills or freezes it mid-test.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -40,13 +41,17 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def test_dead_redis_answers_inside_the_deadline_with_the_fallback_then_recovers(
-    make_rig: Callable[..., Rig], own_redis: OwnRedis, clock: FakeClock
+    make_rig: Callable[..., Rig],
+    own_redis: OwnRedis,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     store = RedisFeatureStore(own_redis.url, clock, prefix="riskd:test:", timeout_s=0.05)
     rig = make_rig(store, breaker_failures=2, breaker_cooldown_s=1.0)
     healthy = rig.scorer.score(make_order("o-1"), timeout_s=0.25)
     assert healthy.degraded == () and healthy.outcome is Outcome.ALLOW
 
+    caplog.set_level(logging.INFO, logger="riskd.engine.breaker")
     own_redis.kill()
     for i, total in enumerate((30_000, 60_000, 40_000, 90_000)):
         started = time.perf_counter()
@@ -67,6 +72,21 @@ def test_dead_redis_answers_inside_the_deadline_with_the_fallback_then_recovers(
     back = rig.scorer.score(make_order("o-back"), timeout_s=0.25)
     assert back.degraded == () and back.outcome is Outcome.ALLOW
     assert not rig.scorer.breaker.is_open
+    # the operator is told once when it went and once when it came back (review: an
+    # unreachable or refused redis_url was silent; only the degraded answers showed it)
+    said = [
+        (r.levelname, r.getMessage(), r.fields)  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "riskd.engine.breaker"
+    ]
+    assert said == [
+        (
+            "WARNING",
+            "dependency unavailable: answering degraded until it answers again",
+            {"dependency": "features", "error": "feature store: redis ConnectionError"},
+        ),
+        ("INFO", "dependency answers again", {"dependency": "features"}),
+    ]
     store.close()
 
 

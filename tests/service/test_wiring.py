@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -57,6 +59,35 @@ def test_database_url_error_never_shows_the_url(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^database_url: cannot open the database: ") as e:
         create_server(make_config(tmp_path / "data", database_url=url))
     assert str(tmp_path) not in str(e.value)
+
+
+def test_an_unreachable_postgresql_is_refused_naming_database_url(tmp_path: Path) -> None:
+    """Review: ``riskd serve: database unavailable``, the setting not named."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://riskd:s3cret@127.0.0.1:{port}/riskd"
+    with pytest.raises(ConfigError, match=r"^database_url: cannot open the database: ") as e:
+        create_server(make_config(tmp_path / "data", database_url=url))
+    assert "s3cret" not in str(e.value) and str(port) not in str(e.value)
+
+
+def test_a_redis_that_does_not_answer_at_start_is_logged_and_served_degraded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review: a wrong ``redis_url`` (or password) started silently and looked like an
+    outage; it still starts (and recovers once Redis answers), and says so, URL-free."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"redis://:s3cret@127.0.0.1:{port}/0"
+    with caplog.at_level(logging.WARNING, logger="riskd.service.wiring"):
+        running = create_server(make_config(tmp_path, redis_url=url))
+    running.stop(0)
+    [record] = [r for r in caplog.records if r.name == "riskd.service.wiring"]
+    assert record.getMessage() == "redis does not answer at start: features degraded"
+    fields = record.fields  # type: ignore[attr-defined]
+    assert fields == {"setting": "redis_url", "shard": 0, "error": "ConnectionError"}
 
 
 def test_the_data_dir_and_database_are_private_whatever_the_umask(tmp_path: Path) -> None:
