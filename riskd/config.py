@@ -34,13 +34,13 @@ environment variables override the file::
                                     # own limit, RESOURCE_EXHAUSTED, is 4x this; at most
                                     # 536870911, so that 4x fits gRPC's 32-bit limit)
     grace_s = 10.0                  # RISKD_GRACE_S: on SIGTERM, how long in-flight calls
-                                    # get to finish before they are cancelled
+                                    # get to finish before they are cancelled (0..3600)
     drain_notice_ms = 1000          # RISKD_DRAIN_NOTICE_MS: on SIGTERM, health answers
                                     # NOT_SERVING this long while calls are still served, so
                                     # load balancers stop sending before the port closes
                                     # (0..60000; above the balancer's health check period)
     reload_interval_s = 2.0         # RISKD_RELOAD_INTERVAL_S: how often the rule files are
-                                    # checked for changes
+                                    # checked for changes (at most 86400)
     redis_timeout_ms = 50           # RISKD_REDIS_TIMEOUT_MS: each Redis call's socket timeout
     redis_prefix = "riskd:"         # RISKD_REDIS_PREFIX: prefix of every Redis key
 
@@ -186,6 +186,8 @@ class Config:
 
 MAX_SCORE_WORKERS = 64
 MAX_EVIDENCE_FLUSH_MS = 1000
+MAX_GRACE_S = 3600.0  # more than any drain needs (1e300 overflowed grpcio's grace timer)
+MAX_RELOAD_INTERVAL_S = 86400.0  # 1e300 overflowed the rules watcher's wait
 MAX_DRAIN_NOTICE_MS = 60_000
 # gRPC takes message limits as a signed 32-bit int, and the server accepts 4x
 # max_message_bytes (riskd.service.interceptors.RECEIVE_LIMIT_FACTOR) to name the field.
@@ -318,8 +320,10 @@ def _coerce_int(raw: Any, key: str) -> int:
         raise ConfigError(f"{key}: expected an integer")
     if isinstance(raw, int):
         return raw
+    if not isinstance(raw, str):  # 4.0 in TOML: not "expected a string"
+        raise ConfigError(f"{key}: expected an integer")
     try:
-        return int(_coerce_str(raw, key))
+        return int(raw)
     except ValueError:
         raise ConfigError(f"{key}: expected an integer") from None
 
@@ -329,7 +333,9 @@ def _coerce_float(raw: Any, key: str) -> float:
         value = float(raw)
     else:
         try:
-            value = float(_coerce_str(raw, key))
+            if not isinstance(raw, str):  # true in TOML: not "expected a string"
+                raise ValueError
+            value = float(raw)
         except ValueError:
             raise ConfigError(f"{key}: expected a number") from None
     if not math.isfinite(value):
@@ -340,7 +346,9 @@ def _coerce_float(raw: Any, key: str) -> float:
 def _coerce_bool(raw: Any, key: str) -> bool:
     if isinstance(raw, bool):
         return raw
-    text = _coerce_str(raw, key).strip().lower()
+    if not isinstance(raw, str):  # 1 in TOML: not "expected a string"
+        raise ConfigError(f"{key}: expected true or false")
+    text = raw.strip().lower()
     if text in ("1", "true", "yes", "on"):
         return True
     if text in ("0", "false", "no", "off"):
@@ -414,8 +422,10 @@ def _check(config: Config) -> None:
     _positive(config, "workers", "reload_interval_s")
     if not -1 <= config.metrics_port <= 65535:
         raise ConfigError("metrics_port: must be -1 (off), 0 (any free port) or a port number")
-    if config.grace_s < 0:
-        raise ConfigError("grace_s: must not be negative")
+    if not 0 <= config.grace_s <= MAX_GRACE_S:
+        raise ConfigError(f"grace_s: must be between 0 and {MAX_GRACE_S:g}")
+    if config.reload_interval_s > MAX_RELOAD_INTERVAL_S:  # a thread's wait overflows beyond
+        raise ConfigError(f"reload_interval_s: must be at most {MAX_RELOAD_INTERVAL_S:g}")
     if not 0 <= config.drain_notice_ms <= MAX_DRAIN_NOTICE_MS:
         raise ConfigError(f"drain_notice_ms: must be between 0 and {MAX_DRAIN_NOTICE_MS}")
     if config.max_message_bytes > MAX_MESSAGE_BYTES:

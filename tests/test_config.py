@@ -90,6 +90,8 @@ def test_file_then_environment_override(tmp_path: Path) -> None:
         ({"RISKD_FALLBACK_DEFAULT": "allow,100:block,review"}, "fallback.default"),
         ({"RISKD_FALLBACK_DEFAULT": "500:allow,500:review,block"}, "fallback.default"),
         ({"RISKD_FALLBACK_SEARCH": "900:allow,500:review,block"}, "fallback.search"),
+        ({"RISKD_GRACE_S": "1e300"}, "grace_s"),  # review: a traceback at SIGTERM
+        ({"RISKD_RELOAD_INTERVAL_S": "1e300"}, "reload_interval_s"),  # killed the watcher
     ],
 )
 def test_bad_value_names_the_key(env: dict[str, str], key: str) -> None:
@@ -105,6 +107,27 @@ def test_bad_toml_types_name_the_key(tmp_path: Path) -> None:
     path.write_text("listen = 5\n")
     with pytest.raises(ConfigError, match=r"^listen: "):
         load_config(path, env={})
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("workers = 4.0", "workers: expected an integer"),
+        ("metrics_port = 9464.0", "metrics_port: expected an integer"),
+        ("grace_s = true", "grace_s: expected a number"),
+        ("plaintext = 1", "plaintext: expected true or false"),
+        ("listen = 5", "listen: expected a string"),
+    ],
+)
+def test_a_toml_value_of_the_wrong_type_says_which_type(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    """Review: each of these said "expected a string"."""
+    path = tmp_path / "riskd.toml"
+    path.write_text(line + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, env={})
+    assert str(e.value) == message
 
 
 def test_unreadable_or_malformed_file(tmp_path: Path) -> None:
