@@ -9,6 +9,7 @@ velocity counter, no metric and no log record.
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Callable, Sequence
 
 from riskd.domain.events import OrderEvent, OrderEventKind
@@ -78,8 +79,14 @@ def _validate_string(value: str, field: str, *, free_text: bool = False) -> None
     if free_text:
         if "\x00" in value:
             raise InvalidArgumentError(field, "must not contain NUL characters")
-    elif not value.isprintable():
+    elif not value.isprintable() and not all(c.isprintable() or _is_space(c) for c in value):
         raise InvalidArgumentError(field, "must not contain control characters")
+
+
+def _is_space(c: str) -> bool:
+    """A space separator (U+3000 typed by an IME, no-break space): not printable to
+    ``str.isprintable``, harmless in an identifier (the blind index normalizes it)."""
+    return unicodedata.category(c) == "Zs"
 
 
 def _validate_order_id(order_id: str, field: str) -> None:

@@ -123,6 +123,15 @@ def test_free_text_may_span_lines() -> None:
     validate.validate_order(with_buyer(full_order(), address=address))
 
 
+def test_full_width_spaces_in_an_identifier_field_pass() -> None:
+    """A phone typed with an IME: full-width digits and ideographic spaces (U+3000), which
+    the blind index normalizes; review: refused as "control characters"."""
+    validate.validate_order(with_buyer(full_order(), phone="１３８\u3000１２３４\u3000５６７８"))
+    with pytest.raises(InvalidArgumentError) as e:  # a line break is still refused
+        validate.validate_order(with_buyer(full_order(), phone="138\u20281234"))
+    assert e.value.field == "order.buyer.phone"
+
+
 def test_batch_names_the_bad_order() -> None:
     bad = dataclasses.replace(full_order(), order_id="")
     with pytest.raises(InvalidArgumentError) as e:
