@@ -212,8 +212,17 @@ def load_config(
         _from_env(os.environ if env is None else env),
         overrides,
     ):
+        _coerce_layer(layer)  # a bad value is refused even where a later layer replaces it
         _merge(values, layer)
     return _build(values)
+
+
+def _coerce_layer(layer: Mapping[str, Any]) -> None:
+    """Type-check one layer's values (``_build`` checks the merged ones and their limits)."""
+    known = {f.name for f in fields(Config)}
+    for key, raw in layer.items():
+        if key in known:
+            _COERCE.get(key, _coerce_str)(raw, key)
 
 
 def _merge(values: dict[str, Any], layer: Mapping[str, Any]) -> None:

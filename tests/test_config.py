@@ -130,6 +130,19 @@ def test_a_toml_value_of_the_wrong_type_says_which_type(
     assert str(e.value) == message
 
 
+def test_a_bad_value_in_the_file_is_refused_even_where_the_environment_replaces_it(
+    tmp_path: Path,
+) -> None:
+    """Review: the file broke only later, once the variable was removed."""
+    path = tmp_path / "riskd.toml"
+    path.write_text('deadline_ms = "abc"\n')
+    with pytest.raises(ConfigError, match=r"^deadline_ms: expected an integer"):
+        load_config(path, env={"RISKD_DEADLINE_MS": "200"})
+    path.write_text("listen = 50051\n")
+    with pytest.raises(ConfigError, match=r"^listen: expected a string"):
+        load_config(path, env={}, listen="127.0.0.1:50051")  # riskd serve --listen
+
+
 def test_unreadable_or_malformed_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file"):
         load_config(tmp_path / "missing.toml", env={})
