@@ -222,7 +222,8 @@ def _coerce_layer(layer: Mapping[str, Any]) -> None:
     known = {f.name for f in fields(Config)}
     for key, raw in layer.items():
         if key in known:
-            _COERCE.get(key, _coerce_str)(raw, key)
+            coerce: Callable[[Any, str], Any] = _COERCE.get(key, _coerce_str)
+            coerce(raw, key)
 
 
 def _merge(values: dict[str, Any], layer: Mapping[str, Any]) -> None:
