@@ -31,7 +31,7 @@ from riskd.errors import ConfigError, UnavailableError
 from riskd.evidence.access import PiiAccess
 from riskd.evidence.log import DecisionLog
 from riskd.features import FeatureStore, InProcessFeatureStore, RedisFeatureStore
-from riskd.ledger import Book, LedgerShopDirectory, load_schedule
+from riskd.ledger import Book, LedgerShopDirectory, PenaltySchedule, load_schedule
 from riskd.pii.blind import BlindIndexer
 from riskd.pii.keyring import Keyring
 from riskd.pii.keystore import SqlKeyStore
@@ -140,6 +140,9 @@ def _build(
 ) -> Components:
     if not config.rules_dir.is_dir():
         raise ConfigError(f"rules_dir: {config.rules_dir} is not a directory")
+    # what the files under rules_dir say is checked before anything is created
+    rules = ProgramHolder(config.rules_dir)  # raises RuleCompileError: no start without rules
+    schedule = _schedule(config)
     if config.data_dir.exists() and not config.data_dir.is_dir():
         raise ConfigError(f"data_dir: {config.data_dir} is not a directory")
     try:
@@ -154,7 +157,6 @@ def _build(
         raise _database_error(config, e) from None
     keyring = load_keyring(config, db)
     indexer = BlindIndexer(keyring)
-    rules = ProgramHolder(config.rules_dir)  # raises RuleCompileError: no start without rules
     try:
         # PII in the decision log: masked + blind index in the record, and encrypted under
         # the buyer's data key (so `riskd pii forget` shreds it) beside the record.
@@ -175,7 +177,7 @@ def _build(
     closers.append(decision_log.close)
     features = open_feature_store(config, clock)
     closers.append(features.close)
-    book = open_book(config, clock)
+    book = open_book(config, clock, schedule)
     closers.append(book.close)
     shops = LedgerShopDirectory(book, clock)
     closers.append(shops.close)
@@ -215,11 +217,15 @@ def _database_error(config: Config, e: OSError | sqlite3.Error | UnavailableErro
     return ConfigError(f"data_dir: cannot open {config.data_dir / 'riskd.db'}: {reason}")
 
 
-def open_book(config: Config, clock: Clock) -> Book:
-    """The merchant-money ledger in the daemon's database (its schedule beside the rules)."""
-    schedule_path = config.rules_dir / "penalties.toml"
-    schedule = load_schedule(schedule_path) if schedule_path.exists() else None
+def open_book(config: Config, clock: Clock, schedule: PenaltySchedule | None) -> Book:
+    """The merchant-money ledger in the daemon's database (``schedule``: ``_schedule``'s)."""
     return Book.open(config.database, schedule=schedule, clock=clock)
+
+
+def _schedule(config: Config) -> PenaltySchedule | None:
+    """The penalty schedule beside the rules (``penalties.toml``), if there is one."""
+    path = config.rules_dir / "penalties.toml"
+    return load_schedule(path) if path.exists() else None
 
 
 def ledger_service(book: Book, *, max_in_flight: int) -> Callable[[grpc.Server], list[str]]:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from riskd.errors import ConfigError
+from riskd.errors import ConfigError, RiskdError
 from riskd.evidence.log import encrypted_fields
 from riskd.pii.keyring import Keyring
 from riskd.service.server import create_server
 from riskd.sql import Database
-from tests.service.conftest import make_config
+from tests.service.conftest import copy_rules, make_config
 from tests.service.sample import full_order
 
 
@@ -51,6 +51,18 @@ def test_database_that_cannot_open_is_refused_and_no_keyring_is_made(
         create_server(make_config(tmp_path))
     assert "13800000000" not in str(e.value)
     assert not (tmp_path / "keyring.json").exists()  # nothing changed
+
+
+@pytest.mark.parametrize("broken", ["checkout.rules", "penalties.toml"])
+def test_a_start_refused_for_the_rules_dir_creates_nothing(tmp_path: Path, broken: str) -> None:
+    """Review: a broken rule file or penalty schedule was found only after the database
+    and a new keyring had been created under the data dir."""
+    rules = copy_rules(tmp_path / "rules")
+    (rules / broken).write_text("rule ((( not a rule\n")
+    data = tmp_path / "data"
+    with pytest.raises(RiskdError):
+        create_server(make_config(data, rules_dir=str(rules)))
+    assert not data.exists()
 
 
 def test_database_url_error_never_shows_the_url(tmp_path: Path) -> None:
