@@ -256,13 +256,21 @@ def _refuse_building(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
 
 
 def test_a_batch_over_the_limit_is_refused_before_its_orders_are_built(
-    stub: Stub, server: RunningServer, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Review: a million empty orders (2 MB) took 10 s of CPU and 600 MiB to be refused."""
+    """Review: a million empty orders (2 MB) took 10 s of CPU and 600 MiB to be refused.
+    Its own server: an oversized batch spends the caller's whole rate-limit burst."""
     request = scoring_pb2.ScoreBatchRequest(orders=[order_pb2.Order()] * 100_000)
+    running = create_server(make_config(tmp_path))
     _refuse_building(monkeypatch, "order_from_proto", "Item")
-    with pytest.raises(grpc.RpcError) as e:
-        stub.ScoreBatch(request, timeout=10)
+    try:
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch,
+            pytest.raises(grpc.RpcError) as e,
+        ):
+            scoring_pb2_grpc.ScoringServiceStub(ch).ScoreBatch(request, timeout=10)
+    finally:
+        running.stop(0)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details() == f"orders: more than {Config().max_batch} orders in one batch"
 
