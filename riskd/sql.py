@@ -114,7 +114,9 @@ def _parse_url(url: str) -> tuple[Dialect, str, str]:
     """(dialect, SQLite path or PostgreSQL DSN without ``schema=``, schema or "")."""
     parts = urlsplit(url)
     if not parts.scheme.startswith("postgres"):
-        return "sqlite", parts.path if parts.scheme == "sqlite" else url, ""
+        path = parts.path if parts.scheme == "sqlite" else url
+        # sqlite:////abs/path (SQLAlchemy's absolute form) names /abs/path, printed so
+        return "sqlite", "/" + path.lstrip("/") if path.startswith("//") else path, ""
     schema = parse_qs(parts.query).get("schema", [""])[0]
     query = "&".join(p for p in parts.query.split("&") if p and not p.startswith("schema="))
     return "postgres", urlunsplit(parts._replace(query=query)), schema

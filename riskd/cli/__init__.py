@@ -2,6 +2,8 @@
 
 Each module listed in ``COMMANDS`` exposes ``register(subparsers)``, which adds
 its subcommands and sets ``func`` (returning the exit code) on each parser.
+``main`` holds a SIGHUP that comes while ``riskd serve`` starts (``HeldHangup``)
+and ends quietly when its reader goes away (``riskd ... | head``).
 """
 
 from __future__ import annotations
@@ -9,9 +11,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
+from typing import Any
+
+DESCRIPTION = "riskd: risk-control and fraud-detection daemon for short-video and live-room shops"
+
+# exit status of a command whose output's reader went away (128 + SIGPIPE, as `yes | head`)
+BROKEN_PIPE_EXIT = 141
 
 COMMANDS: tuple[str, ...] = (
     "riskd.cli.rules",  # riskd rules check|test|fmt|eval
@@ -33,8 +44,27 @@ def add_config_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class HeldHangup:
+    """SIGHUP's default action ends the process: ``riskd serve`` holds one that comes while it
+    starts (imports, rules compile, stores open) and reloads the rules once it serves.
+
+    Installed by ``main`` before the subcommands' modules are imported; ``release`` puts the
+    previous handler back (the server's own replaces it once up).
+    """
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._previous: Any = signal.signal(signal.SIGHUP, self._on_hangup)
+
+    def _on_hangup(self, signum: int, frame: FrameType | None) -> None:
+        self.event.set()
+
+    def release(self) -> None:
+        signal.signal(signal.SIGHUP, self._previous)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="riskd", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="riskd", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(name).register(sub)
@@ -42,9 +72,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    rc: int = args.func(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # the top-level parser has no options but -h: a serve command starts with "serve"
+    held = HeldHangup() if argv[:1] == ["serve"] else None
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+        except BaseException:  # usage errors and --help exit here
+            if held is not None:
+                held.release()
+            raise
+        args.held_hangup = held  # run_serve takes it over
+        rc: int = args.func(args)
+        sys.stdout.flush()  # inside the try: a reader gone shows here, not at exit
+    except BrokenPipeError:
+        _drop_stdout()
+        return BROKEN_PIPE_EXIT
     return rc
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a real file (a test's capture)
+        pass
 
 
 if __name__ == "__main__":

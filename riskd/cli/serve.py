@@ -20,7 +20,6 @@ import argparse
 import gc
 import json
 import os
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -29,7 +28,7 @@ import grpc
 from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from riskd.cli import add_config_argument
+from riskd.cli import HeldHangup, add_config_argument
 from riskd.config import load_config
 from riskd.errors import RiskdError
 from riskd.service.auth import is_loopback
@@ -94,22 +93,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def run_serve(args: argparse.Namespace) -> int:
     """Start the daemon and block until it has drained after SIGTERM/SIGINT."""
-    # SIGHUP's default action ends the process: until the server's handlers are in,
-    # remember it and reload once the server is up (start-up takes a while: rules
-    # compile, stores open).
-    hup_early = threading.Event()
-    previous = signal.signal(signal.SIGHUP, lambda signum, frame: hup_early.set())
+    # until the server's handlers are in, a SIGHUP is remembered (riskd.cli.main holds it
+    # from before this module was imported) and the rules reload once the server is up
+    held = getattr(args, "held_hangup", None) or HeldHangup()
     try:
         overrides = {"listen": args.listen} if args.listen else {}
         config = load_config(args.config, **overrides)
         configure_logging(config.log_level)
         running = create_server(config)
     except RiskdError as e:
-        signal.signal(signal.SIGHUP, previous)
+        held.release()
         print(f"riskd serve: {e}", file=sys.stderr)
         return 2
     running.install_signal_handlers(config.grace_s, notice_s=config.drain_notice_s)
-    if hup_early.is_set():
+    if held.event.is_set():
         threading.Thread(target=running.reload_rules, name="riskd-reload").start()
     # Start-up objects (compiled rules, modules) live for the whole process: move them out
     # of the collector's generations so full collections on the request path skip them.

@@ -132,3 +132,12 @@ def test_a_postgres_schema_that_is_not_there_is_exit_2_and_not_created(
     with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test") as conn:
         row = conn.execute("SELECT to_regnamespace(%s) IS NULL", (schema,)).fetchone()
     assert row == (True,)
+
+
+def test_a_four_slash_sqlite_url_names_the_absolute_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # sqlite:////abs/path (SQLAlchemy's absolute form) is the file /abs/path, named so
+    missing = tmp_path / "none.db"
+    assert main(["evidence", "verify", "--database", f"sqlite:///{missing}"]) == 2
+    assert f"no database at {missing} " in capsys.readouterr().err

@@ -166,3 +166,19 @@ def test_rules_test_explains_a_failing_case_whose_rule_fails_only_when_explained
     out = capsys.readouterr().out
     assert "fired but not expected: x" in out and "why x:" in out
     assert "→ error: duration out of range" in out
+
+
+def test_output_into_a_reader_that_goes_away_ends_quietly() -> None:
+    # `riskd rules test | head -1` with head gone: the pipe is closed before the command
+    # writes; it stops with 128 + SIGPIPE as the shell tools do, with nothing on stderr.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "riskd", "rules", "test", str(RULES)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141
+    assert err == ""

@@ -29,7 +29,7 @@ EXAMPLE = ROOT / "examples" / "order.json"
 class Daemon:
     """``python -m riskd serve`` with its stderr collected by a thread."""
 
-    def __init__(self, data_dir: Path, **env_vars: str) -> None:
+    def __init__(self, data_dir: Path, *, prelude: str = "", **env_vars: str) -> None:
         env = {
             **os.environ,
             "RISKD_RULES_DIR": str(RULES),
@@ -38,10 +38,14 @@ class Daemon:
             "RISKD_DRAIN_NOTICE_MS": "0",
             **env_vars,
         }
+        # prelude: Python run before riskd.cli.main (which is then called as `riskd` is)
+        start = ["-c", f"{prelude}\nimport sys, riskd.cli\nsys.exit(riskd.cli.main())"]
+        start = start if prelude else ["-m", "riskd"]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "riskd", "serve", "--listen", "127.0.0.1:0"],
+            [sys.executable, *start, "serve", "--listen", "127.0.0.1:0"],
             cwd=ROOT,
             env=env,
+            stdin=subprocess.PIPE if prelude else None,
             stderr=subprocess.PIPE,
             text=True,
         )
@@ -143,6 +147,44 @@ def test_sighup_during_start_up_is_held_until_serving(tmp_path: Path) -> None:
         assert d.proc.poll() is None
         args = build_parser().parse_args(["health", "--target", f"127.0.0.1:{d.port}"])
         assert args.func(args) == 0
+    finally:
+        d.stop()
+
+
+# Stops the import of riskd.cli.serve (the slow part of `riskd serve`'s start, with grpc and
+# the whole service) until a line comes on stdin, saying so on stderr.
+PAUSE_IMPORT = """
+import importlib.abc, sys
+class Pause(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "riskd.cli.serve":
+            sys.meta_path.remove(self)
+            print("importing riskd.cli.serve", file=sys.stderr, flush=True)
+            sys.stdin.readline()
+sys.meta_path.insert(0, Pause())
+"""
+
+
+def test_sighup_while_the_command_is_still_importing_is_held(tmp_path: Path) -> None:
+    # Before the config is read there is a third of a second of imports: a SIGHUP then
+    # (a ConfigMap reload as the pod starts) must not end the daemon either.
+    d = Daemon(tmp_path, prelude=PAUSE_IMPORT)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any("importing" in x for x in d.lines):
+            time.sleep(0.01)
+        d.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.1)
+        assert d.proc.poll() is None, "ended by the SIGHUP"
+        assert d.proc.stdin is not None
+        d.proc.stdin.write("go\n")
+        d.proc.stdin.close()
+        assert d.ready.wait(30), "".join(d.lines)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any("rules reloaded" in x for x in d.lines):
+            time.sleep(0.05)
+        assert any("rules reloaded" in line for line in d.lines)
+        assert d.proc.poll() is None
     finally:
         d.stop()
 
