@@ -90,18 +90,14 @@ class ProgramHolder:
 
         Returns the diagnostics: empty when the new program (or the same one,
         if nothing changed) is in place, every error when the old one stays.
+        The caller logs the outcome (the holder's own watcher does; the daemon's
+        ``riskd.service.wiring`` logs it once, with its metrics).
         """
         with self._reload_lock:
             self._fingerprint = fingerprint(self.directory)  # before reading: never miss an edit
             program, diags = _compile(self.directory)
             self._last = diags
-            if program is None:
-                _log.warning(
-                    "rules reload failed; keeping version %s:\n%s", self._program.version, diags
-                )
-                return diags
-            if program.version != self._program.version:
-                _log.info("rules reloaded: %s -> %s", self._program.version, program.version)
+            if program is not None and program.version != self._program.version:
                 self._program = program  # one reference store: readers see old or new
             return diags
 
@@ -138,7 +134,13 @@ class ProgramHolder:
             if self._stop.is_set():
                 return
             if woken or self.changed():
+                before = self._program.version
                 try:
-                    self.reload()
+                    diags = self.reload()
                 except Exception:  # a watcher that dies silently would freeze the rules
                     _log.exception("rules reload crashed; will retry on the next change")
+                    continue
+                if not diags.ok:
+                    _log.warning("rules reload failed; keeping version %s:\n%s", before, diags)
+                elif self._program.version != before:
+                    _log.info("rules reloaded: %s -> %s", before, self._program.version)

@@ -7,6 +7,8 @@ for another cooldown. Nothing is sticky: the first successful probe after the
 dependency returns restores normal service. A named breaker logs when it opens (a
 warning with the error: riskd's own message, else the exception's type, never
 its text, which may quote data) and when it closes again, once each per outage.
+``OutageLog`` logs the same two lines for a dependency refused without a breaker
+(the decision log's full queue).
 
 >>> from riskd.domain.clock import FakeClock
 >>> clock = FakeClock(0.0)
@@ -28,6 +30,8 @@ from riskd.domain.clock import Clock
 from riskd.errors import RiskdError
 
 log = logging.getLogger("riskd.engine.breaker")
+UNAVAILABLE = "dependency unavailable: answering degraded until it answers again"
+ANSWERS_AGAIN = "dependency answers again"
 
 
 class CircuitBreaker:
@@ -67,7 +71,7 @@ class CircuitBreaker:
             self._open_until = None
             self._probing = False
         if was_open and self._name:
-            log.info("dependency answers again", extra={"fields": {"dependency": self._name}})
+            log.info(ANSWERS_AGAIN, extra={"fields": {"dependency": self._name}})
 
     def failure(self, error: BaseException | None = None) -> None:
         with self._lock:
@@ -79,10 +83,35 @@ class CircuitBreaker:
             opened = not was_open and self._open_until is not None
         if opened and self._name:
             fields = {"dependency": self._name, "error": _said(error)}
-            log.warning(
-                "dependency unavailable: answering degraded until it answers again",
-                extra={"fields": fields},
-            )
+            log.warning(UNAVAILABLE, extra={"fields": fields})
+
+
+class OutageLog:
+    """A dependency's outage in the log: a warning when its first refusal comes (with the
+    error, as ``CircuitBreaker``'s), an info line at the first success after; nothing for
+    the refusals between (the metrics count each). Thread-safe; ``up`` is one attribute
+    read while there is no outage (it is on the request path).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._lock = threading.Lock()
+        self._down = False
+
+    def down(self, error: BaseException | None = None) -> None:
+        with self._lock:
+            first, self._down = not self._down, True
+        if first:
+            fields = {"dependency": self._name, "error": _said(error)}
+            log.warning(UNAVAILABLE, extra={"fields": fields})
+
+    def up(self) -> None:
+        if not self._down:
+            return
+        with self._lock:
+            was, self._down = self._down, False
+        if was:
+            log.info(ANSWERS_AGAIN, extra={"fields": {"dependency": self._name}})
 
 
 def _said(error: BaseException | None) -> str:

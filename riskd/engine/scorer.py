@@ -76,7 +76,7 @@ from riskd.domain.features import FeatureQuery
 from riskd.domain.order import Order
 from riskd.domain.shop import ShopState
 from riskd.dsl.program import Program, RuleResult, RuleStatus
-from riskd.engine.breaker import CircuitBreaker
+from riskd.engine.breaker import CircuitBreaker, OutageLog
 from riskd.engine.combine import combine
 from riskd.engine.fallback import FallbackPolicy
 from riskd.engine.flights import Abandoned, Flight, Flights
@@ -172,6 +172,7 @@ class Scorer:
         self.log_breaker = CircuitBreaker(
             clock, failures=breaker_failures, cooldown_s=breaker_cooldown_s, name="evidence"
         )
+        self.log_room = OutageLog("evidence_queue")  # appends refused: full (or closed)
         self._flights = Flights[Decision]()
         self._rule_error_logged: dict[str, float] = {}  # rule id -> when last logged
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, "riskd-features")
@@ -357,10 +358,13 @@ class Scorer:
                     if ctx.log_full:
                         raise UnavailableError("decision log queue is full")
                     self._log.append(record, order=order, digests=obs.keys)
-                except UnavailableError:
+                except UnavailableError as e:
+                    if not ctx.log_full:
+                        self.log_room.down(e)
                     ctx.log_full = True
                     out.append(_unlogged(record.decision))
                     continue
+                self.log_room.up()
                 out.append(record.decision)
             return out
         until = ctx.deadline
@@ -371,13 +375,16 @@ class Scorer:
             if ctx.log_full:
                 raise UnavailableError("decision log queue is full")
             self._log.append_all(((r, o, obs.keys) for o, obs, r in decided), wait_s=wait_s)
-        except UnavailableError:
+        except UnavailableError as e:
+            if not ctx.log_full:
+                self.log_room.down(e)
             if until is not None and self._clock.monotonic() >= until:
                 raise DeadlineExceededError(
                     "the decision log had no room before the call's deadline; nothing recorded"
                 ) from None
             ctx.log_full = True
             return [_unlogged(r.decision) for _, _, r in decided]
+        self.log_room.up()
         return [r.decision for _, _, r in decided]
 
     def _decision(

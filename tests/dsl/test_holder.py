@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -127,7 +128,10 @@ def test_holder_concurrent_readers_never_see_a_mixed_program(rules_dir: Path) ->
     assert seen == {"a", "b"}
 
 
-def test_holder_watcher_picks_up_edits(rules_dir: Path) -> None:
+def test_holder_watcher_picks_up_edits_and_logs_each_outcome(
+    rules_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="riskd.dsl.rules")
     holder = ProgramHolder(rules_dir)
     holder.start_watching(0.02)
     try:
@@ -135,11 +139,21 @@ def test_holder_watcher_picks_up_edits(rules_dir: Path) -> None:
             rules_text("c", 5, n=1, scenario=False), encoding="utf-8"
         )
         assert wait_for(lambda: holder.current.rule("c0") is not None)
+        assert wait_for(lambda: len(caplog.records) == 1)
+        assert caplog.records[0].getMessage().startswith("rules reloaded: ")
         (rules_dir / "extra.rules").write_text("rule c0 { mode = ", encoding="utf-8")
         assert wait_for(lambda: not holder.last_diagnostics.ok)
         assert holder.current.rule("c0") is not None  # the broken edit left the program alone
+        assert wait_for(lambda: len(caplog.records) == 2)
+        failed = caplog.records[1].getMessage()
+        assert failed.startswith("rules reload failed; keeping version ")
+        assert "extra.rules:1:" in failed
     finally:
         holder.stop()
+    # a reload called directly (the daemon's wiring, which logs it with its metrics)
+    caplog.clear()
+    holder.reload()
+    assert caplog.records == []
 
 
 def test_holder_request_reload_wakes_the_watcher(rules_dir: Path) -> None:

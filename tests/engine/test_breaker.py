@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
+import pytest
+
 from riskd.domain.clock import FakeClock
-from riskd.engine.breaker import CircuitBreaker
+from riskd.engine.breaker import CircuitBreaker, OutageLog
 
 
 def test_breaker_opens_after_consecutive_failures_only() -> None:
@@ -47,3 +50,23 @@ def test_breaker_failed_probe_reopens_for_another_cooldown() -> None:
     assert b.allow()
     b.success()
     assert not b.is_open and b.allow() and b.allow()
+
+
+def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="riskd.engine.breaker")
+    outage = OutageLog("evidence_queue")
+    outage.up()  # nothing was down: nothing to say
+    for _ in range(3):
+        outage.down(KeyError("buyer 13800000000"))  # a foreign error: its type, not its text
+    outage.up()
+    outage.up()
+    outage.down()
+    assert [
+        (r.levelname, r.fields["error"] if r.levelname == "WARNING" else "") for r in caplog.records
+    ] == [  # type: ignore[attr-defined]
+        ("WARNING", "KeyError"),
+        ("INFO", ""),
+        ("WARNING", ""),
+    ]

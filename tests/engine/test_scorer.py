@@ -220,6 +220,40 @@ def test_one_process_logs_what_fits_a_nearly_full_queue(
     assert [rig.log.get(f"o-{i}") is not None for i in range(5)] == [True] * 3 + [False] * 2
 
 
+def test_a_full_decision_log_is_logged_once_and_its_end_too(
+    make_rig: Callable[..., Rig], db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Operators see unrecorded answers in the log, not only in the metric: one warning
+    when the queue first refuses, one line when records go in again."""
+    caplog.set_level(logging.INFO, logger="riskd.engine.breaker")
+    rig = make_rig(log_options={"queue_size": 2, "max_batch": 1, "put_timeout_s": 0.02})
+    holder = sqlite3.connect(db.url, timeout=0)
+    holder.execute("BEGIN IMMEDIATE")  # the writer holds its first item, commits nothing
+    try:
+        rig.scorer.score(make_order("o-held"), timeout_s=1.0)
+        decisions = rig.scorer.score_batch([make_order(f"o-{i}") for i in range(5)], timeout_s=1.0)
+        decisions.append(rig.scorer.score(make_order("o-5"), timeout_s=1.0))
+    finally:
+        holder.rollback()
+        holder.close()
+    assert [d.unlogged for d in decisions] == [False] + [True] * 5
+    said = [r for r in caplog.records if r.name == "riskd.engine.breaker"]
+    lines = [(r.levelname, r.getMessage(), r.fields) for r in said]  # type: ignore[attr-defined]
+    assert lines == [
+        (
+            "WARNING",
+            "dependency unavailable: answering degraded until it answers again",
+            {"dependency": "evidence_queue", "error": "decision log queue is full"},
+        )
+    ]
+    rig.log.flush(10)
+    assert not rig.scorer.score(make_order("o-6"), timeout_s=1.0).unlogged
+    said = [r for r in caplog.records if r.name == "riskd.engine.breaker"]
+    assert [(r.levelname, r.getMessage()) for r in said[1:]] == [
+        ("INFO", "dependency answers again")
+    ]
+
+
 def test_a_decision_appended_after_a_failed_look_up_is_logged(
     make_rig: Callable[..., Rig], tmp_path: Path
 ) -> None:

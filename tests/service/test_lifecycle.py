@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -151,6 +152,31 @@ def test_rules_hot_reload_on_change_and_keep_old_rules_on_error(tmp_path: Path) 
             assert running.reload_rules() is False
     finally:
         running.stop(1)
+
+
+def test_each_reload_is_logged_once_with_where_the_rules_are_wrong(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rules = copy_rules(tmp_path / "rules")
+    config = make_config(tmp_path / "data", rules_dir=str(rules), reload_interval_s=60)
+    running = create_server(config)
+    try:
+        path = rules / "checkout.rules"
+        path.write_text(path.read_text().replace("> 10000000", "> 1000"))
+        with caplog.at_level(logging.INFO):
+            assert running.reload_rules() is True
+        assert [r.getMessage() for r in caplog.records if "reload" in r.getMessage()] == [
+            "rules reloaded"
+        ]
+        caplog.clear()
+        path.write_text(path.read_text() + "\nrule broken {\n  when = order.nope > 1\n}\n")
+        with caplog.at_level(logging.INFO):
+            assert running.reload_rules() is False
+        failed = [r for r in caplog.records if "reload" in r.getMessage()]
+        assert [r.getMessage() for r in failed] == ["rules reload failed; keeping the old rules"]
+        assert "checkout.rules:" in failed[0].fields["diagnostics"]  # type: ignore[attr-defined]
+    finally:
+        running.stop(0)
 
 
 def test_rule_reloads_count_only_swaps(tmp_path: Path) -> None:
