@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
@@ -177,17 +178,32 @@ def create_server(
         RuleCompileError: the rules do not compile.
     """
     metrics = Metrics()
-    components = build_components(config, clock or SystemClock())
+    # what can be checked about the ports before the data dir, database or keyring are
+    # created: a start that fails on them leaves nothing behind
+    credentials = _credentials(config)
+    _probe_listen(config.listen)
+    endpoint = _metrics_endpoint(config, metrics)
+    try:
+        components = build_components(config, clock or SystemClock())
+    except BaseException:
+        if endpoint is not None:
+            endpoint.close()
+        raise
     try:
         pool = None
         if config.score_workers:
             pool = WorkerPool(config, config.score_workers, metrics)
             pool.start()
             components.closers.append(pool.close)  # closed first: workers flush their logs
-        running = _start(config, metrics, components, extra_servicers, interceptors, ready, pool)
+        running = _start(
+            config, metrics, components, extra_servicers, interceptors, ready, pool,
+            credentials, endpoint,
+        )  # fmt: skip
         running.workers = pool
         return running
     except BaseException:
+        if endpoint is not None:
+            endpoint.close()
         components.close()
         raise
 
@@ -200,6 +216,8 @@ def _start(
     interceptors: Sequence[Interceptor],
     ready: bool,
     pool: WorkerPool | None,
+    credentials: grpc.ServerCredentials | None,
+    endpoint: MetricsEndpoint | None,
 ) -> RunningServer:
     threads = futures.ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="riskd-rpc")
     server = grpc.server(
@@ -240,10 +258,10 @@ def _start(
         (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     running = RunningServer(server, 0, health_servicer, tuple(services), metrics, components)
+    running.endpoint = endpoint
     running.set_serving(False)
     try:
-        running.port = _bind(server, config)
-        running.endpoint = _metrics_endpoint(config, metrics)
+        running.port = _bind(server, config.listen, credentials)
     except BaseException:  # nothing started: let the health sender thread go too
         health_servicer.close()
         raise
@@ -307,16 +325,61 @@ def _auth(config: Config, metrics: Metrics) -> list[Interceptor]:
     return [AuthInterceptor(auth, on_reject=on_reject, max_holding_streams=STREAM_THREADS)]
 
 
-def _bind(server: grpc.Server, config: Config) -> int:
-    """Bind ``listen`` with TLS when configured, else plaintext on loopback only."""
+def _credentials(config: Config) -> grpc.ServerCredentials | None:
+    """TLS credentials when configured (the files read now), else None: plaintext, which
+    binds to loopback only.
+
+    Raises:
+        ConfigError: a TLS file cannot be read, or plaintext is not allowed on ``listen``.
+    """
     if config.tls_cert is not None and config.tls_key is not None:
-        credentials = server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
-        port = _add_port(lambda: server.add_secure_port(config.listen, credentials))
+        return server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+    check_insecure_listen(config.listen, allowed=config.plaintext)
+    return None
+
+
+def _probe_listen(listen: str) -> None:
+    """Fail early when ``listen`` cannot be bound (taken by another program, not an address
+    of this host, a privileged port): bind a socket as grpcio does (SO_REUSEPORT, so the
+    processes of one deployment sharing the port pass) and close it, without listening.
+    Fine when any of the host's addresses binds, as for grpcio.
+
+    Raises:
+        ConfigError: naming ``listen`` and the reason.
+    """
+    host, _, port = listen.rpartition(":")
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"listen: cannot bind {listen}: {_reason(e)}") from None
+    error: OSError | None = None
+    for family, kind, proto, _, address in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                probe.bind(address)
+                return
+        except OSError as e:
+            error = e
+    raise ConfigError(f"listen: cannot bind {listen}: {_reason(error)}")
+
+
+def _reason(error: BaseException | None) -> str:
+    strerror = getattr(error, "strerror", None)
+    return strerror or "no address to bind"
+
+
+def _bind(server: grpc.Server, listen: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind ``listen`` with TLS given ``credentials``, else plaintext (checked loopback)."""
+    if credentials is not None:
+        port = _add_port(lambda: server.add_secure_port(listen, credentials))
     else:
-        check_insecure_listen(config.listen, allowed=config.plaintext)
-        port = _add_port(lambda: server.add_insecure_port(config.listen))
+        port = _add_port(lambda: server.add_insecure_port(listen))
     if port == 0:
-        raise ConfigError(f"listen: cannot bind {config.listen}")
+        raise ConfigError(f"listen: cannot bind {listen}")
     return port
 
 

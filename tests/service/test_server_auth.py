@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from riskd.config import load_config
-from riskd.errors import ConfigError
+from riskd.errors import ConfigError, RuleCompileError
 from riskd.service import convert
 from riskd.service.gen.riskd.v1 import (
     ledger_pb2,
@@ -92,9 +92,10 @@ def test_port_owned_by_another_program_names_listen(tmp_path: Path) -> None:
         s.listen()
         port = s.getsockname()[1]
         senders = _health_senders()
-        with pytest.raises(ConfigError, match=r"^listen: cannot bind"):
-            create_server(make_config(tmp_path, listen=f"127.0.0.1:{port}"))
+        with pytest.raises(ConfigError, match=r"^listen: cannot bind .*: Address already in"):
+            create_server(make_config(tmp_path / "data", listen=f"127.0.0.1:{port}"))
         assert _health_senders() == senders  # a failed start leaves no thread behind
+    assert not (tmp_path / "data").exists()  # nor a database or a keyring
 
 
 def _health_senders() -> int:
@@ -151,6 +152,24 @@ def test_metrics_port_in_use_names_the_key(tmp_path: Path) -> None:
             create_server(make_config(tmp_path / "b", metrics_port=first.metrics_port))
     finally:
         first.stop(0)
+    assert not (tmp_path / "b").exists()  # the port is tried before anything is created
+
+
+def test_a_start_that_fails_later_frees_the_metrics_port(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "a.rules").write_text("rule r { when = order.nope }\n")
+    config = make_config(tmp_path / "data", metrics_port=port, rules_dir=str(rules))
+    with pytest.raises(RuleCompileError):
+        create_server(config)
+    running = create_server(make_config(tmp_path / "data", metrics_port=port))
+    try:
+        assert running.metrics_port == port
+    finally:
+        running.stop(0)
 
 
 def test_open_health_watches_do_not_stall_scoring(tmp_path: Path) -> None:

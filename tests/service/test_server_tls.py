@@ -17,6 +17,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from riskd.cli import build_parser
+from riskd.errors import ConfigError
 from riskd.service.server import RunningServer, create_server
 from tests.service.certs import CertificateAuthority
 from tests.service.conftest import make_config
@@ -187,3 +188,30 @@ def test_client_certificate_options_are_checked(
     args = build_parser().parse_args(["health", "--target", "127.0.0.1:1", *argv])
     assert args.func(args) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("listen", "why"),
+    [
+        ("192.0.2.1:0", "Cannot assign requested address"),
+        ("no-such-host.invalid:0", ""),
+    ],
+)
+def test_an_address_not_of_this_host_is_refused_before_anything_is_created(
+    tmp_path: Path, listen: str, why: str
+) -> None:
+    (tmp_path / "certs").mkdir()  # TLS: any address may be configured
+    cert, key = self_signed(tmp_path / "certs")
+    config = make_config(tmp_path / "data", listen=listen, tls_cert=str(cert), tls_key=str(key))
+    with pytest.raises(ConfigError, match=rf"^listen: cannot bind {listen}: .*{why}"):
+        create_server(config)
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_missing_tls_file_is_refused_before_anything_is_created(tmp_path: Path) -> None:
+    config = make_config(
+        tmp_path / "data", tls_cert=str(tmp_path / "no.crt"), tls_key=str(tmp_path / "no.key")
+    )
+    with pytest.raises(ConfigError, match=r"^tls_cert: cannot read"):
+        create_server(config)
+    assert not (tmp_path / "data").exists()
