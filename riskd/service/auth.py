@@ -53,7 +53,7 @@ import grpc
 
 from riskd.domain.clock import Clock, SystemClock
 from riskd.errors import ConfigError
-from riskd.service.interceptors import WrappedHandlers, keep_flags
+from riskd.service.interceptors import WrappedHandlers, keep_flags, parsed
 
 log = logging.getLogger("riskd.service.auth")
 
@@ -593,7 +593,7 @@ class AuthInterceptor(_Interceptor):
             caller, limit = _PUBLIC_KEY + caller, self._public
         else:
             limit = self._config.limit_for(identity.roles if identity else frozenset())
-        cost = COSTS[method](request) if method in COSTS else 1
+        cost = COSTS[method](parsed(request)) if method in COSTS else 1
         if not self._buckets.take(caller, limit, max(1, min(cost, limit.burst))):
             raise _Denied(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeded; retry later", caller

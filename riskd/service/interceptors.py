@@ -18,6 +18,13 @@ as ``Undecodable`` instead, and the call gets ``INVALID_ARGUMENT`` naming the fi
 (``order.buyer.name``; ``request`` when the bytes are not a message at all), after the
 authentication of the interceptors outside this one, logged and counted as any refusal.
 
+grpcio deserializes a request before any interceptor runs, so whatever that costs, any
+caller can make the server pay it: 16 MiB of empty orders (16 KB gzipped) take seconds
+of CPU to build. Requests over ``EAGER_PARSE_BYTES`` are therefore handed on unparsed
+(``Deferred``) and parsed after admission (``parsed``: the authentication interceptor's
+cost of a batch, else here); the field naming walk of ``Undecodable`` runs only after
+admission too, and visits at most ``NAMING_FIELDS`` fields.
+
 A handler that set its own status and then raised (grpc's generated base servicers do
 this for a method they do not implement, e.g. ``Health.List``: ``UNIMPLEMENTED``) keeps
 that status; it is not a bug, so no traceback is logged.
@@ -47,6 +54,13 @@ Handler = Callable[[Any, grpc.ServicerContext], Any]
 
 RECEIVE_LIMIT_FACTOR = 4
 """gRPC's receive limit is this many times ``max_message_bytes`` (see the module docstring)."""
+
+EAGER_PARSE_BYTES = 64 * 1024
+"""Requests up to this size are parsed by grpcio's deserializer (a checkout order is ~1 KB;
+at most ~30,000 empty messages, a few ms); larger ones after admission (``Deferred``)."""
+
+NAMING_FIELDS = 50_000
+"""The most fields ``Undecodable`` reads to name the one that spoils a request (~0.1 s)."""
 
 if TYPE_CHECKING:  # generic only in the type stubs
     _Interceptor = grpc.ServerInterceptor[Any, Any]
@@ -135,8 +149,10 @@ class ErrorInterceptor(_Interceptor):
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
+                if isinstance(request, Deferred):
+                    request = request.parsed()
                 if isinstance(request, Undecodable):
-                    raise InvalidArgumentError(request.field, request.problem)
+                    raise request.error()
                 if limit is not None and isinstance(request, Message):
                     _check_size(request, limit)
                 return inner(request, context)
@@ -243,18 +259,51 @@ def _size(value: Any) -> int:
 
 
 class Undecodable:
-    """Request bytes the method's message type cannot parse: the field that spoils them."""
+    """Request bytes the method's message type cannot parse; ``error`` names the field that
+    spoils them (a walk of the bytes: call it only after admission)."""
 
-    __slots__ = ("field", "problem")
+    __slots__ = ("data", "descriptor")
 
-    def __init__(self, field: str, problem: str) -> None:
-        self.field, self.problem = field, problem
+    def __init__(self, data: bytes, descriptor: Descriptor | None) -> None:
+        self.data, self.descriptor = data, descriptor
+
+    def error(self) -> InvalidArgumentError:
+        field = None
+        if self.descriptor is not None:
+            try:
+                field = _bad_string(self.descriptor, self.data, budget=[NAMING_FIELDS])
+            except (IndexError, _OutOfBudget):  # ends inside a varint; too long to walk
+                field = None
+        if field is not None:
+            return InvalidArgumentError(field, "is not valid UTF-8")
+        return InvalidArgumentError("request", "is not a valid protobuf message")
+
+
+class Deferred:
+    """Request bytes over ``EAGER_PARSE_BYTES``, parsed on first use (after admission)."""
+
+    __slots__ = ("_data", "_parse", "_result")
+
+    def __init__(self, data: bytes, parse: Callable[[bytes], Any]) -> None:
+        self._data, self._parse, self._result = data, parse, None
+
+    def parsed(self) -> Any:
+        """The message (or ``Undecodable``); parsed once, kept for the next caller."""
+        if self._result is None:
+            self._result = self._parse(self._data)
+        return self._result
+
+
+def parsed(request: Any) -> Any:
+    """``request`` as the servicer will see it: a ``Deferred`` one parsed now."""
+    return request.parsed() if isinstance(request, Deferred) else request
 
 
 def _lenient(
     deserializer: Callable[[bytes], Any] | None,
 ) -> Callable[[bytes], Any] | None:
-    """``deserializer``, giving ``Undecodable`` for bytes it refuses instead of raising."""
+    """``deserializer``, giving ``Undecodable`` for bytes it refuses instead of raising, and
+    ``Deferred`` for bytes over ``EAGER_PARSE_BYTES``."""
     if deserializer is None:
         return None
     descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
@@ -263,26 +312,34 @@ def _lenient(
         try:
             return deserializer(data)
         except DecodeError:
-            try:
-                field = _bad_string(descriptor, data) if descriptor is not None else None
-            except IndexError:  # bytes that end inside a varint
-                field = None
-            if field is not None:
-                return Undecodable(field, "is not valid UTF-8")
-            return Undecodable("request", "is not a valid protobuf message")
+            return Undecodable(data, descriptor)
 
-    return parse
+    def deserialize(data: bytes) -> Any:
+        if len(data) > EAGER_PARSE_BYTES:
+            return Deferred(data, parse)
+        return parse(data)
+
+    return deserialize
+
+
+class _OutOfBudget(Exception):
+    """The naming walk read ``NAMING_FIELDS`` fields without finding the bad one."""
 
 
 _LENGTH_DELIMITED, _SKIP = 2, {0: -1, 1: 8, 5: 4}  # wire types: -1 a varint, else bytes
 
 
-def _bad_string(descriptor: Descriptor, data: bytes, path: str = "") -> str | None:
+def _bad_string(
+    descriptor: Descriptor, data: bytes, path: str = "", *, budget: list[int]
+) -> str | None:
     """The path of the first string field in ``data`` that is not UTF-8 (``orders[2].order_id``),
-    or None (the bytes are broken some other way)."""
+    or None (the bytes are broken some other way). ``budget[0]``: fields left to read."""
     seen: dict[int, int] = {}  # field number → elements of it read so far
     at, end = 0, len(data)
     while at < end:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _OutOfBudget
         tag, at = _varint(data, at)
         number, wire = tag >> 3, tag & 7
         if wire in _SKIP:
@@ -307,7 +364,7 @@ def _bad_string(descriptor: Descriptor, data: bytes, path: str = "") -> str | No
             except UnicodeDecodeError:
                 return name
         elif fd.type == FieldDescriptor.TYPE_MESSAGE and fd.message_type is not None:
-            found = _bad_string(fd.message_type, payload, name)
+            found = _bad_string(fd.message_type, payload, name, budget=budget)
             if found is not None:
                 return found
     return None

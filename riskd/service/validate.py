@@ -137,7 +137,8 @@ def validate_batch(orders: Sequence[Order], max_batch: int, field: str = "orders
 
 def validate_batch_size(count: int, max_batch: int, field: str = "orders") -> None:
     """A batch of ``count`` orders: at least one, at most ``max_batch`` (checked on the
-    request before its orders are converted, so an oversized one costs nothing)."""
+    request before its orders are converted: an oversized one costs its parse alone, which
+    ``riskd.service.interceptors`` does only after admission for a large request)."""
     if not count:
         raise InvalidArgumentError(field, "at least one order is required")
     if count > max_batch:

@@ -321,6 +321,24 @@ def test_an_order_over_the_item_limit_is_refused_before_its_items_are_built(
             b"-XX",
             "request: is not a valid protobuf message",
         ),  # the bytes end inside a field
+        (
+            "ScoreBatch",
+            scoring_pb2.ScoreBatchRequest(
+                orders=[order_pb2.Order(order_id=f"o-{i:04}" + "." * 200) for i in range(400)]
+                + [order_pb2.Order(order_id="XX")]
+            ),
+            b"XX",
+            "orders[400].order_id: is not valid UTF-8",
+        ),  # over EAGER_PARSE_BYTES: parsed and named after admission
+        (
+            "ScoreBatch",
+            scoring_pb2.ScoreBatchRequest(
+                orders=[order_pb2.Order()] * (interceptors.NAMING_FIELDS + 1)
+                + [order_pb2.Order(order_id="XX")]
+            ),
+            b"XX",
+            "request: is not a valid protobuf message",
+        ),  # the spoiled field lies past what the naming walk reads
     ],
 )
 def test_bytes_that_do_not_parse_are_invalid_argument_not_internal(

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from riskd.config import load_config
 from riskd.errors import ConfigError, RuleCompileError
-from riskd.service import convert
+from riskd.service import convert, interceptors
 from riskd.service.gen.riskd.v1 import (
     ledger_pb2,
     ledger_pb2_grpc,
@@ -259,6 +259,58 @@ def test_score_batch_spends_one_token_per_order_up_to_the_burst(tmp_path: Path) 
             assert batch("tok-b", 1) is exhausted
     finally:
         running.stop(0)
+
+
+def test_a_large_batch_is_parsed_only_once_its_caller_is_admitted_and_pays_per_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """grpcio builds a request before any interceptor runs: 16 MiB of empty orders (16 KB
+    gzipped) cost seconds of CPU from anyone (review). A request over EAGER_PARSE_BYTES is
+    parsed after admission, and still costs a token per order."""
+    parses: list[int] = []
+    real = interceptors.Deferred.parsed
+    monkeypatch.setattr(
+        interceptors.Deferred, "parsed", lambda self: parses.append(1) or real(self)
+    )
+    auth = {"tokens": {"tok-a": "a:checkout"}, "rate_limits": {"checkout": "0.001/s:10"}}
+    running = create_server(make_config(tmp_path, auth=auth))
+    orders = [convert.order_to_proto(fresh()) for _ in range(9)]
+    for order in orders:  # 9 orders of 200 items: ~90 KB
+        del order.items[:]
+        for j in range(200):
+            order.items.add(sku=f"sku-{j:04}-" + "0" * 30, category="c", unit_price=1, quantity=1)
+        order.amounts.Clear()
+        order.amounts.items = order.amounts.total = 200
+    big = scoring_pb2.ScoreBatchRequest(orders=orders)
+    assert big.ByteSize() > interceptors.EAGER_PARSE_BYTES
+    small = scoring_pb2.ScoreBatchRequest(orders=[convert.order_to_proto(fresh())] * 2)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ScoreBatch(big, timeout=10)  # no credentials
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert parses == []
+            token = (("authorization", "Bearer tok-a"),)
+            assert len(stub.ScoreBatch(big, timeout=10, metadata=token).decisions) == 9
+            assert parses  # for the cost, then for the servicer (parsed once: below)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ScoreBatch(small, timeout=10, metadata=token)  # 9 + 2 > the burst
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        running.stop(0)
+
+
+def test_a_deferred_request_is_parsed_once() -> None:
+    seen: list[bytes] = []
+
+    def parse(data: bytes) -> str:
+        seen.append(data)
+        return "message"
+
+    request = interceptors.Deferred(b"bytes", parse)
+    assert interceptors.parsed(request) == request.parsed() == "message"
+    assert seen == [b"bytes"]
 
 
 def test_an_empty_auth_table_closes_the_open_default(tmp_path: Path) -> None:
