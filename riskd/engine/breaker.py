@@ -87,20 +87,25 @@ class CircuitBreaker:
 
 
 class OutageLog:
-    """A dependency's outage in the log: a warning when its first refusal comes (with the
-    error, as ``CircuitBreaker``'s), an info line at the first success after; nothing for
-    the refusals between (the metrics count each). Thread-safe; ``up`` is one attribute
-    read while there is no outage (it is on the request path).
+    """A dependency's outage in the log: a warning at its first refusal (with the error, as
+    ``CircuitBreaker``'s), an info line at the first success once no refusal has come for
+    ``quiet_s``; nothing for the refusals and successes between (the metrics count each), so
+    a queue that stays about full is one outage, not one per slot freed. Thread-safe; ``up``
+    is one attribute read while there is no outage (it is on the request path).
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, clock: Clock, *, quiet_s: float = 1.0) -> None:
         self._name = name
+        self._clock = clock
+        self._quiet = quiet_s
         self._lock = threading.Lock()
         self._down = False
+        self._last_refusal = 0.0
 
     def down(self, error: BaseException | None = None) -> None:
         with self._lock:
             first, self._down = not self._down, True
+            self._last_refusal = self._clock.monotonic()
         if first:
             fields = {"dependency": self._name, "error": _said(error)}
             log.warning(UNAVAILABLE, extra={"fields": fields})
@@ -109,8 +114,10 @@ class OutageLog:
         if not self._down:
             return
         with self._lock:
-            was, self._down = self._down, False
-        if was:
+            ended = self._down and self._clock.monotonic() - self._last_refusal >= self._quiet
+            if ended:
+                self._down = False
+        if ended:
             log.info(ANSWERS_AGAIN, extra={"fields": {"dependency": self._name}})
 
 

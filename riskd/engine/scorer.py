@@ -172,7 +172,8 @@ class Scorer:
         self.log_breaker = CircuitBreaker(
             clock, failures=breaker_failures, cooldown_s=breaker_cooldown_s, name="evidence"
         )
-        self.log_room = OutageLog("evidence_queue")  # appends refused: full (or closed)
+        # appends refused (the queue full, or the log closed), in the log once per outage
+        self.log_room = OutageLog("evidence_queue", clock, quiet_s=breaker_cooldown_s)
         self._flights = Flights[Decision]()
         self._rule_error_logged: dict[str, float] = {}  # rule id -> when last logged
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, "riskd-features")

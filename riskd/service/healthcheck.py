@@ -73,6 +73,20 @@ class HealthServicer(health.HealthServicer):
                     self._outbox.put((send, None))  # grpcio ends the stream on None
             self._send_response_callbacks.clear()
 
+    def _on_close_callback(self, send_response_callback: _Send, service: str) -> Callable[[], None]:
+        """grpcio-health's, for a watcher that may be gone from the table already
+        (``end_watches``): theirs raised KeyError in grpc's callback, logged with a traceback
+        by ``grpc._server`` for every watch a drain ended."""
+
+        def callback() -> None:
+            with self._lock:
+                watchers = self._send_response_callbacks.get(service)
+                if watchers is not None:
+                    watchers.discard(send_response_callback)
+            send_response_callback(None)
+
+        return callback
+
     def close(self) -> None:
         """Stop the sender thread once what is queued has been sent (or failed)."""
         self._outbox.put(None)

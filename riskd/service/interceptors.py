@@ -314,10 +314,13 @@ def _lenient(
         except DecodeError:
             return Undecodable(data, descriptor)
 
-    def deserialize(data: bytes) -> Any:
+    def deserialize(data: bytes) -> Any:  # parse's body again: one call less per request
         if len(data) > EAGER_PARSE_BYTES:
             return Deferred(data, parse)
-        return parse(data)
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return Undecodable(data, descriptor)
 
     return deserialize
 

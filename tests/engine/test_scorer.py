@@ -221,10 +221,10 @@ def test_one_process_logs_what_fits_a_nearly_full_queue(
 
 
 def test_a_full_decision_log_is_logged_once_and_its_end_too(
-    make_rig: Callable[..., Rig], db: Database, caplog: pytest.LogCaptureFixture
+    make_rig: Callable[..., Rig], db: Database, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Operators see unrecorded answers in the log, not only in the metric: one warning
-    when the queue first refuses, one line when records go in again."""
+    when the queue first refuses, one line when records go in again after a quiet second."""
     caplog.set_level(logging.INFO, logger="riskd.engine.breaker")
     rig = make_rig(log_options={"queue_size": 2, "max_batch": 1, "put_timeout_s": 0.02})
     holder = sqlite3.connect(db.url, timeout=0)
@@ -248,6 +248,10 @@ def test_a_full_decision_log_is_logged_once_and_its_end_too(
     ]
     rig.log.flush(10)
     assert not rig.scorer.score(make_order("o-6"), timeout_s=1.0).unlogged
+    said = [r for r in caplog.records if r.name == "riskd.engine.breaker"]
+    assert len(said) == 1  # room again, but the queue refused less than a second ago
+    clock.advance(1.0)
+    assert not rig.scorer.score(make_order("o-7"), timeout_s=1.0).unlogged
     said = [r for r in caplog.records if r.name == "riskd.engine.breaker"]
     assert [(r.levelname, r.getMessage()) for r in said[1:]] == [
         ("INFO", "dependency answers again")
