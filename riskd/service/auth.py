@@ -53,7 +53,7 @@ import grpc
 
 from riskd.domain.clock import Clock, SystemClock
 from riskd.errors import ConfigError
-from riskd.service.interceptors import WrappedHandlers, keep_flags, parsed
+from riskd.service.interceptors import Deferred, WrappedHandlers, keep_flags, parsed
 
 log = logging.getLogger("riskd.service.auth")
 
@@ -393,6 +393,11 @@ class TokenBuckets:
             bucket[0] -= cost
             return True
 
+    def holds(self, caller: str, limit: RateLimit, cost: int = 1) -> bool:
+        """Whether ``caller``'s bucket holds ``cost`` tokens now (nothing spent)."""
+        with self._lock:
+            return self._refill(caller, limit)[0] >= cost
+
     def _refill(self, caller: str, limit: RateLimit) -> list[float]:
         now = self._clock.monotonic()
         bucket = self._buckets.get(caller)
@@ -455,6 +460,8 @@ MAX_STREAMS_PER_PEER: Final = 32
 def _orders(request: Any) -> int:
     return len(getattr(request, "orders", ()))
 
+
+_RATE_LIMITED = "rate limit exceeded; retry later"
 
 COSTS: Final[Mapping[str, Callable[[Any], int]]] = {_SCORING + "ScoreBatch": _orders}
 """Methods whose call spends more than one rate-limit token: ``ScoreBatch`` one per order,
@@ -593,11 +600,15 @@ class AuthInterceptor(_Interceptor):
             caller, limit = _PUBLIC_KEY + caller, self._public
         else:
             limit = self._config.limit_for(identity.roles if identity else frozenset())
-        cost = COSTS[method](parsed(request)) if method in COSTS else 1
+        cost = 1
+        if method in COSTS:
+            # a large request is parsed only now (riskd.service.interceptors.Deferred), and
+            # only for a caller with a token left: a refused call costs no parse
+            if isinstance(request, Deferred) and not self._buckets.holds(caller, limit):
+                raise _Denied(grpc.StatusCode.RESOURCE_EXHAUSTED, _RATE_LIMITED, caller)
+            cost = COSTS[method](parsed(request))
         if not self._buckets.take(caller, limit, max(1, min(cost, limit.burst))):
-            raise _Denied(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeded; retry later", caller
-            )
+            raise _Denied(grpc.StatusCode.RESOURCE_EXHAUSTED, _RATE_LIMITED, caller)
 
     def _identify(self, context: grpc.ServicerContext, peer: str) -> Identity | None:
         identity = self._from_certificate(context.auth_context())

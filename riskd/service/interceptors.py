@@ -291,6 +291,7 @@ class Deferred:
         """The message (or ``Undecodable``); parsed once, kept for the next caller."""
         if self._result is None:
             self._result = self._parse(self._data)
+            self._data = b""  # the call holds the message alone from here on
         return self._result
 
 

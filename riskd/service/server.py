@@ -169,7 +169,9 @@ def create_server(
         clock: where time comes from (``SystemClock`` by default).
         extra_servicers: hooks that register more services (each returns their names).
         interceptors: more server interceptors, run after authentication and before
-            riskd's error interceptor.
+            riskd's error interceptor. A request over ``EAGER_PARSE_BYTES`` reaches them
+            unparsed (``riskd.service.interceptors.Deferred``; ``parsed(request)`` there
+            is the message).
         ready: announce SERVING once started; with False the caller calls
             ``set_serving(True)`` (health stays NOT_SERVING meanwhile).
 

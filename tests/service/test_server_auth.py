@@ -297,6 +297,13 @@ def test_a_large_batch_is_parsed_only_once_its_caller_is_admitted_and_pays_per_o
             with pytest.raises(grpc.RpcError) as e:
                 stub.ScoreBatch(small, timeout=10, metadata=token)  # 9 + 2 > the burst
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            del small.orders[1:]
+            stub.ScoreBatch(small, timeout=10, metadata=token)  # the last token
+            before = len(parses)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ScoreBatch(big, timeout=10, metadata=token)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert len(parses) == before  # an empty bucket refuses before the parse (review)
     finally:
         running.stop(0)
 
