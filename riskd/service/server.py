@@ -185,13 +185,9 @@ def create_server(
     credentials = _credentials(config)
     _probe_listen(config.listen)
     endpoint = _metrics_endpoint(config, metrics)
+    components = None
     try:
         components = build_components(config, clock or SystemClock())
-    except BaseException:
-        if endpoint is not None:
-            endpoint.close()
-        raise
-    try:
         pool = None
         if config.score_workers:
             pool = WorkerPool(config, config.score_workers, metrics)
@@ -206,7 +202,8 @@ def create_server(
     except BaseException:
         if endpoint is not None:
             endpoint.close()
-        components.close()
+        if components is not None:
+            components.close()
         raise
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -201,20 +202,28 @@ def test_a_full_decision_log_costs_a_batch_one_wait_not_one_per_order(
     assert calls == ["o-0"]
 
 
+@contextlib.contextmanager
+def _writer_held(db: Database) -> Iterator[None]:
+    """Another connection holds the database: the log's writer holds its first item and
+    commits nothing, so the queue fills."""
+    holder = sqlite3.connect(db.url, timeout=0)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        holder.rollback()
+        holder.close()
+
+
 def test_one_process_logs_what_fits_a_nearly_full_queue(
     make_rig: Callable[..., Rig], db: Database
 ) -> None:
     """Room for 3 of a batch's 5 decisions: in one process those 3 are logged (nobody else
     records these orders), the other 2 answered unlogged."""
     rig = make_rig(log_options={"queue_size": 4, "max_batch": 1, "put_timeout_s": 0.05})
-    holder = sqlite3.connect(db.url, timeout=0)
-    holder.execute("BEGIN IMMEDIATE")  # the writer holds its first item, commits nothing
-    try:
+    with _writer_held(db):
         rig.scorer.score(make_order("o-held"), timeout_s=1.0)
         decisions = rig.scorer.score_batch([make_order(f"o-{i}") for i in range(5)], timeout_s=1.0)
-    finally:
-        holder.rollback()
-        holder.close()
     assert [d.unlogged for d in decisions] == [False, False, False, True, True]
     rig.log.flush(10)
     assert [rig.log.get(f"o-{i}") is not None for i in range(5)] == [True] * 3 + [False] * 2
@@ -227,15 +236,10 @@ def test_a_full_decision_log_is_logged_once_and_its_end_too(
     when the queue first refuses, one line when records go in again after a quiet second."""
     caplog.set_level(logging.INFO, logger="riskd.engine.breaker")
     rig = make_rig(log_options={"queue_size": 2, "max_batch": 1, "put_timeout_s": 0.02})
-    holder = sqlite3.connect(db.url, timeout=0)
-    holder.execute("BEGIN IMMEDIATE")  # the writer holds its first item, commits nothing
-    try:
+    with _writer_held(db):
         rig.scorer.score(make_order("o-held"), timeout_s=1.0)
         decisions = rig.scorer.score_batch([make_order(f"o-{i}") for i in range(5)], timeout_s=1.0)
         decisions.append(rig.scorer.score(make_order("o-5"), timeout_s=1.0))
-    finally:
-        holder.rollback()
-        holder.close()
     assert [d.unlogged for d in decisions] == [False] + [True] * 5
     said = [r for r in caplog.records if r.name == "riskd.engine.breaker"]
     lines = [(r.levelname, r.getMessage(), r.fields) for r in said]  # type: ignore[attr-defined]
@@ -488,18 +492,13 @@ def test_a_worker_records_nothing_when_the_log_has_no_room_before_its_deadline(
         record_late=False,
         log_options={"queue_size": 2, "max_batch": 1, "put_timeout_s": 2.0},
     )
-    holder = sqlite3.connect(db.url, timeout=0)
-    holder.execute("BEGIN IMMEDIATE")  # the writer's next commit waits on this lock
-    try:
+    with _writer_held(db):
         rig.scorer.score(make_order("o-fill-1"), timeout_s=1.0)  # the writer's, held
         rig.scorer.score(make_order("o-fill-2"), timeout_s=1.0)  # queued: the queue is full
         started = time.monotonic()
         with pytest.raises(DeadlineExceededError):
             rig.scorer.score(make_order("o-late", buyer_id="b-late"), timeout_s=0.2)
         assert time.monotonic() - started < 1.0  # the deadline, not the 2 s put timeout
-    finally:
-        holder.rollback()
-        holder.close()
     rig.log.flush(10)
     assert rig.log.get("o-late") is None and rig.log.get("o-fill-2") is not None
     now = FakeClock(time.time())  # the scorer counted on the system clock
