@@ -23,7 +23,10 @@ caller can make the server pay it: 16 MiB of empty orders (16 KB gzipped) take s
 of CPU to build. Requests over ``EAGER_PARSE_BYTES`` are therefore handed on unparsed
 (``Deferred``) and parsed after admission (``parsed``: the authentication interceptor's
 cost of a batch, else here); the field naming walk of ``Undecodable`` runs only after
-admission too, and visits at most ``NAMING_FIELDS`` fields.
+admission too, and visits at most ``NAMING_FIELDS`` fields. Before that parse their bytes
+are read (``riskd.service.wire``): one over ``max_message_bytes`` is refused by its size,
+one with more elements than its ``ElementLimits`` allow (orders, items) by that count,
+neither built (``Refused``).
 
 A handler that set its own status and then raised (grpc's generated base servicers do
 this for a method they do not implement, e.g. ``Health.List``: ``UNIMPLEMENTED``) keeps
@@ -42,10 +45,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import DecodeError, Message
 
 from riskd.errors import InvalidArgumentError, RiskdError
+from riskd.service import wire
 from riskd.service.metrics import Metrics
 
 log = logging.getLogger("riskd.service.rpc")
@@ -60,7 +64,10 @@ EAGER_PARSE_BYTES = 64 * 1024
 at most ~30,000 empty messages, a few ms); larger ones after admission (``Deferred``)."""
 
 NAMING_FIELDS = 50_000
-"""The most fields ``Undecodable`` reads to name the one that spoils a request (~0.1 s)."""
+"""The most fields ``Undecodable`` reads to name the one that spoils a request (~0.05 s)."""
+
+SIZE_NAMING_FIELDS = 10_000
+"""The most fields read to name what holds most of a request refused by its size unparsed."""
 
 if TYPE_CHECKING:  # generic only in the type stubs
     _Interceptor = grpc.ServerInterceptor[Any, Any]
@@ -117,9 +124,16 @@ def status_code(error: RiskdError) -> grpc.StatusCode:
 class ErrorInterceptor(_Interceptor):
     """Maps ``RiskdError`` to status codes, hides unexpected errors, logs and times each call."""
 
-    def __init__(self, metrics: Metrics, *, max_message_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        max_message_bytes: int | None = None,
+        limits: wire.ElementLimits | None = None,
+    ) -> None:
         self._metrics = metrics
         self._max_bytes = max_message_bytes
+        self._limits = limits
         self._wrapped = WrappedHandlers()
 
     def intercept_service(
@@ -135,7 +149,9 @@ class ErrorInterceptor(_Interceptor):
         if wrapped is None:
             wrapped = grpc.unary_unary_rpc_method_handler(
                 keep_flags(inner, self._wrap(method, inner)),
-                request_deserializer=_lenient(handler.request_deserializer),
+                request_deserializer=_lenient(
+                    handler.request_deserializer, self._max_bytes, self._limits
+                ),
                 response_serializer=handler.response_serializer,
             )
             self._wrapped.keep(method, handler, wrapped)
@@ -151,7 +167,7 @@ class ErrorInterceptor(_Interceptor):
             try:
                 if isinstance(request, Deferred):
                     request = request.parsed()
-                if isinstance(request, Undecodable):
+                if isinstance(request, Undecodable | Refused):
                     raise request.error()
                 if limit is not None and isinstance(request, Message):
                     _check_size(request, limit)
@@ -271,12 +287,25 @@ class Undecodable:
         field = None
         if self.descriptor is not None:
             try:
-                field = _bad_string(self.descriptor, self.data, budget=[NAMING_FIELDS])
-            except (IndexError, _OutOfBudget):  # ends inside a varint; too long to walk
+                field = wire.bad_string(self.descriptor, self.data, budget=[NAMING_FIELDS])
+            except (IndexError, wire.OutOfBudget):  # ends inside a field; too long to walk
                 field = None
         if field is not None:
             return InvalidArgumentError(field, "is not valid UTF-8")
         return InvalidArgumentError("request", "is not a valid protobuf message")
+
+
+class Refused:
+    """Request bytes refused unparsed (``Deferred``): too many of them, or too many
+    elements of a repeated field; ``error`` is why, ``size`` how many bytes."""
+
+    __slots__ = ("_error", "size")
+
+    def __init__(self, error: RiskdError, size: int) -> None:
+        self._error, self.size = error, size
+
+    def error(self) -> RiskdError:
+        return self._error
 
 
 class Deferred:
@@ -302,20 +331,34 @@ def parsed(request: Any) -> Any:
 
 def _lenient(
     deserializer: Callable[[bytes], Any] | None,
+    max_bytes: int | None = None,
+    limits: wire.ElementLimits | None = None,
 ) -> Callable[[bytes], Any] | None:
     """``deserializer``, giving ``Undecodable`` for bytes it refuses instead of raising, and
-    ``Deferred`` for bytes over ``EAGER_PARSE_BYTES``."""
+    ``Deferred`` for bytes over ``EAGER_PARSE_BYTES``, whose bytes are read before their
+    parse: ``Refused`` when there are more than ``max_bytes`` or more elements than
+    ``limits`` allow."""
     if deserializer is None:
         return None
     descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
 
     def parse(data: bytes) -> Any:
         try:
+            if max_bytes is not None and len(data) > max_bytes:
+                field = "request"
+                if descriptor is not None:
+                    field = wire.largest_field(descriptor, data, budget=SIZE_NAMING_FIELDS) or field
+                message = f"the request is {len(data)} bytes, more than the limit of {max_bytes}"
+                return Refused(InvalidArgumentError(field, message), len(data))
+            if limits is not None and descriptor is not None:
+                limits.check(descriptor, data)
             return deserializer(data)
         except DecodeError:
             return Undecodable(data, descriptor)
+        except RiskdError as e:  # a limit's check
+            return Refused(e, len(data))
 
-    def deserialize(data: bytes) -> Any:  # parse's body again: one call less per request
+    def deserialize(data: bytes) -> Any:
         if len(data) > EAGER_PARSE_BYTES:
             return Deferred(data, parse)
         try:
@@ -324,73 +367,3 @@ def _lenient(
             return Undecodable(data, descriptor)
 
     return deserialize
-
-
-class _OutOfBudget(Exception):
-    """The naming walk read ``NAMING_FIELDS`` fields without finding the bad one."""
-
-
-_LENGTH_DELIMITED, _SKIP = 2, {0: -1, 1: 8, 5: 4}  # wire types: -1 a varint, else bytes
-
-
-def _bad_string(
-    descriptor: Descriptor, data: bytes, path: str = "", *, budget: list[int]
-) -> str | None:
-    """The path of the first string field in ``data`` that is not UTF-8 (``orders[2].order_id``),
-    or None (the bytes are broken some other way). ``budget[0]``: fields left to read."""
-    seen: dict[int, int] = {}  # field number → elements of it read so far
-    at, end = 0, len(data)
-    while at < end:
-        budget[0] -= 1
-        if budget[0] < 0:
-            raise _OutOfBudget
-        tag, at = _varint(data, at)
-        number, wire = tag >> 3, tag & 7
-        if wire in _SKIP:
-            at = _varint(data, at)[1] if _SKIP[wire] < 0 else at + _SKIP[wire]
-            continue
-        if wire != _LENGTH_DELIMITED:
-            return None  # groups: not in riskd's messages
-        size, at = _varint(data, at)
-        payload, at = data[at : at + size], at + size
-        if at > end:
-            return None
-        fd = descriptor.fields_by_number.get(number)
-        if fd is None:
-            continue
-        name = f"{path}.{fd.name}" if path else fd.name
-        if _repeated(fd):
-            seen[number] = seen.get(number, -1) + 1
-            name = f"{name}[{seen[number]}]"
-        if fd.type == FieldDescriptor.TYPE_STRING:
-            try:
-                payload.decode("utf-8")
-            except UnicodeDecodeError:
-                return name
-        elif fd.type == FieldDescriptor.TYPE_MESSAGE and fd.message_type is not None:
-            found = _bad_string(fd.message_type, payload, name, budget=budget)
-            if found is not None:
-                return found
-    return None
-
-
-def _repeated(fd: FieldDescriptor) -> bool:
-    # newer protobufs have is_repeated (and no label); older ones only the label
-    repeated = getattr(fd, "is_repeated", None)
-    if repeated is None:
-        repeated = getattr(fd, "label", None) == FieldDescriptor.LABEL_REPEATED
-    return bool(repeated)
-
-
-def _varint(data: bytes, at: int) -> tuple[int, int]:
-    """The varint at ``at`` and the offset after it (IndexError past the end)."""
-    value, shift = 0, 0
-    while True:
-        byte = data[at]
-        at += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, at
-        shift += 7
-        if shift > 63:
-            raise IndexError("varint too long")

@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 from riskd.config import STREAM_THREADS, Config
 from riskd.domain.clock import Clock, SystemClock
 from riskd.errors import ConfigError
+from riskd.service import validate, wire
 from riskd.service.auth import (
     CHECKOUT,
     AuthConfig,
@@ -38,7 +39,7 @@ from riskd.service.auth import (
     check_insecure_listen,
     server_credentials,
 )
-from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
+from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2, scoring_pb2_grpc
 from riskd.service.healthcheck import HealthServicer
 from riskd.service.interceptors import RECEIVE_LIMIT_FACTOR, ErrorInterceptor
 from riskd.service.metrics import Metrics, MetricsEndpoint
@@ -207,6 +208,22 @@ def create_server(
         raise
 
 
+def element_limits(max_batch: int) -> wire.ElementLimits:
+    """The scoring requests' element limits, read on the wire of a large request before
+    its parse: what the servicer checks first once it is parsed, with the same errors."""
+    orders = scoring_pb2.ScoreBatchRequest.DESCRIPTOR.fields_by_name["orders"]
+    items = order_pb2.Order.DESCRIPTOR.fields_by_name["items"]
+
+    def batch(count: int, path: str) -> None:
+        validate.validate_batch_size(count, max_batch, path)
+
+    limits = {
+        orders.full_name: (max_batch, batch),
+        items.full_name: (validate.MAX_ITEMS, validate.validate_item_count),
+    }
+    return wire.ElementLimits(limits)
+
+
 def _start(
     config: Config,
     metrics: Metrics,
@@ -224,7 +241,11 @@ def _start(
         interceptors=[
             *_auth(config, metrics),
             *interceptors,
-            ErrorInterceptor(metrics, max_message_bytes=config.max_message_bytes),
+            ErrorInterceptor(
+                metrics,
+                max_message_bytes=config.max_message_bytes,
+                limits=element_limits(config.max_batch),
+            ),
         ],
         options=_options(config),
     )

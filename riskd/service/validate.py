@@ -137,8 +137,8 @@ def validate_batch(orders: Sequence[Order], max_batch: int, field: str = "orders
 
 def validate_batch_size(count: int, max_batch: int, field: str = "orders") -> None:
     """A batch of ``count`` orders: at least one, at most ``max_batch`` (checked on the
-    request before its orders are converted: an oversized one costs its parse alone, which
-    ``riskd.service.interceptors`` does only after admission for a large request)."""
+    request before its orders are converted; a request over 64 KiB is checked on its bytes
+    before its parse, ``riskd.service.server.element_limits``)."""
     if not count:
         raise InvalidArgumentError(field, "at least one order is required")
     if count > max_batch:
@@ -146,7 +146,8 @@ def validate_batch_size(count: int, max_batch: int, field: str = "orders") -> No
 
 
 def validate_item_count(count: int, field: str) -> None:
-    """At most ``MAX_ITEMS`` items (``field``: the order's ``items``)."""
+    """At most ``MAX_ITEMS`` items (``field``: the order's ``items``; also checked on the
+    bytes of a large request, ``riskd.service.server.element_limits``)."""
     if count > MAX_ITEMS:
         raise InvalidArgumentError(field, f"more than {MAX_ITEMS} items")
 

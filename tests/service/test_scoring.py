@@ -333,7 +333,8 @@ def test_an_order_over_the_item_limit_is_refused_before_its_items_are_built(
         (
             "ScoreBatch",
             scoring_pb2.ScoreBatchRequest(
-                orders=[order_pb2.Order()] * (interceptors.NAMING_FIELDS + 1)
+                orders=[order_pb2.Order(items=[order_pb2.Item()] * validate.MAX_ITEMS)]
+                * (interceptors.NAMING_FIELDS // validate.MAX_ITEMS + 1)
                 + [order_pb2.Order(order_id="XX")]
             ),
             b"XX",

@@ -13,10 +13,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from riskd.config import load_config
 from riskd.errors import ConfigError, RuleCompileError
+from riskd.service import auth as auth_module
 from riskd.service import convert, interceptors
 from riskd.service.gen.riskd.v1 import (
     ledger_pb2,
     ledger_pb2_grpc,
+    order_pb2,
     scoring_pb2,
     scoring_pb2_grpc,
 )
@@ -304,6 +306,35 @@ def test_a_large_batch_is_parsed_only_once_its_caller_is_admitted_and_pays_per_o
                 stub.ScoreBatch(big, timeout=10, metadata=token)
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert len(parses) == before  # an empty bucket refuses before the parse (review)
+    finally:
+        running.stop(0)
+
+
+def test_a_batch_refused_unparsed_costs_a_token_per_kib(tmp_path: Path) -> None:
+    """100,000 empty orders (200 KB) are refused before their parse (``orders: more than
+    500``) and cost what 195 orders of a KB would: a refusal that cheap cannot be repeated
+    at a token a time, nor drain a checkout's whole burst as their parse did."""
+    auth = {"tokens": {"tok-a": "a:checkout"}, "rate_limits": {"checkout": "0.001/s:300"}}
+    running = create_server(make_config(tmp_path, auth=auth))
+    refused = scoring_pb2.ScoreBatchRequest(orders=[order_pb2.Order()] * 100_000)
+    assert refused.ByteSize() // auth_module.REFUSED_BYTES_PER_TOKEN == 195
+    token = (("authorization", "Bearer tok-a"),)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ScoreBatch(refused, timeout=10, metadata=token)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert e.value.details() == "orders: more than 500 orders in one batch"
+            orders = [convert.order_to_proto(fresh()) for _ in range(106)]
+            with pytest.raises(grpc.RpcError) as e:  # 105 tokens are left
+                stub.ScoreBatch(
+                    scoring_pb2.ScoreBatchRequest(orders=orders), timeout=10, metadata=token
+                )
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            del orders[105:]
+            batch = scoring_pb2.ScoreBatchRequest(orders=orders)
+            assert len(stub.ScoreBatch(batch, timeout=30, metadata=token).decisions) == 105
     finally:
         running.stop(0)
 

@@ -1,0 +1,224 @@
+"""Reading request bytes before their parse: what holds most of them, and the element limits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from riskd.errors import InvalidArgumentError
+from riskd.service import interceptors, validate, wire
+from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2
+from riskd.service.server import element_limits
+
+BATCH = scoring_pb2.ScoreBatchRequest
+MAX_BATCH = 500
+
+
+def _strings(max_len: int) -> st.SearchStrategy[str]:
+    return st.integers(0, max_len).map(lambda n: "x" * n)
+
+
+@st.composite
+def _orders(draw: Any) -> order_pb2.Order:
+    order = order_pb2.Order(
+        order_id=draw(_strings(40)),
+        shop_id=draw(_strings(300)),
+        device_id=draw(_strings(300)),
+        amounts=order_pb2.Amounts(total=draw(st.integers(0, 10**6))),
+    )
+    order.buyer.name = draw(_strings(300))
+    order.buyer.address.detail = draw(_strings(3000))
+    for sku in draw(st.lists(_strings(600), max_size=4)):
+        order.items.add(sku=sku, quantity=1)
+    return order
+
+
+@settings(max_examples=300, deadline=None)
+@given(orders=st.lists(_orders(), max_size=5), single=st.booleans())
+def test_the_largest_field_on_the_wire_is_the_one_named_after_the_parse(
+    orders: list[order_pb2.Order], single: bool
+) -> None:
+    """A request refused for its size unparsed names the field the parsed one did."""
+    request: Any = scoring_pb2.ScoreRequest(order=orders[0]) if single and orders else None
+    request = request or BATCH(orders=orders)
+    data = request.SerializeToString()
+    named = wire.largest_field(request.DESCRIPTOR, data, budget=10_000)
+    assert named == interceptors._largest_field(request)
+
+
+def test_the_largest_field_walk_names_what_it_read_when_out_of_budget() -> None:
+    data = BATCH(orders=[order_pb2.Order()] * 1000).SerializeToString()
+    assert wire.largest_field(BATCH.DESCRIPTOR, data, budget=100) == "orders"
+    assert wire.largest_field(BATCH.DESCRIPTOR, data[:-1] + b"\x05", budget=10**6) == ""
+
+
+def _check(data: bytes, descriptor: Any = BATCH.DESCRIPTOR) -> str | None:
+    try:
+        element_limits(MAX_BATCH).check(descriptor, data)
+    except InvalidArgumentError as e:
+        return str(e)
+    return None
+
+
+def _full_order(items: int) -> order_pb2.Order:
+    order = order_pb2.Order(order_id="o-1", shop_id="s", device_id="d")
+    for j in range(items):
+        order.items.add(sku=f"sku-{j}", category="c", unit_price=100, quantity=1)
+    return order
+
+
+def test_limits_refuse_with_the_errors_the_servicer_gives_after_the_parse() -> None:
+    too_many = BATCH(orders=[order_pb2.Order()] * (MAX_BATCH + 1)).SerializeToString()
+    assert _check(too_many) == f"orders: more than {MAX_BATCH} orders in one batch"
+    items = BATCH(orders=[_full_order(3)] * 2 + [_full_order(validate.MAX_ITEMS + 1)])
+    assert _check(items.SerializeToString()) == (
+        f"orders[2].items: more than {validate.MAX_ITEMS} items"
+    )
+    at_the_limits = [_full_order(validate.MAX_ITEMS)] * MAX_BATCH
+    assert _check(BATCH(orders=at_the_limits).SerializeToString()) is None
+    with pytest.raises(InvalidArgumentError) as e:
+        validate.validate_batch_size(MAX_BATCH + 1, MAX_BATCH)
+    assert _check(too_many) == str(e.value)
+
+
+def test_a_singular_order_sent_twice_is_counted_as_the_parse_merges_it() -> None:
+    half = scoring_pb2.ScoreRequest(order=_full_order(150)).SerializeToString()
+    merged = scoring_pb2.ScoreRequest.FromString(half + half)
+    assert len(merged.order.items) == 300  # what the servicer would see
+    limit = f"order.items: more than {validate.MAX_ITEMS} items"
+    assert _check(half + half, scoring_pb2.ScoreRequest.DESCRIPTOR) == limit
+    assert _check(half, scoring_pb2.ScoreRequest.DESCRIPTOR) is None
+
+
+def test_a_message_with_more_fields_than_a_valid_one_is_refused_where_it_is() -> None:
+    """A serializer writes each singular field once: 1,000 order ids in one order are no
+    valid order, and reading them all would cost more than refusing them."""
+    one_id = order_pb2.Order(order_id="o").SerializeToString()
+    order = order_pb2.Order.FromString(one_id * 1000)  # the parse keeps the last one
+    assert order.order_id == "o"
+    payload = one_id * 1000
+    data = BATCH(orders=[order_pb2.Order()]).SerializeToString()
+    data += b"\x0a" + _varint(len(payload)) + payload
+    assert _check(data) == "orders[1]: holds more than the 264 fields a valid Order can"
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while n >= 0x80:
+        out, n = out + bytes([n & 0x7F | 0x80]), n >> 7
+    return out + bytes([n])
+
+
+def test_limits_leave_broken_bytes_to_the_parse() -> None:
+    data = BATCH(orders=[_full_order(validate.MAX_ITEMS)] * 3).SerializeToString()
+    assert _check(data[:-3]) is None  # ends inside a field: the parse names it
+    assert _check(b"\x0b" * 2000) is None  # a group
+
+
+def test_limits_are_checked_when_built() -> None:
+    def refuse(count: int, path: str) -> None:
+        raise AssertionError
+
+    with pytest.raises(ValueError, match="full name"):
+        wire.ElementLimits({"orders": (1, refuse)})
+    unlimited_orders = wire.ElementLimits({"riskd.v1.Order.items": (2, refuse)})
+    with pytest.raises(ValueError, match=r"riskd\.v1\.ScoreBatchRequest\.orders"):
+        unlimited_orders.check(BATCH.DESCRIPTOR, b"")
+
+
+class _Spy:
+    """A deserializer that counts its parses (the interceptor reads its DESCRIPTOR)."""
+
+    DESCRIPTOR = BATCH.DESCRIPTOR
+
+    def __init__(self) -> None:
+        self.parses = 0
+
+    def parse(self, data: bytes) -> Any:
+        self.parses += 1
+        return BATCH.FromString(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        (b"\x0a\x00" * 200_000, f"orders: more than {MAX_BATCH} orders in one batch"),
+        (b"\x0a\x00" * 3_000_000, "orders: the request is 6000000 bytes, more than the limit"),
+        (
+            BATCH(orders=[order_pb2.Order(shop_id="s" * 5_000_000)]).SerializeToString(),
+            "orders[0].shop_id: the request is 5000010 bytes, more than the limit",
+        ),
+    ],
+)
+def test_a_large_request_over_a_limit_is_refused_unparsed(data: bytes, error: str) -> None:
+    """Review: 16 MiB of empty orders cost an admitted caller seconds of CPU to build."""
+    spy = _Spy()
+    deserialize = interceptors._lenient(spy.parse, 4 * 1024 * 1024, element_limits(MAX_BATCH))
+    assert deserialize is not None
+    refused = interceptors.parsed(deserialize(data))
+    assert isinstance(refused, interceptors.Refused)
+    assert str(refused.error()).startswith(error)
+    assert refused.size == len(data)
+    assert spy.parses == 0
+
+
+def test_a_large_valid_request_is_parsed_once() -> None:
+    spy = _Spy()
+    deserialize = interceptors._lenient(spy.parse, 4 * 1024 * 1024, element_limits(MAX_BATCH))
+    assert deserialize is not None
+    request = BATCH(orders=[_full_order(validate.MAX_ITEMS)] * 20)
+    assert len(request.SerializeToString()) > interceptors.EAGER_PARSE_BYTES
+    deferred = deserialize(request.SerializeToString())
+    assert spy.parses == 0  # not before admission
+    assert interceptors.parsed(deferred) == request
+    assert interceptors.parsed(deferred) == request
+    assert spy.parses == 1
+
+
+def _over(count: int, path: str) -> None:
+    raise InvalidArgumentError(path, "over")
+
+
+SMALL = wire.ElementLimits(
+    {
+        BATCH.DESCRIPTOR.fields_by_name["orders"].full_name: (4, _over),
+        order_pb2.Order.DESCRIPTOR.fields_by_name["items"].full_name: (3, _over),
+    }
+)
+
+
+@st.composite
+def _small_orders(draw: Any) -> bytes:
+    """An order of 0-5 items with skus of one- and two-byte lengths, maybe an unknown
+    field with a two-byte tag among them."""
+    order = order_pb2.Order(order_id=draw(_strings(3)))
+    lengths = st.one_of(st.integers(0, 3), st.integers(120, 135))
+    for n in draw(st.lists(lengths, max_size=5)):
+        order.items.add(sku="s" * n)
+    data = order.SerializeToString()
+    if draw(st.booleans()):
+        data += b"\xaa\x01\x01x"  # field 21, length-delimited, one byte
+    return data
+
+
+@settings(max_examples=300, deadline=None)
+@given(orders=st.lists(_small_orders(), max_size=6))
+def test_limits_on_the_wire_answer_what_the_parsed_request_would(orders: list[bytes]) -> None:
+    """The batch's size first, then each order's items in turn: the servicer's order."""
+    data = b"".join(b"\x0a" + _varint(len(o)) + o for o in orders)
+    parsed = BATCH.FromString(data)
+    expected = None
+    if len(parsed.orders) > 4:
+        expected = "orders: over"
+    else:
+        over = [i for i, o in enumerate(parsed.orders) if len(o.items) > 3]
+        expected = f"orders[{over[0]}].items: over" if over else None
+    try:
+        SMALL.check(BATCH.DESCRIPTOR, data)
+        answer = None
+    except InvalidArgumentError as e:
+        answer = str(e)
+    assert answer == expected
