@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT)]
 
 from riskd.config import Config  # noqa: E402
-from riskd.service import convert, interceptors, validate  # noqa: E402
+from riskd.service import convert, interceptors, validate, wire  # noqa: E402
 from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2  # noqa: E402
 from riskd.service.server import element_limits  # noqa: E402
 from tests.service.sample import full_order  # noqa: E402
@@ -53,6 +53,8 @@ def shapes(max_batch: int, limit: int) -> dict[str, bytes]:
         f"valid: {max_batch} orders of {validate.MAX_ITEMS} items": BATCH(
             orders=many_items
         ).SerializeToString(),
+        "valid: 1 order + 20,000 unknown fields": BATCH(orders=checkout[:1]).SerializeToString()
+        + (b"\xa0\x06" + b"\xff" * 9 + b"\x01") * wire.OTHER_FIELDS,  # the slowest to read
         "refused: 4 MiB of empty orders": b"\x0a\x00" * (limit // 2 - 8),
         "refused: 16 MiB of empty orders": b"\x0a\x00" * (2 * limit),
         "refused: one order of 2M empty items": _length_delimited(

@@ -26,7 +26,7 @@ cost of a batch, else here); the field naming walk of ``Undecodable`` runs only 
 admission too, and visits at most ``NAMING_FIELDS`` fields. Before that parse their bytes
 are read (``riskd.service.wire``): one over ``max_message_bytes`` is refused by its size,
 one with more elements than its ``ElementLimits`` allow (orders, items) by that count,
-neither built (``Refused``).
+neither built (``Refused``); one whose bytes protobuf refuses is ``Undecodable`` unbuilt.
 
 A handler that set its own status and then raised (grpc's generated base servicers do
 this for a method they do not implement, e.g. ``Health.List``: ``UNIMPLEMENTED``) keeps
@@ -353,7 +353,7 @@ def _lenient(
             if limits is not None and descriptor is not None:
                 limits.check(descriptor, data)
             return deserializer(data)
-        except DecodeError:
+        except (DecodeError, wire.Broken):  # the parse would refuse what the walk did
             return Undecodable(data, descriptor)
         except RiskdError as e:  # a limit's check
             return Refused(e, len(data))

@@ -221,7 +221,8 @@ def element_limits(max_batch: int) -> wire.ElementLimits:
         orders.full_name: (max_batch, batch),
         items.full_name: (validate.MAX_ITEMS, validate.validate_item_count),
     }
-    return wire.ElementLimits(limits)
+    requests = (scoring_pb2.ScoreRequest.DESCRIPTOR, scoring_pb2.ScoreBatchRequest.DESCRIPTOR)
+    return wire.ElementLimits(limits, requests)
 
 
 def _start(

@@ -1,27 +1,31 @@
 """Reading a request's protobuf wire bytes without building the message.
 
 grpcio's parse builds every element of a repeated field, and any admitted caller chooses
-how many there are: 4 MiB of empty orders take ~0.5 s of CPU to build (2 s at gRPC's 16 MiB
-receive limit), to be refused afterwards for holding more than ``max_batch`` orders or more
-than ``max_message_bytes``. The interceptors read a large request's bytes here first
-(``riskd.service.interceptors.Deferred``), each walk bounded by a number of fields read:
+how many there are: 4 MiB of empty orders take ~0.35 s of CPU to build (~2 s at gRPC's
+16 MiB receive limit), to be refused afterwards for holding more than ``max_batch`` orders
+or more than ``max_message_bytes``. The interceptors read a large request's bytes here
+first (``riskd.service.interceptors.Deferred``):
 
 - ``largest_field``: the path of what holds most of an oversized request
   (``order.buyer.address.detail``), so that it is refused by its size unparsed;
 - ``ElementLimits.check``: counts the elements of the repeated fields with a limit
   (``orders``, each order's ``items``) and refuses the request at the first one over it,
-  with the error the checks after the parse would have given;
+  with the error the servicer gives once it is parsed (a request refused for several
+  reasons may be named by another of them than the servicer would name: an order's
+  unknown ``channel`` before a later order's 202 items); bytes protobuf would refuse
+  are ``Broken``, so the parse does not build what comes before the break;
 - ``bad_string``: the first string field that is not UTF-8 (``orders[2].order_id``), for
   bytes the parse refused.
 
-A walk runs in Python (~0.5 µs per field read, more than upb's parse per field): it pays
-where it stops early. When it runs out of fields to read, or the bytes end inside a
-field, it gives no answer and the parse decides, as it did before.
+A walk runs in Python (~0.3–1 µs per field read, more than upb's parse per field), so
+each reads a bounded number of fields: the limit walk no more than a valid request can
+hold (what a newer client adds included, up to ``OTHER_FIELDS``); the others a budget,
+past which they answer with what they read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -29,7 +33,10 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from riskd.errors import InvalidArgumentError
 
 LENGTH_DELIMITED = 2
-_SKIP = {0: -1, 1: 8, 5: 4}  # the other wire types: -1 a varint, else that many bytes
+_SKIP = {0: -1, 1: 8, 5: 4}  # varints (-1) and fixed widths: their bytes
+_START_GROUP, _END_GROUP = 3, 4
+MAX_GROUP_DEPTH = 100
+"""upb refuses groups nested deeper than this (in the message at the top: fewer below)."""
 
 Refuse = Callable[[int, str], None]
 """Raises for ``count`` elements of the repeated field at ``path`` (``orders[3].items``)."""
@@ -64,23 +71,70 @@ def is_repeated(fd: FieldDescriptor) -> bool:
 def _field(data: bytes, at: int, end: int, budget: list[int]) -> tuple[int, int, int, int]:
     """The field at ``at``: (number, wire type, start of its payload, offset after it).
     A length-delimited field's payload is ``data[start:after]``; other types have none
-    (start == after). IndexError for bytes that end inside it or a group."""
+    (start == after); a group is skipped whole, each field in it read off ``budget``; an
+    end of group is returned as it is (its caller's group ends). IndexError for bytes
+    protobuf refuses too (they end inside a field, wire type 6 or 7, field number 0)."""
     budget[0] -= 1
     if budget[0] < 0:
         raise OutOfBudget
     tag, at = varint(data, at)
-    wire = tag & 7
+    number, wire = tag >> 3, tag & 7
+    if number == 0:
+        raise IndexError("field number 0")
     if wire == LENGTH_DELIMITED:
         size, at = varint(data, at)
         after = at + size
     elif wire in _SKIP:
         after = varint(data, at)[1] if _SKIP[wire] < 0 else at + _SKIP[wire]
         at = after
+    elif wire == _START_GROUP:
+        after = _skip_group(data, at, end, number, budget)
+    elif wire == _END_GROUP:
+        return number, wire, at, at
     else:
-        raise IndexError("groups are not in riskd's messages")
+        raise IndexError(f"wire type {wire}")
     if after > end:
         raise IndexError("the bytes end inside a field")
-    return tag >> 3, wire, at, after
+    return number, wire, at, after
+
+
+def _skip_group(data: bytes, at: int, end: int, number: int, budget: list[int]) -> int:
+    """The offset after the group ``number`` whose fields start at ``at`` (groups in it
+    included, at most ``MAX_GROUP_DEPTH`` deep, as upb reads them)."""
+    open_groups = [number]
+    while open_groups:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise OutOfBudget
+        tag, at = varint(data, at)
+        inner, wire = tag >> 3, tag & 7
+        if inner == 0:
+            raise IndexError("field number 0")
+        if wire == LENGTH_DELIMITED:
+            size, at = varint(data, at)
+            at += size
+        elif wire in _SKIP:
+            at = varint(data, at)[1] if _SKIP[wire] < 0 else at + _SKIP[wire]
+        elif wire == _START_GROUP:
+            open_groups.append(inner)
+            if len(open_groups) > MAX_GROUP_DEPTH:
+                raise IndexError("groups nested too deep")
+        elif wire == _END_GROUP:
+            if open_groups.pop() != inner:
+                raise IndexError("a group ends with another's tag")
+        else:
+            raise IndexError(f"wire type {wire}")
+        if at > end:
+            raise IndexError("the bytes end inside a field")
+    return at
+
+
+def _whole(data: bytes, at: int, end: int, budget: list[int]) -> tuple[int, int, int, int]:
+    """``_field``, where an end of group is an error (no group is open at this level)."""
+    number, wire, start, after = _field(data, at, end, budget)
+    if wire == _END_GROUP:
+        raise IndexError("an end of group with no start")
+    return number, wire, start, after
 
 
 def bad_string(
@@ -91,7 +145,7 @@ def bad_string(
     seen: dict[int, int] = {}  # field number → elements of it read so far
     at, end = 0, len(data)
     while at < end:
-        number, wire, start, at = _field(data, at, end, budget)
+        number, wire, start, at = _whole(data, at, end, budget)
         fd = descriptor.fields_by_number.get(number)
         if fd is None or wire != LENGTH_DELIMITED:
             continue
@@ -139,7 +193,7 @@ def largest_field(descriptor: Descriptor, data: bytes, *, budget: int) -> str:
         total, complete = end - at, True
         try:
             while at < end:
-                number, wire, start, at = _field(data, at, end, left)
+                number, wire, start, at = _whole(data, at, end, left)
                 if number in descriptor.fields_by_number:
                     size = at - start if wire == LENGTH_DELIMITED else 8
                     seen.setdefault(number, _Seen()).add(size, start, at)
@@ -175,130 +229,202 @@ class _Limited(NamedTuple):
 
 class _Plan(NamedTuple):
     """What a limit walk reads of one message type: the fields that hold or lead to a
-    limited one; the fewest bytes in which it can be over a limit (a shorter message is
-    skipped: each element takes at least two bytes, its tag and its length); the most
-    fields a walk reads of a valid one."""
+    limited one; its other singular fields (a serializer writes each once); the fewest
+    bytes in which it can be over a limit (a shorter message is skipped: each element
+    takes at least two bytes, its tag and its length)."""
 
     name: str
     fields: dict[int, _Limited]
+    singular: dict[int, int]  # field number → its wire type
     over_in: int
-    most_fields: int
 
 
-OTHER_FIELDS = 64
-"""Fields a walked message may hold besides its limited ones (an ``Order`` has 17 numbers;
-a serializer writes each singular field once)."""
+SINGULAR_FIELDS = 64
+"""The most singular fields a walked message may hold besides its limited ones (an
+``Order`` declares 14; a serializer writes each once, a merge of pieces a few times)."""
+
+OTHER_FIELDS = 20_000
+"""The most fields of any other kind a walk reads in one request: unknown ones (a newer
+client's) and repeated ones with no limit (~10–25 ms)."""
+
+
+class Broken(Exception):
+    """Bytes protobuf refuses to parse too (the walk came upon where)."""
 
 
 class ElementLimits:
     """The most elements some repeated fields may hold, checked on the wire before the parse.
 
     ``limits`` maps a field's full name (``riskd.v1.ScoreBatchRequest.orders``) to its most
-    elements and the check that refuses more (it raises). A walk reads only the fields on
-    the way to a limited one, and none of a message too short to be over a limit (a
-    checkout order of ~300 bytes cannot hold 201 items). It reads no more of a message
-    than a valid one can hold (its limits, and ``OTHER_FIELDS``): one that holds more is
-    refused there, unread further."""
+    elements and the check that refuses more (it raises); ``requests`` are the messages
+    checked. A walk reads only the fields on the way to a limited one, and none of a
+    message too short to be over a limit (a checkout order of ~300 bytes cannot hold 201
+    items). It reads no more than a valid request can hold: a message with more than
+    ``SINGULAR_FIELDS`` singular fields, or a request with more than ``OTHER_FIELDS``
+    others, is refused where the walk is, unread further."""
 
-    def __init__(self, limits: Mapping[str, tuple[int, Refuse]]) -> None:
+    def __init__(
+        self, limits: Mapping[str, tuple[int, Refuse]], requests: Sequence[Descriptor]
+    ) -> None:
         for name in limits:
             if not name.count("."):
                 raise ValueError(f"{name!r} is not a field's full name")
         self._limits = dict(limits)
-        self._plans: dict[str, _Plan | None] = {}
+        built: dict[str, _Plan | None] = {}
+        for descriptor in requests:
+            self._build(descriptor, built)
+        # built once, before any request: read by every RPC thread, never written
+        self._plans = {name: plan for name, plan in built.items() if plan is not None}
 
     def check(self, descriptor: Descriptor, data: bytes) -> None:
-        """Raise the limit's error for the first field in ``data`` over its limit, or
-        ``InvalidArgumentError`` for a message with more fields than a valid one holds
-        (``orders[3]``); return when neither, or when the bytes end inside a field (the
-        parse says so)."""
-        plan = self._plan(descriptor)
+        """Raise the limit's error for the first field in ``data`` over its limit (the
+        servicer's order: a batch's orders, then each order's items in turn), or
+        ``InvalidArgumentError`` for more fields than a valid request holds; ``Broken``
+        for bytes protobuf refuses too; return when none of these."""
+        plan = self._plans.get(descriptor.full_name)
         if plan is None or len(data) < plan.over_in:
             return
         try:
-            _count(plan, data, 0, len(data), "", {})
-        except IndexError:
-            return
+            _count(plan, data, 0, len(data), "", {}, [OTHER_FIELDS])
+        except IndexError as e:
+            raise Broken(str(e)) from None
+        except OutOfBudget:
+            message = f"holds more than {OTHER_FIELDS} fields unknown to this riskd or repeated"
+            raise InvalidArgumentError("request", message) from None
 
-    def _plan(self, descriptor: Descriptor) -> _Plan | None:
+    def _build(self, descriptor: Descriptor, built: dict[str, _Plan | None]) -> _Plan | None:
         """What to read of ``descriptor`` (None: nothing leads to a limited field)."""
         name = descriptor.full_name
-        if name not in self._plans:
-            self._plans[name] = None  # a message that holds itself leads nowhere new
-            fields: dict[int, _Limited] = {}
-            over_in, most_fields = [], OTHER_FIELDS
-            for fd in descriptor.fields:
-                most, refuse = self._limits.get(fd.full_name, (None, None))
-                inner = None
-                if fd.type == FieldDescriptor.TYPE_MESSAGE and fd.message_type is not None:
-                    inner = self._plan(fd.message_type)
-                if most is None and inner is None:
-                    continue
-                repeated = is_repeated(fd)
-                if repeated and most is None:
-                    raise ValueError(f"{fd.full_name} leads to a limit but has none of its own")
-                fields[fd.number] = _Limited(fd.name, repeated, most, refuse, inner)
-                over_in += [2 * (most + 1)] if most is not None else []
-                over_in += [inner.over_in] if inner is not None else []
-                inner_fields = inner.most_fields if inner is not None else 0
-                most_fields += (most if repeated and most is not None else 1) * (1 + inner_fields)
-            self._plans[name] = (
-                _Plan(descriptor.name, fields, min(over_in), most_fields) if fields else None
-            )
-        return self._plans[name]
+        if name in built:
+            return built[name]
+        built[name] = None  # a message that holds itself leads nowhere new
+        fields: dict[int, _Limited] = {}
+        over_in = []
+        for fd in descriptor.fields:
+            most, refuse = self._limits.get(fd.full_name, (None, None))
+            inner = None
+            if fd.type == FieldDescriptor.TYPE_MESSAGE and fd.message_type is not None:
+                inner = self._build(fd.message_type, built)
+            if most is None and inner is None:
+                continue
+            repeated = is_repeated(fd)
+            if repeated and most is None:
+                raise ValueError(f"{fd.full_name} leads to a limit but has none of its own")
+            fields[fd.number] = _Limited(fd.name, repeated, most, refuse, inner)
+            over_in += [2 * (most + 1)] if most is not None else []
+            over_in += [inner.over_in] if inner is not None else []
+        if fields:
+            singular = {
+                fd.number: _wire_type(fd) for fd in descriptor.fields if not is_repeated(fd)
+            }
+            built[name] = _Plan(descriptor.name, fields, singular, min(over_in))
+        return built[name]
 
 
-def _count(plan: _Plan, data: bytes, at: int, end: int, path: str, counts: dict[int, Any]) -> None:
+_FIXED64 = {
+    FieldDescriptor.TYPE_DOUBLE,
+    FieldDescriptor.TYPE_FIXED64,
+    FieldDescriptor.TYPE_SFIXED64,
+}
+_FIXED32 = {FieldDescriptor.TYPE_FLOAT, FieldDescriptor.TYPE_FIXED32, FieldDescriptor.TYPE_SFIXED32}
+_DELIMITED = {FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES, FieldDescriptor.TYPE_MESSAGE}
+
+
+def _wire_type(fd: FieldDescriptor) -> int:
+    """The wire type a singular field of ``fd``'s type is written with."""
+    if fd.type in _DELIMITED:
+        return LENGTH_DELIMITED
+    if fd.type in _FIXED64:
+        return 1
+    if fd.type in _FIXED32:
+        return 5
+    return _START_GROUP if fd.type == FieldDescriptor.TYPE_GROUP else 0
+
+
+def _count(
+    plan: _Plan,
+    data: bytes,
+    at: int,
+    end: int,
+    path: str,
+    counts: dict[int, Any],
+    others: list[int],
+) -> None:
     """Count the limited fields of the message in ``data[at:end]``, then of the messages in
-    it, as the servicer checks them once parsed: a batch's orders, then each order's items
-    in turn. ``path``: the message's own, with a trailing dot. ``counts``: field number →
-    elements read, and -number → the counts of a singular message field, shared by its
-    occurrences (the parse merges a singular message sent twice: its counts add up).
-    The hot loop of a large batch, so one- and two-byte tags and lengths are read inline,
-    and a run of short elements (items) at once."""
-    fields, left = plan.fields, plan.most_fields
+    it. ``path``: the message's own, with a trailing dot. ``counts``: field number →
+    elements read, 0 → singular fields read, and -number → the counts of a singular
+    message field, shared by its occurrences (the parse merges a singular message sent
+    twice: its counts add up). ``others[0]``: the request's other fields left to read.
+    The hot loop of a large batch: tags, varints and lengths are read inline, and a run
+    of short elements (items) at once."""
+    fields, singular, most_singular = plan.fields, plan.singular, SINGULAR_FIELDS
+    seen_singular = counts.get(0, 0)
     inside: list[tuple[_Plan, int, int, str, dict[int, Any]]] = []
     while at < end:
-        left -= 1
-        if left < 0:
-            message = f"holds more than the {plan.most_fields} fields a valid {plan.name} can"
-            raise InvalidArgumentError(path[:-1] or "request", message)
+        first = at
         tag = data[at]
-        if tag >= 0x80 or tag & 7 != LENGTH_DELIMITED or at + 3 > end:
-            number, wire, start, at = _field(data, at, end, [1])
-            tag = -1  # no run of it is read at once
-            if wire != LENGTH_DELIMITED:
-                continue
+        if tag < 0x80:
+            at += 1
         else:
-            number, size = tag >> 3, data[at + 1]
+            tag, at = varint(data, at)
+        number, wire = tag >> 3, tag & 7
+        if wire == LENGTH_DELIMITED:
+            size = data[at]
             if size < 0x80:
-                start = at + 2
-            elif data[at + 2] < 0x80:
-                size, start = (size & 0x7F) | data[at + 2] << 7, at + 3
+                start = at + 1
             else:
-                size, start = varint(data, at + 1)
+                size, start = varint(data, at)
             at = start + size
+        elif wire == 0:
+            start = at
+            while data[at] >= 0x80:
+                at += 1
+                if at - start >= 10:
+                    raise IndexError("varint too long")
+            at = start = at + 1
+        elif wire == 1 or wire == 5:
+            at = start = at + (8 if wire == 1 else 4)
+        else:  # a group (read in full), an end of group, wire type 6 or 7
+            left = [others[0]]
+            number, wire, start, at = _whole(data, first, end, left)
+            others[0] = left[0] + 1  # the field itself is counted below; a group's inside here
+        if number == 0:
+            raise IndexError("field number 0")
+        if tag >= 0x80:
+            tag = -1  # no run of it is read at once: its tag takes more than one byte
+        if at > end:
+            raise IndexError("the bytes end inside a field")
+        field = fields.get(number) if wire == LENGTH_DELIMITED else None
+        if field is None or (field.plan is not None and not field.repeated):
+            if singular.get(number) == wire:  # else the parse keeps it as an unknown field
+                seen_singular += 1
+                if seen_singular > most_singular:
+                    message = (
+                        f"holds more than {most_singular} singular fields (no {plan.name} does)"
+                    )
+                    raise InvalidArgumentError(path[:-1] or "request", message)
+            else:
+                others[0] -= 1
+                if others[0] < 0:
+                    raise OutOfBudget
+            if field is not None and field.plan is not None:  # merged: counted once
+                merged = counts.setdefault(-number, {})
+                inside.append((field.plan, start, at, f"{path}{field.name}.", merged))
+            continue
+        name, _, most, refuse, inner = field
+        count = counts.get(number, 0) + 1
+        if inner is None and most is not None:  # the short elements after it, at once
+            while count <= most and at + 1 < end and data[at] == tag:
+                if data[at + 1] >= 0x80:
+                    break
+                at, count = at + 2 + data[at + 1], count + 1
             if at > end:
                 raise IndexError("the bytes end inside a field")
-        field = fields.get(number)
-        if field is None:
-            continue
-        name, repeated, most, refuse, inner = field
-        if repeated:
-            count = counts.get(number, 0) + 1
-            if inner is None and most is not None:  # the short elements after it, at once
-                while count <= most and left > 0 and at + 1 < end and data[at] == tag:
-                    if data[at + 1] >= 0x80:
-                        break
-                    at, count, left = at + 2 + data[at + 1], count + 1, left - 1
-                if at > end:
-                    raise IndexError("the bytes end inside a field")
-            counts[number] = count
-            if most is not None and count > most and refuse is not None:
-                refuse(count, path + name)
-            if inner is not None and at - start >= inner.over_in:
-                inside.append((inner, start, at, f"{path}{name}[{count - 1}].", {}))
-        elif inner is not None:  # merged with its earlier occurrences: counted once
-            inside.append((inner, start, at, f"{path}{name}.", counts.setdefault(-number, {})))
-    for inner, start, after, inner_path, inner_counts in inside:
-        _count(inner, data, start, after, inner_path, inner_counts)
+        counts[number] = count
+        if most is not None and count > most and refuse is not None:
+            refuse(count, path + name)
+        if inner is not None and at - start >= inner.over_in:
+            inside.append((inner, start, at, f"{path}{name}[{count - 1}].", {}))
+    counts[0] = seen_singular
+    for inner_plan, start, after, inner_path, inner_counts in inside:
+        _count(inner_plan, data, start, after, inner_path, inner_counts, others)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -95,14 +96,38 @@ def test_a_singular_order_sent_twice_is_counted_as_the_parse_merges_it() -> None
 
 def test_a_message_with_more_fields_than_a_valid_one_is_refused_where_it_is() -> None:
     """A serializer writes each singular field once: 1,000 order ids in one order are no
-    valid order, and reading them all would cost more than refusing them."""
+    valid order, and reading them all would cost more than refusing them (review)."""
     one_id = order_pb2.Order(order_id="o").SerializeToString()
     order = order_pb2.Order.FromString(one_id * 1000)  # the parse keeps the last one
     assert order.order_id == "o"
     payload = one_id * 1000
     data = BATCH(orders=[order_pb2.Order()]).SerializeToString()
     data += b"\x0a" + _varint(len(payload)) + payload
-    assert _check(data) == "orders[1]: holds more than the 264 fields a valid Order can"
+    assert _check(data) == "orders[1]: holds more than 64 singular fields (no Order does)"
+    piece = scoring_pb2.ScoreRequest(order=order_pb2.Order(items=[order_pb2.Item()] * 3))
+    piece = piece.SerializeToString()  # 3 empty items: 64 pieces hold 192
+    assert len(piece) * 64 > 2 * (validate.MAX_ITEMS + 1)  # long enough to be read
+    score = scoring_pb2.ScoreRequest.DESCRIPTOR
+    assert _check(piece * 64, score) is None  # an order sent in 64 pieces, merged
+    assert _check(piece * 65, score) == (
+        "request: holds more than 64 singular fields (no ScoreRequest does)"
+    )
+
+
+def test_a_newer_clients_unknown_fields_are_read_up_to_a_bound() -> None:
+    """Fields this riskd does not know (a newer client's), or a known field written with
+    another wire type (the parse keeps it as unknown), are no reason to refuse (review);
+    past ``OTHER_FIELDS`` in one request they are."""
+    tags = b"".join(b"\x82\x01\x03tag" for _ in range(300))  # field 16, repeated string
+    as_varint = b"\x78\x00" * 100  # client_time (a double) written as a varint
+    order = _full_order(3).SerializeToString() + tags + as_varint
+    data = b"".join(b"\x0a" + _varint(len(order)) + order for _ in range(40))
+    assert len(BATCH.FromString(data).orders) == 40
+    assert _check(data) is None
+    over = data + b"\x10\x00" * (wire.OTHER_FIELDS - 16_000 + 1)  # unknown top-level varints
+    assert _check(over) == (
+        f"request: holds more than {wire.OTHER_FIELDS} fields unknown to this riskd or repeated"
+    )
 
 
 def _varint(n: int) -> bytes:
@@ -112,10 +137,39 @@ def _varint(n: int) -> bytes:
     return out + bytes([n])
 
 
-def test_limits_leave_broken_bytes_to_the_parse() -> None:
-    data = BATCH(orders=[_full_order(validate.MAX_ITEMS)] * 3).SerializeToString()
-    assert _check(data[:-3]) is None  # ends inside a field: the parse names it
-    assert _check(b"\x0b" * 2000) is None  # a group
+_BIG_ORDER = _full_order(validate.MAX_ITEMS).SerializeToString()
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b"\x62\x05ab",  # device_id: ends inside its bytes
+        b"\x0f",  # wire type 7
+        b"\x08" + b"\xff" * 10 + b"\x01",  # an 11-byte varint
+        b"\x5c",  # an end of group with no start
+        b"\x5b\x6c",  # a group ended by another's tag
+        b"\x02\x00",  # field number 0
+        b"\x5b" * 101 + b"\x5c" * 101,  # groups nested deeper than upb reads
+    ],
+)
+def test_bytes_the_parse_refuses_are_broken_before_anything_is_built(tail: bytes) -> None:
+    """Review: the walk gave up on them and the parse built 2M items before refusing."""
+    order = _BIG_ORDER + tail
+    data = b"\x0a" + _varint(len(order)) + order + b"\x0a\x00" * 10
+    with pytest.raises(DecodeError):
+        BATCH.FromString(data)
+    with pytest.raises(wire.Broken):
+        element_limits(MAX_BATCH).check(BATCH.DESCRIPTOR, data)
+
+
+def test_groups_are_skipped_as_the_parse_skips_them() -> None:
+    """Review: an empty group, which the parse takes as an unknown field, hid the rest."""
+    group = b"\xfb\x06\x08\x01\xfc\x06"  # field 111: a group holding a varint
+    order = group + _full_order(validate.MAX_ITEMS + 1).SerializeToString()
+    deep = b"\x5b" * 100 + b"\x5c" * 100  # as deep as upb reads them
+    data = group + deep + b"\x0a" + _varint(len(order)) + order
+    assert len(BATCH.FromString(data).orders[0].items) == validate.MAX_ITEMS + 1
+    assert _check(data) == f"orders[0].items: more than {validate.MAX_ITEMS} items"
 
 
 def test_limits_are_checked_when_built() -> None:
@@ -123,10 +177,9 @@ def test_limits_are_checked_when_built() -> None:
         raise AssertionError
 
     with pytest.raises(ValueError, match="full name"):
-        wire.ElementLimits({"orders": (1, refuse)})
-    unlimited_orders = wire.ElementLimits({"riskd.v1.Order.items": (2, refuse)})
+        wire.ElementLimits({"orders": (1, refuse)}, [BATCH.DESCRIPTOR])
     with pytest.raises(ValueError, match=r"riskd\.v1\.ScoreBatchRequest\.orders"):
-        unlimited_orders.check(BATCH.DESCRIPTOR, b"")
+        wire.ElementLimits({"riskd.v1.Order.items": (2, refuse)}, [BATCH.DESCRIPTOR])
 
 
 class _Spy:
@@ -151,6 +204,10 @@ class _Spy:
             BATCH(orders=[order_pb2.Order(shop_id="s" * 5_000_000)]).SerializeToString(),
             "orders[0].shop_id: the request is 5000010 bytes, more than the limit",
         ),
+        (
+            BATCH(orders=[_full_order(validate.MAX_ITEMS)] * 20).SerializeToString() + b"\x0f",
+            "request: is not a valid protobuf message",
+        ),
     ],
 )
 def test_a_large_request_over_a_limit_is_refused_unparsed(data: bytes, error: str) -> None:
@@ -159,9 +216,9 @@ def test_a_large_request_over_a_limit_is_refused_unparsed(data: bytes, error: st
     deserialize = interceptors._lenient(spy.parse, 4 * 1024 * 1024, element_limits(MAX_BATCH))
     assert deserialize is not None
     refused = interceptors.parsed(deserialize(data))
-    assert isinstance(refused, interceptors.Refused)
+    assert isinstance(refused, interceptors.Refused | interceptors.Undecodable)
     assert str(refused.error()).startswith(error)
-    assert refused.size == len(data)
+    assert not isinstance(refused, interceptors.Refused) or refused.size == len(data)
     assert spy.parses == 0
 
 
@@ -186,7 +243,8 @@ SMALL = wire.ElementLimits(
     {
         BATCH.DESCRIPTOR.fields_by_name["orders"].full_name: (4, _over),
         order_pb2.Order.DESCRIPTOR.fields_by_name["items"].full_name: (3, _over),
-    }
+    },
+    [BATCH.DESCRIPTOR],
 )
 
 
@@ -199,9 +257,25 @@ def _small_orders(draw: Any) -> bytes:
     for n in draw(st.lists(lengths, max_size=5)):
         order.items.add(sku="s" * n)
     data = order.SerializeToString()
-    if draw(st.booleans()):
-        data += b"\xaa\x01\x01x"  # field 21, length-delimited, one byte
+    extras = [
+        b"\xaa\x01\x01x",  # field 21, length-delimited, one byte
+        b"\x78\x00",  # client_time (a double) as a varint: an unknown field to the parse
+        b"\x5b\x08\x01\x5c",  # field 11 as a group holding a varint
+        b"\x2a\x00",  # one more (empty) item
+    ]
+    for extra in draw(st.lists(st.sampled_from(extras), max_size=3)):
+        at = draw(st.integers(0, len(data)))
+        at = at if _at_a_field(data, at) else len(data)
+        data = data[:at] + extra + data[at:]
     return data
+
+
+def _at_a_field(data: bytes, at: int) -> bool:
+    """Whether ``at`` is where a top-level field of ``data`` starts (or its end)."""
+    where, left = 0, [10**6]
+    while where < at:
+        where = wire._whole(data, where, len(data), left)[3]
+    return where == at
 
 
 @settings(max_examples=300, deadline=None)
