@@ -68,12 +68,12 @@ def is_repeated(fd: FieldDescriptor) -> bool:
     return bool(repeated)
 
 
-def _field(data: bytes, at: int, end: int, budget: list[int]) -> tuple[int, int, int, int]:
-    """The field at ``at``: (number, wire type, start of its payload, offset after it).
-    A length-delimited field's payload is ``data[start:after]``; other types have none
-    (start == after); a group is skipped whole, each field in it read off ``budget``; an
-    end of group is returned as it is (its caller's group ends). IndexError for bytes
-    protobuf refuses too (they end inside a field, wire type 6 or 7, field number 0)."""
+def _next(data: bytes, at: int, end: int, budget: list[int]) -> tuple[int, int, int, int]:
+    """The tag at ``at`` and what follows it: (number, wire type, start of its payload,
+    offset after it). A length-delimited field's payload is ``data[start:after]``; other
+    types have none (start == after), a group's start or end tag is returned alone.
+    IndexError for bytes protobuf refuses too (they end inside a field, wire type 6 or 7,
+    field number 0)."""
     budget[0] -= 1
     if budget[0] < 0:
         raise OutOfBudget
@@ -87,9 +87,7 @@ def _field(data: bytes, at: int, end: int, budget: list[int]) -> tuple[int, int,
     elif wire in _SKIP:
         after = varint(data, at)[1] if _SKIP[wire] < 0 else at + _SKIP[wire]
         at = after
-    elif wire == _START_GROUP:
-        after = _skip_group(data, at, end, number, budget)
-    elif wire == _END_GROUP:
+    elif wire in (_START_GROUP, _END_GROUP):
         return number, wire, at, at
     else:
         raise IndexError(f"wire type {wire}")
@@ -98,34 +96,27 @@ def _field(data: bytes, at: int, end: int, budget: list[int]) -> tuple[int, int,
     return number, wire, at, after
 
 
+def _field(data: bytes, at: int, end: int, budget: list[int]) -> tuple[int, int, int, int]:
+    """``_next``, with a group skipped whole (each field in it read off ``budget``); an end
+    of group is returned as it is (its caller's group ends)."""
+    number, wire, start, after = _next(data, at, end, budget)
+    if wire == _START_GROUP:
+        after = _skip_group(data, after, end, number, budget)
+    return number, wire, start, after
+
+
 def _skip_group(data: bytes, at: int, end: int, number: int, budget: list[int]) -> int:
     """The offset after the group ``number`` whose fields start at ``at`` (groups in it
     included, at most ``MAX_GROUP_DEPTH`` deep, as upb reads them)."""
     open_groups = [number]
     while open_groups:
-        budget[0] -= 1
-        if budget[0] < 0:
-            raise OutOfBudget
-        tag, at = varint(data, at)
-        inner, wire = tag >> 3, tag & 7
-        if inner == 0:
-            raise IndexError("field number 0")
-        if wire == LENGTH_DELIMITED:
-            size, at = varint(data, at)
-            at += size
-        elif wire in _SKIP:
-            at = varint(data, at)[1] if _SKIP[wire] < 0 else at + _SKIP[wire]
-        elif wire == _START_GROUP:
+        inner, wire, _, at = _next(data, at, end, budget)
+        if wire == _START_GROUP:
             open_groups.append(inner)
             if len(open_groups) > MAX_GROUP_DEPTH:
                 raise IndexError("groups nested too deep")
-        elif wire == _END_GROUP:
-            if open_groups.pop() != inner:
-                raise IndexError("a group ends with another's tag")
-        else:
-            raise IndexError(f"wire type {wire}")
-        if at > end:
-            raise IndexError("the bytes end inside a field")
+        elif wire == _END_GROUP and open_groups.pop() != inner:
+            raise IndexError("a group ends with another's tag")
     return at
 
 
