@@ -53,7 +53,14 @@ import grpc
 
 from riskd.domain.clock import Clock, SystemClock
 from riskd.errors import ConfigError
-from riskd.service.interceptors import Deferred, Refused, WrappedHandlers, keep_flags, parsed
+from riskd.service.interceptors import (
+    Deferred,
+    Refused,
+    Undecodable,
+    WrappedHandlers,
+    keep_flags,
+    parsed,
+)
 
 log = logging.getLogger("riskd.service.auth")
 
@@ -459,13 +466,16 @@ MAX_STREAMS_PER_PEER: Final = 32
 
 REFUSED_BYTES_PER_TOKEN: Final = 1024
 """A batch refused unparsed (``riskd.service.interceptors.Refused``: too large, too many
-orders or items) costs a token per this many of its bytes (a checkout order is ~0.3–1 KB),
-as it would have per order; reading and refusing it costs ~1 µs of CPU per token."""
+orders or items) or unparsable (``Undecodable``) costs a token per this many of its bytes
+(a checkout order is ~0.3–1 KB), as it would have per order; reading and refusing one
+costs at most ~0.5 ms of CPU per token (``benchmarks/load/screen_cost.py``)."""
 
 
 def _orders(request: Any) -> int:
     if isinstance(request, Refused):
         return request.size // REFUSED_BYTES_PER_TOKEN
+    if isinstance(request, Undecodable):
+        return len(request.data) // REFUSED_BYTES_PER_TOKEN
     return len(getattr(request, "orders", ()))
 
 

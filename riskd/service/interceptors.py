@@ -64,7 +64,7 @@ EAGER_PARSE_BYTES = 64 * 1024
 at most ~30,000 empty messages, a few ms); larger ones after admission (``Deferred``)."""
 
 NAMING_FIELDS = 50_000
-"""The most fields ``Undecodable`` reads to name the one that spoils a request (~0.05 s)."""
+"""The most fields ``Undecodable`` reads to name the one that spoils a request (~0.1 s)."""
 
 SIZE_NAMING_FIELDS = 10_000
 """The most fields read to name what holds most of a request refused by its size unparsed."""
@@ -167,7 +167,7 @@ class ErrorInterceptor(_Interceptor):
             try:
                 if isinstance(request, Deferred):
                     request = request.parsed()
-                if isinstance(request, Undecodable | Refused):
+                if isinstance(request, _UNPARSED):
                     raise request.error()
                 if limit is not None and isinstance(request, Message):
                     _check_size(request, limit)
@@ -329,6 +329,9 @@ def parsed(request: Any) -> Any:
     return request.parsed() if isinstance(request, Deferred) else request
 
 
+_UNPARSED = (Undecodable, Refused)  # a tuple: ``A | B`` would build a union per call
+
+
 def _lenient(
     deserializer: Callable[[bytes], Any] | None,
     max_bytes: int | None = None,
@@ -353,8 +356,10 @@ def _lenient(
             if limits is not None and descriptor is not None:
                 limits.check(descriptor, data)
             return deserializer(data)
-        except (DecodeError, wire.Broken):  # the parse would refuse what the walk did
+        except DecodeError:
             return Undecodable(data, descriptor)
+        except wire.Broken:  # the parse would refuse it too; no field to name but request
+            return Undecodable(data, None)
         except RiskdError as e:  # a limit's check
             return Refused(e, len(data))
 

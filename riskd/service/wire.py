@@ -73,16 +73,19 @@ def _next(data: bytes, at: int, end: int, budget: list[int]) -> tuple[int, int, 
     offset after it). A length-delimited field's payload is ``data[start:after]``; other
     types have none (start == after), a group's start or end tag is returned alone.
     IndexError for bytes protobuf refuses too (they end inside a field, wire type 6 or 7,
-    field number 0)."""
+    a tag or a length longer than 5 bytes). Field number 0 is the caller's to refuse: in
+    a group upb takes it."""
     budget[0] -= 1
     if budget[0] < 0:
         raise OutOfBudget
-    tag, at = varint(data, at)
-    number, wire = tag >> 3, tag & 7
-    if number == 0:
-        raise IndexError("field number 0")
+    tag, after = varint(data, at)
+    if after - at > 5:
+        raise IndexError("a tag longer than 5 bytes")
+    number, wire, at = tag >> 3, tag & 7, after
     if wire == LENGTH_DELIMITED:
-        size, at = varint(data, at)
+        size, at = varint(data, after)
+        if at - after > 5:
+            raise IndexError("a length longer than 5 bytes")
         after = at + size
     elif wire in _SKIP:
         after = varint(data, at)[1] if _SKIP[wire] < 0 else at + _SKIP[wire]
@@ -125,6 +128,8 @@ def _whole(data: bytes, at: int, end: int, budget: list[int]) -> tuple[int, int,
     number, wire, start, after = _field(data, at, end, budget)
     if wire == _END_GROUP:
         raise IndexError("an end of group with no start")
+    if number == 0:
+        raise IndexError("field number 0")
     return number, wire, start, after
 
 
@@ -236,7 +241,8 @@ SINGULAR_FIELDS = 64
 
 OTHER_FIELDS = 20_000
 """The most fields of any other kind a walk reads in one request: unknown ones (a newer
-client's) and repeated ones with no limit (~10–25 ms)."""
+client's), repeated ones with no limit, and any whose tag or length is not minimally
+encoded (no serializer writes one; upb reads them all) (~10–40 ms)."""
 
 
 class Broken(Exception):
@@ -280,7 +286,7 @@ class ElementLimits:
         except IndexError as e:
             raise Broken(str(e)) from None
         except OutOfBudget:
-            message = f"holds more than {OTHER_FIELDS} fields unknown to this riskd or repeated"
+            message = f"holds more than {OTHER_FIELDS} unknown or oddly encoded fields"
             raise InvalidArgumentError("request", message) from None
 
     def _build(self, descriptor: Descriptor, built: dict[str, _Plan | None]) -> _Plan | None:
@@ -346,8 +352,8 @@ def _count(
     elements read, 0 → singular fields read, and -number → the counts of a singular
     message field, shared by its occurrences (the parse merges a singular message sent
     twice: its counts add up). ``others[0]``: the request's other fields left to read.
-    The hot loop of a large batch: tags, varints and lengths are read inline, and a run
-    of short elements (items) at once."""
+    The hot loop of a large batch: one-byte tags and lengths, and varints, are read
+    inline, and a run of short elements (items) at once."""
     fields, singular, most_singular = plan.fields, plan.singular, SINGULAR_FIELDS
     seen_singular = counts.get(0, 0)
     inside: list[tuple[_Plan, int, int, str, dict[int, Any]]] = []
@@ -356,8 +362,12 @@ def _count(
         tag = data[at]
         if tag < 0x80:
             at += 1
-        else:
+        else:  # a field number over 15; none of riskd's, unless its tag is not minimal
             tag, at = varint(data, at)
+            if at - first > 5:
+                raise IndexError("a tag longer than 5 bytes")
+            if data[at - 1] == 0:  # no serializer writes it: read off the others' budget
+                others[0] -= 1
         number, wire = tag >> 3, tag & 7
         if wire == LENGTH_DELIMITED:
             size = data[at]
@@ -365,6 +375,10 @@ def _count(
                 start = at + 1
             else:
                 size, start = varint(data, at)
+                if start - at > 5:
+                    raise IndexError("a length longer than 5 bytes")
+                if data[start - 1] == 0:  # not minimal, as above
+                    others[0] -= 1
             at = start + size
         elif wire == 0:
             start = at
@@ -383,6 +397,8 @@ def _count(
             raise IndexError("field number 0")
         if tag >= 0x80:
             tag = -1  # no run of it is read at once: its tag takes more than one byte
+        if others[0] < 0:
+            raise OutOfBudget
         if at > end:
             raise IndexError("the bytes end inside a field")
         field = fields.get(number) if wire == LENGTH_DELIMITED else None

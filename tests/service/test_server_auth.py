@@ -313,7 +313,8 @@ def test_a_large_batch_is_parsed_only_once_its_caller_is_admitted_and_pays_per_o
 def test_a_batch_refused_unparsed_costs_a_token_per_kib(tmp_path: Path) -> None:
     """100,000 empty orders (200 KB) are refused before their parse (``orders: more than
     500``) and cost what 195 orders of a KB would: a refusal that cheap cannot be repeated
-    at a token a time, nor drain a checkout's whole burst as their parse did."""
+    at a token a time, nor drain a checkout's whole burst as their parse did. Bytes that
+    do not parse cost as much (review)."""
     auth = {"tokens": {"tok-a": "a:checkout"}, "rate_limits": {"checkout": "0.001/s:300"}}
     running = create_server(make_config(tmp_path, auth=auth))
     refused = scoring_pb2.ScoreBatchRequest(orders=[order_pb2.Order()] * 100_000)
@@ -335,6 +336,10 @@ def test_a_batch_refused_unparsed_costs_a_token_per_kib(tmp_path: Path) -> None:
             del orders[105:]
             batch = scoring_pb2.ScoreBatchRequest(orders=orders)
             assert len(stub.ScoreBatch(batch, timeout=30, metadata=token).decisions) == 105
+            call = ch.unary_unary("/riskd.v1.ScoringService/ScoreBatch")
+            with pytest.raises(grpc.RpcError) as e:  # bytes that do not parse: 1 KiB
+                call(b"\x0a\x00" * 512 + b"\x0f", timeout=10, metadata=token)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         running.stop(0)
 
