@@ -12,12 +12,12 @@ first (``riskd.service.interceptors.Deferred``):
   (``orders``, each order's ``items``) and refuses the request at the first one over it,
   with the error the servicer gives once it is parsed (a request refused for several
   reasons may be named by another of them than the servicer would name: an order's
-  unknown ``channel`` before a later order's 202 items); bytes protobuf would refuse
+  unknown ``channel`` before a later order's 201 items); bytes protobuf would refuse
   are ``Broken``, so the parse does not build what comes before the break;
 - ``bad_string``: the first string field that is not UTF-8 (``orders[2].order_id``), for
   bytes the parse refused.
 
-A walk runs in Python (~0.3–1 µs per field read, more than upb's parse per field), so
+A walk runs in Python (~0.3–2.5 µs per field read, more than upb's parse per field), so
 each reads a bounded number of fields: the limit walk no more than a valid request can
 hold (what a newer client adds included, up to ``OTHER_FIELDS``); the others a budget,
 past which they answer with what they read.
