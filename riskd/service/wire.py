@@ -99,15 +99,6 @@ def _next(data: bytes, at: int, end: int, budget: list[int]) -> tuple[int, int, 
     return number, wire, at, after
 
 
-def _field(data: bytes, at: int, end: int, budget: list[int]) -> tuple[int, int, int, int]:
-    """``_next``, with a group skipped whole (each field in it read off ``budget``); an end
-    of group is returned as it is (its caller's group ends)."""
-    number, wire, start, after = _next(data, at, end, budget)
-    if wire == _START_GROUP:
-        after = _skip_group(data, after, end, number, budget)
-    return number, wire, start, after
-
-
 def _skip_group(data: bytes, at: int, end: int, number: int, budget: list[int]) -> int:
     """The offset after the group ``number`` whose fields start at ``at`` (groups in it
     included, at most ``MAX_GROUP_DEPTH`` deep, as upb reads them)."""
@@ -124,9 +115,13 @@ def _skip_group(data: bytes, at: int, end: int, number: int, budget: list[int]) 
 
 
 def _whole(data: bytes, at: int, end: int, budget: list[int]) -> tuple[int, int, int, int]:
-    """``_field``, where an end of group is an error (no group is open at this level)."""
-    number, wire, start, after = _field(data, at, end, budget)
-    if wire == _END_GROUP:
+    """``_next`` for a field of a message: a group is skipped whole (each field in it read
+    off ``budget``); an end of group (no group is open here) and field number 0 are
+    IndexError."""
+    number, wire, start, after = _next(data, at, end, budget)
+    if wire == _START_GROUP:
+        after = _skip_group(data, after, end, number, budget)
+    elif wire == _END_GROUP:
         raise IndexError("an end of group with no start")
     if number == 0:
         raise IndexError("field number 0")
@@ -390,9 +385,8 @@ def _count(
         elif wire == 1 or wire == 5:
             at = start = at + (8 if wire == 1 else 4)
         else:  # a group (read in full), an end of group, wire type 6 or 7
-            left = [others[0]]
-            number, wire, start, at = _whole(data, first, end, left)
-            others[0] = left[0] + 1  # the field itself is counted below; a group's inside here
+            number, wire, start, at = _whole(data, first, end, others)
+            others[0] += 1  # the field itself is counted below; a group's inside here
         if number == 0:
             raise IndexError("field number 0")
         if tag >= 0x80:
