@@ -78,7 +78,7 @@ from dataclasses import dataclass, field, fields, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
 from riskd.domain.decision import Outcome
 from riskd.domain.order import Channel
@@ -185,6 +185,12 @@ class Config:
 
 
 MAX_SCORE_WORKERS = 64
+# upper bounds far beyond any sane setting: a huge value overflowed a socket or thread
+# timer at start (redis_timeout_ms=1e13: "timestamp out of range for platform time_t")
+MAX_DEADLINE_MS = 60_000
+MAX_REDIS_TIMEOUT_MS = 60_000
+MAX_BATCH = 10_000
+MAX_WORKERS = 1024
 MAX_EVIDENCE_FLUSH_MS = 1000
 MAX_GRACE_S = 3600.0  # more than any drain needs (1e300 overflowed grpcio's grace timer)
 MAX_RELOAD_INTERVAL_S = 86400.0  # 1e300 overflowed the rules watcher's wait
@@ -430,6 +436,14 @@ def _check(config: Config) -> None:
     _check_listen(config.listen)
     _positive(config, "deadline_ms", "redis_timeout_ms", "max_batch", "max_message_bytes")
     _positive(config, "workers", "reload_interval_s")
+    for key, most in (
+        ("deadline_ms", MAX_DEADLINE_MS),
+        ("redis_timeout_ms", MAX_REDIS_TIMEOUT_MS),
+        ("max_batch", MAX_BATCH),
+        ("workers", MAX_WORKERS),
+    ):
+        if getattr(config, key) > most:
+            raise ConfigError(f"{key}: must be at most {most}")
     if not -1 <= config.metrics_port <= 65535:
         raise ConfigError("metrics_port: must be -1 (off), 0 (any free port) or a port number")
     if not 0 <= config.grace_s <= MAX_GRACE_S:
@@ -509,7 +523,25 @@ def _check_database_url(url: str) -> None:
     if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
         return
     if url.startswith(("postgresql://", "postgres://")):
+        _check_postgres_url(url)
         return
     raise ConfigError(
         "database_url: expected sqlite:///PATH or postgresql://... ('' = SQLite under data_dir)"
     )
+
+
+def _check_postgres_url(url: str) -> None:
+    """Refuse what libpq cannot read (an unknown or misspelt parameter, a bad port, an
+    unclosed ``[``) before anything starts; riskd's own ``schema=`` is not libpq's. The
+    error names the kind only: libpq's messages can quote the URL, password and all."""
+    from psycopg import Error
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        parts = urlsplit(url)
+        query = [p for p in parts.query.split("&") if p and not p.startswith("schema=")]
+        conninfo_to_dict(urlunsplit(parts._replace(query="&".join(query))))
+    except (ValueError, Error) as e:
+        raise ConfigError(
+            f"database_url: not a PostgreSQL URL libpq can read ({type(e).__name__})"
+        ) from None

@@ -92,6 +92,14 @@ def test_file_then_environment_override(tmp_path: Path) -> None:
         ({"RISKD_FALLBACK_SEARCH": "900:allow,500:review,block"}, "fallback.search"),
         ({"RISKD_GRACE_S": "1e300"}, "grace_s"),  # review: a traceback at SIGTERM
         ({"RISKD_RELOAD_INTERVAL_S": "1e300"}, "reload_interval_s"),  # killed the watcher
+        # review: passed the checks, then a traceback at start (a socket's timeout overflowed)
+        ({"RISKD_REDIS_TIMEOUT_MS": "10000000000000"}, "redis_timeout_ms"),
+        ({"RISKD_DEADLINE_MS": "60001"}, "deadline_ms"),
+        ({"RISKD_MAX_BATCH": "10001"}, "max_batch"),
+        ({"RISKD_WORKERS": "1025"}, "workers"),
+        # review: libpq refused these only when the database was opened, with a traceback
+        ({"RISKD_DATABASE_URL": "postgresql://u@127.0.0.1:5/db?sslmod=require"}, "database_url"),
+        ({"RISKD_DATABASE_URL": "postgres://u@[::1/db"}, "database_url"),
     ],
 )
 def test_bad_value_names_the_key(env: dict[str, str], key: str) -> None:
@@ -189,6 +197,16 @@ def test_redis_errors_never_echo_the_url() -> None:
 
 
 @pytest.mark.parametrize(
+    "url", ["postgres://u:s3cret@[::1/db", "postgresql://u:s3cret@h/db?bogus=1"]
+)
+def test_database_url_errors_never_echo_the_url(url: str) -> None:
+    """libpq's own message for an unclosed ``[`` quotes the whole URL."""
+    with pytest.raises(ConfigError, match=r"^database_url: not a PostgreSQL URL") as e:
+        load_config(env={"RISKD_DATABASE_URL": url})
+    assert "s3cret" not in str(e.value)
+
+
+@pytest.mark.parametrize(
     ("key", "value"),
     [
         ("redis_url", "redis://[::1]:6379/0"),
@@ -197,6 +215,10 @@ def test_redis_errors_never_echo_the_url() -> None:
         ("database_url", "sqlite:////srv/riskd/riskd.db"),
         ("database_url", "postgresql://riskd@db.internal/riskd?schema=s1"),
         ("database_url", "postgres://riskd@db.internal/riskd"),
+        ("database_url", "postgresql://riskd@db.internal/riskd?sslmode=require&schema=s1"),
+        ("redis_timeout_ms", "60000"),
+        ("deadline_ms", "60000"),
+        ("max_batch", "10000"),
         ("max_message_bytes", "536870911"),
         ("drain_notice_ms", "0"),
         ("fallback_live_room", "100:allow,20000:review,block"),

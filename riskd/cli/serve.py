@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import sys
 import threading
@@ -36,6 +37,8 @@ from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2, scoring_pb2_grpc
 from riskd.service.logs import configure_logging
 from riskd.service.server import create_server
 
+MAX_TIMEOUT_S = 86_400.0
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``serve`` and ``score`` to the ``riskd`` command."""
@@ -46,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     score = subparsers.add_parser("score", help="score one order (JSON file, - for stdin)")
     score.add_argument("order", help="order JSON in the riskd.v1.Order protobuf JSON form")
     score.add_argument("--target", default="127.0.0.1:50051", help="daemon HOST:PORT")
-    score.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
+    score.add_argument("--timeout", type=_seconds, default=2.0, help="deadline in seconds")
     score.add_argument("--ca", type=Path, help="CA certificate: connect with TLS")
     score.add_argument("--cert", type=Path, help="client certificate (mutual TLS; with --key)")
     score.add_argument("--key", type=Path, help="client certificate's private key")
@@ -63,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     score.set_defaults(func=run_score)
     health = subparsers.add_parser("health", help="ask a daemon's gRPC health service")
     health.add_argument("--target", default="127.0.0.1:50051", help="daemon HOST:PORT")
-    health.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds")
+    health.add_argument("--timeout", type=_seconds, default=2.0, help="deadline in seconds")
     health.add_argument(
         "--ca",
         type=Path,
@@ -121,12 +124,24 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """A deadline in seconds for argparse: finite, above 0 and at most a day (grpcio
+    answers a far larger one at once with DEADLINE_EXCEEDED)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= MAX_TIMEOUT_S:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected seconds above 0, at most {MAX_TIMEOUT_S:g}")
+    return value
+
+
 def run_score(args: argparse.Namespace) -> int:
     """Send one order to ``--target`` and print the decision (exit 1 on an RPC error)."""
     try:
-        text = sys.stdin.read() if args.order == "-" else Path(args.order).read_text()
-        order = json_format.Parse(text, order_pb2.Order())
-    except (OSError, json_format.ParseError) as e:
+        data = sys.stdin.buffer.read() if args.order == "-" else Path(args.order).read_bytes()
+        order = json_format.Parse(data.decode("utf-8-sig"), order_pb2.Order())
+    except (OSError, UnicodeDecodeError, json_format.ParseError) as e:
         print(f"riskd score: cannot read order: {e}", file=sys.stderr)
         return 2
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()

@@ -43,6 +43,7 @@ import hashlib
 import ipaddress
 import logging
 import re
+import ssl
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -327,16 +328,47 @@ def server_credentials(
     """TLS server credentials; with ``client_ca_file``, mutual TLS (client certificates required).
 
     Raises:
-        ConfigError: a file cannot be read (names the file, not its content).
+        ConfigError: a file cannot be read, or is not what its key needs: a PEM
+            certificate, the private key of that certificate (not encrypted), PEM
+            CA certificates (names the key and the file, not its content).
     """
     cert = _read(cert_file, "tls_cert")
     key = _read(key_file, "tls_key")
     ca = _read(client_ca_file, "tls_client_ca") if client_ca_file is not None else None
+    _check_tls(cert_file, cert, key_file, client_ca_file, ca)
     return grpc.ssl_server_credentials(
         [(key, cert)],
         root_certificates=ca,
         require_client_auth=ca is not None,
     )
+
+
+def _check_tls(
+    cert_file: Path, cert: bytes, key_file: Path, ca_file: Path | None, ca: bytes | None
+) -> None:
+    """Refuse the TLS material grpcio would refuse only when the port is bound (after the
+    data dir, database and keyring are created, as "cannot bind"): OpenSSL reads it here."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    for name, path, pem in (("tls_cert", cert_file, cert), ("tls_client_ca", ca_file, ca)):
+        if pem is None:
+            continue
+        try:  # every certificate in the file parsed (a CA store is only read here)
+            context.load_verify_locations(cadata=pem.decode("latin-1"))
+        except (ssl.SSLError, ValueError):
+            raise ConfigError(f"{name}: {path} holds no PEM certificate it can read") from None
+    try:
+        context.load_cert_chain(cert_file, key_file, password=_no_password)
+    except (ssl.SSLError, ValueError):
+        raise ConfigError(
+            f"tls_key: {key_file} is not the private key of tls_cert's certificate "
+            "(a PEM key, not encrypted)"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"tls_key: cannot read {key_file}: {e.strerror}") from None
+
+
+def _no_password() -> bytes:  # an encrypted key fails instead of prompting on a terminal
+    return b""
 
 
 def _read(path: Path, key: str) -> bytes:

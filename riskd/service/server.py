@@ -181,9 +181,10 @@ def create_server(
         RuleCompileError: the rules do not compile.
     """
     metrics = Metrics()
-    # what can be checked about the ports before the data dir, database or keyring are
-    # created: a start that fails on them leaves nothing behind
+    # what can be checked about the ports, TLS files and [auth] before the data dir,
+    # database or keyring are created: a start that fails on them leaves nothing behind
     credentials = _credentials(config)
+    authentication = _auth(config, metrics)
     _probe_listen(config.listen)
     endpoint = _metrics_endpoint(config, metrics)
     components = None
@@ -195,8 +196,8 @@ def create_server(
             pool.start()
             components.closers.append(pool.close)  # closed first: workers flush their logs
         running = _start(
-            config, metrics, components, extra_servicers, interceptors, ready, pool,
-            credentials, endpoint,
+            config, metrics, components, extra_servicers, [*authentication, *interceptors],
+            ready, pool, credentials, endpoint,
         )  # fmt: skip
         running.workers = pool
         return running
@@ -240,7 +241,6 @@ def _start(
     server = grpc.server(
         threads,
         interceptors=[
-            *_auth(config, metrics),
             *interceptors,
             ErrorInterceptor(
                 metrics,

@@ -14,6 +14,7 @@ A data directory or database that cannot be used stops the start with a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -74,7 +75,12 @@ class Components:
         """
         with self._reload_lock:  # the watcher and SIGHUP: each swap seen (and counted) once
             before = self.rules.current
-            diagnostics = self.rules.reload()
+            try:
+                diagnostics = self.rules.reload()
+            except Exception:  # a bug, not a rule error: still a failure, old rules kept
+                metrics.reload_failures.inc()
+                log.error("rules reload crashed; keeping the old rules", exc_info=True)
+                return False
             after = self.rules.current
         if diagnostics.ok:
             swapped = after is not before
@@ -99,11 +105,13 @@ class Components:
 
         def loop() -> None:
             while not self._watch_stop.wait(interval_s):
-                if self.rules.changed():
-                    try:
-                        self.reload_rules(metrics)
-                    except Exception:  # a dead watcher would freeze the rules silently
-                        log.error("rules reload crashed", exc_info=True)
+                try:
+                    changed = self.rules.changed()
+                except Exception:  # a dead watcher would freeze the rules silently
+                    log.error("rules watch failed; asking again next round", exc_info=True)
+                    continue
+                if changed:
+                    self.reload_rules(metrics)  # counts and logs its own failures
 
         self._watcher = threading.Thread(target=loop, name="riskd-rules-watch", daemon=True)
         self._watcher.start()
@@ -143,8 +151,10 @@ def _build(
     # what the files under rules_dir say is checked before anything is created
     rules = ProgramHolder(config.rules_dir)  # raises RuleCompileError: no start without rules
     schedule = _schedule(config)
+    configured = configured_keyring(config)  # a bad one is refused before anything exists
     if config.data_dir.exists() and not config.data_dir.is_dir():
         raise ConfigError(f"data_dir: {config.data_dir} is not a directory")
+    created = not config.data_dir.exists()
     try:
         config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # owner only
     except OSError as e:
@@ -154,8 +164,11 @@ def _build(
         closers.append(db.close)
         db.query("SELECT 1")
     except (OSError, sqlite3.Error, UnavailableError) as e:
+        if created:  # left as found (rmdir removes only an empty folder)
+            with contextlib.suppress(OSError):
+                config.data_dir.rmdir()
         raise _database_error(config, e) from None
-    keyring = load_keyring(config, db)
+    keyring = configured or load_keyring(config, db)
     indexer = BlindIndexer(keyring)
     try:
         # PII in the decision log: masked + blind index in the record, and encrypted under
@@ -259,13 +272,10 @@ def load_keyring(config: Config, db: Database | None = None) -> Keyring:
     keyring (a lost file, another working directory, a replica with its own data_dir)
     would seal nothing readable and count every identity under other digests.
     """
-    if config.keyring:
-        return Keyring.from_json(config.keyring)
+    keyring = configured_keyring(config)
+    if keyring is not None:
+        return keyring
     path = config.keyring_path
-    if path.exists():
-        return Keyring.load(path)
-    if config.keyring_file is not None:
-        raise ConfigError(f"keyring_file: {path} does not exist")
     if db is not None and _holds_keyed_data(db):
         raise ConfigError(
             f"keyring_file: {path} does not exist, but the database holds data keys and blind"
@@ -279,6 +289,24 @@ def load_keyring(config: Config, db: Database | None = None) -> Keyring:
         raise ConfigError(f"data_dir: cannot write the keyring {path}: {e.strerror}") from None
     log.info("generated a new keyring", extra={"fields": {"path": str(path)}})
     return keyring
+
+
+def configured_keyring(config: Config) -> Keyring | None:
+    """The keyring ``RISKD_KEYRING`` or the key file holds; None when there is neither
+    and one may be generated (``load_keyring``).
+
+    Raises:
+        ConfigError: the document or file cannot be read or is not a keyring, or a
+            configured ``keyring_file`` does not exist.
+    """
+    if config.keyring:
+        return Keyring.from_json(config.keyring)
+    path = config.keyring_path
+    if path.exists():
+        return Keyring.load(path)
+    if config.keyring_file is not None:
+        raise ConfigError(f"keyring_file: {path} does not exist")
+    return None
 
 
 def _holds_keyed_data(db: Database) -> bool:

@@ -1066,7 +1066,10 @@ def main(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process drains, then stops us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     channel = _Channel(socket.socket(fileno=int(argv[0])))
-    config: Config = channel.recv()
+    try:
+        config: Config = channel.recv()
+    except (EOFError, OSError):  # the server process stopped before it sent the config
+        return 1
     configure_logging(config.log_level)
     try:
         # decisions made after their call's deadline are not recorded: the server process
@@ -1094,12 +1097,12 @@ def main(argv: Sequence[str]) -> int:
     # collector's generations, so full collections on the scoring path skip them
     gc.collect()
     gc.freeze()
-    channel.send(("ready", os.getpid()))
 
     def report() -> bytes:
         return json.dumps(metrics.snapshot(components.decision_log)).encode()
 
-    try:
+    try:  # the server process may have stopped while this one started (SIGTERM then)
+        channel.send(("ready", os.getpid()))
         _serve(channel, servicer, report, unlogged)
     except (EOFError, OSError):
         log.warning("server process gone; flushing the decision log and exiting")

@@ -243,6 +243,35 @@ def test_score_rejects_malformed_json(tmp_path: Path) -> None:
     assert args.func(args) == 2
 
 
+def test_score_reads_a_file_with_a_bom_and_refuses_one_not_utf8(
+    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review: bytes that are not UTF-8 ended ``riskd score`` with a traceback and exit 1
+    (the code of an RPC error); a file an editor saved with a BOM was refused."""
+    path = tmp_path / "order.json"
+    path.write_bytes(b"\xef\xbb\xbf" + EXAMPLE.read_bytes())
+    args = build_parser().parse_args(["score", str(path), "--target", f"127.0.0.1:{daemon.port}"])
+    assert args.func(args) == 0
+    assert json.loads(capsys.readouterr().out)["outcome"] == "OUTCOME_ALLOW"
+    path.write_bytes(EXAMPLE.read_bytes().replace(b'"', b"\xff", 1))
+    args = build_parser().parse_args(["score", str(path), "--target", f"127.0.0.1:{daemon.port}"])
+    assert args.func(args) == 2
+    assert "riskd score: cannot read order: 'utf-8' codec can't decode" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["score", "health"])
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "1e300", "soon"])
+def test_a_timeout_that_is_no_deadline_is_refused(
+    command: str, timeout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review: accepted, then answered at once with DEADLINE_EXCEEDED (inf, 1e300)."""
+    argv = [command, *([str(EXAMPLE)] if command == "score" else []), "--timeout", timeout]
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(argv)
+    assert e.value.code == 2
+    assert "--timeout: expected seconds above 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("source", ["--token", "RISKD_TOKEN"])
 def test_score_refuses_a_token_over_plaintext_off_loopback(
     source: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

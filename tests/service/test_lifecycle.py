@@ -214,3 +214,25 @@ def eventually(check: Callable[[], object], timeout: float = 5.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_a_reload_that_crashes_keeps_the_rules_and_counts_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: SIGHUP's reload thread had no guard (an exception ended it with a traceback
+    on stderr and nothing counted); the watcher logged it uncounted."""
+    config = make_config(tmp_path / "data", reload_interval_s=60)
+    running = create_server(config)
+    try:
+        rules = running.components.rules
+        version = rules.current.version
+
+        def crash() -> object:
+            raise RuntimeError("a bug in the compiler")
+
+        monkeypatch.setattr(rules, "reload", crash)
+        assert running.reload_rules() is False
+        assert running.metrics.value("riskd_rule_reload_failures_total") == 1
+        assert rules.current.version == version
+    finally:
+        running.stop(0)

@@ -215,3 +215,34 @@ def test_a_missing_tls_file_is_refused_before_anything_is_created(tmp_path: Path
     with pytest.raises(ConfigError, match=r"^tls_cert: cannot read"):
         create_server(config)
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    ("broken", "error"),
+    [
+        ("cert", r"^tls_cert: .*no\.pem holds no PEM certificate"),
+        ("key of another certificate", r"^tls_key: .*other\.key is not the private key"),
+        ("client CA", r"^tls_client_ca: .*no\.pem holds no PEM certificate"),
+    ],
+)
+def test_unusable_tls_material_is_refused_by_name_before_anything_is_created(
+    tmp_path: Path, broken: str, error: str
+) -> None:
+    """Review: grpcio refused these only at bind, reported as ``listen: cannot bind`` after
+    the data dir, database and keyring had been created."""
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "other").mkdir()
+    cert, key = self_signed(tmp_path / "certs")
+    _, other_key = self_signed(tmp_path / "other")
+    (tmp_path / "other.key").write_bytes(other_key.read_bytes())
+    (tmp_path / "no.pem").write_text("not a certificate\n")
+    files = {"tls_cert": str(cert), "tls_key": str(key)}
+    if broken == "cert":
+        files["tls_cert"] = str(tmp_path / "no.pem")
+    elif broken == "client CA":
+        files["tls_client_ca"] = str(tmp_path / "no.pem")
+    else:
+        files["tls_key"] = str(tmp_path / "other.key")
+    with pytest.raises(ConfigError, match=error):
+        create_server(make_config(tmp_path / "data", **files))
+    assert not (tmp_path / "data").exists()

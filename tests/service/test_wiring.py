@@ -152,3 +152,34 @@ def test_a_daemon_started_before_keygen_seals_for_buyers_keyed_after_it(tmp_path
     finally:
         second.stop(0)
         first.stop(0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error"),
+    [
+        ({"auth": {"tokens": {"sha256:abc": "gw:checkout"}}}, r"^auth\.tokens\[0\]: "),
+        ({"auth": {"rate_limits": {"analyst": "fast"}}}, r"^auth\.rate_limits\.analyst: "),
+        ({"keyring": "{not json"}, r"^keyring: "),
+        ({"keyring_file": "/nonexistent/keyring.json"}, r"^keyring_file: .* does not exist"),
+    ],
+)
+def test_a_start_refused_for_auth_or_keyring_creates_nothing(
+    tmp_path: Path, overrides: dict[str, object], error: str
+) -> None:
+    """Review: these were refused only after the data dir and database (and for [auth], a
+    new keyring) had been created."""
+    data = tmp_path / "data"
+    with pytest.raises(ConfigError, match=error):
+        create_server(make_config(data, **overrides))
+    assert not data.exists()
+
+
+def test_an_unreachable_postgresql_leaves_no_data_dir(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = tmp_path / "data"
+    url = f"postgresql://riskd@127.0.0.1:{port}/riskd"
+    with pytest.raises(ConfigError, match=r"^database_url: cannot open"):
+        create_server(make_config(data, database_url=url))
+    assert not data.exists()
