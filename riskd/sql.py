@@ -18,7 +18,9 @@ connection lost *during* COMMIT leaves the outcome unknown: that raises
 it twice; the caller checks what landed (the decision log) or retries under
 its idempotency key (the ledger answers with the first receipt). Session state
 does not survive a new connection: the ledger's advisory lock is gone with the
-old one (its SERIALIZABLE transactions and unique keys still hold).
+old one (its SERIALIZABLE transactions and unique keys still hold). A peer that
+vanishes without closing the connection (a partition) is found by TCP keepalives
+and ``tcp_user_timeout`` (``KEEPALIVE_IDLE_S`` and its neighbours), in seconds.
 
 URLs: ``sqlite:///path/to/file.db`` (or a bare path), ``postgresql://host/db``;
 ``?schema=NAME`` on a PostgreSQL URL sets the search_path (tests use it to
@@ -48,6 +50,24 @@ Row = tuple[Any, ...]
 _PLACEHOLDER = re.compile(r"\?")
 _RETRIES = 8
 BUSY_TIMEOUT_S = 30.0  # SQLite: how long a statement waits for another connection's lock
+# PostgreSQL connections' TCP settings (libpq parameters; a URL's own values win). Without
+# them a connection whose peer vanished mid-call (a network partition, a failover that
+# took the old primary's host away) blocks its thread for the kernel's ~15 minutes of
+# retransmissions, or for ever while it waits for an answer: the decision log's writer
+# would stop. TCP_USER_TIMEOUT_MS ends a call whose data the peer never acknowledges
+# (measured: 10.5 s); keepalive probes find a silent peer while a call waits for its
+# answer (15 s: the first probe goes out after KEEPALIVE_IDLE_S, and Linux gives up at
+# the next one once the user timeout has passed, before KEEPALIVE_COUNT probes, measured
+# with a link taken down under the connection). Either fails the call with OperationalError,
+# which run() and the writer retry on a new connection. A live server's kernel answers
+# both however long a statement runs, so they never cut a long transaction (no
+# statement_timeout is set). A peer whose kernel answers but whose server never replies
+# (a stalled proxy in between) is not caught: that would take a bound on each call.
+CONNECT_TIMEOUT_S = 5
+KEEPALIVE_IDLE_S = 10
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_COUNT = 3
+TCP_USER_TIMEOUT_MS = 10_000
 # SQLSTATE classes of PostgreSQL failures that come from a statement's data, not the
 # server's state (connection, serialization, resources, privileges, a missing table, a
 # read-only standby: all of those may pass): data exception, integrity constraint.
@@ -102,12 +122,28 @@ def require_existing(url: str) -> None:
     import psycopg
 
     try:
-        with psycopg.connect(target, connect_timeout=5) as conn:
+        with psycopg.connect(target, **_pg_options(target)) as conn:
             row = conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (schema,)).fetchone()
     except psycopg.OperationalError as e:
         raise UnavailableError("database unavailable") from e
     if not row or not row[0]:
         raise ConfigError(f"database: no schema {schema!r} in the database")
+
+
+def _pg_options(dsn: str) -> dict[str, Any]:
+    """The connect timeout and TCP keepalive settings for ``dsn``, less those it sets itself."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    given = conninfo_to_dict(dsn)
+    options = {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "keepalives": 1,
+        "keepalives_idle": KEEPALIVE_IDLE_S,
+        "keepalives_interval": KEEPALIVE_INTERVAL_S,
+        "keepalives_count": KEEPALIVE_COUNT,
+        "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
+    }
+    return {k: v for k, v in options.items() if k not in given}
 
 
 def _parse_url(url: str) -> tuple[Dialect, str, str]:
@@ -173,7 +209,7 @@ class Database:
             import psycopg
 
             try:
-                conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=5)
+                conn = psycopg.connect(self._dsn, autocommit=True, **_pg_options(self._dsn))
             except psycopg.OperationalError as e:
                 raise UnavailableError("database unavailable") from e
             if self._schema:

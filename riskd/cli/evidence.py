@@ -7,7 +7,8 @@
 Walks the decision log, the outcome reports and the PII access log
 (``riskd.evidence.chain``) on the daemon's database (``--database URL``, else
 the configuration's) and prints the rows checked and each table's head
-``(seq, hash)``. An edited, inserted, reordered or deleted row fails the walk.
+``(seq, hash)``. An edited, inserted, reordered or deleted row fails the walk, and
+so does a row put beside the chain (``seq`` NULL, below 1 or not an integer).
 Rows cut from the end (or a tail rebuilt with a fresh chain) cannot be seen
 from inside a table: keep the heads printed today and pass them back next time
 with ``--expect``; a head that is gone or hashes differently fails. Exit 0 when
@@ -84,7 +85,8 @@ def _verify(args: argparse.Namespace) -> int:
     finally:
         db.close()
     if not result.ok:
-        where = f"{result.table} seq {result.seq} (order {result.order_id})"
+        at = "" if result.seq is None else f" seq {result.seq}"
+        where = f"{result.table}{at} (order {result.order_id})"
         problems.insert(0, f"{where}: {result.problem}")
     heads = {t: f"{t}:{seq}:{digest}" for t, (seq, digest) in result.head.items()}
     if args.json:

@@ -3,7 +3,11 @@
 Each row's ``hash`` is ``sha256(prev_hash + "\\n" + content)`` where ``content``
 is the row's canonical JSON and ``prev_hash`` the previous row's hash (the
 genesis value for ``seq`` 1). Editing, inserting or deleting a row breaks the
-chain at that row; ``verify_table`` walks it and names the first bad row.
+chain at that row; ``verify_table`` walks it and names the first bad row. A row
+put beside the chain instead (``seq`` NULL, zero, negative or not a whole
+number: tables created before the schema's CHECK accept them) is not part of
+the walk but is still a row the daemon could read, so ``verify_table`` names it
+too.
 Truncating the tail (or replacing it, chain and all) cannot be seen from
 inside the table: auditors keep the latest ``(seq, hash)`` that ``verify``
 reports and check it is still there next time (``check_anchor``; the CLI is
@@ -124,7 +128,8 @@ class VerifyResult:
     """The outcome of walking the chains.
 
     ``ok`` is True when every row checks out; otherwise ``table``/``seq``/
-    ``order_id`` name the first bad row and ``problem`` says what is wrong.
+    ``order_id`` name the first bad row and ``problem`` says what is wrong
+    (``seq`` is None for a row whose ``seq`` is NULL or not an integer).
     ``head`` maps each table to its last ``(seq, hash)``, for auditors to keep.
     """
 
@@ -132,14 +137,14 @@ class VerifyResult:
     checked: int
     head: Mapping[str, tuple[int, str]]
     table: str = ""
-    seq: int = 0
+    seq: int | None = 0
     order_id: str = ""
     problem: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class _Bad:
-    seq: int
+    seq: int | None
     order_id: str
     problem: str
 
@@ -147,8 +152,10 @@ class _Bad:
 def _check_row(table: Table, row: Row, seq: int, prev: str) -> _Bad | None:
     got_seq, *copies, content, prev_hash, digest = row
     order_id = str(copies[0])
-    if int(got_seq) != seq:
-        return _Bad(int(got_seq), order_id, f"expected seq {seq} (a row is missing)")
+    if not isinstance(got_seq, int):  # SQLite keeps a text or real value put in a BIGINT
+        return _Bad(None, order_id, f"seq {got_seq!r} is not an integer (outside the chain)")
+    if got_seq != seq:
+        return _Bad(got_seq, order_id, f"expected seq {seq} (a row is missing)")
     if prev_hash != prev:
         return _Bad(seq, order_id, "prev_hash does not match the previous row")
     if chain_hash(prev, content) != digest:
@@ -174,7 +181,24 @@ def verify_table(db: Database, table: Table) -> tuple[int, tuple[int, str], _Bad
             if bad is not None:
                 return checked, (seq, prev), bad
             seq, prev, checked = seq + 1, str(row[-1]), checked + 1
-    return checked, (seq, prev), None
+    return checked, (seq, prev), _outside(db, table)
+
+
+def _outside(db: Database, table: Table) -> _Bad | None:
+    """The first row the walk cannot reach (``seq`` NULL or below 1), naming how many there are.
+
+    The schema refuses them in tables it creates; older tables accept them, and
+    the lookups by order id would read them as recorded decisions.
+    """
+    where = f"FROM {table.name} WHERE seq IS NULL OR seq < 1"
+    rows = db.query(f"SELECT seq, {table.columns[0]} {where} ORDER BY seq LIMIT 1")
+    if not rows:
+        return None
+    (n,) = db.query(f"SELECT COUNT(*) {where}")[0]
+    got, order_id = rows[0]
+    which = "seq is NULL" if got is None else f"seq {got} is below 1"
+    seq = got if isinstance(got, int) else None
+    return _Bad(seq, str(order_id), f"{which}, outside the chain (rows outside it: {n})")
 
 
 TABLES: Mapping[str, Table] = {t.name: t for t in (DECISIONS, EVENTS, ACCESS)}

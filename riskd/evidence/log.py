@@ -100,6 +100,9 @@ class _Item:
 Entry = tuple[DecisionRecord, Order | None, Mapping[str, str] | None]
 
 _IN_CHUNK = 500
+# Lookups read rows of the chain only: a row beside it (seq NULL or below 1, which tables
+# created before the schema's CHECK accept) is not a recorded decision; verify names it.
+_CHAINED = " AND seq >= 1"
 # What a write put at the end of each chain it appended to: (table, seq, hash).
 _Heads = tuple[tuple[Table, int, str], ...]
 
@@ -256,7 +259,8 @@ class DecisionLog:
             record = self._pending.get(order_id)
         if record is not None:
             return record
-        rows = self.db.query("SELECT content FROM decision_log WHERE order_id = ?", (order_id,))
+        sql = f"SELECT content FROM decision_log WHERE order_id = ?{_CHAINED}"
+        rows = self.db.query(sql, (order_id,))
         if not rows:
             # committed between the two looks: the row is there now
             with self._cond:
@@ -280,7 +284,7 @@ class DecisionLog:
         for start in range(0, len(rest), _IN_CHUNK):
             chunk = rest[start : start + _IN_CHUNK]
             marks = ", ".join("?" * len(chunk))
-            sql = f"SELECT content FROM decision_log WHERE order_id IN ({marks})"
+            sql = f"SELECT content FROM decision_log WHERE order_id IN ({marks}){_CHAINED}"
             for (content,) in self.db.query(sql, chunk):
                 record = from_content(json.loads(content))
                 found[record.order_id] = record
@@ -293,7 +297,8 @@ class DecisionLog:
     def events(self, order_id: str) -> list[OrderEvent]:
         """Committed outcome reports for ``order_id``, oldest first."""
         rows = self.db.query(
-            "SELECT content FROM order_events WHERE order_id = ? ORDER BY seq", (order_id,)
+            f"SELECT content FROM order_events WHERE order_id = ?{_CHAINED} ORDER BY seq",
+            (order_id,),
         )
         return [event_from(json.loads(r[0])) for r in rows]
 

@@ -1,7 +1,7 @@
 """The decision log's tables, one DDL for SQLite and PostgreSQL.
 
 ``decision_log`` and ``order_events`` are append-only and hash-chained: ``seq``
-is the position in the chain (1, 2, 3, ... with no gaps, assigned by the
+is the position in the chain (1, 2, 3, ... with no gaps, checked >= 1, assigned by the
 writer inside its transaction, so a concurrent writer on PostgreSQL conflicts
 and retries instead of forking the chain), ``content`` the canonical JSON the
 hash covers, ``hash = sha256(prev_hash + "\\n" + content)``. The other columns
@@ -25,7 +25,7 @@ from riskd.sql import Database
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS decision_log (
-    seq BIGINT PRIMARY KEY,
+    seq {seq},
     order_id TEXT NOT NULL UNIQUE,
     decided_at DOUBLE PRECISION NOT NULL,
     outcome TEXT NOT NULL,
@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS decision_log (
 );
 CREATE INDEX IF NOT EXISTS decision_log_decided_at ON decision_log (decided_at);
 CREATE TABLE IF NOT EXISTS order_events (
-    seq BIGINT PRIMARY KEY,
+    seq {seq},
     order_id TEXT NOT NULL,
     kind TEXT NOT NULL,
     at DOUBLE PRECISION NOT NULL,
@@ -63,7 +63,7 @@ CREATE TABLE IF NOT EXISTS decision_blind_index (
 CREATE INDEX IF NOT EXISTS decision_blind_index_subject ON decision_blind_index (subject_id);
 CREATE INDEX IF NOT EXISTS decision_blind_index_digest ON decision_blind_index (field, digest);
 CREATE TABLE IF NOT EXISTS pii_access_log (
-    seq BIGINT PRIMARY KEY,
+    seq {seq},
     order_id TEXT NOT NULL,
     at DOUBLE PRECISION NOT NULL,
     principal TEXT NOT NULL,
@@ -75,12 +75,23 @@ CREATE TABLE IF NOT EXISTS pii_access_log (
 CREATE INDEX IF NOT EXISTS pii_access_log_order_id ON pii_access_log (order_id)
 """
 
+# A chained table's position: 1, 2, 3, ... A row outside that (NULL, 0, negative) would be
+# skipped by the walk yet found by the lookups by order id. The second test is for SQLite,
+# which keeps a text or real value put in an INTEGER column: it is equal to its own
+# CAST only when it is an integer (always, on PostgreSQL's bigint).
+_SEQ = "BIGINT NOT NULL PRIMARY KEY CHECK (seq >= 1 AND seq = CAST(seq AS BIGINT))"
+
 GENESIS_HASH = "0" * 64
 
 
 def ddl(dialect: str) -> str:
-    """The schema for ``"sqlite"`` or ``"postgres"`` (they differ only in the blob type)."""
-    return _DDL.format(blob="BYTEA" if dialect == "postgres" else "BLOB")
+    """The schema for ``"sqlite"`` or ``"postgres"`` (they differ only in the blob type).
+
+    Tables that exist already are kept as they are (``CREATE TABLE IF NOT EXISTS``):
+    those created before ``seq`` had its NOT NULL and CHECK accept rows outside the
+    chain, which ``chain.verify`` reports.
+    """
+    return _DDL.format(blob="BYTEA" if dialect == "postgres" else "BLOB", seq=_SEQ)
 
 
 def create_schema(db: Database) -> None:

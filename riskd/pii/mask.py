@@ -2,7 +2,9 @@
 
 Masking is for people, not matching (that is the blind index's job). Each
 function accepts any input, including malformed values, and never returns more
-than the documented visible part.
+than the documented visible part. The masks stay in the hash-chained decision
+record after the buyer is forgotten, so a short phone or ID number shows at most
+half of its characters.
 """
 
 from __future__ import annotations
@@ -11,14 +13,20 @@ from riskd.pii.blind import normalize_id_number, normalize_phone
 
 
 def mask_phone(phone: str) -> str:
-    """First three and last four digits; everything shorter than eight is fully masked.
+    """A mainland number (eleven digits or more) keeps its first three and last four digits;
+    a shorter one, or one with another country code, its last four only, and one shorter
+    than eight digits nothing. Short numbers never show more than half of themselves.
 
     >>> mask_phone("13812345678"), mask_phone("+86 138-1234-5678"), mask_phone("12345")
     ('138****5678', '138****5678', '*****')
+    >>> mask_phone("9123 4567"), mask_phone("+852 9123 4567")
+    ('****4567', '********4567')
     """
-    digits = normalize_phone(phone)
+    digits = normalize_phone(phone)  # a number with another country code keeps its "+"
     if len(digits) < 8:
         return "*" * len(digits)
+    if len(digits) < 11 or not digits.isdigit():
+        return _last_four(digits)
     return digits[:3] + "*" * (len(digits) - 7) + digits[-4:]
 
 
@@ -35,15 +43,24 @@ def mask_name(name: str) -> str:
 
 
 def mask_id_number(id_number: str) -> str:
-    """First three and last four characters of an ID number; short ones fully masked.
+    """A mainland ID number (fifteen or eighteen characters) keeps its first three and last
+    four; one of ten to fourteen characters its last four only, and a shorter one nothing.
+    Short numbers never show more than half of themselves.
 
-    >>> mask_id_number("11010119900307123X")
-    '110***********123X'
+    >>> mask_id_number("11010119900307123X"), mask_id_number("A123456789")
+    ('110***********123X', '******6789')
     """
     text = normalize_id_number(id_number)
     if len(text) < 10:
         return "*" * len(text)
+    if len(text) < 15:
+        return _last_four(text)
     return text[:3] + "*" * (len(text) - 7) + text[-4:]
+
+
+def _last_four(text: str) -> str:
+    """One star per character but the last four (``text`` has at least eight)."""
+    return "*" * (len(text) - 4) + text[-4:]
 
 
 def mask_address(province: str, city: str, district: str) -> str:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import re
 import sqlite3
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from riskd.domain.events import OrderEvent, OrderEventKind
 from riskd.evidence.chain import DECISIONS, append_texts, chain_hash
 from riskd.evidence.log import DecisionLog
 from riskd.evidence.records import content_text
-from riskd.evidence.schema import GENESIS_HASH
+from riskd.evidence.schema import GENESIS_HASH, ddl
 from riskd.sql import Database
 
 from .conftest import make_record
@@ -122,3 +125,101 @@ def test_append_texts_skips_known_and_repeated_order_ids_and_keeps_the_chain(
     got = db.query("SELECT seq, order_id FROM decision_log ORDER BY seq")
     assert got == [(1, "o-1"), (2, "o-2"), (3, "o-3")]
     assert log.verify().ok
+
+
+# -- rows beside the chain -------------------------------------------------
+
+FORGED = "o-forged"
+
+
+def legacy_schema(db: Database) -> None:
+    """The evidence tables as riskd created them before ``seq`` had NOT NULL and a CHECK:
+    a database of that time keeps them (``CREATE TABLE IF NOT EXISTS``)."""
+    db.executescript(re.sub(r"seq BIGINT [^,]*,", "seq BIGINT PRIMARY KEY,", ddl(db.dialect)))
+
+
+def forge_decision(db: Database, seq: object) -> None:
+    """Insert an ALLOW for ``FORGED`` with ``seq`` (not chained), copied from row 1."""
+    content = json.loads(db.query("SELECT content FROM decision_log WHERE seq = 1")[0][0])
+    content.update(order_id=FORGED, outcome="ALLOW")
+    with db.transaction() as tx:
+        tx.execute(
+            "INSERT INTO decision_log VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (seq, FORGED, content["decided_at"], "ALLOW", content["rules_version"],
+             json.dumps(content), GENESIS_HASH, "f" * 64),
+        )  # fmt: skip
+
+
+def outside_seqs(db: Database) -> list[object]:
+    """The seq values a forger could use on ``db``'s dialect (PostgreSQL's key is NOT NULL)."""
+    return [0, -1] if db.dialect == "postgres" else [0, -1, None]
+
+
+def test_verify_names_a_decision_beside_the_chain_and_lookups_skip_it(db: Database) -> None:
+    legacy_schema(db)
+    log = write_log(db, 3)
+    for seq in outside_seqs(db):
+        forge_decision(db, seq)
+        result = log.verify()
+        assert (result.ok, result.table, result.order_id) == (False, "decision_log", FORGED)
+        assert result.seq == seq and "outside the chain (rows outside it: 1)" in result.problem
+        assert result.head["decision_log"][0] == 3  # the chain itself walked in full
+        # the daemon does not read it as the order's recorded decision
+        assert log.get(FORGED) is None
+        assert set(log.get_many([FORGED, "o-1"])) == {"o-1"}
+        db.query(f"DELETE FROM decision_log WHERE order_id = '{FORGED}' RETURNING seq")
+    assert log.verify().ok
+    log.close()
+
+
+def test_verify_names_an_event_or_access_entry_beside_the_chain(db: Database) -> None:
+    legacy_schema(db)
+    log = write_log(db, 3)
+    with db.transaction() as tx:
+        tx.execute(
+            "INSERT INTO order_events VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (0, "o-1", "CHARGEBACK", 1.0, '{"order_id":"o-1"}', GENESIS_HASH, "f" * 64),
+        )
+    result = log.verify()
+    assert (result.ok, result.table, result.seq, result.order_id) == (
+        False, "order_events", 0, "o-1",
+    )  # fmt: skip
+    assert [e.kind for e in log.events("o-1")] == []
+    assert [e.kind for e in log.events("o-2")] == [OrderEventKind.DISPUTED]
+    db.query("DELETE FROM order_events WHERE seq = 0 RETURNING seq")
+    with db.transaction() as tx:
+        tx.execute(
+            "INSERT INTO pii_access_log VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (-3, "o-2", 1.0, "mallory", "REVEALED", "{}", GENESIS_HASH, "f" * 64),
+        )
+    result = log.verify()
+    assert (result.ok, result.table, result.seq, result.order_id) == (
+        False, "pii_access_log", -3, "o-2",
+    )  # fmt: skip
+    log.close()
+
+
+@pytest.mark.parametrize("seq", ["abc", 2.5, b"\x01"])
+def test_a_seq_that_is_not_an_integer_is_a_problem_not_a_crash(tmp_path: Path, seq: object) -> None:
+    db = Database(tmp_path / "evidence.db")
+    legacy_schema(db)
+    log = write_log(db, 3)
+    forge_decision(db, seq)  # SQLite keeps it as text, real or blob in the BIGINT column
+    result = log.verify()
+    assert (result.ok, result.table, result.seq, result.order_id) == (
+        False, "decision_log", None, FORGED,
+    )  # fmt: skip
+    assert f"seq {seq!r} is not an integer" in result.problem
+    log.close()
+
+
+def test_new_tables_refuse_a_seq_outside_the_chain(db: Database) -> None:
+    log = write_log(db, 3)
+    bad: list[object] = [0, -1, None]
+    if db.dialect == "sqlite":
+        bad += ["abc", 2.5, b"\x01"]  # PostgreSQL's bigint refuses them by itself
+    for seq in bad:
+        with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
+            forge_decision(db, seq)
+    assert log.verify().ok
+    log.close()

@@ -22,6 +22,48 @@ def test_mask_phone_shows_three_and_four(phone: str, masked: str) -> None:
     assert mask_phone(phone) == masked
 
 
+@pytest.mark.parametrize(
+    ("phone", "masked"),
+    [
+        ("91234567", "****4567"),  # a Hong Kong mobile without its country code
+        ("+852 9123 4567", "********4567"),
+        ("612345678", "*****5678"),
+        ("+1 (415) 555-0100", "********0100"),
+    ],
+)
+def test_mask_phone_shows_only_the_last_four_of_a_short_or_foreign_number(
+    phone: str, masked: str
+) -> None:
+    assert mask_phone(phone) == masked
+
+
+@given(st.text(alphabet="0123456789", min_size=1, max_size=10))
+def test_mask_phone_of_a_short_number_shows_at_most_half_of_it(phone: str) -> None:
+    masked = mask_phone(phone)
+    assert len(masked.replace("*", "")) <= len(masked) // 2
+
+
+@pytest.mark.parametrize(
+    ("id_number", "masked"),
+    [
+        ("A123456789", "******6789"),
+        ("K01234567(8)", "********7(8)"),
+        ("123456789", "*********"),
+        ("110101900307123", "110********7123"),  # a 15-digit mainland number
+    ],
+)
+def test_mask_id_number_of_a_short_number_shows_only_its_last_four(
+    id_number: str, masked: str
+) -> None:
+    assert mask_id_number(id_number) == masked
+
+
+@given(st.text(alphabet="0123456789ABX()", min_size=1, max_size=14))
+def test_mask_id_number_of_a_short_number_shows_at_most_half_of_it(id_number: str) -> None:
+    masked = mask_id_number(id_number)
+    assert len(masked.replace("*", "")) <= len(masked) // 2
+
+
 def test_mask_name_keeps_first_character() -> None:
     assert mask_name("张三") == "张*"
     assert mask_name(" Alice ") == "A****"
