@@ -3,7 +3,9 @@
 Closed: calls go through; ``failures`` failures in a row open it. Open: calls
 are refused (the scorer answers degraded at once) for ``cooldown_s``. Then
 one probe call is let through (half-open): success closes it, failure opens it
-for another cooldown. Nothing is sticky: the first successful probe after the
+for another cooldown, and a call that ends with no verdict on the dependency
+(``release``: its caller's own time ran out before it asked) gives the probe
+back to the next caller. Nothing is sticky: the first successful probe after the
 dependency returns restores normal service. A named breaker logs when it opens (a
 warning with the error: riskd's own message, else the exception's type, never
 its text, which may quote data) and when it closes again, once each per outage.
@@ -72,6 +74,12 @@ class CircuitBreaker:
             self._probing = False
         if was_open and self._name:
             log.info(ANSWERS_AGAIN, extra={"fields": {"dependency": self._name}})
+
+    def release(self) -> None:
+        """A call let through says nothing of the dependency (it never asked it): a
+        half-open probe is given back, for the next caller; nothing else changes."""
+        with self._lock:
+            self._probing = False
 
     def failure(self, error: BaseException | None = None) -> None:
         with self._lock:

@@ -8,7 +8,8 @@ Where it sits: ``service`` converts a request to an ``Order`` and calls
    order up in the decision log (which also sees decisions not yet flushed):
    a known order gets its recorded decision back, marked ``replayed``, and
    an order id recorded for other content (its protected form, PII masked,
-   differs) is refused with ``AlreadyExistsError`` before anything is counted;
+   differs, ``client_time`` aside: ``same_order``) is refused with
+   ``AlreadyExistsError`` before anything is counted;
 2. blind-indexes the order's identities into an ``Observation`` (``keys``);
 3. records it and reads every velocity feature the program needs from the
    feature store, bounded by the caller's deadline and guarded by a circuit
@@ -16,7 +17,8 @@ Where it sits: ``service`` converts a request to an ``Order`` and calls
 4. runs the current compiled ``Program`` on the order, its features and its
    shop's enforcement state, and combines the results (``combine``);
 5. when a dependency was unavailable, marks the decision ``degraded`` with
-   what was missing (``features``, ``shops``, ``rules``, ``evidence``) and,
+   what was missing (``features``, ``shops``, ``rules``, ``evidence``; or
+   ``deadline``: the call's deadline left no time to run the rules) and,
    when an input of the decision was missing (all but ``evidence``), takes the
    ``max()`` of the rules that could still run and the ``FallbackPolicy``;
 6. once the call's orders are decided, appends each decision, the feature
@@ -32,8 +34,9 @@ idempotency counts an order once whoever records it. Two replicas scoring the
 same new order at the same instant may both answer; the log keeps the first
 (the other counted in ``DecisionLog.superseded``).
 
-Deadlines: the feature calls get the budget less ``eval_reserve_s`` (kept
-for the rules and the log). When the store bounds each call itself
+Deadlines: the feature calls get the budget less ``eval_reserve_s`` per order
+(kept for the rules and the log; at most half the budget) and less the time to
+answer a batch's other orders undecided. When the store bounds each call itself
 (``feature_timeout_s``: the Redis socket timeout) and that bound fits in what
 is left of the budget, the call runs inline on the request thread: no thread
 hop, no GIL hand-off, and a hung Redis still costs at most one socket timeout
@@ -41,21 +44,30 @@ before the order is answered degraded (orders of a batch are not started once
 the budget left is under that bound). Otherwise (a deadline shorter than the
 socket timeout, or a store with no bound) the calls run on a worker thread and
 the scorer waits at most the budget, so a hung Redis cannot hold the answer
-past the deadline. The in-process store never blocks on I/O and is called inline.
-The decision-log lookup of a PostgreSQL log is bounded the same way (by half
-the budget; a SQLite file is read inline); appends never wait on the database.
+past the deadline. The in-process store never blocks on I/O and is called inline
+(a batch's orders, while the budget lasts). The decision-log lookup of a
+PostgreSQL log is bounded the same way (by half the budget; a SQLite file is read
+inline); appends never wait on the database. The orders are then decided in turn
+(the first always) while the deadline leaves time for one more and for answering
+the rest; those left get the fallback undecided, degraded ``deadline``, recorded
+like any other.
+
 After ``breaker_failures`` failures in a row a breaker (one for the feature
 store, one for the log lookup) skips that dependency for
 ``breaker_cooldown_s``, then lets one call probe it: recovery needs no restart
 and no operator, and a dead Redis does not cost every request its full
-timeout meanwhile.
+timeout meanwhile. A failure is what the store raised, or a wait past its own
+bound; a caller's budget shorter than that bound running out is not one: the
+call it left behind tells the breaker what the store did once it returns (a
+store with no bound is judged by the wait).
 
 ``score_batch`` amortizes the per-call work over the batch: one program
 snapshot, one deadline, one decision-log lookup (``IN`` query) and one hand-off
 to the worker thread for all feature calls. The feature store still takes one
 round trip per order (each order must see the ones before it in its windows;
 one Lua call per order gives that for free). If the deadline ends mid-batch,
-the orders whose features did not arrive get the degraded fallback answer.
+the orders whose features did not arrive get the degraded fallback answer, and
+so do the orders it leaves no time to decide (``deadline``).
 ``elapsed_us`` of a batched decision counts from the start of the call.
 """
 
@@ -90,14 +102,27 @@ from riskd.errors import (
 )
 from riskd.evidence.log import DecisionLog
 from riskd.evidence.records import DecisionRecord
+from riskd.evidence.request import same_order
 from riskd.features.memory import InProcessFeatureStore
 from riskd.features.store import MAX_ORDER_ID_LEN, FeatureStore, Observation
 
 FALLBACK_RULE_ID = "@fallback"
+# degraded marker of a retry's answer while its order's first call still decides it: the
+# fallback, not recorded, and not a decision of its own (the first call's is the one)
+INFLIGHT = "inflight"
 RULE_ERROR_LOG_EVERY_S = 60.0  # a rule that errors is logged at most this often (per rule id)
 
 _log = logging.getLogger("riskd.engine.scorer")
-_INPUTS = frozenset({"features", "shops", "rules"})  # what the decision is made from
+# what the decision is made from (``deadline``: the rules had no time to run)
+_INPUTS = frozenset({"features", "shops", "rules", "deadline"})
+# A batch's orders are decided while the time left covers, besides one more decision
+# (the mean so far) and ``eval_reserve_s`` (a collection, an order slower than the mean),
+# the rest's answers: each order's append to the log (APPEND_S) and, for each order not
+# decided, its fallback record (LATE_S). Measured on the 2-core dev machine in batches
+# of 200-500 with the shipped rules: 6-12 us per append (up to 35 us while the log's
+# writer thread commits), 29-60 us per fallback record.
+APPEND_S = 40e-6
+LATE_S = 70e-6
 
 Features = dict[FeatureQuery, int]
 
@@ -126,7 +151,8 @@ class Scorer:
         shops: enforcement state per shop; without one every shop is in good standing.
         clock: time for ``decided_at``, windows and deadlines.
         fallback: what to answer when a dependency is unavailable.
-        eval_reserve_s: part of a deadline kept back for the rules and the log.
+        eval_reserve_s: part of a deadline kept back for the rules and the log, per order
+            (at most half the budget).
         breaker_failures, breaker_cooldown_s: the feature store's circuit breaker.
         workers: threads that run deadline-bounded feature calls.
         feature_timeout_s: the longest one feature store call can take (its socket
@@ -256,26 +282,35 @@ class Scorer:
         self,
         observations: Sequence[Observation],
         queries: Collection[FeatureQuery],
-        budget: float | None,
+        deadline: float | None,
     ) -> list[Features | None]:
-        """Record each order and read its features; None for those the store did not answer."""
-        if budget is not None:
-            budget -= min(self._reserve, budget / 2)
-        if not observations or (budget is not None and budget <= 0) or not self.breaker.allow():
-            return [None] * len(observations)
+        """Record each order and read its features; None for those the store did not answer.
+
+        A wait on a pool thread that runs out is the caller's own budget running out
+        (a budget that covers the store's bound runs inline), not a failure of the
+        store: the call left behind tells the breaker what the store did once it
+        returns (``_judge``). A store that declares no bound is judged by the wait.
+        """
+        n = len(observations)
+        now, budget = 0.0, None
+        if deadline is not None:
+            now = self._clock.monotonic()
+            left = deadline - now
+            budget = left - min(self._reserve * n, max(left, 0.0) / 2)  # the rules, the log
+        if not n or (budget is not None and budget <= 0) or not self.breaker.allow():
+            return [None] * n
         got: list[Features] = []
         stop = threading.Event()
         bound = self._call_bound
         try:
-            if budget is None or self._inline:
+            if budget is None:
                 _record_all(self._features, observations, queries, got, stop)
+            elif self._inline:  # never blocks on I/O: a call starts while the budget lasts
+                self._record_inline(observations, queries, got, now + budget)
             elif bound is not None and budget >= bound:
-                self._record_inline(observations, queries, got, budget - bound)
-            else:
-                job = self._pool.submit(
-                    _record_all, self._features, observations, queries, got, stop
-                )
-                job.result(timeout=budget)
+                self._record_inline(observations, queries, got, now + budget - bound)
+            elif not self._wait(observations, queries, got, stop, budget):
+                return _padded(got, n)  # judged once the call left behind returns
         except (UnavailableError, TimeoutError) as e:
             stop.set()
             self.breaker.failure(e)
@@ -285,22 +320,59 @@ class Scorer:
             raise
         else:
             self.breaker.success()
-        answered: list[Features | None] = list(got[: len(observations)])
-        return answered + [None] * (len(observations) - len(answered))
+        return _padded(got, n)
+
+    def _wait(
+        self,
+        observations: Sequence[Observation],
+        queries: Collection[FeatureQuery],
+        out: list[Features],
+        stop: threading.Event,
+        budget: float,
+    ) -> bool:
+        """Record and read on a pool thread, waiting at most ``budget``: False when the
+        budget ran out first (the job is told to stop, and ``_judge``d when it ends).
+
+        Raises:
+            TimeoutError: the budget ran out and the store declares no bound, so the
+                wait is all that is known of it (a hung store opens the breaker).
+        """
+        job = self._pool.submit(_record_all, self._features, observations, queries, out, stop)
+        try:
+            job.result(timeout=budget)
+        except TimeoutError:
+            stop.set()
+            if self._call_bound is None:
+                raise
+            job.cancel()  # not started yet: it never will be
+            job.add_done_callback(lambda done: self._judge(done, out))
+            return False
+        return True
+
+    def _judge(self, job: concurrent.futures.Future[None], out: Sequence[Features]) -> None:
+        """Tell the breaker what the store did for a job its caller stopped waiting for
+        (on the pool thread, as the job ends): the call in progress then failed or
+        answered; a job stopped before it asked the store gives a probe back."""
+        if job.cancelled():
+            self.breaker.release()
+        elif (error := job.exception()) is not None:
+            self.breaker.failure(error)
+        elif out:
+            self.breaker.success()
+        else:
+            self.breaker.release()
 
     def _record_inline(
         self,
         observations: Sequence[Observation],
         queries: Collection[FeatureQuery],
         out: list[Features],
-        slack: float,
+        last_start: float,
     ) -> None:
-        """Record and read on this thread; start a call only while it fits the budget.
-
-        ``slack`` is the budget less one call's bound: a call may start until
-        that much time has passed, as it returns (or times out) within its bound.
+        """Record and read on this thread; start a call only until ``last_start``
+        (monotonic): the feature calls' deadline less one call's bound, as a call
+        returns (or times out) within its bound. The first call is always made.
         """
-        last_start = self._clock.monotonic() + slack
         record = self._features.record_and_read
         for obs in observations:
             if out and self._clock.monotonic() > last_start:
@@ -338,8 +410,23 @@ class Scorer:
             rules=results,
         )
 
+    def _late(self, order: Order, features: Features | None, ctx: _Context) -> DecisionRecord:
+        """For an order the call's deadline left no time to decide: the fallback, degraded
+        ``deadline`` (and ``features`` when they were not read), with no rule results,
+        recorded as any decision (its features, read, were counted; a retry replays it)."""
+        missing = list(ctx.missing)
+        if features is None:
+            missing.append("features")
+        missing.append("deadline")
+        return DecisionRecord(
+            decision=self._decision(order, ctx, (), missing),
+            request=self._log.protect(order),
+            features=_named(features) if features else {},
+            rules=(),
+        )
+
     def _append(
-        self, decided: Sequence[tuple[Order, Observation, DecisionRecord]], ctx: _Context
+        self, decided: Sequence[tuple[Order, Observation | None, DecisionRecord]], ctx: _Context
     ) -> list[Decision]:
         """Append the records to the log; the decisions as answered (``unlogged`` when
         the log's queue stayed full: answered anyway, a retry re-scores but never
@@ -358,7 +445,7 @@ class Scorer:
                 try:
                     if ctx.log_full:
                         raise UnavailableError("decision log queue is full")
-                    self._log.append(record, order=order, digests=obs.keys)
+                    self._log.append(record, order=order, digests=_keys(obs))
                 except UnavailableError as e:
                     if not ctx.log_full:
                         self.log_room.down(e)
@@ -375,7 +462,7 @@ class Scorer:
         try:
             if ctx.log_full:
                 raise UnavailableError("decision log queue is full")
-            self._log.append_all(((r, o, obs.keys) for o, obs, r in decided), wait_s=wait_s)
+            self._log.append_all(((r, o, _keys(obs)) for o, obs, r in decided), wait_s=wait_s)
         except UnavailableError as e:
             if not ctx.log_full:
                 self.log_room.down(e)
@@ -457,7 +544,7 @@ class Scorer:
             (reason,),
             version,
             {},
-            ("inflight",),
+            (INFLIGHT,),
             int((self._clock.monotonic() - started) * 1e6),
             now,
             unlogged=True,
@@ -540,7 +627,7 @@ class _Batch:
 
     def _same(self, i: int, request: Mapping[str, Any]) -> None:
         """Refuse order ``i`` if ``request`` (what its id was scored for) is other content."""
-        if self.s._log.protect(self.orders[i]) != request:
+        if not same_order(self.s._log.protect(self.orders[i]), request):
             raise scored_for_other_content(f"orders[{i}]" if len(self.orders) > 1 else "order")
 
     def _lead(self) -> None:
@@ -559,14 +646,17 @@ class _Batch:
         for i, flight, record in replays:
             self.out[i] = replace(record.decision, replayed=True)
             flight.finish(self.out[i], request=record.request)
-        observations = [observe(self.orders[i], self.s._indexer, self.ctx.now) for i, _ in todo]
-        features = self.s._read_features(
-            observations, self.ctx.program.feature_queries, self.s._left(self.ctx.deadline)
-        )
-        decided: list[tuple[int, Flight[Decision], Observation, DecisionRecord]] = []
+        # the orders are observed and their features read by when what is left still
+        # answers every one of them undecided (a single order's, the reserve covers)
+        deadline, n = self.ctx.deadline, len(todo)
+        until = None if deadline is None else deadline - (n - 1) * (LATE_S + APPEND_S)
+        observations = self._observe(todo, until)
+        features = self.s._read_features(observations, self.ctx.program.feature_queries, until)
+        observed: list[Observation | None] = [*observations, *[None] * (n - len(observations))]
+        features += [None] * (n - len(features))
+        decided: list[tuple[int, Flight[Decision], Observation | None, DecisionRecord]] = []
         try:
-            for (i, flight), obs, values in zip(todo, observations, features, strict=True):
-                decided.append((i, flight, obs, self.s._decide(self.orders[i], values, self.ctx)))
+            self._decide_all(todo, observed, features, decided)
         except BaseException:
             # what was decided before the failure is kept (in a worker past its deadline
             # nothing is, and the failure itself is what the caller and the log see)
@@ -575,8 +665,47 @@ class _Batch:
             raise
         self._record(decided)
 
+    def _observe(
+        self, todo: Sequence[tuple[int, Flight[Decision]]], until: float | None
+    ) -> list[Observation]:
+        """The first orders' observations (blind indexes: tens of microseconds each): each
+        one started by ``until`` (monotonic), the first always."""
+        out: list[Observation] = []
+        indexer, now, clock = self.s._indexer, self.ctx.now, self.s._clock
+        for i, _ in todo:
+            if out and until is not None and clock.monotonic() > until:
+                break
+            out.append(observe(self.orders[i], indexer, now))
+        return out
+
+    def _decide_all(
+        self,
+        todo: Sequence[tuple[int, Flight[Decision]]],
+        observations: Sequence[Observation | None],
+        features: Sequence[Features | None],
+        decided: list[tuple[int, Flight[Decision], Observation | None, DecisionRecord]],
+    ) -> None:
+        """Decide the orders in turn, into ``decided``: the first always (a single order as
+        before: no clock read), each next one while the deadline leaves time for it (as
+        long as the mean so far, and a reserve) and to answer and append the rest; the
+        orders after that get the fallback undecided (``Scorer._late``). One clock read
+        per order decided."""
+        s, ctx, orders = self.s, self.ctx, self.orders
+        n, late = len(todo), False
+        timed = ctx.deadline is not None and n > 1
+        begun = s._clock.monotonic() if timed else 0.0
+        # the appends of all n orders come after the loop; a late answer costs LATE_S more
+        stop_at = 0.0 if ctx.deadline is None else ctx.deadline - s._reserve - n * APPEND_S
+        rows = zip(todo, observations, features, strict=True)
+        for k, ((i, flight), obs, values) in enumerate(rows):
+            if k and timed and not late:
+                now = s._clock.monotonic()
+                late = now + (now - begun) / k + (n - k) * LATE_S > stop_at
+            record = (s._late if late else s._decide)(orders[i], values, ctx)
+            decided.append((i, flight, obs, record))
+
     def _record(
-        self, decided: Sequence[tuple[int, Flight[Decision], Observation, DecisionRecord]]
+        self, decided: Sequence[tuple[int, Flight[Decision], Observation | None, DecisionRecord]]
     ) -> None:
         """Append the decisions (``Scorer._append``: in a scoring worker all or none) and
         answer their flights."""
@@ -595,7 +724,7 @@ def _unlogged(decision: Decision) -> Decision:
 
 def scored_for_other_content(where: str) -> AlreadyExistsError:
     """The refusal of a retry whose order (``where``: ``order``, ``orders[i]``) has the id of
-    one scored for other content (its protected form differs)."""
+    one scored for other content (its protected form differs: ``same_order``)."""
     return AlreadyExistsError(
         f"{where}.order_id: this order id was scored for other order content;"
         " a retry must send the same order"
@@ -604,17 +733,28 @@ def scored_for_other_content(where: str) -> AlreadyExistsError:
 
 def refuse_changed_duplicates(orders: Sequence[Order], protect: Callable[[Order], Any]) -> None:
     """Raise ``AlreadyExistsError`` if an order id appears twice in ``orders`` with other
-    content (``protect``: the decision log's form of an order, PII masked, compared when
-    the two orders are not equal outright). The scoring workers' server process calls it
-    before it splits a batch."""
+    content (``protect``: the decision log's form of an order, PII masked, compared by
+    ``same_order`` when the two orders are not equal outright). The scoring workers'
+    server process calls it before it splits a batch."""
     first: dict[str, int] = {}
     for i, order in enumerate(orders):
         j = first.setdefault(order.order_id, i)
-        if j != i and order != orders[j] and protect(order) != protect(orders[j]):
+        if j != i and order != orders[j] and not same_order(protect(order), protect(orders[j])):
             raise AlreadyExistsError(
                 f"orders[{i}].order_id: this order id is earlier in the batch with other"
                 " order content; a retry must send the same order"
             )
+
+
+def _keys(obs: Observation | None) -> Mapping[str, str] | None:
+    """An observation's blind indexes, for the log to reuse (None: not observed in time)."""
+    return None if obs is None else obs.keys
+
+
+def _padded(got: Sequence[Features], n: int) -> list[Features | None]:
+    """The first ``n`` answers (a job left behind may still add to ``got``), None after."""
+    answered: list[Features | None] = list(got[:n])
+    return answered + [None] * (n - len(answered))
 
 
 def _record_all(

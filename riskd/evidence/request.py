@@ -8,6 +8,10 @@ matching, e.g. "every decision for this phone") and Vault ciphertexts live
 beside the chain (``decision_blind_index``, ``decision_pii``; see ``schema``),
 keyed by order and field with the buyer as subject, so that forgetting the
 buyer deletes them without breaking the chain.
+
+The same form tells whether a retry sends the same order (``same_order``): equal
+but for ``client_time``, which is informational (riskd keeps its own time) and a
+checkout may set anew when it rebuilds a request; the record keeps the first.
 """
 
 from __future__ import annotations
@@ -129,4 +133,25 @@ def protect_order(order: Order) -> dict[str, Any]:
         "device": {"masked": mask_device(order.device_id)},
         "payment_method": order.payment_method.name,
         "client_time": order.client_time,
+    }
+
+
+# Fields of the protected form a retry may change: the first call's stay in the record.
+_NOT_COMPARED = ("client_time",)
+
+
+def same_order(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two protected forms (``protect_order``'s, or a record's ``request``) are of
+    the same order: equal but for the fields a retry may change (``client_time``).
+
+    >>> first = {"order_id": "o1", "amounts": {"total": 100}, "client_time": 1.5}
+    >>> same_order(first, {**first, "client_time": 9.0})
+    True
+    >>> same_order(first, {**first, "amounts": {"total": 101}})
+    False
+    """
+    if a == b:
+        return True
+    return {k: v for k, v in a.items() if k not in _NOT_COMPARED} == {
+        k: v for k, v in b.items() if k not in _NOT_COMPARED
     }

@@ -16,6 +16,7 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily
 
 from riskd.domain.decision import Outcome
+from riskd.engine.scorer import INFLIGHT
 
 
 class _Hit(Protocol):
@@ -79,7 +80,8 @@ class Metrics:
         )
         self.degraded = Counter(
             "riskd_degraded_decisions",
-            "Decisions made by the fallback policy, by unavailable dependency.",
+            "Answers by the fallback policy, by what was unavailable (inflight: a retry's "
+            "answer while its order's first call still decides it, not a decision).",
             ["unavailable"],
             registry=r,
         )
@@ -126,13 +128,19 @@ class Metrics:
     def observe_decisions(self, decisions: Iterable[DecisionLike]) -> None:
         """Count decisions by outcome, their rule hits, rule errors and degraded answers.
 
-        A replayed decision (a retry's recorded answer) was counted when it was made.
+        A replayed decision (a retry's recorded answer) was counted when it was made. An
+        ``inflight`` answer (a retry's fallback while the order's first call still decides
+        it, not recorded) is not a decision either: it counts only in
+        ``riskd_degraded_decisions_total{unavailable="inflight"}``.
         Rule errors come from a domain ``Decision``'s ``rule_errors``; a worker's answer
         (protobuf) does not carry them: the worker counts them in its own ``Metrics``
         and the server process adds them up with ``absorb_worker``.
         """
         for d in decisions:
             if d.replayed:
+                continue
+            if INFLIGHT in d.degraded:  # the first call's decision is the one counted
+                _child(self._by_missing, self.degraded, INFLIGHT).inc()
                 continue
             child = self._by_outcome.get(d.outcome)
             if child is None:

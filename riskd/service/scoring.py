@@ -22,8 +22,15 @@ from riskd.service import convert, validate
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
 from riskd.service.metrics import Metrics
 
-# Kept back from the caller's deadline for converting and sending the reply.
+# Kept back from the caller's deadline for converting and sending the reply: a fixed
+# part (one decision's included), and per further decision of a batch what converting
+# one to protobuf, serializing it and counting it in the metrics costs. Measured on the
+# 2-core dev machine (best of 7 runs over 500 decisions): 10 us with no reason, 19 us
+# with one (a fallback answer), 39 us with three, 51-62 us with five explained reasons;
+# 62 us per decision (five reasons) in a whole ScoreBatch of 300 on a busy machine.
+# Most decisions hit no rule; this covers five reasons with a quarter to spare.
 REPLY_MARGIN_S = 0.002
+REPLY_MARGIN_PER_DECISION_S = 80e-6
 
 
 class ScorerLike(Protocol):
@@ -66,7 +73,10 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
     def ScoreBatch(
         self, request: scoring_pb2.ScoreBatchRequest, context: grpc.ServicerContext
     ) -> scoring_pb2.ScoreBatchResponse:
-        return self.score_batch_request(request, self._timeout(context))
+        timeout_s = self._timeout(context, len(request.orders))
+        # an absolute deadline: converting and validating hundreds of orders takes its part
+        deadline = self._clock.monotonic() + timeout_s
+        return self.score_batch_request(request, timeout_s, deadline=deadline)
 
     def score_request(
         self,
@@ -118,8 +128,9 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
     def _left(self, timeout_s: float, deadline: float | None) -> float:
         return timeout_s if deadline is None else deadline - self._clock.monotonic()
 
-    def _timeout(self, context: grpc.ServicerContext) -> float:
-        """Seconds the scorer may spend: the caller's deadline less a margin, or the default.
+    def _timeout(self, context: grpc.ServicerContext, decisions: int = 1) -> float:
+        """Seconds the scorer may spend: the caller's deadline less a margin for the reply
+        of ``decisions`` decisions, or the default.
 
         Raises:
             DeadlineExceededError: no time is left, so nothing is scored, counted or
@@ -129,6 +140,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         remaining = context.time_remaining()
         if remaining is None or remaining > 1e6:  # no deadline set by the caller
             return self._default_deadline_s
-        if remaining <= REPLY_MARGIN_S:
+        margin = REPLY_MARGIN_S + max(decisions - 1, 0) * REPLY_MARGIN_PER_DECISION_S
+        if remaining <= margin:
             raise DeadlineExceededError("the call's deadline has passed; nothing was scored")
-        return remaining - REPLY_MARGIN_S
+        return remaining - margin

@@ -116,7 +116,7 @@ from riskd.domain.order import Order
 from riskd.engine.flights import Flight, Flights
 from riskd.engine.scorer import refuse_changed_duplicates, scored_for_other_content
 from riskd.errors import DeadlineExceededError, InvalidArgumentError, RiskdError, UnavailableError
-from riskd.evidence.request import protect_order
+from riskd.evidence.request import protect_order, same_order
 from riskd.service import convert, validate
 from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2
 from riskd.service.logs import configure_logging
@@ -681,7 +681,7 @@ class _Recent:
             mine = convert.order_from_proto(order, field)
             validate.validate_order(mine, field)
             first = convert.order_from_proto(order_pb2.Order.FromString(kept[1]))
-            if protect_order(mine) != protect_order(first):
+            if not same_order(protect_order(mine), protect_order(first)):
                 raise scored_for_other_content(field)
         decision = scoring_pb2.Decision()
         decision.CopyFrom(kept[2])

@@ -52,6 +52,20 @@ def test_breaker_failed_probe_reopens_for_another_cooldown() -> None:
     assert not b.is_open and b.allow() and b.allow()
 
 
+def test_breaker_released_probe_goes_to_the_next_caller_without_reopening() -> None:
+    """A probe whose caller never asked the dependency (its own time ran out) says
+    nothing: the breaker stays open, no new cooldown starts, the next caller probes."""
+    clock = FakeClock(0.0)
+    b = CircuitBreaker(clock, failures=1, cooldown_s=1.0)
+    b.failure()
+    clock.advance(1.0)
+    assert b.allow() and not b.allow()
+    b.release()
+    assert b.is_open and b.allow()  # at once: no cooldown was started again
+    b.success()
+    assert not b.is_open
+
+
 def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -159,3 +159,25 @@ def test_inline_feature_calls_are_bounded_by_the_socket_timeout(
     assert not rig.scorer._pool._threads  # no worker thread was started
     own_redis.thaw()
     store.close()
+
+
+def test_a_hung_redis_opens_the_breaker_for_callers_shorter_than_its_timeout(
+    make_rig: Callable[..., Rig], own_redis: OwnRedis
+) -> None:
+    """Callers whose budgets are under the socket timeout stop waiting before Redis could
+    answer; that alone is no failure, but the calls they leave behind time out on their
+    sockets and say so: the breaker opens and the next callers skip Redis at once."""
+    clock = SystemClock()
+    store = RedisFeatureStore(own_redis.url, clock, prefix="riskd:test:", timeout_s=0.03)
+    rig = make_rig(
+        store, scorer_clock=clock, feature_timeout_s=0.03, breaker_failures=2, breaker_cooldown_s=5
+    )
+    assert rig.scorer.score(make_order("o-0"), timeout_s=0.2).degraded == ()
+    own_redis.freeze()
+    for i in range(2):
+        assert rig.scorer.score(make_order(f"t-{i}"), timeout_s=0.01).degraded == ("features",)
+    time.sleep(0.1)  # the calls left behind reach their socket timeouts
+    assert rig.scorer.breaker.is_open
+    assert timed(lambda: rig.scorer.score(make_order("o-1"), timeout_s=0.2)) < 0.02
+    own_redis.thaw()
+    store.close()

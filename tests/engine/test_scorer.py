@@ -463,13 +463,14 @@ def test_a_worker_records_no_decision_made_after_its_deadline(
     one, and is recorded."""
     store = StallingStore(clock)
     rig = make_rig(store, record_late=record_late)
-    store.stall_s = 0.2  # each order's feature read; the call's deadline is 0.3 s
+    # each order's feature read: the three start inside the call's 0.3 s, the last ends past it
+    store.stall_s = 0.12
     orders = [make_order(f"o-{i}", buyer_id="b-stall") for i in range(3)]
     if record_late:
         assert len(rig.scorer.score_batch(orders, timeout_s=0.3)) == 3
     else:
         with pytest.raises(DeadlineExceededError):
-            rig.scorer.score_batch(orders, timeout_s=0.3)  # the second read ends past it
+            rig.scorer.score_batch(orders, timeout_s=0.3)  # the third read ends past it
     rig.log.flush(10)
     assert all((rig.log.get(o.order_id) is not None) is record_late for o in orders)
     assert count_buyer_orders(rig, indexer, clock, "b-stall") == 3

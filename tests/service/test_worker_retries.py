@@ -207,9 +207,20 @@ def test_a_concurrent_retry_with_other_bytes_for_the_same_order_is_replayed() ->
     assert here.scored == []
 
 
+def test_a_concurrent_retry_with_another_client_time_is_replayed() -> None:
+    """``client_time`` is informational: a checkout that rebuilds its request on retry
+    gets the first call's answer (it was refused ALREADY_EXISTS in worker mode)."""
+    order = fresh()
+    retry, here = _behind_a_leader(
+        order, dataclasses.replace(order, client_time=order.client_time + 1)
+    )
+    assert retry.decision.replayed and retry.decision.decided_at == 1.0
+    assert here.scored == []
+
+
 def test_a_concurrent_retry_with_other_content_is_refused() -> None:
     order = fresh()
-    changed = dataclasses.replace(order, client_time=order.client_time + 1)
+    changed = dataclasses.replace(order, shop_id=order.shop_id + "-other")
     retry, here = _behind_a_leader(order, changed)
     assert isinstance(retry, AlreadyExistsError)
     assert retry.status == grpc.StatusCode.ALREADY_EXISTS.name

@@ -403,7 +403,7 @@ def test_a_retry_gets_the_answer_while_its_worker_stalls_before_committing_it(
         first = _score(stub, order)
         assert not first.degraded
         request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(order))
-        changed = dataclasses.replace(order, client_time=order.client_time + 1)
+        changed = dataclasses.replace(order, shop_id=order.shop_id + "-other")
         other = scoring_pb2.ScoreRequest(order=convert.order_to_proto(changed))
         os.kill(pid, signal.SIGSTOP)
         try:
@@ -442,7 +442,7 @@ def test_a_batch_retry_gets_the_answers_while_their_worker_stalls_before_committ
             return scoring_pb2.ScoreBatchRequest(orders=[convert.order_to_proto(o) for o in orders])
 
         first = stub.ScoreBatch(batch(*orders), timeout=5).decisions
-        changed = dataclasses.replace(orders[1], client_time=orders[1].client_time + 1)
+        changed = dataclasses.replace(orders[1], shop_id=orders[1].shop_id + "-other")
         unseen = fresh()
         os.kill(pid, signal.SIGSTOP)
         try:

@@ -1,0 +1,226 @@
+"""The caller's deadline: a tight one is not the store's failure; a batch answers inside it.
+
+A caller whose budget is shorter than the feature store's own bound (the Redis socket
+timeout) waits on a pool thread and may stop waiting before the store answers: that is
+its own time running out, not a failure of the store, so it must not open the breaker
+every other caller goes through (review: three such callers gave everyone degraded
+answers from a healthy Redis). The call it leaves behind tells the breaker what the
+store really did. And a batch whose rules take longer than its deadline allows answers
+in time: the orders it had no time to decide get the fallback, recorded as any other.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Collection
+from typing import Any
+
+import pytest
+
+from riskd.domain.clock import FakeClock, SystemClock
+from riskd.domain.decision import Decision, Outcome
+from riskd.domain.features import FeatureQuery
+from riskd.errors import UnavailableError
+from riskd.features.memory import InProcessFeatureStore
+from riskd.features.store import Observation
+from riskd.pii import BlindIndexer
+from riskd.service.metrics import Metrics
+
+from .conftest import Rig, make_order
+from .test_scorer import count_buyer_orders
+
+BOUND_S = 0.05  # the store's own bound of one call (its socket timeout)
+
+
+class SlowStore:
+    """An in-process store behind a network: each call takes ``delay_s``, then answers
+    (or raises ``UnavailableError`` when ``failing``); it declares no inline shortcut."""
+
+    def __init__(self, clock: SystemClock, delay_s: float) -> None:
+        self.inner = InProcessFeatureStore(clock)
+        self.delay_s = delay_s
+        self.failing = False
+
+    def record_and_read(
+        self, obs: Observation, queries: Collection[FeatureQuery]
+    ) -> dict[FeatureQuery, int]:
+        time.sleep(self.delay_s)
+        if self.failing:
+            raise UnavailableError("feature store: redis TimeoutError")
+        return self.inner.record_and_read(obs, queries)
+
+    def read(self, obs: Observation, queries: Collection[FeatureQuery]) -> dict[FeatureQuery, int]:
+        return self.inner.read(obs, queries)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def slow_rig(make_rig: Callable[..., Rig], store: SlowStore, **kwargs: Any) -> Rig:
+    return make_rig(
+        store,
+        scorer_clock=SystemClock(),
+        feature_timeout_s=BOUND_S,
+        breaker_failures=2,
+        **kwargs,
+    )
+
+
+def settle(s: float = 0.1) -> None:
+    """Let the calls left behind by callers that stopped waiting return."""
+    time.sleep(s)
+
+
+def test_callers_out_of_their_own_time_do_not_open_the_breaker(
+    make_rig: Callable[..., Rig],
+) -> None:
+    store = SlowStore(SystemClock(), delay_s=0.02)  # healthy, well inside its bound
+    rig = slow_rig(make_rig, store)
+    for i in range(5):  # each waits 10 ms at most (on a pool thread: under the bound)
+        tight = rig.scorer.score(make_order(f"tight-{i}"), timeout_s=0.01)
+        assert tight.degraded == ("features",)  # no time for the store: its own answer
+    settle()
+    assert not rig.scorer.breaker.is_open
+    patient = rig.scorer.score(make_order("patient"), timeout_s=1.0)
+    assert patient.degraded == ()
+
+
+def test_tight_callers_still_open_the_breaker_of_a_failing_store(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """The calls they left behind fail, and say so: the store is down for everyone."""
+    store = SlowStore(SystemClock(), delay_s=0.02)
+    store.failing = True
+    rig = slow_rig(make_rig, store, breaker_cooldown_s=5.0)
+    for i in range(2):
+        rig.scorer.score(make_order(f"tight-{i}"), timeout_s=0.01)
+    settle()
+    assert rig.scorer.breaker.is_open
+    started = time.perf_counter()
+    patient = rig.scorer.score(make_order("patient"), timeout_s=1.0)
+    assert patient.degraded == ("features",)
+    assert time.perf_counter() - started < 0.02  # skipped: the breaker is open
+
+
+def test_a_tight_caller_holding_the_probe_lets_the_store_close_the_breaker(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """Half-open, the probe goes to a caller that stops waiting first: the store's answer
+    to that probe closes the breaker, where the caller's timeout used to re-open it."""
+    store = SlowStore(SystemClock(), delay_s=0.02)
+    store.failing = True
+    rig = slow_rig(make_rig, store, breaker_cooldown_s=0.05)
+    for i in range(2):
+        rig.scorer.score(make_order(f"down-{i}"), timeout_s=1.0)  # inline: fails in 20 ms
+    assert rig.scorer.breaker.is_open
+    store.failing = False  # the store is back
+    settle()  # past the cooldown
+    tight = rig.scorer.score(make_order("probe"), timeout_s=0.01)
+    assert tight.degraded == ("features",)
+    settle()
+    assert not rig.scorer.breaker.is_open
+    assert rig.scorer.score(make_order("after"), timeout_s=1.0).degraded == ()
+
+
+def test_a_caller_that_never_reached_the_store_gives_the_probe_back(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """The probe's job never ran (the pool was busy until its caller gave up): no verdict,
+    so the next caller probes; the breaker neither closes nor stays stuck half-open."""
+    store = SlowStore(SystemClock(), delay_s=0.02)
+    store.failing = True
+    rig = slow_rig(make_rig, store, breaker_cooldown_s=0.05, workers=1)
+    for i in range(2):
+        rig.scorer.score(make_order(f"down-{i}"), timeout_s=1.0)
+    store.failing, store.delay_s = False, 0.0
+    settle()
+    busy = rig.scorer._pool.submit(time.sleep, 0.05)  # the only pool thread, taken
+    assert rig.scorer.score(make_order("probe"), timeout_s=0.01).degraded == ("features",)
+    busy.result()
+    settle()
+    assert rig.scorer.breaker.is_open  # nothing was learnt of the store
+    assert rig.scorer.score(make_order("next"), timeout_s=1.0).degraded == ()
+    assert not rig.scorer.breaker.is_open
+
+
+def test_a_batch_answers_orders_it_has_no_time_to_decide_by_the_fallback(
+    make_rig: Callable[..., Rig],
+    indexer: BlindIndexer,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rules that take 10 ms an order, ten orders, a 50 ms deadline: the first orders are
+    decided, the rest get the fallback by the deadline, degraded ``deadline``, recorded
+    (features and all: the store counted them) and replayed to a retry."""
+    rig = make_rig()
+    decide = rig.scorer._decide
+
+    def slow(order: Any, features: Any, ctx: Any) -> Any:
+        clock.advance(0.01)
+        return decide(order, features, ctx)
+
+    monkeypatch.setattr(rig.scorer, "_decide", slow)
+    orders = [make_order(f"o-{i}", total=20_000 * (i + 1)) for i in range(10)]
+    started = clock.monotonic()
+    decisions = rig.scorer.score_batch(orders, timeout_s=0.05)
+    assert clock.monotonic() - started <= 0.05
+    late = [d for d in decisions if d.degraded]
+    assert 0 < len(late) < 10 and decisions[-len(late) :] == late  # the last ones
+    for order, d in zip(orders[-len(late) :], late, strict=True):
+        assert d.degraded == ("deadline",)
+        assert [r.rule_id for r in d.reasons] == ["@fallback"]
+        assert d.outcome is (Outcome.ALLOW if order.amounts.total <= 50_000 else Outcome.REVIEW)
+    rig.log.flush(10)
+    record = rig.log.get(orders[-1].order_id)
+    assert record is not None and record.decision == late[-1] and record.rules == ()
+    assert record.features  # read and counted before time ran out
+    assert count_buyer_orders(rig, indexer, clock, "b-1") == 10
+    monkeypatch.setattr(rig.scorer, "_decide", decide)
+    retry = rig.scorer.score_batch(orders, timeout_s=0.05)
+    assert all(d.replayed for d in retry)
+    assert [d.degraded for d in retry] == [d.degraded for d in decisions]
+    assert count_buyer_orders(rig, indexer, clock, "b-1") == 10
+
+
+def test_a_single_order_is_decided_as_before(
+    make_rig: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch, clock: FakeClock
+) -> None:
+    """One order costs no clock read more, and is decided even when its features came
+    back at the deadline (the service's reply margin covers one decision), as before."""
+    rig = make_rig()
+    read = rig.scorer._read_features
+
+    def late_read(*args: Any) -> Any:
+        got = read(*args)
+        clock.advance(0.05)  # the store answered as the call's 50 ms ran out
+        return got
+
+    monkeypatch.setattr(rig.scorer, "_read_features", late_read)
+    decision = rig.scorer.score(make_order("o-1", total=60_000), timeout_s=0.05)
+    assert decision.degraded == ()
+    assert [r.rule_id for r in decision.reasons] == ["big_order"]
+
+
+def test_a_retry_that_outlives_its_wait_is_not_a_second_decision_in_the_metrics(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """The first call stalls in its feature read; a concurrent retry's time runs out
+    first: it answers ``inflight`` (not recorded), and ``riskd_decisions_total`` counts
+    the order once, by the first call's decision."""
+    store = SlowStore(SystemClock(), delay_s=0.15)
+    rig = slow_rig(make_rig, store)
+    order = make_order("o-stall")
+    out: list[Decision] = []
+    first = threading.Thread(
+        target=lambda: out.extend(rig.scorer.score_batch([order], timeout_s=2.0))
+    )
+    first.start()
+    time.sleep(0.03)  # the first call leads the order's flight by now
+    retry = rig.scorer.score(order, timeout_s=0.03)
+    first.join(5)
+    assert retry.degraded == ("inflight",) and retry.unlogged and not out[0].degraded
+    metrics = Metrics()
+    metrics.observe_decisions(out)
+    metrics.observe_decisions([retry])
+    assert metrics.value("riskd_decisions_total", {"outcome": "allow"}) == 1

@@ -1,0 +1,87 @@
+"""ScoreBatch keeps back time for its reply by the size of the batch, and gives the scorer
+what is left of the caller's deadline once the request is converted (review: 2 ms for
+any batch, and the conversion of hundreds of orders not counted: the client got
+``DEADLINE_EXCEEDED`` while the server recorded every decision)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import pytest
+
+from riskd.domain.clock import SystemClock
+from riskd.domain.decision import Decision, Outcome
+from riskd.domain.order import Order
+from riskd.errors import DeadlineExceededError
+from riskd.service import convert
+from riskd.service.gen.riskd.v1 import scoring_pb2
+from riskd.service.metrics import Metrics
+from riskd.service.scoring import ScoringServicer
+from tests.service.sample import full_order
+
+MIN_COST_PER_DECISION_S = 10e-6  # converting a decision with no reason, measured
+
+
+class _Context:
+    def __init__(self, remaining: float) -> None:
+        self.remaining = remaining
+
+    def time_remaining(self) -> float:
+        return self.remaining
+
+
+class BudgetScorer:
+    """Answers every order at once and keeps the budget it was given."""
+
+    def __init__(self) -> None:
+        self.budgets: list[float | None] = []
+
+    def score(self, order: Order, *, timeout_s: float | None = None) -> Decision:
+        return self.score_batch((order,), timeout_s=timeout_s)[0]
+
+    def score_batch(
+        self, orders: Sequence[Order], *, timeout_s: float | None = None
+    ) -> list[Decision]:
+        self.budgets.append(timeout_s)
+        return [Decision(o.order_id, Outcome.ALLOW, 0.0, (), "v1") for o in orders]
+
+
+def servicer(scorer: BudgetScorer) -> ScoringServicer:
+    return ScoringServicer(
+        scorer,  # type: ignore[arg-type]
+        Metrics(),
+        SystemClock(),
+        default_deadline_s=0.2,
+        max_batch=500,
+    )
+
+
+def batch_request(n: int) -> scoring_pb2.ScoreBatchRequest:
+    base = full_order()
+    orders = [dataclasses.replace(base, order_id=f"o-{i}") for i in range(n)]
+    return scoring_pb2.ScoreBatchRequest(orders=[convert.order_to_proto(o) for o in orders])
+
+
+def test_a_batch_keeps_back_time_for_each_decision_of_its_reply() -> None:
+    scorer = BudgetScorer()
+    reply = servicer(scorer).ScoreBatch(batch_request(300), _Context(0.3))  # type: ignore[arg-type]
+    assert len(reply.decisions) == 300
+    (budget,) = scorer.budgets
+    assert budget is not None
+    # less than the deadline less 2 ms for the reply (and less the request's conversion)
+    assert budget < 0.3 - 0.002 - 299 * MIN_COST_PER_DECISION_S
+
+
+def test_a_unary_score_keeps_its_margin() -> None:
+    scorer = BudgetScorer()
+    request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(full_order()))
+    servicer(scorer).Score(request, _Context(0.3))  # type: ignore[arg-type]
+    assert scorer.budgets == [pytest.approx(0.298)]
+
+
+def test_a_batch_whose_reply_alone_needs_more_than_its_deadline_scores_nothing() -> None:
+    scorer = BudgetScorer()
+    with pytest.raises(DeadlineExceededError):
+        servicer(scorer).ScoreBatch(batch_request(500), _Context(0.005))  # type: ignore[arg-type]
+    assert scorer.budgets == []
