@@ -352,8 +352,13 @@ def _check_tls(
     for name, path, pem in (("tls_cert", cert_file, cert), ("tls_client_ca", ca_file, ca)):
         if pem is None:
             continue
+        # the certificate blocks only: text around them (a bundle's "# Issuer: …" comments,
+        # `openssl x509 -text` output) may be any bytes, as grpcio reads them
+        blocks = b"\n".join(_PEM_CERTIFICATE.findall(pem))
         try:  # every certificate in the file parsed (a CA store is only read here)
-            context.load_verify_locations(cadata=pem.decode("latin-1"))
+            if not blocks:
+                raise ValueError("no certificate")
+            context.load_verify_locations(cadata=blocks.decode("ascii"))
         except (ssl.SSLError, ValueError):
             raise ConfigError(f"{name}: {path} holds no PEM certificate it can read") from None
     try:
@@ -365,6 +370,11 @@ def _check_tls(
         ) from None
     except OSError as e:
         raise ConfigError(f"tls_key: cannot read {key_file}: {e.strerror}") from None
+
+
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]*?-----END CERTIFICATE-----"
+)
 
 
 def _no_password() -> bytes:  # an encrypted key fails instead of prompting on a terminal

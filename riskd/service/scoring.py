@@ -39,8 +39,10 @@ class ScorerLike(Protocol):
     def score(self, order: Order, *, timeout_s: float | None = None) -> Decision: ...
 
     def score_batch(
-        self, orders: Sequence[Order], *, timeout_s: float | None = None
+        self, orders: Sequence[Order], *, timeout_s: float | None = None, refuse_late: bool = False
     ) -> list[Decision]: ...
+
+    def answer_time_s(self, orders: int) -> float: ...
 
     def report_outcome(self, event: OrderEvent) -> None: ...
 
@@ -76,7 +78,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         timeout_s = self._timeout(context, len(request.orders))
         # an absolute deadline: converting and validating hundreds of orders takes its part
         deadline = self._clock.monotonic() + timeout_s
-        return self.score_batch_request(request, timeout_s, deadline=deadline)
+        return self.score_batch_request(request, timeout_s, deadline=deadline, refuse_late=True)
 
     def score_request(
         self,
@@ -103,12 +105,16 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         timeout_s: float,
         *,
         deadline: float | None = None,
+        refuse_late: bool = False,
     ) -> scoring_pb2.ScoreBatchResponse:
-        """``ScoreBatch`` without the gRPC context (``deadline``: as ``score_request``)."""
+        """``ScoreBatch`` without the gRPC context (``deadline``: as ``score_request``;
+        ``refuse_late``: as ``Scorer.score_batch``, once the request is converted)."""
         validate.validate_batch_size(len(request.orders), self._max_batch)
         orders = convert.orders_from_proto(request.orders)
         validate.validate_batch(orders, self._max_batch)
-        decisions = self._scorer.score_batch(orders, timeout_s=self._left(timeout_s, deadline))
+        decisions = self._scorer.score_batch(
+            orders, timeout_s=self._left(timeout_s, deadline), refuse_late=refuse_late
+        )
         self._metrics.observe_decisions(decisions)
         if self._on_decided is not None:
             self._on_decided(decisions)

@@ -894,6 +894,7 @@ class PooledScoringServicer(ScoringServicer):
         timeout_s: float,
         *,
         deadline: float | None = None,
+        refuse_late: bool = False,
     ) -> scoring_pb2.ScoreBatchResponse:
         """Each order answered as a unary call's would be, under its order id's flight (the
         module docstring's "Retries"): the orders whose flights this call leads at once
@@ -909,6 +910,11 @@ class PooledScoringServicer(ScoringServicer):
         orders = convert.orders_from_proto(request.orders)
         validate.validate_batch(orders, self._max_batch)
         refuse_changed_duplicates(orders, protect_order)  # before any worker scores its part
+        left = timeout_s - (time.monotonic() - started)
+        if refuse_late and left < self._pooled_scorer.answer_time_s(len(orders)):
+            raise DeadlineExceededError(  # as one process refuses it (``Scorer.score_batch``)
+                "the call's deadline leaves no time to answer its orders; nothing was scored"
+            )
         until = _wait_until(started, timeout_s)
         decisions: list[scoring_pb2.Decision | None] = [None] * len(request.orders)
         entries: dict[str, list[int]] = {}  # order id -> its entries, in order
@@ -1143,7 +1149,9 @@ def _serve(
             else:
                 batch = scoring_pb2.ScoreBatchRequest.FromString(payload)
                 by = deadline - base - ANSWER_RESERVE_PER_ORDER_S * len(batch.orders)
-                response = servicer.score_batch_request(batch, by - time.monotonic(), deadline=by)
+                response = servicer.score_batch_request(
+                    batch, by - time.monotonic(), deadline=by, refuse_late=True
+                )  # refused: answered late, the gRPC process answers the fallback
         except DeadlineExceededError:  # decided too late: nothing recorded (record_late)
             channel.send((seq, "late"))
             continue

@@ -445,10 +445,11 @@ class StallingStore(InProcessFeatureStore):
         super().__init__(clock)
         self.fake_clock = clock
         self.stall_s = 0.0
+        self.stalls: list[float] = []  # the next calls' stalls, before ``stall_s`` again
 
     def record_and_read(self, obs: Any, queries: Any) -> Any:
         out = super().record_and_read(obs, queries)
-        self.fake_clock.advance(self.stall_s)
+        self.fake_clock.advance(self.stalls.pop(0) if self.stalls else self.stall_s)
         return out
 
 
@@ -463,8 +464,8 @@ def test_a_worker_records_no_decision_made_after_its_deadline(
     one, and is recorded."""
     store = StallingStore(clock)
     rig = make_rig(store, record_late=record_late)
-    # each order's feature read: the three start inside the call's 0.3 s, the last ends past it
-    store.stall_s = 0.12
+    # the three feature reads start inside the call's 0.3 s, the last ends past it
+    store.stalls = [0.0, 0.0, 0.35]
     orders = [make_order(f"o-{i}", buyer_id="b-stall") for i in range(3)]
     if record_late:
         assert len(rig.scorer.score_batch(orders, timeout_s=0.3)) == 3
@@ -474,7 +475,6 @@ def test_a_worker_records_no_decision_made_after_its_deadline(
     rig.log.flush(10)
     assert all((rig.log.get(o.order_id) is not None) is record_late for o in orders)
     assert count_buyer_orders(rig, indexer, clock, "b-stall") == 3
-    store.stall_s = 0.0
     retry = rig.scorer.score_batch(orders, timeout_s=0.3)  # decided (or replayed) and kept
     assert all(d.replayed is record_late for d in retry)
     rig.log.flush(10)

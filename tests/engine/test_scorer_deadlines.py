@@ -21,7 +21,7 @@ import pytest
 from riskd.domain.clock import FakeClock, SystemClock
 from riskd.domain.decision import Decision, Outcome
 from riskd.domain.features import FeatureQuery
-from riskd.errors import UnavailableError
+from riskd.errors import DeadlineExceededError, UnavailableError
 from riskd.features.memory import InProcessFeatureStore
 from riskd.features.store import Observation
 from riskd.pii import BlindIndexer
@@ -181,6 +181,27 @@ def test_a_batch_answers_orders_it_has_no_time_to_decide_by_the_fallback(
     assert all(d.replayed for d in retry)
     assert [d.degraded for d in retry] == [d.degraded for d in decisions]
     assert count_buyer_orders(rig, indexer, clock, "b-1") == 10
+
+
+def test_a_batch_with_no_time_to_answer_is_refused_unless_a_fallback_is_asked_for(
+    make_rig: Callable[..., Rig], indexer: BlindIndexer, clock: FakeClock
+) -> None:
+    """Review: a deadline shorter than answering every order by the fallback took that
+    long anyway (500 orders, 50 ms: 57-138 ms): the caller was gone, every order
+    recorded. A caller's batch (``refuse_late``) is refused before anything is counted;
+    the fallback with no time at all (scoring workers' gRPC process) is still answered."""
+    rig = make_rig()
+    orders = [make_order(f"o-{i}") for i in range(300)]
+    tight = rig.scorer.answer_time_s(300) * 0.9
+    with pytest.raises(DeadlineExceededError):
+        rig.scorer.score_batch(orders, timeout_s=tight, refuse_late=True)
+    rig.log.flush(10)
+    assert rig.log.get_many([o.order_id for o in orders]) == {}
+    assert count_buyer_orders(rig, indexer, clock, "b-1") == 0
+    assert rig.scorer.answer_time_s(1) == 0  # a single order is always decided
+    assert len(rig.scorer.score_batch(orders[:1], timeout_s=0.0, refuse_late=True)) == 1
+    fallback = rig.scorer.score_batch(orders[1:], timeout_s=0.0)  # what workers ask for
+    assert all("deadline" in d.degraded for d in fallback[1:])
 
 
 def test_a_single_order_is_decided_as_before(

@@ -41,10 +41,13 @@ class BudgetScorer:
         return self.score_batch((order,), timeout_s=timeout_s)[0]
 
     def score_batch(
-        self, orders: Sequence[Order], *, timeout_s: float | None = None
+        self, orders: Sequence[Order], *, timeout_s: float | None = None, refuse_late: bool = False
     ) -> list[Decision]:
         self.budgets.append(timeout_s)
         return [Decision(o.order_id, Outcome.ALLOW, 0.0, (), "v1") for o in orders]
+
+    def answer_time_s(self, orders: int) -> float:
+        return 0.0
 
 
 def servicer(scorer: BudgetScorer) -> ScoringServicer:

@@ -246,3 +246,20 @@ def test_unusable_tls_material_is_refused_by_name_before_anything_is_created(
     with pytest.raises(ConfigError, match=error):
         create_server(make_config(tmp_path / "data", **files))
     assert not (tmp_path / "data").exists()
+
+
+def test_a_client_ca_bundle_with_text_around_its_certificates_is_accepted(
+    tmp_path: Path,
+) -> None:
+    """Review: a bundle with ``# Issuer: … Főtanúsítvány`` lines (as Mozilla's and certifi's
+    are written), which grpcio serves with, ended the start with a TypeError."""
+    (tmp_path / "certs").mkdir()
+    cert, key = self_signed(tmp_path / "certs")
+    bundle = tmp_path / "bundle.pem"
+    text = "# Issuer: CN=NetLock Arany (Class Gold) Főtanúsítvány\n".encode()
+    bundle.write_bytes(text + cert.read_bytes() + text + CertificateAuthority().pem)
+    config = make_config(
+        tmp_path / "data", tls_cert=str(cert), tls_key=str(key), tls_client_ca=str(bundle)
+    )
+    running = create_server(config)
+    running.stop(0)

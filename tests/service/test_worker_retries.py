@@ -91,7 +91,9 @@ class HereScorer:
     def score(self, order: Order, *, timeout_s: float | None = None) -> Decision:
         return self.score_batch((order,))[0]
 
-    def score_batch(self, orders: Any, *, timeout_s: float | None = None) -> list[Decision]:
+    def score_batch(
+        self, orders: Any, *, timeout_s: float | None = None, refuse_late: bool = False
+    ) -> list[Decision]:
         if any(o.order_id in self.refuse for o in orders):
             raise AlreadyExistsError("order.order_id: scored for other content")
         out: dict[str, Decision] = {}
@@ -105,6 +107,9 @@ class HereScorer:
             out[o.order_id] if firsts[o.order_id] == i else _replayed(out[o.order_id])
             for i, o in enumerate(orders)
         ]
+
+    def answer_time_s(self, orders: int) -> float:
+        return 0.0
 
     def report_outcome(self, event: object) -> None:
         raise AssertionError("not here")

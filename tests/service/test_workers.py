@@ -658,8 +658,9 @@ def test_a_worker_that_reads_a_call_after_its_deadline_does_not_score_it() -> No
             return scoring_pb2.ScoreResponse()
 
         def score_batch_request(
-            self, request: object, timeout_s: float, *, deadline: float
+            self, request: object, timeout_s: float, *, deadline: float, refuse_late: bool
         ) -> object:
+            assert refuse_late  # no time to answer: refused, the gRPC process answers
             budgets.append((timeout_s, deadline))
             return scoring_pb2.ScoreBatchResponse()
 
