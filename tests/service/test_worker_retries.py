@@ -19,7 +19,7 @@ import pytest
 from riskd.domain.clock import SystemClock
 from riskd.domain.decision import Decision, Outcome
 from riskd.domain.order import Order
-from riskd.errors import AlreadyExistsError, UnavailableError
+from riskd.errors import AlreadyExistsError, DeadlineExceededError, UnavailableError
 from riskd.service import convert, workers
 from riskd.service.gen.riskd.v1 import scoring_pb2
 from riskd.service.metrics import Metrics
@@ -108,8 +108,10 @@ class HereScorer:
             for i, o in enumerate(orders)
         ]
 
+    answer_per_order_s = 0.0
+
     def answer_time_s(self, orders: int) -> float:
-        return 0.0
+        return orders * self.answer_per_order_s
 
     def report_outcome(self, event: object) -> None:
         raise AssertionError("not here")
@@ -383,6 +385,19 @@ def test_a_refused_batch_counts_and_keeps_what_a_worker_decided(refused_by: str)
     retry = servicer.score_batch_request(_batch(a), 1.0).decisions
     assert retry[0].replayed and here.scored == []
     assert _decided(metrics) == 1
+
+
+def test_a_batch_its_deadline_cannot_answer_is_refused_before_a_worker_is_asked() -> None:
+    """As one process refuses it: a caller's batch (``refuse_late``) whose time does not
+    cover answering its orders is refused before any worker or this process scores."""
+    servicer, pool, here, metrics = _batch_servicer()
+    here.answer_per_order_s = 0.01
+    orders = [fresh() for _ in range(20)]  # 0.2 s to answer
+    with pytest.raises(DeadlineExceededError):
+        servicer.score_batch_request(_batch(*orders), 0.1, refuse_late=True)
+    assert pool.ws[0].calls == [] and here.scored == [] and _decided(metrics) == 0
+    assert len(servicer.score_batch_request(_batch(*orders), 0.1).decisions) == 20  # asked
+    assert len(servicer.score_batch_request(_batch(*orders), 1.0, refuse_late=True).decisions) == 20
 
 
 def test_a_batch_answer_is_kept_while_the_worker_that_gave_it_lives() -> None:
