@@ -34,11 +34,11 @@ idempotency counts an order once whoever records it. Two replicas scoring the
 same new order at the same instant may both answer; the log keeps the first
 (the other counted in ``DecisionLog.superseded``).
 
-Deadlines: the feature calls get the budget less ``eval_reserve_s`` (kept for the
-rules and the log; at most half the budget); a batch's, less the time to answer its
-other orders undecided and half of what is beyond that (to decide what was read),
-and its orders are observed (blind indexes) in a quarter of that. A batch that
-cannot be answered in its time at all is refused (``refuse_late``). When the
+Deadlines: the feature calls get the budget less ``eval_reserve_s`` per order (kept
+for the rules and the log; at most half the budget) and less the time to answer a
+batch's other orders undecided, each order observed (blind indexes) as the calls
+reach it.
+A batch that cannot be answered in its time at all is refused (``refuse_late``). When the
 store bounds each call itself
 (``feature_timeout_s``: the Redis socket timeout) and that bound fits in what
 is left of the budget, the call runs inline on the request thread: no thread
@@ -80,7 +80,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Protocol
 
@@ -154,8 +154,8 @@ class Scorer:
         shops: enforcement state per shop; without one every shop is in good standing.
         clock: time for ``decided_at``, windows and deadlines.
         fallback: what to answer when a dependency is unavailable.
-        eval_reserve_s: part of a deadline kept back for the rules and the log (at most
-            half the budget).
+        eval_reserve_s: part of a deadline kept back for the rules and the log, per order
+            (at most half the budget).
         breaker_failures, breaker_cooldown_s: the feature store's circuit breaker.
         workers: threads that run deadline-bounded feature calls.
         feature_timeout_s: the longest one feature store call can take (its socket
@@ -244,7 +244,7 @@ class Scorer:
         """
         for i, order in enumerate(orders):
             _check(order, f"orders[{i}]" if len(orders) > 1 else "order")
-        if refuse_late and timeout_s is not None and timeout_s < self.answer_time_s(len(orders)):
+        if refuse_late and timeout_s is not None and self._no_time(orders, timeout_s):
             raise DeadlineExceededError(
                 "the call's deadline leaves no time to answer its orders; nothing was scored"
             )
@@ -252,11 +252,18 @@ class Scorer:
         deadline = None if timeout_s is None else started + max(0.0, timeout_s)
         return _Batch(self, orders, deadline, started).run()
 
+    def _no_time(self, orders: Sequence[Order], timeout_s: float) -> bool:
+        """Whether ``timeout_s`` is under ``answer_time_s`` of the distinct orders (a
+        single order never: it is always decided)."""
+        if len(orders) <= 1:
+            return False
+        return max(timeout_s, 0.0) < self.answer_time_s(len({o.order_id for o in orders}))
+
     def answer_time_s(self, orders: int) -> float:
-        """The least time a batch of ``orders`` takes to answer, every order but the first
-        (always decided) by the fallback undecided: the reserve, a fallback record and an
-        append per order (``LATE_S``, ``APPEND_S``). 0 for a single order."""
-        return 0.0 if orders <= 1 else self._reserve + orders * (LATE_S + APPEND_S)
+        """The least time a batch of ``orders`` (distinct ids) takes to answer, every order
+        but the first (always decided) by the fallback undecided: a fallback record and
+        an append per order (``LATE_S``, ``APPEND_S``). 0 for a single order."""
+        return 0.0 if orders <= 1 else orders * (LATE_S + APPEND_S)
 
     def report_outcome(self, event: OrderEvent) -> None:
         """Append what happened to an order later (a label) to the evidence log."""
@@ -303,23 +310,24 @@ class Scorer:
 
     def _read_features(
         self,
-        observations: Sequence[Observation],
+        observations: Iterable[Observation],
+        n: int,
         queries: Collection[FeatureQuery],
         deadline: float | None,
     ) -> list[Features | None]:
-        """Record each order and read its features; None for those the store did not answer.
+        """Record each of the ``n`` orders and read its features; None for those the store
+        did not answer (``observations`` may be made as they are reached).
 
         A wait on a pool thread that runs out is the caller's own budget running out
         (a budget that covers the store's bound runs inline), not a failure of the
         store: the call left behind tells the breaker what the store did once it
         returns (``_judge``). A store that declares no bound is judged by the wait.
         """
-        n = len(observations)
         now, budget = 0.0, None
         if deadline is not None:
             now = self._clock.monotonic()
             left = deadline - now
-            budget = left - min(self._reserve, max(left, 0.0) / 2)  # the rules, the log
+            budget = left - min(self._reserve * n, max(left, 0.0) / 2)  # the rules, the log
         if not n or (budget is not None and budget <= 0) or not self.breaker.allow():
             return [None] * n
         got: list[Features] = []
@@ -347,7 +355,7 @@ class Scorer:
 
     def _wait(
         self,
-        observations: Sequence[Observation],
+        observations: Iterable[Observation],
         queries: Collection[FeatureQuery],
         out: list[Features],
         stop: threading.Event,
@@ -387,7 +395,7 @@ class Scorer:
 
     def _record_inline(
         self,
-        observations: Sequence[Observation],
+        observations: Iterable[Observation],
         queries: Collection[FeatureQuery],
         out: list[Features],
         last_start: float,
@@ -669,24 +677,18 @@ class _Batch:
         for i, flight, record in replays:
             self.out[i] = replace(record.decision, replayed=True)
             flight.finish(self.out[i], request=record.request)
-        # the orders are observed and their features read while what is left still answers
-        # every one of them undecided (``floor``; a single order's, the reserve covers), and
-        # at most half the time beyond that: the other half decides the orders read
+        # the orders are observed (blind indexes) as the feature calls reach them, and read
+        # while what is left still answers every one of them undecided (a single order's,
+        # the reserve covers): an order read is counted in its windows, decided or not
         deadline, n = self.ctx.deadline, len(todo)
-        until = observed_by = None
-        if deadline is not None:
-            now = self.s._clock.monotonic()
-            floor = deadline - (n - 1) * (LATE_S + APPEND_S)
-            spare = max(floor - now, 0.0) if n > 1 else 0.0
-            until = floor - spare / 2
-            # observing (~50 us an order) takes at most a quarter of the time to read: an
-            # order is read only once observed (measured: 500 orders, 150 ms, observed
-            # until the feature calls' time was gone, none read)
-            observed_by = now + (until - now) / 4 if n > 1 else until
-        observations = self._observe(todo, observed_by)
-        features = self.s._read_features(observations, self.ctx.program.feature_queries, until)
-        observed: list[Observation | None] = [*observations, *[None] * (n - len(observations))]
-        features += [None] * (n - len(features))
+        until = None if deadline is None else deadline - (n - 1) * (LATE_S + APPEND_S)
+        made: list[Observation] = []
+        features = self.s._read_features(
+            self._observing(todo, made), n, self.ctx.program.feature_queries, until
+        )
+        # a job left behind may still add to ``made``: what it has now
+        observed: list[Observation | None] = [*made[:n]]
+        observed += [None] * (n - len(observed))
         decided: list[tuple[int, Flight[Decision], Observation | None, DecisionRecord]] = []
         try:
             self._decide_all(todo, observed, features, decided)
@@ -698,18 +700,17 @@ class _Batch:
             raise
         self._record(decided)
 
-    def _observe(
-        self, todo: Sequence[tuple[int, Flight[Decision]]], until: float | None
-    ) -> list[Observation]:
-        """The first orders' observations (blind indexes: tens of microseconds each): each
-        one started by ``until`` (monotonic), the first always."""
-        out: list[Observation] = []
-        indexer, now, clock = self.s._indexer, self.ctx.now, self.s._clock
+    def _observing(
+        self, todo: Sequence[tuple[int, Flight[Decision]]], made: list[Observation]
+    ) -> Iterator[Observation]:
+        """Each order's observation (blind indexes: 50-100 us an order) as the feature calls
+        reach it, kept in ``made``: one the deadline leaves unread is never made (review:
+        made first, 500 orders' took a 150 ms batch's whole feature window, none read)."""
+        indexer, now = self.s._indexer, self.ctx.now
         for i, _ in todo:
-            if out and until is not None and clock.monotonic() > until:
-                break
-            out.append(observe(self.orders[i], indexer, now))
-        return out
+            obs = observe(self.orders[i], indexer, now)
+            made.append(obs)
+            yield obs
 
     def _decide_all(
         self,
@@ -795,7 +796,7 @@ def _padded(got: Sequence[Features], n: int) -> list[Features | None]:
 
 def _record_all(
     store: FeatureStore,
-    observations: Sequence[Observation],
+    observations: Iterable[Observation],
     queries: Collection[FeatureQuery],
     out: list[Features],
     stop: threading.Event,

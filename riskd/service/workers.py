@@ -910,8 +910,9 @@ class PooledScoringServicer(ScoringServicer):
         orders = convert.orders_from_proto(request.orders)
         validate.validate_batch(orders, self._max_batch)
         refuse_changed_duplicates(orders, protect_order)  # before any worker scores its part
-        left = timeout_s - (time.monotonic() - started)
-        if refuse_late and left < self._pooled_scorer.answer_time_s(len(orders)):
+        left = max(timeout_s - (time.monotonic() - started), 0.0)
+        distinct = len({o.order_id for o in orders})
+        if refuse_late and distinct > 1 and left < self._pooled_scorer.answer_time_s(distinct):
             raise DeadlineExceededError(  # as one process refuses it (``Scorer.score_batch``)
                 "the call's deadline leaves no time to answer its orders; nothing was scored"
             )
