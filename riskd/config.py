@@ -78,11 +78,12 @@ from dataclasses import dataclass, field, fields, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from riskd.domain.decision import Outcome
 from riskd.domain.order import Channel
 from riskd.errors import ConfigError
+from riskd.sql import check_postgres_url
 
 ENV_PREFIX = "RISKD_"
 STREAM_THREADS = 2  # RPC threads beyond `workers` for streams that hold one (reflection)
@@ -523,25 +524,8 @@ def _check_database_url(url: str) -> None:
     if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
         return
     if url.startswith(("postgresql://", "postgres://")):
-        _check_postgres_url(url)
+        check_postgres_url(url, "database_url")  # what libpq would refuse at connect
         return
     raise ConfigError(
         "database_url: expected sqlite:///PATH or postgresql://... ('' = SQLite under data_dir)"
     )
-
-
-def _check_postgres_url(url: str) -> None:
-    """Refuse what libpq cannot read (an unknown or misspelt parameter, a bad port, an
-    unclosed ``[``) before anything starts; riskd's own ``schema=`` is not libpq's. The
-    error names the kind only: libpq's messages can quote the URL, password and all."""
-    from psycopg import Error
-    from psycopg.conninfo import conninfo_to_dict
-
-    try:
-        parts = urlsplit(url)
-        query = [p for p in parts.query.split("&") if p and not p.startswith("schema=")]
-        conninfo_to_dict(urlunsplit(parts._replace(query="&".join(query))))
-    except (ValueError, Error) as e:
-        raise ConfigError(
-            f"database_url: not a PostgreSQL URL libpq can read ({type(e).__name__})"
-        ) from None

@@ -130,6 +130,25 @@ def require_existing(url: str) -> None:
         raise ConfigError(f"database: no schema {schema!r} in the database")
 
 
+def check_postgres_url(url: str, key: str) -> None:
+    """Refuse a PostgreSQL URL libpq cannot read (an unknown or misspelt parameter, an
+    unclosed ``[``), as the first connection would, before anything starts.
+
+    Raises:
+        ConfigError: naming ``key`` and the error's kind only (libpq's messages can quote
+            the URL, password and all).
+    """
+    from psycopg import Error
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        conninfo_to_dict(_parse_url(url)[1])
+    except (ValueError, Error) as e:
+        raise ConfigError(
+            f"{key}: not a PostgreSQL URL libpq can read ({type(e).__name__})"
+        ) from None
+
+
 def _pg_options(dsn: str) -> dict[str, Any]:
     """The connect timeout and TCP keepalive settings for ``dsn``, less those it sets itself."""
     from psycopg.conninfo import conninfo_to_dict

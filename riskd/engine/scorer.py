@@ -244,20 +244,25 @@ class Scorer:
         """
         for i, order in enumerate(orders):
             _check(order, f"orders[{i}]" if len(orders) > 1 else "order")
-        if refuse_late and timeout_s is not None and self._no_time(orders, timeout_s):
-            raise DeadlineExceededError(
-                "the call's deadline leaves no time to answer its orders; nothing was scored"
-            )
+        if refuse_late and timeout_s is not None:
+            self.refuse_if_late(orders, timeout_s)
         started = self._clock.monotonic()
         deadline = None if timeout_s is None else started + max(0.0, timeout_s)
         return _Batch(self, orders, deadline, started).run()
 
-    def _no_time(self, orders: Sequence[Order], timeout_s: float) -> bool:
-        """Whether ``timeout_s`` is under ``answer_time_s`` of the distinct orders (a
-        single order never: it is always decided)."""
+    def refuse_if_late(self, orders: Sequence[Order], timeout_s: float) -> None:
+        """Refuse a batch that ``timeout_s`` cannot answer: under ``answer_time_s`` of its
+        distinct orders (a single order never: it is always decided).
+
+        Raises:
+            DeadlineExceededError: no time to answer; nothing was scored.
+        """
         if len(orders) <= 1:
-            return False
-        return max(timeout_s, 0.0) < self.answer_time_s(len({o.order_id for o in orders}))
+            return
+        if max(timeout_s, 0.0) < self.answer_time_s(len({o.order_id for o in orders})):
+            raise DeadlineExceededError(
+                "the call's deadline leaves no time to answer its orders; nothing was scored"
+            )
 
     def answer_time_s(self, orders: int) -> float:
         """The least time a batch of ``orders`` (distinct ids) takes to answer, every order

@@ -699,6 +699,8 @@ class PooledScorer(ScorerLike, Protocol):
 
     def inflight(self, order: Order, started: float) -> Decision: ...
 
+    def refuse_if_late(self, orders: Sequence[Order], timeout_s: float) -> None: ...
+
 
 class QueuedLog(Protocol):
     """What the pooled servicer needs of the server process's ``DecisionLog``."""
@@ -910,12 +912,8 @@ class PooledScoringServicer(ScoringServicer):
         orders = convert.orders_from_proto(request.orders)
         validate.validate_batch(orders, self._max_batch)
         refuse_changed_duplicates(orders, protect_order)  # before any worker scores its part
-        left = max(timeout_s - (time.monotonic() - started), 0.0)
-        distinct = len({o.order_id for o in orders})
-        if refuse_late and distinct > 1 and left < self._pooled_scorer.answer_time_s(distinct):
-            raise DeadlineExceededError(  # as one process refuses it (``Scorer.score_batch``)
-                "the call's deadline leaves no time to answer its orders; nothing was scored"
-            )
+        if refuse_late:  # as one process refuses it
+            self._pooled_scorer.refuse_if_late(orders, timeout_s - (time.monotonic() - started))
         until = _wait_until(started, timeout_s)
         decisions: list[scoring_pb2.Decision | None] = [None] * len(request.orders)
         entries: dict[str, list[int]] = {}  # order id -> its entries, in order

@@ -137,18 +137,31 @@ def test_hung_redis_bounds_a_whole_batch_by_its_deadline(
     store.close()
 
 
+def _frozen_after_one_order(
+    make_rig: Callable[..., Rig], own_redis: OwnRedis, *, breaker_failures: int
+) -> tuple[Rig, RedisFeatureStore]:
+    """A rig on ``own_redis`` with a 30 ms socket timeout (``feature_timeout_s``), one order
+    answered in full, then Redis frozen."""
+    clock = SystemClock()
+    store = RedisFeatureStore(own_redis.url, clock, prefix="riskd:test:", timeout_s=0.03)
+    rig = make_rig(
+        store,
+        scorer_clock=clock,
+        feature_timeout_s=0.03,
+        breaker_failures=breaker_failures,
+        breaker_cooldown_s=5,
+    )
+    assert rig.scorer.score(make_order("o-0"), timeout_s=0.2).degraded == ()
+    own_redis.freeze()
+    return rig, store
+
+
 def test_inline_feature_calls_are_bounded_by_the_socket_timeout(
     make_rig: Callable[..., Rig], own_redis: OwnRedis
 ) -> None:
     """With ``feature_timeout_s`` the calls run on the caller's thread, yet a hung Redis
     still costs at most one socket timeout: the batch answers degraded inside its deadline."""
-    clock = SystemClock()
-    store = RedisFeatureStore(own_redis.url, clock, prefix="riskd:test:", timeout_s=0.03)
-    rig = make_rig(
-        store, scorer_clock=clock, feature_timeout_s=0.03, breaker_failures=1, breaker_cooldown_s=5
-    )
-    assert rig.scorer.score(make_order("o-0"), timeout_s=0.2).degraded == ()
-    own_redis.freeze()
+    rig, store = _frozen_after_one_order(make_rig, own_redis, breaker_failures=1)
     orders = [make_order(f"b-{i}", total=20_000 * (i + 1)) for i in range(5)]
     started = time.perf_counter()
     decisions = rig.scorer.score_batch(orders, timeout_s=0.1)
@@ -167,13 +180,7 @@ def test_a_hung_redis_opens_the_breaker_for_callers_shorter_than_its_timeout(
     """Callers whose budgets are under the socket timeout stop waiting before Redis could
     answer; that alone is no failure, but the calls they leave behind time out on their
     sockets and say so: the breaker opens and the next callers skip Redis at once."""
-    clock = SystemClock()
-    store = RedisFeatureStore(own_redis.url, clock, prefix="riskd:test:", timeout_s=0.03)
-    rig = make_rig(
-        store, scorer_clock=clock, feature_timeout_s=0.03, breaker_failures=2, breaker_cooldown_s=5
-    )
-    assert rig.scorer.score(make_order("o-0"), timeout_s=0.2).degraded == ()
-    own_redis.freeze()
+    rig, store = _frozen_after_one_order(make_rig, own_redis, breaker_failures=2)
     for i in range(2):
         assert rig.scorer.score(make_order(f"t-{i}"), timeout_s=0.01).degraded == ("features",)
     time.sleep(0.1)  # the calls left behind reach their socket timeouts

@@ -46,9 +46,6 @@ class BudgetScorer:
         self.budgets.append(timeout_s)
         return [Decision(o.order_id, Outcome.ALLOW, 0.0, (), "v1") for o in orders]
 
-    def answer_time_s(self, orders: int) -> float:
-        return 0.0
-
 
 def servicer(scorer: BudgetScorer) -> ScoringServicer:
     return ScoringServicer(

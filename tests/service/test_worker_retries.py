@@ -110,8 +110,9 @@ class HereScorer:
 
     answer_per_order_s = 0.0
 
-    def answer_time_s(self, orders: int) -> float:
-        return orders * self.answer_per_order_s
+    def refuse_if_late(self, orders: Any, timeout_s: float) -> None:
+        if timeout_s < len(orders) * self.answer_per_order_s:
+            raise DeadlineExceededError("no time to answer")
 
     def report_outcome(self, event: object) -> None:
         raise AssertionError("not here")

@@ -1,5 +1,5 @@
 """``riskd evidence verify`` on rows put beside the chain: named and failed (exit 1), never a
-crash (exit 2), on SQLite and PostgreSQL.
+crash (exit 2), on SQLite and PostgreSQL (the ``db`` fixture of this folder's conftest).
 
 The tables are created as riskd created them before ``seq`` had NOT NULL and a CHECK, so
 the forged rows can be inserted at all (an existing database keeps its tables).
@@ -8,23 +8,14 @@ the forged rows can be inserted at all (an existing database keeps its tables).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from riskd.cli import main
 from riskd.sql import Database
-from tests.evidence.conftest import PHONE, STREET, pg_database
+from tests.evidence.conftest import PHONE, STREET
 from tests.evidence.test_chain import FORGED, forge_decision, legacy_schema, write_log
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
-    database = Database(tmp_path / "riskd.db") if request.param == "sqlite" else pg_database()
-    yield database
-    database.drop_schema()
-    database.close()
 
 
 def verify(capsys: pytest.CaptureFixture[str], url: str) -> tuple[int, dict[str, object]]:
