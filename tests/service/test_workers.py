@@ -752,12 +752,27 @@ def _entries(stream: io.StringIO, msg: str) -> list[dict[str, Any]]:
     return [entry for entry in lines if entry["msg"] == msg]
 
 
+@pytest.fixture
+def patient(tmp_path: Path) -> Iterator[tuple[RunningServer, Stub]]:
+    """Two workers whose Redis calls may take 0.4 s: on 2 starved cores a worker's 50 ms
+    socket timeout ran out now and then, and its answer was degraded ``features``."""
+    prefix = f"riskd-test-workers-{uuid.uuid4().hex}:"
+    running = create_server(_config(tmp_path / "data", prefix, redis_timeout_ms=400))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            yield running, scoring_pb2_grpc.ScoringServiceStub(ch)
+    finally:
+        running.stop(5)
+        _forget(prefix)
+
+
 def test_a_stopped_worker_holds_no_rpc_threads_and_is_killed_and_replaced(
-    pooled: RunningServer, stub: Stub, monkeypatch: pytest.MonkeyPatch
+    patient: tuple[RunningServer, Stub], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """More callers than RPC threads, short deadlines, worker 0 stopped (``SIGSTOP``):
     every call is answered inside its deadline (worker 1's orders by worker 1), health
     checks stay fast, and the monitor kills the stopped worker and starts a new one."""
+    pooled, stub = patient
     pool = pooled.workers
     assert pool is not None
     assert _alive(pool, 0) and _alive(pool, 1)
