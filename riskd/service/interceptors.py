@@ -171,7 +171,10 @@ class ErrorInterceptor(_Interceptor):
                     raise request.error()
                 if limit is not None and isinstance(request, Message):
                     _check_size(request, limit)
-                return inner(request, context)
+                reply = inner(request, context)
+                # a handler may set its status and return (grpc_health's Check: NOT_FOUND)
+                code = _code(context) or grpc.StatusCode.OK
+                return reply
             except RiskdError as e:
                 code = status_code(e)
                 context.abort(code, str(e))

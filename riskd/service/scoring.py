@@ -73,6 +73,8 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
     def ScoreBatch(
         self, request: scoring_pb2.ScoreBatchRequest, context: grpc.ServicerContext
     ) -> scoring_pb2.ScoreBatchResponse:
+        # too many orders is the caller's error whatever its deadline: named first
+        validate.validate_batch_size(len(request.orders), self._max_batch)
         timeout_s = self._timeout(context, len(request.orders))
         # an absolute deadline: converting and validating hundreds of orders takes its part
         deadline = self._clock.monotonic() + timeout_s
@@ -146,5 +148,7 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
             return self._default_deadline_s
         margin = REPLY_MARGIN_S + max(decisions - 1, 0) * REPLY_MARGIN_PER_DECISION_S
         if remaining <= margin:
-            raise DeadlineExceededError("the call's deadline has passed; nothing was scored")
+            raise DeadlineExceededError(
+                "the call's deadline leaves no time to answer; nothing was scored"
+            )
         return remaining - margin

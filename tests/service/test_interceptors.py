@@ -52,6 +52,7 @@ def channel_and_metrics() -> Iterator[tuple[grpc.Channel, Metrics]]:
         for name, b in BEHAVIOURS.items()
     }
     handlers["Unimplemented"] = grpc.unary_unary_rpc_method_handler(_unimplemented)
+    handlers["Unknown"] = grpc.unary_unary_rpc_method_handler(_not_found)
     handlers["Pooled"] = grpc.unary_unary_rpc_method_handler(_thread_name)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -67,6 +68,12 @@ def _unimplemented(request: bytes, context: grpc.ServicerContext) -> bytes:
     context.set_code(grpc.StatusCode.UNIMPLEMENTED)
     context.set_details("Method not implemented!")
     raise NotImplementedError("Method not implemented!")
+
+
+def _not_found(request: bytes, context: grpc.ServicerContext) -> bytes:
+    # what grpcio-health's Check does for a service it does not know: set, then return
+    context.set_code(grpc.StatusCode.NOT_FOUND)
+    return b""
 
 
 OWN_POOL = futures.ThreadPoolExecutor(1, thread_name_prefix="own-pool")
@@ -155,3 +162,23 @@ def test_wrapped_handlers_keep_grpcs_flags(
     # must carry the flag (as the auth interceptor's must carry experimental_non_blocking)
     channel, _ = channel_and_metrics
     assert call(channel, "Pooled").startswith(b"own-pool")
+
+
+def test_a_status_set_without_raising_is_logged_and_counted(
+    channel_and_metrics: tuple[grpc.Channel, Metrics],
+) -> None:
+    """Review: a health check for an unknown service (NOT_FOUND, set and returned) was
+    logged as OK and not counted: a probe with a misspelt service name looked healthy."""
+    channel, metrics = channel_and_metrics
+    stream = io.StringIO()
+    configure_logging("info", stream)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            call(channel, "Unknown")
+    finally:
+        logging.getLogger("riskd").handlers.clear()
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["msg"], line["code"]) for line in lines] == [("rpc", "NOT_FOUND")]
+    labels = {"method": "/t.T/Unknown", "code": "NOT_FOUND"}
+    assert metrics.value("riskd_rpc_errors_total", labels) == 1

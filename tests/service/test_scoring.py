@@ -245,6 +245,22 @@ def test_too_many_orders_in_a_batch(stub: Stub, server: RunningServer) -> None:
     assert e.value.details().startswith("orders: ")
 
 
+def test_too_many_orders_is_named_even_when_the_deadline_is_short(
+    stub: Stub, server: RunningServer
+) -> None:
+    """Review: 2,000 small orders with 120 ms got DEADLINE_EXCEEDED ("the deadline has
+    passed") from the reply margin of 2,000 decisions; a client retrying on that status
+    was never told its batch was too big."""
+    msg = order_pb2.Order(order_id="o")
+    request = scoring_pb2.ScoreBatchRequest(orders=[msg] * 2000)
+    before = counters(server)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ScoreBatch(request, timeout=0.12)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == f"orders: more than {Config().max_batch} orders in one batch"
+    assert counters(server) == before
+
+
 def _refuse_building(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
     """Fail the call if ``convert`` builds one of these (the limits come first)."""
 
