@@ -92,6 +92,7 @@ from riskd.domain.order import Order
 from riskd.domain.shop import ShopState
 from riskd.dsl.program import Program, RuleResult, RuleStatus
 from riskd.engine.breaker import CircuitBreaker, OutageLog
+from riskd.engine.catchup import CatchUp, unread
 from riskd.engine.combine import combine
 from riskd.engine.fallback import FallbackPolicy
 from riskd.engine.flights import Abandoned, Flight, Flights
@@ -206,6 +207,8 @@ class Scorer:
         self._flights = Flights[Decision]()
         self._rule_error_logged: dict[str, float] = {}  # rule id -> when last logged
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, "riskd-features")
+        # orders answered without their features, counted afterwards (``catchup``)
+        self.catch_up = CatchUp(features, indexer, self.breaker, clock)
 
     # -- public API ----------------------------------------------------------
 
@@ -277,6 +280,7 @@ class Scorer:
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop the feature workers and flush the evidence log (the log stays open)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.catch_up.close()
         self._log.flush(timeout_s)
 
     # -- pieces the batch uses -------------------------------------------------
@@ -682,6 +686,10 @@ class _Batch:
         for i, flight, record in replays:
             self.out[i] = replace(record.decision, replayed=True)
             flight.finish(self.out[i], request=record.request)
+        # answered without its features the first time: maybe never counted (``catchup``)
+        missed = [
+            (self.orders[i], r.decision.decided_at) for i, _, r in replays if unread(r.decision)
+        ]
         # the orders are observed (blind indexes) as the feature calls reach them, and read
         # while what is left still answers every one of them undecided (a single order's,
         # the reserve covers): an order read is counted in its windows, decided or not
@@ -704,6 +712,13 @@ class _Batch:
                 self._record(decided)
             raise
         self._record(decided)
+        missed += [
+            (self.orders[i], record.decision.decided_at)
+            for (i, _, _, record), values in zip(decided, features, strict=True)
+            if values is None
+        ]
+        if missed:
+            self.s.catch_up.submit(missed)
 
     def _observing(
         self, todo: Sequence[tuple[int, Flight[Decision]]], made: list[Observation]

@@ -16,7 +16,10 @@ import pytest
 
 from riskd.domain.clock import FakeClock, SystemClock
 from riskd.domain.decision import Outcome
+from riskd.domain.features import Agg, FeatureQuery
+from riskd.engine.keys import observe
 from riskd.features.redis_store import RedisFeatureStore
+from riskd.pii import BlindIndexer
 from tests.own_redis import OwnRedis
 
 from .conftest import Rig, make_order
@@ -87,6 +90,31 @@ def test_dead_redis_answers_inside_the_deadline_with_the_fallback_then_recovers(
         ),
         ("INFO", "dependency answers again", {"dependency": "features"}),
     ]
+    store.close()
+
+
+def test_an_order_answered_while_redis_was_down_is_counted_when_its_retry_comes(
+    make_rig: Callable[..., Rig], own_redis: OwnRedis, clock: FakeClock, indexer: BlindIndexer
+) -> None:
+    """Review: the retry replayed the degraded answer without reaching the store, so an
+    order placed during a Redis outage was never counted in any window."""
+    store = RedisFeatureStore(own_redis.url, clock, prefix="riskd:test:", timeout_s=0.05)
+    rig = make_rig(store, breaker_failures=1, breaker_cooldown_s=1.0)
+    own_redis.kill()
+    first = rig.scorer.score(make_order("o-1"), timeout_s=0.25)
+    assert first.degraded == ("features",)
+    own_redis.start()
+    clock.advance(1.0)  # the breaker's cooldown passes
+    assert rig.scorer.score(make_order("o-2"), timeout_s=0.25).degraded == ()
+    retry = rig.scorer.score(make_order("o-1"), timeout_s=0.25)
+    assert retry.replayed and retry.decided_at == first.decided_at
+    assert rig.scorer.catch_up.wait(5)
+    buyer_1h = FeatureQuery(Agg.COUNT, "buyer", "1h")
+    probe = observe(make_order("probe"), indexer, clock.now())
+    assert store.read(probe, [buyer_1h]) == {buyer_1h: 2}
+    rig.scorer.score(make_order("o-1"), timeout_s=0.25)  # again: still counted once
+    assert rig.scorer.catch_up.wait(5)
+    assert store.read(probe, [buyer_1h]) == {buyer_1h: 2}
     store.close()
 
 

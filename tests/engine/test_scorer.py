@@ -106,6 +106,29 @@ def test_scorer_retry_returns_the_recorded_decision_and_counts_once(
     assert count_buyer_orders(rig, indexer, clock, "b-1") == 1
 
 
+def test_orders_a_deadline_left_unread_are_counted_after_the_answer_and_once(
+    make_rig: Callable[..., Rig], indexer: BlindIndexer, clock: FakeClock
+) -> None:
+    """Review: an order a batch's deadline left unread (answered degraded) was never
+    counted in its windows, and its retry only replayed the answer."""
+    rig = make_rig()
+    orders = [make_order(f"o-{i}") for i in range(3)]
+    answered = rig.scorer.score_batch(orders, timeout_s=0.0)
+    assert all(d.degraded for d in answered)
+    assert rig.scorer.catch_up.wait(5)
+    assert count_buyer_orders(rig, indexer, clock, "b-1") == 3
+    clock.advance(5)
+    again = rig.scorer.score_batch(orders, timeout_s=1.0)
+    assert all(d.replayed for d in again)
+    assert rig.scorer.catch_up.wait(5)
+    assert count_buyer_orders(rig, indexer, clock, "b-1") == 3
+    # counted when they were decided: out of the 1-minute window a minute later
+    one_minute = FeatureQuery(Agg.COUNT, "buyer", "1m")
+    clock.advance(56)
+    obs = observe(make_order("probe"), indexer, clock.now())
+    assert rig.features.read(obs, [one_minute, BUYER_1H]) == {one_minute: 0, BUYER_1H: 3}
+
+
 def test_scorer_refuses_an_order_id_recorded_for_other_content(
     make_rig: Callable[..., Rig], indexer: BlindIndexer, clock: FakeClock
 ) -> None:
