@@ -149,9 +149,11 @@ class _Distinct:
         return len(self.times) // _W - 1 - int(_I64.unpack_from(self.times, 0)[0])
 
     def see(self, t: int, value: str) -> None:
+        times = self.times
+        if len(self) and t <= _I64.unpack_from(times, len(times) - _W)[0] - RETENTION_MS:
+            return  # older than anything a window can still reach (as ``_Series.add``)
         key = self.prefix + value
         old = self.last.get(key)
-        times = self.times
         if old is not None:
             if old >= t:
                 return

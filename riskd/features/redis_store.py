@@ -178,13 +178,15 @@ for i = 1, ns do
     end
   elseif redis.call('EXISTS', unpack(st.sets)) == 0 then
     st.fresh = true
-  else  -- its state was evicted: rebuilt from its events (cursors at the edges)
+  else  -- its state was evicted: rebuilt from its events (cursors at the edges, and
+    -- never below the longest window behind the latest event: those count no more)
     st.exists, st.dirty = true, true
     local top = redis.call('ZRANGE', st.e, -1, -1, 'WITHSCORES')
-    v[3 * L + 1] = top[2] and tonumber(top[2]) or -1
+    local m = top[2] and tonumber(top[2]) or -1
+    v[3 * L + 1] = m
     for w = 1, L do
-      v[w] = EDGE[w]
-      v[L + w], v[2 * L + w] = range(st.e, EDGE[w], '+inf')
+      v[w] = math.max(EDGE[w], m - WINDOWS[L])
+      v[L + w], v[2 * L + w] = range(st.e, v[w], '+inf')
     end
   end
   st.c, st.n, st.s = {}, {}, {}
@@ -279,6 +281,8 @@ end
 local function window(st, w)  -- count and sum of the series' events in (t - W, t]
   local got = st.cache[w]
   if got then return got end
+  -- older than anything a window can still reach: its window holds nothing that counts
+  if t <= st.m - WINDOWS[L] then st.cache[w] = {0, 0}; return st.cache[w] end
   local n, s = st.n[w], st.s[w]
   local full = s >= CAP  -- saturated: the sum is counted from the window's own events
   local lo = math.max(EDGE[w], st.m - WINDOWS[L])

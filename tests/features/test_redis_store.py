@@ -356,6 +356,27 @@ def test_an_evicted_state_is_rebuilt_from_the_events_still_there(
     shared.close()
 
 
+def test_a_late_observation_rebuilding_an_evicted_state_counts_only_what_still_counts(
+    prefix: str, clock: FakeClock, redis_client: redis.Redis
+) -> None:
+    """Review: a rebuild started by an observation 90 s behind the newest event counted an
+    event more than a day older than that newest one (the in-process store does not)."""
+    shared = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
+    memory = InProcessFeatureStore(clock)
+    queries = [FeatureQuery(a, "device", w) for a in (Agg.COUNT, Agg.SUM) for w in WINDOWS]
+    start = clock.now()
+    for order_id, at in (("e0", 0), ("e1", 23 * 3600 + 50 * 60), ("e2", 86400 + 60)):
+        obs = Observation(order_id, start + at, 100 * (1 + at % 7), {"device": "d1"})
+        assert shared.record_and_read(obs, queries) == memory.record_and_read(obs, queries)
+    clock.advance(86400 + 60)
+    assert redis_client.delete(f"{prefix}tot:device:d1") == 1
+    late = Observation("late", start + 86400 - 30, 400, {"device": "d1"})
+    got = shared.record_and_read(late, queries)
+    assert got == memory.record_and_read(late, queries)
+    assert got[FeatureQuery(Agg.COUNT, "device", "24h")] == 2  # e1 and itself; e0 no more
+    shared.close()
+
+
 def test_evicted_sets_under_a_kept_state_drop_their_totals_and_get_a_ttl_again(
     prefix: str, clock: FakeClock, redis_client: redis.Redis
 ) -> None:

@@ -247,6 +247,25 @@ def test_late_observation_inside_the_window_counts(store: FeatureStore, clock: F
     assert (got[COUNT_DEVICE["1m"]], got[SUM_DEVICE["1m"]]) == (1, 100)
 
 
+def test_an_observation_a_day_behind_the_newest_counts_nowhere_and_reads_zero(
+    store: FeatureStore, clock: FakeClock
+) -> None:
+    """Review: a replica whose clock is a day behind (or a catch-up that late) read
+    negative counts and sums from Redis, and memory a distinct count of 1 beside a
+    count of 0: nothing that old counts, in either backend."""
+    start = clock.now()
+    for order_id, at in (("o1", 0), ("o2", 23 * 3600 + 59 * 60), ("o3", 86400 + 60)):
+        store.record_and_read(
+            Observation(order_id, start + at, 5000, {"device": "d1", "buyer": order_id}), ALL
+        )
+    behind = Observation("behind", start - 3600, 7000, {"device": "d1", "buyer": "b9"})
+    assert set(store.record_and_read(behind, ALL).values()) == {0}
+    clock.advance(86400 + 60)  # o3's time: o2 and o3 are in its 24 h window, nothing else
+    now = store.read(obs(clock, "probe", device="d1"), ALL)
+    assert (now[COUNT_DEVICE["24h"]], now[SUM_DEVICE["24h"]]) == (2, 10_000)
+    assert now[BUYERS_PER_DEVICE["24h"]] == 2
+
+
 def test_every_query_is_answered_even_without_queries(
     store: FeatureStore, clock: FakeClock
 ) -> None:
