@@ -36,7 +36,7 @@ from riskd.sql import Database
 
 SECONDS = 5.0
 CLIENTS = 16
-PG_BASE = "postgresql://root@127.0.0.1:5432/test"
+PG_BASE = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])

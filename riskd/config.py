@@ -56,7 +56,9 @@ The client commands' variables (``CLIENT_ENV``: ``RISKD_TOKEN`` for ``riskd
 score``; ``RISKD_HEALTH_CA``, ``RISKD_HEALTH_SERVER_NAME``, ``RISKD_HEALTH_CERT``
 and ``RISKD_HEALTH_KEY`` for ``riskd health``) and ``RISKD_CONFIG`` (the file)
 may sit in the daemon's environment too (a container's health check reads
-them there); every other unknown ``RISKD_*`` variable is refused.
+them there), and so may the service links Kubernetes adds for a Service named
+``riskd`` (``RISKD_SERVICE_HOST``, ``RISKD_SERVICE_PORT*``, ``RISKD_PORT*``:
+``SERVICE_LINK_ENV``); every other unknown ``RISKD_*`` variable is refused.
 
 Without TLS and without an ``[auth]`` table the daemon serves plaintext on
 loopback to anyone on the machine (the embedded default); with either (an empty
@@ -72,6 +74,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -91,6 +94,13 @@ LEDGER_THREADS = 2  # RPC threads beyond `workers` for ledger calls
 EVIDENCE_THREADS = 2  # RPC threads beyond `workers` for evidence calls (PII reveals)
 # Read by the client commands (riskd score / riskd health) or by the CLI itself, not
 # configuration keys: the config loader skips them (riskd.cli.serve reads them).
+# what Kubernetes puts in every pod's environment for a Service named ``riskd``
+# (``RISKD_SERVICE_HOST``, ``RISKD_SERVICE_PORT[_<name>]``, ``RISKD_PORT``,
+# ``RISKD_PORT_50051_TCP[_PROTO|_PORT|_ADDR]``): a restart after the Service exists
+# must not be refused for them
+SERVICE_LINK_ENV = re.compile(
+    r"RISKD_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)"
+)
 CLIENT_ENV = frozenset(
     {
         "RISKD_CONFIG",
@@ -297,6 +307,8 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     fallback: dict[str, str] = {}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or name in CLIENT_ENV:
+            continue
+        if SERVICE_LINK_ENV.fullmatch(name):
             continue
         key = name[len(ENV_PREFIX) :].lower()
         if key.startswith("fallback_"):

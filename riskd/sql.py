@@ -119,13 +119,8 @@ def require_existing(url: str) -> None:
         return
     if not schema:
         return  # the database itself: connecting fails if it is not there
-    import psycopg
-
-    try:
-        with psycopg.connect(target, **_pg_options(target)) as conn:
-            row = conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (schema,)).fetchone()
-    except psycopg.OperationalError as e:
-        raise UnavailableError("database unavailable") from e
+    with _pg_connect(target) as conn:
+        row = conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (schema,)).fetchone()
     if not row or not row[0]:
         raise ConfigError(f"database: no schema {schema!r} in the database")
 
@@ -147,6 +142,47 @@ def check_postgres_url(url: str, key: str) -> None:
         raise ConfigError(
             f"{key}: not a PostgreSQL URL libpq can read ({type(e).__name__})"
         ) from None
+
+
+# libpq's and psycopg's words for a parameter whose value they refuse, tried in turn
+# ('invalid integer value "x" for connection option "keepalives_idle"', 'invalid sslmode
+# value: "x"', 'invalid port number: "99999"', psycopg's 'bad value for connect_timeout',
+# the server's 'invalid value for parameter "TimeZone"' of an ``options=-c ...``)
+_BAD_VALUE = tuple(
+    re.compile(p)
+    for p in (
+        r'for connection option "(\w+)"',
+        r'invalid value for parameter "(\w+)"',
+        r"invalid (\w+) (?:value|method|number)",
+        r"bad value for (\w+)",
+        r"could not match \d+ (port) numbers",
+    )
+)
+
+
+def _pg_connect(dsn: str, **kwargs: Any) -> Any:
+    """``psycopg.connect`` with riskd's timeouts (``_pg_options``).
+
+    Raises:
+        ConfigError: a parameter of the URL has a value the client refuses (naming the
+            parameter, never its value: the URL may hold a password).
+        UnavailableError: the server cannot be reached or refused the connection.
+    """
+    import psycopg
+
+    try:
+        return psycopg.connect(dsn, **kwargs, **_pg_options(dsn))
+    except (psycopg.OperationalError, psycopg.ProgrammingError) as e:
+        said = str(e)
+        bad = next((m for m in (p.search(said) for p in _BAD_VALUE) if m), None)
+        if bad is not None:
+            name = bad.group(1)
+            raise ConfigError(f"the URL's {name} has a value PostgreSQL refuses") from None
+        if isinstance(e, psycopg.ProgrammingError):
+            raise ConfigError(
+                f"not a PostgreSQL URL the client can use ({type(e).__name__})"
+            ) from None
+        raise UnavailableError("database unavailable") from e
 
 
 def _pg_options(dsn: str) -> dict[str, Any]:
@@ -225,12 +261,7 @@ class Database:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
         else:
-            import psycopg
-
-            try:
-                conn = psycopg.connect(self._dsn, autocommit=True, **_pg_options(self._dsn))
-            except psycopg.OperationalError as e:
-                raise UnavailableError("database unavailable") from e
+            conn = _pg_connect(self._dsn, autocommit=True)
             if self._schema:
                 conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
                 conn.execute(f'SET search_path TO "{self._schema}"')

@@ -1,15 +1,29 @@
 #!/usr/bin/env bash
 # Make sure the Redis and PostgreSQL the tests use are running on loopback; start them if not.
-# Redis: 127.0.0.1:6379, keeps nothing on disk. PostgreSQL: 127.0.0.1:5432, database `test`.
+# Redis: 127.0.0.1:6379, keeps nothing on disk; the tests also start redis-servers of their
+# own (tests/own_redis.py), so the program is installed even when a Redis already answers.
+# PostgreSQL: 127.0.0.1:5432, database `test`, user `postgres` without a password (trust
+# auth on loopback). Debian's packages create the cluster with password auth on 127.0.0.1:
+# this script then adds loopback trust lines to pg_hba.conf (and says so).
+# RISKD_PG_PORT and RISKD_PG_SOCKET_DIR point the PostgreSQL part at another cluster.
 set -euo pipefail
 
-redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; }
-pg_up() { pg_isready -q -h 127.0.0.1 -p 5432 2>/dev/null; }
+PG_PORT="${RISKD_PG_PORT:-5432}"
+PG_SOCKET_DIR="${RISKD_PG_SOCKET_DIR:-/var/run/postgresql}"
 
+apt_install() { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null; }
+redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; }
+pg_up() { pg_isready -q -h 127.0.0.1 -p "$PG_PORT" 2>/dev/null; }
+# what the tests do: user postgres over TCP on loopback, never prompting for a password
+pg_trusts() { psql -w "postgresql://postgres@127.0.0.1:$PG_PORT/postgres" -tAc 'SELECT 1' >/dev/null 2>&1; }
+# as the postgres superuser over the Unix socket (peer auth): works whatever pg_hba says of TCP
+pg_admin() {
+  if [ "$(id -un)" = postgres ]; then psql -h "$PG_SOCKET_DIR" -p "$PG_PORT" -v ON_ERROR_STOP=1 -tA "$@"
+  else runuser -u postgres -- psql -h "$PG_SOCKET_DIR" -p "$PG_PORT" -v ON_ERROR_STOP=1 -tA "$@"; fi
+}
+
+command -v redis-server >/dev/null || apt_install redis-server
 if ! redis_up; then
-  if ! command -v redis-server >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
-  fi
   mkdir -p /var/lib/redis /var/log/redis
   redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no \
     --dir /var/lib/redis --logfile /var/log/redis/ci.log
@@ -18,16 +32,23 @@ fi
 redis_up || { echo "redis did not start" >&2; exit 1; }
 
 if ! pg_up; then
-  if ! ls /etc/postgresql >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
-  fi
+  if ! ls /etc/postgresql >/dev/null 2>&1; then apt_install postgresql; fi
   pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
   for _ in $(seq 100); do pg_up && break; sleep 0.2; done
 fi
-pg_up || { echo "postgresql did not start" >&2; exit 1; }
-# The tests connect as the current user to database `test` (trust auth on loopback).
-psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_roles WHERE rolname='$(whoami)'" 2>/dev/null | grep -q 1 \
-  || psql -h 127.0.0.1 -U postgres -c "CREATE ROLE \"$(whoami)\" SUPERUSER LOGIN" >/dev/null 2>&1 || true
-psql -h 127.0.0.1 -U postgres -tAc "SELECT 1 FROM pg_database WHERE datname='test'" 2>/dev/null | grep -q 1 \
-  || psql -h 127.0.0.1 -U postgres -c "CREATE DATABASE test" >/dev/null 2>&1 || true
+pg_up || { echo "postgresql did not start on 127.0.0.1:$PG_PORT" >&2; exit 1; }
+if ! pg_trusts; then
+  hba="$(pg_admin -c 'SHOW hba_file')"
+  echo "services: $hba: trusting user postgres on loopback (127.0.0.1, ::1) for the tests"
+  lines=$'# riskd tests (scripts/services.sh): postgres on loopback without a password\n'
+  lines+=$'host all postgres 127.0.0.1/32 trust\nhost all postgres ::1/128 trust\n'
+  # first match wins in pg_hba.conf: the lines go on top
+  { printf '%s' "$lines"; cat "$hba"; } > "$hba.riskd" && cat "$hba.riskd" > "$hba" && rm -f "$hba.riskd"
+  pg_admin -c 'SELECT pg_reload_conf()' >/dev/null
+  for _ in $(seq 50); do pg_trusts && break; sleep 0.1; done
+  pg_trusts || { echo "postgresql: user postgres cannot log in on 127.0.0.1 without a password" >&2; exit 1; }
+fi
+if [ -z "$(psql -w "postgresql://postgres@127.0.0.1:$PG_PORT/postgres" -tAc "SELECT 1 FROM pg_database WHERE datname='test'")" ]; then
+  psql -w "postgresql://postgres@127.0.0.1:$PG_PORT/postgres" -qc 'CREATE DATABASE test'
+fi
 echo "services: redis and postgresql are up"

@@ -190,6 +190,25 @@ def test_client_variables_may_share_the_daemons_environment() -> None:
     assert load_config(env=env) == Config()
 
 
+def test_kubernetes_service_links_may_share_the_daemons_environment() -> None:
+    """Review: a pod restarted after a Service named ``riskd`` existed got RISKD_PORT and
+    RISKD_SERVICE_HOST from Kubernetes and was refused, crash-looping."""
+    env = {
+        "RISKD_SERVICE_HOST": "10.96.0.12",
+        "RISKD_SERVICE_PORT": "50051",
+        "RISKD_SERVICE_PORT_GRPC": "50051",
+        "RISKD_PORT": "tcp://10.96.0.12:50051",
+        "RISKD_PORT_50051_TCP": "tcp://10.96.0.12:50051",
+        "RISKD_PORT_50051_TCP_PROTO": "tcp",
+        "RISKD_PORT_50051_TCP_PORT": "50051",
+        "RISKD_PORT_50051_TCP_ADDR": "10.96.0.12",
+    }
+    assert load_config(env=env) == Config()
+    for typo in ("RISKD_PORTS", "RISKD_SERVICE_HOSTNAME", "RISKD_PORT_50051"):
+        with pytest.raises(ConfigError, match="unknown configuration key"):
+            load_config(env={typo: "1"})
+
+
 def test_redis_errors_never_echo_the_url() -> None:
     with pytest.raises(ConfigError, match=r"^redis_url: shard 2: ") as e:
         load_config(env={"RISKD_REDIS_URL": "redis://a:1/0,redis://:s3cret@b:port/0"})

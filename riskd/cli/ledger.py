@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import fields, is_dataclass
@@ -87,7 +88,7 @@ def _money(sub: Any, name: str, help_text: str, fn: Command) -> argparse.Argumen
     parser = _add(sub, name, help_text, fn)
     parser.add_argument("--key", required=True, help="idempotency key (reuse it to retry)")
     parser.add_argument("--reason", required=True, help="why (recorded with the transfers)")
-    parser.add_argument("--actor", default=f"cli:{getpass.getuser()}", help="who is acting")
+    parser.add_argument("--actor", help="who is acting (default: cli:<login name>)")
     return parser
 
 
@@ -117,6 +118,18 @@ class _Problems(tuple[str, ...]):
     """What ``verify`` found (empty: sound)."""
 
 
+def _actor(args: argparse.Namespace) -> str:
+    """``--actor``, or ``cli:`` and the login name (``cli:uid:<n>`` for a user id the
+    system has no name for: a container run with ``--user 12345``; review: every
+    ``riskd`` command, ``serve`` and ``health`` too, failed there building this default)."""
+    if args.actor is not None:
+        return str(args.actor)
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no passwd entry (KeyError before Python 3.13)
+        return f"cli:uid:{os.getuid()}"
+
+
 def _statement(book: Book, args: argparse.Namespace) -> Any:
     return book.account_statement(args.account, after_seq=args.after, limit=args.limit)
 
@@ -131,17 +144,17 @@ def _register(book: Book, args: argparse.Namespace) -> dict[str, Any]:
 
 def _top_up(book: Book, args: argparse.Namespace) -> Receipt:
     return book.top_up_fund(
-        args.key, args.amount, actor=args.actor, reason=args.reason, evidence=args.evidence
+        args.key, args.amount, actor=_actor(args), reason=args.reason, evidence=args.evidence
     )
 
 
 def _unfreeze(book: Book, args: argparse.Namespace) -> Receipt:
-    return book.unfreeze(args.key, args.id, actor=args.actor, reason=args.reason)
+    return book.unfreeze(args.key, args.id, actor=_actor(args), reason=args.reason)
 
 
 def _write_off(book: Book, args: argparse.Namespace) -> Receipt:
     return book.write_off_claim(
-        args.key, args.id, args.ref, actor=args.actor, reason=args.reason, amount=args.amount
+        args.key, args.id, args.ref, actor=_actor(args), reason=args.reason, amount=args.amount
     )
 
 

@@ -163,7 +163,7 @@ def _build(
         db = Database(config.database)
         closers.append(db.close)
         db.query("SELECT 1")
-    except (OSError, sqlite3.Error, UnavailableError) as e:
+    except (OSError, sqlite3.Error, UnavailableError, ConfigError) as e:
         if created:  # left as found (rmdir removes only an empty folder)
             with contextlib.suppress(OSError):
                 config.data_dir.rmdir()
@@ -218,8 +218,12 @@ def _build(
     return components
 
 
-def _database_error(config: Config, e: OSError | sqlite3.Error | UnavailableError) -> ConfigError:
+def _database_error(
+    config: Config, e: OSError | sqlite3.Error | UnavailableError | ConfigError
+) -> ConfigError:
     """What names the database that cannot be opened: never the URL (it may hold a password)."""
+    if isinstance(e, ConfigError):  # a value of the URL's (``riskd.sql``: named, not quoted)
+        return ConfigError(f"database_url: {e}")
     if isinstance(e, UnavailableError):  # PostgreSQL not there: its driver's error by kind
         cause = e.__cause__
         reason = f"{e} ({type(cause).__name__})" if cause is not None else str(e)

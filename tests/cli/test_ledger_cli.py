@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,24 @@ def test_top_up_then_statements(url: str, capsys: pytest.CaptureFixture[str]) ->
     assert [t["actor"] for t in statement["transfers"]] == [f"cli:{ledger_cli.getpass.getuser()}"]
     assert run(["shop", "s1", "--database", url]) == 0
     assert "deposit: 1000 fen (CNY 10.00)" in capsys.readouterr().out
+
+
+def test_a_user_id_with_no_name_acts_as_its_number(
+    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: ``docker run --user 12345`` (no passwd entry) failed every ``riskd``
+    command, ``serve`` and ``health`` too, while the parser built ``--actor``'s default."""
+
+    def nameless() -> str:
+        raise KeyError("getpwuid(): uid not found: 12345")
+
+    monkeypatch.setattr(ledger_cli.getpass, "getuser", nameless)
+    top_up = ["fund-top-up", "500000", "--key", "t1", "--reason", "initial", "--database", url]
+    assert run(top_up) == 0
+    assert run(["statement", "platform:fund", "--json", "--database", url]) == 0
+    out = capsys.readouterr().out
+    statement = json.loads(out[out.index('{\n  "account"') :])
+    assert [t["actor"] for t in statement["transfers"]] == [f"cli:uid:{os.getuid()}"]
 
 
 def test_write_off_and_dispute_story(url: str, capsys: pytest.CaptureFixture[str]) -> None:

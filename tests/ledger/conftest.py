@@ -12,7 +12,7 @@ from riskd.domain.clock import FakeClock
 from riskd.ledger import Book
 from riskd.sql import Database
 
-PG_BASE = "postgresql://root@127.0.0.1:5432/test"
+PG_BASE = "postgresql://postgres@127.0.0.1:5432/test"
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 DatabaseFactory = Callable[[], Database]

@@ -23,7 +23,7 @@ from riskd.service.ledger import add_ledger_service
 from riskd.service.metrics import Metrics
 from riskd.sql import Database
 
-PG_BASE = "postgresql://root@127.0.0.1:5432/test"
+PG_BASE = "postgresql://postgres@127.0.0.1:5432/test"
 FUND = 2_000_000_000  # 20,000,000 CNY
 
 

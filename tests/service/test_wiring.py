@@ -84,6 +84,29 @@ def test_an_unreachable_postgresql_is_refused_naming_database_url(tmp_path: Path
     assert "s3cret" not in str(e.value) and str(port) not in str(e.value)
 
 
+@pytest.mark.parametrize(
+    ("parameter", "value"),
+    [
+        ("connect_timeout", "abc"),  # psycopg's own check: was a traceback
+        ("sslmode", "bogus"),  # libpq's: was "database unavailable"
+        ("keepalives_idle", "abc"),
+        ("port", None),
+    ],
+)
+def test_a_bad_value_in_the_postgresql_url_is_named_not_quoted(
+    tmp_path: Path, parameter: str, value: str | None
+) -> None:
+    """Review: ``?connect_timeout=abc`` ended ``riskd serve`` with a traceback, and
+    ``?sslmode=bogus`` or port 99999 read "database unavailable": the parameter named."""
+    base = "postgresql://riskd:s3cret@127.0.0.1:5432/test"
+    url = base.replace("5432", "99999") if value is None else f"{base}?{parameter}={value}"
+    data = tmp_path / "data"
+    with pytest.raises(ConfigError) as e:
+        create_server(make_config(data, database_url=url))
+    assert str(e.value) == f"database_url: the URL's {parameter} has a value PostgreSQL refuses"
+    assert not data.exists()
+
+
 def test_a_redis_that_does_not_answer_at_start_is_logged_and_served_degraded(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
