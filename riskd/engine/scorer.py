@@ -718,7 +718,7 @@ class _Batch:
             if values is None
         ]
         if missed:
-            self.s.catch_up.submit(missed)
+            self.s.catch_up.submit(missed, self.ctx.program.feature_queries)
 
     def _observing(
         self, todo: Sequence[tuple[int, Flight[Decision]]], made: list[Observation]

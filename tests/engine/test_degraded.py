@@ -93,28 +93,30 @@ def test_dead_redis_answers_inside_the_deadline_with_the_fallback_then_recovers(
     store.close()
 
 
-def test_an_order_answered_while_redis_was_down_is_counted_when_its_retry_comes(
+def test_orders_answered_while_redis_was_down_are_counted_once_it_is_back(
     make_rig: Callable[..., Rig], own_redis: OwnRedis, clock: FakeClock, indexer: BlindIndexer
 ) -> None:
-    """Review: the retry replayed the degraded answer without reaching the store, so an
-    order placed during a Redis outage was never counted in any window."""
+    """Review: an order placed during a Redis outage was never counted in any window, its
+    retry only replaying the degraded answer; now it is counted once Redis answers, by
+    its caller's retry or not, and a retry counts nothing twice."""
     store = RedisFeatureStore(own_redis.url, clock, prefix="riskd:test:", timeout_s=0.05)
     rig = make_rig(store, breaker_failures=1, breaker_cooldown_s=1.0)
     own_redis.kill()
     first = rig.scorer.score(make_order("o-1"), timeout_s=0.25)
     assert first.degraded == ("features",)
+    assert rig.scorer.score(make_order("o-2"), timeout_s=0.25).degraded == ("features",)
+    assert rig.scorer.catch_up.queued() == 2  # kept while Redis is away
     own_redis.start()
-    clock.advance(1.0)  # the breaker's cooldown passes
-    assert rig.scorer.score(make_order("o-2"), timeout_s=0.25).degraded == ()
-    retry = rig.scorer.score(make_order("o-1"), timeout_s=0.25)
-    assert retry.replayed and retry.decided_at == first.decided_at
+    clock.advance(1.0)  # the breaker's cooldown passes; the next call probes Redis
+    assert rig.scorer.score(make_order("o-3"), timeout_s=0.25).degraded == ()
     assert rig.scorer.catch_up.wait(5)
     buyer_1h = FeatureQuery(Agg.COUNT, "buyer", "1h")
     probe = observe(make_order("probe"), indexer, clock.now())
-    assert store.read(probe, [buyer_1h]) == {buyer_1h: 2}
-    rig.scorer.score(make_order("o-1"), timeout_s=0.25)  # again: still counted once
+    assert store.read(probe, [buyer_1h]) == {buyer_1h: 3}
+    retry = rig.scorer.score(make_order("o-1"), timeout_s=0.25)
+    assert retry.replayed and retry.decided_at == first.decided_at
     assert rig.scorer.catch_up.wait(5)
-    assert store.read(probe, [buyer_1h]) == {buyer_1h: 2}
+    assert store.read(probe, [buyer_1h]) == {buyer_1h: 3}
     store.close()
 
 
