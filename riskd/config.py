@@ -92,15 +92,27 @@ ENV_PREFIX = "RISKD_"
 STREAM_THREADS = 2  # RPC threads beyond `workers` for streams that hold one (reflection)
 LEDGER_THREADS = 2  # RPC threads beyond `workers` for ledger calls
 EVIDENCE_THREADS = 2  # RPC threads beyond `workers` for evidence calls (PII reveals)
+# What Kubernetes puts in every pod's environment for a Service named ``riskd``: the
+# variable's name and the shape of its value (a name alone would let ``RISKD_PORT=50052``,
+# meant as a setting, pass unread). A restart after the Service exists must not be refused
+# for them. A Service with another name starting ``riskd-`` may collide with a setting
+# (``riskd-metrics``: ``RISKD_METRICS_PORT=tcp://...``): README, ``enableServiceLinks``.
+_K8S_URL = r"(tcp|udp|sctp)://\S+"
+_K8S_ADDR = r"(\d{1,3}\.){3}\d{1,3}|[0-9a-fA-F:]*:[0-9a-fA-F:]*"  # IPv4 or IPv6
+SERVICE_LINK_ENV: tuple[tuple[re.Pattern[str], re.Pattern[str]], ...] = tuple(
+    (re.compile(name), re.compile(value))
+    for name, value in (
+        (r"RISKD_SERVICE_HOST", _K8S_ADDR),
+        (r"RISKD_SERVICE_PORT(_\w+)?", r"\d+"),
+        (r"RISKD_PORT", _K8S_URL),
+        (r"RISKD_PORT_\d+_(TCP|UDP|SCTP)", _K8S_URL),
+        (r"RISKD_PORT_\d+_(TCP|UDP|SCTP)_PROTO", r"tcp|udp|sctp"),
+        (r"RISKD_PORT_\d+_(TCP|UDP|SCTP)_PORT", r"\d+"),
+        (r"RISKD_PORT_\d+_(TCP|UDP|SCTP)_ADDR", _K8S_ADDR),
+    )
+)
 # Read by the client commands (riskd score / riskd health) or by the CLI itself, not
 # configuration keys: the config loader skips them (riskd.cli.serve reads them).
-# what Kubernetes puts in every pod's environment for a Service named ``riskd``
-# (``RISKD_SERVICE_HOST``, ``RISKD_SERVICE_PORT[_<name>]``, ``RISKD_PORT``,
-# ``RISKD_PORT_50051_TCP[_PROTO|_PORT|_ADDR]``): a restart after the Service exists
-# must not be refused for them
-SERVICE_LINK_ENV = re.compile(
-    r"RISKD_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)"
-)
 CLIENT_ENV = frozenset(
     {
         "RISKD_CONFIG",
@@ -308,7 +320,7 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or name in CLIENT_ENV:
             continue
-        if SERVICE_LINK_ENV.fullmatch(name):
+        if _service_link(name, value):
             continue
         key = name[len(ENV_PREFIX) :].lower()
         if key.startswith("fallback_"):
@@ -320,6 +332,11 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     if fallback:
         values["fallback"] = fallback
     return values
+
+
+def _service_link(name: str, value: str) -> bool:
+    """Is ``name=value`` one of Kubernetes' service links (``SERVICE_LINK_ENV``)?"""
+    return any(n.fullmatch(name) and v.fullmatch(value) for n, v in SERVICE_LINK_ENV)
 
 
 _FIELDS = frozenset(f.name for f in fields(Config))

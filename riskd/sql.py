@@ -144,20 +144,36 @@ def check_postgres_url(url: str, key: str) -> None:
         ) from None
 
 
-# libpq's and psycopg's words for a parameter whose value they refuse, tried in turn
-# ('invalid integer value "x" for connection option "keepalives_idle"', 'invalid sslmode
-# value: "x"', 'invalid port number: "99999"', psycopg's 'bad value for connect_timeout',
-# the server's 'invalid value for parameter "TimeZone"' of an ``options=-c ...``)
-_BAD_VALUE = tuple(
-    re.compile(p)
-    for p in (
-        r'for connection option "(\w+)"',
-        r'invalid value for parameter "(\w+)"',
-        r"invalid (\w+) (?:value|method|number)",
-        r"bad value for (\w+)",
-        r"could not match \d+ (port) numbers",
+# libpq's and psycopg's words for a parameter whose value they refuse, tried in turn, and
+# the parameter each names: its group 1, or the name given ('invalid integer value "x" for
+# connection option "keepalives_idle"', 'invalid sslmode value: "x"', 'invalid
+# "ssl_max_protocol_version" value', 'invalid port number', psycopg's 'bad value for
+# connect_timeout', the server's 'invalid value for parameter "TimeZone"' or
+# 'unrecognized configuration parameter "x"' of an ``options=-c ...``)
+_BAD_VALUE: tuple[tuple[re.Pattern[str], str | None], ...] = tuple(
+    (re.compile(pattern), name)
+    for pattern, name in (
+        (r'for connection option "(\w+)"', None),
+        (r'invalid value for parameter "(\w+)"', None),
+        (r'unrecognized configuration parameter "(\w+)"', None),
+        (r'invalid "(\w+)" value', None),
+        (r"invalid (\w+) (?:value|method|number)", None),
+        (r"bad value for (\w+)", None),
+        (r"could not match \d+ (port) numbers", None),
+        (r"could not match \d+ host names (?:to|with) \d+ (hostaddr) values", None),
+        (r"could not parse network address", "hostaddr"),
+        (r"invalid SSL protocol version range", "ssl_min_protocol_version"),
     )
 )
+
+
+def _bad_value(said: str) -> str | None:
+    """The parameter a client or server error message says has a bad value, if any."""
+    for pattern, name in _BAD_VALUE:
+        found = pattern.search(said)
+        if found is not None:
+            return name or found.group(1)
+    return None
 
 
 def _pg_connect(dsn: str, **kwargs: Any) -> Any:
@@ -173,11 +189,11 @@ def _pg_connect(dsn: str, **kwargs: Any) -> Any:
     try:
         return psycopg.connect(dsn, **kwargs, **_pg_options(dsn))
     except (psycopg.OperationalError, psycopg.ProgrammingError) as e:
-        said = str(e)
-        bad = next((m for m in (p.search(said) for p in _BAD_VALUE) if m), None)
-        if bad is not None:
-            name = bad.group(1)
-            raise ConfigError(f"the URL's {name} has a value PostgreSQL refuses") from None
+        name = _bad_value(str(e))
+        if name is not None:  # libpq reads the PG* environment variables too
+            raise ConfigError(
+                f"{name} (in the URL or a PG* environment variable) has a value PostgreSQL refuses"
+            ) from None
         if isinstance(e, psycopg.ProgrammingError):
             raise ConfigError(
                 f"not a PostgreSQL URL the client can use ({type(e).__name__})"

@@ -5,11 +5,11 @@
 # PostgreSQL: 127.0.0.1:5432, database `test`, user `postgres` without a password (trust
 # auth on loopback). Debian's packages create the cluster with password auth on 127.0.0.1:
 # this script then adds loopback trust lines to pg_hba.conf (and says so).
-# RISKD_PG_PORT and RISKD_PG_SOCKET_DIR point the PostgreSQL part at another cluster.
+# SERVICES_PG_PORT and SERVICES_PG_SOCKET_DIR point the PostgreSQL part at another cluster.
 set -euo pipefail
 
-PG_PORT="${RISKD_PG_PORT:-5432}"
-PG_SOCKET_DIR="${RISKD_PG_SOCKET_DIR:-/var/run/postgresql}"
+PG_PORT="${SERVICES_PG_PORT:-5432}"
+PG_SOCKET_DIR="${SERVICES_PG_SOCKET_DIR:-/var/run/postgresql}"
 
 apt_install() { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null; }
 redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; }
@@ -18,8 +18,14 @@ pg_up() { pg_isready -q -h 127.0.0.1 -p "$PG_PORT" 2>/dev/null; }
 pg_trusts() { psql -w "postgresql://postgres@127.0.0.1:$PG_PORT/postgres" -tAc 'SELECT 1' >/dev/null 2>&1; }
 # as the postgres superuser over the Unix socket (peer auth): works whatever pg_hba says of TCP
 pg_admin() {
-  if [ "$(id -un)" = postgres ]; then psql -h "$PG_SOCKET_DIR" -p "$PG_PORT" -v ON_ERROR_STOP=1 -tA "$@"
-  else runuser -u postgres -- psql -h "$PG_SOCKET_DIR" -p "$PG_PORT" -v ON_ERROR_STOP=1 -tA "$@"; fi
+  local psql=(psql -w -h "$PG_SOCKET_DIR" -p "$PG_PORT" -v ON_ERROR_STOP=1 -tA)
+  if [ "$(id -un)" = postgres ]; then "${psql[@]}" "$@"
+  elif [ "$(id -u)" = 0 ]; then runuser -u postgres -- "${psql[@]}" "$@"
+  else
+    echo "postgresql: user postgres needs a password on 127.0.0.1; run this script as root" \
+      "(or as postgres) once to trust it on loopback, or make it so by hand (pg_hba.conf)" >&2
+    return 1
+  fi
 }
 
 command -v redis-server >/dev/null || apt_install redis-server
@@ -38,7 +44,10 @@ if ! pg_up; then
 fi
 pg_up || { echo "postgresql did not start on 127.0.0.1:$PG_PORT" >&2; exit 1; }
 if ! pg_trusts; then
-  hba="$(pg_admin -c 'SHOW hba_file')"
+  hba="$(pg_admin -c 'SHOW hba_file')" || {
+    echo "postgresql: cannot ask where pg_hba.conf is (as postgres over $PG_SOCKET_DIR)" >&2
+    exit 1
+  }
   echo "services: $hba: trusting user postgres on loopback (127.0.0.1, ::1) for the tests"
   lines=$'# riskd tests (scripts/services.sh): postgres on loopback without a password\n'
   lines+=$'host all postgres 127.0.0.1/32 trust\nhost all postgres ::1/128 trust\n'

@@ -204,9 +204,17 @@ def test_kubernetes_service_links_may_share_the_daemons_environment() -> None:
         "RISKD_PORT_50051_TCP_ADDR": "10.96.0.12",
     }
     assert load_config(env=env) == Config()
-    for typo in ("RISKD_PORTS", "RISKD_SERVICE_HOSTNAME", "RISKD_PORT_50051"):
+    # a name alone is not enough: RISKD_PORT=50052 is meant as a setting, and refused
+    for typo, value in (
+        ("RISKD_PORTS", "1"),
+        ("RISKD_SERVICE_HOSTNAME", "10.0.0.1"),
+        ("RISKD_PORT_50051", "tcp://10.0.0.1:50051"),
+        ("RISKD_PORT", "50052"),
+        ("RISKD_SERVICE_HOST", "0.0.0.0:50051"),
+        ("RISKD_PORT_50051_TCP_PROTO", "http"),
+    ):
         with pytest.raises(ConfigError, match="unknown configuration key"):
-            load_config(env={typo: "1"})
+            load_config(env={typo: value})
 
 
 def test_redis_errors_never_echo_the_url() -> None:

@@ -32,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def conformance_dir() -> Path:
-    override = os.environ.get("RISKD_CEL_CONFORMANCE")
+    override = os.environ.get("CEL_CONFORMANCE_DIR")
     if override:
         return Path(override)
     return REPO_ROOT.parent / "shared" / "cel-conformance"

@@ -1,7 +1,7 @@
 """CEL conformance: every case in the supported sections of shared/cel-conformance must run.
 
 The folder is found beside the repository (``<repo>/../shared/cel-conformance``)
-or through ``RISKD_CEL_CONFORMANCE``; if it is missing the test fails.
+or through ``CEL_CONFORMANCE_DIR``; if it is missing the test fails.
 Exclusions are listed below with their reasons (also in docs/dsl.md).
 """
 

@@ -90,6 +90,8 @@ def test_an_unreachable_postgresql_is_refused_naming_database_url(tmp_path: Path
         ("connect_timeout", "abc"),  # psycopg's own check: was a traceback
         ("sslmode", "bogus"),  # libpq's: was "database unavailable"
         ("keepalives_idle", "abc"),
+        ("ssl_max_protocol_version", "TLSv9"),  # libpq quotes this name
+        ("hostaddr", "abc"),
         ("port", None),
     ],
 )
@@ -103,7 +105,10 @@ def test_a_bad_value_in_the_postgresql_url_is_named_not_quoted(
     data = tmp_path / "data"
     with pytest.raises(ConfigError) as e:
         create_server(make_config(data, database_url=url))
-    assert str(e.value) == f"database_url: the URL's {parameter} has a value PostgreSQL refuses"
+    assert str(e.value) == (
+        f"database_url: {parameter} (in the URL or a PG* environment variable)"
+        " has a value PostgreSQL refuses"
+    )
     assert not data.exists()
 
 
