@@ -106,6 +106,8 @@ def test_orders_answered_while_redis_was_down_are_counted_once_it_is_back(
     assert first.degraded == ("features",)
     assert rig.scorer.score(make_order("o-2"), timeout_s=0.25).degraded == ("features",)
     assert rig.scorer.catch_up.queued() == 2  # kept while Redis is away
+    assert rig.scorer.score(make_order("o-1"), timeout_s=0.25).replayed
+    assert rig.scorer.catch_up.queued() == 2  # a retry does not queue its order twice
     own_redis.start()
     clock.advance(1.0)  # the breaker's cooldown passes; the next call probes Redis
     assert rig.scorer.score(make_order("o-3"), timeout_s=0.25).degraded == ()
