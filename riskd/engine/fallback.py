@@ -31,7 +31,7 @@ from itertools import pairwise
 from typing import Protocol
 
 from riskd.domain.decision import Outcome
-from riskd.domain.order import Channel, Order
+from riskd.domain.order import Order
 from riskd.errors import ConfigError
 
 DEFAULT_SCENARIO = "default"
@@ -65,8 +65,10 @@ class FallbackAnswer:
 
 
 def scenario_of(order: Order) -> str:
-    """The fallback scenario of an order: its channel's name, lower case."""
-    return "" if order.channel is Channel.UNSPECIFIED else order.channel.name.lower()
+    """The fallback scenario of an order: its channel's name, lower case (``unspecified``
+    for an order that names none: the configuration accepts that scenario, and review
+    found it never applied)."""
+    return order.channel.name.lower()
 
 
 class FallbackPolicy:

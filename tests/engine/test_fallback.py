@@ -37,6 +37,14 @@ def test_fallback_first_matching_tier_wins(
     assert (answer.outcome, answer.scenario) == (outcome, scenario)
 
 
+def test_an_unspecified_scenario_applies_to_orders_without_a_channel() -> None:
+    """Review: the configuration accepts ``fallback.unspecified`` but it never applied."""
+    policy = FallbackPolicy.from_text({"default": "50000:allow,review", "unspecified": "block"})
+    answer = policy.decide(order(100, Channel.UNSPECIFIED))
+    assert (answer.outcome, answer.scenario) == (Outcome.BLOCK, "unspecified")
+    assert policy.decide(order(100)).outcome is Outcome.ALLOW
+
+
 def test_fallback_from_config_takes_parsed_tiers() -> None:
     policy = FallbackPolicy.from_config(
         {"default": (Tier(100, Outcome.ALLOW), Tier(None, Outcome.BLOCK))}
