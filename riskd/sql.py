@@ -110,7 +110,9 @@ def require_existing(url: str) -> None:
     a ``?schema=`` PostgreSQL URL) and then report on it.
 
     Raises:
-        ConfigError: naming the missing file or schema (never the URL: it may hold a password).
+        ConfigError: naming the missing file or schema, or a parameter of the URL whose
+            value the client refuses (never the URL: it may hold a password).
+        UnavailableError: the PostgreSQL server cannot be reached or refused the connection.
     """
     dialect, target, schema = _parse_url(url)
     if dialect == "sqlite":
@@ -181,7 +183,8 @@ def _pg_connect(dsn: str, **kwargs: Any) -> Any:
 
     Raises:
         ConfigError: a parameter of the URL has a value the client refuses (naming the
-            parameter, never its value: the URL may hold a password).
+            parameter, never its value: the URL may hold a password), or psycopg cannot
+            use the URL at all (its error's kind only).
         UnavailableError: the server cannot be reached or refused the connection.
     """
     import psycopg

@@ -5,7 +5,8 @@
 # PostgreSQL: 127.0.0.1:5432, database `test`, user `postgres` without a password (trust
 # auth on loopback). Debian's packages create the cluster with password auth on 127.0.0.1:
 # this script then adds loopback trust lines to pg_hba.conf (and says so).
-# SERVICES_PG_PORT and SERVICES_PG_SOCKET_DIR point the PostgreSQL part at another cluster.
+# SERVICES_PG_PORT and SERVICES_PG_SOCKET_DIR point the PostgreSQL checks and set-up at
+# another cluster that is already running (to try this script on one; the tests use 5432).
 set -euo pipefail
 
 PG_PORT="${SERVICES_PG_PORT:-5432}"

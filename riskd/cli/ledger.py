@@ -18,9 +18,9 @@ under ``data_dir``), so it runs on the daemon's host, with the daemon up or
 down (SQLite admits one writer at a time; PostgreSQL writers queue on the
 ledger's advisory lock). A database that does not exist yet is refused (exit 2):
 statements and ``verify`` of an empty one made by mistake would say all is well.
-Money actions need ``--key`` (a retry with the same
-key does nothing twice) and record ``--actor`` (default ``cli:$USER``).
-Amounts are integer fen. ``--json`` prints machine-readable output.
+Money actions need ``--key`` (a retry with the same key does nothing twice) and
+record ``--actor`` (default ``cli:$USER``; ``cli:uid:<n>`` for a user id with no
+name). Amounts are integer fen. ``--json`` prints machine-readable output.
 """
 
 from __future__ import annotations

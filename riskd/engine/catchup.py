@@ -1,11 +1,12 @@
 """Counting, after the answer, the orders answered without their features.
 
 An order answered degraded ``features`` (the store failed, timed out or its breaker was
-open) or ``deadline`` (a batch's deadline left it unread) may be missing from its
-velocity windows: nothing was recorded, or only on the shards that answered. Its retry
-replays the recorded answer and never reaches the store, so without this the order would
-stay uncounted for good (review: an order scored during a Redis outage was never
-counted, even when its retry came after Redis was back).
+open, or a batch's deadline left it unread; a ``deadline`` answer whose features were
+read was counted) may be missing from its velocity windows: nothing was recorded, or
+only on the shards that answered. Its retry replays the recorded answer and never
+reaches the store, so without this the order would stay uncounted for good (review: an
+order scored during a Redis outage was never counted, even when its retry came after
+Redis was back).
 
 The ``CatchUp`` records such orders in the background, on one thread of its own (never
 on the threads that serve deadlines), at the time they were decided, with the program's
@@ -40,16 +41,14 @@ from collections.abc import Collection, Sequence
 
 from riskd.domain.clock import Clock
 from riskd.domain.decision import Decision
-from riskd.domain.features import Agg, FeatureQuery
+from riskd.domain.features import WINDOWS, Agg, FeatureQuery
 from riskd.domain.order import Order
 from riskd.engine.breaker import CircuitBreaker
 from riskd.engine.keys import Indexer, observe
 from riskd.errors import UnavailableError
 from riskd.features.store import FeatureStore
 
-# what a decision made without an order's features says it lacked
-UNREAD = frozenset({"features", "deadline"})
-WITHIN_S = 24 * 3600.0  # the longest window: an order decided before that counts nowhere
+WITHIN_S = float(max(WINDOWS.values()))  # an order decided before that counts nowhere
 MAX_QUEUED = 10_000  # orders waiting to be recorded at most
 RETRY_S = 1.0  # the wait before trying again while the store is away
 MAX_TRIES = 20  # failed calls before an order is given up (the breaker closed each time)
@@ -64,7 +63,7 @@ _Item = tuple[Order, float, tuple[FeatureQuery, ...], int]
 
 def unread(decision: Decision) -> bool:
     """Was ``decision`` made without its order's features (maybe not counted)?"""
-    return not UNREAD.isdisjoint(decision.degraded)
+    return "features" in decision.degraded
 
 
 class CatchUp:

@@ -8,7 +8,8 @@ A policy maps a scenario to ordered tiers ``(max_total, outcome)``: the first
 tier whose bound the order's total (fen) does not exceed wins; the last tier,
 and only it, has no bound, and the bounds before it increase. The scenario of
 an order is its channel's name in lower case (``short_video``, ``live_room``,
-``shop_page``, ``search``); a channel with no tiers of its own uses ``default``.
+``shop_page``, ``search``, or ``unspecified`` for an order naming none); a channel with
+no tiers of its own uses ``default``.
 Config text is ``"50000:allow,review"`` (``riskd.config`` parses it;
 ``from_config`` takes the parsed tiers).
 

@@ -714,8 +714,8 @@ class _Batch:
         self._record(decided)
         missed += [
             (self.orders[i], record.decision.decided_at)
-            for (i, _, _, record), values in zip(decided, features, strict=True)
-            if values is None
+            for i, _, _, record in decided
+            if unread(record.decision)
         ]
         if missed:
             self.s.catch_up.submit(missed, self.ctx.program.feature_queries)

@@ -1,0 +1,140 @@
+"""The catch-up's queue: limits, orders too old to count, a failing order, closing.
+
+A real in-process store behind a wrapper that fails (or stalls) the calls of chosen
+orders, a real breaker, a fake clock.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Collection, Iterator
+
+import pytest
+
+from riskd.domain.clock import FakeClock
+from riskd.domain.features import Agg, FeatureQuery
+from riskd.engine import catchup
+from riskd.engine.breaker import CircuitBreaker
+from riskd.engine.catchup import CatchUp
+from riskd.engine.keys import observe
+from riskd.errors import UnavailableError
+from riskd.features.memory import InProcessFeatureStore
+from riskd.features.store import Observation
+from riskd.pii import BlindIndexer
+
+from .conftest import make_order
+
+BUYER_1H = FeatureQuery(Agg.COUNT, "buyer", "1h")
+QUERIES = (BUYER_1H, FeatureQuery(Agg.DISTINCT, "device", "1h", of="buyer"))
+
+
+class Store(InProcessFeatureStore):
+    """The in-process store, failing the calls of ``failing`` order ids (blind-indexed)
+    and holding those of ``stalled`` until ``release`` is set."""
+
+    def __init__(self, clock: FakeClock, indexer: BlindIndexer) -> None:
+        super().__init__(clock)
+        self.indexer = indexer
+        self.failing: set[str] = set()
+        self.stalled: set[str] = set()
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.calls: list[str] = []
+        self.asked: list[Collection[FeatureQuery]] = []
+
+    def record_and_read(
+        self, obs: Observation, queries: Collection[FeatureQuery]
+    ) -> dict[FeatureQuery, int]:
+        name = next(o for o in ("bad", "slow", "a", "b", "c", "d", "e") if self._is(obs, o))
+        self.calls.append(name)
+        self.asked.append(queries)
+        if name in self.failing:
+            raise UnavailableError("feature store: redis TimeoutError")
+        if name in self.stalled:
+            self.entered.set()
+            self.release.wait(5)
+        return super().record_and_read(obs, queries)
+
+    def _is(self, obs: Observation, order_id: str) -> bool:
+        return obs.order_id == self.indexer.index("order", order_id)
+
+
+@pytest.fixture
+def store(clock: FakeClock, indexer: BlindIndexer) -> Store:
+    return Store(clock, indexer)
+
+
+@pytest.fixture
+def breaker(clock: FakeClock) -> CircuitBreaker:
+    return CircuitBreaker(clock, failures=1, cooldown_s=1.0, name="features")
+
+
+@pytest.fixture
+def up(
+    store: Store, indexer: BlindIndexer, breaker: CircuitBreaker, clock: FakeClock
+) -> Iterator[CatchUp]:
+    made = CatchUp(store, indexer, breaker, clock, max_queued=3)
+    yield made
+    made.close()
+
+
+def counted(store: Store, indexer: BlindIndexer, clock: FakeClock) -> int:
+    probe = observe(make_order("probe"), indexer, clock.now())
+    return store.read(probe, [BUYER_1H])[BUYER_1H]
+
+
+def test_orders_past_the_limit_are_dropped_and_queued_again_by_a_retry(
+    up: CatchUp, store: Store, indexer: BlindIndexer, breaker: CircuitBreaker, clock: FakeClock
+) -> None:
+    breaker.failure(UnavailableError("down"))  # the store is away: the queue waits
+    orders = [make_order(o) for o in "abcde"]
+    up.submit([(o, clock.now()) for o in orders], QUERIES)
+    assert up.queued() == 3
+    breaker.success()
+    assert up.wait(5)
+    assert counted(store, indexer, clock) == 3
+    up.submit([(o, clock.now()) for o in orders[3:]], QUERIES)  # their retries
+    assert up.wait(5)
+    assert counted(store, indexer, clock) == 5
+    assert set(store.calls) == set("abcde")
+    # only the distinct queries are asked: counts read at an old time scan the key
+    assert {tuple(q) for q in store.asked} == {QUERIES[1:]}
+
+
+def test_an_order_decided_a_day_ago_counts_nowhere_and_is_not_queued(
+    up: CatchUp, store: Store, clock: FakeClock
+) -> None:
+    up.submit([(make_order("a"), clock.now() - 86_400)], QUERIES)
+    assert up.queued() == 0 and store.calls == []
+
+
+def test_a_failing_order_goes_to_the_back_and_is_given_up_after_max_tries(
+    up: CatchUp,
+    store: Store,
+    indexer: BlindIndexer,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(catchup, "RETRY_S", 0.001)
+    store.failing.add("bad")
+    up.submit([(make_order(o), clock.now()) for o in ("bad", "a", "b")], QUERIES)
+    assert up.wait(5)
+    assert store.calls[:4] == ["bad", "a", "b", "bad"]  # a and b did not wait behind it
+    assert store.calls.count("bad") == catchup.MAX_TRIES
+    assert counted(store, indexer, clock) == 2
+
+
+def test_close_waits_for_the_order_being_recorded_and_then_takes_none(
+    up: CatchUp, store: Store, indexer: BlindIndexer, clock: FakeClock
+) -> None:
+    store.stalled.add("slow")
+    up.submit([(make_order("slow"), clock.now()), (make_order("a"), clock.now())], QUERIES)
+    assert store.entered.wait(5)
+    threading.Timer(0.2, store.release.set).start()
+    started = time.monotonic()
+    up.close()
+    assert time.monotonic() - started >= 0.15  # the call in flight ended first
+    assert counted(store, indexer, clock) == 1  # "slow"; "a" was dropped
+    up.submit([(make_order("b"), clock.now())], QUERIES)
+    assert up.queued() == 0 and "b" not in store.calls
