@@ -7,7 +7,7 @@ names of unavailable dependencies only.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -186,10 +186,23 @@ class Metrics:
         ).set_function(lambda: sum(x.unsealed for x in logs))
         r.register(_Superseded(log, self))
 
-    def snapshot(self, log: LogLike | None) -> dict[str, Any]:
+    def watch_catch_up(self, queued: Callable[[], int]) -> None:
+        """Export ``riskd_features_catch_up_queued``, read at each scrape: orders answered
+        without their features, waiting to be counted in their windows
+        (``riskd.engine.catchup``; with scoring workers, theirs as last reported too). It
+        grows while the feature store is away and drains once it answers again."""
+        Gauge(
+            "riskd_features_catch_up_queued",
+            "Orders answered without their features, waiting to be counted in their windows.",
+            registry=self.registry,
+        ).set_function(queued)
+
+    def snapshot(self, log: LogLike | None, catch_up: int = 0) -> dict[str, Any]:
         """What a scoring worker reports of its own metrics to the server process
-        (plain data: it crosses the process boundary as JSON)."""
+        (plain data: it crosses the process boundary as JSON; ``catch_up``: its scorer's
+        orders waiting to be counted)."""
         return {
+            "catch_up": catch_up,
             "rule_errors": _by_label(self.rule_errors, "rule_id"),
             "backlog": 0 if log is None else log.backlog,
             "rejected": 0 if log is None else log.rejected,

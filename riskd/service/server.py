@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
+from functools import partial
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 
 from riskd.config import STREAM_THREADS, Config
 from riskd.domain.clock import Clock, SystemClock
+from riskd.engine.catchup import CatchUp
 from riskd.errors import ConfigError
 from riskd.service import validate, wire
 from riskd.service.auth import (
@@ -291,6 +293,7 @@ def _start(
     if components.decision_log is not None:
         more = () if pool is None else (pool.evidence,)
         metrics.watch_evidence(components.decision_log, *more)
+    metrics.watch_catch_up(partial(_catch_up_queued, components.scorer.catch_up, pool))
     if ready:
         running.set_serving(True)
     fields = {"port": running.port, "metrics_port": running.metrics_port, "services": services}
@@ -391,6 +394,11 @@ def _probe_listen(listen: str) -> None:
 def _reason(error: BaseException | None) -> str:
     strerror = getattr(error, "strerror", None)
     return strerror or "no address to bind"
+
+
+def _catch_up_queued(own: CatchUp, pool: WorkerPool | None) -> int:
+    """Orders waiting to be counted: this process's and its workers' as last reported."""
+    return own.queued() + (0 if pool is None else pool.evidence.catch_up)
 
 
 def _bind(server: grpc.Server, listen: str, credentials: grpc.ServerCredentials | None) -> int:

@@ -584,6 +584,11 @@ class _PoolEvidence:
     def unsealed(self) -> int:
         return self._sum("unsealed")
 
+    @property
+    def catch_up(self) -> int:
+        """The workers' orders waiting to be counted in their windows (``catchup``)."""
+        return self._sum("catch_up")
+
 
 class _Missing(enum.Enum):
     """Why the gRPC process answers a worker's orders itself (the fallbacks metric's label)."""
@@ -1104,7 +1109,8 @@ def main(argv: Sequence[str]) -> int:
     gc.freeze()
 
     def report() -> bytes:
-        return json.dumps(metrics.snapshot(components.decision_log)).encode()
+        queued = components.scorer.catch_up.queued()
+        return json.dumps(metrics.snapshot(components.decision_log, queued)).encode()
 
     try:  # the server process may have stopped while this one started (SIGTERM then)
         channel.send(("ready", os.getpid()))
