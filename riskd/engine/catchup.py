@@ -23,7 +23,10 @@ counted once the store answers requests again, retried by their callers or not.
 Recording is idempotent per order and key (``riskd.features.store``): an order the store
 did record, wholly or in part, is counted once. An order decided more than a day ago
 counts in no window and is dropped; past ``max_queued`` orders waiting, new ones are
-dropped (a later retry queues them again). The thread pauses after each order as long as
+dropped (a later retry queues them again). The thread blind-indexes each queued order
+first (``observe``), before anything waits for the store: what stays queued through an
+outage is observations (keyed hashes, amounts, times), not the orders' PII (``holding``:
+the orders not observed yet). The thread pauses after each order as long as
 the order took (at least ``PACE_S``): with the in-process store recording is pure
 Python, and a thread running back to back would hold the GIL from the request threads
 for whole switch intervals (review: p99 of unary calls 2.4 → 13-36 ms while 500-5,000
@@ -46,7 +49,7 @@ from riskd.domain.order import Order
 from riskd.engine.breaker import CircuitBreaker
 from riskd.engine.keys import Indexer, observe
 from riskd.errors import UnavailableError
-from riskd.features.store import FeatureStore
+from riskd.features.store import FeatureStore, Observation
 
 WITHIN_S = float(max(WINDOWS.values()))  # an order decided before that counts nowhere
 MAX_QUEUED = 10_000  # orders waiting to be recorded at most
@@ -57,8 +60,10 @@ CLOSE_WAIT_S = 2.0  # how long ``close`` waits for the order being recorded
 
 _log = logging.getLogger("riskd.engine.catchup")
 
-# an order, when it was decided, the distinct queries to record it with, failed calls
-_Item = tuple[Order, float, tuple[FeatureQuery, ...], int]
+# an order as answered: when it was decided, the distinct queries to record it with
+_Order = tuple[Order, float, tuple[FeatureQuery, ...]]
+# the same order observed (blind indexes: no PII left), its id, failed calls so far
+_Item = tuple[Observation, tuple[FeatureQuery, ...], str, int]
 
 
 def unread(decision: Decision) -> bool:
@@ -83,9 +88,10 @@ class CatchUp:
         self._breaker = breaker
         self._clock = clock
         self._max_queued = max_queued
-        self._items: collections.deque[_Item] = collections.deque()
+        self._orders: collections.deque[_Order] = collections.deque()  # not yet observed
+        self._items: collections.deque[_Item] = collections.deque()  # observed
         self._ids: set[str] = set()  # the order ids queued
-        self._busy = False  # an order is being recorded (off the queue's lock)
+        self._busy = False  # an order is being observed or recorded (off the lock)
         self._cond = threading.Condition()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -101,12 +107,12 @@ class CatchUp:
             if self._closed.is_set():
                 return
             for order, at in missed:
-                if len(self._items) >= self._max_queued:
+                if len(self._orders) + len(self._items) >= self._max_queued:
                     break
                 if now - at < WITHIN_S and order.order_id not in self._ids:
                     self._ids.add(order.order_id)
-                    self._items.append((order, at, distinct, 0))
-            if not self._items:
+                    self._orders.append((order, at, distinct))
+            if not self._orders:
                 return
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -116,15 +122,20 @@ class CatchUp:
             self._cond.notify_all()
 
     def queued(self) -> int:
-        """Orders waiting (and the one being recorded)."""
+        """Orders waiting (and the one being observed or recorded)."""
         with self._cond:
-            return len(self._items) + int(self._busy)
+            return len(self._orders) + len(self._items) + int(self._busy)
+
+    def holding(self) -> int:
+        """Orders queued as they came, PII and all, not yet observed (blind-indexed)."""
+        with self._cond:
+            return len(self._orders)
 
     def wait(self, timeout_s: float) -> bool:
         """Wait until nothing is queued (tests); False if time ran out first."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._items or self._busy:
+            while self._orders or self._items or self._busy:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -136,6 +147,7 @@ class CatchUp:
         call) for the order being recorded, so the store can be closed after."""
         with self._cond:
             self._closed.set()
+            self._orders.clear()
             self._items.clear()
             self._ids.clear()
             self._cond.notify_all()
@@ -146,38 +158,68 @@ class CatchUp:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closed.is_set() and not self._items:
+                while not self._closed.is_set() and not (self._orders or self._items):
                     self._cond.wait()
                 if self._closed.is_set():
                     return
-                item = self._items.popleft()
+                # observed first: an order's PII leaves memory before anything waits
+                raw = self._orders.popleft() if self._orders else None
+                item = None if raw is not None else self._items.popleft()
                 self._busy = True
-            order, at, queries, tries = item
             started = time.monotonic()
-            done = self._record(order, at, queries)
-            with self._cond:
-                self._busy = False
-                failed = done is None and tries + 1 < MAX_TRIES
-                if (done is False or failed) and not self._closed.is_set():
-                    # to the back: one order never holds the others back
-                    self._items.append((order, at, queries, tries + int(failed)))
-                else:
-                    self._ids.discard(order.order_id)
-                self._cond.notify_all()
+            if raw is not None:
+                done: bool | None = True
+                self._observe(*raw)
+            else:
+                assert item is not None
+                done = self._next(item)
             # the store away: try again later; else pause as long as the order took
             pause = RETRY_S if not done else max(PACE_S, time.monotonic() - started)
             if self._closed.wait(pause):
                 return
 
-    def _record(self, order: Order, at: float, queries: Collection[FeatureQuery]) -> bool | None:
+    def _observe(self, order: Order, at: float, queries: tuple[FeatureQuery, ...]) -> None:
+        """Blind-index ``order`` (its PII no longer kept) and queue it to be recorded."""
+        try:
+            obs = observe(order, self._indexer, at)
+        except Exception as e:  # a bug: never the order
+            _log.warning(
+                "catching up an order's features failed",
+                extra={"fields": {"error_type": type(e).__name__}},
+            )
+            obs = None
+        with self._cond:
+            self._busy = False
+            if obs is not None and not self._closed.is_set():
+                self._items.append((obs, queries, order.order_id, 0))
+            else:
+                self._ids.discard(order.order_id)
+            self._cond.notify_all()
+
+    def _next(self, item: _Item) -> bool | None:
+        """Record the first observed order: what ``_record`` said. One that cannot be
+        recorded now goes to the back: one order never holds the others back."""
+        obs, queries, order_id, tries = item
+        done = self._record(obs, queries)
+        with self._cond:
+            self._busy = False
+            failed = done is None and tries + 1 < MAX_TRIES
+            if (done is False or failed) and not self._closed.is_set():
+                self._items.append((obs, queries, order_id, tries + int(failed)))
+            else:
+                self._ids.discard(order_id)
+            self._cond.notify_all()
+        return done
+
+    def _record(self, obs: Observation, queries: Collection[FeatureQuery]) -> bool | None:
         """Record one order: True when done with it, False when the store's breaker is
         open, None when the call failed (it stays queued either way)."""
-        if self._clock.now() - at >= WITHIN_S:
+        if self._clock.now() - obs.at >= WITHIN_S:
             return True  # counts in no window any more: dropped
         if self._breaker.is_open:
             return False
         try:
-            self._store.record_and_read(observe(order, self._indexer, at), queries)
+            self._store.record_and_read(obs, queries)
         except (UnavailableError, TimeoutError):
             return None
         except Exception as e:  # a bug, or the store closed at shutdown: never the order

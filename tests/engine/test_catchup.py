@@ -91,6 +91,11 @@ def test_orders_past_the_limit_are_dropped_and_queued_again_by_a_retry(
     orders = [make_order(o) for o in "abcde"]
     up.submit([(o, clock.now()) for o in orders], QUERIES)
     assert up.queued() == 3
+    # what waits is blind-indexed at once: no order's PII is kept through the outage
+    deadline = time.monotonic() + 5
+    while up.holding() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert up.holding() == 0 and up.queued() == 3
     breaker.success()
     assert up.wait(5)
     assert counted(store, indexer, clock) == 3
