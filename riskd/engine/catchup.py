@@ -107,7 +107,7 @@ class CatchUp:
             if self._closed.is_set():
                 return
             for order, at in missed:
-                if len(self._orders) + len(self._items) >= self._max_queued:
+                if len(self._orders) + len(self._items) + self._busy >= self._max_queued:
                     break
                 if now - at < WITHIN_S and order.order_id not in self._ids:
                     self._ids.add(order.order_id)
@@ -173,10 +173,15 @@ class CatchUp:
             else:
                 assert item is not None
                 done = self._next(item)
-            # the store away: try again later; else pause as long as the order took
-            pause = RETRY_S if not done else max(PACE_S, time.monotonic() - started)
-            if self._closed.wait(pause):
-                return
+            if done:  # pause as long as the order took
+                if self._closed.wait(max(PACE_S, time.monotonic() - started)):
+                    return
+                continue
+            with self._cond:  # the store away: try again later, an order come meanwhile
+                # is observed at once (its PII does not wait for the store)
+                self._cond.wait_for(
+                    lambda: self._closed.is_set() or bool(self._orders), timeout=RETRY_S
+                )
 
     def _observe(self, order: Order, at: float, queries: tuple[FeatureQuery, ...]) -> None:
         """Blind-index ``order`` (its PII no longer kept) and queue it to be recorded."""

@@ -92,10 +92,7 @@ def test_orders_past_the_limit_are_dropped_and_queued_again_by_a_retry(
     up.submit([(o, clock.now()) for o in orders], QUERIES)
     assert up.queued() == 3
     # what waits is blind-indexed at once: no order's PII is kept through the outage
-    deadline = time.monotonic() + 5
-    while up.holding() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert up.holding() == 0 and up.queued() == 3
+    assert holding_ends(up, 5) and up.queued() == 3
     breaker.success()
     assert up.wait(5)
     assert counted(store, indexer, clock) == 3
@@ -105,6 +102,27 @@ def test_orders_past_the_limit_are_dropped_and_queued_again_by_a_retry(
     assert set(store.calls) == set("abcde")
     # only the distinct queries are asked: counts read at an old time scan the key
     assert {tuple(q) for q in store.asked} == {QUERIES[1:]}
+
+
+def holding_ends(up: CatchUp, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while up.holding() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return up.holding() == 0
+
+
+def test_an_order_queued_while_the_store_is_away_is_blind_indexed_at_once(
+    up: CatchUp, breaker: CircuitBreaker, clock: FakeClock
+) -> None:
+    """Review: one queued while the thread waited to retry the store (a second) kept its
+    PII that long."""
+    breaker.failure(UnavailableError("down"))
+    up.submit([(make_order("a"), clock.now())], QUERIES)
+    assert holding_ends(up, 5)
+    time.sleep(0.05)  # the thread now waits to try the store again
+    up.submit([(make_order("b"), clock.now())], QUERIES)
+    assert holding_ends(up, catchup.RETRY_S / 2)
+    assert up.queued() == 2
 
 
 def test_an_order_decided_a_day_ago_counts_nowhere_and_is_not_queued(
