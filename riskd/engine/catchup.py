@@ -19,7 +19,9 @@ answered them, and again when a retry replays such an answer (an order already q
 not queued twice). While the store's breaker is open the queue waits (``RETRY_S``); an
 order whose call fails goes to the back and the queue waits too (one order never holds
 the others back), dropped after ``MAX_TRIES`` failures; so the orders of an outage are
-counted once the store answers requests again, retried by their callers or not.
+counted once the store answers requests again, retried by their callers or not (unless
+the process restarts meanwhile: the queue lives in memory, and ``close`` drains it only
+while the store answers).
 Recording is idempotent per order and key (``riskd.features.store``): an order the store
 did record, wholly or in part, is counted once. An order decided more than a day ago
 counts in no window and is dropped; past ``max_queued`` orders waiting, new ones are
@@ -142,9 +144,13 @@ class CatchUp:
                 self._cond.wait(left)
         return True
 
-    def close(self) -> None:
-        """Drop what is queued and wait (at most ``CLOSE_WAIT_S``: the store bounds one
-        call) for the order being recorded, so the store can be closed after."""
+    def close(self, drain_s: float = 0.0) -> None:
+        """Record what ``drain_s`` allows while the store answers (its breaker closed),
+        drop the rest and wait (at most ``CLOSE_WAIT_S``: the store bounds one call) for
+        the order being recorded, so the store can be closed after. Nothing queued
+        survives a restart (README: what a crash or a restart loses)."""
+        if drain_s > 0 and not self._breaker.is_open:
+            self.wait(drain_s)
         with self._cond:
             self._closed.set()
             self._orders.clear()

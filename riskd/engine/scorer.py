@@ -30,9 +30,12 @@ Where it sits: ``service`` converts a request to an ``Order`` and calls
 
 Idempotency across replicas: the decision log (shared PostgreSQL) answers
 retries that reach another replica, and the feature store's own per-order
-idempotency counts an order once whoever records it. Two replicas scoring the
-same new order at the same instant may both answer; the log keeps the first
-(the other counted in ``DecisionLog.superseded``).
+idempotency counts an order once whoever records it. The log answers only once
+a decision is committed (``evidence_flush_ms`` and a commit: ~5-10 ms after the
+answer): a retry reaching another replica before that is decided again, both
+answer, and the log keeps whichever commits first (the other counted in
+``DecisionLog.superseded``); other content is not refused in that window
+(README, "Running several processes").
 
 Deadlines: the feature calls get the budget less ``eval_reserve_s`` per order (kept
 for the rules and the log; at most half the budget) and less the time to answer a
@@ -114,6 +117,8 @@ FALLBACK_RULE_ID = "@fallback"
 # degraded marker of a retry's answer while its order's first call still decides it: the
 # fallback, not recorded, and not a decision of its own (the first call's is the one)
 INFLIGHT = "inflight"
+# on close, the catch-up's queue is drained this long at most while the store answers
+CLOSE_DRAIN_S = 1.0
 RULE_ERROR_LOG_EVERY_S = 60.0  # a rule that errors is logged at most this often (per rule id)
 
 _log = logging.getLogger("riskd.engine.scorer")
@@ -278,9 +283,11 @@ class Scorer:
         self._log.append_event(event)
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Stop the feature workers and flush the evidence log (the log stays open)."""
+        """Stop the feature workers, count what the catch-up can in ``CLOSE_DRAIN_S``
+        (the rest is dropped: README, what a restart loses) and flush the evidence log
+        (the log stays open)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self.catch_up.close()
+        self.catch_up.close(drain_s=CLOSE_DRAIN_S)
         self._log.flush(timeout_s)
 
     # -- pieces the batch uses -------------------------------------------------

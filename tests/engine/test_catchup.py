@@ -161,3 +161,26 @@ def test_close_waits_for_the_order_being_recorded_and_then_takes_none(
     assert counted(store, indexer, clock) == 1  # "slow"; "a" was dropped
     up.submit([(make_order("b"), clock.now())], QUERIES)
     assert up.queued() == 0 and "b" not in store.calls
+
+
+def test_close_counts_what_it_can_while_the_store_answers(
+    up: CatchUp,
+    store: Store,
+    indexer: BlindIndexer,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+) -> None:
+    """Review: a restart (SIGTERM) dropped the queue even with the store answering."""
+    up.submit([(make_order(o), clock.now()) for o in "abc"], QUERIES)
+    up.close(drain_s=5)
+    assert counted(store, indexer, clock) == 3
+
+
+def test_close_does_not_wait_for_a_store_that_is_away(
+    up: CatchUp, breaker: CircuitBreaker, clock: FakeClock
+) -> None:
+    breaker.failure(UnavailableError("down"))
+    up.submit([(make_order(o), clock.now()) for o in "abc"], QUERIES)
+    started = time.monotonic()
+    up.close(drain_s=5)
+    assert time.monotonic() - started < 1 and up.queued() == 0
