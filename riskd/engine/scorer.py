@@ -252,35 +252,25 @@ class Scorer:
         """
         for i, order in enumerate(orders):
             _check(order, f"orders[{i}]" if len(orders) > 1 else "order")
-        known: Mapping[str, DecisionRecord] = {}
         if refuse_late and timeout_s is not None:
-            known = self.refuse_if_late(orders, timeout_s)
+            self.refuse_if_late(orders, timeout_s)
         started = self._clock.monotonic()
         deadline = None if timeout_s is None else started + max(0.0, timeout_s)
-        return _Batch(self, orders, deadline, started, known).run()
+        return _Batch(self, orders, deadline, started).run()
 
-    def refuse_if_late(
-        self, orders: Sequence[Order], timeout_s: float
-    ) -> Mapping[str, DecisionRecord]:
+    def refuse_if_late(self, orders: Sequence[Order], timeout_s: float) -> None:
         """Refuse a batch that ``timeout_s`` cannot answer: under ``answer_time_s`` of its
-        distinct orders not recorded yet (a single order never: it is always decided).
-        Only a batch under the floor of all its orders is looked up in the log first
-        (review: a retry of a batch whose orders were all recorded, which only replays,
-        was refused); what was found, by order id, is returned for the batch to reuse.
+        distinct orders (a single order never: it is always decided).
 
         Raises:
             DeadlineExceededError: no time to answer; nothing was scored.
         """
-        ids = list(dict.fromkeys(o.order_id for o in orders))
-        left = max(timeout_s, 0.0)
-        if len(ids) <= 1 or left >= self.answer_time_s(len(ids)):
-            return {}
-        known, _ = self._recorded(ids, left)
-        if left < self.answer_time_s(len(ids) - len(known)):
+        if len(orders) <= 1:
+            return
+        if max(timeout_s, 0.0) < self.answer_time_s(len({o.order_id for o in orders})):
             raise DeadlineExceededError(
                 "the call's deadline leaves no time to answer its orders; nothing was scored"
             )
-        return known
 
     def answer_time_s(self, orders: int) -> float:
         """The least time a batch of ``orders`` (distinct ids) takes to answer, every order
@@ -626,16 +616,10 @@ class _Batch:
     """One ``score_batch`` call: lead or follow each order's flight, decide the led ones."""
 
     def __init__(
-        self,
-        scorer: Scorer,
-        orders: Sequence[Order],
-        deadline: float | None,
-        started: float,
-        known: Mapping[str, DecisionRecord] | None = None,
+        self, scorer: Scorer, orders: Sequence[Order], deadline: float | None, started: float
     ) -> None:
         self.s = scorer
         self.orders = orders
-        self.known = known or {}  # recorded decisions looked up already (``refuse_if_late``)
         self.ctx = _Context(scorer._rules.current, deadline, started, scorer._clock.now())
         self.out: list[Decision | None] = [None] * len(orders)
         self.first: dict[str, int] = {}  # order id -> index of its first occurrence
@@ -695,9 +679,7 @@ class _Batch:
 
     def _lead(self) -> None:
         ids = [self.orders[i].order_id for i, _ in self.led]
-        rest = [oid for oid in ids if oid not in self.known]
-        known, log_ok = self.s._recorded(rest, self.s._left(self.ctx.deadline))
-        known.update((oid, self.known[oid]) for oid in ids if oid in self.known)
+        known, log_ok = self.s._recorded(ids, self.s._left(self.ctx.deadline))
         self.ctx.missing = () if log_ok else ("evidence",)
         todo: list[tuple[int, Flight[Decision]]] = []
         replays: list[tuple[int, Flight[Decision], DecisionRecord]] = []

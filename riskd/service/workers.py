@@ -116,7 +116,6 @@ from riskd.domain.order import Order
 from riskd.engine.flights import Flight, Flights
 from riskd.engine.scorer import refuse_changed_duplicates, scored_for_other_content
 from riskd.errors import DeadlineExceededError, InvalidArgumentError, RiskdError, UnavailableError
-from riskd.evidence.records import DecisionRecord
 from riskd.evidence.request import protect_order, same_order
 from riskd.service import convert, validate
 from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2
@@ -705,9 +704,7 @@ class PooledScorer(ScorerLike, Protocol):
 
     def inflight(self, order: Order, started: float) -> Decision: ...
 
-    def refuse_if_late(
-        self, orders: Sequence[Order], timeout_s: float
-    ) -> Mapping[str, DecisionRecord]: ...
+    def refuse_if_late(self, orders: Sequence[Order], timeout_s: float) -> None: ...
 
 
 class QueuedLog(Protocol):

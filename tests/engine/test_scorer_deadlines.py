@@ -208,31 +208,6 @@ def test_a_batch_with_no_time_to_answer_is_refused_unless_a_fallback_is_asked_fo
     assert all("deadline" in d.degraded for d in fallback[1:])
 
 
-def test_a_retry_of_recorded_orders_is_not_refused_under_the_floor(
-    make_rig: Callable[..., Rig], indexer: BlindIndexer, clock: FakeClock
-) -> None:
-    """Review: a batch whose orders were all recorded, which only replays, was refused
-    under the floor of answering them all by the fallback; the floor counts the orders
-    not recorded yet."""
-    rig = make_rig()
-    orders = [make_order(f"o-{i}") for i in range(200)]
-    first = rig.scorer.score_batch(orders)
-    tight = rig.scorer.answer_time_s(200) / 4  # 50 orders' floor
-    again = rig.scorer.score_batch(orders, timeout_s=tight, refuse_late=True)
-    assert all(d.replayed for d in again)
-    assert [d.decided_at for d in again] == [d.decided_at for d in first]
-    rig.log.flush(10)  # from the database too
-    assert all(
-        d.replayed for d in rig.scorer.score_batch(orders, timeout_s=tight, refuse_late=True)
-    )
-    new = [make_order(f"n-{i}") for i in range(60)]  # 60 not recorded: over the floor
-    with pytest.raises(DeadlineExceededError):
-        rig.scorer.score_batch([*orders, *new], timeout_s=tight, refuse_late=True)
-    answered = rig.scorer.score_batch([*orders, *new[:40]], timeout_s=tight, refuse_late=True)
-    assert sum(d.replayed for d in answered) == 200 and len(answered) == 240
-    assert count_buyer_orders(rig, indexer, clock, "b-1") == 240
-
-
 def test_a_single_order_is_decided_as_before(
     make_rig: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch, clock: FakeClock
 ) -> None:
