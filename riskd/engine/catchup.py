@@ -94,6 +94,7 @@ class CatchUp:
         self._items: collections.deque[_Item] = collections.deque()  # observed
         self._ids: set[str] = set()  # the order ids queued
         self._busy = False  # an order is being observed or recorded (off the lock)
+        self._failures = 0  # store calls that failed, so far
         self._cond = threading.Condition()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -145,12 +146,21 @@ class CatchUp:
         return True
 
     def close(self, drain_s: float = 0.0) -> None:
-        """Record what ``drain_s`` allows while the store answers (its breaker closed),
+        """Record what ``drain_s`` allows while the store answers (its breaker closed, and
+        no call failing meanwhile: review, a frozen Redis held every stop a full second),
         drop the rest and wait (at most ``CLOSE_WAIT_S``: the store bounds one call) for
         the order being recorded, so the store can be closed after. Nothing queued
         survives a restart (README: what a crash or a restart loses)."""
-        if drain_s > 0 and not self._breaker.is_open:
-            self.wait(drain_s)
+        with self._cond:
+            failures = self._failures
+            self._cond.wait_for(
+                lambda: (
+                    not (self._orders or self._items or self._busy)
+                    or self._failures != failures
+                    or self._breaker.is_open
+                ),
+                timeout=drain_s,
+            )
         with self._cond:
             self._closed.set()
             self._orders.clear()
@@ -214,6 +224,7 @@ class CatchUp:
         done = self._record(obs, queries)
         with self._cond:
             self._busy = False
+            self._failures += done is None
             failed = done is None and tries + 1 < MAX_TRIES
             if (done is False or failed) and not self._closed.is_set():
                 self._items.append((obs, queries, order_id, tries + int(failed)))
