@@ -63,7 +63,7 @@ CLOSE_WAIT_S = 2.0  # how long ``close`` waits for the order being recorded
 _log = logging.getLogger("riskd.engine.catchup")
 
 # an order as answered: when it was decided, the distinct queries to record it with
-_Order = tuple[Order, float, tuple[FeatureQuery, ...]]
+_Raw = tuple[Order, float, tuple[FeatureQuery, ...]]
 # the same order observed (blind indexes: no PII left), its id, failed calls so far
 _Item = tuple[Observation, tuple[FeatureQuery, ...], str, int]
 
@@ -90,11 +90,11 @@ class CatchUp:
         self._breaker = breaker
         self._clock = clock
         self._max_queued = max_queued
-        self._orders: collections.deque[_Order] = collections.deque()  # not yet observed
+        self._orders: collections.deque[_Raw] = collections.deque()  # not yet observed
         self._items: collections.deque[_Item] = collections.deque()  # observed
         self._ids: set[str] = set()  # the order ids queued
         self._busy = False  # an order is being observed or recorded (off the lock)
-        self._failures = 0  # store calls that failed, so far
+        self._failing = False  # the last store call failed
         self._cond = threading.Condition()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -110,7 +110,7 @@ class CatchUp:
             if self._closed.is_set():
                 return
             for order, at in missed:
-                if len(self._orders) + len(self._items) + self._busy >= self._max_queued:
+                if len(self._orders) + len(self._items) + int(self._busy) >= self._max_queued:
                     break
                 if now - at < WITHIN_S and order.order_id not in self._ids:
                     self._ids.add(order.order_id)
@@ -152,11 +152,10 @@ class CatchUp:
         the order being recorded, so the store can be closed after. Nothing queued
         survives a restart (README: what a crash or a restart loses)."""
         with self._cond:
-            failures = self._failures
             self._cond.wait_for(
                 lambda: (
                     not (self._orders or self._items or self._busy)
-                    or self._failures != failures
+                    or self._failing
                     or self._breaker.is_open
                 ),
                 timeout=drain_s,
@@ -172,15 +171,23 @@ class CatchUp:
             thread.join(CLOSE_WAIT_S)
 
     def _run(self) -> None:
+        retry_at = 0.0  # the store away: no call before then (orders are observed meanwhile)
         while True:
+            raw: _Raw | None
+            item: _Item | None
             with self._cond:
-                while not self._closed.is_set() and not (self._orders or self._items):
-                    self._cond.wait()
-                if self._closed.is_set():
-                    return
-                # observed first: an order's PII leaves memory before anything waits
-                raw = self._orders.popleft() if self._orders else None
-                item = None if raw is not None else self._items.popleft()
+                while True:
+                    if self._closed.is_set():
+                        return
+                    # observed first: an order's PII leaves memory before anything waits
+                    if self._orders:
+                        raw, item = self._orders.popleft(), None
+                        break
+                    wait = None if not self._items else retry_at - time.monotonic()
+                    if wait is not None and wait <= 0:
+                        raw, item = None, self._items.popleft()
+                        break
+                    self._cond.wait(wait)
                 self._busy = True
             started = time.monotonic()
             if raw is not None:
@@ -189,15 +196,11 @@ class CatchUp:
             else:
                 assert item is not None
                 done = self._next(item)
-            if done:  # pause as long as the order took
-                if self._closed.wait(max(PACE_S, time.monotonic() - started)):
-                    return
-                continue
-            with self._cond:  # the store away: try again later, an order come meanwhile
-                # is observed at once (its PII does not wait for the store)
-                self._cond.wait_for(
-                    lambda: self._closed.is_set() or bool(self._orders), timeout=RETRY_S
-                )
+            if not done:
+                retry_at = time.monotonic() + RETRY_S
+            # pause as long as the order took
+            elif self._closed.wait(max(PACE_S, time.monotonic() - started)):
+                return
 
     def _observe(self, order: Order, at: float, queries: tuple[FeatureQuery, ...]) -> None:
         """Blind-index ``order`` (its PII no longer kept) and queue it to be recorded."""
@@ -224,7 +227,7 @@ class CatchUp:
         done = self._record(obs, queries)
         with self._cond:
             self._busy = False
-            self._failures += done is None
+            self._failing = done is None
             failed = done is None and tries + 1 < MAX_TRIES
             if (done is False or failed) and not self._closed.is_set():
                 self._items.append((obs, queries, order_id, tries + int(failed)))

@@ -197,7 +197,7 @@ class Metrics:
             registry=self.registry,
         ).set_function(queued)
 
-    def snapshot(self, log: LogLike | None, catch_up: int = 0) -> dict[str, Any]:
+    def snapshot(self, log: LogLike | None, catch_up: int) -> dict[str, Any]:
         """What a scoring worker reports of its own metrics to the server process
         (plain data: it crosses the process boundary as JSON; ``catch_up``: its scorer's
         orders waiting to be counted)."""

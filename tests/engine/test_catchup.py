@@ -196,3 +196,42 @@ def test_close_stops_draining_at_the_first_failing_call(
     started = time.monotonic()
     up.close(drain_s=5)
     assert time.monotonic() - started < 1 and up.queued() == 0
+
+
+def test_close_does_not_wait_when_the_store_was_failing_already(
+    up: CatchUp, store: Store, clock: FakeClock
+) -> None:
+    """Review: with the thread waiting to try a failing store again when the stop came,
+    the drain waited for that next try (up to a second)."""
+    store.failing.update("abc")
+    up.submit([(make_order(o), clock.now()) for o in "abc"], QUERIES)
+    deadline = time.monotonic() + 5
+    while not store.calls and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)  # the thread now waits before its next try
+    started = time.monotonic()
+    up.close(drain_s=5)
+    assert time.monotonic() - started < 0.5
+
+
+def test_new_orders_do_not_hurry_the_next_try_of_a_failing_store(
+    up: CatchUp, store: Store, clock: FakeClock
+) -> None:
+    """Review: each order arriving while the store failed cut the wait short, so the
+    store was called once per arrival instead of once per ``RETRY_S``."""
+    store.failing.update("abcde")
+    up.submit([(make_order("a"), clock.now())], QUERIES)
+    for o in "bcd":
+        time.sleep(0.05)
+        up.submit([(make_order(o), clock.now())], QUERIES)
+    assert holding_ends(up, 1)  # the new orders were observed meanwhile
+    assert store.calls == ["a"]
+
+
+def test_the_cap_counts_the_order_in_flight(up: CatchUp, store: Store, clock: FakeClock) -> None:
+    store.stalled.add("slow")
+    up.submit([(make_order("slow"), clock.now())], QUERIES)
+    assert store.entered.wait(5)
+    up.submit([(make_order(o), clock.now()) for o in "abc"], QUERIES)
+    assert up.queued() == 3  # max_queued: "slow" and two of the others
+    store.release.set()
