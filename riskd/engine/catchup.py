@@ -136,14 +136,12 @@ class CatchUp:
 
     def wait(self, timeout_s: float) -> bool:
         """Wait until nothing is queued (tests); False if time ran out first."""
-        deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._orders or self._items or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
+            return self._cond.wait_for(self._idle, timeout=timeout_s)
+
+    def _idle(self) -> bool:
+        """Nothing queued and nothing in hand (called holding ``_cond``)."""
+        return not (self._orders or self._items or self._busy)
 
     def close(self, drain_s: float = 0.0) -> None:
         """Record what ``drain_s`` allows while the store answers (its breaker closed, and
@@ -153,11 +151,7 @@ class CatchUp:
         survives a restart (README: what a crash or a restart loses)."""
         with self._cond:
             self._cond.wait_for(
-                lambda: (
-                    not (self._orders or self._items or self._busy)
-                    or self._failing
-                    or self._breaker.is_open
-                ),
+                lambda: self._idle() or self._failing or self._breaker.is_open,
                 timeout=drain_s,
             )
         with self._cond:

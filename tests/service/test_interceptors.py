@@ -8,6 +8,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from typing import Any
 
 import grpc
 import pytest
@@ -90,6 +91,22 @@ def call(channel: grpc.Channel, name: str) -> bytes:
     return channel.unary_unary(f"/t.T/{name}")(b"ping", timeout=5)  # type: ignore[no-any-return]
 
 
+def logged_failure(channel: grpc.Channel, name: str) -> tuple[grpc.RpcError, str]:
+    """Call ``name``, which fails: its error and the JSON log lines written meanwhile."""
+    stream = io.StringIO()
+    configure_logging("info", stream)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            call(channel, name)
+    finally:
+        logging.getLogger("riskd").handlers.clear()
+    return e.value, stream.getvalue()
+
+
+def lines_of(logged: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in logged.splitlines()]
+
+
 def test_success_passes_through(channel_and_metrics: tuple[grpc.Channel, Metrics]) -> None:
     channel, metrics = channel_and_metrics
     assert call(channel, "Echo") == b"ping"
@@ -124,33 +141,21 @@ def test_unexpected_error_log_has_type_not_message(
     channel_and_metrics: tuple[grpc.Channel, Metrics],
 ) -> None:
     channel, _ = channel_and_metrics
-    stream = io.StringIO()
-    configure_logging("info", stream)
-    try:
-        with pytest.raises(grpc.RpcError):
-            call(channel, "Bug")
-    finally:
-        logging.getLogger("riskd").handlers.clear()
-    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    _, logged = logged_failure(channel, "Bug")
+    lines = lines_of(logged)
     assert {"msg": "unhandled error", "error_type": "KeyError"}.items() <= lines[0].items()
     assert lines[-1]["code"] == "INTERNAL" and lines[-1]["method"] == "/t.T/Bug"
-    assert "13812345678" not in stream.getvalue()
+    assert "13812345678" not in logged
 
 
 def test_a_status_the_handler_set_is_kept_without_a_traceback(
     channel_and_metrics: tuple[grpc.Channel, Metrics],
 ) -> None:
     channel, _ = channel_and_metrics
-    stream = io.StringIO()
-    configure_logging("info", stream)
-    try:
-        with pytest.raises(grpc.RpcError) as e:
-            call(channel, "Unimplemented")
-    finally:
-        logging.getLogger("riskd").handlers.clear()
-    assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert e.value.details() == "Method not implemented!"
-    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    error, logged = logged_failure(channel, "Unimplemented")
+    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert error.details() == "Method not implemented!"
+    lines = lines_of(logged)
     assert [line["msg"] for line in lines] == ["rpc"]
     assert lines[0]["code"] == "UNIMPLEMENTED"
 
@@ -170,15 +175,8 @@ def test_a_status_set_without_raising_is_logged_and_counted(
     """Review: a health check for an unknown service (NOT_FOUND, set and returned) was
     logged as OK and not counted: a probe with a misspelt service name looked healthy."""
     channel, metrics = channel_and_metrics
-    stream = io.StringIO()
-    configure_logging("info", stream)
-    try:
-        with pytest.raises(grpc.RpcError) as e:
-            call(channel, "Unknown")
-    finally:
-        logging.getLogger("riskd").handlers.clear()
-    assert e.value.code() == grpc.StatusCode.NOT_FOUND
-    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    assert [(line["msg"], line["code"]) for line in lines] == [("rpc", "NOT_FOUND")]
+    error, logged = logged_failure(channel, "Unknown")
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert [(line["msg"], line["code"]) for line in lines_of(logged)] == [("rpc", "NOT_FOUND")]
     labels = {"method": "/t.T/Unknown", "code": "NOT_FOUND"}
     assert metrics.value("riskd_rpc_errors_total", labels) == 1
