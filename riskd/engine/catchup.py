@@ -51,7 +51,7 @@ from riskd.domain.order import Order
 from riskd.engine.breaker import CircuitBreaker
 from riskd.engine.keys import Indexer, observe
 from riskd.errors import UnavailableError
-from riskd.features.store import FeatureStore, Observation
+from riskd.features.store import FeatureStore, Observation, OtherContentError
 
 WITHIN_S = float(max(WINDOWS.values()))  # an order decided before that counts nowhere
 MAX_QUEUED = 10_000  # orders waiting to be recorded at most
@@ -241,6 +241,8 @@ class CatchUp:
             self._store.record_and_read(obs, queries)
         except (UnavailableError, TimeoutError):
             return None
+        except OtherContentError:  # a retry with other content was counted meanwhile
+            return True
         except Exception as e:  # a bug, or the store closed at shutdown: never the order
             if not self._closed.is_set():
                 _log.warning(

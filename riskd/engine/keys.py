@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from riskd.domain.order import Order
+from riskd.evidence.request import content_tag, protect_order
 from riskd.features.store import Observation
 from riskd.pii.blind import join_address
 
@@ -55,6 +56,8 @@ def observation_keys(order: Order, indexer: Indexer) -> dict[str, str]:
 
 
 def observe(order: Order, indexer: Indexer, at: float) -> Observation:
-    """The order as the feature store sees it, seen at ``at`` (riskd's clock, not the client's)."""
+    """The order as the feature store sees it, seen at ``at`` (riskd's clock, not the
+    client's), with its content tag: the store refuses the order id's other content."""
     order_id = indexer.index("order", order.order_id)
-    return Observation(order_id, at, order.amounts.total, observation_keys(order, indexer))
+    keys = observation_keys(order, indexer)
+    return Observation(order_id, at, order.amounts.total, keys, content_tag(protect_order(order)))

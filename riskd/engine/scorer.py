@@ -34,8 +34,11 @@ idempotency counts an order once whoever records it. The log answers only once
 a decision is committed (``evidence_flush_ms`` and a commit: ~5-10 ms after the
 answer): a retry reaching another replica before that is decided again, both
 answer, and the log keeps whichever commits first (the other counted in
-``DecisionLog.superseded``); other content is not refused in that window
-(README, "Running several processes").
+``DecisionLog.superseded``). Other content in that window is refused by the
+feature store: each observation carries its order's ``content_tag`` and the
+store's per-order marker keeps the first one recorded (README, "Running several
+processes"); where the store did not record the first call (it answered degraded
+``features``) only the log can tell, once committed.
 
 Deadlines: the feature calls get the budget less ``eval_reserve_s`` per order (kept
 for the rules and the log; at most half the budget) and less the time to answer a
@@ -111,7 +114,7 @@ from riskd.evidence.log import DecisionLog
 from riskd.evidence.records import DecisionRecord
 from riskd.evidence.request import same_order
 from riskd.features.memory import InProcessFeatureStore
-from riskd.features.store import MAX_ORDER_ID_LEN, FeatureStore, Observation
+from riskd.features.store import MAX_ORDER_ID_LEN, FeatureStore, Observation, OtherContentError
 
 FALLBACK_RULE_ID = "@fallback"
 # degraded marker of a retry's answer while its order's first call still decides it: the
@@ -247,8 +250,10 @@ class Scorer:
             InvalidArgumentError: for the first bad order, before any order is counted.
             AlreadyExistsError: an order id was scored (before, or earlier in this
                 batch) for other order content; before any order is counted, except
-                when that other content is being scored right now by another call
-                (then the orders of this batch before it are recorded).
+                when that other content is being scored right now by another call, or
+                was by another replica whose decision is not in the shared log yet (the
+                feature store's content claim refuses it: the orders of this batch
+                before it are counted then).
         """
         for i, order in enumerate(orders):
             _check(order, f"orders[{i}]" if len(orders) > 1 else "order")
@@ -358,6 +363,10 @@ class Scorer:
                 self._record_inline(observations, queries, got, now + budget - bound)
             elif not self._wait(observations, queries, got, stop, budget):
                 return _padded(got, n)  # judged once the call left behind returns
+        except OtherContentError:  # the store answered: another replica's content claims it
+            stop.set()
+            self.breaker.success()
+            raise
         except (UnavailableError, TimeoutError) as e:
             stop.set()
             self.breaker.failure(e)
@@ -402,10 +411,12 @@ class Scorer:
         answered; a job stopped before it asked the store gives a probe back."""
         if job.cancelled():
             self.breaker.release()
-        elif (error := job.exception()) is not None:
+            return
+        error = job.exception()
+        if isinstance(error, OtherContentError) or (error is None and out):
+            self.breaker.success()  # answered (a refusal of other content is an answer)
+        elif error is not None:
             self.breaker.failure(error)
-        elif out:
-            self.breaker.success()
         else:
             self.breaker.release()
 
@@ -675,7 +686,10 @@ class _Batch:
     def _same(self, i: int, request: Mapping[str, Any]) -> None:
         """Refuse order ``i`` if ``request`` (what its id was scored for) is other content."""
         if not same_order(self.s._log.protect(self.orders[i]), request):
-            raise scored_for_other_content(f"orders[{i}]" if len(self.orders) > 1 else "order")
+            raise self._other_content(i)
+
+    def _other_content(self, i: int) -> AlreadyExistsError:
+        return scored_for_other_content(f"orders[{i}]" if len(self.orders) > 1 else "order")
 
     def _lead(self) -> None:
         ids = [self.orders[i].order_id for i, _ in self.led]
@@ -703,9 +717,13 @@ class _Batch:
         deadline, n = self.ctx.deadline, len(todo)
         until = None if deadline is None else deadline - (n - 1) * (LATE_S + APPEND_S)
         made: list[Observation] = []
-        features = self.s._read_features(
-            self._observing(todo, made), n, self.ctx.program.feature_queries, until
-        )
+        try:
+            features = self.s._read_features(
+                self._observing(todo, made), n, self.ctx.program.feature_queries, until
+            )
+        except OtherContentError:  # the store refused the last order observed (others before
+            # it in this batch are counted: README, "Running several processes")
+            raise self._other_content(todo[len(made) - 1][0]) from None
         # a job left behind may still add to ``made``: what it has now
         observed: list[Observation | None] = [*made[:n]]
         observed += [None] * (n - len(observed))

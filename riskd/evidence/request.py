@@ -11,11 +11,16 @@ buyer deletes them without breaking the chain.
 
 The same form tells whether a retry sends the same order (``same_order``): equal
 but for ``client_time``, which is informational (riskd keeps its own time) and a
-checkout may set anew when it rebuilds a request; the record keeps the first.
+checkout may set anew when it rebuilds a request; the record keeps the first. Its
+``content_tag`` carries that comparison to the feature store, whose per-order marker
+refuses other content before anything is counted, on whichever replica a retry reaches.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
@@ -138,6 +143,26 @@ def protect_order(order: Order) -> dict[str, Any]:
 
 # Fields of the protected form a retry may change: the first call's stay in the record.
 _NOT_COMPARED = ("client_time",)
+
+
+def content_tag(protected: Mapping[str, Any]) -> str:
+    """A 7-character tag (42 bits, URL-safe base64) of a protected form: two forms get the
+    same tag when ``same_order`` holds and, but for one chance in 2^42, only then. The
+    feature store keeps the first tag recorded with an order id and refuses another.
+
+    It is a digest of the masked form (what the decision log already holds in clear),
+    never of a plaintext PII field.
+
+    >>> first = {"order_id": "o1", "amounts": {"total": 100}, "client_time": 1.5}
+    >>> content_tag(first) == content_tag({**first, "client_time": 9.0})
+    True
+    >>> content_tag(first) == content_tag({**first, "amounts": {"total": 101}})
+    False
+    """
+    body = {k: v for k, v in protected.items() if k not in _NOT_COMPARED}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.blake2b(text.encode(), digest_size=6, person=b"riskd-content").digest()
+    return base64.urlsafe_b64encode(digest).decode()[:7]
 
 
 def same_order(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:

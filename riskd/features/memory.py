@@ -29,6 +29,7 @@ from riskd.features.store import (
     RETENTION_MS,
     SEEN_TTL_S,
     Observation,
+    OtherContentError,
     distinct_pairs,
     to_ms,
 )
@@ -40,6 +41,7 @@ _COMPACT_AT = 64  # dead entries kept at the front before a column is compacted
 # (replicas' clocks, threads): until then a key's own records decide what it trims.
 _SWEEP_MARGIN_MS = 3_600_000
 _SWEEP_BATCH = 64  # keys swept per recorded order
+_CONTENT = "!"  # an order's claimed content tag, kept among its recorded keys (no KEYS name)
 
 
 # Every key's state is kept in bytearrays in flat dicts keyed by str, holding str, int or
@@ -315,13 +317,22 @@ class InProcessFeatureStore:
             forgotten = now - SEEN_TTL_S * 1000
             order_id = obs.order_id
             seen = _recorded(self._orders.get(order_id))
+            claim = False
+            if obs.content:
+                claimed = [v for (n, v), ms in seen.items() if n == _CONTENT and ms > forgotten]
+                if claimed and claimed[0] != obs.content:
+                    raise OtherContentError()
+                claim = not claimed
             new = {n for n, v in obs.keys.items() if seen.get((n, v), forgotten) <= forgotten}
-            if new:
+            if new or claim:
                 seen.update(((name, obs.keys[name]), now) for name in new)
+                if claim:
+                    seen[(_CONTENT, obs.content)] = now
                 self._orders[order_id] = _pack_recorded(seen)
                 self._queue_ms[self._tail], self._queue[self._tail] = now, order_id
                 self._tail += 1
-                self._record(obs, new, distinct_pairs(obs, queries))
+                if new:
+                    self._record(obs, new, distinct_pairs(obs, queries))
                 self._maybe_sweep()
             return self._read(obs, queries)
 

@@ -7,7 +7,8 @@ is bounded in all by ``timeout_s`` per shard (see ``RedisFeatureStore``). Key la
 under ``prefix`` (values, and the order ids the engine passes, are blind indexes,
 never plaintext)::
 
-    {prefix}o:{order_id}          STRING  when (clock ms) each of its keys was recorded, TTL 25h
+    {prefix}o:{order_id}          STRING  when (clock ms) each of its keys was recorded and the
+                                          content tag it claimed, TTL 25h
     {prefix}ev:{key}:{value}      ZSET    "{amount}:{order_id}" scored by time (ms)
     {prefix}tot:{key}:{value}     STRING  per window w: cursor, count and sum after it
     {prefix}d:{key}:{of}:{value}  ZSET    of-value scored by its latest sighting (ms)
@@ -75,7 +76,7 @@ from redis.retry import Retry
 from riskd.domain.clock import Clock
 from riskd.domain.features import WINDOWS, Agg, FeatureQuery
 from riskd.errors import UnavailableError
-from riskd.features.store import MAX_SUM, SEEN_TTL_S, Observation, to_ms
+from riskd.features.store import MAX_SUM, SEEN_TTL_S, Observation, OtherContentError, to_ms
 
 __all__ = ["RedisFeatureStore"]
 
@@ -84,13 +85,16 @@ _LUA_WINDOWS = ", ".join(str(s * 1000) for s in sorted(WINDOWS.values()))
 assert len(WINDOWS) == 3, "the script keeps cursors and sums c1..c3, s1..s3"
 _TIDY_MS = 30 * 60 * 1000  # see the module docstring: trims and TTL refreshes
 _AGG_CODE = {Agg.COUNT: "c", Agg.SUM: "s", Agg.DISTINCT: "d"}
+_CLAIMED = b"!"  # the script's reply: the order id was recorded for other content
 
 # ARGV: [1] prefix, [2] order_id, [3] the rest as newline-terminated fields (one argument
 # is far cheaper to send from Python than dozens): record?, t, amount, now, ttl, #series,
 # #distinct, a "name:value" per series, a "key:of:value" per distinct set, "=" and the
 # of-value per distinct set ("=" alone when the order lacks it), one field with each
-# series' tag (8 hex digits of the CRC-32 of "name:value"), then one field of three
-# bytes per query: its code (c, s or d), index and window (each as the byte 48 + n).
+# series' tag (8 hex digits of the CRC-32 of "name:value"), one field of three bytes per
+# query: its code (c, s or d), index and window (each as the byte 48 + n), then the
+# order's content tag (empty: not checked). The reply is "!" when the order id was
+# recorded for another content tag (nothing recorded), else the queries' values.
 # Keys are built here from the prefix: this script is for one Redis, not a Redis Cluster.
 _SCRIPT = (
     r"""
@@ -302,14 +306,19 @@ local function window(st, w)  -- count and sum of the series' events in (t - W, 
 end
 
 -- The order's marker: groups of "@" and a time (clock ms) followed by the tags of the
--- keys recorded then (8 hex digits of the key's CRC-32, sent per series). A key is not
--- recorded again while its group is younger than ttl; older groups are dropped. A bare
--- time is an older script's marker: the whole order was recorded then.
+-- keys recorded then (8 hex digits of the key's CRC-32, sent per series) and, in the
+-- group that claimed it, "!" and the order's content tag (8 characters in all: an older
+-- script keeps it as a key's tag no key has). A key is not recorded again while its
+-- group is younger than ttl; older groups are dropped. A bare time is an older script's
+-- marker: the whole order was recorded then. An order sent with a content tag other than
+-- the one claimed records nothing: false (the caller raises OtherContentError).
 local function record()
   local marker, TAGS = P .. 'o:' .. ID, f[8 + ns + 2 * nd]
-  local done, keep, fresh, all = {}, {}, false, false
+  local CONTENT = f[10 + ns + 2 * nd] or ''
+  local done, keep, fresh, all, claimed = {}, {}, false, false, nil
   for word in string.gmatch(redis.call('GET', marker) or '', '%S+') do
-    if string.byte(word) == 64 then fresh = tonumber(string.sub(word, 2)) > now - ttl * 1000
+    local b = string.byte(word)
+    if b == 64 then fresh = tonumber(string.sub(word, 2)) > now - ttl * 1000
     elseif #word ~= 8 then
       fresh = tonumber(word) > now - ttl * 1000
       all = all or fresh
@@ -317,8 +326,11 @@ local function record()
     if fresh then
       keep[#keep + 1] = word
       done[word] = true
+      if b == 33 then claimed = string.sub(word, 2) end
     end
   end
+  if CONTENT ~= '' and claimed and claimed ~= CONTENT then return false end
+  local claim = CONTENT ~= '' and not claimed
   local new = {}
   for i = 1, ns do
     local tag = string.sub(TAGS, 8 * i - 7, 8 * i)
@@ -330,14 +342,16 @@ local function record()
   for j = 1, nd do
     if DST[j].now then add_distinct(j) end
   end
-  if #new > 0 then
+  if #new > 0 or claim then
     keep[#keep + 1] = '@' .. f[4]
+    if claim then keep[#keep + 1] = '!' .. CONTENT end
     for _, tag in ipairs(new) do keep[#keep + 1] = tag end
     redis.call('SET', marker, table.concat(keep, ' '), 'EX', ttl)
   end
+  return true
 end
 
-if f[1] == '1' then record() end
+if f[1] == '1' and not record() then return '!' end
 for i = 1, ns do save(S[i]) end
 
 local out = {}
@@ -452,6 +466,8 @@ class RedisFeatureStore:
             replies = self._eval(obs.order_id, calls)
         except redis.RedisError as exc:
             raise UnavailableError(f"feature store: redis {type(exc).__name__}") from exc
+        if record and obs.content and _CLAIMED in replies:  # nothing recorded there
+            raise OtherContentError()
         result = dict.fromkeys(queries, 0)
         try:
             for (_, plan), reply in zip(parts, replies, strict=True):
@@ -518,7 +534,7 @@ class RedisFeatureStore:
         fields += ("=" + keys.get(of, "") for _, of in plan.pairs)
         # a key's tag in the order's marker: 8 hex digits of the CRC-32 of "name:value"
         fields.append("".join(f"{crcs[name]:08x}" for name in plan.names))
-        fields.append(plan.tail)
+        fields.append(plan.tail + obs.content + "\n")  # tail ends its own field
         return "\n".join(fields)
 
     def _plan_for(self, queries: Collection[FeatureQuery], names: tuple[str, ...]) -> _Plan:

@@ -26,6 +26,15 @@ Semantics shared by both backends:
   records nothing; a key value the order did not carry before (a client that changed
   it on retry) is recorded once too. Per key rather than per order, so that a store
   split across shards by key gives the same answers.
+* An observation may carry its order's ``content`` tag (``riskd.evidence.request
+  .content_tag``): the first recording of an order id claims it, and a later one with
+  another tag records nothing and raises ``OtherContentError``. This is what refuses a
+  retry with changed content that reaches another replica before the first decision is
+  in the shared decision log. An order recorded without a tag (or by an older riskd)
+  claims the first tag recorded with it later; an observation without one is not
+  checked. The claim lasts as long as the order's keys are remembered (``SEEN_TTL_S``),
+  per shard where the store is sharded (an order carrying a key on a shard the first
+  content did not reach records that key there, and is refused by the others).
 """
 
 from __future__ import annotations
@@ -38,9 +47,10 @@ from typing import Protocol
 
 from riskd.domain.features import KEYS, WINDOWS, Agg, FeatureQuery
 from riskd.domain.order import MAX_ORDER_ID_LEN
-from riskd.errors import InvalidArgumentError
+from riskd.errors import AlreadyExistsError, InvalidArgumentError
 
 __all__ = [
+    "CONTENT_TAG_LEN",
     "MAX_ORDER_ID_LEN",
     "MAX_SUM",
     "MAX_VALUE_LEN",
@@ -48,6 +58,7 @@ __all__ = [
     "SEEN_TTL_S",
     "FeatureStore",
     "Observation",
+    "OtherContentError",
     "distinct_pairs",
     "to_ms",
 ]
@@ -56,6 +67,16 @@ RETENTION_MS = max(WINDOWS.values()) * 1000  # events older than the longest win
 SEEN_TTL_S = max(WINDOWS.values()) + 3600  # how long an order_id stays recorded (24h + 1h)
 MAX_SUM = 2**53 - 1  # a SUM saturates here (fen): the largest exact sum in the Redis script
 MAX_VALUE_LEN = 256  # blind indexes are far shorter; bounds the size of a store key
+CONTENT_TAG_LEN = 7  # an order's content tag: URL-safe base64 characters (42 bits)
+_TAG_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+class OtherContentError(AlreadyExistsError):
+    """The order id was recorded for other content (another ``Observation.content``);
+    nothing was recorded for this observation. The engine names the request's field."""
+
+    def __init__(self) -> None:
+        super().__init__("order_id: recorded for other order content")
 
 
 def to_ms(seconds: float) -> int:
@@ -78,6 +99,8 @@ class Observation:
         amount: the order total in fen (``>= 0``).
         keys: ``KEYS`` name -> opaque value that is ALREADY a keyed hash (blind
             index). Missing or empty values are not counted.
+        content: the order's content tag (``CONTENT_TAG_LEN`` URL-safe base64
+            characters), or empty: not checked (see the module docstring).
 
     Raises:
         InvalidArgumentError: naming the field, never echoing a key's value.
@@ -87,6 +110,7 @@ class Observation:
     at: float
     amount: int
     keys: Mapping[str, str] = field(default_factory=dict)
+    content: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.order_id, str) or not self.order_id:
@@ -103,6 +127,14 @@ class Observation:
             raise InvalidArgumentError("amount", "must be an integer number of fen")
         if self.amount < 0:
             raise InvalidArgumentError("amount", "must not be negative")
+        if self.content and (
+            not isinstance(self.content, str)
+            or len(self.content) != CONTENT_TAG_LEN
+            or not _TAG_CHARS.issuperset(self.content)
+        ):
+            raise InvalidArgumentError(
+                "content", f"must be {CONTENT_TAG_LEN} URL-safe base64 characters"
+            )
         object.__setattr__(self, "keys", MappingProxyType(_checked_keys(self.keys)))
 
     @property

@@ -94,6 +94,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import select
 import signal
 import socket
@@ -694,6 +695,28 @@ class _Recent:
         return decision
 
 
+_PART_ENTRY = re.compile(r"(?:orders\[(\d+)\]|order)(?=[.:])")
+
+
+def _renumbered(error: RiskdError, indexes: Sequence[int], size: int) -> RiskdError:
+    """A worker's refusal of its part of a batch (``indexes``: the caller's index of each
+    of the part's orders; ``size``: the caller's batch), naming the caller's entry: the
+    part's ``orders[j]`` (``order`` for a part of one) is the caller's
+    ``orders[indexes[j]]``. Any other error as it is."""
+    text = str(error)
+    found = _PART_ENTRY.match(text)
+    if found is None or size <= 1:
+        return error
+    j = int(found.group(1) or 0)
+    if j >= len(indexes):
+        return error
+    where = f"orders[{indexes[j]}]"
+    field = getattr(error, "field", None)
+    if isinstance(field, str):
+        field = where + field[found.end() :]
+    return _rebuild(type(error).__name__, where + text[found.end() :], field)
+
+
 def _wait_until(started: float, timeout_s: float) -> float:
     """How long (monotonic) to wait for workers: the budget less time for the fallback."""
     return started + timeout_s - min(FALLBACK_RESERVE_S, timeout_s / 4)
@@ -1023,7 +1046,8 @@ class PooledScoringServicer(ScoringServicer):
                 for i, decision in zip(idx, part, strict=True):
                     decisions[i] = decision
         if refused is not None:  # a worker refused its part: the batch is refused
-            raise refused
+            w, error = refused
+            raise _renumbered(error, groups[w], len(orders))
         for w, idx in groups.items():
             got = answers[w]
             if isinstance(got, _Missing):  # DOWN/BUSY: here in the time left; LATE: fallback
@@ -1035,7 +1059,7 @@ class PooledScoringServicer(ScoringServicer):
 
     def _ask_all(
         self, parts: dict[int, scoring_pb2.ScoreBatchRequest], deadline: float
-    ) -> tuple[dict[int, _Answer | _Missing], dict[int, _Worker], RiskdError | None]:
+    ) -> tuple[dict[int, _Answer | _Missing], dict[int, _Worker], tuple[int, RiskdError] | None]:
         """Send every part (own workers taken in index order, each wait timed: a batch
         holding a rerouted worker waits at most ``BUSY_WAIT_S`` for another), then collect.
 
@@ -1057,7 +1081,7 @@ class PooledScoringServicer(ScoringServicer):
                 continue
             sent[w] = got
             taken.add(got[0].index)
-        first_error: RiskdError | None = None
+        first_error: tuple[int, RiskdError] | None = None
         for w, (worker, seq) in sent.items():
             try:
                 reply = None if seq is None else worker.finish(seq, deadline)
@@ -1065,7 +1089,7 @@ class PooledScoringServicer(ScoringServicer):
                 out[w] = _BUSY if isinstance(e, WorkerBusy) else _DOWN
                 continue
             except RiskdError as e:  # the other workers' calls are still collected
-                first_error = first_error or e
+                first_error = first_error or (w, e)
                 continue
             out[w] = _LATE if reply is None else reply
         return out, {w: worker for w, (worker, _) in sent.items()}, first_error

@@ -229,3 +229,27 @@ def test_the_cap_counts_the_order_in_flight(up: CatchUp, store: Store, clock: Fa
     up.submit([(make_order(o), clock.now()) for o in "abc"], QUERIES)
     assert up.queued() == 3  # max_queued: "slow" and two of the others
     store.release.set()
+
+
+def test_an_order_whose_id_another_content_claimed_is_dropped_quietly(
+    up: CatchUp,
+    store: Store,
+    indexer: BlindIndexer,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Answered without its features here, while a retry with other content reached another
+    replica and was counted there: the catch-up must not count this content as well, nor
+    call the store's refusal a failure (review: logged as a failed catch-up)."""
+    breaker.failure(UnavailableError("down"))
+    first = make_order("a")
+    up.submit([(first, clock.now())], QUERIES)
+    other = make_order("a", buyer_id="b-other")  # the retry another replica counted
+    store.record_and_read(observe(other, indexer, clock.now()), QUERIES)
+    breaker.success()
+    with caplog.at_level("DEBUG", logger="riskd.engine.catchup"):
+        assert up.wait(5)
+    assert up.queued() == 0 and store.calls.count("a") == 2
+    assert counted(store, indexer, clock) == 0  # buyer b-1 not counted for order a
+    assert not [r for r in caplog.records if r.name == "riskd.engine.catchup"]

@@ -5,15 +5,22 @@ the decision log keeps the first call's client time (review: it was refused with
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import redis
 
 from riskd.domain.clock import FakeClock
+from riskd.domain.features import Agg, FeatureQuery
+from riskd.engine.keys import observe
 from riskd.errors import AlreadyExistsError
 from riskd.evidence import request
+from riskd.features import FeatureStore, InProcessFeatureStore, RedisFeatureStore
 from riskd.pii import BlindIndexer
+from riskd.sql import Database
 
 from .conftest import Rig, make_order
 from .test_scorer import count_buyer_orders
@@ -51,3 +58,56 @@ def test_same_order_ignores_only_the_client_time() -> None:
     same = request.same_order  # the scorer's and the scoring workers' comparison
     assert same(protect(order), protect(replace(order, client_time=9.0)))
     assert not same(protect(order), protect(replace(order, coupon_code="X")))
+
+
+@pytest.fixture(params=["memory", "redis"])
+def shared_store(request: pytest.FixtureRequest, clock: FakeClock) -> Iterator[FeatureStore]:
+    """One feature store two replicas share (the in-process one standing in for Redis)."""
+    if request.param == "memory":
+        yield InProcessFeatureStore(clock)
+        return
+    prefix = f"riskd-test:retry-content:{uuid.uuid4().hex}:"
+    store = RedisFeatureStore("redis://127.0.0.1:6379/0", clock, prefix=prefix, timeout_s=2.0)
+    yield store
+    store.close()
+    client = redis.Redis(port=6379)
+    for key in client.scan_iter(match=prefix + "*", count=10_000):
+        client.delete(key)
+    client.close()
+
+
+def test_other_content_on_another_replica_before_the_first_is_logged_is_refused(
+    make_rig: Callable[..., Rig],
+    shared_store: FeatureStore,
+    tmp_path: Path,
+    indexer: BlindIndexer,
+    clock: FakeClock,
+) -> None:
+    """Two replicas share the feature store; the second's log has not got the first's
+    decision yet (its own database stands for the commit window): a retry with changed
+    content there is refused by the store's content claim before anything is counted
+    (review: it was decided again, its amount and shop counted)."""
+    a = make_rig(shared_store)
+    b_db = Database(tmp_path / "replica-b.db")
+    b = make_rig(shared_store, database=b_db)
+    order = make_order("o-1", total=60_000)
+    first = a.scorer.score(order)
+    assert first.degraded == ()
+    changed = make_order("o-1", total=90_000, shop_id="s-2")
+    with pytest.raises(AlreadyExistsError, match=r"^order\.order_id: this order id was scored"):
+        b.scorer.score(changed)
+    assert b.log.queued(["o-1"]) == {}  # nothing recorded there
+    shop = FeatureQuery(Agg.COUNT, "shop", "1h")
+    probe = observe(make_order("probe", shop_id="s-2"), indexer, clock.now())
+    assert shared_store.read(probe, [shop])[shop] == 0
+    assert b.scorer.breaker.is_open is False
+    # the same content there is decided again (the log keeps the first to commit) and
+    # counted once; a batch with the changed order names it
+    again = b.scorer.score(replace(order, client_time=order.client_time + 2))
+    assert again.outcome == first.outcome and not again.replayed
+    assert count_buyer_orders(a, indexer, clock, "b-1") == 1
+    with pytest.raises(AlreadyExistsError, match=r"^orders\[1\]\.order_id: "):
+        b.scorer.score_batch([make_order("o-2"), changed])
+    assert b.log.queued(["o-1"]).keys() == {"o-1"}  # the same content's decision only
+    b.log.close()
+    b_db.close()

@@ -11,13 +11,13 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from features_support import REDIS_URL, delete_prefix
+from features_support import REDIS_URL, SHARD_URLS, delete_prefix
 
 from riskd.domain.clock import FakeClock
 from riskd.domain.features import KEYS, WINDOWS, Agg, FeatureQuery
 from riskd.errors import UnavailableError
 from riskd.features import InProcessFeatureStore, Observation, RedisFeatureStore
-from riskd.features.store import SEEN_TTL_S
+from riskd.features.store import SEEN_TTL_S, OtherContentError
 from tests.own_redis import OwnRedis
 
 QUERIES = [
@@ -283,6 +283,27 @@ def test_shards_split_the_keys_and_a_retry_repairs_a_partial_failure(
     retry = store.record_and_read(o2, queries)
     assert list(retry.values()) == [2, 1]  # o2 counted once on each shard
     assert store.record_and_read(o2, queries) == retry
+    store.close()
+
+
+def test_on_shards_the_claim_is_kept_per_shard_and_refuses_where_it_is(
+    prefix: str, clock: FakeClock
+) -> None:
+    """Each shard an order reaches keeps its content claim: a changed retry is refused by
+    them and counts nothing there; a key of it on a shard the first content did not reach
+    is recorded there (as a changed key was before claims)."""
+    store = RedisFeatureStore(SHARD_URLS, clock, prefix=prefix, timeout_s=2.0)
+    device, buyer0, buyer1 = _on_shard("device", 0), _on_shard("buyer", 0), _on_shard("buyer", 1)
+    count_buyer = FeatureQuery(Agg.COUNT, "buyer", "24h")
+    first = Observation("o1", clock.now(), 100, {"device": device, "buyer": buyer0}, "AAAAAAA")
+    store.record_and_read(first, QUERIES)  # shard 0 only
+    changed = Observation("o1", clock.now(), 100, {"device": device, "buyer": buyer1}, "BBBBBBB")
+    with pytest.raises(OtherContentError):
+        store.record_and_read(changed, QUERIES)
+    probe = store.read(order(clock, "probe", device=device), QUERIES)
+    assert probe[COUNT_DEVICE_1M] == 1  # shard 0 refused: counted once, by the first
+    assert probe[QUERIES[3]] == 1  # and its distinct set saw no other buyer
+    assert store.read(order(clock, "probe", buyer=buyer1), [count_buyer])[count_buyer] == 1
     store.close()
 
 

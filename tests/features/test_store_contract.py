@@ -10,8 +10,9 @@ import pytest
 
 from riskd.domain.clock import FakeClock
 from riskd.domain.features import Agg, FeatureQuery
+from riskd.errors import AlreadyExistsError
 from riskd.features import FeatureStore, Observation
-from riskd.features.store import MAX_SUM
+from riskd.features.store import MAX_SUM, OtherContentError
 
 COUNT_DEVICE = {w: FeatureQuery(Agg.COUNT, "device", w) for w in ("1m", "1h", "24h")}
 SUM_DEVICE = {w: FeatureQuery(Agg.SUM, "device", w) for w in ("1m", "1h", "24h")}
@@ -170,6 +171,52 @@ def test_a_retry_with_a_changed_key_records_only_that_key(
     assert (first[COUNT_DEVICE["1m"]], first[SUM_DEVICE["1m"]]) == (1, 700)
     buyer = FeatureQuery(Agg.COUNT, "buyer", "1h")
     assert store.read(obs(clock, "probe", buyer="b1"), [buyer])[buyer] == 1
+
+
+def test_other_content_for_a_recorded_order_id_is_refused_and_records_nothing(
+    store: FeatureStore, clock: FakeClock
+) -> None:
+    """A retry with changed content reaching another replica before the first decision is
+    in the shared log: the store's claim refuses it before anything is counted."""
+    first = store.record_and_read(
+        Observation("o1", clock.now(), 700, {"device": "d1", "buyer": "b1"}, "AAAAAAA"), ALL
+    )
+    clock.advance(1)
+    changed = Observation("o1", clock.now(), 90_000, {"device": "d2", "buyer": "b2"}, "BBBBBBB")
+    with pytest.raises(OtherContentError) as info:
+        store.record_and_read(changed, ALL)
+    assert isinstance(info.value, AlreadyExistsError)
+    assert store.read(obs(clock, "probe", device="d2"), ALL)[COUNT_DEVICE["1m"]] == 0
+    buyer = FeatureQuery(Agg.COUNT, "buyer", "1h")
+    assert store.read(obs(clock, "probe", buyer="b2"), [buyer])[buyer] == 0
+    same = Observation("o1", clock.now(), 700, {"device": "d1", "buyer": "b1"}, "AAAAAAA")
+    assert by_name(store.record_and_read(same, ALL)) == by_name(first)
+    untagged = store.record_and_read(obs(clock, "o1", 700, device="d1", buyer="b1"), ALL)
+    assert by_name(untagged) == by_name(first)  # no tag: not checked, nothing new
+
+
+def test_an_order_recorded_without_a_content_tag_is_claimed_by_the_first_tag(
+    store: FeatureStore, clock: FakeClock
+) -> None:
+    store.record_and_read(obs(clock, "o1", 700, device="d1"), ALL)  # an older riskd
+    tagged = Observation("o1", clock.now(), 700, {"device": "d1"}, "AAAAAAA")
+    assert store.record_and_read(tagged, ALL)[COUNT_DEVICE["1m"]] == 1
+    with pytest.raises(OtherContentError):
+        store.record_and_read(Observation("o1", clock.now(), 700, {"device": "d1"}, "CCCCCCC"), ALL)
+    keyless = Observation("o2", clock.now(), 5, {}, "AAAAAAA")  # claims with no key at all
+    store.record_and_read(keyless, ALL)
+    with pytest.raises(OtherContentError):
+        store.record_and_read(Observation("o2", clock.now(), 5, {"device": "d9"}, "DDDDDDD"), ALL)
+    assert store.read(obs(clock, "probe", device="d9"), ALL)[COUNT_DEVICE["1m"]] == 0
+
+
+def test_the_content_claim_is_forgotten_with_the_order_id(
+    store: FeatureStore, clock: FakeClock
+) -> None:
+    store.record_and_read(Observation("o1", clock.now(), 10, {"device": "d1"}, "AAAAAAA"), ALL)
+    clock.advance(25 * 3600)
+    again = Observation("o1", clock.now(), 10, {"device": "d1"}, "BBBBBBB")
+    assert store.record_and_read(again, ALL)[COUNT_DEVICE["1m"]] == 1
 
 
 def test_order_id_is_forgotten_after_the_idempotency_ttl(

@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from riskd.config import load_config
 from riskd.domain.order import Amounts, Order
+from riskd.engine.keys import observe
 from riskd.errors import ConfigError, DeadlineExceededError
 from riskd.evidence.chain import verify
 from riskd.service import convert, workers
@@ -172,6 +173,30 @@ def test_a_changed_duplicate_in_a_batch_is_refused_before_any_worker_counts(
     assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
     assert (e.value.details() or "").startswith("orders[8].order_id: ")
     assert _remembered_orders(prefix) == before
+
+
+def test_other_content_recorded_by_another_replica_is_refused_naming_the_callers_entry(
+    stub: Stub, pooled: RunningServer
+) -> None:
+    """Another replica recorded other content under an order id and has not committed its
+    decision yet (the gRPC process's own store stands for it: the same Redis and keyring):
+    the worker refuses the batch through the store's content claim, and the refusal names
+    the caller's entry, not the entry's index in that worker's part."""
+    assert pooled.workers is not None
+    target = _worker_for(pooled.workers, 1)
+    scorer = pooled.components.scorer
+    changed = dataclasses.replace(target, shop_id="another-shop")
+    scorer._features.record_and_read(observe(changed, scorer._indexer, time.time()), ())
+    orders = [_worker_for(pooled.workers, w) for w in (0, 1, 0)] + [target]  # worker 1's [1]
+    request = scoring_pb2.ScoreBatchRequest(orders=[convert.order_to_proto(o) for o in orders])
+    with pytest.raises(grpc.RpcError) as e:
+        stub.ScoreBatch(request, timeout=10)
+    assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert (e.value.details() or "").startswith("orders[3].order_id: "), e.value.details()
+    with pytest.raises(grpc.RpcError) as alone:
+        _score(stub, target)
+    assert alone.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert (alone.value.details() or "").startswith("order.order_id: ")
 
 
 def _remembered_orders(prefix: str) -> int:
