@@ -62,7 +62,7 @@ def _instrument() -> None:
         (program.Program, "evaluate", "scorer: decide: evaluate the rules"),
         (program.Program, "explain", "scorer: decide: explain hits"),
         (scorer.Scorer, "_decision", "scorer: decide: combine"),
-        (log.DecisionLog, "protect", "scorer: decide: protect the request"),
+        (log.DecisionLog, "protect", "scorer: protect the request (content tag, record)"),
         (scorer.Scorer, "_append", "scorer: append to the log"),
         (log.DecisionLog, "_write", "writer: write (all of a batch)"),
         (log, "_row", "writer: canonical JSON rows"),

@@ -19,7 +19,7 @@ answered them, and again when a retry replays such an answer (an order already q
 not queued twice). While the store's breaker is open the queue waits (``RETRY_S``); an
 order whose call fails goes to the back and the queue waits too (one order never holds
 the others back), dropped after ``MAX_TRIES`` failures; so the orders of an outage are
-counted once the store answers requests again, retried by their callers or not (unless
+counted once the store answers again, retried by their callers or not (unless
 the process restarts meanwhile: the queue lives in memory, and ``close`` drains it only
 while the store answers).
 Recording is idempotent per order and key (``riskd.features.store``): an order the store
@@ -32,8 +32,10 @@ the orders not observed yet). The thread pauses after each order as long as
 the order took (at least ``PACE_S``): with the in-process store recording is pure
 Python, and a thread running back to back would hold the GIL from the request threads
 for whole switch intervals (review: p99 of unary calls 2.4 → 13-36 ms while 500-5,000
-orders drained). The catch-up's calls are not judged by the breaker: the answers' calls
-judge the store.
+orders drained). The catch-up's calls are not judged by the breaker (the answers' calls
+judge the store), but for one: once an open breaker's cooldown is over, the catch-up
+takes its half-open probe when no request has, and that call's answer closes or re-opens
+it (review: with no traffic after an outage the queue waited for the first request).
 """
 
 from __future__ import annotations
@@ -232,21 +234,30 @@ class CatchUp:
 
     def _record(self, obs: Observation, queries: Collection[FeatureQuery]) -> bool | None:
         """Record one order: True when done with it, False when the store's breaker is
-        open, None when the call failed (it stays queued either way)."""
+        open (and its probe not free), None when the call failed (it stays queued either
+        way). A call made as the breaker's probe tells the breaker what the store did."""
         if self._clock.now() - obs.at >= WITHIN_S:
             return True  # counts in no window any more: dropped
-        if self._breaker.is_open:
+        probe = self._breaker.is_open
+        if probe and not self._breaker.allow():
             return False
         try:
             self._store.record_and_read(obs, queries)
-        except (UnavailableError, TimeoutError):
+        except (UnavailableError, TimeoutError) as e:
+            if probe:
+                self._breaker.failure(e)
             return None
         except OtherContentError:  # a retry with other content was counted meanwhile
-            return True
+            pass
         except Exception as e:  # a bug, or the store closed at shutdown: never the order
+            if probe:
+                self._breaker.release()
             if not self._closed.is_set():
                 _log.warning(
                     "catching up an order's features failed",
                     extra={"fields": {"error_type": type(e).__name__}},
                 )
+            return True
+        if probe:
+            self._breaker.success()
         return True

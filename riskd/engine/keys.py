@@ -10,7 +10,8 @@ orders listed under one hashed identity would show which orders share a buyer.
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from riskd.domain.order import Order
 from riskd.evidence.request import content_tag, protect_order
@@ -55,9 +56,13 @@ def observation_keys(order: Order, indexer: Indexer) -> dict[str, str]:
     return keys
 
 
-def observe(order: Order, indexer: Indexer, at: float) -> Observation:
+def observe(
+    order: Order, indexer: Indexer, at: float, protected: Mapping[str, Any] | None = None
+) -> Observation:
     """The order as the feature store sees it, seen at ``at`` (riskd's clock, not the
-    client's), with its content tag: the store refuses the order id's other content."""
+    client's), with its content tag (from ``protected``, its ``protect_order`` form, when
+    the caller has it): the store refuses the order id's other content."""
     order_id = indexer.index("order", order.order_id)
     keys = observation_keys(order, indexer)
-    return Observation(order_id, at, order.amounts.total, keys, content_tag(protect_order(order)))
+    tag = content_tag(protect_order(order) if protected is None else protected)
+    return Observation(order_id, at, order.amounts.total, keys, tag)

@@ -446,8 +446,15 @@ class Scorer:
             missing.append("shops")
             return ShopState(shop_id)
 
-    def _decide(self, order: Order, features: Features | None, ctx: _Context) -> DecisionRecord:
-        """Evaluate, combine and fall back if degraded: the decision, as its log record."""
+    def _decide(
+        self,
+        order: Order,
+        features: Features | None,
+        ctx: _Context,
+        request: dict[str, Any] | None = None,
+    ) -> DecisionRecord:
+        """Evaluate, combine and fall back if degraded: the decision, as its log record
+        (``request``: the order's protected form, when the observation made it already)."""
         missing: list[str] = list(ctx.missing)
         shop = self._shop(order.shop_id, missing)
         if features is None:
@@ -463,12 +470,18 @@ class Scorer:
         decision = self._decision(order, ctx, results, missing)
         return DecisionRecord(
             decision=decision,
-            request=self._log.protect(order),
+            request=self._log.protect(order) if request is None else request,
             features=_named(features) if features else {},
             rules=results,
         )
 
-    def _late(self, order: Order, features: Features | None, ctx: _Context) -> DecisionRecord:
+    def _late(
+        self,
+        order: Order,
+        features: Features | None,
+        ctx: _Context,
+        request: dict[str, Any] | None = None,
+    ) -> DecisionRecord:
         """For an order the call's deadline left no time to decide: the fallback, degraded
         ``deadline`` (and ``features`` when they were not read), with no rule results,
         recorded as any decision (its features, read, were counted; a retry replays it)."""
@@ -478,7 +491,7 @@ class Scorer:
         missing.append("deadline")
         return DecisionRecord(
             decision=self._decision(order, ctx, (), missing),
-            request=self._log.protect(order),
+            request=self._log.protect(order) if request is None else request,
             features=_named(features) if features else {},
             rules=(),
         )
@@ -636,6 +649,9 @@ class _Batch:
         self.first: dict[str, int] = {}  # order id -> index of its first occurrence
         self.led: list[tuple[int, Flight[Decision]]] = []
         self.followed: list[tuple[int, Flight[Decision]]] = []
+        # order index -> its protected form, made with its observation (the content tag)
+        # and reused for its record
+        self.requests: dict[int, dict[str, Any]] = {}
 
     def run(self) -> list[Decision]:
         refuse_changed_duplicates(self.orders, self.s._log.protect)  # before any flight
@@ -751,9 +767,10 @@ class _Batch:
         """Each order's observation (blind indexes: 50-100 us an order) as the feature calls
         reach it, kept in ``made``: one the deadline leaves unread is never made (review:
         made first, 500 orders' took a 150 ms batch's whole feature window, none read)."""
-        indexer, now = self.s._indexer, self.ctx.now
+        indexer, now, protect = self.s._indexer, self.ctx.now, self.s._log.protect
         for i, _ in todo:
-            obs = observe(self.orders[i], indexer, now)
+            request = self.requests[i] = protect(self.orders[i])
+            obs = observe(self.orders[i], indexer, now, request)
             made.append(obs)
             yield obs
 
@@ -783,7 +800,8 @@ class _Batch:
                 now = s._clock.monotonic()
                 step = max((now - begun) / k, now - last)
                 late, last = now + step + (n - k) * LATE_S > stop_at, now
-            record = (s._late if late else s._decide)(orders[i], values, ctx)
+            request = self.requests.get(i)
+            record = (s._late if late else s._decide)(orders[i], values, ctx, request)
             decided.append((i, flight, obs, record))
 
     def _record(

@@ -253,3 +253,24 @@ def test_an_order_whose_id_another_content_claimed_is_dropped_quietly(
     assert up.queued() == 0 and store.calls.count("a") == 2
     assert counted(store, indexer, clock) == 0  # buyer b-1 not counted for order a
     assert not [r for r in caplog.records if r.name == "riskd.engine.catchup"]
+
+
+def test_with_no_requests_after_an_outage_the_catch_up_probes_the_store_itself(
+    up: CatchUp, store: Store, indexer: BlindIndexer, breaker: CircuitBreaker, clock: FakeClock
+) -> None:
+    """Review: the queue waited for a request to probe the breaker, so with no traffic after
+    an outage nothing was counted. Once the cooldown is over the catch-up's call is the
+    probe: the store answers, the breaker closes, the queue drains."""
+    breaker.failure(UnavailableError("down"))
+    store.failing.add("a")
+    up.submit([(make_order("a"), clock.now())], QUERIES)
+    assert not up.wait(0.3) and store.calls == []  # cooling down: not even tried
+    clock.advance(1.0)
+    deadline = time.monotonic() + 5
+    while not store.calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert store.calls == ["a"] and breaker.is_open  # the probe failed: open again
+    store.failing.clear()
+    clock.advance(1.0)
+    assert up.wait(5)
+    assert counted(store, indexer, clock) == 1 and not breaker.is_open

@@ -552,11 +552,11 @@ def test_orders_decided_before_a_failure_in_the_batch_are_recorded(
     decide = rig.scorer._decide
     calls: list[str] = []
 
-    def flaky(order: Any, features: Any, ctx: Any) -> Any:
+    def flaky(order: Any, features: Any, ctx: Any, request: Any = None) -> Any:
         calls.append(order.order_id)
         if len(calls) == 3:
             raise RuntimeError("shop directory bug")
-        return decide(order, features, ctx)
+        return decide(order, features, ctx, request)
 
     monkeypatch.setattr(rig.scorer, "_decide", flaky)
     orders = [make_order(f"o-{i}") for i in range(4)]

@@ -156,9 +156,9 @@ def test_a_batch_answers_orders_it_has_no_time_to_decide_by_the_fallback(
     rig = make_rig()
     decide = rig.scorer._decide
 
-    def slow(order: Any, features: Any, ctx: Any) -> Any:
+    def slow(order: Any, features: Any, ctx: Any, request: Any = None) -> Any:
         clock.advance(0.01)
-        return decide(order, features, ctx)
+        return decide(order, features, ctx, request)
 
     monkeypatch.setattr(rig.scorer, "_decide", slow)
     orders = [make_order(f"o-{i}", total=20_000 * (i + 1)) for i in range(10)]
