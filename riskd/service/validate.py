@@ -22,6 +22,9 @@ MAX_STRING_CHARS = 256
 MAX_AMOUNT_FEN = 10**12  # 10 billion CNY: far above any order, far below int64
 # How far past the server's clock a reported outcome's time may be (clock skew).
 MAX_EVENT_SKEW_S = 3600.0
+# a reported outcome's time may not be earlier (2000-01-01T00:00:00Z): a smaller number is
+# a unit or field mix-up by the caller (review: at = 5, 1970, was stored as given)
+EARLIEST_EVENT_AT = 946_684_800.0
 
 # Every string field of an Order, by its path below the order. None may hold NUL
 # (PostgreSQL's text refuses it); the identifiers (not free text) no control character.
@@ -153,13 +156,18 @@ def validate_item_count(count: int, field: str) -> None:
 
 
 def validate_event(event: OrderEvent, now: float) -> None:
-    """A reported outcome needs an order id ``Score`` would take, a kind and a time not
-    later than ``now`` (plus ``MAX_EVENT_SKEW_S`` of clock skew)."""
+    """A reported outcome needs an order id ``Score`` would take, a kind and a time in
+    seconds since the epoch, not before 2000 (``EARLIEST_EVENT_AT``) nor later than
+    ``now`` (plus ``MAX_EVENT_SKEW_S`` of clock skew)."""
     _validate_order_id(event.order_id, "order_id")
     if event.kind is OrderEventKind.UNSPECIFIED:
         raise InvalidArgumentError("kind", "is required")
     if not math.isfinite(event.at) or event.at < 0:
         raise InvalidArgumentError("at", "must be a non-negative epoch time")
+    if event.at < EARLIEST_EVENT_AT:
+        raise InvalidArgumentError(
+            "at", "must be seconds since the epoch, not before 2000 (0 means now)"
+        )
     if event.at > now + MAX_EVENT_SKEW_S:
         raise InvalidArgumentError("at", "is in the future")
     if len(event.detail) > 4 * MAX_STRING_CHARS:

@@ -150,7 +150,9 @@ def test_batch_names_the_bad_order() -> None:
         (OrderEvent("o", OrderEventKind.PAID, -1.0), "at"),
         (OrderEvent("o", OrderEventKind.PAID, 1e300), "at"),
         (OrderEvent("o", OrderEventKind.PAID, NOW + 2 * 3600), "at"),
-        (OrderEvent("o", OrderEventKind.PAID, 1.0, "bank\x00"), "detail"),
+        (OrderEvent("o", OrderEventKind.PAID, 5.0), "at"),  # 1970: a unit mix-up
+        (OrderEvent("o", OrderEventKind.PAID, 946_684_799.0), "at"),
+        (OrderEvent("o", OrderEventKind.PAID, NOW, "bank\x00"), "detail"),
     ],
 )
 def test_bad_event_names_the_field(event: OrderEvent, field: str) -> None:
@@ -161,3 +163,4 @@ def test_bad_event_names_the_field(event: OrderEvent, field: str) -> None:
 
 def test_event_within_clock_skew_passes() -> None:
     validate.validate_event(OrderEvent("o", OrderEventKind.PAID, NOW + 60), NOW)
+    validate.validate_event(OrderEvent("o", OrderEventKind.PAID, 946_684_800.0), NOW)

@@ -290,7 +290,9 @@ class ReportOutcomeRequest(_message.Message):
     order_id: _builtins.str
     kind: Global___OrderEventKind.ValueType
     at: _builtins.float
-    """Seconds since the epoch when it happened; 0 means now."""
+    """Seconds since the epoch when it happened (not before 2000, at most an hour ahead of
+    riskd's clock); 0 means now.
+    """
     detail: _builtins.str
     """Free text (no PII)."""
     def __init__(
