@@ -104,10 +104,11 @@ class Tx:
         return int(self._cur.rowcount)
 
 
-def require_existing(url: str) -> None:
+def require_existing(url: str, key: str = "database") -> None:
     """Refuse a database that is not there yet: operator and auditor commands work on the
     daemon's database and must never create an empty one (a SQLite file, or the schema of
-    a ``?schema=`` PostgreSQL URL) and then report on it.
+    a ``?schema=`` PostgreSQL URL) and then report on it. ``key``: where the URL came from
+    (``database_url``, ``--database``), named first in each error.
 
     Raises:
         ConfigError: naming the missing file or schema, or a parameter of the URL whose
@@ -117,14 +118,17 @@ def require_existing(url: str) -> None:
     dialect, target, schema = _parse_url(url)
     if dialect == "sqlite":
         if not Path(target).is_file():
-            raise ConfigError(f"database: no database at {target} (start riskd serve once first)")
+            raise ConfigError(f"{key}: no database at {target} (start riskd serve once first)")
         return
-    if not schema:
-        return  # the database itself: connecting fails if it is not there
-    with _pg_connect(target) as conn:
-        row = conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (schema,)).fetchone()
+    try:
+        with _pg_connect(target) as conn:  # the database itself: fails if it is not there
+            if not schema:
+                return
+            row = conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (schema,)).fetchone()
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
     if not row or not row[0]:
-        raise ConfigError(f"database: no schema {schema!r} in the database")
+        raise ConfigError(f"{key}: no schema {schema!r} in the database")
 
 
 def check_postgres_url(url: str, key: str) -> None:

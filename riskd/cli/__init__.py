@@ -14,7 +14,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -31,6 +31,17 @@ COMMANDS: tuple[str, ...] = (
     "riskd.cli.pii",  # riskd pii keygen|rotate|retire|forget|hold
     "riskd.cli.evidence",  # riskd evidence verify
 )
+
+
+def existing_database(args: argparse.Namespace, configured: Callable[[], str]) -> str:
+    """The database URL a command works on: ``--database``, else the configuration's
+    (``configured()``), refused unless it is there already (``require_existing``); its
+    errors name where the URL came from (``--database`` or ``database_url``)."""
+    from riskd.sql import require_existing
+
+    url = args.database or configured()
+    require_existing(url, "--database" if args.database else "database_url")
+    return url
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:

@@ -23,11 +23,11 @@ import json
 import sys
 from typing import Any
 
-from riskd.cli import add_config_argument
+from riskd.cli import add_config_argument, existing_database
 from riskd.config import load_config
 from riskd.errors import RiskdError
 from riskd.evidence.chain import TABLES, check_anchor, verify
-from riskd.sql import Database, require_existing
+from riskd.sql import Database
 
 
 def register(subparsers: Any) -> None:
@@ -63,8 +63,7 @@ def _anchors(texts: list[str]) -> list[tuple[str, int, str]]:
 def _verify(args: argparse.Namespace) -> int:
     try:
         anchors = _anchors(args.expect)
-        url = args.database or load_config(args.config).database
-        require_existing(url)
+        url = existing_database(args, lambda: load_config(args.config).database)
         db = Database(url)
     except (RiskdError, ValueError) as e:
         print(f"riskd evidence verify: error: {e}", file=sys.stderr)

@@ -35,12 +35,11 @@ from dataclasses import fields, is_dataclass
 from enum import Enum
 from typing import Any
 
-from riskd.cli import add_config_argument
+from riskd.cli import add_config_argument, existing_database
 from riskd.config import load_config
 from riskd.domain.money import format_fen
 from riskd.errors import RiskdError
 from riskd.ledger import Book, Receipt, load_schedule
-from riskd.sql import require_existing
 
 Command = Callable[[Book, argparse.Namespace], Any]
 
@@ -97,8 +96,8 @@ def _run(fn: Command, args: argparse.Namespace) -> int:
         config = load_config(args.config)
         schedule_path = config.rules_dir / "penalties.toml"
         schedule = load_schedule(schedule_path) if schedule_path.exists() else None
-        url = args.database or config.database
-        require_existing(url)  # statements and verify of an empty database made here lie
+        # statements and verify of an empty database made here would lie
+        url = existing_database(args, lambda: config.database)
         book = Book.open(url, schedule=schedule)
     except RiskdError as e:
         print(f"error: {e}", file=sys.stderr)

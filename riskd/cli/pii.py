@@ -29,14 +29,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from riskd.cli import add_config_argument
+from riskd.cli import add_config_argument, existing_database
 from riskd.config import Config, load_config
 from riskd.errors import ConfigError, RiskdError
 from riskd.evidence.log import forget_subject
 from riskd.pii.keyring import ENV_VAR, Keyring, locked
 from riskd.pii.keystore import SqlKeyStore
 from riskd.pii.vault import Vault
-from riskd.sql import Database, require_existing
+from riskd.sql import Database
 
 DEFAULT_REASON = "legal hold"  # the reason of a hold placed without --reason
 ROTATE_INCOMPLETE = 3  # exit status: rotate re-wrapped what it could; some keys are lost
@@ -116,8 +116,8 @@ def _writable_key_file(args: argparse.Namespace) -> Path:
 
 
 def _vault(args: argparse.Namespace) -> tuple[Vault, Database]:
-    url = args.database or _config(args).database
-    require_existing(url)  # never count, rotate or forget in an empty database made here
+    # never count, rotate or forget in an empty database made here
+    url = existing_database(args, lambda: _config(args).database)
     db = Database(url)
     return Vault(_load_keyring(args), SqlKeyStore(db)), db
 
