@@ -19,9 +19,11 @@ answered them, and again when a retry replays such an answer (an order already q
 not queued twice). While the store's breaker is open the queue waits (``RETRY_S``); an
 order whose call fails goes to the back and the queue waits too (one order never holds
 the others back), dropped after ``MAX_TRIES`` failures; so the orders of an outage are
-counted once the store answers again, retried by their callers or not (unless
-the process restarts meanwhile: the queue lives in memory, and ``close`` drains it only
-while the store answers).
+counted once the store answers again, retried by their callers or not. ``close`` drains
+the queue while the store answers and keeps what is left in the decision log's database
+(table ``features_catch_up``: observations only, no PII), which the next start takes and
+queues again (``restore``; with several processes on one database, one of them takes
+each row); a crash loses the queue.
 Recording is idempotent per order and key (``riskd.features.store``): an order the store
 did record, wholly or in part, is counted once. An order decided more than a day ago
 counts in no window and is dropped; past ``max_queued`` orders waiting, new ones are
@@ -41,10 +43,12 @@ it (review: with no traffic after an outage the queue waited for the first reque
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import threading
 import time
 from collections.abc import Collection, Sequence
+from typing import Any
 
 from riskd.domain.clock import Clock
 from riskd.domain.decision import Decision
@@ -52,8 +56,9 @@ from riskd.domain.features import WINDOWS, Agg, FeatureQuery
 from riskd.domain.order import Order
 from riskd.engine.breaker import CircuitBreaker
 from riskd.engine.keys import Indexer, observe
-from riskd.errors import UnavailableError
+from riskd.errors import RiskdError, UnavailableError
 from riskd.features.store import FeatureStore, Observation, OtherContentError
+from riskd.sql import Database, Tx
 
 WITHIN_S = float(max(WINDOWS.values()))  # an order decided before that counts nowhere
 MAX_QUEUED = 10_000  # orders waiting to be recorded at most
@@ -61,6 +66,12 @@ RETRY_S = 1.0  # the wait before trying again while the store is away
 MAX_TRIES = 20  # failed calls before an order is given up (the breaker closed each time)
 PACE_S = 200e-6  # the least pause after each order
 CLOSE_WAIT_S = 2.0  # how long ``close`` waits for the order being recorded
+KEEP_WAIT_S = 2.0  # the longest wait for SQLite's lock to keep (or take) what was left
+_KEEP = (
+    "INSERT INTO features_catch_up (order_key, decided_at, amount, keys, content)"
+    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (order_key) DO NOTHING"
+)
+_TAKE = "DELETE FROM features_catch_up RETURNING order_key, decided_at, amount, keys, content"
 
 _log = logging.getLogger("riskd.engine.catchup")
 
@@ -68,6 +79,16 @@ _log = logging.getLogger("riskd.engine.catchup")
 _Raw = tuple[Order, float, tuple[FeatureQuery, ...]]
 # the same order observed (blind indexes: no PII left), its id, failed calls so far
 _Item = tuple[Observation, tuple[FeatureQuery, ...], str, int]
+
+
+def _distinct(queries: Collection[FeatureQuery]) -> tuple[FeatureQuery, ...]:
+    """The queries an order is caught up with: the distinct ones (module docstring)."""
+    return tuple(q for q in queries if q.agg is Agg.DISTINCT)
+
+
+def _take(tx: Tx) -> list[tuple[Any, ...]]:
+    """The kept orders, deleted as they are read: each goes to one process."""
+    return list(tx.execute(_TAKE).fetchall())
 
 
 def unread(decision: Decision) -> bool:
@@ -86,8 +107,12 @@ class CatchUp:
         clock: Clock,
         *,
         max_queued: int = MAX_QUEUED,
+        keep: Database | None = None,
     ) -> None:
+        """``keep``: the database (with the evidence schema) that keeps what ``close``
+        leaves queued, for ``restore``; without one it is dropped."""
         self._store = store
+        self._keep = keep
         self._indexer = indexer
         self._breaker = breaker
         self._clock = clock
@@ -107,24 +132,40 @@ class CatchUp:
         """Queue each ``(order, decided_at)`` to be recorded with the distinct ones of
         ``queries`` (the program's: see the module docstring). Never blocks or raises."""
         now = self._clock.now()
-        distinct = tuple(q for q in queries if q.agg is Agg.DISTINCT)
+        distinct = _distinct(queries)
         with self._cond:
             if self._closed.is_set():
                 return
             for order, at in missed:
-                if len(self._orders) + len(self._items) + int(self._busy) >= self._max_queued:
+                if self._full():
                     break
                 if now - at < WITHIN_S and order.order_id not in self._ids:
                     self._ids.add(order.order_id)
                     self._orders.append((order, at, distinct))
-            if not self._orders:
-                return
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="riskd-features-catch-up", daemon=True
-                )
-                self._thread.start()
-            self._cond.notify_all()
+            if self._orders:
+                self._start()
+
+    def restore(self, queries: Collection[FeatureQuery]) -> None:
+        """Take what earlier processes kept at their close (``keep``) and queue it again,
+        to be recorded with the distinct ones of ``queries`` (the program's now). At
+        start, before any call: one read of the database (on SQLite, at most
+        ``KEEP_WAIT_S`` for its lock), so no thread uses the database unseen; never
+        raises: a database that cannot be read keeps its rows for the next start."""
+        if self._keep is not None:
+            self._load(_distinct(queries))
+
+    def _full(self) -> bool:
+        """No room for another order (called holding ``_cond``)."""
+        return len(self._orders) + len(self._items) + int(self._busy) >= self._max_queued
+
+    def _start(self) -> None:
+        """Start the thread if it is not running, and wake it (holding ``_cond``)."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="riskd-features-catch-up", daemon=True
+            )
+            self._thread.start()
+        self._cond.notify_all()
 
     def queued(self) -> int:
         """Orders waiting (and the one being observed or recorded)."""
@@ -148,9 +189,10 @@ class CatchUp:
     def close(self, drain_s: float = 0.0) -> None:
         """Record what ``drain_s`` allows while the store answers (its breaker closed, and
         no call failing meanwhile: review, a frozen Redis held every stop a full second),
-        drop the rest and wait (at most ``CLOSE_WAIT_S``: the store bounds one call) for
-        the order being recorded, so the store can be closed after. Nothing queued
-        survives a restart (README: what a crash or a restart loses)."""
+        keep the rest in ``keep`` for the next start (observed first: no PII is written)
+        and wait (at most ``CLOSE_WAIT_S``: the store bounds one call) for the order being
+        recorded, so the store can be closed after (that one order is neither recorded
+        nor kept when the store does not answer it by then)."""
         with self._cond:
             self._cond.wait_for(
                 lambda: self._idle() or self._failing or self._breaker.is_open,
@@ -158,6 +200,8 @@ class CatchUp:
             )
         with self._cond:
             self._closed.set()
+            left = [obs for obs, *_ in self._items]
+            raw = list(self._orders)
             self._orders.clear()
             self._items.clear()
             self._ids.clear()
@@ -165,6 +209,61 @@ class CatchUp:
             thread = self._thread
         if thread is not None:
             thread.join(CLOSE_WAIT_S)
+        if self._keep is not None and (left or raw):
+            self._save(left + [o for o in map(self._observed, raw) if o is not None])
+
+    def _observed(self, raw: _Raw) -> Observation | None:
+        order, at, _ = raw
+        try:
+            return observe(order, self._indexer, at)
+        except Exception:  # a bug: never the order (``_observe`` logs it)
+            return None
+
+    def _save(self, left: Sequence[Observation]) -> None:
+        """Keep ``left`` in the ``keep`` database (an order kept already stays as it is)."""
+        assert self._keep is not None
+        rows = [
+            (o.order_id, o.at, o.amount, json.dumps(dict(o.keys), sort_keys=True), o.content)
+            for o in left
+        ]
+        try:
+            self._keep.run(lambda tx: tx.executemany(_KEEP, rows), wait_s=KEEP_WAIT_S)
+        except Exception as e:
+            fields = {"orders": len(rows), "error_type": type(e).__name__}
+            _log.warning("orders waiting to be counted were not kept", extra={"fields": fields})
+            return
+        _log.info(
+            "orders waiting to be counted kept for the next start",
+            extra={"fields": {"orders": len(rows)}},
+        )
+
+    def _load(self, queries: tuple[FeatureQuery, ...]) -> None:
+        """Take the kept orders (rows deleted as they are read) and queue them."""
+        assert self._keep is not None
+        try:
+            rows = self._keep.run(_take, wait_s=KEEP_WAIT_S)
+        except Exception as e:  # left for the next start
+            fields = {"error_type": type(e).__name__}
+            _log.warning("kept orders waiting to be counted not read", extra={"fields": fields})
+            return
+        now, taken = self._clock.now(), 0
+        with self._cond:
+            for order_key, at, amount, keys, content in rows:
+                if self._closed.is_set() or self._full():
+                    break
+                try:
+                    obs = Observation(order_key, float(at), int(amount), json.loads(keys), content)
+                except (ValueError, TypeError, RiskdError):  # not a row riskd wrote
+                    continue
+                if now - obs.at < WITHIN_S and order_key not in self._ids:
+                    self._ids.add(order_key)
+                    self._items.append((obs, queries, order_key, 0))
+                    taken += 1
+            if taken:
+                self._start()
+        if rows:
+            queued = {"orders": taken, "rows": len(rows)}
+            _log.info("kept orders waiting to be counted queued again", extra={"fields": queued})
 
     def _run(self) -> None:
         retry_at = 0.0  # the store away: no call before then (orders are observed meanwhile)

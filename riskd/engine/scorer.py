@@ -215,8 +215,10 @@ class Scorer:
         self._flights = Flights[Decision]()
         self._rule_error_logged: dict[str, float] = {}  # rule id -> when last logged
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, "riskd-features")
-        # orders answered without their features, counted afterwards (``catchup``)
-        self.catch_up = CatchUp(features, indexer, self.breaker, clock)
+        # orders answered without their features, counted afterwards (``catchup``); what an
+        # earlier process left queued at its close is taken from the log's database
+        self.catch_up = CatchUp(features, indexer, self.breaker, clock, keep=log.db)
+        self.catch_up.restore(rules.current.feature_queries)
 
     # -- public API ----------------------------------------------------------
 

@@ -72,8 +72,19 @@ CREATE TABLE IF NOT EXISTS pii_access_log (
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS pii_access_log_order_id ON pii_access_log (order_id)
+CREATE INDEX IF NOT EXISTS pii_access_log_order_id ON pii_access_log (order_id);
+CREATE TABLE IF NOT EXISTS features_catch_up (
+    order_key TEXT NOT NULL PRIMARY KEY,
+    decided_at DOUBLE PRECISION NOT NULL,
+    amount BIGINT NOT NULL,
+    keys TEXT NOT NULL,
+    content TEXT NOT NULL
+)
 """
+# features_catch_up is not evidence: orders answered without their features that were
+# still waiting to be counted when a process stopped (riskd.engine.catchup), as the
+# feature store sees them (keyed hashes, amount, time; never PII), taken by the next
+# start. A row is at most a day old to be of use, like the velocity state in Redis.
 
 # A chained table's position: 1, 2, 3, ... A row outside that (NULL, 0, negative) would be
 # skipped by the walk yet found by the lookups by order id. The second test is for SQLite,

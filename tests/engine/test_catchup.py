@@ -19,11 +19,13 @@ from riskd.engine.breaker import CircuitBreaker
 from riskd.engine.catchup import CatchUp
 from riskd.engine.keys import observe
 from riskd.errors import UnavailableError
+from riskd.evidence.schema import create_schema
 from riskd.features.memory import InProcessFeatureStore
 from riskd.features.store import Observation
 from riskd.pii import BlindIndexer
+from riskd.sql import Database
 
-from .conftest import make_order
+from .conftest import DEVICE, IP, PHONE, STREET, make_order
 
 BUYER_1H = FeatureQuery(Agg.COUNT, "buyer", "1h")
 QUERIES = (BUYER_1H, FeatureQuery(Agg.DISTINCT, "device", "1h", of="buyer"))
@@ -274,3 +276,50 @@ def test_with_no_requests_after_an_outage_the_catch_up_probes_the_store_itself(
     clock.advance(1.0)
     assert up.wait(5)
     assert counted(store, indexer, clock) == 1 and not breaker.is_open
+
+
+def test_what_close_leaves_is_kept_without_pii_and_the_next_start_counts_it(
+    store: Store, indexer: BlindIndexer, breaker: CircuitBreaker, clock: FakeClock, db: Database
+) -> None:
+    """Review: a restart during a Redis outage dropped the queue, so those orders were
+    never counted. ``close`` keeps what is left (observations: keyed hashes, no PII) in
+    the log's database and the next start takes it (once) and counts it."""
+    create_schema(db)
+    first = CatchUp(store, indexer, breaker, clock, keep=db)
+    breaker.failure(UnavailableError("down"))
+    first.submit([(make_order(o), clock.now()) for o in "ab"], QUERIES)
+    assert holding_ends(first, 5)
+    first.close(drain_s=0.1)  # the store is away: nothing drains
+    rows = db.query("SELECT order_key, keys, content FROM features_catch_up")
+    assert len(rows) == 2
+    text = repr(rows)
+    assert all(v not in text for v in (PHONE, DEVICE, IP, STREET, "b-1", '"a"', "s-1"))
+    breaker.success()
+    again = CatchUp(store, indexer, breaker, clock, keep=db)
+    again.restore(QUERIES)
+    assert db.query("SELECT COUNT(*) FROM features_catch_up") == [(0,)]  # taken once
+    assert again.wait(5)
+    assert counted(store, indexer, clock) == 2
+    third = CatchUp(store, indexer, breaker, clock, keep=db)
+    third.restore(QUERIES)
+    assert third.queued() == 0
+    again.close()
+    third.close()
+
+
+def test_kept_orders_a_day_old_at_the_next_start_are_dropped(
+    store: Store, indexer: BlindIndexer, breaker: CircuitBreaker, clock: FakeClock, db: Database
+) -> None:
+    create_schema(db)
+    first = CatchUp(store, indexer, breaker, clock, keep=db)
+    breaker.failure(UnavailableError("down"))
+    first.submit([(make_order("a"), clock.now())], QUERIES)
+    assert holding_ends(first, 5)
+    first.close()
+    clock.advance(catchup.WITHIN_S)
+    breaker.success()
+    again = CatchUp(store, indexer, breaker, clock, keep=db)
+    again.restore(QUERIES)
+    assert again.queued() == 0 and store.calls == []
+    assert db.query("SELECT COUNT(*) FROM features_catch_up") == [(0,)]
+    again.close()

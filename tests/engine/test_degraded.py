@@ -122,6 +122,28 @@ def test_orders_answered_while_redis_was_down_are_counted_once_it_is_back(
     store.close()
 
 
+def test_orders_answered_while_redis_was_down_survive_a_restart_and_are_counted(
+    make_rig: Callable[..., Rig], own_redis: OwnRedis, clock: FakeClock, indexer: BlindIndexer
+) -> None:
+    """Review: a restart during the outage dropped the catch-up's queue. The stopping
+    scorer keeps it in the log's database; the next one counts it once Redis answers."""
+    store = RedisFeatureStore(own_redis.url, clock, prefix="riskd:test:", timeout_s=0.05)
+    rig = make_rig(store, breaker_failures=1, breaker_cooldown_s=1.0)
+    own_redis.kill()
+    assert rig.scorer.score(make_order("o-1"), timeout_s=0.25).degraded == ("features",)
+    assert rig.scorer.score(make_order("o-2"), timeout_s=0.25).degraded == ("features",)
+    rig.scorer.close()  # the restart; Redis still away
+    own_redis.start()
+    restarted = make_rig(store)  # the same database
+    assert restarted.scorer.catch_up.wait(5)
+    buyer_1h = FeatureQuery(Agg.COUNT, "buyer", "1h")
+    probe = observe(make_order("probe"), indexer, clock.now())
+    assert store.read(probe, [buyer_1h]) == {buyer_1h: 2}
+    assert restarted.scorer.score(make_order("o-1"), timeout_s=0.25).replayed
+    assert store.read(probe, [buyer_1h]) == {buyer_1h: 2}
+    store.close()
+
+
 def test_hung_redis_cannot_hold_the_answer_past_the_deadline(
     make_rig: Callable[..., Rig], own_redis: OwnRedis
 ) -> None:

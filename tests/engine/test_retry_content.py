@@ -76,10 +76,19 @@ def shared_store(request: pytest.FixtureRequest, clock: FakeClock) -> Iterator[F
     client.close()
 
 
+@pytest.fixture
+def b_db(tmp_path: Path) -> Iterator[Database]:
+    """The second replica's database (its own: the first's decision is not in it yet);
+    set up before ``make_rig``, so closed after that replica's scorer and log."""
+    database = Database(tmp_path / "replica-b.db")
+    yield database
+    database.close()
+
+
 def test_other_content_on_another_replica_before_the_first_is_logged_is_refused(
+    b_db: Database,
     make_rig: Callable[..., Rig],
     shared_store: FeatureStore,
-    tmp_path: Path,
     indexer: BlindIndexer,
     clock: FakeClock,
 ) -> None:
@@ -88,7 +97,6 @@ def test_other_content_on_another_replica_before_the_first_is_logged_is_refused(
     content there is refused by the store's content claim before anything is counted
     (review: it was decided again, its amount and shop counted)."""
     a = make_rig(shared_store)
-    b_db = Database(tmp_path / "replica-b.db")
     b = make_rig(shared_store, database=b_db)
     order = make_order("o-1", total=60_000)
     first = a.scorer.score(order)
@@ -109,5 +117,3 @@ def test_other_content_on_another_replica_before_the_first_is_logged_is_refused(
     with pytest.raises(AlreadyExistsError, match=r"^orders\[1\]\.order_id: "):
         b.scorer.score_batch([make_order("o-2"), changed])
     assert b.log.queued(["o-1"]).keys() == {"o-1"}  # the same content's decision only
-    b.log.close()
-    b_db.close()
