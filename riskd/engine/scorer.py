@@ -683,7 +683,10 @@ class _Batch:
                 decision = flight.wait(self.s._left(self.ctx.deadline))
             except Abandoned:  # its leader was refused for another order: lead it here
                 again = _Batch(self.s, (self.orders[i],), self.ctx.deadline, self.ctx.started)
-                self.out[i] = again.run()[0]
+                try:
+                    self.out[i] = again.run()[0]
+                except AlreadyExistsError:  # named as this call's entry, not ``order``
+                    raise self._other_content(i) from None
                 continue
             if decision is None:
                 self.out[i] = self.s._unrecorded(self.orders[i], self.ctx)

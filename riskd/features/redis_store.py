@@ -53,6 +53,9 @@ their shards in one script call per shard (all sent, then all read), and each
 shard keeps its own marker of the order id with the keys it recorded, so a retry
 after a partial failure records the order on the shards that missed it and
 nowhere twice (recording is idempotent per order and key: ``riskd.features.store``).
+The order's content claim lives on its home shard only (the order id's CRC-32 picks
+it), which every recording call reaches (a marker-only call when none of the order's
+keys lives there); the other shards do not check it.
 The list is part of the layout: reordering it or adding a shard moves keys,
 whose windows then start empty on their new shard (the old entries expire).
 """
@@ -457,11 +460,18 @@ class RedisFeatureStore:
     ) -> dict[FeatureQuery, int]:
         # each key's CRC-32 picks its shard and is its tag in the order's marker
         crcs = {name: zlib.crc32(f"{name}:{value}".encode()) for name, value in obs.keys.items()}
-        parts = [
-            (shard, self._plan_for(queries, names))
-            for shard, names in self._split(obs.order_id, crcs)
+        split = self._split(obs.order_id, crcs)
+        # the content claim lives on the order id's home shard alone, which every
+        # recording call with a tag reaches (a claim per shard let a refused call claim
+        # on a shard the first content never reached, and then refuse the first content)
+        home = self._home(obs.order_id)
+        if record and obs.content and home not in {shard for shard, _ in split}:
+            split.append((home, ()))
+        parts = [(shard, self._plan_for(queries, names)) for shard, names in split]
+        calls = [
+            (shard, self._body(obs, plan, crcs, record=record, claim=shard == home))
+            for shard, plan in parts
         ]
-        calls = [(shard, self._body(obs, plan, crcs, record=record)) for shard, plan in parts]
         try:
             replies = self._eval(obs.order_id, calls)
         except redis.RedisError as exc:
@@ -485,8 +495,13 @@ class RedisFeatureStore:
         for name, crc in crcs.items():
             names.setdefault(crc % n, []).append(name)
         if not names:  # no keys: only the order's marker, on the order id's shard
-            return [(zlib.crc32(order_id.encode()) % n, ())]
+            return [(self._home(order_id), ())]
         return [(shard, tuple(group)) for shard, group in sorted(names.items())]
+
+    def _home(self, order_id: str) -> int:
+        """The order id's home shard: where its content claim lives (its CRC-32)."""
+        n = len(self._shards)
+        return 0 if n == 1 else zlib.crc32(order_id.encode()) % n
 
     def _eval(self, order_id: str, calls: Sequence[tuple[int, str]]) -> list[bytes]:
         """EVALSHA per shard, all sent before any is read; the script is loaded again
@@ -524,8 +539,11 @@ class RedisFeatureStore:
             conns.give_back(conn)
         return replies
 
-    def _body(self, obs: Observation, plan: _Plan, crcs: Mapping[str, int], *, record: bool) -> str:
-        """The script's newline-terminated fields (see ``_SCRIPT``)."""
+    def _body(
+        self, obs: Observation, plan: _Plan, crcs: Mapping[str, int], *, record: bool, claim: bool
+    ) -> str:
+        """The script's newline-terminated fields (see ``_SCRIPT``); ``claim``: this shard
+        keeps the order's content claim (its home shard), else no tag is sent."""
         keys = obs.keys
         now = to_ms(self._clock.now())
         fields = [str(int(record)), str(obs.at_ms), str(obs.amount), str(now), plan.head]
@@ -534,7 +552,7 @@ class RedisFeatureStore:
         fields += ("=" + keys.get(of, "") for _, of in plan.pairs)
         # a key's tag in the order's marker: 8 hex digits of the CRC-32 of "name:value"
         fields.append("".join(f"{crcs[name]:08x}" for name in plan.names))
-        fields.append(plan.tail + obs.content + "\n")  # tail ends its own field
+        fields.append(plan.tail + (obs.content if claim else "") + "\n")  # tail ends its field
         return "\n".join(fields)
 
     def _plan_for(self, queries: Collection[FeatureQuery], names: tuple[str, ...]) -> _Plan:

@@ -32,9 +32,10 @@ Semantics shared by both backends:
   retry with changed content that reaches another replica before the first decision is
   in the shared decision log. An order recorded without a tag (or by an older riskd)
   claims the first tag recorded with it later; an observation without one is not
-  checked. The claim lasts as long as the order's keys are remembered (``SEEN_TTL_S``),
-  per shard where the store is sharded (an order carrying a key on a shard the first
-  content did not reach records that key there, and is refused by the others).
+  checked. The claim lasts as long as the order's keys are remembered (``SEEN_TTL_S``).
+  A sharded store keeps it on the order id's home shard alone: a refused call's keys
+  on the other shards are recorded there (key values the first content carried are
+  not counted again; new ones are, as a retry's changed key always was).
 """
 
 from __future__ import annotations

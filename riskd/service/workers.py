@@ -1015,7 +1015,7 @@ class PooledScoringServicer(ScoringServicer):
         if here:  # decided by this process, not committed yet: replayed from its log first
             replays = scoring_pb2.ScoreBatchRequest(orders=[request.orders[i] for i in here])
             left = max(deadline - time.monotonic(), 0.0)
-            part = super().score_batch_request(replays, left).decisions
+            part = self._part_here(replays, left, here, len(orders))
             for i, decision in zip(here, part, strict=True):
                 decisions[i] = decision
         groups: dict[int, list[int]] = {}
@@ -1052,10 +1052,20 @@ class PooledScoringServicer(ScoringServicer):
             got = answers[w]
             if isinstance(got, _Missing):  # DOWN/BUSY: here in the time left; LATE: fallback
                 left = 0.0 if got is _LATE else max(deadline - time.monotonic(), 0.0)
-                part = super().score_batch_request(parts[w], left).decisions
+                part = self._part_here(parts[w], left, idx, len(orders))
                 self._fell_back(got, sum(not d.replayed for d in part))
                 for i, decision in zip(idx, part, strict=True):
                     decisions[i] = decision
+
+    def _part_here(
+        self, part: scoring_pb2.ScoreBatchRequest, left: float, indexes: Sequence[int], size: int
+    ) -> Sequence[scoring_pb2.Decision]:
+        """A part of a batch (``indexes``: the caller's index of each of its orders, of
+        ``size``) scored in this process; a refusal names the caller's entry."""
+        try:
+            return super().score_batch_request(part, left).decisions
+        except RiskdError as e:
+            raise _renumbered(e, indexes, size) from None
 
     def _ask_all(
         self, parts: dict[int, scoring_pb2.ScoreBatchRequest], deadline: float

@@ -5,20 +5,23 @@ the decision log keeps the first call's client time (review: it was refused with
 
 from __future__ import annotations
 
+import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from riskd.domain.clock import FakeClock
 from riskd.domain.features import Agg, FeatureQuery
+from riskd.domain.order import Order
 from riskd.engine.keys import observe
 from riskd.errors import AlreadyExistsError
 from riskd.evidence import request
-from riskd.features import FeatureStore, InProcessFeatureStore, RedisFeatureStore
+from riskd.features import FeatureStore, InProcessFeatureStore, Observation, RedisFeatureStore
 from riskd.pii import BlindIndexer
 from riskd.sql import Database
 
@@ -117,3 +120,66 @@ def test_other_content_on_another_replica_before_the_first_is_logged_is_refused(
     with pytest.raises(AlreadyExistsError, match=r"^orders\[1\]\.order_id: "):
         b.scorer.score_batch([make_order("o-2"), changed])
     assert b.log.queued(["o-1"]).keys() == {"o-1"}  # the same content's decision only
+
+
+class HeldStore(InProcessFeatureStore):
+    """The in-process store; the first call for ``hold`` (a blind-indexed order id) waits
+    for ``release``."""
+
+    def __init__(self, clock: FakeClock, hold: str) -> None:
+        super().__init__(clock)
+        self.hold = hold
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def record_and_read(
+        self, obs: Observation, queries: Collection[FeatureQuery]
+    ) -> dict[FeatureQuery, int]:
+        if obs.order_id == self.hold and not self.entered.is_set():
+            self.entered.set()
+            self.release.wait(5)
+        return super().record_and_read(obs, queries)
+
+
+def test_a_batch_entry_waiting_on_a_refused_call_is_named_by_its_index(
+    b_db: Database,
+    make_rig: Callable[..., Rig],
+    indexer: BlindIndexer,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review: a batch entry that waited for another call's refused order and then led it
+    itself was refused naming ``order`` rather than its ``orders[i]``."""
+    store = HeldStore(clock, hold="")
+    make_rig(store).scorer.score(make_order("o-1", total=60_000))  # replica A: claims
+    store.hold = indexer.index("order", "o-1")
+    b = make_rig(store, database=b_db)
+    changed = make_order("o-1", total=90_000, shop_id="s-2")
+    errors: dict[str, BaseException] = {}
+    followed = threading.Event()
+    join = b.scorer._flights.join
+
+    def joining(order_id: str) -> tuple[bool, Any]:
+        leader, flight = join(order_id)
+        if order_id == "o-1" and not leader:
+            followed.set()
+        return leader, flight
+
+    monkeypatch.setattr(b.scorer._flights, "join", joining)
+
+    def call(name: str, orders: list[Order]) -> None:
+        try:
+            b.scorer.score_batch(orders)
+        except AlreadyExistsError as e:
+            errors[name] = e
+
+    leader = threading.Thread(target=call, args=("leader", [changed]))
+    leader.start()
+    assert store.entered.wait(5)
+    follower = threading.Thread(target=call, args=("follower", [make_order("o-9"), changed]))
+    follower.start()
+    assert followed.wait(5)
+    store.release.set()
+    leader.join(5)
+    follower.join(5)
+    assert str(errors["leader"]).startswith("order.order_id: ")
+    assert str(errors["follower"]).startswith("orders[1].order_id: "), errors["follower"]

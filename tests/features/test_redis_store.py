@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from features_support import REDIS_URL, SHARD_URLS, delete_prefix
+from features_support import REDIS_URL, delete_prefix
 
 from riskd.domain.clock import FakeClock
 from riskd.domain.features import KEYS, WINDOWS, Agg, FeatureQuery
@@ -286,24 +286,38 @@ def test_shards_split_the_keys_and_a_retry_repairs_a_partial_failure(
     store.close()
 
 
-def test_on_shards_the_claim_is_kept_per_shard_and_refuses_where_it_is(
-    prefix: str, clock: FakeClock
+def test_on_shards_the_claim_lives_on_the_home_shard_and_a_refused_call_claims_nothing(
+    prefix: str, clock: FakeClock, own_redis: OwnRedis
 ) -> None:
-    """Each shard an order reaches keeps its content claim: a changed retry is refused by
-    them and counts nothing there; a key of it on a shard the first content did not reach
-    is recorded there (as a changed key was before claims)."""
-    store = RedisFeatureStore(SHARD_URLS, clock, prefix=prefix, timeout_s=2.0)
-    device, buyer0, buyer1 = _on_shard("device", 0), _on_shard("buyer", 0), _on_shard("buyer", 1)
+    """Review: with a claim per shard, a first content whose call to one shard failed, and
+    a changed retry refused by the other, left the retry's claim on the first shard, so
+    the first content's catch-up (and retries) were refused there. The claim lives on the
+    order id's home shard alone; the other shards record without checking."""
+    store = RedisFeatureStore([REDIS_URL, own_redis.url], clock, prefix=prefix, timeout_s=0.5)
+    order_id = next(f"o{i}" for i in range(100) if zlib.crc32(f"o{i}".encode()) % 2 == 0)
+    device, buyer_a = _on_shard("device", 0), _on_shard("buyer", 1)
+    buyer_b = next(f"b{i}" for i in range(100) if zlib.crc32(f"buyer:b{i}".encode()) % 2 == 1)
     count_buyer = FeatureQuery(Agg.COUNT, "buyer", "24h")
-    first = Observation("o1", clock.now(), 100, {"device": device, "buyer": buyer0}, "AAAAAAA")
-    store.record_and_read(first, QUERIES)  # shard 0 only
-    changed = Observation("o1", clock.now(), 100, {"device": device, "buyer": buyer1}, "BBBBBBB")
+    first = Observation(order_id, clock.now(), 100, {"device": device, "buyer": buyer_a}, "AAAAAAA")
+    changed = Observation(
+        order_id, clock.now(), 100, {"device": device, "buyer": buyer_b}, "BBBBBBB"
+    )
+    own_redis.stop()
+    with pytest.raises(UnavailableError):
+        store.record_and_read(first, QUERIES)  # the home shard (0) recorded and claimed
+    own_redis.start()
     with pytest.raises(OtherContentError):
         store.record_and_read(changed, QUERIES)
-    probe = store.read(order(clock, "probe", device=device), QUERIES)
-    assert probe[COUNT_DEVICE_1M] == 1  # shard 0 refused: counted once, by the first
-    assert probe[QUERIES[3]] == 1  # and its distinct set saw no other buyer
-    assert store.read(order(clock, "probe", buyer=buyer1), [count_buyer])[count_buyer] == 1
+    caught_up = store.record_and_read(first, QUERIES)  # the first content's catch-up
+    assert caught_up[COUNT_DEVICE_1M] == 1
+    assert store.read(order(clock, "probe", buyer=buyer_a), [count_buyer])[count_buyer] == 1
+    # the refused call's new key on the other shard was recorded (documented)
+    assert store.read(order(clock, "probe", buyer=buyer_b), [count_buyer])[count_buyer] == 1
+    # a keyless order still claims on its home shard
+    keyless = Observation("o-keyless", clock.now(), 5, {}, "AAAAAAA")
+    store.record_and_read(keyless, QUERIES)
+    with pytest.raises(OtherContentError):
+        store.record_and_read(Observation("o-keyless", clock.now(), 5, {}, "CCCCCCC"), QUERIES)
     store.close()
 
 

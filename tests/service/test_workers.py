@@ -531,6 +531,20 @@ def test_orders_are_scored_by_the_grpc_process_when_every_worker_is_down(
             time.sleep(0.2)  # a new worker takes seconds to start (imports, rules)
             assert _score(stub, fresh()).outcome == scoring_pb2.OUTCOME_ALLOW
             assert (_fallbacks(running, "down"), _reroutes(running)) == (1, 0)
+            # a part scored here and refused names the caller's entry (review: orders[1])
+            target = _worker_for(running.workers, 1)
+            scorer = running.components.scorer
+            changed = dataclasses.replace(target, shop_id="another-shop")  # another replica's
+            scorer._features.record_and_read(observe(changed, scorer._indexer, time.time()), ())
+            orders = [_worker_for(running.workers, w) for w in (0, 1, 0)] + [target]
+            batch = scoring_pb2.ScoreBatchRequest(
+                orders=[convert.order_to_proto(o) for o in orders]
+            )
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ScoreBatch(batch, timeout=10)
+            assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            assert (e.value.details() or "").startswith("orders[3].order_id: "), e.value.details()
+            assert _fallbacks(running, "down") > 1  # scored here, not by a worker
     finally:
         running.stop(5)
         _forget(prefix)
