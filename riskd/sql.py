@@ -50,6 +50,8 @@ Row = tuple[Any, ...]
 _PLACEHOLDER = re.compile(r"\?")
 _RETRIES = 8
 BUSY_TIMEOUT_S = 30.0  # SQLite: how long a statement waits for another connection's lock
+SCHEMA_LOCK = 7421001  # PostgreSQL advisory lock: one process at a time creates tables
+SCHEMA_WAIT_S = 60.0  # how long a starting process waits for another one's schema creation
 # PostgreSQL connections' TCP settings (libpq parameters; a URL's own values win). Without
 # them a connection whose peer vanished mid-call (a network partition, a failover that
 # took the old primary's host away) blocks its thread for the kernel's ~15 minutes of
@@ -244,6 +246,29 @@ def _create_private(path: Path) -> None:
         os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
 
 
+def _create_pg_schema(conn: Any, schema: str) -> None:
+    """``CREATE SCHEMA IF NOT EXISTS`` on an autocommit connection; another session creating
+    it at the same moment makes it fail with a unique violation: it exists then."""
+    import psycopg.errors
+
+    with contextlib.suppress(psycopg.errors.UniqueViolation, psycopg.errors.DuplicateSchema):
+        conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+
+
+def advisory_lock(db: Database, lock: int, deadline: float) -> bool:
+    """Take PostgreSQL session advisory ``lock`` on this thread's connection by
+    ``deadline`` (``time.monotonic()``); False if another session kept it."""
+    pause = 0.002
+    while True:
+        if db.query("SELECT pg_try_advisory_lock(?)", (lock,))[0][0]:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, 0.05)
+
+
 class Database:
     """A SQLite file or a PostgreSQL database, one connection per thread.
 
@@ -286,7 +311,7 @@ class Database:
         else:
             conn = _pg_connect(self._dsn, autocommit=True)
             if self._schema:
-                conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
+                _create_pg_schema(conn, self._schema)
                 conn.execute(f'SET search_path TO "{self._schema}"')
         self._local.conn = conn
         with self._lock:
@@ -470,11 +495,30 @@ class Database:
         raise AssertionError("unreachable")
 
     def executescript(self, ddl: str) -> None:
-        """Run several ``;``-separated statements (schema creation)."""
-        with self.transaction() as tx:
+        """Run several ``;``-separated statements (schema creation). On PostgreSQL,
+        processes starting together take turns (``SCHEMA_LOCK``, taken before the
+        transaction): two sessions running ``CREATE ... IF NOT EXISTS`` at once fail one of
+        them (review: of two replicas started together on a fresh schema, one exited).
+
+        Raises:
+            UnavailableError: another process held the schema lock for ``SCHEMA_WAIT_S``.
+        """
+
+        def script(tx: Tx) -> None:
             for stmt in (s.strip() for s in ddl.split(";")):
                 if stmt:
                     tx.execute(stmt)
+
+        if self.dialect != "postgres":
+            with self.transaction() as tx:
+                script(tx)
+            return
+        if not advisory_lock(self, SCHEMA_LOCK, time.monotonic() + SCHEMA_WAIT_S):
+            raise UnavailableError("database schema: another process is still creating it")
+        try:
+            self.run(script)
+        finally:
+            self.query("SELECT pg_advisory_unlock(?)", (SCHEMA_LOCK,))
 
     def drop_schema(self) -> None:
         """PostgreSQL only: drop this database's ``?schema=`` and everything in it (tests)."""

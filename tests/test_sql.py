@@ -7,9 +7,11 @@ the test's own ``Database``: each one carries its own ``application_name``.
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
@@ -162,3 +164,33 @@ def test_a_bounded_write_gives_up_on_a_held_sqlite_file_and_keeps_the_busy_timeo
         assert db.query("SELECT v FROM t") == [(2,)]
     finally:
         db.close()
+
+
+@pytest.mark.postgres
+def test_processes_starting_together_on_a_fresh_schema_create_it_once() -> None:
+    """Review: two replicas started together on a fresh PostgreSQL schema; one exited with
+    UniqueViolation (``CREATE ... IF NOT EXISTS`` run at the same moment by two sessions:
+    the schema, or a table of the PII key store). Schema creation takes turns now."""
+    from riskd.evidence.schema import create_schema
+    from riskd.pii import SqlKeyStore
+
+    for _ in range(3):
+        url = f"{PG_URL}?schema=sql_race_{uuid.uuid4().hex[:10]}"
+        barrier = threading.Barrier(8)
+
+        def start(_: int, url: str = url, barrier: threading.Barrier = barrier) -> None:
+            db = Database(url)
+            try:
+                barrier.wait()
+                SqlKeyStore(db)
+                create_schema(db)
+            finally:
+                db.close()
+
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(start, range(8)))
+        finally:
+            db = Database(url)
+            db.drop_schema()
+            db.close()

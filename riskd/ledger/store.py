@@ -30,13 +30,11 @@ from riskd.errors import (
 from riskd.ledger.accounts import PLATFORM_ACCOUNTS, Account, Kind, Limit
 from riskd.ledger.codes import Code
 from riskd.ledger.transfers import Transfer
-from riskd.sql import Database, Row, Tx
+from riskd.sql import SCHEMA_LOCK, SCHEMA_WAIT_S, Database, Row, Tx, advisory_lock
 
 T = TypeVar("T")
 LEDGER_WRITER_LOCK = 0x7269736B_6C656467  # "riskledg": the ledger's one-writer advisory lock
-SCHEMA_LOCK = 7421001  # the advisory lock that serializes schema creation across processes
 WRITE_WAIT_S = 5.0  # how long a ledger write waits for its turn before it is UNAVAILABLE
-SCHEMA_WAIT_S = 60.0  # how long a starting process waits for another one's schema creation
 MAX_FEN = 2**63 - 1
 IMMUTABLE_TABLES = (
     "ledger_transfers",
@@ -264,7 +262,7 @@ class LedgerStore:
                         "ledger busy: another process holds the database's writer lock;"
                         " retry with the same key"
                     ) from e
-            if not _advisory_lock(self.db, LEDGER_WRITER_LOCK, deadline):
+            if not advisory_lock(self.db, LEDGER_WRITER_LOCK, deadline):
                 raise UnavailableError(
                     "ledger busy: another writer holds the ledger lock; retry with the same key"
                 )
@@ -302,7 +300,7 @@ class LedgerStore:
         if self.db.dialect != "postgres":
             self.db.run(create)
             return
-        if not _advisory_lock(self.db, SCHEMA_LOCK, time.monotonic() + SCHEMA_WAIT_S):
+        if not advisory_lock(self.db, SCHEMA_LOCK, time.monotonic() + SCHEMA_WAIT_S):
             raise UnavailableError("ledger schema: another process is still creating it")
         try:
             self.db.run(create)
@@ -502,20 +500,6 @@ class LedgerStore:
 
     def query(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
         return self.db.query(sql, list(params))
-
-
-def _advisory_lock(db: Database, lock: int, deadline: float) -> bool:
-    """Take PostgreSQL session advisory ``lock`` on this thread's connection by
-    ``deadline`` (``time.monotonic()``); False if another session kept it."""
-    pause = 0.002
-    while True:
-        if db.query("SELECT pg_try_advisory_lock(?)", (lock,))[0][0]:
-            return True
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        time.sleep(min(pause, left))
-        pause = min(pause * 2, 0.05)
 
 
 _RETRYABLE_SQLSTATES = frozenset({"23505", "40001", "40P01"})  # unique, serialization, deadlock

@@ -4,7 +4,10 @@ Callers pass context as ``extra={"fields": {...}}``; only what they pass is
 written, so PII stays out as long as callers never pass it (the interceptor
 logs method, status code and latency; never request fields). With ``exc_info``
 the exception's type and frames are written, and its message only for a
-``RiskdError`` (whose messages never carry values).
+``RiskdError`` (whose messages never carry values). Other libraries' warnings and
+errors (psycopg, grpc, redis) are JSON lines too, with their message's template and
+never its arguments, which may quote data (review: psycopg's plain-text "error ignored
+terminating <Pipeline>" lines broke JSON log parsers).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": record.getMessage() if _ours(record) else _template(record),
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
@@ -53,7 +56,8 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info", stream: IO[str] | None = None) -> None:
-    """Route the ``riskd`` loggers to ``stream`` (stderr) as JSON lines at ``level``."""
+    """Route the ``riskd`` loggers to ``stream`` (stderr) as JSON lines at ``level``, and
+    the other libraries' warnings and errors too (their messages' templates only)."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger("riskd")
@@ -62,3 +66,20 @@ def configure_logging(level: str = "info", stream: IO[str] | None = None) -> Non
     root.addHandler(handler)
     root.setLevel(_LEVELS.get(level, logging.INFO))
     root.propagate = False
+    others = logging.StreamHandler(stream or sys.stderr)
+    others.setFormatter(JsonFormatter())
+    others.setLevel(logging.WARNING)
+    top = logging.getLogger()
+    for old in [h for h in top.handlers if getattr(h, "riskd_json", False)]:
+        top.removeHandler(old)
+    others.riskd_json = True  # type: ignore[attr-defined]
+    top.addHandler(others)
+
+
+def _ours(record: logging.LogRecord) -> bool:
+    return record.name == "riskd" or record.name.startswith("riskd.")
+
+
+def _template(record: logging.LogRecord) -> str:
+    """Another library's message without its arguments (they may quote data)."""
+    return record.msg if isinstance(record.msg, str) else type(record.msg).__name__

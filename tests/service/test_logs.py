@@ -7,7 +7,7 @@ import json
 import logging
 
 from riskd.errors import InvalidArgumentError, UnavailableError
-from riskd.service.logs import JsonFormatter
+from riskd.service.logs import JsonFormatter, configure_logging
 
 PHONE = "13812345678"
 
@@ -46,3 +46,29 @@ def test_any_other_exceptions_message_stays_out() -> None:
         assert entry["error_type"] == type(error).__name__
         assert "error" not in entry
         assert PHONE not in text
+
+
+def test_other_libraries_warnings_are_json_lines_without_their_arguments() -> None:
+    """Review: psycopg's "error ignored terminating <Pipeline>" reached stderr as plain text
+    (Python's last-resort handler), breaking JSON log parsers; its arguments may quote data."""
+    stream = io.StringIO()
+    top = logging.getLogger()
+    before = list(top.handlers)
+    try:
+        configure_logging("info", stream)
+        configure_logging("info", stream)  # once more (a reload): one handler, not two
+        logging.getLogger("psycopg").warning("error ignored terminating %r: %s", "P", "13912345678")
+        logging.getLogger("psycopg").info("below warning: not written")
+        logging.getLogger("riskd.test").info("ours %s", "with its arguments")
+    finally:
+        for handler in [h for h in top.handlers if h not in before]:
+            top.removeHandler(handler)
+        logging.getLogger("riskd").handlers.clear()
+        logging.getLogger("riskd").propagate = True
+        logging.getLogger("riskd").setLevel(logging.NOTSET)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(e["logger"], e["msg"]) for e in lines] == [
+        ("psycopg", "error ignored terminating %r: %s"),
+        ("riskd.test", "ours with its arguments"),
+    ]
+    assert "13912345678" not in stream.getvalue()
