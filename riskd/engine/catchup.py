@@ -18,8 +18,10 @@ since; a distinct count is one ``ZCOUNT``). Orders are queued right after the ca
 answered them, and again when a retry replays such an answer (an order already queued is
 not queued twice). While the store's breaker is open the queue waits (``RETRY_S``); an
 order whose call fails goes to the back and the queue waits too (one order never holds
-the others back), dropped after ``MAX_TRIES`` failures; so the orders of an outage are
-counted once the store answers again, retried by their callers or not. ``close`` drains
+the others back); it is dropped after ``MAX_TRIES`` failures only if the store answered
+around each (a call with no keys: the order is the trouble), never while the store is
+away; so the orders of an outage are counted once the store answers again, retried by
+their callers or not. ``close`` drains
 the queue while the store answers and keeps what is left in the decision log's database
 (table ``features_catch_up``: observations only, no PII), which the next start takes and
 queues again (``restore``; with several processes on one database, one of them takes
@@ -63,15 +65,24 @@ from riskd.sql import Database, Tx
 WITHIN_S = float(max(WINDOWS.values()))  # an order decided before that counts nowhere
 MAX_QUEUED = 10_000  # orders waiting to be recorded at most
 RETRY_S = 1.0  # the wait before trying again while the store is away
-MAX_TRIES = 20  # failed calls before an order is given up (the breaker closed each time)
+MAX_TRIES = 20  # failed calls the store answered around, before an order is given up
 PACE_S = 200e-6  # the least pause after each order
 CLOSE_WAIT_S = 2.0  # how long ``close`` waits for the order being recorded
-KEEP_WAIT_S = 2.0  # the longest wait for SQLite's lock to keep (or take) what was left
+# the longest wait to keep (or take) what was left: SQLite's lock, PostgreSQL's statements
+# (review: 2 s lost the queue to a CLI holding SQLite's lock through a SIGTERM)
+KEEP_WAIT_S = 10.0
 _KEEP = (
     "INSERT INTO features_catch_up (order_key, decided_at, amount, keys, content)"
     " VALUES (?, ?, ?, ?, ?) ON CONFLICT (order_key) DO NOTHING"
 )
-_TAKE = "DELETE FROM features_catch_up RETURNING order_key, decided_at, amount, keys, content"
+_EXPIRED = "DELETE FROM features_catch_up WHERE decided_at <= ?"
+# the newest first (they count in more windows), as many as the queue has room for
+_TAKE = (
+    "DELETE FROM features_catch_up WHERE order_key IN"
+    " (SELECT order_key FROM features_catch_up ORDER BY decided_at DESC LIMIT ?)"
+    " RETURNING order_key, decided_at, amount, keys, content"
+)
+_LEFT = "SELECT COUNT(*) FROM features_catch_up"
 
 _log = logging.getLogger("riskd.engine.catchup")
 
@@ -86,9 +97,21 @@ def _distinct(queries: Collection[FeatureQuery]) -> tuple[FeatureQuery, ...]:
     return tuple(q for q in queries if q.agg is Agg.DISTINCT)
 
 
-def _take(tx: Tx) -> list[tuple[Any, ...]]:
-    """The kept orders, deleted as they are read: each goes to one process."""
-    return list(tx.execute(_TAKE).fetchall())
+def _bounded(tx: Tx) -> Tx:
+    """On PostgreSQL, no statement of this transaction waits past ``KEEP_WAIT_S`` (a lock
+    held elsewhere must not hold a start or a stop: review, 9.5 s each)."""
+    if tx.dialect == "postgres":
+        tx.execute(f"SET LOCAL statement_timeout = {int(KEEP_WAIT_S * 1000)}")
+    return tx
+
+
+def _take(tx: Tx, expired: float, room: int) -> tuple[list[tuple[Any, ...]], int]:
+    """Up to ``room`` kept orders decided after ``expired``, deleted as they are read (each
+    goes to one process; older ones are deleted), and how many stay kept."""
+    _bounded(tx).execute(_EXPIRED, (expired,))
+    rows = list(tx.execute(_TAKE, (room,)).fetchall())
+    left = tx.execute(_LEFT).fetchone()
+    return rows, int(left[0]) if left else 0
 
 
 def unread(decision: Decision) -> bool:
@@ -113,6 +136,8 @@ class CatchUp:
         leaves queued, for ``restore``; without one it is dropped."""
         self._store = store
         self._keep = keep
+        self._handed_back: list[Observation] = []  # in hand when close came: kept by it
+        self._order_failed = False  # the last failed call was the order's, not the store's
         self._indexer = indexer
         self._breaker = breaker
         self._clock = clock
@@ -189,10 +214,10 @@ class CatchUp:
     def close(self, drain_s: float = 0.0) -> None:
         """Record what ``drain_s`` allows while the store answers (its breaker closed, and
         no call failing meanwhile: review, a frozen Redis held every stop a full second),
-        keep the rest in ``keep`` for the next start (observed first: no PII is written)
-        and wait (at most ``CLOSE_WAIT_S``: the store bounds one call) for the order being
-        recorded, so the store can be closed after (that one order is neither recorded
-        nor kept when the store does not answer it by then)."""
+        wait (at most ``CLOSE_WAIT_S``: the store bounds one call) for the order in hand,
+        so the store can be closed after, and keep the rest, that one included unless it
+        was recorded, in ``keep`` for the next start (observed first: no PII is written;
+        at most ``KEEP_WAIT_S`` for the database)."""
         with self._cond:
             self._cond.wait_for(
                 lambda: self._idle() or self._failing or self._breaker.is_open,
@@ -209,6 +234,9 @@ class CatchUp:
             thread = self._thread
         if thread is not None:
             thread.join(CLOSE_WAIT_S)
+        with self._cond:
+            left += self._handed_back
+            self._handed_back.clear()
         if self._keep is not None and (left or raw):
             self._save(left + [o for o in map(self._observed, raw) if o is not None])
 
@@ -227,7 +255,7 @@ class CatchUp:
             for o in left
         ]
         try:
-            self._keep.run(lambda tx: tx.executemany(_KEEP, rows), wait_s=KEEP_WAIT_S)
+            self._keep.run(lambda tx: _bounded(tx).executemany(_KEEP, rows), wait_s=KEEP_WAIT_S)
         except Exception as e:
             fields = {"orders": len(rows), "error_type": type(e).__name__}
             _log.warning("orders waiting to be counted were not kept", extra={"fields": fields})
@@ -238,10 +266,16 @@ class CatchUp:
         )
 
     def _load(self, queries: tuple[FeatureQuery, ...]) -> None:
-        """Take the kept orders (rows deleted as they are read) and queue them."""
+        """Take as many kept orders as the queue has room for (rows deleted as they are
+        read; those a day old deleted too) and queue them; the rest stay kept."""
         assert self._keep is not None
+        with self._cond:
+            room = self._max_queued - len(self._orders) - len(self._items) - int(self._busy)
+        expired = self._clock.now() - WITHIN_S
         try:
-            rows = self._keep.run(_take, wait_s=KEEP_WAIT_S)
+            rows, left = self._keep.run(
+                lambda tx: _take(tx, expired, max(room, 0)), wait_s=KEEP_WAIT_S
+            )
         except Exception as e:  # left for the next start
             fields = {"error_type": type(e).__name__}
             _log.warning("kept orders waiting to be counted not read", extra={"fields": fields})
@@ -264,6 +298,12 @@ class CatchUp:
         if rows:
             queued = {"orders": taken, "rows": len(rows)}
             _log.info("kept orders waiting to be counted queued again", extra={"fields": queued})
+        if left:
+            room_left = {"orders": left, "queue_limit": self._max_queued}
+            _log.warning(
+                "kept orders waiting to be counted left for a later start: no room",
+                extra={"fields": room_left},
+            )
 
     def _run(self) -> None:
         retry_at = 0.0  # the store away: no call before then (orders are observed meanwhile)
@@ -312,21 +352,32 @@ class CatchUp:
             if obs is not None and not self._closed.is_set():
                 self._items.append((obs, queries, order.order_id, 0))
             else:
+                if obs is not None:  # close came meanwhile: it keeps what it is handed back
+                    self._handed_back.append(obs)
                 self._ids.discard(order.order_id)
             self._cond.notify_all()
 
     def _next(self, item: _Item) -> bool | None:
         """Record the first observed order: what ``_record`` said. One that cannot be
-        recorded now goes to the back: one order never holds the others back."""
+        recorded now goes to the back: one order never holds the others back.
+
+        A failed call spends one of the order's ``MAX_TRIES`` only when the store answers
+        a call with no keys right after it: the store is up and the order is the trouble.
+        Else the store is away and the orders wait for it, however long (review: an
+        outage with no requests, which would have opened the breaker, used up every
+        order's tries in 20 s, and they were dropped uncounted)."""
         obs, queries, order_id, tries = item
         done = self._record(obs, queries)
+        spent = done is None and self._order_failed
         with self._cond:
             self._busy = False
             self._failing = done is None
-            failed = done is None and tries + 1 < MAX_TRIES
-            if (done is False or failed) and not self._closed.is_set():
-                self._items.append((obs, queries, order_id, tries + int(failed)))
+            kept = done is not True and (not spent or tries + 1 < MAX_TRIES)
+            if kept and not self._closed.is_set():
+                self._items.append((obs, queries, order_id, tries + int(spent)))
             else:
+                if kept:  # close came meanwhile: it keeps what it is handed back
+                    self._handed_back.append(obs)
                 self._ids.discard(order_id)
             self._cond.notify_all()
         return done
@@ -334,7 +385,9 @@ class CatchUp:
     def _record(self, obs: Observation, queries: Collection[FeatureQuery]) -> bool | None:
         """Record one order: True when done with it, False when the store's breaker is
         open (and its probe not free), None when the call failed (it stays queued either
-        way). A call made as the breaker's probe tells the breaker what the store did."""
+        way). A call made as the breaker's probe tells the breaker what the store did;
+        the others do not (the requests' calls judge the store: one order the store
+        cannot take must not open the breaker for the requests)."""
         if self._clock.now() - obs.at >= WITHIN_S:
             return True  # counts in no window any more: dropped
         probe = self._breaker.is_open
@@ -345,6 +398,7 @@ class CatchUp:
         except (UnavailableError, TimeoutError) as e:
             if probe:
                 self._breaker.failure(e)
+            self._order_failed = not probe and self._answers(obs)
             return None
         except OtherContentError:  # a retry with other content was counted meanwhile
             pass
@@ -359,4 +413,12 @@ class CatchUp:
             return True
         if probe:
             self._breaker.success()
+        return True
+
+    def _answers(self, obs: Observation) -> bool:
+        """Whether the store answers a call with no keys (a read: nothing recorded)."""
+        try:
+            self._store.read(Observation(obs.order_id, obs.at, 0), ())
+        except Exception:  # away, or closed at shutdown
+            return False
         return True

@@ -290,12 +290,13 @@ class Scorer:
         self._log.append_event(event)
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Stop the feature workers, count what the catch-up can in ``CLOSE_DRAIN_S``
-        (the rest is dropped: README, what a restart loses) and flush the evidence log
-        (the log stays open)."""
+        """Stop the feature workers, flush the evidence log (it stays open), then count
+        what the catch-up can in ``CLOSE_DRAIN_S`` and keep the rest in the log's database
+        for the next start (the decisions first: review, a held database kept them
+        waiting behind the catch-up's rows)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self.catch_up.close(drain_s=CLOSE_DRAIN_S)
         self._log.flush(timeout_s)
+        self.catch_up.close(drain_s=CLOSE_DRAIN_S)
 
     # -- pieces the batch uses -------------------------------------------------
 

@@ -44,6 +44,7 @@ class Store(InProcessFeatureStore):
         self.entered = threading.Event()
         self.calls: list[str] = []
         self.asked: list[Collection[FeatureQuery]] = []
+        self.down = False  # every call fails, reads too: the store is away
 
     def record_and_read(
         self, obs: Observation, queries: Collection[FeatureQuery]
@@ -51,12 +52,17 @@ class Store(InProcessFeatureStore):
         name = next(o for o in ("bad", "slow", "a", "b", "c", "d", "e") if self._is(obs, o))
         self.calls.append(name)
         self.asked.append(queries)
-        if name in self.failing:
-            raise UnavailableError("feature store: redis TimeoutError")
         if name in self.stalled:
             self.entered.set()
             self.release.wait(5)
+        if name in self.failing or self.down:
+            raise UnavailableError("feature store: redis TimeoutError")
         return super().record_and_read(obs, queries)
+
+    def read(self, obs: Observation, queries: Collection[FeatureQuery]) -> dict[FeatureQuery, int]:
+        if self.down:
+            raise UnavailableError("feature store: redis ConnectionError")
+        return super().read(obs, queries)
 
     def _is(self, obs: Observation, order_id: str) -> bool:
         return obs.order_id == self.indexer.index("order", order_id)
@@ -323,3 +329,70 @@ def test_kept_orders_a_day_old_at_the_next_start_are_dropped(
     assert again.queued() == 0 and store.calls == []
     assert db.query("SELECT COUNT(*) FROM features_catch_up") == [(0,)]
     again.close()
+
+
+def test_with_the_store_away_and_no_requests_orders_wait_however_many_tries_pass(
+    up: CatchUp,
+    store: Store,
+    indexer: BlindIndexer,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review: a restart during an outage, no requests (the breaker stays closed): every
+    failed call spent one of the order's tries and the orders were dropped uncounted in
+    20 s. A failure the store does not answer around (a call with no keys) spends none."""
+    monkeypatch.setattr(catchup, "RETRY_S", 0.001)
+    store.down = True
+    up.submit([(make_order(o), clock.now()) for o in "ab"], QUERIES)
+    deadline = time.monotonic() + 5
+    while len(store.calls) < 3 * catchup.MAX_TRIES and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert len(store.calls) >= 3 * catchup.MAX_TRIES and up.queued() == 2
+    store.down = False
+    assert up.wait(5)
+    assert counted(store, indexer, clock) == 2
+
+
+def test_the_order_in_hand_at_close_is_kept_when_its_call_fails(
+    store: Store, indexer: BlindIndexer, breaker: CircuitBreaker, clock: FakeClock, db: Database
+) -> None:
+    """Review: the order being recorded when close came was neither recorded nor kept."""
+    create_schema(db)
+    up = CatchUp(store, indexer, breaker, clock, keep=db)
+    store.stalled.add("slow")
+    store.failing.add("slow")
+    up.submit([(make_order("slow"), clock.now())], QUERIES)
+    assert store.entered.wait(5)
+    threading.Timer(0.2, store.release.set).start()
+    up.close()
+    assert db.query("SELECT COUNT(*) FROM features_catch_up") == [(1,)]
+
+
+def test_a_start_takes_only_what_its_queue_has_room_for_and_leaves_the_rest(
+    store: Store,
+    indexer: BlindIndexer,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    db: Database,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review: the rows past the queue's limit were deleted and lost (two workers kept
+    10,000 each; the gRPC process took 20,000 and queued 10,000)."""
+    create_schema(db)
+    first = CatchUp(store, indexer, breaker, clock, keep=db)
+    breaker.failure(UnavailableError("down"))
+    first.submit([(make_order(o), clock.now()) for o in "abcde"], QUERIES)
+    assert holding_ends(first, 5)
+    first.close()
+    breaker.success()
+    again = CatchUp(store, indexer, breaker, clock, keep=db, max_queued=3)
+    with caplog.at_level("INFO", logger="riskd.engine.catchup"):
+        again.restore(QUERIES)
+    assert db.query("SELECT COUNT(*) FROM features_catch_up") == [(2,)]
+    assert again.wait(5) and counted(store, indexer, clock) == 3
+    assert any("left for a later start" in r.getMessage() for r in caplog.records)
+    later = CatchUp(store, indexer, breaker, clock, keep=db, max_queued=3)
+    later.restore(QUERIES)
+    assert later.wait(5) and counted(store, indexer, clock) == 5
+    again.close()
+    later.close()
