@@ -35,6 +35,7 @@ import re
 import sqlite3
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -224,6 +225,15 @@ def _pg_options(dsn: str) -> dict[str, Any]:
         "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
     }
     return {k: v for k, v in options.items() if k not in given}
+
+
+def is_postgres(url: str) -> bool:
+    """Whether ``url`` names a PostgreSQL database (by its scheme alone: no parsing).
+
+    >>> is_postgres("postgresql://db/riskd"), is_postgres("sqlite:///x.db"), is_postgres("x.db")
+    (True, False, False)
+    """
+    return url.partition(":")[0].lower().startswith("postgres")
 
 
 def _parse_url(url: str) -> tuple[Dialect, str, str]:
@@ -513,12 +523,21 @@ class Database:
             with self.transaction() as tx:
                 script(tx)
             return
-        if not advisory_lock(self, SCHEMA_LOCK, time.monotonic() + SCHEMA_WAIT_S):
+        if not advisory_lock(self, self.schema_lock, time.monotonic() + SCHEMA_WAIT_S):
             raise UnavailableError("database schema: another process is still creating it")
         try:
             self.run(script)
         finally:
-            self.query("SELECT pg_advisory_unlock(?)", (SCHEMA_LOCK,))
+            self.query("SELECT pg_advisory_unlock(?)", (self.schema_lock,))
+
+    @property
+    def schema_lock(self) -> int:
+        """The advisory lock processes creating this database's tables take turns on: one
+        per ``?schema=`` (review: one for the whole database held starts and CLIs on
+        other schemas behind a slow one)."""
+        if not self._schema:
+            return SCHEMA_LOCK
+        return (SCHEMA_LOCK << 32) | zlib.crc32(self._schema.encode())
 
     def drop_schema(self) -> None:
         """PostgreSQL only: drop this database's ``?schema=`` and everything in it (tests)."""

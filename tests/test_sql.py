@@ -194,3 +194,22 @@ def test_processes_starting_together_on_a_fresh_schema_create_it_once() -> None:
             db = Database(url)
             db.drop_schema()
             db.close()
+
+
+@pytest.mark.postgres
+def test_schema_creation_on_one_schema_does_not_wait_for_another_schemas() -> None:
+    """Review: one schema lock for the whole database: a start held behind another schema's
+    slow creation (or a long transaction its CREATE INDEX waited for) waited too."""
+    busy = Database(f"{PG_URL}?schema=sql_lock_{uuid.uuid4().hex[:10]}")
+    free = Database(f"{PG_URL}?schema=sql_lock_{uuid.uuid4().hex[:10]}")
+    try:
+        busy.query("SELECT pg_advisory_lock(?)", (busy.schema_lock,))  # creating, slowly
+        started = time.monotonic()
+        free.executescript("CREATE TABLE IF NOT EXISTS t (v INTEGER)")
+        assert time.monotonic() - started < 1.0
+        assert busy.schema_lock != free.schema_lock
+    finally:
+        busy.query("SELECT pg_advisory_unlock(?)", (busy.schema_lock,))
+        for db in (busy, free):
+            db.drop_schema()
+            db.close()

@@ -37,10 +37,18 @@ def existing_database(args: argparse.Namespace, configured: Callable[[], str]) -
     """The database URL a command works on: ``--database``, else the configuration's
     (``configured()``), refused unless it is there already (``require_existing``); its
     errors name where the URL came from (``--database`` or ``database_url``)."""
-    from riskd.sql import require_existing
+    from riskd.errors import UnavailableError
+    from riskd.sql import check_postgres_url, is_postgres, require_existing
 
     url = args.database or configured()
-    require_existing(url, "--database" if args.database else "database_url")
+    key = "--database" if args.database else "database_url"
+    if is_postgres(url):
+        check_postgres_url(url, key)  # one libpq cannot read: named, never quoted
+    try:
+        require_existing(url, key)
+    except UnavailableError as e:  # not there: the driver's error by kind, never its text
+        cause = f" ({type(e.__cause__).__name__})" if e.__cause__ is not None else ""
+        raise UnavailableError(f"{key}: {e}{cause}") from e
     return url
 
 
@@ -84,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # grpcio's core writes its own errors (a client's malformed header) straight to stderr
+    # as plain text, outside Python's logging, which writes JSON lines: none unless the
+    # operator asks (README); read when grpc is first imported, which is below
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     # the top-level parser has no options but -h: a serve command starts with "serve"
     held = HeldHangup() if argv[:1] == ["serve"] else None
     try:

@@ -228,7 +228,10 @@ class Scorer:
         Raises:
             InvalidArgumentError: no order id, or a negative total (nothing is counted).
         """
-        return self.score_batch((order,), timeout_s=timeout_s)[0]
+        started = self._clock.monotonic()
+        _check(order, "order")
+        deadline = None if timeout_s is None else started + max(0.0, timeout_s)
+        return _Batch(self, (order,), deadline, started, unary=True).run()[0]
 
     def score_batch(
         self,
@@ -238,6 +241,8 @@ class Scorer:
         refuse_late: bool = False,
     ) -> list[Decision]:
         """Decisions for ``orders``, in order, under one deadline and one program version.
+        Errors name an order as ``orders[i]`` (a batch of one too, as a caller's
+        ``ScoreBatch`` sent it; ``score`` names it ``order``).
 
         An order id that appears twice gets the same decision twice (the second one
         marked ``replayed``); so does an order scored before. With ``refuse_late`` (a
@@ -258,7 +263,7 @@ class Scorer:
                 before it are counted then).
         """
         for i, order in enumerate(orders):
-            _check(order, f"orders[{i}]" if len(orders) > 1 else "order")
+            _check(order, f"orders[{i}]")
         if refuse_late and timeout_s is not None:
             self.refuse_if_late(orders, timeout_s)
         started = self._clock.monotonic()
@@ -643,10 +648,17 @@ class _Batch:
     """One ``score_batch`` call: lead or follow each order's flight, decide the led ones."""
 
     def __init__(
-        self, scorer: Scorer, orders: Sequence[Order], deadline: float | None, started: float
+        self,
+        scorer: Scorer,
+        orders: Sequence[Order],
+        deadline: float | None,
+        started: float,
+        *,
+        unary: bool = False,
     ) -> None:
         self.s = scorer
         self.orders = orders
+        self.unary = unary  # ``score``'s: its order is named ``order``, not ``orders[0]``
         self.ctx = _Context(scorer._rules.current, deadline, started, scorer._clock.now())
         self.out: list[Decision | None] = [None] * len(orders)
         self.first: dict[str, int] = {}  # order id -> index of its first occurrence
@@ -711,7 +723,7 @@ class _Batch:
             raise self._other_content(i)
 
     def _other_content(self, i: int) -> AlreadyExistsError:
-        return scored_for_other_content(f"orders[{i}]" if len(self.orders) > 1 else "order")
+        return scored_for_other_content("order" if self.unary else f"orders[{i}]")
 
     def _lead(self) -> None:
         ids = [self.orders[i].order_id for i, _ in self.led]

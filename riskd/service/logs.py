@@ -40,6 +40,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage() if _ours(record) else _template(record),
         }
+        if not _ours(record) and isinstance(record.args, tuple) and record.args:
+            entry["arg_types"] = [type(a).__name__ for a in record.args]
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             entry.update(fields)
@@ -69,6 +71,7 @@ def configure_logging(level: str = "info", stream: IO[str] | None = None) -> Non
     others = logging.StreamHandler(stream or sys.stderr)
     others.setFormatter(JsonFormatter())
     others.setLevel(logging.WARNING)
+    others.addFilter(_not_noise)
     top = logging.getLogger()
     for old in [h for h in top.handlers if getattr(h, "riskd_json", False)]:
         top.removeHandler(old)
@@ -81,5 +84,19 @@ def _ours(record: logging.LogRecord) -> bool:
 
 
 def _template(record: logging.LogRecord) -> str:
-    """Another library's message without its arguments (they may quote data)."""
-    return record.msg if isinstance(record.msg, str) else type(record.msg).__name__
+    """Another library's message without its arguments (they may quote data); one built
+    before logging an exception (grpc's "Exception calling application: {}".format(e))
+    up to its first ": " (the exception's text may quote data too)."""
+    text = record.msg if isinstance(record.msg, str) else type(record.msg).__name__
+    if record.exc_info and not record.args:
+        text = text.split(": ", 1)[0]
+    return text
+
+
+# other libraries' lines that say nothing an operator can act on: psycopg's, when a
+# pipeline's transaction failed (a serialization failure ``Database.run`` retries)
+_NOISE = frozenset({("psycopg", "error ignored terminating %r: %s")})
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    return (record.name, record.msg) not in _NOISE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -9,27 +10,50 @@ import pytest
 from riskd.cli import main as cli_main
 
 
-@pytest.mark.parametrize(
-    ("command", "status"),
-    [(["ledger", "verify"], 2), (["evidence", "verify"], 2), (["pii", "rotate"], 1)],
+@pytest.fixture(
+    params=[(["ledger", "verify"], 2), (["evidence", "verify"], 2), (["pii", "rotate"], 1)]
 )
+def run(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., int]:
+    """Each command that opens the daemon's database, with the exit status of its errors:
+    ``run(*args)`` is 0 on success, else whether it failed as that command does."""
+    command, status = request.param
+    monkeypatch.chdir(tmp_path)
+    extra = ["--keyring", str(tmp_path / "keyring.json")] if command[0] == "pii" else []
+
+    def call(*args: str) -> int:
+        rc = cli_main([*command, *extra, *args])
+        return -1 if rc == status else rc
+
+    return call
+
+
 def test_a_bad_database_url_parameter_names_where_the_url_came_from(
-    command: list[str],
-    status: int,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
+    run: Callable[..., int], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Review: ``connect_timeout (in the URL ...)`` did not say which setting held the URL;
     the error names ``--database`` or ``database_url`` first, never the URL's password."""
     bad = "postgresql://riskd:s3cret@127.0.0.1:5432/test?connect_timeout=abc"
-    monkeypatch.chdir(tmp_path)
-    keyring = tmp_path / "keyring.json"
-    extra = ["--keyring", str(keyring)] if command[0] == "pii" else []
-    assert cli_main([*command, *extra, "--database", bad]) == status
+    assert run("--database", bad) == -1
     err = capsys.readouterr().err
     assert "--database: connect_timeout (in the URL" in err and "s3cret" not in err
     monkeypatch.setenv("RISKD_DATABASE_URL", bad.replace("?", "?schema=x&"))
-    assert cli_main([*command, *extra]) == status
+    assert run() == -1
     err = capsys.readouterr().err
     assert "database_url: connect_timeout (in the URL" in err and "s3cret" not in err
+
+
+def test_an_unreadable_or_unreachable_database_url_is_named_without_a_traceback(
+    run: Callable[..., int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review: ``postgresql://u:pw@[::1/test`` ended ``riskd ledger verify`` and ``riskd pii
+    rotate`` with a traceback; an unreachable server said only "database unavailable"."""
+    assert run("--database", "postgresql://u:s3cret@[::1/test") == -1
+    err = capsys.readouterr().err
+    assert "--database: not a PostgreSQL URL libpq can read" in err, err
+    assert "s3cret" not in err and "Traceback" not in err
+    assert run("--database", "postgresql://u:s3cret@127.0.0.1:1/test?connect_timeout=2") == -1
+    err = capsys.readouterr().err
+    assert "--database: database unavailable (OperationalError)" in err, err
+    assert "s3cret" not in err

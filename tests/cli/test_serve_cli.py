@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import grpc
 import pytest
@@ -305,3 +309,65 @@ def test_serve_fails_cleanly_on_bad_config(
     args = build_parser().parse_args(["serve"])
     assert args.func(args) == 2
     assert "listen:" in capsys.readouterr().err
+
+
+def _malformed_grpc_call(port: int) -> None:
+    """A raw HTTP/2 call whose ``grpc-encoding`` header grpcio's core refuses (and logs)."""
+
+    def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(payload))[1:]
+            + bytes([kind, flags])
+            + struct.pack(">I", stream)
+            + payload
+        )
+
+    def header(name: str, value: str) -> bytes:
+        return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+
+    headers = b"".join(
+        header(k, v)
+        for k, v in (
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/riskd.v1.ScoringService/Score"),
+            (":authority", "x"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            ("grpc-encoding", "no-such-13912345678"),
+        )
+    )
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+            + frame(4, 0, 0, b"")
+            + frame(1, 4, 1, headers)
+            + frame(0, 1, 1, b"\x00\x00\x00\x00\x00")
+        )
+        s.settimeout(1)
+        with contextlib.suppress(OSError):
+            while s.recv(65536):
+                pass
+
+
+def test_every_stderr_line_is_json_even_when_grpcio_refuses_a_call(tmp_path: Path) -> None:
+    """Review: grpcio's core wrote ``E1127 ... hpack_parser.cc] Error parsing 'grpc-encoding'
+    metadata`` to stderr as plain text, outside the JSON logs, for any client's malformed
+    header; riskd sets ``GRPC_VERBOSITY=NONE`` unless the operator set it."""
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    with mock.patch.dict(os.environ, env, clear=True):
+        daemon = Daemon(tmp_path)
+    try:
+        assert daemon.ready.wait(30), "".join(daemon.lines)
+        _malformed_grpc_call(daemon.port)
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(30) == 0
+    finally:
+        daemon.stop()
+    time.sleep(0.1)  # the reader thread's last lines
+    other = [
+        line
+        for line in daemon.lines
+        if not line.startswith("{") and not line.startswith("riskd serving on")
+    ]
+    assert other == []

@@ -181,5 +181,6 @@ def test_a_batch_entry_waiting_on_a_refused_call_is_named_by_its_index(
     store.release.set()
     leader.join(5)
     follower.join(5)
-    assert str(errors["leader"]).startswith("order.order_id: ")
+    # a ScoreBatch of one names its entry too (review: ``order``, as a unary Score does)
+    assert str(errors["leader"]).startswith("orders[0].order_id: ")
     assert str(errors["follower"]).startswith("orders[1].order_id: "), errors["follower"]

@@ -57,8 +57,14 @@ def test_other_libraries_warnings_are_json_lines_without_their_arguments() -> No
     try:
         configure_logging("info", stream)
         configure_logging("info", stream)  # once more (a reload): one handler, not two
-        logging.getLogger("psycopg").warning("error ignored terminating %r: %s", "P", "13912345678")
+        logging.getLogger("psycopg").warning("connection %s failed: %s", "P", "13912345678")
+        logging.getLogger("psycopg").warning("error ignored terminating %r: %s", "P", "x")
         logging.getLogger("psycopg").info("below warning: not written")
+        phone = "139" + "12345678"  # not in the source lines the traceback quotes
+        try:
+            raise ValueError(f"phone {phone}")
+        except ValueError as e:  # grpc formats the exception into its message
+            logging.getLogger("grpc._server").exception(f"Exception calling application: {e}")
         logging.getLogger("riskd.test").info("ours %s", "with its arguments")
     finally:
         for handler in [h for h in top.handlers if h not in before]:
@@ -68,7 +74,10 @@ def test_other_libraries_warnings_are_json_lines_without_their_arguments() -> No
         logging.getLogger("riskd").setLevel(logging.NOTSET)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [(e["logger"], e["msg"]) for e in lines] == [
-        ("psycopg", "error ignored terminating %r: %s"),
+        ("psycopg", "connection %s failed: %s"),  # the noise after it: filtered out
+        ("grpc._server", "Exception calling application"),
         ("riskd.test", "ours with its arguments"),
     ]
+    assert lines[0]["arg_types"] == ["str", "str"]
+    assert lines[1]["error_type"] == "ValueError"
     assert "13912345678" not in stream.getvalue()
