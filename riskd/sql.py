@@ -127,7 +127,10 @@ def require_existing(url: str, key: str = "database") -> None:
         with _pg_connect(target) as conn:  # the database itself: fails if it is not there
             if not schema:
                 return
-            row = conn.execute("SELECT to_regnamespace(%s) IS NOT NULL", (schema,)).fetchone()
+            # by name as created (quoted: ``Database``), not parsed as an identifier
+            row = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %s)", (schema,)
+            ).fetchone()
     except ConfigError as e:
         raise ConfigError(f"{key}: {e}") from None
     if not row or not row[0]:
@@ -230,10 +233,11 @@ def _pg_options(dsn: str) -> dict[str, Any]:
 def is_postgres(url: str) -> bool:
     """Whether ``url`` names a PostgreSQL database (by its scheme alone: no parsing).
 
-    >>> is_postgres("postgresql://db/riskd"), is_postgres("sqlite:///x.db"), is_postgres("x.db")
-    (True, False, False)
+    >>> [is_postgres(u) for u in ("postgresql://db/riskd", "sqlite:///x.db", "postgres.db")]
+    [True, False, False]
     """
-    return url.partition(":")[0].lower().startswith("postgres")
+    scheme, colon, _ = url.partition(":")
+    return bool(colon) and scheme.lower().startswith("postgres")
 
 
 def _parse_url(url: str) -> tuple[Dialect, str, str]:

@@ -213,3 +213,20 @@ def test_schema_creation_on_one_schema_does_not_wait_for_another_schemas() -> No
         for db in (busy, free):
             db.drop_schema()
             db.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("name", ["Sql_Mixed_{}", "sql.dotted_{}"])
+def test_a_schema_riskd_created_is_found_whatever_its_name(name: str) -> None:
+    """Review: ``require_existing`` parsed the schema as an unquoted identifier: a mixed-case
+    name riskd had created was "not there", a dotted one a traceback (InvalidName)."""
+    from riskd.sql import require_existing
+
+    url = f"{PG_URL}?schema={name.format(uuid.uuid4().hex[:8])}"
+    db = Database(url)
+    try:
+        db.executescript("CREATE TABLE IF NOT EXISTS t (v INTEGER)")
+        require_existing(url, "--database")
+    finally:
+        db.drop_schema()
+        db.close()

@@ -19,13 +19,14 @@ answered them, and again when a retry replays such an answer (an order already q
 not queued twice). While the store's breaker is open the queue waits (``RETRY_S``); an
 order whose call fails goes to the back and the queue waits too (one order never holds
 the others back); it is dropped after ``MAX_TRIES`` failures only if the store answered
-around each (a call with no keys: the order is the trouble), never while the store is
+a read of its keys after each (the order is the trouble), never while the store is
 away; so the orders of an outage are counted once the store answers again, retried by
 their callers or not. ``close`` drains
 the queue while the store answers and keeps what is left in the decision log's database
 (table ``features_catch_up``: observations only, no PII), which the next start takes and
 queues again (``restore``; with several processes on one database, one of them takes
-each row); a crash loses the queue.
+each row; a restored order's retry may queue it once more, counted twice in the backlog
+and the limit, once in the windows); a crash loses the queue.
 Recording is idempotent per order and key (``riskd.features.store``): an order the store
 did record, wholly or in part, is counted once. An order decided more than a day ago
 counts in no window and is dropped; past ``max_queued`` orders waiting, new ones are
@@ -362,7 +363,8 @@ class CatchUp:
         recorded now goes to the back: one order never holds the others back.
 
         A failed call spends one of the order's ``MAX_TRIES`` only when the store answers
-        a call with no keys right after it: the store is up and the order is the trouble.
+        a read of the order's keys right after it: the store is up and the order is the
+        trouble.
         Else the store is away and the orders wait for it, however long (review: an
         outage with no requests, which would have opened the breaker, used up every
         order's tries in 20 s, and they were dropped uncounted)."""
@@ -416,9 +418,11 @@ class CatchUp:
         return True
 
     def _answers(self, obs: Observation) -> bool:
-        """Whether the store answers a call with no keys (a read: nothing recorded)."""
+        """Whether the store answers a read of the order's keys with no queries (nothing
+        recorded; with shards, every shard the order's keys live on: review, a read of
+        the order id's shard alone called a dead shard's orders the trouble)."""
         try:
-            self._store.read(Observation(obs.order_id, obs.at, 0), ())
+            self._store.read(obs, ())
         except Exception:  # away, or closed at shutdown
             return False
         return True

@@ -300,8 +300,10 @@ class Scorer:
         for the next start (the decisions first: review, a held database kept them
         waiting behind the catch-up's rows)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._log.flush(timeout_s)
-        self.catch_up.close(drain_s=CLOSE_DRAIN_S)
+        try:
+            self._log.flush(timeout_s)
+        finally:  # a flush that timed out must not leave the catch-up using the store
+            self.catch_up.close(drain_s=CLOSE_DRAIN_S)
 
     # -- pieces the batch uses -------------------------------------------------
 

@@ -701,8 +701,8 @@ _PART_ENTRY = re.compile(r"(?:orders\[(\d+)\]|order)(?=[.:])")
 def _renumbered(error: RiskdError, indexes: Sequence[int], size: int) -> RiskdError:
     """A worker's refusal of its part of a batch (``indexes``: the caller's index of each
     of the part's orders; ``size``: the caller's batch), naming the caller's entry: the
-    part's ``orders[j]`` (``order`` for a part of one) is the caller's
-    ``orders[indexes[j]]``. Any other error as it is."""
+    part's ``orders[j]`` (or ``order``, as an older worker named a part of one) is the
+    caller's ``orders[indexes[j]]``. Any other error as it is."""
     text = str(error)
     found = _PART_ENTRY.match(text)
     if found is None or size <= 1:

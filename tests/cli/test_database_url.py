@@ -57,3 +57,11 @@ def test_an_unreadable_or_unreachable_database_url_is_named_without_a_traceback(
     err = capsys.readouterr().err
     assert "--database: database unavailable (OperationalError)" in err, err
     assert "s3cret" not in err
+
+
+def test_a_sqlite_file_named_postgres_is_a_sqlite_file(
+    run: Callable[..., int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review: ``--database postgres.db`` (a SQLite path) was taken for a PostgreSQL URL."""
+    assert run("--database", "postgres.db") == -1
+    assert "--database: no database at postgres.db" in capsys.readouterr().err

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Collection, Iterator
+import uuid
+import zlib
+from collections.abc import Callable, Collection, Iterator
 
 import pytest
+import redis
 
 from riskd.domain.clock import FakeClock
 from riskd.domain.features import Agg, FeatureQuery
@@ -21,11 +24,12 @@ from riskd.engine.keys import observe
 from riskd.errors import UnavailableError
 from riskd.evidence.schema import create_schema
 from riskd.features.memory import InProcessFeatureStore
+from riskd.features.redis_store import RedisFeatureStore
 from riskd.features.store import Observation
 from riskd.pii import BlindIndexer
 from riskd.sql import Database
 
-from .conftest import DEVICE, IP, PHONE, STREET, make_order
+from .conftest import DEVICE, IP, PHONE, STREET, Rig, make_order
 
 BUYER_1H = FeatureQuery(Agg.COUNT, "buyer", "1h")
 QUERIES = (BUYER_1H, FeatureQuery(Agg.DISTINCT, "device", "1h", of="buyer"))
@@ -275,7 +279,7 @@ def test_with_no_requests_after_an_outage_the_catch_up_probes_the_store_itself(
     assert not up.wait(0.3) and store.calls == []  # cooling down: not even tried
     clock.advance(1.0)
     deadline = time.monotonic() + 5
-    while not store.calls and time.monotonic() < deadline:
+    while not up._failing and time.monotonic() < deadline:  # the call done, failure told
         time.sleep(0.01)
     assert store.calls == ["a"] and breaker.is_open  # the probe failed: open again
     store.failing.clear()
@@ -396,3 +400,58 @@ def test_a_start_takes_only_what_its_queue_has_room_for_and_leaves_the_rest(
     assert later.wait(5) and counted(store, indexer, clock) == 5
     again.close()
     later.close()
+
+
+def test_a_close_whose_flush_fails_still_stops_and_keeps_the_catch_up(
+    make_rig: Callable[..., Rig], db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: with the decision log flushed first, a flush that timed out (database held)
+    left the catch-up running on the store being closed, and nothing kept."""
+    rig = make_rig(breaker_failures=1)
+    rig.scorer.breaker.failure(UnavailableError("down"))
+    assert rig.scorer.score(make_order("a")).degraded == ("features",)
+
+    def timed_out(timeout_s: float) -> None:
+        raise UnavailableError("decision log flush timed out")
+
+    monkeypatch.setattr(rig.log, "flush", timed_out)
+    with pytest.raises(UnavailableError):
+        rig.scorer.close()
+    thread = rig.scorer.catch_up._thread
+    assert thread is None or not thread.is_alive()
+    assert db.query("SELECT COUNT(*) FROM features_catch_up") == [(1,)]
+
+
+@pytest.mark.redis
+def test_orders_whose_keys_live_on_a_shard_that_is_away_wait_for_it(
+    indexer: BlindIndexer,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review: whether the store answers was asked of the order id's shard alone, so with
+    one shard away (and no requests to open the breaker) its orders were taken for the
+    trouble and dropped after 20 quick tries."""
+    monkeypatch.setattr(catchup, "RETRY_S", 0.001)
+    prefix = f"riskd-test:catchup-shards:{uuid.uuid4().hex}:"
+    store = RedisFeatureStore(
+        ["redis://127.0.0.1:6379/0", "redis://127.0.0.1:1/0"], clock, prefix=prefix, timeout_s=0.2
+    )
+    up = CatchUp(store, indexer, breaker, clock)
+    try:
+        # an order whose own shard (its blind-indexed id's) is the one that answers
+        order_id = next(
+            f"o-{i}"
+            for i in range(100)
+            if zlib.crc32(indexer.index("order", f"o-{i}").encode()) % 2 == 0
+        )
+        up.submit([(make_order(order_id), clock.now())], QUERIES)
+        time.sleep(0.5)  # ~100 tries' worth of failures with the old check
+        assert up.queued() == 1
+    finally:
+        up.close()
+        store.close()
+        client = redis.Redis(port=6379)
+        for key in client.scan_iter(match=prefix + "*", count=1000):
+            client.delete(key)
+        client.close()
