@@ -78,18 +78,22 @@ def test_dead_redis_answers_inside_the_deadline_with_the_fallback_then_recovers(
     # the operator is told once when it went and once when it came back (review: an
     # unreachable or refused redis_url was silent; only the degraded answers showed it)
     said = [
-        (r.levelname, r.getMessage(), r.fields)  # type: ignore[attr-defined]
+        (r.levelname, r.getMessage(), dict(getattr(r, "fields", {})))
         for r in caplog.records
         if r.name == "riskd.engine.breaker"
     ]
-    assert said == [
+    # the error is the refused connection's, or the call's 50 ms bound spent when a loaded
+    # machine (the catch-up's thread beside it) held the call up: the kind, never a text
+    kinds = {"feature store: redis ConnectionError", "feature store: redis TimeoutError"}
+    assert [(level, msg, fields.get("dependency")) for level, msg, fields in said] == [
         (
             "WARNING",
             "dependency unavailable: answering degraded until it answers again",
-            {"dependency": "features", "error": "feature store: redis ConnectionError"},
+            "features",
         ),
-        ("INFO", "dependency answers again", {"dependency": "features"}),
+        ("INFO", "dependency answers again", "features"),
     ]
+    assert said[0][2]["error"] in kinds
     store.close()
 
 
