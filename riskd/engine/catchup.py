@@ -25,8 +25,7 @@ their callers or not. ``close`` drains
 the queue while the store answers and keeps what is left in the decision log's database
 (table ``features_catch_up``: observations only, no PII), which the next start takes and
 queues again (``restore``; with several processes on one database, one of them takes
-each row; a restored order's retry may queue it once more, counted twice in the backlog
-and the limit, once in the windows); a crash loses the queue.
+each row); a crash loses the queue.
 Recording is idempotent per order and key (``riskd.features.store``): an order the store
 did record, wholly or in part, is counted once. An order decided more than a day ago
 counts in no window and is dropped; past ``max_queued`` orders waiting, new ones are
@@ -88,8 +87,8 @@ _LEFT = "SELECT COUNT(*) FROM features_catch_up"
 _log = logging.getLogger("riskd.engine.catchup")
 
 # an order as answered: when it was decided, the distinct queries to record it with
-_Raw = tuple[Order, float, tuple[FeatureQuery, ...]]
-# the same order observed (blind indexes: no PII left), its id, failed calls so far
+_Raw = tuple[Order, float, tuple[FeatureQuery, ...], str]  # ..., its blind-indexed id
+# the same order observed (blind indexes: no PII left), its blind-indexed id, failed calls
 _Item = tuple[Observation, tuple[FeatureQuery, ...], str, int]
 
 
@@ -145,7 +144,9 @@ class CatchUp:
         self._max_queued = max_queued
         self._orders: collections.deque[_Raw] = collections.deque()  # not yet observed
         self._items: collections.deque[_Item] = collections.deque()  # observed
-        self._ids: set[str] = set()  # the order ids queued
+        # the orders queued, by blind-indexed order id (what a kept row has: a restored
+        # order and its retry are one entry)
+        self._ids: set[str] = set()
         self._busy = False  # an order is being observed or recorded (off the lock)
         self._failing = False  # the last store call failed
         self._cond = threading.Condition()
@@ -159,15 +160,21 @@ class CatchUp:
         ``queries`` (the program's: see the module docstring). Never blocks or raises."""
         now = self._clock.now()
         distinct = _distinct(queries)
+        keyed = []
+        for order, at in missed:
+            try:
+                keyed.append((order, at, self._indexer.index("order", order.order_id)))
+            except Exception:  # a bug: never the order's answer (``_observe`` logs such)
+                continue
         with self._cond:
             if self._closed.is_set():
                 return
-            for order, at in missed:
+            for order, at, key in keyed:
                 if self._full():
                     break
-                if now - at < WITHIN_S and order.order_id not in self._ids:
-                    self._ids.add(order.order_id)
-                    self._orders.append((order, at, distinct))
+                if now - at < WITHIN_S and key not in self._ids:
+                    self._ids.add(key)
+                    self._orders.append((order, at, distinct, key))
             if self._orders:
                 self._start()
 
@@ -242,7 +249,7 @@ class CatchUp:
             self._save(left + [o for o in map(self._observed, raw) if o is not None])
 
     def _observed(self, raw: _Raw) -> Observation | None:
-        order, at, _ = raw
+        order, at, _, _ = raw
         try:
             return observe(order, self._indexer, at)
         except Exception:  # a bug: never the order (``_observe`` logs it)
@@ -338,7 +345,9 @@ class CatchUp:
             elif self._closed.wait(max(PACE_S, time.monotonic() - started)):
                 return
 
-    def _observe(self, order: Order, at: float, queries: tuple[FeatureQuery, ...]) -> None:
+    def _observe(
+        self, order: Order, at: float, queries: tuple[FeatureQuery, ...], key: str
+    ) -> None:
         """Blind-index ``order`` (its PII no longer kept) and queue it to be recorded."""
         try:
             obs = observe(order, self._indexer, at)
@@ -351,11 +360,11 @@ class CatchUp:
         with self._cond:
             self._busy = False
             if obs is not None and not self._closed.is_set():
-                self._items.append((obs, queries, order.order_id, 0))
+                self._items.append((obs, queries, key, 0))
             else:
                 if obs is not None:  # close came meanwhile: it keeps what it is handed back
                     self._handed_back.append(obs)
-                self._ids.discard(order.order_id)
+                self._ids.discard(key)
             self._cond.notify_all()
 
     def _next(self, item: _Item) -> bool | None:

@@ -116,6 +116,17 @@ def test_orders_past_the_limit_are_dropped_and_queued_again_by_a_retry(
     assert {tuple(q) for q in store.asked} == {QUERIES[1:]}
 
 
+def kept_while_away(up: CatchUp, breaker: CircuitBreaker, clock: FakeClock, ids: str) -> None:
+    """Orders ``ids`` (one letter each) answered while the store was away, then ``up``
+    closed: kept in its database (its evidence schema created first)."""
+    assert up._keep is not None
+    create_schema(up._keep)
+    breaker.failure(UnavailableError("down"))
+    up.submit([(make_order(o), clock.now()) for o in ids], QUERIES)
+    assert holding_ends(up, 5)
+    up.close()
+
+
 def holding_ends(up: CatchUp, within_s: float) -> bool:
     deadline = time.monotonic() + within_s
     while up.holding() and time.monotonic() < deadline:
@@ -320,12 +331,7 @@ def test_what_close_leaves_is_kept_without_pii_and_the_next_start_counts_it(
 def test_kept_orders_a_day_old_at_the_next_start_are_dropped(
     store: Store, indexer: BlindIndexer, breaker: CircuitBreaker, clock: FakeClock, db: Database
 ) -> None:
-    create_schema(db)
-    first = CatchUp(store, indexer, breaker, clock, keep=db)
-    breaker.failure(UnavailableError("down"))
-    first.submit([(make_order("a"), clock.now())], QUERIES)
-    assert holding_ends(first, 5)
-    first.close()
+    kept_while_away(CatchUp(store, indexer, breaker, clock, keep=db), breaker, clock, "a")
     clock.advance(catchup.WITHIN_S)
     breaker.success()
     again = CatchUp(store, indexer, breaker, clock, keep=db)
@@ -382,12 +388,7 @@ def test_a_start_takes_only_what_its_queue_has_room_for_and_leaves_the_rest(
 ) -> None:
     """Review: the rows past the queue's limit were deleted and lost (two workers kept
     10,000 each; the gRPC process took 20,000 and queued 10,000)."""
-    create_schema(db)
-    first = CatchUp(store, indexer, breaker, clock, keep=db)
-    breaker.failure(UnavailableError("down"))
-    first.submit([(make_order(o), clock.now()) for o in "abcde"], QUERIES)
-    assert holding_ends(first, 5)
-    first.close()
+    kept_while_away(CatchUp(store, indexer, breaker, clock, keep=db), breaker, clock, "abcde")
     breaker.success()
     again = CatchUp(store, indexer, breaker, clock, keep=db, max_queued=3)
     with caplog.at_level("INFO", logger="riskd.engine.catchup"):
@@ -455,3 +456,19 @@ def test_orders_whose_keys_live_on_a_shard_that_is_away_wait_for_it(
         for key in client.scan_iter(match=prefix + "*", count=1000):
             client.delete(key)
         client.close()
+
+
+def test_a_restored_order_and_its_retry_are_one_entry(
+    store: Store, indexer: BlindIndexer, breaker: CircuitBreaker, clock: FakeClock, db: Database
+) -> None:
+    """Review: restored orders were queued by their blind-indexed id and retries by their
+    plain id, so a retry of a restored order sat in the queue twice (the backlog metric
+    and the limit counted it twice; recorded once)."""
+    kept_while_away(CatchUp(store, indexer, breaker, clock, keep=db), breaker, clock, "a")
+    again = CatchUp(store, indexer, breaker, clock, keep=db)
+    again.restore(QUERIES)
+    again.submit([(make_order("a"), clock.now())], QUERIES)  # its retry, replayed degraded
+    assert again.queued() == 1
+    breaker.success()
+    assert again.wait(5) and counted(store, indexer, clock) == 1
+    again.close()
