@@ -137,6 +137,7 @@ class CatchUp:
         self._store = store
         self._keep = keep
         self._handed_back: list[Observation] = []  # in hand when close came: kept by it
+        self._in_hand: Observation | None = None  # the order whose store call is out
         self._order_failed = False  # the last failed call was the order's, not the store's
         self._indexer = indexer
         self._breaker = breaker
@@ -224,8 +225,9 @@ class CatchUp:
         no call failing meanwhile: review, a frozen Redis held every stop a full second),
         wait (at most ``CLOSE_WAIT_S``: the store bounds one call) for the order in hand,
         so the store can be closed after, and keep the rest, that one included unless it
-        was recorded, in ``keep`` for the next start (observed first: no PII is written;
-        at most ``KEEP_WAIT_S`` for the database)."""
+        was recorded (or still out after that wait: kept as well), in ``keep`` for the
+        next start (observed first: no PII is written; at most ``KEEP_WAIT_S`` for the
+        database)."""
         with self._cond:
             self._cond.wait_for(
                 lambda: self._idle() or self._failing or self._breaker.is_open,
@@ -245,6 +247,8 @@ class CatchUp:
         with self._cond:
             left += self._handed_back
             self._handed_back.clear()
+            if self._in_hand is not None:  # its call still out: kept too (recording is
+                left.append(self._in_hand)  # idempotent, should that call land after all)
         if self._keep is not None and (left or raw):
             self._save(left + [o for o in map(self._observed, raw) if o is not None])
 
@@ -378,10 +382,13 @@ class CatchUp:
         outage with no requests, which would have opened the breaker, used up every
         order's tries in 20 s, and they were dropped uncounted)."""
         obs, queries, order_id, tries = item
+        with self._cond:
+            self._in_hand = obs
         done = self._record(obs, queries)
         spent = done is None and self._order_failed
         with self._cond:
             self._busy = False
+            self._in_hand = None
             self._failing = done is None
             kept = done is not True and (not spent or tries + 1 < MAX_TRIES)
             if kept and not self._closed.is_set():

@@ -472,3 +472,26 @@ def test_a_restored_order_and_its_retry_are_one_entry(
     breaker.success()
     assert again.wait(5) and counted(store, indexer, clock) == 1
     again.close()
+
+
+def test_the_order_whose_call_outlasts_closes_wait_is_kept(
+    store: Store,
+    indexer: BlindIndexer,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review: the order whose store call was still out when close stopped waiting for it
+    was neither recorded nor kept."""
+    monkeypatch.setattr(catchup, "CLOSE_WAIT_S", 0.2)
+    create_schema(db)
+    up = CatchUp(store, indexer, breaker, clock, keep=db)
+    store.stalled.add("slow")
+    up.submit([(make_order("slow"), clock.now())], QUERIES)
+    assert store.entered.wait(5)
+    try:
+        up.close()
+        assert db.query("SELECT COUNT(*) FROM features_catch_up") == [(1,)]
+    finally:
+        store.release.set()
