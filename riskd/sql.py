@@ -523,14 +523,30 @@ class Database:
                 if stmt:
                     tx.execute(stmt)
 
+        with self.schema_turn():
+            if self.dialect == "postgres":
+                self.run(script)
+            else:
+                with self.transaction() as tx:
+                    script(tx)
+
+    @contextmanager
+    def schema_turn(self, what: str = "database schema") -> Iterator[None]:
+        """On PostgreSQL, hold this schema's creation lock (``schema_lock``, a session
+        advisory lock taken before any transaction begins, so it comes before the
+        transaction's snapshot) while creating tables; nothing to hold on SQLite.
+
+        Raises:
+            UnavailableError: another process held it for ``SCHEMA_WAIT_S`` (``what``
+                names the tables in the message).
+        """
         if self.dialect != "postgres":
-            with self.transaction() as tx:
-                script(tx)
+            yield
             return
         if not advisory_lock(self, self.schema_lock, time.monotonic() + SCHEMA_WAIT_S):
-            raise UnavailableError("database schema: another process is still creating it")
+            raise UnavailableError(f"{what}: another process is still creating it")
         try:
-            self.run(script)
+            yield
         finally:
             self.query("SELECT pg_advisory_unlock(?)", (self.schema_lock,))
 

@@ -188,9 +188,13 @@ class CatchUp:
         if self._keep is not None:
             self._load(_distinct(queries))
 
+    def _count(self) -> int:
+        """Orders queued, the one in hand included (called holding ``_cond``)."""
+        return len(self._orders) + len(self._items) + int(self._busy)
+
     def _full(self) -> bool:
         """No room for another order (called holding ``_cond``)."""
-        return len(self._orders) + len(self._items) + int(self._busy) >= self._max_queued
+        return self._count() >= self._max_queued
 
     def _start(self) -> None:
         """Start the thread if it is not running, and wake it (holding ``_cond``)."""
@@ -204,7 +208,7 @@ class CatchUp:
     def queued(self) -> int:
         """Orders waiting (and the one being observed or recorded)."""
         with self._cond:
-            return len(self._orders) + len(self._items) + int(self._busy)
+            return self._count()
 
     def holding(self) -> int:
         """Orders queued as they came, PII and all, not yet observed (blind-indexed)."""
@@ -282,7 +286,7 @@ class CatchUp:
         read; those a day old deleted too) and queue them; the rest stay kept."""
         assert self._keep is not None
         with self._cond:
-            room = self._max_queued - len(self._orders) - len(self._items) - int(self._busy)
+            room = self._max_queued - self._count()
         expired = self._clock.now() - WITHIN_S
         try:
             rows, left = self._keep.run(

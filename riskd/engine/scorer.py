@@ -228,10 +228,8 @@ class Scorer:
         Raises:
             InvalidArgumentError: no order id, or a negative total (nothing is counted).
         """
-        started = self._clock.monotonic()
         _check(order, "order")
-        deadline = None if timeout_s is None else started + max(0.0, timeout_s)
-        return _Batch(self, (order,), deadline, started, unary=True).run()[0]
+        return self._run((order,), timeout_s, unary=True)[0]
 
     def score_batch(
         self,
@@ -266,9 +264,15 @@ class Scorer:
             _check(order, f"orders[{i}]")
         if refuse_late and timeout_s is not None:
             self.refuse_if_late(orders, timeout_s)
+        return self._run(orders, timeout_s)
+
+    def _run(
+        self, orders: Sequence[Order], timeout_s: float | None, *, unary: bool = False
+    ) -> list[Decision]:
+        """Score ``orders`` (checked) under one deadline from now."""
         started = self._clock.monotonic()
         deadline = None if timeout_s is None else started + max(0.0, timeout_s)
-        return _Batch(self, orders, deadline, started).run()
+        return _Batch(self, orders, deadline, started, unary=unary).run()
 
     def refuse_if_late(self, orders: Sequence[Order], timeout_s: float) -> None:
         """Refuse a batch that ``timeout_s`` cannot answer: under ``answer_time_s`` of its

@@ -30,7 +30,7 @@ from riskd.errors import (
 from riskd.ledger.accounts import PLATFORM_ACCOUNTS, Account, Kind, Limit
 from riskd.ledger.codes import Code
 from riskd.ledger.transfers import Transfer
-from riskd.sql import SCHEMA_WAIT_S, Database, Row, Tx, advisory_lock
+from riskd.sql import Database, Row, Tx, advisory_lock
 
 T = TypeVar("T")
 LEDGER_WRITER_LOCK = 0x7269736B_6C656467  # "riskledg": the ledger's one-writer advisory lock
@@ -283,7 +283,8 @@ class LedgerStore:
         running writer.
 
         Raises:
-            UnavailableError: another process held the schema lock for ``SCHEMA_WAIT_S``.
+            UnavailableError: another process held the schema lock for ``SCHEMA_WAIT_S``
+                (``riskd.sql``).
         """
 
         def create(tx: Tx) -> None:
@@ -297,15 +298,8 @@ class LedgerStore:
             for account_id, kind in PLATFORM_ACCOUNTS.items():
                 self.create_account(tx, account_id, kind, "", now)
 
-        if self.db.dialect != "postgres":
+        with self.db.schema_turn("ledger schema"):
             self.db.run(create)
-            return
-        if not advisory_lock(self.db, self.db.schema_lock, time.monotonic() + SCHEMA_WAIT_S):
-            raise UnavailableError("ledger schema: another process is still creating it")
-        try:
-            self.db.run(create)
-        finally:
-            self.db.query("SELECT pg_advisory_unlock(?)", (self.db.schema_lock,))
 
     # -- writes ---------------------------------------------------------------------------
 

@@ -695,19 +695,18 @@ class _Recent:
         return decision
 
 
-_PART_ENTRY = re.compile(r"(?:orders\[(\d+)\]|order)(?=[.:])")
+_PART_ENTRY = re.compile(r"orders\[(\d+)\](?=[.:])")
 
 
 def _renumbered(error: RiskdError, indexes: Sequence[int], size: int) -> RiskdError:
     """A worker's refusal of its part of a batch (``indexes``: the caller's index of each
     of the part's orders; ``size``: the caller's batch), naming the caller's entry: the
-    part's ``orders[j]`` (or ``order``, as an older worker named a part of one) is the
-    caller's ``orders[indexes[j]]``. Any other error as it is."""
+    part's ``orders[j]`` is the caller's ``orders[indexes[j]]``. Any other error as it is."""
     text = str(error)
     found = _PART_ENTRY.match(text)
     if found is None or size <= 1:
         return error
-    j = int(found.group(1) or 0)
+    j = int(found.group(1))
     if j >= len(indexes):
         return error
     where = f"orders[{indexes[j]}]"

@@ -91,6 +91,12 @@ def up(
     made.close()
 
 
+@pytest.fixture
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing store is tried again after 1 ms rather than a second."""
+    monkeypatch.setattr(catchup, "RETRY_S", 0.001)
+
+
 def counted(store: Store, indexer: BlindIndexer, clock: FakeClock) -> int:
     probe = observe(make_order("probe"), indexer, clock.now())
     return store.read(probe, [BUYER_1H])[BUYER_1H]
@@ -160,9 +166,8 @@ def test_a_failing_order_goes_to_the_back_and_is_given_up_after_max_tries(
     store: Store,
     indexer: BlindIndexer,
     clock: FakeClock,
-    monkeypatch: pytest.MonkeyPatch,
+    quick_retries: None,
 ) -> None:
-    monkeypatch.setattr(catchup, "RETRY_S", 0.001)
     store.failing.add("bad")
     up.submit([(make_order(o), clock.now()) for o in ("bad", "a", "b")], QUERIES)
     assert up.wait(5)
@@ -346,12 +351,11 @@ def test_with_the_store_away_and_no_requests_orders_wait_however_many_tries_pass
     store: Store,
     indexer: BlindIndexer,
     clock: FakeClock,
-    monkeypatch: pytest.MonkeyPatch,
+    quick_retries: None,
 ) -> None:
     """Review: a restart during an outage, no requests (the breaker stays closed): every
     failed call spent one of the order's tries and the orders were dropped uncounted in
     20 s. A failure the store does not answer around (a call with no keys) spends none."""
-    monkeypatch.setattr(catchup, "RETRY_S", 0.001)
     store.down = True
     up.submit([(make_order(o), clock.now()) for o in "ab"], QUERIES)
     deadline = time.monotonic() + 5
@@ -428,12 +432,11 @@ def test_orders_whose_keys_live_on_a_shard_that_is_away_wait_for_it(
     indexer: BlindIndexer,
     breaker: CircuitBreaker,
     clock: FakeClock,
-    monkeypatch: pytest.MonkeyPatch,
+    quick_retries: None,
 ) -> None:
     """Review: whether the store answers was asked of the order id's shard alone, so with
     one shard away (and no requests to open the breaker) its orders were taken for the
     trouble and dropped after 20 quick tries."""
-    monkeypatch.setattr(catchup, "RETRY_S", 0.001)
     prefix = f"riskd-test:catchup-shards:{uuid.uuid4().hex}:"
     store = RedisFeatureStore(
         ["redis://127.0.0.1:6379/0", "redis://127.0.0.1:1/0"], clock, prefix=prefix, timeout_s=0.2
