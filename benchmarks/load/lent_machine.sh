@@ -14,7 +14,8 @@
 #   # and .rbin/redis-server: a wrapper that runs redis-server.bin with LD_LIBRARY_PATH=lib
 # Then run it there with carry [".whl", ".rbin"]:  bash benchmarks/load/lent_machine.sh
 # Results land in $OUT. SKIP_COST=1 leaves out redis_cost.py, SKIP_WORKERS=1 stops after
-# run.py; S, RATE, NW, NP, SHARDS (Redis shards for workers.py) tune the runs. RATE=half
+# run.py; S, RATE, NW, NP, SHARDS (Redis shards for workers.py), SECOND_CPUS (run.py's second
+# server process; default 1) tune the runs. RATE=half
 # drives workers.py's open-loop rows at half the one-process unary rate run.py just measured
 # (the p99 row: "at half of that rate", several processes if that is what it takes).
 set -u
@@ -31,7 +32,7 @@ nproc; $PY -V; redis-server --version
 [ -z "${SKIP_COST:-}" ] && echo "== redis_cost" && timeout 100 $PY benchmarks/load/redis_cost.py --against "$AGAINST" --rounds 3 --warm 10000 \
   --orders 4000 2>&1 | tee "$OUT/redis_cost.log"
 echo "== run.py"
-timeout 170 $PY benchmarks/load/run.py --seconds "$S" --server-cpus 0 --second-server-cpus 1 \
+timeout 170 $PY benchmarks/load/run.py --seconds "$S" --server-cpus 0 --second-server-cpus "${SECOND_CPUS:-1}" \
   --client-cpus 4-13 --processes "$NP" --out "$OUT/run.json" 2>&1 | tee "$OUT/run.log"
 [ -n "${SKIP_WORKERS:-}" ] && exit 0
 if [ "$RATE" = half ]; then

@@ -10,7 +10,8 @@ redis-server (features) and the SQLite evidence log on:
 3. ``riskd serve`` at half of (2)'s rate, open loop: p50/p99 latency;
 4. ``ScoreBatch`` of 64: orders/s, against the in-process scoring path
    (``Scorer.score`` in a loop: rules + features + log, no gRPC);
-5. two ``riskd serve`` processes sharing one port (SO_REUSEPORT), several channels;
+5. two ``riskd serve`` processes sharing one port (SO_REUSEPORT), several channels, on
+   the one redis-server and again on two shards (whether one Redis held the row back);
 6. ``h2load`` (when installed) on the bare server and on riskd: the same request
    body every time, so on riskd it measures the idempotent replay path.
 
@@ -367,24 +368,78 @@ def run_all(
     print(json.dumps({"batch_to_inprocess": inproc["batch_ratio"]}), flush=True)
     rows.append(inproc)
 
+    second_cpus = cpu_set(args.second_server_cpus) if args.second_server_cpus else server_cpus
+    rows.append(
+        two_processes(
+            work,
+            rules,
+            [redis_port],
+            redis_pids,
+            (server_cpus, second_cpus),
+            load,
+            "sharing the port",
+        )
+    )
+    # the same with two redis-server shards: whether one Redis was what held the row back
+    port2 = free_port()
+    redis_cmd = ["redis-server", "--port", str(port2), "--save", "", "--appendonly", "no"]
+    with process(redis_cmd, client_cpus, port=port2) as pids2:
+        rows.append(
+            two_processes(
+                work,
+                rules,
+                [redis_port, port2],
+                redis_pids + pids2,
+                (server_cpus, second_cpus),
+                load,
+                "on 2 Redis shards",
+            )
+        )
+    return rows
+
+
+def two_processes(
+    work: Path,
+    rules: Path,
+    redis_ports: list[int],
+    redis_pids: list[int],
+    cpus: tuple[set[int], set[int]],
+    load: dict[str, Any],
+    name: str,
+) -> dict[str, Any]:
+    """Two ``riskd serve`` processes on one port (SO_REUSEPORT), ``redis_ports`` their
+    feature store's shards (``redis_pids`` their servers); the row reports the CPU share of
+    each process and the CPU per call of every redis-server together."""
     port = free_port()
     cmd = riskd_cmd(port)
-    second_cpus = cpu_set(args.second_server_cpus) if args.second_server_cpus else server_cpus
+    tag = f"s{len(redis_ports)}"
     with (
-        process(cmd, server_cpus, riskd_env(work, rules, redis_port, "a"), port=port) as a,
-        process(cmd, second_cpus, riskd_env(work, rules, redis_port, "b")) as b,
+        process(cmd, cpus[0], riskd_env(work, rules, redis_ports, f"a{tag}"), port=port) as a,
+        process(cmd, cpus[1], riskd_env(work, rules, redis_ports, f"b{tag}")) as b,
     ):
         time.sleep(3)
         target = f"127.0.0.1:{port}"
-        run_load(target, tag="warm2", **{**load, "seconds": 2, "channels": 8})
+        run_load(target, tag=f"warm2{tag}", **{**load, "seconds": 2, "channels": 8})
         before = [cpu_seconds(p) for p in a + b]
-        r, cpu = measured(a + b, lambda: run_load(target, tag="two", **{**load, "channels": 8}))
-        row = report("riskd, two processes sharing the port", r, cpu)
+        redis0 = sum(cpu_seconds(p) for p in redis_pids)
+        r, cpu = measured(
+            a + b, lambda: run_load(target, tag=f"two{tag}", **{**load, "channels": 8})
+        )
+        row = report(f"riskd, two processes {name}", r, cpu)
         shares = [cpu_seconds(p) - c0 for p, c0 in zip(a + b, before, strict=True)]
         row["cpu_share_per_process"] = [round(x / max(sum(shares), 1e-9), 3) for x in shares]
-        print(json.dumps({"cpu_share_per_process": row["cpu_share_per_process"]}), flush=True)
-        rows.append(row)
-    return rows
+        redis_cpu = sum(cpu_seconds(p) for p in redis_pids) - redis0
+        row["redis_cpu_us_per_call"] = round(1e6 * redis_cpu / max(r.calls, 1), 1)
+        print(
+            json.dumps(
+                {
+                    "cpu_share_per_process": row["cpu_share_per_process"],
+                    "redis_cpu_us_per_call": row["redis_cpu_us_per_call"],
+                }
+            ),
+            flush=True,
+        )
+        return row
 
 
 if __name__ == "__main__":

@@ -862,7 +862,11 @@ def test_a_stopped_worker_holds_no_rpc_threads_and_is_killed_and_replaced(
             for t in callers:
                 t.join()
             assert not failed, (len(failed), len(answered), failed[:3])
-            assert all(elapsed < deadline for _, elapsed, _ in answered)
+            # gRPC enforces the deadline itself (an answer after it is DEADLINE_EXCEEDED, in
+            # `failed`); what a caller measures adds its own wake-up in this busy process
+            # (once in a full run on 2 cores an answered call read 0.6 s or more)
+            late = sorted(round(t, 3) for _, t, _ in answered if t >= deadline + 0.1)
+            assert not late, (late, len(answered))
             assert max(health_s) < 0.2, health_s
             assert eventually(lambda: pool.pids()[0] not in (None, victim) and _alive(pool, 0), 30)
         finally:
