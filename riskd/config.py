@@ -241,18 +241,22 @@ def load_config(
         _from_env(os.environ if env is None else env),
         overrides,
     ):
-        _coerce_layer(layer)  # a bad value is refused even where a later layer replaces it
+        # a bad value is refused even where a later layer replaces it (review: only its
+        # type was, so a file with `deadline_ms = -1` started while RISKD_DEADLINE_MS was set)
+        _check_each(replace(Config(), **_coerce_layer(layer)))
         _merge(values, layer)
     return _build(values)
 
 
-def _coerce_layer(layer: Mapping[str, Any]) -> None:
-    """Type-check one layer's values (``_build`` checks the merged ones and their limits)."""
+def _coerce_layer(layer: Mapping[str, Any]) -> dict[str, Any]:
+    """One layer's values of known keys, type-checked (``_build`` refuses unknown keys)."""
     known = {f.name for f in fields(Config)}
+    coerced = {}
     for key, raw in layer.items():
         if key in known:
             coerce: Callable[[Any, str], Any] = _COERCE.get(key, _coerce_str)
-            coerce(raw, key)
+            coerced[key] = coerce(raw, key)
+    return coerced
 
 
 def _merge(values: dict[str, Any], layer: Mapping[str, Any]) -> None:
@@ -463,6 +467,19 @@ _COERCE: dict[str, Callable[[Any, str], Any]] = {
 
 
 def _check(config: Config) -> None:
+    _check_each(config)
+    if config.score_workers and not config.redis_url:
+        raise ConfigError(
+            "score_workers: needs redis_url (worker processes must share velocity counters)"
+        )
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ConfigError("tls_cert: tls_cert and tls_key must be given together")
+    if config.tls_client_ca is not None and config.tls_cert is None:
+        raise ConfigError("tls_client_ca: needs tls_cert and tls_key")
+
+
+def _check_each(config: Config) -> None:
+    """The limits of each value on its own (the defaults meet them)."""
     _check_listen(config.listen)
     _positive(config, "deadline_ms", "redis_timeout_ms", "max_batch", "max_message_bytes")
     _positive(config, "workers", "reload_interval_s")
@@ -498,16 +515,8 @@ def _check(config: Config) -> None:
     _check_database_url(config.database_url)
     if not 0 <= config.score_workers <= MAX_SCORE_WORKERS:
         raise ConfigError(f"score_workers: must be between 0 and {MAX_SCORE_WORKERS}")
-    if config.score_workers and not config.redis_url:
-        raise ConfigError(
-            "score_workers: needs redis_url (worker processes must share velocity counters)"
-        )
     if not 1 <= config.evidence_flush_ms <= MAX_EVIDENCE_FLUSH_MS:
         raise ConfigError(f"evidence_flush_ms: must be between 1 and {MAX_EVIDENCE_FLUSH_MS}")
-    if (config.tls_cert is None) != (config.tls_key is None):
-        raise ConfigError("tls_cert: tls_cert and tls_key must be given together")
-    if config.tls_client_ca is not None and config.tls_cert is None:
-        raise ConfigError("tls_client_ca: needs tls_cert and tls_key")
 
 
 def _positive(config: Config, *keys: str) -> None:
@@ -518,7 +527,8 @@ def _positive(config: Config, *keys: str) -> None:
 
 def _check_listen(listen: str) -> None:
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    # ASCII digits only: str.isdigit takes other scripts' (review: Arabic-Indic ones passed)
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ConfigError("listen: expected HOST:PORT (e.g. 127.0.0.1:50051)")
 
 
@@ -538,7 +548,7 @@ def _check_redis_url(url: str, where: str) -> None:
     db = parse_qs(parts.query).get("db", [""])[-1]
     if parts.scheme != "unix" and not db:
         db = unquote(parts.path).replace("/", "")
-    if db and not db.isdigit():
+    if db and not (db.isascii() and db.isdigit()):
         raise ConfigError(f"{where}: the database must be a number (e.g. redis://host:6379/0)")
 
 

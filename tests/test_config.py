@@ -83,6 +83,10 @@ def test_file_then_environment_override(tmp_path: Path) -> None:
         ({"RISKD_REDIS_URL": "redis://127.0.0.1:0"}, "redis_url"),
         ({"RISKD_REDIS_URL": "redis://a:1/0,redis://b:1/zero"}, "redis_url"),
         ({"RISKD_REDIS_URL": "redis://a:1?db=x"}, "redis_url"),
+        # review: str.isdigit takes digits of other scripts (the bind failed after the
+        # data folder and keyring were made); "\u0665" is ARABIC-INDIC DIGIT FIVE
+        ({"RISKD_LISTEN": "127.0.0.1:\u0665\u0661\u0667"}, "listen"),
+        ({"RISKD_REDIS_URL": "redis://a:1/\u0665"}, "redis_url"),
         ({"RISKD_REDIS_URL": "unix://"}, "redis_url"),
         ({"RISKD_MAX_MESSAGE_BYTES": "536870912"}, "max_message_bytes"),
         ({"RISKD_DRAIN_NOTICE_MS": "-1"}, "drain_notice_ms"),
@@ -149,6 +153,37 @@ def test_a_bad_value_in_the_file_is_refused_even_where_the_environment_replaces_
     path.write_text("listen = 50051\n")
     with pytest.raises(ConfigError, match=r"^listen: expected a string"):
         load_config(path, env={}, listen="127.0.0.1:50051")  # riskd serve --listen
+
+
+@pytest.mark.parametrize(
+    ("line", "env", "key"),
+    [
+        ("deadline_ms = -1", {"RISKD_DEADLINE_MS": "100"}, "deadline_ms"),
+        ("redis_timeout_ms = 0", {"RISKD_REDIS_TIMEOUT_MS": "50"}, "redis_timeout_ms"),
+        ('listen = "nonsense"', {"RISKD_LISTEN": "127.0.0.1:6000"}, "listen"),
+        ('redis_url = "http://example"', {"RISKD_REDIS_URL": "redis://a:1/0"}, "redis_url"),
+        ('log_level = "loud"', {"RISKD_LOG_LEVEL": "info"}, "log_level"),
+        ("metrics_port = 99999", {"RISKD_METRICS_PORT": "9464"}, "metrics_port"),
+    ],
+)
+def test_a_value_out_of_its_limits_in_the_file_is_refused_where_the_environment_replaces_it(
+    tmp_path: Path, line: str, env: dict[str, str], key: str
+) -> None:
+    """Review: only the file's types were checked layer by layer, its limits only once
+    merged, so each of these started (README: every bad value is refused at start)."""
+    path = tmp_path / "riskd.toml"
+    path.write_text(line + "\n")
+    with pytest.raises(ConfigError, match=rf"^{key}: "):
+        load_config(path, env=env)
+
+
+def test_settings_that_need_each_other_may_come_from_different_layers(tmp_path: Path) -> None:
+    path = tmp_path / "riskd.toml"
+    path.write_text("score_workers = 2\n")
+    config = load_config(path, env={"RISKD_REDIS_URL": "redis://127.0.0.1:6379/0"})
+    assert config.score_workers == 2
+    with pytest.raises(ConfigError, match=r"^score_workers: needs redis_url"):
+        load_config(path, env={})
 
 
 def test_unreadable_or_malformed_file(tmp_path: Path) -> None:

@@ -215,6 +215,10 @@ class Scorer:
         self._flights = Flights[Decision]()
         self._rule_error_logged: dict[str, float] = {}  # rule id -> when last logged
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, "riskd-features")
+        # the remote log's lookups have threads of their own: feature calls left on a hung
+        # Redis hold theirs until its socket timeout, and lookups queued behind them timed
+        # out, blaming (and opening the breaker of) a healthy database
+        self._lookups = concurrent.futures.ThreadPoolExecutor(workers, "riskd-log-lookup")
         # orders answered without their features, counted afterwards (``catchup``); what an
         # earlier process left queued at its close is taken from the log's database
         self.catch_up = CatchUp(features, indexer, self.breaker, clock, keep=log.db)
@@ -304,6 +308,7 @@ class Scorer:
         for the next start (the decisions first: review, a held database kept them
         waiting behind the catch-up's rows)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._lookups.shutdown(wait=False, cancel_futures=True)
         try:
             self._log.flush(timeout_s)
         finally:  # a flush that timed out must not leave the catch-up using the store
@@ -335,7 +340,8 @@ class Scorer:
             if budget is None or not self._remote_log:
                 records = self._log.get_many(rest)
             else:
-                records = self._pool.submit(self._log.get_many, rest).result(timeout=budget / 2)
+                job = self._lookups.submit(self._log.get_many, rest)
+                records = job.result(timeout=budget / 2)
         except Exception as e:  # down or slow: score anyway, the store counts each order once
             self.log_breaker.failure(e)
             return found, False

@@ -135,8 +135,8 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         return timeout_s if deadline is None else deadline - self._clock.monotonic()
 
     def _timeout(self, context: grpc.ServicerContext, decisions: int = 1) -> float:
-        """Seconds the scorer may spend: the caller's deadline less a margin for the reply
-        of ``decisions`` decisions, or the default.
+        """Seconds the scorer may spend: the caller's deadline (or the default) less a
+        margin for the reply of ``decisions`` decisions.
 
         Raises:
             DeadlineExceededError: no time is left, so nothing is scored, counted or
@@ -144,9 +144,11 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
                 a retry would get that recorded fallback back).
         """
         remaining = context.time_remaining()
-        if remaining is None or remaining > 1e6:  # no deadline set by the caller
-            return self._default_deadline_s
         margin = REPLY_MARGIN_S + max(decisions - 1, 0) * REPLY_MARGIN_PER_DECISION_S
+        if remaining is None or remaining > 1e6:  # no deadline set by the caller: the
+            # default is the answer's too (review: it was the scorer's alone, and answers
+            # took the default and the reply); at least half of it is the scorer's
+            return max(self._default_deadline_s - margin, self._default_deadline_s / 2)
         if remaining <= margin:
             raise DeadlineExceededError(
                 "the call's deadline leaves no time to answer; nothing was scored"

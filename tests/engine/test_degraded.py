@@ -232,6 +232,29 @@ def test_inline_feature_calls_are_bounded_by_the_socket_timeout(
     store.close()
 
 
+def test_calls_left_on_a_hung_redis_do_not_hold_up_the_decision_log_lookup(
+    make_rig: Callable[..., Rig], own_redis: OwnRedis
+) -> None:
+    """The feature calls callers stopped waiting for hold their threads until Redis's
+    socket timeout; the remote log's lookups do not queue behind them (review: with every
+    feature thread held they timed out, the answers said the healthy database was
+    unavailable and its breaker opened)."""
+    clock = SystemClock()
+    store = RedisFeatureStore(own_redis.url, clock, prefix="riskd:test:", timeout_s=3.0)
+    rig = make_rig(store, scorer_clock=clock, workers=2, breaker_failures=2)
+    rig.scorer._remote_log = True  # lookups go through a thread, as with PostgreSQL
+    assert rig.scorer.score(make_order("o-0"), timeout_s=0.5).degraded == ()
+    own_redis.freeze()
+    try:
+        for i in range(6):  # the first two leave a call on each feature thread
+            d = rig.scorer.score(make_order(f"o-{i + 1}"), timeout_s=0.1)
+            assert d.degraded == ("features",), (i, d.degraded)
+        assert not rig.scorer.log_breaker.is_open
+    finally:
+        own_redis.thaw()
+    store.close()
+
+
 def test_a_hung_redis_opens_the_breaker_for_callers_shorter_than_its_timeout(
     make_rig: Callable[..., Rig], own_redis: OwnRedis
 ) -> None:

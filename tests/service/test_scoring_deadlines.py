@@ -24,10 +24,10 @@ MIN_COST_PER_DECISION_S = 10e-6  # converting a decision with no reason, measure
 
 
 class _Context:
-    def __init__(self, remaining: float) -> None:
+    def __init__(self, remaining: float | None) -> None:
         self.remaining = remaining
 
-    def time_remaining(self) -> float:
+    def time_remaining(self) -> float | None:
         return self.remaining
 
 
@@ -85,3 +85,15 @@ def test_a_batch_whose_reply_alone_needs_more_than_its_deadline_scores_nothing()
     with pytest.raises(DeadlineExceededError):
         servicer(scorer).ScoreBatch(batch_request(500), _Context(0.005))  # type: ignore[arg-type]
     assert scorer.budgets == []
+
+
+def test_a_call_without_a_deadline_keeps_the_same_margins_from_the_default() -> None:
+    """``deadline_ms`` bounds the answer of a call that sets no deadline (review: it was
+    given to the scorer whole, and such answers took the default and then the reply)."""
+    scorer = BudgetScorer()
+    request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(full_order()))
+    servicer(scorer).Score(request, _Context(None))  # type: ignore[arg-type]
+    servicer(scorer).ScoreBatch(batch_request(300), _Context(None))  # type: ignore[arg-type]
+    unary, batch = scorer.budgets
+    assert unary == pytest.approx(0.2 - 0.002)
+    assert batch is not None and batch < 0.2 - 0.002 - 299 * MIN_COST_PER_DECISION_S
