@@ -17,15 +17,21 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 from riskd.dsl.diagnostics import Diagnostic, Diagnostics
-from riskd.dsl.program import Program, check_rules, rule_files
+from riskd.dsl.program import Program, read_sources, rule_files
+from riskd.dsl.ruleset import compile_sources
 from riskd.errors import RuleCompileError
 
 _log = logging.getLogger("riskd.dsl.rules")
 
 Fingerprint = tuple[tuple[str, int, int], ...]
+# The texts the current program was compiled from, by path, and the fingerprint of the
+# files as the last (re)load read them: another holder started from it has the same
+# program and sees the same changes (a scoring worker's, from its server process)
+RulesState = tuple[Mapping[str, str], Fingerprint]
 
 
 def fingerprint(directory: Path) -> Fingerprint:
@@ -41,38 +47,64 @@ def fingerprint(directory: Path) -> Fingerprint:
 
 
 NO_RULES = "riskd_no_rules"
+RULES_CHANGING = "riskd_rules_changing"
+# A change the watcher sees is reloaded once the files have stayed the same this long, so a
+# file written in place (cp, cat >, an editor saving over it) is not read half-written.
+# Writing a temporary file beside it and renaming it over the old one needs no wait.
+SETTLE_S = 0.5
 
 
-def _compile(directory: Path) -> tuple[Program | None, Diagnostics]:
-    """Compile a rules directory; an empty one is an error, never an empty rule set.
+def _compile(directory: Path) -> tuple[Program | None, Diagnostics, Mapping[str, str]]:
+    """Compile a rules directory (and give the texts read); an empty one is an error,
+    never an empty rule set.
 
-    (A deleted or unmounted folder must not silently turn every rule off.)
+    (A deleted or unmounted folder, or files emptied by a writer, must not silently turn
+    every rule off.)
     """
     files = rule_files(directory)
     if not files:
         msg = "no *.rules files in the rules directory"
+        return None, Diagnostics((Diagnostic(NO_RULES, msg, str(directory), 1, 1),)), {}
+    sources, unreadable = read_sources(*files)
+    if not unreadable.ok:
+        return None, unreadable, {}
+    return (*_from_sources(sources, directory), sources)
+
+
+def _from_sources(
+    sources: Mapping[str, str], directory: Path
+) -> tuple[Program | None, Diagnostics]:
+    program, diags = compile_sources(sources)
+    if program is not None and not program.rules:  # review: all-empty files were 0 rules
+        msg = "the *.rules files hold no rules"
         return None, Diagnostics((Diagnostic(NO_RULES, msg, str(directory), 1, 1),))
-    return check_rules(*files)
+    return program, diags
 
 
 class ProgramHolder:
     """Holds the current ``Program`` of a rules directory and reloads it.
 
-    The constructor compiles the directory and raises ``RuleCompileError`` if
-    it does not compile: a daemon must not start without rules.
+    The constructor compiles the directory, or the texts of ``state`` (another holder's
+    ``state()``: its program, whatever the files say now), and raises
+    ``RuleCompileError`` if they do not compile: a daemon must not start without rules.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, state: RulesState | None = None) -> None:
         self.directory = directory
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-        self._fingerprint = fingerprint(directory)
-        program, diags = _compile(directory)
+        if state is None:
+            self._fingerprint = fingerprint(directory)
+            program, diags, sources = _compile(directory)
+        else:
+            sources, self._fingerprint = state
+            program, diags = _from_sources(sources, directory)
         if program is None:
             raise RuleCompileError(diags)
         self._program: Program = program
+        self._sources = sources
         self._last: Diagnostics = diags
 
     @property
@@ -94,16 +126,38 @@ class ProgramHolder:
         ``riskd.service.wiring`` logs it once, with its metrics).
         """
         with self._reload_lock:
-            self._fingerprint = fingerprint(self.directory)  # before reading: never miss an edit
-            program, diags = _compile(self.directory)
+            before = fingerprint(self.directory)  # taken before reading: never miss an edit
+            self._fingerprint = before
+            program, diags, sources = _compile(self.directory)
+            if fingerprint(self.directory) != before:  # written while read: maybe a mix
+                msg = "the rule files changed while they were read; kept the old rules"
+                program = None
+                diags = Diagnostics((Diagnostic(RULES_CHANGING, msg, str(self.directory), 1, 1),))
             self._last = diags
             if program is not None and program.version != self._program.version:
                 self._program = program  # one reference store: readers see old or new
+                self._sources = sources
             return diags
+
+    def state(self) -> RulesState:
+        """The current program's texts and the files' fingerprint as last read (see
+        ``RulesState``), taken between reloads."""
+        with self._reload_lock:
+            return dict(self._sources), self._fingerprint
 
     def changed(self) -> bool:
         """Whether the files differ from what the last (re)load read."""
         return fingerprint(self.directory) != self._fingerprint
+
+    def settled_change(self, stop: threading.Event, settle_s: float = SETTLE_S) -> bool:
+        """Whether the files differ from what the last (re)load read and then stay the
+        same for ``settle_s`` (review: a file written in place was reloaded half-written
+        and served); False when ``stop`` is set meanwhile. A change that goes on is
+        reloaded at a later call, once it has stopped."""
+        seen = fingerprint(self.directory)
+        if seen == self._fingerprint or stop.wait(settle_s):
+            return False
+        return fingerprint(self.directory) == seen
 
     def request_reload(self) -> None:
         """Ask the watcher to reload at once (safe to call from a signal handler)."""
@@ -133,7 +187,7 @@ class ProgramHolder:
             self._wake.clear()
             if self._stop.is_set():
                 return
-            if woken or self.changed():
+            if woken or self.settled_change(self._stop):
                 before = self._program.version
                 try:
                     diags = self.reload()

@@ -445,6 +445,14 @@ def check_rules(*paths: Path) -> tuple[Program | None, Diagnostics]:
     # ruleset builds Programs out of the types above, so it is imported here, not at the top.
     from riskd.dsl.ruleset import compile_sources
 
+    sources, unreadable = read_sources(*paths)
+    if not unreadable.ok:
+        return None, unreadable
+    return compile_sources(sources)
+
+
+def read_sources(*paths: Path) -> tuple[dict[str, str], Diagnostics]:
+    """The text of each rule file by path, and an error for each that cannot be read."""
     sources: dict[str, str] = {}
     unreadable: list[Diagnostic] = []
     for p in paths:
@@ -453,9 +461,7 @@ def check_rules(*paths: Path) -> tuple[Program | None, Diagnostics]:
         except (OSError, UnicodeDecodeError) as exc:
             reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "cannot be read"
             unreadable.append(Diagnostic(UNREADABLE, f"rule file {reason}", str(p), 1, 1))
-    if unreadable:
-        return None, Diagnostics(tuple(unreadable))
-    return compile_sources(sources)
+    return sources, Diagnostics(tuple(unreadable))
 
 
 def load_rules(directory: Path) -> Program:

@@ -147,6 +147,8 @@ class Metrics:
                 child = self._by_outcome[d.outcome] = self.decisions.labels(d.outcome.name.lower())
             child.inc()
             for reason in d.reasons:
+                if reason.rule_id.startswith("@"):  # the scorer's own (`@fallback`), no rule:
+                    continue  # the degraded answers count it (a rule id never starts so)
                 _child(self._by_rule, self.rule_hits, reason.rule_id).inc()
             for what in d.degraded:
                 _child(self._by_missing, self.degraded, what).inc()

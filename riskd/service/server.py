@@ -198,7 +198,7 @@ def create_server(
         components = build_components(config, clock or SystemClock())
         pool = None
         if config.score_workers:
-            pool = WorkerPool(config, config.score_workers, metrics)
+            pool = WorkerPool(config, config.score_workers, metrics, components.rules.state)
             pool.start()
             components.closers.append(pool.close)  # closed first: workers flush their logs
         running = _start(

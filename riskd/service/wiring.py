@@ -25,7 +25,7 @@ import grpc
 
 from riskd.config import EVIDENCE_THREADS, LEDGER_THREADS, Config
 from riskd.domain.clock import Clock
-from riskd.dsl.holder import ProgramHolder
+from riskd.dsl.holder import ProgramHolder, RulesState
 from riskd.engine.fallback import FallbackPolicy
 from riskd.engine.scorer import Scorer
 from riskd.errors import ConfigError, UnavailableError
@@ -97,7 +97,8 @@ class Components:
         return False
 
     def start_watching(self, metrics: Metrics, interval_s: float) -> None:
-        """Reload whenever the rule files change (checked every ``interval_s``).
+        """Reload whenever the rule files change (checked every ``interval_s``), once
+        they have stayed the same for ``riskd.dsl.holder.SETTLE_S``.
 
         Our own poll loop rather than the holder's watcher, so that every
         reload outcome reaches the metrics.
@@ -106,7 +107,7 @@ class Components:
         def loop() -> None:
             while not self._watch_stop.wait(interval_s):
                 try:
-                    changed = self.rules.changed()
+                    changed = self.rules.settled_change(self._watch_stop)
                 except Exception:  # a dead watcher would freeze the rules silently
                     log.error("rules watch failed; asking again next round", exc_info=True)
                     continue
@@ -129,14 +130,17 @@ class Components:
         self.closers.clear()
 
 
-def build_components(config: Config, clock: Clock, *, record_late: bool = True) -> Components:
+def build_components(
+    config: Config, clock: Clock, *, record_late: bool = True, rules: RulesState | None = None
+) -> Components:
     """Open every store and build the scorer; on failure, close what was opened.
 
-    ``record_late``: ``Scorer``'s (False in a scoring worker).
+    ``record_late``: ``Scorer``'s (False in a scoring worker); ``rules``: start on this
+    program (``ProgramHolder.state``: a scoring worker on its server process's rules).
     """
     closers: list[Callable[[], None]] = []
     try:
-        return _build(config, clock, closers, record_late)
+        return _build(config, clock, closers, record_late, rules)
     except BaseException:
         for closer in reversed(closers):
             closer()
@@ -144,12 +148,16 @@ def build_components(config: Config, clock: Clock, *, record_late: bool = True) 
 
 
 def _build(
-    config: Config, clock: Clock, closers: list[Callable[[], None]], record_late: bool
+    config: Config,
+    clock: Clock,
+    closers: list[Callable[[], None]],
+    record_late: bool,
+    state: RulesState | None,
 ) -> Components:
     if not config.rules_dir.is_dir():
         raise ConfigError(f"rules_dir: {config.rules_dir} is not a directory")
     # what the files under rules_dir say is checked before anything is created
-    rules = ProgramHolder(config.rules_dir)  # raises RuleCompileError: no start without rules
+    rules = ProgramHolder(config.rules_dir, state)  # RuleCompileError: no start without rules
     schedule = _schedule(config)
     configured = configured_keyring(config)  # a bad one is refused before anything exists
     if config.data_dir.exists() and not config.data_dir.is_dir():

@@ -67,10 +67,14 @@ take it.
 
 Workers need the Redis feature store: velocity counters are shared state, and in-process
 counters would be split between the processes (``Config`` refuses that combination).
-Each worker watches the rule files itself and reloads on ``SIGHUP``, which the server
-process forwards. Workers ignore ``SIGINT``/``SIGTERM``: the server process drains its
-calls first, then asks each worker to stop, and a worker flushes its decision log before
-it exits (also when the server process is gone: the socket pair reports end of file).
+Each worker starts on the server process's current rules (``ProgramHolder.state``: the
+texts it compiled, so a worker started while an edit that does not compile is on disk
+runs the rules still served, where it failed to start and was started again every round:
+review), then watches the rule files itself and reloads on ``SIGHUP``, which the server
+process forwards (again to a worker that was starting meanwhile). Workers ignore
+``SIGINT``/``SIGTERM``: the server process drains its calls first, then asks each worker
+to stop, and a worker flushes its decision log before it exits (also when the server
+process is gone: the socket pair reports end of file).
 The server process's metrics count every decision it returns, and every order it answered
 itself (``riskd_score_worker_fallbacks_total`` by reason: down, busy, late). What only a
 worker sees, it counts in its own ``Metrics``: the monitor asks each worker for a snapshot
@@ -114,6 +118,7 @@ from riskd.config import Config
 from riskd.domain.clock import Clock, SystemClock
 from riskd.domain.decision import Decision, Outcome
 from riskd.domain.order import Order
+from riskd.dsl.holder import RulesState
 from riskd.engine.flights import Flight, Flights
 from riskd.engine.scorer import refuse_changed_duplicates, scored_for_other_content
 from riskd.errors import DeadlineExceededError, InvalidArgumentError, RiskdError, UnavailableError
@@ -403,8 +408,16 @@ class WorkerPool:
     ``evidence`` is the workers' decision-log writers as they last reported them.
     """
 
-    def __init__(self, config: Config, count: int, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        count: int,
+        metrics: Metrics | None = None,
+        rules: Callable[[], RulesState] | None = None,
+    ) -> None:
         self._config = config
+        self._rules = rules  # the server process's rules, for each worker it starts
+        self._reloads = 0  # SIGHUPs forwarded (one that a starting worker missed is sent again)
         self._workers: list[_Worker | None] = [None] * count
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
@@ -464,6 +477,7 @@ class WorkerPool:
 
     def reload(self) -> None:
         """Forward ``SIGHUP`` (reload the rules now) to every running worker."""
+        self._reloads += 1
         for w in self._workers:
             if w is not None and w.proc.poll() is None:
                 w.proc.send_signal(signal.SIGHUP)
@@ -492,7 +506,9 @@ class WorkerPool:
         finally:
             theirs.close()
         worker = _Worker(index, proc, _Channel(ours))
-        worker.channel.send(self._config)  # the keyring travels over the private pair only
+        rules = None if self._rules is None else self._rules()
+        # the keyring travels over the private pair only
+        worker.channel.send((self._config, rules))
         return worker
 
     def _await_ready(self, worker: _Worker) -> None:
@@ -553,6 +569,7 @@ class WorkerPool:
         w.channel.close()
         if taken:
             w.lock.release()
+        reloads = self._reloads
         try:
             fresh = self._spawn(i)
             self._await_ready(fresh)
@@ -562,6 +579,8 @@ class WorkerPool:
             )
             return
         self._workers[i] = fresh
+        if self._reloads != reloads:  # forwarded before it was in the list (review: lost)
+            fresh.proc.send_signal(signal.SIGHUP)
 
 
 class _PoolEvidence:
@@ -1110,14 +1129,16 @@ def main(argv: Sequence[str]) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     channel = _Channel(socket.socket(fileno=int(argv[0])))
     try:
-        config: Config = channel.recv()
+        config: Config
+        rules: RulesState | None
+        config, rules = channel.recv()
     except (EOFError, OSError):  # the server process stopped before it sent the config
         return 1
     configure_logging(config.log_level)
     try:
         # decisions made after their call's deadline are not recorded: the server process
         # has answered that call with the fallback, and records that (module docstring)
-        components = build_components(config, SystemClock(), record_late=False)
+        components = build_components(config, SystemClock(), record_late=False, rules=rules)
     except Exception as e:
         channel.send(("failed", f"{type(e).__name__}: {e}"))
         return 1

@@ -11,7 +11,8 @@ import pytest
 
 from riskd.domain.order import Amounts, Buyer, Order
 from riskd.domain.shop import ShopState
-from riskd.dsl.holder import ProgramHolder
+from riskd.dsl import holder as holder_module
+from riskd.dsl.holder import SETTLE_S, ProgramHolder
 from riskd.dsl.program import RuleStatus
 from riskd.errors import RuleCompileError
 
@@ -177,3 +178,79 @@ def test_holder_emptied_directory_keeps_the_rules(rules_dir: Path) -> None:
     assert holder.current is before
     with pytest.raises(RuleCompileError, match="riskd_no_rules"):
         ProgramHolder(rules_dir)
+
+
+def test_holder_emptied_files_keep_the_rules(rules_dir: Path) -> None:
+    """Review: a directory whose rule files were all emptied compiled to no rules at all."""
+    holder = ProgramHolder(rules_dir)
+    before = holder.current
+    (rules_dir / "main.rules").write_text("", encoding="utf-8")
+    assert [d.code for d in holder.reload()] == ["riskd_no_rules"]
+    assert holder.current is before
+
+
+def test_a_file_written_in_place_is_reloaded_only_once_it_stays_the_same(
+    rules_dir: Path,
+) -> None:
+    """Review: a file written in two pieces was reloaded after the first (it compiled: a
+    cut at a rule's end) and that part of the rules was served until the rest came."""
+    holder = ProgramHolder(rules_dir)
+    holder.start_watching(0.02)
+    seen: set[tuple[str, ...]] = set()
+    try:
+        path = rules_dir / "main.rules"
+        whole = rules_text("e", 1, n=3)
+        cut = whole.index("rule e1")
+        with path.open("w", encoding="utf-8") as f:
+            f.write(whole[:cut])  # rule e0 alone: compiles
+            f.flush()
+            until = time.monotonic() + SETTLE_S / 2  # the writer pauses, then writes the rest
+            while time.monotonic() < until:
+                seen.add(tuple(r.id for r in holder.current.rules))
+                time.sleep(0.005)
+            f.write(whole[cut:])
+        assert wait_for(lambda: holder.current.rule("e2") is not None)
+    finally:
+        holder.stop()
+    assert ("e0",) not in seen, seen
+    assert [r.id for r in holder.current.rules] == ["e0", "e1", "e2"]
+
+
+def test_a_reload_that_reads_files_being_written_keeps_the_old_rules(
+    rules_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    holder = ProgramHolder(rules_dir)
+    before = holder.current
+    compile_now = holder_module._compile
+
+    def written_meanwhile(directory: Path) -> object:
+        out = compile_now(directory)
+        (directory / "main.rules").write_text(rules_text("f", 7, n=4), encoding="utf-8")
+        return out
+
+    monkeypatch.setattr(holder_module, "_compile", written_meanwhile)
+    (rules_dir / "main.rules").write_text(rules_text("f", 7, n=2), encoding="utf-8")
+    assert [d.code for d in holder.reload()] == ["riskd_rules_changing"]
+    assert holder.current is before
+    assert holder.changed()  # the next round reads them again
+    monkeypatch.setattr(holder_module, "_compile", compile_now)
+    assert holder.reload().ok and holder.current.rule("f3") is not None
+
+
+def test_a_holder_started_from_anothers_state_has_its_program_whatever_the_files_say(
+    rules_dir: Path,
+) -> None:
+    """A scoring worker starts on its server process's rules: with an edit on disk that
+    does not compile (refused there), it gets the program still served, and the edit
+    after that is a change to both."""
+    first = ProgramHolder(rules_dir)
+    (rules_dir / "main.rules").write_text("rule broken {", encoding="utf-8")
+    assert not first.reload().ok
+    second = ProgramHolder(rules_dir, first.state())
+    assert second.current.version == first.current.version
+    assert not second.changed()  # the refused edit is not read again
+    (rules_dir / "main.rules").write_text(rules_text("g", 3), encoding="utf-8")
+    assert first.changed() and second.changed()
+    assert second.reload().ok and first.reload().ok
+    assert second.current.version == first.current.version
+    assert second.current.rule("g2") is not None

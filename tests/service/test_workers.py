@@ -925,8 +925,7 @@ def test_a_failed_restart_logs_why(tmp_path: Path) -> None:
     running = create_server(_config(tmp_path / "data", prefix, rules_dir=str(rules)))
     try:
         assert running.workers is not None
-        path = rules / "checkout.rules"
-        path.write_text(path.read_text().replace('orders("device", "1h") >= 2', "nosuch >= 2"))
+        rules.rename(tmp_path / "moved")  # unmounted: a worker cannot start without it
         victim = running.workers.pids()[0]
         assert victim is not None
         with _worker_log() as logged:
@@ -934,7 +933,78 @@ def test_a_failed_restart_logs_why(tmp_path: Path) -> None:
             assert eventually(lambda: _entries(logged, "scoring worker restart failed"), 30)
         entry = _entries(logged, "scoring worker restart failed")[0]
         assert entry["worker"] == 0 and entry["error_type"] == "UnavailableError"
-        assert "checkout.rules:" in entry["error"] and "nosuch" in entry["error"], entry
+        assert "rules_dir:" in entry["error"] and "not a directory" in entry["error"], entry
+    finally:
+        running.stop(5)
+        _forget(prefix)
+
+
+def test_a_worker_started_while_an_edit_does_not_compile_runs_the_rules_still_served(
+    tmp_path: Path,
+) -> None:
+    """Review: a worker started (replacing a dead one) compiled the files on disk, so with
+    a refused edit there it failed to start, again every round, and its orders went to
+    the other workers until someone fixed the file."""
+    prefix = f"riskd-test-workers-{uuid.uuid4().hex}:"
+    rules = copy_rules(tmp_path / "rules")
+    running = create_server(_config(tmp_path / "data", prefix, rules_dir=str(rules)))
+    pool = running.workers
+    assert pool is not None
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+            served = _score(stub, _worker_for(pool, 0)).rules_version
+            path = rules / "checkout.rules"
+            path.write_text(path.read_text().replace('orders("device", "1h") >= 2', "nosuch >= 2"))
+            assert not running.reload_rules()  # refused: the old rules stay
+            victim = pool.pids()[0]
+            assert victim is not None
+            with _worker_log() as logged:
+                os.kill(victim, signal.SIGKILL)
+                assert eventually(
+                    lambda: pool.pids()[0] not in (None, victim) and _alive(pool, 0), 30
+                )
+            assert not _entries(logged, "scoring worker restart failed")
+            moved = _reroutes(running)
+            assert _score(stub, _worker_for(pool, 0)).rules_version == served
+            assert _reroutes(running) == moved  # the new worker 0 scored it
+    finally:
+        running.stop(5)
+        _forget(prefix)
+
+
+def test_a_sighup_while_a_worker_is_replaced_reaches_the_new_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: the server process forwarded a SIGHUP to the workers in its list, and a new
+    worker joins it only once it is ready: one that started on the old rules (polling
+    hourly here) kept them until its next poll."""
+    prefix = f"riskd-test-workers-{uuid.uuid4().hex}:"
+    rules = copy_rules(tmp_path / "rules")
+    config = _config(tmp_path / "data", prefix, rules_dir=str(rules), reload_interval_s=3600)
+    running = create_server(config)
+    pool = running.workers
+    assert pool is not None
+    ready = pool._await_ready
+    path = rules / "checkout.rules"
+
+    def edited_while_starting(worker: Any) -> None:  # the operator's edit and SIGHUP
+        path.write_text(path.read_text().replace("> 10000000", "> 1000"))
+        assert running.reload_rules()
+        ready(worker)
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+            before = _score(stub, _worker_for(pool, 0)).rules_version
+            monkeypatch.setattr(pool, "_await_ready", edited_while_starting)
+            victim = pool.pids()[0]
+            assert victim is not None
+            os.kill(victim, signal.SIGKILL)
+            assert eventually(lambda: pool.pids()[0] not in (None, victim) and _alive(pool, 0), 30)
+            after = running.components.rules.current.version
+            assert after != before
+            assert eventually(lambda: _score(stub, _worker_for(pool, 0)).rules_version == after, 10)
     finally:
         running.stop(5)
         _forget(prefix)
