@@ -293,7 +293,9 @@ def _start(
         health_servicer.close()
         raise
     server.start()
-    components.start_watching(metrics, config.reload_interval_s)
+    components.start_watching(
+        metrics, config.reload_interval_s, None if pool is None else pool.reload
+    )
     if components.decision_log is not None:
         more = () if pool is None else (pool.evidence,)
         metrics.watch_evidence(components.decision_log, *more)

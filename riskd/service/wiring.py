@@ -96,9 +96,14 @@ class Components:
         )
         return False
 
-    def start_watching(self, metrics: Metrics, interval_s: float) -> None:
+    def start_watching(
+        self, metrics: Metrics, interval_s: float, on_swap: Callable[[], None] | None = None
+    ) -> None:
         """Reload whenever the rule files change (checked every ``interval_s``), once
-        they have stayed the same for ``riskd.dsl.holder.SETTLE_S``.
+        they have stayed the same for ``riskd.dsl.holder.SETTLE_S``; ``on_swap`` is
+        called after each new program this watcher swapped in (the server process then
+        tells its scoring workers at once: review, each polled on its own schedule and a
+        batch split between them got two versions for up to a poll).
 
         Our own poll loop rather than the holder's watcher, so that every
         reload outcome reaches the metrics.
@@ -112,7 +117,10 @@ class Components:
                     log.error("rules watch failed; asking again next round", exc_info=True)
                     continue
                 if changed:
+                    before = self.rules.current
                     self.reload_rules(metrics)  # counts and logs its own failures
+                    if on_swap is not None and self.rules.current is not before:
+                        on_swap()
 
         self._watcher = threading.Thread(target=loop, name="riskd-rules-watch", daemon=True)
         self._watcher.start()

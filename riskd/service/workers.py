@@ -71,10 +71,12 @@ Each worker starts on the server process's current rules (``ProgramHolder.state`
 texts it compiled, so a worker started while an edit that does not compile is on disk
 runs the rules still served, where it failed to start and was started again every round:
 review), then watches the rule files itself and reloads on ``SIGHUP``, which the server
-process forwards (again to a worker that was starting meanwhile). Workers ignore
-``SIGINT``/``SIGTERM``: the server process drains its calls first, then asks each worker
-to stop, and a worker flushes its decision log before it exits (also when the server
-process is gone: the socket pair reports end of file).
+process forwards (again to a worker that was starting meanwhile) and sends after each new
+program its own watcher swapped in, so the workers follow within a compile rather than a
+poll each (a batch split between workers during that compile may still see two versions).
+Workers ignore ``SIGINT``/``SIGTERM``: the server process drains its calls first, then
+asks each worker to stop, and a worker flushes its decision log before it exits (also
+when the server process is gone: the socket pair reports end of file).
 The server process's metrics count every decision it returns, and every order it answered
 itself (``riskd_score_worker_fallbacks_total`` by reason: down, busy, late). What only a
 worker sees, it counts in its own ``Metrics``: the monitor asks each worker for a snapshot

@@ -5,17 +5,22 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
 
+from riskd.domain.clock import SystemClock
 from riskd.errors import ConfigError, RiskdError
 from riskd.evidence.log import encrypted_fields
 from riskd.pii.keyring import Keyring
+from riskd.service.metrics import Metrics
 from riskd.service.server import create_server
+from riskd.service.wiring import build_components
 from riskd.sql import Database
 from tests.service.conftest import copy_rules, make_config
 from tests.service.sample import full_order
+from tests.service.test_lifecycle import eventually
 
 
 def test_data_dir_that_is_a_file_or_under_one_is_refused_by_name(tmp_path: Path) -> None:
@@ -211,3 +216,30 @@ def test_an_unreachable_postgresql_leaves_no_data_dir(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^database_url: cannot open"):
         create_server(make_config(data, database_url=url))
     assert not data.exists()
+
+
+def test_the_watcher_tells_its_caller_of_each_new_program_and_of_nothing_else(
+    tmp_path: Path,
+) -> None:
+    """The server process's watcher tells its scoring workers to reload at once (review:
+    each worker polled on its own schedule, and a batch split between them was decided
+    under two rule versions for up to a poll)."""
+    rules = copy_rules(tmp_path / "rules")
+    config = make_config(tmp_path / "data", rules_dir=str(rules), reload_interval_s=0.05)
+    components = build_components(config, SystemClock())
+    swaps: list[str] = []
+    metrics = Metrics()
+    try:
+        components.start_watching(
+            metrics, 0.05, lambda: swaps.append(components.rules.current.version)
+        )
+        path = rules / "checkout.rules"
+        text = path.read_text()
+        path.write_text(text.replace("> 10000000", "> 1000"))
+        assert eventually(lambda: swaps == [components.rules.current.version], 10)
+        path.write_text(text.replace('orders("device", "1h") >= 2', "nosuch >= 2"))
+        assert eventually(lambda: metrics.value("riskd_rule_reload_failures_total") == 1, 10)
+        time.sleep(4 * 0.05)
+        assert len(swaps) == 1  # a refused edit swaps nothing
+    finally:
+        components.close()
