@@ -19,6 +19,7 @@ import logging
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 from riskd.dsl.diagnostics import Diagnostic, Diagnostics
 from riskd.dsl.program import Program, read_sources, rule_files
@@ -28,10 +29,16 @@ from riskd.errors import RuleCompileError
 _log = logging.getLogger("riskd.dsl.rules")
 
 Fingerprint = tuple[tuple[str, int, int], ...]
-# The texts the current program was compiled from, by path, and the fingerprint of the
-# files as the last (re)load read them: another holder started from it has the same
-# program and sees the same changes (a scoring worker's, from its server process)
-RulesState = tuple[Mapping[str, str], Fingerprint]
+
+
+class RulesState(NamedTuple):
+    """A holder's program as texts: another holder started from it (or that ``adopt``s
+    it) has the same program and sees the same later changes (a scoring worker's, sent
+    by its server process)."""
+
+    version: str  # the program's
+    sources: Mapping[str, str]  # the texts it was compiled from, by path
+    fingerprint: Fingerprint  # the files as the last (re)load read them
 
 
 def fingerprint(directory: Path) -> Fingerprint:
@@ -99,7 +106,7 @@ class ProgramHolder:
             self._fingerprint = fingerprint(directory)
             program, diags, sources = _compile(directory)
         else:
-            sources, self._fingerprint = state
+            sources, self._fingerprint = state.sources, state.fingerprint
             program, diags = _from_sources(sources, directory)
         if program is None:
             raise RuleCompileError(diags)
@@ -143,7 +150,20 @@ class ProgramHolder:
         """The current program's texts and the files' fingerprint as last read (see
         ``RulesState``), taken between reloads."""
         with self._reload_lock:
-            return dict(self._sources), self._fingerprint
+            return RulesState(self._program.version, dict(self._sources), self._fingerprint)
+
+    def adopt(self, state: RulesState) -> Diagnostics:
+        """Take another holder's program (``state``) in place of this one's, as ``reload``
+        swaps one in: the diagnostics, empty when it is in place."""
+        with self._reload_lock:
+            program, diags = _from_sources(state.sources, self.directory)
+            self._last = diags
+            if program is not None:
+                self._fingerprint = state.fingerprint
+                if program.version != self._program.version:
+                    self._program = program
+                    self._sources = state.sources
+            return diags
 
     def changed(self) -> bool:
         """Whether the files differ from what the last (re)load read."""

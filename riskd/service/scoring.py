@@ -135,8 +135,8 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         return timeout_s if deadline is None else deadline - self._clock.monotonic()
 
     def _timeout(self, context: grpc.ServicerContext, decisions: int = 1) -> float:
-        """Seconds the scorer may spend: the caller's deadline (or the default) less a
-        margin for the reply of ``decisions`` decisions.
+        """Seconds the scorer may spend: the caller's deadline less a margin for the reply
+        of ``decisions`` decisions, or the default less the margin's fixed part.
 
         Raises:
             DeadlineExceededError: no time is left, so nothing is scored, counted or
@@ -144,11 +144,14 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
                 a retry would get that recorded fallback back).
         """
         remaining = context.time_remaining()
-        margin = REPLY_MARGIN_S + max(decisions - 1, 0) * REPLY_MARGIN_PER_DECISION_S
         if remaining is None or remaining > 1e6:  # no deadline set by the caller: the
             # default is the answer's too (review: it was the scorer's alone, and answers
-            # took the default and the reply); at least half of it is the scorer's
-            return max(self._default_deadline_s - margin, self._default_deadline_s / 2)
+            # took the default and the reply), less the fixed part of the margin only: a
+            # caller that set no deadline gets a big batch's answer a little late rather
+            # than refused (review: the per-decision part refused full batches at 90 ms)
+            default = self._default_deadline_s
+            return max(default - REPLY_MARGIN_S, default / 2)
+        margin = REPLY_MARGIN_S + max(decisions - 1, 0) * REPLY_MARGIN_PER_DECISION_S
         if remaining <= margin:
             raise DeadlineExceededError(
                 "the call's deadline leaves no time to answer; nothing was scored"

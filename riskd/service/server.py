@@ -100,11 +100,12 @@ class RunningServer:
     def reload_rules(self) -> bool:
         """Recompile the rules now (SIGHUP); False (old rules kept) when they do not compile.
 
-        Scoring workers get the SIGHUP too and reload on their own.
+        Scoring workers are then sent the program in force (``WorkerPool.reload``).
         """
+        ok = self.components.reload_rules(self.metrics)
         if self.workers is not None:
             self.workers.reload()
-        return self.components.reload_rules(self.metrics)
+        return ok
 
     def stop(self, grace: float | None = None, *, notice_s: float = 0.0) -> None:
         """Drain and shut down; safe to call twice and from a signal handler's thread.

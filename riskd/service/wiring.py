@@ -102,8 +102,7 @@ class Components:
         """Reload whenever the rule files change (checked every ``interval_s``), once
         they have stayed the same for ``riskd.dsl.holder.SETTLE_S``; ``on_swap`` is
         called after each new program this watcher swapped in (the server process then
-        tells its scoring workers at once: review, each polled on its own schedule and a
-        batch split between them got two versions for up to a poll).
+        sends it to its scoring workers).
 
         Our own poll loop rather than the holder's watcher, so that every
         reload outcome reaches the metrics.
@@ -116,11 +115,15 @@ class Components:
                 except Exception:  # a dead watcher would freeze the rules silently
                     log.error("rules watch failed; asking again next round", exc_info=True)
                     continue
-                if changed:
-                    before = self.rules.current
-                    self.reload_rules(metrics)  # counts and logs its own failures
-                    if on_swap is not None and self.rules.current is not before:
+                if not changed:
+                    continue
+                before = self.rules.current
+                self.reload_rules(metrics)  # counts and logs its own failures
+                if on_swap is not None and self.rules.current is not before:
+                    try:
                         on_swap()
+                    except Exception:  # the watcher goes on (the workers' monitor resends)
+                        log.error("rules swapped in; telling the workers failed", exc_info=True)
 
         self._watcher = threading.Thread(target=loop, name="riskd-rules-watch", daemon=True)
         self._watcher.start()

@@ -67,16 +67,18 @@ take it.
 
 Workers need the Redis feature store: velocity counters are shared state, and in-process
 counters would be split between the processes (``Config`` refuses that combination).
-Each worker starts on the server process's current rules (``ProgramHolder.state``: the
-texts it compiled, so a worker started while an edit that does not compile is on disk
-runs the rules still served, where it failed to start and was started again every round:
-review), then watches the rule files itself and reloads on ``SIGHUP``, which the server
-process forwards (again to a worker that was starting meanwhile) and sends after each new
-program its own watcher swapped in, so the workers follow within a compile rather than a
-poll each (a batch split between workers during that compile may still see two versions).
-Workers ignore ``SIGINT``/``SIGTERM``: the server process drains its calls first, then
-asks each worker to stop, and a worker flushes its decision log before it exits (also
-when the server process is gone: the socket pair reports end of file).
+Workers run the server process's rules and only those: only the server process watches
+the rule files (and takes ``SIGHUP``); each worker starts on its program
+(``ProgramHolder.state``: the texts it compiled) and is sent each new one it swaps in
+(``Rules``, compiled by the worker in the background; the monitor sends it again to a
+worker that was busy, started meanwhile or has not got it yet). Review: each worker used
+to compile the files itself, so a worker started while a refused edit was on disk failed
+to start every round, a worker that read an edit before the server process stayed ahead
+of it for good, and a SIGHUP sent during a worker's start was lost. A batch split between
+workers while they compile a new program may still see two versions.
+Workers ignore ``SIGINT``/``SIGTERM``/``SIGHUP``: the server process drains its calls
+first, then asks each worker to stop, and a worker flushes its decision log before it
+exits (also when the server process is gone: the socket pair reports end of file).
 The server process's metrics count every decision it returns, and every order it answered
 itself (``riskd_score_worker_fallbacks_total`` by reason: down, busy, late). What only a
 worker sees, it counts in its own ``Metrics``: the monitor asks each worker for a snapshot
@@ -93,6 +95,7 @@ counted again).
 
 from __future__ import annotations
 
+import concurrent.futures
 import enum
 import functools
 import gc
@@ -130,7 +133,7 @@ from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2
 from riskd.service.logs import configure_logging
 from riskd.service.metrics import Metrics
 from riskd.service.scoring import ScorerLike, ScoringServicer
-from riskd.service.wiring import build_components
+from riskd.service.wiring import Components, build_components
 
 __all__ = ["PooledScoringServicer", "WorkerPool"]
 
@@ -258,6 +261,7 @@ class _Worker:
         self.broken = False
         self.why = ""  # why it was taken out of service, for the monitor's log
         self.stats: dict[str, Any] | None = None  # its last metrics snapshot (monitor's)
+        self.rules = ""  # the version of the server process's rules it started on or was sent
 
     @property
     def alive(self) -> bool:
@@ -418,8 +422,8 @@ class WorkerPool:
         rules: Callable[[], RulesState] | None = None,
     ) -> None:
         self._config = config
-        self._rules = rules  # the server process's rules, for each worker it starts
-        self._reloads = 0  # SIGHUPs forwarded (one that a starting worker missed is sent again)
+        self._rules = rules  # the server process's rules, sent to each worker
+        self._rules_lock = threading.Lock()  # sends in the order their states were read
         self._workers: list[_Worker | None] = [None] * count
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
@@ -478,11 +482,28 @@ class WorkerPool:
         return [None if w is None else w.proc.pid for w in self._workers]
 
     def reload(self) -> None:
-        """Forward ``SIGHUP`` (reload the rules now) to every running worker."""
-        self._reloads += 1
-        for w in self._workers:
-            if w is not None and w.proc.poll() is None:
-                w.proc.send_signal(signal.SIGHUP)
+        """Send the server process's rules to every worker not on them yet (after each
+        program it swaps in; the monitor sends them again to a worker that missed them)."""
+        for w in self.workers():
+            self._send_rules(w)
+
+    def _send_rules(self, w: _Worker) -> None:
+        """Send ``w`` the server process's current rules unless it has them; a worker busy
+        or gone is sent them by a later round."""
+        if self._rules is None or not w.alive:
+            return
+        with self._rules_lock:
+            state = self._rules()
+            if w.rules == state.version:
+                return
+            deadline = time.monotonic() + STATS_WAIT_S
+            try:
+                seq = w.begin("Rules", pickle.dumps(state), deadline)
+                reply = None if seq is None else w.finish(seq, deadline)
+            except (WorkerGone, RiskdError):
+                return
+            if reply is not None:
+                w.rules = state.version
 
     def close(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Stop the monitor, then every worker (each flushes its decision log)."""
@@ -509,6 +530,7 @@ class WorkerPool:
             theirs.close()
         worker = _Worker(index, proc, _Channel(ours))
         rules = None if self._rules is None else self._rules()
+        worker.rules = "" if rules is None else rules.version
         # the keyring travels over the private pair only
         worker.channel.send((self._config, rules))
         return worker
@@ -536,8 +558,10 @@ class WorkerPool:
                     w.take_out(f"no answer {HUNG_AFTER_S:g} s past a call's deadline")
                 if not w.alive:
                     self._replace(i, w)
-                elif self._metrics is not None:
-                    self._collect(w, self._metrics)
+                else:
+                    self._send_rules(w)
+                    if self._metrics is not None:
+                        self._collect(w, self._metrics)
 
     def _collect(self, w: _Worker, metrics: Metrics) -> None:
         """Ask ``w`` for its metrics snapshot and add what it counted since the last one.
@@ -571,7 +595,6 @@ class WorkerPool:
         w.channel.close()
         if taken:
             w.lock.release()
-        reloads = self._reloads
         try:
             fresh = self._spawn(i)
             self._await_ready(fresh)
@@ -581,8 +604,7 @@ class WorkerPool:
             )
             return
         self._workers[i] = fresh
-        if self._reloads != reloads:  # forwarded before it was in the list (review: lost)
-            fresh.proc.send_signal(signal.SIGHUP)
+        self._send_rules(fresh)  # a program swapped in while it started (review: lost)
 
 
 class _PoolEvidence:
@@ -1129,6 +1151,7 @@ def main(argv: Sequence[str]) -> int:
     """A worker process: ``python -m riskd.service.workers FD`` (started by ``WorkerPool``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server process drains, then stops us
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # rules come from the server process
     channel = _Channel(socket.socket(fileno=int(argv[0])))
     try:
         config: Config
@@ -1154,11 +1177,13 @@ def main(argv: Sequence[str]) -> int:
         max_batch=config.max_batch,
         on_decided=lambda ds: unlogged.extend(d.order_id for d in ds if d.unlogged),
     )
-    components.start_watching(metrics, config.reload_interval_s)
-    signal.signal(
-        signal.SIGHUP,
-        lambda *_: threading.Thread(target=components.reload_rules, args=(metrics,)).start(),
-    )
+    # the server process watches the rule files and sends each new program (``Rules``),
+    # compiled here in this order, off the calls' thread
+    adopting = concurrent.futures.ThreadPoolExecutor(1, "riskd-rules-adopt")
+
+    def adopt(payload: bytes) -> None:
+        adopting.submit(_adopt, components, pickle.loads(payload))
+
     # as ``riskd serve`` does: start-up objects (compiled rules, modules) out of the
     # collector's generations, so full collections on the scoring path skip them
     gc.collect()
@@ -1170,7 +1195,7 @@ def main(argv: Sequence[str]) -> int:
 
     try:  # the server process may have stopped while this one started (SIGTERM then)
         channel.send(("ready", os.getpid()))
-        _serve(channel, servicer, report, unlogged)
+        _serve(channel, servicer, report, unlogged, adopt)
     except (EOFError, OSError):
         log.warning("server process gone; flushing the decision log and exiting")
     finally:
@@ -1178,11 +1203,19 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _adopt(components: Components, state: RulesState) -> None:
+    diagnostics = components.rules.adopt(state)
+    if not diagnostics.ok:  # compiled in the server process: a bug, never a rule error
+        fields = {"version": state.version, "diagnostics": str(diagnostics)}
+        log.error("scoring worker could not take the rules", extra={"fields": fields})
+
+
 def _serve(
     channel: _Channel,
     servicer: ScoringServicer,
     report: Callable[[], bytes],
     unlogged: list[str],
+    adopt: Callable[[bytes], None] = lambda payload: None,
 ) -> None:
     """Answer the server process's calls until it says stop. ``unlogged``: filled by the
     servicer (``on_decided``) with the order ids of each call's answers that the decision
@@ -1198,6 +1231,10 @@ def _serve(
         try:
             if method == "Stats":
                 channel.send((seq, "ok", report()))
+                continue
+            if method == "Rules":
+                adopt(payload)
+                channel.send((seq, "ok", b""))
                 continue
             if deadline <= time.monotonic():  # the server process answered it already
                 channel.send((seq, "late"))

@@ -189,7 +189,10 @@ def test_hung_redis_bounds_a_whole_batch_by_its_deadline(
     started = time.perf_counter()
     decisions = rig.scorer.score_batch(orders, timeout_s=0.1)
     assert time.perf_counter() - started < 0.1 + 0.03
-    assert all(d.degraded == ("features",) for d in decisions)
+    # on a loaded machine the last orders' rules may not fit the 2 ms kept for each: those
+    # get the fallback for the deadline as well (a full run failed once on that alone)
+    assert all(d.degraded[0] == "features" for d in decisions), [d.degraded for d in decisions]
+    assert all(set(d.degraded) <= {"features", "deadline"} for d in decisions)
     assert [d.outcome for d in decisions] == [Outcome.ALLOW, Outcome.ALLOW] + [Outcome.REVIEW] * 3
     own_redis.thaw()
     store.close()

@@ -1010,6 +1010,39 @@ def test_a_sighup_while_a_worker_is_replaced_reaches_the_new_worker(
         _forget(prefix)
 
 
+def test_workers_run_the_server_processs_rules_and_follow_only_its_reloads(
+    tmp_path: Path,
+) -> None:
+    """Review: each worker watched the files too, so one that read a good edit before the
+    server process (which then refused the next edit) stayed ahead of it for good, and a
+    batch split between the workers got two rule versions."""
+    prefix = f"riskd-test-workers-{uuid.uuid4().hex}:"
+    rules = copy_rules(tmp_path / "rules")
+    running = create_server(_config(tmp_path / "data", prefix, rules_dir=str(rules)))
+    pool = running.workers
+    assert pool is not None
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+            served = running.components.rules.current.version
+            running.components._watch_stop.set()  # the server process has not read it yet
+            path = rules / "checkout.rules"
+            path.write_text(path.read_text().replace("> 10000000", "> 1000"))
+            time.sleep(5 * 0.2 + 0.5)  # five of the test config's polls and the settle
+            for i in (0, 1):
+                assert _score(stub, _worker_for(pool, i)).rules_version == served
+            assert running.reload_rules()
+            after = running.components.rules.current.version
+            assert after != served
+            for i in (0, 1):  # a new order each time: a retry would replay the first answer
+                assert eventually(
+                    lambda i=i: _score(stub, _worker_for(pool, i)).rules_version == after, 10
+                )
+    finally:
+        running.stop(5)
+        _forget(prefix)
+
+
 def _alive(pool: WorkerPool, index: int) -> bool:
     try:
         pool.get(index)
