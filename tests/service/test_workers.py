@@ -939,38 +939,41 @@ def test_a_failed_restart_logs_why(tmp_path: Path) -> None:
         _forget(prefix)
 
 
+@contextlib.contextmanager
+def _own_rules_server(tmp_path: Path) -> Iterator[tuple[RunningServer, WorkerPool, Path, Stub]]:
+    """A worker-mode server on its own copy of the rules (and Redis prefix), with a stub."""
+    prefix = f"riskd-test-workers-{uuid.uuid4().hex}:"
+    rules = copy_rules(tmp_path / "rules")
+    running = create_server(_config(tmp_path / "data", prefix, rules_dir=str(rules)))
+    assert running.workers is not None
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            yield running, running.workers, rules, scoring_pb2_grpc.ScoringServiceStub(ch)
+    finally:
+        running.stop(5)
+        _forget(prefix)
+
+
 def test_a_worker_started_while_an_edit_does_not_compile_runs_the_rules_still_served(
     tmp_path: Path,
 ) -> None:
     """Review: a worker started (replacing a dead one) compiled the files on disk, so with
     a refused edit there it failed to start, again every round, and its orders went to
     the other workers until someone fixed the file."""
-    prefix = f"riskd-test-workers-{uuid.uuid4().hex}:"
-    rules = copy_rules(tmp_path / "rules")
-    running = create_server(_config(tmp_path / "data", prefix, rules_dir=str(rules)))
-    pool = running.workers
-    assert pool is not None
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
-            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
-            served = _score(stub, _worker_for(pool, 0)).rules_version
-            path = rules / "checkout.rules"
-            path.write_text(path.read_text().replace('orders("device", "1h") >= 2', "nosuch >= 2"))
-            assert not running.reload_rules()  # refused: the old rules stay
-            victim = pool.pids()[0]
-            assert victim is not None
-            with _worker_log() as logged:
-                os.kill(victim, signal.SIGKILL)
-                assert eventually(
-                    lambda: pool.pids()[0] not in (None, victim) and _alive(pool, 0), 30
-                )
-            assert not _entries(logged, "scoring worker restart failed")
-            moved = _reroutes(running)
-            assert _score(stub, _worker_for(pool, 0)).rules_version == served
-            assert _reroutes(running) == moved  # the new worker 0 scored it
-    finally:
-        running.stop(5)
-        _forget(prefix)
+    with _own_rules_server(tmp_path) as (running, pool, rules, stub):
+        served = _score(stub, _worker_for(pool, 0)).rules_version
+        path = rules / "checkout.rules"
+        path.write_text(path.read_text().replace('orders("device", "1h") >= 2', "nosuch >= 2"))
+        assert not running.reload_rules()  # refused: the old rules stay
+        victim = pool.pids()[0]
+        assert victim is not None
+        with _worker_log() as logged:
+            os.kill(victim, signal.SIGKILL)
+            assert eventually(lambda: pool.pids()[0] not in (None, victim) and _alive(pool, 0), 30)
+        assert not _entries(logged, "scoring worker restart failed")
+        moved = _reroutes(running)
+        assert _score(stub, _worker_for(pool, 0)).rules_version == served
+        assert _reroutes(running) == moved  # the new worker 0 scored it
 
 
 def test_a_sighup_while_a_worker_is_replaced_reaches_the_new_worker(
@@ -1016,31 +1019,21 @@ def test_workers_run_the_server_processs_rules_and_follow_only_its_reloads(
     """Review: each worker watched the files too, so one that read a good edit before the
     server process (which then refused the next edit) stayed ahead of it for good, and a
     batch split between the workers got two rule versions."""
-    prefix = f"riskd-test-workers-{uuid.uuid4().hex}:"
-    rules = copy_rules(tmp_path / "rules")
-    running = create_server(_config(tmp_path / "data", prefix, rules_dir=str(rules)))
-    pool = running.workers
-    assert pool is not None
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
-            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
-            served = running.components.rules.current.version
-            running.components._watch_stop.set()  # the server process has not read it yet
-            path = rules / "checkout.rules"
-            path.write_text(path.read_text().replace("> 10000000", "> 1000"))
-            time.sleep(5 * 0.2 + 0.5)  # five of the test config's polls and the settle
-            for i in (0, 1):
-                assert _score(stub, _worker_for(pool, i)).rules_version == served
-            assert running.reload_rules()
-            after = running.components.rules.current.version
-            assert after != served
-            for i in (0, 1):  # a new order each time: a retry would replay the first answer
-                assert eventually(
-                    lambda i=i: _score(stub, _worker_for(pool, i)).rules_version == after, 10
-                )
-    finally:
-        running.stop(5)
-        _forget(prefix)
+    with _own_rules_server(tmp_path) as (running, pool, rules, stub):
+        served = running.components.rules.current.version
+        running.components._watch_stop.set()  # the server process has not read it yet
+        path = rules / "checkout.rules"
+        path.write_text(path.read_text().replace("> 10000000", "> 1000"))
+        time.sleep(5 * 0.2 + 0.5)  # five of the test config's polls and the settle
+        for i in (0, 1):
+            assert _score(stub, _worker_for(pool, i)).rules_version == served
+        assert running.reload_rules()
+        after = running.components.rules.current.version
+        assert after != served
+        for i in (0, 1):  # a new order each time: a retry would replay the first answer
+            assert eventually(
+                lambda i=i: _score(stub, _worker_for(pool, i)).rules_version == after, 10
+            )
 
 
 def _alive(pool: WorkerPool, index: int) -> bool:
