@@ -216,7 +216,7 @@ class Metrics:
         """Add the rule errors a worker counted since its last ``snapshot`` (``before``;
         None for a new worker) to this process's counter. A worker that was replaced
         starts from zero again; what it counted after its last report is not counted.
-        (Reloads are not added: the server process reloads the same files and counts.)"""
+        (Reloads are not added: workers run the programs the server process reloads.)"""
         old_errors = {} if before is None else before["rule_errors"]
         for rule_id, count in now["rule_errors"].items():
             grown = _grown(old_errors.get(rule_id, 0.0), count)

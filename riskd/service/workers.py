@@ -484,26 +484,39 @@ class WorkerPool:
     def reload(self) -> None:
         """Send the server process's rules to every worker not on them yet (after each
         program it swaps in; the monitor sends them again to a worker that missed them)."""
-        for w in self.workers():
-            self._send_rules(w)
+        self._send_rules(*self.workers())
 
-    def _send_rules(self, w: _Worker) -> None:
-        """Send ``w`` the server process's current rules unless it has them; a worker busy
-        or gone is sent them by a later round."""
-        if self._rules is None or not w.alive:
+    def _send_rules(self, *workers: _Worker) -> None:
+        """Send these workers the server process's current rules unless they have them
+        (or have them queued), all at once and then waiting for each (review: one at a
+        time, a stalled worker held back the next by its wait). What a worker has is
+        what it last reported (``Stats``: its ``rules``), so one that missed a program,
+        took a stale one late or could not compile it is sent the current one again by
+        the monitor's next round."""
+        if self._rules is None:
             return
         with self._rules_lock:
             state = self._rules()
-            if w.rules == state.version:
+            late = [w for w in workers if w.alive and w.rules != state.version]
+            if not late:
                 return
+            payload = pickle.dumps(state)
             deadline = time.monotonic() + STATS_WAIT_S
-            try:
-                seq = w.begin("Rules", pickle.dumps(state), deadline)
-                reply = None if seq is None else w.finish(seq, deadline)
-            except (WorkerGone, RiskdError):
-                return
-            if reply is not None:
-                w.rules = state.version
+            sent: list[tuple[_Worker, int]] = []
+            for w in late:
+                try:
+                    seq = w.begin("Rules", payload, deadline)
+                except (WorkerGone, RiskdError):
+                    continue
+                if seq is not None:
+                    sent.append((w, seq))
+            for w, seq in sent:
+                try:
+                    reply = w.finish(seq, deadline)
+                except (WorkerGone, RiskdError):
+                    continue
+                if reply is not None:
+                    w.rules = state.version
 
     def close(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Stop the monitor, then every worker (each flushes its decision log)."""
@@ -581,6 +594,7 @@ class WorkerPool:
         now = json.loads(reply[0])
         metrics.absorb_worker(w.stats, now)
         w.stats = now
+        w.rules = now["rules"]  # what it runs or has queued: the next round corrects it
 
     def _replace(self, i: int, w: _Worker) -> None:
         code = w.proc.poll()
@@ -1180,9 +1194,14 @@ def main(argv: Sequence[str]) -> int:
     # the server process watches the rule files and sends each new program (``Rules``),
     # compiled here in this order, off the calls' thread
     adopting = concurrent.futures.ThreadPoolExecutor(1, "riskd-rules-adopt")
+    # the version of the last program sent (queued or in place), reported with ``Stats``
+    queued = [components.rules.current.version]
 
     def adopt(payload: bytes) -> None:
-        adopting.submit(_adopt, components, pickle.loads(payload))
+        state: RulesState = pickle.loads(payload)
+        if state.version != queued[0]:  # one compile per program, however often sent
+            queued[0] = state.version
+            adopting.submit(_adopt, components, state, queued)
 
     # as ``riskd serve`` does: start-up objects (compiled rules, modules) out of the
     # collector's generations, so full collections on the scoring path skip them
@@ -1190,8 +1209,9 @@ def main(argv: Sequence[str]) -> int:
     gc.freeze()
 
     def report() -> bytes:
-        queued = components.scorer.catch_up.queued()
-        return json.dumps(metrics.snapshot(components.decision_log, queued)).encode()
+        waiting = components.scorer.catch_up.queued()
+        snapshot = metrics.snapshot(components.decision_log, waiting)
+        return json.dumps({**snapshot, "rules": queued[0]}).encode()
 
     try:  # the server process may have stopped while this one started (SIGTERM then)
         channel.send(("ready", os.getpid()))
@@ -1203,11 +1223,20 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _adopt(components: Components, state: RulesState) -> None:
-    diagnostics = components.rules.adopt(state)
-    if not diagnostics.ok:  # compiled in the server process: a bug, never a rule error
-        fields = {"version": state.version, "diagnostics": str(diagnostics)}
-        log.error("scoring worker could not take the rules", extra={"fields": fields})
+def _adopt(components: Components, state: RulesState, queued: list[str]) -> None:
+    """Take the server process's program; one that fails (compiled there: a bug, never a
+    rule error) is logged, and the worker reports its own again so that it is resent."""
+    try:
+        diagnostics = components.rules.adopt(state)
+        failure = None if diagnostics.ok else str(diagnostics)
+    except Exception as e:
+        failure = f"{type(e).__name__}: {e}"
+    if failure is None:
+        return
+    fields = {"version": state.version, "error": failure}
+    log.error("scoring worker could not take the rules", extra={"fields": fields})
+    if queued[0] == state.version:  # nothing newer sent since
+        queued[0] = components.rules.current.version
 
 
 def _serve(

@@ -16,6 +16,7 @@ import signal
 import socket
 import threading
 import time
+import types
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from riskd.config import load_config
 from riskd.domain.order import Amounts, Order
+from riskd.dsl.holder import RulesState
 from riskd.engine.keys import observe
 from riskd.errors import ConfigError, DeadlineExceededError
 from riskd.evidence.chain import verify
@@ -1034,6 +1036,52 @@ def test_workers_run_the_server_processs_rules_and_follow_only_its_reloads(
             assert eventually(
                 lambda i=i: _score(stub, _worker_for(pool, i)).rules_version == after, 10
             )
+
+
+def test_a_worker_that_took_a_stale_program_late_is_sent_the_served_one_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: worker 0 stalled while program B was sent (its answer late), the edit was
+    rolled back to A (nothing sent: it was recorded on A), then it resumed and took B:
+    it decided with B for good while the server process served A."""
+    monkeypatch.setattr(workers, "HUNG_AFTER_S", 30.0)  # stalled, not killed
+    with _own_rules_server(tmp_path) as (running, pool, rules, stub):
+        served = running.components.rules.current.version
+        path = rules / "checkout.rules"
+        text = path.read_text()
+        victim = pool.pids()[0]
+        assert victim is not None
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            path.write_text(text.replace("> 10000000", "> 1000"))
+            assert running.reload_rules()  # B: worker 0's answer does not come in time
+            path.write_text(text)
+            assert running.reload_rules()  # A again
+            assert running.components.rules.current.version == served
+        finally:
+            os.kill(victim, signal.SIGCONT)  # it reads B now
+        assert eventually(lambda: _score(stub, _worker_for(pool, 0)).rules_version == served, 15)
+        time.sleep(3 * workers.RESPAWN_EVERY_S)
+        assert _score(stub, _worker_for(pool, 0)).rules_version == served
+
+
+def test_a_program_a_worker_cannot_take_is_logged_and_reported_as_not_taken(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker's answer to ``Rules`` says it got the program, not that it compiled it:
+    one that fails is logged (an exception too: it was lost in its future) and the worker
+    reports its own program again, so that the monitor sends the served one again."""
+
+    def broken(state: object) -> None:
+        raise RuntimeError("no room")
+
+    current = types.SimpleNamespace(version="A")
+    components = types.SimpleNamespace(rules=types.SimpleNamespace(adopt=broken, current=current))
+    queued = ["B"]
+    caplog.set_level(logging.ERROR, logger="riskd.service.workers")
+    workers._adopt(components, RulesState("B", {}, ()), queued)  # type: ignore[arg-type]
+    assert queued == ["A"]
+    assert [r.getMessage() for r in caplog.records] == ["scoring worker could not take the rules"]
 
 
 def _alive(pool: WorkerPool, index: int) -> bool:
