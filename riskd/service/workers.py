@@ -493,8 +493,8 @@ class WorkerPool:
         what it last reported (``Stats``: its ``rules``), so one that missed a program,
         took a stale one late or could not compile it is sent the current one again by
         the monitor's next round."""
-        if self._rules is None:
-            return
+        if self._rules is None or self._stop.is_set():  # closing: the workers are stopping
+            return  # (review: a reload racing the stop took them out of service, logged)
         with self._rules_lock:
             state = self._rules()
             late = [w for w in workers if w.alive and w.rules != state.version]

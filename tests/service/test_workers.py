@@ -1065,6 +1065,22 @@ def test_a_worker_that_took_a_stale_program_late_is_sent_the_served_one_again(
         assert _score(stub, _worker_for(pool, 0)).rules_version == served
 
 
+def test_a_closing_pool_sends_no_rules(tmp_path: Path) -> None:
+    """Review: a reload racing the server's stop sent the program to workers being
+    stopped, and each was logged as taken out of service."""
+    with _own_rules_server(tmp_path) as (running, pool, rules, _):
+        path = rules / "checkout.rules"
+        path.write_text(path.read_text().replace("> 10000000", "> 1000"))
+        assert running.components.reload_rules(running.metrics)  # not sent yet
+        before = [w.rules for w in pool.workers()]
+        pool._stop.set()  # as close() does first
+        pool.reload()
+        assert [w.rules for w in pool.workers()] == before
+        pool._stop.clear()
+        pool.reload()
+        assert {w.rules for w in pool.workers()} == {running.components.rules.current.version}
+
+
 def test_a_program_a_worker_cannot_take_is_logged_and_reported_as_not_taken(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
