@@ -141,9 +141,7 @@ class ProgramHolder:
                 program = None
                 diags = Diagnostics((Diagnostic(RULES_CHANGING, msg, str(self.directory), 1, 1),))
             self._last = diags
-            if program is not None and program.version != self._program.version:
-                self._program = program  # one reference store: readers see old or new
-                self._sources = sources
+            self._swap(program, sources)
             return diags
 
     def state(self) -> RulesState:
@@ -160,10 +158,14 @@ class ProgramHolder:
             self._last = diags
             if program is not None:
                 self._fingerprint = state.fingerprint
-                if program.version != self._program.version:
-                    self._program = program
-                    self._sources = state.sources
+            self._swap(program, state.sources)
             return diags
+
+    def _swap(self, program: Program | None, sources: Mapping[str, str]) -> None:
+        """Put ``program`` (compiled from ``sources``) in place if it is a new one."""
+        if program is not None and program.version != self._program.version:
+            self._program = program  # one reference store: readers see old or new
+            self._sources = sources
 
     def changed(self) -> bool:
         """Whether the files differ from what the last (re)load read."""

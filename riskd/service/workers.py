@@ -261,7 +261,7 @@ class _Worker:
         self.broken = False
         self.why = ""  # why it was taken out of service, for the monitor's log
         self.stats: dict[str, Any] | None = None  # its last metrics snapshot (monitor's)
-        self.rules = ""  # the version of the server process's rules it started on or was sent
+        self.rules = ""  # the rules version it started on, was sent or last reported
 
     @property
     def alive(self) -> bool:
@@ -562,7 +562,9 @@ class WorkerPool:
             raise UnavailableError(f"scoring worker {worker.index} failed to start: {reply[1]}")
 
     def _watch(self) -> None:
-        """Replace workers that exited, broke or hang; their orders are scored here meanwhile."""
+        """Replace workers that exited, broke or hang (their orders are scored here
+        meanwhile), collect the others' snapshots, then send the rules to any that
+        reported others."""
         while not self._stop.wait(RESPAWN_EVERY_S):
             for i, w in enumerate(self._workers):
                 if self._stop.is_set() or w is None:
@@ -571,10 +573,9 @@ class WorkerPool:
                     w.take_out(f"no answer {HUNG_AFTER_S:g} s past a call's deadline")
                 if not w.alive:
                     self._replace(i, w)
-                else:
-                    self._send_rules(w)
-                    if self._metrics is not None:
-                        self._collect(w, self._metrics)
+                elif self._metrics is not None:
+                    self._collect(w, self._metrics)
+            self.reload()
 
     def _collect(self, w: _Worker, metrics: Metrics) -> None:
         """Ask ``w`` for its metrics snapshot and add what it counted since the last one.
