@@ -44,7 +44,9 @@ CREATE TABLE IF NOT EXISTS order_events (
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS order_events_order_id ON order_events (order_id);
+-- a retried report is found by its order, kind and time (databases made before this
+-- index keep order_events_order_id beside it: its prefix serves the same lookups)
+CREATE INDEX IF NOT EXISTS order_events_report ON order_events (order_id, kind, at);
 CREATE TABLE IF NOT EXISTS decision_pii (
     order_id TEXT NOT NULL,
     field TEXT NOT NULL,

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
 from riskd.domain.events import OrderEvent, OrderEventKind
 from riskd.errors import ConfigError, InvalidArgumentError, UnavailableError
 from riskd.evidence.log import DecisionLog
-from riskd.sql import Database, Tx
+from riskd.sql import Database, Row, Tx
 
 from .conftest import make_record
 
@@ -171,6 +172,78 @@ def test_a_retried_outcome_report_is_stored_once(db: Database) -> None:
     assert log.events("o-1") == [refund, later]
     assert rows(db, "order_events") == 2
     assert log.verify().ok
+
+
+def test_retries_are_told_apart_by_order_kind_and_time_across_lookup_chunks(
+    db: Database,
+) -> None:
+    log = DecisionLog(db)
+    base = 1_700_000_000.0
+    first = [OrderEvent(f"o-{i % 7}", OrderEventKind.PAID, base + i) for i in range(150)]
+    for event in first:
+        log.append_event(event)
+    log.flush(10)
+    # one batch of 250: each stored report again (a retry, other detail), and beside each
+    # one of another kind at the same time, and one of the same kind a moment later
+    retries = [OrderEvent(e.order_id, e.kind, e.at, "retry") for e in first]
+    refunds = [OrderEvent(e.order_id, OrderEventKind.REFUNDED, e.at) for e in first[:50]]
+    later = [OrderEvent(e.order_id, e.kind, e.at + 0.5) for e in first[:50]]
+    for event in [*retries, *refunds, *later]:
+        log.append_event(event)
+    log.close()
+    assert rows(db, "order_events") == 250
+    assert sorted(log.events("o-3"), key=lambda e: (e.at, e.kind.name)) == sorted(
+        [e for e in [*first, *refunds, *later] if e.order_id == "o-3"],
+        key=lambda e: (e.at, e.kind.name),
+    )
+    assert log.verify().ok
+
+
+class EventReadsDatabase(Database):
+    """The real database, counting the ``order_events`` rows its writer reads back."""
+
+    def __init__(self, url: str | Path) -> None:
+        super().__init__(url)
+        self.rows_read = 0
+
+    @contextlib.contextmanager
+    def transaction(self, *, read_only: bool = False) -> Iterator[Tx]:
+        owner = self
+
+        class Counting(Tx):
+            reading = False
+
+            def execute(self, sql: str, params: Sequence[Any] = ()) -> Tx:
+                self.reading = "FROM order_events" in sql
+                return super().execute(sql, params)
+
+            def fetchall(self) -> list[Row]:
+                got = super().fetchall()
+                owner.rows_read += len(got) if self.reading else 0
+                return got
+
+        with super().transaction(read_only=read_only) as tx:
+            tx.__class__ = Counting
+            yield tx
+
+
+def test_a_report_for_an_order_reported_many_times_reads_back_only_itself(
+    tmp_path: Path,
+) -> None:
+    # review: the writer read every stored report of the batch's orders (1 s a batch for
+    # an order reported 100,000 times without `at`); a batch reads its own retries only
+    db = EventReadsDatabase(tmp_path / "e.db")
+    log = DecisionLog(db)
+    for i in range(2_000):
+        log.append_event(OrderEvent("o-hot", OrderEventKind.DISPUTED, 1_700_000_000.0 + i))
+    log.flush(10)
+    db.rows_read = 0
+    log.append_event(OrderEvent("o-hot", OrderEventKind.DISPUTED, 1_700_000_000.0))  # retry
+    log.append_event(OrderEvent("o-hot", OrderEventKind.DISPUTED, 1_700_009_000.0))
+    log.close()
+    assert rows(db, "order_events") == 2_001
+    assert db.rows_read == 1  # the retry's stored twin, not the order's 2,000 reports
+    db.close()
 
 
 @pytest.mark.parametrize(

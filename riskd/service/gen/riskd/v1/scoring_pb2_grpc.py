@@ -75,9 +75,12 @@ class ScoringServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportOutcome(self, request, context):
-        """Records what later happened to a scored order. A report with the same order_id,
+        """Records what later happened to an order. A report with the same order_id,
         kind and at as one already recorded is a retry: acknowledged again, stored once
-        (set at, so that retries are recognised).
+        (set at, so that retries are recognised). The order need not have been scored:
+        a chargeback on an order checkout took while riskd was unreachable is a label
+        worth keeping, so reports are not matched to decisions here (replay and training
+        join them by order id, and an at before the decision is kept as sent).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

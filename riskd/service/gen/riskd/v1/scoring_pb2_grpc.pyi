@@ -43,9 +43,12 @@ class ScoringServiceStub:
     ScoreBatch: _grpc.UnaryUnaryMultiCallable[_scoring_pb2.ScoreBatchRequest, _scoring_pb2.ScoreBatchResponse]
     """Scores up to a few hundred orders in one call; decisions come back in request order."""
     ReportOutcome: _grpc.UnaryUnaryMultiCallable[_scoring_pb2.ReportOutcomeRequest, _scoring_pb2.ReportOutcomeResponse]
-    """Records what later happened to a scored order. A report with the same order_id,
+    """Records what later happened to an order. A report with the same order_id,
     kind and at as one already recorded is a retry: acknowledged again, stored once
-    (set at, so that retries are recognised).
+    (set at, so that retries are recognised). The order need not have been scored:
+    a chargeback on an order checkout took while riskd was unreachable is a label
+    worth keeping, so reports are not matched to decisions here (replay and training
+    join them by order id, and an at before the decision is kept as sent).
     """
 
 @_typing.type_check_only
@@ -63,9 +66,12 @@ class ScoringServiceAsyncStub(ScoringServiceStub):
     ScoreBatch: _aio.UnaryUnaryMultiCallable[_scoring_pb2.ScoreBatchRequest, _scoring_pb2.ScoreBatchResponse]  # type: ignore[assignment]
     """Scores up to a few hundred orders in one call; decisions come back in request order."""
     ReportOutcome: _aio.UnaryUnaryMultiCallable[_scoring_pb2.ReportOutcomeRequest, _scoring_pb2.ReportOutcomeResponse]  # type: ignore[assignment]
-    """Records what later happened to a scored order. A report with the same order_id,
+    """Records what later happened to an order. A report with the same order_id,
     kind and at as one already recorded is a retry: acknowledged again, stored once
-    (set at, so that retries are recognised).
+    (set at, so that retries are recognised). The order need not have been scored:
+    a chargeback on an order checkout took while riskd was unreachable is a label
+    worth keeping, so reports are not matched to decisions here (replay and training
+    join them by order id, and an at before the decision is kept as sent).
     """
 
 class ScoringServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -98,9 +104,12 @@ class ScoringServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _scoring_pb2.ReportOutcomeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scoring_pb2.ReportOutcomeResponse, _abc.Awaitable[_scoring_pb2.ReportOutcomeResponse]]:
-        """Records what later happened to a scored order. A report with the same order_id,
+        """Records what later happened to an order. A report with the same order_id,
         kind and at as one already recorded is a retry: acknowledged again, stored once
-        (set at, so that retries are recognised).
+        (set at, so that retries are recognised). The order need not have been scored:
+        a chargeback on an order checkout took while riskd was unreachable is a label
+        worth keeping, so reports are not matched to decisions here (replay and training
+        join them by order id, and an at before the decision is kept as sent).
         """
 
 def add_ScoringServiceServicer_to_server(servicer: ScoringServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
