@@ -77,8 +77,10 @@ to start every round, a worker that read an edit before the server process staye
 of it for good, and a SIGHUP sent during a worker's start was lost. A batch split between
 workers while they compile a new program may still see two versions.
 Workers ignore ``SIGINT``/``SIGTERM``/``SIGHUP``: the server process drains its calls
-first, then asks each worker to stop, and a worker flushes its decision log before it
-exits (also when the server process is gone: the socket pair reports end of file).
+first, then asks every worker to stop, and a worker acknowledges, then flushes its
+decision log before it exits (also when the server process is gone: the socket pair
+reports end of file). One that does not acknowledge ``HUNG_AFTER_S`` after its stop (or
+after the answer it owed) is killed (review: a stalled worker held the exit 30 s each).
 The server process's metrics count every decision it returns, and every order it answered
 itself (``riskd_score_worker_fallbacks_total`` by reason: down, busy, late). What only a
 worker sees, it counts in its own ``Metrics``: the monitor asks each worker for a snapshot
@@ -96,6 +98,7 @@ counted again).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import enum
 import functools
 import gc
@@ -209,7 +212,12 @@ class _Channel:
         return message
 
     def recv(self, deadline: float | None = None) -> Any:
-        """The next message; ``TimeoutError`` at ``deadline`` (monotonic), ``EOFError`` at end."""
+        """The next message; ``TimeoutError`` at ``deadline`` (monotonic), ``EOFError`` at end.
+
+        A message already in the socket at ``deadline`` is still taken (review: a batch
+        that waited out its deadline on one stalled worker then threw away the other
+        workers' answers sitting there, and answered their recorded orders again).
+        """
         while True:
             message = self._take()
             if message is not _NOTHING:
@@ -217,12 +225,22 @@ class _Channel:
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError
+                    return self._arrived()
                 self.sock.settimeout(left)
-            chunk = self.sock.recv(_CHUNK)  # socket.timeout is a TimeoutError
+            try:
+                chunk = self.sock.recv(_CHUNK)
+            except TimeoutError:  # socket.timeout
+                return self._arrived()
             if not chunk:
                 raise EOFError
             self._buf += chunk
+
+    def _arrived(self) -> Any:
+        """What has arrived already, without waiting; ``TimeoutError`` if nothing whole."""
+        message = self.poll()
+        if message is None:
+            raise TimeoutError
+        return message
 
     def _take(self) -> Any:
         """The first whole message in the buffer, else ``_NOTHING``."""
@@ -262,6 +280,8 @@ class _Worker:
         self.why = ""  # why it was taken out of service, for the monitor's log
         self.stats: dict[str, Any] | None = None  # its last metrics snapshot (monitor's)
         self.rules = ""  # the rules version it started on, was sent or last reported
+        self.asked = False  # sent its stop (``ask_stop``), which it acknowledges by ack_by
+        self.ack_by = 0.0
 
     @property
     def alive(self) -> bool:
@@ -375,22 +395,46 @@ class _Worker:
         fields = {"worker": self.index, "reason": why}
         log.warning("scoring worker taken out of service", extra={"fields": fields})
 
-    def stop(self, timeout_s: float) -> None:
-        """Ask the worker to flush and exit; kill it if it does not within ``timeout_s``."""
-        if not self.broken and self.lock.acquire(timeout=timeout_s):
-            try:
-                self.channel.send(("stop",))
-            except OSError:
-                pass
-            finally:
-                self.lock.release()
+    def ask_stop(self, until: float) -> None:
+        """Send the worker its stop once the call holding it is done (by ``until``). It
+        acknowledges at once, then flushes its decision log and exits (``wait_stopped``)."""
+        now = time.monotonic()
+        # a worker answers the call it owes (if any) before it reads the stop
+        self.ack_by = min(until, max(now, self.owed or now) + HUNG_AFTER_S)
+        if self.broken or not self.lock.acquire(timeout=max(until - now, 0.0)):
+            return
         try:
-            self.proc.wait(timeout_s)
+            self.channel.send(("stop",), until)
+            self.asked = True
+        except OSError:
+            pass
+        finally:
+            self.lock.release()
+
+    def wait_stopped(self, until: float) -> None:
+        """Wait until ``until`` for the worker to exit, killing it sooner when it has not
+        acknowledged its stop ``HUNG_AFTER_S`` after it (or after the answer it owed):
+        it is hung, as the monitor would have found (review: a stalled worker held the
+        server's exit 30 s, and each one after it as long again)."""
+        if self.asked:
+            try:
+                while self.channel.recv(self.ack_by)[0] != "stopping":
+                    pass  # a late answer or report: nobody waits for it any more
+            except TimeoutError:
+                fields = {"worker": self.index}
+                log.error(
+                    "scoring worker does not answer its stop; killing it", extra={"fields": fields}
+                )
+                self.proc.kill()
+            except (OSError, EOFError):
+                pass  # gone already: its exit is waited for below
+        try:
+            self.proc.wait(max(until - time.monotonic(), 0.0))
         except subprocess.TimeoutExpired:
             fields = {"worker": self.index}
             log.error("scoring worker did not stop; killing it", extra={"fields": fields})
             self.proc.kill()
-            self.proc.wait()
+        self.proc.wait()
         self.channel.close()
 
 
@@ -523,10 +567,13 @@ class WorkerPool:
         self._stop.set()
         if self._monitor is not None:
             self._monitor.join(timeout=START_TIMEOUT_S)
-        for i, w in enumerate(self._workers):
-            if w is not None:
-                w.stop(timeout_s)
-                self._workers[i] = None
+        until = time.monotonic() + timeout_s
+        workers = [w for w in self._workers if w is not None]
+        for w in workers:  # all asked first: they flush their logs at the same time
+            w.ask_stop(until)
+        for w in workers:
+            w.wait_stopped(until)
+        self._workers = [None] * len(self._workers)
 
     def _spawn(self, index: int) -> _Worker:
         ours, theirs = socket.socketpair()
@@ -774,9 +821,14 @@ def _renumbered(error: RiskdError, indexes: Sequence[int], size: int) -> RiskdEr
     return _rebuild(type(error).__name__, where + text[found.end() :], field)
 
 
-def _wait_until(started: float, timeout_s: float) -> float:
-    """How long (monotonic) to wait for workers: the budget less time for the fallback."""
-    return started + timeout_s - min(FALLBACK_RESERVE_S, timeout_s / 4)
+def _wait_until(started: float, timeout_s: float, answer_s: float = 0.0) -> float:
+    """How long (monotonic) to wait for workers: the budget less time for the fallback
+    (``answer_s``: the scorer's ``answer_time_s`` of a batch's orders; kept twice over,
+    since the fallback here also converts each order and decision: 80-140 us an order
+    measured on the 2-core VM, ~160 us with the workers busy, against the scorer's 110).
+    Review: a fixed 20 ms answered a 500-order batch whose worker stalled 2-52 ms after
+    its 1 s deadline."""
+    return started + timeout_s - min(FALLBACK_RESERVE_S + 2 * answer_s, timeout_s / 4)
 
 
 class PooledScorer(ScorerLike, Protocol):
@@ -785,6 +837,8 @@ class PooledScorer(ScorerLike, Protocol):
     def inflight(self, order: Order, started: float) -> Decision: ...
 
     def refuse_if_late(self, orders: Sequence[Order], timeout_s: float) -> None: ...
+
+    def answer_time_s(self, orders: int) -> float: ...
 
 
 class QueuedLog(Protocol):
@@ -999,11 +1053,11 @@ class PooledScoringServicer(ScoringServicer):
         refuse_changed_duplicates(orders, protect_order)  # before any worker scores its part
         if refuse_late:  # as one process refuses it
             self._pooled_scorer.refuse_if_late(orders, timeout_s - (time.monotonic() - started))
-        until = _wait_until(started, timeout_s)
         decisions: list[scoring_pb2.Decision | None] = [None] * len(request.orders)
         entries: dict[str, list[int]] = {}  # order id -> its entries, in order
         for i, order in enumerate(orders):
             entries.setdefault(order.order_id, []).append(i)
+        until = _wait_until(started, timeout_s, self._pooled_scorer.answer_time_s(len(entries)))
         ids = list(entries)
         awaited: dict[str, Flight[tuple[bytes, scoring_pb2.ScoreResponse]]] = {}
         while ids or awaited:
@@ -1255,6 +1309,8 @@ def _serve(
     while True:
         message = channel.recv()
         if message[0] == "stop":
+            with contextlib.suppress(OSError):  # then the log is flushed (main)
+                channel.send(("stopping",))
             return
         seq, method, payload, deadline = message
         unlogged.clear()

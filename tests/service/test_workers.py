@@ -48,14 +48,8 @@ Stub = scoring_pb2_grpc.ScoringServiceStub
 
 
 def _config(data: Path, prefix: str, **overrides: Any) -> Any:
-    return make_config(
-        data,
-        redis_url=SHARED_REDIS,
-        redis_prefix=prefix,
-        score_workers=2,
-        deadline_ms=5000,
-        **overrides,
-    )
+    settings: dict[str, Any] = {"score_workers": 2, "deadline_ms": 5000, **overrides}
+    return make_config(data, redis_url=SHARED_REDIS, redis_prefix=prefix, **settings)
 
 
 def _forget(prefix: str) -> None:
