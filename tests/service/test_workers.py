@@ -787,18 +787,25 @@ def _entries(stream: io.StringIO, msg: str) -> list[dict[str, Any]]:
     return [entry for entry in lines if entry["msg"] == msg]
 
 
-@pytest.fixture
-def patient(tmp_path: Path) -> Iterator[tuple[RunningServer, Stub]]:
-    """Two workers whose Redis calls may take 0.4 s: on 2 starved cores a worker's 50 ms
-    socket timeout ran out now and then, and its answer was degraded ``features``."""
+@contextlib.contextmanager
+def own_server(tmp_path: Path, **overrides: Any) -> Iterator[tuple[RunningServer, Stub]]:
+    """A worker-mode server of the test's own (``_config`` and ``overrides``), its stub."""
     prefix = f"riskd-test-workers-{uuid.uuid4().hex}:"
-    running = create_server(_config(tmp_path / "data", prefix, redis_timeout_ms=400))
+    running = create_server(_config(tmp_path / "data", prefix, **overrides))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
             yield running, scoring_pb2_grpc.ScoringServiceStub(ch)
     finally:
         running.stop(5)
         _forget(prefix)
+
+
+@pytest.fixture
+def patient(tmp_path: Path) -> Iterator[tuple[RunningServer, Stub]]:
+    """Two workers whose Redis calls may take 0.4 s: on 2 starved cores a worker's 50 ms
+    socket timeout ran out now and then, and its answer was degraded ``features``."""
+    with own_server(tmp_path, redis_timeout_ms=400) as served:
+        yield served
 
 
 def test_a_stopped_worker_holds_no_rpc_threads_and_is_killed_and_replaced(

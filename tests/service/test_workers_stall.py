@@ -24,26 +24,14 @@ from riskd.service.server import RunningServer, create_server
 from riskd.service.workers import HUNG_AFTER_S
 from riskd.sql import Database
 from tests.service.test_workers import (
-    Stub,
     _config,
     _entries,
     _fallbacks,
     _forget,
     _worker_for,
     _worker_log,
+    own_server,
 )
-
-
-@contextlib.contextmanager
-def _server(tmp_path: Path, workers: int = 2) -> Iterator[tuple[RunningServer, Stub]]:
-    prefix = f"riskd-test-stall-{uuid.uuid4().hex}:"
-    running = create_server(_config(tmp_path / "data", prefix, score_workers=workers))
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
-            yield running, scoring_pb2_grpc.ScoringServiceStub(ch)
-    finally:
-        running.stop(5)
-        _forget(prefix)
 
 
 @contextlib.contextmanager
@@ -83,7 +71,7 @@ def test_a_batch_keeps_the_answers_of_the_workers_that_answered_while_another_st
     # review: the batch waited out its deadline on worker 0, then dropped worker 1's
     # answer waiting in the socket, and answered its recorded orders again (replayed,
     # or a second, conflicting fallback decision), uncounted in the metrics
-    with _server(tmp_path) as (running, stub):
+    with own_server(tmp_path) as (running, stub):
         assert running.workers is not None
         mine = [_worker_for(running.workers, 0) for _ in range(4)]
         theirs = [_worker_for(running.workers, 1) for _ in range(4)]
@@ -110,7 +98,7 @@ def test_a_big_batch_whose_worker_stalls_is_answered_inside_its_deadline(
     # review: 20 ms were kept for the fallback of any batch; 500 orders need ~40-80 ms,
     # and the answer came 2-52 ms after a 1 s deadline on a loaded machine (here: after
     # every 0.4 s one, DEADLINE_EXCEEDED)
-    with _server(tmp_path, workers=1) as (running, stub):
+    with own_server(tmp_path, score_workers=1) as (running, stub):
         assert running.workers is not None
         batch = [_worker_for(running.workers, 0) for _ in range(500)]
         request = scoring_pb2.ScoreBatchRequest(orders=[convert.order_to_proto(o) for o in batch])
