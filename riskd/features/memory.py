@@ -69,7 +69,8 @@ class _Series:
     (events before it are dead: trimmed, kept until compaction so the totals stay valid),
     then one cell per event; ``cum[i]`` is the total of every amount up to and including
     event ``i``. Compaction restarts the totals from 0, so they stay within the amounts of
-    about two days (int64: 9.2 million orders at the largest amount riskd accepts).
+    about two days (int64: 9.2 million orders at the largest amount riskd accepts; an
+    amount past ``MAX_SUM`` is kept as ``MAX_SUM``, so 1,024 of those).
     Wraps the store's two bytearrays for the length of one call (see above).
     """
 
@@ -85,6 +86,9 @@ class _Series:
         return int(_I64.unpack_from(self.times, len(self.times) - _W)[0])
 
     def add(self, t: int, amount: int) -> None:
+        # a window holding an amount past MAX_SUM reads MAX_SUM whatever it is, so it is
+        # kept as MAX_SUM (review: 2^63 overflowed the int64 totals and broke the key)
+        amount = min(amount, MAX_SUM)
         times, cum = self.times, self.cum
         if not cum or t >= self.newest():
             last = _I64.unpack_from(cum, len(cum) - _W)[0] if cum else self._base()

@@ -180,7 +180,7 @@ for i = 1, ns do
         local of, x, newest = string.match(word, '^([^=]*)=(%-?%d+),(%-?%d+)$')
         x, newest = tonumber(x), tonumber(newest)
         if x >= 0 then st.dx[of] = x end
-        if newest >= 0 then st.dn[of] = newest end
+        st.dn[of] = newest >= 0 and newest  -- false: its set held no sighting (below)
       end
     end
   elseif redis.call('EXISTS', unpack(st.sets)) == 0 then
@@ -213,6 +213,18 @@ for i = 1, ns do
       end
       st.c[w], st.dirty = edge, true
     end
+  end
+end
+
+-- A distinct set whose latest sighting the state does not hold (a state rebuilt after
+-- Redis evicted it, or saved before the set had one): read from the set, once (review: a
+-- rebuilt state let a late observation count sightings more than the longest window
+-- behind the set's latest). None there is kept as false, so it is not read again.
+for j = 1, nd do
+  local st, of = DST[j], DOF[j]
+  if not st.fresh and st.dn[of] == nil then
+    local top = redis.call('ZRANGE', DKEY[j], -1, -1, 'WITHSCORES')
+    st.dn[of], st.dirty = top[2] ~= nil and tonumber(top[2]), true
   end
 end
 
@@ -280,7 +292,7 @@ local function save(st)  -- SET with EX: the state's TTL is refreshed on every w
   for w = 1, L do u[w], u[L + w], u[2 * L + w] = int(st.c[w]), int(st.n[w]), int(st.s[w]) end
   u[3 * L + 1], u[3 * L + 2] = int(st.m), int(st.x or -1)
   for of, newest in pairs(st.dn) do
-    u[#u + 1] = of .. '=' .. int(st.dx[of] or -1) .. ',' .. int(newest)
+    u[#u + 1] = of .. '=' .. int(st.dx[of] or -1) .. ',' .. int(newest or -1)
   end
   redis.call('SET', st.h, table.concat(u, ' '), 'EX', ttl)
 end

@@ -412,6 +412,31 @@ def test_a_late_observation_rebuilding_an_evicted_state_counts_only_what_still_c
     shared.close()
 
 
+def test_a_late_observation_after_an_eviction_counts_only_the_sightings_that_still_count(
+    prefix: str, clock: FakeClock, redis_client: redis.Redis
+) -> None:
+    """Review (differential fuzz): the rebuilt state lost each distinct set's latest
+    sighting, so a late read counted a buyer more than a day behind the device's latest
+    one (2 against the in-process store's 1), and a saved state forgot it for good."""
+    shared = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
+    memory = InProcessFeatureStore(clock)
+    buyers = FeatureQuery(Agg.DISTINCT, "device", "24h", of="buyer")
+    queries = [buyers, FeatureQuery(Agg.COUNT, "device", "24h")]
+    start = clock.now()
+    for order_id, at, buyer in (("o1", 0, "b1"), ("o2", 85_800, "b2"), ("o3", 87_000, "b3")):
+        obs = Observation(order_id, start + at, 100, {"device": "d", "buyer": buyer})
+        assert shared.record_and_read(obs, queries) == memory.record_and_read(obs, queries)
+    clock.advance(87_000)
+    late = Observation("late", start + 86_100, 0, {"device": "d"})  # 23 h 55 min
+    assert shared.read(late, queries)[buyers] == 1  # b2: b1 is 24 h behind b3
+    assert redis_client.delete(f"{prefix}tot:device:d") == 1
+    for _ in range(2):  # the rebuild, then the state it saved
+        got = shared.read(late, queries)
+        assert got == memory.read(late, queries)
+        assert got[buyers] == 1
+    shared.close()
+
+
 def test_evicted_sets_under_a_kept_state_drop_their_totals_and_get_a_ttl_again(
     prefix: str, clock: FakeClock, redis_client: redis.Redis
 ) -> None:

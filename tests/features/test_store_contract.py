@@ -145,6 +145,24 @@ def test_sums_saturate_at_max_sum_and_come_back_exactly(
     assert (got[SUM_DEVICE["1m"]], got[COUNT_DEVICE["1m"]]) == (7, 1)
 
 
+def test_amounts_past_int64_saturate_and_leave_the_key_working(
+    store: FeatureStore, clock: FakeClock
+) -> None:
+    """An amount the API never sends (2^63, 2^64 fen) is taken as any sum past ``MAX_SUM``
+    is (review: the in-process store's int64 totals overflowed, failed the call and every
+    later call on that key)."""
+    for order_id, amount in (("a", 2**63), ("b", 2**62), ("c", 2**62), ("d", 2**64)):
+        got = store.record_and_read(obs(clock, order_id, amount, device="d1"), ALL)
+        clock.advance(1)
+    assert (got[COUNT_DEVICE["1m"]], got[SUM_DEVICE["1m"]]) == (4, MAX_SUM)
+    again = store.record_and_read(obs(clock, "a", 2**63, device="d1"), ALL)  # a retry
+    assert (again[COUNT_DEVICE["1m"]], again[SUM_DEVICE["1m"]]) == (4, MAX_SUM)
+    clock.advance(60)
+    got = store.record_and_read(obs(clock, "e", 7, device="d1"), ALL)
+    assert (got[COUNT_DEVICE["1m"]], got[SUM_DEVICE["1m"]]) == (1, 7)
+    assert (got[COUNT_DEVICE["1h"]], got[SUM_DEVICE["1h"]]) == (5, MAX_SUM)
+
+
 def test_same_order_id_is_recorded_once(store: FeatureStore, clock: FakeClock) -> None:
     first = store.record_and_read(obs(clock, "o1", 700, device="d1", buyer="b1"), ALL)
     clock.advance(1)
