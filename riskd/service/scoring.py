@@ -112,9 +112,13 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         validate.validate_batch_size(len(request.orders), self._max_batch)
         orders = convert.orders_from_proto(request.orders)
         validate.validate_batch(orders, self._max_batch)
-        decisions = self._scorer.score_batch(
-            orders, timeout_s=self._left(timeout_s, deadline), refuse_late=refuse_late
-        )
+        return self.score_orders(orders, self._left(timeout_s, deadline), refuse_late=refuse_late)
+
+    def score_orders(
+        self, orders: Sequence[Order], timeout_s: float, *, refuse_late: bool = False
+    ) -> scoring_pb2.ScoreBatchResponse:
+        """``ScoreBatch`` of orders converted and validated already."""
+        decisions = self._scorer.score_batch(orders, timeout_s=timeout_s, refuse_late=refuse_late)
         self._metrics.observe_decisions(decisions)
         if self._on_decided is not None:
             self._on_decided(decisions)

@@ -156,6 +156,7 @@ FALLBACK_RESERVE_S = (
     0.02  # at most this (a quarter of the budget) kept for a late worker's fallback
 )
 BUSY_WAIT_S = 0.02  # the longest a call waits for a worker another call holds
+PARTIAL_GRACE_S = 0.02  # past the deadline, to read the rest of an answer begun
 RELOOK_EVERY_S = 0.002  # a batch waiting for other calls' orders looks at them this often
 HUNG_AFTER_S = 2.0  # an answer owed this long past its deadline: the worker is killed
 RESPAWN_EVERY_S = 1.0  # how often the monitor looks for workers that exited or hang
@@ -236,10 +237,25 @@ class _Channel:
             self._buf += chunk
 
     def _arrived(self) -> Any:
-        """What has arrived already, without waiting; ``TimeoutError`` if nothing whole."""
+        """What has arrived already; ``TimeoutError`` if nothing whole. A frame begun is
+        read to its end for up to ``PARTIAL_GRACE_S`` more: its sender is writing it now
+        (review: a 760 KB answer, bigger than the socket buffer, was dropped half-read, its
+        300 recorded decisions answered again here, after the deadline)."""
         message = self.poll()
-        if message is None:
+        if message is not None:
+            return message
+        if not self._buf:
             raise TimeoutError
+        until = time.monotonic() + PARTIAL_GRACE_S
+        while (message := self._take()) is _NOTHING:
+            left = until - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self.sock.settimeout(left)
+            chunk = self.sock.recv(_CHUNK)  # socket.timeout is a TimeoutError
+            if not chunk:
+                raise EOFError
+            self._buf += chunk
         return message
 
     def _take(self) -> Any:
@@ -395,43 +411,52 @@ class _Worker:
         fields = {"worker": self.index, "reason": why}
         log.warning("scoring worker taken out of service", extra={"fields": fields})
 
-    def ask_stop(self, until: float) -> None:
-        """Send the worker its stop once the call holding it is done (by ``until``). It
-        acknowledges at once, then flushes its decision log and exits (``wait_stopped``)."""
+    def ask_stop(self, until: float, *, wait: bool = True) -> bool:
+        """Send the worker its stop, once the call holding it is done (by ``until``; at
+        once or not at all without ``wait``); whether it is asked or needs no asking
+        (out of service: killed by ``wait_stopped``). It acknowledges at once, then
+        flushes its decision log and exits (``wait_stopped``)."""
+        if self.broken:
+            return True
         now = time.monotonic()
-        # a worker answers the call it owes (if any) before it reads the stop
-        self.ack_by = min(until, max(now, self.owed or now) + HUNG_AFTER_S)
-        if self.broken or not self.lock.acquire(timeout=max(until - now, 0.0)):
-            return
+        if not self.lock.acquire(timeout=max(until - now, 0.0) if wait else 0.0):
+            return False
         try:
+            # a worker answers the call it owes (if any) before it reads the stop
+            self.ack_by = min(until, max(now, self.owed or now) + HUNG_AFTER_S)
             self.channel.send(("stop",), until)
             self.asked = True
         except OSError:
             pass
         finally:
             self.lock.release()
+        return True
 
     def wait_stopped(self, until: float) -> None:
         """Wait until ``until`` for the worker to exit, killing it sooner when it has not
         acknowledged its stop ``HUNG_AFTER_S`` after it (or after the answer it owed):
         it is hung, as the monitor would have found (review: a stalled worker held the
-        server's exit 30 s, and each one after it as long again)."""
-        if self.asked:
+        server's exit 30 s, and each one after it as long again); and at once when it
+        was out of service (the monitor kills those: its socket broke, or it hung)."""
+        fields = {"worker": self.index}
+        if self.broken and self.proc.poll() is None:
+            log.warning(
+                "scoring worker out of service at stop; killing it", extra={"fields": fields}
+            )
+            self.proc.kill()
+        elif self.asked:
             try:
                 while self.channel.recv(self.ack_by)[0] != "stopping":
                     pass  # a late answer or report: nobody waits for it any more
             except TimeoutError:
-                fields = {"worker": self.index}
-                log.error(
-                    "scoring worker does not answer its stop; killing it", extra={"fields": fields}
-                )
+                msg = "scoring worker does not answer its stop; killing it"
+                log.error(msg, extra={"fields": fields})
                 self.proc.kill()
             except (OSError, EOFError):
                 pass  # gone already: its exit is waited for below
         try:
             self.proc.wait(max(until - time.monotonic(), 0.0))
         except subprocess.TimeoutExpired:
-            fields = {"worker": self.index}
             log.error("scoring worker did not stop; killing it", extra={"fields": fields})
             self.proc.kill()
         self.proc.wait()
@@ -569,7 +594,11 @@ class WorkerPool:
             self._monitor.join(timeout=START_TIMEOUT_S)
         until = time.monotonic() + timeout_s
         workers = [w for w in self._workers if w is not None]
-        for w in workers:  # all asked first: they flush their logs at the same time
+        # all asked first, so they flush their logs at the same time; those a call still
+        # holds after (review: waiting on one held by a stalled worker's long call first
+        # left the others unasked, then killed them with their decisions uncommitted)
+        held = [w for w in workers if not w.ask_stop(until, wait=False)]
+        for w in held:
             w.ask_stop(until)
         for w in workers:
             w.wait_stopped(until)
@@ -1124,9 +1153,8 @@ class PooledScoringServicer(ScoringServicer):
         queued = {} if self._log is None else self._log.queued([orders[i].order_id for i in todo])
         here = [i for i in todo if orders[i].order_id in queued]
         if here:  # decided by this process, not committed yet: replayed from its log first
-            replays = scoring_pb2.ScoreBatchRequest(orders=[request.orders[i] for i in here])
             left = max(deadline - time.monotonic(), 0.0)
-            part = self._part_here(replays, left, here, len(orders))
+            part = self._part_here(orders, here, left)
             for i, decision in zip(here, part, strict=True):
                 decisions[i] = decision
         groups: dict[int, list[int]] = {}
@@ -1163,20 +1191,22 @@ class PooledScoringServicer(ScoringServicer):
             got = answers[w]
             if isinstance(got, _Missing):  # DOWN/BUSY: here in the time left; LATE: fallback
                 left = 0.0 if got is _LATE else max(deadline - time.monotonic(), 0.0)
-                part = self._part_here(parts[w], left, idx, len(orders))
+                part = self._part_here(orders, idx, left)
                 self._fell_back(got, sum(not d.replayed for d in part))
                 for i, decision in zip(idx, part, strict=True):
                     decisions[i] = decision
 
     def _part_here(
-        self, part: scoring_pb2.ScoreBatchRequest, left: float, indexes: Sequence[int], size: int
+        self, orders: Sequence[Order], indexes: Sequence[int], left: float
     ) -> Sequence[scoring_pb2.Decision]:
-        """A part of a batch (``indexes``: the caller's index of each of its orders, of
-        ``size``) scored in this process; a refusal names the caller's entry."""
+        """The entries ``indexes`` of a batch (its ``orders``, converted and validated)
+        scored in this process in ``left`` seconds; a refusal names the caller's entry.
+        Not converted again: that was a third of a late part's fallback (review: a
+        stalled worker's 500 orders answered after the deadline)."""
         try:
-            return super().score_batch_request(part, left).decisions
+            return self.score_orders([orders[i] for i in indexes], left).decisions
         except RiskdError as e:
-            raise _renumbered(e, indexes, size) from None
+            raise _renumbered(e, indexes, len(orders)) from None
 
     def _ask_all(
         self, parts: dict[int, scoring_pb2.ScoreBatchRequest], deadline: float
