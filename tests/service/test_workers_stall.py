@@ -48,6 +48,17 @@ def _stalled(running: RunningServer, index: int) -> Iterator[int]:
             os.kill(pid, signal.SIGCONT)
 
 
+def _logged(tmp_path: Path, ids: list[str]) -> int:
+    """How many of ``ids`` the server's SQLite decision log holds."""
+    db = Database(f"sqlite:///{tmp_path / 'data' / 'riskd.db'}")
+    try:
+        marks = ", ".join("?" * len(ids))
+        rows = db.query(f"SELECT COUNT(*) FROM decision_log WHERE order_id IN ({marks})", ids)
+        return int(rows[0][0])
+    finally:
+        db.close()
+
+
 def test_a_message_already_in_the_socket_at_the_deadline_is_taken() -> None:
     ours, theirs = socket.socketpair()
     channel, peer = workers._Channel(ours), workers._Channel(theirs)
@@ -174,14 +185,8 @@ def test_stop_kills_a_stalled_worker_soon_and_flushes_the_others(tmp_path: Path)
         if not stopped:
             running.stop(5)
         _forget(prefix)
-    db = Database(f"sqlite:///{tmp_path / 'data' / 'riskd.db'}")
-    try:  # the healthy worker flushed its decisions before it exited
-        ids = [o.order_id for o in theirs]
-        marks = ", ".join("?" * len(ids))
-        rows = db.query(f"SELECT COUNT(*) FROM decision_log WHERE order_id IN ({marks})", ids)
-        assert rows[0][0] == len(ids)
-    finally:
-        db.close()
+    # the healthy worker flushed its decisions before it exited
+    assert _logged(tmp_path, [o.order_id for o in theirs]) == len(theirs)
 
 
 def test_stop_kills_a_worker_taken_out_of_service_at_once(tmp_path: Path) -> None:
@@ -221,11 +226,4 @@ def test_stop_asks_every_worker_while_a_call_holds_a_stalled_one(tmp_path: Path)
             call.join(10)
         killed = [e["worker"] for e in _entries(logged, "scoring worker did not stop; killing it")]
         assert killed == [0]  # worker 1 was asked at once, flushed and exited
-    db = Database(f"sqlite:///{tmp_path / 'data' / 'riskd.db'}")
-    try:
-        ids = [o.order_id for o in theirs]
-        marks = ", ".join("?" * len(ids))
-        rows = db.query(f"SELECT COUNT(*) FROM decision_log WHERE order_id IN ({marks})", ids)
-        assert rows[0][0] == len(ids)
-    finally:
-        db.close()
+    assert _logged(tmp_path, [o.order_id for o in theirs]) == len(theirs)
