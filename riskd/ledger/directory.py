@@ -6,7 +6,10 @@ serves a snapshot of every enforced shop, loaded with a few aggregate queries,
 and refreshes it in a background thread when it is older than ``ttl_s``.
 Whether a shop is frozen is decided at ``get`` time from ``frozen_until`` and
 the clock, so a freeze ends on time even between refreshes. A failed refresh
-keeps the last snapshot (the scorer keeps blocking frozen shops).
+keeps the last snapshot (the scorer keeps blocking frozen shops); the next is tried
+``ttl_s`` after it, and an outage is logged once, then its end (review: with the
+database down every order started a refresh, a new connection attempt and a
+warning with its traceback).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class LedgerShopDirectory:
         self._ttl_s = ttl_s
         self._snapshot: Mapping[str, ShopState] = {}
         self._loaded_at = float("-inf")
+        self._tried_at = float("-inf")  # the last refresh started, loaded or not
+        self._failing = False
         self._wanted = threading.Event()
         self._closed = False
         self.refresh()
@@ -53,7 +58,7 @@ class LedgerShopDirectory:
 
     def get(self, shop_id: str) -> ShopState:
         """The shop's enforcement state from the snapshot (no SQL on this path)."""
-        if self._clock.monotonic() - self._loaded_at >= self._ttl_s:
+        if self._clock.monotonic() - self._tried_at >= self._ttl_s:
             self._wanted.set()  # stale: the refresher loads a new one; serve this one meanwhile
         state = self._snapshot.get(shop_id)
         if state is None:
@@ -63,14 +68,21 @@ class LedgerShopDirectory:
 
     def refresh(self) -> None:
         """Load a new snapshot now (blocking); errors keep the old one and are logged."""
-        started = self._clock.monotonic()
+        started = self._tried_at = self._clock.monotonic()
         try:
             snapshot = dict(self._book.shop_states())
         except Exception:  # a broken database must not break scoring: keep the last view
-            log.warning("shop directory refresh failed; serving the last snapshot", exc_info=True)
+            if not self._failing:
+                self._failing = True
+                log.warning(
+                    "shop directory refresh failed; serving the last snapshot", exc_info=True
+                )
         else:
             self._snapshot = snapshot
             self._loaded_at = started
+            if self._failing:
+                self._failing = False
+                log.info("shop directory refreshed again")
 
     def close(self) -> None:
         """Stop the refresher thread."""

@@ -107,3 +107,40 @@ def test_refreshes_reuse_one_thread_and_one_connection(
     assert len(book.db._all) == connections
     directory.close()
     assert not directory._worker.is_alive()
+
+
+class Outage:
+    """A book whose database is down while ``down``, counting the snapshots asked of it."""
+
+    def __init__(self, book: Book) -> None:
+        self.book, self.down, self.asked = book, False, 0
+
+    def shop_states(self) -> Mapping[str, ShopState]:
+        self.asked += 1
+        if self.down:
+            raise OSError("database down")
+        return self.book.shop_states()
+
+
+def test_an_outage_is_tried_once_a_ttl_and_logged_once_then_its_end(
+    book: Book, clock: FakeClock, open_directory: Open, caplog: pytest.LogCaptureFixture
+) -> None:
+    # review: with PostgreSQL down every scored order started a refresh (a connection
+    # attempt) and logged a warning with its traceback: 200 of them in 10 s at 20/s
+    source = Outage(book)
+    directory = open_directory(source, clock, ttl_s=2.0)
+    source.down = True
+    clock.advance(3)
+    with caplog.at_level("INFO", logger="riskd.ledger.directory"):
+        for _ in range(5):  # ten seconds of orders, 20 a second
+            for _ in range(20):
+                directory.get("s1")
+                time.sleep(0.005)
+            assert wait_for(lambda: not directory._wanted.is_set())
+            clock.advance(2)
+        assert 3 <= source.asked - 1 <= 6  # once per ttl, not once per order
+        failed = [r for r in caplog.records if "refresh failed" in r.getMessage()]
+        assert len(failed) == 1
+        source.down = False
+        directory.get("s1")
+        assert wait_for(lambda: any("refreshed again" in r.getMessage() for r in caplog.records))
