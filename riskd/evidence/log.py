@@ -100,6 +100,7 @@ class _Item:
 Entry = tuple[DecisionRecord, Order | None, Mapping[str, str] | None]
 
 _IN_CHUNK = 500
+STUCK_WAIT_S = 2.0  # close's flush after one that timed out (two of the writer's retries)
 _EVENT_CHUNK = 100  # reports looked up per query (three parameters each)
 # Lookups read rows of the chain only: a row beside it (seq NULL or below 1, which tables
 # created before the schema's CHECK accept) is not a recorded decision; verify names it.
@@ -153,6 +154,7 @@ class DecisionLog:
         self._pending: dict[str, DecisionRecord] = {}  # queued or being written
         self._inflight = 0  # items taken by the writer, not yet committed
         self._written = 0  # items committed since start (flush waits on this)
+        self._stuck_at = -1  # _written when a flush last timed out (close waits no more)
         self._appended = 0
         self._urgent = 0  # flush() waits for everything appended up to here
         self._closed = False
@@ -356,13 +358,19 @@ class DecisionLog:
             self._cond.notify_all()
             ok = self._cond.wait_for(lambda: self._written >= target, timeout_s)
             if not ok:
+                self._stuck_at = self._written
                 raise UnavailableError(f"decision log flush timed out ({self._error})")
 
     def close(self, timeout_s: float | None = 30.0) -> None:
-        """Flush, then stop the writer. Idempotent; the database stays open."""
+        """Flush, then stop the writer. Idempotent; the database stays open. After a
+        flush that timed out with nothing committed since, only ``STUCK_WAIT_S`` more
+        (the writer's next tries; review: the scorer's close flushed for 30 s, then this
+        for 30 s more, with the database down)."""
         with self._cond:
             if self._closed:
                 return
+            if self._stuck_at == self._written and timeout_s is not None:
+                timeout_s = min(timeout_s, STUCK_WAIT_S)
         try:
             self.flush(timeout_s)
         finally:

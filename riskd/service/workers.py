@@ -160,6 +160,7 @@ PARTIAL_GRACE_S = 0.02  # past the deadline, to read the rest of an answer begun
 RELOOK_EVERY_S = 0.002  # a batch waiting for other calls' orders looks at them this often
 HUNG_AFTER_S = 2.0  # an answer owed this long past its deadline: the worker is killed
 RESPAWN_EVERY_S = 1.0  # how often the monitor looks for workers that exited or hang
+RESTART_BACKOFF_MAX_S = 30.0  # a failing restart is tried after 1, 2, 4 ... s, at most this
 STATS_WAIT_S = 0.5  # the longest the monitor waits for a worker's metrics snapshot
 RECENT_KEEP_S = 2.0  # how long the gRPC process keeps a worker's answer for retries
 RECENT_MAX = 20_000  # answers kept at most (the oldest go first)
@@ -496,6 +497,7 @@ class WorkerPool:
         self._workers: list[_Worker | None] = [None] * count
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
+        self._retry_at: dict[int, tuple[float, float]] = {}  # slot: next restart, backoff
         self._metrics = metrics
         self.evidence = _PoolEvidence(self)
 
@@ -648,7 +650,8 @@ class WorkerPool:
                 if w.alive and w.hung(time.monotonic()):
                     w.take_out(f"no answer {HUNG_AFTER_S:g} s past a call's deadline")
                 if not w.alive:
-                    self._replace(i, w)
+                    if time.monotonic() >= self._retry_at.get(i, (0.0, 0.0))[0]:
+                        self._replace(i, w)
                 elif self._metrics is not None:
                     self._collect(w, self._metrics)
             self.reload()
@@ -674,9 +677,14 @@ class WorkerPool:
         w.rules = now["rules"]  # what it runs or has queued: the next round corrects it
 
     def _replace(self, i: int, w: _Worker) -> None:
+        """Start a new worker in slot ``i`` for ``w``, which is down; if that fails, the
+        next try waits twice as long as the last, up to ``RESTART_BACKOFF_MAX_S`` (review:
+        with the database down a start was tried every 2 s, each costing ~0.9 s of CPU
+        and two log lines)."""
         code = w.proc.poll()
-        fields = {"worker": i, "exit_code": code, "reason": w.why or "exited"}
-        log.warning("scoring worker down; starting a new one", extra={"fields": fields})
+        fields: dict[str, Any] = {"worker": i, "exit_code": code, "reason": w.why or "exited"}
+        if i not in self._retry_at:  # the first try for this worker
+            log.warning("scoring worker down; starting a new one", extra={"fields": fields})
         if code is None:
             w.proc.kill()  # SIGKILL: ends a stopped or hung process too
         w.proc.wait()
@@ -690,10 +698,14 @@ class WorkerPool:
             fresh = self._spawn(i)
             self._await_ready(fresh)
         except Exception:
-            log.error(
-                "scoring worker restart failed", exc_info=True, extra={"fields": {"worker": i}}
+            delay = min(
+                2 * self._retry_at.get(i, (0.0, RESPAWN_EVERY_S / 2))[1], RESTART_BACKOFF_MAX_S
             )
+            self._retry_at[i] = (time.monotonic() + delay, delay)
+            fields = {"worker": i, "retry_in_s": delay}
+            log.error("scoring worker restart failed", exc_info=True, extra={"fields": fields})
             return
+        self._retry_at.pop(i, None)
         self._workers[i] = fresh
         self._send_rules(fresh)  # a program swapped in while it started (review: lost)
 

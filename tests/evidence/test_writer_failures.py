@@ -17,8 +17,8 @@ import psycopg
 import pytest
 
 from riskd.domain.events import OrderEvent, OrderEventKind
-from riskd.errors import CommitUnknownError
-from riskd.evidence.log import DecisionLog
+from riskd.errors import CommitUnknownError, UnavailableError
+from riskd.evidence.log import STUCK_WAIT_S, DecisionLog
 from riskd.pii import BlindIndexer, Keyring
 from riskd.sql import Database, Tx
 
@@ -176,3 +176,48 @@ def test_a_missing_table_or_privilege_is_waited_out_not_set_aside(pg: Database) 
     log.close()
     insufficient = psycopg.errors.InsufficientPrivilege("permission denied for table x")
     assert pg.is_transient(insufficient)
+
+
+class DownDatabase(Database):
+    """The real database, its writes failing as a database that is down does."""
+
+    def __init__(self, url: str | Path) -> None:
+        super().__init__(url)
+        self.down = False
+
+    def run(self, fn: Any, **kwargs: Any) -> Any:
+        if self.down:
+            raise UnavailableError("database down")
+        return super().run(fn, **kwargs)
+
+
+def test_close_after_a_flush_that_timed_out_waits_no_more(tmp_path: Path) -> None:
+    # review: with the database down the daemon's stop flushed for 30 s (the scorer's
+    # close), then for 30 s more (the log's own close)
+    db = DownDatabase(tmp_path / "e.db")
+    log = DecisionLog(db)
+    db.down = True
+    append_order(log, "o-1")
+    with pytest.raises(UnavailableError, match="timed out"):
+        log.flush(0.3)
+    started = time.monotonic()
+    with pytest.raises(UnavailableError, match="timed out"):
+        log.close(10)
+    assert time.monotonic() - started < STUCK_WAIT_S + 1.5
+    db.down = False
+    assert stored_ids(db) == []  # the queued decision is lost, as README says of a stop
+    db.close()
+
+
+def test_close_after_a_flush_that_timed_out_still_flushes_what_went_on(tmp_path: Path) -> None:
+    db = DownDatabase(tmp_path / "e.db")
+    log = DecisionLog(db)
+    db.down = True
+    append_order(log, "o-1")
+    with pytest.raises(UnavailableError, match="timed out"):
+        log.flush(0.3)
+    db.down = False  # back: the writer commits again before the stop
+    append_order(log, "o-2")
+    log.close(10)
+    assert stored_ids(db) == ["o-1", "o-2"]
+    db.close()

@@ -934,9 +934,16 @@ def test_a_failed_restart_logs_why(tmp_path: Path) -> None:
         with _worker_log() as logged:
             os.kill(victim, signal.SIGKILL)
             assert eventually(lambda: _entries(logged, "scoring worker restart failed"), 30)
+            # review: tried every round (each start ~0.9 s of CPU); now after 1, 2, 4 ... s
+            assert eventually(
+                lambda: len(_entries(logged, "scoring worker restart failed")) >= 3, 30
+            )
         entry = _entries(logged, "scoring worker restart failed")[0]
         assert entry["worker"] == 0 and entry["error_type"] == "UnavailableError"
         assert "rules_dir:" in entry["error"] and "not a directory" in entry["error"], entry
+        failed = _entries(logged, "scoring worker restart failed")
+        assert [e["retry_in_s"] for e in failed[:3]] == [1.0, 2.0, 4.0]
+        assert len(_entries(logged, "scoring worker down; starting a new one")) == 1
     finally:
         running.stop(5)
         _forget(prefix)
