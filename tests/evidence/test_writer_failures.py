@@ -191,15 +191,21 @@ class DownDatabase(Database):
         return super().run(fn, **kwargs)
 
 
-def test_close_after_a_flush_that_timed_out_waits_no_more(tmp_path: Path) -> None:
-    # review: with the database down the daemon's stop flushed for 30 s (the scorer's
-    # close), then for 30 s more (the log's own close)
+def _flush_timed_out(tmp_path: Path) -> tuple[DownDatabase, DecisionLog]:
+    """A log holding o-1, whose database went down, after a flush that timed out."""
     db = DownDatabase(tmp_path / "e.db")
     log = DecisionLog(db)
     db.down = True
     append_order(log, "o-1")
     with pytest.raises(UnavailableError, match="timed out"):
         log.flush(0.3)
+    return db, log
+
+
+def test_close_after_a_flush_that_timed_out_waits_no_more(tmp_path: Path) -> None:
+    # review: with the database down the daemon's stop flushed for 30 s (the scorer's
+    # close), then for 30 s more (the log's own close)
+    db, log = _flush_timed_out(tmp_path)
     started = time.monotonic()
     with pytest.raises(UnavailableError, match="timed out"):
         log.close(10)
@@ -210,12 +216,7 @@ def test_close_after_a_flush_that_timed_out_waits_no_more(tmp_path: Path) -> Non
 
 
 def test_close_after_a_flush_that_timed_out_still_flushes_what_went_on(tmp_path: Path) -> None:
-    db = DownDatabase(tmp_path / "e.db")
-    log = DecisionLog(db)
-    db.down = True
-    append_order(log, "o-1")
-    with pytest.raises(UnavailableError, match="timed out"):
-        log.flush(0.3)
+    db, log = _flush_timed_out(tmp_path)
     db.down = False  # back: the writer commits again before the stop
     append_order(log, "o-2")
     log.close(10)
