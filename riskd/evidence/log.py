@@ -363,13 +363,15 @@ class DecisionLog:
 
     def close(self, timeout_s: float | None = 30.0) -> None:
         """Flush, then stop the writer. Idempotent; the database stays open. After a
-        flush that timed out with nothing committed since, only ``STUCK_WAIT_S`` more
-        (the writer's next tries; review: the scorer's close flushed for 30 s, then this
-        for 30 s more, with the database down)."""
+        flush that timed out with nothing committed since, while the writer's last
+        commit failed, only ``STUCK_WAIT_S`` more (the writer's next tries; review: the
+        scorer's close flushed for 30 s, then this for 30 s more, with the database
+        down). A database that is slow, not failing, gets the whole ``timeout_s``."""
         with self._cond:
             if self._closed:
                 return
-            if self._stuck_at == self._written and timeout_s is not None:
+            stuck = self._stuck_at == self._written and self._error
+            if stuck and timeout_s is not None:
                 timeout_s = min(timeout_s, STUCK_WAIT_S)
         try:
             self.flush(timeout_s)

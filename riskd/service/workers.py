@@ -706,6 +706,11 @@ class WorkerPool:
             log.error("scoring worker restart failed", exc_info=True, extra={"fields": fields})
             return
         self._retry_at.pop(i, None)
+        if self._stop.is_set():  # the pool closed while it started: not put in service
+            fresh.proc.kill()
+            fresh.proc.wait()
+            fresh.channel.close()
+            return
         self._workers[i] = fresh
         self._send_rules(fresh)  # a program swapped in while it started (review: lost)
 

@@ -222,3 +222,31 @@ def test_close_after_a_flush_that_timed_out_still_flushes_what_went_on(tmp_path:
     log.close(10)
     assert stored_ids(db) == ["o-1", "o-2"]
     db.close()
+
+
+class SlowDatabase(Database):
+    """The real database, each write taking ``delay_s`` (up, not failing)."""
+
+    def __init__(self, url: str | Path, delay_s: float) -> None:
+        super().__init__(url)
+        self.delay_s = delay_s
+
+    def run(self, fn: Any, **kwargs: Any) -> Any:
+        time.sleep(self.delay_s)
+        return super().run(fn, **kwargs)
+
+
+def test_close_after_a_flush_that_timed_out_on_a_slow_database_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    # review: a reveal's short flush timing out on a slow database cut the stop's wait
+    # to 2 s, and the commit under way was left behind
+    db = SlowDatabase(tmp_path / "e.db", delay_s=STUCK_WAIT_S + 1.0)
+    log = DecisionLog(db)
+    append_order(log, "o-1")
+    with pytest.raises(UnavailableError, match="timed out"):
+        log.flush(0.3)
+    log.close(10)
+    db.delay_s = 0.0
+    assert stored_ids(db) == ["o-1"]
+    db.close()

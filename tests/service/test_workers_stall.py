@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -18,12 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import pytest
 
 from riskd.service import convert, workers
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
 from riskd.service.server import RunningServer, create_server
 from riskd.service.workers import HUNG_AFTER_S
 from riskd.sql import Database
+from tests.service.test_lifecycle import eventually
 from tests.service.test_workers import (
     _config,
     _entries,
@@ -227,3 +230,41 @@ def test_stop_asks_every_worker_while_a_call_holds_a_stalled_one(tmp_path: Path)
         killed = [e["worker"] for e in _entries(logged, "scoring worker did not stop; killing it")]
         assert killed == [0]  # worker 1 was asked at once, flushed and exited
     assert _logged(tmp_path, [o.order_id for o in theirs]) == len(theirs)
+
+
+def test_a_worker_started_while_the_pool_closes_is_not_put_in_service(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # review: a restart finishing after close (whose wait for the monitor had timed out)
+    # put a new worker in its slot, running, and nothing stopped it
+    monkeypatch.setattr(workers, "RESPAWN_EVERY_S", 0.05)
+    pool = workers.WorkerPool(config=None, count=1)  # type: ignore[arg-type]
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    pool._workers[0] = workers._Worker(0, dead, workers._Channel(ours))
+    started: list[subprocess.Popen[bytes]] = []
+
+    def spawn(i: int) -> workers._Worker:
+        a, b = socket.socketpair()
+        b.close()
+        started.append(subprocess.Popen(["sleep", "30"]))
+        return workers._Worker(i, started[-1], workers._Channel(a))
+
+    monkeypatch.setattr(pool, "_spawn", spawn)
+    monkeypatch.setattr(pool, "_await_ready", lambda w: time.sleep(0.6))
+    pool._monitor = threading.Thread(target=pool._watch, daemon=True)
+    pool._monitor.start()
+    try:
+        assert eventually(lambda: started, 5)
+        monkeypatch.setattr(workers, "START_TIMEOUT_S", 0.1)  # close stops waiting for it
+        pool.close(1.0)
+        pool._monitor.join(5)
+        assert pool._workers == [None]
+        assert started[0].poll() is not None  # stopped, not left running
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
