@@ -498,6 +498,7 @@ class WorkerPool:
         self._stop = threading.Event()
         self._monitor: threading.Thread | None = None
         self._retry_at: dict[int, tuple[float, float]] = {}  # slot: next restart, backoff
+        self._restarting: dict[int, threading.Thread] = {}  # slot: its restart (_restart)
         self._metrics = metrics
         self.evidence = _PoolEvidence(self)
 
@@ -650,8 +651,7 @@ class WorkerPool:
                 if w.alive and w.hung(time.monotonic()):
                     w.take_out(f"no answer {HUNG_AFTER_S:g} s past a call's deadline")
                 if not w.alive:
-                    if time.monotonic() >= self._retry_at.get(i, (0.0, 0.0))[0]:
-                        self._replace(i, w)
+                    self._restart(i, w)
                 elif self._metrics is not None:
                     self._collect(w, self._metrics)
             self.reload()
@@ -675,6 +675,22 @@ class WorkerPool:
         metrics.absorb_worker(w.stats, now)
         w.stats = now
         w.rules = now["rules"]  # what it runs or has queued: the next round corrects it
+
+    def _restart(self, i: int, w: _Worker) -> None:
+        """Replace ``w`` (slot ``i``, down) on a thread of its own, unless one is at it or
+        its backoff has not run out: a start takes seconds, and up to ``START_TIMEOUT_S``
+        on a locked database (review: the monitor's own start of a worker froze the
+        workers' metrics and the hang checks of the others for 30 s)."""
+        running = self._restarting.get(i)
+        if running is not None and running.is_alive():
+            return
+        if time.monotonic() < self._retry_at.get(i, (0.0, 0.0))[0]:
+            return
+        thread = threading.Thread(
+            target=self._replace, args=(i, w), name=f"riskd-worker-restart-{i}", daemon=True
+        )
+        self._restarting[i] = thread
+        thread.start()
 
     def _replace(self, i: int, w: _Worker) -> None:
         """Start a new worker in slot ``i`` for ``w``, which is down; if that fails, the

@@ -261,6 +261,8 @@ def test_a_worker_started_while_the_pool_closes_is_not_put_in_service(
         monkeypatch.setattr(workers, "START_TIMEOUT_S", 0.1)  # close stops waiting for it
         pool.close(1.0)
         pool._monitor.join(5)
+        for restart in list(pool._restarting.values()):
+            restart.join(5)
         assert pool._workers == [None]
         assert started[0].poll() is not None  # stopped, not left running
     finally:
@@ -268,3 +270,31 @@ def test_a_worker_started_while_the_pool_closes_is_not_put_in_service(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_slow_restart_does_not_hold_the_hang_checks_of_the_other_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # review: the monitor started a replacement itself and waited for it (30 s on a
+    # locked SQLite file), asking no worker for its metrics and killing no hung one
+    with own_server(tmp_path) as (running, stub):
+        pool = running.workers
+        assert pool is not None
+        ready = pool._await_ready
+        monkeypatch.setattr(pool, "_await_ready", lambda w: (time.sleep(8), ready(w)))
+        first = pool.pids()[0]
+        assert first is not None
+        os.kill(first, signal.SIGKILL)  # its replacement takes 8 s to be ready
+        time.sleep(1.5)
+        order = _worker_for(pool, 1)
+        request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(order))
+        with _stalled(running, 1), _worker_log() as logged:
+            started = time.monotonic()
+            stub.Score(request, timeout=0.3)  # the fallback; worker 1 owes the answer
+
+            def hung() -> bool:
+                entries = _entries(logged, "scoring worker taken out of service")
+                return any(e["worker"] == 1 for e in entries)
+
+            assert eventually(hung, 10)
+            assert time.monotonic() - started < 6  # not after worker 0's 8 s restart
