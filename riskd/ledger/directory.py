@@ -46,7 +46,6 @@ class LedgerShopDirectory:
         self._clock = clock
         self._ttl_s = ttl_s
         self._snapshot: Mapping[str, ShopState] = {}
-        self._loaded_at = float("-inf")
         self._tried_at = float("-inf")  # the last refresh started, loaded or not
         self._failing = False
         self._wanted = threading.Event()
@@ -68,7 +67,7 @@ class LedgerShopDirectory:
 
     def refresh(self) -> None:
         """Load a new snapshot now (blocking); errors keep the old one and are logged."""
-        started = self._tried_at = self._clock.monotonic()
+        self._tried_at = self._clock.monotonic()
         try:
             snapshot = dict(self._book.shop_states())
         except Exception:  # a broken database must not break scoring: keep the last view
@@ -79,7 +78,6 @@ class LedgerShopDirectory:
                 )
         else:
             self._snapshot = snapshot
-            self._loaded_at = started
             if self._failing:
                 self._failing = False
                 log.info("shop directory refreshed again")

@@ -218,41 +218,29 @@ class _Channel:
 
         A message already in the socket at ``deadline`` is still taken (review: a batch
         that waited out its deadline on one stalled worker then threw away the other
-        workers' answers sitting there, and answered their recorded orders again).
+        workers' answers sitting there, and answered their recorded orders again), and a
+        frame begun is read to its end for up to ``PARTIAL_GRACE_S`` more: its sender is
+        writing it now (review: a 760 KB answer, bigger than the socket buffer, was
+        dropped half-read, its 300 recorded decisions answered again, after the deadline).
         """
-        while True:
-            message = self._take()
-            if message is not _NOTHING:
+        try:
+            return self._read(deadline)
+        except TimeoutError:
+            message = self.poll()
+            if message is not None:
                 return message
+            if not self._buf:
+                raise
+            return self._read(time.monotonic() + PARTIAL_GRACE_S)
+
+    def _read(self, deadline: float | None) -> Any:
+        """The next message, waiting until ``deadline`` at most (``TimeoutError``)."""
+        while (message := self._take()) is _NOTHING:
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return self._arrived()
+                    raise TimeoutError
                 self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(_CHUNK)
-            except TimeoutError:  # socket.timeout
-                return self._arrived()
-            if not chunk:
-                raise EOFError
-            self._buf += chunk
-
-    def _arrived(self) -> Any:
-        """What has arrived already; ``TimeoutError`` if nothing whole. A frame begun is
-        read to its end for up to ``PARTIAL_GRACE_S`` more: its sender is writing it now
-        (review: a 760 KB answer, bigger than the socket buffer, was dropped half-read, its
-        300 recorded decisions answered again here, after the deadline)."""
-        message = self.poll()
-        if message is not None:
-            return message
-        if not self._buf:
-            raise TimeoutError
-        until = time.monotonic() + PARTIAL_GRACE_S
-        while (message := self._take()) is _NOTHING:
-            left = until - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            self.sock.settimeout(left)
             chunk = self.sock.recv(_CHUNK)  # socket.timeout is a TimeoutError
             if not chunk:
                 raise EOFError
