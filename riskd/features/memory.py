@@ -156,7 +156,7 @@ class _Distinct:
 
     def see(self, t: int, value: str) -> None:
         times = self.times
-        if len(self) and t <= _I64.unpack_from(times, len(times) - _W)[0] - RETENTION_MS:
+        if len(self) and t <= _newest(times) - RETENTION_MS:
             return  # older than anything a window can still reach (as ``_Series.add``)
         key = self.prefix + value
         old = self.last.get(key)
@@ -209,6 +209,11 @@ class _Distinct:
             others.remove(value)
         if others:
             self.more[at] = _pack(*others)
+
+
+def _newest(times: bytearray) -> int:
+    """A distinct set's latest sighting (its last cell: when it holds live ones)."""
+    return int(_I64.unpack_from(times, len(times) - _W)[0])
 
 
 def _series_key(name: str, value: str) -> str:
@@ -338,7 +343,7 @@ class InProcessFeatureStore:
                 if new:
                     self._record(obs, new, distinct_pairs(obs, queries))
                 self._maybe_sweep()
-            return self._read(obs, queries)
+            return self._read(obs, queries, self._later(obs, distinct_pairs(obs, queries)))
 
     def read(self, obs: Observation, queries: Collection[FeatureQuery]) -> dict[FeatureQuery, int]:
         with self._lock:
@@ -393,8 +398,32 @@ class InProcessFeatureStore:
             distinct.see(t, seen_with)
             distinct.trim(t - RETENTION_MS)
 
-    def _read(self, obs: Observation, queries: Collection[FeatureQuery]) -> dict[FeatureQuery, int]:
-        """Every query's value; each key's cells are opened once for all its queries."""
+    def _later(self, obs: Observation, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The distinct pairs whose set holds the order's own of-value last seen after the
+        order (recorded by now: by this call or the order's first), which a read at its
+        time would leave out (the store's docstring)."""
+        later = []
+        keys, t, last = obs.keys, obs.at_ms, self._last
+        for key, of in pairs:
+            seen_with = keys.get(of)
+            if seen_with is None:
+                continue
+            dkey = _set_key(key, of, keys[key])
+            old = last.get(dkey + seen_with)  # the usual case: at t, or none (not recorded)
+            # and t within reach of the set's newest sighting (else it reads 0: see ``see``)
+            if old is not None and old > t and t > _newest(self._distinct[dkey]) - RETENTION_MS:
+                later.append((key, of))
+        return later
+
+    def _read(
+        self,
+        obs: Observation,
+        queries: Collection[FeatureQuery],
+        later: Collection[tuple[str, str]] = (),
+    ) -> dict[FeatureQuery, int]:
+        """Every query's value; each key's cells are opened once for all its queries. The
+        distinct pairs ``later`` count the order's own of-value, whose latest sighting is
+        after it (the store's docstring)."""
         keys, hi = obs.keys, obs.at_ms
         out: dict[FeatureQuery, int] = {}
         series: dict[str, tuple[memoryview, memoryview] | None] = {}
@@ -416,6 +445,7 @@ class InProcessFeatureStore:
                         if cells is not None:
                             opened.append(cells)
                     out[q] = 0 if cells is None else _count(cells, hi - span, hi)
+                    out[q] += int(pair in later)
                     continue
                 if key in series:
                     views = series[key]

@@ -156,8 +156,9 @@ for i = 1, ns do
   index[string.match(name, '^([^:]*):')] = i
 end
 
-local DKEY, DST, DOF, DADD = {}, {}, {}, {}  -- per distinct set: key, its key's series,
--- its "of", whether this call added a sighting
+local DKEY, DST, DOF, DADD, DLATER = {}, {}, {}, {}, {}  -- per distinct set: key, its key's
+-- series, its "of", whether this call added a sighting, and whether the order's of-value
+-- was last seen after t (another order's sighting, recorded first though stamped later)
 for j = 1, nd do
   DKEY[j] = P .. 'd:' .. f[7 + ns + j]
   local key, of = string.match(f[7 + ns + j], '^([^:]*):([^:]*):')
@@ -267,7 +268,9 @@ local function add_distinct(j)
   if value == '' then return end
   local st, of = DST[j], DOF[j]
   local had = not st.fresh and redis.call('EXPIRE', DKEY[j], ttl) == 1  -- as add's
-  redis.call('ZADD', DKEY[j], 'GT', T, value)
+  if redis.call('ZADD', DKEY[j], 'GT', 'CH', T, value) == 0 then  -- seen at or after t
+    DLATER[j] = tonumber(redis.call('ZSCORE', DKEY[j], value)) > t
+  end
   DADD[j] = true
   if not st.dn[of] or t > st.dn[of] then st.dn[of], st.dirty = t, true end
   if not had then
@@ -279,11 +282,22 @@ local function add_distinct(j)
   end
 end
 
-local function distinct_count(j, w)  -- of-values last seen in (t - W, t] and still kept
+local function seen_after(j)  -- a retry: its own of-value seen after t since (DLATER)
+  local value = string.sub(f[7 + ns + nd + j], 2)
+  if value == '' or DST[j].fresh then return end
+  local at = redis.call('ZSCORE', DKEY[j], value)
+  DLATER[j] = at ~= false and tonumber(at) > t
+end
+
+-- of-values last seen in (t - W, t] and still kept, and the order's own one (recorded by
+-- this call or the order's first) when it was last seen after t: in its window at t
+local function distinct_count(j, w)
   if DST[j].fresh then return DADD[j] and 1 or 0 end  -- the one sighting is at t
   local lo, newest = EDGE[w], DST[j].dn[DOF[j]]
   if newest and newest - WINDOWS[L] > lo then lo = newest - WINDOWS[L] end
-  return redis.call('ZCOUNT', DKEY[j], '(' .. int(lo), T)
+  local n = redis.call('ZCOUNT', DKEY[j], '(' .. int(lo), T)
+  if DLATER[j] and t > lo then n = n + 1 end
+  return n
 end
 
 local function save(st)  -- SET with EX: the state's TTL is refreshed on every write
@@ -355,7 +369,7 @@ local function record()
     end
   end
   for j = 1, nd do
-    if DST[j].now then add_distinct(j) end
+    if DST[j].now then add_distinct(j) else seen_after(j) end
   end
   if #new > 0 or claim then
     keep[#keep + 1] = '@' .. f[4]

@@ -288,6 +288,25 @@ def test_distinct_reads_without_the_orders_own_value(store: FeatureStore, clock:
     assert got[BUYERS_PER_DEVICE["1h"]] == 3
 
 
+def test_distinct_counts_the_orders_own_value_seen_later_by_another_order(
+    store: FeatureStore, clock: FakeClock
+) -> None:
+    # review: a batch's parts scored at once by two workers, each stamped when its call
+    # began; the later-stamped part recorded a shared pair first, and the earlier orders
+    # read 0 buyers per device for a device they carry, their own buyer left out
+    early = obs(clock, "early", 100, device="d1", buyer="b1")
+    clock.advance(0.5)
+    store.record_and_read(obs(clock, "later", 100, device="d1", buyer="b1"), ALL)
+    store.record_and_read(obs(clock, "other", 100, device="d1", buyer="b2"), ALL)
+    got = store.record_and_read(early, ALL)
+    assert {got[q] for q in BUYERS_PER_DEVICE.values()} == {1}  # b1, itself; b2 came after
+    assert {got[q] for q in COUNT_DEVICE.values()} == {1}  # as its count: itself alone
+    again = store.record_and_read(early, ALL)  # a retry reads what the first call read
+    assert {again[q] for q in BUYERS_PER_DEVICE.values()} == {1}
+    probe = store.read(obs(clock, "probe", device="d1"), ALL)
+    assert probe[BUYERS_PER_DEVICE["1m"]] == 2 and probe[COUNT_DEVICE["1m"]] == 3
+
+
 def test_key_names_and_values_do_not_mix(store: FeatureStore, clock: FakeClock) -> None:
     ip_count = FeatureQuery(Agg.COUNT, "ip", "1h")
     devices_per_ip = FeatureQuery(Agg.DISTINCT, "ip", "1h", of="device")
