@@ -14,6 +14,10 @@ runs on as many cores as there are workers instead of sharing one GIL with gRPC:
 
 A ``ScoreBatch`` is validated whole in the server process (errors name ``orders[i]`` of
 the caller's batch), split by worker, sent to all of them at once and put back in order.
+Each part is stamped when its worker takes it, so an order sees its own part's orders
+before it, and another part's only where recorded first and stamped no later (review:
+one process scores a batch in order; the store counts an order's own distinct value
+whatever the order of recording, ``riskd.features.store``).
 
 Failures:
 
@@ -117,7 +121,7 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
@@ -259,6 +263,10 @@ class _Channel:
                 return message
         return _NOTHING
 
+    def buffered(self) -> bool:
+        """Whether part of a message (or a whole one) waits in the buffer."""
+        return bool(self._buf)
+
     def close(self) -> None:
         self.sock.close()
 
@@ -374,6 +382,14 @@ class _Worker:
         if reply[1] == "late":  # read after its deadline: not scored, nothing recorded
             return None
         raise _rebuild(reply[2], reply[3], reply[4])
+
+    def answering(self) -> bool:
+        """Whether an answer (part of one at least) waits in its channel; never waits.
+        Else ``fileno`` becomes readable when one comes."""
+        return self.channel.buffered()
+
+    def fileno(self) -> int:
+        return self.channel.sock.fileno()
 
     def hung(self, now: float) -> bool:
         """Whether an answer is owed ``HUNG_AFTER_S`` past its deadline and has not come
@@ -1110,18 +1126,27 @@ class PooledScoringServicer(ScoringServicer):
         until = _wait_until(started, timeout_s, self._pooled_scorer.answer_time_s(len(entries)))
         ids = list(entries)
         awaited: dict[str, Flight[tuple[bytes, scoring_pb2.ScoreResponse]]] = {}
+        led: dict[str, Flight[tuple[bytes, scoring_pb2.ScoreResponse]]] = {}
+
+        def land(order_ids: Iterable[str]) -> None:
+            """Land the flights this call leads for ``order_ids`` (first, as a unary leader
+            does); their followers look again: the kept answer, or a log."""
+            for order_id in order_ids:
+                flight = led.pop(order_id, None)
+                if flight is not None:
+                    self._flights.land(order_id, flight)
+                    flight.finish(None)
+
         while ids or awaited:
-            led: dict[str, Flight[tuple[bytes, scoring_pb2.ScoreResponse]]] = {}
+            led.clear()
             for order_id in ids:
                 leader, flight = self._flights.join(order_id)
                 (led if leader else awaited)[order_id] = flight
             try:
                 if led:
-                    self._route_batch(request, orders, until, decisions, led.keys())
+                    self._route_batch(request, orders, until, decisions, set(led), land)
             finally:
-                for order_id, flight in led.items():
-                    self._flights.land(order_id, flight)  # first, as a unary leader does
-                    flight.finish(None)  # its followers look again: the kept answer, or a log
+                land(list(led))  # those not landed as their worker's answer came
             if not awaited:
                 break
             left = until - time.monotonic()
@@ -1160,10 +1185,15 @@ class PooledScoringServicer(ScoringServicer):
         deadline: float,
         decisions: list[scoring_pb2.Decision | None],
         ids: Collection[str],
+        land: Callable[[Iterable[str]], None],
     ) -> None:
         """Answer, in ``decisions``, the entries of the order ids ``ids`` (whose flights
         this call leads): a worker's kept answer, this process's queued decision, else
-        each worker's part routed to it (or rerouted, or scored here)."""
+        each worker's part routed to it (or rerouted, or scored here). The orders of a
+        worker's answer are kept for retries and ``land``ed as it comes, not when the
+        last part does (review: with one worker stalled, retries of the orders another
+        worker had decided and recorded got the ``inflight`` fallback until the batch's
+        deadline, a second outcome for them)."""
         todo = [i for i, o in enumerate(orders) if o.order_id in ids and decisions[i] is None]
         # the workers' recent answers, before anything is counted
         order_bytes = {i: request.orders[i].SerializeToString() for i in todo}
@@ -1186,25 +1216,21 @@ class PooledScoringServicer(ScoringServicer):
             w: scoring_pb2.ScoreBatchRequest(orders=[request.orders[i] for i in idx])
             for w, idx in groups.items()
         }
-        answers, answered_by, refused = self._ask_all(parts, deadline)
-        # the workers' answers first, counted and kept whatever happens to the other parts:
-        # those orders are decided and recorded, and a retry must get them back
-        for w, idx in groups.items():
-            got = answers.get(w)
-            if isinstance(got, tuple):
-                body, unrecorded = got
-                part = scoring_pb2.ScoreBatchResponse.FromString(body).decisions
-                self._metrics.observe_decisions([_seen(d) for d in part])
-                self._recent.put(
-                    (
-                        (order_bytes[i], d)
-                        for i, d in zip(idx, part, strict=True)
-                        if d.order_id not in unrecorded
-                    ),
-                    answered_by[w],
-                )
-                for i, decision in zip(idx, part, strict=True):
-                    decisions[i] = decision
+
+        def arrived(w: int, worker: _Worker, answer: _Answer) -> None:
+            # counted and kept whatever happens to the other parts: those orders are
+            # decided and recorded, and a retry must get them back
+            body, unrecorded = answer
+            idx = groups[w]
+            part = scoring_pb2.ScoreBatchResponse.FromString(body).decisions
+            self._metrics.observe_decisions([_seen(d) for d in part])
+            kept = [(i, d) for i, d in zip(idx, part, strict=True) if d.order_id not in unrecorded]
+            self._recent.put(((order_bytes[i], d) for i, d in kept), worker)
+            for i, decision in zip(idx, part, strict=True):
+                decisions[i] = decision
+            land({d.order_id for _, d in kept})
+
+        answers, refused = self._ask_all(parts, deadline, arrived)
         if refused is not None:  # a worker refused its part: the batch is refused
             w, error = refused
             raise _renumbered(error, groups[w], len(orders))
@@ -1230,17 +1256,20 @@ class PooledScoringServicer(ScoringServicer):
             raise _renumbered(e, indexes, len(orders)) from None
 
     def _ask_all(
-        self, parts: dict[int, scoring_pb2.ScoreBatchRequest], deadline: float
-    ) -> tuple[dict[int, _Answer | _Missing], dict[int, _Worker], tuple[int, RiskdError] | None]:
+        self,
+        parts: dict[int, scoring_pb2.ScoreBatchRequest],
+        deadline: float,
+        arrived: Callable[[int, _Worker, _Answer], None],
+    ) -> tuple[dict[int, _Answer | _Missing], tuple[int, RiskdError] | None]:
         """Send every part (own workers taken in index order, each wait timed: a batch
-        holding a rerouted worker waits at most ``BUSY_WAIT_S`` for another), then collect.
+        holding a rerouted worker waits at most ``BUSY_WAIT_S`` for another), then collect
+        them as they come (``_arrivals``), each answer handed to ``arrived`` at once.
 
         A part whose worker is down or busy goes to a worker free right now that has no
         part of this batch (taken without waiting), as a unary ``Score`` would.
         Per worker: the answer, ``_DOWN`` (gone or broken) or ``_BUSY`` (score it here),
-        or ``_LATE`` (the fallback); none for a worker that refused its part; the worker
-        that answered each part; and the first refusal (the other parts' answers are
-        still collected).
+        or ``_LATE`` (the fallback); none for a worker that refused its part; and the
+        first refusal (the other parts' answers are still collected).
         """
         sent: dict[int, tuple[_Worker, int | None]] = {}
         out: dict[int, _Answer | _Missing] = {}
@@ -1254,7 +1283,8 @@ class PooledScoringServicer(ScoringServicer):
             sent[w] = got
             taken.add(got[0].index)
         first_error: tuple[int, RiskdError] | None = None
-        for w, (worker, seq) in sent.items():
+        for w in _arrivals(sent, deadline):
+            worker, seq = sent[w]
             try:
                 reply = None if seq is None else worker.finish(seq, deadline)
             except WorkerGone as e:
@@ -1264,7 +1294,34 @@ class PooledScoringServicer(ScoringServicer):
                 first_error = first_error or (w, e)
                 continue
             out[w] = _LATE if reply is None else reply
-        return out, {w: worker for w, (worker, _) in sent.items()}, first_error
+            if reply is not None:
+                arrived(w, worker, reply)
+        return out, first_error
+
+
+def _arrivals(sent: Mapping[int, tuple[_Worker, int | None]], deadline: float) -> Iterator[int]:
+    """The parts of ``sent`` in the order their answers begin to come back (those not
+    sent first; at ``deadline``, the rest in index order), so that one worker stalled
+    does not hold the answers the others have given. One part: no waiting here."""
+    waiting = {w for w, (_, seq) in sent.items() if seq is not None}
+    yield from (w for w in sent if w not in waiting)
+    while len(waiting) > 1:
+        ready = [w for w in sorted(waiting) if sent[w][0].answering()]
+        if not ready:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            poller = select.poll()  # not select.select: the descriptors may be above 1023
+            fds = {}
+            for w in waiting:
+                fd = sent[w][0].fileno()
+                fds[fd] = w
+                poller.register(fd, select.POLLIN)
+            ready = sorted(fds[fd] for fd, _ in poller.poll(max(left * 1000, 1.0)))
+        for w in ready:
+            waiting.discard(w)
+            yield w
+    yield from sorted(waiting)
 
 
 def main(argv: Sequence[str]) -> int:

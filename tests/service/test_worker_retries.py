@@ -310,6 +310,9 @@ class BatchWorker:
         self.sent.set()
         return len(self.calls)
 
+    def answering(self) -> bool:
+        return True  # collected in index order, each answer waiting on its ``gate``
+
     def finish(self, seq: int, deadline: float) -> tuple[bytes, frozenset[str]] | None:
         self.gate.wait(5)
         if self.error is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from riskd.domain.order import Order
 from riskd.service import convert, workers
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
 from riskd.service.server import RunningServer, create_server
@@ -60,6 +61,21 @@ def _logged(tmp_path: Path, ids: list[str]) -> int:
         return int(rows[0][0])
     finally:
         db.close()
+
+
+def _split_batch(
+    running: RunningServer, each: int
+) -> tuple[list[Order], list[Order], scoring_pb2.ScoreBatchRequest]:
+    """``each`` orders of worker 0 and of worker 1, and a batch of them, interleaved."""
+    assert running.workers is not None
+    mine = [_worker_for(running.workers, 0) for _ in range(each)]
+    theirs = [_worker_for(running.workers, 1) for _ in range(each)]
+    batch = [o for pair in zip(mine, theirs, strict=True) for o in pair]
+    return (
+        mine,
+        theirs,
+        scoring_pb2.ScoreBatchRequest(orders=[convert.order_to_proto(o) for o in batch]),
+    )
 
 
 def test_a_message_already_in_the_socket_at_the_deadline_is_taken() -> None:
@@ -112,11 +128,7 @@ def test_a_batch_keeps_the_answers_of_the_workers_that_answered_while_another_st
     # answer waiting in the socket, and answered its recorded orders again (replayed,
     # or a second, conflicting fallback decision), uncounted in the metrics
     with own_server(tmp_path) as (running, stub):
-        assert running.workers is not None
-        mine = [_worker_for(running.workers, 0) for _ in range(4)]
-        theirs = [_worker_for(running.workers, 1) for _ in range(4)]
-        batch = [o for pair in zip(mine, theirs, strict=True) for o in pair]
-        request = scoring_pb2.ScoreBatchRequest(orders=[convert.order_to_proto(o) for o in batch])
+        mine, theirs, request = _split_batch(running, 4)
         decided = running.metrics.value("riskd_decisions_total", {"outcome": "allow"})
         late = _fallbacks(running, "late")
         with _stalled(running, 0):
@@ -129,7 +141,42 @@ def test_a_batch_keeps_the_answers_of_the_workers_that_answered_while_another_st
             assert by_id[order.order_id].degraded
         assert _fallbacks(running, "late") == late + len(mine)
         counted = running.metrics.value("riskd_decisions_total", {"outcome": "allow"})
-        assert counted - decided == len(batch)
+        assert counted - decided == len(request.orders)
+
+
+def test_retries_get_the_answers_a_batch_had_while_another_worker_stalled(
+    tmp_path: Path,
+) -> None:
+    # review (cancelled calls): the batch kept worker 1's answers for retries only once
+    # worker 0's part was in too, at the deadline; a retry meanwhile (its caller cancelled
+    # the batch) got the ``inflight`` fallback, a second outcome for a recorded order
+    with own_server(tmp_path) as (running, stub):
+        _, theirs, request = _split_batch(running, 3)
+        with _stalled(running, 0):
+            decided = running.metrics.value("riskd_decisions_total", {"outcome": "allow"})
+            first = stub.ScoreBatch.future(request, timeout=4.0)
+            eventually(  # worker 1's part is in, worker 0's will not be before the deadline
+                lambda: (
+                    running.metrics.value("riskd_decisions_total", {"outcome": "allow"})
+                    >= decided + len(theirs)
+                ),
+                timeout=1.0,
+            )
+            retried = stub.Score(
+                scoring_pb2.ScoreRequest(order=convert.order_to_proto(theirs[0])), timeout=1.0
+            ).decision
+            again = stub.ScoreBatch(
+                scoring_pb2.ScoreBatchRequest(
+                    orders=[convert.order_to_proto(o) for o in theirs[1:]]
+                ),
+                timeout=1.0,
+            ).decisions
+            assert not first.done(), "worker 0's part still out: the batch still waits"
+            answers = {d.order_id: d for d in first.result().decisions}
+        for d in [retried, *again]:
+            assert d.replayed and not d.degraded, (d.order_id, list(d.unavailable))
+            assert d.outcome == answers[d.order_id].outcome
+            assert d.score == answers[d.order_id].score
 
 
 def test_a_big_batch_whose_worker_stalls_is_answered_inside_its_deadline(
