@@ -173,8 +173,10 @@ class Vault:
         self._clock = clock or SystemClock()
         self._ttl = cache_ttl_s
         self._size = cache_size
+        # both in the order entries were cached (``_current`` also moves a hit to the end),
+        # so the expired ones are found at the front (``_evict``)
         self._current: OrderedDict[str, _Cached] = OrderedDict()
-        self._by_gen: dict[tuple[str, int], _Cached] = {}
+        self._by_gen: OrderedDict[tuple[str, int], _Cached] = OrderedDict()
         self._lock = threading.Lock()
         self._hooks: list[ForgetHook] = []
 
@@ -440,20 +442,29 @@ class Vault:
 
     def _cache(self, row: DataKeyRow, entry: _Cached, *, current: bool) -> _Cached:
         with self._lock:
-            self._by_gen[(row.subject_id, row.generation)] = entry
+            generation = (row.subject_id, row.generation)
+            self._by_gen[generation] = entry
+            self._by_gen.move_to_end(generation)
             if current:
                 self._current[row.subject_id] = entry
+                self._current.move_to_end(row.subject_id)
             self._evict()
         return entry
 
     def _evict(self) -> None:
-        while len(self._current) > self._size:
-            self._current.popitem(last=False)
-        if len(self._by_gen) > self._size:
-            now = self._clock.monotonic()
-            self._by_gen = {k: v for k, v in self._by_gen.items() if v.expires > now}
-            while len(self._by_gen) > self._size:
-                del self._by_gen[next(iter(self._by_gen))]
+        """Past ``cache_size`` the oldest go; so do expired keys from the front, as new
+        ones are cached (review: kept until the cache was full, ~3 KiB per buyer, up to
+        ~300 MiB a process where the docs promise 60 s). A key used after its time is
+        unwrapped again and cached anew; one in the middle goes once those before it have."""
+        now = self._clock.monotonic()
+        for cache in (self._current, self._by_gen):
+            while len(cache) > self._size:
+                cache.popitem(last=False)
+            while cache:
+                oldest = next(iter(cache.values()))
+                if oldest.expires > now:
+                    break
+                cache.popitem(last=False)
 
     def _drop(self, subject_id: str) -> None:
         with self._lock:

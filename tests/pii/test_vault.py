@@ -254,6 +254,27 @@ def test_vault_cache_is_bounded(keyring: Keyring, store: SqlKeyStore) -> None:
     assert len(vault._by_gen) <= 3
 
 
+def test_vault_cache_lets_expired_keys_go_before_it_is_full(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    # review: unwrapped keys (~3 KiB each with their AESGCM) stayed until the cache held
+    # cache_size of them, ~300 MiB per process at 100,000 buyers, whatever their age
+    clock = FakeClock()
+    vault = Vault(keyring, store, clock=clock, cache_ttl_s=60.0)
+    cts = {f"b{i}": vault.encrypt(f"b{i}", "o", "f", str(i)) for i in range(50)}
+    assert {s: vault.decrypt(s, "o", "f", ct) for s, ct in cts.items()}["b7"] == "7"
+    assert (len(vault._current), len(vault._by_gen)) == (50, 50)
+    clock.advance(30)
+    vault.encrypt("b7", "o2", "f", "again")  # a hit: still cached
+    vault.encrypt("late", "o", "f", "x")
+    assert (len(vault._current), len(vault._by_gen)) == (51, 51)
+    clock.advance(31)  # the first 50 are 61 s old, "late" 31 s
+    vault.encrypt("new", "o", "f", "y")
+    assert set(vault._current) == {"late", "new"}
+    assert {s for s, _ in vault._by_gen} == {"late", "new"}
+    assert vault.decrypt("b3", "o", "f", cts["b3"]) == "3"  # unwrapped again from the store
+
+
 def test_vault_forget_leaves_no_wrapped_key_bytes_in_the_sqlite_files(
     keyring: Keyring, tmp_path: object
 ) -> None:
