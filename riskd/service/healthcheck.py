@@ -76,13 +76,17 @@ class HealthServicer(health.HealthServicer):
     def _on_close_callback(self, send_response_callback: _Send, service: str) -> Callable[[], None]:
         """grpcio-health's, for a watcher that may be gone from the table already
         (``end_watches``): theirs raised KeyError in grpc's callback, logged with a traceback
-        by ``grpc._server`` for every watch a drain ended."""
+        by ``grpc._server`` for every watch a drain ended. A service name left without
+        watchers leaves the table (review: Watch is public, and every name ever watched
+        kept an empty set, ~400 B each, 20,000 names +7.8 MiB)."""
 
         def callback() -> None:
             with self._lock:
                 watchers = self._send_response_callbacks.get(service)
                 if watchers is not None:
                     watchers.discard(send_response_callback)
+                    if not watchers:
+                        del self._send_response_callbacks[service]
             send_response_callback(None)
 
         return callback

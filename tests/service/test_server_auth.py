@@ -22,8 +22,10 @@ from riskd.service.gen.riskd.v1 import (
     scoring_pb2,
     scoring_pb2_grpc,
 )
+from riskd.service.healthcheck import HealthServicer
 from riskd.service.server import create_server
 from tests.service.conftest import RULES, make_config
+from tests.service.test_lifecycle import eventually
 from tests.service.test_scoring import fresh
 
 
@@ -228,6 +230,27 @@ def test_status_changes_never_hang_on_watchers_going_away(tmp_path: Path) -> Non
             assert not flips.is_alive(), "a status change hung on a cancelled watcher"
             for ch in channels:
                 ch.close()
+    finally:
+        running.stop(0)
+
+
+def test_health_watches_that_ended_leave_nothing_behind(tmp_path: Path) -> None:
+    # review: every service name ever watched (Watch is public) kept an entry for good
+    running = create_server(make_config(tmp_path))
+    health = running.health
+    assert isinstance(health, HealthServicer)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            kept = stub.Watch(health_pb2.HealthCheckRequest(), timeout=20)
+            assert next(kept).status == health_pb2.HealthCheckResponse.SERVING
+            for i in range(30):
+                stream = stub.Watch(health_pb2.HealthCheckRequest(service=f"svc-{i}"), timeout=20)
+                assert next(stream).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+                stream.cancel()
+            assert eventually(lambda: set(health._send_response_callbacks) == {""})
+            kept.cancel()
+            assert eventually(lambda: not health._send_response_callbacks)
     finally:
         running.stop(0)
 
