@@ -50,8 +50,9 @@ class LoadResult:
         return self.orders / self.seconds
 
 
-def make_order(rng: random.Random, order_id: str) -> Order:
-    """A plausible order: keys drawn from pools so velocity counters see repeats."""
+def make_order(rng: random.Random, order_id: str, space: str = "") -> Order:
+    """A plausible order: keys drawn from pools so velocity counters see repeats (buyers,
+    devices and addresses prefixed with ``space``: another space, other identities)."""
     qty = rng.randint(1, 3)
     price = rng.choice((990, 4990, 12900, 39900, 89900))
     items = qty * price
@@ -59,12 +60,12 @@ def make_order(rng: random.Random, order_id: str) -> Order:
     return Order(
         order_id=order_id,
         buyer=Buyer(
-            f"b{rng.randrange(20000)}",
+            f"{space}b{rng.randrange(20000)}",
             rng.randrange(2000),
             "13800000000",
             "n",
             "110101199001010000",
-            Address("Zhejiang", "Hangzhou", "Xihu", f"road {rng.randrange(5000)}"),
+            Address("Zhejiang", "Hangzhou", "Xihu", f"{space}road {rng.randrange(5000)}"),
         ),
         shop_id=f"s{rng.randrange(500)}",
         merchant_id="m",
@@ -73,21 +74,21 @@ def make_order(rng: random.Random, order_id: str) -> Order:
         channel=rng.choice((Channel.LIVE_ROOM, Channel.SHORT_VIDEO, Channel.SHOP_PAGE)),
         live_room_id=f"lr{rng.randrange(300)}",
         creator_id=f"c{rng.randrange(300)}",
-        device_id=f"d{rng.randrange(20000)}",
+        device_id=f"{space}d{rng.randrange(20000)}",
         ip=f"10.{rng.randrange(256)}.{rng.randrange(256)}.1",
         payment_method=PaymentMethod.WALLET,
         client_time=time.time(),
     )
 
 
-def make_orders(prefix: str, n: int, seed: int) -> list[Order]:
+def make_orders(prefix: str, n: int, seed: int, space: str = "") -> list[Order]:
     rng = random.Random(seed)
-    return [make_order(rng, f"{prefix}-{i}") for i in range(n)]
+    return [make_order(rng, f"{prefix}-{i}", space) for i in range(n)]
 
 
-def requests(prefix: str, n: int, batch: int, seed: int) -> list[bytes]:
+def requests(prefix: str, n: int, batch: int, seed: int, space: str = "") -> list[bytes]:
     """``n`` serialized Score requests, or ScoreBatch requests of ``batch`` orders."""
-    orders = make_orders(prefix, n * max(batch, 1), seed)
+    orders = make_orders(prefix, n * max(batch, 1), seed, space)
     if not batch:
         return [
             scoring_pb2.ScoreRequest(order=convert.order_to_proto(o)).SerializeToString()
@@ -153,8 +154,8 @@ async def _run(target, method, payloads, seconds, channels, concurrency, rate): 
 
 
 def _process(args: tuple, queue: mp.Queue) -> None:  # type: ignore[type-arg]
-    target, method, prefix, n, batch, seconds, channels, concurrency, rate, seed, go = args
-    payloads = requests(prefix, n, batch, seed)
+    target, method, prefix, n, batch, seconds, channels, concurrency, rate, seed, space, go = args
+    payloads = requests(prefix, n, batch, seed, space)
     go.wait()
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     ok, err, elapsed, lat = asyncio.run(
@@ -176,8 +177,11 @@ def run_load(
     batch: int = 0,
     max_calls: int = 40_000,
     tag: str = "",
+    fresh: bool = False,
 ) -> LoadResult:
-    """Drive ``target`` and return what happened (``rate`` 0: closed loop)."""
+    """Drive ``target`` and return what happened (``rate`` 0: closed loop). Each call's
+    orders draw their identities from the same pools, so a later call meets the same
+    buyers, devices and addresses again; ``fresh``: identities of this call's own."""
     ctx = mp.get_context("fork")
     queue: mp.Queue = ctx.Queue()  # type: ignore[type-arg]
     go = ctx.Event()
@@ -199,6 +203,7 @@ def run_load(
                     concurrency,
                     per_rate,
                     p,
+                    f"{prefix}-{p}-" if fresh else "",
                     go,
                 ),
                 queue,
