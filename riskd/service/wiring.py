@@ -86,6 +86,7 @@ class Components:
             swapped = after is not before
             if swapped:
                 metrics.reloads.inc()
+                metrics.forget_rules([r.id for r in after.rules])
             fields = {"version": after.version, "changed": swapped}
             log.info("rules reloaded", extra={"fields": fields})
             return True

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from prometheus_client import generate_latest
 
 from riskd.service import auth, convert
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
@@ -202,6 +203,32 @@ def test_rule_reloads_count_only_swaps(tmp_path: Path) -> None:
         assert running.reload_rules() is True
         assert running.reload_rules() is True
         assert running.metrics.value("riskd_rule_reloads_total") == 1
+    finally:
+        running.stop(0)
+
+
+def test_a_reload_drops_the_metric_series_of_rules_it_retired(tmp_path: Path) -> None:
+    # review: every rule id ever hit kept its series for good (+2 per reload renaming one)
+    rules = copy_rules(tmp_path / "rules")
+    config = make_config(tmp_path / "data", rules_dir=str(rules), reload_interval_s=60)
+    running = create_server(config)
+    path = rules / "checkout.rules"
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+            text = path.read_text().replace("> 10000000", "> 1000")
+            for n in range(3):
+                path.write_text(text.replace("rule huge_order", f"rule huge_order_{n}"))
+                assert running.reload_rules() is True
+                request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(fresh()))
+                hit = stub.Score(request, timeout=5).decision.reasons[0].rule_id
+                assert hit == f"huge_order_{n}"
+                hits = running.metrics.value("riskd_rule_hits_total", {"rule_id": hit})
+                assert hits == 1
+            scrape = generate_latest(running.metrics.registry).decode()
+            assert 'rule_id="huge_order_2"' in scrape
+            assert 'rule_id="huge_order_0"' not in scrape
+            assert 'rule_id="huge_order_1"' not in scrape
     finally:
         running.stop(0)
 
