@@ -241,10 +241,13 @@ class Scorer:
         *,
         timeout_s: float | None = None,
         refuse_late: bool = False,
+        at: float | None = None,
     ) -> list[Decision]:
         """Decisions for ``orders``, in order, under one deadline and one program version.
         Errors name an order as ``orders[i]`` (a batch of one too, as a caller's
-        ``ScoreBatch`` sent it; ``score`` names it ``order``).
+        ``ScoreBatch`` sent it; ``score`` names it ``order``). Every order is stamped
+        ``at`` (clock seconds; default now): a scoring worker is given its batch's time,
+        so that the parts of one batch carry one time, as in one process.
 
         An order id that appears twice gets the same decision twice (the second one
         marked ``replayed``); so does an order scored before. With ``refuse_late`` (a
@@ -268,15 +271,20 @@ class Scorer:
             _check(order, f"orders[{i}]")
         if refuse_late and timeout_s is not None:
             self.refuse_if_late(orders, timeout_s)
-        return self._run(orders, timeout_s)
+        return self._run(orders, timeout_s, at=at)
 
     def _run(
-        self, orders: Sequence[Order], timeout_s: float | None, *, unary: bool = False
+        self,
+        orders: Sequence[Order],
+        timeout_s: float | None,
+        *,
+        unary: bool = False,
+        at: float | None = None,
     ) -> list[Decision]:
-        """Score ``orders`` (checked) under one deadline from now."""
+        """Score ``orders`` (checked) under one deadline from now, stamped ``at``."""
         started = self._clock.monotonic()
         deadline = None if timeout_s is None else started + max(0.0, timeout_s)
-        return _Batch(self, orders, deadline, started, unary=unary).run()
+        return _Batch(self, orders, deadline, started, unary=unary, at=at).run()
 
     def refuse_if_late(self, orders: Sequence[Order], timeout_s: float) -> None:
         """Refuse a batch that ``timeout_s`` cannot answer: under ``answer_time_s`` of its
@@ -667,11 +675,13 @@ class _Batch:
         started: float,
         *,
         unary: bool = False,
+        at: float | None = None,
     ) -> None:
         self.s = scorer
         self.orders = orders
         self.unary = unary  # ``score``'s: its order is named ``order``, not ``orders[0]``
-        self.ctx = _Context(scorer._rules.current, deadline, started, scorer._clock.now())
+        now = scorer._clock.now() if at is None else at
+        self.ctx = _Context(scorer._rules.current, deadline, started, now)
         self.out: list[Decision | None] = [None] * len(orders)
         self.first: dict[str, int] = {}  # order id -> index of its first occurrence
         self.led: list[tuple[int, Flight[Decision]]] = []

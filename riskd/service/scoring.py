@@ -39,7 +39,12 @@ class ScorerLike(Protocol):
     def score(self, order: Order, *, timeout_s: float | None = None) -> Decision: ...
 
     def score_batch(
-        self, orders: Sequence[Order], *, timeout_s: float | None = None, refuse_late: bool = False
+        self,
+        orders: Sequence[Order],
+        *,
+        timeout_s: float | None = None,
+        refuse_late: bool = False,
+        at: float | None = None,
     ) -> list[Decision]: ...
 
     def report_outcome(self, event: OrderEvent) -> None: ...
@@ -106,19 +111,29 @@ class ScoringServicer(scoring_pb2_grpc.ScoringServiceServicer):
         *,
         deadline: float | None = None,
         refuse_late: bool = False,
+        at: float | None = None,
     ) -> scoring_pb2.ScoreBatchResponse:
         """``ScoreBatch`` without the gRPC context (``deadline``: as ``score_request``;
-        ``refuse_late``: as ``Scorer.score_batch``, once the request is converted)."""
+        ``refuse_late`` and ``at``: as ``Scorer.score_batch``, once the request is
+        converted)."""
         validate.validate_batch_size(len(request.orders), self._max_batch)
         orders = convert.orders_from_proto(request.orders)
         validate.validate_batch(orders, self._max_batch)
-        return self.score_orders(orders, self._left(timeout_s, deadline), refuse_late=refuse_late)
+        left = self._left(timeout_s, deadline)
+        return self.score_orders(orders, left, refuse_late=refuse_late, at=at)
 
     def score_orders(
-        self, orders: Sequence[Order], timeout_s: float, *, refuse_late: bool = False
+        self,
+        orders: Sequence[Order],
+        timeout_s: float,
+        *,
+        refuse_late: bool = False,
+        at: float | None = None,
     ) -> scoring_pb2.ScoreBatchResponse:
         """``ScoreBatch`` of orders converted and validated already."""
-        decisions = self._scorer.score_batch(orders, timeout_s=timeout_s, refuse_late=refuse_late)
+        decisions = self._scorer.score_batch(
+            orders, timeout_s=timeout_s, refuse_late=refuse_late, at=at
+        )
         self._metrics.observe_decisions(decisions)
         if self._on_decided is not None:
             self._on_decided(decisions)

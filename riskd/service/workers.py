@@ -14,10 +14,10 @@ runs on as many cores as there are workers instead of sharing one GIL with gRPC:
 
 A ``ScoreBatch`` is validated whole in the server process (errors name ``orders[i]`` of
 the caller's batch), split by worker, sent to all of them at once and put back in order.
-Each part is stamped when its worker takes it, so an order sees its own part's orders
-before it, and another part's only where recorded first and stamped no later (review:
-one process scores a batch in order; the store counts an order's own distinct value
-whatever the order of recording, ``riskd.features.store``).
+Every part is stamped with the batch's one time, so an order sees its own part's orders
+before it and another part's once their worker has recorded them (one process scores a
+batch in order: each order sees those before it, none after; review: each worker used
+to stamp its part when it took it, and the earlier part never saw the later one).
 
 Failures:
 
@@ -301,10 +301,17 @@ class _Worker:
         return not self.broken and self.proc.poll() is None
 
     def begin(
-        self, method: str, payload: bytes, deadline: float, wait_s: float = BUSY_WAIT_S
+        self,
+        method: str,
+        payload: bytes,
+        deadline: float,
+        wait_s: float = BUSY_WAIT_S,
+        at: float | None = None,
     ) -> int | None:
         """Take the worker and send it a call; the sequence number, or None when the
-        deadline passed first (the worker is then not taken).
+        deadline passed first (the worker is then not taken). ``at``: the time (clock
+        seconds) to stamp a batch's orders with, the whole batch's (default: the worker's
+        now).
 
         Raises:
             WorkerBusy: another call held the worker for ``wait_s``, or the worker
@@ -319,7 +326,7 @@ class _Worker:
                 raise WorkerBusy
             return None
         try:
-            seq = self._send(method, payload, deadline)
+            seq = self._send(method, payload, deadline, at)
         except BaseException:
             self.lock.release()
             raise
@@ -327,7 +334,7 @@ class _Worker:
             self.lock.release()
         return seq
 
-    def _send(self, method: str, payload: bytes, deadline: float) -> int | None:
+    def _send(self, method: str, payload: bytes, deadline: float, at: float | None) -> int | None:
         """``begin`` with the worker taken."""
         if self.broken:
             raise WorkerGone
@@ -342,7 +349,7 @@ class _Worker:
         try:
             # the deadline itself (CLOCK_MONOTONIC is the machine's, not the process's):
             # a worker that reads the call after it (stalled meanwhile) does not score it
-            self.channel.send((self.seq, method, payload, self.owed), deadline)
+            self.channel.send((self.seq, method, payload, self.owed, at), deadline)
         except OSError as e:
             self.take_out("its socket broke")
             raise WorkerGone from e
@@ -967,6 +974,7 @@ class PooledScoringServicer(ScoringServicer):
         index: int,
         deadline: float,
         avoid: Collection[int] = (),
+        at: float | None = None,
     ) -> tuple[_Worker, int | None] | _Missing:
         """Send ``orders`` orders to worker ``index``; when it is down or busy, to the
         first other worker free right now and not in ``avoid``
@@ -979,7 +987,7 @@ class PooledScoringServicer(ScoringServicer):
         """
         try:
             worker = self._pool.get(index)
-            return worker, worker.begin(method, payload, deadline)
+            return worker, worker.begin(method, payload, deadline, at=at)
         except WorkerBusy:
             why = _BUSY
         except WorkerGone:
@@ -988,7 +996,7 @@ class PooledScoringServicer(ScoringServicer):
             if other.index in avoid:
                 continue
             try:
-                seq = other.begin(method, payload, deadline, wait_s=0.0)
+                seq = other.begin(method, payload, deadline, wait_s=0.0, at=at)
             except WorkerGone:  # busy or broken too: the next one
                 continue
             if seq is not None:  # else the deadline passed: the fallback, not a reroute
@@ -1102,6 +1110,7 @@ class PooledScoringServicer(ScoringServicer):
         *,
         deadline: float | None = None,
         refuse_late: bool = False,
+        at: float | None = None,
     ) -> scoring_pb2.ScoreBatchResponse:
         """Each order answered as a unary call's would be, under its order id's flight (the
         module docstring's "Retries"): the orders whose flights this call leads at once
@@ -1109,8 +1118,12 @@ class PooledScoringServicer(ScoringServicer):
         batch) is routing, each looked up again soon after that call is done (within
         ``RELOOK_EVERY_S``), or, still out at the deadline, the fallback, degraded
         ``inflight`` and not recorded (``_answer_inflight``). A call never waits while it
-        leads a flight, so two calls never wait on each other."""
+        leads a flight, so two calls never wait on each other. Every part is stamped with
+        the batch's one time ``at`` (default: now), as one process stamps a batch (review:
+        each worker stamped its part when it took it, a millisecond or more apart, and the
+        earlier part's orders never saw the later part's)."""
         started = time.monotonic()
+        at = self._clock.now() if at is None else at
         if deadline is not None:
             timeout_s = deadline - started
         validate.validate_batch_size(len(request.orders), self._max_batch)
@@ -1144,7 +1157,7 @@ class PooledScoringServicer(ScoringServicer):
                 (led if leader else awaited)[order_id] = flight
             try:
                 if led:
-                    self._route_batch(request, orders, until, decisions, set(led), land)
+                    self._route_batch(request, orders, until, decisions, set(led), land, at)
             finally:
                 land(list(led))  # those not landed as their worker's answer came
             if not awaited:
@@ -1186,6 +1199,7 @@ class PooledScoringServicer(ScoringServicer):
         decisions: list[scoring_pb2.Decision | None],
         ids: Collection[str],
         land: Callable[[Iterable[str]], None],
+        at: float,
     ) -> None:
         """Answer, in ``decisions``, the entries of the order ids ``ids`` (whose flights
         this call leads): a worker's kept answer, this process's queued decision, else
@@ -1205,7 +1219,7 @@ class PooledScoringServicer(ScoringServicer):
         here = [i for i in todo if orders[i].order_id in queued]
         if here:  # decided by this process, not committed yet: replayed from its log first
             left = max(deadline - time.monotonic(), 0.0)
-            part = self._part_here(orders, here, left)
+            part = self._part_here(orders, here, left, at)
             for i, decision in zip(here, part, strict=True):
                 decisions[i] = decision
         groups: dict[int, list[int]] = {}
@@ -1230,7 +1244,7 @@ class PooledScoringServicer(ScoringServicer):
                 decisions[i] = decision
             land({d.order_id for _, d in kept})
 
-        answers, refused = self._ask_all(parts, deadline, arrived)
+        answers, refused = self._ask_all(parts, deadline, arrived, at)
         if refused is not None:  # a worker refused its part: the batch is refused
             w, error = refused
             raise _renumbered(error, groups[w], len(orders))
@@ -1238,20 +1252,20 @@ class PooledScoringServicer(ScoringServicer):
             got = answers[w]
             if isinstance(got, _Missing):  # DOWN/BUSY: here in the time left; LATE: fallback
                 left = 0.0 if got is _LATE else max(deadline - time.monotonic(), 0.0)
-                part = self._part_here(orders, idx, left)
+                part = self._part_here(orders, idx, left, at)
                 self._fell_back(got, sum(not d.replayed for d in part))
                 for i, decision in zip(idx, part, strict=True):
                     decisions[i] = decision
 
     def _part_here(
-        self, orders: Sequence[Order], indexes: Sequence[int], left: float
+        self, orders: Sequence[Order], indexes: Sequence[int], left: float, at: float
     ) -> Sequence[scoring_pb2.Decision]:
         """The entries ``indexes`` of a batch (its ``orders``, converted and validated)
         scored in this process in ``left`` seconds; a refusal names the caller's entry.
         Not converted again: that was a third of a late part's fallback (review: a
         stalled worker's 500 orders answered after the deadline)."""
         try:
-            return self.score_orders([orders[i] for i in indexes], left).decisions
+            return self.score_orders([orders[i] for i in indexes], left, at=at).decisions
         except RiskdError as e:
             raise _renumbered(e, indexes, len(orders)) from None
 
@@ -1260,6 +1274,7 @@ class PooledScoringServicer(ScoringServicer):
         parts: dict[int, scoring_pb2.ScoreBatchRequest],
         deadline: float,
         arrived: Callable[[int, _Worker, _Answer], None],
+        at: float,
     ) -> tuple[dict[int, _Answer | _Missing], tuple[int, RiskdError] | None]:
         """Send every part (own workers taken in index order, each wait timed: a batch
         holding a rerouted worker waits at most ``BUSY_WAIT_S`` for another), then collect
@@ -1276,7 +1291,8 @@ class PooledScoringServicer(ScoringServicer):
         taken = set(parts)  # workers with a part of their own, or one rerouted to them
         for w in sorted(parts):
             payload = parts[w].SerializeToString()
-            got = self._send("ScoreBatch", payload, len(parts[w].orders), w, deadline, taken)
+            n = len(parts[w].orders)
+            got = self._send("ScoreBatch", payload, n, w, deadline, taken, at)
             if isinstance(got, _Missing):
                 out[w] = got
                 continue
@@ -1420,7 +1436,7 @@ def _serve(
             with contextlib.suppress(OSError):  # then the log is flushed (main)
                 channel.send(("stopping",))
             return
-        seq, method, payload, deadline = message
+        seq, method, payload, deadline, *stamp = message  # stamp: (at,) from this release
         unlogged.clear()
         try:
             if method == "Stats":
@@ -1441,8 +1457,9 @@ def _serve(
             else:
                 batch = scoring_pb2.ScoreBatchRequest.FromString(payload)
                 by = deadline - base - ANSWER_RESERVE_PER_ORDER_S * len(batch.orders)
+                at = stamp[0] if stamp else None  # the batch's time, all its parts alike
                 response = servicer.score_batch_request(
-                    batch, by - time.monotonic(), deadline=by, refuse_late=True
+                    batch, by - time.monotonic(), deadline=by, refuse_late=True, at=at
                 )  # refused: answered late, the gRPC process answers the fallback
         except DeadlineExceededError:  # decided too late: nothing recorded (record_late)
             channel.send((seq, "late"))

@@ -41,7 +41,12 @@ class BudgetScorer:
         return self.score_batch((order,), timeout_s=timeout_s)[0]
 
     def score_batch(
-        self, orders: Sequence[Order], *, timeout_s: float | None = None, refuse_late: bool = False
+        self,
+        orders: Sequence[Order],
+        *,
+        timeout_s: float | None = None,
+        refuse_late: bool = False,
+        at: float | None = None,
     ) -> list[Decision]:
         self.budgets.append(timeout_s)
         return [Decision(o.order_id, Outcome.ALLOW, 0.0, (), "v1") for o in orders]

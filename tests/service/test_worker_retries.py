@@ -43,7 +43,7 @@ class FakeWorker:
         self.alive = True
         self.calls: list[bytes] = []
 
-    def begin(self, method: str, payload: bytes, deadline: float, wait_s: float = 0.0) -> int:
+    def begin(self, method: str, payload: bytes, deadline: float, **_: object) -> int:
         if not self.alive:
             raise workers.WorkerGone
         if self.busy or self.holding:  # one call at a time, as a real worker
@@ -92,7 +92,12 @@ class HereScorer:
         return self.score_batch((order,))[0]
 
     def score_batch(
-        self, orders: Any, *, timeout_s: float | None = None, refuse_late: bool = False
+        self,
+        orders: Any,
+        *,
+        timeout_s: float | None = None,
+        refuse_late: bool = False,
+        at: float | None = None,
     ) -> list[Decision]:
         if any(o.order_id in self.refuse for o in orders):
             raise AlreadyExistsError("order.order_id: scored for other content")
@@ -296,9 +301,7 @@ class BatchWorker:
         self.gate.set()
         self.sent = threading.Event()
 
-    def begin(
-        self, method: str, payload: bytes, deadline: float, wait_s: float = 0.0
-    ) -> int | None:
+    def begin(self, method: str, payload: bytes, deadline: float, **_: object) -> int | None:
         if not self.alive:
             raise workers.WorkerGone
         if self.busy:

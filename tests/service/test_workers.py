@@ -134,6 +134,9 @@ def test_velocity_counters_are_shared_by_the_workers(
     request = scoring_pb2.ScoreBatchRequest(orders=[convert.order_to_proto(o) for o in orders])
     decisions = stub.ScoreBatch(request, timeout=10).decisions
     assert [d.order_id for d in decisions] == [o.order_id for o in orders]
+    # one time for the whole batch, as in one process (review: each worker stamped its
+    # part when it took it, and the earlier part's orders never saw the later part's)
+    assert len({d.decided_at for d in decisions}) == 1
     # checkout.rules blocks a device's third order within the hour, whichever worker saw
     # the first ones: the counters live in the shared Redis
     later = _score(stub, dataclasses.replace(fresh(), device_id=device))
@@ -693,7 +696,13 @@ def test_a_worker_that_reads_a_call_after_its_deadline_does_not_score_it() -> No
             return scoring_pb2.ScoreResponse()
 
         def score_batch_request(
-            self, request: object, timeout_s: float, *, deadline: float, refuse_late: bool
+            self,
+            request: object,
+            timeout_s: float,
+            *,
+            deadline: float,
+            refuse_late: bool,
+            **_: object,
         ) -> object:
             assert refuse_late  # no time to answer: refused, the gRPC process answers
             budgets.append((timeout_s, deadline))
