@@ -104,6 +104,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import enum
+import errno
 import functools
 import gc
 import json
@@ -207,15 +208,37 @@ class _Channel:
     def poll(self) -> Any:
         """The next message if it has arrived, else None; never waits."""
         while (message := self._take()) is _NOTHING:
-            ready = select.poll()  # not select.select: the descriptor may be above 1023
-            ready.register(self.sock, select.POLLIN)
-            if not ready.poll(0):
+            if not self._fill():
                 return None
-            chunk = self.sock.recv(_CHUNK)
-            if not chunk:
-                raise EOFError
-            self._buf += chunk
         return message
+
+    def ready(self) -> bool:
+        """Whether a whole message has arrived, or the socket's end or an error (what
+        ``recv`` then raises at once); reads what is there, never waits. A frame begun is
+        not ready: its sender may have stalled half-way (review: a batch then waited on
+        it while another worker's whole answer sat unread)."""
+        try:
+            while not self._whole():
+                if not self._fill():
+                    return False
+        except (OSError, EOFError):
+            return True
+        return True
+
+    def _fill(self) -> bool:
+        """Read what has arrived, never waiting; whether anything had. ``EOFError`` at
+        the end; ``OSError`` once closed (a replaced worker's: poll refuses -1)."""
+        if self.sock.fileno() < 0:
+            raise OSError(errno.EBADF, "channel closed")
+        ready = select.poll()  # not select.select: the descriptor may be above 1023
+        ready.register(self.sock, select.POLLIN)
+        if not ready.poll(0):
+            return False
+        chunk = self.sock.recv(_CHUNK)
+        if not chunk:
+            raise EOFError
+        self._buf += chunk
+        return True
 
     def recv(self, deadline: float | None = None) -> Any:
         """The next message; ``TimeoutError`` at ``deadline`` (monotonic), ``EOFError`` at end.
@@ -263,9 +286,10 @@ class _Channel:
                 return message
         return _NOTHING
 
-    def buffered(self) -> bool:
-        """Whether part of a message (or a whole one) waits in the buffer."""
-        return bool(self._buf)
+    def _whole(self) -> bool:
+        """Whether a whole message is in the buffer."""
+        buf = self._buf
+        return len(buf) >= _HEADER.size and len(buf) >= _HEADER.size + _HEADER.unpack_from(buf)[0]
 
     def close(self) -> None:
         self.sock.close()
@@ -391,12 +415,16 @@ class _Worker:
         raise _rebuild(reply[2], reply[3], reply[4])
 
     def answering(self) -> bool:
-        """Whether an answer (part of one at least) waits in its channel; never waits.
-        Else ``fileno`` becomes readable when one comes."""
-        return self.channel.buffered()
+        """Whether an answer has come back whole (or the channel broke); never waits.
+        Else ``fileno`` becomes readable as more of one comes (-1: closed)."""
+        return self.channel.ready()
 
     def fileno(self) -> int:
         return self.channel.sock.fileno()
+
+    def give_up(self) -> None:
+        """Release the worker without its answer, which stays owed (as a late one)."""
+        self.lock.release()
 
     def hung(self, now: float) -> bool:
         """Whether an answer is owed ``HUNG_AFTER_S`` past its deadline and has not come
@@ -1299,19 +1327,25 @@ class PooledScoringServicer(ScoringServicer):
             sent[w] = got
             taken.add(got[0].index)
         first_error: tuple[int, RiskdError] | None = None
-        for w in _arrivals(sent, deadline):
-            worker, seq = sent[w]
-            try:
-                reply = None if seq is None else worker.finish(seq, deadline)
-            except WorkerGone as e:
-                out[w] = _BUSY if isinstance(e, WorkerBusy) else _DOWN
-                continue
-            except RiskdError as e:  # the other workers' calls are still collected
-                first_error = first_error or (w, e)
-                continue
-            out[w] = _LATE if reply is None else reply
-            if reply is not None:
-                arrived(w, worker, reply)
+        held = {w for w, (_, seq) in sent.items() if seq is not None}
+        try:
+            for w in _arrivals(sent, deadline):
+                worker, seq = sent[w]
+                held.discard(w)
+                try:
+                    reply = None if seq is None else worker.finish(seq, deadline)
+                except WorkerGone as e:
+                    out[w] = _BUSY if isinstance(e, WorkerBusy) else _DOWN
+                    continue
+                except RiskdError as e:  # the other workers' calls are still collected
+                    first_error = first_error or (w, e)
+                    continue
+                out[w] = _LATE if reply is None else reply
+                if reply is not None:
+                    arrived(w, worker, reply)
+        finally:  # never leave a worker taken (review: one then refused every call for good)
+            for w in held:
+                sent[w][0].give_up()
         return out, first_error
 
 
@@ -1327,13 +1361,14 @@ def _arrivals(sent: Mapping[int, tuple[_Worker, int | None]], deadline: float) -
             left = deadline - time.monotonic()
             if left <= 0:
                 break
+            fds = [sent[w][0].fileno() for w in waiting]
+            if min(fds) < 0:
+                continue  # closed since it was looked at: ``answering`` says so now
             poller = select.poll()  # not select.select: the descriptors may be above 1023
-            fds = {}
-            for w in waiting:
-                fd = sent[w][0].fileno()
-                fds[fd] = w
+            for fd in fds:
                 poller.register(fd, select.POLLIN)
-            ready = sorted(fds[fd] for fd, _ in poller.poll(max(left * 1000, 1.0)))
+            poller.poll(max(left * 1000, 1.0))  # then each is looked at again
+            continue
         for w in ready:
             waiting.discard(w)
             yield w

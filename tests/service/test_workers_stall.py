@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
@@ -119,6 +121,60 @@ def test_an_answer_bigger_than_the_socket_buffer_being_written_at_the_deadline_i
     finally:
         ours.close()
         theirs.close()
+
+
+def _taken(index: int) -> tuple[workers._Worker, socket.socket]:
+    """A worker as a call left it (taken, call 1 sent) and the worker's end of its socket."""
+    ours, theirs = socket.socketpair()
+    worker = workers._Worker(index, cast(subprocess.Popen[bytes], None), workers._Channel(ours))
+    worker.lock.acquire()
+    worker.seq = 1
+    return worker, theirs
+
+
+def _frame(seq: int, body: bytes = b"answer") -> bytes:
+    data = pickle.dumps((seq, "ok", body, ()), protocol=pickle.HIGHEST_PROTOCOL)
+    return workers._HEADER.pack(len(data)) + data
+
+
+def test_a_batch_takes_a_whole_answer_before_one_a_stalled_worker_began() -> None:
+    # review: a worker stalled half-way through sending its answer was taken as the one
+    # that came first; the batch waited on it to the deadline, another worker's whole
+    # answer unread (its orders' retries answered ``inflight`` meanwhile)
+    (begun, begun_end), (whole, whole_end) = _taken(0), _taken(1)
+    try:
+        frame = _frame(1, b"y" * 100_000)
+        begun_end.sendall(frame[: len(frame) // 3])
+        whole_end.sendall(_frame(1))
+        started = time.monotonic()
+        sent = {0: (begun, 1), 1: (whole, 1)}
+        order = workers._arrivals(sent, started + 2.0)
+        assert next(order) == 1 and time.monotonic() - started < 0.5
+        assert whole.finish(1, started + 2.0) == (b"answer", frozenset())
+        begun_end.sendall(frame[len(frame) // 3 :])  # the stalled worker goes on
+        assert next(order) == 0 and begun.finish(1, started + 2.0) is not None
+    finally:
+        for sock in (begun.channel.sock, whole.channel.sock, begun_end, whole_end):
+            sock.close()
+
+
+def test_a_worker_closed_while_a_batch_collects_is_gone_and_frees_the_others() -> None:
+    # review: the monitor closes a dead worker's channel (1 s without its lock); the
+    # batch's poll then raised ValueError and left the other workers taken for good
+    (closed, closed_end), (slow, slow_end) = _taken(0), _taken(1)
+    try:
+        started = time.monotonic()
+        sent = {0: (closed, 1), 1: (slow, 1)}
+        threading.Timer(0.2, closed.channel.close).start()
+        order = workers._arrivals(sent, started + 1.0)
+        assert next(order) == 0  # at the deadline: a close does not wake a poll (an exit does)
+        with pytest.raises(workers.WorkerGone):
+            closed.finish(1, started + 1.0)
+        assert next(order) == 1 and slow.finish(1, started + 1.0) is None  # late: owed
+        assert slow.lock.acquire(blocking=False)  # released
+    finally:
+        for sock in (closed.channel.sock, slow.channel.sock, closed_end, slow_end):
+            sock.close()
 
 
 def test_a_batch_keeps_the_answers_of_the_workers_that_answered_while_another_stalls(
