@@ -45,8 +45,15 @@ class HealthServicer(health.HealthServicer):
         service = request.service
         with self._lock:
             status = self._server_status.get(service, _SERVICE_UNKNOWN)
-            self._send_response_callbacks.setdefault(service, set()).add(send_response_callback)
-            context.add_callback(self._on_close_callback(send_response_callback, service))
+            watchers = self._send_response_callbacks.setdefault(service, set())
+            watchers.add(send_response_callback)
+            if not context.add_callback(self._on_close_callback(send_response_callback, service)):
+                # the call ended before it got here (cancelled): no close callback will
+                # come (review: those names stayed in the table for good)
+                watchers.discard(send_response_callback)
+                if not watchers:
+                    del self._send_response_callbacks[service]
+                return None
             # queued under the lock: a set() after this one is queued after it
             self._outbox.put(
                 (send_response_callback, health_pb2.HealthCheckResponse(status=status))

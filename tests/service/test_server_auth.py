@@ -255,6 +255,25 @@ def test_health_watches_that_ended_leave_nothing_behind(tmp_path: Path) -> None:
         running.stop(0)
 
 
+def test_a_watch_whose_call_ended_before_it_was_served_leaves_nothing_behind() -> None:
+    # review: grpc refuses add_callback for a call already over (cancelled at once), so
+    # no close callback came and its service name stayed in the table for good
+    class Ended:
+        def add_callback(self, callback: object) -> bool:
+            return False
+
+    health = HealthServicer()
+    sent: list[object] = []
+    try:
+        request = health_pb2.HealthCheckRequest(service="gone")
+        assert health.Watch(request, Ended(), sent.append) is None
+        assert not health._send_response_callbacks
+        health.set("gone", health_pb2.HealthCheckResponse.SERVING)
+    finally:
+        health.close()
+    assert sent == []  # nothing queued for the ended call
+
+
 def test_score_batch_spends_one_token_per_order_up_to_the_burst(tmp_path: Path) -> None:
     auth = {
         "tokens": {"tok-a": "a:checkout", "tok-b": "b:checkout"},
