@@ -333,6 +333,7 @@ class InProcessFeatureStore:
                     raise OtherContentError()
                 claim = not claimed
             new = {n for n, v in obs.keys.items() if seen.get((n, v), forgotten) <= forgotten}
+            later: list[tuple[str, str]] = []
             if new or claim:
                 seen.update(((name, obs.keys[name]), now) for name in new)
                 if claim:
@@ -341,9 +342,11 @@ class InProcessFeatureStore:
                 self._queue_ms[self._tail], self._queue[self._tail] = now, order_id
                 self._tail += 1
                 if new:
-                    self._record(obs, new, distinct_pairs(obs, queries))
+                    pairs = distinct_pairs(obs, queries)
+                    self._record(obs, new, pairs)
+                    later = self._later(obs, [(k, of) for k, of in pairs if k in new])
                 self._maybe_sweep()
-            return self._read(obs, queries, self._later(obs, distinct_pairs(obs, queries)))
+            return self._read(obs, queries, later)
 
     def read(self, obs: Observation, queries: Collection[FeatureQuery]) -> dict[FeatureQuery, int]:
         with self._lock:
@@ -399,9 +402,10 @@ class InProcessFeatureStore:
             distinct.trim(t - RETENTION_MS)
 
     def _later(self, obs: Observation, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """The distinct pairs whose set holds the order's own of-value last seen after the
-        order (recorded by now: by this call or the order's first), which a read at its
-        time would leave out (the store's docstring)."""
+        """Of the distinct ``pairs`` this call recorded, those whose set holds the order's
+        own of-value last seen after the order, which a read at its time would leave out
+        (the store's docstring). Not a retry's: its of-value may not be the one its key
+        was recorded with (review: a retry with another buyer counted that buyer)."""
         later = []
         keys, t, last = obs.keys, obs.at_ms, self._last
         for key, of in pairs:

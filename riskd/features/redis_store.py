@@ -282,15 +282,8 @@ local function add_distinct(j)
   end
 end
 
-local function seen_after(j)  -- a retry: its own of-value seen after t since (DLATER)
-  local value = string.sub(f[7 + ns + nd + j], 2)
-  if value == '' or DST[j].fresh then return end
-  local at = redis.call('ZSCORE', DKEY[j], value)
-  DLATER[j] = at ~= false and tonumber(at) > t
-end
-
--- of-values last seen in (t - W, t] and still kept, and the order's own one (recorded by
--- this call or the order's first) when it was last seen after t: in its window at t
+-- of-values last seen in (t - W, t] and still kept, and the order's own one when this
+-- call recorded it and it was last seen after t (in its window at t all the same)
 local function distinct_count(j, w)
   if DST[j].fresh then return DADD[j] and 1 or 0 end  -- the one sighting is at t
   local lo, newest = EDGE[w], DST[j].dn[DOF[j]]
@@ -369,7 +362,7 @@ local function record()
     end
   end
   for j = 1, nd do
-    if DST[j].now then add_distinct(j) else seen_after(j) end
+    if DST[j].now then add_distinct(j) end
   end
   if #new > 0 or claim then
     keep[#keep + 1] = '@' .. f[4]

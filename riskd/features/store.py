@@ -18,9 +18,10 @@ Semantics shared by both backends:
   feature added by a rule reload warms up over its window).
 * ``DISTINCT`` counts the ``of`` values whose latest sighting with the key lies
   in the window (exact when observations arrive in time order), and always the
-  order's own value when it is recorded: an order recorded after another of the same
-  pair stamped later (two calls at once, a batch's parts scored by two workers) would
-  else leave itself out (review: 148 of a 300-order batch read 0 buyers per phone).
+  order's own value when this call records it: an order recorded after another of the
+  same pair stamped later (two calls at once) would else leave itself out (review: 148
+  of a 300-order batch read 0 buyers per phone). A retry reads without that (its
+  of-value may not be the one its key was recorded with).
 * A ``SUM`` saturates at ``MAX_SUM`` fen (2^53 - 1, about 90 billion yuan): a window
   whose amounts add up to more reads ``MAX_SUM``. Below it every sum is exact; the Redis
   script counts in doubles, which hold every integer up to 2^53 and no further.
