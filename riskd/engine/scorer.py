@@ -627,12 +627,14 @@ class Scorer:
         """For a follower whose leader overran the deadline: the fallback answer, not logged."""
         return self._inflight(order, ctx.program.version, ctx.started, ctx.now)
 
-    def inflight(self, order: Order, started: float) -> Decision:
+    def inflight(self, order: Order, started: float, at: float | None = None) -> Decision:
         """The answer for a retry of ``order`` whose first call (another process's, in
         worker mode) is still deciding it when the retry's time is up: the fallback,
         degraded ``inflight`` and not logged (that first call's decision is the one
-        recorded). ``started``: when the retry's call began (monotonic)."""
-        return self._inflight(order, self._rules.current.version, started, self._clock.now())
+        recorded). ``started``: when the retry's call began (monotonic); ``at``: its
+        time (clock seconds; a batch's one time, as ``score_batch``'s; default now)."""
+        now = self._clock.now() if at is None else at
+        return self._inflight(order, self._rules.current.version, started, now)
 
     def _inflight(self, order: Order, version: str, started: float, now: float) -> Decision:
         reason = self._fallback_reason(order)

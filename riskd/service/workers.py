@@ -935,7 +935,7 @@ def _wait_until(started: float, timeout_s: float, answer_s: float = 0.0) -> floa
 class PooledScorer(ScorerLike, Protocol):
     """What the pooled servicer needs of the server process's ``Scorer``."""
 
-    def inflight(self, order: Order, started: float) -> Decision: ...
+    def inflight(self, order: Order, started: float, at: float | None = None) -> Decision: ...
 
     def refuse_if_late(self, orders: Sequence[Order], timeout_s: float) -> None: ...
 
@@ -1178,6 +1178,7 @@ class PooledScoringServicer(ScoringServicer):
                     self._flights.land(order_id, flight)
                     flight.finish(None)
 
+        route_at = at
         while ids or awaited:
             led.clear()
             for order_id in ids:
@@ -1185,9 +1186,12 @@ class PooledScoringServicer(ScoringServicer):
                 (led if leader else awaited)[order_id] = flight
             try:
                 if led:
-                    self._route_batch(request, orders, until, decisions, set(led), land, at)
+                    self._route_batch(request, orders, until, decisions, set(led), land, route_at)
             finally:
                 land(list(led))  # those not landed as their worker's answer came
+            # an order led later (its other call failed) is decided at its own time, as one
+            # process decides it again when its leader gave up (``Abandoned``)
+            route_at = self._clock.now()
             if not awaited:
                 break
             left = until - time.monotonic()
@@ -1198,7 +1202,7 @@ class PooledScoringServicer(ScoringServicer):
                 del awaited[order_id]
             if time.monotonic() >= until:  # the rest are still out: answered as retries
                 for order_id in awaited:
-                    self._answer_inflight(orders, entries[order_id], started, decisions)
+                    self._answer_inflight(orders, entries[order_id], started, decisions, at)
                 awaited.clear()
         assert all(d is not None for d in decisions), "every order has its answer"
         return scoring_pb2.ScoreBatchResponse(decisions=cast(list[scoring_pb2.Decision], decisions))
@@ -1209,10 +1213,12 @@ class PooledScoringServicer(ScoringServicer):
         indexes: Sequence[int],
         started: float,
         decisions: list[scoring_pb2.Decision | None],
+        at: float,
     ) -> None:
         """The unrecorded ``inflight`` fallback for the entries ``indexes`` of one order id
-        (the first not replayed, repeats replayed, as the scorer answers them)."""
-        decision = self._pooled_scorer.inflight(orders[indexes[0]], started)
+        (the first not replayed, repeats replayed, as the scorer answers them), stamped
+        with the batch's time ``at`` (review: it took the clock at the deadline)."""
+        decision = self._pooled_scorer.inflight(orders[indexes[0]], started, at)
         self._metrics.observe_decisions((decision,))
         for n, i in enumerate(indexes):
             answer = convert.decision_to_proto(decision)

@@ -87,6 +87,8 @@ class HereScorer:
     def __init__(self) -> None:
         self.scored: list[str] = []
         self.refuse: set[str] = set()
+        self.batch_at: float | None = None  # the ``at`` of the last batch, of an inflight
+        self.inflight_at: float | None = None
 
     def score(self, order: Order, *, timeout_s: float | None = None) -> Decision:
         return self.score_batch((order,))[0]
@@ -99,6 +101,7 @@ class HereScorer:
         refuse_late: bool = False,
         at: float | None = None,
     ) -> list[Decision]:
+        self.batch_at = at
         if any(o.order_id in self.refuse for o in orders):
             raise AlreadyExistsError("order.order_id: scored for other content")
         out: dict[str, Decision] = {}
@@ -125,7 +128,8 @@ class HereScorer:
     def report_outcome(self, event: object) -> None:
         raise AssertionError("not here")
 
-    def inflight(self, order: Order, started: float) -> Decision:
+    def inflight(self, order: Order, started: float, at: float | None = None) -> Decision:
+        self.inflight_at = at
         return Decision(order.order_id, Outcome.REVIEW, 0.0, (), "v1", degraded=("inflight",))
 
 
@@ -154,6 +158,27 @@ def _answer(order_id: str, degraded: tuple[str, ...] = ()) -> bytes:
 
 def _request(order: Order) -> scoring_pb2.ScoreRequest:
     return scoring_pb2.ScoreRequest(order=convert.order_to_proto(order))
+
+
+def test_a_batchs_inflight_answer_carries_the_batchs_time() -> None:
+    # review: the batch's entries were stamped with its one time, but an entry answered
+    # ``inflight`` (its order still out with another call) took the clock at the deadline
+    servicer, pool, here = _servicer()
+    a, b = fresh(), fresh()
+    pool.w.answer = _answer(a.order_id)
+    pool.w.gate.clear()  # a's own call holds the worker
+    first = threading.Thread(target=servicer.score_request, args=(_request(a), 2.0))
+    first.start()
+    try:
+        assert pool.w.sent.wait(2)
+        batch = scoring_pb2.ScoreBatchRequest(orders=[convert.order_to_proto(o) for o in (a, b)])
+        answers = servicer.score_batch_request(batch, 0.3).decisions
+    finally:
+        pool.w.gate.set()
+        first.join(5)
+    assert list(answers[0].unavailable) == ["inflight"]  # a: still out with its first call
+    assert here.scored == [b.order_id]  # b: the worker busy, scored here at the batch's time
+    assert here.batch_at is not None and here.inflight_at == here.batch_at
 
 
 @pytest.mark.parametrize("recorded", [True, False])
