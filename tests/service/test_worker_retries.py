@@ -181,6 +181,45 @@ def test_a_batchs_inflight_answer_carries_the_batchs_time() -> None:
     assert here.batch_at is not None and here.inflight_at == here.batch_at
 
 
+def test_the_fallback_reserve_grows_with_the_batches_deciding_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # review: 4 batches of 200 at 0.5 s at once (2 cores) came back after their deadline
+    # 62 of 129 times: each kept back time for its own fallback, all of them sharing the
+    # gRPC process
+    servicer, pool, here = _servicer()
+    here.answer_per_order_s = 0.001
+    reserved: list[float] = []
+    real = workers._wait_until
+
+    def spy(started: float, timeout_s: float, answer_s: float = 0.0) -> float:
+        reserved.append(answer_s)
+        return real(started, timeout_s, answer_s)
+
+    monkeypatch.setattr(workers, "_wait_until", spy)
+    a, b, c, d = fresh(), fresh(), fresh(), fresh()
+    answers = [
+        convert.decision_to_proto(Decision(o.order_id, Outcome.ALLOW, 0.0, (), "v1"))
+        for o in (a, b)
+    ]
+    pool.w.answer = scoring_pb2.ScoreBatchResponse(decisions=answers).SerializeToString()
+    pool.w.gate.clear()  # the first batch waits for its worker
+    first = threading.Thread(target=servicer.score_batch_request, args=(_batch(a, b), 2.0))
+    first.start()
+    try:
+        assert pool.w.sent.wait(2)
+        servicer.score_batch_request(_batch(c, d), 1.0)  # its worker busy: scored here
+    finally:
+        pool.w.gate.set()
+        first.join(5)
+    servicer.score_batch_request(_batch(fresh(), fresh()), 1.0)  # alone again
+    assert reserved == pytest.approx([0.002, 0.004, 0.002])
+
+
+def _batch(*orders: Order) -> scoring_pb2.ScoreBatchRequest:
+    return scoring_pb2.ScoreBatchRequest(orders=[convert.order_to_proto(o) for o in orders])
+
+
 @pytest.mark.parametrize("recorded", [True, False])
 def test_an_answer_is_kept_when_the_workers_log_took_it(recorded: bool) -> None:
     """Degraded ``evidence`` marks both a decision the log did not take (its queue full:
