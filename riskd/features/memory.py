@@ -342,9 +342,7 @@ class InProcessFeatureStore:
                 self._queue_ms[self._tail], self._queue[self._tail] = now, order_id
                 self._tail += 1
                 if new:
-                    pairs = distinct_pairs(obs, queries)
-                    self._record(obs, new, pairs)
-                    later = self._later(obs, [(k, of) for k, of in pairs if k in new])
+                    later = self._record(obs, new, distinct_pairs(obs, queries))
                 self._maybe_sweep()
             return self._read(obs, queries, later)
 
@@ -375,9 +373,17 @@ class InProcessFeatureStore:
         with self._lock:
             self._sweep()
 
-    def _record(self, obs: Observation, names: set[str], pairs: list[tuple[str, str]]) -> None:
-        """Record ``obs`` under the keys ``names`` (and their distinct sets)."""
+    def _record(
+        self, obs: Observation, names: set[str], pairs: list[tuple[str, str]]
+    ) -> list[tuple[str, str]]:
+        """Record ``obs`` under the keys ``names`` (and their distinct sets). Returns the
+        distinct pairs whose set holds the order's own of-value last seen after the order
+        (another order's sighting, recorded first though stamped later), which a read at
+        its time would leave out (the store's docstring). A retry records no pair, so it
+        reads without it: its of-value may not be the one its key was recorded with
+        (review: a retry with another buyer counted that buyer)."""
         t = obs.at_ms
+        later = []
         for name, value in obs.keys.items():
             if name not in names:
                 continue
@@ -400,22 +406,9 @@ class InProcessFeatureStore:
             distinct = _Distinct(times, dkey, self._last, self._at, self._more)
             distinct.see(t, seen_with)
             distinct.trim(t - RETENTION_MS)
-
-    def _later(self, obs: Observation, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """Of the distinct ``pairs`` this call recorded, those whose set holds the order's
-        own of-value last seen after the order, which a read at its time would leave out
-        (the store's docstring). Not a retry's: its of-value may not be the one its key
-        was recorded with (review: a retry with another buyer counted that buyer)."""
-        later = []
-        keys, t, last = obs.keys, obs.at_ms, self._last
-        for key, of in pairs:
-            seen_with = keys.get(of)
-            if seen_with is None:
-                continue
-            dkey = _set_key(key, of, keys[key])
-            old = last.get(dkey + seen_with)  # the usual case: at t, or none (not recorded)
+            last = self._last.get(dkey + seen_with)  # the usual case: t (or not recorded)
             # and t within reach of the set's newest sighting (else it reads 0: see ``see``)
-            if old is not None and old > t and t > _newest(self._distinct[dkey]) - RETENTION_MS:
+            if last is not None and last > t and t > _newest(times) - RETENTION_MS:
                 later.append((key, of))
         return later
 

@@ -162,10 +162,7 @@ class Metrics:
         +2 per reload that renamed a rule, 15,000 ids a 3.5 MB scrape). A decision of the
         old program counted after this brings its series back until the next reload."""
         keep = set(rule_ids)
-        for (
-            metric,
-            cache,
-        ) in ((self.rule_hits, self._by_rule), (self.rule_errors, self._by_error)):
+        for metric, cache in ((self.rule_hits, self._by_rule), (self.rule_errors, self._by_error)):
             for label in set(_by_label(metric, "rule_id")) - keep:
                 cache.pop(label, None)
                 with contextlib.suppress(KeyError):  # removed by a reload at the same time

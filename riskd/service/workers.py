@@ -278,15 +278,13 @@ class _Channel:
 
     def _take(self) -> Any:
         """The first whole message in the buffer, else ``_NOTHING``."""
+        if not self._whole():
+            return _NOTHING
         buf = self._buf
-        if len(buf) >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(buf)
-            end = _HEADER.size + size
-            if len(buf) >= end:
-                message = pickle.loads(memoryview(buf)[_HEADER.size : end])
-                del buf[:end]
-                return message
-        return _NOTHING
+        end = _HEADER.size + _HEADER.unpack_from(buf)[0]
+        message = pickle.loads(memoryview(buf)[_HEADER.size : end])
+        del buf[:end]
+        return message
 
     def _whole(self) -> bool:
         """Whether a whole message is in the buffer."""
