@@ -40,7 +40,7 @@ environment variables override the file::
                                     # load balancers stop sending before the port closes
                                     # (0..60000; above the balancer's health check period)
     reload_interval_s = 2.0         # RISKD_RELOAD_INTERVAL_S: how often the rule files are
-                                    # checked for changes (at most 86400)
+                                    # checked for changes (0.05 to 86400)
     redis_timeout_ms = 50           # RISKD_REDIS_TIMEOUT_MS: each Redis call's socket timeout
     redis_prefix = "riskd:"         # RISKD_REDIS_PREFIX: prefix of every Redis key
 
@@ -217,6 +217,7 @@ MAX_WORKERS = 1024
 MAX_EVIDENCE_FLUSH_MS = 1000
 MAX_GRACE_S = 3600.0  # more than any drain needs (1e300 overflowed grpcio's grace timer)
 MAX_RELOAD_INTERVAL_S = 86400.0  # 1e300 overflowed the rules watcher's wait
+MIN_RELOAD_INTERVAL_S = 0.05  # review: 1e-300 was taken, a watcher checking without pause
 MAX_DRAIN_NOTICE_MS = 60_000
 # gRPC takes message limits as a signed 32-bit int, and the server accepts 4x
 # max_message_bytes (riskd.service.interceptors.RECEIVE_LIMIT_FACTOR) to name the field.
@@ -314,6 +315,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except OSError as e:
         raise ConfigError(f"config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:  # tomllib decodes before it parses (a GBK comment)
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path}: {e}") from None
 
@@ -362,6 +365,10 @@ def _build(values: Mapping[str, Any]) -> Config:
 def _coerce_str(raw: Any, key: str) -> str:
     if not isinstance(raw, str):
         raise ConfigError(f"{key}: expected a string")
+    try:  # an environment variable's bytes that are not UTF-8 (review: a redis_prefix
+        raw.encode()  # with one started, then every Score failed INTERNAL)
+    except UnicodeEncodeError:
+        raise ConfigError(f"{key}: not UTF-8 text") from None
     return raw
 
 
@@ -495,8 +502,12 @@ def _check_each(config: Config) -> None:
         raise ConfigError("metrics_port: must be -1 (off), 0 (any free port) or a port number")
     if not 0 <= config.grace_s <= MAX_GRACE_S:
         raise ConfigError(f"grace_s: must be between 0 and {MAX_GRACE_S:g}")
-    if config.reload_interval_s > MAX_RELOAD_INTERVAL_S:  # a thread's wait overflows beyond
-        raise ConfigError(f"reload_interval_s: must be at most {MAX_RELOAD_INTERVAL_S:g}")
+    # a thread's wait overflows beyond the most; below the least the watcher spins
+    if not MIN_RELOAD_INTERVAL_S <= config.reload_interval_s <= MAX_RELOAD_INTERVAL_S:
+        raise ConfigError(
+            f"reload_interval_s: must be between {MIN_RELOAD_INTERVAL_S:g}"
+            f" and {MAX_RELOAD_INTERVAL_S:g}"
+        )
     if not 0 <= config.drain_notice_ms <= MAX_DRAIN_NOTICE_MS:
         raise ConfigError(f"drain_notice_ms: must be between 0 and {MAX_DRAIN_NOTICE_MS}")
     if config.max_message_bytes > MAX_MESSAGE_BYTES:

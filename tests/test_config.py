@@ -96,6 +96,10 @@ def test_file_then_environment_override(tmp_path: Path) -> None:
         ({"RISKD_FALLBACK_SEARCH": "900:allow,500:review,block"}, "fallback.search"),
         ({"RISKD_GRACE_S": "1e300"}, "grace_s"),  # review: a traceback at SIGTERM
         ({"RISKD_RELOAD_INTERVAL_S": "1e300"}, "reload_interval_s"),  # killed the watcher
+        ({"RISKD_RELOAD_INTERVAL_S": "1e-300"}, "reload_interval_s"),  # a watcher spinning
+        # review: taken, then every Score failed INTERNAL (os.environ's undecodable bytes)
+        ({"RISKD_REDIS_PREFIX": "riskd\udcff:"}, "redis_prefix"),
+        ({"RISKD_LISTEN": "127.0.0.1\udcff:1"}, "listen"),
         # review: passed the checks, then a traceback at start (a socket's timeout overflowed)
         ({"RISKD_REDIS_TIMEOUT_MS": "10000000000000"}, "redis_timeout_ms"),
         ({"RISKD_DEADLINE_MS": "60001"}, "deadline_ms"),
@@ -193,6 +197,14 @@ def test_unreadable_or_malformed_file(tmp_path: Path) -> None:
     bad.write_text("listen = \n")
     with pytest.raises(ConfigError, match="config file"):
         load_config(bad, env={})
+
+
+def test_a_file_that_is_not_utf8_is_refused_by_name(tmp_path: Path) -> None:
+    """Review: a GBK comment ended in a UnicodeDecodeError traceback."""
+    gbk = tmp_path / "gbk.toml"
+    gbk.write_bytes("# 风控配置\ndeadline_ms = 150\n".encode("gbk"))
+    with pytest.raises(ConfigError, match=r"^config file .*gbk\.toml: not UTF-8 text"):
+        load_config(gbk, env={})
 
 
 def test_several_redis_urls_are_shards() -> None:

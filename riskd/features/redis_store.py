@@ -70,6 +70,7 @@ from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -78,7 +79,7 @@ from redis.retry import Retry
 
 from riskd.domain.clock import Clock
 from riskd.domain.features import WINDOWS, Agg, FeatureQuery
-from riskd.errors import UnavailableError
+from riskd.errors import ConfigError, UnavailableError
 from riskd.features.store import MAX_SUM, SEEN_TTL_S, Observation, OtherContentError, to_ms
 
 __all__ = ["RedisFeatureStore"]
@@ -423,18 +424,7 @@ class RedisFeatureStore:
         self._clock = clock
         self._prefix = prefix
         self._timeout_s = timeout_s
-        self._shards = [
-            _Connections(
-                redis.ConnectionPool.from_url(
-                    u,
-                    socket_timeout=timeout_s,
-                    socket_connect_timeout=timeout_s,
-                    retry=Retry(NoBackoff(), 0),
-                    **_LEAN_HANDSHAKE,
-                )
-            )
-            for u in urls
-        ]
+        self._shards = [_Connections(_url_pool(u, i, timeout_s)) for i, u in enumerate(urls)]
         self._sha = hashlib.sha1(_SCRIPT.encode()).hexdigest()  # what EVALSHA names it by
         self._plans: tuple[object, dict[tuple[str, ...], _Plan]] = (None, {})
 
@@ -606,6 +596,42 @@ def _lean_handshake() -> dict[str, Any]:
 
 
 _LEAN_HANDSHAKE = _lean_handshake()
+
+
+def _url_pool(url: str, index: int, timeout_s: float) -> redis.ConnectionPool:
+    """redis-py's pool for ``url``, with a connection made (not connected) so that every
+    option of the URL's query is parsed now.
+
+    Raises:
+        ConfigError: naming ``redis_url`` and the shard; an option redis-py refuses
+            (``?socket_timeout=abc``, ``?ssl_cert_reqs=bogus``) is refused at start, not
+            on the first order (review: a traceback after the keyring was created).
+    """
+    try:
+        pool = redis.ConnectionPool.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            **_LEAN_HANDSHAKE,
+        )
+        pool.connection_class(**pool.connection_kwargs)
+    except (ValueError, TypeError, redis.RedisError) as e:
+        text = str(e)
+        for secret in _secrets(url):  # redis-py quotes some option values
+            text = text.replace(secret, "***")
+        raise ConfigError(f"redis_url: shard {index + 1}: {text}") from None
+    return pool
+
+
+def _secrets(url: str) -> list[str]:
+    """The URL's passwords (its user part's, a ``?password=``), longest first: never in
+    a message."""
+    parts = urlsplit(url)
+    values = [v for k, v in parse_qsl(parts.query) if "pass" in k.lower()]
+    if parts.password:
+        values += [parts.password, unquote(parts.password)]
+    return sorted((v for v in values if v), key=len, reverse=True)
 
 
 def _left(deadline: float) -> float:

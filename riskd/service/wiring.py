@@ -172,6 +172,8 @@ def _build(
     rules = ProgramHolder(config.rules_dir, state)  # RuleCompileError: no start without rules
     schedule = _schedule(config)
     configured = configured_keyring(config)  # a bad one is refused before anything exists
+    features = open_feature_store(config, clock)  # a URL redis-py refuses creates nothing
+    closers.append(features.close)
     if config.data_dir.exists() and not config.data_dir.is_dir():
         raise ConfigError(f"data_dir: {config.data_dir} is not a directory")
     created = not config.data_dir.exists()
@@ -208,8 +210,6 @@ def _build(
     ) as e:  # the first statements create the schema
         raise _database_error(config, e) from None
     closers.append(decision_log.close)
-    features = open_feature_store(config, clock)
-    closers.append(features.close)
     book = open_book(config, clock, schedule)
     closers.append(book.close)
     shops = LedgerShopDirectory(book, clock)
@@ -327,7 +327,11 @@ def configured_keyring(config: Config) -> Keyring | None:
         return Keyring.from_json(config.keyring)
     path = config.keyring_path
     if path.exists():
-        return Keyring.load(path)
+        try:
+            return Keyring.load(path)
+        except ConfigError as e:  # named as the setting that points at the file
+            detail = str(e).removeprefix("keyring: ")
+            raise ConfigError(f"keyring_file: {path}: {detail}") from None
     if config.keyring_file is not None:
         raise ConfigError(f"keyring_file: {path} does not exist")
     return None

@@ -516,6 +516,10 @@ def _rebuild(name: str, message: str, field: str | None) -> RiskdError:
     return RiskdError(message)
 
 
+# a worker's decision-log counts that only grow while it lives (``_PoolEvidence``)
+_RUNNING_TOTALS = ("rejected", "unsealed")
+
+
 class WorkerPool:
     """``count`` scoring worker processes, started, watched and stopped by the server process.
 
@@ -538,6 +542,9 @@ class WorkerPool:
         self._monitor: threading.Thread | None = None
         self._retry_at: dict[int, tuple[float, float]] = {}  # slot: next restart, backoff
         self._restarting: dict[int, threading.Thread] = {}  # slot: its restart (_restart)
+        # what replaced workers last reported of their writers' running totals
+        self._retired = dict.fromkeys(_RUNNING_TOTALS, 0)
+        self._retiring = threading.Lock()  # a scrape sees a replaced worker's once
         self._metrics = metrics
         self.evidence = _PoolEvidence(self)
 
@@ -582,6 +589,14 @@ class WorkerPool:
     def workers(self) -> list[_Worker]:
         """The workers in service now (for their last metrics snapshots)."""
         return [w for w in self._workers if w is not None and not w.broken]
+
+    def total(self, key: str) -> int:
+        """One of the writers' running totals (``_RUNNING_TOTALS``) over every worker
+        this pool started: a replaced worker's last report stays counted (review: the
+        rejected gauge an alert watches fell back to 0 when its worker was replaced)."""
+        with self._retiring:
+            held = [w.stats for w in self._workers if w is not None]
+            return self._retired[key] + sum(int(st[key]) for st in held if st is not None)
 
     def others(self, index: int) -> list[_Worker]:
         """The workers in service other than ``index``, from the one after it on."""
@@ -743,6 +758,11 @@ class WorkerPool:
         if code is None:
             w.proc.kill()  # SIGKILL: ends a stopped or hung process too
         w.proc.wait()
+        with self._retiring:  # once, also when this start fails and is tried again
+            if w.stats is not None:
+                for key in _RUNNING_TOTALS:
+                    self._retired[key] += int(w.stats[key])
+                w.stats = None
         # A call still on the old socket sees its end of file and lets go of the worker;
         # closing under the lock keeps its descriptor from being reused under that call.
         taken = w.lock.acquire(timeout=1.0)
@@ -771,7 +791,8 @@ class WorkerPool:
 
 
 class _PoolEvidence:
-    """The workers' decision-log writers, summed as last reported (``EvidenceLike``)."""
+    """The workers' decision-log writers, summed as last reported (``EvidenceLike``): the
+    backlogs of the workers in service, the running totals of every worker started."""
 
     def __init__(self, pool: WorkerPool) -> None:
         self._pool = pool
@@ -785,11 +806,11 @@ class _PoolEvidence:
 
     @property
     def rejected(self) -> int:
-        return self._sum("rejected")
+        return self._pool.total("rejected")
 
     @property
     def unsealed(self) -> int:
-        return self._sum("unsealed")
+        return self._pool.total("unsealed")
 
     @property
     def catch_up(self) -> int:

@@ -194,13 +194,29 @@ def test_a_daemon_started_before_keygen_seals_for_buyers_keyed_after_it(tmp_path
         ({"auth": {"rate_limits": {"analyst": "fast"}}}, r"^auth\.rate_limits\.analyst: "),
         ({"keyring": "{not json"}, r"^keyring: "),
         ({"keyring_file": "/nonexistent/keyring.json"}, r"^keyring_file: .* does not exist"),
+        # review: named "keyring:", pointing at RISKD_KEYRING instead of the file
+        ({"keyring_file": "{tmp}/bad.json"}, r"^keyring_file: .*bad\.json: not valid JSON"),
+        # review: redis-py refused these options with a traceback after the keyring and
+        # the database were created; the password never shows
+        (
+            {"redis_url": "redis://:s3cret@127.0.0.1:6379/0?socket_timeout=abc"},
+            r"^redis_url: shard 1: Invalid value for 'socket_timeout'[^3]*$",
+        ),
+        (
+            {"redis_url": "redis://127.0.0.1:6379/0,rediss://127.0.0.1:6379/0?ssl_cert_reqs=no"},
+            r"^redis_url: shard 2: Invalid SSL Certificate Requirements Flag: no$",
+        ),
     ],
 )
-def test_a_start_refused_for_auth_or_keyring_creates_nothing(
+def test_a_start_refused_for_auth_keyring_or_redis_url_creates_nothing(
     tmp_path: Path, overrides: dict[str, object], error: str
 ) -> None:
     """Review: these were refused only after the data dir and database (and for [auth], a
     new keyring) had been created."""
+    (tmp_path / "bad.json").write_text("{not json")
+    overrides = {
+        k: str(v).format(tmp=tmp_path) if k == "keyring_file" else v for k, v in overrides.items()
+    }
     data = tmp_path / "data"
     with pytest.raises(ConfigError, match=error):
         create_server(make_config(data, **overrides))

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import threading
 import time
 import types
@@ -579,6 +580,14 @@ def test_the_workers_rule_errors_and_decision_logs_reach_the_servers_metrics(
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
             stub = scoring_pb2_grpc.ScoringServiceStub(ch)
             orders = [_worker_for(running.workers, i % 2) for i in range(6)]
+            # the database refuses worker 1's first decision: its writer sets it aside
+            with contextlib.closing(sqlite3.connect(tmp_path / "data" / "riskd.db")) as db:
+                db.execute(
+                    "CREATE TRIGGER refuse BEFORE INSERT ON decision_log"
+                    f" WHEN NEW.order_id = '{orders[1].order_id}'"
+                    " BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                )
+                db.commit()
             for order in orders:
                 assert _score(stub, order).outcome == scoring_pb2.OUTCOME_ALLOW
             _score(stub, orders[0])  # a retry: its decision was counted when it was made
@@ -586,7 +595,10 @@ def test_the_workers_rule_errors_and_decision_logs_reach_the_servers_metrics(
                 lambda: running.metrics.value("riskd_rule_errors_total", errors) == 6, 10
             )
             assert all(w.stats is not None for w in running.workers.workers())
-            # a worker that is replaced starts counting from zero: nothing is counted twice
+            rejected = "riskd_evidence_rejected"
+            assert eventually(lambda: running.metrics.value(rejected) == 1, 10)
+            # a worker that is replaced starts counting from zero: nothing is counted twice,
+            # and what its writer set aside stays in the gauge an alert watches
             victim = running.workers.pids()[1]
             assert victim is not None
             os.kill(victim, signal.SIGKILL)
@@ -598,8 +610,9 @@ def test_the_workers_rule_errors_and_decision_logs_reach_the_servers_metrics(
             assert eventually(
                 lambda: running.metrics.value("riskd_rule_errors_total", errors) == 7, 10
             )
+            assert eventually(lambda: all(w.stats for w in running.workers.workers()), 10)
             text = running.metrics.text().decode()
-            assert "\nriskd_evidence_rejected 0.0\n" in text
+            assert "\nriskd_evidence_rejected 1.0\n" in text
             assert _fallbacks(running, "down") == _fallbacks(running, "busy") == 0
     finally:
         running.stop(5)
