@@ -18,7 +18,8 @@ from typing import Any, TextIO
 from riskd.dsl.diagnostics import Diagnostics
 from riskd.dsl.expr import evaluate
 from riskd.dsl.fmt import format_text
-from riskd.dsl.program import RULE_FILE_SUFFIX, check_rules, rule_files
+from riskd.dsl.holder import compile_directory
+from riskd.dsl.program import RULE_FILE_SUFFIX, rule_files
 from riskd.dsl.ruletest import run_tests, summary
 from riskd.dsl.values import Duration, EvalError, Timestamp, UInt
 from riskd.errors import RuleCompileError
@@ -66,7 +67,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not files:
         print(f"{args.dir}: no {RULE_FILE_SUFFIX} files", file=_err())
         return 1
-    program, diags = check_rules(*files)
+    program, diags, _ = compile_directory(args.dir)  # as the daemon would take them
     if program is None:
         print(diags, file=_err())
         print(f"{len(diags)} error(s) in {args.dir}", file=_err())
@@ -86,7 +87,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     if not files:  # "0 passed" would read as success
         print(f"{args.dir}: no {RULE_FILE_SUFFIX} files", file=_err())
         return 1
-    program, diags = check_rules(*files)
+    program, diags, _ = compile_directory(args.dir)
     if program is None:
         print(diags, file=_err())
         return 1

@@ -28,7 +28,7 @@ from riskd.errors import RuleCompileError
 
 _log = logging.getLogger("riskd.dsl.rules")
 
-Fingerprint = tuple[tuple[str, int, int], ...]
+Fingerprint = tuple[tuple[str, int, int, int, int], ...]
 
 
 class RulesState(NamedTuple):
@@ -42,14 +42,18 @@ class RulesState(NamedTuple):
 
 
 def fingerprint(directory: Path) -> Fingerprint:
-    """Name, mtime and size of every rule file: changes on any edit, addition or removal."""
-    out: list[tuple[str, int, int]] = []
+    """Name, mtime, size, inode and inode change time of every rule file: changes on
+    any edit, addition or removal, also one that keeps the file's size and time (review:
+    a same-size edit renamed into place with the old mtime, as ``cp -p``, ``rsync -a``
+    or a tar deploy leave it, was never reloaded; a rename gives another inode, and
+    setting a time back changes the inode's change time)."""
+    out: list[tuple[str, int, int, int, int]] = []
     for p in rule_files(directory):
         try:
             st = p.stat()
         except OSError:  # removed between listing and stat: the next poll sees it gone
             continue
-        out.append((str(p), st.st_mtime_ns, st.st_size))
+        out.append((str(p), st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns))
     return tuple(out)
 
 
@@ -61,9 +65,12 @@ RULES_CHANGING = "riskd_rules_changing"
 SETTLE_S = 0.5
 
 
-def _compile(directory: Path) -> tuple[Program | None, Diagnostics, Mapping[str, str]]:
+def compile_directory(
+    directory: Path,
+) -> tuple[Program | None, Diagnostics, Mapping[str, str]]:
     """Compile a rules directory (and give the texts read); an empty one is an error,
-    never an empty rule set.
+    never an empty rule set. What the daemon serves, and what ``riskd rules check``
+    passes (review: the command passed files the daemon then refused).
 
     (A deleted or unmounted folder, or files emptied by a writer, must not silently turn
     every rule off.)
@@ -104,7 +111,7 @@ class ProgramHolder:
         self._thread: threading.Thread | None = None
         if state is None:
             self._fingerprint = fingerprint(directory)
-            program, diags, sources = _compile(directory)
+            program, diags, sources = compile_directory(directory)
         else:
             sources, self._fingerprint = state.sources, state.fingerprint
             program, diags = _from_sources(sources, directory)
@@ -135,7 +142,7 @@ class ProgramHolder:
         with self._reload_lock:
             before = fingerprint(self.directory)  # taken before reading: never miss an edit
             self._fingerprint = before
-            program, diags, sources = _compile(self.directory)
+            program, diags, sources = compile_directory(self.directory)
             if fingerprint(self.directory) != before:  # written while read: maybe a mix
                 msg = "the rule files changed while they were read; kept the old rules"
                 program = None

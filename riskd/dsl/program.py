@@ -17,6 +17,7 @@ import enum
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -411,15 +412,30 @@ def rule_files(directory: Path) -> tuple[Path, ...]:
     Hidden files and folders (a name starting with ``.``) are skipped: an editor's or
     an atomic writer's temporary file, and the ``..data``/``..2026_…`` folders behind
     the symlinks of a Kubernetes ConfigMap mount, which would define every rule twice.
+    A folder that is a symlink is followed (review: a ConfigMap item under a subfolder,
+    ``team_a -> ..data/team_a``, was never read: ``Path.rglob`` does not follow them),
+    each real folder once (a link to a folder above it ends nowhere).
     """
-    return tuple(
-        sorted(
-            p
-            for p in directory.rglob(f"*{RULE_FILE_SUFFIX}")
-            if p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for top, dirs, names in os.walk(directory, followlinks=True):
+        try:
+            st = os.stat(top)
+        except OSError:  # removed while listed: the next look sees it gone
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        here = Path(top)
+        found.extend(
+            here / n
+            for n in names
+            if n.endswith(RULE_FILE_SUFFIX) and not n.startswith(".") and (here / n).is_file()
         )
-    )
+    return tuple(sorted(found))
 
 
 def content_version(sources: Mapping[str, str]) -> str:

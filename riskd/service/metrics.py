@@ -120,6 +120,9 @@ class Metrics:
         )
 
         self._workers_superseded = 0.0  # what the scoring workers reported (absorb_worker)
+        # the rule ids of the program in force since the last swap (forget_rules); None
+        # before one: every rule id the decisions carry is counted
+        self._rule_ids: frozenset[str] | None = None
         # labelled children, looked up once per label value instead of once per decision
         self._by_outcome: dict[Outcome, Any] = {}
         self._by_rule: dict[str, Any] = {}
@@ -147,21 +150,27 @@ class Metrics:
             if child is None:
                 child = self._by_outcome[d.outcome] = self.decisions.labels(d.outcome.name.lower())
             child.inc()
+            ids = self._rule_ids
             for reason in d.reasons:
                 if reason.rule_id.startswith("@"):  # the scorer's own (`@fallback`), no rule:
                     continue  # the degraded answers count it (a rule id never starts so)
-                _child(self._by_rule, self.rule_hits, reason.rule_id).inc()
+                if ids is None or reason.rule_id in ids:
+                    _child(self._by_rule, self.rule_hits, reason.rule_id).inc()
             for what in d.degraded:
                 _child(self._by_missing, self.degraded, what).inc()
             for rule_id in getattr(d, "rule_errors", ()):
-                _child(self._by_error, self.rule_errors, rule_id).inc()
+                if ids is None or rule_id in ids:
+                    _child(self._by_error, self.rule_errors, rule_id).inc()
 
     def forget_rules(self, rule_ids: Collection[str]) -> None:
         """Drop the hit and error series of rule ids other than ``rule_ids`` (the program
         just swapped in): each id a rule edit retired kept two series for good (review:
-        +2 per reload that renamed a rule, 15,000 ids a 3.5 MB scrape). A decision of the
-        old program counted after this brings its series back until the next reload."""
-        keep = set(rule_ids)
+        +2 per reload that renamed a rule, 15,000 ids a 3.5 MB scrape). Hits and errors of
+        other rule ids counted after this (a decision of the old program answered late, a
+        scoring worker's still on it, or its snapshot) are not counted: they brought the
+        series back, in worker mode after every reload (review)."""
+        keep = frozenset(rule_ids)
+        self._rule_ids = keep
         for metric, cache in ((self.rule_hits, self._by_rule), (self.rule_errors, self._by_error)):
             for label in set(_by_label(metric, "rule_id")) - keep:
                 cache.pop(label, None)
@@ -231,9 +240,10 @@ class Metrics:
         starts from zero again; what it counted after its last report is not counted.
         (Reloads are not added: workers run the programs the server process reloads.)"""
         old_errors = {} if before is None else before["rule_errors"]
+        ids = self._rule_ids
         for rule_id, count in now["rule_errors"].items():
             grown = _grown(old_errors.get(rule_id, 0.0), count)
-            if grown:
+            if grown and (ids is None or rule_id in ids):  # a retired rule's: forget_rules
                 _child(self._by_error, self.rule_errors, rule_id).inc(grown)
         old = 0.0 if before is None else float(before["superseded"])
         self._workers_superseded += _grown(old, float(now["superseded"]))

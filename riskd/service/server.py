@@ -78,6 +78,7 @@ class RunningServer:
     _stopped: threading.Event = field(default_factory=threading.Event)
     _stop_lock: threading.Lock = field(default_factory=threading.Lock)
     _stopping: bool = False
+    _hup: threading.Event = field(default_factory=threading.Event)  # SIGHUPs not reloaded yet
 
     @property
     def metrics_port(self) -> int | None:
@@ -137,10 +138,22 @@ class RunningServer:
             self.endpoint.close()
         log.info("stopped")
         self._stopped.set()
+        self._hup.set()  # its reload thread ends
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until ``stop`` has finished; False on timeout."""
         return self._stopped.wait(timeout)
+
+    def _reload_on_hup(self) -> None:
+        """Reload once per ``SIGHUP``, one reload at a time: signals that come while one
+        runs make one more (review: a thread and a compile per signal, 100 SIGHUPs in a
+        second 92 compiles on 98 threads, p99 of live calls 24 → 79 ms)."""
+        while True:
+            self._hup.wait()
+            self._hup.clear()
+            if self._stopping:
+                return
+            self.reload_rules()
 
     def install_signal_handlers(self, grace: float, *, notice_s: float = 0.0) -> None:
         """SIGTERM/SIGINT drain and stop (in a thread); SIGHUP reloads the rules.
@@ -155,8 +168,9 @@ class RunningServer:
             ).start()
 
         def on_hup(signum: int, frame: FrameType | None) -> None:
-            threading.Thread(target=self.reload_rules, name="riskd-reload").start()
+            self._hup.set()
 
+        threading.Thread(target=self._reload_on_hup, name="riskd-reload", daemon=True).start()
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
         signal.signal(signal.SIGHUP, on_hup)

@@ -133,6 +133,18 @@ def test_rules_test_without_rule_files_fails(
     assert f"{folder}: no .rules files" in captured.err and "passed" not in captured.out
 
 
+@pytest.mark.parametrize("command", ["check", "test"])
+def test_rules_check_and_test_refuse_files_that_hold_no_rules_as_the_daemon_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """Review: comments only passed ``check`` ("ok: ... 0 rules") and ``test`` ("0 passed"),
+    then the daemon refused to start on them (the Dockerfile runs both at build)."""
+    (tmp_path / "a.rules").write_text("# rules come later\n")
+    assert main(["rules", command, str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "riskd_no_rules" in captured.err and "passed" not in captured.out
+
+
 def _one_rule(when: str) -> str:
     return (
         'scenario s = "a scenario"\n\nrule x {\n  description = "d"\n  owner = "o"\n'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -169,6 +170,27 @@ def test_holder_request_reload_wakes_the_watcher(rules_dir: Path) -> None:
     holder.stop()  # idempotent
 
 
+def test_a_same_size_edit_that_keeps_the_files_time_is_seen(rules_dir: Path) -> None:
+    """Review: ``cp -p``, ``rsync -a`` or a tar deploy renames a new text of the same size
+    into place with the old modification time; the watcher never saw it."""
+    holder = ProgramHolder(rules_dir)
+    main = rules_dir / "main.rules"
+    st = main.stat()
+    new = rules_dir / ".main.rules.tmp"
+    new.write_text(rules_text("b", 100), encoding="utf-8")  # a0..a2 -> b0..b2: same size
+    assert new.stat().st_size == st.st_size
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+    new.replace(main)
+    assert holder.changed()
+    assert not holder.reload() and holder.current.rule("b0") is not None
+    assert not holder.changed()
+    st = main.stat()  # and written in place, its time set back after
+    main.write_text(rules_text("c", 100), encoding="utf-8")
+    os.utime(main, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert holder.changed()
+    assert not holder.reload() and holder.current.rule("c0") is not None
+
+
 def test_holder_emptied_directory_keeps_the_rules(rules_dir: Path) -> None:
     holder = ProgramHolder(rules_dir)
     before = holder.current
@@ -221,19 +243,19 @@ def test_a_reload_that_reads_files_being_written_keeps_the_old_rules(
 ) -> None:
     holder = ProgramHolder(rules_dir)
     before = holder.current
-    compile_now = holder_module._compile
+    compile_now = holder_module.compile_directory
 
     def written_meanwhile(directory: Path) -> object:
         out = compile_now(directory)
         (directory / "main.rules").write_text(rules_text("f", 7, n=4), encoding="utf-8")
         return out
 
-    monkeypatch.setattr(holder_module, "_compile", written_meanwhile)
+    monkeypatch.setattr(holder_module, "compile_directory", written_meanwhile)
     (rules_dir / "main.rules").write_text(rules_text("f", 7, n=2), encoding="utf-8")
     assert [d.code for d in holder.reload()] == ["riskd_rules_changing"]
     assert holder.current is before
     assert holder.changed()  # the next round reads them again
-    monkeypatch.setattr(holder_module, "_compile", compile_now)
+    monkeypatch.setattr(holder_module, "compile_directory", compile_now)
     assert holder.reload().ok and holder.current.rule("f3") is not None
 
 

@@ -275,3 +275,21 @@ def test_rule_files_of_a_configmap_mount_and_hidden_temp_files(tmp_path: Path) -
     files = rule_files(root)
     assert files == (root / "p.rules",)
     assert [r.id for r in compile_rules(*files).rules] == ["big"]
+
+
+def test_rule_files_in_a_subfolder_of_a_configmap_mount(tmp_path: Path) -> None:
+    """Review: an item at ``team_a/p.rules`` is mounted as ``team_a -> ..data/team_a``, a
+    folder symlink ``Path.rglob`` does not follow: its rules were never loaded. A link
+    back up to the rules folder is read once, not forever."""
+    root = tmp_path / "rules"
+    real = root / "..2026_11_27_10_00_00.123"
+    (real / "team_a").mkdir(parents=True)
+    (real / "p.rules").write_text(HEADER + rule("big", "order.amounts.total > 50000"))
+    (real / "team_a" / "q.rules").write_text(rule("small", "order.amounts.total < 10"))
+    (real / "team_a" / "up").symlink_to("../..")  # a cycle: ..data/team_a/up -> rules
+    (root / "..data").symlink_to(real.name)
+    (root / "p.rules").symlink_to("..data/p.rules")
+    (root / "team_a").symlink_to("..data/team_a")
+    files = rule_files(root)
+    assert files == (root / "p.rules", root / "team_a" / "q.rules")
+    assert sorted(r.id for r in compile_rules(*files).rules) == ["big", "small"]

@@ -26,3 +26,28 @@ def test_an_inflight_answer_is_not_counted_as_a_decision() -> None:
     assert m.value("riskd_degraded_decisions_total", {"unavailable": "features"}) == 1
     # the retry's answer shows only as what it is: a fallback while the order was in flight
     assert m.value("riskd_degraded_decisions_total", {"unavailable": "inflight"}) == 1
+
+
+def test_a_retired_rule_counted_after_the_swap_brings_no_series_back() -> None:
+    """Review: in worker mode a worker still on the old program (up to ~1.5 s) and its
+    snapshots counted retired rule ids after the swap dropped them: their series came back
+    after every renaming reload and stayed until the next one."""
+    m = Metrics()
+    old = Reason("old_rule", "OLD", Outcome.REVIEW, 10.0, ("…",))
+    new = Reason("new_rule", "NEW", Outcome.REVIEW, 10.0, ("…",))
+    m.observe_decisions([Decision("o-1", Outcome.REVIEW, 10.0, (old,), "v1")])
+    m.absorb_worker(None, {"rule_errors": {"old_rule": 1.0}, "superseded": 0})
+    assert m.value("riskd_rule_hits_total", {"rule_id": "old_rule"}) == 1
+    m.forget_rules(["new_rule"])  # the reload swapped in a program without old_rule
+    late = Decision("o-2", Outcome.REVIEW, 20.0, (old,), "v1", rule_errors=("old_rule",))
+    m.observe_decisions([late, Decision("o-3", Outcome.REVIEW, 10.0, (new,), "v2")])
+    before = {"rule_errors": {"old_rule": 1.0}, "superseded": 0}
+    m.absorb_worker(before, {"rule_errors": {"old_rule": 3.0, "new_rule": 1.0}, "superseded": 0})
+    scrape = m.text().decode()
+    assert 'rule_id="old_rule"' not in scrape
+    assert m.value("riskd_rule_hits_total", {"rule_id": "new_rule"}) == 1
+    assert m.value("riskd_rule_errors_total", {"rule_id": "new_rule"}) == 1
+    assert total(m) == 3  # the late decision is still a decision
+    m.forget_rules(["new_rule", "old_rule"])  # a later reload brings the rule back
+    m.observe_decisions([Decision("o-4", Outcome.REVIEW, 10.0, (old,), "v3")])
+    assert m.value("riskd_rule_hits_total", {"rule_id": "old_rule"}) == 1
