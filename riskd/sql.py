@@ -261,12 +261,27 @@ def _create_private(path: Path) -> None:
 
 
 def _create_pg_schema(conn: Any, schema: str) -> None:
-    """``CREATE SCHEMA IF NOT EXISTS`` on an autocommit connection; another session creating
-    it at the same moment makes it fail with a unique violation: it exists then."""
+    """Create the schema on an autocommit connection unless it is there: a role without
+    CREATE on the database (a read-only auditor's) may use one that exists (review:
+    ``CREATE SCHEMA IF NOT EXISTS`` needs that privilege even then). Another session
+    creating it at the same moment makes it fail with a unique violation: it exists then."""
     import psycopg.errors
 
+    found = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %s)", (schema,)
+    ).fetchone()
+    if found and found[0]:
+        return
     with contextlib.suppress(psycopg.errors.UniqueViolation, psycopg.errors.DuplicateSchema):
         conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+
+
+def driver_errors() -> tuple[type[Exception], ...]:
+    """The database drivers' own error classes (SQLite's, psycopg's): what a statement the
+    database refuses raises (a role without a privilege, a read-only database)."""
+    import psycopg
+
+    return (sqlite3.Error, psycopg.Error)
 
 
 def advisory_lock(db: Database, lock: int, deadline: float) -> bool:

@@ -120,6 +120,11 @@ FALLBACK_RULE_ID = "@fallback"
 # degraded marker of a retry's answer while its order's first call still decides it: the
 # fallback, not recorded, and not a decision of its own (the first call's is the one)
 INFLIGHT = "inflight"
+# degraded markers of the decision log: ``EVIDENCE``, it could not be read (a recorded
+# decision may have been missed; this one is still logged); ``EVIDENCE_QUEUE``, its queue
+# was full: this answer is not logged (review: both were "evidence", the second added
+# again, so neither callers nor riskd_degraded_decisions_total told the lost ones apart)
+EVIDENCE, EVIDENCE_QUEUE = "evidence", "evidence_queue"
 # on close, the catch-up's queue is drained this long at most while the store answers
 CLOSE_DRAIN_S = 1.0
 RULE_ERROR_LOG_EVERY_S = 60.0  # a rule that errors is logged at most this often (per rule id)
@@ -752,7 +757,7 @@ class _Batch:
     def _lead(self) -> None:
         ids = [self.orders[i].order_id for i, _ in self.led]
         known, log_ok = self.s._recorded(ids, self.s._left(self.ctx.deadline))
-        self.ctx.missing = () if log_ok else ("evidence",)
+        self.ctx.missing = () if log_ok else (EVIDENCE,)
         todo: list[tuple[int, Flight[Decision]]] = []
         replays: list[tuple[int, Flight[Decision], DecisionRecord]] = []
         for i, flight in self.led:
@@ -861,7 +866,7 @@ class _Batch:
 
 def _unlogged(decision: Decision) -> Decision:
     """``decision`` as answered when the log did not take it."""
-    return replace(decision, degraded=(*decision.degraded, "evidence"), unlogged=True)
+    return replace(decision, degraded=(*decision.degraded, EVIDENCE_QUEUE), unlogged=True)
 
 
 def scored_for_other_content(where: str) -> AlreadyExistsError:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -101,6 +102,9 @@ Entry = tuple[DecisionRecord, Order | None, Mapping[str, str] | None]
 
 _IN_CHUNK = 500
 STUCK_WAIT_S = 2.0  # close's flush after one that timed out (two of the writer's retries)
+# A flush this long that committed nothing: the database hangs (answers TCP, never replies:
+# no error is ever seen) rather than being slow; close waits only STUCK_WAIT_S after it.
+STALLED_S = 10.0
 _EVENT_CHUNK = 100  # reports looked up per query (three parameters each)
 # Lookups read rows of the chain only: a row beside it (seq NULL or below 1, which tables
 # created before the schema's CHECK accept) is not a recorded decision; verify names it.
@@ -155,6 +159,7 @@ class DecisionLog:
         self._inflight = 0  # items taken by the writer, not yet committed
         self._written = 0  # items committed since start (flush waits on this)
         self._stuck_at = -1  # _written when a flush last timed out (close waits no more)
+        self._stuck_for = 0.0  # how long that flush waited
         self._appended = 0
         self._urgent = 0  # flush() waits for everything appended up to here
         self._closed = False
@@ -359,27 +364,41 @@ class DecisionLog:
             ok = self._cond.wait_for(lambda: self._written >= target, timeout_s)
             if not ok:
                 self._stuck_at = self._written
+                self._stuck_for = math.inf if timeout_s is None else timeout_s
                 raise UnavailableError(f"decision log flush timed out ({self._error})")
 
     def close(self, timeout_s: float | None = 30.0) -> None:
-        """Flush, then stop the writer. Idempotent; the database stays open. After a
-        flush that timed out with nothing committed since, while the writer's last
-        commit failed, only ``STUCK_WAIT_S`` more (the writer's next tries; review: the
-        scorer's close flushed for 30 s, then this for 30 s more, with the database
-        down). A database that is slow, not failing, gets the whole ``timeout_s``."""
+        """Flush, then stop the writer, within ``timeout_s`` in all. Idempotent; the
+        database stays open. After a flush that timed out with nothing committed since,
+        while the writer's last commit failed or after ``STALLED_S`` of it (a database
+        that hangs sets no error), only ``STUCK_WAIT_S`` more (the writer's next tries;
+        review: the scorer's close flushed for 30 s, then this for 30 s more and a 30 s
+        join of a writer stuck in BEGIN, with the database down or hung). A database that
+        is slow, not failing, gets the whole ``timeout_s``. What was not committed is
+        logged with its count (lost: README "What a crash can lose")."""
         with self._cond:
             if self._closed:
                 return
-            stuck = self._stuck_at == self._written and self._error
+            stuck = self._stuck_at == self._written and (
+                self._error or self._stuck_for >= STALLED_S
+            )
             if stuck and timeout_s is not None:
                 timeout_s = min(timeout_s, STUCK_WAIT_S)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
             self.flush(timeout_s)
+        except UnavailableError:
+            lost = self.backlog
+            _log.error(
+                "decision log closed with items not committed: lost",
+                extra={"fields": {"items": lost, "error": self._error or "no answer"}},
+            )
+            raise
         finally:
             with self._cond:
                 self._closed = True
                 self._cond.notify_all()
-            self._thread.join(timeout_s)
+            self._thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     # -- the writer thread -------------------------------------------------
 

@@ -86,7 +86,7 @@ class LedgerShopDirectory:
         """Stop the refresher thread."""
         self._closed = True
         self._wanted.set()
-        self._worker.join(timeout=5)
+        self._worker.join(timeout=1)  # a refresh held by a hung database is left to end
 
     def _run(self) -> None:
         while True:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from riskd.engine.scorer import Scorer
 from riskd.errors import ConfigError, UnavailableError
 from riskd.evidence.access import PiiAccess
 from riskd.evidence.log import DecisionLog
+from riskd.evidence.schema import create_schema
 from riskd.features import FeatureStore, InProcessFeatureStore, RedisFeatureStore
 from riskd.ledger import Book, LedgerShopDirectory, PenaltySchedule, load_schedule
 from riskd.pii.blind import BlindIndexer
@@ -41,7 +41,7 @@ from riskd.service.evidence import add_evidence_service
 from riskd.service.gen.riskd.v1 import evidence_pb2, ledger_pb2
 from riskd.service.ledger import add_ledger_service
 from riskd.service.metrics import Metrics
-from riskd.sql import Database
+from riskd.sql import Database, driver_errors
 
 log = logging.getLogger("riskd.service.wiring")
 
@@ -137,6 +137,9 @@ class Components:
         for closer in reversed(self.closers):
             try:
                 closer()
+            except UnavailableError as e:  # the database is away: named, not a traceback
+                fields = {"closing": getattr(closer, "__qualname__", "?"), "error": str(e)}
+                log.error("close failed", extra={"fields": fields})
             except Exception:
                 log.error("close failed", exc_info=True)
         self.closers.clear()
@@ -181,11 +184,16 @@ def _build(
         config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # owner only
     except OSError as e:
         raise ConfigError(f"data_dir: cannot create {config.data_dir}: {e.strerror}") from None
-    try:  # before a keyring is generated: a database that cannot open changes nothing
+    try:  # before a keyring is generated: a database that cannot open, or whose tables
+        # this role cannot create (no privilege, a read-only database), changes nothing
+        # (review: a psycopg traceback after "generated a new keyring")
         db = Database(config.database)
         closers.append(db.close)
         db.query("SELECT 1")
-    except (OSError, sqlite3.Error, UnavailableError, ConfigError) as e:
+        create_schema(db)  # the decision log's tables (the log's own start finds them)
+        book = open_book(config, clock, schedule)
+        closers.append(book.close)
+    except _refusals(ConfigError) as e:
         if created:  # left as found (rmdir removes only an empty folder)
             with contextlib.suppress(OSError):
                 config.data_dir.rmdir()
@@ -203,15 +211,9 @@ def _build(
         decision_log = DecisionLog(
             db, vault=vault, indexer=indexer, flush_interval_s=config.evidence_flush_ms / 1000.0
         )
-    except (
-        OSError,
-        sqlite3.Error,
-        UnavailableError,
-    ) as e:  # the first statements create the schema
+    except _refusals() as e:  # the key store's tables
         raise _database_error(config, e) from None
     closers.append(decision_log.close)
-    book = open_book(config, clock, schedule)
-    closers.append(book.close)
     shops = LedgerShopDirectory(book, clock)
     closers.append(shops.close)
     scorer = Scorer(
@@ -238,17 +240,23 @@ def _build(
     return components
 
 
-def _database_error(
-    config: Config, e: OSError | sqlite3.Error | UnavailableError | ConfigError
-) -> ConfigError:
+def _refusals(*more: type[Exception]) -> tuple[type[Exception], ...]:
+    """What opening the database raises when it cannot be used (``_database_error``)."""
+    return (OSError, UnavailableError, *driver_errors(), *more)
+
+
+def _database_error(config: Config, e: Exception) -> ConfigError:
     """What names the database that cannot be opened: never the URL (it may hold a password)."""
     if isinstance(e, ConfigError):  # a value of the URL's (``riskd.sql``: named, not quoted)
         return ConfigError(f"database_url: {e}")
     if isinstance(e, UnavailableError):  # PostgreSQL not there: its driver's error by kind
         cause = e.__cause__
         reason = f"{e} ({type(cause).__name__})" if cause is not None else str(e)
-    else:
-        reason = (e.strerror or type(e).__name__) if isinstance(e, OSError) else str(e)
+    elif isinstance(e, OSError):
+        reason = e.strerror or type(e).__name__
+    else:  # the database refused a statement: its first line names what (no URL in it)
+        first = str(e).strip().splitlines()[:1]
+        reason = f"{type(e).__name__}: {first[0]}" if first else type(e).__name__
     if config.database_url:
         return ConfigError(f"database_url: cannot open the database: {reason}")
     return ConfigError(f"data_dir: cannot open {config.data_dir / 'riskd.db'}: {reason}")

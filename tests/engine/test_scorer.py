@@ -228,7 +228,7 @@ def test_a_full_decision_log_costs_a_batch_one_wait_not_one_per_order(
 
     monkeypatch.setattr(rig.log, "append", full)
     decisions = rig.scorer.score_batch([make_order(f"o-{i}") for i in range(20)], timeout_s=0.5)
-    assert all(d.degraded == ("evidence",) for d in decisions)
+    assert all(d.degraded == ("evidence_queue",) for d in decisions)
     assert all(d.unlogged for d in decisions)  # not in the log, and never will be
     assert calls == ["o-0"]
 
@@ -448,6 +448,32 @@ def test_scorer_answers_when_the_log_cannot_be_read(
     assert count_buyer_orders(rig, indexer, clock, "b-1") == 1
     rig.scorer.close()
     rig.log.close()
+    db.close()
+
+
+def test_an_answer_the_full_log_drops_is_told_apart_from_one_it_could_not_read(
+    make_rig: Callable[..., Rig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review (PostgreSQL down): the answers the log will write once the database is back
+    and the ones its full queue dropped were both marked ``evidence``, the dropped ones
+    twice; the metric counted 8,192 + 2 x 1,808 and no number said 1,808 were lost."""
+    db = FlakyDatabase(tmp_path / "flaky.db")
+    rig = make_rig(database=db)
+    db.fail_reads = True
+    kept = rig.scorer.score(make_order("o-1"))
+    assert kept.degraded == ("evidence",) and not kept.unlogged
+
+    def full(record: Any, **_: Any) -> None:
+        raise UnavailableError("decision log queue is full")
+
+    monkeypatch.setattr(rig.log, "append", full)
+    lost = rig.scorer.score(make_order("o-2"))
+    assert lost.degraded == ("evidence", "evidence_queue") and lost.unlogged
+    metrics = Metrics()
+    metrics.observe_decisions([kept, lost])
+    assert metrics.value("riskd_degraded_decisions_total", {"unavailable": "evidence"}) == 2
+    assert metrics.value("riskd_degraded_decisions_total", {"unavailable": "evidence_queue"}) == 1
+    rig.scorer.close()
     db.close()
 
 

@@ -5,6 +5,7 @@ breaks the chain, and logs what failed without the PII it was writing."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import pytest
 
 from riskd.domain.events import OrderEvent, OrderEventKind
 from riskd.errors import CommitUnknownError, UnavailableError
+from riskd.evidence import log as log_module
 from riskd.evidence.log import STUCK_WAIT_S, DecisionLog
 from riskd.pii import BlindIndexer, Keyring
 from riskd.sql import Database, Tx
@@ -221,6 +223,44 @@ def test_close_after_a_flush_that_timed_out_still_flushes_what_went_on(tmp_path:
     append_order(log, "o-2")
     log.close(10)
     assert stored_ids(db) == ["o-1", "o-2"]
+    db.close()
+
+
+class HungDatabase(Database):
+    """A database that takes the writer's statements and never answers (no error ever
+    seen: a stalled proxy, a stopped server behind an open socket) until ``release``."""
+
+    def __init__(self, url: str | Path) -> None:
+        super().__init__(url)
+        self.hung = threading.Event()
+        self.released = threading.Event()
+
+    def run(self, fn: Any, **kwargs: Any) -> Any:
+        if self.hung.is_set():
+            self.released.wait()
+        return super().run(fn, **kwargs)
+
+
+def test_close_on_a_database_that_hangs_keeps_to_its_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # review: SIGTERM with PostgreSQL stopped (SIGSTOP) took 97 s: the scorer's flush 30 s,
+    # the log's close 30 s more (no error was ever seen, so no shortcut) and a 30 s join
+    monkeypatch.setattr(log_module, "STALLED_S", 0.5)
+    db = HungDatabase(tmp_path / "e.db")
+    log = DecisionLog(db)
+    db.hung.set()
+    append_order(log, "o-1")
+    append_order(log, "o-2")
+    with pytest.raises(UnavailableError, match="timed out"):
+        log.flush(0.6)  # the scorer's close: nothing committed in all that time
+    started = time.monotonic()
+    with pytest.raises(UnavailableError, match="timed out"):
+        log.close(10)
+    assert time.monotonic() - started < STUCK_WAIT_S + 1.0
+    lost = [r for r in caplog.records if r.getMessage().startswith("decision log closed")]
+    assert [r.fields["items"] for r in lost] == [2]  # type: ignore[attr-defined]
+    db.released.set()
     db.close()
 
 

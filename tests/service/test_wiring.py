@@ -6,6 +6,8 @@ import logging
 import os
 import socket
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -259,3 +261,39 @@ def test_the_watcher_tells_its_caller_of_each_new_program_and_of_nothing_else(
         assert len(swaps) == 1  # a refused edit swaps nothing
     finally:
         components.close()
+
+
+PG = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture
+def pg_role() -> Iterator[str]:
+    """A login role with no privilege of its own on the database (PostgreSQL 15: no
+    CREATE on it, nor on its public schema)."""
+    import psycopg
+
+    role = f"riskd_test_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG, autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{role}" LOGIN')
+    yield role
+    with psycopg.connect(PG, autocommit=True) as conn:
+        conn.execute(f'DROP OWNED BY "{role}"')
+        conn.execute(f'DROP ROLE "{role}"')
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("schema", [True, False])
+def test_a_database_this_role_cannot_write_is_refused_by_name_and_creates_nothing(
+    tmp_path: Path, pg_role: str, schema: bool
+) -> None:
+    """Review: a role without CREATE (on the database for ``?schema=``, on ``public``
+    without) ended ``riskd serve`` in a psycopg traceback after a keyring was generated."""
+    name = f"riskd_noschema_{uuid.uuid4().hex[:8]}"
+    url = f"postgresql://{pg_role}@127.0.0.1:5432/test" + (f"?schema={name}" if schema else "")
+    data = tmp_path / "data"
+    with pytest.raises(ConfigError) as e:
+        create_server(make_config(data, database_url=url))
+    assert str(e.value).startswith(
+        "database_url: cannot open the database: InsufficientPrivilege: permission denied"
+    )
+    assert not data.exists()  # no keyring

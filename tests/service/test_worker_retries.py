@@ -222,12 +222,13 @@ def _batch(*orders: Order) -> scoring_pb2.ScoreBatchRequest:
 
 @pytest.mark.parametrize("recorded", [True, False])
 def test_an_answer_is_kept_when_the_workers_log_took_it(recorded: bool) -> None:
-    """Degraded ``evidence`` marks both a decision the log did not take (its queue full:
-    a retry is scored again, by a worker that may record it, as one process does) and a
-    recorded one whose log look-up failed (kept: replayed while the worker is busy)."""
+    """A decision the worker's log did not take (its queue full: a retry is scored
+    again, by a worker that may record it, as one process does) and a recorded one whose
+    log look-up failed (kept: replayed while the worker is busy)."""
     servicer, pool, here = _servicer()
     order = fresh()
-    pool.w.answer = _answer(order.order_id, degraded=("evidence",))
+    mark = "evidence" if recorded else "evidence_queue"
+    pool.w.answer = _answer(order.order_id, degraded=(mark,))
     pool.w.unrecorded = () if recorded else (order.order_id,)
     first = servicer.score_request(_request(order), 1.0).decision
     pool.w.busy = True
