@@ -574,6 +574,13 @@ class Database:
             return SCHEMA_LOCK
         return (SCHEMA_LOCK << 32) | zlib.crc32(self._schema.encode())
 
+    def scoped_lock(self, lock: int) -> int:
+        """Advisory ``lock`` (64 bits) for this database's ``?schema=`` alone: its high
+        half and the schema name's CRC-32; ``lock`` itself without a schema."""
+        if not self._schema:
+            return lock
+        return ((lock >> 32) << 32) | zlib.crc32(self._schema.encode())
+
     def drop_schema(self) -> None:
         """PostgreSQL only: drop this database's ``?schema=`` and everything in it (tests)."""
         if self.dialect == "postgres" and self._schema:

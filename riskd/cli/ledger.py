@@ -40,6 +40,7 @@ from riskd.config import load_config
 from riskd.domain.money import format_fen
 from riskd.errors import RiskdError
 from riskd.ledger import Book, Receipt, load_schedule
+from riskd.sql import Database, driver_errors
 
 Command = Callable[[Book, argparse.Namespace], Any]
 
@@ -60,7 +61,7 @@ def register(subparsers: Any) -> None:
     p = _add(sub, "dispute", "one dispute's story", lambda b, a: b.dispute_statement(a.id))
     p.add_argument("id", metavar="DISPUTE_ID")
     _add(sub, "verify", "recheck every ledger invariant", _verify)
-    p = _add(sub, "register-shop", "open a shop's accounts", _register)
+    p = _add(sub, "register-shop", "open a shop's accounts", _register, writes=True)
     p.add_argument("id", metavar="SHOP_ID")
     p.add_argument("--merchant", default="", help="merchant id")
     p = _money(sub, "fund-top-up", "add money to the compensation fund", _top_up)
@@ -74,43 +75,58 @@ def register(subparsers: Any) -> None:
     p.add_argument("--amount", type=int, default=0, help="fen (default: all that is open)")
 
 
-def _add(sub: Any, name: str, help_text: str, fn: Command) -> argparse.ArgumentParser:
+def _add(
+    sub: Any, name: str, help_text: str, fn: Command, *, writes: bool = False
+) -> argparse.ArgumentParser:
+    """A subcommand; one that does not ``writes`` opens the book read-only."""
     parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
     add_config_argument(parser)
     parser.add_argument("--database", default="", help="database URL (default: configuration's)")
     parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.set_defaults(func=lambda args: _run(fn, args))
+    parser.set_defaults(func=lambda args: _run(fn, args, writes=writes))
     return parser
 
 
 def _money(sub: Any, name: str, help_text: str, fn: Command) -> argparse.ArgumentParser:
-    parser = _add(sub, name, help_text, fn)
+    parser = _add(sub, name, help_text, fn, writes=True)
     parser.add_argument("--key", required=True, help="idempotency key (reuse it to retry)")
     parser.add_argument("--reason", required=True, help="why (recorded with the transfers)")
     parser.add_argument("--actor", help="who is acting (default: cli:<login name>)")
     return parser
 
 
-def _run(fn: Command, args: argparse.Namespace) -> int:
+def _run(fn: Command, args: argparse.Namespace, *, writes: bool) -> int:
+    """Exit 2 for what stops the command (a bad value, the database refusing it: named,
+    never a traceback, so that ``verify``'s 1 means a broken invariant alone)."""
+    refused: tuple[type[Exception], ...] = (RiskdError, *driver_errors())
     try:
         config = load_config(args.config)
         schedule_path = config.rules_dir / "penalties.toml"
         schedule = load_schedule(schedule_path) if schedule_path.exists() else None
         # statements and verify of an empty database made here would lie
         url = existing_database(args, lambda: config.database)
-        book = Book.open(url, schedule=schedule)
-    except RiskdError as e:
-        print(f"error: {e}", file=sys.stderr)
+        book = Book(Database(url), schedule=schedule, read_only=not writes)
+    except refused as e:
+        print(f"error: {_said(e)}", file=sys.stderr)
         return 2
     try:
         result = fn(book, args)
-    except RiskdError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except refused as e:
+        print(f"error: {_said(e)}", file=sys.stderr)
         return 2
     finally:
         book.close()
     print(_render(result, as_json=args.json))
     return 1 if isinstance(result, _Problems) and result else 0
+
+
+def _said(e: Exception) -> str:
+    """A riskd error's message; a database's refusal by its kind and first line (it names
+    a table or privilege, never the URL)."""
+    if isinstance(e, RiskdError):
+        return str(e)
+    first = str(e).strip().splitlines()[:1]
+    return f"the database refused ({type(e).__name__}: {first[0] if first else ''})"
 
 
 class _Problems(tuple[str, ...]):

@@ -33,6 +33,10 @@ class Book(MerchantOperations, EnforcementOperations, CompensationOperations, St
         db: the database; the book creates its tables if they are missing.
         schedule: the penalty schedule (default: ``rules/penalties.toml``).
         clock: where "now" comes from (freezes, timestamps).
+        read_only: create nothing: for reading a book the daemon made (review: the
+            read-only CLI commands created or repaired the schema in a write
+            transaction: a SELECT-only auditor's ``verify`` failed, SQLite's waited for
+            the writer lock, PostgreSQL's deadlocked against live writes).
     """
 
     def __init__(
@@ -41,12 +45,14 @@ class Book(MerchantOperations, EnforcementOperations, CompensationOperations, St
         *,
         schedule: PenaltySchedule | None = None,
         clock: Clock | None = None,
+        read_only: bool = False,
     ) -> None:
         self.db = db
         self.store = LedgerStore(db)
         self.schedule = schedule if schedule is not None else load_schedule()
         self.clock: Clock = clock if clock is not None else SystemClock()
-        self.store.create_schema(self.clock.now())
+        if not read_only:
+            self.store.create_schema(self.clock.now())
 
     @classmethod
     def open(cls, url: str, **kwargs: Any) -> Book:

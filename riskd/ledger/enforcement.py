@@ -41,9 +41,11 @@ class EnforcementOperations(BookCore):
         check_id("shop_id", shop_id)
         check_id("case_id", case_id)
         check_text("evidence", evidence, required=True)
-        spec = self.schedule.violation(violation)
 
         def build(tx: Tx, now: float) -> Draft:
+            # looked up only for a new request: a retry after the schedule dropped or
+            # renamed the type still gets its first receipt (review: INVALID_ARGUMENT)
+            spec = self.schedule.violation(violation)
             self._require_shop(tx, shop_id)
             if self.store.one(tx, "SELECT 1 FROM ledger_cases WHERE case_id = ?", (case_id,)):
                 raise AlreadyExistsError("case_id: this violation case was already penalized")

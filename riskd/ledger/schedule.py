@@ -18,6 +18,9 @@ from typing import Any
 from riskd.errors import ConfigError, InvalidArgumentError
 
 MAX_FEN = 2**63 - 1
+# a freeze's end must stay a time the API can answer (review: 3,000,000 days took the
+# deposit, then every retry and statement of the shop was INTERNAL past the year 9999)
+MAX_FREEZE_DAYS = 36_500
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "rules" / "penalties.toml"
 
 
@@ -98,6 +101,8 @@ def _violation(name: str, spec: Any, source: object) -> Violation:
         deposit_share_bps=_int(spec, "deposit_share_bps", source, where),
         freeze_days=_int(spec, "freeze_days", source, where),
     )
+    if v.freeze_days > MAX_FREEZE_DAYS:
+        raise ConfigError(f"{source}: {where}.freeze_days: at most {MAX_FREEZE_DAYS} (100 years)")
     if v.deposit_share_bps > 10_000:
         raise ConfigError(f"{source}: {where}.deposit_share_bps: at most 10000 (the whole deposit)")
     if v.fixed_fen == 0 and v.deposit_share_bps == 0:

@@ -262,16 +262,23 @@ class LedgerStore:
                         "ledger busy: another process holds the database's writer lock;"
                         " retry with the same key"
                     ) from e
-            if not advisory_lock(self.db, LEDGER_WRITER_LOCK, deadline):
+            if not advisory_lock(self.db, self.writer_lock, deadline):
                 raise UnavailableError(
                     "ledger busy: another writer holds the ledger lock; retry with the same key"
                 )
             try:
                 return _retry(self.db, fn)
             finally:
-                self.db.query("SELECT pg_advisory_unlock(?)", (LEDGER_WRITER_LOCK,))
+                self.db.query("SELECT pg_advisory_unlock(?)", (self.writer_lock,))
         finally:
             self._writer.release()
+
+    @property
+    def writer_lock(self) -> int:
+        """The PostgreSQL advisory lock this book's writers take turns on: one per
+        ``?schema=`` (review: one for the whole database held a book's writes behind
+        another schema's stalled writer, as ``Database.schema_lock`` once did)."""
+        return self.db.scoped_lock(LEDGER_WRITER_LOCK)
 
     def create_schema(self, now: float) -> None:
         """Create the tables (idempotent) and the platform accounts.

@@ -80,6 +80,10 @@ def check_key(value: object) -> str:
     return value
 
 
+# format characters that change how an audit line reads (``check_text``)
+_HIDING = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029")
+
+
 def check_text(
     field: str,
     value: object,
@@ -92,8 +96,10 @@ def check_text(
 
     NUL, other control characters and lone surrogates are refused: PostgreSQL
     cannot store NUL or unpaired surrogates, and control characters in an audit
-    trail only hide what it says. Free text may hold newlines and tabs unless
-    ``single_line``.
+    trail only hide what it says; so do the bidirectional overrides and isolates
+    (U+202A..U+202E, U+2066..U+2069: text shown in another order than stored) and the
+    line and paragraph separators (U+2028, U+2029: a second line in a one-line field),
+    refused too (review). Free text may hold newlines and tabs unless ``single_line``.
 
     >>> check_text("reason", "a\\x00b")
     Traceback (most recent call last):
@@ -103,7 +109,7 @@ def check_text(
         raise InvalidArgumentError(field, "must be a string")
     allowed = "" if single_line else "\n\t"
     if any(
-        unicodedata.category(ch) in ("Cc", "Cs") and ch not in allowed
+        (unicodedata.category(ch) in ("Cc", "Cs") or ch in _HIDING) and ch not in allowed
         for ch in value
         if not ch.isprintable()
     ):

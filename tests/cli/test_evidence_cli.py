@@ -14,6 +14,7 @@ from riskd.domain.events import OrderEvent, OrderEventKind
 from riskd.evidence.log import DecisionLog
 from riskd.sql import Database
 from tests.evidence.conftest import PHONE, STREET, make_record
+from tests.pg_roles import ADMIN, select_only_url
 
 
 @pytest.fixture
@@ -149,26 +150,13 @@ def test_a_read_only_auditor_verifies_a_postgres_schema(
 ) -> None:
     """Review: every connection ran ``CREATE SCHEMA IF NOT EXISTS``, which needs CREATE on
     the database: a role with USAGE and SELECT on the schema could not verify it."""
-    import psycopg
-
-    admin = "postgresql://postgres@127.0.0.1:5432/test"
-    schema, role = f"evidence_ro_{uuid.uuid4().hex[:8]}", f"auditor_{uuid.uuid4().hex[:8]}"
-    db = Database(f"{admin}?schema={schema}")
+    schema = f"evidence_ro_{uuid.uuid4().hex[:8]}"
+    db = Database(f"{ADMIN}?schema={schema}")
     log = DecisionLog(db)
     for i in range(1, 4):
         log.append(make_record(f"o-{i}"))
     log.close()
     db.close()
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE ROLE "{role}" LOGIN')
-        conn.execute(f'GRANT USAGE ON SCHEMA "{schema}" TO "{role}"')
-        conn.execute(f'GRANT SELECT ON ALL TABLES IN SCHEMA "{schema}" TO "{role}"')
-    try:
-        url = f"postgresql://{role}@127.0.0.1:5432/test?schema={schema}"
+    with select_only_url(schema) as url:
         rc, doc = run(capsys, "--database", url)
         assert rc == 0 and doc["checked"] == 3
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
-            conn.execute(f'DROP OWNED BY "{role}"')
-            conn.execute(f'DROP ROLE "{role}"')

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from riskd.cli import ledger as ledger_cli
 from riskd.ledger import Book
+from tests.pg_roles import ADMIN, select_only_url
 
 
 def run(argv: list[str]) -> int:
@@ -115,3 +119,42 @@ def test_verify_of_a_database_that_is_not_there_is_exit_2_and_creates_nothing(
     missing = tmp_path / "typo.db"
     assert run(["verify", "--database", f"sqlite:///{missing}"]) == 2
     assert "no database at" in capsys.readouterr().err and not missing.exists()
+
+
+@pytest.mark.parametrize("command", [["verify"], ["accounts"], ["shop", "s1"]])
+def test_reading_commands_do_not_wait_for_a_writer(
+    url: str, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review: the read-only commands created or repaired the schema in a write
+    transaction: with the daemon writing, ``verify`` waited 9.8 s for the writer lock."""
+    writer = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # another process mid-write
+    try:
+        started = time.monotonic()
+        assert run([*command, "--database", url]) == 0
+        assert time.monotonic() - started < 2.0
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+
+
+@pytest.mark.postgres
+def test_a_select_only_auditor_verifies_and_lists_the_postgres_ledger(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Review: ``verify`` as a role with USAGE and SELECT only ended in a traceback
+    (``CREATE TABLE IF NOT EXISTS ledger_accounts``: InsufficientPrivilege) and exit 1,
+    which means a broken invariant."""
+    schema = f"ledger_ro_{uuid.uuid4().hex[:8]}"
+    book = Book.open(f"{ADMIN}?schema={schema}")
+    book.register_shop("s1")
+    book.deposit("d1", "s1", 1_000, actor="m")
+    book.close()
+    with select_only_url(schema) as url:
+        assert run(["verify", "--database", url]) == 0
+        assert run(["accounts", "--database", url]) == 0
+        assert "shop:s1:deposit" in capsys.readouterr().out
+        # a write it has no right to is refused by name, exit 2, no traceback
+        top_up = ["fund-top-up", "5", "--key", "t1", "--reason", "r", "--database", url]
+        assert run(top_up) == 2
+        assert "the database refused (InsufficientPrivilege" in capsys.readouterr().err

@@ -39,6 +39,9 @@ def test_unknown_violation_names_the_field() -> None:
         ("[violations.a]\ndeposit_share_bps = 10001\n", "deposit_share_bps"),
         ("[violations.a]\nfreeze_days = 1\n", "needs fixed_fen"),
         ("[violations.a]\nfixed_fen = 1\nfine = 2\n", "unknown keys"),
+        # review: a "permanent" freeze took the deposit, then every retry and statement of
+        # the shop was INTERNAL (its end past what a protobuf Timestamp holds)
+        ("[violations.a]\nfixed_fen = 1\nfreeze_days = 3000000\n", "freeze_days: at most"),
         ("[violations.a]\nfixed_fen = 1\n", "coupons.late_shipment.amount_fen"),
         ("[violations.a\n", "cannot read"),
     ],

@@ -14,7 +14,6 @@ from riskd.domain.clock import FakeClock
 from riskd.errors import AlreadyExistsError, UnavailableError
 from riskd.ledger import Book, Code
 from riskd.ledger import accounts as acc
-from riskd.ledger.store import LEDGER_WRITER_LOCK
 from riskd.ledger.transfers import Transfer
 from riskd.sql import Database
 from tests.ledger.conftest import PG_BASE, funded, new_url
@@ -224,14 +223,36 @@ def test_a_write_waits_a_bounded_time_for_a_held_ledger_lock(pg_book: Book) -> N
     book = funded(pg_book, shops={"s1": 0})
     book.store.write_wait_s = 0.3
     with psycopg.connect(PG_BASE, autocommit=True) as holder:
-        holder.execute("SELECT pg_advisory_lock(%s)", (LEDGER_WRITER_LOCK,))
+        holder.execute("SELECT pg_advisory_lock(%s)", (book.store.writer_lock,))
         started = time.monotonic()
         with pytest.raises(UnavailableError, match="retry with the same key"):
             book.deposit("k1", "s1", 100, actor="m")
         assert 0.3 <= time.monotonic() - started < 2
         assert book.store.read_request("k1") is None
-        holder.execute("SELECT pg_advisory_unlock(%s)", (LEDGER_WRITER_LOCK,))
+        holder.execute("SELECT pg_advisory_unlock(%s)", (book.store.writer_lock,))
     assert book.deposit("k1", "s1", 100, actor="m").total(Code.DEPOSIT) == 100
+
+
+@pytest.mark.postgres
+def test_a_held_ledger_lock_holds_only_its_own_schemas_writes(
+    pg_book: Book, tmp_path: Path, clock: FakeClock
+) -> None:
+    """Review: one advisory lock for the whole database held a deposit on schema B for
+    5 s behind a stalled writer on schema A."""
+    other = Book.open(new_url("postgres", tmp_path), clock=clock)
+    try:
+        assert other.store.writer_lock != pg_book.store.writer_lock
+        book = funded(other, shops={"s1": 0})
+        book.store.write_wait_s = 2.0
+        with psycopg.connect(PG_BASE, autocommit=True) as holder:
+            holder.execute("SELECT pg_advisory_lock(%s)", (pg_book.store.writer_lock,))
+            started = time.monotonic()
+            assert book.deposit("k1", "s1", 100, actor="m").total(Code.DEPOSIT) == 100
+            assert time.monotonic() - started < 1.0
+            holder.execute("SELECT pg_advisory_unlock(%s)", (pg_book.store.writer_lock,))
+    finally:
+        other.db.drop_schema()
+        other.close()
 
 
 def test_a_write_waits_a_bounded_time_for_a_held_sqlite_file(

@@ -365,7 +365,8 @@ def test_a_held_ledger_lock_never_starves_scoring(
                 return time.monotonic() - started
 
             score()  # warm
-            holder.execute("SELECT pg_advisory_lock(%s)", (store.LEDGER_WRITER_LOCK,))
+            lock = Database(url).scoped_lock(store.LEDGER_WRITER_LOCK)  # this schema's
+            holder.execute("SELECT pg_advisory_lock(%s)", (lock,))
             started = time.monotonic()
             deposits = [
                 ledger.Deposit.future(
@@ -380,7 +381,7 @@ def test_a_held_ledger_lock_never_starves_scoring(
             codes = [f.code() for f in deposits]
             assert codes == [grpc.StatusCode.UNAVAILABLE] * 6
             assert time.monotonic() - started < 3
-            holder.execute("SELECT pg_advisory_unlock(%s)", (store.LEDGER_WRITER_LOCK,))
+            holder.execute("SELECT pg_advisory_unlock(%s)", (lock,))
             receipt = ledger.Deposit(
                 pb.DepositRequest(idempotency_key="d0", shop_id="s1", amount_fen=100),
                 metadata=md,
