@@ -363,12 +363,21 @@ def _build(values: Mapping[str, Any]) -> Config:
 
 
 def _coerce_str(raw: Any, key: str) -> str:
-    if not isinstance(raw, str):
-        raise ConfigError(f"{key}: expected a string")
-    try:  # an environment variable's bytes that are not UTF-8 (review: a redis_prefix
-        raw.encode()  # with one started, then every Score failed INTERNAL)
+    """Text sent to a server or a library (URLs, the Redis prefix, the listen address):
+    an environment variable's bytes that are not UTF-8 are refused (review: a
+    redis_prefix with one started, then every Score failed INTERNAL). File names take
+    any bytes (``_coerce_path``)."""
+    text = _any_text(raw, key)
+    try:
+        text.encode()
     except UnicodeEncodeError:
         raise ConfigError(f"{key}: not UTF-8 text") from None
+    return text
+
+
+def _any_text(raw: Any, key: str) -> str:
+    if not isinstance(raw, str):
+        raise ConfigError(f"{key}: expected a string")
     return raw
 
 
@@ -420,14 +429,14 @@ def _coerce_table(raw: Any, key: str) -> Mapping[str, Any]:
 
 
 def _coerce_path(raw: Any, key: str) -> Path:
-    text = _coerce_str(raw, key)
+    text = _any_text(raw, key)  # a GBK-named folder is a folder (review)
     if not text:
         raise ConfigError(f"{key}: must not be empty")
     return Path(text)
 
 
 def _coerce_optional_path(raw: Any, key: str) -> Path | None:
-    text = _coerce_str(raw, key)
+    text = _any_text(raw, key)
     return Path(text) if text else None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -197,6 +198,13 @@ def test_unreadable_or_malformed_file(tmp_path: Path) -> None:
     bad.write_text("listen = \n")
     with pytest.raises(ConfigError, match="config file"):
         load_config(bad, env={})
+
+
+def test_paths_that_are_not_utf8_are_still_paths() -> None:
+    """Review: the UTF-8 check for text settings refused a GBK-named rules folder."""
+    gbk = os.fsdecode("/srv/规则".encode("gbk"))  # os.environ's form of those bytes
+    config = load_config(env={"RISKD_RULES_DIR": gbk, "RISKD_DATA_DIR": gbk})
+    assert config.rules_dir == config.data_dir == Path(gbk)
 
 
 def test_a_file_that_is_not_utf8_is_refused_by_name(tmp_path: Path) -> None:

@@ -412,23 +412,25 @@ def rule_files(directory: Path) -> tuple[Path, ...]:
     Hidden files and folders (a name starting with ``.``) are skipped: an editor's or
     an atomic writer's temporary file, and the ``..data``/``..2026_…`` folders behind
     the symlinks of a Kubernetes ConfigMap mount, which would define every rule twice.
-    A folder that is a symlink is followed (review: a ConfigMap item under a subfolder,
-    ``team_a -> ..data/team_a``, was never read: ``Path.rglob`` does not follow them),
-    each real folder once (a link to a folder above it ends nowhere).
+    A folder symlink that leads to a folder inside ``directory`` is followed (review: a
+    ConfigMap item under a subfolder, ``team_a -> ..data/team_a``, was never read:
+    ``Path.rglob`` follows none), each real folder once; one that leads outside it
+    (``up -> ..``, ``prev -> ../rules.prev``) is not, as before.
     """
     found: list[Path] = []
-    seen: set[tuple[int, int]] = set()
+    root = os.path.realpath(directory)
+    seen: set[str] = set()
     for top, dirs, names in os.walk(directory, followlinks=True):
-        try:
-            st = os.stat(top)
-        except OSError:  # removed while listed: the next look sees it gone
+        real = os.path.realpath(top)
+        if real in seen:
             dirs[:] = []
             continue
-        if (st.st_dev, st.st_ino) in seen:
-            dirs[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        seen.add(real)
+        dirs[:] = [
+            d
+            for d in dirs
+            if not d.startswith(".") and _within(os.path.realpath(os.path.join(top, d)), root)
+        ]
         here = Path(top)
         found.extend(
             here / n
@@ -436,6 +438,10 @@ def rule_files(directory: Path) -> tuple[Path, ...]:
             if n.endswith(RULE_FILE_SUFFIX) and not n.startswith(".") and (here / n).is_file()
         )
     return tuple(sorted(found))
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def content_version(sources: Mapping[str, str]) -> str:

@@ -373,9 +373,11 @@ class DecisionLog:
         while the writer's last commit failed or after ``STALLED_S`` of it (a database
         that hangs sets no error), only ``STUCK_WAIT_S`` more (the writer's next tries;
         review: the scorer's close flushed for 30 s, then this for 30 s more and a 30 s
-        join of a writer stuck in BEGIN, with the database down or hung). A database that
-        is slow, not failing, gets the whole ``timeout_s``. What was not committed is
-        logged with its count (lost: README "What a crash can lose")."""
+        join of a writer stuck in BEGIN, with the database down or hung). So a stop
+        flushes for about as long as its first flush (README: up to 30 s), and a database
+        slower than that (a lock held past it) loses what is queued; one slow only past a
+        shorter flush (a reveal's) gets the whole ``timeout_s``. What was not committed
+        is logged with its count (lost: README "What a crash can lose")."""
         with self._cond:
             if self._closed:
                 return

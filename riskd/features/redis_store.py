@@ -62,8 +62,10 @@ whose windows then start empty on their new shard (the old entries expire).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
+import re
 import time
 import zlib
 from collections import deque
@@ -625,13 +627,17 @@ def _url_pool(url: str, index: int, timeout_s: float) -> redis.ConnectionPool:
 
 
 def _secrets(url: str) -> list[str]:
-    """The URL's passwords (its user part's, a ``?password=``), longest first: never in
-    a message."""
-    parts = urlsplit(url)
-    values = [v for k, v in parse_qsl(parts.query) if "pass" in k.lower()]
-    if parts.password:
-        values += [parts.password, unquote(parts.password)]
-    return sorted((v for v in values if v), key=len, reverse=True)
+    """The URL's passwords, longest first: never in a message. Its user part is taken
+    as everything before the last ``@``, its password after the first ``:`` (review: a
+    password with an unencoded ``#``, ``/`` or ``?`` is no password to ``urlsplit``,
+    and redis-py's message quoted what came before it; one with ``[`` made ``urlsplit``
+    raise)."""
+    password = url.partition("://")[2].rpartition("@")[0].partition(":")[2]
+    values = [password, re.split(r"[#/?]", password)[0]]  # what a parser cut it to
+    with contextlib.suppress(ValueError):
+        values += [v for k, v in parse_qsl(urlsplit(url).query) if "pass" in k.lower()]
+    values += [unquote(v) for v in values]
+    return sorted({v for v in values if v}, key=len, reverse=True)
 
 
 def _left(deadline: float) -> float:

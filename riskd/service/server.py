@@ -153,7 +153,10 @@ class RunningServer:
             self._hup.clear()
             if self._stopping:
                 return
-            self.reload_rules()
+            try:  # the thread outlives any one reload (review: one that raised ended it)
+                self.reload_rules()
+            except Exception:
+                log.error("SIGHUP reload failed; keeping the old rules", exc_info=True)
 
     def install_signal_handlers(self, grace: float, *, notice_s: float = 0.0) -> None:
         """SIGTERM/SIGINT drain and stop (in a thread); SIGHUP reloads the rules.

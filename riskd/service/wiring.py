@@ -82,11 +82,11 @@ class Components:
                 log.error("rules reload crashed; keeping the old rules", exc_info=True)
                 return False
             after = self.rules.current
-        if diagnostics.ok:
             swapped = after is not before
-            if swapped:
+            if swapped:  # under the lock: two reloads' ids never land out of order (review)
                 metrics.reloads.inc()
                 metrics.forget_rules([r.id for r in after.rules])
+        if diagnostics.ok:
             fields = {"version": after.version, "changed": swapped}
             log.info("rules reloaded", extra={"fields": fields})
             return True

@@ -290,6 +290,11 @@ def test_rule_files_in_a_subfolder_of_a_configmap_mount(tmp_path: Path) -> None:
     (root / "..data").symlink_to(real.name)
     (root / "p.rules").symlink_to("..data/p.rules")
     (root / "team_a").symlink_to("..data/team_a")
+    # links that lead out of the rules folder are not followed, as before (review)
+    (tmp_path / "rules.prev").mkdir()
+    (tmp_path / "rules.prev" / "old.rules").write_text(rule("big", "true"))
+    (root / "prev").symlink_to("../rules.prev")
+    (root / "parent").symlink_to("..")
     files = rule_files(root)
     assert files == (root / "p.rules", root / "team_a" / "q.rules")
     assert sorted(r.id for r in compile_rules(*files).rules) == ["big", "small"]

@@ -13,9 +13,9 @@ import pytest
 import redis
 from features_support import REDIS_URL, delete_prefix
 
-from riskd.domain.clock import FakeClock
+from riskd.domain.clock import FakeClock, SystemClock
 from riskd.domain.features import KEYS, WINDOWS, Agg, FeatureQuery
-from riskd.errors import UnavailableError
+from riskd.errors import ConfigError, UnavailableError
 from riskd.features import InProcessFeatureStore, Observation, RedisFeatureStore
 from riskd.features.store import SEEN_TTL_S, OtherContentError
 from tests.own_redis import OwnRedis
@@ -581,3 +581,23 @@ def test_a_state_the_previous_script_rounded_is_rebuilt_exactly(
     got = store.record_and_read(order(clock, "last", 5, device="d"), QUERIES)
     assert got[SUM_DEVICE_1H] == total + 5
     store.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("redis://:s3cret@127.0.0.1:6379/0?socket_timeout=abc", "s3cret"),
+        # no password to urlsplit (an unencoded '#'): redis-py quoted what came before it
+        ("redis://:hunter2#x@127.0.0.1:6379/0", "hunter2"),
+        ("redis://:pa[ss@127.0.0.1:6379/0", "pa[ss"),  # urlsplit raised (a traceback)
+        ("rediss://127.0.0.1:6379/0?ssl_cert_reqs=bogus&password=zz9", "zz9"),
+    ],
+)
+def test_a_url_redis_py_refuses_is_refused_at_construction_naming_the_shard(
+    url: str, secret: str
+) -> None:
+    """Review: redis-py refused these only at the first order, after the keyring and the
+    database were made, in a traceback quoting the password."""
+    with pytest.raises(ConfigError, match=r"^redis_url: shard 2: ") as e:
+        RedisFeatureStore([REDIS_URL, url], SystemClock(), prefix="riskd-test:url:")
+    assert secret not in str(e.value)

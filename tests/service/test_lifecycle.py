@@ -275,6 +275,33 @@ def test_a_sighup_storm_reloads_one_at_a_time_not_once_per_signal(tmp_path: Path
         running.stop(0)
 
 
+def test_a_sighup_reload_that_raises_leaves_later_sighups_working(tmp_path: Path) -> None:
+    """Review: with one reload thread, a reload that raised ended it: later SIGHUPs did
+    nothing."""
+    running = create_server(make_config(tmp_path / "data", reload_interval_s=60))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
+    calls: list[int] = []
+
+    def reload() -> bool:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise RuntimeError("a bug in a reload")
+        return True
+
+    running.reload_rules = reload  # type: ignore[method-assign]
+    try:
+        running.install_signal_handlers(0.0)
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert eventually(lambda: len(calls) == 1)
+        time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert eventually(lambda: len(calls) == 2)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        running.stop(0)
+
+
 def eventually(check: Callable[[], object], timeout: float = 5.0) -> bool:
     """Poll ``check`` until it is truthy or ``timeout`` seconds have passed."""
     deadline = time.monotonic() + timeout
