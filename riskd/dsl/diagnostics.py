@@ -118,8 +118,10 @@ class Source:
 
     def source_line(self, file_line: int) -> str:
         if self.file_text is not None:
-            lines = self.file_text.splitlines()
-            return lines[file_line - 1] if 0 < file_line <= len(lines) else ""
+            # lines as they are numbered: at "\n" alone (review: splitlines also breaks at
+            # U+2028, form feed or U+0085, and the line quoted was an earlier one)
+            lines = self.file_text.split("\n")
+            return lines[file_line - 1].removesuffix("\r") if 0 < file_line <= len(lines) else ""
         idx = file_line - self.line
         lines = self.text.split("\n")
         if not 0 <= idx < len(lines):

@@ -187,7 +187,11 @@ class _Lexer:
         if is_float:
             self.i = j
             return Token(Tok.DOUBLE, t[start:j], start, float(t[start:j]))
-        return self._int_suffix(start, j, int(t[start:j]))
+        # past 20 significant digits it is out of range whatever it is: never parsed (review:
+        # 4,301 digits ended `riskd rules check` in Python's int-conversion limit)
+        digits = t[start:j].lstrip("0")
+        value = int(digits or "0") if len(digits) <= 20 else UINT_MAX + INT_MAX
+        return self._int_suffix(start, j, value)
 
     def _int_suffix(self, start: int, j: int, value: int) -> Token:
         t = self.text

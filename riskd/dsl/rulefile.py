@@ -360,10 +360,16 @@ def _skip_cel_string(text: str, i: int) -> int:
 # -------------------------------------------------------------------------- parser
 
 
+# how deep a list or object value may nest (an order is 3 or 4 deep): each level is a
+# frame here and in what reads the value (review: ~500 levels, 1 KB, a RecursionError)
+MAX_VALUE_DEPTH = 64
+
+
 class _Parser:
     def __init__(self, text: str, path: str) -> None:
         self.s = _Scanner(text, path)
         self.path = path
+        self._depth = 0
 
     # ---- helpers
     def pos_of(self, tok: Token) -> Pos:
@@ -507,10 +513,16 @@ class _Parser:
             return self.decode_number(tok)
         if tok.kind == "ident":
             return _ident_value(tok.text, pos)
-        if tok.kind == "punct" and tok.text == "[":
-            return Array(tuple(self.parse_sequence("]", self.parse_value)), pos)
-        if tok.kind == "punct" and tok.text == "{":
-            return Object(tuple(self.parse_sequence("}", self.parse_entry)), pos)
+        if tok.kind == "punct" and tok.text in ("[", "{"):
+            if self._depth >= MAX_VALUE_DEPTH:
+                raise self.fail(tok, f"a value nested deeper than {MAX_VALUE_DEPTH} levels")
+            self._depth += 1
+            try:
+                if tok.text == "[":
+                    return Array(tuple(self.parse_sequence("]", self.parse_value)), pos)
+                return Object(tuple(self.parse_sequence("}", self.parse_entry)), pos)
+            finally:
+                self._depth -= 1
         raise self.fail(tok, f"expected a value, found {_describe(tok)}")
 
     def parse_entry(self) -> Entry:

@@ -61,6 +61,8 @@ def test_lexer_tokens_carry_offsets() -> None:
         ("b'\\u0041'", "invalid escape sequence"),
         ("18446744073709551616u", "unsigned integer literal out of range"),
         ("99999999999999999999", "integer literal out of range"),
+        ("1" * 5000, "integer literal out of range"),  # review: Python's 4,300-digit limit
+        ("1" * 5000 + "u", "unsigned integer literal out of range"),
         ("0x", "malformed hexadecimal literal"),
         ("a # b", "unexpected character '#'"),
         ("`a b`", "malformed quoted identifier"),

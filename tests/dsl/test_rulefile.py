@@ -118,3 +118,30 @@ def test_rulefile_parse_and_check_never_raise_on_arbitrary_text(text: str) -> No
 @given(st.text(max_size=80))
 def test_rulefile_parse_never_raises_on_any_unicode(text: str) -> None:
     parse(text)
+
+
+def test_a_value_nested_too_deep_is_a_diagnostic_not_a_recursion_error() -> None:
+    """Review: a list nested ~500 deep (1 KB) ended ``riskd rules check`` and ``fmt`` in a
+    RecursionError; 64 levels is far more than an order (3 or 4) needs."""
+    deep = "[" * 600 + "1" + "]" * 600
+    _, diags = parse(f'scenario s = "S"\nlist x = {deep}\n', "p.rules")
+    assert [(d.line, d.col, d.message) for d in diags] == [
+        (2, 10 + 64, "a value nested deeper than 64 levels")
+    ]
+    _, ok = parse(f"list x = {'[' * 64}1{']' * 64}\n", "p.rules")
+    assert ok.ok
+
+
+def test_the_line_quoted_under_a_diagnostic_is_the_line_it_names() -> None:
+    """Review: with U+2028, a form feed or U+0085 in a comment the caret sat under an
+    earlier line (lines quoted by ``str.splitlines``, numbered at newlines alone)."""
+    text = (
+        'scenario s = "S"\n# a note\u2028with a separator\x0c and \x85\nrule r {\n'
+        '  description = "d"\n  owner = "o"\n  scenarios = [s]\n  mode = active\n'
+        '  action = review\n  score = 1\n  reason = R\n  when = order.amounts.total > "x"\n}\n'
+    )
+    program, diags = compile_sources({"p.rules": text})
+    assert program is None
+    (d,) = diags
+    assert d.line == 11
+    assert '\n  |   when = order.amounts.total > "x"\n' in str(d)
