@@ -213,6 +213,8 @@ class Program:
                 results = None
         if results is None:
             results = self._evaluate_each(self.activation(order, shop, features, now), order)
+        if not self.feature_queries <= features.keys():
+            results = self._missing(results, features)
         if explain:
             results = self.explain(order, shop, features, now, results)
         return results
@@ -239,6 +241,21 @@ class Program:
             _explained(s, act, forms) if r.status is hit else r
             for s, r in zip(self._steps, results, strict=True)
         )
+
+    def _missing(
+        self, results: Sequence[RuleResult], features: Mapping[FeatureQuery, int]
+    ) -> tuple[RuleResult, ...]:
+        """A rule reading a velocity value ``features`` lacks is an ERROR whatever the rest
+        of its condition says: docs/dsl.md's "the whole rule is an error" (review: the
+        compiled code short-circuited past the value, so `orders(…) > 20 || total > 500`
+        was an ERROR and the same with its operands swapped a hit). In degraded mode the
+        fallback policy answers for such rules, whatever order their operands are in."""
+        out = list(results)
+        for i, step in enumerate(self._steps):
+            gone = sorted(q.name for q in _queries(step.rule) if q not in features)
+            if gone:
+                out[i] = _error(step, f"missing feature {gone[0]}")
+        return tuple(out)
 
     def _evaluate_each(self, act: Mapping[str, object], order: Order) -> tuple[RuleResult, ...]:
         """One call per rule: the path when the program could not be fused."""

@@ -14,7 +14,8 @@ The chart of accounts::
     external:buyers           credit  money paid out to buyers (compensation, coupons)
     platform:fund             credit  the quality-guarantee fund; never negative
     platform:penalty_income   credit  penalties charged (deducted or claimed)
-    platform:recoveries_accrued credit  fund recoveries claimed from merchants, not yet collected
+    platform:recoveries_accrued credit  fund recoveries claimed from merchants, not collected
+                                        (written-off claims stay here: see written_off)
     platform:written_off      debit   claims the platform gave up on
     shop:<id>:deposit         credit  a merchant's security deposit; never negative
     shop:<id>:claim           debit   what a merchant owes the platform; never below zero

@@ -102,6 +102,33 @@ def test_program_error_messages_never_carry_pii(tmp_path: Path) -> None:
         assert "1381234567x" not in r.error
 
 
+@pytest.mark.parametrize("explain", [False, True])
+def test_a_rule_reading_a_missing_velocity_value_is_an_error_whatever_its_operands_order(
+    tmp_path: Path, explain: bool
+) -> None:
+    """docs/dsl.md: a missing velocity value makes the whole rule an error, not absorbed by
+    ``||`` (review: ERROR with the velocity operand first, a hit with it last or divided;
+    the fallback policy answers for such rules in degraded mode)."""
+    p = program_of(
+        tmp_path,
+        rule("first", 'orders("device", "1h") > 20 || order.amounts.total > 500'),
+        rule("last", 'order.amounts.total > 500 || orders("device", "1h") > 20'),
+        rule("divided", 'orders("device", "1h") / 1 > 20 || order.amounts.total > 500'),
+        rule("guarded", 'order.amounts.total < 0 && orders("device", "1h") > 20'),
+        rule("fine", "order.amounts.total > 500"),
+    )
+    res = by_id(p.evaluate(an_order(), ShopState("shop-1"), {}, NOW, explain=explain))
+    for rid in ("first", "last", "divided", "guarded"):
+        assert res[rid].status is RuleStatus.ERROR
+        assert res[rid].error == "missing feature count_per_device_1h"
+    assert res["fine"].status is RuleStatus.HIT
+    q = FeatureQuery(Agg.COUNT, "device", "1h")
+    full = by_id(p.evaluate(an_order(), ShopState("shop-1"), {q: 0}, NOW, explain=explain))
+    assert [r.status for r in full.values()] == [RuleStatus.HIT] * 3 + [RuleStatus.NO_HIT] * 1 + [
+        RuleStatus.HIT
+    ]
+
+
 def test_program_shadow_is_evaluated_and_disabled_is_skipped(tmp_path: Path) -> None:
     p = program_of(
         tmp_path,
@@ -240,7 +267,7 @@ def test_program_fused_and_rule_by_rule_paths_agree_on_every_starter_case() -> N
     t = program.tests[0]
     fused = program.evaluate(t.order, t.shop, {}, t.now)
     each = program._evaluate_each(program.activation(t.order, t.shop, {}, t.now), t.order)
-    assert fused == each
+    assert fused == program._missing(each, {})
     assert any(r.status is RuleStatus.ERROR for r in fused)
     assert any(r.status is not RuleStatus.ERROR for r in fused)
 
