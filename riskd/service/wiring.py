@@ -234,7 +234,9 @@ def _build(
     closers.append(scorer.close)
     components = Components(clock, scorer, rules, closers, decision_log)
     # ledger calls wait on the database's writer lock: threads of their own (Config.rpc_threads)
-    components.extra.append(ledger_service(book, max_in_flight=LEDGER_THREADS))
+    components.extra.append(
+        ledger_service(book, max_in_flight=LEDGER_THREADS, max_reply_bytes=config.max_message_bytes)
+    )
     access = PiiAccess(decision_log, vault, clock=clock)
     components.extra.append(evidence_service(access, max_in_flight=EVIDENCE_THREADS))
     return components
@@ -273,11 +275,16 @@ def _schedule(config: Config) -> PenaltySchedule | None:
     return load_schedule(path) if path.exists() else None
 
 
-def ledger_service(book: Book, *, max_in_flight: int) -> Callable[[grpc.Server], list[str]]:
-    """A hook that registers ``LedgerService`` on the server (``max_in_flight`` calls)."""
+def ledger_service(
+    book: Book, *, max_in_flight: int, max_reply_bytes: int
+) -> Callable[[grpc.Server], list[str]]:
+    """A hook that registers ``LedgerService`` on the server (``max_in_flight`` calls,
+    list replies within ``max_reply_bytes``)."""
 
     def register(server: grpc.Server) -> list[str]:
-        add_ledger_service(server, book, max_in_flight=max_in_flight)
+        add_ledger_service(
+            server, book, max_in_flight=max_in_flight, max_reply_bytes=max_reply_bytes
+        )
         return [s.full_name for s in ledger_pb2.DESCRIPTOR.services_by_name.values()]
 
     return register

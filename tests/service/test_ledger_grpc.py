@@ -393,3 +393,63 @@ def test_a_held_ledger_lock_never_starves_scoring(
         cleanup = Database(url)
         cleanup.drop_schema()
         cleanup.close()
+
+
+def test_statements_and_account_lists_page_within_the_servers_send_limit(
+    tmp_path: Path,
+) -> None:
+    """Review: 1,500 transfers with 1,000-character reasons (or 15,000 accounts) passed
+    the 4 MiB send limit: RESOURCE_EXHAUSTED, and ListAccounts could not page. Replies
+    stop where they would pass the limit and say how to go on."""
+    limit = 80 * 1024  # the server's max_message_bytes, small to need few rows
+    book = Book(Database(f"sqlite:///{tmp_path / 'ledger.db'}"), clock=FakeClock(1.8e9))
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        interceptors=[ErrorInterceptor(Metrics())],
+        options=[("grpc.max_send_message_length", limit)],
+    )
+    add_ledger_service(server, book, actor_of=lambda ctx: "cert:a", max_reply_bytes=limit)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.LedgerServiceStub(channel)
+            for i in range(100):
+                reason = f"{i:04d}" + "x" * 996
+                stub.TopUpFund(
+                    pb.TopUpFundRequest(idempotency_key=f"t{i}", amount_fen=1, reason=reason)
+                )
+            for i in range(400):
+                stub.RegisterShop(pb.RegisterShopRequest(shop_id=f"shop-{i:04d}-" + "s" * 100))
+            seen: list[int] = []
+            after, pages = 0, 0
+            while True:
+                page = stub.GetAccountStatement(
+                    pb.GetAccountStatementRequest(
+                        account_id="platform:fund", after_seq=after, limit=1000
+                    )
+                )
+                pages += 1
+                seen += [int(t.reason[:4]) for t in page.transfers]
+                if not page.truncated:
+                    break
+                after = page.transfers[-1].seq
+            assert seen == list(range(100)) and pages > 1
+            ids: list[str] = []
+            after_id, pages = "", 0
+            while True:
+                listed = stub.ListAccounts(pb.ListAccountsRequest(after_id=after_id))
+                pages += 1
+                ids += [a.id for a in listed.accounts]
+                if not listed.next_after_id:
+                    break
+                after_id = listed.next_after_id
+            assert ids == sorted(a.id for a in book.accounts()) and pages > 1
+            short = stub.ListAccounts(pb.ListAccountsRequest(limit=3))
+            assert len(short.accounts) == 3 and short.next_after_id == short.accounts[-1].id
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ListAccounts(pb.ListAccountsRequest(limit=-1))
+            assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.stop(None).wait()
+        book.close()
