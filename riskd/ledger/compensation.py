@@ -12,7 +12,7 @@ from riskd.ledger import accounts as acc
 from riskd.ledger.codes import Code
 from riskd.ledger.core import BookCore, Draft, Receipt, Request
 from riskd.ledger.transfers import dispute_ref, order_ref
-from riskd.ledger.validate import check_amount, check_claim_ref, check_id, check_text
+from riskd.ledger.validate import check_amount, check_claim_ref, check_id, check_required
 from riskd.sql import Tx
 
 
@@ -220,7 +220,7 @@ class CompensationOperations(BookCore):
         """
         check_id("shop_id", shop_id)
         check_claim_ref(ref)
-        check_text("reason", reason, required=True)
+        check_required("reason", reason)
         if amount:
             check_amount("amount", amount)
 

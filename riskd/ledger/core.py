@@ -120,14 +120,16 @@ class BookCore:
 
     def _execute(self, req: Request, build: Build) -> Receipt:
         check_key(req.key)
-        check_text("actor", req.actor, required=True, max_len=128, single_line=True)
-        check_text("reason", req.reason)
-        check_text("evidence", req.evidence)
         # Retries are the common duplicate: answer them with plain reads, no write lock.
         # A request record and its transfers commit together and never change after.
         prior = self.store.read_request(req.key)
         if prior is not None:
             return self._replay(prior, req, self.store.transfers_of)
+        # a new request's text (after the lookup: a retry of one stored before a check
+        # was tightened still gets its first receipt; review)
+        check_text("actor", req.actor, required=True, max_len=128, single_line=True)
+        check_text("reason", req.reason)
+        check_text("evidence", req.evidence)
 
         def write(tx: Tx) -> Receipt:
             prior = self.store.get_request(tx, req.key)

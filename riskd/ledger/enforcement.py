@@ -12,7 +12,7 @@ from riskd.ledger import accounts as acc
 from riskd.ledger.codes import Code
 from riskd.ledger.core import BookCore, Draft, Receipt, Request
 from riskd.ledger.transfers import case_ref
-from riskd.ledger.validate import check_id, check_text
+from riskd.ledger.validate import check_id, check_required
 from riskd.sql import Tx
 
 DAY_S = 86_400
@@ -40,7 +40,9 @@ class EnforcementOperations(BookCore):
         """
         check_id("shop_id", shop_id)
         check_id("case_id", case_id)
-        check_text("evidence", evidence, required=True)
+        check_required("evidence", evidence)
+        if self.store.read_request(key) is None:  # a new request: refused before the write
+            self.schedule.violation(violation)  # lock (review: 5 s, then UNAVAILABLE)
 
         def build(tx: Tx, now: float) -> Draft:
             # looked up only for a new request: a retry after the schedule dropped or
@@ -92,7 +94,7 @@ class EnforcementOperations(BookCore):
     def unfreeze(self, key: str, shop_id: str, *, actor: str, reason: str) -> Receipt:
         """An operator lifts a shop's freeze before it ends."""
         check_id("shop_id", shop_id)
-        check_text("reason", reason, required=True)
+        check_required("reason", reason)
 
         def build(tx: Tx, now: float) -> Draft:
             self._require_shop(tx, shop_id)

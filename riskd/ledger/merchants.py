@@ -11,7 +11,7 @@ from riskd.ledger import accounts as acc
 from riskd.ledger.accounts import Kind
 from riskd.ledger.codes import Code
 from riskd.ledger.core import BookCore, Draft, Receipt, Request
-from riskd.ledger.validate import check_amount, check_id, check_text
+from riskd.ledger.validate import check_amount, check_id, check_required
 from riskd.sql import Tx
 
 
@@ -96,7 +96,7 @@ class MerchantOperations(BookCore):
     ) -> Receipt:
         """An operator adds money to the compensation fund."""
         check_amount("amount", amount)
-        check_text("reason", reason, required=True)
+        check_required("reason", reason)
 
         def build(tx: Tx, now: float) -> Draft:
             draft = Draft()

@@ -80,8 +80,20 @@ def check_key(value: object) -> str:
     return value
 
 
-# format characters that change how an audit line reads (``check_text``)
-_HIDING = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u2028\u2029")
+# characters that change how an audit line reads (``check_text``): the bidirectional
+# overrides (shown in another order than stored) and the line and paragraph separators;
+# embeddings, isolates and marks stay (mixed Arabic or Hebrew and Latin text holds them)
+_HIDING = frozenset("\u202d\u202e\u2028\u2029")
+
+
+def check_required(field: str, value: object) -> str:
+    """A text field that must not be blank; its characters are ``check_text``'s, checked
+    where a new request is taken (a retry of a stored one replays: ``BookCore``)."""
+    if not isinstance(value, str):
+        raise InvalidArgumentError(field, "must be a string")
+    if not value.strip():
+        raise InvalidArgumentError(field, "is required")
+    return value
 
 
 def check_text(
@@ -96,10 +108,10 @@ def check_text(
 
     NUL, other control characters and lone surrogates are refused: PostgreSQL
     cannot store NUL or unpaired surrogates, and control characters in an audit
-    trail only hide what it says; so do the bidirectional overrides and isolates
-    (U+202A..U+202E, U+2066..U+2069: text shown in another order than stored) and the
-    line and paragraph separators (U+2028, U+2029: a second line in a one-line field),
-    refused too (review). Free text may hold newlines and tabs unless ``single_line``.
+    trail only hide what it says; so do the bidirectional overrides (U+202D, U+202E:
+    text shown in another order than stored) and the line and paragraph separators
+    (U+2028, U+2029: a second line in a one-line field), refused too (review). Free
+    text may hold newlines and tabs unless ``single_line``.
 
     >>> check_text("reason", "a\\x00b")
     Traceback (most recent call last):

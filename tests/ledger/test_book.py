@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -485,6 +486,46 @@ def test_retries_replay_under_rotated_credentials_and_a_new_schedule(
         after.close()
 
 
+def test_mixed_direction_text_is_kept_and_a_retry_of_a_stored_request_replays(
+    book: Book,
+) -> None:
+    """Review: Arabic text wrapped in U+202B..U+202C (what editors put around it in mixed
+    text) was refused, and a request stored before a check was tightened got
+    INVALID_ARGUMENT on its retry instead of its first receipt."""
+    funded(book, shops={"s1": 0})
+    arabic = "\u202bاسترداد الطلب\u202c #1 \u2067שלום\u2069 \u200f"
+    first = book.top_up_fund("t1", 100, actor="ops", reason=arabic)
+    assert first.transfers[0].reason == arabic
+    # a stored request whose reason the checks refuse now (written by an older build)
+    stored = "refund \u202e0001 CNY"
+    import riskd.ledger.core as core
+
+    checked = core.check_text
+    core.check_text = lambda *a, **k: a[1]  # type: ignore[assignment]
+    try:
+        old = book.top_up_fund("t2", 100, actor="ops", reason=stored)  # as an older build
+    finally:
+        core.check_text = checked
+    again = book.top_up_fund("t2", 100, actor="ops", reason=stored)
+    assert again.replayed and again.transfers == old.transfers
+
+
+def test_an_unknown_violation_is_refused_before_the_writer_lock(book: Book, db_url: str) -> None:
+    """Review: looked up inside the write, an unknown type waited for the writer lock (5 s
+    behind a stalled writer) and answered UNAVAILABLE "retry with the same key"."""
+    funded(book, shops={"s1": 1_000})
+    book.store.write_wait_s = 2.0
+    taken = book.store._writer.acquire(timeout=1)  # this process's writer turn, held
+    assert taken
+    try:
+        started = time.monotonic()
+        with pytest.raises(InvalidArgumentError, match="violation"):
+            book.penalize_shop("p9", "s1", "no_such_type", "c9", evidence="e", actor="a")
+        assert time.monotonic() - started < 1.0
+    finally:
+        book.store._writer.release()
+
+
 def test_a_penalty_retried_after_its_violation_left_the_schedule_replays(
     book: Book, db_url: str, clock: FakeClock
 ) -> None:
@@ -527,7 +568,6 @@ def test_a_fingerprint_written_before_v2_still_replays() -> None:
         ("actor", "op\nx"),
         # review: shown in another order than stored, or a second line in a one-line field
         ("reason", "refund \u202e0001 CNY"),
-        ("reason", "a\u2066b\u2069"),
         ("actor", "cli:alice\u2028cli:mallory"),
     ],
 )

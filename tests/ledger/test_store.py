@@ -248,7 +248,7 @@ def test_a_held_ledger_lock_holds_only_its_own_schemas_writes(
             holder.execute("SELECT pg_advisory_lock(%s)", (pg_book.store.writer_lock,))
             started = time.monotonic()
             assert book.deposit("k1", "s1", 100, actor="m").total(Code.DEPOSIT) == 100
-            assert time.monotonic() - started < 1.0
+            assert time.monotonic() - started < 1.5  # the held lock would be 2 s
             holder.execute("SELECT pg_advisory_unlock(%s)", (pg_book.store.writer_lock,))
     finally:
         other.db.drop_schema()
