@@ -250,11 +250,17 @@ class Program:
         compiled code short-circuited past the value, so `orders(…) > 20 || total > 500`
         was an ERROR and the same with its operands swapped a hit). In degraded mode the
         fallback policy answers for such rules, whatever order their operands are in."""
+        missing = {q for q in self.feature_queries if q not in features}
         out = list(results)
+        error = RuleStatus.ERROR
         for i, step in enumerate(self._steps):
-            gone = sorted(q.name for q in _queries(step.rule) if q not in features)
-            if gone:
-                out[i] = _error(step, f"missing feature {gone[0]}")
+            r = out[i]
+            if r.status is error and r.error.startswith("missing feature "):
+                continue  # most of them: the evaluation met the missing value already
+            reads = _queries(step.rule)
+            if reads and not reads.isdisjoint(missing):
+                gone = min(q.name for q in reads & missing)
+                out[i] = _error(step, f"missing feature {gone}")
         return tuple(out)
 
     def _evaluate_each(self, act: Mapping[str, object], order: Order) -> tuple[RuleResult, ...]:

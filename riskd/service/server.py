@@ -156,7 +156,9 @@ class RunningServer:
             try:  # the thread outlives any one reload (review: one that raised ended it)
                 self.reload_rules()
             except Exception:
-                log.error("SIGHUP reload failed; keeping the old rules", exc_info=True)
+                # the rules may be swapped in here and not yet in every worker: the
+                # monitor sends them again to a worker that missed them
+                log.error("SIGHUP reload failed", exc_info=True)
 
     def install_signal_handlers(self, grace: float, *, notice_s: float = 0.0) -> None:
         """SIGTERM/SIGINT drain and stop (in a thread); SIGHUP reloads the rules.
