@@ -276,6 +276,13 @@ def _create_pg_schema(conn: Any, schema: str) -> None:
         conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
 
 
+def refusal(e: Exception) -> str:
+    """What a database driver's error says, for a message: its kind and first line (it
+    names a table or a privilege, never the URL)."""
+    first = str(e).strip().splitlines()[:1]
+    return f"{type(e).__name__}: {first[0]}" if first else type(e).__name__
+
+
 def driver_errors() -> tuple[type[Exception], ...]:
     """The database drivers' own error classes (SQLite's, psycopg's): what a statement the
     database refuses raises (a role without a privilege, a read-only database)."""

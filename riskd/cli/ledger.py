@@ -40,7 +40,7 @@ from riskd.config import load_config
 from riskd.domain.money import format_fen
 from riskd.errors import RiskdError
 from riskd.ledger import Book, Receipt, load_schedule
-from riskd.sql import Database, driver_errors
+from riskd.sql import Database, driver_errors, refusal
 
 Command = Callable[[Book, argparse.Namespace], Any]
 
@@ -125,8 +125,7 @@ def _said(e: Exception) -> str:
     a table or privilege, never the URL)."""
     if isinstance(e, RiskdError):
         return str(e)
-    first = str(e).strip().splitlines()[:1]
-    return f"the database refused ({type(e).__name__}: {first[0] if first else ''})"
+    return f"the database refused ({refusal(e)})"
 
 
 class _Problems(tuple[str, ...]):

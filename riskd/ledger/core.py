@@ -118,7 +118,11 @@ class BookCore:
 
     # -- the one write path ----------------------------------------------------------------------
 
-    def _execute(self, req: Request, build: Build) -> Receipt:
+    def _execute(
+        self, req: Request, build: Build, check_new: Callable[[], object] | None = None
+    ) -> Receipt:
+        """Replay a stored request, or check a new one (its text, then ``check_new``:
+        what refuses it before the writer lock) and write it with ``build``."""
         check_key(req.key)
         # Retries are the common duplicate: answer them with plain reads, no write lock.
         # A request record and its transfers commit together and never change after.
@@ -130,6 +134,8 @@ class BookCore:
         check_text("actor", req.actor, required=True, max_len=128, single_line=True)
         check_text("reason", req.reason)
         check_text("evidence", req.evidence)
+        if check_new is not None:
+            check_new()
 
         def write(tx: Tx) -> Receipt:
             prior = self.store.get_request(tx, req.key)

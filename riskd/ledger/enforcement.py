@@ -41,8 +41,6 @@ class EnforcementOperations(BookCore):
         check_id("shop_id", shop_id)
         check_id("case_id", case_id)
         check_required("evidence", evidence)
-        if self.store.read_request(key) is None:  # a new request: refused before the write
-            self.schedule.violation(violation)  # lock (review: 5 s, then UNAVAILABLE)
 
         def build(tx: Tx, now: float) -> Draft:
             # looked up only for a new request: a retry after the schedule dropped or
@@ -89,7 +87,10 @@ class EnforcementOperations(BookCore):
             return draft
 
         params = {"shop_id": shop_id, "violation": violation, "case_id": case_id}
-        return self._execute(Request(key, "penalize_shop", actor, reason, evidence, params), build)
+        req = Request(key, "penalize_shop", actor, reason, evidence, params)
+        # a new request's type is refused before the writer lock (review: an unknown one
+        # waited 5 s behind a stalled writer, then UNAVAILABLE "retry")
+        return self._execute(req, build, lambda: self.schedule.violation(violation))
 
     def unfreeze(self, key: str, shop_id: str, *, actor: str, reason: str) -> Receipt:
         """An operator lifts a shop's freeze before it ends."""

@@ -41,7 +41,7 @@ from riskd.service.evidence import add_evidence_service
 from riskd.service.gen.riskd.v1 import evidence_pb2, ledger_pb2
 from riskd.service.ledger import add_ledger_service
 from riskd.service.metrics import Metrics
-from riskd.sql import Database, driver_errors
+from riskd.sql import Database, driver_errors, refusal
 
 log = logging.getLogger("riskd.service.wiring")
 
@@ -256,9 +256,8 @@ def _database_error(config: Config, e: Exception) -> ConfigError:
         reason = f"{e} ({type(cause).__name__})" if cause is not None else str(e)
     elif isinstance(e, OSError):
         reason = e.strerror or type(e).__name__
-    else:  # the database refused a statement: its first line names what (no URL in it)
-        first = str(e).strip().splitlines()[:1]
-        reason = f"{type(e).__name__}: {first[0]}" if first else type(e).__name__
+    else:  # the database refused a statement
+        reason = refusal(e)
     if config.database_url:
         return ConfigError(f"database_url: cannot open the database: {reason}")
     return ConfigError(f"data_dir: cannot open {config.data_dir / 'riskd.db'}: {reason}")
