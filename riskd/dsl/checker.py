@@ -444,13 +444,15 @@ __all__ = ["DOUBLE", "Checked", "Env", "Ref", "check", "type_value"]
 # for the scoring deadline are refused (``riskd.dsl.ruleset``), shadow rules included.
 MAX_ITERATIONS = 50_000  # worst-case steps per rule (~7 ms); two macros over an order's items fit
 ORDER_LIST_BOUND = 200  # items in an order (``riskd.service.validate.MAX_ITEMS``)
+REGEX_STEPS = 30  # a ``matches`` search (~4 µs through RE2's binding) in steps (~0.14 µs)
 
 
 def iteration_cost(checked: Checked, sizes: Mapping[str, int]) -> tuple[int, Expr | None]:
     """The worst-case number of steps of ``checked``'s expression, and where most are spent.
 
     A step is one run of a comprehension's body, or one element a list concatenation
-    copies or a membership test on a list literal scans. A named list counts its size
+    copies, a membership test on a list literal scans or an equality of two lists (maps)
+    compares; a ``matches`` counts ``REGEX_STEPS``. A named list counts its size
     (``sizes``), a list of the order ``ORDER_LIST_BOUND``, a literal its elements, and a
     list of unknown size (an index into a map of lists, say) ``ORDER_LIST_BOUND``. The
     node returned is the outermost costliest comprehension (None when there is none).
@@ -481,6 +483,14 @@ class _Cost:
             container = node.args[1]
             if isinstance(container, ListLit):
                 own = len(container.elements)
+        if isinstance(node, Call) and node.function == "matches":
+            own = REGEX_STEPS
+        if (
+            isinstance(node, Call)
+            and node.function in ("_==_", "_!=_")
+            and any(isinstance(self.c.type_of(a), ListType | MapType) for a in node.args)
+        ):
+            own = min(self.size(a, local) for a in node.args)  # pairs compared
         return own + sum(self.cost(c, local) for c in children(node))
 
     def size(self, node: Expr, local: Mapping[str, int]) -> int:

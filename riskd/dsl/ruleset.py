@@ -22,9 +22,9 @@ from riskd.dsl.program import Mode, Program, Rule, RuleTest, Scenario, content_v
 from riskd.dsl.rulefile import Array, Field, Item, Name, Pos, Reporter, RuleFile, Scalar, When
 from riskd.dsl.rulefile import parse as parse_file
 from riskd.dsl.ruletest import build_test
-from riskd.dsl.schema import CONSTANTS, RESERVED, ListValue, list_type, rule_env
+from riskd.dsl.schema import CONSTANTS, RESERVED, list_type, rule_env
 from riskd.dsl.types import BOOL, Type, is_dyn
-from riskd.dsl.values import INT_MAX, INT_MIN
+from riskd.dsl.values import INT_MAX, INT_MIN, ListValue
 
 DUPLICATE_RULE = "riskd_duplicate_rule"
 DUPLICATE_LIST = "riskd_duplicate_list"

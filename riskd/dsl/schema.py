@@ -55,30 +55,6 @@ REQUEST_VARIABLES: Mapping[str, Type] = MappingProxyType(
 RESERVED: frozenset[str] = frozenset(REQUEST_VARIABLES)
 
 
-class ListValue(tuple[object, ...]):
-    """A named list at run time: ordered like a list, ``in`` as fast as a set.
-
-    Rules mostly ask ``x in blocked_devices``; with thousands of entries a
-    tuple scan would cost per order what a hash lookup does not.
-
-    >>> v = ListValue(("a", "b")); ("b" in v, v[0], len(v))
-    (True, 'a', 2)
-    """
-
-    _members: frozenset[object]
-
-    def __new__(cls, values: tuple[object, ...] = ()) -> ListValue:
-        self = super().__new__(cls, values)
-        self._members = frozenset(values)
-        return self
-
-    def __contains__(self, item: object) -> bool:
-        try:
-            return item in self._members
-        except TypeError:  # an unhashable probe (a list, a map): compare one by one
-            return any(item == v for v in self)
-
-
 def list_type(values: tuple[object, ...]) -> ListType | None:
     """The CEL type of a named list's values; None when they mix kinds.
 

@@ -58,6 +58,34 @@ class Duration:
         return f"{int(s)}s" if self.ns % _NS == 0 else f"{s:f}".rstrip("0") + "s"
 
 
+class ListValue(tuple[object, ...]):
+    """A named list at run time: ordered like a list, ``in`` as fast as a set.
+
+    Rules mostly ask ``x in blocked_devices``; with thousands of entries a
+    tuple scan would cost per order what a hash lookup does not. A named list
+    holds strings, or numbers (``riskd.dsl.ruleset``), never NaN: for a string or
+    number probe, Python's hashing and equality agree with CEL's (``1 == 1.0``),
+    so ``riskd.dsl.runtime.contains`` looks those up here too, whatever the types
+    the checker saw (a ``double`` list, a ``dyn`` value).
+
+    >>> v = ListValue(("a", "b")); ("b" in v, v[0], len(v))
+    (True, 'a', 2)
+    """
+
+    _members: frozenset[object]
+
+    def __new__(cls, values: tuple[object, ...] = ()) -> ListValue:
+        self = super().__new__(cls, values)
+        self._members = frozenset(values)
+        return self
+
+    def __contains__(self, item: object) -> bool:
+        try:
+            return item in self._members
+        except TypeError:  # an unhashable probe (a list, a map): compare one by one
+            return any(item == v for v in self)
+
+
 @dataclasses.dataclass(frozen=True, slots=True, order=True)
 class Timestamp:
     """An instant as nanoseconds since the Unix epoch (UTC)."""

@@ -15,6 +15,7 @@ import pytest
 
 from riskd.domain.order import Address, Amounts, Buyer, Item, Order
 from riskd.domain.shop import ShopState
+from riskd.dsl import regex
 from riskd.dsl import runtime as rt
 from riskd.dsl.checker import MAX_ITERATIONS
 from riskd.dsl.expr import Env, compile_expr
@@ -186,6 +187,78 @@ def test_rules_within_the_cost_bound_compile(tmp_path: Path) -> None:
     )
     program = compile_rules(tmp_path / "lists.rules", tmp_path / "s.rules", _write(tmp_path, text))
     assert [r.id for r in program.rules] == ["one_pass", "pairs"]
+
+
+def test_an_equality_of_long_lists_and_a_scan_of_patterns_count_their_steps(
+    tmp_path: Path,
+) -> None:
+    lists = "".join(
+        f"list {name} = [" + ", ".join(f'"^{name}{i}[0-9]+$"' for i in range(n)) + "]\n"
+        for name, n in (("big", 60_000), ("other", 60_000), ("pats", 2_000), ("few", 1_000))
+    )
+    (tmp_path / "lists.rules").write_text(lists, encoding="utf-8")
+    for when, steps in (
+        ("big == other", "60,000"),  # both 60,000 long: every pair compared
+        ("pats.exists(p, order.shop_id.matches(p))", "62,000"),  # ~10 ms an order
+    ):
+        path = _write(tmp_path, _rule("slow", when))
+        program, diags = check_rules(tmp_path / "lists.rules", tmp_path / "s.rules", path)
+        assert program is None, when
+        assert [d.code for d in diags] == ["riskd_limit_exceeded"]
+        assert f"{steps} steps" in diags[0].message
+    text = _rule("scan", "few.exists(p, order.shop_id.matches(p))") + _rule(
+        "lookup", "order.shop_id in big"
+    )
+    program = compile_rules(tmp_path / "lists.rules", tmp_path / "s.rules", _write(tmp_path, text))
+    assert [r.id for r in program.rules] == ["scan", "lookup"]
+
+
+def test_a_rule_scanning_hundreds_of_patterns_compiles_each_once(tmp_path: Path) -> None:
+    pats = ", ".join(f'"^s-{i}x[0-9]*$"' for i in range(300))  # more than the old 256 places
+    (tmp_path / "lists.rules").write_text(f"list pats = [{pats}]\n", encoding="utf-8")
+    path = _write(tmp_path, _rule("scan", "pats.exists(p, order.shop_id.matches(p))"))
+    program = compile_rules(tmp_path / "lists.rules", tmp_path / "s.rules", path)
+    program.evaluate(_order(), ShopState("s-1"), {}, NOW)
+    before = regex._cached.cache_info().misses
+    for _ in range(3):
+        (result,) = program.evaluate(_order(), ShopState("s-1"), {}, NOW)
+        assert result.status is RuleStatus.NO_HIT
+    assert regex._cached.cache_info().misses == before
+
+
+def test_membership_in_a_named_list_is_a_lookup_for_any_string_or_number(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    doubles = ", ".join(f"{i}.5" for i in range(20_000)) + ", 7.0"
+    ints = ", ".join(str(i) for i in range(20_000))
+    strs = ", ".join(f'"s-{i}"' for i in range(20_000))
+    (tmp_path / "lists.rules").write_text(
+        f"list dbl = [{doubles}]\nlist ints = [{ints}]\nlist strs = [{strs}]\n",
+        encoding="utf-8",
+    )
+    cases = {  # when -> CEL's answer (numbers equal by value, never a bool or a string)
+        "double(order.amounts.total) + 0.5 in dbl": True,  # 100.5
+        "double(order.amounts.total) in dbl": False,
+        "7.0 in dbl": True,
+        "dyn(7) in dbl": True,
+        "dyn(7u) in dbl": True,
+        "dyn(100.0) in ints": True,
+        "dyn(100.5) in ints": False,
+        "dyn(order.shop_id) in strs": True,  # "s-1"
+        "dyn(true) in ints": False,  # true is not 1
+        'dyn("100") in ints': False,
+        "dyn(0.0 / 0.0) in dbl": False,  # NaN equals nothing
+    }
+    text = "".join(_rule(f"r{i}", when) for i, when in enumerate(cases))
+    program = compile_rules(tmp_path / "lists.rules", tmp_path / "s.rules", _write(tmp_path, text))
+    compared = []
+    equals = rt.equals
+    monkeypatch.setattr(rt, "equals", lambda a, b: compared.append(1) or equals(a, b))
+    results = program.evaluate(_order(), ShopState("s-1"), {}, NOW)
+    got = {when: r.status for when, r in zip(cases, results, strict=True)}
+    want = {w: RuleStatus.HIT if hit else RuleStatus.NO_HIT for w, hit in cases.items()}
+    assert got == want
+    assert len(compared) <= 20_000  # only the bool probe compares one by one
 
 
 def test_map_and_filter_refuse_to_build_an_oversized_list() -> None:
