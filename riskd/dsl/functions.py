@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import re
 import zoneinfo
 from collections.abc import Callable, Mapping
 
@@ -73,25 +74,43 @@ def _double_to_uint(v: float) -> UInt:
     return UInt(int(v))
 
 
+# What CEL (cel-go's strconv) reads as a number: ASCII digits, no blanks, no "_".
+# Python's int() and float() also take surrounding whitespace and any Unicode digit
+# ("٣" is 3), so a client's " 12" or Arabic-Indic digits would convert here and
+# fail everywhere else.
+_INT_TEXT = re.compile(r"[+-]?[0-9]+", re.ASCII)
+_UINT_TEXT = re.compile(r"[0-9]+", re.ASCII)
+_DOUBLE_TEXT = re.compile(
+    r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)",
+    re.ASCII | re.IGNORECASE,
+)
+
+
 def _string_to_int(s: str) -> int:
-    try:
-        return rt.check_int(int(s, 10)) if "_" not in s else _bad_conversion("int")
-    except ValueError:
+    if not _INT_TEXT.fullmatch(s):
         return _bad_conversion("int")
+    return rt.check_int(_digits(s))
 
 
 def _string_to_uint(s: str) -> UInt:
-    try:
-        return rt.check_uint(int(s, 10)) if "_" not in s else UInt(_bad_conversion("uint"))
-    except ValueError:
+    if not _UINT_TEXT.fullmatch(s):
         return UInt(_bad_conversion("uint"))
+    return rt.check_uint(_digits(s))
+
+
+def _digits(s: str) -> int:
+    """``s``'s value, or 2**70 (out of any 64-bit range) past 20 significant digits
+    (Python refuses more than 4,300)."""
+    return int(s, 10) if len(s.lstrip("+-0")) <= 20 else 1 << 70
 
 
 def _string_to_double(s: str) -> float:
-    try:
-        return float(s) if "_" not in s else float(_bad_conversion("double"))
-    except ValueError:
+    if not _DOUBLE_TEXT.fullmatch(s):
         return float(_bad_conversion("double"))
+    v = float(s)
+    if math.isinf(v) and "n" not in s.lower():  # "1e400": out of range, not "inf"
+        raise EvalError("double conversion out of range")
+    return v
 
 
 def _bad_conversion(kind: str) -> int:

@@ -15,7 +15,7 @@ import pytest
 
 from riskd.domain.order import Address, Amounts, Buyer, Item, Order
 from riskd.domain.shop import ShopState
-from riskd.dsl import regex
+from riskd.dsl import evaluate, regex
 from riskd.dsl import runtime as rt
 from riskd.dsl.checker import MAX_ITERATIONS
 from riskd.dsl.expr import Env, compile_expr
@@ -162,6 +162,34 @@ def test_rule_errors_and_explanations_never_quote_an_index_value(tmp_path: Path)
     assert '[1, 2][int(order.buyer.phone)] > 0 → error: "***"' in either.explanation
     for text_out in (idx.error, *either.explanation):
         assert digits not in text_out and digits[-11:] not in text_out
+
+
+# ------------------------------------------------------------ client text to numbers
+
+CONVERTED = [("int", "12", 12), ("int", "-12", -12), ("int", "+5", 5),
+             ("int", "-9223372036854775808", INT_MIN), ("int", "007", 7),
+             ("uint", "18446744073709551615", UInt(UINT_MAX)), ("double", "1.5", 1.5),
+             ("double", ".5", 0.5), ("double", "5.", 5.0), ("double", "-1e3", -1000.0),
+             ("double", "-Inf", -math.inf), ("double", "infinity", math.inf)]  # fmt: skip
+REFUSED = [("int", " 12"), ("int", "12\n"), ("int", "\u0663"), ("int", "1_000"),
+           ("int", "0x1f"), ("int", ""), ("int", "9" * 5000), ("int", "9223372036854775808"),
+           ("uint", "+5"), ("uint", "-0"), ("uint", "\uff15"), ("uint", "1" + "0" * 20),
+           ("double", " 1.5 "), ("double", "\u0663.5"), ("double", "1_0.5"),
+           ("double", "1e"), ("double", "1e400"), ("double", "-1e999")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "text", "value"), CONVERTED)
+def test_a_string_converts_to_a_number_as_cel_reads_one(
+    kind: str, text: str, value: object
+) -> None:
+    got = evaluate(f"{kind}(s)", {"s": text})
+    assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize(("kind", "text"), REFUSED)
+def test_blanks_other_digits_and_out_of_range_text_do_not_convert(kind: str, text: str) -> None:
+    with pytest.raises(EvalError, match=r"conversion|overflow"):
+        evaluate(f"{kind}(s)", {"s": text})
 
 
 # ------------------------------------------------------------------------ cost bounds
