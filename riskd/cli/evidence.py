@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any
 
@@ -48,14 +49,21 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_verify)
 
 
+_DECIMAL = re.compile(r"[0-9]{1,19}", re.ASCII)
+_HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)
+
+
 def _anchors(texts: list[str]) -> list[tuple[str, int, str]]:
     out = []
     for text in texts:
         table, _, rest = text.partition(":")
         seq, _, digest = rest.partition(":")
-        if table not in TABLES or not seq.isdigit() or len(digest) != 64:
+        digest = digest.lower()  # a head copied through a spreadsheet or ticket may change case
+        if table not in TABLES or not _DECIMAL.fullmatch(seq) or not _HEX64.fullmatch(digest):
             known = ", ".join(TABLES)
-            raise ValueError(f"--expect {text!r}: want TABLE:SEQ:HASH, TABLE one of {known}")
+            raise ValueError(
+                f"--expect {text!r}: want TABLE:SEQ:HASH (HASH 64 hex digits), TABLE one of {known}"
+            )
         out.append((table, int(seq), digest))
     return out
 

@@ -5,9 +5,9 @@ is the row's canonical JSON and ``prev_hash`` the previous row's hash (the
 genesis value for ``seq`` 1). Editing, inserting or deleting a row breaks the
 chain at that row; ``verify_table`` walks it and names the first bad row. A row
 put beside the chain instead (``seq`` NULL, zero, negative or not a whole
-number: tables created before the schema's CHECK accept them) is not part of
-the walk but is still a row the daemon could read, so ``verify_table`` names it
-too.
+number, or a second row on a ``seq``: tables created before the schema's CHECK,
+or rebuilt without their key, accept them) is not part of the walk but is still
+a row the daemon could read, so ``verify_table`` names it too.
 Truncating the tail (or replacing it, chain and all) cannot be seen from
 inside the table: auditors keep the latest ``(seq, hash)`` that ``verify``
 reports and check it is still there next time (``check_anchor``; the CLI is
@@ -181,7 +181,7 @@ def verify_table(db: Database, table: Table) -> tuple[int, tuple[int, str], _Bad
             if bad is not None:
                 return checked, (seq, prev), bad
             seq, prev, checked = seq + 1, str(row[-1]), checked + 1
-    return checked, (seq, prev), _outside(db, table)
+    return checked, (seq, prev), _outside(db, table) or _beside(db, table, seq, checked)
 
 
 def _outside(db: Database, table: Table) -> _Bad | None:
@@ -199,6 +199,31 @@ def _outside(db: Database, table: Table) -> _Bad | None:
     which = "seq is NULL" if got is None else f"seq {got} is below 1"
     seq = got if isinstance(got, int) else None
     return _Bad(seq, str(order_id), f"{which}, outside the chain (rows outside it: {n})")
+
+
+def _beside(db: Database, table: Table, last: int, checked: int) -> _Bad | None:
+    """A second row on a ``seq`` the walk passed, or None when the walk saw every row up to it.
+
+    The walk reads pages after the last ``seq`` it checked, so a row sharing the
+    ``seq`` that ends a page (1,000, 2,000, …) was never read, though the lookups by
+    order id would serve it as a recorded decision (a table without its key, rebuilt
+    by hand, takes one). Rows appended while the walk ran lie past ``last``.
+    """
+    (n,) = db.query(f"SELECT COUNT(*) FROM {table.name} WHERE seq >= 1 AND seq <= ?", (last,))[0]
+    if n == checked:
+        return None
+    sql = (
+        f"SELECT seq FROM {table.name} WHERE seq >= 1 AND seq <= ?"
+        " GROUP BY seq HAVING COUNT(*) > 1 ORDER BY seq LIMIT 1"
+    )
+    dup = db.query(sql, (last,))
+    if not dup:  # not reachable with integer seqs; kept so that a count is never ignored
+        return _Bad(None, "", f"rows beside the chain: {n - checked}")
+    seq = int(dup[0][0])
+    ids = db.query(f"SELECT {table.columns[0]} FROM {table.name} WHERE seq = ?", (seq,))
+    order_ids = ", ".join(sorted(str(r[0]) for r in ids))
+    problem = f"seq {seq} is held by more than one row, beside the chain ({order_ids})"
+    return _Bad(seq, str(ids[-1][0]), f"{problem}; rows beside it: {n - checked}")
 
 
 TABLES: Mapping[str, Table] = {t.name: t for t in (DECISIONS, EVENTS, ACCESS)}

@@ -75,8 +75,18 @@ def test_an_edited_row_fails_and_is_named(url: str, capsys: pytest.CaptureFixtur
 
 
 def test_bad_expect_is_refused_with_exit_2(url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["evidence", "verify", "--database", url, "--expect", "decisions:1:x"]) == 2
-    assert "TABLE:SEQ:HASH" in capsys.readouterr().err
+    for bad in ("decisions:1:x", "decision_log:1:" + "g" * 64, "decision_log:\u0663:" + "a" * 64):
+        assert main(["evidence", "verify", "--database", url, "--expect", bad]) == 2
+        assert "TABLE:SEQ:HASH" in capsys.readouterr().err
+
+
+def test_a_kept_head_in_capitals_is_the_same_head(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, doc = run(capsys, "--database", url)
+    table, seq, digest = doc["heads"]["decision_log"].split(":")  # type: ignore[index]
+    rc, doc = run(capsys, "--database", url, "--expect", f"{table}:{seq}:{digest.upper()}")
+    assert rc == 0 and doc["problems"] == []
 
 
 def test_a_rebuilt_tail_is_caught_by_a_kept_head(

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from riskd.domain.events import OrderEvent, OrderEventKind
+from riskd.evidence import chain
 from riskd.evidence.chain import DECISIONS, append_texts, chain_hash
 from riskd.evidence.log import DecisionLog
 from riskd.evidence.records import content_text
@@ -196,6 +197,27 @@ def test_verify_names_an_event_or_access_entry_beside_the_chain(db: Database) ->
     assert (result.ok, result.table, result.seq, result.order_id) == (
         False, "pii_access_log", -3, "o-2",
     )  # fmt: skip
+    log.close()
+
+
+def test_verify_names_a_second_row_on_the_seq_that_ends_a_page(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A table rebuilt without its key takes a second row on a seq; on the seq that ends
+    a page of the walk (1,000, 2,000, …; 2 here) the next page never read it."""
+    monkeypatch.setattr(chain, "_PAGE", 2)
+    db.executescript(re.sub(r"seq BIGINT [^,]*,", "seq BIGINT,", ddl(db.dialect)))
+    log = write_log(db, 4)
+    assert log.verify().ok
+    forge_decision(db, 2)
+    result = log.verify()
+    assert (result.ok, result.table, result.seq, result.order_id) == (
+        False, "decision_log", 2, FORGED,
+    )  # fmt: skip
+    assert result.problem.startswith("seq 2 is held by more than one row, beside the chain")
+    assert f"o-2, {FORGED}" in result.problem and "rows beside it: 1" in result.problem
+    db.query(f"DELETE FROM decision_log WHERE order_id = '{FORGED}' RETURNING seq")
+    assert log.verify().ok
     log.close()
 
 
