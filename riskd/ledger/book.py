@@ -31,7 +31,7 @@ class Book(MerchantOperations, EnforcementOperations, CompensationOperations, St
 
     Args:
         db: the database; the book creates its tables if they are missing.
-        schedule: the penalty schedule (default: ``rules/penalties.toml``).
+        schedule: the penalty schedule (default: the shipped ``penalties.toml``).
         clock: where "now" comes from (freezes, timestamps).
         read_only: create nothing: for reading a book the daemon made (review: the
             read-only CLI commands created or repaired the schema in a write

@@ -1,4 +1,5 @@
-"""The penalty schedule: ``rules/penalties.toml``, a reviewed file.
+"""The penalty schedule: ``penalties.toml``, a reviewed file (the shipped one beside
+this module, or an operator's in the rules folder).
 
 Each violation type maps to a fixed amount in fen and/or a share of the
 deposit in basis points, and a freeze length in days; the late-shipment
@@ -21,7 +22,9 @@ MAX_FEN = 2**63 - 1
 # a freeze's end must stay a time the API can answer (review: 3,000,000 days took the
 # deposit, then every retry and statement of the shop was INTERNAL past the year 9999)
 MAX_FREEZE_DAYS = 36_500
-DEFAULT_PATH = Path(__file__).resolve().parents[2] / "rules" / "penalties.toml"
+# package data, so that an installed riskd has it whatever its rules folder holds (review:
+# a ConfigMap of rule files alone stopped the daemon at start naming the database)
+DEFAULT_PATH = Path(__file__).resolve().with_name("penalties.toml")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,13 +1,28 @@
-"""The reviewed penalty schedule in rules/penalties.toml and its validation."""
+"""The reviewed penalty schedule (shipped ``penalties.toml``) and its validation."""
 
 from __future__ import annotations
 
+import fnmatch
+import tomllib
 from pathlib import Path
 
 import pytest
 
+import riskd
 from riskd.errors import ConfigError, InvalidArgumentError
 from riskd.ledger.schedule import DEFAULT_PATH, load_schedule
+
+
+def test_the_shipped_schedule_is_package_data_so_an_installed_riskd_has_it() -> None:
+    """Review: it was read from the checkout's rules/ folder, which an installed riskd
+    (the Docker image's ``pip install .``) lacks: a rules folder of rule files alone
+    stopped the daemon at start."""
+    package = Path(riskd.__file__).parent
+    assert DEFAULT_PATH.is_relative_to(package)
+    where = DEFAULT_PATH.parent.relative_to(package.parent)
+    pyproject = tomllib.loads((package.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = pyproject["tool"]["setuptools"]["package-data"].get(".".join(where.parts), [])
+    assert any(fnmatch.fnmatch(DEFAULT_PATH.name, p) for p in patterns)
 
 
 def test_the_shipped_schedule_has_the_platform_plans_violations() -> None:
