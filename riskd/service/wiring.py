@@ -374,7 +374,8 @@ def open_feature_store(config: Config, clock: Clock) -> FeatureStore:
     )
     for shard, error in store.unreachable():
         # not a refusal to start: riskd serves degraded and recovers once Redis answers
-        # (the breaker logs that); but a wrong URL or password must not look like an outage
+        # (the breaker logs it once its circuit opens); but a wrong URL or password must not
+        # look like an outage
         fields = {"setting": "redis_url", "shard": shard, "error": error}
         log.warning("redis does not answer at start: features degraded", extra={"fields": fields})
     return store
