@@ -22,9 +22,19 @@ from riskd.pii.keyring import MasterKeyProvider
 
 DIGEST_BYTES = 16  # 128-bit digests: collisions are negligible, keys stay short
 
-_PHONE_DROP = "-().\u2010\u2012\u2013\u2014\u2015\u2212\u200b\u200c\u200d\u2060\ufeff"
+_DASHES = "-\u2010\u2012\u2013\u2014\u2015\u2212"
+"""Hyphen-minus, the Unicode hyphen and dashes, and the minus sign, as NFKC leaves them.
+
+NFKC has already folded the non-breaking hyphen (U+2011) into U+2010, the small em
+dash (U+FE58) into U+2014, and the small and full-width hyphen-minus into ``-``.
+"""
+_INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff"
+"""Zero-width characters, which NFKC keeps."""
+_PHONE_DROP = "()." + _DASHES + _INVISIBLE
 """Phone punctuation: ASCII, the Unicode dashes and minus, and zero-width characters."""
-_ADDRESS_DROP = ",，、.。·-_/#"
+_ADDRESS_DROP = ",，、.。·_/#~\u301c" + _DASHES + _INVISIBLE
+"""Address separators: the phone's dashes and zero-width characters, and the tilde and
+wave dash written for ranges (``3~5号``; NFKC turns the full-width tilde into ``~``)."""
 _ADDRESS_NUMBER_GAP = re.compile(rf"(?<=[0-9])[\s{re.escape(_ADDRESS_DROP)}]+(?=[0-9])")
 """A run of whitespace or separators between two digits: ``1-23``, ``2 / 1``, ``5, 12``."""
 _ADDRESS_NUMBER_SEP = "-"

@@ -79,6 +79,35 @@ def test_blind_index_address_keeps_digest_of_addresses_without_digit_separators(
     assert NORMALIZERS["address"]("Room 12A, Main St.") == "room12amainst"
 
 
+_ADDRESS_DASHES = [
+    "\u2010",  # hyphen
+    "\u2011",  # non-breaking hyphen
+    "\u2012",  # figure dash
+    "\u2013",  # en dash
+    "\u2014",  # em dash
+    "\u2015",  # horizontal bar
+    "\u2212",  # minus sign
+    "\ufe58",  # small em dash
+    "\ufe63",  # small hyphen-minus
+    "~",
+    "\u301c",  # wave dash
+    "\uff5e",  # full-width tilde
+    "\u200b",  # zero-width space
+]
+
+
+@pytest.mark.parametrize("dash", _ADDRESS_DASHES)
+def test_blind_index_address_unicode_dashes_match_the_ascii_dash(dash: str) -> None:
+    # What IMEs and smart punctuation type: one flat, whichever dash, is one address.
+    flat = "浙江省 杭州市 西湖区 文三路3-1-1201"
+    variant = f"浙江省 杭州市 西湖区 文三路3{dash}1{dash}1201"
+    assert IX.index("address", variant) == IX.index("address", flat)
+    assert IX.index("address", f"文三路{dash}B座") == IX.index("address", "文三路B座")
+    other_flat = f"浙江省 杭州市 西湖区 文三路3{dash}1{dash}1202"
+    assert IX.index("address", other_flat) != IX.index("address", flat)
+    assert IX.index("address", f"文三路31{dash}1201") != IX.index("address", flat)
+
+
 def test_blind_index_keys_differ_per_field_type() -> None:
     digests = {IX.index(ft, "13812345678") for ft in ("phone", "device", "id_number", "buyer")}
     assert len(digests) == 4
@@ -129,6 +158,7 @@ def test_blind_index_phone_formats_property(digits: str, prefix: str, sep: str) 
 
 
 _SEPARATORS = ["-", "/", ".", " ", "－", "／", "．", "\u3000", " - ", "#", "、"]
+_SEPARATORS += ["—", "\u2212", "～"]  # em dash, minus sign, full-width tilde
 
 
 @given(
