@@ -255,9 +255,10 @@ class Keyring:
         fails), is fsynced, renamed over ``path``, and the directory is fsynced so the
         rename survives a crash. Concurrent writers must serialise load-modify-save
         themselves (``riskd pii`` holds ``locked(path)``): the rename is atomic, the
-        read-modify-write around it is not.
+        read-modify-write around it is not. A symbolic link (a key file on shared
+        storage) is followed: its target is replaced, the link kept.
         """
-        path = Path(path)
+        path = _resolved(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".keyring-")
         try:
@@ -284,9 +285,11 @@ def locked(path: Path) -> Iterator[None]:
     Wrap every load-modify-save of a key file in it: two ``riskd pii keygen`` run at
     once would otherwise both read version n and both write their own n+1, one key
     lost (and data keys wrapped under it unreadable). ``flock`` locks are released
-    when the process dies, so a killed command leaves no stale lock.
+    when the process dies, so a killed command leaves no stale lock. The lock sits
+    beside the file a symbolic link ``path`` points to, so every host that links to
+    one shared key file takes the same lock (where the storage honours ``flock``).
     """
-    path = Path(path)
+    path = _resolved(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -294,6 +297,11 @@ def locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _resolved(path: Path) -> Path:
+    """``path`` with symbolic links followed (also to a target not written yet)."""
+    return Path(os.path.realpath(path))
 
 
 def _parse_key(i: int, entry: object) -> tuple[int, MasterKey]:

@@ -232,6 +232,27 @@ def test_cli_parallel_keygens_lose_no_version(
     assert not list(key_file.parent.glob(".keyring-*"))  # no temporary file left behind
 
 
+def test_cli_keygen_and_retire_through_a_symlink_update_the_shared_key_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README's key file on shared storage: each host links to it; the link must stay a link."""
+    monkeypatch.delenv("RISKD_KEYRING", raising=False)
+    monkeypatch.delenv("RISKD_CONFIG", raising=False)
+    shared = tmp_path / "shared" / "keyring.json"
+    shared.parent.mkdir()
+    link = tmp_path / "node-keyring.json"
+    link.symlink_to(shared)
+    url = f"sqlite:///{tmp_path / 'riskd.db'}"
+    Database(url).close()
+    opts = ["--keyring", str(link), "--database", url]
+    assert run("keygen", *opts) == 0
+    assert run("keygen", *opts) == 0
+    assert run("retire", "1", *opts) == 0
+    assert link.is_symlink()
+    ring = Keyring.load(shared)
+    assert (ring.primary_version, ring.active_versions) == (2, (2,))
+
+
 def test_cli_release_lifts_one_hold_by_reason(
     paths: tuple[list[str], Path, str], capsys: pytest.CaptureFixture[str]
 ) -> None:

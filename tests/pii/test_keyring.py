@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from riskd.errors import ConfigError, CryptoError
-from riskd.pii.keyring import Keyring, WrappedKey
+from riskd.pii.keyring import Keyring, WrappedKey, locked
 
 
 def test_keyring_generate_has_one_active_primary_version() -> None:
@@ -72,6 +72,25 @@ def test_keyring_save_writes_owner_only_file(tmp_path: Path) -> None:
     ring.save(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert Keyring.load(path) == ring
+
+
+def test_keyring_save_through_a_symlink_updates_the_shared_target(tmp_path: Path) -> None:
+    """A key file on shared storage, linked from each host, stays one file."""
+    shared = tmp_path / "shared" / "keyring.json"
+    link = tmp_path / "node" / "keyring.json"
+    link.parent.mkdir()
+    link.symlink_to(shared)  # dangling until the first save
+    ring = Keyring.generate()
+    with locked(link):
+        ring.save(link)
+    with locked(link):
+        rotated = Keyring.load(link).add_version()
+        rotated.save(link)
+    assert link.is_symlink() and link.resolve() == shared.resolve()
+    assert Keyring.load(shared).primary_version == 2
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o600
+    assert (shared.parent / "keyring.json.lock").exists()
+    assert sorted(p.name for p in link.parent.iterdir()) == ["keyring.json"]
 
 
 def test_keyring_from_env_reads_the_document() -> None:
