@@ -29,6 +29,8 @@ from __future__ import annotations
 import base64
 import binascii
 import fcntl
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -52,6 +54,8 @@ NONCE_BYTES = 12
 ENV_VAR = "RISKD_KEYRING"
 MAX_VERSION = 2**31 - 1  # master_version is an SQL INTEGER column
 _INDEX_INFO = b"riskd blind index v1\x00"
+_FINGERPRINT_KEY = "\x00keyring fingerprint"  # never a field type (NORMALIZERS' names)
+_FINGERPRINT_LABEL = b"riskd keyring fingerprint v1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +280,24 @@ class Keyring:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def fingerprint(keyring: MasterKeyProvider) -> str:
+    """What identifies a keyring across rotations: an HMAC of a fixed label under a key
+    derived from the index secret (hex, 128 bits), so it reveals no key.
+
+    Only the index secret goes in: ``add_version`` and ``retire`` keep it (and the blind
+    indexes), while another keyring's differs. The database records it on first use
+    (``riskd.pii.vault.bind_keyring``).
+
+    >>> ring = Keyring.generate()
+    >>> fingerprint(ring) == fingerprint(ring.add_version().retire(1))
+    True
+    >>> fingerprint(ring) == fingerprint(Keyring.generate())
+    False
+    """
+    key = keyring.derive_index_key(_FINGERPRINT_KEY)
+    return hmac.new(key, _FINGERPRINT_LABEL, hashlib.sha256).hexdigest()[:32]
 
 
 @contextmanager

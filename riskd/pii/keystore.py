@@ -107,8 +107,48 @@ class SqlKeyStore:
             CREATE TABLE IF NOT EXISTS pii_blind_index (
                 field_type TEXT NOT NULL, digest TEXT NOT NULL, subject_id TEXT NOT NULL,
                 PRIMARY KEY (field_type, digest, subject_id));
-            CREATE INDEX IF NOT EXISTS pii_blind_index_subject ON pii_blind_index (subject_id)
+            CREATE INDEX IF NOT EXISTS pii_blind_index_subject ON pii_blind_index (subject_id);
+            CREATE TABLE IF NOT EXISTS pii_keyring (
+                id INTEGER PRIMARY KEY CHECK (id = 1), fingerprint TEXT NOT NULL)
         """)
+
+    # -- the keyring the data was written with --------------------------------------------
+
+    def keyring_fingerprint(self) -> str | None:
+        """The fingerprint recorded on first use (``keyring.fingerprint``); None before."""
+        rows = self.db.query("SELECT fingerprint FROM pii_keyring WHERE id = 1")
+        return str(rows[0][0]) if rows else None
+
+    def record_keyring_fingerprint(self, fingerprint: str) -> str:
+        """Record ``fingerprint`` unless one is; returns the stored one (a process started
+        at the same time may have recorded its own first)."""
+
+        def insert(tx: Tx) -> None:
+            tx.execute(
+                "INSERT INTO pii_keyring (id, fingerprint) VALUES (1, ?) ON CONFLICT DO NOTHING",
+                (fingerprint,),
+            )
+
+        self.db.run(insert)
+        stored = self.keyring_fingerprint()
+        assert stored is not None  # inserted above or by the writer that won
+        return stored
+
+    def sample_keys(self) -> list[DataKeyRow]:
+        """One live data key per master version (which keyring wrapped them, if unsure)."""
+        versions = self.db.query(
+            "SELECT DISTINCT master_version FROM pii_data_keys WHERE wrapped IS NOT NULL "
+            "ORDER BY master_version"
+        )
+        out: list[DataKeyRow] = []
+        for (version,) in versions:
+            rows = self.db.query(
+                f"SELECT {self._COLS} FROM pii_data_keys WHERE master_version = ? "
+                "AND wrapped IS NOT NULL LIMIT 1",
+                (version,),
+            )
+            out.extend(_row(r) for r in rows)
+        return out
 
     # -- data keys ------------------------------------------------------------------------
 

@@ -46,8 +46,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from riskd.domain.clock import Clock, SystemClock
 from riskd.errors import CryptoError, InvalidArgumentError, RiskdError
-from riskd.pii.keyring import KEY_BYTES, NONCE_BYTES, MasterKeyProvider
-from riskd.pii.keystore import DataKeyRow, KeyStore, ShredResult
+from riskd.pii.keyring import KEY_BYTES, NONCE_BYTES, MasterKeyProvider, fingerprint
+from riskd.pii.keystore import DataKeyRow, KeyStore, ShredResult, SqlKeyStore
 from riskd.sql import Database, Tx
 
 FORMAT_V1 = 1
@@ -131,6 +131,39 @@ def _seal(key: _Cached, nonce: bytes, aad_prefix: bytes, field: str, text: str) 
 def _require(name: str, value: str) -> None:
     if not value:
         raise InvalidArgumentError(name, "must not be empty")
+
+
+def bind_keyring(keyring: MasterKeyProvider, keystore: SqlKeyStore) -> bool:
+    """Whether ``keyring`` is the one the key store's data was written with; the first
+    time, its fingerprint is recorded (the daemon checks this before it starts).
+
+    Another keyring would change every blind index (velocity counters restart) and
+    wrap new buyers' data keys under a master key the right keyring cannot unwrap.
+    A database written before fingerprints were recorded is recorded too, unless a
+    data key under a version the keyring holds fails to unwrap and none unwraps.
+    """
+    mine = fingerprint(keyring)
+    stored = keystore.keyring_fingerprint()
+    if stored is None:
+        if not _unwraps_any(keyring, keystore.sample_keys()):
+            return False
+        stored = keystore.record_keyring_fingerprint(mine)
+    return stored == mine
+
+
+def _unwraps_any(keyring: MasterKeyProvider, rows: Iterable[DataKeyRow]) -> bool:
+    """True if no row can be tried (none, or all under retired versions) or one unwraps."""
+    tried = False
+    for row in rows:
+        if row.wrapped is None or keyring.is_retired(row.wrapped.version):
+            continue
+        try:
+            keyring.unwrap(row.wrapped, _dek_aad(row.subject_id, row.generation))
+        except CryptoError:
+            tried = True
+            continue
+        return True
+    return not tried
 
 
 class Vault:

@@ -36,7 +36,7 @@ from riskd.ledger import Book, LedgerShopDirectory, PenaltySchedule, load_schedu
 from riskd.pii.blind import BlindIndexer
 from riskd.pii.keyring import Keyring
 from riskd.pii.keystore import SqlKeyStore
-from riskd.pii.vault import Vault
+from riskd.pii.vault import Vault, bind_keyring
 from riskd.service.evidence import add_evidence_service
 from riskd.service.gen.riskd.v1 import evidence_pb2, ledger_pb2
 from riskd.service.ledger import add_ledger_service
@@ -198,7 +198,7 @@ def _build(
             with contextlib.suppress(OSError):
                 config.data_dir.rmdir()
         raise _database_error(config, e) from None
-    keyring = configured or load_keyring(config, db)
+    keyring = load_keyring(config, db, configured)
     indexer = BlindIndexer(keyring)
     try:
         # PII in the decision log: masked + blind index in the record, and encrypted under
@@ -302,17 +302,28 @@ def evidence_service(
     return register
 
 
-def load_keyring(config: Config, db: Database | None = None) -> Keyring:
-    """The configured keyring; on first start with none configured, generate one (mode 0600).
+def load_keyring(
+    config: Config, db: Database | None = None, configured: Keyring | None = None
+) -> Keyring:
+    """The configured keyring (``configured``, when already read); on first start with none
+    configured, generate one (mode 0600). With ``db``, it must be the keyring the
+    database's data was written with (recorded there on first use).
 
     ``RISKD_KEYRING`` (the document) wins over a key file. A keyring is generated only
     for a database that holds no data keys or blind indexes yet: one made under another
     keyring (a lost file, another working directory, a replica with its own data_dir)
-    would seal nothing readable and count every identity under other digests.
+    would seal nothing readable and count every identity under other digests. A
+    configured keyring other than the database's is refused for the same reasons.
     """
-    keyring = configured_keyring(config)
-    if keyring is not None:
-        return keyring
+    keyring = configured or configured_keyring(config)
+    if keyring is None:
+        keyring = _generated_keyring(config, db)
+    if db is not None:
+        _check_keyring(config, keyring, db)
+    return keyring
+
+
+def _generated_keyring(config: Config, db: Database | None) -> Keyring:
     path = config.keyring_path
     if db is not None and _holds_keyed_data(db):
         raise ConfigError(
@@ -327,6 +338,21 @@ def load_keyring(config: Config, db: Database | None = None) -> Keyring:
         raise ConfigError(f"data_dir: cannot write the keyring {path}: {e.strerror}") from None
     log.info("generated a new keyring", extra={"fields": {"path": str(path)}})
     return keyring
+
+
+def _check_keyring(config: Config, keyring: Keyring, db: Database) -> None:
+    """Refuse a keyring other than the one the database's data was written with."""
+    try:
+        same = bind_keyring(keyring, SqlKeyStore(db))
+    except _refusals() as e:  # the key store's tables
+        raise _database_error(config, e) from None
+    if not same:
+        source = "RISKD_KEYRING" if config.keyring else f"keyring_file: {config.keyring_path}"
+        raise ConfigError(
+            f"{source} is not the keyring this database's data keys and blind indexes were"
+            " made with: point keyring_file or RISKD_KEYRING at that keyring (a new keyring"
+            " needs a new database)"
+        )
 
 
 def configured_keyring(config: Config) -> Keyring | None:
@@ -353,7 +379,7 @@ def configured_keyring(config: Config) -> Keyring | None:
 
 def _holds_keyed_data(db: Database) -> bool:
     """Whether ``db`` has data keys or blind indexes (tables not created yet: no)."""
-    for table in ("pii_data_keys", "decision_blind_index"):
+    for table in ("pii_data_keys", "decision_blind_index", "pii_keyring"):
         try:
             if db.query(f"SELECT 1 FROM {table} LIMIT 1"):
                 return True

@@ -15,7 +15,7 @@ from riskd.errors import CryptoError, FailedPreconditionError, InvalidArgumentEr
 from riskd.pii.blind import BlindIndexer
 from riskd.pii.keyring import Keyring
 from riskd.pii.keystore import SqlKeyStore
-from riskd.pii.vault import RotateResult, Vault
+from riskd.pii.vault import RotateResult, Vault, bind_keyring
 from riskd.sql import Database
 
 PHONE = "13800138000"
@@ -418,3 +418,28 @@ def test_vault_holds_placed_by_an_older_riskd_keep_their_reason(
     assert vault.release_hold("b1") is True
     assert vault.holds("b1") == []
     vault.forget("b1")
+
+
+def test_bind_keyring_records_the_first_and_refuses_another_but_not_a_rotation(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    """A foreign keyring would restart every velocity counter and wrap new buyers' keys
+    where the right keyring cannot unwrap them; `riskd pii keygen`/`retire` keep it."""
+    assert bind_keyring(keyring, store)
+    Vault(keyring, store).encrypt("b1", "o1", "phone", PHONE)
+    assert not bind_keyring(Keyring.generate(), store)
+    assert bind_keyring(keyring.add_version().add_version().retire(1), store)
+    assert bind_keyring(keyring, SqlKeyStore(store.db))  # recorded in the database
+    assert store.keyring_fingerprint() is not None
+    assert keyring.index_secret.hex() not in str(store.keyring_fingerprint())
+
+
+def test_bind_keyring_checks_a_database_written_before_fingerprints_by_its_data_keys(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    Vault(keyring, store).encrypt("b1", "o1", "phone", PHONE)
+    store.db.run(lambda tx: tx.execute("DELETE FROM pii_keyring"))  # as an older riskd left it
+    assert not bind_keyring(Keyring.generate(), store)
+    assert store.keyring_fingerprint() is None  # nothing recorded for the foreign one
+    assert bind_keyring(keyring, store)
+    assert not bind_keyring(Keyring.generate(), store)

@@ -304,3 +304,63 @@ def test_a_database_this_role_cannot_write_is_refused_by_name_and_creates_nothin
         "database_url: cannot open the database: InsufficientPrivilege: permission denied"
     )
     assert not data.exists()  # no keyring
+
+
+def test_a_daemon_refuses_a_keyring_other_than_its_databases(tmp_path: Path) -> None:
+    """Review: a fresh keyring in the key file's place started silently; every blind index
+    changed and buyers first seen then got data keys the right keyring cannot unwrap."""
+    running = create_server(make_config(tmp_path))
+    running.components.scorer.score(full_order("o-1"), timeout_s=5.0)
+    running.stop(0)
+    key_file = tmp_path / "keyring.json"
+    right = Keyring.load(key_file)
+    foreign = Keyring.generate()
+    foreign.save(key_file)
+    with pytest.raises(ConfigError, match=r"^keyring_file: .*keyring\.json is not the keyring"):
+        create_server(make_config(tmp_path))
+    with pytest.raises(ConfigError, match=r"^RISKD_KEYRING is not the keyring") as e:
+        create_server(make_config(tmp_path, keyring=foreign.to_json()))
+    assert foreign.to_json() not in str(e.value) and right.to_json() not in str(e.value)
+    right.add_version().save(key_file)  # `riskd pii keygen`: the same keyring, rotated
+    create_server(make_config(tmp_path)).stop(0)
+
+
+def test_a_database_from_before_keyring_fingerprints_is_checked_by_its_data_keys(
+    tmp_path: Path,
+) -> None:
+    running = create_server(make_config(tmp_path))
+    running.components.scorer.score(full_order("o-1"), timeout_s=5.0)
+    running.stop(0)
+    db = Database(f"sqlite:///{tmp_path / 'riskd.db'}")
+    db.run(lambda tx: tx.execute("DROP TABLE pii_keyring"))  # as an older riskd left it
+    db.close()
+    key_file = tmp_path / "keyring.json"
+    right = Keyring.load(key_file)
+    Keyring.generate().save(key_file)
+    with pytest.raises(ConfigError, match=r"^keyring_file: .* is not the keyring"):
+        create_server(make_config(tmp_path))
+    right.save(key_file)
+    create_server(make_config(tmp_path)).stop(0)  # recorded now
+    Keyring.generate().save(key_file)
+    with pytest.raises(ConfigError, match=r"^keyring_file: .* is not the keyring"):
+        create_server(make_config(tmp_path))
+
+
+@pytest.mark.postgres
+def test_replicas_on_one_postgresql_refuse_a_keyring_of_their_own(tmp_path: Path) -> None:
+    """A replica with a keyring of its own (`riskd pii keygen` run per container) over the
+    shared database is refused instead of splitting the counters and sealing unreadable PII."""
+    url = f"{PG}?schema=riskd_keyring_{uuid.uuid4().hex[:8]}"
+    first = create_server(make_config(tmp_path / "a", database_url=url))
+    try:
+        own = tmp_path / "b" / "keyring.json"
+        Keyring.generate().save(own)
+        with pytest.raises(ConfigError, match=r"^keyring_file: .* is not the keyring"):
+            create_server(make_config(tmp_path / "b", database_url=url))
+        shared = str(tmp_path / "a" / "keyring.json")
+        create_server(make_config(tmp_path / "c", database_url=url, keyring_file=shared)).stop(0)
+    finally:
+        first.stop(0)
+        db = Database(url)
+        db.drop_schema()
+        db.close()
