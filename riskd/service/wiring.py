@@ -373,7 +373,10 @@ def configured_keyring(config: Config) -> Keyring | None:
             detail = str(e).removeprefix("keyring: ")
             raise ConfigError(f"keyring_file: {path}: {detail}") from None
     if config.keyring_file is not None:
-        raise ConfigError(f"keyring_file: {path} does not exist")
+        raise ConfigError(
+            f"keyring_file: {path} does not exist (a configured key file is not generated"
+            " at start: create it once with `riskd pii keygen`)"
+        )
     return None
 
 
