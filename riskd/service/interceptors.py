@@ -17,6 +17,8 @@ before any interceptor sees the call; the request deserializer here hands such b
 as ``Undecodable`` instead, and the call gets ``INVALID_ARGUMENT`` naming the field
 (``order.buyer.name``; ``request`` when the bytes are not a message at all), after the
 authentication of the interceptors outside this one, logged and counted as any refusal.
+Streaming methods (health ``Watch``, reflection) get the same: without it grpcio answers
+``INTERNAL`` and logs a traceback at error level for each such request.
 
 grpcio deserializes a request before any interceptor runs, so whatever that costs, any
 caller can make the server pay it: 16 MiB of empty orders (16 KB gzipped) take seconds
@@ -41,8 +43,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.descriptor import Descriptor
@@ -142,20 +144,37 @@ class ErrorInterceptor(_Interceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
-        if handler is None or (inner := handler.unary_unary) is None:
-            return handler  # streaming (health Watch, reflection) passes through untouched
+        if handler is None:
+            return None
         method = handler_call_details.method
         wrapped = self._wrapped.get(method, handler)
         if wrapped is None:
-            wrapped = grpc.unary_unary_rpc_method_handler(
-                keep_flags(inner, self._wrap(method, inner)),
-                request_deserializer=_lenient(
-                    handler.request_deserializer, self._max_bytes, self._limits
-                ),
-                response_serializer=handler.response_serializer,
-            )
+            if (inner := handler.unary_unary) is None:
+                wrapped = _streaming(handler, self._refuser(method))
+            else:
+                wrapped = grpc.unary_unary_rpc_method_handler(
+                    keep_flags(inner, self._wrap(method, inner)),
+                    request_deserializer=_lenient(
+                        handler.request_deserializer, self._max_bytes, self._limits
+                    ),
+                    response_serializer=handler.response_serializer,
+                )
             self._wrapped.keep(method, handler, wrapped)
         return wrapped
+
+    def _refuser(self, method: str) -> Refuse:
+        """How a stream of ``method`` refuses an ``Undecodable`` request: ``INVALID_ARGUMENT``,
+        logged and counted as a unary call's refusal (streams are not timed)."""
+        errors = self._metrics.rpc_errors.labels(method, grpc.StatusCode.INVALID_ARGUMENT.name)
+
+        def refuse(request: Undecodable, context: grpc.ServicerContext) -> NoReturn:
+            errors.inc()
+            if log.isEnabledFor(logging.INFO):
+                fields = {"method": method, "code": grpc.StatusCode.INVALID_ARGUMENT.name}
+                log.info("rpc", extra={"fields": fields})
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error()))
+
+        return refuse
 
     def _wrap(self, method: str, inner: Handler) -> Handler:
         latency = self._metrics.latency.labels(method)
@@ -366,12 +385,79 @@ def _lenient(
         except RiskdError as e:  # a limit's check
             return Refused(e, len(data))
 
+    tolerant = _tolerant(deserializer)
+
     def deserialize(data: bytes) -> Any:
         if len(data) > EAGER_PARSE_BYTES:
             return Deferred(data, parse)
+        return tolerant(data)
+
+    return deserialize
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """``deserializer``, giving ``Undecodable`` for bytes it refuses instead of raising."""
+    descriptor = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+
+    def deserialize(data: bytes) -> Any:
         try:
             return deserializer(data)
         except DecodeError:
             return Undecodable(data, descriptor)
 
     return deserialize
+
+
+Refuse = Callable[[Undecodable, grpc.ServicerContext], NoReturn]
+"""Aborts a call whose request is ``Undecodable`` (``ErrorInterceptor._refuser``)."""
+
+
+def _streaming(
+    handler: grpc.RpcMethodHandler[Any, Any], refuse: Refuse
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A streaming ``handler`` (health ``Watch``, reflection) whose requests that do not
+    parse are refused by ``refuse`` instead of grpcio's ``INTERNAL`` and logged traceback.
+
+    Its requests are parsed by grpcio as they come (never ``Deferred``): these services'
+    requests are a few bytes, and gRPC's receive limit bounds what one can cost."""
+    deserializer = handler.request_deserializer
+    kinds: list[tuple[Any, Callable[..., grpc.RpcMethodHandler[Any, Any]], Any]] = [
+        (handler.unary_stream, grpc.unary_stream_rpc_method_handler, _one_request),
+        (handler.stream_stream, grpc.stream_stream_rpc_method_handler, _request_stream),
+        (handler.stream_unary, grpc.stream_unary_rpc_method_handler, _request_stream),
+    ]
+    for inner, make, wrap in kinds:
+        if inner is not None:
+            return make(
+                keep_flags(inner, wrap(inner, refuse)),
+                request_deserializer=None if deserializer is None else _tolerant(deserializer),
+                response_serializer=handler.response_serializer,
+            )
+    return handler
+
+
+def _one_request(inner: Callable[..., Any], refuse: Refuse) -> Callable[..., Any]:
+    # *callback: a non-blocking behaviour (health Watch) also gets send_response_callback
+    def call(request: Any, context: grpc.ServicerContext, *callback: Any) -> Any:
+        if isinstance(request, Undecodable):
+            refuse(request, context)
+        return inner(request, context, *callback)
+
+    return call
+
+
+def _request_stream(inner: Callable[..., Any], refuse: Refuse) -> Callable[..., Any]:
+    def call(requests: Iterable[Any], context: grpc.ServicerContext, *callback: Any) -> Any:
+        return inner(_checked(requests, context, refuse), context, *callback)
+
+    return call
+
+
+def _checked(
+    requests: Iterable[Any], context: grpc.ServicerContext, refuse: Refuse
+) -> Iterator[Any]:
+    """``requests``, the call refused at the first one that does not parse."""
+    for request in requests:
+        if isinstance(request, Undecodable):
+            refuse(request, context)
+        yield request

@@ -17,6 +17,8 @@ from riskd.errors import InvalidArgumentError, NotFoundError, RiskdError, Unavai
 from riskd.service.interceptors import ErrorInterceptor
 from riskd.service.logs import configure_logging
 from riskd.service.metrics import Metrics
+from riskd.service.server import RunningServer, create_server
+from tests.service.conftest import make_config
 
 Behaviour = Callable[[bytes], bytes]
 
@@ -180,3 +182,48 @@ def test_a_status_set_without_raising_is_logged_and_counted(
     assert [(line["msg"], line["code"]) for line in lines_of(logged)] == [("rpc", "NOT_FOUND")]
     labels = {"method": "/t.T/Unknown", "code": "NOT_FOUND"}
     assert metrics.value("riskd_rpc_errors_total", labels) == 1
+
+
+@pytest.fixture(scope="module")
+def riskd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    running = create_server(make_config(tmp_path_factory.mktemp("riskd")))
+    yield running
+    running.stop(1)
+
+
+WATCH = "/grpc.health.v1.Health/Watch"
+REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+
+
+@pytest.mark.parametrize(
+    ("method", "data", "details"),
+    [
+        (WATCH, b"\x0a\xff", "request: is not a valid protobuf message"),
+        (WATCH, b"\x0a\x02\xc3\x28", "service: is not valid UTF-8"),
+        (REFLECTION, b"\xff\xff\xff", "request: is not a valid protobuf message"),
+        (REFLECTION, b"\x3a\x02\xc3\x28", "list_services: is not valid UTF-8"),
+    ],
+)
+def test_streamed_bytes_that_do_not_parse_are_invalid_argument_without_a_traceback(
+    riskd_server: RunningServer,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    data: bytes,
+    details: str,
+) -> None:
+    """Review: health Watch and reflection answered such bytes INTERNAL, grpcio logging a
+    traceback at error level for each (any caller could flood the error log)."""
+    labels = {"method": method, "code": "INVALID_ARGUMENT"}
+    errors = riskd_server.metrics.value("riskd_rpc_errors_total", labels)
+    with (
+        grpc.insecure_channel(f"127.0.0.1:{riskd_server.port}") as channel,
+        caplog.at_level(logging.WARNING),
+        pytest.raises(grpc.RpcError) as e,
+    ):
+        if method == WATCH:
+            list(channel.unary_stream(method)(data, timeout=5))
+        else:
+            list(channel.stream_stream(method)(iter([data]), timeout=5))
+    assert (e.value.code(), e.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, details)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert riskd_server.metrics.value("riskd_rpc_errors_total", labels) == errors + 1
