@@ -9,9 +9,9 @@ SIGHUP (one that comes during start-up is held until the server is up).
 
 Both clients connect with TLS given ``--ca``, and present a client certificate
 (mutual TLS) given ``--cert`` and ``--key``. ``score`` sends ``--token`` over
-plaintext only to a loopback target. Their ``RISKD_TOKEN`` and
-``RISKD_HEALTH_*`` variables are the ones ``riskd.config.CLIENT_ENV`` lets the
-daemon's environment hold.
+plaintext only to a loopback target, and no plaintext call goes through an HTTP proxy
+(``NO_PROXY``). Their ``RISKD_TOKEN`` and ``RISKD_HEALTH_*`` variables are the ones
+``riskd.config.CLIENT_ENV`` lets the daemon's environment hold.
 """
 
 from __future__ import annotations
@@ -187,6 +187,13 @@ def run_health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
+NO_PROXY = [("grpc.enable_http_proxy", 0)]
+"""Channel options for plaintext: without them grpc sends a call through ``$http_proxy``
+(``$grpc_proxy``), bearer token included, in clear; a loopback target, the only one a token
+goes to in plaintext, is never behind a proxy. TLS keeps the proxy: through its ``CONNECT``
+tunnel the call stays encrypted end to end, and a daemon reachable only that way stays so."""
+
+
 class _ChannelError(Exception):
     """A client option that cannot be used (the message names the option)."""
 
@@ -205,7 +212,7 @@ def _channel(
     if ca is None:
         if cert is not None:
             raise _ChannelError("--cert needs --ca (a client certificate needs TLS)")
-        return grpc.insecure_channel(target)
+        return grpc.insecure_channel(target, options=NO_PROXY)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=_read(ca, "--ca"),
         private_key=None if key is None else _read(key, "--key"),

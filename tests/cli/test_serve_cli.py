@@ -301,6 +301,39 @@ def test_score_sends_a_token_over_plaintext_to_loopback(
     assert "UNAUTHENTICATED" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("command", "answer"),
+    [
+        # the daemon (knowing no tokens on the embedded default) refuses the token
+        (["score", str(EXAMPLE), "--token", "s3cret-gw-token"], "riskd score: UNAUTHENTICATED"),
+        (["health"], "SERVING\n"),
+    ],
+)
+def test_plaintext_calls_go_straight_to_the_daemon_not_through_http_proxy(
+    daemon: Daemon, command: list[str], answer: str
+) -> None:
+    """Review: with ``http_proxy`` set, grpc sent the call, bearer token included, to the
+    proxy in clear (and a loopback target then never answered)."""
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        proxy.setblocking(False)
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        env["http_proxy"] = f"http://127.0.0.1:{proxy.getsockname()[1]}"
+        target = ["--target", f"127.0.0.1:{daemon.port}", "--timeout", "5"]
+        done = subprocess.run(
+            [sys.executable, "-m", "riskd", *command, *target],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (done.stdout or done.stderr).startswith(answer), done
+        with pytest.raises(BlockingIOError):  # no connection ever came
+            proxy.accept()
+
+
 def test_serve_fails_cleanly_on_bad_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
