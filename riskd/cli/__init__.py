@@ -1,7 +1,9 @@
 """The ``riskd`` command: one subcommand group per module in this package.
 
 Each module listed in ``COMMANDS`` exposes ``register(subparsers)``, which adds
-its subcommands and sets ``func`` (returning the exit code) on each parser.
+its subcommands and sets ``func`` (returning the exit code) on each parser. ``main``
+imports only the module of the command it runs: ``riskd health``, a container's health
+check every few seconds, then costs a gRPC client, not the daemon, the DSL and Redis.
 ``main`` holds a SIGHUP that comes while ``riskd serve`` starts (``HeldHangup``)
 and ends quietly when its reader goes away (``riskd ... | head``).
 """
@@ -24,13 +26,16 @@ DESCRIPTION = "riskd: risk-control and fraud-detection daemon for short-video an
 # exit status of a command whose output's reader went away (128 + SIGPIPE, as `yes | head`)
 BROKEN_PIPE_EXIT = 141
 
-COMMANDS: tuple[str, ...] = (
-    "riskd.cli.rules",  # riskd rules check|test|fmt|eval
-    "riskd.cli.serve",  # riskd serve, riskd score
-    "riskd.cli.ledger",  # riskd ledger statements|verify|top-up|unfreeze|write-off
-    "riskd.cli.pii",  # riskd pii keygen|rotate|retire|forget|hold
-    "riskd.cli.evidence",  # riskd evidence verify
-)
+COMMANDS: dict[str, str] = {
+    "rules": "riskd.cli.rules",  # riskd rules check|test|fmt|eval
+    "serve": "riskd.cli.serve",
+    "score": "riskd.cli.serve",
+    "health": "riskd.cli.serve",
+    "ledger": "riskd.cli.ledger",  # riskd ledger accounts|statement|...|write-off
+    "pii": "riskd.cli.pii",  # riskd pii keygen|rotate|retire|forget|hold
+    "evidence": "riskd.cli.evidence",  # riskd evidence verify
+}
+"""Each command, in the order ``riskd --help`` lists them, and the module that registers it."""
 
 
 def existing_database(args: argparse.Namespace, configured: Callable[[], str]) -> str:
@@ -82,10 +87,17 @@ class HeldHangup:
         signal.signal(signal.SIGHUP, self._previous)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``riskd`` parser: every command, or only ``command``'s module's when it names
+    one (the usage line still lists them all, as errors print it)."""
     parser = argparse.ArgumentParser(prog="riskd", description=DESCRIPTION)
+    if command in COMMANDS:
+        metavar = "{" + ",".join(COMMANDS) + "}"  # what argparse writes for all of them
+        sub = parser.add_subparsers(dest="command", required=True, metavar=metavar)
+        importlib.import_module(COMMANDS[command]).register(sub)
+        return parser
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
+    for name in dict.fromkeys(COMMANDS.values()):
         importlib.import_module(name).register(sub)
     return parser
 
@@ -100,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     held = HeldHangup() if argv[:1] == ["serve"] else None
     try:
         try:
-            args = build_parser().parse_args(argv)
+            args = build_parser(argv[0] if argv else None).parse_args(argv)
         except BaseException:  # usage errors and --help exit here
             if held is not None:
                 held.release()

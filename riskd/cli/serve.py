@@ -30,12 +30,8 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from riskd.cli import HeldHangup, add_config_argument
-from riskd.config import load_config
 from riskd.errors import RiskdError
-from riskd.service.auth import is_loopback
 from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2, scoring_pb2_grpc
-from riskd.service.logs import configure_logging
-from riskd.service.server import create_server
 
 MAX_TIMEOUT_S = 86_400.0
 
@@ -100,6 +96,11 @@ def run_serve(args: argparse.Namespace) -> int:
     # from before this module was imported) and the rules reload once the server is up
     held = getattr(args, "held_hangup", None) or HeldHangup()
     try:
+        # here, not at the top: `riskd score` and `riskd health` need none of the daemon
+        from riskd.config import load_config
+        from riskd.service.logs import configure_logging
+        from riskd.service.server import create_server
+
         overrides = {"listen": args.listen} if args.listen else {}
         config = load_config(args.config, **overrides)
         configure_logging(config.log_level)
@@ -225,6 +226,8 @@ def _channel(
 def _check_plaintext_token(target: str) -> None:
     """A bearer token goes over plaintext only to loopback (as the daemon listens in
     plaintext only there: ``riskd.service.auth.check_insecure_listen``)."""
+    from riskd.service.auth import is_loopback  # the whole service: only for a token
+
     if not is_loopback(target.rpartition(":")[0]):
         raise _ChannelError(
             "--token: a bearer token is sent over plaintext only to a loopback --target "

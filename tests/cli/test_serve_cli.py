@@ -21,7 +21,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from riskd.cli import build_parser
+from riskd.cli import COMMANDS, build_parser
 from riskd.evidence.log import DecisionLog
 from riskd.sql import Database
 
@@ -155,15 +155,15 @@ def test_sighup_during_start_up_is_held_until_serving(tmp_path: Path) -> None:
         d.stop()
 
 
-# Stops the import of riskd.cli.serve (the slow part of `riskd serve`'s start, with grpc and
-# the whole service) until a line comes on stdin, saying so on stderr.
+# Stops the import of riskd.service.server (the slow part of `riskd serve`'s start, the
+# whole service) until a line comes on stdin, saying so on stderr.
 PAUSE_IMPORT = """
 import importlib.abc, sys
 class Pause(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name == "riskd.cli.serve":
+        if name == "riskd.service.server":
             sys.meta_path.remove(self)
-            print("importing riskd.cli.serve", file=sys.stderr, flush=True)
+            print("importing riskd.service.server", file=sys.stderr, flush=True)
             sys.stdin.readline()
 sys.meta_path.insert(0, Pause())
 """
@@ -332,6 +332,46 @@ def test_plaintext_calls_go_straight_to_the_daemon_not_through_http_proxy(
         assert (done.stdout or done.stderr).startswith(answer), done
         with pytest.raises(BlockingIOError):  # no connection ever came
             proxy.accept()
+
+
+# runs `riskd` as its entry point does, then names the daemon's modules it imported
+IMPORTED = """
+import sys, riskd.cli
+rc = riskd.cli.main()
+heavy = ("riskd.service.server", "riskd.service.auth", "riskd.engine", "riskd.dsl", "redis")
+print(rc, sorted(m for m in sys.modules if m.partition(".")[0] in heavy or m.startswith(heavy)))
+"""
+
+
+@pytest.mark.parametrize("command", [["health"], ["score", str(EXAMPLE)]])
+def test_health_and_score_import_a_client_not_the_daemon(
+    daemon: Daemon, command: list[str]
+) -> None:
+    """Review: ``riskd health``, the image's health check every 10 s, imported every
+    command's modules (server, DSL, Redis...): about a CPU-second per probe."""
+    target = ["--target", f"127.0.0.1:{daemon.port}", "--timeout", "5"]
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORTED, *command, *target],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.splitlines()[-1] == "0 []", done
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("option", ["--help", "--no-such-option"])
+def test_a_command_parses_and_helps_alone_as_among_all(
+    command: str, option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``main`` builds only its command's parser: its help and errors read the same."""
+    said = []
+    for parser in (build_parser(command), build_parser()):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args([command, option])
+        said.append((e.value.code, capsys.readouterr()))
+    assert said[0] == said[1]
 
 
 def test_serve_fails_cleanly_on_bad_config(
