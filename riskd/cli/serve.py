@@ -39,7 +39,11 @@ MAX_TIMEOUT_S = 86_400.0
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``serve`` and ``score`` to the ``riskd`` command."""
     serve = subparsers.add_parser("serve", help="run the scoring daemon")
-    serve.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:50051)")
+    serve.add_argument(
+        "--listen",
+        help="HOST:PORT to listen on (default $RISKD_LISTEN, else the config file's listen,"
+        " else 127.0.0.1:50051)",
+    )
     add_config_argument(serve)
     serve.set_defaults(func=run_serve)
     score = subparsers.add_parser("score", help="score one order (JSON file, - for stdin)")
