@@ -17,8 +17,9 @@ interceptor. For each call it
 3. takes tokens from the caller's bucket (``RESOURCE_EXHAUSTED`` when empty):
    one per call, one per order for ``ScoreBatch`` (``COSTS``, capped at the
    burst); ``PUBLIC`` methods spend a separate bucket per caller under the
-   ``PUBLIC`` limit; refused calls spend their peer host's bucket of refusals
-   (``AuthInterceptor``), so token guessing is throttled;
+   ``PUBLIC`` limit, except the health ``Check`` (``UNMETERED``); refused calls
+   spend their peer host's bucket of refusals (``AuthInterceptor``), so token
+   guessing is throttled;
 4. for a streaming call, takes a stream slot (``StreamSlots``): a peer host
    keeps at most ``MAX_STREAMS_PER_PEER`` streams open, and streams that hold
    an RPC thread (all but the non-blocking health ``Watch``) at most
@@ -113,6 +114,12 @@ POLICY: dict[str, frozenset[str]] = {
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": ROLES,
 }
 """Full gRPC method name → roles allowed to call it. Anything not listed is denied."""
+
+UNMETERED: Final = frozenset({_HEALTH + "Check"})
+"""``PUBLIC`` methods no rate limit applies to: a health check is cheaper to answer than to
+refuse, and a load balancer's checks share their address (an L7 proxy's) with every client
+behind it, so a bucket per address let a neighbour's flood get the backend ejected
+(review). A ``Watch`` stays bounded: it opens a stream."""
 
 _current: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
     "riskd_identity", default=None
@@ -557,7 +564,8 @@ class AuthInterceptor(_Interceptor):
 
     Rate limits: a call spends its caller's bucket (``COSTS``: a batch per order);
     ``PUBLIC`` methods spend a bucket of their own per caller under the ``PUBLIC`` limit,
-    so health checks never eat a caller's quota. Every refused call (``UNAUTHENTICATED``,
+    so health watches never eat a caller's quota; ``UNMETERED`` ones (the health ``Check``)
+    spend nothing. Every refused call (``UNAUTHENTICATED``,
     ``PERMISSION_DENIED``) spends a token of its peer host's refusal bucket, also under the
     ``PUBLIC`` limit; while that bucket is empty the peer's calls that would be refused
     answer ``RESOURCE_EXHAUSTED``: failures cost little and log at its rate. A valid
@@ -649,7 +657,8 @@ class AuthInterceptor(_Interceptor):
             ):
                 denied.code, denied.message = grpc.StatusCode.RESOURCE_EXHAUSTED, _TOO_MANY_REFUSED
             raise
-        self._charge(method, request, identity, peer, public=PUBLIC in allowed)
+        if method not in UNMETERED:
+            self._charge(method, request, identity, peer, public=PUBLIC in allowed)
         return identity
 
     def _charge(
