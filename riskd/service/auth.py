@@ -137,10 +137,11 @@ def current_identity() -> Identity | None:
 @dataclass(frozen=True, slots=True)
 class Identity:
     """A caller: ``principal`` is ``cert:<CN>``, ``token:<name>`` or, for an anonymous
-    caller granted ``anonymous_roles``, ``peer:<address>``."""
+    caller granted ``anonymous_roles``, ``peer:<address>`` (``anonymous``)."""
 
     principal: str
     roles: frozenset[str]
+    anonymous: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,9 +187,14 @@ class AuthConfig:
         cert_principals: certificate CN → roles granted in addition to the OU roles.
         ou_roles: take roles from the certificate's OU fields (the CA is riskd's own).
         rate_limits: role → limit; a caller gets its most generous role's limit;
-            ``PUBLIC`` is the limit of anonymous callers, per peer address, of each
+            ``PUBLIC`` is the limit of anonymous callers, per peer address, whatever
+            their ``anonymous_roles`` (the stricter of the two applies: see
+            ``anonymous_within_public``), of each
             caller's calls to ``PUBLIC`` methods, and of each peer's refused calls.
         anonymous_roles: roles of a caller with no credentials (per peer address).
+        anonymous_within_public: hold anonymous callers to the ``PUBLIC`` limit too; off
+            only for the embedded default (plaintext on loopback, no ``[auth]`` table),
+            whose anonymous caller is the local checkout and has no ``public`` to set.
     """
 
     tokens: Mapping[str, Identity] = field(default_factory=dict)
@@ -196,6 +202,7 @@ class AuthConfig:
     ou_roles: bool = True
     rate_limits: Mapping[str, RateLimit] = field(default_factory=lambda: DEFAULT_RATE_LIMITS)
     anonymous_roles: frozenset[str] = frozenset()
+    anonymous_within_public: bool = True
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> AuthConfig:
@@ -248,11 +255,18 @@ class AuthConfig:
         """Convenience for tests and embedding: plaintext token → identity (stored hashed)."""
         return cls(tokens={token_digest(t): i for t, i in tokens.items()}, **kwargs)
 
-    def limit_for(self, roles: frozenset[str]) -> RateLimit:
+    def limit_for(self, roles: frozenset[str], *, anonymous: bool = False) -> RateLimit:
+        """The most generous of ``roles``' limits; for an ``anonymous`` caller (no token or
+        certificate, per peer address) never more than the ``PUBLIC`` limit (unless
+        ``anonymous_within_public`` is off)."""
+        public = self.rate_limits.get(PUBLIC, DEFAULT_RATE_LIMITS[PUBLIC])
         limits = [self.rate_limits[r] for r in roles if r in self.rate_limits]
         if not limits:
-            return self.rate_limits.get(PUBLIC, DEFAULT_RATE_LIMITS[PUBLIC])
-        return max(limits, key=lambda lim: (lim.rate, lim.burst))
+            return public
+        best = max(limits, key=lambda lim: (lim.rate, lim.burst))
+        if anonymous and self.anonymous_within_public:
+            return RateLimit(min(best.rate, public.rate), min(best.burst, public.burst))
+        return best
 
 
 def _table(raw: Mapping[str, Any], key: str) -> Mapping[str, Any]:
@@ -551,6 +565,7 @@ class _Denied(Exception):
         self.code = code
         self.message = message
         self.caller = caller  # the principal when known, else the peer host (for the log)
+        self.throttled = False  # refused by the peer's empty refusal bucket: not logged
 
 
 _REFUSED = "refused:"
@@ -568,7 +583,8 @@ class AuthInterceptor(_Interceptor):
     spend nothing. Every refused call (``UNAUTHENTICATED``,
     ``PERMISSION_DENIED``) spends a token of its peer host's refusal bucket, also under the
     ``PUBLIC`` limit; while that bucket is empty the peer's calls that would be refused
-    answer ``RESOURCE_EXHAUSTED``: failures cost little and log at its rate. A valid
+    answer ``RESOURCE_EXHAUSTED``: failures cost little and log at its rate (those it
+    refuses are counted, ``UnloggedRefusals``, and ``on_reject`` still sees each). A valid
     credential is always served (a checkout gateway is never held up by a misconfigured
     neighbour behind the same address); guessing a 256-bit token is hopeless anyway.
 
@@ -599,6 +615,7 @@ class AuthInterceptor(_Interceptor):
         self._public = config.rate_limits.get(PUBLIC, DEFAULT_RATE_LIMITS[PUBLIC])
         self._streams = StreamSlots(holding=max_holding_streams, per_peer=max_streams_per_peer)
         self._on_reject = on_reject
+        self._unlogged = UnloggedRefusals()
         self._guarded = WrappedHandlers()
 
     def intercept_service(
@@ -628,7 +645,7 @@ class AuthInterceptor(_Interceptor):
                     self._open_stream(context, peer, stream)
                 return identity
             except _Denied as denied:
-                self._reject(method, denied, context)
+                self._reject(method, denied, context, peer)
                 raise AssertionError("unreachable: context.abort raises") from None
 
         return admit
@@ -643,7 +660,8 @@ class AuthInterceptor(_Interceptor):
             if allowed is None:
                 raise _Denied(grpc.StatusCode.PERMISSION_DENIED, f"{method} is not allowed")
             if PUBLIC not in allowed:
-                if identity is None:
+                # an anonymous caller may hold a credential that would do: ask for it
+                if identity is None or (identity.anonymous and not identity.roles & allowed):
                     raise _Denied(grpc.StatusCode.UNAUTHENTICATED, "credentials required")
                 if not identity.roles & allowed:
                     raise _Denied(
@@ -656,6 +674,7 @@ class AuthInterceptor(_Interceptor):
                 _REFUSED + peer, self._public
             ):
                 denied.code, denied.message = grpc.StatusCode.RESOURCE_EXHAUSTED, _TOO_MANY_REFUSED
+                denied.throttled = True
             raise
         if method not in UNMETERED:
             self._charge(method, request, identity, peer, public=PUBLIC in allowed)
@@ -668,7 +687,10 @@ class AuthInterceptor(_Interceptor):
         if public:
             caller, limit = _PUBLIC_KEY + caller, self._public
         else:
-            limit = self._config.limit_for(identity.roles if identity else frozenset())
+            limit = self._config.limit_for(
+                identity.roles if identity else frozenset(),
+                anonymous=identity is None or identity.anonymous,
+            )
         cost = 1
         if method in COSTS:
             # a large request is parsed only now (riskd.service.interceptors.Deferred), and
@@ -686,7 +708,7 @@ class AuthInterceptor(_Interceptor):
         token = _bearer(context.invocation_metadata())
         if token is None:
             if self._config.anonymous_roles:
-                return Identity(peer, self._config.anonymous_roles)
+                return Identity(peer, self._config.anonymous_roles, anonymous=True)
             return None
         found = self._config.tokens.get(token_digest(token))
         if found is None:
@@ -715,15 +737,55 @@ class AuthInterceptor(_Interceptor):
         if not context.add_callback(close):  # the call already ended
             close()
 
-    def _reject(self, method: str, denied: _Denied, context: grpc.ServicerContext) -> None:
-        fields = {"method": method, "code": denied.code.name, "principal": denied.caller}
-        log.warning("call refused", extra={"fields": fields})
+    def _reject(
+        self, method: str, denied: _Denied, context: grpc.ServicerContext, peer: str
+    ) -> None:
+        if denied.throttled:
+            self._unlogged.count_one(peer)
+        else:
+            fields: dict[str, object] = {
+                "method": method,
+                "code": denied.code.name,
+                "principal": denied.caller,
+            }
+            unlogged = self._unlogged.take(peer)
+            if unlogged:
+                fields["unlogged_refusals"] = unlogged  # since this peer's last line
+            log.warning("call refused", extra={"fields": fields})
         if self._on_reject is not None:
             self._on_reject(method, denied.code)
         context.abort(denied.code, denied.message)
 
 
 _TOO_MANY_REFUSED: Final = "too many refused calls from this address; retry later"
+
+
+class UnloggedRefusals:
+    """Calls refused by a peer's empty refusal bucket, counted per peer host instead of
+    logged one by one (1,000 guesses were 1,000 log lines: review); the peer's next logged
+    refusal carries the count. At most ``max_peers`` counts are kept: past that the oldest
+    is logged on its own line."""
+
+    def __init__(self, *, max_peers: int = 10_000) -> None:
+        self._max = max_peers
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def count_one(self, peer: str) -> None:
+        evicted = None
+        with self._lock:
+            if peer not in self._counts and len(self._counts) >= self._max:
+                oldest = next(iter(self._counts))
+                evicted = oldest, self._counts.pop(oldest)
+            self._counts[peer] = self._counts.get(peer, 0) + 1
+        if evicted is not None:
+            fields = {"principal": evicted[0], "unlogged_refusals": evicted[1]}
+            log.warning("calls refused, not logged one by one", extra={"fields": fields})
+
+    def take(self, peer: str) -> int:
+        """The count for ``peer`` since its last logged refusal (now zero)."""
+        with self._lock:
+            return self._counts.pop(peer, 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -358,8 +358,9 @@ def _auth(config: Config, metrics: Metrics) -> list[Interceptor]:
 
     With neither TLS nor an ``[auth]`` table (the embedded default, plaintext on
     loopback only: checked at bind) callers without credentials hold the
-    ``checkout`` role: scoring works out of the box; the ledger and admin
-    methods stay closed until tokens or certificates are configured. An
+    ``checkout`` role, under checkout's rate limit (there is no ``public`` one to set):
+    scoring works out of the box; the ledger and admin methods stay closed until
+    tokens or certificates are configured. An
     ``[auth]`` table, even an empty one, gives them ``anonymous_roles`` only
     (none by default). Streams that hold an RPC thread get at most ``STREAM_THREADS``,
     threads the server has beyond ``workers``.
@@ -369,7 +370,7 @@ def _auth(config: Config, metrics: Metrics) -> list[Interceptor]:
         metrics.rpc_errors.labels(method, code.name).inc()
 
     if config.tls_cert is None and config.auth is None:
-        auth = AuthConfig(anonymous_roles=frozenset({CHECKOUT}))
+        auth = AuthConfig(anonymous_roles=frozenset({CHECKOUT}), anonymous_within_public=False)
     else:
         auth = AuthConfig.from_mapping(config.auth or {})
     return [AuthInterceptor(auth, on_reject=on_reject, max_holding_streams=STREAM_THREADS)]

@@ -362,6 +362,37 @@ def test_auth_denials_log_method_and_code_but_never_the_token(
     assert principals == ["peer:ipv4:127.0.0.1", "token:checkout-gw"]
 
 
+def test_auth_refusals_throttled_by_the_refusal_bucket_are_counted_not_logged(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = AuthConfig(rate_limits={**auth.DEFAULT_RATE_LIMITS, "public": RateLimit(1.0, 2)})
+    rejected: list[grpc.StatusCode] = []
+    port, clock = start(None, config, on_reject=lambda method, code: rejected.append(code))
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    with caplog.at_level(logging.DEBUG), grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        guesses = [code_of(ch, "Checkout", f"guess-{i}") for i in range(7)]
+        assert guesses == [grpc.StatusCode.UNAUTHENTICATED] * 2 + [exhausted] * 5
+        clock.advance(1.0)
+        assert code_of(ch, "Checkout", "guess-7") is grpc.StatusCode.UNAUTHENTICATED
+    assert rejected == [*guesses, grpc.StatusCode.UNAUTHENTICATED]  # metrics see every one
+    fields = [getattr(r, "fields", {}) for r in caplog.records if r.name == "riskd.service.auth"]
+    assert [f["code"] for f in fields] == ["UNAUTHENTICATED"] * 3
+    assert [f.get("unlogged_refusals") for f in fields] == [None, None, 5]
+
+
+def test_unlogged_refusals_keep_a_bounded_number_of_peers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    unlogged = auth.UnloggedRefusals(max_peers=2)
+    with caplog.at_level(logging.DEBUG):
+        for peer in ("a", "a", "b", "c"):
+            unlogged.count_one(peer)
+    assert [getattr(r, "fields", {}) for r in caplog.records] == [
+        {"principal": "a", "unlogged_refusals": 2}
+    ]
+    assert [unlogged.take(p) for p in ("a", "b", "c", "c")] == [0, 1, 1, 0]
+
+
 # -- rate limits -----------------------------------------------------------------------------
 
 
@@ -382,6 +413,38 @@ def test_auth_rate_limit_per_caller_answers_resource_exhausted(start: Start) -> 
         clock.advance(1.0)
         assert code_of(ch, "Checkout", TOKEN) is grpc.StatusCode.OK
         assert code_of(ch, "Checkout", TOKEN) is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_auth_anonymous_callers_are_held_to_the_public_limit_whatever_their_roles(
+    start: Start,
+) -> None:
+    config = AuthConfig.with_tokens(
+        {TOKEN: Identity("token:checkout-gw", frozenset({"checkout"}))},
+        anonymous_roles=frozenset({"checkout"}),
+        rate_limits={"checkout": RateLimit(100.0, 100), "public": RateLimit(1.0, 2)},
+    )
+    port, clock = start(None, config)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        assert [code_of(ch, "Checkout") for _ in range(3)] == [grpc.StatusCode.OK] * 2 + [
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+        ]
+        assert [code_of(ch, "Checkout", TOKEN) for _ in range(3)] == [grpc.StatusCode.OK] * 3
+        clock.advance(1.0)
+        assert code_of(ch, "Checkout") is grpc.StatusCode.OK
+
+
+def test_auth_anonymous_caller_without_the_role_is_asked_for_credentials(start: Start) -> None:
+    # a client that fetches credentials on UNAUTHENTICATED must be told to (review); an
+    # identified caller lacking the role is still PERMISSION_DENIED
+    config = AuthConfig.with_tokens(
+        {TOKEN: Identity("token:checkout-gw", frozenset({"checkout"}))},
+        anonymous_roles=frozenset({"checkout"}),
+    )
+    port, _ = start(None, config)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        assert call(ch, "Checkout") == b"peer:ipv4:127.0.0.1|checkout"
+        assert code_of(ch, "Audit") is grpc.StatusCode.UNAUTHENTICATED
+        assert code_of(ch, "Audit", TOKEN) is grpc.StatusCode.PERMISSION_DENIED
 
 
 def test_auth_refused_calls_spend_the_peers_bucket(start: Start) -> None:
