@@ -33,7 +33,7 @@ from riskd.ledger.codes import Code
 from riskd.ledger.schedule import PenaltySchedule
 from riskd.ledger.store import LedgerStore, StoredRequest
 from riskd.ledger.transfers import Transfer
-from riskd.ledger.validate import check_key, check_text
+from riskd.ledger.validate import check_actor, check_key, check_text
 from riskd.sql import Database, Tx
 
 
@@ -131,7 +131,7 @@ class BookCore:
             return self._replay(prior, req, self.store.transfers_of)
         # a new request's text (after the lookup: a retry of one stored before a check
         # was tightened still gets its first receipt; review)
-        check_text("actor", req.actor, required=True, max_len=128, single_line=True)
+        check_actor(req.actor)
         check_text("reason", req.reason)
         check_text("evidence", req.evidence)
         if check_new is not None:

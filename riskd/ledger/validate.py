@@ -131,3 +131,15 @@ def check_text(
     if len(value) > max_len:
         raise InvalidArgumentError(field, f"longer than {max_len} characters")
     return value
+
+
+def check_actor(value: object) -> str:
+    """Who a money request names as its actor (the caller's principal, ``token:<name>``):
+    required, one line, at most 128 characters; checked here for each new request and by
+    ``riskd.service.auth`` for each configured token name at start.
+
+    >>> check_actor("token:" + "x" * 123)
+    Traceback (most recent call last):
+    riskd.errors.InvalidArgumentError: actor: longer than 128 characters
+    """
+    return check_text("actor", value, required=True, max_len=128, single_line=True)

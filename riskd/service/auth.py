@@ -54,7 +54,8 @@ from typing import TYPE_CHECKING, Any, Final
 import grpc
 
 from riskd.domain.clock import Clock, SystemClock
-from riskd.errors import ConfigError
+from riskd.errors import ConfigError, InvalidArgumentError
+from riskd.ledger.validate import check_actor
 from riskd.service.interceptors import (
     Deferred,
     Refused,
@@ -307,13 +308,26 @@ def _checked_roles(table: Mapping[str, Any], *, public: bool) -> Mapping[str, An
 
 
 def _parse_tokens(table: Mapping[str, Any]) -> dict[str, Identity]:
+    """Digest → identity. Refused (review): a token listed twice (as itself and as its
+    digest: the last entry's roles won silently), a name listed twice (the two shared one
+    principal and one rate bucket), a name the ledger refuses as an actor (every write of
+    its caller failed)."""
     tokens: dict[str, Identity] = {}
     for i, (token, value) in enumerate(table.items()):
         key = f"auth.tokens[{i}]"  # never the token itself
         name, sep, roles = _str(value, key).partition(":")
         if not sep or not name.strip():
             raise ConfigError(f'{key}: expected "name:role,role"')
-        tokens[_digest_of(token, key)] = Identity(f"token:{name.strip()}", _parse_roles(roles, key))
+        digest, principal = _digest_of(token, key), f"token:{name.strip()}"
+        if digest in tokens:
+            raise ConfigError(f"{key}: the same token as another entry (as itself or its digest)")
+        if any(other.principal == principal for other in tokens.values()):
+            raise ConfigError(f"{key}: the name of another entry (each token names one caller)")
+        try:
+            check_actor(principal)
+        except InvalidArgumentError as e:
+            raise ConfigError(f"{key}: the name is not a valid ledger actor ({e})") from None
+        tokens[digest] = Identity(principal, _parse_roles(roles, key))
     return tokens
 
 

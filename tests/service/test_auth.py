@@ -567,6 +567,16 @@ def test_auth_config_digest_in_upper_case_matches() -> None:
         ({"tokens": {f" {TOKEN}": "gw:checkout"}}, r"auth.tokens\[0\]: .*whitespace"),
         ({"tokens": {"sha256:9f86d0": "gw:checkout"}}, r"auth.tokens\[0\]: .*64 hex"),
         ({"tokens": {"sha256:" + "g" * 64: "gw:checkout"}}, r"auth.tokens\[0\]: .*64 hex"),
+        (
+            {"tokens": {TOKEN: "gw:checkout", auth.token_digest(TOKEN): "root:operator"}},
+            r"auth.tokens\[1\]: the same token as another entry",
+        ),
+        (
+            {"tokens": {TOKEN: "svc:checkout", "tok-2": " svc :analyst"}},
+            r"auth.tokens\[1\]: the name of another entry",
+        ),
+        ({"tokens": {TOKEN: "x" * 123 + ":operator"}}, r"auth.tokens\[0\]: .*ledger actor"),
+        ({"tokens": {TOKEN: "ops\tteam:operator"}}, r"auth.tokens\[0\]: .*ledger actor"),
     ],
 )
 def test_auth_config_errors_name_the_key_never_the_token(raw: dict[str, Any], message: str) -> None:
