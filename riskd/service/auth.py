@@ -651,13 +651,13 @@ class AuthInterceptor(_Interceptor):
         """``method``'s admission check: identify, authorize, rate-limit (refuses by abort).
         ``stream``: None for a unary response, else whether the stream holds an RPC thread."""
 
-        def admit(context: grpc.ServicerContext, request: Any) -> Identity | None:
+        def admit(context: grpc.ServicerContext, request: Any) -> Admitted:
             peer = "peer:" + _peer_host(context.peer())
             try:
                 identity = self._admit(method, request, context, peer)
                 if stream is not None:
-                    self._open_stream(context, peer, stream)
-                return identity
+                    return identity, self._open_stream(context, peer, stream)
+                return identity, _nothing
             except _Denied as denied:
                 self._reject(method, denied, context, peer)
                 raise AssertionError("unreachable: context.abort raises") from None
@@ -742,7 +742,13 @@ class AuthInterceptor(_Interceptor):
                 )
         return Identity(f"cert:{cn}", frozenset(roles))
 
-    def _open_stream(self, context: grpc.ServicerContext, peer: str, stream: _Stream) -> None:
+    def _open_stream(
+        self, context: grpc.ServicerContext, peer: str, stream: _Stream
+    ) -> Callable[[], None]:
+        """Take a stream slot; it is freed by the call's end callback, or by the returned
+        ``close`` (idempotent), which a blocking stream's wrapper calls when it finishes:
+        grpcio sometimes runs no callback for a stream it aborts (request bytes that do not
+        parse), and the slots leaked until a restart (review)."""
         close = self._streams.open(peer, holds_thread=stream.holds_thread)
         if close is None:
             raise _Denied(
@@ -750,6 +756,7 @@ class AuthInterceptor(_Interceptor):
             )
         if not context.add_callback(close):  # the call already ended
             close()
+        return close
 
     def _reject(
         self, method: str, denied: _Denied, context: grpc.ServicerContext, peer: str
@@ -856,8 +863,14 @@ def _peer_host(peer: str) -> str:
     return kind + ":" + rest.rpartition(":")[0] if ":" in rest else peer
 
 
-Admit = Callable[[grpc.ServicerContext, Any], Identity | None]
-"""Admits a call (context, request; None for a request stream) or aborts it."""
+Admitted = tuple[Identity | None, Callable[[], None]]
+Admit = Callable[[grpc.ServicerContext, Any], Admitted]
+"""Admits a call (context, request; None for a request stream) or aborts it: the caller,
+and what frees the call's stream slot (nothing for a unary response)."""
+
+
+def _nothing() -> None:
+    pass
 
 
 def _guard(
@@ -888,7 +901,7 @@ def _unary(
     inner: Callable[[Any, Any], Any], admit: Admit, *, request: bool
 ) -> Callable[[Any, Any], Any]:
     def call(req: Any, context: grpc.ServicerContext) -> Any:
-        reset = _current.set(admit(context, req if request else None))
+        reset = _current.set(admit(context, req if request else None)[0])
         try:
             return inner(req, context)
         finally:
@@ -901,7 +914,8 @@ def _streaming(inner: Callable[..., Any], admit: Admit, *, request: bool) -> Cal
     if getattr(inner, "experimental_non_blocking", False):
         # grpcio passes a callback and frees the RPC thread when this returns (health Watch)
         def start(req: Any, context: grpc.ServicerContext, send_response_callback: Any) -> Any:
-            reset = _current.set(admit(context, req if request else None))
+            # the slot stays taken after this returns: the call's end callback frees it
+            reset = _current.set(admit(context, req if request else None)[0])
             try:
                 return inner(req, context, send_response_callback)
             finally:
@@ -910,10 +924,12 @@ def _streaming(inner: Callable[..., Any], admit: Admit, *, request: bool) -> Cal
         return start
 
     def call(req: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        _current.set(admit(context, req if request else None))
+        identity, close = admit(context, req if request else None)
+        _current.set(identity)
         try:
             yield from inner(req, context)
         finally:
+            close()  # also when grpcio runs no end callback (AuthInterceptor._open_stream)
             # A generator may be finished from another context; clear rather than reset.
             _current.set(None)
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import pytest
@@ -332,6 +332,60 @@ def test_auth_streams_that_hold_rpc_threads_are_capped(start: Start) -> None:
                 assert e.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
+
+
+class _Metadatum(NamedTuple):
+    key: str
+    value: str
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    invocation_metadata: tuple[_Metadatum, ...] = ()
+
+
+class _CallbacklessContext:
+    """A servicer context whose end callbacks never run, as grpcio sometimes does for a
+    stream it aborts because its request bytes do not parse (review)."""
+
+    def peer(self) -> str:
+        return "ipv4:10.0.0.7:5555"
+
+    def auth_context(self) -> dict[str, Any]:
+        return {}
+
+    def invocation_metadata(self) -> tuple[Any, ...]:
+        return (_Metadatum("authorization", f"Bearer {TOKEN}"),)
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return True  # accepted, never run
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise RuntimeError(code.name)
+
+
+def test_auth_streams_free_their_slot_when_no_end_callback_runs() -> None:
+    def reflect(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        yield from requests
+
+    handler = grpc.stream_stream_rpc_method_handler(reflect)
+    interceptor = AuthInterceptor(
+        AuthConfig.with_tokens({TOKEN: Identity("token:checkout-gw", frozenset({"checkout"}))}),
+        policy={f"/{SERVICE}/Reflect": frozenset({"checkout"})},
+        max_holding_streams=2,
+    )
+    details = _CallDetails(f"/{SERVICE}/Reflect")
+    guarded = interceptor.intercept_service(lambda _: handler, details)  # type: ignore[arg-type]
+    assert guarded is not None and guarded.stream_stream is not None
+
+    def undecodable() -> Iterator[bytes]:
+        raise ValueError("Exception deserializing request!")
+        yield b""
+
+    for _ in range(3):  # more than the server's slots for streams that hold a thread
+        with pytest.raises(ValueError):
+            list(guarded.stream_stream(undecodable(), _CallbacklessContext()))
+    assert list(guarded.stream_stream(iter([b"ok"]), _CallbacklessContext())) == [b"ok"]
 
 
 def test_auth_open_streams_per_peer_are_capped(start: Start) -> None:
