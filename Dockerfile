@@ -34,6 +34,9 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
 # RISKD_HEALTH_KEY, a client certificate the client CA signed (no role needed: the
 # health service is open to anyone). `riskd serve` ignores these client variables.
 # Callers and roles come from an [auth] table in a config file passed as RISKD_CONFIG.
+# /metrics (9464) is plain HTTP without credentials on the listen address (0.0.0.0 here):
+# set RISKD_METRICS_HOST to the pod's internal address (or 127.0.0.1 with a sidecar
+# scraper) where callers can reach the pod.
 # On SIGTERM health turns NOT_SERVING for RISKD_DRAIN_NOTICE_MS (1 s) before the port
 # stops, then in-flight calls get RISKD_GRACE_S (10 s): stop with a longer timeout.
 CMD ["riskd", "serve", "--listen", "0.0.0.0:50051"]

@@ -7,6 +7,7 @@ environment variables override the file::
 
     listen = "0.0.0.0:50051"        # RISKD_LISTEN
     metrics_port = 9464             # RISKD_METRICS_PORT (0: any free port, -1: off)
+    metrics_host = ""               # RISKD_METRICS_HOST ("" = listen's host)
     rules_dir = "rules"             # RISKD_RULES_DIR
     models_dir = "models"           # RISKD_MODELS_DIR (reserved for the models; not read yet)
     data_dir = "var"                # RISKD_DATA_DIR
@@ -143,6 +144,10 @@ class Config:
 
     listen: str = "127.0.0.1:50051"
     metrics_port: int = 9464
+    # where /metrics listens: "" = the gRPC listen host. Plain HTTP with no credentials
+    # (rule ids and hit counts): with a public listen address, 127.0.0.1 or an internal
+    # interface keeps it to the scraper (review: TLS on the gRPC port left it open)
+    metrics_host: str = ""
     rules_dir: Path = Path("rules")
     models_dir: Path = Path("models")
     data_dir: Path = Path("var")
@@ -507,6 +512,7 @@ def _check_each(config: Config) -> None:
     ):
         if getattr(config, key) > most:
             raise ConfigError(f"{key}: must be at most {most}")
+    _check_metrics_host(config.metrics_host)
     if not -1 <= config.metrics_port <= 65535:
         raise ConfigError("metrics_port: must be -1 (off), 0 (any free port) or a port number")
     if not 0 <= config.grace_s <= MAX_GRACE_S:
@@ -550,6 +556,15 @@ def _check_listen(listen: str) -> None:
     # ASCII digits only: str.isdigit takes other scripts' (review: Arabic-Indic ones passed)
     if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ConfigError("listen: expected HOST:PORT (e.g. 127.0.0.1:50051)")
+
+
+def _check_metrics_host(host: str) -> None:
+    bare = host.removeprefix("[").removesuffix("]")
+    if host and (not bare or host.count(":") == 1 or any(c.isspace() or c in "[]/" for c in bare)):
+        raise ConfigError(
+            "metrics_host: expected a host name or address without a port (e.g. 127.0.0.1;"
+            " the port is metrics_port)"
+        )
 
 
 def _check_redis_url(url: str, where: str) -> None:

@@ -332,10 +332,12 @@ def _metrics_endpoint(config: Config, metrics: Metrics) -> MetricsEndpoint | Non
     if config.metrics_port < 0:
         return None
     try:
-        return MetricsEndpoint(metrics, _host(config.listen), config.metrics_port)
+        host = config.metrics_host.strip("[]") or _host(config.listen)
+        return MetricsEndpoint(metrics, host, config.metrics_port)
     except OSError as e:
+        key = "metrics_host/metrics_port" if config.metrics_host else "metrics_port"
         raise ConfigError(
-            f"metrics_port: cannot bind {config.metrics_port}: {e.strerror}"
+            f"{key}: cannot bind {config.metrics_port}: {e.strerror or type(e).__name__}"
         ) from None
 
 

@@ -159,6 +159,38 @@ def test_metrics_port_in_use_names_the_key(tmp_path: Path) -> None:
     assert not (tmp_path / "b").exists()  # the port is tried before anything is created
 
 
+def _metrics_at(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2) as conn:
+            conn.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            return b"riskd_decisions_total" in conn.makefile("rb").read()
+    except OSError:
+        return False
+
+
+def test_metrics_listen_on_metrics_host_apart_from_the_grpc_address(tmp_path: Path) -> None:
+    """/metrics is plain HTTP without credentials: an operator keeps it off the address
+    callers reach (review: TLS on the gRPC port left it open on the same address)."""
+    running = create_server(make_config(tmp_path, listen="127.0.0.1:0", metrics_host="127.0.0.2"))
+    try:
+        assert _metrics_at("127.0.0.2", running.metrics_port)
+        assert not _metrics_at("127.0.0.1", running.metrics_port)
+    finally:
+        running.stop(0)
+    running = create_server(make_config(tmp_path, listen="127.0.0.1:0"))
+    try:  # by default, the gRPC listen host
+        assert _metrics_at("127.0.0.1", running.metrics_port)
+    finally:
+        running.stop(0)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:9464", "a b", "[]", "http://x"])
+def test_a_metrics_host_with_a_port_or_blanks_is_refused(tmp_path: Path, host: str) -> None:
+    with pytest.raises(ConfigError, match=r"^metrics_host: expected a host name or address"):
+        create_server(make_config(tmp_path, metrics_host=host))
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
 def test_a_start_that_fails_later_frees_the_metrics_port(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
