@@ -303,10 +303,21 @@ def _grown(before: float, now: float) -> float:
 
 
 class MetricsEndpoint:
-    """The ``/metrics`` HTTP endpoint; ``port=0`` takes any free port (``.port`` tells which)."""
+    """The ``/metrics`` HTTP endpoint; ``port=0`` takes any free port (``.port`` tells which).
 
-    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+    prometheus_client serves each connection on a thread of its own that waits for the
+    request with no time limit, so idle connections held threads for good (review: 300
+    half-sent requests, 300 threads, still there later); a connection that has not sent
+    its request within ``read_timeout_s`` is closed.
+    """
+
+    def __init__(
+        self, metrics: Metrics, host: str, port: int, *, read_timeout_s: float = 10.0
+    ) -> None:
         server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+        # a subclass, set before any connection is likely: the library's class stays as is
+        handler: type = server.RequestHandlerClass  # type: ignore[assignment]
+        server.RequestHandlerClass = type("TimedHandler", (handler,), {"timeout": read_timeout_s})
         self._server: Any = server
         self._thread: threading.Thread = thread
         self.port: int = int(server.server_address[1])

@@ -23,6 +23,7 @@ from riskd.service.gen.riskd.v1 import (
     scoring_pb2_grpc,
 )
 from riskd.service.healthcheck import HealthServicer
+from riskd.service.metrics import Metrics, MetricsEndpoint
 from riskd.service.server import create_server
 from tests.service.conftest import RULES, make_config
 from tests.service.test_lifecycle import eventually
@@ -182,6 +183,25 @@ def test_metrics_listen_on_metrics_host_apart_from_the_grpc_address(tmp_path: Pa
         assert _metrics_at("127.0.0.1", running.metrics_port)
     finally:
         running.stop(0)
+
+
+def test_an_idle_metrics_connection_is_closed_and_holds_no_thread() -> None:
+    """Review: each connection that never sent its request held a server thread for good
+    (300 half-sent requests, 300 threads)."""
+    endpoint = MetricsEndpoint(Metrics(), "127.0.0.1", 0, read_timeout_s=0.3)
+    before = threading.active_count()
+    try:
+        idle = [socket.create_connection(("127.0.0.1", endpoint.port)) for _ in range(20)]
+        for conn in idle:
+            conn.sendall(b"GET /metr")  # half a request, then nothing
+        for conn in idle:
+            conn.settimeout(10)
+            assert conn.recv(1024) == b""  # the server hung up
+            conn.close()
+        assert eventually(lambda: threading.active_count() <= before)
+        assert _metrics_at("127.0.0.1", endpoint.port)  # a whole request is still served
+    finally:
+        endpoint.close()
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1:9464", "a b", "[]", "http://x"])
