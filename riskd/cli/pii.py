@@ -35,7 +35,7 @@ from riskd.errors import ConfigError, RiskdError
 from riskd.evidence.log import forget_subject
 from riskd.pii.keyring import ENV_VAR, Keyring, locked
 from riskd.pii.keystore import SqlKeyStore
-from riskd.pii.vault import Vault
+from riskd.pii.vault import Vault, bind_keyring
 from riskd.sql import Database
 
 DEFAULT_REASON = "legal hold"  # the reason of a hold placed without --reason
@@ -118,8 +118,21 @@ def _writable_key_file(args: argparse.Namespace) -> Path:
 def _vault(args: argparse.Namespace) -> tuple[Vault, Database]:
     # never count, rotate or forget in an empty database made here
     url = existing_database(args, lambda: _config(args).database)
+    keyring = _load_keyring(args)
     db = Database(url)
-    return Vault(_load_keyring(args), SqlKeyStore(db)), db
+    store = SqlKeyStore(db)
+    try:
+        same = bind_keyring(keyring, store)
+    except BaseException:
+        db.close()
+        raise
+    if not same:  # as the daemon refuses it (riskd.service.wiring): a rotate would re-wrap
+        db.close()  # nothing and call every data key unrecoverable
+        raise ConfigError(
+            "keyring: not the keyring this database's data keys and blind indexes were made"
+            " with: pass the daemon's key file (--keyring) or RISKD_KEYRING"
+        )
+    return Vault(keyring, store), db
 
 
 def _keygen(args: argparse.Namespace) -> int:

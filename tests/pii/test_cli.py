@@ -175,6 +175,29 @@ def test_cli_forget_deletes_the_decision_logs_ciphertexts_and_blind_indexes(
     db.close()
 
 
+def test_cli_refuses_a_keyring_other_than_the_databases(
+    paths: tuple[list[str], Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As the daemon does (review: a rotate with another key file re-wrapped nothing and
+    called every data key unrecoverable)."""
+    opts, key_file, url = paths
+    run("keygen", *opts)
+    vault, db = vault_at(key_file, url)
+    ct = vault.encrypt("b1", "o1", "phone", PHONE)
+    db.close()
+    other = tmp_path / "other.json"
+    run("keygen", "--keyring", str(other))
+    wrong = ["--keyring", str(other), "--database", url]
+    for command in (("rotate",), ("forget", "b1"), ("hold", "b1", "--reason", "case 7")):
+        assert run(*command, *wrong) == 1
+        assert "not the keyring this database's" in capsys.readouterr().err
+    assert run("rotate", *opts) == 0  # the right one still works, nothing was changed
+    vault, db = vault_at(key_file, url)
+    assert vault.decrypt("b1", "o1", "phone", ct) == PHONE
+    assert vault.holds("b1") == []
+    db.close()
+
+
 def test_cli_rotate_skips_a_lost_key_and_says_so(
     paths: tuple[list[str], Path, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
