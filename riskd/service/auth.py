@@ -61,8 +61,8 @@ from riskd.service.interceptors import (
     Refused,
     Undecodable,
     WrappedHandlers,
-    keep_flags,
     parsed,
+    rewrapped,
 )
 
 log = logging.getLogger("riskd.service.auth")
@@ -877,24 +877,13 @@ def _guard(
     handler: grpc.RpcMethodHandler[Any, Any], admit: Admit
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """The same handler with ``admit`` run first and the identity visible to the servicer."""
-    kinds: list[tuple[Any, Callable[..., grpc.RpcMethodHandler[Any, Any]], Wrap]] = [
-        (handler.unary_unary, grpc.unary_unary_rpc_method_handler, _unary),
-        (handler.unary_stream, grpc.unary_stream_rpc_method_handler, _streaming),
-        (handler.stream_unary, grpc.stream_unary_rpc_method_handler, _unary),
-        (handler.stream_stream, grpc.stream_stream_rpc_method_handler, _streaming),
-    ]
-    for inner, make, wrap in kinds:
-        if inner is not None:
-            return make(
-                keep_flags(inner, wrap(inner, admit, request=make in _UNARY_REQUEST)),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-    raise AssertionError("a method handler has one behaviour")
-
-
-_UNARY_REQUEST = (grpc.unary_unary_rpc_method_handler, grpc.unary_stream_rpc_method_handler)
-Wrap = Callable[..., Callable[..., Any]]
+    wraps = {"unary_unary": _unary, "unary_stream": _streaming,
+             "stream_unary": _unary, "stream_stream": _streaming}  # fmt: skip
+    return rewrapped(
+        handler,
+        lambda kind, inner: wraps[kind](inner, admit, request=kind.startswith("unary_")),
+        handler.request_deserializer,
+    )
 
 
 def _unary(

@@ -93,6 +93,32 @@ def keep_flags(inner: Callable[..., Any], wrapper: _F) -> _F:
     return wrapper
 
 
+_MAKERS: dict[str, Callable[..., grpc.RpcMethodHandler[Any, Any]]] = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+def rewrapped(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    wrap: Callable[[str, Callable[..., Any]], Callable[..., Any]],
+    request_deserializer: Callable[[bytes], Any] | None,
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """``handler`` with its one behaviour (``unary_unary``, ``unary_stream``, …: the kind
+    is ``wrap``'s first argument) replaced by ``wrap``'s, flags kept (``keep_flags``)."""
+    for kind, make in _MAKERS.items():
+        inner = getattr(handler, kind)
+        if inner is not None:
+            return make(
+                keep_flags(inner, wrap(kind, inner)),
+                request_deserializer=request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    raise AssertionError("a method handler has one behaviour")
+
+
 class WrappedHandlers:
     """An interceptor's wrapped handler per method, built once rather than on every call
     (and again only if the handler it wraps is another object)."""
@@ -421,19 +447,13 @@ def _streaming(
     Its requests are parsed by grpcio as they come (never ``Deferred``): these services'
     requests are a few bytes, and gRPC's receive limit bounds what one can cost."""
     deserializer = handler.request_deserializer
-    kinds: list[tuple[Any, Callable[..., grpc.RpcMethodHandler[Any, Any]], Any]] = [
-        (handler.unary_stream, grpc.unary_stream_rpc_method_handler, _one_request),
-        (handler.stream_stream, grpc.stream_stream_rpc_method_handler, _request_stream),
-        (handler.stream_unary, grpc.stream_unary_rpc_method_handler, _request_stream),
-    ]
-    for inner, make, wrap in kinds:
-        if inner is not None:
-            return make(
-                keep_flags(inner, wrap(inner, refuse)),
-                request_deserializer=None if deserializer is None else _tolerant(deserializer),
-                response_serializer=handler.response_serializer,
-            )
-    return handler
+    wraps = {"unary_stream": _one_request, "stream_unary": _request_stream,
+             "stream_stream": _request_stream}  # fmt: skip
+    return rewrapped(
+        handler,
+        lambda kind, inner: wraps[kind](inner, refuse),
+        None if deserializer is None else _tolerant(deserializer),
+    )
 
 
 def _one_request(inner: Callable[..., Any], refuse: Refuse) -> Callable[..., Any]:
