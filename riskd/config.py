@@ -73,6 +73,7 @@ raises ``riskd.errors.ConfigError`` naming its key.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -603,3 +604,19 @@ def _check_database_url(url: str) -> None:
     raise ConfigError(
         "database_url: expected sqlite:///PATH or postgresql://... ('' = SQLite under data_dir)"
     )
+
+
+_LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``127.0.0.0/8``, ``::1`` and ``localhost`` (a plaintext port binds, and the
+    CLI sends a bearer token in plaintext, only there; here so that the CLI need not import
+    the service to ask)."""
+    host = host.strip("[]")
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -230,7 +230,7 @@ def _channel(
 def _check_plaintext_token(target: str) -> None:
     """A bearer token goes over plaintext only to loopback (as the daemon listens in
     plaintext only there: ``riskd.service.auth.check_insecure_listen``)."""
-    from riskd.service.auth import is_loopback  # the whole service: only for a token
+    from riskd.config import is_loopback
 
     if not is_loopback(target.rpartition(":")[0]):
         raise _ChannelError(

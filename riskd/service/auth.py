@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
-import ipaddress
 import logging
 import re
 import ssl
@@ -53,6 +52,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
+from riskd.config import is_loopback
 from riskd.domain.clock import Clock, SystemClock
 from riskd.errors import ConfigError, InvalidArgumentError
 from riskd.ledger.validate import check_actor
@@ -421,20 +421,6 @@ def _read(path: Path, key: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as e:
         raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
-
-
-_LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
-
-
-def is_loopback(host: str) -> bool:
-    """True for ``127.0.0.0/8``, ``::1`` and ``localhost``."""
-    host = host.strip("[]")
-    if host in _LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_insecure_listen(listen: str, *, allowed: bool) -> None:

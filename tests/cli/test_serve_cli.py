@@ -343,12 +343,16 @@ print(rc, sorted(m for m in sys.modules if m.partition(".")[0] in heavy or m.sta
 """
 
 
-@pytest.mark.parametrize("command", [["health"], ["score", str(EXAMPLE)]])
+@pytest.mark.parametrize(
+    "command",
+    [["health"], ["score", str(EXAMPLE)], ["score", str(EXAMPLE), "--token", "no-such-token"]],
+)
 def test_health_and_score_import_a_client_not_the_daemon(
     daemon: Daemon, command: list[str]
 ) -> None:
     """Review: ``riskd health``, the image's health check every 10 s, imported every
-    command's modules (server, DSL, Redis...): about a CPU-second per probe."""
+    command's modules (server, DSL, Redis...): about a CPU-second per probe; ``--token``
+    over plaintext imported the service's auth module for its loopback check."""
     target = ["--target", f"127.0.0.1:{daemon.port}", "--timeout", "5"]
     done = subprocess.run(
         [sys.executable, "-c", IMPORTED, *command, *target],
@@ -357,7 +361,10 @@ def test_health_and_score_import_a_client_not_the_daemon(
         text=True,
         timeout=60,
     )
-    assert done.stdout.splitlines()[-1] == "0 []", done
+    rc, imported = done.stdout.splitlines()[-1].split(" ", 1)
+    assert imported == "[]", done
+    # an unknown token is refused by the daemon: the call went out (loopback, plaintext)
+    assert rc == ("1" if "--token" in command else "0"), done
 
 
 @pytest.mark.parametrize("command", COMMANDS)
