@@ -176,8 +176,8 @@ def greater_equals(a: object, b: object) -> bool:
 
 def contains(container: object, item: object) -> bool:
     """``item in container`` for a CEL list or map."""
-    if isinstance(container, ListValue) and (type(item) is str or is_number(item)):
-        return item in container  # a hash lookup: see ``ListValue``
+    if isinstance(container, ListValue):
+        return item in container  # one hash lookup at most: see ``ListValue``
     if isinstance(container, frozenset | set) and type(item) in (str, int):
         return item in container or any(equals(item, x) for x in container if is_number(x))
     if isinstance(container, _LISTS):

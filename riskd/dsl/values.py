@@ -63,27 +63,34 @@ class ListValue(tuple[object, ...]):
 
     Rules mostly ask ``x in blocked_devices``; with thousands of entries a
     tuple scan would cost per order what a hash lookup does not. A named list
-    holds strings, or numbers (``riskd.dsl.ruleset``), never NaN: for a string or
-    number probe, Python's hashing and equality agree with CEL's (``1 == 1.0``),
-    so ``riskd.dsl.runtime.contains`` looks those up here too, whatever the types
-    the checker saw (a ``double`` list, a ``dyn`` value).
+    holds strings, or numbers (``riskd.dsl.ruleset``), never a bool or NaN; the
+    constructor refuses anything else. Under CEL's equality a string equals only
+    a string and a number only a number of the same value (``1 == 1.0 == 1u``,
+    where Python's hashing and equality agree), while a bool, bytes, null, a
+    list, a map, a duration or any other value equals neither. So ``in`` answers
+    any probe, whatever the types the checker saw (a ``dyn`` value), with one
+    hash lookup or none, exactly as a scan with ``riskd.dsl.runtime.equals`` would.
 
-    >>> v = ListValue(("a", "b")); ("b" in v, v[0], len(v))
-    (True, 'a', 2)
+    >>> v = ListValue(("a", "b", 1)); ("b" in v, 1.0 in v, True in v, v[0], len(v))
+    (True, True, False, 'a', 3)
     """
 
     _members: frozenset[object]
 
     def __new__(cls, values: tuple[object, ...] = ()) -> ListValue:
+        if not all(_is_key(v) for v in values):
+            raise TypeError("a named list holds strings and numbers other than NaN")
         self = super().__new__(cls, values)
         self._members = frozenset(values)
         return self
 
     def __contains__(self, item: object) -> bool:
-        try:
-            return item in self._members
-        except TypeError:  # an unhashable probe (a list, a map): compare one by one
-            return any(item == v for v in self)
+        return _is_key(item) and item in self._members  # a NaN probe: no member is NaN
+
+
+def _is_key(value: object) -> bool:
+    """A string or a number, bool excepted: what CEL and Python compare alike."""
+    return isinstance(value, str | int | float) and not isinstance(value, bool) and value == value
 
 
 @dataclasses.dataclass(frozen=True, slots=True, order=True)

@@ -3,21 +3,31 @@
 - the parser never raises anything but its own diagnostics, on any text;
 - ``parse(unparse(e)) == e``;
 - compiled evaluation equals the reference interpreter on generated
-  expressions and inputs (in both checked and unchecked mode).
+  expressions and inputs (in both checked and unchecked mode);
+- ``x in NAME``, a lookup in a named list, answers as a scan with CEL's equality.
 """
 
 from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from riskd.dsl.checker import Env
 from riskd.dsl.expr import compile_expr, parse_expr, unparse
 from riskd.dsl.nodes import Expr
-from riskd.dsl.runtime import equals
-from riskd.dsl.values import EvalError, type_name
+from riskd.dsl.runtime import contains, equals
+from riskd.dsl.values import (
+    Duration,
+    EvalError,
+    ListValue,
+    Timestamp,
+    TypeValue,
+    UInt,
+    type_name,
+)
 from tests.dsl.strategies import VARIABLES, activations, evaluable, exprs
 
 CEL_ALPHABET = st.sampled_from(
@@ -89,3 +99,55 @@ def test_compiled_equals_reference_interpreter(
     fast = _outcome(compiled.evaluate, activation)
     slow = _outcome(compiled.interpret, activation)
     assert _same(fast, slow), (unparse(expr), fast, slow)
+
+
+# Members a named list may hold: strings and numbers, some equal across types.
+_NUMBERS = st.one_of(
+    st.integers(-3, 3),
+    st.integers(0, 3).map(UInt),
+    st.integers(-3, 3).map(float),
+    st.sampled_from([0.5, -0.0, math.inf, -math.inf, 2.0**53, 2**53 + 1, 2**63 - 1, 2.0**63]),
+    st.floats(allow_nan=False),
+)
+_MEMBERS = st.one_of(st.text("ab1", max_size=2), _NUMBERS)
+_OTHERS = st.one_of(  # values no member ever equals, some hashing like one that does
+    st.booleans(),
+    st.none(),
+    st.just(math.nan),
+    st.binary(max_size=2),
+    st.text("ab1", max_size=2).map(str.encode),
+    st.lists(_MEMBERS, max_size=2),
+    st.dictionaries(st.text("ab", max_size=1), _MEMBERS, max_size=2),
+    st.integers(-3, 3).map(Duration),
+    st.integers(-3, 3).map(Timestamp),
+    st.sampled_from([TypeValue("int"), TypeValue("string")]),
+)
+
+
+def _shifted(value: object) -> object:
+    """``value`` as another numeric type, or a bool where it is 0 or 1."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    return float(value) if isinstance(value, int) else value
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_MEMBERS, max_size=8), st.data())
+def test_named_list_lookup_equals_a_cel_equality_scan(
+    members: list[object], data: st.DataObject
+) -> None:
+    probes = st.one_of(_MEMBERS, _OTHERS)
+    if members:
+        picked = st.sampled_from(members)
+        probes = st.one_of(probes, picked, picked.map(_shifted))
+    probe = data.draw(probes)
+    named = ListValue(tuple(members))
+    assert contains(named, probe) == any(equals(probe, m) for m in members)
+
+
+@pytest.mark.parametrize("member", [True, False, math.nan, None, b"a", ("a",)])
+def test_a_named_list_holds_only_strings_and_numbers(member: object) -> None:
+    with pytest.raises(TypeError):
+        ListValue(("a", member))
