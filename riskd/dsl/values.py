@@ -20,7 +20,6 @@ INT_MIN = -(2**63)
 INT_MAX = 2**63 - 1
 UINT_MAX = 2**64 - 1
 _NS = 1_000_000_000
-_DUR_MAX_S = 315_576_000_000
 _TS_MIN_S = -62_135_596_800  # 0001-01-01T00:00:00Z
 _TS_MAX_S = 253_402_300_799  # 9999-12-31T23:59:59Z
 _DUR_MAX_DIGITS = 30  # more digits than any duration in range has, in any unit
@@ -43,19 +42,29 @@ class UInt(int):
 
 @dataclasses.dataclass(frozen=True, slots=True, order=True)
 class Duration:
-    """A signed span of time in nanoseconds."""
+    """A signed span of time in nanoseconds, within a 64-bit int (about 292 years).
+
+    cel-spec limits a duration to a single int64 of nanoseconds ("roughly +-290
+    years"), as cel-go's ``time.Duration`` is: beyond it, a conversion or an
+    arithmetic result is an error. Its string form is the seconds in decimal,
+    exactly: ``1.000000001s``, ``-0.5s``, ``90s``.
+
+    >>> str(Duration(1)), str(Duration(-1_500_000_000)), str(Duration(5_400 * 10**9))
+    ('0.000000001s', '-1.5s', '5400s')
+    """
 
     ns: int
 
     @staticmethod
     def checked(ns: int) -> Duration:
-        if abs(ns) > _DUR_MAX_S * _NS:
+        if not INT_MIN <= ns <= INT_MAX:
             raise EvalError("duration out of range")
         return Duration(ns)
 
     def __str__(self) -> str:
-        s = self.ns / _NS
-        return f"{int(s)}s" if self.ns % _NS == 0 else f"{s:f}".rstrip("0") + "s"
+        seconds, frac = divmod(abs(self.ns), _NS)
+        sign = "-" if self.ns < 0 else ""
+        return sign + str(seconds) + (f".{frac:09d}".rstrip("0") if frac else "") + "s"
 
 
 class ListValue(tuple[object, ...]):
@@ -130,21 +139,32 @@ class TypeValue:
         return self.name
 
 
-_DUR_RE = re.compile(r"^(-?)((?:\d+(?:\.\d*)?|\.\d+)(?:h|m|s|ms|us|µs|ns))+$")
-_DUR_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|µs|ns)")
-_UNIT_NS = {"h": 3600 * _NS, "m": 60 * _NS, "s": _NS, "ms": 10**6, "us": 1000, "µs": 1000}
+# Go's time.ParseDuration, which cel-go's duration() is: an optional sign, then
+# numbers of ASCII digits, each with a unit ("µs" in either of Unicode's mu);
+# "0" alone needs none. No blanks, no exponent, units in lower case.
+_DUR_UNIT = "(h|ms|m|s|us|\u00b5s|\u03bcs|ns)"
+_DUR_TEXT = re.compile(rf"[+-]?(?:(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+){_DUR_UNIT})+")
+_DUR_PART = re.compile(rf"([0-9]*)\.?([0-9]*){_DUR_UNIT}")
+_UNIT_NS = {"h": 3600 * _NS, "m": 60 * _NS, "s": _NS, "ms": 10**6,
+            "us": 1000, "\u00b5s": 1000, "\u03bcs": 1000, "ns": 1}  # fmt: skip
 
 
 def parse_duration(text: str) -> Duration:
-    """Parse a Go-style duration string such as ``"1h30m"`` or ``"-2.5s"``."""
+    """Parse a duration as cel-go does: ``"1h30m"``, ``"-2.5s"``, ``"+.5ms"``, ``"0"``.
+
+    Each number's fraction is cut (not rounded) to whole nanoseconds, as Go does.
+
+    >>> [str(parse_duration(t)) for t in ("1h30m", "-1.5s", "+1.s", ".5us", "1.0000000019s")]
+    ['5400s', '-1.5s', '1s', '0.0000005s', '1.000000001s']
+    """
     if text in ("0", "-0", "+0"):
         return Duration(0)
-    if not _DUR_RE.match(text):
+    if not _DUR_TEXT.fullmatch(text):
         raise EvalError("invalid duration")
     total = 0
-    for num, unit in _DUR_PART.findall(text):
-        scale = _UNIT_NS.get(unit, 1)
-        whole, _, frac = num.partition(".")
+    for whole, frac, unit in _DUR_PART.findall(text):
+        scale = _UNIT_NS[unit]
+        whole = whole.lstrip("0")
         if len(whole) > _DUR_MAX_DIGITS:  # int() refuses over 4300 digits; far out of range
             raise EvalError("duration out of range")
         total += int(whole or "0") * scale

@@ -111,8 +111,8 @@ _EDGES: dict[str, list[object]] = {
     "bool": [True, False],
     "google.protobuf.Timestamp": [Timestamp.checked(-62_135_596_800 * 10**9),
                                   Timestamp.checked(253_402_300_799 * 10**9), Timestamp(0)],
-    "google.protobuf.Duration": [Duration(0), Duration.checked(315_576_000_000 * 10**9),
-                                 Duration.checked(-315_576_000_000 * 10**9)],
+    "google.protobuf.Duration": [Duration(0), Duration.checked(INT_MAX),
+                                 Duration.checked(INT_MIN)],
 }  # fmt: skip
 _ANY = [0, "", [], {}, 1.5, None]
 
@@ -190,6 +190,47 @@ def test_a_string_converts_to_a_number_as_cel_reads_one(
 def test_blanks_other_digits_and_out_of_range_text_do_not_convert(kind: str, text: str) -> None:
     with pytest.raises(EvalError, match=r"conversion|overflow"):
         evaluate(f"{kind}(s)", {"s": text})
+
+
+# --------------------------------------------------------- client text to durations
+
+# What cel-go's duration() (Go's time.ParseDuration) reads, and its value in ns.
+DURATIONS = [("1h30m", 5_400 * 10**9), ("-1.5s", -1_500_000_000), ("+1s", 10**9),
+             (".5s", 500_000_000), ("1.s", 10**9), ("+0", 0), ("1.0000000019s", 1_000_000_001),
+             ("2\u00b5s", 2_000), ("2\u03bcs", 2_000), ("0" * 40 + "1ns", 1),
+             ("2562047h47m16.854775807s", INT_MAX),
+             ("-2562047h47m16.854775808s", INT_MIN)]  # fmt: skip
+NOT_DURATIONS = ["1e3s", "  1s", "1s\n", "1S", "1 s", ".s", "00", "1h-30m", "1", "+-1s",
+                 "\u0661s", "\uff11s", "1_000s", "--1s",
+                 "2562047h47m16.854775808s", "3000000h", "320000000000s"]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "ns"), DURATIONS)
+def test_a_string_converts_to_a_duration_as_cel_go_reads_one(text: str, ns: int) -> None:
+    assert evaluate("duration(s)", {"s": text}) == Duration(ns)
+
+
+@pytest.mark.parametrize("text", NOT_DURATIONS)
+def test_text_go_does_not_read_or_past_292_years_is_no_duration(text: str) -> None:
+    with pytest.raises(EvalError, match=r"invalid duration|duration out of range"):
+        evaluate("duration(s)", {"s": text})
+
+
+def test_a_span_past_a_64_bit_count_of_nanoseconds_is_an_error() -> None:
+    # cel-spec's timestamps/timestamp_range/sub_time_duration_over
+    with pytest.raises(EvalError, match="duration out of range"):
+        evaluate('timestamp("9999-12-31T23:59:59Z") - timestamp("0001-01-01T00:00:00Z")', {})
+    since_1800 = 'timestamp("2026-01-01T00:00:00Z") - timestamp("1800-01-01T00:00:00Z")'
+    assert evaluate(f'{since_1800} > duration("1980000h")', {})  # 226 of 292 years
+
+
+DURATION_TEXTS = [("1ns", "0.000000001s"), ("-1ns", "-0.000000001s"), ("-0.5s", "-0.5s"),
+                  ("90m", "5400s"), ("123456789.123456789s", "123456789.123456789s")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "string"), DURATION_TEXTS)
+def test_a_duration_reads_as_its_exact_seconds(text: str, string: str) -> None:
+    assert evaluate("string(duration(s))", {"s": text}) == string
 
 
 # ------------------------------------------------------------------------ cost bounds
