@@ -119,13 +119,12 @@ class Timestamp:
         return Timestamp.checked(round(seconds * _NS))
 
     def to_datetime(self) -> _dt.datetime:
-        epoch = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
-        return epoch + _dt.timedelta(microseconds=self.ns // 1000)
+        return _EPOCH + _dt.timedelta(microseconds=self.ns // 1000)
 
     def __str__(self) -> str:
-        d = self.to_datetime()
+        """RFC 3339 in UTC, the year always of four digits (``0001-01-01T00:00:00Z``)."""
+        base = self.to_datetime().replace(tzinfo=None).isoformat(timespec="seconds")
         frac = self.ns % _NS
-        base = d.strftime("%Y-%m-%dT%H:%M:%S")
         return base + (f".{frac:09d}".rstrip("0") if frac else "") + "Z"
 
 
@@ -174,27 +173,43 @@ def parse_duration(text: str) -> Duration:
     return Duration.checked(-total if text.startswith("-") else total)
 
 
+# RFC 3339 as cel-go's timestamp() reads it (its strict RFC 3339 gate, then Go's
+# time.Parse): ASCII digits, upper-case "T" and "Z" (Go's parser is case-sensitive),
+# a "." fraction of any length (cut to nanoseconds), a zone of "Z" or +hh:mm up to
+# 23:59. Month, day, hour, minute and second are checked by datetime (no leap
+# second, no 2026-02-30).
+_TS_TEXT = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.([0-9]+))?"
+    r"(?:Z|([+-])([0-9]{2}):([0-9]{2}))"
+)
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
+_SECOND = _dt.timedelta(seconds=1)
+
+
 def parse_timestamp(text: str) -> Timestamp:
-    """Parse an RFC 3339 timestamp such as ``"2024-01-02T03:04:05Z"``."""
-    m = re.fullmatch(
-        r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})",
-        text,
-    )
+    """Parse an RFC 3339 timestamp as cel-go does, e.g. ``"2024-01-02T03:04:05+08:00"``.
+
+    >>> str(parse_timestamp("2024-01-02T03:04:05.1234567891+08:00"))
+    '2024-01-01T19:04:05.123456789Z'
+    """
+    m = _TS_TEXT.fullmatch(text)
     if m is None:
         raise EvalError("invalid timestamp")
+    y, mo, d, h, mi, s = (int(g) for g in m.group(1, 2, 3, 4, 5, 6))
+    sign, zh, zm = m.group(8, 9, 10)
+    if y == 0:
+        raise EvalError("timestamp out of range")  # cel-spec: before 0001-01-01
     try:
-        y, mo, d, h, mi, s = (int(m.group(i)) for i in range(1, 7))
         base = _dt.datetime(y, mo, d, h, mi, s, tzinfo=_dt.UTC)
     except ValueError as exc:
         raise EvalError("invalid timestamp") from exc
-    zone = m.group(8)
     offset = 0
-    if zone not in ("Z", "z"):
-        offset = (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60) * (1 if zone[0] == "+" else -1)
-    secs = int(base.timestamp()) - offset
-    frac = m.group(7)
-    nanos = int(frac[1:].ljust(9, "0")) if frac else 0
-    return Timestamp.checked(secs * _NS + nanos)
+    if sign is not None:
+        if int(zh) > 23 or int(zm) > 59:
+            raise EvalError("invalid timestamp")
+        offset = (int(zh) * 3600 + int(zm) * 60) * (1 if sign == "+" else -1)
+    nanos = int(m.group(7)[:9].ljust(9, "0")) if m.group(7) else 0
+    return Timestamp.checked(((base - _EPOCH) // _SECOND - offset) * _NS + nanos)
 
 
 def type_name(value: object) -> str:

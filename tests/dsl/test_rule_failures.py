@@ -233,6 +233,68 @@ def test_a_duration_reads_as_its_exact_seconds(text: str, string: str) -> None:
     assert evaluate("string(duration(s))", {"s": text}) == string
 
 
+# -------------------------------------------------------- client text to timestamps
+
+# What cel-go's timestamp() reads (a strict RFC 3339 gate, then Go's time.Parse), as
+# seconds since the epoch and nanoseconds.
+TIMESTAMPS = [("2026-01-02T03:04:05Z", 1_767_323_045, 0),
+              ("2026-01-02T03:04:05+08:00", 1_767_323_045 - 8 * 3600, 0),
+              ("2026-01-02T03:04:05-23:59", 1_767_323_045 + 86_340, 0),
+              ("2026-01-02T03:04:05.5Z", 1_767_323_045, 500_000_000),
+              ("2026-01-02T03:04:05.1234567899Z", 1_767_323_045, 123_456_789),  # cut, as Go
+              ("2024-02-29T00:00:00Z", 1_709_164_800, 0),
+              ("0001-01-01T00:00:00Z", -62_135_596_800, 0)]  # fmt: skip
+NOT_TIMESTAMPS = ["2026-01-02t03:04:05Z", "2026-01-02T03:04:05z",  # Go: case-sensitive
+                  "2026-01-02T03:04:05+24:00", "2026-01-02T03:04:05+00:60",
+                  "2026-01-02T03:04:05+99:99", "\uff12\uff10\uff12\uff16-01-02T03:04:05Z",
+                  "2026-01-02T03:04:0\u0665Z", "2026-01-02T03:04:60Z", "2026-02-30T00:00:00Z",
+                  "2026-01-02T03:04:05", "2026-01-02 03:04:05Z", "2026-01-02T3:04:05Z",
+                  "2026-01-02T03:04:05,5Z", "2026-01-02T03:04:05.Z", "2026-01-02T24:00:00Z",
+                  " 2026-01-02T03:04:05Z", "2026-01-02T03:04:05Z\n", "2026-01-02T03:04:05+0800",
+                  "0000-01-01T00:00:00Z", "10000-01-01T00:00:00Z", "0001-01-01T00:00:00+00:01",
+                  "9999-12-31T23:59:59-00:01"]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "seconds", "nanos"), TIMESTAMPS)
+def test_a_string_converts_to_a_timestamp_as_cel_go_reads_one(
+    text: str, seconds: int, nanos: int
+) -> None:
+    assert evaluate("timestamp(s)", {"s": text}) == Timestamp(seconds * 10**9 + nanos)
+
+
+@pytest.mark.parametrize("text", NOT_TIMESTAMPS)
+def test_text_cel_go_refuses_is_no_timestamp(text: str) -> None:
+    with pytest.raises(EvalError, match=r"invalid timestamp|timestamp out of range"):
+        evaluate("timestamp(s)", {"s": text})
+
+
+def test_a_timestamp_before_year_1000_reads_with_four_digits() -> None:
+    assert evaluate("string(timestamp(s))", {"s": "0001-01-01T00:00:00Z"}) == (
+        "0001-01-01T00:00:00Z"
+    )
+    assert evaluate("string(timestamp(-30610224000))", {}) == "1000-01-01T00:00:00Z"
+    assert evaluate("string(timestamp(-30610224001))", {}) == "0999-12-31T23:59:59Z"
+
+
+# A zone argument: an IANA name, or hh:mm with or without a sign, as cel-spec's cases
+# (timestamps/timestamp_selectors_tz) and cel-go read it; hours to 23, minutes to 59.
+ZONES = [("02:00", 1), ("+11:00", 10), ("-02:30", 21), ("-00:00", 23), ("UTC", 23), ("", 23),
+         ("Asia/Kathmandu", 5), ("+23:59", 23)]  # fmt: skip
+NOT_ZONES = ["+00:99", "+24:00", "-99:00", "+2:00", "+\u0660\u0662:00", "Z", "utc", "../etc"]
+
+
+@pytest.mark.parametrize(("zone", "hours"), ZONES)
+def test_a_time_zone_argument_is_a_name_or_an_offset(zone: str, hours: int) -> None:
+    expr = 'timestamp("2009-02-13T23:31:30Z").getHours(z)'
+    assert evaluate(expr, {"z": zone}) == hours
+
+
+@pytest.mark.parametrize("zone", NOT_ZONES)
+def test_an_offset_past_23_59_or_an_unknown_name_is_an_error(zone: str) -> None:
+    with pytest.raises(EvalError, match=r"time zone"):
+        evaluate('timestamp("2009-02-13T23:31:30Z").getHours(z)', {"z": zone})
+
+
 # ------------------------------------------------------------------------ cost bounds
 
 
