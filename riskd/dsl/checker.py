@@ -24,6 +24,7 @@ from riskd.dsl.diagnostics import (
     UNKNOWN_FUNCTION,
     Diagnostic,
 )
+from riskd.dsl.functions import ZONED_METHODS
 from riskd.dsl.nodes import (
     Call,
     Comprehension,
@@ -55,7 +56,14 @@ from riskd.dsl.types import (
     TypeType,
     is_dyn,
 )
-from riskd.dsl.values import TypeValue, UInt
+from riskd.dsl.values import (
+    EvalError,
+    TypeValue,
+    UInt,
+    parse_duration,
+    parse_timestamp,
+    parse_zone,
+)
 
 TYPE_NAMES = (
     "int",
@@ -280,6 +288,7 @@ class _Checker:
             args.insert(0, self.visit(node.target))
         if fn == "matches":
             self.literal_regex(node)
+        self.literal_time(node)
         return self.resolve(node, args)
 
     def resolve(self, node: Call, args: list[Type]) -> Type:
@@ -332,6 +341,23 @@ class _Checker:
         self.out.calls[id(node)] = self.env.registry.functions[fn].overloads
         return INT
 
+    def literal_time(self, node: Call) -> None:
+        """A string literal that ``duration()``, ``timestamp()`` or a time zone argument
+        cannot read would fail every evaluation: it is a diagnostic at the literal."""
+        text = node.args[0] if len(node.args) == 1 else None
+        if not isinstance(text, Literal) or not isinstance(text.value, str):
+            return
+        if node.target is None and node.function in _TIME_LITERALS:
+            read = _TIME_LITERALS[node.function]
+        elif node.target is not None and node.function in ZONED_METHODS:
+            read = parse_zone
+        else:
+            return
+        try:
+            read(text.value)
+        except EvalError as exc:
+            self.error(text, BAD_ARGUMENT, _TIME_HINTS.get(str(exc), str(exc)))
+
     def literal_regex(self, node: Call) -> None:
         pattern = node.args[-1] if node.args else None
         if not isinstance(pattern, Literal) or not isinstance(pattern.value, str):
@@ -340,6 +366,20 @@ class _Checker:
             self.out.regexes[id(node)] = compile_pattern(pattern.value)
         except RegexError as exc:
             self.error(pattern, BAD_REGEX, f"invalid regular expression: {exc}")
+
+
+_TIME_LITERALS: dict[str, Callable[[str], object]] = {
+    "duration": parse_duration,
+    "timestamp": parse_timestamp,
+}
+_TIME_HINTS = {
+    "invalid duration": 'not a duration: write it as Go does, e.g. "1h30m", "-1.5s", "250ms"',
+    "duration out of range": "duration out of range (a 64-bit count of nanoseconds: ±292 years)",
+    "invalid timestamp": 'not an RFC 3339 timestamp, e.g. "2024-06-18T12:00:00Z" or "...+08:00"',
+    "timestamp out of range": "timestamp out of range (years 0001 to 9999)",
+    "unknown time zone": 'unknown time zone: an IANA name ("Asia/Shanghai") or "+08:00"',
+    "time zone offset out of range": "time zone offset out of range (at most 23:59)",
+}
 
 
 # One object per distinct query for every rule ever compiled (a few hundred at most): the

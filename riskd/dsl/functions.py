@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import re
-import zoneinfo
 from collections.abc import Callable, Mapping
 
 from riskd.dsl import runtime as rt
@@ -21,6 +20,7 @@ from riskd.dsl.values import (
     UInt,
     parse_duration,
     parse_timestamp,
+    parse_zone,
 )
 
 _NS = 1_000_000_000
@@ -157,33 +157,12 @@ def _int_to_ts(v: int) -> Timestamp:
     return Timestamp.checked(v * _NS)
 
 
-# A fixed zone as cel-spec writes it ("+08:00"), or unsigned as cel-spec's
-# conformance cases and cel-go also read it ("02:00"): two ASCII digits each, the
-# hours to 23 and the minutes to 59, as cel-go checks them.
-_FIXED_ZONE = re.compile(r"([+-]?)([0-9]{2}):([0-9]{2})")
-
-
 def _local(t: Timestamp, tz: str = "UTC") -> _dt.datetime:
     d = t.to_datetime()
     try:
-        return d if tz in ("UTC", "") else d.astimezone(_zone(tz))
+        return d if tz in ("UTC", "") else d.astimezone(parse_zone(tz))
     except (OverflowError, ValueError):  # the local time would fall before year 1 or after 9999
         raise EvalError("timestamp out of range in that time zone") from None
-
-
-def _zone(tz: str) -> _dt.tzinfo:
-    """``tz`` (an IANA name or a fixed offset) as a zone; ``EvalError`` if it is neither."""
-    fixed = _FIXED_ZONE.fullmatch(tz)
-    if fixed is not None:
-        sign, hours, minutes = fixed.group(1, 2, 3)
-        if int(hours) > 23 or int(minutes) > 59:
-            raise EvalError("time zone offset out of range")
-        offset = _dt.timedelta(hours=int(hours), minutes=int(minutes))
-        return _dt.timezone(-offset if sign == "-" else offset)
-    try:
-        return zoneinfo.ZoneInfo(tz)
-    except (ValueError, OSError, zoneinfo.ZoneInfoNotFoundError):
-        raise EvalError("unknown time zone") from None
 
 
 def _ts_accessor(get: Callable[[_dt.datetime], int]) -> Callable[..., int]:
@@ -193,6 +172,7 @@ def _ts_accessor(get: Callable[[_dt.datetime], int]) -> Callable[..., int]:
     return impl
 
 
+# Each takes a time zone as an optional argument (``now.getHours("Asia/Shanghai")``).
 _TS_ACCESSORS: dict[str, Callable[[_dt.datetime], int]] = {
     "getFullYear": lambda d: d.year,
     "getMonth": lambda d: d.month - 1,
@@ -205,6 +185,7 @@ _TS_ACCESSORS: dict[str, Callable[[_dt.datetime], int]] = {
     "getSeconds": lambda d: d.second,
     "getMilliseconds": lambda d: d.microsecond // 1000,
 }
+ZONED_METHODS = frozenset(_TS_ACCESSORS)
 _DUR_ACCESSORS: dict[str, Callable[[Duration], int]] = {
     "getHours": lambda d: int(d.ns / (3600 * _NS)),
     "getMinutes": lambda d: int(d.ns / (60 * _NS)),

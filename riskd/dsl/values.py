@@ -12,6 +12,7 @@ import dataclasses
 import datetime as _dt
 import enum
 import re
+import zoneinfo
 from typing import ClassVar
 
 from riskd.errors import RiskdError
@@ -210,6 +211,31 @@ def parse_timestamp(text: str) -> Timestamp:
         offset = (int(zh) * 3600 + int(zm) * 60) * (1 if sign == "+" else -1)
     nanos = int(m.group(7)[:9].ljust(9, "0")) if m.group(7) else 0
     return Timestamp.checked(((base - _EPOCH) // _SECOND - offset) * _NS + nanos)
+
+
+# A fixed zone as cel-spec writes it ("+08:00"), or unsigned as cel-spec's
+# conformance cases and cel-go also read it ("02:00"): two ASCII digits each, the
+# hours to 23 and the minutes to 59, as cel-go checks them.
+_FIXED_ZONE = re.compile(r"([+-]?)([0-9]{2}):([0-9]{2})")
+
+
+def parse_zone(tz: str) -> _dt.tzinfo:
+    """A timestamp method's time zone argument: an IANA name or a fixed offset.
+
+    >>> str(parse_zone("-02:30")), str(parse_zone("08:00")), str(parse_zone("Asia/Shanghai"))
+    ('UTC-02:30', 'UTC+08:00', 'Asia/Shanghai')
+    """
+    fixed = _FIXED_ZONE.fullmatch(tz)
+    if fixed is not None:
+        sign, hours, minutes = fixed.group(1, 2, 3)
+        if int(hours) > 23 or int(minutes) > 59:
+            raise EvalError("time zone offset out of range")
+        offset = _dt.timedelta(hours=int(hours), minutes=int(minutes))
+        return _dt.timezone(-offset if sign == "-" else offset)
+    try:
+        return zoneinfo.ZoneInfo(tz)
+    except (ValueError, OSError, zoneinfo.ZoneInfoNotFoundError):
+        raise EvalError("unknown time zone") from None
 
 
 def type_name(value: object) -> str:

@@ -171,7 +171,10 @@ def test_rules_test_out_of_range_now_is_a_diagnostic(
 def test_rules_test_explains_a_failing_case_whose_rule_fails_only_when_explained(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    when = 'duration("' + "1" * 4400 + 'h") > duration("1s") || order.amounts.total > 50'
+    when = (
+        'duration(order.coupon_code + "' + "1" * 4400 + 'h") > duration("1s")'
+        " || order.amounts.total > 50"
+    )
     text = _one_rule(when) + '\ntest "t" {\n  order = {amounts: {total: 100}}\n  expect = []\n}\n'
     (tmp_path / "a.rules").write_text(text, encoding="utf-8")
     assert main(["rules", "test", str(tmp_path)]) == 1

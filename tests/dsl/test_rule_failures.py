@@ -66,8 +66,10 @@ def _order(client_time: float = 0.0) -> Order:
          " || order.amounts.total > 50", 253_402_300_000.0),
         ('timestamp("0001-01-01T00:00:00Z").getHours("-05:00") > 3'
          " || order.amounts.total > 50", 0.0),
-        # ValueError: int() of more than 4300 digits
-        ('duration("' + "1" * 4400 + 'h") > duration("1s") || order.amounts.total > 50', 0.0),
+        # ValueError: int() of more than 4300 digits (from the order: a literal is a
+        # compile error)
+        ('duration(order.coupon_code + "' + "1" * 4400 + 'h") > duration("1s")'
+         " || order.amounts.total > 50", 0.0),
     ],
 )  # fmt: skip
 def test_a_rule_that_fails_only_while_explained_keeps_every_result(
@@ -293,6 +295,25 @@ def test_a_time_zone_argument_is_a_name_or_an_offset(zone: str, hours: int) -> N
 def test_an_offset_past_23_59_or_an_unknown_name_is_an_error(zone: str) -> None:
     with pytest.raises(EvalError, match=r"time zone"):
         evaluate('timestamp("2009-02-13T23:31:30Z").getHours(z)', {"z": zone})
+
+
+def test_a_literal_no_evaluation_could_convert_is_a_compile_error_at_its_place(
+    tmp_path: Path,
+) -> None:
+    when = 'now - duration("1h") > timestamp("2026-01-02t00:00:00Z") && now.getHours("+8:00") < 6'
+    program, diags = check_rules(tmp_path / "s.rules", _write(tmp_path, _rule("r", when)))
+    assert program is None
+    assert [(d.code, d.line, d.col) for d in diags] == [
+        ("riskd_bad_argument", 9, 43),  # the timestamp's string, lower-case t
+        ("riskd_bad_argument", 9, 83),  # the zone, one hour digit
+    ]
+    assert diags[0].source_line.strip() == f"when = {when}"
+    # the same strings from the order convert at run time: an ERROR result, not a crash
+    dynamic = 'now > timestamp(order.coupon_code + "2026-01-02t00:00:00Z")'
+    program = compile_rules(tmp_path / "s.rules", _write(tmp_path, _rule("r", dynamic)))
+    (result,) = program.evaluate(_order(), ShopState("s-1"), {}, NOW)
+    assert result.status is RuleStatus.ERROR
+    assert result.error == "invalid timestamp"
 
 
 # ------------------------------------------------------------------------ cost bounds
