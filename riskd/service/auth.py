@@ -34,7 +34,8 @@ configuration). ``PUBLIC`` in a policy entry lets anyone call (health checks).
 Servicers read the caller with ``current_identity()``. Nothing here logs a
 request body, a token or PII: denials are logged with the method, the code and
 the principal (``cert:<CN>``, ``token:<name>``) or, for a caller not identified,
-its peer host (``peer:ipv4:10.0.0.7``).
+its peer host (``peer:ipv4:10.0.0.7``); at a bounded rate, the refusals in
+between counted on the next line (``unlogged_refusals``).
 """
 
 from __future__ import annotations
@@ -584,7 +585,9 @@ class AuthInterceptor(_Interceptor):
     ``PERMISSION_DENIED``) spends a token of its peer host's refusal bucket, also under the
     ``PUBLIC`` limit; while that bucket is empty the peer's calls that would be refused
     answer ``RESOURCE_EXHAUSTED``: failures cost little and log at its rate (those it
-    refuses are counted, ``UnloggedRefusals``, and ``on_reject`` still sees each). A valid
+    refuses are counted, ``UnloggedRefusals``, and ``on_reject`` still sees each). A call
+    over its caller's own quota logs a line a second per caller at most
+    (``ExhaustedRefusals``; ``on_reject`` sees each). A valid
     credential is always served (a checkout gateway is never held up by a misconfigured
     neighbour behind the same address); guessing a 256-bit token is hopeless anyway.
 
@@ -616,6 +619,7 @@ class AuthInterceptor(_Interceptor):
         self._streams = StreamSlots(holding=max_holding_streams, per_peer=max_streams_per_peer)
         self._on_reject = on_reject
         self._unlogged = UnloggedRefusals()
+        self._exhausted = ExhaustedRefusals(clock or SystemClock())
         self._guarded = WrappedHandlers()
 
     def intercept_service(
@@ -749,19 +753,31 @@ class AuthInterceptor(_Interceptor):
     ) -> None:
         if denied.throttled:
             self._unlogged.count_one(peer)
+        elif denied.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # the caller's own quota or stream slots: a line a second per caller at most
+            # (review: 20,000 over-quota calls a second were as many log lines)
+            unlogged = self._exhausted.due_one(denied.caller)
+            if unlogged is not None:
+                self._log_refusal(method, denied, peer, unlogged)
         else:
-            fields: dict[str, object] = {
-                "method": method,
-                "code": denied.code.name,
-                "principal": denied.caller,
-            }
-            unlogged = self._unlogged.take(peer)
-            if unlogged:
-                fields["unlogged_refusals"] = unlogged  # since this peer's last line
-            log.warning("call refused", extra={"fields": fields})
+            self._log_refusal(method, denied, peer, 0)
         if self._on_reject is not None:
             self._on_reject(method, denied.code)
         context.abort(denied.code, denied.message)
+
+    def _log_refusal(self, method: str, denied: _Denied, peer: str, unlogged: int) -> None:
+        """One ``call refused`` line; ``unlogged_refusals``: the peer's refusals since its
+        last line that were counted, not logged (``UnloggedRefusals``), and the caller's
+        over its quota (``ExhaustedRefusals``)."""
+        fields: dict[str, object] = {
+            "method": method,
+            "code": denied.code.name,
+            "principal": denied.caller,
+        }
+        unlogged += self._unlogged.take(peer)
+        if unlogged:
+            fields["unlogged_refusals"] = unlogged
+        log.warning("call refused", extra={"fields": fields})
 
 
 _TOO_MANY_REFUSED: Final = "too many refused calls from this address; retry later"
@@ -793,6 +809,40 @@ class UnloggedRefusals:
         """The count for ``peer`` since its last logged refusal (now zero)."""
         with self._lock:
             return self._counts.pop(peer, 0)
+
+
+class ExhaustedRefusals:
+    """Calls refused because their caller spent its own quota (``RESOURCE_EXHAUSTED``:
+    its rate limit, its stream slots), logged at most once per ``interval_s`` per caller:
+    ``due_one`` says whether this one is logged, and with how many unlogged since the
+    caller's last line. At most ``max_callers`` are remembered: past that the one logged
+    longest ago is forgotten (its count, if any, logged on its own line)."""
+
+    def __init__(self, clock: Clock, *, interval_s: float = 1.0, max_callers: int = 10_000) -> None:
+        self._clock = clock
+        self._interval = interval_s
+        self._max = max_callers
+        self._callers: dict[str, tuple[float, int]] = {}  # caller → (last line, unlogged)
+        self._lock = threading.Lock()
+
+    def due_one(self, caller: str) -> int | None:
+        """None: this refusal is counted, not logged; else log it, with this many unlogged
+        refusals of ``caller`` since its last line."""
+        now, evicted = self._clock.monotonic(), None
+        with self._lock:
+            last = self._callers.get(caller)
+            if last is not None and now - last[0] < self._interval:
+                self._callers[caller] = last[0], last[1] + 1
+                return None
+            if last is None and len(self._callers) >= self._max:
+                oldest = next(iter(self._callers))  # in the order of their last lines
+                evicted = oldest, self._callers.pop(oldest)[1]
+            self._callers.pop(caller, None)
+            self._callers[caller] = now, 0
+        if evicted is not None and evicted[1]:
+            fields = {"principal": evicted[0], "unlogged_refusals": evicted[1]}
+            log.warning("calls refused, not logged one by one", extra={"fields": fields})
+        return 0 if last is None else last[1]
 
 
 @dataclass(frozen=True, slots=True)

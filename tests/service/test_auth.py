@@ -447,6 +447,53 @@ def test_unlogged_refusals_keep_a_bounded_number_of_peers(
     assert [unlogged.take(p) for p in ("a", "b", "c", "c")] == [0, 1, 1, 0]
 
 
+def test_auth_refusals_over_a_callers_own_quota_log_a_line_a_second_per_caller(
+    start: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    # review: each over-quota call was a log line (20,000 a second from one checkout)
+    config = AuthConfig.with_tokens(
+        {
+            TOKEN: Identity("token:checkout-gw", frozenset({"checkout"})),
+            "tok-2": Identity("token:other-gw", frozenset({"checkout"})),
+        },
+        rate_limits={"checkout": RateLimit(1.0, 1), "public": RateLimit(1.0, 1)},
+    )
+    rejected: list[grpc.StatusCode] = []
+    port, clock = start(None, config, on_reject=lambda method, code: rejected.append(code))
+    ok, exhausted = grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED
+    with caplog.at_level(logging.DEBUG), grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        assert [code_of(ch, "Checkout", TOKEN) for _ in range(50)] == [ok] + [exhausted] * 49
+        assert [code_of(ch, "Checkout", "tok-2") for _ in range(3)] == [ok] + [exhausted] * 2
+        clock.advance(0.5)  # still within the second: counted
+        assert code_of(ch, "Checkout", TOKEN) is exhausted
+        clock.advance(0.5)
+        assert [code_of(ch, "Checkout", TOKEN) for _ in range(2)] == [ok, exhausted]
+    assert rejected == [exhausted] * (49 + 2 + 1 + 1)  # metrics see every one
+    fields = [getattr(r, "fields", {}) for r in caplog.records if r.name == "riskd.service.auth"]
+    assert [(f["principal"], f["code"], f.get("unlogged_refusals")) for f in fields] == [
+        ("token:checkout-gw", "RESOURCE_EXHAUSTED", None),
+        ("token:other-gw", "RESOURCE_EXHAUSTED", None),
+        ("token:checkout-gw", "RESOURCE_EXHAUSTED", 49),
+    ]
+
+
+def test_exhausted_refusals_keep_a_bounded_number_of_callers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    exhausted = auth.ExhaustedRefusals(clock, max_callers=2)
+    with caplog.at_level(logging.DEBUG):
+        assert [exhausted.due_one(c) for c in ("a", "a", "a", "b", "b")] == [0, None, None, 0, None]
+        assert exhausted.due_one("c") == 0  # "a" forgotten: its count on a line of its own
+        assert exhausted.due_one("a") == 0
+        clock.advance(1.0)
+        assert [exhausted.due_one(c) for c in ("c", "c", "a")] == [0, None, 0]
+    assert [getattr(r, "fields", {}) for r in caplog.records] == [
+        {"principal": "a", "unlogged_refusals": 2},
+        {"principal": "b", "unlogged_refusals": 1},
+    ]
+
+
 # -- rate limits -----------------------------------------------------------------------------
 
 
