@@ -11,7 +11,8 @@ interceptor. For each call it
    configured; the embedded plaintext-loopback default grants ``checkout``
    only, so scoring works out of the box while money and admin need tokens).
    A malformed ``authorization`` header is ``UNAUTHENTICATED``; a certificate
-   without a CN gives no identity;
+   without a CN gives no identity, one whose ``cert:<CN>`` the ledger would refuse
+   as actor (``principal_problem``) is ``PERMISSION_DENIED``;
 2. looks the full method name up in ``POLICY`` (deny by default: a method
    missing from the table is ``PERMISSION_DENIED`` for everyone);
 3. takes tokens from the caller's bucket (``RESOURCE_EXHAUSTED`` when empty):
@@ -235,10 +236,7 @@ class AuthConfig:
             raise ConfigError("auth.ou_roles: expected true or false")
         return cls(
             tokens=_parse_tokens(_table(raw, "tokens")),
-            cert_principals={
-                cn: _parse_roles(v, f"auth.cert_principals.{cn}")
-                for cn, v in _table(raw, "cert_principals").items()
-            },
+            cert_principals=_parse_cert_principals(_table(raw, "cert_principals")),
             ou_roles=ou,
             anonymous_roles=_anonymous_roles(raw.get("anonymous_roles", [])),
             rate_limits={
@@ -330,6 +328,40 @@ def _parse_tokens(table: Mapping[str, Any]) -> dict[str, Identity]:
             raise ConfigError(f"{key}: the name is not a valid ledger actor ({e})") from None
         tokens[digest] = Identity(principal, _parse_roles(roles, key))
     return tokens
+
+
+def _parse_cert_principals(table: Mapping[str, Any]) -> dict[str, frozenset[str]]:
+    """CN → roles. Refused: a CN no certificate's could match (blank, or with blanks
+    around it), and one the ledger refuses as actor (as ``cert:<CN>``): a certificate
+    with it is refused every call (``principal_problem``)."""
+    principals: dict[str, frozenset[str]] = {}
+    for i, (cn, value) in enumerate(table.items()):
+        if not cn.strip():
+            reason: str | None = "must not be blank"
+        elif cn != cn.strip():  # a certificate's CN is read without them: it never matched
+            reason = "must not start or end with whitespace"
+        else:
+            reason = principal_problem(f"cert:{cn}")
+        if reason is not None:  # named by its place: the CN may be what is wrong
+            raise ConfigError(f"auth.cert_principals[{i}]: the CN {reason}")
+        principals[cn] = _parse_roles(value, f"auth.cert_principals.{cn}")
+    return principals
+
+
+def principal_problem(principal: str) -> str | None:
+    """What the ledger's actor rule (``check_actor``) finds wrong with ``principal``, in
+    words that never quote it; None when it may name a caller.
+
+    >>> principal_problem("cert:gw-1") is None
+    True
+    >>> principal_problem("cert:gw\u202e1")
+    'must not contain NUL or control characters'
+    """
+    try:
+        check_actor(principal)
+    except InvalidArgumentError as e:
+        return str(e).removeprefix(f"{e.field}: ")
+    return None
 
 
 _EMPTY_DIGEST: Final = token_digest("")
@@ -724,6 +756,15 @@ class AuthInterceptor(_Interceptor):
         cn = names[0].decode("utf-8", "replace").strip() if names else ""
         if not cn:
             return None  # no certificate, or one without a CN: no identity from it
+        reason = principal_problem(f"cert:{cn}")
+        if reason is not None:
+            # a CN the ledger refuses as actor (a control character, a bidi override) was
+            # written as is to the PII audit trail, and money calls failed as a bad "actor"
+            # argument the request has no field for (review)
+            raise _Denied(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"the client certificate's CN cannot name a caller: cert:<CN> {reason}",
+            )
         roles = set(self._config.cert_principals.get(cn, frozenset()))
         if self._config.ou_roles:
             for subject in auth.get("x509_subject", ()):

@@ -646,6 +646,23 @@ def test_auth_config_from_mapping_parses_tokens_roles_and_limits() -> None:
     assert config.limit_for(frozenset({"analyst", "checkout"})) == config.rate_limits["checkout"]
 
 
+@pytest.mark.parametrize(
+    ("cn", "reason"),
+    [
+        ("gw\u202e1", "must not contain NUL or control characters"),
+        ("gw\n1", "must not contain NUL or control characters"),
+        ("x" * 124, "longer than 128 characters"),
+        (" ", "must not be blank"),
+        ("gw-1 ", "must not start or end with whitespace"),
+    ],
+)
+def test_auth_config_refuses_a_cert_principal_no_certificate_could_be(cn: str, reason: str) -> None:
+    # such a certificate is refused every call: its entry could never grant anything
+    with pytest.raises(ConfigError) as info:
+        AuthConfig.from_mapping({"cert_principals": {"ok-1": "analyst", cn: "analyst"}})
+    assert str(info.value) == f"auth.cert_principals[1]: the CN {reason}"  # never the CN
+
+
 def test_auth_config_digest_in_upper_case_matches() -> None:
     upper = "sha256:" + auth.token_digest(TOKEN)[7:].upper()
     config = AuthConfig.from_mapping({"tokens": {upper: "gw:checkout"}})

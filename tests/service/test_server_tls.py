@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from riskd.cli import build_parser
 from riskd.errors import ConfigError
+from riskd.service.gen.riskd.v1 import (
+    evidence_pb2,
+    evidence_pb2_grpc,
+    ledger_pb2,
+    ledger_pb2_grpc,
+)
 from riskd.service.server import RunningServer, create_server
 from tests.service.certs import CertificateAuthority
 from tests.service.conftest import make_config
@@ -97,6 +104,9 @@ def mtls_server(tmp_path: Path) -> Iterator[tuple[RunningServer, dict[str, Path]
         "server": ca.issue("localhost", server=True),
         "health": ca.issue("healthcheck"),  # no role: the health service is open to anyone
         "gateway": ca.issue("gw-1", ("checkout",)),
+        "analyst": ca.issue("analyst-1", ("analyst",)),
+        # a CN the ledger refuses as actor: a right-to-left override hides what it says
+        "odd": ca.issue("ops-1\u202e2-tsylana", ("analyst", "operator")),
     }
     for name, pem in issued.items():
         files[f"{name}.crt"] = tmp_path / f"{name}.crt"
@@ -263,3 +273,47 @@ def test_a_client_ca_bundle_with_text_around_its_certificates_is_accepted(
     )
     running = create_server(config)
     running.stop(0)
+
+
+def test_a_certificate_whose_cn_the_ledger_refuses_as_actor_is_denied_and_writes_nothing(
+    mtls_server: tuple[RunningServer, dict[str, Path]], caplog: pytest.LogCaptureFixture
+) -> None:
+    # review: such a caller's reveal was written, CN and all, to the PII audit trail, and its
+    # money calls failed as INVALID_ARGUMENT "actor: ..." for a field no request has
+    running, files = mtls_server
+
+    def channel(name: str) -> grpc.Channel:
+        creds = grpc.ssl_channel_credentials(
+            files["ca"].read_bytes(),
+            files[f"{name}.key"].read_bytes(),
+            files[f"{name}.crt"].read_bytes(),
+        )
+        return grpc.secure_channel(f"localhost:{running.port}", creds)
+
+    calls = {
+        "reveal": lambda ch: evidence_pb2_grpc.EvidenceServiceStub(ch).RevealOrderPii(
+            evidence_pb2.RevealOrderPiiRequest(order_id="o-1", reason="case 7"), timeout=5
+        ),
+        "top-up": lambda ch: ledger_pb2_grpc.LedgerServiceStub(ch).TopUpFund(
+            ledger_pb2.TopUpFundRequest(idempotency_key="k-1", amount_fen=100, reason="r"),
+            timeout=5,
+        ),
+    }
+    with caplog.at_level(logging.INFO), channel("odd") as ch:
+        for call in calls.values():
+            with pytest.raises(grpc.RpcError) as info:
+                call(ch)
+            assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+            assert info.value.details() == (
+                "the client certificate's CN cannot name a caller: "
+                "cert:<CN> must not contain NUL or control characters"
+            )
+    assert "\u202e" not in caplog.text and "tsylana" not in caplog.text  # never echoed
+    with channel("analyst") as ch:  # nothing reached the audit trail
+        trail = evidence_pb2_grpc.EvidenceServiceStub(ch).ListPiiAccess(
+            evidence_pb2.ListPiiAccessRequest(order_id="o-1"), timeout=5
+        )
+        assert list(trail.entries) == []
+        with pytest.raises(grpc.RpcError) as info:  # a sane CN is served as before
+            calls["reveal"](ch)
+        assert info.value.code() is grpc.StatusCode.NOT_FOUND
