@@ -77,6 +77,7 @@ import ipaddress
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -253,6 +254,28 @@ def load_config(
         _check_each(replace(Config(), **_coerce_layer(layer)))
         _merge(values, layer)
     return _build(values)
+
+
+def reload_config(path: Path | None = None, **overrides: Any) -> Config:
+    """``load_config`` again while serving (SIGHUP), from the same ``path``, environment
+    and ``overrides``; ``path`` must be a regular file (or a link to one).
+
+    Raises:
+        ConfigError: as ``load_config``; or ``path`` is a pipe or FIFO (``--config
+            <(...)``), which reads empty or blocks a second time: its settings were
+            read once, and a restart changes them.
+    """
+    if path is not None:
+        try:
+            regular = stat.S_ISREG(path.stat().st_mode)
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror}") from None
+        if not regular:
+            raise ConfigError(
+                f"config file {path}: not a regular file (a pipe is read once); "
+                "restart to change its settings"
+            )
+    return load_config(path, **overrides)
 
 
 def _coerce_layer(layer: Mapping[str, Any]) -> dict[str, Any]:

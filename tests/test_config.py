@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from riskd.config import Config, FallbackTier, load_config
+from riskd.config import Config, FallbackTier, load_config, reload_config
 from riskd.domain.decision import Outcome
 from riskd.errors import ConfigError
 
@@ -308,3 +308,19 @@ def test_database_url_errors_never_echo_the_url(url: str) -> None:
 )
 def test_good_values_are_accepted(key: str, value: str) -> None:
     load_config(env={f"RISKD_{key.upper()}": value})
+
+
+def test_a_reload_reads_a_regular_file_again_never_a_pipe(tmp_path: Path) -> None:
+    # `riskd serve --config <(...)`: a pipe read a second time is empty (every token
+    # revoked, or the open default back) or blocks the reload for good
+    path = tmp_path / "riskd.toml"
+    path.write_text('[auth.tokens]\n"t0ken" = "gw:checkout"\n')
+    link = tmp_path / "current.toml"  # a Kubernetes ConfigMap mounts links to files
+    link.symlink_to(path)
+    assert reload_config(link, env={}).auth == {"tokens": {"t0ken": "gw:checkout"}}
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match=r"^config file .*fifo\.toml: not a regular file"):
+        reload_config(fifo, env={})  # refused without opening it (that would block)
+    with pytest.raises(ConfigError, match=r"^config file .*gone\.toml: No such file"):
+        reload_config(tmp_path / "gone.toml", env={})

@@ -2,8 +2,9 @@
 
 ``serve`` reads defaults ← ``--config FILE`` (or ``$RISKD_CONFIG``) ← ``RISKD_*``
 variables ← ``--listen``, logs JSON lines to stderr, drains on SIGTERM/SIGINT
-(health NOT_SERVING for ``drain_notice_ms`` first) and reloads the rules on
-SIGHUP (one that comes during start-up is held until the server is up).
+(health NOT_SERVING for ``drain_notice_ms`` first) and on SIGHUP reads its
+configuration again for the ``[auth]`` settings and reloads the rules (one that
+comes during start-up is held until the server is up).
 ``score`` sends an order written in the protobuf JSON form (see
 ``examples/order.json``) and prints the decision as JSON.
 
@@ -23,6 +24,7 @@ import math
 import os
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 
 import grpc
@@ -101,21 +103,22 @@ def run_serve(args: argparse.Namespace) -> int:
     held = getattr(args, "held_hangup", None) or HeldHangup()
     try:
         # here, not at the top: `riskd score` and `riskd health` need none of the daemon
-        from riskd.config import load_config
+        from riskd.config import load_config, reload_config
         from riskd.service.logs import configure_logging
         from riskd.service.server import create_server
 
         overrides = {"listen": args.listen} if args.listen else {}
         config = load_config(args.config, **overrides)
         configure_logging(config.log_level)
-        running = create_server(config)
+        # SIGHUP reads the same file and environment again for the [auth] settings
+        running = create_server(config, reread=partial(reload_config, args.config, **overrides))
     except RiskdError as e:
         held.release()
         print(f"riskd serve: {e}", file=sys.stderr)
         return 2
     running.install_signal_handlers(config.grace_s, notice_s=config.drain_notice_s)
     if held.event.is_set():
-        threading.Thread(target=running.reload_rules, name="riskd-reload").start()
+        threading.Thread(target=running.reload, name="riskd-reload").start()
     # Start-up objects (compiled rules, modules) live for the whole process: move them out
     # of the collector's generations so full collections on the request path skip them.
     gc.collect()

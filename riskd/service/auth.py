@@ -255,11 +255,16 @@ class AuthConfig:
         """Convenience for tests and embedding: plaintext token → identity (stored hashed)."""
         return cls(tokens={token_digest(t): i for t, i in tokens.items()}, **kwargs)
 
+    @property
+    def public(self) -> RateLimit:
+        """The ``PUBLIC`` limit: anonymous callers, ``PUBLIC`` methods, refused calls."""
+        return self.rate_limits.get(PUBLIC, DEFAULT_RATE_LIMITS[PUBLIC])
+
     def limit_for(self, roles: frozenset[str], *, anonymous: bool = False) -> RateLimit:
         """The most generous of ``roles``' limits; for an ``anonymous`` caller (no token or
         certificate, per peer address) never more than the ``PUBLIC`` limit (unless
         ``anonymous_within_public`` is off)."""
-        public = self.rate_limits.get(PUBLIC, DEFAULT_RATE_LIMITS[PUBLIC])
+        public = self.public
         limits = [self.rate_limits[r] for r in roles if r in self.rate_limits]
         if not limits:
             return public
@@ -644,15 +649,24 @@ class AuthInterceptor(_Interceptor):
         max_holding_streams: int = 2,
         max_streams_per_peer: int = MAX_STREAMS_PER_PEER,
     ) -> None:
-        self._config = config
+        self._config = config  # swapped whole by reconfigure: each call reads it once
         self._policy = dict(policy)
         self._buckets = TokenBuckets(clock or SystemClock())
-        self._public = config.rate_limits.get(PUBLIC, DEFAULT_RATE_LIMITS[PUBLIC])
         self._streams = StreamSlots(holding=max_holding_streams, per_peer=max_streams_per_peer)
         self._on_reject = on_reject
         self._unlogged = UnloggedRefusals()
         self._exhausted = ExhaustedRefusals(clock or SystemClock())
         self._guarded = WrappedHandlers()
+
+    @property
+    def config(self) -> AuthConfig:
+        """The settings new calls are admitted under."""
+        return self._config
+
+    def reconfigure(self, config: AuthConfig) -> None:
+        """Admit new calls under ``config`` (a reload: a revoked token is refused from the
+        next call on); calls admitted already, and open streams, go on."""
+        self._config = config
 
     def intercept_service(
         self,
@@ -690,9 +704,9 @@ class AuthInterceptor(_Interceptor):
         self, method: str, request: Any, context: grpc.ServicerContext, peer: str
     ) -> Identity | None:
         allowed = self._policy.get(method)
-        identity = None
+        config, identity = self._config, None  # one call, one version of the settings
         try:
-            identity = self._identify(context, peer)
+            identity = self._identify(context, peer, config)
             if allowed is None:
                 raise _Denied(grpc.StatusCode.PERMISSION_DENIED, f"{method} is not allowed")
             if PUBLIC not in allowed:
@@ -707,23 +721,30 @@ class AuthInterceptor(_Interceptor):
         except _Denied as denied:
             denied.caller = identity.principal if identity else peer
             if denied.code is not grpc.StatusCode.RESOURCE_EXHAUSTED and not self._buckets.take(
-                _REFUSED + peer, self._public
+                _REFUSED + peer, config.public
             ):
                 denied.code, denied.message = grpc.StatusCode.RESOURCE_EXHAUSTED, _TOO_MANY_REFUSED
                 denied.throttled = True
             raise
         if method not in UNMETERED:
-            self._charge(method, request, identity, peer, public=PUBLIC in allowed)
+            self._charge(method, request, identity, peer, config, public=PUBLIC in allowed)
         return identity
 
     def _charge(
-        self, method: str, request: Any, identity: Identity | None, peer: str, *, public: bool
+        self,
+        method: str,
+        request: Any,
+        identity: Identity | None,
+        peer: str,
+        config: AuthConfig,
+        *,
+        public: bool,
     ) -> None:
         caller = identity.principal if identity else peer
         if public:
-            caller, limit = _PUBLIC_KEY + caller, self._public
+            caller, limit = _PUBLIC_KEY + caller, config.public
         else:
-            limit = self._config.limit_for(
+            limit = config.limit_for(
                 identity.roles if identity else frozenset(),
                 anonymous=identity is None or identity.anonymous,
             )
@@ -737,41 +758,21 @@ class AuthInterceptor(_Interceptor):
         if not self._buckets.take(caller, limit, max(1, min(cost, limit.burst))):
             raise _Denied(grpc.StatusCode.RESOURCE_EXHAUSTED, _RATE_LIMITED, caller)
 
-    def _identify(self, context: grpc.ServicerContext, peer: str) -> Identity | None:
-        identity = self._from_certificate(context.auth_context())
+    def _identify(
+        self, context: grpc.ServicerContext, peer: str, config: AuthConfig
+    ) -> Identity | None:
+        identity = _from_certificate(context.auth_context(), config)
         if identity is not None:
             return identity
         token = _bearer(context.invocation_metadata())
         if token is None:
-            if self._config.anonymous_roles:
-                return Identity(peer, self._config.anonymous_roles, anonymous=True)
+            if config.anonymous_roles:
+                return Identity(peer, config.anonymous_roles, anonymous=True)
             return None
-        found = self._config.tokens.get(token_digest(token))
+        found = config.tokens.get(token_digest(token))
         if found is None:
             raise _Denied(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
         return found
-
-    def _from_certificate(self, auth: Mapping[str, Any]) -> Identity | None:
-        names = auth.get("x509_common_name")
-        cn = names[0].decode("utf-8", "replace").strip() if names else ""
-        if not cn:
-            return None  # no certificate, or one without a CN: no identity from it
-        reason = principal_problem(f"cert:{cn}")
-        if reason is not None:
-            # a CN the ledger refuses as actor (a control character, a bidi override) was
-            # written as is to the PII audit trail, and money calls failed as a bad "actor"
-            # argument the request has no field for (review)
-            raise _Denied(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"the client certificate's CN cannot name a caller: cert:<CN> {reason}",
-            )
-        roles = set(self._config.cert_principals.get(cn, frozenset()))
-        if self._config.ou_roles:
-            for subject in auth.get("x509_subject", ()):
-                roles.update(
-                    ou for ou in subject_ous(subject.decode("utf-8", "replace")) if ou in ROLES
-                )
-        return Identity(f"cert:{cn}", frozenset(roles))
 
     def _open_stream(
         self, context: grpc.ServicerContext, peer: str, stream: _Stream
@@ -898,6 +899,31 @@ def _stream_kind(handler: grpc.RpcMethodHandler[Any, Any]) -> _Stream | None:
     if behaviour is None:
         return None
     return _Stream(holds_thread=not getattr(behaviour, "experimental_non_blocking", False))
+
+
+def _from_certificate(auth: Mapping[str, Any], config: AuthConfig) -> Identity | None:
+    """The caller a client certificate names under ``config`` (``auth``: grpcio's auth
+    context); None without a certificate or without a CN."""
+    names = auth.get("x509_common_name")
+    cn = names[0].decode("utf-8", "replace").strip() if names else ""
+    if not cn:
+        return None  # no certificate, or one without a CN: no identity from it
+    reason = principal_problem(f"cert:{cn}")
+    if reason is not None:
+        # a CN the ledger refuses as actor (a control character, a bidi override) was
+        # written as is to the PII audit trail, and money calls failed as a bad "actor"
+        # argument the request has no field for (review)
+        raise _Denied(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"the client certificate's CN cannot name a caller: cert:<CN> {reason}",
+        )
+    roles = set(config.cert_principals.get(cn, frozenset()))
+    if config.ou_roles:
+        for subject in auth.get("x509_subject", ()):
+            roles.update(
+                ou for ou in subject_ous(subject.decode("utf-8", "replace")) if ou in ROLES
+            )
+    return Identity(f"cert:{cn}", frozenset(roles))
 
 
 def subject_ous(subject: str) -> list[str]:

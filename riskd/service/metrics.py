@@ -105,6 +105,11 @@ class Metrics:
         self.reloads = Counter(
             "riskd_rule_reloads", "Rule reloads that swapped in new rules.", registry=r
         )
+        self.access_reload_failures = Counter(
+            "riskd_access_reload_failures",
+            "SIGHUP reloads of the [auth] settings rejected (old settings kept).",
+            registry=r,
+        )
         self.worker_fallbacks = Counter(
             "riskd_score_worker_fallbacks",
             "Orders the gRPC process answered itself instead of its scoring worker, by "

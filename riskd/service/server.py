@@ -3,6 +3,7 @@
 Lifecycle::
 
     create_server ── health NOT_SERVING ── bind ── start ── SERVING
+         ... SIGHUP → the [auth] settings re-read (old ones kept on error), then the rules
          ... SIGHUP / rule file change → ProgramHolder.reload (old rules kept on error)
     stop(grace) ── NOT_SERVING ── (notice: drain_notice_ms on SIGTERM; calls still served)
                  ── refuse new calls, drain in-flight
@@ -20,7 +21,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -75,6 +76,10 @@ class RunningServer:
     components: Components
     endpoint: MetricsEndpoint | None = None
     workers: WorkerPool | None = None
+    access: AuthInterceptor | None = None
+    reread: Callable[[], Config] | None = None  # the configuration as it reads now
+    config: Config | None = None  # as it was read at start
+    _access_lock: threading.Lock = field(default_factory=threading.Lock)
     _stopped: threading.Event = field(default_factory=threading.Event)
     _stop_lock: threading.Lock = field(default_factory=threading.Lock)
     _stopping: bool = False
@@ -97,6 +102,43 @@ class RunningServer:
         )
         for name in ("", *self.services):
             self.health.set(name, status)
+
+    def reload(self) -> bool:
+        """What SIGHUP does: re-read the access settings (``reload_access``), then
+        recompile the rules (``reload_rules``); False when either kept its old version."""
+        access = self.reload_access()
+        return self.reload_rules() and access
+
+    def reload_access(self) -> bool:
+        """Read the configuration again (``reread``: the file and environment the server
+        started from), check it whole as at start, and admit new calls under its
+        ``[auth]`` settings (tokens, certificate principals, rate limits, anonymous
+        roles). False when it does not load: the error is logged naming the setting and
+        the old settings stay in force, all of them. Other changed settings are logged
+        as waiting for a restart. Without ``reread`` there is nothing to read again."""
+        if self.reread is None or self.access is None or self.config is None:
+            return True
+        with self._access_lock:  # two reloads never swap in their files out of order
+            try:
+                config = self.reread()
+                settings = access_settings(config, tls=self.config.tls_cert is not None)
+            except Exception as e:  # a ConfigError names the setting; a bug is no reason to stop
+                self.metrics.access_reload_failures.inc()
+                error = str(e) if isinstance(e, ConfigError) else type(e).__name__
+                log.error(
+                    "access settings reload failed; keeping the old ones",
+                    extra={"fields": {"error": error}},
+                    exc_info=not isinstance(e, ConfigError),
+                )
+                return False
+            self.access.reconfigure(settings)
+        logged = {
+            "tokens": len(settings.tokens),
+            "cert_principals": len(settings.cert_principals),
+            "restart_needed": _changed(self.config, config),
+        }
+        log.info("access settings reloaded", extra={"fields": logged})
+        return True
 
     def reload_rules(self) -> bool:
         """Recompile the rules now (SIGHUP); False (old rules kept) when they do not compile.
@@ -154,14 +196,15 @@ class RunningServer:
             if self._stopping:
                 return
             try:  # the thread outlives any one reload (review: one that raised ended it)
-                self.reload_rules()
+                self.reload()
             except Exception:
                 # the rules may be swapped in here and not yet in every worker: the
                 # monitor sends them again to a worker that missed them
                 log.error("SIGHUP reload failed", exc_info=True)
 
     def install_signal_handlers(self, grace: float, *, notice_s: float = 0.0) -> None:
-        """SIGTERM/SIGINT drain and stop (in a thread); SIGHUP reloads the rules.
+        """SIGTERM/SIGINT drain and stop (in a thread); SIGHUP reloads the access settings
+        and the rules (``reload``).
 
         The drain announces NOT_SERVING ``notice_s`` before it refuses new calls
         (``drain_notice_ms``). Call from the main thread (Python delivers signals there).
@@ -188,6 +231,7 @@ def create_server(
     extra_servicers: Sequence[ExtraServicer] = (),
     interceptors: Sequence[Interceptor] = (),
     ready: bool = True,
+    reread: Callable[[], Config] | None = None,
 ) -> RunningServer:
     """Build the components from ``config``, bind ``config.listen`` and start serving.
 
@@ -201,6 +245,9 @@ def create_server(
             is the message).
         ready: announce SERVING once started; with False the caller calls
             ``set_serving(True)`` (health stays NOT_SERVING meanwhile).
+        reread: reads the configuration again, as ``config`` was read (``riskd serve``:
+            the same file, environment and ``--listen``), for ``RunningServer.reload``
+            (SIGHUP) to take its ``[auth]`` settings from; None: they are fixed.
 
     Raises:
         ConfigError: the address cannot be bound or a file cannot be read.
@@ -210,7 +257,7 @@ def create_server(
     # what can be checked about the ports, TLS files and [auth] before the data dir,
     # database or keyring are created: a start that fails on them leaves nothing behind
     credentials = _credentials(config)
-    authentication = _auth(config, metrics)
+    access = _auth(config, metrics)
     _probe_listen(config.listen)
     endpoint = _metrics_endpoint(config, metrics)
     components = None
@@ -222,10 +269,11 @@ def create_server(
             pool.start()
             components.closers.append(pool.close)  # closed first: workers flush their logs
         running = _start(
-            config, metrics, components, extra_servicers, [*authentication, *interceptors],
+            config, metrics, components, extra_servicers, [access, *interceptors],
             ready, pool, credentials, endpoint,
         )  # fmt: skip
         running.workers = pool
+        running.access, running.reread, running.config = access, reread, config
         return running
     except BaseException:
         if endpoint is not None:
@@ -355,8 +403,21 @@ def _host(listen: str) -> str:
     return host.strip("[]")
 
 
-def _auth(config: Config, metrics: Metrics) -> list[Interceptor]:
-    """Authentication, deny-by-default authorization and rate limits, on every server.
+def _auth(config: Config, metrics: Metrics) -> AuthInterceptor:
+    """Authentication, deny-by-default authorization and rate limits, on every server,
+    under ``access_settings``. Streams that hold an RPC thread get at most
+    ``STREAM_THREADS``, threads the server has beyond ``workers``."""
+
+    def on_reject(method: str, code: grpc.StatusCode) -> None:
+        metrics.rpc_errors.labels(method, code.name).inc()
+
+    settings = access_settings(config, tls=config.tls_cert is not None)
+    return AuthInterceptor(settings, on_reject=on_reject, max_holding_streams=STREAM_THREADS)
+
+
+def access_settings(config: Config, *, tls: bool) -> AuthConfig:
+    """Who may call, from ``config``'s ``[auth]`` table, on a port with TLS or not
+    (``tls``: the transport in force, which a reload does not change).
 
     With neither TLS nor an ``[auth]`` table (the embedded default, plaintext on
     loopback only: checked at bind) callers without credentials hold the
@@ -364,18 +425,23 @@ def _auth(config: Config, metrics: Metrics) -> list[Interceptor]:
     scoring works out of the box; the ledger and admin methods stay closed until
     tokens or certificates are configured. An
     ``[auth]`` table, even an empty one, gives them ``anonymous_roles`` only
-    (none by default). Streams that hold an RPC thread get at most ``STREAM_THREADS``,
-    threads the server has beyond ``workers``.
+    (none by default).
+
+    Raises:
+        ConfigError: naming the bad ``auth.*`` key (never a token).
     """
+    if not tls and config.auth is None:
+        return AuthConfig(anonymous_roles=frozenset({CHECKOUT}), anonymous_within_public=False)
+    return AuthConfig.from_mapping(config.auth or {})
 
-    def on_reject(method: str, code: grpc.StatusCode) -> None:
-        metrics.rpc_errors.labels(method, code.name).inc()
 
-    if config.tls_cert is None and config.auth is None:
-        auth = AuthConfig(anonymous_roles=frozenset({CHECKOUT}), anonymous_within_public=False)
-    else:
-        auth = AuthConfig.from_mapping(config.auth or {})
-    return [AuthInterceptor(auth, on_reject=on_reject, max_holding_streams=STREAM_THREADS)]
+def _changed(started: Config, now: Config) -> list[str]:
+    """The settings other than ``auth`` that differ: they take effect at a restart."""
+    return [
+        f.name
+        for f in fields(Config)
+        if f.name != "auth" and getattr(started, f.name) != getattr(now, f.name)
+    ]
 
 
 def _credentials(config: Config) -> grpc.ServerCredentials | None:

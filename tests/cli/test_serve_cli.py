@@ -67,7 +67,7 @@ class Daemon:
                 self.port = int(m.group(1))
                 self.ready.set()
 
-    def score(self, path: Path) -> subprocess.CompletedProcess[str]:
+    def score(self, path: Path, token: str = "") -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [
                 sys.executable,
@@ -77,6 +77,7 @@ class Daemon:
                 str(path),
                 "--target",
                 f"127.0.0.1:{self.port}",
+                *(["--token", token] if token else []),
             ],
             cwd=ROOT,
             capture_output=True,
@@ -148,6 +149,8 @@ def test_sighup_during_start_up_is_held_until_serving(tmp_path: Path) -> None:
         while time.monotonic() < deadline and not any("rules reloaded" in x for x in d.lines):
             time.sleep(0.05)
         assert any("rules reloaded" in line for line in d.lines)  # held, then done once up
+        # a FIFO is read once: its [auth] settings are kept, and the log says why
+        assert any("not a regular file" in line for line in d.lines)
         assert d.proc.poll() is None
         args = build_parser().parse_args(["health", "--target", f"127.0.0.1:{d.port}"])
         assert args.func(args) == 0
@@ -451,3 +454,24 @@ def test_every_stderr_line_is_json_even_when_grpcio_refuses_a_call(tmp_path: Pat
         if not line.startswith("{") and not line.startswith("riskd serving on")
     ]
     assert other == []
+
+
+def test_sighup_reads_the_tokens_again(tmp_path: Path) -> None:
+    # an operator revokes a leaked token without a restart: edit the file, send SIGHUP
+    config = tmp_path / "riskd.toml"
+    config.write_text('[auth.tokens]\n"tok-leaked" = "gw-1:checkout"\n')
+    d = Daemon(tmp_path / "data", RISKD_CONFIG=str(config))
+    try:
+        assert d.ready.wait(30), "".join(d.lines)
+        assert d.score(EXAMPLE, "tok-leaked").returncode == 0
+        config.write_text('[auth.tokens]\n"tok-fresh" = "gw-2:checkout"\n')
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any("rules reloaded" in x for x in d.lines):
+            time.sleep(0.05)  # the access settings are read again first
+        refused = d.score(EXAMPLE, "tok-leaked")
+        assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+        assert d.score(EXAMPLE, "tok-fresh").returncode == 0
+        assert any("access settings reloaded" in line for line in d.lines)
+    finally:
+        d.stop()

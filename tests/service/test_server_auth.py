@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -11,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from riskd.config import load_config
+from riskd.config import Config, load_config
 from riskd.errors import ConfigError, RuleCompileError
 from riskd.service import auth as auth_module
 from riskd.service import convert, interceptors
@@ -486,5 +487,70 @@ def test_health_list_answers_unimplemented_not_internal(tmp_path: Path) -> None:
                     metadata=(("authorization", "Bearer ops-token"),),
                 )
             assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        running.stop(0)
+
+
+def test_a_reload_revokes_and_adds_tokens_and_a_bad_file_keeps_the_old_ones(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # review: tokens were read at start only: revoking a leaked one needed a restart
+    path = tmp_path / "riskd.toml"
+    path.write_text('[auth.tokens]\n"tok-old" = "gw-old:checkout"\n')
+
+    def reread() -> Config:
+        overrides = {"listen": "127.0.0.1:0", "metrics_port": -1, "rules_dir": str(RULES)}
+        return load_config(path, env={}, data_dir=str(tmp_path / "data"), **overrides)
+
+    running = create_server(reread(), reread=reread)
+    ok, unauthenticated = grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+
+            def score(token: str) -> grpc.StatusCode:
+                request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(fresh()))
+                metadata = (("authorization", f"Bearer {token}"),)
+                try:
+                    scoring_pb2_grpc.ScoringServiceStub(ch).Score(
+                        request, timeout=5, metadata=metadata
+                    )
+                except grpc.RpcError as e:
+                    return e.code()  # type: ignore[no-any-return]
+                return ok
+
+            assert score("tok-old") is ok
+            path.write_text('redis_timeout_ms = 60\n[auth.tokens]\n"tok-new" = "gw-new:checkout"\n')
+            with caplog.at_level(logging.INFO):
+                assert running.reload() is True  # what SIGHUP runs
+            assert [score("tok-old"), score("tok-new")] == [unauthenticated, ok]
+            reloaded = [r for r in caplog.records if r.getMessage() == "access settings reloaded"]
+            assert reloaded[0].fields == {  # type: ignore[attr-defined]
+                "tokens": 1,
+                "cert_principals": 0,
+                "restart_needed": ["redis_timeout_ms"],
+            }
+            bad = {
+                "[auth.tokens\n": "config file ",  # not TOML
+                '[auth.tokens]\n"tok-x" = "gw-x:root"\n': "auth.tokens[0]: roles must be",
+                # the whole file is checked as at start: a bad setting elsewhere refuses it
+                'deadline_ms = -1\n[auth.tokens]\n"tok-x" = "gw-x:checkout"\n': "deadline_ms",
+            }
+            for n, (text, error) in enumerate(bad.items(), 1):
+                path.write_text(text)
+                caplog.clear()
+                with caplog.at_level(logging.INFO):
+                    assert running.reload_access() is False
+                failed = [r for r in caplog.records if r.levelno == logging.ERROR]
+                assert [r.getMessage() for r in failed] == [
+                    "access settings reload failed; keeping the old ones"
+                ]
+                assert failed[0].fields["error"].startswith(error)  # type: ignore[attr-defined]
+                assert "tok-x" not in caplog.text
+                assert [score("tok-old"), score("tok-new"), score("tok-x")] == [
+                    unauthenticated,
+                    ok,
+                    unauthenticated,
+                ]
+                assert running.metrics.value("riskd_access_reload_failures_total") == n
     finally:
         running.stop(0)

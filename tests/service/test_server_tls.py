@@ -19,15 +19,19 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from riskd.cli import build_parser
 from riskd.errors import ConfigError
+from riskd.service import convert
 from riskd.service.gen.riskd.v1 import (
     evidence_pb2,
     evidence_pb2_grpc,
     ledger_pb2,
     ledger_pb2_grpc,
+    scoring_pb2,
+    scoring_pb2_grpc,
 )
 from riskd.service.server import RunningServer, create_server
 from tests.service.certs import CertificateAuthority
 from tests.service.conftest import make_config
+from tests.service.test_scoring import fresh
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "order.json"
 
@@ -317,3 +321,23 @@ def test_a_certificate_whose_cn_the_ledger_refuses_as_actor_is_denied_and_writes
         with pytest.raises(grpc.RpcError) as info:  # a sane CN is served as before
             calls["reveal"](ch)
         assert info.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+def test_a_reload_never_opens_the_plaintext_default_on_a_tls_port(tmp_path: Path) -> None:
+    # a file that no longer names the TLS files nor an [auth] table reads as the embedded
+    # default (anonymous callers may score) but the port still listens with TLS, on any
+    # address: the transport in force decides, as at start
+    cert, key = self_signed(tmp_path)
+    tls = {"listen": "0.0.0.0:0", "tls_cert": str(cert), "tls_key": str(key)}
+    config = make_config(tmp_path / "data", **tls, auth={"tokens": {"t0ken": "gw:checkout"}})
+    running = create_server(config, reread=lambda: make_config(tmp_path / "data"))
+    try:
+        assert running.reload() is True
+        credentials = grpc.ssl_channel_credentials(cert.read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{running.port}", credentials) as ch:
+            request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(fresh()))
+            with pytest.raises(grpc.RpcError) as info:
+                scoring_pb2_grpc.ScoringServiceStub(ch).Score(request, timeout=5)
+            assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        running.stop(0)
