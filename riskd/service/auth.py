@@ -405,15 +405,74 @@ def server_credentials(
             certificate, the private key of that certificate (not encrypted), PEM
             CA certificates (names the key and the file, not its content).
     """
-    cert = _read(cert_file, "tls_cert")
-    key = _read(key_file, "tls_key")
-    ca = _read(client_ca_file, "tls_client_ca") if client_ca_file is not None else None
-    _check_tls(cert_file, cert, key_file, client_ca_file, ca)
+    key, cert, ca = _tls_material(cert_file, key_file, client_ca_file)
     return grpc.ssl_server_credentials(
         [(key, cert)],
         root_certificates=ca,
         require_client_auth=ca is not None,
     )
+
+
+class ServerTls:
+    """TLS server credentials (``credentials``) whose certificate, key and client CAs a
+    reload replaces for new connections; connections open already keep theirs.
+
+    grpcio asks ``_fetch`` before each handshake (``grpc.dynamic_ssl_server_credentials``)
+    and keeps what it has when it answers None. Whether clients must present a
+    certificate (a ``tls_client_ca``) is fixed at start.
+
+    Raises:
+        ConfigError: as ``server_credentials``.
+    """
+
+    def __init__(self, cert_file: Path, key_file: Path, client_ca_file: Path | None = None):
+        key, cert, ca = _tls_material(cert_file, key_file, client_ca_file)
+        self.mutual = ca is not None
+        self._next: grpc.ServerCertificateConfiguration | None = None
+        self._lock = threading.Lock()
+        self.credentials = grpc.dynamic_ssl_server_credentials(
+            grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca),
+            # None is "no change" (grpcio's documentation), which the stubs leave out
+            self._fetch,  # type: ignore[arg-type]
+            require_client_authentication=self.mutual,
+        )
+
+    def read(
+        self, cert_file: Path, key_file: Path, client_ca_file: Path | None
+    ) -> Callable[[], None]:
+        """Read and check the files now, as at start; call the result to put them in
+        force for the next connections.
+
+        Raises:
+            ConfigError: as ``server_credentials``; or ``client_ca_file`` would turn
+                client certificates on or off.
+        """
+        if (client_ca_file is not None) != self.mutual:
+            raise ConfigError("tls_client_ca: added or removed; that takes a restart")
+        key, cert, ca = _tls_material(cert_file, key_file, client_ca_file)
+        renewed = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+        def renew() -> None:
+            with self._lock:
+                self._next = renewed
+
+        return renew
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        with self._lock:
+            renewed, self._next = self._next, None
+        return renewed
+
+
+def _tls_material(
+    cert_file: Path, key_file: Path, client_ca_file: Path | None
+) -> tuple[bytes, bytes, bytes | None]:
+    """The key, certificate and client CAs, read and checked (``_check_tls``)."""
+    cert = _read(cert_file, "tls_cert")
+    key = _read(key_file, "tls_key")
+    ca = _read(client_ca_file, "tls_client_ca") if client_ca_file is not None else None
+    _check_tls(cert_file, cert, key_file, client_ca_file, ca)
+    return key, cert, ca
 
 
 def _check_tls(

@@ -3,7 +3,8 @@
 Lifecycle::
 
     create_server ── health NOT_SERVING ── bind ── start ── SERVING
-         ... SIGHUP → the [auth] settings re-read (old ones kept on error), then the rules
+         ... SIGHUP → the [auth] settings and TLS files re-read (old ones kept on error),
+                     then the rules
          ... SIGHUP / rule file change → ProgramHolder.reload (old rules kept on error)
     stop(grace) ── NOT_SERVING ── (notice: drain_notice_ms on SIGTERM; calls still served)
                  ── refuse new calls, drain in-flight
@@ -39,8 +40,8 @@ from riskd.service.auth import (
     CHECKOUT,
     AuthConfig,
     AuthInterceptor,
+    ServerTls,
     check_insecure_listen,
-    server_credentials,
 )
 from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2, scoring_pb2_grpc
 from riskd.service.healthcheck import HealthServicer
@@ -77,6 +78,7 @@ class RunningServer:
     endpoint: MetricsEndpoint | None = None
     workers: WorkerPool | None = None
     access: AuthInterceptor | None = None
+    tls: ServerTls | None = None
     reread: Callable[[], Config] | None = None  # the configuration as it reads now
     config: Config | None = None  # as it was read at start
     _access_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -113,15 +115,17 @@ class RunningServer:
         """Read the configuration again (``reread``: the file and environment the server
         started from), check it whole as at start, and admit new calls under its
         ``[auth]`` settings (tokens, certificate principals, rate limits, anonymous
-        roles). False when it does not load: the error is logged naming the setting and
-        the old settings stay in force, all of them. Other changed settings are logged
-        as waiting for a restart. Without ``reread`` there is nothing to read again."""
+        roles), new connections with its TLS files (``_renewal``). False when it does
+        not load: the error is logged naming the setting and the old settings stay in
+        force, all of them. Other changed settings are logged as waiting for a restart.
+        Without ``reread`` there is nothing to read again."""
         if self.reread is None or self.access is None or self.config is None:
             return True
         with self._access_lock:  # two reloads never swap in their files out of order
             try:
                 config = self.reread()
                 settings = access_settings(config, tls=self.config.tls_cert is not None)
+                renew = _renewal(self.tls, config)
             except Exception as e:  # a ConfigError names the setting; a bug is no reason to stop
                 self.metrics.access_reload_failures.inc()
                 error = str(e) if isinstance(e, ConfigError) else type(e).__name__
@@ -132,10 +136,13 @@ class RunningServer:
                 )
                 return False
             self.access.reconfigure(settings)
+            if renew is not None:
+                renew()
         logged = {
             "tokens": len(settings.tokens),
             "cert_principals": len(settings.cert_principals),
-            "restart_needed": _changed(self.config, config),
+            "tls_renewed": renew is not None,
+            "restart_needed": _changed(self.config, config, tls=renew is not None),
         }
         log.info("access settings reloaded", extra={"fields": logged})
         return True
@@ -274,6 +281,7 @@ def create_server(
         )  # fmt: skip
         running.workers = pool
         running.access, running.reread, running.config = access, reread, config
+        running.tls = credentials
         return running
     except BaseException:
         if endpoint is not None:
@@ -308,7 +316,7 @@ def _start(
     interceptors: Sequence[Interceptor],
     ready: bool,
     pool: WorkerPool | None,
-    credentials: grpc.ServerCredentials | None,
+    credentials: ServerTls | None,
     endpoint: MetricsEndpoint | None,
 ) -> RunningServer:
     threads = futures.ThreadPoolExecutor(config.rpc_threads, thread_name_prefix="riskd-rpc")
@@ -356,7 +364,9 @@ def _start(
     running.endpoint = endpoint
     running.set_serving(False)
     try:
-        running.port = _bind(server, config.listen, credentials)
+        running.port = _bind(
+            server, config.listen, None if credentials is None else credentials.credentials
+        )
     except BaseException:  # nothing started: let the health sender thread go too
         health_servicer.close()
         raise
@@ -435,16 +445,18 @@ def access_settings(config: Config, *, tls: bool) -> AuthConfig:
     return AuthConfig.from_mapping(config.auth or {})
 
 
-def _changed(started: Config, now: Config) -> list[str]:
-    """The settings other than ``auth`` that differ: they take effect at a restart."""
+def _changed(started: Config, now: Config, *, tls: bool) -> list[str]:
+    """The settings that differ and take effect at a restart: all but ``auth``, and the
+    TLS files when they were renewed (``tls``)."""
+    reloaded = {"auth", *(("tls_cert", "tls_key", "tls_client_ca") if tls else ())}
     return [
         f.name
         for f in fields(Config)
-        if f.name != "auth" and getattr(started, f.name) != getattr(now, f.name)
+        if f.name not in reloaded and getattr(started, f.name) != getattr(now, f.name)
     ]
 
 
-def _credentials(config: Config) -> grpc.ServerCredentials | None:
+def _credentials(config: Config) -> ServerTls | None:
     """TLS credentials when configured (the files read now), else None: plaintext, which
     binds to loopback only.
 
@@ -452,9 +464,24 @@ def _credentials(config: Config) -> grpc.ServerCredentials | None:
         ConfigError: a TLS file cannot be read, or plaintext is not allowed on ``listen``.
     """
     if config.tls_cert is not None and config.tls_key is not None:
-        return server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        return ServerTls(config.tls_cert, config.tls_key, config.tls_client_ca)
     check_insecure_listen(config.listen, allowed=config.plaintext)
     return None
+
+
+def _renewal(tls: ServerTls | None, config: Config) -> Callable[[], None] | None:
+    """What puts ``config``'s TLS files in force (read and checked now), or None when
+    they cannot be: the server has no TLS, or ``config`` has none or adds or removes
+    ``tls_client_ca`` (a restart does that; until then the files in force stay).
+
+    Raises:
+        ConfigError: a TLS file cannot be read or is not what its key needs.
+    """
+    if tls is None or config.tls_cert is None or config.tls_key is None:
+        return None
+    if (config.tls_client_ca is not None) != tls.mutual:
+        return None
+    return tls.read(config.tls_cert, config.tls_key, config.tls_client_ca)
 
 
 def _probe_listen(listen: str) -> None:

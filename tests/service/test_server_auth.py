@@ -527,6 +527,7 @@ def test_a_reload_revokes_and_adds_tokens_and_a_bad_file_keeps_the_old_ones(
             assert reloaded[0].fields == {  # type: ignore[attr-defined]
                 "tokens": 1,
                 "cert_principals": 0,
+                "tls_renewed": False,
                 "restart_needed": ["redis_timeout_ms"],
             }
             bad = {

@@ -341,3 +341,55 @@ def test_a_reload_never_opens_the_plaintext_default_on_a_tls_port(tmp_path: Path
             assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
     finally:
         running.stop(0)
+
+
+def test_a_reload_renews_the_tls_files_for_new_connections_and_keeps_good_ones_over_bad(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # a certificate renewed in place (cert-manager, an ACME client) is served after SIGHUP
+    cert, key = self_signed(tmp_path)
+    old_cert = cert.read_bytes()
+    config = make_config(tmp_path / "data", tls_cert=str(cert), tls_key=str(key), auth={})
+    running = create_server(config, reread=lambda: config)
+    target = f"localhost:{running.port}"
+
+    def channel(ca: bytes) -> grpc.Channel:
+        options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(ca), options=options)
+
+    def health(ch: grpc.Channel) -> grpc.StatusCode:
+        try:
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.RpcError as e:
+            return e.code()  # type: ignore[no-any-return]
+        return grpc.StatusCode.OK
+
+    def fresh_health(ca: bytes) -> grpc.StatusCode:
+        with channel(ca) as ch:
+            return health(ch)
+
+    ok, unavailable = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE
+    kept = channel(old_cert)
+    try:
+        assert health(kept) is ok
+        (tmp_path / "new").mkdir()
+        new_cert, new_key = self_signed(tmp_path / "new")
+        cert.write_bytes(new_cert.read_bytes())  # the key not written yet: refused whole
+        with caplog.at_level(logging.INFO):
+            assert running.reload_access() is False
+        error = next(r for r in caplog.records if r.levelno == logging.ERROR)
+        assert error.fields["error"].startswith("tls_key: ")  # type: ignore[attr-defined]
+        assert "not the private key" in error.fields["error"]  # type: ignore[attr-defined]
+        assert fresh_health(old_cert) is ok  # the files in force stay
+        key.write_bytes(new_key.read_bytes())
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert running.reload_access() is True
+        reloaded = [r for r in caplog.records if r.getMessage() == "access settings reloaded"]
+        assert reloaded[0].fields["tls_renewed"] is True  # type: ignore[attr-defined]
+        assert fresh_health(cert.read_bytes()) is ok
+        assert fresh_health(old_cert) is unavailable  # new connections: the new certificate
+        assert health(kept) is ok  # a connection open already keeps its session
+    finally:
+        kept.close()
+        running.stop(0)
