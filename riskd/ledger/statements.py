@@ -18,7 +18,7 @@ from riskd.ledger.codes import FLOWS, Code
 from riskd.ledger.store import LedgerStore
 from riskd.ledger.transfers import Transfer, dispute_ref, replay
 from riskd.ledger.validate import MAX_SEQ, check_id, check_seq, check_text
-from riskd.sql import Row
+from riskd.sql import Row, Tx
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +74,7 @@ class Statements:
 
     def account(self, account_id: str) -> Account:
         """One account and its totals."""
-        check_text("account_id", account_id, required=True, max_len=300, single_line=True)
+        _check_account_id(account_id)
         account = self.store.get_account(account_id)
         if account is None:
             raise NotFoundError("account_id: no such account")
@@ -87,13 +87,21 @@ class Statements:
     def account_statement(
         self, account_id: str, *, after_seq: int = 0, limit: int = 100
     ) -> AccountStatement:
-        """An account's balance and up to ``limit`` of its transfers after ``after_seq``."""
+        """An account's balance and up to ``limit`` of its transfers after ``after_seq``,
+        read at one moment (the page never holds a transfer the totals leave out)."""
         check_seq("after_seq", after_seq)
         if not 0 < limit <= 10_000:
             raise InvalidArgumentError("limit", "must be between 1 and 10000")
-        account = self.account(account_id)
-        page = self.store.transfers(account_id=account_id, after_seq=after_seq, limit=limit)
-        return AccountStatement(account, tuple(page))
+        _check_account_id(account_id)
+
+        def read(tx: Tx) -> AccountStatement:
+            account = self._account_in(tx, account_id)
+            page = self.store.transfers_in(
+                tx, account_id=account_id, after_seq=after_seq, limit=limit
+            )
+            return AccountStatement(account, tuple(page))
+
+        return self.store.read(read)
 
     def journal(self, *, after_seq: int = 0, limit: int = 0) -> list[Transfer]:
         """Every transfer in the order it was posted (``limit`` 0: all)."""
@@ -103,38 +111,53 @@ class Statements:
         return self.store.transfers(after_seq=after_seq, limit=limit)
 
     def shop_statement(self, shop_id: str) -> ShopStatement:
+        """A shop's deposit, what it owes and its claim lines, freeze and penalties, all
+        read at one moment (``owed`` is always the sum of ``claims``)."""
         check_id("shop_id", shop_id)
-        rows = self.store.query(
-            "SELECT merchant_id FROM ledger_shops WHERE shop_id = ?", (shop_id,)
-        )
-        if not rows:
-            raise NotFoundError("shop_id: no such shop")
-        claims = self._claim_lines(shop_id)
-        until = self._frozen_until(shop_id)
-        penalties = self.store.query(
-            "SELECT COUNT(*) FROM ledger_cases WHERE shop_id = ?", (shop_id,)
-        )
-        return ShopStatement(
-            shop_id=shop_id,
-            merchant_id=rows[0][0],
-            deposit=self.account(acc.deposit_account(shop_id)).balance,
-            owed=self.account(acc.claim_account(shop_id)).balance,
-            claims=claims,
-            frozen_until=until,
-            frozen=until > self.clock.now(),
-            penalties=int(penalties[0][0]),
-        )
+        now = self.clock.now()
 
-    def _claim_lines(self, shop_id: str) -> tuple[ClaimLine, ...]:
+        def read(tx: Tx) -> ShopStatement:
+            rows = self.store.rows(
+                tx, "SELECT merchant_id FROM ledger_shops WHERE shop_id = ?", (shop_id,)
+            )
+            if not rows:
+                raise NotFoundError("shop_id: no such shop")
+            claims = self._claim_lines(tx, shop_id)
+            until = self._frozen_until(tx, shop_id)
+            penalties = self.store.rows(
+                tx, "SELECT COUNT(*) FROM ledger_cases WHERE shop_id = ?", (shop_id,)
+            )
+            return ShopStatement(
+                shop_id=shop_id,
+                merchant_id=rows[0][0],
+                deposit=self._account_in(tx, acc.deposit_account(shop_id)).balance,
+                owed=self._account_in(tx, acc.claim_account(shop_id)).balance,
+                claims=claims,
+                frozen_until=until,
+                frozen=until > now,
+                penalties=int(penalties[0][0]),
+            )
+
+        return self.store.read(read)
+
+    def _account_in(self, tx: Tx, account_id: str) -> Account:
+        account = self.store.account(tx, account_id)
+        if account is None:
+            raise NotFoundError("account_id: no such account")
+        return account
+
+    def _claim_lines(self, tx: Tx, shop_id: str) -> tuple[ClaimLine, ...]:
         totals: dict[str, int] = defaultdict(int)
         claim = acc.claim_account(shop_id)
-        for t in self.store.transfers(account_id=claim):
+        for t in self.store.transfers_in(tx, account_id=claim):
             totals[t.ref] += t.amount if t.debit_account == claim else -t.amount
         return tuple(ClaimLine(ref, out) for ref, out in totals.items() if out > 0)
 
-    def _frozen_until(self, shop_id: str) -> float:
-        rows = self.store.query(
-            "SELECT action, until FROM ledger_freezes WHERE shop_id = ? ORDER BY seq", (shop_id,)
+    def _frozen_until(self, tx: Tx, shop_id: str) -> float:
+        rows = self.store.rows(
+            tx,
+            "SELECT action, until FROM ledger_freezes WHERE shop_id = ? ORDER BY seq",
+            (shop_id,),
         )
         until = 0.0
         for action, end in rows:
@@ -229,6 +252,10 @@ class Statements:
         )
         problems += _check_orders(disputes, journal)
         return tuple(problems)
+
+
+def _check_account_id(account_id: str) -> None:
+    check_text("account_id", account_id, required=True, max_len=300, single_line=True)
 
 
 def _check_replay(accounts: dict[str, Account], journal: list[Transfer]) -> list[str]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+from riskd.domain.clock import FakeClock
 from riskd.errors import AlreadyExistsError, InsufficientFundsError, RiskdError
 from riskd.ledger import Book, Code
 from riskd.ledger import accounts as acc
-from tests.ledger.conftest import funded
+from tests.ledger.conftest import funded, new_url
 
 THREADS = 16
 
@@ -103,3 +106,74 @@ def test_mixed_concurrent_traffic_keeps_every_invariant(book: Book) -> None:
     for i in range(40):
         d = book.dispute_statement(f"d{i}")
         assert d.paid in (0, 20_000)
+
+
+def write_during_read(book: Book, table: str, write: Callable[[], object]) -> None:
+    """Run ``write`` (through another connection) just before this thread's connection
+    first reads ``table`` from now on: a writer committing in the middle of a statement."""
+    conn = book.db._connect()
+    done = False
+
+    def trace(sql: str) -> None:
+        nonlocal done
+        if not done and sql.lstrip().upper().startswith("SELECT") and table in sql:
+            done = True
+            with ThreadPoolExecutor(1) as other:  # its own thread: its own connection
+                other.submit(write).result()
+
+    conn.set_trace_callback(trace)
+
+
+def test_a_statement_is_read_at_one_moment_though_a_write_lands_in_between(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Review: a statement read its totals and its lines in separate queries; a payout
+    committed in between gave a shop statement whose owed was not the sum of its claims,
+    and an account statement whose page held a transfer its totals left out."""
+    book = funded(Book.open(new_url("sqlite", tmp_path), clock=clock), shops={"s1": 0})
+    try:
+        for i in range(2):
+            book.open_dispute(f"o{i}", f"d{i}", "s1", f"order{i}", 1_000, actor="a")
+        pay = [
+            lambda i=i: book.compensate_buyer(f"c{i}", f"d{i}", 1_000, actor="a") for i in (0, 1)
+        ]
+        write_during_read(book, "ledger_accounts", pay[0])
+        shop = book.shop_statement("s1")
+        assert shop.owed == sum(c.outstanding for c in shop.claims)
+        write_during_read(book, "ledger_transfers", pay[1])
+        s = book.account_statement(acc.claim_account("s1"), limit=10_000)
+        assert s.account.debits == sum(t.amount for t in s.transfers)
+        assert book.shop_statement("s1").owed == 2_000  # both payouts landed
+    finally:
+        book.close()
+
+
+def test_statements_agree_with_themselves_under_live_writes(book: Book) -> None:
+    funded(book, shops={"s1": 0})
+    claim = acc.claim_account("s1")
+    stop = threading.Event()
+
+    def write() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            book.open_dispute(f"o{i}", f"d{i}", "s1", f"order{i}", 1_000, actor="a")
+            book.compensate_buyer(f"c{i}", f"d{i}", 1_000, actor="a")
+            book.collect_claim(f"k{i}", "s1", 1_000, actor="ops")
+
+    disagreeing = 0
+    with ThreadPoolExecutor(1) as pool:
+        writing = pool.submit(write)
+        try:
+            for _ in range(150):
+                shop = book.shop_statement("s1")
+                disagreeing += shop.owed != sum(c.outstanding for c in shop.claims)
+                s = book.account_statement(claim, limit=10_000)
+                paged = sum(
+                    t.amount if t.debit_account == claim else -t.amount for t in s.transfers
+                )
+                disagreeing += s.account.balance != paged
+        finally:
+            stop.set()
+        writing.result()
+    assert disagreeing == 0
