@@ -1,7 +1,7 @@
 """The read side of the book: balances, account histories, shop and dispute stories, checks.
 
-``verify()`` recomputes the book's invariants from the journal; the CLI's
-``riskd ledger verify`` and the tests use it.
+``verify()`` recomputes the book's invariants from its rows (``riskd.ledger.audit``);
+the CLI's ``riskd ledger verify``, ``VerifyLedger`` and the tests use it.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from riskd.domain.clock import Clock
 from riskd.domain.shop import ShopState
 from riskd.errors import InvalidArgumentError, NotFoundError
 from riskd.ledger import accounts as acc
+from riskd.ledger import audit
 from riskd.ledger.accounts import Account
-from riskd.ledger.codes import FLOWS, Code
+from riskd.ledger.codes import Code
 from riskd.ledger.store import LedgerStore
-from riskd.ledger.transfers import Transfer, dispute_ref, replay
+from riskd.ledger.transfers import Transfer, dispute_ref
 from riskd.ledger.validate import MAX_SEQ, check_id, check_seq, check_text
-from riskd.sql import Row, Tx
+from riskd.sql import Tx
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,131 +228,10 @@ class Statements:
         }
 
     def verify(self) -> tuple[str, ...]:
-        """Check the book's invariants from scratch; returns the problems found (none: sound).
-
-        Balances equal the replayed journal; all nets sum to zero; limits hold; every
-        transfer flows the way its code says; the fund equals top-ups - payouts +
-        recoveries; every dispute's story adds up; every shop's claim account is the
-        sum of its open claims, each named ``dispute/<id>`` or ``case/<id>`` and none
-        negative; no order was compensated more than its amount.
-        """
-        listed, journal = self.store.snapshot()
-        accounts = {a.id: a for a in listed}
-        problems = _check_replay(accounts, journal) + _check_flows(accounts, journal)
-        problems += _check_fund(accounts, journal)
-        for a in accounts.values():
-            if a.kind.limit and a.balance < 0:
-                problems.append(f"{a.id}: balance {a.balance} below zero")
-        if sum(a.net for a in accounts.values()) != 0:
-            problems.append("accounts do not sum to zero")
-        problems += _check_disputes(journal) + _check_claims(accounts, journal)
-        # Disputes are append-only and each is written before its payouts: read after
-        # the snapshot, these rows cover every dispute its journal names.
-        disputes = self.store.query(
-            "SELECT dispute_id, order_id, order_amount FROM ledger_disputes"
-        )
-        problems += _check_orders(disputes, journal)
-        return tuple(problems)
+        """Check the book's invariants from scratch; returns the problems found (none:
+        sound). What is checked: ``riskd.ledger.audit``."""
+        return audit.verify(self.store.book_rows())
 
 
 def _check_account_id(account_id: str) -> None:
     check_text("account_id", account_id, required=True, max_len=300, single_line=True)
-
-
-def _check_replay(accounts: dict[str, Account], journal: list[Transfer]) -> list[str]:
-    replayed = replay(journal)
-    problems = []
-    for a in accounts.values():
-        if replayed.get(a.id, (0, 0)) != (a.debits, a.credits):
-            problems.append(f"{a.id}: balance differs from the replayed journal")
-    problems += [f"{x}: transfers to an unknown account" for x in set(replayed) - set(accounts)]
-    return problems
-
-
-def _check_flows(accounts: dict[str, Account], journal: list[Transfer]) -> list[str]:
-    problems, seen = [], set()
-    for t in journal:
-        debit, credit = FLOWS[t.code]
-        if (accounts[t.debit_account].kind, accounts[t.credit_account].kind) != (debit, credit):
-            problems.append(f"transfer {t.id}: moves money the wrong way for {t.code.name}")
-        if t.amount <= 0:
-            problems.append(f"transfer {t.id}: non-positive amount")
-        if t.id in seen:
-            problems.append(f"transfer {t.id}: posted twice")
-        seen.add(t.id)
-    return problems
-
-
-def _check_fund(accounts: dict[str, Account], journal: list[Transfer]) -> list[str]:
-    by: dict[Code, int] = defaultdict(int)
-    for t in journal:
-        by[t.code] += t.amount
-    expected = (
-        by[Code.FUND_TOP_UP]
-        - by[Code.COMPENSATION]
-        - by[Code.COUPON]
-        + by[Code.RECOVERY_FROM_DEPOSIT]
-        + by[Code.RECOVERY_COLLECTED]
-    )
-    if accounts[acc.FUND].balance != expected:
-        return ["fund: balance differs from top-ups - payouts + recoveries"]
-    return []
-
-
-def _check_disputes(journal: list[Transfer]) -> list[str]:
-    """Every dispute's story adds up: paid = recovered + collected + written off + outstanding."""
-    by: dict[str, dict[Code, int]] = defaultdict(lambda: defaultdict(int))
-    for t in journal:
-        if t.ref.startswith("dispute/"):
-            by[t.ref][t.code] += t.amount
-    problems = []
-    for ref, sums in by.items():
-        outstanding = sums[Code.RECOVERY_CLAIM] - sums[Code.COLLECTION] - sums[Code.WRITE_OFF]
-        recovered = sums[Code.RECOVERY_FROM_DEPOSIT] + sums[Code.COLLECTION] + sums[Code.WRITE_OFF]
-        if sums[Code.COMPENSATION] != recovered + outstanding:
-            problems.append(f"{ref}: paid does not add up")
-        if outstanding < 0:
-            problems.append(f"{ref}: negative outstanding")
-    return problems
-
-
-def _check_claims(accounts: dict[str, Account], journal: list[Transfer]) -> list[str]:
-    """Each claim account is the sum of its claim lines (by ``ref``); every line names a
-    dispute or a case and none is negative (a payment or write-off beyond its claim)."""
-    lines: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    for t in journal:
-        if accounts[t.debit_account].kind is acc.Kind.CLAIM:
-            lines[t.debit_account][t.ref] += t.amount
-        if accounts[t.credit_account].kind is acc.Kind.CLAIM:
-            lines[t.credit_account][t.ref] -= t.amount
-    problems = []
-    for account_id, by_ref in sorted(lines.items()):
-        for ref, outstanding in sorted(by_ref.items()):
-            if not ref.startswith(("dispute/", "case/")):
-                problems.append(f"{account_id}: a claim line without a claim reference")
-            elif outstanding < 0:
-                problems.append(f"{account_id}: claim {ref} is negative")
-        open_lines = sum(
-            o for r, o in by_ref.items() if r.startswith(("dispute/", "case/")) and o > 0
-        )
-        if accounts[account_id].balance != open_lines:
-            problems.append(f"{account_id}: balance differs from the sum of its open claims")
-    return problems
-
-
-def _check_orders(disputes: list[Row], journal: list[Transfer]) -> list[str]:
-    """No order was paid more than its amount, whatever the number of its disputes."""
-    paid: dict[str, int] = defaultdict(int)
-    for t in journal:
-        if t.code is Code.COMPENSATION:
-            paid[t.ref] += t.amount
-    by_order: dict[str, int] = defaultdict(int)
-    amount: dict[str, int] = {}
-    for dispute_id, order_id, order_amount in disputes:
-        by_order[str(order_id)] += paid.get(dispute_ref(str(dispute_id)), 0)
-        amount[str(order_id)] = min(int(order_amount), amount.get(str(order_id), int(order_amount)))
-    return [
-        f"order {order}: compensated {total} fen, more than its amount"
-        for order, total in sorted(by_order.items())
-        if total > amount[order]
-    ]

@@ -171,7 +171,19 @@ _TRANSFER_COLUMNS = (
 _ACCOUNT_COLUMNS = "id, kind, debits, credits, shop_id"
 
 
-def _transfer(row: Row) -> Transfer:
+@dataclass(frozen=True, slots=True)
+class BookRows:
+    """Every row ``verify`` reads, as the database holds them (``to_account``,
+    ``to_transfer`` read them; a tampered value may refuse to be read)."""
+
+    accounts: list[Row]  # id, kind, debits, credits, shop_id, limit_kind
+    transfers: list[Row]  # the columns of ``to_transfer``, in journal order
+    shops: list[Row]  # shop_id
+    disputes: list[Row]  # dispute_id, order_id, order_amount
+
+
+def to_transfer(row: Row) -> Transfer:
+    """A transfer from its row (``ValueError``/``TypeError`` for one the book cannot read)."""
     return Transfer(
         id=row[0],
         debit_account=row[1],
@@ -188,7 +200,8 @@ def _transfer(row: Row) -> Transfer:
     )
 
 
-def _account(row: Row) -> Account:
+def to_account(row: Row) -> Account:
+    """An account from its row (``ValueError``/``TypeError`` for one the book cannot read)."""
     return Account(row[0], Kind(row[1]), int(row[2]), int(row[3]), row[4])
 
 
@@ -404,7 +417,7 @@ class LedgerStore:
         row = tx.execute(
             f"SELECT {_ACCOUNT_COLUMNS} FROM ledger_accounts WHERE id = ?", (account_id,)
         ).fetchone()
-        return None if row is None else _account(row)
+        return None if row is None else to_account(row)
 
     def one(self, tx: Tx, sql: str, params: Sequence[Any] = ()) -> Row | None:
         return tx.execute(sql, params).fetchone()
@@ -414,7 +427,7 @@ class LedgerStore:
             f"SELECT {_TRANSFER_COLUMNS} FROM ledger_transfers WHERE request_key = ? ORDER BY seq",
             (key,),
         ).fetchall()
-        return [_transfer(r) for r in rows]
+        return [to_transfer(r) for r in rows]
 
     def open_claims(self, tx: Tx, claim_account_id: str) -> list[tuple[str, int]]:
         """``(ref, outstanding)`` of a shop's open claims, oldest first."""
@@ -458,28 +471,35 @@ class LedgerStore:
             f"SELECT {_TRANSFER_COLUMNS} FROM ledger_transfers WHERE request_key = ? ORDER BY seq",
             (key,),
         )
-        return [_transfer(r) for r in rows]
+        return [to_transfer(r) for r in rows]
 
     def get_account(self, account_id: str) -> Account | None:
         rows = self.db.query(
             f"SELECT {_ACCOUNT_COLUMNS} FROM ledger_accounts WHERE id = ?", (account_id,)
         )
-        return _account(rows[0]) if rows else None
+        return to_account(rows[0]) if rows else None
 
     def accounts(self) -> list[Account]:
         rows = self.db.query(f"SELECT {_ACCOUNT_COLUMNS} FROM ledger_accounts ORDER BY id")
-        return [_account(r) for r in rows]
+        return [to_account(r) for r in rows]
 
-    def snapshot(self) -> tuple[list[Account], list[Transfer]]:
-        """Every account and the whole journal, read in one read-only transaction (a
-        consistent view that neither waits for a writer nor holds the writers up)."""
+    def book_rows(self) -> BookRows:
+        """The whole book as stored, read in one read-only transaction (a consistent view
+        that neither waits for a writer nor holds the writers up), for ``verify``."""
 
-        def read(tx: Tx) -> tuple[list[Account], list[Transfer]]:
-            accounts = tx.execute(f"SELECT {_ACCOUNT_COLUMNS} FROM ledger_accounts").fetchall()
-            journal = tx.execute(
-                f"SELECT {_TRANSFER_COLUMNS} FROM ledger_transfers ORDER BY seq"
-            ).fetchall()
-            return [_account(r) for r in accounts], [_transfer(r) for r in journal]
+        def read(tx: Tx) -> BookRows:
+            return BookRows(
+                accounts=tx.execute(
+                    f"SELECT {_ACCOUNT_COLUMNS}, limit_kind FROM ledger_accounts ORDER BY id"
+                ).fetchall(),
+                transfers=tx.execute(
+                    f"SELECT {_TRANSFER_COLUMNS} FROM ledger_transfers ORDER BY seq"
+                ).fetchall(),
+                shops=tx.execute("SELECT shop_id FROM ledger_shops ORDER BY shop_id").fetchall(),
+                disputes=tx.execute(
+                    "SELECT dispute_id, order_id, order_amount FROM ledger_disputes"
+                ).fetchall(),
+            )
 
         return self.db.run(read, read_only=True)
 
@@ -488,7 +508,7 @@ class LedgerStore:
     ) -> list[Transfer]:
         """Transfers in journal order, optionally of one account or one ``ref``."""
         sql, params = _transfers_sql(account_id, ref, after_seq, limit)
-        return [_transfer(r) for r in self.db.query(sql, params)]
+        return [to_transfer(r) for r in self.db.query(sql, params)]
 
     def query(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
         return self.db.query(sql, list(params))
@@ -507,7 +527,7 @@ class LedgerStore:
     ) -> list[Transfer]:
         """``transfers`` inside ``tx``."""
         sql, params = _transfers_sql(account_id, ref, after_seq, limit)
-        return [_transfer(r) for r in tx.execute(sql, params).fetchall()]
+        return [to_transfer(r) for r in tx.execute(sql, params).fetchall()]
 
     def rows(self, tx: Tx, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return tx.execute(sql, params).fetchall()

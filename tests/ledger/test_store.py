@@ -133,6 +133,86 @@ def test_verify_detects_claims_that_do_not_add_up(book: Book) -> None:
     assert "shop:s2:claim: balance differs from the sum of its open claims" in problems
 
 
+def tamper(book: Book, *statements: str) -> None:
+    """Change rows as someone holding the database's keys could: with its foreign keys
+    and the append-only triggers out of the way."""
+    if book.db.dialect == "postgres":
+        with book.db.transaction() as tx:
+            tx.execute("SET LOCAL session_replication_role = replica")
+            for sql in statements:
+                tx.execute(sql)
+        return
+    import sqlite3
+
+    conn = sqlite3.connect(book.db.url.removeprefix("sqlite:///"), isolation_level=None)
+    try:
+        triggers = conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+        for (name,) in triggers.fetchall():
+            conn.execute(f"DROP TRIGGER {name}")
+        for sql in statements:
+            conn.execute(sql)
+    finally:
+        conn.close()
+
+
+def tampered_book(book: Book) -> Book:
+    funded(book, shops={"s1": 100_000, "s2": 0})
+    book.open_dispute("o1", "d1", "s1", "order-1", 5_000, actor="a")
+    book.compensate_buyer("c1", "d1", 5_000, actor="a")
+    book.penalize_shop("p1", "s2", "order_brushing", "case-1", evidence="e", actor="a")
+    assert book.verify() == ()
+    return book
+
+
+@pytest.mark.parametrize(
+    ("statement", "expected"),
+    [
+        (
+            "UPDATE ledger_transfers SET code = 99 WHERE id = 'c1#0'",
+            "transfer c1#0: a row the book cannot read (code or amount)",
+        ),
+        (
+            "UPDATE ledger_accounts SET kind = 'vault' WHERE id = 'shop:s1:deposit'",
+            "shop:s1:deposit: an account row the book cannot read (kind or counters)",
+        ),
+        (
+            "DELETE FROM ledger_accounts WHERE id = 'platform:fund'",
+            "platform:fund: account missing",
+        ),
+    ],
+)
+def test_verify_reports_rows_it_cannot_read_instead_of_failing(
+    book: Book, statement: str, expected: str
+) -> None:
+    """Review: a transfer code or account kind the book does not know, or the fund's
+    account row deleted, made VerifyLedger INTERNAL (ValueError, KeyError) and
+    ``riskd ledger verify`` a traceback: the auditor learnt nothing of what was wrong."""
+    tamper(tampered_book(book), statement)
+    problems = book.verify()
+    assert expected in problems
+    assert len(problems) > 1  # the journal no longer replays into the balances either
+
+
+def test_verify_reports_a_lifted_limit_and_accounts_outside_the_chart(book: Book) -> None:
+    """Review: these verified clean. The fund's and a deposit's database limit (their
+    ``CHECK``, the last line against going negative) lifted; a shop's unused account
+    deleted (every request for the shop then NOT_FOUND); a claim account moved to
+    another shop (the scorer then reads its debt as that shop's)."""
+    tamper(
+        tampered_book(book),
+        "UPDATE ledger_accounts SET limit_kind = 0"
+        " WHERE id IN ('platform:fund', 'shop:s1:deposit')",
+        "DELETE FROM ledger_accounts WHERE id = 'shop:s2:deposit'",
+        "UPDATE ledger_accounts SET shop_id = 's1' WHERE id = 'shop:s2:claim'",
+    )
+    assert book.verify() == (
+        "platform:fund: its limit in the database is not its kind's",
+        "shop:s1:deposit: its limit in the database is not its kind's",
+        "shop:s2:claim: not a registered shop's deposit or claim account",
+        "shop:s2:deposit: account missing",
+    )
+
+
 def test_the_database_refuses_a_second_dispute_for_an_order(book: Book) -> None:
     funded(book, shops={"s1": 0})
     book.open_dispute("o1", "d1", "s1", "order-1", 900, actor="a")
