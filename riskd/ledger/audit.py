@@ -21,7 +21,19 @@ What is checked:
 - every dispute's story adds up (paid = recovered + collected + written off + outstanding);
 - every shop's claim account is the sum of its open claims, each named ``dispute/<id>``
   or ``case/<id>`` and none negative;
-- no order was compensated more than its amount.
+- no order was compensated more than its amount;
+- every row belongs to a recorded request, and every request's rows are there: each
+  transfer's request is recorded and a request's transfers are ``<key>#0``, ``#1``... in
+  journal order; a money request has its transfers, a dispute, case or unfreeze the
+  request that opened it, and each such request its row;
+- each case's amount is its penalty transfers, its freeze (when it froze the shop) is
+  recorded with the same end, and every freeze is a case's (review: a freeze row
+  deleted behind the book's back let the shop withdraw its deposit and verified clean,
+  as did a deposit posted without a request).
+
+It cannot see a row changed together with everything that agrees with it (an amount
+and both accounts' counters): the book holds no chain of hashes to compare with a
+copy kept elsewhere, as the decision log does.
 """
 
 from __future__ import annotations
@@ -33,9 +45,23 @@ from riskd.ledger import accounts as acc
 from riskd.ledger.accounts import Account, Kind, Limit
 from riskd.ledger.codes import FLOWS, Code
 from riskd.ledger.store import BookRows, to_account, to_transfer
-from riskd.ledger.transfers import Transfer, dispute_ref, replay
+from riskd.ledger.transfers import Transfer, case_ref, dispute_ref, replay
 from riskd.sql import Row
 
+# the operations whose requests post transfers (each at least one: amounts are positive),
+# and those that write one row of a table instead (a penalty may post nothing)
+_MONEY_OPERATIONS = frozenset(
+    {
+        "deposit",
+        "withdraw",
+        "top_up_fund",
+        "compensate_buyer",
+        "late_shipment_coupon",
+        "collect_claim",
+        "write_off_claim",
+    }
+)
+_RECORDS = {"open_dispute": "dispute", "penalize_shop": "case", "unfreeze": "unfreeze"}
 _SHOP_KINDS = {Kind.DEPOSIT: acc.deposit_account, Kind.CLAIM: acc.claim_account}
 
 
@@ -57,6 +83,10 @@ def verify(rows: BookRows) -> tuple[str, ...]:
         problems.append("accounts do not sum to zero")
     problems += _check_disputes(known) + _check_claims(accounts, known)
     problems += _check_orders(rows.disputes, known)
+    operations = {str(key): str(op) for key, op in rows.requests}
+    problems += _check_journal_requests(operations, journal)
+    problems += _check_records(operations, rows)
+    problems += _check_cases(rows, journal)
     return tuple(problems)
 
 
@@ -201,7 +231,7 @@ def _check_orders(disputes: list[Row], journal: list[Transfer]) -> list[str]:
             paid[t.ref] += t.amount
     by_order: dict[str, int] = defaultdict(int)
     amount: dict[str, int] = {}
-    for dispute_id, order_id, order_amount in disputes:
+    for dispute_id, order_id, order_amount, *_ in disputes:
         by_order[str(order_id)] += paid.get(dispute_ref(str(dispute_id)), 0)
         amount[str(order_id)] = min(int(order_amount), amount.get(str(order_id), int(order_amount)))
     return [
@@ -209,3 +239,62 @@ def _check_orders(disputes: list[Row], journal: list[Transfer]) -> list[str]:
         for order, total in sorted(by_order.items())
         if total > amount[order]
     ]
+
+
+def _check_journal_requests(operations: dict[str, str], journal: list[Transfer]) -> list[str]:
+    """Each transfer is one of a recorded request's, numbered from 0 in journal order;
+    each money request has its transfers."""
+    ids: dict[str, list[str]] = defaultdict(list)
+    for t in journal:
+        ids[t.request_key].append(t.id)
+    problems = []
+    for key, posted in ids.items():
+        if key not in operations:
+            problems.append(f"request {key}: transfers without its request's record")
+        elif posted != [f"{key}#{i}" for i in range(len(posted))]:
+            problems.append(f"request {key}: transfers missing or out of order")
+    for key, operation in sorted(operations.items()):
+        if operation in _MONEY_OPERATIONS and key not in ids:
+            problems.append(f"request {key}: {operation} without its transfers")
+    return problems
+
+
+def _check_records(operations: dict[str, str], rows: BookRows) -> list[str]:
+    """Disputes, cases and unfreezes each with the request that wrote it, and back."""
+    written = {
+        "dispute": {str(r[3]) for r in rows.disputes},
+        "case": {str(r[3]) for r in rows.cases},
+        "unfreeze": {str(r[4]) for r in rows.freezes if r[1] == "unfreeze"},
+    }
+    problems = []
+    for operation, kind in _RECORDS.items():
+        for key in sorted(written[kind]):
+            if operations.get(key) != operation:
+                problems.append(f"request {key}: a {kind} without its {operation} request")
+    for key, operation in sorted(operations.items()):
+        record = _RECORDS.get(operation)
+        if record is not None and key not in written[record]:
+            problems.append(f"request {key}: {operation} without its {record}")
+    return problems
+
+
+def _check_cases(rows: BookRows, journal: list[Transfer]) -> list[str]:
+    """Each case's amount is its penalty transfers; a case that froze the shop has its
+    freeze, with the same end, and every freeze is a case's."""
+    charged: dict[str, int] = defaultdict(int)
+    for t in journal:
+        if t.code in (Code.PENALTY, Code.PENALTY_CLAIM):
+            charged[t.ref] += t.amount
+    freezes = {(str(r[3]), float(r[2])) for r in rows.freezes if r[1] == "freeze"}
+    cases = {case_ref(str(r[0])): (int(r[1]), float(r[2])) for r in rows.cases}
+    problems = []
+    for ref, (amount, until) in sorted(cases.items()):
+        if charged.pop(ref, 0) != amount:
+            problems.append(f"{ref}: penalty transfers differ from the case's amount")
+        if until > 0 and (ref, until) not in freezes:
+            problems.append(f"{ref}: the case's freeze is missing")
+    problems += [f"{ref}: penalty transfers without a case" for ref in sorted(charged)]
+    for ref, until in sorted(freezes):
+        if cases.get(ref, (0, 0.0))[1] != until:
+            problems.append(f"{ref}: a freeze no case made")
+    return problems

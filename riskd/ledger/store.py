@@ -179,7 +179,10 @@ class BookRows:
     accounts: list[Row]  # id, kind, debits, credits, shop_id, limit_kind
     transfers: list[Row]  # the columns of ``to_transfer``, in journal order
     shops: list[Row]  # shop_id
-    disputes: list[Row]  # dispute_id, order_id, order_amount
+    disputes: list[Row]  # dispute_id, order_id, order_amount, request_key
+    requests: list[Row]  # key, operation
+    cases: list[Row]  # case_id, amount, frozen_until, request_key
+    freezes: list[Row]  # shop_id, action, until, ref, request_key (journal order)
 
 
 def to_transfer(row: Row) -> Transfer:
@@ -497,7 +500,15 @@ class LedgerStore:
                 ).fetchall(),
                 shops=tx.execute("SELECT shop_id FROM ledger_shops ORDER BY shop_id").fetchall(),
                 disputes=tx.execute(
-                    "SELECT dispute_id, order_id, order_amount FROM ledger_disputes"
+                    "SELECT dispute_id, order_id, order_amount, request_key FROM ledger_disputes"
+                ).fetchall(),
+                requests=tx.execute("SELECT key, operation FROM ledger_requests").fetchall(),
+                cases=tx.execute(
+                    "SELECT case_id, amount, frozen_until, request_key FROM ledger_cases"
+                ).fetchall(),
+                freezes=tx.execute(
+                    "SELECT shop_id, action, until, ref, request_key FROM ledger_freezes"
+                    " ORDER BY seq"
                 ).fetchall(),
             )
 

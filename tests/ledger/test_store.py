@@ -60,7 +60,8 @@ def test_transfer_ids_are_unique_and_amounts_positive(book: Book) -> None:
             " VALUES (?, ?, ?, ?, 1, '', 'y', 'a', '', '', 0)",
             (bad.id, bad.debit_account, bad.credit_account, bad.amount),
         )
-    assert book.verify() == ()
+    # the balances still add up; x#0 was posted behind the book's back, without a request
+    assert book.verify() == ("request x: transfers without its request's record",)
 
 
 def test_a_second_compensation_for_a_dispute_is_refused_by_the_database(book: Book) -> None:
@@ -213,6 +214,82 @@ def test_verify_reports_a_lifted_limit_and_accounts_outside_the_chart(book: Book
     )
 
 
+@pytest.mark.parametrize(
+    ("statements", "expected"),
+    [
+        (
+            ["DELETE FROM ledger_freezes WHERE ref = 'case/case-1'"],
+            ["case/case-1: the case's freeze is missing"],
+        ),
+        (
+            [
+                "INSERT INTO ledger_freezes (shop_id, action, until, ref, request_key, actor,"
+                " reason, at) VALUES ('s1', 'freeze', 1900000000, 'case/none', 'p1', 'a', '', 0)"
+            ],
+            ["case/none: a freeze no case made"],
+        ),
+        (
+            [
+                "INSERT INTO ledger_transfers (id, debit_account, credit_account, amount, code,"
+                " ref, request_key, actor, reason, evidence, at) VALUES ('zz#0',"
+                " 'external:bank', 'shop:s2:deposit', 7, 1, '', 'zz', 'm', '', '', 0)",
+                "UPDATE ledger_accounts SET credits = credits + 7 WHERE id = 'shop:s2:deposit'",
+                "UPDATE ledger_accounts SET debits = debits + 7 WHERE id = 'external:bank'",
+            ],
+            ["request zz: transfers without its request's record"],
+        ),
+        (
+            [
+                "DELETE FROM ledger_transfers WHERE request_key = 'late'",
+                "UPDATE ledger_accounts SET credits = credits - 700 WHERE id = 'shop:s2:deposit'",
+                "UPDATE ledger_accounts SET debits = debits - 700 WHERE id = 'external:bank'",
+            ],
+            ["request late: deposit without its transfers"],
+        ),
+        (
+            ["DELETE FROM ledger_requests WHERE key = 'c1'"],
+            ["request c1: transfers without its request's record"],
+        ),
+        (
+            [
+                "DELETE FROM ledger_freezes WHERE ref = 'case/case-1'",
+                "DELETE FROM ledger_cases WHERE case_id = 'case-1'",
+            ],
+            [
+                "request p1: penalize_shop without its case",
+                "case/case-1: penalty transfers without a case",
+            ],
+        ),
+        (
+            ["DELETE FROM ledger_disputes WHERE dispute_id = 'd1'"],
+            ["request o1: open_dispute without its dispute"],
+        ),
+    ],
+    ids=[
+        "freeze-deleted",
+        "freeze-forged",
+        "deposit-forged",
+        "deposit-deleted",
+        "request-deleted",
+        "case-deleted",
+        "dispute-deleted",
+    ],
+)
+def test_verify_ties_every_row_to_its_request(
+    book: Book, statements: list[str], expected: list[str]
+) -> None:
+    """Review: each of these verified clean, the balances adding up. A deleted freeze
+    ended the shop's freeze at once (its deposit could be withdrawn, the scorer let its
+    orders through); a transfer posted without a request, or a request's transfers
+    removed with the counters they moved, changed money with no trace."""
+    tampered_book(book).deposit("late", "s2", 700, actor="m")
+    assert book.verify() == ()
+    tamper(book, *statements)
+    problems = book.verify()
+    for problem in expected:
+        assert problem in problems
+
+
 def test_the_database_refuses_a_second_dispute_for_an_order(book: Book) -> None:
     funded(book, shops={"s1": 0})
     book.open_dispute("o1", "d1", "s1", "order-1", 900, actor="a")
@@ -238,6 +315,11 @@ def test_an_older_database_with_two_disputes_for_an_order_opens_and_pays_once(
         "INSERT INTO ledger_disputes (dispute_id, shop_id, order_id, order_amount,"
         " request_key, actor, reason, opened_at) VALUES ('d2', 's1', 'order-1', 900,"
         " 'o2', 'a', '', 0)",
+    )
+    raw(  # the book of then recorded its request too
+        book,
+        "INSERT INTO ledger_requests (key, operation, fingerprint, result, at)"
+        " VALUES ('o2', 'open_dispute', 'v2:0', '{}', 0)",
     )
     old = Book.open(db_url, clock=book.clock)
     try:
