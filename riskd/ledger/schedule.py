@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from riskd.errors import ConfigError, InvalidArgumentError
+from riskd.ledger.validate import MAX_FEN as MAX_REQUEST_FEN
 
 MAX_FEN = 2**63 - 1
 # a freeze's end must stay a time the API can answer (review: 3,000,000 days took the
@@ -84,9 +85,10 @@ def parse_schedule(
     if not isinstance(table, dict) or not table:
         raise ConfigError(f"{source}: violations: at least one violation type is required")
     violations = {name: _violation(name, spec, source) for name, spec in table.items()}
-    coupon = _int(data.get("coupons", {}).get("late_shipment", {}), "amount_fen", source, "coupons")
+    where = "coupons.late_shipment"
+    coupon = _fen(data.get("coupons", {}).get("late_shipment", {}), "amount_fen", source, where)
     if coupon <= 0:
-        raise ConfigError(f"{source}: coupons.late_shipment.amount_fen: must be positive")
+        raise ConfigError(f"{source}: {where}.amount_fen: must be positive")
     return PenaltySchedule(version, violations, coupon)
 
 
@@ -100,7 +102,7 @@ def _violation(name: str, spec: Any, source: object) -> Violation:
     v = Violation(
         name=name,
         description=str(spec.get("description", "")),
-        fixed_fen=_int(spec, "fixed_fen", source, where),
+        fixed_fen=_fen(spec, "fixed_fen", source, where),
         deposit_share_bps=_int(spec, "deposit_share_bps", source, where),
         freeze_days=_int(spec, "freeze_days", source, where),
     )
@@ -111,6 +113,19 @@ def _violation(name: str, spec: Any, source: object) -> Violation:
     if v.fixed_fen == 0 and v.deposit_share_bps == 0:
         raise ConfigError(f"{source}: {where}: needs fixed_fen or deposit_share_bps")
     return v
+
+
+def _fen(spec: Any, key: str, source: object, where: str) -> int:
+    """An amount the book posts as it stands: within what one request may move (review: a
+    fixed_fen of 2^63 - 1 was charged once, then every later penalty of every shop was
+    refused, the penalty income account's counter at its 64-bit end)."""
+    value = _int(spec, key, source, where)
+    if value > MAX_REQUEST_FEN:
+        raise ConfigError(
+            f"{source}: {where}.{key}: at most {MAX_REQUEST_FEN} fen"
+            " (the most one request may move)"
+        )
+    return value
 
 
 def _int(spec: Any, key: str, source: object, where: str) -> int:

@@ -58,6 +58,17 @@ def test_unknown_violation_names_the_field() -> None:
         # the shop was INTERNAL (its end past what a protobuf Timestamp holds)
         ("[violations.a]\nfixed_fen = 1\nfreeze_days = 3000000\n", "freeze_days: at most"),
         ("[violations.a]\nfixed_fen = 1\n", "coupons.late_shipment.amount_fen"),
+        # review: a non-integer coupon was named "coupons.amount_fen"
+        (
+            "[violations.a]\nfixed_fen = 1\n[coupons.late_shipment]\namount_fen = 'x'\n",
+            r"coupons\.late_shipment\.amount_fen: must be a non-negative integer",
+        ),
+        # review: amounts the book posts as they stand stay within one request's maximum
+        ("[violations.a]\nfixed_fen = 1000000000001\n", r"violations\.a\.fixed_fen: at most"),
+        (
+            "[violations.a]\nfixed_fen = 1\n[coupons.late_shipment]\namount_fen = 1000000000001\n",
+            r"coupons\.late_shipment\.amount_fen: at most 1000000000000 fen",
+        ),
         ("[violations.a\n", "cannot read"),
     ],
 )
