@@ -7,7 +7,8 @@ The rows are taken as the database holds them, since what is audited is a book s
 may have changed behind the book's back: a row the book cannot read (an unknown transfer
 code or account kind, a counter that is not a number) is a problem reported with the
 rest, never an error that hides them (review: a transfer code set to 99 or the fund's
-account row deleted made VerifyLedger INTERNAL and ``riskd ledger verify`` a traceback).
+account row deleted made VerifyLedger INTERNAL and ``riskd ledger verify`` a traceback);
+so is a dispute, case or freeze whose amount or time is not a number.
 
 What is checked:
 
@@ -39,7 +40,9 @@ copy kept elsewhere, as the decision log does.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+from typing import Any
 
 from riskd.ledger import accounts as acc
 from riskd.ledger.accounts import Account, Kind, Limit
@@ -70,6 +73,12 @@ def verify(rows: BookRows) -> tuple[str, ...]:
     problems: list[str] = []
     accounts = _read_accounts(rows.accounts, problems)
     journal = _read_journal(rows.transfers, problems)
+    rows = replace(
+        rows,
+        disputes=_read(rows.disputes, "dispute", (str, str, int, str), problems),
+        cases=_read(rows.cases, "case", (str, int, float, str), problems),
+        freezes=_read(rows.freezes, "freeze of shop", (str, str, float, str, str), problems),
+    )
     problems += _check_chart(accounts, (str(r[0]) for r in rows.shops))
     problems += _check_replay(accounts, journal)
     # the checks by kind need both sides' accounts: a transfer naming another is reported
@@ -104,6 +113,19 @@ def _read_accounts(rows: list[Row], problems: list[str]) -> dict[str, Account]:
             problems.append(f"{account.id}: its limit in the database is not its kind's")
         accounts[account.id] = account
     return accounts
+
+
+def _read(
+    rows: list[Row], what: str, types: tuple[Callable[[Any], Any], ...], problems: list[str]
+) -> list[Row]:
+    """The rows whose columns read as ``types`` (converted); the others reported."""
+    kept = []
+    for row in rows:
+        try:
+            kept.append(tuple(read(value) for read, value in zip(types, row, strict=True)))
+        except (ValueError, TypeError):
+            problems.append(f"{what} {row[0]}: a row the book cannot read")
+    return kept
 
 
 def _read_journal(rows: list[Row], problems: list[str]) -> list[Transfer]:

@@ -194,6 +194,36 @@ def test_verify_reports_rows_it_cannot_read_instead_of_failing(
     assert len(problems) > 1  # the journal no longer replays into the balances either
 
 
+@pytest.mark.parametrize(
+    ("statement", "expected"),
+    [
+        (
+            "UPDATE ledger_cases SET frozen_until = 'soon'",
+            "case case-1: a row the book cannot read",
+        ),
+        (
+            "UPDATE ledger_disputes SET order_amount = 'lots'",
+            "dispute d1: a row the book cannot read",
+        ),
+        (
+            "UPDATE ledger_freezes SET until = 'never'",
+            "freeze of shop s2: a row the book cannot read",
+        ),
+    ],
+    ids=["case", "dispute", "freeze"],
+)
+def test_verify_reports_a_record_it_cannot_read_instead_of_failing(
+    tmp_path: Path, clock: FakeClock, statement: str, expected: str
+) -> None:
+    """SQLite keeps text in a numeric column; PostgreSQL's types refuse it."""
+    book = Book.open(new_url("sqlite", tmp_path), clock=clock)
+    try:
+        tamper(tampered_book(book), statement)
+        assert expected in book.verify()
+    finally:
+        book.close()
+
+
 def test_verify_reports_a_lifted_limit_and_accounts_outside_the_chart(book: Book) -> None:
     """Review: these verified clean. The fund's and a deposit's database limit (their
     ``CHECK``, the last line against going negative) lifted; a shop's unused account
