@@ -6,7 +6,9 @@
     riskd pii rotate              re-wrap every data key under the primary master key
                                   (exit 3: some keys could not be unwrapped, left as is)
     riskd pii retire VERSION      destroy an old master key version (refused while in use)
-    riskd pii forget BUYER_ID     crypto-shred a buyer's personal data (refused under hold)
+    riskd pii forget BUYER_ID     crypto-shred a buyer's personal data (refused under hold),
+                                  under every spelling of the id velocity counting takes
+                                  for the same buyer (``b-77 ``, ``ｂ-７７``)
     riskd pii hold BUYER_ID       place (or with --release, lift) a legal hold; one per
                                   --reason, forget is refused while any remains
 

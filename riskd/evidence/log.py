@@ -81,6 +81,7 @@ from riskd.evidence.request import (
     protect_order,
 )
 from riskd.evidence.schema import create_schema
+from riskd.pii.keystore import spellings
 from riskd.pii.vault import PreparedKeys
 from riskd.sql import Database, Tx
 
@@ -719,6 +720,9 @@ def forget_subject(db: Database, subject_id: str) -> int:
     """Delete a forgotten buyer's evidence beside the chain: the Vault ciphertexts and the
     blind indexes of their orders' PII. The chained records (masks only) stay, and verify.
 
+    Rows under every spelling of the buyer id that velocity counting takes for the same
+    buyer (``b-77 ``, ``ｂ-７７`` for ``b-77``: ``riskd.pii.keystore.spellings``) go too.
+
     ``riskd pii forget`` calls it from its own process (as the ``Vault`` forget hook,
     after the legal-hold check and the key shredding); ``DecisionLog`` registers it too.
     Creates the evidence tables if missing. Returns the number of rows deleted.
@@ -731,7 +735,8 @@ def forget_subject(db: Database, subject_id: str) -> int:
     def delete(tx: Tx) -> int:
         n = 0
         for table in ("decision_pii", "decision_blind_index"):
-            n += tx.execute(f"DELETE FROM {table} WHERE subject_id = ?", (subject_id,)).rowcount
+            for subject in spellings(tx, table, subject_id):
+                n += tx.execute(f"DELETE FROM {table} WHERE subject_id = ?", (subject,)).rowcount
         return n
 
     return db.run(delete)

@@ -12,6 +12,12 @@ older ``pii_legal_holds`` (one row per subject, so a second reason was dropped)
 is still read and released from, so holds placed before keep their reasons; new
 holds are written to the new table only (a schema change by addition: old
 databases work unchanged).
+
+One subject, several spellings: subject ids are stored as the caller gave them
+(``b-77``, ``b-77 ``, full-width ``ｂ-７７``), while velocity counting treats them
+as one buyer (the blind index's ``NORMALIZERS["buyer"]``). ``shred`` and the legal
+holds match every stored spelling of the subject (``spellings``), so a forget
+leaves none of them behind and a hold under one spelling protects them all.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from riskd.errors import FailedPreconditionError
+from riskd.pii.blind import NORMALIZERS
 from riskd.pii.keyring import WrappedKey
 from riskd.sql import Database, Tx
 
@@ -46,8 +53,12 @@ class DataKeyRow:
 
 @dataclass(frozen=True, slots=True)
 class ShredResult:
+    """What ``shred`` destroyed; ``subjects``: the stored spellings of the subject it
+    covered (``spellings``), the one asked for first."""
+
     data_keys_destroyed: int
     index_entries_deleted: int
+    subjects: tuple[str, ...] = ()
 
 
 class KeyStore(Protocol):
@@ -260,36 +271,30 @@ class SqlKeyStore:
         return out
 
     def shred(self, subject_id: str, at: float) -> ShredResult:
-        """Destroy every wrapped data key of the subject and its blind-index entries.
+        """Destroy every wrapped data key of the subject and its blind-index entries,
+        under each stored spelling of its id (``spellings``).
 
         A subject with no live key (none yet: its first order may still be queued for the
         decision log's writer; or forgotten before) gets a tombstone generation instead,
         so the forget's time is on record either way: the writer seals nothing appended
-        before it, and the subject's next key is a new generation.
+        before it, and the subject's next key is a new generation. So does each spelling.
 
         Raises:
-            FailedPreconditionError: the subject is under legal hold (nothing changes).
+            FailedPreconditionError: the subject is under legal hold, under any spelling
+                (nothing changes).
         """
 
         def destroy(tx: Tx) -> ShredResult:
             if _hold_reasons(tx, subject_id):
                 raise FailedPreconditionError("subject is under legal hold; forgetting is refused")
-            keys = tx.execute(
-                "UPDATE pii_data_keys SET wrapped = NULL, shredded_at = ? "
-                "WHERE subject_id = ? AND wrapped IS NOT NULL",
-                (at, subject_id),
-            ).rowcount
-            if keys == 0:
-                tx.execute(
-                    "INSERT INTO pii_data_keys (subject_id, generation, master_version, wrapped,"
-                    " created_at, shredded_at) SELECT ?, COALESCE(MAX(generation), 0) + 1, 0,"
-                    " NULL, ?, ? FROM pii_data_keys WHERE subject_id = ?",
-                    (subject_id, at, at, subject_id),
-                )
-            entries = tx.execute(
-                "DELETE FROM pii_blind_index WHERE subject_id = ?", (subject_id,)
-            ).rowcount
-            return ShredResult(keys, entries)
+            subjects = [subject_id, *_stored_spellings(tx, subject_id, _KEYED) - {subject_id}]
+            keys = entries = 0
+            for subject in subjects:
+                keys += _shred_keys(tx, subject, at)
+                entries += tx.execute(
+                    "DELETE FROM pii_blind_index WHERE subject_id = ?", (subject,)
+                ).rowcount
+            return ShredResult(keys, entries, tuple(subjects))
 
         if self.db.dialect == "sqlite":
             # Overwrite freed pages so the old wrapped key is not left in the file.
@@ -355,7 +360,8 @@ class SqlKeyStore:
         self.db.run(place)
 
     def release(self, subject_id: str, reason: str | None = None) -> bool:
-        """Lift the subject's hold for ``reason``; False if there was none.
+        """Lift the subject's hold for ``reason`` (placed under any spelling of its id);
+        False if there was none.
 
         Without ``reason``: the subject's only hold.
 
@@ -376,18 +382,20 @@ class SqlKeyStore:
             target = reason if reason is not None else (reasons[0] if reasons else None)
             if target is None or target not in reasons:
                 return False
-            for table in ("pii_legal_holds", "pii_legal_hold_reasons"):
-                tx.execute(
-                    f"DELETE FROM {table} WHERE subject_id = ? AND reason = ?",
-                    (subject_id, target),
-                )
+            for subject in _stored_spellings(tx, subject_id, _HOLD_TABLES):
+                for table in _HOLD_TABLES:
+                    tx.execute(
+                        f"DELETE FROM {table} WHERE subject_id = ? AND reason = ?",
+                        (subject, target),
+                    )
             return True
 
         return self.db.run(delete)
 
     def holds(self, subject_id: str) -> list[str]:
-        """The reasons of the subject's legal holds, sorted (empty: not held)."""
-        return [str(r[0]) for r in self.db.query(_HOLDS, (subject_id, subject_id))]
+        """The reasons of the subject's legal holds (under any spelling of its id), sorted
+        (empty: not held)."""
+        return self.db.run(lambda tx: _hold_reasons(tx, subject_id), read_only=True)
 
     def is_held(self, subject_id: str) -> bool:
         return bool(self.holds(subject_id))
@@ -418,16 +426,74 @@ class SqlKeyStore:
         return [str(r[0]) for r in rows]
 
 
-_HOLDS = (
-    "SELECT reason FROM pii_legal_holds WHERE subject_id = ? "
-    "UNION SELECT reason FROM pii_legal_hold_reasons WHERE subject_id = ? ORDER BY 1"
-)
+_HOLD_TABLES = ("pii_legal_holds", "pii_legal_hold_reasons")
+_KEYED = ("pii_data_keys", "pii_blind_index")
 
 
 def _hold_reasons(tx: Tx, subject_id: str) -> list[str]:
-    """The subject's hold reasons, from both hold tables (see the module docstring)."""
-    rows = tx.execute(_HOLDS, (subject_id, subject_id)).fetchall()
-    return [str(r[0]) for r in rows]
+    """The subject's hold reasons, from both hold tables (see the module docstring) and
+    under every spelling of its id."""
+    reasons: set[str] = set()
+    for subject in _stored_spellings(tx, subject_id, _HOLD_TABLES):
+        for table in _HOLD_TABLES:
+            rows = tx.execute(f"SELECT reason FROM {table} WHERE subject_id = ?", (subject,))
+            reasons.update(str(r[0]) for r in rows.fetchall())
+    return sorted(reasons)
+
+
+def _shred_keys(tx: Tx, subject_id: str, at: float) -> int:
+    """Destroy the subject's live data keys (the count); none: a tombstone generation."""
+    keys = tx.execute(
+        "UPDATE pii_data_keys SET wrapped = NULL, shredded_at = ? "
+        "WHERE subject_id = ? AND wrapped IS NOT NULL",
+        (at, subject_id),
+    ).rowcount
+    if keys == 0:
+        tx.execute(
+            "INSERT INTO pii_data_keys (subject_id, generation, master_version, wrapped,"
+            " created_at, shredded_at) SELECT ?, COALESCE(MAX(generation), 0) + 1, 0,"
+            " NULL, ?, ? FROM pii_data_keys WHERE subject_id = ?",
+            (subject_id, at, at, subject_id),
+        )
+    return keys
+
+
+def _stored_spellings(tx: Tx, subject_id: str, tables: Iterable[str]) -> set[str]:
+    return {s for table in tables for s in spellings(tx, table, subject_id)}
+
+
+def spellings(tx: Tx, table: str, subject_id: str) -> list[str]:
+    """The ``subject_id`` values stored in ``table`` that name the same subject as
+    ``subject_id``: equal once normalized as the blind index normalizes a buyer id
+    (``NORMALIZERS["buyer"]``: NFKC, surrounding whitespace dropped), so everything the
+    velocity counters count as this buyer. An id that normalizes to nothing matches
+    itself only.
+
+    One scan of ``table``'s subject ids, narrowed in SQL to those that contain the
+    normalized id or are not ASCII (an ASCII id normalizes to itself, stripped), then
+    compared here. ``table`` is one of this package's or the decision log's tables.
+    """
+    normalize = NORMALIZERS["buyer"]
+    key = normalize(subject_id)
+    if not key:
+        rows = tx.execute(
+            f"SELECT DISTINCT subject_id FROM {table} WHERE subject_id = ?", (subject_id,)
+        )
+        return [str(r[0]) for r in rows.fetchall()]
+    pattern = "%" + key.replace("!", "!!").replace("%", "!%").replace("_", "!_") + "%"
+    rows = tx.execute(
+        f"SELECT DISTINCT subject_id FROM {table} WHERE subject_id = ? "
+        f"OR subject_id LIKE ? ESCAPE '!' OR {_NOT_ASCII[tx.dialect]}",
+        (subject_id, pattern),
+    )
+    return sorted(s for (s,) in rows.fetchall() if normalize(str(s)) == key)
+
+
+_NOT_ASCII = {
+    "sqlite": "length(CAST(subject_id AS BLOB)) <> length(subject_id)",
+    "postgres": "octet_length(subject_id) <> char_length(subject_id)",
+}
+"""A subject id with a character outside ASCII (NFKC may turn it into the normalized id)."""
 
 
 def _row(r: tuple[Any, ...]) -> DataKeyRow:

@@ -533,20 +533,26 @@ class Vault:
     # -- crypto-shredding and legal holds -------------------------------------------------
 
     def add_forget_hook(self, hook: ForgetHook) -> None:
-        """Call ``hook(subject_id)`` after each ``forget`` (e.g. to drop other stores' indexes)."""
+        """Call ``hook(subject_id)`` after each ``forget`` (e.g. to drop other stores' indexes);
+        the hook deletes what it holds under every spelling of ``subject_id``."""
         self._hooks.append(hook)
 
     def forget(self, subject_id: str) -> ShredResult:
         """Destroy the subject's data keys and blind-index entries (PIPL right to deletion).
 
-        Decisions and ledger entries stay; only the personal data becomes unreadable.
+        Every stored spelling of the id that velocity counting takes for the same buyer
+        (``b-77``, ``b-77 ``, ``ｂ-７７``) is forgotten with it; each hook is called once,
+        with ``subject_id``, and matches the spellings in its own tables the same way
+        (``riskd.pii.keystore.spellings``). Decisions and ledger entries stay; only the
+        personal data becomes unreadable.
 
         Raises:
             FailedPreconditionError: the subject is under legal hold; nothing changes.
         """
         _require("subject_id", subject_id)
         result = self.keystore.shred(subject_id, self._clock.now())
-        self._drop(subject_id)
+        for subject in result.subjects or (subject_id,):
+            self._drop(subject)
         for hook in self._hooks:
             hook(subject_id)
         return result
@@ -570,7 +576,8 @@ class Vault:
 
     def hold(self, subject_id: str, reason: str) -> None:
         """Place a legal hold for ``reason``: ``forget`` is refused until every hold of the
-        subject is released (each reason is its own hold)."""
+        subject is released (each reason is its own hold; a hold under one spelling of
+        the id holds them all)."""
         _require("subject_id", subject_id)
         _require("reason", reason)
         self.keystore.hold(subject_id, reason, self._clock.now())

@@ -124,6 +124,26 @@ def test_forget_subject_from_another_process_deletes_only_that_buyer(db: Databas
         forget_subject(db, "")
 
 
+def test_forget_subject_deletes_every_spelling_counted_as_the_buyer(db: Database) -> None:
+    """``b-77 `` and full-width ``ｂ-７７`` are buyer b-77 to the velocity counters."""
+    keyring = Keyring.generate()
+    log = DecisionLog(db, vault=Vault(keyring, SqlKeyStore(db)), indexer=BlindIndexer(keyring))
+    buyers = {"o-1": "b-77", "o-2": "b-77 ", "o-3": "ｂ-７７", "o-4": "b-777", "o-5": "B-77"}
+    for order_id, buyer in buyers.items():
+        order = make_order(order_id)
+        order = replace(order, buyer=replace(order.buyer, buyer_id=buyer))
+        decision = Decision(order_id, Outcome.ALLOW, 0.0, (), "v1", decided_at=1.0)
+        log.append(DecisionRecord(decision, log.protect(order)), order=order)
+    log.close()
+    assert forget_subject(db, "b-77") == 3 * 12
+    for order_id in ("o-1", "o-2", "o-3"):
+        assert blind_index_entries(db, order_id) == {} and encrypted_fields(db, order_id) == {}
+    for order_id in ("o-4", "o-5"):  # other buyers
+        assert len(blind_index_entries(db, order_id)) == 6
+        assert len(encrypted_fields(db, order_id)) == 6
+    assert log.verify().ok
+
+
 def test_engine_digests_are_reused(tmp_path: Path) -> None:
     db = Database(tmp_path / "evidence.db")
     log = DecisionLog(db, indexer=BlindIndexer(Keyring.generate()))

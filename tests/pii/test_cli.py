@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -172,6 +173,41 @@ def test_cli_forget_deletes_the_decision_logs_ciphertexts_and_blind_indexes(
     db = Database(url)
     assert blind_index_entries(db, "o-1") == {} and encrypted_fields(db, "o-1") == {}
     assert verify(db).ok and verify(db).head["decision_log"][0] == 1
+    db.close()
+
+
+def test_cli_forget_leaves_nothing_under_another_spelling_of_the_buyer_id(
+    paths: tuple[list[str], Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The velocity counters count ``b-77 `` and ``ｂ-７７`` as buyer b-77: so does forget."""
+    opts, key_file, url = paths
+    run("keygen", *opts)
+    db = Database(url)
+    keyring = Keyring.load(key_file)
+    log = DecisionLog(db, vault=Vault(keyring, SqlKeyStore(db)), indexer=BlindIndexer(keyring))
+    buyers = {"o-1": "b-77", "o-2": "b-77 ", "o-3": "ｂ-７７", "o-4": "\u3000b-77", "o-5": "b-777"}
+    for order_id, buyer in buyers.items():
+        order = full_order(order_id)
+        order = replace(order, buyer=replace(order.buyer, buyer_id=buyer))
+        decision = Decision(order_id, Outcome.ALLOW, 0.0, (), "v1", decided_at=1.0)
+        log.append(DecisionRecord(decision, log.protect(order)), order=order)
+    log.close()
+    sealed = {o: encrypted_fields(db, o)["phone"] for o in buyers}
+    db.close()
+    capsys.readouterr()
+    assert run("hold", "ｂ-７７", *opts) == 0
+    assert run("forget", "b-77", *opts) == 1  # a hold under any spelling holds the buyer
+    assert run("hold", "b-77", "--release", *opts) == 0
+    assert run("forget", "b-77", *opts) == 0
+    assert "4 data keys destroyed" in capsys.readouterr().out
+    db = Database(url)
+    vault = Vault(keyring, SqlKeyStore(db))
+    for order_id in ("o-1", "o-2", "o-3", "o-4"):
+        assert blind_index_entries(db, order_id) == {} and encrypted_fields(db, order_id) == {}
+        with pytest.raises(CryptoError, match="forgotten"):
+            vault.decrypt(buyers[order_id], order_id, "phone", sealed[order_id])
+    assert len(encrypted_fields(db, "o-5")) == 6  # another buyer
+    assert vault.decrypt("b-777", "o-5", "phone", sealed["o-5"]) == "13812345678"
     db.close()
 
 

@@ -184,6 +184,52 @@ def test_vault_forget_shreds_keys_and_index_entries(keyring: Keyring, store: Sql
     assert vault.forget("b1").data_keys_destroyed == 0  # idempotent
 
 
+# One buyer as velocity counting sees it (the blind index's buyer normalization), and
+# ids it counts as other buyers (also ones a LIKE pattern or a fold would confuse).
+SAME_BUYER = ("b-77", "b-77 ", "ｂ-７７", "\u3000b-77\t")
+OTHER_BUYERS = ("b-777", "b-7", "B-77", "b_77", "bb-77", "b\u200b-77", "ｂ-７")
+
+
+def test_vault_forget_covers_every_spelling_counted_as_the_same_buyer(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    ix = BlindIndexer(keyring)
+    assert {ix.index("buyer", b) for b in SAME_BUYER} == {ix.index("buyer", "b-77")}
+    assert not {ix.index("buyer", b) for b in OTHER_BUYERS} & {ix.index("buyer", "b-77")}
+    vault = Vault(keyring, store)
+    cts = {b: vault.encrypt(b, "o1", "phone", PHONE) for b in SAME_BUYER + OTHER_BUYERS}
+    for b in SAME_BUYER + OTHER_BUYERS:
+        vault.record_index(b, {"phone": "digest-of-" + b})
+    hooked: list[str] = []
+    vault.add_forget_hook(hooked.append)
+
+    result = vault.forget("ｂ-７７")  # any spelling names the buyer
+
+    assert (result.data_keys_destroyed, result.index_entries_deleted) == (4, 4)
+    assert set(result.subjects) == set(SAME_BUYER) and result.subjects[0] == "ｂ-７７"
+    assert hooked == ["ｂ-７７"]  # once: the hook matches the spellings itself
+    for v in (vault, Vault(keyring, store)):
+        for b in SAME_BUYER:
+            with pytest.raises(CryptoError, match="forgotten"):
+                v.decrypt(b, "o1", "phone", cts[b])
+            assert v.subjects_for("phone", "digest-of-" + b) == []
+        for b in OTHER_BUYERS:
+            assert v.decrypt(b, "o1", "phone", cts[b]) == PHONE
+            assert v.subjects_for("phone", "digest-of-" + b) == [b]
+
+
+def test_vault_a_hold_under_one_spelling_holds_the_buyer(vault: Vault) -> None:
+    ct = vault.encrypt("ｂ-７７", "o1", "phone", PHONE)
+    vault.hold("b-77 ", "dispute 42")
+    assert vault.holds("b-77") == ["dispute 42"] and vault.holds("b-777") == []
+    with pytest.raises(FailedPreconditionError, match="legal hold"):
+        vault.forget("b-77")
+    assert vault.decrypt("ｂ-７７", "o1", "phone", ct) == PHONE  # nothing changed
+    assert vault.release_hold("b-77") is True  # lifted under another spelling
+    assert vault.holds("b-77 ") == []
+    assert vault.forget("b-77").data_keys_destroyed == 1
+
+
 def test_vault_writes_after_forget_use_a_new_generation(vault: Vault) -> None:
     old = vault.encrypt("b1", "o1", "phone", PHONE)
     vault.forget("b1")
