@@ -588,6 +588,22 @@ class Database:
             return lock
         return ((lock >> 32) << 32) | zlib.crc32(self._schema.encode())
 
+    def checkpoint(self, wait_s: float) -> bool | None:
+        """SQLite: copy the write-ahead log into the database file and truncate the log
+        (``wal_checkpoint(TRUNCATE)``), so pages overwritten since (``secure_delete``)
+        replace their old images in the file and the log keeps none.
+
+        Waits up to ``wait_s`` for other connections' transactions; False when one was
+        still reading an older snapshot, or writing, by then (the file and the log keep
+        the old pages until a later checkpoint completes). None on PostgreSQL, whose old
+        row versions only ``VACUUM`` removes.
+        """
+        if self.dialect != "sqlite":
+            return None
+        with self._busy_until(time.monotonic() + wait_s):
+            rows = self.query("PRAGMA wal_checkpoint(TRUNCATE)")
+        return bool(rows) and rows[0][0] == 0
+
     def drop_schema(self) -> None:
         """PostgreSQL only: drop this database's ``?schema=`` and everything in it (tests)."""
         if self.dialect == "postgres" and self._schema:

@@ -9,6 +9,8 @@
     riskd pii forget BUYER_ID     crypto-shred a buyer's personal data (refused under hold),
                                   under every spelling of the id velocity counting takes
                                   for the same buyer (``b-77 ``, ``ｂ-７７``)
+                                  (exit 3: a reader kept the SQLite checkpoint from
+                                  running, the file still holds the deleted bytes)
     riskd pii hold BUYER_ID       place (or with --release, lift) a legal hold; one per
                                   --reason, forget is refused while any remains
 
@@ -42,6 +44,7 @@ from riskd.sql import Database
 
 DEFAULT_REASON = "legal hold"  # the reason of a hold placed without --reason
 ROTATE_INCOMPLETE = 3  # exit status: rotate re-wrapped what it could; some keys are lost
+FORGET_NOT_CHECKPOINTED = 3  # exit status: forgotten, but the SQLite file keeps the bytes
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -199,6 +202,15 @@ def _forget(args: argparse.Namespace) -> int:
         f"{result.index_entries_deleted} blind-index entries deleted, "
         f"{sum(deleted)} evidence rows deleted"
     )
+    if result.checkpointed is False:
+        print(
+            "riskd pii forget: another connection was still reading the database, so its "
+            "file and write-ahead log keep the deleted bytes (the wrapped data keys among "
+            "them) until a checkpoint completes; run the same forget again when no long "
+            "read (riskd evidence verify, a backup) is running",
+            file=sys.stderr,
+        )
+        return FORGET_NOT_CHECKPOINTED
     return 0
 
 

@@ -22,7 +22,6 @@ leaves none of them behind and a hold under one spelling protects them all.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -30,7 +29,7 @@ from typing import Any, Protocol
 from riskd.errors import FailedPreconditionError
 from riskd.pii.blind import NORMALIZERS
 from riskd.pii.keyring import WrappedKey
-from riskd.sql import Database, Tx
+from riskd.sql import Database, Tx, driver_errors
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +58,10 @@ class ShredResult:
     data_keys_destroyed: int
     index_entries_deleted: int
     subjects: tuple[str, ...] = ()
+    checkpointed: bool | None = None
+    """SQLite: whether the WAL checkpoint after the deletes completed, so the file and
+    its log no longer hold the deleted bytes (False: a reader held it up); None on
+    PostgreSQL, or before ``Vault.forget`` ran it."""
 
 
 class KeyStore(Protocol):
@@ -76,6 +79,7 @@ class KeyStore(Protocol):
         self, keys: Sequence[tuple[str, int, WrappedKey]], at: float, tx: Tx | None = None
     ) -> dict[tuple[str, int], DataKeyRow]: ...
     def shred(self, subject_id: str, at: float) -> ShredResult: ...
+    def checkpoint(self) -> bool | None: ...
     def stale(
         self, primary_version: int, limit: int, after: tuple[str, int] | None = None
     ) -> list[DataKeyRow]: ...
@@ -89,6 +93,7 @@ class KeyStore(Protocol):
     def subjects_for(self, field_type: str, digest: str) -> list[str]: ...
 
 
+CHECKPOINT_WAIT_S = 5.0  # how long a forget's checkpoint waits for other connections' reads
 _IN_CHUNK = 500  # subjects per ``IN (...)`` list (well under SQLite's variable limit)
 
 
@@ -297,13 +302,21 @@ class SqlKeyStore:
             return ShredResult(keys, entries, tuple(subjects))
 
         if self.db.dialect == "sqlite":
-            # Overwrite freed pages so the old wrapped key is not left in the file.
+            # Overwrite freed pages so the old wrapped key is not left in the file (once
+            # ``checkpoint`` has copied them there).
             self.db.query("PRAGMA secure_delete = ON")
-        result = self.db.run(destroy)
-        if self.db.dialect == "sqlite":
-            with contextlib.suppress(Exception):  # a busy reader only delays the checkpoint
-                self.db.query("PRAGMA wal_checkpoint(TRUNCATE)")
-        return result
+        return self.db.run(destroy)
+
+    def checkpoint(self) -> bool | None:
+        """After a ``shred`` (and the deletes of its forget hooks): on SQLite, move the
+        overwritten pages into the file and empty the write-ahead log, which still holds
+        the deleted wrapped keys, ciphertexts and digests until then (``Database.checkpoint``,
+        waiting up to ``CHECKPOINT_WAIT_S`` for readers). False: a reader held it up;
+        None: PostgreSQL (``VACUUM``)."""
+        try:
+            return self.db.checkpoint(CHECKPOINT_WAIT_S)
+        except driver_errors():  # e.g. locked: what is left stays until a later checkpoint
+            return False
 
     def stale(
         self, primary_version: int, limit: int, after: tuple[str, int] | None = None

@@ -39,7 +39,7 @@ import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -544,18 +544,23 @@ class Vault:
         (``b-77``, ``b-77 ``, ``ｂ-７７``) is forgotten with it; each hook is called once,
         with ``subject_id``, and matches the spellings in its own tables the same way
         (``riskd.pii.keystore.spellings``). Decisions and ledger entries stay; only the
-        personal data becomes unreadable.
+        personal data becomes unreadable. Last, the key store's database is checkpointed
+        (SQLite: the deleted bytes leave the file and its write-ahead log, unless a reader
+        held that up: ``ShredResult.checkpointed`` says).
 
         Raises:
             FailedPreconditionError: the subject is under legal hold; nothing changes.
         """
         _require("subject_id", subject_id)
         result = self.keystore.shred(subject_id, self._clock.now())
-        for subject in result.subjects or (subject_id,):
-            self._drop(subject)
-        for hook in self._hooks:
-            hook(subject_id)
-        return result
+        try:
+            for subject in result.subjects or (subject_id,):
+                self._drop(subject)
+            for hook in self._hooks:
+                hook(subject_id)
+        finally:  # after the hooks' deletes too; also when one failed
+            checkpointed = self.keystore.checkpoint()
+        return replace(result, checkpointed=checkpointed)
 
     def forgotten(self, subject_id: str, ciphertext: bytes | None = None) -> bool:
         """True when ``forget`` destroyed the subject's data keys, read from the key store.

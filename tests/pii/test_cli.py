@@ -15,6 +15,7 @@ from riskd.errors import CryptoError
 from riskd.evidence.chain import verify
 from riskd.evidence.log import DecisionLog, blind_index_entries, encrypted_fields
 from riskd.evidence.records import DecisionRecord
+from riskd.pii import keystore
 from riskd.pii.blind import BlindIndexer
 from riskd.pii.keyring import Keyring
 from riskd.pii.keystore import SqlKeyStore
@@ -209,6 +210,74 @@ def test_cli_forget_leaves_nothing_under_another_spelling_of_the_buyer_id(
     assert len(encrypted_fields(db, "o-5")) == 6  # another buyer
     assert vault.decrypt("b-777", "o-5", "phone", sealed["o-5"]) == "13812345678"
     db.close()
+
+
+def log_buyers(url: str, keyring: Keyring, buyers: int, orders: int) -> None:
+    """``orders`` orders through the decision log, by buyers b-0 .. b-(buyers - 1), each
+    with a phone, device and IP of its own."""
+    db = Database(url)
+    log = DecisionLog(db, vault=Vault(keyring, SqlKeyStore(db)), indexer=BlindIndexer(keyring))
+    for i in range(orders):
+        b = i % buyers
+        order = full_order(f"o-{i}", device_id=f"dev-{b}")
+        buyer = replace(order.buyer, buyer_id=f"b-{b}", phone=f"1390000{b:04d}")
+        order = replace(order, buyer=buyer, ip=f"10.9.0.{b}")
+        decision = Decision(order.order_id, Outcome.ALLOW, 0.0, (), "v1", decided_at=1.0)
+        log.append(DecisionRecord(decision, log.protect(order)), order=order)
+    log.close()
+    db.close()
+
+
+def stored_secrets(url: str, buyer: str) -> list[bytes]:
+    """What the database holds of ``buyer`` only: wrapped data key, ciphertexts, digests."""
+    db = Database(url)
+    rows = db.query("SELECT wrapped FROM pii_data_keys WHERE subject_id = ?", (buyer,))
+    rows += db.query("SELECT ciphertext FROM decision_pii WHERE subject_id = ?", (buyer,))
+    rows += db.query(
+        "SELECT digest FROM decision_blind_index WHERE subject_id = ? EXCEPT "
+        "SELECT digest FROM decision_blind_index WHERE subject_id <> ?",
+        (buyer, buyer),
+    )
+    db.close()
+    return [v.encode() if isinstance(v, str) else bytes(v) for (v,) in rows]
+
+
+def test_cli_forget_leaves_no_bytes_of_the_buyer_in_the_files_the_daemon_holds_open(
+    paths: tuple[list[str], Path, str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Deleted rows stay in the SQLite file and its WAL until a checkpoint: the forget
+    checkpoints after every delete, and says so when a reader held that up."""
+    opts, key_file, url = paths
+    run("keygen", *opts)
+    log_buyers(url, Keyring.load(key_file), buyers=4, orders=200)
+    files = [Path(url.removeprefix("sqlite:///")), Path(url.removeprefix("sqlite:///") + "-wal")]
+
+    def on_disk() -> bytes:
+        return b"".join(p.read_bytes() for p in files if p.exists())
+
+    daemon = Database(url)  # the daemon's connection: the file stays open, its WAL too
+    assert daemon.query("SELECT COUNT(*) FROM decision_pii") == [(1200,)]
+    first, second, kept = (stored_secrets(url, b) for b in ("b-1", "b-2", "b-3"))
+    assert len(first) == 1 + 50 * 6 + 3  # a key, 50 orders of 6 fields, 3 own digests
+    assert all(s in on_disk() for s in first + second + kept)  # the search sees them
+
+    assert run("forget", "b-1", *opts) == 0
+    assert [s for s in first if s in on_disk()] == []
+    assert all(s in on_disk() for s in second + kept)
+
+    monkeypatch.setattr(keystore, "CHECKPOINT_WAIT_S", 0.1)
+    with daemon.transaction(read_only=True) as tx:  # a read in progress: its snapshot
+        tx.execute("SELECT COUNT(*) FROM decision_pii").fetchall()
+        capsys.readouterr()
+        assert run("forget", "b-2", *opts) == pii_cli.FORGET_NOT_CHECKPOINTED
+        assert "keep the deleted bytes" in capsys.readouterr().err
+        assert any(s in on_disk() for s in second)  # said, and so it is
+    assert run("forget", "b-2", *opts) == 0  # again once the read is over
+    assert [s for s in second if s in on_disk()] == []
+    assert all(s in on_disk() for s in kept)
+    daemon.close()
 
 
 def test_cli_refuses_a_keyring_other_than_the_databases(
