@@ -6,7 +6,7 @@ digests, and the evidence log stores them beside the encrypted fields. Each
 field type has its own HMAC-SHA256 key (HKDF from the keyring's index secret),
 so equal values of different types never collide and one leaked key exposes one
 type only. Values are normalized first, so ``+86 138-1234-5678`` and
-``13812345678`` match.
+``13812345678`` match, and so do ``张 三`` and ``张三``.
 """
 
 from __future__ import annotations
@@ -30,14 +30,28 @@ dash (U+FE58) into U+2014, and the small and full-width hyphen-minus into ``-``.
 """
 _INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff"
 """Zero-width characters, which NFKC keeps."""
-_PHONE_DROP = "()." + _DASHES + _INVISIBLE
-"""Phone punctuation: ASCII, the Unicode dashes and minus, and zero-width characters."""
+_INVISIBLE_CHAR = re.compile(f"[{_INVISIBLE}]")
+_PHONE_DROP = "()./" + _DASHES + _INVISIBLE
+"""Phone punctuation: ASCII (``138/1234/5678`` too), the Unicode dashes and minus, and
+zero-width characters."""
+_CN_MOBILE = re.compile(r"1[3-9][0-9]{9}")
+"""A Chinese mobile number (11 digits from 13 to 19)."""
+_CN_GEOGRAPHIC = re.compile(r"(?:10|2[0-9])[0-9]{8}|(?!400|800)[3-9][0-9]{9,10}")
+"""A Chinese fixed-line number without its trunk 0, as written after +86: a two-digit
+area code (10 Beijing, 2x) and 8 digits, or a three-digit one and 7 or 8. 400 and 800
+numbers are not geographic: they are dialled without a 0 at home too."""
+
 _ADDRESS_DROP = ",，、.。·_/#~\u301c" + _DASHES + _INVISIBLE
 """Address separators: the phone's dashes and zero-width characters, and the tilde and
 wave dash written for ranges (``3~5号``; NFKC turns the full-width tilde into ``~``)."""
 _ADDRESS_NUMBER_GAP = re.compile(rf"(?<=[0-9])[\s{re.escape(_ADDRESS_DROP)}]+(?=[0-9])")
 """A run of whitespace or separators between two digits: ``1-23``, ``2 / 1``, ``5, 12``."""
 _ADDRESS_NUMBER_SEP = "-"
+_HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003ffff\u00b7\u30fb"
+"""Chinese characters (the unified ideographs; NFKC has mapped the compatibility ones
+onto them) and the middle dots between the parts of a name (``阿沛·阿旺晋美``)."""
+_HAN_GAP = re.compile(f"(?<=[{_HAN}]) (?=[{_HAN}])")
+"""A space between two of them: Chinese names are written without (``张 三`` is ``张三``)."""
 _ID_DROP = "-"
 _DEVICE_DROP = "-:"
 
@@ -62,10 +76,20 @@ def _recompose(text: str) -> str:
 
 
 def normalize_phone(value: str) -> str:
-    """Digits only, without the +86 / 0086 / 86 country prefix of a Chinese number.
+    """Digits only, a Chinese number in its domestic form: without the +86 / 0086 / 86
+    country prefix; after +86 or 0086, a mobile without a ``(0)`` trunk written before
+    it and a fixed line with its trunk 0, as they are dialled at home.
+
+    Only the country code says a number is Chinese: without one the digits stay as
+    written (``0138…`` may be a number abroad), and after it a number that is neither
+    mobile nor fixed-line (``+86 400 …``, a short code) keeps its digits as written.
 
     >>> normalize_phone("+86 138-1234-5678"), normalize_phone("（138）1234 5678")
     ('13812345678', '13812345678')
+    >>> normalize_phone("+86 (0) 138 1234 5678"), normalize_phone("138/1234/5678")
+    ('13812345678', '13812345678')
+    >>> normalize_phone("+86 10 1234 5678"), normalize_phone("010-1234-5678")
+    ('01012345678', '01012345678')
     >>> normalize_phone("+1 (415) 555-0100"), normalize_phone("tel:138–1234–5678")
     ('+14155550100', '13812345678')
     """
@@ -73,12 +97,23 @@ def normalize_phone(value: str) -> str:
     if text[:4].lower() == "tel:":  # an RFC 3966 URI, as copied from a link
         text = text[4:]
     if text.startswith("+86"):
-        text = text[3:]
-    elif text.startswith("0086"):
-        text = text[4:]
+        return _domestic(text[3:])
+    if text.startswith("0086"):
+        return _domestic(text[4:])
     if len(text) == 13 and text.startswith("861") and text.isascii() and text.isdigit():
         return text[2:]
     return text
+
+
+def _domestic(national: str) -> str:
+    """The domestic form of what followed +86: a mobile as is, a fixed line with its
+    trunk 0, whether or not it was written (``+86 (0) 10 …``); anything else as is."""
+    number = national[1:] if national.startswith("0") else national
+    if _CN_MOBILE.fullmatch(number):
+        return number
+    if _CN_GEOGRAPHIC.fullmatch(number):
+        return "0" + number
+    return national
 
 
 def normalize_address(value: str) -> str:
@@ -119,8 +154,23 @@ def normalize_device(value: str) -> str:
 
 
 def normalize_name(value: str) -> str:
-    """Case-folded, inner whitespace collapsed to one space."""
-    return " ".join(_nfkc(value).split()).casefold()
+    """Case-folded, inner whitespace collapsed to one space, none between two Chinese
+    characters (or a middle dot between them), no zero-width characters.
+
+    >>> normalize_name("张 三") == normalize_name("张三"), normalize_name("Zhang  San")
+    (True, 'zhang san')
+    >>> normalize_name("阿沛 · 阿旺晋美")
+    '阿沛·阿旺晋美'
+    """
+    text = _nfkc(value)
+    if text.isascii():
+        return " ".join(text.split()).casefold()
+    if _INVISIBLE_CHAR.search(text):
+        text = _recompose(_INVISIBLE_CHAR.sub("", text))
+    text = " ".join(text.split())
+    if " " in text:
+        text = _HAN_GAP.sub("", text)
+    return text.casefold()
 
 
 def normalize_ip(value: str) -> str:

@@ -43,6 +43,20 @@ IX = BlindIndexer(RING)
         ("device", "6D92078A-8246-4BA4-AE5B-76104861E7DC", "6d92078a82464ba4ae5b76104861e7dc"),
         ("device", "AA:BB:CC:DD:EE:FF", "aa-bb-cc-dd-ee-ff"),
         ("name", "Zhang  San", " zhang san "),
+        ("phone", "13812345678", "+86 (0) 138 1234 5678"),  # the trunk 0 after +86
+        ("phone", "13812345678", "138/1234/5678"),
+        ("phone", "13812345678", "0086 13812345678"),
+        ("phone", "010-1234-5678", "+86 10 1234 5678"),  # fixed line: the trunk 0
+        ("phone", "010-1234-5678", "0086 (0)10 1234 5678"),
+        ("phone", "0571-8888-7777", "+86 571 8888 7777"),
+        ("phone", "0571-888-7777", "+86-571-888-7777"),  # a 7-digit local number
+        ("phone", "400-123-4567", "+86 400 123 4567"),  # no trunk 0 at home either
+        ("name", "张三", "张 三"),
+        ("name", "张三", "张　三"),  # ideographic space
+        ("name", "张三", " 张\u200b三 "),  # zero-width space
+        ("name", "欧阳娜娜", "欧阳 娜娜"),
+        ("name", "阿沛·阿旺晋美", "阿沛 · 阿旺晋美"),
+        ("name", "Zhang San 张三", "zhang  san 张 三"),
         ("ip", "::ffff:10.0.0.1", "10.0.0.1"),
         ("ip", "[2001:db8::1]", "2001:db8::1"),
         ("ip", "[2001:DB8:0::1]", "2001:db8::1"),
@@ -65,6 +79,16 @@ def test_blind_index_matches_equal_values_in_other_formats(field_type: str, a: s
         ("address", "2-1-1201", "211201"),
         ("address", "Room 5, 12 Main St", "Room 51, 2 Main St"),
         ("id_number", "11010119900307123X", "110101199003071230"),
+        ("phone", "+86 10 1234 5678", "+86 20 1234 5678"),
+        ("phone", "+86 10 1234 5678", "10 1234 5678"),  # no country code, no trunk 0
+        ("phone", "+86 (0) 138 1234 5678", "+86 (0) 139 1234 5678"),
+        ("phone", "+86 400 123 4567", "0400 123 4567"),
+        ("phone", "0138 1234 5678", "138 1234 5678"),  # no country code: may be abroad
+        ("phone", "+44 20 7946 0958", "020 7946 0958"),
+        ("name", "张三", "张三丰"),
+        ("name", "张三", "张 山"),
+        ("name", "Zhang San", "ZhangSan"),  # Latin names keep their spaces
+        ("name", "Zhang San", "Zhang·San"),
     ],
 )
 def test_blind_index_separates_different_values(field_type: str, a: str, b: str) -> None:
@@ -155,6 +179,90 @@ def test_join_address_matches_one_free_text_address() -> None:
 def test_blind_index_phone_formats_property(digits: str, prefix: str, sep: str) -> None:
     formatted = prefix + sep + sep.join((digits[:3], digits[3:7], digits[7:]))
     assert IX.index("phone", formatted) == IX.index("phone", digits)
+
+
+_PHONE_SEPARATORS = ["", " ", "-", "/", ".", "\u3000", " - ", "–"]
+_MOBILE = st.from_regex(r"1[3-9][0-9]{9}", fullmatch=True)
+_FIXED_LINE = st.one_of(  # area code without the trunk 0, local number
+    st.tuples(
+        st.from_regex(r"10|2[0-9]", fullmatch=True), st.from_regex(r"[2-9][0-9]{7}", fullmatch=True)
+    ),
+    st.tuples(
+        st.from_regex(r"[3-9][0-9]{2}", fullmatch=True).filter(lambda a: a not in ("400", "800")),
+        st.from_regex(r"[2-9][0-9]{6,7}", fullmatch=True),
+    ),
+)
+
+
+@st.composite
+def _numbers(draw: st.DrawFn) -> tuple[str, str]:
+    """A Chinese number: ("mobile", its 11 digits) or (area code, local number)."""
+    if draw(st.booleans()):
+        return "mobile", draw(_MOBILE)
+    area, local = draw(_FIXED_LINE)
+    return area, local
+
+
+def _domestic(number: tuple[str, str]) -> str:
+    kind, digits = number
+    return digits if kind == "mobile" else "0" + kind + digits
+
+
+@st.composite
+def _written(draw: st.DrawFn, number: tuple[str, str]) -> str:
+    """``number`` as someone may write it: country code or not, trunk 0, separators."""
+    kind, digits = number
+    sep = draw(st.sampled_from(_PHONE_SEPARATORS))
+    if kind == "mobile":
+        prefix = draw(st.sampled_from(["", "+86", "0086", "+86 (0)", "0086(0)", "86"]))
+        return prefix + sep + sep.join([digits[:3], digits[3:7], digits[7:]])
+    groups = [kind, digits[:-4], digits[-4:]]
+    prefix = draw(st.sampled_from(["0", "+86", "0086", "+86 (0)", "+86(0)", "(0"]))
+    if prefix == "(0":
+        return f"(0{kind}){sep}{sep.join(groups[1:])}"
+    return prefix + sep + sep.join(groups)
+
+
+@given(_numbers(), st.data())
+def test_blind_index_phone_variants_match_and_other_numbers_stay_apart(
+    number: tuple[str, str], data: st.DataObject
+) -> None:
+    # However a number is written (country code, trunk 0, separators), it is one digest;
+    # the same number with one digit changed, written any way, is another.
+    kind, digits = number
+    i = data.draw(st.integers(2, len(digits) - 1))
+    other_digit = data.draw(st.sampled_from("0123456789").filter(lambda d: d != digits[i]))
+    other = (kind, digits[:i] + other_digit + digits[i + 1 :])
+    a, b = data.draw(_written(number)), data.draw(_written(number))
+    c = data.draw(_written(other))
+    assert NORMALIZERS["phone"](a) == _domestic(number)
+    assert IX.index("phone", a) == IX.index("phone", b)
+    assert IX.index("phone", a) != IX.index("phone", c)
+
+
+_HAN_NAMES = st.text(
+    st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF), min_size=1, max_size=4
+)
+_NAME_GAPS = st.sampled_from(["", " ", "  ", "\u3000", "\u200b", " \u200b "])
+
+
+@given(_HAN_NAMES, _HAN_NAMES, st.lists(_NAME_GAPS, min_size=4, max_size=4))
+def test_blind_index_chinese_name_spacing_matches_and_names_stay_apart(
+    a: str, b: str, gaps: list[str]
+) -> None:
+    spaced = "".join(c + gap for c, gap in zip(a, gaps, strict=False)).strip()
+    assert IX.index("name", spaced) == IX.index("name", a)
+    assert (IX.index("name", spaced) == IX.index("name", b)) == (a == b)
+
+
+def test_blind_index_keeps_digest_of_phones_and_names_written_plainly() -> None:
+    # What the upgrade must not disturb: the plain forms keep their normal form.
+    phone = NORMALIZERS["phone"]
+    assert phone("+86 138-1234-5678") == phone("13812345678") == "13812345678"
+    assert phone("010-1234-5678") == "01012345678" and phone("4001234567") == "4001234567"
+    assert phone("+1 (415) 555-0100") == "+14155550100"
+    assert NORMALIZERS["name"]("张三") == "张三"
+    assert NORMALIZERS["name"](" Zhang  SAN ") == "zhang san"
 
 
 _SEPARATORS = ["-", "/", ".", " ", "－", "／", "．", "\u3000", " - ", "#", "、"]
