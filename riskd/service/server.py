@@ -124,6 +124,7 @@ class RunningServer:
         with self._access_lock:  # two reloads never swap in their files out of order
             try:
                 config = self.reread()
+                _check_auth_kept(self.config, config)
                 settings = access_settings(config, tls=self.config.tls_cert is not None)
                 renew = _renewal(self.tls, config)
             except Exception as e:  # a ConfigError names the setting; a bug is no reason to stop
@@ -443,6 +444,25 @@ def access_settings(config: Config, *, tls: bool) -> AuthConfig:
     if not tls and config.auth is None:
         return AuthConfig(anonymous_roles=frozenset({CHECKOUT}), anonymous_within_public=False)
     return AuthConfig.from_mapping(config.auth or {})
+
+
+def _check_auth_kept(started: Config, now: Config) -> None:
+    """Refuse a reload of a file without the ``[auth]`` table the server started with.
+
+    A file read while it is being written in place (an editor, ``cat new > riskd.toml``,
+    which empties it first) is often empty or cut short: on a plaintext port it read as
+    the embedded default, and every caller on the machine could score without a token
+    while the configured tokens were refused (review). An empty ``[auth]`` table revokes
+    every token; dropping the table takes a restart.
+
+    Raises:
+        ConfigError: naming ``auth``.
+    """
+    if started.auth is not None and now.auth is None:
+        raise ConfigError(
+            "auth: the file has no [auth] table (read while half-written?); an empty "
+            "[auth] table revokes every token, removing the table takes a restart"
+        )
 
 
 def _changed(started: Config, now: Config, *, tls: bool) -> list[str]:

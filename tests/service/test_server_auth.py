@@ -555,3 +555,46 @@ def test_a_reload_revokes_and_adds_tokens_and_a_bad_file_keeps_the_old_ones(
                 assert running.metrics.value("riskd_access_reload_failures_total") == n
     finally:
         running.stop(0)
+
+
+@pytest.mark.parametrize("text", ["", 'log_level = "info"\n'])
+def test_a_reload_of_a_file_without_its_auth_table_keeps_the_tokens_and_never_opens_scoring(
+    tmp_path: Path, text: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # review: a file read while written in place (`cat new > riskd.toml` empties it first)
+    # reloaded as the embedded default on a plaintext port: anyone on the machine could
+    # score without a token, and the configured token was refused
+    path = tmp_path / "riskd.toml"
+    path.write_text('[auth.tokens]\n"tok-gw" = "gw:checkout"\n')
+
+    def reread() -> Config:
+        overrides = {"listen": "127.0.0.1:0", "metrics_port": -1, "rules_dir": str(RULES)}
+        return load_config(path, env={}, data_dir=str(tmp_path / "data"), **overrides)
+
+    running = create_server(reread(), reread=reread)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+
+            def score(*metadata: tuple[str, str]) -> grpc.StatusCode:
+                request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(fresh()))
+                try:
+                    scoring_pb2_grpc.ScoringServiceStub(ch).Score(
+                        request, timeout=5, metadata=metadata
+                    )
+                except grpc.RpcError as e:
+                    return e.code()  # type: ignore[no-any-return]
+                return grpc.StatusCode.OK
+
+            token = ("authorization", "Bearer tok-gw")
+            path.write_text(text)  # cut short, before [auth]
+            with caplog.at_level(logging.INFO):
+                assert running.reload_access() is False
+            error = next(r for r in caplog.records if r.levelno == logging.ERROR)
+            assert error.fields["error"].startswith("auth: ")  # type: ignore[attr-defined]
+            assert [score(), score(token)] == [grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.OK]
+            assert running.metrics.value("riskd_access_reload_failures_total") == 1
+            path.write_text("[auth]\n")  # an empty table: every token revoked, on purpose
+            assert running.reload_access() is True
+            assert score(token) is grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        running.stop(0)

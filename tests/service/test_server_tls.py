@@ -324,12 +324,13 @@ def test_a_certificate_whose_cn_the_ledger_refuses_as_actor_is_denied_and_writes
 
 
 def test_a_reload_never_opens_the_plaintext_default_on_a_tls_port(tmp_path: Path) -> None:
-    # a file that no longer names the TLS files nor an [auth] table reads as the embedded
-    # default (anonymous callers may score) but the port still listens with TLS, on any
-    # address: the transport in force decides, as at start
+    # a file that no longer names the TLS files (a server started without an [auth] table:
+    # one that loses it is refused) reads as the embedded default (anonymous callers may
+    # score) but the port still listens with TLS, on any address: the transport in force
+    # decides, as at start
     cert, key = self_signed(tmp_path)
     tls = {"listen": "0.0.0.0:0", "tls_cert": str(cert), "tls_key": str(key)}
-    config = make_config(tmp_path / "data", **tls, auth={"tokens": {"t0ken": "gw:checkout"}})
+    config = make_config(tmp_path / "data", **tls)
     running = create_server(config, reread=lambda: make_config(tmp_path / "data"))
     try:
         assert running.reload() is True
