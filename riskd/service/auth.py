@@ -467,11 +467,25 @@ class ServerTls:
 def _tls_material(
     cert_file: Path, key_file: Path, client_ca_file: Path | None
 ) -> tuple[bytes, bytes, bytes | None]:
-    """The key, certificate and client CAs, read and checked (``_check_tls``)."""
+    """The key, certificate and client CAs, read and checked (``_check_tls``).
+
+    Raises:
+        ConfigError: as ``server_credentials``; or the certificate or key file changed
+            while they were read.
+    """
     cert = _read(cert_file, "tls_cert")
     key = _read(key_file, "tls_key")
     ca = _read(client_ca_file, "tls_client_ca") if client_ca_file is not None else None
     _check_tls(cert_file, cert, key_file, client_ca_file, ca)
+    # OpenSSL checks the pair from the files, read again: the bytes read above must still
+    # be theirs. A pair replaced between the reads (a Secret mount's ..data flipped,
+    # tls.crt written before tls.key) passed the check, and grpcio, handed a certificate
+    # with another one's key, kept the old pair while the reload said tls_renewed (review)
+    if _read(cert_file, "tls_cert") != cert or _read(key_file, "tls_key") != key:
+        raise ConfigError(
+            f"tls_cert: {cert_file} or tls_key {key_file} changed while they were read; "
+            "reload again once both are written"
+        )
     return key, cert, ca
 
 
