@@ -42,6 +42,7 @@ between counted on the next line (``unlogged_refusals``).
 from __future__ import annotations
 
 import contextvars
+import datetime
 import hashlib
 import logging
 import re
@@ -425,9 +426,17 @@ class ServerTls:
         ConfigError: as ``server_credentials``.
     """
 
-    def __init__(self, cert_file: Path, key_file: Path, client_ca_file: Path | None = None):
+    def __init__(
+        self,
+        cert_file: Path,
+        key_file: Path,
+        client_ca_file: Path | None = None,
+        *,
+        clock: Clock | None = None,
+    ):
         key, cert, ca = _tls_material(cert_file, key_file, client_ca_file)
         self.mutual = ca is not None
+        self._clock = clock or SystemClock()
         self._next: grpc.ServerCertificateConfiguration | None = None
         self._lock = threading.Lock()
         self.credentials = grpc.dynamic_ssl_server_credentials(
@@ -445,11 +454,18 @@ class ServerTls:
 
         Raises:
             ConfigError: as ``server_credentials``; or ``client_ca_file`` would turn
-                client certificates on or off.
+                client certificates on or off; or the certificate has expired.
         """
         if (client_ca_file is not None) != self.mutual:
             raise ConfigError("tls_client_ca: added or removed; that takes a restart")
         key, cert, ca = _tls_material(cert_file, key_file, client_ca_file)
+        # no client verifies an expired certificate: put in force (an old backup restored,
+        # a renewal that failed), every new connection failed while the reload said
+        # tls_renewed (review); the one in force may still be good
+        expiry = _expiry(cert)
+        if expiry is not None and expiry <= self._clock.now():
+            when = datetime.datetime.fromtimestamp(expiry, datetime.UTC).isoformat()
+            raise ConfigError(f"tls_cert: {cert_file} holds a certificate that expired at {when}")
         renewed = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
         def renew() -> None:
@@ -521,6 +537,38 @@ def _check_tls(
 _PEM_CERTIFICATE = re.compile(
     rb"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]*?-----END CERTIFICATE-----"
 )
+
+
+def _expiry(pem: bytes) -> float | None:
+    """When the first certificate of ``pem`` (the server's own) expires, in seconds since
+    the epoch: its notAfter, read from the DER (RFC 5280: ``Certificate`` → ``tbsCertificate``
+    → ``validity``); None when it cannot be read so (OpenSSL has read it: let it be)."""
+    block = _PEM_CERTIFICATE.search(pem)
+    try:
+        der = ssl.PEM_cert_to_DER_cert(block[0].decode("ascii")) if block else b""
+        at = _der_item(der, _der_item(der, 0)[1])[1]  # into Certificate, tbsCertificate
+        if der[at] == 0xA0:  # [0] version
+            at = _der_item(der, at)[2]
+        for _ in range(3):  # serialNumber, signature, issuer
+            at = _der_item(der, at)[2]
+        at = _der_item(der, _der_item(der, at)[1])[2]  # into validity, past notBefore
+        tag, start, end = _der_item(der, at)
+        text = der[start:end].decode("ascii")
+        if tag == 0x17:  # UTCTime: YYMMDDHHMMSSZ, years 1950-2049
+            text = ("19" if int(text[:2]) >= 50 else "20") + text
+        moment = datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ")
+    except (IndexError, ValueError):  # UnicodeDecodeError is a ValueError
+        return None
+    return moment.replace(tzinfo=datetime.UTC).timestamp()
+
+
+def _der_item(der: bytes, at: int) -> tuple[int, int, int]:
+    """The DER element at ``at``: its tag, where its value starts and where it ends."""
+    tag, size, at = der[at], der[at + 1], at + 2
+    if size & 0x80:
+        count = size & 0x7F
+        size, at = int.from_bytes(der[at : at + count], "big"), at + count
+    return tag, at, at + size
 
 
 def _no_password() -> bytes:  # an encrypted key fails instead of prompting on a terminal

@@ -264,13 +264,14 @@ def create_server(
     metrics = Metrics()
     # what can be checked about the ports, TLS files and [auth] before the data dir,
     # database or keyring are created: a start that fails on them leaves nothing behind
-    credentials = _credentials(config)
+    clock = clock or SystemClock()
+    credentials = _credentials(config, clock)
     access = _auth(config, metrics)
     _probe_listen(config.listen)
     endpoint = _metrics_endpoint(config, metrics)
     components = None
     try:
-        components = build_components(config, clock or SystemClock())
+        components = build_components(config, clock)
         pool = None
         if config.score_workers:
             pool = WorkerPool(config, config.score_workers, metrics, components.rules.state)
@@ -476,7 +477,7 @@ def _changed(started: Config, now: Config, *, tls: bool) -> list[str]:
     ]
 
 
-def _credentials(config: Config) -> ServerTls | None:
+def _credentials(config: Config, clock: Clock) -> ServerTls | None:
     """TLS credentials when configured (the files read now), else None: plaintext, which
     binds to loopback only.
 
@@ -484,7 +485,7 @@ def _credentials(config: Config) -> ServerTls | None:
         ConfigError: a TLS file cannot be read, or plaintext is not allowed on ``listen``.
     """
     if config.tls_cert is not None and config.tls_key is not None:
-        return ServerTls(config.tls_cert, config.tls_key, config.tls_client_ca)
+        return ServerTls(config.tls_cert, config.tls_key, config.tls_client_ca, clock=clock)
     check_insecure_listen(config.listen, allowed=config.plaintext)
     return None
 

@@ -442,3 +442,74 @@ def test_a_tls_pair_replaced_while_it_is_read_is_never_taken_half_old_half_new(
         flipper.wait()
     assert read > 0
     assert mixed == []
+
+
+def _pair_valid(
+    directory: Path, not_before: datetime.datetime, not_after: datetime.datetime
+) -> None:
+    """``self_signed``'s files in ``directory``, valid from ``not_before`` to ``not_after``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "riskd-test")])
+    san = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+
+
+def test_a_reload_keeps_the_certificate_in_force_over_an_expired_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # review: an expired certificate (an old backup restored) was put in force with
+    # tls_renewed: true, and every new connection failed "certificate has expired"
+    cert, key = self_signed(tmp_path)
+    good = cert.read_bytes()
+    config = make_config(tmp_path / "data", tls_cert=str(cert), tls_key=str(key), auth={})
+    running = create_server(config, reread=lambda: config)
+    try:
+        now = datetime.datetime.now(datetime.UTC)
+        _pair_valid(tmp_path, now - datetime.timedelta(days=90), now - datetime.timedelta(hours=1))
+        with caplog.at_level(logging.INFO):
+            assert running.reload_access() is False
+        error = next(r for r in caplog.records if r.levelno == logging.ERROR)
+        assert error.fields["error"].startswith(
+            f"tls_cert: {cert} holds a certificate that expired"
+        )  # type: ignore[attr-defined]
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        credentials = grpc.ssl_channel_credentials(good)
+        with grpc.secure_channel(f"localhost:{running.port}", credentials, options) as ch:
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    finally:
+        running.stop(0)
+
+
+@pytest.mark.parametrize(
+    "not_after",
+    [
+        datetime.datetime(2030, 6, 1, 12, 30, 5, tzinfo=datetime.UTC),  # DER UTCTime
+        datetime.datetime(2051, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),  # DER GeneralizedTime
+    ],
+)
+def test_the_expiry_of_a_certificate_is_read_from_either_time_form(
+    tmp_path: Path, not_after: datetime.datetime
+) -> None:
+    _pair_valid(tmp_path, not_after - datetime.timedelta(days=1), not_after)
+    text = b"# Subject: riskd-test\n" + (tmp_path / "cert.pem").read_bytes()
+    assert auth._expiry(text) == not_after.timestamp()
+    assert auth._expiry(b"no certificate") is None
