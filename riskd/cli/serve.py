@@ -3,8 +3,9 @@
 ``serve`` reads defaults ← ``--config FILE`` (or ``$RISKD_CONFIG``) ← ``RISKD_*``
 variables ← ``--listen``, logs JSON lines to stderr, drains on SIGTERM/SIGINT
 (health NOT_SERVING for ``drain_notice_ms`` first) and on SIGHUP reads its
-configuration again for the ``[auth]`` settings and reloads the rules (one that
-comes during start-up is held until the server is up).
+file again for the ``[auth]`` settings, with the environment and ``--listen`` it
+started with, and reloads the rules (one that comes during start-up is held until
+the server is up).
 ``score`` sends an order written in the protobuf JSON form (see
 ``examples/order.json``) and prints the decision as JSON.
 

@@ -112,10 +112,11 @@ class RunningServer:
         return self.reload_rules() and access
 
     def reload_access(self) -> bool:
-        """Read the configuration again (``reread``: the file and environment the server
-        started from), check it whole as at start, and admit new calls under its
-        ``[auth]`` settings (tokens, certificate principals, rate limits, anonymous
-        roles), new connections with its TLS files (``_renewal``). False when it does
+        """Read the configuration again (``reread``: the file the server started from,
+        with its environment, which is the process's own and never changes: a ``RISKD_*``
+        variable still wins over the file), check it whole as at start, and admit new
+        calls under its ``[auth]`` settings (tokens, certificate principals, rate limits,
+        anonymous roles), new connections with its TLS files (``_renewal``). False when it does
         not load: the error is logged naming the setting and the old settings stay in
         force, all of them. Other changed settings are logged as waiting for a restart.
         Without ``reread`` there is nothing to read again."""
