@@ -376,6 +376,28 @@ def _service_link(name: str, value: str) -> bool:
 
 
 _FIELDS = frozenset(f.name for f in fields(Config))
+_SETTING_NAME = re.compile(r"[a-z][a-z_-]{0,39}")
+
+
+def unknown_key(table: str, key: str, what: str = "configuration key") -> ConfigError:
+    """The error for ``key``, unknown in ``table`` (``"auth."``; ``""``: the top level).
+
+    The key is quoted only when it reads like a setting's name (lowercase letters, ``_`` and
+    ``-``; no digits, upper case or other signs, which a random token holds): a token or a
+    password written on the wrong line (a token under ``[auth]``, its ``[auth.tokens]``
+    header forgotten) was repeated in the log by the error (review).
+
+    >>> str(unknown_key("auth.", "tokenz"))
+    'auth.tokenz: unknown configuration key'
+    >>> str(unknown_key("auth.", "tok-1f0c9a")).removeprefix("auth: an unknown configuration key, ")
+    "not quoted (not a setting's name: a token on the wrong line?)"
+    """
+    if _SETTING_NAME.fullmatch(key):
+        return ConfigError(f"{table}{key}: unknown {what}")
+    where = table.removesuffix(".") or "config file"
+    return ConfigError(
+        f"{where}: an unknown {what}, not quoted (not a setting's name: a token on the wrong line?)"
+    )
 
 
 def _build(values: Mapping[str, Any]) -> Config:
@@ -383,7 +405,7 @@ def _build(values: Mapping[str, Any]) -> Config:
     changes: dict[str, Any] = {}
     for key, raw in values.items():
         if key not in known:
-            raise ConfigError(f"{key}: unknown configuration key")
+            raise unknown_key("", key)
         coerce: Callable[[Any, str], Any] = _COERCE.get(key, _coerce_str)
         changes[key] = coerce(raw, key)
     config = replace(Config(), **changes)
@@ -477,7 +499,7 @@ def _coerce_fallback(raw: Any, key: str) -> Mapping[str, tuple[FallbackTier, ...
         name = f"{key}.{scenario}"
         if scenario not in _SCENARIOS:  # a misspelt one would silently never apply
             known = ", ".join(sorted(_SCENARIOS))
-            raise ConfigError(f"{name}: unknown scenario (one of {known})")
+            raise unknown_key(f"{key}.", scenario, f"scenario (one of {known})")
         tiers[str(scenario)] = parse_tiers(_coerce_str(text, name), name)
     return tiers
 

@@ -324,3 +324,25 @@ def test_a_reload_reads_a_regular_file_again_never_a_pipe(tmp_path: Path) -> Non
         reload_config(fifo, env={})  # refused without opening it (that would block)
     with pytest.raises(ConfigError, match=r"^config file .*gone\.toml: No such file"):
         reload_config(tmp_path / "gone.toml", env={})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('"Zq8-tok_3vX" = "gw:checkout"\n', "config file: an unknown configuration key, not"),
+        ('[fallback]\n"Zq8-tok_3vX" = "review"\n', "fallback: an unknown scenario (one of"),
+        ("log_levle = 'info'\n", "log_levle: unknown configuration key"),  # a typo is named
+        ('[fallback]\nlive_rom = "review"\n', "fallback.live_rom: unknown scenario"),
+    ],
+)
+def test_an_unknown_key_is_quoted_only_when_it_reads_like_a_settings_name(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    # review: a token pasted on the wrong line (before any table) was quoted by the error,
+    # which riskd serve prints at start and a SIGHUP reload logs
+    path = tmp_path / "riskd.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert str(info.value).startswith(message)
+    assert "Zq8" not in str(info.value)

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 
-from riskd.config import is_loopback
+from riskd.config import is_loopback, unknown_key
 from riskd.domain.clock import Clock, SystemClock
 from riskd.errors import ConfigError, InvalidArgumentError
 from riskd.ledger.validate import check_actor
@@ -231,7 +231,7 @@ class AuthConfig:
         known = {"tokens", "cert_principals", "ou_roles", "rate_limits", "anonymous_roles"}
         for key in raw:
             if key not in known:
-                raise ConfigError(f"auth.{key}: unknown configuration key")
+                raise unknown_key("auth.", key)
         ou = raw.get("ou_roles", True)
         if not isinstance(ou, bool):
             raise ConfigError("auth.ou_roles: expected true or false")
@@ -308,7 +308,7 @@ def _checked_roles(table: Mapping[str, Any], *, public: bool) -> Mapping[str, An
     allowed = ROLES | {PUBLIC} if public else ROLES
     for role in table:
         if role not in allowed:
-            raise ConfigError(f"auth.rate_limits.{role}: unknown role")
+            raise unknown_key("auth.rate_limits.", role, "role")
     return table
 
 
@@ -350,7 +350,7 @@ def _parse_cert_principals(table: Mapping[str, Any]) -> dict[str, frozenset[str]
             reason = principal_problem(f"cert:{cn}")
         if reason is not None:  # named by its place: the CN may be what is wrong
             raise ConfigError(f"auth.cert_principals[{i}]: the CN {reason}")
-        principals[cn] = _parse_roles(value, f"auth.cert_principals.{cn}")
+        principals[cn] = _parse_roles(value, f"auth.cert_principals[{i}]")
     return principals
 
 

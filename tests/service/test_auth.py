@@ -674,7 +674,12 @@ def test_auth_config_digest_in_upper_case_matches() -> None:
     [
         ({"tokens": {TOKEN: "no-roles"}}, r"auth.tokens\[0\]"),
         ({"tokens": {TOKEN: "gw:root"}}, r"auth.tokens\[0\]: roles must be"),
-        ({"cert_principals": {"x": "admin"}}, "auth.cert_principals.x"),
+        ({"cert_principals": {"x": "admin"}}, r"auth.cert_principals\[0\]: roles must be"),
+        # a token on the wrong line: under [auth] (its [auth.tokens] header forgotten), under
+        # another table (review: the error quoted it, and a reload logged it)
+        ({TOKEN: "gw:checkout"}, "auth: an unknown configuration key, not quoted"),
+        ({"rate_limits": {TOKEN: "gw:checkout"}}, "auth.rate_limits: an unknown role, not"),
+        ({"cert_principals": {TOKEN: "gw:checkout"}}, r"auth.cert_principals\[0\]: roles"),
         ({"rate_limits": {"analyst": "fast"}}, "auth.rate_limits.analyst"),
         ({"rate_limits": {"root": "1/s:1"}}, "auth.rate_limits.root: unknown role"),
         ({"ou_roles": "yes"}, "auth.ou_roles"),
