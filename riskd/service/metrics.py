@@ -107,7 +107,7 @@ class Metrics:
         )
         self.access_reload_failures = Counter(
             "riskd_access_reload_failures",
-            "SIGHUP reloads of the [auth] settings and TLS files rejected (old ones kept).",
+            "SIGHUP reloads of the [auth] settings or the TLS files rejected (old ones kept).",
             registry=r,
         )
         self.worker_fallbacks = Counter(

@@ -116,27 +116,29 @@ class RunningServer:
         with its environment, which is the process's own and never changes: a ``RISKD_*``
         variable still wins over the file), check it whole as at start, and admit new
         calls under its ``[auth]`` settings (tokens, certificate principals, rate limits,
-        anonymous roles), new connections with its TLS files (``_renewal``). False when it does
-        not load: the error is logged naming the setting and the old settings stay in
-        force, all of them. Other changed settings are logged as waiting for a restart.
-        Without ``reread`` there is nothing to read again."""
+        anonymous roles), new connections with its TLS files (``_renewal``).
+
+        False when the file does not load (the error is logged naming the setting and the
+        old settings stay in force, all of them), or when its TLS files cannot be put in
+        force (logged too; the files in force stay, while its ``[auth]`` settings are put
+        in force: a token is revoked even while a certificate is half written or has
+        expired). Other changed settings are logged as waiting for a restart. Without
+        ``reread`` there is nothing to read again."""
         if self.reread is None or self.access is None or self.config is None:
             return True
+        tls_error: Exception | None = None
         with self._access_lock:  # two reloads never swap in their files out of order
             try:
                 config = self.reread()
                 _check_auth_kept(self.config, config)
                 settings = access_settings(config, tls=self.config.tls_cert is not None)
-                renew = _renewal(self.tls, config)
             except Exception as e:  # a ConfigError names the setting; a bug is no reason to stop
-                self.metrics.access_reload_failures.inc()
-                error = str(e) if isinstance(e, ConfigError) else type(e).__name__
-                log.error(
-                    "access settings reload failed; keeping the old ones",
-                    extra={"fields": {"error": error}},
-                    exc_info=not isinstance(e, ConfigError),
-                )
+                self._reload_failed("access settings reload failed; keeping the old ones", e)
                 return False
+            try:
+                renew = _renewal(self.tls, config)
+            except Exception as e:  # review: the revocation waited on the certificate files
+                tls_error, renew = e, None
             self.access.reconfigure(settings)
             if renew is not None:
                 renew()
@@ -144,10 +146,22 @@ class RunningServer:
             "tokens": len(settings.tokens),
             "cert_principals": len(settings.cert_principals),
             "tls_renewed": renew is not None,
-            "restart_needed": _changed(self.config, config, tls=renew is not None),
+            "restart_needed": _changed(
+                self.config, config, tls=renew is not None or tls_error is not None
+            ),
         }
         log.info("access settings reloaded", extra={"fields": logged})
+        if tls_error is not None:
+            self._reload_failed("TLS files reload failed; keeping the ones in force", tls_error)
+            return False
         return True
+
+    def _reload_failed(self, message: str, error: Exception) -> None:
+        self.metrics.access_reload_failures.inc()
+        text = str(error) if isinstance(error, ConfigError) else type(error).__name__
+        log.error(
+            message, extra={"fields": {"error": text}}, exc_info=not isinstance(error, ConfigError)
+        )
 
     def reload_rules(self) -> bool:
         """Recompile the rules now (SIGHUP); False (old rules kept) when they do not compile.

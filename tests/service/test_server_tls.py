@@ -20,6 +20,7 @@ from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from riskd.cli import build_parser
+from riskd.config import Config, load_config
 from riskd.errors import ConfigError
 from riskd.service import auth, convert
 from riskd.service.gen.riskd.v1 import (
@@ -32,7 +33,7 @@ from riskd.service.gen.riskd.v1 import (
 )
 from riskd.service.server import RunningServer, create_server
 from tests.service.certs import CertificateAuthority
-from tests.service.conftest import make_config
+from tests.service.conftest import RULES, make_config
 from tests.service.test_scoring import fresh
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "order.json"
@@ -513,3 +514,49 @@ def test_the_expiry_of_a_certificate_is_read_from_either_time_form(
     text = b"# Subject: riskd-test\n" + (tmp_path / "cert.pem").read_bytes()
     assert auth._expiry(text) == not_after.timestamp()
     assert auth._expiry(b"no certificate") is None
+
+
+def test_a_token_is_revoked_even_while_the_tls_files_cannot_be_renewed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # review: the whole reload was refused when the TLS files were not good (half written,
+    # expired): a leaked token stayed admitted until someone fixed the certificate
+    cert, key = self_signed(tmp_path)
+    good, path = cert.read_bytes(), tmp_path / "riskd.toml"
+    tls = f'tls_cert = "{cert}"\ntls_key = "{key}"\n'
+    path.write_text(tls + '[auth.tokens]\n"tok-leaked" = "gw-1:checkout"\n')
+
+    def reread() -> Config:
+        overrides = {"listen": "127.0.0.1:0", "metrics_port": -1, "rules_dir": str(RULES)}
+        return load_config(path, env={}, data_dir=str(tmp_path / "data"), **overrides)
+
+    running = create_server(reread(), reread=reread)
+
+    def score(token: str) -> grpc.StatusCode:
+        options = [("grpc.use_local_subchannel_pool", 1)]  # a new connection
+        credentials = grpc.ssl_channel_credentials(good)
+        with grpc.secure_channel(f"localhost:{running.port}", credentials, options) as ch:
+            request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(fresh()))
+            metadata = (("authorization", f"Bearer {token}"),)
+            try:
+                scoring_pb2_grpc.ScoringServiceStub(ch).Score(request, timeout=5, metadata=metadata)
+            except grpc.RpcError as e:
+                return e.code()  # type: ignore[no-any-return]
+            return grpc.StatusCode.OK
+
+    try:
+        assert score("tok-leaked") is grpc.StatusCode.OK
+        now = datetime.datetime.now(datetime.UTC)
+        _pair_valid(tmp_path, now - datetime.timedelta(days=90), now - datetime.timedelta(hours=1))
+        path.write_text(tls + '[auth.tokens]\n"tok-fresh" = "gw-2:checkout"\n')
+        with caplog.at_level(logging.INFO):
+            assert running.reload_access() is False
+        # the token is revoked; the certificate in force still serves new connections
+        assert score("tok-leaked") is grpc.StatusCode.UNAUTHENTICATED
+        assert score("tok-fresh") is grpc.StatusCode.OK
+        error = next(r for r in caplog.records if r.levelno == logging.ERROR)
+        assert error.getMessage() == "TLS files reload failed; keeping the ones in force"
+        assert error.fields["error"].startswith("tls_cert: ")  # type: ignore[attr-defined]
+        assert running.metrics.value("riskd_access_reload_failures_total") == 1
+    finally:
+        running.stop(0)
