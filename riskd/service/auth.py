@@ -328,10 +328,9 @@ def _parse_tokens(table: Mapping[str, Any]) -> dict[str, Identity]:
             raise ConfigError(f"{key}: the same token as another entry (as itself or its digest)")
         if any(other.principal == principal for other in tokens.values()):
             raise ConfigError(f"{key}: the name of another entry (each token names one caller)")
-        try:
-            check_actor(principal)
-        except InvalidArgumentError as e:
-            raise ConfigError(f"{key}: the name is not a valid ledger actor ({e})") from None
+        reason = principal_problem(principal)
+        if reason is not None:
+            raise ConfigError(f"{key}: the name is not a valid ledger actor ({reason})")
         tokens[digest] = Identity(principal, _parse_roles(roles, key))
     return tokens
 
