@@ -49,7 +49,7 @@ environment variables override the file::
     default = "50000:allow,review"  # total <= 500 CNY -> allow, else review
     live_room = "20000:allow,review"
 
-    [auth]                          # callers, roles, rate limits (riskd.service.auth)
+    [auth]                          # callers, roles, rate limits (riskd.service.callers)
     [auth.tokens]
     "sha256:9f86d0..." = "checkout-gw:checkout"
 

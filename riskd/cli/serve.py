@@ -233,7 +233,7 @@ def _channel(
 
 def _check_plaintext_token(target: str) -> None:
     """A bearer token goes over plaintext only to loopback (as the daemon listens in
-    plaintext only there: ``riskd.service.auth.check_insecure_listen``)."""
+    plaintext only there: ``riskd.service.tls.check_insecure_listen``)."""
     from riskd.config import is_loopback
 
     if not is_loopback(target.rpartition(":")[0]):

@@ -136,7 +136,7 @@ def check_text(
 def check_actor(value: object) -> str:
     """Who a money request names as its actor (the caller's principal, ``token:<name>``):
     required, one line, at most 128 characters; checked here for each new request and by
-    ``riskd.service.auth`` for each configured token name at start.
+    ``riskd.service.callers`` for each configured token name at start.
 
     >>> check_actor("token:" + "x" * 123)
     Traceback (most recent call last):

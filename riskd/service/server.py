@@ -36,18 +36,15 @@ from riskd.domain.clock import Clock, SystemClock
 from riskd.engine.catchup import CatchUp
 from riskd.errors import ConfigError
 from riskd.service import validate, wire
-from riskd.service.auth import (
-    CHECKOUT,
-    AuthConfig,
-    AuthInterceptor,
-    ServerTls,
-    check_insecure_listen,
-)
+from riskd.service.auth import AuthInterceptor
+from riskd.service.callers import AuthConfig
 from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2, scoring_pb2_grpc
 from riskd.service.healthcheck import HealthServicer
 from riskd.service.interceptors import RECEIVE_LIMIT_FACTOR, ErrorInterceptor
 from riskd.service.metrics import Metrics, MetricsEndpoint
+from riskd.service.policy import CHECKOUT
 from riskd.service.scoring import ScorerLike, ScoringServicer
+from riskd.service.tls import ServerTls, check_insecure_listen
 from riskd.service.wiring import Components, build_components
 from riskd.service.workers import PooledScoringServicer, WorkerPool
 

@@ -341,7 +341,8 @@ def test_plaintext_calls_go_straight_to_the_daemon_not_through_http_proxy(
 IMPORTED = """
 import sys, riskd.cli
 rc = riskd.cli.main()
-heavy = ("riskd.service.server", "riskd.service.auth", "riskd.engine", "riskd.dsl", "redis")
+service = ("server", "auth", "callers", "policy", "limits", "tls")
+heavy = (*(f"riskd.service.{m}" for m in service), "riskd.engine", "riskd.dsl", "redis")
 print(rc, sorted(m for m in sys.modules if m.partition(".")[0] in heavy or m.startswith(heavy)))
 """
 

@@ -21,19 +21,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from riskd.domain.clock import FakeClock
 from riskd.errors import ConfigError
-from riskd.service import auth
-from riskd.service.auth import (
-    POLICY,
-    ROLES,
-    AuthConfig,
-    AuthInterceptor,
-    Identity,
-    RateLimit,
-    TokenBuckets,
-    check_insecure_listen,
-    current_identity,
-    server_credentials,
-)
+from riskd.service import callers, limits, policy
+from riskd.service.auth import AuthInterceptor, current_identity
+from riskd.service.callers import AuthConfig, Identity, RateLimit
+from riskd.service.limits import TokenBuckets
+from riskd.service.policy import POLICY, ROLES
+from riskd.service.tls import check_insecure_listen, server_credentials
 from tests.service.certs import CertificateAuthority, Pem
 
 SERVICE = "test.v1.Probe"
@@ -264,7 +257,7 @@ def test_auth_malformed_header_is_refused_even_with_an_empty_token_configured(
 ) -> None:
     # an embedding that configures the empty token (from_mapping refuses it) must not
     # turn every malformed header into that caller
-    config = AuthConfig(tokens={auth.token_digest(""): Identity("token:blank", ROLES)})
+    config = AuthConfig(tokens={callers.token_digest(""): Identity("token:blank", ROLES)})
     port, _ = start(None, config)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         fn = ch.unary_unary(f"/{SERVICE}/Checkout")
@@ -419,7 +412,7 @@ def test_auth_denials_log_method_and_code_but_never_the_token(
 def test_auth_refusals_throttled_by_the_refusal_bucket_are_counted_not_logged(
     start: Start, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = AuthConfig(rate_limits={**auth.DEFAULT_RATE_LIMITS, "public": RateLimit(1.0, 2)})
+    config = AuthConfig(rate_limits={**callers.DEFAULT_RATE_LIMITS, "public": RateLimit(1.0, 2)})
     rejected: list[grpc.StatusCode] = []
     port, clock = start(None, config, on_reject=lambda method, code: rejected.append(code))
     exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -437,7 +430,7 @@ def test_auth_refusals_throttled_by_the_refusal_bucket_are_counted_not_logged(
 def test_unlogged_refusals_keep_a_bounded_number_of_peers(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    unlogged = auth.UnloggedRefusals(max_peers=2)
+    unlogged = limits.UnloggedRefusals(max_peers=2)
     with caplog.at_level(logging.DEBUG):
         for peer in ("a", "a", "b", "c"):
             unlogged.count_one(peer)
@@ -481,7 +474,7 @@ def test_exhausted_refusals_keep_a_bounded_number_of_callers(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     clock = FakeClock()
-    exhausted = auth.ExhaustedRefusals(clock, max_callers=2)
+    exhausted = limits.ExhaustedRefusals(clock, max_callers=2)
     with caplog.at_level(logging.DEBUG):
         assert [exhausted.due_one(c) for c in ("a", "a", "a", "b", "b")] == [0, None, None, 0, None]
         assert exhausted.due_one("c") == 0  # "a" forgotten: its count on a line of its own
@@ -554,7 +547,7 @@ def test_auth_refused_calls_spend_the_peers_bucket(start: Start) -> None:
             TOKEN: Identity("token:checkout-gw", frozenset({"checkout"})),
             AUDIT_TOKEN: Identity("token:audit-job", frozenset({"auditor"})),
         },
-        rate_limits={**auth.DEFAULT_RATE_LIMITS, "public": RateLimit(1.0, 2)},
+        rate_limits={**callers.DEFAULT_RATE_LIMITS, "public": RateLimit(1.0, 2)},
     )
     port, clock = start(None, config)
     exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -591,7 +584,7 @@ def test_auth_health_watches_spend_a_bucket_of_their_own(start: Start) -> None:
 def test_auth_health_checks_are_never_rate_limited(start: Start) -> None:
     # every client behind an L7 proxy has the proxy's address, as do the proxy's own health
     # checks: a neighbour's flood of checks must not get this backend ejected (review)
-    config = AuthConfig(rate_limits={**auth.DEFAULT_RATE_LIMITS, "public": RateLimit(1.0, 3)})
+    config = AuthConfig(rate_limits={**callers.DEFAULT_RATE_LIMITS, "public": RateLimit(1.0, 3)})
     port, _ = start(None, config)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         assert all(health_ok(ch) for _ in range(10))
@@ -631,16 +624,16 @@ def test_auth_config_from_mapping_parses_tokens_roles_and_limits() -> None:
         {
             "tokens": {
                 TOKEN: "checkout-gw:checkout",
-                auth.token_digest("t2"): "job:auditor,analyst",
+                callers.token_digest("t2"): "job:auditor,analyst",
             },
             "cert_principals": {"ops-1": "operator"},
             "rate_limits": {"analyst": "5/s:7"},
         }
     )
-    assert config.tokens[auth.token_digest(TOKEN)] == Identity(
+    assert config.tokens[callers.token_digest(TOKEN)] == Identity(
         "token:checkout-gw", frozenset({"checkout"})
     )
-    assert config.tokens[auth.token_digest("t2")].roles == {"auditor", "analyst"}
+    assert config.tokens[callers.token_digest("t2")].roles == {"auditor", "analyst"}
     assert config.cert_principals["ops-1"] == {"operator"}
     assert config.rate_limits["analyst"] == RateLimit(5.0, 7)
     assert config.limit_for(frozenset({"analyst", "checkout"})) == config.rate_limits["checkout"]
@@ -664,9 +657,9 @@ def test_auth_config_refuses_a_cert_principal_no_certificate_could_be(cn: str, r
 
 
 def test_auth_config_digest_in_upper_case_matches() -> None:
-    upper = "sha256:" + auth.token_digest(TOKEN)[7:].upper()
+    upper = "sha256:" + callers.token_digest(TOKEN)[7:].upper()
     config = AuthConfig.from_mapping({"tokens": {upper: "gw:checkout"}})
-    assert set(config.tokens) == {auth.token_digest(TOKEN)}
+    assert set(config.tokens) == {callers.token_digest(TOKEN)}
 
 
 @pytest.mark.parametrize(
@@ -686,12 +679,15 @@ def test_auth_config_digest_in_upper_case_matches() -> None:
         ({"tokenz": {}}, "auth.tokenz: unknown"),
         ({"tokens": {"": "blank:operator"}}, r"auth.tokens\[0\]: a token must not be empty"),
         ({"tokens": {"  ": "blank:operator"}}, r"auth.tokens\[0\]: a token must not be empty"),
-        ({"tokens": {auth.token_digest(""): "blank:operator"}}, r"auth.tokens\[0\]: a token must"),
+        (
+            {"tokens": {callers.token_digest(""): "blank:operator"}},
+            r"auth.tokens\[0\]: a token must",
+        ),
         ({"tokens": {f" {TOKEN}": "gw:checkout"}}, r"auth.tokens\[0\]: .*whitespace"),
         ({"tokens": {"sha256:9f86d0": "gw:checkout"}}, r"auth.tokens\[0\]: .*64 hex"),
         ({"tokens": {"sha256:" + "g" * 64: "gw:checkout"}}, r"auth.tokens\[0\]: .*64 hex"),
         (
-            {"tokens": {TOKEN: "gw:checkout", auth.token_digest(TOKEN): "root:operator"}},
+            {"tokens": {TOKEN: "gw:checkout", callers.token_digest(TOKEN): "root:operator"}},
             r"auth.tokens\[1\]: the same token as another entry",
         ),
         (
@@ -732,4 +728,4 @@ def test_server_credentials_missing_file_names_the_key(tmp_path: Path) -> None:
 def test_policy_names_only_known_roles() -> None:
     for method, roles in POLICY.items():
         assert method.startswith("/") and method.count("/") == 2
-        assert roles and roles <= auth.ROLES | {auth.PUBLIC}, method
+        assert roles and roles <= policy.ROLES | {policy.PUBLIC}, method

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2  # noqa: F401
 from grpc_reflection.v1alpha import reflection_pb2  # noqa: F401
 
 from riskd.config import load_config
-from riskd.service.auth import POLICY, PUBLIC, ROLES
+from riskd.service.policy import POLICY, PUBLIC, ROLES
 from riskd.service.server import RunningServer, create_server
 from tests.service.certs import CertificateAuthority
 

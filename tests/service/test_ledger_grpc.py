@@ -276,11 +276,13 @@ def test_the_actor_is_the_authenticated_caller_or_anonymous() -> None:
     import contextvars
 
     from riskd.service import auth
+    from riskd.service.callers import Identity
     from riskd.service.ledger import caller
+    from riskd.service.policy import ANALYST
 
     assert caller(None) == "anonymous"  # type: ignore[arg-type]
     ctx = contextvars.copy_context()
-    ctx.run(auth._current.set, auth.Identity("cert:alice", frozenset({auth.ANALYST})))
+    ctx.run(auth._current.set, Identity("cert:alice", frozenset({ANALYST})))
     assert ctx.run(caller, None) == "cert:alice"
 
 

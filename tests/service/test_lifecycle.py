@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from prometheus_client import generate_latest
 
-from riskd.service import auth, convert
+from riskd.service import convert, policy
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
 from riskd.service.server import create_server
 from tests.service.conftest import copy_rules, make_config
@@ -87,7 +87,7 @@ def test_drain_finishes_in_flight_calls_and_refuses_new_ones(
 ) -> None:
     started = threading.Event()
     # The slow test method is not riskd's: let checkout callers reach it (deny by default).
-    monkeypatch.setitem(auth.POLICY, "/test.Slow/Sleep", frozenset({auth.CHECKOUT}))
+    monkeypatch.setitem(policy.POLICY, "/test.Slow/Sleep", frozenset({policy.CHECKOUT}))
     running = create_server(
         make_config(tmp_path),
         extra_servicers=[slow_service(started, 1.0)],  # type: ignore[list-item]

@@ -14,8 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from riskd.config import Config, load_config
 from riskd.errors import ConfigError, RuleCompileError
-from riskd.service import auth as auth_module
-from riskd.service import convert, interceptors
+from riskd.service import convert, interceptors, policy
 from riskd.service.gen.riskd.v1 import (
     ledger_pb2,
     ledger_pb2_grpc,
@@ -413,7 +412,7 @@ def test_a_batch_refused_unparsed_costs_a_token_per_kib(tmp_path: Path) -> None:
     auth = {"tokens": {"tok-a": "a:checkout"}, "rate_limits": {"checkout": "0.001/s:300"}}
     running = create_server(make_config(tmp_path, auth=auth))
     refused = scoring_pb2.ScoreBatchRequest(orders=[order_pb2.Order()] * 100_000)
-    assert refused.ByteSize() // auth_module.REFUSED_BYTES_PER_TOKEN == 195
+    assert refused.ByteSize() // policy.REFUSED_BYTES_PER_TOKEN == 195
     token = (("authorization", "Bearer tok-a"),)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from riskd.cli import build_parser
 from riskd.config import Config, load_config
 from riskd.errors import ConfigError
-from riskd.service import auth, convert
+from riskd.service import convert
 from riskd.service.gen.riskd.v1 import (
     evidence_pb2,
     evidence_pb2_grpc,
@@ -32,6 +32,7 @@ from riskd.service.gen.riskd.v1 import (
     scoring_pb2_grpc,
 )
 from riskd.service.server import RunningServer, create_server
+from riskd.service.tls import _expiry, _tls_material
 from tests.service.certs import CertificateAuthority
 from tests.service.conftest import RULES, make_config
 from tests.service.test_scoring import fresh
@@ -431,7 +432,7 @@ def test_a_tls_pair_replaced_while_it_is_read_is_never_taken_half_old_half_new(
     try:
         while flipper.poll() is None:
             try:
-                key, cert, _ = auth._tls_material(tmp_path / "tls.crt", tmp_path / "tls.key", None)
+                key, cert, _ = _tls_material(tmp_path / "tls.crt", tmp_path / "tls.key", None)
             except ConfigError as e:
                 assert "changed while they were read" in str(e) or "not the private key" in str(e)
                 continue
@@ -512,8 +513,8 @@ def test_the_expiry_of_a_certificate_is_read_from_either_time_form(
 ) -> None:
     _pair_valid(tmp_path, not_after - datetime.timedelta(days=1), not_after)
     text = b"# Subject: riskd-test\n" + (tmp_path / "cert.pem").read_bytes()
-    assert auth._expiry(text) == not_after.timestamp()
-    assert auth._expiry(b"no certificate") is None
+    assert _expiry(text) == not_after.timestamp()
+    assert _expiry(b"no certificate") is None
 
 
 def test_a_token_is_revoked_even_while_the_tls_files_cannot_be_renewed(
