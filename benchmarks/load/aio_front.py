@@ -31,7 +31,7 @@ import grpc
 
 from riskd.config import load_config
 from riskd.service.gen.riskd.v1 import scoring_pb2
-from riskd.service.workers import WorkerPool
+from riskd.service.pool import WorkerPool
 
 _HEADER = struct.Struct("!I")
 _METHOD = "/riskd.v1.ScoringService/Score"

@@ -43,10 +43,11 @@ from riskd.service.healthcheck import HealthServicer
 from riskd.service.interceptors import RECEIVE_LIMIT_FACTOR, ErrorInterceptor
 from riskd.service.metrics import Metrics, MetricsEndpoint
 from riskd.service.policy import CHECKOUT
+from riskd.service.pool import WorkerPool
+from riskd.service.router import PooledScoringServicer
 from riskd.service.scoring import ScorerLike, ScoringServicer
 from riskd.service.tls import ServerTls, check_insecure_listen
 from riskd.service.wiring import Components, build_components
-from riskd.service.workers import PooledScoringServicer, WorkerPool
 
 log = logging.getLogger("riskd.service.server")
 

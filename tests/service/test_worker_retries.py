@@ -20,7 +20,7 @@ from riskd.domain.clock import SystemClock
 from riskd.domain.decision import Decision, Outcome
 from riskd.domain.order import Order
 from riskd.errors import AlreadyExistsError, DeadlineExceededError, UnavailableError
-from riskd.service import convert, workers
+from riskd.service import answers, convert, router, workers
 from riskd.service.gen.riskd.v1 import scoring_pb2
 from riskd.service.metrics import Metrics
 from tests.service.test_scoring import fresh
@@ -137,9 +137,9 @@ def _replayed(d: Decision) -> Decision:
     return dataclasses.replace(d, replayed=True)
 
 
-def _servicer() -> tuple[workers.PooledScoringServicer, FakePool, HereScorer]:
+def _servicer() -> tuple[router.PooledScoringServicer, FakePool, HereScorer]:
     pool, here = FakePool(), HereScorer()
-    servicer = workers.PooledScoringServicer(
+    servicer = router.PooledScoringServicer(
         pool,  # type: ignore[arg-type]
         here,
         None,
@@ -190,13 +190,13 @@ def test_the_fallback_reserve_grows_with_the_batches_deciding_at_once(
     servicer, pool, here = _servicer()
     here.answer_per_order_s = 0.001
     reserved: list[float] = []
-    real = workers._wait_until
+    real = router._wait_until
 
     def spy(started: float, timeout_s: float, answer_s: float = 0.0) -> float:
         reserved.append(answer_s)
         return real(started, timeout_s, answer_s)
 
-    monkeypatch.setattr(workers, "_wait_until", spy)
+    monkeypatch.setattr(router, "_wait_until", spy)
     a, b, c, d = fresh(), fresh(), fresh(), fresh()
     answers = [
         convert.decision_to_proto(Decision(o.order_id, Outcome.ALLOW, 0.0, (), "v1"))
@@ -342,8 +342,8 @@ def test_calls_waiting_for_a_leader_that_failed_do_not_all_route_at_once() -> No
 
 def test_kept_answers_are_bounded_by_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Orders are kept by their bytes, so a few huge ones cannot hold gigabytes."""
-    monkeypatch.setattr(workers, "RECENT_MAX_BYTES", 10_000)
-    kept = workers._Recent()
+    monkeypatch.setattr(answers, "RECENT_MAX_BYTES", 10_000)
+    kept = answers.RecentAnswers()
     decisions = [scoring_pb2.Decision(order_id=f"o-{i}") for i in range(5)]
     kept.put(((b"x" * 4_000, d) for d in decisions), FakeWorker())
     assert [oid for oid in kept._kept] == ["o-3", "o-4"]
@@ -418,9 +418,9 @@ class TwoWorkers:
         return []
 
 
-def _batch_servicer() -> tuple[workers.PooledScoringServicer, TwoWorkers, HereScorer, Metrics]:
+def _batch_servicer() -> tuple[router.PooledScoringServicer, TwoWorkers, HereScorer, Metrics]:
     pool, here, metrics = TwoWorkers(), HereScorer(), Metrics()
-    servicer = workers.PooledScoringServicer(
+    servicer = router.PooledScoringServicer(
         pool,  # type: ignore[arg-type]
         here,
         None,
@@ -518,7 +518,7 @@ def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]
 
 def _held_unary(
     order: Order, timeout_s: float
-) -> tuple[workers.PooledScoringServicer, FakePool, HereScorer, threading.Thread, dict[str, Any]]:
+) -> tuple[router.PooledScoringServicer, FakePool, HereScorer, threading.Thread, dict[str, Any]]:
     """A unary call for ``order`` on a thread, its worker holding the answer back
     (``pool.w.gate``): the servicer, pool, this process's scorer, the thread, its result."""
     servicer, pool, here = _servicer()

@@ -34,12 +34,14 @@ from riskd.dsl.holder import RulesState
 from riskd.engine.keys import observe
 from riskd.errors import ConfigError, DeadlineExceededError
 from riskd.evidence.chain import verify
-from riskd.service import convert, workers
+from riskd.service import convert, router, worker_main, workers
+from riskd.service import pool as pool_module
+from riskd.service.channel import Channel
 from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2, scoring_pb2_grpc
 from riskd.service.logs import JsonFormatter
 from riskd.service.metrics import Metrics
+from riskd.service.pool import WorkerPool
 from riskd.service.server import RunningServer, create_server
-from riskd.service.workers import WorkerPool
 from riskd.sql import Database
 from tests.service.conftest import SHARED_REDIS, copy_rules, make_config
 from tests.service.test_lifecycle import eventually
@@ -503,7 +505,7 @@ def test_a_worker_that_answered_late_is_kept_when_no_call_follows(
         assert stub.Score(request, timeout=0.3).decision.degraded
     finally:
         os.kill(pid, signal.SIGCONT)
-    time.sleep(0.3 + 2.5 * workers.RESPAWN_EVERY_S)  # no calls to worker 0 meanwhile
+    time.sleep(0.3 + 2.5 * pool_module.RESPAWN_EVERY_S)  # no calls to worker 0 meanwhile
     assert pool.pids()[0] == pid
     assert _by_a_worker(stub, _worker_for(pool, 0))
 
@@ -650,7 +652,7 @@ def test_a_rejected_reload_is_counted_once_whatever_the_number_of_workers(
     try:
         (rules / "broken.rules").write_text("rule broken {\n  when = (\n}\n")
         assert eventually(lambda: running.metrics.value(failures) >= 1, 10)
-        time.sleep(2.5 * workers.RESPAWN_EVERY_S)  # the monitor's snapshots came in
+        time.sleep(2.5 * pool_module.RESPAWN_EVERY_S)  # the monitor's snapshots came in
         assert all(w.stats is not None for w in running.workers.workers())  # type: ignore[union-attr]
         assert running.metrics.value(failures) == 1
     finally:
@@ -662,7 +664,7 @@ def test_a_big_call_waits_for_the_worker_to_read_whatever_timeout_the_last_read_
     """A batch bigger than the socket buffer is sent by its own deadline, not under the
     timeout a previous call's read left on the socket (a millisecond here)."""
     ours, theirs = socket.socketpair()
-    channel, peer = workers._Channel(ours), workers._Channel(theirs)
+    channel, peer = Channel(ours), Channel(theirs)
     try:
         with pytest.raises(TimeoutError):
             channel.recv(time.monotonic() + 0.001)  # leaves a ~1 ms timeout behind
@@ -679,13 +681,13 @@ def test_a_big_call_waits_for_the_worker_to_read_whatever_timeout_the_last_read_
 
 
 @contextlib.contextmanager
-def _serving(servicer: object, unlogged: list[str] | None = None) -> Iterator[workers._Channel]:
-    """``workers._serve`` on a thread over a socket pair: the server process's end of it.
+def _serving(servicer: object, unlogged: list[str] | None = None) -> Iterator[Channel]:
+    """``worker_main._serve`` on a thread over a socket pair: the server process's end of it.
     Asks the worker to stop when done and checks that it did."""
     ours, theirs = socket.socketpair()
-    channel, peer = workers._Channel(ours), workers._Channel(theirs)
+    channel, peer = Channel(ours), Channel(theirs)
     args = (peer, servicer, lambda: b"{}", [] if unlogged is None else unlogged)
-    worker = threading.Thread(target=workers._serve, args=args, daemon=True)
+    worker = threading.Thread(target=worker_main._serve, args=args, daemon=True)
     worker.start()
     try:
         yield channel
@@ -730,12 +732,12 @@ def test_a_worker_that_reads_a_call_after_its_deadline_does_not_score_it() -> No
         assert channel.recv(time.monotonic() + 5)[:2] == (2, "ok")
         assert len(budgets) == 1 and 4.5 < budgets[0][0] <= 5.0  # the time left, not more
         # the scorer's deadline is the call's own, less the time to answer after deciding
-        reserve = workers.ANSWER_RESERVE_S
-        assert budgets[0][1] == sent - reserve - workers.ANSWER_RESERVE_PER_ORDER_S
+        reserve = worker_main.ANSWER_RESERVE_S
+        assert budgets[0][1] == sent - reserve - worker_main.ANSWER_RESERVE_PER_ORDER_S
         batch = scoring_pb2.ScoreBatchRequest(orders=[order_pb2.Order()] * 100)
         channel.send((3, "ScoreBatch", batch.SerializeToString(), sent))
         assert channel.recv(time.monotonic() + 5)[:2] == (3, "ok")
-        assert budgets[1][1] == sent - reserve - 100 * workers.ANSWER_RESERVE_PER_ORDER_S
+        assert budgets[1][1] == sent - reserve - 100 * worker_main.ANSWER_RESERVE_PER_ORDER_S
 
 
 def test_a_worker_that_decided_after_the_deadline_answers_late() -> None:
@@ -841,11 +843,11 @@ def test_a_stopped_worker_holds_no_rpc_threads_and_is_killed_and_replaced(
     assert pool is not None
     assert _alive(pool, 0) and _alive(pool, 1)
     monkeypatch.setattr(workers, "HUNG_AFTER_S", 0.5)  # 2 s in service
-    monkeypatch.setattr(workers, "RESPAWN_EVERY_S", 0.1)
+    monkeypatch.setattr(pool_module, "RESPAWN_EVERY_S", 0.1)
     # the fallback's reserve: 20 ms by default; a quarter of the 0.6 s here, as this test's
     # eight callers share the server's GIL (on 2 cores) and slipped past 20 ms of a 0.3 s
     # deadline 1 run in 3 (75 ms of 0.3 s: 1 in ~4 full runs, more with both cores busy)
-    monkeypatch.setattr(workers, "FALLBACK_RESERVE_S", 0.15)
+    monkeypatch.setattr(router, "FALLBACK_RESERVE_S", 0.15)
     victim = pool.pids()[0]
     assert victim is not None
     deadline = 0.6
@@ -1091,7 +1093,7 @@ def test_a_worker_that_took_a_stale_program_late_is_sent_the_served_one_again(
         finally:
             os.kill(victim, signal.SIGCONT)  # it reads B now
         assert eventually(lambda: _score(stub, _worker_for(pool, 0)).rules_version == served, 15)
-        time.sleep(3 * workers.RESPAWN_EVERY_S)
+        time.sleep(3 * pool_module.RESPAWN_EVERY_S)
         assert _score(stub, _worker_for(pool, 0)).rules_version == served
 
 
@@ -1125,7 +1127,7 @@ def test_a_program_a_worker_cannot_take_is_logged_and_reported_as_not_taken(
     components = types.SimpleNamespace(rules=types.SimpleNamespace(adopt=broken, current=current))
     queued = ["B"]
     caplog.set_level(logging.ERROR, logger="riskd.service.workers")
-    workers._adopt(components, RulesState("B", {}, ()), queued)  # type: ignore[arg-type]
+    worker_main._adopt(components, RulesState("B", {}, ()), queued)  # type: ignore[arg-type]
     assert queued == ["A"]
     assert [r.getMessage() for r in caplog.records] == ["scoring worker could not take the rules"]
 

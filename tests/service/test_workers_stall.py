@@ -24,7 +24,9 @@ import grpc
 import pytest
 
 from riskd.domain.order import Order
-from riskd.service import convert, workers
+from riskd.service import convert, router, workers
+from riskd.service import pool as pool_module
+from riskd.service.channel import _HEADER, Channel
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
 from riskd.service.server import RunningServer, create_server
 from riskd.service.workers import HUNG_AFTER_S
@@ -82,7 +84,7 @@ def _split_batch(
 
 def test_a_message_already_in_the_socket_at_the_deadline_is_taken() -> None:
     ours, theirs = socket.socketpair()
-    channel, peer = workers._Channel(ours), workers._Channel(theirs)
+    channel, peer = Channel(ours), Channel(theirs)
     try:
         peer.send((7, "ok", b"answer", ()))
         time.sleep(0.05)  # arrived, not read yet
@@ -102,14 +104,14 @@ def test_an_answer_bigger_than_the_socket_buffer_being_written_at_the_deadline_i
     # review: a 760 KB answer (300 decisions of a brushing burst) was half in the socket at
     # the deadline, its sender still in sendall: dropped, and its orders answered again
     ours, theirs = socket.socketpair()
-    channel = workers._Channel(ours)
+    channel = Channel(ours)
     big = (7, "ok", b"x" * (4 << 20), ())
     try:
         for _ in range(3):
             writer = os.fork()  # another process, as a worker is: scheduled when it can
             if writer == 0:
                 try:
-                    workers._Channel(theirs).send(big)
+                    Channel(theirs).send(big)
                 finally:
                     os._exit(0)
             try:
@@ -123,10 +125,10 @@ def test_an_answer_bigger_than_the_socket_buffer_being_written_at_the_deadline_i
         theirs.close()
 
 
-def _taken(index: int) -> tuple[workers._Worker, socket.socket]:
+def _taken(index: int) -> tuple[workers.Worker, socket.socket]:
     """A worker as a call left it (taken, call 1 sent) and the worker's end of its socket."""
     ours, theirs = socket.socketpair()
-    worker = workers._Worker(index, cast(subprocess.Popen[bytes], None), workers._Channel(ours))
+    worker = workers.Worker(index, cast(subprocess.Popen[bytes], None), Channel(ours))
     worker.lock.acquire()
     worker.seq = 1
     return worker, theirs
@@ -134,7 +136,7 @@ def _taken(index: int) -> tuple[workers._Worker, socket.socket]:
 
 def _frame(seq: int, body: bytes = b"answer") -> bytes:
     data = pickle.dumps((seq, "ok", body, ()), protocol=pickle.HIGHEST_PROTOCOL)
-    return workers._HEADER.pack(len(data)) + data
+    return _HEADER.pack(len(data)) + data
 
 
 def test_a_batch_takes_a_whole_answer_before_one_a_stalled_worker_began() -> None:
@@ -148,7 +150,7 @@ def test_a_batch_takes_a_whole_answer_before_one_a_stalled_worker_began() -> Non
         whole_end.sendall(_frame(1))
         started = time.monotonic()
         sent = {0: (begun, 1), 1: (whole, 1)}
-        order = workers._arrivals(sent, started + 2.0)
+        order = router._arrivals(sent, started + 2.0)
         assert next(order) == 1 and time.monotonic() - started < 0.5
         assert whole.finish(1, started + 2.0) == (b"answer", frozenset())
         begun_end.sendall(frame[len(frame) // 3 :])  # the stalled worker goes on
@@ -166,7 +168,7 @@ def test_a_worker_closed_while_a_batch_collects_is_gone_and_frees_the_others() -
         started = time.monotonic()
         sent = {0: (closed, 1), 1: (slow, 1)}
         threading.Timer(0.2, closed.channel.close).start()
-        order = workers._arrivals(sent, started + 1.0)
+        order = router._arrivals(sent, started + 1.0)
         assert next(order) == 0  # at the deadline: a close does not wake a poll (an exit does)
         with pytest.raises(workers.WorkerGone):
             closed.finish(1, started + 1.0)
@@ -340,20 +342,20 @@ def test_a_worker_started_while_the_pool_closes_is_not_put_in_service(
 ) -> None:
     # review: a restart finishing after close (whose wait for the monitor had timed out)
     # put a new worker in its slot, running, and nothing stopped it
-    monkeypatch.setattr(workers, "RESPAWN_EVERY_S", 0.05)
-    pool = workers.WorkerPool(config=None, count=1)  # type: ignore[arg-type]
+    monkeypatch.setattr(pool_module, "RESPAWN_EVERY_S", 0.05)
+    pool = pool_module.WorkerPool(config=None, count=1)  # type: ignore[arg-type]
     ours, theirs = socket.socketpair()
     theirs.close()
     dead = subprocess.Popen(["true"])
     dead.wait()
-    pool._workers[0] = workers._Worker(0, dead, workers._Channel(ours))
+    pool._workers[0] = workers.Worker(0, dead, Channel(ours))
     started: list[subprocess.Popen[bytes]] = []
 
-    def spawn(i: int) -> workers._Worker:
+    def spawn(i: int) -> workers.Worker:
         a, b = socket.socketpair()
         b.close()
         started.append(subprocess.Popen(["sleep", "30"]))
-        return workers._Worker(i, started[-1], workers._Channel(a))
+        return workers.Worker(i, started[-1], Channel(a))
 
     monkeypatch.setattr(pool, "_spawn", spawn)
     monkeypatch.setattr(pool, "_await_ready", lambda w: time.sleep(0.6))
@@ -361,7 +363,7 @@ def test_a_worker_started_while_the_pool_closes_is_not_put_in_service(
     pool._monitor.start()
     try:
         assert eventually(lambda: started, 5)
-        monkeypatch.setattr(workers, "START_TIMEOUT_S", 0.1)  # close stops waiting for it
+        monkeypatch.setattr(pool_module, "START_TIMEOUT_S", 0.1)  # close stops waiting for it
         pool.close(1.0)
         pool._monitor.join(5)
         for restart in list(pool._restarting.values()):
