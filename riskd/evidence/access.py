@@ -39,7 +39,6 @@ from riskd.errors import (
 )
 from riskd.evidence.chain import ACCESS, append_rows
 from riskd.evidence.log import DecisionLog
-from riskd.evidence.schema import create_schema
 from riskd.sql import Database, Tx
 
 PII_FIELDS: tuple[str, ...] = ("phone", "name", "id_number", "address", "device", "ip")
@@ -126,7 +125,8 @@ class PiiAccess:
     """Reveals the PII of recorded decisions to analysts, recording every access.
 
     Args:
-        log: the decision log (its database holds the audit table too).
+        log: the decision log (its database holds the audit table too, created with the
+            log's tables).
         vault: decrypts the stored ciphertexts.
         clock: time of the audit entries.
         flush_timeout_s: how long a reveal waits for a just-decided order to be committed.
@@ -145,7 +145,6 @@ class PiiAccess:
         self._vault = vault
         self._clock = clock or SystemClock()
         self._flush_timeout = flush_timeout_s
-        create_schema(self._db)
 
     def reveal(
         self, order_id: str, reason: str, principal: str, fields: Sequence[str] = ()

@@ -120,7 +120,7 @@ class DecisionLog:
     """Append-only decision and outcome log over a ``riskd.sql.Database``.
 
     Args:
-        db: the database (created tables if missing); the caller owns and closes it.
+        db: the database; the caller owns and closes it.
         vault: when given, the PII fields of appended orders are also stored
             encrypted (``decision_pii``), by the writer thread.
         indexer: when given, the blind indexes of those fields are stored
@@ -129,6 +129,9 @@ class DecisionLog:
         queue_size: most items waiting for a commit (the crash-loss bound).
         flush_interval_s: how long the writer waits to gather a batch.
         put_timeout_s: how long ``append`` waits for room in a full queue.
+        create_tables: create the evidence tables if missing (``create_schema``); False
+            when the caller has just done so (``riskd serve`` does, before its keyring
+            exists: one DDL turn per start, not one per user of the tables).
     """
 
     def __init__(
@@ -141,6 +144,7 @@ class DecisionLog:
         queue_size: int = 8192,
         flush_interval_s: float = 0.005,
         put_timeout_s: float = 0.05,
+        create_tables: bool = True,
     ) -> None:
         if max_batch < 1 or queue_size < max_batch:
             raise ConfigError("evidence.queue_size: must be at least max_batch (>= 1)")
@@ -151,7 +155,8 @@ class DecisionLog:
         self._queue_size = queue_size
         self._interval = flush_interval_s
         self._put_timeout = put_timeout_s
-        create_schema(db)
+        if create_tables:
+            create_schema(db)
         if vault is not None:
             vault.add_forget_hook(self._forget)
         self._cond = threading.Condition(threading.Lock())

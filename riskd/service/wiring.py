@@ -190,7 +190,7 @@ def _build(
         db = Database(config.database)
         closers.append(db.close)
         db.query("SELECT 1")
-        create_schema(db)  # the decision log's tables (the log's own start finds them)
+        create_schema(db)  # the decision log's tables, once: the log is told they are there
         book = open_book(config, clock, schedule)
         closers.append(book.close)
     except _refusals(ConfigError) as e:
@@ -209,7 +209,11 @@ def _build(
         reload = None if config.keyring else lambda: Keyring.load(path)
         vault = Vault(keyring, SqlKeyStore(db), clock=clock, reload=reload)
         decision_log = DecisionLog(
-            db, vault=vault, indexer=indexer, flush_interval_s=config.evidence_flush_ms / 1000.0
+            db,
+            vault=vault,
+            indexer=indexer,
+            flush_interval_s=config.evidence_flush_ms / 1000.0,
+            create_tables=False,
         )
     except _refusals() as e:  # the key store's tables
         raise _database_error(config, e) from None

@@ -364,3 +364,32 @@ def test_replicas_on_one_postgresql_refuse_a_keyring_of_their_own(tmp_path: Path
         db = Database(url)
         db.drop_schema()
         db.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_start_creates_the_decision_log_tables_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str
+) -> None:
+    """Review: the wiring, the decision log and the PII access each ran the evidence DDL
+    (idempotent, but on PostgreSQL three advisory-lock turns and three transactions of
+    17 statements each at every start, replica and scoring worker)."""
+    runs: list[str] = []
+    script = Database.executescript
+
+    def counted(db: Database, ddl: str) -> None:
+        if "CREATE TABLE IF NOT EXISTS decision_log" in ddl:
+            runs.append(ddl)
+        script(db, ddl)
+
+    monkeypatch.setattr(Database, "executescript", counted)
+    url = f"{PG}?schema=riskd_ddl_{uuid.uuid4().hex[:8]}" if backend == "postgres" else ""
+    config = make_config(tmp_path, database_url=url)
+    try:
+        components = build_components(config, SystemClock())
+        components.close()
+    finally:
+        if url:
+            db = Database(url)
+            db.drop_schema()
+            db.close()
+    assert len(runs) == 1
