@@ -164,6 +164,8 @@ def _check_row(table: Table, row: Row, seq: int, prev: str) -> _Bad | None:
         parsed = json.loads(content)
     except ValueError:
         return _Bad(seq, order_id, "content is not JSON")
+    if not isinstance(parsed, dict):  # hashed into the chain all the same: a rebuilt row
+        return _Bad(seq, order_id, "content is not a JSON object")
     for name, value in zip(table.columns, copies, strict=True):
         if parsed.get(name) != value:
             return _Bad(seq, order_id, f"column {name} does not match the content")

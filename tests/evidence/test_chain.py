@@ -245,3 +245,29 @@ def test_new_tables_refuse_a_seq_outside_the_chain(db: Database) -> None:
             forge_decision(db, seq)
     assert log.verify().ok
     log.close()
+
+
+@pytest.mark.parametrize("content", ['["o-3"]', '"o-3"', "3", "null"])
+def test_a_chained_row_whose_content_is_not_an_object_fails_verify_not_the_walk(
+    db: Database, content: str
+) -> None:
+    """Review: a tail rebuilt with a valid chain whose content is JSON but not an object
+    made verify raise AttributeError: `riskd evidence verify` said "cannot read the
+    evidence" (exit 2, as for a database that is down) instead of naming the row (exit 1),
+    and never got to the heads the auditor passed with --expect."""
+    log = write_log(db, 3)
+    log.close()
+    prev = db.query("SELECT hash FROM decision_log WHERE seq = 2")[0][0]
+    with db.transaction() as tx:
+        tx.execute(
+            "UPDATE decision_log SET content = ?, hash = ? WHERE seq = 3",
+            (content, chain_hash(prev, content)),
+        )
+    result = log.verify()
+    assert (result.ok, result.table, result.seq, result.order_id) == (
+        False,
+        "decision_log",
+        3,
+        "o-3",
+    )
+    assert result.problem == "content is not a JSON object"
