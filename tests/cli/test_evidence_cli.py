@@ -170,3 +170,19 @@ def test_a_read_only_auditor_verifies_a_postgres_schema(
     with select_only_url(schema) as url:
         rc, doc = run(capsys, "--database", url)
         assert rc == 0 and doc["checked"] == 3
+
+
+@pytest.mark.parametrize("seq", [str(2**63), "9" * 19])
+def test_a_kept_head_past_the_largest_seq_is_refused_as_input(
+    url: str, capsys: pytest.CaptureFixture[str], seq: str
+) -> None:
+    """Review: a seq of 19 digits above 2**63 - 1 passed the check, then SQLite refused to
+    bind it: "cannot read the evidence (OverflowError)", as if the database were at fault."""
+    assert (
+        main(
+            ["evidence", "verify", "--database", url, "--expect", f"decision_log:{seq}:{'a' * 64}"]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "--expect" in err and "SEQ" in err and "OverflowError" not in err
