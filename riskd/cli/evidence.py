@@ -28,6 +28,7 @@ from riskd.cli import add_config_argument, existing_database
 from riskd.config import load_config
 from riskd.errors import RiskdError
 from riskd.evidence.chain import TABLES, check_anchor, verify
+from riskd.evidence.schema import MAX_SEQ
 from riskd.sql import Database
 
 
@@ -50,7 +51,6 @@ def register(subparsers: Any) -> None:
 
 
 _DECIMAL = re.compile(r"[0-9]{1,19}", re.ASCII)
-_MAX_SEQ = 2**63 - 1  # a seq is a BIGINT: a larger one names no row (SQLite cannot bind it)
 _HEX64 = re.compile(r"[0-9a-f]{64}", re.ASCII)
 
 
@@ -65,8 +65,8 @@ def _anchors(texts: list[str]) -> list[tuple[str, int, str]]:
             raise ValueError(
                 f"--expect {text!r}: want TABLE:SEQ:HASH (HASH 64 hex digits), TABLE one of {known}"
             )
-        if int(seq) > _MAX_SEQ:
-            raise ValueError(f"--expect {text!r}: SEQ must be at most {_MAX_SEQ}")
+        if int(seq) > MAX_SEQ:
+            raise ValueError(f"--expect {text!r}: SEQ must be at most {MAX_SEQ}")
         out.append((table, int(seq), digest))
     return out
 

@@ -39,6 +39,7 @@ from riskd.errors import (
 )
 from riskd.evidence.chain import ACCESS, append_rows
 from riskd.evidence.log import DecisionLog
+from riskd.evidence.schema import MAX_SEQ
 from riskd.sql import Database, Tx
 
 PII_FIELDS: tuple[str, ...] = ("phone", "name", "id_number", "address", "device", "ip")
@@ -197,7 +198,8 @@ class PiiAccess:
     def entries(
         self, order_id: str = "", *, after_seq: int = 0, limit: int = 100
     ) -> list[AccessEntry]:
-        """Audit entries (of ``order_id``, or all), oldest first, after ``after_seq``.
+        """Audit entries (of ``order_id``, or all), oldest first, after ``after_seq`` (none
+        after the largest seq a BIGINT holds, on either database).
 
         Raises:
             InvalidArgumentError: ``limit`` outside 1..1000 or ``after_seq`` negative.
@@ -206,6 +208,8 @@ class PiiAccess:
             raise InvalidArgumentError("page_size", f"must be between 1 and {MAX_PAGE}")
         if after_seq < 0:
             raise InvalidArgumentError("after_seq", "must not be negative")
+        if after_seq >= MAX_SEQ:  # ListPiiAccess's uint64: no seq lies past a BIGINT's
+            return []
         where = "seq > ?"
         params: list[object] = [after_seq]
         if order_id:

@@ -95,6 +95,7 @@ CREATE TABLE IF NOT EXISTS features_catch_up (
 _SEQ = "BIGINT NOT NULL PRIMARY KEY CHECK (seq >= 1 AND seq = CAST(seq AS BIGINT))"
 
 GENESIS_HASH = "0" * 64
+MAX_SEQ = 2**63 - 1  # the largest seq a BIGINT holds (SQLite cannot bind a larger int)
 
 
 def ddl(dialect: str) -> str:

@@ -224,3 +224,20 @@ def test_entries_page_size_is_checked(db: Database) -> None:
         access.entries(limit=1001)
     assert e.value.field == "page_size"
     log.close()
+
+
+@pytest.mark.parametrize("after_seq", [2**63, 2**64 - 1])
+def test_a_page_after_the_largest_seq_is_empty_on_both_databases(
+    db: Database, after_seq: int
+) -> None:
+    """Review: ListPiiAccess takes a uint64 after_seq; past 2**63 - 1 SQLite could not
+    bind it (OverflowError: INTERNAL to the analyst) where PostgreSQL answered an empty
+    page. No seq lies after it: an empty page on both."""
+    log, _, access = setup(db)
+    log_order(log, "o-1")
+    access.reveal("o-1", "chargeback case 42", "token:ts-1")
+    assert access.entries(after_seq=after_seq) == []
+    assert access.entries("o-1", after_seq=after_seq) == []
+    assert [e.seq for e in access.entries(after_seq=2**63 - 2)] == []
+    assert [e.seq for e in access.entries()] == [1]
+    log.close()
