@@ -22,7 +22,10 @@ flushes and stops the writer (graceful shutdown loses nothing).
 Backpressure: when ``queue_size`` items are waiting (the database is slow or
 down), ``append`` (``append_all``: room for all of its items, or none is queued) waits
 up to ``put_timeout_s`` and then raises ``UnavailableError``: the caller answers
-anyway and marks the decision degraded. A failed commit is logged (the error's type
+anyway and marks the decision degraded. Once such a wait has run out, appends to the
+full queue raise at once until the writer commits something: a database that is down
+costs one caller the wait, not every request (a slow one that still commits is
+waited on again). A failed commit is logged (the error's type
 only: rows hold PII) and retried with backoff while the failure is the database's
 (down, connection lost, locks: ``Database.is_transient``); its items stay queued and
 visible to ``get``. A connection lost during COMMIT leaves the outcome unknown: before
@@ -166,6 +169,7 @@ class DecisionLog:
         self._written = 0  # items committed since start (flush waits on this)
         self._stuck_at = -1  # _written when a flush last timed out (close waits no more)
         self._stuck_for = 0.0  # how long that flush waited
+        self._starved = -1  # _written when a wait for room last ran out (no wait till it moves)
         self._appended = 0
         self._urgent = 0  # flush() waits for everything appended up to here
         self._closed = False
@@ -242,13 +246,21 @@ class DecisionLog:
 
     def _room(self, n: int, wait_s: float | None) -> None:
         """Wait (holding the lock) until ``n`` more items fit the queue (any number fits an
-        empty one), at most ``put_timeout_s`` and ``wait_s``."""
-        wait = self._put_timeout if wait_s is None else min(self._put_timeout, wait_s)
+        empty one), at most ``put_timeout_s`` and ``wait_s``; not at all while the writer
+        has committed nothing since a whole ``put_timeout_s`` wait last ran out (the
+        database is down or locked: review, every request waited that long for room that
+        never came). A wait cut short by ``wait_s`` says nothing of the writer."""
+        whole = wait_s is None or wait_s >= self._put_timeout  # not cut short by a deadline
+        wait = self._put_timeout if whole else max(0.0, wait_s or 0.0)
         deadline = time.monotonic() + wait
         need = min(n, self._queue_size)
         while len(self._queue) + self._inflight + need > self._queue_size and not self._closed:
             left = deadline - time.monotonic()
+            if self._starved == self._written:
+                raise UnavailableError("decision log queue is full")
             if left <= 0:
+                if whole:
+                    self._starved = self._written
                 raise UnavailableError("decision log queue is full")
             self._cond.wait(left)
         if self._closed:
