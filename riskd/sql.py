@@ -114,12 +114,15 @@ def require_existing(url: str, key: str = "database") -> None:
     (``database_url``, ``--database``), named first in each error.
 
     Raises:
-        ConfigError: naming the missing file or schema, or a parameter of the URL whose
-            value the client refuses (never the URL: it may hold a password).
+        ConfigError: naming the missing file or schema, a parameter of the URL whose
+            value the client refuses, or a URL of another form (``sqlite://x``, another
+            scheme); never the URL: it may hold a password.
         UnavailableError: the PostgreSQL server cannot be reached or refused the connection.
     """
     dialect, target, schema = _parse_url(url)
     if dialect == "sqlite":
+        if "://" in url and not url.startswith("sqlite:///"):  # sqlite://x has a host, no path
+            raise ConfigError(f"{key}: expected sqlite:///PATH, postgresql://... or a file path")
         if not Path(target).is_file():
             raise ConfigError(f"{key}: no database at {target} (start riskd serve once first)")
         return

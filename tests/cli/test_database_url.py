@@ -65,3 +65,15 @@ def test_a_sqlite_file_named_postgres_is_a_sqlite_file(
     """Review: ``--database postgres.db`` (a SQLite path) was taken for a PostgreSQL URL."""
     assert run("--database", "postgres.db") == -1
     assert "--database: no database at postgres.db" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url", ["sqlite://riskd.db", "mysql://u:s3cret@db/riskd"])
+def test_a_url_that_names_no_file_is_refused_as_a_url_not_a_missing_file(
+    run: Callable[..., int], capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    """Review: ``sqlite://riskd.db`` (two slashes: a host, no path) said "no database at "
+    with nothing after it, and another scheme was looked up as a file of that name."""
+    assert run("--database", url) == -1
+    err = capsys.readouterr().err
+    assert "--database: expected sqlite:///PATH, postgresql://... or a file path" in err, err
+    assert "s3cret" not in err and "no database at" not in err
