@@ -10,6 +10,7 @@ import datetime as _dt
 import math
 import re
 from collections.abc import Callable, Mapping
+from decimal import Decimal
 
 from riskd.dsl import runtime as rt
 from riskd.dsl.regex import search_dynamic
@@ -142,11 +143,32 @@ def _string_to_bytes(s: str) -> bytes:
 
 
 def _double_to_string(v: float) -> str:
+    """``string(double)`` as cel-go writes it (Go's ``%g``): the shortest digits that
+    read back as ``v``, in exponent form (two digits at least) where the exponent
+    is below -4 or from 6 up, else plain without a trailing ``.0``.
+
+    >>> [_double_to_string(v) for v in (1.0, -0.0, 123456.0, 1e6, 1e100, 1.5e-7, 1e-4)]
+    ['1', '-0', '123456', '1e+06', '1e+100', '1.5e-07', '0.0001']
+    """
     if math.isinf(v):
         return "+Inf" if v > 0 else "-Inf"
     if math.isnan(v):
         return "NaN"
-    return repr(v)
+    lead = "-" if math.copysign(1.0, v) < 0 else ""
+    if v == 0:
+        return lead + "0"
+    # repr's digits are the shortest that round-trip, as Go's; only the layout differs
+    _, digits, exponent = Decimal(repr(v)).as_tuple()
+    point = len(digits) + int(exponent)  # where the decimal point falls in the digits
+    text = "".join(map(str, digits)).rstrip("0")
+    if not -4 <= point - 1 < 6:
+        mantissa = text[0] + ("." + text[1:] if len(text) > 1 else "")
+        return f"{lead}{mantissa}e{'-' if point <= 0 else '+'}{abs(point - 1):02d}"
+    if point <= 0:
+        return f"{lead}0.{'0' * -point}{text}"
+    if point >= len(text):
+        return lead + text + "0" * (point - len(text))
+    return f"{lead}{text[:point]}.{text[point:]}"
 
 
 def _ts_to_int(t: Timestamp) -> int:

@@ -1,0 +1,53 @@
+"""Builtin functions at the edges of their ranges, as cel-go computes them.
+
+Each case runs through the compiled code and the reference interpreter: both
+call the same implementation, so a wrong implementation is wrong in both and
+only a fixed expected value (cel-go's) catches it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from riskd.dsl.checker import Env
+from riskd.dsl.expr import compile_expr
+from riskd.dsl.types import DOUBLE
+
+ENV = Env({"v": DOUBLE})
+
+
+def _both(text: str, **act: object) -> tuple[object, object]:
+    compiled, diags = compile_expr(text, ENV)
+    assert compiled is not None, str(diags)
+    return compiled.evaluate(act), compiled.interpret(act)
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (1.0, "1"),
+        (-0.0, "-0"),
+        (0.0, "0"),
+        (2.5, "2.5"),
+        (100.0, "100"),
+        (123456.0, "123456"),
+        (1e6, "1e+06"),
+        (1234567.0, "1.234567e+06"),
+        (1e21, "1e+21"),
+        (1e100, "1e+100"),
+        (-1.5e300, "-1.5e+300"),
+        (1e-4, "0.0001"),
+        (-4.5e-3, "-0.0045"),
+        (1e-5, "1e-05"),
+        (1.5e-7, "1.5e-07"),
+        (5e-324, "5e-324"),
+        (0.1 + 0.2, "0.30000000000000004"),
+        (float("inf"), "+Inf"),
+        (float("-inf"), "-Inf"),
+        (float("nan"), "NaN"),
+    ],
+)
+def test_string_of_double_is_go_percent_g(value: float, text: str) -> None:
+    # cel-go: String(fmt.Sprintf("%g", float64(d))); the conformance data has
+    # string(123.456) == "123.456" and string(-4.5e-3) == "-0.0045".
+    assert _both("string(v)", v=value) == (text, text)
