@@ -208,11 +208,25 @@ _TS_ACCESSORS: dict[str, Callable[[_dt.datetime], int]] = {
     "getMilliseconds": lambda d: d.microsecond // 1000,
 }
 ZONED_METHODS = frozenset(_TS_ACCESSORS)
+
+
+def _whole(unit_ns: int) -> Callable[[Duration], int]:
+    """The duration in whole units, cut toward zero, in integers: a float quotient
+    (``int(ns / unit)``) rounds a duration just short of a whole unit up to it once
+    past about 104 days (2**53 ns), e.g. 200 days less 1 ns to 17280000000 ms."""
+
+    def whole(d: Duration) -> int:
+        q = abs(d.ns) // unit_ns
+        return -q if d.ns < 0 else q
+
+    return whole
+
+
 _DUR_ACCESSORS: dict[str, Callable[[Duration], int]] = {
-    "getHours": lambda d: int(d.ns / (3600 * _NS)),
-    "getMinutes": lambda d: int(d.ns / (60 * _NS)),
-    "getSeconds": lambda d: int(d.ns / _NS),
-    "getMilliseconds": lambda d: int(d.ns / 10**6),
+    "getHours": _whole(3600 * _NS),
+    "getMinutes": _whole(60 * _NS),
+    "getSeconds": _whole(_NS),
+    "getMilliseconds": _whole(10**6),  # the total, as cel-go's (not the 0-999 part)
 }
 
 

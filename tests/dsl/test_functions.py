@@ -51,3 +51,23 @@ def test_string_of_double_is_go_percent_g(value: float, text: str) -> None:
     # cel-go: String(fmt.Sprintf("%g", float64(d))); the conformance data has
     # string(123.456) == "123.456" and string(-4.5e-3) == "-0.0045".
     assert _both("string(v)", v=value) == (text, text)
+
+
+@pytest.mark.parametrize(
+    ("duration", "hours", "minutes", "seconds", "millis"),
+    [
+        # 200 days less a nanosecond: a float quotient rounded it up to 200 days
+        ("4799h59m59.999999999s", 4799, 287999, 17279999, 17279999999),
+        ("-4799h59m59.999999999s", -4799, -287999, -17279999, -17279999999),
+        ("8999999999.999999999s", 2499999, 149999999, 8999999999, 8999999999999),
+        ("2562047h47m16.854775807s", 2562047, 153722867, 9223372036, 9223372036854),
+        ("-1.5s", 0, 0, -1, -1500),
+    ],
+)
+def test_duration_parts_are_whole_units_cut_toward_zero(
+    duration: str, hours: int, minutes: int, seconds: int, millis: int
+) -> None:
+    d = f"duration('{duration}')"
+    text = f"[{d}.getHours(), {d}.getMinutes(), {d}.getSeconds(), {d}.getMilliseconds()]"
+    want = [hours, minutes, seconds, millis]
+    assert _both(text) == (want, want)
