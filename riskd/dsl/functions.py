@@ -15,6 +15,7 @@ from decimal import Decimal
 from riskd.dsl import runtime as rt
 from riskd.dsl.regex import search_dynamic
 from riskd.dsl.values import (
+    INT_MIN,
     Duration,
     EvalError,
     Timestamp,
@@ -38,6 +39,8 @@ def _div_int(a: int, b: int) -> int:
 def _mod_int(a: int, b: int) -> int:
     if b == 0:
         raise EvalError("modulus by zero")
+    if b == -1 and a == INT_MIN:  # as cel-go: the quotient it implies overflows, as in ``/``
+        raise EvalError("integer overflow")
     r = abs(a) % abs(b)
     return -r if a < 0 else r
 
@@ -70,7 +73,9 @@ def _double_to_int(v: float) -> int:
 
 
 def _double_to_uint(v: float) -> UInt:
-    if math.isnan(v) or not -1.0 < v < 2.0**64:
+    # a negative double is out of range even when it would truncate to 0 (-0.5), as in
+    # cel-go and cel-cpp; -0.0 is not negative
+    if math.isnan(v) or not 0.0 <= v < 2.0**64:
         raise EvalError("uint conversion out of range")
     return UInt(int(v))
 

@@ -12,6 +12,7 @@ import pytest
 from riskd.dsl.checker import Env
 from riskd.dsl.expr import compile_expr
 from riskd.dsl.types import DOUBLE
+from riskd.dsl.values import EvalError, UInt
 
 ENV = Env({"v": DOUBLE})
 
@@ -71,3 +72,30 @@ def test_duration_parts_are_whole_units_cut_toward_zero(
     text = f"[{d}.getHours(), {d}.getMinutes(), {d}.getSeconds(), {d}.getMilliseconds()]"
     want = [hours, minutes, seconds, millis]
     assert _both(text) == (want, want)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "(-9223372036854775807 - 1) % -1 == 0",  # cel-go: overflow, as ``/`` by -1 is
+        "uint(-0.5) == 0u",
+        "uint(-1e-300) == 0u",
+        "uint(18446744073709551616.0) > 0u",
+        "int(-9223372036854775808.0) < 0",
+    ],
+)
+def test_out_of_range_arithmetic_and_conversions_are_errors(text: str) -> None:
+    compiled, diags = compile_expr(text, ENV)
+    assert compiled is not None, str(diags)
+    with pytest.raises(EvalError):
+        compiled.evaluate({})
+    with pytest.raises(EvalError):
+        compiled.interpret({})
+
+
+def test_in_range_edges_still_convert() -> None:
+    assert _both("uint(-0.0)") == (UInt(0), UInt(0))
+    assert _both("uint(0.99)") == (UInt(0), UInt(0))
+    assert _both("-9223372036854775807 % -1") == (0, 0)
+    assert _both("(-9223372036854775807 - 1) % 1") == (0, 0)
+    assert _both("(-9223372036854775807 - 1) % 2") == (0, 0)
