@@ -11,6 +11,7 @@ diagnostic is the block analysts see::
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import overload
@@ -40,8 +41,22 @@ class Diagnostic:
         head = f"{self.file}:{self.line}:{self.col}: {self.code}: {self.message}"
         if not self.source_line:
             return head
-        pad = "".join("\t" if c == "\t" else " " for c in self.source_line[: self.col - 1])
+        pad = "".join(map(_blank, self.source_line[: self.col - 1]))
         return f"{head}\n  | {self.source_line}\n  | {pad}^"
+
+
+def _blank(ch: str) -> str:
+    r"""What goes under ``ch`` so that the caret lines up in a terminal: a tab stays a
+    tab, a wide character (CJK, emoji) takes two columns, a combining mark none.
+
+    >>> [_blank(c) for c in "\ta直\U0001F600\u0301"]
+    ['\t', ' ', '  ', '  ', '']
+    """
+    if ch == "\t":
+        return ch
+    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Me", "Cf"):
+        return ""
+    return "  " if unicodedata.east_asian_width(ch) in ("W", "F") else " "
 
 
 @dataclass(frozen=True, slots=True)
