@@ -3,7 +3,10 @@
 - the parser never raises anything but its own diagnostics, on any text;
 - ``parse(unparse(e)) == e``;
 - compiled evaluation equals the reference interpreter on generated
-  expressions and inputs (in both checked and unchecked mode);
+  expressions and inputs (in both checked and unchecked mode), and on
+  well-typed expressions over every primitive type at its range edges
+  (int64/uint64 bounds, -0.0, NaN, infinities, huge doubles, non-BMP strings,
+  durations and timestamps at their limits), where the fast paths apply;
 - ``x in NAME``, a lookup in a named list, answers as a scan with CEL's equality.
 """
 
@@ -28,7 +31,15 @@ from riskd.dsl.values import (
     UInt,
     type_name,
 )
-from tests.dsl.strategies import VARIABLES, activations, evaluable, exprs
+from tests.dsl.strategies import (
+    TYPED_VARIABLES,
+    VARIABLES,
+    activations,
+    evaluable,
+    exprs,
+    typed_activations,
+    typed_exprs,
+)
 
 CEL_ALPHABET = st.sampled_from(
     [*"()[]{}.,:?!-+*/%<>=&|'\"`\\ \n\tabxyzru019eE_", "in", "true", "has(", ".all(", "'''"]
@@ -99,6 +110,21 @@ def test_compiled_equals_reference_interpreter(
     fast = _outcome(compiled.evaluate, activation)
     slow = _outcome(compiled.interpret, activation)
     assert _same(fast, slow), (unparse(expr), fast, slow)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(typed_exprs(), typed_activations(), st.booleans())
+def test_compiled_equals_reference_interpreter_on_typed_edges(
+    expr: Expr, activation: dict[str, object], strict: bool
+) -> None:
+    text = unparse(expr)
+    compiled, diags = compile_expr(text, Env(TYPED_VARIABLES), strict=strict)
+    if compiled is None:  # only a literal that duration()/timestamp() cannot read
+        assert all(d.code == "riskd_bad_argument" for d in diags), f"{text}: {diags}"
+        return
+    fast = _outcome(compiled.evaluate, activation)
+    slow = _outcome(compiled.interpret, activation)
+    assert _same(fast, slow), (text, fast, slow)
 
 
 # Members a named list may hold: strings and numbers, some equal across types.
