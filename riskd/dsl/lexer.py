@@ -7,6 +7,7 @@ diagnostics, and lexing continues so that every error is reported.
 from __future__ import annotations
 
 import enum
+import math
 import re
 from dataclasses import dataclass
 
@@ -186,7 +187,10 @@ class _Lexer:
                     j += 1
         if is_float:
             self.i = j
-            return Token(Tok.DOUBLE, t[start:j], start, float(t[start:j]))
+            value = float(t[start:j])
+            if math.isinf(value):  # cel-go's parser refuses it too; 1e-400 is 0.0, as in Go
+                raise LexError("double literal out of range", start)
+            return Token(Tok.DOUBLE, t[start:j], start, value)
         # past 20 significant digits it is out of range whatever it is: never parsed (review:
         # 4,301 digits ended `riskd rules check` in Python's int-conversion limit)
         digits = t[start:j].lstrip("0")

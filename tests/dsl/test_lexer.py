@@ -25,6 +25,8 @@ def _values(text: str) -> list[object]:
         ("2.5", 2.5),
         ("1e3", 1000.0),
         (".5", 0.5),
+        ("1.7976931348623157e308", 1.7976931348623157e308),  # the largest double
+        ("1e-400", 0.0),  # underflow is zero, as Go's ParseFloat has it
         ("'a\\tb'", "a\tb"),
         ('"\\u00e9\\U0001F431"', "é🐱"),
         ("'\\101\\x42'", "AB"),
@@ -64,6 +66,8 @@ def test_lexer_tokens_carry_offsets() -> None:
         ("1" * 5000, "integer literal out of range"),  # review: Python's 4,300-digit limit
         ("1" * 5000 + "u", "unsigned integer literal out of range"),
         ("0x", "malformed hexadecimal literal"),
+        ("1e400", "double literal out of range"),  # not +inf: as double("1e400"), an error
+        ("x < -1.8e308", "double literal out of range"),
         ("a # b", "unexpected character '#'"),
         ("`a b`", "malformed quoted identifier"),
         (".²", "unexpected character '²'"),  # a Unicode digit is no digit of a number
