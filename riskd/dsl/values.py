@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import enum
+import math
 import re
 import zoneinfo
 from typing import ClassVar
@@ -117,7 +118,24 @@ class Timestamp:
 
     @staticmethod
     def from_seconds(seconds: float) -> Timestamp:
-        return Timestamp.checked(round(seconds * _NS))
+        """Epoch seconds as written: ``1700000000.001`` is .001000000, not .000999936.
+
+        A double near today's epoch holds a second to about 240 ns, so ``seconds * 1e9``
+        lands up to ~120 ns off the decimal the caller meant (and off a ``timestamp()``
+        literal with that decimal). Whole microseconds are taken when they read back as
+        the same double (any value given to 6 decimals), else the nearest nanosecond.
+
+        >>> [str(Timestamp.from_seconds(s)) for s in (1700000000.001, 1.5, 5e-8, 1700000000)]
+        ['2023-11-14T22:13:20.001Z', '1970-01-01T00:00:01.5Z', '1970-01-01T00:00:00.00000005Z', \
+'2023-11-14T22:13:20Z']
+        """
+        if isinstance(seconds, int):
+            return Timestamp.checked(seconds * _NS)
+        micros = round(seconds * 1_000_000)
+        if micros / 1_000_000 == seconds:
+            return Timestamp.checked(micros * 1000)
+        whole = math.floor(seconds)  # the fraction is then exact, and so its nanoseconds
+        return Timestamp.checked(whole * _NS + round((seconds - whole) * _NS))
 
     def to_datetime(self) -> _dt.datetime:
         return _EPOCH + _dt.timedelta(microseconds=self.ns // 1000)

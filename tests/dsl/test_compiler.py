@@ -239,3 +239,20 @@ def test_to_json_turns_values_into_plain_data() -> None:
                               {"k": [True, None]}]  # fmt: skip
     assert to_json(Amounts(total=5)) == {"items": 0, "discount": 0, "coupon": 0, "shipping": 0,
                                          "total": 5}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("seconds", "written"),
+    [
+        (1_700_000_000.001, "2023-11-14T22:13:20.001Z"),  # was .000999936: before the literal
+        (1_700_000_000.123, "2023-11-14T22:13:20.123Z"),  # was .122999808: 122 ms
+        (1_700_000_000.123456, "2023-11-14T22:13:20.123456Z"),
+        (-0.25, "1969-12-31T23:59:59.75Z"),
+        (5e-8, "1970-01-01T00:00:00.00000005Z"),  # finer than a microsecond: kept
+    ],
+)
+def test_float_epoch_seconds_mean_the_decimal_written(seconds: float, written: str) -> None:
+    compiled = _compile(f"now == timestamp('{written}') && string(now) == '{written}'")
+    act = {**ACT, "now": seconds}
+    assert compiled.evaluate(act) is True
+    assert compiled.interpret(act) is True

@@ -98,3 +98,21 @@ def test_ruletest_rules_of_other_files_are_out_of_scope(tmp_path: Path) -> None:
     )
     results = run_tests(p)
     assert [r.passed for r in results] == [True, True], [r.describe() for r in results]
+
+
+def test_ruletest_now_given_as_a_boundary_instant_is_that_instant(tmp_path: Path) -> None:
+    # A campaign starting at .001 s past the second: the test sets now to that very
+    # instant, written as the rule writes it. now reached the rule ~64 ns early (review:
+    # epoch seconds times 1e9 in floating point), so the rule did not hit.
+    start = "2023-11-14T22:13:20.001Z"
+    p = compile_texts(
+        tmp_path,
+        main='scenario s = "S"\n'
+        + RULE.format(rid="started", when=f'now >= timestamp("{start}")')
+        + f'test "at the start" {{\n  order = {{}}\n  now = "{start}"\n'
+        + "  expect = [started]\n}\n"
+        + 'test "in seconds" {\n  order = {}\n  now = 1700000000.001\n'
+        + "  expect = [started]\n}\n",
+    )
+    results = run_tests(p)
+    assert [r.passed for r in results] == [True, True], [r.describe() for r in results]
