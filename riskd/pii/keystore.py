@@ -299,6 +299,11 @@ class SqlKeyStore:
                 entries += tx.execute(
                     "DELETE FROM pii_blind_index WHERE subject_id = ?", (subject,)
                 ).rowcount
+            if entries and self.db.dialect == "sqlite":
+                # Keyed by digest, its index splits everywhere and a split leaves copies of
+                # the cells it moved that secure_delete never zeroes: rebuilt, its old
+                # pages are freed, so zeroed (as ``forget_subject`` rebuilds the log's).
+                tx.execute("REINDEX pii_blind_index")
             return ShredResult(keys, entries, tuple(subjects))
 
         if self.db.dialect == "sqlite":
