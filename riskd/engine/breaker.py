@@ -9,6 +9,11 @@ back to the next caller. Nothing is sticky: the first successful probe after the
 dependency returns restores normal service. A named breaker logs when it opens (a
 warning with the error: riskd's own message, else the exception's type, never
 its text, which may quote data) and when it closes again, once each per outage.
+An outage seen before any call (``down``: the dependency did not answer at start)
+leaves the circuit closed but is one all the same: its end is logged by the first
+call that answers (review: a Redis down at start whose circuit never opened came
+back unannounced), and the circuit opening meanwhile does not warn again.
+``outage`` is what the log says now (a metric reads it).
 ``OutageLog`` logs the same two lines for a dependency refused without a breaker
 (the decision log's full queue).
 
@@ -21,6 +26,10 @@ False
 (True, False)
 >>> b.success(); b.allow()
 True
+>>> b.down(); b.outage, b.allow()
+(True, True)
+>>> b.answered(); b.outage
+False
 """
 
 from __future__ import annotations
@@ -50,6 +59,14 @@ class CircuitBreaker:
         self._failures = 0
         self._open_until: float | None = None  # None: closed
         self._probing = False
+        # an outage logged as begun (the circuit opened, or ``down``) and not yet as ended
+        self._outage = False
+
+    @property
+    def outage(self) -> bool:
+        """Whether an outage is on, as the log tells it: from its warning (or ``down``)
+        to ``ANSWERS_AGAIN``. One attribute read."""
+        return self._outage
 
     @property
     def is_open(self) -> bool:
@@ -68,11 +85,31 @@ class CircuitBreaker:
 
     def success(self) -> None:
         with self._lock:
-            was_open = self._open_until is not None
+            ended, self._outage = self._outage, False
             self._failures = 0
             self._open_until = None
             self._probing = False
-        if was_open and self._name:
+        if ended and self._name:
+            log.info(ANSWERS_AGAIN, extra={"fields": {"dependency": self._name}})
+
+    def down(self) -> None:
+        """An outage seen outside any call (the dependency did not answer at start; the
+        caller says so in the log): the circuit stays closed, calls go on asking, and the
+        first that answers (``success``, ``answered``) logs the end."""
+        with self._lock:
+            self._outage = True
+
+    def answered(self) -> None:
+        """A call the breaker does not judge answered (the catch-up's, with the circuit
+        closed): it ends an outage of ``down``'s, as ``success`` would (with no requests,
+        the catch-up is all that asks); nothing else changes (the failures in a row stay)."""
+        if not self._outage:
+            return
+        with self._lock:
+            ended = self._outage and self._open_until is None
+            if ended:
+                self._outage = False
+        if ended and self._name:
             log.info(ANSWERS_AGAIN, extra={"fields": {"dependency": self._name}})
 
     def release(self) -> None:
@@ -83,12 +120,13 @@ class CircuitBreaker:
 
     def failure(self, error: BaseException | None = None) -> None:
         with self._lock:
-            was_open = self._open_until is not None
             self._failures += 1
             if self._probing or self._failures >= self._threshold:
                 self._open_until = self._clock.monotonic() + self._cooldown
             self._probing = False
-            opened = not was_open and self._open_until is not None
+            # the circuit open while no outage is told (one of ``down``'s is told already)
+            opened = self._open_until is not None and not self._outage
+            self._outage = self._outage or opened
         if opened and self._name:
             fields = {"dependency": self._name, "error": _said(error)}
             log.warning(UNAVAILABLE, extra={"fields": fields})
@@ -109,6 +147,11 @@ class OutageLog:
         self._lock = threading.Lock()
         self._down = False
         self._last_refusal = 0.0
+
+    @property
+    def outage(self) -> bool:
+        """Whether an outage is on, as the log tells it (``CircuitBreaker.outage``)."""
+        return self._down
 
     def down(self, error: BaseException | None = None) -> None:
         with self._lock:

@@ -39,7 +39,9 @@ for whole switch intervals (review: p99 of unary calls 2.4 → 13-36 ms while 50
 orders drained). The catch-up's calls are not judged by the breaker (the answers' calls
 judge the store), but for one: once an open breaker's cooldown is over, the catch-up
 takes its half-open probe when no request has, and that call's answer closes or re-opens
-it (review: with no traffic after an outage the queue waited for the first request).
+it (review: with no traffic after an outage the queue waited for the first request); and
+one that answers ends an outage told at start with the circuit closed
+(``CircuitBreaker.down``), as a request's would.
 """
 
 from __future__ import annotations
@@ -435,6 +437,8 @@ class CatchUp:
             return True
         if probe:
             self._breaker.success()
+        else:  # ends an outage told at start, the circuit never opened (no requests)
+            self._breaker.answered()
         return True
 
     def _answers(self, obs: Observation) -> bool:

@@ -125,6 +125,8 @@ INFLIGHT = "inflight"
 # was full: this answer is not logged (review: both were "evidence", the second added
 # again, so neither callers nor riskd_degraded_decisions_total told the lost ones apart)
 EVIDENCE, EVIDENCE_QUEUE = "evidence", "evidence_queue"
+# the dependencies whose outages the log tells (``Scorer.unavailable``)
+DEPENDENCIES = ("features", EVIDENCE, EVIDENCE_QUEUE)
 # on close, the catch-up's queue is drained this long at most while the store answers
 CLOSE_DRAIN_S = 1.0
 RULE_ERROR_LOG_EVERY_S = 60.0  # a rule that errors is logged at most this often (per rule id)
@@ -310,6 +312,12 @@ class Scorer:
         but the first (always decided) by the fallback undecided: a fallback record and
         an append per order (``LATE_S``, ``APPEND_S``). 0 for a single order."""
         return 0.0 if orders <= 1 else orders * (LATE_S + APPEND_S)
+
+    def unavailable(self) -> tuple[str, ...]:
+        """The ``DEPENDENCIES`` in an outage now, as the log tells them: from the warning
+        (or ``redis does not answer at start``) to ``dependency answers again``."""
+        on = (self.breaker.outage, self.log_breaker.outage, self.log_room.outage)
+        return tuple(name for name, down in zip(DEPENDENCIES, on, strict=True) if down)
 
     def report_outcome(self, event: OrderEvent) -> None:
         """Append what happened to an order later (a label) to the evidence log."""

@@ -10,6 +10,7 @@ import contextlib
 import threading
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -17,7 +18,7 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily
 
 from riskd.domain.decision import Outcome
-from riskd.engine.scorer import INFLIGHT
+from riskd.engine.scorer import DEPENDENCIES, INFLIGHT
 
 
 class _Hit(Protocol):
@@ -226,12 +227,29 @@ class Metrics:
             registry=self.registry,
         ).set_function(queued)
 
-    def snapshot(self, log: LogLike | None, catch_up: int) -> dict[str, Any]:
+    def watch_dependencies(self, unavailable: Callable[[], Collection[str]]) -> None:
+        """Export ``riskd_dependency_unavailable{dependency}``, read at each scrape: 1 while
+        the log tells an outage of that dependency (``Scorer.unavailable``; with scoring
+        workers, any worker's as last reported too), from its warning, or from ``redis does
+        not answer at start``, to ``dependency answers again``; else 0."""
+        gauge = Gauge(
+            "riskd_dependency_unavailable",
+            "1 while a dependency is in an outage (from the log's warning to its return).",
+            ["dependency"],
+            registry=self.registry,
+        )
+        for name in DEPENDENCIES:
+            gauge.labels(name).set_function(partial(_is_in, name, unavailable))
+
+    def snapshot(
+        self, log: LogLike | None, catch_up: int, unavailable: Collection[str] = ()
+    ) -> dict[str, Any]:
         """What a scoring worker reports of its own metrics to the server process
         (plain data: it crosses the process boundary as JSON; ``catch_up``: its scorer's
-        orders waiting to be counted)."""
+        orders waiting to be counted; ``unavailable``: its dependencies in an outage)."""
         return {
             "catch_up": catch_up,
+            "unavailable": sorted(unavailable),
             "rule_errors": _by_label(self.rule_errors, "rule_id"),
             "backlog": 0 if log is None else log.backlog,
             "rejected": 0 if log is None else log.rejected,
@@ -300,6 +318,10 @@ class _Superseded:
     def collect(self) -> list[CounterMetricFamily]:
         value = self._log.superseded + self._metrics._workers_superseded
         return [CounterMetricFamily(self._NAME, self._HELP, value=value)]
+
+
+def _is_in(name: str, names: Callable[[], Collection[str]]) -> float:
+    return float(name in names())
 
 
 def _grown(before: float, now: float) -> float:

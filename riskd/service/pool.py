@@ -339,3 +339,9 @@ class _PoolEvidence:
     def catch_up(self) -> int:
         """The workers' orders waiting to be counted in their windows (``catchup``)."""
         return self._sum("catch_up")
+
+    @property
+    def unavailable(self) -> set[str]:
+        """The dependencies in an outage in any worker in service (``Scorer.unavailable``)."""
+        stats = [w.stats for w in self._pool.workers() if w.stats is not None]
+        return {name for s in stats for name in s.get("unavailable", ())}

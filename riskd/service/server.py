@@ -34,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 from riskd.config import STREAM_THREADS, Config
 from riskd.domain.clock import Clock, SystemClock
 from riskd.engine.catchup import CatchUp
+from riskd.engine.scorer import Scorer
 from riskd.errors import ConfigError
 from riskd.service import validate, wire
 from riskd.service.auth import AuthInterceptor
@@ -393,6 +394,7 @@ def _start(
         more = () if pool is None else (pool.evidence,)
         metrics.watch_evidence(components.decision_log, *more)
     metrics.watch_catch_up(partial(_catch_up_queued, components.scorer.catch_up, pool))
+    metrics.watch_dependencies(partial(_unavailable, components.scorer, pool))
     if ready:
         running.set_serving(True)
     fields = {"port": running.port, "metrics_port": running.metrics_port, "services": services}
@@ -555,6 +557,11 @@ def _reason(error: BaseException | None) -> str:
 def _catch_up_queued(own: CatchUp, pool: WorkerPool | None) -> int:
     """Orders waiting to be counted: this process's and its workers' as last reported."""
     return own.queued() + (0 if pool is None else pool.evidence.catch_up)
+
+
+def _unavailable(own: Scorer, pool: WorkerPool | None) -> set[str]:
+    """Dependencies in an outage: this process's and its workers' as last reported."""
+    return {*own.unavailable(), *(() if pool is None else pool.evidence.unavailable)}
 
 
 def _bind(server: grpc.Server, listen: str, credentials: grpc.ServerCredentials | None) -> int:

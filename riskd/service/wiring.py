@@ -175,7 +175,8 @@ def _build(
     rules = ProgramHolder(config.rules_dir, state)  # RuleCompileError: no start without rules
     schedule = _schedule(config)
     configured = configured_keyring(config)  # a bad one is refused before anything exists
-    features = open_feature_store(config, clock)  # a URL redis-py refuses creates nothing
+    # a URL redis-py refuses creates nothing
+    features, features_down = open_feature_store(config, clock)
     closers.append(features.close)
     if config.data_dir.exists() and not config.data_dir.is_dir():
         raise ConfigError(f"data_dir: {config.data_dir} is not a directory")
@@ -236,6 +237,8 @@ def _build(
         record_late=record_late,
     )
     closers.append(scorer.close)
+    if features_down:  # an outage from the start: its end is logged as any outage's
+        scorer.breaker.down()
     components = Components(clock, scorer, rules, closers, decision_log)
     # ledger calls wait on the database's writer lock: threads of their own (Config.rpc_threads)
     components.extra.append(
@@ -395,20 +398,23 @@ def _holds_keyed_data(db: Database) -> bool:
     return False
 
 
-def open_feature_store(config: Config, clock: Clock) -> FeatureStore:
-    """Redis when ``redis_url`` is set (shared by replicas), else in-process."""
+def open_feature_store(config: Config, clock: Clock) -> tuple[FeatureStore, bool]:
+    """Redis when ``redis_url`` is set (shared by replicas), else in-process; and whether
+    a shard did not answer at start (logged here; the scorer's breaker is told, so that
+    the return is logged as any outage's end)."""
     if not config.redis_url:
-        return InProcessFeatureStore(clock)
+        return InProcessFeatureStore(clock), False
     store = RedisFeatureStore(
         config.redis_urls,
         clock,
         prefix=config.redis_prefix,
         timeout_s=config.redis_timeout_ms / 1000.0,
     )
-    for shard, error in store.unreachable():
+    down = store.unreachable()
+    for shard, error in down:
         # not a refusal to start: riskd serves degraded and recovers once Redis answers
-        # (the breaker logs it once its circuit opens); but a wrong URL or password must not
+        # (logged as "dependency answers again"); but a wrong URL or password must not
         # look like an outage
         fields = {"setting": "redis_url", "shard": shard, "error": error}
         log.warning("redis does not answer at start: features degraded", extra={"fields": fields})
-    return store
+    return store, bool(down)

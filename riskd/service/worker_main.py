@@ -95,7 +95,9 @@ def main(argv: Sequence[str]) -> int:
 
     def report() -> bytes:
         waiting = components.scorer.catch_up.queued()
-        snapshot = metrics.snapshot(components.decision_log, waiting)
+        snapshot = metrics.snapshot(
+            components.decision_log, waiting, components.scorer.unavailable()
+        )
         return json.dumps({**snapshot, "rules": queued[0]}).encode()
 
     try:  # the server process may have stopped while this one started (SIGTERM then)

@@ -83,3 +83,48 @@ def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
     outage.down()
     said = [(r.levelname, getattr(r, "fields", {}).get("error")) for r in caplog.records]
     assert said == [("WARNING", "KeyError"), ("INFO", None), ("WARNING", "")]
+
+
+def test_an_outage_told_at_start_ends_in_the_log_without_the_circuit_opening(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review: a dependency down at start (``down``) whose circuit never opened came back
+    with no "answers again"; now its first answer ends the outage, once, and the circuit
+    opening during it does not warn a second time."""
+    caplog.set_level(logging.INFO, logger="riskd.engine.breaker")
+    clock = FakeClock(0.0)
+    b = CircuitBreaker(clock, failures=2, cooldown_s=1.0, name="features")
+    b.down()
+    assert b.outage and b.allow() and not b.is_open  # calls still ask the dependency
+    b.failure()  # one failure: the circuit stays closed
+    b.success()
+    b.success()
+    assert not b.outage
+    b.down()
+    b.failure(), b.failure()  # the circuit opens during the outage told at start
+    assert b.is_open and b.outage
+    clock.advance(1.0)
+    assert b.allow()
+    b.success()
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said == [("INFO", "dependency answers again")] * 2
+
+
+def test_a_call_the_breaker_does_not_judge_ends_only_an_outage_of_a_closed_circuit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="riskd.engine.breaker")
+    clock = FakeClock(0.0)
+    b = CircuitBreaker(clock, failures=1, cooldown_s=1.0, name="features")
+    b.failure()  # open: only its probe may close it
+    b.answered()
+    assert b.outage and b.is_open
+    clock.advance(1.0)
+    assert b.allow()
+    b.success()
+    b.down()
+    b.answered()  # closed circuit, outage told at start: ended
+    b.answered()
+    assert not b.outage
+    said = [r.levelname for r in caplog.records]
+    assert said == ["WARNING", "INFO", "INFO"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,3 +98,43 @@ def test_default_fallback_reviews_large_orders_when_redis_is_down(
         assert reply.decision.outcome == scoring_pb2.OUTCOME_REVIEW
     finally:
         running.stop(1)
+
+
+def test_a_redis_down_at_start_is_told_back_in_the_log_and_the_metric(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review: with Redis down at start and too few orders to open the circuit (one here),
+    its return was never logged ("dependency answers again" came only after the breaker
+    had opened) and no metric said the outage was over; now the start's outage ends in
+    the log, and in ``riskd_dependency_unavailable``, as one that began while running."""
+    own = OwnRedis()  # not started yet
+    config = make_config(tmp_path, redis_url=own.url, redis_timeout_ms=50)
+    caplog.set_level(logging.INFO)
+    running = create_server(config)
+    features = {"dependency": "features"}
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+            order = convert.order_to_proto(fresh())
+            reply = stub.Score(scoring_pb2.ScoreRequest(order=order), timeout=0.3)
+            assert list(reply.decision.unavailable) == ["features"]
+            assert not running.components.scorer.breaker.is_open  # one failure: closed
+            assert running.metrics.value("riskd_dependency_unavailable", features) == 1
+            own.start()
+            # no request needed: the catch-up's call counting that order tells it
+            assert running.components.scorer.catch_up.wait(5)
+            assert running.metrics.value("riskd_dependency_unavailable", features) == 0
+            reply = stub.Score(scoring_pb2.ScoreRequest(order=order), timeout=0.3)
+            assert reply.decision.replayed
+    finally:
+        running.stop(1)
+        own.kill()
+    said = [
+        (r.levelname, r.getMessage(), getattr(r, "fields", {}).get("dependency"))
+        for r in caplog.records
+        if "redis" in r.getMessage() or r.name == "riskd.engine.breaker"
+    ]
+    assert said == [
+        ("WARNING", "redis does not answer at start: features degraded", None),
+        ("INFO", "dependency answers again", "features"),
+    ]

@@ -641,6 +641,19 @@ def test_the_evidence_gauges_add_up_the_workers_last_reports(tmp_path: Path) -> 
     assert metrics.value("riskd_rule_errors_total", {"rule_id": "b"}) == 1
 
 
+def test_the_outage_gauge_tells_an_outage_any_worker_last_reported() -> None:
+    """Unit level: a worker's scorer sees its own outages (Redis down at its start, say);
+    the server process's gauge is 1 while any worker in service last reported one."""
+    reports = [{"unavailable": ["features"]}, {"unavailable": []}, None]
+    pool = types.SimpleNamespace(workers=lambda: [types.SimpleNamespace(stats=r) for r in reports])
+    metrics = Metrics()
+    metrics.watch_dependencies(lambda: workers._PoolEvidence(pool).unavailable)  # type: ignore[arg-type]
+    assert metrics.value("riskd_dependency_unavailable", {"dependency": "features"}) == 1
+    assert metrics.value("riskd_dependency_unavailable", {"dependency": "evidence"}) == 0
+    reports[0] = {"unavailable": []}
+    assert metrics.value("riskd_dependency_unavailable", {"dependency": "features"}) == 0
+
+
 def test_a_rejected_reload_is_counted_once_whatever_the_number_of_workers(
     tmp_path: Path,
 ) -> None:
