@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol
@@ -126,6 +126,7 @@ class Metrics:
         )
 
         self._workers_superseded = 0.0  # what the scoring workers reported (absorb_worker)
+        self._workers_dropped: dict[str, float] = {}  # their catch-ups' dropped orders, too
         # the rule ids of the program in force since the last swap (forget_rules); None
         # before one: every rule id the decisions carry is counted
         self._rule_ids: frozenset[str] | None = None
@@ -216,16 +217,21 @@ class Metrics:
         ).set_function(lambda: sum(x.unsealed for x in logs))
         r.register(_Superseded(log, self))
 
-    def watch_catch_up(self, queued: Callable[[], int]) -> None:
+    def watch_catch_up(
+        self, queued: Callable[[], int], dropped: Callable[[], Mapping[str, int]]
+    ) -> None:
         """Export ``riskd_features_catch_up_queued``, read at each scrape: orders answered
         without their features, waiting to be counted in their windows
         (``riskd.engine.catchup``; with scoring workers, theirs as last reported too). It
-        grows while the feature store is away and drains once it answers again."""
+        grows while the feature store is away and drains once it answers again. And
+        ``riskd_features_catch_up_dropped_total{reason}``: such orders dropped uncounted
+        (``dropped``: this process's; the scoring workers' are added by ``absorb_worker``)."""
         Gauge(
             "riskd_features_catch_up_queued",
             "Orders answered without their features, waiting to be counted in their windows.",
             registry=self.registry,
         ).set_function(queued)
+        self.registry.register(_Dropped(dropped, self._workers_dropped))
 
     def watch_dependencies(self, unavailable: Callable[[], Collection[str]]) -> None:
         """Export ``riskd_dependency_unavailable{dependency}``, read at each scrape: 1 while
@@ -242,13 +248,18 @@ class Metrics:
             gauge.labels(name).set_function(partial(_is_in, name, unavailable))
 
     def snapshot(
-        self, log: LogLike | None, catch_up: int, unavailable: Collection[str] = ()
+        self,
+        log: LogLike | None,
+        catch_up: int,
+        unavailable: Collection[str] = (),
+        catch_up_dropped: Mapping[str, int] | None = None,
     ) -> dict[str, Any]:
         """What a scoring worker reports of its own metrics to the server process
         (plain data: it crosses the process boundary as JSON; ``catch_up``: its scorer's
         orders waiting to be counted; ``unavailable``: its dependencies in an outage)."""
         return {
             "catch_up": catch_up,
+            "catch_up_dropped": dict(catch_up_dropped or {}),
             "unavailable": sorted(unavailable),
             "rule_errors": _by_label(self.rule_errors, "rule_id"),
             "backlog": 0 if log is None else log.backlog,
@@ -270,6 +281,10 @@ class Metrics:
                 _child(self._by_error, self.rule_errors, rule_id).inc(grown)
         old = 0.0 if before is None else float(before["superseded"])
         self._workers_superseded += _grown(old, float(now["superseded"]))
+        was = {} if before is None else before.get("catch_up_dropped", {})
+        for reason, count in now.get("catch_up_dropped", {}).items():
+            grown = _grown(float(was.get(reason, 0)), float(count))
+            self._workers_dropped[reason] = self._workers_dropped.get(reason, 0.0) + grown
 
     def value(self, name: str, labels: dict[str, str] | None = None) -> float:
         """A sample's current value (0 when absent), e.g. ``riskd_decisions_total``."""
@@ -318,6 +333,31 @@ class _Superseded:
     def collect(self) -> list[CounterMetricFamily]:
         value = self._log.superseded + self._metrics._workers_superseded
         return [CounterMetricFamily(self._NAME, self._HELP, value=value)]
+
+
+class _Dropped:
+    """``riskd_features_catch_up_dropped_total{reason}``, read at each scrape
+    (``Metrics.watch_catch_up``)."""
+
+    _NAME = "riskd_features_catch_up_dropped"
+    _HELP = (
+        "Orders answered without their features and dropped uncounted, by reason: full (the"
+        " catch-up queue had no room), failing (given up after every call failed)."
+    )
+
+    def __init__(self, own: Callable[[], Mapping[str, int]], workers: Mapping[str, float]):
+        self._own = own
+        self._workers = workers
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(self._NAME, self._HELP, labels=["reason"])]
+
+    def collect(self) -> list[CounterMetricFamily]:
+        family = CounterMetricFamily(self._NAME, self._HELP, labels=["reason"])
+        own = self._own()
+        for reason in sorted({*own, *self._workers}):
+            family.add_metric([reason], own.get(reason, 0) + self._workers.get(reason, 0.0))
+        return [family]
 
 
 def _is_in(name: str, names: Callable[[], Collection[str]]) -> float:

@@ -393,7 +393,10 @@ def _start(
     if components.decision_log is not None:
         more = () if pool is None else (pool.evidence,)
         metrics.watch_evidence(components.decision_log, *more)
-    metrics.watch_catch_up(partial(_catch_up_queued, components.scorer.catch_up, pool))
+    metrics.watch_catch_up(
+        partial(_catch_up_queued, components.scorer.catch_up, pool),
+        components.scorer.catch_up.dropped,
+    )
     metrics.watch_dependencies(partial(_unavailable, components.scorer, pool))
     if ready:
         running.set_serving(True)

@@ -95,8 +95,9 @@ def main(argv: Sequence[str]) -> int:
 
     def report() -> bytes:
         waiting = components.scorer.catch_up.queued()
+        scorer = components.scorer
         snapshot = metrics.snapshot(
-            components.decision_log, waiting, components.scorer.unavailable()
+            components.decision_log, waiting, scorer.unavailable(), scorer.catch_up.dropped()
         )
         return json.dumps({**snapshot, "rules": queued[0]}).encode()
 

@@ -6,6 +6,7 @@ orders, a real breaker, a fake clock.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -122,6 +123,36 @@ def test_orders_past_the_limit_are_dropped_and_queued_again_by_a_retry(
     assert {tuple(q) for q in store.asked} == {QUERIES[1:]}
 
 
+def test_orders_dropped_for_want_of_room_are_counted_and_told_once_per_overflow(
+    up: CatchUp,
+    store: Store,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review: a 5-second Redis outage at 2,100 orders/s answered 10,500 orders degraded;
+    500 found the queue full and stayed out of their windows for good, with no log line
+    and no metric. Now they are counted (``dropped``) and the overflow is told: a warning
+    at its first order dropped, and how many once the queue is down to half its limit."""
+    caplog.set_level(logging.INFO, logger="riskd.engine.catchup")
+    breaker.failure(UnavailableError("down"))  # the store is away: the queue waits
+    up.submit([(make_order(o), clock.now()) for o in "abcd"], QUERIES)
+    up.submit([(make_order(o), clock.now()) for o in "ead"], QUERIES)  # a: queued already
+    assert up.queued() == 3 and up.dropped() == {"full": 3, "failing": 0}
+    breaker.success()
+    assert up.wait(5)
+    said = [
+        (r.levelname, r.getMessage(), getattr(r, "fields", {}))
+        for r in caplog.records
+        if r.name == "riskd.engine.catchup"
+    ]
+    assert [(level, fields) for level, _, fields in said] == [
+        ("WARNING", {"queue_limit": 3}),
+        ("INFO", {"orders": 3, "queue_limit": 3}),
+    ]
+    assert "dropped uncounted" in said[0][1] and "room again" in said[1][1]
+
+
 def kept_while_away(up: CatchUp, breaker: CircuitBreaker, clock: FakeClock, ids: str) -> None:
     """Orders ``ids`` (one letter each) answered while the store was away, then ``up``
     closed: kept in its database (its evidence schema created first)."""
@@ -167,6 +198,7 @@ def test_a_failing_order_goes_to_the_back_and_is_given_up_after_max_tries(
     indexer: BlindIndexer,
     clock: FakeClock,
     quick_retries: None,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     store.failing.add("bad")
     up.submit([(make_order(o), clock.now()) for o in ("bad", "a", "b")], QUERIES)
@@ -174,6 +206,9 @@ def test_a_failing_order_goes_to_the_back_and_is_given_up_after_max_tries(
     assert store.calls[:4] == ["bad", "a", "b", "bad"]  # a and b did not wait behind it
     assert store.calls.count("bad") == catchup.MAX_TRIES
     assert counted(store, indexer, clock) == 2
+    assert up.dropped() == {"full": 0, "failing": 1}  # told (review: it went silently)
+    [record] = [r for r in caplog.records if r.name == "riskd.engine.catchup"]
+    assert record.levelname == "WARNING" and "given up" in record.getMessage()
 
 
 def test_close_waits_for_the_order_being_recorded_and_then_takes_none(

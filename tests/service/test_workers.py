@@ -654,6 +654,20 @@ def test_the_outage_gauge_tells_an_outage_any_worker_last_reported() -> None:
     assert metrics.value("riskd_dependency_unavailable", {"dependency": "features"}) == 0
 
 
+def test_orders_the_catch_ups_dropped_add_up_over_the_workers_reports() -> None:
+    """Unit level: this process's dropped orders, and each worker's growth since its last
+    report (a restarted worker reports from zero again)."""
+    metrics = Metrics()
+    metrics.watch_catch_up(lambda: 0, lambda: {"full": 2, "failing": 0})
+    first = {"rule_errors": {}, "superseded": 0, "catch_up_dropped": {"full": 5}}
+    metrics.absorb_worker(None, first)
+    metrics.absorb_worker(first, {**first, "catch_up_dropped": {"full": 7, "failing": 1}})
+    metrics.absorb_worker(None, {**first, "catch_up_dropped": {"full": 1}})  # restarted
+    full = metrics.value("riskd_features_catch_up_dropped_total", {"reason": "full"})
+    assert full == 2 + 7 + 1
+    assert metrics.value("riskd_features_catch_up_dropped_total", {"reason": "failing"}) == 1
+
+
 def test_a_rejected_reload_is_counted_once_whatever_the_number_of_workers(
     tmp_path: Path,
 ) -> None:
