@@ -65,7 +65,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import ipaddress
 import re
+import threading
 import time
 import zlib
 from collections import deque
@@ -451,7 +453,11 @@ class RedisFeatureStore:
         kind of error (``ConnectionError``, ``AuthenticationError``: never a URL)."""
         down = []
         for i, shard in enumerate(self._shards):
-            conn = shard.take(time.monotonic() + self._timeout_s)
+            try:
+                conn = shard.take(time.monotonic() + self._timeout_s)
+            except redis.RedisError as e:  # a host name not resolved in time
+                down.append((i, type(e).__name__))
+                continue
             try:
                 conn.send_command("PING")
                 conn.read_response()
@@ -648,6 +654,17 @@ def _left(deadline: float) -> float:
     return left
 
 
+def _is_name(host: object) -> bool:
+    """Whether ``host`` is a host name (resolved on connecting), not an IP address."""
+    if not isinstance(host, str) or not host:
+        return False
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return True
+    return False
+
+
 def _handshake(conn: Any) -> None:
     """redis-py's ``redis_connect_func``: its own handshake, whose reads (AUTH, SELECT:
     see ``_lean_handshake``) share what is left of the call's bound."""
@@ -669,6 +686,15 @@ class _Connections:
     first as the pool does (a poll): one the server has closed meanwhile (a restart, an
     idle timeout) is reconnected instead of failing the call, within what is left of the
     call's bound (``take``'s deadline: the connect and ``_handshake``).
+
+    A host name is resolved as the connection is made (``getaddrinfo``), which no socket
+    timeout bounds: a resolver that does not answer (a partition, a DNS failover) held
+    each call for its own timeout (review: 2,002 ms against a 100 ms deadline, for every
+    call until the breaker opened). So a shard named by host name connects on a thread of
+    its own, waited for within the call's bound; one still out then makes the next
+    connects fail at once (no thread piles up behind a dead resolver), and the
+    connection it makes in the end is kept for the next call. An IP address or a Unix
+    socket connects on the caller's thread, as before (no resolution, no thread hop).
     """
 
     def __init__(self, url_pool: redis.ConnectionPool) -> None:
@@ -677,6 +703,10 @@ class _Connections:
         self._kwargs = {**url_pool.connection_kwargs, "redis_connect_func": _handshake}
         self._timeout_s = self._kwargs["socket_connect_timeout"]
         self._idle: deque[Any] = deque()
+        self._named = _is_name(self._kwargs.get("host"))
+        self._lock = threading.Lock()
+        self._late = 0  # connects (host names) still out past their caller's bound
+        self._closed = False
 
     def take(self, deadline: float) -> Any:
         """A connection for one call; one that must connect (on its first command) does
@@ -694,12 +724,55 @@ class _Connections:
         if not conn.is_connected:
             conn.socket_connect_timeout = min(self._timeout_s, _left(deadline))
             conn.riskd_deadline = deadline  # for _handshake
+            if self._named:
+                self._connect_aside(conn, deadline)
         return conn
+
+    def _connect_aside(self, conn: Any, deadline: float) -> None:
+        """Connect ``conn`` on a thread of its own, waiting until ``deadline`` at most.
+
+        Raises:
+            redis.TimeoutError: not connected in time, or an earlier connect is still out
+                (the name did not resolve in time: no other thread is started meanwhile).
+        """
+        with self._lock:
+            if self._late:
+                raise redis.TimeoutError("connecting: the host name did not resolve in time")
+        state: dict[str, Any] = {}
+        done = threading.Event()
+
+        def connect() -> None:
+            try:
+                conn.connect()
+            except BaseException as e:  # the caller's to raise, or dropped when late
+                state["error"] = e
+            with self._lock:
+                late = state["late"] = state.get("late", False)
+                if late:
+                    self._late -= 1
+                keep = late and "error" not in state and not self._closed
+                done.set()
+            if keep:  # the connection a dead resolver held up: kept for the next call
+                self._idle.append(conn)
+            elif late:
+                conn.disconnect()
+
+        threading.Thread(target=connect, name="riskd-redis-connect", daemon=True).start()
+        done.wait(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            if not done.is_set():
+                state["late"] = True
+                self._late += 1
+                raise redis.TimeoutError("connecting: the host name did not resolve in time")
+        if "error" in state:
+            raise state["error"]
 
     def give_back(self, conn: Any) -> None:
         self._idle.append(conn)
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         while self._idle:
             self._idle.pop().disconnect()
 

@@ -321,6 +321,45 @@ def test_on_shards_the_claim_lives_on_the_home_shard_and_a_refused_call_claims_n
     store.close()
 
 
+def test_a_resolver_that_does_not_answer_cannot_hold_a_call_past_its_bound(
+    own_redis: OwnRedis, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: Redis named by host name, restarted (a failover) while the resolver did not
+    answer (a partition): each call waited for getaddrinfo, which no socket timeout bounds
+    (2,002 ms against a 50 ms bound, 100 ms deadlines). A DNS outage cannot be made here,
+    so getaddrinfo is held for the names of this test alone: the call fails within its
+    bound, the next ones at once (no thread waits on the resolver behind the first), and
+    the connection made once the name resolves serves the next call."""
+    store = RedisFeatureStore(
+        f"redis://localhost:{own_redis.port}/0", clock, prefix="t:", timeout_s=0.05
+    )
+    store.record_and_read(order(clock, "o1", device="dev-secret"), QUERIES)
+    resolving, answer = threading.Event(), threading.Event()
+    real = socket.getaddrinfo
+
+    def held(host: object, *args: object, **kwargs: object) -> object:
+        if host == "localhost":
+            resolving.set()
+            answer.wait(10)
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    own_redis.kill()
+    own_redis.start()  # every connection must be made again
+    monkeypatch.setattr(socket, "getaddrinfo", held)
+    try:
+        took = [_fails_fast(store, order(clock, f"s{i}", device="dev-secret")) for i in range(3)]
+        assert resolving.is_set() and max(took) < 0.2, took
+        threads = [t for t in threading.enumerate() if t.name == "riskd-redis-connect"]
+        assert len(threads) == 1  # the later calls did not start another
+        assert store.unreachable() == [(0, "TimeoutError")]  # a start does not hang either
+    finally:
+        answer.set()
+    threads[0].join(5)
+    got = store.record_and_read(order(clock, "o2", device="dev-secret"), QUERIES)
+    assert got[COUNT_DEVICE_1M] == 1
+    store.close()
+
+
 def test_unreachable_redis_fails_within_the_connect_timeout(clock: FakeClock) -> None:
     store = RedisFeatureStore("redis://10.255.255.1:6379/0", clock, prefix="t:")
     assert _fails_fast(store, order(clock, "o1", device="dev-secret")) < 0.5
