@@ -56,7 +56,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from riskd.domain.clock import Clock
@@ -166,6 +166,8 @@ class CatchUp:
         # so a queue about full is one overflow in the log, not one per slot freed)
         self._dropped: dict[str, int] = {FULL: 0, FAILING: 0}
         self._overflow: int | None = None
+        # whether the store answers now, asked while its start's outage lasts (``await_store``)
+        self._asking: Callable[[], bool] | None = None
 
     def submit(
         self, missed: Sequence[tuple[Order, float]], queries: Collection[FeatureQuery]
@@ -386,24 +388,69 @@ class CatchUp:
                     if self._orders:
                         raw, item = self._orders.popleft(), None
                         break
+                    raw = item = None
                     wait = None if not self._items else retry_at - time.monotonic()
+                    if wait is None and self._asking is not None:
+                        wait = retry_at - time.monotonic()  # ask the store (``await_store``)
                     if wait is not None and wait <= 0:
-                        raw, item = None, self._items.popleft()
+                        item = self._items.popleft() if self._items else None
                         break
                     self._cond.wait(wait)
-                self._busy = True
+                self._busy = raw is not None or item is not None
             started = time.monotonic()
+            done: bool | None = True
             if raw is not None:
-                done: bool | None = True
                 self._observe(*raw)
-            else:
-                assert item is not None
+            elif item is not None:
                 done = self._next(item)
+            else:
+                done = self._ask()
             if not done:
                 retry_at = time.monotonic() + RETRY_S
             # pause as long as the order took
             elif self._closed.wait(max(PACE_S, time.monotonic() - started)):
                 return
+
+    def await_store(self, answers: Callable[[], bool]) -> None:
+        """The store did not answer at start (its breaker was told: ``down``): while no
+        order is queued, ask ``answers`` (a ping of every shard) every ``RETRY_S`` until it
+        says yes, so the outage ends, in the log and the metric, with no request (review:
+        a scoring workers' server process, which scores few orders, or a replica with no
+        traffic, told of Redis's return never). A call that answers ends the asking too."""
+        with self._cond:
+            if self._closed.is_set():
+                return
+            self._asking = answers
+            self._start()
+
+    def _ask(self) -> bool | None:
+        """Ask the store whether it answers (``await_store``): True when it did and the
+        outage is over (the breaker told: its probe's success, or ``answered``), False
+        when the breaker's probe was not free (or its circuit opened as it was asked),
+        None when it did not answer."""
+        answers = self._asking
+        if answers is None or not self._breaker.outage:
+            self._asking = None  # the outage is over: by a request's call or an order's
+            return True
+        probe = self._breaker.is_open
+        if probe and not self._breaker.allow():
+            return False
+        try:
+            up = answers()
+        except Exception:  # a bug, or the store closed at shutdown: not an answer
+            up = False
+        if not up:
+            if probe:
+                self._breaker.failure()
+            return None
+        if probe:
+            self._breaker.success()
+        else:  # the circuit may have opened since: then asked again after its cooldown
+            self._breaker.answered()
+        if self._breaker.outage:
+            return False
+        self._asking = None
+        return True
 
     def _observe(
         self, order: Order, at: float, queries: tuple[FeatureQuery, ...], key: str
@@ -456,8 +503,7 @@ class CatchUp:
             if not kept and done is None:
                 self._dropped[FAILING] += 1
                 _log.warning(
-                    "an order waiting to be counted was given up: the store failed its every"
-                    " call",
+                    "an order waiting to be counted was given up: the store failed its every call",
                     extra={"fields": {"tries": MAX_TRIES}},
                 )
             # told before ``wait`` can see the queue idle (rare lines: under the lock)

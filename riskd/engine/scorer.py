@@ -313,6 +313,14 @@ class Scorer:
         an append per order (``LATE_S``, ``APPEND_S``). 0 for a single order."""
         return 0.0 if orders <= 1 else orders * (LATE_S + APPEND_S)
 
+    def features_down(self, answers: Callable[[], bool]) -> None:
+        """The feature store did not answer at start (the caller logged it): an outage,
+        whose end is logged and metered as any other's, by the first call that answers,
+        or by ``answers`` (a ping of every shard), asked in the background every second
+        while no request comes (``CircuitBreaker.down``, ``CatchUp.await_store``)."""
+        self.breaker.down()
+        self.catch_up.await_store(answers)
+
     def unavailable(self) -> tuple[str, ...]:
         """The ``DEPENDENCIES`` in an outage now, as the log tells them: from the warning
         (or ``redis does not answer at start``) to ``dependency answers again``."""

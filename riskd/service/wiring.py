@@ -237,8 +237,8 @@ def _build(
         record_late=record_late,
     )
     closers.append(scorer.close)
-    if features_down:  # an outage from the start: its end is logged as any outage's
-        scorer.breaker.down()
+    if features_down is not None:  # an outage from the start: it ends as any outage
+        scorer.features_down(features_down)
     components = Components(clock, scorer, rules, closers, decision_log)
     # ledger calls wait on the database's writer lock: threads of their own (Config.rpc_threads)
     components.extra.append(
@@ -398,12 +398,15 @@ def _holds_keyed_data(db: Database) -> bool:
     return False
 
 
-def open_feature_store(config: Config, clock: Clock) -> tuple[FeatureStore, bool]:
-    """Redis when ``redis_url`` is set (shared by replicas), else in-process; and whether
-    a shard did not answer at start (logged here; the scorer's breaker is told, so that
-    the return is logged as any outage's end)."""
+def open_feature_store(
+    config: Config, clock: Clock
+) -> tuple[FeatureStore, Callable[[], bool] | None]:
+    """Redis when ``redis_url`` is set (shared by replicas), else in-process; and, when a
+    shard did not answer at start (logged here), whether every shard answers now, for the
+    scorer to ask until it does (``Scorer.features_down``: the outage ends as any other).
+    """
     if not config.redis_url:
-        return InProcessFeatureStore(clock), False
+        return InProcessFeatureStore(clock), None
     store = RedisFeatureStore(
         config.redis_urls,
         clock,
@@ -417,4 +420,4 @@ def open_feature_store(config: Config, clock: Clock) -> tuple[FeatureStore, bool
         # look like an outage
         fields = {"setting": "redis_url", "shard": shard, "error": error}
         log.warning("redis does not answer at start: features degraded", extra={"fields": fields})
-    return store, bool(down)
+    return store, (lambda: not store.unreachable()) if down else None

@@ -533,3 +533,40 @@ def test_the_order_whose_call_outlasts_closes_wait_is_kept(
         assert db.query("SELECT COUNT(*) FROM features_catch_up") == [(1,)]
     finally:
         store.release.set()
+
+
+def test_an_outage_told_at_start_is_ended_by_asking_the_store_with_nothing_queued(
+    up: CatchUp, breaker: CircuitBreaker, clock: FakeClock, quick_retries: None
+) -> None:
+    """With no order to count and no request, the catch-up asks the store itself until it
+    answers; it takes the breaker's probe once the circuit has opened meanwhile."""
+    answers = threading.Event()
+    asked: list[bool] = []
+
+    def ping() -> bool:
+        asked.append(answers.is_set())
+        return answers.is_set()
+
+    breaker.down()
+    up.await_store(ping)
+    assert eventually(lambda: len(asked) >= 3)
+    assert breaker.outage and not breaker.is_open and up.queued() == 0
+    breaker.failure(UnavailableError("down"))  # a request's call opened the circuit
+    answers.set()
+    time.sleep(0.05)
+    assert breaker.is_open  # its cooldown not over: the probe is not free, nothing asked
+    clock.advance(1.0)
+    assert eventually(lambda: not breaker.outage)
+    assert not breaker.is_open
+    n = len(asked)
+    time.sleep(0.05)
+    assert len(asked) == n  # nothing asked once the outage is over
+
+
+def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True

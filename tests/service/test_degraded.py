@@ -138,3 +138,34 @@ def test_a_redis_down_at_start_is_told_back_in_the_log_and_the_metric(
         ("WARNING", "redis does not answer at start: features degraded", None),
         ("INFO", "dependency answers again", "features"),
     ]
+
+
+def test_a_redis_down_at_start_is_told_back_with_no_request_at_all(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process that scores nothing meanwhile (a scoring workers' server process, a
+    replica with no traffic) still tells Redis's return: it asks Redis itself."""
+    own = OwnRedis()  # not started yet
+    caplog.set_level(logging.INFO, logger="riskd.engine.breaker")
+    running = create_server(make_config(tmp_path, redis_url=own.url, redis_timeout_ms=50))
+    features = {"dependency": "features"}
+    try:
+        time.sleep(1.5)  # asked and not answered, at least once
+        assert running.metrics.value("riskd_dependency_unavailable", features) == 1
+        own.start()
+        deadline = time.monotonic() + 5
+        while running.metrics.value("riskd_dependency_unavailable", features) == 1:
+            assert time.monotonic() < deadline, "Redis's return was never told"
+            time.sleep(0.05)
+    finally:
+        running.stop(1)
+        own.kill()
+    said = [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if "redis" in r.getMessage() or r.name == "riskd.engine.breaker"
+    ]
+    assert said == [
+        ("WARNING", "redis does not answer at start: features degraded"),
+        ("INFO", "dependency answers again"),
+    ]
