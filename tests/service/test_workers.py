@@ -647,7 +647,7 @@ def test_the_outage_gauge_tells_an_outage_any_worker_last_reported() -> None:
     reports = [{"unavailable": ["features"]}, {"unavailable": []}, None]
     pool = types.SimpleNamespace(workers=lambda: [types.SimpleNamespace(stats=r) for r in reports])
     metrics = Metrics()
-    metrics.watch_dependencies(lambda: workers._PoolEvidence(pool).unavailable)  # type: ignore[arg-type]
+    metrics.watch_dependencies(lambda: pool_module._PoolEvidence(pool).unavailable)  # type: ignore[arg-type]
     assert metrics.value("riskd_dependency_unavailable", {"dependency": "features"}) == 1
     assert metrics.value("riskd_dependency_unavailable", {"dependency": "evidence"}) == 0
     reports[0] = {"unavailable": []}
