@@ -16,6 +16,7 @@ from riskd.domain.events import OrderEvent, OrderEventKind
 from riskd.domain.order import Order
 from riskd.errors import InvalidArgumentError
 from riskd.features.store import MAX_ORDER_ID_LEN
+from riskd.pii.detect import refuse_pii
 
 MAX_ITEMS = 200
 MAX_STRING_CHARS = 256
@@ -158,7 +159,8 @@ def validate_item_count(count: int, field: str) -> None:
 def validate_event(event: OrderEvent, now: float) -> None:
     """A reported outcome needs an order id ``Score`` would take, a kind and a time in
     seconds since the epoch, not before 2000 (``EARLIEST_EVENT_AT``) nor later than
-    ``now`` (plus ``MAX_EVENT_SKEW_S`` of clock skew)."""
+    ``now`` (plus ``MAX_EVENT_SKEW_S`` of clock skew), and a ``detail`` without personal
+    data (``riskd.pii.detect``: the event is chained in ``order_events`` for good)."""
     _validate_order_id(event.order_id, "order_id")
     if event.kind is OrderEventKind.UNSPECIFIED:
         raise InvalidArgumentError("kind", "is required")
@@ -174,3 +176,4 @@ def validate_event(event: OrderEvent, now: float) -> None:
         raise InvalidArgumentError("detail", f"longer than {4 * MAX_STRING_CHARS}")
     if "\x00" in event.detail:
         raise InvalidArgumentError("detail", "must not contain NUL characters")
+    refuse_pii("detail", event.detail)

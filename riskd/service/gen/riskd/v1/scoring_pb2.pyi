@@ -294,7 +294,11 @@ class ReportOutcomeRequest(_message.Message):
     riskd's clock); 0 means now.
     """
     detail: _builtins.str
-    """Free text (no PII)."""
+    """Free text, stored as written for good (hash-chained): no PII. A detail that looks
+    like it holds a mobile phone number, an 18-character ID number, a bank card number
+    or an e-mail address is INVALID_ARGUMENT ("detail: looks like it holds ..."), and
+    nothing is stored. Tracking numbers, order ids, amounts and dates are fine.
+    """
     def __init__(
         self,
         *,
