@@ -12,8 +12,9 @@ outcome. The table is append-only and hash-chained like the decision log
 (``chain.ACCESS``; ``chain.verify`` walks it). A granted reveal returns the
 plaintext only after its entry is committed: no audit entry, no plaintext.
 Malformed requests (no order id, or one Score would refuse: longer than
-``MAX_ORDER_ID_LEN`` or with control characters; no reason; an unknown field
-name) are refused before anything is read and change nothing.
+``MAX_ORDER_ID_LEN`` or with control characters; no reason, or one that holds
+personal data, ``riskd.pii.detect``; an unknown field name) are refused before
+anything is read and change nothing.
 
 Nothing here logs, or puts in an exception message, a plaintext value: errors
 name the order, the field names and the outcome only.
@@ -40,6 +41,7 @@ from riskd.errors import (
 from riskd.evidence.chain import ACCESS, append_rows
 from riskd.evidence.log import DecisionLog
 from riskd.evidence.schema import MAX_SEQ
+from riskd.pii.detect import refuse_pii
 from riskd.sql import Database, Tx
 
 PII_FIELDS: tuple[str, ...] = ("phone", "name", "id_number", "address", "device", "ip")
@@ -118,6 +120,7 @@ def _check_request(order_id: str, reason: str, principal: str) -> None:
         raise InvalidArgumentError("reason", "is required: say why the plaintext is needed")
     if len(reason) > MAX_REASON_CHARS:
         raise InvalidArgumentError("reason", f"must be at most {MAX_REASON_CHARS} characters")
+    refuse_pii("reason", reason)  # chained into pii_access_log for good, in clear
     if not principal:
         raise InvalidArgumentError("principal", "is required")
 

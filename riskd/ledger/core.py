@@ -33,7 +33,7 @@ from riskd.ledger.codes import Code
 from riskd.ledger.schedule import PenaltySchedule
 from riskd.ledger.store import LedgerStore, StoredRequest
 from riskd.ledger.transfers import Transfer
-from riskd.ledger.validate import check_actor, check_key, check_text
+from riskd.ledger.validate import check_actor, check_key, check_note
 from riskd.sql import Database, Tx
 
 
@@ -132,8 +132,8 @@ class BookCore:
         # a new request's text (after the lookup: a retry of one stored before a check
         # was tightened still gets its first receipt; review)
         check_actor(req.actor)
-        check_text("reason", req.reason)
-        check_text("evidence", req.evidence)
+        check_note("reason", req.reason)
+        check_note("evidence", req.evidence)
         if check_new is not None:
             check_new()
 

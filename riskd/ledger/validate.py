@@ -6,6 +6,7 @@ import re
 import unicodedata
 
 from riskd.errors import InvalidArgumentError
+from riskd.pii.detect import refuse_pii
 
 # The most one request may move: 10^12 fen (10 billion CNY), the scoring API's order
 # maximum too. Far above any real deposit, payout or order, and far below 2^63, so the
@@ -131,6 +132,20 @@ def check_text(
     if len(value) > max_len:
         raise InvalidArgumentError(field, f"longer than {max_len} characters")
     return value
+
+
+def check_note(field: str, value: object) -> str:
+    """A request's ``reason`` or ``evidence``, kept as written in the append-only journal
+    for good: ``check_text``'s characters and no personal data (``riskd.pii.detect``).
+
+    >>> check_note("reason", "buyer 138-1234-5678 called")
+    Traceback (most recent call last):
+    riskd.errors.InvalidArgumentError: reason: looks like it holds a mobile phone number; \
+free text must not carry personal data
+    """
+    text = check_text(field, value)
+    refuse_pii(field, text)
+    return text
 
 
 def check_actor(value: object) -> str:

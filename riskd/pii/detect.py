@@ -1,10 +1,14 @@
 """Personal data in free text: what keeps it out of the records riskd never forgets.
 
-Where it sits: free text that riskd stores as written (a reported outcome's
-``detail``, chained into ``order_events``) is scanned by ``refuse_pii`` before
-anything is written; a hit is ``INVALID_ARGUMENT`` naming the field and the kind
-of data, never the value. Such records cannot be edited, and only the encrypted
-PII fields can be forgotten, so plaintext PII there would stay for good.
+Where it sits: free text that riskd stores as written is scanned by
+``refuse_pii`` before anything is written: a reported outcome's ``detail``
+(``riskd.service.validate``, chained into ``order_events``), a ledger request's
+``reason`` and ``evidence`` (``riskd.ledger.validate.check_note``, the journal),
+an analyst's reason for a reveal (``riskd.evidence.access``, the chained
+``pii_access_log``) and a legal hold's reason (``Vault.hold``). A hit is
+``INVALID_ARGUMENT`` naming the field and the kind of data, never the value.
+Such records cannot be edited, and only the encrypted PII fields can be
+forgotten, so plaintext PII there would stay for good.
 
 What counts, each shaped for few false positives on what these fields carry
 (courier tracking numbers, order ids, amounts, dates and times, SKU codes,

@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from riskd.domain.clock import Clock, SystemClock
 from riskd.errors import CryptoError, InvalidArgumentError, RiskdError
+from riskd.pii.detect import refuse_pii
 from riskd.pii.keyring import KEY_BYTES, NONCE_BYTES, MasterKeyProvider, fingerprint
 from riskd.pii.keystore import DataKeyRow, KeyStore, ShredResult, SqlKeyStore
 from riskd.sql import Database, Tx
@@ -585,6 +586,7 @@ class Vault:
         the id holds them all)."""
         _require("subject_id", subject_id)
         _require("reason", reason)
+        refuse_pii("reason", reason)  # stored in clear; ``holds`` and forget's refusal list it
         self.keystore.hold(subject_id, reason, self._clock.now())
 
     def release_hold(self, subject_id: str, reason: str | None = None) -> bool:

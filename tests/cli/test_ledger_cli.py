@@ -158,3 +158,16 @@ def test_a_select_only_auditor_verifies_and_lists_the_postgres_ledger(
         top_up = ["fund-top-up", "5", "--key", "t1", "--reason", "r", "--database", url]
         assert run(top_up) == 2
         assert "the database refused (InsufficientPrivilege" in capsys.readouterr().err
+
+
+def test_a_reason_holding_pii_exits_2_naming_it_and_writes_nothing(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    top_up = ["fund-top-up", "500", "--key", "t1", "--reason", "买家 13812345678 来电"]
+    assert run([*top_up, "--database", url]) == 2
+    err = capsys.readouterr().err
+    assert "reason: looks like it holds a mobile phone number" in err
+    assert "13812345678" not in err
+    assert run(["statement", "platform:fund", "--json", "--database", url]) == 0
+    out = capsys.readouterr().out
+    assert json.loads(out[out.index('{\n  "account"') :])["transfers"] == []

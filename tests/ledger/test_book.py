@@ -497,15 +497,16 @@ def test_mixed_direction_text_is_kept_and_a_retry_of_a_stored_request_replays(
     first = book.top_up_fund("t1", 100, actor="ops", reason=arabic)
     assert first.transfers[0].reason == arabic
     # a stored request whose reason the checks refuse now (written by an older build)
-    stored = "refund \u202e0001 CNY"
+    # (a control character, and a phone number: refused since riskd.pii.detect)
+    stored = "refund \u202e0001 CNY to 13812345678"
     import riskd.ledger.core as core
 
-    checked = core.check_text
-    core.check_text = lambda *a, **k: a[1]  # type: ignore[assignment]
+    checked = core.check_note
+    core.check_note = lambda *a, **k: a[1]  # type: ignore[assignment]
     try:
         old = book.top_up_fund("t2", 100, actor="ops", reason=stored)  # as an older build
     finally:
-        core.check_text = checked
+        core.check_note = checked
     again = book.top_up_fund("t2", 100, actor="ops", reason=stored)
     assert again.replayed and again.transfers == old.transfers
 

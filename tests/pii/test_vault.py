@@ -490,3 +490,13 @@ def test_bind_keyring_checks_a_database_written_before_fingerprints_by_its_data_
     assert store.keyring_fingerprint() is None  # nothing recorded for the foreign one
     assert bind_keyring(keyring, store)
     assert not bind_keyring(Keyring.generate(), store)
+
+
+def test_vault_a_hold_reason_holding_pii_is_refused_and_holds_nothing(vault: Vault) -> None:
+    """The reason is stored in clear and listed by ``holds`` and forget's refusal."""
+    vault.encrypt("b1", "o1", "phone", PHONE)
+    with pytest.raises(InvalidArgumentError) as e:
+        vault.hold("b1", "court order for buyer 11010519491231002X")
+    assert str(e.value).startswith("reason: looks like it holds a resident ID number;")
+    assert "002X" not in str(e.value)
+    assert vault.holds("b1") == []

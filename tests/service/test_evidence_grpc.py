@@ -272,3 +272,27 @@ def test_a_reveal_against_a_held_database_is_unavailable_within_its_bound(
             assert [e.seq for e in trail] == [got.access.seq]
     finally:
         running.stop(1)
+
+
+def test_a_reveal_reason_holding_pii_is_refused_and_recorded_nowhere(
+    running: RunningServer,
+) -> None:
+    """The reason is chained into ``pii_access_log`` in clear, for good."""
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        evidence = evidence_pb2_grpc.EvidenceServiceStub(ch)
+        order = scored(ch, running)
+        with pytest.raises(grpc.RpcError) as e:
+            evidence.RevealOrderPii(
+                reveal(order.order_id, "buyer phoned from 139 8765 4321"),
+                timeout=5,
+                metadata=as_("tok-analyst"),
+            )
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details() == (
+            "reason: looks like it holds a mobile phone number; "
+            "free text must not carry personal data"
+        )
+        trail = evidence.ListPiiAccess(
+            evidence_pb2.ListPiiAccessRequest(), timeout=5, metadata=as_("tok-audit")
+        ).entries
+        assert list(trail) == []

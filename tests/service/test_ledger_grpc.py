@@ -455,3 +455,31 @@ def test_statements_and_account_lists_page_within_the_servers_send_limit(
     finally:
         server.stop(None).wait()
         book.close()
+
+
+@pytest.mark.parametrize(
+    ("field", "text", "kind"),
+    [
+        ("reason", "商户电话 138 1234 5678 补缴", "a mobile phone number"),
+        ("evidence", "买家身份证 11010519491231002X", "a resident ID number"),
+        ("reason", "退款卡号 6222021234567890128", "a bank card number"),
+        ("evidence", "mailto:zhang.san@example.com", "an e-mail address"),
+    ],
+)
+def test_a_reason_or_evidence_holding_pii_is_refused_and_writes_nothing(
+    served: Served, field: str, text: str, kind: str
+) -> None:
+    """Both are kept as written in the append-only journal, for good."""
+    s, key = served, served.key()
+    fund = pb.GetAccountStatementRequest(account_id="platform:fund")
+    before = s.stub.GetAccountStatement(fund).account.balance_fen
+    text_fields = {"reason": "top-up 2026-11", field: text}
+    request = pb.TopUpFundRequest(idempotency_key=key, amount_fen=100, **text_fields)
+    code, details = code_of(lambda: s.stub.TopUpFund(request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details == f"{field}: looks like it holds {kind}; free text must not carry personal data"
+    assert s.stub.GetAccountStatement(fund).account.balance_fen == before
+    # nothing was stored under the key: the same key with clean text is a new request
+    clean = pb.TopUpFundRequest(idempotency_key=key, amount_fen=100, reason="top-up 2026-11")
+    assert not s.stub.TopUpFund(clean).receipt.replayed
+    assert s.stub.GetAccountStatement(fund).account.balance_fen == before + 100

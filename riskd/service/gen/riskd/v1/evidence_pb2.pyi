@@ -68,7 +68,9 @@ class RevealOrderPiiRequest(_message.Message):
     order_id: _builtins.str
     """The order whose decision is investigated."""
     reason: _builtins.str
-    """Why the plaintext is needed (required; recorded in the audit trail)."""
+    """Why the plaintext is needed (required; recorded in the audit trail as written, so no
+    PII: a phone, ID or card number or an e-mail address is INVALID_ARGUMENT).
+    """
     @_builtins.property
     def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Which fields (phone, name, id_number, address, device, ip); empty means all."""

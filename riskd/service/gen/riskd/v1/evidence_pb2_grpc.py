@@ -53,8 +53,10 @@ class EvidenceServiceServicer:
 
     def RevealOrderPii(self, request, context):
         """Decrypts the PII of an order's decision for the calling analyst, recording the access.
-        INVALID_ARGUMENT without a reason; NOT_FOUND for an unknown order; FAILED_PRECONDITION
-        when the buyer was forgotten (crypto-shredded) or nothing readable is stored.
+        INVALID_ARGUMENT without a reason, or with one that looks like it holds personal data
+        (it is chained into the audit trail in clear); NOT_FOUND for an unknown order;
+        FAILED_PRECONDITION when the buyer was forgotten (crypto-shredded) or nothing readable
+        is stored.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,8 +41,10 @@ class EvidenceServiceStub:
     def __new__(cls, channel: _aio.Channel) -> EvidenceServiceAsyncStub: ...
     RevealOrderPii: _grpc.UnaryUnaryMultiCallable[_evidence_pb2.RevealOrderPiiRequest, _evidence_pb2.RevealOrderPiiResponse]
     """Decrypts the PII of an order's decision for the calling analyst, recording the access.
-    INVALID_ARGUMENT without a reason; NOT_FOUND for an unknown order; FAILED_PRECONDITION
-    when the buyer was forgotten (crypto-shredded) or nothing readable is stored.
+    INVALID_ARGUMENT without a reason, or with one that looks like it holds personal data
+    (it is chained into the audit trail in clear); NOT_FOUND for an unknown order;
+    FAILED_PRECONDITION when the buyer was forgotten (crypto-shredded) or nothing readable
+    is stored.
     """
     ListPiiAccess: _grpc.UnaryUnaryMultiCallable[_evidence_pb2.ListPiiAccessRequest, _evidence_pb2.ListPiiAccessResponse]
     """The audit trail of PII reveals (who, when, which order and fields, why), oldest first."""
@@ -54,8 +56,10 @@ class EvidenceServiceAsyncStub(EvidenceServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     RevealOrderPii: _aio.UnaryUnaryMultiCallable[_evidence_pb2.RevealOrderPiiRequest, _evidence_pb2.RevealOrderPiiResponse]  # type: ignore[assignment]
     """Decrypts the PII of an order's decision for the calling analyst, recording the access.
-    INVALID_ARGUMENT without a reason; NOT_FOUND for an unknown order; FAILED_PRECONDITION
-    when the buyer was forgotten (crypto-shredded) or nothing readable is stored.
+    INVALID_ARGUMENT without a reason, or with one that looks like it holds personal data
+    (it is chained into the audit trail in clear); NOT_FOUND for an unknown order;
+    FAILED_PRECONDITION when the buyer was forgotten (crypto-shredded) or nothing readable
+    is stored.
     """
     ListPiiAccess: _aio.UnaryUnaryMultiCallable[_evidence_pb2.ListPiiAccessRequest, _evidence_pb2.ListPiiAccessResponse]  # type: ignore[assignment]
     """The audit trail of PII reveals (who, when, which order and fields, why), oldest first."""
@@ -70,8 +74,10 @@ class EvidenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_evidence_pb2.RevealOrderPiiResponse, _abc.Awaitable[_evidence_pb2.RevealOrderPiiResponse]]:
         """Decrypts the PII of an order's decision for the calling analyst, recording the access.
-        INVALID_ARGUMENT without a reason; NOT_FOUND for an unknown order; FAILED_PRECONDITION
-        when the buyer was forgotten (crypto-shredded) or nothing readable is stored.
+        INVALID_ARGUMENT without a reason, or with one that looks like it holds personal data
+        (it is chained into the audit trail in clear); NOT_FOUND for an unknown order;
+        FAILED_PRECONDITION when the buyer was forgotten (crypto-shredded) or nothing readable
+        is stored.
         """
 
     @_abc_1.abstractmethod

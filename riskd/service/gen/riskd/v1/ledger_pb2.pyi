@@ -7,6 +7,9 @@ Every amount is an integer number of fen (1 CNY = 100 fen). Every request that m
 money carries an idempotency_key: the same key with the same content returns the first
 receipt (replayed = true); the same key with other content is refused with
 ALREADY_EXISTS and writes nothing. A refused request never writes anything.
+Every reason and evidence text is kept as written in the append-only journal: one that
+looks like it holds personal data (a mobile phone number, an 18-character ID number, a
+bank card number, an e-mail address) is INVALID_ARGUMENT naming the field.
 """
 
 from collections import abc as _abc
