@@ -44,6 +44,17 @@ environment variables override the file::
                                     # checked for changes (0.05 to 86400)
     redis_timeout_ms = 50           # RISKD_REDIS_TIMEOUT_MS: each Redis call's socket timeout
     redis_prefix = "riskd:"         # RISKD_REDIS_PREFIX: prefix of every Redis key
+    breaker_failures = 15           # RISKD_BREAKER_FAILURES: failed calls in a row that open
+                                    # a dependency's circuit (1..1000); or
+    breaker_failure_percent = 50    # RISKD_BREAKER_FAILURE_PERCENT: at least this percent
+    breaker_min_calls = 100         # RISKD_BREAKER_MIN_CALLS: of at least this many calls
+    breaker_window_s = 5.0          # RISKD_BREAKER_WINDOW_S: in the last this long (0.1..3600;
+                                    # also how long a circuit closed again must stay closed
+                                    # for its outage to be told over)
+    breaker_open_s = 1.0            # RISKD_BREAKER_OPEN_S: open this long, then one call
+                                    # probes (0.01..3600)
+    breaker_open_max_s = 10.0       # RISKD_BREAKER_OPEN_MAX_S: each re-opening in one outage
+                                    # doubles the open time, up to this (open_s..3600)
 
     [fallback]                      # RISKD_FALLBACK_<SCENARIO>="50000:allow,review"
     default = "50000:allow,review"  # total <= 500 CNY -> allow, else review
@@ -174,6 +185,13 @@ class Config:
     workers: int = 4  # RPC threads: CPU-bound Python scales by processes, not threads
     score_workers: int = 0  # scoring worker processes (riskd.service.workers); 0: none
     evidence_flush_ms: int = 5  # the decision log writer's batch gathering time
+    # the dependencies' circuit breakers (riskd.engine.breaker.BreakerPolicy)
+    breaker_failures: int = 15
+    breaker_failure_percent: int = 50
+    breaker_min_calls: int = 100
+    breaker_window_s: float = 5.0
+    breaker_open_s: float = 1.0
+    breaker_open_max_s: float = 10.0
     fallback: Mapping[str, tuple[FallbackTier, ...]] = field(default_factory=_default_fallback)
 
     @property
@@ -226,6 +244,10 @@ MAX_GRACE_S = 3600.0  # more than any drain needs (1e300 overflowed grpcio's gra
 MAX_RELOAD_INTERVAL_S = 86400.0  # 1e300 overflowed the rules watcher's wait
 MIN_RELOAD_INTERVAL_S = 0.05  # review: 1e-300 was taken, a watcher checking without pause
 MAX_DRAIN_NOTICE_MS = 60_000
+MAX_BREAKER_FAILURES = 1000
+MAX_BREAKER_MIN_CALLS = 100_000
+MIN_BREAKER_S = {"breaker_window_s": 0.1, "breaker_open_s": 0.01, "breaker_open_max_s": 0.01}
+MAX_BREAKER_S = 3600.0  # an hour: beyond any outage worth waiting out without a probe
 # gRPC takes message limits as a signed 32-bit int, and the server accepts 4x
 # max_message_bytes (riskd.service.interceptors.RECEIVE_LIMIT_FACTOR) to name the field.
 MAX_MESSAGE_BYTES = (2**31 - 1) // 4
@@ -518,6 +540,12 @@ _COERCE: dict[str, Callable[[Any, str], Any]] = {
     "score_workers": _coerce_int,
     "evidence_flush_ms": _coerce_int,
     "drain_notice_ms": _coerce_int,
+    "breaker_failures": _coerce_int,
+    "breaker_failure_percent": _coerce_int,
+    "breaker_min_calls": _coerce_int,
+    "breaker_window_s": _coerce_float,
+    "breaker_open_s": _coerce_float,
+    "breaker_open_max_s": _coerce_float,
     "reload_interval_s": _coerce_float,
     "grace_s": _coerce_float,
     "rules_dir": _coerce_path,
@@ -543,6 +571,8 @@ def _check(config: Config) -> None:
         raise ConfigError("tls_cert: tls_cert and tls_key must be given together")
     if config.tls_client_ca is not None and config.tls_cert is None:
         raise ConfigError("tls_client_ca: needs tls_cert and tls_key")
+    if config.breaker_open_max_s < config.breaker_open_s:
+        raise ConfigError("breaker_open_max_s: must be at least breaker_open_s")
 
 
 def _check_each(config: Config) -> None:
@@ -589,6 +619,20 @@ def _check_each(config: Config) -> None:
         raise ConfigError(f"score_workers: must be between 0 and {MAX_SCORE_WORKERS}")
     if not 1 <= config.evidence_flush_ms <= MAX_EVIDENCE_FLUSH_MS:
         raise ConfigError(f"evidence_flush_ms: must be between 1 and {MAX_EVIDENCE_FLUSH_MS}")
+    _check_breaker(config)
+
+
+def _check_breaker(config: Config) -> None:
+    for key, most in (
+        ("breaker_failures", MAX_BREAKER_FAILURES),
+        ("breaker_failure_percent", 100),
+        ("breaker_min_calls", MAX_BREAKER_MIN_CALLS),
+    ):
+        if not 1 <= getattr(config, key) <= most:
+            raise ConfigError(f"{key}: must be between 1 and {most}")
+    for key, least in MIN_BREAKER_S.items():
+        if not least <= getattr(config, key) <= MAX_BREAKER_S:
+            raise ConfigError(f"{key}: must be between {least:g} and {MAX_BREAKER_S:g}")
 
 
 def _positive(config: Config, *keys: str) -> None:

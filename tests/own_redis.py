@@ -1,4 +1,5 @@
-"""A redis-server of a test's own (free port, nothing on disk) that it may kill, stall and restart.
+"""A redis-server of a test's own (free port, nothing on disk) that it may kill, stall and restart;
+a proxy that makes some of its replies late (``LateReplies``).
 
 Used by the tests that take Redis away mid-test: the shared Redis at 127.0.0.1:6379 is
 never stopped.
@@ -6,11 +7,14 @@ never stopped.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -81,3 +85,75 @@ class OwnRedis:
 
     def stall(self, stalled: bool) -> None:
         self.freeze() if stalled else self.thaw()
+
+
+class LateReplies:
+    """A loopback TCP proxy in front of a Redis (``url``): a random ``share`` of the replies
+    (each read from Redis) reaches the client ``delay_s`` late, the others at once, in order.
+    ``share`` may change while it runs. A context manager; its event loop has a thread."""
+
+    def __init__(self, upstream_port: int, *, delay_s: float = 0.08, seed: int = 7) -> None:
+        self.share = 0.0
+        self._upstream = upstream_port
+        self._delay = delay_s
+        self._rng = random.Random(seed)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def __enter__(self) -> LateReplies:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(10)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    async def _stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self._upstream)
+            await asyncio.gather(
+                self._pipe(client_r, redis_w, late=False), self._pipe(redis_r, client_w, late=True)
+            )
+        except OSError:
+            pass
+        finally:
+            client_w.close()
+            self._tasks.discard(task)
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, late: bool
+    ) -> None:
+        try:
+            while data := await reader.read(65536):
+                if late and self._rng.random() < self.share:
+                    await asyncio.sleep(self._delay)
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()

@@ -9,7 +9,9 @@ import pytest
 
 from riskd.config import Config, FallbackTier, load_config, reload_config
 from riskd.domain.decision import Outcome
+from riskd.engine.breaker import BreakerPolicy
 from riskd.errors import ConfigError
+from riskd.service.wiring import breaker_policy
 
 
 def test_defaults_need_no_configuration() -> None:
@@ -109,6 +111,18 @@ def test_file_then_environment_override(tmp_path: Path) -> None:
         # review: libpq refused these only when the database was opened, with a traceback
         ({"RISKD_DATABASE_URL": "postgresql://u@127.0.0.1:5/db?sslmod=require"}, "database_url"),
         ({"RISKD_DATABASE_URL": "postgres://u@[::1/db"}, "database_url"),
+        ({"RISKD_BREAKER_FAILURES": "0"}, "breaker_failures"),
+        ({"RISKD_BREAKER_FAILURES": "many"}, "breaker_failures"),
+        ({"RISKD_BREAKER_FAILURE_PERCENT": "0"}, "breaker_failure_percent"),
+        ({"RISKD_BREAKER_FAILURE_PERCENT": "101"}, "breaker_failure_percent"),
+        ({"RISKD_BREAKER_FAILURE_PERCENT": "0.5"}, "breaker_failure_percent"),
+        ({"RISKD_BREAKER_MIN_CALLS": "0"}, "breaker_min_calls"),
+        ({"RISKD_BREAKER_WINDOW_S": "0"}, "breaker_window_s"),
+        ({"RISKD_BREAKER_WINDOW_S": "nan"}, "breaker_window_s"),
+        ({"RISKD_BREAKER_WINDOW_S": "1e300"}, "breaker_window_s"),
+        ({"RISKD_BREAKER_OPEN_S": "-1"}, "breaker_open_s"),
+        ({"RISKD_BREAKER_OPEN_MAX_S": "1e300"}, "breaker_open_max_s"),
+        ({"RISKD_BREAKER_OPEN_S": "20"}, "breaker_open_max_s"),  # above the max's 10 s
     ],
 )
 def test_bad_value_names_the_key(env: dict[str, str], key: str) -> None:
@@ -304,6 +318,9 @@ def test_database_url_errors_never_echo_the_url(url: str) -> None:
         ("max_message_bytes", "536870911"),
         ("drain_notice_ms", "0"),
         ("fallback_live_room", "100:allow,20000:review,block"),
+        ("breaker_failure_percent", "100"),
+        ("breaker_open_s", "10"),
+        ("breaker_window_s", "0.1"),
     ],
 )
 def test_good_values_are_accepted(key: str, value: str) -> None:
@@ -346,3 +363,16 @@ def test_an_unknown_key_is_quoted_only_when_it_reads_like_a_settings_name(
         load_config(path, env={})
     assert str(info.value).startswith(message)
     assert "Zq8" not in str(info.value)
+
+
+def test_breaker_settings_from_file_and_environment_reach_the_scorers_breakers(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "riskd.toml"
+    path.write_text("breaker_failures = 5\nbreaker_open_max_s = 60.0\nbreaker_window_s = 2\n")
+    env = {"RISKD_BREAKER_FAILURE_PERCENT": "80", "RISKD_BREAKER_OPEN_S": "30"}
+    policy = breaker_policy(load_config(path, env=env))
+    assert policy == BreakerPolicy(
+        failures=5, failure_rate=0.8, min_calls=100, window_s=2.0, open_s=30.0, open_max_s=60.0
+    )
+    assert breaker_policy(load_config(env={})) == BreakerPolicy()  # the same defaults

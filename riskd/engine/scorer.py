@@ -61,11 +61,12 @@ inline); appends never wait on the database. The orders are then decided in turn
 the rest; those left get the fallback undecided, degraded ``deadline``, recorded
 like any other.
 
-After ``breaker_failures`` failures in a row a breaker (one for the feature
-store, one for the log lookup) skips that dependency for
-``breaker_cooldown_s``, then lets one call probe it: recovery needs no restart
-and no operator, and a dead Redis does not cost every request its full
-timeout meanwhile. A failure is what the store raised, or a wait past its own
+A circuit breaker (one for the feature store, one for the log lookup; its
+``BreakerPolicy``) opens after a run of failures in a row or a failure rate
+over a sliding window, skips that dependency while open, then lets one call
+probe it: recovery needs no restart and no operator, a dead Redis does not cost
+every request its full timeout meanwhile, and a flaky one still gives every
+answer it can. A failure is what the store raised, or a wait past its own
 bound; a caller's budget shorter than that bound running out is not one: the
 call it left behind tells the breaker what the store did once it returns (a
 store with no bound is judged by the wait).
@@ -97,7 +98,7 @@ from riskd.domain.features import FeatureQuery
 from riskd.domain.order import Order
 from riskd.domain.shop import ShopState
 from riskd.dsl.program import Program, RuleResult, RuleStatus
-from riskd.engine.breaker import CircuitBreaker, OutageLog
+from riskd.engine.breaker import BreakerPolicy, CircuitBreaker, OutageLog
 from riskd.engine.catchup import CatchUp, unread
 from riskd.engine.combine import combine
 from riskd.engine.fallback import FallbackPolicy
@@ -172,7 +173,8 @@ class Scorer:
         fallback: what to answer when a dependency is unavailable.
         eval_reserve_s: part of a deadline kept back for the rules and the log, per order
             (at most half the budget).
-        breaker_failures, breaker_cooldown_s: the feature store's circuit breaker.
+        breaker: when the feature store's and the log lookup's circuit breakers open,
+            and for how long (default ``BreakerPolicy()``).
         workers: threads that run deadline-bounded feature calls.
         feature_timeout_s: the longest one feature store call can take (its socket
             timeout); calls run inline while the budget left covers it.
@@ -193,8 +195,7 @@ class Scorer:
         clock: Clock,
         fallback: FallbackPolicy,
         eval_reserve_s: float = 0.002,
-        breaker_failures: int = 3,
-        breaker_cooldown_s: float = 1.0,
+        breaker: BreakerPolicy | None = None,
         workers: int = 16,
         feature_timeout_s: float | None = None,
         record_late: bool = True,
@@ -210,15 +211,12 @@ class Scorer:
         self._clock = clock
         self._fallback = fallback
         self._reserve = eval_reserve_s
-        self.breaker = CircuitBreaker(
-            clock, failures=breaker_failures, cooldown_s=breaker_cooldown_s, name="features"
-        )
+        policy = breaker or BreakerPolicy()
+        self.breaker = CircuitBreaker(clock, policy, name="features")
         self._remote_log = log.db.dialect != "sqlite"  # a local file is never slow to read
-        self.log_breaker = CircuitBreaker(
-            clock, failures=breaker_failures, cooldown_s=breaker_cooldown_s, name="evidence"
-        )
+        self.log_breaker = CircuitBreaker(clock, policy, name="evidence")
         # appends refused (the queue full, or the log closed), in the log once per outage
-        self.log_room = OutageLog("evidence_queue", clock, quiet_s=breaker_cooldown_s)
+        self.log_room = OutageLog("evidence_queue", clock, quiet_s=policy.open_s)
         self._flights = Flights[Decision]()
         self._rule_error_logged: dict[str, float] = {}  # rule id -> when last logged
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, "riskd-features")

@@ -25,6 +25,7 @@ import grpc
 from riskd.config import EVIDENCE_THREADS, LEDGER_THREADS, Config
 from riskd.domain.clock import Clock
 from riskd.dsl.holder import ProgramHolder, RulesState
+from riskd.engine.breaker import BreakerPolicy
 from riskd.engine.fallback import FallbackPolicy
 from riskd.engine.scorer import Scorer
 from riskd.errors import ConfigError, UnavailableError
@@ -235,6 +236,7 @@ def _build(
             len(config.redis_urls) * config.redis_timeout_ms / 1000.0 if config.redis_url else None
         ),
         record_late=record_late,
+        breaker=breaker_policy(config),
     )
     closers.append(scorer.close)
     if features_down is not None:  # an outage from the start: it ends as any outage
@@ -247,6 +249,18 @@ def _build(
     access = PiiAccess(decision_log, vault, clock=clock)
     components.extra.append(evidence_service(access, max_in_flight=EVIDENCE_THREADS))
     return components
+
+
+def breaker_policy(config: Config) -> BreakerPolicy:
+    """The dependencies' circuit breakers as configured (``breaker_*``)."""
+    return BreakerPolicy(
+        failures=config.breaker_failures,
+        failure_rate=config.breaker_failure_percent / 100,
+        min_calls=config.breaker_min_calls,
+        window_s=config.breaker_window_s,
+        open_s=config.breaker_open_s,
+        open_max_s=config.breaker_open_max_s,
+    )
 
 
 def _refusals(*more: type[Exception]) -> tuple[type[Exception], ...]:

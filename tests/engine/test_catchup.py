@@ -19,7 +19,7 @@ import redis
 from riskd.domain.clock import FakeClock
 from riskd.domain.features import Agg, FeatureQuery
 from riskd.engine import catchup
-from riskd.engine.breaker import CircuitBreaker
+from riskd.engine.breaker import BreakerPolicy, CircuitBreaker
 from riskd.engine.catchup import CatchUp
 from riskd.engine.keys import observe
 from riskd.errors import UnavailableError
@@ -80,7 +80,7 @@ def store(clock: FakeClock, indexer: BlindIndexer) -> Store:
 
 @pytest.fixture
 def breaker(clock: FakeClock) -> CircuitBreaker:
-    return CircuitBreaker(clock, failures=1, cooldown_s=1.0, name="features")
+    return CircuitBreaker(clock, BreakerPolicy(failures=1, open_s=1.0), name="features")
 
 
 @pytest.fixture
@@ -447,7 +447,7 @@ def test_a_close_whose_flush_fails_still_stops_and_keeps_the_catch_up(
 ) -> None:
     """Review: with the decision log flushed first, a flush that timed out (database held)
     left the catch-up running on the store being closed, and nothing kept."""
-    rig = make_rig(breaker_failures=1)
+    rig = make_rig(breaker=BreakerPolicy(failures=1))
     rig.scorer.breaker.failure(UnavailableError("down"))
     assert rig.scorer.score(make_order("a")).degraded == ("features",)
 
@@ -556,8 +556,10 @@ def test_an_outage_told_at_start_is_ended_by_asking_the_store_with_nothing_queue
     time.sleep(0.05)
     assert breaker.is_open  # its cooldown not over: the probe is not free, nothing asked
     clock.advance(1.0)
+    assert eventually(lambda: not breaker.is_open)  # its probe answered
+    assert breaker.outage  # told over once the circuit stayed closed a whole window
+    clock.advance(BreakerPolicy().window_s)
     assert eventually(lambda: not breaker.outage)
-    assert not breaker.is_open
     n = len(asked)
     time.sleep(0.05)
     assert len(asked) == n  # nothing asked once the outage is over

@@ -17,6 +17,7 @@ import pytest
 from riskd.domain.clock import FakeClock, SystemClock
 from riskd.domain.decision import Outcome
 from riskd.domain.features import Agg, FeatureQuery
+from riskd.engine.breaker import BreakerPolicy
 from riskd.engine.keys import observe
 from riskd.features.redis_store import RedisFeatureStore
 from riskd.pii import BlindIndexer
@@ -50,7 +51,7 @@ def test_dead_redis_answers_inside_the_deadline_with_the_fallback_then_recovers(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     store = RedisFeatureStore(own_redis.url, clock, prefix="riskd:test:", timeout_s=0.05)
-    rig = make_rig(store, breaker_failures=2, breaker_cooldown_s=1.0)
+    rig = make_rig(store, breaker=BreakerPolicy(failures=2, open_s=1.0))
     healthy = rig.scorer.score(make_order("o-1"), timeout_s=0.25)
     assert healthy.degraded == () and healthy.outcome is Outcome.ALLOW
 
@@ -75,6 +76,10 @@ def test_dead_redis_answers_inside_the_deadline_with_the_fallback_then_recovers(
     back = rig.scorer.score(make_order("o-back"), timeout_s=0.25)
     assert back.degraded == () and back.outcome is Outcome.ALLOW
     assert not rig.scorer.breaker.is_open
+    assert rig.scorer.unavailable() == ("features",)  # a re-opening now: the same outage
+    clock.advance(BreakerPolicy().window_s)  # answering a whole window: it is over
+    assert rig.scorer.score(make_order("o-back-2"), timeout_s=0.25).degraded == ()
+    assert rig.scorer.unavailable() == ()
     # the operator is told once when it went and once when it came back (review: an
     # unreachable or refused redis_url was silent; only the degraded answers showed it)
     said = [
@@ -104,7 +109,7 @@ def test_orders_answered_while_redis_was_down_are_counted_once_it_is_back(
     retry only replaying the degraded answer; now it is counted once Redis answers, by
     its caller's retry or not, and a retry counts nothing twice."""
     store = RedisFeatureStore(own_redis.url, clock, prefix="riskd:test:", timeout_s=0.05)
-    rig = make_rig(store, breaker_failures=1, breaker_cooldown_s=1.0)
+    rig = make_rig(store, breaker=BreakerPolicy(failures=1, open_s=1.0))
     own_redis.kill()
     first = rig.scorer.score(make_order("o-1"), timeout_s=0.25)
     assert first.degraded == ("features",)
@@ -132,7 +137,7 @@ def test_orders_answered_while_redis_was_down_survive_a_restart_and_are_counted(
     """Review: a restart during the outage dropped the catch-up's queue. The stopping
     scorer keeps it in the log's database; the next one counts it once Redis answers."""
     store = RedisFeatureStore(own_redis.url, clock, prefix="riskd:test:", timeout_s=0.05)
-    rig = make_rig(store, breaker_failures=1, breaker_cooldown_s=1.0)
+    rig = make_rig(store, breaker=BreakerPolicy(failures=1, open_s=1.0))
     own_redis.kill()
     assert rig.scorer.score(make_order("o-1"), timeout_s=0.25).degraded == ("features",)
     assert rig.scorer.score(make_order("o-2"), timeout_s=0.25).degraded == ("features",)
@@ -154,7 +159,7 @@ def test_hung_redis_cannot_hold_the_answer_past_the_deadline(
     clock = SystemClock()
     # a generous socket timeout: only the scorer's own deadline bounds the wait
     store = RedisFeatureStore(own_redis.url, clock, prefix="riskd:test:", timeout_s=5.0)
-    rig = make_rig(store, scorer_clock=clock, breaker_failures=1, breaker_cooldown_s=0.3)
+    rig = make_rig(store, scorer_clock=clock, breaker=BreakerPolicy(failures=1, open_s=0.3))
     assert rig.scorer.score(make_order("o-1"), timeout_s=0.5).degraded == ()
 
     own_redis.freeze()
@@ -209,8 +214,7 @@ def _frozen_after_one_order(
         store,
         scorer_clock=clock,
         feature_timeout_s=0.03,
-        breaker_failures=breaker_failures,
-        breaker_cooldown_s=5,
+        breaker=BreakerPolicy(failures=breaker_failures, open_s=5),
     )
     assert rig.scorer.score(make_order("o-0"), timeout_s=0.2).degraded == ()
     own_redis.freeze()
@@ -244,7 +248,7 @@ def test_calls_left_on_a_hung_redis_do_not_hold_up_the_decision_log_lookup(
     unavailable and its breaker opened)."""
     clock = SystemClock()
     store = RedisFeatureStore(own_redis.url, clock, prefix="riskd:test:", timeout_s=3.0)
-    rig = make_rig(store, scorer_clock=clock, workers=2, breaker_failures=2)
+    rig = make_rig(store, scorer_clock=clock, workers=2, breaker=BreakerPolicy(failures=2))
     rig.scorer._remote_log = True  # lookups go through a thread, as with PostgreSQL
     assert rig.scorer.score(make_order("o-0"), timeout_s=0.5).degraded == ()
     own_redis.freeze()

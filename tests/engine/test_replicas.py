@@ -17,6 +17,7 @@ from riskd.domain.clock import FakeClock
 from riskd.domain.decision import Decision, Outcome
 from riskd.domain.features import Agg, FeatureQuery
 from riskd.dsl.holder import ProgramHolder
+from riskd.engine.breaker import BreakerPolicy
 from riskd.engine.fallback import FallbackPolicy
 from riskd.engine.keys import observe
 from riskd.engine.scorer import Scorer
@@ -143,7 +144,7 @@ def test_slow_postgres_log_cannot_hold_the_answer_past_the_deadline(
         indexer,
         clock=clock,
         fallback=FallbackPolicy.default(),
-        breaker_failures=1,
+        breaker=BreakerPolicy(failures=1),
     )
     db.delay_s = 1.0
     started = time.perf_counter()

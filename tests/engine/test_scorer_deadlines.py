@@ -21,6 +21,7 @@ import pytest
 from riskd.domain.clock import FakeClock, SystemClock
 from riskd.domain.decision import Decision, Outcome
 from riskd.domain.features import FeatureQuery
+from riskd.engine.breaker import BreakerPolicy
 from riskd.errors import DeadlineExceededError, UnavailableError
 from riskd.features.memory import InProcessFeatureStore
 from riskd.features.store import Observation
@@ -57,12 +58,14 @@ class SlowStore:
         self.inner.close()
 
 
-def slow_rig(make_rig: Callable[..., Rig], store: SlowStore, **kwargs: Any) -> Rig:
+def slow_rig(
+    make_rig: Callable[..., Rig], store: SlowStore, open_s: float = 1.0, **kwargs: Any
+) -> Rig:
     return make_rig(
         store,
         scorer_clock=SystemClock(),
         feature_timeout_s=BOUND_S,
-        breaker_failures=2,
+        breaker=BreakerPolicy(failures=2, open_s=open_s),
         **kwargs,
     )
 
@@ -92,7 +95,7 @@ def test_tight_callers_still_open_the_breaker_of_a_failing_store(
     """The calls they left behind fail, and say so: the store is down for everyone."""
     store = SlowStore(SystemClock(), delay_s=0.02)
     store.failing = True
-    rig = slow_rig(make_rig, store, breaker_cooldown_s=5.0)
+    rig = slow_rig(make_rig, store, open_s=5.0)
     for i in range(2):
         rig.scorer.score(make_order(f"tight-{i}"), timeout_s=0.01)
     settle()
@@ -110,7 +113,7 @@ def test_a_tight_caller_holding_the_probe_lets_the_store_close_the_breaker(
     to that probe closes the breaker, where the caller's timeout used to re-open it."""
     store = SlowStore(SystemClock(), delay_s=0.02)
     store.failing = True
-    rig = slow_rig(make_rig, store, breaker_cooldown_s=0.05)
+    rig = slow_rig(make_rig, store, open_s=0.05)
     for i in range(2):
         rig.scorer.score(make_order(f"down-{i}"), timeout_s=1.0)  # inline: fails in 20 ms
     assert rig.scorer.breaker.is_open
@@ -130,7 +133,7 @@ def test_a_caller_that_never_reached_the_store_gives_the_probe_back(
     so the next caller probes; the breaker neither closes nor stays stuck half-open."""
     store = SlowStore(SystemClock(), delay_s=0.02)
     store.failing = True
-    rig = slow_rig(make_rig, store, breaker_cooldown_s=0.05, workers=1)
+    rig = slow_rig(make_rig, store, open_s=0.05, workers=1)
     for i in range(2):
         rig.scorer.score(make_order(f"down-{i}"), timeout_s=1.0)
     store.failing, store.delay_s = False, 0.0
