@@ -22,15 +22,15 @@ flushes and stops the writer (graceful shutdown loses nothing).
 Backpressure: when ``queue_size`` items are waiting (the database is slow or
 down), ``append`` (``append_all``: room for all of its items, or none is queued) waits
 up to ``put_timeout_s`` and then raises ``UnavailableError``: the caller answers
-anyway and marks the decision degraded. Once such a wait has run out, appends to the
-full queue raise at once until the writer commits something: a database that is down
-costs one caller the wait, not every request (a slow one that still commits is
-waited on again). A failed commit is logged (the error's type
-only: rows hold PII) and retried with backoff while the failure is the database's
-(down, connection lost, locks: ``Database.is_transient``); its items stay queued and
-visible to ``get``. A connection lost during COMMIT leaves the outcome unknown: before
-writing the batch again the writer looks for the chain heads it wrote, so a
-batch that did commit is never appended twice. A batch that fails on its data
+anyway and marks the decision degraded. Once the queue has been full for
+``put_timeout_s`` with nothing committed, appends to it raise at once until the writer
+commits something: a database that is down costs the first callers that wait, not every
+request (a slow one that still commits is waited on again). A failed commit is logged
+(the error's type only: rows hold PII) and retried with backoff while the failure is
+the database's (down, connection lost, locks: ``Database.is_transient``); its items
+stay queued and visible to ``get``. A connection lost during COMMIT leaves the outcome
+unknown: before writing the batch again the writer looks for the chain heads it wrote,
+so a batch that did commit is never appended twice. A batch that fails on its data
 (a value the database refuses, a constraint) is written again one item at a
 time, in order: the good items commit and the chain stays valid, and an item
 that can never be written is set aside, logged by order id and error type and
@@ -169,7 +169,9 @@ class DecisionLog:
         self._written = 0  # items committed since start (flush waits on this)
         self._stuck_at = -1  # _written when a flush last timed out (close waits no more)
         self._stuck_for = 0.0  # how long that flush waited
-        self._starved = -1  # _written when a wait for room last ran out (no wait till it moves)
+        # (_written, monotonic time) when an append first found the queue full since the
+        # writer's last commit: put_timeout_s after it, appends no longer wait for room
+        self._full_at: tuple[int, float] = (-1, 0.0)
         self._appended = 0
         self._urgent = 0  # flush() waits for everything appended up to here
         self._closed = False
@@ -246,21 +248,22 @@ class DecisionLog:
 
     def _room(self, n: int, wait_s: float | None) -> None:
         """Wait (holding the lock) until ``n`` more items fit the queue (any number fits an
-        empty one), at most ``put_timeout_s`` and ``wait_s``; not at all while the writer
-        has committed nothing since a whole ``put_timeout_s`` wait last ran out (the
-        database is down or locked: review, every request waited that long for room that
-        never came). A wait cut short by ``wait_s`` says nothing of the writer."""
-        whole = wait_s is None or wait_s >= self._put_timeout  # not cut short by a deadline
-        wait = self._put_timeout if whole else max(0.0, wait_s or 0.0)
+        empty one), at most ``put_timeout_s`` and ``wait_s``, and no later than
+        ``put_timeout_s`` after an append first found the queue full since the writer's
+        last commit: past that the database is down or locked, and each append is
+        refused at once. Review: every request waited ``put_timeout_s`` for room that
+        never came; then each scoring worker call whose deadline left less than that
+        (a checkout's 50 ms) still waited all of it, as a wait cut short proved nothing,
+        and every Score got the fallback policy after 35 ms."""
+        wait = self._put_timeout if wait_s is None else min(self._put_timeout, max(wait_s, 0.0))
         deadline = time.monotonic() + wait
         need = min(n, self._queue_size)
         while len(self._queue) + self._inflight + need > self._queue_size and not self._closed:
-            left = deadline - time.monotonic()
-            if self._starved == self._written:
-                raise UnavailableError("decision log queue is full")
+            now = time.monotonic()
+            if self._full_at[0] != self._written:  # the first to find it full since a commit
+                self._full_at = (self._written, now)
+            left = min(deadline, self._full_at[1] + self._put_timeout) - now
             if left <= 0:
-                if whole:
-                    self._starved = self._written
                 raise UnavailableError("decision log queue is full")
             self._cond.wait(left)
         if self._closed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -155,6 +156,38 @@ def test_a_full_queue_the_writer_does_not_drain_costs_one_wait_not_one_per_appen
     db.gate.set()
     log.close()
     assert rows(db) == 16
+    db.close()
+
+
+def test_a_full_queue_is_refused_at_once_also_to_callers_whose_deadline_is_short(
+    tmp_path: Path,
+) -> None:
+    """Review: a scoring worker's call with a checkout's 50 ms deadline has less than
+    ``put_timeout_s`` left to wait, and such a wait, cut short, marked nothing: with the
+    file locked by another writer, each of those calls waited out its deadline for room
+    that never came (every Score answered by the fallback policy after 35 ms). The queue
+    full for ``put_timeout_s`` with nothing committed is enough, whoever waited."""
+    db = Database(tmp_path / "e.db")
+    log = DecisionLog(db, max_batch=4, queue_size=8, put_timeout_s=0.2)
+    log.flush(10)  # the tables exist
+    holder = sqlite3.connect(tmp_path / "e.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process writing: nothing can commit
+    for i in range(8):
+        log.append(make_record(f"o-{i}"))
+    took = []
+    for i in range(8, 18):
+        started = time.perf_counter()
+        with pytest.raises(UnavailableError, match="queue is full"):
+            log.append_all([(make_record(f"o-{i}"), None, None)], wait_s=0.1)
+        took.append(time.perf_counter() - started)
+    assert took[0] >= 0.08  # the first ones wait (backpressure)...
+    assert sum(took) < 0.4, took  # ...0.2 s in all, not 0.1 s each (1 s)
+    holder.execute("ROLLBACK")
+    holder.close()
+    log.flush(10)  # the writer goes on by itself
+    log.append_all([(make_record("o-18"), None, None)], wait_s=0.1)
+    log.close()
+    assert rows(db) == 9
     db.close()
 
 
