@@ -186,19 +186,50 @@ def _now(value: Value | None, rep: Reporter) -> float:
         return DEFAULT_NOW
     if isinstance(value, Scalar) and value.kind in ("int", "float"):
         seconds = float(typing.cast(float, value.value))
-        try:
-            Timestamp.from_seconds(seconds)  # what evaluation turns it into
-        except (EvalError, OverflowError, ValueError):
+        if _instant(seconds) is None:
             rep.report(BAD_TEST_INPUT, "now is out of range (years 1 to 9999)", value.pos)
             return DEFAULT_NOW
         return seconds
     if isinstance(value, Scalar) and value.kind == "string":
         try:
-            return parse_timestamp(str(value.value)).ns / 1e9
+            ns = parse_timestamp(str(value.value)).ns
         except EvalError:
-            pass
+            ns = None
+        if ns is not None:
+            return _seconds_of(ns, value.pos, rep)
     rep.report(BAD_TEST_INPUT, "now must be epoch seconds or an RFC 3339 string", value.pos)
     return DEFAULT_NOW
+
+
+def _instant(seconds: float) -> Timestamp | None:
+    """What evaluation turns ``seconds`` into (``Program.evaluate``), None: out of range."""
+    try:
+        return Timestamp.from_seconds(seconds)
+    except (EvalError, OverflowError, ValueError):
+        return None
+
+
+def _seconds_of(ns: int, pos: Pos, rep: Reporter) -> float:
+    """The epoch seconds (a double, as the service's clock gives them) that evaluation
+    turns into the instant ``ns`` exactly; reported when there are none (finer than a
+    double holds there: review, ``now = "...13:30:00.0000005Z"`` was tested as
+    ``.000000477``), so a test never runs at an instant other than the one written.
+
+    ``ns / 10**9`` is the nearest double (``ns / 1e9`` rounds twice: review, ``.25`` was
+    tested as ``.249999762``)."""
+    seconds = ns / 10**9
+    instant = _instant(seconds)
+    if instant is None:
+        rep.report(BAD_TEST_INPUT, "now is out of range (years 1 to 9999)", pos)
+        return DEFAULT_NOW
+    if instant.ns != ns:
+        rep.report(
+            BAD_TEST_INPUT,
+            f"now is finer than epoch seconds hold at that time; the nearest is {instant}",
+            pos,
+        )
+        return DEFAULT_NOW
+    return seconds
 
 
 def _expect(value: Value | None, at: Pos, scope: _Scope, rep: Reporter) -> frozenset[str]:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from riskd.domain.order import Channel, PaymentMethod
 from riskd.dsl.program import Program, compile_rules, load_rules
 from riskd.dsl.ruletest import DEFAULT_NOW, run_tests, summary
+from riskd.errors import RuleCompileError
 
 ROOT = Path(__file__).resolve().parents[2]
 RULE = (
@@ -116,3 +119,43 @@ def test_ruletest_now_given_as_a_boundary_instant_is_that_instant(tmp_path: Path
     )
     results = run_tests(p)
     assert [r.passed for r in results] == [True, True], [r.describe() for r in results]
+
+
+@pytest.mark.parametrize(
+    "start", ["2026-11-28T13:30:00.25Z", "2026-11-28T13:30:00.75Z", "2026-11-28T13:30:00.000001Z"]
+)
+def test_ruletest_now_written_as_text_is_that_instant(tmp_path: Path, start: str) -> None:
+    # review: the text's nanoseconds / 1e9 rounded twice, and .25 reached the rule as
+    # .249999762 (26% of the microseconds of this decade were off by a step)
+    p = compile_texts(
+        tmp_path,
+        main='scenario s = "S"\n'
+        + RULE.format(rid="started", when=f'now >= timestamp("{start}")')
+        + RULE.format(rid="exact", when=f'now == timestamp("{start}")')
+        + f'test "at the start" {{\n  order = {{}}\n  now = "{start}"\n'
+        + "  expect = [started, exact]\n}\n",
+    )
+    results = run_tests(p)
+    assert [r.passed for r in results] == [True], [r.describe() for r in results]
+
+
+@pytest.mark.parametrize(
+    ("now", "said"),
+    [
+        # a double near today holds a second to ~240 ns: the test ran at .000000477
+        ("2023-11-14T22:13:20.0000005Z", "the nearest is 2023-11-14T22:13:20.000000477Z"),
+        # rounded up past the last instant: `riskd rules test` ended in a traceback
+        ("9999-12-31T23:59:59.999999999Z", "now is out of range"),
+    ],
+)
+def test_ruletest_now_that_epoch_seconds_cannot_hold_is_refused(
+    tmp_path: Path, now: str, said: str
+) -> None:
+    text = (
+        'scenario s = "S"\n'
+        + RULE.format(rid="r", when="true")
+        + f'test "t" {{\n  order = {{}}\n  now = "{now}"\n  expect = [r]\n}}\n'
+    )
+    with pytest.raises(RuleCompileError) as refused:
+        compile_texts(tmp_path, main=text)
+    assert "riskd_bad_test_input" in str(refused.value) and said in str(refused.value)
