@@ -23,9 +23,10 @@ from typing import Any
 from riskd.config import Config
 from riskd.dsl.holder import RulesState
 from riskd.errors import RiskdError, UnavailableError
+from riskd.service import workers
 from riskd.service.channel import Channel
 from riskd.service.metrics import Metrics
-from riskd.service.workers import HUNG_AFTER_S, Worker, WorkerGone
+from riskd.service.workers import Worker, WorkerGone
 
 __all__ = ["WorkerPool"]
 
@@ -226,7 +227,9 @@ class WorkerPool:
                 if self._stop.is_set() or w is None:
                     continue
                 if w.alive and w.hung(time.monotonic()):
-                    w.take_out(f"no answer {HUNG_AFTER_S:g} s past a call's deadline")
+                    # read where Worker.hung reads it (the split imported a copy of it here)
+                    hung_s = workers.HUNG_AFTER_S
+                    w.take_out(f"no answer {hung_s:g} s past a call's deadline")
                 if not w.alive:
                     self._restart(i, w)
                 elif self._metrics is not None:
