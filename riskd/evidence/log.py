@@ -753,17 +753,19 @@ def forget_subject(db: Database, subject_id: str) -> int:
         db.query("PRAGMA secure_delete = ON")  # overwrite the freed pages too
 
     def delete(tx: Tx) -> int:
-        n = 0
-        for table in ("decision_pii", "decision_blind_index"):
+        deleted = dict.fromkeys(("decision_pii", "decision_blind_index"), 0)
+        for table in deleted:
             for subject in spellings(tx, table, subject_id):
-                n += tx.execute(f"DELETE FROM {table} WHERE subject_id = ?", (subject,)).rowcount
-        if n and db.dialect == "sqlite":
+                deleted[table] += tx.execute(
+                    f"DELETE FROM {table} WHERE subject_id = ?", (subject,)
+                ).rowcount
+        if deleted["decision_blind_index"] and db.dialect == "sqlite":
             # A page split leaves copies of the cells it moved in the gap of the page they
             # left, which secure_delete never zeroes: the digest index, keyed by random
             # digests, splits everywhere (1 forget in 3 left a digest in the file). A
             # rebuild writes it afresh and frees, so zeroes, every old page of it.
             tx.execute("REINDEX decision_blind_index_digest")
-        return n
+        return sum(deleted.values())
 
     return db.run(delete)
 
