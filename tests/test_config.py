@@ -376,3 +376,33 @@ def test_breaker_settings_from_file_and_environment_reach_the_scorers_breakers(
         failures=5, failure_rate=0.8, min_calls=100, window_s=2.0, open_s=30.0, open_max_s=60.0
     )
     assert breaker_policy(load_config(env={})) == BreakerPolicy()  # the same defaults
+
+
+def test_the_readme_configuration_block_names_every_setting_with_its_default() -> None:
+    """Operators copy the README's configuration block: each top-level setting is there, with
+    the embedded default and its ``RISKD_*`` variable, and nothing there is gone from
+    ``Config`` (the ``[fallback]`` and ``[auth]`` tables and ``keyring``, a secret set by
+    its variable alone, are described beside it)."""
+    import tomllib
+    from dataclasses import fields
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    top, _, _ = block.partition("\n[")
+    documented = tomllib.loads(top)
+    tables = {"fallback", "auth", "keyring"}
+    settings = {f.name for f in fields(Config)} - tables
+    assert sorted(settings - documented.keys()) == []
+    assert sorted(documented.keys() - settings) == []
+    defaults = Config()
+    code = {key: getattr(defaults, key) for key in documented}
+    wrong = {
+        key: (value, code[key])
+        for key, value in documented.items()
+        if str(value) != ("" if code[key] is None else str(code[key]))
+    }
+    assert wrong == {}
+    lines = {line.split("=", 1)[0].strip(): line for line in top.splitlines() if "=" in line}
+    assert [k for k in settings if f"# RISKD_{k.upper()}" not in lines[k]] == []
+    assert all(f"[{table}]" in block for table in ("fallback", "auth"))
+    assert "RISKD_KEYRING " in block
