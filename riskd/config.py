@@ -42,7 +42,8 @@ environment variables override the file::
                                     # (0..60000; above the balancer's health check period)
     reload_interval_s = 2.0         # RISKD_RELOAD_INTERVAL_S: how often the rule files are
                                     # checked for changes (0.05 to 86400)
-    redis_timeout_ms = 50           # RISKD_REDIS_TIMEOUT_MS: each Redis call's socket timeout
+    redis_timeout_ms = 50           # RISKD_REDIS_TIMEOUT_MS: the bound of each Redis call (per
+                                    # shard): connect (name resolution included), handshake, reply
     redis_prefix = "riskd:"         # RISKD_REDIS_PREFIX: prefix of every Redis key
     breaker_failures = 15           # RISKD_BREAKER_FAILURES: failed calls in a row that open
                                     # a dependency's circuit (1..1000); or

@@ -5,7 +5,7 @@ scores and records the decision, followers get the leader's decision (or its
 exception). With the decision log lookup before the flight, a retry in this
 process never scores an order twice. In worker mode the gRPC process keeps
 flights of its own (of serialized answers) in front of the workers
-(``riskd.service.workers``), so a retry never meets its order in another worker.
+(``riskd.service.router``), so a retry never meets its order in another worker.
 """
 
 from __future__ import annotations

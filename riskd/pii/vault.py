@@ -586,7 +586,7 @@ class Vault:
         the id holds them all)."""
         _require("subject_id", subject_id)
         _require("reason", reason)
-        refuse_pii("reason", reason)  # stored in clear; ``holds`` and forget's refusal list it
+        refuse_pii("reason", reason)  # stored in clear: ``holds`` and release's refusal list it
         self.keystore.hold(subject_id, reason, self._clock.now())
 
     def release_hold(self, subject_id: str, reason: str | None = None) -> bool:

@@ -27,7 +27,7 @@ Failures:
   scores them itself; either way with the same rules, stores and log, in what is left
   of each caller's budget, while a monitor thread starts a new worker.
 * A worker that has not answered by the caller's deadline, less a reserve for the
-  fallback (``_wait_until``: 20 ms and twice the part's ``answer_time_s``, that times the
+  fallback (``router._wait_until``: 20 ms and twice the part's ``answer_time_s``, that times the
   batches deciding in the server process at once; at most a quarter of the budget): the
   server process answers with the fallback policy (a degraded decision, ``features``
   unavailable) inside the deadline, records it, and discards the late answer. A call
@@ -35,7 +35,7 @@ Failures:
   reads a call after it (stalled meanwhile) answers ``late`` without scoring it, so it
   cannot decide the order a second time once it resumes. A worker records a call's
   decisions all together, and only by that deadline less the time to answer once they
-  are recorded (``ANSWER_RESERVE_S``, and
+  are recorded (``worker_main.ANSWER_RESERVE_S``, and
   ``ANSWER_RESERVE_PER_ORDER_S`` per order); one that could not (stalled mid-scoring,
   its log's queue full until then) records none of them and answers ``late`` too
   (``Scorer``'s ``record_late``). Left: a worker that stalls between recording its
@@ -58,9 +58,10 @@ it a batch later (``evidence_flush_ms``; longer while another process holds the
 database), so for a while only that process can find it. Meanwhile a retry that goes
 elsewhere (its worker busy, stalled or down) would be decided a second time, and the log
 might keep the decision nobody acted on. So the server process keeps each worker's
-answer, unary or a batch's, for ``RECENT_KEEP_S`` (``RecentAnswers``; not one the worker's log
-will not hold, its queue full, which the worker's answer names: its retry is scored again;
-and only while that worker lives: a dead one lost what its log had not committed)
+answer, unary or a batch's, for ``answers.RECENT_KEEP_S`` (``RecentAnswers``; not one the
+worker's log will not hold, its queue full, which the worker's answer names: its retry is
+scored again; and only while that worker lives: a dead one lost what its log had not
+committed)
 and replays a fallback it decided itself from its own log's queue, for ``Score`` and
 ``ScoreBatch`` alike; and it keeps a flight per order id (``riskd.engine.flights``), led
 by the unary call or the batch routing that order: a retry, unary or a batch's entry,
@@ -90,7 +91,7 @@ after the answer it owed) is killed (review: a stalled worker held the exit 30 s
 The server process's metrics count every decision it returns, and every order it answered
 itself (``riskd_score_worker_fallbacks_total`` by reason: down, busy, late). What only a
 worker sees, it counts in its own ``Metrics``: the monitor asks each worker for a snapshot
-once a second (``RESPAWN_EVERY_S``; a worker held by calls is asked next round) and adds it
+once a second (``pool.RESPAWN_EVERY_S``; a worker held by calls is asked next round) and adds it
 to the server process's ``riskd_rule_errors_total`` and ``riskd_evidence_superseded_total``
 (what it counted since its last report) and to the other ``riskd_evidence_*`` gauges
 (each worker's decision-log writer as last reported). A worker that dies takes what it
