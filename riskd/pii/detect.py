@@ -14,13 +14,34 @@ What counts, each shaped for few false positives on what these fields carry
 (courier tracking numbers, order ids, amounts, dates and times, SKU codes,
 Chinese text). A number is a run of digits that single spaces or dashes split
 into groups of two digits or more (``138 1234 5678``, ``6222-0212-…``; a card's
-last group may be one digit), read after NFKC (full-width digits) and without
-zero-width characters. A candidate is one group or several adjacent ones: a
-longer number never hides a shorter one beside it (``2023 12 01 13812345678``),
-and a candidate never cuts a group. A group glued to an ASCII letter is an
-identifier (``JDVA13812345678``, ``SF1234567890123``), never a candidate.
+last group may be one digit), read after NFKC (full-width digits and brackets)
+and without zero-width characters. A closing bracket splits groups too, and a
+group may open with one (``(010) 1234-5678``, ``+86 (0)138…``). A dot or a
+slash splits groups only in a phone's layout, a group of 3-4 digits and then
+groups of 4 (``138.1234.5678``, ``0571/8888/8888``; 3-4 after an area code):
+they also split decimals, dates, IP addresses, versions and ratios
+(``1381234.5678``, ``172.160.100.20``, ``1500/2300/800``: none is refused). A
+candidate is one group or several adjacent ones: a longer number never hides a
+shorter one beside it (``2023 12 01 13812345678``), and a candidate never cuts a
+group. A group glued to an ASCII letter is an identifier (``JDVA13812345678``,
+``SF1234567890123``), never a candidate. Each group is read a bounded number of
+times, so a long text costs time in proportion to its length.
 
-- mobile phone number: 11 digits ``1[3-9]…``, also after ``+86`` / ``0086``;
+- mobile phone number: 11 digits ``1[3-9]…``, also after ``+86`` / ``0086`` and
+  a trunk ``0`` or ``(0)``;
+- landline phone number: an area code of its own group (``010``, ``02x``, or
+  ``0`` and three digits but 400 and 800) and 7 or 8 digits (8 after ``010`` and
+  ``02x``) in one or two groups (``010-1234-5678``, ``(0571) 888 8888``), or
+  after ``+86`` (``+86 10 1234 5678``, ``+861012345678``) or a ``0086`` written
+  apart; never one glued to its area code (``05711234567``: as likely a tracking
+  number), nor three times of day (``0900-1800 1900-2100``). Together the two
+  refuse a Chinese number that the phone blind index
+  (``riskd.pii.blind.normalize_phone``) reads as one in the layouts it is written
+  in: a mobile 3-4-4 with any of the separators, 3-8 or 7-4 with spaces or
+  dashes; a landline's area code apart, then 4-4 or 3-4 digits, or 7-8 in one
+  group after a space or dash; with ``+86``, a trunk, brackets. Not: the bare
+  landline above, ``86`` glued to a mobile number (``8613812345678``: a 13-digit
+  tracking number as often), and dots or slashes in other layouts;
 - resident ID number: 18 characters, a province code, a real birth date
   (1900-2099) and the ISO 7064 MOD 11-2 check character. The 15-digit legacy
   numbers (out of use since 2013) have no check character: a province and a date
@@ -36,7 +57,11 @@ Measured on 100,000 random 12-15 digit tracking-style numbers (two seeds, one in
 ``tests/pii/test_detect.py``): the ID detector refuses none, the phone detector
 0-1 (15 digits that read as 0086 and a mobile number), the card detector 44-50
 (0.05%: 15 digits that start 34 or 37 and pass Luhn); carrier ids with their
-letters (``SF…``, ``JD…``, ``JDVA…``, ``YT…``) none. What no detector can tell
+letters (``SF…``, ``JD…``, ``JDVA…``, ``YT…``) none. On 100,000 each of random IPv4
+addresses, dates (``2026.11.28``, ``/``, ``-``), decimals (up to 10 digits, 1-4
+after the point) and versions (2-4 numbers up to 999): none is refused; on
+100,000 random numbers up to 9999 joined by slashes (two or three): 258 (0.26%,
+each ``1xx/xxxx/xxxx``, a mobile number's layout). What no detector can tell
 apart: a bare 11-digit number starting 13-19 is a mobile number (7% of random
 11-digit numbers), and a bare 16-digit one with a card prefix and a Luhn digit a
 card (2.4% of random 16-digit numbers; 0.1% of 17-19 digit ones, such as order ids).
@@ -46,28 +71,43 @@ from __future__ import annotations
 
 import datetime
 import enum
+import itertools
 import re
 
 from riskd.errors import InvalidArgumentError
-from riskd.pii.blind import _DASHES, _INVISIBLE_CHAR, _nfkc
+from riskd.pii.blind import _CN_GEOGRAPHIC, _DASHES, _INVISIBLE_CHAR, _nfkc
 
 
 class PiiKind(enum.StrEnum):
     """What a detector found, as an error message says it."""
 
     MOBILE = "a mobile phone number"
+    LANDLINE = "a landline phone number"
     ID_NUMBER = "a resident ID number"
     BANK_CARD = "a bank card number"
     EMAIL = "an e-mail address"
 
 
-# A number: digit groups split by one space or one dash (with a space either side or
-# not); the ID number's check letter may end it. ``+`` or letters before it are read
-# from the text around the match.
-_NUMBER = re.compile(rf"[0-9]+(?:(?: ?[{_DASHES}] ?| )[0-9]+)*[Xx]?")
+# A number: digit groups split by one space, one dash (with a space either side or not),
+# one dot or slash, or a closing bracket (``(010) 1234-5678``, ``+86 (0)138…``); a group
+# may open with a bracket (``+86(0)10…``), and the ID number's check letter may end it.
+# ``+`` or letters before it are read from the text around the match. Possessive
+# quantifiers: nothing is ever matched twice (no backtracking on long inputs).
+_NUMBER = re.compile(rf"\(?+[0-9]++(?:(?: ?[{_DASHES}] ?| |[./]| ?\) ?)?+\(?+[0-9]++)*+[Xx]?")
 _GROUP = re.compile(r"[0-9]+[Xx]?")
+_WEAK_GAP = frozenset("./")
+"""Separators that also split decimals, dates, IP addresses, versions and ratios: they join
+only a phone's groups, 3 or 4 digits and then 4 (``138.1234.5678``, ``0571/8888/8888``;
+3 or 4 after an area code: ``0571.888.8888``), never ``1381234.5678``,
+``172.160.100.20`` or ``1500/2300/800``."""
+_WEAK_GROUP = range(3, 5)
 _MIN_CARD_DIGITS, _MAX_DIGITS = 15, 19  # the shortest and the longest card number
 _CN_MOBILE = re.compile(r"1[3-9][0-9]{9}")
+_AREA_CODE = re.compile(r"0(?:10|2[0-9]|(?!400|800)[3-9][0-9]{2})")
+"""A Chinese geographic area code with its trunk 0: 010 Beijing, 02x, or 0 and three
+digits (``riskd.pii.blind``'s fixed lines; 400 and 800 numbers are not geographic)."""
+_SUBSCRIBER = re.compile(r"[1-9][0-9]{6,7}")
+_MAX_NATIONAL = 12  # a trunk 0, a three-digit area code and eight digits
 _ID_NUMBER = re.compile(r"(?:1[1-5]|2[1-3]|3[1-7]|4[1-6]|5[0-4]|6[1-5]|71|8[1-3])[0-9]{15}[0-9X]")
 """A province-level code (71 Taiwan, 81 Hong Kong, 82 Macao; 83 begins the residence
 permits of Taiwan residents, which carry the same check), 15 digits, a check character."""
@@ -106,6 +146,10 @@ def find_pii(text: str) -> PiiKind | None:
     (<PiiKind.ID_NUMBER: 'a resident ID number'>, <PiiKind.EMAIL: 'an e-mail address'>)
     >>> find_pii("卡号 6222 0212 3456 7890 128"), find_pii("订单 2023-12-01 12:30 ¥138.00")
     (<PiiKind.BANK_CARD: 'a bank card number'>, None)
+    >>> find_pii("电话 138.1234.5678"), find_pii("座机 (010) 1234-5678")
+    (<PiiKind.MOBILE: 'a mobile phone number'>, <PiiKind.LANDLINE: 'a landline phone number'>)
+    >>> find_pii("IP 172.160.100.20 金额 1381234.5678"), find_pii("版本 2026.11.28")
+    (None, None)
     """
     text = _INVISIBLE_CHAR.sub("", _nfkc(text))
     if "@" in text and _EMAIL.search(text):
@@ -134,26 +178,97 @@ free text must not carry personal data
 
 def _scan_number(text: str, match: re.Match[str]) -> PiiKind | None:
     """Check every run of whole groups of one number; groups glued to letters are skipped."""
-    groups = [g.upper() for g in _GROUP.findall(match.group())]
+    number = match.group()
+    found = list(_GROUP.finditer(number))
+    groups = [g.group().upper() for g in found]
+    # whether the separator before each group is a dot or a slash (``_WEAK_GAP``)
+    weak = [False] + [
+        not _WEAK_GAP.isdisjoint(number[x.end() : y.start()]) for x, y in itertools.pairwise(found)
+    ]
     start, end = match.span()
-    if start and text[start - 1].isascii() and text[start - 1].isalpha():
-        groups = groups[1:]
+    if start and number[0] != "(" and _glued(text[start - 1]):
+        groups, weak = groups[1:], weak[1:]
     elif _country_code(text, start, groups[0]):
-        groups[0] = groups[0][2:] if groups[0].startswith("86") else groups[0][4:]
-    if end < len(text) and text[end].isascii() and text[end].isalpha():
-        groups = groups[:-1]
-    for i in range(len(groups)):
-        digits = ""
-        for group in groups[i:]:
-            # a lone digit joins nothing but a card's tail (``6222 0212 3456 7890 1``)
-            if len(group) < 2 and len(digits) < _MIN_CARD_DIGITS:
-                break
-            digits += group
-            if len(digits) > _MAX_DIGITS:
-                break
-            kind = _classify(digits)
-            if kind is not None:
-                return kind
+        plus = start > 0 and text[start - 1] == "+"
+        groups[0] = groups[0][2:] if plus else groups[0][4:]
+        kind = _national(groups, fixed_line=plus or not groups[0])
+        if kind is not None:
+            return kind
+    if end < len(text) and _glued(text[end]):
+        groups, weak = groups[:-1], weak[:-1]
+    for i in range(len(groups)):  # indexes, not slices: a long number stays linear
+        kind = PiiKind.LANDLINE if _landline(groups, weak, i) else _run(groups, weak, i)
+        if kind is not None:
+            return kind
+    return None
+
+
+def _glued(char: str) -> bool:
+    """An ASCII letter: digits beside it are an identifier (``JDVA13812345678``)."""
+    return char.isascii() and char.isalpha()
+
+
+def _joins(groups: list[str], weak: list[bool], j: int) -> bool:
+    """Whether group ``j`` joins the one before it (a dot or slash between: ``_WEAK_GAP``)."""
+    return not weak[j] or (len(groups[j - 1]) in _WEAK_GROUP and len(groups[j]) == 4)
+
+
+def _run(groups: list[str], weak: list[bool], i: int) -> PiiKind | None:
+    """The first kind that whole groups from ``i`` on read as, the shortest run first."""
+    digits = ""
+    for j in range(i, len(groups)):
+        group = groups[j]
+        # a lone digit joins nothing but a card's tail (``6222 0212 3456 7890 1``)
+        if len(group) < 2 and len(digits) < _MIN_CARD_DIGITS:
+            break
+        if j > i and not _joins(groups, weak, j):
+            break
+        digits += group
+        if len(digits) > _MAX_DIGITS:
+            break
+        kind = _classify(digits)
+        if kind is not None:
+            return kind
+    return None
+
+
+def _landline(groups: list[str], weak: list[bool], i: int) -> bool:
+    """A fixed-line number from group ``i``: an area code of its own, then 7 or 8 digits
+    (8 after 010 and 02x) in one or two groups of three digits or more (3 or 4 after a dot
+    or a slash: an area code is 3-4 digits, an IP address's groups too few). Never glued to its
+    area code: a bare ``05711234567`` is as likely a tracking number; and not three times
+    of day (opening hours ``0900-1800 1900-2100``: 0900 reads as an area code)."""
+    if not _AREA_CODE.fullmatch(groups[i]):
+        return False
+    subscriber = ""
+    for j in range(i + 1, min(i + 3, len(groups))):
+        if len(groups[j]) < 3 or (weak[j] and len(groups[j]) not in _WEAK_GROUP):
+            return False
+        subscriber += groups[j]
+        if _SUBSCRIBER.fullmatch(subscriber) and (len(subscriber) == 8 or len(groups[i]) == 4):
+            return not all(map(_time_of_day, groups[i : j + 1]))
+    return False
+
+
+def _time_of_day(group: str) -> bool:
+    """``hhmm``: 0000 to 2359."""
+    return len(group) == 4 and group.isdigit() and int(group[:2]) < 24 and int(group[2:]) < 60
+
+
+def _national(groups: list[str], *, fixed_line: bool) -> PiiKind | None:
+    """What follows a country code (stripped from ``groups[0]``) as ``riskd.pii.blind``
+    reads it: a mobile or, when ``fixed_line`` (after ``+86``, or a code written apart), a
+    fixed line, its trunk 0 written or not (``+86 (0)10 1234 5678``), in any grouping."""
+    digits = ""
+    for group in groups:
+        digits += group
+        if len(digits) > _MAX_NATIONAL:
+            break
+        national = digits[1:] if digits.startswith("0") else digits
+        if _CN_MOBILE.fullmatch(national):
+            return PiiKind.MOBILE
+        if fixed_line and _CN_GEOGRAPHIC.fullmatch(national):
+            return PiiKind.LANDLINE
     return None
 
 

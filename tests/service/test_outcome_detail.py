@@ -63,6 +63,9 @@ def report(stub: scoring_pb2_grpc.ScoringServiceStub, order_id: str, detail: str
     [
         ("买家电话 138-1234-5678 要求退款", "5678", "a mobile phone number"),
         ("buyer called from +86 139 8765 4321", "4321", "a mobile phone number"),
+        ("买家电话 138.1234.5678 要求退款", "5678", "a mobile phone number"),
+        ("买家电话 (138) 1234-5678", "5678", "a mobile phone number"),
+        ("买家座机 (010) 6543-2187 要求退款", "2187", "a landline phone number"),
         ("身份证 11010519491231002X 已核验", "002X", "a resident ID number"),
         ("退款到卡 6222 0212 3456 7890 128", "7890", "a bank card number"),
         ("联系邮箱 zhang.san@example.com", "zhang.san", "an e-mail address"),
@@ -93,6 +96,7 @@ def test_a_detail_with_pii_is_refused_naming_detail_and_stored_nowhere(
         "中通 75312345678901，圆通 YT1234567890123，京东 JDVA13812345678-1-1-",
         "同单 4987654321098765432 重复付款，退款 ¥138.00",
         "2023-12-01 13:45 买家申请仅退款，SKU A-1024 x2",
+        "IP 172.160.100.20 于 2026.11.28 12:30:45 下单 ¥1,234.56，客户端 v2.13.8",
         "bank",
     ],
 )
