@@ -18,6 +18,7 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import CounterMetricFamily
 
 from riskd.domain.decision import Outcome
+from riskd.engine.catchup import MAX_TRIES
 from riskd.engine.scorer import DEPENDENCIES, INFLIGHT
 
 
@@ -69,7 +70,11 @@ class Metrics:
     def __post_init__(self) -> None:
         r = self.registry
         self.decisions = Counter(
-            "riskd_decisions", "Decisions by outcome.", ["outcome"], registry=r
+            "riskd_decisions",
+            "Decisions made, by outcome (a retry's replayed answer is not counted again, nor "
+            "its inflight answer).",
+            ["outcome"],
+            registry=r,
         )
         self.rule_hits = Counter(
             "riskd_rule_hits", "Enforced rule hits by rule id.", ["rule_id"], registry=r
@@ -82,21 +87,28 @@ class Metrics:
         )
         self.degraded = Counter(
             "riskd_degraded_decisions",
-            "Answers by the fallback policy, by what was unavailable (inflight: a retry's "
-            "answer while its order's first call still decides it, not a decision).",
+            "Degraded answers, by what was unavailable (an answer missing two counts under "
+            "each): features, shops, rules, deadline (the rules had no time to run): the "
+            "higher of the rules that ran and the fallback policy; evidence (the decision log "
+            "could not be read) and evidence_queue (its full queue did not take the answer: "
+            "never logged): the rules' own answer; inflight: a retry's fallback answer while "
+            "its order's first call still decides it, not a decision.",
             ["unavailable"],
             registry=r,
         )
         self.latency = Histogram(
             "riskd_rpc_latency_seconds",
-            "Server-side RPC latency by method.",
+            "Server-side latency of unary RPCs by method (streams, and calls refused by "
+            "authentication or rate limits, are not timed).",
             ["method"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.rpc_errors = Counter(
             "riskd_rpc_errors",
-            "RPCs that ended with an error, by method and code.",
+            "RPCs that ended with an error status, by method and code: unary calls, calls "
+            "refused by authentication, authorization or rate limits, and streams' requests "
+            "that do not parse.",
             ["method", "code"],
             registry=r,
         )
@@ -207,12 +219,13 @@ class Metrics:
         ).set_function(lambda: sum(x.backlog for x in logs))
         Gauge(
             "riskd_evidence_rejected",
-            "Decision-log items the database refused, set aside by the writer (not stored).",
+            "Decision-log items the database refused since start, set aside by the writer "
+            "(not stored).",
             registry=r,
         ).set_function(lambda: sum(x.rejected for x in logs))
         Gauge(
             "riskd_evidence_unsealed",
-            "Decisions logged with masked PII only: no usable data key to encrypt it.",
+            "Decisions logged since start with masked PII only: no usable data key to encrypt it.",
             registry=r,
         ).set_function(lambda: sum(x.unsealed for x in logs))
         r.register(_Superseded(log, self))
@@ -240,7 +253,12 @@ class Metrics:
         not answer at start``, to ``dependency answers again``; else 0."""
         gauge = Gauge(
             "riskd_dependency_unavailable",
-            "1 while a dependency is in an outage (from the log's warning to its return).",
+            "1 from the log's 'dependency unavailable' warning (or 'redis does not answer at "
+            "start') to its 'dependency answers again', else 0: features (the feature store), "
+            "evidence (the decision log's lookups), evidence_queue (the decision log's queue "
+            "full: answers go out unlogged). An outage whose circuit opened ends once it has "
+            "stayed closed breaker_window_s: 1 that long after the dependency answers. With "
+            "scoring workers, any worker's as last reported.",
             ["dependency"],
             registry=self.registry,
         )
@@ -341,8 +359,10 @@ class _Dropped:
 
     _NAME = "riskd_features_catch_up_dropped"
     _HELP = (
-        "Orders answered without their features and dropped uncounted, by reason: full (the"
-        " catch-up queue had no room), failing (given up after every call failed)."
+        "Orders answered without their features and dropped uncounted, by reason: full (no"
+        " room in the catch-up queue; each try: a retry queues its order again or counts"
+        f" again), failing (given up after {MAX_TRIES} failed calls, each one the store"
+        " answered a read of the order's keys after: never while the store is away)."
     )
 
     def __init__(self, own: Callable[[], Mapping[str, int]], workers: Mapping[str, float]):
