@@ -12,20 +12,21 @@ forgotten, so plaintext PII there would stay for good.
 
 What counts, each shaped for few false positives on what these fields carry
 (courier tracking numbers, order ids, amounts, dates and times, SKU codes,
-Chinese text). A number is a run of digits that single spaces or dashes split
-into groups of two digits or more (``138 1234 5678``, ``6222-0212-…``; a card's
-last group may be one digit), read after NFKC (full-width digits and brackets)
-and without zero-width characters. A closing bracket splits groups too, and a
-group may open with one (``(010) 1234-5678``, ``+86 (0)138…``). A dot or a
-slash splits groups only in a phone's layout, a group of 3-4 digits and then
-groups of 4 (``138.1234.5678``, ``0571/8888/8888``; 3-4 after an area code):
-they also split decimals, dates, IP addresses, versions and ratios
-(``1381234.5678``, ``172.160.100.20``, ``1500/2300/800``: none is refused). A
-candidate is one group or several adjacent ones: a longer number never hides a
-shorter one beside it (``2023 12 01 13812345678``), and a candidate never cuts a
-group. A group glued to an ASCII letter is an identifier (``JDVA13812345678``,
-``SF1234567890123``), never a candidate. Each group is read a bounded number of
-times, so a long text costs time in proportion to its length.
+Chinese text). A number is a run of digits that spaces or tabs (not line
+breaks) or a dash split into groups of two digits or more (``138 1234 5678``,
+``6222-0212-…``; a card's last group may be one digit), read after NFKC
+(full-width digits and brackets) and without zero-width characters. A closing
+bracket splits groups too, and a group may open with one (``(010) 1234-5678``,
+``+86 (0)138…``). A dot or a slash splits groups only in a phone's layout, a
+group of 3-4 digits and then groups of 4 (``138.1234.5678``, ``0571/8888/8888``;
+3-4 after an area code): they also split decimals, dates, IP addresses,
+versions and ratios (``1381234.5678``, ``172.160.100.20``, ``1500/2300/800``:
+none is refused). A candidate is one group or several adjacent ones: a longer
+number never hides a shorter one beside it (``2023 12 01 13812345678``), and a
+candidate never cuts a group. A group glued to an ASCII letter is an identifier
+(``JDVA13812345678``, ``SF1234567890123``), never a candidate. Each group is
+read a bounded number of times, so a long text costs time in proportion to its
+length.
 
 - mobile phone number: 11 digits ``1[3-9]…``, also after ``+86`` / ``0086`` and
   a trunk ``0`` or ``(0)``;
@@ -39,7 +40,7 @@ times, so a long text costs time in proportion to its length.
   (``riskd.pii.blind.normalize_phone``) reads as one in the layouts it is written
   in: a mobile 3-4-4 with any of the separators, 3-8 or 7-4 with spaces or
   dashes; a landline's area code apart, then 4-4 or 3-4 digits, or 7-8 in one
-  group after a space or dash; with ``+86``, a trunk, brackets. Not: the bare
+  group after a blank, dash or bracket; with ``+86``, a trunk, brackets. Not: the bare
   landline above, ``86`` glued to a mobile number (``8613812345678``: a 13-digit
   tracking number as often), and dots or slashes in other layouts;
 - resident ID number: 18 characters, a province code, a real birth date
@@ -88,12 +89,15 @@ class PiiKind(enum.StrEnum):
     EMAIL = "an e-mail address"
 
 
-# A number: digit groups split by one space, one dash (with a space either side or not),
-# one dot or slash, or a closing bracket (``(010) 1234-5678``, ``+86 (0)138…``); a group
-# may open with a bracket (``+86(0)10…``), and the ID number's check letter may end it.
-# ``+`` or letters before it are read from the text around the match. Possessive
-# quantifiers: nothing is ever matched twice (no backtracking on long inputs).
-_NUMBER = re.compile(rf"\(?+[0-9]++(?:(?: ?[{_DASHES}] ?| |[./]| ?\) ?)?+\(?+[0-9]++)*+[Xx]?")
+# A number: digit groups split by spaces or tabs (not a line break: numbers one a line
+# are a list), one dash (spaces either side or not), one dot or slash, or a closing
+# bracket (``(010) 1234-5678``, ``+86 (0)138…``); a group may open with a bracket
+# (``+86(0)10…``), and the ID number's check letter may end it. ``+`` or letters before
+# it are read from the text around the match. Possessive quantifiers: no backtracking,
+# so a long input costs time in proportion to its length.
+_BLANK = r"[ \t]*+"
+_SPLIT = rf"{_BLANK}[{_DASHES}]{_BLANK}|[ \t]++|[./]|{_BLANK}\){_BLANK}"
+_NUMBER = re.compile(rf"\(?+[0-9]++(?:(?:{_SPLIT})?+\(?+[0-9]++)*+[Xx]?")
 _GROUP = re.compile(r"[0-9]+[Xx]?")
 _WEAK_GAP = frozenset("./")
 """Separators that also split decimals, dates, IP addresses, versions and ratios: they join

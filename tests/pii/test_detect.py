@@ -254,7 +254,8 @@ def test_docstring_examples_pass() -> None:
 
 # Phone numbers as the blind index reads them (riskd.pii.blind.normalize_phone: dots,
 # slashes, brackets, dashes and spaces dropped; +86 / 0086 and a (0) trunk read): each
-# is refused. Before dots, slashes, brackets and fixed lines were read: 5 of these 31.
+# is refused. Before dots, slashes, brackets, runs of blanks and fixed lines were read:
+# 5 of these 33.
 PHONE_SPELLINGS = [
     ("138.1234.5678", PiiKind.MOBILE),
     ("138/1234/5678", PiiKind.MOBILE),
@@ -269,6 +270,8 @@ PHONE_SPELLINGS = [
     ("１３８１２３４５６７８", PiiKind.MOBILE),
     ("１３８．１２３４．５６７８", PiiKind.MOBILE),
     ("138 1234 5678", PiiKind.MOBILE),
+    ("138  1234  5678", PiiKind.MOBILE),
+    ("138\t1234\t5678", PiiKind.MOBILE),
     ("+8613812345678", PiiKind.MOBILE),
     ("(010) 1234-5678", PiiKind.LANDLINE),
     ("（010）1234－5678", PiiKind.LANDLINE),
@@ -341,7 +344,7 @@ def test_what_analysts_write_is_not_refused_as_a_phone(text: str) -> None:
     assert find_pii(text) is None
 
 
-SPELLING_SEPARATORS = st.sampled_from([" ", "-", ".", "/", " - ", "\u2013", "．"])
+SPELLING_SEPARATORS = st.sampled_from([" ", "  ", "\t", "-", ".", "/", " - ", "\u2013", "．"])
 
 
 @st.composite
@@ -388,7 +391,15 @@ def test_the_detector_never_raises_on_any_text(text: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["1 " * 131_072, "12-" * 87_381, "(12) " * 52_428, "１２ " * 87_381, "1." * 131_072]
+    "text",
+    [
+        "1 " * 131_072,
+        "12-" * 87_381,
+        "(12) " * 52_428,
+        "１２ " * 87_381,
+        "1." * 131_072,
+        ("12" + " " * 60 + "-" + "\t" * 60) * 2_148,  # runs of blanks: each read a few times
+    ],
 )
 def test_a_256_kib_text_is_scanned_in_linear_time(text: str) -> None:
     """Each group is read a bounded number of times (review: slicing the groups left after
