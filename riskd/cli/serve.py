@@ -23,6 +23,7 @@ import gc
 import json
 import math
 import os
+import re
 import sys
 import threading
 from functools import partial
@@ -150,8 +151,11 @@ def run_score(args: argparse.Namespace) -> int:
     try:
         data = sys.stdin.buffer.read() if args.order == "-" else Path(args.order).read_bytes()
         order = json_format.Parse(data.decode("utf-8-sig"), order_pb2.Order())
-    except (OSError, UnicodeDecodeError, json_format.ParseError) as e:
+    except (OSError, UnicodeDecodeError) as e:
         print(f"riskd score: cannot read order: {e}", file=sys.stderr)
+        return 2
+    except json_format.ParseError as e:
+        print(f"riskd score: cannot read order: {unreadable(e)}", file=sys.stderr)
         return 2
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
     try:
@@ -174,6 +178,29 @@ def run_score(args: argparse.Namespace) -> int:
     )
     print(json.dumps(decision, indent=2, ensure_ascii=False))
     return 0
+
+
+def unreadable(error: json_format.ParseError) -> str:
+    """What is wrong with an order file: the field's path and the kind of problem, never
+    the value (protobuf's own text quotes it, review: a phone number written as a number,
+    an address in the ``channel`` field, came back on stderr as typed)."""
+    cause = error.__cause__
+    if isinstance(cause, json.JSONDecodeError):
+        return f"not valid JSON: {cause.msg} at line {cause.lineno} column {cause.colno}"
+    text = str(error)
+    if text.startswith("Failed to load JSON:"):  # a key written twice: protobuf names it
+        return "not valid JSON: a key appears twice in one object (key not shown)"
+    path = ["order"]
+    while (field := _FAILED_FIELD.match(text)) is not None:
+        path.append(field[1])
+        text = text[field.end() :]
+    if "has no field named" in text:
+        return f"{'.'.join(path)}: unknown field (name not shown)"
+    return f"{'.'.join(path)}: not a valid value for this field (value not shown)"
+
+
+_FAILED_FIELD = re.compile(r"Failed to parse ([A-Za-z_][A-Za-z0-9_]*) field: ", re.ASCII)
+"""One level of protobuf's ``Failed to parse buyer field: Failed to parse phone field: …``."""
 
 
 def run_health(args: argparse.Namespace) -> int:

@@ -266,6 +266,60 @@ def test_score_reads_a_file_with_a_bom_and_refuses_one_not_utf8(
     assert "riskd score: cannot read order: 'utf-8' codec can't decode" in capsys.readouterr().err
 
 
+MARKERS = ("13912345678", "王小明", "幸福路", "H3MARK", "11010519491231002")
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "said"),
+    [
+        (("buyer", "phone"), 13912345678, "order.buyer.phone: not a valid value"),
+        (("buyer", "account_age_days"), "王小明13912345678", "order.buyer.account_age_days: not a"),
+        (("channel",), "幸福路7号H3MARK", "order.channel: not a valid value"),
+        (("client_time",), "11010519491231002X", "order.client_time: not a valid value"),
+        (("amounts", "total"), "13912345678x", "order.amounts.total: not a valid value"),
+        (("buyer", "address", "13912345678"), "x", "order.buyer.address: unknown field"),
+    ],
+)
+def test_score_names_the_field_of_an_unreadable_order_never_its_value(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    where: tuple[str, ...],
+    value: object,
+    said: str,
+) -> None:
+    """Review: protobuf's parse error quoted the value (``invalid literal for int() with
+    base 10: '王小明13912345678'``, ``Invalid enum value 幸福路7号…``): personal data
+    written in the wrong field came back on stderr, where terminals and CI logs keep it."""
+    order = json.loads(EXAMPLE.read_text())
+    at = order
+    for key in where[:-1]:
+        at = at[key]
+    at[where[-1]] = value
+    path = tmp_path / "order.json"
+    path.write_text(json.dumps(order, ensure_ascii=False))
+    args = build_parser().parse_args(["score", str(path), "--target", "127.0.0.1:1"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"riskd score: cannot read order: {said}")
+    for marker in MARKERS:
+        assert marker not in err
+
+
+def test_score_says_where_an_order_file_is_not_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "order.json"
+    path.write_text('{"order_id": "o-1", "buyer": {"phone": "13912345678" ')
+    args = build_parser().parse_args(["score", str(path), "--target", "127.0.0.1:1"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "not valid JSON: Expecting ',' delimiter at line 1 column" in err
+    path.write_text('{"order_id": "o-1", "13912345678": 1, "13912345678": 2}')
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "a key appears twice" in err and "13912345678" not in err
+
+
 @pytest.mark.parametrize("command", ["score", "health"])
 @pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "1e300", "soon"])
 def test_a_timeout_that_is_no_deadline_is_refused(
