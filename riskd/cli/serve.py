@@ -106,12 +106,13 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         # here, not at the top: `riskd score` and `riskd health` need none of the daemon
         from riskd.config import load_config, reload_config
-        from riskd.service.logs import configure_logging
+        from riskd.service.logs import configure_logging, install_hooks
         from riskd.service.server import create_server
 
         overrides = {"listen": args.listen} if args.listen else {}
         config = load_config(args.config, **overrides)
         configure_logging(config.log_level)
+        install_hooks()
         # SIGHUP reads the same file and environment again for the [auth] settings
         running = create_server(config, reread=partial(reload_config, args.config, **overrides))
     except RiskdError as e:

@@ -8,6 +8,12 @@ the exception's type and frames are written, and its message only for a
 errors (psycopg, grpc, redis) are JSON lines too, with their message's template and
 never its arguments, which may quote data (review: psycopg's plain-text "error ignored
 terminating <Pipeline>" lines broke JSON log parsers).
+
+``install_hooks`` (``riskd serve`` and each scoring worker) sends what Python itself would
+write to stderr as plain text the same way: an exception no code caught, in any thread
+(its type and frames; Python's default hooks print its message, which may quote a value),
+one Python could not raise (in a ``__del__``), and a warning (its category and where it
+was raised; not its message).
 """
 
 from __future__ import annotations
@@ -15,8 +21,11 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 import traceback
+import warnings
+from types import TracebackType
 from typing import IO, Any
 
 from riskd.errors import RiskdError
@@ -77,6 +86,59 @@ def configure_logging(level: str = "info", stream: IO[str] | None = None) -> Non
         top.removeHandler(old)
     others.riskd_json = True  # type: ignore[attr-defined]
     top.addHandler(others)
+
+
+_uncaught = logging.getLogger("riskd.uncaught")
+
+
+def install_hooks() -> None:
+    """Log uncaught exceptions (main thread and others) and warnings as JSON lines through
+    ``riskd.uncaught``, never their messages (``JsonFormatter``: a ``RiskdError``'s only)."""
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
+    sys.unraisablehook = _log_unraisable
+    warnings.showwarning = _log_warning
+
+
+def _log_uncaught(
+    kind: type[BaseException], error: BaseException, tb: TracebackType | None
+) -> None:
+    _uncaught.critical("uncaught exception", exc_info=(kind, error, tb))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:  # as Python's own hook: a thread's sys.exit() is quiet
+        return
+    thread = args.thread.name if args.thread is not None else "?"
+    error = args.exc_value
+    _uncaught.error(
+        "uncaught exception in a thread",
+        exc_info=False if error is None else (args.exc_type, error, args.exc_traceback),
+        extra={"fields": {"thread": thread, "error_type": args.exc_type.__name__}},
+    )
+
+
+def _log_unraisable(args: sys.UnraisableHookArgs) -> None:
+    """An exception Python could not raise (in a ``__del__``, a finalizer): its type and
+    frames, not the object it names (its repr may hold data)."""
+    error = args.exc_value
+    _uncaught.error(
+        "exception ignored",
+        exc_info=False if error is None else (args.exc_type, error, args.exc_traceback),
+        extra={"fields": {"error_type": args.exc_type.__name__}},
+    )
+
+
+def _log_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: IO[str] | None = None,
+    line: str | None = None,
+) -> None:
+    fields = {"category": category.__name__, "where": f"{filename}:{lineno}"}
+    _uncaught.warning("python warning", extra={"fields": fields})
 
 
 def _ours(record: logging.LogRecord) -> bool:

@@ -29,7 +29,7 @@ from riskd.dsl.holder import RulesState
 from riskd.errors import DeadlineExceededError, RiskdError
 from riskd.service.channel import Channel
 from riskd.service.gen.riskd.v1 import scoring_pb2
-from riskd.service.logs import configure_logging
+from riskd.service.logs import configure_logging, install_hooks
 from riskd.service.metrics import Metrics
 from riskd.service.scoring import ScoringServicer
 from riskd.service.wiring import Components, build_components
@@ -59,6 +59,7 @@ def main(argv: Sequence[str]) -> int:
     except (EOFError, OSError):  # the server process stopped before it sent the config
         return 1
     configure_logging(config.log_level)
+    install_hooks()
     try:
         # decisions made after their call's deadline are not recorded: the server process
         # has answered that call with the fallback, and records that (riskd.service.workers)

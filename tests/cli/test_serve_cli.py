@@ -511,6 +511,55 @@ def test_every_stderr_line_is_json_even_when_grpcio_refuses_a_call(tmp_path: Pat
     assert other == []
 
 
+# once the daemon serves, a line on stdin: a thread dies of an exception quoting a phone
+# number, and a warning quotes it too (what a parser's ValueError on a value would do)
+FAIL_IN_A_THREAD = """
+import sys, threading, warnings
+class Odd:
+    def __del__(self):
+        raise ValueError("odd phone 13912345678")
+def fail():
+    sys.stdin.readline()
+    warnings.warn("odd phone 13912345678", RuntimeWarning)
+    Odd()
+    raise ValueError("invalid literal for int() with base 10: '13912345678'")
+threading.Thread(target=fail, name="riskd-test-fail", daemon=True).start()
+"""
+
+
+def test_an_uncaught_exception_or_warning_is_a_json_line_without_its_message(
+    tmp_path: Path,
+) -> None:
+    """Review: riskd installed no ``threading.excepthook``/``sys.excepthook``: Python's own
+    printed an exception's message (a value a parser quoted), one raised in a ``__del__``
+    and a warning's text to stderr as plain text, outside the JSON logs."""
+    daemon = Daemon(tmp_path, prelude=FAIL_IN_A_THREAD)
+    try:
+        assert daemon.ready.wait(30), "".join(daemon.lines)
+        assert daemon.proc.stdin is not None
+        daemon.proc.stdin.write("go\n")
+        daemon.proc.stdin.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any("ValueError" in x for x in daemon.lines):
+            time.sleep(0.05)
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(30) == 0
+    finally:
+        daemon.stop()
+    time.sleep(0.1)  # the reader thread's last lines
+    text = "".join(daemon.lines)
+    assert "13912345678" not in text
+    entries = [json.loads(x) for x in daemon.lines if not x.startswith("riskd serving on")]
+    uncaught = [e for e in entries if e["logger"] == "riskd.uncaught"]
+    assert [(e["msg"], e.get("error_type"), e.get("thread")) for e in uncaught] == [
+        ("python warning", None, None),
+        ("exception ignored", "ValueError", None),
+        ("uncaught exception in a thread", "ValueError", "riskd-test-fail"),
+    ]
+    assert "in fail" in uncaught[2]["traceback"]  # where: its frames
+    assert uncaught[0]["category"] == "RuntimeWarning"
+
+
 def test_sighup_reads_the_tokens_again(tmp_path: Path) -> None:
     # an operator revokes a leaked token without a restart: edit the file, send SIGHUP
     config = tmp_path / "riskd.toml"

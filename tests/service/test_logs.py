@@ -5,9 +5,12 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
+import threading
+import warnings
 
 from riskd.errors import InvalidArgumentError, UnavailableError
-from riskd.service.logs import JsonFormatter, configure_logging
+from riskd.service.logs import JsonFormatter, configure_logging, install_hooks
 
 PHONE = "13812345678"
 
@@ -80,4 +83,32 @@ def test_other_libraries_warnings_are_json_lines_without_their_arguments() -> No
     ]
     assert lines[0]["arg_types"] == ["str", "str"]
     assert lines[1]["error_type"] == "ValueError"
+    assert "13912345678" not in stream.getvalue()
+
+
+def test_an_exception_no_code_caught_is_logged_without_its_message() -> None:
+    """What ``sys.excepthook`` gets (the main thread of ``riskd serve`` or of a scoring
+    worker): its type and frames in a JSON line; a ``RiskdError`` says why too."""
+    saved = (sys.excepthook, threading.excepthook, warnings.showwarning)
+    stream = io.StringIO()
+    logger = logging.getLogger("riskd")
+    try:
+        configure_logging("info", stream)
+        install_hooks()
+        phone = "139" + "12345678"  # not in the source lines the traceback quotes
+        for error in (ValueError(f"bad phone {phone}"), UnavailableError("database unavailable")):
+            try:
+                raise error
+            except Exception:
+                sys.excepthook(*sys.exc_info())  # type: ignore[arg-type]
+    finally:
+        sys.excepthook, threading.excepthook, warnings.showwarning = saved
+        logger.handlers.clear()
+        logger.propagate = True
+        logger.setLevel(logging.NOTSET)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(e["level"], e["msg"], e["error_type"], e.get("error")) for e in lines] == [
+        ("critical", "uncaught exception", "ValueError", None),
+        ("critical", "uncaught exception", "UnavailableError", "database unavailable"),
+    ]
     assert "13912345678" not in stream.getvalue()
