@@ -96,15 +96,16 @@ def check_fields(fields: Iterable[str]) -> tuple[str, ...]:
     """The requested field names, deduplicated in ``PII_FIELDS`` order; all when none.
 
     Raises:
-        InvalidArgumentError: ``fields`` names an unknown field.
+        InvalidArgumentError: ``fields`` names an unknown field (by its index, never
+            its text).
     """
-    wanted = set(fields)
-    unknown = sorted(wanted - set(PII_FIELDS))
-    if unknown:
-        raise InvalidArgumentError(
-            "fields", f"unknown field {unknown[0]!r}; expected some of {', '.join(PII_FIELDS)}"
-        )
-    return tuple(f for f in PII_FIELDS if not wanted or f in wanted)
+    asked = list(fields)
+    for i, name in enumerate(asked):
+        if name not in PII_FIELDS:  # named by its place: the text may be anything (a phone)
+            raise InvalidArgumentError(
+                f"fields[{i}]", f"unknown field; expected some of {', '.join(PII_FIELDS)}"
+            )
+    return tuple(f for f in PII_FIELDS if not asked or f in asked)
 
 
 def _check_request(order_id: str, reason: str, principal: str) -> None:

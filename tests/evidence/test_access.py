@@ -77,7 +77,7 @@ def test_the_audit_trail_holds_no_plaintext(db: Database) -> None:
         ("o-1\n\x1b[31m", "why", (), "order_id"),
         ("o-1", "  ", (), "reason"),
         ("o-1", "x" * 501, (), "reason"),
-        ("o-1", "why", ("phone", "email"), "fields"),
+        ("o-1", "why", ("phone", "email"), "fields[1]"),
     ],
 )
 def test_bad_requests_name_the_field_and_record_nothing(

@@ -296,3 +296,25 @@ def test_a_reveal_reason_holding_pii_is_refused_and_recorded_nowhere(
             evidence_pb2.ListPiiAccessRequest(), timeout=5, metadata=as_("tok-audit")
         ).entries
         assert list(trail) == []
+
+
+def test_an_unknown_field_to_reveal_is_named_by_its_place_never_its_text(
+    running: RunningServer,
+) -> None:
+    """Review: ``fields: unknown field '13912345678'``: an analyst who pasted a phone number
+    into ``fields`` got it back in the error (riskd's errors never quote a value)."""
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        evidence = evidence_pb2_grpc.EvidenceServiceStub(ch)
+        order = scored(ch, running)
+        request = reveal(order.order_id)
+        request.fields.extend(["phone", "13912345678"])
+        with pytest.raises(grpc.RpcError) as e:
+            evidence.RevealOrderPii(request, timeout=5, metadata=as_("tok-analyst"))
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert e.value.details() == (
+            "fields[1]: unknown field; expected some of phone, name, id_number, address, device, ip"
+        )
+        trail = evidence.ListPiiAccess(
+            evidence_pb2.ListPiiAccessRequest(), timeout=5, metadata=as_("tok-audit")
+        ).entries
+        assert list(trail) == []  # refused before the audit trail: nothing revealed
