@@ -34,16 +34,22 @@ so a batch that did commit is never appended twice. A batch that fails on its da
 (a value the database refuses, a constraint) is written again one item at a
 time, in order: the good items commit and the chain stays valid, and an item
 that can never be written is set aside, logged by order id and error type and
-counted in ``rejected``, so it cannot stop the writer.
+counted in ``rejected``, so it cannot stop the writer. Nor can a bug of the writer's own:
+an exception that escapes a batch's commit is logged (its type and frames, never its text),
+counted in ``restarts``, and the writer takes the batch up again where it stopped after a
+pause (0.1 s, doubling to 5 s while it keeps failing so): what committed is not written
+again, what did not is.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -101,6 +107,35 @@ class _Item:
     appended_at: float = 0.0  # wall clock at ``append``: before or after a buyer's forget
 
 
+@dataclass(slots=True)
+class _Held:
+    """The batch the writer holds and how far its commit got. It outlives an exception
+    that escapes the commit (``DecisionLog._run``): the restart writes ``todo`` (after
+    looking for ``unsure``'s heads) and accounts for ``finished``, so what committed is
+    never written again and what did not is never dropped."""
+
+    todo: list[_Item]  # neither committed nor set aside yet, in order
+    alone: bool = False  # the batch failed on its data: one item per transaction
+    unsure: _Heads | None = None  # what a commit of unknown outcome would have written
+    finished: list[_Item] = dataclasses.field(default_factory=list)  # done, still accounted
+
+    def move(self, n: int) -> None:
+        """The first ``n`` items of ``todo`` are committed or set aside."""
+        self.finished.extend(self.todo[:n])
+        self.todo = self.todo[n:]
+
+
+@dataclass(frozen=True, slots=True)
+class _Written:
+    """A committed write, for what follows it (``DecisionLog._wrote``)."""
+
+    records: list[_Item]
+    prepared: list[PreparedKeys]  # the batch's data keys, read or created in its transaction
+    unsealed: list[str]  # decisions stored without their PII ciphertexts (no usable key)
+    superseded: list[str]  # decisions not stored: their order had one recorded already
+    error: str  # why a data key was missing, if one was
+
+
 # One decision to append: its record, the plaintext order (Vault, blind indexes), digests.
 Entry = tuple[DecisionRecord, Order | None, Mapping[str, str] | None]
 
@@ -110,6 +145,10 @@ STUCK_WAIT_S = 2.0  # close's flush after one that timed out (two of the writer'
 # no error is ever seen) rather than being slow; close waits only STUCK_WAIT_S after it.
 STALLED_S = 10.0
 _EVENT_CHUNK = 100  # reports looked up per query (three parameters each)
+# The writer's pause after an exception escaped it (a bug), doubling up to RESTART_MAX_S
+# while the same batch keeps failing so: a bug that recurs costs a retry every 5 s, not a core.
+RESTART_FIRST_S = 0.1
+RESTART_MAX_S = 5.0
 # Lookups read rows of the chain only: a row beside it (seq NULL or below 1, which tables
 # created before the schema's CHECK accept) is not a recorded decision; verify names it.
 _CHAINED = " AND seq >= 1"
@@ -179,6 +218,8 @@ class DecisionLog:
         self._rejected = 0  # items set aside: the database refused them
         self._unsealed = 0  # decisions stored without PII ciphertexts (no usable data key)
         self._superseded = 0  # decisions not stored: their order had one recorded already
+        self._restarts = 0  # exceptions that escaped the writer (bugs): it went on each time
+        self._bug: tuple[str, str] | None = None  # the last one logged (type, where), this batch
         self._thread = threading.Thread(target=self._run, name="evidence-writer", daemon=True)
         self._thread.start()
 
@@ -366,6 +407,15 @@ class DecisionLog:
         with self._cond:
             return self._superseded
 
+    @property
+    def restarts(self) -> int:
+        """Exceptions that escaped the writer thread since start (a bug, not the database's
+        failures): each time it went on with the batch it held, after a pause (0.1 s,
+        doubling to 5 s while the batch keeps failing so); the first of a run is logged
+        with its type and frames."""
+        with self._cond:
+            return self._restarts
+
     def _forget(self, subject_id: str) -> None:
         """Vault forget hook: ``forget_subject`` (the chained, masked rows stay)."""
         forget_subject(self.db, subject_id)
@@ -426,11 +476,53 @@ class DecisionLog:
     # -- the writer thread -------------------------------------------------
 
     def _run(self) -> None:
+        """The writer thread: take a batch, commit it, until the log is closed.
+
+        An exception that escapes a batch's commit (a bug: the database's own failures are
+        ``_commit``'s) does not end the thread: ``_restart`` logs and counts it, waits, and
+        the batch is taken up where its commit stopped (``_Held``). Review: the thread
+        died, the queue filled, and every answer went out unlogged, with nothing said.
+        """
+        held: _Held | None = None
+        restarts = 0  # of the batch held
         while True:
-            batch = self._take()
-            if batch is None:
-                return
-            self._commit(batch)
+            try:
+                if held is None:
+                    batch = self._take()
+                    if batch is None:
+                        return
+                    held = _Held(batch)
+                self._commit(held)
+            except Exception as e:
+                pause = min(RESTART_FIRST_S * 2**restarts, RESTART_MAX_S)
+                if not self._restart(e, pause):
+                    return
+                restarts += 1
+                continue
+            held = None
+            if restarts:
+                with self._cond:
+                    self._bug = None
+                fields = {"restarts": restarts}
+                _log.info(
+                    "decision log writer going again after a restart", extra={"fields": fields}
+                )
+                restarts = 0
+
+    def _restart(self, e: Exception, pause: float) -> bool:
+        """Log an exception that escaped the writer (its type and frames, never its text:
+        it may quote a row's PII), the first of a run of the same only; count it
+        (``restarts``); wait ``pause`` (``close`` cuts it short). False: closed."""
+        error, frames = type(e).__name__, _frames(e)
+        with self._cond:
+            self._restarts += 1
+            self._error = error  # flush's and close's messages name it
+            first, self._bug = self._bug != (error, frames[-1]), (error, frames[-1])
+        if first:
+            fields = {"error": error, "where": frames[-1], "frames": frames, "retry_in_s": pause}
+            _log.error("decision log writer failed; restarting it", extra={"fields": fields})
+        with self._cond:
+            return not self._cond.wait_for(lambda: self._closed, pause)
 
     def _take(self) -> list[_Item] | None:
         with self._cond:
@@ -450,26 +542,29 @@ class DecisionLog:
         full = len(self._queue) >= self._max_batch
         return full or self._closed or self._written < self._urgent
 
-    def _commit(self, batch: list[_Item]) -> None:
-        """Commit ``batch`` in order; returns when every item is committed or set aside
-        (or the log was closed while the database stayed down)."""
+    def _commit(self, held: _Held) -> None:
+        """Commit ``held.todo`` in order; returns when every item is committed or set aside
+        (or the log was closed while the database stayed down). ``held`` records each
+        step as it is made, so that after an exception escaping from here the writer's
+        restart neither writes a committed item again nor drops one that was not."""
+        self._finish(held)  # committed before the restart, not yet out of the queue
         delay = 0.01
-        todo = batch
-        alone = False  # the batch failed on its data: one item per transaction
-        unsure: _Heads | None = None  # what a commit of unknown outcome would have written
         failures = 0
-        while todo:
-            chunk = todo[:1] if alone else todo
+        while held.todo:
+            chunk = held.todo[:1] if held.alone else held.todo
             heads: list[tuple[Table, int, str]] = []
+            written: _Written | None = None
             try:
-                if unsure is None or not self._landed(unsure):
-                    unsure = None
-                    self._write(chunk, heads)
+                if held.unsure is None or not self._landed(held.unsure):
+                    held.unsure = None
+                    written = self._write(chunk, heads)
             except Exception as e:
-                failures += 1
                 if isinstance(e, CommitUnknownError):
-                    unsure = tuple(heads)
+                    held.unsure = tuple(heads)
                 transient = self.db.is_transient(e)
+                if held.unsure is not None and not transient:
+                    raise  # looking for the heads failed, not the items' data: a bug
+                failures += 1
                 _log.warning(
                     "decision log commit failed",
                     extra={
@@ -482,11 +577,12 @@ class DecisionLog:
                     },
                 )
                 if not transient and len(chunk) > 1:
-                    alone = True  # find the item the database refuses; keep the others' order
+                    held.alone = True  # find the item the database refuses; keep the order
                     continue
                 if not transient:
                     self._reject(chunk[0], e)
-                    todo = todo[1:]
+                    held.move(1)
+                    self._finish(held)
                     continue
                 with self._cond:
                     self._error = type(e).__name__
@@ -495,15 +591,23 @@ class DecisionLog:
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 continue
-            unsure = None
+            held.unsure = None
+            held.move(len(chunk))
+            self._finish(held)
             delay = 0.01
-            todo = todo[len(chunk) :]
-            self._done(chunk)
+            if written is not None:
+                self._wrote(written)
         if failures:
             _log.info(
                 "decision log writer going again after failed commits",
                 extra={"fields": {"failures": failures}},
             )
+
+    def _finish(self, held: _Held) -> None:
+        """The items ``held`` has committed or set aside leave the queue's accounting."""
+        if held.finished:
+            self._done(held.finished)
+            held.finished = []
 
     def _done(self, items: list[_Item]) -> None:
         """``items`` are committed (or set aside): they leave the queue's accounting."""
@@ -518,7 +622,7 @@ class DecisionLog:
 
     def _reject(self, item: _Item, e: Exception) -> None:
         """Set aside an item the database refuses on its own: log it (order id and error
-        type, never its content: it may hold PII), count it, and let the rest go on."""
+        type, never its content: it may hold PII) and count it; the rest go on."""
         if item.record is not None:
             kind, order_id = "decision", item.record.order_id
         else:
@@ -529,7 +633,6 @@ class DecisionLog:
         )
         with self._cond:
             self._rejected += 1
-        self._done([item])
 
     def _landed(self, heads: _Heads) -> bool:
         """Whether a write whose commit outcome is unknown did commit: its chain heads are there."""
@@ -541,8 +644,10 @@ class DecisionLog:
                 return False
         return True
 
-    def _write(self, batch: list[_Item], heads: list[tuple[Table, int, str]]) -> None:
-        """Write ``batch`` in one transaction; ``heads`` gets the chain heads it wrote."""
+    def _write(self, batch: list[_Item], heads: list[tuple[Table, int, str]]) -> _Written:
+        """Write ``batch`` in one transaction; ``heads`` gets the chain heads it wrote.
+        What is left to do once it has committed is ``_wrote``'s (review: a failure there
+        was taken for the batch's, and the committed batch written again, one by one)."""
         records = [i for i in batch if i.record is not None]
         events = [i.event for i in batch if i.event is not None]
         rows = [_row(i.record) for i in records if i.record is not None]
@@ -601,6 +706,12 @@ class DecisionLog:
             heads[:] = [(t, *chain_head(tx, t)) for t in written]
 
         self.db.run(write)
+        return _Written(records, prepared, unsealed, superseded, self._error)
+
+    def _wrote(self, written: _Written) -> None:
+        """What follows a commit: cache its new data keys, count and log the decisions it
+        superseded and those stored without their ciphertexts."""
+        vault, superseded, unsealed = self._vault, written.superseded, written.unsealed
         if superseded:
             with self._cond:
                 self._superseded += len(superseded)
@@ -608,19 +719,18 @@ class DecisionLog:
                 "decisions not logged: their orders had a recorded decision already",
                 extra={"fields": {"orders": len(superseded), "first": superseded[0]}},
             )
-        if vault is not None and prepared:  # committed: their keys may be cached now
-            vault.adopt(prepared[0])
+        if vault is not None and written.prepared:  # committed: their keys may be cached now
+            vault.adopt(written.prepared[0])
         if vault is not None and unsealed:  # rare: only then see which carried PII at all
-            orders = {i.order.order_id: i.order for i in records if i.order is not None}
+            orders = {i.order.order_id: i.order for i in written.records if i.order is not None}
             unsealed = [oid for oid in unsealed if oid in orders and pii_fields(orders[oid])]
         if vault is not None and unsealed:
             with self._cond:
                 self._unsealed += len(unsealed)
+            fields = {"orders": len(unsealed), "first": unsealed[0], "error": written.error}
             _log.warning(
                 "decisions logged without their encrypted PII (masked forms only)",
-                extra={
-                    "fields": {"orders": len(unsealed), "first": unsealed[0], "error": self._error}
-                },
+                extra={"fields": fields},
             )
 
     def _prepare_in(self, vault: Encryptor, tx: Tx, items: Iterable[_Item]) -> PreparedKeys | None:
@@ -664,6 +774,15 @@ class DecisionLog:
             order_id, subject = item.order.order_id, item.order.buyer.buyer_id
             for field, digest in blind_indexes(item.order, self._indexer, item.digests).items():
                 yield (order_id, field, subject, digest)
+
+
+def _frames(e: BaseException) -> list[str]:
+    """Where ``e`` was raised, outermost frame first, as ``module:function:line``: no
+    source text and no values (an exception's message may quote a row's PII)."""
+    return [
+        f"{frame.f_globals.get('__name__', '?')}:{frame.f_code.co_name}:{line}"
+        for frame, line in traceback.walk_tb(e.__traceback__)
+    ]
 
 
 def _forgotten_before(items: Iterable[_Item], keys: PreparedKeys) -> set[str]:

@@ -43,6 +43,8 @@ class LogLike(EvidenceLike, Protocol):
 
     @property
     def superseded(self) -> int: ...
+    @property
+    def restarts(self) -> int: ...
 
 
 class DecisionLike(Protocol):
@@ -137,7 +139,8 @@ class Metrics:
             registry=r,
         )
 
-        self._workers_superseded = 0.0  # what the scoring workers reported (absorb_worker)
+        # what the scoring workers reported of their logs' counters (absorb_worker)
+        self._workers_totals = dict.fromkeys(_LOG_TOTALS, 0.0)
         self._workers_dropped: dict[str, float] = {}  # their catch-ups' dropped orders, too
         # the rule ids of the program in force since the last swap (forget_rules); None
         # before one: every rule id the decisions carry is counted
@@ -209,6 +212,9 @@ class Metrics:
         order had a recorded decision already (another process decided it too), each an
         answer the log does not keep: ``log``'s and, added up by ``absorb_worker``, the
         scoring workers' (so it never goes down when a worker is replaced).
+        ``riskd_evidence_writer_restarts_total``, a counter summed the same way: exceptions
+        that escaped the log's writer thread (a bug; it went on with the batch it held,
+        each run of them logged once; alert on an increase).
         """
         r = self.registry
         logs = (log, *more)
@@ -228,7 +234,8 @@ class Metrics:
             "Decisions logged since start with masked PII only: no usable data key to encrypt it.",
             registry=r,
         ).set_function(lambda: sum(x.unsealed for x in logs))
-        r.register(_Superseded(log, self))
+        for key, (name, text) in _LOG_TOTALS.items():
+            r.register(_LogTotal(name, text, partial(getattr, log, key), self._workers_totals, key))
 
     def watch_catch_up(
         self, queued: Callable[[], int], dropped: Callable[[], Mapping[str, int]]
@@ -284,6 +291,7 @@ class Metrics:
             "rejected": 0 if log is None else log.rejected,
             "unsealed": 0 if log is None else log.unsealed,
             "superseded": 0 if log is None else log.superseded,
+            "restarts": 0 if log is None else log.restarts,
         }
 
     def absorb_worker(self, before: dict[str, Any] | None, now: dict[str, Any]) -> None:
@@ -297,8 +305,9 @@ class Metrics:
             grown = _grown(old_errors.get(rule_id, 0.0), count)
             if grown and (ids is None or rule_id in ids):  # a retired rule's: forget_rules
                 _child(self._by_error, self.rule_errors, rule_id).inc(grown)
-        old = 0.0 if before is None else float(before["superseded"])
-        self._workers_superseded += _grown(old, float(now["superseded"]))
+        for key in _LOG_TOTALS:
+            old = 0.0 if before is None else float(before.get(key, 0))
+            self._workers_totals[key] += _grown(old, float(now.get(key, 0)))
         was = {} if before is None else before.get("catch_up_dropped", {})
         for reason, count in now.get("catch_up_dropped", {}).items():
             grown = _grown(float(was.get(reason, 0)), float(count))
@@ -335,22 +344,39 @@ def _by_label(metric: Counter, label: str) -> dict[str, float]:
     }
 
 
-class _Superseded:
-    """``riskd_evidence_superseded_total``, read at each scrape (``watch_evidence``)."""
+# the decision log's counters (``LogLike``): attribute -> the metric's name and help
+_LOG_TOTALS = {
+    "superseded": (
+        "riskd_evidence_superseded",
+        "Decisions not logged because their order had a recorded decision already.",
+    ),
+    "restarts": (
+        "riskd_evidence_writer_restarts",
+        "Exceptions that escaped the decision log's writer thread (a bug): each time it "
+        "went on with the batch it held, after a pause.",
+    ),
+}
 
-    _NAME = "riskd_evidence_superseded"
-    _HELP = "Decisions not logged because their order had a recorded decision already."
 
-    def __init__(self, log: LogLike, metrics: Metrics) -> None:
-        self._log = log
-        self._metrics = metrics
+class _LogTotal:
+    """A decision log's counter, read at each scrape (``watch_evidence``): the server
+    process's own plus what its scoring workers reported."""
+
+    def __init__(
+        self, name: str, text: str, own: Callable[[], int], workers: Mapping[str, float], key: str
+    ) -> None:
+        self._name = name
+        self._help = text
+        self._own = own
+        self._workers = workers
+        self._key = key
 
     def describe(self) -> list[CounterMetricFamily]:
-        return [CounterMetricFamily(self._NAME, self._HELP)]
+        return [CounterMetricFamily(self._name, self._help)]
 
     def collect(self) -> list[CounterMetricFamily]:
-        value = self._log.superseded + self._metrics._workers_superseded
-        return [CounterMetricFamily(self._NAME, self._HELP, value=value)]
+        value = self._own() + self._workers[self._key]
+        return [CounterMetricFamily(self._name, self._help, value=value)]
 
 
 class _Dropped:
