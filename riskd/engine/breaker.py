@@ -305,8 +305,12 @@ class OutageLog:
     """A dependency's outage in the log: a warning at its first refusal (with the error, as
     ``CircuitBreaker``'s), an info line at the first success once no refusal has come for
     ``quiet_s``; nothing for the refusals and successes between (the metrics count each), so
-    a queue that stays about full is one outage, not one per slot freed. Thread-safe; ``up``
-    is one attribute read while there is no outage (it is on the request path).
+    a queue that stays about full is one outage, not one per slot freed. A success that
+    came sooner is remembered: when nothing else comes, the first read of ``outage`` once
+    the quiet time is over tells the end (a scrape of the metric; review: the decision
+    log's writer committed again, no request came, and the outage never ended).
+    Thread-safe; ``up`` is one attribute read while there is no outage (it is on the
+    request path).
     """
 
     def __init__(self, name: str, clock: Clock, *, quiet_s: float = 1.0) -> None:
@@ -315,26 +319,39 @@ class OutageLog:
         self._quiet = quiet_s
         self._lock = threading.Lock()
         self._down = False
+        self._answered = False  # a success since the last refusal
         self._last_refusal = 0.0
 
     @property
     def outage(self) -> bool:
         """Whether an outage is on, as the log tells it (``CircuitBreaker.outage``)."""
+        if self._down and self._answered:
+            self._settle()
         return self._down
 
     def down(self, error: BaseException | None = None) -> None:
         with self._lock:
             first, self._down = not self._down, True
+            self._answered = False
             self._last_refusal = self._clock.monotonic()
         if first:
             fields = {"dependency": self._name, "error": _said(error)}
             log.warning(UNAVAILABLE, extra={"fields": fields})
 
     def up(self) -> None:
+        """A success: a request's, or the dependency's own (the decision log's writer
+        committed: ``Scorer`` hooks it so)."""
         if not self._down:
             return
         with self._lock:
-            ended = self._down and self._clock.monotonic() - self._last_refusal >= self._quiet
+            self._answered = True
+        self._settle()
+
+    def _settle(self) -> None:
+        """End the outage if a success came since the last refusal, ``quiet_s`` ago."""
+        with self._lock:
+            quiet = self._clock.monotonic() - self._last_refusal >= self._quiet
+            ended = self._down and self._answered and quiet
             if ended:
                 self._down = False
         if ended:

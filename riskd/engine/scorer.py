@@ -217,6 +217,8 @@ class Scorer:
         self.log_breaker = CircuitBreaker(clock, policy, name="evidence")
         # appends refused (the queue full, or the log closed), in the log once per outage
         self.log_room = OutageLog("evidence_queue", clock, quiet_s=policy.open_s)
+        # the writer's commits end that outage too: with no request, nothing else would
+        log.add_commit_hook(self.log_room.up)
         self._flights = Flights[Decision]()
         self._rule_error_logged: dict[str, float] = {}  # rule id -> when last logged
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, "riskd-features")

@@ -38,7 +38,8 @@ counted in ``rejected``, so it cannot stop the writer. Nor can a bug of the writ
 an exception that escapes a batch's commit is logged (its type and frames, never its text),
 counted in ``restarts``, and the writer takes the batch up again where it stopped after a
 pause (0.1 s, doubling to 5 s while it keeps failing so): what committed is not written
-again, what did not is.
+again, what did not is. Each commit calls the ``add_commit_hook`` hooks (the scorer ends
+an outage of the full queue so, when no request comes to tell it).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,6 +221,7 @@ class DecisionLog:
         self._superseded = 0  # decisions not stored: their order had one recorded already
         self._restarts = 0  # exceptions that escaped the writer (bugs): it went on each time
         self._bug: tuple[str, str] | None = None  # the last one logged (type, where), this batch
+        self._commit_hooks: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name="evidence-writer", daemon=True)
         self._thread.start()
 
@@ -416,6 +418,12 @@ class DecisionLog:
         with self._cond:
             return self._restarts
 
+    def add_commit_hook(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` on the writer thread after each commit (the scorer ends an
+        outage of the queue so when no request comes to tell it). It must be quick; an
+        exception from it is the writer's (``restarts``)."""
+        self._commit_hooks.append(hook)
+
     def _forget(self, subject_id: str) -> None:
         """Vault forget hook: ``forget_subject`` (the chained, masked rows stay)."""
         forget_subject(self.db, subject_id)
@@ -597,6 +605,8 @@ class DecisionLog:
             delay = 0.01
             if written is not None:
                 self._wrote(written)
+            for hook in self._commit_hooks:
+                hook()
         if failures:
             _log.info(
                 "decision log writer going again after failed commits",

@@ -89,6 +89,30 @@ def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
     assert said == [("WARNING", "KeyError"), ("INFO", None), ("WARNING", "")]
 
 
+def test_an_outage_answered_within_the_quiet_time_ends_at_the_first_read_after_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The decision log's writer commits (``up``) and nothing else comes: the metric's
+    next read past the quiet time tells the end; a refusal since forgets that success."""
+    caplog.set_level(logging.INFO, logger="riskd.engine.breaker")
+    clock = FakeClock(0.0)
+    outage = OutageLog("evidence_queue", clock, quiet_s=1.0)
+    outage.down()
+    clock.advance(0.5)
+    outage.up()  # room again, half a second after the refusal: still the same outage
+    assert outage.outage
+    clock.advance(0.5)
+    assert not outage.outage  # read a second after the refusal: over, told once
+    outage.down()
+    clock.advance(0.5)
+    outage.up()
+    outage.down()  # refused again: the success before it does not end this one
+    clock.advance(1.0)
+    assert outage.outage
+    said = [r.levelname for r in caplog.records]
+    assert said == ["WARNING", "INFO", "WARNING"]
+
+
 def test_an_outage_told_at_start_ends_in_the_log_without_the_circuit_opening(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

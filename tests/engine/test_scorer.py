@@ -293,6 +293,44 @@ def test_a_full_decision_log_is_logged_once_and_its_end_too(
     ]
 
 
+@pytest.mark.parametrize("held_past_quiet", [False, True], ids=["told-by-a-read", "by-the-commit"])
+def test_a_full_queue_s_outage_ends_once_the_writer_commits_with_no_request(
+    make_rig: Callable[..., Rig],
+    db: Database,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+    held_past_quiet: bool,
+) -> None:
+    """Review: the end of an ``evidence_queue`` outage was told only by the next append
+    that found room: with no request after the writer caught up, the log never said
+    "answers again" and ``riskd_dependency_unavailable`` stayed 1. Now the writer's commit
+    tells it, or, when the queue refused less than a quiet second before, the first read
+    of the outage (a scrape, a worker's report) once that second is over."""
+    caplog.set_level(logging.INFO, logger="riskd.engine.breaker")
+    rig = make_rig(log_options={"queue_size": 2, "max_batch": 1, "put_timeout_s": 0.02})
+    with _writer_held(db):
+        rig.scorer.score(make_order("o-held"), timeout_s=1.0)
+        decisions = rig.scorer.score_batch([make_order(f"o-{i}") for i in range(3)], timeout_s=1.0)
+        assert any(d.unlogged for d in decisions)
+        assert rig.scorer.unavailable() == ("evidence_queue",)
+        if held_past_quiet:
+            clock.advance(1.0)  # the database stays held past the quiet second
+    rig.log.flush(10)  # the writer commits what was queued; no request comes
+    told = [r for r in caplog.records if r.name == "riskd.engine.breaker"]
+    ended = [r.getMessage() for r in told if r.levelno == logging.INFO]
+    if held_past_quiet:
+        assert ended == ["dependency answers again"]  # told by the commit itself
+    else:
+        assert ended == [] and rig.scorer.unavailable() == ("evidence_queue",)
+        clock.advance(1.0)
+    assert rig.scorer.unavailable() == ()
+    told = [r for r in caplog.records if r.name == "riskd.engine.breaker"]
+    assert [(r.levelname, r.getMessage()) for r in told] == [
+        ("WARNING", "dependency unavailable: answering degraded until it answers again"),
+        ("INFO", "dependency answers again"),
+    ]
+
+
 def test_a_decision_appended_after_a_failed_look_up_is_logged(
     make_rig: Callable[..., Rig], tmp_path: Path
 ) -> None:
