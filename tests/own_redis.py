@@ -31,14 +31,16 @@ class OwnRedis:
     """``start`` (again on the same port after ``kill``/``stop``), ``kill`` (-9), ``stop``,
     ``freeze``/``thaw`` (SIGSTOP/SIGCONT)."""
 
-    def __init__(self, directory: Path | None = None) -> None:
+    def __init__(self, directory: Path | None = None, *, password: str = "") -> None:
         self.port = free_port()
         self.dir = directory
+        self.password = password  # --requirepass; in ``url`` too
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         exe = shutil.which("redis-server")
@@ -47,8 +49,15 @@ class OwnRedis:
         args += ["--appendonly", "no", "--daemonize", "no"]
         if self.dir is not None:
             args += ["--dir", str(self.dir)]
+        if self.password:
+            args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, socket_timeout=0.2)
+        client = redis.Redis(
+            port=self.port,
+            password=self.password or None,
+            socket_connect_timeout=0.2,
+            socket_timeout=0.2,
+        )
         deadline = time.monotonic() + 10
         try:
             while True:

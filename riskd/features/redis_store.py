@@ -667,10 +667,15 @@ def _is_name(host: object) -> bool:
 
 def _handshake(conn: Any) -> None:
     """redis-py's ``redis_connect_func``: its own handshake, whose reads (AUTH, SELECT:
-    see ``_lean_handshake``) share what is left of the call's bound."""
+    see ``_lean_handshake``) share what is left of the call's bound; a connection made
+    aside (``riskd_deadline`` None: its caller waits for it no longer than its own bound)
+    gets a bound of its own from now, the name resolved."""
     reads = bool(conn.username or conn.password or conn.credential_provider) + bool(conn.db)
     if reads:
-        conn._sock.settimeout(_left(conn.riskd_deadline) / reads)
+        deadline = conn.riskd_deadline
+        if deadline is None:
+            deadline = time.monotonic() + conn.socket_connect_timeout
+        conn._sock.settimeout(_left(deadline) / reads)
     conn.on_connect()
     conn._sock.settimeout(conn.socket_timeout)  # sends: bounded as before
 
@@ -740,6 +745,10 @@ class _Connections:
                 raise redis.TimeoutError("connecting: the host name did not resolve in time")
         state: dict[str, Any] = {}
         done = threading.Event()
+        # its own bounds, from the name resolved: the caller waits no longer than its own
+        # (review: with AUTH or SELECT, a resolver slower than the bound made each late
+        # connect's handshake fail past the call's deadline, and Redis was never reached)
+        conn.socket_connect_timeout, conn.riskd_deadline = self._timeout_s, None
 
         def connect() -> None:
             try:

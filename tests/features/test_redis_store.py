@@ -360,6 +360,39 @@ def test_a_resolver_that_does_not_answer_cannot_hold_a_call_past_its_bound(
     store.close()
 
 
+def test_a_resolver_slower_than_the_bound_still_connects_a_redis_with_a_password(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: with AUTH (or a db other than 0) and a resolver that answers each lookup
+    after the call's bound (80 ms against 50 ms), no call reached Redis again (0 of 40):
+    the connect left aside ran its handshake against the deadline of the call that had
+    given up on it, failed, and was dropped, so each call resolved anew and gave up
+    again. Now the connect made aside has bounds of its own and serves the next call."""
+    server = OwnRedis(password="pw-secret")
+    server.start()
+    store = RedisFeatureStore(
+        f"redis://:pw-secret@localhost:{server.port}/0", clock, prefix="t:", timeout_s=0.05
+    )
+    real = socket.getaddrinfo
+
+    def slow(host: object, *args: object, **kwargs: object) -> object:
+        if host == "localhost":
+            time.sleep(0.5)  # answers, but long past the bound
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    try:
+        assert _fails_fast(store, order(clock, "o1", device="dev-secret")) < 0.4
+        for thread in threading.enumerate():
+            if thread.name == "riskd-redis-connect":
+                thread.join(5)
+        got = store.record_and_read(order(clock, "o2", device="dev-secret"), QUERIES)
+        assert got[COUNT_DEVICE_1M] == 1
+    finally:
+        store.close()
+        server.stop()
+
+
 def test_unreachable_redis_fails_within_the_connect_timeout(clock: FakeClock) -> None:
     store = RedisFeatureStore("redis://10.255.255.1:6379/0", clock, prefix="t:")
     assert _fails_fast(store, order(clock, "o1", device="dev-secret")) < 0.5
