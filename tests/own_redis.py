@@ -31,10 +31,13 @@ class OwnRedis:
     """``start`` (again on the same port after ``kill``/``stop``), ``kill`` (-9), ``stop``,
     ``freeze``/``thaw`` (SIGSTOP/SIGCONT)."""
 
-    def __init__(self, directory: Path | None = None, *, password: str = "") -> None:
+    def __init__(
+        self, directory: Path | None = None, *, password: str = "", replica_of: int = 0
+    ) -> None:
         self.port = free_port()
         self.dir = directory
         self.password = password  # --requirepass; in ``url`` too
+        self.replica_of = replica_of  # a port: a (read-only) replica of that redis-server
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -51,6 +54,8 @@ class OwnRedis:
             args += ["--dir", str(self.dir)]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.replica_of:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis(
             port=self.port,

@@ -20,7 +20,8 @@ not queued twice). While the store's breaker is open the queue waits (``RETRY_S`
 order whose call fails goes to the back and the queue waits too (one order never holds
 the others back); it is dropped after ``MAX_TRIES`` failures only if the store answered
 a read of its keys after each (the order is the trouble), never while the store is
-away; so the orders of an outage are counted once the store answers again, retried by
+away (nor while it refuses every write: read-only, out of memory); so the orders of an
+outage are counted once the store answers again, retried by
 their callers or not. ``close`` drains
 the queue while the store answers and keeps what is left in the decision log's database
 (table ``features_catch_up``: observations only, no PII), which the next start takes and
@@ -66,7 +67,12 @@ from riskd.domain.order import Order
 from riskd.engine.breaker import CircuitBreaker
 from riskd.engine.keys import Indexer, observe
 from riskd.errors import RiskdError, UnavailableError
-from riskd.features.store import FeatureStore, Observation, OtherContentError
+from riskd.features.store import (
+    FeatureStore,
+    Observation,
+    OtherContentError,
+    WritesRefusedError,
+)
 from riskd.sql import Database, Tx
 
 WITHIN_S = float(max(WINDOWS.values()))  # an order decided before that counts nowhere
@@ -527,7 +533,11 @@ class CatchUp:
         except (UnavailableError, TimeoutError) as e:
             if probe:
                 self._breaker.failure(e)
-            self._order_failed = not probe and self._answers(obs)
+            # a store that refuses every write (read-only mid-failover, out of memory) is
+            # away, though it answers reads (review: a read-only Redis gave each order up
+            # after 20 tries, uncounted once it took writes again)
+            refused = isinstance(e, WritesRefusedError)
+            self._order_failed = not probe and not refused and self._answers(obs)
             return None
         except OtherContentError:  # a retry with other content was counted meanwhile
             pass

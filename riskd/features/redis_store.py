@@ -84,7 +84,14 @@ from redis.retry import Retry
 from riskd.domain.clock import Clock
 from riskd.domain.features import WINDOWS, Agg, FeatureQuery
 from riskd.errors import ConfigError, UnavailableError
-from riskd.features.store import MAX_SUM, SEEN_TTL_S, Observation, OtherContentError, to_ms
+from riskd.features.store import (
+    MAX_SUM,
+    SEEN_TTL_S,
+    Observation,
+    OtherContentError,
+    WritesRefusedError,
+    to_ms,
+)
 
 __all__ = ["RedisFeatureStore"]
 
@@ -492,7 +499,8 @@ class RedisFeatureStore:
         try:
             replies = self._eval(obs.order_id, calls)
         except redis.RedisError as exc:
-            raise UnavailableError(f"feature store: redis {type(exc).__name__}") from exc
+            kind = WritesRefusedError if _refuses_writes(exc) else UnavailableError
+            raise kind(f"feature store: redis {type(exc).__name__}") from exc
         if record and obs.content and _CLAIMED in replies:  # nothing recorded there
             raise OtherContentError()
         result = dict.fromkeys(queries, 0)
@@ -644,6 +652,26 @@ def _secrets(url: str) -> list[str]:
         values += [v for k, v in parse_qsl(urlsplit(url).query) if "pass" in k.lower()]
     values += [unquote(v) for v in values]
     return sorted({v for v in values if v}, key=len, reverse=True)
+
+
+# Redis's replies that refuse every write for now, whatever the script was given: a
+# replica (READONLY), maxmemory reached (OOM), failing snapshots (MISCONF), too few
+# replicas (NOREPLICAS), a replica cut from its master or a dataset loading
+_REFUSING: tuple[type[redis.RedisError], ...] = (
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.MasterDownError,
+)
+_REFUSING_CODES = ("READONLY", "OOM", "MISCONF", "NOREPLICAS", "LOADING", "MASTERDOWN")
+
+
+def _refuses_writes(error: redis.RedisError) -> bool:
+    """Is ``error`` Redis refusing every write now (``WritesRefusedError``)? A write the
+    script makes is refused with the command's own error code (Redis 7)."""
+    if isinstance(error, _REFUSING):
+        return True
+    return isinstance(error, redis.ResponseError) and str(error).startswith(_REFUSING_CODES)
 
 
 def _left(deadline: float) -> float:

@@ -52,7 +52,7 @@ from typing import Protocol
 
 from riskd.domain.features import KEYS, WINDOWS, Agg, FeatureQuery
 from riskd.domain.order import MAX_ORDER_ID_LEN
-from riskd.errors import AlreadyExistsError, InvalidArgumentError
+from riskd.errors import AlreadyExistsError, InvalidArgumentError, UnavailableError
 
 __all__ = [
     "CONTENT_TAG_LEN",
@@ -82,6 +82,12 @@ class OtherContentError(AlreadyExistsError):
 
     def __init__(self) -> None:
         super().__init__("order_id: recorded for other order content")
+
+
+class WritesRefusedError(UnavailableError):
+    """The backend answers but records nothing for now, whatever the order: read-only (a
+    replica, mid-failover), out of memory, its persistence failing, still loading. Not
+    the order's trouble (the catch-up never gives an order up for it)."""
 
 
 def to_ms(seconds: float) -> int:
@@ -188,6 +194,7 @@ class FeatureStore(Protocol):
         whose key the order lacks reads 0.
 
         Raises:
+            WritesRefusedError: the backend answers but refuses to record any order now.
             UnavailableError: the backend is down or slow (bounded timeouts).
         """
         ...

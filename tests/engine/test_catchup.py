@@ -12,6 +12,7 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Collection, Iterator
+from pathlib import Path
 
 import pytest
 import redis
@@ -29,6 +30,7 @@ from riskd.features.redis_store import RedisFeatureStore
 from riskd.features.store import Observation
 from riskd.pii import BlindIndexer
 from riskd.sql import Database
+from tests.own_redis import OwnRedis
 
 from .conftest import DEVICE, IP, PHONE, STREET, Rig, make_order
 
@@ -494,6 +496,52 @@ def test_orders_whose_keys_live_on_a_shard_that_is_away_wait_for_it(
         for key in client.scan_iter(match=prefix + "*", count=1000):
             client.delete(key)
         client.close()
+
+
+def test_a_redis_that_refuses_writes_gives_no_order_up_and_counts_it_once_it_takes_them(
+    indexer: BlindIndexer,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    quick_retries: None,
+    tmp_path: Path,
+) -> None:
+    """Review: a Redis that answers reads but refuses every write (a replica, as in a
+    failover not finished yet; also out of memory, failing snapshots) was taken for the
+    order's trouble: with no requests (the breaker closed) a queued order was given up
+    after 20 tries (24 s for one order) and stayed uncounted once Redis took writes."""
+    for name in ("master", "replica"):  # a replica's sync writes snapshots there
+        (tmp_path / name).mkdir()
+    master = OwnRedis(tmp_path / "master")
+    master.start()
+    replica = OwnRedis(tmp_path / "replica", replica_of=master.port)
+    replica.start()
+    store = RedisFeatureStore(replica.url, clock, prefix="riskd-test:catchup:", timeout_s=0.2)
+    up = CatchUp(store, indexer, breaker, clock)
+    admin = redis.Redis(port=replica.port)
+    try:
+        up.submit([(make_order("o-1"), clock.now())], QUERIES)
+        deadline = time.monotonic() + 10
+        # each try a refused record and a read answered: 30 tries, past MAX_TRIES
+        while _script_calls(admin) < 3 * catchup.MAX_TRIES and time.monotonic() < deadline:
+            assert up.dropped()[catchup.FAILING] == 0, "given up while Redis refused writes"
+            time.sleep(0.01)
+        assert up.queued() == 1 and up.dropped() == {catchup.FULL: 0, catchup.FAILING: 0}
+        admin.execute_command("REPLICAOF", "NO", "ONE")  # the failover is over
+        assert up.wait(5)
+        probe = observe(make_order("probe"), indexer, clock.now())
+        assert store.read(probe, [BUYER_1H]) == {BUYER_1H: 1}
+    finally:
+        up.close()
+        store.close()
+        admin.close()
+        replica.kill()
+        master.kill()
+
+
+def _script_calls(admin: redis.Redis) -> int:
+    """EVALSHA calls the redis-server has run (refused ones included)."""
+    stats = admin.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)) + int(stats.get("rejected_calls", 0))
 
 
 def test_a_restored_order_and_its_retry_are_one_entry(

@@ -17,7 +17,7 @@ from riskd.domain.clock import FakeClock, SystemClock
 from riskd.domain.features import KEYS, WINDOWS, Agg, FeatureQuery
 from riskd.errors import ConfigError, UnavailableError
 from riskd.features import InProcessFeatureStore, Observation, RedisFeatureStore
-from riskd.features.store import SEEN_TTL_S, OtherContentError
+from riskd.features.store import SEEN_TTL_S, OtherContentError, WritesRefusedError
 from tests.own_redis import OwnRedis
 
 QUERIES = [
@@ -391,6 +391,25 @@ def test_a_resolver_slower_than_the_bound_still_connects_a_redis_with_a_password
     finally:
         store.close()
         server.stop()
+
+
+def test_a_redis_out_of_memory_refuses_writes_and_still_answers_reads(
+    own_redis: OwnRedis, clock: FakeClock
+) -> None:
+    """Redis refusing every write (here maxmemory reached) is told apart from one that is
+    away or slow: the catch-up gives no order up for it (``WritesRefusedError``)."""
+    store = RedisFeatureStore(own_redis.url, clock, prefix="t:", timeout_s=0.5)
+    admin = redis.Redis(port=own_redis.port)
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(WritesRefusedError):
+            store.record_and_read(order(clock, "o1", device="dev-secret"), QUERIES)
+        assert store.read(order(clock, "o1", device="dev-secret"), QUERIES)[COUNT_DEVICE_1M] == 0
+    finally:
+        admin.config_set("maxmemory", "0")
+        admin.close()
+        store.close()
 
 
 def test_unreachable_redis_fails_within_the_connect_timeout(clock: FakeClock) -> None:
