@@ -102,9 +102,12 @@ class OwnRedis:
 
 
 class LateReplies:
-    """A loopback TCP proxy in front of a Redis (``url``): a random ``share`` of the replies
-    (each read from Redis) reaches the client ``delay_s`` late, the others at once, in order.
-    ``share`` may change while it runs. A context manager; its event loop has a thread."""
+    """A loopback TCP proxy in front of a Redis (``url``; or any TCP server on
+    ``upstream_port``): a random ``share`` of the replies (each read from the server)
+    reaches the client ``delay_s`` late, the others at once, in order. ``share`` may
+    change while it runs; ``cut`` closes every connection and refuses new ones until
+    ``restore`` (the network to the server lost). A context manager; its event loop has a
+    thread."""
 
     def __init__(self, upstream_port: int, *, delay_s: float = 0.08, seed: int = 7) -> None:
         self.share = 0.0
@@ -115,6 +118,7 @@ class LateReplies:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._cut = False
         self.port = 0
 
     @property
@@ -132,6 +136,18 @@ class LateReplies:
         self._thread.join(10)
         self._loop.close()
 
+    def cut(self) -> None:
+        self._cut = True
+        asyncio.run_coroutine_threadsafe(self._drop_all(), self._loop).result(10)
+
+    def restore(self) -> None:
+        self._cut = False
+
+    async def _drop_all(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def _start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = int(self._server.sockets[0].getsockname()[1])
@@ -139,11 +155,12 @@ class LateReplies:
     async def _stop(self) -> None:
         assert self._server is not None
         self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._drop_all()
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        if self._cut:
+            client_w.close()
+            return
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)

@@ -215,6 +215,11 @@ class Scorer:
         self.breaker = CircuitBreaker(clock, policy, name="features")
         self._remote_log = log.db.dialect != "sqlite"  # a local file is never slow to read
         self.log_breaker = CircuitBreaker(clock, policy, name="evidence")
+        self._open_s = policy.open_s
+        # the log's ``committed`` when its lookups last failed, and when a lookup was last
+        # refused by its open circuit (``_log_answered``)
+        self._commits_at_failure = 0
+        self._lookup_refused_at = -float("inf")
         # appends refused (the queue full, or the log closed), in the log once per outage
         self.log_room = OutageLog("evidence_queue", clock, quiet_s=policy.open_s)
         # the writer's commits end that outage too: with no request, nothing else would
@@ -324,8 +329,23 @@ class Scorer:
     def unavailable(self) -> tuple[str, ...]:
         """The ``DEPENDENCIES`` in an outage now, as the log tells them: from the warning
         (or ``redis does not answer at start``) to ``dependency answers again``."""
+        self._log_answered()
         on = (self.breaker.outage, self.log_breaker.outage, self.log_room.outage)
         return tuple(name for name, down in zip(DEPENDENCIES, on, strict=True) if down)
+
+    def _log_answered(self) -> None:
+        """With no request asking the log's lookups for a whole ``open_s``, their open
+        circuit takes the log's writer having committed since they last failed (the same
+        database answered) as its probe's answer, and closes; the outage then ends a
+        window later, at a scrape, as any other. Nothing is asked of the database here
+        (review: an idle replica kept telling a PostgreSQL outage, gauge 1 twenty seconds
+        after its return and no "answers again", until a request came)."""
+        if not self.log_breaker.is_open or self._log.committed <= self._commits_at_failure:
+            return
+        if self._clock.monotonic() - self._lookup_refused_at < self._open_s:
+            return  # requests come: one of them probes
+        if self.log_breaker.allow():
+            self.log_breaker.success()
 
     def report_outcome(self, event: OrderEvent) -> None:
         """Append what happened to an order later (a label) to the evidence log."""
@@ -364,6 +384,7 @@ class Scorer:
         if self._remote_log and budget is not None and budget <= 0:
             return found, False  # no time to ask: not a failure of the log (no breaker)
         if not self.log_breaker.allow():
+            self._lookup_refused_at = self._clock.monotonic()
             return found, False
         try:
             if budget is None or not self._remote_log:
@@ -372,6 +393,7 @@ class Scorer:
                 job = self._lookups.submit(self._log.get_many, rest)
                 records = job.result(timeout=budget / 2)
         except Exception as e:  # down or slow: score anyway, the store counts each order once
+            self._commits_at_failure = self._log.committed
             self.log_breaker.failure(e)
             return found, False
         self.log_breaker.success()

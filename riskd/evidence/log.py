@@ -379,6 +379,12 @@ class DecisionLog:
         return verify(self.db)
 
     @property
+    def committed(self) -> int:
+        """Items committed since start (it only grows: each commit is the database
+        answering the writer)."""
+        return self._written
+
+    @property
     def backlog(self) -> int:
         """Items appended and not yet committed (what a crash now would lose)."""
         with self._cond:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from riskd.service import convert
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
 from riskd.service.server import create_server
+from riskd.sql import Database
 from tests.own_redis import LateReplies, OwnRedis
 from tests.service.conftest import make_config
 from tests.service.test_scoring import fresh
@@ -204,3 +206,58 @@ def test_a_flaky_redis_answers_every_call_it_can_and_tells_no_outage(
     assert slowest < 0.3
     assert unavailable == 0
     assert [r.getMessage() for r in caplog.records if r.name == "riskd.engine.breaker"] == []
+
+
+@pytest.mark.postgres
+def test_a_postgresql_outage_on_an_idle_replica_is_told_over_with_no_request(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review: the decision log's lookups opened their circuit while PostgreSQL was cut
+    off; it came back and no request came after (an idle replica): nothing probed the
+    circuit, so riskd_dependency_unavailable{evidence} stayed 1 (20 s and more) and
+    "dependency answers again" never came. The log's writer commits the answers queued
+    meanwhile once the database is back: that is its answer, taken at a scrape."""
+    caplog.set_level(logging.INFO, logger="riskd.engine.breaker")
+    schema = f"degraded_{uuid.uuid4().hex[:12]}"
+    evidence = {"dependency": "evidence"}
+    with LateReplies(5432) as proxy:
+        url = f"postgresql://postgres@127.0.0.1:{proxy.port}/test?schema={schema}"
+        config = make_config(
+            tmp_path,
+            database_url=url,
+            breaker_failures=3,
+            breaker_window_s=0.5,
+            breaker_open_s=0.1,
+            breaker_open_max_s=0.1,
+        )
+        running = create_server(config)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+                stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+                for _ in range(2):
+                    order = convert.order_to_proto(fresh())
+                    stub.Score(scoring_pb2.ScoreRequest(order=order), timeout=1)
+                proxy.cut()
+                for _ in range(5):  # three failed lookups open the circuit
+                    order = convert.order_to_proto(fresh())
+                    reply = stub.Score(scoring_pb2.ScoreRequest(order=order), timeout=1)
+                    assert "evidence" in reply.decision.unavailable
+                assert running.components.scorer.log_breaker.is_open
+                assert running.metrics.value("riskd_dependency_unavailable", evidence) == 1
+                proxy.restore()  # and no request from here on
+                deadline = time.monotonic() + 20
+                while running.metrics.value("riskd_dependency_unavailable", evidence) == 1:
+                    assert time.monotonic() < deadline, "PostgreSQL's return was never told"
+                    time.sleep(0.1)
+        finally:
+            running.stop(1)
+            cleanup = Database(f"postgresql://postgres@127.0.0.1:5432/test?schema={schema}")
+            cleanup.drop_schema()
+            cleanup.close()
+    said = [
+        (r.levelname, r.getMessage()) for r in caplog.records if r.name == "riskd.engine.breaker"
+    ]
+    assert said == [
+        ("WARNING", "dependency unavailable: answering degraded until it answers again"),
+        ("INFO", "dependency answers again"),
+    ]
