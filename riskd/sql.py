@@ -332,6 +332,7 @@ class Database:
                 _create_private(Path(self._path))
         self._local = threading.local()
         self._all: list[Any] = []
+        self._owners: dict[int, Any] = {}  # thread id -> its connection (``cancel``)
         self._lock = threading.Lock()
 
     def _connect(self) -> Any:
@@ -355,6 +356,7 @@ class Database:
         self._local.conn = conn
         with self._lock:
             self._all.append(conn)
+            self._owners[threading.get_ident()] = conn
         return conn
 
     def _lost(self, conn: Any) -> bool:
@@ -376,6 +378,7 @@ class Database:
             self._local.conn = None
         with self._lock:
             self._all = [c for c in self._all if c is not conn]
+            self._owners = {t: c for t, c in self._owners.items() if c is not conn}
         with contextlib.suppress(Exception):
             conn.close()
 
@@ -612,9 +615,24 @@ class Database:
         if self.dialect == "postgres" and self._schema:
             self._connect().execute(f'DROP SCHEMA IF EXISTS "{self._schema}" CASCADE')
 
+    def cancel(self, thread_id: int, timeout_s: float) -> None:
+        """PostgreSQL: cancel the statement that thread ``thread_id`` runs on its connection,
+        if any (its transaction fails and rolls back), waiting at most ``timeout_s`` for
+        the server to take the request (a hung one never does). For a stop, so that the
+        connection is not closed under a thread still waiting on a lock. SQLite: nothing
+        (a thread waits for its lock ``BUSY_TIMEOUT_S``, or ``run``'s ``wait_s``)."""
+        if self.dialect != "postgres":
+            return
+        with self._lock:
+            conn = self._owners.get(thread_id)
+        if conn is not None:
+            with contextlib.suppress(Exception):  # closed, broken, or no answer in time
+                conn.cancel_safe(timeout=timeout_s)
+
     def close(self) -> None:
         with self._lock:
             conns, self._all = self._all, []
+            self._owners = {}
         for c in conns:
             with contextlib.suppress(Exception):  # already closed or broken: nothing to release
                 c.close()

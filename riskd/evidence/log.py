@@ -17,7 +17,11 @@ written, never more than ``queue_size`` items, and in practice the last batch
 waits to gather a batch). What survives is always a prefix of the appends (less
 any item set aside, see below), in order, with a valid chain. ``flush()`` waits
 for everything appended so far to be committed or set aside; ``close()``
-flushes and stops the writer (graceful shutdown loses nothing).
+flushes and stops the writer (graceful shutdown loses nothing). A stop whose flush
+runs out of time (the database down, locked or hung) writes what is still queued to a
+spill file under ``spill_dir`` (``riskd.evidence.spill``: the chained rows, PII masked
+as stored); the next start appends it (``replay_spilled``) before serving, each
+decision and report once however often a file is replayed.
 
 Backpressure: when ``queue_size`` items are waiting (the database is slow or
 down), ``append`` (``append_all``: room for all of its items, or none is queued) waits
@@ -54,6 +58,8 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 from riskd.domain.events import OrderEvent
@@ -65,6 +71,7 @@ from riskd.errors import (
     RiskdError,
     UnavailableError,
 )
+from riskd.evidence import spill
 from riskd.evidence.chain import (
     DECISIONS,
     EVENTS,
@@ -145,6 +152,11 @@ STUCK_WAIT_S = 2.0  # close's flush after one that timed out (two of the writer'
 # A flush this long that committed nothing: the database hangs (answers TCP, never replies:
 # no error is ever seen) rather than being slow; close waits only STUCK_WAIT_S after it.
 STALLED_S = 10.0
+# On SQLite, how long one try of the writer waits for another connection's write lock
+# (then it tries again): a stop finds it between tries, so the file is never closed
+# under it (review: closing a connection waiting for the lock blocked the stop ~28 s).
+WRITE_WAIT_S = 1.0
+WRITER_EXIT_S = 2.0  # how long a stop that spills waits for the writer to leave its try
 _EVENT_CHUNK = 100  # reports looked up per query (three parameters each)
 # The writer's pause after an exception escaped it (a bug), doubling up to RESTART_MAX_S
 # while the same batch keeps failing so: a bug that recurs costs a retry every 5 s, not a core.
@@ -175,6 +187,8 @@ class DecisionLog:
         create_tables: create the evidence tables if missing (``create_schema``); False
             when the caller has just done so (``riskd serve`` does, before its keyring
             exists: one DDL turn per start, not one per user of the tables).
+        spill_dir: where ``close`` writes what a flush that ran out of time left queued
+            (``riskd serve``: the data folder); None: it is lost, logged with its count.
     """
 
     def __init__(
@@ -188,6 +202,7 @@ class DecisionLog:
         flush_interval_s: float = 0.005,
         put_timeout_s: float = 0.05,
         create_tables: bool = True,
+        spill_dir: Path | None = None,
     ) -> None:
         if max_batch < 1 or queue_size < max_batch:
             raise ConfigError("evidence.queue_size: must be at least max_batch (>= 1)")
@@ -198,6 +213,7 @@ class DecisionLog:
         self._queue_size = queue_size
         self._interval = flush_interval_s
         self._put_timeout = put_timeout_s
+        self._spill_dir = spill_dir
         if create_tables:
             create_schema(db)
         if vault is not None:
@@ -206,6 +222,8 @@ class DecisionLog:
         self._queue: deque[_Item] = deque()
         self._pending: dict[str, DecisionRecord] = {}  # queued or being written
         self._inflight = 0  # items taken by the writer, not yet committed
+        self._batch: list[_Item] = []  # the writer's batch (its last _inflight: uncommitted)
+        self._abandoned = False  # spilled by close: the writer tries nothing more
         self._written = 0  # items committed since start (flush waits on this)
         self._stuck_at = -1  # _written when a flush last timed out (close waits no more)
         self._stuck_for = 0.0  # how long that flush waited
@@ -460,9 +478,16 @@ class DecisionLog:
         review: the scorer's close flushed for 30 s, then this for 30 s more and a 30 s
         join of a writer stuck in BEGIN, with the database down or hung). So a stop
         flushes for about as long as its first flush (README: up to 30 s), and a database
-        slower than that (a lock held past it) loses what is queued; one slow only past a
-        shorter flush (a reveal's) gets the whole ``timeout_s``. What was not committed
-        is logged with its count (lost: README "What a crash can lose")."""
+        slower than that (a lock held past it) keeps what is queued out of the log; one
+        slow only past a shorter flush (a reveal's) gets the whole ``timeout_s``. Then the
+        writer is stopped first (``_stop_writer``: ``WRITER_EXIT_S`` more at most), and
+        what was not committed is written to a spill file under ``spill_dir`` for the
+        next start (``_spill``: then close returns), or, without one or when it cannot be
+        written, logged with its count (lost: README "What a crash can lose").
+
+        Raises:
+            UnavailableError: the flush ran out of time and what was queued is lost.
+        """
         with self._cond:
             if self._closed:
                 return
@@ -475,10 +500,15 @@ class DecisionLog:
         try:
             self.flush(timeout_s)
         except UnavailableError:
-            lost = self.backlog
+            # the writer leaves the database first: the caller closes it next (review: a
+            # SQLite connection closed under a writer whose lock had just come free
+            # crashed the process, and one closed while it waited blocked the stop 28 s)
+            items = self._stop_writer()
+            if self._spill_dir is not None and self._spill(self._spill_dir, items):
+                return
             _log.error(
                 "decision log closed with items not committed: lost",
-                extra={"fields": {"items": lost, "error": self._error or "no answer"}},
+                extra={"fields": {"items": len(items), "error": self._error or "no answer"}},
             )
             raise
         finally:
@@ -486,6 +516,89 @@ class DecisionLog:
                 self._closed = True
                 self._cond.notify_all()
             self._thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def _stop_writer(self) -> list[_Item]:
+        """Stop the writer after a flush that ran out of time: it tries nothing more, and
+        gets ``WRITER_EXIT_S`` to leave the try it is in (on PostgreSQL its statement is
+        cancelled; on SQLite a try waits ``WRITE_WAIT_S`` for the lock at most). Returns
+        what is still uncommitted, the writer's batch first, and empties the queue."""
+        with self._cond:
+            self._abandoned = self._closed = True
+            self._cond.notify_all()
+        deadline = time.monotonic() + WRITER_EXIT_S
+        if self._thread.ident is not None:
+            self.db.cancel(self._thread.ident, WRITER_EXIT_S / 2)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        with self._cond:
+            items = self._batch[len(self._batch) - self._inflight :] + list(self._queue)
+            self._queue.clear()
+        return items
+
+    def _spill(self, folder: Path, items: Sequence[_Item]) -> bool:
+        """Write ``items`` to a spill file under ``folder``; False when it could not be
+        written (logged: the caller logs the loss). A writer still in a hung database's
+        statement may yet commit its batch before the process ends: the replay then
+        finds those decisions logged already and skips them."""
+        rows = [_row(i.record) for i in items if i.record is not None]
+        events = [event_content(i.event) for i in items if i.event is not None]
+        try:
+            path = spill.write(folder, rows, events)
+        except OSError as e:
+            _log.error(
+                "decision log spill failed",
+                extra={"fields": {"error": type(e).__name__, "errno": e.errno}},
+            )
+            return False
+        _log.error(
+            "decision log closed with items not committed: spilled for the next start",
+            extra={
+                "fields": {
+                    "decisions": len(rows),
+                    "events": len(events),
+                    "file": path.name,
+                    "error": self._error or "no answer",
+                }
+            },
+        )
+        return True
+
+    def replay_spilled(self, folder: Path) -> int:
+        """Append what earlier stops spilled under ``folder`` (``_spill``), oldest file
+        first, each file in one transaction, then delete the file; call before serving.
+
+        Decisions whose order is logged already (a writer that committed after all, or
+        a file replayed before but not deleted: a crash between the two) and reports
+        stored already are skipped, so each is logged once. A file that cannot be read,
+        or written while the database refuses, is logged by name and left for a later
+        start. Returns the number of decisions and reports appended.
+        """
+        total = 0
+        for path in spill.files(folder):
+            try:
+                rows, contents = spill.read(path)
+                events = [event_from(c) for c in contents]
+                decisions, reports = self.db.run(partial(_replay, rows, events), wait_s=10.0)
+            except Exception as e:  # the file's, or the database's (down, locked, refusing a
+                # row): kept for a later start, which a spill must never prevent
+                _log.error(
+                    "decision log spill file not replayed; left for a later start",
+                    extra={"fields": {"file": path.name, "error": type(e).__name__}},
+                )
+                continue
+            spill.remove(path)
+            total += decisions + reports
+            _log.warning(
+                "decision log spill replayed (decisions with masked PII only)",
+                extra={
+                    "fields": {
+                        "file": path.name,
+                        "decisions": decisions,
+                        "events": reports,
+                        "skipped": len(rows) + len(events) - decisions - reports,
+                    }
+                },
+            )
+        return total
 
     # -- the writer thread -------------------------------------------------
 
@@ -541,7 +654,7 @@ class DecisionLog:
     def _take(self) -> list[_Item] | None:
         with self._cond:
             self._cond.wait_for(lambda: self._queue or self._closed)
-            if not self._queue:
+            if not self._queue or self._abandoned:  # spilled: the queue is close's now
                 return None
             if not self._gathered():
                 # gather a batch; appenders and flush() notify, so this returns as soon as
@@ -550,6 +663,7 @@ class DecisionLog:
             n = min(len(self._queue), self._max_batch)
             batch = [self._queue.popleft() for _ in range(n)]
             self._inflight = n
+            self._batch = batch
             return batch
 
     def _gathered(self) -> bool:
@@ -564,7 +678,7 @@ class DecisionLog:
         self._finish(held)  # committed before the restart, not yet out of the queue
         delay = 0.01
         failures = 0
-        while held.todo:
+        while held.todo and not self._abandoned:
             chunk = held.todo[:1] if held.alone else held.todo
             heads: list[tuple[Table, int, str]] = []
             written: _Written | None = None
@@ -573,6 +687,8 @@ class DecisionLog:
                     held.unsure = None
                     written = self._write(chunk, heads)
             except Exception as e:
+                if self._abandoned:  # spilled by close: the database closes under it
+                    return
                 if isinstance(e, CommitUnknownError):
                     held.unsure = tuple(heads)
                 transient = self.db.is_transient(e)
@@ -607,13 +723,13 @@ class DecisionLog:
                 continue
             held.unsure = None
             held.move(len(chunk))
+            if written is not None:  # before the flush waiting on these items returns
+                self._wrote(written)
             self._finish(held)
             delay = 0.01
-            if written is not None:
-                self._wrote(written)
             for hook in self._commit_hooks:
                 hook()
-        if failures:
+        if failures and not self._abandoned:
             _log.info(
                 "decision log writer going again after failed commits",
                 extra={"fields": {"failures": failures}},
@@ -721,7 +837,7 @@ class DecisionLog:
             written = [t for t, n in ((DECISIONS, len(kept)), (EVENTS, len(fresh))) if n]
             heads[:] = [(t, *chain_head(tx, t)) for t in written]
 
-        self.db.run(write)
+        self.db.run(write, wait_s=WRITE_WAIT_S)
         return _Written(records, prepared, unsealed, superseded, self._error)
 
     def _wrote(self, written: _Written) -> None:
@@ -839,6 +955,16 @@ def _new_events(tx: Tx, events: Sequence[OrderEvent]) -> list[OrderEvent]:
             seen.add(key)
             fresh.append(event)
     return fresh
+
+
+def _replay(rows: Sequence[TextRow], events: Sequence[OrderEvent], tx: Tx) -> tuple[int, int]:
+    """Append a spill file's decisions (those whose order is not logged yet) and reports
+    (those not stored yet) in one transaction; returns how many of each were appended."""
+    stored = append_texts(tx, DECISIONS, rows, unique=True)
+    fresh = _new_events(tx, events) if events else []
+    if fresh:
+        append_rows(tx, EVENTS, [event_content(e) for e in fresh])
+    return sum(stored), len(fresh)
 
 
 def _row(record: DecisionRecord) -> TextRow:

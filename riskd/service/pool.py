@@ -23,6 +23,7 @@ from typing import Any
 from riskd.config import Config
 from riskd.dsl.holder import RulesState
 from riskd.errors import RiskdError, UnavailableError
+from riskd.evidence.log import STUCK_WAIT_S, WRITER_EXIT_S
 from riskd.service import workers
 from riskd.service.channel import Channel
 from riskd.service.metrics import Metrics
@@ -34,7 +35,9 @@ __all__ = ["WorkerPool"]
 log = logging.getLogger("riskd.service.workers")
 
 START_TIMEOUT_S = 120.0  # a worker imports riskd, compiles the rules and opens the stores
-STOP_TIMEOUT_S = 30.0  # a stopping worker flushes its decision log
+# a stopping worker flushes its decision log (30 s), then, on a database still hung or
+# locked, stops its writer and spills the queue: killed before, it lost the queue
+STOP_TIMEOUT_S = 30.0 + STUCK_WAIT_S + WRITER_EXIT_S + 2.0
 RESPAWN_EVERY_S = 1.0  # how often the monitor looks for workers that exited or hang
 RESTART_BACKOFF_MAX_S = 30.0  # a failing restart is tried after 1, 2, 4 ... s, at most this
 STATS_WAIT_S = 0.5  # the longest the monitor waits for a worker's metrics snapshot

@@ -216,10 +216,13 @@ def _build(
             indexer=indexer,
             flush_interval_s=config.evidence_flush_ms / 1000.0,
             create_tables=False,
+            spill_dir=config.data_dir,
         )
     except _refusals() as e:  # the key store's tables
         raise _database_error(config, e) from None
     closers.append(decision_log.close)
+    # what an earlier stop could not commit (its database down or hung), before serving
+    decision_log.replay_spilled(config.data_dir)
     shops = LedgerShopDirectory(book, clock)
     closers.append(shops.close)
     scorer = Scorer(

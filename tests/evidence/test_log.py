@@ -32,11 +32,11 @@ class CountingDatabase(Database):
         self.gate = threading.Event()
         self.gate.set()
 
-    def run(self, fn: Callable[[Tx], T]) -> T:
+    def run(self, fn: Callable[[Tx], T], **kwargs: Any) -> T:
         if not self.gate.wait(10):
             raise UnavailableError("test gate closed")
         self.commits += 1
-        return super().run(fn)
+        return super().run(fn, **kwargs)
 
 
 def rows(db: Database, table: str = "decision_log") -> int:
@@ -354,11 +354,11 @@ class FailingDatabase(Database):
         super().__init__(url)
         self.failures = failures
 
-    def run(self, fn: Callable[[Tx], T]) -> T:
+    def run(self, fn: Callable[[Tx], T], **kwargs: Any) -> T:
         if self.failures > 0:
             self.failures -= 1
             raise UnavailableError("database unavailable")
-        return super().run(fn)
+        return super().run(fn, **kwargs)
 
 
 def test_log_retries_a_failed_commit_and_keeps_the_batch_visible(tmp_path: Path) -> None:

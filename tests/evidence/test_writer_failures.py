@@ -20,7 +20,7 @@ import pytest
 from riskd.domain.events import OrderEvent, OrderEventKind
 from riskd.errors import CommitUnknownError, UnavailableError
 from riskd.evidence import log as log_module
-from riskd.evidence.log import STUCK_WAIT_S, DecisionLog
+from riskd.evidence.log import STUCK_WAIT_S, WRITER_EXIT_S, DecisionLog
 from riskd.pii import BlindIndexer, Keyring
 from riskd.sql import Database, Tx
 
@@ -257,7 +257,8 @@ def test_close_on_a_database_that_hangs_keeps_to_its_bound(
     started = time.monotonic()
     with pytest.raises(UnavailableError, match="timed out"):
         log.close(10)
-    assert time.monotonic() - started < STUCK_WAIT_S + 1.0
+    # and WRITER_EXIT_S for the writer to leave the database before it is closed
+    assert time.monotonic() - started < STUCK_WAIT_S + WRITER_EXIT_S + 1.0
     lost = [r for r in caplog.records if r.getMessage().startswith("decision log closed")]
     assert [r.fields["items"] for r in lost] == [2]  # type: ignore[attr-defined]
     db.released.set()
