@@ -33,8 +33,11 @@ counts in no window and is dropped; past ``max_queued`` orders waiting, new ones
 dropped (a later retry queues them again). Dropped orders stay out of their windows, so
 operators are told (review: 500 of 10,500 orders of a 5-second outage left uncounted,
 silently): ``dropped`` counts them by reason (``full``, ``failing``: given up after
-``MAX_TRIES``), an overflow is a warning at its first order dropped and an info line with
-how many once the queue is down to half its limit, and each order given up is a warning.
+``MAX_TRIES``; ``error``: an unexpected exception, a bug, indexing or recording it;
+``lost_at_close``: left at ``close`` with no ``keep`` database, or keeping it failed),
+an overflow is a warning at its first order dropped and an info line with how many once
+the queue is down to half its limit, each order given up or lost to an error is a
+warning, and so is each ``close`` that could not keep what was left (how many).
 The thread blind-indexes each queued order first (``observe``), before anything waits for
 the store: what stays queued through an outage is observations (keyed hashes, amounts,
 times), not the orders' PII (``holding``: the orders not observed yet). The thread pauses
@@ -80,6 +83,9 @@ MAX_QUEUED = 10_000  # orders waiting to be recorded at most
 RETRY_S = 1.0  # the wait before trying again while the store is away
 MAX_TRIES = 20  # failed calls the store answered around, before an order is given up
 FULL, FAILING = "full", "failing"  # why an order was dropped uncounted (``dropped``)
+# ... and: an unexpected exception (a bug) indexing or recording it; at ``close``, no
+# ``keep`` database to keep it in, or keeping it failed
+ERROR, LOST_AT_CLOSE = "error", "lost_at_close"
 PACE_S = 200e-6  # the least pause after each order
 CLOSE_WAIT_S = 2.0  # how long ``close`` waits for the order being recorded
 # the longest wait to keep (or take) what was left: SQLite's lock, PostgreSQL's statements
@@ -167,10 +173,10 @@ class CatchUp:
         self._cond = threading.Condition()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
-        # orders dropped uncounted, by reason (``full``, ``failing``); ``_overflow``: those
+        # orders dropped uncounted, by reason (``dropped``); ``_overflow``: those
         # dropped for want of room in this overflow (None: none; it ends at half the limit,
         # so a queue about full is one overflow in the log, not one per slot freed)
-        self._dropped: dict[str, int] = {FULL: 0, FAILING: 0}
+        self._dropped: dict[str, int] = {FULL: 0, FAILING: 0, ERROR: 0, LOST_AT_CLOSE: 0}
         self._overflow: int | None = None
         # whether the store answers now, asked while its start's outage lasts (``await_store``)
         self._asking: Callable[[], bool] | None = None
@@ -186,7 +192,8 @@ class CatchUp:
         for order, at in missed:
             try:
                 keyed.append((order, at, self._indexer.index("order", order.order_id)))
-            except Exception:  # a bug: never the order's answer (``_observe`` logs such)
+            except Exception as e:  # a bug: never the order's answer, but counted and told
+                self._failed(e)
                 continue
         full = 0
         with self._cond:
@@ -235,7 +242,10 @@ class CatchUp:
 
     def dropped(self) -> dict[str, int]:
         """Orders dropped uncounted so far, by reason: ``full`` (no room in the queue),
-        ``failing`` (given up after ``MAX_TRIES`` calls the store answered around)."""
+        ``failing`` (given up after ``MAX_TRIES`` calls the store answered around),
+        ``error`` (an unexpected exception indexing or recording it: a bug),
+        ``lost_at_close`` (left at ``close`` with no ``keep`` database, or keeping it
+        failed)."""
         with self._cond:
             return dict(self._dropped)
 
@@ -313,15 +323,43 @@ class CatchUp:
             self._handed_back.clear()
             if self._in_hand is not None:  # its call still out: kept too (recording is
                 left.append(self._in_hand)  # idempotent, should that call land after all)
-        if self._keep is not None and (left or raw):
+        if self._keep is None:
+            self._lost(len(left) + len(raw), None)
+        elif left or raw:
             self._save(left + [o for o in map(self._observed, raw) if o is not None])
 
     def _observed(self, raw: _Raw) -> Observation | None:
         order, at, _, _ = raw
         try:
             return observe(order, self._indexer, at)
-        except Exception:  # a bug: never the order (``_observe`` logs it)
+        except Exception as e:  # a bug: never the order
+            self._failed(e)
             return None
+
+    def _failed(self, e: Exception) -> None:
+        """An order dropped for an unexpected exception (a bug): counted (``error``) and
+        told, by the exception's type only (its text may quote the order)."""
+        with self._cond:
+            self._dropped[ERROR] += 1
+        _log.warning(
+            "catching up an order's features failed; the order is dropped uncounted",
+            extra={"fields": {"error_type": type(e).__name__}},
+        )
+
+    def _lost(self, orders: int, e: Exception | None) -> None:
+        """``orders`` left at ``close`` and not kept (no ``keep`` database, or keeping
+        them failed with ``e``): counted (``lost_at_close``) and told in one line."""
+        if not orders:
+            return
+        with self._cond:
+            self._dropped[LOST_AT_CLOSE] += orders
+        fields: dict[str, Any] = {"orders": orders}
+        if e is not None:
+            fields["error_type"] = type(e).__name__
+        _log.warning(
+            "orders waiting to be counted were not kept; dropped uncounted",
+            extra={"fields": fields},
+        )
 
     def _save(self, left: Sequence[Observation]) -> None:
         """Keep ``left`` in the ``keep`` database (an order kept already stays as it is)."""
@@ -333,8 +371,7 @@ class CatchUp:
         try:
             self._keep.run(lambda tx: _bounded(tx).executemany(_KEEP, rows), wait_s=KEEP_WAIT_S)
         except Exception as e:
-            fields = {"orders": len(rows), "error_type": type(e).__name__}
-            _log.warning("orders waiting to be counted were not kept", extra={"fields": fields})
+            self._lost(len(rows), e)
             return
         _log.info(
             "orders waiting to be counted kept for the next start",
@@ -465,10 +502,7 @@ class CatchUp:
         try:
             obs = observe(order, self._indexer, at)
         except Exception as e:  # a bug: never the order
-            _log.warning(
-                "catching up an order's features failed",
-                extra={"fields": {"error_type": type(e).__name__}},
-            )
+            self._failed(e)
             obs = None
         with self._cond:
             self._busy = False
@@ -493,7 +527,11 @@ class CatchUp:
         obs, queries, order_id, tries = item
         with self._cond:
             self._in_hand = obs
-        done = self._record(obs, queries)
+        try:
+            done = self._record(obs, queries)
+        except Exception as e:  # a bug: the order is dropped, counted (``error``)
+            self._failed(e)
+            done = True
         spent = done is None and self._order_failed
         with self._cond:
             self._busy = False
@@ -520,7 +558,9 @@ class CatchUp:
     def _record(self, obs: Observation, queries: Collection[FeatureQuery]) -> bool | None:
         """Record one order: True when done with it, False when the store's breaker is
         open (and its probe not free), None when the call failed (it stays queued either
-        way). A call made as the breaker's probe tells the breaker what the store did;
+        way; False too when an unexpected exception, a bug, comes after ``close``: handed
+        back to be kept; before it, the exception is raised: ``_next`` counts the order
+        dropped). A call made as the breaker's probe tells the breaker what the store did;
         the others do not (the requests' calls judge the store: one order the store
         cannot take must not open the breaker for the requests)."""
         if self._clock.now() - obs.at >= WITHIN_S:
@@ -541,15 +581,12 @@ class CatchUp:
             return None
         except OtherContentError:  # a retry with other content was counted meanwhile
             pass
-        except Exception as e:  # a bug, or the store closed at shutdown: never the order
+        except Exception:  # a bug, or the store closed at shutdown: never the order
             if probe:
                 self._breaker.release()
-            if not self._closed.is_set():
-                _log.warning(
-                    "catching up an order's features failed",
-                    extra={"fields": {"error_type": type(e).__name__}},
-                )
-            return True
+            if self._closed.is_set():
+                return False  # handed back to ``close``, which keeps it (or counts it lost)
+            raise
         if probe:
             self._breaker.success()
         else:  # ends an outage told at start, the circuit never opened (no requests)

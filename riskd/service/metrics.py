@@ -388,7 +388,9 @@ class _Dropped:
         "Orders answered without their features and dropped uncounted, by reason: full (no"
         " room in the catch-up queue; each try: a retry queues its order again or counts"
         f" again), failing (given up after {MAX_TRIES} failed calls, each one the store"
-        " answered a read of the order's keys after: never while the store is away)."
+        " answered a read of the order's keys after: never while the store is away), error"
+        " (an unexpected exception, a bug, indexing or recording it), lost_at_close (left"
+        " queued at a stop with no database to keep it in, or keeping it failed)."
     )
 
     def __init__(self, own: Callable[[], Mapping[str, int]], workers: Mapping[str, float]):

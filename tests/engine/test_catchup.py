@@ -140,7 +140,12 @@ def test_orders_dropped_for_want_of_room_are_counted_and_told_once_per_overflow(
     breaker.failure(UnavailableError("down"))  # the store is away: the queue waits
     up.submit([(make_order(o), clock.now()) for o in "abcd"], QUERIES)
     up.submit([(make_order(o), clock.now()) for o in "ead"], QUERIES)  # a: queued already
-    assert up.queued() == 3 and up.dropped() == {"full": 3, "failing": 0}
+    assert up.queued() == 3 and up.dropped() == {
+        "full": 3,
+        "failing": 0,
+        "error": 0,
+        "lost_at_close": 0,
+    }
     breaker.success()
     assert up.wait(5)
     said = [
@@ -208,7 +213,12 @@ def test_a_failing_order_goes_to_the_back_and_is_given_up_after_max_tries(
     assert store.calls[:4] == ["bad", "a", "b", "bad"]  # a and b did not wait behind it
     assert store.calls.count("bad") == catchup.MAX_TRIES
     assert counted(store, indexer, clock) == 2
-    assert up.dropped() == {"full": 0, "failing": 1}  # told (review: it went silently)
+    assert up.dropped() == {
+        "full": 0,
+        "failing": 1,
+        "error": 0,
+        "lost_at_close": 0,
+    }  # told (review: it went silently)
     [record] = [r for r in caplog.records if r.name == "riskd.engine.catchup"]
     assert record.levelname == "WARNING" and "given up" in record.getMessage()
 
@@ -525,7 +535,7 @@ def test_a_redis_that_refuses_writes_gives_no_order_up_and_counts_it_once_it_tak
         while _script_calls(admin) < 3 * catchup.MAX_TRIES and time.monotonic() < deadline:
             assert up.dropped()[catchup.FAILING] == 0, "given up while Redis refused writes"
             time.sleep(0.01)
-        assert up.queued() == 1 and up.dropped() == {catchup.FULL: 0, catchup.FAILING: 0}
+        assert up.queued() == 1 and sum(up.dropped().values()) == 0
         admin.execute_command("REPLICAOF", "NO", "ONE")  # the failover is over
         assert up.wait(5)
         probe = observe(make_order("probe"), indexer, clock.now())
@@ -620,3 +630,132 @@ def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> bool:
             return False
         time.sleep(0.005)
     return True
+
+
+def catch_up_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, dict[str, object]]]:
+    return [
+        (r.levelname, r.getMessage(), getattr(r, "fields", {}))
+        for r in caplog.records
+        if r.name == "riskd.engine.catchup"
+    ]
+
+
+def test_an_order_whose_id_cannot_be_indexed_is_counted_dropped_and_told(
+    up: CatchUp,
+    store: Store,
+    indexer: BlindIndexer,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review: ``submit`` skipped an order whose id the indexer raised on (a bug) with no
+    log line and no metric, its comment saying ``_observe`` logged it: it never reached
+    ``_observe``. Now it is counted (``error``) and told once, by the exception's type."""
+    caplog.set_level(logging.INFO, logger="riskd.engine.catchup")
+    index = BlindIndexer.index
+
+    def buggy(self: BlindIndexer, field_type: str, value: str) -> str:
+        if value == "x-13987654321":
+            raise ValueError(f"cannot index {value}")  # the text quotes the order
+        return index(self, field_type, value)
+
+    monkeypatch.setattr(BlindIndexer, "index", buggy)  # slots: the class's method
+    up.submit([(make_order(o), clock.now()) for o in ("x-13987654321", "a")], QUERIES)
+    assert up.wait(5)
+    assert counted(store, indexer, clock) == 1  # "a": the others are not held back
+    assert up.dropped().get(catchup.ERROR) == 1
+    [(level, message, fields)] = catch_up_lines(caplog)
+    assert level == "WARNING" and "dropped uncounted" in message
+    assert fields == {"error_type": "ValueError"}
+    assert PHONE not in caplog.text and "x-1" not in caplog.text
+
+
+def test_an_order_whose_call_raises_a_bug_is_counted_dropped_and_told(
+    up: CatchUp,
+    store: Store,
+    indexer: BlindIndexer,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review: an unexpected exception recording an order (a bug in the store) dropped it
+    uncounted with a warning only; ``riskd_features_catch_up_dropped_total`` stayed 0."""
+    record_and_read = store.record_and_read
+
+    def buggy(obs: Observation, queries: Collection[FeatureQuery]) -> dict[FeatureQuery, int]:
+        if store._is(obs, "bad"):
+            raise KeyError(PHONE)  # the text quotes the order
+        return record_and_read(obs, queries)
+
+    monkeypatch.setattr(store, "record_and_read", buggy)
+    up.submit([(make_order(o), clock.now()) for o in ("bad", "a", "b")], QUERIES)
+    assert up.wait(5)
+    assert counted(store, indexer, clock) == 2
+    assert up.dropped().get(catchup.ERROR) == 1 and up.dropped()[catchup.FAILING] == 0
+    [(level, message, fields)] = catch_up_lines(caplog)
+    assert level == "WARNING" and "dropped uncounted" in message
+    assert fields == {"error_type": "KeyError"} and PHONE not in caplog.text
+
+
+def test_orders_left_at_close_with_no_database_to_keep_them_are_counted_lost(
+    up: CatchUp, breaker: CircuitBreaker, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review: a close with no ``keep`` database dropped its queue with neither a log line
+    nor a metric (2 orders answered during an outage, never counted, never told)."""
+    breaker.failure(UnavailableError("down"))  # the store is away: nothing drains
+    up.submit([(make_order(o), clock.now()) for o in "ab"], QUERIES)
+    assert holding_ends(up, 5)
+    up.close()
+    assert up.dropped().get(catchup.LOST_AT_CLOSE) == 2
+    [(level, message, fields)] = catch_up_lines(caplog)
+    assert level == "WARNING" and "not kept" in message and fields == {"orders": 2}
+
+
+def test_orders_a_close_could_not_keep_are_counted_lost(
+    store: Store,
+    indexer: BlindIndexer,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    db: Database,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A real SQLite file without the evidence schema: keeping the queue fails. Review:
+    logged, never counted in ``riskd_features_catch_up_dropped_total``."""
+    up = CatchUp(store, indexer, breaker, clock, keep=db)
+    breaker.failure(UnavailableError("down"))
+    up.submit([(make_order(o), clock.now()) for o in "abc"], QUERIES)
+    assert holding_ends(up, 5)
+    up.close()
+    assert up.dropped().get(catchup.LOST_AT_CLOSE) == 3
+    [(level, message, fields)] = catch_up_lines(caplog)
+    assert level == "WARNING" and "not kept" in message
+    assert fields["orders"] == 3 and "error_type" in fields
+
+
+def test_the_order_in_hand_is_kept_when_its_call_raises_as_close_comes(
+    store: Store,
+    indexer: BlindIndexer,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    db: Database,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review: a call in hand at close that raised something other than the store's
+    errors (the store torn down under it) was taken as done: the order was neither kept
+    nor counted anywhere."""
+    create_schema(db)
+    up = CatchUp(store, indexer, breaker, clock, keep=db)
+    entered, release = threading.Event(), threading.Event()
+
+    def torn_down(obs: Observation, queries: Collection[FeatureQuery]) -> dict[FeatureQuery, int]:
+        entered.set()
+        release.wait(5)
+        raise RuntimeError("store closed")
+
+    monkeypatch.setattr(store, "record_and_read", torn_down)
+    up.submit([(make_order("a"), clock.now())], QUERIES)
+    assert entered.wait(5)
+    threading.Timer(0.1, release.set).start()
+    up.close()
+    assert db.query("SELECT COUNT(*) FROM features_catch_up") == [(1,)]
+    assert sum(up.dropped().values()) == 0

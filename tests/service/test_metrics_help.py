@@ -21,7 +21,7 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from riskd.engine.catchup import FAILING, FULL, MAX_TRIES
+from riskd.engine.catchup import ERROR, FAILING, FULL, LOST_AT_CLOSE, MAX_TRIES
 from riskd.engine.scorer import _INPUTS, DEPENDENCIES, EVIDENCE, EVIDENCE_QUEUE, INFLIGHT
 from riskd.service import convert
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
@@ -36,7 +36,7 @@ README = Path(__file__).parents[2] / "README.md"
 LABEL_VALUES = {
     "riskd_degraded_decisions_total": [*sorted(_INPUTS), EVIDENCE, EVIDENCE_QUEUE, INFLIGHT],
     "riskd_dependency_unavailable": list(DEPENDENCIES),
-    "riskd_features_catch_up_dropped_total": [FULL, FAILING],
+    "riskd_features_catch_up_dropped_total": [FULL, FAILING, ERROR, LOST_AT_CLOSE],
     "riskd_score_worker_fallbacks_total": [m.value for m in _Missing],
 }
 """Families whose label takes a closed set of values, and where the code gets them."""
