@@ -27,10 +27,11 @@ Failures:
   scores them itself; either way with the same rules, stores and log, in what is left
   of each caller's budget, while a monitor thread starts a new worker.
 * A worker that has not answered by the caller's deadline, less a reserve for the
-  fallback (``router._wait_until``: 20 ms and twice the part's ``answer_time_s``, that times the
-  batches deciding in the server process at once; at most a quarter of the budget): the
-  server process answers with the fallback policy (a degraded decision, ``features``
-  unavailable) inside the deadline, records it, and discards the late answer. A call
+  fallback (``router._wait_until``: 20 ms and twice the part's ``answer_time_s``, that
+  times the batches deciding in the server process at once, or 5 % of a long budget; at
+  most a quarter of the budget): the server process answers with the fallback policy (a
+  degraded decision, ``features`` unavailable) inside the deadline, records it, and
+  discards the late answer. A call
   carries that deadline itself (``CLOCK_MONOTONIC`` is the machine's), and a worker that
   reads a call after it (stalled meanwhile) answers ``late`` without scoring it, so it
   cannot decide the order a second time once it resumes. A worker records a call's

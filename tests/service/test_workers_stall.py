@@ -125,6 +125,15 @@ def test_an_answer_bigger_than_the_socket_buffer_being_written_at_the_deadline_i
         theirs.close()
 
 
+def test_a_long_budget_keeps_a_share_of_itself_for_the_fallback() -> None:
+    # CI: a 6-order batch whose worker stalled answered 20 ms before its 4 s deadline,
+    # and a test run loading both cores made it late (DEADLINE_EXCEEDED, no answer)
+    assert router._wait_until(10.0, 4.0) == pytest.approx(10.0 + 4.0 - 0.2)
+    assert router._wait_until(10.0, 0.15) == pytest.approx(10.0 + 0.15 - 0.02)  # a checkout's
+    assert router._wait_until(10.0, 0.15, 0.01) == pytest.approx(10.0 + 0.15 - 0.0375)
+    assert router._wait_until(10.0, 0.04) == pytest.approx(10.0 + 0.04 - 0.01)  # a quarter
+
+
 def _taken(index: int) -> tuple[workers.Worker, socket.socket]:
     """A worker as a call left it (taken, call 1 sent) and the worker's end of its socket."""
     ours, theirs = socket.socketpair()
