@@ -35,11 +35,12 @@ the database's (down, connection lost, locks: ``Database.is_transient``); its it
 stay queued and visible to ``get``. A connection lost during COMMIT leaves the outcome
 unknown: before writing the batch again the writer looks for the chain heads it wrote,
 so a batch that did commit is never appended twice. A batch that fails on its data
-(a value the database refuses, a constraint) is written again one item at a
-time, in order: the good items commit and the chain stays valid, and an item
+(a value the database refuses, a constraint: the driver's error) is written again one
+item at a time, in order: the good items commit and the chain stays valid, and an item
 that can never be written is set aside, logged by order id and error type and
 counted in ``rejected``, so it cannot stop the writer. Nor can a bug of the writer's own:
-an exception that escapes a batch's commit is logged (its type and frames, never its text),
+an exception that escapes a batch's commit, or any one not the driver's while writing it
+(never taken for a refusal of its data), is logged (its type and frames, never its text),
 counted in ``restarts``, and the writer takes the batch up again where it stopped after a
 pause (0.1 s, doubling to 5 s while it keeps failing so): what committed is not written
 again, what did not is. Each commit calls the ``add_commit_hook`` hooks (the scorer ends
@@ -100,7 +101,7 @@ from riskd.evidence.request import (
 from riskd.evidence.schema import create_schema
 from riskd.pii.keystore import spellings
 from riskd.pii.vault import PreparedKeys
-from riskd.sql import Database, Tx
+from riskd.sql import Database, Tx, driver_errors
 
 
 @dataclass(frozen=True, slots=True)
@@ -692,8 +693,8 @@ class DecisionLog:
                 if isinstance(e, CommitUnknownError):
                     held.unsure = tuple(heads)
                 transient = self.db.is_transient(e)
-                if held.unsure is not None and not transient:
-                    raise  # looking for the heads failed, not the items' data: a bug
+                if not transient and (held.unsure is not None or not _refused(e)):
+                    raise  # not the database refusing the items' data: a bug (_run's)
                 failures += 1
                 _log.warning(
                     "decision log commit failed",
@@ -906,6 +907,14 @@ class DecisionLog:
             order_id, subject = item.order.order_id, item.order.buyer.buyer_id
             for field, digest in blind_indexes(item.order, self._indexer, item.digests).items():
                 yield (order_id, field, subject, digest)
+
+
+def _refused(e: Exception) -> bool:
+    """Whether ``e`` (not transient) is the database refusing a write's data: only the
+    driver's own errors are. Any other exception, raised before the COMMIT or in the
+    transaction alike, is a bug (review: a TypeError preparing a batch was taken for a
+    refusal, and the items it recurred on were set aside, lost)."""
+    return isinstance(e, driver_errors())
 
 
 def _frames(e: BaseException) -> list[str]:

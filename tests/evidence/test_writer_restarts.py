@@ -118,6 +118,14 @@ def break_adopt(log: DecisionLog, vault: Vault, mp: pytest.MonkeyPatch) -> list[
     return break_once(vault, "adopt", mp)  # caching the data keys the batch committed
 
 
+def break_digests(log: DecisionLog, vault: Vault, mp: pytest.MonkeyPatch) -> list[int]:
+    return break_once(log, "_digests", mp)  # preparing the batch, before its transaction
+
+
+def break_prepare_in(log: DecisionLog, vault: Vault, mp: pytest.MonkeyPatch) -> list[int]:
+    return break_once(log, "_prepare_in", mp)  # in the batch's transaction, before COMMIT
+
+
 Setup = Callable[[DecisionLog, Vault, pytest.MonkeyPatch], list[int]]
 ALL = ["o-1", "o-2", "o-3", "o-4", "o-5"]
 # what breaks; the decisions the table holds after (o-2 refused by the database: set aside)
@@ -127,6 +135,8 @@ CASES: dict[str, tuple[Setup, list[str]]] = {
     "is_transient": (break_is_transient, ALL),
     "_landed": (break_landed, ALL),
     "adopt": (break_adopt, ALL),
+    "_digests": (break_digests, ALL),
+    "_prepare_in": (break_prepare_in, ALL),
 }
 
 
@@ -141,7 +151,10 @@ def test_a_bug_in_the_writer_restarts_it_and_loses_or_doubles_nothing(
     traceback on stderr quoting its message; the queue filled and every answer after
     went out unlogged. ``_landed`` raising was taken for a refusal of the items' data:
     decisions that had committed were written again (counted superseded), and so was a
-    batch after whose commit ``vault.adopt`` raised."""
+    batch after whose commit ``vault.adopt`` raised. A bug raised while writing the batch,
+    before its COMMIT (``_digests``, ``_prepare_in``), was taken for the database refusing
+    the items' data: the batch was written again one item at a time, no restart counted
+    or logged, and an item on which the bug recurred was set aside."""
     setup, expected = CASES[where]
     caplog.set_level(logging.INFO, logger="riskd.evidence.log")
     db = Database(tmp_path / "evidence.db")
@@ -181,20 +194,23 @@ def test_a_bug_in_the_writer_restarts_it_and_loses_or_doubles_nothing(
         assert all(value not in line for line in lines)
 
 
+@pytest.mark.parametrize("where", ["_done", "_digests"])
 def test_a_bug_that_recurs_is_retried_after_a_growing_pause_and_logged_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, where: str
 ) -> None:
     """A deterministic bug costs a try after 0.1, 0.2, 0.4 ... s (at most 5 s), not a core;
-    one line says so, not one per try; once it is gone the held batch commits, once."""
+    one line says so, not one per try; once it is gone the held batch commits, once. Before
+    the commit (``_digests``) as after it: review, one raised before it had the item set
+    aside, lost, as if the database refused it."""
     caplog.set_level(logging.INFO, logger="riskd.evidence.log")
     db = Database(tmp_path / "evidence.db")
     log = DecisionLog(db)
-    raised = break_once(log, "_done", monkeypatch, times=10**9)
+    raised = break_once(log, where, monkeypatch, times=10**9)
     append_order(log, "o-1")
     with pytest.raises(UnavailableError, match=r"timed out \(Bug\)"):
         log.flush(1.6)
     tries = len(raised)  # pauses of 0.1 + 0.2 + 0.4 + 0.8 s fit in 1.6 s: 5 tries at most
-    assert 1 <= tries <= 5 and log.restarts == tries
+    assert 1 <= tries <= 5 and log.restarts == tries and log.rejected == 0
     monkeypatch.undo()  # the bug is fixed (hot): the next try goes through
     log.flush(10)
     append_order(log, "o-2")
