@@ -44,7 +44,8 @@ an exception that escapes a batch's commit, or any one not the driver's while wr
 counted in ``restarts``, and the writer takes the batch up again where it stopped after a
 pause (0.1 s, doubling to 5 s while it keeps failing so): what committed is not written
 again, what did not is. Each commit calls the ``add_commit_hook`` hooks (the scorer ends
-an outage of the full queue so, when no request comes to tell it).
+an outage of the full queue so, when no request comes to tell it); one that raises is
+the hook's bug, not the writer's: the commit stands (``hook_failures``).
 """
 
 from __future__ import annotations
@@ -240,6 +241,8 @@ class DecisionLog:
         self._superseded = 0  # decisions not stored: their order had one recorded already
         self._restarts = 0  # exceptions that escaped the writer (bugs): it went on each time
         self._bug: tuple[str, str] | None = None  # the last one logged (type, where), this batch
+        self._hook_failures = 0  # exceptions from commit hooks: the commits stood
+        self._hook_bugs: set[tuple[str, str]] = set()  # those logged (type, where), since start
         self._commit_hooks: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._run, name="evidence-writer", daemon=True)
         self._thread.start()
@@ -443,10 +446,18 @@ class DecisionLog:
         with self._cond:
             return self._restarts
 
+    @property
+    def hook_failures(self) -> int:
+        """Exceptions that commit hooks raised since start (their bugs): the commit had
+        landed and stood, the writer went on at once, the other hooks ran; each kind
+        (type and place) is logged the first time, with its frames."""
+        with self._cond:
+            return self._hook_failures
+
     def add_commit_hook(self, hook: Callable[[], None]) -> None:
         """Call ``hook()`` on the writer thread after each commit (the scorer ends an
         outage of the queue so when no request comes to tell it). It must be quick; an
-        exception from it is the writer's (``restarts``)."""
+        exception from it is the hook's (``hook_failures``), never the commit's."""
         self._commit_hooks.append(hook)
 
     def _forget(self, subject_id: str) -> None:
@@ -652,6 +663,28 @@ class DecisionLog:
         with self._cond:
             return not self._cond.wait_for(lambda: self._closed, pause)
 
+    def _call_hooks(self) -> None:
+        """Call the commit hooks after a commit. One that raises does not escape: the
+        batch has committed (review: taken for the writer's bug, it was counted as a
+        restart, paused the writer after each commit and skipped the hooks after it).
+        Counted in ``hook_failures``; logged (type and frames, never the text: it may
+        quote PII) once per kind since start, as no pause bounds how often it recurs."""
+        for hook in self._commit_hooks:
+            try:
+                hook()
+            except Exception as e:
+                error, frames = type(e).__name__, _frames(e)
+                with self._cond:
+                    self._hook_failures += 1
+                    first = (error, frames[-1]) not in self._hook_bugs
+                    self._hook_bugs.add((error, frames[-1]))
+                if first:
+                    fields = {"error": error, "where": frames[-1], "frames": frames}
+                    _log.error(
+                        "decision log commit hook failed; the commit stands",
+                        extra={"fields": fields},
+                    )
+
     def _take(self) -> list[_Item] | None:
         with self._cond:
             self._cond.wait_for(lambda: self._queue or self._closed)
@@ -728,8 +761,7 @@ class DecisionLog:
                 self._wrote(written)
             self._finish(held)
             delay = 0.01
-            for hook in self._commit_hooks:
-                hook()
+            self._call_hooks()
         if failures and not self._abandoned:
             _log.info(
                 "decision log writer going again after failed commits",

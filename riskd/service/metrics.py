@@ -45,6 +45,8 @@ class LogLike(EvidenceLike, Protocol):
     def superseded(self) -> int: ...
     @property
     def restarts(self) -> int: ...
+    @property
+    def hook_failures(self) -> int: ...
 
 
 class DecisionLike(Protocol):
@@ -215,6 +217,9 @@ class Metrics:
         ``riskd_evidence_writer_restarts_total``, a counter summed the same way: exceptions
         that escaped the log's writer thread (a bug; it went on with the batch it held,
         each run of them logged once; alert on an increase).
+        ``riskd_evidence_commit_hook_failures_total``, a counter summed the same way:
+        exceptions from the log's commit hooks (a bug; each commit stood, none is written
+        again; each kind logged once).
         """
         r = self.registry
         logs = (log, *more)
@@ -292,6 +297,7 @@ class Metrics:
             "unsealed": 0 if log is None else log.unsealed,
             "superseded": 0 if log is None else log.superseded,
             "restarts": 0 if log is None else log.restarts,
+            "hook_failures": 0 if log is None else log.hook_failures,
         }
 
     def absorb_worker(self, before: dict[str, Any] | None, now: dict[str, Any]) -> None:
@@ -354,6 +360,11 @@ _LOG_TOTALS = {
         "riskd_evidence_writer_restarts",
         "Exceptions that escaped the decision log's writer thread (a bug): each time it "
         "went on with the batch it held, after a pause.",
+    ),
+    "hook_failures": (
+        "riskd_evidence_commit_hook_failures",
+        "Exceptions raised by the decision log's commit hooks (a bug): each commit stood "
+        "and was not written again; the writer went on at once.",
     ),
 }
 

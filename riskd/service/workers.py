@@ -93,9 +93,9 @@ The server process's metrics count every decision it returns, and every order it
 itself (``riskd_score_worker_fallbacks_total`` by reason: down, busy, late). What only a
 worker sees, it counts in its own ``Metrics``: the monitor asks each worker for a snapshot
 once a second (``pool.RESPAWN_EVERY_S``; a worker held by calls is asked next round) and adds it
-to the server process's ``riskd_rule_errors_total``, ``riskd_evidence_superseded_total`` and
-``riskd_evidence_writer_restarts_total`` (what it counted since its last report) and to the
-other ``riskd_evidence_*`` gauges
+to the server process's ``riskd_rule_errors_total``, ``riskd_evidence_superseded_total``,
+``riskd_evidence_writer_restarts_total`` and ``riskd_evidence_commit_hook_failures_total``
+(what it counted since its last report) and to the other ``riskd_evidence_*`` gauges
 (each worker's decision-log writer as last reported). A worker that dies takes what it
 counted since its last report with it. Rule errors count evaluations: an order answered by
 the fallback because its worker was stalled while scoring it is evaluated twice (here and,

@@ -30,6 +30,7 @@ from .conftest import DEVICE, ID_NUMBER, IP, NAME, PHONE, STREET, make_order, ma
 
 PII = (PHONE, NAME, ID_NUMBER, STREET, DEVICE, IP, "b-secret-buyer")
 RESTARTED = "decision log writer failed; restarting it"
+HOOK_FAILED = "decision log commit hook failed; the commit stands"
 
 
 class Bug(Exception):
@@ -234,3 +235,42 @@ def test_close_returns_while_the_writer_waits_out_a_bug(
     with pytest.raises(UnavailableError, match="timed out"):
         log.close(1)
     log.close(1)  # closed: at once
+
+
+def test_a_commit_hook_that_raises_is_logged_and_counted_and_the_commit_stands(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review: an exception from a commit hook (the scorer's end of an ``evidence_queue``
+    outage) escaped the writer as a bug of its own: counted in ``restarts``, a pause after
+    each commit, and the hooks after it never ran. The batch has committed then: it is
+    not written again, the failure is counted in ``hook_failures`` and logged once (type
+    and frames, no PII), and every other hook runs after each commit."""
+    caplog.set_level(logging.INFO, logger="riskd.evidence.log")
+    db = Database(tmp_path / "evidence.db")
+    log = DecisionLog(db, max_batch=3, flush_interval_s=10)
+    refuse_o2(db)  # the first batch is written one item at a time: a hook fails mid-batch
+
+    def broken() -> None:
+        raise Bug(f"buyer b-secret-buyer phone {PHONE} name {NAME}")
+
+    calls: list[int] = []
+    log.add_commit_hook(broken)
+    log.add_commit_hook(lambda: calls.append(1))
+    append_order(log, "o-1")
+    log.append_event(OrderEvent("o-1", OrderEventKind.REFUNDED, at=2.0))
+    append_order(log, "o-2")
+    log.flush(10)
+    for order_id in ("o-3", "o-4", "o-5"):
+        append_order(log, order_id)
+    log.close(10)
+
+    assert stored_ids(db) == ["o-1", "o-3", "o-4", "o-5"]  # each once, in order
+    assert len(log.events("o-1")) == 1 and verify(db).ok
+    assert log.superseded == 0 and log.rejected == 1
+    assert log.restarts == 0 and log.hook_failures == len(calls) >= 3  # o-1, its report, o-3..
+    lines = json_lines(caplog)
+    failed = [json.loads(line) for line in lines if HOOK_FAILED in line]
+    assert len(failed) == 1 and not any(RESTARTED in line for line in lines)
+    assert failed[0]["error"] == "Bug" and failed[0]["where"].split(":")[1] == "broken"
+    for value in PII:
+        assert all(value not in line for line in lines)

@@ -624,23 +624,26 @@ def test_the_workers_rule_errors_and_decision_logs_reach_the_servers_metrics(
 def test_the_evidence_gauges_add_up_the_workers_last_reports(tmp_path: Path) -> None:
     """Unit level: the gauges sum the server's own log and each worker's last report."""
     metrics = Metrics()
-    own = _Log(backlog=1, rejected=0, unsealed=2, superseded=1, restarts=1)
-    theirs = _Log(backlog=3, rejected=4, unsealed=0, superseded=5, restarts=7)  # counted
+    own = _Log(backlog=1, rejected=0, unsealed=2, superseded=1, restarts=1, hook_failures=2)
+    # the workers' gauges are counted; their totals come by absorb_worker
+    theirs = _Log(backlog=3, rejected=4, unsealed=0, superseded=5, restarts=7, hook_failures=9)
     metrics.watch_evidence(own, theirs)
     assert metrics.value("riskd_evidence_backlog") == 4
     assert metrics.value("riskd_evidence_rejected") == 4
     assert metrics.value("riskd_evidence_unsealed") == 2
     assert metrics.value("riskd_evidence_superseded_total") == 1  # the server's own
     assert metrics.value("riskd_evidence_writer_restarts_total") == 1
-    first = {"rule_errors": {"a": 2.0}, "superseded": 2, "restarts": 1}
+    assert metrics.value("riskd_evidence_commit_hook_failures_total") == 2
+    first = {"rule_errors": {"a": 2.0}, "superseded": 2, "restarts": 1, "hook_failures": 1}
     metrics.absorb_worker(None, first)
-    then = {"rule_errors": {"a": 5.0, "b": 1.0}, "superseded": 3, "restarts": 2}
+    then = {"rule_errors": {"a": 5.0, "b": 1.0}, "superseded": 3, "restarts": 2, "hook_failures": 3}
     metrics.absorb_worker(first, then)
     # a restarted worker reports from zero again: its new counts are added, not subtracted
     metrics.absorb_worker(None, {"rule_errors": {"a": 1.0}, "superseded": 1, "restarts": 1})
     assert metrics.value("riskd_rule_errors_total", {"rule_id": "a"}) == 6
     assert metrics.value("riskd_evidence_superseded_total") == 1 + 2 + 1 + 1
     assert metrics.value("riskd_evidence_writer_restarts_total") == 1 + 1 + 1 + 1
+    assert metrics.value("riskd_evidence_commit_hook_failures_total") == 2 + 1 + 2
     assert metrics.value("riskd_rule_errors_total", {"rule_id": "b"}) == 1
 
 
@@ -814,6 +817,7 @@ class _Log:
     unsealed: int
     superseded: int
     restarts: int = 0
+    hook_failures: int = 0
 
 
 def _by_a_worker(stub: Stub, order: Order) -> bool:
