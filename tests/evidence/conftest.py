@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from riskd.domain.decision import Decision, Outcome, Reason
 from riskd.domain.order import Address, Amounts, Buyer, Channel, Order
 from riskd.dsl.program import Mode, RuleResult, RuleStatus
+from riskd.errors import CommitUnknownError
 from riskd.evidence.records import DecisionRecord
-from riskd.sql import Database
+from riskd.sql import Database, Tx
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -87,6 +90,39 @@ def make_record(order_id: str, *, request: dict[str, object] | None = None) -> D
         features={"count_per_buyer_1h": 3, "sum_per_buyer_24h": 90_000},
         rules=rules,
     )
+
+
+def lose_commit_answer(
+    db: Database, monkeypatch: pytest.MonkeyPatch, *, committed: bool = True
+) -> list[bool]:
+    """The next transaction on ``db`` commits (or, not ``committed``, rolls back) and its
+    COMMIT's answer is lost (only that is simulated: the transaction is real). Returns a
+    list that empties once the loss has happened."""
+    real = db.transaction
+    lose = [True]
+
+    @contextmanager
+    def lost_ack(**kwargs: Any) -> Iterator[Tx]:
+        with real(**kwargs) as tx:
+            yield tx
+            if lose and not committed:
+                lose.clear()
+                raise CommitUnknownError("lost during COMMIT")  # rolled back
+        if lose and committed:
+            lose.clear()
+            raise CommitUnknownError("lost during COMMIT")  # after the commit
+
+    monkeypatch.setattr(db, "transaction", lost_ack)
+    return lose
+
+
+def refuse_o2(db: Database) -> None:
+    """SQLite refuses order ``o-2`` in ``decision_log`` from now on (the tables exist)."""
+    trigger = (
+        "CREATE TRIGGER refuse_o2 BEFORE INSERT ON decision_log WHEN NEW.order_id = 'o-2'"
+        " BEGIN SELECT RAISE(ABORT, 'order refused'); END"
+    )
+    db.run(lambda tx: tx.execute(trigger))
 
 
 @pytest.fixture

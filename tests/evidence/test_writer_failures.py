@@ -8,8 +8,6 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,13 +16,25 @@ import psycopg
 import pytest
 
 from riskd.domain.events import OrderEvent, OrderEventKind
-from riskd.errors import CommitUnknownError, UnavailableError
+from riskd.errors import UnavailableError
 from riskd.evidence import log as log_module
 from riskd.evidence.log import STUCK_WAIT_S, WRITER_EXIT_S, DecisionLog
 from riskd.pii import BlindIndexer, Keyring
-from riskd.sql import Database, Tx
+from riskd.sql import Database
 
-from .conftest import DEVICE, ID_NUMBER, IP, NAME, PG_URL, PHONE, STREET, make_order, make_record
+from .conftest import (
+    DEVICE,
+    ID_NUMBER,
+    IP,
+    NAME,
+    PG_URL,
+    PHONE,
+    STREET,
+    lose_commit_answer,
+    make_order,
+    make_record,
+    refuse_o2,
+)
 
 PII = (PHONE, NAME, ID_NUMBER, STREET, DEVICE, IP)
 
@@ -78,11 +88,7 @@ def test_an_item_sqlite_refuses_is_set_aside_and_the_others_commit(
 ) -> None:
     db = Database(tmp_path / "evidence.db")
     DecisionLog(db).close()  # the tables, then a rule the database enforces on one order
-    trigger = (
-        "CREATE TRIGGER refuse_o2 BEFORE INSERT ON decision_log WHEN NEW.order_id = 'o-2'"
-        " BEGIN SELECT RAISE(ABORT, 'order refused'); END"
-    )
-    db.run(lambda tx: tx.execute(trigger))
+    refuse_o2(db)
     refused_and_rest_committed(db, "o-2", "b-2", "IntegrityError", caplog)
     db.close()
 
@@ -103,21 +109,7 @@ def test_a_commit_of_unknown_outcome_is_neither_lost_nor_doubled(
     the transaction itself is real). Events have no unique key: a blind replay of a
     batch that did commit would append them twice."""
     log = DecisionLog(db, flush_interval_s=0.05)
-    real = db.transaction
-    lose = [True]
-
-    @contextmanager
-    def lost_ack(**kwargs: Any) -> Iterator[Tx]:
-        with real(**kwargs) as tx:
-            yield tx
-            if lose and not committed:
-                lose.clear()
-                raise CommitUnknownError("lost during COMMIT")  # rolled back
-        if lose and committed:
-            lose.clear()
-            raise CommitUnknownError("lost during COMMIT")  # after the commit
-
-    monkeypatch.setattr(db, "transaction", lost_ack)
+    lose = lose_commit_answer(db, monkeypatch, committed=committed)
     log.append(make_record("o-1"))
     log.append_event(OrderEvent("o-1", OrderEventKind.CHARGEBACK, at=1.0))
     log.flush(10)

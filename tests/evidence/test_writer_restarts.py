@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,14 +18,25 @@ from typing import Any
 import pytest
 
 from riskd.domain.events import OrderEvent, OrderEventKind
-from riskd.errors import CommitUnknownError, UnavailableError
+from riskd.errors import UnavailableError
 from riskd.evidence.chain import verify
 from riskd.evidence.log import DecisionLog
 from riskd.pii import BlindIndexer, Keyring, SqlKeyStore, Vault
 from riskd.service.logs import JsonFormatter
-from riskd.sql import Database, Tx
+from riskd.sql import Database
 
-from .conftest import DEVICE, ID_NUMBER, IP, NAME, PHONE, STREET, make_order, make_record
+from .conftest import (
+    DEVICE,
+    ID_NUMBER,
+    IP,
+    NAME,
+    PHONE,
+    STREET,
+    lose_commit_answer,
+    make_order,
+    make_record,
+    refuse_o2,
+)
 
 PII = (PHONE, NAME, ID_NUMBER, STREET, DEVICE, IP, "b-secret-buyer")
 RESTARTED = "decision log writer failed; restarting it"
@@ -71,31 +81,6 @@ def json_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [formatter.format(r) for r in caplog.records]
 
 
-def lose_next_commit_answer(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The writer's next transaction commits, and its COMMIT's answer is lost (only that is
-    simulated): before writing again the writer must look for the chain heads it wrote."""
-    real = db.transaction
-    lose = [True]
-
-    @contextmanager
-    def lost_ack(**kwargs: Any) -> Iterator[Tx]:
-        with real(**kwargs) as tx:
-            yield tx
-        if lose:
-            lose.clear()
-            raise CommitUnknownError("lost during COMMIT")
-
-    monkeypatch.setattr(db, "transaction", lost_ack)
-
-
-def refuse_o2(db: Database) -> None:
-    trigger = (
-        "CREATE TRIGGER refuse_o2 BEFORE INSERT ON decision_log WHEN NEW.order_id = 'o-2'"
-        " BEGIN SELECT RAISE(ABORT, 'order refused'); END"
-    )
-    db.run(lambda tx: tx.execute(trigger))
-
-
 def break_done(log: DecisionLog, vault: Vault, mp: pytest.MonkeyPatch) -> list[int]:
     return break_once(log, "_done", mp)  # the batch committed: its accounting raises
 
@@ -106,12 +91,12 @@ def break_reject(log: DecisionLog, vault: Vault, mp: pytest.MonkeyPatch) -> list
 
 
 def break_is_transient(log: DecisionLog, vault: Vault, mp: pytest.MonkeyPatch) -> list[int]:
-    lose_next_commit_answer(log.db, mp)
+    lose_commit_answer(log.db, mp)  # before writing again, the writer looks for its heads
     return break_once(log.db, "is_transient", mp)  # judging a COMMIT of unknown outcome
 
 
 def break_landed(log: DecisionLog, vault: Vault, mp: pytest.MonkeyPatch) -> list[int]:
-    lose_next_commit_answer(log.db, mp)
+    lose_commit_answer(log.db, mp)
     return break_once(log, "_landed", mp)  # looking for the heads of that COMMIT
 
 
