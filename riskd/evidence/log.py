@@ -35,17 +35,18 @@ the database's (down, connection lost, locks: ``Database.is_transient``); its it
 stay queued and visible to ``get``. A connection lost during COMMIT leaves the outcome
 unknown: before writing the batch again the writer looks for the chain heads it wrote,
 so a batch that did commit is never appended twice. A batch that fails on its data
-(a value the database refuses, a constraint: the driver's error) is written again one
-item at a time, in order: the good items commit and the chain stays valid, and an item
-that can never be written is set aside, logged by order id and error type and
-counted in ``rejected``, so it cannot stop the writer. Nor can a bug of the writer's own:
-an exception that escapes a batch's commit, or any one not the driver's while writing it
-(never taken for a refusal of its data), is logged (its type and frames, never its text),
-counted in ``restarts``, and the writer takes the batch up again where it stopped after a
-pause (0.1 s, doubling to 5 s while it keeps failing so): what committed is not written
-again, what did not is. Each commit calls the ``add_commit_hook`` hooks (the scorer ends
-an outage of the full queue so, when no request comes to tell it); one that raises is
-the hook's bug, not the writer's: the commit stands (``hook_failures``).
+(a value the database refuses, a constraint: the driver's error; or a value no driver
+can encode) is written again one item at a time, in order: the good items commit and
+the chain stays valid, and an item that can never be written is set aside, logged by
+order id and error type and counted in ``rejected``, so it cannot stop the writer. Nor
+can a bug of the writer's own: an exception that escapes a batch's commit, or any other
+one while writing it (never taken for a refusal of its data), is logged (its type and
+frames, never its text), counted in ``restarts``, and the writer takes the batch up
+again where it stopped after a pause (0.1 s, doubling to 5 s while it keeps failing
+so): what committed is not written again, what did not is. Each commit calls the
+``add_commit_hook`` hooks (the scorer ends an outage of the full queue so, when no
+request comes to tell it); one that raises is the hook's bug, not the writer's: the
+commit stands (``hook_failures``).
 """
 
 from __future__ import annotations
@@ -942,11 +943,13 @@ class DecisionLog:
 
 
 def _refused(e: Exception) -> bool:
-    """Whether ``e`` (not transient) is the database refusing a write's data: only the
-    driver's own errors are. Any other exception, raised before the COMMIT or in the
-    transaction alike, is a bug (review: a TypeError preparing a batch was taken for a
-    refusal, and the items it recurred on were set aside, lost)."""
-    return isinstance(e, driver_errors())
+    """Whether ``e`` (not transient) is a write's data refused: the driver's own errors,
+    and a value no driver can take (text that cannot be encoded, an integer past 64
+    bits: sqlite3 raises these itself, as the blind index's encoding does), which would
+    otherwise hold the writer for good on one item. Any other exception, raised before
+    the COMMIT or in the transaction alike, is a bug (review: a TypeError preparing a
+    batch was taken for a refusal, and the items it recurred on were set aside, lost)."""
+    return isinstance(e, (*driver_errors(), UnicodeError, OverflowError))
 
 
 def _frames(e: BaseException) -> list[str]:

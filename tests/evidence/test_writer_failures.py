@@ -93,6 +93,17 @@ def test_an_item_sqlite_refuses_is_set_aside_and_the_others_commit(
     db.close()
 
 
+def test_a_value_no_driver_can_encode_is_set_aside_and_the_others_commit(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # review: once only the driver's errors were refusals, a lone surrogate (no UTF-8
+    # for it: sqlite3 and the blind index raise UnicodeEncodeError) restarted the writer
+    # on the same item for good, and every decision after it queued, then went unlogged
+    db = Database(tmp_path / "evidence.db")
+    refused_and_rest_committed(db, "o-2", "b-\ud800-2", "UnicodeEncodeError", caplog)
+    db.close()
+
+
 @pytest.mark.postgres
 def test_a_nul_byte_postgres_refuses_is_set_aside_and_the_others_commit(
     pg: Database, caplog: pytest.LogCaptureFixture
