@@ -35,12 +35,11 @@ from dataclasses import fields, is_dataclass
 from enum import Enum
 from typing import Any
 
-from riskd.cli import add_config_argument, existing_database
+from riskd.cli import add_config_argument, existing_database, refused, said
 from riskd.config import load_config
 from riskd.domain.money import format_fen
-from riskd.errors import RiskdError
 from riskd.ledger import Book, Receipt, load_schedule
-from riskd.sql import Database, driver_errors, refusal
+from riskd.sql import Database
 
 Command = Callable[[Book, argparse.Namespace], Any]
 
@@ -98,7 +97,6 @@ def _money(sub: Any, name: str, help_text: str, fn: Command) -> argparse.Argumen
 def _run(fn: Command, args: argparse.Namespace, *, writes: bool) -> int:
     """Exit 2 for what stops the command (a bad value, the database refusing it: named,
     never a traceback, so that ``verify``'s 1 means a broken invariant alone)."""
-    refused: tuple[type[Exception], ...] = (RiskdError, *driver_errors())
     try:
         config = load_config(args.config)
         schedule_path = config.rules_dir / "penalties.toml"
@@ -106,26 +104,18 @@ def _run(fn: Command, args: argparse.Namespace, *, writes: bool) -> int:
         # statements and verify of an empty database made here would lie
         url = existing_database(args, lambda: config.database)
         book = Book(Database(url), schedule=schedule, read_only=not writes)
-    except refused as e:
-        print(f"error: {_said(e)}", file=sys.stderr)
+    except refused() as e:
+        print(f"error: {said(e)}", file=sys.stderr)
         return 2
     try:
         result = fn(book, args)
-    except refused as e:
-        print(f"error: {_said(e)}", file=sys.stderr)
+    except refused() as e:
+        print(f"error: {said(e)}", file=sys.stderr)
         return 2
     finally:
         book.close()
     print(_render(result, as_json=args.json))
     return 1 if isinstance(result, _Problems) and result else 0
-
-
-def _said(e: Exception) -> str:
-    """A riskd error's message; a database's refusal by its kind and first line (it names
-    a table or privilege, never the URL)."""
-    if isinstance(e, RiskdError):
-        return str(e)
-    return f"the database refused ({refusal(e)})"
 
 
 class _Problems(tuple[str, ...]):

@@ -19,6 +19,8 @@ environment variable (a keyring document; read-only), else the configuration's
 ``keyring_file``. The database is ``--database``, else the configuration's; one that
 does not exist yet is refused (exit 1): a key count or a forget in an empty database
 made by mistake would report nothing to do, and ``retire`` would destroy keys in use.
+A database that refuses a command (a locked, read-only or garbled SQLite file, a
+missing privilege) is named by the refusal's kind and first line, exit 1 as well.
 Output names versions and counts, never key material or personal data.
 ``keygen`` and ``retire`` read, change and rewrite the key file under an
 exclusive lock (``<key file>.lock``), so commands run at once never lose a version.
@@ -33,9 +35,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from riskd.cli import add_config_argument, existing_database
+from riskd.cli import add_config_argument, existing_database, refused, said
 from riskd.config import Config, load_config
-from riskd.errors import ConfigError, RiskdError
+from riskd.errors import ConfigError
 from riskd.evidence.log import forget_subject
 from riskd.pii.keyring import ENV_VAR, Keyring, locked
 from riskd.pii.keystore import SqlKeyStore
@@ -89,11 +91,14 @@ def _add(sub: Any, name: str, help_text: str, fn: Command) -> argparse.ArgumentP
 
 
 def _guarded(fn: Command) -> Command:
+    """``fn``, its errors and the database's refusals said in one line, exit 1 (never a
+    traceback with the driver's text)."""
+
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except RiskdError as e:
-            print(f"riskd pii {args.pii_command}: error: {e}", file=sys.stderr)
+        except refused() as e:
+            print(f"riskd pii {args.pii_command}: error: {said(e)}", file=sys.stderr)
             return 1
 
     return run

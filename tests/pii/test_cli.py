@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import threading
+import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from riskd.pii.keyring import Keyring
 from riskd.pii.keystore import SqlKeyStore
 from riskd.pii.vault import Vault
 from riskd.sql import Database
+from tests.pg_roles import ADMIN, select_only_url
 from tests.service.sample import full_order
 
 PHONE = "13800138000"
@@ -398,3 +401,82 @@ def test_cli_release_lifts_one_hold_by_reason(
     assert "legal hold" in capsys.readouterr().err
     assert run("hold", "b1", "--release", *opts) == 0
     assert run("forget", "b1", *opts) == 0
+
+
+DATABASE_COMMANDS = (("rotate",), ("retire", "1"), ("forget", "b1"), ("hold", "b1"))
+
+
+def assert_refused_in_one_line(err: str, command: tuple[str, ...], refusal: str) -> None:
+    assert err == f"riskd pii {command[0]}: error: the database refused ({refusal})\n"
+
+
+def test_cli_a_file_that_is_not_a_database_is_named_in_one_line_and_left_as_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: a database the driver refused (not a database, locked, a privilege) ended
+    in a traceback quoting the driver's text."""
+    monkeypatch.delenv("RISKD_KEYRING", raising=False)
+    key_file = tmp_path / "keyring.json"
+    assert run("keygen", "--keyring", str(key_file)) == 0
+    assert run("keygen", "--keyring", str(key_file)) == 0
+    garbage = tmp_path / "riskd.db"
+    garbage.write_bytes(bytes(range(256)) * 32)
+    capsys.readouterr()
+    for command in DATABASE_COMMANDS:
+        assert run(*command, "--keyring", str(key_file), "--database", str(garbage)) == 1
+        refusal = "DatabaseError: file is not a database"
+        assert_refused_in_one_line(capsys.readouterr().err, command, refusal)
+    assert garbage.read_bytes() == bytes(range(256)) * 32
+    assert not Keyring.load(key_file).keys[1].retired
+
+
+def test_cli_a_database_another_connection_holds_locked_is_named_in_one_line(
+    paths: tuple[list[str], Path, str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    opts, key_file, url = paths
+    run("keygen", *opts)
+    run("keygen", *opts)  # version 1 wraps no data key: retire 1 would go through
+    vault, db = vault_at(key_file, url)
+    ct = vault.encrypt("b1", "o1", "phone", PHONE)
+    db.close()
+    capsys.readouterr()
+    monkeypatch.setattr("riskd.sql.BUSY_TIMEOUT_S", 0.05)
+    holder = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+    holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")  # another process, mid-write, keeping even readers out
+    try:
+        for command in DATABASE_COMMANDS:
+            assert run(*command, *opts) == 1
+            refusal = "OperationalError: database is locked"
+            assert_refused_in_one_line(capsys.readouterr().err, command, refusal)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert not Keyring.load(key_file).keys[1].retired
+    vault, db = vault_at(key_file, url)
+    assert vault.decrypt("b1", "o1", "phone", ct) == PHONE
+    assert vault.holds("b1") == []
+    db.close()
+
+
+@pytest.mark.postgres
+def test_cli_a_role_without_the_privilege_is_named_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RISKD_KEYRING", raising=False)
+    key_file = tmp_path / "keyring.json"
+    run("keygen", "--keyring", str(key_file))
+    schema = f"pii_ro_{uuid.uuid4().hex[:8]}"
+    db = Database(f"{ADMIN}?schema={schema}")
+    Vault(Keyring.load(key_file), SqlKeyStore(db)).encrypt("b1", "o1", "phone", PHONE)
+    db.close()
+    capsys.readouterr()
+    with select_only_url(schema) as url:
+        for command in (("forget", "b1"), ("hold", "b1")):
+            assert run(*command, "--keyring", str(key_file), "--database", url) == 1
+            err = capsys.readouterr().err
+            assert err.startswith(f"riskd pii {command[0]}: error: the database refused (")
+            assert "InsufficientPrivilege: permission denied for " in err
+            assert err.count("\n") == 1 and url not in err
