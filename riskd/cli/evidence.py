@@ -12,7 +12,8 @@ so does a row put beside the chain (``seq`` NULL, below 1 or not an integer).
 Rows cut from the end (or a tail rebuilt with a fresh chain) cannot be seen
 from inside a table: keep the heads printed today and pass them back next time
 with ``--expect``; a head that is gone or hashes differently fails. Exit 0 when
-everything checks out, 1 when something does not, 2 when it could not run.
+everything checks out, 1 when something does not, 2 when it could not run (a
+database's refusal named by its kind and first line, as ``riskd ledger`` names it).
 Output holds order ids, sequence numbers and hashes, never personal data.
 """
 
@@ -24,9 +25,8 @@ import re
 import sys
 from typing import Any
 
-from riskd.cli import add_config_argument, existing_database
+from riskd.cli import add_config_argument, existing_database, refused, said
 from riskd.config import load_config
-from riskd.errors import RiskdError
 from riskd.evidence.chain import TABLES, check_anchor, verify
 from riskd.evidence.schema import MAX_SEQ
 from riskd.sql import Database
@@ -76,8 +76,11 @@ def _verify(args: argparse.Namespace) -> int:
         anchors = _anchors(args.expect)
         url = existing_database(args, lambda: load_config(args.config).database)
         db = Database(url)
-    except (RiskdError, ValueError) as e:
+    except ValueError as e:  # a bad --expect
         print(f"riskd evidence verify: error: {e}", file=sys.stderr)
+        return 2
+    except refused() as e:
+        print(f"riskd evidence verify: error: {said(e)}", file=sys.stderr)
         return 2
     try:
         result = verify(db)
@@ -86,11 +89,9 @@ def _verify(args: argparse.Namespace) -> int:
             for table, seq, digest in anchors
             if (problem := check_anchor(db, TABLES[table], seq, digest)) is not None
         ]
-    except Exception as e:  # no evidence tables, or the database is unreachable
-        print(
-            f"riskd evidence verify: error: cannot read the evidence ({type(e).__name__})",
-            file=sys.stderr,
-        )
+    except Exception as e:  # anything, a bug too: exit 1 would say the chain is broken
+        why = said(e) if isinstance(e, refused()) else type(e).__name__
+        print(f"riskd evidence verify: error: cannot read the evidence: {why}", file=sys.stderr)
         return 2
     finally:
         db.close()

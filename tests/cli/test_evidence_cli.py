@@ -186,3 +186,58 @@ def test_a_kept_head_past_the_largest_seq_is_refused_as_input(
     )
     err = capsys.readouterr().err
     assert "--expect" in err and "SEQ" in err and "OverflowError" not in err
+
+
+def refused_in_one_line(capsys: pytest.CaptureFixture[str], refusal: str) -> None:
+    out, err = capsys.readouterr()
+    prefix = "riskd evidence verify: error: cannot read the evidence: the database refused"
+    assert out == "" and err == f"{prefix} ({refusal})\n"
+
+
+def test_a_file_that_is_not_a_database_is_exit_2_named_in_one_line_and_left_as_is(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review: the database's refusal was said by its kind alone (``DatabaseError``), as
+    ``riskd ledger`` and ``riskd pii`` say it: kind and first line."""
+    garbage = tmp_path / "riskd.db"
+    garbage.write_bytes(bytes(range(256)) * 32)
+    assert main(["evidence", "verify", "--database", f"sqlite:///{garbage}"]) == 2
+    refused_in_one_line(capsys, "DatabaseError: file is not a database")
+    assert garbage.read_bytes() == bytes(range(256)) * 32
+
+
+def test_a_database_another_connection_holds_locked_is_exit_2_named_in_one_line(
+    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("riskd.sql.BUSY_TIMEOUT_S", 0.05)
+    holder = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+    holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")  # another process, mid-write, keeping readers out
+    try:
+        assert main(["evidence", "verify", "--json", "--database", url]) == 2
+        refused_in_one_line(capsys, "OperationalError: database is locked")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    rc, doc = run(capsys, "--database", url)
+    assert rc == 0 and doc["checked"] == 11  # nothing was changed
+
+
+@pytest.mark.postgres
+def test_a_role_without_select_on_the_evidence_is_exit_2_named_in_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    schema = f"evidence_noselect_{uuid.uuid4().hex[:8]}"
+    made = Database(f"{ADMIN}?schema={schema}")
+    made.query("SELECT 1")  # the schema, with no table yet
+    made.close()
+    with select_only_url(schema) as url:  # granted SELECT on no table: there were none
+        db = Database(f"{ADMIN}?schema={schema}")
+        log = DecisionLog(db)
+        log.append(make_record("o-1"))
+        log.close()
+        db.close()
+        assert main(["evidence", "verify", "--database", url]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and url not in err
+        assert "the database refused (InsufficientPrivilege: permission denied for table " in err
