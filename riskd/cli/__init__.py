@@ -70,13 +70,15 @@ def refused() -> tuple[type[Exception], ...]:
 def said(e: Exception) -> str:
     """A riskd error's message; a database's refusal by its kind and first line (it names
     a table or privilege, never the URL; the lines after it, ``DETAIL`` among them, can
-    quote row values)."""
+    quote row values); anything else, a bug, by its kind alone (its text can quote data)."""
     from riskd.errors import RiskdError
-    from riskd.sql import refusal
+    from riskd.sql import driver_errors, refusal
 
     if isinstance(e, RiskdError):
         return str(e)
-    return f"the database refused ({refusal(e)})"
+    if isinstance(e, driver_errors()):
+        return f"the database refused ({refusal(e)})"
+    return type(e).__name__
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:

@@ -90,8 +90,7 @@ def _verify(args: argparse.Namespace) -> int:
             if (problem := check_anchor(db, TABLES[table], seq, digest)) is not None
         ]
     except Exception as e:  # anything, a bug too: exit 1 would say the chain is broken
-        why = said(e) if isinstance(e, refused()) else type(e).__name__
-        print(f"riskd evidence verify: error: cannot read the evidence: {why}", file=sys.stderr)
+        print(f"riskd evidence verify: error: cannot read the evidence: {said(e)}", file=sys.stderr)
         return 2
     finally:
         db.close()

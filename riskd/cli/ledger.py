@@ -21,6 +21,9 @@ statements and ``verify`` of an empty one made by mistake would say all is well.
 Money actions need ``--key`` (a retry with the same key does nothing twice) and
 record ``--actor`` (default ``cli:$USER``; ``cli:uid:<n>`` for a user id with no
 name). Amounts are integer fen. ``--json`` prints machine-readable output.
+Whatever stops a command is one line on stderr, exit 2, never a traceback: a bad
+value or riskd's refusal by its message, the database's by its kind and first
+line, a bug by its kind alone; so ``verify``'s 1 means a broken invariant only.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from dataclasses import fields, is_dataclass
 from enum import Enum
 from typing import Any
 
-from riskd.cli import add_config_argument, existing_database, refused, said
+from riskd.cli import add_config_argument, existing_database, said
 from riskd.config import load_config
 from riskd.domain.money import format_fen
 from riskd.ledger import Book, Receipt, load_schedule
@@ -95,8 +98,9 @@ def _money(sub: Any, name: str, help_text: str, fn: Command) -> argparse.Argumen
 
 
 def _run(fn: Command, args: argparse.Namespace, *, writes: bool) -> int:
-    """Exit 2 for what stops the command (a bad value, the database refusing it: named,
-    never a traceback, so that ``verify``'s 1 means a broken invariant alone)."""
+    """Exit 2 for what stops the command (a bad value, the database refusing it: named;
+    a bug: by its kind alone), never a traceback: its exit status, 1, would say that
+    ``verify`` found a broken invariant."""
     try:
         config = load_config(args.config)
         schedule_path = config.rules_dir / "penalties.toml"
@@ -104,17 +108,15 @@ def _run(fn: Command, args: argparse.Namespace, *, writes: bool) -> int:
         # statements and verify of an empty database made here would lie
         url = existing_database(args, lambda: config.database)
         book = Book(Database(url), schedule=schedule, read_only=not writes)
-    except refused() as e:
+        try:
+            result = fn(book, args)
+        finally:
+            book.close()
+        text = _render(result, as_json=args.json)
+    except Exception as e:  # a bug too; said() gives its kind alone, never its text
         print(f"error: {said(e)}", file=sys.stderr)
         return 2
-    try:
-        result = fn(book, args)
-    except refused() as e:
-        print(f"error: {said(e)}", file=sys.stderr)
-        return 2
-    finally:
-        book.close()
-    print(_render(result, as_json=args.json))
+    print(text)
     return 1 if isinstance(result, _Problems) and result else 0
 
 

@@ -241,3 +241,18 @@ def test_a_role_without_select_on_the_evidence_is_exit_2_named_in_one_line(
         out, err = capsys.readouterr()
         assert out == "" and err.count("\n") == 1 and url not in err
         assert "the database refused (InsufficientPrivilege: permission denied for table " in err
+
+
+def test_a_bug_during_the_walk_is_exit_2_named_by_its_kind_alone(
+    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug's text can quote a row; exit 1 would say the chain is broken."""
+
+    def bug(db: Database) -> None:
+        raise TypeError(f"buyer {PHONE} is not subscriptable")
+
+    monkeypatch.setattr("riskd.cli.evidence.verify", bug)
+    assert main(["evidence", "verify", "--database", url]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == "riskd evidence verify: error: cannot read the evidence: TypeError\n"

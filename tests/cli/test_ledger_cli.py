@@ -121,6 +121,32 @@ def test_verify_of_a_database_that_is_not_there_is_exit_2_and_creates_nothing(
     assert "no database at" in capsys.readouterr().err and not missing.exists()
 
 
+@pytest.mark.parametrize(
+    ("method", "command"),
+    [
+        ("verify", ["verify"]),
+        ("top_up_fund", ["fund-top-up", "500", "--key", "t1", "--reason", "r"]),
+    ],
+)
+def test_a_bug_is_exit_2_named_by_its_kind_never_a_broken_ledger(
+    url: str,
+    method: str,
+    command: list[str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review: anything neither riskd's error nor the driver's (a bug) ended in a
+    traceback and exit 1, which from ``verify`` means a broken invariant."""
+
+    def bug(*args: object, **kwargs: object) -> None:
+        raise TypeError("buyer 13812345678 is not subscriptable")
+
+    monkeypatch.setattr(Book, method, bug)
+    assert run([*command, "--database", url]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "error: TypeError\n"
+
+
 @pytest.mark.parametrize("command", [["verify"], ["accounts"], ["shop", "s1"]])
 def test_reading_commands_do_not_wait_for_a_writer(
     url: str, command: list[str], capsys: pytest.CaptureFixture[str]
