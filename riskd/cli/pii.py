@@ -23,7 +23,10 @@ A database that refuses a command (a locked, read-only or garbled SQLite file, a
 missing privilege) is named by the refusal's kind and first line, exit 1 as well.
 Output names versions and counts, never key material or personal data.
 ``keygen`` and ``retire`` read, change and rewrite the key file under an
-exclusive lock (``<key file>.lock``), so commands run at once never lose a version.
+exclusive lock (``<key file>.lock``), so commands run at once never lose a version;
+a key file, lock or folder the file system refuses (a folder that cannot be made, a
+file where a folder should be, not writable) is named with the system's reason,
+exit 1, nothing written.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +129,22 @@ def _writable_key_file(args: argparse.Namespace) -> Path:
     return _key_file(args)
 
 
+@contextmanager
+def _locked_key_file(path: Path) -> Iterator[None]:
+    """``locked(path)`` around a load-modify-save of the key file; the file system
+    refusing the file, its lock or its folder (not there and not creatable, a file where
+    a folder should be, not writable, full) said as a ``ConfigError`` naming the path and
+    the system's reason, never a traceback. Each ``OSError`` inside is the key file's:
+    ``Keyring.load`` and ``load_config`` say their own, the database's are not ``OSError``."""
+    try:
+        with locked(path):
+            yield
+    except OSError as e:
+        where = "" if e.filename is None else f"{e.filename}: "  # the path refused
+        why = e.strerror or type(e).__name__
+        raise ConfigError(f"keyring: cannot write key file {path}: {where}{why}") from None
+
+
 def _vault(args: argparse.Namespace) -> tuple[Vault, Database]:
     # never count, rotate or forget in an empty database made here
     url = existing_database(args, lambda: _config(args).database)
@@ -147,7 +167,7 @@ def _vault(args: argparse.Namespace) -> tuple[Vault, Database]:
 
 def _keygen(args: argparse.Namespace) -> int:
     path = _writable_key_file(args)
-    with locked(path):  # another keygen/retire would otherwise lose this version or its own
+    with _locked_key_file(path):  # another keygen/retire would otherwise lose a version
         ring = Keyring.load(path).add_version() if path.exists() else Keyring.generate()
         ring.save(path)
     print(f"master key version {ring.primary} is primary in {path}")
@@ -174,7 +194,7 @@ def _rotate(args: argparse.Namespace) -> int:
 
 def _retire(args: argparse.Namespace) -> int:
     path = _writable_key_file(args)
-    with locked(path):  # load-modify-save, serialised with keygen and other retires
+    with _locked_key_file(path):  # load-modify-save, serialised with keygen and retires
         ring = Keyring.load(path)
         vault, db = _vault(args)
         try:

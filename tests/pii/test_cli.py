@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sqlite3
 import threading
 import uuid
@@ -401,6 +403,80 @@ def test_cli_release_lifts_one_hold_by_reason(
     assert "legal hold" in capsys.readouterr().err
     assert run("hold", "b1", "--release", *opts) == 0
     assert run("forget", "b1", *opts) == 0
+
+
+KEY_FILE_COMMANDS = (("keygen",), ("retire", "1"))
+
+
+def assert_key_file_refused(
+    err: str, command: tuple[str, ...], key_file: Path, refused: str
+) -> None:
+    """``err`` is the one line naming the key file, then the path refused and why."""
+    prefix = f"riskd pii {command[0]}: error: keyring: cannot write key file {key_file}"
+    assert err == f"{prefix}: {refused}\n"
+
+
+@pytest.mark.parametrize("command", KEY_FILE_COMMANDS)
+@pytest.mark.parametrize(
+    ("under", "code"), [("", errno.EEXIST), ("sub", errno.ENOTDIR)], ids=["file", "file-sub"]
+)
+def test_cli_a_key_file_under_a_file_is_named_in_one_line_and_nothing_is_written(
+    paths: tuple[list[str], Path, str],
+    command: tuple[str, ...],
+    under: str,
+    code: int,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Review: a key file's folder that could not be made (a file in its way) ended in
+    a traceback (FileExistsError, NotADirectoryError from locking it)."""
+    _, key_file, url = paths
+    blocker = key_file.parent / "blocker"
+    blocker.write_text("not a folder")
+    before = sorted(key_file.parent.iterdir())
+    folder = blocker / under if under else blocker
+    assert run(*command, "--keyring", str(folder / "keyring.json"), "--database", url) == 1
+    refused = f"{os.path.realpath(folder)}: {os.strerror(code)}"
+    assert_key_file_refused(capsys.readouterr().err, command, folder / "keyring.json", refused)
+    assert sorted(key_file.parent.iterdir()) == before
+    assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("command", KEY_FILE_COMMANDS)
+def test_cli_a_folder_where_the_lock_should_be_is_named_in_one_line(
+    paths: tuple[list[str], Path, str],
+    command: tuple[str, ...],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    opts, key_file, _ = paths
+    run("keygen", *opts)
+    run("keygen", *opts)  # version 1 wraps no data key: retire 1 would go through
+    lock = key_file.with_name(key_file.name + ".lock")
+    lock.unlink()
+    lock.mkdir()
+    kept = key_file.read_bytes()
+    capsys.readouterr()
+    assert run(*command, *opts) == 1
+    refused = f"{os.path.realpath(lock)}: {os.strerror(errno.EISDIR)}"
+    assert_key_file_refused(capsys.readouterr().err, command, key_file, refused)
+    assert key_file.read_bytes() == kept
+    assert not list(key_file.parent.glob(".keyring-*"))
+
+
+def test_cli_a_full_disk_while_saving_the_key_file_is_named_in_one_line(
+    paths: tuple[list[str], Path, str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    opts, key_file, _ = paths
+
+    def full(ring: Keyring, path: Path) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Keyring, "save", full)
+    assert run("keygen", *opts) == 1
+    refused = os.strerror(errno.ENOSPC)
+    assert_key_file_refused(capsys.readouterr().err, ("keygen",), key_file, refused)
+    assert not key_file.exists()
 
 
 DATABASE_COMMANDS = (("rotate",), ("retire", "1"), ("forget", "b1"), ("hold", "b1"))
