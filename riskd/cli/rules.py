@@ -19,7 +19,7 @@ from riskd.dsl.diagnostics import Diagnostics
 from riskd.dsl.expr import evaluate
 from riskd.dsl.fmt import format_text
 from riskd.dsl.holder import compile_directory
-from riskd.dsl.program import RULE_FILE_SUFFIX, rule_files
+from riskd.dsl.program import RULE_FILE_SUFFIX, rule_files, unreadable_file
 from riskd.dsl.ruletest import run_tests, summary
 from riskd.dsl.values import Duration, EvalError, Timestamp, UInt
 from riskd.errors import RuleCompileError
@@ -105,7 +105,12 @@ def cmd_fmt(args: argparse.Namespace) -> int:
         paths.extend(rule_files(p) if p.is_dir() else [p])
     changed, failed = 0, 0
     for path in paths:
-        raw = path.read_text(encoding="utf-8")
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:  # said as `rules check` says it
+            print(unreadable_file(path, exc), file=_err())
+            failed += 1
+            continue
         text = raw.removeprefix("\ufeff")  # a BOM is dropped (check reads past it)
         formatted, diags = format_text(text, str(path))
         if formatted is None:

@@ -504,9 +504,14 @@ def read_sources(*paths: Path) -> tuple[dict[str, str], Diagnostics]:
         try:
             sources[str(p)] = p.read_text(encoding="utf-8-sig")  # an editor's BOM is no item
         except (OSError, UnicodeDecodeError) as exc:
-            reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else "cannot be read"
-            unreadable.append(Diagnostic(UNREADABLE, f"rule file {reason}", str(p), 1, 1))
+            unreadable.append(unreadable_file(p, exc))
     return sources, Diagnostics(tuple(unreadable))
+
+
+def unreadable_file(path: Path, error: OSError | UnicodeDecodeError) -> Diagnostic:
+    """The error for a rule file that cannot be read (``riskd_unreadable_file``)."""
+    reason = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else "cannot be read"
+    return Diagnostic(UNREADABLE, f"rule file {reason}", str(path), 1, 1)
 
 
 def load_rules(directory: Path) -> Program:

@@ -86,6 +86,27 @@ def test_rules_fmt_refuses_unparseable_files(
     assert bad.read_text(encoding="utf-8") == "rule r {\n"
 
 
+def test_rules_fmt_names_a_file_it_cannot_read_and_formats_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review: a path that was not there, or not text, ended in a traceback."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder", encoding="utf-8")
+    latin = tmp_path / "latin.rules"
+    latin.write_bytes(b"# caf\xe9\n")
+    messy = tmp_path / "m.rules"
+    messy.write_text('scenario s="S"\n', encoding="utf-8")
+    missing = [tmp_path / "gone.rules", blocker / "x.rules"]
+    assert main(["rules", "fmt", *map(str, [*missing, latin, messy])]) == 1
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [
+        *(f"{p}:1:1: riskd_unreadable_file: rule file cannot be read" for p in missing),
+        f"{latin}:1:1: riskd_unreadable_file: rule file not UTF-8 text",
+    ]
+    assert out == f"reformatted {messy}\n"
+    assert latin.read_bytes() == b"# caf\xe9\n"
+
+
 def test_rules_eval_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
     rc = main([
         "rules", "eval", "order.items.map(i, i.price * i.qty)",
