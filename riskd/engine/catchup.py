@@ -26,15 +26,23 @@ their callers or not. ``close`` drains
 the queue while the store answers and keeps what is left in the decision log's database
 (table ``features_catch_up``: observations only, no PII), which the next start takes and
 queues again (``restore``; with several processes on one database, one of them takes
-each row); a crash loses the queue.
+each row). When that database cannot keep it (locked past ``KEEP_WAIT_S``, hung,
+refusing), it goes to a spill file under the data folder instead (``spill_dir``:
+``features-catch-up-*.jsonl``, written whole and owner-only by ``riskd.spillfile``, named
+by process; a line is a table row), which the next start queues too, then deletes; one it
+cannot read is logged by name and left (review: a stop on a database a CLI held locked
+lost the queue, though the decision log spilled its own). A crash loses the queue.
 Recording is idempotent per order and key (``riskd.features.store``): an order the store
-did record, wholly or in part, is counted once. An order decided more than a day ago
+did record, wholly or in part, is counted once; so is one kept both ways (a hung
+database that committed after all) or queued from one file by two starts (scoring
+workers start together; a crash before a file's delete). An order decided more than a day ago
 counts in no window and is dropped; past ``max_queued`` orders waiting, new ones are
 dropped (a later retry queues them again). Dropped orders stay out of their windows, so
 operators are told (review: 500 of 10,500 orders of a 5-second outage left uncounted,
 silently): ``dropped`` counts them by reason (``full``, ``failing``: given up after
 ``MAX_TRIES``; ``error``: an unexpected exception, a bug, indexing or recording it;
-``lost_at_close``: left at ``close`` with no ``keep`` database, or keeping it failed),
+``lost_at_close``: left at ``close`` and neither kept in the ``keep`` database nor
+written to a spill file: none configured, or each failed),
 an overflow is a warning at its first order dropped and an info line with how many once
 the queue is down to half its limit, each order given up or lost to an error is a
 warning, and so is each ``close`` that could not keep what was left (how many).
@@ -61,8 +69,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
 from typing import Any
 
+from riskd import spillfile
 from riskd.domain.clock import Clock
 from riskd.domain.decision import Decision
 from riskd.domain.features import WINDOWS, Agg, FeatureQuery
@@ -76,6 +86,7 @@ from riskd.features.store import (
     OtherContentError,
     WritesRefusedError,
 )
+from riskd.spillfile import SpillFileError
 from riskd.sql import Database, Tx
 
 WITHIN_S = float(max(WINDOWS.values()))  # an order decided before that counts nowhere
@@ -103,6 +114,10 @@ _TAKE = (
     " RETURNING order_key, decided_at, amount, keys, content"
 )
 _LEFT = "SELECT COUNT(*) FROM features_catch_up"
+# what ``close`` could not keep in ``keep``: a spill file under ``spill_dir`` whose lines
+# are the table's rows as ``_save`` writes them (one reading for both, ``_queue_kept``)
+PREFIX = "features-catch-up-"
+_ORDERS = "orders"
 
 _log = logging.getLogger("riskd.engine.catchup")
 
@@ -151,11 +166,15 @@ class CatchUp:
         *,
         max_queued: int = MAX_QUEUED,
         keep: Database | None = None,
+        spill_dir: Path | None = None,
     ) -> None:
         """``keep``: the database (with the evidence schema) that keeps what ``close``
-        leaves queued, for ``restore``; without one it is dropped."""
+        leaves queued, for ``restore``; ``spill_dir``: the folder (the data folder) where
+        ``close`` writes it to a spill file when ``keep`` cannot keep it (or there is
+        none); without either, it is dropped."""
         self._store = store
         self._keep = keep
+        self._spill_dir = spill_dir
         self._handed_back: list[Observation] = []  # in hand when close came: kept by it
         self._in_hand: Observation | None = None  # the order whose store call is out
         self._order_failed = False  # the last failed call was the order's, not the store's
@@ -244,19 +263,24 @@ class CatchUp:
         """Orders dropped uncounted so far, by reason: ``full`` (no room in the queue),
         ``failing`` (given up after ``MAX_TRIES`` calls the store answered around),
         ``error`` (an unexpected exception indexing or recording it: a bug),
-        ``lost_at_close`` (left at ``close`` with no ``keep`` database, or keeping it
-        failed)."""
+        ``lost_at_close`` (left at ``close`` and neither kept in the ``keep`` database
+        nor written to a spill file: none configured, or each failed)."""
         with self._cond:
             return dict(self._dropped)
 
     def restore(self, queries: Collection[FeatureQuery]) -> None:
-        """Take what earlier processes kept at their close (``keep``) and queue it again,
-        to be recorded with the distinct ones of ``queries`` (the program's now). At
-        start, before any call: one read of the database (on SQLite, at most
-        ``KEEP_WAIT_S`` for its lock), so no thread uses the database unseen; never
-        raises: a database that cannot be read keeps its rows for the next start."""
+        """Take what earlier processes kept at their close (``keep``, then the spill files
+        under ``spill_dir``) and queue it again, to be recorded with the distinct ones of
+        ``queries`` (the program's now). At start, before any call: one read of the
+        database (on SQLite, at most ``KEEP_WAIT_S`` for its lock), so no thread uses the
+        database unseen; never raises: a database that cannot be read keeps its rows for
+        the next start, and a file that cannot be read is logged by name and left."""
+        distinct = _distinct(queries)
         if self._keep is not None:
-            self._load(_distinct(queries))
+            self._load(distinct)
+        if self._spill_dir is not None:
+            for path in spillfile.files(self._spill_dir, PREFIX):
+                self._load_spilled(path, distinct)
 
     def _count(self) -> int:
         """Orders queued, the one in hand included (called holding ``_cond``)."""
@@ -301,7 +325,8 @@ class CatchUp:
         so the store can be closed after, and keep the rest, that one included unless it
         was recorded (or still out after that wait: kept as well), in ``keep`` for the
         next start (observed first: no PII is written; at most ``KEEP_WAIT_S`` for the
-        database)."""
+        database), or, when that fails (locked past it, hung, refusing), in a spill file
+        under ``spill_dir``."""
         with self._cond:
             self._cond.wait_for(
                 lambda: self._idle() or self._failing or self._breaker.is_open,
@@ -323,7 +348,7 @@ class CatchUp:
             self._handed_back.clear()
             if self._in_hand is not None:  # its call still out: kept too (recording is
                 left.append(self._in_hand)  # idempotent, should that call land after all)
-        if self._keep is None:
+        if self._keep is None and self._spill_dir is None:
             self._lost(len(left) + len(raw), None)
         elif left or raw:
             self._save(left + [o for o in map(self._observed, raw) if o is not None])
@@ -347,8 +372,9 @@ class CatchUp:
         )
 
     def _lost(self, orders: int, e: Exception | None) -> None:
-        """``orders`` left at ``close`` and not kept (no ``keep`` database, or keeping
-        them failed with ``e``): counted (``lost_at_close``) and told in one line."""
+        """``orders`` left at ``close`` and not kept (no ``keep`` database nor
+        ``spill_dir``, or keeping them failed, the last try with ``e``): counted
+        (``lost_at_close``) and told in one line."""
         if not orders:
             return
         with self._cond:
@@ -362,21 +388,48 @@ class CatchUp:
         )
 
     def _save(self, left: Sequence[Observation]) -> None:
-        """Keep ``left`` in the ``keep`` database (an order kept already stays as it is)."""
-        assert self._keep is not None
+        """Keep ``left`` in the ``keep`` database (an order kept already stays as it is),
+        else in a spill file under ``spill_dir`` (``_spill``), else count it lost."""
         rows = [
             (o.order_id, o.at, o.amount, json.dumps(dict(o.keys), sort_keys=True), o.content)
             for o in left
         ]
+        error: Exception | None = None
+        if self._keep is not None:
+            try:
+                self._keep.run(lambda tx: _bounded(tx).executemany(_KEEP, rows), wait_s=KEEP_WAIT_S)
+            except Exception as e:
+                error = e
+            else:
+                _log.info(
+                    "orders waiting to be counted kept for the next start",
+                    extra={"fields": {"orders": len(rows)}},
+                )
+                return
+        if self._spill_dir is None or not self._spill(self._spill_dir, rows, error):
+            self._lost(len(rows), error)
+
+    def _spill(self, folder: Path, rows: Sequence[Sequence[Any]], error: Exception | None) -> bool:
+        """Write ``rows`` to a spill file under ``folder`` for the next start (``keep``
+        failed with ``error``, or there is none); False when it could not be written
+        (logged: the caller counts the loss). A database that hung may yet commit them
+        after all: then the next start queues both, one entry, recorded once."""
         try:
-            self._keep.run(lambda tx: _bounded(tx).executemany(_KEEP, rows), wait_s=KEEP_WAIT_S)
-        except Exception as e:
-            self._lost(len(rows), e)
-            return
-        _log.info(
-            "orders waiting to be counted kept for the next start",
-            extra={"fields": {"orders": len(rows)}},
+            path = spillfile.write(folder, PREFIX, {_ORDERS: rows})
+        except OSError as e:
+            fields = {"error_type": type(e).__name__, "errno": e.errno}
+            _log.warning(
+                "orders waiting to be counted: spill file not written", extra={"fields": fields}
+            )
+            return False
+        told: dict[str, Any] = {"orders": len(rows), "file": path.name}
+        if error is not None:
+            told["error_type"] = type(error).__name__
+        _log.warning(
+            "orders waiting to be counted not kept in the database: spilled for the next start",
+            extra={"fields": told},
         )
+        return True
 
     def _load(self, queries: tuple[FeatureQuery, ...]) -> None:
         """Take as many kept orders as the queue has room for (rows deleted as they are
@@ -393,12 +446,67 @@ class CatchUp:
             fields = {"error_type": type(e).__name__}
             _log.warning("kept orders waiting to be counted not read", extra={"fields": fields})
             return
-        now, taken = self._clock.now(), 0
+        taken, _ = self._queue_kept(rows, queries)
+        if rows:
+            queued = {"orders": taken, "rows": len(rows)}
+            _log.info("kept orders waiting to be counted queued again", extra={"fields": queued})
+        if left:
+            self._no_room(left)
+
+    def _no_room(self, orders: int) -> None:
+        """Tell of ``orders`` kept that a start left for a later one: no room to queue them."""
+        room_left = {"orders": orders, "queue_limit": self._max_queued}
+        _log.warning(
+            "kept orders waiting to be counted left for a later start: no room",
+            extra={"fields": room_left},
+        )
+
+    def _load_spilled(self, path: Path, queries: tuple[FeatureQuery, ...]) -> None:
+        """Queue the orders of one spill file (``_spill``) and delete it; those the queue
+        has no room for go to a new file first (if that cannot be written, this one is
+        left whole: what it queued now is recorded once however often queued). A file
+        that cannot be read is logged by name and left for a later start; one gone
+        meanwhile was taken by another process (scoring workers start together)."""
+        try:
+            rows = spillfile.read(path, (_ORDERS,))[_ORDERS]
+        except FileNotFoundError:
+            return
+        except (OSError, SpillFileError) as e:
+            unread = {"file": path.name, "error_type": type(e).__name__}
+            _log.warning(
+                "spill file of orders waiting to be counted not read; left for a later start",
+                extra={"fields": unread},
+            )
+            return
+        taken, rest = self._queue_kept(rows, queries)
+        fields: dict[str, Any] = {"file": path.name, "orders": taken, "rows": len(rows)}
+        _log.info("spilled orders waiting to be counted queued again", extra={"fields": fields})
+        try:
+            if rest:
+                self._no_room(len(rest))
+                spillfile.write(path.parent, PREFIX, {_ORDERS: rest})
+            spillfile.remove(path)
+        except OSError as e:  # then this file stays whole, and its orders are queued again
+            failed = {"file": path.name, "error_type": type(e).__name__}
+            _log.warning(
+                "spill file of orders waiting to be counted queued but not deleted",
+                extra={"fields": failed},
+            )
+
+    def _queue_kept(
+        self, rows: Sequence[Any], queries: tuple[FeatureQuery, ...]
+    ) -> tuple[int, list[Any]]:
+        """Queue the orders of ``rows`` (kept rows, or a spill file's lines: the same
+        columns) that are not queued already nor a day old, until the queue is full; how
+        many were queued, and the rows from the first one it had no room for."""
+        now, taken, rest = self._clock.now(), 0, []
         with self._cond:
-            for order_key, at, amount, keys, content in rows:
+            for i, row in enumerate(rows):
                 if self._closed.is_set() or self._full():
+                    rest = list(rows[i:])
                     break
                 try:
+                    order_key, at, amount, keys, content = row
                     obs = Observation(order_key, float(at), int(amount), json.loads(keys), content)
                 except (ValueError, TypeError, RiskdError):  # not a row riskd wrote
                     continue
@@ -408,15 +516,7 @@ class CatchUp:
                     taken += 1
             if taken:
                 self._start()
-        if rows:
-            queued = {"orders": taken, "rows": len(rows)}
-            _log.info("kept orders waiting to be counted queued again", extra={"fields": queued})
-        if left:
-            room_left = {"orders": left, "queue_limit": self._max_queued}
-            _log.warning(
-                "kept orders waiting to be counted left for a later start: no room",
-                extra={"fields": room_left},
-            )
+        return taken, rest
 
     def _run(self) -> None:
         retry_at = 0.0  # the store away: no call before then (orders are observed meanwhile)

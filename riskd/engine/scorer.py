@@ -89,6 +89,7 @@ import logging
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Protocol
 
 from riskd.domain.clock import Clock
@@ -182,6 +183,9 @@ class Scorer:
             to the log by its deadline (decided late, or the log's queue full until then)
             records none of them and raises ``DeadlineExceededError`` (the gRPC process
             has answered that call with the fallback, and records that).
+        spill_dir: the data folder: where the catch-up's ``close`` writes what the log's
+            database could not keep, for the next start (``CatchUp``); without one,
+            those orders are dropped.
     """
 
     def __init__(
@@ -199,6 +203,7 @@ class Scorer:
         workers: int = 16,
         feature_timeout_s: float | None = None,
         record_late: bool = True,
+        spill_dir: Path | None = None,
     ) -> None:
         self._rules = rules
         self._record_late = record_late
@@ -232,8 +237,11 @@ class Scorer:
         # out, blaming (and opening the breaker of) a healthy database
         self._lookups = concurrent.futures.ThreadPoolExecutor(workers, "riskd-log-lookup")
         # orders answered without their features, counted afterwards (``catchup``); what an
-        # earlier process left queued at its close is taken from the log's database
-        self.catch_up = CatchUp(features, indexer, self.breaker, clock, keep=log.db)
+        # earlier process left queued at its close is taken from the log's database (and
+        # the spill files of those whose database could not keep it)
+        self.catch_up = CatchUp(
+            features, indexer, self.breaker, clock, keep=log.db, spill_dir=spill_dir
+        )
         self.catch_up.restore(rules.current.feature_queries)
 
     # -- public API ----------------------------------------------------------

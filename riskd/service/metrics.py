@@ -401,7 +401,8 @@ class _Dropped:
         f" again), failing (given up after {MAX_TRIES} failed calls, each one the store"
         " answered a read of the order's keys after: never while the store is away), error"
         " (an unexpected exception, a bug, indexing or recording it), lost_at_close (left"
-        " queued at a stop with no database to keep it in, or keeping it failed)."
+        " queued at a stop and neither kept in the database nor written to a spill file in"
+        " the data folder)."
     )
 
     def __init__(self, own: Callable[[], Mapping[str, int]], workers: Mapping[str, float]):

@@ -240,6 +240,9 @@ def _build(
         ),
         record_late=record_late,
         breaker=breaker_policy(config),
+        # what the catch-up's stop cannot keep in the database: a spill file, named by
+        # process (scoring workers build theirs here too), taken back by the next start
+        spill_dir=config.data_dir,
     )
     closers.append(scorer.close)
     if features_down is not None:  # an outage from the start: it ends as any outage

@@ -7,16 +7,19 @@ orders, a real breaker, a fake clock.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 import uuid
 import zlib
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
+from riskd import spillfile
 from riskd.domain.clock import FakeClock
 from riskd.domain.features import Agg, FeatureQuery
 from riskd.engine import catchup
@@ -30,6 +33,7 @@ from riskd.features.redis_store import RedisFeatureStore
 from riskd.features.store import Observation
 from riskd.pii import BlindIndexer
 from riskd.sql import Database
+from tests.features.features_support import REDIS_URL, delete_prefix
 from tests.own_redis import OwnRedis
 
 from .conftest import DEVICE, IP, PHONE, STREET, Rig, make_order
@@ -502,10 +506,8 @@ def test_orders_whose_keys_live_on_a_shard_that_is_away_wait_for_it(
     finally:
         up.close()
         store.close()
-        client = redis.Redis(port=6379)
-        for key in client.scan_iter(match=prefix + "*", count=1000):
-            client.delete(key)
-        client.close()
+        with redis.Redis(port=6379) as client:
+            delete_prefix(client, prefix)
 
 
 def test_a_redis_that_refuses_writes_gives_no_order_up_and_counts_it_once_it_takes_them(
@@ -759,3 +761,159 @@ def test_the_order_in_hand_is_kept_when_its_call_raises_as_close_comes(
     up.close()
     assert db.query("SELECT COUNT(*) FROM features_catch_up") == [(1,)]
     assert sum(up.dropped().values()) == 0
+
+
+@pytest.fixture
+def locked(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[sqlite3.Connection]:
+    """The log's database (its evidence schema made) held by another connection under an
+    exclusive lock until the test rolls it back; keeping waits 0.2 s for it, not 10."""
+    monkeypatch.setattr(catchup, "KEEP_WAIT_S", 0.2)
+    create_schema(db)
+    holder = sqlite3.connect(tmp_path / "evidence.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    yield holder
+    if holder.in_transaction:
+        holder.execute("ROLLBACK")
+    holder.close()
+
+
+def left_at_close(up: CatchUp, breaker: CircuitBreaker, clock: FakeClock, ids: str) -> None:
+    """Orders ``ids`` (one letter each) answered while the store was away, then ``up``
+    closed (``kept_while_away`` with no schema made)."""
+    breaker.failure(UnavailableError("down"))
+    up.submit([(make_order(o), clock.now()) for o in ids], QUERIES)
+    assert holding_ends(up, 5)
+    up.close()
+
+
+def spilled(folder: Path) -> list[Path]:
+    return spillfile.files(folder, catchup.PREFIX)
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def any_store(request: pytest.FixtureRequest, store: Store, clock: FakeClock) -> Iterator[Any]:
+    """The in-process store, or the shared Redis under a key prefix of its own."""
+    if request.param == "memory":
+        yield store
+        return
+    prefix = f"riskd-test:catchup-spill:{uuid.uuid4().hex}:"
+    made = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=1.0)
+    yield made
+    made.close()
+    with redis.Redis(port=6379) as client:
+        delete_prefix(client, prefix)
+
+
+def test_a_close_on_a_locked_database_spills_and_the_next_start_counts_it(
+    any_store: Any,
+    indexer: BlindIndexer,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    db: Database,
+    tmp_path: Path,
+    locked: sqlite3.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review: a stop on a database held locked past ``KEEP_WAIT_S`` (a CLI's
+    transaction, a backup) dropped the queue, counted ``lost_at_close``. Now it goes to
+    a spill file under the data folder (observations only, owner-only), which the next
+    start queues, counts and deletes."""
+    caplog.set_level(logging.INFO, logger="riskd.engine.catchup")
+    first = CatchUp(any_store, indexer, breaker, clock, keep=db, spill_dir=tmp_path)
+    left_at_close(first, breaker, clock, "ab")
+    assert sum(first.dropped().values()) == 0
+    (path,) = spilled(tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    text = path.read_text("utf-8") + caplog.text + repr(catch_up_lines(caplog))
+    assert all(v not in text for v in (PHONE, DEVICE, IP, STREET, "b-1", '"a"', "s-1"))
+    [(level, message, fields)] = catch_up_lines(caplog)
+    assert level == "WARNING" and "spilled for the next start" in message
+    assert fields == {"orders": 2, "file": path.name, "error_type": "DatabaseBusyError"}
+    locked.execute("ROLLBACK")
+    breaker.success()
+    again = CatchUp(any_store, indexer, breaker, clock, keep=db, spill_dir=tmp_path)
+    again.restore(QUERIES)
+    assert spilled(tmp_path) == []
+    assert again.wait(5)
+    assert counted(any_store, indexer, clock) == 2
+    again.close()
+
+
+def test_an_order_kept_both_in_the_database_and_a_spill_file_is_counted_once(
+    store: Store,
+    indexer: BlindIndexer,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    db: Database,
+    tmp_path: Path,
+) -> None:
+    """A database that hung at the stop may commit the rows after all, beside the file
+    written meanwhile; and a file queued by one start may be queued by another (a crash
+    before its delete, or two processes at once). Each order is one entry and counted
+    once."""
+    kept_while_away(CatchUp(store, indexer, breaker, clock, keep=db), breaker, clock, "ab")
+    rows = db.query("SELECT order_key, decided_at, amount, keys, content FROM features_catch_up")
+    # the file the hung database's close wrote (``_spill``: a line is a kept row)
+    path = spillfile.write(tmp_path, catchup.PREFIX, {"orders": [list(r) for r in rows]})
+    copy = path.read_bytes()
+    again = CatchUp(store, indexer, breaker, clock, keep=db, spill_dir=tmp_path)
+    again.restore(QUERIES)  # the breaker is still open: nothing recorded yet
+    assert again.queued() == 2 and spilled(tmp_path) == []
+    breaker.success()
+    assert again.wait(5) and counted(store, indexer, clock) == 2
+    path.write_bytes(copy)
+    later = CatchUp(store, indexer, breaker, clock, keep=db, spill_dir=tmp_path)
+    later.restore(QUERIES)
+    assert later.wait(5) and counted(store, indexer, clock) == 2
+    again.close()
+    later.close()
+
+
+def test_a_spill_file_that_cannot_be_read_is_left_and_logged_by_name(
+    store: Store,
+    indexer: BlindIndexer,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A file cut short (a copy, a disk that failed) is not half queued: it stays for an
+    operator (or a later start), named in a warning; the files beside it are taken."""
+    left_at_close(CatchUp(store, indexer, breaker, clock, spill_dir=tmp_path), breaker, clock, "a")
+    (whole,) = spilled(tmp_path)
+    garbled = tmp_path / f"{catchup.PREFIX}{0:020d}-1.jsonl"
+    garbled.write_bytes(whole.read_bytes()[:-10])
+    caplog.clear()
+    breaker.success()
+    again = CatchUp(store, indexer, breaker, clock, spill_dir=tmp_path)
+    again.restore(QUERIES)
+    assert spilled(tmp_path) == [garbled]
+    assert again.wait(5) and counted(store, indexer, clock) == 1
+    unread = [f for level, m, f in catch_up_lines(caplog) if "not read" in m and level == "WARNING"]
+    assert unread == [{"file": garbled.name, "error_type": "SpillFileError"}]
+    again.close()
+
+
+@pytest.mark.parametrize("folder", [None, "gone"])
+def test_orders_neither_kept_nor_spilled_at_close_are_counted_lost(
+    folder: str | None,
+    store: Store,
+    indexer: BlindIndexer,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    db: Database,
+    tmp_path: Path,
+    locked: sqlite3.Connection,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With no data folder (or one the file cannot be written to), a close on a locked
+    database counts what it could not keep ``lost_at_close``, as before spill files."""
+    spill_dir = None if folder is None else tmp_path / folder
+    up = CatchUp(store, indexer, breaker, clock, keep=db, spill_dir=spill_dir)
+    left_at_close(up, breaker, clock, "abc")
+    assert up.dropped()[catchup.LOST_AT_CLOSE] == 3
+    assert spilled(tmp_path) == [] and not (tmp_path / "gone").exists()
+    (level, message, fields) = catch_up_lines(caplog)[-1]
+    assert level == "WARNING" and "not kept" in message and fields["orders"] == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from riskd import spillfile
 from riskd.domain.clock import SystemClock
-from riskd.errors import ConfigError, RiskdError
+from riskd.engine import catchup
+from riskd.errors import ConfigError, RiskdError, UnavailableError
 from riskd.evidence.log import encrypted_fields
 from riskd.pii.keyring import Keyring
 from riskd.service.metrics import Metrics
@@ -261,6 +264,43 @@ def test_the_watcher_tells_its_caller_of_each_new_program_and_of_nothing_else(
         assert len(swaps) == 1  # a refused edit swaps nothing
     finally:
         components.close()
+
+
+def test_the_catch_up_spills_to_the_data_dir_at_a_locked_stop_for_the_next_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The data folder reaches the catch-up wherever the components are built (a scoring
+    worker builds its own here too): orders its stop could not keep in a database held
+    locked go to a file named by the process, and the next start takes them."""
+    monkeypatch.setattr(catchup, "KEEP_WAIT_S", 0.2)
+    config = make_config(tmp_path)
+    components = build_components(config, SystemClock())
+    scorer = components.scorer
+    while not scorer.breaker.is_open:  # Redis away: nothing is counted before the stop
+        scorer.breaker.failure(UnavailableError("down"))
+    scorer.catch_up.submit(
+        [(full_order("o-1"), time.time())], components.rules.current.feature_queries
+    )
+    holder = sqlite3.connect(tmp_path / "riskd.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        components.close()
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    (path,) = spillfile.files(tmp_path, catchup.PREFIX)
+    assert path.name.endswith(f"-{os.getpid()}.jsonl")
+    assert sum(scorer.catch_up.dropped().values()) == 0
+    caplog.set_level(logging.INFO, logger="riskd.engine.catchup")
+    again = build_components(config, SystemClock())
+    try:
+        assert spillfile.files(tmp_path, catchup.PREFIX) == []
+        (queued,) = [r for r in caplog.records if r.getMessage().startswith("spilled orders")]
+        assert queued.fields == {"file": path.name, "orders": 1, "rows": 1}  # type: ignore[attr-defined]
+        assert again.scorer.catch_up.wait(5)
+        assert sum(again.scorer.catch_up.dropped().values()) == 0
+    finally:
+        again.close()
 
 
 PG = "postgresql://postgres@127.0.0.1:5432/test"
