@@ -9,8 +9,13 @@ riskd rules eval 'EXPR' [--var NAME=JSON ...]   print the value as JSON
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import os
+import stat
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -19,7 +24,7 @@ from riskd.dsl.diagnostics import Diagnostics
 from riskd.dsl.expr import evaluate
 from riskd.dsl.fmt import format_text
 from riskd.dsl.holder import compile_directory
-from riskd.dsl.program import RULE_FILE_SUFFIX, rule_files, unreadable_file
+from riskd.dsl.program import RULE_FILE_SUFFIX, rule_files, unreadable_file, unwritable_file
 from riskd.dsl.ruletest import run_tests, summary
 from riskd.dsl.values import Duration, EvalError, Timestamp, UInt
 from riskd.errors import RuleCompileError
@@ -120,12 +125,47 @@ def cmd_fmt(args: argparse.Namespace) -> int:
             changed += 1
             if args.check:
                 print(f"would reformat {path}", file=_out())
-            else:
-                path.write_text(formatted, encoding="utf-8")
-                print(f"reformatted {path}", file=_out())
+            elif not _rewrite(path, formatted):
+                failed += 1
     if failed:
         return 1
     return 1 if (args.check and changed) else 0
+
+
+def _rewrite(path: Path, text: str) -> bool:
+    """Write ``text`` over the rule file ``path`` and say so; False when the file system
+    refuses (said as a diagnostic, the file as it was)."""
+    try:
+        _replace(path, text)
+    except OSError:
+        print(unwritable_file(path), file=_err())
+        return False
+    print(f"reformatted {path}", file=_out())
+    return True
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` beside ``path``, synced, then rename it over ``path``: a write that
+    fails (a full disk, a folder not writable) leaves the file whole as it was, never cut
+    short. The file keeps its mode and, where allowed, its owner; a symbolic link is
+    followed (its target replaced, the link kept)."""
+    target = Path(os.path.realpath(path))
+    st = target.stat()
+    if not os.access(target, os.W_OK):  # a rename would pass over the file's own mode
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    fd, part = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            with contextlib.suppress(OSError):  # another user's file: only root may keep it so
+                os.fchown(f.fileno(), st.st_uid, st.st_gid)
+            os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
+            f.write(text.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, target)
+    except BaseException:
+        Path(part).unlink(missing_ok=True)
+        raise
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

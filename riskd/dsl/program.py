@@ -39,6 +39,7 @@ _log = logging.getLogger("riskd.dsl.rules")
 FEATURES_VAR = "@features"
 RULE_FILE_SUFFIX = ".rules"
 UNREADABLE = "riskd_unreadable_file"
+UNWRITABLE = "riskd_unwritable_file"
 
 
 class Mode(enum.Enum):
@@ -512,6 +513,12 @@ def unreadable_file(path: Path, error: OSError | UnicodeDecodeError) -> Diagnost
     """The error for a rule file that cannot be read (``riskd_unreadable_file``)."""
     reason = "not UTF-8 text" if isinstance(error, UnicodeDecodeError) else "cannot be read"
     return Diagnostic(UNREADABLE, f"rule file {reason}", str(path), 1, 1)
+
+
+def unwritable_file(path: Path) -> Diagnostic:
+    """The error for a rule file that cannot be written back (``riskd_unwritable_file``,
+    by ``riskd rules fmt``)."""
+    return Diagnostic(UNWRITABLE, "rule file cannot be written", str(path), 1, 1)
 
 
 def load_rules(directory: Path) -> Program:

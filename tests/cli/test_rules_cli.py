@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import resource
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +108,49 @@ def test_rules_fmt_names_a_file_it_cannot_read_and_formats_the_others(
     ]
     assert out == f"reformatted {messy}\n"
     assert latin.read_bytes() == b"# caf\xe9\n"
+
+
+def test_rules_fmt_names_a_file_it_cannot_write_leaves_it_whole_and_formats_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Review: a failed write ended in a traceback, the file cut short where the write
+    stopped. A file size limit (as a full disk) stops the long file's write halfway."""
+    long_messy = 'scenario s="S"\nlist   l = [ "a" ,"b", ]\n' + "# a comment line\n" * 8
+    long = tmp_path / "long.rules"
+    long.write_text(long_messy, encoding="utf-8")
+    short = tmp_path / "short.rules"
+    short.write_text('scenario t="T"\n', encoding="utf-8")
+    limit = 64  # past the short file's canonical form, short of the long one's
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old_limit[1]))
+    try:
+        rc = main(["rules", "fmt", str(long), str(short)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert rc == 1
+    out, err = capsys.readouterr()
+    assert err == f"{long}:1:1: riskd_unwritable_file: rule file cannot be written\n"
+    assert out == f"reformatted {short}\n"
+    assert long.read_text(encoding="utf-8") == long_messy  # whole, as it was
+    assert short.read_text(encoding="utf-8") == 'scenario t = "T"\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.rules", "short.rules"]
+
+
+def test_rules_fmt_keeps_a_file_s_mode_and_a_symbolic_link(tmp_path: Path) -> None:
+    """fmt writes beside the file and renames: the file keeps its mode, a link its target."""
+    target = tmp_path / "shared" / "m.rules"
+    target.parent.mkdir()
+    target.write_text('scenario s="S"\n', encoding="utf-8")
+    target.chmod(0o640)
+    link = tmp_path / "m.rules"
+    link.symlink_to(target)
+    assert main(["rules", "fmt", str(link)]) == 0
+    assert link.is_symlink() and link.resolve() == target
+    assert target.read_text(encoding="utf-8") == 'scenario s = "S"\n'
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert [p.name for p in target.parent.iterdir()] == ["m.rules"]
 
 
 def test_rules_eval_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
