@@ -194,8 +194,9 @@ def _rotate(args: argparse.Namespace) -> int:
 
 def _retire(args: argparse.Namespace) -> int:
     path = _writable_key_file(args)
+    Keyring.load(path)  # no key file to retire from: refused before a folder or lock is made
     with _locked_key_file(path):  # load-modify-save, serialised with keygen and retires
-        ring = Keyring.load(path)
+        ring = Keyring.load(path)  # read again: another keygen may have added a version
         vault, db = _vault(args)
         try:
             in_use = vault.keystore.count_under(args.version)

@@ -416,20 +416,20 @@ def assert_key_file_refused(
     assert err == f"{prefix}: {refused}\n"
 
 
-@pytest.mark.parametrize("command", KEY_FILE_COMMANDS)
 @pytest.mark.parametrize(
     ("under", "code"), [("", errno.EEXIST), ("sub", errno.ENOTDIR)], ids=["file", "file-sub"]
 )
 def test_cli_a_key_file_under_a_file_is_named_in_one_line_and_nothing_is_written(
     paths: tuple[list[str], Path, str],
-    command: tuple[str, ...],
     under: str,
     code: int,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Review: a key file's folder that could not be made (a file in its way) ended in
-    a traceback (FileExistsError, NotADirectoryError from locking it)."""
+    a traceback (FileExistsError, NotADirectoryError from locking it). `retire` has no
+    key file to read there: test_cli_retire_refuses_a_key_file_it_cannot_read_..."""
     _, key_file, url = paths
+    command = ("keygen",)
     blocker = key_file.parent / "blocker"
     blocker.write_text("not a folder")
     before = sorted(key_file.parent.iterdir())
@@ -439,6 +439,41 @@ def test_cli_a_key_file_under_a_file_is_named_in_one_line_and_nothing_is_written
     assert_key_file_refused(capsys.readouterr().err, command, folder / "keyring.json", refused)
     assert sorted(key_file.parent.iterdir()) == before
     assert blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    ("key_path", "code"),
+    [
+        ("gone/deeper/keyring.json", errno.ENOENT),
+        ("keyring.json", errno.ENOENT),
+        ("blocker/keyring.json", errno.ENOTDIR),
+        ("blocker/sub/keyring.json", errno.ENOTDIR),
+    ],
+    ids=["no-folder", "no-file", "file", "file-sub"],
+)
+def test_cli_retire_refuses_a_key_file_it_cannot_read_before_making_anything(
+    tmp_path: Path,
+    paths: tuple[list[str], Path, str],
+    key_path: str,
+    code: int,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Review: `retire` with a key file in a folder not there made the folder and a
+    lock file in it, then refused (cannot read key file): a refused command changed
+    the disk. `keygen` still makes them (a first key file where none was)."""
+    _, _, url = paths
+    (tmp_path / "blocker").write_text("not a folder")
+    before = sorted(tmp_path.rglob("*"))
+    key_file = tmp_path / key_path
+    assert run("retire", "1", "--keyring", str(key_file), "--database", url) == 1
+    expected = f"keyring: cannot read key file {key_file}: {os.strerror(code)}"
+    assert capsys.readouterr().err == f"riskd pii retire: error: {expected}\n"
+    assert sorted(tmp_path.rglob("*")) == before
+    assert run("keygen", "--keyring", str(tmp_path / "new" / "keyring.json")) == 0
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [
+        "keyring.json",
+        "keyring.json.lock",
+    ]
 
 
 @pytest.mark.parametrize("command", KEY_FILE_COMMANDS)
