@@ -14,6 +14,7 @@ from riskd.domain.order import Address, Buyer
 from riskd.engine.keys import observation_keys, observe
 from riskd.features.redis_store import RedisFeatureStore
 from riskd.pii import BlindIndexer
+from tests.features.features_support import delete_prefix
 
 from .conftest import DEVICE, IP, PHONE, STREET, Rig, make_order
 
@@ -46,8 +47,7 @@ def shared_redis() -> Iterator[tuple[str, redis.Redis]]:
     prefix = f"riskd:test-engine-{uuid.uuid4().hex[:8]}:"
     client = redis.Redis(port=6379)
     yield prefix, client
-    for key in client.scan_iter(match=prefix + "*", count=10_000):
-        client.delete(key)
+    delete_prefix(client, prefix)
     client.close()
 
 

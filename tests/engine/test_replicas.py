@@ -26,6 +26,7 @@ from riskd.features.memory import InProcessFeatureStore
 from riskd.features.redis_store import RedisFeatureStore
 from riskd.pii import BlindIndexer, Keyring, SqlKeyStore, Vault
 from riskd.sql import Database
+from tests.features.features_support import delete_prefix
 
 from .conftest import DEVICE, IP, PHONE, STREET, make_order
 
@@ -47,8 +48,7 @@ def prefix() -> Iterator[str]:
     p = f"riskd:test-replicas-{uuid.uuid4().hex[:8]}:"
     yield p
     client = redis.Redis(port=6379)
-    for key in client.scan_iter(match=p + "*", count=10_000):
-        client.delete(key)
+    delete_prefix(client, p)
     client.close()
 
 

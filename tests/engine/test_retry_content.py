@@ -24,6 +24,7 @@ from riskd.evidence import request
 from riskd.features import FeatureStore, InProcessFeatureStore, Observation, RedisFeatureStore
 from riskd.pii import BlindIndexer
 from riskd.sql import Database
+from tests.features.features_support import delete_prefix
 
 from .conftest import Rig, make_order
 from .test_scorer import count_buyer_orders
@@ -74,8 +75,7 @@ def shared_store(request: pytest.FixtureRequest, clock: FakeClock) -> Iterator[F
     yield store
     store.close()
     client = redis.Redis(port=6379)
-    for key in client.scan_iter(match=prefix + "*", count=10_000):
-        client.delete(key)
+    delete_prefix(client, prefix)
     client.close()
 
 
