@@ -114,8 +114,9 @@ def require_existing(url: str, key: str = "database") -> None:
     (``database_url``, ``--database``), named first in each error.
 
     Raises:
-        ConfigError: naming the missing file or schema, a parameter of the URL whose
-            value the client refuses, or a URL of another form (``sqlite://x``, another
+        ConfigError: naming the missing file or schema, a SQLite path the file system
+            will not look up (its reason), a parameter of the URL whose value the client
+            refuses, or a URL of another form (``sqlite://x``, another
             scheme); never the URL: it may hold a password.
         UnavailableError: the PostgreSQL server cannot be reached or refused the connection.
     """
@@ -123,7 +124,12 @@ def require_existing(url: str, key: str = "database") -> None:
     if dialect == "sqlite":
         if "://" in url and not url.startswith("sqlite:///"):  # sqlite://x has a host, no path
             raise ConfigError(f"{key}: expected sqlite:///PATH, postgresql://... or a file path")
-        if not Path(target).is_file():
+        try:
+            there = Path(target).is_file()
+        except OSError as e:  # a folder this user may not enter (the daemon's is 0700)
+            why = e.strerror or type(e).__name__
+            raise ConfigError(f"{key}: cannot look up {target}: {why}") from None
+        if not there:
             raise ConfigError(f"{key}: no database at {target} (start riskd serve once first)")
         return
     try:

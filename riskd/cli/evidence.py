@@ -25,7 +25,7 @@ import re
 import sys
 from typing import Any
 
-from riskd.cli import add_config_argument, existing_database, refused, said
+from riskd.cli import add_config_argument, existing_database, said
 from riskd.config import load_config
 from riskd.evidence.chain import TABLES, check_anchor, verify
 from riskd.evidence.schema import MAX_SEQ
@@ -79,7 +79,7 @@ def _verify(args: argparse.Namespace) -> int:
     except ValueError as e:  # a bad --expect
         print(f"riskd evidence verify: error: {e}", file=sys.stderr)
         return 2
-    except refused() as e:
+    except Exception as e:  # a refusal, or a bug (by its kind): never a broken chain's 1
         print(f"riskd evidence verify: error: {said(e)}", file=sys.stderr)
         return 2
     try:

@@ -77,3 +77,17 @@ def test_a_url_that_names_no_file_is_refused_as_a_url_not_a_missing_file(
     err = capsys.readouterr().err
     assert "--database: expected sqlite:///PATH, postgresql://... or a file path" in err, err
     assert "s3cret" not in err and "no database at" not in err
+
+
+def test_a_database_path_the_file_system_refuses_is_named_in_one_line(
+    run: Callable[..., int], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Review: the file system refusing to look the path up (a folder the auditor may not
+    enter, as the daemon makes its own 0700; a name too long) ended ``riskd evidence verify``
+    and ``riskd pii`` with a traceback, and ``evidence verify``'s exit 1 said the chain was
+    broken; ``riskd ledger`` said "error: PermissionError", neither path nor reason."""
+    too_long = tmp_path / ("d" * 300) / "riskd.db"
+    assert run("--database", str(too_long)) == -1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"--database: cannot look up {too_long}: File name too long" in err, err

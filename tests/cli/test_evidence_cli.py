@@ -256,3 +256,18 @@ def test_a_bug_during_the_walk_is_exit_2_named_by_its_kind_alone(
     out, err = capsys.readouterr()
     assert out == ""
     assert err == "riskd evidence verify: error: cannot read the evidence: TypeError\n"
+
+
+def test_a_bug_while_opening_the_database_is_exit_2_named_by_its_kind_alone(
+    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: only a bug during the walk was exit 2; one while finding or opening the
+    database ended in a traceback quoting its text, and exit 1, "the chain is broken"."""
+
+    def bug(*args: object) -> None:
+        raise TypeError(f"buyer {PHONE} is not subscriptable")
+
+    monkeypatch.setattr("riskd.cli.evidence.Database", bug)
+    assert main(["evidence", "verify", "--database", url]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == "riskd evidence verify: error: TypeError\n"
