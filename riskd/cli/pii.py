@@ -20,7 +20,8 @@ environment variable (a keyring document; read-only), else the configuration's
 does not exist yet is refused (exit 1): a key count or a forget in an empty database
 made by mistake would report nothing to do, and ``retire`` would destroy keys in use.
 A database that refuses a command (a locked, read-only or garbled SQLite file, a
-missing privilege) is named by the refusal's kind and first line, exit 1 as well.
+missing privilege) is named by the refusal's kind and first line, exit 1 as well, and
+a bug by its kind alone (its text could quote personal data), never a traceback.
 Output names versions and counts, never key material or personal data.
 ``keygen`` and ``retire`` read, change and rewrite the key file under an
 exclusive lock (``<key file>.lock``), so commands run at once never lose a version;
@@ -39,7 +40,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from riskd.cli import add_config_argument, existing_database, refused, said
+from riskd.cli import add_config_argument, existing_database, said
 from riskd.config import Config, load_config
 from riskd.errors import ConfigError
 from riskd.evidence.log import forget_subject
@@ -95,13 +96,14 @@ def _add(sub: Any, name: str, help_text: str, fn: Command) -> argparse.ArgumentP
 
 
 def _guarded(fn: Command) -> Command:
-    """``fn``, its errors and the database's refusals said in one line, exit 1 (never a
-    traceback with the driver's text)."""
+    """``fn``, its errors and the database's refusals said in one line, exit 1, and a bug
+    by its kind alone (never a traceback: the driver's or the bug's text can quote the
+    personal data these commands handle)."""
 
     def run(args: argparse.Namespace) -> int:
         try:
             return fn(args)
-        except refused() as e:
+        except Exception as e:
             print(f"riskd pii {args.pii_command}: error: {said(e)}", file=sys.stderr)
             return 1
 

@@ -591,3 +591,23 @@ def test_cli_a_role_without_the_privilege_is_named_in_one_line(
             assert err.startswith(f"riskd pii {command[0]}: error: the database refused (")
             assert "InsufficientPrivilege: permission denied for " in err
             assert err.count("\n") == 1 and url not in err
+
+
+def test_cli_a_bug_is_named_by_its_kind_alone_never_its_text(
+    paths: tuple[list[str], Path, str],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # review: a bug (neither riskd's error nor the driver's) ended in a traceback quoting
+    # its text, in the command group that handles buyers' personal data
+    opts, _, _ = paths
+    run("keygen", *opts)
+
+    def broken(self: Vault, subject_id: str) -> None:
+        raise TypeError(f"cannot shred {subject_id} {PHONE}")
+
+    monkeypatch.setattr(Vault, "forget", broken)
+    capsys.readouterr()
+    assert run("forget", "b1", *opts) == 1
+    out, err = capsys.readouterr()
+    assert (out, err) == ("", "riskd pii forget: error: TypeError\n")
