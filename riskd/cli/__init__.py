@@ -57,16 +57,6 @@ def existing_database(args: argparse.Namespace, configured: Callable[[], str]) -
     return url
 
 
-def refused() -> tuple[type[Exception], ...]:
-    """What stops a command that works on the database, said in one line (``said``), never
-    a traceback: riskd's own errors and the database drivers' refusals (a locked, read-only
-    or garbled SQLite file, a missing table or privilege, a server gone)."""
-    from riskd.errors import RiskdError
-    from riskd.sql import driver_errors
-
-    return (RiskdError, *driver_errors())
-
-
 def said(e: Exception) -> str:
     """A riskd error's message; a database's refusal by its kind and first line (it names
     a table or privilege, never the URL; the lines after it, ``DETAIL`` among them, can
