@@ -15,6 +15,7 @@ import redis
 from riskd.config import Config, load_config
 from riskd.service.gen.riskd.v1 import scoring_pb2_grpc
 from riskd.service.server import RunningServer, create_server
+from tests.features.features_support import delete_prefix
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
 RULES = Path(__file__).parent / "testdata" / "rules"
@@ -53,8 +54,7 @@ def server(
     running.stop(1)
     if redis_url:
         client = redis.Redis.from_url(redis_url)
-        for key in client.scan_iter(f"{prefix}*"):
-            client.delete(key)
+        delete_prefix(client, prefix)
         client.close()
 
 

@@ -43,6 +43,7 @@ from riskd.service.metrics import Metrics
 from riskd.service.pool import WorkerPool
 from riskd.service.server import RunningServer, create_server
 from riskd.sql import Database
+from tests.features.features_support import delete_prefix
 from tests.service.conftest import SHARED_REDIS, copy_rules, make_config
 from tests.service.test_lifecycle import eventually
 from tests.service.test_scoring import fresh
@@ -57,8 +58,7 @@ def _config(data: Path, prefix: str, **overrides: Any) -> Any:
 
 def _forget(prefix: str) -> None:
     client = redis.Redis.from_url(SHARED_REDIS)
-    for key in client.scan_iter(f"{prefix}*", count=1000):
-        client.delete(key)
+    delete_prefix(client, prefix)
     client.close()
 
 
