@@ -100,7 +100,7 @@ from riskd.domain.order import Order
 from riskd.domain.shop import ShopState
 from riskd.dsl.program import Program, RuleResult, RuleStatus
 from riskd.engine.breaker import BreakerPolicy, CircuitBreaker, OutageLog
-from riskd.engine.catchup import CatchUp, unread
+from riskd.engine.catchup import CLOSE_WAIT_S, KEEP_WAIT_S, CatchUp, unread
 from riskd.engine.combine import combine
 from riskd.engine.fallback import FallbackPolicy
 from riskd.engine.flights import Abandoned, Flight, Flights
@@ -131,6 +131,10 @@ EVIDENCE, EVIDENCE_QUEUE = "evidence", "evidence_queue"
 DEPENDENCIES = ("features", EVIDENCE, EVIDENCE_QUEUE)
 # on close, the catch-up's queue is drained this long at most while the store answers
 CLOSE_DRAIN_S = 1.0
+CLOSE_FLUSH_S = 30.0  # on close, the decision log is flushed this long at most
+# the longest ``close`` takes: the flush, then the catch-up's drain, its wait for the order
+# in hand and for the database to keep the rest (past that, a spill file, written at once)
+CLOSE_MAX_S = CLOSE_FLUSH_S + CLOSE_DRAIN_S + CLOSE_WAIT_S + KEEP_WAIT_S
 RULE_ERROR_LOG_EVERY_S = 60.0  # a rule that errors is logged at most this often (per rule id)
 
 _log = logging.getLogger("riskd.engine.scorer")
@@ -359,7 +363,7 @@ class Scorer:
         """Append what happened to an order later (a label) to the evidence log."""
         self._log.append_event(event)
 
-    def close(self, timeout_s: float = 30.0) -> None:
+    def close(self, timeout_s: float = CLOSE_FLUSH_S) -> None:
         """Stop the feature workers, flush the evidence log (it stays open), then count
         what the catch-up can in ``CLOSE_DRAIN_S`` and keep the rest in the log's database
         for the next start (the decisions first: review, a held database kept them

@@ -22,6 +22,7 @@ from typing import Any
 
 from riskd.config import Config
 from riskd.dsl.holder import RulesState
+from riskd.engine.scorer import CLOSE_MAX_S
 from riskd.errors import RiskdError, UnavailableError
 from riskd.evidence.log import STUCK_WAIT_S, WRITER_EXIT_S
 from riskd.service import workers
@@ -35,9 +36,11 @@ __all__ = ["WorkerPool"]
 log = logging.getLogger("riskd.service.workers")
 
 START_TIMEOUT_S = 120.0  # a worker imports riskd, compiles the rules and opens the stores
-# a stopping worker flushes its decision log (30 s), then, on a database still hung or
-# locked, stops its writer and spills the queue: killed before, it lost the queue
-STOP_TIMEOUT_S = 30.0 + STUCK_WAIT_S + WRITER_EXIT_S + 2.0
+# a stopping worker flushes its decision log (30 s) and keeps its catch-up's queue (up to
+# 13 s more: ``Scorer.close``), then, on a database still hung or locked, stops its writer
+# and spills the queue: killed before, it lost both queues (review: at 36 s, on a SQLite
+# file held locked, while the catch-up still waited 10 s for the lock after the flush)
+STOP_TIMEOUT_S = CLOSE_MAX_S + STUCK_WAIT_S + WRITER_EXIT_S + 2.0
 RESPAWN_EVERY_S = 1.0  # how often the monitor looks for workers that exited or hang
 RESTART_BACKOFF_MAX_S = 30.0  # a failing restart is tried after 1, 2, 4 ... s, at most this
 STATS_WAIT_S = 0.5  # the longest the monitor waits for a worker's metrics snapshot

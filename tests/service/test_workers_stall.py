@@ -8,6 +8,7 @@ calls go through a real gRPC channel.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import pickle
 import signal
@@ -24,6 +25,9 @@ import grpc
 import pytest
 
 from riskd.domain.order import Order
+from riskd.engine import catchup
+from riskd.engine.scorer import CLOSE_DRAIN_S, Scorer
+from riskd.evidence.log import STUCK_WAIT_S, WRITER_EXIT_S
 from riskd.service import convert, router, workers
 from riskd.service import pool as pool_module
 from riskd.service.channel import _HEADER, Channel
@@ -304,6 +308,17 @@ def test_stop_kills_a_stalled_worker_soon_and_flushes_the_others(tmp_path: Path)
         _forget(prefix)
     # the healthy worker flushed its decisions before it exited
     assert _logged(tmp_path, [o.order_id for o in theirs]) == len(theirs)
+
+
+def test_stop_waits_for_a_workers_longest_close_before_it_kills_it() -> None:
+    """Review: a worker stopped while another process held the SQLite file's lock (Redis
+    away) flushed its decision log 30 s, then waited up to 10 s more for the same lock to
+    keep its catch-up's queue, and was killed at 36 s: its decisions and the orders waiting
+    to be counted were lost, neither spilled (one process spilled both, at 44 s)."""
+    flush = inspect.signature(Scorer.close).parameters["timeout_s"].default
+    catch_up = CLOSE_DRAIN_S + catchup.CLOSE_WAIT_S + catchup.KEEP_WAIT_S
+    spill = STUCK_WAIT_S + WRITER_EXIT_S  # the log's writer stopped, then its queue written
+    assert flush + catch_up + spill < pool_module.STOP_TIMEOUT_S
 
 
 def test_stop_kills_a_worker_taken_out_of_service_at_once(tmp_path: Path) -> None:
