@@ -11,16 +11,19 @@ is whole; it is readable by its owner only. Its first line names the format and 
 the lines after it, by section (``{"riskd_spill": 1, "decisions": 3, "events": 1}``), so a
 file cut short (a copy, a disk that failed) is refused rather than half read. Files are
 named by the wall clock in nanoseconds, then the process id, so that they sort in the
-order they were written and two processes (scoring workers) never share one.
+order they were written and two processes (scoring workers) never share one. A process
+that takes a file back holds it (``held``) while it reads it and replaces or removes it, so
+processes that start together (scoring workers) never take the same file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +96,38 @@ def read(path: Path, sections: Sequence[str]) -> dict[str, list[Any]]:
         found[section] = lines[start : start + n]
         start += n
     return found
+
+
+@contextlib.contextmanager
+def held(path: Path) -> Iterator[bool]:
+    """Hold the spill file ``path`` for this process alone while it is read and replaced
+    or removed (an exclusive lock on it: let go on leaving, or by the system should the
+    process die, the file then left for a later start): True while held, False when
+    another process holds it or has taken it already (gone, or removed under the lock).
+
+    Raises:
+        OSError: it cannot be opened (not readable).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process is taking it
+            yield False
+            return
+        except OSError:  # no locks here (some network file systems): taken unheld, as
+            pass  # before; an order queued by two processes is still counted once
+        try:  # still the file under that name: not removed by one that held it before
+            mine = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            mine = False
+        yield mine
+    finally:
+        os.close(fd)
 
 
 def remove(path: Path) -> None:

@@ -42,3 +42,14 @@ def test_a_file_that_is_not_a_whole_spill_file_is_refused(tmp_path: Path, text: 
     path.write_text(text, "latin-1")
     with pytest.raises(spillfile.SpillFileError):
         spillfile.read(path, ("one",))
+
+
+def test_a_spill_file_is_held_by_one_taker_at_a_time_and_not_once_removed(tmp_path: Path) -> None:
+    path = spillfile.write(tmp_path, "kind-", {"one": [1]})
+    with spillfile.held(path) as mine:
+        assert mine
+        with spillfile.held(path) as other:  # another process (or open file) meanwhile
+            assert not other
+        spillfile.remove(path)
+    with spillfile.held(path) as late:  # gone: taken already
+        assert not late

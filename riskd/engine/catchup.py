@@ -29,13 +29,14 @@ queues again (``restore``; with several processes on one database, one of them t
 each row). When that database cannot keep it (locked past ``KEEP_WAIT_S``, hung,
 refusing), it goes to a spill file under the data folder instead (``spill_dir``:
 ``features-catch-up-*.jsonl``, written whole and owner-only by ``riskd.spillfile``, named
-by process; a line is a table row), which the next start queues too, then deletes; one it
+by process; a line is a table row), which the next start queues too, then deletes (one
+process each file, held while it takes it, as long as its queue has room); one it
 cannot read is logged by name and left (review: a stop on a database a CLI held locked
 lost the queue, though the decision log spilled its own). A crash loses the queue.
 Recording is idempotent per order and key (``riskd.features.store``): an order the store
 did record, wholly or in part, is counted once; so is one kept both ways (a hung
-database that committed after all) or queued from one file by two starts (scoring
-workers start together; a crash before a file's delete). An order decided more than a day ago
+database that committed after all) or queued from one file by two starts (a crash
+before a file's delete). An order decided more than a day ago
 counts in no window and is dropped; past ``max_queued`` orders waiting, new ones are
 dropped (a later retry queues them again). Dropped orders stay out of their windows, so
 operators are told (review: 500 of 10,500 orders of a 5-second outage left uncounted,
@@ -279,8 +280,23 @@ class CatchUp:
         if self._keep is not None:
             self._load(distinct)
         if self._spill_dir is not None:
-            for path in spillfile.files(self._spill_dir, PREFIX):
-                self._load_spilled(path, distinct)
+            self._load_files(self._spill_dir, distinct)
+
+    def _load_files(self, folder: Path, queries: tuple[FeatureQuery, ...]) -> None:
+        """Queue the spill files under ``folder``, oldest first, while the queue has room
+        (``_load_spilled``); those left are for another process or a later start."""
+        paths = spillfile.files(folder, PREFIX)
+        for i, path in enumerate(paths):
+            with self._cond:
+                full = self._full()
+            if full:
+                left = {"files": len(paths) - i, "queue_limit": self._max_queued}
+                _log.warning(
+                    "spill files of orders waiting to be counted left for a later start: no room",
+                    extra={"fields": left},
+                )
+                return
+            self._load_spilled(path, queries)
 
     def _count(self) -> int:
         """Orders queued, the one in hand included (called holding ``_cond``)."""
@@ -462,21 +478,33 @@ class CatchUp:
         )
 
     def _load_spilled(self, path: Path, queries: tuple[FeatureQuery, ...]) -> None:
-        """Queue the orders of one spill file (``_spill``) and delete it; those the queue
-        has no room for go to a new file first (if that cannot be written, this one is
-        left whole: what it queued now is recorded once however often queued). A file
-        that cannot be read is logged by name and left for a later start; one gone
-        meanwhile was taken by another process (scoring workers start together)."""
+        """Queue the orders of one spill file (``_spill``) and delete it, holding it
+        (``spillfile.held``) so that no other process takes it too: one held or gone was
+        taken by another (scoring workers start together; review: each queued the same
+        orders, and wrote its own copy of those it had no room for). Those the queue has
+        no room for go to a new file first (if that cannot be written, this one is left
+        whole: what it queued now is recorded once however often queued). A file that
+        cannot be read is logged by name and left for a later start."""
+        try:
+            with spillfile.held(path) as mine:
+                if mine:
+                    self._take_spilled(path, queries)
+        except OSError as e:  # it cannot be opened
+            self._unread(path, e)
+
+    def _unread(self, path: Path, e: Exception) -> None:
+        unread = {"file": path.name, "error_type": type(e).__name__}
+        _log.warning(
+            "spill file of orders waiting to be counted not read; left for a later start",
+            extra={"fields": unread},
+        )
+
+    def _take_spilled(self, path: Path, queries: tuple[FeatureQuery, ...]) -> None:
+        """Queue the orders of one spill file this process holds (``_load_spilled``)."""
         try:
             rows = spillfile.read(path, (_ORDERS,))[_ORDERS]
-        except FileNotFoundError:
-            return
         except (OSError, SpillFileError) as e:
-            unread = {"file": path.name, "error_type": type(e).__name__}
-            _log.warning(
-                "spill file of orders waiting to be counted not read; left for a later start",
-                extra={"fields": unread},
-            )
+            self._unread(path, e)
             return
         taken, rest = self._queue_kept(rows, queries)
         fields: dict[str, Any] = {"file": path.name, "orders": taken, "rows": len(rows)}

@@ -6,6 +6,8 @@ orders, a real breaker, a fake clock.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import sqlite3
 import threading
@@ -917,3 +919,52 @@ def test_orders_neither_kept_nor_spilled_at_close_are_counted_lost(
     assert spilled(tmp_path) == [] and not (tmp_path / "gone").exists()
     (level, message, fields) = catch_up_lines(caplog)[-1]
     assert level == "WARNING" and "not kept" in message and fields["orders"] == 3
+
+
+def test_processes_starting_together_each_take_their_own_spill_files(
+    indexer: BlindIndexer,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review: scoring workers start together, and each one read every file: with more
+    orders spilled than one queue holds, each queued the same orders (one queue's worth
+    in all, however many processes) and wrote its own copy of the rest, so the files
+    grew with each start. Now a file goes to one process, as a kept row does: each
+    order is queued by one process or left in one file."""
+    breaker.failure(UnavailableError("down"))  # nothing drains: the queues stay as taken
+    for f in "xyz":  # three stops' files, 3 orders each
+        rows = [
+            (o.order_id, o.at, o.amount, json.dumps(dict(o.keys), sort_keys=True), o.content)
+            for o in (observe(make_order(f"{f}{i}"), indexer, clock.now()) for i in range(3))
+        ]
+        spillfile.write(tmp_path, catchup.PREFIX, {"orders": rows})
+    ups = [
+        CatchUp(Store(clock, indexer), indexer, breaker, clock, max_queued=4, spill_dir=tmp_path)
+        for _ in range(3)
+    ]
+    meet = threading.Barrier(len(ups))
+    read = spillfile.read
+
+    def together(path: Path, sections: Collection[str]) -> dict[str, list[Any]]:
+        with contextlib.suppress(threading.BrokenBarrierError):  # the others read no file
+            meet.wait(0.5)
+        return read(path, tuple(sections))
+
+    monkeypatch.setattr(catchup.spillfile, "read", together)
+    starts = [threading.Thread(target=up.restore, args=(QUERIES,)) for up in ups]
+    for t in starts:
+        t.start()
+    for t in starts:
+        t.join(10)
+    monkeypatch.undo()
+    queued = [obs.order_id for up in ups for obs, *_ in up._items]
+    on_disk = [
+        row[0] for path in spilled(tmp_path) for row in spillfile.read(path, ("orders",))["orders"]
+    ]
+    assert len(queued + on_disk) == len(set(queued + on_disk)) == 9  # each order once
+    assert len(queued) >= 4  # at least one queue filled
+    for up in ups:
+        up._spill_dir = None  # the test's folder is not kept to
+        up.close()
