@@ -334,7 +334,7 @@ class CatchUp:
         """Nothing queued and nothing in hand (called holding ``_cond``)."""
         return not (self._orders or self._items or self._busy)
 
-    def close(self, drain_s: float = 0.0) -> None:
+    def close(self, drain_s: float = 0.0, *, keep_failed: Exception | None = None) -> None:
         """Record what ``drain_s`` allows while the store answers (its breaker closed, and
         no call failing meanwhile: review, a frozen Redis held every stop a full second),
         wait (at most ``CLOSE_WAIT_S``: the store bounds one call) for the order in hand,
@@ -342,7 +342,9 @@ class CatchUp:
         was recorded (or still out after that wait: kept as well), in ``keep`` for the
         next start (observed first: no PII is written; at most ``KEEP_WAIT_S`` for the
         database), or, when that fails (locked past it, hung, refusing), in a spill file
-        under ``spill_dir``."""
+        under ``spill_dir``. ``keep_failed``: how ``keep`` failed the caller just now (the
+        decision log's flush timed out on it): the spill file at once, with no wait for
+        the database (review: a stop on a locked file took 10 s more for that wait)."""
         with self._cond:
             self._cond.wait_for(
                 lambda: self._idle() or self._failing or self._breaker.is_open,
@@ -367,7 +369,8 @@ class CatchUp:
         if self._keep is None and self._spill_dir is None:
             self._lost(len(left) + len(raw), None)
         elif left or raw:
-            self._save(left + [o for o in map(self._observed, raw) if o is not None])
+            observed = [o for o in map(self._observed, raw) if o is not None]
+            self._save(left + observed, keep_failed)
 
     def _observed(self, raw: _Raw) -> Observation | None:
         order, at, _, _ = raw
@@ -403,15 +406,17 @@ class CatchUp:
             extra={"fields": fields},
         )
 
-    def _save(self, left: Sequence[Observation]) -> None:
+    def _save(self, left: Sequence[Observation], failed: Exception | None = None) -> None:
         """Keep ``left`` in the ``keep`` database (an order kept already stays as it is),
-        else in a spill file under ``spill_dir`` (``_spill``), else count it lost."""
+        else in a spill file under ``spill_dir`` (``_spill``), else count it lost; with
+        ``failed`` (the database failed the caller just now) and a folder, the file at
+        once."""
         rows = [
             (o.order_id, o.at, o.amount, json.dumps(dict(o.keys), sort_keys=True), o.content)
             for o in left
         ]
-        error: Exception | None = None
-        if self._keep is not None:
+        error = failed
+        if self._keep is not None and (failed is None or self._spill_dir is None):
             try:
                 self._keep.run(lambda tx: _bounded(tx).executemany(_KEEP, rows), wait_s=KEEP_WAIT_S)
             except Exception as e:

@@ -370,10 +370,14 @@ class Scorer:
         waiting behind the catch-up's rows)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._lookups.shutdown(wait=False, cancel_futures=True)
+        failed: Exception | None = None
         try:
             self._log.flush(timeout_s)
+        except Exception as e:  # the database: the catch-up spills without waiting on it
+            failed = e
+            raise
         finally:  # a flush that timed out must not leave the catch-up using the store
-            self.catch_up.close(drain_s=CLOSE_DRAIN_S)
+            self.catch_up.close(drain_s=CLOSE_DRAIN_S, keep_failed=failed)
 
     # -- pieces the batch uses -------------------------------------------------
 

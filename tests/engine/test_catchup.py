@@ -781,13 +781,19 @@ def locked(
     holder.close()
 
 
-def left_at_close(up: CatchUp, breaker: CircuitBreaker, clock: FakeClock, ids: str) -> None:
+def left_at_close(
+    up: CatchUp,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    ids: str,
+    keep_failed: Exception | None = None,
+) -> None:
     """Orders ``ids`` (one letter each) answered while the store was away, then ``up``
     closed (``kept_while_away`` with no schema made)."""
     breaker.failure(UnavailableError("down"))
     up.submit([(make_order(o), clock.now()) for o in ids], QUERIES)
     assert holding_ends(up, 5)
-    up.close()
+    up.close(keep_failed=keep_failed)
 
 
 def spilled(folder: Path) -> list[Path]:
@@ -841,6 +847,34 @@ def test_a_close_on_a_locked_database_spills_and_the_next_start_counts_it(
     assert again.wait(5)
     assert counted(any_store, indexer, clock) == 2
     again.close()
+
+
+def test_a_close_after_the_log_failed_on_the_database_spills_without_waiting_for_it(
+    store: Store,
+    indexer: BlindIndexer,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    db: Database,
+    tmp_path: Path,
+    locked: sqlite3.Connection,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review (a real stop, one process, Redis away, the SQLite file held locked): the
+    decision log's flush timed out on the database after 30 s, then the catch-up waited
+    ``KEEP_WAIT_S`` (10 s) more for the same lock before its spill file: 44 s to exit.
+    Told how the database failed the log, it writes the file at once."""
+    monkeypatch.setattr(catchup, "KEEP_WAIT_S", 5.0)  # the lock is held past any wait
+    caplog.set_level(logging.INFO, logger="riskd.engine.catchup")
+    up = CatchUp(store, indexer, breaker, clock, keep=db, spill_dir=tmp_path)
+    started = time.monotonic()
+    left_at_close(up, breaker, clock, "ab", UnavailableError("decision log flush timed out"))
+    assert time.monotonic() - started < 4.0  # no wait for the lock (5 s)
+    (path,) = spilled(tmp_path)
+    assert sum(up.dropped().values()) == 0
+    [(level, message, fields)] = catch_up_lines(caplog)
+    assert level == "WARNING" and "spilled for the next start" in message
+    assert fields == {"orders": 2, "file": path.name, "error_type": "UnavailableError"}
 
 
 def test_an_order_kept_both_in_the_database_and_a_spill_file_is_counted_once(
