@@ -38,5 +38,10 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
 # set RISKD_METRICS_HOST to the pod's internal address (or 127.0.0.1 with a sidecar
 # scraper) where callers can reach the pod.
 # On SIGTERM health turns NOT_SERVING for RISKD_DRAIN_NOTICE_MS (1 s) before the port
-# stops, then in-flight calls get RISKD_GRACE_S (10 s): stop with a longer timeout.
+# stops, then in-flight calls get RISKD_GRACE_S (10 s): stop with a longer timeout. A
+# database down, locked or hung at the stop adds the decision log's flush and spill
+# (about 35 s measured; up to ~50 s in one process, ~100 s with RISKD_SCORE_WORKERS):
+# give `docker stop -t 120` (terminationGracePeriodSeconds: 120), or a kill before the
+# spill loses the decisions and uncounted orders still queued (README: What a crash
+# can lose).
 CMD ["riskd", "serve", "--listen", "0.0.0.0:50051"]
