@@ -344,7 +344,8 @@ class CatchUp:
         database), or, when that fails (locked past it, hung, refusing), in a spill file
         under ``spill_dir``. ``keep_failed``: how ``keep`` failed the caller just now (the
         decision log's flush timed out on it): the spill file at once, with no wait for
-        the database (review: a stop on a locked file took 10 s more for that wait)."""
+        the database (review: a stop on a locked file took 10 s more for that wait); the
+        database only when that file cannot be written."""
         with self._cond:
             self._cond.wait_for(
                 lambda: self._idle() or self._failing or self._breaker.is_open,
@@ -409,14 +410,19 @@ class CatchUp:
     def _save(self, left: Sequence[Observation], failed: Exception | None = None) -> None:
         """Keep ``left`` in the ``keep`` database (an order kept already stays as it is),
         else in a spill file under ``spill_dir`` (``_spill``), else count it lost; with
-        ``failed`` (the database failed the caller just now) and a folder, the file at
-        once."""
+        ``failed`` (the database failed the caller just now) and a folder, the file first,
+        and the database only when the file cannot be written (review: a folder gone or a
+        full disk lost them so, with a database that may answer: the log's flush also
+        times out on a writer restarting on a bug)."""
         rows = [
             (o.order_id, o.at, o.amount, json.dumps(dict(o.keys), sort_keys=True), o.content)
             for o in left
         ]
+        first = self._spill_dir if failed is not None else None
+        if first is not None and self._spill(first, rows, failed):
+            return
         error = failed
-        if self._keep is not None and (failed is None or self._spill_dir is None):
+        if self._keep is not None:
             try:
                 self._keep.run(lambda tx: _bounded(tx).executemany(_KEEP, rows), wait_s=KEEP_WAIT_S)
             except Exception as e:
@@ -427,7 +433,8 @@ class CatchUp:
                     extra={"fields": {"orders": len(rows)}},
                 )
                 return
-        if self._spill_dir is None or not self._spill(self._spill_dir, rows, error):
+        folder = self._spill_dir if first is None else None  # not the same file twice
+        if folder is None or not self._spill(folder, rows, error):
             self._lost(len(rows), error)
 
     def _spill(self, folder: Path, rows: Sequence[Sequence[Any]], error: Exception | None) -> bool:

@@ -373,7 +373,7 @@ class Scorer:
         failed: Exception | None = None
         try:
             self._log.flush(timeout_s)
-        except Exception as e:  # the database: the catch-up spills without waiting on it
+        except Exception as e:  # its timeout (the database, mostly): the catch-up spills first
             failed = e
             raise
         finally:  # a flush that timed out must not leave the catch-up using the store

@@ -877,6 +877,25 @@ def test_a_close_after_the_log_failed_on_the_database_spills_without_waiting_for
     assert fields == {"orders": 2, "file": path.name, "error_type": "UnavailableError"}
 
 
+def test_a_close_after_the_log_failed_whose_spill_fails_keeps_in_the_database(
+    store: Store,
+    indexer: BlindIndexer,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    db: Database,
+    tmp_path: Path,
+) -> None:
+    """Review: told that the decision log's flush failed (its timeout: the database, or
+    a writer restarting on a bug, or one too slow), a close whose spill file could not
+    be written (a full disk, a folder gone) counted the orders ``lost_at_close`` without
+    trying the database, which kept them before and may answer still."""
+    create_schema(db)
+    up = CatchUp(store, indexer, breaker, clock, keep=db, spill_dir=tmp_path / "gone")
+    left_at_close(up, breaker, clock, "ab", UnavailableError("decision log flush timed out"))
+    assert db.query("SELECT COUNT(*) FROM features_catch_up") == [(2,)]
+    assert sum(up.dropped().values()) == 0
+
+
 def test_an_order_kept_both_in_the_database_and_a_spill_file_is_counted_once(
     store: Store,
     indexer: BlindIndexer,
