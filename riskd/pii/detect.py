@@ -240,8 +240,10 @@ def _landline(groups: list[str], weak: list[bool], i: int) -> bool:
     """A fixed-line number from group ``i``: an area code of its own, then 7 or 8 digits
     (8 after 010 and 02x) in one or two groups of three digits or more (3 or 4 after a dot
     or a slash: an area code is 3-4 digits, an IP address's groups too few). Never glued to its
-    area code: a bare ``05711234567`` is as likely a tracking number; and not three times
-    of day (opening hours ``0900-1800 1900-2100``: 0900 reads as an area code)."""
+    area code: a bare ``05711234567`` is as likely a tracking number; and not times of
+    day among more of them (opening hours ``0900-1800 1900-2100``: 0900 reads as an area
+    code); three alone are a phone (``0755 2000 0000``: hypothesis found it taken for
+    hours)."""
     if not _AREA_CODE.fullmatch(groups[i]):
         return False
     subscriber = ""
@@ -250,8 +252,18 @@ def _landline(groups: list[str], weak: list[bool], i: int) -> bool:
             return False
         subscriber += groups[j]
         if _SUBSCRIBER.fullmatch(subscriber) and (len(subscriber) == 8 or len(groups[i]) == 4):
-            return not all(map(_time_of_day, groups[i : j + 1]))
+            return not _opening_hours(groups, i, j)
     return False
+
+
+def _opening_hours(groups: list[str], i: int, j: int) -> bool:
+    """Groups ``i`` to ``j`` all times of day (``hhmm``) and a time beside them too: hours
+    come in start-end pairs, so a phone's three groups alone are not hours."""
+    if not all(map(_time_of_day, groups[i : j + 1])):
+        return False
+    return (j + 1 < len(groups) and _time_of_day(groups[j + 1])) or (
+        i > 0 and _time_of_day(groups[i - 1])
+    )
 
 
 def _time_of_day(group: str) -> bool:
