@@ -155,6 +155,11 @@ STUCK_WAIT_S = 2.0  # close's flush after one that timed out (two of the writer'
 # A flush this long that committed nothing: the database hangs (answers TCP, never replies:
 # no error is ever seen) rather than being slow; close waits only STUCK_WAIT_S after it.
 STALLED_S = 10.0
+# A flush of STALLED_S or more that timed out this long ago or less was the same stop's
+# (the scorer's close, then the catch-up's CLOSE_MAX_S - CLOSE_FLUSH_S, then the closers):
+# close waits only STUCK_WAIT_S after it even when the database still commits a little.
+# Older (an outage's, hours ago), it shortens no later stop.
+STOP_SPAN_S = 60.0
 # On SQLite, how long one try of the writer waits for another connection's write lock
 # (then it tries again): a stop finds it between tries, so the file is never closed
 # under it (review: closing a connection waiting for the lock blocked the stop ~28 s).
@@ -230,6 +235,7 @@ class DecisionLog:
         self._written = 0  # items committed since start (flush waits on this)
         self._stuck_at = -1  # _written when a flush last timed out (close waits no more)
         self._stuck_for = 0.0  # how long that flush waited
+        self._stuck_when = -math.inf  # when it timed out (monotonic)
         # (_written, monotonic time) when an append first found the queue full since the
         # writer's last commit: put_timeout_s after it, appends no longer wait for room
         self._full_at: tuple[int, float] = (-1, 0.0)
@@ -481,6 +487,7 @@ class DecisionLog:
             if not ok:
                 self._stuck_at = self._written
                 self._stuck_for = math.inf if timeout_s is None else timeout_s
+                self._stuck_when = time.monotonic()
                 raise UnavailableError(f"decision log flush timed out ({self._error})")
 
     def close(self, timeout_s: float | None = 30.0) -> None:
@@ -489,14 +496,19 @@ class DecisionLog:
         while the writer's last commit failed or after ``STALLED_S`` of it (a database
         that hangs sets no error), only ``STUCK_WAIT_S`` more (the writer's next tries;
         review: the scorer's close flushed for 30 s, then this for 30 s more and a 30 s
-        join of a writer stuck in BEGIN, with the database down or hung). So a stop
-        flushes for about as long as its first flush (README: up to 30 s), and a database
-        slower than that (a lock held past it) keeps what is queued out of the log; one
-        slow only past a shorter flush (a reveal's) gets the whole ``timeout_s``. Then the
-        writer is stopped first (``_stop_writer``: ``WRITER_EXIT_S`` more at most), and
-        what was not committed is written to a spill file under ``spill_dir`` for the
-        next start (``_spill``: then close returns), or, without one or when it cannot be
-        written, logged with its count (lost: README "What a crash can lose").
+        join of a writer stuck in BEGIN, with the database down or hung). So too within
+        ``STOP_SPAN_S`` of a flush of ``STALLED_S`` or more that timed out, even with
+        commits since (review: a database slow but still committing made the stop flush
+        30 s twice, ~65 s, and a scoring worker was killed at 49 s with its queue). So a
+        stop flushes for about as long as its first flush (README: up to 30 s), and a
+        database slower than that (a lock held past it) keeps what is queued out of the
+        log; one slow only past a shorter flush (a reveal's), or past a long one that
+        timed out before ``STOP_SPAN_S`` (an outage's, hours ago), gets the whole
+        ``timeout_s``. Then the writer is stopped first (``_stop_writer``: ``WRITER_EXIT_S``
+        more at most), and what was not committed is written to a spill file under
+        ``spill_dir`` for the next start (``_spill``: then close returns), or, without one
+        or when it cannot be written, logged with its count (lost: README "What a crash
+        can lose").
 
         Raises:
             UnavailableError: the flush ran out of time and what was queued is lost.
@@ -504,10 +516,12 @@ class DecisionLog:
         with self._cond:
             if self._closed:
                 return
+            long_ago = time.monotonic() - self._stuck_when
             stuck = self._stuck_at == self._written and (
                 self._error or self._stuck_for >= STALLED_S
             )
-            if stuck and timeout_s is not None:
+            slow = self._stuck_for >= STALLED_S and long_ago <= STOP_SPAN_S
+            if (stuck or slow) and timeout_s is not None:
                 timeout_s = min(timeout_s, STUCK_WAIT_S)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:

@@ -18,6 +18,7 @@ import pytest
 from riskd.domain.events import OrderEvent, OrderEventKind
 from riskd.errors import UnavailableError
 from riskd.evidence import log as log_module
+from riskd.evidence import spill
 from riskd.evidence.log import STUCK_WAIT_S, WRITER_EXIT_S, DecisionLog
 from riskd.pii import BlindIndexer, Keyring
 from riskd.sql import Database
@@ -293,4 +294,60 @@ def test_close_after_a_flush_that_timed_out_on_a_slow_database_waits_for_it(
     log.close(10)
     db.delay_s = 0.0
     assert stored_ids(db) == ["o-1"]
+    db.close()
+
+
+def wait_for_a_commit(log: DecisionLog) -> None:
+    committed, deadline = log.committed, time.monotonic() + 5.0
+    while log.committed == committed:
+        assert time.monotonic() < deadline, "nothing committed in 5 s"
+        time.sleep(0.05)
+
+
+def test_close_after_a_long_flush_that_timed_out_spills_though_the_database_commits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # review: a database slow but still committing (a batch now and then) made the stop
+    # flush 30 s (the scorer's close), then 30 s more (this close): ~65 s, and a scoring
+    # worker killed at 49 s (STOP_TIMEOUT_S) lost its queue
+    monkeypatch.setattr(log_module, "STALLED_S", 0.5)
+    db = SlowDatabase(tmp_path / "e.db", delay_s=0.0)
+    log = DecisionLog(db, max_batch=1, spill_dir=tmp_path)
+    db.delay_s = 0.3  # a batch of one item per 0.3 s: the queue takes a minute
+    ids = [f"o-{i}" for i in range(200)]
+    for order_id in ids:
+        append_order(log, order_id)
+    with pytest.raises(UnavailableError, match="timed out"):
+        log.flush(0.5)  # the scorer's close, STALLED_S long
+    wait_for_a_commit(log)  # the database commits on after it
+    started = time.monotonic()
+    log.close(30)  # spilled: close returns
+    assert time.monotonic() - started < STUCK_WAIT_S + WRITER_EXIT_S + 1.0
+    db.delay_s = 0.0
+    (path,) = spill.files(tmp_path)
+    spilled = [str(columns[0]) for columns, _ in spill.read(path)[0]]
+    stored = stored_ids(db)
+    assert len(stored) >= 2 and stored + spilled == ids  # each once, in order
+    db.close()
+
+
+def test_close_long_after_a_flush_that_timed_out_flushes_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a long flush that timed out in an outage before (not this stop's) shortens no stop
+    monkeypatch.setattr(log_module, "STALLED_S", 0.5)
+    monkeypatch.setattr(log_module, "STOP_SPAN_S", 0.2)
+    db = SlowDatabase(tmp_path / "e.db", delay_s=0.0)
+    log = DecisionLog(db, max_batch=1, spill_dir=tmp_path)
+    db.delay_s = 0.3  # the queue takes ~4 s: more than STUCK_WAIT_S
+    ids = [f"o-{i}" for i in range(14)]
+    for order_id in ids:
+        append_order(log, order_id)
+    with pytest.raises(UnavailableError, match="timed out"):
+        log.flush(0.5)
+    wait_for_a_commit(log)  # the database commits on after it
+    time.sleep(0.25)  # past STOP_SPAN_S
+    log.close(10)
+    db.delay_s = 0.0
+    assert stored_ids(db) == ids and spill.files(tmp_path) == []
     db.close()
