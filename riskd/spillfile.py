@@ -1,19 +1,21 @@
 """Spill files: what a stop could not keep in its database, written for the next start.
 
 Where it sits: beside ``riskd.sql``, under every layer that spills (it imports nothing
-from riskd), so that each writes its own kind under the data folder, named by its prefix:
-the decision log (``riskd.evidence.spill``: ``evidence-spill-*``) and the features
-catch-up (``riskd.engine.catchup``: ``features-catch-up-*``). What a line holds is the
-caller's; the file itself is this module's.
+from riskd but ``riskd.atomicfile``), so that each writes its own kind under the data
+folder, named by its prefix: the decision log (``riskd.evidence.spill``:
+``evidence-spill-*``) and the features catch-up (``riskd.engine.catchup``:
+``features-catch-up-*``). What a line holds is the caller's; the file itself is this
+module's.
 
-A file is written beside its final name, synced, then renamed, so a file under its prefix
-is whole; it is readable by its owner only. Its first line names the format and counts
-the lines after it, by section (``{"riskd_spill": 1, "decisions": 3, "events": 1}``), so a
-file cut short (a copy, a disk that failed) is refused rather than half read. Files are
-named by the wall clock in nanoseconds, then the process id, so that they sort in the
-order they were written and two processes (scoring workers) never share one. A process
-that takes a file back holds it (``held``) while it reads it and replaces or removes it, so
-processes that start together (scoring workers) never take the same file.
+A file is written beside its final name (``.<name>.part``), synced, then renamed
+(``riskd.atomicfile``), so a file under its prefix is whole; it is readable by its owner
+only. Its first line names the format and counts the lines after it, by section
+(``{"riskd_spill": 1, "decisions": 3, "events": 1}``), so a file cut short (a copy, a
+disk that failed) is refused rather than half read. Files are named by the wall clock in
+nanoseconds, then the process id, so that they sort in the order they were written and
+two processes (scoring workers) never share one. A process that takes a file back holds
+it (``held``) while it reads it and replaces or removes it, so processes that start
+together (scoring workers) never take the same file.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from riskd import atomicfile
 
 SUFFIX = ".jsonl"
 _FORMAT = 1
@@ -44,23 +48,11 @@ def write(folder: Path, prefix: str, sections: Mapping[str, Sequence[Any]]) -> P
     """
     name = f"{prefix}{time.time_ns():020d}-{os.getpid()}{SUFFIX}"
     final = folder / name
-    part = folder / f".{name}.part"
     head: dict[str, int] = {"riskd_spill": _FORMAT}
     head.update((section, len(lines)) for section, lines in sections.items())
     lines = [head, *(line for section in sections.values() for line in section)]
     data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            part.unlink()
-        raise
-    _sync_folder(folder)
+    atomicfile.write(final, data, part_name=f".{name}.part")
     return final
 
 
@@ -138,11 +130,7 @@ def remove(path: Path) -> None:
 
 
 def _sync_folder(folder: Path) -> None:
-    """Make a rename or delete under ``folder`` durable (best effort: not every
-    filesystem lets a folder be opened)."""
+    """Make a delete under ``folder`` durable (best effort: not every filesystem lets a
+    folder be opened)."""
     with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        atomicfile.sync_folder(folder)

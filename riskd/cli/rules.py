@@ -9,17 +9,15 @@ riskd rules eval 'EXPR' [--var NAME=JSON ...]   print the value as JSON
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import json
 import os
-import stat
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from riskd import atomicfile
 from riskd.dsl.diagnostics import Diagnostics
 from riskd.dsl.expr import evaluate
 from riskd.dsl.fmt import format_text
@@ -145,27 +143,13 @@ def _rewrite(path: Path, text: str) -> bool:
 
 
 def _replace(path: Path, text: str) -> None:
-    """Write ``text`` beside ``path``, synced, then rename it over ``path``: a write that
-    fails (a full disk, a folder not writable) leaves the file whole as it was, never cut
-    short. The file keeps its mode and, where allowed, its owner; a symbolic link is
-    followed (its target replaced, the link kept)."""
-    target = Path(os.path.realpath(path))
-    st = target.stat()
-    if not os.access(target, os.W_OK):  # a rename would pass over the file's own mode
+    """Write ``text`` beside ``path``, synced, then rename it over ``path`` and sync the
+    folder (``riskd.atomicfile``): a write that fails (a full disk, a folder not writable)
+    leaves the file whole as it was, never cut short. The file keeps its mode and, where
+    allowed, its owner; a symbolic link is followed (its target replaced, the link kept)."""
+    if not os.access(path, os.W_OK):  # a rename would pass over the file's own mode
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-    fd, part = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with contextlib.suppress(OSError):  # another user's file: only root may keep it so
-                os.fchown(f.fileno(), st.st_uid, st.st_gid)
-            os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
-            f.write(text.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, target)
-    except BaseException:
-        Path(part).unlink(missing_ok=True)
-        raise
+    atomicfile.write(path, text.encode("utf-8"), mode=atomicfile.KEEP)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

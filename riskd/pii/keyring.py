@@ -34,7 +34,6 @@ import hmac
 import json
 import os
 import secrets
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -46,6 +45,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from riskd import atomicfile
 from riskd.errors import ConfigError, CryptoError
 
 FORMAT = "riskd-keyring-v1"
@@ -257,29 +257,22 @@ class Keyring:
 
         The document goes to a temporary file beside ``path`` (removed if anything
         fails), is fsynced, renamed over ``path``, and the directory is fsynced so the
-        rename survives a crash. Concurrent writers must serialise load-modify-save
+        rename survives a crash (``riskd.atomicfile``; a directory that cannot be
+        synced raises ``OSError``). Concurrent writers must serialise load-modify-save
         themselves (``riskd pii`` holds ``locked(path)``): the rename is atomic, the
         read-modify-write around it is not. A symbolic link (a key file on shared
         storage) is followed: its target is replaced, the link kept.
         """
         path = _resolved(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".keyring-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                os.fchmod(f.fileno(), 0o600)
-                f.write(self.to_json())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        atomicfile.write(
+            path,
+            self.to_json().encode("utf-8"),
+            mode=0o600,
+            part_prefix=".keyring-",
+            part_suffix="",
+            folder_sync_required=True,
+        )
 
 
 def fingerprint(keyring: MasterKeyProvider) -> str:

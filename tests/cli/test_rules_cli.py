@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import signal
@@ -151,6 +152,25 @@ def test_rules_fmt_keeps_a_file_s_mode_and_a_symbolic_link(tmp_path: Path) -> No
     assert target.read_text(encoding="utf-8") == 'scenario s = "S"\n'
     assert stat.S_IMODE(target.stat().st_mode) == 0o640
     assert [p.name for p in target.parent.iterdir()] == ["m.rules"]
+
+
+def test_rules_fmt_syncs_the_folder_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rename is durable once fmt says "reformatted": the folder is synced after it."""
+    messy = tmp_path / "m.rules"
+    messy.write_text('scenario s="S"\n', encoding="utf-8")
+    synced: list[int] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced.append(os.fstat(fd).st_ino)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert main(["rules", "fmt", str(messy)]) == 0
+    assert synced == [tmp_path.stat().st_ino]
 
 
 def test_rules_eval_prints_json(capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,100 @@
+"""Atomic file writes: a file is replaced whole or left as it was, never cut short.
+
+Where it sits: under every layer (it imports nothing from riskd), so that each that keeps
+a file of its own writes it the same way: the keyring (``riskd.pii.keyring``), the spill
+files (``riskd.spillfile``) and ``riskd rules fmt`` (``riskd.cli.rules``).
+
+``write`` puts the bytes in a part file beside the final name, syncs it, renames it over
+the final name and syncs the folder, so that after a crash either the old file or the new
+one is there, and once it returns the new one stays. A symbolic link is followed: its
+target is replaced, the link kept. A part file is never left behind by a write that fails
+(nor by one interrupted: ``BaseException``); one left by a process killed while writing is
+its caller's to clear, since only the caller knows which names are its parts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+KEEP = None
+"""``write(mode=KEEP)``: the new file takes the mode (and, where allowed, the owner) of the
+file it replaces."""
+
+
+def write(
+    path: Path,
+    data: bytes,
+    *,
+    mode: int | None = 0o600,
+    part_name: str | None = None,
+    part_prefix: str | None = None,
+    part_suffix: str = ".part",
+    folder_sync_required: bool = False,
+) -> Path:
+    """Replace the file ``path`` (a symbolic link followed) with ``data``, atomically and
+    durably; returns the path written (the link's target).
+
+    Args:
+        mode: the new file's permission bits; ``KEEP``: those of the file replaced, and
+            its owner and group where this process may set them (only root may give a
+            file to another user).
+        part_name: the part file's name beside the target, created exclusively (it must
+            not exist: a name unique to this write); by default a fresh temporary name,
+            ``part_prefix`` (default ``.<target name>.``) + random + ``part_suffix``.
+        folder_sync_required: raise when the folder cannot be synced after the rename
+            (the file is in place then); by default that sync is best effort, since not
+            every filesystem lets a folder be opened or synced.
+
+    Raises:
+        OSError: the file could not be written: the target is as it was, no part file is
+            left (with ``folder_sync_required``, also: the folder could not be synced).
+    """
+    target = Path(os.path.realpath(path))
+    before: os.stat_result | None = None
+    if mode is None:  # KEEP
+        before = target.stat()
+        mode = stat.S_IMODE(before.st_mode)
+    if part_name is not None:
+        part = target.parent / part_name
+        fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    else:
+        prefix = f".{target.name}." if part_prefix is None else part_prefix
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=part_suffix)
+        part = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if before is not None:
+                with contextlib.suppress(OSError):  # another user's file: only root may
+                    os.fchown(f.fileno(), before.st_uid, before.st_gid)  # keep it so
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            part.unlink()
+        raise
+    if folder_sync_required:
+        sync_folder(target.parent)
+    else:
+        with contextlib.suppress(OSError):
+            sync_folder(target.parent)
+    return target
+
+
+def sync_folder(folder: Path) -> None:
+    """Make a rename or delete under ``folder`` durable.
+
+    Raises:
+        OSError: the folder cannot be opened or synced.
+    """
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
