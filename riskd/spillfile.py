@@ -23,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -32,7 +34,13 @@ from typing import Any
 from riskd import atomicfile
 
 SUFFIX = ".jsonl"
+PART = ".part"
+STALE_PART_S = 600.0
+"""How long a part file may go unwritten before ``remove_stale_parts`` takes its writer
+for gone even when a process with its pid is alive (a pid used again)."""
 _FORMAT = 1
+_log = logging.getLogger("riskd.spillfile")
+_writing: set[str] = set()  # this process's part files being written (their names)
 
 
 class SpillFileError(ValueError):
@@ -52,7 +60,12 @@ def write(folder: Path, prefix: str, sections: Mapping[str, Sequence[Any]]) -> P
     head.update((section, len(lines)) for section, lines in sections.items())
     lines = [head, *(line for section in sections.values() for line in section)]
     data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
-    atomicfile.write(final, data, part_name=f".{name}.part")
+    part = f".{name}{PART}"
+    _writing.add(part)  # before the part exists, until it is renamed or removed
+    try:
+        atomicfile.write(final, data, part_name=part)
+    finally:
+        _writing.discard(part)
     return final
 
 
@@ -62,6 +75,69 @@ def files(folder: Path, prefix: str) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.glob(f"{prefix}*{SUFFIX}") if p.is_file())
+
+
+def remove_stale_parts(folder: Path, prefix: str) -> int:
+    """Delete the part files under ``folder`` named from ``prefix`` that no process can be
+    writing any more (left by one killed while writing); returns how many. Call at start,
+    where the spill files are taken back: each is logged by name.
+
+    Scoring workers start and stop at any time over one data folder, so a part is kept
+    while its writer may still be writing it. The pid in its name tells the writer: a
+    part of this process is stale unless this process is writing it now (it knows which:
+    a container's daemon has the same pid after every restart); one whose pid is no live
+    process here is stale (a process never comes back; the data folder is one host's);
+    one whose pid is alive is kept until nothing has written to it for ``STALE_PART_S``
+    (10 minutes: a write is one file's bytes and an fsync, and a stop is killed within
+    two minutes; past that, its pid is one used again). Names not of ``write``'s form are
+    not this module's and are left alone.
+    """
+    if not folder.is_dir():
+        return 0
+    form = re.compile(rf"\.{re.escape(prefix)}\d{{20}}-(\d+){re.escape(SUFFIX + PART)}")
+    removed = 0
+    for path in sorted(folder.glob(f".{prefix}*{SUFFIX}{PART}")):
+        named = form.fullmatch(path.name)
+        if named is None or not _stale(path, int(named[1])):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:  # renamed by its writer, or removed by another process
+            continue
+        except OSError as e:
+            fields = {"file": path.name, "error_type": type(e).__name__}
+            _log.warning("stale spill part file not removed", extra={"fields": fields})
+            continue
+        removed += 1
+        _log.warning("stale spill part file removed", extra={"fields": {"file": path.name}})
+    if removed:
+        _sync_folder(folder)
+    return removed
+
+
+def _stale(part: Path, pid: int) -> bool:
+    """Whether no process can still be writing ``part`` (``remove_stale_parts``)."""
+    if pid == os.getpid():
+        return part.name not in _writing
+    if not _alive(pid):
+        return True
+    try:
+        return time.time() - part.stat().st_mtime > STALE_PART_S
+    except FileNotFoundError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (another user's included)."""
+    if pid < 1:  # no process; kill(0) would signal this process's group
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # none, or past any pid
+        return False
+    except OSError:  # PermissionError: alive, another user's; else not known: kept
+        return True
+    return True
 
 
 def read(path: Path, sections: Sequence[str]) -> dict[str, list[Any]]:

@@ -3,7 +3,12 @@ at all: one cut short, or not one of its kind, is refused."""
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -53,3 +58,65 @@ def test_a_spill_file_is_held_by_one_taker_at_a_time_and_not_once_removed(tmp_pa
         spillfile.remove(path)
     with spillfile.held(path) as late:  # gone: taken already
         assert not late
+
+
+def _part(folder: Path, prefix: str, pid: int, age_s: float = 0.0) -> Path:
+    """A part file as ``write`` names it, as if ``pid`` began writing it ``age_s`` ago."""
+    path = folder / f".{prefix}{time.time_ns():020d}-{pid}.jsonl.part"
+    path.write_text('{"riskd_spill": 1, "one": 2}\n[1]\n', "utf-8")
+    at = time.time() - age_s
+    os.utime(path, (at, at))
+    return path
+
+
+def _gone_pid() -> int:
+    """The pid of a process that has ended."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_parts_no_process_can_still_write_are_removed_and_logged_by_name(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process killed while writing leaves its part file: the next start removes it;
+    one a live process may be writing stays."""
+    caplog.set_level(logging.WARNING, logger="riskd.spillfile")
+    live = os.getppid()  # a live process, not this one
+    dead = _part(tmp_path, "kind-", _gone_pid())
+    own = _part(tmp_path, "kind-", os.getpid())  # this pid's before a restart (pid 1)
+    old = _part(tmp_path, "kind-", live, spillfile.STALE_PART_S + 60)  # a pid used again
+    writing = _part(tmp_path, "kind-", live, 5)
+    other_kind = _part(tmp_path, "other-", _gone_pid())
+    not_ours = tmp_path / ".kind-x.jsonl.part"
+    not_ours.write_text("")
+    whole = spillfile.write(tmp_path, "kind-", {"one": [1]})
+    assert spillfile.remove_stale_parts(tmp_path, "kind-") == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (writing, other_kind, not_ours, whole)
+    )
+    logged = [(r.getMessage(), getattr(r, "fields", None)) for r in caplog.records]
+    assert sorted(logged, key=str) == sorted(
+        [("stale spill part file removed", {"file": p.name}) for p in (dead, own, old)], key=str
+    )
+    assert spillfile.remove_stale_parts(tmp_path, "kind-") == 0
+    assert spillfile.remove_stale_parts(tmp_path / "none", "kind-") == 0
+
+
+def test_a_part_this_process_is_writing_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another thread of this process (the decision log's close, a catch-up's start)
+    clears stale parts while this one writes: its own part stays."""
+    real = os.fsync
+    cleared: list[int] = []
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # the part, written, not renamed yet
+            cleared.append(spillfile.remove_stale_parts(tmp_path, "kind-"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = spillfile.write(tmp_path, "kind-", {"one": [1]})
+    assert cleared == [0]
+    assert spillfile.read(path, ("one",)) == {"one": [1]}

@@ -284,7 +284,10 @@ class CatchUp:
 
     def _load_files(self, folder: Path, queries: tuple[FeatureQuery, ...]) -> None:
         """Queue the spill files under ``folder``, oldest first, while the queue has room
-        (``_load_spilled``); those left are for another process or a later start."""
+        (``_load_spilled``); those left are for another process or a later start. Part
+        files left by a process killed while writing one are deleted first
+        (``spillfile.remove_stale_parts``)."""
+        spillfile.remove_stale_parts(folder, PREFIX)
         paths = spillfile.files(folder, PREFIX)
         for i, path in enumerate(paths):
             with self._cond:

@@ -597,8 +597,11 @@ class DecisionLog:
         a file replayed before but not deleted: a crash between the two) and reports
         stored already are skipped, so each is logged once. A file that cannot be read,
         or written while the database refuses, is logged by name and left for a later
-        start. Returns the number of decisions and reports appended.
+        start. Part files left by a process killed while writing one are deleted
+        (``spill.remove_stale_parts``). Returns the number of decisions and reports
+        appended.
         """
+        spill.remove_stale_parts(folder)
         total = 0
         for path in spill.files(folder):
             try:

@@ -24,7 +24,7 @@ from riskd import spillfile
 from riskd.evidence.chain import TextRow
 from riskd.spillfile import SpillFileError, remove
 
-__all__ = ["PREFIX", "SpillFileError", "files", "read", "remove", "write"]
+__all__ = ["PREFIX", "SpillFileError", "files", "read", "remove", "remove_stale_parts", "write"]
 
 PREFIX = "evidence-spill-"
 _SECTIONS = ("decisions", "events")
@@ -45,6 +45,13 @@ def write(folder: Path, rows: Sequence[TextRow], events: Sequence[Mapping[str, A
 def files(folder: Path) -> list[Path]:
     """The spill files under ``folder``, oldest first (none when it does not exist)."""
     return spillfile.files(folder, PREFIX)
+
+
+def remove_stale_parts(folder: Path) -> int:
+    """Delete the part files under ``folder`` left by a process killed while writing a
+    spill file (``riskd.spillfile.remove_stale_parts``: none a live writer may still be
+    writing); returns how many."""
+    return spillfile.remove_stale_parts(folder, PREFIX)
 
 
 def read(path: Path) -> tuple[list[TextRow], list[dict[str, Any]]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -948,6 +949,22 @@ def test_a_spill_file_that_cannot_be_read_is_left_and_logged_by_name(
     assert again.wait(5) and counted(store, indexer, clock) == 1
     unread = [f for level, m, f in catch_up_lines(caplog) if "not read" in m and level == "WARNING"]
     assert unread == [{"file": garbled.name, "error_type": "SpillFileError"}]
+    again.close()
+
+
+def test_a_start_removes_a_part_file_left_by_a_process_killed_while_spilling(
+    store: Store, indexer: BlindIndexer, breaker: CircuitBreaker, clock: FakeClock, tmp_path: Path
+) -> None:
+    """Its pid is this process's (a container's daemon after a restart), and this process
+    writes no spill now: nobody can finish it. The whole file beside it is taken."""
+    left_at_close(CatchUp(store, indexer, breaker, clock, spill_dir=tmp_path), breaker, clock, "a")
+    part = tmp_path / f".{catchup.PREFIX}{0:020d}-{os.getpid()}.jsonl.part"
+    part.write_text('{"riskd_spill": 1, "orders": 9}\n', "utf-8")
+    breaker.success()
+    again = CatchUp(store, indexer, breaker, clock, spill_dir=tmp_path)
+    again.restore(QUERIES)
+    assert list(tmp_path.iterdir()) == []
+    assert again.wait(5) and counted(store, indexer, clock) == 1
     again.close()
 
 

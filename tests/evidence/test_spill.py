@@ -4,6 +4,7 @@ next start appends it to the log: in order, the chain intact, each item once, no
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sqlite3
 import threading
@@ -109,6 +110,21 @@ def test_a_spill_file_cut_short_is_left_for_a_later_start_and_logged(
     assert stored_ids(db) == [] and spill.files(tmp_path) == [path]
     (entry,) = [r for r in caplog.records if "not replayed" in r.getMessage()]
     assert entry.fields["file"] == path.name  # type: ignore[attr-defined]
+    log.close()
+    db.close()
+
+
+def test_a_start_removes_a_part_file_left_by_a_process_killed_while_spilling(
+    tmp_path: Path,
+) -> None:
+    """Its pid is this process's (a container's daemon after a restart), and this process
+    writes no spill now: nobody can finish it."""
+    part = tmp_path / f".{spill.PREFIX}{0:020d}-{os.getpid()}.jsonl.part"
+    part.write_text('{"riskd_spill": 1, "decisions": 3, "events": 0}\n', "utf-8")
+    db = Database(tmp_path / "e.db")
+    log = DecisionLog(db, spill_dir=tmp_path)
+    assert log.replay_spilled(tmp_path) == 0
+    assert not part.exists()
     log.close()
     db.close()
 
