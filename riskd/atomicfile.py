@@ -10,6 +10,11 @@ one is there, and once it returns the new one stays. A symbolic link is followed
 target is replaced, the link kept. A part file is never left behind by a write that fails
 (nor by one interrupted: ``BaseException``); one left by a process killed while writing is
 its caller's to clear, since only the caller knows which names are its parts.
+
+``write_in_place`` is for where a rename cannot serve: a file with other hard links (a
+rename would part them, the other names keeping the old text) or in a folder that
+refuses a new name while the file itself is writable. It rewrites the file's own bytes,
+and should that write fail (a full disk, a file size limit) puts the old bytes back.
 """
 
 from __future__ import annotations
@@ -85,6 +90,46 @@ def write(
         with contextlib.suppress(OSError):
             sync_folder(target.parent)
     return target
+
+
+def write_in_place(path: Path, data: bytes) -> None:
+    """Overwrite the file ``path`` (a symbolic link followed) with ``data`` in place, synced:
+    its inode, links, mode and owner stay. The old bytes are kept in memory; a write, a
+    truncation or a sync that fails writes them back (they fit where they were), so the
+    file is as it was. Not atomic against a crash meanwhile, unlike ``write``: a reader
+    at that moment, or a power cut, may see the new bytes partly written.
+
+    Raises:
+        OSError: the file could not be written: it is as it was (unless putting the old
+            bytes back failed too: that error is raised then, the first as its context).
+    """
+    fd = os.open(path, os.O_RDWR)
+    try:
+        old = _read_all(fd)
+        try:
+            _overwrite(fd, data)
+        except BaseException:
+            _overwrite(fd, old)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _overwrite(fd: int, data: bytes) -> None:
+    """Make ``data`` the whole content of the file open at ``fd``, synced."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.ftruncate(fd, len(data))
+    os.fsync(fd)
 
 
 def sync_folder(folder: Path) -> None:

@@ -144,12 +144,25 @@ def _rewrite(path: Path, text: str) -> bool:
 
 def _replace(path: Path, text: str) -> None:
     """Write ``text`` beside ``path``, synced, then rename it over ``path`` and sync the
-    folder (``riskd.atomicfile``): a write that fails (a full disk, a folder not writable)
+    folder (``riskd.atomicfile``): a write that fails (a full disk, a file not writable)
     leaves the file whole as it was, never cut short. The file keeps its mode and, where
-    allowed, its owner; a symbolic link is followed (its target replaced, the link kept)."""
+    allowed, its owner; a symbolic link is followed (its target replaced, the link kept).
+
+    A file with other hard links, or in a folder that refuses a new name (not writable,
+    or sticky) while the file is writable, is rewritten in place instead, the old bytes
+    written back should that fail: a rename would part the links (the other names keeping
+    the old text), or be refused outright.
+    """
     if not os.access(path, os.W_OK):  # a rename would pass over the file's own mode
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
-    atomicfile.write(path, text.encode("utf-8"), mode=atomicfile.KEEP)
+    data = text.encode("utf-8")
+    if os.stat(path).st_nlink > 1:
+        atomicfile.write_in_place(path, data)
+        return
+    try:
+        atomicfile.write(path, data, mode=atomicfile.KEEP)
+    except PermissionError:  # the folder's refusal: the file itself is writable (above)
+        atomicfile.write_in_place(path, data)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

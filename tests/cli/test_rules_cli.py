@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -10,7 +11,9 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,6 +174,99 @@ def test_rules_fmt_syncs_the_folder_after_the_rename(
     monkeypatch.setattr(os, "fsync", fsync)
     assert main(["rules", "fmt", str(messy)]) == 0
     assert synced == [tmp_path.stat().st_ino]
+
+
+MESSY = 'scenario s="S"\nlist   l = [ "a" ,"b", ]\n'
+TIDY = 'scenario s = "S"\n\nlist l = ["a", "b"]\n'
+
+
+def test_rules_fmt_keeps_hard_links_in_step(tmp_path: Path) -> None:
+    """A rename would part the links, the other name keeping the old text: the file is
+    rewritten in place."""
+    one = tmp_path / "one.rules"
+    one.write_text(MESSY, encoding="utf-8")
+    one.chmod(0o640)
+    other = tmp_path / "other.rules"
+    other.hardlink_to(one)
+    assert main(["rules", "fmt", str(one)]) == 0
+    assert one.read_text(encoding="utf-8") == other.read_text(encoding="utf-8") == TIDY
+    assert one.stat().st_ino == other.stat().st_ino and one.stat().st_nlink == 2
+    assert stat.S_IMODE(one.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.rules", "other.rules"]
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        pytest.param(
+            "mode",
+            marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders"),
+        ),
+        "create",  # what such a folder answers a user, refused by hand (root too)
+    ],
+)
+def test_rules_fmt_formats_a_writable_file_in_a_read_only_folder(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    refusal: str,
+) -> None:
+    """The folder refuses the part file, the file itself is writable: rewritten in place."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    messy = folder / "m.rules"
+    messy.write_text(MESSY, encoding="utf-8")
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    if refusal == "create":
+        monkeypatch.setattr(tempfile, "mkstemp", refused)
+    folder.chmod(0o500)
+    try:
+        assert main(["rules", "fmt", str(messy)]) == 0
+    finally:
+        folder.chmod(0o700)
+    assert capsys.readouterr().out == f"reformatted {messy}\n"
+    assert messy.read_text(encoding="utf-8") == TIDY
+    assert [p.name for p in folder.iterdir()] == ["m.rules"]
+
+
+@pytest.mark.parametrize("failing", ["write", "ftruncate"])
+def test_rules_fmt_in_place_write_that_fails_leaves_the_file_as_it_was(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    failing: str,
+) -> None:
+    """A full disk halfway through the new text (or at its truncation): the old bytes go
+    back, and the refusal is said as a rename's is."""
+    messy = tmp_path / "m.rules"
+    # longer than its form (the truncation shrinks it), or shorter (the write grows it)
+    text = MESSY + "#  a comment\n" if failing == "ftruncate" else 'scenario s="S"\n'
+    messy.write_text(text, encoding="utf-8")
+    (tmp_path / "link.rules").hardlink_to(messy)
+    before = messy.read_bytes()
+    real = getattr(os, failing)
+    calls: list[int] = []
+
+    def full_disk(fd: int, arg: Any) -> Any:
+        calls.append(fd)
+        if failing == "write" and len(calls) == 1:
+            return real(fd, bytes(arg)[:5])  # a short write: the new text's start
+        if len(calls) == (2 if failing == "write" else 1):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, arg)  # the old bytes written back
+
+    monkeypatch.setattr(os, failing, full_disk)
+    assert main(["rules", "fmt", str(messy)]) == 1
+    monkeypatch.undo()
+    out, err = capsys.readouterr()
+    assert len(calls) >= 2  # the failure, then the old bytes written back
+    assert err == f"{messy}:1:1: riskd_unwritable_file: rule file cannot be written\n"
+    assert out == ""
+    assert messy.read_bytes() == (tmp_path / "link.rules").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.rules", "m.rules"]
 
 
 def test_rules_eval_prints_json(capsys: pytest.CaptureFixture[str]) -> None:
