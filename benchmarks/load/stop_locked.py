@@ -10,8 +10,15 @@ decisions logged (each order once?), orders counted in Redis (each once?), files
 ``riskd evidence verify``'s exit status. A stop with nothing spilled in time (a worker
 killed first) shows as orders missing from the log or from Redis.
 
+With ``--stall-workers`` the scoring workers are stopped (``SIGSTOP``) while 4 more
+orders come, the file still locked, and resumed before the SIGTERM: the gRPC process
+decides those itself (the fallback for a late worker, or scored there), so its own
+decision log and catch-up have a queue to flush and spill at the stop as well as the
+workers'.
+
     .venv/bin/python benchmarks/load/stop_locked.py --score-workers 0
     .venv/bin/python benchmarks/load/stop_locked.py --score-workers 2
+    .venv/bin/python benchmarks/load/stop_locked.py --score-workers 2 --stall-workers
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ EXAMPLE = R.ROOT / "examples" / "order.json"
 PREFIX = "bench-stop:"
 
 
-def send(port: int, tag: str, n: int) -> list[bool]:
+def send(port: int, tag: str, n: int, timeout_s: float = 2.0) -> list[bool]:
     """Score ``n`` orders ``tag-i`` (the example order's buyer and device): degraded each."""
     base = json.loads(EXAMPLE.read_text("utf-8"))
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -48,9 +55,34 @@ def send(port: int, tag: str, n: int) -> list[bool]:
         out = []
         for i in range(n):
             order = json_format.ParseDict({**base, "order_id": f"{tag}-{i}"}, order_pb2.Order())
-            reply = stub.Score(scoring_pb2.ScoreRequest(order=order), timeout=2.0)
+            reply = stub.Score(scoring_pb2.ScoreRequest(order=order), timeout=timeout_s)
             out.append(reply.decision.degraded)
         return out
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (``riskd serve``'s scoring workers)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+        if ppid == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def stalled(port: int, pids: list[int], n: int) -> list[bool]:
+    """Score ``n`` orders while the processes ``pids`` are stopped (``SIGSTOP``): short
+    deadlines, so they are resumed before the pool's monitor finds them hung (2 s)."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        return send(port, "stalled", n, timeout_s=0.5)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
 
 
 def serve(work: Path, port: int, redis_port: int, workers: int) -> subprocess.Popen[bytes]:
@@ -75,7 +107,7 @@ def redis_up(work: Path, port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
-def one_run(workers: int) -> dict[str, Any]:
+def one_run(workers: int, stall: bool = False) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="riskd-stop-locked-"))
     port, redis_port = R.free_port(), R.free_port()
     db_path = work / "var" / "riskd.db"
@@ -90,6 +122,9 @@ def one_run(workers: int) -> dict[str, Any]:
         holder = sqlite3.connect(db_path, isolation_level=None, timeout=5)
         holder.execute("BEGIN EXCLUSIVE")
         sent += send(port, "locked", 4)
+        if stall:
+            sent += stalled(port, children(riskd.pid), 4)
+            time.sleep(1.0)  # the workers read their late calls and answer them unscored
         started = time.monotonic()
         riskd.send_signal(signal.SIGTERM)
         status = riskd.wait(300)
@@ -129,6 +164,7 @@ def one_run(workers: int) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)
     return {
         "score_workers": workers,
+        "stall_workers": stall,
         "orders": len(sent),
         "degraded": sum(sent),
         "stop_s": round(stop_s, 1),
@@ -146,8 +182,13 @@ def one_run(workers: int) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--score-workers", type=int, default=0)
+    parser.add_argument(
+        "--stall-workers",
+        action="store_true",
+        help="stop the workers while 4 more orders come: the gRPC process decides them",
+    )
     args = parser.parse_args()
-    print(json.dumps(one_run(args.score_workers), indent=1))
+    print(json.dumps(one_run(args.score_workers, args.stall_workers), indent=1))
     return 0
 
 
