@@ -40,8 +40,8 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
 # On SIGTERM health turns NOT_SERVING for RISKD_DRAIN_NOTICE_MS (1 s) before the port
 # stops, then in-flight calls get RISKD_GRACE_S (10 s): stop with a longer timeout. A
 # database down, locked or hung at the stop adds the decision log's flush and spill
-# (about 35 s measured; up to ~50 s in one process, ~100 s with RISKD_SCORE_WORKERS):
-# give `docker stop -t 120` (terminationGracePeriodSeconds: 120), or a kill before the
-# spill loses the decisions and uncounted orders still queued (README: What a crash
-# can lose).
+# (about 35 s measured; up to ~50 s, with RISKD_SCORE_WORKERS too: the workers stop
+# beside the gRPC process's own close): give `docker stop -t 120`
+# (terminationGracePeriodSeconds: 120), or a kill before the spill loses the decisions
+# and uncounted orders still queued (README: What a crash can lose).
 CMD ["riskd", "serve", "--listen", "0.0.0.0:50051"]

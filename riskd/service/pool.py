@@ -175,7 +175,8 @@ class WorkerPool:
                     w.rules = state.version
 
     def close(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """Stop the monitor, then every worker (each flushes its decision log)."""
+        """Stop the monitor, then every worker (each flushes its decision log); the
+        server process runs it beside its own scorer's close (``Components.close``)."""
         self._stop.set()
         if self._monitor is not None:
             self._monitor.join(timeout=START_TIMEOUT_S)

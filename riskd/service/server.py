@@ -8,7 +8,8 @@ Lifecycle::
          ... SIGHUP / rule file change → ProgramHolder.reload (old rules kept on error)
     stop(grace) ── NOT_SERVING ── (notice: drain_notice_ms on SIGTERM; calls still served)
                  ── refuse new calls, drain in-flight
-                 ── scorer.close() (flushes the evidence log) ── close stores
+                 ─┬─ scorer.close() (flushes the evidence log) ── close stores ─┬─ stopped
+                  └─ scoring workers stop (each flushes its own log) ───────────┘
 
 The listening socket has ``SO_REUSEPORT``, so several processes can share one
 port; the kernel balances connections (not calls) between them.
@@ -177,7 +178,8 @@ class RunningServer:
 
         Health turns NOT_SERVING, then after ``notice_s`` (time for load balancers
         to notice) new calls are refused while in-flight ones get up to ``grace``
-        seconds to finish; then the evidence log is flushed and stores closed.
+        seconds to finish; then the evidence log is flushed and stores closed, while
+        the scoring workers (if any) stop beside them (``Components.close``).
         """
         with self._stop_lock:
             if self._stopping:
@@ -290,7 +292,9 @@ def create_server(
         if config.score_workers:
             pool = WorkerPool(config, config.score_workers, metrics, components.rules.state)
             pool.start()
-            components.closers.append(pool.close)  # closed first: workers flush their logs
+            # stopped beside this process's own scorer and stores (the workers flush their
+            # own logs): on a hung or locked database both wait at once, not in turn
+            components.concurrent_closers.append(pool.close)
         running = _start(
             config, metrics, components, extra_servicers, [access, *interceptors],
             ready, pool, credentials, endpoint,

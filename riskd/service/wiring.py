@@ -57,6 +57,9 @@ class Components:
     closers: list[Callable[[], None]] = field(default_factory=list)
     decision_log: DecisionLog | None = None  # for the metrics (backlog, set-aside items)
     extra: list[Callable[[grpc.Server], list[str]]] = field(default_factory=list)
+    # closed beside the closers, each on a thread of its own, joined before ``close``
+    # returns: what needs none of this process's stores (the scoring workers)
+    concurrent_closers: list[Callable[[], None]] = field(default_factory=list)
     _watch_stop: threading.Event = field(default_factory=threading.Event)
     _watcher: threading.Thread | None = None
     _reload_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -131,19 +134,49 @@ class Components:
         self._watcher.start()
 
     def close(self) -> None:
-        """Stop watching, close the scorer (flushes the evidence log), then the stores."""
+        """Stop watching; start the ``concurrent_closers`` (the scoring workers' stop: each
+        worker flushes its own decision log and catch-up); close the scorer (flushes this
+        process's evidence log), then the stores; then wait for the concurrent ones.
+
+        The workers are processes with stores of their own: on a database hung or
+        locked, their stop (up to ``pool.STOP_TIMEOUT_S``) and this process's scorer's
+        close (up to ``CLOSE_MAX_S``, then its log's spill) wait out their time together,
+        not one after the other (review: up to ~100 s in all). A closer that raises is
+        logged; the others still run.
+        """
         self._watch_stop.set()
         if self._watcher is not None:
             self._watcher.join(timeout=5)
-        for closer in reversed(self.closers):
+        beside: list[threading.Thread] = []
+        for closer in self.concurrent_closers:
+            thread = threading.Thread(
+                target=_close_one, args=(closer,), name="riskd-close", daemon=True
+            )
             try:
-                closer()
-            except UnavailableError as e:  # the database is away: named, not a traceback
-                fields = {"closing": getattr(closer, "__qualname__", "?"), "error": str(e)}
-                log.error("close failed", extra={"fields": fields})
-            except Exception:
-                log.error("close failed", exc_info=True)
+                thread.start()
+            except RuntimeError:  # no thread to be had: closed here first, as before
+                _close_one(closer)
+                continue
+            beside.append(thread)
+        try:
+            for closer in reversed(self.closers):
+                _close_one(closer)
+        finally:
+            for thread in beside:
+                thread.join()  # each bounds its own time (the pool: STOP_TIMEOUT_S)
         self.closers.clear()
+        self.concurrent_closers.clear()
+
+
+def _close_one(closer: Callable[[], None]) -> None:
+    """Run one of ``Components``' closers; what it raises is logged, not raised."""
+    try:
+        closer()
+    except UnavailableError as e:  # the database is away: named, not a traceback
+        fields = {"closing": getattr(closer, "__qualname__", "?"), "error": str(e)}
+        log.error("close failed", extra={"fields": fields})
+    except Exception:
+        log.error("close failed", exc_info=True)
 
 
 def build_components(

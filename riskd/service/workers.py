@@ -87,7 +87,9 @@ workers while they compile a new program may still see two versions.
 Workers ignore ``SIGINT``/``SIGTERM``/``SIGHUP``: the server process drains its calls
 first, then asks every worker to stop, and a worker acknowledges, then flushes its
 decision log before it exits (also when the server process is gone: the socket pair
-reports end of file). One that does not acknowledge ``HUNG_AFTER_S`` after its stop (or
+reports end of file); meanwhile the server process closes its own scorer and stores
+(``Components.close``: on a database hung or locked, each side waits its time at once,
+not one after the other). One that does not acknowledge ``HUNG_AFTER_S`` after its stop (or
 after the answer it owed) is killed (review: a stalled worker held the exit 30 s each).
 The server process's metrics count every decision it returns, and every order it answered
 itself (``riskd_score_worker_fallbacks_total`` by reason: down, busy, late). What only a

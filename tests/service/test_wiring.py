@@ -6,9 +6,10 @@ import logging
 import os
 import socket
 import sqlite3
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -301,6 +302,45 @@ def test_the_catch_up_spills_to_the_data_dir_at_a_locked_stop_for_the_next_start
         assert sum(again.scorer.catch_up.dropped().values()) == 0
     finally:
         again.close()
+
+
+def test_close_runs_the_concurrent_closers_beside_the_others_and_skips_none_that_raises(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The scoring workers' stop (a concurrent closer) runs beside the scorer's close and
+    the stores', which still close in reverse order; one closer raising, on either side,
+    skips none of the others; close returns once all have."""
+    components = build_components(make_config(tmp_path), SystemClock())
+    ran: list[str] = []
+    scorer_closing = threading.Event()
+
+    def recorded(close: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            ran.append(getattr(close, "__qualname__", "?"))
+            if close == components.scorer.close:
+                scorer_closing.set()
+            close()
+
+        return run
+
+    def workers_stop() -> None:  # returns only once the scorer's close has begun
+        ran.append(f"workers stop beside the scorer: {scorer_closing.wait(10)}")
+        raise UnavailableError("a worker's flush timed out")
+
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    serial = [*components.closers, broken]
+    components.closers = [recorded(c) for c in serial]
+    components.concurrent_closers += [workers_stop, broken]
+    with caplog.at_level(logging.ERROR, logger="riskd.service.wiring"):
+        components.close()
+    assert "workers stop beside the scorer: True" in ran
+    ran.remove("workers stop beside the scorer: True")
+    assert ran == [getattr(c, "__qualname__", "?") for c in reversed(serial)]
+    failed = [r for r in caplog.records if r.getMessage() == "close failed"]
+    assert len(failed) == 3  # the workers' stop and both broken ones, each logged
+    assert components.closers == components.concurrent_closers == []
 
 
 PG = "postgresql://postgres@127.0.0.1:5432/test"

@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
 
@@ -33,6 +33,7 @@ from riskd.service import pool as pool_module
 from riskd.service.channel import _HEADER, Channel
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
 from riskd.service.server import RunningServer, create_server
+from riskd.service.wiring import Components
 from riskd.service.workers import HUNG_AFTER_S
 from riskd.sql import Database
 from tests.service.test_lifecycle import eventually
@@ -308,6 +309,59 @@ def test_stop_kills_a_stalled_worker_soon_and_flushes_the_others(tmp_path: Path)
         _forget(prefix)
     # the healthy worker flushed its decisions before it exited
     assert _logged(tmp_path, [o.order_id for o in theirs]) == len(theirs)
+
+
+def _timed_in(
+    components: Components, spans: dict[str, list[float]], name: str, close: Callable[[], None]
+) -> None:
+    """Put a closer that records when ``close`` started and returned (``spans[name]``) in
+    its place, wherever ``components`` holds it."""
+
+    def timed() -> None:
+        spans[name] = [time.monotonic()]
+        try:
+            close()
+        finally:
+            spans[name].append(time.monotonic())
+
+    for closers in (components.closers, components.concurrent_closers):
+        if close in closers:
+            closers[closers.index(close)] = timed
+            return
+    raise AssertionError(f"{name}: not one of the closers")
+
+
+def test_stop_closes_the_server_process_own_scorer_while_the_workers_stop(
+    tmp_path: Path,
+) -> None:
+    """Review: the gRPC process's own scorer (it decides orders itself while workers are
+    busy, late or down: its own decision log and catch-up) closed only once every worker
+    had stopped; on a database hung or locked, the workers' 49 s budget and then its own
+    ~47 s, ~100 s in all. It closes beside the workers' stop now: here worker 0 is stalled
+    (the pool waits HUNG_AFTER_S for its answer, then kills it), and the scorer's close
+    starts before the pool's close returns; the stores close after the scorer, the stop
+    after both, and the decision made here is logged."""
+    with own_server(tmp_path) as (running, _):
+        pool = running.workers
+        assert pool is not None
+        components = running.components
+        here = _worker_for(pool, 1)
+        assert not components.scorer.score(here, timeout_s=5).degraded  # decided here
+        spans: dict[str, list[float]] = {}
+        _timed_in(components, spans, "workers", pool.close)
+        _timed_in(components, spans, "scorer", components.scorer.close)
+        _timed_in(components, spans, "stores", components.closers[0])  # the features, last
+        with _stalled(running, 0), _worker_log() as logged:
+            running.stop(5)
+            returned = time.monotonic()
+        (w_start, w_end), (s_start, s_end) = spans["workers"], spans["scorer"]
+        assert w_end - w_start >= HUNG_AFTER_S  # the stalled worker held the pool's close
+        assert s_start < w_end  # not after the workers' stop: beside it
+        assert s_end <= spans["stores"][0]
+        assert max(w_end, spans["stores"][1]) <= returned
+        killed = _entries(logged, "scoring worker does not answer its stop; killing it")
+        assert [e["worker"] for e in killed] == [0]
+    assert _logged(tmp_path, [here.order_id]) == 1
 
 
 def test_stop_waits_for_a_workers_longest_close_before_it_kills_it() -> None:
