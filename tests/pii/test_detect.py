@@ -238,12 +238,19 @@ def test_an_id_number_needs_province_date_and_check(number: str) -> None:
     assert not is_id_number(number.upper())
 
 
-def test_the_error_names_the_field_and_kind_never_the_value() -> None:
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [
+        ("buyer 13812345678 called", "a mobile phone number"),
+        ("买家改地址到文三路90号", "a shipping address"),
+    ],
+)
+def test_the_error_names_the_field_and_kind_never_the_value(text: str, kind: str) -> None:
     with pytest.raises(InvalidArgumentError) as e:
-        refuse_pii("reason", "buyer 13812345678 called")
+        refuse_pii("reason", text)
     assert e.value.field == "reason"
     assert str(e.value) == (
-        "reason: looks like it holds a mobile phone number; free text must not carry personal data"
+        f"reason: looks like it holds {kind}; free text must not carry personal data"
     )
 
 

@@ -1,6 +1,7 @@
 """ReportOutcome's ``detail`` through a real server, on SQLite and on PostgreSQL: a detail
-holding a buyer's phone, ID, card or e-mail is refused and stored nowhere; what details
-really carry (tracking numbers, order ids, amounts, dates, Chinese text) is stored."""
+holding a buyer's phone, ID, card, e-mail or street address is refused and stored
+nowhere; what details really carry (tracking numbers, order ids, amounts, dates, places,
+list items, Chinese text) is stored."""
 
 from __future__ import annotations
 
@@ -69,6 +70,8 @@ def report(stub: scoring_pb2_grpc.ScoringServiceStub, order_id: str, detail: str
         ("身份证 11010519491231002X 已核验", "002X", "a resident ID number"),
         ("退款到卡 6222 0212 3456 7890 128", "7890", "a bank card number"),
         ("联系邮箱 zhang.san@example.com", "zhang.san", "an e-mail address"),
+        ("买家改地址：杭州市西湖区文三路 90 号 5栋1203室", "文三路", "a shipping address"),
+        ("收货地址北京市朝阳区建国路八十八号", "建国路", "a shipping address"),
     ],
 )
 def test_a_detail_with_pii_is_refused_naming_detail_and_stored_nowhere(
@@ -97,6 +100,8 @@ def test_a_detail_with_pii_is_refused_naming_detail_and_stored_nowhere(
         "同单 4987654321098765432 重复付款，退款 ¥138.00",
         "2023-12-01 13:45 买家申请仅退款，SKU A-1024 x2",
         "IP 172.160.100.20 于 2026.11.28 12:30:45 下单 ¥1,234.56，客户端 v2.13.8",
+        "商家在深圳市南山区发货，快递到了杭州转运中心",
+        "2024年3月1号发货，直播间2号链接退款，5层收纳架 38码",
         "bank",
     ],
 )
