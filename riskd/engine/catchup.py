@@ -416,7 +416,8 @@ class CatchUp:
         ``failed`` (the database failed the caller just now) and a folder, the file first,
         and the database only when the file cannot be written (review: a folder gone or a
         full disk lost them so, with a database that may answer: the log's flush also
-        times out on a writer restarting on a bug)."""
+        times out on a writer merely slower than it; one failing on a bug of its own is
+        not passed on as ``failed``: ``Scorer.close``)."""
         rows = [
             (o.order_id, o.at, o.amount, json.dumps(dict(o.keys), sort_keys=True), o.content)
             for o in left

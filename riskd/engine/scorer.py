@@ -367,14 +367,17 @@ class Scorer:
         """Stop the feature workers, flush the evidence log (it stays open), then count
         what the catch-up can in ``CLOSE_DRAIN_S`` and keep the rest in the log's database
         for the next start (the decisions first: review, a held database kept them
-        waiting behind the catch-up's rows)."""
+        waiting behind the catch-up's rows). A flush that timed out on the database sends
+        the catch-up to its spill file at once; one that timed out on the log writer's own
+        bug does not (review: the database answered, yet a shared PostgreSQL's rows went
+        to one host's data folder), so the catch-up keeps to the database as always."""
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._lookups.shutdown(wait=False, cancel_futures=True)
         failed: Exception | None = None
         try:
             self._log.flush(timeout_s)
-        except Exception as e:  # its timeout (the database, mostly): the catch-up spills first
-            failed = e
+        except Exception as e:  # its timeout: the database, mostly, and then the catch-up
+            failed = None if self._log.failing_on_a_bug else e  # spills first
             raise
         finally:  # a flush that timed out must not leave the catch-up using the store
             self.catch_up.close(drain_s=CLOSE_DRAIN_S, keep_failed=failed)

@@ -248,6 +248,7 @@ class DecisionLog:
         self._superseded = 0  # decisions not stored: their order had one recorded already
         self._restarts = 0  # exceptions that escaped the writer (bugs): it went on each time
         self._bug: tuple[str, str] | None = None  # the last one logged (type, where), this batch
+        self._failing_on_bug = False  # the last failed try was a bug's (not the database's)
         self._hook_failures = 0  # exceptions from commit hooks: the commits stood
         self._hook_bugs: set[tuple[str, str]] = set()  # those logged (type, where), since start
         self._commit_hooks: list[Callable[[], None]] = []
@@ -452,6 +453,15 @@ class DecisionLog:
         with its type and frames."""
         with self._cond:
             return self._restarts
+
+    @property
+    def failing_on_a_bug(self) -> bool:
+        """Whether the writer's last try failed on a bug of its own (an exception escaping
+        it: it restarts) rather than on the database (its failures and refusals), with
+        nothing committed since. A flush timed out then says nothing of the database,
+        which may answer every other caller (the scorer's stop keeps its catch-up there)."""
+        with self._cond:
+            return self._failing_on_bug
 
     @property
     def hook_failures(self) -> int:
@@ -674,6 +684,7 @@ class DecisionLog:
         with self._cond:
             self._restarts += 1
             self._error = error  # flush's and close's messages name it
+            self._failing_on_bug = True
             first, self._bug = self._bug != (error, frames[-1]), (error, frames[-1])
         if first:
             fields = {"error": error, "where": frames[-1], "frames": frames, "retry_in_s": pause}
@@ -768,6 +779,7 @@ class DecisionLog:
                     continue
                 with self._cond:
                     self._error = type(e).__name__
+                    self._failing_on_bug = False
                     if self._closed:
                         return
                 time.sleep(delay)
@@ -801,6 +813,7 @@ class DecisionLog:
             self._inflight -= len(items)
             self._written += len(items)
             self._error = ""
+            self._failing_on_bug = False
             self._cond.notify_all()
 
     def _reject(self, item: _Item, e: Exception) -> None:

@@ -481,6 +481,58 @@ def test_a_close_whose_flush_fails_still_stops_and_keeps_the_catch_up(
     assert db.query("SELECT COUNT(*) FROM features_catch_up") == [(1,)]
 
 
+def test_a_stop_whose_log_writer_fails_on_a_bug_keeps_the_catch_up_in_the_database(
+    make_rig: Callable[..., Rig], db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: a decision log flush that timed out because the writer kept failing on a
+    bug of its own (the database answering) was taken for the database failing, so the
+    catch-up went to a spill file in this host's data folder rather than the database
+    (a shared PostgreSQL) that every other replica's next start reads."""
+    rig = make_rig(breaker=BreakerPolicy(failures=1), spill_dir=tmp_path)
+    rig.scorer.breaker.failure(UnavailableError("down"))
+
+    def bug(*args: object) -> None:
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr(rig.log, "_write", bug)
+    assert rig.scorer.score(make_order("a")).degraded == ("features",)
+    assert eventually(lambda: rig.log.restarts > 0)
+    with pytest.raises(UnavailableError):
+        rig.scorer.close(timeout_s=0.3)
+    assert rig.log.failing_on_a_bug
+    assert db.query("SELECT COUNT(*) FROM features_catch_up") == [(1,)]
+    assert spilled(tmp_path) == []
+    assert sum(rig.scorer.catch_up.dropped().values()) == 0
+    monkeypatch.undo()  # the bug mended: the writer's next restart commits the decision
+    assert eventually(lambda: rig.log.backlog == 0, 10)
+    assert not rig.log.failing_on_a_bug
+
+
+def test_a_stop_whose_log_writer_fails_on_the_database_spills_the_catch_up_at_once(
+    make_rig: Callable[..., Rig], db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other side: the log's writer failing on the database itself (held locked by
+    another connection), the catch-up goes to its spill file at once, with no wait of
+    its own for the same lock (``KEEP_WAIT_S``, 5 s here)."""
+    monkeypatch.setattr(catchup, "KEEP_WAIT_S", 5.0)
+    rig = make_rig(breaker=BreakerPolicy(failures=1), spill_dir=tmp_path)
+    rig.scorer.breaker.failure(UnavailableError("down"))
+    holder = sqlite3.connect(tmp_path / "evidence.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        assert rig.scorer.score(make_order("a")).degraded == ("features",)
+        started = time.monotonic()
+        with pytest.raises(UnavailableError):
+            rig.scorer.close(timeout_s=0.3)
+        assert time.monotonic() - started < 4.0
+        assert not rig.log.failing_on_a_bug
+        assert len(spilled(tmp_path)) == 1
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert db.query("SELECT COUNT(*) FROM features_catch_up") == [(0,)]
+
+
 @pytest.mark.redis
 def test_orders_whose_keys_live_on_a_shard_that_is_away_wait_for_it(
     indexer: BlindIndexer,
