@@ -282,7 +282,11 @@ class SqlKeyStore:
         A subject with no live key (none yet: its first order may still be queued for the
         decision log's writer; or forgotten before) gets a tombstone generation instead,
         so the forget's time is on record either way: the writer seals nothing appended
-        before it, and the subject's next key is a new generation. So does each spelling.
+        before it, and the subject's next key is a new generation. So does each spelling,
+        and the normalized one (``NORMALIZERS["buyer"]``) whether stored or not: a spelling
+        with nothing stored yet (an order under ``b-77 `` still queued) is found by it
+        (``Vault.prepare_in`` reads it beside each subject's own; review: such an order
+        was sealed under a new key after the forget).
 
         Raises:
             FailedPreconditionError: the subject is under legal hold, under any spelling
@@ -293,8 +297,10 @@ class SqlKeyStore:
             if _hold_reasons(tx, subject_id):
                 raise FailedPreconditionError("subject is under legal hold; forgetting is refused")
             subjects = [subject_id, *_stored_spellings(tx, subject_id, _KEYED) - {subject_id}]
+            normalized = NORMALIZERS["buyer"](subject_id)
+            marked = [normalized] if normalized and normalized not in subjects else []
             keys = entries = 0
-            for subject in subjects:
+            for subject in subjects + marked:
                 keys += _shred_keys(tx, subject, at)
                 entries += tx.execute(
                     "DELETE FROM pii_blind_index WHERE subject_id = ?", (subject,)

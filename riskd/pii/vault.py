@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from riskd.domain.clock import Clock, SystemClock
 from riskd.errors import CryptoError, InvalidArgumentError, RiskdError
+from riskd.pii.blind import NORMALIZERS
 from riskd.pii.detect import refuse_pii
 from riskd.pii.keyring import KEY_BYTES, NONCE_BYTES, MasterKeyProvider, fingerprint
 from riskd.pii.keystore import DataKeyRow, KeyStore, ShredResult, SqlKeyStore
@@ -55,6 +56,7 @@ FORMAT_V1 = 1
 _HEADER = struct.Struct(">BI")
 _PREFIX = _HEADER.size + NONCE_BYTES
 _TAG_BYTES = 16
+_BUYER = NORMALIZERS["buyer"]  # a buyer id as velocity counting and ``forget`` match it
 
 ForgetHook = Callable[[str], None]
 
@@ -118,6 +120,20 @@ def _field_aad(field: str) -> bytes:
         if len(_FIELD_AAD) < 1024:  # bounded: a caller could pass arbitrary names
             _FIELD_AAD[field] = aad
     return aad
+
+
+def _forgotten_at(
+    wanted: Iterable[str], normalized: Mapping[str, str], latest: Mapping[str, DataKeyRow]
+) -> dict[str, float]:
+    """When each of ``wanted`` was last forgotten: the later of its own spelling's and its
+    normalized spelling's (``normalized``; ``latest``: both read) forget times."""
+    out: dict[str, float] = {}
+    for subject in wanted:
+        rows = (latest.get(subject), latest.get(normalized.get(subject, subject)))
+        times = [r.forgotten_at for r in rows if r is not None and r.forgotten_at is not None]
+        if times:
+            out[subject] = max(times)
+    return out
 
 
 def _dek_aad(subject_id: str, generation: int) -> bytes:
@@ -375,8 +391,10 @@ class Vault:
         with the caller's own rows (a decision-log batch and the new buyers' keys: one
         transaction, not two). Keys it read or created are cached only when the caller
         passes the result to ``adopt`` after the commit. The same read tells when each
-        subject was last forgotten (``PreparedKeys.forgotten_at``): the decision log
-        stores no ciphertext or blind index for a record appended before that. Subjects
+        subject was last forgotten (``PreparedKeys.forgotten_at``), under its own spelling
+        or the normalized one, which every forget marks (``SqlKeyStore.shred``): the
+        decision log stores no ciphertext or blind index for a record appended before
+        that, also under a spelling the forget could not find (nothing stored yet). Subjects
         whose key cannot be had (an empty id, a key wrapped under a retired master key)
         are left out: ``encrypt_fields`` with the result raises ``CryptoError`` for them.
         """
@@ -385,8 +403,9 @@ class Vault:
         wanted = [s for s in dict.fromkeys(subject_ids) if s]
         if not wanted:
             return out
-        latest = self.keystore.latest_many(wanted, tx)
-        out._forgotten = {s: r.forgotten_at for s, r in latest.items() if r.forgotten_at}
+        normalized = {s: n for s in wanted if (n := _BUYER(s)) and n != s}
+        latest = self.keystore.latest_many([*wanted, *normalized.values()], tx)
+        out._forgotten = _forgotten_at(wanted, normalized, latest)
         out._keys.update(self._still_current(wanted, latest, now))
         missing = [s for s in wanted if s not in out._keys]
         if not missing:

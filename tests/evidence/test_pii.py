@@ -244,6 +244,53 @@ def test_new_buyers_keys_commit_in_the_batchs_own_transaction(
     log.close()
 
 
+@pytest.mark.parametrize(
+    ("queued_as", "forgotten_as"), [("b-1 ", "b-1"), ("ｂ-１", "b-1"), ("b-1 ", "　b-1")]
+)
+def test_an_order_queued_under_a_new_spelling_before_a_forget_is_not_sealed(
+    tmp_path: Path, queued_as: str, forgotten_as: str
+) -> None:
+    """Review: an order still queued when `riskd pii forget` ran, under a spelling of the
+    buyer's id that had nothing stored yet (its first order sent as `b-1 `), was sealed
+    under a new key: the forget had marked only the spellings it found. Now every
+    forget marks the normalized spelling too, and the writer reads it beside each
+    buyer's own; the buyer's next order under that spelling is sealed anew."""
+    db = Database(tmp_path / "evidence.db")
+    keyring = Keyring.generate()
+    log = DecisionLog(
+        db,
+        vault=Vault(keyring, SqlKeyStore(db)),
+        indexer=BlindIndexer(keyring),
+        flush_interval_s=30.0,
+    )
+
+    def log_as(order_id: str, buyer_id: str) -> None:
+        order = make_order(order_id)
+        order = replace(order, buyer=replace(order.buyer, buyer_id=buyer_id))
+        decision = Decision(order_id, Outcome.ALLOW, 0.0, (), "v1", decided_at=1.0)
+        log.append(DecisionRecord(decision, log.protect(order)), order=order)
+
+    log_as("o-0", "b-1")
+    log.flush(10)  # a key under `b-1` only
+    log_as("o-1", queued_as)  # queued: the writer gathers for 30 s
+    cli_db = Database(tmp_path / "evidence.db")  # `riskd pii forget`, its own process
+    cli = Vault(keyring, SqlKeyStore(cli_db))
+    cli.add_forget_hook(lambda s: forget_subject(cli_db, s))
+    cli.forget(forgotten_as)
+    cli_db.close()
+    log_as("o-2", queued_as)  # the buyer orders again after the forget
+    log.flush(10)
+    assert log.get("o-1") is not None  # the masked, chained record stays
+    assert encrypted_fields(db, "o-1") == {} and blind_index_entries(db, "o-1") == {}
+    assert encrypted_fields(db, "o-0") == {}
+    fields = encrypted_fields(db, "o-2")
+    phone = Vault(keyring, SqlKeyStore(db)).decrypt(queued_as, "o-2", "phone", fields["phone"])
+    assert phone == PHONE and blind_index_entries(db, "o-2")
+    assert log.unsealed == 0 and log.verify().ok
+    log.close()
+    db.close()
+
+
 def test_decisions_logged_without_their_ciphertexts_are_counted_and_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
