@@ -9,7 +9,9 @@ the final name and syncs the folder, so that after a crash either the old file o
 one is there, and once it returns the new one stays. A symbolic link is followed: its
 target is replaced, the link kept. A part file is never left behind by a write that fails
 (nor by one interrupted: ``BaseException``); one left by a process killed while writing is
-its caller's to clear, since only the caller knows which names are its parts.
+its caller's to clear, since only the caller knows which names are its parts and when no
+writer can still be at one: ``riskd.pii.keyring.remove_stale_parts`` (under the key file's
+lock) and ``riskd.spillfile.remove_stale_parts`` (at start).
 
 ``write_in_place`` is for where a rename cannot serve: a file with other hard links (a
 rename would part them, the other names keeping the old text) or in a folder that

@@ -25,9 +25,12 @@ a bug by its kind alone (its text could quote personal data), never a traceback.
 Output names versions and counts, never key material or personal data.
 ``keygen`` and ``retire`` read, change and rewrite the key file under an
 exclusive lock (``<key file>.lock``), so commands run at once never lose a version;
-a key file, lock or folder the file system refuses (a folder that cannot be made, a
-file where a folder should be, not writable) is named with the system's reason,
-exit 1, nothing written.
+holding it, they first delete the part files that saves of that key file, killed
+before their rename, left (master keys in them: ``riskd.pii.keyring.remove_stale_parts``),
+each said on stderr by its name alone; one that cannot be deleted is said with the
+system's reason, and the command goes on. A key file, lock or folder the file system
+refuses (a folder that cannot be made, a file where a folder should be, not writable)
+is named with the system's reason, exit 1, nothing written.
 """
 
 from __future__ import annotations
@@ -44,7 +47,14 @@ from riskd.cli import add_config_argument, existing_database, said
 from riskd.config import Config, load_config
 from riskd.errors import ConfigError
 from riskd.evidence.log import forget_subject
-from riskd.pii.keyring import ENV_VAR, Keyring, locked
+from riskd.pii.keyring import (
+    ENV_VAR,
+    STALE_PART_S,
+    Keyring,
+    StaleParts,
+    locked,
+    remove_stale_parts,
+)
 from riskd.pii.keystore import SqlKeyStore
 from riskd.pii.vault import Vault, bind_keyring
 from riskd.sql import Database
@@ -132,19 +142,44 @@ def _writable_key_file(args: argparse.Namespace) -> Path:
 
 
 @contextmanager
-def _locked_key_file(path: Path) -> Iterator[None]:
-    """``locked(path)`` around a load-modify-save of the key file; the file system
+def _locked_key_file(path: Path, command: str) -> Iterator[None]:
+    """``locked(path)`` around a load-modify-save of the key file, the part files that
+    killed saves of it left deleted first (``_say_stale_parts``); the file system
     refusing the file, its lock or its folder (not there and not creatable, a file where
     a folder should be, not writable, full) said as a ``ConfigError`` naming the path and
     the system's reason, never a traceback. Each ``OSError`` inside is the key file's:
     ``Keyring.load`` and ``load_config`` say their own, the database's are not ``OSError``."""
     try:
         with locked(path):
+            _say_stale_parts(command, remove_stale_parts(path))
             yield
     except OSError as e:
         where = "" if e.filename is None else f"{e.filename}: "  # the path refused
         why = e.strerror or type(e).__name__
         raise ConfigError(f"keyring: cannot write key file {path}: {where}{why}") from None
+
+
+def _say_stale_parts(command: str, parts: StaleParts) -> None:
+    """Say on stderr what ``remove_stale_parts`` did, part files by name alone (what they
+    hold is master keys); a part not removed does not stop the command."""
+    head = f"riskd pii {command}:"
+    lines = [
+        f"{head} removed stale part file {name} (a save killed midway)" for name in parts.removed
+    ]
+    lines += [f"{head} cannot remove stale part file {name}: {why}" for name, why in parts.failed]
+    lines += [
+        f"{head} left part file {name}: an older riskd's, written in the last "
+        f"{STALE_PART_S / 60:.0f} minutes (its save may be under way); removed by a later command"
+        for name in parts.left
+    ]
+    if parts.unlisted is not None:
+        lines.append(f"{head} cannot look for stale part files: {parts.unlisted}")
+    if parts.unsynced is not None:
+        lines.append(
+            f"{head} stale part files removed, but the folder not synced: {parts.unsynced}"
+        )
+    for line in lines:
+        print(line, file=sys.stderr)
 
 
 def _vault(args: argparse.Namespace) -> tuple[Vault, Database]:
@@ -169,7 +204,7 @@ def _vault(args: argparse.Namespace) -> tuple[Vault, Database]:
 
 def _keygen(args: argparse.Namespace) -> int:
     path = _writable_key_file(args)
-    with _locked_key_file(path):  # another keygen/retire would otherwise lose a version
+    with _locked_key_file(path, args.pii_command):  # another keygen/retire: a version lost
         ring = Keyring.load(path).add_version() if path.exists() else Keyring.generate()
         ring.save(path)
     print(f"master key version {ring.primary} is primary in {path}")
@@ -197,7 +232,7 @@ def _rotate(args: argparse.Namespace) -> int:
 def _retire(args: argparse.Namespace) -> int:
     path = _writable_key_file(args)
     Keyring.load(path)  # no key file to retire from: refused before a folder or lock is made
-    with _locked_key_file(path):  # load-modify-save, serialised with keygen and retires
+    with _locked_key_file(path, args.pii_command):  # serialised with keygen and retires
         ring = Keyring.load(path)  # read again: another keygen may have added a version
         vault, db = _vault(args)
         try:

@@ -22,6 +22,12 @@ counters and the link graph would stop matching.
 
 A KMS plugs in by implementing ``MasterKeyProvider`` (``wrap``/``unwrap`` run
 remotely; the index keys are derived once at start-up and held in memory).
+
+A save writes the document to a part file beside the key file, named after it
+(``.<key file name>.keyring-<16 hex digits>``), then renames it over the key file. A
+process killed in between leaves that part, master keys in it (a version retired since
+among them): ``remove_stale_parts``, run under ``locked`` by every load-modify-save of
+the key file (``riskd pii keygen`` and ``retire``), deletes it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -46,6 +53,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from riskd import atomicfile
+from riskd.domain.clock import Clock, SystemClock
 from riskd.errors import ConfigError, CryptoError
 
 FORMAT = "riskd-keyring-v1"
@@ -56,6 +64,11 @@ MAX_VERSION = 2**31 - 1  # master_version is an SQL INTEGER column
 _INDEX_INFO = b"riskd blind index v1\x00"
 _FINGERPRINT_KEY = "\x00keyring fingerprint"  # never a field type (NORMALIZERS' names)
 _FINGERPRINT_LABEL = b"riskd keyring fingerprint v1"
+PART_INFIX = ".keyring-"  # a part file: "." + the key file's name + this + 16 hex digits
+STALE_PART_S = 600.0
+"""How long an old-form part file (``.keyring-*``, which names no key file) must have gone
+unwritten before ``remove_stale_parts`` takes it for a leftover."""
+_OLD_PART = re.compile(r"\.keyring-[a-z0-9_]{8}")  # tempfile's names, before parts named a key file
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,13 +268,15 @@ class Keyring:
     def save(self, path: Path) -> None:
         """Write atomically to ``path`` with mode 0600, durable once this returns.
 
-        The document goes to a temporary file beside ``path`` (removed if anything
-        fails), is fsynced, renamed over ``path``, and the directory is fsynced so the
-        rename survives a crash (``riskd.atomicfile``; a directory that cannot be
-        synced raises ``OSError``). Concurrent writers must serialise load-modify-save
-        themselves (``riskd pii`` holds ``locked(path)``): the rename is atomic, the
-        read-modify-write around it is not. A symbolic link (a key file on shared
-        storage) is followed: its target is replaced, the link kept.
+        The document goes to a part file beside ``path`` (``new_part_name``: named
+        after the key file; removed if anything fails), is fsynced, renamed over
+        ``path``, and the directory is fsynced so the rename survives a crash
+        (``riskd.atomicfile``; a directory that cannot be synced raises ``OSError``). A
+        process killed before the rename leaves the part: ``remove_stale_parts`` clears
+        it. Concurrent writers must serialise load-modify-save themselves (``riskd pii``
+        holds ``locked(path)``): the rename is atomic, the read-modify-write around it
+        is not. A symbolic link (a key file on shared storage) is followed: its target
+        is replaced, the link kept.
         """
         path = _resolved(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,8 +284,7 @@ class Keyring:
             path,
             self.to_json().encode("utf-8"),
             mode=0o600,
-            part_prefix=".keyring-",
-            part_suffix="",
+            part_name=new_part_name(path),
             folder_sync_required=True,
         )
 
@@ -312,6 +326,108 @@ def locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def new_part_name(path: Path) -> str:
+    """A fresh name for a part file of the key file ``path`` (no symbolic link followed:
+    pass the file itself), ``.<key file name>.keyring-<16 hex digits>``: it names the one
+    key file it belongs to, since the 25 characters after the name are the same in every
+    part (two key files in one folder never take each other's parts).
+
+    >>> new_part_name(Path("/etc/riskd/keyring.json"))[:22]
+    '.keyring.json.keyring-'
+    """
+    return f".{path.name}{PART_INFIX}{secrets.token_hex(8)}"
+
+
+@dataclass(frozen=True, slots=True)
+class StaleParts:
+    """What ``remove_stale_parts`` did, by part file name (never a file's content)."""
+
+    removed: tuple[str, ...] = ()
+    failed: tuple[tuple[str, str], ...] = ()
+    """Parts that could not be removed: (name, the system's reason)."""
+    left: tuple[str, ...] = ()
+    """Old-form parts written in the last ``STALE_PART_S``: a save may be writing them."""
+    unlisted: str | None = None
+    """Why the folder could not be listed (nothing removed then)."""
+    unsynced: str | None = None
+    """Why the folder could not be synced after removing (a crash may bring them back)."""
+
+
+def remove_stale_parts(path: Path, clock: Clock | None = None) -> StaleParts:
+    """Delete the part files that saves of the key file ``path`` (a symbolic link
+    followed) left when killed before their rename, then sync the folder; each one is
+    reported by name. Call it only while holding ``locked(path)``.
+
+    A part of the key file's own form (``new_part_name``) is always stale under the lock:
+    every load-modify-save of the key file holds it, so none of them is writing one. (A
+    save without the lock, the daemon generating ``<data_dir>/keyring.json`` on a first
+    start when there is no key file, may lose its part meanwhile: its rename fails and
+    that start stops with an error naming the file, the key file being the one the locked
+    command wrote.) Another key file's parts, in the same folder, are left: its own lock
+    guards them.
+
+    An old-form part (``.keyring-`` and 8 characters, written by a riskd from before
+    parts named their key file) names no key file, so the lock held says nothing about
+    its writer: it could be an older riskd saving another key file of the folder right
+    now. It is removed once unwritten for ``STALE_PART_S`` (10 minutes: a save is one
+    small file and an fsync, so no writer is still at it, whichever key file it was
+    saving); a younger one is left and reported, for a later command to remove.
+    """
+    path = _resolved(path)
+    folder = path.parent
+    now = (clock or SystemClock()).now()
+    own = re.compile(re.escape(f".{path.name}{PART_INFIX}") + "[0-9a-f]{16}")
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return StaleParts()
+    except OSError as e:
+        return StaleParts(unlisted=_why(e))
+    removed: list[str] = []
+    failed: list[tuple[str, str]] = []
+    left: list[str] = []
+    for name in names:
+        old_form = _OLD_PART.fullmatch(name) is not None
+        if name == path.name or not (old_form or own.fullmatch(name)):
+            continue
+        try:
+            (removed if _removed(folder / name, old_form, now) else left).append(name)
+        except FileNotFoundError:  # an old-form part that another key file's command took
+            pass
+        except OSError as e:
+            failed.append((name, _why(e)))
+    unsynced = _synced(folder) if removed else None
+    return StaleParts(tuple(removed), tuple(failed), tuple(left), unsynced=unsynced)
+
+
+def _removed(part: Path, old_form: bool, now: float) -> bool:
+    """Delete ``part``, unless it is an old-form part written in the last ``STALE_PART_S``;
+    whether it was deleted.
+
+    Raises:
+        FileNotFoundError: it is gone already.
+        OSError: it could not be deleted.
+    """
+    if old_form and now - os.lstat(part).st_mtime < STALE_PART_S:
+        return False
+    part.unlink()
+    return True
+
+
+def _synced(folder: Path) -> str | None:
+    """Sync ``folder``; None, or why it could not be synced."""
+    try:
+        atomicfile.sync_folder(folder)
+    except OSError as e:
+        return _why(e)
+    return None
+
+
+def _why(e: OSError) -> str:
+    """The system's reason for ``e`` (never a path or a file's content)."""
+    return e.strerror or type(e).__name__
 
 
 def _resolved(path: Path) -> Path:

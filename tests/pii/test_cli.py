@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import errno
 import os
+import select
+import signal
 import sqlite3
+import stat
+import subprocess
+import sys
 import threading
+import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +28,7 @@ from riskd.evidence.log import DecisionLog, blind_index_entries, encrypted_field
 from riskd.evidence.records import DecisionRecord
 from riskd.pii import keystore
 from riskd.pii.blind import BlindIndexer
-from riskd.pii.keyring import Keyring
+from riskd.pii.keyring import STALE_PART_S, Keyring, new_part_name
 from riskd.pii.keystore import SqlKeyStore
 from riskd.pii.vault import Vault
 from riskd.sql import Database
@@ -362,7 +369,7 @@ def test_cli_parallel_keygens_lose_no_version(
     assert ring.primary == n + 1
     reported = [line.split()[3] for line in capsys.readouterr().out.splitlines()]
     assert sorted(map(int, reported)) == list(range(1, n + 2))  # each printed its own
-    assert not list(key_file.parent.glob(".keyring-*"))  # no temporary file left behind
+    assert not list(key_file.parent.glob(".*keyring-*"))  # no temporary file left behind
 
 
 def test_cli_keygen_and_retire_through_a_symlink_update_the_shared_key_file(
@@ -494,7 +501,7 @@ def test_cli_a_folder_where_the_lock_should_be_is_named_in_one_line(
     refused = f"{os.path.realpath(lock)}: {os.strerror(errno.EISDIR)}"
     assert_key_file_refused(capsys.readouterr().err, command, key_file, refused)
     assert key_file.read_bytes() == kept
-    assert not list(key_file.parent.glob(".keyring-*"))
+    assert not list(key_file.parent.glob(".*keyring-*"))
 
 
 def test_cli_a_full_disk_while_saving_the_key_file_is_named_in_one_line(
@@ -611,3 +618,155 @@ def test_cli_a_bug_is_named_by_its_kind_alone_never_its_text(
     assert run("forget", "b1", *opts) == 1
     out, err = capsys.readouterr()
     assert (out, err) == ("", "riskd pii forget: error: TypeError\n")
+
+
+# ``riskd pii keygen`` in a process of its own, stopped inside the key file's save, its part
+# file written and synced, before the rename: it says "saving", then sleeps (to be killed),
+# or, with RISKD_TEST_GO, renames once that file exists.
+SAVING = """
+import os, sys, time
+from riskd.cli import main
+go, replace = os.environ.get("RISKD_TEST_GO"), os.replace
+def held(src, dst):
+    print("saving", flush=True)
+    while go is None or not os.path.exists(go):
+        time.sleep(0.01)
+    replace(src, dst)
+os.replace = held
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def keygen_saving(key_file: Path, go: Path | None = None) -> subprocess.Popen[str]:
+    """A ``riskd pii keygen`` of ``key_file`` held inside its save (its lock held)."""
+    env = {**os.environ, **({"RISKD_TEST_GO": str(go)} if go else {})}
+    argv = [sys.executable, "-c", SAVING, "pii", "keygen", "--keyring", str(key_file)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    assert ready and proc.stdout.readline() == "saving\n"
+    return proc
+
+
+def parts_of(key_file: Path) -> list[Path]:
+    return sorted(key_file.parent.glob(f".{key_file.name}.keyring-*"))
+
+
+def secrets_of(ring: Keyring) -> list[str]:
+    keys = [ring.keys[v].material for v in ring.active_versions]
+    return [base64.b64encode(k).decode() for k in (*keys, ring.index_secret)]
+
+
+def test_cli_keygen_removes_the_part_a_killed_keygen_left_and_retire_leaves_no_old_key(
+    paths: tuple[list[str], Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A keygen killed before its rename leaves its part, version 1's key in it: the next
+    keygen removes it (by name), so once version 1 is retired no file holds its key."""
+    opts, key_file, _ = paths
+    assert run("keygen", *opts) == 0
+    first = Keyring.load(key_file)
+    proc = keygen_saving(key_file)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+    [part] = parts_of(key_file)
+    killed = Keyring.load(part)  # the crash's leftover: a whole keyring, versions 1 and 2
+    assert killed.versions == (1, 2) and killed.keys[1] == first.keys[1]
+    assert stat.S_IMODE(part.stat().st_mode) == 0o600
+    capsys.readouterr()
+    assert run("keygen", *opts) == 0
+    assert run("retire", "1", *opts) == 0
+    old_key = secrets_of(first)[0].encode()
+    files = [p for p in key_file.parent.rglob("*") if p.is_file()]
+    assert files and not [p.name for p in files if old_key in p.read_bytes()]
+    assert not part.exists() and parts_of(key_file) == []
+    said = capsys.readouterr()
+    removed = f"riskd pii keygen: removed stale part file {part.name} (a save killed midway)"
+    assert said.err == removed + "\n"
+    ring = Keyring.load(key_file)
+    assert (ring.versions, ring.active_versions) == ((1, 2), (2,))
+    shown = said.out + said.err
+    assert not any(s in shown for s in secrets_of(killed) + secrets_of(ring))
+
+
+def test_cli_keygen_leaves_the_part_files_of_another_key_file(
+    paths: tuple[list[str], Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two key files in one folder: a keygen of one never takes the other's parts."""
+    opts, key_file, _ = paths
+    other = key_file.with_name("other.json")
+    assert run("keygen", "--keyring", str(other)) == 0
+    theirs = key_file.parent / new_part_name(other)
+    theirs.write_bytes(other.read_bytes())
+    mine = key_file.parent / new_part_name(key_file)
+    mine.write_bytes(other.read_bytes())
+    capsys.readouterr()
+    assert run("keygen", *opts) == 0
+    assert capsys.readouterr().err == (
+        f"riskd pii keygen: removed stale part file {mine.name} (a save killed midway)\n"
+    )
+    assert theirs.exists() and not mine.exists()
+    assert Keyring.load(key_file).primary_version == 1
+    assert Keyring.load(other).primary_version == 1
+
+
+def test_cli_a_save_under_way_keeps_its_part_while_keygen_waits_for_the_lock(
+    paths: tuple[list[str], Path, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A part being written is one a keygen holding the lock is saving: another keygen
+    waits for the lock, and finds the part renamed by then, not removed under it."""
+    opts, key_file, _ = paths
+    assert run("keygen", *opts) == 0
+    go = tmp_path / "go"
+    proc = keygen_saving(key_file, go)
+    [part] = parts_of(key_file)
+    codes: list[int] = []
+    waiting = threading.Thread(target=lambda: codes.append(run("keygen", *opts)))
+    waiting.start()
+    time.sleep(0.5)
+    assert waiting.is_alive() and part.exists()  # held at the lock, the part untouched
+    go.touch()
+    assert proc.wait(30) == 0
+    waiting.join(30)
+    assert codes == [0]
+    assert Keyring.load(key_file).versions == (1, 2, 3)
+    assert parts_of(key_file) == []
+    assert "stale part" not in capsys.readouterr().err
+
+
+def test_cli_a_part_it_cannot_remove_is_said_and_keygen_goes_on(
+    paths: tuple[list[str], Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    opts, key_file, _ = paths
+    assert run("keygen", *opts) == 0
+    stuck = key_file.parent / new_part_name(key_file)
+    stuck.mkdir()  # unlink refuses a folder, even to root
+    capsys.readouterr()
+    assert run("keygen", *opts) == 0
+    assert capsys.readouterr().err == (
+        f"riskd pii keygen: cannot remove stale part file {stuck.name}: "
+        f"{os.strerror(errno.EISDIR)}\n"
+    )
+    assert Keyring.load(key_file).primary_version == 2
+
+
+def test_cli_keygen_removes_an_old_form_part_once_no_save_can_be_writing_it(
+    paths: tuple[list[str], Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``.keyring-*`` parts, of a riskd before parts named their key file, name no key
+    file: removed once unwritten for 10 minutes, a younger one left and said."""
+    opts, key_file, _ = paths
+    assert run("keygen", *opts) == 0
+    old, young = key_file.parent / ".keyring-abcd1234", key_file.parent / ".keyring-young123"
+    for part in (old, young):
+        part.write_bytes(key_file.read_bytes())
+    then = time.time() - STALE_PART_S - 1
+    os.utime(old, (then, then))
+    capsys.readouterr()
+    assert run("retire", "1", "--force", *opts) == 1  # refused: 1 is primary
+    err = capsys.readouterr().err.splitlines()
+    assert err[:2] == [
+        f"riskd pii retire: removed stale part file {old.name} (a save killed midway)",
+        f"riskd pii retire: left part file {young.name}: an older riskd's, written in the last"
+        " 10 minutes (its save may be under way); removed by a later command",
+    ]
+    assert not old.exists() and young.exists()

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import stat
 from pathlib import Path
 
 import pytest
 
+from riskd.domain.clock import FakeClock
 from riskd.errors import ConfigError, CryptoError
-from riskd.pii.keyring import Keyring, WrappedKey, locked
+from riskd.pii.keyring import (
+    STALE_PART_S,
+    Keyring,
+    StaleParts,
+    WrappedKey,
+    locked,
+    new_part_name,
+    remove_stale_parts,
+)
 
 
 def test_keyring_generate_has_one_active_primary_version() -> None:
@@ -171,4 +183,104 @@ def test_keyring_failed_save_leaves_the_old_file_and_no_temporary(tmp_path: Path
     with pytest.raises(OSError):
         ring.add_version().save(tmp_path / "blocked")
     assert path.read_bytes() == before
-    assert not list(tmp_path.glob(".keyring-*"))
+    assert not list(tmp_path.glob(".*keyring-*"))
+
+
+def test_keyring_save_names_its_part_after_the_key_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A part says which key file it belongs to, beside the file a symbolic link names."""
+    (tmp_path / "shared").mkdir()
+    link = tmp_path / "node.json"
+    link.symlink_to(tmp_path / "shared" / "keyring.json")
+    renamed: list[tuple[Path, Path]] = []
+    replace = os.replace
+
+    def spy(src: Path, dst: Path) -> None:
+        renamed.append((Path(src), Path(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    Keyring.generate().save(link)
+    [(part, final)] = renamed
+    assert final == (tmp_path / "shared" / "keyring.json").resolve()
+    assert part.parent == final.parent
+    assert re.fullmatch(r"\.keyring\.json\.keyring-[0-9a-f]{16}", part.name)
+
+
+def write_part(folder: Path, name: str, ring: Keyring) -> Path:
+    """A part file as a save killed before its rename leaves it."""
+    part = folder / name
+    part.write_text(ring.to_json())
+    part.chmod(0o600)
+    return part
+
+
+def test_keyring_remove_stale_parts_removes_this_key_files_parts_only(tmp_path: Path) -> None:
+    key_file, other = tmp_path / "keyring.json", tmp_path / "keyring.json.keyring-0123456789abcdef"
+    ring = Keyring.generate()
+    ring.save(key_file)
+    ring.save(other)
+    with locked(key_file):
+        mine = [write_part(tmp_path, new_part_name(key_file), ring) for _ in range(2)]
+        theirs = write_part(tmp_path, new_part_name(other), ring)  # its name starts as ours
+        lookalike = write_part(tmp_path, ".keyring.json.keyring-notapart", ring)
+        done = remove_stale_parts(key_file)
+    assert done.removed == tuple(sorted(p.name for p in mine))
+    assert (done.failed, done.left, done.unlisted, done.unsynced) == ((), (), None, None)
+    assert not any(p.exists() for p in mine)
+    assert theirs.exists() and lookalike.exists()
+    assert Keyring.load(key_file) == ring and Keyring.load(other) == ring
+    assert (tmp_path / "keyring.json.lock").exists()
+
+
+def test_keyring_remove_stale_parts_follows_a_symbolic_link(tmp_path: Path) -> None:
+    (tmp_path / "shared").mkdir()
+    target = tmp_path / "shared" / "keyring.json"
+    link = tmp_path / "keyring.json"
+    link.symlink_to(target)
+    Keyring.generate().save(link)
+    part = write_part(target.parent, new_part_name(target), Keyring.generate())
+    assert remove_stale_parts(link).removed == (part.name,)
+    assert link.is_symlink() and not part.exists()
+
+
+def test_keyring_remove_stale_parts_takes_an_old_form_part_once_no_save_can_be_writing_it(
+    tmp_path: Path,
+) -> None:
+    """``.keyring-*`` (before parts named their key file) may be another key file's, saved
+    by an older riskd under another lock: removed only once unwritten for 10 minutes."""
+    key_file = tmp_path / "keyring.json"
+    ring = Keyring.generate()
+    ring.save(key_file)
+    clock = FakeClock()
+    old = write_part(tmp_path, ".keyring-abcd_123", ring)
+    young = write_part(tmp_path, ".keyring-young123", ring)
+    os.utime(old, (clock.now() - STALE_PART_S, clock.now() - STALE_PART_S))
+    os.utime(young, (clock.now() - 5, clock.now() - 5))
+    with locked(key_file):
+        done = remove_stale_parts(key_file, clock)
+    assert (done.removed, done.left) == ((old.name,), (young.name,))
+    assert not old.exists() and young.exists()
+
+
+def test_keyring_remove_stale_parts_reports_a_part_it_cannot_remove_and_goes_on(
+    tmp_path: Path,
+) -> None:
+    key_file = tmp_path / "keyring.json"
+    ring = Keyring.generate()
+    ring.save(key_file)
+    stuck = tmp_path / new_part_name(key_file)
+    stuck.mkdir()  # unlink refuses a folder, even to root
+    part = write_part(tmp_path, new_part_name(key_file), ring)
+    with locked(key_file):
+        done = remove_stale_parts(key_file)
+    assert done.removed == (part.name,)
+    assert done.failed == ((stuck.name, os.strerror(errno.EISDIR)),)
+    assert stuck.is_dir() and not part.exists()
+
+
+def test_keyring_remove_stale_parts_of_a_key_file_in_no_folder_does_nothing(
+    tmp_path: Path,
+) -> None:
+    assert remove_stale_parts(tmp_path / "none" / "keyring.json") == StaleParts()
