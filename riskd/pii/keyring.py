@@ -361,11 +361,9 @@ def remove_stale_parts(path: Path, clock: Clock | None = None) -> StaleParts:
     reported by name. Call it only while holding ``locked(path)``.
 
     A part of the key file's own form (``new_part_name``) is always stale under the lock:
-    every load-modify-save of the key file holds it, so none of them is writing one. (A
-    save without the lock, the daemon generating ``<data_dir>/keyring.json`` on a first
-    start when there is no key file, may lose its part meanwhile: its rename fails and
-    that start stops with an error naming the file, the key file being the one the locked
-    command wrote.) Another key file's parts, in the same folder, are left: its own lock
+    every save of the key file holds it (``riskd pii keygen`` and ``retire``, and a
+    daemon's first start generating ``<data_dir>/keyring.json``), so none of them is
+    writing one. Another key file's parts, in the same folder, are left: its own lock
     guards them.
 
     An old-form part (``.keyring-`` and 8 characters, written by a riskd from before

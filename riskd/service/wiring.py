@@ -19,6 +19,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -35,7 +36,7 @@ from riskd.evidence.schema import create_schema
 from riskd.features import FeatureStore, InProcessFeatureStore, RedisFeatureStore
 from riskd.ledger import Book, LedgerShopDirectory, PenaltySchedule, load_schedule
 from riskd.pii.blind import BlindIndexer
-from riskd.pii.keyring import Keyring
+from riskd.pii.keyring import Keyring, locked
 from riskd.pii.keystore import SqlKeyStore
 from riskd.pii.vault import Vault, bind_keyring
 from riskd.service.evidence import add_evidence_service
@@ -384,6 +385,14 @@ def load_keyring(
 
 
 def _generated_keyring(config: Config, db: Database | None) -> Keyring:
+    """A new keyring in the key file (none there at start), under the key file's lock.
+
+    Review: generated without the lock, two daemons starting at once on one data folder
+    (or a start beside `riskd pii keygen`) each saved a keyring of its own, the later
+    rename replacing the earlier, so one of them sealed under a keyring no file kept (and
+    a keygen, clearing stale part files under the lock, could take the start's). Under
+    the lock, a key file made meanwhile is read instead.
+    """
     path = config.keyring_path
     if db is not None and _holds_keyed_data(db):
         raise ConfigError(
@@ -391,9 +400,12 @@ def _generated_keyring(config: Config, db: Database | None) -> Keyring:
             " indexes made with a keyring: restore that file, or point keyring_file or"
             " RISKD_KEYRING at the keyring the other processes use"
         )
-    keyring = Keyring.generate()
     try:
-        keyring.save(path)
+        with locked(path):  # as `riskd pii keygen` does: one keyring, whoever comes first
+            if path.exists():  # made meanwhile: another daemon's first start, or a keygen
+                return _key_file(path)
+            keyring = Keyring.generate()
+            keyring.save(path)
     except OSError as e:  # the message names the file, never the keys
         raise ConfigError(f"data_dir: cannot write the keyring {path}: {e.strerror}") from None
     log.info("generated a new keyring", extra={"fields": {"path": str(path)}})
@@ -427,17 +439,22 @@ def configured_keyring(config: Config) -> Keyring | None:
         return Keyring.from_json(config.keyring)
     path = config.keyring_path
     if path.exists():
-        try:
-            return Keyring.load(path)
-        except ConfigError as e:  # named as the setting that points at the file
-            detail = str(e).removeprefix("keyring: ")
-            raise ConfigError(f"keyring_file: {path}: {detail}") from None
+        return _key_file(path)
     if config.keyring_file is not None:
         raise ConfigError(
             f"keyring_file: {path} does not exist (a configured key file is not generated"
             " at start: create it once with `riskd pii keygen`)"
         )
     return None
+
+
+def _key_file(path: Path) -> Keyring:
+    """The keyring in the key file ``path``, an error named as the setting that points at it."""
+    try:
+        return Keyring.load(path)
+    except ConfigError as e:
+        detail = str(e).removeprefix("keyring: ")
+        raise ConfigError(f"keyring_file: {path}: {detail}") from None
 
 
 def _holds_keyed_data(db: Database) -> bool:

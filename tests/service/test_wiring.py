@@ -19,10 +19,10 @@ from riskd.domain.clock import SystemClock
 from riskd.engine import catchup
 from riskd.errors import ConfigError, RiskdError, UnavailableError
 from riskd.evidence.log import encrypted_fields
-from riskd.pii.keyring import Keyring
+from riskd.pii.keyring import Keyring, fingerprint, locked
 from riskd.service.metrics import Metrics
 from riskd.service.server import create_server
-from riskd.service.wiring import build_components
+from riskd.service.wiring import build_components, load_keyring
 from riskd.sql import Database
 from tests.service.conftest import copy_rules, make_config
 from tests.service.sample import full_order
@@ -163,6 +163,30 @@ def test_a_lost_keyring_is_not_replaced_over_data_sealed_with_it(tmp_path: Path)
     with pytest.raises(ConfigError, match=r"^keyring_file: .* does not exist, but the database"):
         create_server(make_config(tmp_path))
     assert not (tmp_path / "keyring.json").exists()
+
+
+def test_a_first_start_beside_a_keygen_takes_the_key_file_made_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """Review: a first start generated its keyring without the key file's lock, so a
+    `riskd pii keygen` (or another daemon's first start) on the same data folder at that
+    moment saved a keyring of its own over it, or under it: one of them went on sealing
+    under a keyring no file kept. Now the start waits for the lock and reads the file
+    made meanwhile."""
+    config = make_config(tmp_path)
+    key_file = tmp_path / "keyring.json"
+    made = Keyring.generate()
+    got: list[Keyring] = []
+    with locked(key_file):  # a keygen holding the lock, its save not yet done
+        start = threading.Thread(target=lambda: got.append(load_keyring(config)))
+        start.start()
+        time.sleep(0.3)
+        made.save(key_file)
+    start.join(5)
+    assert not start.is_alive()
+    assert fingerprint(got[0]) == fingerprint(made)
+    assert fingerprint(Keyring.load(key_file)) == fingerprint(made)
+    assert [p.name for p in tmp_path.iterdir() if "keyring-" in p.name] == []
 
 
 def test_a_daemon_started_before_keygen_seals_for_buyers_keyed_after_it(tmp_path: Path) -> None:
