@@ -464,6 +464,7 @@ def test_statements_and_account_lists_page_within_the_servers_send_limit(
         ("evidence", "买家身份证 11010519491231002X", "a resident ID number"),
         ("reason", "退款卡号 6222021234567890128", "a bank card number"),
         ("evidence", "mailto:zhang.san@example.com", "an e-mail address"),
+        ("reason", "赔付给买家，收款人：王芳", "a person's name"),
     ],
 )
 def test_a_reason_or_evidence_holding_pii_is_refused_and_writes_nothing(

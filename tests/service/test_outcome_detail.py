@@ -1,7 +1,7 @@
 """ReportOutcome's ``detail`` through a real server, on SQLite and on PostgreSQL: a detail
-holding a buyer's phone, ID, card, e-mail or street address is refused and stored
-nowhere; what details really carry (tracking numbers, order ids, amounts, dates, places,
-list items, Chinese text) is stored."""
+holding a buyer's phone, ID, card, e-mail, street address or labelled name is refused and
+stored nowhere; what details really carry (tracking numbers, order ids, amounts, dates,
+places, list items, labels without a name, Chinese text) is stored."""
 
 from __future__ import annotations
 
@@ -72,6 +72,9 @@ def report(stub: scoring_pb2_grpc.ScoringServiceStub, order_id: str, detail: str
         ("联系邮箱 zhang.san@example.com", "zhang.san", "an e-mail address"),
         ("买家改地址：杭州市西湖区文三路 90 号 5栋1203室", "文三路", "a shipping address"),
         ("收货地址北京市朝阳区建国路八十八号", "建国路", "a shipping address"),
+        ("收件人：张伟 已确认，要求退款", "张伟", "a person's name"),
+        ("买家王小明说没收到", "王小明", "a person's name"),
+        ("contact name: John Smith", "Smith", "a person's name"),
     ],
 )
 def test_a_detail_with_pii_is_refused_naming_detail_and_stored_nowhere(
@@ -102,6 +105,7 @@ def test_a_detail_with_pii_is_refused_naming_detail_and_stored_nowhere(
         "IP 172.160.100.20 于 2026.11.28 12:30:45 下单 ¥1,234.56，客户端 v2.13.8",
         "商家在深圳市南山区发货，快递到了杭州转运中心",
         "2024年3月1号发货，直播间2号链接退款，5层收纳架 38码",
+        "收件人未填写，联系人不详，买家说已退款，收件人：张**，买家王先生称未收到",
         "bank",
     ],
 )

@@ -1,0 +1,278 @@
+"""Names in free text: a person's name where the text says it is one.
+
+Where it sits: ``riskd.pii.detect.find_pii`` reads it beside the numbers, the e-mail and
+the address, so every field that ``refuse_pii`` guards (an outcome's ``detail``, a ledger
+request's ``reason`` and ``evidence``, a reveal's and a legal hold's ``reason``) refuses a
+buyer's name as ``a person's name``.
+
+A bare Chinese name cannot be told from other words (``高明``, ``马上``, ``江南``), so a
+name counts only after a label that says one follows:
+
+- a field label, whose value is a name: 姓名 (买家姓名, 真实姓名, …), 收件人, 收货人,
+  寄件人, 发件人, 签收人, 取件人, 提货人, 联系人, 持卡人, 开户人, 户名 (开户名,
+  账户名; not 用户名 or 客户名…), 收款人, 付款人, 下单人, 购买人, 投诉人, 申请人; then
+  blanks, a colon, a dash, ``=``, an opening bracket or quote, and one of 是 为 叫
+  (``收件人为张伟``), or none. Not 名字, which shops and goods have too (``店铺名字``);
+- a role word, which a name may follow or not: 买家, 买方, 客户, 顾客, 用户, 消费者
+  (``买家王小明说没收到``, ``买家已收货``). A name after it must end there: the text ends,
+  or a character that is no Han character, or one that starts what follows a name
+  (说, 称, 已, 未, 的, 要, 表示, 申请, 投诉, …: ``_AFTER_NAME``);
+- an English label: ``name`` (``full name``, ``buyer name``, ``contact name``, …; not
+  after another word, ``product name``), ``cardholder``, ``recipient``, ``consignee``,
+  ``addressee`` (one capitalised word is enough), and ``buyer``, ``customer``,
+  ``contact``, ``sender``, ``receiver`` (a colon after them, or two capitalised words).
+
+A Chinese name is a surname (the commonest 253 single ones and 37 compound ones:
+``_SURNAMES``, ``_COMPOUND_SURNAMES``) and one or two Han characters that can be in a
+given name (not 的, 了, 说, 已, …: ``_NOT_GIVEN``); a Latin one, capitalised words
+(``John Smith``, ``Zhang Wei``; not all capitals, ``VIP``, nor ``Unknown``, ``Support``,
+…: ``_NOT_A_LATIN_NAME``). Not a name: a masked one (``张**``, ``张*明``, ``张某``, ``张x``:
+what ``riskd.pii.mask.mask_name`` writes, and what analysts are told to write), a
+surname with a title (``王先生``, ``李女士``, ``张总``, ``刘老师``: a surname alone finds
+nobody), a label followed by what is no name (``收件人未填写``, ``联系人不详``,
+``姓名已脱敏``, ``收件人电话错误``, ``买家说``, ``买家 已退款``), and a surname and the
+character after it that begin a common word (``买家马上到``, ``收件人包裹丢失``,
+``客户方面``: ``_NOT_A_NAME``). What no detector tells apart: a real name whose surname
+and first given character begin such a word is missed (``王国庆``, ``王家伟``, ``黄山``);
+a name with neither label nor role word before it is not looked for (``张伟说没收到``);
+and a surname and a rare word after a label read as a name (``收件人盛名在外``).
+
+Each label is matched once, as a literal, and what follows it is read for a bounded
+number of characters, so a long text costs time in proportion to its length. The false
+positives and misses measured: ``riskd.pii.detect``'s docstring.
+"""
+
+from __future__ import annotations
+
+import re
+
+from riskd.pii.blind import _INVISIBLE_CHAR, _nfkc
+
+
+def _words(table: str) -> tuple[str, ...]:
+    """The blank-separated words of a table below."""
+    return tuple(table.split())
+
+
+_SURNAMES = frozenset(
+    "王李张刘陈杨黄赵吴周徐孙马朱胡郭何高林罗郑梁谢宋唐许韩冯邓曹彭曾肖田董袁潘于蒋蔡余杜叶程苏"
+    "魏吕丁任沈姚卢姜崔钟谭陆汪范金石廖贾夏韦付傅方白邹孟熊秦邱江尹薛闫阎段雷侯龙史陶黎贺顾毛郝"
+    "龚邵万钱严覃武戴莫孔汤常温康施文牛樊葛邢安齐易乔伍庞颜倪庄聂章鲁岳翟殷詹申欧耿关兰焦俞左柳"
+    "甘祝包宁尚符舒阮柯纪梅童凌毕单季裴霍涂成苗谷盛曲翁冉骆蓝路游辛靳管柴蒙鲍华喻祁蒲房滕屈饶解"
+    "牟艾尤阳时穆农司卓古吉缪简车项连芦麦褚娄窦戚岑景党宫费卜冷晏席卫米柏宗瞿桂全佟应臧闵苟邬边"
+    "卞姬师仇栾隋商刁沙荣巫寇桑郎甄丛仲虞敖巩明佘池查麻苑迟邝"
+)
+"""About the 250 commonest single surnames of the published rankings; 和 and 向 are left
+out, being the conjunction and the preposition far more often (``收件人和下单人不一致``,
+``买家向平台投诉``)."""
+_COMPOUND_SURNAMES = frozenset(
+    _words(
+        "欧阳 司马 诸葛 上官 东方 皇甫 尉迟 公孙 慕容 长孙 宇文 司徒 令狐 夏侯 独孤 端木 西门 南宫"
+        " 轩辕 呼延 申屠 澹台 公冶 太史 闻人 万俟 钟离 赫连 濮阳 淳于 单于 拓跋 百里 东郭 仲孙 司空"
+        " 左丘"
+    )
+)
+_NOT_A_NAME = {
+    group[0]: frozenset(group[1:])
+    for group in _words(
+        "王国室家位 张湾 黄河金冈石色州陂土昏家连陵沙山花安海鳝豆 "
+        "周围恩期边年刊末长岁到二身六日一黑 徐州 马克上来路蹄头力车铃列鞍里到 "
+        "胡说乱须 何况必处以等时不在故人事种尝用 "
+        "高速度级兴中校考原新手等于大温出层山低效呼尚声压血举涨产档空粱高位亢端分程地处职贵额铁 "
+        "林区业中 罗马田 郑州重克 宋代朝 唐代朝 许多家久许 韩国版束 曾经 肖像 "
+        "田地径间 董事 于是今昨前当本次近上下周月年日晚早中午凌 余种地家下万额年脉处 "
+        "叶片 程度序 苏联州维丹格区泊宁 任务何期免职命教意用 沈阳 陆续地游上路 "
+        "范围 金融属银额钱牌花牙星轮代丝台色箔子正黄 "
+        "石首油头桥化门窟膏器碑壁湖墨子板块灰刻兽雕 夏天季 付出款费 "
+        "方面法式向案针便言才程丈位形略可解 白色天沙衣马族鳍人家嫩俄 秦腔 "
+        "江南夏陵苏湖西汉北山淮水面中河豚岸东流 雷电 龙头门大袍泉 史料学书记册 "
+        "陶器瓷 黎族 顾及源虑不 毛主病尖笔衣巾 "
+        "万元吨亩公岁美平历一年家多立万辆千物余分里人向股尾名个头事 钱币 "
+        "严重格肃厉峻密谨禁寒守整惩刑酷 武汉器昌装当士力艺警官陵术将大备 莫非名大 "
+        "常委常务见用规设有绿年住数人识驻言买 温度暖和带柔差州 康师 施工行展主加 "
+        "文化学章物字件艺库献书理华人集武革官责科教凭体中本坛 牛肉奶车筋 葛洲 "
+        "安全排装徽陆慰定置乡心理宁放庆踏 齐名国 易于 庞大 颜色 庄严重稼家 章程 "
+        "岳家 申请报诉花 欧洲盟元阳亚美版莱 "
+        "关系于键注心闭节联中头山税上切门口东押照外内 兰州蔻 焦点急山虑躁 "
+        "左右手侧边臂派腿脚 甘肃泉蔗心 包括含围袱裹装机扎邮 宁夏愿波 尚书未无有且 "
+        "符合号 舒服适 纪念录律要 童年话装鞋 凌晨 毕业竟生 "
+        "单位独纯行一个元刀词板人打身体调号据子方 季节度风 涂料 "
+        "成为立功绩长果员本分熟就都人效化交千型年虫因排书群品色名败像 苗族 谷地物子 "
+        "盛产行大开 曲折线调子 骆驼 蓝色 路线上桥边过面径子灯口旁 "
+        "游客行戏泳览击牧人离记子玩 辛亥苦 管理辖道家制事 柴油 蒙古牛 "
+        "华北表山夏中侨盛人东南瑞沙为 房子间屋地中县里门价基产 屈原服辱 "
+        "解决释放除开答散体读脱剖析毒救题说 艾滋 尤其为 阳性 "
+        "时间候期代刻机辰分尚报常光时说而节任空日数速人 穆斯 "
+        "农业民村产作历场田奴家药户用行牧夫 司法令机长空 "
+        "古代墓城怪迹人典巴今希都称籍物时罗 吉林利 简单称介直历化易陋洁明 "
+        "车程辆站上牌子间厢城体身长轮 项目 连续接忙连同夜声长锁年队成带日任 芦花苇 "
+        "景点观区象色物 党中员委内组政派风 宫廷女中灯门里墙 费用力 冷静却冷战漠淡水 "
+        "席位 卫生士兵队国衣龙 米兰饭色 宗教旨室族派 "
+        "全国省部面市体球身年世都长党境军民力会书新然县家局场称文权城线方区邦心州程集队额款 "
+        "应该用当付有聘届急城力试变为邀声酬 边缘界境防区上疆陲沿际 "
+        "师父妹范长弟徒团资大 仇恨人 隋唐朝 "
+        "商品业人量议城务店场贸用代朝洛学家标旅周定 沙漠市发湖河俄包 荣耀 巫山 "
+        "丛书中 仲裁 巩固 明显确代朝清天日明年知亮末教儿史月细白 池河塘 "
+        "查看询处出无到 麻烦袋布雀 迟疑早迟到 "
+    )
+}
+"""The characters after a surname that begin a word, not a name (``马上``, ``高兴``,
+``万公顷``): the first two characters of every word of jieba's dictionary (0.42.1) of
+frequency 300 or more that begins with a surname, its person names left out; those of
+orders and shops (付款, 包裹, 单号, 金额, colours, brands: 华为, 卫龙, 兰蔻); and ``东方``
+that reads as the east (``东方红``, ``东方明珠``, ``东方航空``, ``东方甄选``)."""
+_NOT_A_NAME["东方"] = frozenset("红明航甄不")
+_NOT_GIVEN = frozenset(
+    "的了着过吗呢吧啊呀么们个这那哪我你他她它您咱其之所以而且或但因则即便很太最挺再将"
+    "能得地每各该此些说称讲问已未没不无在于和与及是也都就又还要想把被对向给从让等并跟比往到自"
+    "某号件次块份买卖退寄拿取看穿吃喝做去走"
+)
+"""Characters a given name does not hold here: particles, pronouns, verbs of saying,
+negations, prepositions and conjunctions, counters; and 某, a name masked (``张某``)."""
+_AFTER_NAME = _NOT_GIVEN | frozenset("表反申投来致联认声确收签拒下购付退希打发回本先今昨同提质催找")
+"""What may follow a name that a role word opens (``买家张伟申请退款``)."""
+_TITLES = _words(
+    "先生 女士 小姐 师傅 老师 老板 经理 总 姐 哥 叔 姨 阿姨 大爷 大妈 同学 老 律师 医生 警官 主管"
+)
+"""After a surname, a title: no name (``王先生``)."""
+_CN_LABEL = re.compile(
+    "姓名|收件人|收货人|寄件人|发件人|签收人|取件人|提货人|联系人|持卡人|开户人|户名|收款人|付款人"
+    "|下单人|购买人|投诉人|申请人|(?P<role>买家|买方|客户|顾客|用户|消费者)"
+)
+_NOT_A_LABEL_BEFORE = {"户名": "用客"}
+"""``用户名`` is a username, ``客户名单`` a list."""
+_SEPARATORS = frozenset(" \t:=-([【「“\"'")
+"""Between a label and its value (``收件人：张伟``, ``姓名（张伟）``: NFKC reads full-width
+colons and brackets as ASCII ones)."""
+_MAX_SEPARATORS = 4
+_COPULAS = frozenset("是为叫")
+_EN_LABEL = re.compile(
+    r"(?<![A-Za-z])(?:"
+    r"(?:(?:buyer|customer|recipient|receiver|consignee|contact|cardholder|card[ \t]holder"
+    r"|account[ \t]holder|sender|full|real|legal)(?:'s)?[ \t])?(?P<name>name)"
+    r"|(?P<strong>cardholder|card[ \t]holder|recipient|consignee|addressee)"
+    r"|buyer|customer|contact|sender|receiver"
+    r")(?![A-Za-z])",
+    re.IGNORECASE,
+)
+_LATIN_WORD = re.compile(r"[A-Z][a-z]{1,30}+(?:[-'][A-Za-z][a-z]{0,30}+)?(?![A-Za-z])")
+_NOT_A_LATIN_NAME = frozenset(
+    _words(
+        "Unknown None Null Nil Not No Missing Redacted Masked Hidden Withheld Anonymous Guest"
+        " Same Empty Blank Pending Required Invalid Wrong Changed Updated Verified Confirmed"
+        " The This That Our Your His Her Their Is Was Has Had And Or Of On In At For To From"
+        " With By As See Please Info Information Details Detail Address Phone Number Mobile"
+        " Email Field Name Said Says Called Reported Requested Refund Request Order Support"
+        " Service Team Care Center Centre Hotline App Account User Buyer Customer Seller"
+        " Merchant Shop Store Platform Admin Agent Courier Driver Ltd Inc Co Company Limited"
+    )
+)
+"""Capitalised words after a label that are no name (``name: Unknown``, ``contact:
+Support``)."""
+
+
+def has_name(text: str) -> bool:
+    """Whether ``text`` holds a person's name after a label that says one follows.
+
+    >>> has_name("收件人：张伟 已确认"), has_name("买家王小明说没收到")
+    (True, True)
+    >>> has_name("contact name: John Smith"), has_name("收件人未填写，买家说已退款")
+    (True, False)
+    >>> has_name("收件人：张**"), has_name("买家王先生称未收到"), has_name("买家马上到")
+    (False, False, False)
+    """
+    return labelled_name(_INVISIBLE_CHAR.sub("", _nfkc(text)))
+
+
+def labelled_name(text: str) -> bool:
+    """``has_name`` on a text already read (NFKC, no zero-width characters)."""
+    for match in _CN_LABEL.finditer(text):
+        skip = _NOT_A_LABEL_BEFORE.get(match.group(), "")
+        if match.start() and text[match.start() - 1] in skip:
+            continue
+        role = match.group("role") is not None
+        at = _value_start(text, match.end(), copula=not role)
+        if _chinese_name(text, at, role=role) or (not role and _latin_name(text, at, 1)):
+            return True
+    return any(_english_label_name(text, m) for m in _EN_LABEL.finditer(text))
+
+
+def _value_start(text: str, at: int, *, copula: bool) -> int:
+    """Where a label's value begins: after a few blanks, a colon, a dash or ``=``, and
+    after a field label one of 是 为 叫 (``收件人为张伟``)."""
+    at = _skip_separators(text, at)
+    if copula and at < len(text) and text[at] in _COPULAS:
+        at = _skip_separators(text, at + 1)
+    return at
+
+
+def _skip_separators(text: str, at: int) -> int:
+    end = min(len(text), at + _MAX_SEPARATORS)
+    while at < end and text[at] in _SEPARATORS:
+        at += 1
+    return at
+
+
+def _chinese_name(text: str, at: int, *, role: bool) -> bool:
+    """A surname at ``at`` and a given name after it, the surname read as a compound one
+    first (``欧阳娜娜``), then as a single one (``欧阳``: 欧 and 阳)."""
+    return any(
+        _given_name(text, at + len(surname), surname, role=role)
+        for surname in (text[at : at + 2], text[at : at + 1])
+        if surname in _COMPOUND_SURNAMES or surname in _SURNAMES
+    )
+
+
+def _given_name(text: str, given: int, surname: str, *, role: bool) -> bool:
+    """A given name at ``given`` after ``surname``; after a role word it must end at a
+    boundary (``_AFTER_NAME``)."""
+    if not _given_char(text, given) or text.startswith(_TITLES, given):
+        return False
+    if text[given] in _NOT_A_NAME.get(surname, frozenset()):
+        return False
+    if not role:
+        return True
+    for end in (given + 1, given + 2):  # one or two given characters, then a boundary
+        if end >= len(text) or not _han(text[end]) or text[end] in _AFTER_NAME:
+            return True
+        if not _given_char(text, end):
+            return False
+    return False
+
+
+def _given_char(text: str, at: int) -> bool:
+    return at < len(text) and _han(text[at]) and text[at] not in _NOT_GIVEN
+
+
+def _han(char: str) -> bool:
+    """A CJK unified ideograph (the basic block and extension A)."""
+    return "\u4e00" <= char <= "\u9fff" or "\u3400" <= char <= "\u4dbf"
+
+
+def _english_label_name(text: str, match: re.Match[str]) -> bool:
+    """A name after an English label: ``name`` not after another word (``product name``),
+    and one capitalised word after ``name`` or a strong label, two after a role word
+    unless a colon stands between."""
+    start = match.start()
+    if match.group("name") is not None and match.start("name") == start:
+        before = text[max(0, start - _MAX_SEPARATORS) : start]
+        word_end = before.rstrip(" \t")[-1:]
+        if word_end != before[-1:] and word_end.isascii() and word_end.isalpha():
+            return False  # ``product name``: another word's name
+    at = _value_start(text, match.end(), copula=False)
+    strong = match.group("name") is not None or match.group("strong") is not None
+    words = 1 if strong or ":" in text[match.end() : at] else 2
+    return _chinese_name(text, at, role=False) or _latin_name(text, at, words)
+
+
+def _latin_name(text: str, at: int, words: int) -> bool:
+    """``words`` capitalised words or more at ``at`` (``John Smith``), none a word
+    that is no name (``_NOT_A_LATIN_NAME``)."""
+    for _ in range(words):
+        word = _LATIN_WORD.match(text, at)
+        if word is None or word.group().split("-")[0].split("'")[0] in _NOT_A_LATIN_NAME:
+            return False
+        at = word.end()
+        if at < len(text) and text[at] == " ":
+            at += 1
+    return True
