@@ -32,8 +32,10 @@ surname with a title (``王先生``, ``李女士``, ``张总``, ``刘老师``: a
 nobody), a label followed by what is no name (``收件人未填写``, ``联系人不详``,
 ``姓名已脱敏``, ``收件人电话错误``, ``买家说``, ``买家 已退款``), and a surname and the
 character after it that begin a common word (``买家马上到``, ``收件人包裹丢失``,
-``客户方面``: ``_NOT_A_NAME``). What no detector tells apart: a real name whose surname
-and first given character begin such a word is missed (``王国庆``, ``王家伟``, ``黄山``);
+``客户方面``: ``_NOT_A_NAME``), this trade's among them (``买家黄牛``,
+``用户白嫖``, ``买家杨梅坏了``: ``_TRADE_WORDS``). What no detector tells apart: a real
+name whose surname and first given character begin such a word is missed (``王国庆``,
+``王家伟``, ``黄山``);
 a name with neither label nor role word before it is not looked for (``张伟说没收到``);
 and a surname and a rare word after a label read as a name (``收件人盛名在外``).
 
@@ -122,6 +124,18 @@ frequency 300 or more that begins with a surname, its person names left out; tho
 orders and shops (付款, 包裹, 单号, 金额, colours, brands: 华为, 卫龙, 兰蔻); and ``东方``
 that reads as the east (``东方红``, ``东方明珠``, ``东方航空``, ``东方甄选``)."""
 _NOT_A_NAME["东方"] = frozenset("红明航甄不")
+_TRADE_WORDS = _words(
+    "黄牛 白嫖 马甲 钱包 高价 高仿 龙虾 鲍鱼 杨梅 李子 石榴 桂圆 柳丁 柳橙 车厘 包包 熊猫 孔雀"
+    " 牛仔 石斛 常温 金条 金饰 秦椒 蒋记 冯记 毛绒 裴记 邵记 卢记 温泉 戴森 雷蛇 龙井 白茶"
+    " 黄酒 红酒 叶酸 米粉 米线 花甲 燕窝 苏打 柏木 苗条 宫保 文胸 文玩 安踏 李宁 乔丹"
+)
+"""Words of this trade that begin with a surname and read as a name after a role word
+(``买家黄牛``, ``用户白嫖``, ``买家马甲号``, ``买家杨梅坏了``): the scalpers, freeloaders and
+sock puppets analysts write of, and goods of the platform's categories (food, beauty,
+fashion, home); also brands named after a person (李宁, 乔丹), which no detector tells
+from that person."""
+for _word in _TRADE_WORDS:
+    _NOT_A_NAME[_word[0]] = _NOT_A_NAME.get(_word[0], frozenset()) | {_word[1]}
 _NOT_GIVEN = frozenset(
     "的了着过吗呢吧啊呀么们个这那哪我你他她它您咱其之所以而且或但因则即便很太最挺再将"
     "能得地每各该此些说称讲问已未没不无在于和与及是也都就又还要想把被对向给从让等并跟比往到自"
@@ -129,8 +143,11 @@ _NOT_GIVEN = frozenset(
 )
 """Characters a given name does not hold here: particles, pronouns, verbs of saying,
 negations, prepositions and conjunctions, counters; and 某, a name masked (``张某``)."""
-_AFTER_NAME = _NOT_GIVEN | frozenset("表反申投来致联认声确收签拒下购付退希打发回本先今昨同提质催找")
-"""What may follow a name that a role word opens (``买家张伟申请退款``)."""
+_AFTER_NAME = (_NOT_GIVEN - frozenset("了着过吗呢吧啊呀么卖")) | frozenset(
+    "表反申投来致联认声确收签拒下购付退希打发回本先今昨同提质催找"
+)
+"""What may follow a name that a role word opens (``买家张伟申请退款``); not a particle that
+ends a clause about a thing (``买家石榴坏了``) nor 卖 (``买家高价转卖``)."""
 _TITLES = _words(
     "先生 女士 小姐 师傅 老师 老板 经理 总 姐 哥 叔 姨 阿姨 大爷 大妈 同学 老 律师 医生 警官 主管"
 )

@@ -99,6 +99,19 @@ NOT_NAMES = [
     "客户名单已导出",
     "客户经理跟进",
     "用户名已修改",  # a username
+    # the trade's own words after a role word (review: each read as a name)
+    "买家黄牛，批量下单",
+    "疑似用户白嫖",
+    "买家马甲号",
+    "买家钱包被盗",
+    "买家高价转卖",
+    "买家杨梅坏了",
+    "买家石榴坏了",
+    "买家龙虾不新鲜",
+    "客户鲍鱼已退",
+    "买家桂圆。",
+    "顾客包包坏了",
+    "买家李宁的鞋",
     "用户协议",
     "申请人工客服",  # 申请 人工
     "收款人民币100元",
@@ -293,7 +306,7 @@ def test_false_positives_and_misses_on_100k_generated_notes_are_as_measured() ->
     names = [person(rnd) for _ in range(100_000)]
     missed = [(s, g) for s, g in names if not has_name(labelled(rnd, s + g))]
     assert [s + g for s, g in missed if not reads_as_a_word(s, g)] == []
-    assert len(missed) <= 400  # 0.4%; measured: 277 (卫生, 金正军, 夏天, 王家, 全文, …)
+    assert len(missed) <= 400  # 0.4%; measured: 286 (李子, 卫生, 金正军, 夏天, 王家, …)
 
 
 @pytest.mark.parametrize(
