@@ -395,6 +395,8 @@ def _generated_keyring(config: Config, db: Database | None) -> Keyring:
     """
     path = config.keyring_path
     if db is not None and _holds_keyed_data(db):
+        if path.exists():  # another first start saved it, then recorded it in the database,
+            return _key_file(path)  # since this one looked (review: refused, the file there)
         raise ConfigError(
             f"keyring_file: {path} does not exist, but the database holds data keys and blind"
             " indexes made with a keyring: restore that file, or point keyring_file or"

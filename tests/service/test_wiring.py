@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 
 from riskd import spillfile
+from riskd.config import Config
 from riskd.domain.clock import SystemClock
 from riskd.engine import catchup
 from riskd.errors import ConfigError, RiskdError, UnavailableError
 from riskd.evidence.log import encrypted_fields
 from riskd.pii.keyring import Keyring, fingerprint, locked
+from riskd.service import wiring
 from riskd.service.metrics import Metrics
 from riskd.service.server import create_server
 from riskd.service.wiring import build_components, load_keyring
@@ -187,6 +189,37 @@ def test_a_first_start_beside_a_keygen_takes_the_key_file_made_meanwhile(
     assert fingerprint(got[0]) == fingerprint(made)
     assert fingerprint(Keyring.load(key_file)) == fingerprint(made)
     assert [p.name for p in tmp_path.iterdir() if "keyring-" in p.name] == []
+
+
+def test_a_first_start_takes_the_keyring_another_start_saved_and_recorded_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: a first start looked for the database's data keys before taking the key
+    file's lock. Another daemon's first start on the same data folder that saved its
+    keyring and recorded it in the database in between (after this start found no key
+    file) made this one refuse to start, saying the key file "does not exist", the file
+    there. Under the lock a key file made meanwhile is read before the database is asked."""
+    config = make_config(tmp_path)
+    first, second = Database(config.database), Database(config.database)
+    made: list[Keyring] = []
+    other_started = threading.Event()
+    real = wiring.configured_keyring
+
+    def looked(config: Config) -> Keyring | None:
+        found = real(config)
+        if found is None and not other_started.is_set():  # the other start, right after
+            other_started.set()  # this one looked: it generates, saves and records its own
+            made.append(load_keyring(config, first))
+        return found
+
+    monkeypatch.setattr(wiring, "configured_keyring", looked)
+    try:
+        got = load_keyring(config, second)
+    finally:
+        first.close()
+        second.close()
+    assert fingerprint(got) == fingerprint(made[0])
+    assert fingerprint(Keyring.load(tmp_path / "keyring.json")) == fingerprint(made[0])
 
 
 def test_a_daemon_started_before_keygen_seals_for_buyers_keyed_after_it(tmp_path: Path) -> None:
