@@ -69,7 +69,8 @@ class RevealOrderPiiRequest(_message.Message):
     """The order whose decision is investigated."""
     reason: _builtins.str
     """Why the plaintext is needed (required; recorded in the audit trail as written, so no
-    PII: a phone, ID or card number or an e-mail address is INVALID_ARGUMENT).
+    PII: a phone, ID or card number, an e-mail address, a street address or a person's
+    name after a label such as 收件人 or 买家 is INVALID_ARGUMENT).
     """
     @_builtins.property
     def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:

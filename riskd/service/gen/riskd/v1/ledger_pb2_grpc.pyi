@@ -9,7 +9,8 @@ receipt (replayed = true); the same key with other content is refused with
 ALREADY_EXISTS and writes nothing. A refused request never writes anything.
 Every reason and evidence text is kept as written in the append-only journal: one that
 looks like it holds personal data (a mobile phone number, an 18-character ID number, a
-bank card number, an e-mail address) is INVALID_ARGUMENT naming the field.
+bank card number, an e-mail address, a street address, a person's name after a label
+such as 收件人 or 买家) is INVALID_ARGUMENT naming the field.
 """
 
 from collections import abc as _abc

@@ -295,8 +295,9 @@ class ReportOutcomeRequest(_message.Message):
     """
     detail: _builtins.str
     """Free text, stored as written for good (hash-chained): no PII. A detail that looks
-    like it holds a mobile phone number, an 18-character ID number, a bank card number
-    or an e-mail address is INVALID_ARGUMENT ("detail: looks like it holds ..."), and
+    like it holds a mobile phone number, an 18-character ID number, a bank card number,
+    an e-mail address, a street address or a person's name after a label (收件人：张伟)
+    is INVALID_ARGUMENT ("detail: looks like it holds ..."), and
     nothing is stored. Tracking numbers, order ids, amounts and dates are fine.
     """
     def __init__(
