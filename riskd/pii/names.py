@@ -14,9 +14,11 @@ name counts only after a label that says one follows:
   blanks, a colon, a dash, ``=``, an opening bracket or quote, and one of 是 为 叫
   (``收件人为张伟``), or none. Not 名字, which shops and goods have too (``店铺名字``);
 - a role word, which a name may follow or not: 买家, 买方, 客户, 顾客, 用户, 消费者
-  (``买家王小明说没收到``, ``买家已收货``). A name after it must end there: the text ends,
-  or a character that is no Han character, or one that starts what follows a name
-  (说, 称, 已, 未, 的, 要, 表示, 申请, 投诉, …: ``_AFTER_NAME``);
+  (``买家王小明说没收到``, ``买家已收货``). After a colon or ``=`` (``买家：李娜``) it is a
+  field label; else the name must be the subject of what the buyer said or asked
+  (说, 称, 表示, 反馈, 投诉, 要求, 申请, 来电, …: ``_SAYS``), since a role word is far
+  more often followed by what the buyer is or has (``用户高风险，建议拦截``,
+  ``买家陈皮收到后发霉``): ``买家王小明``, ``买家张伟的订单`` are not looked for;
 - an English label: ``name`` (``full name``, ``buyer name``, ``contact name``, …; not
   after another word, ``product name``), ``cardholder``, ``recipient``, ``consignee``,
   ``addressee`` (one capitalised word is enough), and ``buyer``, ``customer``,
@@ -143,11 +145,12 @@ _NOT_GIVEN = frozenset(
 )
 """Characters a given name does not hold here: particles, pronouns, verbs of saying,
 negations, prepositions and conjunctions, counters; and 某, a name masked (``张某``)."""
-_AFTER_NAME = (_NOT_GIVEN - frozenset("了着过吗呢吧啊呀么卖")) | frozenset(
-    "表反申投来致联认声确收签拒下购付退希打发回本先今昨同提质催找"
+_SAYS = _words(
+    "说 称 讲 问 表示 反映 反馈 投诉 要求 申请 申诉 声称 坚称 致电 来电 询问 咨询 催促 拒收 拒绝"
+    " 同意 确认 承认 否认 坚持 希望 提出 留言 回复"
 )
-"""What may follow a name that a role word opens (``买家张伟申请退款``); not a particle that
-ends a clause about a thing (``买家石榴坏了``) nor 卖 (``买家高价转卖``)."""
+"""What a name after a role word is followed by (``买家张伟申请退款``, ``客户王小明 称未收到``):
+the buyer saying or asking, so the words before it are a person."""
 _TITLES = _words(
     "先生 女士 小姐 师傅 老师 老板 经理 总 姐 哥 叔 姨 阿姨 大爷 大妈 同学 老 律师 医生 警官 主管"
 )
@@ -209,6 +212,8 @@ def labelled_name(text: str) -> bool:
             continue
         role = match.group("role") is not None
         at = _value_start(text, match.end(), copula=not role)
+        if role and any(c in ":=" for c in text[match.end() : at]):
+            role = False  # ``买家：李娜``: a field's label
         if _chinese_name(text, at, role=role) or (not role and _latin_name(text, at, 1)):
             return True
     return any(_english_label_name(text, m) for m in _EN_LABEL.finditer(text))
@@ -241,20 +246,27 @@ def _chinese_name(text: str, at: int, *, role: bool) -> bool:
 
 
 def _given_name(text: str, given: int, surname: str, *, role: bool) -> bool:
-    """A given name at ``given`` after ``surname``; after a role word it must end at a
-    boundary (``_AFTER_NAME``)."""
+    """A given name at ``given`` after ``surname``; after a role word it must be followed
+    by what the buyer said or asked (``_SAYS``, a blank or two between)."""
     if not _given_char(text, given) or text.startswith(_TITLES, given):
         return False
     if text[given] in _NOT_A_NAME.get(surname, frozenset()):
         return False
     if not role:
         return True
-    for end in (given + 1, given + 2):  # one or two given characters, then a boundary
-        if end >= len(text) or not _han(text[end]) or text[end] in _AFTER_NAME:
+    for end in (given + 1, given + 2):  # one or two given characters, then a saying
+        if text.startswith(_SAYS, _skip_blanks(text, end)):
             return True
         if not _given_char(text, end):
             return False
     return False
+
+
+def _skip_blanks(text: str, at: int) -> int:
+    end = min(len(text), at + 2)
+    while at < end and text[at] in " \t":
+        at += 1
+    return at
 
 
 def _given_char(text: str, at: int) -> bool:

@@ -41,12 +41,12 @@ NAMES = [
     "收件人\u200b张伟",  # a zero-width space
     "买家 王小明 说没收到",
     "买家王小明说没收到",
-    "买家王小明",
     "买家：李娜",
     "客户张伟要求退款",
-    "买家李娜的订单",
+    "顾客周丽 称包装破损",
+    "客户=张伟",
+    "买家张伟 称未收到",
     "用户黄晓明投诉",
-    "顾客周丽已签收",
     "买家诸葛亮说",
     "contact name: John Smith",
     "Name: Zhang Wei",
@@ -112,6 +112,15 @@ NOT_NAMES = [
     "买家桂圆。",
     "顾客包包坏了",
     "买家李宁的鞋",
+    # a role word followed by what the buyer is or has, not by a saying (review: refused)
+    "用户高风险，建议拦截",
+    "买家高风险",
+    "买家陈皮收到后发霉",
+    "买家谢谢，已处理",
+    "买家龙眼坏了",
+    "买家白酒漏了",
+    "客户单价偏高，疑似刷单",
+    "买家黄焖鸡差评",
     "用户协议",
     "申请人工客服",  # 申请 人工
     "收款人民币100元",
@@ -277,8 +286,8 @@ def labelled(rnd: random.Random, name: str) -> str:
     label = rnd.choice(FIELD_LABELS + ROLE_WORDS)
     sep = rnd.choice(["", " ", "：", ": ", "\t"])
     after = rnd.choice(["", "，已核实", " 已确认", "说没收到", "的订单", "要求退款", "。"])
-    if label in ROLE_WORDS and after == "" and rnd.random() < 0.5:
-        after = "称未收到货"
+    if label in ROLE_WORDS and ":" not in sep and "：" not in sep:  # the buyer saying
+        after = rnd.choice(["说没收到", "称未收到货", " 表示不满", "要求退款", "投诉商家"])
     return f"{label}{sep}{name}{after}"
 
 
