@@ -28,6 +28,7 @@ from riskd.domain.order import Order
 from riskd.engine import catchup
 from riskd.engine.scorer import CLOSE_DRAIN_S, Scorer
 from riskd.evidence.log import STUCK_WAIT_S, WRITER_EXIT_S
+from riskd.service import channel as channel_module
 from riskd.service import convert, router, workers
 from riskd.service import pool as pool_module
 from riskd.service.channel import _HEADER, Channel
@@ -105,9 +106,14 @@ def test_a_message_already_in_the_socket_at_the_deadline_is_taken() -> None:
         theirs.close()
 
 
-def test_an_answer_bigger_than_the_socket_buffer_being_written_at_the_deadline_is_taken() -> None:
+def test_an_answer_bigger_than_the_socket_buffer_being_written_at_the_deadline_is_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # review: a 760 KB answer (300 decisions of a brushing burst) was half in the socket at
     # the deadline, its sender still in sendall: dropped, and its orders answered again
+    # (the grace past the deadline is 20 ms; a second here: on a CI machine whose other
+    # core was busy the writer was not scheduled within 20 ms, and the test failed)
+    monkeypatch.setattr(channel_module, "PARTIAL_GRACE_S", 1.0)
     ours, theirs = socket.socketpair()
     channel = Channel(ours)
     big = (7, "ok", b"x" * (4 << 20), ())
@@ -473,7 +479,10 @@ def test_a_slow_restart_does_not_hold_the_hang_checks_of_the_other_workers(
         request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(order))
         with _stalled(running, 1), _worker_log() as logged:
             started = time.monotonic()
-            stub.Score(request, timeout=0.3)  # the fallback; worker 1 owes the answer
+            try:
+                stub.Score(request, timeout=0.3)  # the fallback; worker 1 owes the answer
+            except grpc.RpcError as e:  # CI, both cores busy: the fallback itself was late
+                assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
             def hung() -> bool:
                 entries = _entries(logged, "scoring worker taken out of service")
