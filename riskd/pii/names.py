@@ -35,7 +35,9 @@ nobody), a label followed by what is no name (``收件人未填写``, ``联系�
 ``姓名已脱敏``, ``收件人电话错误``, ``买家说``, ``买家 已退款``), and a surname and the
 character after it that begin a common word (``买家马上到``, ``收件人包裹丢失``,
 ``客户方面``: ``_NOT_A_NAME``), this trade's among them (``买家黄牛``,
-``用户白嫖``, ``买家杨梅坏了``: ``_TRADE_WORDS``). What no detector tells apart: a real
+``用户白嫖``, ``买家杨梅坏了``: ``_TRADE_WORDS``) and the words and adverbs analysts write
+after a label (``收件人周三签收``, ``投诉人于直播间下单``, ``收件人曾拒收``:
+``_ANALYSTS_WORDS``, ``_FUNCTION_WORDS``). What no detector tells apart: a real
 name whose surname and first given character begin such a word is missed (``王国庆``,
 ``王家伟``, ``黄山``);
 a name with neither label nor role word before it is not looked for (``张伟说没收到``);
@@ -136,8 +138,32 @@ _TRADE_WORDS = _words(
 sock puppets analysts write of, and goods of the platform's categories (food, beauty,
 fashion, home); also brands named after a person (李宁, 乔丹), which no detector tells
 from that person."""
-for _word in _TRADE_WORDS:
+_ANALYSTS_WORDS = _words(
+    "周三 周四 周五 陈述 陈列 陈旧 雷同 连麦 解封 解绑 解冻 解约 高风 高频 高危 白条 白名 申通 商户"
+)
+"""Words that begin with a surname and that analysts write right after a label, which the
+dictionary's table above lacks (review: each refused as a name): week days (``收件人周三
+签收``, ``买家周五来电称…``), 陈述 (``投诉人陈述属实``), 雷同 (``收件人姓名雷同``), the
+live room's call-in (``用户连麦说…``), an account's unblocking (``用户解封申请``), risk
+levels (``付款人高风险``, ``申请人高频申请``), 白条 and 白名单, a courier (申通) and a
+merchant (``收款人为商户``)."""
+_FUNCTION_WORDS = {
+    "于": "签收直平线网店评多同抖微淘京群私电客发付单第两三四五六七八九十每首事售订物快",
+    "曾": "多来提电私留表致要申投反拒签更使以有收发下购用两三几先连屡试通出参遭作担任为"
+    "工进认知开决",
+    "应": "提补承返按予负尽立即遵配核视属以注支赔由进主先通联如",
+    "时": "电提显发拒告联",
+}
+"""After a label, 于 (at, on) the preposition and 曾 (once), 应 (should) and 时 (when) the
+adverbs far more often than the surnames, before the words that follow them in notes
+(``收件人于签收后反馈``, ``投诉人于直播间下单``, ``投诉人曾多次来电``, ``买家曾来电称…``,
+``申请人应提供凭证``, ``联系收件人时电话关机``; review: each refused as a name). A name
+so spelt is missed (``于平``, ``应立``)."""
+for _word in _TRADE_WORDS + _ANALYSTS_WORDS:
     _NOT_A_NAME[_word[0]] = _NOT_A_NAME.get(_word[0], frozenset()) | {_word[1]}
+for _surname, _after in _FUNCTION_WORDS.items():
+    _NOT_A_NAME[_surname] = _NOT_A_NAME.get(_surname, frozenset()) | frozenset(_after)
+_NOT_A_NAME["西门"] = frozenset("保卫岗口外")  # the west gate (``签收人为西门保安``)
 _NOT_GIVEN = frozenset(
     "的了着过吗呢吧啊呀么们个这那哪我你他她它您咱其之所以而且或但因则即便很太最挺再将"
     "能得地每各该此些说称讲问已未没不无在于和与及是也都就又还要想把被对向给从让等并跟比往到自"
@@ -153,6 +179,7 @@ _SAYS = _words(
 the buyer saying or asking, so the words before it are a person."""
 _TITLES = _words(
     "先生 女士 小姐 师傅 老师 老板 经理 总 姐 哥 叔 姨 阿姨 大爷 大妈 同学 老 律师 医生 警官 主管"
+    " 主任 店长 厂长 队长 站长 组长 院长 科长 处长 局长 部长 所长 校长 太太 夫人 奶奶 爷爷 小哥"
 )
 """After a surname, a title: no name (``王先生``)."""
 _CN_LABEL = re.compile(

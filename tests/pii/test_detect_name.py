@@ -31,6 +31,10 @@ NAMES = [
     "收件人“李娜”",
     "持卡人：王芳",
     "户名：刘德华",
+    "收件人：于丹",  # 于 and 曾 still read as surnames before a given name
+    "收件人于丹已签收",
+    "投诉人：曾志伟",
+    "联系人：王店明",
     "开户名 周杰",
     "账户名：林俊杰",
     "联系人张三先生",  # a full name, then a title
@@ -122,6 +126,35 @@ NOT_NAMES = [
     "客户单价偏高，疑似刷单",
     "买家黄焖鸡差评",
     "用户协议",
+    # what analysts write after a label, a surname first (review: each refused as a name)
+    "收件人周三签收",
+    "买家周五来电称未收到",
+    "客户周四致电要求退款",
+    "投诉人陈述与事实不符",
+    "多个账户收件人姓名雷同",
+    "用户连麦说没收到",
+    "用户解封申请已通过",
+    "付款人解绑银行卡",
+    "付款人高风险，建议拦截",
+    "买家：高风险",
+    "申请人高频申请退款",
+    "付款人白条逾期",
+    "收款人为商户",
+    "收件人于签收后反馈破损",  # 于, 曾, 应, 时: the preposition and adverbs
+    "投诉人于直播间下单",
+    "投诉人于平台投诉",
+    "投诉人曾多次来电",
+    "收件人曾拒收",
+    "买家曾来电称未收到",
+    "用户曾提出申请",
+    "申请人应提供凭证",
+    "申请人应进行实名认证",
+    "收款人应先退款",
+    "投诉人曾认为",
+    "联系收件人时电话关机",
+    "签收人为西门保安",
+    "联系人：王店长",  # a surname and a title
+    "联系人：王主任",
     "申请人工客服",  # 申请 人工
     "收款人民币100元",
     "客服说已补发",
@@ -315,7 +348,7 @@ def test_false_positives_and_misses_on_100k_generated_notes_are_as_measured() ->
     names = [person(rnd) for _ in range(100_000)]
     missed = [(s, g) for s, g in names if not has_name(labelled(rnd, s + g))]
     assert [s + g for s, g in missed if not reads_as_a_word(s, g)] == []
-    assert len(missed) <= 400  # 0.4%; measured: 286 (李子, 卫生, 金正军, 夏天, 王家, …)
+    assert len(missed) <= 400  # 0.4%; measured: 293 (李子, 卫生, 金正军, 夏天, 王家, …)
 
 
 @pytest.mark.parametrize(
