@@ -10,9 +10,11 @@ name counts only after a label that says one follows:
 
 - a field label, whose value is a name: 姓名 (买家姓名, 真实姓名, …), 收件人, 收货人,
   寄件人, 发件人, 签收人, 取件人, 提货人, 联系人, 持卡人, 开户人, 户名 (开户名,
-  账户名; not 用户名 or 客户名…), 收款人, 付款人, 下单人, 购买人, 投诉人, 申请人; then
+  账户名, 账户名称; not 用户名, 客户名 or 商户名…), 收款人, 付款人, 下单人,
+  购买人, 投诉人, 申请人, each with 名字 or 名称 after it or not (``收件人名字``); then
   blanks, a colon, a dash, ``=``, an opening bracket or quote, and one of 是 为 叫
-  (``收件人为张伟``), or none. Not 名字, which shops and goods have too (``店铺名字``);
+  (``收件人为张伟``), or none. Not 名字 alone, which shops and goods have too
+  (``店铺名字``);
 - a role word, which a name may follow or not: 买家, 买方, 客户, 顾客, 用户, 消费者
   (``买家王小明说没收到``, ``买家已收货``). After a colon or ``=`` (``买家：李娜``) it is a
   field label; else the name must be the subject of what the buyer said or asked
@@ -186,8 +188,12 @@ _CN_LABEL = re.compile(
     "姓名|收件人|收货人|寄件人|发件人|签收人|取件人|提货人|联系人|持卡人|开户人|户名|收款人|付款人"
     "|下单人|购买人|投诉人|申请人|(?P<role>买家|买方|客户|顾客|用户|消费者)"
 )
-_NOT_A_LABEL_BEFORE = {"户名": "用客"}
-"""``用户名`` is a username, ``客户名单`` a list."""
+_NOT_A_LABEL_BEFORE = {"户名": "用客商"}
+"""``用户名`` is a username, ``客户名单`` a list, ``商户名`` a shop's name (``商户名：刘记
+烧烤``, ``商户名单中``; review: refused)."""
+_NAME_WORDS = ("名字", "名称")
+"""After a field label, words that say a name follows (``收件人名字：张伟``; and 称 after
+户名, ``账户名称：张伟``; review: missed)."""
 _SEPARATORS = frozenset(" \t:=-([【「“\"'")
 """Between a label and its value (``收件人：张伟``, ``姓名（张伟）``: NFKC reads full-width
 colons and brackets as ASCII ones)."""
@@ -238,12 +244,23 @@ def labelled_name(text: str) -> bool:
         if match.start() and text[match.start() - 1] in skip:
             continue
         role = match.group("role") is not None
-        at = _value_start(text, match.end(), copula=not role)
+        at = _value_start(text, _label_end(text, match, role=role), copula=not role)
         if role and any(c in ":=" for c in text[match.end() : at]):
             role = False  # ``买家：李娜``: a field's label
         if _chinese_name(text, at, role=role) or (not role and _latin_name(text, at, 1)):
             return True
     return any(_english_label_name(text, m) for m in _EN_LABEL.finditer(text))
+
+
+def _label_end(text: str, match: re.Match[str], *, role: bool) -> int:
+    """Where a label ends: after a field label, past 名字 or 名称 (``_NAME_WORDS``), and
+    past 称 after 户名 (``账户名称``)."""
+    end = match.end()
+    if role:
+        return end
+    if match.group() == "户名" and text.startswith("称", end):
+        return end + 1
+    return end + 2 if text.startswith(_NAME_WORDS, end) else end
 
 
 def _value_start(text: str, at: int, *, copula: bool) -> int:

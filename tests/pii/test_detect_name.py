@@ -31,6 +31,10 @@ NAMES = [
     "收件人“李娜”",
     "持卡人：王芳",
     "户名：刘德华",
+    "账户名称：张伟",  # 名称, 名字 after a field label (review: missed)
+    "开户名称：李娜",
+    "收件人名字：张伟",
+    "联系人名字叫李娜",
     "收件人：于丹",  # 于 and 曾 still read as surnames before a given name
     "收件人于丹已签收",
     "投诉人：曾志伟",
@@ -103,6 +107,10 @@ NOT_NAMES = [
     "客户名单已导出",
     "客户经理跟进",
     "用户名已修改",  # a username
+    "商户名：刘记烧烤",  # a shop's name (review: refused)
+    "商户名称：张记小吃",
+    "该店铺在高风险商户名单中",
+    "收件人名字已脱敏",
     # the trade's own words after a role word (review: each read as a name)
     "买家黄牛，批量下单",
     "疑似用户白嫖",
