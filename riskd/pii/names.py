@@ -21,9 +21,9 @@ name counts only after a label that says one follows:
   (说, 称, 表示, 反馈, 投诉, 要求, 申请, 来电, …: ``_SAYS``), since a role word is far
   more often followed by what the buyer is or has (``用户高风险，建议拦截``,
   ``买家陈皮收到后发霉``): ``买家王小明``, ``买家张伟的订单`` are not looked for;
-- an English label: ``name`` (``full name``, ``buyer name``, ``contact name``, …; not
-  after another word, ``product name``), ``cardholder``, ``recipient``, ``consignee``,
-  ``addressee`` (one capitalised word is enough), and ``buyer``, ``customer``,
+- an English label: ``name`` (``full name``, ``buyer name``, ``first_name``, …; not
+  after another word, ``product name``, ``"shop_name"``), ``cardholder``, ``recipient``,
+  ``consignee``, ``addressee`` (one capitalised word is enough), and ``buyer``, ``customer``,
   ``contact``, ``sender``, ``receiver`` (a colon after them, or two capitalised words).
 
 A Chinese name is a surname (the commonest 253 single ones and 37 compound ones:
@@ -201,8 +201,9 @@ _MAX_SEPARATORS = 4
 _COPULAS = frozenset("是为叫")
 _EN_LABEL = re.compile(
     r"(?<![A-Za-z])(?:"
-    r"(?:(?:buyer|customer|recipient|receiver|consignee|contact|cardholder|card[ \t]holder"
-    r"|account[ \t]holder|sender|full|real|legal)(?:'s)?[ \t])?(?P<name>name)"
+    r"(?:(?:buyer|customer|recipient|receiver|consignee|contact|cardholder|card[ \t_]holder"
+    r"|account[ \t_]holder|sender|payee|payer|beneficiary|full|real|legal|first|last|given"
+    r"|family|middle)(?:'s)?[ \t_-])?(?P<name>name)"
     r"|(?P<strong>cardholder|card[ \t]holder|recipient|consignee|addressee)"
     r"|buyer|customer|contact|sender|receiver"
     r")(?![A-Za-z])",
@@ -218,10 +219,14 @@ _NOT_A_LATIN_NAME = frozenset(
         " Email Field Name Said Says Called Reported Requested Refund Request Order Support"
         " Service Team Care Center Centre Hotline App Account User Buyer Customer Seller"
         " Merchant Shop Store Platform Admin Agent Courier Driver Ltd Inc Co Company Limited"
+        " Dispute Disputes Disputed Chargeback Authorization Authorisation Authentication"
+        " Verification Mismatch Fraud Fraudulent Denied Declined Refused Unauthorized"
+        " Unauthorised Does Did Present Absent Signature Claim Complaint Consent"
     )
 )
 """Capitalised words after a label that are no name (``name: Unknown``, ``contact:
-Support``)."""
+Support``), card networks' chargeback reasons among them (``Cardholder Dispute``, ``No
+Cardholder Authorization``; review: refused)."""
 
 
 def has_name(text: str) -> bool:
@@ -329,9 +334,9 @@ def _english_label_name(text: str, match: re.Match[str]) -> bool:
     start = match.start()
     if match.group("name") is not None and match.start("name") == start:
         before = text[max(0, start - _MAX_SEPARATORS) : start]
-        word_end = before.rstrip(" \t")[-1:]
+        word_end = before.rstrip(" \t_-")[-1:]
         if word_end != before[-1:] and word_end.isascii() and word_end.isalpha():
-            return False  # ``product name``: another word's name
+            return False  # ``product name``, ``"shop_name"``: another word's name
     at = _value_start(text, match.end(), copula=False)
     strong = match.group("name") is not None or match.group("strong") is not None
     words = 1 if strong or ":" in text[match.end() : at] else 2

@@ -59,6 +59,9 @@ NAMES = [
     "contact name: John Smith",
     "Name: Zhang Wei",
     "full name: Mary-Jane Watson",
+    "first name: John",  # review: missed, as another word's name
+    '{"buyer_name": "Zara Li"}',
+    '{"first_name": "John", "last_name": "Smith"}',
     "cardholder Alice",
     "recipient: Bob Lee",
     "consignee: Li Lei",
@@ -183,6 +186,11 @@ NOT_NAMES = [
     "shop name: Zara",
     "user name: Admin",
     "product  name: Rose Gold",  # two blanks
+    '{"shop_name": "Zara"}',  # a key's own word (review: refused)
+    '{"product_name": "Lipstick Set"}',
+    "sku-name: Rose Gold",
+    "chargeback: Cardholder Dispute",  # card networks' reasons (review: refused)
+    "reason: No Cardholder Authorization",
     "name: Unknown",
     "name: N/A",
     "contact: Support",
