@@ -119,8 +119,8 @@ Names, measured (``tests/pii/test_detect_name.py``): of 100,000 notes of one to 
 clauses (the address test's notes, and labels and role words followed by what is no name:
 ``收件人未填写``, ``买家马上到``, ``买家向平台投诉``, masked names, surnames with a title),
 none is refused; of 100,000 labelled names (one of 253 single surnames, or one time in
-twenty of 37 compound ones, and one or two of 150 characters common in given names), 293
-(0.29%) are missed, each a surname and a character that begin a word (黄山, 王家, 全文,
+twenty of 37 compound ones, and one or two of 150 characters common in given names), 309
+(0.31%) are missed, each a surname and a character that begin a word (黄山, 王家, 全文,
 时光, 周一). After a label, the words of jieba's dictionary (0.42.1; person and place
 names left out) read as a name for 0.44% of their uses by its frequencies, rare words
 that begin with a surname (盛名, 白果, 游荡); of its 20,000 commonest such words, 233

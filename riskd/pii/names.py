@@ -142,13 +142,20 @@ fashion, home); also brands named after a person (李宁, 乔丹), which no dete
 from that person."""
 _ANALYSTS_WORDS = _words(
     "周三 周四 周五 陈述 陈列 陈旧 雷同 连麦 解封 解绑 解冻 解约 高风 高频 高危 白条 白名 申通 商户"
+    " 单笔 单日 单月 单周 全天 成天 时隔 查收 查验 查实 查明 房东 房客 房主 孙子 孙女 岳父 岳母"
+    " 师傅 钟点 高净 白金 关机 连电 连快 连包 连货 连门 连话"
 )
 """Words that begin with a surname and that analysts write right after a label, which the
 dictionary's table above lacks (review: each refused as a name): week days (``收件人周三
 签收``, ``买家周五来电称…``), 陈述 (``投诉人陈述属实``), 雷同 (``收件人姓名雷同``), the
 live room's call-in (``用户连麦说…``), an account's unblocking (``用户解封申请``), risk
 levels (``付款人高风险``, ``申请人高频申请``), 白条 and 白名单, a courier (申通) and a
-merchant (``收款人为商户``)."""
+merchant (``收款人为商户``); a phone switched off (``联系人关机``), 连 (even: ``收件人连电话
+都不接``); limits per order and day (``付款人单笔支付超限额``,
+``付款人单日支付20笔``), times (``收件人全天不在家``, ``投诉人时隔三天再次投诉``), checks
+(``买家查收后称少件``, ``付款人查实为本人``), who took a parcel in (``收件人为房东``,
+``收件人为孙子``, ``收件人为岳母``, ``联系人：师傅``, ``收件人为钟点工``) and member
+tiers (``客户：高净值``, ``用户：白金会员``)."""
 _FUNCTION_WORDS = {
     "于": "签收直平线网店评多同抖微淘京群私电客发付单第两三四五六七八九十每首事售订物快",
     "曾": "多来提电私留表致要申投反拒签更使以有收发下购用两三几先连屡试通出参遭作担任为"

@@ -151,6 +151,21 @@ NOT_NAMES = [
     "申请人高频申请退款",
     "付款人白条逾期",
     "收款人为商户",
+    "收件人关机，无法联系",
+    "联系人连电话都不接",
+    "付款人单笔支付超限额",
+    "付款人单日支付20笔",
+    "收件人全天不在家",
+    "投诉人时隔三天再次投诉",
+    "买家查收后称少件",
+    "付款人查实为本人",
+    "收件人为房东",
+    "收件人为孙子",
+    "收件人为岳母",
+    "联系人：师傅",
+    "收件人为钟点工",
+    "客户：高净值",
+    "用户：白金会员",
     "收件人于签收后反馈破损",  # 于, 曾, 应, 时: the preposition and adverbs
     "投诉人于直播间下单",
     "投诉人于平台投诉",
@@ -364,7 +379,7 @@ def test_false_positives_and_misses_on_100k_generated_notes_are_as_measured() ->
     names = [person(rnd) for _ in range(100_000)]
     missed = [(s, g) for s, g in names if not has_name(labelled(rnd, s + g))]
     assert [s + g for s, g in missed if not reads_as_a_word(s, g)] == []
-    assert len(missed) <= 400  # 0.4%; measured: 293 (李子, 卫生, 金正军, 夏天, 王家, …)
+    assert len(missed) <= 400  # 0.4%; measured: 309 (李子, 卫生, 金正军, 夏天, 王家, …)
 
 
 @pytest.mark.parametrize(
