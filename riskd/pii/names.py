@@ -12,9 +12,9 @@ name counts only after a label that says one follows:
   寄件人, 发件人, 签收人, 取件人, 提货人, 联系人, 持卡人, 开户人, 户名 (开户名,
   账户名, 账户名称; not 用户名, 客户名 or 商户名…), 收款人, 付款人, 下单人,
   购买人, 投诉人, 申请人, each with 名字 or 名称 after it or not (``收件人名字``); then
-  blanks, a colon, a dash, ``=``, an opening bracket or quote, and one of 是 为 叫
-  (``收件人为张伟``), or none. Not 名字 alone, which shops and goods have too
-  (``店铺名字``);
+  blanks, a colon, a dash, ``=``, a slash or bar, an opening bracket or quote, and one
+  of 是 为 叫 (``收件人为张伟``), or none. Not 名字 alone, which shops and goods have
+  too (``店铺名字``);
 - a role word, which a name may follow or not: 买家, 买方, 客户, 顾客, 用户, 消费者
   (``买家王小明说没收到``, ``买家已收货``). After a colon or ``=`` (``买家：李娜``) it is a
   field label; else the name must be the subject of what the buyer said or asked
@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import re
 
-from riskd.pii.blind import _INVISIBLE_CHAR, _nfkc
+from riskd.pii.blind import _DASHES, _INVISIBLE_CHAR, _nfkc
 
 
 def _words(table: str) -> tuple[str, ...]:
@@ -201,9 +201,10 @@ _NOT_A_LABEL_BEFORE = {"户名": "用客商"}
 _NAME_WORDS = ("名字", "名称")
 """After a field label, words that say a name follows (``收件人名字：张伟``; and 称 after
 户名, ``账户名称：张伟``; review: missed)."""
-_SEPARATORS = frozenset(" \t:=-([【「“\"'")
+_SEPARATORS = frozenset(" \t:=([【「『《“‘\"'/|~>" + _DASHES)
 """Between a label and its value (``收件人：张伟``, ``姓名（张伟）``: NFKC reads full-width
-colons and brackets as ASCII ones)."""
+colons and brackets as ASCII ones; ``收件人——张伟``, ``收件人/张伟/电话…``, ``收件人|张伟``,
+``收件人『张伟』``: review, missed)."""
 _MAX_SEPARATORS = 4
 _COPULAS = frozenset("是为叫")
 _EN_LABEL = re.compile(

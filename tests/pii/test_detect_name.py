@@ -29,6 +29,12 @@ NAMES = [
     "姓名=孙丽",
     "收件人（张伟）",  # full-width brackets (NFKC)
     "收件人“李娜”",
+    "收件人——张伟",  # review: each missed
+    "收件人/张伟/电话已核对",
+    "收件人|张伟|已签收",
+    "收件人『张伟』",
+    "收件人《张伟》",
+    "联系人->张伟",
     "持卡人：王芳",
     "户名：刘德华",
     "账户名称：张伟",  # 名称, 名字 after a field label (review: missed)
