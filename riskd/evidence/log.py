@@ -456,10 +456,13 @@ class DecisionLog:
 
     @property
     def failing_on_a_bug(self) -> bool:
-        """Whether the writer's last try failed on a bug of its own (an exception escaping
-        it: it restarts) rather than on the database (its failures and refusals), with
-        nothing committed since. A flush timed out then says nothing of the database,
-        which may answer every other caller (the scorer's stop keeps its catch-up there)."""
+        """Whether the writer is waiting out a bug of its own: its last try failed on one (an
+        exception escaping it: it restarts) rather than on the database (its failures and
+        refusals), and no try has begun since. A flush timed out then says nothing of the
+        database, which may answer every other caller (the scorer's stop keeps its
+        catch-up there). A try begun clears it (review: a writer that hit a bug, then hung
+        in a database that stopped answering, still said "a bug", and a stop waited 10 s
+        more for that database before the catch-up's spill file)."""
         with self._cond:
             return self._failing_on_bug
 
@@ -745,6 +748,9 @@ class DecisionLog:
             chunk = held.todo[:1] if held.alone else held.todo
             heads: list[tuple[Table, int, str]] = []
             written: _Written | None = None
+            if self._failing_on_bug:  # a try begins: whatever it meets, no bug of the last
+                with self._cond:
+                    self._failing_on_bug = False
             try:
                 if held.unsure is None or not self._landed(held.unsure):
                     held.unsure = None

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -220,6 +222,37 @@ def test_close_returns_while_the_writer_waits_out_a_bug(
     with pytest.raises(UnavailableError, match="timed out"):
         log.close(1)
     log.close(1)  # closed: at once
+
+
+def test_a_writer_that_hit_a_bug_then_hangs_in_the_database_no_longer_says_a_bug(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review: ``failing_on_a_bug`` stayed set while the restarted writer hung in a database
+    that had stopped answering, so a stop took the database for answering and its
+    catch-up waited 10 s more for it. A try begun clears it."""
+    db = Database(tmp_path / "evidence.db")
+    log = DecisionLog(db)
+    answers = threading.Event()
+    tries: list[int] = []
+    write = log._write
+
+    def bug_then_hang(*args: Any) -> Any:
+        tries.append(1)
+        if len(tries) == 1:
+            raise Bug("a bug in the writer")
+        answers.wait(10)  # the database does not answer
+        return write(*args)
+
+    monkeypatch.setattr(log, "_write", bug_then_hang)
+    append_order(log, "o-1")
+    deadline = time.monotonic() + 5
+    while len(tries) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(tries) == 2 and log.restarts == 1
+    assert not log.failing_on_a_bug
+    answers.set()
+    log.close(10)
+    assert stored_ids(db) == ["o-1"] and not log.failing_on_a_bug
 
 
 def test_a_commit_hook_that_raises_is_logged_and_counted_and_the_commit_stands(
