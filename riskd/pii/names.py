@@ -206,6 +206,7 @@ _SEPARATORS = frozenset(" \t:=([【「『《“‘\"'/|~>" + _DASHES)
 colons and brackets as ASCII ones; ``收件人——张伟``, ``收件人/张伟/电话…``, ``收件人|张伟``,
 ``收件人『张伟』``: review, missed)."""
 _MAX_SEPARATORS = 4
+_BLANKS = frozenset(" \t")  # between a name after a role word and its saying
 _COPULAS = frozenset("是为叫")
 _EN_LABEL = re.compile(
     r"(?<![A-Za-z])(?:"
@@ -279,15 +280,18 @@ def _label_end(text: str, match: re.Match[str], *, role: bool) -> int:
 def _value_start(text: str, at: int, *, copula: bool) -> int:
     """Where a label's value begins: after a few blanks, a colon, a dash or ``=``, and
     after a field label one of 是 为 叫 (``收件人为张伟``)."""
-    at = _skip_separators(text, at)
+    at = _skip(text, at)
     if copula and at < len(text) and text[at] in _COPULAS:
-        at = _skip_separators(text, at + 1)
+        at = _skip(text, at + 1)
     return at
 
 
-def _skip_separators(text: str, at: int) -> int:
-    end = min(len(text), at + _MAX_SEPARATORS)
-    while at < end and text[at] in _SEPARATORS:
+def _skip(
+    text: str, at: int, chars: frozenset[str] = _SEPARATORS, most: int = _MAX_SEPARATORS
+) -> int:
+    """Past at most ``most`` of ``chars`` from ``at``."""
+    end = min(len(text), at + most)
+    while at < end and text[at] in chars:
         at += 1
     return at
 
@@ -312,18 +316,11 @@ def _given_name(text: str, given: int, surname: str, *, role: bool) -> bool:
     if not role:
         return True
     for end in (given + 1, given + 2):  # one or two given characters, then a saying
-        if text.startswith(_SAYS, _skip_blanks(text, end)):
+        if text.startswith(_SAYS, _skip(text, end, _BLANKS, 2)):
             return True
         if not _given_char(text, end):
             return False
     return False
-
-
-def _skip_blanks(text: str, at: int) -> int:
-    end = min(len(text), at + 2)
-    while at < end and text[at] in " \t":
-        at += 1
-    return at
 
 
 def _given_char(text: str, at: int) -> bool:
