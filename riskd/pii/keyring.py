@@ -24,7 +24,8 @@ A KMS plugs in by implementing ``MasterKeyProvider`` (``wrap``/``unwrap`` run
 remotely; the index keys are derived once at start-up and held in memory).
 
 A save writes the document to a part file beside the key file, named after it
-(``.<key file name>.keyring-<16 hex digits>``), then renames it over the key file. A
+(``.<key file name>.keyring-<16 hex digits>``, the name shortened where it would not
+fit: ``sibling_name``), then renames it over the key file. A
 process killed in between leaves that part, master keys in it (a version retired since
 among them): ``remove_stale_parts``, run under ``locked`` by every load-modify-save of
 the key file (``riskd pii keygen`` and ``retire``), deletes it.
@@ -69,6 +70,9 @@ STALE_PART_S = 600.0
 """How long an old-form part file (``.keyring-*``, which names no key file) must have gone
 unwritten before ``remove_stale_parts`` takes it for a leftover."""
 _OLD_PART = re.compile(r"\.keyring-[a-z0-9_]{8}")  # tempfile's names, before parts named a key file
+NAME_MAX = 255
+"""The most bytes a file name may hold (Linux's file systems)."""
+_PART_RANDOM = 16  # hex digits after PART_INFIX
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,7 +313,8 @@ def fingerprint(keyring: MasterKeyProvider) -> str:
 
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the key file ``path`` (a sibling ``<name>.lock`` file).
+    """Hold an exclusive lock on the key file ``path`` (a sibling ``<name>.lock`` file,
+    shortened as ``sibling_name`` says where the name is too long for that).
 
     Wrap every load-modify-save of a key file in it: two ``riskd pii keygen`` run at
     once would otherwise both read version n and both write their own n+1, one key
@@ -320,7 +325,8 @@ def locked(path: Path) -> Iterator[None]:
     """
     path = _resolved(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    lock = path.with_name(sibling_name(path.name, "", ".lock"))
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -328,16 +334,44 @@ def locked(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def sibling_name(name: str, prefix: str, suffix: str, reserve: int = 0) -> str:
+    """The name of a file that belongs to the key file ``name``: ``prefix + name +
+    suffix``, leaving ``reserve`` bytes for what the caller appends. Where that would be
+    over ``NAME_MAX`` bytes (a key file named with more than ~229), the name's first bytes
+    and ``~`` and 16 hex digits of its SHA-256 stand for it, so the name still fits and
+    still belongs to that one key file.
+
+    >>> sibling_name("keyring.json", "", ".lock")
+    'keyring.json.lock'
+    >>> long = sibling_name("k" * 255, "", ".lock")
+    >>> len(long), long[-22:-5] == "~" + hashlib.sha256(b"k" * 255).hexdigest()[:16]
+    (255, True)
+    """
+    whole = f"{prefix}{name}{suffix}"
+    if len(os.fsencode(whole)) + reserve <= NAME_MAX:
+        return whole
+    raw = os.fsencode(name)
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    room = NAME_MAX - reserve - len(os.fsencode(prefix + suffix)) - 1 - len(digest)
+    return f"{prefix}{os.fsdecode(raw[:room])}~{digest}{suffix}"
+
+
 def new_part_name(path: Path) -> str:
     """A fresh name for a part file of the key file ``path`` (no symbolic link followed:
     pass the file itself), ``.<key file name>.keyring-<16 hex digits>``: it names the one
     key file it belongs to, since the 25 characters after the name are the same in every
-    part (two key files in one folder never take each other's parts).
+    part (two key files in one folder never take each other's parts). A name too long
+    for that is shortened as ``sibling_name`` says.
 
     >>> new_part_name(Path("/etc/riskd/keyring.json"))[:22]
     '.keyring.json.keyring-'
     """
-    return f".{path.name}{PART_INFIX}{secrets.token_hex(8)}"
+    return _part_stem(path.name) + secrets.token_hex(_PART_RANDOM // 2)
+
+
+def _part_stem(name: str) -> str:
+    """What every part file of the key file ``name`` starts with."""
+    return sibling_name(name, ".", PART_INFIX, reserve=_PART_RANDOM)
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,7 +410,7 @@ def remove_stale_parts(path: Path, clock: Clock | None = None) -> StaleParts:
     path = _resolved(path)
     folder = path.parent
     now = (clock or SystemClock()).now()
-    own = re.compile(re.escape(f".{path.name}{PART_INFIX}") + "[0-9a-f]{16}")
+    own = re.compile(re.escape(_part_stem(path.name)) + f"[0-9a-f]{{{_PART_RANDOM}}}")
     try:
         names = sorted(os.listdir(folder))
     except FileNotFoundError:

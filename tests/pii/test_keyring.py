@@ -14,6 +14,7 @@ import pytest
 from riskd.domain.clock import FakeClock
 from riskd.errors import ConfigError, CryptoError
 from riskd.pii.keyring import (
+    NAME_MAX,
     STALE_PART_S,
     Keyring,
     StaleParts,
@@ -232,6 +233,31 @@ def test_keyring_remove_stale_parts_removes_this_key_files_parts_only(tmp_path: 
     assert theirs.exists() and lookalike.exists()
     assert Keyring.load(key_file) == ring and Keyring.load(other) == ring
     assert (tmp_path / "keyring.json.lock").exists()
+
+
+@pytest.mark.parametrize("name", ["k" * NAME_MAX, "密钥" * 42 + "k", "k" * 229 + ".json"])
+def test_keyring_a_key_file_with_the_longest_name_saves_locks_and_clears_its_parts(
+    tmp_path: Path, name: str
+) -> None:
+    """Any name the file system takes works: where ``.<name>.keyring-<16 hex>`` or
+    ``<name>.lock`` would be over 255 bytes, the name is shortened with a hash of it, cut on
+    a byte (the second name's characters are three bytes: one is cut)."""
+    key_file = tmp_path / name
+    twin = tmp_path / (name[:-1] + ("x" if name[-1] != "x" else "y"))  # same first bytes
+    ring = Keyring.generate()
+    with locked(key_file):
+        ring.save(key_file)
+        twin_part = write_part(tmp_path, new_part_name(twin), ring)
+        parts = [write_part(tmp_path, new_part_name(key_file), ring) for _ in range(2)]
+        done = remove_stale_parts(key_file)
+    assert Keyring.load(key_file) == ring
+    assert done.removed == tuple(sorted(p.name for p in parts)) and not done.failed
+    assert twin_part.exists()
+    for p in (*parts, twin_part):
+        assert len(os.fsencode(p.name)) <= NAME_MAX
+    assert sorted(os.fsencode(p.name) for p in tmp_path.iterdir()) == sorted(
+        os.fsencode(p.name) for p in (key_file, twin_part, *tmp_path.glob("*.lock"))
+    )
 
 
 def test_keyring_remove_stale_parts_follows_a_symbolic_link(tmp_path: Path) -> None:
