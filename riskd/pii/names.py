@@ -14,13 +14,19 @@ name counts only after a label that says one follows:
   购买人, 投诉人, 申请人, each with 名字 or 名称 after it or not (``收件人名字``); then
   blanks, a colon, a dash, ``=``, a slash or bar, an opening bracket or quote, and one
   of 是 为 叫 (``收件人为张伟``), or none. Not 名字 alone, which shops and goods have
-  too (``店铺名字``);
+  too (``店铺名字``), nor ``名字段`` (a field: ``收件人名字段为空``);
 - a role word, which a name may follow or not: 买家, 买方, 客户, 顾客, 用户, 消费者
   (``买家王小明说没收到``, ``买家已收货``). After a colon or ``=`` (``买家：李娜``) it is a
   field label; else the name must be the subject of what the buyer said or asked
   (说, 称, 表示, 反馈, 投诉, 要求, 申请, 来电, …: ``_SAYS``), since a role word is far
   more often followed by what the buyer is or has (``用户高风险，建议拦截``,
-  ``买家陈皮收到后发霉``): ``买家王小明``, ``买家张伟的订单`` are not looked for;
+  ``买家陈皮收到后发霉``): ``买家王小明``, ``买家张伟的订单`` are not looked for. With
+  名字 after it, a field label (``买家名字：张伟``, ``客户名字是李娜``);
+- after either, a comma (``，`` or ``、``) and a name that stands alone: followed by
+  punctuation, a blank, a digit or the end (``收件人，张伟，电话…``, ``收件人，张伟13800138000``),
+  or after a role word by a saying (``买家，张伟说没收到``), since after a comma a new clause
+  begins as often (``收件人，周一送达``, ``收件人，高度怀疑``); likewise a name split by one
+  blank after its surname (``收件人：张 伟``, ``收件人 张 伟 已签收``);
 - an English label: ``name`` (``full name``, ``buyer name``, ``first_name``, …; not
   after another word, ``product name``, ``"shop_name"``), ``cardholder``, ``recipient``,
   ``consignee``, ``addressee`` (one capitalised word is enough), and ``buyer``, ``customer``,
@@ -43,7 +49,8 @@ after a label (``收件人周三签收``, ``投诉人于直播间下单``, ``收
 name whose surname and first given character begin such a word is missed (``王国庆``,
 ``王家伟``, ``黄山``);
 a name with neither label nor role word before it is not looked for (``张伟说没收到``);
-and a surname and a rare word after a label read as a name (``收件人盛名在外``).
+and a surname and a rare word after a label read as a name (``收件人盛名在外``; after a
+comma only when a comma or the end follows it, ``收件人，盛名，``).
 
 Each label is matched once, as a literal, and what follows it is read for a bounded
 number of characters, so a long text costs time in proportion to its length. The false
@@ -207,6 +214,10 @@ colons and brackets as ASCII ones; ``收件人——张伟``, ``收件人/张伟
 ``收件人『张伟』``: review, missed)."""
 _MAX_SEPARATORS = 4
 _BLANKS = frozenset(" \t")  # between a name after a role word and its saying
+_COMMAS = frozenset(",、")  # NFKC reads ``，`` as ``,``
+_NAME_END = frozenset(" \t,、.。;:!?)]}>】」』》”’\"'/|~" + _DASHES)
+"""What ends a name that must stand on its own (after a comma, or split by a blank):
+punctuation, a closing bracket or quote, a blank; or a digit, or the end of the text."""
 _COPULAS = frozenset("是为叫")
 _EN_LABEL = re.compile(
     r"(?<![A-Za-z])(?:"
@@ -257,11 +268,16 @@ def labelled_name(text: str) -> bool:
         skip = _NOT_A_LABEL_BEFORE.get(match.group(), "")
         if match.start() and text[match.start() - 1] in skip:
             continue
-        role = match.group("role") is not None
+        role = match.group("role") is not None and not _name_word(text, match.end(), "名字")
         at = _value_start(text, _label_end(text, match, role=role), copula=not role)
         if role and any(c in ":=" for c in text[match.end() : at]):
             role = False  # ``买家：李娜``: a field's label
-        if _chinese_name(text, at, role=role) or (not role and _latin_name(text, at, 1)):
+        alone = at < len(text) and text[at] in _COMMAS  # ``收件人，张伟，电话…``
+        if alone:
+            at = _skip(text, at + 1, _BLANKS, 2)
+        if _chinese_name(text, at, role=role, alone=alone):
+            return True
+        if not (role or alone) and _latin_name(text, at, 1):
             return True
     return any(_english_label_name(text, m) for m in _EN_LABEL.finditer(text))
 
@@ -274,7 +290,12 @@ def _label_end(text: str, match: re.Match[str], *, role: bool) -> int:
         return end
     if match.group() == "户名" and text.startswith("称", end):
         return end + 1
-    return end + 2 if text.startswith(_NAME_WORDS, end) else end
+    return end + 2 if _name_word(text, end, *_NAME_WORDS) else end
+
+
+def _name_word(text: str, at: int, *words: str) -> bool:
+    """One of ``words`` at ``at``, not a field's name (``名字段为空``)."""
+    return text.startswith(words, at) and not text.startswith("段", at + 2)
 
 
 def _value_start(text: str, at: int, *, copula: bool) -> int:
@@ -296,27 +317,37 @@ def _skip(
     return at
 
 
-def _chinese_name(text: str, at: int, *, role: bool) -> bool:
+def _chinese_name(text: str, at: int, *, role: bool, alone: bool = False) -> bool:
     """A surname at ``at`` and a given name after it, the surname read as a compound one
-    first (``欧阳娜娜``), then as a single one (``欧阳``: 欧 and 阳)."""
-    return any(
-        _given_name(text, at + len(surname), surname, role=role)
-        for surname in (text[at : at + 2], text[at : at + 1])
-        if surname in _COMPOUND_SURNAMES or surname in _SURNAMES
-    )
+    first (``欧阳娜娜``), then as a single one (``欧阳``: 欧 and 阳). A name split by one
+    blank (``张 伟``) must stand ``alone``, as one after a comma must."""
+    for surname in (text[at : at + 2], text[at : at + 1]):
+        if surname not in _COMPOUND_SURNAMES and surname not in _SURNAMES:
+            continue
+        given = at + len(surname)
+        if _given_name(text, given, surname, role=role, alone=alone):
+            return True
+        if text.startswith(" ", given) and _given_name(
+            text, given + 1, surname, role=role, alone=True
+        ):
+            return True
+    return False
 
 
-def _given_name(text: str, given: int, surname: str, *, role: bool) -> bool:
-    """A given name at ``given`` after ``surname``; after a role word it must be followed
-    by what the buyer said or asked (``_SAYS``, a blank or two between)."""
+def _given_name(text: str, given: int, surname: str, *, role: bool, alone: bool) -> bool:
+    """A given name at ``given`` after ``surname``. After a role word it must be followed
+    by what the buyer said or asked (``_SAYS``, a blank or two between); one that must
+    stand ``alone`` by that or by what ends a name (``_NAME_END``, a digit, the end)."""
     if not _given_char(text, given) or text.startswith(_TITLES, given):
         return False
     if text[given] in _NOT_A_NAME.get(surname, frozenset()):
         return False
-    if not role:
+    if not (role or alone):
         return True
     for end in (given + 1, given + 2):  # one or two given characters, then a saying
         if text.startswith(_SAYS, _skip(text, end, _BLANKS, 2)):
+            return True
+        if alone and (end == len(text) or text[end] in _NAME_END or text[end].isdigit()):
             return True
         if not _given_char(text, end):
             return False

@@ -75,6 +75,21 @@ NAMES = [
     "customer John Smith said the parcel was empty",
     "name: 张伟",
     "收件人 Tom Hanks",
+    "收件人，张伟，电话已核对",  # after a comma, standing alone (review: missed)
+    "收件人，张伟",
+    "收件人、李娜。",
+    "收件人， 王芳 已签收",
+    "联系人，欧阳娜娜，",
+    "收件人，张伟2次拒收",
+    "买家，张伟说没收到",
+    "客户，王小明 称未收到",
+    "收件人：张 伟",  # split by a blank (review: missed)
+    "收件人 张 伟 已签收",
+    "联系人 李 娜，",
+    "买家 王 小明 说没收到",
+    "买家名字：张伟",  # 名字 after a role word (review: missed)
+    "客户名字是李娜",
+    "用户名字 王芳",
 ]
 
 NOT_NAMES = [
@@ -120,6 +135,21 @@ NOT_NAMES = [
     "商户名称：张记小吃",
     "该店铺在高风险商户名单中",
     "收件人名字已脱敏",
+    "收件人名字段为空",  # a field named 名字
+    "用户名字段缺失",
+    "已通知收件人，周一送达",  # a comma, then a new clause
+    "收件人，高度怀疑是刷单",
+    "联系收件人，马上送达",
+    "收件人，雷雨天气延迟",
+    "收件人，王先生",
+    "收件人，张**，电话已核对",
+    "收件人，方便时再送",
+    "联系人，单号有误",
+    "买家，张伟的订单",  # after a role word, no saying
+    "买家，黄色款偏小",
+    "收件人：王 先生",  # split, then a title
+    "收件人：张 某",
+    "买家 王 已退款",
     # the trade's own words after a role word (review: each read as a name)
     "买家黄牛，批量下单",
     "疑似用户白嫖",
@@ -314,9 +344,36 @@ DOINGS = [
 ]
 
 
+AFTER_COMMA = [
+    "周一送达",
+    "高度怀疑是假货",
+    "马上联系",
+    "方便时再送",
+    "单号有误",
+    "王先生已签收",
+    "张**已核实",
+    "雷雨天气延迟",
+    "金额不符",
+    "江浙沪包邮",
+    "包裹已退回",
+    "时间待定",
+    "查无此人",
+    "于今天签收",
+    "曾多次拒收",
+    "应先核实",
+    "黄色款缺货",
+    "全额退款",
+    "常买这家",
+    "高风险",
+]
+"""A new clause after a label and a comma, beginning with a surname's character."""
+
+
 def _clause(rnd: random.Random) -> str:
     if rnd.random() < 0.4:
         return note(rnd)
+    if rnd.random() < 0.1:
+        return rnd.choice(FIELD_LABELS + ROLE_WORDS) + "，" + rnd.choice(AFTER_COMMA)
     if rnd.random() < 0.5:
         return rnd.choice(FIELD_LABELS) + rnd.choice(STATES)
     return rnd.choice(ROLE_WORDS) + rnd.choice(["", " "]) + rnd.choice(DOINGS)
@@ -356,6 +413,11 @@ def labelled(rnd: random.Random, name: str) -> str:
     label = rnd.choice(FIELD_LABELS + ROLE_WORDS)
     sep = rnd.choice(["", " ", "：", ": ", "\t"])
     after = rnd.choice(["", "，已核实", " 已确认", "说没收到", "的订单", "要求退款", "。"])
+    if rnd.random() < 0.1:  # after a comma, or split by a blank: standing alone
+        sep = rnd.choice(["，", ", ", "、", " ", "："])
+        if sep in ("：", " "):
+            name = f"{name[0]} {name[1:]}" if len(name) == 2 else name
+        after = rnd.choice(["", "，已核实", " 已确认", "。", "2次拒收"])
     if label in ROLE_WORDS and ":" not in sep and "：" not in sep:  # the buyer saying
         after = rnd.choice(["说没收到", "称未收到货", " 表示不满", "要求退款", "投诉商家"])
     return f"{label}{sep}{name}{after}"
@@ -385,7 +447,7 @@ def test_false_positives_and_misses_on_100k_generated_notes_are_as_measured() ->
     names = [person(rnd) for _ in range(100_000)]
     missed = [(s, g) for s, g in names if not has_name(labelled(rnd, s + g))]
     assert [s + g for s, g in missed if not reads_as_a_word(s, g)] == []
-    assert len(missed) <= 400  # 0.4%; measured: 309 (李子, 卫生, 金正军, 夏天, 王家, …)
+    assert len(missed) <= 400  # 0.4%; measured: 303 (成天雯, 万家, 文学, 全军, 史学静, …)
 
 
 @pytest.mark.parametrize(
@@ -403,6 +465,9 @@ def test_false_positives_and_misses_on_100k_generated_notes_are_as_measured() ->
         "contact name " * 20_164,
         "name: A" + "a" * 262_136,
         "收件人 " + " " * 262_140,
+        "收件人，" * 65_536,
+        "收件人，张 伟伟伟" * 29_127,  # split, then no end
+        "买家名字" * 65_536,
     ],
 )
 def test_a_256_kib_text_is_scanned_for_names_in_linear_time(text: str) -> None:
