@@ -30,7 +30,9 @@ name counts only after a label that says one follows:
 - an English label: ``name`` (``full name``, ``buyer name``, ``first_name``, …; not
   after another word, ``product name``, ``"shop_name"``), ``cardholder``, ``recipient``,
   ``consignee``, ``addressee`` (one capitalised word is enough), and ``buyer``, ``customer``,
-  ``contact``, ``sender``, ``receiver`` (a colon after them, or two capitalised words).
+  ``contact``, ``sender``, ``receiver`` (a colon after them, or two capitalised words);
+  not when one of the first four capitalised words makes them a place, a business or a
+  product (``sender: Shenzhen Warehouse``, ``customer Apple Watch``: ``_NOT_A_PERSON``).
 
 A Chinese name is a surname (the commonest 253 single ones and 37 compound ones:
 ``_SURNAMES``, ``_COMPOUND_SURNAMES``) and one or two Han characters that can be in a
@@ -247,6 +249,22 @@ _NOT_A_LATIN_NAME = frozenset(
 """Capitalised words after a label that are no name (``name: Unknown``, ``contact:
 Support``), card networks' chargeback reasons among them (``Cardholder Dispute``, ``No
 Cardholder Authorization``; review: refused)."""
+_NOT_A_PERSON = frozenset(
+    _words(
+        "Warehouse Logistics Express Delivery Depot Hub Station Branch Office Store Shop Mall"
+        " Outlet Market Supermarket Factory Company Corp Corporation Group Trading Technology"
+        " Technologies Electronics Industries Industry University College School Hospital"
+        " Clinic Hotel Airport Port Road Street Avenue District City County Province Village"
+        " Building Tower Plaza Center Centre Watch Phone Pad Pro Mini Plus Ultra Air"
+        " Charger Cable Earbuds Headphones Speaker Laptop Tablet Camera Set Kit Bag Shoes"
+        " Sneakers Dress Shirt Jacket Cream Serum Lipstick Perfume Mask Powder Formula Bottle"
+        " Vacuum Blender Fryer Cooker Kettle Purifier"
+    )
+)
+"""Capitalised words that make the words before them a place, a business or a product, not
+a person (``sender: Shenzhen Warehouse``, ``customer Apple Watch``, ``recipient: Yiwu
+Logistics Center``): looked for among the capitalised words after a label."""
+_MAX_LATIN_WORDS = 4
 
 
 def has_name(text: str) -> bool:
@@ -349,8 +367,8 @@ def _given_name(text: str, given: int, surname: str, *, role: bool, alone: bool)
             return True
         if alone and (end == len(text) or text[end] in _NAME_END or text[end].isdigit()):
             return True
-        if not _given_char(text, end):
-            return False
+        if not _given_char(text, end) or surname == text[end] == "边":
+            return False  # ``买家边哭边说``: 边…边…, while … while …
     return False
 
 
@@ -381,10 +399,14 @@ def _english_label_name(text: str, match: re.Match[str]) -> bool:
 
 def _latin_name(text: str, at: int, words: int) -> bool:
     """``words`` capitalised words or more at ``at`` (``John Smith``), none a word
-    that is no name (``_NOT_A_LATIN_NAME``)."""
-    for _ in range(words):
+    that is no name (``_NOT_A_LATIN_NAME``), and none of the first four one that makes
+    them a place, a business or a product (``_NOT_A_PERSON``)."""
+    for n in range(_MAX_LATIN_WORDS):
         word = _LATIN_WORD.match(text, at)
-        if word is None or word.group().split("-")[0].split("'")[0] in _NOT_A_LATIN_NAME:
+        if word is None:
+            return n >= words
+        first = word.group().split("-")[0].split("'")[0]
+        if first in _NOT_A_PERSON or (n < words and first in _NOT_A_LATIN_NAME):
             return False
         at = word.end()
         if at < len(text) and text[at] == " ":

@@ -75,6 +75,9 @@ NAMES = [
     "customer John Smith said the parcel was empty",
     "name: 张伟",
     "收件人 Tom Hanks",
+    "buyer: Mary Park",  # Park, Max, Case: names as well as words
+    "name: Max Case",
+    "recipient: John Smith, Shenzhen",
     "收件人，张伟，电话已核对",  # after a comma, standing alone (review: missed)
     "收件人，张伟",
     "收件人、李娜。",
@@ -172,6 +175,8 @@ NOT_NAMES = [
     "买家白酒漏了",
     "客户单价偏高，疑似刷单",
     "买家黄焖鸡差评",
+    "买家边哭边说",  # 边…边…: while … while … (review: refused)
+    "客户边吃边说好吃",
     "用户协议",
     # what analysts write after a label, a surname first (review: each refused as a name)
     "收件人周三签收",
@@ -250,6 +255,12 @@ NOT_NAMES = [
     "contact the buyer",
     "recipient not filled",
     "buyer VIP since 2021",
+    "sender: Shenzhen Warehouse",  # a place, a business, a product (review: refused)
+    "sender Yiwu Logistics Center",
+    "recipient: Hangzhou Office",
+    "customer Apple Watch arrived broken",
+    "customer: Huawei Mate Pro",
+    "contact: Acme Trading Company",
     "",
 ]
 
