@@ -13,6 +13,9 @@ its caller's to clear, since only the caller knows which names are its parts and
 writer can still be at one: ``riskd.pii.keyring.remove_stale_parts`` (under the key file's
 lock) and ``riskd.spillfile.remove_stale_parts`` (at start).
 
+``sibling_name`` names a file that belongs to another (a part file, a lock) so that it
+fits in a file name however long the other's name is.
+
 ``write_in_place`` is for where a rename cannot serve: a file with other hard links (a
 rename would part them, the other names keeping the old text) or in a folder that
 refuses a new name while the file itself is writable. It rewrites the file's own bytes,
@@ -22,7 +25,9 @@ and should that write fail (a full disk, a file size limit) puts the old bytes b
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
@@ -30,6 +35,47 @@ from pathlib import Path
 KEEP = None
 """``write(mode=KEEP)``: the new file takes the mode (and, where allowed, the owner) of the
 file it replaces."""
+NAME_MAX = 255
+"""The most bytes a file name may hold where the folder does not say (Linux's file
+systems; some hold fewer: ``name_max``)."""
+_RANDOM = 8  # characters tempfile puts in a name
+_DIGEST = 16  # hex digits of SHA-256 standing for a name cut short
+_SHORTENED = re.compile(rf".*~[0-9a-f]{{{_DIGEST}}}", re.DOTALL)
+
+
+def name_max(folder: Path) -> int:
+    """The most bytes a file name in ``folder`` may hold (``NAME_MAX`` where it cannot
+    be asked)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return NAME_MAX
+
+
+def sibling_name(path: Path, prefix: str, suffix: str, reserve: int = 0) -> str:
+    """The name of a file beside ``path`` that belongs to it (a lock, a part file):
+    ``prefix + name + suffix``, leaving ``reserve`` bytes for what the caller appends.
+    Where that would not fit in a name of the folder (``name_max``: a file named with more
+    than ~230 bytes), the name's first bytes and ``~`` and 16 hex digits of its SHA-256
+    stand for it, so the name fits and still belongs to that one file. A name already of
+    that form (``~`` and 16 hex digits at its end) is shortened whatever its length, so
+    no file named so shares another's siblings.
+
+    >>> sibling_name(Path("/etc/riskd/keyring.json"), "", ".lock")
+    'keyring.json.lock'
+    >>> long = sibling_name(Path("/tmp") / ("k" * 255), "", ".lock")
+    >>> len(long), long[-22:-5] == "~" + hashlib.sha256(b"k" * 255).hexdigest()[:16]
+    (255, True)
+    """
+    name = path.name
+    whole = f"{prefix}{name}{suffix}"
+    most = name_max(path.parent)
+    if len(os.fsencode(whole)) + reserve <= most and not _SHORTENED.fullmatch(name):
+        return whole
+    raw = os.fsencode(name)
+    digest = hashlib.sha256(raw).hexdigest()[:_DIGEST]
+    room = most - reserve - len(os.fsencode(prefix + suffix)) - 1 - _DIGEST
+    return f"{prefix}{os.fsdecode(raw[: max(0, room)])}~{digest}{suffix}"
 
 
 def write(
@@ -51,7 +97,8 @@ def write(
             file to another user).
         part_name: the part file's name beside the target, created exclusively (it must
             not exist: a name unique to this write); by default a fresh temporary name,
-            ``part_prefix`` (default ``.<target name>.``) + random + ``part_suffix``.
+            ``part_prefix`` (default ``.<target name>.``, shortened as ``sibling_name``
+            says where it would not fit) + random + ``part_suffix``.
         folder_sync_required: raise when the folder cannot be synced after the rename
             (the file is in place then); by default that sync is best effort, since not
             every filesystem lets a folder be opened or synced.
@@ -69,7 +116,9 @@ def write(
         part = target.parent / part_name
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     else:
-        prefix = f".{target.name}." if part_prefix is None else part_prefix
+        prefix = part_prefix
+        if prefix is None:
+            prefix = sibling_name(target, ".", ".", _RANDOM + len(os.fsencode(part_suffix)))
         fd, name = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=part_suffix)
         part = Path(name)
     try:

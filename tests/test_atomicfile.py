@@ -107,3 +107,27 @@ def test_a_folder_that_cannot_be_synced_raises_only_when_required(
     with pytest.raises(OSError):
         atomicfile.write(tmp_path / "f", b"2", folder_sync_required=True)
     assert (tmp_path / "f").read_bytes() == b"2"  # in place: only its durability unknown
+
+
+@pytest.mark.parametrize("name", ["r" * 255, "规则" * 42 + "r", "r" * 240 + ".rules"])
+def test_write_replaces_a_file_with_the_longest_name(tmp_path: Path, name: str) -> None:
+    """The default part name, ``.<name>.`` + 8 random + ``.part``, would be 15 bytes over a
+    long name's: it is cut and a hash of the name added (review: File name too long)."""
+    target = tmp_path / name
+    target.write_bytes(b"old")
+    assert atomicfile.write(target, b"new", mode=atomicfile.KEEP) == target
+    assert target.read_bytes() == b"new"
+    assert [os.fsencode(p.name) for p in tmp_path.iterdir()] == [os.fsencode(name)]
+
+
+def test_sibling_names_fit_and_stay_one_file_s(tmp_path: Path) -> None:
+    """Two long names alike in their first bytes get different siblings; a name of the
+    shortened form is shortened too, so it never takes another file's siblings."""
+    long = "k" * 255
+    twin = "k" * 254 + "j"
+    mine = atomicfile.sibling_name(tmp_path / long, ".", ".keyring-", reserve=16)
+    assert len(os.fsencode(mine)) + 16 == atomicfile.NAME_MAX
+    assert mine != atomicfile.sibling_name(tmp_path / twin, ".", ".keyring-", reserve=16)
+    crafted = mine[1 : -len(".keyring-")]  # a file named as the long one's stand-in
+    assert atomicfile.sibling_name(tmp_path / crafted, ".", ".keyring-", reserve=16) != mine
+    assert atomicfile.sibling_name(tmp_path / "keyring.json", "", ".lock") == "keyring.json.lock"

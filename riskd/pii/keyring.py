@@ -25,7 +25,7 @@ remotely; the index keys are derived once at start-up and held in memory).
 
 A save writes the document to a part file beside the key file, named after it
 (``.<key file name>.keyring-<16 hex digits>``, the name shortened where it would not
-fit: ``sibling_name``), then renames it over the key file. A
+fit: ``riskd.atomicfile.sibling_name``), then renames it over the key file. A
 process killed in between leaves that part, master keys in it (a version retired since
 among them): ``remove_stale_parts``, run under ``locked`` by every load-modify-save of
 the key file (``riskd pii keygen`` and ``retire``), deletes it.
@@ -70,8 +70,6 @@ STALE_PART_S = 600.0
 """How long an old-form part file (``.keyring-*``, which names no key file) must have gone
 unwritten before ``remove_stale_parts`` takes it for a leftover."""
 _OLD_PART = re.compile(r"\.keyring-[a-z0-9_]{8}")  # tempfile's names, before parts named a key file
-NAME_MAX = 255
-"""The most bytes a file name may hold (Linux's file systems)."""
 _PART_RANDOM = 16  # hex digits after PART_INFIX
 
 
@@ -314,7 +312,7 @@ def fingerprint(keyring: MasterKeyProvider) -> str:
 @contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on the key file ``path`` (a sibling ``<name>.lock`` file,
-    shortened as ``sibling_name`` says where the name is too long for that).
+    shortened as ``riskd.atomicfile.sibling_name`` says where the name is too long).
 
     Wrap every load-modify-save of a key file in it: two ``riskd pii keygen`` run at
     once would otherwise both read version n and both write their own n+1, one key
@@ -325,7 +323,7 @@ def locked(path: Path) -> Iterator[None]:
     """
     path = _resolved(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = path.with_name(sibling_name(path.name, "", ".lock"))
+    lock = _lock_file(path)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -334,44 +332,27 @@ def locked(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def sibling_name(name: str, prefix: str, suffix: str, reserve: int = 0) -> str:
-    """The name of a file that belongs to the key file ``name``: ``prefix + name +
-    suffix``, leaving ``reserve`` bytes for what the caller appends. Where that would be
-    over ``NAME_MAX`` bytes (a key file named with more than ~229), the name's first bytes
-    and ``~`` and 16 hex digits of its SHA-256 stand for it, so the name still fits and
-    still belongs to that one key file.
-
-    >>> sibling_name("keyring.json", "", ".lock")
-    'keyring.json.lock'
-    >>> long = sibling_name("k" * 255, "", ".lock")
-    >>> len(long), long[-22:-5] == "~" + hashlib.sha256(b"k" * 255).hexdigest()[:16]
-    (255, True)
-    """
-    whole = f"{prefix}{name}{suffix}"
-    if len(os.fsencode(whole)) + reserve <= NAME_MAX:
-        return whole
-    raw = os.fsencode(name)
-    digest = hashlib.sha256(raw).hexdigest()[:16]
-    room = NAME_MAX - reserve - len(os.fsencode(prefix + suffix)) - 1 - len(digest)
-    return f"{prefix}{os.fsdecode(raw[:room])}~{digest}{suffix}"
-
-
 def new_part_name(path: Path) -> str:
     """A fresh name for a part file of the key file ``path`` (no symbolic link followed:
     pass the file itself), ``.<key file name>.keyring-<16 hex digits>``: it names the one
     key file it belongs to, since the 25 characters after the name are the same in every
     part (two key files in one folder never take each other's parts). A name too long
-    for that is shortened as ``sibling_name`` says.
+    for that is shortened as ``riskd.atomicfile.sibling_name`` says.
 
     >>> new_part_name(Path("/etc/riskd/keyring.json"))[:22]
     '.keyring.json.keyring-'
     """
-    return _part_stem(path.name) + secrets.token_hex(_PART_RANDOM // 2)
+    return _part_stem(path) + secrets.token_hex(_PART_RANDOM // 2)
 
 
-def _part_stem(name: str) -> str:
-    """What every part file of the key file ``name`` starts with."""
-    return sibling_name(name, ".", PART_INFIX, reserve=_PART_RANDOM)
+def _part_stem(path: Path) -> str:
+    """What every part file of the key file ``path`` starts with."""
+    return atomicfile.sibling_name(path, ".", PART_INFIX, reserve=_PART_RANDOM)
+
+
+def _lock_file(path: Path) -> Path:
+    """The lock file of the key file ``path``."""
+    return path.with_name(atomicfile.sibling_name(path, "", ".lock"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,11 +387,14 @@ def remove_stale_parts(path: Path, clock: Clock | None = None) -> StaleParts:
     now. It is removed once unwritten for ``STALE_PART_S`` (10 minutes: a save is one
     small file and an fsync, so no writer is still at it, whichever key file it was
     saving); a younger one is left and reported, for a later command to remove.
+
+    A file named like a part that has a lock file of its own (``locked``) is a key file
+    that was given such a name: it is left. One never locked is taken for a part.
     """
     path = _resolved(path)
     folder = path.parent
     now = (clock or SystemClock()).now()
-    own = re.compile(re.escape(_part_stem(path.name)) + f"[0-9a-f]{{{_PART_RANDOM}}}")
+    own = re.compile(re.escape(_part_stem(path)) + f"[0-9a-f]{{{_PART_RANDOM}}}")
     try:
         names = sorted(os.listdir(folder))
     except FileNotFoundError:
@@ -424,6 +408,8 @@ def remove_stale_parts(path: Path, clock: Clock | None = None) -> StaleParts:
         old_form = _OLD_PART.fullmatch(name) is not None
         if name == path.name or not (old_form or own.fullmatch(name)):
             continue
+        if _lock_file(folder / name).exists():
+            continue  # a key file named like a part: it has been locked, so it is one
         try:
             (removed if _removed(folder / name, old_form, now) else left).append(name)
         except FileNotFoundError:  # an old-form part that another key file's command took

@@ -79,6 +79,15 @@ def test_rules_fmt_check_and_rewrite(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["rules", "fmt", "--check", str(messy)]) == 0
 
 
+def test_rules_fmt_rewrites_a_file_with_the_longest_name(tmp_path: Path) -> None:
+    """Review: a rule file named with over 240 bytes could not be formatted."""
+    messy = tmp_path / ("m" * 249 + ".rules")
+    messy.write_text('scenario s="S"\n', encoding="utf-8")
+    assert main(["rules", "fmt", str(messy)]) == 0
+    assert messy.read_text(encoding="utf-8") == 'scenario s = "S"\n'
+    assert [p.name for p in tmp_path.iterdir()] == [messy.name]
+
+
 def test_rules_fmt_starter_set_is_canonical() -> None:
     assert main(["rules", "fmt", "--check", str(RULES)]) == 0
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from riskd.atomicfile import NAME_MAX
 from riskd.domain.clock import FakeClock
 from riskd.errors import ConfigError, CryptoError
 from riskd.pii.keyring import (
-    NAME_MAX,
     STALE_PART_S,
     Keyring,
     StaleParts,
@@ -258,6 +258,44 @@ def test_keyring_a_key_file_with_the_longest_name_saves_locks_and_clears_its_par
     assert sorted(os.fsencode(p.name) for p in tmp_path.iterdir()) == sorted(
         os.fsencode(p.name) for p in (key_file, twin_part, *tmp_path.glob("*.lock"))
     )
+
+
+def test_keyring_a_key_file_named_as_a_long_name_s_stand_in_leaves_its_parts_and_lock(
+    tmp_path: Path,
+) -> None:
+    """Review: a key file named with the first bytes of a long one's name, ``~`` and the
+    16 hex digits standing for it took the long one's parts and lock."""
+    long = tmp_path / ("k" * NAME_MAX)
+    ring = Keyring.generate()
+    ring.save(long)
+    part = write_part(tmp_path, new_part_name(long), ring)
+    stand_in = tmp_path / part.name[1 : -len(".keyring-") - 16]
+    ring.save(stand_in)
+    with locked(stand_in):
+        assert remove_stale_parts(stand_in) == StaleParts()
+    with locked(long):
+        pass
+    assert part.exists()
+    assert len(list(tmp_path.glob("*.lock"))) == 2  # one each
+
+
+def test_keyring_remove_stale_parts_leaves_a_key_file_named_like_a_part(
+    tmp_path: Path,
+) -> None:
+    """Review: a key file named ``.keyring-abcdefgh`` (an old-form part's name) or as
+    another key file's part was deleted by that key file's keygen; one that has a lock of
+    its own is a key file and is left."""
+    key_file = tmp_path / "keyring.json"
+    ring = Keyring.generate()
+    ring.save(key_file)
+    named = [tmp_path / ".keyring-abcdefgh", tmp_path / new_part_name(key_file)]
+    for other in named:
+        with locked(other):
+            ring.save(other)
+        os.utime(other, (0, 0))
+    with locked(key_file):
+        assert remove_stale_parts(key_file, FakeClock()) == StaleParts()
+    assert all(Keyring.load(other) == ring for other in named)
 
 
 def test_keyring_remove_stale_parts_follows_a_symbolic_link(tmp_path: Path) -> None:
