@@ -152,7 +152,7 @@ from that person."""
 _ANALYSTS_WORDS = _words(
     "周三 周四 周五 陈述 陈列 陈旧 雷同 连麦 解封 解绑 解冻 解约 高风 高频 高危 白条 白名 申通 商户"
     " 单笔 单日 单月 单周 全天 成天 时隔 查收 查验 查实 查明 房东 房客 房主 孙子 孙女 岳父 岳母"
-    " 师傅 钟点 高净 白金 关机 连电 连快 连包 连货 连门 连话"
+    " 师傅 钟点 高净 白金 关机 连电 连快 连包 连货 连门 连话 车主 时段"
 )
 """Words that begin with a surname and that analysts write right after a label, which the
 dictionary's table above lacks (review: each refused as a name): week days (``收件人周三
@@ -163,11 +163,13 @@ merchant (``收款人为商户``); a phone switched off (``联系人关机``), �
 都不接``); limits per order and day (``付款人单笔支付超限额``,
 ``付款人单日支付20笔``), times (``收件人全天不在家``, ``投诉人时隔三天再次投诉``), checks
 (``买家查收后称少件``, ``付款人查实为本人``), who took a parcel in (``收件人为房东``,
-``收件人为孙子``, ``收件人为岳母``, ``联系人：师傅``, ``收件人为钟点工``) and member
-tiers (``客户：高净值``, ``用户：白金会员``)."""
+``收件人为孙子``, ``收件人为岳母``, ``联系人：师傅``, ``收件人为钟点工``, ``收件人，车主``),
+member tiers (``客户：高净值``, ``用户：白金会员``) and a list of fields (``联系人、时段、
+地址待确认``)."""
 _FUNCTION_WORDS = {
     "于": "签收直平线网店评多同抖微淘京群私电客发付单第两三四五六七八九十每首事售订物快",
     "曾": "多来提电私留表致要申投反拒签更使以有收发下购用两三几先连屡试通出参遭作担任为"
+    "询咨确否承同回"
     "工进认知开决",
     "应": "提补承返按予负尽立即遵配核视属以注支赔由进主先通联如",
     "时": "电提显发拒告联",
@@ -217,9 +219,11 @@ colons and brackets as ASCII ones; ``收件人——张伟``, ``收件人/张伟
 _MAX_SEPARATORS = 4
 _BLANKS = frozenset(" \t")  # between a name after a role word and its saying
 _COMMAS = frozenset(",、")  # NFKC reads ``，`` as ``,``
-_NAME_END = frozenset(" \t,、.。;:!?)]}>】」』》”’\"'/|~" + _DASHES)
+_OPENINGS = frozenset("([{<【「『《“‘\"'")
+_NAME_END = frozenset(" \t,、.。;:!?)]}>】」』》”’/|~" + _DASHES) | _OPENINGS
 """What ends a name that must stand on its own (after a comma, or split by a blank):
-punctuation, a closing bracket or quote, a blank; or a digit, or the end of the text."""
+punctuation, a bracket or quote, a blank (``收件人，张伟（本人签收）``); or a digit, a title
+(``收件人，张伟女士``), or the end of the text."""
 _COPULAS = frozenset("是为叫")
 _EN_LABEL = re.compile(
     r"(?<![A-Za-z])(?:"
@@ -251,19 +255,21 @@ Support``), card networks' chargeback reasons among them (``Cardholder Dispute``
 Cardholder Authorization``; review: refused)."""
 _NOT_A_PERSON = frozenset(
     _words(
-        "Warehouse Logistics Express Delivery Depot Hub Station Branch Office Store Shop Mall"
-        " Outlet Market Supermarket Factory Company Corp Corporation Group Trading Technology"
+        "Warehouse Logistics Express Delivery Depot Hub Station Office Store Shop Mall Outlet"
+        " Market Supermarket Factory Company Corp Corporation Group Trading Technology"
         " Technologies Electronics Industries Industry University College School Hospital"
-        " Clinic Hotel Airport Port Road Street Avenue District City County Province Village"
-        " Building Tower Plaza Center Centre Watch Phone Pad Pro Mini Plus Ultra Air"
-        " Charger Cable Earbuds Headphones Speaker Laptop Tablet Camera Set Kit Bag Shoes"
-        " Sneakers Dress Shirt Jacket Cream Serum Lipstick Perfume Mask Powder Formula Bottle"
-        " Vacuum Blender Fryer Cooker Kettle Purifier"
+        " Clinic Hotel Airport Road Avenue District City County Province Village Building"
+        " Tower Plaza Center Centre Watch Phone Pad Pro Mini Plus Ultra Air Charger Cable"
+        " Earbuds Headphones Speaker Laptop Tablet Camera Set Bag Shoes Sneakers Dress Shirt"
+        " Jacket Cream Serum Lipstick Perfume Mask Powder Formula Bottle Vacuum Blender Fryer"
+        " Cooker Kettle Purifier"
     )
 )
 """Capitalised words that make the words before them a place, a business or a product, not
 a person (``sender: Shenzhen Warehouse``, ``customer Apple Watch``, ``recipient: Yiwu
-Logistics Center``): looked for among the capitalised words after a label."""
+Logistics Center``): looked for among the capitalised words after a label, up to the
+next field's label (``Name: John Smith City: London``). Words that are names as often
+(Park, Max, Case, Kit, Street, Port, Branch) are left out."""
 _MAX_LATIN_WORDS = 4
 
 
@@ -286,13 +292,16 @@ def labelled_name(text: str) -> bool:
         skip = _NOT_A_LABEL_BEFORE.get(match.group(), "")
         if match.start() and text[match.start() - 1] in skip:
             continue
-        role = match.group("role") is not None and not _name_word(text, match.end(), "名字")
+        role = match.group("role") is not None
+        if role and _name_word(text, match.end(), "名字"):  # ``买家名字：张伟``: a field
+            named = match.end() + 2
+            role = _value_start(text, named, copula=True) == named  # ``用户名字符``: none
         at = _value_start(text, _label_end(text, match, role=role), copula=not role)
         if role and any(c in ":=" for c in text[match.end() : at]):
             role = False  # ``买家：李娜``: a field's label
         alone = at < len(text) and text[at] in _COMMAS  # ``收件人，张伟，电话…``
         if alone:
-            at = _skip(text, at + 1, _BLANKS, 2)
+            at = _skip(text, at + 1, _BLANKS | _OPENINGS, 2)
         if _chinese_name(text, at, role=role, alone=alone):
             return True
         if not (role or alone) and _latin_name(text, at, 1):
@@ -365,11 +374,18 @@ def _given_name(text: str, given: int, surname: str, *, role: bool, alone: bool)
     for end in (given + 1, given + 2):  # one or two given characters, then a saying
         if text.startswith(_SAYS, _skip(text, end, _BLANKS, 2)):
             return True
-        if alone and (end == len(text) or text[end] in _NAME_END or text[end].isdigit()):
+        if alone and not role and _name_ends(text, end):
             return True
         if not _given_char(text, end) or surname == text[end] == "边":
             return False  # ``买家边哭边说``: 边…边…, while … while …
     return False
+
+
+def _name_ends(text: str, at: int) -> bool:
+    """Whether a name that stands alone may end at ``at``."""
+    if at == len(text) or text[at] in _NAME_END or text[at].isdigit():
+        return True
+    return text.startswith(_TITLES, at)
 
 
 def _given_char(text: str, at: int) -> bool:
@@ -405,6 +421,8 @@ def _latin_name(text: str, at: int, words: int) -> bool:
         word = _LATIN_WORD.match(text, at)
         if word is None:
             return n >= words
+        if n >= words and text.startswith(":", word.end()):
+            return True  # the next field's label: ``Name: John Smith City: London``
         first = word.group().split("-")[0].split("'")[0]
         if first in _NOT_A_PERSON or (n < words and first in _NOT_A_LATIN_NAME):
             return False

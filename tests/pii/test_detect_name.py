@@ -78,6 +78,18 @@ NAMES = [
     "buyer: Mary Park",  # Park, Max, Case: names as well as words
     "name: Max Case",
     "recipient: John Smith, Shenzhen",
+    "Name: John Smith City: London",  # a form's next field (review: missed)
+    "Recipient: Wang Wei Province: Guangdong",
+    "buyer name: Emily Clark Store: Tmall flagship",
+    "收件人：Wang Wei City: Shenzhen",
+    "recipient: Kit Harington",
+    "recipient: Ada Street",
+    "收件人，张伟（本人签收）",  # brackets, quotes and titles after a comma (review: missed)
+    "收件人，张伟【本人】",
+    "收件人：张 伟（本人）",
+    "收件人，“张伟”，电话已核对",
+    "收件人，张伟女士，已核实",
+    "买家名字叫张伟",
     "收件人，张伟，电话已核对",  # after a comma, standing alone (review: missed)
     "收件人，张伟",
     "收件人、李娜。",
@@ -149,6 +161,20 @@ NOT_NAMES = [
     "收件人，方便时再送",
     "联系人，单号有误",
     "买家，张伟的订单",  # after a role word, no saying
+    "用户，高消费，近30天下单50笔",  # a role word, a comma, what the buyer is (review)
+    "用户，白领，月消费较高",
+    "客户，常客，近半年复购12次",
+    "用户，金卡，",
+    "用户，冷启动，",
+    "买家，连拍5单",
+    "用户，周均5单",
+    "买家，尚欠500元",
+    "按用户、单量、金额维度统计",
+    "用户名字符随机，疑似批量注册",  # 用户名 字符 (review: refused)
+    "用户名字全为数字",
+    "收件人，车主",
+    "联系人、时段、地址待确认",
+    "买家 曾 询问物流",
     "买家，黄色款偏小",
     "收件人：王 先生",  # split, then a title
     "收件人：张 某",
