@@ -36,6 +36,11 @@ environment variables override the file::
                                     # 536870911, so that 4x fits gRPC's 32-bit limit)
     grace_s = 10.0                  # RISKD_GRACE_S: on SIGTERM, how long in-flight calls
                                     # get to finish before they are cancelled (0..3600)
+    max_connection_age_s = 3600.0   # RISKD_MAX_CONNECTION_AGE_S: a client's connection is
+                                    # closed (GOAWAY, its calls finish) once this old, ±10 %,
+                                    # so clients reconnect: TLS files or client CAs reloaded
+                                    # since then apply to them, and connections spread again
+                                    # over processes sharing the port (0: never; 1..604800)
     drain_notice_ms = 1000          # RISKD_DRAIN_NOTICE_MS: on SIGTERM, health answers
                                     # NOT_SERVING this long while calls are still served, so
                                     # load balancers stop sending before the port closes
@@ -182,6 +187,7 @@ class Config:
     max_batch: int = 500
     max_message_bytes: int = 4 * 1024 * 1024
     grace_s: float = 10.0
+    max_connection_age_s: float = 3600.0  # 0: connections are never closed for their age
     drain_notice_ms: int = 1000  # NOT_SERVING this long before the port stops on SIGTERM
     workers: int = 4  # RPC threads: CPU-bound Python scales by processes, not threads
     score_workers: int = 0  # scoring worker processes (riskd.service.workers); 0: none
@@ -245,6 +251,7 @@ MAX_GRACE_S = 3600.0  # more than any drain needs (1e300 overflowed grpcio's gra
 MAX_RELOAD_INTERVAL_S = 86400.0  # 1e300 overflowed the rules watcher's wait
 MIN_RELOAD_INTERVAL_S = 0.05  # review: 1e-300 was taken, a watcher checking without pause
 MAX_DRAIN_NOTICE_MS = 60_000
+MAX_CONNECTION_AGE_S = 604_800.0  # a week
 MAX_BREAKER_FAILURES = 1000
 MAX_BREAKER_MIN_CALLS = 100_000
 MIN_BREAKER_S = {"breaker_window_s": 0.1, "breaker_open_s": 0.01, "breaker_open_max_s": 0.01}
@@ -549,6 +556,7 @@ _COERCE: dict[str, Callable[[Any, str], Any]] = {
     "breaker_open_max_s": _coerce_float,
     "reload_interval_s": _coerce_float,
     "grace_s": _coerce_float,
+    "max_connection_age_s": _coerce_float,
     "rules_dir": _coerce_path,
     "models_dir": _coerce_path,
     "data_dir": _coerce_path,
@@ -599,6 +607,11 @@ def _check_each(config: Config) -> None:
         raise ConfigError(
             f"reload_interval_s: must be between {MIN_RELOAD_INTERVAL_S:g}"
             f" and {MAX_RELOAD_INTERVAL_S:g}"
+        )
+    age = config.max_connection_age_s
+    if age != 0 and not 1 <= age <= MAX_CONNECTION_AGE_S:
+        raise ConfigError(
+            f"max_connection_age_s: must be 0 (never) or between 1 and {MAX_CONNECTION_AGE_S:g}"
         )
     if not 0 <= config.drain_notice_ms <= MAX_DRAIN_NOTICE_MS:
         raise ConfigError(f"drain_notice_ms: must be between 0 and {MAX_DRAIN_NOTICE_MS}")

@@ -98,6 +98,10 @@ def test_file_then_environment_override(tmp_path: Path) -> None:
         ({"RISKD_FALLBACK_DEFAULT": "500:allow,500:review,block"}, "fallback.default"),
         ({"RISKD_FALLBACK_SEARCH": "900:allow,500:review,block"}, "fallback.search"),
         ({"RISKD_GRACE_S": "1e300"}, "grace_s"),  # review: a traceback at SIGTERM
+        ({"RISKD_MAX_CONNECTION_AGE_S": "0.5"}, "max_connection_age_s"),
+        ({"RISKD_MAX_CONNECTION_AGE_S": "-1"}, "max_connection_age_s"),
+        ({"RISKD_MAX_CONNECTION_AGE_S": "1e300"}, "max_connection_age_s"),
+        ({"RISKD_MAX_CONNECTION_AGE_S": "nan"}, "max_connection_age_s"),
         ({"RISKD_RELOAD_INTERVAL_S": "1e300"}, "reload_interval_s"),  # killed the watcher
         ({"RISKD_RELOAD_INTERVAL_S": "1e-300"}, "reload_interval_s"),  # a watcher spinning
         # review: taken, then every Score failed INTERNAL (os.environ's undecodable bytes)

@@ -32,7 +32,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from riskd.config import STREAM_THREADS, Config
+from riskd.config import MAX_DEADLINE_MS, STREAM_THREADS, Config
 from riskd.domain.clock import Clock, SystemClock
 from riskd.engine.catchup import CatchUp
 from riskd.engine.scorer import Scorer
@@ -55,6 +55,9 @@ log = logging.getLogger("riskd.service.server")
 
 SCORING_SERVICE = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name
 STOP_MARGIN_S = 5.0  # how long past its grace a stop waits for grpcio to report it stopped
+AGE_GRACE_S = MAX_DEADLINE_MS / 1000
+"""How long the calls in flight on a connection closed for its age get to finish: the
+longest deadline riskd sets (a stream still open then ends, and its client opens another)."""
 
 if TYPE_CHECKING:  # generic only in the type stubs
     Interceptor = grpc.ServerInterceptor[Any, Any]
@@ -424,12 +427,18 @@ def _metrics_endpoint(config: Config, metrics: Metrics) -> MetricsEndpoint | Non
 
 
 def _options(config: Config) -> list[tuple[str, Any]]:
-    return [
+    options: list[tuple[str, Any]] = [
         ("grpc.so_reuseport", 1),
         # larger requests arrive to be refused by name (see riskd.service.interceptors)
         ("grpc.max_receive_message_length", RECEIVE_LIMIT_FACTOR * config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
     ]
+    if config.max_connection_age_s:
+        # a connection this old is sent GOAWAY: new calls go to a new connection (TLS
+        # files and client CAs as now), calls in flight get AGE_GRACE_S to finish
+        options.append(("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)))
+        options.append(("grpc.max_connection_age_grace_ms", int(AGE_GRACE_S * 1000)))
+    return options
 
 
 def _host(listen: str) -> str:

@@ -43,7 +43,8 @@ def server_credentials(
 
 class ServerTls:
     """TLS server credentials (``credentials``) whose certificate, key and client CAs a
-    reload replaces for new connections; connections open already keep theirs.
+    reload replaces for new connections; connections open already keep theirs until the
+    server closes them for their age (``max_connection_age_s``).
 
     grpcio asks ``_fetch`` before each handshake (``grpc.dynamic_ssl_server_credentials``)
     and keeps what it has when it answers None. Whether clients must present a

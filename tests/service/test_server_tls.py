@@ -8,7 +8,9 @@ import json
 import logging
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -395,6 +397,52 @@ def test_a_reload_renews_the_tls_files_for_new_connections_and_keeps_good_ones_o
         assert fresh_health(cert.read_bytes()) is ok
         assert fresh_health(old_cert) is unavailable  # new connections: the new certificate
         assert health(kept) is ok  # a connection open already keeps its session
+    finally:
+        kept.close()
+        running.stop(0)
+
+
+@pytest.mark.parametrize("age_s", [1.0, 0.0])
+def test_a_client_ca_removed_at_a_reload_ends_open_connections_once_they_are_old(
+    tmp_path: Path, age_s: float
+) -> None:
+    """A caller whose CA a reload removed keeps its open connection only until it is
+    ``max_connection_age_s`` old: then it must reconnect, and the handshake refuses it
+    (before, it kept calling for as long as the connection lived). 0: never closed."""
+    old_ca, new_ca = CertificateAuthority("old CA"), CertificateAuthority("new CA")
+    files = {name: tmp_path / name for name in ("old.ca", "new.ca", "srv.crt", "srv.key")}
+    files["old.ca"].write_bytes(old_ca.pem)
+    files["new.ca"].write_bytes(new_ca.pem)
+    server_pem, client_pem = old_ca.issue("localhost", server=True), old_ca.issue("healthcheck")
+    files["srv.crt"].write_bytes(server_pem.cert)
+    files["srv.key"].write_bytes(server_pem.key)
+    tls = {"tls_cert": str(files["srv.crt"]), "tls_key": str(files["srv.key"])}
+    config = make_config(
+        tmp_path / "data", **tls, tls_client_ca=str(files["old.ca"]), max_connection_age_s=age_s
+    )
+    after = replace(config, tls_client_ca=files["new.ca"])
+    running = create_server(config, reread=lambda: after)
+    credentials = grpc.ssl_channel_credentials(old_ca.pem, client_pem.key, client_pem.cert)
+    options = [
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.ssl_target_name_override", "localhost"),
+    ]
+    kept = grpc.secure_channel(f"127.0.0.1:{running.port}", credentials, options=options)
+
+    def health() -> grpc.StatusCode:
+        try:
+            health_pb2_grpc.HealthStub(kept).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.RpcError as e:
+            return e.code()  # type: ignore[no-any-return]
+        return grpc.StatusCode.OK
+
+    try:
+        assert health() is grpc.StatusCode.OK
+        assert running.reload_access() is True
+        assert health() is grpc.StatusCode.OK  # the connection open already
+        time.sleep(2.5)  # past the age, its jitter (10 %) and a reconnect
+        expected = grpc.StatusCode.UNAVAILABLE if age_s else grpc.StatusCode.OK
+        assert health() is expected
     finally:
         kept.close()
         running.stop(0)
