@@ -36,11 +36,12 @@ environment variables override the file::
                                     # 536870911, so that 4x fits gRPC's 32-bit limit)
     grace_s = 10.0                  # RISKD_GRACE_S: on SIGTERM, how long in-flight calls
                                     # get to finish before they are cancelled (0..3600)
-    max_connection_age_s = 3600.0   # RISKD_MAX_CONNECTION_AGE_S: a client's connection is
-                                    # closed (GOAWAY, its calls finish) once this old, ±10 %,
-                                    # so clients reconnect: TLS files or client CAs reloaded
-                                    # since then apply to them, and connections spread again
-                                    # over processes sharing the port (0: never; 1..604800)
+    max_connection_age_s = 3600.0   # RISKD_MAX_CONNECTION_AGE_S: a client's connection
+                                    # takes no new calls once this old, ±10 % (GOAWAY; calls
+                                    # and streams open on it finish), so clients reconnect:
+                                    # TLS files or client CAs reloaded since then apply to
+                                    # them, and connections spread again over processes
+                                    # sharing the port (0: never; 1..604800)
     drain_notice_ms = 1000          # RISKD_DRAIN_NOTICE_MS: on SIGTERM, health answers
                                     # NOT_SERVING this long while calls are still served, so
                                     # load balancers stop sending before the port closes

@@ -32,7 +32,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from riskd.config import MAX_DEADLINE_MS, STREAM_THREADS, Config
+from riskd.config import STREAM_THREADS, Config
 from riskd.domain.clock import Clock, SystemClock
 from riskd.engine.catchup import CatchUp
 from riskd.engine.scorer import Scorer
@@ -55,9 +55,6 @@ log = logging.getLogger("riskd.service.server")
 
 SCORING_SERVICE = scoring_pb2.DESCRIPTOR.services_by_name["ScoringService"].full_name
 STOP_MARGIN_S = 5.0  # how long past its grace a stop waits for grpcio to report it stopped
-AGE_GRACE_S = MAX_DEADLINE_MS / 1000
-"""How long the calls in flight on a connection closed for its age get to finish: the
-longest deadline riskd sets (a stream still open then ends, and its client opens another)."""
 
 if TYPE_CHECKING:  # generic only in the type stubs
     Interceptor = grpc.ServerInterceptor[Any, Any]
@@ -435,9 +432,10 @@ def _options(config: Config) -> list[tuple[str, Any]]:
     ]
     if config.max_connection_age_s:
         # a connection this old is sent GOAWAY: new calls go to a new connection (TLS
-        # files and client CAs as now), calls in flight get AGE_GRACE_S to finish
+        # files and client CAs as now). No grace: calls in flight and open streams finish
+        # on it however long they take (review: a 60 s grace cut a long VerifyLedger);
+        # none of them can start another call there.
         options.append(("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)))
-        options.append(("grpc.max_connection_age_grace_ms", int(AGE_GRACE_S * 1000)))
     return options
 
 
