@@ -131,8 +131,11 @@ after a label were listed). After a role word and a comma none does (14 rare wor
 all, each ending in a saying: 武侠小说); before 037912a and the saying rule, 0.40%.
 After 收件人 and a comma (a name standing alone there: ``收件人，张伟，``), a word followed
 by more text is read as a name for 0.0005% of the dictionary's uses (31 rare words:
-武侠小说, 白头偕老), one followed by a comma for 0.38% (the rare words above). A 256 KiB
-text of labels is read in 0.02-0.8 s (free text is at most 1,024 characters).
+武侠小说, 白头偕老), one followed by a comma for 0.38% (the rare words above). Its place
+names between 收件人 and a comma: 2.43% of their uses; after 收件人 and a comma, standing
+alone, 1.71% (江城, 沙湾, 苏北; 2.07% before a place's last character, 区 县 市 港 …, was
+read as no name's). A 256 KiB text of labels is read in 0.02-0.8 s (free text is at
+most 1,024 characters).
 """
 
 from __future__ import annotations

@@ -219,6 +219,10 @@ colons and brackets as ASCII ones; ``收件人——张伟``, ``收件人/张伟
 _MAX_SEPARATORS = 4
 _BLANKS = frozenset(" \t")  # between a name after a role word and its saying
 _COMMAS = frozenset(",、")  # NFKC reads ``，`` as ``,``
+_PLACE_ENDS = frozenset("区县市省镇乡村港街路")
+"""What ends a place's name, not a person's: a surname's character and one or two more
+standing alone after a comma are a place then (``收件人，龙岗区，``, ``收件人，张家港，``;
+review: refused)."""
 _OPENINGS = frozenset("([{<【「『《“‘\"'")
 _NAME_END = frozenset(" \t,、.。;:!?)]}>】」』》”’/|~" + _DASHES) | _OPENINGS
 """What ends a name that must stand on its own (after a comma, or split by a blank):
@@ -374,7 +378,7 @@ def _given_name(text: str, given: int, surname: str, *, role: bool, alone: bool)
     for end in (given + 1, given + 2):  # one or two given characters, then a saying
         if text.startswith(_SAYS, _skip(text, end, _BLANKS, 2)):
             return True
-        if alone and not role and _name_ends(text, end):
+        if alone and not role and _name_ends(text, end) and text[end - 1] not in _PLACE_ENDS:
             return True
         if not _given_char(text, end) or surname == text[end] == "边":
             return False  # ``买家边哭边说``: 边…边…, while … while …

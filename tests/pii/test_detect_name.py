@@ -173,6 +173,9 @@ NOT_NAMES = [
     "用户名字符随机，疑似批量注册",  # 用户名 字符 (review: refused)
     "用户名字全为数字",
     "收件人，车主",
+    "收件人，龙岗区，",  # a place standing alone after a comma (review: refused)
+    "收件人，张家港，已核实",
+    "联系人，黄村",
     "联系人、时段、地址待确认",
     "买家 曾 询问物流",
     "买家，黄色款偏小",
