@@ -22,11 +22,13 @@ name counts only after a label that says one follows:
   more often followed by what the buyer is or has (``用户高风险，建议拦截``,
   ``买家陈皮收到后发霉``): ``买家王小明``, ``买家张伟的订单`` are not looked for. With
   名字 after it, a field label (``买家名字：张伟``, ``客户名字是李娜``);
-- after either, a comma (``，`` or ``、``) and a name that stands alone: followed by
-  punctuation, a blank, a digit or the end (``收件人，张伟，电话…``, ``收件人，张伟13800138000``),
-  or after a role word by a saying (``买家，张伟说没收到``), since after a comma a new clause
-  begins as often (``收件人，周一送达``, ``收件人，高度怀疑``); likewise a name split by one
-  blank after its surname (``收件人：张 伟``, ``收件人 张 伟 已签收``);
+- after either, a comma (``，`` or ``、``) and a name that stands alone, since after a
+  comma a new clause begins as often (``收件人，周一送达``, ``收件人，高度怀疑``): after a
+  field label followed by punctuation, a bracket or quote, a blank, a digit, a title or
+  the end (``收件人，张伟，电话…``, ``收件人，张伟（本人签收）``, ``收件人，张伟女士``), and
+  not ending as a place does (``收件人，龙岗区，``: ``_PLACE_ENDS``); after a role word
+  only by a saying (``买家，张伟说没收到``; ``用户，高消费，`` is no name). Likewise a name
+  split by one blank after its surname (``收件人：张 伟``, ``收件人 张 伟 已签收``);
 - an English label: ``name`` (``full name``, ``buyer name``, ``first_name``, …; not
   after another word, ``product name``, ``"shop_name"``), ``cardholder``, ``recipient``,
   ``consignee``, ``addressee`` (one capitalised word is enough), and ``buyer``, ``customer``,
