@@ -323,8 +323,7 @@ def locked(path: Path) -> Iterator[None]:
     """
     path = _resolved(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = _lock_file(path)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(_lock_file(path), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
