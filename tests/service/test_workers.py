@@ -246,7 +246,8 @@ def test_a_stalled_worker_gets_the_fallback_inside_the_deadline_then_recovers(
     # (INTERNAL, 1 run in 24 with helpers' installs beside it): no metrics rounds (one
     # holds a worker for its Stats call, tens of ms on a loaded machine, past
     # BUSY_WAIT_S), and no late answer of an earlier test still owed by worker 0
-    monkeypatch.setattr(pool, "_collect", lambda w, metrics: None)
+    _no_metrics_rounds(pool, monkeypatch, 0)
+    _no_metrics_rounds(pool, monkeypatch, 1)
     assert eventually(lambda: _by_its_own_worker(pooled, stub, 0), 5)
     pid = pool.pids()[1]
     assert pid is not None
@@ -314,20 +315,22 @@ def _retry_behind_a_stalled_worker(
     later, a retry of it (``retry_s``): the order and both answers."""
     pool = pooled.workers
     assert pool is not None
-    # an earlier test's late answer read back first: else worker 1 counts as busy
-    assert eventually(lambda: _by_its_own_worker(pooled, stub, 1), 5)
-    pid = pool.pids()[1]
-    assert pid is not None
-    order = _worker_for(pool, 1)
-    request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(order))
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        first = stub.Score.future(request, timeout=first_s)
-        time.sleep(0.2)  # the first call holds the stalled worker
-        retry = stub.Score.future(request, timeout=retry_s)
-        return order, first.result().decision, retry.result().decision
-    finally:
-        os.kill(pid, signal.SIGCONT)
+    with pytest.MonkeyPatch.context() as m:
+        _no_metrics_rounds(pool, m, 1)
+        # an earlier test's late answer read back first: else worker 1 counts as busy
+        assert eventually(lambda: _by_its_own_worker(pooled, stub, 1), 5)
+        pid = pool.pids()[1]
+        assert pid is not None
+        order = _worker_for(pool, 1)
+        request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(order))
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            first = stub.Score.future(request, timeout=first_s)
+            time.sleep(0.2)  # the first call holds the stalled worker
+            retry = stub.Score.future(request, timeout=retry_s)
+            return order, first.result().decision, retry.result().decision
+        finally:
+            os.kill(pid, signal.SIGCONT)
 
 
 def test_a_concurrent_retry_gets_the_answer_its_first_call_got(
@@ -371,9 +374,11 @@ def _slow_writer(data: Path) -> Iterator[tuple[RunningServer, int, Order]]:
     try:
         pool = running.workers
         assert pool is not None
-        pid = pool.pids()[1]
-        assert pid is not None
-        yield running, pid, _worker_for(pool, 1)
+        with pytest.MonkeyPatch.context() as m:
+            _no_metrics_rounds(pool, m, 1)
+            pid = pool.pids()[1]
+            assert pid is not None
+            yield running, pid, _worker_for(pool, 1)
     finally:
         running.stop(5)
         _forget(prefix)
@@ -504,10 +509,7 @@ def test_a_worker_that_answered_late_is_kept_when_no_call_follows(
     monkeypatch.setattr(workers, "HUNG_AFTER_S", 0.3)
     pool = pooled.workers
     assert pool is not None
-    # no metrics rounds: one that asked worker 0 just as it was stopped held it past
-    # BUSY_WAIT_S, so the call went to worker 1 (not degraded; failed once in CI); and
-    # the hang check, not a metrics round, must be what reads the late answer
-    monkeypatch.setattr(pool, "_collect", lambda w, metrics: None)
+    _no_metrics_rounds(pool, monkeypatch, 0)  # the hang check must read the late answer
     assert eventually(lambda: _by_its_own_worker(pooled, stub, 0), 5)
     pid = pool.pids()[0]
     assert pid is not None
@@ -528,6 +530,18 @@ def _fallbacks(running: RunningServer, reason: str) -> float:
 
 def _reroutes(running: RunningServer) -> float:
     return running.metrics.value("riskd_score_worker_reroutes_total")
+
+
+def _no_metrics_rounds(pool: WorkerPool, m: pytest.MonkeyPatch, index: int) -> None:
+    """No metrics rounds from now, and none still asking worker ``index``: a round that
+    asked it just as a test stopped it held it up to ``STATS_WAIT_S``, past
+    ``BUSY_WAIT_S``, so the call meant for the stopped worker went to another (not
+    degraded; failed once in a CI run). What reads a late answer is then a call or the
+    hang check, not a round."""
+    m.setattr(pool, "_collect", lambda w, metrics: None)
+    worker = pool.get(index)
+    assert worker.lock.acquire(timeout=pool_module.STATS_WAIT_S + 5)  # a round begun: done
+    worker.lock.release()
 
 
 def test_orders_are_scored_by_the_grpc_process_when_every_worker_is_down(
@@ -967,6 +981,7 @@ def test_orders_of_a_worker_that_dies_mid_call_are_scored_in_the_time_left(
     pool = pooled.workers
     assert pool is not None
     assert eventually(lambda: _alive(pool, 1), 30)
+    _no_metrics_rounds(pool, monkeypatch, 1)
     victim = pool.pids()[1]
     assert victim is not None
     scorer = pooled.components.scorer
