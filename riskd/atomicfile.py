@@ -45,11 +45,12 @@ _SHORTENED = re.compile(rf".*~[0-9a-f]{{{_DIGEST}}}", re.DOTALL)
 
 def name_max(folder: Path) -> int:
     """The most bytes a file name in ``folder`` may hold (``NAME_MAX`` where it cannot
-    be asked)."""
+    be asked, or the system sets no limit: -1)."""
     try:
-        return os.pathconf(folder, "PC_NAME_MAX")
+        most = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError):
         return NAME_MAX
+    return most if most > 0 else NAME_MAX
 
 
 def sibling_name(path: Path, prefix: str, suffix: str, reserve: int = 0) -> str:

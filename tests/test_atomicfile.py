@@ -131,3 +131,14 @@ def test_sibling_names_fit_and_stay_one_file_s(tmp_path: Path) -> None:
     crafted = mine[1 : -len(".keyring-")]  # a file named as the long one's stand-in
     assert atomicfile.sibling_name(tmp_path / crafted, ".", ".keyring-", reserve=16) != mine
     assert atomicfile.sibling_name(tmp_path / "keyring.json", "", ".lock") == "keyring.json.lock"
+
+
+def test_a_folder_that_sets_no_name_limit_gets_the_usual_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pathconf answers -1 where the system sets no limit: not a limit of -1 bytes (every
+    sibling would be shortened to its hash), nor one the folder cannot be asked for."""
+    assert atomicfile.name_max(tmp_path / "not-there") == atomicfile.NAME_MAX  # ENOENT
+    monkeypatch.setattr(os, "pathconf", lambda folder, name: -1)
+    assert atomicfile.name_max(tmp_path) == atomicfile.NAME_MAX
+    assert atomicfile.sibling_name(tmp_path / "keyring.json", "", ".lock") == "keyring.json.lock"
