@@ -42,10 +42,12 @@ class SlowStore:
         self.inner = InProcessFeatureStore(clock)
         self.delay_s = delay_s
         self.failing = False
+        self.calls = 0
 
     def record_and_read(
         self, obs: Observation, queries: Collection[FeatureQuery]
     ) -> dict[FeatureQuery, int]:
+        self.calls += 1
         time.sleep(self.delay_s)
         if self.failing:
             raise UnavailableError("feature store: redis TimeoutError")
@@ -100,10 +102,10 @@ def test_tight_callers_still_open_the_breaker_of_a_failing_store(
         rig.scorer.score(make_order(f"tight-{i}"), timeout_s=0.01)
     settle()
     assert rig.scorer.breaker.is_open
-    started = time.perf_counter()
+    asked = store.calls
     patient = rig.scorer.score(make_order("patient"), timeout_s=1.0)
     assert patient.degraded == ("features",)
-    assert time.perf_counter() - started < 0.02  # skipped: the breaker is open
+    assert store.calls == asked  # skipped: the breaker is open (a time bound flaked)
 
 
 def test_a_tight_caller_holding_the_probe_lets_the_store_close_the_breaker(

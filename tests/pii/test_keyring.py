@@ -174,17 +174,31 @@ def test_keyring_load_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
         Keyring.load(path)
 
 
-def test_keyring_failed_save_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+def test_keyring_failed_save_leaves_the_old_file_and_no_temporary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A save of the same key file that fails at its rename (review: the failing save
+    went to another path, so the old file was never at risk)."""
     path = tmp_path / "keyring.json"
     ring = Keyring.generate()
     ring.save(path)
     before = path.read_bytes()
-    (tmp_path / "blocked").mkdir()
-    (tmp_path / "blocked" / "x").write_text("")  # a non-empty directory: replace fails
+
+    def refused(src: object, dst: object) -> None:
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(os, "replace", refused)
     with pytest.raises(OSError):
-        ring.add_version().save(tmp_path / "blocked")
+        ring.add_version().save(path)
     assert path.read_bytes() == before
-    assert not list(tmp_path.glob(".*keyring-*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keyring.json"]
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "x").write_text("")  # a non-empty directory where the key file should be
+    monkeypatch.undo()
+    with pytest.raises(OSError):
+        ring.add_version().save(blocked)
+    assert (blocked / "x").exists() and not list(tmp_path.glob(".*keyring-*"))
 
 
 def test_keyring_save_names_its_part_after_the_key_file(
