@@ -156,12 +156,12 @@ def test_every_generated_value_in_random_text_is_refused(values: st.SearchStrate
 
 
 @given(st.integers(12, 15).flatmap(digits))
+@example("378282246310005")  # an American Express test number: refused (review: never drawn)
+@example("378282246310006")  # its Luhn digit off by one: not
 def test_a_tracking_number_is_refused_only_as_an_american_express_number(number: str) -> None:
     """12-14 digits are never PII; 15 only when they start 34/37 and pass Luhn."""
-    kind = find_pii(f"顺丰运单 {number} 已签收")
-    if kind is not None:
-        assert kind == PiiKind.BANK_CARD
-        assert len(number) == 15 and number[:2] in ("34", "37") and luhn_valid(number)
+    amex = len(number) == 15 and number[:2] in ("34", "37") and luhn_valid(number)
+    assert find_pii(f"顺丰运单 {number} 已签收") == (PiiKind.BANK_CARD if amex else None)
 
 
 @given(st.sampled_from(["SF", "JD", "JDVA", "JDX", "YT", "JT", "ZTO"]), digits(11), digits(4))
