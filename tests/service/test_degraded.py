@@ -12,8 +12,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from riskd.domain.order import Amounts, Channel, Item
 from riskd.service import convert
-from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
+from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2, scoring_pb2_grpc
 from riskd.service.server import create_server
 from riskd.sql import Database
 from tests.own_redis import LateReplies, OwnRedis
@@ -98,6 +99,45 @@ def test_default_fallback_reviews_large_orders_when_redis_is_down(
             reply = stub.Score(scoring_pb2.ScoreRequest(order=order), timeout=1)
         assert reply.decision.degraded
         assert reply.decision.outcome == scoring_pb2.OUTCOME_REVIEW
+    finally:
+        running.stop(1)
+
+
+def test_the_configured_fallback_answers_each_scenario_when_redis_is_down(
+    tmp_path: Path, redis_process: OwnRedis
+) -> None:
+    """The [fallback] table, not the default policy, answers, per scenario and tier
+    (review: every test ran the default, which a scorer or a start that ignored the
+    configuration gives as well)."""
+    fallback = {"default": "10000:allow,block", "live_room": "20000:review,block"}
+    url = f"redis://127.0.0.1:{redis_process.port}/0"
+    running = create_server(make_config(tmp_path, redis_url=url, fallback=fallback))
+    redis_process.kill()
+
+    def order(channel: Channel, price: int) -> order_pb2.Order:
+        # 800 shipping less 100 discount and 500 coupon: a total of price + 200
+        one = Amounts(items=price, discount=100, coupon=500, shipping=800, total=price + 200)
+        return convert.order_to_proto(
+            fresh(channel=channel, items=(Item("sku-1", "beauty", price, 1),), amounts=one)
+        )
+
+    cases = [  # the default policy would allow the first three and review the last
+        (Channel.SHOP_PAGE, 5_000, scoring_pb2.OUTCOME_ALLOW, "default tier 0: ALLOW"),
+        (Channel.SHOP_PAGE, 15_000, scoring_pb2.OUTCOME_BLOCK, "default tier 1: BLOCK"),
+        (Channel.LIVE_ROOM, 15_000, scoring_pb2.OUTCOME_REVIEW, "live_room tier 0: REVIEW"),
+        (Channel.LIVE_ROOM, 60_000, scoring_pb2.OUTCOME_BLOCK, "live_room tier 1: BLOCK"),
+    ]
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+            for channel, price, outcome, tier in cases:
+                request = scoring_pb2.ScoreRequest(order=order(channel, price))
+                decision = stub.Score(request, timeout=1).decision
+                assert list(decision.unavailable) == ["features"], (channel, price)
+                assert decision.outcome == outcome, (channel, price)
+                fell_back = decision.reasons[-1]
+                assert fell_back.rule_id == "@fallback"
+                assert any(tier in line for line in fell_back.explanation), fell_back
     finally:
         running.stop(1)
 
