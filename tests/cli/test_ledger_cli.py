@@ -86,6 +86,25 @@ def test_write_off_and_dispute_story(url: str, capsys: pytest.CaptureFixture[str
     assert "every ledger invariant holds" in capsys.readouterr().out
 
 
+def test_verify_of_a_broken_book_is_exit_1_naming_the_problem(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 1 is the broken invariant (review: only a sound book, exit 0, was checked)."""
+    path = url.removeprefix("sqlite:///")
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:  # as someone holding the file could: the append-only trigger out of the way
+        triggers = "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+        for (name,) in conn.execute(f"{triggers} AND tbl_name = 'ledger_transfers'").fetchall():
+            conn.execute(f"DROP TRIGGER {name}")
+        conn.execute("UPDATE ledger_transfers SET amount = amount + 1 WHERE code = 1")
+    finally:
+        conn.close()
+    assert run(["verify", "--database", url]) == 1
+    out = capsys.readouterr().out
+    assert "every ledger invariant holds" not in out
+    assert "shop:s1:deposit" in out, out
+
+
 def test_errors_exit_2_and_name_the_problem(url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["unfreeze", "s1", "--key", "u1", "--reason", "r", "--database", url]) == 2
     assert "not frozen" in capsys.readouterr().err

@@ -148,8 +148,11 @@ def test_unknown_shop_and_dispute_are_not_found(book: Book) -> None:
 
 def test_withdrawal_refused_beyond_the_deposit(book: Book) -> None:
     funded(book, shops={"s1": 1_000})
-    refused(
-        book, InsufficientFundsError, lambda: book.withdraw("k", "s1", 1_001, actor="m"), "deposit"
+    refused(  # the check naming the field, not the store's backstop ("… cannot cover")
+        book,
+        InsufficientFundsError,
+        lambda: book.withdraw("k", "s1", 1_001, actor="m"),
+        "amount: exceeds the deposit",
     )
 
 
@@ -306,7 +309,7 @@ def test_one_payout_per_dispute(book: Book) -> None:
         book,
         AlreadyExistsError,
         lambda: book.compensate_buyer("c2", "d1", 100, actor="analyst"),
-        "already compensated",
+        "dispute_id: already compensated",  # the per-dispute check, not the per-order one
     )
     refused(
         book,
@@ -354,7 +357,7 @@ def test_late_shipment_coupon_is_5_cny_once_per_order(book: Book) -> None:
         book,
         InsufficientFundsError,
         lambda: book.pay_late_shipment_coupon("cp3", "s1", "order-2", actor="logistics"),
-        "fund",
+        "fund: cannot cover the coupon",  # the check, not the store's backstop
     )
 
 
