@@ -3,20 +3,36 @@
 After every step: balances equal the model's; ``verify()`` finds nothing (balances
 equal the replayed journal, nets sum to zero, fund = top-ups - payouts + recoveries,
 every dispute adds up, limits hold); the internal accounts' sum changed only by
-transfers with the outside (invariants 1, 2, 4, 5, 6).
+transfers with the outside (invariants 1, 2, 4, 5, 6); each dispute's statement (paid,
+recovered, collected, written off, outstanding) and the buyers' account equal the model's.
+
+Review: the payout path was drawn so rarely that with the fixed seed no payout ever
+succeeded (disputes drawn blind, amounts beyond the order, an empty fund), and a payout
+overpaying the buyer by 1 fen passed. Payouts are now drawn from the open disputes,
+within their amounts, with the fund topped up first now and then; the outcomes are
+hypothesis events, and ``test_the_machine_reaches_the_payout_path`` fails the suite if a
+change to the strategies stops them from paying out again.
 """
 
 from __future__ import annotations
 
 import tempfile
 import uuid
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from riskd.domain.clock import FakeClock
 from riskd.errors import (
@@ -49,6 +65,9 @@ class Model:
     compensated: set[str] = field(default_factory=set)
     cases: set[str] = field(default_factory=set)
     coupons: set[str] = field(default_factory=set)
+    buyers: int = 0  # everything paid out to buyers: payouts and coupons
+    # per dispute: paid, recovered_from_deposit, collected, written_off (as in its statement)
+    stories: defaultdict[str, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
 
     def owed(self, shop: str, ref: str = "") -> int:
         return sum(v for r, v in self.claims[shop].items() if not ref or r == ref)
@@ -59,6 +78,8 @@ Call = Callable[[str], Receipt]
 
 class LedgerMachine(RuleBasedStateMachine):
     backend = "sqlite"
+    # how payout attempts ended, over every run of this class (read by a test below)
+    outcomes: ClassVar[Counter[str]] = Counter()
 
     def __init__(self) -> None:
         super().__init__()
@@ -97,6 +118,11 @@ class LedgerMachine(RuleBasedStateMachine):
 
     def frozen(self, shop: str) -> bool:
         return self.model.frozen_until[shop] > self.clock.now()
+
+    def outcome(self, what: str) -> None:
+        """Record how a payout attempt ended: a statistic and a tally for the test below."""
+        event(what)
+        self.outcomes[what] += 1
 
     # -- rules ----------------------------------------------------------------------------
 
@@ -159,38 +185,77 @@ class LedgerMachine(RuleBasedStateMachine):
     def advance(self, days: int) -> None:
         self.clock.advance(days * DAY + 1)
 
-    @rule(dispute=st.integers(0, 7), shop=shops, amount=amounts)
-    def open_dispute(self, dispute: int, shop: str, amount: int) -> None:
+    @rule(dispute=st.integers(0, 7), shop=shops, amount=amounts, data=st.data())
+    def open_dispute(self, dispute: int, shop: str, amount: int, data: st.DataObject) -> None:
         d = f"d{dispute}"
         expect = AlreadyExistsError if d in self.model.disputes else None
         if self.call(
             lambda k: self.book.open_dispute(k, d, shop, f"o{d}", amount, actor="a"), expect
         ):
             self.model.disputes[d] = (shop, amount)
+            # paying at once, as support often does, makes payouts one rule in eight, not
+            # one in sixteen: the PostgreSQL run, with its few examples, needs them
+            if data.draw(st.booleans(), label="pay at once"):
+                self.pay(d, data)
 
-    @rule(dispute=st.integers(0, 7), amount=amounts)
-    def compensate(self, dispute: int, amount: int) -> None:
-        m, d = self.model, f"d{dispute}"
+    @precondition(lambda self: self.model.disputes)
+    @rule(data=st.data())
+    def compensate(self, data: st.DataObject) -> None:
+        d = data.draw(st.sampled_from([*sorted(self.model.disputes), "none"]), label="dispute")
+        if d in self.model.disputes:
+            self.pay(d, data)
+            return
+        call: Call = lambda k: self.book.compensate_buyer(k, d, 1, actor="a")  # noqa: E731
+        self.call(call, NotFoundError)
+
+    def pay(self, d: str, data: st.DataObject) -> None:
+        """Pay dispute ``d``'s buyer an amount up to (rarely over) the order's."""
+        m = self.model
+        shop, order_amount = m.disputes[d]
+        amount = data.draw(st.integers(1, order_amount + 1), label="amount")
+        # top-ups alone leave the fund short of most payouts; keep the short case too
+        if data.draw(st.booleans(), label="top up first") and m.fund < amount:
+            self.top_up(amount - m.fund)
         expect: type[RiskdError] | None = None
-        if d not in m.disputes:
-            expect = NotFoundError
-        elif amount > m.disputes[d][1]:
+        if amount > order_amount:
             expect = InvalidArgumentError
         elif d in m.compensated:
             expect = AlreadyExistsError
         elif m.fund < amount:
             expect = InsufficientFundsError
         r = self.call(lambda k: self.book.compensate_buyer(k, d, amount, actor="a"), expect)
+        self.outcome(f"compensate: {expect.__name__ if expect else 'paid'}")
         if r is None:
             return
-        shop = m.disputes[d][0]
         recovered = min(amount, m.deposits[shop])
-        assert r.total(Code.RECOVERY_FROM_DEPOSIT) == recovered
+        assert (
+            r.total(Code.COMPENSATION),
+            r.total(Code.RECOVERY_FROM_DEPOSIT),
+            r.total(Code.RECOVERY_CLAIM),
+        ) == (amount, recovered, amount - recovered)
         m.fund += recovered - amount
+        m.buyers += amount
         m.deposits[shop] -= recovered
         if amount > recovered:
             m.claims[shop][f"dispute/{d}"] = amount - recovered
+            self.outcome("compensate: left a claim")
+        m.stories[d].update(paid=amount, recovered_from_deposit=recovered)
         m.compensated.add(d)
+
+    @precondition(lambda self: self.model.compensated)
+    @rule(data=st.data())
+    def second_payout_is_refused(self, data: st.DataObject) -> None:
+        """One payout per dispute, and one dispute per order, whatever the fund holds."""
+        m = self.model
+        d = data.draw(st.sampled_from(sorted(m.compensated)), label="dispute")
+        shop, order_amount = m.disputes[d]
+        amount = data.draw(st.integers(1, order_amount), label="amount")
+        if m.fund < amount:  # so that only the one-payout rule can refuse it
+            self.top_up(amount - m.fund)
+        self.call(lambda k: self.book.compensate_buyer(k, d, amount, actor="a"), AlreadyExistsError)
+        self.outcome("second payout: refused")
+        again: Call = lambda k: self.book.open_dispute(k, "again", shop, f"o{d}", amount, actor="a")  # noqa: E731
+        self.call(again, AlreadyExistsError)
 
     @rule(shop=shops, amount=amounts, oldest=st.booleans())
     def collect(self, shop: str, amount: int, oldest: bool) -> None:
@@ -213,6 +278,7 @@ class LedgerMachine(RuleBasedStateMachine):
             m.claims[shop][r] -= take
             if r.startswith("dispute/"):
                 m.fund += take
+                m.stories[r.removeprefix("dispute/")]["collected"] += take
             if not m.claims[shop][r]:
                 del m.claims[shop][r]
 
@@ -224,7 +290,10 @@ class LedgerMachine(RuleBasedStateMachine):
         ref = data.draw(st.sampled_from(sorted(m.claims[shop])))
         call: Call = lambda k: self.book.write_off_claim(k, shop, ref, actor="ops", reason="gone")  # noqa: E731
         r = self.call(call, None)
-        assert r is not None and r.total(Code.WRITE_OFF) == m.claims[shop].pop(ref)
+        assert r is not None and r.total(Code.WRITE_OFF) == m.claims[shop][ref]
+        if ref.startswith("dispute/"):
+            m.stories[ref.removeprefix("dispute/")]["written_off"] += m.claims[shop][ref]
+        del m.claims[shop][ref]
 
     @rule(shop=shops, order=st.integers(0, 5))
     def coupon(self, shop: str, order: int) -> None:
@@ -236,6 +305,7 @@ class LedgerMachine(RuleBasedStateMachine):
             expect = InsufficientFundsError
         if self.call(lambda k: self.book.pay_late_shipment_coupon(k, shop, o, actor="a"), expect):
             m.fund -= 500
+            m.buyers += 500
             m.coupons.add(o)
 
     @precondition(lambda self: self.done)
@@ -261,6 +331,7 @@ class LedgerMachine(RuleBasedStateMachine):
         m = self.model
         got = {a.id: a.balance for a in self.book.accounts()}
         assert got[acc.FUND] == m.fund >= 0
+        assert {a.id: a.net for a in self.book.accounts()}[acc.BUYERS] == m.buyers
         for s in SHOPS:
             assert got[acc.deposit_account(s)] == m.deposits[s] >= 0
             assert got[acc.claim_account(s)] == m.owed(s)
@@ -290,8 +361,17 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @invariant()
     def every_dispute_adds_up(self) -> None:
-        for d in self.model.disputes:
+        m = self.model
+        for d, (shop, _) in m.disputes.items():
             s = self.book.dispute_statement(d)
+            story = m.stories[d]
+            assert (s.paid, s.recovered_from_deposit, s.collected, s.written_off) == (
+                story["paid"],
+                story["recovered_from_deposit"],
+                story["collected"],
+                story["written_off"],
+            )
+            assert s.outstanding == m.claims[shop].get(f"dispute/{d}", 0)
             assert s.paid == s.recovered_from_deposit + s.collected + s.written_off + s.outstanding
 
 
@@ -313,3 +393,29 @@ TestLedgerPostgres.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+class CountingMachine(LedgerMachine):
+    outcomes: ClassVar[Counter[str]] = Counter()
+
+
+def test_the_machine_reaches_the_payout_path() -> None:
+    """The machine pays out, leaves claims and refuses second payouts, in a fixed set of runs.
+
+    Review: with the fixed seed no payout ever succeeded and every test above passed
+    anyway; this fails if the strategies drift back to that."""
+    run_state_machine_as_test(
+        CountingMachine,
+        settings=settings(
+            max_examples=10,
+            stateful_step_count=30,
+            derandomize=True,
+            database=None,
+            deadline=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        ),
+    )
+    got = CountingMachine.outcomes
+    assert got["compensate: paid"] >= 1, got
+    assert got["compensate: left a claim"] >= 1, got
+    assert got["second payout: refused"] >= 1, got
