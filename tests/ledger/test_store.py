@@ -131,6 +131,7 @@ def test_verify_detects_claims_that_do_not_add_up(book: Book) -> None:
     assert "shop:s1:claim: a claim line without a claim reference" in problems
     assert "shop:s1:claim: balance differs from the sum of its open claims" in problems
     assert "shop:s2:claim: claim dispute/d2 is negative" in problems
+    assert "dispute/d2: negative outstanding" in problems
     assert "shop:s2:claim: balance differs from the sum of its open claims" in problems
 
 
@@ -318,6 +319,122 @@ def test_verify_ties_every_row_to_its_request(
     problems = book.verify()
     for problem in expected:
         assert problem in problems
+
+
+# Tokens for what a case must lift first, beyond the triggers ``tamper`` drops: the
+# CHECK constraints, and (SQLite cannot drop a column's UNIQUE) the transfer ids' UNIQUE.
+LIFT_CHECKS = "-- lift CHECK constraints"
+LIFT_UNIQUE_IDS = "-- lift UNIQUE(id) on transfers"
+
+
+def lifted(book: Book, statements: list[str]) -> list[str]:
+    """``statements`` with the tokens replaced by this backend's way of lifting them."""
+    pg = book.db.dialect == "postgres"
+    ways = {
+        LIFT_CHECKS: [
+            f"ALTER TABLE {t} DROP CONSTRAINT {c}"
+            for t, c in [
+                ("ledger_transfers", "ledger_transfers_amount_check"),
+                ("ledger_accounts", "ledger_accounts_check1"),
+                ("ledger_accounts", "ledger_accounts_check2"),
+            ]
+        ]
+        if pg
+        else ["PRAGMA ignore_check_constraints = ON"],
+        LIFT_UNIQUE_IDS: ["ALTER TABLE ledger_transfers DROP CONSTRAINT ledger_transfers_id_key"]
+        if pg
+        else [
+            # the copy keeps seq numbering new rows (INTEGER PRIMARY KEY), without UNIQUE(id)
+            "CREATE TABLE copy (seq INTEGER PRIMARY KEY, id, debit_account, credit_account,"
+            " amount INTEGER, code INTEGER, ref, request_key, actor, reason, evidence, at REAL)",
+            "INSERT INTO copy SELECT seq, id, debit_account, credit_account, amount, code, ref,"
+            " request_key, actor, reason, evidence, at FROM ledger_transfers",
+            "DROP TABLE ledger_transfers",
+            "ALTER TABLE copy RENAME TO ledger_transfers",
+        ],
+    }
+    return [x for sql in statements for x in ways.get(sql, [sql])]
+
+
+_TRANSFER = (
+    "INSERT INTO ledger_transfers (id, debit_account, credit_account, amount, code, ref,"
+    " request_key, actor, reason, evidence, at) VALUES "
+)
+
+
+@pytest.mark.parametrize(
+    ("statements", "expected"),
+    [
+        (
+            ["UPDATE ledger_transfers SET code = 2 WHERE id = 'setup-dep-s1#0'"],
+            ("transfer setup-dep-s1#0: moves money the wrong way for WITHDRAWAL",),
+        ),
+        (
+            [
+                LIFT_CHECKS,
+                _TRANSFER + "('setup-dep-s1#1', 'external:bank', 'shop:s1:deposit', 0, 1, '',"
+                " 'setup-dep-s1', 'merchant', '', '', 0)",
+            ],
+            ("transfer setup-dep-s1#1: non-positive amount",),
+        ),
+        (
+            [
+                LIFT_UNIQUE_IDS,
+                _TRANSFER + "('setup-dep-s1#0', 'external:bank', 'shop:s1:deposit', 1, 1, '',"
+                " 'setup-dep-s1', 'merchant', '', '', 0)",
+                "UPDATE ledger_accounts SET credits = credits + 1 WHERE id = 'shop:s1:deposit'",
+                "UPDATE ledger_accounts SET debits = debits + 1 WHERE id = 'external:bank'",
+            ],
+            # the request's ids read #0, #0: its numbering is broken too
+            (
+                "transfer setup-dep-s1#0: posted twice",
+                "request setup-dep-s1: transfers missing or out of order",
+            ),
+        ),
+        (
+            [
+                "UPDATE ledger_transfers SET amount = 4000 WHERE id = 'c1#0'",
+                "UPDATE ledger_accounts SET debits = debits - 1000 WHERE id = 'platform:fund'",
+                "UPDATE ledger_accounts SET credits = credits - 1000 WHERE id = 'external:buyers'",
+            ],
+            ("dispute/d1: paid does not add up",),
+        ),
+        (
+            [
+                LIFT_CHECKS,
+                "UPDATE ledger_transfers SET amount = 1000 WHERE id = 'setup-dep-s1#0'",
+                "UPDATE ledger_accounts SET credits = credits - 99000 WHERE id = 'shop:s1:deposit'",
+                "UPDATE ledger_accounts SET debits = debits - 99000 WHERE id = 'external:bank'",
+            ],
+            ("shop:s1:deposit: balance -4000 below zero",),
+        ),
+        (
+            ["UPDATE ledger_cases SET amount = amount + 1 WHERE case_id = 'case-1'"],
+            ("case/case-1: penalty transfers differ from the case's amount",),
+        ),
+        (
+            ["UPDATE ledger_transfers SET id = 'c1#5' WHERE id = 'c1#1'"],
+            ("request c1: transfers missing or out of order",),
+        ),
+    ],
+    ids=[
+        "wrong-way",
+        "zero-amount",
+        "posted-twice",
+        "paid-not-adding-up",
+        "deposit-below-zero",
+        "case-amount",
+        "request-numbering",
+    ],
+)
+def test_verify_reports_each_broken_invariant(
+    book: Book, statements: list[str], expected: tuple[str, ...]
+) -> None:
+    """Each check of ``verify`` against a book changed behind its back so that only that
+    check (the counters moved with the transfers) can see it: no test reached these, and
+    removing any of them left every test passing."""
+    tamper(tampered_book(book), *lifted(book, statements))
+    assert book.verify() == expected
 
 
 def test_the_database_refuses_a_second_dispute_for_an_order(book: Book) -> None:
