@@ -53,7 +53,7 @@ def sqlite_log(tmp_path: Path) -> tuple[DecisionLog, Path]:
 
 def tamper(path: Path, sql: str) -> None:
     conn = sqlite3.connect(path)
-    conn.execute(sql)
+    conn.executescript(sql)  # one statement or several (a swap goes through a free seq)
     conn.commit()
     conn.close()
 
@@ -70,6 +70,13 @@ def tamper(path: Path, sql: str) -> None:
         ("UPDATE decision_log SET outcome = 'ALLOW' WHERE seq = 6", 6, "column outcome"),
         ("DELETE FROM decision_log WHERE seq = 5", 6, "a row is missing"),
         ("UPDATE decision_log SET prev_hash = hash WHERE seq = 9", 9, "prev_hash"),
+        (  # two records swapped, each whole (review: no test reordered rows)
+            "UPDATE decision_log SET seq = 999999 WHERE seq = 4;"
+            " UPDATE decision_log SET seq = 4 WHERE seq = 5;"
+            " UPDATE decision_log SET seq = 5 WHERE seq = 999999;",
+            4,
+            "prev_hash does not match the previous row",
+        ),
     ],
 )
 def test_verify_reports_the_first_tampered_record_in_the_sqlite_file(
