@@ -246,6 +246,18 @@ def test_order_id_is_forgotten_after_the_idempotency_ttl(
     assert again[COUNT_DEVICE["1m"]] == 1  # recorded anew: the old event left every window
 
 
+def test_a_retry_just_before_the_idempotency_ttl_is_not_recorded(
+    store: FeatureStore, clock: FakeClock
+) -> None:
+    """The near side of the limit (review: an id forgotten 1 s, or 23 h, early passed every
+    test, which checked only that it is forgotten at 25 h)."""
+    store.record_and_read(obs(clock, "o1", 10, device="d1"), ALL)
+    clock.advance(25 * 3600 - 1)
+    store.record_and_read(obs(clock, "o1", 10, device="d1"), ALL)  # still remembered
+    got = store.record_and_read(obs(clock, "o2", 10, device="d1"), ALL)
+    assert got[COUNT_DEVICE["1m"]] == 1  # o2 alone: the retry was not counted
+
+
 def test_concurrent_retries_of_one_order_record_it_once(
     store: FeatureStore, clock: FakeClock
 ) -> None:
