@@ -7,10 +7,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from riskd.domain.clock import FakeClock
 from riskd.errors import AlreadyExistsError, InsufficientFundsError, RiskdError
 from riskd.ledger import Book, Code
 from riskd.ledger import accounts as acc
+from riskd.ledger.store import StoredRequest
 from tests.ledger.conftest import funded, new_url
 
 THREADS = 16
@@ -79,6 +82,36 @@ def test_concurrent_identical_requests_post_once(book: Book) -> None:
     assert results == ["ok"] * 32
     assert book.dispute_statement("d1").paid == 700
     assert len([t for t in book.journal() if t.code is Code.COMPENSATION]) == 1
+
+
+def test_a_retry_committed_after_the_lookup_is_replayed_in_the_transaction(
+    book: Book, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the test above needs, made to happen every run: the same request commits
+    (on another thread, its own connection) after this call's lock-free lookup found
+    nothing; the check inside the write transaction must answer it as a replay, not
+    post the payout again (the test above caught a removed check on SQLite only sometimes)."""
+    funded(book, shops={"s1": 0})
+    book.open_dispute("o1", "d1", "s1", "order1", 1_000, actor="a")
+    read_request = book.store.read_request
+    raced: list[bool] = []
+
+    def lookup_then_lose_the_race(key: str) -> StoredRequest | None:
+        prior = read_request(key)
+        if not raced:
+            raced.append(True)
+            with ThreadPoolExecutor(1) as other:
+                first = other.submit(book.compensate_buyer, "same", "d1", 700, actor="a")
+                assert first.result().replayed is False
+        return prior
+
+    monkeypatch.setattr(book.store, "read_request", lookup_then_lose_the_race)
+    second = book.compensate_buyer("same", "d1", 700, actor="a")
+    assert raced and second.replayed is True
+    assert book.dispute_statement("d1").paid == 700
+    assert book.account(acc.FUND).balance == 2_000_000_000 - 700
+    assert len([t for t in book.journal() if t.code is Code.COMPENSATION]) == 1
+    assert book.verify() == ()
 
 
 def test_mixed_concurrent_traffic_keeps_every_invariant(book: Book) -> None:
