@@ -268,7 +268,7 @@ _VILLAGE = re.compile(rf"村{_GAP}{_HOUSE}{_GAP}(?:[组組队隊社]|[号號](?!
 
 
 def find_pii(text: str) -> PiiKind | None:
-    """The kind of personal data ``text`` seems to hold, or None.
+    """The kind of personal data ``text`` seems to hold (the first of ``pii_kinds``), or None.
 
     >>> find_pii("买家电话 +86 138-1234-5678"), find_pii("顺丰 SF1234567890123 已签收")
     (<PiiKind.MOBILE: 'a mobile phone number'>, None)
@@ -283,16 +283,33 @@ def find_pii(text: str) -> PiiKind | None:
     >>> find_pii("收件人：张伟 已确认"), find_pii("收件人未填写，买家说已退款")
     (<PiiKind.NAME: "a person's name">, None)
     """
+    kinds = pii_kinds(text)
+    return kinds[0] if kinds else None
+
+
+def pii_kinds(text: str) -> tuple[PiiKind, ...]:
+    """Every kind of personal data ``text`` seems to hold, each once, in ``PiiKind``'s order:
+    a refusal names them all, so one edit can clear the text.
+
+    >>> pii_kinds("收件人：张伟，电话13812345678，杭州市文三路90号")
+    (<PiiKind.MOBILE: 'a mobile phone number'>, <PiiKind.ADDRESS: 'a shipping address'>, \
+<PiiKind.NAME: "a person's name">)
+    >>> pii_kinds("订单 2023-12-01 已退款")
+    ()
+    """
     text = _INVISIBLE_CHAR.sub("", _nfkc(text))
+    found: set[PiiKind] = set()
     if "@" in text and _EMAIL.search(text):
-        return PiiKind.EMAIL
+        found.add(PiiKind.EMAIL)
     for match in _NUMBER.finditer(text):
         kind = _scan_number(text, match)
         if kind is not None:
-            return kind
+            found.add(kind)
     if _address(text):
-        return PiiKind.ADDRESS
-    return PiiKind.NAME if labelled_name(text) else None
+        found.add(PiiKind.ADDRESS)
+    if labelled_name(text):
+        found.add(PiiKind.NAME)
+    return tuple(kind for kind in PiiKind if kind in found) if found else ()
 
 
 def has_address(text: str) -> bool:
@@ -331,17 +348,23 @@ def _road(text: str, match: re.Match[str]) -> bool:
 
 
 def refuse_pii(field: str, text: str) -> None:
-    """Raise ``InvalidArgumentError`` naming ``field`` when ``text`` holds personal data.
+    """Raise ``InvalidArgumentError`` naming ``field`` and every kind of personal data
+    ``text`` seems to hold (never the data).
 
     >>> refuse_pii("detail", "客户手机13812345678")
     Traceback (most recent call last):
     riskd.errors.InvalidArgumentError: detail: looks like it holds a mobile phone number; \
 free text must not carry personal data
+    >>> refuse_pii("reason", "收件人张伟，手机13812345678，卡号6222021234567890128")
+    Traceback (most recent call last):
+    riskd.errors.InvalidArgumentError: reason: looks like it holds a mobile phone number, \
+a bank card number and a person's name; free text must not carry personal data
     """
-    kind = find_pii(text)
-    if kind is not None:
+    kinds = pii_kinds(text)
+    if kinds:
+        held = kinds[0] if len(kinds) == 1 else f"{', '.join(kinds[:-1])} and {kinds[-1]}"
         raise InvalidArgumentError(
-            field, f"looks like it holds {kind}; free text must not carry personal data"
+            field, f"looks like it holds {held}; free text must not carry personal data"
         )
 
 

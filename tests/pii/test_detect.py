@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 from riskd.errors import InvalidArgumentError
 from riskd.pii import detect
 from riskd.pii.blind import normalize_phone
-from riskd.pii.detect import PiiKind, find_pii, is_id_number, luhn_valid, refuse_pii
+from riskd.pii.detect import (
+    PiiKind,
+    find_pii,
+    is_id_number,
+    luhn_valid,
+    pii_kinds,
+    refuse_pii,
+)
 
 _DIGITS = "0123456789"
 _PROVINCES = [11, 12, 13, 14, 15, 21, 22, 23, 31, 32, 33, 34, 35, 36, 37, 41, 42, 43, 44]
@@ -252,6 +259,28 @@ def test_the_error_names_the_field_and_kind_never_the_value(text: str, kind: str
     assert str(e.value) == (
         f"reason: looks like it holds {kind}; free text must not carry personal data"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "kinds"),
+    [
+        ("买家 13812345678 改地址到文三路90号", "a mobile phone number and a shipping address"),
+        (
+            "收件人：张伟，邮箱 zw@example.com，卡号 6222 0212 3456 7890 128，座机 010-6543-2187",
+            "a landline phone number, a bank card number, an e-mail address and a person's name",
+        ),
+        ("电话 13812345678，又打 13987654321", "a mobile phone number"),  # each kind once
+    ],
+)
+def test_a_refusal_names_every_kind_the_text_holds(text: str, kinds: str) -> None:
+    """An analyst who clears the one kind named and sends again must not be refused for
+    another: the first refusal names them all (in ``PiiKind``'s order)."""
+    with pytest.raises(InvalidArgumentError) as e:
+        refuse_pii("evidence", text)
+    assert str(e.value) == (
+        f"evidence: looks like it holds {kinds}; free text must not carry personal data"
+    )
+    assert len(pii_kinds(text)) == kinds.count(",") + kinds.count(" and ") + 1
 
 
 def test_docstring_examples_pass() -> None:

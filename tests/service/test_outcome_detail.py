@@ -75,6 +75,7 @@ def report(stub: scoring_pb2_grpc.ScoringServiceStub, order_id: str, detail: str
         ("收件人：张伟 已确认，要求退款", "张伟", "a person's name"),
         ("买家王小明说没收到", "王小明", "a person's name"),
         ("contact name: John Smith", "Smith", "a person's name"),
+        ("收件人：张伟，电话 138-1234-5678", "5678", "a mobile phone number and a person's name"),
     ],
 )
 def test_a_detail_with_pii_is_refused_naming_detail_and_stored_nowhere(
