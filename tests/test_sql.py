@@ -230,3 +230,80 @@ def test_a_schema_riskd_created_is_found_whatever_its_name(name: str) -> None:
     finally:
         db.drop_schema()
         db.close()
+
+
+@pytest.mark.postgres
+def test_concurrent_writes_are_serialized_and_the_one_that_fails_is_run_again(
+    pg_app: tuple[Database, str],
+) -> None:
+    """Two transactions each insert a row only if the table is empty, both reading before
+    either writes (write skew: under READ COMMITTED both would insert). At SERIALIZABLE one
+    fails to serialize and ``run`` runs it again: one row, and neither caller sees an error."""
+    db, _ = pg_app
+    both_read = threading.Barrier(2)
+    calls: list[int] = []
+
+    def insert_if_empty(tx: Tx) -> None:
+        calls.append(1)
+        first = len(calls) <= 2
+        row = tx.execute("SELECT COUNT(*) FROM t").fetchone()
+        if first:
+            both_read.wait(5)
+        if row is not None and row[0] == 0:
+            tx.execute("INSERT INTO t VALUES (?)", (1,))
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda _: db.run(insert_if_empty), range(2)))
+    assert count(db) == 1
+    assert len(calls) == 3  # the one that failed to serialize ran again, and saw the row
+
+
+@pytest.mark.postgres
+def test_a_connection_lost_on_every_attempt_is_unavailable_and_nothing_lands(
+    pg_app: tuple[Database, str],
+) -> None:
+    """``run`` gives up after its retries with ``UnavailableError`` (what callers map to
+    UNAVAILABLE), not the driver's own error."""
+    from riskd import sql
+
+    db, app = pg_app
+    calls = 0
+
+    def insert(tx: Tx) -> None:
+        nonlocal calls
+        calls += 1
+        tx.execute("INSERT INTO t VALUES (?)", (calls,))
+        terminate(app)
+        tx.execute("SELECT 1")
+
+    with pytest.raises(UnavailableError, match="connection lost"):
+        db.run(insert)
+    assert calls == sql._RETRIES
+    assert count(db) == 0
+
+
+@pytest.mark.postgres
+def test_a_read_only_transaction_refuses_writes(pg_app: tuple[Database, str]) -> None:
+    db, _ = pg_app
+    with (
+        pytest.raises(psycopg.errors.ReadOnlySqlTransaction),
+        db.transaction(read_only=True) as tx,
+    ):
+        tx.execute("INSERT INTO t VALUES (?)", (1,))
+    assert count(db) == 0
+
+
+def test_sqlite_enforces_foreign_keys(tmp_path: Path) -> None:
+    """SQLite leaves ``REFERENCES`` unchecked unless asked per connection (the ledger's
+    journal names its accounts so)."""
+    db = Database(tmp_path / "x.db")
+    try:
+        db.executescript(
+            "CREATE TABLE p (id TEXT PRIMARY KEY);"
+            " CREATE TABLE c (p TEXT NOT NULL REFERENCES p (id))"
+        )
+        with pytest.raises(sqlite3.IntegrityError):
+            db.run(lambda tx: tx.execute("INSERT INTO c VALUES (?)", ("nobody",)))
+        assert db.query("SELECT COUNT(*) FROM c") == [(0,)]
+    finally:
+        db.close()

@@ -188,3 +188,24 @@ def test_connections_carry_the_keepalive_and_user_timeout_settings() -> None:
         )
     finally:
         db.close()
+
+
+@pytest.mark.postgres
+def test_a_urls_own_tcp_settings_win_over_riskds() -> None:
+    """An operator's ``keepalives_idle`` or ``tcp_user_timeout`` in the URL is kept; riskd's
+    defaults fill in only what the URL leaves out."""
+    db = Database(
+        f"postgresql://postgres@{PG[0]}:{PG[1]}/test?keepalives_idle=7&tcp_user_timeout=3000"
+    )
+    try:
+        db.query("SELECT 1")
+        fd = db._connect().pgconn.socket  # white-box, as above
+        with socket.socket(fileno=os.dup(fd)) as s:
+            got = (
+                s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+            )
+        assert got == (7, sql.KEEPALIVE_INTERVAL_S, 3000)
+    finally:
+        db.close()

@@ -283,3 +283,62 @@ def test_an_outage_over_with_no_call_since_is_told_by_a_read_of_it(
     b.failure()  # no read of it since it closed: the end is told first
     said = [r.levelname for r in caplog.records]
     assert said == ["WARNING", "INFO", "WARNING", "INFO", "WARNING"]
+
+
+def test_a_window_failing_at_exactly_the_failure_rate_opens_the_circuit() -> None:
+    """ "At least ``failure_rate``": 10 failures of 20 calls open it at 0.5."""
+    clock = FakeClock(0.0)
+    b = CircuitBreaker(clock, BreakerPolicy(failures=10, failure_rate=0.5, min_calls=20))
+    _calls(b, clock, ".x" * 9 + ".")  # 19 calls, 9 failed: too few to judge
+    assert not b.is_open
+    _calls(b, clock, "x")  # 20 calls, 10 failed
+    assert b.is_open
+
+
+def test_a_failed_probe_after_a_reopening_keeps_the_backed_off_open_time() -> None:
+    """A probe that fails opens the circuit again for the open time reached (2 s after one
+    re-opening), not ``open_s``: the back-off is not undone by the dependency failing."""
+    clock = FakeClock(0.0)
+    b = CircuitBreaker(clock, BreakerPolicy(failures=1, open_s=1.0, open_max_s=8.0))
+    b.failure()  # open for 1 s
+    clock.advance(1.0)
+    assert b.allow()
+    b.success()  # the probe answers: closed
+    b.failure()  # open again within the outage: 2 s
+    clock.advance(2.0)
+    assert b.allow()
+    b.failure()  # the probe fails: open for 2 s again
+    clock.advance(1.0)
+    assert not b.allow()
+    clock.advance(1.0)
+    assert b.allow()
+
+
+def test_a_circuit_closed_by_its_probe_starts_with_an_empty_window() -> None:
+    """The calls that opened it by its failure rate are not held against it again: one
+    failure right after the probe answered does not open it again."""
+    clock = FakeClock(0.0)
+    b = CircuitBreaker(
+        clock, BreakerPolicy(failures=10, failure_rate=0.5, min_calls=20, open_s=1.0)
+    )
+    _calls(b, clock, "x." * 9 + "xx")  # 20 calls, 11 failed
+    assert b.is_open
+    clock.advance(1.0)
+    assert b.allow()
+    b.success()
+    b.failure()
+    assert not b.is_open
+
+
+def test_calls_of_a_bucket_that_left_the_window_count_no_more() -> None:
+    """The window slides a bucket at a time; a bucket's calls leave it a window later even
+    when no call fell in the buckets between."""
+    clock = FakeClock(0.0)
+    policy = BreakerPolicy(failures=100, failure_rate=0.5, min_calls=20, window_s=1.0)
+    b = CircuitBreaker(clock, policy)
+    _calls(b, clock, "x" * 15, every_s=0.001)  # the window's first bucket
+    clock.advance(0.95 - clock.monotonic())
+    b.success()  # its last bucket
+    clock.advance(0.1)  # the first bucket has left the window
+    _calls(b, clock, "xxxx", every_s=0.001)
+    assert not b.is_open  # 5 calls in the window: too few to judge

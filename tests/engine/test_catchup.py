@@ -1090,3 +1090,133 @@ def test_processes_starting_together_each_take_their_own_spill_files(
     for up in ups:
         up._spill_dir = None  # the test's folder is not kept to
         up.close()
+
+
+def test_an_order_counted_ends_an_outage_told_at_start(
+    up: CatchUp, store: Store, indexer: BlindIndexer, breaker: CircuitBreaker, clock: FakeClock
+) -> None:
+    """The store did not answer at start (``down``), its circuit never opened and no request
+    came: the catch-up's call that answers ends the outage, as a request's would."""
+    breaker.down()
+    up.submit([(make_order("a"), clock.now())], QUERIES)
+    assert up.wait(5) and counted(store, indexer, clock) == 1
+    assert not breaker.outage and not breaker.is_open
+
+
+def test_a_probe_whose_call_raises_a_bug_is_given_back(
+    up: CatchUp,
+    store: Store,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    quick_retries: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The catch-up took the half-open probe and the store raised something unexpected (a
+    bug: the order is counted ``error``): the probe is given back for the next caller, or
+    the circuit would stay open for good and every request be answered degraded."""
+    record_and_read = store.record_and_read
+
+    def buggy(obs: Observation, queries: Collection[FeatureQuery]) -> dict[FeatureQuery, int]:
+        if store._is(obs, "bad"):
+            raise KeyError("a bug")
+        return record_and_read(obs, queries)
+
+    monkeypatch.setattr(store, "record_and_read", buggy)
+    breaker.failure(UnavailableError("down"))
+    up.submit([(make_order("bad"), clock.now())], QUERIES)
+    assert holding_ends(up, 5)
+    clock.advance(1.0)  # the cooldown is over: the catch-up's call is the probe
+    assert up.wait(5) and up.dropped()[catchup.ERROR] == 1
+    assert breaker.allow()  # the probe is free for the next caller
+    breaker.success()
+    assert not breaker.is_open
+
+
+def test_an_order_kept_by_two_closes_is_kept_once_and_nothing_is_lost(
+    store: Store, indexer: BlindIndexer, breaker: CircuitBreaker, clock: FakeClock, db: Database
+) -> None:
+    """Two replicas on one database both queued an order (its retry reached the other):
+    the second close keeps the rest of its queue beside the row kept first."""
+    kept_while_away(CatchUp(store, indexer, breaker, clock, keep=db), breaker, clock, "a")
+    second = CatchUp(store, indexer, breaker, clock, keep=db)
+    second.submit([(make_order(o), clock.now()) for o in "ab"], QUERIES)
+    assert holding_ends(second, 5)
+    second.close()
+    assert sum(second.dropped().values()) == 0
+    assert db.query("SELECT COUNT(*) FROM features_catch_up") == [(2,)]
+
+
+def test_a_spill_file_larger_than_the_queue_leaves_the_rest_in_a_new_file(
+    store: Store, indexer: BlindIndexer, breaker: CircuitBreaker, clock: FakeClock, tmp_path: Path
+) -> None:
+    """A start queues what its queue has room for and writes the rest to a new file, which
+    a later start takes: no order of the file is lost."""
+    left_at_close(
+        CatchUp(store, indexer, breaker, clock, spill_dir=tmp_path), breaker, clock, "abcde"
+    )
+    again = CatchUp(store, indexer, breaker, clock, max_queued=3, spill_dir=tmp_path)
+    again.restore(QUERIES)  # the breaker is still open: nothing recorded yet
+    assert again.queued() == 3
+    (rest,) = spilled(tmp_path)
+    assert len(spillfile.read(rest, ("orders",))["orders"]) == 2
+    breaker.success()
+    assert again.wait(5)
+    later = CatchUp(store, indexer, breaker, clock, spill_dir=tmp_path)
+    later.restore(QUERIES)
+    assert later.wait(5) and counted(store, indexer, clock) == 5
+    assert spilled(tmp_path) == []
+    again.close()
+    later.close()
+
+
+def test_a_start_with_room_for_fewer_than_were_kept_takes_the_newest(
+    store: Store, indexer: BlindIndexer, breaker: CircuitBreaker, clock: FakeClock, db: Database
+) -> None:
+    """The newest kept orders count in more windows (the 1-minute and 1-hour ones too)."""
+    create_schema(db)
+    first = CatchUp(store, indexer, breaker, clock, keep=db)
+    breaker.failure(UnavailableError("down"))
+    first.submit([(make_order("a"), clock.now() - 7200), (make_order("b"), clock.now())], QUERIES)
+    assert holding_ends(first, 5)
+    first.close()
+    again = CatchUp(store, indexer, breaker, clock, keep=db, max_queued=1)
+    again.restore(QUERIES)
+    assert db.query("SELECT order_key FROM features_catch_up") == [(indexer.index("order", "a"),)]
+    again.close()
+
+
+@pytest.mark.postgres
+def test_a_start_on_a_postgresql_table_held_locked_waits_only_keep_wait_s(
+    store: Store,
+    indexer: BlindIndexer,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review (SQLite): a lock held elsewhere held a start. On PostgreSQL too the kept rows'
+    statements wait at most ``KEEP_WAIT_S`` (``statement_timeout``); the rows stay kept."""
+    import psycopg
+
+    monkeypatch.setattr(catchup, "KEEP_WAIT_S", 0.3)
+    schema = f"catchup_{uuid.uuid4().hex[:12]}"
+    pg = Database(f"postgresql://postgres@127.0.0.1:5432/test?schema={schema}")
+    create_schema(pg)
+    holder = psycopg.connect("postgresql://postgres@127.0.0.1:5432/test")
+    up = CatchUp(store, indexer, breaker, clock, keep=pg)
+    done = threading.Event()
+
+    def start() -> None:
+        up.restore(QUERIES)
+        done.set()
+
+    try:
+        holder.execute(f'LOCK TABLE "{schema}".features_catch_up IN ACCESS EXCLUSIVE MODE')
+        threading.Thread(target=start, daemon=True).start()
+        assert done.wait(5)  # not for as long as the lock is held
+    finally:
+        holder.rollback()
+        holder.close()
+        done.wait(5)
+        up.close()
+        pg.drop_schema()
+        pg.close()
