@@ -549,13 +549,19 @@ def test_orders_whose_keys_live_on_a_shard_that_is_away_wait_for_it(
     )
     up = CatchUp(store, indexer, breaker, clock)
     try:
-        # an order whose own shard (its blind-indexed id's) is the one that answers
-        order_id = next(
-            f"o-{i}"
-            for i in range(100)
-            if zlib.crc32(indexer.index("order", f"o-{i}").encode()) % 2 == 0
+        # an order whose own shard (its blind-indexed id's) is the one that answers, and
+        # with a key on the one away (the keys' shards follow this test's random keyring:
+        # all eight on the first, 1 in 256, the order would just be counted)
+        order = next(
+            o
+            for o in (make_order(f"o-{i}", buyer_id=f"b-{i}") for i in range(1000))
+            if zlib.crc32(indexer.index("order", o.order_id).encode()) % 2 == 0
+            and any(
+                zlib.crc32(f"{name}:{value}".encode()) % 2 == 1
+                for name, value in observe(o, indexer, clock.now()).keys.items()
+            )
         )
-        up.submit([(make_order(order_id), clock.now())], QUERIES)
+        up.submit([(order, clock.now())], QUERIES)
         time.sleep(0.5)  # ~100 tries' worth of failures with the old check
         assert up.queued() == 1
     finally:
