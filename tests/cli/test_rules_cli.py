@@ -389,3 +389,108 @@ def test_output_into_a_reader_that_goes_away_ends_quietly() -> None:
     err = proc.stderr.read().decode()
     assert proc.wait(60) == 141
     assert err == ""
+
+
+def test_rules_check_says_why_a_folder_without_rule_files_fails_and_counts_active_rules(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Exit 1 alone does not say what is wrong: the folder is named on stderr; and the
+    summary counts the active rules apart from the shadow ones (the starter set has both)."""
+    assert main(["rules", "check", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err == f"{tmp_path}: no .rules files\n" and captured.out == ""
+    assert main(["rules", "check", str(RULES)]) == 0
+    out = capsys.readouterr().out
+    modes = [
+        line.split("=", 1)[1].strip()
+        for f in sorted(RULES.glob("*.rules"))
+        for line in f.read_text(encoding="utf-8").splitlines()
+        if line.strip().startswith("mode") and "=" in line
+    ]
+    assert "shadow" in modes  # else the count below tells nothing
+    assert f"{len(modes)} rules ({modes.count('active')} active)" in out
+
+
+@pytest.mark.parametrize("text", [MESSY, TIDY])
+def test_rules_fmt_drops_a_byte_order_mark(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str
+) -> None:
+    """A file an editor saved with a BOM is formatted (``check`` reads past the BOM), and
+    the BOM is dropped even where the rest is canonical already."""
+    path = tmp_path / "m.rules"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert main(["rules", "fmt", "--check", str(path)]) == 1
+    assert capsys.readouterr().out == f"would reformat {path}\n"
+    assert main(["rules", "fmt", str(path)]) == 0
+    assert capsys.readouterr().out == f"reformatted {path}\n"
+    assert path.read_bytes() == TIDY.encode("utf-8")
+
+
+def test_rules_eval_usage_errors_and_json_forms(capsys: pytest.CaptureFixture[str]) -> None:
+    """A malformed ``--var`` is a usage error (2), not a failed evaluation (1); an unsigned
+    value prints as a JSON number and text prints as written, not \\u-escaped."""
+    for spec in ("x", "1x=1", "=1"):
+        assert main(["rules", "eval", "1", "--var", spec]) == 2
+        assert "expected NAME=JSON" in capsys.readouterr().err
+    assert main(["rules", "eval", "uint(x)", "--var", "x=7"]) == 0
+    assert capsys.readouterr().out == "7\n"
+    assert main(["rules", "eval", '"王小明" + s', "--var", 's="路"']) == 0
+    assert capsys.readouterr().out == '"王小明路"\n'
+
+
+def test_small_output_into_a_reader_that_goes_away_ends_quietly() -> None:
+    """As above, for output small enough to sit in stdout's buffer until the end: the
+    failure then shows at the last flush, not in a print. Buffered as a user's shell has
+    it (PYTHONUNBUFFERED, set in some CI images, would hide the last flush)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "riskd", "rules", "eval", "1 + 1"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141
+    assert err == ""
+
+
+def test_rules_fmt_leaves_a_read_only_file_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file its owner made read-only, in a folder that lets a rename through: fmt
+    names it and leaves it as it was (a rename would pass over the file's own mode)."""
+    messy = tmp_path / "m.rules"
+    messy.write_text(MESSY, encoding="utf-8")
+    messy.chmod(0o444)
+    try:
+        messy.open("a").close()
+    except PermissionError:
+        pass
+    else:
+        pytest.skip("this user writes to read-only files (root with CAP_DAC_OVERRIDE)")
+    assert main(["rules", "fmt", str(messy)]) == 1
+    out, err = capsys.readouterr()
+    assert err == f"{messy}:1:1: riskd_unwritable_file: rule file cannot be written\n"
+    assert out == ""
+    assert messy.read_text(encoding="utf-8") == MESSY
+    assert stat.S_IMODE(messy.stat().st_mode) == 0o444
+
+
+def test_rules_commands_default_to_the_rules_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``riskd rules check|test|fmt`` with no path work on ./rules (README, --help)."""
+    shutil.copytree(RULES, tmp_path / "rules")
+    monkeypatch.chdir(tmp_path)
+    assert main(["rules", "check"]) == 0
+    assert capsys.readouterr().out.startswith("ok: ")
+    assert main(["rules", "test"]) == 0
+    assert " 0 failed, " in capsys.readouterr().out
+    messy = tmp_path / "rules" / "zz_messy.rules"
+    messy.write_text('scenario zz_messy="S"\n', encoding="utf-8")
+    assert main(["rules", "fmt"]) == 0
+    assert capsys.readouterr().out == "reformatted rules/zz_messy.rules\n"
+    assert messy.read_text(encoding="utf-8") == 'scenario zz_messy = "S"\n'

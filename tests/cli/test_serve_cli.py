@@ -57,7 +57,8 @@ class Daemon:
         self.lines: list[str] = []
         self.ready = threading.Event()
         self.port = 0
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)  # ends with stderr
+        self.reader.start()
 
     def _read(self) -> None:
         assert self.proc.stderr is not None
@@ -109,6 +110,7 @@ def test_serve_scores_then_drains_on_sigterm_and_flushes(daemon: Daemon, tmp_pat
 
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(30) == 0
+    daemon.reader.join(10)  # its last lines read
     logs = [json.loads(line) for line in daemon.lines if line.startswith("{")]
     assert any(entry["msg"] == "stopped" for entry in logs)
     text = "".join(daemon.lines)
@@ -632,3 +634,172 @@ def test_a_stop_on_a_locked_database_keeps_the_decisions_for_the_next_start(
         log.close()
         db.close()
     assert list(data.glob("evidence-spill-*")) == []
+
+
+def test_listen_flag_wins_over_riskd_listen(tmp_path: Path) -> None:
+    """``--listen`` is the last layer (README: defaults ← file ← RISKD_* ← --listen): the
+    daemon listens there, not on ``RISKD_LISTEN``'s address (held here, so the daemon's
+    port cannot come out the same by chance)."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        taken = held.getsockname()[1]
+        d = Daemon(tmp_path, RISKD_LISTEN=f"127.0.0.1:{taken}")  # Daemon adds --listen :0
+        try:
+            assert d.ready.wait(30), "".join(d.lines)
+            assert d.port != taken
+            assert f"riskd serving on 127.0.0.1:{d.port}\n" in d.lines  # the host it bound
+            args = build_parser().parse_args(["health", "--target", f"127.0.0.1:{d.port}"])
+            assert args.func(args) == 0
+        finally:
+            d.stop()
+
+
+def test_sighup_reload_does_not_ask_for_a_restart_for_listen(tmp_path: Path) -> None:
+    """A SIGHUP reads the file and environment again *with* ``--listen``: otherwise the
+    log would say the listen address changed and waits for a restart."""
+    d = Daemon(tmp_path)
+    try:
+        assert d.ready.wait(30), "".join(d.lines)
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any("rules reloaded" in x for x in d.lines):
+            time.sleep(0.05)
+        reloaded = [
+            json.loads(x) for x in d.lines if x.startswith("{") and "access settings reloaded" in x
+        ]
+        assert len(reloaded) == 1, "".join(d.lines)
+        assert reloaded[0]["restart_needed"] == []
+    finally:
+        d.stop()
+
+
+# Stops the import of riskd.cli.serve (grpc, protobuf: before run_serve runs) until a line
+# comes on stdin, saying so on stderr.
+PAUSE_CLI_IMPORT = PAUSE_IMPORT.replace('"riskd.service.server"', '"riskd.cli.serve"').replace(
+    "importing riskd.service.server", "importing riskd.cli.serve"
+)
+
+
+def test_sighup_while_the_serve_command_module_is_importing_is_held(tmp_path: Path) -> None:
+    """``main`` holds SIGHUP before it imports the command's module (grpc and protobuf
+    first), not only once ``run_serve`` runs."""
+    d = Daemon(tmp_path, prelude=PAUSE_CLI_IMPORT)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any("importing" in x for x in d.lines):
+            time.sleep(0.01)
+        assert any("importing riskd.cli.serve" in x for x in d.lines), "".join(d.lines)
+        d.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.1)
+        assert d.proc.poll() is None, "ended by the SIGHUP"
+        assert d.proc.stdin is not None
+        d.proc.stdin.write("go\n")
+        d.proc.stdin.close()
+        assert d.ready.wait(30), "".join(d.lines)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any("rules reloaded" in x for x in d.lines):
+            time.sleep(0.05)
+        assert any("rules reloaded" in line for line in d.lines)
+        assert d.proc.poll() is None
+    finally:
+        d.stop()
+
+
+def test_health_fails_while_the_daemon_drains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A container's health check must fail (exit 1) once the daemon answers NOT_SERVING,
+    not only once it is gone."""
+    d = Daemon(tmp_path, RISKD_DRAIN_NOTICE_MS="20000")
+    try:
+        assert d.ready.wait(30), "".join(d.lines)
+        target = f"127.0.0.1:{d.port}"
+        with grpc.insecure_channel(target) as ch:
+            watch = health_pb2_grpc.HealthStub(ch).Watch(
+                health_pb2.HealthCheckRequest(), timeout=30
+            )
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            d.proc.send_signal(signal.SIGTERM)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            args = build_parser().parse_args(["health", "--target", target])
+            assert args.func(args) == 1
+            assert capsys.readouterr().out == "NOT_SERVING\n"
+            watch.cancel()
+    finally:
+        d.stop()
+
+
+def test_sigint_drains_as_sigterm_does(daemon: Daemon) -> None:
+    """Ctrl-C on a daemon run by hand: the same drain and flush, exit 0, no traceback."""
+    assert daemon.score(EXAMPLE).returncode == 0
+    daemon.proc.send_signal(signal.SIGINT)
+    assert daemon.proc.wait(30) == 0
+    daemon.reader.join(10)  # its last lines read
+    logs = [json.loads(line) for line in daemon.lines if line.startswith("{")]
+    assert any(entry["msg"] == "stopped" for entry in logs)
+    assert "Traceback" not in "".join(daemon.lines)
+
+
+def test_score_reads_the_order_from_stdin_and_prints_every_field(daemon: Daemon) -> None:
+    """``riskd score -`` reads stdin (README); the decision prints its fields with their
+    default values too (``degraded: false``, ``reasons: []``), so a script can read them."""
+    done = subprocess.run(
+        [sys.executable, "-m", "riskd", "score", "-", "--target", f"127.0.0.1:{daemon.port}"],
+        cwd=ROOT,
+        input=EXAMPLE.read_text("utf-8"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    decision = json.loads(done.stdout)
+    assert decision["order_id"] == "example-0001"
+    assert decision["degraded"] is False and decision["replayed"] is False
+    assert decision["reasons"] == [] and decision["unavailable"] == []
+
+
+def test_score_names_an_order_file_it_cannot_open(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A missing file is a usage error (exit 2, said in one line), not a traceback."""
+    missing = tmp_path / "no-such-order.json"
+    args = build_parser().parse_args(["score", str(missing), "--target", "127.0.0.1:1"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("riskd score: cannot read order: ") and "No such file" in err
+    assert err.count("\n") == 1
+
+
+# the scorer stops for a second per order, saying so on stderr, so a SIGTERM surely
+# comes while a call is in flight
+SLOW_SCORE = """
+import sys, time
+import riskd.engine.scorer as s
+_score = s.Scorer.score
+def slow(self, *args, **kwargs):
+    print("scoring", file=sys.stderr, flush=True)
+    time.sleep(1.0)
+    return _score(self, *args, **kwargs)
+s.Scorer.score = slow
+"""
+
+
+def test_sigterm_lets_a_call_in_flight_finish(tmp_path: Path) -> None:
+    """The drain gives in-flight calls ``grace_s`` (10 s by default) to finish."""
+    d = Daemon(tmp_path, prelude=SLOW_SCORE)
+    try:
+        assert d.ready.wait(30), "".join(d.lines)
+        result: list[subprocess.CompletedProcess[str]] = []
+        caller = threading.Thread(target=lambda: result.append(d.score(EXAMPLE)))
+        caller.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not any(x == "scoring\n" for x in d.lines):
+            time.sleep(0.01)
+        assert any(x == "scoring\n" for x in d.lines), "".join(d.lines)
+        d.proc.send_signal(signal.SIGTERM)
+        caller.join(60)
+        assert result and result[0].returncode == 0, result
+        assert json.loads(result[0].stdout)["order_id"] == "example-0001"
+        assert d.proc.wait(30) == 0
+    finally:
+        d.stop()
