@@ -487,6 +487,23 @@ def test_exhausted_refusals_keep_a_bounded_number_of_callers(
     ]
 
 
+def test_exhausted_refusals_forget_the_caller_logged_longest_ago(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not the one first seen; and a forgotten caller with nothing unlogged gets no line."""
+    clock = FakeClock()
+    exhausted = limits.ExhaustedRefusals(clock, max_callers=2)
+    with caplog.at_level(logging.DEBUG):
+        assert exhausted.due_one("a") == 0
+        clock.advance(1.0)
+        assert [exhausted.due_one(c) for c in ("b", "a", "b")] == [0, 0, None]
+        assert exhausted.due_one("c") == 0  # "b" forgotten (a's line is later): its 1 logged
+        assert exhausted.due_one("b") == 0  # "a" forgotten, nothing unlogged: no line
+    assert [getattr(r, "fields", {}) for r in caplog.records] == [
+        {"principal": "b", "unlogged_refusals": 1}
+    ]
+
+
 # -- rate limits -----------------------------------------------------------------------------
 
 
@@ -614,6 +631,39 @@ def test_token_buckets_refill_and_stay_bounded() -> None:
     for i in range(10):
         buckets.take(f"c{i}", limit)
     assert len(buckets._buckets) <= 4
+
+
+def test_token_buckets_hold_without_spending_and_refill_no_further_than_the_burst() -> None:
+    clock = FakeClock()
+    buckets = TokenBuckets(clock)
+    limit = RateLimit(1.0, 2)
+    assert buckets.holds("a", limit, 2) and buckets.holds("a", limit, 2)  # nothing spent
+    assert buckets.take("a", limit, 2) and not buckets.holds("a", limit)
+    clock.advance(60.0)  # idle a minute: a full bucket, not 60 tokens
+    assert [buckets.take("a", limit) for _ in range(3)] == [True, True, False]
+
+
+def test_token_buckets_forget_the_callers_seen_longest_ago() -> None:
+    """Forgetting a caller refills its bucket: the one spending it now is remembered."""
+    clock = FakeClock()
+    buckets = TokenBuckets(clock, max_callers=4)
+    limit = RateLimit(0.001, 1)
+    for caller in ("c0", "c1", "c2", "hot"):
+        assert buckets.take(caller, limit)
+        clock.advance(1.0)
+    assert buckets.take("new", limit)  # one caller too many: the least recently seen go
+    assert not buckets.take("hot", limit)
+
+
+def test_stream_slots_free_a_slot_once_however_often_it_is_closed() -> None:
+    """A blocking stream's slot is closed by its end callback and by its wrapper: both run."""
+    slots = limits.StreamSlots(holding=1, per_peer=2)
+    close = slots.open("p", holds_thread=True)
+    assert close is not None and slots.open("q", holds_thread=True) is None
+    close()
+    close()
+    assert slots.open("q", holds_thread=True) is not None
+    assert slots.open("p", holds_thread=True) is None  # still one at most
 
 
 # -- configuration and transport checks ------------------------------------------------------

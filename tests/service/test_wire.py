@@ -54,6 +54,8 @@ def test_the_largest_field_walk_names_what_it_read_when_out_of_budget() -> None:
     data = BATCH(orders=[order_pb2.Order()] * 1000).SerializeToString()
     assert wire.largest_field(BATCH.DESCRIPTOR, data, budget=100) == "orders"
     assert wire.largest_field(BATCH.DESCRIPTOR, data[:-1] + b"\x05", budget=10**6) == ""
+    inside = b"\x0a\x34\x62\x64" + b"x" * 50  # orders[0].device_id ends inside its bytes
+    assert wire.largest_field(BATCH.DESCRIPTOR, inside, budget=10**6) == ""
 
 
 def _check(data: bytes, descriptor: Any = BATCH.DESCRIPTOR) -> str | None:
@@ -83,6 +85,11 @@ def test_limits_refuse_with_the_errors_the_servicer_gives_after_the_parse() -> N
     with pytest.raises(InvalidArgumentError) as e:
         validate.validate_batch_size(MAX_BATCH + 1, MAX_BATCH)
     assert _check(too_many) == str(e.value)
+    # the shortest order over the item limit: 201 empty items in exactly 402 bytes
+    tight = BATCH(orders=[order_pb2.Order(items=[order_pb2.Item()] * (validate.MAX_ITEMS + 1))])
+    assert _check(tight.SerializeToString()) == (
+        f"orders[0].items: more than {validate.MAX_ITEMS} items"
+    )
 
 
 def test_a_singular_order_sent_twice_is_counted_as_the_parse_merges_it() -> None:
@@ -171,12 +178,25 @@ _BIG_ORDER = _full_order(validate.MAX_ITEMS).SerializeToString()
         b"\x5b\x6c",  # a group ended by another's tag
         b"\x02\x00",  # field number 0
         b"\x5b" * 101 + b"\x5c" * 101,  # groups nested deeper than upb reads
+        b"\x5b\x08" + b"\xff" * 10 + b"\x01\x5c",  # an 11-byte varint in a group
+        b"\x5b\x88\x80\x80\x80\x80\x00\x01\x5c",  # a 6-byte tag in a group
+        b"\x5b\x0a\x80\x80\x80\x80\x80\x00\x5c",  # a 6-byte length in a group
     ],
 )
 def test_bytes_the_parse_refuses_are_broken_before_anything_is_built(tail: bytes) -> None:
     """Review: the walk gave up on them and the parse built 2M items before refusing."""
     order = _BIG_ORDER + tail
     data = b"\x0a" + _varint(len(order)) + order + b"\x0a\x00" * 10
+    with pytest.raises(DecodeError):
+        BATCH.FromString(data)
+    with pytest.raises(wire.Broken):
+        element_limits(MAX_BATCH).check(BATCH.DESCRIPTOR, data)
+
+
+def test_a_run_of_items_ending_inside_its_last_is_broken() -> None:
+    """The run of short items read at once stops at the bytes' end, as the parse does."""
+    order = b"\x2a\x03\x0a\x01s" * 150 + b"\x2a\x05ab"  # the last item is cut short
+    data = b"\x0a" + _varint(len(order)) + order
     with pytest.raises(DecodeError):
         BATCH.FromString(data)
     with pytest.raises(wire.Broken):
