@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from riskd.domain.clock import FakeClock
+from riskd.domain.decision import Decision, Outcome
 from riskd.domain.order import MAX_ORDER_ID_LEN
 from riskd.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from riskd.evidence.access import AccessOutcome, PiiAccess
+from riskd.evidence.access import MAX_PAGE, MAX_REASON_CHARS, AccessOutcome, PiiAccess
 from riskd.evidence.log import DecisionLog, forget_subject
+from riskd.evidence.records import DecisionRecord
 from riskd.pii import BlindIndexer, Keyring, SqlKeyStore, Vault
 from riskd.sql import Database, Tx
 
-from .conftest import DEVICE, ID_NUMBER, IP, NAME, PHONE, STREET
+from .conftest import DEVICE, ID_NUMBER, IP, NAME, PHONE, STREET, make_order
 from .test_pii import log_order
 
 
@@ -220,9 +224,34 @@ def test_a_tampered_audit_entry_fails_verify(db: Database) -> None:
 
 def test_entries_page_size_is_checked(db: Database) -> None:
     log, _, access = setup(db)
+    for limit in (0, MAX_PAGE + 1):
+        with pytest.raises(InvalidArgumentError) as e:
+            access.entries(limit=limit)
+        assert e.value.field == "page_size"
     with pytest.raises(InvalidArgumentError) as e:
-        access.entries(limit=1001)
-    assert e.value.field == "page_size"
+        access.entries(after_seq=-1)
+    assert e.value.field == "after_seq"
+    assert access.entries(limit=1) == [] and access.entries(limit=MAX_PAGE) == []
+    log.close()
+
+
+def test_entries_of_one_order_page_through_its_own_only(db: Database) -> None:
+    log, _, access = setup(db)
+    log_order(log, "o-1")
+    order = replace(make_order("o-2"), ip="")  # no IP: it cannot be revealed
+    decision = Decision("o-2", Outcome.ALLOW, 0.0, (), "v1", decided_at=1.0)
+    log.append(DecisionRecord(decision, log.protect(order)), order=order)
+    longest = "x" * MAX_REASON_CHARS  # kept whole in the trail
+    access.reveal("o-1", "case 1", "token:ts-1", ["phone"])
+    access.reveal("o-2", longest, "token:ts-1")
+    access.reveal("o-1", "case 3", "token:ts-1", ["name"])
+    assert [(e.seq, e.reason) for e in access.entries("o-1")] == [(1, "case 1"), (3, "case 3")]
+    assert [e.seq for e in access.entries("o-1", after_seq=1)] == [3]
+    assert [e.seq for e in access.entries("o-1", limit=1)] == [1]
+    [entry] = access.entries("o-2")
+    assert entry.reason == longest
+    assert entry.fields == ("phone", "name", "id_number", "address", "device")  # as revealed
+    assert [e.order_id for e in access.entries(after_seq=1, limit=1)] == ["o-2"]
     log.close()
 
 

@@ -77,6 +77,15 @@ def tamper(path: Path, sql: str) -> None:
             4,
             "prev_hash does not match the previous row",
         ),
+        (  # a record cut out and the rest renumbered and relinked: each hash covers the
+            # previous one, so the row after the gap no longer matches its own hash
+            "DELETE FROM decision_log WHERE seq = 5;"
+            " UPDATE decision_log SET seq = seq - 1 WHERE seq > 5;"
+            " UPDATE decision_log SET prev_hash ="
+            " (SELECT hash FROM decision_log WHERE seq = 4) WHERE seq = 5;",
+            5,
+            "content does not match its hash",
+        ),
     ],
 )
 def test_verify_reports_the_first_tampered_record_in_the_sqlite_file(
@@ -278,3 +287,10 @@ def test_a_chained_row_whose_content_is_not_an_object_fails_verify_not_the_walk(
         "o-3",
     )
     assert result.problem == "content is not a JSON object"
+
+
+def test_a_kept_head_at_seq_0_is_only_the_genesis_hash(db: Database) -> None:
+    log = write_log(db, 1)
+    assert chain.check_anchor(db, DECISIONS, 0, GENESIS_HASH) is None
+    assert chain.check_anchor(db, DECISIONS, 0, "f" * 64) == "seq 0 has only the genesis hash"
+    log.close()

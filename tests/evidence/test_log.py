@@ -48,10 +48,24 @@ def test_log_get_sees_appended_record_before_and_after_flush(db: Database) -> No
     record = make_record("o-1")
     log.append(record)
     assert log.get("o-1") == record
+    assert log.queued(["o-1"]) == {"o-1": record}
     log.flush(10)
     assert rows(db) == 1
+    assert log.queued(["o-1"]) == {}  # committed: no longer held in memory
     assert log.get("o-1") == record  # read back from SQL, equal field for field
     assert log.get("o-unknown") is None
+    log.close()
+
+
+def test_get_many_reads_more_ids_than_one_query_takes(db: Database) -> None:
+    log = DecisionLog(db)
+    ids = [f"o-{i}" for i in range(1_200)]  # three queries of up to 500 ids
+    for order_id in ids:
+        log.append(make_record(order_id))
+    log.flush(10)
+    found = log.get_many([*ids, "o-unknown"])
+    assert sorted(found) == sorted(ids)
+    assert found["o-1199"] == make_record("o-1199")
     log.close()
 
 
@@ -117,6 +131,24 @@ def test_log_full_queue_raises_unavailable_instead_of_blocking(tmp_path: Path) -
     db.gate.set()
     log.close()
     assert rows(db) == 8
+    db.close()
+
+
+def test_append_all_queues_all_of_its_decisions_or_none(tmp_path: Path) -> None:
+    db = CountingDatabase(tmp_path / "e.db")
+    log = DecisionLog(db, max_batch=4, queue_size=8, put_timeout_s=0.05)
+    db.gate.clear()
+    for i in range(6):
+        log.append(make_record(f"o-{i}"))
+    three = [(make_record(f"o-{i}"), None, None) for i in (6, 7, 8)]
+    with pytest.raises(UnavailableError, match="queue is full"):
+        log.append_all(three)  # room for two of them only
+    assert log.backlog == 6 and log.queued(["o-6", "o-7", "o-8"]) == {}
+    db.gate.set()
+    log.flush(10)
+    log.append_all(three)
+    log.close()
+    assert rows(db) == 9
     db.close()
 
 

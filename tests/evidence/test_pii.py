@@ -13,6 +13,7 @@ from psycopg.errors import DiskFull
 
 import riskd.evidence.log as log_module
 from riskd.domain.decision import Decision, Outcome
+from riskd.domain.order import Amounts, Item, PaymentMethod
 from riskd.errors import InvalidArgumentError
 from riskd.evidence.log import (
     DecisionLog,
@@ -22,6 +23,7 @@ from riskd.evidence.log import (
     orders_with,
 )
 from riskd.evidence.records import DecisionRecord
+from riskd.evidence.request import protect_order
 from riskd.pii import BlindIndexer, Keyring, SqlKeyStore, Vault
 from riskd.sql import Database
 
@@ -64,6 +66,48 @@ def test_sqlite_file_holds_no_plaintext_pii(tmp_path: Path, with_vault: bool) ->
     for value in PLAINTEXTS:
         assert value.encode() not in raw, "plaintext PII found in the database files"
     assert (b"139****5678" in raw) and (b"v1" in raw)  # the grep does see stored text
+
+
+def test_the_chained_request_is_the_whole_order_with_its_pii_masked() -> None:
+    """The record keeps every field of the order (to explain and replay the decision);
+    only the PII fields are masked, the IP left out."""
+    order = replace(
+        make_order("o-1"),
+        items=(Item("sku-1", "beauty", 4_300, 3),),
+        amounts=Amounts(items=12_900, discount=500, coupon=300, shipping=800, total=12_900),
+        payment_method=PaymentMethod.BANK_CARD,
+        coupon_code="C-7",
+        client_time=1_700_000_000.5,
+    )
+    assert protect_order(order) == {
+        "order_id": "o-1",
+        "buyer": {
+            "buyer_id": "b-1",
+            "account_age_days": 3,
+            "phone": {"masked": "139****5678"},
+            "name": {"masked": "王**"},
+            "id_number": {"masked": "110***********123X"},
+            "address": {"masked": "浙江省杭州市西湖区"},
+        },
+        "shop_id": "s-1",
+        "merchant_id": "m-1",
+        "items": [{"sku": "sku-1", "category": "beauty", "unit_price": 4_300, "quantity": 3}],
+        "amounts": {
+            "items": 12_900,
+            "discount": 500,
+            "coupon": 300,
+            "shipping": 800,
+            "total": 12_900,
+        },
+        "channel": "LIVE_ROOM",
+        "live_room_id": "lr-9",
+        "video_id": "",
+        "creator_id": "",
+        "coupon_code": "C-7",
+        "device": {"masked": "****E7DC"},
+        "payment_method": "BANK_CARD",
+        "client_time": 1_700_000_000.5,
+    }
 
 
 def test_vault_ciphertexts_decrypt_and_are_dropped_on_forget(tmp_path: Path) -> None:
