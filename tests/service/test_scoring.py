@@ -146,6 +146,13 @@ def counters(server: RunningServer) -> float:
     )
 
 
+def logged(server: RunningServer, order_id: str) -> bool:
+    """Whether the decision log holds a decision for ``order_id`` (queued or committed)."""
+    log = server.components.decision_log
+    assert log is not None
+    return log.get(order_id) is not None
+
+
 @pytest.mark.parametrize("field", list(BAD_ORDERS))
 def test_bad_order_is_invalid_argument_and_changes_nothing(
     stub: Stub, server: RunningServer, field: str
@@ -160,9 +167,11 @@ def test_bad_order_is_invalid_argument_and_changes_nothing(
     assert e.value.details().startswith(f"{field}: ")
     assert "13812345678" not in e.value.details()
     assert counters(server) == before
+    assert not logged(server, order.order_id)  # nor kept as evidence
     # Nothing was counted: the same device's next (valid) order is its first.
     retry = dataclasses.replace(fresh(), device_id=order.device_id)
     assert score(stub, retry).outcome == scoring_pb2.OUTCOME_ALLOW
+    assert logged(server, retry.order_id)  # the check above can see a decision
 
 
 def test_retry_is_replayed_and_counted_once_in_the_metrics(
@@ -234,6 +243,7 @@ def test_bad_batch_member_rejects_the_whole_batch(stub: Stub, server: RunningSer
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.value.details().startswith("orders[1].amounts.total: ")
     assert counters(server) == before
+    assert not logged(server, good.order_id) and not logged(server, bad.order_id)
 
 
 def test_too_many_orders_in_a_batch(stub: Stub, server: RunningServer) -> None:
