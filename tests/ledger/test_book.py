@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 
 import pytest
 
@@ -605,3 +606,144 @@ def test_a_journal_position_beyond_64_bits_is_refused(book: Book, after: int) ->
     with pytest.raises(InvalidArgumentError, match="after_seq"):
         book.journal(after_seq=after)
     assert book.account_statement(acc.FUND, after_seq=2**63 - 1).transfers == ()
+
+
+def test_a_partial_write_off_leaves_the_rest_of_its_claim_open(book: Book) -> None:
+    """``amount`` writes off that much of one claim, never more than it holds (another
+    claim's balance must not absorb the excess); a shop owing 1 fen still cannot withdraw."""
+    funded(book, shops={"s1": 0})
+    book.penalize_shop("p1", "s1", "content_violation_minor", "c1", evidence="ev", actor="a")
+    book.open_dispute("o1", "d1", "s1", "order-1", 9_000, actor="analyst")
+    book.compensate_buyer("c1", "d1", 9_000, actor="analyst")
+    for amount, error in ((9_001, "amount: exceeds the claim's outstanding"), (-5, "amount: ")):
+        refused(
+            book,
+            InvalidArgumentError,
+            partial(
+                book.write_off_claim,
+                "w1",
+                "s1",
+                "dispute/d1",
+                actor="ops",
+                reason="r",
+                amount=amount,
+            ),
+            error,
+        )
+    r = book.write_off_claim("w1", "s1", "dispute/d1", actor="ops", reason="r", amount=8_999)
+    assert r.total(Code.WRITE_OFF) == 8_999
+    d = book.dispute_statement("d1")
+    assert (d.written_off, d.outstanding) == (8_999, 1)
+    book.write_off_claim("w2", "s1", "case/c1", actor="ops", reason="r")
+    assert [(c.ref, c.outstanding) for c in book.shop_statement("s1").claims] == [("dispute/d1", 1)]
+    book.deposit("k2", "s1", 100, actor="m")
+    refused(book, FailedPreconditionError, lambda: book.withdraw("w", "s1", 1, actor="m"), "1 fen")
+    assert book.verify() == ()
+
+
+def test_requests_for_unknown_shops_and_bad_fields_are_refused_naming_the_field(
+    book: Book,
+) -> None:
+    """Each refusal names its field and writes nothing."""
+    funded(book, shops={"s1": 1_000})
+    refused(
+        book,
+        NotFoundError,
+        lambda: book.open_dispute("o1", "d1", "nope", "order-1", 100, actor="a"),
+        "shop_id: no such shop",
+    )
+    refused(
+        book,
+        NotFoundError,
+        lambda: book.penalize_shop("p1", "nope", "order_brushing", "c1", evidence="e", actor="a"),
+        "shop_id: no such shop",
+    )
+    refused(
+        book,
+        NotFoundError,
+        lambda: book.pay_late_shipment_coupon("cp1", "nope", "order-1", actor="logistics"),
+        "shop_id: no such shop",
+    )
+    refused(
+        book,
+        NotFoundError,
+        lambda: book.collect_claim("col1", "nope", 100, actor="ops"),
+        "shop_id: no such shop",
+    )
+    for limit in (0, 10_001):
+        with pytest.raises(InvalidArgumentError, match="limit: must be between 1 and 10000"):
+            book.account_statement(acc.FUND, limit=limit)
+    for amount in (0, -1, 10**12 + 1):
+        refused(
+            book,
+            InvalidArgumentError,
+            partial(book.open_dispute, "o1", "d1", "s1", "o-1", amount, actor="a"),
+            "order_amount: ",
+        )
+    refused(
+        book,
+        InvalidArgumentError,
+        lambda: book.top_up_fund("t1", 100, actor="ops", reason=" "),
+        "reason: is required",
+    )
+    book.penalize_shop("p1", "s1", "order_brushing", "c1", evidence="e", actor="a")
+    refused(
+        book,
+        InvalidArgumentError,
+        lambda: book.unfreeze("u1", "s1", actor="ops", reason=""),
+        "reason: is required",
+    )
+    refused(
+        book,
+        InvalidArgumentError,
+        lambda: book.deposit("k", "s" * 129, 1, actor="m"),
+        "shop_id: must be 1-128",
+    )
+    refused(
+        book, InvalidArgumentError, lambda: book.deposit("k", "-s1", 1, actor="m"), "shop_id: must"
+    )
+    for key in ("k" * 129, ":k", "k k"):
+        refused(
+            book,
+            InvalidArgumentError,
+            partial(book.deposit, key, "s1", 1, actor="m"),
+            "idempotency_key: must be 1-128",
+        )
+    refused(
+        book,
+        InvalidArgumentError,
+        lambda: book.deposit("k", "s1", 1, actor="m", reason="r" * 1001),
+        "reason: longer than 1000 characters",
+    )
+    with pytest.raises(InvalidArgumentError, match="merchant_id: must be 1-128"):
+        book.register_shop("s2", merchant_id="m 2")
+    assert book.store.query("SELECT COUNT(*) FROM ledger_shops")[0][0] == 1
+
+
+def test_a_shorter_later_freeze_never_shortens_a_longer_one(book: Book, clock: FakeClock) -> None:
+    """The freeze ends at the latest end any penalty set; a penalty that does not freeze
+    leaves the freeze as it is and reports no freeze end of its own."""
+    funded(book, shops={"s1": 10_000_000})
+    first = book.penalize_shop("p1", "s1", "counterfeit_goods", "c1", evidence="e", actor="a")
+    assert first.frozen_until == clock.now() + 90 * DAY
+    clock.advance(DAY)
+    second = book.penalize_shop("p2", "s1", "order_brushing", "c2", evidence="e", actor="a")
+    assert second.frozen_until == first.frozen_until
+    minor = book.penalize_shop("p3", "s1", "content_violation_minor", "c3", evidence="e", actor="a")
+    assert minor.frozen_until == 0.0
+    clock.advance(31 * DAY)
+    assert book.shop_statement("s1").frozen_until == first.frozen_until
+    assert book.shop_states()["s1"].frozen_until == first.frozen_until
+    refused(book, FailedPreconditionError, lambda: book.withdraw("w", "s1", 1, actor="m"), "frozen")
+
+
+def test_shop_states_report_what_each_shop_owes(book: Book) -> None:
+    """The scorer's rules read ``shop.open_claims``: the fen the shop owes."""
+    funded(book, shops={"s1": 1_000, "s2": 0})
+    book.open_dispute("o1", "d1", "s1", "order-1", 5_000, actor="analyst")
+    book.compensate_buyer("c1", "d1", 5_000, actor="analyst")
+    states = book.shop_states()
+    assert states["s1"].open_claims == 4_000 and states["s1"].penalties == 0
+    assert "s2" not in states
+    book.collect_claim("col1", "s1", 4_000, actor="ops")
+    assert "s1" not in book.shop_states()

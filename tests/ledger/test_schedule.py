@@ -49,6 +49,8 @@ def test_unknown_violation_names_the_field() -> None:
     ("text", "error"),
     [
         ("version = 'x'\n", "violations"),
+        ("version = 'x'\n[violations]\n", "violations: at least one"),
+        ("version = ''\n[violations.a]\nfixed_fen = 1\n", "version: must be a non-empty"),
         ("[violations.a]\nfixed_fen = -1\n", "violations.a.fixed_fen"),
         ("[violations.a]\nfixed_fen = 1.5\n", "violations.a.fixed_fen"),
         ("[violations.a]\ndeposit_share_bps = 10001\n", "deposit_share_bps"),

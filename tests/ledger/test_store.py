@@ -295,6 +295,18 @@ def test_verify_reports_a_lifted_limit_and_accounts_outside_the_chart(book: Book
             ["DELETE FROM ledger_disputes WHERE dispute_id = 'd1'"],
             ["request o1: open_dispute without its dispute"],
         ),
+        (
+            ["DELETE FROM ledger_requests WHERE key = 'o1'"],
+            ["request o1: a dispute without its open_dispute request"],
+        ),
+        (
+            [
+                "INSERT INTO ledger_disputes (dispute_id, shop_id, order_id, order_amount,"
+                " request_key, actor, reason, opened_at)"
+                " VALUES ('d9', 's1', 'order-9', 5000, 'late', 'a', '', 0)"
+            ],
+            ["request late: a dispute without its open_dispute request"],
+        ),
     ],
     ids=[
         "freeze-deleted",
@@ -304,6 +316,8 @@ def test_verify_reports_a_lifted_limit_and_accounts_outside_the_chart(book: Book
         "request-deleted",
         "case-deleted",
         "dispute-deleted",
+        "dispute-request-deleted",
+        "dispute-forged-on-another-request",
     ],
 )
 def test_verify_ties_every_row_to_its_request(
@@ -416,6 +430,31 @@ _TRANSFER = (
             ["UPDATE ledger_transfers SET id = 'c1#5' WHERE id = 'c1#1'"],
             ("request c1: transfers missing or out of order",),
         ),
+        (
+            ["DELETE FROM ledger_shops WHERE shop_id = 's2'"],
+            (
+                "shop:s2:claim: not a registered shop's deposit or claim account",
+                "shop:s2:deposit: not a registered shop's deposit or claim account",
+            ),
+        ),
+        (
+            [
+                "INSERT INTO ledger_freezes (shop_id, action, until, ref, request_key, actor,"
+                " reason, at) VALUES ('s2', 'freeze', 4000000000, 'case/case-1', 'p1', 'a', '', 0)"
+            ],
+            ("case/case-1: a freeze no case made",),
+        ),
+        (
+            ["UPDATE ledger_freezes SET until = until - 2592000 WHERE ref = 'case/case-1'"],
+            ("case/case-1: the case's freeze is missing", "case/case-1: a freeze no case made"),
+        ),
+        (
+            [
+                "UPDATE ledger_accounts SET kind = 'recoveries_accrued'"
+                " WHERE id = 'platform:written_off'"
+            ],
+            ("platform:written_off: not the platform's written_off account",),
+        ),
     ],
     ids=[
         "wrong-way",
@@ -425,6 +464,10 @@ _TRANSFER = (
         "deposit-below-zero",
         "case-amount",
         "request-numbering",
+        "shop-deleted",
+        "freeze-extended",
+        "freeze-shortened",
+        "platform-account-kind",
     ],
 )
 def test_verify_reports_each_broken_invariant(
