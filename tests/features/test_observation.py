@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from riskd.domain.features import Agg, FeatureQuery
 from riskd.errors import InvalidArgumentError
 from riskd.features import Observation
 from riskd.features.store import MAX_VALUE_LEN
@@ -27,6 +28,8 @@ from riskd.features.store import MAX_VALUE_LEN
         ({"keys": {"phone": 13812345678}}, "keys.phone"),
         ({"keys": {"phone": "s" * (MAX_VALUE_LEN + 1)}}, "keys.phone"),
         ({"keys": {"device": "secret-value\n"}}, "keys.device"),
+        ({"content": "AAAAAA"}, "content"),  # one character short
+        ({"content": "AAAAAA+"}, "content"),  # not URL-safe
     ],
 )
 def test_bad_field_is_named(kwargs: dict[str, object], field: str) -> None:
@@ -48,3 +51,28 @@ def test_empty_values_are_dropped_and_keys_frozen() -> None:
 
 def test_time_is_kept_to_the_millisecond() -> None:
     assert Observation("o1", 1700000000.1234, 0).at_ms == 1700000000123
+    assert Observation("o1", 1.001, 0).at_ms == 1001  # 1000.9999999999999 ms as a float
+
+
+def test_a_value_of_the_longest_length_is_kept() -> None:
+    obs = Observation("o1", 1.0, 0, {"device": "d" * MAX_VALUE_LEN}, "AAAAAA_")
+    assert obs.keys["device"] == "d" * MAX_VALUE_LEN
+
+
+@pytest.mark.parametrize(
+    ("args", "of", "error"),
+    [
+        ((Agg.DISTINCT, "device", "1h"), "", "`of` is required for distinct counts"),
+        ((Agg.COUNT, "device", "1h"), "buyer", "`of` is required for distinct counts"),
+        ((Agg.SUM, "shoe_size", "1h"), "", "unknown feature key 'shoe_size'"),
+        ((Agg.COUNT, "device", "2h"), "", "unknown window '2h'"),
+        ((Agg.DISTINCT, "device", "1h"), "colour", "unknown feature key 'colour'"),
+    ],
+)
+def test_a_feature_query_is_checked_when_made(
+    args: tuple[Agg, str, str], of: str, error: str
+) -> None:
+    """A query the stores cannot answer is refused where a rule or a config makes it."""
+    with pytest.raises(ValueError, match=error):
+        FeatureQuery(*args, of=of)
+    assert FeatureQuery(Agg.DISTINCT, "device", "1h", of="buyer").of == "buyer"

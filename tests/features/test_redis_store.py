@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from features_support import REDIS_URL, delete_prefix
+from features_support import REDIS_URL, SHARD_URLS, delete_prefix
 
 from riskd.domain.clock import FakeClock, SystemClock
 from riskd.domain.features import KEYS, WINDOWS, Agg, FeatureQuery
@@ -170,6 +170,22 @@ def test_old_members_are_trimmed_as_time_moves_on(
     store.close()
 
 
+def test_a_busy_key_is_trimmed_every_30_minutes_not_only_when_it_empties(
+    prefix: str, clock: FakeClock, redis_client: redis.Redis
+) -> None:
+    """A key that never goes quiet (an order every 10 minutes for 30 hours) keeps its sets
+    to the longest window and a tidy-up interval: they do not grow without bound."""
+    store = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
+    for i in range(180):
+        got = store.record_and_read(order(clock, f"o{i}", device="d", buyer=f"b{i}"), QUERIES)
+        clock.advance(600)
+    assert got[QUERIES[3]] == 6  # the buyers of the last hour
+    bound = 24 * 6 + 3 + 1  # a day of orders, 30 min awaiting a tidy-up, the newest
+    assert redis_client.zcard(f"{prefix}ev:device:d") <= bound
+    assert redis_client.zcard(f"{prefix}d:device:buyer:d") <= bound
+    store.close()
+
+
 def test_concurrent_retries_from_several_clients_record_once(prefix: str, clock: FakeClock) -> None:
     stores = [RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0) for _ in range(6)]
     barrier = threading.Barrier(12)
@@ -319,6 +335,29 @@ def test_on_shards_the_claim_lives_on_the_home_shard_and_a_refused_call_claims_n
     with pytest.raises(OtherContentError):
         store.record_and_read(Observation("o-keyless", clock.now(), 5, {}, "CCCCCCC"), QUERIES)
     store.close()
+
+
+def test_on_shards_a_changed_retry_is_refused_when_no_key_lives_on_the_home_shard(
+    prefix: str, clock: FakeClock
+) -> None:
+    """Every key of the order on the other shard: the first content still claims the order
+    id on its home shard (a marker-only call), so a changed retry is refused there."""
+    store = RedisFeatureStore(SHARD_URLS, clock, prefix=prefix, timeout_s=2.0)
+    order_id = next(f"o{i}" for i in range(100) if zlib.crc32(f"o{i}".encode()) % 2 == 0)
+    device = _on_shard("device", 1)
+    other = next(v for i in range(100) if zlib.crc32(f"device:{(v := f'w{i}')}".encode()) % 2)
+    try:
+        store.record_and_read(
+            Observation(order_id, clock.now(), 1, {"device": device}, "AAAAAAA"), QUERIES
+        )
+        changed = Observation(order_id, clock.now(), 9, {"device": other}, "BBBBBBB")
+        with pytest.raises(OtherContentError):
+            store.record_and_read(changed, QUERIES)
+    finally:
+        store.close()
+        second = redis.Redis.from_url(SHARD_URLS[1])
+        delete_prefix(second, prefix)
+        second.close()
 
 
 def test_a_resolver_that_does_not_answer_cannot_hold_a_call_past_its_bound(

@@ -145,6 +145,19 @@ def test_sums_saturate_at_max_sum_and_come_back_exactly(
     assert (got[SUM_DEVICE["1m"]], got[COUNT_DEVICE["1m"]]) == (7, 1)
 
 
+def test_a_late_read_of_a_saturated_window_reads_max_sum(
+    store: FeatureStore, clock: FakeClock
+) -> None:
+    """A read at an earlier time than the key's newest event (a replica behind, a catch-up)
+    of a window past ``MAX_SUM`` reads ``MAX_SUM``, not the cap less the later events."""
+    start = clock.now()
+    for order_id, amount in (("a", 2**52), ("b", 2**52 + 1), ("c", 5)):
+        store.record_and_read(obs(clock, order_id, amount, device="d1"), ALL)
+        clock.advance(1)
+    late = store.read(Observation("probe", start + 1, 0, {"device": "d1"}), ALL)
+    assert (late[COUNT_DEVICE["1m"]], late[SUM_DEVICE["1m"]]) == (2, MAX_SUM)  # a and b
+
+
 def test_amounts_past_int64_saturate_and_leave_the_key_working(
     store: FeatureStore, clock: FakeClock
 ) -> None:
@@ -258,6 +271,21 @@ def test_a_retry_just_before_the_idempotency_ttl_is_not_recorded(
     assert got[COUNT_DEVICE["1m"]] == 1  # o2 alone: the retry was not counted
 
 
+def test_a_key_changed_on_retry_is_remembered_for_the_ttl_from_its_own_recording(
+    store: FeatureStore, clock: FakeClock
+) -> None:
+    """Each key of an order is remembered for ``SEEN_TTL_S`` from when it was recorded: the
+    order's first recording leaving does not forget a key a later retry recorded."""
+    count_24h = COUNT_DEVICE["24h"]
+    store.record_and_read(obs(clock, "o1", 10, device="d1"), ALL)
+    clock.advance(24 * 3600)
+    store.record_and_read(obs(clock, "o1", 10, device="d2"), ALL)  # d2 recorded now
+    clock.advance(3600)  # o1's first recording (d1) is forgotten, d2's is not
+    store.record_and_read(obs(clock, "o2", 10, device="d3"), ALL)
+    again = store.record_and_read(obs(clock, "o1", 10, device="d2"), ALL)
+    assert again[count_24h] == 1
+
+
 def test_concurrent_retries_of_one_order_record_it_once(
     store: FeatureStore, clock: FakeClock
 ) -> None:
@@ -357,6 +385,9 @@ def test_an_observation_a_day_behind_the_newest_counts_nowhere_and_reads_zero(
         )
     behind = Observation("behind", start - 3600, 7000, {"device": "d1", "buyer": "b9"})
     assert set(store.record_and_read(behind, ALL).values()) == {0}
+    # nor its buyer when a later order carries it too (memory read 1 here: last seen later)
+    seen_later = Observation("behind2", start - 3600, 7000, {"device": "d1", "buyer": "o3"})
+    assert set(store.record_and_read(seen_later, ALL).values()) == {0}
     clock.advance(86400 + 60)  # o3's time: o2 and o3 are in its 24 h window, nothing else
     now = store.read(obs(clock, "probe", device="d1"), ALL)
     assert (now[COUNT_DEVICE["24h"]], now[SUM_DEVICE["24h"]]) == (2, 10_000)
