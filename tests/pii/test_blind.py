@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -288,3 +293,15 @@ def test_blind_index_normalizers_are_idempotent(text: str) -> None:
     for field_type, normalize in NORMALIZERS.items():
         once = normalize(text)
         assert normalize(once) == once, field_type
+
+
+def test_blind_index_is_hmac_sha256_under_the_hkdf_key_of_its_field_type() -> None:
+    """The documented construction (RFC 2104 HMAC-SHA256 of the normalized value, truncated
+    to 128 bits, under HKDF-SHA256 of the index secret per field type): a change to it
+    would change every stored digest and restart every velocity counter."""
+    hkdf = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=None, info=b"riskd blind index v1\x00phone"
+    )
+    key = hkdf.derive(RING.index_secret)
+    expected = hmac.new(key, b"13812345678", hashlib.sha256).hexdigest()[:32]
+    assert IX.index("phone", "+86 138-1234-5678") == expected

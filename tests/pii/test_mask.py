@@ -49,6 +49,7 @@ def test_mask_phone_of_a_short_number_shows_at_most_half_of_it(phone: str) -> No
         ("A123456789", "******6789"),
         ("K01234567(8)", "********7(8)"),
         ("123456789", "*********"),
+        ("12345678901234", "**********1234"),  # fourteen: not a mainland number
         ("110101900307123", "110********7123"),  # a 15-digit mainland number
     ],
 )
@@ -67,6 +68,7 @@ def test_mask_id_number_of_a_short_number_shows_at_most_half_of_it(id_number: st
 def test_mask_name_keeps_first_character() -> None:
     assert mask_name("张三") == "张*"
     assert mask_name(" Alice ") == "A****"
+    assert mask_name("李") == "李*"  # a one-character name is never shown whole
 
 
 def test_mask_id_number_hides_birth_date() -> None:

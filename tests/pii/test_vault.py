@@ -75,6 +75,11 @@ def test_vault_empty_ids_are_rejected_naming_the_field(vault: Vault) -> None:
         vault.encrypt("", "o1", "phone", PHONE)
     with pytest.raises(InvalidArgumentError, match="record_id"):
         vault.encrypt("b1", "", "phone", PHONE)
+    with pytest.raises(InvalidArgumentError, match="field"):
+        vault.encrypt("b1", "o1", "", PHONE)
+    with pytest.raises(InvalidArgumentError, match="reason"):
+        vault.hold("b1", "")
+    assert vault.holds("b1") == []
 
 
 def test_vault_other_replica_decrypts_with_same_keyring_and_store(
@@ -500,3 +505,85 @@ def test_vault_a_hold_reason_holding_pii_is_refused_and_holds_nothing(vault: Vau
     assert str(e.value).startswith("reason: looks like it holds a resident ID number;")
     assert "002X" not in str(e.value)
     assert vault.holds("b1") == []
+
+
+def test_vault_data_key_moved_to_another_subject_or_generation_does_not_unwrap(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    """A wrapped data key is bound to its subject and generation: copied into another
+    buyer's row, or a later generation of the same buyer's, it does not unwrap."""
+    Vault(keyring, store).encrypt("b1", "o1", "phone", PHONE)
+    row = store.latest("b1")
+    assert row is not None and row.wrapped is not None
+    store.create("b2", 1, row.wrapped, 0.0)
+    store.create("b1", 2, row.wrapped, 0.0)
+    for subject in ("b2", "b1"):
+        with pytest.raises(CryptoError, match="does not authenticate"):
+            Vault(keyring, store).encrypt(subject, "o2", "phone", PHONE)
+
+
+def test_vault_encrypt_fields_uses_a_fresh_nonce_for_every_field(vault: Vault) -> None:
+    """AES-GCM must never reuse a nonce under one key: each field of a record has its own."""
+    names = ("phone", "name", "id_number", "address", "device", "ip")
+    out = vault.encrypt_fields("b1", "o1", dict.fromkeys(names, PHONE))
+    assert len({ct[5:17] for ct in out.values()}) == len(names)
+
+
+def test_vault_associated_data_keeps_record_and_field_apart(vault: Vault) -> None:
+    """Ids are bound length-prefixed: characters moved from the field name to the record id
+    (record ``o1`` field ``xphone``, record ``o1x`` field ``phone``) do not decrypt."""
+    ct = vault.encrypt("b1", "o1", "xphone", PHONE)
+    with pytest.raises(CryptoError, match="does not authenticate"):
+        vault.decrypt("b1", "o1x", "phone", ct)
+
+
+def test_vault_other_replica_writes_a_new_generation_after_forget_and_cache_ttl(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    clock = FakeClock()
+    replica = Vault(keyring, store, clock=clock, cache_ttl_s=30)
+    replica.encrypt("b1", "o1", "phone", PHONE)
+    Vault(keyring, store).forget("b1")
+    clock.advance(31)
+    ct = replica.encrypt("b1", "o2", "phone", PHONE)  # not under the destroyed key
+    assert int.from_bytes(ct[1:5], "big") == 2
+    assert Vault(keyring, store).decrypt("b1", "o2", "phone", ct) == PHONE
+
+
+def test_vault_forgotten_drops_the_key_another_process_shredded_from_the_cache(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    replica = Vault(keyring, store)
+    ct = replica.encrypt("b1", "o1", "phone", PHONE)
+    Vault(keyring, store).forget("b1")
+    assert replica.forgotten("b1", ct)
+    with pytest.raises(CryptoError, match="forgotten"):  # well within the cache TTL
+        replica.decrypt("b1", "o1", "phone", ct)
+    assert int.from_bytes(replica.encrypt("b1", "o2", "phone", PHONE)[1:5], "big") == 2
+
+
+def test_vault_rotation_never_rewraps_a_key_forgotten_meanwhile(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    """``rewrap`` compares and sets: a key shredded between the rotation's read and its
+    write stays shredded (no rotation brings a forgotten buyer's key back)."""
+    Vault(keyring, store).encrypt("b1", "o1", "phone", PHONE)
+    ring2 = keyring.add_version()
+    [row] = store.stale(ring2.primary_version, 10)
+    Vault(ring2, store).forget("b1")
+    assert row.wrapped is not None
+    assert not store.rewrap(row, ring2.wrap(b"k" * 32, b"aad"))
+    latest = store.latest("b1")
+    assert latest is not None and latest.shredded
+
+
+def test_vault_forgotten_keys_do_not_count_as_in_use_under_their_master_version(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    """``riskd pii retire`` asks ``count_under``: a forgotten buyer's tombstone wraps
+    nothing, so it must not keep the old master version from being retired."""
+    vault = Vault(keyring, store)
+    for subject in ("b1", "b2"):
+        vault.encrypt(subject, "o1", "phone", PHONE)
+    vault.forget("b1")
+    assert store.count_under(1) == 1

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from riskd.domain.clock import FakeClock
 from riskd.errors import CryptoError, InvalidArgumentError
 from riskd.pii.keyring import Keyring
 from riskd.pii.keystore import DataKeyRow, SqlKeyStore
@@ -294,3 +295,34 @@ def test_prepare_replaces_a_cached_key_another_process_forgot(
     assert Vault(keyring, store).decrypt("b1", "o2", "phone", after) == PHONE
     with pytest.raises(CryptoError, match="destroyed"):
         daemon.decrypt("b1", "o1", "phone", before)
+
+
+def test_prepare_in_tells_the_latest_forget_of_a_subject_forgotten_twice(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    """An order appended between two forgets belongs to the second: ``forgotten_at`` is
+    the later one."""
+    clock = FakeClock()
+    vault = Vault(keyring, store, clock=clock)
+    vault.encrypt("b1", "o1", "phone", PHONE)
+    vault.forget("b1")
+    clock.advance(10)
+    vault.encrypt("b1", "o2", "phone", PHONE)
+    clock.advance(10)
+    vault.forget("b1")
+    with store.db.transaction() as tx:
+        keys = vault.prepare_in(tx, ["b1"])
+    assert keys.forgotten_at("b1") == clock.now()
+
+
+def test_prepare_in_sees_a_forget_under_another_spelling_with_nothing_stored(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    """A forget records its time under the normalized spelling too: an order still queued
+    under a spelling that has nothing stored yet (``ｂ-1``) is covered by ``forget("b-1 ")``."""
+    clock = FakeClock()
+    vault = Vault(keyring, store, clock=clock)
+    vault.forget("b-1 ")  # nothing stored under any spelling yet
+    with store.db.transaction() as tx:
+        keys = vault.prepare_in(tx, ["ｂ-1"])
+    assert keys.forgotten_at("ｂ-1") == clock.now()
