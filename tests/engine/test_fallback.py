@@ -74,3 +74,9 @@ def test_fallback_default_policy_allows_up_to_500_cny() -> None:
     policy = FallbackPolicy.default()
     assert policy.decide(order(50_000)).outcome is Outcome.ALLOW
     assert policy.decide(order(50_001)).outcome is Outcome.REVIEW
+
+
+def test_fallback_names_the_tier_that_answered() -> None:
+    """The answer's reason says which tier gave it (``fallback scenario live_room tier 2``)."""
+    totals = (10_000, 10_001, 200_001)
+    assert [POLICY.decide(order(t, Channel.LIVE_ROOM)).tier for t in totals] == [0, 1, 2]

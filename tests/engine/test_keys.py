@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import pytest
 import redis
@@ -68,3 +69,14 @@ def test_redis_holds_no_plaintext_identity(
     for value in PLAINTEXTS:
         assert value.encode() not in dumped
     store.close()
+
+
+def test_blank_identities_are_left_out_and_the_order_id_is_kept_exact(
+    indexer: BlindIndexer,
+) -> None:
+    """A blank device or IP would lump every such order under one key; the stores' order
+    id is the keyed hash of the id as sent (``O-7`` and ``o-7`` are two orders)."""
+    order = replace(make_order("O-7"), device_id="   ", ip=" ")
+    assert not {"device", "ip"} & set(observation_keys(order, indexer))
+    obs = observe(order, indexer, 1_790_000_000.0)
+    assert obs.order_id == indexer.index("order", "O-7") != indexer.index("order", "o-7")

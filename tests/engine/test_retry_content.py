@@ -16,6 +16,7 @@ import pytest
 import redis
 
 from riskd.domain.clock import FakeClock
+from riskd.domain.decision import Decision
 from riskd.domain.features import Agg, FeatureQuery
 from riskd.domain.order import Order
 from riskd.engine.keys import observe
@@ -184,3 +185,49 @@ def test_a_batch_entry_waiting_on_a_refused_call_is_named_by_its_index(
     # a ScoreBatch of one names its entry too (review: ``order``, as a unary Score does)
     assert str(errors["leader"]).startswith("orders[0].order_id: ")
     assert str(errors["follower"]).startswith("orders[1].order_id: "), errors["follower"]
+
+
+def test_other_content_sent_while_the_first_call_decides_is_refused(
+    make_rig: Callable[..., Rig],
+    indexer: BlindIndexer,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A concurrent retry follows the first call's flight: with other content under the
+    same id it is refused, not handed the first call's decision, and nothing of it is
+    counted."""
+    store = HeldStore(clock, hold=indexer.index("order", "o-1"))
+    rig = make_rig(store)
+    followed = threading.Event()
+    join = rig.scorer._flights.join
+
+    def joining(order_id: str) -> tuple[bool, Any]:
+        leader, flight = join(order_id)
+        if not leader:
+            followed.set()
+        return leader, flight
+
+    monkeypatch.setattr(rig.scorer._flights, "join", joining)
+    first: list[Decision] = []
+    errors: list[BaseException] = []
+
+    def retry() -> None:
+        try:
+            rig.scorer.score(make_order("o-1", total=90_000, shop_id="s-2"))
+        except AlreadyExistsError as e:
+            errors.append(e)
+
+    leader = threading.Thread(target=lambda: first.append(rig.scorer.score(make_order("o-1"))))
+    leader.start()
+    assert store.entered.wait(5)
+    follower = threading.Thread(target=retry)
+    follower.start()
+    assert followed.wait(5)
+    store.release.set()
+    leader.join(5)
+    follower.join(5)
+    assert len(first) == 1 and not first[0].degraded
+    assert len(errors) == 1 and str(errors[0]).startswith("order.order_id: ")
+    shop = FeatureQuery(Agg.COUNT, "shop", "1h")
+    probe = observe(make_order("probe", shop_id="s-2"), indexer, clock.now())
+    assert store.read(probe, [shop])[shop] == 0

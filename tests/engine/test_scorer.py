@@ -18,7 +18,10 @@ from riskd.domain.clock import FakeClock, SystemClock
 from riskd.domain.decision import Decision, Outcome
 from riskd.domain.events import OrderEvent, OrderEventKind
 from riskd.domain.features import Agg, FeatureQuery
+from riskd.domain.shop import ShopState
 from riskd.dsl.holder import ProgramHolder
+from riskd.engine.breaker import BreakerPolicy
+from riskd.engine.fallback import FallbackPolicy
 from riskd.engine.flights import Flights
 from riskd.engine.keys import observe
 from riskd.errors import (
@@ -28,6 +31,7 @@ from riskd.errors import (
     UnavailableError,
 )
 from riskd.features.memory import InProcessFeatureStore
+from riskd.features.store import MAX_ORDER_ID_LEN
 from riskd.ledger import Book, LedgerShopDirectory
 from riskd.pii import BlindIndexer
 from riskd.service.metrics import Metrics
@@ -691,3 +695,126 @@ def test_scorer_counts_and_logs_rule_errors_once_per_decision(
     logged = [r for r in caplog.records if r.getMessage() == "rule failed on an order"]
     assert len(logged) == 1  # once a minute per rule, not once per order
     assert logged[0].fields["rule_id"] == "discount_ratio"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("order_id", "message"),
+    [
+        ("", "is required"),
+        ("o" * (MAX_ORDER_ID_LEN + 1), f"is longer than {MAX_ORDER_ID_LEN}"),
+        ("o-\n1", "must not contain control characters"),
+    ],
+)
+def test_scorer_refuses_an_unusable_order_id_and_counts_nothing(
+    make_rig: Callable[..., Rig],
+    indexer: BlindIndexer,
+    clock: FakeClock,
+    order_id: str,
+    message: str,
+) -> None:
+    """The scorer's own check, whoever calls it: an id the stores cannot key is refused
+    before any order of the call is counted or recorded."""
+    rig = make_rig()
+    with pytest.raises(InvalidArgumentError, match=message) as info:
+        rig.scorer.score_batch([make_order("o-ok"), make_order(order_id)])
+    assert info.value.field == "orders[1].order_id"
+    assert rig.log.get("o-ok") is None
+    assert count_buyer_orders(rig, indexer, clock, "b-1") == 0
+
+
+def test_a_degraded_answer_never_lowers_what_the_rules_that_ran_decided(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """The fallback is combined by ``max()`` with the rules that could still run: a lenient
+    fallback does not turn big_order's REVIEW into an ALLOW while features are missing."""
+    rig = make_rig(fallback=FallbackPolicy.from_text({"default": "allow"}))
+    decision = rig.scorer.score(make_order("o-1", total=60_000), timeout_s=0.0)
+    assert decision.degraded == ("features",)
+    assert decision.outcome is Outcome.REVIEW
+    assert [r.rule_id for r in decision.reasons] == ["big_order", "@fallback"]
+
+
+class DownShopDirectory:
+    """A shop directory whose database is unavailable."""
+
+    def get(self, shop_id: str) -> ShopState:
+        raise UnavailableError("shop directory unavailable")
+
+
+def test_an_unavailable_shop_directory_answers_degraded_by_the_fallback(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """Without the shop's enforcement state the answer is marked ``shops`` and takes the
+    configured fallback (live_room: review above 100 CNY), not a plain ALLOW."""
+    fallback = FallbackPolicy.from_text(
+        {"default": "50000:allow,review", "live_room": "10000:allow,review"}
+    )
+    rig = make_rig(shops=DownShopDirectory(), fallback=fallback)
+    decision = rig.scorer.score(make_order("o-1", total=40_000), timeout_s=1.0)
+    assert decision.degraded == ("shops",)
+    assert decision.outcome is Outcome.REVIEW
+    assert [r.rule_id for r in decision.reasons] == ["@fallback"]
+
+
+def test_the_log_lookups_recover_by_themselves_once_the_database_answers(
+    make_rig: Callable[..., Rig], tmp_path: Path, clock: FakeClock
+) -> None:
+    """Failed lookups open the log's breaker; once the database answers and ``open_s`` has
+    passed, the probe closes it and every later lookup goes through again."""
+    db = FlakyDatabase(tmp_path / "flaky.db")
+    rig = make_rig(database=db, breaker=BreakerPolicy(failures=2, open_s=1.0))
+    db.fail_reads = True
+    for i in range(3):
+        assert rig.scorer.score(make_order(f"o-{i}")).degraded == ("evidence",)
+    assert rig.scorer.log_breaker.is_open
+    db.fail_reads = False
+    clock.advance(1.0)
+    for i in range(3, 6):
+        assert rig.scorer.score(make_order(f"o-{i}")).degraded == (), i
+    assert not rig.scorer.log_breaker.is_open
+    rig.scorer.close()
+    rig.log.close()
+    db.close()
+
+
+def test_a_replica_replaying_an_answer_made_without_features_counts_its_order(
+    make_rig: Callable[..., Rig], indexer: BlindIndexer, clock: FakeClock
+) -> None:
+    """An answer degraded ``features`` that another replica replays from the shared log is
+    queued for counting there too: the process that answered may have lost its queue (a
+    crash; here its feature store is not the one B counts in)."""
+    a = make_rig()
+    first = a.scorer.score(make_order("o-1"), timeout_s=0.0)
+    assert first.degraded == ("features",)
+    a.log.flush(10)
+    b = make_rig()  # the same database, a feature store of its own
+    assert b.scorer.score(make_order("o-1"), timeout_s=1.0) == replace(first, replayed=True)
+    assert b.scorer.catch_up.wait(5)
+    assert count_buyer_orders(b, indexer, clock, "b-1") == 1
+
+
+def test_a_batch_is_stamped_with_the_time_it_is_given(
+    make_rig: Callable[..., Rig], clock: FakeClock
+) -> None:
+    """A scoring worker passes its batch's time (``at``): every part of a batch carries it."""
+    at = clock.now() - 2.5
+    orders = [make_order("o-1"), make_order("o-2")]
+    decisions = make_rig().scorer.score_batch(orders, timeout_s=1.0, at=at)
+    assert [d.decided_at for d in decisions] == [at, at]
+
+
+def test_a_worker_s_full_decision_log_is_told_as_an_outage(
+    make_rig: Callable[..., Rig], db: Database
+) -> None:
+    """In a scoring worker too, an answer the full log could not take is an
+    ``evidence_queue`` outage (log line, ``riskd_dependency_unavailable``), not only
+    an ``unlogged`` answer."""
+    rig = make_rig(
+        record_late=False, log_options={"queue_size": 2, "max_batch": 1, "put_timeout_s": 0.02}
+    )
+    with _writer_held(db):
+        rig.scorer.score(make_order("o-fill-1"), timeout_s=1.0)  # the writer's, held
+        rig.scorer.score(make_order("o-fill-2"), timeout_s=1.0)  # queued: the queue is full
+        decision = rig.scorer.score(make_order("o-full"), timeout_s=0.05)
+        assert decision.unlogged and "evidence_queue" in decision.degraded
+        assert rig.scorer.unavailable() == ("evidence_queue",)

@@ -254,3 +254,30 @@ def test_a_retry_that_outlives_its_wait_is_not_a_second_decision_in_the_metrics(
     metrics.observe_decisions(out)
     metrics.observe_decisions([retry])
     assert metrics.value("riskd_decisions_total", {"outcome": "allow"}) == 1
+
+
+class ThreadNamingStore(SlowStore):
+    """A ``SlowStore`` that notes which thread made each call."""
+
+    def __init__(self, clock: SystemClock, delay_s: float) -> None:
+        super().__init__(clock, delay_s)
+        self.threads: list[str] = []
+
+    def record_and_read(
+        self, obs: Observation, queries: Collection[FeatureQuery]
+    ) -> dict[FeatureQuery, int]:
+        self.threads.append(threading.current_thread().name)
+        return super().record_and_read(obs, queries)
+
+
+def test_a_call_left_behind_stops_at_the_order_in_hand(make_rig: Callable[..., Rig]) -> None:
+    """A batch whose caller stopped waiting tells the call left behind to stop: it asks
+    the slow store for no order after the one in hand (each would hold a feature thread
+    for another socket timeout; the catch-up counts the rest on its own thread)."""
+    store = ThreadNamingStore(SystemClock(), delay_s=BOUND_S)
+    rig = slow_rig(make_rig, store)
+    orders = [make_order(f"o-{i}") for i in range(5)]
+    decisions = rig.scorer.score_batch(orders, timeout_s=0.03)
+    assert all("features" in d.degraded for d in decisions)
+    rig.scorer._pool.shutdown(wait=True)  # the call left behind has returned
+    assert sum(name.startswith("riskd-features_") for name in store.threads) == 1
