@@ -59,6 +59,8 @@ def test_write_names_its_part_file_as_told(tmp_path: Path, monkeypatch: pytest.M
     real = os.replace
 
     def replace(src: str | Path, dst: str | Path) -> None:
+        # beside the target: a rename from another file system (/tmp) fails, EXDEV
+        assert Path(src).parent == Path(dst).parent == tmp_path
         seen.append(Path(src).name)
         real(src, dst)
 
@@ -94,6 +96,40 @@ def test_an_interrupted_write_leaves_the_file_as_it_was_and_no_part(
         atomicfile.write(path, b"new", part_name=part_name)
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may give a file to another user")
+def test_write_keeps_the_owner_of_the_file_it_replaces(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"old")
+    os.chown(path, 4321, 4322)
+    atomicfile.write(path, b"new", mode=atomicfile.KEEP)
+    assert (path.stat().st_uid, path.stat().st_gid) == (4321, 4322)
+    atomicfile.write(path, b"newer")  # a mode given: the file is this process's
+    assert (path.stat().st_uid, path.stat().st_gid) == (os.geteuid(), os.getegid())
+
+
+def test_an_interrupted_write_in_place_puts_the_old_bytes_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"old text")
+    other = tmp_path / "g"
+    other.hardlink_to(path)
+    real = os.fsync
+    calls: list[int] = []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == 1:  # the new bytes', written: the old ones' goes through
+            raise KeyboardInterrupt
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(KeyboardInterrupt):
+        atomicfile.write_in_place(path, b"new")
+    assert path.read_bytes() == other.read_bytes() == b"old text"
+    assert len(calls) == 2
 
 
 def test_a_folder_that_cannot_be_synced_raises_only_when_required(

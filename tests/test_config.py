@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from riskd.config import Config, FallbackTier, load_config, reload_config
+from riskd.config import (
+    EVIDENCE_THREADS,
+    LEDGER_THREADS,
+    STREAM_THREADS,
+    Config,
+    FallbackTier,
+    load_config,
+    reload_config,
+)
 from riskd.domain.decision import Outcome
 from riskd.engine.breaker import BreakerPolicy
 from riskd.errors import ConfigError
@@ -127,6 +135,18 @@ def test_file_then_environment_override(tmp_path: Path) -> None:
         ({"RISKD_BREAKER_OPEN_S": "-1"}, "breaker_open_s"),
         ({"RISKD_BREAKER_OPEN_MAX_S": "1e300"}, "breaker_open_max_s"),
         ({"RISKD_BREAKER_OPEN_S": "20"}, "breaker_open_max_s"),  # above the max's 10 s
+        ({"RISKD_FALLBACK_DEFAULT": "-1:allow,review"}, "fallback.default"),
+        ({"RISKD_WORKERS": "0"}, "workers"),
+        ({"RISKD_MAX_BATCH": "0"}, "max_batch"),
+        ({"RISKD_MAX_MESSAGE_BYTES": "0"}, "max_message_bytes"),
+        ({"RISKD_METRICS_PORT": "-2"}, "metrics_port"),
+        ({"RISKD_GRACE_S": "-1"}, "grace_s"),
+        # with redis_url, so that only the range can refuse them
+        ({"RISKD_SCORE_WORKERS": "65", "RISKD_REDIS_URL": "redis://a:1/0"}, "score_workers"),
+        ({"RISKD_SCORE_WORKERS": "-1", "RISKD_REDIS_URL": "redis://a:1/0"}, "score_workers"),
+        ({"RISKD_TLS_CLIENT_CA": "ca.pem"}, "tls_client_ca"),
+        ({"RISKD_BREAKER_FAILURES": "1001"}, "breaker_failures"),
+        ({"RISKD_BREAKER_MIN_CALLS": "100001"}, "breaker_min_calls"),
     ],
 )
 def test_bad_value_names_the_key(env: dict[str, str], key: str) -> None:
@@ -325,6 +345,9 @@ def test_database_url_errors_never_echo_the_url(url: str) -> None:
         ("breaker_failure_percent", "100"),
         ("breaker_open_s", "10"),
         ("breaker_window_s", "0.1"),
+        ("max_connection_age_s", "0"),  # never closed for its age
+        ("metrics_port", "-1"),  # off
+        ("grace_s", "0"),
     ],
 )
 def test_good_values_are_accepted(key: str, value: str) -> None:
@@ -410,3 +433,31 @@ def test_the_readme_configuration_block_names_every_setting_with_its_default() -
     assert [k for k in settings if f"# RISKD_{k.upper()}" not in lines[k]] == []
     assert all(f"[{table}]" in block for table in ("fallback", "auth"))
     assert "RISKD_KEYRING " in block
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        *((t, True) for t in ("1", "true", "yes", "on", " TRUE ")),
+        *((t, False) for t in ("0", "false", "no", "off", "Off")),
+    ],
+)
+def test_plaintext_from_the_environment_reads_each_spelling(text: str, value: bool) -> None:
+    """``RISKD_PLAINTEXT=false`` turns the plaintext port off: read as true, it stayed on."""
+    assert load_config(env={"RISKD_PLAINTEXT": text}).plaintext is value
+
+
+def test_an_unknown_variable_is_named_and_its_value_never_printed() -> None:
+    """A misspelt ``RISKD_KEYRING`` holds the keyring: the error names the variable (the
+    operator looks for it in the environment, not the file), never the secret."""
+    with pytest.raises(ConfigError) as e:
+        load_config(env={"RISKD_KEYRNG": '{"secret": "k3y"}'})
+    assert str(e.value).startswith("keyrng: unknown configuration key")
+    assert "RISKD_KEYRNG" in str(e.value)
+    assert "k3y" not in str(e.value)
+
+
+def test_rpc_threads_cover_two_per_scoring_worker_and_the_other_calls() -> None:
+    extra = STREAM_THREADS + LEDGER_THREADS + EVIDENCE_THREADS
+    assert Config(workers=4).rpc_threads == 4 + extra
+    assert Config(workers=4, score_workers=8, redis_url="redis://a:1/0").rpc_threads == 16 + extra

@@ -3,6 +3,7 @@ at all: one cut short, or not one of its kind, is refused."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import stat
@@ -34,6 +35,7 @@ def test_a_spill_file_is_read_back_by_section_and_named_by_its_prefix_and_proces
     "text",
     [
         '{"riskd_spill": 1, "one": 2}\n[1]\n',  # cut short
+        '{"riskd_spill": 1, "one": 1}\n[1]\n[2]\n',  # extended
         '{"riskd_spill": 1, "one": -1}\n',
         '[{"riskd_spill": 1, "one": 0}]\n',  # a head that is no object
         '{"riskd_spill": 2, "one": 0}\n',
@@ -47,6 +49,77 @@ def test_a_file_that_is_not_a_whole_spill_file_is_refused(tmp_path: Path, text: 
     path.write_text(text, "latin-1")
     with pytest.raises(spillfile.SpillFileError):
         spillfile.read(path, ("one",))
+
+
+def test_a_negative_count_is_refused_even_where_the_lines_add_up(tmp_path: Path) -> None:
+    """-1 and 2 make the one line there: read, "two" would hold the head itself."""
+    path = tmp_path / "kind-1.jsonl"
+    path.write_text('{"riskd_spill": 1, "one": -1, "two": 2}\n[1]\n', "utf-8")
+    with pytest.raises(spillfile.SpillFileError):
+        spillfile.read(path, ("one", "two"))
+
+
+def test_spill_files_are_listed_oldest_first(tmp_path: Path) -> None:
+    """They are taken back in the order they were written (the log's append order)."""
+    written = [spillfile.write(tmp_path, "kind-", {"one": [i]}) for i in range(3)]
+    assert spillfile.files(tmp_path, "kind-") == written
+
+
+def test_a_spill_file_is_written_under_the_part_name_a_later_start_clears(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process killed while writing leaves ``.<name>.part``: the name
+    ``remove_stale_parts`` knows, so the next start clears it."""
+    real = os.fsync
+    present: list[list[str]] = []
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # the part, written, not renamed yet
+            present.append(sorted(p.name for p in tmp_path.iterdir()))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    path = spillfile.write(tmp_path, "kind-", {"one": [1]})
+    assert present == [[f".{path.name}.part"]]
+
+
+def test_removing_a_spill_file_syncs_its_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file taken back and removed must not come back after a power cut (replayed twice)."""
+    path = spillfile.write(tmp_path, "kind-", {"one": [1]})
+    real = os.fsync
+    synced: list[int] = []
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            synced.append(os.fstat(fd).st_ino)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    spillfile.remove(path)
+    assert not path.exists() and synced == [tmp_path.stat().st_ino]
+
+
+@pytest.mark.parametrize("meanwhile", ["removed", "replaced"])
+def test_a_file_taken_between_its_open_and_its_lock_is_not_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meanwhile: str
+) -> None:
+    """Another process held it while this one opened it, then removed it (or put another
+    file under its name) and let go: the lock this one gets is on a file no longer there."""
+    path = spillfile.write(tmp_path, "kind-", {"one": [1]})
+    real = fcntl.flock
+
+    def flock(fd: int, operation: int) -> None:
+        if meanwhile == "removed":
+            path.unlink()
+        else:
+            spillfile.write(tmp_path, "kind-", {"one": [2]}).replace(path)
+        real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with spillfile.held(path) as mine:
+        assert not mine
 
 
 def test_a_spill_file_is_held_by_one_taker_at_a_time_and_not_once_removed(tmp_path: Path) -> None:

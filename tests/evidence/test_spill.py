@@ -14,6 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from riskd import spillfile
 from riskd.domain.events import OrderEvent, OrderEventKind
 from riskd.evidence import spill
 from riskd.evidence.log import DecisionLog
@@ -66,6 +67,35 @@ def _spilled(tmp_path: Path, holder: sqlite3.Connection, n: int) -> Path:
     holder.execute("ROLLBACK")
     (path,) = spill.files(tmp_path)
     return path
+
+
+def test_a_spill_file_reads_back_every_row_and_report_in_order(tmp_path: Path) -> None:
+    rows = [(("o-1", 1, None), '{"a": 1}'), (("o-2", 2.5, "x"), '{"b": "\u98ce\u63a7"}')]
+    events = [{"order_id": "o-1", "kind": "paid"}, {"order_id": "o-2", "kind": "refunded"}]
+    path = spill.write(tmp_path, rows, events)
+    assert spill.files(tmp_path) == [path]
+    assert spill.read(path) == (rows, events)
+
+
+@pytest.mark.parametrize(
+    ("decisions", "events"),
+    [
+        ([{"d": "o-1", "c": "{}"}], []),  # columns that are no row
+        ([{"d": ["o-1"], "c": 5}], []),  # content that is no text
+        ([{"c": "{}"}], []),
+        ([["o-1", "{}"]], []),
+        ([], [{"e": 5}]),
+        ([], [{"kind": "paid"}]),
+    ],
+)
+def test_a_whole_spill_file_whose_lines_are_not_the_logs_is_refused(
+    tmp_path: Path, decisions: list[object], events: list[object]
+) -> None:
+    """Counted right, but not what ``write`` puts there (another kind's, or edited): the
+    start logs it and leaves it, rather than appending what is no decision."""
+    path = spillfile.write(tmp_path, spill.PREFIX, {"decisions": decisions, "events": events})
+    with pytest.raises(spill.SpillFileError):
+        spill.read(path)
 
 
 def test_a_stop_on_a_locked_database_spills_the_queue_and_the_next_start_logs_it_once(
