@@ -194,6 +194,16 @@ def test_auth_mtls_cert_principals_grant_roles_by_cn(pki: dict[str, Any], start:
         assert code_of(ch, "Checkout") is grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_auth_mtls_ou_roles_off_grants_roles_by_cn_only(pki: dict[str, Any], start: Start) -> None:
+    # ou_roles = false: the CA is not riskd's own, so an OU=checkout grants nothing
+    config = AuthConfig.from_mapping({"ou_roles": False, "cert_principals": {"ops-1": "auditor"}})
+    port, _ = start(mtls_credentials(pki), config)
+    with tls_channel(port, pki["ca"], pki["checkout"]) as ch:
+        assert code_of(ch, "Checkout") is grpc.StatusCode.PERMISSION_DENIED
+    with tls_channel(port, pki["ca"], pki["plain"]) as ch:
+        assert call(ch, "Audit") == b"cert:ops-1|auditor"
+
+
 def test_auth_mtls_certificate_wins_over_a_token(pki: dict[str, Any], start: Start) -> None:
     port, _ = start(mtls_credentials(pki))
     with tls_channel(port, pki["ca"], pki["auditor"]) as ch:
@@ -249,6 +259,15 @@ def test_auth_malformed_authorization_header_is_unauthenticated(start: Start) ->
         with pytest.raises(grpc.RpcError) as info:
             fn(b"", metadata=(("authorization", TOKEN),), timeout=5)
         assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER"])
+def test_auth_bearer_scheme_is_case_insensitive(start: Start, scheme: str) -> None:
+    port, _ = start(None)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        fn = ch.unary_unary(f"/{SERVICE}/Checkout")
+        reply = fn(b"", metadata=(("authorization", f"{scheme} {TOKEN}"),), timeout=5)
+        assert reply == b"token:checkout-gw|checkout"
 
 
 @pytest.mark.parametrize("header", ["Basic Zm9vOmJhcg==", "garbage", "Bearer ", "Bearer    "])
@@ -579,6 +598,41 @@ def test_auth_refused_calls_spend_the_peers_bucket(start: Start) -> None:
         assert wrong_role == [grpc.StatusCode.PERMISSION_DENIED] * 2 + [exhausted]
 
 
+class _PeerContext(_CallbacklessContext):
+    def __init__(self, peer: str, token: str) -> None:
+        self._peer, self._token = peer, token
+
+    def peer(self) -> str:
+        return self._peer
+
+    def invocation_metadata(self) -> tuple[Any, ...]:
+        return (_Metadatum("authorization", f"Bearer {self._token}"),)
+
+
+def test_auth_refusal_buckets_are_per_peer_host() -> None:
+    # one address guessing tokens must not throttle (and unlog) another's refusals
+    interceptor = AuthInterceptor(
+        AuthConfig(rate_limits={**callers.DEFAULT_RATE_LIMITS, "public": RateLimit(1.0, 2)}),
+        policy=TEST_POLICY,
+        clock=FakeClock(),
+    )
+    handler = grpc.unary_unary_rpc_method_handler(_who)
+    details = _CallDetails(f"/{SERVICE}/Checkout")
+    guarded = interceptor.intercept_service(lambda _: handler, details)  # type: ignore[arg-type]
+    assert guarded is not None and guarded.unary_unary is not None
+
+    def refused(peer: str) -> str:
+        with pytest.raises(RuntimeError) as info:
+            guarded.unary_unary(b"", _PeerContext(peer, "guess"))
+        return str(info.value)
+
+    assert [refused("ipv4:10.0.0.7:5555") for _ in range(3)] == ["UNAUTHENTICATED"] * 2 + [
+        "RESOURCE_EXHAUSTED"
+    ]
+    assert refused("ipv4:10.0.0.7:6666") == "RESOURCE_EXHAUSTED"  # the host, not the port
+    assert refused("ipv4:10.0.0.8:5555") == "UNAUTHENTICATED"
+
+
 def test_auth_health_watches_spend_a_bucket_of_their_own(start: Start) -> None:
     config = AuthConfig.with_tokens(
         {TOKEN: Identity("token:checkout-gw", frozenset({"checkout"}))},
@@ -678,8 +732,11 @@ def test_auth_config_from_mapping_parses_tokens_roles_and_limits() -> None:
             },
             "cert_principals": {"ops-1": "operator"},
             "rate_limits": {"analyst": "5/s:7"},
+            "anonymous_roles": ["checkout"],
         }
     )
+    assert config.anonymous_roles == {"checkout"}
+    assert config.ou_roles is True
     assert config.tokens[callers.token_digest(TOKEN)] == Identity(
         "token:checkout-gw", frozenset({"checkout"})
     )
@@ -706,6 +763,23 @@ def test_auth_config_refuses_a_cert_principal_no_certificate_could_be(cn: str, r
     assert str(info.value) == f"auth.cert_principals[1]: the CN {reason}"  # never the CN
 
 
+def test_auth_config_digest_is_the_sha256_hex_of_the_token() -> None:
+    # what `printf %s test | sha256sum` prints: operators store digests made so
+    digest = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    assert callers.token_digest("test") == digest
+    config = AuthConfig.from_mapping({"tokens": {digest: "gw:checkout"}})
+    assert config.tokens[callers.token_digest("test")].principal == "token:gw"
+
+
+def test_auth_limit_for_is_the_most_generous_of_the_roles() -> None:
+    config = AuthConfig()
+    limits = callers.DEFAULT_RATE_LIMITS
+    for a in sorted(ROLES):
+        for b in sorted(ROLES):
+            best = max(limits[a], limits[b], key=lambda lim: (lim.rate, lim.burst))
+            assert config.limit_for(frozenset({a, b})) == best, (a, b)
+
+
 def test_auth_config_digest_in_upper_case_matches() -> None:
     upper = "sha256:" + callers.token_digest(TOKEN)[7:].upper()
     config = AuthConfig.from_mapping({"tokens": {upper: "gw:checkout"}})
@@ -724,6 +798,8 @@ def test_auth_config_digest_in_upper_case_matches() -> None:
         ({"rate_limits": {TOKEN: "gw:checkout"}}, "auth.rate_limits: an unknown role, not"),
         ({"cert_principals": {TOKEN: "gw:checkout"}}, r"auth.cert_principals\[0\]: roles"),
         ({"rate_limits": {"analyst": "fast"}}, "auth.rate_limits.analyst"),
+        ({"rate_limits": {"analyst": "0/s:5"}}, "auth.rate_limits.analyst: expected"),
+        ({"rate_limits": {"analyst": "5/s:0"}}, "auth.rate_limits.analyst: expected"),
         ({"rate_limits": {"root": "1/s:1"}}, "auth.rate_limits.root: unknown role"),
         ({"ou_roles": "yes"}, "auth.ou_roles"),
         ({"tokenz": {}}, "auth.tokenz: unknown"),

@@ -7,6 +7,10 @@ announces (so a new RPC is walked without editing this file) and cross-checked
 against the server's own handler tables. A call "succeeds" when it gets past
 access control (any status but PERMISSION_DENIED / UNAUTHENTICATED): a request
 with an empty body is enough to tell.
+
+Who may call what is ``EXPECTED`` below, written out rather than read from ``POLICY``:
+a walk that took ``POLICY`` as its answer passed whatever ``POLICY`` said (checkout
+depositing money, anyone listing the services). A change of access is a change here too.
 """
 
 from __future__ import annotations
@@ -32,6 +36,39 @@ from tests.service.certs import CertificateAuthority
 RULES = Path(__file__).parent / "testdata" / "rules"
 TOKENS = {role: f"matrix-{role}-token" for role in sorted(ROLES)}
 CALLERS = [None, *sorted(ROLES)]
+
+_S, _L, _E = "/riskd.v1.ScoringService/", "/riskd.v1.LedgerService/", "/riskd.v1.EvidenceService/"
+_ANY = frozenset(ROLES)
+EXPECTED: dict[str, frozenset[str]] = {
+    **{_S + m: frozenset({"checkout"}) for m in ("Score", "ScoreBatch", "ReportOutcome")},
+    **{
+        _L + m: frozenset({"operator"})
+        for m in (
+            "RegisterShop",
+            "Deposit",
+            "Withdraw",
+            "TopUpFund",
+            "CollectClaim",
+            "WriteOffClaim",
+            "UnfreezeShop",
+        )
+    },
+    **{_L + m: frozenset({"analyst"}) for m in ("PenalizeShop", "OpenDispute", "CompensateBuyer")},
+    _L + "PayLateShipmentCoupon": frozenset({"analyst", "operator"}),
+    **{
+        _L + m: frozenset({"analyst", "auditor", "operator"})
+        for m in ("GetAccountStatement", "GetShopStatement", "GetDisputeStatement", "ListAccounts")
+    },
+    _L + "VerifyLedger": frozenset({"auditor", "operator"}),
+    _E + "RevealOrderPii": frozenset({"analyst"}),
+    _E + "ListPiiAccess": frozenset({"analyst", "auditor"}),
+    "/grpc.health.v1.Health/Check": frozenset({PUBLIC}),
+    "/grpc.health.v1.Health/Watch": frozenset({PUBLIC}),
+    "/grpc.health.v1.Health/List": _ANY,
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": _ANY,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": _ANY,
+}
+"""Full method name → the roles that may call it: least privilege, written out."""
 DENIED = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
 
 
@@ -113,6 +150,12 @@ def test_authz_every_registered_method_has_a_policy_entry(
     assert not missing, f"methods without a POLICY entry (denied to everyone): {missing}"
 
 
+def test_authz_policy_grants_each_role_only_its_methods() -> None:
+    widened = {m: sorted(POLICY[m] - EXPECTED.get(m, frozenset())) for m in POLICY}
+    assert {m: r for m, r in widened.items() if r} == {}, "POLICY grants more than EXPECTED"
+    assert POLICY == EXPECTED
+
+
 def test_authz_matrix_has_no_unauthorized_success(tls_server: tuple[RunningServer, bytes]) -> None:
     running, ca = tls_server
     methods = announced_methods(running)
@@ -121,7 +164,7 @@ def test_authz_matrix_has_no_unauthorized_success(tls_server: tuple[RunningServe
     wrongly_denied: list[str] = []
     with grpc.secure_channel(f"localhost:{running.port}", creds) as channel:
         for name, method in sorted(methods.items()):
-            allowed = POLICY.get(name, frozenset())
+            allowed = EXPECTED.get(name, frozenset())
             for role in CALLERS:
                 code = attempt(channel, name, method, role)
                 permitted = PUBLIC in allowed or (role is not None and role in allowed)

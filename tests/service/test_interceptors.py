@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from riskd.errors import InvalidArgumentError, NotFoundError, RiskdError, UnavailableError
 from riskd.service.interceptors import ErrorInterceptor
@@ -113,6 +114,7 @@ def test_success_passes_through(channel_and_metrics: tuple[grpc.Channel, Metrics
     channel, metrics = channel_and_metrics
     assert call(channel, "Echo") == b"ping"
     assert metrics.value("riskd_rpc_latency_seconds_count", {"method": "/t.T/Echo"}) >= 1
+    assert metrics.value("riskd_rpc_errors_total", {"method": "/t.T/Echo", "code": "OK"}) == 0
 
 
 @pytest.mark.parametrize(
@@ -137,6 +139,38 @@ def test_errors_map_to_status_codes(
     assert e.value.code() == code
     assert e.value.details() == message
     assert metrics.value("riskd_rpc_errors_total", {"method": f"/t.T/{name}", "code": code.name})
+
+
+def test_a_parsed_request_over_max_message_bytes_is_invalid_argument_naming_the_field() -> None:
+    # under EAGER_PARSE_BYTES grpcio parses the request: its size is checked after the parse
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2),
+        interceptors=[ErrorInterceptor(Metrics(), max_message_bytes=64)],
+    )
+    handler = grpc.unary_unary_rpc_method_handler(
+        lambda request, context: health_pb2.HealthCheckResponse(),
+        request_deserializer=health_pb2.HealthCheckRequest.FromString,
+        response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("t.S", {"Sized": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            sized = channel.unary_unary(
+                "/t.S/Sized",
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )
+            sized(health_pb2.HealthCheckRequest(service="x" * 62), timeout=5)  # 64 bytes: served
+            with pytest.raises(grpc.RpcError) as e:
+                sized(health_pb2.HealthCheckRequest(service="x" * 63), timeout=5)
+    finally:
+        server.stop(None)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details() == "service: the request is 65 bytes, more than the limit of 64"
 
 
 def test_unexpected_error_log_has_type_not_message(

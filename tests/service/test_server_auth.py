@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from riskd.config import Config, load_config
 from riskd.errors import ConfigError, RuleCompileError
 from riskd.service import convert, interceptors, policy
+from riskd.service.callers import DEFAULT_RATE_LIMITS
 from riskd.service.gen.riskd.v1 import (
     ledger_pb2,
     ledger_pb2_grpc,
@@ -24,7 +25,7 @@ from riskd.service.gen.riskd.v1 import (
 )
 from riskd.service.healthcheck import HealthServicer
 from riskd.service.metrics import Metrics, MetricsEndpoint
-from riskd.service.server import create_server
+from riskd.service.server import access_settings, create_server
 from tests.service.conftest import RULES, make_config
 from tests.service.test_lifecycle import eventually
 from tests.service.test_scoring import fresh
@@ -79,6 +80,13 @@ def test_embedded_default_lets_anonymous_loopback_callers_score_and_nothing_else
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED  # a token would do
     finally:
         running.stop(1)
+
+
+def test_embedded_default_scores_under_checkouts_limit_not_the_public_one(tmp_path: Path) -> None:
+    # its anonymous caller is the local checkout: the public limit (50/s) would throttle it
+    settings = access_settings(make_config(tmp_path), tls=False)
+    limit = settings.limit_for(settings.anonymous_roles, anonymous=True)
+    assert limit == DEFAULT_RATE_LIMITS[policy.CHECKOUT]
 
 
 def test_plaintext_is_refused_off_loopback(tmp_path: Path) -> None:
