@@ -97,6 +97,7 @@ def test_checker_rejects_unknown_fields_of_the_request() -> None:
         ("1 && true", "riskd_type_error", "'&&' needs a bool, got int"),
         ("1 ? 2 : 3", "riskd_type_error", "the condition of '?:' needs a bool, got int"),
         ("(1).foo", "riskd_type_error", "type 'int' does not support field selection"),
+        ("{1.5: true}.size() == 1", "riskd_type_error", "unsupported map key type double"),
         ("'a'.matches('(')", "riskd_bad_regex", "invalid regular expression: missing ): ("),
         ("orders('device')", "riskd_bad_argument",
          "orders() takes 2 arguments: orders(KEY, WINDOW)"),

@@ -138,6 +138,11 @@ def test_runtime_errors_are_eval_errors(text: str) -> None:
         ("m.nope > 1 && false", False),
         ("[1, 0].exists(i, 1 / i == 1)", True),
         ("[0, 1].all(i, 1 / i == 5)", False),
+        # both operands can fail: the error is absorbed whichever side raises
+        ("m.a > 1 && m.nope > 1", False),
+        ("m.a == 1 || m.nope > 1", True),
+        # a macro whose predicate failed is itself fallible inside && and ||
+        ("[0].exists_one(i, 1 / i == 1) || true", True),
     ],
 )
 def test_and_or_and_macros_absorb_errors(text: str, expected: bool) -> None:

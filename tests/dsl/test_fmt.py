@@ -149,6 +149,20 @@ def test_format_breaks_long_values_one_element_per_line() -> None:
     assert out.endswith('  "element-011",\n]\n')
 
 
+def test_format_keeps_a_value_of_exactly_the_width_on_one_line() -> None:
+    line = 'list l = ["' + "a" * 87 + '"]'
+    assert len(line) == 100
+    out, diags = format_text(line + "\n")
+    assert diags.ok, str(diags)
+    assert out == line + "\n"
+
+
+def test_format_separates_a_commented_scenario_from_the_one_before() -> None:
+    out, diags = format_text('scenario a = "A"\nscenario b = "B"\n# about c\nscenario c = "C"\n')
+    assert diags.ok, str(diags)
+    assert out == 'scenario a = "A"\nscenario b = "B"\n\n# about c\nscenario c = "C"\n'
+
+
 def test_format_keeps_the_text_of_a_multi_line_string(tmp_path: Path) -> None:
     """Re-indenting a line inside a triple-quoted string would change what the rule matches."""
     from riskd.domain.order import Buyer, Order

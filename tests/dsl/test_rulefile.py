@@ -145,3 +145,50 @@ def test_the_line_quoted_under_a_diagnostic_is_the_line_it_names() -> None:
     (d,) = diags
     assert d.line == 11
     assert '\n  |   when = order.amounts.total > "x"\n' in str(d)
+
+
+_RULE = (
+    'scenario s = "S"\nrule r {\n  description = "d"\n  owner = "o"\n  scenarios = [s]\n'
+    "  mode = active\n  action = review\n  score = 1\n  reason = R\n"
+    "  when = order.amounts.total > 0\n}\n"
+)
+
+
+def test_rulefile_when_a_brace_inside_a_triple_quoted_string_does_not_end_the_block() -> None:
+    text = _RULE.replace("> 0\n", "> 0 && order.device_id != '''x'}'''\n")
+    program, diags = compile_sources({"p.rules": text})
+    assert diags.ok, str(diags)
+    assert program is not None
+    assert program.rules[0].when == "order.amounts.total > 0 && order.device_id != '''x'}'''"
+
+
+def test_rulefile_a_comment_inside_a_value_is_a_diagnostic() -> None:
+    _, diags = parse('list x = ["a", # c\n  "b"]\n', "p.rules")
+    assert [(d.code, d.line, d.col) for d in diags] == [("riskd_misplaced_comment", 1, 1)]
+
+
+def test_rulefile_a_number_beyond_a_double_is_a_diagnostic() -> None:
+    _, diags = parse("list x = [1e999]\n", "p.rules")
+    assert [(d.code, d.line, d.col, d.message) for d in diags] == [
+        ("riskd_bad_number", 1, 11, "number out of range")
+    ]
+
+
+def test_rulefile_score_bounds_are_inclusive_and_scenario_tags_deduplicated() -> None:
+    for score in ("1000", "-1000"):
+        text = _RULE.replace("score = 1\n", f"score = {score}\n")
+        text = text.replace("scenarios = [s]", "scenarios = [s, s]")
+        program, diags = compile_sources({"p.rules": text})
+        assert diags.ok, str(diags)
+        assert program is not None
+        (rule,) = program.rules
+        assert rule.score == float(score)
+        assert rule.scenarios == ("s",)
+
+
+def test_rulefile_crlf_line_endings_stay_out_of_the_quoted_line() -> None:
+    text = _RULE.replace("> 0\n", '> "x"\n').replace("\n", "\r\n")
+    _, diags = compile_sources({"p.rules": text})
+    (d,) = diags
+    assert (d.code, d.line, d.col) == ("riskd_type_error", 10, 30)
+    assert "\r" not in str(d)
