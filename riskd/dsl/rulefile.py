@@ -640,6 +640,7 @@ class Reporter:
     def report(self, code: str, message: str, pos: Pos) -> None:
         lines = self._lines.get(pos.file, [])
         src = lines[pos.line - 1] if 0 < pos.line <= len(lines) else ""
+        src = src.removesuffix("\r")  # a file saved with CRLF line ends
         self.items.append(Diagnostic(code, message, pos.file, pos.line, pos.col, src))
 
     def extend(self, diags: Iterable[Diagnostic]) -> None:

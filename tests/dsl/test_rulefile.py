@@ -192,3 +192,14 @@ def test_rulefile_crlf_line_endings_stay_out_of_the_quoted_line() -> None:
     (d,) = diags
     assert (d.code, d.line, d.col) == ("riskd_type_error", 10, 30)
     assert "\r" not in str(d)
+
+
+def test_rulefile_crlf_line_endings_stay_out_of_a_file_level_diagnostic() -> None:
+    """Errors of the file's own shape (not of an expression) quote their line without
+    the CR of a file saved with Windows line endings (review: ``| score = 5000\\r``)."""
+    text = _RULE.replace("score = 1\n", "score = 5000\n").replace("\n", "\r\n")
+    _, diags = compile_sources({"p.rules": text})
+    (d,) = diags
+    assert (d.code, d.line) == ("riskd_bad_value", 8)
+    assert d.source_line == "  score = 5000"
+    assert "\r" not in str(d)
