@@ -112,3 +112,62 @@ def test_an_exception_no_code_caught_is_logged_without_its_message() -> None:
         ("critical", "uncaught exception", "UnavailableError", "database unavailable"),
     ]
     assert "13912345678" not in stream.getvalue()
+
+
+def test_the_riskd_loggers_write_from_the_configured_level_up() -> None:
+    """``log_level`` (RISKD_LOG_LEVEL) sets what the riskd loggers write: an operator who
+    asks for warnings gets no info lines, and one who asks for debug gets them."""
+    logger = logging.getLogger("riskd")
+    written = {}
+    try:
+        for level in ("warning", "info", "debug"):
+            stream = io.StringIO()
+            configure_logging(level, stream)
+            for name in ("debug", "info", "warning"):
+                getattr(logging.getLogger("riskd.test.level"), name)(f"at {name}")
+            written[level] = [json.loads(x)["msg"] for x in stream.getvalue().splitlines()]
+    finally:
+        top = logging.getLogger()
+        for handler in [h for h in top.handlers if getattr(h, "riskd_json", False)]:
+            top.removeHandler(handler)
+        logger.handlers.clear()
+        logger.propagate = True
+        logger.setLevel(logging.NOTSET)
+    assert written == {
+        "warning": ["at warning"],
+        "info": ["at info", "at warning"],
+        "debug": ["at debug", "at info", "at warning"],
+    }
+
+
+def test_a_threads_sys_exit_is_quiet_as_in_python_and_its_errors_are_logged() -> None:
+    """``threading.excepthook`` as Python's own: a thread that calls ``sys.exit()`` ends
+    without a line; one that raises is logged by type and frames, never its message."""
+    saved = (sys.excepthook, threading.excepthook, sys.unraisablehook, warnings.showwarning)
+    stream = io.StringIO()
+    logger = logging.getLogger("riskd")
+    phone = "139" + "12345678"  # not in the source lines the traceback quotes
+
+    def fail() -> None:
+        raise ValueError(f"bad phone {phone}")
+
+    try:
+        configure_logging("info", stream)
+        install_hooks()
+        for target in (sys.exit, fail):
+            thread = threading.Thread(target=target, name=f"riskd-test-{target.__name__}")
+            thread.start()
+            thread.join()
+    finally:
+        sys.excepthook, threading.excepthook, sys.unraisablehook, warnings.showwarning = saved
+        top = logging.getLogger()
+        for handler in [h for h in top.handlers if getattr(h, "riskd_json", False)]:
+            top.removeHandler(handler)
+        logger.handlers.clear()
+        logger.propagate = True
+        logger.setLevel(logging.NOTSET)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(e["msg"], e["error_type"], e["thread"]) for e in lines] == [
+        ("uncaught exception in a thread", "ValueError", "riskd-test-fail"),
+    ]
+    assert phone not in stream.getvalue()

@@ -334,6 +334,36 @@ def test_a_watch_whose_call_ended_before_it_was_served_leaves_nothing_behind() -
     assert sent == []  # nothing queued for the ended call
 
 
+def test_a_watch_whose_send_fails_stops_no_other_watchs_updates(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One sender thread serves every watch: a send that raises is logged, and the
+    others' updates (a drain's NOT_SERVING) still go out."""
+
+    class Open:
+        def add_callback(self, callback: object) -> bool:
+            return True
+
+    def broken(response: object) -> None:
+        raise RuntimeError("stream gone")
+
+    health = HealthServicer()
+    sent: list[health_pb2.HealthCheckResponse] = []
+    request = health_pb2.HealthCheckRequest(service="s")
+    try:
+        with caplog.at_level(logging.WARNING, logger="riskd.service.healthcheck"):
+            health.Watch(request, Open(), broken)
+            health.Watch(request, Open(), sent.append)
+            health.set("s", health_pb2.HealthCheckResponse.NOT_SERVING)
+    finally:
+        health.close()  # once what is queued is sent
+    assert [r.status for r in sent] == [
+        health_pb2.HealthCheckResponse.SERVICE_UNKNOWN,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    ]
+    assert [r.getMessage() for r in caplog.records] == ["health watch update failed"] * 2
+
+
 def test_score_batch_spends_one_token_per_order_up_to_the_burst(tmp_path: Path) -> None:
     auth = {
         "tokens": {"tok-a": "a:checkout", "tok-b": "b:checkout"},

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from riskd import spillfile
 from riskd.config import Config
@@ -26,7 +27,8 @@ from riskd.service.metrics import Metrics
 from riskd.service.server import create_server
 from riskd.service.wiring import build_components, load_keyring
 from riskd.sql import Database
-from tests.service.conftest import copy_rules, make_config
+from tests.features.features_support import delete_prefix
+from tests.service.conftest import SHARED_REDIS, copy_rules, make_config
 from tests.service.sample import full_order
 from tests.service.test_lifecycle import eventually
 
@@ -141,6 +143,24 @@ def test_a_redis_that_does_not_answer_at_start_is_logged_and_served_degraded(
     assert record.getMessage() == "redis does not answer at start: features degraded"
     fields = record.fields  # type: ignore[attr-defined]
     assert fields == {"setting": "redis_url", "shard": 0, "error": "ConnectionError"}
+
+
+def test_the_features_are_kept_under_the_configured_redis_prefix(tmp_path: Path) -> None:
+    """``redis_prefix``: the replicas of one deployment share their counts under it, and
+    another deployment on the same Redis keeps its own."""
+    prefix = f"riskd-test-wiring-{uuid.uuid4().hex}:"
+    config = make_config(tmp_path, redis_url=SHARED_REDIS, redis_prefix=prefix)
+    client = redis.Redis.from_url(SHARED_REDIS)
+    try:
+        components = build_components(config, SystemClock())
+        try:
+            components.scorer.score(full_order("o-1"), timeout_s=5.0)
+        finally:
+            components.close()
+        assert client.keys(f"{prefix}*") != []
+    finally:
+        delete_prefix(client, prefix)
+        client.close()
 
 
 def test_the_data_dir_and_database_are_private_whatever_the_umask(tmp_path: Path) -> None:
