@@ -18,6 +18,7 @@ import psycopg
 import pytest
 from psycopg.errors import AdminShutdown, SerializationFailure
 
+from riskd import sql
 from riskd.errors import CommitUnknownError, DatabaseBusyError, UnavailableError
 from riskd.sql import Database, Tx
 
@@ -264,8 +265,6 @@ def test_a_connection_lost_on_every_attempt_is_unavailable_and_nothing_lands(
 ) -> None:
     """``run`` gives up after its retries with ``UnavailableError`` (what callers map to
     UNAVAILABLE), not the driver's own error."""
-    from riskd import sql
-
     db, app = pg_app
     calls = 0
 

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -378,17 +379,22 @@ def test_rules_test_explains_a_failing_case_whose_rule_fails_only_when_explained
 def test_output_into_a_reader_that_goes_away_ends_quietly() -> None:
     # `riskd rules test | head -1` with head gone: the pipe is closed before the command
     # writes; it stops with 128 + SIGPIPE as the shell tools do, with nothing on stderr.
+    assert into_a_closed_pipe(["rules", "test", str(RULES)], os.environ) == (141, "")
+
+
+def into_a_closed_pipe(args: list[str], env: Mapping[str, str]) -> tuple[int, str]:
+    """``riskd ARGS`` with its stdout closed before it writes: exit status and stderr."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "riskd", "rules", "test", str(RULES)],
+        [sys.executable, "-m", "riskd", *args],
         cwd=ROOT,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.close()
     err = proc.stderr.read().decode()
-    assert proc.wait(60) == 141
-    assert err == ""
+    return proc.wait(60), err
 
 
 def test_rules_check_says_why_a_folder_without_rule_files_fails_and_counts_active_rules(
@@ -443,18 +449,7 @@ def test_small_output_into_a_reader_that_goes_away_ends_quietly() -> None:
     failure then shows at the last flush, not in a print. Buffered as a user's shell has
     it (PYTHONUNBUFFERED, set in some CI images, would hide the last flush)."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "riskd", "rules", "eval", "1 + 1"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    assert proc.stdout is not None and proc.stderr is not None
-    proc.stdout.close()
-    err = proc.stderr.read().decode()
-    assert proc.wait(60) == 141
-    assert err == ""
+    assert into_a_closed_pipe(["rules", "eval", "1 + 1"], env) == (141, "")
 
 
 def test_rules_fmt_leaves_a_read_only_file_alone(

@@ -161,28 +161,35 @@ def test_sighup_during_start_up_is_held_until_serving(tmp_path: Path) -> None:
         d.stop()
 
 
-# Stops the import of riskd.service.server (the slow part of `riskd serve`'s start, the
-# whole service) until a line comes on stdin, saying so on stderr.
+# Stops the import of MODULE until a line comes on stdin, saying so on stderr.
 PAUSE_IMPORT = """
 import importlib.abc, sys
 class Pause(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name == "riskd.service.server":
+        if name == "MODULE":
             sys.meta_path.remove(self)
-            print("importing riskd.service.server", file=sys.stderr, flush=True)
+            print("importing MODULE", file=sys.stderr, flush=True)
             sys.stdin.readline()
 sys.meta_path.insert(0, Pause())
 """
 
 
-def test_sighup_while_the_command_is_still_importing_is_held(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "module",
+    [
+        "riskd.service.server",  # the slow part of `riskd serve`'s start, the whole service
+        "riskd.cli.serve",  # grpc and protobuf, before run_serve runs: main holds SIGHUP
+    ],
+)
+def test_sighup_while_the_command_is_still_importing_is_held(tmp_path: Path, module: str) -> None:
     # Before the config is read there is a third of a second of imports: a SIGHUP then
     # (a ConfigMap reload as the pod starts) must not end the daemon either.
-    d = Daemon(tmp_path, prelude=PAUSE_IMPORT)
+    d = Daemon(tmp_path, prelude=PAUSE_IMPORT.replace("MODULE", module))
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not any("importing" in x for x in d.lines):
             time.sleep(0.01)
+        assert any(f"importing {module}" in x for x in d.lines), "".join(d.lines)
         d.proc.send_signal(signal.SIGHUP)
         time.sleep(0.1)
         assert d.proc.poll() is None, "ended by the SIGHUP"
@@ -669,38 +676,6 @@ def test_sighup_reload_does_not_ask_for_a_restart_for_listen(tmp_path: Path) -> 
         ]
         assert len(reloaded) == 1, "".join(d.lines)
         assert reloaded[0]["restart_needed"] == []
-    finally:
-        d.stop()
-
-
-# Stops the import of riskd.cli.serve (grpc, protobuf: before run_serve runs) until a line
-# comes on stdin, saying so on stderr.
-PAUSE_CLI_IMPORT = PAUSE_IMPORT.replace('"riskd.service.server"', '"riskd.cli.serve"').replace(
-    "importing riskd.service.server", "importing riskd.cli.serve"
-)
-
-
-def test_sighup_while_the_serve_command_module_is_importing_is_held(tmp_path: Path) -> None:
-    """``main`` holds SIGHUP before it imports the command's module (grpc and protobuf
-    first), not only once ``run_serve`` runs."""
-    d = Daemon(tmp_path, prelude=PAUSE_CLI_IMPORT)
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any("importing" in x for x in d.lines):
-            time.sleep(0.01)
-        assert any("importing riskd.cli.serve" in x for x in d.lines), "".join(d.lines)
-        d.proc.send_signal(signal.SIGHUP)
-        time.sleep(0.1)
-        assert d.proc.poll() is None, "ended by the SIGHUP"
-        assert d.proc.stdin is not None
-        d.proc.stdin.write("go\n")
-        d.proc.stdin.close()
-        assert d.ready.wait(30), "".join(d.lines)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not any("rules reloaded" in x for x in d.lines):
-            time.sleep(0.05)
-        assert any("rules reloaded" in line for line in d.lines)
-        assert d.proc.poll() is None
     finally:
         d.stop()
 

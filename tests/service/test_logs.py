@@ -114,10 +114,20 @@ def test_an_exception_no_code_caught_is_logged_without_its_message() -> None:
     assert "13912345678" not in stream.getvalue()
 
 
+def _undo_logging() -> None:
+    """Take riskd's JSON handlers off and give the riskd logger back its defaults."""
+    top = logging.getLogger()
+    for handler in [h for h in top.handlers if getattr(h, "riskd_json", False)]:
+        top.removeHandler(handler)
+    logger = logging.getLogger("riskd")
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
+
+
 def test_the_riskd_loggers_write_from_the_configured_level_up() -> None:
     """``log_level`` (RISKD_LOG_LEVEL) sets what the riskd loggers write: an operator who
     asks for warnings gets no info lines, and one who asks for debug gets them."""
-    logger = logging.getLogger("riskd")
     written = {}
     try:
         for level in ("warning", "info", "debug"):
@@ -127,12 +137,7 @@ def test_the_riskd_loggers_write_from_the_configured_level_up() -> None:
                 getattr(logging.getLogger("riskd.test.level"), name)(f"at {name}")
             written[level] = [json.loads(x)["msg"] for x in stream.getvalue().splitlines()]
     finally:
-        top = logging.getLogger()
-        for handler in [h for h in top.handlers if getattr(h, "riskd_json", False)]:
-            top.removeHandler(handler)
-        logger.handlers.clear()
-        logger.propagate = True
-        logger.setLevel(logging.NOTSET)
+        _undo_logging()
     assert written == {
         "warning": ["at warning"],
         "info": ["at info", "at warning"],
@@ -145,7 +150,6 @@ def test_a_threads_sys_exit_is_quiet_as_in_python_and_its_errors_are_logged() ->
     without a line; one that raises is logged by type and frames, never its message."""
     saved = (sys.excepthook, threading.excepthook, sys.unraisablehook, warnings.showwarning)
     stream = io.StringIO()
-    logger = logging.getLogger("riskd")
     phone = "139" + "12345678"  # not in the source lines the traceback quotes
 
     def fail() -> None:
@@ -160,12 +164,7 @@ def test_a_threads_sys_exit_is_quiet_as_in_python_and_its_errors_are_logged() ->
             thread.join()
     finally:
         sys.excepthook, threading.excepthook, sys.unraisablehook, warnings.showwarning = saved
-        top = logging.getLogger()
-        for handler in [h for h in top.handlers if getattr(h, "riskd_json", False)]:
-            top.removeHandler(handler)
-        logger.handlers.clear()
-        logger.propagate = True
-        logger.setLevel(logging.NOTSET)
+        _undo_logging()
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [(e["msg"], e["error_type"], e["thread"]) for e in lines] == [
         ("uncaught exception in a thread", "ValueError", "riskd-test-fail"),
