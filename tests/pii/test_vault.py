@@ -5,6 +5,7 @@ Every test runs on a real SQLite file and a real PostgreSQL schema.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -188,6 +189,26 @@ def test_vault_forget_shreds_keys_and_index_entries(keyring: Keyring, store: Sql
             v.decrypt("b1", "o1", "phone", ct)
     assert store.latest("b1").shredded  # type: ignore[union-attr]
     assert vault.forget("b1").data_keys_destroyed == 0  # idempotent
+
+
+def test_vault_forget_says_a_checkpoint_the_database_refused_did_not_complete(
+    keyring: Keyring, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint that fails (the database busy or locked past the wait) is reported
+    as not done, so the CLI tells the analyst to forget again; the keys are shredded."""
+    store = SqlKeyStore(Database(f"sqlite:///{tmp_path / 'pii.db'}"))
+    vault = Vault(keyring, store)
+    ct = vault.encrypt("b1", "o1", "phone", PHONE)
+
+    def refused(wait_s: float) -> bool:
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store.db, "checkpoint", refused)
+    result = vault.forget("b1")
+    assert result.checkpointed is False and result.data_keys_destroyed == 1
+    with pytest.raises(CryptoError, match="forgotten"):
+        vault.decrypt("b1", "o1", "phone", ct)
+    store.db.close()
 
 
 # One buyer as velocity counting sees it (the blind index's buyer normalization), and

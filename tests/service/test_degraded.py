@@ -301,3 +301,29 @@ def test_a_postgresql_outage_on_an_idle_replica_is_told_over_with_no_request(
         ("WARNING", "dependency unavailable: answering degraded until it answers again"),
         ("INFO", "dependency answers again"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("timeout_ms", "call_s", "degraded"), [(400, 2.0, False), (20, 2.0, True), (400, 0.15, True)]
+)
+def test_redis_timeout_ms_bounds_each_redis_call(
+    tmp_path: Path, redis_process: OwnRedis, timeout_ms: int, call_s: float, degraded: bool
+) -> None:
+    """A Redis whose every reply comes 80 ms late: within a 400 ms ``redis_timeout_ms``
+    its counts are read (a slow network configured for), past a 20 ms one the answer is
+    degraded; and a caller's deadline shorter than the Redis bound is still met (the
+    read is not waited for on the call's thread)."""
+    with LateReplies(redis_process.port, delay_s=0.08) as proxy:
+        config = make_config(tmp_path, redis_url=proxy.url, redis_timeout_ms=timeout_ms)
+        running = create_server(config)
+        try:
+            proxy.share = 1.0
+            with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+                stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+                order = convert.order_to_proto(fresh())
+                reply = stub.Score(scoring_pb2.ScoreRequest(order=order), timeout=call_s)
+        finally:
+            running.stop(1)
+    assert bool(reply.decision.degraded) is degraded
+    if degraded:
+        assert "features" in reply.decision.unavailable

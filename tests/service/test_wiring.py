@@ -19,7 +19,7 @@ from riskd import spillfile
 from riskd.config import Config
 from riskd.domain.clock import SystemClock
 from riskd.engine import catchup
-from riskd.errors import ConfigError, RiskdError, UnavailableError
+from riskd.errors import ConfigError, DeadlineExceededError, RiskdError, UnavailableError
 from riskd.evidence.log import encrypted_fields
 from riskd.pii.keyring import Keyring, fingerprint, locked
 from riskd.service import wiring
@@ -550,3 +550,29 @@ def test_a_start_creates_the_decision_log_tables_once(
             db.drop_schema()
             db.close()
     assert len(runs) == 1
+
+
+@pytest.mark.parametrize("record_late", [True, False])
+def test_a_scoring_workers_scorer_records_nothing_it_decided_after_the_deadline(
+    tmp_path: Path, record_late: bool
+) -> None:
+    """``record_late=False`` (a scoring worker's components): an order decided with no
+    time left is not recorded, and the call is late, so the gRPC process's fallback
+    stands alone; one process's scorer records and answers it."""
+    components = build_components(make_config(tmp_path), SystemClock(), record_late=record_late)
+    try:
+        order = full_order("o-late")
+        log = components.decision_log
+        assert log is not None
+        if record_late:
+            [decision] = components.scorer.score_batch([order], timeout_s=-1e-6, refuse_late=True)
+            log.flush(10)
+            record = log.get("o-late")
+            assert record is not None and record.decision == decision
+        else:
+            with pytest.raises(DeadlineExceededError, match="nothing recorded"):
+                components.scorer.score_batch([order], timeout_s=-1e-6, refuse_late=True)
+            log.flush(10)
+            assert log.get("o-late") is None
+    finally:
+        components.close()
