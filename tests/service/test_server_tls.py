@@ -448,6 +448,90 @@ def test_a_client_ca_removed_at_a_reload_ends_open_connections_once_they_are_old
         running.stop(0)
 
 
+def _mutual_tls(tmp_path: Path, ca: CertificateAuthority) -> dict[str, str]:
+    """Server files issued by ``ca`` for localhost, and ``ca`` as the client CA file."""
+    issued = ca.issue("localhost", server=True)
+    files = {name: tmp_path / name for name in ("srv.crt", "srv.key", "client.ca")}
+    files["srv.crt"].write_bytes(issued.cert)
+    files["srv.key"].write_bytes(issued.key)
+    files["client.ca"].write_bytes(ca.pem)
+    return {
+        "tls_cert": str(files["srv.crt"]),
+        "tls_key": str(files["srv.key"]),
+        "tls_client_ca": str(files["client.ca"]),
+    }
+
+
+def _health_as(port: int, server_ca: bytes, client: tuple[bytes, bytes] | None) -> grpc.StatusCode:
+    """A health check on a new connection of its own, with ``client``'s (key, cert)."""
+    key, cert = client if client is not None else (None, None)
+    credentials = grpc.ssl_channel_credentials(server_ca, key, cert)
+    options = [
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.ssl_target_name_override", "localhost"),
+    ]
+    with grpc.secure_channel(f"127.0.0.1:{port}", credentials, options=options) as ch:
+        try:
+            health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.RpcError as e:
+            return e.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+def test_a_client_ca_rotation_through_a_bundle_admits_both_then_only_the_new(
+    tmp_path: Path,
+) -> None:
+    """Rotating the callers' CA: a reload to a bundle of the old and the new CA admits
+    clients of either on new connections; the next reload, to the new CA alone, refuses
+    the old one's."""
+    old_ca, new_ca = CertificateAuthority("old CA"), CertificateAuthority("new CA")
+    tls = _mutual_tls(tmp_path, old_ca)
+    client_ca = Path(tls["tls_client_ca"])
+    config = make_config(tmp_path / "data", **tls)
+    running = create_server(config, reread=lambda: config)
+    old_client, new_client = old_ca.issue("healthcheck"), new_ca.issue("healthcheck")
+    clients = {"old": (old_client.key, old_client.cert), "new": (new_client.key, new_client.cert)}
+
+    def admitted() -> dict[str, grpc.StatusCode]:
+        return {name: _health_as(running.port, old_ca.pem, c) for name, c in clients.items()}
+
+    ok, unavailable = grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE
+    try:
+        assert admitted() == {"old": ok, "new": unavailable}
+        client_ca.write_bytes(old_ca.pem + new_ca.pem)
+        assert running.reload_access() is True
+        assert admitted() == {"old": ok, "new": ok}
+        client_ca.write_bytes(new_ca.pem)
+        assert running.reload_access() is True
+        assert admitted() == {"old": unavailable, "new": ok}
+    finally:
+        running.stop(0)
+
+
+def test_a_reload_that_drops_the_client_ca_keeps_mutual_tls_until_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whether callers must present a certificate is fixed at start: a reload that
+    removes ``tls_client_ca`` is logged as waiting for a restart, its files in force stay,
+    and a caller with no certificate is still refused; the ``[auth]`` settings are
+    reloaded all the same."""
+    ca = CertificateAuthority()
+    tls = _mutual_tls(tmp_path, ca)
+    config = make_config(tmp_path / "data", **tls)
+    running = create_server(config, reread=lambda: replace(config, tls_client_ca=None))
+    client = ca.issue("healthcheck")
+    try:
+        with caplog.at_level(logging.INFO):
+            assert running.reload_access() is True
+        [reloaded] = [r for r in caplog.records if r.getMessage() == "access settings reloaded"]
+        fields = reloaded.fields  # type: ignore[attr-defined]
+        assert fields["tls_renewed"] is False and fields["restart_needed"] == ["tls_client_ca"]
+        assert _health_as(running.port, ca.pem, None) is grpc.StatusCode.UNAVAILABLE
+        assert _health_as(running.port, ca.pem, (client.key, client.cert)) is grpc.StatusCode.OK
+    finally:
+        running.stop(0)
+
+
 _FLIP = """
 import os, sys, time
 root, versions = sys.argv[1], int(sys.argv[2])
