@@ -86,7 +86,7 @@ loopback to anyone on the machine (the embedded default); with either (an empty
 A fallback is an ordered list of tiers ``MAX_TOTAL_FEN:OUTCOME``; a tier with
 no bound matches any amount: only the last tier has none, and the bounds
 before it increase (otherwise a later tier could never apply). Every bad value
-raises ``riskd.errors.ConfigError`` naming its key.
+raises ``riskd.errors.ConfigError`` naming its key and the file or variable that set it.
 """
 
 from __future__ import annotations
@@ -275,16 +275,38 @@ def load_config(
         ConfigError: a key is unknown or a value is malformed (the message names the key).
     """
     values: dict[str, Any] = {}
-    for layer in (
-        _read_toml(path) if path is not None else {},
-        _from_env(os.environ if env is None else env),
-        overrides,
+    env = os.environ if env is None else env
+    for source, layer in (
+        (f"config file {path}", _read_toml(path) if path is not None else {}),
+        ("environment", _from_env(env)),
+        (None, overrides),
     ):
         # a bad value is refused even where a later layer replaces it (review: only its
         # type was, so a file with `deadline_ms = -1` started while RISKD_DEADLINE_MS was set)
-        _check_each(replace(Config(), **_coerce_layer(layer)))
+        try:
+            _check_each(replace(Config(), **_coerce_layer(layer)))
+        except ConfigError as e:
+            raise _sourced(e, source, env) from None
         _merge(values, layer)
     return _build(values)
+
+
+def _sourced(error: ConfigError, source: str | None, env: Mapping[str, str]) -> ConfigError:
+    """``error`` with where its value was set: the file, or the variable (a value that a
+    later layer replaces is refused too, so the key alone pointed at the wrong one).
+
+    >>> str(_sourced(ConfigError("deadline_ms: must be positive"), "environment",
+    ...              {"RISKD_DEADLINE_MS": "-1"}))
+    'deadline_ms: must be positive (set by RISKD_DEADLINE_MS)'
+    """
+    if source is None:  # the caller's own (riskd serve --listen): it knows
+        return error
+    if source == "environment":
+        key = str(error).partition(":")[0]
+        name = ENV_PREFIX + key.replace(".", "_").upper()
+        source = name if name in env else "the environment"
+        return ConfigError(f"{error} (set by {source})")
+    return ConfigError(f"{error} (set in {source})")
 
 
 def reload_config(path: Path | None = None, **overrides: Any) -> Config:

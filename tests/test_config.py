@@ -182,7 +182,7 @@ def test_a_toml_value_of_the_wrong_type_says_which_type(
     path.write_text(line + "\n")
     with pytest.raises(ConfigError) as e:
         load_config(path, env={})
-    assert str(e.value) == message
+    assert str(e.value) == f"{message} (set in config file {path})"
 
 
 def test_a_bad_value_in_the_file_is_refused_even_where_the_environment_replaces_it(
@@ -216,8 +216,35 @@ def test_a_value_out_of_its_limits_in_the_file_is_refused_where_the_environment_
     merged, so each of these started (README: every bad value is refused at start)."""
     path = tmp_path / "riskd.toml"
     path.write_text(line + "\n")
-    with pytest.raises(ConfigError, match=rf"^{key}: "):
+    with pytest.raises(ConfigError, match=rf"^{key}: ") as e:
         load_config(path, env=env)
+    assert str(e.value).endswith(f" (set in config file {path})")  # not the variable
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RISKD_DEADLINE_MS": "-1"}, "deadline_ms: must be positive (set by RISKD_DEADLINE_MS)"),
+        ({"RISKD_WORKERS": "abc"}, "workers: expected an integer (set by RISKD_WORKERS)"),
+        (
+            {"RISKD_FALLBACK_LIVE_ROOM": "x:review"},
+            "fallback.live_room: tier bound must be an integer number of fen "
+            "(set by RISKD_FALLBACK_LIVE_ROOM)",
+        ),
+    ],
+)
+def test_a_bad_value_says_which_variable_set_it(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    """A file may set the same key: the error says which of the two to fix."""
+    path = tmp_path / "riskd.toml"
+    path.write_text("deadline_ms = 300\nworkers = 4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, env=env)
+    assert str(e.value) == message
+    with pytest.raises(ConfigError) as e:
+        load_config(None, env={}, deadline_ms=0)  # the caller's own (riskd serve --listen)
+    assert str(e.value) == "deadline_ms: must be positive"
 
 
 def test_settings_that_need_each_other_may_come_from_different_layers(tmp_path: Path) -> None:
