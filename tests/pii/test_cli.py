@@ -427,6 +427,13 @@ def test_cli_release_lifts_one_hold_by_reason(
     assert "legal hold" in capsys.readouterr().err
     assert run("hold", "b1", "--release", *opts) == 0
     assert run("forget", "b1", *opts) == 0
+    # a hold placed without --reason is recorded as 'legal hold' (the help's default)
+    assert run("hold", "b2", *opts) == 0
+    assert run("hold", "b2", "--reason", "court order 7", *opts) == 0
+    capsys.readouterr()
+    assert run("hold", "b2", "--release", *opts) == 1
+    assert "'court order 7', 'legal hold'" in capsys.readouterr().err
+    assert run("hold", "b2", "--release", "--reason", "legal hold", *opts) == 0
 
 
 KEY_FILE_COMMANDS = (("keygen",), ("retire", "1"))
