@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
 
@@ -17,6 +18,7 @@ from riskd.errors import (
     InvalidArgumentError,
     NotFoundError,
     RiskdError,
+    UnavailableError,
 )
 from riskd.ledger import Book, Code
 from riskd.ledger import accounts as acc
@@ -69,8 +71,11 @@ def test_same_key_same_content_returns_the_first_result(book: Book) -> None:
 def test_same_key_other_content_is_refused_and_writes_nothing(book: Book) -> None:
     funded(book, shops={"s1": 0, "s2": 0})
     book.deposit("k1", "s1", 10_000, actor="merchant")
+    book.top_up_fund("t1", 100, actor="ops", reason="r", evidence="ev://1")
     for call in (
         lambda: book.deposit("k1", "s1", 10_001, actor="merchant"),
+        lambda: book.deposit("k1", "s1", 10_000, actor="merchant", reason="another"),
+        lambda: book.top_up_fund("t1", 100, actor="ops", reason="r", evidence="ev://2"),
         lambda: book.deposit("k1", "s2", 10_000, actor="merchant"),
         lambda: book.withdraw("k1", "s1", 10_000, actor="merchant"),
         lambda: book.top_up_fund("k1", 10_000, actor="merchant", reason="x"),
@@ -126,6 +131,8 @@ def test_a_counter_that_would_overflow_64_bits_is_refused(book: Book) -> None:
     with pytest.raises(InvalidArgumentError, match="amount: would overflow 64 bits"):
         book.deposit("k2", "s1", 100, actor="m")
     assert book.journal() == []
+    book.deposit("k3", "s1", 9, actor="m")  # exactly 2^63 - 1 still fits
+    assert book.account(acc.BANK).debits == 2**63 - 1
 
 
 def test_bad_ids_and_missing_key_are_refused(book: Book) -> None:
@@ -187,6 +194,11 @@ def test_penalty_follows_the_schedule_and_freezes(book: Book, clock: FakeClock) 
     assert r.total(Code.PENALTY_CLAIM) == 0
     assert r.frozen_until == clock.now() + 30 * DAY
     assert all(t.evidence == "ev://brush/1" for t in r.transfers)
+    clock.advance(DAY)  # a retry reports the freeze end the first request set
+    again = book.penalize_shop(
+        "p1", "s1", "order_brushing", "case-1", evidence="ev://brush/1", actor="analyst"
+    )
+    assert again.replayed and again.frozen_until == r.frozen_until
     s = book.shop_statement("s1")
     assert (s.deposit, s.frozen, s.penalties) == (8_000_000, True, 1)
     assert book.store.query("SELECT schedule_version FROM ledger_cases")[0][0] == "2026-11-01"
@@ -529,6 +541,25 @@ def test_an_unknown_violation_is_refused_before_the_writer_lock(book: Book, db_u
         assert time.monotonic() - started < 1.0
     finally:
         book.store._writer.release()
+
+
+def test_a_write_waits_a_bounded_time_for_this_processs_writer_turn(book: Book) -> None:
+    """A write stuck in this process (holding the writer turn) makes later writes
+    UNAVAILABLE within ``write_wait_s``, nothing written, instead of holding their threads."""
+    funded(book, shops={"s1": 0})
+    book.store.write_wait_s = 0.2
+    assert book.store._writer.acquire(timeout=1)  # this process's writer turn, held
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            started = time.monotonic()
+            call = pool.submit(book.deposit, "k1", "s1", 100, actor="m")
+            with pytest.raises(UnavailableError, match="no write turn in time"):
+                call.result(timeout=2)
+            assert time.monotonic() - started < 1.5
+    finally:
+        book.store._writer.release()
+    assert book.store.read_request("k1") is None
+    assert book.deposit("k1", "s1", 100, actor="m").total(Code.DEPOSIT) == 100
 
 
 def test_a_penalty_retried_after_its_violation_left_the_schedule_replays(

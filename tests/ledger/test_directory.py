@@ -70,6 +70,20 @@ def test_operator_unfreeze_reaches_the_directory(
     assert not directory.get("s1").frozen
 
 
+def test_a_shop_that_settled_its_claims_leaves_the_directory(
+    book: Book, clock: FakeClock, open_directory: Open
+) -> None:
+    """A refresh replaces the snapshot: a shop no longer owing is not served its old debt."""
+    funded(book, shops={"s1": 0})
+    book.open_dispute("o1", "d1", "s1", "order-1", 5_000, actor="a")
+    book.compensate_buyer("c1", "d1", 5_000, actor="a")
+    directory = open_directory(book, clock)
+    assert directory.get("s1").open_claims == 5_000
+    book.collect_claim("col1", "s1", 5_000, actor="ops")
+    directory.refresh()
+    assert directory.get("s1") == ShopState("s1")
+
+
 class Broken:
     def __init__(self) -> None:
         self.fail = False

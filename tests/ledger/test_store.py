@@ -15,7 +15,7 @@ from riskd.errors import AlreadyExistsError, UnavailableError
 from riskd.ledger import Book, Code
 from riskd.ledger import accounts as acc
 from riskd.ledger.transfers import Transfer
-from riskd.sql import Database
+from riskd.sql import Database, Tx
 from tests.ledger.conftest import PG_BASE, funded, new_url
 
 
@@ -32,6 +32,12 @@ def test_transfers_cannot_be_updated_or_deleted(book: Book) -> None:
         raw(book, "DELETE FROM ledger_transfers")
     with pytest.raises(Exception, match="append-only"):
         raw(book, "DELETE FROM ledger_requests")
+    book.open_dispute("o1", "d1", "s1", "order-1", 900, actor="a")
+    book.penalize_shop("p1", "s1", "order_brushing", "c1", evidence="e", actor="a")
+    for table in ("ledger_shops", "ledger_disputes", "ledger_cases", "ledger_freezes"):
+        for sql in (f"UPDATE {table} SET shop_id = shop_id", f"DELETE FROM {table}"):
+            with pytest.raises(Exception, match="append-only"):
+                raw(book, sql)
     assert book.verify() == ()
 
 
@@ -60,6 +66,13 @@ def test_transfer_ids_are_unique_and_amounts_positive(book: Book) -> None:
             " VALUES (?, ?, ?, ?, 1, '', 'y', 'a', '', '', 0)",
             (bad.id, bad.debit_account, bad.credit_account, bad.amount),
         )
+    with pytest.raises(Exception, match=r"(?i)check"), book.db.transaction() as tx:
+        tx.execute(  # an account paying itself: never a movement of money
+            "INSERT INTO ledger_transfers (id, debit_account, credit_account, amount, code,"
+            " ref, request_key, actor, reason, evidence, at)"
+            " VALUES ('s#0', ?, ?, 5, 1, '', 's', 'a', '', '', 0)",
+            (acc.BANK, acc.BANK),
+        )
     # the balances still add up; x#0 was posted behind the book's back, without a request
     assert book.verify() == ("request x: transfers without its request's record",)
 
@@ -72,6 +85,22 @@ def test_a_second_compensation_for_a_dispute_is_refused_by_the_database(book: Bo
     with pytest.raises(Exception, match=r"(?i)unique|duplicate"), book.db.transaction() as tx:
         book.store.post(tx, [t])
     assert book.dispute_statement("d1").paid == 100
+
+
+def test_the_store_inserts_only_into_the_ledgers_append_only_tables(book: Book) -> None:
+    """``insert`` names its table in the SQL text: anything else is refused before SQL."""
+    refusal = pytest.raises(ValueError, match="not a ledger table: ledger_accounts")
+    with refusal, book.db.transaction() as tx:
+        book.store.insert(tx, "ledger_accounts", {"id": "x"})
+
+
+def test_a_second_coupon_for_an_order_is_refused_by_the_database(book: Book) -> None:
+    funded(book, shops={"s1": 0})
+    book.pay_late_shipment_coupon("cp1", "s1", "order-1", actor="a")
+    t = Transfer("w#0", acc.FUND, acc.BUYERS, 5, Code.COUPON, "order/order-1", "w", "a")
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"), book.db.transaction() as tx:
+        book.store.post(tx, [t])
+    assert book.account(acc.BUYERS).balance == 500
 
 
 def test_schema_creation_is_idempotent(book: Book, db_url: str) -> None:
@@ -567,6 +596,27 @@ def pg_book(tmp_path: Path, clock: FakeClock) -> Iterator[Book]:
     yield book
     book.db.drop_schema()
     book.close()
+
+
+_SHOP_AGAIN = "INSERT INTO ledger_shops (shop_id, merchant_id, created_at) VALUES ('s1', 'm', 0)"
+
+
+@pytest.mark.postgres
+def test_a_write_that_loses_a_unique_key_race_is_retried(pg_book: Book) -> None:
+    """A unique-key conflict (a row another replica committed first) is retried in a new
+    transaction; one that never clears answers UNAVAILABLE "retry", not INTERNAL."""
+    book = funded(pg_book, shops={"s1": 0})
+    attempts: list[int] = []
+
+    def lose_once(tx: Tx) -> int:
+        attempts.append(1)
+        if len(attempts) == 1:
+            tx.execute(_SHOP_AGAIN)
+        return len(attempts)
+
+    assert book.store.write(lose_once) == 2
+    with pytest.raises(UnavailableError, match="retry with the same key"):
+        book.store.write(lambda tx: tx.execute(_SHOP_AGAIN))
 
 
 @pytest.mark.postgres
