@@ -137,8 +137,9 @@ class LedgerServicer(pb_grpc.LedgerServiceServicer):
         self.slots = Slots(max_in_flight, "ledger")
         self._book = book
         self._actor_of = actor_of
-        # what a list reply may hold: the send limit less room for the rest of it
-        self._reply_budget = max(max_reply_bytes - REPLY_MARGIN_BYTES, REPLY_MARGIN_BYTES)
+        # what a list reply may hold: the send limit less room for the rest of it (half of
+        # a limit below twice the margin: the margin's floor passed a small limit; review)
+        self._reply_budget = max(max_reply_bytes - REPLY_MARGIN_BYTES, max_reply_bytes // 2)
 
     @bounded
     def RegisterShop(

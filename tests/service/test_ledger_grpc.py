@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 import uuid
@@ -19,7 +20,7 @@ from riskd.service import convert
 from riskd.service.gen.riskd.v1 import ledger_pb2 as pb
 from riskd.service.gen.riskd.v1 import ledger_pb2_grpc as pb_grpc
 from riskd.service.interceptors import ErrorInterceptor
-from riskd.service.ledger import add_ledger_service
+from riskd.service.ledger import add_ledger_service, timestamp
 from riskd.service.metrics import Metrics
 from riskd.sql import Database
 
@@ -324,6 +325,13 @@ def test_ledger_calls_beyond_the_cap_are_unavailable_at_once_and_replay_after() 
             )
             assert got == grpc.StatusCode.UNAVAILABLE and "ledger busy" in details
             assert time.monotonic() - started < 1
+            # every ledger RPC shares the cap (this book has no other method to reach)
+            for method in pb.DESCRIPTOR.services_by_name["LedgerService"].methods:
+                request = getattr(pb, method.input_type.name)()
+                call = getattr(stub, method.name)
+                got, details = code_of(lambda: call(request, timeout=5))  # noqa: B023
+                assert (got, details) == (grpc.StatusCode.UNAVAILABLE, details), method.name
+                assert "ledger busy" in details, method.name
             release.set()
             assert all(f.result().created for f in slow)
             assert stub.RegisterShop(pb.RegisterShopRequest(shop_id="s3"), timeout=5).created
@@ -457,6 +465,33 @@ def test_statements_and_account_lists_page_within_the_servers_send_limit(
         book.close()
 
 
+def test_a_send_limit_below_the_reply_margin_still_pages_statements(tmp_path: Path) -> None:
+    """``max_message_bytes`` may be any positive size: a 32 KiB limit gave list replies a
+    64 KiB budget (the margin's floor), twice what the server may send."""
+    limit = 32 * 1024
+    book = Book(Database(f"sqlite:///{tmp_path / 'ledger.db'}"), clock=FakeClock(1.8e9))
+    for i in range(60):
+        book.top_up_fund(f"t{i}", 1, actor="cert:a", reason=f"{i:04d}" + "x" * 996)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2),
+        interceptors=[ErrorInterceptor(Metrics())],
+        options=[("grpc.max_send_message_length", limit)],
+    )
+    add_ledger_service(server, book, max_reply_bytes=limit)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.LedgerServiceStub(channel)
+            request = pb.GetAccountStatementRequest(account_id="platform:fund", limit=1000)
+            page = stub.GetAccountStatement(request)
+        assert page.truncated and 0 < len(page.transfers) < 60
+        assert page.ByteSize() <= limit
+    finally:
+        server.stop(None).wait()
+        book.close()
+
+
 @pytest.mark.parametrize(
     ("field", "text", "kind"),
     [
@@ -484,3 +519,167 @@ def test_a_reason_or_evidence_holding_pii_is_refused_and_writes_nothing(
     clean = pb.TopUpFundRequest(idempotency_key=key, amount_fen=100, reason="top-up 2026-11")
     assert not s.stub.TopUpFund(clean).receipt.replayed
     assert s.stub.GetAccountStatement(fund).account.balance_fen == before + 100
+
+
+def test_deposit_and_withdraw_receipts_and_statements_carry_every_field(served: Served) -> None:
+    s, sid = served, shop(served)
+    assert not s.stub.RegisterShop(pb.RegisterShopRequest(shop_id=sid, merchant_id="m1")).created
+    key = s.key()
+    r = s.stub.Deposit(
+        pb.DepositRequest(idempotency_key=key, shop_id=sid, amount_fen=10_000, reason="top-up")
+    ).receipt
+    assert (r.idempotency_key, r.operation, r.replayed) == (key, "deposit", False)
+    assert not r.HasField("frozen_until")  # only a freeze sets it
+    (t,) = r.transfers
+    deposit = f"shop:{sid}:deposit"
+    assert (t.debit_account, t.credit_account, t.amount_fen) == ("external:bank", deposit, 10_000)
+    assert (t.code, t.idempotency_key, t.actor, t.reason) == (
+        pb.TRANSFER_CODE_DEPOSIT,
+        key,
+        "cert:analyst-1",
+        "top-up",
+    )
+    assert t.posted_at.seconds == 1_800_000_000 and t.seq > 0
+    w = s.stub.Withdraw(
+        pb.WithdrawRequest(idempotency_key=s.key(), shop_id=sid, amount_fen=3_000, reason="payout")
+    ).receipt
+    (t,) = w.transfers
+    assert (t.debit_account, t.credit_account, t.amount_fen, t.reason) == (
+        deposit,
+        "external:bank",
+        3_000,
+        "payout",
+    )
+    acct = s.stub.GetAccountStatement(pb.GetAccountStatementRequest(account_id=deposit)).account
+    assert (acct.id, acct.kind, acct.shop_id) == (deposit, "deposit", sid)
+    assert (acct.debits_fen, acct.credits_fen, acct.balance_fen) == (3_000, 10_000, 7_000)
+    st = s.stub.GetShopStatement(pb.GetShopStatementRequest(shop_id=sid))
+    assert (st.shop_id, st.merchant_id, st.deposit_fen, st.owed_fen) == (sid, "m1", 7_000, 0)
+    assert not st.frozen and not st.HasField("frozen_until") and list(st.claims) == []
+
+
+def test_claims_freeze_and_dispute_story_through_grpc(served: Served) -> None:
+    """A penalty the deposit cannot cover, then a dispute: the shop owes two claims; a
+    collection names one, a write-off gives part of the other up, an operator unfreezes."""
+    s, sid = served, shop(served, deposit=1_000)
+    case, d = f"case-{sid}", f"d-{sid}"
+    p = s.stub.PenalizeShop(
+        pb.PenalizeShopRequest(
+            idempotency_key=s.key(),
+            shop_id=sid,
+            violation="content_violation_serious",
+            case_id=case,
+            evidence="case://7",
+            reason="fake orders",
+        )
+    ).receipt
+    assert [(t.ref, t.reason, t.evidence) for t in p.transfers] == [
+        (f"case/{case}", "fake orders", "case://7")
+    ] * 2
+    s.stub.OpenDispute(
+        pb.OpenDisputeRequest(
+            idempotency_key=s.key(), dispute_id=d, shop_id=sid, order_id=d, order_amount_fen=5_000
+        )
+    )
+    c = s.stub.CompensateBuyer(
+        pb.CompensateBuyerRequest(
+            idempotency_key=s.key(), dispute_id=d, amount_fen=5_000, evidence="refund/88"
+        )
+    ).receipt
+    assert {t.evidence for t in c.transfers} == {"refund/88"}
+    st = s.stub.GetShopStatement(pb.GetShopStatementRequest(shop_id=sid))
+    assert st.frozen and st.frozen_until == p.frozen_until
+    claims = [(c.ref, c.outstanding_fen) for c in st.claims]
+    assert claims == [(f"case/{case}", 299_000), (f"dispute/{d}", 5_000)]
+    assert st.owed_fen == 304_000
+    s.stub.CollectClaim(  # the newer claim, named: not the oldest first
+        pb.CollectClaimRequest(
+            idempotency_key=s.key(), shop_id=sid, amount_fen=1_500, ref=f"dispute/{d}"
+        )
+    )
+    w = s.stub.WriteOffClaim(
+        pb.WriteOffClaimRequest(
+            idempotency_key=s.key(), shop_id=sid, ref=f"case/{case}", amount_fen=99_000, reason="r"
+        )
+    ).receipt
+    assert [t.amount_fen for t in w.transfers] == [99_000]
+    dispute = s.stub.GetDisputeStatement(pb.GetDisputeStatementRequest(dispute_id=d))
+    assert (dispute.shop_id, dispute.order_id, dispute.order_amount_fen) == (sid, d, 5_000)
+    assert (dispute.paid_fen, dispute.collected_fen, dispute.outstanding_fen) == (
+        5_000,
+        1_500,
+        3_500,
+    )
+    assert {t.ref for t in dispute.transfers} == {f"dispute/{d}"} and len(dispute.transfers) >= 3
+    st = s.stub.GetShopStatement(pb.GetShopStatementRequest(shop_id=sid))
+    assert [(c.ref, c.outstanding_fen) for c in st.claims] == [
+        (f"case/{case}", 200_000),
+        (f"dispute/{d}", 3_500),
+    ]
+    u = s.stub.UnfreezeShop(
+        pb.UnfreezeShopRequest(idempotency_key=s.key(), shop_id=sid, reason="appeal granted")
+    ).receipt
+    assert (
+        u.operation == "unfreeze"
+        and not s.stub.GetShopStatement(pb.GetShopStatementRequest(shop_id=sid)).frozen
+    )
+    rows = s.book.db.query(
+        "SELECT actor, reason FROM ledger_freezes WHERE shop_id = ? AND action = 'unfreeze'",
+        (sid,),
+    )
+    assert [tuple(r) for r in rows] == [("cert:analyst-1", "appeal granted")]
+
+
+def test_a_late_shipment_coupon_is_paid_once_from_the_fund(served: Served) -> None:
+    s, sid = served, shop(served)
+    key, order = s.key(), f"o-{sid}"
+    request = pb.PayLateShipmentCouponRequest(
+        idempotency_key=key, shop_id=sid, order_id=order, evidence="waybill/SF1"
+    )
+    r = s.stub.PayLateShipmentCoupon(request).receipt
+    (t,) = r.transfers
+    assert (t.code, t.amount_fen, t.debit_account, t.credit_account) == (
+        pb.TRANSFER_CODE_COUPON,
+        500,  # the schedule's, not the caller's
+        "platform:fund",
+        "external:buyers",
+    )
+    assert (t.ref, t.evidence, t.actor) == (f"order/{order}", "waybill/SF1", "cert:analyst-1")
+    assert s.stub.PayLateShipmentCoupon(request).receipt.replayed
+    again = pb.PayLateShipmentCouponRequest(idempotency_key=s.key(), shop_id=sid, order_id=order)
+    got, details = code_of(lambda: s.stub.PayLateShipmentCoupon(again))
+    assert got == grpc.StatusCode.ALREADY_EXISTS and "order_id" in details
+
+
+def test_verify_ledger_names_what_is_broken(tmp_path: Path) -> None:
+    """Review: only a sound book (no problems) was checked through gRPC."""
+    path = tmp_path / "ledger.db"
+    book = Book(Database(f"sqlite:///{path}"), clock=FakeClock(1.8e9))
+    book.register_shop("s1")
+    book.deposit("d1", "s1", 1_000, actor="m")
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:  # as someone holding the file could: the append-only trigger out of the way
+        triggers = "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+        for (name,) in conn.execute(f"{triggers} AND tbl_name = 'ledger_transfers'").fetchall():
+            conn.execute(f"DROP TRIGGER {name}")
+        conn.execute("UPDATE ledger_transfers SET amount = amount + 1")
+    finally:
+        conn.close()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2), interceptors=[ErrorInterceptor(Metrics())]
+    )
+    add_ledger_service(server, book)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            problems = pb_grpc.LedgerServiceStub(channel).VerifyLedger(pb.VerifyLedgerRequest())
+        assert any("shop:s1:deposit" in p for p in problems.problems), problems
+    finally:
+        server.stop(None).wait()
+        book.close()
+
+
+def test_timestamps_keep_fractions_of_a_second() -> None:
+    ts = timestamp(1_800_000_000.25)
+    assert ts.seconds == 1_800_000_000 and abs(ts.nanos - 250_000_000) < 1_000  # float's step
