@@ -12,6 +12,7 @@ import pytest
 from riskd.cli import main
 from riskd.domain.events import OrderEvent, OrderEventKind
 from riskd.evidence.log import DecisionLog
+from riskd.evidence.schema import MAX_SEQ
 from riskd.sql import Database
 from tests.evidence.conftest import PHONE, STREET, make_record
 from tests.pg_roles import ADMIN, select_only_url
@@ -74,10 +75,21 @@ def test_an_edited_row_fails_and_is_named(url: str, capsys: pytest.CaptureFixtur
     assert PHONE not in out and STREET not in out
 
 
-def test_bad_expect_is_refused_with_exit_2(url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    for bad in ("decisions:1:x", "decision_log:1:" + "g" * 64, "decision_log:\u0663:" + "a" * 64):
-        assert main(["evidence", "verify", "--database", url, "--expect", bad]) == 2
-        assert "TABLE:SEQ:HASH" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "decisions:1:x",
+        "decision_log:1:" + "g" * 64,
+        "decision_log:\u0663:" + "a" * 64,
+        "decisions:1:" + "a" * 64,  # an unknown table with a well-formed hash
+        "decision_log:1:" + "a" * 63,  # a head cut short when copied: not "rewritten" (1)
+    ],
+)
+def test_bad_expect_is_refused_with_exit_2(
+    url: str, bad: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["evidence", "verify", "--database", url, "--expect", bad]) == 2
+    assert "TABLE:SEQ:HASH" in capsys.readouterr().err
 
 
 def test_a_kept_head_in_capitals_is_the_same_head(
@@ -186,6 +198,30 @@ def test_a_kept_head_past_the_largest_seq_is_refused_as_input(
     )
     err = capsys.readouterr().err
     assert "--expect" in err and "SEQ" in err and "OverflowError" not in err
+
+
+def test_a_kept_head_at_the_largest_seq_is_checked_not_refused(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, doc = run(capsys, "--database", url, "--expect", f"decision_log:{MAX_SEQ}:{'a' * 64}")
+    assert rc == 1
+    assert doc["problems"] == [
+        f"decision_log row {MAX_SEQ} is gone (rows were deleted from the end)"
+    ]
+
+
+def test_the_text_report_prints_the_heads_to_keep(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An auditor reading the text report keeps the heads it prints: the same as --json's."""
+    _, doc = run(capsys, "--database", url)
+    assert main(["evidence", "verify", "--database", url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "ok: 11 rows checked"
+    assert lines[1] == "heads (keep them; pass them back with --expect next time):"
+    heads = doc["heads"]
+    assert isinstance(heads, dict)
+    assert lines[2:] == [f"  {h}" for h in heads.values()]
 
 
 def refused_in_one_line(capsys: pytest.CaptureFixture[str], refusal: str) -> None:

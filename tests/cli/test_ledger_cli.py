@@ -49,14 +49,18 @@ def test_top_up_then_statements(url: str, capsys: pytest.CaptureFixture[str]) ->
     assert "deposit: 1000 fen (CNY 10.00)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("error", [KeyError, OSError])  # OSError from Python 3.13 on
 def test_a_user_id_with_no_name_acts_as_its_number(
-    url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    url: str,
+    error: type[Exception],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Review: ``docker run --user 12345`` (no passwd entry) failed every ``riskd``
     command, ``serve`` and ``health`` too, while the parser built ``--actor``'s default."""
 
     def nameless() -> str:
-        raise KeyError("getpwuid(): uid not found: 12345")
+        raise error("getpwuid(): uid not found: 12345")
 
     monkeypatch.setattr(ledger_cli.getpass, "getuser", nameless)
     top_up = ["fund-top-up", "500000", "--key", "t1", "--reason", "initial", "--database", url]
@@ -67,21 +71,28 @@ def test_a_user_id_with_no_name_acts_as_its_number(
     assert [t["actor"] for t in statement["transfers"]] == [f"cli:uid:{os.getuid()}"]
 
 
-def test_write_off_and_dispute_story(url: str, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("amount", "written_off"),
+    [([], 4_000), (["--amount", "1500"], 1_500)],  # default: all that is open
+)
+def test_write_off_and_dispute_story(
+    url: str, amount: list[str], written_off: int, capsys: pytest.CaptureFixture[str]
+) -> None:
     run(["fund-top-up", "500000", "--key", "t1", "--reason", "r", "--database", url])
     book = Book.open(url)
     book.compensate_buyer("c1", "d1", 5_000, actor="a")
     book.close()
-    wo = ["write-off", "s1", "dispute/d1", "--key", "w1", "--reason", "gone", "--database", url]
-    assert run(wo) == 0
+    wo = ["write-off", "s1", "dispute/d1", "--key", "w1", "--reason", "gone", *amount]
+    assert run([*wo, "--database", url]) == 0
     capsys.readouterr()
     assert run(["dispute", "d1", "--json", "--database", url]) == 0
     story = json.loads(capsys.readouterr().out)
     assert (story["paid"], story["recovered_from_deposit"], story["written_off"]) == (
         5_000,
         1_000,
-        4_000,
+        written_off,
     )
+    assert story["outstanding"] == 4_000 - written_off
     assert run(["verify", "--database", url]) == 0
     assert "every ledger invariant holds" in capsys.readouterr().out
 
@@ -103,6 +114,10 @@ def test_verify_of_a_broken_book_is_exit_1_naming_the_problem(
     out = capsys.readouterr().out
     assert "every ledger invariant holds" not in out
     assert "shop:s1:deposit" in out, out
+    assert run(["verify", "--json", "--database", url]) == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert problems and all(isinstance(p, str) for p in problems)
+    assert any("shop:s1:deposit" in p for p in problems), problems
 
 
 def test_errors_exit_2_and_name_the_problem(url: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -216,3 +231,87 @@ def test_a_reason_holding_pii_exits_2_naming_it_and_writes_nothing(
     assert run(["statement", "platform:fund", "--json", "--database", url]) == 0
     out = capsys.readouterr().out
     assert json.loads(out[out.index('{\n  "account"') :])["transfers"] == []
+
+
+def test_a_statement_starts_at_the_first_transfer_and_pages_with_after_and_limit(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def reasons(account: str, *paging: str) -> list[str]:
+        assert run(["statement", account, "--json", *paging, "--database", url]) == 0
+        return [t["reason"] for t in json.loads(capsys.readouterr().out)["transfers"]]
+
+    for i in range(3):
+        top_up = ["fund-top-up", "100", "--key", f"t{i}", "--reason", f"r{i}", "--database", url]
+        assert run(top_up) == 0
+    capsys.readouterr()
+    assert len(reasons("shop:s1:deposit")) == 1  # the fixture's deposit: journal position 1
+    assert reasons("platform:fund") == ["r0", "r1", "r2"]
+    assert run(["statement", "platform:fund", "--json", "--limit", "1", "--database", url]) == 0
+    first = json.loads(capsys.readouterr().out)["transfers"]
+    assert [t["reason"] for t in first] == ["r0"]
+    assert reasons("platform:fund", "--after", str(first[0]["seq"]), "--limit", "1") == ["r1"]
+
+
+def test_a_money_command_records_the_actor_reason_and_evidence_given(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    top_up = ["fund-top-up", "500", "--key", "t1", "--reason", "fund for 2026-11"]
+    evidence = ["--evidence", "approval/OA-778", "--actor", "ops:alice"]
+    assert run([*top_up, *evidence, "--database", url]) == 0
+    capsys.readouterr()
+    assert run(["statement", "platform:fund", "--json", "--database", url]) == 0
+    (transfer,) = json.loads(capsys.readouterr().out)["transfers"]
+    assert (transfer["actor"], transfer["reason"], transfer["evidence"]) == (
+        "ops:alice",
+        "fund for 2026-11",
+        "approval/OA-778",
+    )
+    assert (transfer["code"], transfer["request_key"]) == ("FUND_TOP_UP", "t1")  # by name
+
+
+def test_unfreeze_lifts_a_freeze_and_records_who_and_why(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    book = Book.open(url)
+    book.penalize_shop("p1", "s1", "content_violation_serious", "c1", evidence="e", actor="a")
+    book.close()
+    assert run(["shop", "s1", "--json", "--database", url]) == 0
+    assert json.loads(capsys.readouterr().out)["frozen"] is True
+    unfreeze = ["unfreeze", "s1", "--key", "u1", "--reason", "appeal granted"]
+    assert run([*unfreeze, "--actor", "ops:bob", "--database", url]) == 0
+    capsys.readouterr()
+    assert run(["shop", "s1", "--json", "--database", url]) == 0
+    assert json.loads(capsys.readouterr().out)["frozen"] is False
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+        rows = conn.execute(
+            "SELECT actor, reason FROM ledger_freezes WHERE action = 'unfreeze'"
+        ).fetchall()
+    assert rows == [("ops:bob", "appeal granted")]
+
+
+@pytest.mark.parametrize(
+    ("command", "check", "shown"),
+    [
+        (["register-shop", "s9", "--merchant", "m9"], ["shop", "s9"], "merchant_id: m9"),
+        (
+            ["fund-top-up", "500", "--key", "t1", "--reason", "r"],
+            ["statement", "platform:fund"],
+            "  balance: 500 fen (CNY 5.00)",  # the account's, as money
+        ),
+    ],
+)
+def test_a_writing_command_sets_the_ledger_up_in_a_database_without_one(
+    tmp_path: Path,
+    command: list[str],
+    check: list[str],
+    shown: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The daemon's database (it exists) before anything made the ledger's tables: a
+    writing command makes them; a reading one refuses, it does not (see above)."""
+    url = f"sqlite:///{tmp_path / 'riskd.db'}"
+    sqlite3.connect(tmp_path / "riskd.db").close()
+    assert run([*command, "--database", url]) == 0
+    capsys.readouterr()
+    assert run([*check, "--database", url]) == 0
+    assert shown in capsys.readouterr().out.splitlines()

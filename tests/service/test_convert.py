@@ -13,7 +13,7 @@ from riskd.domain.decision import Decision, Outcome, Reason
 from riskd.domain.events import OrderEventKind
 from riskd.domain.order import Amounts, Buyer, Channel, PaymentMethod
 from riskd.errors import InvalidArgumentError
-from riskd.service import convert
+from riskd.service import convert, validate
 from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2
 from tests.service.sample import full_order
 
@@ -90,6 +90,31 @@ def test_batch_errors_name_the_order_index() -> None:
     with pytest.raises(InvalidArgumentError) as e:
         convert.orders_from_proto([convert.order_to_proto(full_order()), bad])
     assert e.value.field == "orders[1].channel"
+
+
+def test_too_many_items_are_refused_before_they_are_built() -> None:
+    msg = convert.order_to_proto(full_order())
+    msg.items.extend(order_pb2.Item(sku="s", quantity=1) for _ in range(validate.MAX_ITEMS))
+    with pytest.raises(InvalidArgumentError) as e:
+        convert.orders_from_proto([msg])
+    assert e.value.field == "orders[0].items"
+
+
+@pytest.mark.parametrize(
+    ("field", "spoil"),
+    [
+        ("decision.outcome", lambda m: setattr(m, "outcome", 9)),
+        ("reason.action", lambda m: setattr(m.reasons.add(), "action", 9)),
+    ],
+)
+def test_decision_unknown_outcome_is_rejected_naming_the_field(
+    field: str, spoil: typing.Callable[[scoring_pb2.Decision], None]
+) -> None:
+    msg = scoring_pb2.Decision(order_id="o-1", outcome=scoring_pb2.OUTCOME_ALLOW)
+    spoil(msg)
+    with pytest.raises(InvalidArgumentError) as e:
+        convert.decision_from_proto(msg)
+    assert e.value.field == field
 
 
 def test_report_outcome_unknown_kind_is_rejected() -> None:
