@@ -12,7 +12,7 @@ from riskd.domain.features import Agg, FeatureQuery
 from riskd.domain.order import Amounts, Buyer, Channel, Item, Order
 from riskd.dsl.checker import Env
 from riskd.dsl.expr import CompiledExpr, compile_expr, evaluate, to_json
-from riskd.dsl.types import DYN, INT, STRING, TIMESTAMP, ListType, MapType, schema_of
+from riskd.dsl.types import DURATION, DYN, INT, STRING, TIMESTAMP, ListType, MapType, schema_of
 from riskd.dsl.values import Duration, EvalError, Timestamp, UInt
 
 ENV = Env(
@@ -94,6 +94,12 @@ def _run(text: str) -> object:
         ("timestamp('2024-01-02T03:04:05Z') + duration('1h30m')",
          Timestamp((1704164645 + 5400) * 10**9)),
         ("duration('90s').getMinutes()", 1),
+        ("[n, n].exists_one(i, i > 0)", False),
+        ("dyn(0.0 / 0.0) <= 1.0", False),  # NaN is unordered: not below, equal nor above
+        ("dyn(1.0) >= 0.0 / 0.0", False),
+        # a number never equals a bool, though Python's 1 == True
+        ('n - 4 in [dyn(true), "a"]', False),
+        ('dyn(n - 4) in dyn({true: "x"}) || dyn(n - 5) in dyn({false: "x"})', False),
         ("int(timestamp(100))", 100),
         ("type(order)", None),
     ],
@@ -120,6 +126,10 @@ def test_compiled_expression_evaluates(text: str, expected: object) -> None:
         "duration(order.device_id) < duration('1s')",  # a literal is a compile error
         "string(b'\\xff') == ''",
         "x.k.matches('a')",
+        # a macro's predicate that fails for some element and holds for none
+        "[n - n].all(i, n / i == 1)",
+        "[n - n, n].exists(i, n / i == 0)",
+        'dyn({true: "x"})[dyn(n - 4)] == "x"',
     ],
 )
 def test_runtime_errors_are_eval_errors(text: str) -> None:
@@ -147,6 +157,30 @@ def test_runtime_errors_are_eval_errors(text: str) -> None:
 )
 def test_and_or_and_macros_absorb_errors(text: str, expected: bool) -> None:
     assert _run(text) is expected
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("m.nope > 1 || n / 0 > 1", "no such key: 'nope'"),
+        ("n / 0 > 1 && m.nope > 1", "division by zero"),
+        ("n % 0 > 1 || m.nope > 1 || n / 0 > 1", "modulus by zero"),
+    ],
+)
+def test_and_or_with_every_operand_failing_report_the_first_error(text: str, error: str) -> None:
+    compiled = _compile(text)
+    for run in (compiled.evaluate, compiled.interpret):
+        with pytest.raises(EvalError) as info:
+            run(ACT)
+        assert str(info.value) == error
+
+
+def test_epoch_seconds_past_year_9999_are_out_of_range() -> None:
+    compiled = _compile("now > timestamp(0)")
+    for seconds in (253_402_300_800, 253_402_300_800.0):
+        for run in (compiled.evaluate, compiled.interpret):
+            with pytest.raises(EvalError, match="timestamp out of range"):
+                run({**ACT, "now": seconds})
 
 
 def test_missing_feature_is_an_error_of_the_whole_expression() -> None:
@@ -234,6 +268,7 @@ def test_concatenation_is_bounded() -> None:
         evaluate(expr, {"s": "x" * (1 << 18)})
     with pytest.raises(EvalError, match="concatenation longer than"):
         evaluate("(l + l) + (l + l) + (l + l)", {"l": list(range(1 << 18))})
+    assert evaluate("s + s", {"s": "x" * (1 << 19)}) == "x" * (1 << 20)  # the bound itself: fine
 
 
 def test_to_json_turns_values_into_plain_data() -> None:
@@ -261,3 +296,13 @@ def test_float_epoch_seconds_mean_the_decimal_written(seconds: float, written: s
     act = {**ACT, "now": seconds}
     assert compiled.evaluate(act) is True
     assert compiled.interpret(act) is True
+
+
+@pytest.mark.parametrize(("seconds", "written"), [(1.5, "1.5s"), (1.000000007, "1.000000007s")])
+def test_duration_variables_accept_seconds(seconds: float, written: str) -> None:
+    """A duration variable given as seconds is the nearest nanosecond (1.000000007 is
+    1000000006.9999999 ns as a double)."""
+    compiled, diags = compile_expr(f"d == duration('{written}')", Env({"d": DURATION}))
+    assert compiled is not None, str(diags)
+    assert compiled.evaluate({"d": seconds}) is True
+    assert compiled.interpret({"d": seconds}) is True

@@ -207,3 +207,7 @@ def test_scrub_catches_escaped_and_clipped_forms() -> None:
         assert "xxxxx" not in scrubbed and "88号" not in scrubbed and "line two" not in scrubbed
         assert "***" in scrubbed
     assert _scrub("order.amounts.total = 62000", order) == "order.amounts.total = 62000"
+    # a clipped value that only starts like the address (a few characters, or then other
+    # text) is not a piece of it: left as it is
+    other = 'a = "集运…", b = "集运仓 yyyy…"'
+    assert _scrub(other, order) == other

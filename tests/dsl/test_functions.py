@@ -82,6 +82,7 @@ def test_duration_parts_are_whole_units_cut_toward_zero(
         "uint(-1e-300) == 0u",
         "uint(18446744073709551616.0) > 0u",
         "int(-9223372036854775808.0) < 0",
+        "timestamp('9999-12-31T23:59:59Z') + duration('1s') > timestamp(0)",
     ],
 )
 def test_out_of_range_arithmetic_and_conversions_are_errors(text: str) -> None:
@@ -99,3 +100,26 @@ def test_in_range_edges_still_convert() -> None:
     assert _both("-9223372036854775807 % -1") == (0, 0)
     assert _both("(-9223372036854775807 - 1) % 1") == (0, 0)
     assert _both("(-9223372036854775807 - 1) % 2") == (0, 0)
+    # int(timestamp) is Go's Unix(): whole seconds down, also before 1970
+    assert _both("int(timestamp('1969-12-31T23:59:59.5Z'))") == (-1, -1)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("-7 / 2", -3), ("7 / -2", -3), ("-7 / -2", 3), ("-7 % 2", -1), ("7 % -2", 1)],
+)
+def test_int_division_cuts_toward_zero(text: str, value: int) -> None:
+    # cel-go: Go's / and %, not Python's floor division
+    assert _both(text) == (value, value)
+
+
+@pytest.mark.parametrize(
+    ("when", "day"),
+    [("2026-01-04T12:00:00Z", 0), ("2009-02-13T23:31:30Z", 5), ("2026-01-03T23:59:59Z", 6)],
+)
+def test_day_of_week_counts_from_sunday(when: str, day: int) -> None:
+    assert _both(f"timestamp('{when}').getDayOfWeek()") == (day, day)
+
+
+def test_milliseconds_of_a_timestamp_are_cut_not_rounded() -> None:
+    assert _both("timestamp('2026-01-02T03:04:05.9996Z').getMilliseconds()") == (999, 999)

@@ -13,7 +13,7 @@ import pytest
 from riskd.domain.order import Amounts, Buyer, Order
 from riskd.domain.shop import ShopState
 from riskd.dsl import holder as holder_module
-from riskd.dsl.holder import SETTLE_S, ProgramHolder
+from riskd.dsl.holder import SETTLE_S, ProgramHolder, RulesState, fingerprint
 from riskd.dsl.program import RuleStatus
 from riskd.errors import RuleCompileError
 
@@ -161,7 +161,9 @@ def test_holder_watcher_picks_up_edits_and_logs_each_outcome(
 def test_holder_request_reload_wakes_the_watcher(rules_dir: Path) -> None:
     holder = ProgramHolder(rules_dir)
     holder.start_watching(3600.0)  # polling alone would never notice in time
+    holder.start_watching(3600.0)  # already watching: no second thread
     try:
+        assert [t.name for t in threading.enumerate()].count("riskd-rules-watch") == 1
         (rules_dir / "main.rules").write_text(rules_text("d", 1), encoding="utf-8")
         holder.request_reload()
         assert wait_for(lambda: holder.current.rule("d0") is not None)
@@ -197,7 +199,9 @@ def test_holder_emptied_directory_keeps_the_rules(rules_dir: Path) -> None:
     before = holder.current
     (rules_dir / "main.rules").unlink()
     diags = holder.reload()
-    assert [d.code for d in diags] == ["riskd_no_rules"]
+    assert [(d.code, d.message) for d in diags] == [
+        ("riskd_no_rules", "no *.rules files in the rules directory")
+    ]
     assert holder.current is before
     with pytest.raises(RuleCompileError, match="riskd_no_rules"):
         ProgramHolder(rules_dir)
@@ -277,3 +281,99 @@ def test_a_holder_started_from_anothers_state_has_its_program_whatever_the_files
     assert second.reload().ok and first.reload().ok
     assert second.current.version == first.current.version
     assert second.current.rule("g2") is not None
+
+
+def test_holder_an_unreadable_file_keeps_the_rules(rules_dir: Path) -> None:
+    """A file that cannot be read is an error of the whole reload, never a rule set
+    without that file's rules."""
+    holder = ProgramHolder(rules_dir)
+    before = holder.current
+    (rules_dir / "other.rules").write_bytes(b"\xff\xfe rule")
+    diags = holder.reload()
+    assert [(d.code, d.file) for d in diags] == [
+        ("riskd_unreadable_file", str(rules_dir / "other.rules"))
+    ]
+    assert holder.current is before
+
+
+def test_request_reload_reads_the_files_even_when_they_look_unchanged(rules_dir: Path) -> None:
+    """SIGHUP reloads at once, whatever the fingerprint says: here a holder started from
+    a state whose texts are not the files' (another process's program)."""
+    served = RulesState("v", {str(rules_dir / "main.rules"): rules_text("s", 1)}, ())
+    holder = ProgramHolder(rules_dir, served._replace(fingerprint=fingerprint(rules_dir)))
+    assert holder.current.rule("s0") is not None and not holder.changed()
+    holder.start_watching(3600.0)
+    try:
+        holder.request_reload()
+        assert wait_for(lambda: holder.current.rule("a0") is not None)
+    finally:
+        holder.stop()
+
+
+def test_the_watcher_survives_a_reload_that_crashes(
+    rules_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    holder = ProgramHolder(rules_dir)
+    compile_now = holder_module.compile_directory
+    calls: list[Path] = []
+
+    def crash_once(directory: Path) -> object:
+        calls.append(directory)
+        if len(calls) == 1:
+            raise OSError("the mount went away")
+        return compile_now(directory)
+
+    monkeypatch.setattr(holder_module, "compile_directory", crash_once)
+    (rules_dir / "main.rules").write_text(rules_text("k", 1), encoding="utf-8")
+    holder.start_watching(3600.0)
+    try:
+        holder.request_reload()
+        assert wait_for(lambda: len(calls) == 1)
+        holder.request_reload()  # the next request is still served
+        assert wait_for(lambda: holder.current.rule("k0") is not None)
+    finally:
+        holder.stop()
+    assert "rules reload crashed; will retry on the next change" in caplog.text
+
+
+def test_a_change_is_settled_only_once_it_stops_changing(rules_dir: Path) -> None:
+    """``settled_change``: nothing changed is no change; a file that changes again while
+    the holder waits is not settled yet (the watcher asks again at its next poll)."""
+    holder = ProgramHolder(rules_dir)
+    assert not holder.settled_change(threading.Event(), 0.0)
+    path = rules_dir / "main.rules"
+    whole = rules_text("e", 1, n=3)
+    path.write_text(whole[: whole.index("rule e1")], encoding="utf-8")
+
+    class WriterGoesOn(threading.Event):
+        def wait(self, timeout: float | None = None) -> bool:
+            path.write_text(whole, encoding="utf-8")  # the rest, written meanwhile
+            return False
+
+    assert not holder.settled_change(WriterGoesOn(), 0.0)
+    assert holder.settled_change(threading.Event(), 0.0)
+    stopping = threading.Event()
+    stopping.set()
+    assert not holder.settled_change(stopping, 0.0)
+
+
+def test_a_holder_adopts_anothers_program_and_its_view_of_the_files(rules_dir: Path) -> None:
+    """A scoring worker takes its server's program after each reload there (``state`` ->
+    ``adopt``): the same program, the same files as read, and a refused state changes
+    nothing."""
+    server, worker = ProgramHolder(rules_dir), ProgramHolder(rules_dir)
+    (rules_dir / "main.rules").write_text(rules_text("h", 5), encoding="utf-8")
+    assert server.reload().ok and worker.changed()
+    assert worker.adopt(server.state()).ok
+    assert worker.current.version == server.current.version
+    assert worker.current.rule("h0") is not None
+    assert not worker.changed()  # the files the server read: no change to read again
+    adopted = worker.current
+    broken = RulesState("x", {str(rules_dir / "main.rules"): "rule broken {"}, ())
+    diags = worker.adopt(broken)
+    assert [d.code for d in diags] == ["riskd_unterminated"]
+    assert worker.current is adopted and worker.last_diagnostics == diags
+    assert not worker.changed()
+    # an edit the server has not read yet is a change to a holder started from its state
+    (rules_dir / "main.rules").write_text(rules_text("i", 5), encoding="utf-8")
+    assert ProgramHolder(rules_dir, server.state()).changed()

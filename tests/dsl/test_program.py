@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from riskd.dsl.program import (
     Program,
     RuleStatus,
     compile_rules,
+    content_version,
     load_rules,
     rule_files,
 )
@@ -116,17 +118,23 @@ def test_a_rule_reading_a_missing_velocity_value_is_an_error_whatever_its_operan
         rule("divided", 'orders("device", "1h") / 1 > 20 || order.amounts.total > 500'),
         rule("guarded", 'order.amounts.total < 0 && orders("device", "1h") > 20'),
         rule("fine", "order.amounts.total > 500"),
+        # two missing values, neither met: the error names the first by name, every time
+        rule(
+            "two",
+            'order.amounts.total > 500 || orders("ip", "1h") > 1 || orders("device", "1h") > 1',
+        ),
     )
     res = by_id(p.evaluate(an_order(), ShopState("shop-1"), {}, NOW, explain=explain))
-    for rid in ("first", "last", "divided", "guarded"):
+    for rid in ("first", "last", "divided", "guarded", "two"):
         assert res[rid].status is RuleStatus.ERROR
         assert res[rid].error == "missing feature count_per_device_1h"
     assert res["fine"].status is RuleStatus.HIT
     q = FeatureQuery(Agg.COUNT, "device", "1h")
-    full = by_id(p.evaluate(an_order(), ShopState("shop-1"), {q: 0}, NOW, explain=explain))
+    ip = FeatureQuery(Agg.COUNT, "ip", "1h")
+    full = by_id(p.evaluate(an_order(), ShopState("shop-1"), {q: 0, ip: 0}, NOW, explain=explain))
     assert [r.status for r in full.values()] == [RuleStatus.HIT] * 3 + [RuleStatus.NO_HIT] * 1 + [
         RuleStatus.HIT
-    ]
+    ] * 2
 
 
 def test_program_shadow_is_evaluated_and_disabled_is_skipped(tmp_path: Path) -> None:
@@ -204,6 +212,25 @@ def test_program_version_is_a_content_hash(tmp_path: Path) -> None:
     assert len(a.version) == 16
 
 
+def test_program_version_is_the_same_wherever_the_files_are_mounted(tmp_path: Path) -> None:
+    """Replicas with their rule files under other folders, or listed in another order,
+    record one rules version; a renamed file is another version."""
+    texts = {"a.rules": HEADER + rule("a", "true"), "b.rules": rule("b", "false")}
+    versions = set()
+    for where in ("one", "two/deeper"):
+        folder = tmp_path / where
+        folder.mkdir(parents=True)
+        for name, text in texts.items():
+            (folder / name).write_text(text, encoding="utf-8")
+        versions.add(load_rules(folder).version)
+    assert len(versions) == 1
+    swapped = {name: texts[name] for name in reversed(list(texts))}
+    assert content_version(swapped) == content_version(texts) in versions
+    assert (
+        content_version({"c.rules": texts["a.rules"], "b.rules": texts["b.rules"]}) not in versions
+    )
+
+
 def test_compile_rules_raises_with_every_diagnostic(tmp_path: Path) -> None:
     (tmp_path / "a.rules").write_text(HEADER + rule("a", "order.nope > 1"), encoding="utf-8")
     (tmp_path / "b.rules").write_text(rule("b", "true", mode="loud"), encoding="utf-8")
@@ -220,6 +247,15 @@ def test_compile_rules_reports_unreadable_files(tmp_path: Path) -> None:
     bad.write_bytes(b"\xff\xfe rule")
     with pytest.raises(RuleCompileError, match="riskd_unreadable_file"):
         compile_rules(bad)
+    gone = tmp_path / "gone.rules"
+    with pytest.raises(RuleCompileError) as info:
+        compile_rules(bad, gone)
+    diags = info.value.diagnostics
+    assert isinstance(diags, Diagnostics)
+    assert [(d.code, d.message, d.file) for d in diags] == [
+        ("riskd_unreadable_file", "rule file not UTF-8 text", str(bad)),
+        ("riskd_unreadable_file", "rule file cannot be read", str(gone)),
+    ]
 
 
 def test_program_is_immutable_and_shared_by_threads(tmp_path: Path) -> None:
@@ -325,3 +361,45 @@ def test_rule_files_in_a_subfolder_of_a_configmap_mount(tmp_path: Path) -> None:
     files = rule_files(root)
     assert files == (root / "p.rules", root / "team_a" / "q.rules")
     assert sorted(r.id for r in compile_rules(*files).rules) == ["big", "small"]
+
+
+def test_rule_files_are_files(tmp_path: Path) -> None:
+    """A folder named like a rule file is searched, not read as one; a pipe is never
+    opened (reading it would hang the reload)."""
+    (tmp_path / "p.rules").write_text(HEADER + rule("big", "order.amounts.total > 50000"))
+    (tmp_path / "archive.rules").mkdir()
+    (tmp_path / "archive.rules" / "q.rules").write_text(rule("small", "false"))
+    os.mkfifo(tmp_path / "pipe.rules")
+    files = rule_files(tmp_path)
+    assert files == (tmp_path / "archive.rules" / "q.rules", tmp_path / "p.rules")
+    assert sorted(r.id for r in load_rules(tmp_path).rules) == ["big", "small"]
+
+
+def test_program_rule_by_rule_path_agrees_on_hits_errors_and_non_bool_results(
+    tmp_path: Path,
+) -> None:
+    """The path taken when a program cannot be fused gives each rule the result the fused
+    one does: a ``when`` whose dyn value is not a bool (even a truthy one) is an ERROR."""
+    p = program_of(
+        tmp_path,
+        rule("big", "order.amounts.total > 50000"),
+        rule("small", "order.amounts.total < 100"),
+        rule("divides", "order.amounts.total / order.amounts.coupon > 1"),
+        rule("truthy", "dyn(order.amounts.total)"),
+        rule("text", 'dyn(order.buyer.phone == "" ? true : "x")'),
+    )
+    order, shop = an_order(), ShopState("shop-1")
+    fused = p.evaluate(order, shop, {}, NOW)
+    assert p._fused is not None
+    assert fused == p._evaluate_each(p.activation(order, shop, {}, NOW), order)
+    res = by_id(fused)
+    assert [res[r].status for r in ("big", "small", "divides")] == [
+        RuleStatus.HIT,
+        RuleStatus.NO_HIT,
+        RuleStatus.ERROR,
+    ]
+    for rid in ("truthy", "text"):
+        assert (res[rid].status, res[rid].error) == (
+            RuleStatus.ERROR,
+            "'when' did not produce a bool",
+        )
