@@ -440,6 +440,10 @@ def rule_files(directory: Path) -> tuple[Path, ...]:
     ConfigMap item under a subfolder, ``team_a -> ..data/team_a``, was never read:
     ``Path.rglob`` follows none), each real folder once; one that leads outside it
     (``up -> ..``, ``prev -> ../rules.prev``) is not, as before.
+
+    A ``*.rules`` link that leads nowhere (its target deleted) is listed, so that reading
+    it fails the load (``riskd_unreadable_file``): skipped, a reload served the rules
+    without that file's, silently. Other names that are not files (a pipe) are skipped.
     """
     found: list[Path] = []
     root = os.path.realpath(directory)
@@ -459,9 +463,14 @@ def rule_files(directory: Path) -> tuple[Path, ...]:
         found.extend(
             here / n
             for n in names
-            if n.endswith(RULE_FILE_SUFFIX) and not n.startswith(".") and (here / n).is_file()
+            if n.endswith(RULE_FILE_SUFFIX) and not n.startswith(".") and _rule_file(here / n)
         )
     return tuple(sorted(found))
+
+
+def _rule_file(path: Path) -> bool:
+    """A file, or a link to nothing (``rule_files``)."""
+    return path.is_file() or (path.is_symlink() and not path.exists())
 
 
 def _within(path: str, root: str) -> bool:

@@ -296,6 +296,26 @@ def test_holder_an_unreadable_file_keeps_the_rules(rules_dir: Path) -> None:
     assert holder.current is before
 
 
+def test_holder_a_rule_file_whose_link_target_is_deleted_keeps_the_rules(
+    rules_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """A rule file kept elsewhere and linked in: deleted there, the reload fails naming
+    the link, and the rules served stay whole (they lost its rules, silently)."""
+    elsewhere = tmp_path_factory.mktemp("team") / "team.rules"
+    elsewhere.write_text(rules_text("t", 1, scenario=False), encoding="utf-8")
+    (rules_dir / "team.rules").symlink_to(elsewhere)
+    holder = ProgramHolder(rules_dir)
+    before = holder.current
+    assert before.rule("t0") is not None
+    elsewhere.unlink()
+    assert holder.changed()
+    diags = holder.reload()
+    assert [(d.code, d.file) for d in diags] == [
+        ("riskd_unreadable_file", str(rules_dir / "team.rules"))
+    ]
+    assert holder.current is before
+
+
 def test_request_reload_reads_the_files_even_when_they_look_unchanged(rules_dir: Path) -> None:
     """SIGHUP reloads at once, whatever the fingerprint says: here a holder started from
     a state whose texts are not the files' (another process's program)."""

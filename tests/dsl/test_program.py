@@ -17,6 +17,7 @@ from riskd.dsl.program import (
     Mode,
     Program,
     RuleStatus,
+    check_rules,
     compile_rules,
     content_version,
     load_rules,
@@ -373,6 +374,20 @@ def test_rule_files_are_files(tmp_path: Path) -> None:
     files = rule_files(tmp_path)
     assert files == (tmp_path / "archive.rules" / "q.rules", tmp_path / "p.rules")
     assert sorted(r.id for r in load_rules(tmp_path).rules) == ["big", "small"]
+
+
+def test_a_rule_file_link_to_nothing_fails_the_load_naming_it(tmp_path: Path) -> None:
+    """A ``*.rules`` link whose target was deleted is an error of the whole load (the
+    daemon keeps the rules it serves), never a rule set without that file's rules."""
+    (tmp_path / "p.rules").write_text(HEADER + rule("big", "order.amounts.total > 50000"))
+    (tmp_path / "q.rules").symlink_to("gone/q.rules")
+    (tmp_path / "loop.rules").symlink_to("loop.rules")
+    assert rule_files(tmp_path) == tuple(tmp_path / n for n in ("loop.rules", "p.rules", "q.rules"))
+    _, diags = check_rules(*rule_files(tmp_path))
+    assert [(d.code, Path(d.file).name) for d in diags] == [
+        ("riskd_unreadable_file", "loop.rules"),
+        ("riskd_unreadable_file", "q.rules"),
+    ]
 
 
 def test_program_rule_by_rule_path_agrees_on_hits_errors_and_non_bool_results(
