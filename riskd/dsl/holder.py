@@ -51,8 +51,11 @@ def fingerprint(directory: Path) -> Fingerprint:
     for p in rule_files(directory):
         try:
             st = p.stat()
-        except OSError:  # removed between listing and stat: the next poll sees it gone
-            continue
+        except OSError:
+            try:  # a link to nothing (``rule_files``): its own, so its removal is a change
+                st = p.lstat()
+            except OSError:  # removed between listing and stat: the next poll sees it gone
+                continue
         out.append((str(p), st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns))
     return tuple(out)
 

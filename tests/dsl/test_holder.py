@@ -314,6 +314,9 @@ def test_holder_a_rule_file_whose_link_target_is_deleted_keeps_the_rules(
         ("riskd_unreadable_file", str(rules_dir / "team.rules"))
     ]
     assert holder.current is before
+    (rules_dir / "team.rules").unlink()  # the link removed too (a ConfigMap item dropped)
+    assert holder.changed() and holder.reload().ok
+    assert holder.current.rule("t0") is None and holder.current.rule("a0") is not None
 
 
 def test_request_reload_reads_the_files_even_when_they_look_unchanged(rules_dir: Path) -> None:
