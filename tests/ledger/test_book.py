@@ -56,6 +56,8 @@ def test_deposit_and_withdraw_move_money_between_bank_and_deposit(book: Book) ->
     r = book.withdraw("k2", "s1", 4_000, actor="merchant")
     assert r.total(Code.WITHDRAWAL) == 4_000
     assert book.account(acc.deposit_account("s1")).balance == 6_000
+    # debit-normal: the bank's balance is the money in from outside (the fund's and s1's)
+    assert book.account(acc.BANK).balance == 2_000_000_000 + 6_000
     assert book.verify() == ()
 
 
@@ -66,6 +68,12 @@ def test_same_key_same_content_returns_the_first_result(book: Book) -> None:
     assert again.replayed and not first.replayed
     assert again.transfers == first.transfers
     assert book.account(acc.deposit_account("s1")).balance == 10_000
+    # an operation of several transfers replays them in the order it posted them
+    book.open_dispute("o1", "d1", "s1", "order-1", 20_000, actor="a")
+    paid = book.compensate_buyer("c1", "d1", 20_000, actor="a")
+    assert len({t.code for t in paid.transfers}) > 1
+    assert [t.id for t in paid.transfers] == [f"c1#{i}" for i in range(len(paid.transfers))]
+    assert book.compensate_buyer("c1", "d1", 20_000, actor="a").transfers == paid.transfers
 
 
 def test_same_key_other_content_is_refused_and_writes_nothing(book: Book) -> None:
@@ -128,7 +136,8 @@ def test_a_counter_that_would_overflow_64_bits_is_refused(book: Book) -> None:
     book.register_shop("s1")
     with book.db.transaction() as tx:
         tx.execute("UPDATE ledger_accounts SET debits = ? WHERE id = ?", (2**63 - 10, acc.BANK))
-    with pytest.raises(InvalidArgumentError, match="amount: would overflow 64 bits"):
+    overflow = "amount: would overflow 64 bits on account external:bank"
+    with pytest.raises(InvalidArgumentError, match=overflow):
         book.deposit("k2", "s1", 100, actor="m")
     assert book.journal() == []
     book.deposit("k3", "s1", 9, actor="m")  # exactly 2^63 - 1 still fits
@@ -194,11 +203,13 @@ def test_penalty_follows_the_schedule_and_freezes(book: Book, clock: FakeClock) 
     assert r.total(Code.PENALTY_CLAIM) == 0
     assert r.frozen_until == clock.now() + 30 * DAY
     assert all(t.evidence == "ev://brush/1" for t in r.transfers)
+    assert [t.at for t in r.transfers] == [clock.now()]  # when it was posted
     clock.advance(DAY)  # a retry reports the freeze end the first request set
     again = book.penalize_shop(
         "p1", "s1", "order_brushing", "case-1", evidence="ev://brush/1", actor="analyst"
     )
     assert again.replayed and again.frozen_until == r.frozen_until
+    assert again.transfers == r.transfers  # still posted at the first request's time
     s = book.shop_statement("s1")
     assert (s.deposit, s.frozen, s.penalties) == (8_000_000, True, 1)
     assert book.store.query("SELECT schedule_version FROM ledger_cases")[0][0] == "2026-11-01"
@@ -380,7 +391,13 @@ def test_write_off_needs_an_open_claim_and_a_reason(book: Book) -> None:
         book,
         NotFoundError,
         lambda: book.write_off_claim("w1", "s1", "case/x", actor="ops", reason="r"),
-        "ref",
+        "ref: no open claim with this reference",
+    )
+    refused(  # a collection naming no claim settles the oldest: there must be one
+        book,
+        FailedPreconditionError,
+        lambda: book.collect_claim("col1", "s1", 100, actor="ops"),
+        "shop_id: shop has no open claims",
     )
     refused(
         book,
@@ -398,7 +415,8 @@ def test_account_statement_pages_through_history(book: Book) -> None:
     rest = book.account_statement(
         acc.deposit_account("s1"), after_seq=first.transfers[-1].seq, limit=3
     )
-    assert [t.amount for t in first.transfers + rest.transfers] == [100, 101, 102, 103, 104]
+    assert [t.amount for t in first.transfers] == [100, 101, 102]  # a page holds `limit`
+    assert [t.amount for t in rest.transfers] == [103, 104]
     assert first.account.balance == sum(range(100, 105))
 
 
@@ -766,6 +784,19 @@ def test_a_shorter_later_freeze_never_shortens_a_longer_one(book: Book, clock: F
     assert book.shop_statement("s1").frozen_until == first.frozen_until
     assert book.shop_states()["s1"].frozen_until == first.frozen_until
     refused(book, FailedPreconditionError, lambda: book.withdraw("w", "s1", 1, actor="m"), "frozen")
+
+
+def test_a_longer_later_freeze_outlasts_the_shorter_one(book: Book, clock: FakeClock) -> None:
+    """Withdrawals and unfreezes see the latest end of all the freezes, not the first one."""
+    funded(book, shops={"s1": 10_000_000})
+    book.penalize_shop("p1", "s1", "order_brushing", "c1", evidence="e", actor="a")
+    longer = book.penalize_shop("p2", "s1", "counterfeit_goods", "c2", evidence="e", actor="a")
+    assert longer.frozen_until == clock.now() + 90 * DAY
+    clock.advance(31 * DAY)  # the 30-day freeze is over, the 90-day one is not
+    book.deposit("d1", "s1", 100, actor="m")
+    refused(book, FailedPreconditionError, lambda: book.withdraw("w", "s1", 1, actor="m"), "frozen")
+    book.unfreeze("u1", "s1", actor="ops", reason="appeal granted")
+    assert book.withdraw("w", "s1", 1, actor="m").total(Code.WITHDRAWAL) == 1
 
 
 def test_shop_states_report_what_each_shop_owes(book: Book) -> None:

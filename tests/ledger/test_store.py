@@ -11,7 +11,12 @@ import psycopg
 import pytest
 
 from riskd.domain.clock import FakeClock
-from riskd.errors import AlreadyExistsError, UnavailableError
+from riskd.errors import (
+    AlreadyExistsError,
+    InsufficientFundsError,
+    NotFoundError,
+    UnavailableError,
+)
 from riskd.ledger import Book, Code
 from riskd.ledger import accounts as acc
 from riskd.ledger.transfers import Transfer
@@ -75,6 +80,37 @@ def test_transfer_ids_are_unique_and_amounts_positive(book: Book) -> None:
         )
     # the balances still add up; x#0 was posted behind the book's back, without a request
     assert book.verify() == ("request x: transfers without its request's record",)
+
+
+def test_posting_refuses_a_missing_account_or_a_broken_limit_naming_the_account(
+    book: Book,
+) -> None:
+    """``post`` is the line behind the operations' own checks: it refuses naming the
+    account, with the error the API maps, before it writes anything."""
+    funded(book, shops={"s1": 100})
+    before = book.journal()
+    dep, claim = acc.deposit_account("s1"), acc.claim_account("s1")
+    for transfer, error, match in (
+        (
+            Transfer("g#0", acc.BANK, "shop:nope:deposit", 5, Code.DEPOSIT, "", "g", "a"),
+            NotFoundError,
+            "account not found: shop:nope:deposit",
+        ),
+        (
+            Transfer("o#0", dep, acc.BANK, 101, Code.WITHDRAWAL, "", "o", "a"),
+            InsufficientFundsError,
+            "shop:s1:deposit cannot cover 101 fen",
+        ),
+        (
+            Transfer("c#0", acc.BANK, claim, 7, Code.COLLECTION, "case/c1", "c", "a"),
+            InsufficientFundsError,
+            "shop:s1:claim owes less than 7 fen",
+        ),
+    ):
+        with pytest.raises(error, match=match), book.db.transaction() as tx:
+            book.store.post(tx, [transfer])
+    assert book.journal() == before
+    assert book.verify() == ()
 
 
 def test_a_second_compensation_for_a_dispute_is_refused_by_the_database(book: Book) -> None:
@@ -519,6 +555,26 @@ def test_the_database_refuses_a_second_dispute_for_an_order(book: Book) -> None:
             " request_key, actor, reason, opened_at) VALUES ('d2', 's1', 'order-1', 900,"
             " 'o2', 'a', '', 0)",
         )
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "INSERT INTO ledger_disputes (dispute_id, shop_id, order_id, order_amount,"
+        " request_key, actor, reason, opened_at) VALUES ('d1', 's1', 'o1', 0, 'k', 'a', '', 0)",
+        "INSERT INTO ledger_cases (case_id, shop_id, violation, schedule_version, amount,"
+        " frozen_until, evidence, request_key, actor, at)"
+        " VALUES ('c1', 's1', 'v', '1', -1, 0, 'e', 'k', 'a', 0)",
+        "INSERT INTO ledger_freezes (shop_id, action, until, ref, request_key, actor, reason,"
+        " at) VALUES ('s1', 'thaw', 0, '', 'k', 'a', '', 0)",
+    ],
+    ids=["dispute-of-nothing", "negative-penalty", "unknown-freeze-action"],
+)
+def test_the_database_refuses_records_with_impossible_values(book: Book, sql: str) -> None:
+    book.register_shop("s1")
+    with pytest.raises(Exception, match=r"(?i)check"):
+        raw(book, sql)
+    assert book.verify() == ()
 
 
 def test_an_older_database_with_two_disputes_for_an_order_opens_and_pays_once(
