@@ -731,7 +731,7 @@ def test_auth_config_from_mapping_parses_tokens_roles_and_limits() -> None:
                 callers.token_digest("t2"): "job:auditor,analyst",
             },
             "cert_principals": {"ops-1": "operator"},
-            "rate_limits": {"analyst": "5/s:7"},
+            "rate_limits": {"analyst": "5/s:7", "public": "3/s:4"},
             "anonymous_roles": ["checkout"],
         }
     )
@@ -743,6 +743,7 @@ def test_auth_config_from_mapping_parses_tokens_roles_and_limits() -> None:
     assert config.tokens[callers.token_digest("t2")].roles == {"auditor", "analyst"}
     assert config.cert_principals["ops-1"] == {"operator"}
     assert config.rate_limits["analyst"] == RateLimit(5.0, 7)
+    assert config.public == RateLimit(3.0, 4)
     assert config.limit_for(frozenset({"analyst", "checkout"})) == config.rate_limits["checkout"]
 
 
@@ -780,6 +781,11 @@ def test_auth_limit_for_is_the_most_generous_of_the_roles() -> None:
             assert config.limit_for(frozenset({a, b})) == best, (a, b)
 
 
+def test_auth_limit_for_ranks_limits_by_rate_before_burst() -> None:
+    config = AuthConfig.from_mapping({"rate_limits": {"analyst": "1000/s:10"}})
+    assert config.limit_for(frozenset({"analyst", "auditor"})) == RateLimit(1000.0, 10)
+
+
 def test_auth_config_digest_in_upper_case_matches() -> None:
     upper = "sha256:" + callers.token_digest(TOKEN)[7:].upper()
     config = AuthConfig.from_mapping({"tokens": {upper: "gw:checkout"}})
@@ -791,6 +797,8 @@ def test_auth_config_digest_in_upper_case_matches() -> None:
     [
         ({"tokens": {TOKEN: "no-roles"}}, r"auth.tokens\[0\]"),
         ({"tokens": {TOKEN: "gw:root"}}, r"auth.tokens\[0\]: roles must be"),
+        ({"tokens": {TOKEN: "gw: , "}}, r"auth.tokens\[0\]: roles must be"),
+        ({"cert_principals": {"x": ""}}, r"auth.cert_principals\[0\]: roles must be"),
         ({"cert_principals": {"x": "admin"}}, r"auth.cert_principals\[0\]: roles must be"),
         # a token on the wrong line: under [auth] (its [auth.tokens] header forgotten), under
         # another table (review: the error quoted it, and a reload logged it)

@@ -31,6 +31,10 @@ def _raise(error: Exception) -> Behaviour:
     return handler
 
 
+class _OddError(RiskdError):
+    status = "NO_SUCH_CODE"  # a class naming no gRPC code: INTERNAL, its message kept
+
+
 BEHAVIOURS: dict[str, Behaviour] = {
     "Echo": lambda request: request,
     "Invalid": _raise(InvalidArgumentError("order.amounts.total", "must equal items")),
@@ -38,6 +42,7 @@ BEHAVIOURS: dict[str, Behaviour] = {
     "Down": _raise(UnavailableError("features unavailable")),
     "Root": _raise(RiskdError("plain riskd error")),
     "Bug": _raise(KeyError("13812345678")),
+    "Odd": _raise(_OddError("odd riskd error")),
 }
 
 
@@ -57,6 +62,7 @@ def channel_and_metrics() -> Iterator[tuple[grpc.Channel, Metrics]]:
     }
     handlers["Unimplemented"] = grpc.unary_unary_rpc_method_handler(_unimplemented)
     handlers["Unknown"] = grpc.unary_unary_rpc_method_handler(_not_found)
+    handlers["Aborted"] = grpc.unary_unary_rpc_method_handler(_aborted)
     handlers["Pooled"] = grpc.unary_unary_rpc_method_handler(_thread_name)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -78,6 +84,10 @@ def _not_found(request: bytes, context: grpc.ServicerContext) -> bytes:
     # what grpcio-health's Check does for a service it does not know: set, then return
     context.set_code(grpc.StatusCode.NOT_FOUND)
     return b""
+
+
+def _aborted(request: bytes, context: grpc.ServicerContext) -> bytes:
+    context.abort(grpc.StatusCode.FAILED_PRECONDITION, "not in this state")
 
 
 OWN_POOL = futures.ThreadPoolExecutor(1, thread_name_prefix="own-pool")
@@ -125,6 +135,7 @@ def test_success_passes_through(channel_and_metrics: tuple[grpc.Channel, Metrics
         ("Down", grpc.StatusCode.UNAVAILABLE, "features unavailable"),
         ("Root", grpc.StatusCode.INTERNAL, "plain riskd error"),
         ("Bug", grpc.StatusCode.INTERNAL, "internal error"),
+        ("Odd", grpc.StatusCode.INTERNAL, "odd riskd error"),
     ],
 )
 def test_errors_map_to_status_codes(
@@ -216,6 +227,38 @@ def test_a_status_set_without_raising_is_logged_and_counted(
     assert [(line["msg"], line["code"]) for line in lines_of(logged)] == [("rpc", "NOT_FOUND")]
     labels = {"method": "/t.T/Unknown", "code": "NOT_FOUND"}
     assert metrics.value("riskd_rpc_errors_total", labels) == 1
+
+
+def test_a_call_the_handler_aborted_is_logged_and_counted_with_its_code(
+    channel_and_metrics: tuple[grpc.Channel, Metrics],
+) -> None:
+    channel, metrics = channel_and_metrics
+    error, logged = logged_failure(channel, "Aborted")
+    assert (error.code(), error.details()) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "not in this state",
+    )
+    assert [(line["msg"], line["code"]) for line in lines_of(logged)] == [
+        ("rpc", "FAILED_PRECONDITION")
+    ]
+    labels = {"method": "/t.T/Aborted", "code": "FAILED_PRECONDITION"}
+    assert metrics.value("riskd_rpc_errors_total", labels) == 1
+
+
+def test_a_method_whose_handler_changes_is_wrapped_again() -> None:
+    """The wrapped handler is built once per method, and again for another handler
+    (a generic handler may return a new one): never the old handler's wrapper."""
+    interceptor = ErrorInterceptor(Metrics())
+
+    class Details:
+        method = "/t.T/Echo"
+
+    first = grpc.unary_unary_rpc_method_handler(lambda request, context: b"first")
+    second = grpc.unary_unary_rpc_method_handler(lambda request, context: b"second")
+    wrapped = interceptor.intercept_service(lambda _: first, Details())  # type: ignore[arg-type]
+    assert interceptor.intercept_service(lambda _: first, Details()) is wrapped  # type: ignore[arg-type]
+    rewrapped = interceptor.intercept_service(lambda _: second, Details())  # type: ignore[arg-type]
+    assert rewrapped is not None and rewrapped is not wrapped
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from riskd.service.gen.riskd.v1 import ledger_pb2_grpc as pb_grpc
 from riskd.service.interceptors import ErrorInterceptor
 from riskd.service.ledger import add_ledger_service, timestamp
 from riskd.service.metrics import Metrics
+from riskd.service.slots import Slots
 from riskd.sql import Database
 
 PG_BASE = "postgresql://postgres@127.0.0.1:5432/test"
@@ -339,6 +340,11 @@ def test_ledger_calls_beyond_the_cap_are_unavailable_at_once_and_replay_after() 
     finally:
         release.set()
         server.stop(None).wait()
+
+
+def test_a_cap_below_one_call_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_in_flight must be at least 1"):
+        Slots(0, "ledger")
 
 
 @pytest.mark.postgres

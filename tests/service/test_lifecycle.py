@@ -18,6 +18,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from prometheus_client import generate_latest
 
+from riskd.config import Config
+from riskd.errors import ConfigError
 from riskd.service import convert, policy
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
 from riskd.service.server import create_server
@@ -138,6 +140,20 @@ def test_an_open_health_watch_does_not_hold_the_drain(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
+def test_a_second_stop_waits_for_the_first_and_drains_nothing_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM then SIGINT, or a signal while ``riskd serve`` stops: one drain."""
+    running = create_server(make_config(tmp_path))
+    caplog.clear()  # "serving", when the level was INFO already
+    with caplog.at_level(logging.INFO, logger="riskd.service.server"):
+        running.stop(0)
+        running.stop(0)
+    assert running.wait(0)
+    logged = [r.getMessage() for r in caplog.records if r.name == "riskd.service.server"]
+    assert logged == ["draining", "stopped"]
+
+
 def test_rules_hot_reload_on_change_and_keep_old_rules_on_error(tmp_path: Path) -> None:
     rules = copy_rules(tmp_path / "rules")
     running = create_server(make_config(tmp_path / "data", rules_dir=str(rules)))
@@ -189,6 +205,28 @@ def test_each_reload_is_logged_once_with_where_the_rules_are_wrong(
         failed = [r for r in caplog.records if "reload" in r.getMessage()]
         assert [r.getMessage() for r in failed] == ["rules reload failed; keeping the old rules"]
         assert "checkout.rules:" in failed[0].fields["diagnostics"]  # type: ignore[attr-defined]
+    finally:
+        running.stop(0)
+
+
+def test_a_sighup_whose_configuration_does_not_load_still_reloads_the_rules(
+    tmp_path: Path,
+) -> None:
+    """``reload`` (SIGHUP) keeps the old access settings on a bad file and goes on to
+    the rules: a half-written riskd.toml never holds back a rule change."""
+    rules = copy_rules(tmp_path / "rules")
+    config = make_config(tmp_path / "data", rules_dir=str(rules), reload_interval_s=60)
+
+    def reread() -> Config:
+        raise ConfigError('auth.tokens[0]: expected "name:role,role"')
+
+    running = create_server(config, reread=reread)
+    try:
+        path = rules / "checkout.rules"
+        path.write_text(path.read_text().replace("> 10000000", "> 1000"))
+        assert running.reload() is False  # the access settings kept their old version
+        assert running.metrics.value("riskd_access_reload_failures_total") == 1
+        assert running.metrics.value("riskd_rule_reloads_total") == 1
     finally:
         running.stop(0)
 
@@ -300,6 +338,29 @@ def test_a_sighup_reload_that_raises_leaves_later_sighups_working(tmp_path: Path
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         running.stop(0)
+
+
+def test_stop_ends_the_sighup_reload_thread_without_a_reload(tmp_path: Path) -> None:
+    running = create_server(make_config(tmp_path / "data", reload_interval_s=60))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
+    calls: list[None] = []
+
+    def reload() -> bool:
+        calls.append(None)
+        return True
+
+    running.reload = reload  # type: ignore[method-assign]
+    before = set(threading.enumerate())
+    try:
+        running.install_signal_handlers(0.0)
+        (reloader,) = (t for t in threading.enumerate() if t not in before)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        running.stop(0)
+    reloader.join(5)
+    assert not reloader.is_alive()
+    assert calls == []  # the stop woke it to end, not to reload
 
 
 def eventually(check: Callable[[], object], timeout: float = 5.0) -> bool:

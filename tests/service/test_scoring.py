@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -14,14 +14,18 @@ import grpc
 import pytest
 
 from riskd.config import Config
+from riskd.domain.clock import SystemClock
+from riskd.domain.decision import Decision
 from riskd.domain.order import Order
 from riskd.errors import DeadlineExceededError
 from riskd.service import convert, interceptors, validate
 from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2, scoring_pb2_grpc
+from riskd.service.metrics import Metrics
 from riskd.service.scoring import ScoringServicer
 from riskd.service.server import RunningServer, create_server
 from tests.service.conftest import make_config
 from tests.service.sample import full_order
+from tests.service.test_scoring_deadlines import BudgetScorer
 
 Stub = scoring_pb2_grpc.ScoringServiceStub
 
@@ -232,6 +236,29 @@ def test_a_call_with_no_time_left_is_deadline_exceeded_and_records_nothing(
     with pytest.raises(DeadlineExceededError):
         servicer.Score(request, _Context(0.001))  # type: ignore[arg-type]
     assert interceptors.status_code(DeadlineExceededError("x")) is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_the_servicer_hands_each_calls_decisions_to_on_decided() -> None:
+    """A scoring worker learns from ``on_decided`` which answers its log will not hold;
+    a unary call and a batch each report their own decisions, once."""
+    seen: list[tuple[str, ...]] = []
+
+    def on_decided(decisions: Sequence[Decision]) -> None:
+        seen.append(tuple(d.order_id for d in decisions))
+
+    servicer = ScoringServicer(
+        BudgetScorer(),  # type: ignore[arg-type]
+        Metrics(),
+        SystemClock(),
+        default_deadline_s=0.2,
+        max_batch=10,
+        on_decided=on_decided,
+    )
+    one, a, b = fresh(), fresh(), fresh()
+    servicer.Score(scoring_pb2.ScoreRequest(order=convert.order_to_proto(one)), _Context(1.0))  # type: ignore[arg-type]
+    batch = scoring_pb2.ScoreBatchRequest(orders=[convert.order_to_proto(o) for o in (a, b)])
+    servicer.ScoreBatch(batch, _Context(1.0))  # type: ignore[arg-type]
+    assert seen == [(one.order_id,), (a.order_id, b.order_id)]
 
 
 def test_bad_batch_member_rejects_the_whole_batch(stub: Stub, server: RunningServer) -> None:

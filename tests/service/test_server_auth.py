@@ -6,6 +6,7 @@ import logging
 import socket
 import threading
 import time
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -15,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from riskd.config import Config, load_config
 from riskd.errors import ConfigError, RuleCompileError
 from riskd.service import convert, interceptors, policy
+from riskd.service import server as server_module
 from riskd.service.callers import DEFAULT_RATE_LIMITS
 from riskd.service.gen.riskd.v1 import (
     ledger_pb2,
@@ -234,6 +236,31 @@ def test_a_start_that_fails_later_frees_the_metrics_port(tmp_path: Path) -> None
         assert running.metrics_port == port
     finally:
         running.stop(0)
+
+
+def test_a_start_that_fails_after_its_components_are_built_closes_them(tmp_path: Path) -> None:
+    """A hook that raises: the components already built (the decision log's writer, the
+    catch-up thread, their database) are closed, not left running in the process."""
+
+    def broken(server: grpc.Server) -> list[str]:
+        raise RuntimeError("a servicer hook that fails")
+
+    before = set(threading.enumerate())
+    with pytest.raises(RuntimeError, match="hook that fails"):
+        create_server(make_config(tmp_path), extra_servicers=[broken])
+    assert eventually(lambda: not [t for t in threading.enumerate() if t not in before])
+
+
+def test_a_port_grpc_cannot_bind_after_the_probe_names_listen() -> None:
+    """The probe passed, then another program took the port (or grpcio refused it):
+    ``listen`` is named, rather than a server reported on port 0."""
+    server = grpc.server(futures.ThreadPoolExecutor(1))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        with pytest.raises(ConfigError, match=f"listen: cannot bind {listen}"):
+            server_module._bind(server, listen, None)
 
 
 def test_open_health_watches_do_not_stall_scoring(tmp_path: Path) -> None:

@@ -19,7 +19,12 @@ import pytest
 from riskd.domain.clock import SystemClock
 from riskd.domain.decision import Decision, Outcome
 from riskd.domain.order import Order
-from riskd.errors import AlreadyExistsError, DeadlineExceededError, UnavailableError
+from riskd.errors import (
+    AlreadyExistsError,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    UnavailableError,
+)
 from riskd.service import answers, convert, router, workers
 from riskd.service.gen.riskd.v1 import scoring_pb2
 from riskd.service.metrics import Metrics
@@ -348,6 +353,63 @@ def test_kept_answers_are_bounded_by_bytes(monkeypatch: pytest.MonkeyPatch) -> N
     kept.put(((b"x" * 4_000, d) for d in decisions), FakeWorker())
     assert [oid for oid in kept._kept] == ["o-3", "o-4"]
     assert kept._bytes == 8_000
+
+
+class _Time:
+    """``time`` for ``riskd.service.answers``: a monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_a_kept_answer_is_replayed_as_a_marked_copy_until_its_keep_time_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = _Time()
+    monkeypatch.setattr(answers, "time", clock)
+    kept = answers.RecentAnswers()
+    order = convert.order_to_proto(fresh())
+    data = order.SerializeToString()
+    decision = scoring_pb2.Decision(order_id=order.order_id, decided_at=1.0)
+    kept.put([(data, decision)], FakeWorker())
+    clock.now += answers.RECENT_KEEP_S - 0.1
+    replayed = kept.replay(order, data, lambda: "order")
+    assert replayed is not None and replayed.replayed and replayed.decided_at == 1.0
+    assert not decision.replayed  # the answer kept is not changed by its replays
+    clock.now += 0.1  # its keep time is over: the decision log answers a retry now
+    assert kept.replay(order, data, lambda: "order") is None
+    kept.put([(b"", scoring_pb2.Decision(order_id="o-later"))], FakeWorker())
+    assert list(kept._kept) == ["o-later"]  # the next answers kept let it go
+
+
+def test_a_retry_of_a_kept_answer_with_other_bytes_that_is_bad_is_invalid_argument() -> None:
+    """As a worker would say: the field that is wrong, not "scored for other content"."""
+    kept = answers.RecentAnswers()
+    order = convert.order_to_proto(fresh())
+    data = order.SerializeToString()
+    kept.put([(data, scoring_pb2.Decision(order_id=order.order_id))], FakeWorker())
+    bad = scoring_pb2.ScoreRequest(order=order).order
+    bad.amounts.total += 1
+    with pytest.raises(InvalidArgumentError) as e:
+        kept.replay(bad, bad.SerializeToString(), lambda: "orders[3]")
+    assert e.value.field == "orders[3].amounts.total"
+
+
+def test_kept_answers_are_bounded_by_count_and_an_answer_kept_again_is_the_newest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(answers, "RECENT_MAX", 2)
+    kept = answers.RecentAnswers()
+    worker = FakeWorker()
+    a, b, c = (scoring_pb2.Decision(order_id=f"o-{x}") for x in "abc")
+    kept.put([(b"x" * 10, a), (b"y" * 20, b)], worker)
+    kept.put([(b"z" * 30, a)], worker)  # a again: now the newest, counted once
+    assert list(kept._kept) == ["o-b", "o-a"] and kept._bytes == 50
+    kept.put([(b"w" * 40, c)], worker)  # over the count: the oldest goes
+    assert list(kept._kept) == ["o-a", "o-c"] and kept._bytes == 70
 
 
 class BatchWorker:

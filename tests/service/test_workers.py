@@ -36,6 +36,7 @@ from riskd.errors import ConfigError, DeadlineExceededError
 from riskd.evidence.chain import verify
 from riskd.service import convert, router, worker_main, workers
 from riskd.service import pool as pool_module
+from riskd.service import server as server_module
 from riskd.service.channel import Channel
 from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2, scoring_pb2_grpc
 from riskd.service.logs import JsonFormatter
@@ -684,6 +685,19 @@ def test_the_outage_gauge_tells_an_outage_any_worker_last_reported() -> None:
     assert metrics.value("riskd_dependency_unavailable", {"dependency": "evidence"}) == 0
     reports[0] = {"unavailable": []}
     assert metrics.value("riskd_dependency_unavailable", {"dependency": "features"}) == 0
+
+
+def test_the_servers_gauges_add_its_own_scorer_to_its_workers_last_reports() -> None:
+    """Unit level: what ``create_server`` exports with a pool, the gRPC process's own
+    outages and catch-up queue (a unary retry decided here) and its workers' together."""
+    own = types.SimpleNamespace(unavailable=lambda: ["evidence"])
+    own_catch_up = types.SimpleNamespace(queued=lambda: 2)
+    evidence = types.SimpleNamespace(unavailable={"features"}, catch_up=3)
+    pool = types.SimpleNamespace(evidence=evidence)
+    assert server_module._unavailable(own, pool) == {"evidence", "features"}  # type: ignore[arg-type]
+    assert server_module._catch_up_queued(own_catch_up, pool) == 5  # type: ignore[arg-type]
+    assert server_module._unavailable(own, None) == {"evidence"}  # type: ignore[arg-type]
+    assert server_module._catch_up_queued(own_catch_up, None) == 2  # type: ignore[arg-type]
 
 
 def test_orders_the_catch_ups_dropped_add_up_over_the_workers_reports() -> None:

@@ -106,6 +106,69 @@ def test_a_message_already_in_the_socket_at_the_deadline_is_taken() -> None:
         theirs.close()
 
 
+def test_a_send_after_a_recv_that_timed_out_waits_for_the_peer_to_read() -> None:
+    """The short timeout a ``recv`` left on the socket does not cut a later send short:
+    a big message waits for its reader (a timeout would leave half a frame behind)."""
+    ours, theirs = socket.socketpair()
+    channel, peer = Channel(ours), Channel(theirs)
+    big = (7, "Score", b"x" * (4 << 20), 1.0)
+    got: list[object] = []
+
+    def read_later() -> None:
+        time.sleep(0.2)  # the socket buffer fills meanwhile: the send waits for this
+        got.append(peer.recv(time.monotonic() + 10))
+
+    try:
+        with pytest.raises(TimeoutError):
+            channel.recv(time.monotonic() + 0.01)  # leaves a 10 ms timeout on the socket
+        reader = threading.Thread(target=read_later)
+        reader.start()
+        channel.send(big)
+        reader.join(10)
+        assert got == [big]
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_send_past_its_deadline_gives_up_at_once_when_the_peer_does_not_read() -> None:
+    """A stalled peer (its socket buffer full) costs a late send a timeout, not a wait."""
+    ours, theirs = socket.socketpair()
+    channel = Channel(ours)
+    failed: list[OSError] = []
+
+    def send() -> None:
+        try:
+            channel.send((7, "Score", b"x" * (1 << 20), 1.0), deadline=time.monotonic() - 1.0)
+        except OSError as e:
+            failed.append(e)
+
+    try:
+        sender = threading.Thread(target=send)
+        sender.start()
+        sender.join(5)
+        assert [type(e) for e in failed] == [TimeoutError]
+    finally:
+        ours.close()
+        theirs.close()
+        sender.join(5)
+
+
+def test_a_channel_whose_peer_is_gone_is_ready_and_its_recv_says_so() -> None:
+    """``ready`` is true at the socket's end (a worker that died), not only for a whole
+    message: the batch then hears ``EOFError`` at once instead of waiting its deadline."""
+    ours, theirs = socket.socketpair()
+    channel = Channel(ours)
+    try:
+        assert not channel.ready()
+        theirs.close()
+        assert channel.ready()
+        with pytest.raises(EOFError):
+            channel.recv(time.monotonic() + 5)
+    finally:
+        ours.close()
+
+
 def test_an_answer_bigger_than_the_socket_buffer_being_written_at_the_deadline_is_taken(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
