@@ -156,6 +156,8 @@ class _Leaf:
     tags: tuple[str, ...]
     score: float
     flag: bool
+    note: str | None = None  # a union is dyn
+    _cache: int = 0  # private: not part of the schema
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +172,7 @@ def test_schema_of_derives_object_types() -> None:
     assert isinstance(leaf, ObjectType) and leaf.name == "_Leaf"
     assert leaf.field("tags") == ListType(STRING)
     assert leaf.field("score") == DOUBLE and leaf.field("flag") == BOOL
+    assert leaf.field("note") == DYN and leaf.field("_cache") is None
     assert root.field("counts") == MapType(STRING, INT)
     assert schema_of(Order).field("channel") == INT  # IntEnum
     with pytest.raises(TypeError):
@@ -178,5 +181,6 @@ def test_schema_of_derives_object_types() -> None:
 
 def test_parse_type_reads_conformance_type_names() -> None:
     assert parse_type("map(string, list(int))") == MapType(STRING, ListType(INT))
-    with pytest.raises(ValueError):
-        parse_type("set(int)")
+    for bad in ("set(int)", "list(int, int)", "map(string)"):
+        with pytest.raises(ValueError):
+            parse_type(bad)

@@ -248,8 +248,25 @@ def test_literal_regex_is_compiled_once_and_dynamic_regex_is_bounded() -> None:
     assert evaluate("s.matches('^(a+)+$')", {"s": "a" * 5000 + "!"}) is False
 
 
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("a" * 1001, "pattern is longer than 1000 characters"),
+        ("(abc|def){700}", "pattern is too complex"),  # 14 characters, a large program
+    ],
+)
+def test_a_regex_over_the_size_bounds_is_refused(pattern: str, message: str) -> None:
+    _, diags = compile_expr(f'order.device_id.matches("{pattern}")', ENV)
+    assert [d.code for d in diags] == ["riskd_bad_regex"]
+    assert diags[0].message == f"invalid regular expression: {message}"
+    with pytest.raises(EvalError, match="invalid regular expression"):
+        evaluate("s.matches(p)", {"s": "abc", "p": pattern})
+    assert evaluate("s.matches(p)", {"s": "a" * 1000, "p": "a" * 1000}) is True  # the bound
+
+
 def test_evaluate_infers_variable_types() -> None:
     assert evaluate("a + size(b) + c.k", {"a": 1, "b": ["x"], "c": {"k": 2}}) == 4
+    assert evaluate("f || n > 0", {"f": True, "n": 1}) is True  # a bool is no int
     assert evaluate("u + 1u", {"u": UInt(2)}) == UInt(3)
     assert evaluate("d > duration('1s')", {"d": Duration(2 * 10**9)}) is True
     assert math.isnan(evaluate("0.0 / 0.0", {}))  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ from riskd.dsl.checker import Env
 from riskd.dsl.expr import compile_expr
 from riskd.dsl.program import Program, RuleResult, RuleStatus, _scrub, compile_rules
 from riskd.dsl.tracer import format_value
-from riskd.dsl.types import STRING, ListType, schema_of
+from riskd.dsl.types import BOOL, STRING, ListType, schema_of
 from riskd.dsl.values import Duration, UInt
 
 ENV = Env({"order": schema_of(Order), "cats": ListType(STRING)})
@@ -52,6 +52,18 @@ def test_explain_shows_velocity_values_and_short_circuits() -> None:
         'orders("device", "1h") > 10 && order.amounts.total > 1 → false',
         'orders("device", "1h") > 10 → false (orders("device", "1h") = 7)',
         "order.amounts.total > 1 → not evaluated",
+    )
+
+
+def test_explain_shows_a_bare_bool_operand_of_and_or_on_its_own_line() -> None:
+    compiled, _ = compile_expr(
+        "flagged && order.amounts.total > 1", Env({"order": schema_of(Order), "flagged": BOOL})
+    )
+    assert compiled is not None
+    assert compiled.explain({"order": ORDER, "flagged": True}) == (
+        "flagged && order.amounts.total > 1 → true",
+        "flagged → true",
+        "order.amounts.total > 1 → true (order.amounts.total = 62000)",
     )
 
 

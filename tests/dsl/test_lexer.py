@@ -31,6 +31,7 @@ def _values(text: str) -> list[object]:
         ('"\\u00e9\\U0001F431"', "é🐱"),
         ("'\\101\\x42'", "AB"),
         ("r'\\n'", "\\n"),
+        ("rb'\\n'", b"\\n"),
         ("'''a\nb'''", "a\nb"),
         ("b'\\xff\\000'", b"\xff\x00"),
         ("b'é'", "é".encode()),
@@ -43,7 +44,7 @@ def test_lexer_reads_literal(text: str, value: object) -> None:
 
 
 def test_lexer_skips_comments_and_whitespace() -> None:
-    assert _values("a // note\n && b") == ["a", "&&", "b"]
+    assert _values("a // note\n\f && b") == ["a", "&&", "b"]
 
 
 def test_lexer_tokens_carry_offsets() -> None:
@@ -60,6 +61,9 @@ def test_lexer_tokens_carry_offsets() -> None:
         ("'a\nb'", "newline in string literal"),
         ("'\\q'", "invalid escape sequence"),
         ("'\\ud800'", "invalid unicode code point in escape"),
+        ("'\\udfff'", "invalid unicode code point in escape"),
+        ("'\\U00110000'", "invalid unicode code point in escape"),
+        ("'\\400'", "invalid escape sequence"),  # an octal escape is at most \377
         ("b'\\u0041'", "invalid escape sequence"),
         ("18446744073709551616u", "unsigned integer literal out of range"),
         ("99999999999999999999", "integer literal out of range"),

@@ -160,6 +160,16 @@ def test_program_feature_queries_and_snapshot(tmp_path: Path) -> None:
     assert hot[0].status is RuleStatus.HIT and cold[0].status is RuleStatus.NO_HIT
 
 
+def test_program_a_velocity_rule_before_a_plain_one_reads_its_feature(tmp_path: Path) -> None:
+    p = program_of(
+        tmp_path,
+        rule("burst", 'orders("device", "1h") > 3'),
+        rule("big", "order.amounts.total > 1"),
+    )
+    res = p.evaluate(an_order(), ShopState("shop-1"), {DEVICE_1H: 4}, NOW)
+    assert [r.status for r in res] == [RuleStatus.HIT, RuleStatus.HIT], res
+
+
 def test_program_sees_lists_shop_now_and_enum_names(tmp_path: Path) -> None:
     p = program_of(
         tmp_path,
@@ -177,6 +187,22 @@ def test_program_sees_lists_shop_now_and_enum_names(tmp_path: Path) -> None:
         "year",
     }
     assert p.lists["vip"] == ("b-vip",)
+
+
+def test_program_enum_namespaces_have_no_unspecified_member(tmp_path: Path) -> None:
+    with pytest.raises(RuleCompileError) as refused:
+        program_of(tmp_path, rule("unset", "order.channel == Channel.UNSPECIFIED"))
+    assert "riskd_unknown_field: Channel has no field 'UNSPECIFIED'" in str(refused.value)
+
+
+def test_program_an_empty_list_is_a_list_of_strings(tmp_path: Path) -> None:
+    (tmp_path / "l.rules").write_text(
+        'scenario s = "S"\nlist none = []\n' + rule("listed", "order.device_id in none"),
+        encoding="utf-8",
+    )
+    p = compile_rules(tmp_path / "l.rules")
+    res = p.evaluate(an_order(), ShopState("shop-1"), {}, NOW)
+    assert [r.status for r in res] == [RuleStatus.NO_HIT]
 
 
 def test_program_lists_behave_as_cel_lists(tmp_path: Path) -> None:
@@ -402,6 +428,7 @@ def test_program_rule_by_rule_path_agrees_on_hits_errors_and_non_bool_results(
         rule("divides", "order.amounts.total / order.amounts.coupon > 1"),
         rule("truthy", "dyn(order.amounts.total)"),
         rule("text", 'dyn(order.buyer.phone == "" ? true : "x")'),
+        rule("one", "dyn(size(order.items))"),  # 1 == True in Python: still no bool
     )
     order, shop = an_order(), ShopState("shop-1")
     fused = p.evaluate(order, shop, {}, NOW)
@@ -413,7 +440,7 @@ def test_program_rule_by_rule_path_agrees_on_hits_errors_and_non_bool_results(
         RuleStatus.NO_HIT,
         RuleStatus.ERROR,
     ]
-    for rid in ("truthy", "text"):
+    for rid in ("truthy", "text", "one"):
         assert (res[rid].status, res[rid].error) == (
             RuleStatus.ERROR,
             "'when' did not produce a bool",

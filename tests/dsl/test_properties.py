@@ -79,6 +79,13 @@ def test_parse_unparse_is_identity(expr: Expr) -> None:
     assert parsed == expr, text
 
 
+@pytest.mark.parametrize("text", ["m.`content-type`", "has(m.`foo.txt`)", "m.`/api/v1`.x"])
+def test_unparse_quotes_a_field_that_is_no_identifier(text: str) -> None:
+    expr, diags = parse_expr(text)
+    assert expr is not None and diags.ok
+    assert unparse(expr) == text
+
+
 def _outcome(run: object, activation: dict[str, object]) -> tuple[str, object]:
     assert callable(run)
     try:

@@ -41,13 +41,14 @@ def test_ruletest_builds_orders_with_defaults_and_derived_amounts(tmp_path: Path
         + RULE.format(rid="r", when="true")
         + 'test "t" {\n  order = {channel: live_room, payment_method: "COD", '
         'items: [{sku: "a", category: "beauty", unit_price: 250, quantity: 4}], '
-        "amounts: {coupon: 100, shipping: 50}}\n"
+        "amounts: {discount: 30, coupon: 100, shipping: 50}, client_time: 5}\n"
         '  now = "2026-02-01T00:00:00Z"\n  expect = [r]\n}\n',
     )
     (test,) = p.tests
     assert test.order.channel is Channel.LIVE_ROOM
     assert test.order.payment_method is PaymentMethod.COD
-    assert test.order.amounts.items == 1000 and test.order.amounts.total == 950
+    assert test.order.amounts.items == 1000 and test.order.amounts.total == 920
+    assert test.order.client_time == 5.0 and isinstance(test.order.client_time, float)
     assert test.order.order_id and test.order.buyer.buyer_id and test.shop.shop_id == "test-shop"
     assert test.now == 1_769_904_000.0
     assert DEFAULT_NOW == 1_767_225_600.0
@@ -159,3 +160,59 @@ def test_ruletest_now_that_epoch_seconds_cannot_hold_is_refused(
     with pytest.raises(RuleCompileError) as refused:
         compile_texts(tmp_path, main=text)
     assert "riskd_bad_test_input" in str(refused.value) and said in str(refused.value)
+
+
+def test_ruletest_builds_enums_from_numbers_items_with_default_quantity_and_the_shop_id(
+    tmp_path: Path,
+) -> None:
+    p = compile_texts(
+        tmp_path,
+        main='scenario s = "S"\n'
+        + RULE.format(rid="r", when="true")
+        + 'test "t" {\n  order = {shop_id: "shop-9", channel: 2, payment_method: 5, '
+        "items: [{unit_price: 250}]}\n  shop = {open_claims: 2}\n  expect = [r]\n}\n"
+        + 'test "no shop" {\n  order = {shop_id: "shop-7"}\n  expect = [r]\n}\n',
+    )
+    test, no_shop = p.tests
+    assert test.order.channel is Channel.LIVE_ROOM
+    assert test.order.payment_method is PaymentMethod.COD
+    assert test.order.items[0].quantity == 1 and test.order.amounts.total == 250
+    assert test.shop.shop_id == "shop-9" and test.shop.open_claims == 2
+    assert no_shop.shop.shop_id == "shop-7"
+
+
+def test_ruletest_a_field_given_twice_in_an_object_is_refused(tmp_path: Path) -> None:
+    text = (
+        'scenario s = "S"\n'
+        + RULE.format(rid="r", when="true")
+        + 'test "t" {\n  order = {device_id: "a", device_id: "b"}\n  expect = [r]\n}\n'
+    )
+    with pytest.raises(RuleCompileError) as refused:
+        compile_texts(tmp_path, main=text)
+    assert "main.rules:13:28: riskd_duplicate_field: field 'device_id' is given twice" in str(
+        refused.value
+    )
+
+
+def test_ruletest_a_rule_error_alone_fails_the_case(tmp_path: Path) -> None:
+    p = compile_texts(
+        tmp_path,
+        main='scenario s = "S"\n'
+        + RULE.format(rid="broken", when="order.amounts.total / order.amounts.coupon > 0")
+        + 'test "t" {\n  expect = []\n}\n',
+    )
+    (result,) = run_tests(p)
+    assert not result.passed and not result.missing and not result.unexpected
+    assert "     broken: error: division by zero" in result.describe()
+
+
+def test_ruletest_errors_of_rules_in_other_files_do_not_fail_a_case(tmp_path: Path) -> None:
+    p = compile_texts(
+        tmp_path,
+        a='scenario s = "S"\n'
+        + RULE.format(rid="broken", when="order.amounts.total / order.amounts.coupon > 0"),
+        b=RULE.format(rid="big", when="order.amounts.total > 10")
+        + 'test "small order" {\n  order = {amounts: {total: 5}}\n  expect = []\n}\n',
+    )
+    (result,) = run_tests(p)
+    assert result.passed and result.errors == (), result.describe()
