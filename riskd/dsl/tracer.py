@@ -175,6 +175,15 @@ def _operands(node: Expr) -> Iterator[Expr]:
             yield c
 
 
+_MAX_ITEMS = 10  # of a list or map shown; the rest is counted
+
+
+def _more(shown: list[str], size: int) -> list[str]:
+    """``shown`` and, when it is not all of them, how many more there are: a list cut
+    silently read as a list of ten."""
+    return shown if size <= len(shown) else [*shown, f"… {size - len(shown)} more"]
+
+
 def _clip(text: str) -> str:
     return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 1] + "…"
 
@@ -200,10 +209,9 @@ def format_value(value: object) -> str:
     if isinstance(value, TypeValue):
         return value.name
     if isinstance(value, list | tuple | frozenset | set):
-        return _clip("[" + ", ".join(format_value(v) for v in list(value)[:10]) + "]")
+        shown = [format_value(v) for v in list(value)[:_MAX_ITEMS]]
+        return _clip("[" + ", ".join(_more(shown, len(value))) + "]")
     if isinstance(value, dict):
-        items = list(value.items())[:10]
-        return _clip(
-            "{" + ", ".join(f"{format_value(k)}: {format_value(v)}" for k, v in items) + "}"
-        )
+        pairs = [f"{format_value(k)}: {format_value(v)}" for k, v in value.items()]
+        return _clip("{" + ", ".join(_more(pairs[:_MAX_ITEMS], len(value))) + "}")
     return f"{type(value).__name__}{{…}}"

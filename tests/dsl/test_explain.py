@@ -83,6 +83,10 @@ def test_format_value_renders_cel_like_text() -> None:
     assert format_value(["a", None, True]) == '["a", null, true]'
     assert format_value(Duration(1_500_000_000)) == 'duration("1.5s")'
     assert format_value(ORDER) == "Order{…}"
+    # a long list or map says how much is not shown (cut silently, it read as ten)
+    assert format_value(list(range(12))) == "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, … 2 more]"
+    assert format_value(list(range(10))) == "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]"
+    assert format_value({i: i for i in range(11)}).endswith(", 9: 9, … 1 more}")
 
 
 # ------------------------------------------------------------------ PII never quoted
