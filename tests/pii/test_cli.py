@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from riskd.evidence.log import DecisionLog, blind_index_entries, encrypted_field
 from riskd.evidence.records import DecisionRecord
 from riskd.pii import keystore
 from riskd.pii.blind import BlindIndexer
-from riskd.pii.keyring import STALE_PART_S, Keyring, new_part_name
+from riskd.pii.keyring import STALE_PART_S, Keyring, locked, new_part_name
 from riskd.pii.keystore import SqlKeyStore
 from riskd.pii.vault import Vault
 from riskd.sql import Database
@@ -436,6 +437,65 @@ def test_cli_release_lifts_one_hold_by_reason(
     assert run("hold", "b2", "--release", "--reason", "legal hold", *opts) == 0
 
 
+def test_cli_release_says_when_no_hold_was_lifted(
+    paths: tuple[list[str], Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    opts, _, url = paths
+    run("keygen", *opts)
+    assert run("hold", "b1", "--reason", "court order 7", *opts) == 0
+    capsys.readouterr()
+    assert run("hold", "b1", "--release", "--reason", "dispute 42", *opts) == 0
+    assert capsys.readouterr().out == "no legal hold with that reason (1 placed)\n"
+    assert run("hold", "b2", "--release", *opts) == 0
+    assert capsys.readouterr().out == "no legal hold was placed\n"
+    vault, db = vault_at(paths[1], url)
+    assert len(vault.holds("b1")) == 1  # the other reason's hold is still placed
+    db.close()
+
+
+def test_cli_keyring_option_wins_over_the_environment(
+    paths: tuple[list[str], Path, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--keyring`` names the key file even where RISKD_KEYRING is set (the module's
+    docstring: the file, else the variable, else the configuration)."""
+    opts, key_file, url = paths
+    run("keygen", *opts)
+    vault, db = vault_at(key_file, url)
+    vault.encrypt("b1", "o1", "phone", PHONE)
+    db.close()
+    run("keygen", *opts)
+    monkeypatch.setenv("RISKD_KEYRING", Keyring.generate().to_json())
+    capsys.readouterr()
+    assert run("rotate", *opts) == 0
+    assert capsys.readouterr().out == "re-wrapped 1 data keys under master key version 2\n"
+
+
+@pytest.mark.postgres
+def test_cli_forget_on_postgresql_exits_0(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL has no checkpoint to wait for (``checkpointed`` is None): a forget there
+    is complete, exit 0 and nothing said on stderr."""
+    monkeypatch.delenv("RISKD_KEYRING", raising=False)
+    key_file = tmp_path / "keyring.json"
+    run("keygen", "--keyring", str(key_file))
+    url = f"{ADMIN}?schema=pii_cli_{uuid.uuid4().hex[:8]}"
+    db = Database(url)
+    Vault(Keyring.load(key_file), SqlKeyStore(db)).encrypt("b1", "o1", "phone", PHONE)
+    db.close()
+    capsys.readouterr()
+    try:
+        assert run("forget", "b1", "--keyring", str(key_file), "--database", url) == 0
+        out, err = capsys.readouterr()
+        assert "1 data keys destroyed" in out and err == ""
+    finally:
+        db = Database(url)
+        db.drop_schema()
+        db.close()
+
+
 KEY_FILE_COMMANDS = (("keygen",), ("retire", "1"))
 
 
@@ -755,6 +815,36 @@ def test_cli_a_save_under_way_keeps_its_part_while_keygen_waits_for_the_lock(
     assert Keyring.load(key_file).versions == (1, 2, 3)
     assert parts_of(key_file) == []
     assert "stale part" not in capsys.readouterr().err
+
+
+def test_cli_retire_waiting_for_the_lock_keeps_the_version_a_keygen_added(
+    paths: tuple[list[str], Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retire that waits at the key file's lock while a keygen saves reads the file
+    again once it holds the lock: the keygen's new version is kept, not overwritten by
+    the versions the retire read before it waited."""
+    opts, key_file, _ = paths
+    assert run("keygen", *opts) == 0
+    assert run("keygen", *opts) == 0  # version 1 wraps no data key: retire 1 goes through
+    go = tmp_path / "go"
+    proc = keygen_saving(key_file, go)  # holds the lock, version 3 in its part
+    at_the_lock = threading.Event()
+
+    def waits(path: Path) -> AbstractContextManager[None]:
+        at_the_lock.set()
+        return locked(path)
+
+    monkeypatch.setattr("riskd.cli.pii.locked", waits)
+    codes: list[int] = []
+    retire = threading.Thread(target=lambda: codes.append(run("retire", "1", *opts)))
+    retire.start()
+    assert at_the_lock.wait(30)  # the key file read once, the lock asked for
+    go.touch()
+    assert proc.wait(30) == 0
+    retire.join(30)
+    assert codes == [0]
+    ring = Keyring.load(key_file)
+    assert (ring.versions, ring.active_versions, ring.primary_version) == ((1, 2, 3), (2, 3), 3)
 
 
 def test_cli_a_part_it_cannot_remove_is_said_and_keygen_goes_on(

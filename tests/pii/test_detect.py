@@ -204,6 +204,9 @@ def test_false_positives_on_100k_random_tracking_numbers_are_as_measured() -> No
         "2023-12-01 13:45:00 买家申请退款",
         "SKU-A13812345678 x2, 合计 1,380.00 元",
         "@某某旗舰店 说已补发",
+        "商品编码 13812345678CN 缺货",  # letters after the digits: an identifier too
+        "单号 62220212345678901X",  # a card's prefix and length, ending X: no card
+        "运单 008657188888888",  # 0086 glued to a landline number: as often a tracking number
         "批次 20231201134500",
         "price 13.8 qty 12345678901.5",
         "",
@@ -224,6 +227,11 @@ def test_what_outcome_details_carry_is_not_refused(text: str) -> None:
         ("身份证 110105 19491231 002X", PiiKind.ID_NUMBER),
         ("卡号 6222-0212-3456-7890-128", PiiKind.BANK_CARD),
         ("card 4111 1111 1111 1111 exp 12/30", PiiKind.BANK_CARD),
+        ("卡号 5555 5555 5555 4444", PiiKind.BANK_CARD),  # Luhn doubles a 5 (to 1)
+        ("卡号 6490 0000 0000 0004", PiiKind.BANK_CARD),  # the last of Discover's 644-649
+        ("居住证 830000199001011234", PiiKind.ID_NUMBER),  # 83: a Taiwan resident's permit
+        ("身份证 110105190001011231", PiiKind.ID_NUMBER),  # born in 1900, the first year read
+        ("座机 0755-2170-1199 0900-1800 接听", PiiKind.LANDLINE),  # 2170: no time of day
         ("邮箱 Zhang.San+shop@mail.example.com.cn", PiiKind.EMAIL),
         ("邮箱 12345＠qq．com", PiiKind.EMAIL),  # full-width at sign and stop
     ],
@@ -239,6 +247,7 @@ def test_pii_as_people_paste_it_is_found(text: str, kind: PiiKind) -> None:
         "110105194912310021",  # wrong check character
         "110105194913310028",  # month 13
         "990105194912310023",  # no province 99
+        "110105189912311237",  # born in 1899
     ],
 )
 def test_an_id_number_needs_province_date_and_check(number: str) -> None:
@@ -363,6 +372,15 @@ ANALYST_TEXT = [
     "营业 0900-1200 1330-1800 1900-2130",
     "0800-0900 1200-1800 周日休息",  # an hours' pair ends where the area code would begin
     "price 13.8 qty 12345678901.5",
+    "138.12345678",  # a dot joins groups of 4 after the first, never 8
+    "010.12345678",
+    "010.12345.678",
+    "0400-123-4567",  # 400 and 800 are no area codes
+    "0800-123-4567",
+    "020-0012-3456",  # a subscriber number never starts with 0
+    "0571-12-34567",  # a landline's groups are 3 digits or more
+    "1 3812345678",  # a lone digit joins no number
+    "1101051949123100467",  # an ID number's 18 digits and one more: no candidate cuts a group
 ]
 
 

@@ -51,8 +51,10 @@ NAMES = [
     "寄件人 司马相如",
     "签收人：诸葛亮",
     "紧急联系人：黄晓明",
+    "申请人：张伟",
     "投诉人　马丽",  # an ideographic space (NFKC)
     "收件人\u200b张伟",  # a zero-width space
+    "收件人：张䶮",  # a given name in CJK extension A (U+4DAE)
     "买家 王小明 说没收到",
     "买家王小明说没收到",
     "买家：李娜",
@@ -60,7 +62,9 @@ NAMES = [
     "顾客周丽 称包装破损",
     "客户=张伟",
     "买家张伟 称未收到",
+    "买家王小明  说没收到",  # two blanks before the saying
     "用户黄晓明投诉",
+    "客户王芳来电催发货",
     "买家诸葛亮说",
     "contact name: John Smith",
     "Name: Zhang Wei",
@@ -69,12 +73,16 @@ NAMES = [
     '{"buyer_name": "Zara Li"}',
     '{"first_name": "John", "last_name": "Smith"}',
     "cardholder Alice",
+    "cardholder's name: John Smith",
+    "Name: John Smith Refund requested",  # a word that is no name after the name
     "recipient: Bob Lee",
     "consignee: Li Lei",
+    "addressee: Mary",
     "buyer: Mary",
     "customer John Smith said the parcel was empty",
     "name: 张伟",
     "收件人 Tom Hanks",
+    "收件人：Tom",  # one capitalised word after a field label
     "buyer: Mary Park",  # Park, Max, Case: names as well as words
     "name: Max Case",
     "recipient: John Smith, Shenzhen",
@@ -88,6 +96,7 @@ NAMES = [
     "收件人，张伟【本人】",
     "收件人：张 伟（本人）",
     "收件人，“张伟”，电话已核对",
+    "收件人， “张伟”",  # a blank and a quote after the comma
     "收件人，张伟女士，已核实",
     "买家名字叫张伟",
     "收件人，张伟，电话已核对",  # after a comma, standing alone (review: missed)
@@ -175,6 +184,7 @@ NOT_NAMES = [
     "收件人，车主",
     "收件人，龙岗区，",  # a place standing alone after a comma (review: refused)
     "收件人，张家港，已核实",
+    "收件人，黄龙路，已核实",
     "联系人，黄村",
     "联系人、时段、地址待确认",
     "买家 曾 询问物流",
@@ -286,6 +296,7 @@ NOT_NAMES = [
     "buyer VIP since 2021",
     "sender: Shenzhen Warehouse",  # a place, a business, a product (review: refused)
     "sender Yiwu Logistics Center",
+    "sender: Yiwu International Trade City",  # the fourth word makes it a place
     "recipient: Hangzhou Office",
     "customer Apple Watch arrived broken",
     "customer: Huawei Mate Pro",
