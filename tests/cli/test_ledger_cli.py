@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from riskd.cli import ledger as ledger_cli
+from riskd.domain.money import format_fen
 from riskd.ledger import Book
 from tests.pg_roles import ADMIN, select_only_url
 
@@ -317,3 +318,12 @@ def test_a_writing_command_sets_the_ledger_up_in_a_database_without_one(
     capsys.readouterr()
     assert run([*check, "--database", url]) == 0
     assert shown in capsys.readouterr().out.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("fen", "text"),
+    [(1_005, "CNY 10.05"), (0, "CNY 0.00"), (-1_234, "-CNY 12.34"), (-5, "-CNY 0.05")],
+)
+def test_amounts_are_shown_in_yuan_with_two_digits_of_fen(fen: int, text: str) -> None:
+    """What statements print beside the fen (``amount: -5 fen (-CNY 0.05)``)."""
+    assert format_fen(fen) == text

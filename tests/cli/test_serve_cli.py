@@ -22,7 +22,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from riskd.cli import COMMANDS, build_parser
+from riskd.cli import COMMANDS, build_parser, main
 from riskd.evidence.log import DecisionLog
 from riskd.sql import Database
 
@@ -778,3 +778,26 @@ def test_sigterm_lets_a_call_in_flight_finish(tmp_path: Path) -> None:
         assert d.proc.wait(30) == 0
     finally:
         d.stop()
+
+
+def test_an_operators_grpc_verbosity_is_kept(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``GRPC_VERBOSITY=NONE`` is riskd's default only: an operator who set it (to see
+    grpcio's own errors while debugging a handshake) keeps it."""
+    monkeypatch.setenv("GRPC_VERBOSITY", "DEBUG")
+    with pytest.raises(SystemExit):
+        main(["health", "--help"])
+    assert os.environ["GRPC_VERBOSITY"] == "DEBUG"
+
+
+def test_a_serve_usage_error_puts_the_previous_hangup_handler_back(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``main`` holds SIGHUP for ``serve`` before parsing: a usage error (exit 2) gives the
+    handler it replaced back, not a holder nothing will ever read."""
+    before = signal.getsignal(signal.SIGHUP)
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--no-such-option"])
+    assert e.value.code == 2
+    assert signal.getsignal(signal.SIGHUP) is before

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from riskd.domain.decision import Outcome
 from riskd.dsl.program import Mode, RuleResult, RuleStatus
-from riskd.engine.combine import combine
+from riskd.engine.combine import combine, enforced
 
 results = st.builds(
     RuleResult,
@@ -24,12 +24,13 @@ results = st.builds(
 
 @given(st.lists(results, max_size=30))
 def test_combine_enforces_only_active_hits(rs: list[RuleResult]) -> None:
-    enforced = [r for r in rs if r.status is RuleStatus.HIT and r.mode is Mode.ACTIVE]
+    hits = [r for r in rs if r.status is RuleStatus.HIT and r.mode is Mode.ACTIVE]
+    assert [r for r in rs if enforced(r)] == hits
     verdict = combine(rs)
-    assert verdict.outcome == max((r.action for r in enforced), default=Outcome.ALLOW)
-    assert verdict.score == sum(r.score for r in enforced)
+    assert verdict.outcome == max((r.action for r in hits), default=Outcome.ALLOW)
+    assert verdict.score == sum(r.score for r in hits)
     assert [(r.rule_id, r.explanation) for r in verdict.reasons] == [
-        (r.rule_id, r.explanation) for r in enforced
+        (r.rule_id, r.explanation) for r in hits
     ]
 
 

@@ -80,3 +80,16 @@ def test_fallback_names_the_tier_that_answered() -> None:
     """The answer's reason says which tier gave it (``fallback scenario live_room tier 2``)."""
     totals = (10_000, 10_001, 200_001)
     assert [POLICY.decide(order(t, Channel.LIVE_ROOM)).tier for t in totals] == [0, 1, 2]
+
+
+def test_fallback_takes_a_zero_bound_and_spaced_outcomes_as_the_config_does() -> None:
+    """As ``riskd.config.parse_tiers``: a bound of 0 fen is not negative (only free orders
+    are under it), and ``0: allow, review`` reads as ``0:allow,review``."""
+    policy = FallbackPolicy.from_text({"default": "0: allow, review"})
+    assert [policy.decide(order(t)).outcome for t in (0, 1)] == [Outcome.ALLOW, Outcome.REVIEW]
+
+
+def test_fallback_a_scenario_with_no_tiers_is_a_config_error_naming_it() -> None:
+    default = (Tier(None, Outcome.REVIEW),)
+    with pytest.raises(ConfigError, match=r"fallback\.live_room: the last fallback tier"):
+        FallbackPolicy.from_config({"default": default, "live_room": ()})

@@ -222,6 +222,11 @@ def test_a_held_database_lock_never_starves_scoring(tmp_path: Path) -> None:
             time.sleep(0.3)  # the admitted ones are waiting for the lock
             assert score() < 0.5
             refused = [f for f in reveals if f.done() and f.code() == grpc.StatusCode.UNAVAILABLE]
+            # reading the trail takes an evidence slot too: no thread beyond EVIDENCE_THREADS
+            listing = evidence_pb2.ListPiiAccessRequest(order_id=order.order_id)
+            assert code_of(evidence.ListPiiAccess, listing, "tok-audit") == (
+                grpc.StatusCode.UNAVAILABLE
+            )
             holder.execute("ROLLBACK")
             holder.close()
             answered = [f for f in reveals if f.code() == grpc.StatusCode.OK]
@@ -318,3 +323,89 @@ def test_an_unknown_field_to_reveal_is_named_by_its_place_never_its_text(
             evidence_pb2.ListPiiAccessRequest(), timeout=5, metadata=as_("tok-audit")
         ).entries
         assert list(trail) == []  # refused before the audit trail: nothing revealed
+
+
+def test_the_audit_trail_pages_by_order_after_seq_and_page_size(
+    running: RunningServer, tmp_path: Path
+) -> None:
+    """Auditors page the trail: one order's entries or all, after ``after_seq``, at most
+    ``page_size`` (0: 100); each entry names its order, its place in the chain (the seq
+    and hash ``riskd evidence verify`` reports) and only the fields that were asked for."""
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        evidence = evidence_pb2_grpc.EvidenceServiceStub(ch)
+        first, second = scored(ch, running), scored(ch, running)
+        phone_only = reveal(first.order_id)
+        phone_only.fields.append("phone")
+        got = evidence.RevealOrderPii(phone_only, timeout=5, metadata=as_("tok-analyst"))
+        assert got.order_id == first.order_id
+        assert (got.pii.phone, got.pii.name, got.pii.ip) == (first.buyer.phone, "", "")
+        for order in (second, first, first):
+            evidence.RevealOrderPii(reveal(order.order_id), timeout=5, metadata=as_("tok-analyst"))
+
+        def listed(**request: str | int) -> list[evidence_pb2.PiiAccessEntry]:
+            return list(
+                evidence.ListPiiAccess(
+                    evidence_pb2.ListPiiAccessRequest(**request),  # type: ignore[arg-type]
+                    timeout=5,
+                    metadata=as_("tok-audit"),
+                ).entries
+            )
+
+        trail = listed()
+        seqs = [e.seq for e in trail]
+        assert seqs == sorted(set(seqs)) and len(seqs) == 4 and seqs[0] > 0
+        assert (seqs[0], trail[0].hash) == (got.access.seq, got.access.hash)
+        assert [e.order_id for e in trail] == [
+            first.order_id,
+            second.order_id,
+            *[first.order_id] * 2,
+        ]
+        assert [list(e.fields) for e in trail][:2] == [["phone"], list(access.PII_FIELDS)]
+        assert [e.seq for e in listed(order_id=first.order_id)] == [seqs[0], seqs[2], seqs[3]]
+        assert [e.seq for e in listed(order_id=first.order_id, after_seq=seqs[0], page_size=1)] == [
+            seqs[2]
+        ]
+        assert [e.seq for e in listed(after_seq=seqs[1])] == seqs[2:]
+        with pytest.raises(grpc.RpcError) as e:
+            listed(page_size=access.MAX_PAGE + 1)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (e.value.details() or "").startswith("page_size")
+    db = Database(f"sqlite:///{tmp_path / 'riskd.db'}")
+    try:
+        assert verify(db).head["pii_access_log"] == (trail[-1].seq, trail[-1].hash)
+    finally:
+        db.close()
+
+
+def test_a_ciphertext_that_does_not_decrypt_is_refused_and_listed_as_unreadable(
+    running: RunningServer, tmp_path: Path
+) -> None:
+    """An altered ciphertext is ``UNREADABLE`` in the trail (not NOT_FOUND, not FORGOTTEN:
+    the auditor tells a damaged store from a shredded buyer); nothing is revealed."""
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        evidence = evidence_pb2_grpc.EvidenceServiceStub(ch)
+        order = scored(ch, running)
+        other = sqlite3.connect(tmp_path / "riskd.db", isolation_level=None)
+        try:
+            [(ct,)] = other.execute(
+                "SELECT ciphertext FROM decision_pii WHERE order_id = ? AND field = 'phone'",
+                (order.order_id,),
+            ).fetchall()
+            other.execute(
+                "UPDATE decision_pii SET ciphertext = ? WHERE order_id = ? AND field = 'phone'",
+                (bytes(ct[:-1]) + bytes([ct[-1] ^ 0x01]), order.order_id),
+            )
+        finally:
+            other.close()
+        request = reveal(order.order_id)
+        request.fields.append("phone")
+        with pytest.raises(grpc.RpcError) as e:
+            evidence.RevealOrderPii(request, timeout=5, metadata=as_("tok-analyst"))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert order.buyer.phone not in (e.value.details() or "")
+        trail = evidence.ListPiiAccess(
+            evidence_pb2.ListPiiAccessRequest(order_id=order.order_id),
+            timeout=5,
+            metadata=as_("tok-audit"),
+        ).entries
+        assert [x.outcome for x in trail] == [evidence_pb2.PII_ACCESS_OUTCOME_UNREADABLE]
