@@ -81,6 +81,8 @@ def _run(text: str) -> object:
         ("order.device_id.startsWith('dev') && order.device_id.endsWith('-1')", True),
         ("order.device_id.contains('v-')", True),
         ("order.device_id.matches('^dev-[0-9]+$')", True),
+        # a method of a value known only at run time is dispatched as a method
+        ("dyn(order.device_id).startsWith('dev') && dyn(order.device_id).contains('v-')", True),
         ("m.a + m['a']", 2),
         ("x.k[1]", 2),
         ("n / 2 + n % 2", 3),
@@ -165,6 +167,9 @@ def test_and_or_and_macros_absorb_errors(text: str, expected: bool) -> None:
         ("m.nope > 1 || n / 0 > 1", "no such key: 'nope'"),
         ("n / 0 > 1 && m.nope > 1", "division by zero"),
         ("n % 0 > 1 || m.nope > 1 || n / 0 > 1", "modulus by zero"),
+        # a macro whose predicate fails for several elements reports the first one's error
+        ("[0, 1].exists(i, i == 0 ? n / i > 1 : n % (i - 1) > 1)", "division by zero"),
+        ("[1, 0].all(i, i == 0 ? n / i > 1 : n % (i - 1) > 1)", "modulus by zero"),
     ],
 )
 def test_and_or_with_every_operand_failing_report_the_first_error(text: str, error: str) -> None:

@@ -77,8 +77,27 @@ def test_diagnostics_sequence_protocol() -> None:
     assert not ds.ok and len(ds) == 2 and ds[0] is d and list(ds[1:]) == [d]
     assert Diagnostics().ok
     assert str(ds) == "f:1:1: c: m\nf:1:1: c: m"
+    e = Diagnostic("c", "n", "f", 2, 1)
+    assert list(Diagnostics((d,)) + Diagnostics((e,))) == [d, e]  # appended in order
 
 
 def test_source_pads_first_line_without_file_text() -> None:
     src = Source("x +", "f", 3, 5)
     assert src.diagnostic("c", "m", 2).source_line == "    x +"
+
+
+def test_caret_lines_up_after_fullwidth_and_invisible_characters() -> None:
+    """A fullwidth letter takes two terminal columns; a zero-width space or an enclosing
+    mark takes none."""
+    d = Diagnostic("c", "m", "f", 1, 5, "Ａ\u200b\u20dd* y")
+    assert str(d) == "f:1:5: c: m\n  | Ａ\u200b\u20dd* y\n  |    ^"
+
+
+def test_source_maps_the_first_character_of_a_line_and_the_file_s_last_line() -> None:
+    """An offset at the start of a continuation line is column 1 of that line, and a
+    file that ends without a newline still quotes its last line."""
+    file_text = "rule r {\n  when = a +\nb"
+    src = Source("a +\nb", "f.rules", 2, 10, file_text)
+    d = src.diagnostic("c", "m", 4)
+    assert (d.line, d.col, d.source_line) == (3, 1, "b")
+    assert src.position(len(src.text) + 5) == (3, 2)  # past the end: just after it

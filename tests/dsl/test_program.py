@@ -217,6 +217,19 @@ def test_program_lists_behave_as_cel_lists(tmp_path: Path) -> None:
     assert [r.status for r in res] == [RuleStatus.HIT, RuleStatus.HIT], res
 
 
+def test_program_a_list_of_ints_and_doubles_holds_doubles(tmp_path: Path) -> None:
+    """A list mixing ints and doubles is a ``list(double)``: its ints are doubles at run time."""
+    (tmp_path / "l.rules").write_text(
+        'scenario s = "S"\nlist limits = [1, 2.5]\n'
+        + rule("typed", "type(limits[0]) == double && type(dyn(limits[0])) == double"),
+        encoding="utf-8",
+    )
+    p = compile_rules(tmp_path / "l.rules")
+    res = p.evaluate(an_order(), ShopState("shop-1"), {}, NOW)
+    assert [r.status for r in res] == [RuleStatus.HIT], res
+    assert [type(v) for v in p.lists["limits"]] == [float, float]
+
+
 def test_program_explain_fills_hits_only(tmp_path: Path) -> None:
     p = program_of(
         tmp_path,

@@ -17,7 +17,7 @@ from riskd.domain.order import Address, Amounts, Buyer, Item, Order
 from riskd.domain.shop import ShopState
 from riskd.dsl import evaluate, regex
 from riskd.dsl import runtime as rt
-from riskd.dsl.checker import MAX_ITERATIONS
+from riskd.dsl.checker import MAX_ITERATIONS, ORDER_LIST_BOUND
 from riskd.dsl.expr import Env, compile_expr
 from riskd.dsl.helpers import logic_and, logic_or
 from riskd.dsl.program import RuleStatus, check_rules, compile_rules
@@ -343,6 +343,21 @@ def test_rules_within_the_cost_bound_compile(tmp_path: Path) -> None:
     assert [r.id for r in program.rules] == ["one_pass", "pairs"]
 
 
+def test_a_rule_of_exactly_the_step_limit_compiles_and_one_step_more_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The bound is inclusive: every order item scans the list, one step each plus one."""
+    assert MAX_ITERATIONS % ORDER_LIST_BOUND == 0
+    size = MAX_ITERATIONS // ORDER_LIST_BOUND - 1  # items x (1 + size) == MAX_ITERATIONS
+    path = _write(tmp_path, _rule("scan", "order.items.exists(i, skus.exists(k, k == i.sku))"))
+    for n, refused in ((size, False), (size + 1, True)):
+        skus = ", ".join(f'"k{i}"' for i in range(n))
+        (tmp_path / "lists.rules").write_text(f"list skus = [{skus}]\n", encoding="utf-8")
+        program, diags = check_rules(tmp_path / "lists.rules", tmp_path / "s.rules", path)
+        assert (program is None) is refused, str(diags)
+        assert [d.code for d in diags] == ["riskd_limit_exceeded"] * refused
+
+
 def test_an_equality_of_long_lists_and_a_scan_of_patterns_count_their_steps(
     tmp_path: Path,
 ) -> None:
@@ -451,8 +466,20 @@ def test_a_list_value_beyond_int64_is_refused(tmp_path: Path) -> None:
     assert "lists.rules:1:16: riskd_bad_value: integer out of range" in str(err.value)
 
 
-@pytest.mark.parametrize("name", ["int", "string", "type", "null"])
-def test_a_list_named_like_a_type_or_literal_is_refused(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "what"),
+    [
+        ("int", "is a type name"),
+        ("string", "is a type name"),
+        ("type", "is a type name"),
+        ("null", "is a word of the expression language"),
+        ("in", "is a word of the expression language"),
+        ("now", "is a built-in variable"),
+    ],
+)
+def test_a_list_named_like_a_type_or_literal_is_refused(
+    tmp_path: Path, name: str, what: str
+) -> None:
     (tmp_path / "lists.rules").write_text(f"list {name} = [1, 2]\n", encoding="utf-8")
     _write(tmp_path, _rule("x", "true"))
     program, diags = check_rules(
@@ -460,6 +487,21 @@ def test_a_list_named_like_a_type_or_literal_is_refused(tmp_path: Path, name: st
     )
     assert program is None
     assert [(d.code, d.line, d.col) for d in diags] == [("riskd_reserved_name", 1, 6)]
+    assert diags[0].message.startswith(f"{name!r} {what}; pick another list name")
+
+
+def test_a_list_holds_every_int64_and_each_value_beyond_is_refused(tmp_path: Path) -> None:
+    ints = f"{INT_MIN}, {INT_MAX}, {INT_MAX + 1}, {INT_MIN - 1}"
+    (tmp_path / "lists.rules").write_text(f"list ids = [{ints}]\n", encoding="utf-8")
+    _write(tmp_path, _rule("x", "true"))
+    _, diags = check_rules(tmp_path / "lists.rules", tmp_path / "s.rules", tmp_path / "a.rules")
+    assert [(d.code, d.col, d.message) for d in diags] == [
+        ("riskd_bad_value", 56, "integer out of range (beyond a 64-bit int)"),
+        ("riskd_bad_value", 77, "integer out of range (beyond a 64-bit int)"),
+    ]
+    (tmp_path / "lists.rules").write_text(f"list ids = [{INT_MIN}, {INT_MAX}]\n", encoding="utf-8")
+    program = compile_rules(tmp_path / "lists.rules", tmp_path / "s.rules", tmp_path / "a.rules")
+    assert program.lists["ids"] == (INT_MIN, INT_MAX)
 
 
 def test_a_rule_file_starting_with_a_bom_compiles(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from riskd.dsl.program import check_rules, rule_files
+from riskd.domain.decision import Outcome
+from riskd.dsl.program import Mode, check_rules, rule_files
 from riskd.dsl.rulefile import Array, Name, Object, Scalar, When, parse
 from riskd.dsl.ruleset import compile_sources
 
@@ -184,6 +185,90 @@ def test_rulefile_score_bounds_are_inclusive_and_scenario_tags_deduplicated() ->
         (rule,) = program.rules
         assert rule.score == float(score)
         assert rule.scenarios == ("s",)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "place", "message"),
+    [
+        (
+            "scenarios = [s]",
+            "scenarios = []",
+            (5, 15),
+            "scenarios must be a non-empty list of scenario tags",
+        ),
+        ("scenarios = [s]", 'scenarios = ["s"]', (5, 16), "scenario tags are bare names"),
+        (
+            'description = "d"',
+            'description = "  "',
+            (3, 17),
+            "description must be a non-empty string",
+        ),
+        ('owner = "o"', 'owner = ""', (4, 11), "owner must be a non-empty string"),
+        (
+            "reason = R",
+            'reason = " "',
+            (9, 12),
+            "reason must be a code such as NEW_ACCOUNT_HIGH_VALUE",
+        ),
+        ("score = 1", "score = -5000", (8, 11), "score must be a number between -1000 and 1000"),
+        ('scenario s = "S"', 'scenario s = ""', (1, 14), "a scenario needs a description string"),
+    ],
+)
+def test_rulefile_a_blank_empty_or_out_of_range_field_is_refused_at_its_value(
+    old: str, new: str, place: tuple[int, int], message: str
+) -> None:
+    program, diags = compile_sources({"p.rules": _RULE.replace(old, new)})
+    assert program is None
+    d = diags[0]
+    assert (d.code, d.line, d.col, d.message) == ("riskd_bad_value", *place, message)
+
+
+def test_rulefile_test_names_are_unique_within_a_file_not_across_files() -> None:
+    other = _RULE.replace('scenario s = "S"\n', "").replace("rule r {", "rule q {")
+    program, diags = compile_sources(
+        {
+            "a.rules": _RULE + 'test "t" { expect = [r] }\n',
+            "b.rules": other + 'test "t" { expect = [q] }\n',
+        }
+    )
+    assert diags.ok, str(diags)
+    assert program is not None
+    assert [(t.name, t.file, t.expect) for t in program.tests] == [
+        ("t", "a.rules", frozenset({"r"})),
+        ("t", "b.rules", frozenset({"q"})),
+    ]
+
+
+def test_rulefile_a_compiled_rule_keeps_what_its_block_says_and_where() -> None:
+    text = _RULE.replace("> 0\n", '> 0\n      && order.device_id != ""\n')
+    text = text.replace('owner = "o"', 'owner = "risk-team"').replace(
+        "score = 1\n", "score = 12.5\n"
+    )
+    text = text.replace('scenario s = "S"\n', 'scenario s = "S"\nscenario live = "Live rooms"\n')
+    program, diags = compile_sources({"p.rules": text})
+    assert diags.ok, str(diags)
+    assert program is not None
+    (rule,) = program.rules
+    assert (rule.id, rule.description, rule.owner, rule.file, rule.line) == (
+        "r",
+        "d",
+        "risk-team",
+        "p.rules",
+        3,
+    )
+    assert (rule.scenarios, rule.mode, rule.action, rule.score, rule.reason_code) == (
+        ("s",),
+        Mode.ACTIVE,
+        Outcome.REVIEW,
+        12.5,
+        "R",
+    )
+    assert rule.when == 'order.amounts.total > 0\n&& order.device_id != ""'
+    assert [(s.tag, s.description, s.file, s.line) for s in program.scenario_info] == [
+        ("s", "S", "p.rules", 1),
+        ("live", "Live rooms", "p.rules", 2),
+    ]
+    assert program.scenarios == ("s", "live")
 
 
 def test_rulefile_crlf_line_endings_stay_out_of_the_quoted_line() -> None:
