@@ -67,10 +67,6 @@ def _quantify(items: Iterable[object], pred: Pred, *, want: bool) -> bool:
     return not want
 
 
-def exactly_one(items: Iterable[object], pred: Pred) -> bool:
-    return sum(1 for item in items if rt.as_bool(pred(item))) == 1
-
-
 def unbound(act: Mapping[str, object], name: str) -> object:
     if name in act:
         return rt.normalize_value(act[name])
@@ -93,7 +89,6 @@ HELPERS: dict[str, object] = {
     "_or": logic_or,
     "_all": all_of,
     "_exists": any_of,
-    "_exists_one": exactly_one,
     "_pyall": all,
     "_pyany": any,
     "_pysum": sum,
