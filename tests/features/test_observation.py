@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import pickle
+import subprocess
+import sys
 
 import pytest
 
@@ -76,3 +80,24 @@ def test_a_feature_query_is_checked_when_made(
     with pytest.raises(ValueError, match=error):
         FeatureQuery(*args, of=of)
     assert FeatureQuery(Agg.DISTINCT, "device", "1h", of="buyer").of == "buyer"
+
+
+def test_a_feature_query_from_another_process_finds_its_entry() -> None:
+    """The scoring workers' channel pickles what it carries: a query pickled by a process
+    with another string-hash seed must hash as this process's own (it is a dict key on
+    every velocity lookup), not keep the other process's hash."""
+    script = (
+        "import pickle, sys\n"
+        "from riskd.domain.features import Agg, FeatureQuery\n"
+        "q = FeatureQuery(Agg.DISTINCT, 'device', '1h', of='buyer')\n"
+        "sys.stdout.buffer.write(pickle.dumps(q))\n"
+    )
+    seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"  # not this process's
+    env = {**os.environ, "PYTHONHASHSEED": seed}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, check=True, timeout=60
+    )
+    theirs = pickle.loads(done.stdout)
+    ours = FeatureQuery(Agg.DISTINCT, "device", "1h", of="buyer")
+    assert theirs == ours and hash(theirs) == hash(ours)
+    assert {ours: 3}[theirs] == 3
