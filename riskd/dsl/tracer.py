@@ -212,6 +212,7 @@ def format_value(value: object) -> str:
         shown = [format_value(v) for v in list(value)[:_MAX_ITEMS]]
         return _clip("[" + ", ".join(_more(shown, len(value))) + "]")
     if isinstance(value, dict):
-        pairs = [f"{format_value(k)}: {format_value(v)}" for k, v in value.items()]
-        return _clip("{" + ", ".join(_more(pairs[:_MAX_ITEMS], len(value))) + "}")
+        items = list(value.items())[:_MAX_ITEMS]
+        pairs = [f"{format_value(k)}: {format_value(v)}" for k, v in items]
+        return _clip("{" + ", ".join(_more(pairs, len(value))) + "}")
     return f"{type(value).__name__}{{…}}"
