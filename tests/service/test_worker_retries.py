@@ -107,8 +107,9 @@ class HereScorer:
         at: float | None = None,
     ) -> list[Decision]:
         self.batch_at = at
-        if any(o.order_id in self.refuse for o in orders):
-            raise AlreadyExistsError("order.order_id: scored for other content")
+        for i, o in enumerate(orders):  # its entry, as the real one names it
+            if o.order_id in self.refuse:
+                raise AlreadyExistsError(f"orders[{i}].order_id: scored for other content")
         out: dict[str, Decision] = {}
         for o in orders:
             if o.order_id not in out:
@@ -422,6 +423,7 @@ class BatchWorker:
         self.alive = True
         self.error: Exception | None = None
         self.fail_next: Exception | None = None  # raised by the next answer only
+        self.unrecorded: set[str] = set()  # order ids its log did not take
         self.calls: list[bytes] = []
         self.methods: list[str] = []
         self.gate = threading.Event()
@@ -460,7 +462,8 @@ class BatchWorker:
             out.append(convert.decision_to_proto(d))
             out[-1].replayed = o.order_id in seen
             seen.add(o.order_id)
-        return scoring_pb2.ScoreBatchResponse(decisions=out).SerializeToString(), frozenset()
+        body = scoring_pb2.ScoreBatchResponse(decisions=out).SerializeToString()
+        return body, frozenset(self.unrecorded)
 
 
 class TwoWorkers:
@@ -515,8 +518,9 @@ def test_a_refused_batch_counts_and_keeps_what_a_worker_decided(refused_by: str)
     else:
         pool.ws[1].busy = True
         here.refuse.add(b.order_id)
-    with pytest.raises(AlreadyExistsError):
+    with pytest.raises(AlreadyExistsError) as e:
         servicer.score_batch_request(_batch(a, b), 1.0)
+    assert str(e.value).startswith("orders[1].order_id: ")  # the caller's entry, not the part's
     assert _decided(metrics) == 1
     pool.ws[0].busy = True
     retry = servicer.score_batch_request(_batch(a), 1.0).decisions
@@ -561,6 +565,89 @@ def test_the_worker_fallbacks_metric_counts_no_replay() -> None:
     got = servicer.score_batch_request(_batch(a, a), 1.0).decisions
     assert [d.replayed for d in got] == [False, True]
     assert metrics.value("riskd_score_worker_fallbacks_total", {"reason": "busy"}) == 1
+
+
+def test_a_workers_invalid_argument_for_its_part_names_the_callers_field() -> None:
+    """Worker 1's part is ``[b, c]``; its refusal of its ``orders[1]`` is the caller's
+    ``orders[2]``, in the field and the message alike (said once)."""
+    servicer, pool, _, _ = _batch_servicer()
+    a, b, c = fresh(), fresh(), fresh()
+    pool.to_1 |= {b.order_id, c.order_id}
+    pool.ws[1].error = InvalidArgumentError("orders[1].amounts.total", "must not be negative")
+    with pytest.raises(InvalidArgumentError) as e:
+        servicer.score_batch_request(_batch(a, b, c), 1.0)
+    assert e.value.field == "orders[2].amounts.total"
+    assert str(e.value) == "orders[2].amounts.total: must not be negative"
+
+
+def test_a_batch_two_workers_refuse_is_refused_with_the_first_entrys_refusal() -> None:
+    servicer, pool, _, _ = _batch_servicer()
+    a, b = fresh(), fresh()
+    pool.to_1.add(b.order_id)
+    pool.ws[0].error = AlreadyExistsError("orders[0].order_id: scored for other content")
+    pool.ws[1].error = InvalidArgumentError("orders[0].amounts.total", "must not be negative")
+    with pytest.raises(AlreadyExistsError) as e:
+        servicer.score_batch_request(_batch(a, b), 1.0)
+    assert str(e.value).startswith("orders[0].order_id: ")
+
+
+def test_a_batch_answer_the_workers_log_did_not_take_is_not_kept() -> None:
+    """As for a unary call: ``a``'s decision is not in worker 0's log (its queue full),
+    so a retry while worker 0 is busy is scored again; ``b``'s is replayed."""
+    servicer, pool, here, _ = _batch_servicer()
+    a, b = fresh(), fresh()
+    pool.ws[0].unrecorded = {a.order_id}
+    servicer.score_batch_request(_batch(a, b), 1.0)
+    pool.ws[0].busy = True
+    retry = servicer.score_batch_request(_batch(a, b), 1.0).decisions
+    assert [d.replayed for d in retry] == [False, True]
+    assert here.scored == [a.order_id]
+
+
+@pytest.mark.parametrize(
+    ("count", "down", "calls", "scored_here", "reroutes"),
+    [
+        (2, {0}, [0, 1], "a", 0),  # worker 1 has a part of its own: a is scored here
+        (3, {0, 1}, [0, 0, 1], "b", 1),  # worker 2 took a's part: b is scored here
+    ],
+)
+def test_a_down_workers_part_goes_only_to_a_worker_with_no_part_of_the_batch(
+    count: int, down: set[int], calls: list[int], scored_here: str, reroutes: int
+) -> None:
+    servicer, pool, here, metrics = _batch_servicer()
+    pool.ws += [BatchWorker(i) for i in range(2, count)]
+    pool.others = lambda index: [w for w in pool.ws if w.index != index]  # type: ignore[method-assign]
+    a, b = fresh(), fresh()
+    pool.to_1.add(b.order_id)
+    for i in down:
+        pool.ws[i].alive = False
+    got = servicer.score_batch_request(_batch(a, b), 1.0).decisions
+    assert [d.order_id for d in got] == [a.order_id, b.order_id]
+    assert [len(w.calls) for w in pool.ws] == calls
+    assert here.scored == [{"a": a, "b": b}[scored_here].order_id]
+    assert metrics.value("riskd_score_worker_reroutes_total") == reroutes
+    assert metrics.value("riskd_score_worker_fallbacks_total", {"reason": "down"}) == 1
+
+
+def test_a_unary_fallback_that_replays_a_decision_is_not_counted_as_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    servicer, pool, here, metrics = _batch_servicer()
+    pool.ws[0].alive = False
+    monkeypatch.setattr(here, "score", lambda o, **_: _replayed(here.score_batch((o,))[0]))
+    assert servicer.score_request(_request(fresh()), 1.0).decision.replayed
+    assert metrics.value("riskd_score_worker_fallbacks_total", {"reason": "down"}) == 0
+
+
+def test_an_order_out_of_time_when_its_worker_is_down_is_the_late_fallback_not_a_reroute() -> None:
+    servicer, pool, here, metrics = _batch_servicer()
+    pool.others = lambda index: [pool.ws[1 - index]]  # type: ignore[method-assign]
+    pool.ws[0].alive = False
+    order = fresh()
+    assert not servicer.score_request(_request(order), 0.0).decision.replayed
+    assert pool.ws[1].calls == [] and here.scored == [order.order_id]
+    assert metrics.value("riskd_score_worker_reroutes_total") == 0
+    assert metrics.value("riskd_score_worker_fallbacks_total", {"reason": "late"}) == 1
 
 
 def _in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
@@ -657,7 +744,7 @@ def test_a_batch_routes_the_orders_it_leads_before_it_waits_for_another_calls() 
     """A unary call routes ``a`` on a stalled worker 0; a batch ``[a, b, c]`` (b and c
     are worker 1's) has them decided by worker 1 at once, then waits for ``a`` in the
     time left: ``a`` gets the unrecorded ``inflight`` fallback, nothing is scored here."""
-    servicer, pool, here, _ = _batch_servicer()
+    servicer, pool, here, metrics = _batch_servicer()
     a, b, c = fresh(), fresh(), fresh()
     pool.to_1 |= {b.order_id, c.order_id}
     pool.ws[0].gate.clear()
@@ -669,6 +756,8 @@ def test_a_batch_routes_the_orders_it_leads_before_it_waits_for_another_calls() 
     assert [tuple(d.unavailable) for d in got] == [("inflight",), (), ()]
     assert [d.decided_at for d in got[1:]] == [1.0, 1.0]  # worker 1's answers
     assert pool.ws[1].methods == ["ScoreBatch"] and here.scored == []
+    inflight = {"unavailable": "inflight"}  # counted as an inflight answer, not a decision
+    assert metrics.value("riskd_degraded_decisions_total", inflight) == 1
 
 
 def test_a_batch_routes_an_order_soon_after_the_call_routing_it_failed() -> None:

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
 import threading
 import time
 import types
@@ -677,14 +678,71 @@ def test_the_evidence_gauges_add_up_the_workers_last_reports(tmp_path: Path) -> 
 def test_the_outage_gauge_tells_an_outage_any_worker_last_reported() -> None:
     """Unit level: a worker's scorer sees its own outages (Redis down at its start, say);
     the server process's gauge is 1 while any worker in service last reported one."""
-    reports = [{"unavailable": ["features"]}, {"unavailable": []}, None]
+    reports = [{"unavailable": []}, {"unavailable": ["features"]}, None]
     pool = types.SimpleNamespace(workers=lambda: [types.SimpleNamespace(stats=r) for r in reports])
     metrics = Metrics()
     metrics.watch_dependencies(lambda: pool_module._PoolEvidence(pool).unavailable)  # type: ignore[arg-type]
     assert metrics.value("riskd_dependency_unavailable", {"dependency": "features"}) == 1
     assert metrics.value("riskd_dependency_unavailable", {"dependency": "evidence"}) == 0
-    reports[0] = {"unavailable": []}
+    reports[1] = {"unavailable": []}
     assert metrics.value("riskd_dependency_unavailable", {"dependency": "features"}) == 0
+
+
+def test_the_pool_evidence_sums_the_last_reports_of_the_workers_in_service() -> None:
+    """Unit level: the backlog and catch-up gauges, each worker's last report added up."""
+    reports = [{"backlog": 2, "catch_up": 5}, None, {"backlog": 3, "catch_up": 1}]
+    pool = types.SimpleNamespace(workers=lambda: [types.SimpleNamespace(stats=r) for r in reports])
+    evidence = pool_module._PoolEvidence(pool)  # type: ignore[arg-type]
+    assert (evidence.backlog, evidence.catch_up) == (5, 6)
+
+
+def test_the_writers_totals_keep_what_a_replaced_worker_last_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Unit level: worker 0 is replaced (its process exited); the rejected and unsealed
+    totals keep its last report, and add its replacement's from zero."""
+    pool = WorkerPool(config=None, count=2)  # type: ignore[arg-type]
+    procs: list[subprocess.Popen[bytes]] = []
+    sockets: list[socket.socket] = []
+
+    def exited(i: int) -> workers.Worker:
+        ours, theirs = socket.socketpair()
+        sockets.extend((ours, theirs))
+        procs.append(subprocess.Popen(["true"]))
+        procs[-1].wait()
+        return workers.Worker(i, procs[-1], Channel(ours))
+
+    monkeypatch.setattr(pool, "_spawn", exited)
+    monkeypatch.setattr(pool, "_await_ready", lambda w: None)
+    try:
+        old, other = exited(0), exited(1)
+        old.stats = {"rejected": 2, "unsealed": 1}
+        other.stats = {"rejected": 3, "unsealed": 0}
+        pool._workers = [old, other]
+        pool._replace(0, old)
+        fresh_worker = pool._workers[0]
+        assert fresh_worker is not None and fresh_worker is not old
+        assert (pool.evidence.rejected, pool.evidence.unsealed) == (5, 1)
+        fresh_worker.stats = {"rejected": 1, "unsealed": 1}
+        assert (pool.evidence.rejected, pool.evidence.unsealed) == (6, 2)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_the_pool_routes_around_workers_out_of_service() -> None:
+    """Unit level: a worker being replaced (none yet) or taken out of service gets no
+    calls; the others are offered from the one after the order's worker on."""
+    pool = WorkerPool(config=None, count=4)  # type: ignore[arg-type]
+    ws = [workers.Worker(i, None, None) for i in range(4)]  # type: ignore[arg-type]
+    pool._workers = [ws[0], None, ws[2], ws[3]]
+    ws[3].take_out("its socket broke")
+    assert pool.get(0) is ws[0] and pool.get(2) is ws[2]
+    for down in (1, 3):
+        with pytest.raises(workers.WorkerGone):
+            pool.get(down)
+    assert pool.others(1) == [ws[2], ws[0]]
+    assert pool.others(2) == [ws[0]]
 
 
 def test_the_servers_gauges_add_its_own_scorer_to_its_workers_last_reports() -> None:
@@ -848,6 +906,35 @@ def test_a_workers_answer_names_the_decisions_its_log_will_not_hold() -> None:
             channel.send((1, "Score", request.SerializeToString(), time.monotonic() + 5.0))
             reply = channel.recv(time.monotonic() + 5)
             assert reply[:2] == (1, "ok") and reply[3] == named
+
+
+def test_a_worker_call_that_fails_unexpectedly_is_an_internal_error_and_the_next_is_served() -> (
+    None
+):
+    """A bug in the worker's scoring answers that call ``internal error`` (no detail of
+    the exception leaves the worker), and the worker goes on with the next call."""
+
+    class Servicer:
+        def score_request(
+            self, request: scoring_pb2.ScoreRequest, timeout_s: float, **_: object
+        ) -> object:
+            if request.order.order_id == "o-bug":
+                raise RuntimeError("order o-bug from 10.0.0.1")
+            return scoring_pb2.ScoreResponse()
+
+    with _serving(Servicer()) as channel:
+        for seq, order_id in ((1, "o-bug"), (2, "o-2")):
+            request = scoring_pb2.ScoreRequest()
+            request.order.order_id = order_id
+            channel.send((seq, "Score", request.SerializeToString(), time.monotonic() + 5.0))
+        assert channel.recv(time.monotonic() + 5) == (
+            1,
+            "error",
+            "RiskdError",
+            "internal error",
+            None,
+        )
+        assert channel.recv(time.monotonic() + 5)[:2] == (2, "ok")
 
 
 @dataclasses.dataclass
@@ -1207,6 +1294,9 @@ def test_a_program_a_worker_cannot_take_is_logged_and_reported_as_not_taken(
     worker_main._adopt(components, RulesState("B", {}, ()), queued)  # type: ignore[arg-type]
     assert queued == ["A"]
     assert [r.getMessage() for r in caplog.records] == ["scoring worker could not take the rules"]
+    queued = ["C"]  # a newer program was sent meanwhile: that one is reported, not "A"
+    worker_main._adopt(components, RulesState("B", {}, ()), queued)  # type: ignore[arg-type]
+    assert queued == ["C"]
 
 
 def _alive(pool: WorkerPool, index: int) -> bool:

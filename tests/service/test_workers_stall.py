@@ -222,6 +222,55 @@ def _frame(seq: int, body: bytes = b"answer") -> bytes:
     return _HEADER.pack(len(data)) + data
 
 
+def test_a_worker_another_call_holds_is_busy_unless_the_deadline_comes_first() -> None:
+    """Busy: its orders go elsewhere in the time left; out of time first: the fallback
+    (None, the worker not taken); taken out of service: gone, whoever holds it."""
+    worker, end = _taken(0)  # held by call 1
+    try:
+        with pytest.raises(workers.WorkerBusy):
+            worker.begin("Score", b"", time.monotonic() + 5.0, wait_s=0.01)
+        assert worker.begin("Score", b"", time.monotonic() + 0.01, wait_s=1.0) is None
+        worker.lock.release()
+        worker.take_out("its socket broke")
+        with pytest.raises(workers.WorkerGone):
+            worker.begin("Score", b"", time.monotonic() + 5.0)
+        assert worker.lock.acquire(blocking=False)  # not left taken
+    finally:
+        worker.channel.sock.close()
+        end.close()
+
+
+def test_a_worker_owing_an_answer_is_busy_until_that_answer_comes_back() -> None:
+    worker, end = _taken(0)
+    try:
+        worker.seq, worker.owed = 2, time.monotonic()  # call 2 gave up waiting for its answer
+        worker.lock.release()
+        end.sendall(_frame(1))  # an older call's late answer: call 2's is still owed
+        with pytest.raises(workers.WorkerBusy):
+            worker.begin("Score", b"", time.monotonic() + 5.0)
+        end.sendall(_frame(2))
+        assert worker.begin("Score", b"", time.monotonic() + 5.0) == 3
+    finally:
+        worker.channel.sock.close()
+        end.close()
+
+
+def test_a_call_takes_its_own_answer_and_a_late_one_is_none() -> None:
+    worker, end = _taken(0)
+    try:
+        end.sendall(_frame(0, b"an earlier call's") + _frame(1, b"mine"))
+        assert worker.finish(1, time.monotonic() + 5.0) == (b"mine", frozenset())
+        worker.lock.acquire()
+        worker.seq = 2
+        late = pickle.dumps((2, "late"), protocol=pickle.HIGHEST_PROTOCOL)
+        end.sendall(_HEADER.pack(len(late)) + late)  # read after its deadline: not scored
+        assert worker.finish(2, time.monotonic() + 5.0) is None
+        assert worker.lock.acquire(blocking=False)  # released
+    finally:
+        worker.channel.sock.close()
+        end.close()
+
+
 def test_a_batch_takes_a_whole_answer_before_one_a_stalled_worker_began() -> None:
     # review: a worker stalled half-way through sending its answer was taken as the one
     # that came first; the batch waited on it to the deadline, another worker's whole
