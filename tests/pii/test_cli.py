@@ -440,7 +440,7 @@ def test_cli_release_lifts_one_hold_by_reason(
 def test_cli_release_says_when_no_hold_was_lifted(
     paths: tuple[list[str], Path, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    opts, _, url = paths
+    opts, key_file, url = paths
     run("keygen", *opts)
     assert run("hold", "b1", "--reason", "court order 7", *opts) == 0
     capsys.readouterr()
@@ -448,7 +448,7 @@ def test_cli_release_says_when_no_hold_was_lifted(
     assert capsys.readouterr().out == "no legal hold with that reason (1 placed)\n"
     assert run("hold", "b2", "--release", *opts) == 0
     assert capsys.readouterr().out == "no legal hold was placed\n"
-    vault, db = vault_at(paths[1], url)
+    vault, db = vault_at(key_file, url)
     assert len(vault.holds("b1")) == 1  # the other reason's hold is still placed
     db.close()
 

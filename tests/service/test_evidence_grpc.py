@@ -56,6 +56,14 @@ def code_of(call: object, request: object, token: str) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
+def trail_of(
+    evidence: evidence_pb2_grpc.EvidenceServiceStub, **request: str | int
+) -> list[evidence_pb2.PiiAccessEntry]:
+    """The audit trail as an auditor lists it (``request``: ListPiiAccess's fields)."""
+    listing = evidence_pb2.ListPiiAccessRequest(**request)  # type: ignore[arg-type]
+    return list(evidence.ListPiiAccess(listing, timeout=5, metadata=as_("tok-audit")).entries)
+
+
 def reveal(order_id: str, reason: str = "chargeback case 42") -> evidence_pb2.RevealOrderPiiRequest:
     return evidence_pb2.RevealOrderPiiRequest(order_id=order_id, reason=reason)
 
@@ -174,11 +182,7 @@ def test_forgotten_buyer_is_refused_and_nothing_is_decrypted(
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "forgotten" in (e.value.details() or "")
         assert order.buyer.phone not in (e.value.details() or "")
-        trail = evidence.ListPiiAccess(
-            evidence_pb2.ListPiiAccessRequest(order_id=order.order_id),
-            timeout=5,
-            metadata=as_("tok-audit"),
-        ).entries
+        trail = trail_of(evidence, order_id=order.order_id)
         assert [x.outcome for x in trail] == [
             evidence_pb2.PII_ACCESS_OUTCOME_REVEALED,
             evidence_pb2.PII_ACCESS_OUTCOME_FORGOTTEN,
@@ -269,11 +273,7 @@ def test_a_reveal_against_a_held_database_is_unavailable_within_its_bound(
                 reveal(order.order_id), timeout=5, metadata=as_("tok-analyst")
             )
             assert got.pii.phone == order.buyer.phone
-            trail = evidence.ListPiiAccess(
-                evidence_pb2.ListPiiAccessRequest(order_id=order.order_id),
-                timeout=5,
-                metadata=as_("tok-audit"),
-            ).entries
+            trail = trail_of(evidence, order_id=order.order_id)
             assert [e.seq for e in trail] == [got.access.seq]
     finally:
         running.stop(1)
@@ -342,16 +342,7 @@ def test_the_audit_trail_pages_by_order_after_seq_and_page_size(
         for order in (second, first, first):
             evidence.RevealOrderPii(reveal(order.order_id), timeout=5, metadata=as_("tok-analyst"))
 
-        def listed(**request: str | int) -> list[evidence_pb2.PiiAccessEntry]:
-            return list(
-                evidence.ListPiiAccess(
-                    evidence_pb2.ListPiiAccessRequest(**request),  # type: ignore[arg-type]
-                    timeout=5,
-                    metadata=as_("tok-audit"),
-                ).entries
-            )
-
-        trail = listed()
+        trail = trail_of(evidence)
         seqs = [e.seq for e in trail]
         assert seqs == sorted(set(seqs)) and len(seqs) == 4 and seqs[0] > 0
         assert (seqs[0], trail[0].hash) == (got.access.seq, got.access.hash)
@@ -361,13 +352,15 @@ def test_the_audit_trail_pages_by_order_after_seq_and_page_size(
             *[first.order_id] * 2,
         ]
         assert [list(e.fields) for e in trail][:2] == [["phone"], list(access.PII_FIELDS)]
-        assert [e.seq for e in listed(order_id=first.order_id)] == [seqs[0], seqs[2], seqs[3]]
-        assert [e.seq for e in listed(order_id=first.order_id, after_seq=seqs[0], page_size=1)] == [
-            seqs[2]
-        ]
-        assert [e.seq for e in listed(after_seq=seqs[1])] == seqs[2:]
+
+        def seqs_of(**request: str | int) -> list[int]:
+            return [e.seq for e in trail_of(evidence, **request)]
+
+        assert seqs_of(order_id=first.order_id) == [seqs[0], seqs[2], seqs[3]]
+        assert seqs_of(order_id=first.order_id, after_seq=seqs[0], page_size=1) == [seqs[2]]
+        assert seqs_of(after_seq=seqs[1]) == seqs[2:]
         with pytest.raises(grpc.RpcError) as e:
-            listed(page_size=access.MAX_PAGE + 1)
+            trail_of(evidence, page_size=access.MAX_PAGE + 1)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert (e.value.details() or "").startswith("page_size")
     db = Database(f"sqlite:///{tmp_path / 'riskd.db'}")
@@ -403,9 +396,5 @@ def test_a_ciphertext_that_does_not_decrypt_is_refused_and_listed_as_unreadable(
             evidence.RevealOrderPii(request, timeout=5, metadata=as_("tok-analyst"))
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert order.buyer.phone not in (e.value.details() or "")
-        trail = evidence.ListPiiAccess(
-            evidence_pb2.ListPiiAccessRequest(order_id=order.order_id),
-            timeout=5,
-            metadata=as_("tok-audit"),
-        ).entries
+        trail = trail_of(evidence, order_id=order.order_id)
         assert [x.outcome for x in trail] == [evidence_pb2.PII_ACCESS_OUTCOME_UNREADABLE]
