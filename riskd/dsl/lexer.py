@@ -150,7 +150,7 @@ class _Lexer:
         if (
             end < 0
             or not name
-            or any(not (c.isascii() and (c.isalnum() or c in "_.-/~")) for c in name)
+            or any(not (c.isascii() and (c.isalnum() or c in "_.-/ ")) for c in name)
         ):
             self.i = len(t) if end < 0 else end + 1
             raise LexError("malformed quoted identifier", start)
@@ -234,9 +234,6 @@ class _Lexer:
                     out.append(self._escape(is_bytes))
                 except LexError as err:  # keep lexing to the closing quote
                     bad = bad or err
-            elif ch == "\\" and raw and self.i + 1 < len(t) and t[self.i + 1] == q:
-                out.append(t[self.i : self.i + 2])
-                self.i += 2
             else:
                 out.append(ch)
                 self.i += 1

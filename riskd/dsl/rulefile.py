@@ -335,7 +335,7 @@ def _expression_end(text: str, start: int) -> int | None:
                 return i if ch == "}" else None
             depth -= 1
         elif ch in "\"'":
-            i = _skip_cel_string(text, i)
+            i = _skip_cel_string(text, i, raw=_raw_prefix(text, start, i))
             continue
         elif text.startswith("//", i):
             nl = text.find("\n", i)
@@ -345,16 +345,38 @@ def _expression_end(text: str, start: int) -> int | None:
     return None
 
 
-def _skip_cel_string(text: str, i: int) -> int:
-    """Offset just past the CEL string literal starting at ``i`` (quotes only)."""
+def _raw_prefix(text: str, start: int, i: int) -> bool:
+    """Whether the quote at ``i`` opens a raw string: the word before it is r, br or rb.
+
+    >>> _raw_prefix("x == r'a'", 0, 6), _raw_prefix("x == bR'a'", 0, 7), _raw_prefix("r'a'", 1, 1)
+    (True, True, False)
+    """
+    k = i
+    while k > start and text[k - 1].isascii() and (text[k - 1].isalnum() or text[k - 1] == "_"):
+        k -= 1
+    return text[k:i].lower() in ("r", "br", "rb")
+
+
+def _skip_cel_string(text: str, i: int, *, raw: bool) -> int:
+    r"""Offset just past the CEL string literal starting at ``i`` (quotes only).
+
+    As CEL's grammar: a backslash escapes the next character except in a raw string
+    (``r'\'`` is one backslash), and only a triple-quoted string spans lines.
+
+    >>> text = r"r'\' + '\''"
+    >>> _skip_cel_string(text, 1, raw=True), _skip_cel_string(text, 7, raw=False)
+    (4, 11)
+    """
     quote = text[i]
-    if text.startswith(quote * 3, i):
-        end = text.find(quote * 3, i + 3)
-        return len(text) if end < 0 else end + 3
-    j = i + 1
-    while j < len(text) and text[j] not in (quote, "\n"):
-        j += 2 if text[j] == "\\" else 1
-    return j + 1
+    delim = quote * 3 if text.startswith(quote * 3, i) else quote
+    j = i + len(delim)
+    while j < len(text):
+        if text.startswith(delim, j):
+            return j + len(delim)
+        if text[j] == "\n" and len(delim) == 1:
+            return j + 1
+        j += 2 if text[j] == "\\" and not raw else 1
+    return len(text)
 
 
 # -------------------------------------------------------------------------- parser

@@ -36,11 +36,24 @@ def _values(text: str) -> list[object]:
         ("b'\\xff\\000'", b"\xff\x00"),
         ("b'é'", "é".encode()),
         ("`content-type`", "content-type"),
+        ("`a b/c.d`", "a b/c.d"),  # CEL's quoted names: letters, digits and _ . - / and blank
+        ("r'\\'", "\\"),  # a raw string's backslash escapes nothing, its quote included
+        ('R"a\\"', "a\\"),
+        ("br'\\'", b"\\"),
+        ("r'''\\'''", "\\"),
     ],
 )
 def test_lexer_reads_literal(text: str, value: object) -> None:
     assert _values(text) == [value]
     assert type(_values(text)[0]) is type(value)
+
+
+def test_lexer_a_raw_string_ends_at_its_first_quote_as_in_cel() -> None:
+    # cel-go reads r'a\' + 'b' as "a\\" + "b"; when \' escaped a raw string's quote, the
+    # first string ran on into the second
+    assert _values(r"r'a\' + 'b'") == ["a\\", "+", "b"]
+    _, diags = tokenize(Source(r"r'\''"))
+    assert [d.message for d in diags] == ["unterminated string literal"]
 
 
 def test_lexer_skips_comments_and_whitespace() -> None:
@@ -73,7 +86,9 @@ def test_lexer_tokens_carry_offsets() -> None:
         ("1e400", "double literal out of range"),  # not +inf: as double("1e400"), an error
         ("x < -1.8e308", "double literal out of range"),
         ("a # b", "unexpected character '#'"),
-        ("`a b`", "malformed quoted identifier"),
+        ("`a~b`", "malformed quoted identifier"),
+        ("``", "malformed quoted identifier"),
+        ("`a", "malformed quoted identifier"),
         (".²", "unexpected character '²'"),  # a Unicode digit is no digit of a number
         ("1.²", "unexpected character '²'"),
         ("1e٣", "unexpected character '٣'"),

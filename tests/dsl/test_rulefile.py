@@ -163,6 +163,17 @@ def test_rulefile_when_a_brace_inside_a_triple_quoted_string_does_not_end_the_bl
     assert program.rules[0].when == "order.amounts.total > 0 && order.device_id != '''x'}'''"
 
 
+def test_rulefile_a_raw_string_ending_in_a_backslash_does_not_hide_the_closing_brace() -> None:
+    # CEL's r'\' is one backslash: the string ends there, and the brace inside the
+    # string after it stays inside that string (escapes read there ended the block at it)
+    when = r"order.amounts.total > 0 && order.device_id != r'\' + '}'"
+    text = _RULE.replace("order.amounts.total > 0\n", when + "\n")
+    program, diags = compile_sources({"p.rules": text})
+    assert diags.ok, str(diags)
+    assert program is not None
+    assert program.rules[0].when == when
+
+
 def test_rulefile_a_comment_inside_a_value_is_a_diagnostic() -> None:
     _, diags = parse('list x = ["a", # c\n  "b"]\n', "p.rules")
     assert [(d.code, d.line, d.col) for d in diags] == [("riskd_misplaced_comment", 1, 1)]
