@@ -21,7 +21,9 @@ name counts only after a label that says one follows:
   (说, 称, 表示, 反馈, 投诉, 要求, 申请, 来电, …: ``_SAYS``), since a role word is far
   more often followed by what the buyer is or has (``用户高风险，建议拦截``,
   ``买家陈皮收到后发霉``): ``买家王小明``, ``买家张伟的订单`` are not looked for. With
-  名字 after it, a field label (``买家名字：张伟``, ``客户名字是李娜``);
+  名字 after it, a field label (``买家名字：张伟``, ``客户名字是李娜``); with 叫, 名叫 or
+  叫做 after it, a name that stands alone or says something, as after a comma
+  (``买家叫张伟说没收到``, ``客户名叫李娜，``; not ``买家叫师傅上门``: 叫 asks, too);
 - after either, a comma (``，`` or ``、``) and a name that stands alone, since after a
   comma a new clause begins as often (``收件人，周一送达``, ``收件人，高度怀疑``): after a
   field label followed by punctuation, a bracket or quote, a blank, a digit, a title or
@@ -231,6 +233,10 @@ _NAME_END = frozenset(" \t,、.。;:!?)]}>】」』》”’/|~" + _DASHES) | _O
 punctuation, a bracket or quote, a blank (``收件人，张伟（本人签收）``); or a digit, a title
 (``收件人，张伟女士``), or the end of the text."""
 _COPULAS = frozenset("是为叫")
+_CALLED = ("名叫", "叫做", "叫")
+"""After a role word, what says a name follows (``买家叫张伟说没收到``, ``客户名叫李娜``);
+the name must then stand alone or say something, as after a comma, since 叫 also asks
+someone to do a thing (``买家叫师傅上门``, ``买家叫商家补发``)."""
 _EN_LABEL = re.compile(
     r"(?<![A-Za-z])(?:"
     r"(?:(?:buyer|customer|recipient|receiver|consignee|contact|cardholder|card[ \t_]holder"
@@ -305,14 +311,25 @@ def labelled_name(text: str) -> bool:
         at = _value_start(text, _label_end(text, match, role=role), copula=not role)
         if role and any(c in ":=" for c in text[match.end() : at]):
             role = False  # ``买家：李娜``: a field's label
-        alone = at < len(text) and text[at] in _COMMAS  # ``收件人，张伟，电话…``
-        if alone:
+        called = _called(text, at) if role else 0
+        if called:  # ``买家叫张伟说没收到``: a name standing alone or saying something
+            role, at = False, _skip(text, at + called)
+        alone = called > 0 or (at < len(text) and text[at] in _COMMAS)
+        if alone and not called:  # ``收件人，张伟，电话…``
             at = _skip(text, at + 1, _BLANKS | _OPENINGS, 2)
         if _chinese_name(text, at, role=role, alone=alone):
             return True
         if not (role or alone) and _latin_name(text, at, 1):
             return True
     return any(_english_label_name(text, m) for m in _EN_LABEL.finditer(text))
+
+
+def _called(text: str, at: int) -> int:
+    """The length of 叫, 名叫 or 叫做 at ``at`` (after a role word: ``买家叫张伟``), or 0."""
+    for word in _CALLED:
+        if text.startswith(word, at):
+            return len(word)
+    return 0
 
 
 def _label_end(text: str, match: re.Match[str], *, role: bool) -> int:

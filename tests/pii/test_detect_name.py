@@ -114,6 +114,11 @@ NAMES = [
     "买家名字：张伟",  # 名字 after a role word (review: missed)
     "客户名字是李娜",
     "用户名字 王芳",
+    "买家叫张伟说没收到",  # 叫, 名叫, 叫做 after a role word (review: missed)
+    "买家叫张伟",
+    "客户名叫李娜，已核实",
+    "用户叫做王小明。",
+    "买家叫 张伟 称未收到",
 ]
 
 NOT_NAMES = [
@@ -194,6 +199,14 @@ NOT_NAMES = [
     "买家 王 已退款",
     # the trade's own words after a role word (review: each read as a name)
     "买家黄牛，批量下单",
+    "买家叫师傅上门安装",  # 叫 asking someone to do a thing: no name standing alone
+    "买家叫商家补发",
+    "买家叫车去取件",
+    "顾客叫高价",
+    "买家叫万师傅",
+    "买家叫苦连天",
+    "客户叫我们尽快发货",
+    "买家叫张伟的订单",
     "疑似用户白嫖",
     "买家马甲号",
     "买家钱包被盗",
@@ -486,6 +499,18 @@ def test_every_generated_labelled_name_in_a_note_is_refused_as_a_name(rnd: rando
     while reads_as_a_word(surname, given):
         surname, given = person(rnd)
     text = f"{name_note(rnd)}{rnd.choice(['，', '。', ' '])}{labelled(rnd, surname + given)}"
+    assert find_pii(text) == PiiKind.NAME, text
+
+
+@given(st.randoms(use_true_random=False))
+def test_a_name_after_a_role_word_and_called_is_refused_as_a_name(rnd: random.Random) -> None:
+    # ``买家叫张伟说没收到``: 叫 says a name follows as a field label's colon does
+    surname, given = person(rnd)
+    while reads_as_a_word(surname, given):
+        surname, given = person(rnd)
+    called = rnd.choice(["叫", "名叫", "叫做", "叫 "])
+    after = rnd.choice(["", "。", "，已核实", "说没收到", " 称未收到货", "要求退款"])
+    text = f"{rnd.choice(ROLE_WORDS)}{called}{surname}{given}{after}"
     assert find_pii(text) == PiiKind.NAME, text
 
 
