@@ -9,19 +9,23 @@ module's.
 
 A file is written beside its final name (``.<name>.part``), synced, then renamed
 (``riskd.atomicfile``), so a file under its prefix is whole; it is readable by its owner
-only. Its first line names the format and counts the lines after it, by section
-(``{"riskd_spill": 1, "decisions": 3, "events": 1}``), so a file cut short (a copy, a
-disk that failed) is refused rather than half read. Files are named by the wall clock in
-nanoseconds, then the process id, so that they sort in the order they were written and
-two processes (scoring workers) never share one. A process that takes a file back holds
-it (``held``) while it reads it and replaces or removes it, so processes that start
-together (scoring workers) never take the same file.
+only. Its first line names the format, counts the lines after it by section and holds
+the SHA-256 of their bytes (``{"riskd_spill": 2, "decisions": 3, "events": 1, "sha256":
+"…"}``), so a file cut short, damaged or edited (a copy, a disk that failed, a value
+changed inside a line) is refused rather than half or wrongly read; an older riskd's
+files (format 1, counts only) are still read. The digest is not keyed: it finds damage,
+not a rewrite (as the decision log's chain, ``docs/ledger.md``). Files are named by the
+wall clock in nanoseconds, then the process id, so that they sort in the order they were
+written and two processes (scoring workers) never share one. A process that takes a file
+back holds it (``held``) while it reads it and replaces or removes it, so processes that
+start together (scoring workers) never take the same file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -38,7 +42,8 @@ PART = ".part"
 STALE_PART_S = 600.0
 """How long a part file may go unwritten before ``remove_stale_parts`` takes its writer
 for gone even when a process with its pid is alive (a pid used again)."""
-_FORMAT = 1
+_FORMAT = 2
+_FORMATS = (1, 2)  # read: format 1 (an older riskd's) has no digest
 _log = logging.getLogger("riskd.spillfile")
 _writing: set[str] = set()  # this process's part files being written (their names)
 
@@ -56,10 +61,13 @@ def write(folder: Path, prefix: str, sections: Mapping[str, Sequence[Any]]) -> P
     """
     name = f"{prefix}{time.time_ns():020d}-{os.getpid()}{SUFFIX}"
     final = folder / name
-    head: dict[str, int] = {"riskd_spill": _FORMAT}
+    head: dict[str, int | str] = {"riskd_spill": _FORMAT}
     head.update((section, len(lines)) for section, lines in sections.items())
-    lines = [head, *(line for section in sections.values() for line in section)]
-    data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
+    body = "".join(
+        json.dumps(line, ensure_ascii=False) + "\n" for lines in sections.values() for line in lines
+    ).encode()
+    head["sha256"] = hashlib.sha256(body).hexdigest()
+    data = json.dumps(head).encode() + b"\n" + body
     part = f".{name}{PART}"
     _writing.add(part)  # before the part exists, until it is renamed or removed
     try:
@@ -147,12 +155,17 @@ def read(path: Path, sections: Sequence[str]) -> dict[str, list[Any]]:
         OSError: it cannot be read.
         SpillFileError: it is not a whole spill file of this format with these sections.
     """
+    data = path.read_bytes()
+    first, _, body = data.partition(b"\n")
     try:
-        lines = [json.loads(line) for line in path.read_text("utf-8").splitlines()]
-        head = lines[0]
-        if not isinstance(head, dict) or head.get("riskd_spill") != _FORMAT:
+        head = json.loads(first)
+        form = head.get("riskd_spill") if isinstance(head, dict) else None
+        if type(form) is not int or form not in _FORMATS:
             raise SpillFileError("not a spill file of this format")
+        if form != 1 and head["sha256"] != hashlib.sha256(body).hexdigest():
+            raise SpillFileError("its lines do not match its digest (damaged or edited)")
         counts = [int(head[section]) for section in sections]
+        lines = [head, *(json.loads(line) for line in body.decode("utf-8").splitlines())]
     except (UnicodeDecodeError, json.JSONDecodeError, LookupError, TypeError, ValueError) as e:
         if isinstance(e, SpillFileError):
             raise

@@ -51,6 +51,32 @@ def test_a_file_that_is_not_a_whole_spill_file_is_refused(tmp_path: Path, text: 
         spillfile.read(path, ("one",))
 
 
+def test_a_spill_file_damaged_or_edited_inside_a_line_is_refused(tmp_path: Path) -> None:
+    # the same lines, one value changed: counted right, it would be appended as written
+    path = spillfile.write(tmp_path, "kind-", {"one": [{"total": 50000}, [1, "a"]]})
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"50000", b"90000"))
+    with pytest.raises(spillfile.SpillFileError, match="digest"):
+        spillfile.read(path, ("one",))
+    path.write_bytes(data)
+    assert spillfile.read(path, ("one",)) == {"one": [{"total": 50000}, [1, "a"]]}
+
+
+@pytest.mark.parametrize("form", ["true", "1.0", '"1"'])
+def test_a_format_named_otherwise_than_by_its_number_is_refused(tmp_path: Path, form: str) -> None:
+    path = tmp_path / "kind-1.jsonl"
+    path.write_text(f'{{"riskd_spill": {form}, "one": 1}}\n[1]\n', "utf-8")
+    with pytest.raises(spillfile.SpillFileError, match="format"):
+        spillfile.read(path, ("one",))
+
+
+def test_an_older_riskds_spill_file_without_a_digest_is_still_read(tmp_path: Path) -> None:
+    # format 1, counts only: what a stop before the upgrade spilled is still taken back
+    path = tmp_path / "kind-1.jsonl"
+    path.write_text('{"riskd_spill": 1, "one": 2}\n[1]\n{"b": "é"}\n', "utf-8")
+    assert spillfile.read(path, ("one",)) == {"one": [[1], {"b": "é"}]}
+
+
 def test_a_negative_count_is_refused_even_where_the_lines_add_up(tmp_path: Path) -> None:
     """-1 and 2 make the one line there: read, "two" would hold the head itself."""
     path = tmp_path / "kind-1.jsonl"
