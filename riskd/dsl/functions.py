@@ -110,7 +110,19 @@ def _digits(s: str) -> int:
     return int(s, 10) if len(s.lstrip("+-0")) <= 20 else 1 << 70
 
 
+# Go's ParseFloat also reads a hexadecimal mantissa with a binary exponent ("0x1p-2" is
+# 0.25; the "p" exponent is required), as cel-go's double(string) does.
+_HEX_DOUBLE_TEXT = re.compile(
+    r"[+-]?0[xX](?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)[pP][+-]?[0-9]+", re.ASCII
+)
+
+
 def _string_to_double(s: str) -> float:
+    if _HEX_DOUBLE_TEXT.fullmatch(s):
+        try:
+            return float.fromhex(s)
+        except OverflowError:
+            raise EvalError("double conversion out of range") from None
     if not _DOUBLE_TEXT.fullmatch(s):
         return float(_bad_conversion("double"))
     v = float(s)
@@ -123,8 +135,10 @@ def _bad_conversion(kind: str) -> int:
     raise EvalError(f"type conversion error: cannot convert string to {kind}")
 
 
-_BOOLS = {"1": True, "t": True, "true": True, "TRUE": True, "True": True,
-          "0": False, "f": False, "false": False, "FALSE": False, "False": False}  # fmt: skip
+# Go's strconv.ParseBool, which cel-go's bool(string) is (capital "T" and "F" included)
+_BOOLS = {"1": True, "t": True, "T": True, "true": True, "TRUE": True, "True": True,
+          "0": False, "f": False, "F": False, "false": False, "FALSE": False,
+          "False": False}  # fmt: skip
 
 
 def _string_to_bool(s: str) -> bool:

@@ -56,6 +56,9 @@ RESERVED = frozenset(
         "while",
     ]
 )
+# CEL's KEYWORD: literal and operator words, never a name (``m.null``, ``.true``); a map
+# key that is one is selected back-quoted (``m.`in` ``)
+KEYWORDS = frozenset(("true", "false", "null", "in"))
 _PUNCT2 = frozenset(("==", "!=", "<=", ">=", "&&", "||"))
 _SPACE = re.compile(r"(?:[ \t\n\r\f]+|//[^\n]*)+")
 _WORD = re.compile(r"[A-Za-z0-9_]+")
@@ -136,7 +139,8 @@ class _Lexer:
         assert m is not None
         j = m.end()
         word = t[start:j]
-        if j < len(t) and t[j] in "\"'" and word.lower() in ("r", "b", "br", "rb"):
+        # CEL's prefixes: [bB]? then [rR]? ("br'x'", never "rb'x'", which is a name and a string)
+        if j < len(t) and t[j] in "\"'" and word.lower() in ("r", "b", "br"):
             low = word.lower()
             self.i = j
             return self._string(start, raw="r" in low, is_bytes="b" in low)
@@ -159,7 +163,7 @@ class _Lexer:
 
     def _number(self) -> Token:
         t, start = self.text, self.i
-        if t.startswith(("0x", "0X"), start):
+        if t.startswith("0x", start):  # CEL's hex prefix is lower case: 0X1F is 0 then X1F
             j = start + 2
             while j < len(t) and t[j] in _HEX:
                 j += 1
@@ -226,7 +230,7 @@ class _Lexer:
                     raise bad
                 break
             ch = t[self.i]
-            if ch == "\n" and not triple:
+            if ch in "\n\r" and not triple:  # CEL: a one-line string holds no CR either
                 self.i += 1
                 raise LexError("newline in string literal", start)
             if ch == "\\" and not raw:

@@ -11,7 +11,7 @@ import functools
 from collections.abc import Callable
 
 from riskd.dsl.diagnostics import LIMIT_EXCEEDED, SYNTAX_ERROR, Diagnostic, Source
-from riskd.dsl.lexer import RESERVED, Tok, Token, tokenize
+from riskd.dsl.lexer import KEYWORDS, RESERVED, Tok, Token, tokenize
 from riskd.dsl.nodes import (
     MACROS,
     Call,
@@ -224,6 +224,10 @@ class _Parser:
             return Select(operand, tok.value, pos=self.pos(tok.offset))
         if tok.kind is not Tok.IDENT:
             raise _ParseError(f"expected a field name, found {_describe(tok)}", tok.offset)
+        if tok.text in KEYWORDS:  # CEL's grammar: a keyword is no field or method name
+            word = tok.text
+            msg = f"'{word}' is a keyword, not a field name (a map key is selected `{word}`)"
+            raise _ParseError(msg, tok.offset)
         if not self.at("("):
             return Select(operand, tok.text, pos=self.pos(tok.offset))
         args = self.args()
@@ -267,7 +271,7 @@ class _Parser:
             return self.ident_or_call()
         if self.at("."):
             self.advance()
-            if self.peek().kind is not Tok.IDENT:
+            if self.peek().kind is not Tok.IDENT or self.peek().text in KEYWORDS:
                 raise _ParseError("expected a name after '.'", self.peek().offset)
             return self.ident_or_call()
         if self.at("("):

@@ -31,6 +31,8 @@ def compile_pattern(pattern: str) -> Callable[[str], bool]:
     """Compile ``pattern``; returns a predicate ``text -> bool`` (unanchored search)."""
     if len(pattern) > MAX_PATTERN_LENGTH:
         raise RegexError(f"pattern is longer than {MAX_PATTERN_LENGTH} characters")
+    if _has_any_byte(pattern):
+        raise RegexError(r"invalid escape sequence: \C (cel-go's RE2 has no any-byte class)")
     options = re2.Options()
     options.max_mem = 8 << 20
     options.log_errors = False
@@ -69,3 +71,18 @@ def _message(exc: Exception) -> str:
     arg = exc.args[0] if exc.args else ""
     text = arg.decode("utf-8", "replace") if isinstance(arg, bytes) else str(arg)
     return text or "invalid regular expression"
+
+
+def _has_any_byte(pattern: str) -> bool:
+    r"""Whether ``pattern`` uses ``\C`` (one byte): C++ RE2 has it, cel-go's Go RE2 refuses
+    it, and it matches part of a character (``"é".matches("^\\C")``).
+
+    >>> _has_any_byte(r"a\Cb"), _has_any_byte(r"a\\Cb"), _has_any_byte(r"[\C]")
+    (True, False, True)
+    """
+    i = pattern.find("\\")
+    while 0 <= i < len(pattern) - 1:
+        if pattern[i + 1] == "C":
+            return True
+        i = pattern.find("\\", i + 2)
+    return False

@@ -346,7 +346,7 @@ def _expression_end(text: str, start: int) -> int | None:
 
 
 def _raw_prefix(text: str, start: int, i: int) -> bool:
-    """Whether the quote at ``i`` opens a raw string: the word before it is r, br or rb.
+    """Whether the quote at ``i`` opens a raw string: the word before it is r or br.
 
     >>> _raw_prefix("x == r'a'", 0, 6), _raw_prefix("x == bR'a'", 0, 7), _raw_prefix("r'a'", 1, 1)
     (True, True, False)
@@ -354,7 +354,7 @@ def _raw_prefix(text: str, start: int, i: int) -> bool:
     k = i
     while k > start and text[k - 1].isascii() and (text[k - 1].isalnum() or text[k - 1] == "_"):
         k -= 1
-    return text[k:i].lower() in ("r", "br", "rb")
+    return text[k:i].lower() in ("r", "br")  # CEL's order: "rb'x'" is no literal
 
 
 def _skip_cel_string(text: str, i: int, *, raw: bool) -> int:

@@ -92,7 +92,7 @@ def equals(a: object, b: object) -> bool:
     if ta is tb and ta in _SIMPLE:
         return a == b
     if is_number(a) and is_number(b):
-        return a == b
+        return numbers_equal(a, b)
     if a is None or b is None:
         return a is b
     if isinstance(a, bool) or isinstance(b, bool):
@@ -139,6 +139,18 @@ def lookup(m: Mapping[object, object], key: object) -> tuple[bool, object]:
                 return True, m[k]
         return False, None
     return True, value
+
+
+def numbers_equal(a: Any, b: Any) -> bool:
+    """``==`` between two numbers as cel-go has it: ``compare(a, b) == 0``.
+
+    An int (uint) against a double is compared as a double, as ``<`` and ``>=`` compare
+    it, so ``dyn(9007199254740993) == 9007199254740992.0`` is true: were ``==`` exact,
+    ``a <= b && a >= b && a != b`` would hold for that pair.
+    """
+    if isinstance(a, float) or isinstance(b, float):
+        return float(a) == float(b)
+    return bool(a == b)
 
 
 def compare(a: object, b: object) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 
+from riskd.dsl.lexer import KEYWORDS
 from riskd.dsl.nodes import Call, Comprehension, Expr, Ident, ListLit, Literal, MapLit, Select
 from riskd.dsl.values import UInt
 
@@ -40,7 +41,8 @@ def _render(e: Expr) -> tuple[str, int]:
     if isinstance(e, Ident):
         return e.name, _MEMBER
     if isinstance(e, Select):
-        field = e.field if _IDENT_RE.fullmatch(e.field) else f"`{e.field}`"
+        plain = _IDENT_RE.fullmatch(e.field) and e.field not in KEYWORDS  # m.`in`, as CEL
+        field = e.field if plain else f"`{e.field}`"
         text = f"{_wrap(e.operand, _MEMBER)}.{field}"
         return (f"has({text})", _MEMBER) if e.test_only else (text, _MEMBER)
     if isinstance(e, Call):

@@ -79,24 +79,38 @@ class ListValue(tuple[object, ...]):
     a string and a number only a number of the same value (``1 == 1.0 == 1u``,
     where Python's hashing and equality agree), while a bool, bytes, null, a
     list, a map, a duration or any other value equals neither. So ``in`` answers
-    any probe, whatever the types the checker saw (a ``dyn`` value), with one
-    hash lookup or none, exactly as a scan with ``riskd.dsl.runtime.equals`` would.
+    any probe, whatever the types the checker saw (a ``dyn`` value), with at most
+    two hash lookups (an int against a double compares as doubles, past 2**53
+    too), exactly as a scan with ``riskd.dsl.runtime.equals`` would.
 
     >>> v = ListValue(("a", "b", 1)); ("b" in v, 1.0 in v, True in v, v[0], len(v))
     (True, True, False, 'a', 3)
     """
 
     _members: frozenset[object]
+    _doubles: frozenset[float]  # the double members
+    _as_doubles: frozenset[float]  # every number member as a double
 
     def __new__(cls, values: tuple[object, ...] = ()) -> ListValue:
         if not all(_is_key(v) for v in values):
             raise TypeError("a named list holds strings and numbers other than NaN")
         self = super().__new__(cls, values)
         self._members = frozenset(values)
+        numbers = [v for v in values if not isinstance(v, str)]
+        self._doubles = frozenset(v for v in numbers if isinstance(v, float))
+        self._as_doubles = frozenset(float(v) for v in numbers)  # type: ignore[arg-type]
         return self
 
     def __contains__(self, item: object) -> bool:
-        return _is_key(item) and item in self._members  # a NaN probe: no member is NaN
+        if not _is_key(item):
+            return False  # a NaN probe too: no member is NaN
+        if item in self._members:
+            return True
+        # CEL compares an int with a double as doubles (``runtime.numbers_equal``), which
+        # hashing does not: 2**53 + 1 equals the double 2.0**53 there, not here
+        if isinstance(item, float):
+            return item in self._as_doubles
+        return isinstance(item, int) and float(item) in self._doubles
 
 
 def _is_key(value: object) -> bool:

@@ -99,6 +99,10 @@ def test_checker_rejects_unknown_fields_of_the_request() -> None:
         ("(1).foo", "riskd_type_error", "type 'int' does not support field selection"),
         ("{1.5: true}.size() == 1", "riskd_type_error", "unsupported map key type double"),
         ("'a'.matches('(')", "riskd_bad_regex", "invalid regular expression: missing ): ("),
+        # cel-go's (Go) RE2 refuses \C; C++ RE2 would match half of a character with it
+        ("'é'.matches('^\\\\C')", "riskd_bad_regex",
+         "invalid regular expression: invalid escape sequence: \\C (cel-go's RE2 has no "
+         "any-byte class)"),
         ("orders('device')", "riskd_bad_argument",
          "orders() takes 2 arguments: orders(KEY, WINDOW)"),
         ("amount('device', '5m')", "riskd_bad_argument",

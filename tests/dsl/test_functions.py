@@ -12,7 +12,7 @@ import pytest
 from riskd.dsl.checker import Env
 from riskd.dsl.expr import compile_expr
 from riskd.dsl.types import DOUBLE
-from riskd.dsl.values import EvalError, UInt
+from riskd.dsl.values import EvalError, ListValue, UInt
 
 ENV = Env({"v": DOUBLE})
 
@@ -123,3 +123,42 @@ def test_day_of_week_counts_from_sunday(when: str, day: int) -> None:
 
 def test_milliseconds_of_a_timestamp_are_cut_not_rounded() -> None:
     assert _both("timestamp('2026-01-02T03:04:05.9996Z').getMilliseconds()") == (999, 999)
+
+
+@pytest.mark.parametrize(("text", "value"), [("bool('T')", True), ("bool('F')", False)])
+def test_bool_of_string_reads_what_go_parse_bool_reads(text: str, value: bool) -> None:
+    # cel-go's bool(string) is strconv.ParseBool: a client's "T" is true there, not an error
+    assert _both(text) == (value, value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "dyn(9007199254740993) == 9007199254740992.0",
+        "dyn(9223372036854775807) == 9223372036854775808.0",
+        "dyn(18446744073709551615u) == 18446744073709551616.0",
+        "dyn(9007199254740993) in [9007199254740992.0]",
+        "!(dyn(9007199254740993) != 9007199254740992.0)",
+    ],
+)
+def test_int_double_equality_agrees_with_their_ordering(text: str) -> None:
+    # cel-go's == is compare() == 0, and the suite's ordering converts the int to a double
+    # (9223372036854775807 >= 9223372036854775808.0): == must not disagree with <= and >=
+    assert _both(text) == (True, True)
+
+
+def test_named_list_membership_compares_numbers_as_cel_equality_does() -> None:
+    # ``x in NAME`` is a hash lookup; it must answer what a scan with CEL's == answers
+    named = ListValue((9007199254740992.0, 3))
+    assert (9007199254740993 in named, 3.0 in named, 4 in named) == (True, True, False)
+    assert 9007199254740992.0 in ListValue((9007199254740993,))
+    assert 9007199254740992 not in ListValue((9007199254740993,))
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("double('0x1p-2')", 0.25), ("double('-0X1.8P1')", -3.0)]
+)
+def test_double_of_string_reads_go_hexadecimal_floats(text: str, value: float) -> None:
+    # cel-go's double(string) is Go's ParseFloat, which reads "0x1p-2"; an error here
+    # would turn such an order field into a rule ERROR that cel-go never raises
+    assert _both(text) == (value, value)

@@ -31,7 +31,8 @@ def _values(text: str) -> list[object]:
         ('"\\u00e9\\U0001F431"', "é🐱"),
         ("'\\101\\x42'", "AB"),
         ("r'\\n'", "\\n"),
-        ("rb'\\n'", b"\\n"),
+        ("br'\\n'", b"\\n"),
+        ("Br'\\n'", b"\\n"),
         ("'''a\nb'''", "a\nb"),
         ("b'\\xff\\000'", b"\xff\x00"),
         ("b'é'", "é".encode()),
@@ -92,8 +93,24 @@ def test_lexer_tokens_carry_offsets() -> None:
         (".²", "unexpected character '²'"),  # a Unicode digit is no digit of a number
         ("1.²", "unexpected character '²'"),
         ("1e٣", "unexpected character '٣'"),
+        ("'a\rb'", "newline in string literal"),  # CEL: a one-line string holds no CR
+        ("r'a\rb'", "newline in string literal"),
     ],
 )
 def test_lexer_reports_malformed_input(text: str, message: str) -> None:
     _, diags = tokenize(Source(text))
     assert diags and diags[0].message == message
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("0X1F", [0, "X1F"]),  # CEL's hex prefix is "0x" only
+        ("rb'a'", ["rb", "a"]),  # CEL's prefixes are [bB][rR]?: "rb" is a name
+        ("Rb'a'", ["Rb", "a"]),
+    ],
+)
+def test_lexer_reads_only_cels_literal_prefixes(text: str, values: list[object]) -> None:
+    # a form cel-go splits into two tokens must not be one literal here: it is then a
+    # syntax error, in riskd as in every other CEL implementation
+    assert _values(text) == values

@@ -71,6 +71,12 @@ def test_parser_positions_point_into_the_file() -> None:
         ("l.exists(x)", "exists() takes 2 arguments"),
         ("a.1", "unexpected '.1'"),
         ("{1: 2", "expected '}', found end of input"),
+        # CEL's keywords are never names: cel-go refuses these, so riskd must too
+        ("m.true", "'true' is a keyword, not a field name (a map key is selected `true`)"),
+        ("m.null", "'null' is a keyword, not a field name (a map key is selected `null`)"),
+        ("m.in(x)", "'in' is a keyword, not a field name (a map key is selected `in`)"),
+        (".false", "expected a name after '.'"),
+        (".null", "expected a name after '.'"),
     ],
 )
 def test_parser_reports_syntax_errors(text: str, message: str) -> None:
@@ -99,3 +105,16 @@ def test_parser_frame_budget_holds_for_nested_operator_chains() -> None:
     text = "a || b && c == d + e * (" * 60 + "1" + ")" * 60
     expr, diags = parse_expr(text)
     assert expr is None and diags[0].code == "riskd_limit_exceeded"
+
+
+def test_parser_keyword_field_error_names_its_column() -> None:
+    _, diags = parse_expr("m.a ||\n  m.null")
+    assert [(d.line, d.col, d.code) for d in diags] == [(2, 5, "riskd_syntax_error")]
+
+
+def test_parser_selects_reserved_and_quoted_keyword_names() -> None:
+    # CEL reserves 'if' etc. only as identifiers; a field may carry the name, and a
+    # keyword key is reachable back-quoted
+    assert _parse("m.if") == Select(Ident("m"), "if")
+    assert _parse("m.`in`") == Select(Ident("m"), "in")
+    assert unparse(_parse("m.`in` && has(m.`null`)")) == "m.`in` && has(m.`null`)"
