@@ -129,6 +129,19 @@ def test_errors_exit_2_and_name_the_problem(url: str, capsys: pytest.CaptureFixt
     assert run(["shop", "nope", "--database", url]) == 2
 
 
+def test_a_key_reused_with_another_amount_exits_2_and_moves_nothing(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a retry typed with a wrong amount must neither top up again nor pass for done
+    assert run(["fund-top-up", "500", "--key", "t1", "--reason", "r", "--database", url]) == 0
+    capsys.readouterr()
+    assert run(["fund-top-up", "600", "--key", "t1", "--reason", "r", "--database", url]) == 2
+    assert "idempotency_key: already used for a different request" in capsys.readouterr().err
+    assert run(["statement", "platform:fund", "--json", "--database", url]) == 0
+    statement = json.loads(capsys.readouterr().out)
+    assert statement["account"]["balance"] == 500 and len(statement["transfers"]) == 1
+
+
 def test_a_journal_position_beyond_64_bits_is_an_error(
     url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

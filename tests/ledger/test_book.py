@@ -185,6 +185,27 @@ def test_withdrawal_refused_while_frozen_then_allowed_after_the_freeze(
     assert book.withdraw("w", "s1", 1, actor="m").total(Code.WITHDRAWAL) == 1
 
 
+def test_a_freeze_ends_at_its_end_for_withdrawals_statements_and_scoring_alike(
+    book: Book, clock: FakeClock
+) -> None:
+    # the merchant, finance and the scorer must agree on the second a freeze ends
+    funded(book, shops={"s1": 1_000_000})
+    r = book.penalize_shop("p1", "s1", "substandard_goods", "c1", evidence="ev", actor="a")
+    clock.advance(r.frozen_until - clock.now() - 1)
+    assert book.shop_statement("s1").frozen and book.shop_states()["s1"].frozen
+    refused(book, FailedPreconditionError, lambda: book.withdraw("w", "s1", 1, actor="m"), "frozen")
+    clock.advance(1)
+    assert clock.now() == r.frozen_until
+    assert not book.shop_statement("s1").frozen and not book.shop_states()["s1"].frozen
+    assert book.withdraw("w", "s1", 1, actor="m").total(Code.WITHDRAWAL) == 1
+    refused(
+        book,
+        FailedPreconditionError,
+        lambda: book.unfreeze("u1", "s1", actor="ops", reason="appeal"),
+        "not frozen",
+    )
+
+
 def test_withdrawal_refused_with_open_claims(book: Book) -> None:
     funded(book, shops={"s1": 100})
     book.open_dispute("o1", "d1", "s1", "order1", 5_000, actor="analyst")

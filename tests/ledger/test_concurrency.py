@@ -84,13 +84,16 @@ def test_concurrent_identical_requests_post_once(book: Book) -> None:
     assert len([t for t in book.journal() if t.code is Code.COMPENSATION]) == 1
 
 
-def test_a_retry_committed_after_the_lookup_is_replayed_in_the_transaction(
-    book: Book, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("amount", [700, 900])
+def test_a_key_committed_after_the_lookup_is_judged_in_the_transaction(
+    book: Book, monkeypatch: pytest.MonkeyPatch, amount: int
 ) -> None:
-    """The race the test above needs, made to happen every run: the same request commits
-    (on another thread, its own connection) after this call's lock-free lookup found
-    nothing; the check inside the write transaction must answer it as a replay, not
-    post the payout again (the test above caught a removed check on SQLite only sometimes)."""
+    """The race the test above needs, made to happen every run: a request with the same
+    key commits 700 (on another thread, its own connection) after this call's lock-free
+    lookup found nothing. The check inside the write transaction must answer the same
+    request as a replay, not post the payout again (the test above caught a removed
+    check on SQLite only sometimes), and refuse another amount: a caller handed the
+    other request's receipt would believe its own amount was paid."""
     funded(book, shops={"s1": 0})
     book.open_dispute("o1", "d1", "s1", "order1", 1_000, actor="a")
     read_request = book.store.read_request
@@ -106,8 +109,12 @@ def test_a_retry_committed_after_the_lookup_is_replayed_in_the_transaction(
         return prior
 
     monkeypatch.setattr(book.store, "read_request", lookup_then_lose_the_race)
-    second = book.compensate_buyer("same", "d1", 700, actor="a")
-    assert raced and second.replayed is True
+    if amount == 700:
+        assert book.compensate_buyer("same", "d1", amount, actor="a").replayed is True
+    else:
+        with pytest.raises(AlreadyExistsError, match="idempotency_key: already used"):
+            book.compensate_buyer("same", "d1", amount, actor="a")
+    assert raced
     assert book.dispute_statement("d1").paid == 700
     assert book.account(acc.FUND).balance == 2_000_000_000 - 700
     assert len([t for t in book.journal() if t.code is Code.COMPENSATION]) == 1
