@@ -1089,9 +1089,7 @@ def forget_subject(db: Database, subject_id: str) -> int:
     Creates the evidence tables if missing. Returns the number of rows deleted.
     """
     _require_subject(subject_id)
-    create_schema(db)
-    if db.dialect == "sqlite":
-        db.query("PRAGMA secure_delete = ON")  # overwrite the freed pages too
+    create_schema(db)  # on SQLite, the freed space is zeroed: ``Database`` sets secure_delete
 
     def delete(tx: Tx) -> int:
         deleted = dict.fromkeys(("decision_pii", "decision_blind_index"), 0)

@@ -312,10 +312,9 @@ class SqlKeyStore:
                 tx.execute("REINDEX pii_blind_index")
             return ShredResult(keys, entries, tuple(subjects))
 
-        if self.db.dialect == "sqlite":
-            # Overwrite freed pages so the old wrapped key is not left in the file (once
-            # ``checkpoint`` has copied them there).
-            self.db.query("PRAGMA secure_delete = ON")
+        # SQLite overwrites the freed space with zeros (``secure_delete``, set on every
+        # connection by ``Database``), so the old wrapped key is not left in the file once
+        # ``checkpoint`` has copied the pages there.
         return self.db.run(destroy)
 
     def checkpoint(self) -> bool | None:

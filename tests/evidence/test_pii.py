@@ -400,3 +400,68 @@ def test_an_order_queued_before_a_forget_in_another_process_is_not_sealed(
     assert log.unsealed == 0 and log.verify().ok
     log.close()
     db.close()
+
+
+@pytest.fixture
+def secure_delete_off_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every SQLite connection starts with ``secure_delete`` off, as in SQLite's own builds
+    (this host's turns it on), until whoever opened it says otherwise."""
+    connect = sqlite3.connect
+
+    def connect_off(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        conn = connect(*args, **kwargs)
+        conn.execute("PRAGMA secure_delete = OFF")
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", connect_off)
+
+
+def buyer_secrets(db: Database, buyer: str) -> list[bytes]:
+    """What the database holds of ``buyer`` alone: wrapped keys, ciphertexts, digests."""
+    rows = db.query("SELECT wrapped FROM pii_data_keys WHERE subject_id = ?", (buyer,))
+    rows += db.query("SELECT ciphertext FROM decision_pii WHERE subject_id = ?", (buyer,))
+    for table in ("decision_blind_index", "pii_blind_index"):
+        rows += db.query(
+            f"SELECT digest FROM {table} WHERE subject_id = ? EXCEPT "
+            f"SELECT digest FROM {table} WHERE subject_id <> ?",
+            (buyer, buyer),
+        )
+    return [v.encode() if isinstance(v, str) else bytes(v) for (v,) in rows]
+
+
+@pytest.mark.usefixtures("secure_delete_off_by_default")
+def test_forget_leaves_no_bytes_of_the_buyer_where_sqlite_keeps_deleted_content(
+    tmp_path: Path,
+) -> None:
+    # a forgotten buyer's digests and ciphertexts must not be readable in the file whatever
+    # the SQLite build: the writes before the forget (a root page that became interior keeps
+    # its old cells) leave copies that the forget's own deletes never reach
+    keyring = Keyring.generate()
+    indexer = BlindIndexer(keyring)
+    db = Database(tmp_path / "evidence.db")
+    vault = Vault(keyring, SqlKeyStore(db))
+    log = DecisionLog(db, vault=vault, indexer=indexer)
+    buyers = [f"b-{b}" for b in range(4)]
+    for i in range(200):
+        buyer = buyers[i % len(buyers)]
+        order = make_order(f"o-{i}")
+        phone = f"1390000{i % len(buyers):04d}"
+        order = replace(order, buyer=replace(order.buyer, buyer_id=buyer, phone=phone))
+        decision = Decision(order.order_id, Outcome.ALLOW, 0.0, (), "v1", decided_at=1.0)
+        log.append(DecisionRecord(decision, log.protect(order)), order=order)
+        vault.record_index(buyer, {"order": indexer.index("phone", f"{i}-{phone}")})
+    log.flush(10)
+    secrets = {b: buyer_secrets(db, b) for b in buyers}
+    assert all(len(s) == 1 + 50 * 6 + 1 + 50 for s in secrets.values())  # key, 6 a order, digests
+    assert all(s in stored_bytes(tmp_path) for s in secrets["b-0"])  # the search sees them
+    for buyer in buyers[:3]:
+        assert vault.forget(buyer).checkpointed
+    raw = stored_bytes(tmp_path)
+    assert {b: sum(s in raw for s in secrets[b]) for b in buyers} == {
+        "b-0": 0,
+        "b-1": 0,
+        "b-2": 0,
+        "b-3": len(secrets["b-3"]),
+    }
+    log.close()
+    db.close()
