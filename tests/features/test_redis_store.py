@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -633,17 +635,25 @@ def test_an_unreadable_reply_is_unavailable_not_an_internal_error(
     store.close()
 
 
-class _SlowProxy:
-    """A TCP proxy in front of a Redis that holds every reply for ``delay`` seconds (a
-    Redis answering just within the socket timeout)."""
+class _Proxy:
+    """A loopback TCP proxy in front of a Redis: each client it accepts (counted) gets its
+    own connection to Redis, piped by the threads that ``_pipes`` names; ``close`` stops
+    them all."""
 
-    def __init__(self, port: int, delay: float) -> None:
-        self.delay = delay
+    def __init__(self, port: int | None) -> None:
         self._target = ("127.0.0.1", port)
         self._listener = socket.create_server(("127.0.0.1", 0))
-        self._sockets: list[socket.socket] = []
         self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.accepted = 0
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def _pipes(
+        self, client: socket.socket, server: socket.socket
+    ) -> list[tuple[Callable[..., None], tuple[object, ...]]]:
+        raise NotImplementedError
 
     def _accept(self) -> None:
         while True:
@@ -651,10 +661,47 @@ class _SlowProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return  # closed
-            server = socket.create_connection(self._target)
-            self._sockets += [client, server]
-            threading.Thread(target=self._pipe, args=(client, server, 0.0), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, None), daemon=True).start()
+            server = socket.create_connection(self._target, timeout=5)
+            server.settimeout(None)
+            pipes = [
+                threading.Thread(target=run, args=args, daemon=True)
+                for run, args in self._pipes(client, server)
+            ]
+            with self._lock:
+                self.accepted += 1
+                self._sockets += [client, server]
+                self._threads += pipes
+            for pipe in pipes:
+                pipe.start()
+
+    def _drop(self, *sockets: socket.socket) -> None:
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self._drop(self._listener)  # a shutdown wakes the accept (a close alone does not)
+        with self._lock:
+            sockets, threads = list(self._sockets), list(self._threads)
+        self._drop(*sockets)
+        for thread in threads:
+            thread.join(5)
+            assert not thread.is_alive()
+
+
+class _SlowProxy(_Proxy):
+    """Holds every reply for ``delay`` seconds (a Redis answering just within the socket
+    timeout)."""
+
+    def __init__(self, port: int, delay: float) -> None:
+        self.delay = delay
+        super().__init__(port)
+
+    def _pipes(
+        self, client: socket.socket, server: socket.socket
+    ) -> list[tuple[Callable[..., None], tuple[object, ...]]]:
+        return [(self._pipe, (client, server, 0.0)), (self._pipe, (server, client, None))]
 
     def _pipe(self, src: socket.socket, dst: socket.socket, delay: float | None) -> None:
         try:
@@ -663,13 +710,7 @@ class _SlowProxy:
                 dst.sendall(data)
         except OSError:
             pass
-        for sock in (src, dst):
-            sock.close()
-
-    def close(self) -> None:
-        self._listener.close()
-        for sock in self._sockets:
-            sock.close()
+        self._drop(src, dst)
 
 
 @pytest.mark.parametrize("db", [0, 1])
@@ -731,3 +772,91 @@ def test_a_url_redis_py_refuses_is_refused_at_construction_naming_the_shard(
     with pytest.raises(ConfigError, match=r"^redis_url: shard 2: ") as e:
         RedisFeatureStore([REDIS_URL, url], SystemClock(), prefix="riskd-test:url:")
     assert secret not in str(e.value)
+
+
+_REDIS_PORT = urlsplit(REDIS_URL).port
+
+
+class _ReplyProxy(_Proxy):
+    """A proxy to the shared Redis that, once ``arm``-ed, does one thing to the next reply
+    Redis sends: ``cut`` (forward its first half, then close the connection) or ``hold``
+    (keep it back until the client sends on that connection again, forwarded then: a
+    reply later than the call waited for)."""
+
+    def __init__(self) -> None:
+        self._armed = ""
+        super().__init__(_REDIS_PORT)
+
+    def arm(self, what: str) -> None:
+        self._armed = what
+
+    def _pipes(
+        self, client: socket.socket, server: socket.socket
+    ) -> list[tuple[Callable[..., None], tuple[object, ...]]]:
+        held: list[bytes] = []
+        return [(self._up, (client, server, held)), (self._down, (server, client, held))]
+
+    def _up(self, client: socket.socket, server: socket.socket, held: list[bytes]) -> None:
+        with contextlib.suppress(OSError):
+            while data := client.recv(65536):
+                while held:  # the late reply reaches the client before its next request goes on
+                    client.sendall(held.pop(0))
+                server.sendall(data)
+        self._drop(client, server)
+
+    def _down(self, server: socket.socket, client: socket.socket, held: list[bytes]) -> None:
+        with contextlib.suppress(OSError):
+            while data := server.recv(65536):
+                armed, self._armed = self._armed, ""
+                if armed == "cut":
+                    client.sendall(data[: len(data) // 2])
+                    break
+                if armed == "hold":
+                    held.append(data)
+                else:
+                    client.sendall(data)
+        self._drop(client, server)
+
+
+def _value_on_shard(name: str, shard: int) -> str:
+    """A key value that two shards put on ``shard`` (the store's CRC-32 of "name:value")."""
+    values = (f"v{i}" for i in range(100))
+    return next(v for v in values if zlib.crc32(f"{name}:{v}".encode()) % 2 == shard)
+
+
+@pytest.mark.parametrize(("failure", "timeout_s"), [("cut", 2.0), ("hold", 0.5)])
+def test_a_failed_call_never_leaves_a_connection_with_a_reply_pending_for_the_next(
+    clock: FakeClock, failure: str, timeout_s: float
+) -> None:
+    # a connection given back with the failed call's reply still to come would hand that
+    # stale reply to the next call on it: wrong counts, taken as right by the rules
+    prefix = f"riskd-test:features:{uuid.uuid4().hex}:"
+    proxies = [_ReplyProxy(), _ReplyProxy()]
+    urls = [f"redis://127.0.0.1:{p.port}/{db}" for db, p in enumerate(proxies)]
+    store = RedisFeatureStore(urls, clock, prefix=prefix, timeout_s=timeout_s)
+    device, buyer = _value_on_shard("device", 0), _value_on_shard("buyer", 1)
+    count_buyer = FeatureQuery(Agg.COUNT, "buyer", "24h")
+    try:
+        assert (
+            store.record_and_read(order(clock, "o1", device=device, buyer=buyer), QUERIES)[
+                count_buyer
+            ]
+            == 1
+        )
+        # shard 0's reply (read first) fails; shard 1's, sent and never read, comes late
+        proxies[0].arm(failure)
+        proxies[1].arm("hold")
+        with pytest.raises(UnavailableError, match="feature store: redis"):
+            store.record_and_read(order(clock, "o2", device=device, buyer=buyer), QUERIES)
+        got = store.record_and_read(order(clock, "o3", device=device, buyer=buyer), QUERIES)
+        # o2 ran on both shards before its replies were lost: o3 is the third
+        assert (got[COUNT_DEVICE_1M], got[count_buyer]) == (3, 3)
+        assert [p.accepted for p in proxies] == [2, 2]  # a fresh connection on each shard
+    finally:
+        store.close()
+        for url in SHARD_URLS:
+            client = redis.Redis.from_url(url)
+            delete_prefix(client, prefix)
+            client.close()
+        for proxy in proxies:
+            proxy.close()

@@ -689,3 +689,36 @@ def test_verify_ledger_names_what_is_broken(tmp_path: Path) -> None:
 def test_timestamps_keep_fractions_of_a_second() -> None:
     ts = timestamp(1_800_000_000.25)
     assert ts.seconds == 1_800_000_000 and abs(ts.nanos - 250_000_000) < 1_000  # float's step
+
+
+def test_a_statement_over_4_mib_is_sent_whole_when_max_message_bytes_allows_it(
+    tmp_path: Path,
+) -> None:
+    # an operator who raised max_message_bytes reads a long statement in one reply: the
+    # server's send limit and the statement's reply budget must both follow the config
+    from riskd.service.server import create_server
+    from tests.service.conftest import make_config
+
+    url = f"sqlite:///{tmp_path / 'riskd.db'}"
+    book = Book(Database(url), clock=FakeClock(1.8e9))
+    wide = "账" * 1000  # 1,000 characters (the most a reason or evidence holds), 3,000 bytes
+    for i in range(800):
+        book.top_up_fund(f"t{i}", 1, actor="cert:a", reason=f"{i:04d}{wide[4:]}", evidence=wide)
+    book.close()
+    limit = 16 * 1024 * 1024
+    auth = {"tokens": {"tok-op": "ops:operator"}}
+    running = create_server(
+        make_config(tmp_path, database_url=url, max_message_bytes=limit, auth=auth)
+    )
+    options = [("grpc.max_receive_message_length", limit)]  # the client's own is 4 MiB
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}", options=options) as channel:
+            stub = pb_grpc.LedgerServiceStub(channel)
+            request = pb.GetAccountStatementRequest(account_id="platform:fund", limit=1000)
+            md = (("authorization", "Bearer tok-op"),)
+            page = stub.GetAccountStatement(request, metadata=md, timeout=30)
+        assert page.ByteSize() > 4 * 1024 * 1024
+        assert not page.truncated
+        assert [int(t.reason[:4]) for t in page.transfers] == list(range(800))
+    finally:
+        running.stop(1)
