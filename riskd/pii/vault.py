@@ -150,6 +150,14 @@ def _require(name: str, value: str) -> None:
         raise InvalidArgumentError(name, "must not be empty")
 
 
+def _require_text(name: str, value: str) -> None:
+    """An operator's buyer id or hold reason: blanks alone say nothing (review: ``riskd pii
+    hold b-1 --reason " "`` placed a hold no one could explain, and ``forget " "`` reported
+    success and wrote a tombstone for a buyer no order can have)."""
+    if not value.strip():
+        raise InvalidArgumentError(name, "must not be empty")
+
+
 def bind_keyring(keyring: MasterKeyProvider, keystore: SqlKeyStore) -> bool:
     """Whether ``keyring`` is the one the key store's data was written with; the first
     time, its fingerprint is recorded (the daemon checks this before it starts).
@@ -569,9 +577,10 @@ class Vault:
         held that up: ``ShredResult.checkpointed`` says).
 
         Raises:
+            InvalidArgumentError: ``subject_id`` is empty or blank; nothing changes.
             FailedPreconditionError: the subject is under legal hold; nothing changes.
         """
-        _require("subject_id", subject_id)
+        _require_text("subject_id", subject_id)
         result = self.keystore.shred(subject_id, self._clock.now())
         try:
             for subject in result.subjects or (subject_id,):
@@ -602,9 +611,14 @@ class Vault:
     def hold(self, subject_id: str, reason: str) -> None:
         """Place a legal hold for ``reason``: ``forget`` is refused until every hold of the
         subject is released (each reason is its own hold; a hold under one spelling of
-        the id holds them all)."""
-        _require("subject_id", subject_id)
-        _require("reason", reason)
+        the id holds them all).
+
+        Raises:
+            InvalidArgumentError: an empty or blank ``subject_id`` or ``reason``, or a
+                ``reason`` that holds personal data (``refuse_pii``); nothing is held.
+        """
+        _require_text("subject_id", subject_id)
+        _require_text("reason", reason)
         refuse_pii("reason", reason)  # stored in clear: ``holds`` and release's refusal list it
         self.keystore.hold(subject_id, reason, self._clock.now())
 
