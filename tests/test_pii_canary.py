@@ -22,13 +22,14 @@ import logging
 import random
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import redis
 
 from riskd.cli import pii as pii_cli
 from riskd.cli import serve as serve_cli
@@ -45,6 +46,8 @@ from riskd.service.gen.riskd.v1 import (
 )
 from riskd.service.logs import configure_logging
 from riskd.service.server import RunningServer, create_server
+from tests.features.features_support import delete_prefix
+from tests.service.conftest import SHARED_REDIS, make_config
 
 RULES = Path(__file__).parent / "service" / "testdata" / "rules"
 CHECKOUT_TOKEN = "canary-checkout-token"
@@ -358,4 +361,80 @@ def test_pii_canaries_appear_nowhere(
     control.add("control", f"xx{m.device.lower()}yy")
     assert control.hits(m.needles()) != []
 
+    assert evidence.hits(m.needles()) == []
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    name = f"riskd-test-canary-{uuid.uuid4().hex}:"
+    yield name
+    client = redis.Redis.from_url(SHARED_REDIS)
+    delete_prefix(client, name)
+    client.close()
+
+
+def _redis_contents(prefix: str) -> str:
+    """Every key under ``prefix`` and what it holds, as text."""
+    client = redis.Redis.from_url(SHARED_REDIS)
+    readers: dict[str, Callable[[bytes], object]] = {
+        "string": client.get,
+        "hash": client.hgetall,
+        "zset": lambda key: client.zrange(key, 0, -1, withscores=True),
+        "set": client.smembers,
+        "list": lambda key: client.lrange(key, 0, -1),
+        "stream": client.xrange,
+    }
+    out: list[str] = []
+    try:
+        for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            kind = client.type(key).decode()
+            read = readers.get(kind)
+            out.append(f"{key!r} {kind} {None if read is None else read(key)!r}")
+    finally:
+        client.close()
+    return "\n".join(out)
+
+
+def test_pii_canaries_reach_no_redis_key_and_no_worker_log(
+    tmp_path: Path,
+    prefix: str,
+    captured_logs: io.StringIO,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # velocity state outlives a forget for 25 hours: it must hold keyed digests, never PII
+    m = Markers.fresh()
+    data_dir = tmp_path / "data"
+    config = make_config(
+        data_dir,
+        redis_url=SHARED_REDIS,
+        redis_prefix=prefix,
+        score_workers=1,
+        log_level="debug",
+        deadline_ms=5000,
+    )
+    running = create_server(config)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            stub = scoring_pb2_grpc.ScoringServiceStub(ch)
+            for i in range(3):
+                order = order_to_proto(canary_order(m, f"o-canary-r{i}"))
+                stub.Score(scoring_pb2.ScoreRequest(order=order), timeout=10)
+            batch = scoring_pb2.ScoreBatchRequest(
+                orders=[order_to_proto(canary_order(m, f"o-canary-rb{i}")) for i in range(3)]
+            )
+            stub.ScoreBatch(batch, timeout=10)
+    finally:
+        running.stop(5)
+    stored = _redis_contents(prefix)
+    evidence = Evidence()
+    evidence.add("redis", stored)
+    evidence.add("riskd JSON logs", captured_logs.getvalue())
+    out = capfd.readouterr()
+    evidence.add("process stdout (worker included)", out.out)
+    evidence.add("process stderr (worker included)", out.err)
+    for path in data_dir.rglob("*"):
+        if path.is_file():
+            evidence.add(f"file {path.name}", path.read_bytes())
+
+    assert stored.count(prefix) >= 6  # the orders were counted in this Redis namespace
     assert evidence.hits(m.needles()) == []

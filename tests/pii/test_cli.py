@@ -884,3 +884,70 @@ def test_cli_keygen_removes_an_old_form_part_once_no_save_can_be_writing_it(
         " 10 minutes (its save may be under way); removed by a later command",
     ]
     assert not old.exists() and young.exists()
+
+
+def _rows(url: str) -> list[tuple[object, ...]]:
+    db = Database(url)
+    try:
+        return db.query(
+            "SELECT subject_id, reason FROM pii_legal_hold_reasons UNION ALL "
+            "SELECT subject_id, generation FROM pii_data_keys"
+        )
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("hold", "b-1", "--reason", "   "),
+        ("hold", "b-1", "--reason", "\u3000\t"),
+        ("hold", "  ", "--reason", "dispute 2026-17"),
+        ("forget", "   "),
+        ("forget", "\u3000"),
+    ],
+)
+def test_cli_a_blank_buyer_id_or_hold_reason_is_refused_and_changes_nothing(
+    paths: tuple[list[str], Path, str], capsys: pytest.CaptureFixture[str], argv: tuple[str, ...]
+) -> None:
+    # a hold no one can explain, or a "forgotten" report for no buyer, misleads the audit
+    opts, _, url = paths
+    assert run("keygen", *opts) == 0
+    SqlKeyStore(db := Database(url)).create_schema()
+    db.close()
+    before = _rows(url)
+    assert run(*argv, *opts) == 1
+    err = capsys.readouterr().err
+    assert "must not be empty" in err and "forgotten" not in err
+    assert _rows(url) == before
+
+
+def test_cli_a_hold_reason_holding_pii_is_refused_naming_the_kind_never_the_value(
+    paths: tuple[list[str], Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the reason is stored in clear for good and listed back: it must carry no personal data
+    opts, _, url = paths
+    assert run("keygen", *opts) == 0
+    reason = "buyer 13812345678 disputes"
+    assert run("hold", "b-1", "--reason", reason, *opts) == 1
+    out = capsys.readouterr()
+    assert "reason: looks like it holds a mobile phone number;" in out.err
+    assert "13812345678" not in out.err + out.out
+    db = Database(url)
+    assert SqlKeyStore(db).holds("b-1") == []
+    db.close()
+    assert run("forget", "b-1", *opts) == 0  # no hold was placed
+
+
+@pytest.mark.parametrize("command", [("keygen",), ("retire", "1")])
+def test_cli_keygen_and_retire_leave_a_key_file_others_could_read_owner_only(
+    paths: tuple[list[str], Path, str], command: tuple[str, ...]
+) -> None:
+    # master keys: a file copied or restored with a looser mode is made 0600 on the next save
+    opts, key_file, _ = paths
+    assert run("keygen", *opts) == 0
+    assert run("keygen", *opts) == 0  # version 1 retirable
+    key_file.chmod(0o644)
+    assert run(*command, *opts) == 0
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    Keyring.load(key_file)
