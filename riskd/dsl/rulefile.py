@@ -60,6 +60,7 @@ _IDENT_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NUMBER_RE = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 _NUMBER_START = re.compile(r"-?[0-9]")
 _BLANKS_RE = re.compile(r"[ \t\r\n]+")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _PUNCT = "{}[]=,:"
 _T = TypeVar("_T")
 
@@ -591,6 +592,8 @@ class _Parser:
             value = None
         if not isinstance(value, str):
             raise self.fail(tok, "malformed string literal", BAD_STRING)
+        if _LONE_SURROGATE.search(value):  # not text: no UTF-8 file, log or reply can hold it
+            raise self.fail(tok, "a \\u escape of half a surrogate pair is not text", BAD_STRING)
         return value
 
     def decode_number(self, tok: Token) -> Scalar:

@@ -489,3 +489,19 @@ def test_rules_commands_default_to_the_rules_folder(
     assert main(["rules", "fmt"]) == 0
     assert capsys.readouterr().out == "reformatted rules/zz_messy.rules\n"
     assert messy.read_text(encoding="utf-8") == 'scenario zz_messy = "S"\n'
+
+
+def test_rules_fmt_and_check_refuse_half_a_surrogate_pair_with_its_place(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "\ud800" is no text: fmt crashed writing it back, and check passed a reason no reply can carry
+    bad = tmp_path / "bad.rules"
+    bad.write_text('list odd = ["\\ud800"]\n', encoding="utf-8")
+    pair = tmp_path / "pair.rules"
+    pair.write_text('list  ok = ["\\ud83d\\ude00"]\n', encoding="utf-8")
+    assert main(["rules", "fmt", str(bad), str(pair)]) == 1
+    captured = capsys.readouterr()
+    assert f"{bad}:1:13: riskd_bad_string:" in captured.err
+    assert pair.read_text(encoding="utf-8") == 'list ok = ["😀"]\n'
+    assert main(["rules", "check", str(tmp_path)]) == 1
+    assert f"{bad}:1:13: riskd_bad_string:" in capsys.readouterr().err
