@@ -13,6 +13,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 from riskd.domain.features import KEYS, WINDOWS, Agg, FeatureQuery
 from riskd.dsl.diagnostics import (
@@ -58,6 +59,7 @@ from riskd.dsl.types import (
 )
 from riskd.dsl.values import (
     EvalError,
+    Timestamp,
     TypeValue,
     UInt,
     parse_duration,
@@ -336,6 +338,10 @@ class _Checker:
                 return INT
             texts.append(a.value)
         of = texts[1] if want == 3 else ""
+        if of and of == texts[0]:  # one value per order's own key: always 1, and no test sets it
+            message = f'distinct() counts other identities than its key: OF "{of}" is the KEY'
+            self.error(node.args[1], BAD_ARGUMENT, message)
+            return INT
         query = FeatureQuery(_AGG[fn], texts[0], texts[-1], of=of)
         self.out.features[id(node)] = _QUERIES.setdefault(query, query)
         self.out.calls[id(node)] = self.env.registry.functions[fn].overloads
@@ -345,7 +351,15 @@ class _Checker:
         """A string literal that ``duration()``, ``timestamp()`` or a time zone argument
         cannot read would fail every evaluation: it is a diagnostic at the literal."""
         text = node.args[0] if len(node.args) == 1 else None
-        if not isinstance(text, Literal) or not isinstance(text.value, str):
+        if not isinstance(text, Literal):
+            return
+        if _epoch_seconds(text.value) and node.target is None and node.function == "timestamp":
+            try:
+                Timestamp.checked(cast(int, text.value) * 10**9)
+            except EvalError as exc:
+                self.error(text, BAD_ARGUMENT, _TIME_HINTS.get(str(exc), str(exc)))
+            return
+        if not isinstance(text.value, str):
             return
         if node.target is None and node.function in _TIME_LITERALS:
             read = _TIME_LITERALS[node.function]
@@ -366,6 +380,11 @@ class _Checker:
             self.out.regexes[id(node)] = compile_pattern(pattern.value)
         except RegexError as exc:
             self.error(pattern, BAD_REGEX, f"invalid regular expression: {exc}")
+
+
+def _epoch_seconds(value: object) -> bool:
+    """An int literal, as ``timestamp(int)`` takes it (a uint or bool is no overload)."""
+    return isinstance(value, int) and not isinstance(value, bool | UInt)
 
 
 _TIME_LITERALS: dict[str, Callable[[str], object]] = {

@@ -107,6 +107,9 @@ def test_checker_rejects_unknown_fields_of_the_request() -> None:
          "orders() takes 2 arguments: orders(KEY, WINDOW)"),
         ("amount('device', '5m')", "riskd_bad_argument",
          'unknown window "5m"; expected one of "1m", "1h", "24h"'),
+        # distinct devices per this device is always 1: the rule could never fire
+        ("distinct('device', 'device', '24h') > 1", "riskd_bad_argument",
+         'distinct() counts other identities than its key: OF "device" is the KEY'),
         # a literal duration(), timestamp() or zone that fails every evaluation
         ("duration('1 h') > duration('0')", "riskd_bad_argument",
          'not a duration: write it as Go does, e.g. "1h30m", "-1.5s", "250ms"'),
@@ -115,6 +118,10 @@ def test_checker_rejects_unknown_fields_of_the_request() -> None:
         ("now > timestamp('2026-01-02t00:00:00Z')", "riskd_bad_argument",
          'not an RFC 3339 timestamp, e.g. "2024-06-18T12:00:00Z" or "...+08:00"'),
         ("now > timestamp('0000-01-01T00:00:00Z')", "riskd_bad_argument",
+         "timestamp out of range (years 0001 to 9999)"),
+        ("now > timestamp(253402300800)", "riskd_bad_argument",
+         "timestamp out of range (years 0001 to 9999)"),
+        ("now > timestamp(-62135596801)", "riskd_bad_argument",
          "timestamp out of range (years 0001 to 9999)"),
         ("now.getHours('Asia/Shangai') < 6", "riskd_bad_argument",
          'unknown time zone: an IANA name ("Asia/Shanghai") or "+08:00"'),

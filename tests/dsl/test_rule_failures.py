@@ -318,6 +318,17 @@ def test_a_literal_no_evaluation_could_convert_is_a_compile_error_at_its_place(
     assert result.error == "invalid timestamp"
 
 
+def test_check_refuses_arguments_that_fail_or_never_vary_at_their_place(tmp_path: Path) -> None:
+    # both passed `rules check`: one errored on every order, one was 1 on every order
+    when = 'now > timestamp(253402300800) || distinct("device", "device", "24h") > 1'
+    program, diags = check_rules(tmp_path / "s.rules", _write(tmp_path, _rule("r", when)))
+    assert program is None
+    assert [(d.code, d.line, d.col) for d in diags] == [
+        ("riskd_bad_argument", 9, 26),  # the epoch seconds past year 9999
+        ("riskd_bad_argument", 9, 62),  # the OF that is the KEY
+    ]
+
+
 # ------------------------------------------------------------------------ cost bounds
 
 
