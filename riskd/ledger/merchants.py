@@ -24,7 +24,8 @@ class MerchantOperations(BookCore):
         """Open a shop's deposit and claim accounts; True if new, False if already there.
 
         Raises:
-            AlreadyExistsError: the shop is registered to another merchant.
+            AlreadyExistsError: the shop is registered under another merchant id (or
+                none), which the message names.
         """
         check_id("shop_id", shop_id)
         if merchant_id:
@@ -35,8 +36,9 @@ class MerchantOperations(BookCore):
                 tx, "SELECT merchant_id FROM ledger_shops WHERE shop_id = ?", (shop_id,)
             )
             if row is not None:
-                if row[0] != merchant_id:
-                    raise AlreadyExistsError("shop_id: shop registered to another merchant")
+                if row[0] != merchant_id:  # the ids are the platform's, not a person's
+                    held = f"merchant {row[0]!r}" if row[0] else "no merchant"
+                    raise AlreadyExistsError(f"shop_id: shop registered under {held}")
                 return False
             now = self.clock.now()
             self.store.insert(

@@ -444,8 +444,15 @@ def test_account_statement_pages_through_history(book: Book) -> None:
 def test_register_shop_is_idempotent_and_keeps_its_merchant(book: Book) -> None:
     assert book.register_shop("s1", merchant_id="m1")
     assert not book.register_shop("s1", merchant_id="m1")
-    with pytest.raises(AlreadyExistsError, match="shop_id"):
-        book.register_shop("s1", merchant_id="m2")
+    # the refusal says which merchant id the shop holds, so the operator can retry right
+    for other in ("m2", ""):
+        with pytest.raises(
+            AlreadyExistsError, match="shop_id: shop registered under merchant 'm1'"
+        ):
+            book.register_shop("s1", merchant_id=other)
+    assert book.register_shop("s2")
+    with pytest.raises(AlreadyExistsError, match="shop_id: shop registered under no merchant"):
+        book.register_shop("s2", merchant_id="m1")
 
 
 def test_error_messages_never_echo_free_text(book: Book) -> None:
