@@ -462,6 +462,45 @@ def test_the_readme_configuration_block_names_every_setting_with_its_default() -
     assert "RISKD_KEYRING " in block
 
 
+def test_the_readme_configuration_block_loads_and_its_tables_hold_the_code_s_defaults(
+    tmp_path: Path,
+) -> None:
+    """Operators copy the README's block, ``[fallback]`` and ``[auth]`` too: it must load as
+    written (its one elided token digest filled in), name every ``[auth]`` setting, and give
+    the defaults the code has, rate limits included."""
+    import re
+    import tomllib
+    from dataclasses import fields
+
+    from riskd.domain.order import Channel
+    from riskd.service.callers import DEFAULT_RATE_LIMITS, AuthConfig, RateLimit, token_digest
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "riskd.toml"
+    path.write_text(re.sub(r'"sha256:[0-9a-f]*…"', f'"{token_digest("t")}"', block))
+    loaded = load_config(path, env={})  # every key of every table known, every value valid
+    assert loaded.auth is not None
+    AuthConfig.from_mapping(loaded.auth)
+    documented = tomllib.loads(block.replace("…", ""))
+    # [fallback]: the default scenario as the code has it; live_room is an example only
+    assert Config().fallback == {"default": loaded.fallback["default"]}
+    fallback_line = next(x for x in block.splitlines() if x.startswith("live_room"))
+    named = re.search(r"a channel \(([^)]*)\)", fallback_line)
+    assert named is not None
+    channels = {re.sub(r"^or ", "", n.strip()).split(":")[0] for n in named[1].split(",")}
+    assert channels == {c.name.lower() for c in Channel}
+    # [auth]: every setting (the default-only switch is no setting), with its default
+    auth = documented["auth"]
+    assert set(auth) == {f.name for f in fields(AuthConfig)} - {"anonymous_within_public"}
+    defaults = AuthConfig.from_mapping({})
+    assert frozenset(auth["anonymous_roles"]) == defaults.anonymous_roles
+    assert auth["ou_roles"] is defaults.ou_roles
+    limits_line = next(x for x in block.splitlines() if "the defaults:" in x)
+    said = dict(re.findall(r"(\w+) (\d+/s:\d+)", limits_line.split("the defaults:", 1)[1]))
+    assert {r: RateLimit.parse(v, r) for r, v in said.items()} == dict(DEFAULT_RATE_LIMITS)
+
+
 @pytest.mark.parametrize(
     ("text", "value"),
     [
@@ -488,3 +527,23 @@ def test_rpc_threads_cover_two_per_scoring_worker_and_the_other_calls() -> None:
     extra = STREAM_THREADS + LEDGER_THREADS + EVIDENCE_THREADS
     assert Config(workers=4).rpc_threads == 4 + extra
     assert Config(workers=4, score_workers=8, redis_url="redis://a:1/0").rpc_threads == 16 + extra
+
+
+def test_the_readme_names_each_variable_the_daemon_lets_pass_and_no_unknown_one() -> None:
+    """A variable the README names that the daemon refuses stops it at start; one it lets
+    pass unnamed (the client commands') is one operators remove from the environment."""
+    import re
+    from dataclasses import fields
+
+    from riskd.config import CLIENT_ENV, SERVICE_LINK_ENV
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("\n## Configuration\n") :].split("\n## ", 2)[1]
+    named = set(re.findall(r"`(RISKD_[A-Z0-9_]*[A-Z0-9])", section))
+    settings = {f"RISKD_{f.name.upper()}" for f in fields(Config)} - {
+        "RISKD_AUTH",
+        "RISKD_FALLBACK",
+    }
+    links = {n for n in named if any(name.fullmatch(n) for name, _ in SERVICE_LINK_ENV)}
+    assert sorted(named - settings - CLIENT_ENV - links) == []
+    assert sorted(CLIENT_ENV - named) == []

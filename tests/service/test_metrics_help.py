@@ -114,3 +114,36 @@ def test_refused_calls_count_as_errors_and_are_not_timed_as_help_says(
     assert "refused by authentication" in helps["riskd_rpc_latency_seconds"]
     assert "not timed" in helps["riskd_rpc_latency_seconds"]
     assert "refused by authentication" in helps["riskd_rpc_errors_total"]
+
+
+def exported_labels(server: RunningServer) -> dict[str, set[str]]:
+    """Each family /metrics exports and the label names of its series, after real calls;
+    a family with no series yet (no rule error, no scoring worker) by its declared labels."""
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = scoring_pb2_grpc.ScoringServiceStub(channel)
+        request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(fresh()))
+        stub.Score(request, timeout=5, metadata=(("authorization", f"Bearer {TOKEN}"),))
+        with pytest.raises(grpc.RpcError):  # refused: an error series, by method and code
+            stub.Score(request, timeout=5)
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    declared = {}  # prometheus_client keeps labels of a family without series privately
+    for collector in list(server.metrics.registry._collector_to_names):  # type: ignore[attr-defined]
+        for family in collector.describe():
+            names = getattr(collector, "_labelnames", getattr(family, "_labelnames", ()))
+            declared[family.name] = set(names)
+    labels = {}
+    for f in text_string_to_metric_families(text):
+        if f.name.endswith("_created"):  # the client library's creation timestamps
+            continue
+        seen = {n for s in f.samples for n in s.labels if not (f.type == "histogram" and n == "le")}
+        labels[f"{f.name}_total" if f.type == "counter" else f.name] = seen or declared[f.name]
+    return labels
+
+
+def test_the_readme_names_the_labels_each_family_exports(server: RunningServer) -> None:
+    """Dashboards and alerts are written from the README's labels column: a label it names
+    that the series lack matches nothing, and one it omits splits series unseen."""
+    columns = {n: set(re.findall(r"`(\w+)`", r.split("|")[2])) for n, r in readme_rows().items()}
+    labels = exported_labels(server)
+    assert {n: (columns[n], labels[n]) for n in labels if columns.get(n) != labels[n]} == {}
