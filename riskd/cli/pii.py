@@ -255,9 +255,24 @@ def _forget(args: argparse.Namespace) -> int:
     # The decision log's rows beside its chain (ciphertexts, blind indexes): the daemon's
     # DecisionLog registers this hook in its process; this process registers it here.
     # It runs after the legal-hold check and the key shredding.
-    vault.add_forget_hook(lambda subject: deleted.append(forget_subject(db, subject)))
+    shredded: list[str] = []  # the hook runs once the data keys are destroyed
+
+    def hook(subject: str) -> None:
+        shredded.append(subject)
+        deleted.append(forget_subject(db, subject))
+
+    vault.add_forget_hook(hook)
     try:
         result = vault.forget(args.buyer_id)
+    except Exception:
+        if shredded and not deleted:  # the keys are gone: the rest is done by a rerun
+            print(
+                "riskd pii forget: the buyer's data keys are destroyed (the personal data "
+                "is unreadable), but the decision log's ciphertexts and blind indexes were "
+                "not deleted; run the same forget again",
+                file=sys.stderr,
+            )
+        raise
     finally:
         db.close()
     print(

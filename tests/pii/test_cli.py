@@ -207,6 +207,34 @@ def test_cli_forget_deletes_the_decision_logs_ciphertexts_and_blind_indexes(
     db.close()
 
 
+def test_cli_forget_whose_evidence_delete_fails_says_the_keys_are_gone_and_a_rerun_ends_it(
+    paths: tuple[list[str], Path, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the keys are destroyed before the decision log's rows: an operator told only the
+    # database's error would not know the buyer is already unreadable, nor what to do
+    opts, key_file, url = paths
+    run("keygen", *opts)
+    log_buyers(url, Keyring.load(key_file), buyers=1, orders=1)
+    db = Database(url)
+    db.query(
+        "CREATE TRIGGER keep BEFORE DELETE ON decision_pii BEGIN SELECT RAISE(ABORT, 'kept'); END"
+    )
+    db.close()
+    capsys.readouterr()
+    assert run("forget", "b-0", *opts) == 1
+    err = capsys.readouterr().err
+    assert "data keys are destroyed" in err and "run the same forget again" in err
+    db = Database(url)
+    assert len(encrypted_fields(db, "o-0")) == 6  # the rows the failed delete left
+    db.query("DROP TRIGGER keep")
+    db.close()
+    assert run("forget", "b-0", *opts) == 0
+    assert "data keys are destroyed" not in capsys.readouterr().err
+    db = Database(url)
+    assert blind_index_entries(db, "o-0") == {} and encrypted_fields(db, "o-0") == {}
+    db.close()
+
+
 def test_cli_forget_leaves_nothing_under_another_spelling_of_the_buyer_id(
     paths: tuple[list[str], Path, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
