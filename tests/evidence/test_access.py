@@ -55,6 +55,8 @@ def test_reveal_decrypts_every_field_and_records_the_access(db: Database) -> Non
     only = access.reveal("o-1", "call the buyer", "token:ts-1", ["phone", "phone"])
     assert only.fields == {"phone": PHONE} and only.entry.fields == ("phone",)
     assert [e.seq for e in access.entries()] == [1, 2]
+    # the entry a reveal answers with (its receipt) is the one it chained, seq and hash
+    assert access.entries() == [got.entry, only.entry]
     assert [e.seq for e in access.entries(after_seq=1)] == [2]
     result = log.verify()
     assert result.ok and result.head["pii_access_log"][0] == 2
@@ -81,6 +83,7 @@ def test_the_audit_trail_holds_no_plaintext(db: Database) -> None:
         ("o-1\n\x1b[31m", "why", (), "order_id"),
         ("o-1", "  ", (), "reason"),
         ("o-1", "x" * 501, (), "reason"),
+        ("o-1", f"buyer {PHONE} called", (), "reason"),  # chained in clear for good
         ("o-1", "why", ("phone", "email"), "fields[1]"),
     ],
 )
@@ -94,6 +97,16 @@ def test_bad_requests_name_the_field_and_record_nothing(
     assert e.value.field == field
     assert len(str(e.value)) < 200  # never echoes a long id
     assert count(db) == 0
+    log.close()
+
+
+def test_a_reveal_that_names_no_principal_is_refused_and_records_nothing(db: Database) -> None:
+    # an audit entry that does not say who saw the plaintext is no audit
+    log, _, access = setup(db)
+    log_order(log, "o-1")
+    with pytest.raises(InvalidArgumentError) as e:
+        access.reveal("o-1", "chargeback case 42", "")
+    assert e.value.field == "principal" and count(db) == 0
     log.close()
 
 

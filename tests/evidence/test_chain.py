@@ -68,6 +68,8 @@ def tamper(path: Path, sql: str) -> None:
             "content does not match its hash",
         ),
         ("UPDATE decision_log SET outcome = 'ALLOW' WHERE seq = 6", 6, "column outcome"),
+        # the column lookups by order id read: a decision moved to another order
+        ("UPDATE decision_log SET order_id = 'o-x' WHERE seq = 3", 3, "column order_id"),
         ("DELETE FROM decision_log WHERE seq = 5", 6, "a row is missing"),
         ("UPDATE decision_log SET prev_hash = hash WHERE seq = 9", 9, "prev_hash"),
         (  # two records swapped, each whole (review: no test reordered rows)
@@ -98,6 +100,11 @@ def test_verify_reports_the_first_tampered_record_in_the_sqlite_file(
     assert not result.ok
     assert (result.table, result.seq) == ("decision_log", seq)
     assert problem in result.problem
+    # the CLI prints the head even then: it must be a row that checked out, hash and all
+    last_good = log.db.query(
+        "SELECT seq, hash FROM decision_log WHERE seq < ? ORDER BY seq DESC LIMIT 1", (seq,)
+    )[0]
+    assert result.head["decision_log"] == (last_good[0], last_good[1])
     log.db.close()
 
 
@@ -123,9 +130,12 @@ def test_verify_on_postgres_detects_an_edit(pg: Database) -> None:
     assert (result.ok, result.seq, result.order_id) == (False, 2, "o-2")
 
 
+@pytest.mark.parametrize("page", [chain._PAGE, 2])
 def test_append_texts_skips_known_and_repeated_order_ids_and_keeps_the_chain(
-    db: Database,
+    db: Database, page: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # a spill file's replay looks ids up a page at a time: a known one on any page is skipped
+    monkeypatch.setattr(chain, "_PAGE", page)
     log = DecisionLog(db)
     log.append(make_record("o-1"))
     log.close()
@@ -263,9 +273,19 @@ def test_new_tables_refuse_a_seq_outside_the_chain(db: Database) -> None:
     log.close()
 
 
-@pytest.mark.parametrize("content", ['["o-3"]', '"o-3"', "3", "null"])
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        ('["o-3"]', "content is not a JSON object"),
+        ('"o-3"', "content is not a JSON object"),
+        ("3", "content is not a JSON object"),
+        ("null", "content is not a JSON object"),
+        # rehashed text no lookup can read: named too, not passed as a recorded decision
+        ('{"order_id":"o-3",', "content is not JSON"),
+    ],
+)
 def test_a_chained_row_whose_content_is_not_an_object_fails_verify_not_the_walk(
-    db: Database, content: str
+    db: Database, content: str, problem: str
 ) -> None:
     """Review: a tail rebuilt with a valid chain whose content is JSON but not an object
     made verify raise AttributeError: `riskd evidence verify` said "cannot read the
@@ -286,7 +306,7 @@ def test_a_chained_row_whose_content_is_not_an_object_fails_verify_not_the_walk(
         3,
         "o-3",
     )
-    assert result.problem == "content is not a JSON object"
+    assert result.problem == problem
 
 
 def test_a_kept_head_at_seq_0_is_only_the_genesis_hash(db: Database) -> None:

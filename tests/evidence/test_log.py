@@ -49,8 +49,11 @@ def test_log_get_sees_appended_record_before_and_after_flush(db: Database) -> No
     log.append(record)
     assert log.get("o-1") == record
     assert log.queued(["o-1"]) == {"o-1": record}
+    second = make_record("o-2")
+    log.append(second)  # a batch call's retry asks for all of its orders at once
+    assert log.queued(["o-x", "o-1", "o-2"]) == {"o-1": record, "o-2": second}
     log.flush(10)
-    assert rows(db) == 1
+    assert rows(db) == 2
     assert log.queued(["o-1"]) == {}  # committed: no longer held in memory
     assert log.get("o-1") == record  # read back from SQL, equal field for field
     assert log.get("o-unknown") is None
@@ -248,6 +251,37 @@ def test_log_keeps_the_first_decision_for_an_order(
     assert entry.fields == {"orders": 1, "first": "o-1"}  # type: ignore[attr-defined]
     result = log.verify()
     assert result.ok and result.head["decision_log"][0] == 2
+
+
+def test_append_all_keeps_the_first_of_two_decisions_for_one_order_in_one_call(
+    db: Database,
+) -> None:
+    # a batch call naming an order twice: the caller acts on the first answer, so it is logged
+    log = DecisionLog(db)
+    first = make_record("o-1")
+    log.append_all([(first, None, None), (make_record("o-1", request={"second": 1}), None, None)])
+    assert log.get("o-1") == first and log.superseded == 1
+    log.close()
+    assert rows(db) == 1 and log.get("o-1") == first
+
+
+def test_append_all_of_more_decisions_than_the_queue_holds_fits_an_empty_queue(
+    db: Database,
+) -> None:
+    # a large batch call on an idle log is logged, not refused as if the queue were full
+    log = DecisionLog(db, max_batch=2, queue_size=4)
+    log.append_all([(make_record(f"o-{i}"), None, None) for i in range(6)])
+    log.close()
+    assert rows(db) == 6 and log.verify().ok
+
+
+def test_flush_after_append_all_waits_for_every_decision_of_the_call(db: Database) -> None:
+    # a reveal or a stop that flushes must find each decision of a batch call committed
+    log = DecisionLog(db, max_batch=1, queue_size=64)
+    log.append_all([(make_record(f"o-{i}"), None, None) for i in range(40)])
+    log.flush(10)
+    assert rows(db) == 40
+    log.close()
 
 
 def test_log_stores_events_in_their_own_chained_table(db: Database) -> None:

@@ -12,6 +12,7 @@ import pytest
 from psycopg.errors import DiskFull
 
 import riskd.evidence.log as log_module
+from riskd.domain.clock import FakeClock
 from riskd.domain.decision import Decision, Outcome
 from riskd.domain.order import Amounts, Item, PaymentMethod
 from riskd.errors import InvalidArgumentError
@@ -166,6 +167,25 @@ def test_forget_subject_from_another_process_deletes_only_that_buyer(db: Databas
     assert log.verify().ok
     with pytest.raises(InvalidArgumentError):
         forget_subject(db, "")
+
+
+def test_a_decision_superseded_by_another_replicas_stores_nothing_beside_the_chain(
+    db: Database,
+) -> None:
+    # the order's recorded decision is the other one: PII of this request must not be
+    # revealed or matched as that decision's
+    keyring = Keyring.generate()
+    first = DecisionLog(db)  # a replica without the Vault: the masked record only
+    log_order(first, "o-1")
+    first.close()
+    log = DecisionLog(db, vault=Vault(keyring, SqlKeyStore(db)), indexer=BlindIndexer(keyring))
+    other = make_order("o-1")
+    other = replace(other, buyer=replace(other.buyer, buyer_id="b-2"))
+    decision = Decision("o-1", Outcome.BLOCK, 0.0, (), "v1", decided_at=2.0)
+    log.append(DecisionRecord(decision, log.protect(other)), order=other)
+    log.close()
+    assert (log.superseded, log.rejected) == (1, 0)
+    assert encrypted_fields(db, "o-1") == {} and blind_index_entries(db, "o-1") == {}
 
 
 def test_forget_subject_deletes_every_spelling_counted_as_the_buyer(db: Database) -> None:
@@ -398,6 +418,29 @@ def test_an_order_queued_before_a_forget_in_another_process_is_not_sealed(
     assert Vault(keyring, SqlKeyStore(db)).decrypt("b-1", "o-2", "phone", fields["phone"]) == PHONE
     assert blind_index_entries(db, "o-2")
     assert log.unsealed == 0 and log.verify().ok
+    log.close()
+    db.close()
+
+
+def test_an_order_appended_at_the_forgets_own_clock_reading_is_not_sealed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a coarse clock reads the same for an append and a forget: the forget covers the order
+    now = 1_700_000_000.0
+    monkeypatch.setattr(log_module.time, "time", lambda: now)
+    db = Database(tmp_path / "evidence.db")
+    keyring = Keyring.generate()
+    vault = Vault(keyring, SqlKeyStore(db))
+    log = DecisionLog(db, vault=vault, indexer=BlindIndexer(keyring), flush_interval_s=30.0)
+    log_order(log, "o-1")  # queued: the writer gathers for 30 s
+    cli_db = Database(tmp_path / "evidence.db")  # `riskd pii forget b-1`, its own process
+    cli = Vault(keyring, SqlKeyStore(cli_db), clock=FakeClock(now))
+    cli.add_forget_hook(lambda s: forget_subject(cli_db, s))
+    cli.forget("b-1")
+    cli_db.close()
+    log.flush(10)
+    assert log.get("o-1") is not None
+    assert encrypted_fields(db, "o-1") == {} and blind_index_entries(db, "o-1") == {}
     log.close()
     db.close()
 

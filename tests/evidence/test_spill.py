@@ -3,20 +3,26 @@ next start appends it to the log: in order, the chain intact, each item once, no
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
 from riskd import spillfile
+from riskd.domain.decision import Outcome
 from riskd.domain.events import OrderEvent, OrderEventKind
+from riskd.evidence import log as log_module
 from riskd.evidence import spill
+from riskd.evidence.chain import TextRow
 from riskd.evidence.log import DecisionLog
 from riskd.pii import BlindIndexer, Keyring
 from riskd.sql import Database
@@ -48,6 +54,17 @@ def holder(tmp_path: Path) -> Iterator[sqlite3.Connection]:
     conn = sqlite3.connect(tmp_path / "e.db", isolation_level=None)
     yield conn
     conn.close()
+
+
+def _locked(
+    tmp_path: Path, holder: sqlite3.Connection, **kwargs: Any
+) -> tuple[Database, DecisionLog]:
+    """A log on ``tmp_path``'s database whose tables exist and whose write lock ``holder``
+    holds now: its writer commits nothing until ``holder`` rolls back."""
+    db = Database(tmp_path / "e.db")
+    DecisionLog(db).close()  # the tables, before the lock
+    holder.execute("BEGIN IMMEDIATE")
+    return db, DecisionLog(db, create_tables=False, **kwargs)
 
 
 def _spilled(tmp_path: Path, holder: sqlite3.Connection, n: int) -> Path:
@@ -116,6 +133,7 @@ def test_a_stop_on_a_locked_database_spills_the_queue_and_the_next_start_logs_it
     assert spill.files(tmp_path) == []
     shutil.move(copy, path)
     assert log.replay_spilled(tmp_path) == 0  # replayed twice: nothing twice
+    assert spill.files(tmp_path) == []  # and gone, not left to fail every later start
     assert stored_ids(db) == [f"o-{i}" for i in range(5)]
     assert len(log.events("o-1")) == 1
     assert log.verify().ok and log.verify().checked == 6
@@ -127,6 +145,62 @@ def test_a_stop_on_a_locked_database_spills_the_queue_and_the_next_start_logs_it
     assert "spilled for the next start" in text
     for value in (*PII, "b-1"):
         assert value not in text
+
+
+def test_a_stop_spills_what_waited_behind_the_writers_batch_too(
+    tmp_path: Path, holder: sqlite3.Connection
+) -> None:
+    # the writer holds two; the four queued behind them are as much the caller's evidence
+    db, log = _locked(tmp_path, holder, max_batch=2, queue_size=16, spill_dir=tmp_path)
+    for i in range(5):
+        log.append(make_record(f"o-{i}"))
+    log.append_event(OrderEvent("o-1", OrderEventKind.PAID, 1_700_000_100.0))
+    log.close(1.0)
+    holder.execute("ROLLBACK")
+    replayed = DecisionLog(db, spill_dir=tmp_path)
+    assert replayed.replay_spilled(tmp_path) == 6
+    assert stored_ids(db) == [f"o-{i}" for i in range(5)] and len(replayed.events("o-1")) == 1
+    replayed.close()
+    db.close()
+
+
+def test_a_second_close_after_a_spill_neither_waits_nor_spills_again(
+    tmp_path: Path, holder: sqlite3.Connection
+) -> None:
+    # a stop closes the log from more than one closer: the spill is written once, at once
+    db, log = _locked(tmp_path, holder, spill_dir=tmp_path)
+    log.append(make_record("o-1"))
+    log.close(1.0)
+    started = time.monotonic()
+    log.close(1.0)
+    assert time.monotonic() - started < 0.5
+    assert len(spill.files(tmp_path)) == 1
+    holder.execute("ROLLBACK")
+    db.close()
+
+
+def test_spill_files_are_replayed_oldest_first(tmp_path: Path) -> None:
+    # the chain's order is the decisions' order, and an order in two files keeps its first
+    db = Database(tmp_path / "e.db")
+    log = DecisionLog(db, spill_dir=tmp_path)
+
+    def row(order_id: str, outcome: Outcome) -> TextRow:
+        record = make_record(order_id)
+        record = dataclasses.replace(
+            record, decision=dataclasses.replace(record.decision, outcome=outcome)
+        )
+        return log_module._row(record)
+
+    spill.write(tmp_path, [row("o-1", Outcome.REVIEW), row("o-2", Outcome.REVIEW)], [])
+    time.sleep(0.01)  # the names order the files by time
+    spill.write(tmp_path, [row("o-3", Outcome.ALLOW), row("o-1", Outcome.BLOCK)], [])
+    assert log.replay_spilled(tmp_path) == 3
+    assert stored_ids(db) == ["o-1", "o-2", "o-3"]
+    record = log.get("o-1")
+    assert record is not None and record.decision.outcome is Outcome.REVIEW
+    assert log.verify().ok
+    log.close()
+    db.close()
 
 
 def test_a_spill_file_cut_short_is_left_for_a_later_start_and_logged(
@@ -162,10 +236,7 @@ def test_a_start_removes_a_part_file_left_by_a_process_killed_while_spilling(
 def test_without_a_spill_folder_a_stop_still_reports_the_loss(
     tmp_path: Path, holder: sqlite3.Connection
 ) -> None:
-    db = Database(tmp_path / "e.db")
-    DecisionLog(db).close()
-    holder.execute("BEGIN IMMEDIATE")
-    log = DecisionLog(db, create_tables=False)
+    db, log = _locked(tmp_path, holder)
     log.append(make_record("o-1"))
     with pytest.raises(Exception, match="timed out"):
         log.close(0.5)
@@ -208,10 +279,7 @@ def test_a_stop_on_a_locked_postgres_table_cancels_the_writer_and_spills(
 def test_a_spill_that_cannot_be_written_is_reported_lost_with_its_count(
     tmp_path: Path, holder: sqlite3.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
-    db = Database(tmp_path / "e.db")
-    DecisionLog(db).close()
-    holder.execute("BEGIN IMMEDIATE")
-    log = DecisionLog(db, spill_dir=tmp_path / "gone", create_tables=False)
+    db, log = _locked(tmp_path, holder, spill_dir=tmp_path / "gone")
     for i in range(3):
         log.append(make_record(f"o-{i}"))
     with pytest.raises(Exception, match="timed out"):

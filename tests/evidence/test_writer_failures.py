@@ -105,6 +105,19 @@ def test_a_value_no_driver_can_encode_is_set_aside_and_the_others_commit(
     db.close()
 
 
+def test_a_refused_item_last_in_a_batch_of_two_sets_aside_only_itself(tmp_path: Path) -> None:
+    # the good decision beside it is evidence the caller acted on: it must still commit
+    db = Database(tmp_path / "evidence.db")
+    DecisionLog(db).close()
+    refuse_o2(db)
+    log = DecisionLog(db, max_batch=2, flush_interval_s=10)
+    log.append(make_record("o-1"))
+    log.append(make_record("o-2"))  # a full batch: the writer takes the two together
+    log.close(10)
+    assert stored_ids(db) == ["o-1"] and log.rejected == 1
+    db.close()
+
+
 @pytest.mark.postgres
 def test_a_nul_byte_postgres_refuses_is_set_aside_and_the_others_commit(
     pg: Database, caplog: pytest.LogCaptureFixture
@@ -114,20 +127,23 @@ def test_a_nul_byte_postgres_refuses_is_set_aside_and_the_others_commit(
 
 
 @pytest.mark.parametrize("committed", [True, False], ids=["committed", "rolled-back"])
+@pytest.mark.parametrize("decision", [True, False], ids=["with-decision", "report-only"])
 def test_a_commit_of_unknown_outcome_is_neither_lost_nor_doubled(
-    db: Database, monkeypatch: pytest.MonkeyPatch, committed: bool
+    db: Database, monkeypatch: pytest.MonkeyPatch, committed: bool, decision: bool
 ) -> None:
     """The connection drops while the COMMIT's answer is on its way (only that is simulated:
     the transaction itself is real). Events have no unique key: a blind replay of a
-    batch that did commit would append them twice."""
+    batch that did commit would append them twice. A batch of reports only is looked
+    for by the reports' chain head (a chargeback report lost is a dispute unrecorded)."""
     log = DecisionLog(db, flush_interval_s=0.05)
     lose = lose_commit_answer(db, monkeypatch, committed=committed)
-    log.append(make_record("o-1"))
+    if decision:
+        log.append(make_record("o-1"))
     log.append_event(OrderEvent("o-1", OrderEventKind.CHARGEBACK, at=1.0))
     log.flush(10)
     assert not lose  # the loss happened
     monkeypatch.undo()
-    assert stored_ids(db) == ["o-1"]
+    assert stored_ids(db) == (["o-1"] if decision else [])
     assert len(log.events("o-1")) == 1
     assert log.verify().ok
     # a batch that landed is not written again (review: the writer's de-duplication hid a
