@@ -446,17 +446,27 @@ def test_auth_refusals_throttled_by_the_refusal_bucket_are_counted_not_logged(
     assert [f.get("unlogged_refusals") for f in fields] == [None, None, 5]
 
 
+@pytest.mark.parametrize(
+    ("peers", "logged", "taken"),
+    [
+        # a third peer makes room: the oldest's count is logged and dropped
+        (("a", "a", "b", "c"), [{"principal": "a", "unlogged_refusals": 2}], [0, 1, 1, 0]),
+        # a full table logs a count only to make room: a peer it holds needs none
+        (("a", "b", "b", "a"), [], [2, 2, 0, 0]),
+    ],
+)
 def test_unlogged_refusals_keep_a_bounded_number_of_peers(
     caplog: pytest.LogCaptureFixture,
+    peers: tuple[str, ...],
+    logged: list[dict[str, object]],
+    taken: list[int],
 ) -> None:
     unlogged = limits.UnloggedRefusals(max_peers=2)
     with caplog.at_level(logging.DEBUG):
-        for peer in ("a", "a", "b", "c"):
+        for peer in peers:
             unlogged.count_one(peer)
-    assert [getattr(r, "fields", {}) for r in caplog.records] == [
-        {"principal": "a", "unlogged_refusals": 2}
-    ]
-    assert [unlogged.take(p) for p in ("a", "b", "c", "c")] == [0, 1, 1, 0]
+    assert [getattr(r, "fields", {}) for r in caplog.records] == logged
+    assert [unlogged.take(p) for p in ("a", "b", "c", "c")] == taken
 
 
 def test_auth_refusals_over_a_callers_own_quota_log_a_line_a_second_per_caller(
@@ -685,6 +695,10 @@ def test_token_buckets_refill_and_stay_bounded() -> None:
     for i in range(10):
         buckets.take(f"c{i}", limit)
     assert len(buckets._buckets) <= 4
+    one = TokenBuckets(clock, max_callers=1)  # the bound holds at its smallest too
+    for i in range(3):
+        one.take(f"c{i}", limit)
+    assert len(one._buckets) <= 1
 
 
 def test_token_buckets_hold_without_spending_and_refill_no_further_than_the_burst() -> None:
@@ -718,6 +732,22 @@ def test_stream_slots_free_a_slot_once_however_often_it_is_closed() -> None:
     close()
     assert slots.open("q", holds_thread=True) is not None
     assert slots.open("p", holds_thread=True) is None  # still one at most
+
+
+def test_stream_slots_for_streams_holding_no_thread_count_only_per_peer() -> None:
+    """A health Watch holds no RPC thread: the thread-holding cap neither refuses it nor
+    counts it, and a closed peer leaves nothing behind (one entry per peer host ever seen)."""
+    slots = limits.StreamSlots(holding=1, per_peer=3)
+    watches = [slots.open("p", holds_thread=False) for _ in range(2)]
+    blocking = slots.open("q", holds_thread=True)
+    assert blocking is not None and None not in watches
+    assert slots.open("r", holds_thread=False) is not None  # the thread cap is full
+    assert slots.open("p", holds_thread=False) is not None
+    assert slots.open("p", holds_thread=False) is None  # the per-peer cap still holds
+    for close in [*watches, blocking]:
+        assert close is not None
+        close()
+    assert "q" not in slots._peers
 
 
 # -- configuration and transport checks ------------------------------------------------------

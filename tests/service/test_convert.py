@@ -134,7 +134,7 @@ def test_report_outcome_time_defaults_to_now() -> None:
 def test_report_outcome_keeps_the_reported_time_and_detail() -> None:
     """The reported ``at`` tells a retry from a new report (README): it is kept as sent."""
     req = scoring_pb2.ReportOutcomeRequest(
-        order_id="o", kind=scoring_pb2.ORDER_EVENT_KIND_PAID, at=1_750_000_000.25, detail="SF1"
+        order_id="o", kind=scoring_pb2.ORDER_EVENT_KIND_PAID, at=1_750_000_000.25, detail=" SF1\n"
     )
     event = convert.event_from_proto(req, 123.0)
-    assert (event.order_id, event.at, event.detail) == ("o", 1_750_000_000.25, "SF1")
+    assert (event.order_id, event.at, event.detail) == ("o", 1_750_000_000.25, " SF1\n")

@@ -140,6 +140,8 @@ BAD_ORDERS: dict[str, Callable[[order_pb2.Order], None]] = {
     "order.items": _add_items(validate.MAX_ITEMS + 1),
     "order.buyer.address.detail": _set("buyer.address.detail", "x" * 5000),
     "order.shop_id": _set("shop_id", "s" * 300),
+    "order.buyer.account_age_days": _set("buyer.account_age_days", -1),
+    "order.client_time": _set("client_time", float("inf")),
 }
 
 

@@ -56,6 +56,19 @@ def test_the_largest_field_walk_names_what_it_read_when_out_of_budget() -> None:
     assert wire.largest_field(BATCH.DESCRIPTOR, data[:-1] + b"\x05", budget=10**6) == ""
     inside = b"\x0a\x34\x62\x64" + b"x" * 50  # orders[0].device_id ends inside its bytes
     assert wire.largest_field(BATCH.DESCRIPTOR, inside, budget=10**6) == ""
+    short = b"\x0a\x34\x62\x32" + b"x" * 49  # ... one byte short
+    assert wire.largest_field(BATCH.DESCRIPTOR, short, budget=10**6) == ""
+    assert wire.largest_field(BATCH.DESCRIPTOR, b"\x02\x00" + data, budget=10**6) == ""  # field 0
+
+
+def test_a_field_holding_exactly_half_of_its_message_is_not_descended_into() -> None:
+    # the unparsed refusal names what the parsed one names (hypothesis rarely hits a tie)
+    order = order_pb2.Order(
+        order_id="x", buyer=order_pb2.Buyer(address=order_pb2.Address(detail="x"))
+    )
+    request = scoring_pb2.ScoreRequest(order=order)
+    named = wire.largest_field(request.DESCRIPTOR, request.SerializeToString(), budget=100)
+    assert named == interceptors._largest_field(request) == "order.buyer"
 
 
 def _check(data: bytes, descriptor: Any = BATCH.DESCRIPTOR) -> str | None:
@@ -119,6 +132,10 @@ def test_a_message_with_more_fields_than_a_valid_one_is_refused_where_it_is() ->
     assert _check(piece * 65, score) == (
         "request: holds more than 64 singular fields (no ScoreRequest does)"
     )
+    # the pieces of a singular order merge: their singular fields add up too
+    ids = order_pb2.Order(order_id="o").SerializeToString() * 40
+    pieces = (b"\x0a" + _varint(len(ids)) + ids) * 4
+    assert _check(pieces, score) == "order: holds more than 64 singular fields (no Order does)"
 
 
 def test_a_newer_clients_unknown_fields_are_read_up_to_a_bound() -> None:
