@@ -344,7 +344,12 @@ def test_redis_errors_never_echo_the_url() -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["postgres://u:s3cret@[::1/db", "postgresql://u:s3cret@h/db?bogus=1"]
+    "url",
+    [
+        "postgres://u:s3cret@[::1/db",
+        "postgresql://u:s3cret@h/db?bogus=1",
+        "postgresql://u:s3cret%zz@h/db",  # libpq quotes the bad token: the password
+    ],
 )
 def test_database_url_errors_never_echo_the_url(url: str) -> None:
     """libpq's own message for an unclosed ``[`` quotes the whole URL."""

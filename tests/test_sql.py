@@ -129,6 +129,21 @@ def test_is_transient_tells_the_database_state_from_the_data(
     assert not db.is_transient(ValueError("a bug"))
 
 
+@pytest.mark.postgres
+def test_a_refusal_says_the_errors_kind_and_first_line_never_the_rows_values(
+    pg_app: tuple[Database, str],
+) -> None:
+    """Messages and logs quote ``refusal``: PostgreSQL's DETAIL line quotes the row (PII)."""
+    db, _ = pg_app
+    db.executescript("CREATE TABLE u (phone TEXT UNIQUE)")
+    db.run(lambda tx: tx.execute("INSERT INTO u VALUES (?)", ("13800000000",)))
+    with pytest.raises(psycopg.errors.UniqueViolation) as dup:
+        db.run(lambda tx: tx.execute("INSERT INTO u VALUES (?)", ("13800000000",)))
+    assert "13800000000" in str(dup.value)  # the driver's own text quotes it
+    said = sql.refusal(dup.value)
+    assert said.startswith("UniqueViolation: duplicate key value") and "13800000000" not in said
+
+
 def test_is_transient_on_sqlite(tmp_path: Path) -> None:
     db = Database(tmp_path / "x.db")
     db.executescript("CREATE TABLE t (v INTEGER CHECK (v > 0))")
@@ -138,6 +153,42 @@ def test_is_transient_on_sqlite(tmp_path: Path) -> None:
     assert db.is_transient(sqlite3.OperationalError("database is locked"))
     assert db.is_transient(sqlite3.OperationalError("disk I/O error"))
     assert db.query("SELECT COUNT(*) FROM t") == [(0,)]  # the refused insert left nothing
+    db.close()
+
+
+def test_a_transaction_the_database_keeps_refusing_for_a_moment_is_run_again_until_it_lands(
+    tmp_path: Path,
+) -> None:
+    """Writers under contention (the ledger's, the decision log's) see the same transient
+    failure several times in a row: ``run`` tries again (seven times) before giving up."""
+    db = Database(tmp_path / "x.db")
+    db.executescript("CREATE TABLE t (v INTEGER)")
+    tries: list[int] = []
+
+    def flaky(tx: Tx) -> None:
+        tries.append(1)
+        tx.execute("INSERT INTO t VALUES (?)", (len(tries),))
+        if len(tries) < 8:
+            raise sqlite3.OperationalError("database is locked")
+
+    db.run(flaky)
+    assert db.query("SELECT v FROM t") == [(8,)]  # the failed tries left nothing
+    db.close()
+
+
+def test_a_checkpoint_a_reader_held_back_says_it_did_not_complete(tmp_path: Path) -> None:
+    """A forget reports whether the old pages left the write-ahead log: a reader on an older
+    snapshot keeps them there, and the report must not say otherwise."""
+    db = Database(tmp_path / "x.db")
+    db.executescript("CREATE TABLE t (v INTEGER)")
+    reader = sqlite3.connect(tmp_path / "x.db", isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM t").fetchall()  # its snapshot: before the insert
+    db.run(lambda tx: tx.execute("INSERT INTO t VALUES (1)"))
+    assert db.checkpoint(0.05) is False
+    reader.execute("COMMIT")
+    reader.close()
+    assert db.checkpoint(0.05) is True
     db.close()
 
 
@@ -195,6 +246,24 @@ def test_processes_starting_together_on_a_fresh_schema_create_it_once() -> None:
             db = Database(url)
             db.drop_schema()
             db.close()
+
+
+@pytest.mark.postgres
+def test_a_running_process_does_not_keep_its_schemas_creation_lock(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A daemon that created its tables and runs on must not hold the next start (a
+    replica, a CLI) on the same schema for ``SCHEMA_WAIT_S`` and then fail it."""
+    monkeypatch.setattr(sql, "SCHEMA_WAIT_S", 0.5)
+    url = f"{PG_URL}?schema=sql_turn_{uuid.uuid4().hex[:10]}"
+    running, starting = Database(url), Database(url)
+    try:
+        running.executescript("CREATE TABLE IF NOT EXISTS t (v INTEGER)")
+        starting.executescript("CREATE TABLE IF NOT EXISTS t (v INTEGER)")
+    finally:
+        starting.close()
+        running.drop_schema()
+        running.close()
 
 
 @pytest.mark.postgres

@@ -342,3 +342,13 @@ def test_calls_of_a_bucket_that_left_the_window_count_no_more() -> None:
     clock.advance(0.1)  # the first bucket has left the window
     _calls(b, clock, "xxxx", every_s=0.001)
     assert not b.is_open  # 5 calls in the window: too few to judge
+
+
+def test_failures_spread_over_the_window_open_the_circuit_by_its_failure_rate() -> None:
+    """A dependency failing two calls in three at a steady pace: the failures of every
+    bucket in the window count, not only the current bucket's."""
+    clock = FakeClock(0.0)
+    policy = BreakerPolicy(failures=100, failure_rate=0.5, min_calls=20, window_s=1.0)
+    b = CircuitBreaker(clock, policy)
+    _calls(b, clock, "xx." * 7, every_s=0.04)  # 21 calls over 0.84 s, 14 failed
+    assert b.is_open

@@ -167,6 +167,26 @@ def test_orders_dropped_for_want_of_room_are_counted_and_told_once_per_overflow(
     assert "dropped uncounted" in said[0][1] and "room again" in said[1][1]
 
 
+def test_an_overflow_is_told_over_once_the_queue_is_down_to_half_its_limit(
+    up: CatchUp,
+    store: Store,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Operators read the overflow's end as "orders are counted again": it is told at half
+    the limit (here 1 of 3), not only once the queue is empty."""
+    caplog.set_level(logging.INFO, logger="riskd.engine.catchup")
+    store.stalled.add("slow")
+    breaker.failure(UnavailableError("down"))
+    up.submit([(make_order(o), clock.now()) for o in ("a", "b", "slow", "d")], QUERIES)
+    breaker.success()
+    assert store.entered.wait(5)  # a and b counted; "slow" (1 order) is in hand
+    said = [r.levelname for r in caplog.records if r.name == "riskd.engine.catchup"]
+    store.release.set()
+    assert said == ["WARNING", "INFO"]
+
+
 def kept_while_away(up: CatchUp, breaker: CircuitBreaker, clock: FakeClock, ids: str) -> None:
     """Orders ``ids`` (one letter each) answered while the store was away, then ``up``
     closed: kept in its database (its evidence schema created first)."""
@@ -228,6 +248,19 @@ def test_a_failing_order_goes_to_the_back_and_is_given_up_after_max_tries(
     }  # told (review: it went silently)
     [record] = [r for r in caplog.records if r.name == "riskd.engine.catchup"]
     assert record.levelname == "WARNING" and "given up" in record.getMessage()
+
+
+def test_a_given_up_order_is_queued_again_by_its_retry(
+    up: CatchUp, store: Store, indexer: BlindIndexer, clock: FakeClock, quick_retries: None
+) -> None:
+    """An order given up is no longer queued: its retry, answered degraded again once the
+    trouble is over, queues it again and it is counted."""
+    store.failing.add("bad")
+    up.submit([(make_order("bad"), clock.now())], QUERIES)
+    assert up.wait(5) and up.dropped()[catchup.FAILING] == 1
+    store.failing.clear()
+    up.submit([(make_order("bad"), clock.now())], QUERIES)  # its retry
+    assert up.wait(5) and counted(store, indexer, clock) == 1
 
 
 def test_close_waits_for_the_order_being_recorded_and_then_takes_none(
@@ -400,6 +433,29 @@ def test_kept_orders_a_day_old_at_the_next_start_are_dropped(
     again.close()
 
 
+def test_kept_orders_a_day_old_take_no_room_and_are_deleted_at_a_full_start(
+    store: Store,
+    indexer: BlindIndexer,
+    breaker: CircuitBreaker,
+    clock: FakeClock,
+    db: Database,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Orders that count nowhere any more are deleted even by a start with no room for
+    them: they neither linger in the table nor are told as left for a later start."""
+    kept_while_away(CatchUp(store, indexer, breaker, clock, keep=db), breaker, clock, "a")
+    clock.advance(catchup.WITHIN_S)
+    kept_while_away(CatchUp(store, indexer, breaker, clock, keep=db), breaker, clock, "bc")
+    breaker.success()
+    again = CatchUp(store, indexer, breaker, clock, keep=db, max_queued=2)
+    with caplog.at_level("INFO", logger="riskd.engine.catchup"):
+        again.restore(QUERIES)
+    assert db.query("SELECT COUNT(*) FROM features_catch_up") == [(0,)]
+    assert not any("left for a later start" in r.getMessage() for r in caplog.records)
+    assert again.wait(5) and counted(store, indexer, clock) == 2
+    again.close()
+
+
 def test_with_the_store_away_and_no_requests_orders_wait_however_many_tries_pass(
     up: CatchUp,
     store: Store,
@@ -421,6 +477,23 @@ def test_with_the_store_away_and_no_requests_orders_wait_however_many_tries_pass
     assert counted(store, indexer, clock) == 2
 
 
+def test_an_order_that_waited_out_an_outage_still_gets_all_its_tries_once_the_store_is_back(
+    up: CatchUp, store: Store, clock: FakeClock, quick_retries: None
+) -> None:
+    """The calls failed while the store was away spend none of the order's tries: once it
+    answers again, an order that fails on its own is still tried ``MAX_TRIES`` times."""
+    store.down = True
+    store.failing.add("bad")
+    up.submit([(make_order("bad"), clock.now())], QUERIES)
+    deadline = time.monotonic() + 5
+    while len(store.calls) < 2 * catchup.MAX_TRIES and time.monotonic() < deadline:
+        time.sleep(0.005)
+    before = len(store.calls)
+    store.down = False  # a call under way as it comes back may spend one try
+    assert up.wait(5) and up.dropped()[catchup.FAILING] == 1
+    assert len(store.calls) - before >= catchup.MAX_TRIES - 1
+
+
 def test_the_order_in_hand_at_close_is_kept_when_its_call_fails(
     store: Store, indexer: BlindIndexer, breaker: CircuitBreaker, clock: FakeClock, db: Database
 ) -> None:
@@ -434,6 +507,25 @@ def test_the_order_in_hand_at_close_is_kept_when_its_call_fails(
     threading.Timer(0.2, store.release.set).start()
     up.close()
     assert db.query("SELECT COUNT(*) FROM features_catch_up") == [(1,)]
+
+
+def test_orders_not_yet_observed_at_close_are_kept_too(
+    store: Store, indexer: BlindIndexer, breaker: CircuitBreaker, clock: FakeClock, db: Database
+) -> None:
+    """Orders queued while the thread is held in a store call are not observed yet when
+    the stop comes: they are kept (observed then, no PII), not lost."""
+    create_schema(db)
+    up = CatchUp(store, indexer, breaker, clock, keep=db)
+    store.stalled.add("slow")
+    up.submit([(make_order("slow"), clock.now())], QUERIES)
+    assert store.entered.wait(5)
+    up.submit([(make_order(o), clock.now()) for o in "ab"], QUERIES)
+    assert up.holding() == 2
+    threading.Timer(0.2, store.release.set).start()
+    up.close()
+    rows = db.query("SELECT order_key, keys, content FROM features_catch_up")
+    assert len(rows) == 2 and PHONE not in repr(rows)  # "slow" was recorded
+    assert sum(up.dropped().values()) == 0
 
 
 def test_a_start_takes_only_what_its_queue_has_room_for_and_leaves_the_rest(
@@ -656,18 +748,26 @@ def test_the_order_whose_call_outlasts_closes_wait_is_kept(
         store.release.set()
 
 
+class _Ping:
+    """A store's ping for ``CatchUp.await_store``: False until ``answers`` is set; each
+    ask recorded in ``asked`` (whether it was answered)."""
+
+    def __init__(self) -> None:
+        self.answers = threading.Event()
+        self.asked: list[bool] = []
+
+    def __call__(self) -> bool:
+        self.asked.append(self.answers.is_set())
+        return self.answers.is_set()
+
+
 def test_an_outage_told_at_start_is_ended_by_asking_the_store_with_nothing_queued(
     up: CatchUp, breaker: CircuitBreaker, clock: FakeClock, quick_retries: None
 ) -> None:
     """With no order to count and no request, the catch-up asks the store itself until it
     answers; it takes the breaker's probe once the circuit has opened meanwhile."""
-    answers = threading.Event()
-    asked: list[bool] = []
-
-    def ping() -> bool:
-        asked.append(answers.is_set())
-        return answers.is_set()
-
+    ping = _Ping()
+    answers, asked = ping.answers, ping.asked
     breaker.down()
     up.await_store(ping)
     assert eventually(lambda: len(asked) >= 3)
@@ -684,6 +784,45 @@ def test_an_outage_told_at_start_is_ended_by_asking_the_store_with_nothing_queue
     n = len(asked)
     time.sleep(0.05)
     assert len(asked) == n  # nothing asked once the outage is over
+
+
+def test_an_outage_told_at_start_ends_when_the_store_answers_with_its_circuit_closed(
+    up: CatchUp, breaker: CircuitBreaker, clock: FakeClock, quick_retries: None
+) -> None:
+    """A replica with no traffic: the store's answer to the catch-up's ping alone ends the
+    outage in the log and the metric, and the asking stops."""
+    asked: list[int] = []
+
+    def ping() -> bool:
+        asked.append(1)
+        return len(asked) > 2  # back at the third ask
+
+    breaker.down()
+    up.await_store(ping)
+    assert eventually(lambda: not breaker.outage) and not breaker.is_open
+    time.sleep(0.05)
+    assert len(asked) == 3
+
+
+def test_a_catch_up_probe_the_store_did_not_answer_gives_the_next_probe_its_turn(
+    up: CatchUp, breaker: CircuitBreaker, clock: FakeClock, quick_retries: None
+) -> None:
+    """Its failed probe is told to the breaker: a probe never given back would refuse every
+    call for good, and the daemon would never recover without a restart."""
+    ping = _Ping()
+    answers, asked = ping.answers, ping.asked
+    breaker.down()
+    breaker.failure(UnavailableError("down"))  # open
+    up.await_store(ping)
+    clock.advance(1.0)
+    assert eventually(lambda: len(asked) >= 1)  # the probe: not answered
+    answers.set()
+
+    def closed() -> bool:
+        clock.advance(1.0)  # each cooldown over: a probe is free again
+        return not breaker.is_open
+
+    assert eventually(closed) and breaker.allow()
 
 
 def eventually(check: Callable[[], bool], timeout_s: float = 5.0) -> bool:
@@ -772,6 +911,21 @@ def test_orders_left_at_close_with_no_database_to_keep_them_are_counted_lost(
     assert up.dropped().get(catchup.LOST_AT_CLOSE) == 2
     [(level, message, fields)] = catch_up_lines(caplog)
     assert level == "WARNING" and "not kept" in message and fields == {"orders": 2}
+
+
+def test_orders_not_yet_observed_at_a_close_with_nowhere_to_keep_them_are_counted_lost(
+    up: CatchUp, store: Store, clock: FakeClock
+) -> None:
+    """Orders queued while the thread is held in a store call are lost at close like the
+    others: the metric counts them (no order leaves the queue uncounted and untold)."""
+    store.stalled.add("slow")
+    up.submit([(make_order("slow"), clock.now())], QUERIES)
+    assert store.entered.wait(5)
+    up.submit([(make_order(o), clock.now()) for o in "ab"], QUERIES)
+    assert up.holding() == 2
+    threading.Timer(0.2, store.release.set).start()
+    up.close()
+    assert up.dropped()[catchup.LOST_AT_CLOSE] == 2  # "slow" was recorded
 
 
 def test_orders_a_close_could_not_keep_are_counted_lost(
