@@ -73,6 +73,9 @@ def _errors(text: str) -> list[tuple[str, str]]:
         ("has(order.coupon_code)", BOOL),
         ("dyn(1) == 1.0", BOOL),
         ("1 < 2.5", BOOL),
+        # branches or list parts of different types are dyn, so either compares at run time
+        ("x ? 1 : 'a'", DYN),
+        ("[1] + [x]", ListType(DYN)),
     ],
 )
 def test_checker_infers_type(text: str, expected: Type | None) -> None:
@@ -105,6 +108,16 @@ def test_checker_rejects_unknown_fields_of_the_request() -> None:
          "any-byte class)"),
         ("orders('device')", "riskd_bad_argument",
          "orders() takes 2 arguments: orders(KEY, WINDOW)"),
+        ("orders('device', '1h', 'device') > 1", "riskd_bad_argument",
+         "orders() takes 2 arguments: orders(KEY, WINDOW)"),
+        # each of these would pass the check and then fail every order at run time
+        ("startsWith(order.device_id, 'dev')", "riskd_type_error",
+         "no matching overload for 'startsWith' applied to (string, string)"),
+        ("{1: 2}.a == 2", "riskd_type_error", "cannot select a field of map(int, int)"),
+        ("(1).exists(i, true)", "riskd_type_error", "exists() cannot range over int"),
+        ("matches(order.device_id, '(')", "riskd_bad_regex",
+         "invalid regular expression: missing ): ("),
+        ("int == 1", "riskd_type_error", "cannot compare type with int"),
         ("amount('device', '5m')", "riskd_bad_argument",
          'unknown window "5m"; expected one of "1m", "1h", "24h"'),
         # distinct devices per this device is always 1: the rule could never fire

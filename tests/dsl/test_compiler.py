@@ -99,6 +99,7 @@ def _run(text: str) -> object:
         ("[n, n].exists_one(i, i > 0)", False),
         ("dyn(0.0 / 0.0) <= 1.0", False),  # NaN is unordered: not below, equal nor above
         ("dyn(1.0) >= 0.0 / 0.0", False),
+        ("[0.0 / 0.0].exists(d, d in [d])", False),  # NaN is in no list, not even its own
         # a number never equals a bool, though Python's 1 == True
         ('n - 4 in [dyn(true), "a"]', False),
         ('dyn(n - 4) in dyn({true: "x"}) || dyn(n - 5) in dyn({false: "x"})', False),
@@ -132,6 +133,7 @@ def test_compiled_expression_evaluates(text: str, expected: object) -> None:
         "[n - n].all(i, n / i == 1)",
         "[n - n, n].exists(i, n / i == 0)",
         'dyn({true: "x"})[dyn(n - 4)] == "x"',
+        "{'a': n, 'a': 2}.a == 2",  # a repeated key is an error, not the last value
     ],
 )
 def test_runtime_errors_are_eval_errors(text: str) -> None:
@@ -155,6 +157,9 @@ def test_runtime_errors_are_eval_errors(text: str) -> None:
         ("m.a == 1 || m.nope > 1", True),
         # a macro whose predicate failed is itself fallible inside && and ||
         ("[0].exists_one(i, 1 / i == 1) || true", True),
+        # a nested && or ?: with one operand that can fail is itself fallible inside ||
+        ("(n > 0 && m.nope > 1) || n > 0", True),
+        ("(n < 0 ? true : m.nope > 1) || n > 0", True),
     ],
 )
 def test_and_or_and_macros_absorb_errors(text: str, expected: bool) -> None:
@@ -178,6 +183,50 @@ def test_and_or_with_every_operand_failing_report_the_first_error(text: str, err
         with pytest.raises(EvalError) as info:
             run(ACT)
         assert str(info.value) == error
+
+
+def test_int_against_double_is_ordered_as_a_double() -> None:
+    # cel-go converts the int: 2**53 + 1 is neither above nor below 2.0**53 in either path
+    compiled = _compile("n > 9007199254740992.0 || n < 9007199254740992.0")
+    for run in (compiled.evaluate, compiled.interpret):
+        assert run({**ACT, "n": 2**53 + 1}) is False
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x.contains('k')",  # x is a map with key "k": no Python `in` on it
+        "!x",
+        "dyn(b'abc').matches('b')",  # RE2 would search bytes too
+        "[1].exists(i, x)",  # a map is no bool, however truthy in Python
+    ],
+)
+def test_a_dyn_operand_of_the_wrong_type_fails_in_both_paths(text: str) -> None:
+    compiled = _compile(text)
+    for run in (compiled.evaluate, compiled.interpret):
+        with pytest.raises(EvalError, match="no such overload"):
+            run(ACT)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("true in {1: true}", False),  # a bool key never matches a numeric one
+        ("[nope].exists(i, true) || true", True),  # an unbound name's error is absorbed
+        ("1 + 1u", None),  # mixed int and uint have no '+': an error, not 2
+        ("1 + 1.0", None),
+    ],
+)
+def test_unchecked_expressions_agree_with_the_interpreter(text: str, expected: object) -> None:
+    # conformance runs with the checker off: the fast paths must not assume its types
+    compiled, diags = compile_expr(text, ENV, strict=False)
+    assert compiled is not None, str(diags)
+    for run in (compiled.evaluate, compiled.interpret):
+        if expected is None:
+            with pytest.raises(EvalError, match="no such overload"):
+                run(ACT)
+        else:
+            assert run(ACT) is expected
 
 
 def test_epoch_seconds_past_year_9999_are_out_of_range() -> None:

@@ -344,6 +344,17 @@ def test_a_rule_too_slow_for_the_deadline_is_refused_where_it_loops(tmp_path: Pa
     assert "9,003,000 steps" in diags[0].message and f"{MAX_ITERATIONS:,}" in diags[0].message
 
 
+def test_a_concatenated_list_costs_both_of_its_halves(tmp_path: Path) -> None:
+    # big + big scans 40,000 elements: were it counted as one half the rule would pass
+    big = "list big = [" + ", ".join(str(i) for i in range(20_000)) + "]\n"
+    (tmp_path / "lists.rules").write_text(big, encoding="utf-8")
+    path = _write(tmp_path, _rule("twice", "(big + big).exists(b, b == 1)"))
+    program, diags = check_rules(tmp_path / "lists.rules", tmp_path / "s.rules", path)
+    assert program is None
+    assert [d.code for d in diags] == ["riskd_limit_exceeded"]
+    assert "80,000 steps" in diags[0].message
+
+
 def test_rules_within_the_cost_bound_compile(tmp_path: Path) -> None:
     big = "list big = [" + ", ".join(str(i) for i in range(3000)) + "]\n"
     (tmp_path / "lists.rules").write_text(big, encoding="utf-8")
