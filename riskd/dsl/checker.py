@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from riskd.domain.features import KEYS, WINDOWS, Agg, FeatureQuery
+from riskd.dsl import runtime as rt
 from riskd.dsl.diagnostics import (
     BAD_ARGUMENT,
     BAD_REGEX,
@@ -238,10 +239,16 @@ class _Checker:
 
     def map_lit(self, node: MapLit) -> Type:
         keys, values = [], []
+        literal: list[object] = []  # the literal keys so far
         for k, v in node.entries:
             kt = self.visit(k)
             if not (is_dyn(kt) or kt in (INT, UINT, STRING, BOOL)):
                 self.error(k, TYPE_ERROR, f"unsupported map key type {kt}")
+            elif isinstance(k, Literal) and isinstance(k.value, str | int):
+                # fails every evaluation (CEL's repeated key: 1 and 1u are one key, true not)
+                if rt.contains(literal, k.value):
+                    self.error(k, BAD_ARGUMENT, "map literal with a repeated key")
+                literal.append(k.value)
             keys.append(kt)
             values.append(self.visit(v))
         return MapType(self.join(keys), self.join(values))

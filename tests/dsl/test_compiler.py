@@ -133,7 +133,7 @@ def test_compiled_expression_evaluates(text: str, expected: object) -> None:
         "[n - n].all(i, n / i == 1)",
         "[n - n, n].exists(i, n / i == 0)",
         'dyn({true: "x"})[dyn(n - 4)] == "x"',
-        "{'a': n, 'a': 2}.a == 2",  # a repeated key is an error, not the last value
+        "{n: 1, 5: 2}.size() == 2",  # a key repeated at run time (n is 5): an error
     ],
 )
 def test_runtime_errors_are_eval_errors(text: str) -> None:
@@ -227,6 +227,21 @@ def test_unchecked_expressions_agree_with_the_interpreter(text: str, expected: o
                 run(ACT)
         else:
             assert run(ACT) is expected
+
+
+def test_a_repeated_literal_map_key_is_refused_at_check_time_and_an_error_unchecked() -> None:
+    # it fails every evaluation: rules check says so; unchecked, it is an error, never
+    # the last value (a plain dict would keep the 2)
+    text = "{'a': n, 'a': 2}.a == 2"
+    _, diags = compile_expr(text, ENV)
+    assert [(d.code, d.col, d.message) for d in diags] == [
+        ("riskd_bad_argument", 10, "map literal with a repeated key")
+    ]
+    compiled, _ = compile_expr(text, ENV, strict=False)
+    assert compiled is not None
+    for run in (compiled.evaluate, compiled.interpret):
+        with pytest.raises(EvalError, match="repeated key"):
+            run(ACT)
 
 
 def test_epoch_seconds_past_year_9999_are_out_of_range() -> None:
