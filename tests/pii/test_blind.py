@@ -44,6 +44,7 @@ IX = BlindIndexer(RING)
         ("address", "2-1-1201", "2/1/1201"),
         ("address", "2-1-1201", "2．1　1201"),  # full-width stop, ideographic space
         ("address", "Room 1/23", "room 1 - 23"),
+        ("address", "Hauptstraße 5", "HAUPTSTRASSE 5"),  # case-folded, not just lowered
         ("id_number", "11010119900307123X", "110101 19900307 123x"),
         ("device", "6D92078A-8246-4BA4-AE5B-76104861E7DC", "6d92078a82464ba4ae5b76104861e7dc"),
         ("device", "AA:BB:CC:DD:EE:FF", "aa-bb-cc-dd-ee-ff"),
@@ -56,12 +57,16 @@ IX = BlindIndexer(RING)
         ("phone", "0571-8888-7777", "+86 571 8888 7777"),
         ("phone", "0571-888-7777", "+86-571-888-7777"),  # a 7-digit local number
         ("phone", "400-123-4567", "+86 400 123 4567"),  # no trunk 0 at home either
+        ("phone", "19912345678", "+86 (0) 199 1234 5678"),  # 19x mobiles are mobiles too
+        ("phone", "13812345678", "\ufeff138 1234 5678"),  # a byte-order mark, from a file
         ("name", "张三", "张 三"),
         ("name", "张三", "张　三"),  # ideographic space
         ("name", "张三", " 张\u200b三 "),  # zero-width space
         ("name", "欧阳娜娜", "欧阳 娜娜"),
         ("name", "阿沛·阿旺晋美", "阿沛 · 阿旺晋美"),
         ("name", "Zhang San 张三", "zhang  san 张 三"),
+        ("name", "José", "Jose\u200b\u0301"),  # the accent composes once the gap is gone
+        ("payment_account", "6222021234567890", "6222 0212-3456 7890"),  # a card as written
         ("ip", "::ffff:10.0.0.1", "10.0.0.1"),
         ("ip", "[2001:db8::1]", "2001:db8::1"),
         ("ip", "[2001:DB8:0::1]", "2001:db8::1"),

@@ -55,6 +55,36 @@ def test_keyring_unwrap_with_other_aad_fails() -> None:
         ring.unwrap(wrapped, b"subject-b")
 
 
+def test_keyring_add_version_never_reuses_a_version_number() -> None:
+    """A key file from which a retired entry was deleted (versions 1 and 3): the next
+    version is 4, and version 3's key, which wraps data keys, stays."""
+    doc = json.loads(Keyring.generate().add_version().add_version().to_json())
+    doc["keys"] = [k for k in doc["keys"] if k["version"] != 2]
+    ring = Keyring.from_json(json.dumps(doc))
+    wrapped = ring.wrap(b"k" * 32, b"aad")
+    grown = ring.add_version()
+    assert grown.versions == (1, 3, 4)
+    assert grown.unwrap(wrapped, b"aad") == b"k" * 32
+
+
+def test_keyring_wrap_draws_a_fresh_nonce_for_every_data_key() -> None:
+    # one master key wraps every buyer's data key: a repeated GCM nonce would expose them
+    ring = Keyring.generate()
+    blobs = {ring.wrap(b"k" * 32, b"aad").blob[:12] for _ in range(3)}
+    assert len(blobs) == 3
+
+
+def test_keyring_wrap_uses_the_primary_key_even_when_a_newer_version_is_active() -> None:
+    """A keyring set back to an older primary wraps under that one's key: the data keys
+    must unwrap wherever that version is held."""
+    ring = Keyring.generate()
+    newer = ring.add_version()
+    rolled_back = Keyring(newer.keys, 1, newer.index_secret)
+    wrapped = rolled_back.wrap(b"k" * 32, b"aad")
+    assert wrapped.version == 1
+    assert ring.unwrap(wrapped, b"aad") == b"k" * 32
+
+
 def test_keyring_unwrap_unknown_version_fails() -> None:
     with pytest.raises(CryptoError, match="version 7 is not in the keyring"):
         Keyring.generate().unwrap(WrappedKey(7, b"x" * 40), b"")
@@ -133,6 +163,10 @@ def test_keyring_repr_never_shows_key_material() -> None:
         (lambda d: d["keys"][0].update(key="AAAA"), r"keys\[0\].key must be 32 bytes"),
         (lambda d: d["keys"][0].update(state="on"), r"keys\[0\].state"),
         (lambda d: d["keys"][0].update(version=0), r"keys\[0\].version must be between 1 and"),
+        # a retired primary would wrap new data keys under no key at all
+        (lambda d: d["keys"][0].update(state="retired"), "primary version 1 has no active key"),
+        # a shorter secret would weaken every blind index
+        (lambda d: d.update(index_secret="A" * 24), "index_secret must be 32 bytes"),
     ],
 )
 def test_keyring_from_json_names_the_bad_field_without_secrets(mutate, message) -> None:  # type: ignore[no-untyped-def]

@@ -84,6 +84,9 @@ def test_mask_address_is_district_level() -> None:
 def test_mask_device_keeps_last_four() -> None:
     assert mask_device("6D92078A-8246-4BA4-AE5B-76104861E7DC") == "****E7DC"
     assert mask_device("abc") == "***"
+    # a short id (eight characters or fewer) shows nothing: four would be half of it
+    assert mask_device("A1B2C3D4") == "********"
+    assert mask_device("A1B2C3D4E") == "****3D4E"
 
 
 @given(st.from_regex(r"1[3-9][0-9]{9}", fullmatch=True))

@@ -556,6 +556,10 @@ def test_vault_associated_data_keeps_record_and_field_apart(vault: Vault) -> Non
     ct = vault.encrypt("b1", "o1", "xphone", PHONE)
     with pytest.raises(CryptoError, match="does not authenticate"):
         vault.decrypt("b1", "o1x", "phone", ct)
+    # nor does a separator character in an id: an order id may hold any character
+    ct = vault.encrypt("b1", "o1|x", "phone", PHONE)
+    with pytest.raises(CryptoError, match="does not authenticate"):
+        vault.decrypt("b1", "o1", "x|phone", ct)
 
 
 def test_vault_other_replica_writes_a_new_generation_after_forget_and_cache_ttl(
@@ -608,3 +612,76 @@ def test_vault_forgotten_keys_do_not_count_as_in_use_under_their_master_version(
         vault.encrypt(subject, "o1", "phone", PHONE)
     vault.forget("b1")
     assert store.count_under(1) == 1
+
+
+def test_vault_a_key_file_that_cannot_be_reread_keeps_the_keyring_in_use(
+    keyring: Keyring, store: SqlKeyStore, tmp_path: Path
+) -> None:
+    """A key file being replaced (unreadable for a moment) must not take the vault down:
+    the unknown version fails as a ``CryptoError`` and the keys it holds stay usable."""
+    Vault(keyring.add_version(), store).encrypt("b-new", "o1", "phone", PHONE)  # under v2
+    vault = Vault(keyring, store, reload=lambda: Keyring.load(tmp_path / "missing.json"))
+    ct = vault.encrypt("b-old", "o1", "phone", PHONE)
+    with pytest.raises(CryptoError, match="master key version 2 is not in the keyring"):
+        vault.encrypt("b-new", "o2", "phone", PHONE)
+    assert vault.keyring is keyring
+    assert vault.decrypt("b-old", "o1", "phone", ct) == PHONE
+
+
+def test_bind_keyring_accepts_a_database_whose_only_keys_are_under_a_retired_version(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    """Keys lost to a retirement prove nothing about which keyring wrapped them: the
+    daemon must still start on a database written before fingerprints were recorded."""
+    Vault(keyring, store).encrypt("b1", "o1", "phone", PHONE)
+    store.db.run(lambda tx: tx.execute("DELETE FROM pii_keyring"))  # as an older riskd left it
+    assert bind_keyring(keyring.add_version().retire(1), store)
+
+
+def test_vault_forget_deletes_index_entries_of_a_spelling_that_has_no_data_key(
+    vault: Vault,
+) -> None:
+    """Blind-index entries may be recorded under a spelling that never sealed a field;
+    left behind, the forgotten buyer would stay matchable by phone."""
+    vault.encrypt("b-77", "o1", "phone", PHONE)
+    vault.record_index("b-77 ", {"phone": "digest-of-b-77"})
+    result = vault.forget("b-77")
+    assert result.index_entries_deleted == 1
+    assert vault.subjects_for("phone", "digest-of-b-77") == []
+
+
+def test_vault_forget_covers_the_spellings_of_an_id_holding_pattern_characters(
+    vault: Vault,
+) -> None:
+    """Buyer ids are the platform's to choose: ``!``, ``%`` or ``_`` in one must not hide
+    a spelling of it from the forget (its data would stay readable)."""
+    cts = {b: vault.encrypt(b, "o1", "phone", PHONE) for b in ("b!1%_", "b!1%_ ", "ｂ!1%_")}
+    other = vault.encrypt("b1", "o1", "phone", PHONE)
+    assert set(vault.forget("b!1%_").subjects) == set(cts)
+    for b, ct in cts.items():
+        with pytest.raises(CryptoError, match="forgotten"):
+            vault.decrypt(b, "o1", "phone", ct)
+    assert vault.decrypt("b1", "o1", "phone", other) == PHONE
+
+
+def test_vault_an_empty_digest_matches_no_subject(vault: Vault) -> None:
+    """An order without a phone indexes to ``""``: recorded, it would link every buyer
+    who gave none."""
+    vault.record_index("b1", {"phone": "", "device": "d1"})
+    vault.record_index("b2", {"phone": ""})
+    assert vault.subjects_for("phone", "") == []
+    assert vault.subjects_for("device", "d1") == ["b1"]
+
+
+def test_bind_keyring_checks_a_live_key_when_the_first_one_was_forgotten(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    """A forgotten buyer's key proves nothing: a foreign keyring must still be refused by
+    a database written before fingerprints, judged by a live key."""
+    vault = Vault(keyring, store)
+    vault.encrypt("b1", "o1", "phone", PHONE)
+    vault.forget("b1")
+    vault.encrypt("b2", "o1", "phone", PHONE)
+    store.db.run(lambda tx: tx.execute("DELETE FROM pii_keyring"))  # as an older riskd left it
+    assert not bind_keyring(Keyring.generate(), store)
+    assert bind_keyring(keyring, store)

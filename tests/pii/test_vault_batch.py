@@ -326,3 +326,22 @@ def test_prepare_in_sees_a_forget_under_another_spelling_with_nothing_stored(
     with store.db.transaction() as tx:
         keys = vault.prepare_in(tx, ["ｂ-1"])
     assert keys.forgotten_at("ｂ-1") == clock.now()
+
+
+def test_prepare_in_seals_a_buyer_forgotten_twice_under_the_live_generation(
+    keyring: Keyring, store: SqlKeyStore
+) -> None:
+    """A buyer who ordered again after two forgets has a live third key: the batch writer
+    must seal under it, not fail or fall back to a destroyed one."""
+    vault = Vault(keyring, store)
+    for _ in range(2):
+        vault.encrypt("b1", "o1", "phone", PHONE)
+        vault.forget("b1")
+    vault.encrypt("b1", "o2", "phone", PHONE)
+    writer = Vault(keyring, store)  # nothing cached
+    with store.db.transaction() as tx:
+        keys = writer.prepare_in(tx, ["b1"])
+    writer.adopt(keys)
+    sealed = writer.encrypt_fields("b1", "o3", {"phone": PHONE}, keys)["phone"]
+    assert generation(sealed) == 3
+    assert vault.decrypt("b1", "o3", "phone", sealed) == PHONE
