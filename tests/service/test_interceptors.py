@@ -6,15 +6,19 @@ import io
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
 from riskd.errors import InvalidArgumentError, NotFoundError, RiskdError, UnavailableError
+from riskd.service.gen.riskd.v1 import order_pb2, scoring_pb2
 from riskd.service.interceptors import ErrorInterceptor
 from riskd.service.logs import configure_logging
 from riskd.service.metrics import Metrics
@@ -31,12 +35,18 @@ def _raise(error: Exception) -> Behaviour:
     return handler
 
 
+def _slow(request: bytes) -> bytes:
+    time.sleep(0.05)
+    return request
+
+
 class _OddError(RiskdError):
     status = "NO_SUCH_CODE"  # a class naming no gRPC code: INTERNAL, its message kept
 
 
 BEHAVIOURS: dict[str, Behaviour] = {
     "Echo": lambda request: request,
+    "Slow": lambda request: _slow(request),
     "Invalid": _raise(InvalidArgumentError("order.amounts.total", "must equal items")),
     "Missing": _raise(NotFoundError("no such order")),
     "Down": _raise(UnavailableError("features unavailable")),
@@ -127,6 +137,22 @@ def test_success_passes_through(channel_and_metrics: tuple[grpc.Channel, Metrics
     assert metrics.value("riskd_rpc_errors_total", {"method": "/t.T/Echo", "code": "OK"}) == 0
 
 
+def test_the_access_log_gives_each_calls_time_in_milliseconds(
+    channel_and_metrics: tuple[grpc.Channel, Metrics],
+) -> None:
+    # operators read slow calls off the "ms" of the access log
+    channel, _ = channel_and_metrics
+    stream = io.StringIO()
+    configure_logging("info", stream)
+    try:
+        assert call(channel, "Slow") == b"ping"
+    finally:
+        logging.getLogger("riskd").handlers.clear()
+    (line,) = lines_of(stream.getvalue())
+    assert (line["method"], line["code"]) == ("/t.T/Slow", "OK")
+    assert 50 <= line["ms"] < 5000
+
+
 @pytest.mark.parametrize(
     ("name", "code", "message"),
     [
@@ -152,15 +178,52 @@ def test_errors_map_to_status_codes(
     assert metrics.value("riskd_rpc_errors_total", {"method": f"/t.T/{name}", "code": code.name})
 
 
-def test_a_parsed_request_over_max_message_bytes_is_invalid_argument_naming_the_field() -> None:
-    # under EAGER_PARSE_BYTES grpcio parses the request: its size is checked after the parse
+@pytest.mark.parametrize(
+    ("limit", "served"),
+    [
+        (64, 62),  # under EAGER_PARSE_BYTES grpcio parses it: its size is checked after
+        (70_000, 69_996),  # over it, its bytes are counted before any parse
+    ],
+)
+def test_a_request_over_max_message_bytes_is_invalid_argument_naming_the_field(
+    limit: int, served: int
+) -> None:
+    # a request of exactly the limit is served on either path; one byte more is refused
+    with sized_call(limit, health_pb2.HealthCheckRequest) as sized:
+        exact = health_pb2.HealthCheckRequest(service="x" * served)
+        assert exact.ByteSize() == limit
+        sized(exact, timeout=5)
+        with pytest.raises(grpc.RpcError) as e:
+            sized(health_pb2.HealthCheckRequest(service="x" * (served + 1)), timeout=5)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    expected = f"service: the request is {limit + 1} bytes, more than the limit of {limit}"
+    assert e.value.details() == expected
+
+
+def test_a_parsed_request_over_the_limit_names_the_nested_field_that_holds_most_of_it() -> None:
+    # a limit under EAGER_PARSE_BYTES: the caller still learns which order and field to fix
+    orders = [order_pb2.Order(order_id=f"o-{i}") for i in range(3)]
+    orders[1].buyer.address.detail = "x" * 5000
+    with (
+        sized_call(4096, scoring_pb2.ScoreBatchRequest) as sized,
+        pytest.raises(grpc.RpcError) as e,
+    ):
+        sized(scoring_pb2.ScoreBatchRequest(orders=orders), timeout=5)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.value.details().startswith("orders[1].buyer.address.detail: the request is ")
+
+
+@contextmanager
+def sized_call(limit: int, message: type[Message]) -> Iterator[grpc.UnaryUnaryMultiCallable]:
+    """A call to a server whose error interceptor refuses requests over ``limit`` bytes
+    (of ``message``; it answers an empty health response)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=2),
-        interceptors=[ErrorInterceptor(Metrics(), max_message_bytes=64)],
+        interceptors=[ErrorInterceptor(Metrics(), max_message_bytes=limit)],
     )
     handler = grpc.unary_unary_rpc_method_handler(
         lambda request, context: health_pb2.HealthCheckResponse(),
-        request_deserializer=health_pb2.HealthCheckRequest.FromString,
+        request_deserializer=message.FromString,
         response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
     )
     server.add_generic_rpc_handlers(
@@ -170,18 +233,13 @@ def test_a_parsed_request_over_max_message_bytes_is_invalid_argument_naming_the_
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            sized = channel.unary_unary(
+            yield channel.unary_unary(
                 "/t.S/Sized",
-                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                request_serializer=message.SerializeToString,
                 response_deserializer=health_pb2.HealthCheckResponse.FromString,
             )
-            sized(health_pb2.HealthCheckRequest(service="x" * 62), timeout=5)  # 64 bytes: served
-            with pytest.raises(grpc.RpcError) as e:
-                sized(health_pb2.HealthCheckRequest(service="x" * 63), timeout=5)
     finally:
         server.stop(None)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert e.value.details() == "service: the request is 65 bytes, more than the limit of 64"
 
 
 def test_unexpected_error_log_has_type_not_message(
@@ -304,3 +362,19 @@ def test_streamed_bytes_that_do_not_parse_are_invalid_argument_without_a_traceba
     assert (e.value.code(), e.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, details)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert riskd_server.metrics.value("riskd_rpc_errors_total", labels) == errors + 1
+
+
+def test_a_refused_stream_is_in_the_access_log(riskd_server: RunningServer) -> None:
+    # a stream refused for its bytes leaves the same trace as a refused unary call
+    stream = io.StringIO()
+    configure_logging("info", stream)
+    try:
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{riskd_server.port}") as channel,
+            pytest.raises(grpc.RpcError),
+        ):
+            list(channel.unary_stream(WATCH)(b"\x0a\xff", timeout=5))
+    finally:
+        logging.getLogger("riskd").handlers.clear()
+    refusals = [(line["msg"], line["method"], line["code"]) for line in lines_of(stream.getvalue())]
+    assert ("rpc", WATCH, "INVALID_ARGUMENT") in refusals

@@ -20,9 +20,11 @@ from prometheus_client import generate_latest
 
 from riskd.config import Config
 from riskd.errors import ConfigError
+from riskd.evidence.log import DecisionLog
 from riskd.service import convert, policy
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
 from riskd.service.server import create_server
+from riskd.sql import Database
 from tests.service.conftest import copy_rules, make_config
 from tests.service.test_scoring import fresh
 
@@ -152,6 +154,40 @@ def test_a_second_stop_waits_for_the_first_and_drains_nothing_again(
     assert running.wait(0)
     logged = [r.getMessage() for r in caplog.records if r.name == "riskd.service.server"]
     assert logged == ["draining", "stopped"]
+
+
+def test_a_stop_while_another_drains_returns_once_that_drain_has_finished(
+    tmp_path: Path,
+) -> None:
+    """SIGINT after SIGTERM, or an embedder's stop during a drain: whoever exits after its
+    stop returns must not cut the first drain short."""
+    running = create_server(make_config(tmp_path))
+    with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        first = threading.Thread(target=running.stop, args=(5,), kwargs={"notice_s": 0.5})
+        first.start()
+        assert eventually(lambda: health_of(ch) == NOT_SERVING)  # the first drain is on
+        running.stop(5)
+        assert running.wait(0)
+        first.join(10)
+
+
+def test_a_stop_commits_the_decisions_the_log_was_still_gathering(tmp_path: Path) -> None:
+    # an answered order is evidence: a drain may not drop what the writer had not committed
+    running = create_server(make_config(tmp_path, evidence_flush_ms=1000))
+    order = fresh()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(order))
+            scoring_pb2_grpc.ScoringServiceStub(ch).Score(request, timeout=5)
+    finally:
+        running.stop(0)
+    db = Database(f"sqlite:///{tmp_path / 'riskd.db'}")
+    log = DecisionLog(db)
+    try:
+        assert log.get(order.order_id) is not None
+    finally:
+        log.close()
+        db.close()
 
 
 def test_rules_hot_reload_on_change_and_keep_old_rules_on_error(tmp_path: Path) -> None:

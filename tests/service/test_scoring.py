@@ -195,6 +195,16 @@ def test_retry_is_replayed_and_counted_once_in_the_metrics(
     assert counters(server) == before + 1
 
 
+def test_a_batchs_decisions_are_each_counted_in_the_metrics(
+    stub: Stub, server: RunningServer
+) -> None:
+    # dashboards and alerts on decision rates see the checkout's batches too
+    before = counters(server)
+    orders = [convert.order_to_proto(fresh()) for _ in range(3)]
+    stub.ScoreBatch(scoring_pb2.ScoreBatchRequest(orders=orders), timeout=5)
+    assert counters(server) == before + 3
+
+
 def test_same_order_id_with_other_content_is_already_exists(
     stub: Stub, server: RunningServer
 ) -> None:
