@@ -155,6 +155,23 @@ def test_no_key_is_ever_left_without_a_ttl(
     store.close()
 
 
+def test_every_order_refreshes_the_ttl_of_each_part_of_its_keys(
+    prefix: str, clock: FakeClock, redis_client: redis.Redis
+) -> None:
+    """TTLs run on Redis's clock: a key that keeps getting orders must keep every part alive
+    for ``SEEN_TTL_S``, or one expires under a live key and its counts drop."""
+    store = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
+    store.record_and_read(order(clock, "o1", device="d", buyer="b1"), QUERIES)
+    parts = [f"{prefix}{part}" for part in ("ev:device:d", "tot:device:d", "d:device:buyer:d")]
+    for key in parts:
+        assert redis_client.expire(key, 5)
+    clock.advance(1)
+    store.record_and_read(order(clock, "o2", device="d", buyer="b2"), QUERIES)
+    ttls = [redis_client.ttl(key) for key in parts]
+    assert all(SEEN_TTL_S - 60 < ttl <= SEEN_TTL_S for ttl in ttls), ttls
+    store.close()
+
+
 def test_old_members_are_trimmed_as_time_moves_on(
     prefix: str, clock: FakeClock, redis_client: redis.Redis
 ) -> None:
@@ -595,6 +612,22 @@ def test_evicted_sets_under_a_kept_state_drop_their_totals_and_get_a_ttl_again(
     shared.close()
 
 
+def test_a_distinct_set_that_outlived_its_evicted_key_still_counts(
+    prefix: str, clock: FakeClock, redis_client: redis.Redis
+) -> None:
+    """Redis may evict a key's totals and events and keep its distinct set: the buyers seen
+    there still count."""
+    shared = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
+    buyers_1h = QUERIES[3]
+    for i in range(3):
+        shared.record_and_read(order(clock, f"o{i}", device="d1", buyer=f"b{i}"), QUERIES)
+        clock.advance(10)
+    assert redis_client.delete(f"{prefix}tot:device:d1", f"{prefix}ev:device:d1") == 2
+    got = shared.record_and_read(order(clock, "o3", device="d1", buyer="b3"), QUERIES)
+    assert (got[buyers_1h], got[COUNT_DEVICE_1M]) == (4, 1)  # the events alone are gone
+    shared.close()
+
+
 def test_an_order_whose_marker_was_evicted_is_counted_once(
     prefix: str, clock: FakeClock, redis_client: redis.Redis
 ) -> None:
@@ -616,6 +649,22 @@ def test_an_order_whose_marker_was_evicted_is_counted_once(
         clock.advance(30)
         obs = order(clock, f"n{i}", 1, device="d", buyer="b")
         assert shared.record_and_read(obs, QUERIES) == memory.record_and_read(obs, QUERIES)
+    shared.close()
+
+
+def test_an_order_whose_marker_was_evicted_counts_anew_once_its_event_left_every_window(
+    prefix: str, clock: FakeClock, redis_client: redis.Redis
+) -> None:
+    """The other side of the rule above: a day later its event counts nowhere, so the
+    order recorded again must count in its new window, not be taken for a retry and lost."""
+    shared = RedisFeatureStore(REDIS_URL, clock, prefix=prefix, timeout_s=2.0)
+    count_24h = FeatureQuery(Agg.COUNT, "device", "24h")
+    shared.record_and_read(order(clock, "o1", 500, device="d"), [count_24h])
+    markers = [k for k in redis_client.scan_iter(f"{prefix}o:*")]
+    assert len(markers) == 1 and redis_client.delete(*markers) == 1
+    clock.advance(86400)  # the first event is exactly 24 h old: out of every window
+    got = shared.record_and_read(order(clock, "o1", 500, device="d"), [count_24h])
+    assert got[count_24h] == 1
     shared.close()
 
 
@@ -785,10 +834,13 @@ class _ReplyProxy(_Proxy):
 
     def __init__(self) -> None:
         self._armed = ""
+        self._after: threading.Event | None = None
+        self.holding = threading.Event()  # a reply is held back
         super().__init__(_REDIS_PORT)
 
-    def arm(self, what: str) -> None:
-        self._armed = what
+    def arm(self, what: str, after: threading.Event | None = None) -> None:
+        """``after``: the reply is cut only once it is set (another proxy holding one)."""
+        self._armed, self._after = what, after
 
     def _pipes(
         self, client: socket.socket, server: socket.socket
@@ -809,10 +861,13 @@ class _ReplyProxy(_Proxy):
             while data := server.recv(65536):
                 armed, self._armed = self._armed, ""
                 if armed == "cut":
+                    if self._after is not None:
+                        self._after.wait(5)
                     client.sendall(data[: len(data) // 2])
                     break
                 if armed == "hold":
                     held.append(data)
+                    self.holding.set()
                 else:
                     client.sendall(data)
         self._drop(client, server)
@@ -843,9 +898,11 @@ def test_a_failed_call_never_leaves_a_connection_with_a_reply_pending_for_the_ne
             ]
             == 1
         )
-        # shard 0's reply (read first) fails; shard 1's, sent and never read, comes late
-        proxies[0].arm(failure)
+        # shard 0's reply (read first) fails; shard 1's, sent and never read, comes late:
+        # shard 0's is cut only once shard 1's is held (else the failed call could close
+        # shard 1's connection before its reply came, and the hold wait for the next one)
         proxies[1].arm("hold")
+        proxies[0].arm(failure, after=proxies[1].holding)
         with pytest.raises(UnavailableError, match="feature store: redis"):
             store.record_and_read(order(clock, "o2", device=device, buyer=buyer), QUERIES)
         got = store.record_and_read(order(clock, "o3", device=device, buyer=buyer), QUERIES)

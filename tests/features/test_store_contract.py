@@ -65,6 +65,17 @@ def test_events_leave_each_window_at_its_edge(
     assert all(edge[COUNT_DEVICE[w]] == 1 and edge[SUM_DEVICE[w]] == 300 for w in longer)
 
 
+def test_a_time_between_milliseconds_is_rounded_alike_by_both_backends(
+    store: FeatureStore, clock: FakeClock
+) -> None:
+    """Windows end at the order's time to the millisecond (``Observation.at_ms``): a time
+    of 59.9996 s after an order is a full minute after it in both backends."""
+    first = store.record_and_read(obs(clock, "o1", device="d1"), ALL)
+    assert first[COUNT_DEVICE["1m"]] == 1
+    later = Observation("o2", clock.now() + 59.9996, 100, {"device": "d1"})
+    assert store.record_and_read(later, ALL)[COUNT_DEVICE["1m"]] == 1
+
+
 def test_sums_follow_events_out_of_windows_as_orders_keep_coming(
     store: FeatureStore, clock: FakeClock
 ) -> None:
@@ -286,6 +297,26 @@ def test_a_key_changed_on_retry_is_remembered_for_the_ttl_from_its_own_recording
     assert again[count_24h] == 1
 
 
+def test_an_order_caught_up_late_is_remembered_from_its_recording_not_its_time(
+    store: FeatureStore, clock: FakeClock
+) -> None:
+    """A catch-up records orders hours after their time: the order and its content claim
+    are remembered for ``SEEN_TTL_S`` from the recording (the clock), not from its time."""
+    start = clock.now()
+    caught_up = Observation("o1", start, 10, {"device": "d1"}, "AAAAAAA")
+    clock.advance(2 * 3600)  # recorded two hours after its time
+    store.record_and_read(caught_up, ALL)
+    clock.advance(24 * 3600)  # 26 h after its time, 24 h after its recording
+    store.record_and_read(caught_up, ALL)  # a retry: not recorded again
+    changed = Observation("o1", start, 20, {"device": "d1"}, "BBBBBBB")
+    with pytest.raises(OtherContentError):
+        store.record_and_read(changed, ALL)
+    got = store.read(Observation("probe", start, 0, {"device": "d1"}), ALL)
+    assert (got[COUNT_DEVICE["24h"]], got[SUM_DEVICE["24h"]]) == (1, 10)
+    clock.advance(3600)  # 25 h after its recording: forgotten, claim and all
+    store.record_and_read(changed, ALL)
+
+
 def test_concurrent_retries_of_one_order_record_it_once(
     store: FeatureStore, clock: FakeClock
 ) -> None:
@@ -372,6 +403,25 @@ def test_late_observation_inside_the_window_counts(store: FeatureStore, clock: F
     assert (got[COUNT_DEVICE["1m"]], got[SUM_DEVICE["1m"]]) == (1, 100)
 
 
+def test_late_observations_a_millisecond_from_a_window_edge_count_as_in_time_order(
+    store: FeatureStore, clock: FakeClock
+) -> None:
+    """Replicas deliver orders out of order: a window must hold exactly ``(t - W, t]`` at
+    each edge, as if they had come in time order, in both backends alike."""
+    start = clock.now()
+    count_1m = COUNT_DEVICE["1m"]
+
+    def at(order_id: str, ms: int) -> int:
+        o = Observation(order_id, start + ms / 1000, 100, {"device": "d1"})
+        return store.record_and_read(o, ALL)[count_1m]
+
+    at("e", 0)
+    at("x", 60_000)  # e has left x's minute
+    assert at("late", 59_999) == 2  # e is 59.999 s behind: in its minute, x is after it
+    assert at("edge", 0) == 2  # e and itself, a minute before x
+    assert at("y", 60_000) == 3  # x, late and y: edge is out, as e is
+
+
 def test_an_observation_a_day_behind_the_newest_counts_nowhere_and_reads_zero(
     store: FeatureStore, clock: FakeClock
 ) -> None:
@@ -392,6 +442,20 @@ def test_an_observation_a_day_behind_the_newest_counts_nowhere_and_reads_zero(
     now = store.read(obs(clock, "probe", device="d1"), ALL)
     assert (now[COUNT_DEVICE["24h"]], now[SUM_DEVICE["24h"]]) == (2, 10_000)
     assert now[BUYERS_PER_DEVICE["24h"]] == 2
+
+
+def test_an_observation_exactly_a_day_behind_the_newest_counts_nowhere(
+    store: FeatureStore, clock: FakeClock
+) -> None:
+    """The edge of the rule above: the newest order's 24 h window leaves out its own start,
+    so an order stamped right there reads zero and counts nowhere, in both backends."""
+    start = clock.now()
+    newest = Observation("new", start + 86400, 100, {"device": "d1", "buyer": "b1"})
+    store.record_and_read(newest, ALL)
+    behind = Observation("behind", start, 100, {"device": "d1", "buyer": "b2"})
+    assert set(store.record_and_read(behind, ALL).values()) == {0}
+    now = store.read(Observation("probe", start + 86400, 0, {"device": "d1"}), ALL)
+    assert (now[COUNT_DEVICE["24h"]], now[BUYERS_PER_DEVICE["24h"]]) == (1, 1)
 
 
 def test_every_query_is_answered_even_without_queries(
