@@ -25,9 +25,8 @@ from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
 from riskd.sql import Database
 from tests.cli.test_serve_cli import Daemon
 from tests.features.features_support import delete_prefix
+from tests.service.conftest import SHARED_REDIS
 from tests.service.sample import full_order
-
-SHARED_REDIS = "redis://127.0.0.1:6379/0"
 
 
 def _order(order_id: str) -> scoring_pb2.ScoreRequest:

@@ -33,6 +33,7 @@ from riskd.pii.keyring import STALE_PART_S, Keyring, locked, new_part_name
 from riskd.pii.keystore import SqlKeyStore
 from riskd.pii.vault import Vault
 from riskd.sql import Database
+from tests.evidence.test_pii import buyer_secrets
 from tests.pg_roles import ADMIN, select_only_url
 from tests.service.sample import full_order
 
@@ -287,17 +288,12 @@ def log_buyers(url: str, keyring: Keyring, buyers: int, orders: int) -> None:
 
 
 def stored_secrets(url: str, buyer: str) -> list[bytes]:
-    """What the database holds of ``buyer`` only: wrapped data key, ciphertexts, digests."""
+    """What the database at ``url`` holds of ``buyer`` only (``buyer_secrets``)."""
     db = Database(url)
-    rows = db.query("SELECT wrapped FROM pii_data_keys WHERE subject_id = ?", (buyer,))
-    rows += db.query("SELECT ciphertext FROM decision_pii WHERE subject_id = ?", (buyer,))
-    rows += db.query(
-        "SELECT digest FROM decision_blind_index WHERE subject_id = ? EXCEPT "
-        "SELECT digest FROM decision_blind_index WHERE subject_id <> ?",
-        (buyer, buyer),
-    )
-    db.close()
-    return [v.encode() if isinstance(v, str) else bytes(v) for (v,) in rows]
+    try:
+        return buyer_secrets(db, buyer)
+    finally:
+        db.close()
 
 
 def test_cli_forget_leaves_no_bytes_of_the_buyer_in_the_files_the_daemon_holds_open(
