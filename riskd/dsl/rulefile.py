@@ -62,6 +62,8 @@ _NUMBER_START = re.compile(r"-?[0-9]")
 _BLANKS_RE = re.compile(r"[ \t\r\n]+")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _PUNCT = "{}[]=,:"
+# a line of a block that assigns a field (CEL has no lone "="): one written after ``when``
+_FIELD_LINE = re.compile(r"[ \t]*([A-Za-z_][A-Za-z0-9_]*)[ \t]*=(?!=)")
 _T = TypeVar("_T")
 
 
@@ -309,10 +311,18 @@ class _Scanner:
         while self.pos < len(self.text) and self.text[self.pos] in " \t":
             self._advance(1)
         start, line, col = self.pos, self.line, self.col
-        end = _expression_end(self.text, start)
-        if end is None:
+        found = _expression_end(self.text, start)
+        if found is None:
             self.diag(UNTERMINATED, "expression runs to the end of the file", line, col)
             return None
+        end, field_at = found
+        if field_at is not None:  # a field after ``when``: it ends the expression
+            end = field_at
+            name = _FIELD_LINE.match(self.text, field_at + 1)
+            assert name is not None
+            at_line = line + self.text.count("\n", start, field_at + 1)
+            message = f"'when' must be the last field of a block: {name.group(1)!r} follows it"
+            self.diag(SYNTAX_ERROR, message, at_line, name.start(1) - field_at)
         self._advance(end - start)
         return self.text[start:end], start, line, col
 
@@ -322,18 +332,27 @@ class _Scanner:
         return out
 
 
-def _expression_end(text: str, start: int) -> int | None:
-    """Offset of the ``}`` that closes the block holding a ``when`` expression."""
+def _expression_end(text: str, start: int) -> tuple[int, int | None] | None:
+    """Offset of the ``}`` that closes the block holding a ``when`` expression, and of
+    the first newline outside brackets, strings and comments that a field follows
+    (``reason = X``: CEL has no ``=``), if any.
+
+    >>> _expression_end("a > 1 } b", 0), _expression_end("a >\\n 1\\n  score = 1\\n}", 0)
+    ((6, None), (19, 6))
+    """
     depth = 0
     i = start
     n = len(text)
+    field_at: int | None = None
     while i < n:
         ch = text[i]
+        if ch == "\n" and depth == 0 and field_at is None and _FIELD_LINE.match(text, i + 1):
+            field_at = i
         if ch in "([{":
             depth += 1
         elif ch in ")]}":
             if depth == 0:
-                return i if ch == "}" else None
+                return (i, field_at) if ch == "}" else None
             depth -= 1
         elif ch in "\"'":
             i = _skip_cel_string(text, i, raw=_raw_prefix(text, start, i))

@@ -174,6 +174,34 @@ def test_rulefile_a_raw_string_ending_in_a_backslash_does_not_hide_the_closing_b
     assert program.rules[0].when == when
 
 
+def test_rulefile_a_field_written_after_when_is_named_as_such_and_still_read() -> None:
+    """A field after ``when`` was read into the expression: the author saw the field
+    reported missing and a syntax error at its ``=``."""
+    text = _RULE.replace("  reason = R\n", "").replace("> 0\n", "> 0\n\n  reason = R\n")
+    program, diags = compile_sources({"p.rules": text})
+    assert program is None
+    assert [(d.code, d.line, d.col, d.message) for d in diags] == [
+        (
+            "riskd_syntax_error",
+            11,
+            3,
+            "'when' must be the last field of a block: 'reason' follows it",
+        )
+    ]
+    # not a field: "==" on a line of its own, a field-like line inside a string,
+    # after a comment or inside brackets
+    for when in (
+        "order.amounts.total\n  == 0",
+        "order.device_id != '''\n  reason = R\n'''",
+        "order.amounts.total > 0 // \n  && [\n  x == 1 ? 1 : 2].size() > 0",
+        "order.amounts.total > 0 && (\n  x = 1)",
+    ):
+        tree, diags = parse(_RULE.replace("order.amounts.total > 0", when), "p.rules")
+        assert diags.ok, (when, str(diags))
+        fields = tree.items[1].fields
+        assert isinstance(fields[-1].value, When) and fields[-1].value.raw == when
+
+
 def test_rulefile_a_comment_inside_a_value_is_a_diagnostic() -> None:
     _, diags = parse('list x = ["a", # c\n  "b"]\n', "p.rules")
     assert [(d.code, d.line, d.col) for d in diags] == [("riskd_misplaced_comment", 1, 1)]
