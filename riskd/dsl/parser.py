@@ -183,7 +183,12 @@ class _Parser:
     def unary(self) -> Expr:
         ops: list[Token] = []
         while self.at("!") or self.at("-"):
-            ops.append(self.advance())
+            tok = self.advance()
+            if ops and tok.text != ops[0].text:  # CEL's grammar: one operator, repeated
+                a, b = ops[0].text, tok.text
+                msg = f"unexpected '{b}' after '{a}' (put it in parentheses: {a}({b}x))"
+                raise _ParseError(msg, tok.offset)
+            ops.append(tok)
         first = self.peek()
         node = self.member()
         folds = ops and ops[-1].text == "-" and first.kind in (Tok.INT, Tok.DOUBLE)

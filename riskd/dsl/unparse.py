@@ -75,7 +75,10 @@ def _call(e: Call) -> tuple[str, int]:
         operand = args[0]
         if fn == "-_" and _is_number(operand):
             return f"-({unparse(operand)})", _UNARY
-        return fn[0] + _wrap(operand, _UNARY), _UNARY
+        inner = _wrap(operand, _UNARY)
+        if inner[:1] in ("!", "-") and inner[0] != fn[0]:  # CEL repeats one operator only
+            inner = f"({inner})"
+        return fn[0] + inner, _UNARY
     if fn == "_[_]" and len(args) == 2 and e.target is None:
         return f"{_wrap(args[0], _MEMBER)}[{_wrap(args[1], 0)}]", _MEMBER
     rendered = ", ".join(_wrap(a, 0) for a in args)

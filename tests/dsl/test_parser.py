@@ -36,6 +36,25 @@ def test_parser_folds_negative_literals() -> None:
     assert _parse("--5") == Call("-_", (Literal(-5),))
 
 
+def test_parser_repeats_one_unary_operator_only_as_cel_does() -> None:
+    # CEL's grammar: ('!')+ member | ('-')+ member; "!-x" and "-!x" need parentheses
+    for text, col, message in (
+        ("!-x", 2, "unexpected '-' after '!' (put it in parentheses: !(-x))"),
+        ("-!x", 2, "unexpected '!' after '-' (put it in parentheses: -(!x))"),
+        ("a && !!-1 == 1", 8, "unexpected '-' after '!' (put it in parentheses: !(-x))"),
+    ):
+        expr, diags = parse_expr(text)
+        assert expr is None
+        assert [(d.code, d.col, d.message) for d in diags] == [
+            ("riskd_syntax_error", col, message)
+        ], text
+    for text in ("!!x", "--x", "!(-x)", "-(!x)", "!(-1)", "--(!x)"):
+        e = _parse(text)
+        assert unparse(e) == text and _parse(unparse(e)) == e
+    assert unparse(Call("!_", (Literal(-1),))) == "!(-1)"
+    assert unparse(Call("-_", (Call("!_", (Ident("x"),)),))) == "-(!x)"
+
+
 def test_parser_expands_macros() -> None:
     e = _parse("order.items.exists(i, i.category in cats)")
     assert isinstance(e, Comprehension) and e.kind == "exists" and e.var == "i"
