@@ -80,14 +80,17 @@ def _double_to_uint(v: float) -> UInt:
     return UInt(int(v))
 
 
-# What CEL (cel-go's strconv) reads as a number: ASCII digits, no blanks, no "_".
-# Python's int() and float() also take surrounding whitespace and any Unicode digit
-# ("٣" is 3), so a client's " 12" or Arabic-Indic digits would convert here and
-# fail everywhere else.
+# What CEL (cel-go's strconv) reads as a number: ASCII digits, no blanks; "_" only
+# between the digits of a double (Go's ParseFloat reads "1_000.5" as Go source does;
+# ParseInt with base 10 refuses it). Python's int() and float() also take surrounding
+# whitespace and any Unicode digit ("٣" is 3), so a client's " 12" or Arabic-Indic
+# digits would convert here and fail everywhere else.
 _INT_TEXT = re.compile(r"[+-]?[0-9]+", re.ASCII)
 _UINT_TEXT = re.compile(r"[0-9]+", re.ASCII)
+_DIGITS = r"[0-9]+(?:_[0-9]+)*"
 _DOUBLE_TEXT = re.compile(
-    r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|infinity|nan)",
+    rf"[+-]?(?:(?:{_DIGITS}\.?(?:{_DIGITS})?|\.{_DIGITS})(?:[eE][+-]?{_DIGITS})?"
+    r"|inf|infinity|nan)",
     re.ASCII | re.IGNORECASE,
 )
 
@@ -111,21 +114,23 @@ def _digits(s: str) -> int:
 
 
 # Go's ParseFloat also reads a hexadecimal mantissa with a binary exponent ("0x1p-2" is
-# 0.25; the "p" exponent is required), as cel-go's double(string) does.
+# 0.25; the "p" exponent is required), as cel-go's double(string) does; "_" may also
+# follow the "0x" ("0x_1p0").
+_HEX = r"[0-9a-fA-F]+(?:_[0-9a-fA-F]+)*"
 _HEX_DOUBLE_TEXT = re.compile(
-    r"[+-]?0[xX](?:[0-9a-fA-F]+\.?[0-9a-fA-F]*|\.[0-9a-fA-F]+)[pP][+-]?[0-9]+", re.ASCII
+    rf"[+-]?0[xX](?:_?{_HEX}\.?(?:{_HEX})?|\.{_HEX})[pP][+-]?{_DIGITS}", re.ASCII
 )
 
 
 def _string_to_double(s: str) -> float:
     if _HEX_DOUBLE_TEXT.fullmatch(s):
         try:
-            return float.fromhex(s)
+            return float.fromhex(s.replace("_", ""))
         except OverflowError:
             raise EvalError("double conversion out of range") from None
     if not _DOUBLE_TEXT.fullmatch(s):
         return float(_bad_conversion("double"))
-    v = float(s)
+    v = float(s.replace("_", ""))
     if math.isinf(v) and "n" not in s.lower():  # "1e400": out of range, not "inf"
         raise EvalError("double conversion out of range")
     return v

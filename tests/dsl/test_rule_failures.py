@@ -172,12 +172,18 @@ CONVERTED = [("int", "12", 12), ("int", "-12", -12), ("int", "+5", 5),
              ("int", "-9223372036854775808", INT_MIN), ("int", "007", 7),
              ("uint", "18446744073709551615", UInt(UINT_MAX)), ("double", "1.5", 1.5),
              ("double", ".5", 0.5), ("double", "5.", 5.0), ("double", "-1e3", -1000.0),
-             ("double", "-Inf", -math.inf), ("double", "infinity", math.inf)]  # fmt: skip
+             ("double", "-Inf", -math.inf), ("double", "infinity", math.inf),
+             # Go's ParseFloat takes "_" between digits (its atof tests' own cases)
+             ("double", "1_23.50_0_0e+1_2", 1.235e14), ("double", "0x_1_2.3_4_5p+1_2", 74565.0),
+             ("double", "1_0.5", 10.5)]  # fmt: skip
 REFUSED = [("int", " 12"), ("int", "12\n"), ("int", "\u0663"), ("int", "1_000"),
            ("int", "0x1f"), ("int", ""), ("int", "9" * 5000), ("int", "9223372036854775808"),
            ("uint", "+5"), ("uint", "-0"), ("uint", "\uff15"), ("uint", "1" + "0" * 20),
-           ("double", " 1.5 "), ("double", "\u0663.5"), ("double", "1_0.5"),
-           ("double", "1e"), ("double", "1e400"), ("double", "-1e999")]  # fmt: skip
+           ("double", " 1.5 "), ("double", "\u0663.5"), ("double", "1e"),
+           ("double", "1e400"), ("double", "-1e999"),
+           *(("double", t) for t in ("_1.5", "1__2.5", "12_.5", "12._5", "12.5_e+1", "1e_+1",
+                                     "1e+_1", "1e+1_", "-_0x1p0", "0x__1p0", "0x1_.8p0",
+                                     "0x1.8_p0", "0x1p_1", "0x_.8p0", "in_f"))]  # fmt: skip
 
 
 @pytest.mark.parametrize(("kind", "text", "value"), CONVERTED)
