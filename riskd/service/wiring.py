@@ -451,12 +451,24 @@ def configured_keyring(config: Config) -> Keyring | None:
 
 
 def _key_file(path: Path) -> Keyring:
-    """The keyring in the key file ``path``, an error named as the setting that points at it."""
+    """The keyring in the key file ``path``, an error named as the setting that points at it.
+
+    A file other users may read or write is served, with a warning (a mounted secret is
+    often 0644; refusing it would stop a deployment that is otherwise sound).
+    """
     try:
-        return Keyring.load(path)
+        keyring = Keyring.load(path)
     except ConfigError as e:
         detail = str(e).removeprefix("keyring: ")
         raise ConfigError(f"keyring_file: {path}: {detail}") from None
+    with contextlib.suppress(OSError):  # read a moment ago; gone now: nothing to warn of
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            fields = {"setting": "keyring_file", "path": str(path), "mode": f"{mode:04o}"}
+            log.warning(
+                "the key file is open to other users: chmod 600 it", extra={"fields": fields}
+            )
+    return keyring
 
 
 def _holds_keyed_data(db: Database) -> bool:

@@ -175,6 +175,38 @@ def test_the_data_dir_and_database_are_private_whatever_the_umask(tmp_path: Path
         assert (tmp_path / "var" / name).stat().st_mode & 0o777 == 0o600, name
 
 
+def test_a_key_file_other_users_may_read_is_served_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key file left 0644 (a mounted secret's default) lets any user on the host
+    unwrap every buyer's data key: riskd says so at each start, naming file and mode."""
+    create_server(make_config(tmp_path)).stop(0)  # the first start writes it 0600
+    key_file = tmp_path / "keyring.json"
+    for mode, warned in ((0o600, False), (0o644, True), (0o620, True), (0o400, False)):
+        key_file.chmod(mode)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="riskd.service.wiring"):
+            create_server(make_config(tmp_path)).stop(0)
+        records = [r for r in caplog.records if r.name == "riskd.service.wiring"]
+        assert [r.getMessage() for r in records] == (
+            ["the key file is open to other users: chmod 600 it"] if warned else []
+        ), oct(mode)
+        if warned:
+            fields = records[0].fields  # type: ignore[attr-defined]
+            assert fields == {
+                "setting": "keyring_file",
+                "path": str(key_file),
+                "mode": f"{mode:04o}",
+            }
+        assert key_file.stat().st_mode & 0o777 == mode  # never changed behind the owner's back
+    key_file.chmod(0o644)  # a keyring passed in the environment: no file to judge
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="riskd.service.wiring"):
+        keyring = key_file.read_text(encoding="utf-8")
+        create_server(make_config(tmp_path, keyring=keyring)).stop(0)
+    assert [r for r in caplog.records if r.name == "riskd.service.wiring"] == []
+
+
 def test_a_lost_keyring_is_not_replaced_over_data_sealed_with_it(tmp_path: Path) -> None:
     """A new keyring would seal nothing readable and count every identity under other
     digests: riskd refuses to generate one over a database that used another."""
