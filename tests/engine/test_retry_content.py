@@ -15,12 +15,14 @@ from typing import Any
 import pytest
 import redis
 
-from riskd.domain.clock import FakeClock
-from riskd.domain.decision import Decision
+from riskd.domain.clock import FakeClock, SystemClock
+from riskd.domain.decision import Decision, Outcome
 from riskd.domain.features import Agg, FeatureQuery
 from riskd.domain.order import Order
+from riskd.engine.breaker import BreakerPolicy
+from riskd.engine.fallback import FallbackPolicy
 from riskd.engine.keys import observe
-from riskd.errors import AlreadyExistsError
+from riskd.errors import AlreadyExistsError, UnavailableError
 from riskd.evidence import request
 from riskd.features import FeatureStore, InProcessFeatureStore, Observation, RedisFeatureStore
 from riskd.pii import BlindIndexer
@@ -29,6 +31,7 @@ from tests.features.features_support import delete_prefix
 
 from .conftest import Rig, make_order
 from .test_scorer import count_buyer_orders
+from .test_scorer_deadlines import SlowStore, slow_rig
 
 
 def test_a_retry_with_another_client_time_replays_the_recorded_decision(
@@ -123,6 +126,96 @@ def test_other_content_on_another_replica_before_the_first_is_logged_is_refused(
     assert b.log.queued(["o-1"]).keys() == {"o-1"}  # the same content's decision only
 
 
+def test_a_batch_entry_the_store_refuses_is_named_by_its_index(
+    b_db: Database,
+    make_rig: Callable[..., Rig],
+    shared_store: FeatureStore,
+    indexer: BlindIndexer,
+    clock: FakeClock,
+) -> None:
+    """When the shared store's content claim (not the log) refuses a batch's entry, the
+    refusal names that entry, ``orders[2]``, and the entries before it were counted (the
+    store took them first: README, "Running several processes")."""
+    a = make_rig(shared_store)
+    a.scorer.score(make_order("o-1", total=60_000))
+    b = make_rig(shared_store, database=b_db)
+    changed = make_order("o-1", total=90_000, shop_id="s-2")
+    batch = [make_order("o-2", buyer_id="b-2"), make_order("o-3", buyer_id="b-2"), changed]
+    with pytest.raises(AlreadyExistsError, match=r"^orders\[2\]\.order_id: this order id"):
+        b.scorer.score_batch(batch)
+    assert count_buyer_orders(b, indexer, clock, "b-2") == 2
+
+
+class FlakyStore(InProcessFeatureStore):
+    """The in-process store, whose calls fail while ``failing`` (Redis down)."""
+
+    failing = False
+
+    def record_and_read(
+        self, obs: Observation, queries: Collection[FeatureQuery]
+    ) -> dict[FeatureQuery, int]:
+        if self.failing:
+            raise UnavailableError("feature store: redis ConnectionError")
+        return super().record_and_read(obs, queries)
+
+
+def test_a_refusal_of_other_content_is_the_store_answering_the_breaker_s_probe(
+    b_db: Database, make_rig: Callable[..., Rig], clock: FakeClock
+) -> None:
+    """The feature store back after an outage: the half-open breaker's one probe call is a
+    retry with changed content, which the store refuses. That refusal is an answer, so
+    the breaker closes and the next orders are scored with their features again (it must
+    not stay half-open with the probe held, every later answer degraded)."""
+    store = FlakyStore(clock)
+    make_rig(store).scorer.score(make_order("o-1", total=60_000))  # replica A: claims o-1
+    b = make_rig(store, database=b_db, breaker=BreakerPolicy(failures=2, open_s=1.0))
+    store.failing = True
+    for i in range(2):
+        assert b.scorer.score(make_order(f"o-down-{i}")).degraded == ("features",)
+    assert b.scorer.breaker.is_open
+    store.failing = False
+    clock.advance(1.0)  # the cooldown is over: the next call probes the store
+    with pytest.raises(AlreadyExistsError):
+        b.scorer.score(make_order("o-1", total=90_000, shop_id="s-2"))
+    assert not b.scorer.breaker.is_open
+    assert b.scorer.score(make_order("o-2")).degraded == ()
+
+
+def test_refusals_a_tight_caller_left_behind_do_not_open_the_breaker(
+    b_db: Database, make_rig: Callable[..., Rig]
+) -> None:
+    """Callers shorter than the store's bound stop waiting and answer degraded; the calls
+    they leave behind are then refused for other content (another replica claimed those
+    order ids). A refusal is the store answering, not failing: it must not open the
+    breaker that every other caller of a healthy store goes through."""
+    store = SlowStore(SystemClock(), delay_s=0.02)
+    a = make_rig(store, scorer_clock=SystemClock())
+    for oid in ("o-1", "o-2"):
+        assert a.scorer.score(make_order(oid)).degraded == ()  # replica A claims them
+    b = slow_rig(make_rig, store, database=b_db)  # opens after two failures in a row
+    for oid in ("o-1", "o-2"):
+        changed = make_order(oid, total=90_000, shop_id="s-2")
+        assert b.scorer.score(changed, timeout_s=0.01).degraded == ("features",)
+    b.scorer._pool.shutdown(wait=True)  # the calls left behind have been refused
+    assert not b.scorer.breaker.is_open
+    assert b.scorer.score(make_order("o-3"), timeout_s=1.0).degraded == ()
+
+
+def _on_follow(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """An event set once a call follows another call's flight of the same order id."""
+    followed = threading.Event()
+    join = rig.scorer._flights.join
+
+    def joining(order_id: str) -> tuple[bool, Any]:
+        leader, flight = join(order_id)
+        if not leader:
+            followed.set()
+        return leader, flight
+
+    monkeypatch.setattr(rig.scorer._flights, "join", joining)
+    return followed
+
+
 class HeldStore(InProcessFeatureStore):
     """The in-process store; the first call for ``hold`` (a blind-indexed order id) waits
     for ``release``."""
@@ -198,16 +291,7 @@ def test_other_content_sent_while_the_first_call_decides_is_refused(
     counted."""
     store = HeldStore(clock, hold=indexer.index("order", "o-1"))
     rig = make_rig(store)
-    followed = threading.Event()
-    join = rig.scorer._flights.join
-
-    def joining(order_id: str) -> tuple[bool, Any]:
-        leader, flight = join(order_id)
-        if not leader:
-            followed.set()
-        return leader, flight
-
-    monkeypatch.setattr(rig.scorer._flights, "join", joining)
+    followed = _on_follow(rig, monkeypatch)
     first: list[Decision] = []
     errors: list[BaseException] = []
 
@@ -231,3 +315,72 @@ def test_other_content_sent_while_the_first_call_decides_is_refused(
     shop = FeatureQuery(Agg.COUNT, "shop", "1h")
     probe = observe(make_order("probe", shop_id="s-2"), indexer, clock.now())
     assert store.read(probe, [shop])[shop] == 0
+
+
+def test_a_retry_that_outlives_the_first_call_gets_the_configured_fallback(
+    make_rig: Callable[..., Rig], indexer: BlindIndexer, clock: FakeClock
+) -> None:
+    """While the first call still decides an order, a retry whose time runs out answers by
+    the configured fallback for that order (here: review everything), with the reason
+    naming the scenario and tier, marked ``inflight`` and not recorded: the first call's
+    decision is the one the log keeps."""
+    store = HeldStore(clock, hold=indexer.index("order", "o-1"))
+    rig = make_rig(store, fallback=FallbackPolicy.from_text({"default": "review"}))
+    first: list[Decision] = []
+    leader = threading.Thread(target=lambda: first.append(rig.scorer.score(make_order("o-1"))))
+    leader.start()
+    assert store.entered.wait(5)
+    retry = rig.scorer.score(make_order("o-1"), timeout_s=0.05)
+    store.release.set()
+    leader.join(5)
+    assert retry.degraded == ("inflight",) and retry.unlogged and retry.outcome is Outcome.REVIEW
+    assert [(r.rule_id, r.reason_code, r.explanation) for r in retry.reasons] == [
+        ("@fallback", "DEGRADED_FALLBACK", ("fallback scenario default tier 0: REVIEW",))
+    ]
+    assert len(first) == 1 and first[0].outcome is Outcome.ALLOW and not first[0].degraded
+    rig.log.flush(10)
+    record = rig.log.get("o-1")
+    assert record is not None and record.decision == first[0]
+
+
+def test_other_content_following_a_replayed_order_is_refused(
+    make_rig: Callable[..., Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry of a recorded order leads its flight and replays the decision; a call with
+    other content under that id, following that flight meanwhile, is refused, not handed
+    the recorded decision of another cart."""
+    rig = make_rig()
+    first = rig.scorer.score(make_order("o-1"))
+    queued = rig.log.queued
+    looking, release = threading.Event(), threading.Event()
+
+    def held_queued(order_ids: Any) -> Any:
+        if threading.current_thread().name == "replay":
+            looking.set()
+            release.wait(5)
+        return queued(order_ids)
+
+    monkeypatch.setattr(rig.log, "queued", held_queued)
+    followed = _on_follow(rig, monkeypatch)
+    replays: list[Decision] = []
+    leader = threading.Thread(
+        target=lambda: replays.append(rig.scorer.score(make_order("o-1"))), name="replay"
+    )
+    leader.start()
+    assert looking.wait(5)
+    errors: list[BaseException] = []
+
+    def changed() -> None:
+        try:
+            rig.scorer.score(make_order("o-1", total=90_000, shop_id="s-2"), timeout_s=5.0)
+        except AlreadyExistsError as e:
+            errors.append(e)
+
+    follower = threading.Thread(target=changed)
+    follower.start()
+    assert followed.wait(5)
+    release.set()
+    leader.join(5)
+    follower.join(5)
+    assert replays == [replace(first, replayed=True)]
+    assert len(errors) == 1 and str(errors[0]).startswith("order.order_id: ")

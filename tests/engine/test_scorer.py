@@ -722,6 +722,26 @@ def test_scorer_refuses_an_unusable_order_id_and_counts_nothing(
     assert count_buyer_orders(rig, indexer, clock, "b-1") == 0
 
 
+def test_scorer_scores_the_longest_order_id_and_a_free_order(
+    make_rig: Callable[..., Rig], indexer: BlindIndexer, clock: FakeClock
+) -> None:
+    """The scorer's own check refuses only past its limits: an id of exactly
+    ``MAX_ORDER_ID_LEN`` characters and a total of 0 fen (an order the coupons paid in
+    full) are orders like any other, decided, counted, recorded and replayed."""
+    rig = make_rig()
+    longest = make_order("o" * MAX_ORDER_ID_LEN)
+    free = make_order("o-free", total=0)
+    assert not rig.scorer.score(longest).degraded
+    decisions = rig.scorer.score_batch([free, longest])
+    assert [(d.outcome, d.replayed) for d in decisions] == [
+        (Outcome.ALLOW, False),
+        (Outcome.ALLOW, True),
+    ]
+    rig.log.flush(10)
+    assert rig.log.get(longest.order_id) is not None and rig.log.get("o-free") is not None
+    assert count_buyer_orders(rig, indexer, clock, "b-1") == 2
+
+
 def test_a_degraded_answer_never_lowers_what_the_rules_that_ran_decided(
     make_rig: Callable[..., Rig],
 ) -> None:
@@ -732,6 +752,8 @@ def test_a_degraded_answer_never_lowers_what_the_rules_that_ran_decided(
     assert decision.degraded == ("features",)
     assert decision.outcome is Outcome.REVIEW
     assert [r.rule_id for r in decision.reasons] == ["big_order", "@fallback"]
+    # the score is still the rules' own sum, as an analyst adds it up from the reasons
+    assert decision.score == sum(r.score for r in decision.reasons) == 20.0
 
 
 class DownShopDirectory:
@@ -818,3 +840,41 @@ def test_a_worker_s_full_decision_log_is_told_as_an_outage(
         decision = rig.scorer.score(make_order("o-full"), timeout_s=0.05)
         assert decision.unlogged and "evidence_queue" in decision.degraded
         assert rig.scorer.unavailable() == ("evidence_queue",)
+
+
+def test_an_idle_replica_keeps_the_log_s_circuit_open_until_the_writer_commits_again(
+    make_rig: Callable[..., Rig], tmp_path: Path, clock: FakeClock
+) -> None:
+    """With no request, the log lookups' open circuit closes on the writer's commits, but
+    only on commits made since the lookups failed: while the database still takes
+    nothing, a scrape keeps telling the outage (commits from before it prove nothing)."""
+    db = FlakyDatabase(tmp_path / "flaky.db")
+    rig = make_rig(database=db, breaker=BreakerPolicy(failures=2, open_s=1.0))
+    rig.scorer.score(make_order("o-0"))
+    rig.log.flush(10)  # a commit before the outage
+    with _writer_held(db):
+        db.fail_reads = True
+        for i in range(2):
+            assert rig.scorer.score(make_order(f"o-{i + 1}")).degraded == ("evidence",)
+        clock.advance(1.0)  # a whole open_s with no request
+        assert rig.scorer.unavailable() == ("evidence",)
+        assert rig.scorer.log_breaker.is_open
+        db.fail_reads = False
+    rig.log.flush(10)  # the database is back: the writer commits what was queued
+    rig.scorer.unavailable()
+    assert not rig.scorer.log_breaker.is_open
+    rig.scorer.close()
+    rig.log.close()
+    db.close()
+
+
+def test_an_inflight_answer_is_stamped_with_the_time_it_is_given(
+    make_rig: Callable[..., Rig], clock: FakeClock
+) -> None:
+    """The gRPC process of scoring workers answers a retry whose first call is still out
+    with ``inflight`` at its call's time (``at``), as a batch's parts are stamped."""
+    at = clock.now() - 2.5
+    rig = make_rig()
+    answer = rig.scorer.inflight(make_order("o-1"), clock.monotonic(), at=at)
+    assert (answer.decided_at, answer.degraded, answer.unlogged) == (at, ("inflight",), True)
+    assert rig.scorer.inflight(make_order("o-1"), clock.monotonic()).decided_at == clock.now()

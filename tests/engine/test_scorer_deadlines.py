@@ -149,6 +149,59 @@ def test_a_caller_that_never_reached_the_store_gives_the_probe_back(
     assert not rig.scorer.breaker.is_open
 
 
+class SteppingStore:
+    """An in-process store behind a network whose every call takes ``step_s`` on a fake
+    clock, inside the store's own bound: slow, never failing, and no wall time spent."""
+
+    def __init__(self, clock: FakeClock, step_s: float) -> None:
+        self.inner = InProcessFeatureStore(clock)
+        self.clock, self.step_s = clock, step_s
+        self.calls = 0
+
+    def record_and_read(
+        self, obs: Observation, queries: Collection[FeatureQuery]
+    ) -> dict[FeatureQuery, int]:
+        self.calls += 1
+        self.clock.advance(self.step_s)
+        return self.inner.record_and_read(obs, queries)
+
+    def read(self, obs: Observation, queries: Collection[FeatureQuery]) -> dict[FeatureQuery, int]:
+        return self.inner.read(obs, queries)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_inline_feature_calls_of_a_batch_start_only_while_one_more_fits_the_deadline(
+    make_rig: Callable[..., Rig], clock: FakeClock
+) -> None:
+    """Calls bounded by the store (``feature_timeout_s``) run inline, and a batch starts
+    the next one only while a whole call still fits the feature budget: five calls of
+    45 ms under a 200 ms deadline read four orders, and the fifth is answered by the
+    fallback inside the deadline instead of a call that ends past it."""
+    store = SteppingStore(clock, step_s=0.045)
+    rig = make_rig(store, feature_timeout_s=BOUND_S)
+    orders = [make_order(f"o-{i}", buyer_id=f"b-{i}") for i in range(5)]
+    decisions = rig.scorer.score_batch(orders, timeout_s=0.2)
+    assert [d.degraded for d in decisions] == [()] * 4 + [("features",)]
+    assert max(d.elapsed_us for d in decisions) <= 200_000
+    assert not rig.scorer._pool._threads  # inline: no worker thread was started
+
+
+def test_a_batch_keeps_the_features_that_arrived_before_its_caller_stopped_waiting(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """A batch whose feature calls run on a worker thread (a budget under the store's
+    bound) and outlast the budget: the orders whose features arrived in time are decided
+    with them, only the rest get the fallback."""
+    store = SlowStore(SystemClock(), delay_s=0.1)  # three calls: 0.3 s, budget ~0.24 s
+    rig = make_rig(store, scorer_clock=SystemClock(), feature_timeout_s=1.0)
+    orders = [make_order(f"o-{i}", buyer_id=f"b-{i}") for i in range(3)]
+    decisions = rig.scorer.score_batch(orders, timeout_s=0.25)
+    assert decisions[0].degraded == ()  # read 0.1 s into the call
+    assert "features" in decisions[-1].degraded  # its read would end past the deadline
+
+
 def test_a_batch_answers_orders_it_has_no_time_to_decide_by_the_fallback(
     make_rig: Callable[..., Rig],
     indexer: BlindIndexer,
@@ -188,6 +241,29 @@ def test_a_batch_answers_orders_it_has_no_time_to_decide_by_the_fallback(
     assert count_buyer_orders(rig, indexer, clock, "b-1") == 10
 
 
+def test_a_batch_after_a_slow_order_decides_no_order_that_would_end_past_its_deadline(
+    make_rig: Callable[..., Rig], clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next order is decided only if the time left covers the longer of the mean so
+    far and the last order's time: after a fast order and a slow one (1 ms, then 30 ms:
+    the mean, 15.5 ms, would fit the 50 ms), the third gets the fallback in time rather
+    than 30 ms of rules that end past the deadline."""
+    rig = make_rig()
+    decide = rig.scorer._decide
+    costs = [0.001, 0.03, 0.03, 0.03]
+
+    def timed_decide(order: Any, features: Any, ctx: Any, request: Any = None) -> Any:
+        clock.advance(costs.pop(0))
+        return decide(order, features, ctx, request)
+
+    monkeypatch.setattr(rig.scorer, "_decide", timed_decide)
+    orders = [make_order(f"o-{i}", buyer_id=f"b-{i}") for i in range(4)]
+    started = clock.monotonic()
+    decisions = rig.scorer.score_batch(orders, timeout_s=0.05)
+    assert clock.monotonic() - started <= 0.05
+    assert [d.degraded for d in decisions] == [(), (), ("deadline",), ("deadline",)]
+
+
 def test_a_batch_with_no_time_to_answer_is_refused_unless_a_fallback_is_asked_for(
     make_rig: Callable[..., Rig], indexer: BlindIndexer, clock: FakeClock
 ) -> None:
@@ -211,6 +287,21 @@ def test_a_batch_with_no_time_to_answer_is_refused_unless_a_fallback_is_asked_fo
     assert len(rig.scorer.score_batch(twice, timeout_s=0.0, refuse_late=True)) == 2
     fallback = rig.scorer.score_batch(orders[1:], timeout_s=0.0)  # what workers ask for
     assert all("deadline" in d.degraded for d in fallback[1:])
+
+
+def test_the_reserve_for_the_rules_takes_at_most_half_of_a_short_deadline(
+    make_rig: Callable[..., Rig],
+) -> None:
+    """``eval_reserve_s`` is kept back from the feature calls for the rules and the log,
+    but never more than half the budget: a caller whose deadline is shorter than the
+    reserve still gets an answer with its features, not a needless fallback."""
+    rig = make_rig(eval_reserve_s=0.02)
+    decision = rig.scorer.score(make_order("o-1", total=60_000), timeout_s=0.015)
+    assert decision.degraded == ()
+    assert [r.rule_id for r in decision.reasons] == ["big_order"]
+    batch = rig.scorer.score_batch([make_order("o-2"), make_order("o-3")], timeout_s=0.03)
+    assert [d.degraded for d in batch] == [(), ()]
+    assert not rig.scorer._pool._threads  # the in-process store is called inline
 
 
 def test_a_single_order_is_decided_as_before(
