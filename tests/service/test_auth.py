@@ -94,6 +94,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "multi": ca.issue("multi-1", ("analyst", "checkout")),
         "rogue": rogue.issue("gw-1", ("checkout",)),
         "no_cn": ca.issue("", ("checkout",)),
+        # OUs that name no role; one that spells another OU, escaped in the subject string
+        "odd_ous": ca.issue("ous-1", ("checkout", "ops,OU=auditor", "public")),
     }
 
 
@@ -221,6 +223,15 @@ def test_auth_mtls_certificate_without_cn_identifies_no_one(
         assert call(ch, "Checkout", TOKEN) == b"token:checkout-gw|checkout"
 
 
+def test_auth_mtls_ous_that_name_no_role_grant_nothing(pki: dict[str, Any], start: Start) -> None:
+    # gRPC writes the subject as "...,OU=ops\\,OU=auditor,...": an escaped comma is part of
+    # the OU, never a second OU that would grant auditor; "public" is no role either
+    port, _ = start(mtls_credentials(pki))
+    with tls_channel(port, pki["ca"], pki["odd_ous"]) as ch:
+        assert call(ch, "Checkout") == b"cert:ous-1|checkout"
+        assert code_of(ch, "Audit") is grpc.StatusCode.PERMISSION_DENIED
+
+
 @pytest.mark.parametrize("client", [None, "rogue"])
 def test_auth_mtls_refuses_missing_or_foreign_client_certificates(
     pki: dict[str, Any], start: Start, client: str | None
@@ -268,6 +279,25 @@ def test_auth_bearer_scheme_is_case_insensitive(start: Start, scheme: str) -> No
         fn = ch.unary_unary(f"/{SERVICE}/Checkout")
         reply = fn(b"", metadata=(("authorization", f"{scheme} {TOKEN}"),), timeout=5)
         assert reply == b"token:checkout-gw|checkout"
+
+
+def test_auth_bearer_token_is_read_without_blanks_around_it(start: Start) -> None:
+    port, _ = start(None)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        fn = ch.unary_unary(f"/{SERVICE}/Checkout")
+        reply = fn(b"", metadata=(("authorization", f"Bearer  {TOKEN} "),), timeout=5)
+        assert reply == b"token:checkout-gw|checkout"
+
+
+@pytest.mark.parametrize("scheme", ["BearerX", "Token", "Basic"])
+def test_auth_a_valid_token_under_another_scheme_is_refused(start: Start, scheme: str) -> None:
+    port, _ = start(None)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        fn = ch.unary_unary(f"/{SERVICE}/Checkout")
+        with pytest.raises(grpc.RpcError) as info:
+            fn(b"", metadata=(("authorization", f"{scheme} {TOKEN}"),), timeout=5)
+        assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert "malformed authorization header" in info.value.details()
 
 
 @pytest.mark.parametrize("header", ["Basic Zm9vOmJhcg==", "garbage", "Bearer ", "Bearer    "])
@@ -376,19 +406,26 @@ class _CallbacklessContext:
         raise RuntimeError(code.name)
 
 
+def _guarded(handler: Any, method: str, **limits: int) -> Any:
+    """``handler`` for ``method`` behind an interceptor that lets the checkout token in."""
+    interceptor = AuthInterceptor(
+        AuthConfig.with_tokens({TOKEN: Identity("token:checkout-gw", frozenset({"checkout"}))}),
+        policy={f"/{SERVICE}/{method}": frozenset({"checkout"})},
+        **limits,
+    )
+    details = _CallDetails(f"/{SERVICE}/{method}")
+    guarded = interceptor.intercept_service(lambda _: handler, details)  # type: ignore[arg-type]
+    assert guarded is not None
+    return guarded
+
+
 def test_auth_streams_free_their_slot_when_no_end_callback_runs() -> None:
     def reflect(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
         yield from requests
 
     handler = grpc.stream_stream_rpc_method_handler(reflect)
-    interceptor = AuthInterceptor(
-        AuthConfig.with_tokens({TOKEN: Identity("token:checkout-gw", frozenset({"checkout"}))}),
-        policy={f"/{SERVICE}/Reflect": frozenset({"checkout"})},
-        max_holding_streams=2,
-    )
-    details = _CallDetails(f"/{SERVICE}/Reflect")
-    guarded = interceptor.intercept_service(lambda _: handler, details)  # type: ignore[arg-type]
-    assert guarded is not None and guarded.stream_stream is not None
+    guarded = _guarded(handler, "Reflect", max_holding_streams=2)
+    assert guarded.stream_stream is not None
 
     def undecodable() -> Iterator[bytes]:
         raise ValueError("Exception deserializing request!")
@@ -400,10 +437,35 @@ def test_auth_streams_free_their_slot_when_no_end_callback_runs() -> None:
     assert list(guarded.stream_stream(iter([b"ok"]), _CallbacklessContext())) == [b"ok"]
 
 
-def test_auth_open_streams_per_peer_are_capped(start: Start) -> None:
-    port, _ = start(None, max_streams_per_peer=3)
+class _EndedContext(_CallbacklessContext):
+    """The context of a call that ended before it was admitted: ``add_callback`` refuses."""
+
+    def add_callback(self, callback: Callable[[], None]) -> bool:
+        return False
+
+
+def test_auth_a_stream_whose_call_already_ended_frees_its_slot() -> None:
+    # a non-blocking stream's slot is freed only by the call's end callback: when grpcio
+    # will run none (the call ended), admission must free it, or the peer's slots leak
+    def start_watch(request: bytes, context: Any, send: Callable[[Any], None]) -> None:
+        send(None)
+
+    start_watch.experimental_non_blocking = True  # type: ignore[attr-defined]
+    handler = grpc.unary_stream_rpc_method_handler(start_watch)
+    guarded = _guarded(handler, "Watch", max_streams_per_peer=1)
+    assert guarded.unary_stream is not None
+    sent: list[Any] = []
+    for _ in range(3):  # more than the peer's one slot
+        guarded.unary_stream(b"", _EndedContext(), sent.append)  # type: ignore[call-arg]
+    assert sent == [None] * 3
+
+
+@pytest.mark.parametrize("configured", [3, None])  # None: the README's bound, 32
+def test_auth_open_streams_per_peer_are_capped(start: Start, configured: int | None) -> None:
+    limits = {} if configured is None else {"max_streams_per_peer": configured}
+    port, _ = start(None, **limits)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-        streams = [watch(ch) for _ in range(3)]
+        streams = [watch(ch) for _ in range(configured or 32)]
         assert all(next(s).status == health_pb2.HealthCheckResponse.SERVING for s in streams)
         with pytest.raises(grpc.RpcError) as info:
             next(watch(ch))
@@ -569,8 +631,11 @@ def test_auth_anonymous_callers_are_held_to_the_public_limit_whatever_their_role
             grpc.StatusCode.RESOURCE_EXHAUSTED
         ]
         assert [code_of(ch, "Checkout", TOKEN) for _ in range(3)] == [grpc.StatusCode.OK] * 3
-        clock.advance(1.0)
-        assert code_of(ch, "Checkout") is grpc.StatusCode.OK
+        clock.advance(1.0)  # a second refills the public rate's one token, not the burst
+        assert [code_of(ch, "Checkout") for _ in range(2)] == [
+            grpc.StatusCode.OK,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        ]
 
 
 def test_auth_anonymous_caller_without_the_role_is_asked_for_credentials(start: Start) -> None:
@@ -777,6 +842,26 @@ def test_auth_config_from_mapping_parses_tokens_roles_and_limits() -> None:
     assert config.limit_for(frozenset({"analyst", "checkout"})) == config.rate_limits["checkout"]
 
 
+def test_auth_config_default_rate_limits_are_the_documented_ones() -> None:
+    # README: checkout 20000/s:40000, analyst 50/s:100, auditor 20/s:50, operator 10/s:20,
+    # public 50/s:100
+    assert AuthConfig.from_mapping({}).rate_limits == {
+        "checkout": RateLimit(20_000.0, 40_000),
+        "analyst": RateLimit(50.0, 100),
+        "auditor": RateLimit(20.0, 50),
+        "operator": RateLimit(10.0, 20),
+        "public": RateLimit(50.0, 100),
+    }
+
+
+def test_auth_config_roles_may_have_blanks_around_them() -> None:
+    config = AuthConfig.from_mapping(
+        {"tokens": {TOKEN: "gw: checkout , analyst"}, "cert_principals": {"ops-1": " auditor"}}
+    )
+    assert config.tokens[callers.token_digest(TOKEN)].roles == {"checkout", "analyst"}
+    assert config.cert_principals["ops-1"] == {"auditor"}
+
+
 @pytest.mark.parametrize(
     ("cn", "reason"),
     [
@@ -838,6 +923,9 @@ def test_auth_config_digest_in_upper_case_matches() -> None:
         ({"rate_limits": {"analyst": "fast"}}, "auth.rate_limits.analyst"),
         ({"rate_limits": {"analyst": "0/s:5"}}, "auth.rate_limits.analyst: expected"),
         ({"rate_limits": {"analyst": "5/s:0"}}, "auth.rate_limits.analyst: expected"),
+        ({"rate_limits": {"analyst": "-5/s:10"}}, "auth.rate_limits.analyst: expected"),
+        ({"rate_limits": {"analyst": "5/s:10 each"}}, "auth.rate_limits.analyst: expected"),
+        ({"tokens": {TOKEN: " :checkout"}}, r'auth.tokens\[0\]: expected "name:role,role"'),
         ({"rate_limits": {"root": "1/s:1"}}, "auth.rate_limits.root: unknown role"),
         ({"ou_roles": "yes"}, "auth.ou_roles"),
         ({"tokenz": {}}, "auth.tokenz: unknown"),

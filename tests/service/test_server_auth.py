@@ -503,6 +503,31 @@ def test_a_batch_refused_unparsed_costs_a_token_per_kib(tmp_path: Path) -> None:
         running.stop(0)
 
 
+def test_an_empty_or_unparsable_batch_still_costs_its_tokens(tmp_path: Path) -> None:
+    """A batch of no orders costs a token, as any call does (else it could be sent without
+    limit); bytes that do not parse cost a token per KiB, however few tokens are left."""
+    auth = {"tokens": {"tok-a": "a:checkout"}, "rate_limits": {"checkout": "0.001/s:3"}}
+    running = create_server(make_config(tmp_path, auth=auth))
+    token = (("authorization", "Bearer tok-a"),)
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+            call = ch.unary_unary("/riskd.v1.ScoringService/ScoreBatch")
+
+            def code(request: bytes) -> grpc.StatusCode:
+                try:
+                    call(request, timeout=10, metadata=token)
+                except grpc.RpcError as e:
+                    return e.code()  # type: ignore[no-any-return]
+                return grpc.StatusCode.OK
+
+            assert code(b"\x0a\x00" * 1024 + b"\x0f") is not exhausted  # 2 KiB: 2 tokens
+            assert code(b"") is not exhausted  # no orders: the last token
+            assert code(b"") is exhausted
+    finally:
+        running.stop(0)
+
+
 def test_a_deferred_request_is_parsed_once() -> None:
     seen: list[bytes] = []
 

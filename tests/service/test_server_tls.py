@@ -637,6 +637,7 @@ def test_a_reload_keeps_the_certificate_in_force_over_an_expired_one(
     "not_after",
     [
         datetime.datetime(2030, 6, 1, 12, 30, 5, tzinfo=datetime.UTC),  # DER UTCTime
+        datetime.datetime(1999, 12, 31, 23, 59, 59, tzinfo=datetime.UTC),  # UTCTime, 19YY
         datetime.datetime(2051, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),  # DER GeneralizedTime
     ],
 )
