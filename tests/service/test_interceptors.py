@@ -110,17 +110,19 @@ def _thread_name(request: bytes, context: grpc.ServicerContext) -> bytes:
 _thread_name.experimental_thread_pool = OWN_POOL  # type: ignore[attr-defined]
 
 
-def call(channel: grpc.Channel, name: str) -> bytes:
-    return channel.unary_unary(f"/t.T/{name}")(b"ping", timeout=5)  # type: ignore[no-any-return]
+def call(channel: grpc.Channel, name: str, request: bytes = b"ping") -> bytes:
+    return channel.unary_unary(f"/t.T/{name}")(request, timeout=5)  # type: ignore[no-any-return]
 
 
-def logged_failure(channel: grpc.Channel, name: str) -> tuple[grpc.RpcError, str]:
+def logged_failure(
+    channel: grpc.Channel, name: str, request: bytes = b"ping"
+) -> tuple[grpc.RpcError, str]:
     """Call ``name``, which fails: its error and the JSON log lines written meanwhile."""
     stream = io.StringIO()
     configure_logging("info", stream)
     try:
         with pytest.raises(grpc.RpcError) as e:
-            call(channel, name)
+            call(channel, name, request)
     finally:
         logging.getLogger("riskd").handlers.clear()
     return e.value, stream.getvalue()
@@ -176,6 +178,8 @@ def test_errors_map_to_status_codes(
     assert e.value.code() == code
     assert e.value.details() == message
     assert metrics.value("riskd_rpc_errors_total", {"method": f"/t.T/{name}", "code": code.name})
+    # a failed call is timed too: the histogram is of every unary call, not only the OK ones
+    assert metrics.value("riskd_rpc_latency_seconds_count", {"method": f"/t.T/{name}"}) >= 1
 
 
 @pytest.mark.parametrize(
@@ -242,15 +246,37 @@ def sized_call(limit: int, message: type[Message]) -> Iterator[grpc.UnaryUnaryMu
         server.stop(None)
 
 
+def test_a_calls_latency_is_observed_in_seconds_in_its_bucket(
+    channel_and_metrics: tuple[grpc.Channel, Metrics],
+) -> None:
+    """Dashboards read ``riskd_rpc_latency_seconds`` with histogram_quantile: a call of
+    50 ms and more lands above the 0.05 bucket and well within 2.5 s, its sum in seconds."""
+    channel, metrics = channel_and_metrics
+    method = {"method": "/t.T/Slow"}
+
+    def sample(name: str, **labels: str) -> float:
+        return metrics.value(f"riskd_rpc_latency_seconds_{name}", {**method, **labels})
+
+    before = [sample("bucket", le="0.05"), sample("bucket", le="2.5"), sample("sum")]
+    assert call(channel, "Slow") == b"ping"
+    after = [sample("bucket", le="0.05"), sample("bucket", le="2.5"), sample("sum")]
+    assert after[0] - before[0] == 0
+    assert after[1] - before[1] == 1
+    assert 0.05 <= after[2] - before[2] < 2.5
+
+
 def test_unexpected_error_log_has_type_not_message(
     channel_and_metrics: tuple[grpc.Channel, Metrics],
 ) -> None:
     channel, _ = channel_and_metrics
-    _, logged = logged_failure(channel, "Bug")
+    _, logged = logged_failure(channel, "Bug", b"buyer phone 13912345678")
     lines = lines_of(logged)
-    assert {"msg": "unhandled error", "error_type": "KeyError"}.items() <= lines[0].items()
+    # an error-level line (what alerts watch) that says which method has the bug
+    expected = {"level": "error", "msg": "unhandled error", "error_type": "KeyError"}
+    assert {**expected, "method": "/t.T/Bug"}.items() <= lines[0].items()
     assert lines[-1]["code"] == "INTERNAL" and lines[-1]["method"] == "/t.T/Bug"
     assert "13812345678" not in logged
+    assert "13912345678" not in logged  # nor the request's
 
 
 def test_a_status_the_handler_set_is_kept_without_a_traceback(

@@ -8,6 +8,8 @@ import logging
 import sys
 import threading
 import warnings
+import weakref
+from pathlib import Path
 
 from riskd.errors import InvalidArgumentError, UnavailableError
 from riskd.service.logs import JsonFormatter, configure_logging, install_hooks
@@ -42,6 +44,28 @@ def test_a_riskd_errors_message_is_logged_with_its_type_and_frames() -> None:
     assert entry["error"] == "order.buyer.phone: must be digits"
 
 
+def test_each_line_is_stamped_in_utc_to_the_millisecond() -> None:
+    """Log pipelines order and join lines by ``ts``: UTC, milliseconds, a ``Z``."""
+    fields = {"name": "riskd.test", "msg": "m", "levelname": "INFO", "created": 86_400.25}
+    record = logging.makeLogRecord(fields)
+    record.msecs = 250.0  # computed from the real clock when the record was made
+    entry = json.loads(JsonFormatter().format(record))
+    assert (entry["ts"], entry["level"], entry["logger"], entry["msg"]) == (
+        "1970-01-02T00:00:00.250Z",
+        "info",
+        "riskd.test",
+        "m",
+    )
+
+
+def test_a_field_json_cannot_encode_is_written_as_its_text() -> None:
+    """A value json does not know (a path, a set) still makes one JSON line; else logging's
+    last resort writes a plain-text traceback quoting the record to stderr."""
+    fields = {"name": "riskd.test", "msg": "m", "fields": {"file": Path("/data/riskd.db")}}
+    entry = json.loads(JsonFormatter().format(logging.makeLogRecord(fields)))
+    assert entry["file"] == "/data/riskd.db"
+
+
 def test_any_other_exceptions_message_stays_out() -> None:
     """A KeyError, ValueError... may carry a request value: type and frames only."""
     for error in (KeyError(PHONE), ValueError(f"bad phone {PHONE}")):
@@ -56,8 +80,9 @@ def test_other_libraries_warnings_are_json_lines_without_their_arguments() -> No
     (Python's last-resort handler), breaking JSON log parsers; its arguments may quote data."""
     stream = io.StringIO()
     top = logging.getLogger()
-    before = list(top.handlers)
+    before, level = list(top.handlers), top.level
     try:
+        top.setLevel(logging.DEBUG)  # as a library's basicConfig may: riskd's handler filters
         configure_logging("info", stream)
         configure_logging("info", stream)  # once more (a reload): one handler, not two
         logging.getLogger("psycopg").warning("connection %s failed: %s", "P", "13912345678")
@@ -68,8 +93,11 @@ def test_other_libraries_warnings_are_json_lines_without_their_arguments() -> No
             raise ValueError(f"phone {phone}")
         except ValueError as e:  # grpc formats the exception into its message
             logging.getLogger("grpc._server").exception(f"Exception calling application: {e}")
+        # an exception object as the message (``log.warning(e)``): its type, not its text
+        logging.getLogger("redis").warning(ValueError(f"phone {phone}"))
         logging.getLogger("riskd.test").info("ours %s", "with its arguments")
     finally:
+        top.setLevel(level)
         for handler in [h for h in top.handlers if h not in before]:
             top.removeHandler(handler)
         logging.getLogger("riskd").handlers.clear()
@@ -79,6 +107,7 @@ def test_other_libraries_warnings_are_json_lines_without_their_arguments() -> No
     assert [(e["logger"], e["msg"]) for e in lines] == [
         ("psycopg", "connection %s failed: %s"),  # the noise after it: filtered out
         ("grpc._server", "Exception calling application"),
+        ("redis", "ValueError"),
         ("riskd.test", "ours with its arguments"),
     ]
     assert lines[0]["arg_types"] == ["str", "str"]
@@ -130,18 +159,19 @@ def test_the_riskd_loggers_write_from_the_configured_level_up() -> None:
     asks for warnings gets no info lines, and one who asks for debug gets them."""
     written = {}
     try:
-        for level in ("warning", "info", "debug"):
+        for level in ("error", "warning", "info", "debug"):
             stream = io.StringIO()
             configure_logging(level, stream)
-            for name in ("debug", "info", "warning"):
+            for name in ("debug", "info", "warning", "error"):
                 getattr(logging.getLogger("riskd.test.level"), name)(f"at {name}")
             written[level] = [json.loads(x)["msg"] for x in stream.getvalue().splitlines()]
     finally:
         _undo_logging()
     assert written == {
-        "warning": ["at warning"],
-        "info": ["at info", "at warning"],
-        "debug": ["at debug", "at info", "at warning"],
+        "error": ["at error"],
+        "warning": ["at warning", "at error"],
+        "info": ["at info", "at warning", "at error"],
+        "debug": ["at debug", "at info", "at warning", "at error"],
     }
 
 
@@ -166,7 +196,71 @@ def test_a_threads_sys_exit_is_quiet_as_in_python_and_its_errors_are_logged() ->
         sys.excepthook, threading.excepthook, sys.unraisablehook, warnings.showwarning = saved
         _undo_logging()
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    assert [(e["msg"], e["error_type"], e["thread"]) for e in lines] == [
-        ("uncaught exception in a thread", "ValueError", "riskd-test-fail"),
+    assert [(e["level"], e["msg"], e["error_type"], e["thread"]) for e in lines] == [
+        ("error", "uncaught exception in a thread", "ValueError", "riskd-test-fail"),
     ]
+    assert phone not in stream.getvalue()
+
+
+class _LeakyCallback:
+    """A weakref callback that fails; its repr quotes a value (Python's own hook prints it)."""
+
+    def __init__(self, phone: str) -> None:
+        self.phone = phone
+
+    def __repr__(self) -> str:
+        return f"<callback for {self.phone}>"
+
+    def __call__(self, ref: object) -> None:
+        raise ValueError(f"bad phone {self.phone}")
+
+
+class _Target:
+    pass
+
+
+def test_an_exception_python_could_not_raise_is_logged_without_its_message_or_object() -> None:
+    """``sys.unraisablehook`` (a ``__del__``, a weakref callback): Python's own hook prints
+    the object's repr and the exception's message; the JSON line has type and frames only."""
+    saved = (sys.excepthook, threading.excepthook, sys.unraisablehook, warnings.showwarning)
+    stream = io.StringIO()
+    phone = "139" + "12345678"  # not in the source lines the traceback quotes
+    try:
+        configure_logging("info", stream)
+        install_hooks()
+        target = _Target()
+        ref = weakref.ref(target, _LeakyCallback(phone))
+        del target  # the callback runs now and raises: unraisable
+    finally:
+        sys.excepthook, threading.excepthook, sys.unraisablehook, warnings.showwarning = saved
+        _undo_logging()
+    assert ref() is None
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(e["level"], e["msg"], e["error_type"]) for e in lines] == [
+        ("error", "exception ignored", "ValueError"),
+    ]
+    assert phone not in stream.getvalue()
+
+
+def test_a_python_warning_is_logged_by_category_and_place_never_its_text() -> None:
+    """``warnings.showwarning``: Python's own writes the warning's text (which may quote a
+    value) to stderr as plain text; riskd writes a JSON line with category and place."""
+    saved = (sys.excepthook, threading.excepthook, sys.unraisablehook, warnings.showwarning)
+    stream = io.StringIO()
+    phone = "139" + "12345678"  # not in the source lines
+    try:
+        configure_logging("info", stream)
+        install_hooks()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            line = sys._getframe().f_lineno + 1
+            warnings.warn(f"bad phone {phone}", UserWarning, stacklevel=1)
+    finally:
+        sys.excepthook, threading.excepthook, sys.unraisablehook, warnings.showwarning = saved
+        _undo_logging()
+    lines = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert [(e["level"], e["msg"], e["category"]) for e in lines] == [
+        ("warning", "python warning", "UserWarning"),
+    ]
+    assert lines[0]["where"] == f"{__file__}:{line}"
     assert phone not in stream.getvalue()

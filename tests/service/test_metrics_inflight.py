@@ -51,3 +51,22 @@ def test_a_retired_rule_counted_after_the_swap_brings_no_series_back() -> None:
     m.forget_rules(["new_rule", "old_rule"])  # a later reload brings the rule back
     m.observe_decisions([Decision("o-4", Outcome.REVIEW, 10.0, (old,), "v3")])
     assert m.value("riskd_rule_hits_total", {"rule_id": "old_rule"}) == 1
+
+
+def test_an_answer_missing_two_inputs_counts_under_each_and_its_rule_errors() -> None:
+    """README: an answer missing two counts under each ``unavailable``; a decision's rule
+    errors count by rule id (before any reload: every rule id it carries)."""
+    m = Metrics()
+    hit = Reason("big_amount", "BIG", Outcome.REVIEW, 10.0, ("…",))
+    both = Decision(
+        "o-1", Outcome.REVIEW, 10.0, (hit, FALLBACK), "v1", degraded=("features", "shops")
+    )
+    erred = Decision("o-2", Outcome.BLOCK, 90.0, (), "v1", rule_errors=("ratio", "ratio"))
+    m.observe_decisions([both, erred])
+    degraded = {u: m.value("riskd_degraded_decisions_total", {"unavailable": u}) for u in
+                ("features", "shops")}  # fmt: skip
+    assert degraded == {"features": 1, "shops": 1}
+    assert m.value("riskd_decisions_total", {"outcome": "review"}) == 1
+    assert m.value("riskd_decisions_total", {"outcome": "block"}) == 1
+    assert m.value("riskd_rule_hits_total", {"rule_id": "big_amount"}) == 1
+    assert m.value("riskd_rule_errors_total", {"rule_id": "ratio"}) == 2

@@ -675,6 +675,27 @@ def test_the_evidence_gauges_add_up_the_workers_last_reports(tmp_path: Path) -> 
     assert metrics.value("riskd_rule_errors_total", {"rule_id": "b"}) == 1
 
 
+def test_a_workers_snapshot_carries_its_logs_counters_to_the_servers_metrics() -> None:
+    """Unit level: what ``snapshot`` sends (as JSON, over the pipe) is what ``absorb_worker``
+    adds up: a worker whose decisions were superseded, whose writer restarted or whose commit
+    hooks failed shows in the server process's /metrics (alerts watch the last two)."""
+    worker, server = Metrics(), Metrics()
+    server.watch_evidence(_Log(backlog=0, rejected=0, unsealed=0, superseded=0))
+    log = _Log(backlog=1, rejected=2, unsealed=3, superseded=4, restarts=5, hook_failures=6)
+    report = json.loads(json.dumps(worker.snapshot(log, 7, {"features"}, {"full": 8})))
+    assert {k: report[k] for k in ("backlog", "rejected", "unsealed", "catch_up")} == {
+        "backlog": 1,
+        "rejected": 2,
+        "unsealed": 3,
+        "catch_up": 7,
+    }
+    assert (report["unavailable"], report["catch_up_dropped"]) == (["features"], {"full": 8})
+    server.absorb_worker(None, report)
+    assert server.value("riskd_evidence_superseded_total") == 4
+    assert server.value("riskd_evidence_writer_restarts_total") == 5
+    assert server.value("riskd_evidence_commit_hook_failures_total") == 6
+
+
 def test_the_outage_gauge_tells_an_outage_any_worker_last_reported() -> None:
     """Unit level: a worker's scorer sees its own outages (Redis down at its start, say);
     the server process's gauge is 1 while any worker in service last reported one."""
