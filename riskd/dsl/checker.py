@@ -248,6 +248,9 @@ class _Checker:
                 # fails every evaluation (CEL's repeated key: 1 and 1u are one key, true not)
                 if rt.contains(literal, k.value):
                     self.error(k, BAD_ARGUMENT, "map literal with a repeated key")
+                elif k.value in literal:  # true and 1: two CEL keys, one Python key
+                    msg = "unsupported map: a bool key and a number key of equal value"
+                    self.error(k, BAD_ARGUMENT, msg)
                 literal.append(k.value)
             keys.append(kt)
             values.append(self.visit(v))

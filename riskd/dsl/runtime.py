@@ -265,6 +265,8 @@ def make_map(pairs: Iterable[tuple[object, object]]) -> dict[object, object]:
             raise EvalError(f"unsupported key type {type_name(k)}")
         if contains(seen, k):
             raise EvalError("map literal with a repeated key")
+        if k in out:  # true and 1 (false and 0): one Python key, two CEL keys
+            raise EvalError("unsupported map: a bool key and a number key of equal value")
         seen.append(k)
         out[k] = v
     return out

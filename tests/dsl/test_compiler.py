@@ -99,9 +99,13 @@ def _run(text: str) -> object:
         ("[n, n].exists_one(i, i > 0)", False),
         ("dyn(0.0 / 0.0) <= 1.0", False),  # NaN is unordered: not below, equal nor above
         ("dyn(1.0) >= 0.0 / 0.0", False),
+        ("dyn(0.0 / 0.0) > 1.0", False),
+        ("dyn(1.0) < 0.0 / 0.0", False),
         ("[0.0 / 0.0].exists(d, d in [d])", False),  # NaN is in no list, not even its own
         # a number never equals a bool, though Python's 1 == True
         ('n - 4 in [dyn(true), "a"]', False),
+        ("dyn(n - 4) == dyn(true)", False),  # both dyn: still CEL's ==, not Python's
+        ("dyn(n - 5) != dyn(false)", True),
         ('dyn(n - 4) in dyn({true: "x"}) || dyn(n - 5) in dyn({false: "x"})', False),
         ("int(timestamp(100))", 100),
         ("type(order)", None),
@@ -199,6 +203,7 @@ def test_int_against_double_is_ordered_as_a_double() -> None:
         "!x",
         "dyn(b'abc').matches('b')",  # RE2 would search bytes too
         "[1].exists(i, x)",  # a map is no bool, however truthy in Python
+        "dyn(order.device_id).exists(c, c == 'd')",  # a string is no list to range over
     ],
 )
 def test_a_dyn_operand_of_the_wrong_type_fails_in_both_paths(text: str) -> None:
@@ -227,6 +232,53 @@ def test_unchecked_expressions_agree_with_the_interpreter(text: str, expected: o
                 run(ACT)
         else:
             assert run(ACT) is expected
+
+
+@pytest.mark.parametrize(
+    ("probe", "members", "found"),
+    [
+        ("dyn(9007199254740993)", frozenset({9007199254740992.0}), True),  # compared as doubles
+        ("dyn(3)", frozenset({3.0, 4.5}), True),
+        ("dyn(true)", frozenset({1, 2}), False),  # true is not 1, though Python hashes alike
+        ("dyn(false)", frozenset({0}), False),
+    ],
+)
+def test_membership_in_a_set_given_as_a_list_is_cel_equality(
+    probe: str, members: frozenset[object], found: bool
+) -> None:
+    # a frozenset is accepted as an unordered list (``riskd.dsl.values``): ``in`` must
+    # answer what a scan with CEL's == answers, not Python's hash lookup
+    compiled, diags = compile_expr(f"{probe} in s", Env({"s": ListType(DYN)}))
+    assert compiled is not None, str(diags)
+    for run in (compiled.evaluate, compiled.interpret):
+        assert run({"s": members}) is found
+
+
+@pytest.mark.parametrize(
+    ("text", "col"),
+    [
+        ('{1: "a", true: "b"}[1] == "a"', 10),
+        ('{true: "b", 1u: "a"}[true] == "b"', 13),
+        ('{n - 5: "a", false: "b"}.size() == 2', None),  # one key computed: unchecked
+    ],
+)
+def test_a_map_with_a_bool_key_and_an_equal_number_key_is_an_error_not_merged(
+    text: str, col: int | None
+) -> None:
+    # CEL keeps true and 1 apart (cel-spec fields/map_fields/map_key_mixed_type); a
+    # Python dict merges them and kept the last value under the first key: a wrong
+    # answer with no error. riskd does not support such a map: rules check refuses
+    # literal keys, and at run time it is an error
+    _, diags = compile_expr(text, ENV)
+    message = "unsupported map: a bool key and a number key of equal value"
+    assert [(d.code, d.col, d.message) for d in diags] == (
+        [] if col is None else [("riskd_bad_argument", col, message)]
+    )
+    compiled, _ = compile_expr(text, ENV, strict=False)
+    assert compiled is not None
+    for run in (compiled.evaluate, compiled.interpret):
+        with pytest.raises(EvalError, match="bool key and a number key"):
+            run(ACT)
 
 
 def test_a_repeated_literal_map_key_is_refused_at_check_time_and_an_error_unchecked() -> None:
