@@ -19,7 +19,7 @@ from riskd.dsl import evaluate, regex
 from riskd.dsl import runtime as rt
 from riskd.dsl.checker import MAX_ITERATIONS, ORDER_LIST_BOUND
 from riskd.dsl.expr import Env, compile_expr
-from riskd.dsl.helpers import logic_and, logic_or
+from riskd.dsl.helpers import all_of, any_of, logic_and, logic_or
 from riskd.dsl.program import RuleStatus, check_rules, compile_rules
 from riskd.dsl.registry import DEFAULT_REGISTRY, VELOCITY
 from riskd.dsl.types import INT, ListType
@@ -101,6 +101,15 @@ def test_or_and_absorb_a_python_error_like_the_interpreter() -> None:
     with pytest.raises(EvalError, match=r"evaluation failed \(OverflowError\)"):
         logic_or(boom, lambda: False)
 
+    # the compiled all()/exists() of a fallible predicate absorb it in the same way
+    def pred(item: object) -> object:
+        return boom() if item == 0 else item == 2
+
+    assert any_of([0, 2], pred) is True
+    assert all_of([0, 1], pred) is False
+    with pytest.raises(EvalError, match=r"evaluation failed \(OverflowError\)"):
+        any_of([0, 1], pred)
+
 
 # Values at the edges of each parameter type, for every built-in overload.
 _EDGES: dict[str, list[object]] = {
@@ -175,7 +184,9 @@ CONVERTED = [("int", "12", 12), ("int", "-12", -12), ("int", "+5", 5),
              ("double", "-Inf", -math.inf), ("double", "infinity", math.inf),
              # Go's ParseFloat takes "_" between digits (its atof tests' own cases)
              ("double", "1_23.50_0_0e+1_2", 1.235e14), ("double", "0x_1_2.3_4_5p+1_2", 74565.0),
-             ("double", "1_0.5", 10.5)]  # fmt: skip
+             ("double", "1_0.5", 10.5),
+             # Go's ParseInt and ParseUint take any number of leading zeros
+             ("int", "-" + "0" * 25 + "42", -42), ("uint", "0" * 25 + "42", UInt(42))]  # fmt: skip
 REFUSED = [("int", " 12"), ("int", "12\n"), ("int", "\u0663"), ("int", "1_000"),
            ("int", "0x1f"), ("int", ""), ("int", "9" * 5000), ("int", "9223372036854775808"),
            ("uint", "+5"), ("uint", "-0"), ("uint", "\uff15"), ("uint", "1" + "0" * 20),
@@ -183,7 +194,9 @@ REFUSED = [("int", " 12"), ("int", "12\n"), ("int", "\u0663"), ("int", "1_000"),
            ("double", "1e400"), ("double", "-1e999"),
            *(("double", t) for t in ("_1.5", "1__2.5", "12_.5", "12._5", "12.5_e+1", "1e_+1",
                                      "1e+_1", "1e+1_", "-_0x1p0", "0x__1p0", "0x1_.8p0",
-                                     "0x1.8_p0", "0x1p_1", "0x_.8p0", "in_f"))]  # fmt: skip
+                                     "0x1.8_p0", "0x1p_1", "0x_.8p0", "in_f")),
+           # past the largest double in hexadecimal: Go's ParseFloat gives ErrRange
+           ("double", "0x1p1024"), ("double", "-0x1p99999")]  # fmt: skip
 
 
 @pytest.mark.parametrize(("kind", "text", "value"), CONVERTED)
@@ -207,7 +220,9 @@ DURATIONS = [("1h30m", 5_400 * 10**9), ("-1.5s", -1_500_000_000), ("+1s", 10**9)
              (".5s", 500_000_000), ("1.s", 10**9), ("+0", 0), ("1.0000000019s", 1_000_000_001),
              ("2\u00b5s", 2_000), ("2\u03bcs", 2_000), ("0" * 40 + "1ns", 1),
              ("2562047h47m16.854775807s", INT_MAX),
-             ("-2562047h47m16.854775808s", INT_MIN)]  # fmt: skip
+             ("-2562047h47m16.854775808s", INT_MIN),
+             # Go reads a fraction of any length, ignoring digits below a nanosecond
+             ("1." + "0" * 5000 + "s", 10**9), ("0." + "9" * 5000 + "s", 999_999_999)]  # fmt: skip
 NOT_DURATIONS = ["1e3s", "  1s", "1s\n", "1S", "1 s", ".s", "00", "1h-30m", "1", "+-1s",
                  "\u0661s", "\uff11s", "1_000s", "--1s",
                  "2562047h47m16.854775808s", "3000000h", "320000000000s"]  # fmt: skip
@@ -232,8 +247,9 @@ def test_a_span_past_a_64_bit_count_of_nanoseconds_is_an_error() -> None:
     assert evaluate(f'{since_1800} > duration("1980000h")', {})  # 226 of 292 years
 
 
-DURATION_TEXTS = [("1ns", "0.000000001s"), ("-1ns", "-0.000000001s"), ("-0.5s", "-0.5s"),
-                  ("90m", "5400s"), ("123456789.123456789s", "123456789.123456789s")]  # fmt: skip
+DURATION_TEXTS = [("0s", "0s"), ("1ns", "0.000000001s"), ("-1ns", "-0.000000001s"),
+                  ("-0.5s", "-0.5s"), ("90m", "5400s"),
+                  ("123456789.123456789s", "123456789.123456789s")]  # fmt: skip
 
 
 @pytest.mark.parametrize(("text", "string"), DURATION_TEXTS)
@@ -275,6 +291,12 @@ def test_a_string_converts_to_a_timestamp_as_cel_go_reads_one(
 def test_text_cel_go_refuses_is_no_timestamp(text: str) -> None:
     with pytest.raises(EvalError, match=r"invalid timestamp|timestamp out of range"):
         evaluate("timestamp(s)", {"s": text})
+
+
+def test_year_zero_is_out_of_range_not_malformed() -> None:
+    # cel-spec timestamps/timestamp_range/from_string_under expects a "range" error
+    with pytest.raises(EvalError, match=r"^timestamp out of range$"):
+        evaluate("timestamp(s)", {"s": "0000-01-01T00:00:00Z"})
 
 
 def test_a_timestamp_before_year_1000_reads_with_four_digits() -> None:
