@@ -48,6 +48,7 @@ def test_file_then_environment_override(tmp_path: Path) -> None:
             "RISKD_METRICS_PORT": "9200",
             "RISKD_DEADLINE_MS": "30",
             "RISKD_EVIDENCE_FLUSH_MS": "20",
+            "RISKD_DRAIN_NOTICE_MS": "1500",
             "RISKD_FALLBACK_SEARCH": "block",
             "OTHER": "x",
         },
@@ -56,10 +57,21 @@ def test_file_then_environment_override(tmp_path: Path) -> None:
     assert config.metrics_port == 9200
     assert config.deadline_s == 0.03
     assert config.evidence_flush_ms == 20
+    assert config.drain_notice_s == 1.5  # what SIGTERM's notice waits: milliseconds
     assert config.database == "sqlite:////srv/riskd/riskd.db"
     assert config.fallback["live_room"][-1] == FallbackTier(None, Outcome.BLOCK)
     assert config.fallback["search"] == (FallbackTier(None, Outcome.BLOCK),)
     assert "default" in config.fallback
+
+
+def test_a_fallback_scenario_from_the_environment_wins_over_the_file_s(tmp_path: Path) -> None:
+    """Fallback tables merge scenario by scenario, and for one scenario set in both the
+    variable wins, as for every other setting (README: file ← ``RISKD_*``)."""
+    path = tmp_path / "riskd.toml"
+    path.write_text('[fallback]\nlive_room = "20000:allow,review"\nsearch = "100:allow,review"\n')
+    config = load_config(path, env={"RISKD_FALLBACK_LIVE_ROOM": "block"})
+    assert config.fallback["live_room"] == (FallbackTier(None, Outcome.BLOCK),)
+    assert config.fallback["search"][0] == FallbackTier(100, Outcome.ALLOW)  # the file's
 
 
 @pytest.mark.parametrize(
@@ -147,6 +159,19 @@ def test_file_then_environment_override(tmp_path: Path) -> None:
         ({"RISKD_TLS_CLIENT_CA": "ca.pem"}, "tls_client_ca"),
         ({"RISKD_BREAKER_FAILURES": "1001"}, "breaker_failures"),
         ({"RISKD_BREAKER_MIN_CALLS": "100001"}, "breaker_min_calls"),
+        # one past each bound the README's configuration block states
+        ({"RISKD_LISTEN": "127.0.0.1:65536"}, "listen"),
+        ({"RISKD_LISTEN": ":50051"}, "listen"),  # no host
+        ({"RISKD_METRICS_PORT": "65536"}, "metrics_port"),
+        ({"RISKD_REDIS_TIMEOUT_MS": "60001"}, "redis_timeout_ms"),
+        ({"RISKD_GRACE_S": "3600.5"}, "grace_s"),
+        ({"RISKD_MAX_CONNECTION_AGE_S": "604801"}, "max_connection_age_s"),
+        ({"RISKD_RELOAD_INTERVAL_S": "0.04"}, "reload_interval_s"),
+        ({"RISKD_BREAKER_WINDOW_S": "3601"}, "breaker_window_s"),
+        ({"RISKD_BREAKER_OPEN_MAX_S": "3601"}, "breaker_open_max_s"),
+        # a key without its certificate: refused, not a plaintext port that ignores it
+        ({"RISKD_TLS_KEY": "key.pem"}, "tls_cert"),
+        ({"RISKD_PLAINTEXT": ""}, "plaintext"),  # neither true nor false
     ],
 )
 def test_bad_value_names_the_key(env: dict[str, str], key: str) -> None:
@@ -263,6 +288,10 @@ def test_unreadable_or_malformed_file(tmp_path: Path) -> None:
     bad.write_text("listen = \n")
     with pytest.raises(ConfigError, match="config file"):
         load_config(bad, env={})
+    # `--config /etc/riskd`, the folder for the file: named, not an IsADirectoryError traceback
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path, env={})
+    assert str(e.value) == f"config file {tmp_path}: Is a directory"
 
 
 def test_paths_that_are_not_utf8_are_still_paths() -> None:
@@ -332,6 +361,7 @@ def test_kubernetes_service_links_may_share_the_daemons_environment() -> None:
         ("RISKD_PORT", "50052"),
         ("RISKD_SERVICE_HOST", "0.0.0.0:50051"),
         ("RISKD_PORT_50051_TCP_PROTO", "http"),
+        ("RISKD_SERVICE_PORT", "grpc"),
     ):
         with pytest.raises(ConfigError, match="unknown configuration key"):
             load_config(env={typo: value})
@@ -380,6 +410,22 @@ def test_database_url_errors_never_echo_the_url(url: str) -> None:
         ("max_connection_age_s", "0"),  # never closed for its age
         ("metrics_port", "-1"),  # off
         ("grace_s", "0"),
+        # each bound the README's configuration block states, and the other log levels
+        ("listen", "127.0.0.1:65535"),
+        ("metrics_port", "65535"),
+        ("grace_s", "3600"),
+        ("max_connection_age_s", "604800"),
+        ("reload_interval_s", "0.05"),
+        ("reload_interval_s", "86400"),
+        ("evidence_flush_ms", "1000"),
+        ("drain_notice_ms", "60000"),
+        ("breaker_window_s", "3600"),
+        ("breaker_open_max_s", "3600"),
+        ("log_level", "debug"),
+        ("log_level", "warning"),
+        ("log_level", "error"),
+        ("redis_url", "unix:///run/redis.sock"),  # no db: the socket's path is no db
+        ("fallback_search", "100:Allow, REVIEW"),  # outcomes in any case, spaces around
     ],
 )
 def test_good_values_are_accepted(key: str, value: str) -> None:
@@ -400,6 +446,20 @@ def test_a_reload_reads_a_regular_file_again_never_a_pipe(tmp_path: Path) -> Non
         reload_config(fifo, env={})  # refused without opening it (that would block)
     with pytest.raises(ConfigError, match=r"^config file .*gone\.toml: No such file"):
         reload_config(tmp_path / "gone.toml", env={})
+
+
+def test_a_reload_keeps_a_variable_over_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGHUP reads the file again with the environment the daemon started with: a
+    ``RISKD_*`` variable still wins over the file's new value (README), and ``--listen``
+    still wins over both."""
+    path = tmp_path / "riskd.toml"
+    path.write_text('deadline_ms = 150\nlisten = "127.0.0.1:7002"\n')  # edited, then SIGHUP
+    monkeypatch.setenv("RISKD_DEADLINE_MS", "300")
+    monkeypatch.setenv("RISKD_LISTEN", "127.0.0.1:7001")
+    config = reload_config(path, listen="127.0.0.1:7003")
+    assert (config.deadline_ms, config.listen) == (300, "127.0.0.1:7003")
 
 
 @pytest.mark.parametrize(

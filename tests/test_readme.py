@@ -238,6 +238,8 @@ def test_the_trying_it_commands_print_what_the_readme_says(
             assert out.strip() == said
     shown = json.loads(readme_section("Trying it").split("```json\n", 1)[1].split("```", 1)[0])
     got = json.loads(printed["examples/order-new-account-high-value.json"])
+    # the explanations read as the README shows them ("→"), not \u-escaped
+    assert "→ true" in printed["examples/order-new-account-high-value.json"]
     assert sorted(got) == sorted(shown)  # the same fields, none missing or extra
     varying = {"rules_version", "elapsed_us", "decided_at", "reasons"}  # per run, per rule edit
     assert {k: got[k] for k in shown if k not in varying} == {

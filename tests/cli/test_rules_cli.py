@@ -442,6 +442,9 @@ def test_rules_eval_usage_errors_and_json_forms(capsys: pytest.CaptureFixture[st
     assert capsys.readouterr().out == "7\n"
     assert main(["rules", "eval", '"王小明" + s', "--var", 's="路"']) == 0
     assert capsys.readouterr().out == '"王小明路"\n'
+    # values inside a map are JSON too, and bytes print as text (not a TypeError traceback)
+    assert main(["rules", "eval", '{"d": duration("90s"), "b": b"ab"}']) == 0
+    assert json.loads(capsys.readouterr().out) == {"d": "90s", "b": "ab"}
 
 
 def test_small_output_into_a_reader_that_goes_away_ends_quietly() -> None:
@@ -479,6 +482,9 @@ def test_rules_commands_default_to_the_rules_folder(
 ) -> None:
     """``riskd rules check|test|fmt`` with no path work on ./rules (README, --help)."""
     shutil.copytree(RULES, tmp_path / "rules")
+    # a rule file outside ./rules (a test corpus, a draft) is not among the daemon's
+    (tmp_path / "drafts").mkdir()
+    (tmp_path / "drafts" / "broken.rules").write_text("rule (\n", encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     assert main(["rules", "check"]) == 0
     assert capsys.readouterr().out.startswith("ok: ")

@@ -23,6 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from riskd.cli import COMMANDS, build_parser, main
+from riskd.config import Config
 from riskd.evidence.log import DecisionLog
 from riskd.sql import Database
 
@@ -253,6 +254,19 @@ def test_health_reports_serving_then_fails_when_the_daemon_is_gone(
     assert args.func(args) == 1
 
 
+@pytest.mark.parametrize("command", [["score", str(EXAMPLE)], ["health"]])
+def test_the_clients_ask_the_daemon_s_default_address_and_wait_up_to_a_day(
+    command: list[str],
+) -> None:
+    """``riskd health`` in a container's health check, and ``riskd score`` by hand, with no
+    ``--target`` ask a daemon on its embedded default listen address; ``--timeout`` takes a
+    day, the most (``MAX_TIMEOUT_S``)."""
+    args = build_parser().parse_args(command)
+    assert args.target == Config().listen
+    assert args.timeout == 2.0
+    assert build_parser().parse_args([*command, "--timeout", "86400"]).timeout == 86400.0
+
+
 def test_score_rejects_malformed_json(tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
     path.write_text('{"order_id": ')
@@ -453,10 +467,15 @@ def test_serve_fails_cleanly_on_bad_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("RISKD_LISTEN", "nowhere")
-    monkeypatch.setenv("RISKD_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("RISKD_DATA_DIR", str(tmp_path / "var"))
+    before = signal.getsignal(signal.SIGHUP)
     args = build_parser().parse_args(["serve"])
     assert args.func(args) == 2
-    assert "listen:" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "riskd serve: listen: expected HOST:PORT (e.g. 127.0.0.1:50051) (set by RISKD_LISTEN)\n"
+    )
+    assert not (tmp_path / "var").exists()  # refused before anything is created
+    assert signal.getsignal(signal.SIGHUP) is before  # the start-up holder let go
 
 
 def _malformed_grpc_call(port: int) -> None:

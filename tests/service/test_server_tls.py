@@ -104,6 +104,20 @@ def test_tls_server_on_any_address_needs_a_token(
         running.stop(1)
 
 
+def test_score_sends_a_token_over_tls_to_any_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--token`` is refused only over plaintext off loopback: with ``--ca`` it goes to any
+    target (a socket file no daemon listens on: the call, made, fails as an RPC)."""
+    cert, _ = self_signed(tmp_path)
+    target = f"unix:{tmp_path}/none.sock"
+    argv = ["score", str(EXAMPLE), "--target", target, "--ca", str(cert)]
+    args = build_parser().parse_args([*argv, "--token", "t0ken", "--timeout", "0.2"])
+    assert args.func(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("riskd score: ") and "--token" not in err
+
+
 @pytest.fixture
 def mtls_server(tmp_path: Path) -> Iterator[tuple[RunningServer, dict[str, Path]]]:
     """A riskd server that requires client certificates, and the files a client needs."""
@@ -155,6 +169,10 @@ def test_health_presents_a_client_certificate_for_mutual_tls(
     monkeypatch.setenv("RISKD_HEALTH_SERVER_NAME", "localhost")
     args = build_parser().parse_args(["health", "--target", f"127.0.0.1:{running.port}"])
     assert args.func(args) == 0
+    # the name is checked: one the server certificate does not carry fails the check
+    monkeypatch.setenv("RISKD_HEALTH_SERVER_NAME", "riskd.example.org")
+    args = build_parser().parse_args(["health", "--target", f"127.0.0.1:{running.port}"])
+    assert args.func(args) == 1
 
 
 def test_score_presents_a_client_certificate_for_mutual_tls(
