@@ -275,6 +275,7 @@ def load_config(
         ConfigError: a key is unknown or a value is malformed (the message names the key).
     """
     values: dict[str, Any] = {}
+    origins: dict[str, str] = {}  # key -> where its value in force was set
     env = os.environ if env is None else env
     for source, layer in (
         (f"config file {path}", _read_toml(path) if path is not None else {}),
@@ -288,7 +289,32 @@ def load_config(
         except ConfigError as e:
             raise _sourced(e, source, env) from None
         _merge(values, layer)
-    return _build(values)
+        for key in layer:
+            origins[key] = _origin(key, source, env)
+    try:
+        return _build(values)
+    except ConfigError as e:  # values that do not go together: where each named was set
+        at = {k: m.start() for k in origins if (m := re.search(rf"\b{k}\b", str(e)))}
+        named = sorted((k for k in at if origins[k]), key=at.__getitem__)
+        if not named:
+            raise
+        where = "; ".join(f"{k} {origins[k]}" for k in named)
+        raise ConfigError(f"{e} ({where})") from None
+
+
+def _origin(key: str, source: str | None, env: Mapping[str, str]) -> str:
+    """How a message says where ``key`` was set: ``set by RISKD_X``, ``set in config file
+    P``; empty for the caller's own (``riskd serve --listen``), which it knows.
+
+    >>> _origin("redis_url", "environment", {"RISKD_REDIS_URL": "redis://h"})
+    'set by RISKD_REDIS_URL'
+    """
+    if source is None:
+        return ""
+    if source == "environment":
+        name = ENV_PREFIX + key.replace(".", "_").upper()
+        return f"set by {name if name in env else 'the environment'}"
+    return f"set in {source}"
 
 
 def _sourced(error: ConfigError, source: str | None, env: Mapping[str, str]) -> ConfigError:
@@ -299,14 +325,8 @@ def _sourced(error: ConfigError, source: str | None, env: Mapping[str, str]) -> 
     ...              {"RISKD_DEADLINE_MS": "-1"}))
     'deadline_ms: must be positive (set by RISKD_DEADLINE_MS)'
     """
-    if source is None:  # the caller's own (riskd serve --listen): it knows
-        return error
-    if source == "environment":
-        key = str(error).partition(":")[0]
-        name = ENV_PREFIX + key.replace(".", "_").upper()
-        source = name if name in env else "the environment"
-        return ConfigError(f"{error} (set by {source})")
-    return ConfigError(f"{error} (set in {source})")
+    where = _origin(str(error).partition(":")[0], source, env)
+    return ConfigError(f"{error} ({where})") if where else error
 
 
 def reload_config(path: Path | None = None, **overrides: Any) -> Config:

@@ -281,6 +281,38 @@ def test_settings_that_need_each_other_may_come_from_different_layers(tmp_path: 
         load_config(path, env={})
 
 
+@pytest.mark.parametrize(
+    ("env", "where"),
+    [
+        ({}, "score_workers set in config file {path}"),
+        (
+            {"RISKD_REDIS_URL": "redis://127.0.0.1:6379/0", "RISKD_BREAKER_OPEN_MAX_S": "30"},
+            "breaker_open_max_s set by RISKD_BREAKER_OPEN_MAX_S;"
+            " breaker_open_s set in config file {path}",
+        ),
+        (
+            {"RISKD_REDIS_URL": "redis://127.0.0.1:6379/0", "RISKD_TLS_KEY": "k.pem"},
+            "tls_key set by RISKD_TLS_KEY",  # tls_cert: not set anywhere
+        ),
+    ],
+)
+def test_values_that_do_not_go_together_say_where_each_was_set(
+    tmp_path: Path, env: dict[str, str], where: str
+) -> None:
+    """README: every bad value says where it was set; for two that do not go together,
+    each one set, in the order the message names them (a default names no place)."""
+    path = tmp_path / "riskd.toml"
+    path.write_text("score_workers = 2\nbreaker_open_s = 40\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, env=env)
+    assert str(e.value).endswith(f" ({where.format(path=path)})")
+    with pytest.raises(ConfigError) as e:  # the caller's own (riskd serve --listen): no place
+        load_config(None, env={}, score_workers=2)
+    assert str(e.value) == (
+        "score_workers: needs redis_url (worker processes must share velocity counters)"
+    )
+
+
 def test_unreadable_or_malformed_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file"):
         load_config(tmp_path / "missing.toml", env={})
