@@ -62,8 +62,9 @@ _NUMBER_START = re.compile(r"-?[0-9]")
 _BLANKS_RE = re.compile(r"[ \t\r\n]+")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _PUNCT = "{}[]=,:"
-# a line of a block that assigns a field (CEL has no lone "="): one written after ``when``
-_FIELD_LINE = re.compile(r"[ \t]*([A-Za-z_][A-Za-z0-9_]*)[ \t]*=(?!=)")
+# a line of a block that assigns a field (CEL has no lone "="): one written after ``when``;
+# its leading blanks are those the formatter strips (str.isspace), or fmt could make one
+_FIELD_LINE = re.compile(r"[^\S\n]*([A-Za-z_][A-Za-z0-9_]*)[ \t]*=(?!=)")
 _T = TypeVar("_T")
 
 
@@ -394,7 +395,7 @@ def _skip_cel_string(text: str, i: int, *, raw: bool) -> int:
         if text.startswith(delim, j):
             return j + len(delim)
         if text[j] == "\n" and len(delim) == 1:
-            return j + 1
+            return j  # unclosed: the newline is the expression's again (a field may follow)
         j += 2 if text[j] == "\\" and not raw else 1
     return len(text)
 

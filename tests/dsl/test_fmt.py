@@ -155,6 +155,8 @@ def test_format_keeps_a_value_of_exactly_the_width_on_one_line() -> None:
     out, diags = format_text(line + "\n")
     assert diags.ok, str(diags)
     assert out == line + "\n"
+    longer = line.replace('"a', '"aa')  # one column more: one element per line
+    assert format_text(longer + "\n")[0] == f'list l = [\n  "{"a" * 88}",\n]\n'
 
 
 def test_format_separates_a_commented_scenario_from_the_one_before() -> None:
@@ -194,3 +196,55 @@ def test_format_keeps_the_text_of_a_multi_line_string(tmp_path: Path) -> None:
     assert format_text(formatted)[0] == formatted  # canonical text is left alone: same version
     path.write_text(format_text(formatted)[0] or "", encoding="utf-8")
     assert compile_rules(scenario, path).version == canonical
+
+
+def test_format_never_turns_a_line_of_when_into_a_field() -> None:
+    """Review: a line of ``when`` that starts with a form feed or a no-break space was
+    CEL text to the parser and a field after ``when`` once fmt had stripped the blank."""
+    for blank in ("\x0c", "\u00a0"):
+        out, diags = format_text(f"rule r {{\n  when = a\n{blank}reason = R\n}}\n", "p.rules")
+        assert out is None
+        d = diags[0]
+        assert (d.line, d.col, d.message) == (
+            3,
+            2,
+            "'when' must be the last field of a block: 'reason' follows it",
+        )
+
+
+def test_format_drops_blank_lines_before_a_closing_brace_and_at_the_end() -> None:
+    messy = 'rule r {\n  owner = "o"\n  # c\n\n}\nscenario s = "S"\n# end\n\n\n'
+    out, diags = format_text(messy)
+    assert diags.ok, str(diags)
+    assert out == 'rule r {\n  owner = "o"\n  # c\n}\n\nscenario s = "S"\n\n# end\n'
+    assert format_text("\n\n")[0] == ""
+
+
+def test_format_breaks_a_nested_value_where_its_own_line_is_too_long() -> None:
+    # a value inside a broken one is measured from its indent and after its key:
+    # each of these lines would be 101 columns long unbroken
+    a, b = "a" * 90, "b" * 93
+    out, diags = format_text(f'test "t" {{\n  order = {{k: ["{a}"]}}\n  shop = [["{b}"]]\n}}\n')
+    assert diags.ok, str(diags)
+    assert out == (
+        f'test "t" {{\n  order = {{\n    k: [\n      "{a}",\n    ],\n  }}\n'
+        f'  shop  = [\n    [\n      "{b}",\n    ],\n  ]\n}}\n'
+    )
+
+
+def test_format_reindents_a_when_line_that_starts_with_a_string() -> None:
+    out, diags = format_text("rule r {\n  when = order.device_id ==\n'x'\n}\n")
+    assert diags.ok, str(diags)
+    assert out == "rule r {\n  when = order.device_id ==\n      'x'\n}\n"
+
+
+def test_format_keeps_blanks_before_a_line_break_inside_a_string() -> None:
+    text = "rule r {\n  when = order.coupon_code == '''a  \nb'''\n}\n"
+    assert format_text(text)[0] == text
+
+
+def test_format_reindents_every_line_of_a_when_that_does_not_lex() -> None:
+    # not CEL (it will not compile), but fmt formats the file's shape all the same
+    out, diags = format_text("rule r {\n  when = a @\n\n          b\n}\n")
+    assert diags.ok, str(diags)
+    assert out == "rule r {\n  when = a @\n      b\n}\n"

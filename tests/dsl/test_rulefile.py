@@ -195,6 +195,8 @@ def test_rulefile_a_field_written_after_when_is_named_as_such_and_still_read() -
         "order.device_id != '''\n  reason = R\n'''",
         "order.amounts.total > 0 // \n  && [\n  x == 1 ? 1 : 2].size() > 0",
         "order.amounts.total > 0 && (\n  x = 1)",
+        "order.amounts.total > 0 &&\n  x == 1",
+        "order.device_id != '''x\n}'''",
     ):
         tree, diags = parse(_RULE.replace("order.amounts.total > 0", when), "p.rules")
         assert diags.ok, (when, str(diags))
@@ -202,9 +204,47 @@ def test_rulefile_a_field_written_after_when_is_named_as_such_and_still_read() -
         assert isinstance(fields[-1].value, When) and fields[-1].value.raw == when
 
 
+@pytest.mark.parametrize(
+    ("after", "place", "when"),
+    [
+        # the first field after it is named, and the expression ends there
+        ("> 0\n  reason = R\n  score = 2\n", (10, 3), "order.amounts.total > 0"),
+        ("> 0  // why\n  reason = R\n", (10, 3), "order.amounts.total > 0  // why"),
+        # a string left open ends at its line (the CEL compiler names it): not the field
+        ("> 0 && 'x\n  reason = R\n", (10, 3), "order.amounts.total > 0 && 'x"),
+    ],
+)
+def test_rulefile_the_first_field_after_when_ends_it_wherever_its_line_starts(
+    after: str, place: tuple[int, int], when: str
+) -> None:
+    text = _RULE.replace("  reason = R\n", "").replace("> 0\n", after)
+    tree, diags = parse(text, "p.rules")
+    message = "'when' must be the last field of a block: 'reason' follows it"
+    assert [(d.line, d.col, d.message) for d in diags] == [(*place, message)]
+    fields = {f.name: f.value for f in tree.items[1].fields}
+    assert isinstance(fields["when"], When) and fields["when"].raw == when
+    assert fields["reason"] == Name("R")
+
+
+def test_rulefile_an_empty_when_is_named_at_the_closing_brace() -> None:
+    _, diags = parse("rule r {\n  when =\n}\n", "p.rules")
+    assert [(d.code, d.line, d.col, d.message) for d in diags] == [
+        ("riskd_syntax_error", 3, 1, "'when' needs an expression")
+    ]
+
+
+def test_rulefile_a_keyword_written_as_a_field_name_does_not_end_the_block() -> None:
+    # only a keyword in column 1 starts an item; "scenario" for "scenarios" is a field
+    tree, diags = parse("rule r {\n  scenario = s\n}\n", "p.rules")
+    assert diags.ok, str(diags)
+    assert [f.name for f in tree.items[0].fields] == ["scenario"]
+
+
 def test_rulefile_a_comment_inside_a_value_is_a_diagnostic() -> None:
     _, diags = parse('list x = ["a", # c\n  "b"]\n', "p.rules")
     assert [(d.code, d.line, d.col) for d in diags] == [("riskd_misplaced_comment", 1, 1)]
+    _, diags = parse('list x = ["a",\n  "b"  # c\n]\n', "p.rules")  # before the bracket
+    assert [(d.code, d.line, d.col) for d in diags] == [("riskd_misplaced_comment", 2, 1)]
 
 
 def test_rulefile_a_number_beyond_a_double_is_a_diagnostic() -> None:
