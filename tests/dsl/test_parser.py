@@ -22,12 +22,14 @@ def test_parser_binds_by_cel_precedence() -> None:
     assert unparse(_parse("(a || b) && c")) == "(a || b) && c"
     assert unparse(_parse("a - (b - c)")) == "a - (b - c)"
     assert unparse(_parse("(a - b) - c")) == "a - b - c"
+    assert unparse(_parse("(a in b) + c")) == "(a in b) + c"
 
 
 def test_parser_ternary_is_right_associative() -> None:
     e = _parse("a ? b : c ? d : e")
     assert isinstance(e, Call) and e.function == "_?_:_"
     assert isinstance(e.args[2], Call) and e.args[2].function == "_?_:_"
+    assert unparse(e) == "a ? b : c ? d : e"
 
 
 def test_parser_folds_negative_literals() -> None:
@@ -53,6 +55,20 @@ def test_parser_repeats_one_unary_operator_only_as_cel_does() -> None:
         assert unparse(e) == text and _parse(unparse(e)) == e
     assert unparse(Call("!_", (Literal(-1),))) == "!(-1)"
     assert unparse(Call("-_", (Call("!_", (Ident("x"),)),))) == "-(!x)"
+
+
+def test_unparse_keeps_a_negation_apart_from_what_follows_it() -> None:
+    # a negated number is no literal (-5 would be one): under a member it keeps its
+    # parentheses
+    for e in (
+        Select(Call("-_", (Literal(5),)), "f"),
+        Call("_[_]", (Call("-_", (Literal(1.5),)), Literal(0))),
+    ):
+        assert _parse(unparse(e)) == e, unparse(e)
+
+
+def test_unparse_escapes_control_characters_in_strings() -> None:
+    assert unparse(Literal("a\rb\x7fc\td")) == '"a\\rb\\x7fc\\td"'
 
 
 def test_parser_expands_macros() -> None:
