@@ -455,8 +455,10 @@ def _opening_hours(groups: list[str], i: int, j: int) -> bool:
 
 
 def _time_of_day(group: str) -> bool:
-    """``hhmm``: 0000 to 2359."""
-    return len(group) == 4 and group.isdigit() and int(group[:2]) < 24 and int(group[2:]) < 60
+    """``hhmm``: 0000 to 2359, and 2400, midnight as a closing time (``0900-1200 1400-2400``)."""
+    if len(group) != 4 or not group.isdigit():
+        return False
+    return group == "2400" or (int(group[:2]) < 24 and int(group[2:]) < 60)
 
 
 def _national(groups: list[str], *, fixed_line: bool) -> PiiKind | None:
