@@ -66,6 +66,12 @@ IX = BlindIndexer(RING)
         ("name", "阿沛·阿旺晋美", "阿沛 · 阿旺晋美"),
         ("name", "Zhang San 张三", "zhang  san 张 三"),
         ("name", "José", "Jose\u200b\u0301"),  # the accent composes once the gap is gone
+        ("name", "王𠮷", "王 𠮷"),  # a character of CJK extension B (review: untested)
+        ("name", "阿沛・阿旺晋美", "阿沛 ・ 阿旺晋美"),  # the katakana middle dot
+        ("name", "Strauß", "STRAUSS"),  # case-folded, not just lowered
+        ("address", "浙江省杭州市西湖区文三路1号", "浙江省杭州市西湖区文三路1号。"),  # 。 too
+        ("address", "万科城市花园3栋", "万科·城市花园3栋"),  # a middle dot
+        ("address", "文三路1号B座", "文三路1号_B座"),
         ("payment_account", "6222021234567890", "6222 0212-3456 7890"),  # a card as written
         ("ip", "::ffff:10.0.0.1", "10.0.0.1"),
         ("ip", "[2001:db8::1]", "2001:db8::1"),

@@ -87,6 +87,7 @@ def test_mask_device_keeps_last_four() -> None:
     # a short id (eight characters or fewer) shows nothing: four would be half of it
     assert mask_device("A1B2C3D4") == "********"
     assert mask_device("A1B2C3D4E") == "****3D4E"
+    assert mask_device(" A1B2C3D4 ") == "********"  # blanks count for nothing (review: half shown)
 
 
 @given(st.from_regex(r"1[3-9][0-9]{9}", fullmatch=True))
