@@ -352,9 +352,9 @@ def _expression_end(text: str, start: int) -> tuple[int, int | None] | None:
         if ch in "([{":
             depth += 1
         elif ch in ")]}":
-            if depth == 0:
-                return (i, field_at) if ch == "}" else None
-            depth -= 1
+            if depth == 0 and ch == "}":
+                return i, field_at
+            depth = max(depth - 1, 0)  # a stray ")" or "]": CEL's parser names it
         elif ch in "\"'":
             i = _skip_cel_string(text, i, raw=_raw_prefix(text, start, i))
             continue

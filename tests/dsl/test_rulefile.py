@@ -226,6 +226,20 @@ def test_rulefile_the_first_field_after_when_ends_it_wherever_its_line_starts(
     assert fields["reason"] == Name("R")
 
 
+def test_rulefile_a_stray_closing_bracket_in_when_is_named_where_it_is() -> None:
+    """Review: ``when = a > 1)`` was reported as an expression running to the end of the
+    file, at its start, and the rules after it went unread; the block ends at its brace
+    and CEL's parser names the bracket."""
+    second = _RULE.split("\n", 1)[1].replace("rule r", "rule r2")
+    for stray in (")", "]"):
+        text = _RULE.replace("> 0\n", f"> 0{stray}\n") + second
+        program, diags = compile_sources({"p.rules": text})
+        assert program is None
+        assert [(d.code, d.line, d.col, d.message) for d in diags] == [
+            ("riskd_syntax_error", 10, 33, f"unexpected '{stray}'")
+        ]
+
+
 def test_rulefile_an_empty_when_is_named_at_the_closing_brace() -> None:
     _, diags = parse("rule r {\n  when =\n}\n", "p.rules")
     assert [(d.code, d.line, d.col, d.message) for d in diags] == [
