@@ -324,6 +324,7 @@ class _Scanner:
             at_line = line + self.text.count("\n", start, field_at + 1)
             message = f"'when' must be the last field of a block: {name.group(1)!r} follows it"
             self.diag(SYNTAX_ERROR, message, at_line, name.start(1) - field_at)
+            end = _before_comment_lines(self.text, start, end)  # the field's own comments
         self._advance(end - start)
         return self.text[start:end], start, line, col
 
@@ -331,6 +332,21 @@ class _Scanner:
         out = tuple(self.comments)
         self.comments.clear()
         return out
+
+
+def _before_comment_lines(text: str, start: int, end: int) -> int:
+    """``end`` (a newline) moved back over the ``#`` comment and blank lines just before
+    it: in a block they belong to the field that follows, never to CEL (which has no ``#``).
+
+    >>> text = "a\\n  # why\\n\\n  reason = R"
+    >>> _before_comment_lines(text, 0, text.index("\\n  reason"))
+    1
+    """
+    while True:
+        previous = text.rfind("\n", start, end)
+        if previous < 0 or text[previous + 1 : end].strip()[:1] not in ("", "#"):
+            return end
+        end = previous
 
 
 def _expression_end(text: str, start: int) -> tuple[int, int | None] | None:

@@ -210,6 +210,8 @@ def test_rulefile_a_field_written_after_when_is_named_as_such_and_still_read() -
         # the first field after it is named, and the expression ends there
         ("> 0\n  reason = R\n  score = 2\n", (10, 3), "order.amounts.total > 0"),
         ("> 0  // why\n  reason = R\n", (10, 3), "order.amounts.total > 0  // why"),
+        # comment lines above the field are its own, not CEL text (which has no "#")
+        ("> 0\n\n  # why\n  reason = R\n", (12, 3), "order.amounts.total > 0"),
         # a string left open ends at its line (the CEL compiler names it): not the field
         ("> 0 && 'x\n  reason = R\n", (10, 3), "order.amounts.total > 0 && 'x"),
     ],
