@@ -198,6 +198,7 @@ class Comment:
     text: str  # without the leading "#" and surrounding blanks
     line: int
     own_line: bool  # nothing but blanks before it on its line
+    col: int = 1  # of its "#"
 
 
 class ParseAbort(Exception):
@@ -246,7 +247,7 @@ class _Scanner:
                 end = len(text) if end < 0 else end
                 body = text[self.pos + 1 : end].strip()
                 own = self.text[self.pos - self.col + 1 : self.pos].strip() == ""
-                self.comments.append(Comment(body, self.line, own))
+                self.comments.append(Comment(body, self.line, own, self.col))
                 self._advance(end - self.pos)
             else:
                 return
@@ -562,7 +563,7 @@ class _Parser:
     def parse_value(self) -> Value:
         if self.s.comments:
             c = self.s.comments[0]
-            self.s.diag(MISPLACED_COMMENT, "a comment cannot go inside a value", c.line, 1)
+            self.s.diag(MISPLACED_COMMENT, "a comment cannot go inside a value", c.line, c.col)
             self.s.comments.clear()
         tok = self.s.next()
         pos = self.pos_of(tok)
@@ -613,7 +614,7 @@ class _Parser:
 
     def _no_comments_inside(self) -> None:
         for c in self.s.comments:
-            self.s.diag(MISPLACED_COMMENT, "a comment cannot go inside a value", c.line, 1)
+            self.s.diag(MISPLACED_COMMENT, "a comment cannot go inside a value", c.line, c.col)
         self.s.comments.clear()
 
     def decode_string(self, tok: Token) -> str:

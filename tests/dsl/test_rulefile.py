@@ -256,11 +256,11 @@ def test_rulefile_a_keyword_written_as_a_field_name_does_not_end_the_block() -> 
     assert [f.name for f in tree.items[0].fields] == ["scenario"]
 
 
-def test_rulefile_a_comment_inside_a_value_is_a_diagnostic() -> None:
+def test_rulefile_a_comment_inside_a_value_is_a_diagnostic_at_its_hash() -> None:
     _, diags = parse('list x = ["a", # c\n  "b"]\n', "p.rules")
-    assert [(d.code, d.line, d.col) for d in diags] == [("riskd_misplaced_comment", 1, 1)]
+    assert [(d.code, d.line, d.col) for d in diags] == [("riskd_misplaced_comment", 1, 16)]
     _, diags = parse('list x = ["a",\n  "b"  # c\n]\n', "p.rules")  # before the bracket
-    assert [(d.code, d.line, d.col) for d in diags] == [("riskd_misplaced_comment", 2, 1)]
+    assert [(d.code, d.line, d.col) for d in diags] == [("riskd_misplaced_comment", 2, 8)]
 
 
 def test_rulefile_a_number_beyond_a_double_is_a_diagnostic() -> None:
