@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+import pytest
 import redis
 
 from riskd.evidence.log import DecisionLog
@@ -116,18 +117,21 @@ def test_a_daemon_killed_mid_load_keeps_every_decision_committed_before_it(
     assert chain_ok and ids_after == ids | {"after-crash"}
 
 
-def test_a_killed_grpc_process_leaves_its_workers_to_flush_their_logs_and_exit(
-    tmp_path: Path,
+@pytest.mark.parametrize("stop", ["kill the grpc process", "sigterm every process"])
+def test_the_workers_flush_their_logs_whether_the_front_is_killed_or_all_are_stopped(
+    tmp_path: Path, stop: str
 ) -> None:
-    # the workers hold the answered decisions: a killed front must neither lose them nor
-    # leave orphan processes writing the log
+    """The workers hold the answered decisions. A killed front must neither lose them nor
+    leave orphan processes writing the log. A service manager stopping the unit signals
+    each of its processes (systemd's control-group kill), workers too: they ignore it,
+    and stop when the gRPC process, drained, asks them, flushing what is still queued."""
     data, prefix = tmp_path / "var", f"riskd-test-crash-{uuid.uuid4().hex}:"
     d = Daemon(
         data,
         RISKD_SCORE_WORKERS="2",
         RISKD_REDIS_URL=SHARED_REDIS,
         RISKD_REDIS_PREFIX=prefix,
-        RISKD_EVIDENCE_FLUSH_MS="1000",  # the workers' decisions still queued at the kill
+        RISKD_EVIDENCE_FLUSH_MS="1000",  # the workers' decisions still queued at the stop
     )
     workers: set[int] = set()
     try:
@@ -139,8 +143,13 @@ def test_a_killed_grpc_process_leaves_its_workers_to_flush_their_logs_and_exit(
             stub = scoring_pb2_grpc.ScoringServiceStub(ch)
             for oid in ids:  # one at a time: each goes to its worker, none to a fallback
                 stub.Score(_order(oid), timeout=5)
-        d.proc.kill()
-        assert d.proc.wait(10) == -signal.SIGKILL
+        if stop == "kill the grpc process":
+            d.proc.kill()
+            assert d.proc.wait(10) == -signal.SIGKILL
+        else:
+            for pid in (*workers, d.proc.pid):
+                os.kill(pid, signal.SIGTERM)
+            assert d.proc.wait(30) == 0
         deadline = time.monotonic() + 10
         while any(_alive(w) for w in workers) and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -153,8 +162,9 @@ def test_a_killed_grpc_process_leaves_its_workers_to_flush_their_logs_and_exit(
         client = redis.Redis.from_url(SHARED_REDIS)
         delete_prefix(client, prefix)
         client.close()
-    d.reader.join(10)
-    text = "".join(d.lines)
-    assert text.count("server process gone; flushing the decision log and exiting") == 2
+    if stop == "kill the grpc process":
+        d.reader.join(10)
+        text = "".join(d.lines)
+        assert text.count("server process gone; flushing the decision log and exiting") == 2
     logged, chain_ok = _logged(data)
     assert chain_ok and set(ids) <= logged

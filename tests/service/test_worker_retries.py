@@ -94,9 +94,10 @@ class HereScorer:
         self.refuse: set[str] = set()
         self.batch_at: float | None = None  # the ``at`` of the last batch, of an inflight
         self.inflight_at: float | None = None
+        self.budgets: list[float | None] = []  # each call's ``timeout_s``
 
     def score(self, order: Order, *, timeout_s: float | None = None) -> Decision:
-        return self.score_batch((order,))[0]
+        return self.score_batch((order,), timeout_s=timeout_s)[0]
 
     def score_batch(
         self,
@@ -107,6 +108,7 @@ class HereScorer:
         at: float | None = None,
     ) -> list[Decision]:
         self.batch_at = at
+        self.budgets.append(timeout_s)
         for i, o in enumerate(orders):  # its entry, as the real one names it
             if o.order_id in self.refuse:
                 raise AlreadyExistsError(f"orders[{i}].order_id: scored for other content")
@@ -629,6 +631,23 @@ def test_a_down_workers_part_goes_only_to_a_worker_with_no_part_of_the_batch(
     assert metrics.value("riskd_score_worker_fallbacks_total", {"reason": "down"}) == 1
 
 
+@pytest.mark.parametrize("why", ["down", "busy"])
+def test_orders_no_worker_can_take_are_scored_here_in_the_time_left(why: str) -> None:
+    """Their worker down or busy and no other free: this process scores the orders, a
+    unary call's and a batch's part, with what is left of the caller's budget (a full
+    decision), not with none as for a late worker's fallback (degraded ``features``)."""
+    servicer, pool, here, metrics = _batch_servicer()
+    if why == "down":
+        pool.ws[0].alive = False
+    else:
+        pool.ws[0].busy = True
+    servicer.score_request(_request(fresh()), 1.0)
+    servicer.score_batch_request(_batch(fresh(), fresh()), 1.0)
+    assert len(here.budgets) == 2, here.budgets
+    assert all(b is not None and 0.5 < b <= 1.0 for b in here.budgets), here.budgets
+    assert metrics.value("riskd_score_worker_fallbacks_total", {"reason": why}) == 3
+
+
 def test_a_unary_fallback_that_replays_a_decision_is_not_counted_as_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -708,6 +727,26 @@ def test_a_unary_retry_waits_for_the_batch_routing_its_order() -> None:
     assert retry["got"].decision.replayed
     assert retry["got"].decision.decided_at == first["got"].decisions[1].decided_at
     assert pool.ws[0].methods == ["ScoreBatch"] and here.scored == []
+
+
+def test_a_retry_behind_a_leader_is_answered_inside_its_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A unary retry waits for its leader no longer than its budget less the fallback's
+    reserve (a quarter of the second here): its ``inflight`` answer goes out inside the
+    deadline, not at it (the caller then gets DEADLINE_EXCEEDED, no answer)."""
+    monkeypatch.setattr(router, "RESERVE_SHARE", 0.25)
+    order = fresh()
+    servicer, pool, _, leader, _ = _held_unary(order, 5.0)
+    try:
+        started = time.monotonic()
+        retry = servicer.score_request(_request(order), 1.0).decision
+        took = time.monotonic() - started
+    finally:
+        pool.w.gate.set()
+        leader.join(5)
+    assert tuple(retry.unavailable) == ("inflight",)
+    assert took < 0.9, took  # waited 0.75 s: its budget less the reserve
 
 
 def test_a_batch_entry_still_routed_at_its_deadline_gets_the_unrecorded_fallback() -> None:

@@ -1131,12 +1131,31 @@ def test_orders_of_a_worker_that_dies_mid_call_are_scored_in_the_time_left(
     assert eventually(lambda: pool.pids()[1] not in (None, victim) and _alive(pool, 1), 30)
 
 
-def test_a_failed_restart_logs_why(tmp_path: Path) -> None:
+def test_a_failed_restart_logs_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     prefix = f"riskd-test-workers-{uuid.uuid4().hex}:"
     rules = copy_rules(tmp_path / "rules")
     running = create_server(_config(tmp_path / "data", prefix, rules_dir=str(rules)))
     try:
-        assert running.workers is not None
+        pool = running.workers
+        assert pool is not None
+        # when each start began, and when each failed one was given up
+        starts: list[float] = []
+        failures: list[float] = []
+        spawn, ready = pool._spawn, pool._await_ready
+
+        def timed_spawn(i: int) -> Any:
+            starts.append(time.monotonic())
+            return spawn(i)
+
+        def timed_ready(w: Any) -> None:
+            try:
+                ready(w)
+            except Exception:
+                failures.append(time.monotonic())
+                raise
+
+        monkeypatch.setattr(pool, "_spawn", timed_spawn)
+        monkeypatch.setattr(pool, "_await_ready", timed_ready)
         rules.rename(tmp_path / "moved")  # unmounted: a worker cannot start without it
         victim = running.workers.pids()[0]
         assert victim is not None
@@ -1152,6 +1171,10 @@ def test_a_failed_restart_logs_why(tmp_path: Path) -> None:
         assert "rules_dir:" in entry["error"] and "not a directory" in entry["error"], entry
         failed = _entries(logged, "scoring worker restart failed")
         assert [e["retry_in_s"] for e in failed[:3]] == [1.0, 2.0, 4.0]
+        # and each next start waited that long (review: the log said so, a start ran
+        # every round all the same)
+        for k, delay in enumerate((1.0, 2.0)):
+            assert starts[k + 1] - failures[k] >= delay, (starts, failures)
         assert len(_entries(logged, "scoring worker down; starting a new one")) == 1
     finally:
         running.stop(5)

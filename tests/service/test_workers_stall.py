@@ -13,9 +13,11 @@ import os
 import pickle
 import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
+import types
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import cast
 import grpc
 import pytest
 
+from riskd.domain.clock import SystemClock
 from riskd.domain.order import Order
 from riskd.engine import catchup
 from riskd.engine.scorer import CLOSE_DRAIN_S, Scorer
@@ -33,11 +36,14 @@ from riskd.service import convert, router, workers
 from riskd.service import pool as pool_module
 from riskd.service.channel import _HEADER, Channel
 from riskd.service.gen.riskd.v1 import scoring_pb2, scoring_pb2_grpc
+from riskd.service.metrics import Metrics
 from riskd.service.server import RunningServer, create_server
 from riskd.service.wiring import Components
 from riskd.service.workers import HUNG_AFTER_S
 from riskd.sql import Database
 from tests.service.test_lifecycle import eventually
+from tests.service.test_scoring import fresh
+from tests.service.test_worker_retries import HereScorer
 from tests.service.test_workers import (
     _config,
     _entries,
@@ -240,6 +246,56 @@ def test_a_worker_another_call_holds_is_busy_unless_the_deadline_comes_first() -
         end.close()
 
 
+def test_a_call_waits_busy_wait_not_its_whole_budget_for_a_worker_another_call_holds() -> None:
+    """A worker held by a long call (a big batch, a stall): an order with seconds left
+    goes elsewhere after ``BUSY_WAIT_S``, not once the holder lets go or its own time is
+    up, holding its RPC thread all along."""
+    worker, end = _taken(0)  # held by call 1, for good
+    try:
+        started = time.monotonic()
+        with pytest.raises(workers.WorkerBusy):
+            worker.begin("Score", b"", started + 5.0)  # the default wait
+        assert time.monotonic() - started < 0.5  # BUSY_WAIT_S is 20 ms
+    finally:
+        worker.channel.sock.close()
+        end.close()
+
+
+def test_a_call_whose_send_breaks_off_takes_the_worker_out_of_service() -> None:
+    """A big call sent to a stalled worker (its socket buffer full) gives up at its
+    deadline half sent: the worker is taken out (replaced by the monitor), as it would
+    read the next call's bytes as the rest of this one."""
+    worker, end = _taken(0)
+    worker.lock.release()
+    try:
+        with pytest.raises(workers.WorkerGone):
+            worker.begin("ScoreBatch", b"x" * (4 << 20), time.monotonic() + 0.2)
+        assert worker.broken and worker.why == "its socket broke"
+        assert worker.lock.acquire(blocking=False)  # not left taken
+    finally:
+        worker.channel.sock.close()
+        end.close()
+
+
+def test_a_call_whose_deadline_passes_as_it_takes_the_worker_sends_nothing_and_frees_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The deadline passes between looking and taking the worker (it waited for the
+    lock): nothing is sent (None: the fallback) and the worker is free for the next
+    call, not left taken for good (every call busy, never asked for a stop)."""
+    worker, end = _taken(0)
+    worker.lock.release()
+    ticks = iter((100.0, 101.0))  # looked at 100 s, taken at 101 s: past the 100.5 s
+    monkeypatch.setattr(workers, "time", types.SimpleNamespace(monotonic=lambda: next(ticks)))
+    try:
+        assert worker.begin("Score", b"", 100.5) is None
+        assert worker.lock.acquire(blocking=False)
+        assert worker.seq == 1  # nothing sent (call 1 was the last)
+    finally:
+        worker.channel.sock.close()
+        end.close()
+
+
 def test_a_worker_owing_an_answer_is_busy_until_that_answer_comes_back() -> None:
     worker, end = _taken(0)
     try:
@@ -250,6 +306,25 @@ def test_a_worker_owing_an_answer_is_busy_until_that_answer_comes_back() -> None
             worker.begin("Score", b"", time.monotonic() + 5.0)
         end.sendall(_frame(2))
         assert worker.begin("Score", b"", time.monotonic() + 5.0) == 3
+    finally:
+        worker.channel.sock.close()
+        end.close()
+
+
+def test_a_worker_is_hung_only_once_its_answer_is_owed_hung_after_past_its_deadline() -> None:
+    """A worker that answers late but answers is left alone (a restart costs imports and
+    rule compilation on a machine likely overloaded already); one whose answer is owed
+    ``HUNG_AFTER_S`` past its call's deadline is hung, unless that answer has come back."""
+    worker, end = _taken(0)
+    worker.lock.release()
+    try:
+        now = time.monotonic()
+        worker.owed = now - HUNG_AFTER_S / 2  # late, not yet hung
+        assert not worker.hung(now)
+        worker.owed = now - HUNG_AFTER_S - 0.1
+        assert worker.hung(now)
+        end.sendall(_frame(1))  # its answer came back: read, and not hung
+        assert not worker.hung(now) and worker.owed is None
     finally:
         worker.channel.sock.close()
         end.close()
@@ -309,6 +384,60 @@ def test_a_worker_closed_while_a_batch_collects_is_gone_and_frees_the_others() -
     finally:
         for sock in (closed.channel.sock, slow.channel.sock, closed_end, slow_end):
             sock.close()
+
+
+class _TwoWorkers:
+    """Two real ``Worker``s, free, over socket pairs (``ends``: the workers' ends);
+    worker 1 takes the ids in ``to_1``."""
+
+    def __init__(self, to_1: set[str]) -> None:
+        taken = [_taken(i) for i in (0, 1)]
+        self.ws = [w for w, _ in taken]
+        self.ends = [end for _, end in taken]
+        for w in self.ws:
+            w.seq = 0
+            w.lock.release()
+        self.to_1 = to_1
+
+    def worker_for(self, order_id: str) -> int:
+        return 1 if order_id in self.to_1 else 0
+
+    def get(self, index: int) -> workers.Worker:
+        return self.ws[index]
+
+    def others(self, index: int) -> list[workers.Worker]:
+        return []
+
+    def close(self) -> None:
+        for sock in (*(w.channel.sock for w in self.ws), *self.ends):
+            sock.close()
+
+
+def test_a_batch_that_fails_on_one_workers_answer_frees_the_worker_it_still_waited_for() -> None:
+    # review (a worker left taken): a batch that failed on the first answer it read left
+    # the worker whose answer it had not read yet taken, refusing every call for good
+    a, b = fresh(), fresh()
+    pool = _TwoWorkers({b.order_id})
+    servicer = router.PooledScoringServicer(
+        pool,  # type: ignore[arg-type]
+        HereScorer(),
+        None,
+        Metrics(),
+        SystemClock(),
+        default_deadline_s=5.0,
+        max_batch=100,
+    )
+    try:
+        # worker 0 answers its part of one order with no decision (a bug); 1 stalls
+        pool.ends[0].sendall(_frame(1, scoring_pb2.ScoreBatchResponse().SerializeToString()))
+        batch = scoring_pb2.ScoreBatchRequest(orders=[convert.order_to_proto(o) for o in (a, b)])
+        with pytest.raises(ValueError):
+            servicer.score_batch_request(batch, 5.0)
+        assert pool.ws[1].lock.acquire(blocking=False)  # not left taken
+        pool.ws[1].lock.release()
+        assert pool.ws[0].lock.acquire(blocking=False)
+    finally:
+        pool.close()
 
 
 def test_a_batch_keeps_the_answers_of_the_workers_that_answered_while_another_stalls(
@@ -533,6 +662,38 @@ def test_stop_asks_every_worker_while_a_call_holds_a_stalled_one(tmp_path: Path)
     assert _logged(tmp_path, [o.order_id for o in theirs]) == len(theirs)
 
 
+def test_stop_waits_for_a_worker_that_acknowledged_it_while_its_flush_waits_for_a_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker acknowledges its stop at once, then flushes its decision log, which takes
+    as long as the database makes it (another process holding the SQLite file's write
+    lock here): acknowledged, it is waited for, not taken for hung ``HUNG_AFTER_S`` after
+    the stop and killed with its decisions still queued."""
+    monkeypatch.setattr(workers, "HUNG_AFTER_S", 0.3)
+    with own_server(tmp_path) as (running, stub):
+        pool = running.workers
+        assert pool is not None
+        holder = sqlite3.connect(
+            tmp_path / "data" / "riskd.db", isolation_level=None, check_same_thread=False
+        )
+        try:
+            holder.execute("BEGIN IMMEDIATE")  # another process mid-write: the workers wait
+            theirs = [_worker_for(pool, 1) for _ in range(5)]
+            for order in theirs:  # decided and queued: the writer waits for the lock
+                request = scoring_pb2.ScoreRequest(order=convert.order_to_proto(order))
+                assert not stub.Score(request, timeout=10).decision.degraded
+            release = threading.Timer(1.5, holder.rollback)  # past HUNG_AFTER_S
+            with _worker_log() as logged:
+                release.start()
+                pool.close()
+            release.join()
+        finally:
+            holder.close()
+        assert not _entries(logged, "scoring worker does not answer its stop; killing it")
+        assert not _entries(logged, "scoring worker did not stop; killing it")
+    assert _logged(tmp_path, [o.order_id for o in theirs]) == len(theirs)
+
+
 def test_a_worker_started_while_the_pool_closes_is_not_put_in_service(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -583,6 +744,8 @@ def test_a_slow_restart_does_not_hold_the_hang_checks_of_the_other_workers(
         assert pool is not None
         ready = pool._await_ready
         monkeypatch.setattr(pool, "_await_ready", lambda w: (time.sleep(8), ready(w)))
+        spawn, spawned = pool._spawn, []
+        monkeypatch.setattr(pool, "_spawn", lambda i: (spawned.append(i), spawn(i))[1])
         first = pool.pids()[0]
         assert first is not None
         os.kill(first, signal.SIGKILL)  # its replacement takes 8 s to be ready
@@ -602,3 +765,6 @@ def test_a_slow_restart_does_not_hold_the_hang_checks_of_the_other_workers(
 
             assert eventually(hung, 10)
             assert time.monotonic() - started < 6  # not after worker 0's 8 s restart
+        # one start at a time for a slot: the rounds meanwhile start no second worker 0
+        # (which would run on, never stopped, once the first took the slot)
+        assert spawned.count(0) == 1, spawned
