@@ -44,7 +44,7 @@ def test_top_up_then_statements(url: str, capsys: pytest.CaptureFixture[str]) ->
     assert run(["statement", "platform:fund", "--json", "--database", url]) == 0
     out = capsys.readouterr().out
     statement = json.loads(out[out.index('{\n  "account"') :])
-    assert statement["account"]["balance"] == 500_000
+    assert (statement["account"]["kind"], statement["account"]["balance"]) == ("fund", 500_000)
     assert [t["actor"] for t in statement["transfers"]] == [f"cli:{ledger_cli.getpass.getuser()}"]
     assert run(["shop", "s1", "--database", url]) == 0
     assert "deposit: 1000 fen (CNY 10.00)" in capsys.readouterr().out
@@ -94,6 +94,10 @@ def test_write_off_and_dispute_story(
         written_off,
     )
     assert story["outstanding"] == 4_000 - written_off
+    assert run(["dispute", "d1", "--database", url]) == 0
+    shown = capsys.readouterr().out.splitlines()  # every sum as money, not a bare number
+    assert {"paid: 5000 fen (CNY 50.00)", "order_amount: 5000 fen (CNY 50.00)"} <= set(shown)
+    assert f"written_off: {written_off} fen ({format_fen(written_off)})" in shown
     assert run(["verify", "--database", url]) == 0
     assert "every ledger invariant holds" in capsys.readouterr().out
 

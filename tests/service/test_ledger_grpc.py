@@ -164,6 +164,13 @@ def _penalize_unknown(s: Served, sid: str) -> object:
     return s.stub.PenalizeShop(req)
 
 
+def _open_dispute_for_nothing(s: Served, sid: str) -> object:
+    req = pb.OpenDisputeRequest(
+        idempotency_key=s.key(), dispute_id=f"d0-{sid}", shop_id=sid, order_id=f"o0-{sid}"
+    )
+    return s.stub.OpenDispute(req)
+
+
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
 
 
@@ -180,6 +187,7 @@ INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
         (_penalize_unknown, INVALID, "violation"),
         (lambda s, sid: _deposit(s, sid, 1, reason="a\x00b"), INVALID, "reason: must not"),
         (_write_off_everything, INVALID, "ref: must be dispute/<id> or case/<id>"),
+        (_open_dispute_for_nothing, INVALID, "order_amount"),
     ],
 )
 def test_bad_requests_get_clear_codes_and_write_nothing(
@@ -229,6 +237,62 @@ def test_key_reused_with_other_content_is_already_exists(served: Served) -> None
         lambda: s.stub.Deposit(pb.DepositRequest(idempotency_key=key, shop_id=sid, amount_fen=101))
     )
     assert got == grpc.StatusCode.ALREADY_EXISTS and "different request" in details
+
+
+def test_a_retry_with_another_reason_is_already_exists_and_the_reason_is_recorded(
+    served: Served,
+) -> None:
+    """The fingerprint covers the reason (review: OpenDispute, CompensateBuyer and
+    CollectClaim could drop it on the way to the book, and a retry with another
+    reason would pass for the first request)."""
+    s, sid = served, shop(served)
+    d = f"d-{sid}"
+    calls = [
+        (
+            s.stub.OpenDispute,
+            pb.OpenDisputeRequest(
+                idempotency_key=s.key(),
+                dispute_id=d,
+                shop_id=sid,
+                order_id=d,
+                order_amount_fen=2_000,
+                reason="buyer complaint",
+            ),
+        ),
+        (
+            s.stub.CompensateBuyer,
+            pb.CompensateBuyerRequest(
+                idempotency_key=s.key(), dispute_id=d, amount_fen=2_000, reason="not delivered"
+            ),
+        ),
+        (
+            s.stub.CollectClaim,
+            pb.CollectClaimRequest(
+                idempotency_key=s.key(), shop_id=sid, amount_fen=700, reason="bank transfer"
+            ),
+        ),
+    ]
+    for rpc, request in calls:
+        first = rpc(request).receipt
+        assert {t.reason for t in first.transfers} <= {request.reason}
+        assert rpc(request).receipt.replayed
+        before = len(s.book.journal())
+        other = type(request)()
+        other.CopyFrom(request)
+        other.reason = "something else"
+        got, details = code_of(lambda: rpc(other))  # noqa: B023
+        assert got == grpc.StatusCode.ALREADY_EXISTS and "different request" in details
+        assert len(s.book.journal()) == before
+
+
+def test_an_account_statement_without_a_limit_holds_100_transfers(served: Served) -> None:
+    s, sid = served, shop(served)
+    for i in range(101):
+        s.book.deposit(f"many-{sid}-{i}", sid, 1, actor="m")
+    request = pb.GetAccountStatementRequest(account_id=f"shop:{sid}:deposit")
+    page = s.stub.GetAccountStatement(request)
+    assert len(page.transfers) == 100 and not page.truncated
+    assert page.account.balance_fen == 101
 
 
 def test_64_concurrent_identical_compensations_pay_once_50_times(served: Served) -> None:
@@ -491,8 +555,43 @@ def test_a_send_limit_below_the_reply_margin_still_pages_statements(tmp_path: Pa
             stub = pb_grpc.LedgerServiceStub(channel)
             request = pb.GetAccountStatementRequest(account_id="platform:fund", limit=1000)
             page = stub.GetAccountStatement(request)
-        assert page.truncated and 0 < len(page.transfers) < 60
+        assert page.truncated and 1 < len(page.transfers) < 60  # a page, not one line
         assert page.ByteSize() <= limit
+    finally:
+        server.stop(None).wait()
+        book.close()
+
+
+def test_a_reply_budget_below_one_row_still_sends_one_per_page(tmp_path: Path) -> None:
+    """Every page holds at least one row, or paging would never move on: a statement
+    would say ``truncated`` with nothing after which to ask again, and an account list
+    would end with no ``next_after_id``, silently short."""
+    book = Book(Database(f"sqlite:///{tmp_path / 'ledger.db'}"), clock=FakeClock(1.8e9))
+    for i in range(3):
+        book.top_up_fund(f"t{i}", 1, actor="cert:a", reason=f"r{i}")
+    book.register_shop("s1")
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2), interceptors=[ErrorInterceptor(Metrics())]
+    )
+    add_ledger_service(server, book, max_reply_bytes=64)  # room for less than one row
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.LedgerServiceStub(channel)
+            request = pb.GetAccountStatementRequest(account_id="platform:fund")
+            page = stub.GetAccountStatement(request)
+            assert [t.reason for t in page.transfers] == ["r0"] and page.truncated
+            ids: list[str] = []
+            after_id = ""
+            for _ in range(10):
+                listed = stub.ListAccounts(pb.ListAccountsRequest(after_id=after_id))
+                assert len(listed.accounts) == 1
+                ids.append(listed.accounts[0].id)
+                after_id = listed.next_after_id
+                if not after_id:
+                    break
+        assert ids == sorted(a.id for a in book.accounts())
     finally:
         server.stop(None).wait()
         book.close()
