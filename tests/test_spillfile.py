@@ -3,6 +3,7 @@ at all: one cut short, or not one of its kind, is refused."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -107,6 +108,10 @@ def test_a_spill_file_is_written_under_the_part_name_a_later_start_clears(
     monkeypatch.setattr(os, "fsync", fsync)
     path = spillfile.write(tmp_path, "kind-", {"one": [1]})
     assert present == [[f".{path.name}.part"]]
+    left = tmp_path / present[0][0]  # as if this process was killed before the rename
+    left.write_bytes(path.read_bytes())
+    path.unlink()
+    assert spillfile.remove_stale_parts(tmp_path, "kind-") == 1 and not left.exists()
 
 
 def test_removing_a_spill_file_syncs_its_folder(
@@ -146,6 +151,20 @@ def test_a_file_taken_between_its_open_and_its_lock_is_not_held(
     monkeypatch.setattr(fcntl, "flock", flock)
     with spillfile.held(path) as mine:
         assert not mine
+
+
+def test_a_spill_file_is_taken_where_the_file_system_has_no_locks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some network file systems refuse flock (ENOLCK): a start still takes its files back."""
+    path = spillfile.write(tmp_path, "kind-", {"one": [1]})
+
+    def flock(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    with spillfile.held(path) as mine:
+        assert mine
 
 
 def test_a_spill_file_is_held_by_one_taker_at_a_time_and_not_once_removed(tmp_path: Path) -> None:
@@ -200,6 +219,13 @@ def test_parts_no_process_can_still_write_are_removed_and_logged_by_name(
     )
     assert spillfile.remove_stale_parts(tmp_path, "kind-") == 0
     assert spillfile.remove_stale_parts(tmp_path / "none", "kind-") == 0
+
+
+def test_a_part_named_with_pid_0_is_stale(tmp_path: Path) -> None:
+    """No process has pid 0 (``kill(0)`` would signal this process's own group, alive)."""
+    _part(tmp_path, "kind-", 0)
+    assert spillfile.remove_stale_parts(tmp_path, "kind-") == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_part_this_process_is_writing_is_kept(

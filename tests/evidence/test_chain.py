@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from riskd.domain.events import OrderEvent, OrderEventKind
+from riskd.errors import UnavailableError
 from riskd.evidence import chain
 from riskd.evidence.chain import DECISIONS, append_texts, chain_hash
 from riskd.evidence.log import DecisionLog
@@ -70,6 +71,9 @@ def tamper(path: Path, sql: str) -> None:
         ("UPDATE decision_log SET outcome = 'ALLOW' WHERE seq = 6", 6, "column outcome"),
         # the column lookups by order id read: a decision moved to another order
         ("UPDATE decision_log SET order_id = 'o-x' WHERE seq = 3", 3, "column order_id"),
+        # the other copied columns: a lookup by time or rules version reads them as recorded
+        ("UPDATE decision_log SET decided_at = 1.0 WHERE seq = 7", 7, "column decided_at"),
+        ("UPDATE decision_log SET rules_version = 'v0' WHERE seq = 2", 2, "column rules_version"),
         ("DELETE FROM decision_log WHERE seq = 5", 6, "a row is missing"),
         ("UPDATE decision_log SET prev_hash = hash WHERE seq = 9", 9, "prev_hash"),
         (  # two records swapped, each whole (review: no test reordered rows)
@@ -152,6 +156,23 @@ def test_append_texts_skips_known_and_repeated_order_ids_and_keeps_the_chain(
     got = db.query("SELECT seq, order_id FROM decision_log ORDER BY seq")
     assert got == [(1, "o-1"), (2, "o-2"), (3, "o-3")]
     assert log.verify().ok
+
+
+def test_append_texts_refuses_a_batch_a_concurrent_writer_cut_short(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another replica stored an order between the lookup and the insert: the insert skips
+    it (ON CONFLICT), so the rows after it would hang from a seq nobody holds. The batch is
+    refused whole; the caller's retry looks the ids up again."""
+    log = write_log(db, 1)
+    rows = [(("o-1", 1.0, "REVIEW", "v1"), '{"order_id":"o-1"}')]
+    rows.append((("o-2", 2.0, "ALLOW", "v1"), '{"order_id":"o-2"}'))
+    monkeypatch.setattr(chain, "_new_ids", lambda tx, table, rows: [True] * len(rows))
+    with pytest.raises(UnavailableError, match="concurrent writer"):
+        db.run(lambda tx: append_texts(tx, DECISIONS, rows, unique=True))
+    assert db.query("SELECT seq, order_id FROM decision_log ORDER BY seq") == [(1, "o-1")]
+    assert log.verify().ok
+    log.close()
 
 
 # -- rows beside the chain -------------------------------------------------

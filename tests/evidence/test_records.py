@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from riskd.domain.decision import Decision, Outcome, Reason
 from riskd.dsl.program import Mode, RuleResult, RuleStatus
+from riskd.evidence import records as records_module
 from riskd.evidence.records import (
     DecisionRecord,
     canonical_json,
@@ -78,3 +79,13 @@ def test_record_round_trips_through_its_stored_text(record: DecisionRecord) -> N
 @given(records())
 def test_content_text_is_the_canonical_json_of_the_content(record: DecisionRecord) -> None:
     assert content_text(record) == canonical_json(to_content(record))
+
+
+def test_the_cache_of_rule_id_lists_stays_bounded() -> None:
+    """A long-running daemon meets ever new miss lists (each hit leaves one out): the texts
+    cached for them must not grow without end."""
+    decision = Decision("o-1", Outcome.ALLOW, 0.0, (), "v1")
+    for i in range(records_module._ID_LISTS_MAX + 10):
+        miss = RuleResult(f"r-{i}", RuleStatus.NO_HIT, Mode.ACTIVE, Outcome.ALLOW, 0.0, "")
+        content_text(DecisionRecord(decision, rules=(miss,)))
+    assert 0 < len(records_module._ID_LISTS) <= records_module._ID_LISTS_MAX
