@@ -91,6 +91,28 @@ def test_same_key_other_content_is_refused_and_writes_nothing(book: Book) -> Non
         refused(book, AlreadyExistsError, call, "idempotency_key: already used")
 
 
+def test_same_key_with_another_field_of_any_operation_is_refused(book: Book) -> None:
+    """Each field the caller sends is in the fingerprint: a retry that changed one is
+    refused, never answered with the first receipt (which moved other money)."""
+    funded(book, shops={"s1": 0})
+    book.penalize_shop("p1", "s1", "content_violation_minor", "c1", evidence="ev", actor="a")
+    book.open_dispute("o1", "d1", "s1", "order-1", 9_000, actor="analyst")
+    book.compensate_buyer("c1", "d1", 5_000, actor="analyst")
+    book.collect_claim("col1", "s1", 100, actor="ops", ref="dispute/d1")
+    book.write_off_claim("w1", "s1", "dispute/d1", actor="ops", reason="r", amount=100)
+    for call in (
+        lambda: book.open_dispute("o1", "d1", "s1", "order-1", 9_001, actor="analyst"),
+        lambda: book.compensate_buyer("c1", "d1", 5_001, actor="analyst"),
+        lambda: book.collect_claim("col1", "s1", 100, actor="ops", ref="case/c1"),
+        lambda: book.write_off_claim("w1", "s1", "dispute/d1", actor="ops", reason="r"),
+        lambda: book.penalize_shop(
+            "p1", "s1", "content_violation_minor", "c2", evidence="ev", actor="a"
+        ),
+        lambda: book.penalize_shop("p1", "s1", "order_brushing", "c1", evidence="ev", actor="a"),
+    ):
+        refused(book, AlreadyExistsError, call, "idempotency_key: already used")
+
+
 @pytest.mark.parametrize(
     ("amount", "error"),
     [
@@ -288,6 +310,12 @@ def test_operator_unfreeze_lifts_the_freeze(book: Book) -> None:
         lambda: book.unfreeze("u2", "s1", actor="ops", reason="again"),
         "not frozen",
     )
+    refused(
+        book,
+        NotFoundError,
+        lambda: book.unfreeze("u3", "nope", actor="ops", reason="appeal"),
+        "shop_id: no such shop",
+    )
     book.penalize_shop("p2", "s1", "order_brushing", "c2", evidence="ev", actor="a")
     assert book.shop_statement("s1").frozen  # a later penalty freezes again
 
@@ -404,6 +432,12 @@ def test_late_shipment_coupon_is_5_cny_once_per_order(book: Book) -> None:
         lambda: book.pay_late_shipment_coupon("cp3", "s1", "order-2", actor="logistics"),
         "fund: cannot cover the coupon",  # the check, not the store's backstop
     )
+    book.top_up_fund("t2", 400, actor="ops", reason="top up")  # exactly one coupon
+    assert (
+        book.pay_late_shipment_coupon("cp4", "s1", "order-2", actor="logistics").total(Code.COUPON)
+        == 500
+    )
+    assert book.account(acc.FUND).balance == 0
 
 
 def test_write_off_needs_an_open_claim_and_a_reason(book: Book) -> None:
@@ -715,6 +749,8 @@ def test_a_partial_write_off_leaves_the_rest_of_its_claim_open(book: Book) -> No
     assert [(c.ref, c.outstanding) for c in book.shop_statement("s1").claims] == [("dispute/d1", 1)]
     book.deposit("k2", "s1", 100, actor="m")
     refused(book, FailedPreconditionError, lambda: book.withdraw("w", "s1", 1, actor="m"), "1 fen")
+    book.write_off_claim("w3", "s1", "dispute/d1", actor="ops", reason="r", amount=1)  # all of it
+    assert (book.shop_statement("s1").claims, book.dispute_statement("d1").outstanding) == ((), 0)
     assert book.verify() == ()
 
 
