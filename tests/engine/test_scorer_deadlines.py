@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from riskd.domain.clock import FakeClock, SystemClock
+from riskd.domain.clock import Clock, FakeClock, SystemClock
 from riskd.domain.decision import Decision, Outcome
 from riskd.domain.features import FeatureQuery
 from riskd.engine.breaker import BreakerPolicy
@@ -38,17 +38,20 @@ class SlowStore:
     """An in-process store behind a network: each call takes ``delay_s``, then answers
     (or raises ``UnavailableError`` when ``failing``); it declares no inline shortcut."""
 
-    def __init__(self, clock: SystemClock, delay_s: float) -> None:
+    def __init__(self, clock: Clock, delay_s: float) -> None:
         self.inner = InProcessFeatureStore(clock)
         self.delay_s = delay_s
         self.failing = False
         self.calls = 0
 
+    def take_time(self) -> None:
+        time.sleep(self.delay_s)
+
     def record_and_read(
         self, obs: Observation, queries: Collection[FeatureQuery]
     ) -> dict[FeatureQuery, int]:
         self.calls += 1
-        time.sleep(self.delay_s)
+        self.take_time()
         if self.failing:
             raise UnavailableError("feature store: redis TimeoutError")
         return self.inner.record_and_read(obs, queries)
@@ -149,27 +152,16 @@ def test_a_caller_that_never_reached_the_store_gives_the_probe_back(
     assert not rig.scorer.breaker.is_open
 
 
-class SteppingStore:
+class SteppingStore(SlowStore):
     """An in-process store behind a network whose every call takes ``step_s`` on a fake
     clock, inside the store's own bound: slow, never failing, and no wall time spent."""
 
     def __init__(self, clock: FakeClock, step_s: float) -> None:
-        self.inner = InProcessFeatureStore(clock)
-        self.clock, self.step_s = clock, step_s
-        self.calls = 0
+        super().__init__(clock, step_s)
+        self.clock = clock
 
-    def record_and_read(
-        self, obs: Observation, queries: Collection[FeatureQuery]
-    ) -> dict[FeatureQuery, int]:
-        self.calls += 1
-        self.clock.advance(self.step_s)
-        return self.inner.record_and_read(obs, queries)
-
-    def read(self, obs: Observation, queries: Collection[FeatureQuery]) -> dict[FeatureQuery, int]:
-        return self.inner.read(obs, queries)
-
-    def close(self) -> None:
-        self.inner.close()
+    def take_time(self) -> None:
+        self.clock.advance(self.delay_s)
 
 
 def test_inline_feature_calls_of_a_batch_start_only_while_one_more_fits_the_deadline(
